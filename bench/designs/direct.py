@@ -1,0 +1,56 @@
+"""Comparison design: the same bytes straight to S3 with aiobotocore multipart, no proxy.
+
+This is the ceiling a proxy can approach: same part size, same parts in flight, no HTTP hop
+in between. It runs as its own process so its CPU and memory are measured like a server's.
+Protocol on stdin/stdout, one JSON object per line: it prints ``{"ready": true}``, then for
+each job ``{"count", "size", "seed", "prefix"}`` it answers ``{"uploads": [...]}``; EOF ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from bench import body, s3util
+
+
+async def _one(s3: Any, args: argparse.Namespace, job: dict[str, Any], i: int
+               ) -> dict[str, Any]:
+    key = f"{job['prefix']}{i}.bin"
+    t0 = time.perf_counter()
+    try:
+        parts: AsyncIterator[bytes] = s3util.rechunk(body.chunks(job["seed"], job["size"]),
+                                                     args.part_size)
+        size = await s3util.multipart_upload(s3, args.bucket, key, parts, args.parts_in_flight)
+        return {"ok": True, "key": key, "size": size, "latency": time.perf_counter() - t0}
+    except Exception as e:
+        return {"ok": False, "key": key, "size": 0, "latency": time.perf_counter() - t0,
+                "error": f"{type(e).__name__}: {e}"}
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--endpoint-url", required=True)
+    p.add_argument("--bucket", required=True)
+    p.add_argument("--region", default="us-east-1")
+    p.add_argument("--part-size", type=int, default=8 << 20)
+    p.add_argument("--parts-in-flight", type=int, default=2)
+    args = p.parse_args()
+    loop = asyncio.get_running_loop()
+    async with s3util.client(args.endpoint_url, args.region, os.environ.get("AWS_ACCESS_KEY_ID"),
+                             os.environ.get("AWS_SECRET_ACCESS_KEY")) as s3:
+        print(json.dumps({"ready": True}), flush=True)
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            job = json.loads(line)
+            uploads = await asyncio.gather(*(_one(s3, args, job, i) for i in range(job["count"])))
+            print(json.dumps({"uploads": uploads}), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
