@@ -1,0 +1,112 @@
+"""create_app(settings): the one way the CLI and the tests build the proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from s3proxy import handlers
+from s3proxy.errors import error_middleware
+from s3proxy.settings import Settings
+from s3proxy.sink import ClientOptions, S3Sink, open_client
+from s3proxy.state import STATE, AppState
+
+log = logging.getLogger("s3proxy.app")
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[error_middleware],
+        # The socket read buffer is per connection and outside the memory budget.
+        handler_args={"read_bufsize": settings.read_buffer},
+    )
+    app[STATE] = AppState.from_settings(settings)
+    app.router.add_post("/upload", handlers.upload, expect_handler=handlers.expect_upload)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    app.cleanup_ctx.append(_s3_backend)
+    app.on_shutdown.append(_drain)
+    return app
+
+
+async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
+    """Open (and, with no endpoint configured, first start) the S3 store the proxy writes to."""
+    state = app[STATE]
+    settings = state.settings
+    opts = ClientOptions(
+        endpoint_url=settings.endpoint_url,
+        region=settings.region,
+        connect_timeout=settings.s3_connect_timeout,
+        read_timeout=settings.s3_read_timeout,
+        max_attempts=settings.s3_max_attempts,
+        max_connections=settings.s3_max_connections,
+        sign_payload=settings.sign_payload,
+        request_checksum=settings.request_checksum,
+    )
+    store = None
+    if settings.embedded:
+        from s3proxy.embedded import EmbeddedConfig, EmbeddedStore
+
+        store = EmbeddedStore(
+            EmbeddedConfig(
+                data_dir=settings.data_dir,
+                bucket=settings.bucket_name,
+                s3_port=settings.embedded_s3_port,
+            )
+        )
+        await store.start()
+        opts = ClientOptions(
+            **{
+                **opts.__dict__,
+                "endpoint_url": store.endpoint_url,
+                "access_key": store.access_key,
+                "secret_key": store.secret_key,
+            }
+        )
+    try:
+        async with open_client(opts) as client:
+            state.sink = S3Sink(client, settings.bucket_name)
+            _log_start(settings, opts.endpoint_url, store)
+            yield
+            state.sink = None
+    finally:
+        if store is not None:
+            await store.stop()
+
+
+def _log_start(settings: Settings, endpoint: str | None, store: object | None) -> None:
+    where = f" data_dir={settings.data_dir.resolve()}" if store is not None else ""
+    log.info(
+        "proxy.ready listen=http://%s:%d s3=%s bucket=%s%s",
+        settings.host,
+        settings.port,
+        endpoint or "aws",
+        settings.bucket_name,
+        where,
+    )
+    log.info(
+        "try: curl -F file=@report.pdf http://%s:%d/upload",
+        settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1",
+        settings.port,
+    )
+
+
+async def _drain(app: web.Application) -> None:
+    """On shutdown: refuse new uploads, give running ones a grace period, then cancel them.
+
+    A cancelled upload aborts its multipart upload and rolls back its request.
+    """
+    state = app[STATE]
+    state.draining = True
+    running = set(state.uploads)
+    if not running:
+        return
+    log.info("proxy.draining uploads=%d grace=%.0fs", len(running), state.settings.shutdown_timeout)
+    _, pending = await asyncio.wait(running, timeout=state.settings.shutdown_timeout)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=60)

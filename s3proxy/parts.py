@@ -1,0 +1,140 @@
+"""Pure part-size arithmetic and slicing of a byte stream into parts.
+
+S3 limits (https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html):
+parts are 5 MiB to 5 GiB except the last, numbered 1 to 10,000; an object is at
+most 5 TiB. A file of unknown length must still fit in 10,000 parts, so part
+sizes grow along a fixed schedule: ``base`` for parts 1-1000, ``2*base`` for parts
+1001-2000, and so on (capped at 5 GiB). A known upper bound (the request's
+Content-Length) picks one equal size instead, which stores such as R2 require.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1024**2
+GiB = 1024**3
+MIN_PART_SIZE = 5 * MiB
+MAX_PART_SIZE = 5 * GiB
+MAX_PARTS = 10_000
+MAX_OBJECT_SIZE = 5 * 1024**4
+TIER_PARTS = 1000  # parts per doubling step of the growth schedule
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+@dataclass(frozen=True)
+class PartPlan:
+    """How big each part of one file is: fixed, or growing by tiers when unbounded."""
+
+    base: int
+    growing: bool
+
+    def size(self, number: int) -> int:
+        """Size of part ``number`` (1-based); every part but the last is exactly this."""
+        if number < 1 or number > MAX_PARTS:
+            raise ValueError(f"part number {number} outside 1..{MAX_PARTS}")
+        if not self.growing:
+            return self.base
+        return min(self.base << ((number - 1) // TIER_PARTS), MAX_PART_SIZE)
+
+    def capacity(self) -> int:
+        """Largest object this plan can hold in 10,000 parts."""
+        return sum(self.size(n) for n in range(1, MAX_PARTS + 1, TIER_PARTS)) * TIER_PARTS
+
+    def parts_for(self, total: int) -> int:
+        """How many parts a file of ``total`` bytes takes (at least 1)."""
+        count, stored = 0, 0
+        while stored < total or count == 0:
+            count += 1
+            stored += self.size(count)
+        return count
+
+
+def plan_parts(base: int, upper_bound: int | None, max_file_size: int) -> PartPlan:
+    """Choose the part plan for one file.
+
+    ``upper_bound`` is what the file cannot exceed if known (the request's
+    Content-Length); the plan always reaches ``max_file_size`` within 10,000 parts.
+    """
+    if base < MIN_PART_SIZE or base > MAX_PART_SIZE:
+        raise ValueError("part size must be between 5 MiB and 5 GiB")
+    bound = max_file_size if upper_bound is None else min(upper_bound, max_file_size)
+    if bound <= base * MAX_PARTS:
+        return PartPlan(base, growing=False)
+    if upper_bound is not None:
+        return PartPlan(min(_round_up(-(-bound // MAX_PARTS), MiB), MAX_PART_SIZE), growing=False)
+    return PartPlan(base, growing=True)
+
+
+def largest_part(base: int, max_file_size: int) -> int:
+    """The biggest single part any file up to ``max_file_size`` can need (sizes the budget)."""
+    plan = plan_parts(base, None, max_file_size)
+    biggest = plan.size(plan.parts_for(max_file_size))
+    known = plan_parts(base, max_file_size, max_file_size).base
+    return max(biggest, known)
+
+
+class PartSlicer:
+    """Cuts a stream of chunks into parts of planned sizes.
+
+    ``feed`` keeps as much of ``chunk`` as fits the current part (by reference; a
+    chunk is only sliced at a part boundary) and returns the rest; ``full`` says
+    the part is ready; ``take`` joins it into one ``bytes`` (the one copy of each
+    byte the proxy makes) and starts the next. ``limit`` is what the whole file
+    cannot exceed, if known, so a small file reserves no more than it can use.
+    """
+
+    def __init__(self, plan: PartPlan, limit: int | None = None) -> None:
+        self.plan = plan
+        self.number = 1
+        self.consumed = 0
+        self._limit = limit
+        self._target = plan.size(1)
+        self._chunks: list[bytes | memoryview] = []
+        self._filled = 0
+
+    @property
+    def target(self) -> int:
+        return self._target
+
+    @property
+    def filled(self) -> int:
+        return self._filled
+
+    @property
+    def full(self) -> bool:
+        return self._filled >= self._target
+
+    def allocation(self) -> int:
+        """Bytes the current part can hold: its target, or less near a known end."""
+        if self._limit is None:
+            return self._target
+        return max(0, min(self._target, self._limit - self.consumed + self._filled))
+
+    def feed(self, chunk: bytes | memoryview) -> memoryview:
+        room = self._target - self._filled
+        if len(chunk) <= room:
+            head: bytes | memoryview = chunk
+            rest = memoryview(b"")
+        else:
+            view = memoryview(chunk)
+            head, rest = view[:room], view[room:]
+        if len(head):
+            self._chunks.append(head)
+            self._filled += len(head)
+            self.consumed += len(head)
+        return rest
+
+    def take(self) -> tuple[int, bytes]:
+        """Return (part number, bytes) and start the next part."""
+        number = self.number
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        data = data if isinstance(data, bytes) else bytes(data)
+        self._chunks = []
+        self.number += 1
+        self._filled = 0
+        self._target = self.plan.size(self.number) if self.number <= MAX_PARTS else 0
+        return number, data

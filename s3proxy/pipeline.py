@@ -1,0 +1,267 @@
+"""One file's journey: sniff -> parts -> parts uploading in flight -> complete | abort.
+
+Invariants:
+- A part's buffer is reserved from the memory budget before a byte of it is read,
+  and released when S3 has acknowledged the part (or the upload failed).
+- Every CreateMultipartUpload ends in Complete or Abort; the abort waits for
+  in-flight part calls to be cancelled first, is shielded from cancellation and
+  has a timeout.
+- Complete is called only after the part's closing boundary was seen and the
+  bytes sent to S3 add up to the bytes received.
+- A file that ends within its first part is stored with one PutObject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from s3proxy import keys, sniff
+from s3proxy.budget import MemoryBudget, Reservation
+from s3proxy.errors import FILE_TOO_LARGE, INTERNAL, TYPE_NOT_ALLOWED, ProxyError
+from s3proxy.parts import MAX_PARTS, PartSlicer, plan_parts
+from s3proxy.sink import ObjectOptions, ObjectSink
+
+log = logging.getLogger("s3proxy.pipeline")
+
+T = TypeVar("T")
+CLEANUP_TIMEOUT = 30.0  # seconds an abort or rollback delete may take
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    part_size: int
+    parts_in_flight: int
+    max_file_size: int
+    allow_types: tuple[str, ...] = ()
+    acl: str | None = None
+    storage_class: str | None = None
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """What is known about a file before its bytes arrive."""
+
+    field: str
+    filename: str
+    key: str
+    declared_type: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    size_hint: int | None = None  # the file cannot be larger than this (from Content-Length)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    field: str
+    filename: str
+    key: str
+    size: int
+    content_type: str
+    etag: str
+    sha256: str
+    parts: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "field": self.field,
+            "filename": self.filename,
+            "key": self.key,
+            "size": self.size,
+            "content_type": self.content_type,
+            "etag": self.etag,
+            "sha256": self.sha256,
+        }
+
+
+async def run_cleanup(coro_fn: Callable[[], Awaitable[None]], what: str) -> None:
+    """Run a cleanup call to the end even if we are being cancelled; log, never raise."""
+    task = asyncio.ensure_future(asyncio.wait_for(coro_fn(), CLEANUP_TIMEOUT))
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception:
+            break
+    if not task.cancelled() and task.exception() is not None:
+        log.error("cleanup.failed what=%s error=%r", what, task.exception())
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+class FileUpload:
+    """Streams one file into S3; ``run`` returns the stored file or raises ProxyError."""
+
+    def __init__(self, spec: FileSpec, sink: ObjectSink, budget: MemoryBudget, cfg: PipelineConfig) -> None:
+        self.spec = spec
+        self.sink = sink
+        self.budget = budget
+        self.cfg = cfg
+        self.size = 0
+        self.upload_id: str | None = None
+        self._hash = hashlib.sha256()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._etags: dict[int, str] = {}
+        self._sent = 0
+
+    async def run(self, chunks: AsyncIterator[bytes]) -> StoredFile | None:
+        try:
+            return await self._stream(chunks)
+        except BaseException:
+            await self._cancel_inflight()
+            if self.upload_id is not None:
+                upload_id = self.upload_id
+                log.info("upload.aborted key=%s upload_id=%s", self.spec.key, upload_id)
+                await run_cleanup(lambda: self.sink.abort(self.spec.key, upload_id), "abort")
+            raise
+
+    async def _stream(self, chunks: AsyncIterator[bytes]) -> StoredFile | None:
+        plan = plan_parts(self.cfg.part_size, self.spec.size_hint, self.cfg.max_file_size)
+        slicer = PartSlicer(plan, limit=self.spec.size_hint)
+        leftover = memoryview(b"")
+        content_type = ""
+        eof = False
+        while not eof:
+            if slicer.number > MAX_PARTS:
+                raise ProxyError(FILE_TOO_LARGE, "file needs more than S3's 10,000 parts")
+            await self._wait_for_slot()
+            reservation = await self.budget.acquire(max(1, slicer.allocation()))
+            try:
+                while not slicer.full:
+                    if leftover:
+                        leftover = slicer.feed(leftover)
+                        continue
+                    chunk = await anext(chunks, None)
+                    if chunk is None:
+                        eof = True
+                        break
+                    self._receive(chunk)
+                    leftover = slicer.feed(chunk)
+                number, data = slicer.take()
+                reservation.shrink(len(data))
+                if number == 1:
+                    content_type = self._content_type(data)
+                    if eof:
+                        return await self._put(data, content_type)
+                    self.upload_id = await self.sink.create(self.spec.key, self._options(content_type))
+                    log.debug("upload.created key=%s upload_id=%s", self.spec.key, self.upload_id)
+                if not data:
+                    break  # the file ended exactly on a part boundary
+                self._launch(number, data, reservation)
+                reservation = None
+            finally:
+                if reservation is not None:
+                    reservation.release()
+        await self._drain()
+        return await self._complete(content_type)
+
+    def _receive(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.cfg.max_file_size:
+            raise ProxyError(
+                FILE_TOO_LARGE,
+                f"file {self.spec.filename!r} is over the limit of {self.cfg.max_file_size} bytes",
+            )
+        self._hash.update(chunk)
+
+    def _content_type(self, head: bytes) -> str:
+        content_type = sniff.sniff(head, self.spec.filename, self.spec.declared_type)
+        if not sniff.allowed(content_type, self.cfg.allow_types):
+            raise ProxyError(TYPE_NOT_ALLOWED, f"file type {content_type} is not allowed")
+        return content_type
+
+    def _options(self, content_type: str, extra: Mapping[str, str] | None = None) -> ObjectOptions:
+        return ObjectOptions(
+            content_type=content_type,
+            content_disposition=keys.content_disposition(self.spec.filename),
+            metadata={**self.spec.metadata, **(extra or {})},
+            acl=self.cfg.acl,
+            storage_class=self.cfg.storage_class,
+            sse=self.cfg.sse,
+            sse_kms_key_id=self.cfg.sse_kms_key_id,
+        )
+
+    async def _put(self, data: bytes, content_type: str) -> StoredFile | None:
+        if not data and not self.spec.filename:
+            return None  # a browser's empty file input: no file was chosen
+        digest = self._hash.hexdigest()
+        etag = await self.sink.put(self.spec.key, data, self._options(content_type, {"sha256": digest}))
+        return self._stored(content_type, etag, digest, parts=0)
+
+    def _launch(self, number: int, data: bytes, reservation: Reservation) -> None:
+        assert self.upload_id is not None
+        upload_id = self.upload_id
+
+        async def send() -> None:
+            try:
+                etag = await self.sink.upload_part(self.spec.key, upload_id, number, data)
+                self._etags[number] = etag
+                self._sent += len(data)
+            finally:
+                reservation.release()
+
+        task = asyncio.create_task(send(), name=f"part-{number}")
+        self._inflight.add(task)
+
+    async def _wait_for_slot(self) -> None:
+        """Stop reading from the client while too many of this file's parts are uploading."""
+        while len(self._inflight) >= self.cfg.parts_in_flight:
+            done, _ = await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+            self._reap(done)
+
+    def _reap(self, done: set[asyncio.Task[None]]) -> None:
+        for task in done:
+            self._inflight.discard(task)
+            task.result()  # re-raise the part's failure
+
+    async def _drain(self) -> None:
+        while self._inflight:
+            done, _ = await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+            self._reap(done)
+
+    async def _cancel_inflight(self) -> None:
+        for task in self._inflight:
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        self._inflight.clear()
+
+    async def _complete(self, content_type: str) -> StoredFile:
+        assert self.upload_id is not None
+        if self._sent != self.size:
+            raise ProxyError(INTERNAL, f"sent {self._sent} bytes to S3 but received {self.size}")
+        parts = sorted(self._etags.items())
+        if [n for n, _ in parts] != list(range(1, len(parts) + 1)):
+            raise ProxyError(INTERNAL, "part numbers are not contiguous")
+        etag = await self.sink.complete(self.spec.key, self.upload_id, parts)
+        self.upload_id = None  # completed: nothing left to abort
+        digest = self._hash.hexdigest()
+        try:
+            # S3 metadata is fixed at CreateMultipartUpload, before the hash is known;
+            # a tag can be added afterwards without copying the object.
+            await self.sink.tag(self.spec.key, {"sha256": digest})
+        except BaseException:
+            await run_cleanup(lambda: self.sink.delete(self.spec.key), "delete")
+            raise
+        log.debug("upload.completed key=%s parts=%d", self.spec.key, len(parts))
+        return self._stored(content_type, etag, digest, parts=len(parts))
+
+    def _stored(self, content_type: str, etag: str, digest: str, parts: int) -> StoredFile:
+        return StoredFile(
+            field=self.spec.field,
+            filename=self.spec.filename,
+            key=self.spec.key,
+            size=self.size,
+            content_type=content_type,
+            etag=etag.strip('"'),
+            sha256=digest,
+            parts=parts,
+        )

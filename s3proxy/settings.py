@@ -1,0 +1,287 @@
+"""The one frozen settings object, loaded from CLI flags and ``S3PROXY_*`` variables.
+
+Every field carries its help text; the CLI flags (``--part-size``) and environment
+variables (``S3PROXY_PART_SIZE``) are derived from the field names, so the three can
+never drift apart. Precedence: flag, then environment, then the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from s3proxy import parts
+
+ENV_PREFIX = "S3PROXY_"
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class SettingsError(ValueError):
+    """A missing or invalid setting; the message is one line meant for a human."""
+
+
+def parse_size(text: str) -> int:
+    """Parse ``1048576``, ``10MiB``, ``1.5GiB`` or ``5MB`` into bytes."""
+    m = _SIZE_RE.match(str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use bytes or a unit such as 10MiB, 1GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_size(n: int) -> str:
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return str(n)
+
+
+def _parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true or false)")
+
+
+def _opt_str(text: str) -> str | None:
+    return text or None
+
+
+def _setting(
+    default: Any,
+    help: str,
+    parse: Callable[[str], Any] = str,
+    *,
+    repeat: bool = False,
+    choices: Sequence[str] | None = None,
+    show: Callable[[Any], str] | None = None,
+) -> Any:
+    meta = {"help": help, "parse": parse, "repeat": repeat, "choices": choices, "show": show}
+    if repeat:
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the proxy can be told. Defaults are what production wants."""
+
+    # network
+    host: str = _setting("127.0.0.1", "address to listen on")
+    port: int = _setting(8080, "port to listen on", int)
+    # S3 backend
+    endpoint_url: str | None = _setting(
+        None,
+        "S3 endpoint URL (e.g. https://s3.eu-west-1.amazonaws.com, http://minio:9000); "
+        "unset: start the embedded SeaweedFS store",
+        _opt_str,
+    )
+    region: str = _setting("us-east-1", "S3 region used for signing")
+    bucket: str | None = _setting(
+        None, "bucket to store uploads in (required with --endpoint-url; embedded: uploads)", _opt_str
+    )
+    # streaming
+    part_size: int = _setting(
+        8 * 1024**2,
+        "S3 multipart part size (at least 5MiB; grows for large files to stay within 10,000 parts)",
+        parse_size,
+        show=format_size,
+    )
+    parts_in_flight: int = _setting(
+        2, "parts of one file uploading to S3 while the next is read from the client", int
+    )
+    memory_budget: int = _setting(
+        256 * 1024**2,
+        "process-wide bytes of part buffers; when spent, clients are not read (TCP backpressure)",
+        parse_size,
+        show=format_size,
+    )
+    read_buffer: int = _setting(
+        256 * 1024,
+        "per-connection socket read buffer (high-water mark) and read chunk size",
+        parse_size,
+        show=format_size,
+    )
+    # limits
+    max_file_size: int = _setting(5 * 1024**3, "largest file accepted", parse_size, show=format_size)
+    max_files: int = _setting(20, "most files accepted in one request", int)
+    max_fields: int = _setting(100, "most non-file form fields accepted in one request", int)
+    max_field_size: int = _setting(
+        64 * 1024, "largest non-file form field value", parse_size, show=format_size
+    )
+    max_request_size: int = _setting(
+        10 * 1024**3, "largest request body", parse_size, show=format_size
+    )
+    # objects
+    key_template: str = _setting(
+        "uploads/{yyyy}/{mm}/{uuid}/{filename}",
+        "object key template; fields: {yyyy} {mm} {dd} {uuid} {filename} {field}; must contain {uuid}",
+    )
+    allow_type: tuple[str, ...] = _setting(
+        (), "allowed content type (repeatable; wildcards like image/*); none: allow all", repeat=True
+    )
+    acl: str | None = _setting(None, "canned ACL for stored objects (e.g. private)", _opt_str)
+    storage_class: str | None = _setting(
+        None, "storage class for stored objects (e.g. STANDARD_IA)", _opt_str
+    )
+    sse: str | None = _setting(
+        None, "server-side encryption (AES256 or aws:kms)", _opt_str, choices=("AES256", "aws:kms")
+    )
+    sse_kms_key_id: str | None = _setting(None, "KMS key id with --sse aws:kms", _opt_str)
+    # S3 client
+    s3_connect_timeout: float = _setting(10.0, "seconds to connect to S3", float)
+    s3_read_timeout: float = _setting(120.0, "seconds to wait for an S3 response", float)
+    s3_max_attempts: int = _setting(
+        5, "attempts per S3 call (transient errors retried with backoff)", int
+    )
+    s3_max_connections: int = _setting(64, "S3 connection pool size", int)
+    sign_payload: bool = _setting(
+        False,
+        "sha256-sign each part's payload (costs a hash pass; off sends UNSIGNED-PAYLOAD)",
+        _parse_bool,
+    )
+    request_checksum: str = _setting(
+        "when_required",
+        "botocore request checksums (when_supported adds CRC32 to every part)",
+        choices=("when_required", "when_supported"),
+    )
+    # embedded store
+    data_dir: Path = _setting(
+        Path("./s3proxy-data"), "embedded store: where its data lives", Path, show=str
+    )
+    embedded_s3_port: int = _setting(8333, "embedded store: S3 port", int)
+    # operations
+    shutdown_timeout: float = _setting(
+        30.0, "seconds in-flight uploads get to finish on shutdown before they are aborted", float
+    )
+    log_level: str = _setting(
+        "info", "log level", str.lower, choices=("debug", "info", "warning", "error")
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def embedded(self) -> bool:
+        return self.endpoint_url is None
+
+    @property
+    def bucket_name(self) -> str:
+        return self.bucket or "uploads"
+
+    def validate(self) -> None:
+        """Raise SettingsError for the first invalid combination, in one line."""
+        if self.endpoint_url is not None:
+            if not re.match(r"^https?://[^/]+", self.endpoint_url):
+                raise SettingsError(f"--endpoint-url must be an http(s) URL, got {self.endpoint_url!r}")
+            if not self.bucket:
+                raise SettingsError("--bucket (S3PROXY_BUCKET) is required with --endpoint-url")
+        if not (1 <= self.port <= 65535):
+            raise SettingsError(f"--port must be 1-65535, got {self.port}")
+        if self.part_size < parts.MIN_PART_SIZE or self.part_size > parts.MAX_PART_SIZE:
+            raise SettingsError("--part-size must be between 5MiB and 5GiB (S3's part size limits)")
+        if self.parts_in_flight < 1:
+            raise SettingsError("--parts-in-flight must be at least 1")
+        largest = parts.largest_part(self.part_size, self.max_file_size)
+        if self.memory_budget < largest:
+            raise SettingsError(
+                f"--memory-budget {format_size(self.memory_budget)} is smaller than the largest part "
+                f"a {format_size(self.max_file_size)} file needs ({format_size(largest)}); "
+                "raise the budget or lower --max-file-size"
+            )
+        if self.max_file_size > parts.MAX_OBJECT_SIZE:
+            raise SettingsError("--max-file-size is above S3's object size limit")
+        if self.read_buffer < 64 * 1024:
+            raise SettingsError("--read-buffer must be at least 64KiB")
+        for name in ("max_files", "max_fields", "max_field_size", "max_request_size", "max_file_size"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
+        if "{uuid}" not in self.key_template:
+            raise SettingsError("--key-template must contain {uuid} so that uploads never overwrite")
+        try:
+            self.key_template.format(yyyy="", mm="", dd="", uuid="", filename="", field="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise SettingsError(f"--key-template has an unknown or broken field: {exc}") from None
+        if self.key_template.startswith("/"):
+            raise SettingsError("--key-template must not start with /")
+        for t in self.allow_type:
+            if not re.match(r"^[\w.+-]+/([\w.+-]+|\*)$", t):
+                raise SettingsError(f"--allow-type {t!r} is not a content type like application/pdf")
+        if self.sse_kms_key_id and self.sse != "aws:kms":
+            raise SettingsError("--sse-kms-key-id needs --sse aws:kms")
+
+    # --- loading -------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field; the default shown is the field's, the env var named."""
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            flag = "--" + f.name.replace("_", "-")
+            env = ENV_PREFIX + f.name.upper()
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            show = meta["show"] or (lambda v: "unset" if v is None or v == () else str(v))
+            shown = show(default) if default not in (None, ()) else "unset"
+            help_text = f"{meta['help']} [env {env}; default {shown}]"
+            kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "default": None}
+            if meta["choices"]:
+                kwargs["choices"] = list(meta["choices"])
+            if meta["repeat"]:
+                kwargs["action"] = "append"
+            parser.add_argument(flag, metavar=f.name.split("_")[-1].upper(), **kwargs)
+
+    @classmethod
+    def load(cls, args: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from parsed flags (raw strings) over environment over defaults."""
+        args = args or {}
+        environ = environ or {}
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            raw = args.get(f.name)
+            source = "--" + f.name.replace("_", "-")
+            if raw is None:
+                env = ENV_PREFIX + f.name.upper()
+                if env in environ:
+                    raw = environ[env]
+                    source = env
+                    if meta["repeat"]:
+                        raw = [p for p in re.split(r"[,\s]+", raw) if p]
+            if raw is None:
+                continue
+            try:
+                if meta["repeat"]:
+                    values[f.name] = tuple(meta["parse"](r) for r in raw)
+                else:
+                    values[f.name] = meta["parse"](raw)
+            except ValueError as exc:
+                raise SettingsError(f"{source}: {exc}") from None
+            if meta["choices"] and values[f.name] not in meta["choices"]:
+                raise SettingsError(f"{source} must be one of {', '.join(meta['choices'])}")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)

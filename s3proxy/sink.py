@@ -1,0 +1,232 @@
+"""The S3-writer interface the pipeline talks to, and its aiobotocore implementation.
+
+The pipeline never imports botocore: it sees ``ObjectSink`` and ``ProxyError``.
+``S3Sink`` is the only place where S3 errors are translated: client-visible
+upstream faults are 502 (S3 said no), 503 (S3 unreachable or throttling) and
+504 (S3 too slow). Transient failures are retried inside botocore (standard retry
+mode: 5xx, throttling, connection errors, with backoff); the part's bytes stay in
+our buffer until S3 acknowledges them, so every retry can resend them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError as BotoConnectionError,
+    ConnectTimeoutError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
+
+from s3proxy.errors import (
+    UPSTREAM_ERROR,
+    UPSTREAM_TIMEOUT,
+    UPSTREAM_UNAVAILABLE,
+    ProxyError,
+)
+
+log = logging.getLogger("s3proxy.sink")
+
+Body = bytes
+
+
+def _stream(data: bytes) -> io.BytesIO:
+    """A BytesIO shares a bytes object without copying, and aiohttp then sends it in
+    64 KiB writes that wait for the socket, rather than copying the whole part
+    into the transport's buffer at once."""
+    return io.BytesIO(data)
+
+_THROTTLING = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "ServiceUnavailable"}
+
+
+@dataclass(frozen=True)
+class ObjectOptions:
+    """What is set on an object when it is created."""
+
+    content_type: str
+    content_disposition: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    acl: str | None = None
+    storage_class: str | None = None
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+
+    def to_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"ContentType": self.content_type, "Metadata": dict(self.metadata)}
+        optional = {
+            "ContentDisposition": self.content_disposition,
+            "ACL": self.acl,
+            "StorageClass": self.storage_class,
+            "ServerSideEncryption": self.sse,
+            "SSEKMSKeyId": self.sse_kms_key_id,
+        }
+        params.update({k: v for k, v in optional.items() if v})
+        return params
+
+
+class ObjectSink(Protocol):
+    """The S3 calls the upload pipeline needs, and nothing else."""
+
+    async def put(self, key: str, data: Body, options: ObjectOptions) -> str: ...
+    async def create(self, key: str, options: ObjectOptions) -> str: ...
+    async def upload_part(self, key: str, upload_id: str, number: int, data: Body) -> str: ...
+    async def complete(self, key: str, upload_id: str, parts: Sequence[tuple[int, str]]) -> str: ...
+    async def abort(self, key: str, upload_id: str) -> None: ...
+    async def tag(self, key: str, tags: Mapping[str, str]) -> None: ...
+    async def delete(self, key: str) -> None: ...
+    async def check(self) -> None: ...
+
+
+@contextlib.contextmanager
+def translate(operation: str) -> Any:
+    """Turn whatever botocore or the network raised into a ProxyError for the client."""
+    try:
+        yield
+    except ProxyError:
+        raise
+    except ClientError as exc:
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", "Unknown"))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if code in _THROTTLING or status == 503:
+            raise ProxyError(UPSTREAM_UNAVAILABLE, f"S3 {operation} throttled or unavailable: {code}") from exc
+        raise ProxyError(UPSTREAM_ERROR, f"S3 {operation} failed: {code}") from exc
+    except (ReadTimeoutError, ConnectTimeoutError, asyncio.TimeoutError) as exc:
+        raise ProxyError(UPSTREAM_TIMEOUT, f"S3 {operation} timed out") from exc
+    except (BotoConnectionError, aiohttp.ClientError, ConnectionError) as exc:
+        raise ProxyError(UPSTREAM_UNAVAILABLE, f"S3 {operation}: cannot reach S3 ({type(exc).__name__})") from exc
+    except (NoCredentialsError, PartialCredentialsError) as exc:
+        raise ProxyError(UPSTREAM_ERROR, "no usable S3 credentials are configured") from exc
+    except BotoCoreError as exc:
+        raise ProxyError(UPSTREAM_ERROR, f"S3 {operation} failed: {type(exc).__name__}") from exc
+
+
+class S3Sink:
+    """ObjectSink over one shared aiobotocore S3 client."""
+
+    def __init__(self, client: Any, bucket: str) -> None:
+        self._s3 = client
+        self.bucket = bucket
+
+    async def put(self, key: str, data: Body, options: ObjectOptions) -> str:
+        with translate("PutObject"):
+            resp = await self._s3.put_object(Bucket=self.bucket, Key=key, Body=_stream(data), **options.to_params())
+        return str(resp["ETag"])
+
+    async def create(self, key: str, options: ObjectOptions) -> str:
+        with translate("CreateMultipartUpload"):
+            resp = await self._s3.create_multipart_upload(
+                Bucket=self.bucket, Key=key, **options.to_params()
+            )
+        return str(resp["UploadId"])
+
+    async def upload_part(self, key: str, upload_id: str, number: int, data: Body) -> str:
+        with translate("UploadPart"):
+            resp = await self._s3.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=_stream(data)
+            )
+        return str(resp["ETag"])
+
+    async def complete(self, key: str, upload_id: str, parts: Sequence[tuple[int, str]]) -> str:
+        with translate("CompleteMultipartUpload"):
+            resp = await self._s3.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]},
+            )
+        return str(resp["ETag"])
+
+    async def abort(self, key: str, upload_id: str) -> None:
+        with translate("AbortMultipartUpload"):
+            try:
+                await self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                    raise
+
+    async def tag(self, key: str, tags: Mapping[str, str]) -> None:
+        with translate("PutObjectTagging"):
+            await self._s3.put_object_tagging(
+                Bucket=self.bucket,
+                Key=key,
+                Tagging={"TagSet": [{"Key": k, "Value": v} for k, v in tags.items()]},
+            )
+
+    async def delete(self, key: str) -> None:
+        with translate("DeleteObject"):
+            await self._s3.delete_object(Bucket=self.bucket, Key=key)
+
+    async def check(self) -> None:
+        with translate("HeadBucket"):
+            await self._s3.head_bucket(Bucket=self.bucket)
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    endpoint_url: str | None
+    region: str
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+    max_attempts: int = 5
+    max_connections: int = 64
+    sign_payload: bool = False
+    request_checksum: str = "when_required"
+    access_key: str | None = None
+    secret_key: str | None = None
+
+
+def client_config(opts: ClientOptions) -> AioConfig:
+    """botocore config: our timeouts and retries, and no byte passes we do not need.
+
+    ``payload_signing_enabled=False`` sends UNSIGNED-PAYLOAD instead of a sha256
+    of every part (botocore honours it over plain HTTP too), and
+    ``when_required`` checksums skip the CRC32 botocore >= 1.36 adds by default,
+    which some S3-compatible stores also reject.
+    """
+    return AioConfig(
+        connect_timeout=opts.connect_timeout,
+        read_timeout=opts.read_timeout,
+        retries={"mode": "standard", "max_attempts": opts.max_attempts},
+        max_pool_connections=opts.max_connections,
+        s3={"payload_signing_enabled": opts.sign_payload, "addressing_style": _addressing(opts)},
+        request_checksum_calculation=opts.request_checksum,
+        response_checksum_validation="when_required",
+    )
+
+
+def _addressing(opts: ClientOptions) -> str:
+    """Path-style for S3-compatible stores (no bucket DNS names); AWS decides for itself."""
+    if opts.endpoint_url is None or "amazonaws.com" in opts.endpoint_url:
+        return "auto"
+    return "path"
+
+
+@contextlib.asynccontextmanager
+async def open_client(opts: ClientOptions) -> AsyncIterator[Any]:
+    """One aiobotocore S3 client for the whole process (it pools connections)."""
+    session = get_session()
+    kwargs: dict[str, Any] = {}
+    if opts.access_key and opts.secret_key:
+        kwargs = {"aws_access_key_id": opts.access_key, "aws_secret_access_key": opts.secret_key}
+    async with session.create_client(
+        "s3",
+        endpoint_url=opts.endpoint_url,
+        region_name=opts.region,
+        config=client_config(opts),
+        **kwargs,
+    ) as client:
+        yield client

@@ -1,0 +1,75 @@
+"""Content type from the file's first bytes (libmagic), with the fallbacks it needs.
+
+libmagic is right about what a file *is*, but says ``application/zip`` for OOXML
+and ODF documents it cannot see into, ``application/CDFV2`` / ``x-ole-storage`` for
+legacy Office files, and ``application/octet-stream`` when it has no idea. Then
+the declared type or the extension knows better.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import mimetypes
+
+import magic
+
+SNIFF_BYTES = 64 * 1024  # libmagic reads at most this much for its tests by default
+OCTET_STREAM = "application/octet-stream"
+
+_ZIP_TYPES = {"application/zip", "application/x-zip-compressed", "application/x-zip"}
+_OLE_TYPES = {"application/cdfv2", "application/x-ole-storage", "application/vnd.ms-office"}
+_UNKNOWN = {OCTET_STREAM, "application/x-empty", "inode/x-empty", "application/x-data"}
+
+_EXTRA_TYPES = {
+    ".docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    ".xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+    ".pptx": "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+    ".ppsx": "application/vnd.openxmlformats-officedocument.presentationml.slideshow",
+    ".potx": "application/vnd.openxmlformats-officedocument.presentationml.template",
+    ".odt": "application/vnd.oasis.opendocument.text",
+    ".ods": "application/vnd.oasis.opendocument.spreadsheet",
+    ".odp": "application/vnd.oasis.opendocument.presentation",
+    ".doc": "application/msword",
+    ".xls": "application/vnd.ms-excel",
+    ".ppt": "application/vnd.ms-powerpoint",
+    ".pps": "application/vnd.ms-powerpoint",
+    ".key": "application/vnd.apple.keynote",
+    ".epub": "application/epub+zip",
+}
+_ZIP_BASED = {"application/epub+zip", "application/java-archive", "application/vnd.apple.keynote"}
+_OLE_BASED = {"application/msword", "application/vnd.ms-excel", "application/vnd.ms-powerpoint"}
+
+_magic = magic.Magic(mime=True)
+
+
+def guess_from_name(filename: str) -> str | None:
+    ext = "." + filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
+    return _EXTRA_TYPES.get(ext) or mimetypes.guess_type(filename, strict=False)[0]
+
+
+def sniff(head: bytes | bytearray | memoryview, filename: str, declared: str | None) -> str:
+    """The content type to store for a file whose first bytes are ``head``."""
+    found = _magic.from_buffer(bytes(head[:SNIFF_BYTES])).lower() if len(head) else OCTET_STREAM
+    by_name = guess_from_name(filename)
+    declared = (declared or "").split(";")[0].strip().lower() or None
+    if found in _ZIP_TYPES and by_name and (
+        by_name.startswith(("application/vnd.openxmlformats", "application/vnd.oasis"))
+        or by_name in _ZIP_BASED
+    ):
+        return by_name
+    if found in _OLE_TYPES and by_name in _OLE_BASED:
+        return by_name
+    if found in _UNKNOWN:
+        if declared and declared != OCTET_STREAM:
+            return declared
+        return by_name or OCTET_STREAM
+    if found == "text/plain" and by_name and by_name.startswith("text/"):
+        return by_name  # csv, markdown, ...: libmagic only sees text
+    return found
+
+
+def allowed(content_type: str, allowlist: tuple[str, ...]) -> bool:
+    """True if no allowlist is set or the type matches one entry (``image/*`` wildcards)."""
+    if not allowlist:
+        return True
+    return any(fnmatch.fnmatchcase(content_type, pattern.lower()) for pattern in allowlist)

@@ -1,0 +1,70 @@
+"""What the app shares between requests, typed as one ``web.AppKey``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from s3proxy.budget import MemoryBudget
+from s3proxy.form import FormLimits
+from s3proxy.pipeline import PipelineConfig
+from s3proxy.settings import Settings
+from s3proxy.sink import ObjectSink
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    budget: MemoryBudget
+    pipeline: PipelineConfig
+    form_limits: FormLimits
+    sink: ObjectSink | None = None  # set once the S3 client is open
+    draining: bool = False
+    uploads: set[asyncio.Task[object]] = field(default_factory=set)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AppState:
+        return cls(
+            settings=settings,
+            budget=MemoryBudget(settings.memory_budget),
+            pipeline=PipelineConfig(
+                part_size=settings.part_size,
+                parts_in_flight=settings.parts_in_flight,
+                max_file_size=settings.max_file_size,
+                allow_types=settings.allow_type,
+                acl=settings.acl,
+                storage_class=settings.storage_class,
+                sse=settings.sse,
+                sse_kms_key_id=settings.sse_kms_key_id,
+            ),
+            form_limits=FormLimits(
+                max_files=settings.max_files,
+                max_fields=settings.max_fields,
+                max_field_size=settings.max_field_size,
+                max_request_size=settings.max_request_size,
+                chunk_size=settings.read_buffer,
+            ),
+        )
+
+    def require_sink(self) -> ObjectSink:
+        if self.sink is None:
+            raise RuntimeError("the S3 client is not open yet")
+        return self.sink
+
+    @contextlib.contextmanager
+    def track(self, task: asyncio.Task[object] | None) -> Iterator[None]:
+        """Remember an upload's task so shutdown can wait for it, then cancel it."""
+        if task is not None:
+            self.uploads.add(task)
+        try:
+            yield
+        finally:
+            if task is not None:
+                self.uploads.discard(task)
+
+
+STATE = web.AppKey("state", AppState)

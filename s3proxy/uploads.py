@@ -1,0 +1,147 @@
+"""One request's journey: walk the form, store each file, all or nothing.
+
+Files are stored one after another in the order they arrive (the body is one
+stream). If anything fails, the file in progress is aborted by its pipeline and
+the files already stored by this request are deleted, so a failed request
+leaves nothing behind. Form fields that arrive before a file are stored as that
+file's ``x-amz-meta-*`` metadata (S3 fixes metadata when an upload is created);
+all fields are returned in the response.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from s3proxy import keys
+from s3proxy.budget import MemoryBudget
+from s3proxy.errors import INVALID_FIELD, METADATA_TOO_LARGE, NO_FILE, ProxyError
+from s3proxy.form import Field, FilePart
+from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, StoredFile, run_cleanup
+from s3proxy.sink import ObjectSink
+
+log = logging.getLogger("s3proxy.uploads")
+
+# S3 user metadata: keys and values together at most 2 KB
+# (https://docs.aws.amazon.com/AmazonS3/latest/userguide/UsingMetadata.html).
+MAX_METADATA_BYTES = 2048
+RESERVED_METADATA = {"sha256"}
+_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class UploadResult:
+    files: list[StoredFile] = field(default_factory=list)
+    fields: dict[str, str | list[str]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"files": [f.to_json() for f in self.files], "fields": self.fields}
+
+
+def encode_metadata_value(value: str) -> str:
+    """S3 metadata travels in HTTP headers: non-ASCII text goes RFC 2047-encoded, as S3 does."""
+    if value.isascii() and value.isprintable():
+        return value
+    import base64
+
+    return "=?UTF-8?B?" + base64.b64encode(value.encode()).decode() + "?="
+
+
+def field_metadata(fields: dict[str, str | list[str]]) -> dict[str, str]:
+    """Fields as S3 metadata, or a clear error when they cannot be stored faithfully."""
+    meta: dict[str, str] = {}
+    for name, value in fields.items():
+        if not _TOKEN.match(name):
+            raise ProxyError(
+                INVALID_FIELD,
+                f"field name {name!r} cannot be stored as S3 metadata (use letters, digits, - _ .)",
+            )
+        if name.lower() in RESERVED_METADATA:
+            raise ProxyError(INVALID_FIELD, f"field name {name!r} is reserved")
+        joined = value if isinstance(value, str) else ",".join(value)
+        meta[name.lower()] = encode_metadata_value(joined)
+    size = sum(len(k) + len(v) for k, v in meta.items()) + len("sha256") + 64
+    if size > MAX_METADATA_BYTES:
+        raise ProxyError(
+            METADATA_TOO_LARGE,
+            f"form fields take {size} bytes as S3 metadata; S3 allows {MAX_METADATA_BYTES}",
+        )
+    return meta
+
+
+class RequestUpload:
+    """Stores every file of one multipart/form-data request."""
+
+    def __init__(
+        self,
+        sink: ObjectSink,
+        budget: MemoryBudget,
+        cfg: PipelineConfig,
+        key_template: str,
+        size_hint: int | None,
+    ) -> None:
+        self.sink = sink
+        self.budget = budget
+        self.cfg = cfg
+        self.key_template = key_template
+        self.size_hint = size_hint  # no file is longer than this (the body's length), if known
+        self.result = UploadResult()
+
+    async def run(self, parts: AsyncIterator[Field | FilePart]) -> UploadResult:
+        try:
+            async for part in parts:
+                if isinstance(part, Field):
+                    self._add_field(part)
+                else:
+                    stored = await self._store(part)
+                    if stored is not None:
+                        self.result.files.append(stored)
+            if not self.result.files:
+                raise ProxyError(NO_FILE, "the request has no file part (send one with a filename)")
+        except BaseException:
+            await self.rollback()
+            raise
+        return self.result
+
+    def _add_field(self, part: Field) -> None:
+        current = self.result.fields.get(part.name)
+        if current is None:
+            self.result.fields[part.name] = part.value
+        elif isinstance(current, list):
+            current.append(part.value)
+        else:
+            self.result.fields[part.name] = [current, part.value]
+
+    async def _store(self, part: FilePart) -> StoredFile | None:
+        try:
+            key = keys.make_key(self.key_template, part.filename, part.field)
+        except ValueError as exc:
+            raise ProxyError(INVALID_FIELD, f"cannot make an object key: {exc}") from None
+        spec = FileSpec(
+            field=part.field,
+            filename=part.filename,
+            key=key,
+            declared_type=part.declared_type,
+            metadata=field_metadata(self.result.fields),
+            size_hint=self.size_hint,
+        )
+        stored = await FileUpload(spec, self.sink, self.budget, self.cfg).run(part.chunks)
+        if stored is not None:
+            log.info(
+                "upload.completed key=%s size=%d parts=%d content_type=%s",
+                stored.key,
+                stored.size,
+                stored.parts,
+                stored.content_type,
+            )
+        return stored
+
+    async def rollback(self) -> None:
+        """Delete what this request already stored; the failing file aborted itself."""
+        for stored in self.result.files:
+            log.info("upload.rolled_back key=%s", stored.key)
+            await run_cleanup(lambda key=stored.key: self.sink.delete(key), "rollback")  # type: ignore[misc]
+        self.result.files.clear()

@@ -1,0 +1,62 @@
+"""Raw multipart/form-data bodies built by hand, so tests control every byte."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+BOUNDARY = "----s3proxytestboundary7MA4YWxkTrZu0gW"
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    data: bytes
+    filename: str | None = None
+    content_type: str | None = None
+    extra_disposition: str = ""
+
+
+def file(name: str, filename: str, data: bytes, content_type: str | None = "application/octet-stream") -> Part:
+    return Part(name, data, filename, content_type)
+
+
+def field(name: str, value: str) -> Part:
+    return Part(name, value.encode())
+
+
+def part_head(p: Part, boundary: str = BOUNDARY) -> bytes:
+    disp = f'form-data; name="{p.name}"'
+    if p.filename is not None:
+        disp += f'; filename="{p.filename}"'
+    disp += p.extra_disposition
+    head = f"--{boundary}\r\nContent-Disposition: {disp}\r\n"
+    if p.content_type:
+        head += f"Content-Type: {p.content_type}\r\n"
+    return (head + "\r\n").encode()
+
+
+def body(parts: Iterable[Part], boundary: str = BOUNDARY, close: bool = True) -> bytes:
+    out = bytearray()
+    for p in parts:
+        out += part_head(p, boundary) + p.data + b"\r\n"
+    if close:
+        out += f"--{boundary}--\r\n".encode()
+    return bytes(out)
+
+
+def headers(boundary: str = BOUNDARY) -> dict[str, str]:
+    return {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+async def chunked(data: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
+    """An async generator has no length, so aiohttp sends it chunked."""
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def pdf(size: int) -> bytes:
+    head = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n"
+    return head + os.urandom(max(0, size - len(head)))

@@ -1,0 +1,116 @@
+"""Functional tests of POST /upload through the HTTP API, against moto over HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from typing import Any
+
+import aiohttp
+
+from tests import bodies
+
+MiB = 1024**2
+
+
+def form(*files: tuple[str, str, bytes, str | None], **fields: str) -> aiohttp.FormData:
+    data = aiohttp.FormData()
+    for name, value in fields.items():
+        data.add_field(name, value)
+    for field, filename, content, ctype in files:
+        # BytesIO: aiohttp warns (an error here) about large raw bytes bodies.
+        data.add_field(
+            field, io.BytesIO(content), filename=filename, content_type=ctype or "application/octet-stream"
+        )
+    return data
+
+
+def pdf_bytes(size: int) -> bytes:
+    head = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n"
+    return head + os.urandom(max(0, size - len(head)))
+
+
+async def test_small_file_is_stored_with_metadata(proxy: Any, s3: Any, bucket: str) -> None:
+    body = pdf_bytes(10_000)
+    resp = await proxy.post("/upload", data=form(("file", "report.pdf", body, None), title="Q3 review"))
+    assert resp.status == 201, await resp.text()
+    out = await resp.json()
+    assert out["fields"] == {"title": "Q3 review"}
+    [f] = out["files"]
+    assert f["field"] == "file" and f["filename"] == "report.pdf"
+    assert f["size"] == len(body)
+    assert f["sha256"] == hashlib.sha256(body).hexdigest()
+    assert f["content_type"] == "application/pdf"
+    assert f["key"].startswith("uploads/") and f["key"].endswith("/report.pdf")
+    obj = s3.get_object(Bucket=bucket, Key=f["key"])
+    assert obj["Body"].read() == body
+    assert obj["ContentType"] == "application/pdf"
+    assert obj["Metadata"]["title"] == "Q3 review"
+    assert obj["Metadata"]["sha256"] == f["sha256"]
+    assert obj["ContentDisposition"] == 'attachment; filename="report.pdf"'
+    assert obj["ETag"].strip('"') == f["etag"]
+
+
+async def test_multipart_file_is_stored_in_parts(proxy: Any, s3: Any, bucket: str) -> None:
+    body = pdf_bytes(12 * MiB + 123)
+    resp = await proxy.post("/upload", data=form(("file", "big.pdf", body, None)))
+    assert resp.status == 201, await resp.text()
+    [f] = (await resp.json())["files"]
+    assert f["size"] == len(body)
+    assert f["sha256"] == hashlib.sha256(body).hexdigest()
+    obj = s3.get_object(Bucket=bucket, Key=f["key"])
+    assert obj["Body"].read() == body
+    assert f["etag"].endswith("-3")  # 5 MiB parts: 5 + 5 + 2
+    tags = s3.get_object_tagging(Bucket=bucket, Key=f["key"])["TagSet"]
+    assert {"Key": "sha256", "Value": f["sha256"]} in tags
+
+
+async def test_exactly_one_part(proxy: Any, s3: Any, bucket: str) -> None:
+    body = pdf_bytes(5 * MiB)
+    resp = await proxy.post("/upload", data=form(("file", "one.pdf", body, None)))
+    assert resp.status == 201, await resp.text()
+    [f] = (await resp.json())["files"]
+    assert s3.get_object(Bucket=bucket, Key=f["key"])["Body"].read() == body
+
+
+async def test_several_files_in_one_request(proxy: Any, s3: Any, bucket: str) -> None:
+    a, b, c = pdf_bytes(100), os.urandom(6 * MiB), b""
+    resp = await proxy.post(
+        "/upload",
+        data=form(("a", "a.pdf", a, None), ("b", "b.bin", b, None), ("c", "empty.txt", c, "text/plain")),
+    )
+    assert resp.status == 201, await resp.text()
+    files = (await resp.json())["files"]
+    assert [f["field"] for f in files] == ["a", "b", "c"]
+    for f, data in zip(files, (a, b, c), strict=True):
+        assert s3.get_object(Bucket=bucket, Key=f["key"])["Body"].read() == data
+        assert f["sha256"] == hashlib.sha256(data).hexdigest()
+    assert files[2]["content_type"] == "text/plain"
+
+
+async def test_chunked_request_body(proxy: Any, s3: Any, bucket: str) -> None:
+    data = os.urandom(7 * MiB)
+    raw = bodies.body([bodies.field("title", "t"), bodies.file("file", "x.bin", data)])
+    resp = await proxy.post("/upload", data=bodies.chunked(raw), headers=bodies.headers())
+    assert resp.status == 201, await resp.text()
+    [f] = (await resp.json())["files"]
+    assert f["size"] == len(data)
+    assert s3.get_object(Bucket=bucket, Key=f["key"])["Body"].read() == data
+
+
+async def test_healthz(proxy: Any) -> None:
+    resp = await proxy.get("/healthz")
+    assert resp.status == 200
+
+
+async def test_readyz(proxy: Any) -> None:
+    resp = await proxy.get("/readyz")
+    assert resp.status == 200, await resp.text()
+
+
+async def test_readyz_missing_bucket(proxy_factory: Any) -> None:
+    client = await proxy_factory(bucket="no-such-bucket-here")
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json())["error"]["code"].startswith("UPSTREAM")
