@@ -47,6 +47,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "verified": sum(r["verified"] for r in rs),
             "stray_objects": sum(r["stray_objects"] for r in rs),
             "open_multipart_uploads": sum(r["open_multipart_uploads"] for r in rs),
+            "size_misreports": sum(r.get("size_misreports", 0) for r in rs),
+            "size_misreport_example": next(
+                (r["size_misreport_example"] for r in rs if r.get("size_misreport_example")), ""),
             "errors": [e for r in rs for e in r["errors"] + r["verify_errors"]][:5],
         })
     order = {d: i for i, d in enumerate(("s3proxy", "direct", "naive-tempfile", "naive-memory",
@@ -139,6 +142,9 @@ def notes(result: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
             out.append(f"{where}: {c['stray_objects']} objects in the bucket nobody reported")
         if c["open_multipart_uploads"]:
             out.append(f"{where}: {c['open_multipart_uploads']} multipart uploads left open")
+        if c["size_misreports"]:
+            out.append(f"{where}: {c['size_misreports']} replies gave a wrong size "
+                       f"({c['size_misreport_example']}); the stored objects were checked")
         for e in c["errors"][:2]:
             out.append(f"{where}: {e}")
     return out
@@ -149,7 +155,7 @@ def terminal(result: dict[str, Any]) -> str:
     parts = [text_table(COLUMNS, rows(cells))]
     if result["ratios"]:
         parts.append(text_table(RATIO_COLUMNS, ratio_rows(result["ratios"])))
-    parts += [f"note: {n}" for n in notes(result, cells)]
+    parts.append("\n".join(f"note: {n}" for n in notes(result, cells)))
     return "\n\n".join(parts)
 
 

@@ -1,0 +1,46 @@
+"""The benchmark harness still runs end to end (``python -m bench --smoke``), so it cannot rot.
+
+It starts moto, s3proxy and the comparison designs as real processes, uploads tiny bodies
+with curl and aiohttp clients, and checks every stored object's size and sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DESIGNS = {"s3proxy", "direct", "naive-tempfile", "naive-memory"}
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_bench_smoke(tmp_path: Path) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3PROXY_"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=220, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "latest.json").read_text())
+    cells = result["cells"]
+    assert {c["design"] for c in cells} == DESIGNS, result["meta"]["notes"]
+    for c in cells:
+        where = f"{c['design']}/{c['client']} {c['size']} x{c['concurrency']}"
+        assert c["failures"] == 0, (where, c["errors"])
+        assert c["verified"] == c["uploads"] > 0, where
+        assert c["stray_objects"] == 0, where
+        assert c["open_multipart_uploads"] == 0, where
+        assert c["throughput_mbps"] > 0, where
+        assert c["peak_rss_bytes"] > 0, where
+    clients = {c["client"] for c in cells if c["design"] == "s3proxy"}
+    assert clients == {"curl", "aiohttp"}
+    assert (tmp_path / "latest.md").exists()
