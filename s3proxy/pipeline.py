@@ -173,10 +173,14 @@ class FileUpload:
         self._hash.update(chunk)
 
     def _content_type(self, head: bytes) -> str:
-        content_type = sniff.sniff(head, self.spec.filename, self.spec.declared_type)
-        if not sniff.allowed(content_type, self.cfg.allow_types):
-            raise ProxyError(TYPE_NOT_ALLOWED, f"file type {content_type} is not allowed")
-        return content_type
+        found = sniff.sniff(head, self.spec.filename, self.spec.declared_type)
+        if not found.allowed_by(self.cfg.allow_types):
+            shown = found.content_type if found.confident else "unidentified (application/octet-stream)"
+            raise ProxyError(
+                TYPE_NOT_ALLOWED,
+                f"file {self.spec.filename!r} is {shown}; allowed: {', '.join(self.cfg.allow_types)}",
+            )
+        return found.content_type
 
     def _options(self, content_type: str, extra: Mapping[str, str] | None = None) -> ObjectOptions:
         return ObjectOptions(

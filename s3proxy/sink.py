@@ -24,6 +24,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    ConnectionClosedError,
     ConnectionError as BotoConnectionError,
     ConnectTimeoutError,
     NoCredentialsError,
@@ -106,7 +107,7 @@ def translate(operation: str) -> Any:
         raise ProxyError(UPSTREAM_ERROR, f"S3 {operation} failed: {code}") from exc
     except (ReadTimeoutError, ConnectTimeoutError, asyncio.TimeoutError) as exc:
         raise ProxyError(UPSTREAM_TIMEOUT, f"S3 {operation} timed out") from exc
-    except (BotoConnectionError, aiohttp.ClientError, ConnectionError) as exc:
+    except (BotoConnectionError, ConnectionClosedError, aiohttp.ClientError, ConnectionError) as exc:
         raise ProxyError(UPSTREAM_UNAVAILABLE, f"S3 {operation}: cannot reach S3 ({type(exc).__name__})") from exc
     except (NoCredentialsError, PartialCredentialsError) as exc:
         raise ProxyError(UPSTREAM_ERROR, "no usable S3 credentials are configured") from exc

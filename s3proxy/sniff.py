@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import mimetypes
+from dataclasses import dataclass
 
 import magic
 
@@ -47,7 +48,22 @@ def guess_from_name(filename: str) -> str | None:
     return _EXTRA_TYPES.get(ext) or mimetypes.guess_type(filename, strict=False)[0]
 
 
-def sniff(head: bytes | bytearray | memoryview, filename: str, declared: str | None) -> str:
+@dataclass(frozen=True)
+class Sniffed:
+    """The type to store, and whether the bytes themselves vouch for it.
+
+    Only a vouched-for type may pass an allowlist: a client cannot get an
+    unidentifiable file past ``--allow-type application/pdf`` by declaring it a PDF.
+    """
+
+    content_type: str
+    confident: bool
+
+    def allowed_by(self, allowlist: tuple[str, ...]) -> bool:
+        return allowed(self.content_type if self.confident else OCTET_STREAM, allowlist)
+
+
+def sniff(head: bytes | bytearray | memoryview, filename: str, declared: str | None) -> Sniffed:
     """The content type to store for a file whose first bytes are ``head``."""
     found = _magic.from_buffer(bytes(head[:SNIFF_BYTES])).lower() if len(head) else OCTET_STREAM
     by_name = guess_from_name(filename)
@@ -56,16 +72,16 @@ def sniff(head: bytes | bytearray | memoryview, filename: str, declared: str | N
         by_name.startswith(("application/vnd.openxmlformats", "application/vnd.oasis"))
         or by_name in _ZIP_BASED
     ):
-        return by_name
+        return Sniffed(by_name, True)
     if found in _OLE_TYPES and by_name in _OLE_BASED:
-        return by_name
+        return Sniffed(by_name, True)
     if found in _UNKNOWN:
         if declared and declared != OCTET_STREAM:
-            return declared
-        return by_name or OCTET_STREAM
+            return Sniffed(declared, False)
+        return Sniffed(by_name or OCTET_STREAM, False)
     if found == "text/plain" and by_name and by_name.startswith("text/"):
-        return by_name  # csv, markdown, ...: libmagic only sees text
-    return found
+        return Sniffed(by_name, True)  # csv, markdown, ...: libmagic only sees text
+    return Sniffed(found, True)
 
 
 def allowed(content_type: str, allowlist: tuple[str, ...]) -> bool:

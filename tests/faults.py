@@ -1,0 +1,103 @@
+"""A fault-injecting HTTP proxy in front of moto: real HTTP on loopback, with chosen
+S3 calls answered by errors, delays or dropped connections."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+S3_ERROR = (
+    '<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+    "<Message>injected by the test</Message></Error>"
+)
+
+
+@dataclass
+class Fault:
+    status: int = 0  # answer with this status and an S3 error body
+    code: str = "InternalError"
+    delay: float = 0.0  # sleep before answering (or before forwarding)
+    drop: bool = False  # close the connection without an answer
+
+
+def operation(request: web.Request) -> str:
+    """Name the S3 call from the request's shape (enough for the calls the proxy makes)."""
+    q = request.query
+    if request.method == "PUT" and "partNumber" in q:
+        return "UploadPart"
+    if request.method == "POST" and "uploads" in q:
+        return "CreateMultipartUpload"
+    if request.method == "POST" and "uploadId" in q:
+        return "CompleteMultipartUpload"
+    if request.method == "DELETE" and "uploadId" in q:
+        return "AbortMultipartUpload"
+    if request.method == "PUT" and "tagging" in q:
+        return "PutObjectTagging"
+    if request.method == "PUT":
+        return "PutObject"
+    if request.method == "DELETE":
+        return "DeleteObject"
+    if request.method == "HEAD":
+        return "HeadBucket"
+    return request.method
+
+
+@dataclass
+class FaultyS3:
+    upstream: str
+    rule: Callable[[str, int], Fault | None] = lambda op, n: None
+    calls: list[str] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        op = operation(request)
+        self.calls.append(op)
+        fault = self.rule(op, self.calls.count(op))
+        body = await request.read()
+        if fault is not None:
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault.drop:
+                assert request.transport is not None
+                request.transport.close()
+                raise ConnectionResetError("dropped by the test")
+            if fault.status:
+                return web.Response(
+                    status=fault.status,
+                    text=S3_ERROR.format(code=fault.code),
+                    content_type="application/xml",
+                )
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, headers=headers, data=io.BytesIO(body)
+        ) as resp:
+            payload = await resp.read()
+            out = web.Response(status=resp.status, body=payload)
+            for k, v in resp.headers.items():
+                if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "date", "server"):
+                    out.headers[k] = v
+            return out
+
+    async def __aenter__(self) -> FaultyS3:
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+        await self._session.close()

@@ -1,0 +1,333 @@
+"""Every failure path: the right status and JSON code, and nothing left in S3."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests import bodies
+from tests.bodies import MiB
+from tests.faults import Fault, FaultyS3
+from tests.s3util import all_keys, open_uploads
+
+
+async def wait_clean(s3: Any, bucket: str, timeout: float = 10.0) -> None:
+    """Poll until the bucket holds no object and no open multipart upload."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        uploads, keys = open_uploads(s3, bucket), all_keys(s3, bucket)
+        if not uploads and not keys:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"left behind: uploads={uploads} keys={keys}")
+        await asyncio.sleep(0.1)
+
+
+async def post_raw(proxy: Any, raw: Any, **kw: Any) -> tuple[int, dict[str, Any]]:
+    headers = kw.pop("headers", bodies.headers())
+    if isinstance(raw, bytes):
+        raw = io.BytesIO(raw)  # aiohttp warns (an error here) about large raw bytes bodies
+    resp = await proxy.post("/upload", data=raw, headers=headers, **kw)
+    assert resp.content_type == "application/json", await resp.text()
+    return resp.status, await resp.json()
+
+
+def expect_error(status: int, out: dict[str, Any], want_status: int, code: str) -> None:
+    assert status == want_status, out
+    assert out["error"]["code"] == code, out
+    assert out["error"]["message"]
+
+
+# --- client faults -------------------------------------------------------------------
+
+
+async def test_not_multipart(proxy: Any, s3: Any, bucket: str) -> None:
+    status, out = await post_raw(proxy, b"{}", headers={"Content-Type": "application/json"})
+    expect_error(status, out, 415, "NOT_MULTIPART")
+
+
+async def test_no_file_part(proxy: Any, s3: Any, bucket: str) -> None:
+    status, out = await post_raw(proxy, bodies.body([bodies.field("title", "x")]))
+    expect_error(status, out, 400, "NO_FILE")
+
+
+async def test_missing_boundary_parameter(proxy: Any) -> None:
+    raw = bodies.body([bodies.file("file", "a.bin", b"x")])
+    status, out = await post_raw(proxy, raw, headers={"Content-Type": "multipart/form-data"})
+    expect_error(status, out, 400, "MALFORMED_MULTIPART")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"this is not multipart at all", id="garbage"),
+        pytest.param(
+            bodies.body([bodies.file("file", "a.bin", os.urandom(6 * MiB))], close=False)[:-2],
+            id="no-closing-boundary",
+        ),
+        pytest.param(
+            bodies.body([bodies.file("file", "a.bin", os.urandom(100))], close=False),
+            id="no-final-boundary",
+        ),
+        pytest.param(
+            b"--" + bodies.BOUNDARY.encode() + b"\r\nContent-Type: text/plain\r\n\r\nx\r\n"
+            b"--" + bodies.BOUNDARY.encode() + b"--\r\n",
+            id="part-without-name",
+        ),
+    ],
+)
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+async def test_malformed_multipart(proxy: Any, s3: Any, bucket: str, raw: bytes, chunked: bool) -> None:
+    data: Any = bodies.chunked(raw) if chunked else raw
+    status, out = await post_raw(proxy, data)
+    expect_error(status, out, 400, "MALFORMED_MULTIPART")
+    await wait_clean(s3, bucket)
+
+
+async def test_file_too_large_aborts_and_rolls_back(proxy_factory: Any, s3: Any, bucket: str) -> None:
+    proxy = await proxy_factory(max_file_size=8 * MiB)
+    raw = bodies.body(
+        [bodies.file("a", "small.pdf", bodies.pdf(1000)), bodies.file("b", "big.bin", os.urandom(9 * MiB))]
+    )
+    status, out = await post_raw(proxy, bodies.chunked(raw))
+    expect_error(status, out, 413, "FILE_TOO_LARGE")
+    await wait_clean(s3, bucket)
+
+
+async def test_type_not_allowed_rolls_back(proxy_factory: Any, s3: Any, bucket: str) -> None:
+    proxy = await proxy_factory(allow_type=("application/pdf", "image/*"))
+    png = b"\x89PNG\r\n\x1a\n" + os.urandom(100)
+    raw = bodies.body(
+        [
+            bodies.file("a", "ok.pdf", bodies.pdf(7 * MiB)),
+            bodies.file("b", "pic.png", png, "image/png"),
+            bodies.file("c", "evil.pdf", b"MZ\x90\x00" + os.urandom(7 * MiB), "application/pdf"),
+        ]
+    )
+    status, out = await post_raw(proxy, raw)
+    expect_error(status, out, 415, "TYPE_NOT_ALLOWED")
+    assert "application/" in out["error"]["message"]
+    await wait_clean(s3, bucket)
+
+
+async def test_too_many_files(proxy_factory: Any, s3: Any, bucket: str) -> None:
+    proxy = await proxy_factory(max_files=2)
+    raw = bodies.body([bodies.file(f"f{i}", f"{i}.txt", b"hello", "text/plain") for i in range(3)])
+    status, out = await post_raw(proxy, raw)
+    expect_error(status, out, 413, "TOO_MANY_FILES")
+    await wait_clean(s3, bucket)
+
+
+async def test_too_many_fields(proxy_factory: Any) -> None:
+    proxy = await proxy_factory(max_fields=3)
+    raw = bodies.body([bodies.field(f"k{i}", "v") for i in range(4)] + [bodies.file("f", "a.txt", b"x")])
+    status, out = await post_raw(proxy, raw)
+    expect_error(status, out, 413, "TOO_MANY_FIELDS")
+
+
+async def test_field_too_large(proxy_factory: Any) -> None:
+    proxy = await proxy_factory(max_field_size=1000)
+    raw = bodies.body([bodies.field("note", "x" * 1001), bodies.file("f", "a.txt", b"x")])
+    status, out = await post_raw(proxy, raw)
+    expect_error(status, out, 413, "FIELD_TOO_LARGE")
+
+
+async def test_field_not_utf8(proxy: Any) -> None:
+    raw = bodies.body([bodies.Part("note", b"\xff\xfe\xfa"), bodies.file("f", "a.txt", b"x")])
+    status, out = await post_raw(proxy, raw)
+    expect_error(status, out, 400, "INVALID_FIELD")
+
+
+async def test_metadata_too_large(proxy: Any, s3: Any, bucket: str) -> None:
+    raw = bodies.body([bodies.field("note", "x" * 2100), bodies.file("f", "a.txt", b"x")])
+    status, out = await post_raw(proxy, raw)
+    expect_error(status, out, 413, "METADATA_TOO_LARGE")
+    await wait_clean(s3, bucket)
+
+
+async def test_field_name_not_storable(proxy: Any) -> None:
+    raw = bodies.body([bodies.field("a b", "x"), bodies.file("f", "a.txt", b"x")])
+    status, out = await post_raw(proxy, raw)
+    expect_error(status, out, 400, "INVALID_FIELD")
+
+
+async def test_request_too_large_by_content_length(proxy_factory: Any, s3: Any, bucket: str) -> None:
+    proxy = await proxy_factory(max_request_size=1 * MiB)
+    raw = bodies.body([bodies.file("f", "a.bin", os.urandom(2 * MiB))])
+    status, out = await post_raw(proxy, raw)
+    expect_error(status, out, 413, "REQUEST_TOO_LARGE")
+    await wait_clean(s3, bucket)
+
+
+async def test_request_too_large_chunked(proxy_factory: Any, s3: Any, bucket: str) -> None:
+    proxy = await proxy_factory(max_request_size=6 * MiB, max_file_size=100 * MiB)
+    raw = bodies.body([bodies.file("f", "a.bin", os.urandom(12 * MiB))])
+    status, out = await post_raw(proxy, bodies.chunked(raw))
+    expect_error(status, out, 413, "REQUEST_TOO_LARGE")
+    await wait_clean(s3, bucket)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return status, await asyncio.wait_for(reader.readexactly(length), 10)
+
+
+async def test_expect_continue_refused_before_body(proxy_factory: Any) -> None:
+    proxy = await proxy_factory(max_request_size=1 * MiB)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\nExpect: 100-continue\r\n"
+        b"Content-Type: multipart/form-data; boundary=" + bodies.BOUNDARY.encode() + b"\r\n\r\n"
+    )
+    await writer.drain()
+    status, payload = await read_response(reader)  # no body byte was sent
+    assert status == 413
+    assert b"REQUEST_TOO_LARGE" in payload
+    writer.close()
+
+
+async def test_expect_continue_accepted(proxy: Any, s3: Any, bucket: str) -> None:
+    raw = bodies.body([bodies.file("f", "a.txt", b"hello", "text/plain")])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nExpect: 100-continue\r\n"
+        b"Content-Type: multipart/form-data; boundary=%s\r\n\r\n" % (len(raw), bodies.BOUNDARY.encode())
+    )
+    await writer.drain()
+    line = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert line.startswith(b"HTTP/1.1 100")
+    writer.write(raw)
+    await writer.drain()
+    status, payload = await read_response(reader)
+    assert status == 201, payload
+    writer.close()
+
+
+async def test_expect_continue_not_multipart(proxy: Any) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\nExpect: 100-continue\r\n"
+        b"Content-Type: application/octet-stream\r\n\r\n"
+    )
+    await writer.drain()
+    status, payload = await read_response(reader)
+    assert status == 415 and b"NOT_MULTIPART" in payload
+    writer.close()
+
+
+@pytest.mark.parametrize("at", [3 * MiB, 13 * MiB], ids=["in-first-part", "after-parts-sent"])
+async def test_client_disconnect_mid_body(proxy: Any, s3: Any, bucket: str, at: int) -> None:
+    raw = bodies.body(
+        [bodies.file("a", "first.pdf", bodies.pdf(2000)), bodies.file("b", "big.bin", os.urandom(20 * MiB))]
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        b"Content-Type: multipart/form-data; boundary=%s\r\n\r\n" % (len(raw), bodies.BOUNDARY.encode())
+    )
+    writer.write(raw[:at])
+    await writer.drain()
+    if at > 10 * MiB:
+        # wait until the proxy has at least one part in S3, then vanish
+        for _ in range(100):
+            if open_uploads(s3, bucket):
+                break
+            await asyncio.sleep(0.05)
+        assert open_uploads(s3, bucket), "the multipart upload should have started"
+    writer.transport.abort()  # RST, like a killed client
+    await wait_clean(s3, bucket)
+    assert (await proxy.get("/healthz")).status == 200
+
+
+# --- upstream faults ------------------------------------------------------------------
+
+
+async def run_with_faults(
+    proxy_factory: Any, moto: Any, rule: Callable[[str, int], Fault | None], raw: bytes, **settings: Any
+) -> tuple[int, dict[str, Any], FaultyS3]:
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+        proxy = await proxy_factory(endpoint_url=faulty.endpoint_url, **settings)
+        status, out = await post_raw(proxy, raw)
+        return status, out, faulty
+
+
+async def test_transient_part_errors_are_retried(proxy_factory: Any, moto: Any, s3: Any, bucket: str) -> None:
+    data = os.urandom(11 * MiB)
+
+    def rule(op: str, n: int) -> Fault | None:
+        if op == "UploadPart" and n <= 2:
+            return Fault(status=503, code="SlowDown")
+        if op == "UploadPart" and n == 3:
+            return Fault(drop=True)
+        return None
+
+    status, out, faulty = await run_with_faults(
+        proxy_factory, moto, rule, bodies.body([bodies.file("f", "a.bin", data)]), s3_max_attempts=5
+    )
+    assert status == 201, out
+    assert faulty.calls.count("UploadPart") == 3 + 3  # three parts, three failures retried
+    [f] = out["files"]
+    assert s3.get_object(Bucket=bucket, Key=f["key"])["Body"].read() == data
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "code"),
+    [
+        (Fault(status=500), 502, "UPSTREAM_ERROR"),
+        (Fault(status=403, code="AccessDenied"), 502, "UPSTREAM_ERROR"),
+        (Fault(status=503, code="SlowDown"), 503, "UPSTREAM_UNAVAILABLE"),
+        (Fault(drop=True), 503, "UPSTREAM_UNAVAILABLE"),
+        (Fault(delay=3.0), 504, "UPSTREAM_TIMEOUT"),
+    ],
+    ids=["500", "403", "503", "drop", "timeout"],
+)
+async def test_part_upload_failure_aborts(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, fault: Fault, status: int, code: str
+) -> None:
+    raw = bodies.body(
+        [bodies.file("a", "first.pdf", bodies.pdf(1000)), bodies.file("b", "b.bin", os.urandom(12 * MiB))]
+    )
+    got, out, faulty = await run_with_faults(
+        proxy_factory,
+        moto,
+        lambda op, n: fault if op == "UploadPart" and n >= 2 else None,
+        raw,
+        s3_max_attempts=2,
+        s3_read_timeout=1.0,
+    )
+    expect_error(got, out, status, code)
+    assert "AbortMultipartUpload" in faulty.calls
+    await wait_clean(s3, bucket)
+
+
+@pytest.mark.parametrize("op", ["CompleteMultipartUpload", "PutObjectTagging", "CreateMultipartUpload"])
+async def test_late_failures_leave_nothing(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, op: str
+) -> None:
+    raw = bodies.body([bodies.file("a", "first.pdf", bodies.pdf(1000)), bodies.file("b", "b.bin", os.urandom(7 * MiB))])
+    got, out, _ = await run_with_faults(
+        proxy_factory, moto, lambda o, n: Fault(status=500) if o == op else None, raw, s3_max_attempts=1
+    )
+    expect_error(got, out, 502, "UPSTREAM_ERROR")
+    await wait_clean(s3, bucket)
+
+
+async def test_s3_unreachable(proxy_factory: Any) -> None:
+    from tests.s3util import free_port
+
+    proxy = await proxy_factory(endpoint_url=f"http://127.0.0.1:{free_port()}", s3_max_attempts=1)
+    status, out = await post_raw(proxy, bodies.body([bodies.file("f", "a.txt", b"x")]))
+    expect_error(status, out, 503, "UPSTREAM_UNAVAILABLE")
+    resp = await proxy.get("/readyz")
+    assert resp.status == 503
+    assert resp.content_type == "application/json"
