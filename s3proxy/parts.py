@@ -66,7 +66,10 @@ def plan_parts(base: int, upper_bound: int | None, max_file_size: int) -> PartPl
         return PartPlan(base, growing=False)
     if upper_bound is not None:
         return PartPlan(min(_round_up(-(-bound // MAX_PARTS), MiB), MAX_PART_SIZE), growing=False)
-    return PartPlan(base, growing=True)
+    plan = PartPlan(base, growing=True)
+    while plan.capacity() < bound:  # only a 5 MiB base short of 5 TiB needs this
+        plan = PartPlan(plan.base + MiB, growing=True)
+    return plan
 
 
 def largest_part(base: int, max_file_size: int) -> int:

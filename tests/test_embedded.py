@@ -1,0 +1,288 @@
+"""The embedded SeaweedFS store, for real: spawned, used with boto3, killed, restarted.
+
+Everything runs on 127.0.0.1 against the real ``weed`` binary; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from s3proxy.embedded import CREDENTIALS_NAME, EmbeddedConfig, EmbeddedStore, EmbeddedStoreError
+from tests.seaweed_fixture import process_alive, running_store, s3_client_kwargs, wait_no_weed
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+
+
+def client(store: EmbeddedStore, **overrides: Any) -> Any:
+    s3_options = overrides.pop("s3", {})
+    config = Config(
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        retries={"max_attempts": 1, "mode": "standard"},
+        s3={"addressing_style": "path", **s3_options},
+    )
+    return boto3.client("s3", **{**s3_client_kwargs(store), **overrides}, config=config)
+
+
+@pytest.fixture
+def s3(seaweedfs: EmbeddedStore) -> Iterator[Any]:
+    with closing(client(seaweedfs)) as c:
+        yield c
+
+
+def test_put_get_and_multipart(seaweedfs: EmbeddedStore, s3: Any) -> None:
+    assert seaweedfs.endpoint_url.startswith("http://127.0.0.1:")
+    s3.put_object(Bucket=seaweedfs.bucket, Key="small.txt", Body=b"hello")
+    assert s3.get_object(Bucket=seaweedfs.bucket, Key="small.txt")["Body"].read() == b"hello"
+
+    key = "big.bin"
+    parts = [b"a" * (5 * MiB), b"tail"]  # S3's 5 MiB minimum for all but the last part
+    upload_id = s3.create_multipart_upload(Bucket=seaweedfs.bucket, Key=key)["UploadId"]
+    etags = [
+        s3.upload_part(
+            Bucket=seaweedfs.bucket, Key=key, UploadId=upload_id, PartNumber=n, Body=body
+        )["ETag"]
+        for n, body in enumerate(parts, start=1)
+    ]
+    s3.complete_multipart_upload(
+        Bucket=seaweedfs.bucket,
+        Key=key,
+        UploadId=upload_id,
+        MultipartUpload={
+            "Parts": [{"PartNumber": n, "ETag": e} for n, e in enumerate(etags, start=1)]
+        },
+    )
+    assert s3.get_object(Bucket=seaweedfs.bucket, Key=key)["Body"].read() == b"".join(parts)
+    assert not s3.list_multipart_uploads(Bucket=seaweedfs.bucket).get("Uploads")
+
+
+def test_credentials_are_enforced(seaweedfs: EmbeddedStore) -> None:
+    bad = client(seaweedfs, aws_secret_access_key="wrong-secret")
+    with closing(bad), pytest.raises(ClientError) as refused:
+        bad.put_object(Bucket=seaweedfs.bucket, Key="nope", Body=b"x")
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert refused.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
+
+    unknown = client(seaweedfs, aws_access_key_id="UNKNOWNKEY")
+    with closing(unknown), pytest.raises(ClientError) as refused:
+        unknown.head_bucket(Bucket=seaweedfs.bucket)
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+    url = f"{seaweedfs.endpoint_url}/{seaweedfs.bucket}/anonymous"
+    request = urllib.request.Request(url, data=b"x", method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as anonymous:
+        urllib.request.urlopen(request, timeout=5)
+    assert anonymous.value.code == 403
+    anonymous.value.close()
+
+
+def test_the_keys_cannot_create_buckets(seaweedfs: EmbeddedStore, s3: Any) -> None:
+    """No Admin action: a bucket-name typo fails instead of creating a bucket."""
+    with pytest.raises(ClientError) as refused:
+        s3.create_bucket(Bucket="not-ours")
+    assert refused.value.response["Error"]["Code"] == "AccessDenied"
+
+
+def test_unsigned_payload_over_plain_http(seaweedfs: EmbeddedStore) -> None:
+    """SeaweedFS takes ``X-Amz-Content-SHA256: UNSIGNED-PAYLOAD`` over http.
+
+    A before-sign handler cannot ask for it: botocore's S3 signer overwrites the header
+    with the body's sha256 on http. ``s3={"payload_signing_enabled": False}`` works.
+    """
+    sent: list[str] = []
+
+    def record(request: Any, **_: Any) -> None:
+        value = request.headers["X-Amz-Content-SHA256"]
+        sent.append(value.decode() if isinstance(value, bytes) else value)
+
+    def ask_unsigned(request: Any, **_: Any) -> None:
+        request.headers["X-Amz-Content-SHA256"] = "UNSIGNED-PAYLOAD"
+
+    with closing(client(seaweedfs)) as hooked:
+        hooked.meta.events.register("before-sign.s3", ask_unsigned)
+        hooked.meta.events.register("before-send.s3", record)
+        hooked.put_object(Bucket=seaweedfs.bucket, Key="hooked", Body=b"body")
+    assert len(sent[-1]) == 64 and sent[-1] != "UNSIGNED-PAYLOAD"  # the hash, not our value
+
+    sent.clear()
+    bucket, key = seaweedfs.bucket, "unsigned.bin"
+    with closing(client(seaweedfs, s3={"payload_signing_enabled": False})) as unsigned:
+        unsigned.meta.events.register("before-send.s3", record)
+        unsigned.put_object(Bucket=bucket, Key="unsigned-put", Body=b"put body")
+        upload_id = unsigned.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        etag = unsigned.upload_part(
+            Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=1, Body=b"part body"
+        )["ETag"]
+        unsigned.complete_multipart_upload(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]},
+        )
+        assert unsigned.get_object(Bucket=bucket, Key=key)["Body"].read() == b"part body"
+        assert unsigned.get_object(Bucket=bucket, Key="unsigned-put")["Body"].read() == (
+            b"put body"
+        )
+    assert set(sent) == {"UNSIGNED-PAYLOAD"}
+
+    # The signature still covers everything else: a wrong secret is still refused.
+    with (
+        closing(
+            client(seaweedfs, aws_secret_access_key="wrong", s3={"payload_signing_enabled": False})
+        ) as bad,
+        pytest.raises(ClientError) as refused,
+    ):
+        bad.put_object(Bucket=bucket, Key="unsigned-bad", Body=b"x")
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+async def test_taken_port_fails_fast(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        store = EmbeddedStore(EmbeddedConfig(data_dir=data_dir, s3_port=port))
+        started = time.monotonic()
+        with pytest.raises(EmbeddedStoreError, match=rf"port {port} \(s3\) on 127.0.0.1"):
+            await store.start()
+    assert time.monotonic() - started < 5
+    assert store.pid is None
+    assert not data_dir.exists()  # refused before anything was written or spawned
+
+
+async def test_weed_exiting_during_start_reports_its_output(tmp_path: Path) -> None:
+    # Free on 127.0.0.1 (our check passes) but held on 127.0.0.2, which weed's own
+    # all-interfaces check refuses: weed itself exits, and we must say why.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.2", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        store = EmbeddedStore(EmbeddedConfig(data_dir=tmp_path, s3_port=0, master_port=port))
+        with pytest.raises(EmbeddedStoreError) as failed:
+            await store.start(timeout=30)
+    message = str(failed.value)
+    assert "weed exited with code" in message
+    assert str(port) in message.split("last lines of", 1)[1]  # weed's own words
+    assert store.pid is None
+    wait_no_weed(None, tmp_path, within=1.0)
+
+
+async def test_not_ready_in_time_kills_weed(tmp_path: Path) -> None:
+    store = EmbeddedStore(EmbeddedConfig(data_dir=tmp_path, s3_port=0))
+    with pytest.raises(EmbeddedStoreError, match="not ready after"):
+        await store.start(timeout=0.05)
+    assert store.pid is None
+    wait_no_weed(None, tmp_path, within=1.0)
+
+
+def test_invalid_bucket_name_is_refused_before_start(tmp_path: Path) -> None:
+    with pytest.raises(EmbeddedStoreError, match="not a valid S3 bucket name"):
+        EmbeddedStore(EmbeddedConfig(data_dir=tmp_path, bucket="Uploads_1"))
+
+
+def test_missing_binary_says_how_to_get_it(tmp_path: Path) -> None:
+    config = EmbeddedConfig(data_dir=tmp_path, s3_port=0, weed_binary=str(tmp_path / "weed"))
+    with pytest.raises(EmbeddedStoreError, match="not found"), running_store(config):
+        pass
+
+
+async def test_restart_keeps_objects_and_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # weed mini would turn these into an extra admin identity; it must never see them.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "LEAKEDKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "leakedsecret")
+    config = EmbeddedConfig(data_dir=tmp_path / "data", s3_port=0)
+    timings = []
+    async with EmbeddedStore(config) as first:
+        timings.append(first.startup_seconds)
+        pid = first.pid
+        assert pid is not None
+        assert b"AWS_" not in Path(f"/proc/{pid}/environ").read_bytes()
+        keys = (first.access_key, first.secret_key)
+        with closing(client(first)) as s3:
+            s3.put_object(Bucket=first.bucket, Key="kept", Body=b"still here")
+        leaked = client(first, aws_access_key_id="LEAKEDKEY", aws_secret_access_key="leakedsecret")
+        with closing(leaked), pytest.raises(ClientError):
+            leaked.list_buckets()
+    assert first.pid is None
+    wait_no_weed(pid, config.data_dir, within=1.0)
+    credentials = config.data_dir / CREDENTIALS_NAME
+    assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
+
+    second = EmbeddedStore(config)
+    await second.start()
+    exited = asyncio.ensure_future(second.wait())
+    try:
+        timings.append(second.startup_seconds)
+        assert (second.access_key, second.secret_key) == keys
+        with closing(client(second)) as s3:
+            body = s3.get_object(Bucket=second.bucket, Key="kept")["Body"].read()
+        assert body == b"still here"
+    finally:
+        pid = second.pid
+        assert not exited.done()
+        await second.stop()
+        await second.stop()  # idempotent
+    assert exited.done() and exited.result() is not None
+    wait_no_weed(pid, config.data_dir, within=1.0)
+    print(f"start to ready: first {timings[0]:.2f}s, restart {timings[1]:.2f}s")
+
+
+KEEPER = """
+import asyncio, sys
+from pathlib import Path
+from s3proxy.embedded import EmbeddedConfig, EmbeddedStore
+
+async def main() -> None:
+    store = EmbeddedStore(EmbeddedConfig(data_dir=Path(sys.argv[1]), s3_port=0))
+    await store.start()
+    print("ready", store.pid, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def test_sigkilled_parent_leaves_no_weed(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", KEEPER, str(tmp_path)], stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert parent.stdout is not None
+        readable, _, _ = select.select([parent.stdout], [], [], 60)
+        assert readable, "the store did not start within 60 s"
+        word, weed_pid = parent.stdout.readline().decode().split()
+        assert word == "ready"
+        assert process_alive(int(weed_pid))
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+    # The kernel SIGTERMs weed (parent-death signal); it shuts down in about a second.
+    wait_no_weed(int(weed_pid), tmp_path, within=10.0)

@@ -1,0 +1,126 @@
+"""Part-size arithmetic and slicing: pure, table-driven, no event loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from s3proxy.parts import (
+    GiB,
+    MAX_OBJECT_SIZE,
+    MAX_PART_SIZE,
+    MAX_PARTS,
+    MIN_PART_SIZE,
+    MiB,
+    PartPlan,
+    PartSlicer,
+    largest_part,
+    plan_parts,
+)
+
+TiB = 1024 * GiB
+
+
+@pytest.mark.parametrize(
+    ("base", "bound", "max_file", "want_base", "growing"),
+    [
+        (8 * MiB, None, 5 * GiB, 8 * MiB, False),  # 5 GiB fits in 640 parts
+        (8 * MiB, 100, 5 * GiB, 8 * MiB, False),  # tiny known file
+        (5 * MiB, None, 48 * GiB, 5 * MiB, False),  # 48 GiB < 5 MiB x 10,000
+        (5 * MiB, None, 100 * GiB, 5 * MiB, True),  # unknown length: grows
+        (5 * MiB, 100 * GiB, 5 * TiB, 11 * MiB, False),  # known: one equal size, MiB-rounded
+        (8 * MiB, 5 * TiB, 5 * TiB, 525 * MiB, False),
+        (8 * MiB, None, 5 * TiB, 8 * MiB, True),
+        (64 * MiB, 10 * GiB, 5 * TiB, 64 * MiB, False),  # configured size wins when bigger
+    ],
+)
+def test_plan_parts(base: int, bound: int | None, max_file: int, want_base: int, growing: bool) -> None:
+    plan = plan_parts(base, bound, max_file)
+    assert (plan.base, plan.growing) == (want_base, growing)
+    reach = min(bound or max_file, max_file)
+    assert plan.capacity() >= reach, "the plan must reach the bound within 10,000 parts"
+
+
+@pytest.mark.parametrize(
+    ("number", "size"),
+    [(1, 8 * MiB), (1000, 8 * MiB), (1001, 16 * MiB), (2001, 32 * MiB), (9001, 4 * GiB), (10_000, 4 * GiB)],
+)
+def test_growth_schedule(number: int, size: int) -> None:
+    assert PartPlan(8 * MiB, growing=True).size(number) == size
+
+
+def test_growing_plan_reaches_s3_object_limit_within_part_cap() -> None:
+    for base in (MIN_PART_SIZE, 8 * MiB, 16 * MiB):
+        plan = plan_parts(base, None, MAX_OBJECT_SIZE)
+        assert plan.growing
+        assert plan.capacity() >= MAX_OBJECT_SIZE
+        assert all(plan.size(n) <= MAX_PART_SIZE for n in range(1, MAX_PARTS + 1, 250))
+        assert all(plan.size(n) >= MIN_PART_SIZE for n in range(1, MAX_PARTS + 1, 250))
+
+
+@pytest.mark.parametrize(("number"), [0, MAX_PARTS + 1])
+def test_part_number_out_of_range(number: int) -> None:
+    with pytest.raises(ValueError):
+        PartPlan(8 * MiB, growing=False).size(number)
+
+
+@pytest.mark.parametrize(
+    ("total", "parts"), [(0, 1), (1, 1), (8 * MiB, 1), (8 * MiB + 1, 2), (8000 * MiB, 1000), (8000 * MiB + 1, 1001)]
+)
+def test_parts_for(total: int, parts: int) -> None:
+    assert PartPlan(8 * MiB, growing=True).parts_for(total) == parts
+
+
+@pytest.mark.parametrize(
+    ("base", "max_file", "largest"),
+    [(8 * MiB, 5 * GiB, 8 * MiB), (8 * MiB, 100 * GiB, 64 * MiB), (5 * MiB, 1 * TiB, 640 * MiB)],
+)
+def test_largest_part(base: int, max_file: int, largest: int) -> None:
+    assert largest_part(base, max_file) == largest
+
+
+def test_invalid_base() -> None:
+    with pytest.raises(ValueError):
+        plan_parts(MIN_PART_SIZE - 1, None, GiB)
+
+
+def slice_all(plan: PartPlan, chunks: list[bytes], limit: int | None = None) -> list[tuple[int, bytes]]:
+    slicer = PartSlicer(plan, limit)
+    out = []
+    for chunk in chunks:
+        rest = slicer.feed(chunk)
+        while slicer.full:
+            out.append(slicer.take())
+            rest = slicer.feed(rest)
+        assert not rest
+    out.append(slicer.take())
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 1000, 4096, 5 * MiB, 7 * MiB, 11 * MiB + 3])
+def test_slicer_cuts_exact_parts(chunk: int) -> None:
+    data = bytes(range(256)) * (12 * MiB // 256) + b"tail"
+    chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)] if chunk > 4096 else [data]
+    parts = slice_all(PartPlan(5 * MiB, growing=False), chunks)
+    assert [n for n, _ in parts] == [1, 2, 3]
+    assert [len(p) for _, p in parts] == [5 * MiB, 5 * MiB, 2 * MiB + 4]
+    assert b"".join(p for _, p in parts) == data
+    assert all(isinstance(p, bytes) for _, p in parts)
+
+
+def test_slicer_boundary_ends_with_empty_part() -> None:
+    data = b"x" * (10 * MiB)
+    parts = slice_all(PartPlan(5 * MiB, growing=False), [data])
+    assert [len(p) for _, p in parts] == [5 * MiB, 5 * MiB, 0]
+
+
+@pytest.mark.parametrize(
+    ("limit", "allocations"), [(None, [5 * MiB]), (100, [100]), (6 * MiB, [5 * MiB, 1 * MiB])]
+)
+def test_slicer_allocation_respects_known_limit(limit: int | None, allocations: list[int]) -> None:
+    slicer = PartSlicer(PartPlan(5 * MiB, growing=False), limit)
+    seen = [slicer.allocation()]
+    if limit and limit > 5 * MiB:
+        slicer.feed(b"x" * (5 * MiB))
+        slicer.take()
+        seen.append(slicer.allocation())
+    assert seen == allocations

@@ -1,0 +1,101 @@
+"""Settings from flags, environment and defaults; clear one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from s3proxy.cli import build_parser
+from s3proxy.settings import Settings, SettingsError, format_size, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "n"),
+    [("1048576", 1048576), ("10MiB", 10 * 1024**2), ("1GiB", 1024**3), ("5MB", 5_000_000), ("1.5KiB", 1536), ("64 kib", 65536)],
+)
+def test_parse_size(text: str, n: int) -> None:
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "ten", "10XB", "-1", "1e9"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_format_size() -> None:
+    assert format_size(8 * 1024**2) == "8MiB"
+    assert format_size(1000) == "1000"
+
+
+def load(argv: list[str], env: dict[str, str] | None = None) -> Settings:
+    args = build_parser().parse_args(["serve", *argv])
+    return Settings.load(vars(args), env or {})
+
+
+def test_flags_override_env_override_defaults() -> None:
+    s = load(
+        ["--part-size", "16MiB", "--bucket", "b", "--allow-type", "application/pdf", "--allow-type", "image/*"],
+        {"S3PROXY_PART_SIZE": "32MiB", "S3PROXY_PORT": "9000", "S3PROXY_ENDPOINT_URL": "http://127.0.0.1:1"},
+    )
+    assert s.part_size == 16 * 1024**2
+    assert s.port == 9000
+    assert s.endpoint_url == "http://127.0.0.1:1"
+    assert s.allow_type == ("application/pdf", "image/*")
+    assert s.memory_budget == 256 * 1024**2  # default
+
+
+def test_env_list() -> None:
+    s = load([], {"S3PROXY_ALLOW_TYPE": "application/pdf, image/png"})
+    assert s.allow_type == ("application/pdf", "image/png")
+    assert s.embedded and s.bucket_name == "uploads"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--endpoint-url", "http://x:1"], {}, "--bucket"),
+        (["--part-size", "1MiB"], {}, "--part-size"),
+        (["--part-size", "lots"], {}, "--part-size: not a size"),
+        ([], {"S3PROXY_PORT": "eighty"}, "S3PROXY_PORT"),
+        (["--memory-budget", "4MiB"], {}, "--memory-budget"),
+        (["--key-template", "x/{filename}"], {}, "{uuid}"),
+        (["--key-template", "x/{uuid}/{nope}"], {}, "unknown"),
+        (["--allow-type", "pdf"], {}, "--allow-type"),
+        (["--endpoint-url", "ftp://x", "--bucket", "b"], {}, "http(s) URL"),
+        ([], {"S3PROXY_SIGN_PAYLOAD": "maybe"}, "boolean"),
+        ([], {"S3PROXY_REQUEST_CHECKSUM": "always"}, "one of"),
+    ],
+)
+def test_invalid_settings(argv: list[str], env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        load(argv, env)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "s3proxy", *args], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def test_cli_help_documents_every_flag_with_default() -> None:
+    out = run_cli("serve", "--help").stdout
+    for flag in (
+        "--host", "--port", "--endpoint-url", "--region", "--bucket", "--part-size", "--parts-in-flight",
+        "--memory-budget", "--max-file-size", "--max-files", "--max-request-size", "--key-template",
+        "--allow-type", "--acl", "--storage-class", "--sse",
+    ):  # fmt: skip
+        assert flag in out
+    assert "S3PROXY_MEMORY_BUDGET" in out and "default 256MiB" in " ".join(out.split())
+
+
+def test_cli_invalid_setting_is_one_line_not_a_traceback() -> None:
+    proc = run_cli("serve", "--endpoint-url", "http://127.0.0.1:1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "Traceback" not in proc.stderr
+    assert "--bucket" in proc.stderr

@@ -1,0 +1,76 @@
+"""Content-type sniffing with libmagic and its fallbacks; the allowlist."""
+
+from __future__ import annotations
+
+import io
+import random
+import zipfile
+
+import pytest
+
+from s3proxy.sniff import allowed, sniff
+
+
+def ooxml(kind: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("[Content_Types].xml", "<Types/>")
+        z.writestr(f"{kind}/document.xml", "<x/>")
+    return buf.getvalue()
+
+
+def plain_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("a.txt", "hello")
+    return buf.getvalue()
+
+
+BLOB = random.Random(1).randbytes(4096)  # libmagic: application/octet-stream
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\x00\x00\x00\x10\x08\x02\x00\x00\x00" + b"\x00" * 64
+OLE = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 2048
+
+PPTX = "application/vnd.openxmlformats-officedocument.presentationml.presentation"
+
+
+@pytest.mark.parametrize(
+    ("head", "filename", "declared", "want", "confident"),
+    [
+        (b"%PDF-1.7\n" + b"x" * 100, "a.pdf", None, "application/pdf", True),
+        (b"%PDF-1.7\n" + b"x" * 100, "renamed.txt", "text/plain", "application/pdf", True),
+        (PNG, "p.png", None, "image/png", True),
+        (ooxml("ppt"), "deck.pptx", None, PPTX, True),
+        (plain_zip(), "deck.pptx", None, PPTX, True),
+        (plain_zip(), "archive.zip", None, "application/zip", True),
+        (OLE, "old.ppt", None, "application/vnd.ms-powerpoint", True),
+        (BLOB, "blob", "application/x-custom", "application/x-custom", False),
+        (BLOB, "blob.pdf", None, "application/pdf", False),
+        (BLOB, "blob", None, "application/octet-stream", False),
+        (b"", "empty.txt", "text/plain", "text/plain", False),
+        (b"a,b,c\n1,2,3\n", "t.csv", None, "text/csv", True),
+    ],
+)
+def test_sniff(head: bytes, filename: str, declared: str | None, want: str, confident: bool) -> None:
+    got = sniff(head, filename, declared)
+    assert (got.content_type, got.confident) == (want, confident)
+
+
+def test_declared_type_cannot_pass_the_allowlist() -> None:
+    got = sniff(BLOB, "x.pdf", "application/pdf")
+    assert got.content_type == "application/pdf"
+    assert not got.allowed_by(("application/pdf",))
+    assert got.allowed_by(("application/pdf", "application/octet-stream"))
+
+
+@pytest.mark.parametrize(
+    ("ctype", "allowlist", "ok"),
+    [
+        ("application/pdf", (), True),
+        ("application/pdf", ("application/pdf",), True),
+        ("image/png", ("image/*",), True),
+        ("image/png", ("application/pdf",), False),
+        ("application/pdfx", ("application/pdf",), False),
+    ],
+)
+def test_allowed(ctype: str, allowlist: tuple[str, ...], ok: bool) -> None:
+    assert allowed(ctype, allowlist) is ok
