@@ -1,0 +1,224 @@
+"""The product's promises as assertions: nothing written to disk, memory bounded by the
+budget (not by the file size), and backpressure instead of buffering."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests import bodies
+from tests.bodies import MiB
+from tests.s3util import MotoServer, fake_aws_env, free_port
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+class WriteAudit:
+    """Records every file opened for writing by this process while active (audit hooks
+    cannot be removed, so one is installed per session and switched on and off)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.writes: list[tuple[str, Any]] = []
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event: str, args: tuple[Any, ...]) -> None:
+        if not self.active or event != "open":
+            return
+        path, mode, flags = (list(args) + [None, None, None])[:3]
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            isinstance(flags, int) and flags & _WRITE_FLAGS
+        )
+        if writing:
+            self.writes.append((str(path), mode or flags))
+
+
+@pytest.fixture(scope="session")
+def write_audit() -> WriteAudit:
+    return WriteAudit()
+
+
+def test_audit_hook_sees_writes(write_audit: WriteAudit, tmp_path: Path) -> None:
+    """The audit itself must be able to fail."""
+    write_audit.active = True
+    try:
+        (tmp_path / "x").write_bytes(b"x")
+        fd = os.open(tmp_path / "y", os.O_CREAT | os.O_WRONLY)
+        os.close(fd)
+    finally:
+        write_audit.active = False
+    assert len(write_audit.writes) == 2
+    write_audit.writes.clear()
+
+
+async def test_uploads_open_no_file_for_writing(
+    proxy_factory: Any, s3: Any, bucket: str, write_audit: WriteAudit
+) -> None:
+    proxy = await proxy_factory(memory_budget=32 * MiB)
+    payloads = [os.urandom(12 * MiB + i) for i in range(4)]
+    write_audit.active = True
+    try:
+
+        async def one(i: int, data: bytes) -> dict[str, Any]:
+            raw = bodies.body([bodies.field("n", str(i)), bodies.file("f", f"{i}.bin", data)])
+            resp = await proxy.post("/upload", data=bodies.chunked(raw), headers=bodies.headers())
+            assert resp.status == 201, await resp.text()
+            out: dict[str, Any] = await resp.json()
+            return out
+
+        results = await asyncio.gather(*(one(i, d) for i, d in enumerate(payloads)))
+    finally:
+        write_audit.active = False
+    assert write_audit.writes == [], f"files opened for writing: {write_audit.writes}"
+    for out, data in zip(results, payloads, strict=True):
+        assert out["files"][0]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+async def test_budget_applies_backpressure(proxy_factory: Any, s3: Any, bucket: str) -> None:
+    """With a budget of two parts, four concurrent uploads all finish (no deadlock), and
+    the budget is never exceeded."""
+    from s3proxy.state import STATE
+
+    proxy = await proxy_factory(memory_budget=10 * MiB, parts_in_flight=2)
+    budget = proxy.server.app[STATE].budget
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, budget.in_use)
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.create_task(watch())
+    try:
+
+        async def one(i: int) -> int:
+            raw = bodies.body([bodies.file("f", f"{i}.bin", os.urandom(16 * MiB))])
+            resp = await proxy.post("/upload", data=bodies.chunked(raw), headers=bodies.headers())
+            return resp.status
+
+        statuses = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(4))), 120)
+    finally:
+        watcher.cancel()
+    assert statuses == [201] * 4
+    assert 0 < peak <= 10 * MiB
+    assert budget.peak <= 10 * MiB
+    assert budget.wait_seconds > 0, "uploads should have waited for the budget"
+    assert budget.in_use == 0
+
+
+# --- a separate proxy process: peak RSS during a 1 GiB upload -------------------------
+
+
+def proc_status(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+@pytest.fixture
+def proxy_process(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    env = fake_aws_env()
+    log = tmp_path / "proxy.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "s3proxy",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--endpoint-url",
+                moto.endpoint_url,
+                "--bucket",
+                bucket,
+                "--memory-budget",
+                "64MiB",
+                "--part-size",
+                "8MiB",
+                "--parts-in-flight",
+                "2",
+                "--max-file-size",
+                "2GiB",
+            ],  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    deadline = time.monotonic() + 30
+    import urllib.request
+
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)  # noqa: S310
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(log.read_text()) from None
+            time.sleep(0.1)
+    yield proc, port
+    proc.terminate()
+    proc.wait(30)
+
+
+async def generated_body(size: int, digest: Any) -> AsyncIterator[bytes]:
+    """A multipart body around ``size`` pseudo-random bytes, made on the fly."""
+    yield bodies.part_head(bodies.file("file", "big.bin", b""))
+    block = hashlib.sha512(b"seed").digest() * (1024 * 1024 // 64)  # 1 MiB
+    sent = 0
+    counter = 0
+    while sent < size:
+        chunk = bytes([counter % 251]) + block[1 : min(len(block), size - sent)]
+        counter += 1
+        digest.update(chunk)
+        sent += len(chunk)
+        yield chunk
+    yield b"\r\n--" + bodies.BOUNDARY.encode() + b"--\r\n"
+
+
+@pytest.mark.slow
+async def test_1gib_upload_peak_rss_bounded_by_budget(
+    proxy_process: Any, s3: Any, bucket: str
+) -> None:
+    proc, port = proxy_process
+    idle = proc_status(proc.pid, "VmRSS")
+    size = 1024 * MiB
+    digest = hashlib.sha256()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"http://127.0.0.1:{port}/upload",
+            data=generated_body(size, digest),
+            headers=bodies.headers(),
+        ) as resp:
+            out = await resp.json()
+            assert resp.status == 201, out
+    peak = proc_status(proc.pid, "VmHWM")
+    [f] = out["files"]
+    assert f["size"] == size
+    assert f["sha256"] == digest.hexdigest()
+    assert s3.head_object(Bucket=bucket, Key=f["key"])["ContentLength"] == size
+    bound = idle + 64 * MiB + 32 * MiB
+    print(
+        f"idle RSS {idle / MiB:.0f} MiB, peak RSS {peak / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB"
+    )
+    assert peak <= bound, (
+        f"peak RSS {peak / MiB:.0f} MiB over idle {idle / MiB:.0f} + budget 64 + 32 MiB"
+    )
