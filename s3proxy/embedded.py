@@ -13,11 +13,16 @@ Invariants:
   when the *thread* that spawned the child exits, so call ``start()`` from an event
   loop whose thread lives as long as the store (the main thread, normally).
 * ``start()`` returns only once the S3 API answers HeadBucket for our bucket with our
-  keys; anything else ends in :class:`EmbeddedStoreError` and no child left behind.
+  keys and a stored object (if any) reads back; anything else ends in
+  :class:`EmbeddedStoreError` with no child left behind.
 * Every port is passed to weed explicitly: ``weed mini`` silently moves a busy port it
   was not given, and derives gRPC ports as HTTP port + 10000, which overflows for
-  ephemeral ports. Fixed ports are bind-tested first, so a busy port fails at once.
+  ephemeral ports. Fixed ports are bind-tested first, so a busy port fails at once;
+  ports picked for 0 are kept in ``ports.json`` and reused while free.
+* What we add to ``data_dir``: ``weed.log`` (weed's output), ``credentials.json`` and
+  ``s3-identities.json`` (mode 0600), ``ports.json``. Everything else is weed's.
 * Nothing depends on the rest of the package; the CLI and the tests build on this.
+  POSIX only (process groups); the parent-death signal is Linux only.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -63,6 +69,9 @@ _LOG_TAIL_LINES = 20
 _POLL_INTERVAL = 0.1
 #: sun_path is 108 bytes on Linux; longer socket paths are left to weed's /tmp default.
 _MAX_UNIX_SOCKET_PATH = 100
+# S3 bucket naming rules (general purpose buckets): 3-63 of a-z 0-9 . -, alnum at the ends.
+# weed mini only logs a bad -bucket, so we check it rather than time out waiting for it.
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _GRPC_PORT_OFFSET = 10000  # weed's gRPC port = HTTP port + 10000 where not given
 
@@ -105,7 +114,7 @@ class EmbeddedConfig:
     filer_port: int = 0
     filer_grpc_port: int = 0
     admin_port: int = 0  # weed mini always runs its admin server (its UI is turned off)
-    admin_grpc_port: int = 0
+    admin_grpc_port: int = 0  # 0: admin_port + 10000, the port weed's worker dials
     access_key: str | None = None  # None: generated once, kept in data_dir/credentials.json
     secret_key: str | None = None
     weed_binary: str | None = None  # None: `weed` next to sys.executable, then on PATH
@@ -119,6 +128,11 @@ class EmbeddedStore:
             raise EmbeddedStoreError(
                 "embedded S3 store: pass both access_key and secret_key, or neither "
                 "(then keys are generated and kept in the data dir)"
+            )
+        if not _BUCKET_NAME.fullmatch(config.bucket) or ".." in config.bucket:
+            raise EmbeddedStoreError(
+                f"embedded S3 store: {config.bucket!r} is not a valid S3 bucket name "
+                "(3-63 characters: lower-case letters, digits, dots and hyphens)"
             )
         self._config = config
         self._data_dir = config.data_dir.expanduser().absolute()
@@ -207,7 +221,8 @@ class EmbeddedStore:
         ports_file = self._data_dir / PORTS_NAME
         ports = _resolve_ports(self._config, _read_ports(ports_file))  # fail before any write
         try:
-            self._data_dir.mkdir(parents=True, exist_ok=True)
+            # 0700 when we create it: it holds the keys and every uploaded byte.
+            self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise EmbeddedStoreError(
                 f"embedded S3 store: cannot create data dir {self._data_dir}: {exc}"
@@ -270,6 +285,15 @@ class EmbeddedStore:
                 self._proc = None
                 _remove_tmp_sockets(self._ports.values())
 
+    async def wait(self) -> int | None:
+        """Wait for weed to exit (it should not, until stop()); its exit code.
+
+        For a supervisor task: the proxy can fail readiness or shut down when its store
+        dies under it. None if the store is not running.
+        """
+        proc = self._proc
+        return None if proc is None else await proc.wait()
+
     async def _kill(self) -> None:
         proc = self._proc
         if proc is None:
@@ -298,13 +322,19 @@ class EmbeddedStore:
             "-s3.port.lance=0",
             "-s3.iam=false",
             # Master and filer over gRPC only: the S3 gateway needs no more, and their
-            # HTTP APIs would read and write every object with no authentication.
+            # HTTP APIs read and write every object with no authentication. (The volume
+            # server keeps HTTP: the gateway moves data over it.)
             "-disableHttp",
             "-master.telemetry=false",
             # A bucket name typo must fail, not create a bucket.
             "-s3.autoCreateBucket=false",
             # weed sleeps this long before stopping the volume server (mini default 1).
             "-volume.preStopSeconds=0",
+            # Resuming raft state makes the master refuse the volume server's first
+            # heartbeat ("Not current leader") about half the time; the retry comes 5 s
+            # later and every read fails until then. A single master loses nothing: it
+            # relearns volumes and file-id sequence from the volume server's heartbeat.
+            "-master.resumeState=false",
         ]
         for name in ("filer", "s3"):
             sock = self._data_dir / f"{name}.sock"
@@ -355,7 +385,7 @@ class EmbeddedStore:
         )
 
     async def _poll_bucket(self, last_error: list[str]) -> None:
-        """HeadBucket with our keys until 200: proves S3 is up, the bucket exists, keys work."""
+        """Probe S3 with our keys until it passes; see ``_probe``."""
         access_key, secret_key = self._credentials()
         config = AioConfig(
             connect_timeout=1,
@@ -376,14 +406,29 @@ class EmbeddedStore:
         ) as client:
             while True:
                 try:
-                    await client.head_bucket(Bucket=self.bucket)
+                    await self._probe(client)
                     return
                 except ClientError as exc:
                     meta: Any = exc.response.get("ResponseMetadata", {})
-                    last_error[0] = f"HTTP {meta.get('HTTPStatusCode')} on HeadBucket"
+                    last_error[0] = f"HTTP {meta.get('HTTPStatusCode')} on {exc.operation_name}"
                 except (BotoCoreError, OSError) as exc:
                     last_error[0] = str(exc)
                 await asyncio.sleep(_POLL_INTERVAL)
+
+    async def _probe(self, client: Any) -> None:
+        """Raise unless S3 answers, the bucket exists, our keys work and data is readable.
+
+        The read matters on restart: the gateway can answer before the volume server
+        has registered its volumes with the master, and then every GET is a 500.
+        """
+        await client.head_bucket(Bucket=self.bucket)
+        listing = await client.list_objects_v2(Bucket=self.bucket, MaxKeys=10)
+        contents = listing.get("Contents", [])
+        sample = next((obj["Key"] for obj in contents if obj.get("Size", 0) > 0), None)
+        if sample is not None:
+            response = await client.get_object(Bucket=self.bucket, Key=sample, Range="bytes=0-0")
+            async with response["Body"] as body:
+                await body.read()
 
 
 # -- helpers (module level so they are easy to test and reuse) --------------------------

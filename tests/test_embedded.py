@@ -35,6 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 
 
+def environ_of(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/environ").read_bytes()
+
+
 def client(store: EmbeddedStore, **overrides: Any) -> Any:
     s3_options = overrides.pop("s3", {})
     config = Config(
@@ -221,7 +225,7 @@ async def test_restart_keeps_objects_and_keys(
         timings.append(first.startup_seconds)
         pid = first.pid
         assert pid is not None
-        assert b"AWS_" not in Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"AWS_" not in environ_of(pid)
         keys = (first.access_key, first.secret_key)
         with closing(client(first)) as s3:
             s3.put_object(Bucket=first.bucket, Key="kept", Body=b"still here")
@@ -285,4 +289,6 @@ def test_sigkilled_parent_leaves_no_weed(tmp_path: Path) -> None:
         if parent.stdout is not None:
             parent.stdout.close()
     # The kernel SIGTERMs weed (parent-death signal); it shuts down in about a second.
+    killed = time.monotonic()
     wait_no_weed(int(weed_pid), tmp_path, within=10.0)
+    print(f"weed gone {time.monotonic() - killed:.2f}s after its parent was SIGKILLed")
