@@ -182,6 +182,7 @@ def plot(cells: list[dict[str, Any]], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import ScalarFormatter
     except ImportError:
         return False
     sizes = sorted({c["size"] for c in cells})
@@ -204,12 +205,19 @@ def plot(cells: list[dict[str, Any]], path: Path) -> bool:
         for i, ylabel in enumerate(("throughput (MB/s)", "peak RSS (MiB)")):
             ax = axes[i][j]
             ax.set_xscale("log", base=2)
+            concs = sorted({c["concurrency"] for c in cells if c["size"] == size})
+            ax.set_xticks(concs, [str(x) for x in concs])
+            ax.minorticks_off()
             ax.set_xlabel("concurrent uploads")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{_size(size)} files")
             ax.grid(True, alpha=0.3)
             if i == 1:
                 ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_minor_formatter(ScalarFormatter())
+            else:
+                ax.set_ylim(bottom=0)
         axes[0][j].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -67,9 +67,14 @@ async def multipart_upload(s3: Any, bucket: str, key: str, parts: AsyncIterator[
         finally:
             slots.release()
 
+    # Hand the first two parts over without keeping them referenced here: a part must be
+    # freed as soon as its UploadPart returns, or memory grows by two parts per upload.
+    head = [first, second]
+    del first, second
+
     async def all_parts() -> AsyncIterator[bytes]:
-        yield first
-        yield second
+        while head:
+            yield head.pop(0)
         async for p in parts:
             yield p
 
@@ -80,6 +85,7 @@ async def multipart_upload(s3: Any, bucket: str, key: str, parts: AsyncIterator[
             number += 1
             size += len(body)
             tasks.append(asyncio.create_task(send(number, bytes(body))))
+            del body
             for t in tasks:
                 if t.done() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
@@ -113,8 +119,11 @@ async def rechunk(chunks: AsyncIterator[bytes] | Iterable[bytes], part_size: int
     async for c in source():
         buf += c
         while len(buf) >= part_size:
-            yield bytes(buf[:part_size])
+            with memoryview(buf) as view:
+                part = bytes(view[:part_size])  # one copy, not two
             del buf[:part_size]
+            yield part
+            del part
     if buf:
         yield bytes(buf)
 
