@@ -1,8 +1,8 @@
 """``python -m bench``: measure s3proxy against the comparison designs.
 
 Presets: the default matrix (64 MiB, 256 MiB, 1 GiB x 1, 4, 16, 64 uploads), ``--quick``
-(about two minutes on 2 cores) and ``--smoke`` (tiny, moto, for CI). Flags given after a
-preset override it.
+(about two minutes on 2 cores) and ``--smoke`` (tiny, moto, for CI). Other flags given with a
+preset override its values.
 """
 
 from __future__ import annotations

@@ -348,6 +348,7 @@ async def run_cell(design: str, client: str, size: int, conc: int, rep: int, b: 
         wall = time.perf_counter() - t0
         usage = await server.stop()
         store_usage = await store.stop() if store else None
+        bar.label = f"{name} (verifying)"
     finally:
         if design == "direct" and child.proc is not None and child.proc.stdin is not None:
             child.proc.stdin.close()
