@@ -16,19 +16,46 @@ from pathlib import Path
 
 from bench import harness, report
 
-UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
-         "g": 1 << 30, "gib": 1 << 30, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+}
 
 PRESETS: dict[str, dict[str, object]] = {
-    "full": {"sizes": "64MiB,256MiB,1GiB", "concurrency": "1,4,16,64",
-             "designs": ",".join(harness.DESIGNS), "clients": "curl", "backend": "seaweedfs"},
-    "quick": {"sizes": "64MiB", "concurrency": "1,4,16",
-              "designs": ",".join(harness.DESIGNS), "clients": "curl", "backend": "seaweedfs"},
+    "full": {
+        "sizes": "64MiB,256MiB,1GiB",
+        "concurrency": "1,4,16,64",
+        "designs": ",".join(harness.DESIGNS),
+        "clients": "curl",
+        "backend": "seaweedfs",
+    },
+    "quick": {
+        "sizes": "64MiB",
+        "concurrency": "1,4,16",
+        "designs": ",".join(harness.DESIGNS),
+        "clients": "curl",
+        "backend": "seaweedfs",
+    },
     # Tiny bodies, but 6 MiB with 5 MiB parts still takes the multipart path (moto enforces
     # the 5 MiB minimum part size, as S3 does).
-    "smoke": {"sizes": "1MiB,6MiB", "concurrency": "1,2",
-              "designs": "s3proxy,direct,naive-tempfile,naive-memory", "clients": "curl,aiohttp",
-              "backend": "moto", "part_size": "5MiB", "memory_budget": "32MiB"},
+    "smoke": {
+        "sizes": "1MiB,6MiB",
+        "concurrency": "1,2",
+        "designs": "s3proxy,direct,naive-tempfile,naive-memory",
+        "clients": "curl,aiohttp",
+        "backend": "moto",
+        "part_size": "5MiB",
+        "memory_budget": "32MiB",
+    },
 }
 
 
@@ -47,8 +74,11 @@ def _list(text: str, allowed: tuple[str, ...] | None = None) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--quick", action="store_true", help="64 MiB x 1,4,16, all designs")
     preset.add_argument("--smoke", action="store_true", help="tiny sizes on moto, for CI")
@@ -57,10 +87,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, help="repetitions of every cell (default 1)")
     p.add_argument("--designs", help=f"comma-separated, from {','.join(harness.DESIGNS)}")
     p.add_argument("--clients", help="comma-separated, from curl,aiohttp (default curl)")
-    p.add_argument("--backend", choices=("seaweedfs", "moto", "external"),
-                   help="S3 store: embedded SeaweedFS (default), moto, or --endpoint-url")
-    p.add_argument("--endpoint-url", help="an external S3 endpoint (implies --backend external);"
-                   " credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+    p.add_argument(
+        "--backend",
+        choices=("seaweedfs", "moto", "external"),
+        help="S3 store: embedded SeaweedFS (default), moto, or --endpoint-url",
+    )
+    p.add_argument(
+        "--endpoint-url",
+        help="an external S3 endpoint (implies --backend external);"
+        " credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+    )
     p.add_argument("--bucket", help="bucket (default uploads)")
     p.add_argument("--region", default="us-east-1")
     p.add_argument("--seed", type=int, default=1, help="seed of the generated bodies")
@@ -68,12 +104,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parts-in-flight", type=int, help="parts in flight per upload (2)")
     p.add_argument("--memory-budget", type=parse_size, help="s3proxy --memory-budget (64MiB)")
     p.add_argument("--s3proxy-args", default="", help="extra flags for `s3proxy serve`")
-    p.add_argument("--out", type=Path, default=harness.REPO / "bench" / "results",
-                   help="where latest.json, latest.png and latest.md go")
-    p.add_argument("--cache-dir", type=Path, default=harness.Options.cache_dir,
-                   help="npm packages of the multer-s3 design (outside the repo)")
-    p.add_argument("--update-readme", action="store_true",
-                   help="rewrite the results section of bench/README.md")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=harness.REPO / "bench" / "results",
+        help="where latest.json, latest.png and latest.md go",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=harness.Options.cache_dir,
+        help="npm packages of the multer-s3 design (outside the repo)",
+    )
+    p.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="rewrite the results section of bench/README.md",
+    )
     return p
 
 
@@ -94,11 +141,20 @@ def options(argv: list[str]) -> tuple[harness.Options, bool]:
         concurrency=[int(c) for c in _list(pick("concurrency"))],
         designs=_list(pick("designs"), harness.DESIGNS),
         clients=_list(pick("clients"), harness.CLIENTS),
-        reps=args.reps or 1, backend=backend, endpoint_url=args.endpoint_url,
-        bucket=args.bucket or "uploads", region=args.region, seed=args.seed,
-        part_size=size_opt, parts_in_flight=args.parts_in_flight or 2, memory_budget=budget,
-        s3proxy_args=shlex.split(args.s3proxy_args), out=args.out, cache_dir=args.cache_dir,
-        preset=name, command="python -m bench " + shlex.join(argv),
+        reps=args.reps or 1,
+        backend=backend,
+        endpoint_url=args.endpoint_url,
+        bucket=args.bucket or "uploads",
+        region=args.region,
+        seed=args.seed,
+        part_size=size_opt,
+        parts_in_flight=args.parts_in_flight or 2,
+        memory_budget=budget,
+        s3proxy_args=shlex.split(args.s3proxy_args),
+        out=args.out,
+        cache_dir=args.cache_dir,
+        preset=name,
+        command="python -m bench " + shlex.join(argv),
     )
     if not opts.sizes or not opts.concurrency or not opts.designs or not opts.clients:
         raise SystemExit("sizes, concurrency, designs and clients must not be empty")

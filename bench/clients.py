@@ -62,15 +62,27 @@ class Progress:
         return sum(procs.io_chars(pid)[0] for pid in list(self.curl_pids))
 
 
-async def curl_upload(url: str, path: Path, size: int, name: str, limit_s: float,
-                      progress: Progress) -> Upload:
+async def curl_upload(
+    url: str, path: Path, size: int, name: str, limit_s: float, progress: Progress
+) -> Upload:
     """``curl -F file=@PATH`` as a user would type it; the reply and timing via ``-w``."""
-    argv = ["curl", "-sS", "--max-time", f"{limit_s:.0f}", "-o", "-",
-            "-w", "\n%{http_code} %{time_total}",
-            "-F", f"file=@{path};filename={name};type=application/octet-stream", url]
+    argv = [
+        "curl",
+        "-sS",
+        "--max-time",
+        f"{limit_s:.0f}",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code} %{time_total}",
+        "-F",
+        f"file=@{path};filename={name};type=application/octet-stream",
+        url,
+    ]
     t0 = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     progress.curl_pids.add(proc.pid)
     try:
         out, err = await proc.communicate()
@@ -80,8 +92,13 @@ async def curl_upload(url: str, path: Path, size: int, name: str, limit_s: float
     text, _, tail = out.decode(errors="replace").rpartition("\n")
     status = int(tail.split()[0]) if tail.split() else 0
     if proc.returncode != 0:
-        return Upload(False, latency, 0, status=status,
-                      error=f"curl exit {proc.returncode}: {err.decode(errors='replace')[:300]}")
+        return Upload(
+            False,
+            latency,
+            0,
+            status=status,
+            error=f"curl exit {proc.returncode}: {err.decode(errors='replace')[:300]}",
+        )
     return _parse_reply(status, text, size, latency)
 
 
@@ -103,39 +120,59 @@ class _BodyPayload(aiohttp.payload.Payload):
         raise TypeError("binary body")
 
 
-async def aiohttp_upload(session: aiohttp.ClientSession, url: str, seed: int, size: int,
-                         name: str, limit_s: float, progress: Progress) -> Upload:
+async def aiohttp_upload(
+    session: aiohttp.ClientSession,
+    url: str,
+    seed: int,
+    size: int,
+    name: str,
+    limit_s: float,
+    progress: Progress,
+) -> Upload:
     with aiohttp.MultipartWriter("form-data") as form:
         payload = _BodyPayload(seed, size, progress)
         payload.set_content_disposition("form-data", name="file", filename=name)
         form.append_payload(payload)
     t0 = time.perf_counter()
     try:
-        async with session.post(url, data=form,
-                                timeout=aiohttp.ClientTimeout(total=limit_s)) as r:
+        async with session.post(url, data=form, timeout=aiohttp.ClientTimeout(total=limit_s)) as r:
             text = await r.text()
             return _parse_reply(r.status, text, size, time.perf_counter() - t0)
     except (aiohttp.ClientError, TimeoutError, OSError) as e:
         return Upload(False, time.perf_counter() - t0, 0, error=f"{type(e).__name__}: {e}")
 
 
-async def run_clients(kind: str, url: str, count: int, seed: int, size: int,
-                      body_file: Path | None, limit_s: float, progress: Progress
-                      ) -> list[Upload]:
+async def run_clients(
+    kind: str,
+    url: str,
+    count: int,
+    seed: int,
+    size: int,
+    body_file: Path | None,
+    limit_s: float,
+    progress: Progress,
+) -> list[Upload]:
     """Start ``count`` uploads at once and wait for all of them."""
     names = [f"bench-{size}-{i}.bin" for i in range(count)]
     if kind == "curl":
         assert body_file is not None
-        return list(await asyncio.gather(*(
-            curl_upload(url, body_file, size, n, limit_s, progress) for n in names)))
+        return list(
+            await asyncio.gather(
+                *(curl_upload(url, body_file, size, n, limit_s, progress) for n in names)
+            )
+        )
     connector = aiohttp.TCPConnector(limit=count, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
-        return list(await asyncio.gather(*(
-            aiohttp_upload(session, url, seed, size, n, limit_s, progress) for n in names)))
+        return list(
+            await asyncio.gather(
+                *(aiohttp_upload(session, url, seed, size, n, limit_s, progress) for n in names)
+            )
+        )
 
 
-async def direct_job(proc: asyncio.subprocess.Process, count: int, seed: int, size: int,
-                     prefix: str, limit_s: float) -> list[Upload]:
+async def direct_job(
+    proc: asyncio.subprocess.Process, count: int, seed: int, size: int, prefix: str, limit_s: float
+) -> list[Upload]:
     """Hand one job to the direct design's process and read its per-upload results."""
     assert proc.stdin is not None and proc.stdout is not None
     job = {"count": count, "seed": seed, "size": size, "prefix": prefix}
@@ -147,6 +184,14 @@ async def direct_job(proc: asyncio.subprocess.Process, count: int, seed: int, si
         return [Upload(False, limit_s, 0, error="direct: timed out")] * count
     with contextlib.suppress(ValueError):
         uploads = json.loads(line)["uploads"]
-        return [Upload(u["ok"], u["latency"], u["size"] if u["ok"] else 0, [u["key"]],
-                       error=u.get("error", "")) for u in uploads]
+        return [
+            Upload(
+                u["ok"],
+                u["latency"],
+                u["size"] if u["ok"] else 0,
+                [u["key"]],
+                error=u.get("error", ""),
+            )
+            for u in uploads
+        ]
     return [Upload(False, 0.0, 0, error=f"direct: bad reply {line[:200]!r}")] * count

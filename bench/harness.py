@@ -90,29 +90,58 @@ async def start_backend(opts: Options, workdir: Path, log_dir: Path) -> Backend:
         async def nothing() -> None:
             return None
 
-        b = Backend("external", opts.endpoint_url, opts.bucket,
-                    os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                    None, False, nothing)
+        b = Backend(
+            "external",
+            opts.endpoint_url,
+            opts.bucket,
+            os.environ.get("AWS_ACCESS_KEY_ID"),
+            os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            None,
+            False,
+            nothing,
+        )
     elif opts.backend == "moto":
         port = procs.free_port()
         moto_server = Path(sys.executable).parent / "moto_server"
-        argv = [str(moto_server) if moto_server.exists() else "moto_server",
-                "-H", "127.0.0.1", "-p", str(port)]
+        argv = [
+            str(moto_server) if moto_server.exists() else "moto_server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ]
         child = procs.Child("moto", argv, None, log_dir)
         await child.start()
         await child.wait_http(f"http://127.0.0.1:{port}/", limit_s=60)
-        b = Backend("moto", f"http://127.0.0.1:{port}", opts.bucket, "bench", "bench-secret",
-                    child.pid, True, lambda: _stopped(child))
+        b = Backend(
+            "moto",
+            f"http://127.0.0.1:{port}",
+            opts.bucket,
+            "bench",
+            "bench-secret",
+            child.pid,
+            True,
+            lambda: _stopped(child),
+        )
     else:
         try:
             from s3proxy.embedded import EmbeddedConfig, EmbeddedStore
         except ImportError as e:
-            raise SystemExit(f"the embedded SeaweedFS store is not available ({e}); "
-                             "try --backend moto") from e
+            raise SystemExit(
+                f"the embedded SeaweedFS store is not available ({e}); try --backend moto"
+            ) from e
         store = EmbeddedStore(EmbeddedConfig(data_dir=workdir / "seaweedfs", bucket=opts.bucket))
         await store.start(timeout=90)
-        b = Backend("seaweedfs", store.endpoint_url, store.bucket, store.access_key,
-                    store.secret_key, store.pid, True, store.stop)
+        b = Backend(
+            "seaweedfs",
+            store.endpoint_url,
+            store.bucket,
+            store.access_key,
+            store.secret_key,
+            store.pid,
+            True,
+            store.stop,
+        )
     await _ensure_bucket(b, opts.region)
     return b
 
@@ -123,9 +152,14 @@ async def _stopped(child: procs.Child) -> None:
 
 def _child_env(b: Backend, region: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3PROXY_"))}
-    env.update(AWS_ACCESS_KEY_ID=b.access_key or "", AWS_SECRET_ACCESS_KEY=b.secret_key or "",
-               AWS_REGION=region, AWS_DEFAULT_REGION=region, AWS_EC2_METADATA_DISABLED="true",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    env.update(
+        AWS_ACCESS_KEY_ID=b.access_key or "",
+        AWS_SECRET_ACCESS_KEY=b.secret_key or "",
+        AWS_REGION=region,
+        AWS_DEFAULT_REGION=region,
+        AWS_EC2_METADATA_DISABLED="true",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+    )
     return env
 
 
@@ -133,17 +167,29 @@ def _size_arg(n: int) -> str:
     return f"{n // (1 << 20)}MiB" if n % (1 << 20) == 0 else str(n)
 
 
-def design_argv(design: str, port: int, b: Backend, opts: Options, multer_dir: Path | None
-                ) -> list[str]:
+def design_argv(
+    design: str, port: int, b: Backend, opts: Options, multer_dir: Path | None
+) -> list[str]:
     common = ["--endpoint-url", b.endpoint_url, "--bucket", b.bucket, "--region", opts.region]
     sizing = ["--part-size", str(opts.part_size), "--parts-in-flight", str(opts.parts_in_flight)]
     listen = ["--host", "127.0.0.1", "--port", str(port)]
     py = sys.executable
     if design == "s3proxy":
-        return [py, "-m", "s3proxy", "serve", *listen, *common,
-                "--memory-budget", _size_arg(opts.memory_budget),
-                "--part-size", _size_arg(opts.part_size),
-                "--parts-in-flight", str(opts.parts_in_flight), *opts.s3proxy_args]
+        return [
+            py,
+            "-m",
+            "s3proxy",
+            "serve",
+            *listen,
+            *common,
+            "--memory-budget",
+            _size_arg(opts.memory_budget),
+            "--part-size",
+            _size_arg(opts.part_size),
+            "--parts-in-flight",
+            str(opts.parts_in_flight),
+            *opts.s3proxy_args,
+        ]
     if design == "direct":
         return [py, "-m", "bench.designs.direct", *common, *sizing]
     if design in ("naive-tempfile", "naive-memory"):
@@ -169,8 +215,13 @@ def prepare_multer(cache_dir: Path) -> tuple[Path | None, str]:
         shutil.copy(p, target / p.name)
     _log(f"installing multer-s3 into {target} (npm install) ...")
     try:
-        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
-                           cwd=target, capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=target,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"multer-s3 skipped: npm install failed ({e})"
     if r.returncode != 0:
@@ -217,8 +268,10 @@ class Bar:
         rate = cur / max(1e-6, time.perf_counter() - self.cell_t0) / 1e6
         el = int(time.perf_counter() - self.t0)
         bar = "#" * int(frac * 24)
-        sys.stderr.write(f"\r[{bar:<24}] {frac:4.0%} {done / 2**30:6.2f}/{self.total / 2**30:.2f}"
-                         f" GiB {rate:6.1f} MB/s {el // 60}:{el % 60:02d}  {self.label:<44}")
+        sys.stderr.write(
+            f"\r[{bar:<24}] {frac:4.0%} {done / 2**30:6.2f}/{self.total / 2**30:.2f}"
+            f" GiB {rate:6.1f} MB/s {el // 60}:{el % 60:02d}  {self.label:<44}"
+        )
         sys.stderr.flush()
 
     def cell(self, label: str, current: Callable[[], int]) -> None:
@@ -241,8 +294,9 @@ class Bar:
             sys.stderr.write("\r" + " " * 110 + "\r")
 
 
-async def verify_and_clean(b: Backend, region: str, uploads: list[clients.Upload], seed: int,
-                           size: int) -> dict[str, Any]:
+async def verify_and_clean(
+    b: Backend, region: str, uploads: list[clients.Upload], seed: int, size: int
+) -> dict[str, Any]:
     """Check every reported object against the generated body, then delete everything."""
     expected = body.sha256(seed, size)
     reported = [k for u in uploads for k in u.keys]
@@ -295,23 +349,35 @@ async def warm_backend(b: Backend, opts: Options) -> None:
 async def warm_up(url: str, b: Backend, opts: Options) -> None:
     """One upload of just over a part before measuring, so one-off setup is not charged."""
     size = opts.part_size + 1
-    up = (await clients.run_clients("aiohttp", url, 1, opts.seed, size, None, 60,
-                                    clients.Progress()))[0]
+    up = (
+        await clients.run_clients("aiohttp", url, 1, opts.seed, size, None, 60, clients.Progress())
+    )[0]
     if not up.ok:
         raise RuntimeError(f"warm-up upload failed: {up.error}")
     async with s3util.client(b.endpoint_url, opts.region, b.access_key, b.secret_key) as s3:
         await s3util.delete_keys(s3, b.bucket, up.keys)
 
 
-async def run_cell(design: str, client: str, size: int, conc: int, rep: int, b: Backend,
-                   opts: Options, body_files: dict[int, Path], multer_dir: Path | None,
-                   bar: Bar, log_dir: Path) -> dict[str, Any]:
+async def run_cell(
+    design: str,
+    client: str,
+    size: int,
+    conc: int,
+    rep: int,
+    b: Backend,
+    opts: Options,
+    body_files: dict[int, Path],
+    multer_dir: Path | None,
+    bar: Bar,
+    log_dir: Path,
+) -> dict[str, Any]:
     """One design, one client kind, ``conc`` uploads of ``size`` bytes at once, measured."""
     port = procs.free_port()
     name = f"{design}-{client}-{_size_arg(size)}-c{conc}-r{rep}"
     argv = design_argv(design, port, b, opts, multer_dir)
-    child = procs.Child(name, argv, _child_env(b, opts.region), log_dir,
-                        cwd=REPO, pipes=design == "direct")
+    child = procs.Child(
+        name, argv, _child_env(b, opts.region), log_dir, cwd=REPO, pipes=design == "direct"
+    )
     timeout = 60 + conc * size / 5e6  # bounded: assumes at least 5 MB/s in aggregate
     progress = clients.Progress()
     await child.start()
@@ -343,8 +409,15 @@ async def run_cell(design: str, client: str, size: int, conc: int, rep: int, b: 
             uploads = await clients.direct_job(child.proc, conc, opts.seed, size, prefix, timeout)
         else:
             uploads = await clients.run_clients(
-                client, f"http://127.0.0.1:{port}/upload", conc, opts.seed, size,
-                body_files.get(size), timeout, progress)
+                client,
+                f"http://127.0.0.1:{port}/upload",
+                conc,
+                opts.seed,
+                size,
+                body_files.get(size),
+                timeout,
+                progress,
+            )
         wall = time.perf_counter() - t0
         usage = await server.stop()
         store_usage = await store.stop() if store else None
@@ -361,8 +434,14 @@ async def run_cell(design: str, client: str, size: int, conc: int, rep: int, b: 
     latencies = [u.latency for u in uploads if u.ok]
     failures = sum(not u.ok for u in uploads) + (sum(u.ok for u in uploads) - checks["verified"])
     cell = {
-        "design": design, "client": client, "size": size, "concurrency": conc, "rep": rep,
-        "uploads": conc, "bytes": ok_bytes, "wall_s": wall,
+        "design": design,
+        "client": client,
+        "size": size,
+        "concurrency": conc,
+        "rep": rep,
+        "uploads": conc,
+        "bytes": ok_bytes,
+        "wall_s": wall,
         "throughput_mbps": ok_bytes / wall / 1e6 if wall > 0 else None,
         "latencies_s": latencies,
         "latency_p50_s": _percentile(latencies, 0.5),
@@ -385,24 +464,51 @@ async def run_cell(design: str, client: str, size: int, conc: int, rep: int, b: 
         **checks,
     }
     mbps = cell["throughput_mbps"] or 0.0
-    bar.finish_cell(conc * size, f"{name:<44} {mbps:7.1f} MB/s  rss {usage.peak_rss / 2**20:6.0f}"
-                                 f" MiB  cpu {usage.cpu_s:6.2f} s  failures {failures}")
+    bar.finish_cell(
+        conc * size,
+        f"{name:<44} {mbps:7.1f} MB/s  rss {usage.peak_rss / 2**20:6.0f}"
+        f" MiB  cpu {usage.cpu_s:6.2f} s  failures {failures}",
+    )
     return cell
 
 
-def failed_cell(design: str, client: str, size: int, conc: int, rep: int, e: Exception
-                ) -> dict[str, Any]:
+def failed_cell(
+    design: str, client: str, size: int, conc: int, rep: int, e: Exception
+) -> dict[str, Any]:
     """The record of a cell that could not run at all (every upload counts as failed)."""
     return {
-        "design": design, "client": client, "size": size, "concurrency": conc, "rep": rep,
-        "uploads": conc, "bytes": 0, "wall_s": 0.0, "throughput_mbps": None, "latencies_s": [],
-        "latency_p50_s": None, "latency_p95_s": None, "peak_rss_bytes": 0, "cpu_s": 0.0,
-        "cpu_s_per_gib": None, "s3_cpu_s": None, "s3_cpu_s_per_gib": None,
-        "s3_peak_rss_bytes": None, "disk_write_bytes": 0, "peak_tmp_bytes": 0,
-        "peak_tmp_files": 0, "failures": conc, "errors": [f"{type(e).__name__}: {e}"],
-        "size_misreports": 0, "size_misreport_example": "",
-        "exit_code": None, "log": "", "verified": 0, "verify_errors": [], "stray_objects": 0,
-        "stray_keys": [], "open_multipart_uploads": 0,
+        "design": design,
+        "client": client,
+        "size": size,
+        "concurrency": conc,
+        "rep": rep,
+        "uploads": conc,
+        "bytes": 0,
+        "wall_s": 0.0,
+        "throughput_mbps": None,
+        "latencies_s": [],
+        "latency_p50_s": None,
+        "latency_p95_s": None,
+        "peak_rss_bytes": 0,
+        "cpu_s": 0.0,
+        "cpu_s_per_gib": None,
+        "s3_cpu_s": None,
+        "s3_cpu_s_per_gib": None,
+        "s3_peak_rss_bytes": None,
+        "disk_write_bytes": 0,
+        "peak_tmp_bytes": 0,
+        "peak_tmp_files": 0,
+        "failures": conc,
+        "errors": [f"{type(e).__name__}: {e}"],
+        "size_misreports": 0,
+        "size_misreport_example": "",
+        "exit_code": None,
+        "log": "",
+        "verified": 0,
+        "verify_errors": [],
+        "stray_objects": 0,
+        "stray_keys": [],
+        "open_multipart_uploads": 0,
     }
 
 
@@ -428,8 +534,11 @@ async def run(opts: Options) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="s3proxy-bench-"))
     # curl's body files live in RAM when they can, so the client side writes no disk.
     shm = "/dev/shm"
-    body_dir = Path(tempfile.mkdtemp(prefix="s3proxy-bench-bodies-",
-                                     dir=shm if os.access(shm, os.W_OK) else None))
+    body_dir = Path(
+        tempfile.mkdtemp(
+            prefix="s3proxy-bench-bodies-", dir=shm if os.access(shm, os.W_OK) else None
+        )
+    )
     body_files: dict[int, Path] = {}
     runs: list[dict[str, Any]] = []
     pairs = [(d, c) for d in designs for c in (["builtin"] if d == "direct" else opts.clients)]
@@ -442,11 +551,14 @@ async def run(opts: Options) -> dict[str, Any]:
             await asyncio.to_thread(body.sha256, opts.seed, size)
             if "curl" in opts.clients:
                 body_files[size] = await asyncio.to_thread(
-                    body.write_file, opts.seed, size, body_dir / f"body-{size}.bin")
+                    body.write_file, opts.seed, size, body_dir / f"body-{size}.bin"
+                )
         _log(f"starting the {opts.backend} backend ...")
         b = await start_backend(opts, workdir, log_dir)
-        _log(f"backend {b.kind} at {b.endpoint_url} bucket {b.bucket}; "
-             f"{len(cells) * len(pairs) * opts.reps} cells, {total / 2**30:.2f} GiB to upload")
+        _log(
+            f"backend {b.kind} at {b.endpoint_url} bucket {b.bucket}; "
+            f"{len(cells) * len(pairs) * opts.reps} cells, {total / 2**30:.2f} GiB to upload"
+        )
         await warm_backend(b, opts)
         bar.start()
         for rep in range(opts.reps):
@@ -454,8 +566,19 @@ async def run(opts: Options) -> dict[str, Any]:
                 k = (i + rep) % len(pairs)
                 for design, client in pairs[k:] + pairs[:k]:
                     try:
-                        cell = await run_cell(design, client, size, conc, rep, b, opts,
-                                              body_files, multer_dir, bar, log_dir)
+                        cell = await run_cell(
+                            design,
+                            client,
+                            size,
+                            conc,
+                            rep,
+                            b,
+                            opts,
+                            body_files,
+                            multer_dir,
+                            bar,
+                            log_dir,
+                        )
                     except Exception as e:  # one broken cell must not lose the whole run
                         cell = failed_cell(design, client, size, conc, rep, e)
                         bar.finish_cell(conc * size, f"{design}-{client}: FAILED {e}")
@@ -469,13 +592,18 @@ async def run(opts: Options) -> dict[str, Any]:
         shutil.rmtree(body_dir, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
     meta = {
-        "command": opts.command, "preset": opts.preset,
+        "command": opts.command,
+        "preset": opts.preset,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": time.time() - started,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "backend": opts.backend if b is None else b.kind,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
-        "designs": designs, "notes": notes,
+        "designs": designs,
+        "notes": notes,
     }
     return {"meta": meta, "runs": runs}

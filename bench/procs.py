@@ -191,8 +191,15 @@ class Sampler:
 class Child:
     """A supervised child process with its output in a log file."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None,
-                 log_dir: Path, cwd: Path | None = None, pipes: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None,
+        log_dir: Path,
+        cwd: Path | None = None,
+        pipes: bool = False,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = dict(env) if env is not None else None
@@ -212,8 +219,12 @@ class Child:
         self._log = self.log_path.open("ab")
         pipe = asyncio.subprocess.PIPE if self.pipes else asyncio.subprocess.DEVNULL
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, env=self.env, cwd=self.cwd, stdin=pipe,
-            stdout=asyncio.subprocess.PIPE if self.pipes else self._log, stderr=self._log,
+            *self.argv,
+            env=self.env,
+            cwd=self.cwd,
+            stdin=pipe,
+            stdout=asyncio.subprocess.PIPE if self.pipes else self._log,
+            stderr=self._log,
             start_new_session=True,
         )
 
@@ -223,15 +234,17 @@ class Child:
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.returncode is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; "
-                                       f"see {self.log_path}")
+                    raise RuntimeError(
+                        f"{self.name} exited with {self.proc.returncode}; see {self.log_path}"
+                    )
                 with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
                     async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as r:
                         if r.status == 200:
                             return
                 await asyncio.sleep(0.1)
-        raise TimeoutError(f"{self.name} not ready at {url} after {limit_s:.0f}s; "
-                           f"see {self.log_path}")
+        raise TimeoutError(
+            f"{self.name} not ready at {url} after {limit_s:.0f}s; see {self.log_path}"
+        )
 
     async def stop(self, grace_s: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after ``grace_s``; the whole process group."""

@@ -33,30 +33,47 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         lat = [x for r in rs for x in r["latencies_s"]]
         tps = [r["throughput_mbps"] for r in rs if r["throughput_mbps"] is not None]
         s3cpu = [r["s3_cpu_s"] for r in rs if r["s3_cpu_s"] is not None]
-        cells.append({
-            "design": design, "client": client, "size": size, "concurrency": conc,
-            "reps": len(rs), "uploads": sum(r["uploads"] for r in rs), "bytes": nbytes,
-            "throughput_mbps": statistics.median(tps) if tps else None,
-            "latency_p50_s": _percentile(lat, 0.5), "latency_p95_s": _percentile(lat, 0.95),
-            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
-            "cpu_s_per_gib": sum(r["cpu_s"] for r in rs) / (nbytes / GIB) if nbytes else None,
-            "s3_cpu_s_per_gib": sum(s3cpu) / (nbytes / GIB) if s3cpu and nbytes else None,
-            "disk_write_bytes": max(r["disk_write_bytes"] for r in rs),
-            "peak_tmp_bytes": max(r["peak_tmp_bytes"] for r in rs),
-            "failures": sum(r["failures"] for r in rs),
-            "verified": sum(r["verified"] for r in rs),
-            "stray_objects": sum(r["stray_objects"] for r in rs),
-            "open_multipart_uploads": sum(r["open_multipart_uploads"] for r in rs),
-            "size_misreports": sum(r.get("size_misreports", 0) for r in rs),
-            "size_misreport_example": next(
-                (r["size_misreport_example"] for r in rs if r.get("size_misreport_example")), ""),
-            "errors": [e for r in rs for e in r["errors"] + r["verify_errors"]][:5],
-        })
-    order = {d: i for i, d in enumerate(("s3proxy", "direct", "naive-tempfile", "naive-memory",
-                                         "multer-s3"))}
+        cells.append(
+            {
+                "design": design,
+                "client": client,
+                "size": size,
+                "concurrency": conc,
+                "reps": len(rs),
+                "uploads": sum(r["uploads"] for r in rs),
+                "bytes": nbytes,
+                "throughput_mbps": statistics.median(tps) if tps else None,
+                "latency_p50_s": _percentile(lat, 0.5),
+                "latency_p95_s": _percentile(lat, 0.95),
+                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
+                "cpu_s_per_gib": sum(r["cpu_s"] for r in rs) / (nbytes / GIB) if nbytes else None,
+                "s3_cpu_s_per_gib": sum(s3cpu) / (nbytes / GIB) if s3cpu and nbytes else None,
+                "disk_write_bytes": max(r["disk_write_bytes"] for r in rs),
+                "peak_tmp_bytes": max(r["peak_tmp_bytes"] for r in rs),
+                "failures": sum(r["failures"] for r in rs),
+                "verified": sum(r["verified"] for r in rs),
+                "stray_objects": sum(r["stray_objects"] for r in rs),
+                "open_multipart_uploads": sum(r["open_multipart_uploads"] for r in rs),
+                "size_misreports": sum(r.get("size_misreports", 0) for r in rs),
+                "size_misreport_example": next(
+                    (r["size_misreport_example"] for r in rs if r.get("size_misreport_example")), ""
+                ),
+                "errors": [e for r in rs for e in r["errors"] + r["verify_errors"]][:5],
+            }
+        )
+    order = {
+        d: i
+        for i, d in enumerate(("s3proxy", "direct", "naive-tempfile", "naive-memory", "multer-s3"))
+    }
     client_order = {"curl": 0, "aiohttp": 1, "builtin": 2}
-    cells.sort(key=lambda c: (c["size"], c["concurrency"], order.get(c["design"], 99),
-                              client_order.get(c["client"], 9)))
+    cells.sort(
+        key=lambda c: (
+            c["size"],
+            c["concurrency"],
+            order.get(c["design"], 99),
+            client_order.get(c["client"], 9),
+        )
+    )
     return cells
 
 
@@ -70,17 +87,26 @@ def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for c in cells:
         if c["design"] != "s3proxy":
             continue
-        same = [o for o in cells if o["size"] == c["size"]
-                and o["concurrency"] == c["concurrency"] and o["design"] != "s3proxy"
-                and o["client"] in (c["client"], "builtin")]
+        same = [
+            o
+            for o in cells
+            if o["size"] == c["size"]
+            and o["concurrency"] == c["concurrency"]
+            and o["design"] != "s3proxy"
+            and o["client"] in (c["client"], "builtin")
+        ]
         for o in same:
-            out.append({
-                "client": c["client"], "size": c["size"], "concurrency": c["concurrency"],
-                "other": o["design"],
-                "throughput": _ratio(c["throughput_mbps"], o["throughput_mbps"]),
-                "peak_rss": _ratio(c["peak_rss_bytes"], o["peak_rss_bytes"]),
-                "cpu_per_gib": _ratio(c["cpu_s_per_gib"], o["cpu_s_per_gib"]),
-            })
+            out.append(
+                {
+                    "client": c["client"],
+                    "size": c["size"],
+                    "concurrency": c["concurrency"],
+                    "other": o["design"],
+                    "throughput": _ratio(c["throughput_mbps"], o["throughput_mbps"]),
+                    "peak_rss": _ratio(c["peak_rss_bytes"], o["peak_rss_bytes"]),
+                    "cpu_per_gib": _ratio(c["cpu_s_per_gib"], o["cpu_s_per_gib"]),
+                }
+            )
     return out
 
 
@@ -95,33 +121,68 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-COLUMNS = ["size", "conc", "design", "client", "MB/s", "p50 s", "p95 s", "peak RSS MiB",
-           "CPU s/GiB", "S3 CPU s/GiB", "disk MiB", "tmp MiB", "fail", "ok"]
+COLUMNS = [
+    "size",
+    "conc",
+    "design",
+    "client",
+    "MB/s",
+    "p50 s",
+    "p95 s",
+    "peak RSS MiB",
+    "CPU s/GiB",
+    "S3 CPU s/GiB",
+    "disk MiB",
+    "tmp MiB",
+    "fail",
+    "ok",
+]
 
 
 def rows(cells: Iterable[dict[str, Any]]) -> list[list[str]]:
-    return [[
-        _size(c["size"]), str(c["concurrency"]), c["design"], c["client"],
-        _f(c["throughput_mbps"], ".1f"), _f(c["latency_p50_s"], ".2f"),
-        _f(c["latency_p95_s"], ".2f"), _f(c["peak_rss_bytes"] / MIB, ".0f"),
-        _f(c["cpu_s_per_gib"], ".2f"), _f(c["s3_cpu_s_per_gib"], ".2f"),
-        _f(c["disk_write_bytes"] / MIB, ".0f"), _f(c["peak_tmp_bytes"] / MIB, ".0f"),
-        str(c["failures"]), f"{c['verified']}/{c['uploads']}",
-    ] for c in cells]
+    return [
+        [
+            _size(c["size"]),
+            str(c["concurrency"]),
+            c["design"],
+            c["client"],
+            _f(c["throughput_mbps"], ".1f"),
+            _f(c["latency_p50_s"], ".2f"),
+            _f(c["latency_p95_s"], ".2f"),
+            _f(c["peak_rss_bytes"] / MIB, ".0f"),
+            _f(c["cpu_s_per_gib"], ".2f"),
+            _f(c["s3_cpu_s_per_gib"], ".2f"),
+            _f(c["disk_write_bytes"] / MIB, ".0f"),
+            _f(c["peak_tmp_bytes"] / MIB, ".0f"),
+            str(c["failures"]),
+            f"{c['verified']}/{c['uploads']}",
+        ]
+        for c in cells
+    ]
 
 
 def ratio_rows(rs: Iterable[dict[str, Any]]) -> list[list[str]]:
-    return [[_size(r["size"]), str(r["concurrency"]), r["client"], f"s3proxy/{r['other']}",
-             _f(r["throughput"], ".2f"), _f(r["peak_rss"], ".2f"), _f(r["cpu_per_gib"], ".2f")]
-            for r in rs]
+    return [
+        [
+            _size(r["size"]),
+            str(r["concurrency"]),
+            r["client"],
+            f"s3proxy/{r['other']}",
+            _f(r["throughput"], ".2f"),
+            _f(r["peak_rss"], ".2f"),
+            _f(r["cpu_per_gib"], ".2f"),
+        ]
+        for r in rs
+    ]
 
 
 RATIO_COLUMNS = ["size", "conc", "client", "ratio", "throughput", "peak RSS", "CPU/GiB"]
 
 
 def text_table(header: list[str], body: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h)
-              for i, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)
+    ]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in body]
@@ -143,8 +204,10 @@ def notes(result: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
         if c["open_multipart_uploads"]:
             out.append(f"{where}: {c['open_multipart_uploads']} multipart uploads left open")
         if c["size_misreports"]:
-            out.append(f"{where}: {c['size_misreports']} replies gave a wrong size "
-                       f"({c['size_misreport_example']}); the stored objects were checked")
+            out.append(
+                f"{where}: {c['size_misreports']} replies gave a wrong size "
+                f"({c['size_misreport_example']}); the stored objects were checked"
+            )
         for e in c["errors"][:2]:
             out.append(f"{where}: {e}")
     return out
@@ -191,17 +254,22 @@ def plot(cells: list[dict[str, Any]], path: Path) -> bool:
         lines: dict[str, list[dict[str, Any]]] = {}
         for c in cells:
             if c["size"] == size:
-                label = c["design"] if c["client"] in ("builtin", "curl") else \
-                    f"{c['design']} ({c['client']})"
+                label = (
+                    c["design"]
+                    if c["client"] in ("builtin", "curl")
+                    else f"{c['design']} ({c['client']})"
+                )
                 lines.setdefault(label, []).append(c)
         for label, cs in lines.items():
             cs.sort(key=lambda c: c["concurrency"])
             x = [c["concurrency"] for c in cs]
             style = "-" if "(" not in label else "--"
-            axes[0][j].plot(x, [c["throughput_mbps"] or 0 for c in cs], style, marker="o",
-                            label=label)
-            axes[1][j].plot(x, [c["peak_rss_bytes"] / MIB for c in cs], style, marker="o",
-                            label=label)
+            axes[0][j].plot(
+                x, [c["throughput_mbps"] or 0 for c in cs], style, marker="o", label=label
+            )
+            axes[1][j].plot(
+                x, [c["peak_rss_bytes"] / MIB for c in cs], style, marker="o", label=label
+            )
         for i, ylabel in enumerate(("throughput (MB/s)", "peak RSS (MiB)")):
             ax = axes[i][j]
             ax.set_xscale("log", base=2)
@@ -241,8 +309,9 @@ def write(result: dict[str, Any], out: Path, readme: Path | None = None) -> dict
     if plot(result["cells"], png):
         written["png"] = png
     else:
-        result["meta"]["notes"].append("plot skipped: matplotlib is not installed "
-                                       "(pip install -e '.[bench]')")
+        result["meta"]["notes"].append(
+            "plot skipped: matplotlib is not installed (pip install -e '.[bench]')"
+        )
     md = markdown(result, written.get("png"))
     written["md"] = out / "latest.md"
     written["md"].write_text(md)
@@ -250,8 +319,11 @@ def write(result: dict[str, Any], out: Path, readme: Path | None = None) -> dict
         text = readme.read_text()
         pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
         if pattern.search(text):
-            rel = md.replace("](latest.png)", f"]({png.relative_to(readme.parent)})") \
-                if png.is_relative_to(readme.parent) else md
+            rel = (
+                md.replace("](latest.png)", f"]({png.relative_to(readme.parent)})")
+                if png.is_relative_to(readme.parent)
+                else md
+            )
             readme.write_text(pattern.sub(lambda _: f"{README_START}\n{rel}{README_END}", text))
             written["readme"] = readme
     return written

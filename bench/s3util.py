@@ -32,18 +32,28 @@ def config(pool: int = 64) -> AioConfig:
     )
 
 
-def client(endpoint_url: str, region: str, access_key: str | None, secret_key: str | None,
-           pool: int = 64) -> Any:
+def client(
+    endpoint_url: str, region: str, access_key: str | None, secret_key: str | None, pool: int = 64
+) -> Any:
     """An aiobotocore S3 client context manager."""
     return get_session().create_client(
-        "s3", endpoint_url=endpoint_url, region_name=region, aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key, config=config(pool),
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=region,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        config=config(pool),
     )
 
 
-async def multipart_upload(s3: Any, bucket: str, key: str, parts: AsyncIterator[bytes],
-                           parts_in_flight: int, content_type: str = "application/octet-stream"
-                           ) -> int:
+async def multipart_upload(
+    s3: Any,
+    bucket: str,
+    key: str,
+    parts: AsyncIterator[bytes],
+    parts_in_flight: int,
+    content_type: str = "application/octet-stream",
+) -> int:
     """Upload ``parts`` (each a full part but the last) as one object; returns its size.
 
     A body that fits in one part goes up with PutObject. Any failure aborts the upload.
@@ -61,8 +71,9 @@ async def multipart_upload(s3: Any, bucket: str, key: str, parts: AsyncIterator[
 
     async def send(number: int, body: bytes) -> dict[str, Any]:
         try:
-            r = await s3.upload_part(Bucket=bucket, Key=key, UploadId=upload_id,
-                                     PartNumber=number, Body=body)
+            r = await s3.upload_part(
+                Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+            )
             return {"PartNumber": number, "ETag": r["ETag"]}
         finally:
             slots.release()
@@ -90,21 +101,26 @@ async def multipart_upload(s3: Any, bucket: str, key: str, parts: AsyncIterator[
                 if t.done() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
         done = await asyncio.gather(*tasks)
-        await s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id,
-                                           MultipartUpload={"Parts": list(done)})
+        await s3.complete_multipart_upload(
+            Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": list(done)}
+        )
         return size
     except BaseException:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
-            await asyncio.shield(asyncio.wait_for(
-                s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id), 30))
+            await asyncio.shield(
+                asyncio.wait_for(
+                    s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id), 30
+                )
+            )
         raise
 
 
-async def rechunk(chunks: AsyncIterator[bytes] | Iterable[bytes], part_size: int
-                  ) -> AsyncIterator[bytes]:
+async def rechunk(
+    chunks: AsyncIterator[bytes] | Iterable[bytes], part_size: int
+) -> AsyncIterator[bytes]:
     """Group a stream of chunks into parts of ``part_size`` bytes (the last may be short)."""
     buf = bytearray()
 

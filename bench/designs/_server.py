@@ -42,9 +42,12 @@ def run(design: str, receive: Receive, description: str) -> None:
     args = parse_args(description)
 
     async def s3_ctx(app: web.Application) -> AsyncIterator[None]:
-        async with s3util.client(args.endpoint_url, args.region,
-                                 os.environ.get("AWS_ACCESS_KEY_ID"),
-                                 os.environ.get("AWS_SECRET_ACCESS_KEY")) as s3:
+        async with s3util.client(
+            args.endpoint_url,
+            args.region,
+            os.environ.get("AWS_ACCESS_KEY_ID"),
+            os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        ) as s3:
             app[S3] = s3
             yield
 
@@ -52,8 +55,9 @@ def run(design: str, receive: Receive, description: str) -> None:
         files = []
         for name, filename, parts in await receive(request, args):
             key = f"bench/{design}/{uuid.uuid4().hex}/{filename}"
-            size = await s3util.multipart_upload(request.app[S3], args.bucket, key, parts,
-                                                 args.parts_in_flight)
+            size = await s3util.multipart_upload(
+                request.app[S3], args.bucket, key, parts, args.parts_in_flight
+            )
             files.append({"field": name, "filename": filename, "key": key, "size": size})
         return web.json_response({"files": files, "fields": {}}, status=201)
 

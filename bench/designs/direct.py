@@ -20,18 +20,23 @@ from typing import Any
 from bench import body, s3util
 
 
-async def _one(s3: Any, args: argparse.Namespace, job: dict[str, Any], i: int
-               ) -> dict[str, Any]:
+async def _one(s3: Any, args: argparse.Namespace, job: dict[str, Any], i: int) -> dict[str, Any]:
     key = f"{job['prefix']}{i}.bin"
     t0 = time.perf_counter()
     try:
-        parts: AsyncIterator[bytes] = s3util.rechunk(body.chunks(job["seed"], job["size"]),
-                                                     args.part_size)
+        parts: AsyncIterator[bytes] = s3util.rechunk(
+            body.chunks(job["seed"], job["size"]), args.part_size
+        )
         size = await s3util.multipart_upload(s3, args.bucket, key, parts, args.parts_in_flight)
         return {"ok": True, "key": key, "size": size, "latency": time.perf_counter() - t0}
     except Exception as e:
-        return {"ok": False, "key": key, "size": 0, "latency": time.perf_counter() - t0,
-                "error": f"{type(e).__name__}: {e}"}
+        return {
+            "ok": False,
+            "key": key,
+            "size": 0,
+            "latency": time.perf_counter() - t0,
+            "error": f"{type(e).__name__}: {e}",
+        }
 
 
 async def _warm_up(s3: Any, bucket: str) -> None:
@@ -54,8 +59,12 @@ async def main() -> None:
     p.add_argument("--parts-in-flight", type=int, default=2)
     args = p.parse_args()
     loop = asyncio.get_running_loop()
-    async with s3util.client(args.endpoint_url, args.region, os.environ.get("AWS_ACCESS_KEY_ID"),
-                             os.environ.get("AWS_SECRET_ACCESS_KEY")) as s3:
+    async with s3util.client(
+        args.endpoint_url,
+        args.region,
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_SECRET_ACCESS_KEY"),
+    ) as s3:
         await _warm_up(s3, args.bucket)
         print(json.dumps({"ready": True}), flush=True)
         while line := await loop.run_in_executor(None, sys.stdin.readline):

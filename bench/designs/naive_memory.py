@@ -19,8 +19,9 @@ async def _slices(data: bytearray, part_size: int) -> AsyncIterator[bytes]:
         yield data[i : i + part_size]
 
 
-async def receive(request: web.Request, args: argparse.Namespace
-                  ) -> list[tuple[str, str, AsyncIterator[bytes]]]:
+async def receive(
+    request: web.Request, args: argparse.Namespace
+) -> list[tuple[str, str, AsyncIterator[bytes]]]:
     reader = await request.multipart()
     out = []
     while (part := await reader.next()) is not None:

@@ -23,8 +23,9 @@ async def _file_parts(f: BinaryIO, part_size: int) -> AsyncIterator[bytes]:
         f.close()
 
 
-async def receive(request: web.Request, args: argparse.Namespace
-                  ) -> list[tuple[str, str, AsyncIterator[bytes]]]:
+async def receive(
+    request: web.Request, args: argparse.Namespace
+) -> list[tuple[str, str, AsyncIterator[bytes]]]:
     form = await request.post()
     out = []
     for name, value in form.items():
