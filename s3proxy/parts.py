@@ -83,10 +83,10 @@ def largest_part(base: int, max_file_size: int) -> int:
 class PartSlicer:
     """Cuts a stream of chunks into parts of planned sizes.
 
-    ``feed`` keeps as much of ``chunk`` as fits the current part (by reference; a
-    chunk is only sliced at a part boundary) and returns the rest; ``full`` says
-    the part is ready; ``take`` joins it into one ``bytes`` (the one copy of each
-    byte the proxy makes) and starts the next. ``limit`` is what the whole file
+    ``feed`` keeps as much of ``chunk`` as fits the current part (by reference: a
+    chunk is only sliced, as a memoryview, at a part boundary) and returns the
+    rest; ``full`` says the part is ready; ``take`` hands over its chunks, never
+    joined, and starts the next. ``limit`` is what the whole file
     cannot exceed, if known, so a small file reserves no more than it can use.
     """
 
@@ -131,13 +131,11 @@ class PartSlicer:
             self.consumed += len(head)
         return rest
 
-    def take(self) -> tuple[int, bytes]:
-        """Return (part number, bytes) and start the next part."""
-        number = self.number
-        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        data = data if isinstance(data, bytes) else bytes(data)
+    def take(self) -> tuple[int, list[bytes | memoryview]]:
+        """Return (part number, its chunks) and start the next part."""
+        number, chunks = self.number, self._chunks
         self._chunks = []
         self.number += 1
         self._filled = 0
         self._target = self.plan.size(self.number) if self.number <= MAX_PARTS else 0
-        return number, data
+        return number, chunks

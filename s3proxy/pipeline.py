@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from s3proxy import keys, sniff
 from s3proxy.budget import MemoryBudget, Reservation
 from s3proxy.errors import FILE_TOO_LARGE, INTERNAL, TYPE_NOT_ALLOWED, ProxyError
+from s3proxy.body import Chunk
 from s3proxy.parts import MAX_PARTS, PartSlicer, plan_parts
 from s3proxy.sink import ObjectOptions, ObjectSink
 
@@ -145,17 +146,18 @@ class FileUpload:
                         break
                     self._receive(chunk)
                     leftover = slicer.feed(chunk)
+                size = slicer.filled
                 number, data = slicer.take()
-                reservation.shrink(len(data))
+                reservation.shrink(size)
                 if number == 1:
                     content_type = self._content_type(data)
                     if eof:
                         return await self._put(data, content_type)
                     self.upload_id = await self.sink.create(self.spec.key, self._options(content_type))
                     log.debug("upload.created key=%s upload_id=%s", self.spec.key, self.upload_id)
-                if not data:
+                if not size:
                     break  # the file ended exactly on a part boundary
-                self._launch(number, data, reservation)
+                self._launch(number, data, size, reservation)
                 reservation = None
             finally:
                 if reservation is not None:
@@ -172,7 +174,12 @@ class FileUpload:
             )
         self._hash.update(chunk)
 
-    def _content_type(self, head: bytes) -> str:
+    def _content_type(self, data: list[Chunk]) -> str:
+        head = bytearray()
+        for chunk in data:
+            head += chunk[: sniff.SNIFF_BYTES - len(head)]
+            if len(head) >= sniff.SNIFF_BYTES:
+                break
         found = sniff.sniff(head, self.spec.filename, self.spec.declared_type)
         if not found.allowed_by(self.cfg.allow_types):
             shown = found.content_type if found.confident else "unidentified (application/octet-stream)"
@@ -193,14 +200,14 @@ class FileUpload:
             sse_kms_key_id=self.cfg.sse_kms_key_id,
         )
 
-    async def _put(self, data: bytes, content_type: str) -> StoredFile | None:
+    async def _put(self, data: list[Chunk], content_type: str) -> StoredFile | None:
         if not data and not self.spec.filename:
             return None  # a browser's empty file input: no file was chosen
         digest = self._hash.hexdigest()
         etag = await self.sink.put(self.spec.key, data, self._options(content_type, {"sha256": digest}))
         return self._stored(content_type, etag, digest, parts=0)
 
-    def _launch(self, number: int, data: bytes, reservation: Reservation) -> None:
+    def _launch(self, number: int, data: list[Chunk], size: int, reservation: Reservation) -> None:
         assert self.upload_id is not None
         upload_id = self.upload_id
 
@@ -208,7 +215,7 @@ class FileUpload:
             try:
                 etag = await self.sink.upload_part(self.spec.key, upload_id, number, data)
                 self._etags[number] = etag
-                self._sent += len(data)
+                self._sent += size
             finally:
                 reservation.release()
 

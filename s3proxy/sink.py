@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from s3proxy.body import Chunk, ChunkedBody
 from s3proxy.errors import (
     UPSTREAM_ERROR,
     UPSTREAM_TIMEOUT,
@@ -41,14 +41,7 @@ from s3proxy.errors import (
 
 log = logging.getLogger("s3proxy.sink")
 
-Body = bytes
-
-
-def _stream(data: bytes) -> io.BytesIO:
-    """A BytesIO shares a bytes object without copying, and aiohttp then sends it in
-    64 KiB writes that wait for the socket, rather than copying the whole part
-    into the transport's buffer at once."""
-    return io.BytesIO(data)
+Body = Sequence[Chunk]  # a part as the chunks it arrived in
 
 _THROTTLING = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "ServiceUnavailable"}
 
@@ -124,7 +117,7 @@ class S3Sink:
 
     async def put(self, key: str, data: Body, options: ObjectOptions) -> str:
         with translate("PutObject"):
-            resp = await self._s3.put_object(Bucket=self.bucket, Key=key, Body=_stream(data), **options.to_params())
+            resp = await self._s3.put_object(Bucket=self.bucket, Key=key, Body=ChunkedBody(data), **options.to_params())
         return str(resp["ETag"])
 
     async def create(self, key: str, options: ObjectOptions) -> str:
@@ -137,7 +130,7 @@ class S3Sink:
     async def upload_part(self, key: str, upload_id: str, number: int, data: Body) -> str:
         with translate("UploadPart"):
             resp = await self._s3.upload_part(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=_stream(data)
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=ChunkedBody(data)
             )
         return str(resp["ETag"])
 
