@@ -21,7 +21,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         middlewares=[error_middleware],
         # The socket read buffer is per connection and outside the memory budget.
-        handler_args={"read_bufsize": settings.read_buffer},
+        handler_args={"read_bufsize": settings.read_buffer // 2},
     )
     app[STATE] = AppState.from_settings(settings)
     app.router.add_post("/upload", handlers.upload, expect_handler=handlers.expect_upload)
@@ -87,6 +87,16 @@ def _log_start(settings: Settings, endpoint: str | None, store: object | None) -
         settings.bucket_name,
         where,
     )
+    if store is not None:
+        creds = settings.data_dir.resolve() / "credentials.json"
+        log.info(
+            "embedded store: keys in %s; list with: "
+            "AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... "
+            "aws --endpoint-url %s s3 ls s3://%s/ --recursive",
+            creds,
+            endpoint,
+            settings.bucket_name,
+        )
     log.info(
         "try: curl -F file=@report.pdf http://%s:%d/upload",
         settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1",

@@ -76,7 +76,9 @@ class ChunkedBodyPayload(payload.Payload):
     async def write(self, writer: AbstractStreamWriter) -> None:
         await self.write_with_length(writer, None)
 
-    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
         remaining = len(self._value) if content_length is None else content_length
         for chunk in self._value.chunks:
             view = memoryview(chunk)

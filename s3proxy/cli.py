@@ -20,7 +20,8 @@ log = logging.getLogger("s3proxy.cli")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="s3proxy",
-        description="Stream multipart/form-data uploads into S3, with bounded memory and no temp files.",
+        description="Stream multipart/form-data uploads into S3, "
+        "with bounded memory and no temp files.",
     )
     parser.add_argument("--version", action="version", version=f"s3proxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,7 +60,10 @@ def serve(settings: Settings) -> int:
             access_log_format='%a "%r" %s %b %Tfs',
         )
     except OSError as exc:
-        print(f"s3proxy: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
+        print(
+            f"s3proxy: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
         return 1
     except Exception as exc:
         if type(exc).__name__ == "EmbeddedStoreError":

@@ -108,7 +108,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        kind = _BY_STATUS.get(exc.status, ErrorKind(exc.reason.upper().replace(" ", "_"), exc.status))
+        kind = _BY_STATUS.get(
+            exc.status, ErrorKind(exc.reason.upper().replace(" ", "_"), exc.status)
+        )
         resp = web.json_response(error_body(kind, exc.reason), status=exc.status)
         for name in ("Allow",):
             if name in exc.headers:

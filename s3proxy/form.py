@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import BodyPartReader, MultipartReader
 from aiohttp.http_exceptions import HttpProcessingError, PayloadEncodingError
@@ -44,14 +45,20 @@ class Field:
     value: str
 
 
+class ChunkSource(Protocol):
+    """A file's bytes as they arrive: ``read`` returns up to ``size`` bytes, b"" at its end."""
+
+    async def read(self, size: int) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class FilePart:
-    """One file part; ``chunks`` must be consumed before the next part is asked for."""
+    """One file part; ``source`` must be read to its end before the next part is asked for."""
 
     field: str
     filename: str
     declared_type: str | None
-    chunks: AsyncIterator[bytes]
+    source: ChunkSource
 
 
 @contextlib.contextmanager
@@ -99,12 +106,11 @@ async def iter_form(
         if part.filename is not None:
             files += 1
             if files > limits.max_files:
-                raise ProxyError(TOO_MANY_FILES, f"more than {limits.max_files} files in one request")
-            chunks = _file_chunks(part, limits.chunk_size, check_request_size)
-            try:
-                yield FilePart(name, part.filename, part.headers.get("Content-Type"), chunks)
-            finally:
-                await chunks.aclose()
+                raise ProxyError(
+                    TOO_MANY_FILES, f"more than {limits.max_files} files in one request"
+                )
+            source = PartSource(part, check_request_size)
+            yield FilePart(name, part.filename, part.headers.get("Content-Type"), source)
             if not part.at_eof():
                 raise RuntimeError("file part was not read to its end")
         else:
@@ -114,31 +120,32 @@ async def iter_form(
             yield Field(name, await _read_field(part, name, limits, check_request_size))
 
 
-async def _file_chunks(
-    part: BodyPartReader, chunk_size: int, check_request_size: Callable[[], None]
-) -> AsyncIterator[bytes]:
-    """The part's bytes as they arrive; ends only once its closing boundary was seen."""
-    empty = 0
-    while True:
-        with client_errors():
-            chunk = await part.read_chunk(chunk_size)
-        check_request_size()
-        if chunk:
-            empty = 0
-            yield chunk
-        elif part.at_eof():
-            return
-        else:
-            empty += 1
-            if empty > MAX_EMPTY_READS:
-                raise ProxyError(MALFORMED_MULTIPART, "the body ended inside a file part")
+class PartSource:
+    """One part's bytes; ends only once the part's closing boundary was seen."""
+
+    # aiohttp needs room for a boundary in every read of a part without a length.
+    MIN_READ = 256
+
+    def __init__(self, part: BodyPartReader, check_request_size: Callable[[], None]) -> None:
+        self._part = part
+        self._check = check_request_size
+
+    async def read(self, size: int) -> bytes:
+        for _ in range(MAX_EMPTY_READS + 1):
+            with client_errors():
+                chunk = await self._part.read_chunk(max(size, self.MIN_READ))
+            self._check()
+            if chunk or self._part.at_eof():
+                return chunk
+        raise ProxyError(MALFORMED_MULTIPART, "the body ended inside a file part")
 
 
 async def _read_field(
     part: BodyPartReader, name: str, limits: FormLimits, check_request_size: Callable[[], None]
 ) -> str:
     data = bytearray()
-    async for chunk in _file_chunks(part, limits.chunk_size, check_request_size):
+    source = PartSource(part, check_request_size)
+    while chunk := await source.read(limits.chunk_size):
         data += chunk
         if len(data) > limits.max_field_size:
             raise ProxyError(

@@ -41,7 +41,9 @@ def check_upload_headers(request: web.Request, state: AppState) -> int | None:
 async def expect_upload(request: web.Request) -> web.StreamResponse | None:
     """Answer ``Expect: 100-continue``: refuse before the client sends a byte of body."""
     if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
-        return error_response(ProxyError(EXPECTATION_FAILED, "only Expect: 100-continue is supported"))
+        return error_response(
+            ProxyError(EXPECTATION_FAILED, "only Expect: 100-continue is supported")
+        )
     try:
         check_upload_headers(request, request.app[STATE])
     except ProxyError as err:
@@ -60,7 +62,9 @@ async def upload(request: web.Request) -> web.Response:
     body = request.content
     parts = iter_form(reader, state.form_limits, lambda: body.total_bytes)
     # No file can be longer than the whole body: that bounds part sizes and buffers.
-    job = RequestUpload(state.require_sink(), state.budget, state.pipeline, state.settings.key_template, length)
+    job = RequestUpload(
+        state.require_sink(), state.budget, state.pipeline, state.settings.key_template, length
+    )
     with state.track(request.task):
         result = await job.run(parts)
     return web.json_response(result.to_json(), status=201)

@@ -17,14 +17,16 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any, TypeVar
 
 from s3proxy import keys, sniff
+from s3proxy.body import Chunk
 from s3proxy.budget import MemoryBudget, Reservation
 from s3proxy.errors import FILE_TOO_LARGE, INTERNAL, TYPE_NOT_ALLOWED, ProxyError
-from s3proxy.body import Chunk
+from s3proxy.form import ChunkSource
 from s3proxy.parts import MAX_PARTS, PartSlicer, plan_parts
 from s3proxy.sink import ObjectOptions, ObjectSink
 
@@ -39,6 +41,7 @@ class PipelineConfig:
     part_size: int
     parts_in_flight: int
     max_file_size: int
+    chunk_size: int = 256 * 1024  # most bytes asked of the client at once
     allow_types: tuple[str, ...] = ()
     acl: str | None = None
     storage_class: str | None = None
@@ -54,7 +57,7 @@ class FileSpec:
     filename: str
     key: str
     declared_type: str | None = None
-    metadata: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, str] = dc_field(default_factory=dict)
     size_hint: int | None = None  # the file cannot be larger than this (from Content-Length)
 
 
@@ -101,7 +104,9 @@ async def run_cleanup(coro_fn: Callable[[], Awaitable[None]], what: str) -> None
 class FileUpload:
     """Streams one file into S3; ``run`` returns the stored file or raises ProxyError."""
 
-    def __init__(self, spec: FileSpec, sink: ObjectSink, budget: MemoryBudget, cfg: PipelineConfig) -> None:
+    def __init__(
+        self, spec: FileSpec, sink: ObjectSink, budget: MemoryBudget, cfg: PipelineConfig
+    ) -> None:
         self.spec = spec
         self.sink = sink
         self.budget = budget
@@ -113,9 +118,9 @@ class FileUpload:
         self._etags: dict[int, str] = {}
         self._sent = 0
 
-    async def run(self, chunks: AsyncIterator[bytes]) -> StoredFile | None:
+    async def run(self, source: ChunkSource) -> StoredFile | None:
         try:
-            return await self._stream(chunks)
+            return await self._stream(source)
         except BaseException:
             await self._cancel_inflight()
             if self.upload_id is not None:
@@ -124,7 +129,7 @@ class FileUpload:
                 await run_cleanup(lambda: self.sink.abort(self.spec.key, upload_id), "abort")
             raise
 
-    async def _stream(self, chunks: AsyncIterator[bytes]) -> StoredFile | None:
+    async def _stream(self, source: ChunkSource) -> StoredFile | None:
         plan = plan_parts(self.cfg.part_size, self.spec.size_hint, self.cfg.max_file_size)
         slicer = PartSlicer(plan, limit=self.spec.size_hint)
         leftover = memoryview(b"")
@@ -134,26 +139,33 @@ class FileUpload:
             if slicer.number > MAX_PARTS:
                 raise ProxyError(FILE_TOO_LARGE, "file needs more than S3's 10,000 parts")
             await self._wait_for_slot()
-            reservation = await self.budget.acquire(max(1, slicer.allocation()))
+            reservation: Reservation | None = await self.budget.acquire(max(1, slicer.allocation()))
             try:
                 while not slicer.full:
-                    if leftover:
+                    if leftover:  # under 256 bytes: see below
                         leftover = slicer.feed(leftover)
                         continue
-                    chunk = await anext(chunks, None)
-                    if chunk is None:
+                    # Never ask for more than the part can hold, so nothing is left
+                    # over, outside the budget, while the next part waits for it.
+                    chunk = await source.read(
+                        min(self.cfg.chunk_size, slicer.target - slicer.filled)
+                    )
+                    if not chunk:
                         eof = True
                         break
                     self._receive(chunk)
                     leftover = slicer.feed(chunk)
                 size = slicer.filled
                 number, data = slicer.take()
+                assert reservation is not None
                 reservation.shrink(size)
                 if number == 1:
                     content_type = self._content_type(data)
                     if eof:
                         return await self._put(data, content_type)
-                    self.upload_id = await self.sink.create(self.spec.key, self._options(content_type))
+                    self.upload_id = await self.sink.create(
+                        self.spec.key, self._options(content_type)
+                    )
                     log.debug("upload.created key=%s upload_id=%s", self.spec.key, self.upload_id)
                 if not size:
                     break  # the file ended exactly on a part boundary
@@ -182,10 +194,13 @@ class FileUpload:
                 break
         found = sniff.sniff(head, self.spec.filename, self.spec.declared_type)
         if not found.allowed_by(self.cfg.allow_types):
-            shown = found.content_type if found.confident else "unidentified (application/octet-stream)"
+            shown = (
+                found.content_type if found.confident else "unidentified (application/octet-stream)"
+            )
             raise ProxyError(
                 TYPE_NOT_ALLOWED,
-                f"file {self.spec.filename!r} is {shown}; allowed: {', '.join(self.cfg.allow_types)}",
+                f"file {self.spec.filename!r} is {shown}; "
+                f"allowed: {', '.join(self.cfg.allow_types)}",
             )
         return found.content_type
 
@@ -204,7 +219,9 @@ class FileUpload:
         if not data and not self.spec.filename:
             return None  # a browser's empty file input: no file was chosen
         digest = self._hash.hexdigest()
-        etag = await self.sink.put(self.spec.key, data, self._options(content_type, {"sha256": digest}))
+        etag = await self.sink.put(
+            self.spec.key, data, self._options(content_type, {"sha256": digest})
+        )
         return self._stored(content_type, etag, digest, parts=0)
 
     def _launch(self, number: int, data: list[Chunk], size: int, reservation: Reservation) -> None:
@@ -217,6 +234,9 @@ class FileUpload:
                 self._etags[number] = etag
                 self._sent += size
             finally:
+                # Free the bytes now, not when this task is reaped: the budget is
+                # released here, so the memory must be too.
+                data.clear()
                 reservation.release()
 
         task = asyncio.create_task(send(), name=f"part-{number}")

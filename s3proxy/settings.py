@@ -101,7 +101,9 @@ class Settings:
     )
     region: str = _setting("us-east-1", "S3 region used for signing")
     bucket: str | None = _setting(
-        None, "bucket to store uploads in (required with --endpoint-url; embedded: uploads)", _opt_str
+        None,
+        "bucket to store uploads in (required with --endpoint-url; embedded: uploads)",
+        _opt_str,
     )
     # streaming
     part_size: int = _setting(
@@ -126,7 +128,9 @@ class Settings:
         show=format_size,
     )
     # limits
-    max_file_size: int = _setting(5 * 1024**3, "largest file accepted", parse_size, show=format_size)
+    max_file_size: int = _setting(
+        5 * 1024**3, "largest file accepted", parse_size, show=format_size
+    )
     max_files: int = _setting(20, "most files accepted in one request", int)
     max_fields: int = _setting(100, "most non-file form fields accepted in one request", int)
     max_field_size: int = _setting(
@@ -138,10 +142,13 @@ class Settings:
     # objects
     key_template: str = _setting(
         "uploads/{yyyy}/{mm}/{uuid}/{filename}",
-        "object key template; fields: {yyyy} {mm} {dd} {uuid} {filename} {field}; must contain {uuid}",
+        "object key template; fields: {yyyy} {mm} {dd} {uuid} {filename} {field}; "
+        "must contain {uuid}",
     )
     allow_type: tuple[str, ...] = _setting(
-        (), "allowed content type (repeatable; wildcards like image/*); none: allow all", repeat=True
+        (),
+        "allowed content type (repeatable; wildcards like image/*); none: allow all",
+        repeat=True,
     )
     acl: str | None = _setting(None, "canned ACL for stored objects (e.g. private)", _opt_str)
     storage_class: str | None = _setting(
@@ -169,8 +176,8 @@ class Settings:
         choices=("when_required", "when_supported"),
     )
     # embedded store
-    data_dir: Path = _setting(
-        Path("./s3proxy-data"), "embedded store: where its data lives", Path, show=str
+    data_dir: Path = _setting(  # noqa: RUF009 - Path is immutable
+        Path("s3proxy-data"), "embedded store: where its data lives", Path, show=str
     )
     embedded_s3_port: int = _setting(8333, "embedded store: S3 port", int)
     # operations
@@ -196,7 +203,9 @@ class Settings:
         """Raise SettingsError for the first invalid combination, in one line."""
         if self.endpoint_url is not None:
             if not re.match(r"^https?://[^/]+", self.endpoint_url):
-                raise SettingsError(f"--endpoint-url must be an http(s) URL, got {self.endpoint_url!r}")
+                raise SettingsError(
+                    f"--endpoint-url must be an http(s) URL, got {self.endpoint_url!r}"
+                )
             if not self.bucket:
                 raise SettingsError("--bucket (S3PROXY_BUCKET) is required with --endpoint-url")
         if not (1 <= self.port <= 65535):
@@ -208,7 +217,8 @@ class Settings:
         largest = parts.largest_part(self.part_size, self.max_file_size)
         if self.memory_budget < largest:
             raise SettingsError(
-                f"--memory-budget {format_size(self.memory_budget)} is smaller than the largest part "
+                f"--memory-budget {format_size(self.memory_budget)} is smaller than the largest "
+                "part "
                 f"a {format_size(self.max_file_size)} file needs ({format_size(largest)}); "
                 "raise the budget or lower --max-file-size"
             )
@@ -216,11 +226,19 @@ class Settings:
             raise SettingsError("--max-file-size is above S3's object size limit")
         if self.read_buffer < 64 * 1024:
             raise SettingsError("--read-buffer must be at least 64KiB")
-        for name in ("max_files", "max_fields", "max_field_size", "max_request_size", "max_file_size"):
+        for name in (
+            "max_files",
+            "max_fields",
+            "max_field_size",
+            "max_request_size",
+            "max_file_size",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
         if "{uuid}" not in self.key_template:
-            raise SettingsError("--key-template must contain {uuid} so that uploads never overwrite")
+            raise SettingsError(
+                "--key-template must contain {uuid} so that uploads never overwrite"
+            )
         try:
             self.key_template.format(yyyy="", mm="", dd="", uuid="", filename="", field="")
         except (KeyError, IndexError, ValueError) as exc:
@@ -229,7 +247,9 @@ class Settings:
             raise SettingsError("--key-template must not start with /")
         for t in self.allow_type:
             if not re.match(r"^[\w.+-]+/([\w.+-]+|\*)$", t):
-                raise SettingsError(f"--allow-type {t!r} is not a content type like application/pdf")
+                raise SettingsError(
+                    f"--allow-type {t!r} is not a content type like application/pdf"
+                )
         if self.sse_kms_key_id and self.sse != "aws:kms":
             raise SettingsError("--sse-kms-key-id needs --sse aws:kms")
 
@@ -242,7 +262,9 @@ class Settings:
             meta = f.metadata
             flag = "--" + f.name.replace("_", "-")
             env = ENV_PREFIX + f.name.upper()
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            default = (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            )
             show = meta["show"] or (lambda v: "unset" if v is None or v == () else str(v))
             shown = show(default) if default not in (None, ()) else "unset"
             help_text = f"{meta['help']} [env {env}; default {shown}]"
@@ -254,7 +276,9 @@ class Settings:
             parser.add_argument(flag, metavar=f.name.split("_")[-1].upper(), **kwargs)
 
     @classmethod
-    def load(cls, args: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    def load(
+        cls, args: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
         """Build settings from parsed flags (raw strings) over environment over defaults."""
         args = args or {}
         environ = environ or {}

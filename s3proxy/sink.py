@@ -10,7 +10,6 @@ our buffer until S3 acknowledges them, so every retry can resend them.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -24,11 +23,13 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     ConnectionClosedError,
-    ConnectionError as BotoConnectionError,
     ConnectTimeoutError,
     NoCredentialsError,
     PartialCredentialsError,
     ReadTimeoutError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
 )
 
 from s3proxy.body import Chunk, ChunkedBody
@@ -43,7 +44,13 @@ log = logging.getLogger("s3proxy.sink")
 
 Body = Sequence[Chunk]  # a part as the chunks it arrived in
 
-_THROTTLING = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "ServiceUnavailable"}
+_THROTTLING = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "ServiceUnavailable",
+}
 
 
 @dataclass(frozen=True)
@@ -96,12 +103,21 @@ def translate(operation: str) -> Any:
         code = str(err.get("Code", "Unknown"))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         if code in _THROTTLING or status == 503:
-            raise ProxyError(UPSTREAM_UNAVAILABLE, f"S3 {operation} throttled or unavailable: {code}") from exc
+            raise ProxyError(
+                UPSTREAM_UNAVAILABLE, f"S3 {operation} throttled or unavailable: {code}"
+            ) from exc
         raise ProxyError(UPSTREAM_ERROR, f"S3 {operation} failed: {code}") from exc
-    except (ReadTimeoutError, ConnectTimeoutError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, ReadTimeoutError, ConnectTimeoutError) as exc:
         raise ProxyError(UPSTREAM_TIMEOUT, f"S3 {operation} timed out") from exc
-    except (BotoConnectionError, ConnectionClosedError, aiohttp.ClientError, ConnectionError) as exc:
-        raise ProxyError(UPSTREAM_UNAVAILABLE, f"S3 {operation}: cannot reach S3 ({type(exc).__name__})") from exc
+    except (
+        BotoConnectionError,
+        ConnectionClosedError,
+        aiohttp.ClientError,
+        ConnectionError,
+    ) as exc:
+        raise ProxyError(
+            UPSTREAM_UNAVAILABLE, f"S3 {operation}: cannot reach S3 ({type(exc).__name__})"
+        ) from exc
     except (NoCredentialsError, PartialCredentialsError) as exc:
         raise ProxyError(UPSTREAM_ERROR, "no usable S3 credentials are configured") from exc
     except BotoCoreError as exc:
@@ -117,7 +133,9 @@ class S3Sink:
 
     async def put(self, key: str, data: Body, options: ObjectOptions) -> str:
         with translate("PutObject"):
-            resp = await self._s3.put_object(Bucket=self.bucket, Key=key, Body=ChunkedBody(data), **options.to_params())
+            resp = await self._s3.put_object(
+                Bucket=self.bucket, Key=key, Body=ChunkedBody(data), **options.to_params()
+            )
         return str(resp["ETag"])
 
     async def create(self, key: str, options: ObjectOptions) -> str:
@@ -130,7 +148,11 @@ class S3Sink:
     async def upload_part(self, key: str, upload_id: str, number: int, data: Body) -> str:
         with translate("UploadPart"):
             resp = await self._s3.upload_part(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=ChunkedBody(data)
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=ChunkedBody(data),
             )
         return str(resp["ETag"])
 
@@ -147,7 +169,9 @@ class S3Sink:
     async def abort(self, key: str, upload_id: str) -> None:
         with translate("AbortMultipartUpload"):
             try:
-                await self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                await self._s3.abort_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id
+                )
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
                     raise

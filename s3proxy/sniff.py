@@ -68,9 +68,13 @@ def sniff(head: bytes | bytearray | memoryview, filename: str, declared: str | N
     found = _magic.from_buffer(bytes(head[:SNIFF_BYTES])).lower() if len(head) else OCTET_STREAM
     by_name = guess_from_name(filename)
     declared = (declared or "").split(";")[0].strip().lower() or None
-    if found in _ZIP_TYPES and by_name and (
-        by_name.startswith(("application/vnd.openxmlformats", "application/vnd.oasis"))
-        or by_name in _ZIP_BASED
+    if (
+        found in _ZIP_TYPES
+        and by_name
+        and (
+            by_name.startswith(("application/vnd.openxmlformats", "application/vnd.oasis"))
+            or by_name in _ZIP_BASED
+        )
     ):
         return Sniffed(by_name, True)
     if found in _OLE_TYPES and by_name in _OLE_BASED:

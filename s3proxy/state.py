@@ -35,6 +35,7 @@ class AppState:
                 part_size=settings.part_size,
                 parts_in_flight=settings.parts_in_flight,
                 max_file_size=settings.max_file_size,
+                chunk_size=settings.read_buffer,
                 allow_types=settings.allow_type,
                 acl=settings.acl,
                 storage_class=settings.storage_class,

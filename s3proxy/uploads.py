@@ -128,7 +128,7 @@ class RequestUpload:
             metadata=field_metadata(self.result.fields),
             size_hint=self.size_hint,
         )
-        stored = await FileUpload(spec, self.sink, self.budget, self.cfg).run(part.chunks)
+        stored = await FileUpload(spec, self.sink, self.budget, self.cfg).run(part.source)
         if stored is not None:
             log.info(
                 "upload.completed key=%s size=%d parts=%d content_type=%s",

@@ -19,7 +19,9 @@ class Part:
     extra_disposition: str = ""
 
 
-def file(name: str, filename: str, data: bytes, content_type: str | None = "application/octet-stream") -> Part:
+def file(
+    name: str, filename: str, data: bytes, content_type: str | None = "application/octet-stream"
+) -> Part:
     return Part(name, data, filename, content_type)
 
 

@@ -15,9 +15,7 @@ from s3proxy.app import create_app
 from s3proxy.settings import Settings
 from tests.s3util import MotoServer, all_keys, empty_bucket, fake_aws_env, open_uploads, s3_client
 
-import importlib.util
-
-pytest_plugins = ["tests.seaweed_fixture"] if importlib.util.find_spec("tests.seaweed_fixture") else []
+pytest_plugins = ["tests.seaweed_fixture"]
 
 
 @pytest.fixture(autouse=True)

@@ -76,14 +76,22 @@ class FaultyS3:
                     text=S3_ERROR.format(code=fault.code),
                     content_type="application/xml",
                 )
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
+        }
         async with self._session.request(
             request.method, self.upstream + request.path_qs, headers=headers, data=io.BytesIO(body)
         ) as resp:
             payload = await resp.read()
             out = web.Response(status=resp.status, body=payload)
             for k, v in resp.headers.items():
-                if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "date", "server"):
+                if k.lower() not in (
+                    "content-length",
+                    "transfer-encoding",
+                    "content-encoding",
+                    "date",
+                    "server",
+                ):
                     out.headers[k] = v
             return out
 

@@ -56,7 +56,7 @@ class MotoServer:
             if proc.poll() is not None:
                 raise RuntimeError(f"moto_server exited: {log_path.read_text()[-2000:]}")
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)  # noqa: S310
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
                 return cls(port, proc)
             except OSError:
                 time.sleep(0.1)
@@ -102,7 +102,73 @@ def empty_bucket(s3: Any, bucket: str) -> None:
 
 def fake_aws_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3PROXY_"))}
-    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    env.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
+    )
     env["AWS_CONFIG_FILE"] = os.devnull
     env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
     return env
+
+
+@dataclass
+class ProxyProcess:
+    """``python -m s3proxy serve`` as a separate process, as a user runs it."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(
+        cls,
+        args: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        timeout: float = 90.0,
+        port: int | None = None,
+    ) -> ProxyProcess:
+        port = port or free_port()
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "s3proxy",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    *args,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                return cls(proc, port, log_path)
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    raise RuntimeError(
+                        f"proxy did not start:\n{log_path.read_text()[-3000:]}"
+                    ) from None
+                time.sleep(0.1)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode

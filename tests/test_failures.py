@@ -16,9 +16,9 @@ from tests.faults import Fault, FaultyS3
 from tests.s3util import all_keys, open_uploads
 
 
-async def wait_clean(s3: Any, bucket: str, timeout: float = 10.0) -> None:
+async def wait_clean(s3: Any, bucket: str, within: float = 10.0) -> None:
     """Poll until the bucket holds no object and no open multipart upload."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         uploads, keys = open_uploads(s3, bucket), all_keys(s3, bucket)
         if not uploads and not keys:
@@ -82,17 +82,24 @@ async def test_missing_boundary_parameter(proxy: Any) -> None:
     ],
 )
 @pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
-async def test_malformed_multipart(proxy: Any, s3: Any, bucket: str, raw: bytes, chunked: bool) -> None:
+async def test_malformed_multipart(
+    proxy: Any, s3: Any, bucket: str, raw: bytes, chunked: bool
+) -> None:
     data: Any = bodies.chunked(raw) if chunked else raw
     status, out = await post_raw(proxy, data)
     expect_error(status, out, 400, "MALFORMED_MULTIPART")
     await wait_clean(s3, bucket)
 
 
-async def test_file_too_large_aborts_and_rolls_back(proxy_factory: Any, s3: Any, bucket: str) -> None:
+async def test_file_too_large_aborts_and_rolls_back(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
     proxy = await proxy_factory(max_file_size=8 * MiB)
     raw = bodies.body(
-        [bodies.file("a", "small.pdf", bodies.pdf(1000)), bodies.file("b", "big.bin", os.urandom(9 * MiB))]
+        [
+            bodies.file("a", "small.pdf", bodies.pdf(1000)),
+            bodies.file("b", "big.bin", os.urandom(9 * MiB)),
+        ]
     )
     status, out = await post_raw(proxy, bodies.chunked(raw))
     expect_error(status, out, 413, "FILE_TOO_LARGE")
@@ -101,7 +108,10 @@ async def test_file_too_large_aborts_and_rolls_back(proxy_factory: Any, s3: Any,
 
 async def test_type_not_allowed_rolls_back(proxy_factory: Any, s3: Any, bucket: str) -> None:
     proxy = await proxy_factory(allow_type=("application/pdf", "image/*"))
-    png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\x00\x00\x00\x10\x08\x02\x00\x00\x00" + bytes(64)
+    png = (
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\x00\x00\x00\x10\x08\x02\x00\x00\x00"
+        + bytes(64)
+    )
     raw = bodies.body(
         [
             bodies.file("a", "ok.pdf", bodies.pdf(7 * MiB)),
@@ -125,7 +135,9 @@ async def test_too_many_files(proxy_factory: Any, s3: Any, bucket: str) -> None:
 
 async def test_too_many_fields(proxy_factory: Any) -> None:
     proxy = await proxy_factory(max_fields=3)
-    raw = bodies.body([bodies.field(f"k{i}", "v") for i in range(4)] + [bodies.file("f", "a.txt", b"x")])
+    raw = bodies.body(
+        [bodies.field(f"k{i}", "v") for i in range(4)] + [bodies.file("f", "a.txt", b"x")]
+    )
     status, out = await post_raw(proxy, raw)
     expect_error(status, out, 413, "TOO_MANY_FIELDS")
 
@@ -156,7 +168,9 @@ async def test_field_name_not_storable(proxy: Any) -> None:
     expect_error(status, out, 400, "INVALID_FIELD")
 
 
-async def test_request_too_large_by_content_length(proxy_factory: Any, s3: Any, bucket: str) -> None:
+async def test_request_too_large_by_content_length(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
     proxy = await proxy_factory(max_request_size=1 * MiB)
     raw = bodies.body([bodies.file("f", "a.bin", os.urandom(2 * MiB))])
     status, out = await post_raw(proxy, raw)
@@ -201,7 +215,8 @@ async def test_expect_continue_accepted(proxy: Any, s3: Any, bucket: str) -> Non
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(
         b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nExpect: 100-continue\r\n"
-        b"Content-Type: multipart/form-data; boundary=%s\r\n\r\n" % (len(raw), bodies.BOUNDARY.encode())
+        b"Content-Type: multipart/form-data; boundary=%s\r\n\r\n"
+        % (len(raw), bodies.BOUNDARY.encode())
     )
     await writer.drain()
     line = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -228,12 +243,16 @@ async def test_expect_continue_not_multipart(proxy: Any) -> None:
 @pytest.mark.parametrize("at", [3 * MiB, 13 * MiB], ids=["in-first-part", "after-parts-sent"])
 async def test_client_disconnect_mid_body(proxy: Any, s3: Any, bucket: str, at: int) -> None:
     raw = bodies.body(
-        [bodies.file("a", "first.pdf", bodies.pdf(2000)), bodies.file("b", "big.bin", os.urandom(20 * MiB))]
+        [
+            bodies.file("a", "first.pdf", bodies.pdf(2000)),
+            bodies.file("b", "big.bin", os.urandom(20 * MiB)),
+        ]
     )
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(
         b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
-        b"Content-Type: multipart/form-data; boundary=%s\r\n\r\n" % (len(raw), bodies.BOUNDARY.encode())
+        b"Content-Type: multipart/form-data; boundary=%s\r\n\r\n"
+        % (len(raw), bodies.BOUNDARY.encode())
     )
     writer.write(raw[:at])
     await writer.drain()
@@ -253,7 +272,11 @@ async def test_client_disconnect_mid_body(proxy: Any, s3: Any, bucket: str, at: 
 
 
 async def run_with_faults(
-    proxy_factory: Any, moto: Any, rule: Callable[[str, int], Fault | None], raw: bytes, **settings: Any
+    proxy_factory: Any,
+    moto: Any,
+    rule: Callable[[str, int], Fault | None],
+    raw: bytes,
+    **settings: Any,
 ) -> tuple[int, dict[str, Any], FaultyS3]:
     async with FaultyS3(moto.endpoint_url, rule) as faulty:
         proxy = await proxy_factory(endpoint_url=faulty.endpoint_url, **settings)
@@ -261,7 +284,9 @@ async def run_with_faults(
         return status, out, faulty
 
 
-async def test_transient_part_errors_are_retried(proxy_factory: Any, moto: Any, s3: Any, bucket: str) -> None:
+async def test_transient_part_errors_are_retried(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str
+) -> None:
     data = os.urandom(11 * MiB)
 
     def rule(op: str, n: int) -> Fault | None:
@@ -295,7 +320,10 @@ async def test_part_upload_failure_aborts(
     proxy_factory: Any, moto: Any, s3: Any, bucket: str, fault: Fault, status: int, code: str
 ) -> None:
     raw = bodies.body(
-        [bodies.file("a", "first.pdf", bodies.pdf(1000)), bodies.file("b", "b.bin", os.urandom(12 * MiB))]
+        [
+            bodies.file("a", "first.pdf", bodies.pdf(1000)),
+            bodies.file("b", "b.bin", os.urandom(12 * MiB)),
+        ]
     )
     got, out, faulty = await run_with_faults(
         proxy_factory,
@@ -310,13 +338,24 @@ async def test_part_upload_failure_aborts(
     await wait_clean(s3, bucket)
 
 
-@pytest.mark.parametrize("op", ["CompleteMultipartUpload", "PutObjectTagging", "CreateMultipartUpload"])
+@pytest.mark.parametrize(
+    "op", ["CompleteMultipartUpload", "PutObjectTagging", "CreateMultipartUpload"]
+)
 async def test_late_failures_leave_nothing(
     proxy_factory: Any, moto: Any, s3: Any, bucket: str, op: str
 ) -> None:
-    raw = bodies.body([bodies.file("a", "first.pdf", bodies.pdf(1000)), bodies.file("b", "b.bin", os.urandom(7 * MiB))])
+    raw = bodies.body(
+        [
+            bodies.file("a", "first.pdf", bodies.pdf(1000)),
+            bodies.file("b", "b.bin", os.urandom(7 * MiB)),
+        ]
+    )
     got, out, _ = await run_with_faults(
-        proxy_factory, moto, lambda o, n: Fault(status=500) if o == op else None, raw, s3_max_attempts=1
+        proxy_factory,
+        moto,
+        lambda o, n: Fault(status=500) if o == op else None,
+        raw,
+        s3_max_attempts=1,
     )
     expect_error(got, out, 502, "UPSTREAM_ERROR")
     await wait_clean(s3, bucket)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from s3proxy.parts import (
-    GiB,
     MAX_OBJECT_SIZE,
     MAX_PART_SIZE,
     MAX_PARTS,
     MIN_PART_SIZE,
+    GiB,
     MiB,
     PartPlan,
     PartSlicer,
@@ -33,7 +33,9 @@ TiB = 1024 * GiB
         (64 * MiB, 10 * GiB, 5 * TiB, 64 * MiB, False),  # configured size wins when bigger
     ],
 )
-def test_plan_parts(base: int, bound: int | None, max_file: int, want_base: int, growing: bool) -> None:
+def test_plan_parts(
+    base: int, bound: int | None, max_file: int, want_base: int, growing: bool
+) -> None:
     plan = plan_parts(base, bound, max_file)
     assert (plan.base, plan.growing) == (want_base, growing)
     reach = min(bound or max_file, max_file)
@@ -42,7 +44,14 @@ def test_plan_parts(base: int, bound: int | None, max_file: int, want_base: int,
 
 @pytest.mark.parametrize(
     ("number", "size"),
-    [(1, 8 * MiB), (1000, 8 * MiB), (1001, 16 * MiB), (2001, 32 * MiB), (9001, 4 * GiB), (10_000, 4 * GiB)],
+    [
+        (1, 8 * MiB),
+        (1000, 8 * MiB),
+        (1001, 16 * MiB),
+        (2001, 32 * MiB),
+        (9001, 4 * GiB),
+        (10_000, 4 * GiB),
+    ],
 )
 def test_growth_schedule(number: int, size: int) -> None:
     assert PartPlan(8 * MiB, growing=True).size(number) == size
@@ -64,7 +73,8 @@ def test_part_number_out_of_range(number: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("total", "parts"), [(0, 1), (1, 1), (8 * MiB, 1), (8 * MiB + 1, 2), (8000 * MiB, 1000), (8000 * MiB + 1, 1001)]
+    ("total", "parts"),
+    [(0, 1), (1, 1), (8 * MiB, 1), (8 * MiB + 1, 2), (8000 * MiB, 1000), (8000 * MiB + 1, 1001)],
 )
 def test_parts_for(total: int, parts: int) -> None:
     assert PartPlan(8 * MiB, growing=True).parts_for(total) == parts
@@ -83,7 +93,9 @@ def test_invalid_base() -> None:
         plan_parts(MIN_PART_SIZE - 1, None, GiB)
 
 
-def slice_all(plan: PartPlan, chunks: list[bytes], limit: int | None = None) -> list[tuple[int, bytes]]:
+def slice_all(
+    plan: PartPlan, chunks: list[bytes], limit: int | None = None
+) -> list[tuple[int, bytes]]:
     slicer = PartSlicer(plan, limit)
     out = []
     for chunk in chunks:

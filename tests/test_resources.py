@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ import pytest
 
 from tests import bodies
 from tests.bodies import MiB
-from tests.s3util import MotoServer, fake_aws_env, free_port
+from tests.s3util import MotoServer, ProxyProcess, fake_aws_env
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
@@ -35,7 +33,7 @@ class WriteAudit:
     def _hook(self, event: str, args: tuple[Any, ...]) -> None:
         if not self.active or event != "open":
             return
-        path, mode, flags = (list(args) + [None, None, None])[:3]
+        path, mode, flags = [*args, None, None, None][:3]
         writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
             isinstance(flags, int) and flags & _WRITE_FLAGS
         )
@@ -128,55 +126,27 @@ def proc_status(pid: int, field: str) -> int:
 
 
 @pytest.fixture
-def proxy_process(
-    moto: MotoServer, bucket: str, tmp_path: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    port = free_port()
-    env = fake_aws_env()
-    log = tmp_path / "proxy.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "s3proxy",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--endpoint-url",
-                moto.endpoint_url,
-                "--bucket",
-                bucket,
-                "--memory-budget",
-                "64MiB",
-                "--part-size",
-                "8MiB",
-                "--parts-in-flight",
-                "2",
-                "--max-file-size",
-                "2GiB",
-            ],  # fmt: skip
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    deadline = time.monotonic() + 30
-    import urllib.request
-
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)  # noqa: S310
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(log.read_text()) from None
-            time.sleep(0.1)
-    yield proc, port
-    proc.terminate()
-    proc.wait(30)
+def proxy_process(moto: MotoServer, bucket: str, tmp_path: Path) -> Iterator[ProxyProcess]:
+    proxy = ProxyProcess.start(
+        [
+            "--endpoint-url",
+            moto.endpoint_url,
+            "--bucket",
+            bucket,
+            "--memory-budget",
+            "64MiB",
+            "--part-size",
+            "8MiB",
+            "--parts-in-flight",
+            "2",
+            "--max-file-size",
+            "2GiB",
+        ],
+        fake_aws_env(),
+        tmp_path / "proxy.log",
+    )
+    yield proxy
+    proxy.stop()
 
 
 async def generated_body(size: int, digest: Any) -> AsyncIterator[bytes]:
@@ -198,18 +168,20 @@ async def generated_body(size: int, digest: Any) -> AsyncIterator[bytes]:
 async def test_1gib_upload_peak_rss_bounded_by_budget(
     proxy_process: Any, s3: Any, bucket: str
 ) -> None:
-    proc, port = proxy_process
+    proc, port = proxy_process.proc, proxy_process.port
     idle = proc_status(proc.pid, "VmRSS")
     size = 1024 * MiB
     digest = hashlib.sha256()
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
             f"http://127.0.0.1:{port}/upload",
             data=generated_body(size, digest),
             headers=bodies.headers(),
-        ) as resp:
-            out = await resp.json()
-            assert resp.status == 201, out
+        ) as resp,
+    ):
+        out = await resp.json()
+        assert resp.status == 201, out
     peak = proc_status(proc.pid, "VmHWM")
     [f] = out["files"]
     assert f["size"] == size

@@ -13,7 +13,14 @@ from s3proxy.settings import Settings, SettingsError, format_size, parse_size
 
 @pytest.mark.parametrize(
     ("text", "n"),
-    [("1048576", 1048576), ("10MiB", 10 * 1024**2), ("1GiB", 1024**3), ("5MB", 5_000_000), ("1.5KiB", 1536), ("64 kib", 65536)],
+    [
+        ("1048576", 1048576),
+        ("10MiB", 10 * 1024**2),
+        ("1GiB", 1024**3),
+        ("5MB", 5_000_000),
+        ("1.5KiB", 1536),
+        ("64 kib", 65536),
+    ],
 )
 def test_parse_size(text: str, n: int) -> None:
     assert parse_size(text) == n
@@ -37,8 +44,21 @@ def load(argv: list[str], env: dict[str, str] | None = None) -> Settings:
 
 def test_flags_override_env_override_defaults() -> None:
     s = load(
-        ["--part-size", "16MiB", "--bucket", "b", "--allow-type", "application/pdf", "--allow-type", "image/*"],
-        {"S3PROXY_PART_SIZE": "32MiB", "S3PROXY_PORT": "9000", "S3PROXY_ENDPOINT_URL": "http://127.0.0.1:1"},
+        [
+            "--part-size",
+            "16MiB",
+            "--bucket",
+            "b",
+            "--allow-type",
+            "application/pdf",
+            "--allow-type",
+            "image/*",
+        ],
+        {
+            "S3PROXY_PART_SIZE": "32MiB",
+            "S3PROXY_PORT": "9000",
+            "S3PROXY_ENDPOINT_URL": "http://127.0.0.1:1",
+        },
     )
     assert s.part_size == 16 * 1024**2
     assert s.port == 9000
@@ -78,17 +98,20 @@ def test_invalid_settings(argv: list[str], env: dict[str, str], message: str) ->
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "s3proxy", *args], capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-m", "s3proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
 
 
 def test_cli_help_documents_every_flag_with_default() -> None:
     out = run_cli("serve", "--help").stdout
-    for flag in (
-        "--host", "--port", "--endpoint-url", "--region", "--bucket", "--part-size", "--parts-in-flight",
-        "--memory-budget", "--max-file-size", "--max-files", "--max-request-size", "--key-template",
-        "--allow-type", "--acl", "--storage-class", "--sse",
-    ):  # fmt: skip
+    flags = """--host --port --endpoint-url --region --bucket --part-size --parts-in-flight
+        --memory-budget --max-file-size --max-files --max-request-size --key-template
+        --allow-type --acl --storage-class --sse"""
+    for flag in flags.split():
         assert flag in out
     assert "S3PROXY_MEMORY_BUDGET" in out and "default 256MiB" in " ".join(out.split())
 

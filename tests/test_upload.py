@@ -21,7 +21,10 @@ def form(*files: tuple[str, str, bytes, str | None], **fields: str) -> aiohttp.F
     for field, filename, content, ctype in files:
         # BytesIO: aiohttp warns (an error here) about large raw bytes bodies.
         data.add_field(
-            field, io.BytesIO(content), filename=filename, content_type=ctype or "application/octet-stream"
+            field,
+            io.BytesIO(content),
+            filename=filename,
+            content_type=ctype or "application/octet-stream",
         )
     return data
 
@@ -33,7 +36,9 @@ def pdf_bytes(size: int) -> bytes:
 
 async def test_small_file_is_stored_with_metadata(proxy: Any, s3: Any, bucket: str) -> None:
     body = pdf_bytes(10_000)
-    resp = await proxy.post("/upload", data=form(("file", "report.pdf", body, None), title="Q3 review"))
+    resp = await proxy.post(
+        "/upload", data=form(("file", "report.pdf", body, None), title="Q3 review")
+    )
     assert resp.status == 201, await resp.text()
     out = await resp.json()
     assert out["fields"] == {"title": "Q3 review"}
@@ -78,7 +83,9 @@ async def test_several_files_in_one_request(proxy: Any, s3: Any, bucket: str) ->
     a, b, c = pdf_bytes(100), os.urandom(6 * MiB), b""
     resp = await proxy.post(
         "/upload",
-        data=form(("a", "a.pdf", a, None), ("b", "b.bin", b, None), ("c", "empty.txt", c, "text/plain")),
+        data=form(
+            ("a", "a.pdf", a, None), ("b", "b.bin", b, None), ("c", "empty.txt", c, "text/plain")
+        ),
     )
     assert resp.status == 201, await resp.text()
     files = (await resp.json())["files"]
