@@ -142,11 +142,12 @@ class FileUpload:
             reservation: Reservation | None = await self.budget.acquire(max(1, slicer.allocation()))
             try:
                 while not slicer.full:
-                    if leftover:  # under 256 bytes: see below
+                    if leftover:
                         leftover = slicer.feed(leftover)
                         continue
-                    # Never ask for more than the part can hold, so nothing is left
-                    # over, outside the budget, while the next part waits for it.
+                    # Ask for no more than the part can hold. aiohttp may still hand
+                    # over up to one chunk more (it returns the chunk before the one
+                    # asked for); that overflow is the only data outside the budget.
                     chunk = await source.read(
                         min(self.cfg.chunk_size, slicer.target - slicer.filled)
                     )
@@ -161,6 +162,14 @@ class FileUpload:
                 reservation.shrink(size)
                 if number == 1:
                     content_type = self._content_type(data)
+                    if not eof and not leftover:
+                        # A file of exactly one part is still one PutObject: peek at
+                        # the next chunk (held outside the budget) to see if more follows.
+                        peek = await source.read(1)
+                        if peek:
+                            self._receive(peek)
+                            leftover = memoryview(peek)
+                        eof = not peek
                     if eof:
                         return await self._put(data, content_type)
                     self.upload_id = await self.sink.create(

@@ -76,7 +76,10 @@ async def test_exactly_one_part(proxy: Any, s3: Any, bucket: str) -> None:
     resp = await proxy.post("/upload", data=form(("file", "one.pdf", body, None)))
     assert resp.status == 201, await resp.text()
     [f] = (await resp.json())["files"]
-    assert s3.get_object(Bucket=bucket, Key=f["key"])["Body"].read() == body
+    obj = s3.get_object(Bucket=bucket, Key=f["key"])
+    assert obj["Body"].read() == body
+    assert "-" not in f["etag"], "a file of exactly one part goes up with one PutObject"
+    assert obj["Metadata"]["sha256"] == f["sha256"]
 
 
 async def test_several_files_in_one_request(proxy: Any, s3: Any, bucket: str) -> None:
