@@ -28,7 +28,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.cleanup_ctx.append(_s3_backend)
-    app.on_shutdown.append(_drain)
+    app.on_shutdown.append(lambda app: drain(app[STATE]))
     return app
 
 
@@ -104,12 +104,11 @@ def _log_start(settings: Settings, endpoint: str | None, store: object | None) -
     )
 
 
-async def _drain(app: web.Application) -> None:
+async def drain(state: AppState) -> None:
     """On shutdown: refuse new uploads, give running ones a grace period, then cancel them.
 
     A cancelled upload aborts its multipart upload and rolls back its request.
     """
-    state = app[STATE]
     state.draining = True
     running = set(state.uploads)
     if not running:

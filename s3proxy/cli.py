@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
 from collections.abc import Sequence
-
-from aiohttp import web
 
 from s3proxy import __version__
 from s3proxy import log as logsetup
@@ -48,17 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> int:
-    from s3proxy.app import create_app
+    from s3proxy.server import serve as run
 
     try:
-        web.run_app(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            shutdown_timeout=settings.shutdown_timeout + 5,
-            print=None,
-            access_log_format='%a "%r" %s %b %Tfs',
-        )
+        asyncio.run(run(settings))
     except OSError as exc:
         print(
             f"s3proxy: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",

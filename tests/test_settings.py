@@ -122,3 +122,18 @@ def test_cli_invalid_setting_is_one_line_not_a_traceback() -> None:
     assert proc.stderr.strip().count("\n") == 0
     assert "Traceback" not in proc.stderr
     assert "--bucket" in proc.stderr
+
+
+def test_cli_port_in_use_is_one_line() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli(
+            "serve", "--port", str(port), "--endpoint-url", "http://127.0.0.1:9", "--bucket", "b"
+        )
+    assert proc.returncode == 1
+    assert "cannot listen on 127.0.0.1:" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,141 @@
+"""Shutdown of a real proxy process: in-flight uploads get a grace period, then are
+aborted; nothing is left in S3. Plus routing errors and object options."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import bodies
+from tests.bodies import MiB
+from tests.s3util import MotoServer, ProxyProcess, all_keys, fake_aws_env, open_uploads
+
+
+def start(moto: MotoServer, bucket: str, tmp_path: Path, *extra: str) -> ProxyProcess:
+    return ProxyProcess.start(
+        ["--endpoint-url", moto.endpoint_url, "--bucket", bucket, "--part-size", "5MiB", *extra],
+        fake_aws_env(),
+        tmp_path / "proxy.log",
+    )
+
+
+async def open_upload(port: int, raw: bytes, sent: int) -> tuple[Any, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        b"Content-Type: multipart/form-data; boundary=%s\r\n\r\n"
+        % (len(raw), bodies.BOUNDARY.encode())
+    )
+    writer.write(raw[:sent])
+    await writer.drain()
+    return reader, writer
+
+
+async def wait_for(cond: Any, within: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not cond():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_sigterm_aborts_stalled_upload_after_grace(
+    moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    proxy = start(moto, bucket, tmp_path, "--shutdown-timeout", "1")
+    raw = bodies.body([bodies.file("f", "big.bin", os.urandom(20 * MiB))])
+    _, writer = await open_upload(proxy.port, raw, 12 * MiB)  # then the client stalls
+    await wait_for(lambda: open_uploads(s3, bucket))
+    proxy.proc.send_signal(signal.SIGTERM)
+    code = await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, 30)
+    writer.close()
+    assert code == 0
+    assert open_uploads(s3, bucket) == []
+    assert all_keys(s3, bucket) == []
+    assert "upload.aborted" in proxy.log_path.read_text()
+
+
+async def test_sigterm_lets_running_upload_finish(
+    moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    proxy = start(moto, bucket, tmp_path, "--shutdown-timeout", "20")
+    data = os.urandom(12 * MiB)
+    raw = bodies.body([bodies.file("f", "big.bin", data)])
+    reader, writer = await open_upload(proxy.port, raw, 6 * MiB)
+    await wait_for(lambda: open_uploads(s3, bucket))
+    proxy.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.5)
+    writer.write(raw[6 * MiB :])  # the client finishes during the grace period
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+    assert head.startswith(b"HTTP/1.1 201"), head
+    writer.close()
+    assert await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, 30) == 0
+    [key] = all_keys(s3, bucket)
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [("GET", "/upload", 405, "METHOD_NOT_ALLOWED"), ("GET", "/nope", 404, "NOT_FOUND")],
+)
+async def test_routing_errors_are_json(
+    proxy: Any, method: str, path: str, status: int, code: str
+) -> None:
+    resp = await proxy.request(method, path)
+    assert resp.status == status
+    assert (await resp.json())["error"]["code"] == code
+
+
+async def test_object_options_are_applied(proxy_factory: Any, s3: Any, bucket: str) -> None:
+    proxy = await proxy_factory(storage_class="STANDARD_IA", sse="AES256", acl="private")
+    for size in (100, 6 * MiB):  # one PutObject, and a multipart upload
+        raw = bodies.body([bodies.file("f", "a.bin", os.urandom(size))])
+        resp = await proxy.post("/upload", data=bodies.chunked(raw), headers=bodies.headers())
+        assert resp.status == 201, await resp.text()
+        [f] = (await resp.json())["files"]
+        head = s3.head_object(Bucket=bucket, Key=f["key"])
+        assert head["StorageClass"] == "STANDARD_IA"
+        assert head["ServerSideEncryption"] == "AES256"
+
+
+async def test_non_ascii_field_is_rfc2047_metadata(proxy: Any, s3: Any, bucket: str) -> None:
+    raw = bodies.body(
+        [bodies.field("title", "Grüße, 日本"), bodies.file("f", "a.txt", b"hi", "text/plain")]
+    )
+    resp = await proxy.post("/upload", data=raw, headers=bodies.headers())
+    assert resp.status == 201, await resp.text()
+    out = await resp.json()
+    assert out["fields"] == {"title": "Grüße, 日本"}
+    meta = s3.head_object(Bucket=bucket, Key=out["files"][0]["key"])["Metadata"]
+    import email.header
+
+    decoded = email.header.decode_header(meta["title"])
+    assert decoded[0][0].decode(decoded[0][1]) == "Grüße, 日本"
+
+
+async def test_field_after_file_is_returned_not_stored(proxy: Any, s3: Any, bucket: str) -> None:
+    raw = bodies.body(
+        [
+            bodies.field("a", "1"),
+            bodies.file("f", "x.txt", b"x", "text/plain"),
+            bodies.field("b", "2"),
+        ]
+    )
+    resp = await proxy.post("/upload", data=raw, headers=bodies.headers())
+    out = await resp.json()
+    assert out["fields"] == {"a": "1", "b": "2"}
+    meta = s3.head_object(Bucket=bucket, Key=out["files"][0]["key"])["Metadata"]
+    assert meta.get("a") == "1" and "b" not in meta
+
+
+async def test_browser_empty_file_input_is_skipped(proxy: Any, s3: Any, bucket: str) -> None:
+    raw = bodies.body([bodies.file("none", "", b""), bodies.file("f", "x.txt", b"x", "text/plain")])
+    resp = await proxy.post("/upload", data=raw, headers=bodies.headers())
+    assert resp.status == 201
+    assert [f["field"] for f in (await resp.json())["files"]] == ["f"]
