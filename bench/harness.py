@@ -49,6 +49,9 @@ class Options:
     part_size: int = 8 << 20
     parts_in_flight: int = 2
     memory_budget: int = 64 << 20
+    sign_payload: bool = False  # s3proxy's default; every design is given the same
+    # (size, concurrency) pairs to run; empty: every size with every concurrency
+    cells: list[tuple[int, int]] = field(default_factory=list)
     s3proxy_args: list[str] = field(default_factory=list)
     out: Path = REPO / "bench" / "results"
     cache_dir: Path = Path.home() / ".cache" / "s3proxy-bench"
@@ -172,6 +175,8 @@ def design_argv(
 ) -> list[str]:
     common = ["--endpoint-url", b.endpoint_url, "--bucket", b.bucket, "--region", opts.region]
     sizing = ["--part-size", str(opts.part_size), "--parts-in-flight", str(opts.parts_in_flight)]
+    if opts.sign_payload:
+        sizing.append("--sign-payload")
     listen = ["--host", "127.0.0.1", "--port", str(port)]
     py = sys.executable
     if design == "s3proxy":
@@ -188,6 +193,8 @@ def design_argv(
             _size_arg(opts.part_size),
             "--parts-in-flight",
             str(opts.parts_in_flight),
+            "--sign-payload",
+            "true" if opts.sign_payload else "false",
             *opts.s3proxy_args,
         ]
     if design == "direct":
@@ -390,6 +397,8 @@ async def run_cell(
         else:
             await child.wait_http(f"http://127.0.0.1:{port}/healthz", limit_s=60)
             await warm_up(f"http://127.0.0.1:{port}/upload", b, opts)
+        # What the server holds at rest once warmed up, so peak - idle is what the cell cost.
+        idle_rss = procs.rss_bytes(procs.tree(child.pid))
         server = procs.Sampler(child.pid, opts.sample_interval)
         store = procs.Sampler(b.pid, opts.sample_interval) if b.pid else None
         wchar0 = procs.io_chars(child.pid)[1]
@@ -447,6 +456,7 @@ async def run_cell(
         "latency_p50_s": _percentile(latencies, 0.5),
         "latency_p95_s": _percentile(latencies, 0.95),
         "peak_rss_bytes": usage.peak_rss,
+        "idle_rss_bytes": idle_rss,
         "cpu_s": usage.cpu_s,
         "cpu_s_per_gib": usage.cpu_s / gib if gib else None,
         "s3_cpu_s": store_usage.cpu_s if store_usage else None,
@@ -490,6 +500,7 @@ def failed_cell(
         "latency_p50_s": None,
         "latency_p95_s": None,
         "peak_rss_bytes": 0,
+        "idle_rss_bytes": 0,
         "cpu_s": 0.0,
         "cpu_s_per_gib": None,
         "s3_cpu_s": None,
@@ -515,6 +526,7 @@ def failed_cell(
 async def run(opts: Options) -> dict[str, Any]:
     """Run the whole matrix and return the raw results (report.py summarizes them)."""
     started = time.time()
+    load0 = os.getloadavg()
     opts.out.mkdir(parents=True, exist_ok=True)
     log_dir = opts.out / "logs"
     shutil.rmtree(log_dir, ignore_errors=True)  # logs of this run only
@@ -542,12 +554,12 @@ async def run(opts: Options) -> dict[str, Any]:
     body_files: dict[int, Path] = {}
     runs: list[dict[str, Any]] = []
     pairs = [(d, c) for d in designs for c in (["builtin"] if d == "direct" else opts.clients)]
-    cells = [(s, c) for s in opts.sizes for c in opts.concurrency]
+    cells = opts.cells or [(s, c) for s in opts.sizes for c in opts.concurrency]
     total = sum(s * c for s, c in cells) * len(pairs) * opts.reps
     bar = Bar(total)
     b: Backend | None = None
     try:
-        for size in opts.sizes:
+        for size in sorted({s for s, _ in cells}):
             await asyncio.to_thread(body.sha256, opts.seed, size)
             if "curl" in opts.clients:
                 body_files[size] = await asyncio.to_thread(
@@ -596,6 +608,8 @@ async def run(opts: Options) -> dict[str, Any]:
         "preset": opts.preset,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": time.time() - started,
+        "loadavg_start": load0,
+        "loadavg_end": os.getloadavg(),
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),

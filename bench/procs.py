@@ -110,7 +110,11 @@ def hwm_bytes(pid: int) -> int:
 
 
 def temp_files(pids: Sequence[int], tmpdir: str) -> tuple[int, int]:
-    """(count, bytes) of regular files held open that are deleted or under the temp dir."""
+    """(count, bytes) of regular files held open that are deleted or under the temp dir.
+
+    fds 0, 1 and 2 are left out: they are the process's standard streams, which the harness
+    gives it (pipes and /dev/null), not files it opened.
+    """
     count = size = 0
     for p in pids:
         try:
@@ -118,6 +122,8 @@ def temp_files(pids: Sequence[int], tmpdir: str) -> tuple[int, int]:
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
         for fd in fds:
+            if fd in ("0", "1", "2"):
+                continue
             try:
                 target = os.readlink(f"/proc/{p}/fd/{fd}")
                 if not target.startswith("/"):
@@ -189,7 +195,7 @@ class Sampler:
 
 
 class Child:
-    """A supervised child process with its output in a log file."""
+    """A supervised child process whose output the harness relays into a log file."""
 
     def __init__(
         self,
@@ -208,6 +214,7 @@ class Child:
         self.pipes = pipes
         self.proc: asyncio.subprocess.Process | None = None
         self._log: IO[bytes] | None = None
+        self._relays: list[asyncio.Task[None]] = []
 
     @property
     def pid(self) -> int:
@@ -215,18 +222,33 @@ class Child:
         return self.proc.pid
 
     async def start(self) -> None:
+        """Start the child; its stdout (unless piped to us) and stderr are relayed to the log.
+
+        The child writes its output into pipes, and the harness copies it into the log file,
+        so the child's /proc/PID/io ``write_bytes`` and its open files show only what the
+        design itself writes (its logging would otherwise count as disk writes, and a log
+        under the temp dir as a temp file).
+        """
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
-        pipe = asyncio.subprocess.PIPE if self.pipes else asyncio.subprocess.DEVNULL
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
             env=self.env,
             cwd=self.cwd,
-            stdin=pipe,
-            stdout=asyncio.subprocess.PIPE if self.pipes else self._log,
-            stderr=self._log,
+            stdin=asyncio.subprocess.PIPE if self.pipes else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
+        streams = [self.proc.stderr] if self.pipes else [self.proc.stdout, self.proc.stderr]
+        self._relays = [asyncio.create_task(self._relay(s)) for s in streams if s is not None]
+
+    async def _relay(self, stream: asyncio.StreamReader) -> None:
+        """Copy one of the child's output pipes into the log file until EOF."""
+        while chunk := await stream.read(1 << 16):
+            if self._log is not None:
+                self._log.write(chunk)
+                self._log.flush()
 
     async def wait_http(self, url: str, limit_s: float = 60.0) -> None:
         """Poll ``url`` until it answers 200; fail early if the process dies."""
@@ -261,6 +283,14 @@ class Child:
                     os.killpg(proc.pid, signal.SIGKILL)
                 return await proc.wait()
         finally:
+            # The pipes reach EOF once the whole process group has exited; a grandchild
+            # that outlived it must not hold us up.
+            if self._relays:
+                _, pending = await asyncio.wait(self._relays, timeout=5)
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*self._relays, return_exceptions=True)
+                self._relays = []
             if self._log is not None:
                 self._log.close()
                 self._log = None

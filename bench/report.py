@@ -46,6 +46,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "latency_p50_s": _percentile(lat, 0.5),
                 "latency_p95_s": _percentile(lat, 0.95),
                 "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
+                "idle_rss_bytes": max(r.get("idle_rss_bytes", 0) for r in rs),
+                "rss_growth_bytes": max(
+                    r["peak_rss_bytes"] - r.get("idle_rss_bytes", 0) for r in rs
+                ),
                 "cpu_s_per_gib": sum(r["cpu_s"] for r in rs) / (nbytes / GIB) if nbytes else None,
                 "s3_cpu_s_per_gib": sum(s3cpu) / (nbytes / GIB) if s3cpu and nbytes else None,
                 "disk_write_bytes": max(r["disk_write_bytes"] for r in rs),
@@ -130,6 +134,7 @@ COLUMNS = [
     "p50 s",
     "p95 s",
     "peak RSS MiB",
+    "idle RSS MiB",
     "CPU s/GiB",
     "S3 CPU s/GiB",
     "disk MiB",
@@ -150,6 +155,7 @@ def rows(cells: Iterable[dict[str, Any]]) -> list[list[str]]:
             _f(c["latency_p50_s"], ".2f"),
             _f(c["latency_p95_s"], ".2f"),
             _f(c["peak_rss_bytes"] / MIB, ".0f"),
+            _f(c["idle_rss_bytes"] / MIB, ".0f"),
             _f(c["cpu_s_per_gib"], ".2f"),
             _f(c["s3_cpu_s_per_gib"], ".2f"),
             _f(c["disk_write_bytes"] / MIB, ".0f"),
@@ -215,11 +221,21 @@ def notes(result: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
 
 def terminal(result: dict[str, Any]) -> str:
     cells = result["cells"]
-    parts = [text_table(COLUMNS, rows(cells))]
+    meta = result["meta"]
+    parts = [
+        f"{meta['command']}: {meta['duration_s']:.0f} s, load average {_load(meta)}",
+        text_table(COLUMNS, rows(cells)),
+    ]
     if result["ratios"]:
         parts.append(text_table(RATIO_COLUMNS, ratio_rows(result["ratios"])))
     parts.append("\n".join(f"note: {n}" for n in notes(result, cells)))
     return "\n\n".join(parts)
+
+
+def _load(meta: dict[str, Any]) -> str:
+    """The 1-minute load average before and after the run ("-" if not recorded)."""
+    a, b = meta.get("loadavg_start"), meta.get("loadavg_end")
+    return "-" if a is None or b is None else f"{a[0]:.2f} before, {b[0]:.2f} after"
 
 
 def markdown(result: dict[str, Any], png: Path | None) -> str:
@@ -227,7 +243,7 @@ def markdown(result: dict[str, Any], png: Path | None) -> str:
     parts = [
         f"Produced by `{meta['command']}` on {meta['started']} "
         f"({meta['machine']['cpus']} CPUs, backend {meta['backend']}, "
-        f"{meta['duration_s']:.0f} s).",
+        f"{meta['duration_s']:.0f} s, load average {_load(meta)}).",
         md_table(COLUMNS, rows(result["cells"])),
     ]
     if result["ratios"]:

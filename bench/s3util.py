@@ -19,12 +19,17 @@ from aiobotocore.session import get_session
 MIN_PART = 5 << 20  # S3: every part but the last is at least 5 MiB
 
 
-def config(pool: int = 64) -> AioConfig:
-    """Botocore settings that S3-compatible stores accept (no default CRC checksums)."""
+def config(pool: int = 64, sign_payload: bool = False) -> AioConfig:
+    """Botocore settings that S3-compatible stores accept (no default CRC checksums).
+
+    ``sign_payload`` is set explicitly, as s3proxy sets it: left unset, botocore sha256-hashes
+    every part over plain HTTP (and sends UNSIGNED-PAYLOAD over HTTPS), so on a loopback
+    endpoint the comparison designs would pay a hash pass that s3proxy does not.
+    """
     return AioConfig(
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        s3={"addressing_style": "path"},
+        s3={"addressing_style": "path", "payload_signing_enabled": sign_payload},
         max_pool_connections=pool,
         retries={"max_attempts": 3, "mode": "standard"},
         connect_timeout=10,
@@ -33,7 +38,12 @@ def config(pool: int = 64) -> AioConfig:
 
 
 def client(
-    endpoint_url: str, region: str, access_key: str | None, secret_key: str | None, pool: int = 64
+    endpoint_url: str,
+    region: str,
+    access_key: str | None,
+    secret_key: str | None,
+    pool: int = 64,
+    sign_payload: bool = False,
 ) -> Any:
     """An aiobotocore S3 client context manager."""
     return get_session().create_client(
@@ -42,7 +52,7 @@ def client(
         region_name=region,
         aws_access_key_id=access_key,
         aws_secret_access_key=secret_key,
-        config=config(pool),
+        config=config(pool, sign_payload),
     )
 
 

@@ -34,6 +34,7 @@ def parse_args(description: str) -> argparse.Namespace:
     p.add_argument("--region", default="us-east-1")
     p.add_argument("--part-size", type=int, default=8 << 20)
     p.add_argument("--parts-in-flight", type=int, default=2)
+    p.add_argument("--sign-payload", action="store_true", help="sha256-sign each part")
     return p.parse_args()
 
 
@@ -47,6 +48,7 @@ def run(design: str, receive: Receive, description: str) -> None:
             args.region,
             os.environ.get("AWS_ACCESS_KEY_ID"),
             os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            sign_payload=args.sign_payload,
         ) as s3:
             app[S3] = s3
             yield

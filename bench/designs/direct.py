@@ -57,6 +57,7 @@ async def main() -> None:
     p.add_argument("--region", default="us-east-1")
     p.add_argument("--part-size", type=int, default=8 << 20)
     p.add_argument("--parts-in-flight", type=int, default=2)
+    p.add_argument("--sign-payload", action="store_true", help="sha256-sign each part")
     args = p.parse_args()
     loop = asyncio.get_running_loop()
     async with s3util.client(
@@ -64,6 +65,7 @@ async def main() -> None:
         args.region,
         os.environ.get("AWS_ACCESS_KEY_ID"),
         os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        sign_payload=args.sign_payload,
     ) as s3:
         await _warm_up(s3, args.bucket)
         print(json.dumps({"ready": True}), flush=True)
