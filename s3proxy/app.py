@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
 from s3proxy import handlers
 from s3proxy.errors import error_middleware
+from s3proxy.log import REQUEST_ID
 from s3proxy.settings import Settings
 from s3proxy.sink import ClientOptions, S3Sink, open_client
 from s3proxy.state import STATE, AppState
@@ -17,9 +21,23 @@ from s3proxy.state import STATE, AppState
 log = logging.getLogger("s3proxy.app")
 
 
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Take the client's X-Request-ID (if sane) or make one; log with it; return it."""
+    given = request.headers.get("X-Request-ID", "")
+    rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    REQUEST_ID.set(rid)
+    response: web.StreamResponse = await handler(request)
+    response.headers["X-Request-ID"] = rid
+    return response
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[request_id_middleware, error_middleware],
         # The socket read buffer is per connection and outside the memory budget.
         handler_args={"read_bufsize": settings.read_buffer // 2},
     )

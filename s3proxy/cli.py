@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"s3proxy: error: {exc}", file=sys.stderr)
         return 2
-    logsetup.setup(settings.log_level)
+    logsetup.setup(settings.log_level, settings.log_format)
     return serve(settings)
 
 

@@ -8,6 +8,7 @@ about: the body was malformed, or the client went away.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError, PayloadEncodingError
 
 from s3proxy.errors import (
     CLIENT_DISCONNECTED,
+    CLIENT_TIMEOUT,
     FIELD_TOO_LARGE,
     INVALID_FIELD,
     MALFORMED_MULTIPART,
@@ -37,6 +39,7 @@ class FormLimits:
     max_field_size: int
     max_request_size: int
     chunk_size: int
+    idle_timeout: float = 60.0  # seconds without a byte from the client
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ def client_errors() -> Iterator[None]:
         yield
     except ProxyError:
         raise
+    except TimeoutError as exc:
+        raise ProxyError(CLIENT_TIMEOUT, "the client sent nothing for too long") from exc
     except (ConnectionError, PayloadEncodingError) as exc:
         raise ProxyError(
             CLIENT_DISCONNECTED, "the client closed the connection before the body was complete"
@@ -94,7 +99,8 @@ async def iter_form(
 
     while True:
         with client_errors():
-            part = await reader.next()
+            async with asyncio.timeout(limits.idle_timeout):
+                part = await reader.next()
         check_request_size()
         if part is None:
             return
@@ -109,7 +115,7 @@ async def iter_form(
                 raise ProxyError(
                     TOO_MANY_FILES, f"more than {limits.max_files} files in one request"
                 )
-            source = PartSource(part, check_request_size)
+            source = PartSource(part, check_request_size, limits.idle_timeout)
             yield FilePart(name, part.filename, part.headers.get("Content-Type"), source)
             if not part.at_eof():
                 raise RuntimeError("file part was not read to its end")
@@ -126,14 +132,18 @@ class PartSource:
     # aiohttp needs room for a boundary in every read of a part without a length.
     MIN_READ = 256
 
-    def __init__(self, part: BodyPartReader, check_request_size: Callable[[], None]) -> None:
+    def __init__(
+        self, part: BodyPartReader, check_request_size: Callable[[], None], idle_timeout: float
+    ) -> None:
         self._part = part
         self._check = check_request_size
+        self._timeout = idle_timeout
 
     async def read(self, size: int) -> bytes:
         for _ in range(MAX_EMPTY_READS + 1):
             with client_errors():
-                chunk = await self._part.read_chunk(max(size, self.MIN_READ))
+                async with asyncio.timeout(self._timeout):
+                    chunk = await self._part.read_chunk(max(size, self.MIN_READ))
             self._check()
             if chunk or self._part.at_eof():
                 return chunk
@@ -144,7 +154,7 @@ async def _read_field(
     part: BodyPartReader, name: str, limits: FormLimits, check_request_size: Callable[[], None]
 ) -> str:
     data = bytearray()
-    source = PartSource(part, check_request_size)
+    source = PartSource(part, check_request_size, limits.idle_timeout)
     while chunk := await source.read(limits.chunk_size):
         data += chunk
         if len(data) > limits.max_field_size:

@@ -40,6 +40,7 @@ def check_upload_headers(request: web.Request, state: AppState) -> int | None:
 
 async def expect_upload(request: web.Request) -> web.StreamResponse | None:
     """Answer ``Expect: 100-continue``: refuse before the client sends a byte of body."""
+    # Runs before the middlewares: the request id is not set yet.
     if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
         return error_response(
             ProxyError(EXPECTATION_FAILED, "only Expect: 100-continue is supported")

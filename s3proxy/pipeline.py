@@ -101,6 +101,15 @@ async def run_cleanup(coro_fn: Callable[[], Awaitable[None]], what: str) -> None
         raise asyncio.CancelledError
 
 
+def abort_reason(exc: BaseException) -> str:
+    """A stable word for why an upload ended early: the error code, or how it was stopped."""
+    if isinstance(exc, ProxyError):
+        return exc.kind.code
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    return type(exc).__name__
+
+
 class FileUpload:
     """Streams one file into S3; ``run`` returns the stored file or raises ProxyError."""
 
@@ -121,11 +130,16 @@ class FileUpload:
     async def run(self, source: ChunkSource) -> StoredFile | None:
         try:
             return await self._stream(source)
-        except BaseException:
+        except BaseException as exc:
             await self._cancel_inflight()
             if self.upload_id is not None:
                 upload_id = self.upload_id
-                log.info("upload.aborted key=%s upload_id=%s", self.spec.key, upload_id)
+                log.info(
+                    "upload.aborted key=%s upload_id=%s reason=%s",
+                    self.spec.key,
+                    upload_id,
+                    abort_reason(exc),
+                )
                 await run_cleanup(lambda: self.sink.abort(self.spec.key, upload_id), "abort")
             raise
 
@@ -281,7 +295,8 @@ class FileUpload:
         parts = sorted(self._etags.items())
         if [n for n, _ in parts] != list(range(1, len(parts) + 1)):
             raise ProxyError(INTERNAL, "part numbers are not contiguous")
-        etag = await self.sink.complete(self.spec.key, self.upload_id, parts)
+        upload_id = self.upload_id
+        etag = await self.sink.complete(self.spec.key, upload_id, parts)
         self.upload_id = None  # completed: nothing left to abort
         digest = self._hash.hexdigest()
         try:
@@ -291,7 +306,7 @@ class FileUpload:
         except BaseException:
             await run_cleanup(lambda: self.sink.delete(self.spec.key), "delete")
             raise
-        log.debug("upload.completed key=%s parts=%d", self.spec.key, len(parts))
+        log.debug("upload.tagged key=%s upload_id=%s", self.spec.key, upload_id)
         return self._stored(content_type, etag, digest, parts=len(parts))
 
     def _stored(self, content_type: str, etag: str, digest: str, parts: int) -> StoredFile:

@@ -127,6 +127,9 @@ class Settings:
         parse_size,
         show=format_size,
     )
+    client_timeout: float = _setting(
+        60.0, "seconds a client may send no bytes before its upload is aborted (408)", float
+    )
     # limits
     max_file_size: int = _setting(
         5 * 1024**3, "largest file accepted", parse_size, show=format_size
@@ -187,6 +190,7 @@ class Settings:
     log_level: str = _setting(
         "info", "log level", str.lower, choices=("debug", "info", "warning", "error")
     )
+    log_format: str = _setting("text", "log format", str.lower, choices=("text", "json"))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -224,6 +228,8 @@ class Settings:
             )
         if self.max_file_size > parts.MAX_OBJECT_SIZE:
             raise SettingsError("--max-file-size is above S3's object size limit")
+        if self.client_timeout <= 0 or self.s3_read_timeout <= 0 or self.s3_connect_timeout <= 0:
+            raise SettingsError("timeouts must be positive")
         if self.read_buffer < 64 * 1024:
             raise SettingsError("--read-buffer must be at least 64KiB")
         for name in (

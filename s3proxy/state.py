@@ -48,6 +48,7 @@ class AppState:
                 max_field_size=settings.max_field_size,
                 max_request_size=settings.max_request_size,
                 chunk_size=settings.read_buffer,
+                idle_timeout=settings.client_timeout,
             ),
         )
 

@@ -370,3 +370,31 @@ async def test_s3_unreachable(proxy_factory: Any) -> None:
     resp = await proxy.get("/readyz")
     assert resp.status == 503
     assert resp.content_type == "application/json"
+
+
+async def test_stalled_client_gets_408_and_upload_aborted(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    proxy = await proxy_factory(client_timeout=1.0)
+    raw = bodies.body([bodies.file("f", "big.bin", os.urandom(12 * MiB))])
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nX-Request-ID: stall-1\r\n"
+        b"Content-Type: multipart/form-data; boundary=%s\r\n\r\n"
+        % (len(raw), bodies.BOUNDARY.encode())
+    )
+    writer.write(raw[: 7 * MiB])  # a part goes to S3, then the client stalls
+    await writer.drain()
+    status, payload = await read_response(reader)
+    writer.close()
+    assert status == 408 and b"CLIENT_TIMEOUT" in payload
+    await wait_clean(s3, bucket)
+
+
+async def test_request_id_is_echoed_or_made(proxy: Any) -> None:
+    resp = await proxy.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert resp.headers["X-Request-ID"] == "abc-123"
+    resp = await proxy.get("/healthz", headers={"X-Request-ID": "bad id {with} spaces"})
+    assert len(resp.headers["X-Request-ID"]) == 32
+    resp = await proxy.post("/upload", data=b"x", headers={"Content-Type": "text/plain"})
+    assert resp.status == 415 and len(resp.headers["X-Request-ID"]) == 32

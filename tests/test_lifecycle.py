@@ -4,6 +4,7 @@ aborted; nothing is left in S3. Plus routing errors and object options."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 from pathlib import Path
@@ -139,3 +140,30 @@ async def test_browser_empty_file_input_is_skipped(proxy: Any, s3: Any, bucket: 
     resp = await proxy.post("/upload", data=raw, headers=bodies.headers())
     assert resp.status == 201
     assert [f["field"] for f in (await resp.json())["files"]] == ["f"]
+
+
+async def test_json_logs_carry_request_id_and_upload_id(
+    moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    import json
+
+    import aiohttp
+
+    proxy = start(moto, bucket, tmp_path, "--log-format", "json")
+    raw = bodies.body([bodies.file("f", "a.bin", os.urandom(6 * MiB))])
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            proxy.url + "/upload",
+            data=io.BytesIO(raw),
+            headers={**bodies.headers(), "X-Request-ID": "rid-42"},
+        ) as resp,
+    ):
+        assert resp.status == 201
+    proxy.stop()
+    lines = [
+        json.loads(line) for line in proxy.log_path.read_text().splitlines() if line.startswith("{")
+    ]
+    mine = [r for r in lines if r["request_id"] == "rid-42"]
+    assert any("upload.completed" in r["message"] for r in mine)
+    assert any(r["logger"] == "aiohttp.access" and "/upload" in r["message"] for r in mine)
