@@ -14,6 +14,7 @@ from aiohttp import web
 from s3proxy import handlers
 from s3proxy.errors import error_middleware
 from s3proxy.log import REQUEST_ID
+from s3proxy.metrics import METRICS, metrics_handler, metrics_middleware
 from s3proxy.settings import Settings
 from s3proxy.sink import ClientOptions, S3Sink, open_client
 from s3proxy.state import STATE, AppState
@@ -36,15 +37,20 @@ async def request_id_middleware(request: web.Request, handler: Any) -> web.Strea
 
 
 def create_app(settings: Settings) -> web.Application:
+    state = AppState.from_settings(settings)
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware],
+        middlewares=[request_id_middleware, metrics_middleware(state.metrics), error_middleware],
         # The socket read buffer is per connection and outside the memory budget.
         handler_args={"read_bufsize": settings.read_buffer // 2},
     )
-    app[STATE] = AppState.from_settings(settings)
+    app[STATE] = state
+    app[METRICS] = state.metrics
+    budget = state.budget
+    state.metrics.bind_budget(lambda: budget.in_use, budget.limit, lambda: budget.wait_seconds)
     app.router.add_post("/upload", handlers.upload, expect_handler=handlers.expect_upload)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", metrics_handler)
     app.cleanup_ctx.append(_s3_backend)
     app.on_shutdown.append(lambda app: drain(app[STATE]))
     return app
@@ -86,7 +92,7 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
         )
     try:
         async with open_client(opts) as client:
-            state.sink = S3Sink(client, settings.bucket_name)
+            state.sink = S3Sink(client, settings.bucket_name, state.metrics)
             _log_start(settings, opts.endpoint_url, store)
             yield
             state.sink = None

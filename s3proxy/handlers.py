@@ -64,7 +64,12 @@ async def upload(request: web.Request) -> web.Response:
     parts = iter_form(reader, state.form_limits, lambda: body.total_bytes)
     # No file can be longer than the whole body: that bounds part sizes and buffers.
     job = RequestUpload(
-        state.require_sink(), state.budget, state.pipeline, state.settings.key_template, length
+        state.require_sink(),
+        state.budget,
+        state.pipeline,
+        state.settings.key_template,
+        length,
+        state.metrics,
     )
     with state.track(request.task):
         result = await job.run(parts)

@@ -39,6 +39,7 @@ from s3proxy.errors import (
     UPSTREAM_UNAVAILABLE,
     ProxyError,
 )
+from s3proxy.metrics import Metrics
 
 log = logging.getLogger("s3proxy.sink")
 
@@ -127,26 +128,34 @@ def translate(operation: str) -> Any:
 class S3Sink:
     """ObjectSink over one shared aiobotocore S3 client."""
 
-    def __init__(self, client: Any, bucket: str) -> None:
+    def __init__(self, client: Any, bucket: str, metrics: Metrics | None = None) -> None:
         self._s3 = client
         self.bucket = bucket
+        self._metrics = metrics or Metrics()
+
+    @contextlib.asynccontextmanager
+    async def _call(self, operation: str) -> AsyncIterator[None]:
+        """Time the call and count its S3 error code, then translate what it raised."""
+        with translate(operation):
+            async with self._metrics.s3_call(operation):
+                yield
 
     async def put(self, key: str, data: Body, options: ObjectOptions) -> str:
-        with translate("PutObject"):
+        async with self._call("PutObject"):
             resp = await self._s3.put_object(
                 Bucket=self.bucket, Key=key, Body=ChunkedBody(data), **options.to_params()
             )
         return str(resp["ETag"])
 
     async def create(self, key: str, options: ObjectOptions) -> str:
-        with translate("CreateMultipartUpload"):
+        async with self._call("CreateMultipartUpload"):
             resp = await self._s3.create_multipart_upload(
                 Bucket=self.bucket, Key=key, **options.to_params()
             )
         return str(resp["UploadId"])
 
     async def upload_part(self, key: str, upload_id: str, number: int, data: Body) -> str:
-        with translate("UploadPart"):
+        async with self._call("UploadPart"):
             resp = await self._s3.upload_part(
                 Bucket=self.bucket,
                 Key=key,
@@ -157,7 +166,7 @@ class S3Sink:
         return str(resp["ETag"])
 
     async def complete(self, key: str, upload_id: str, parts: Sequence[tuple[int, str]]) -> str:
-        with translate("CompleteMultipartUpload"):
+        async with self._call("CompleteMultipartUpload"):
             resp = await self._s3.complete_multipart_upload(
                 Bucket=self.bucket,
                 Key=key,
@@ -167,7 +176,7 @@ class S3Sink:
         return str(resp["ETag"])
 
     async def abort(self, key: str, upload_id: str) -> None:
-        with translate("AbortMultipartUpload"):
+        async with self._call("AbortMultipartUpload"):
             try:
                 await self._s3.abort_multipart_upload(
                     Bucket=self.bucket, Key=key, UploadId=upload_id
@@ -177,7 +186,7 @@ class S3Sink:
                     raise
 
     async def tag(self, key: str, tags: Mapping[str, str]) -> None:
-        with translate("PutObjectTagging"):
+        async with self._call("PutObjectTagging"):
             await self._s3.put_object_tagging(
                 Bucket=self.bucket,
                 Key=key,
@@ -185,11 +194,11 @@ class S3Sink:
             )
 
     async def delete(self, key: str) -> None:
-        with translate("DeleteObject"):
+        async with self._call("DeleteObject"):
             await self._s3.delete_object(Bucket=self.bucket, Key=key)
 
     async def check(self) -> None:
-        with translate("HeadBucket"):
+        async with self._call("HeadBucket"):
             await self._s3.head_bucket(Bucket=self.bucket)
 
 

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from s3proxy.budget import MemoryBudget
 from s3proxy.form import FormLimits
+from s3proxy.metrics import Metrics
 from s3proxy.pipeline import PipelineConfig
 from s3proxy.settings import Settings
 from s3proxy.sink import ObjectSink
@@ -22,6 +23,7 @@ class AppState:
     budget: MemoryBudget
     pipeline: PipelineConfig
     form_limits: FormLimits
+    metrics: Metrics = field(default_factory=Metrics)
     sink: ObjectSink | None = None  # set once the S3 client is open
     draining: bool = False
     uploads: set[asyncio.Task[object]] = field(default_factory=set)

@@ -20,7 +20,15 @@ from s3proxy import keys
 from s3proxy.budget import MemoryBudget
 from s3proxy.errors import INVALID_FIELD, METADATA_TOO_LARGE, NO_FILE, ProxyError
 from s3proxy.form import Field, FilePart
-from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, StoredFile, run_cleanup
+from s3proxy.metrics import Metrics
+from s3proxy.pipeline import (
+    FileSpec,
+    FileUpload,
+    PipelineConfig,
+    StoredFile,
+    abort_reason,
+    run_cleanup,
+)
 from s3proxy.sink import ObjectSink
 
 log = logging.getLogger("s3proxy.uploads")
@@ -82,6 +90,7 @@ class RequestUpload:
         cfg: PipelineConfig,
         key_template: str,
         size_hint: int | None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.sink = sink
         self.budget = budget
@@ -89,6 +98,7 @@ class RequestUpload:
         self.key_template = key_template
         self.size_hint = size_hint  # no file is longer than this (the body's length), if known
         self.result = UploadResult()
+        self.metrics = metrics or Metrics()
 
     async def run(self, parts: AsyncIterator[Field | FilePart]) -> UploadResult:
         try:
@@ -128,8 +138,21 @@ class RequestUpload:
             metadata=field_metadata(self.result.fields),
             size_hint=self.size_hint,
         )
-        stored = await FileUpload(spec, self.sink, self.budget, self.cfg).run(part.source)
+        upload = FileUpload(spec, self.sink, self.budget, self.cfg)
+        m = self.metrics
+        m.uploads_started.inc()
+        m.uploads_in_flight.inc()
+        try:
+            stored = await upload.run(part.source)
+        except BaseException as exc:
+            m.uploads_aborted.labels(abort_reason(exc)).inc()
+            raise
+        finally:
+            m.uploads_in_flight.dec()
+            m.bytes_received.inc(upload.size)
         if stored is not None:
+            m.uploads_completed.inc()
+            m.bytes_stored.inc(stored.size)
             log.info(
                 "upload.completed key=%s size=%d parts=%d content_type=%s",
                 stored.key,

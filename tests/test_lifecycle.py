@@ -167,3 +167,34 @@ async def test_json_logs_carry_request_id_and_upload_id(
     mine = [r for r in lines if r["request_id"] == "rid-42"]
     assert any("upload.completed" in r["message"] for r in mine)
     assert any(r["logger"] == "aiohttp.access" and "/upload" in r["message"] for r in mine)
+
+
+async def test_metrics_count_uploads_bytes_and_s3_calls(proxy: Any, s3: Any, bucket: str) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ok = bodies.body([bodies.file("f", "a.bin", os.urandom(6 * MiB))])
+    assert (
+        await proxy.post("/upload", data=bodies.chunked(ok), headers=bodies.headers())
+    ).status == 201
+    bad = bodies.body([bodies.file("f", "a.bin", os.urandom(100))], close=False)
+    assert (await proxy.post("/upload", data=bad, headers=bodies.headers())).status == 400
+    text = await (await proxy.get("/metrics")).text()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+    assert samples[("s3proxy_uploads_started_total", ())] == 2
+    assert samples[("s3proxy_uploads_completed_total", ())] == 1
+    assert samples[("s3proxy_uploads_aborted_total", (("reason", "MALFORMED_MULTIPART"),))] == 1
+    assert samples[("s3proxy_bytes_stored_total", ())] == 6 * MiB
+    assert samples[("s3proxy_bytes_received_total", ())] >= 6 * MiB + 100
+    assert samples[("s3proxy_uploads_in_flight", ())] == 0
+    assert samples[("s3proxy_s3_request_seconds_count", (("operation", "UploadPart"),))] == 2
+    assert samples[("s3proxy_memory_budget_bytes_in_use", ())] == 0
+    assert samples[("s3proxy_memory_budget_bytes_limit", ())] == 64 * MiB
+    key = (
+        "s3proxy_http_request_seconds_count",
+        (("method", "POST"), ("route", "/upload"), ("status", "201")),
+    )
+    assert samples[key] == 1
