@@ -6,7 +6,13 @@ import datetime as dt
 
 import pytest
 
-from s3proxy.keys import DEFAULT_FILENAME, content_disposition, make_key, sanitize_filename, template_prefix
+from s3proxy.keys import (
+    DEFAULT_FILENAME,
+    content_disposition,
+    make_key,
+    sanitize_filename,
+    template_prefix,
+)
 
 TEMPLATE = "uploads/{yyyy}/{mm}/{uuid}/{filename}"
 NOW = dt.datetime(2026, 3, 7, tzinfo=dt.UTC)
@@ -51,7 +57,9 @@ def test_keys_never_escape_prefix(name: str) -> None:
 
 
 def test_template_fields() -> None:
-    key = make_key("in/{field}/{yyyy}-{mm}-{dd}/{uuid}-{filename}", "a.pdf", "doc", now=NOW, upload_id="id")
+    key = make_key(
+        "in/{field}/{yyyy}-{mm}-{dd}/{uuid}-{filename}", "a.pdf", "doc", now=NOW, upload_id="id"
+    )
     assert key == "in/doc/2026-03-07/id-a.pdf"
     assert template_prefix(TEMPLATE) == "uploads/"
 
@@ -64,7 +72,10 @@ def test_uuid_makes_keys_unique() -> None:
     ("name", "header"),
     [
         ("report.pdf", 'attachment; filename="report.pdf"'),
-        ("résumé.pdf", "attachment; filename=\"resume.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9.pdf"),
+        (
+            "résumé.pdf",
+            "attachment; filename=\"resume.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9.pdf",
+        ),
         ('a"b.pdf', "attachment; filename=\"ab.pdf\"; filename*=UTF-8''a%22b.pdf"),
         ("日本.pdf", "attachment; filename=\".pdf\"; filename*=UTF-8''%E6%97%A5%E6%9C%AC.pdf"),
     ],

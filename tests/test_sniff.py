@@ -27,7 +27,10 @@ def plain_zip() -> bytes:
 
 
 BLOB = random.Random(1).randbytes(4096)  # libmagic: application/octet-stream
-PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\x00\x00\x00\x10\x08\x02\x00\x00\x00" + b"\x00" * 64
+PNG = (
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10\x00\x00\x00\x10\x08\x02\x00\x00\x00"
+    + b"\x00" * 64
+)
 OLE = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 2048
 
 PPTX = "application/vnd.openxmlformats-officedocument.presentationml.presentation"
@@ -50,7 +53,9 @@ PPTX = "application/vnd.openxmlformats-officedocument.presentationml.presentatio
         (b"a,b,c\n1,2,3\n", "t.csv", None, "text/csv", True),
     ],
 )
-def test_sniff(head: bytes, filename: str, declared: str | None, want: str, confident: bool) -> None:
+def test_sniff(
+    head: bytes, filename: str, declared: str | None, want: str, confident: bool
+) -> None:
     got = sniff(head, filename, declared)
     assert (got.content_type, got.confident) == (want, confident)
 
