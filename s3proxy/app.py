@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from s3proxy import handlers
@@ -18,6 +19,7 @@ from s3proxy.metrics import METRICS, metrics_handler, metrics_middleware
 from s3proxy.settings import Settings
 from s3proxy.sink import ClientOptions, S3Sink, open_client
 from s3proxy.state import STATE, AppState
+from s3proxy.webhook import Webhook, WebhookConfig
 
 log = logging.getLogger("s3proxy.app")
 
@@ -52,6 +54,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", metrics_handler)
     app.cleanup_ctx.append(_s3_backend)
+    app.cleanup_ctx.append(_webhook)
     app.on_shutdown.append(lambda app: drain(app[STATE]))
     return app
 
@@ -99,6 +102,25 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
     finally:
         if store is not None:
             await store.stop()
+
+
+async def _webhook(app: web.Application) -> AsyncIterator[None]:
+    """One HTTP client session for webhook deliveries, if a webhook is configured."""
+    state = app[STATE]
+    settings = state.settings
+    if settings.webhook_url is None:
+        yield
+        return
+    config = WebhookConfig(
+        url=settings.webhook_url,
+        secret=settings.webhook_secret.encode() if settings.webhook_secret else None,
+        timeout=settings.webhook_timeout,
+        max_attempts=settings.webhook_attempts,
+    )
+    async with aiohttp.ClientSession() as session:
+        state.webhook = Webhook(config, session)
+        yield
+        state.webhook = None
 
 
 def _log_start(settings: Settings, endpoint: str | None, store: object | None) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from typing import Any
+
 from aiohttp import MultipartReader, hdrs, web
 from aiohttp.web_urldispatcher import _default_expect_handler
 
@@ -11,13 +15,18 @@ from s3proxy.errors import (
     NOT_MULTIPART,
     REQUEST_TOO_LARGE,
     SHUTTING_DOWN,
+    WEBHOOK_FAILED,
     ProxyError,
     error_body,
     error_response,
 )
 from s3proxy.form import iter_form
+from s3proxy.log import REQUEST_ID
 from s3proxy.state import STATE, AppState
 from s3proxy.uploads import RequestUpload
+from s3proxy.webhook import WebhookError
+
+log = logging.getLogger("s3proxy.handlers")
 
 
 def check_upload_headers(request: web.Request, state: AppState) -> int | None:
@@ -73,7 +82,29 @@ async def upload(request: web.Request) -> web.Response:
     )
     with state.track(request.task):
         result = await job.run(parts)
-    return web.json_response(result.to_json(), status=201)
+        out = result.to_json()
+        if state.webhook is not None:
+            out["webhook"] = await notify(state, job, out)
+    return web.json_response(out, status=201)
+
+
+async def notify(state: AppState, job: RequestUpload, body: dict[str, Any]) -> dict[str, Any]:
+    """Tell the application; if it cannot be told, roll back or keep as configured."""
+    assert state.webhook is not None
+    rid = REQUEST_ID.get()
+    event = {"event": "upload.completed", "request_id": rid, "time": int(time.time()), **body}
+    try:
+        await state.webhook.deliver(event, rid)
+    except WebhookError as exc:
+        if state.settings.webhook_failure == "rollback":
+            log.error("webhook.failed action=rollback reason=%s", exc.reason)
+            await job.rollback()
+            raise ProxyError(
+                WEBHOOK_FAILED, f"the upload was rolled back: the webhook failed ({exc.reason})"
+            ) from exc
+        log.error("webhook.failed action=keep reason=%s", exc.reason)
+        return {"delivered": False, "error": exc.reason}
+    return {"delivered": True}
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -178,6 +178,21 @@ class Settings:
         "botocore request checksums (when_supported adds CRC32 to every part)",
         choices=("when_required", "when_supported"),
     )
+    # completion webhook
+    webhook_url: str | None = _setting(
+        None, "POST a JSON description of each completed request here", _opt_str
+    )
+    webhook_secret: str | None = _setting(
+        None, "HMAC-SHA256 key for the webhook's X-S3Proxy-Signature (prefer the env var)", _opt_str
+    )
+    webhook_timeout: float = _setting(10.0, "seconds one webhook attempt may take", float)
+    webhook_attempts: int = _setting(5, "webhook attempts, with backoff, before giving up", int)
+    webhook_failure: str = _setting(
+        "rollback",
+        "when the webhook keeps failing: rollback (delete the files, answer 502) "
+        "or keep (keep the files, log, answer 201)",
+        choices=("rollback", "keep"),
+    )
     # embedded store
     data_dir: Path = _setting(  # noqa: RUF009 - Path is immutable
         Path("s3proxy-data"), "embedded store: where its data lives", Path, show=str
@@ -256,6 +271,12 @@ class Settings:
                 raise SettingsError(
                     f"--allow-type {t!r} is not a content type like application/pdf"
                 )
+        if self.webhook_url is not None and not re.match(r"^https?://[^/]+", self.webhook_url):
+            raise SettingsError(f"--webhook-url must be an http(s) URL, got {self.webhook_url!r}")
+        if self.webhook_attempts < 1 or self.webhook_timeout <= 0:
+            raise SettingsError(
+                "--webhook-attempts must be at least 1 and --webhook-timeout positive"
+            )
         if self.sse_kms_key_id and self.sse != "aws:kms":
             raise SettingsError("--sse-kms-key-id needs --sse aws:kms")
 

@@ -15,6 +15,7 @@ from s3proxy.metrics import Metrics
 from s3proxy.pipeline import PipelineConfig
 from s3proxy.settings import Settings
 from s3proxy.sink import ObjectSink
+from s3proxy.webhook import Webhook
 
 
 @dataclass
@@ -25,6 +26,7 @@ class AppState:
     form_limits: FormLimits
     metrics: Metrics = field(default_factory=Metrics)
     sink: ObjectSink | None = None  # set once the S3 client is open
+    webhook: Webhook | None = None  # set when a webhook URL is configured
     draining: bool = False
     uploads: set[asyncio.Task[object]] = field(default_factory=set)
 
