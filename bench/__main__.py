@@ -13,8 +13,10 @@ import argparse
 import asyncio
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from bench import harness, report
 
@@ -132,6 +134,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--s3proxy-args", default="", help="extra flags for `s3proxy serve`")
     p.add_argument(
+        "--s3proxy-rev",
+        help="measure s3proxy as of this git revision (e.g. HEAD); default: a copy of the"
+        " working tree's s3proxy/ taken at the start",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=harness.REPO / "bench" / "results",
@@ -196,6 +203,7 @@ def options(argv: list[str]) -> tuple[harness.Options, bool]:
         memory_budget=budget,
         sign_payload=args.sign_payload,
         s3proxy_args=shlex.split(args.s3proxy_args),
+        s3proxy_rev=args.s3proxy_rev,
         out=args.out,
         cache_dir=args.cache_dir,
         preset=name,
@@ -206,9 +214,23 @@ def options(argv: list[str]) -> tuple[harness.Options, bool]:
     return opts, args.update_readme
 
 
+async def _run_until_signalled(opts: harness.Options) -> dict[str, Any]:
+    """Run; SIGTERM or SIGINT cancel the run so that every child and the store are stopped.
+
+    (A background job's SIGINT is ignored and SIGTERM would kill Python outright, leaving the
+    store and the current server running.)
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    return await harness.run(opts)
+
+
 def main(argv: list[str] | None = None) -> int:
     opts, update_readme = options(sys.argv[1:] if argv is None else argv)
-    result = asyncio.run(harness.run(opts))
+    result = asyncio.run(_run_until_signalled(opts))
     readme = harness.REPO / "bench" / "README.md" if update_readme else None
     written = report.write(result, opts.out, readme)
     print(report.terminal(result))

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,9 @@ class Options:
     # (size, concurrency) pairs to run; empty: every size with every concurrency
     cells: list[tuple[int, int]] = field(default_factory=list)
     s3proxy_args: list[str] = field(default_factory=list)
+    # Which s3proxy to measure: None copies the working tree's s3proxy/ once at the start (so
+    # edits made while the run goes on do not change it halfway); a git revision exports that.
+    s3proxy_rev: str | None = None
     out: Path = REPO / "bench" / "results"
     cache_dir: Path = Path.home() / ".cache" / "s3proxy-bench"
     sample_interval: float = 0.05
@@ -153,7 +157,7 @@ async def _stopped(child: procs.Child) -> None:
     await child.stop()
 
 
-def _child_env(b: Backend, region: str) -> dict[str, str]:
+def _child_env(b: Backend, region: str, src: Path | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3PROXY_"))}
     env.update(
         AWS_ACCESS_KEY_ID=b.access_key or "",
@@ -161,7 +165,9 @@ def _child_env(b: Backend, region: str) -> dict[str, str]:
         AWS_REGION=region,
         AWS_DEFAULT_REGION=region,
         AWS_EC2_METADATA_DISABLED="true",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        PYTHONPATH=os.pathsep.join(
+            filter(None, [str(src) if src else None, str(REPO), env.get("PYTHONPATH")])
+        ),
     )
     return env
 
@@ -206,6 +212,35 @@ def design_argv(
         assert multer_dir is not None
         return ["node", str(multer_dir / "server.js"), *listen, *common]
     raise ValueError(design)
+
+
+def _git(*args: str) -> str:
+    r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+
+def snapshot_s3proxy(rev: str | None, dest: Path) -> dict[str, Any]:
+    """Copy the s3proxy package to measure into ``dest`` and say which code it is.
+
+    Every s3proxy cell imports it from there, so the whole run measures one version of the
+    code even while someone edits the working tree.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    head = _git("rev-parse", "--short", "HEAD")
+    if rev is not None:
+        commit = _git("rev-parse", "--short", f"{rev}^{{commit}}")
+        if not commit:
+            raise SystemExit(f"--s3proxy-rev {rev}: not a git revision")
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", commit, "s3proxy"], capture_output=True, check=True
+        )
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+        return {"rev": rev, "commit": commit, "uncommitted_changes": False}
+    shutil.copytree(
+        REPO / "s3proxy", dest / "s3proxy", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    dirty = bool(_git("status", "--porcelain", "--", "s3proxy"))
+    return {"rev": "worktree", "commit": head, "uncommitted_changes": dirty}
 
 
 def prepare_multer(cache_dir: Path) -> tuple[Path | None, str]:
@@ -377,13 +412,21 @@ async def run_cell(
     multer_dir: Path | None,
     bar: Bar,
     log_dir: Path,
+    s3proxy_src: Path | None = None,
 ) -> dict[str, Any]:
     """One design, one client kind, ``conc`` uploads of ``size`` bytes at once, measured."""
     port = procs.free_port()
     name = f"{design}-{client}-{_size_arg(size)}-c{conc}-r{rep}"
     argv = design_argv(design, port, b, opts, multer_dir)
+    # s3proxy runs from its snapshot (cwd first on sys.path with -m); the others from the repo
+    src = s3proxy_src if design == "s3proxy" else None
     child = procs.Child(
-        name, argv, _child_env(b, opts.region), log_dir, cwd=REPO, pipes=design == "direct"
+        name,
+        argv,
+        _child_env(b, opts.region, src),
+        log_dir,
+        cwd=src or REPO,
+        pipes=design == "direct",
     )
     timeout = 60 + conc * size / 5e6  # bounded: assumes at least 5 MB/s in aggregate
     progress = clients.Progress()
@@ -411,6 +454,11 @@ async def run_cell(
         server.start()
         if store:
             store.start()
+        # The clients' CPU: curl processes are reaped by the time their cell ends, so the
+        # harness's RUSAGE_CHILDREN grows by exactly theirs (the server is still running).
+        kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self0 = resource.getrusage(resource.RUSAGE_SELF)
+        busy0 = procs.machine_busy_seconds()
         t0 = time.perf_counter()
         if design == "direct":
             assert child.proc is not None
@@ -428,6 +476,11 @@ async def run_cell(
                 progress,
             )
         wall = time.perf_counter() - t0
+        busy = procs.machine_busy_seconds() - busy0
+        kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self1 = resource.getrusage(resource.RUSAGE_SELF)
+        client_cpu = kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime
+        harness_cpu = self1.ru_utime + self1.ru_stime - self0.ru_utime - self0.ru_stime
         usage = await server.stop()
         store_usage = await store.stop() if store else None
         bar.label = f"{name} (verifying)"
@@ -462,6 +515,12 @@ async def run_cell(
         "s3_cpu_s": store_usage.cpu_s if store_usage else None,
         "s3_cpu_s_per_gib": store_usage.cpu_s / gib if store_usage and gib else None,
         "s3_peak_rss_bytes": store_usage.peak_rss if store_usage else None,
+        # where the machine's CPU went during the cell: the server, the store, the clients
+        # (curl; direct has none apart from itself), the harness, and all CPUs' busy time
+        "client_cpu_s": client_cpu,
+        "harness_cpu_s": harness_cpu,
+        "machine_busy_cpu_s": busy,
+        "machine_busy_fraction": busy / (wall * (os.cpu_count() or 1)) if wall > 0 else None,
         "disk_write_bytes": usage.write_bytes,
         "peak_tmp_bytes": usage.peak_tmp_bytes,
         "peak_tmp_files": usage.peak_tmp_files,
@@ -544,6 +603,14 @@ async def run(opts: Options) -> dict[str, Any]:
     for n in notes:
         _log(n)
     workdir = Path(tempfile.mkdtemp(prefix="s3proxy-bench-"))
+    s3proxy_src = workdir / "s3proxy-src"
+    source: dict[str, Any] = {}
+    if "s3proxy" in designs:
+        source = await asyncio.to_thread(snapshot_s3proxy, opts.s3proxy_rev, s3proxy_src)
+        _log(
+            f"s3proxy from {source['rev']} ({source['commit']}"
+            + (", with uncommitted changes)" if source["uncommitted_changes"] else ")")
+        )
     # curl's body files live in RAM when they can, so the client side writes no disk.
     shm = "/dev/shm"
     body_dir = Path(
@@ -590,6 +657,7 @@ async def run(opts: Options) -> dict[str, Any]:
                             multer_dir,
                             bar,
                             log_dir,
+                            s3proxy_src,
                         )
                     except Exception as e:  # one broken cell must not lose the whole run
                         cell = failed_cell(design, client, size, conc, rep, e)
@@ -618,6 +686,7 @@ async def run(opts: Options) -> dict[str, Any]:
         "backend": opts.backend if b is None else b.kind,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
         "designs": designs,
+        "s3proxy_source": source,
         "notes": notes,
     }
     return {"meta": meta, "runs": runs}

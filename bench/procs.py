@@ -92,6 +92,17 @@ def io_chars(pid: int) -> tuple[int, int]:
     return int(values.get("rchar", 0)), int(values.get("wchar", 0))
 
 
+def machine_busy_seconds() -> float:
+    """CPU-seconds all CPUs spent not idle since boot (/proc/stat; iowait counts as idle)."""
+    text = _read("/proc/stat") or ""
+    for line in text.splitlines():
+        if line.startswith("cpu "):
+            v = [int(x) for x in line.split()[1:]]
+            # user nice system idle iowait irq softirq steal (guest is inside user)
+            return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK
+    return 0.0
+
+
 def rss_bytes(pids: Sequence[int]) -> int:
     total = 0
     for p in pids:

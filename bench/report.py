@@ -23,6 +23,16 @@ def _key(r: dict[str, Any]) -> tuple[str, str, int, int]:
     return r["design"], r["client"], r["size"], r["concurrency"]
 
 
+def _per_gib(rs: list[dict[str, Any]], k: str, nbytes: int) -> float | None:
+    values = [r[k] for r in rs if r.get(k) is not None]
+    return sum(values) / (nbytes / GIB) if values and nbytes else None
+
+
+def _median(rs: list[dict[str, Any]], k: str) -> float | None:
+    values = [r[k] for r in rs if r.get(k) is not None]
+    return statistics.median(values) if values else None
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, int, int], list[dict[str, Any]]] = {}
     for r in runs:
@@ -52,6 +62,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 ),
                 "cpu_s_per_gib": sum(r["cpu_s"] for r in rs) / (nbytes / GIB) if nbytes else None,
                 "s3_cpu_s_per_gib": sum(s3cpu) / (nbytes / GIB) if s3cpu and nbytes else None,
+                "client_cpu_s_per_gib": _per_gib(rs, "client_cpu_s", nbytes),
+                "machine_busy_fraction": _median(rs, "machine_busy_fraction"),
                 "disk_write_bytes": max(r["disk_write_bytes"] for r in rs),
                 "peak_tmp_bytes": max(r["peak_tmp_bytes"] for r in rs),
                 "failures": sum(r["failures"] for r in rs),
