@@ -250,12 +250,20 @@ def _load(meta: dict[str, Any]) -> str:
     return "-" if a is None or b is None else f"{a[0]:.2f} before, {b[0]:.2f} after"
 
 
+def _source(meta: dict[str, Any]) -> str:
+    src = meta.get("s3proxy_source") or {}
+    if not src:
+        return ""
+    dirty = " with uncommitted changes" if src.get("uncommitted_changes") else ""
+    return f", s3proxy at commit {src.get('commit')}{dirty}"
+
+
 def markdown(result: dict[str, Any], png: Path | None) -> str:
     meta = result["meta"]
     parts = [
         f"Produced by `{meta['command']}` on {meta['started']} "
         f"({meta['machine']['cpus']} CPUs, backend {meta['backend']}, "
-        f"{meta['duration_s']:.0f} s, load average {_load(meta)}).",
+        f"{meta['duration_s']:.0f} s, load average {_load(meta)}){_source(meta)}.",
         md_table(COLUMNS, rows(result["cells"])),
     ]
     if result["ratios"]:
