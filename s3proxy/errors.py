@@ -39,6 +39,11 @@ MALFORMED_MULTIPART = ErrorKind("MALFORMED_MULTIPART", 400)
 NO_FILE = ErrorKind("NO_FILE", 400)
 INVALID_FIELD = ErrorKind("INVALID_FIELD", 400)
 CLIENT_DISCONNECTED = ErrorKind("CLIENT_DISCONNECTED", 400)
+# 401 / 403
+AUTH_REQUIRED = ErrorKind("AUTH_REQUIRED", 401)
+INVALID_CREDENTIALS = ErrorKind("INVALID_CREDENTIALS", 401)
+TOKEN_EXPIRED = ErrorKind("TOKEN_EXPIRED", 401)
+TOKEN_SCOPE = ErrorKind("TOKEN_SCOPE", 403)
 # 404 / 405 from routing
 NOT_FOUND = ErrorKind("NOT_FOUND", 404)
 METHOD_NOT_ALLOWED = ErrorKind("METHOD_NOT_ALLOWED", 405)
@@ -91,7 +96,9 @@ def error_body(kind: ErrorKind, message: str) -> dict[str, Any]:
 def error_response(err: ProxyError) -> web.Response:
     """Render an error as JSON; close the connection when the body was not fully read."""
     resp = web.json_response(error_body(err.kind, err.message), status=err.kind.status)
-    if err.kind.status in (408, 413, 400):
+    if err.kind.status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="s3proxy"'
+    if err.kind.status in (400, 401, 403, 408, 413, 415):
         # The rest of the body may still be on the wire; do not try to parse it
         # as the next request.
         resp.force_close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -9,12 +10,14 @@ from typing import Any
 from aiohttp import MultipartReader, hdrs, web
 from aiohttp.web_urldispatcher import _default_expect_handler
 
+from s3proxy.auth import Principal
 from s3proxy.errors import (
     EXPECTATION_FAILED,
     MALFORMED_MULTIPART,
     NOT_MULTIPART,
     REQUEST_TOO_LARGE,
     SHUTTING_DOWN,
+    TOKEN_SCOPE,
     WEBHOOK_FAILED,
     ProxyError,
     error_body,
@@ -28,11 +31,16 @@ from s3proxy.webhook import WebhookError
 
 log = logging.getLogger("s3proxy.handlers")
 
+# Boundaries and part headers around the file data an upload token counts.
+MULTIPART_OVERHEAD = 64 * 1024
 
-def check_upload_headers(request: web.Request, state: AppState) -> int | None:
-    """Refuse what can be refused from the headers alone; return the Content-Length."""
+
+def check_upload(request: web.Request, state: AppState) -> tuple[Principal, int | None]:
+    """Refuse what can be refused from the headers alone, before a body byte is read:
+    shutdown, credentials, the content type and a Content-Length over a limit."""
     if state.draining:
         raise ProxyError(SHUTTING_DOWN, "the proxy is shutting down; retry on another instance")
+    principal = state.auth.authenticate(request)
     ctype = request.headers.get(hdrs.CONTENT_TYPE, "")
     if request.content_type != "multipart/form-data":
         raise ProxyError(
@@ -44,7 +52,14 @@ def check_upload_headers(request: web.Request, state: AppState) -> int | None:
         raise ProxyError(
             REQUEST_TOO_LARGE, f"request body of {length} bytes is over the limit of {limit} bytes"
         )
-    return length
+    grant = principal.grant
+    max_size = grant.max_size if grant is not None else None
+    if max_size is not None and length is not None and length > max_size + MULTIPART_OVERHEAD:
+        raise ProxyError(
+            TOKEN_SCOPE,
+            f"the upload token allows {max_size} bytes; the body has {length}",
+        )
+    return principal, length
 
 
 async def expect_upload(request: web.Request) -> web.StreamResponse | None:
@@ -55,7 +70,7 @@ async def expect_upload(request: web.Request) -> web.StreamResponse | None:
             ProxyError(EXPECTATION_FAILED, "only Expect: 100-continue is supported")
         )
     try:
-        check_upload_headers(request, request.app[STATE])
+        check_upload(request, request.app[STATE])
     except ProxyError as err:
         return error_response(err)
     await _default_expect_handler(request)
@@ -64,13 +79,17 @@ async def expect_upload(request: web.Request) -> web.StreamResponse | None:
 
 async def upload(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    length = check_upload_headers(request, state)
+    principal, length = check_upload(request, state)
     try:
         reader = MultipartReader(request.headers, request.content)
     except (ValueError, AssertionError) as exc:
         raise ProxyError(MALFORMED_MULTIPART, f"bad multipart Content-Type: {exc}") from None
     body = request.content
-    parts = iter_form(reader, state.form_limits, lambda: body.total_bytes)
+    limits = state.form_limits
+    grant = principal.grant
+    if grant is not None and grant.max_files is not None:
+        limits = dataclasses.replace(limits, max_files=min(limits.max_files, grant.max_files))
+    parts = iter_form(reader, limits, lambda: body.total_bytes)
     # No file can be longer than the whole body: that bounds part sizes and buffers.
     job = RequestUpload(
         state.require_sink(),
@@ -79,12 +98,14 @@ async def upload(request: web.Request) -> web.Response:
         state.settings.key_template,
         length,
         state.metrics,
+        grant,
     )
     with state.track(request.task):
         result = await job.run(parts)
         out = result.to_json()
         if state.webhook is not None:
             out["webhook"] = await notify(state, job, out)
+    log.info("request.stored files=%d by=%s", len(result.files), principal.subject)
     return web.json_response(out, status=201)
 
 

@@ -80,6 +80,14 @@ def make_key(
     return key
 
 
+def under_prefix(prefix: str, key: str) -> str:
+    """Put a key under an upload token's prefix (already validated as clean)."""
+    full = prefix + key
+    if len(full.encode()) > MAX_KEY_BYTES:
+        raise ValueError("key longer than S3's 1024-byte limit")
+    return full
+
+
 def content_disposition(filename: str) -> str:
     """``attachment`` with an ASCII fallback and an RFC 5987 ``filename*`` (RFC 6266)."""
     safe = sanitize_filename(filename)

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from s3proxy import keys, sniff
 from s3proxy.body import Chunk
 from s3proxy.budget import MemoryBudget, Reservation
-from s3proxy.errors import FILE_TOO_LARGE, INTERNAL, TYPE_NOT_ALLOWED, ProxyError
+from s3proxy.errors import FILE_TOO_LARGE, INTERNAL, TOKEN_SCOPE, TYPE_NOT_ALLOWED, ProxyError
 from s3proxy.form import ChunkSource
 from s3proxy.parts import MAX_PARTS, PartSlicer, plan_parts
 from s3proxy.sink import ObjectOptions, ObjectSink
@@ -43,6 +43,7 @@ class PipelineConfig:
     max_file_size: int
     chunk_size: int = 256 * 1024  # most bytes asked of the client at once
     allow_types: tuple[str, ...] = ()
+    grant_types: tuple[str, ...] = ()  # an upload token's narrower allowlist (403 outside it)
     acl: str | None = None
     storage_class: str | None = None
     sse: str | None = None
@@ -224,6 +225,12 @@ class FileUpload:
                 TYPE_NOT_ALLOWED,
                 f"file {self.spec.filename!r} is {shown}; "
                 f"allowed: {', '.join(self.cfg.allow_types)}",
+            )
+        if self.cfg.grant_types and not found.allowed_by(self.cfg.grant_types):
+            raise ProxyError(
+                TOKEN_SCOPE,
+                f"file {self.spec.filename!r} is {found.content_type}; "
+                f"the upload token allows {', '.join(self.cfg.grant_types)}",
             )
         return found.content_type
 

@@ -78,11 +78,30 @@ def _setting(
     repeat: bool = False,
     choices: Sequence[str] | None = None,
     show: Callable[[Any], str] | None = None,
+    secret: bool = False,
 ) -> Any:
     meta = {"help": help, "parse": parse, "repeat": repeat, "choices": choices, "show": show}
     if repeat:
-        return field(default_factory=lambda: tuple(default), metadata=meta)
-    return field(default=default, metadata=meta)
+        return field(default_factory=lambda: tuple(default), metadata=meta, repr=not secret)
+    return field(default=default, metadata=meta, repr=not secret)
+
+
+def _opt_path(text: str) -> Path | None:
+    return Path(text) if text else None
+
+
+def read_secrets(values: Sequence[str], path: Path | None) -> tuple[str, ...]:
+    """Secrets given inline plus those in a file (one per line, # comments)."""
+    found = [v.strip() for v in values if v.strip()]
+    if path is not None:
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                found.append(line)
+    return tuple(found)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,32 @@ class Settings:
     # network
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8080, "port to listen on", int)
+    # who may upload
+    api_key: tuple[str, ...] = _setting(
+        (),
+        "API key accepted as Authorization: Bearer "
+        "(repeatable; prefer the env var, comma-separated)",
+        repeat=True,
+        secret=True,
+    )
+    api_key_file: Path | None = _setting(  # noqa: RUF009 - Path is immutable
+        None, "file of API keys, one per line", _opt_path, show=str
+    )
+    token_secret: tuple[str, ...] = _setting(
+        (),
+        "HMAC secret for signed upload tokens (repeatable for rotation; prefer the env var)",
+        repeat=True,
+        secret=True,
+    )
+    token_secret_file: Path | None = _setting(  # noqa: RUF009 - Path is immutable
+        None, "file of token secrets, one per line (the first issues tokens)", _opt_path, show=str
+    )
+    insecure_no_auth: bool = _setting(
+        False, "allow unauthenticated uploads on a non-loopback address", _parse_bool
+    )
+    cors_origin: tuple[str, ...] = _setting(
+        (), "origin allowed to upload from a browser (repeatable; * for any)", repeat=True
+    )
     # S3 backend
     endpoint_url: str | None = _setting(
         None,
@@ -183,7 +228,10 @@ class Settings:
         None, "POST a JSON description of each completed request here", _opt_str
     )
     webhook_secret: str | None = _setting(
-        None, "HMAC-SHA256 key for the webhook's X-S3Proxy-Signature (prefer the env var)", _opt_str
+        None,
+        "HMAC-SHA256 key for the webhook's X-S3Proxy-Signature (prefer the env var)",
+        _opt_str,
+        secret=True,
     )
     webhook_timeout: float = _setting(10.0, "seconds one webhook attempt may take", float)
     webhook_attempts: int = _setting(5, "webhook attempts, with backoff, before giving up", int)
@@ -213,6 +261,18 @@ class Settings:
     @property
     def embedded(self) -> bool:
         return self.endpoint_url is None
+
+    @property
+    def auth_configured(self) -> bool:
+        return bool(
+            self.api_key or self.token_secret or self.api_key_file or self.token_secret_file
+        )
+
+    def api_keys(self) -> tuple[str, ...]:
+        return read_secrets(self.api_key, self.api_key_file)
+
+    def token_secrets(self) -> tuple[str, ...]:
+        return read_secrets(self.token_secret, self.token_secret_file)
 
     @property
     def bucket_name(self) -> str:
@@ -276,6 +336,19 @@ class Settings:
         if self.webhook_attempts < 1 or self.webhook_timeout <= 0:
             raise SettingsError(
                 "--webhook-attempts must be at least 1 and --webhook-timeout positive"
+            )
+        for path in (self.api_key_file, self.token_secret_file):
+            if path is not None and not path.is_file():
+                raise SettingsError(f"cannot read {path}: no such file")
+        if (
+            self.host not in LOOPBACK_HOSTS
+            and not self.auth_configured
+            and not self.insecure_no_auth
+        ):
+            raise SettingsError(
+                f"refusing to listen on {self.host} without authentication: set "
+                "S3PROXY_API_KEY or S3PROXY_TOKEN_SECRET (or their -file flags), "
+                "or pass --insecure-no-auth true"
             )
         if self.sse_kms_key_id and self.sse != "aws:kms":
             raise SettingsError("--sse-kms-key-id needs --sse aws:kms")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from s3proxy.auth import Authenticator, load_keys
 from s3proxy.budget import MemoryBudget
 from s3proxy.form import FormLimits
 from s3proxy.metrics import Metrics
@@ -25,6 +26,7 @@ class AppState:
     pipeline: PipelineConfig
     form_limits: FormLimits
     metrics: Metrics = field(default_factory=Metrics)
+    auth: Authenticator = field(default_factory=Authenticator)
     sink: ObjectSink | None = None  # set once the S3 client is open
     webhook: Webhook | None = None  # set when a webhook URL is configured
     draining: bool = False
@@ -34,6 +36,10 @@ class AppState:
     def from_settings(cls, settings: Settings) -> AppState:
         return cls(
             settings=settings,
+            auth=Authenticator(
+                api_keys=load_keys(settings.api_keys()),
+                token_secrets=load_keys(settings.token_secrets()),
+            ),
             budget=MemoryBudget(settings.memory_budget),
             pipeline=PipelineConfig(
                 part_size=settings.part_size,

@@ -10,6 +10,7 @@ all fields are returned in the response.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from s3proxy.pipeline import (
     run_cleanup,
 )
 from s3proxy.sink import ObjectSink
+from s3proxy.tokens import UploadGrant
 
 log = logging.getLogger("s3proxy.uploads")
 
@@ -91,6 +93,7 @@ class RequestUpload:
         key_template: str,
         size_hint: int | None,
         metrics: Metrics | None = None,
+        grant: UploadGrant | None = None,
     ) -> None:
         self.sink = sink
         self.budget = budget
@@ -99,6 +102,7 @@ class RequestUpload:
         self.size_hint = size_hint  # no file is longer than this (the body's length), if known
         self.result = UploadResult()
         self.metrics = metrics or Metrics()
+        self.grant = grant
 
     async def run(self, parts: AsyncIterator[Field | FilePart]) -> UploadResult:
         try:
@@ -128,6 +132,8 @@ class RequestUpload:
     async def _store(self, part: FilePart) -> StoredFile | None:
         try:
             key = keys.make_key(self.key_template, part.filename, part.field)
+            if self.grant is not None:
+                key = keys.under_prefix(self.grant.prefix, key)
         except ValueError as exc:
             raise ProxyError(INVALID_FIELD, f"cannot make an object key: {exc}") from None
         spec = FileSpec(
@@ -138,7 +144,7 @@ class RequestUpload:
             metadata=field_metadata(self.result.fields),
             size_hint=self.size_hint,
         )
-        upload = FileUpload(spec, self.sink, self.budget, self.cfg)
+        upload = FileUpload(spec, self.sink, self.budget, self._file_config())
         m = self.metrics
         m.uploads_started.inc()
         m.uploads_in_flight.inc()
@@ -161,6 +167,16 @@ class RequestUpload:
                 stored.content_type,
             )
         return stored
+
+    def _file_config(self) -> PipelineConfig:
+        """The proxy's limits, narrowed by the upload token if there is one."""
+        if self.grant is None:
+            return self.cfg
+        cfg = dataclasses.replace(self.cfg, grant_types=self.grant.types)
+        if self.grant.max_size is not None:
+            left = self.grant.max_size - sum(f.size for f in self.result.files)
+            cfg = dataclasses.replace(cfg, max_file_size=max(0, min(cfg.max_file_size, left)))
+        return cfg
 
     async def rollback(self) -> None:
         """Delete what this request already stored; the failing file aborted itself."""

@@ -1,0 +1,156 @@
+"""Who may upload: API keys, signed upload tokens, and the loopback-only default.
+Every refusal happens before a body byte is read."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+import pytest
+
+from s3proxy.settings import Settings, SettingsError
+from s3proxy.tokens import issue
+from tests import bodies
+from tests.bodies import MiB
+from tests.s3util import all_keys, open_uploads
+
+KEY = "k3y-0123456789abcdef"
+SECRET = b"s" * 32
+
+
+@pytest.fixture
+async def authed(proxy_factory: Any) -> Any:
+    return await proxy_factory(api_key=(KEY,), token_secret=(SECRET.decode(), "old-secret"))
+
+
+def pdf_body(size: int = 1000) -> bytes:
+    return bodies.body([bodies.file("f", "a.pdf", bodies.pdf(size))])
+
+
+async def post(client: Any, raw: bytes, **headers: str) -> tuple[int, dict[str, Any], Any]:
+    resp = await client.post(
+        "/upload", data=io.BytesIO(raw), headers={**bodies.headers(), **headers}
+    )
+    return resp.status, await resp.json(), resp
+
+
+async def test_no_credentials(authed: Any) -> None:
+    status, out, resp = await post(authed, pdf_body())
+    assert (status, out["error"]["code"]) == (401, "AUTH_REQUIRED")
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_api_key(authed: Any, s3: Any, bucket: str) -> None:
+    status, _, _ = await post(authed, pdf_body(), Authorization=f"Bearer {KEY}")
+    assert status == 201
+    status, out, _ = await post(authed, pdf_body(), Authorization="Bearer wrong")
+    assert (status, out["error"]["code"]) == (401, "INVALID_CREDENTIALS")
+
+
+async def test_token_puts_keys_under_its_prefix(authed: Any, s3: Any, bucket: str) -> None:
+    token = issue(SECRET, prefix="users/42/", ttl=60, types=["application/pdf"], subject="u42")
+    for how in ({"Authorization": f"Bearer {token}"}, {"X-Upload-Token": token}):
+        status, out, _ = await post(authed, pdf_body(), **how)
+        assert status == 201, out
+        assert out["files"][0]["key"].startswith("users/42/uploads/")
+    resp = await authed.post(
+        f"/upload?token={token}", data=io.BytesIO(pdf_body()), headers=bodies.headers()
+    )
+    assert resp.status == 201
+
+
+async def test_rotated_secret_still_verifies(authed: Any) -> None:
+    token = issue(b"old-secret", prefix="p/", ttl=60)
+    status, _, _ = await post(authed, pdf_body(), Authorization=f"Bearer {token}")
+    assert status == 201
+
+
+@pytest.mark.parametrize(
+    ("mangle", "code"),
+    [
+        (lambda t: t[:-2] + ("A" if t[-2] != "A" else "B") + t[-1], "INVALID_CREDENTIALS"),
+        (lambda t: "x" + t, "INVALID_CREDENTIALS"),
+        (
+            lambda t: issue(b"another-secret-another-secret-32", prefix="p/", ttl=60),
+            "INVALID_CREDENTIALS",
+        ),
+        (lambda t: issue(SECRET, prefix="p/", ttl=60, now=0), "TOKEN_EXPIRED"),
+    ],
+    ids=["tampered", "garbage", "wrong-secret", "expired"],
+)
+async def test_bad_tokens(authed: Any, mangle: Any, code: str) -> None:
+    token = mangle(issue(SECRET, prefix="p/", ttl=60))
+    status, out, _ = await post(authed, pdf_body(), Authorization=f"Bearer {token}")
+    assert (status, out["error"]["code"]) == (401, code)
+
+
+async def test_token_type_scope(authed: Any, s3: Any, bucket: str) -> None:
+    token = issue(SECRET, prefix="p/", ttl=60, types=["image/*"])
+    raw = bodies.body(
+        [
+            bodies.file("a", "ok.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(80)),
+            bodies.file("b", "doc.pdf", bodies.pdf(6 * MiB)),
+        ]
+    )
+    status, out, _ = await post(authed, raw, Authorization=f"Bearer {token}")
+    assert (status, out["error"]["code"]) == (403, "TOKEN_SCOPE")
+    assert all_keys(s3, bucket) == [] and open_uploads(s3, bucket) == []
+
+
+async def test_token_size_scope(authed: Any, s3: Any, bucket: str) -> None:
+    token = issue(SECRET, prefix="p/", ttl=60, max_size=1 * MiB)
+    status, out, _ = await post(authed, pdf_body(3 * MiB), Authorization=f"Bearer {token}")
+    assert (status, out["error"]["code"]) == (403, "TOKEN_SCOPE")
+    # chunked: no Content-Length to refuse up front; the stream is cut at the token's size
+    raw = pdf_body(3 * MiB)
+    resp = await authed.post(
+        "/upload", data=bodies.chunked(raw), headers={**bodies.headers(), "X-Upload-Token": token}
+    )
+    assert resp.status == 413 and (await resp.json())["error"]["code"] == "FILE_TOO_LARGE"
+    assert all_keys(s3, bucket) == [] and open_uploads(s3, bucket) == []
+
+
+async def test_token_max_files(authed: Any) -> None:
+    token = issue(SECRET, prefix="p/", ttl=60, max_files=1)
+    raw = bodies.body(
+        [
+            bodies.file("a", "a.txt", b"a", "text/plain"),
+            bodies.file("b", "b.txt", b"b", "text/plain"),
+        ]
+    )
+    status, out, _ = await post(authed, raw, Authorization=f"Bearer {token}")
+    assert (status, out["error"]["code"]) == (413, "TOO_MANY_FILES")
+
+
+async def test_refused_before_any_body_byte(authed: Any) -> None:
+    """With Expect: 100-continue, a bad credential is answered without a 100 Continue."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", authed.port)
+    writer.write(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\nExpect: 100-continue\r\n"
+        b"Authorization: Bearer nope\r\n"
+        b"Content-Type: multipart/form-data; boundary=" + bodies.BOUNDARY.encode() + b"\r\n\r\n"
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 401")
+
+
+async def test_health_needs_no_auth(authed: Any) -> None:
+    assert (await authed.get("/healthz")).status == 200
+
+
+def test_non_loopback_needs_auth() -> None:
+    with pytest.raises(SettingsError, match="without authentication"):
+        Settings(host="0.0.0.0")
+    Settings(host="0.0.0.0", api_key=("k",))
+    Settings(host="0.0.0.0", insecure_no_auth=True)
+
+
+def test_secrets_not_in_repr(tmp_path: Any) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# comment\nfile-key\n\n")
+    s = Settings(api_key=("inline-key",), api_key_file=keys, webhook_secret="whsec")
+    assert s.api_keys() == ("inline-key", "file-key")
+    assert "inline-key" not in repr(s) and "whsec" not in repr(s)
