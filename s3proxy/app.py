@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import json
 import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from s3proxy import handlers
+from s3proxy.cleanup import sweep
 from s3proxy.errors import error_middleware
+from s3proxy.keys import template_prefix
 from s3proxy.log import REQUEST_ID
 from s3proxy.metrics import METRICS, metrics_handler, metrics_middleware
 from s3proxy.settings import Settings
@@ -59,10 +65,8 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
-    """Open (and, with no endpoint configured, first start) the S3 store the proxy writes to."""
-    state = app[STATE]
-    settings = state.settings
+def client_options(settings: Settings) -> ClientOptions:
+    """The S3 client settings; with the embedded store, its endpoint and saved keys."""
     opts = ClientOptions(
         endpoint_url=settings.endpoint_url,
         region=settings.region,
@@ -73,6 +77,24 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
         sign_payload=settings.sign_payload,
         request_checksum=settings.request_checksum,
     )
+    if settings.embedded:  # for `cleanup` beside a running embedded store
+        creds = settings.data_dir / "credentials.json"
+        if creds.is_file():
+            keys = json.loads(creds.read_text())
+            opts = dataclasses.replace(
+                opts,
+                endpoint_url=f"http://127.0.0.1:{settings.embedded_s3_port}",
+                access_key=keys["access_key"],
+                secret_key=keys["secret_key"],
+            )
+    return opts
+
+
+async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
+    """Open (and, with no endpoint configured, first start) the S3 store the proxy writes to."""
+    state = app[STATE]
+    settings = state.settings
+    opts = client_options(settings)
     store = None
     if settings.embedded:
         from s3proxy.embedded import EmbeddedConfig, EmbeddedStore
@@ -85,23 +107,48 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
             )
         )
         await store.start()
-        opts = ClientOptions(
-            **{
-                **opts.__dict__,
-                "endpoint_url": store.endpoint_url,
-                "access_key": store.access_key,
-                "secret_key": store.secret_key,
-            }
+        opts = dataclasses.replace(
+            opts,
+            endpoint_url=store.endpoint_url,
+            access_key=store.access_key,
+            secret_key=store.secret_key,
         )
     try:
         async with open_client(opts) as client:
             state.sink = S3Sink(client, settings.bucket_name, state.metrics)
             _log_start(settings, opts.endpoint_url, store)
-            yield
-            state.sink = None
+            sweeper = None
+            if settings.cleanup_interval > 0:
+                sweeper = asyncio.create_task(_sweep_forever(client, settings), name="cleanup")
+            try:
+                yield
+            finally:
+                if sweeper is not None:
+                    sweeper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await sweeper
+                state.sink = None
     finally:
         if store is not None:
             await store.stop()
+
+
+async def _sweep_forever(client: Any, settings: Settings) -> None:
+    """Abort multipart uploads a crash left behind, now and then (any instance may do it)."""
+    prefix = template_prefix(settings.key_template)
+    while True:
+        try:
+            result = await sweep(
+                client,
+                settings.bucket_name,
+                prefix,
+                timedelta(seconds=settings.cleanup_older_than),
+                dry_run=False,
+            )
+            log.info("cleanup.swept found=%d aborted=%d", len(result.found), len(result.aborted))
+        except Exception as exc:
+            log.warning("cleanup.failed error=%s", exc)
+        await asyncio.sleep(settings.cleanup_interval)
 
 
 async def _webhook(app: web.Application) -> AsyncIterator[None]:

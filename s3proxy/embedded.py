@@ -251,7 +251,7 @@ class EmbeddedStore:
                     cwd=self._data_dir,  # weed reads *.toml from "." too; keep that ours
                     env=_child_env(),
                     start_new_session=True,
-                    preexec_fn=_parent_death_signal(),
+                    preexec_fn=parent_death_signal(),
                 )
             except OSError as exc:
                 raise EmbeddedStoreError(f"embedded S3 store: cannot run {binary}: {exc}") from exc
@@ -633,7 +633,7 @@ def _child_env() -> dict[str, str]:
     }
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
+def parent_death_signal() -> Callable[[], None] | None:
     """A preexec_fn that makes the kernel SIGTERM the child when we die (Linux only)."""
     if not sys.platform.startswith("linux"):
         return None

@@ -1,17 +1,27 @@
-"""Run the app: listen, wait for SIGTERM/SIGINT, drain, clean up.
+"""Run the app: listen, wait for SIGTERM/SIGINT, drain, clean up; or supervise workers.
 
 Not ``web.run_app``: on shutdown aiohttp marks every connection closing and then
 discards the bytes that arrive on it, so an upload in flight could never finish
 in its grace period. Here the proxy first drains (``/readyz`` and new uploads
 answer 503 while running uploads get ``--shutdown-timeout`` to finish, then are
 cancelled, which aborts them), and only then lets aiohttp close connections.
+
+With ``--workers N`` the first process starts N copies of itself that share the
+port (SO_REUSEPORT; the kernel spreads connections), forwards signals to them and
+restarts one that dies. With the embedded store, the store runs once, here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -24,24 +34,121 @@ log = logging.getLogger("s3proxy.server")
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
 
 
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _forget_signals() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+
+
 async def serve(settings: Settings) -> None:
     app = create_app(settings)
     runner = web.AppRunner(
         app, handle_signals=False, access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=5.0
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = _stop_event()
     try:
         await runner.setup()  # opens the S3 client; starts the embedded store if any
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(
+            runner, settings.host, settings.port, reuse_port=settings.reuse_port or None
+        )
         await site.start()
         await stop.wait()
         log.info("proxy.stopping signal received")
         await drain(app[STATE])
     finally:
         await runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        _forget_signals()
     log.info("proxy.stopped")
+
+
+@dataclass
+class Worker:
+    proc: asyncio.subprocess.Process
+    started: float
+
+
+async def supervise(settings: Settings, argv: Sequence[str]) -> int:
+    """Run ``settings.workers`` serve processes on one port; return the exit status."""
+    env = dict(os.environ)
+    store = None
+    if settings.embedded:
+        from s3proxy.embedded import EmbeddedConfig, EmbeddedStore
+
+        store = EmbeddedStore(
+            EmbeddedConfig(
+                data_dir=settings.data_dir,
+                bucket=settings.bucket_name,
+                s3_port=settings.embedded_s3_port,
+            )
+        )
+        await store.start()
+        env.update(
+            S3PROXY_ENDPOINT_URL=store.endpoint_url,
+            S3PROXY_BUCKET=settings.bucket_name,
+            AWS_ACCESS_KEY_ID=store.access_key,
+            AWS_SECRET_ACCESS_KEY=store.secret_key,
+        )
+    stop = _stop_event()
+    workers: list[Worker] = []
+    status = 0
+    try:
+        workers = [await _spawn(argv, env) for _ in range(settings.workers)]
+        log.info("workers.started count=%d port=%d", settings.workers, settings.port)
+        while not stop.is_set():
+            exits = {asyncio.ensure_future(w.proc.wait()): i for i, w in enumerate(workers)}
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait([stopper, *exits], return_when=asyncio.FIRST_COMPLETED)
+            for fut in [stopper, *exits]:
+                fut.cancel()
+            for fut in done:
+                if fut is stopper or stop.is_set():
+                    continue
+                i = exits[fut]
+                dead = workers[i]
+                log.error("worker.exited index=%d code=%s", i, dead.proc.returncode)
+                early = time.monotonic() - dead.started < START_GRACE
+                if early and dead.proc.returncode in (1, 2):
+                    status = 1  # it could not start (port taken, bad setting): give up
+                    stop.set()
+                else:
+                    workers[i] = await _spawn(argv, env)
+    finally:
+        for w in workers:
+            if w.proc.returncode is None:
+                w.proc.send_signal(signal.SIGTERM)
+        for w in workers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(w.proc.wait(), settings.shutdown_timeout + 15)
+        if store is not None:
+            await store.stop()
+        _forget_signals()
+    return status
+
+
+START_GRACE = 5.0  # a worker failing at start (exit 1/2) within this is not restarted
+
+
+async def _spawn(argv: Sequence[str], env: dict[str, str]) -> Worker:
+    from s3proxy.embedded import parent_death_signal
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "s3proxy",
+        *argv,
+        "--workers",
+        "1",
+        "--reuse-port",
+        "true",
+        env=env,
+        preexec_fn=parent_death_signal(),
+    )
+    return Worker(proc, time.monotonic())

@@ -57,6 +57,25 @@ def format_size(n: int) -> str:
     return str(n)
 
 
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_DURATION_UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``24h`` or ``7d``."""
+    m = _DURATION_RE.match(str(text).lower())
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use seconds or 90s, 15m, 24h, 7d)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    for unit, factor in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= factor and seconds % factor == 0:
+            return f"{int(seconds // factor)}{unit}"
+    return f"{seconds:g}s"
+
+
 def _parse_bool(text: str) -> bool:
     value = str(text).strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -247,6 +266,26 @@ class Settings:
     )
     embedded_s3_port: int = _setting(8333, "embedded store: S3 port", int)
     # operations
+    workers: int = _setting(
+        1, "worker processes sharing the port (SO_REUSEPORT), each with its own budget", int
+    )
+    reuse_port: bool = _setting(
+        False,
+        "bind with SO_REUSEPORT (set for workers; lets several processes share the port)",
+        _parse_bool,
+    )
+    cleanup_interval: float = _setting(
+        0.0,
+        "abort orphaned multipart uploads under the key prefix this often (0: never)",
+        parse_duration,
+        show=format_duration,
+    )
+    cleanup_older_than: float = _setting(
+        86400.0,
+        "multipart uploads older than this count as orphaned",
+        parse_duration,
+        show=format_duration,
+    )
     shutdown_timeout: float = _setting(
         30.0, "seconds in-flight uploads get to finish on shutdown before they are aborted", float
     )
@@ -291,6 +330,12 @@ class Settings:
             raise SettingsError(f"--port must be 1-65535, got {self.port}")
         if self.part_size < parts.MIN_PART_SIZE or self.part_size > parts.MAX_PART_SIZE:
             raise SettingsError("--part-size must be between 5MiB and 5GiB (S3's part size limits)")
+        if self.workers < 1:
+            raise SettingsError("--workers must be at least 1")
+        if self.cleanup_interval < 0 or self.cleanup_older_than < 60:
+            raise SettingsError(
+                "--cleanup-interval must be >= 0 and --cleanup-older-than at least 1m"
+            )
         if self.parts_in_flight < 1:
             raise SettingsError("--parts-in-flight must be at least 1")
         largest = parts.largest_part(self.part_size, self.max_file_size)

@@ -130,6 +130,7 @@ class S3Sink:
 
     def __init__(self, client: Any, bucket: str, metrics: Metrics | None = None) -> None:
         self._s3 = client
+        self.client = client  # for the cleanup sweep, which lists uploads
         self.bucket = bucket
         self._metrics = metrics or Metrics()
 
