@@ -15,9 +15,11 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from s3proxy import handlers
 from s3proxy.cleanup import sweep
+from s3proxy.cors import cors_middleware
 from s3proxy.errors import error_middleware
 from s3proxy.keys import template_prefix
 from s3proxy.log import REQUEST_ID
@@ -46,8 +48,12 @@ async def request_id_middleware(request: web.Request, handler: Any) -> web.Strea
 
 def create_app(settings: Settings) -> web.Application:
     state = AppState.from_settings(settings)
+    middlewares: list[Middleware] = [request_id_middleware]
+    if settings.cors_origin:
+        middlewares.append(cors_middleware(settings.cors_origin))
+    middlewares += [metrics_middleware(state.metrics), error_middleware]
     app = web.Application(
-        middlewares=[request_id_middleware, metrics_middleware(state.metrics), error_middleware],
+        middlewares=middlewares,
         # The socket read buffer is per connection and outside the memory budget.
         handler_args={"read_bufsize": settings.read_buffer // 2},
     )

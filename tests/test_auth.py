@@ -154,3 +154,31 @@ def test_secrets_not_in_repr(tmp_path: Any) -> None:
     s = Settings(api_key=("inline-key",), api_key_file=keys, webhook_secret="whsec")
     assert s.api_keys() == ("inline-key", "file-key")
     assert "inline-key" not in repr(s) and "whsec" not in repr(s)
+
+
+async def test_cors_preflight_and_response(proxy_factory: Any) -> None:
+    client = await proxy_factory(cors_origin=("https://app.example",))
+    pre = await client.options(
+        "/upload",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
+    assert pre.status == 204
+    assert pre.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "Authorization" in pre.headers["Access-Control-Allow-Headers"]
+    resp = await client.post(
+        "/upload",
+        data=io.BytesIO(pdf_body()),
+        headers={**bodies.headers(), "Origin": "https://app.example"},
+    )
+    assert resp.status == 201
+    assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "X-Request-ID" in resp.headers["Access-Control-Expose-Headers"]
+    other = await client.options(
+        "/upload",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert other.status == 403 and "Access-Control-Allow-Origin" not in other.headers
