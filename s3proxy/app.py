@@ -133,6 +133,7 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
                     sweeper.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await sweeper
+                await state.janitor.close()
                 state.sink = None
     finally:
         if store is not None:

@@ -99,6 +99,7 @@ async def upload(request: web.Request) -> web.Response:
         length,
         state.metrics,
         grant,
+        state.janitor,
     )
     with state.track(request.task):
         result = await job.run(parts)

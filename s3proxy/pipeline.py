@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any, TypeVar
@@ -27,13 +27,13 @@ from s3proxy.body import Chunk
 from s3proxy.budget import MemoryBudget, Reservation
 from s3proxy.errors import FILE_TOO_LARGE, INTERNAL, TOKEN_SCOPE, TYPE_NOT_ALLOWED, ProxyError
 from s3proxy.form import ChunkSource
+from s3proxy.janitor import Janitor, run_cleanup
 from s3proxy.parts import MAX_PARTS, PartSlicer, plan_parts
 from s3proxy.sink import ObjectOptions, ObjectSink
 
 log = logging.getLogger("s3proxy.pipeline")
 
 T = TypeVar("T")
-CLEANUP_TIMEOUT = 30.0  # seconds an abort or rollback delete may take
 
 
 @dataclass(frozen=True)
@@ -85,23 +85,6 @@ class StoredFile:
         }
 
 
-async def run_cleanup(coro_fn: Callable[[], Awaitable[None]], what: str) -> None:
-    """Run a cleanup call to the end even if we are being cancelled; log, never raise."""
-    task = asyncio.ensure_future(asyncio.wait_for(coro_fn(), CLEANUP_TIMEOUT))
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            cancelled = True
-        except Exception:
-            break
-    if not task.cancelled() and task.exception() is not None:
-        log.error("cleanup.failed what=%s error=%r", what, task.exception())
-    if cancelled:
-        raise asyncio.CancelledError
-
-
 def abort_reason(exc: BaseException) -> str:
     """A stable word for why an upload ended early: the error code, or how it was stopped."""
     if isinstance(exc, ProxyError):
@@ -115,8 +98,14 @@ class FileUpload:
     """Streams one file into S3; ``run`` returns the stored file or raises ProxyError."""
 
     def __init__(
-        self, spec: FileSpec, sink: ObjectSink, budget: MemoryBudget, cfg: PipelineConfig
+        self,
+        spec: FileSpec,
+        sink: ObjectSink,
+        budget: MemoryBudget,
+        cfg: PipelineConfig,
+        janitor: Janitor | None = None,
     ) -> None:
+        self.janitor = janitor
         self.spec = spec
         self.sink = sink
         self.budget = budget
@@ -141,7 +130,11 @@ class FileUpload:
                     upload_id,
                     abort_reason(exc),
                 )
-                await run_cleanup(lambda: self.sink.abort(self.spec.key, upload_id), "abort")
+                await run_cleanup(
+                    lambda: self.sink.abort(self.spec.key, upload_id),
+                    f"abort key={self.spec.key} upload_id={upload_id}",
+                    self.janitor,
+                )
             raise
 
     async def _stream(self, source: ChunkSource) -> StoredFile | None:
@@ -311,7 +304,9 @@ class FileUpload:
             # a tag can be added afterwards without copying the object.
             await self.sink.tag(self.spec.key, {"sha256": digest})
         except BaseException:
-            await run_cleanup(lambda: self.sink.delete(self.spec.key), "delete")
+            await run_cleanup(
+                lambda: self.sink.delete(self.spec.key), f"delete key={self.spec.key}", self.janitor
+            )
             raise
         log.debug("upload.tagged key=%s upload_id=%s", self.spec.key, upload_id)
         return self._stored(content_type, etag, digest, parts=len(parts))

@@ -12,6 +12,7 @@ from aiohttp import web
 from s3proxy.auth import Authenticator, load_keys
 from s3proxy.budget import MemoryBudget
 from s3proxy.form import FormLimits
+from s3proxy.janitor import Janitor
 from s3proxy.metrics import Metrics
 from s3proxy.pipeline import PipelineConfig
 from s3proxy.settings import Settings
@@ -27,6 +28,7 @@ class AppState:
     form_limits: FormLimits
     metrics: Metrics = field(default_factory=Metrics)
     auth: Authenticator = field(default_factory=Authenticator)
+    janitor: Janitor = field(default_factory=Janitor)
     sink: ObjectSink | None = None  # set once the S3 client is open
     webhook: Webhook | None = None  # set when a webhook URL is configured
     draining: bool = False

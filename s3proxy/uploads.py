@@ -21,6 +21,7 @@ from s3proxy import keys
 from s3proxy.budget import MemoryBudget
 from s3proxy.errors import INVALID_FIELD, METADATA_TOO_LARGE, NO_FILE, ProxyError
 from s3proxy.form import Field, FilePart
+from s3proxy.janitor import Janitor, run_cleanup
 from s3proxy.metrics import Metrics
 from s3proxy.pipeline import (
     FileSpec,
@@ -28,7 +29,6 @@ from s3proxy.pipeline import (
     PipelineConfig,
     StoredFile,
     abort_reason,
-    run_cleanup,
 )
 from s3proxy.sink import ObjectSink
 from s3proxy.tokens import UploadGrant
@@ -94,7 +94,9 @@ class RequestUpload:
         size_hint: int | None,
         metrics: Metrics | None = None,
         grant: UploadGrant | None = None,
+        janitor: Janitor | None = None,
     ) -> None:
+        self.janitor = janitor
         self.sink = sink
         self.budget = budget
         self.cfg = cfg
@@ -144,7 +146,7 @@ class RequestUpload:
             metadata=field_metadata(self.result.fields),
             size_hint=self.size_hint,
         )
-        upload = FileUpload(spec, self.sink, self.budget, self._file_config())
+        upload = FileUpload(spec, self.sink, self.budget, self._file_config(), self.janitor)
         m = self.metrics
         m.uploads_started.inc()
         m.uploads_in_flight.inc()
@@ -182,5 +184,9 @@ class RequestUpload:
         """Delete what this request already stored; the failing file aborted itself."""
         for stored in self.result.files:
             log.info("upload.rolled_back key=%s", stored.key)
-            await run_cleanup(lambda key=stored.key: self.sink.delete(key), "rollback")  # type: ignore[misc]
+            await run_cleanup(
+                lambda key=stored.key: self.sink.delete(key),  # type: ignore[misc]
+                f"rollback key={stored.key}",
+                self.janitor,
+            )
         self.result.files.clear()

@@ -1,0 +1,226 @@
+"""Proven under load and faults: the S3 server killed mid-upload, many clients of which
+half stall, a flood of tiny requests. Each ends with nothing orphaned and the proxy
+still serving."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import boto3
+import pytest
+
+from s3proxy.embedded import EmbeddedConfig, EmbeddedStore
+from tests import bodies
+from tests.bodies import MiB
+from tests.s3util import (
+    BOTO_CONFIG,
+    MotoServer,
+    ProxyProcess,
+    fake_aws_env,
+    free_port,
+    open_uploads,
+)
+from tests.seaweed_fixture import s3_client_kwargs
+from tests.test_resources import proc_status
+
+pytestmark = pytest.mark.e2e
+
+
+def get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+async def read_status(reader: asyncio.StreamReader, within: float = 30.0) -> tuple[int, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), within)
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return int(head.split(b" ")[1]), await asyncio.wait_for(reader.readexactly(length), within)
+
+
+def request_head(length: int) -> bytes:
+    return (
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        b"Content-Type: multipart/form-data; boundary=%s\r\n\r\n"
+        % (length, bodies.BOUNDARY.encode())
+    )
+
+
+async def test_s3_killed_mid_upload_then_recovers(tmp_path: Path) -> None:
+    cfg = EmbeddedConfig(data_dir=tmp_path / "sw", s3_port=free_port())
+    store = EmbeddedStore(cfg)
+    await store.start()
+    env = fake_aws_env()
+    env.update(AWS_ACCESS_KEY_ID=store.access_key, AWS_SECRET_ACCESS_KEY=store.secret_key)
+    sw = boto3.client("s3", config=BOTO_CONFIG, **s3_client_kwargs(store))
+    proxy = ProxyProcess.start(
+        [
+            "--endpoint-url",
+            store.endpoint_url,
+            "--bucket",
+            store.bucket,
+            "--part-size",
+            "5MiB",
+            "--s3-max-attempts",
+            "2",
+            "--s3-connect-timeout",
+            "1",
+            "--s3-read-timeout",
+            "5",
+        ],
+        env,
+        tmp_path / "proxy.log",
+    )
+    try:
+        raw = bodies.body([bodies.file("f", "big.bin", os.urandom(20 * MiB))])
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(request_head(len(raw)) + raw[: 7 * MiB])
+        await writer.drain()
+        deadline = time.monotonic() + 20
+        while not open_uploads(sw, store.bucket):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+
+        assert store.pid is not None
+        os.kill(store.pid, signal.SIGKILL)  # the S3 server dies mid-upload
+        await store.stop()
+        writer.write(raw[7 * MiB :])
+        await writer.drain()
+        status, payload = await read_status(reader)
+        writer.close()
+        assert status in (502, 503, 504), payload
+        assert json.loads(payload)["error"]["code"].startswith("UPSTREAM_")
+        assert get(proxy.url + "/readyz")[0] == 503
+        assert get(proxy.url + "/healthz")[0] == 200
+
+        store = EmbeddedStore(cfg)  # S3 comes back, same data and port
+        await store.start()
+        deadline = time.monotonic() + 60
+        while get(proxy.url + "/readyz")[0] != 200 or open_uploads(sw, store.bucket):
+            assert time.monotonic() < deadline, "no recovery, or the orphan was never aborted"
+            await asyncio.sleep(0.5)
+        assert "cleanup.retried" in proxy.log_path.read_text()
+
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                proxy.url + "/upload",
+                data=io.BytesIO(bodies.body([bodies.file("f", "after.bin", os.urandom(6 * MiB))])),
+                headers=bodies.headers(),
+            ) as resp,
+        ):
+            assert resp.status == 201
+    finally:
+        proxy.stop()
+        await store.stop()
+
+
+@pytest.fixture
+def load_proxy(moto: MotoServer, bucket: str, tmp_path: Path) -> Any:
+    proxy = ProxyProcess.start(
+        [
+            "--endpoint-url",
+            moto.endpoint_url,
+            "--bucket",
+            bucket,
+            "--part-size",
+            "5MiB",
+            "--memory-budget",
+            "64MiB",
+            "--client-timeout",
+            "2",
+        ],
+        fake_aws_env(),
+        tmp_path / "proxy.log",
+    )
+    yield proxy
+    assert proxy.stop() == 0
+
+
+async def test_hundred_clients_half_stall(load_proxy: ProxyProcess, s3: Any, bucket: str) -> None:
+    proxy = load_proxy
+    idle = proc_status(proxy.proc.pid, "VmRSS")
+
+    async def good(i: int) -> int:
+        raw = bodies.body([bodies.file("f", f"{i}.bin", os.urandom((3 if i % 2 else 7) * MiB))])
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                proxy.url + "/upload", data=io.BytesIO(raw), headers=bodies.headers()
+            ) as resp,
+        ):
+            return resp.status
+
+    async def stall(i: int) -> int:
+        raw = bodies.body([bodies.file("f", f"s{i}.bin", os.urandom(6 * MiB))])
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(request_head(len(raw)) + raw[: (i % 3 + 1) * MiB])  # then nothing
+        await writer.drain()
+        try:
+            status, payload = await read_status(reader, within=60)
+            assert b"CLIENT_TIMEOUT" in payload
+            return status
+        finally:
+            writer.close()
+
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(good(i) for i in range(50)), *(stall(i) for i in range(50)))
+    elapsed = time.monotonic() - t0
+    assert results[:50] == [201] * 50
+    assert results[50:] == [408] * 50
+    peak = proc_status(proxy.proc.pid, "VmHWM")
+    print(
+        f"100 clients (50 stalled): {elapsed:.1f} s, RSS {idle / MiB:.0f} -> {peak / MiB:.0f} MiB"
+    )
+    assert peak - idle < 64 * MiB + 64 * MiB
+    assert open_uploads(s3, bucket) == []
+    assert get(proxy.url + "/healthz")[0] == 200
+    async with aiohttp.ClientSession() as session, session.get(proxy.url + "/metrics") as resp:
+        metrics = await resp.text()
+    assert "s3proxy_memory_budget_bytes_in_use 0.0" in metrics
+    assert 's3proxy_uploads_aborted_total{reason="CLIENT_TIMEOUT"} 50.0' in metrics
+
+
+async def test_flood_of_tiny_requests(load_proxy: ProxyProcess, s3: Any, bucket: str) -> None:
+    proxy = load_proxy
+    tiny = bodies.body(
+        [bodies.field("n", "1"), bodies.file("f", "t.txt", b"hello\n", "text/plain")]
+    )
+    sem = asyncio.Semaphore(50)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=50)) as session:
+
+        async def one(i: int) -> int:
+            async with sem:
+                if i % 2:
+                    data, headers = b"{}", {"Content-Type": "application/json"}
+                else:
+                    data, headers = tiny, bodies.headers()
+                async with session.post(proxy.url + "/upload", data=data, headers=headers) as resp:
+                    await resp.read()
+                    return resp.status
+
+        idle = proc_status(proxy.proc.pid, "VmRSS")
+        t0 = time.monotonic()
+        statuses = await asyncio.gather(*(one(i) for i in range(1000)))
+        elapsed = time.monotonic() - t0
+    assert statuses.count(201) == 500 and statuses.count(415) == 500
+    grown = proc_status(proxy.proc.pid, "VmRSS") - idle
+    print(f"1000 tiny requests: {1000 / elapsed:.0f} req/s, RSS grew {grown / MiB:.1f} MiB")
+    assert grown < 32 * MiB
+    assert get(proxy.url + "/healthz")[0] == 200
+    assert open_uploads(s3, bucket) == []
