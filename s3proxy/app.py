@@ -11,13 +11,16 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from s3proxy import handlers
+if TYPE_CHECKING:
+    from s3proxy.embedded import EmbeddedStore
+
+from s3proxy import downloads, handlers, page, presign
 from s3proxy.cleanup import sweep
 from s3proxy.cors import cors_middleware
 from s3proxy.errors import error_middleware
@@ -65,6 +68,10 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", metrics_handler)
+    presign.add_routes(app)
+    downloads.add_routes(app)
+    if settings.page:
+        page.add_routes(app)
     app.cleanup_ctx.append(_s3_backend)
     app.cleanup_ctx.append(_webhook)
     app.on_shutdown.append(lambda app: drain(app[STATE]))
@@ -96,6 +103,19 @@ def client_options(settings: Settings) -> ClientOptions:
     return opts
 
 
+def embedded_store(settings: Settings) -> EmbeddedStore:
+    """The embedded SeaweedFS store as the settings describe it (not started)."""
+    from s3proxy.embedded import EmbeddedConfig, EmbeddedStore
+
+    return EmbeddedStore(
+        EmbeddedConfig(
+            data_dir=settings.data_dir,
+            bucket=settings.bucket_name,
+            s3_port=settings.embedded_s3_port,
+        )
+    )
+
+
 async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
     """Open (and, with no endpoint configured, first start) the S3 store the proxy writes to."""
     state = app[STATE]
@@ -103,15 +123,7 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
     opts = client_options(settings)
     store = None
     if settings.embedded:
-        from s3proxy.embedded import EmbeddedConfig, EmbeddedStore
-
-        store = EmbeddedStore(
-            EmbeddedConfig(
-                data_dir=settings.data_dir,
-                bucket=settings.bucket_name,
-                s3_port=settings.embedded_s3_port,
-            )
-        )
+        store = embedded_store(settings)
         await store.start()
         opts = dataclasses.replace(
             opts,

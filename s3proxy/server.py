@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from s3proxy.app import create_app, drain
+from s3proxy.app import create_app, drain, embedded_store
 from s3proxy.settings import Settings
 from s3proxy.state import STATE
 
@@ -80,15 +80,7 @@ async def supervise(settings: Settings, argv: Sequence[str]) -> int:
     env = dict(os.environ)
     store = None
     if settings.embedded:
-        from s3proxy.embedded import EmbeddedConfig, EmbeddedStore
-
-        store = EmbeddedStore(
-            EmbeddedConfig(
-                data_dir=settings.data_dir,
-                bucket=settings.bucket_name,
-                s3_port=settings.embedded_s3_port,
-            )
-        )
+        store = embedded_store(settings)
         await store.start()
         env.update(
             S3PROXY_ENDPOINT_URL=store.endpoint_url,

@@ -242,6 +242,27 @@ class Settings:
         "botocore request checksums (when_supported adds CRC32 to every part)",
         choices=("when_required", "when_supported"),
     )
+    # direct-to-S3 uploads and downloads
+    presign_expiry: float = _setting(
+        900.0, "how long presigned URLs stay valid", parse_duration, show=format_duration
+    )
+    presign_endpoint_url: str | None = _setting(
+        None,
+        "S3 endpoint as browsers reach it, for presigned URLs (default: --endpoint-url)",
+        _opt_str,
+    )
+    presign_multipart_threshold: int = _setting(
+        100 * 1024**2,
+        "files above this size are signed as a multipart upload (at most 5GiB)",
+        parse_size,
+        show=format_size,
+    )
+    download_mode: str = _setting(
+        "stream",
+        "GET /files/{key}: stream through the proxy, or redirect to a presigned URL",
+        choices=("stream", "redirect"),
+    )
+    page: bool = _setting(True, "serve the upload page at GET /", _parse_bool)
     # completion webhook
     webhook_url: str | None = _setting(
         None, "POST a JSON description of each completed request here", _opt_str
@@ -330,6 +351,10 @@ class Settings:
             raise SettingsError(f"--port must be 1-65535, got {self.port}")
         if self.part_size < parts.MIN_PART_SIZE or self.part_size > parts.MAX_PART_SIZE:
             raise SettingsError("--part-size must be between 5MiB and 5GiB (S3's part size limits)")
+        if not 0 < self.presign_multipart_threshold <= 5 * 1024**3:
+            raise SettingsError("--presign-multipart-threshold must be between 1 byte and 5GiB")
+        if self.presign_expiry < 1 or self.presign_expiry > 7 * 86400:
+            raise SettingsError("--presign-expiry must be between 1s and 7d (SigV4's limit)")
         if self.workers < 1:
             raise SettingsError("--workers must be at least 1")
         if self.cleanup_interval < 0 or self.cleanup_older_than < 60:

@@ -49,6 +49,15 @@ def body(parts: Iterable[Part], boundary: str = BOUNDARY, close: bool = True) ->
     return bytes(out)
 
 
+def request_head(length: int, *extra: bytes) -> bytes:
+    """The head of a raw POST /upload, for tests that write the body themselves."""
+    return (
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % length
+        + b"".join(e + b"\r\n" for e in extra)
+        + b"Content-Type: multipart/form-data; boundary=%s\r\n\r\n" % BOUNDARY.encode()
+    )
+
+
 def headers(boundary: str = BOUNDARY) -> dict[str, str]:
     return {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 

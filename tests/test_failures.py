@@ -249,11 +249,7 @@ async def test_client_disconnect_mid_body(proxy: Any, s3: Any, bucket: str, at: 
         ]
     )
     _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    writer.write(
-        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
-        b"Content-Type: multipart/form-data; boundary=%s\r\n\r\n"
-        % (len(raw), bodies.BOUNDARY.encode())
-    )
+    writer.write(bodies.request_head(len(raw)))
     writer.write(raw[:at])
     await writer.drain()
     if at > 10 * MiB:

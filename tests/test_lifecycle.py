@@ -27,11 +27,7 @@ def start(moto: MotoServer, bucket: str, tmp_path: Path, *extra: str) -> ProxyPr
 
 async def open_upload(port: int, raw: bytes, sent: int) -> tuple[Any, Any]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
-        b"Content-Type: multipart/form-data; boundary=%s\r\n\r\n"
-        % (len(raw), bodies.BOUNDARY.encode())
-    )
+    writer.write(bodies.request_head(len(raw)))
     writer.write(raw[:sent])
     await writer.drain()
     return reader, writer

@@ -137,3 +137,16 @@ def test_cli_port_in_use_is_one_line() -> None:
     assert proc.returncode == 1
     assert "cannot listen on 127.0.0.1:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_readme_documents_every_setting() -> None:
+    import dataclasses
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [
+        f.name
+        for f in dataclasses.fields(Settings)
+        if f"`--{f.name.replace('_', '-')}`" not in readme
+    ]
+    assert not missing, f"README's configuration table lacks {missing}"

@@ -53,14 +53,6 @@ async def read_status(reader: asyncio.StreamReader, within: float = 30.0) -> tup
     return int(head.split(b" ")[1]), await asyncio.wait_for(reader.readexactly(length), within)
 
 
-def request_head(length: int) -> bytes:
-    return (
-        b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
-        b"Content-Type: multipart/form-data; boundary=%s\r\n\r\n"
-        % (length, bodies.BOUNDARY.encode())
-    )
-
-
 async def test_s3_killed_mid_upload_then_recovers(tmp_path: Path) -> None:
     cfg = EmbeddedConfig(data_dir=tmp_path / "sw", s3_port=free_port())
     store = EmbeddedStore(cfg)
@@ -89,7 +81,7 @@ async def test_s3_killed_mid_upload_then_recovers(tmp_path: Path) -> None:
     try:
         raw = bodies.body([bodies.file("f", "big.bin", os.urandom(20 * MiB))])
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(request_head(len(raw)) + raw[: 7 * MiB])
+        writer.write(bodies.request_head(len(raw)) + raw[: 7 * MiB])
         await writer.drain()
         deadline = time.monotonic() + 20
         while not open_uploads(sw, store.bucket):
@@ -169,7 +161,7 @@ async def test_hundred_clients_half_stall(load_proxy: ProxyProcess, s3: Any, buc
     async def stall(i: int) -> int:
         raw = bodies.body([bodies.file("f", f"s{i}.bin", os.urandom(6 * MiB))])
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(request_head(len(raw)) + raw[: (i % 3 + 1) * MiB])  # then nothing
+        writer.write(bodies.request_head(len(raw)) + raw[: (i % 3 + 1) * MiB])  # then nothing
         await writer.drain()
         try:
             status, payload = await read_status(reader, within=60)

@@ -1,0 +1,9 @@
+"""Direct-to-S3 uploads: presigned PUT/POST and presigned multipart (being written)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+def add_routes(app: web.Application) -> None:
+    """Register this module's routes (none yet)."""
