@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests import bodies
@@ -67,6 +68,15 @@ async def test_sigterm_lets_running_upload_finish(
     await wait_for(lambda: open_uploads(s3, bucket))
     proxy.proc.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.5)
+    # draining: the load balancer is told at once, and new uploads are refused
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.url + "/readyz") as resp:
+            assert resp.status == 503
+        async with session.post(
+            proxy.url + "/upload", data=bodies.body([]), headers=bodies.headers()
+        ) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"]["code"] == "SHUTTING_DOWN"
     writer.write(raw[6 * MiB :])  # the client finishes during the grace period
     await writer.drain()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
