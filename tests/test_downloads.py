@@ -1,0 +1,458 @@
+"""GET/HEAD /files/{key} through the HTTP API against moto: streamed with ranges and
+validators, or redirected to a presigned URL; keys outside the prefix never reach S3."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email.utils
+import hashlib
+import os
+import tracemalloc
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import pytest
+from aiohttp import web
+from yarl import URL
+
+from s3proxy import downloads
+from s3proxy.auth import Principal
+from s3proxy.errors import ProxyError
+from s3proxy.keys import content_disposition
+from s3proxy.tokens import UploadGrant, issue
+from tests.faults import FaultyS3
+
+MiB = 1024**2
+KEY = "uploads/2024/05/0123abcd/report.pdf"
+API_KEY = "k3y-0123456789abcdef"
+SECRET = b"s" * 32
+
+
+def put(s3: Any, bucket: str, key: str, data: bytes, **extra: Any) -> str:
+    return str(s3.put_object(Bucket=bucket, Key=key, Body=data, **extra)["ETag"])
+
+
+def path(key: str) -> str:
+    return "/files/" + quote(key)
+
+
+async def raw_get(proxy: Any, raw_path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+    """GET a path exactly as written: no client-side dot-segment removal or re-quoting."""
+    url = URL(f"http://{proxy.host}:{proxy.port}{raw_path}", encoded=True)
+    resp: aiohttp.ClientResponse = await proxy.session.get(url, **kwargs)
+    return resp
+
+
+async def error_code(resp: aiohttp.ClientResponse) -> str:
+    body = await resp.json()
+    return str(body["error"]["code"])
+
+
+@pytest.fixture
+def data() -> bytes:
+    return os.urandom(300_000)
+
+
+@pytest.fixture
+def stored(s3: Any, bucket: str, data: bytes) -> str:
+    return put(
+        s3,
+        bucket,
+        KEY,
+        data,
+        ContentType="application/pdf",
+        ContentDisposition='attachment; filename="report.pdf"',
+    )
+
+
+# --- pure ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "sent"),
+    [
+        (None, None),
+        ("bytes=0-99", "bytes=0-99"),
+        ("bytes=100-", "bytes=100-"),
+        ("bytes=-100", "bytes=-100"),
+        ("bytes = 0 - 9", "bytes=0-9"),
+        ("bytes=5-1", None),  # invalid: ignored
+        ("bytes=0-1,5-6", None),  # several ranges: S3 cannot, so the whole object
+        ("items=0-1", None),
+        ("garbage", None),
+        ("bytes=-", None),
+    ],
+)
+def test_single_range(value: str | None, sent: str | None) -> None:
+    assert downloads.single_range(value) == sent
+
+
+@pytest.mark.parametrize(
+    ("key", "prefix", "ok"),
+    [
+        ("uploads/a/b.txt", "uploads/", True),
+        ("uploads/é/ü ber%.txt", "uploads/", True),
+        ("uploadsX/a", "uploads/", False),
+        ("other/a", "uploads/", False),
+        ("uploads/", "uploads/", False),
+        ("", "", False),
+        ("uploads/../secret", "uploads/", False),
+        ("uploads/./a", "uploads/", False),
+        ("uploads/a/..", "uploads/", False),
+        ("../uploads/a", "", False),
+        ("anything/at/all", "", True),
+    ],
+)
+def test_check_key(key: str, prefix: str, ok: bool) -> None:
+    if ok:
+        downloads.check_key(key, prefix)
+    else:
+        with pytest.raises(ProxyError) as err:
+            downloads.check_key(key, prefix)
+        assert err.value.kind.code == "KEY_FORBIDDEN"
+
+
+def test_allowed_prefix() -> None:
+    template = "uploads/{yyyy}/{uuid}/{filename}"
+    assert downloads.allowed_prefix(Principal("api_key"), template) == "uploads/"
+    grant = UploadGrant("users/7/", None, (), None, None, 0)
+    assert downloads.allowed_prefix(Principal("token", grant), template) == "users/7/"
+
+
+def test_conditions_follow_rfc_precedence() -> None:
+    date = "Wed, 21 Oct 2015 07:28:00 GMT"
+    when = dt.datetime(2015, 10, 21, 7, 28, tzinfo=dt.UTC)
+    assert downloads.conditions({"If-Modified-Since": date}) == {"IfModifiedSince": when}
+    assert downloads.conditions({"If-None-Match": 'W/"a", "b"', "If-Modified-Since": date}) == {
+        "IfNoneMatch": '"a", "b"'
+    }
+    assert downloads.conditions({"If-Match": '"a"', "If-Unmodified-Since": date}) == {
+        "IfMatch": '"a"'
+    }
+    assert downloads.conditions({"If-Modified-Since": "not a date"}) == {}
+
+
+def test_if_range_holds() -> None:
+    date = "Wed, 21 Oct 2015 07:28:00 GMT"
+    assert downloads.if_range_holds('"x"', '"x"', date)
+    assert not downloads.if_range_holds('"x"', '"y"', date)
+    assert not downloads.if_range_holds('W/"x"', 'W/"x"', date)
+    assert downloads.if_range_holds(date, '"x"', date)
+    assert not downloads.if_range_holds("Thu, 22 Oct 2015 07:28:00 GMT", '"x"', date)
+
+
+# --- stream mode ----------------------------------------------------------------------
+
+
+async def test_full_get(proxy: Any, stored: str, data: bytes) -> None:
+    resp = await proxy.get(path(KEY))
+    assert resp.status == 200
+    assert await resp.read() == data
+    h = resp.headers
+    assert h["Content-Type"] == "application/pdf"
+    assert h["Content-Length"] == str(len(data))
+    assert h["ETag"] == stored
+    assert email.utils.parsedate_to_datetime(h["Last-Modified"])
+    assert h["Content-Disposition"] == 'attachment; filename="report.pdf"'
+    assert h["Accept-Ranges"] == "bytes"
+    assert h["Cache-Control"] == "private"
+    assert h["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_percent_encoded_key_and_default_disposition(
+    proxy: Any, s3: Any, bucket: str
+) -> None:
+    key = "uploads/x/naïve 50% file?#.txt"
+    put(s3, bucket, key, b"hello")
+    resp = await proxy.get(path(key))
+    assert resp.status == 200, await resp.text()
+    assert await resp.read() == b"hello"
+    assert resp.headers["Content-Type"] == "binary/octet-stream"  # S3's default
+    assert resp.headers["Content-Disposition"] == content_disposition("naïve 50% file?#.txt")
+
+
+@pytest.mark.parametrize(
+    ("header", "start", "end"),
+    [("bytes=0-99", 0, 100), ("bytes=-100", 299_900, 300_000), ("bytes=100-", 100, 300_000)],
+)
+async def test_range(
+    proxy: Any, stored: str, data: bytes, header: str, start: int, end: int
+) -> None:
+    resp = await proxy.get(path(KEY), headers={"Range": header})
+    assert resp.status == 206
+    assert await resp.read() == data[start:end]
+    assert resp.headers["Content-Range"] == f"bytes {start}-{end - 1}/{len(data)}"
+    assert resp.headers["Content-Length"] == str(end - start)
+    assert resp.headers["ETag"] == stored
+
+
+async def test_range_past_the_end(proxy: Any, stored: str, data: bytes) -> None:
+    resp = await proxy.get(path(KEY), headers={"Range": f"bytes={len(data) + 10}-"})
+    assert resp.status == 416
+    assert await error_code(resp) == "RANGE_NOT_SATISFIABLE"
+    assert resp.headers["Content-Range"] == f"bytes */{len(data)}"
+
+
+async def test_head_range_past_the_end(proxy: Any, stored: str, data: bytes) -> None:
+    resp = await proxy.head(path(KEY), headers={"Range": f"bytes={len(data)}-"})
+    assert resp.status == 416
+    assert resp.headers["Content-Range"] == f"bytes */{len(data)}"
+
+
+@pytest.mark.parametrize("header", ["bytes=0-1,5-6", "bytes=9-3", "nonsense"])
+async def test_unusable_range_sends_everything(
+    proxy: Any, stored: str, data: bytes, header: str
+) -> None:
+    resp = await proxy.get(path(KEY), headers={"Range": header})
+    assert resp.status == 200
+    assert await resp.read() == data
+
+
+async def test_if_range(proxy: Any, stored: str, data: bytes) -> None:
+    same = await proxy.get(path(KEY), headers={"Range": "bytes=0-9", "If-Range": stored})
+    assert same.status == 206
+    assert await same.read() == data[:10]
+    changed = await proxy.get(path(KEY), headers={"Range": "bytes=0-9", "If-Range": '"old"'})
+    assert changed.status == 200
+    assert await changed.read() == data
+
+
+@pytest.mark.parametrize("weak", [False, True])
+async def test_if_none_match(proxy: Any, stored: str, weak: bool) -> None:
+    tag = f"W/{stored}" if weak else stored
+    resp = await proxy.get(path(KEY), headers={"If-None-Match": tag})
+    assert resp.status == 304
+    assert await resp.read() == b""
+    assert resp.headers["ETag"] == stored
+    other = await proxy.get(path(KEY), headers={"If-None-Match": '"other"'})
+    assert other.status == 200
+
+
+async def test_if_match_wrong_etag(proxy: Any, stored: str) -> None:
+    resp = await proxy.get(path(KEY), headers={"If-Match": '"not-the-etag"'})
+    assert resp.status == 412
+    assert await error_code(resp) == "PRECONDITION_FAILED"
+    right = await proxy.get(path(KEY), headers={"If-Match": stored})
+    assert right.status == 200
+
+
+async def test_if_modified_since(proxy: Any, stored: str) -> None:
+    future = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    resp = await proxy.get(
+        path(KEY), headers={"If-Modified-Since": email.utils.format_datetime(future, usegmt=True)}
+    )
+    assert resp.status == 304
+    assert await resp.read() == b""
+    past = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+    resp = await proxy.get(
+        path(KEY), headers={"If-Modified-Since": email.utils.format_datetime(past, usegmt=True)}
+    )
+    assert resp.status == 200
+
+
+async def test_missing_key(proxy: Any) -> None:
+    resp = await proxy.get(path("uploads/nope.txt"))
+    assert resp.status == 404
+    assert await error_code(resp) == "NO_SUCH_KEY"
+    head = await proxy.head(path("uploads/nope.txt"))
+    assert head.status == 404
+
+
+async def test_head(proxy: Any, stored: str, data: bytes) -> None:
+    resp = await proxy.head(path(KEY))
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(len(data))
+    assert resp.headers["ETag"] == stored
+    assert resp.headers["Content-Type"] == "application/pdf"
+    assert await resp.read() == b""
+    not_modified = await proxy.head(path(KEY), headers={"If-None-Match": stored})
+    assert not_modified.status == 304
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        "/files/secret/plans.txt",
+        "/files/uploads/../secret/plans.txt",
+        "/files/uploads/%2E%2E/secret/plans.txt",
+        "/files/uploads%2F..%2Fsecret%2Fplans.txt",
+        "/files/uploadsfake/x",
+        "/files/uploads/",
+    ],
+)
+async def test_key_outside_prefix_never_reaches_s3(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, raw_path: str
+) -> None:
+    put(s3, bucket, "secret/plans.txt", b"top secret")
+    async with FaultyS3(moto.endpoint_url) as faulty:
+        proxy = await proxy_factory(endpoint_url=faulty.endpoint_url)
+        resp = await raw_get(proxy, raw_path)
+        assert resp.status == 403
+        assert await error_code(resp) == "KEY_FORBIDDEN"
+        assert faulty.calls == []
+
+
+@pytest.fixture
+async def authed(proxy_factory: Any) -> Any:
+    return await proxy_factory(api_key=(API_KEY,), token_secret=(SECRET.decode(),))
+
+
+async def test_auth(authed: Any, s3: Any, bucket: str) -> None:
+    put(s3, bucket, "users/42/a.txt", b"mine")
+    put(s3, bucket, KEY, b"theirs")
+    anonymous = await authed.get(path(KEY))
+    assert anonymous.status == 401
+    assert await error_code(anonymous) == "AUTH_REQUIRED"
+
+    api = await authed.get(path(KEY), headers={"Authorization": f"Bearer {API_KEY}"})
+    assert (api.status, await api.read()) == (200, b"theirs")
+
+    token = issue(SECRET, prefix="users/42/", ttl=60)
+    bearer = {"Authorization": f"Bearer {token}"}
+    own = await authed.get(path("users/42/a.txt"), headers=bearer)
+    assert (own.status, await own.read()) == (200, b"mine")
+    by_query = await authed.get(path("users/42/a.txt"), params={"token": token})
+    assert by_query.status == 200
+    other = await authed.get(path(KEY), headers=bearer)
+    assert other.status == 403
+    assert await error_code(other) == "KEY_FORBIDDEN"
+    neighbour = await authed.get(path("users/420/a.txt"), headers=bearer)
+    assert neighbour.status == 403
+
+
+async def test_large_object_streams_in_chunks(
+    proxy: Any, s3: Any, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = os.urandom(20 * MiB)
+    put(s3, bucket, "uploads/big.bin", big)
+    writes: list[int] = []
+    write = web.StreamResponse.write
+
+    async def counting_write(self: web.StreamResponse, chunk: bytes) -> None:
+        writes.append(len(chunk))
+        await write(self, chunk)
+
+    monkeypatch.setattr(web.StreamResponse, "write", counting_write)
+    digest = hashlib.sha256()
+    tracemalloc.start()
+    try:
+        resp = await proxy.get(path("uploads/big.bin"))
+        assert resp.status == 200
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            digest.update(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert digest.digest() == hashlib.sha256(big).digest()
+    assert sum(writes) == len(big)
+    assert len(writes) >= len(big) // downloads.CHUNK_SIZE
+    assert max(writes) <= downloads.CHUNK_SIZE
+    # Proxy and client together, in this process: far below the object's size.
+    assert peak < 8 * MiB, peak
+
+
+async def test_client_going_away_closes_the_s3_body(
+    proxy: Any, s3: Any, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put(s3, bucket, "uploads/big.bin", os.urandom(20 * MiB))
+    closed: list[int] = []
+    close = downloads.Answer.close
+
+    def spy(self: downloads.Answer) -> None:
+        closed.append(self.status)
+        close(self)
+
+    monkeypatch.setattr(downloads.Answer, "close", spy)
+    resp = await proxy.get(path("uploads/big.bin"))
+    assert resp.status == 200
+    await resp.content.readexactly(1024)
+    resp.close()  # drop the connection mid-body
+    for _ in range(200):
+        if closed:
+            break
+        await asyncio.sleep(0.05)
+    assert closed == [200]
+    assert (await proxy.get("/healthz")).status == 200
+
+
+class BrokenBody:
+    """An S3 body that fails after its first chunk, as a dropped S3 connection does."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.closed = False
+
+    async def read(self, n: int) -> bytes:
+        self.reads += 1
+        if self.reads > 1:
+            raise ConnectionError("S3 went away")
+        return b"x" * 1000
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_s3_failing_mid_body_cuts_the_response(aiohttp_client: Any) -> None:
+    body = BrokenBody()
+    answer = downloads.Answer(
+        200, {"ContentLength": 5000, "Body": body, "ResponseMetadata": {"HTTPHeaders": {}}}
+    )
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await downloads.send(request, "uploads/a.bin", answer)
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    client = await aiohttp_client(app)
+    resp = await client.get("/")
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    assert body.closed
+
+
+# --- redirect mode --------------------------------------------------------------------
+
+
+async def test_redirect(proxy_factory: Any, moto: Any, stored: str, data: bytes) -> None:
+    proxy = await proxy_factory(download_mode="redirect")
+    resp = await proxy.get(path(KEY), allow_redirects=False)
+    assert resp.status == 302
+    assert resp.headers["Cache-Control"] == "no-store"
+    location = resp.headers["Location"]
+    assert location.startswith(moto.endpoint_url + "/")
+    head = await proxy.head(path(KEY), allow_redirects=False)
+    assert head.status == 302
+    async with aiohttp.ClientSession() as plain:
+        async with plain.get(URL(location, encoded=True)) as got:
+            assert got.status == 200
+            assert await got.read() == data
+            assert got.headers["Content-Disposition"] == content_disposition("report.pdf")
+        async with plain.get(URL(location, encoded=True), headers={"Range": "bytes=0-9"}) as part:
+            assert part.status == 206
+            assert await part.read() == data[:10]
+        # A HEAD is signed as HeadObject: a URL signed for GET would not take it.
+        async with plain.head(URL(head.headers["Location"], encoded=True)) as got:
+            assert got.status == 200
+            assert got.headers["Content-Length"] == str(len(data))
+
+
+async def test_redirect_for_the_public_endpoint(
+    proxy_factory: Any, moto: Any, stored: str, data: bytes
+) -> None:
+    """Signed for the host browsers use (here localhost), not the proxy's 127.0.0.1."""
+    public = f"http://localhost:{moto.port}"
+    proxy = await proxy_factory(download_mode="redirect", presign_endpoint_url=public)
+    resp = await proxy.get(path(KEY))  # the test client follows the redirect
+    assert resp.status == 200
+    assert await resp.read() == data
+    assert urlsplit(str(resp.url)).netloc == f"localhost:{moto.port}"
+
+
+async def test_redirect_refuses_keys_outside_prefix(proxy_factory: Any) -> None:
+    proxy = await proxy_factory(download_mode="redirect")
+    resp = await proxy.get(path("secret/plans.txt"), allow_redirects=False)
+    assert resp.status == 403
+    assert await error_code(resp) == "KEY_FORBIDDEN"
