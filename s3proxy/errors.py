@@ -50,6 +50,7 @@ KEY_FORBIDDEN = ErrorKind("KEY_FORBIDDEN", 403)
 NOT_FOUND = ErrorKind("NOT_FOUND", 404)
 METHOD_NOT_ALLOWED = ErrorKind("METHOD_NOT_ALLOWED", 405)
 NO_SUCH_KEY = ErrorKind("NO_SUCH_KEY", 404)
+NO_SUCH_UPLOAD = ErrorKind("NO_SUCH_UPLOAD", 404)  # a multipart upload id S3 does not know
 # 408
 CLIENT_TIMEOUT = ErrorKind("CLIENT_TIMEOUT", 408)
 # 411 / 413

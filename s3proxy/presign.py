@@ -1,9 +1,614 @@
-"""Direct-to-S3 uploads: presigned PUT/POST and presigned multipart (being written)."""
+"""Direct-to-S3 uploads: the proxy decides and signs, the browser sends the bytes to S3.
+
+The proxy never sees the file, so it cannot sniff it: the content type is what
+the client declares, checked against ``--allow-type`` and the upload token's
+types, and then fixed in the signature (S3 refuses any other). The size is fixed
+too: a presigned PUT signs ``Content-Length``, a presigned POST carries
+``content-length-range [size, size]``. Keys come from ``--key-template`` (under
+an upload token's prefix), exactly as for ``POST /upload``.
+
+Endpoints (JSON in, JSON out; the same credentials as ``/upload``)::
+
+    POST /sign {filename, content_type?, size, method?: "put"|"post"}
+      put:  {multipart: false, key, bucket, method: "PUT", url, headers, expires_at, object_url}
+      post: {multipart: false, key, bucket, method: "POST", url, fields, expires_at, object_url}
+      size > --presign-multipart-threshold: {multipart: true, endpoint: "/sign/multipart"}
+    POST /sign/multipart {same body}
+      -> {key, bucket, upload_id, size, content_type, part_size, part_count, object_url}
+    POST /sign/multipart/parts {key, upload_id, part_numbers}
+      -> {key, upload_id, parts: [{part_number, url}], expires_at}
+    GET  /sign/multipart/parts?key=&upload_id=
+      -> {key, upload_id, parts: [{part_number, etag, size}]}    (to resume)
+    POST /sign/multipart/complete {key, upload_id, parts?: [{part_number, etag}]}
+      -> {key, bucket, size, parts, etag, content_type, object_url}
+    POST /sign/multipart/abort {key, upload_id} -> {key, upload_id, aborted: true}
+
+A multipart upload has no server-side state here: the signed size rides in the
+upload's own metadata (``x-amz-meta-s3proxy-size``), which S3 only shows once the
+object exists. So ``complete`` first checks the listed parts against the limits
+(all parts 1..N present, total within ``--max-file-size`` and the token's
+``max_size``), completes, then compares the object's size with the signed one and
+deletes the object if they differ. Part URLs do not sign a Content-Length (the
+size is not known when they are signed), so oversized parts are only refused at
+``complete``; an upload that is never completed is left to abort or to
+``s3proxy cleanup`` / an ``AbortIncompleteMultipartUpload`` lifecycle rule.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import re
+import time
+import unicodedata
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
 from aiohttp import web
+from botocore.exceptions import ClientError
+
+from s3proxy import keys, parts, sniff
+from s3proxy.auth import Principal
+from s3proxy.errors import (
+    FILE_TOO_LARGE,
+    INVALID_REQUEST,
+    KEY_FORBIDDEN,
+    NO_SUCH_UPLOAD,
+    SHUTTING_DOWN,
+    TOKEN_SCOPE,
+    TYPE_NOT_ALLOWED,
+    ProxyError,
+)
+from s3proxy.settings import Settings
+from s3proxy.sink import ObjectOptions, S3Sink, client_config, translate
+from s3proxy.state import STATE, AppState
+
+log = logging.getLogger("s3proxy.presign")
+
+SIZE_META = "s3proxy-size"  # x-amz-meta-s3proxy-size: the size a multipart upload was signed for
+MAX_PARTS_PER_CALL = 1000  # part URLs signed per request, as S3 pages ListParts
+METHODS = ("put", "post")
+
+# ObjectOptions' PutObject parameters as the HTTP headers a presigned PUT signs.
+_HEADERS = {
+    "ContentType": "Content-Type",
+    "ContentDisposition": "Content-Disposition",
+    "ACL": "x-amz-acl",
+    "StorageClass": "x-amz-storage-class",
+    "ServerSideEncryption": "x-amz-server-side-encryption",
+    "SSEKMSKeyId": "x-amz-server-side-encryption-aws-kms-key-id",
+}
+# A POST form names the ACL "acl"; the other fields are named like the headers.
+_POST_FIELDS = {**_HEADERS, "ACL": "acl"}
+# S3 answers these for a bad part list: the client's fault, not an upstream one.
+_BAD_PARTS = {"InvalidPart", "InvalidPartOrder", "EntityTooSmall"}
+_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+", re.ASCII)
+
+
+# --- the presigning client ---------------------------------------------------------
+
+
+class Signer:
+    """An S3 client used only to sign, pointed where browsers reach S3.
+
+    Separate from the proxy's client for two reasons: SigV4 signs the Host
+    header, so a URL for ``--presign-endpoint-url`` must be signed for that host
+    (rewriting it afterwards breaks the signature); and botocore presigns with
+    SigV2 for custom endpoints unless told ``s3v4``, which would sign neither
+    Content-Length nor Content-Disposition. It is opened on first use because the
+    embedded store's endpoint and keys are only known once the backend is up.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+
+    async def client(self, sink: S3Sink) -> Any:
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    self._client = await self._open(sink)
+        return self._client
+
+    async def _open(self, sink: S3Sink) -> Any:
+        from s3proxy.app import client_options  # app imports this module
+
+        endpoint = self._settings.presign_endpoint_url or sink.client.meta.endpoint_url
+        # Keys as the proxy's client has them; addressing style for the signing endpoint.
+        opts = dataclasses.replace(client_options(self._settings), endpoint_url=endpoint)
+        kwargs: dict[str, Any] = {}
+        if opts.access_key and opts.secret_key:
+            kwargs = {
+                "aws_access_key_id": opts.access_key,
+                "aws_secret_access_key": opts.secret_key,
+            }
+        config = client_config(opts).merge(AioConfig(signature_version="s3v4"))
+        return await self._stack.enter_async_context(
+            get_session().create_client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=self._settings.region,
+                config=config,
+                **kwargs,
+            )
+        )
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self._client = None
+
+
+SIGNER = web.AppKey("presign_signer", Signer)
 
 
 def add_routes(app: web.Application) -> None:
-    """Register this module's routes (none yet)."""
+    """Register the signing routes and the signing client's lifetime."""
+    app.router.add_post("/sign", sign)
+    app.router.add_post("/sign/multipart", create_multipart)
+    app.router.add_post("/sign/multipart/parts", sign_parts)
+    app.router.add_get("/sign/multipart/parts", list_parts)
+    app.router.add_post("/sign/multipart/complete", complete_multipart)
+    app.router.add_post("/sign/multipart/abort", abort_multipart)
+    app.cleanup_ctx.append(_signer)
+
+
+async def _signer(app: web.Application) -> AsyncIterator[None]:
+    signer = Signer(app[STATE].settings)
+    app[SIGNER] = signer
+    try:
+        yield
+    finally:
+        await signer.close()
+
+
+# --- requests ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileRequest:
+    """One file a client wants to upload straight to S3, as it declared it."""
+
+    filename: str
+    content_type: str
+    size: int
+    method: str
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every signing request needs: who asks, and the clients to ask S3 with."""
+
+    state: AppState
+    principal: Principal
+    sink: S3Sink
+    signer: Any  # the presigning aiobotocore client
+
+    @property
+    def settings(self) -> Settings:
+        return self.state.settings
+
+    @property
+    def bucket(self) -> str:
+        return self.sink.bucket
+
+    @property
+    def expires_in(self) -> int:
+        return max(1, math.ceil(self.settings.presign_expiry))
+
+    @property
+    def key_prefix(self) -> str:
+        """Every key this principal may touch starts with this."""
+        prefix = keys.template_prefix(self.settings.key_template)
+        grant = self.principal.grant
+        return prefix if grant is None else grant.prefix + prefix
+
+
+async def _context(request: web.Request, *, new_upload: bool = False) -> Context:
+    """Authenticate; while draining, refuse to start uploads but let running ones finish."""
+    state = request.app[STATE]
+    if new_upload and state.draining:
+        raise ProxyError(SHUTTING_DOWN, "the proxy is shutting down; retry on another instance")
+    principal = state.auth.authenticate(request)
+    sink = state.require_sink()
+    if not isinstance(sink, S3Sink):
+        raise RuntimeError("presigning needs the aiobotocore S3 sink")
+    return Context(state, principal, sink, await request.app[SIGNER].client(sink))
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise ProxyError(INVALID_REQUEST, "the request body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ProxyError(INVALID_REQUEST, "the request body must be a JSON object")
+    return body
+
+
+def _string(body: Mapping[str, Any], name: str, *, required: bool = True) -> str:
+    value = body.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value):
+        raise ProxyError(INVALID_REQUEST, f"{name!r} must be a non-empty string")
+    return value
+
+
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProxyError(INVALID_REQUEST, f"{name!r} must be a non-negative integer")
+    return value
+
+
+def parse_file_request(body: Mapping[str, Any]) -> FileRequest:
+    """The declared file; an empty or missing type is guessed from the name."""
+    filename = _string(body, "filename")
+    size = _integer(body.get("size"), "size")
+    method = body.get("method", "put")
+    if method not in METHODS:
+        raise ProxyError(INVALID_REQUEST, '\'method\' must be "put" or "post"')
+    declared = _string(body, "content_type", required=False)
+    ctype = declared.split(";")[0].strip().lower()
+    if not ctype:
+        ctype = sniff.guess_from_name(filename) or sniff.OCTET_STREAM
+    if not _TYPE.fullmatch(ctype):
+        raise ProxyError(INVALID_REQUEST, f"'content_type' {declared!r} is not like image/png")
+    return FileRequest(filename, ctype, size, str(method))
+
+
+def check_file(ctx: Context, file: FileRequest) -> None:
+    """The proxy's and the token's limits on a declared file (nothing can be sniffed)."""
+    settings = ctx.settings
+    if file.size > settings.max_file_size:
+        raise ProxyError(
+            FILE_TOO_LARGE,
+            f"file of {file.size} bytes is over the limit of {settings.max_file_size} bytes",
+        )
+    if not sniff.allowed(file.content_type, settings.allow_type):
+        raise ProxyError(
+            TYPE_NOT_ALLOWED,
+            f"type {file.content_type} is not allowed; allowed: {', '.join(settings.allow_type)}",
+        )
+    grant = ctx.principal.grant
+    if grant is None:
+        return
+    if grant.max_size is not None and file.size > grant.max_size:
+        raise ProxyError(
+            TOKEN_SCOPE, f"the upload token allows {grant.max_size} bytes; the file has {file.size}"
+        )
+    if grant.types and not sniff.allowed(file.content_type, grant.types):
+        raise ProxyError(
+            TOKEN_SCOPE,
+            f"type {file.content_type} is outside the upload token's {', '.join(grant.types)}",
+        )
+
+
+def _new_key(ctx: Context, filename: str) -> str:
+    try:
+        key = keys.make_key(ctx.settings.key_template, filename, field="file")
+        grant = ctx.principal.grant
+        return key if grant is None else keys.under_prefix(grant.prefix, key)
+    except ValueError as exc:
+        raise ProxyError(INVALID_REQUEST, f"cannot make an object key: {exc}") from None
+
+
+def _client_key(ctx: Context, body: Mapping[str, Any]) -> str:
+    """A key the client sends back: well-formed, and under what it may touch."""
+    key = _string(body, "key")
+    if (
+        len(key.encode()) > keys.MAX_KEY_BYTES
+        or key.startswith("/")
+        or "\\" in key
+        or any(seg in ("", ".", "..") for seg in key.split("/"))
+        or any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in key)
+    ):
+        raise ProxyError(INVALID_REQUEST, "'key' is not a key this proxy makes")
+    if not key.startswith(ctx.key_prefix):
+        raise ProxyError(KEY_FORBIDDEN, f"keys you may use start with {ctx.key_prefix!r}")
+    return key
+
+
+def _upload_id(body: Mapping[str, Any]) -> str:
+    upload_id = _string(body, "upload_id")
+    if len(upload_id) > 1024 or not upload_id.isprintable():
+        raise ProxyError(INVALID_REQUEST, "'upload_id' is not a multipart upload id")
+    return upload_id
+
+
+def _options(settings: Settings, file: FileRequest, metadata: Mapping[str, str]) -> ObjectOptions:
+    """What the object is created with: as ``POST /upload`` sets it, type as declared."""
+    return ObjectOptions(
+        content_type=file.content_type,
+        content_disposition=keys.content_disposition(file.filename),
+        metadata=metadata,
+        acl=settings.acl,
+        storage_class=settings.storage_class,
+        sse=settings.sse,
+        sse_kms_key_id=settings.sse_kms_key_id,
+    )
+
+
+@contextlib.contextmanager
+def _s3(operation: str) -> Iterator[None]:
+    """``translate``, but a missing upload or a bad part list is the client's fault."""
+    with translate(operation):
+        try:
+            yield
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code == "NoSuchUpload":
+                raise ProxyError(
+                    NO_SUCH_UPLOAD, "no such multipart upload (completed, aborted or never made)"
+                ) from exc
+            if code in _BAD_PARTS:
+                raise ProxyError(INVALID_REQUEST, f"S3 refused the parts: {code}") from exc
+            raise
+
+
+async def _object_url(ctx: Context, key: str) -> str:
+    """Where the object lives on the endpoint browsers use (a presigned URL minus its query)."""
+    url: str = await ctx.signer.generate_presigned_url(
+        "get_object", Params={"Bucket": ctx.bucket, "Key": key}, ExpiresIn=1
+    )
+    return url.split("?", 1)[0]
+
+
+# --- single-request uploads ---------------------------------------------------------
+
+
+async def sign(request: web.Request) -> web.Response:
+    """A presigned PUT or POST for one file of at most --presign-multipart-threshold."""
+    ctx = await _context(request, new_upload=True)
+    file = parse_file_request(await _json_body(request))
+    check_file(ctx, file)
+    if file.size > ctx.settings.presign_multipart_threshold:
+        return web.json_response(
+            {
+                "multipart": True,
+                "endpoint": "/sign/multipart",
+                "threshold": ctx.settings.presign_multipart_threshold,
+            }
+        )
+    key = _new_key(ctx, file.filename)
+    params = _options(ctx.settings, file, {}).to_params()
+    del params["Metadata"]
+    expires_at = int(time.time()) + ctx.expires_in
+    out: dict[str, Any] = {"multipart": False, "key": key, "bucket": ctx.bucket}
+    if file.method == "put":
+        url = await ctx.signer.generate_presigned_url(
+            "put_object",
+            Params={"Bucket": ctx.bucket, "Key": key, "ContentLength": file.size, **params},
+            ExpiresIn=ctx.expires_in,
+        )
+        out.update(method="PUT", url=url, headers={_HEADERS[k]: v for k, v in params.items()})
+    else:
+        fields = {_POST_FIELDS[k]: v for k, v in params.items()}
+        conditions: list[Any] = [{name: value} for name, value in fields.items()]
+        # Exactly the declared size, as a PUT signs Content-Length: the size the
+        # limits were checked against is the size stored.
+        conditions.append(["content-length-range", file.size, file.size])
+        post = await ctx.signer.generate_presigned_post(
+            ctx.bucket, key, Fields=fields, Conditions=conditions, ExpiresIn=ctx.expires_in
+        )
+        out.update(method="POST", url=post["url"], fields=post["fields"])
+    out.update(expires_at=expires_at, object_url=await _object_url(ctx, key))
+    log.info(
+        "presign.signed key=%s method=%s size=%d by=%s",
+        key,
+        out["method"],
+        file.size,
+        ctx.principal.subject,
+    )
+    return web.json_response(out)
+
+
+# --- multipart uploads --------------------------------------------------------------
+
+
+async def create_multipart(request: web.Request) -> web.Response:
+    """Start a multipart upload the browser fills with presigned part PUTs."""
+    ctx = await _context(request, new_upload=True)
+    file = parse_file_request(await _json_body(request))
+    check_file(ctx, file)
+    key = _new_key(ctx, file.filename)
+    options = _options(ctx.settings, file, {SIZE_META: str(file.size)})
+    with _s3("CreateMultipartUpload"):
+        resp = await ctx.sink.client.create_multipart_upload(
+            Bucket=ctx.bucket, Key=key, **options.to_params()
+        )
+    upload_id = str(resp["UploadId"])
+    plan = parts.plan_parts(ctx.settings.part_size, file.size, ctx.settings.max_file_size)
+    log.info(
+        "presign.multipart_created key=%s upload_id=%s size=%d by=%s",
+        key,
+        upload_id,
+        file.size,
+        ctx.principal.subject,
+    )
+    return web.json_response(
+        {
+            "key": key,
+            "bucket": ctx.bucket,
+            "upload_id": upload_id,
+            "size": file.size,
+            "content_type": file.content_type,
+            "part_size": plan.base,
+            "part_count": plan.parts_for(file.size),
+            "object_url": await _object_url(ctx, key),
+        }
+    )
+
+
+def _part_numbers(body: Mapping[str, Any]) -> list[int]:
+    numbers = body.get("part_numbers")
+    if not isinstance(numbers, list) or not numbers:
+        raise ProxyError(INVALID_REQUEST, "'part_numbers' must be a non-empty list")
+    if len(numbers) > MAX_PARTS_PER_CALL:
+        raise ProxyError(INVALID_REQUEST, f"at most {MAX_PARTS_PER_CALL} part numbers per request")
+    out = [_integer(n, "part_numbers[]") for n in numbers]
+    if any(not 1 <= n <= parts.MAX_PARTS for n in out) or len(set(out)) != len(out):
+        raise ProxyError(
+            INVALID_REQUEST, f"part numbers must be distinct and within 1..{parts.MAX_PARTS}"
+        )
+    return out
+
+
+async def sign_parts(request: web.Request) -> web.Response:
+    """Presigned UploadPart URLs; ask again for fresh ones when they expire."""
+    ctx = await _context(request)
+    body = await _json_body(request)
+    key, upload_id = _client_key(ctx, body), _upload_id(body)
+    numbers = _part_numbers(body)
+    # One cheap call so a wrong or finished upload fails here, not in the browser.
+    with _s3("ListParts"):
+        await ctx.sink.client.list_parts(Bucket=ctx.bucket, Key=key, UploadId=upload_id, MaxParts=1)
+    expires_at = int(time.time()) + ctx.expires_in
+    urls = []
+    for n in numbers:
+        url = await ctx.signer.generate_presigned_url(
+            "upload_part",
+            Params={"Bucket": ctx.bucket, "Key": key, "UploadId": upload_id, "PartNumber": n},
+            ExpiresIn=ctx.expires_in,
+        )
+        urls.append({"part_number": n, "url": url})
+    return web.json_response(
+        {"key": key, "upload_id": upload_id, "parts": urls, "expires_at": expires_at}
+    )
+
+
+async def _uploaded_parts(ctx: Context, key: str, upload_id: str) -> list[dict[str, Any]]:
+    """Every part S3 holds for the upload (ListParts pages at 1,000)."""
+    found: list[dict[str, Any]] = []
+    marker = 0
+    while True:
+        with _s3("ListParts"):
+            page = await ctx.sink.client.list_parts(
+                Bucket=ctx.bucket, Key=key, UploadId=upload_id, PartNumberMarker=marker
+            )
+        found += [
+            {"part_number": p["PartNumber"], "etag": p["ETag"], "size": p["Size"]}
+            for p in page.get("Parts", [])
+        ]
+        if not page.get("IsTruncated"):
+            return found
+        marker = int(page["NextPartNumberMarker"])
+
+
+async def list_parts(request: web.Request) -> web.Response:
+    """The parts already uploaded, so a browser can resume after a reload."""
+    ctx = await _context(request)
+    key, upload_id = _client_key(ctx, request.query), _upload_id(request.query)
+    found = await _uploaded_parts(ctx, key, upload_id)
+    return web.json_response({"key": key, "upload_id": upload_id, "parts": found})
+
+
+def _check_parts(ctx: Context, body: Mapping[str, Any], found: list[dict[str, Any]]) -> int:
+    """Refuse to complete a gappy, unexpected or oversized upload; return its size."""
+    if not found:
+        raise ProxyError(INVALID_REQUEST, "no part has been uploaded")
+    numbers = [p["part_number"] for p in found]
+    if numbers != list(range(1, len(found) + 1)):
+        missing = min(set(range(1, max(numbers) + 1)) - set(numbers))
+        raise ProxyError(INVALID_REQUEST, f"part {missing} has not been uploaded")
+    given = body.get("parts")
+    if given is not None:
+        try:
+            claimed = {
+                _integer(p["part_number"], "part_number"): str(p["etag"]).strip('"') for p in given
+            }
+        except (TypeError, KeyError):
+            raise ProxyError(
+                INVALID_REQUEST, "'parts' must be a list of {part_number, etag}"
+            ) from None
+        held = {p["part_number"]: str(p["etag"]).strip('"') for p in found}
+        if claimed != held:
+            raise ProxyError(
+                INVALID_REQUEST, "'parts' does not match the parts S3 holds for this upload"
+            )
+    size = sum(int(p["size"]) for p in found)
+    limit = ctx.settings.max_file_size
+    if size > limit:
+        raise ProxyError(FILE_TOO_LARGE, f"the parts hold {size} bytes; the limit is {limit}")
+    grant = ctx.principal.grant
+    if grant is not None and grant.max_size is not None and size > grant.max_size:
+        raise ProxyError(
+            TOKEN_SCOPE, f"the upload token allows {grant.max_size} bytes; the parts hold {size}"
+        )
+    return size
+
+
+async def complete_multipart(request: web.Request) -> web.Response:
+    """Complete from the parts S3 holds, then hold the object to the size signed at create."""
+    ctx = await _context(request)
+    body = await _json_body(request)
+    key, upload_id = _client_key(ctx, body), _upload_id(body)
+    found = await _uploaded_parts(ctx, key, upload_id)
+    size = _check_parts(ctx, body, found)
+    with _s3("CompleteMultipartUpload"):
+        await ctx.sink.client.complete_multipart_upload(
+            Bucket=ctx.bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={
+                "Parts": [{"PartNumber": p["part_number"], "ETag": p["etag"]} for p in found]
+            },
+        )
+    with _s3("HeadObject"):
+        head = await ctx.sink.client.head_object(Bucket=ctx.bucket, Key=key)
+    signed = head.get("Metadata", {}).get(SIZE_META)
+    stored = int(head["ContentLength"])
+    if signed is None:
+        log.warning("presign.size_unchecked key=%s reason=metadata_missing", key)
+    elif int(signed) != stored:
+        with _s3("DeleteObject"):
+            await ctx.sink.client.delete_object(Bucket=ctx.bucket, Key=key)
+        log.info("presign.size_mismatch key=%s signed=%s stored=%d", key, signed, stored)
+        raise ProxyError(
+            INVALID_REQUEST,
+            f"the parts hold {stored} bytes but {signed} were signed; the object was deleted",
+        )
+    log.info(
+        "presign.multipart_completed key=%s upload_id=%s size=%d parts=%d by=%s",
+        key,
+        upload_id,
+        size,
+        len(found),
+        ctx.principal.subject,
+    )
+    return web.json_response(
+        {
+            "key": key,
+            "bucket": ctx.bucket,
+            "size": stored,
+            "parts": len(found),
+            "etag": head.get("ETag"),
+            "content_type": head.get("ContentType"),
+            "object_url": await _object_url(ctx, key),
+        }
+    )
+
+
+async def abort_multipart(request: web.Request) -> web.Response:
+    """Abort; an upload already gone counts as aborted, so retries are safe."""
+    ctx = await _context(request)
+    body = await _json_body(request)
+    key, upload_id = _client_key(ctx, body), _upload_id(body)
+    try:
+        with _s3("AbortMultipartUpload"):
+            await ctx.sink.client.abort_multipart_upload(
+                Bucket=ctx.bucket, Key=key, UploadId=upload_id
+            )
+    except ProxyError as err:
+        if err.kind is not NO_SUCH_UPLOAD:
+            raise
+    log.info("presign.multipart_aborted key=%s upload_id=%s", key, upload_id)
+    return web.json_response({"key": key, "upload_id": upload_id, "aborted": True})

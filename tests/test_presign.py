@@ -1,0 +1,466 @@
+"""Direct-to-S3 uploads: the signing API's contract against moto, and the signatures
+themselves against SeaweedFS, which (unlike moto) checks them: a browser-like client
+uploads straight to the store, and the store refuses what was not signed."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import boto3
+import pytest
+from aiohttp.test_utils import TestClient
+
+from s3proxy.app import create_app
+from s3proxy.embedded import EmbeddedStore
+from s3proxy.settings import Settings
+from s3proxy.state import STATE
+from s3proxy.tokens import issue
+from tests.bodies import MiB
+from tests.s3util import BOTO_CONFIG, open_uploads
+from tests.seaweed_fixture import s3_client_kwargs
+
+KEY = "k3y-0123456789abcdef"
+SECRET = b"s" * 32
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def token(**grant: Any) -> dict[str, str]:
+    grant.setdefault("prefix", "users/42/")
+    return {"Authorization": f"Bearer {issue(SECRET, ttl=60, **grant)}"}
+
+
+async def call(
+    client: TestClient[Any, Any],
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+) -> tuple[int, dict[str, Any]]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    resp = await client.post(path, data=data, headers=headers if headers is not None else AUTH)
+    return resp.status, await resp.json()
+
+
+def code(out: dict[str, Any]) -> str:
+    return str(out["error"]["code"])
+
+
+def pdf(size: int = 1000) -> dict[str, Any]:
+    return {"filename": "report.pdf", "content_type": "application/pdf", "size": size}
+
+
+# --- the API contract (moto) ------------------------------------------------------
+
+
+@pytest.fixture
+async def authed(proxy_factory: Any) -> TestClient[Any, Any]:
+    client: TestClient[Any, Any] = await proxy_factory(
+        api_key=(KEY,),
+        token_secret=(SECRET.decode(),),
+        key_template="uploads/{uuid}/{filename}",
+        max_file_size=50 * MiB,
+        presign_multipart_threshold=20 * MiB,
+    )
+    return client
+
+
+async def test_put_is_signed_with_its_headers(authed: Any, s3: Any, bucket: str) -> None:
+    before = time.time()
+    status, out = await call(authed, "/sign", {**pdf(5), "filename": "Ünïcode report.pdf"})
+    assert status == 200, out
+    assert out["multipart"] is False and out["method"] == "PUT" and out["bucket"] == bucket
+    assert out["key"].startswith("uploads/") and out["key"].endswith("/Ünïcode report.pdf")
+    assert out["headers"]["Content-Type"] == "application/pdf"
+    assert out["headers"]["Content-Disposition"].startswith('attachment; filename="Unicode')
+    query = parse_qs(urlsplit(out["url"]).query)
+    assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+    # Every signed header is one the client is told to send, but Content-Length
+    # (the body sets it) and Host.
+    signed = set(query["X-Amz-SignedHeaders"][0].split(";"))
+    assert signed == {h.lower() for h in out["headers"]} | {"content-length", "host"}
+    assert query["X-Amz-Expires"] == ["900"]
+    assert int(before) + 900 <= out["expires_at"] <= time.time() + 901
+    assert out["object_url"] == out["url"].split("?")[0]
+    async with (
+        aiohttp.ClientSession() as http,
+        http.put(out["url"], data=b"%PDF-", headers=out["headers"]) as resp,
+    ):
+        assert resp.status == 200
+    head = s3.head_object(Bucket=bucket, Key=out["key"])
+    assert head["ContentType"] == "application/pdf" and head["ContentLength"] == 5
+
+
+async def test_post_policy_fixes_key_type_and_size(authed: Any, bucket: str) -> None:
+    status, out = await call(authed, "/sign", {**pdf(1234), "method": "post"})
+    assert status == 200, out
+    assert out["method"] == "POST" and "headers" not in out
+    fields = out["fields"]
+    assert fields["key"] == out["key"] and fields["Content-Type"] == "application/pdf"
+    assert {"policy", "x-amz-signature", "x-amz-credential", "x-amz-date"} <= set(fields)
+    policy = json.loads(base64.b64decode(fields["policy"]))
+    conditions = policy["conditions"]
+    assert ["content-length-range", 1234, 1234] in conditions
+    assert {"Content-Type": "application/pdf"} in conditions
+    assert {"key": out["key"]} in conditions and {"bucket": bucket} in conditions
+    assert out["object_url"].endswith("/" + bucket + "/" + out["key"].replace(" ", "%20"))
+
+
+async def test_type_is_guessed_when_not_declared(authed: Any) -> None:
+    status, out = await call(authed, "/sign", {"filename": "notes.txt", "size": 3})
+    assert status == 200 and out["headers"]["Content-Type"] == "text/plain"
+    status, out = await call(authed, "/sign", {"filename": "x", "content_type": "", "size": 3})
+    assert out["headers"]["Content-Type"] == "application/octet-stream"
+    status, out = await call(
+        authed, "/sign", {**pdf(), "content_type": "Application/PDF; charset=binary"}
+    )
+    assert out["headers"]["Content-Type"] == "application/pdf"
+
+
+async def test_auth_is_required(authed: Any) -> None:
+    for path in ("/sign", "/sign/multipart", "/sign/multipart/complete"):
+        status, out = await call(authed, path, pdf(), headers={})
+        assert (status, code(out)) == (401, "AUTH_REQUIRED")
+    resp = await authed.get("/sign/multipart/parts?key=uploads/a&upload_id=x")
+    assert resp.status == 401
+
+
+async def test_token_scope(authed: Any) -> None:
+    status, out = await call(authed, "/sign", pdf(), token(types=["application/pdf"]))
+    assert status == 200 and out["key"].startswith("users/42/uploads/")
+    status, out = await call(authed, "/sign", pdf(), token(types=["image/*"]))
+    assert (status, code(out)) == (403, "TOKEN_SCOPE")
+    status, out = await call(authed, "/sign", pdf(2000), token(max_size=1000))
+    assert (status, code(out)) == (403, "TOKEN_SCOPE")
+    status, out = await call(authed, "/sign/multipart", pdf(2000), token(max_size=1000))
+    assert (status, code(out)) == (403, "TOKEN_SCOPE")
+
+
+async def test_limits(proxy_factory: Any) -> None:
+    client = await proxy_factory(allow_type=("image/*",), max_file_size=10 * MiB)
+    status, out = await call(client, "/sign", pdf(), headers={})
+    assert (status, code(out)) == (415, "TYPE_NOT_ALLOWED")
+    png = {"filename": "a.png", "content_type": "image/png", "size": 10 * MiB + 1}
+    for path in ("/sign", "/sign/multipart"):
+        status, out = await call(client, path, png, headers={})
+        assert (status, code(out)) == (413, "FILE_TOO_LARGE")
+    status, out = await call(client, "/sign", {**png, "size": 10}, headers={})
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"{not json", "JSON object"),
+        (b"[1, 2]", "JSON object"),
+        (json.dumps({"content_type": "a/b", "size": 1}).encode(), "'filename'"),
+        (json.dumps({"filename": "a", "size": -1}).encode(), "'size'"),
+        (json.dumps({"filename": "a", "size": "10"}).encode(), "'size'"),
+        (json.dumps({"filename": "a", "size": True}).encode(), "'size'"),
+        (json.dumps({"filename": "a"}).encode(), "'size'"),
+        (json.dumps({"filename": "a", "size": 1, "method": "get"}).encode(), "'method'"),
+        (json.dumps({"filename": "a", "size": 1, "content_type": "pdf"}).encode(), "content"),
+    ],
+)
+async def test_bad_requests(authed: Any, raw: bytes, message: str) -> None:
+    status, out = await call(authed, "/sign", raw=raw, headers=AUTH)
+    assert (status, code(out)) == (400, "INVALID_REQUEST")
+    assert message in out["error"]["message"]
+
+
+async def test_large_files_are_sent_to_multipart(authed: Any, s3: Any, bucket: str) -> None:
+    status, out = await call(authed, "/sign", pdf(20 * MiB + 1))
+    assert status == 200
+    assert out == {"multipart": True, "endpoint": "/sign/multipart", "threshold": 20 * MiB}
+    assert open_uploads(s3, bucket) == []
+
+
+async def test_draining_refuses_new_uploads_only(authed: Any, s3: Any, bucket: str) -> None:
+    status, up = await call(authed, "/sign/multipart", pdf(6 * MiB))
+    ref = {"key": up["key"], "upload_id": up["upload_id"]}
+    authed.server.app[STATE].draining = True
+    for path in ("/sign", "/sign/multipart"):
+        status, out = await call(authed, path, pdf())
+        assert (status, code(out)) == (503, "SHUTTING_DOWN")
+    status, out = await call(authed, "/sign/multipart/parts", {**ref, "part_numbers": [1]})
+    assert status == 200
+    status, out = await call(authed, "/sign/multipart/abort", ref)
+    assert status == 200 and open_uploads(s3, bucket) == []
+
+
+async def test_client_keys_are_checked(authed: Any, s3: Any, bucket: str) -> None:
+    status, up = await call(authed, "/sign/multipart", pdf(6 * MiB), token())
+    assert status == 200 and up["key"].startswith("users/42/uploads/")
+    ref = {"key": up["key"], "upload_id": up["upload_id"], "part_numbers": [1]}
+    try:
+        other = token(prefix="users/43/")
+        for path in ("/sign/multipart/parts", "/sign/multipart/complete", "/sign/multipart/abort"):
+            status, out = await call(authed, path, ref, other)
+            assert (status, code(out)) == (403, "KEY_FORBIDDEN"), path
+        resp = await authed.get(
+            "/sign/multipart/parts",
+            params={"key": up["key"], "upload_id": up["upload_id"]},
+            headers=other,
+        )
+        assert resp.status == 403
+        # An API key may use any key the template makes, but not others.
+        status, out = await call(authed, "/sign/multipart/parts", {**ref, "key": "elsewhere/x"})
+        assert (status, code(out)) == (403, "KEY_FORBIDDEN")
+        for bad in ("uploads/../users/43/x", "uploads//x", "/uploads/x", "uploads/\x00"):
+            status, out = await call(authed, "/sign/multipart/parts", {**ref, "key": bad})
+            assert (status, code(out)) == (400, "INVALID_REQUEST"), bad
+        for numbers in ([], [0], [10_001], [1, 1], ["1"], list(range(1, 1002))):
+            status, out = await call(
+                authed, "/sign/multipart/parts", {**ref, "part_numbers": numbers}, token()
+            )
+            assert (status, code(out)) == (400, "INVALID_REQUEST"), numbers
+        status, out = await call(
+            authed, "/sign/multipart/parts", {**ref, "upload_id": "nope"}, token()
+        )
+        assert (status, code(out)) == (404, "NO_SUCH_UPLOAD")
+        status, out = await call(authed, "/sign/multipart/parts", ref, token())
+        assert status == 200 and [p["part_number"] for p in out["parts"]] == [1]
+    finally:
+        status, out = await call(authed, "/sign/multipart/abort", ref, token())
+        assert status == 200 and out["aborted"] is True
+    assert open_uploads(s3, bucket) == []
+    status, out = await call(authed, "/sign/multipart/abort", ref, token())  # again: still fine
+    assert status == 200
+
+
+async def put_parts(urls: list[dict[str, Any]], data: list[bytes]) -> list[str]:
+    async with aiohttp.ClientSession() as http:
+
+        async def put(url: str, body: bytes) -> str:
+            async with http.put(url, data=io.BytesIO(body)) as resp:
+                assert resp.status == 200, await resp.text()
+                return resp.headers["ETag"]
+
+        return list(
+            await asyncio.gather(*(put(u["url"], d) for u, d in zip(urls, data, strict=True)))
+        )
+
+
+async def test_complete_checks_parts_and_size(authed: Any, s3: Any, bucket: str) -> None:
+    """moto does not check signatures, so the proxy's own checks are visible here."""
+    small, big = token(max_size=7 * MiB), token()
+    status, up = await call(authed, "/sign/multipart", pdf(6 * MiB), small)
+    assert status == 200 and (up["part_size"], up["part_count"]) == (5 * MiB, 2)
+    ref = {"key": up["key"], "upload_id": up["upload_id"]}
+    try:
+        _, signed = await call(authed, "/sign/multipart/parts", {**ref, "part_numbers": [2]}, small)
+        await put_parts(signed["parts"], [b"b" * MiB])
+        status, out = await call(authed, "/sign/multipart/complete", ref, small)
+        assert (status, out["error"]["message"]) == (400, "part 1 has not been uploaded")
+        _, signed = await call(
+            authed, "/sign/multipart/parts", {**ref, "part_numbers": [1, 2]}, small
+        )
+        await put_parts(signed["parts"], [b"a" * 5 * MiB, b"b" * 3 * MiB])  # 8 MiB in all
+        status, out = await call(authed, "/sign/multipart/complete", ref, small)
+        assert (status, code(out)) == (403, "TOKEN_SCOPE")
+        wrong = [{"part_number": 1, "etag": "x"}]
+        status, out = await call(authed, "/sign/multipart/complete", {**ref, "parts": wrong}, big)
+        assert (status, code(out)) == (400, "INVALID_REQUEST")
+        # Within every limit but not the size signed at create: completed, then deleted.
+        status, out = await call(authed, "/sign/multipart/complete", ref, big)
+        assert (status, code(out)) == (400, "INVALID_REQUEST")
+        assert "6291456 were signed" in out["error"]["message"]
+    finally:
+        await call(authed, "/sign/multipart/abort", ref, big)
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+    assert open_uploads(s3, bucket) == []
+
+
+# --- signatures the store checks (SeaweedFS) --------------------------------------
+
+e2e = pytest.mark.e2e
+
+
+@pytest.fixture
+def sw(seaweedfs: EmbeddedStore) -> Iterator[Any]:
+    """A client on the shared store; everything under presign/ is removed afterwards."""
+    client = boto3.client("s3", config=BOTO_CONFIG, **s3_client_kwargs(seaweedfs))
+    yield client
+    bucket = seaweedfs.bucket
+    left = [u for u in open_uploads(client, bucket) if u["Key"].startswith("presign/")]
+    for up in left:
+        client.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+    listing = client.list_objects_v2(Bucket=bucket, Prefix="presign/")
+    for obj in listing.get("Contents", []):
+        client.delete_object(Bucket=bucket, Key=obj["Key"])
+    client.close()
+    assert not left, f"multipart uploads left open: {left}"
+
+
+@pytest.fixture
+async def store_proxy(
+    aiohttp_client: Any, seaweedfs: EmbeddedStore, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Any]:
+    """Build a proxy in front of SeaweedFS with the store's keys: ``await make(**settings)``."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweedfs.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweedfs.secret_key)
+
+    async def make(**overrides: Any) -> TestClient[Any, Any]:
+        values: dict[str, Any] = {
+            "endpoint_url": seaweedfs.endpoint_url,
+            "bucket": seaweedfs.bucket,
+            "key_template": "presign/{uuid}/{filename}",
+            "part_size": 5 * MiB,
+            "memory_budget": 64 * MiB,
+            "presign_multipart_threshold": 6 * MiB,
+            **overrides,
+        }
+        client: TestClient[Any, Any] = await aiohttp_client(create_app(Settings(**values)))
+        return client
+
+    yield make
+
+
+def text_file(size: int) -> dict[str, Any]:
+    return {"filename": "résumé.txt", "content_type": "text/plain", "size": size}
+
+
+@e2e
+async def test_put_straight_to_the_store(
+    store_proxy: Any, sw: Any, seaweedfs: EmbeddedStore
+) -> None:
+    proxy = await store_proxy()
+    data = b"hello, store\n" * 1000
+    status, out = await call(proxy, "/sign", text_file(len(data)), headers={})
+    assert status == 200, out
+    async with aiohttp.ClientSession() as http:
+        refusals = [
+            (data + b"!", out["headers"]),  # not the size signed
+            (data, {**out["headers"], "Content-Type": "text/html"}),  # not the type signed
+            (data, {"Content-Type": "text/plain"}),  # without the signed Content-Disposition
+        ]
+        for body, headers in refusals:
+            async with http.put(out["url"], data=body, headers=headers) as resp:
+                assert resp.status == 403, await resp.text()
+        sig = parse_qs(urlsplit(out["url"]).query)["X-Amz-Signature"][0]
+        tampered = out["url"].replace(sig, sig[:-1] + ("0" if sig[-1] != "0" else "1"))
+        async with http.put(tampered, data=data, headers=out["headers"]) as resp:
+            assert resp.status == 403
+        async with http.put(out["url"], data=data, headers=out["headers"]) as resp:
+            assert resp.status == 200, await resp.text()
+    obj = sw.get_object(Bucket=seaweedfs.bucket, Key=out["key"])
+    assert obj["Body"].read() == data
+    assert obj["ContentType"] == "text/plain"
+    assert obj["ContentDisposition"] == out["headers"]["Content-Disposition"]
+
+
+@e2e
+async def test_post_form_straight_to_the_store(
+    store_proxy: Any, sw: Any, seaweedfs: EmbeddedStore
+) -> None:
+    proxy = await store_proxy()
+    data = b"%PDF-1.4 not really\n" * 50
+
+    async def post(fields: dict[str, str], body: bytes) -> tuple[int, str]:
+        form = aiohttp.FormData()
+        for name, value in fields.items():
+            form.add_field(name, value)
+        form.add_field("file", body, filename="a.pdf", content_type=fields["Content-Type"])
+        async with aiohttp.ClientSession() as http, http.post(out["url"], data=form) as resp:
+            return resp.status, await resp.text()
+
+    status, out = await call(proxy, "/sign", {**pdf(len(data)), "method": "post"}, headers={})
+    assert status == 200, out
+    assert (await post(out["fields"], data + b"x"))[0] == 400  # EntityTooLarge
+    assert (await post(out["fields"], data[:-1]))[0] == 400  # EntityTooSmall
+    assert (await post({**out["fields"], "Content-Type": "text/html"}, data))[0] == 403
+    assert (await post({**out["fields"], "key": out["key"] + "x"}, data))[0] == 403
+    status, text = await post(out["fields"], data)
+    assert status in (200, 201, 204), text
+    obj = sw.get_object(Bucket=seaweedfs.bucket, Key=out["key"])
+    assert obj["Body"].read() == data and obj["ContentType"] == "application/pdf"
+
+
+@e2e
+async def test_expired_url_is_refused(store_proxy: Any, sw: Any, seaweedfs: EmbeddedStore) -> None:
+    proxy = await store_proxy(presign_expiry=1)
+    status, out = await call(proxy, "/sign", text_file(5), headers={})
+    assert status == 200 and out["expires_at"] <= time.time() + 2
+    await asyncio.sleep(2.1)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.put(out["url"], data=b"hello", headers=out["headers"]) as resp,
+    ):
+        assert resp.status == 403
+        assert "expired" in (await resp.text()).lower()
+    assert sw.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=out["key"]).get("KeyCount") == 0
+
+
+@e2e
+async def test_presign_endpoint_is_signed_for_its_own_host(
+    store_proxy: Any, sw: Any, seaweedfs: EmbeddedStore
+) -> None:
+    """Browsers may reach the store by another name; the URL must be signed for it."""
+    public = seaweedfs.endpoint_url.replace("127.0.0.1", "localhost")
+    proxy = await store_proxy(presign_endpoint_url=public)
+    _, out = await call(proxy, "/sign", text_file(5), headers={})
+    assert out["url"].startswith(public + "/") and out["object_url"].startswith(public + "/")
+    async with (
+        aiohttp.ClientSession() as http,
+        http.put(out["url"], data=b"hello", headers=out["headers"]) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+    assert sw.get_object(Bucket=seaweedfs.bucket, Key=out["key"])["Body"].read() == b"hello"
+
+
+@e2e
+async def test_multipart_straight_to_the_store(
+    store_proxy: Any, sw: Any, seaweedfs: EmbeddedStore
+) -> None:
+    proxy = await store_proxy()
+    data = uuid.uuid4().bytes * (6 * MiB // 16) + b"tail" * 1000
+    status, out = await call(proxy, "/sign", text_file(len(data)), headers={})
+    assert out["multipart"] is True
+    status, up = await call(proxy, "/sign/multipart", text_file(len(data)), headers={})
+    assert status == 200, up
+    size, count = up["part_size"], up["part_count"]
+    assert (size, count) == (5 * MiB, 2)
+    ref = {"key": up["key"], "upload_id": up["upload_id"]}
+    status, signed = await call(
+        proxy, "/sign/multipart/parts", {**ref, "part_numbers": [1, 2]}, headers={}
+    )
+    assert status == 200, signed
+    chunks = [data[i * size : (i + 1) * size] for i in range(count)]
+    etags = await put_parts(signed["parts"], chunks)  # both at once
+    resp = await proxy.get("/sign/multipart/parts", params=ref)
+    listed = (await resp.json())["parts"]
+    assert [(p["part_number"], p["size"]) for p in listed] == [(1, 5 * MiB), (2, len(chunks[1]))]
+    given = [{"part_number": n, "etag": e} for n, e in zip((1, 2), etags, strict=True)]
+    status, done = await call(proxy, "/sign/multipart/complete", {**ref, "parts": given}, {})
+    assert status == 200, done
+    assert (done["size"], done["parts"], done["content_type"]) == (len(data), 2, "text/plain")
+    obj = sw.get_object(Bucket=seaweedfs.bucket, Key=up["key"])
+    assert hashlib.sha256(obj["Body"].read()).digest() == hashlib.sha256(data).digest()
+    assert obj["ContentType"] == "text/plain"
+
+
+@e2e
+async def test_multipart_abort_leaves_nothing(
+    store_proxy: Any, sw: Any, seaweedfs: EmbeddedStore
+) -> None:
+    proxy = await store_proxy()
+    status, up = await call(proxy, "/sign/multipart", text_file(7 * MiB), headers={})
+    ref = {"key": up["key"], "upload_id": up["upload_id"]}
+    _, signed = await call(proxy, "/sign/multipart/parts", {**ref, "part_numbers": [1]}, {})
+    await put_parts(signed["parts"], [b"x" * 5 * MiB])
+    status, out = await call(proxy, "/sign/multipart/abort", ref, headers={})
+    assert status == 200 and out["aborted"] is True
+    uploads = open_uploads(sw, seaweedfs.bucket)
+    assert up["upload_id"] not in [u["UploadId"] for u in uploads]
+    assert sw.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=up["key"]).get("KeyCount") == 0
+    status, out = await call(proxy, "/sign/multipart/parts", {**ref, "part_numbers": [2]}, {})
+    assert (status, code(out)) == (404, "NO_SUCH_UPLOAD")
