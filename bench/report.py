@@ -33,7 +33,19 @@ def _median(rs: list[dict[str, Any]], k: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def other_cpu_fraction(r: dict[str, Any], cpus: int) -> float | None:
+    """Share of all cores busy with something else than the cell (other users' work).
+
+    All CPUs' busy time during the cell, less what the server, the store, the clients and the
+    harness used. Near 0 on a quiet machine; on a shared one it says how noisy the cell was.
+    """
+    if r.get("machine_busy_cpu_s") is None or not r.get("wall_s"):
+        return None
+    ours = r["cpu_s"] + (r["s3_cpu_s"] or 0) + r["client_cpu_s"] + r["harness_cpu_s"]
+    return max(0.0, r["machine_busy_cpu_s"] - ours) / (r["wall_s"] * cpus)
+
+
+def summarize(runs: list[dict[str, Any]], cpus: int = 1) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, int, int], list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault(_key(r), []).append(r)
@@ -64,6 +76,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "s3_cpu_s_per_gib": sum(s3cpu) / (nbytes / GIB) if s3cpu and nbytes else None,
                 "client_cpu_s_per_gib": _per_gib(rs, "client_cpu_s", nbytes),
                 "machine_busy_fraction": _median(rs, "machine_busy_fraction"),
+                "other_cpu_fraction": _median(
+                    [{"x": other_cpu_fraction(r, cpus)} for r in rs], "x"
+                ),
                 "disk_write_bytes": max(r["disk_write_bytes"] for r in rs),
                 "peak_tmp_bytes": max(r["peak_tmp_bytes"] for r in rs),
                 "failures": sum(r["failures"] for r in rs),
@@ -151,6 +166,7 @@ COLUMNS = [
     "S3 CPU s/GiB",
     "disk MiB",
     "tmp MiB",
+    "other CPU %",
     "fail",
     "ok",
 ]
@@ -172,6 +188,7 @@ def rows(cells: Iterable[dict[str, Any]]) -> list[list[str]]:
             _f(c["s3_cpu_s_per_gib"], ".2f"),
             _f(c["disk_write_bytes"] / MIB, ".0f"),
             _f(c["peak_tmp_bytes"] / MIB, ".0f"),
+            _f(None if c["other_cpu_fraction"] is None else 100 * c["other_cpu_fraction"], ".0f"),
             str(c["failures"]),
             f"{c['verified']}/{c['uploads']}",
         ]
@@ -335,7 +352,7 @@ README_END = "<!-- bench:latest:end -->"
 
 def write(result: dict[str, Any], out: Path, readme: Path | None = None) -> dict[str, Path]:
     """Summarize into ``result`` and write latest.json, latest.png and latest.md to ``out``."""
-    result["cells"] = summarize(result["runs"])
+    result["cells"] = summarize(result["runs"], result["meta"]["machine"]["cpus"] or 1)
     result["ratios"] = ratios(result["cells"])
     written = {"json": out / "latest.json"}
     tmp = out / "latest.json.tmp"
@@ -363,3 +380,24 @@ def write(result: dict[str, Any], out: Path, readme: Path | None = None) -> dict
             readme.write_text(pattern.sub(lambda _: f"{README_START}\n{rel}{README_END}", text))
             written["readme"] = readme
     return written
+
+
+def main() -> None:
+    """``python -m bench.report RESULTS.json [--update-readme]``: render a saved run again."""
+    import argparse
+
+    from bench.harness import REPO
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("json", type=Path)
+    p.add_argument("--update-readme", action="store_true")
+    args = p.parse_args()
+    result = json.loads(args.json.read_text())
+    readme = REPO / "bench" / "README.md" if args.update_readme else None
+    written = write(result, args.json.parent, readme)
+    print(terminal(result))
+    print("\n" + "  ".join(f"{k}: {v}" for k, v in written.items()))
+
+
+if __name__ == "__main__":
+    main()
