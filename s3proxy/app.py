@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import re
 import uuid
@@ -28,7 +27,7 @@ from s3proxy.keys import template_prefix
 from s3proxy.log import REQUEST_ID
 from s3proxy.metrics import METRICS, metrics_handler, metrics_middleware
 from s3proxy.settings import Settings
-from s3proxy.sink import ClientOptions, S3Sink, open_client
+from s3proxy.sink import S3Sink, client_options, open_client
 from s3proxy.state import STATE, AppState
 from s3proxy.webhook import Webhook, WebhookConfig
 
@@ -78,31 +77,6 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-def client_options(settings: Settings) -> ClientOptions:
-    """The S3 client settings; with the embedded store, its endpoint and saved keys."""
-    opts = ClientOptions(
-        endpoint_url=settings.endpoint_url,
-        region=settings.region,
-        connect_timeout=settings.s3_connect_timeout,
-        read_timeout=settings.s3_read_timeout,
-        max_attempts=settings.s3_max_attempts,
-        max_connections=settings.s3_max_connections,
-        sign_payload=settings.sign_payload,
-        request_checksum=settings.request_checksum,
-    )
-    if settings.embedded:  # for `cleanup` beside a running embedded store
-        creds = settings.data_dir / "credentials.json"
-        if creds.is_file():
-            keys = json.loads(creds.read_text())
-            opts = dataclasses.replace(
-                opts,
-                endpoint_url=f"http://127.0.0.1:{settings.embedded_s3_port}",
-                access_key=keys["access_key"],
-                secret_key=keys["secret_key"],
-            )
-    return opts
-
-
 def embedded_store(settings: Settings) -> EmbeddedStore:
     """The embedded SeaweedFS store as the settings describe it (not started)."""
     from s3proxy.embedded import EmbeddedConfig, EmbeddedStore
@@ -146,6 +120,7 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
                     with contextlib.suppress(asyncio.CancelledError):
                         await sweeper
                 await state.janitor.close()
+                await state.require_presigner().close()
                 state.sink = None
     finally:
         if store is not None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from s3proxy import __version__
 from s3proxy import log as logsetup
-from s3proxy.app import client_options
 from s3proxy.settings import Settings, SettingsError
+from s3proxy.sink import client_options
 
 log = logging.getLogger("s3proxy.cli")
 

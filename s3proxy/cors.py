@@ -12,6 +12,8 @@ from aiohttp.typedefs import Handler, Middleware
 ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID, X-Upload-Token"
 ALLOW_METHODS = "GET, POST, OPTIONS"
 MAX_AGE = "600"
+# What scripts on the page may read: the request id, and what downloads need.
+EXPOSE_HEADERS = "X-Request-ID, ETag, Content-Range, Content-Disposition, Accept-Ranges"
 
 
 def cors_middleware(origins: tuple[str, ...]) -> Middleware:
@@ -40,7 +42,7 @@ def cors_middleware(origins: tuple[str, ...]) -> Middleware:
         if allowed(origin):
             assert origin is not None
             resp.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = "*" if allow_any else origin
-            resp.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = "X-Request-ID"
+            resp.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = EXPOSE_HEADERS
             resp.headers.add(hdrs.VARY, "Origin")
         return resp
 

@@ -21,15 +21,12 @@ object is sent), and If-Range is checked against the ranged answer's validators.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
 import datetime as dt
 import email.utils
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -47,8 +44,7 @@ from s3proxy.errors import (
 )
 from s3proxy.keys import MAX_KEY_BYTES, content_disposition, template_prefix
 from s3proxy.metrics import Metrics
-from s3proxy.settings import Settings
-from s3proxy.sink import S3Sink, open_client, translate
+from s3proxy.sink import S3Sink, translate
 from s3proxy.state import STATE, AppState
 
 log = logging.getLogger("s3proxy.downloads")
@@ -322,50 +318,13 @@ async def send(request: web.Request, key: str, answer: Answer) -> web.StreamResp
 # --- redirect mode -----------------------------------------------------------
 
 
-@dataclass
-class Presigner:
-    """A client for the endpoint browsers reach, opened on first use.
-
-    SigV4 signs the host, so a URL signed for the proxy's endpoint cannot be
-    rewritten to another; it has to be signed by a client for that endpoint.
-    Opened lazily because the embedded store's keys exist only once it runs.
-    """
-
-    stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    client: Any = None
-
-    async def get(self, settings: Settings) -> Any:
-        async with self.lock:
-            if self.client is None:
-                # Imported here: app.py imports this module. Same options as the main
-                # client (credentials, timeouts), another endpoint.
-                from s3proxy.app import client_options
-
-                opts = dataclasses.replace(
-                    client_options(settings), endpoint_url=settings.presign_endpoint_url
-                )
-                self.client = await self.stack.enter_async_context(open_client(opts))
-        return self.client
-
-
-PRESIGNER = web.AppKey("downloads.presigner", Presigner)
-
-
-async def _presigner(app: web.Application) -> AsyncIterator[None]:
-    app[PRESIGNER] = presigner = Presigner()
-    async with presigner.stack:
-        yield
-
-
 async def redirect(request: web.Request, key: str) -> web.Response:
     """302 to a presigned URL for the same method; S3 serves the bytes, ranges and 304s."""
     state = request.app[STATE]
     settings = state.settings
     sink = require_s3(state)
-    client = sink.client
-    if settings.presign_endpoint_url and PRESIGNER in request.app:
-        client = await request.app[PRESIGNER].get(settings)
+    # SigV4, for the endpoint browsers reach: the proxy's one presigning client.
+    client = await state.require_presigner().client(sink)
     head = request.method == hdrs.METH_HEAD
     params = {"Bucket": sink.bucket, "Key": key}
     if not head:
@@ -383,6 +342,3 @@ async def redirect(request: web.Request, key: str) -> web.Response:
 def add_routes(app: web.Application) -> None:
     """GET and HEAD /files/{key}; in redirect mode, the presigning client's lifetime."""
     app.router.add_get("/files/{key:.+}", get_file)  # add_get also answers HEAD
-    settings = app[STATE].settings
-    if settings.download_mode == "redirect" and settings.presign_endpoint_url:
-        app.cleanup_ctx.append(_presigner)

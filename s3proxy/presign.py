@@ -36,21 +36,17 @@ size is not known when they are signed), so oversized parts are only refused at
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import math
 import re
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
 from aiohttp import web
 from botocore.exceptions import ClientError
 
@@ -67,7 +63,7 @@ from s3proxy.errors import (
     ProxyError,
 )
 from s3proxy.settings import Settings
-from s3proxy.sink import ObjectOptions, S3Sink, client_config, translate
+from s3proxy.sink import ObjectOptions, S3Sink, translate
 from s3proxy.state import STATE, AppState
 
 log = logging.getLogger("s3proxy.presign")
@@ -95,61 +91,6 @@ _TYPE = re.compile(r"[\w.+-]+/[\w.+-]+", re.ASCII)
 # --- the presigning client ---------------------------------------------------------
 
 
-class Signer:
-    """An S3 client used only to sign, pointed where browsers reach S3.
-
-    Separate from the proxy's client for two reasons: SigV4 signs the Host
-    header, so a URL for ``--presign-endpoint-url`` must be signed for that host
-    (rewriting it afterwards breaks the signature); and botocore presigns with
-    SigV2 for custom endpoints unless told ``s3v4``, which would sign neither
-    Content-Length nor Content-Disposition. It is opened on first use because the
-    embedded store's endpoint and keys are only known once the backend is up.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._stack = contextlib.AsyncExitStack()
-        self._client: Any = None
-        self._lock = asyncio.Lock()
-
-    async def client(self, sink: S3Sink) -> Any:
-        if self._client is None:
-            async with self._lock:
-                if self._client is None:
-                    self._client = await self._open(sink)
-        return self._client
-
-    async def _open(self, sink: S3Sink) -> Any:
-        from s3proxy.app import client_options  # app imports this module
-
-        endpoint = self._settings.presign_endpoint_url or sink.client.meta.endpoint_url
-        # Keys as the proxy's client has them; addressing style for the signing endpoint.
-        opts = dataclasses.replace(client_options(self._settings), endpoint_url=endpoint)
-        kwargs: dict[str, Any] = {}
-        if opts.access_key and opts.secret_key:
-            kwargs = {
-                "aws_access_key_id": opts.access_key,
-                "aws_secret_access_key": opts.secret_key,
-            }
-        config = client_config(opts).merge(AioConfig(signature_version="s3v4"))
-        return await self._stack.enter_async_context(
-            get_session().create_client(
-                "s3",
-                endpoint_url=endpoint,
-                region_name=self._settings.region,
-                config=config,
-                **kwargs,
-            )
-        )
-
-    async def close(self) -> None:
-        await self._stack.aclose()
-        self._client = None
-
-
-SIGNER = web.AppKey("presign_signer", Signer)
-
-
 def add_routes(app: web.Application) -> None:
     """Register the signing routes and the signing client's lifetime."""
     app.router.add_post("/sign", sign)
@@ -158,16 +99,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/sign/multipart/parts", list_parts)
     app.router.add_post("/sign/multipart/complete", complete_multipart)
     app.router.add_post("/sign/multipart/abort", abort_multipart)
-    app.cleanup_ctx.append(_signer)
-
-
-async def _signer(app: web.Application) -> AsyncIterator[None]:
-    signer = Signer(app[STATE].settings)
-    app[SIGNER] = signer
-    try:
-        yield
-    finally:
-        await signer.close()
 
 
 # --- requests ---------------------------------------------------------------------
@@ -221,7 +152,7 @@ async def _context(request: web.Request, *, new_upload: bool = False) -> Context
     sink = state.require_sink()
     if not isinstance(sink, S3Sink):
         raise RuntimeError("presigning needs the aiobotocore S3 sink")
-    return Context(state, principal, sink, await request.app[SIGNER].client(sink))
+    return Context(state, principal, sink, await state.require_presigner().client(sink))
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

@@ -10,7 +10,10 @@ our buffer until S3 acknowledges them, so every retry can resend them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +43,7 @@ from s3proxy.errors import (
     ProxyError,
 )
 from s3proxy.metrics import Metrics
+from s3proxy.settings import Settings
 
 log = logging.getLogger("s3proxy.sink")
 
@@ -258,3 +262,78 @@ async def open_client(opts: ClientOptions) -> AsyncIterator[Any]:
         **kwargs,
     ) as client:
         yield client
+
+
+def client_options(settings: Settings) -> ClientOptions:
+    """The S3 client settings; with the embedded store, its endpoint and saved keys."""
+    opts = ClientOptions(
+        endpoint_url=settings.endpoint_url,
+        region=settings.region,
+        connect_timeout=settings.s3_connect_timeout,
+        read_timeout=settings.s3_read_timeout,
+        max_attempts=settings.s3_max_attempts,
+        max_connections=settings.s3_max_connections,
+        sign_payload=settings.sign_payload,
+        request_checksum=settings.request_checksum,
+    )
+    if settings.embedded:  # for `cleanup` beside a running embedded store
+        creds = settings.data_dir / "credentials.json"
+        if creds.is_file():
+            keys = json.loads(creds.read_text())
+            opts = dataclasses.replace(
+                opts,
+                endpoint_url=f"http://127.0.0.1:{settings.embedded_s3_port}",
+                access_key=keys["access_key"],
+                secret_key=keys["secret_key"],
+            )
+    return opts
+
+
+class Presigner:
+    """An S3 client used only to sign, pointed where browsers reach S3.
+
+    Separate from the proxy's client for two reasons: SigV4 signs the Host
+    header, so a URL for ``--presign-endpoint-url`` must be signed for that host
+    (rewriting it afterwards breaks the signature); and botocore presigns with
+    SigV2 for custom endpoints unless told ``s3v4``, which would sign neither
+    Content-Length nor Content-Disposition. It is opened on first use because the
+    embedded store's endpoint and keys are only known once the backend is up.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+
+    async def client(self, sink: S3Sink) -> Any:
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    self._client = await self._open(sink)
+        return self._client
+
+    async def _open(self, sink: S3Sink) -> Any:
+        endpoint = self._settings.presign_endpoint_url or sink.client.meta.endpoint_url
+        # Keys as the proxy's client has them; addressing style for the signing endpoint.
+        opts = dataclasses.replace(client_options(self._settings), endpoint_url=endpoint)
+        kwargs: dict[str, Any] = {}
+        if opts.access_key and opts.secret_key:
+            kwargs = {
+                "aws_access_key_id": opts.access_key,
+                "aws_secret_access_key": opts.secret_key,
+            }
+        config = client_config(opts).merge(AioConfig(signature_version="s3v4"))
+        return await self._stack.enter_async_context(
+            get_session().create_client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=self._settings.region,
+                config=config,
+                **kwargs,
+            )
+        )
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+        self._client = None

@@ -16,7 +16,7 @@ from s3proxy.janitor import Janitor
 from s3proxy.metrics import Metrics
 from s3proxy.pipeline import PipelineConfig
 from s3proxy.settings import Settings
-from s3proxy.sink import ObjectSink
+from s3proxy.sink import ObjectSink, Presigner
 from s3proxy.webhook import Webhook
 
 
@@ -29,6 +29,7 @@ class AppState:
     metrics: Metrics = field(default_factory=Metrics)
     auth: Authenticator = field(default_factory=Authenticator)
     janitor: Janitor = field(default_factory=Janitor)
+    presigner: Presigner | None = None  # made from the settings in from_settings
     sink: ObjectSink | None = None  # set once the S3 client is open
     webhook: Webhook | None = None  # set when a webhook URL is configured
     draining: bool = False
@@ -38,6 +39,7 @@ class AppState:
     def from_settings(cls, settings: Settings) -> AppState:
         return cls(
             settings=settings,
+            presigner=Presigner(settings),
             auth=Authenticator(
                 api_keys=load_keys(settings.api_keys()),
                 token_secrets=load_keys(settings.token_secrets()),
@@ -63,6 +65,11 @@ class AppState:
                 idle_timeout=settings.client_timeout,
             ),
         )
+
+    def require_presigner(self) -> Presigner:
+        if self.presigner is None:
+            raise RuntimeError("no presigner")
+        return self.presigner
 
     def require_sink(self) -> ObjectSink:
         if self.sink is None:

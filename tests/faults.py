@@ -42,8 +42,13 @@ def operation(request: web.Request) -> str:
         return "PutObject"
     if request.method == "DELETE":
         return "DeleteObject"
+    has_key = request.path.strip("/").count("/") >= 1  # path style: /bucket/key
     if request.method == "HEAD":
-        return "HeadBucket"
+        return "HeadObject" if has_key else "HeadBucket"
+    if request.method == "GET" and "uploads" in q:
+        return "ListMultipartUploads"
+    if request.method == "GET":
+        return "GetObject" if has_key else "ListObjects"
     return request.method
 
 
