@@ -34,7 +34,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-APT_TIMEOUT = 900  # seconds for apt-get update + install on a slow mirror
+APT_TIMEOUT = 600  # seconds for each of apt-get update and install, on a slow mirror
 
 
 def ensure_chromium() -> Path:

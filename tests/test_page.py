@@ -10,6 +10,7 @@ screenshot to docs/upload-page.png for the README.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -216,6 +217,21 @@ def result_of(page: Any, name: str) -> dict[str, str]:
     }
 
 
+@contextlib.contextmanager
+def show_log_on_failure(log: Path) -> Iterator[None]:
+    """On a failure, print the proxy's log (pytest shows a failed test's output)."""
+    try:
+        yield
+    except BaseException:
+        print(f"--- {log} (end) ---\n{log.read_text(errors='replace')[-6000:]}")
+        raise
+
+
+def rows_text(page: Any) -> str:
+    """Every row as the page shows it, for assertion messages."""
+    return "\n---\n".join(page.get_by_test_id("file-row").all_inner_texts())
+
+
 def overall(page: Any) -> tuple[float, str]:
     bar = page.get_by_test_id("overall-progress")
     value = float(bar.evaluate("e => e.value / e.max"))
@@ -235,6 +251,7 @@ RECORD_PROGRESS = """() => {
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(900)  # room for apt-get to install Chromium on a machine without it
 def test_upload_page_in_a_real_browser(
     page_proxy: ProxyProcess,
     sw: Any,
@@ -257,7 +274,7 @@ def test_upload_page_in_a_real_browser(
     shots.mkdir()
     started = time.monotonic()
 
-    with chromium_page(viewport=(1000, 900)) as (page, console):
+    with show_log_on_failure(page_proxy.log_path), chromium_page((1000, 900)) as (page, console):
         # The token in the page's URL fills the field; the page sends it as a Bearer token.
         page.goto(f"{page_proxy.url}/?token={API_KEY}")
         page.wait_for_selector("html[data-ready=true]")
@@ -284,7 +301,7 @@ def test_upload_page_in_a_real_browser(
         assert partial, f"no partial progress seen on a file's bar: {seen}"
         value, status = overall(page)
         assert value == 1.0
-        assert status == "All 2 files stored."
+        assert status == "All 2 files stored.", rows_text(page)
         page.screenshot(path=shots / "2-proxy-done.png", full_page=True)
 
         pdf = result_of(page, "report.pdf")
@@ -306,7 +323,7 @@ def test_upload_page_in_a_real_browser(
         wait_finished(page, 5)
         value, status = overall(page)
         assert value == 1.0
-        assert status == "4 of 5 stored, 1 failed."
+        assert status == "4 of 5 stored, 1 failed.", rows_text(page)
         too_big = row(page, "too-big.bin")
         assert too_big.get_attribute("data-state") == "error"
         assert too_big.get_by_test_id("file-status").inner_text() == "Failed (HTTP 413)"
