@@ -232,6 +232,14 @@ def md_table(header: list[str], body: list[list[str]]) -> str:
 
 def notes(result: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
     out = list(result["meta"]["notes"])
+    other = [c["other_cpu_fraction"] for c in cells if c.get("other_cpu_fraction") is not None]
+    if other and statistics.median(other) > 0.15:
+        out.append(
+            f"the machine was not quiet: in the median cell {100 * statistics.median(other):.0f}%"
+            f" of all cores (up to {100 * max(other):.0f}%) were busy with work other than the"
+            " cell's (column 'other CPU %'), so throughput and latency are noisy; CPU per GiB"
+            " and memory are much less affected"
+        )
     for c in cells:
         where = f"{c['design']}/{c['client']} {_size(c['size'])} x{c['concurrency']}"
         if c["stray_objects"]:
