@@ -443,7 +443,7 @@ async def run_cell(
         # What the server holds at rest once warmed up, so peak - idle is what the cell cost.
         idle_rss = procs.rss_bytes(procs.tree(child.pid))
         server = procs.Sampler(child.pid, opts.sample_interval)
-        store = procs.Sampler(b.pid, opts.sample_interval) if b.pid else None
+        store = procs.Sampler(b.pid, opts.sample_interval, whole_tree=False) if b.pid else None
         wchar0 = procs.io_chars(child.pid)[1]
         if design == "direct":
             bar.cell(name, lambda: min(conc * size, procs.io_chars(child.pid)[1] - wchar0))
