@@ -240,6 +240,16 @@ def notes(result: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
             " cell's (column 'other CPU %'), so throughput and latency are noisy; CPU per GiB"
             " and memory are much less affected"
         )
+    elif noisy := [c for c in cells if (c.get("other_cpu_fraction") or 0) > 0.2]:
+        out.append(
+            "cells that competed with other work for the CPU (other CPU % over 20; their"
+            " throughput and latency are low and say little): "
+            + ", ".join(
+                f"{c['design']} {_size(c['size'])} x{c['concurrency']}"
+                f" ({100 * c['other_cpu_fraction']:.0f}%)"
+                for c in noisy
+            )
+        )
     for c in cells:
         where = f"{c['design']}/{c['client']} {_size(c['size'])} x{c['concurrency']}"
         if c["stray_objects"]:
