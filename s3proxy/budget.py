@@ -2,8 +2,12 @@
 
 Every part buffer is reserved here before a byte of it is read from the client,
 so when the budget is spent the proxy simply stops reading sockets and TCP pushes
-back on the clients. Waiters are served first come, first served so a large
-reservation is not starved by small ones.
+back on the clients. Waiters are served in order of priority, then arrival, and
+nobody overtakes the head of the line, so a large reservation is not starved by
+small ones. Uploads ask with their start time as priority: one already under way
+gets its next part before a newer one gets its first, so few uploads are half-read
+at once (each holds socket and parser buffers outside the budget) and the oldest
+finish first.
 
 No deadlock: a reservation is taken whole before its part is filled, so every
 holder either is filling a part from its own client or has a part uploading to
@@ -13,8 +17,9 @@ S3; both finish without needing more budget.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
-from collections import deque
 from types import TracebackType
 
 
@@ -26,7 +31,8 @@ class MemoryBudget:
         self.in_use = 0
         self.peak = 0
         self.wait_seconds = 0.0
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._waiters: list[tuple[float, int, int, asyncio.Future[None]]] = []  # a heap
+        self._seq = itertools.count()
 
     @property
     def available(self) -> int:
@@ -36,16 +42,20 @@ class MemoryBudget:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self, n: int) -> Reservation:
-        """Wait until ``n`` bytes are free and take them."""
+    def can_take(self, n: int) -> bool:
+        """Would ``acquire(n)`` return without waiting?"""
+        return not self._waiters and n <= self.available
+
+    async def acquire(self, n: int, priority: float = 0.0) -> Reservation:
+        """Wait until ``n`` bytes are free and take them; lower ``priority`` goes first."""
         if n > self.limit:
             raise ValueError(f"reservation of {n} bytes exceeds the budget of {self.limit}")
         if not self._waiters and n <= self.available:
             self._take(n)
             return Reservation(self, n)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (n, fut)
-        self._waiters.append(entry)
+        entry = (priority, next(self._seq), n, fut)
+        heapq.heappush(self._waiters, entry)
         started = time.monotonic()
         try:
             await fut
@@ -55,6 +65,7 @@ class MemoryBudget:
                 self._give(n)
             else:
                 self._waiters.remove(entry)
+                heapq.heapify(self._waiters)
                 self._wake()
             raise
         finally:
@@ -71,8 +82,8 @@ class MemoryBudget:
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self._waiters[0][0] <= self.available:
-            n, fut = self._waiters.popleft()
+        while self._waiters and self._waiters[0][2] <= self.available:
+            _, _, n, fut = heapq.heappop(self._waiters)
             if not fut.done():
                 self._take(n)
                 fut.set_result(None)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from aiohttp import BodyPartReader, MultipartReader
+from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError, PayloadEncodingError
 
 from s3proxy.errors import (
@@ -49,9 +49,42 @@ class Field:
 
 
 class ChunkSource(Protocol):
-    """A file's bytes as they arrive: ``read`` returns up to ``size`` bytes, b"" at its end."""
+    """A file's bytes as they arrive: ``read`` returns up to ``size`` bytes, b"" at its end.
+
+    ``pause``/``resume`` stop and restart reading the socket while the reader waits for
+    memory, so a waiting upload does not fill socket buffers outside the budget.
+    """
 
     async def read(self, size: int) -> bytes: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+
+
+class TransportFlow:
+    """Stops and restarts reading one request's socket while its upload waits for memory.
+
+    aiohttp pauses the same transport when its own buffer passes the high-water mark;
+    resuming is left to aiohttp whenever it still holds such a pause of its own, so the
+    two never undo each other.
+    """
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self._protocol = request.protocol
+        self._transport = request.transport
+
+    def pause_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        held = getattr(self._protocol, "_reading_paused", False) or getattr(
+            self._protocol, "_buffer_paused", False
+        )
+        if self._transport is not None and not self._transport.is_closing() and not held:
+            self._transport.resume_reading()
+
+
+FlowControl = TransportFlow
 
 
 @dataclass(frozen=True)
@@ -82,7 +115,10 @@ def client_errors() -> Iterator[None]:
 
 
 async def iter_form(
-    reader: MultipartReader, limits: FormLimits, body_bytes: Callable[[], int]
+    reader: MultipartReader,
+    limits: FormLimits,
+    body_bytes: Callable[[], int],
+    flow: FlowControl | None = None,
 ) -> AsyncIterator[Field | FilePart]:
     """Yield the form's parts in order; raise ProxyError on any limit or parse failure.
 
@@ -115,7 +151,7 @@ async def iter_form(
                 raise ProxyError(
                     TOO_MANY_FILES, f"more than {limits.max_files} files in one request"
                 )
-            source = PartSource(part, check_request_size, limits.idle_timeout)
+            source = PartSource(part, check_request_size, limits.idle_timeout, flow)
             yield FilePart(name, part.filename, part.headers.get("Content-Type"), source)
             if not part.at_eof():
                 raise RuntimeError("file part was not read to its end")
@@ -133,11 +169,27 @@ class PartSource:
     MIN_READ = 256
 
     def __init__(
-        self, part: BodyPartReader, check_request_size: Callable[[], None], idle_timeout: float
+        self,
+        part: BodyPartReader,
+        check_request_size: Callable[[], None],
+        idle_timeout: float,
+        flow: FlowControl | None = None,
     ) -> None:
         self._part = part
         self._check = check_request_size
         self._timeout = idle_timeout
+        self._flow = flow
+        self._paused = False
+
+    def pause(self) -> None:
+        if self._flow is not None and not self._paused:
+            self._paused = True
+            self._flow.pause_reading()
+
+    def resume(self) -> None:
+        if self._flow is not None and self._paused:
+            self._paused = False
+            self._flow.resume_reading()
 
     async def read(self, size: int) -> bytes:
         for _ in range(MAX_EMPTY_READS + 1):

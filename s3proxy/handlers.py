@@ -23,7 +23,7 @@ from s3proxy.errors import (
     error_body,
     error_response,
 )
-from s3proxy.form import iter_form
+from s3proxy.form import TransportFlow, iter_form
 from s3proxy.log import REQUEST_ID
 from s3proxy.state import STATE, AppState
 from s3proxy.uploads import RequestUpload
@@ -89,7 +89,7 @@ async def upload(request: web.Request) -> web.Response:
     grant = principal.grant
     if grant is not None and grant.max_files is not None:
         limits = dataclasses.replace(limits, max_files=min(limits.max_files, grant.max_files))
-    parts = iter_form(reader, limits, lambda: body.total_bytes)
+    parts = iter_form(reader, limits, lambda: body.total_bytes, TransportFlow(request))
     # No file can be longer than the whole body: that bounds part sizes and buffers.
     job = RequestUpload(
         state.require_sink(),

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -106,6 +107,7 @@ class FileUpload:
         janitor: Janitor | None = None,
     ) -> None:
         self.janitor = janitor
+        self.started = time.monotonic()  # older uploads get the budget first
         self.spec = spec
         self.sink = sink
         self.budget = budget
@@ -147,7 +149,17 @@ class FileUpload:
             if slicer.number > MAX_PARTS:
                 raise ProxyError(FILE_TOO_LARGE, "file needs more than S3's 10,000 parts")
             await self._wait_for_slot()
-            reservation: Reservation | None = await self.budget.acquire(max(1, slicer.allocation()))
+            need = max(1, slicer.allocation())
+            waiting = not self.budget.can_take(need)
+            if waiting:
+                source.pause()  # nothing to read into: let TCP hold the client's bytes
+            try:
+                reservation: Reservation | None = await self.budget.acquire(
+                    need, priority=self.started
+                )
+            finally:
+                if waiting:
+                    source.resume()
             try:
                 while not slicer.full:
                     if leftover:

@@ -79,3 +79,23 @@ async def test_context_manager_releases_on_error() -> None:
         async with await b.acquire(10):
             raise RuntimeError
     assert b.in_use == 0
+
+
+async def test_older_uploads_are_served_first() -> None:
+    """An upload under way (older priority) gets its next part before a newer one starts."""
+    b = MemoryBudget(100)
+    held = await b.acquire(100)
+    order: list[str] = []
+
+    async def take(name: str, priority: float) -> None:
+        r = await b.acquire(60, priority=priority)
+        order.append(name)
+        r.release()
+
+    newer = asyncio.create_task(take("newer", priority=2.0))
+    await asyncio.sleep(0)
+    older = asyncio.create_task(take("older", priority=1.0))
+    await asyncio.sleep(0)
+    held.release()
+    await asyncio.gather(newer, older)
+    assert order == ["older", "newer"]

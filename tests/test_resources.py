@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -194,3 +195,51 @@ async def test_1gib_upload_peak_rss_bounded_by_budget(
     assert peak <= bound, (
         f"peak RSS {peak / MiB:.0f} MiB over idle {idle / MiB:.0f} + budget 64 + 32 MiB"
     )
+
+
+@pytest.mark.slow
+async def test_64_concurrent_uploads_stay_within_budget(
+    moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    """Memory is the budget plus a bounded amount per connection, not per byte: uploads
+    waiting for the budget stop reading their sockets, and older uploads go first."""
+    proxy = ProxyProcess.start(
+        [
+            "--endpoint-url",
+            moto.endpoint_url,
+            "--bucket",
+            bucket,
+            "--memory-budget",
+            "32MiB",
+            "--part-size",
+            "5MiB",
+            "--max-file-size",
+            "1GiB",
+        ],
+        fake_aws_env(),
+        tmp_path / "proxy.log",
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                proxy.url + "/upload",
+                data=bodies.body([bodies.file("f", "warm.txt", b"warm", "text/plain")]),
+                headers=bodies.headers(),
+            ) as resp:
+                assert resp.status == 201
+            idle = proc_status(proxy.proc.pid, "VmRSS")
+            payload = bodies.body([bodies.file("f", "x.bin", os.urandom(16 * MiB))])
+
+            async def one() -> int:
+                async with session.post(
+                    proxy.url + "/upload", data=io.BytesIO(payload), headers=bodies.headers()
+                ) as resp:
+                    return resp.status
+
+            statuses = await asyncio.gather(*(one() for _ in range(64)))
+        peak = proc_status(proxy.proc.pid, "VmHWM")
+    finally:
+        proxy.stop()
+    assert statuses == [201] * 64
+    print(f"64 x 16 MiB: idle {idle / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB")
+    assert peak - idle <= 32 * MiB + 32 * MiB
