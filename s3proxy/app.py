@@ -120,7 +120,7 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
                     with contextlib.suppress(asyncio.CancelledError):
                         await sweeper
                 await state.janitor.close()
-                await state.require_presigner().close()
+                await state.presigner.close()
                 state.sink = None
     finally:
         if store is not None:

@@ -43,7 +43,6 @@ from s3proxy.errors import (
     error_response,
 )
 from s3proxy.keys import MAX_KEY_BYTES, content_disposition, template_prefix
-from s3proxy.metrics import Metrics
 from s3proxy.sink import S3Sink, translate
 from s3proxy.state import STATE, AppState
 
@@ -174,35 +173,27 @@ class Answer:
             self.body.close()
 
 
-async def fetch(sink: S3Sink, metrics: Metrics, head: bool, params: dict[str, Any]) -> Answer:
+async def fetch(sink: S3Sink, head: bool, params: dict[str, Any]) -> Answer:
     """Call GetObject or HeadObject; 304, 404, 412 and 416 come back as answers."""
     operation = "HeadObject" if head else "GetObject"
     call = sink.client.head_object if head else sink.client.get_object
-    with translate(operation):
-        async with metrics.s3_call(operation):
-            try:
-                response = await call(Bucket=sink.bucket, **params)
-            except ClientError as exc:
-                status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-                if status not in _OUTCOMES:
-                    raise
-                return Answer(status, dict(exc.response))
+    async with sink.call(operation):
+        try:
+            response = await call(Bucket=sink.bucket, **params)
+        except ClientError as exc:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if status not in _OUTCOMES:
+                raise
+            return Answer(status, dict(exc.response))
     return Answer(int(response["ResponseMetadata"]["HTTPStatusCode"]), response)
 
 
-async def object_size(sink: S3Sink, metrics: Metrics, key: str) -> int | None:
+async def object_size(sink: S3Sink, key: str) -> int | None:
     """The object's size, for a 416's ``Content-Range: bytes */size``, if S3 says."""
-    answer = await fetch(sink, metrics, True, {"Key": key})
+    answer = await fetch(sink, True, {"Key": key})
     if answer.status != 200:
         return None
     return int(answer.response["ContentLength"])
-
-
-def require_s3(state: AppState) -> S3Sink:
-    sink = state.require_sink()
-    if not isinstance(sink, S3Sink):
-        raise RuntimeError("downloads need the aiobotocore S3 sink")
-    return sink
 
 
 # --- HTTP --------------------------------------------------------------------
@@ -219,13 +210,13 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 
 
 async def stream(request: web.Request, state: AppState, key: str) -> web.StreamResponse:
-    sink = require_s3(state)
+    sink = state.require_sink()
     head = request.method == hdrs.METH_HEAD
     params = {"Key": key, **conditions(request.headers)}
     byte_range = single_range(request.headers.get(hdrs.RANGE))
     if byte_range is not None:
         params["Range"] = byte_range
-    answer = await fetch(sink, state.metrics, head, params)
+    answer = await fetch(sink, head, params)
     if_range = request.headers.get(hdrs.IF_RANGE)
     if (
         answer.status == 206
@@ -237,7 +228,7 @@ async def stream(request: web.Request, state: AppState, key: str) -> web.StreamR
         # The object changed since the client's partial copy: send all of it.
         answer.close()
         del params["Range"]
-        answer = await fetch(sink, state.metrics, head, params)
+        answer = await fetch(sink, head, params)
     if answer.status == 304:
         return not_modified(answer)
     if answer.status == 404:
@@ -247,7 +238,7 @@ async def stream(request: web.Request, state: AppState, key: str) -> web.StreamR
             PRECONDITION_FAILED, "a condition in If-Match or If-Unmodified-Since failed"
         )
     if answer.status == 416:
-        return await not_satisfiable(sink, state.metrics, key, answer)
+        return await not_satisfiable(sink, key, answer)
     return await send(request, key, answer)
 
 
@@ -260,11 +251,11 @@ def not_modified(answer: Answer) -> web.Response:
     return web.Response(status=304, headers=headers)
 
 
-async def not_satisfiable(sink: S3Sink, metrics: Metrics, key: str, answer: Answer) -> web.Response:
+async def not_satisfiable(sink: S3Sink, key: str, answer: Answer) -> web.Response:
     """416 as JSON, with ``Content-Range: bytes */size`` if the size is known (RFC 9110 15.5.17)."""
     size = answer.response.get("Error", {}).get("ActualObjectSize")
     if size is None:  # HeadObject's 416 has no body to carry it
-        size = await object_size(sink, metrics, key)
+        size = await object_size(sink, key)
     resp = error_response(
         ProxyError(RANGE_NOT_SATISFIABLE, "the range is outside the object's bytes")
     )
@@ -322,9 +313,9 @@ async def redirect(request: web.Request, key: str) -> web.Response:
     """302 to a presigned URL for the same method; S3 serves the bytes, ranges and 304s."""
     state = request.app[STATE]
     settings = state.settings
-    sink = require_s3(state)
+    sink = state.require_sink()
     # SigV4, for the endpoint browsers reach: the proxy's one presigning client.
-    client = await state.require_presigner().client(sink)
+    client = await state.presigner.client(sink)
     head = request.method == hdrs.METH_HEAD
     params = {"Bucket": sink.bucket, "Key": key}
     if not head:

@@ -84,9 +84,6 @@ class TransportFlow:
             self._transport.resume_reading()
 
 
-FlowControl = TransportFlow
-
-
 @dataclass(frozen=True)
 class FilePart:
     """One file part; ``source`` must be read to its end before the next part is asked for."""
@@ -118,7 +115,7 @@ async def iter_form(
     reader: MultipartReader,
     limits: FormLimits,
     body_bytes: Callable[[], int],
-    flow: FlowControl | None = None,
+    flow: TransportFlow | None = None,
 ) -> AsyncIterator[Field | FilePart]:
     """Yield the form's parts in order; raise ProxyError on any limit or parse failure.
 
@@ -173,7 +170,7 @@ class PartSource:
         part: BodyPartReader,
         check_request_size: Callable[[], None],
         idle_timeout: float,
-        flow: FlowControl | None = None,
+        flow: TransportFlow | None = None,
     ) -> None:
         self._part = part
         self._check = check_request_size

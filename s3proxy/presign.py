@@ -43,7 +43,7 @@ import math
 import re
 import time
 import unicodedata
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +63,7 @@ from s3proxy.errors import (
     ProxyError,
 )
 from s3proxy.settings import Settings
-from s3proxy.sink import ObjectOptions, S3Sink, translate
+from s3proxy.sink import ObjectOptions, S3Sink
 from s3proxy.state import STATE, AppState
 
 log = logging.getLogger("s3proxy.presign")
@@ -150,9 +150,7 @@ async def _context(request: web.Request, *, new_upload: bool = False) -> Context
         raise ProxyError(SHUTTING_DOWN, "the proxy is shutting down; retry on another instance")
     principal = state.auth.authenticate(request)
     sink = state.require_sink()
-    if not isinstance(sink, S3Sink):
-        raise RuntimeError("presigning needs the aiobotocore S3 sink")
-    return Context(state, principal, sink, await state.require_presigner().client(sink))
+    return Context(state, principal, sink, await state.presigner.client(sink))
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -268,10 +266,11 @@ def _options(settings: Settings, file: FileRequest, metadata: Mapping[str, str])
     )
 
 
-@contextlib.contextmanager
-def _s3(operation: str) -> Iterator[None]:
-    """``translate``, but a missing upload or a bad part list is the client's fault."""
-    with translate(operation):
+@contextlib.asynccontextmanager
+async def _s3(ctx: Context, operation: str) -> AsyncIterator[None]:
+    """The sink's S3 call wrapper, but a missing upload or a bad part list is the client's
+    fault."""
+    async with ctx.sink.call(operation):
         try:
             yield
         except ClientError as exc:
@@ -352,7 +351,7 @@ async def create_multipart(request: web.Request) -> web.Response:
     check_file(ctx, file)
     key = _new_key(ctx, file.filename)
     options = _options(ctx.settings, file, {SIZE_META: str(file.size)})
-    with _s3("CreateMultipartUpload"):
+    async with _s3(ctx, "CreateMultipartUpload"):
         resp = await ctx.sink.client.create_multipart_upload(
             Bucket=ctx.bucket, Key=key, **options.to_params()
         )
@@ -400,7 +399,7 @@ async def sign_parts(request: web.Request) -> web.Response:
     key, upload_id = _client_key(ctx, body), _upload_id(body)
     numbers = _part_numbers(body)
     # One cheap call so a wrong or finished upload fails here, not in the browser.
-    with _s3("ListParts"):
+    async with _s3(ctx, "ListParts"):
         await ctx.sink.client.list_parts(Bucket=ctx.bucket, Key=key, UploadId=upload_id, MaxParts=1)
     expires_at = int(time.time()) + ctx.expires_in
     urls = []
@@ -421,7 +420,7 @@ async def _uploaded_parts(ctx: Context, key: str, upload_id: str) -> list[dict[s
     found: list[dict[str, Any]] = []
     marker = 0
     while True:
-        with _s3("ListParts"):
+        async with _s3(ctx, "ListParts"):
             page = await ctx.sink.client.list_parts(
                 Bucket=ctx.bucket, Key=key, UploadId=upload_id, PartNumberMarker=marker
             )
@@ -484,7 +483,7 @@ async def complete_multipart(request: web.Request) -> web.Response:
     key, upload_id = _client_key(ctx, body), _upload_id(body)
     found = await _uploaded_parts(ctx, key, upload_id)
     size = _check_parts(ctx, body, found)
-    with _s3("CompleteMultipartUpload"):
+    async with _s3(ctx, "CompleteMultipartUpload"):
         await ctx.sink.client.complete_multipart_upload(
             Bucket=ctx.bucket,
             Key=key,
@@ -493,14 +492,14 @@ async def complete_multipart(request: web.Request) -> web.Response:
                 "Parts": [{"PartNumber": p["part_number"], "ETag": p["etag"]} for p in found]
             },
         )
-    with _s3("HeadObject"):
+    async with _s3(ctx, "HeadObject"):
         head = await ctx.sink.client.head_object(Bucket=ctx.bucket, Key=key)
     signed = head.get("Metadata", {}).get(SIZE_META)
     stored = int(head["ContentLength"])
     if signed is None:
         log.warning("presign.size_unchecked key=%s reason=metadata_missing", key)
     elif int(signed) != stored:
-        with _s3("DeleteObject"):
+        async with _s3(ctx, "DeleteObject"):
             await ctx.sink.client.delete_object(Bucket=ctx.bucket, Key=key)
         log.info("presign.size_mismatch key=%s signed=%s stored=%d", key, signed, stored)
         raise ProxyError(
@@ -534,7 +533,7 @@ async def abort_multipart(request: web.Request) -> web.Response:
     body = await _json_body(request)
     key, upload_id = _client_key(ctx, body), _upload_id(body)
     try:
-        with _s3("AbortMultipartUpload"):
+        async with _s3(ctx, "AbortMultipartUpload"):
             await ctx.sink.client.abort_multipart_upload(
                 Bucket=ctx.bucket, Key=key, UploadId=upload_id
             )

@@ -133,35 +133,34 @@ class S3Sink:
     """ObjectSink over one shared aiobotocore S3 client."""
 
     def __init__(self, client: Any, bucket: str, metrics: Metrics | None = None) -> None:
-        self._s3 = client
-        self.client = client  # for the cleanup sweep, which lists uploads
+        self.client = client  # also used directly by cleanup, presign and downloads
         self.bucket = bucket
         self._metrics = metrics or Metrics()
 
     @contextlib.asynccontextmanager
-    async def _call(self, operation: str) -> AsyncIterator[None]:
-        """Time the call and count its S3 error code, then translate what it raised."""
+    async def call(self, operation: str) -> AsyncIterator[None]:
+        """Wrap every S3 call: time it, count its S3 error code, translate what it raised."""
         with translate(operation):
             async with self._metrics.s3_call(operation):
                 yield
 
     async def put(self, key: str, data: Body, options: ObjectOptions) -> str:
-        async with self._call("PutObject"):
-            resp = await self._s3.put_object(
+        async with self.call("PutObject"):
+            resp = await self.client.put_object(
                 Bucket=self.bucket, Key=key, Body=ChunkedBody(data), **options.to_params()
             )
         return str(resp["ETag"])
 
     async def create(self, key: str, options: ObjectOptions) -> str:
-        async with self._call("CreateMultipartUpload"):
-            resp = await self._s3.create_multipart_upload(
+        async with self.call("CreateMultipartUpload"):
+            resp = await self.client.create_multipart_upload(
                 Bucket=self.bucket, Key=key, **options.to_params()
             )
         return str(resp["UploadId"])
 
     async def upload_part(self, key: str, upload_id: str, number: int, data: Body) -> str:
-        async with self._call("UploadPart"):
-            resp = await self._s3.upload_part(
+        async with self.call("UploadPart"):
+            resp = await self.client.upload_part(
                 Bucket=self.bucket,
                 Key=key,
                 UploadId=upload_id,
@@ -171,8 +170,8 @@ class S3Sink:
         return str(resp["ETag"])
 
     async def complete(self, key: str, upload_id: str, parts: Sequence[tuple[int, str]]) -> str:
-        async with self._call("CompleteMultipartUpload"):
-            resp = await self._s3.complete_multipart_upload(
+        async with self.call("CompleteMultipartUpload"):
+            resp = await self.client.complete_multipart_upload(
                 Bucket=self.bucket,
                 Key=key,
                 UploadId=upload_id,
@@ -181,9 +180,9 @@ class S3Sink:
         return str(resp["ETag"])
 
     async def abort(self, key: str, upload_id: str) -> None:
-        async with self._call("AbortMultipartUpload"):
+        async with self.call("AbortMultipartUpload"):
             try:
-                await self._s3.abort_multipart_upload(
+                await self.client.abort_multipart_upload(
                     Bucket=self.bucket, Key=key, UploadId=upload_id
                 )
             except ClientError as exc:
@@ -191,20 +190,20 @@ class S3Sink:
                     raise
 
     async def tag(self, key: str, tags: Mapping[str, str]) -> None:
-        async with self._call("PutObjectTagging"):
-            await self._s3.put_object_tagging(
+        async with self.call("PutObjectTagging"):
+            await self.client.put_object_tagging(
                 Bucket=self.bucket,
                 Key=key,
                 Tagging={"TagSet": [{"Key": k, "Value": v} for k, v in tags.items()]},
             )
 
     async def delete(self, key: str) -> None:
-        async with self._call("DeleteObject"):
-            await self._s3.delete_object(Bucket=self.bucket, Key=key)
+        async with self.call("DeleteObject"):
+            await self.client.delete_object(Bucket=self.bucket, Key=key)
 
     async def check(self) -> None:
-        async with self._call("HeadBucket"):
-            await self._s3.head_bucket(Bucket=self.bucket)
+        async with self.call("HeadBucket"):
+            await self.client.head_bucket(Bucket=self.bucket)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from s3proxy.janitor import Janitor
 from s3proxy.metrics import Metrics
 from s3proxy.pipeline import PipelineConfig
 from s3proxy.settings import Settings
-from s3proxy.sink import ObjectSink, Presigner
+from s3proxy.sink import Presigner, S3Sink
 from s3proxy.webhook import Webhook
 
 
@@ -26,11 +26,11 @@ class AppState:
     budget: MemoryBudget
     pipeline: PipelineConfig
     form_limits: FormLimits
+    presigner: Presigner  # SigV4 URLs for the endpoint browsers reach
     metrics: Metrics = field(default_factory=Metrics)
     auth: Authenticator = field(default_factory=Authenticator)
     janitor: Janitor = field(default_factory=Janitor)
-    presigner: Presigner | None = None  # made from the settings in from_settings
-    sink: ObjectSink | None = None  # set once the S3 client is open
+    sink: S3Sink | None = None  # set once the S3 client is open
     webhook: Webhook | None = None  # set when a webhook URL is configured
     draining: bool = False
     uploads: set[asyncio.Task[object]] = field(default_factory=set)
@@ -66,12 +66,7 @@ class AppState:
             ),
         )
 
-    def require_presigner(self) -> Presigner:
-        if self.presigner is None:
-            raise RuntimeError("no presigner")
-        return self.presigner
-
-    def require_sink(self) -> ObjectSink:
+    def require_sink(self) -> S3Sink:
         if self.sink is None:
             raise RuntimeError("the S3 client is not open yet")
         return self.sink
