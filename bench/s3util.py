@@ -40,12 +40,12 @@ def config(pool: int = 64, sign_payload: bool = False) -> AioConfig:
 def client(
     endpoint_url: str,
     region: str,
-    access_key: str | None,
-    secret_key: str | None,
+    access_key: str | None = None,
+    secret_key: str | None = None,
     pool: int = 64,
     sign_payload: bool = False,
 ) -> Any:
-    """An aiobotocore S3 client context manager."""
+    """An aiobotocore S3 client context manager; no keys: the AWS chain (env vars) decides."""
     return get_session().create_client(
         "s3",
         endpoint_url=endpoint_url,

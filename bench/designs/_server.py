@@ -7,7 +7,6 @@ itself goes through the same ``multipart_upload`` as the direct design.
 from __future__ import annotations
 
 import argparse
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -46,8 +45,6 @@ def run(design: str, receive: Receive, description: str) -> None:
         async with s3util.client(
             args.endpoint_url,
             args.region,
-            os.environ.get("AWS_ACCESS_KEY_ID"),
-            os.environ.get("AWS_SECRET_ACCESS_KEY"),
             sign_payload=args.sign_payload,
         ) as s3:
             app[S3] = s3

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -63,8 +62,6 @@ async def main() -> None:
     async with s3util.client(
         args.endpoint_url,
         args.region,
-        os.environ.get("AWS_ACCESS_KEY_ID"),
-        os.environ.get("AWS_SECRET_ACCESS_KEY"),
         sign_payload=args.sign_payload,
     ) as s3:
         await _warm_up(s3, args.bucket)
