@@ -177,6 +177,16 @@ async def test_bad_requests(authed: Any, raw: bytes, message: str) -> None:
     assert message in out["error"]["message"]
 
 
+async def test_oversized_json_body_is_a_json_413(authed: Any) -> None:
+    """/sign reads its (small) JSON body whole: aiohttp's 1 MiB cap answers, as JSON."""
+    raw = b'{"filename": "' + b"a" * (2 * 1024 * 1024) + b'", "size": 1}'
+    resp = await authed.post(
+        "/sign", data=io.BytesIO(raw), headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert resp.status == 413 and resp.content_type == "application/json"
+    assert code(await resp.json()) == "REQUEST_TOO_LARGE"
+
+
 async def test_large_files_are_sent_to_multipart(authed: Any, s3: Any, bucket: str) -> None:
     status, out = await call(authed, "/sign", pdf(20 * MiB + 1))
     assert status == 200
