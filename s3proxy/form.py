@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from aiohttp import BodyPartReader, MultipartReader, web
-from aiohttp.http_exceptions import HttpProcessingError, PayloadEncodingError
+from aiohttp import BodyPartReader, MultipartReader, hdrs, web
+from aiohttp.http_exceptions import (
+    HttpProcessingError,
+    InvalidHeader,
+    LineTooLong,
+    PayloadEncodingError,
+)
+from multidict import CIMultiDictProxy
 
+from s3proxy.disposition import decode_text, header_bytes, parse_form_disposition
 from s3proxy.errors import (
     CLIENT_DISCONNECTED,
     CLIENT_TIMEOUT,
@@ -26,8 +34,12 @@ from s3proxy.errors import (
     REQUEST_TOO_LARGE,
     TOO_MANY_FIELDS,
     TOO_MANY_FILES,
+    ErrorKind,
     ProxyError,
 )
+from s3proxy.keys import sanitize_filename
+
+T = TypeVar("T")
 
 MAX_EMPTY_READS = 4  # aiohttp returns b"" a few times at a truncated end before it raises
 
@@ -107,8 +119,167 @@ def client_errors() -> Iterator[None]:
         raise ProxyError(
             CLIENT_DISCONNECTED, "the client closed the connection before the body was complete"
         ) from exc
+    except LineTooLong as exc:
+        raise ProxyError(
+            MALFORMED_MULTIPART,
+            f"a line in the multipart head (preamble or part header) is longer than "
+            f"{exc.args[1]} bytes",
+        ) from exc
+    except InvalidHeader as exc:
+        if exc.hdr[:1] in (" ", "\t"):
+            raise ProxyError(
+                MALFORMED_MULTIPART,
+                "a part header is folded over several lines (obs-fold, RFC 9112 section 5.2); "
+                "send each header on one line",
+            ) from exc
+        raise ProxyError(MALFORMED_MULTIPART, f"malformed multipart body: {exc}") from exc
     except (HttpProcessingError, ValueError, AssertionError, LookupError, RuntimeError) as exc:
         raise ProxyError(MALFORMED_MULTIPART, f"malformed multipart body: {exc}") from exc
+
+
+class ClientWatch:
+    """One request's reads from the client: an idle timeout and the request size limit.
+
+    Every read from the client runs under :meth:`read`. It fails with CLIENT_TIMEOUT
+    once no byte has arrived for ``idle_timeout`` seconds (every byte re-arms it, so a
+    slow but steady client is never cut off, in the preamble, part headers or data),
+    and with REQUEST_TOO_LARGE as soon as the body passes ``max_request_size``, even in
+    the middle of one long read such as a huge preamble. It watches the body's byte
+    count on a timer: every ``MIN_TICK`` seconds while bytes flow, backing off while
+    the client is silent, so an idle connection costs about one wakeup a second.
+    """
+
+    MIN_TICK = 0.05
+    MAX_TICK = 1.0
+
+    def __init__(
+        self, body_bytes: Callable[[], int], idle_timeout: float, max_request_size: int
+    ) -> None:
+        self._body_bytes = body_bytes
+        self._idle = idle_timeout
+        self._max = max_request_size
+        self._max_tick = max(self.MIN_TICK, min(self.MAX_TICK, idle_timeout / 4))
+
+    def check_size(self) -> None:
+        if self._body_bytes() > self._max:
+            raise ProxyError(REQUEST_TOO_LARGE, f"request body over the limit of {self._max} bytes")
+
+    async def read(self, read: Callable[[], Awaitable[T]]) -> T:
+        """Run one read from the client under the idle timeout and the size limit."""
+        self.check_size()
+        loop = asyncio.get_running_loop()
+        seen, last = self._body_bytes(), loop.time()
+        interval = self.MIN_TICK
+        verdict: ErrorKind | None = None
+        handle: asyncio.TimerHandle | None = None
+
+        def tick() -> None:
+            nonlocal seen, last, interval, verdict, handle
+            now, received = loop.time(), self._body_bytes()
+            if received > self._max:
+                verdict = REQUEST_TOO_LARGE
+            elif received != seen:
+                seen, last, interval = received, now, self.MIN_TICK
+            elif now - last >= self._idle - 0.001:  # the loop may run a timer a hair early
+                verdict = CLIENT_TIMEOUT
+            else:
+                interval = min(interval * 2, self._max_tick)
+            if verdict is not None:
+                timeout.reschedule(now)  # expire now: cancels the read
+                return
+            handle = loop.call_at(min(now + interval, last + self._idle), tick)
+
+        try:
+            with client_errors():
+                async with asyncio.timeout(None) as timeout:
+                    handle = loop.call_at(min(last + interval, last + self._idle), tick)
+                    try:
+                        result = await read()
+                    finally:
+                        handle.cancel()
+        except ProxyError as err:
+            if verdict is REQUEST_TOO_LARGE:
+                raise ProxyError(
+                    REQUEST_TOO_LARGE, f"request body over the limit of {self._max} bytes"
+                ) from err.__cause__
+            raise
+        self.check_size()
+        return result
+
+
+async def next_part(reader: MultipartReader) -> MultipartReader | BodyPartReader | None:
+    """``MultipartReader.next`` without its ``_charset_`` sniffing.
+
+    aiohttp's ``next`` runs its own Content-Disposition parser on the first part to
+    look for a ``_charset_`` field; on a filename like ``a;b;c.txt`` that parser warns
+    (a RuntimeWarning per request, an error under ``-W error``). Field values here are
+    UTF-8 only, so a ``_charset_`` field is just a field. The steps are aiohttp's own.
+    """
+    if reader.at_eof():
+        return None
+    await reader._maybe_release_last_part()
+    if reader._at_bof:
+        await reader._read_until_first_boundary()
+        reader._at_bof = False
+    else:
+        await reader._read_boundary()
+    if reader.at_eof():
+        return None
+    part = await reader.fetch_next_part()
+    reader._last_part = part
+    return part
+
+
+# RFC 7578 section 4.7: Content-Transfer-Encoding is deprecated in form-data; these
+# three mean "the bytes as they are", anything else would be stored still encoded.
+IDENTITY_TRANSFER_ENCODINGS = frozenset({"7bit", "8bit", "binary"})
+_MEDIA_TYPE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*;.*)?$")
+
+
+@dataclass(frozen=True)
+class PartHead:
+    """What a part's headers say: its field name, its raw filename (None for a field)."""
+
+    name: str
+    filename: str | None
+    declared_type: str | None
+
+
+def read_part_head(headers: CIMultiDictProxy[str]) -> PartHead:
+    """A part's identity from its headers, decoded by s3proxy.disposition's rules.
+
+    Raises ProxyError(MALFORMED_MULTIPART) for what no client should send: no or two
+    Content-Disposition headers, a type other than form-data, no name, a transfer
+    encoding. A declared Content-Type that is not a plain ASCII media type is ignored.
+    """
+    found = headers.getall(hdrs.CONTENT_DISPOSITION, [])
+    if not found:
+        raise ProxyError(MALFORMED_MULTIPART, "a part has no Content-Disposition header")
+    if len(found) > 1:
+        raise ProxyError(MALFORMED_MULTIPART, "a part has two Content-Disposition headers")
+    try:
+        disp = parse_form_disposition(header_bytes(found[0]))
+    except ValueError as exc:
+        raise ProxyError(MALFORMED_MULTIPART, f"a part's Content-Disposition: {exc}") from None
+    if disp.type != "form-data":
+        raise ProxyError(
+            MALFORMED_MULTIPART,
+            f"a part's Content-Disposition is {disp.type!r}, not form-data (RFC 7578 section 4.2)",
+        )
+    if disp.name is None:
+        raise ProxyError(MALFORMED_MULTIPART, "a part has no name in its Content-Disposition")
+    encoding = headers.get(hdrs.CONTENT_TRANSFER_ENCODING)
+    if encoding is not None and encoding.strip().lower() not in IDENTITY_TRANSFER_ENCODINGS:
+        shown = decode_text(header_bytes(encoding))
+        raise ProxyError(
+            MALFORMED_MULTIPART,
+            f"part {disp.name!r} has Content-Transfer-Encoding {shown!r}: not supported "
+            "(RFC 7578 section 4.7); send the bytes as they are",
+        )
+    declared = headers.get(hdrs.CONTENT_TYPE)
+    if declared is not None and not (declared.isascii() and _MEDIA_TYPE.match(declared)):
+        declared = None
+    return PartHead(disp.name, disp.filename, declared)
 
 
 async def iter_form(
@@ -120,43 +291,43 @@ async def iter_form(
     """Yield the form's parts in order; raise ProxyError on any limit or parse failure.
 
     ``body_bytes`` says how many bytes of the request body have been received so
-    far, so a chunked request is cut off as soon as it passes the request limit.
+    far: it re-arms the idle timeout and cuts a request off as soon as it passes the
+    request limit, whatever is being read (preamble, part headers or data).
+
+    A file part's ``filename`` is final: sanitized as the key and Content-Disposition
+    will use it (``upload`` when the client sent none). A part with an empty filename
+    and no content (a browser's unused file input) is skipped: it is not a file.
     """
     files = fields = 0
-
-    def check_request_size() -> None:
-        if body_bytes() > limits.max_request_size:
-            raise ProxyError(
-                REQUEST_TOO_LARGE, f"request body over the limit of {limits.max_request_size} bytes"
-            )
-
+    watch = ClientWatch(body_bytes, limits.idle_timeout, limits.max_request_size)
     while True:
-        with client_errors():
-            async with asyncio.timeout(limits.idle_timeout):
-                part = await reader.next()
-        check_request_size()
+        part = await watch.read(lambda: next_part(reader))
         if part is None:
             return
         if not isinstance(part, BodyPartReader):
             raise ProxyError(MALFORMED_MULTIPART, "nested multipart parts are not supported")
-        name = part.name
-        if name is None:
-            raise ProxyError(MALFORMED_MULTIPART, "a part has no name in its Content-Disposition")
-        if part.filename is not None:
+        head = read_part_head(part.headers)
+        if head.filename is not None:
+            source: ChunkSource = PartSource(part, watch, flow)
+            if not head.filename:
+                first = await source.read(limits.chunk_size)
+                if not first:
+                    continue  # a browser's unused file input
+                source = Replay(first, source)
             files += 1
             if files > limits.max_files:
                 raise ProxyError(
                     TOO_MANY_FILES, f"more than {limits.max_files} files in one request"
                 )
-            source = PartSource(part, check_request_size, limits.idle_timeout, flow)
-            yield FilePart(name, part.filename, part.headers.get("Content-Type"), source)
+            filename = sanitize_filename(head.filename)
+            yield FilePart(head.name, filename, head.declared_type, source)
             if not part.at_eof():
                 raise RuntimeError("file part was not read to its end")
         else:
             fields += 1
             if fields > limits.max_fields:
                 raise ProxyError(TOO_MANY_FIELDS, f"more than {limits.max_fields} form fields")
-            yield Field(name, await _read_field(part, name, limits, check_request_size))
+            yield Field(head.name, await _read_field(part, head.name, limits, watch))
 
 
 class PartSource:
@@ -168,13 +339,11 @@ class PartSource:
     def __init__(
         self,
         part: BodyPartReader,
-        check_request_size: Callable[[], None],
-        idle_timeout: float,
+        watch: ClientWatch,
         flow: TransportFlow | None = None,
     ) -> None:
         self._part = part
-        self._check = check_request_size
-        self._timeout = idle_timeout
+        self._watch = watch
         self._flow = flow
         self._paused = False
 
@@ -189,21 +358,39 @@ class PartSource:
             self._flow.resume_reading()
 
     async def read(self, size: int) -> bytes:
+        size = max(size, self.MIN_READ)
         for _ in range(MAX_EMPTY_READS + 1):
-            with client_errors():
-                async with asyncio.timeout(self._timeout):
-                    chunk = await self._part.read_chunk(max(size, self.MIN_READ))
-            self._check()
+            chunk = await self._watch.read(lambda: self._part.read_chunk(size))
             if chunk or self._part.at_eof():
                 return chunk
         raise ProxyError(MALFORMED_MULTIPART, "the body ended inside a file part")
 
 
+class Replay:
+    """A source whose first bytes were read ahead: they come first, then the rest."""
+
+    def __init__(self, first: bytes, rest: ChunkSource) -> None:
+        self._first = first
+        self._rest = rest
+
+    def pause(self) -> None:
+        self._rest.pause()
+
+    def resume(self) -> None:
+        self._rest.resume()
+
+    async def read(self, size: int) -> bytes:
+        if self._first:
+            chunk, self._first = self._first[:size], self._first[size:]
+            return chunk
+        return await self._rest.read(size)
+
+
 async def _read_field(
-    part: BodyPartReader, name: str, limits: FormLimits, check_request_size: Callable[[], None]
+    part: BodyPartReader, name: str, limits: FormLimits, watch: ClientWatch
 ) -> str:
     data = bytearray()
-    source = PartSource(part, check_request_size, limits.idle_timeout)
+    source = PartSource(part, watch)
     while chunk := await source.read(limits.chunk_size):
         data += chunk
         if len(data) > limits.max_field_size:

@@ -71,3 +71,28 @@ async def chunked(data: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
 def pdf(size: int) -> bytes:
     head = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n"
     return head + os.urandom(max(0, size - len(head)))
+
+
+def raw_part(disposition: bytes, data: bytes, *header_lines: bytes) -> bytes:
+    """One part with its Content-Disposition value and header lines given as raw bytes."""
+    head = b"--" + BOUNDARY.encode() + b"\r\nContent-Disposition: " + disposition + b"\r\n"
+    return head + b"".join(h + b"\r\n" for h in header_lines) + b"\r\n" + data + b"\r\n"
+
+
+def raw_body(*parts: bytes, preamble: bytes = b"") -> bytes:
+    """Parts from raw_part, closed by the final boundary."""
+    return preamble + b"".join(parts) + b"--" + BOUNDARY.encode() + b"--\r\n"
+
+
+def chunk_frame(data: bytes) -> bytes:
+    """One HTTP/1.1 chunked transfer-coding chunk (an empty one ends the body)."""
+    return b"%x\r\n" % len(data) + data + b"\r\n"
+
+
+def chunked_request_head(*extra: bytes) -> bytes:
+    """The head of a raw chunked POST /upload."""
+    return (
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        + b"".join(e + b"\r\n" for e in extra)
+        + b"Content-Type: multipart/form-data; boundary=%s\r\n\r\n" % BOUNDARY.encode()
+    )

@@ -1,0 +1,321 @@
+"""Part headers as real clients write them, through the proxy: the key's last segment,
+the response's filename and the stored Content-Disposition agree; client faults are 4xx."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from s3proxy.keys import content_disposition
+from tests import bodies
+from tests.bodies import MiB, raw_body, raw_part
+
+TEXT = b"hello, world\n"
+
+
+async def post(proxy: Any, raw: bytes) -> tuple[int, dict[str, Any]]:
+    resp = await proxy.post("/upload", data=io.BytesIO(raw), headers=bodies.headers())
+    assert resp.content_type == "application/json", await resp.text()
+    return resp.status, await resp.json()
+
+
+def no_surrogates(out: dict[str, Any]) -> None:
+    json.dumps(out, ensure_ascii=False).encode("utf-8")  # a lone surrogate cannot be encoded
+
+
+def assert_stored_as(out: dict[str, Any], s3: Any, bucket: str, filename: str) -> None:
+    """Response, key and stored Content-Disposition all carry the same final name."""
+    no_surrogates(out)
+    [f] = out["files"]
+    assert f["filename"] == filename, f
+    assert f["key"].rsplit("/", 1)[-1] == filename, f
+    head = s3.head_object(Bucket=bucket, Key=f["key"])
+    assert head["ContentDisposition"] == content_disposition(filename)
+
+
+# What clients really write (captured from curl 7.88, requests 2.34/urllib3 2, aiohttp 3.14
+# FormData, Node 20 fetch; Chromium and Firefox follow the WHATWG rules like Node).
+CLIENTS = [
+    pytest.param(b'"Invoice; March; 2026.pdf"', "Invoice; March; 2026.pdf", id="curl-semicolons"),
+    pytest.param(b'"a;b;c.txt"', "a;b;c.txt", id="node-semicolons"),
+    pytest.param(b'"Invoice%3B%20March%3B%202026.pdf"', "Invoice; March; 2026.pdf", id="aiohttp-;"),
+    pytest.param(b'"C:\\Users\\me\\report.pdf"', "report.pdf", id="curl-windows-path"),
+    pytest.param(b'"dir\\report.pdf"', "report.pdf", id="requests-backslash"),
+    pytest.param(b'"C:\\\\Users\\\\me\\\\report.pdf"', "report.pdf", id="httpx-doubled-backslash"),
+    pytest.param(b'"C%3A%5CUsers%5Cme%5Creport.pdf"', "report.pdf", id="aiohttp-windows-path"),
+    pytest.param(b'"Pr%C3%A4sentation.pptx"', "Pr\u00e4sentation.pptx", id="aiohttp-utf8"),
+    pytest.param('"Pr\u00e4sentation.pptx"'.encode(), "Pr\u00e4sentation.pptx", id="raw-utf8"),
+    pytest.param(b'"a%22b.txt"', 'a"b.txt', id="whatwg-quote"),
+    pytest.param(b'"100%.pdf"', "100%.pdf", id="literal-percent"),
+    pytest.param(b'"a%2.txt"', "a%2.txt", id="broken-escape"),
+    pytest.param(b'"100%25.pdf"', "100%.pdf", id="aiohttp-percent"),
+    pytest.param(b'"/home/me/x.pdf"', "x.pdf", id="absolute-path"),
+    pytest.param(b'"caf\xe9.txt"', "caf\u00e9.txt", id="latin1-byte"),
+    pytest.param(b'"\x80 price.txt"', "\u20ac price.txt", id="windows-1252-byte"),
+    pytest.param(
+        b"\"euro.txt\"; filename*=UTF-8''%E2%82%AC.txt", "\u20ac.txt", id="filename-star-wins"
+    ),
+    pytest.param(b'"back\\%22slash"', '"slash', id="curl-backslash-quote"),
+    pytest.param(b"report.pdf", "report.pdf", id="unquoted-token"),
+]
+
+
+@pytest.mark.parametrize(("filename", "stored"), CLIENTS)
+async def test_filenames_as_clients_send_them(
+    proxy: Any, s3: Any, bucket: str, filename: bytes, stored: str
+) -> None:
+    raw = raw_body(raw_part(b'form-data; name="file"; filename=' + filename, TEXT))
+    status, out = await post(proxy, raw)
+    assert status == 201, out
+    assert_stored_as(out, s3, bucket, stored)
+
+
+@pytest.mark.parametrize(
+    ("name", "want"),
+    [
+        pytest.param(b'"caf\xe9"', "caf\u00e9", id="latin1-byte"),
+        pytest.param(b'"fi\\ le\\"x"', 'fi le"x', id="aiohttp-quoted-string"),
+        pytest.param(b"\"x\"; name*=UTF-8''caf%C3%A9", "caf\u00e9", id="name-star"),
+        pytest.param(b'"a;b;c"', "a;b;c", id="semicolons"),
+    ],
+)
+async def test_field_names_are_decoded(
+    proxy: Any, s3: Any, bucket: str, name: bytes, want: str
+) -> None:
+    raw = raw_body(
+        raw_part(b'form-data; name="file"; filename="a.txt"', TEXT),
+        raw_part(b"form-data; name=" + name, b"v"),
+    )
+    status, out = await post(proxy, raw)
+    assert status == 201, out
+    no_surrogates(out)
+    assert out["fields"] == {want: "v"}
+
+
+async def test_file_field_name_is_decoded(proxy: Any, s3: Any, bucket: str) -> None:
+    raw = raw_body(raw_part(b'form-data; name="f\xe9"; filename="a.txt"', TEXT))
+    status, out = await post(proxy, raw)
+    assert status == 201, out
+    no_surrogates(out)
+    assert out["files"][0]["field"] == "f\u00e9"
+
+
+async def test_declared_type_not_ascii_is_ignored(proxy: Any, s3: Any, bucket: str) -> None:
+    raw = raw_body(
+        raw_part(
+            b'form-data; name="file"; filename="a.bin"',
+            os.urandom(100),
+            b"Content-Type: appl\xe9cation/x-thing",
+        )
+    )
+    status, out = await post(proxy, raw)
+    assert status == 201, out
+    no_surrogates(out)
+    assert out["files"][0]["content_type"] == "application/octet-stream"
+
+
+async def test_empty_filename_with_content_is_a_file(proxy: Any, s3: Any, bucket: str) -> None:
+    raw = raw_body(raw_part(b'form-data; name="file"; filename=""', TEXT))
+    status, out = await post(proxy, raw)
+    assert status == 201, out
+    assert_stored_as(out, s3, bucket, "upload")
+
+
+async def test_empty_file_inputs_do_not_count_as_files(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    proxy = await proxy_factory(max_files=2)
+    empty = raw_part(
+        b'form-data; name="attachment"; filename=""', b"", b"Content-Type: application/octet-stream"
+    )
+    raw = raw_body(*[empty] * 25, raw_part(b'form-data; name="file"; filename="a.txt"', TEXT))
+    status, out = await post(proxy, raw)
+    assert status == 201, out
+    assert [f["field"] for f in out["files"]] == ["file"]
+    text = await (await proxy.get("/metrics")).text()
+    assert "s3proxy_uploads_started_total 1.0" in text
+
+
+@pytest.mark.parametrize("encoding", [b"base64", b"quoted-printable", b"x-gzip"])
+async def test_content_transfer_encoding_is_refused(
+    proxy: Any, s3: Any, bucket: str, encoding: bytes
+) -> None:
+    raw = raw_body(
+        raw_part(
+            b'form-data; name="file"; filename="a.txt"',
+            b"aGVsbG8=",
+            b"Content-Transfer-Encoding: " + encoding,
+        )
+    )
+    status, out = await post(proxy, raw)
+    assert status == 400, out
+    assert out["error"]["code"] == "MALFORMED_MULTIPART"
+    assert "Content-Transfer-Encoding" in out["error"]["message"]
+
+
+@pytest.mark.parametrize("encoding", [b"binary", b"8bit", b"7BIT"])
+async def test_identity_transfer_encodings_are_accepted(
+    proxy: Any, s3: Any, bucket: str, encoding: bytes
+) -> None:
+    raw = raw_body(
+        raw_part(
+            b'form-data; name="file"; filename="a.txt"',
+            TEXT,
+            b"Content-Transfer-Encoding: " + encoding,
+        )
+    )
+    status, out = await post(proxy, raw)
+    assert status == 201, out
+
+
+@pytest.mark.parametrize(
+    ("part", "words"),
+    [
+        pytest.param(
+            raw_part(b'form-data; name="file";\r\n filename="a.txt"', TEXT), "folded", id="obs-fold"
+        ),
+        pytest.param(
+            raw_part(b'form-data; name="file"; filename="' + b"a" * 9000 + b'.txt"', TEXT),
+            "longer than",
+            id="header-line-over-8k",
+        ),
+        pytest.param(raw_part(b'form-data; filename="a.txt"', TEXT), "no name", id="no-name"),
+        pytest.param(
+            raw_part(b'form-data; name="file"; filename="a.txt', TEXT),
+            "quote",
+            id="unterminated-quote",
+        ),
+        pytest.param(
+            raw_part(b'form-data; name="a"; name="b"; filename="a.txt"', TEXT),
+            "twice",
+            id="repeated-parameter",
+        ),
+        pytest.param(
+            b"--" + bodies.BOUNDARY.encode() + b"\r\nContent-Type: text/plain\r\n\r\nx\r\n",
+            "no Content-Disposition",
+            id="no-disposition",
+        ),
+    ],
+)
+async def test_bad_part_headers_are_400(
+    proxy: Any, s3: Any, bucket: str, part: bytes, words: str
+) -> None:
+    status, out = await post(proxy, raw_body(part))
+    assert status == 400, out
+    assert out["error"]["code"] == "MALFORMED_MULTIPART"
+    assert words in out["error"]["message"], out
+
+
+# --- timeouts and limits while reading the preamble and part headers ------------------------
+
+
+async def read_response(reader: asyncio.StreamReader, within: float) -> tuple[int, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), within)
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return status, await asyncio.wait_for(reader.readexactly(length), within)
+
+
+async def test_slow_preamble_and_headers_are_not_a_timeout(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    """--client-timeout is an idle timeout: a client that keeps sending is never cut off."""
+    proxy = await proxy_factory(client_timeout=0.6)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(bodies.chunked_request_head())
+    part = raw_part(b'form-data; name="file"; filename="slow.txt"', TEXT)
+    head, _, rest = part.partition(b"\r\n\r\n")
+    slow = [b"preamble line %d\r\n" % i for i in range(6)] + [
+        head[i : i + 8] for i in range(0, 48, 8)
+    ]
+    for piece in slow:  # 12 x 0.2 s: well over the timeout in total, never idle that long
+        writer.write(bodies.chunk_frame(piece))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+    tail = head[48:] + b"\r\n\r\n" + rest + b"--" + bodies.BOUNDARY.encode() + b"--\r\n"
+    writer.write(bodies.chunk_frame(tail) + bodies.chunk_frame(b""))
+    await writer.drain()
+    status, payload = await read_response(reader, 10)
+    writer.close()
+    assert status == 201, payload
+    assert json.loads(payload)["files"][0]["filename"] == "slow.txt"
+
+
+async def test_idle_client_in_part_headers_gets_408(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    proxy = await proxy_factory(client_timeout=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(bodies.chunked_request_head())
+    writer.write(bodies.chunk_frame(b"--" + bodies.BOUNDARY.encode() + b"\r\nContent-Disp"))
+    await writer.drain()
+    status, payload = await read_response(reader, 5)
+    writer.close()
+    assert status == 408 and b"CLIENT_TIMEOUT" in payload
+
+
+async def test_oversized_preamble_is_refused_while_it_arrives(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    """--max-request-size holds while the preamble is read, not after it."""
+    proxy = await proxy_factory(max_request_size=1 * MiB, client_timeout=30.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(bodies.chunked_request_head())
+    line = b"x" * 1000 + b"\r\n"
+    try:
+        for _ in range(3 * 64):  # 3 MiB of preamble, no boundary, and the body never ends
+            writer.write(bodies.chunk_frame(line * 16))
+        await writer.drain()
+    except ConnectionError:
+        pass  # the proxy may answer and close before it has read everything
+    status, payload = await read_response(reader, 5)
+    writer.close()
+    assert status == 413 and b"REQUEST_TOO_LARGE" in payload
+
+
+async def test_oversized_part_headers_are_refused(proxy_factory: Any, s3: Any, bucket: str) -> None:
+    proxy = await proxy_factory(max_request_size=64 * 1024)
+    many = [b"X-Pad-%d: %s" % (i, b"y" * 1000) for i in range(100)]
+    raw = raw_body(raw_part(b'form-data; name="file"; filename="a.txt"', TEXT, *many))
+    resp = await proxy.post("/upload", data=bodies.chunked(raw, 4096), headers=bodies.headers())
+    assert resp.status in (400, 413), await resp.text()
+
+
+# --- curl itself ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+@pytest.mark.parametrize(
+    ("filename", "stored"),
+    [
+        ("Invoice; March; 2026.pdf", "Invoice; March; 2026.pdf"),
+        ("C:\\Users\\me\\report.pdf", "report.pdf"),
+        ('say "hi".txt', 'say "hi".txt'),
+        ("Pr\u00e4sentation.pptx", "Pr\u00e4sentation.pptx"),
+    ],
+)
+async def test_curl_filenames(
+    proxy: Any, s3: Any, bucket: str, tmp_path: Path, filename: str, stored: str
+) -> None:
+    path = tmp_path / "data.txt"
+    path.write_bytes(TEXT)
+    # curl -F: inside a double-quoted filename, \ escapes " and \ (curl's own syntax).
+    quoted = filename.replace("\\", "\\\\").replace('"', '\\"')
+    url = f"http://127.0.0.1:{proxy.port}/upload"
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "-F", f'file=@{path};filename="{quoted}"', url, stdout=subprocess.PIPE
+    )
+    stdout, _ = await proc.communicate()
+    assert proc.returncode == 0
+    assert_stored_as(json.loads(stdout), s3, bucket, stored)
