@@ -1,9 +1,23 @@
 """aiohttp's multipart reader behind a small iterator of fields and files, with the limits.
 
-Parsing is aiohttp's (``MultipartReader`` / ``BodyPartReader.read_chunk``); this
-module only walks the parts in order, enforces counts and sizes as bytes arrive,
-and turns the reader's many failure modes into the two a client can be told
-about: the body was malformed, or the client went away.
+Framing is aiohttp's (boundaries, header lines, ``BodyPartReader.read_chunk``); what a
+part's headers mean is ours: its Content-Disposition is read by s3proxy.disposition
+(aiohttp's parser splits filenames on ``;`` and eats backslashes), so a field name or
+filename that leaves this module never holds a surrogate, and a file's ``filename`` is
+already the sanitized name the key and Content-Disposition use.
+
+Decisions about part headers (each a 400 MALFORMED_MULTIPART with a clear message):
+folded header lines (obs-fold) and lines over aiohttp's 8190 bytes are refused;
+``Content-Transfer-Encoding`` other than 7bit/8bit/binary is refused (RFC 7578
+section 4.7; storing it still encoded would be silent corruption); a part without a
+Content-Disposition, without a name, or with a type other than form-data is refused.
+An empty filename with content is a file named ``upload``; an empty filename without
+content (an unused browser file input) is skipped before it counts as a file.
+
+Every read from the client runs under one ClientWatch per request: an idle timeout
+that each received byte re-arms, and the request size limit checked while the read
+is still waiting (a huge preamble is cut off as it arrives). Failures become the
+errors a client can be told about: malformed, too large, too slow, or gone.
 """
 
 from __future__ import annotations

@@ -83,3 +83,25 @@ def test_uuid_makes_keys_unique() -> None:
 def test_content_disposition(name: str, header: str) -> None:
     assert content_disposition(name) == header
     header.encode("latin-1")  # must be a valid header value
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "Invoice; March; 2026.pdf",
+        "C:\\Users\\me\\report.pdf",
+        'say "hi".txt',
+        "\u20ac\x81.txt",
+        "caf\u00e9 .",
+        " . a .",
+        "é" * 300 + ".pdf",
+        "x" * 300,
+        "a" * 195 + " " + "b.tar.gz.verylongextension",
+        "cafe\u0301\u202e.pdf",
+    ],
+)
+def test_sanitize_is_idempotent(raw: str) -> None:
+    """form.py hands over the sanitized name; make_key and content_disposition sanitize again."""
+    once = sanitize_filename(raw)
+    assert sanitize_filename(once) == once
+    assert make_key(TEMPLATE, once, now=NOW, upload_id="u").rsplit("/", 1)[-1] == once

@@ -1,0 +1,188 @@
+"""form.py without a server: the read watcher, the read-ahead replay, part headers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from s3proxy.errors import ProxyError
+from s3proxy.form import ClientWatch, PartHead, Replay, read_part_head
+
+
+class Counter:
+    """A body's byte count that a fake client bumps."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self) -> int:
+        return self.n
+
+
+async def trickle(counter: Counter, every: float, times: int, step: int = 1) -> None:
+    for _ in range(times):
+        await asyncio.sleep(every)
+        counter.n += step
+
+
+async def test_watch_is_an_idle_timeout_not_a_deadline() -> None:
+    counter = Counter()
+    watch = ClientWatch(counter, idle_timeout=0.3, max_request_size=10**6)
+    feeder = asyncio.create_task(trickle(counter, 0.1, 12))
+    assert await watch.read(lambda: asyncio.sleep(1.0, "done")) == "done"  # 3x the timeout
+    await feeder
+
+
+async def test_watch_times_out_when_nothing_arrives() -> None:
+    watch = ClientWatch(Counter(), idle_timeout=0.2, max_request_size=10**6)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(ProxyError) as err:
+        await watch.read(lambda: asyncio.sleep(5))
+    assert err.value.kind.code == "CLIENT_TIMEOUT"
+    assert 0.19 <= loop.time() - start < 1.0
+
+
+async def test_watch_times_out_after_bytes_stop() -> None:
+    counter = Counter()
+    watch = ClientWatch(counter, idle_timeout=0.3, max_request_size=10**6)
+    feeder = asyncio.create_task(trickle(counter, 0.1, 5))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(ProxyError) as err:
+        await watch.read(lambda: asyncio.sleep(5))
+    assert err.value.kind.code == "CLIENT_TIMEOUT"
+    assert 0.75 <= loop.time() - start < 1.5
+    await feeder
+
+
+async def test_watch_cuts_a_read_off_when_the_body_passes_the_limit() -> None:
+    counter = Counter()
+    watch = ClientWatch(counter, idle_timeout=30, max_request_size=1000)
+    feeder = asyncio.create_task(trickle(counter, 0.01, 100, step=100))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(ProxyError) as err:
+        await watch.read(lambda: asyncio.sleep(30))
+    assert err.value.kind.code == "REQUEST_TOO_LARGE"
+    assert loop.time() - start < 1.0
+    feeder.cancel()
+
+
+async def test_watch_refuses_before_reading_once_over_the_limit() -> None:
+    counter = Counter()
+    counter.n = 2000
+    watch = ClientWatch(counter, idle_timeout=30, max_request_size=1000)
+    called = False
+
+    async def read() -> None:
+        nonlocal called
+        called = True
+
+    with pytest.raises(ProxyError) as err:
+        await watch.read(read)
+    assert err.value.kind.code == "REQUEST_TOO_LARGE" and not called
+
+
+async def test_watch_leaves_other_errors_alone() -> None:
+    watch = ClientWatch(Counter(), idle_timeout=30, max_request_size=1000)
+
+    async def broken() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ProxyError) as err:
+        await watch.read(broken)
+    assert err.value.kind.code == "MALFORMED_MULTIPART"
+
+
+class Chunks:
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = list(chunks)
+        self.paused = False
+
+    async def read(self, size: int) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+
+async def test_replay_gives_the_read_ahead_bytes_first() -> None:
+    rest = Chunks(b"world")
+    source = Replay(b"hello ", rest)
+    assert await source.read(4) == b"hell"
+    assert await source.read(4) == b"o "
+    source.pause()
+    assert rest.paused
+    source.resume()
+    assert await source.read(4) == b"world"
+    assert await source.read(4) == b""
+
+
+def headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+def latin(raw: bytes) -> str:
+    """A header value as aiohttp hands it over: UTF-8 with surrogateescape."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize(
+    ("pairs", "want"),
+    [
+        (
+            [("Content-Disposition", 'form-data; name="f"; filename="a;b;c.txt"')],
+            PartHead("f", "a;b;c.txt", None),
+        ),
+        (
+            [
+                ("Content-Disposition", latin(b'form-data; name="f\xe9"; filename="caf\xe9"')),
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Transfer-Encoding", "binary"),
+            ],
+            PartHead("f\u00e9", "caf\u00e9", "text/plain; charset=utf-8"),
+        ),
+        (
+            [("Content-Disposition", 'form-data; name="v"'), ("Content-Type", latin(b"t\xe9xt/x"))],
+            PartHead("v", None, None),
+        ),
+        (
+            [("Content-Disposition", 'form-data; name="v"'), ("Content-Type", "not a type")],
+            PartHead("v", None, None),
+        ),
+    ],
+)
+def test_read_part_head(pairs: list[tuple[str, str]], want: PartHead) -> None:
+    assert read_part_head(headers(*pairs)) == want
+
+
+@pytest.mark.parametrize(
+    ("pairs", "words"),
+    [
+        ([("Content-Type", "text/plain")], "no Content-Disposition"),
+        (
+            [("Content-Disposition", 'form-data; name="a"')] * 2,
+            "two Content-Disposition",
+        ),
+        ([("Content-Disposition", 'attachment; name="a"')], "not form-data"),
+        ([("Content-Disposition", 'form-data; filename="a"')], "no name"),
+        (
+            [
+                ("Content-Disposition", 'form-data; name="a"'),
+                ("Content-Transfer-Encoding", "base64"),
+            ],
+            "Content-Transfer-Encoding 'base64'",
+        ),
+    ],
+)
+def test_read_part_head_refuses(pairs: list[tuple[str, str]], words: str) -> None:
+    with pytest.raises(ProxyError) as err:
+        read_part_head(headers(*pairs))
+    assert err.value.kind.code == "MALFORMED_MULTIPART"
+    assert words in err.value.message
