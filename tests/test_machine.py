@@ -1,0 +1,169 @@
+"""The upload state machine, driven byte by byte without an event loop.
+
+Sweeps in the manner of tusd's part-size tests: every file size around every
+part boundary, chunk sizes from 1 byte up, reads that return less than asked,
+and the limits. A tiny part plan stands in for S3's 5 MiB parts: the machine
+only does arithmetic on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from s3proxy.machine import (
+    Complete,
+    CreateUpload,
+    FileTooLarge,
+    PutObject,
+    Read,
+    Reserve,
+    SendPart,
+    TooManyParts,
+    UploadMachine,
+)
+from s3proxy.parts import MAX_PARTS, PartPlan
+
+
+@dataclass
+class Trace:
+    """What a driver saw: the stored bytes and the actions, with the checks a driver relies on."""
+
+    put: bytes | None = None
+    created: bool = False
+    parts: dict[int, bytes] = field(default_factory=dict)
+    completed: Complete | None = None
+    reads: list[Read] = field(default_factory=list)
+    reserves: list[int] = field(default_factory=list)
+    peeks: int = 0
+
+
+def join(chunks: list[bytes | memoryview]) -> bytes:
+    return b"".join(bytes(c) for c in chunks)
+
+
+def drive(machine: UploadMachine, data: bytes, give: int) -> Trace:
+    """Feed ``data`` at most ``give`` bytes per read (a client's packets), like the I/O loop."""
+    trace = Trace()
+    pos = 0
+    reserved = 0  # bytes of the current reservation
+    while True:
+        action = machine.next_action()
+        if isinstance(action, Reserve):
+            assert reserved == 0, "a reservation was left unused"
+            assert action.size >= 1
+            reserved = action.size
+            trace.reserves.append(action.size)
+        elif isinstance(action, Read):
+            assert action.size >= 1
+            trace.reads.append(action)
+            trace.peeks += action.peek
+            if not action.peek:
+                assert reserved, "read before reserving"
+            n = min(action.size, give, len(data) - pos)
+            machine.feed(data[pos : pos + n])
+            pos += n
+        elif isinstance(action, PutObject):
+            assert not trace.created
+            assert action.size <= reserved
+            trace.put = join(action.chunks)
+            assert len(trace.put) == action.size
+            return trace
+        elif isinstance(action, CreateUpload):
+            assert not trace.created
+            trace.created = True
+        elif isinstance(action, SendPart):
+            assert trace.created
+            assert action.size >= 1, "no empty parts"
+            assert action.size <= reserved, "a part is larger than its reservation"
+            assert action.number == len(trace.parts) + 1, "part numbers are contiguous"
+            trace.parts[action.number] = join(action.chunks)
+            assert len(trace.parts[action.number]) == action.size
+            reserved = 0
+        elif isinstance(action, Complete):
+            assert trace.created
+            trace.completed = action
+            return trace
+
+
+def test_empty_file_is_one_put() -> None:
+    trace = drive(UploadMachine(PartPlan(8, growing=False), max_size=100), b"", 4)
+    assert trace.put == b""
+    assert not trace.created
+
+
+@pytest.mark.parametrize("part", [1, 3, 8])
+@pytest.mark.parametrize("give", [1, 2, 3, 7, 8, 9, 1000])
+@pytest.mark.parametrize("read_size", [1, 5, 8, 256])
+def test_sizes_around_every_boundary(part: int, give: int, read_size: int) -> None:
+    plan = PartPlan(part, growing=False)
+    for size in range(0, 5 * part + 2):
+        data = bytes(i % 251 for i in range(size))
+        trace = drive(UploadMachine(plan, max_size=10**6, read_size=read_size), data, give)
+        if size <= part:
+            assert trace.put == data, size
+            assert not trace.parts
+        else:
+            assert trace.put is None
+            assert trace.completed == Complete(parts=len(trace.parts), size=size)
+            assert b"".join(trace.parts[n] for n in sorted(trace.parts)) == data
+            *full, last = [len(trace.parts[n]) for n in sorted(trace.parts)]
+            assert all(n == part for n in full), "every part but the last has the planned size"
+            assert 1 <= last <= part
+        assert all(r.size <= read_size for r in trace.reads)
+        # The only read outside a reservation is the one-byte peek after a full first part.
+        assert trace.peeks == (1 if size >= part else 0), size
+
+
+def test_known_limit_reserves_only_what_can_arrive() -> None:
+    plan = PartPlan(100, growing=False)
+    trace = drive(UploadMachine(plan, max_size=10**6, limit=30), b"x" * 30, 7)
+    assert trace.reserves == [30]
+    assert trace.put == b"x" * 30
+
+
+def test_growing_plan_changes_part_size_by_tier() -> None:
+    plan = PartPlan(1, growing=True)  # parts 1-1000 of 1 byte, 1001-2000 of 2 ...
+    data = b"y" * 1003
+    trace = drive(UploadMachine(plan, max_size=10**6), data, 64)
+    assert len(trace.parts) == 1002
+    assert (len(trace.parts[1000]), len(trace.parts[1001]), len(trace.parts[1002])) == (1, 2, 1)
+    assert trace.completed == Complete(parts=1002, size=1003)
+
+
+def test_file_too_large_is_refused_on_the_chunk_that_passes_it() -> None:
+    machine = UploadMachine(PartPlan(4, growing=False), max_size=10)
+    with pytest.raises(FileTooLarge) as info:
+        drive(machine, b"z" * 11, 3)
+    assert info.value.limit == 10
+    assert machine.size == 11
+    assert machine.finished
+
+
+def test_file_of_exactly_the_limit_is_stored() -> None:
+    trace = drive(UploadMachine(PartPlan(4, growing=False), max_size=10), b"z" * 10, 3)
+    assert trace.completed == Complete(parts=3, size=10)
+
+
+@pytest.mark.parametrize("give", [1, 3])
+def test_ten_thousand_parts_fit_and_one_byte_more_does_not(give: int) -> None:
+    plan = PartPlan(1, growing=False)
+    exact = drive(UploadMachine(plan, max_size=10**6), b"a" * MAX_PARTS, give)
+    assert exact.completed == Complete(parts=MAX_PARTS, size=MAX_PARTS)
+    with pytest.raises(TooManyParts):
+        drive(UploadMachine(plan, max_size=10**6), b"a" * (MAX_PARTS + 1), give)
+
+
+def test_read_must_be_answered_before_the_next_action() -> None:
+    machine = UploadMachine(PartPlan(4, growing=False), max_size=100)
+    assert machine.next_action() == Reserve(4)
+    assert machine.next_action() == Read(4)
+    with pytest.raises(RuntimeError):
+        machine.next_action()
+    machine.feed(b"")
+    assert machine.next_action() == PutObject([], 0)
+    with pytest.raises(RuntimeError):
+        machine.next_action()
+    with pytest.raises(RuntimeError):
+        machine.feed(b"x")
