@@ -51,9 +51,10 @@ async def test_sigterm_aborts_stalled_upload_after_grace(
     await wait_for(lambda: open_uploads(s3, bucket))
     proxy.proc.send_signal(signal.SIGTERM)
     # The client is told, rather than left with a dropped connection.
-    answer = await asyncio.wait_for(reader.read(), 20)
-    assert answer.startswith(b"HTTP/1.1 503"), answer
-    assert b'"SHUTTING_DOWN"' in answer
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+    assert head.startswith(b"HTTP/1.1 503"), head
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    assert b'"SHUTTING_DOWN"' in await asyncio.wait_for(reader.readexactly(length), 5)
     code = await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, 30)
     writer.close()
     assert code == 0

@@ -10,6 +10,7 @@ is re-raised, never swallowed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -66,10 +67,8 @@ class MemoryS3:
             # The request is on the wire: stopping it takes a moment, whatever else is cancelled.
             end = asyncio.get_running_loop().time() + self.part_stop_delay
             while (left := end - asyncio.get_running_loop().time()) > 0:
-                try:
+                with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.sleep(left)
-                except asyncio.CancelledError:
-                    pass
             self.events.append(f"part-{number}-ended")
             raise
         self.uploads[upload_id][number] = b"".join(bytes(c) for c in data)
