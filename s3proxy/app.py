@@ -194,7 +194,10 @@ def _log_start(settings: Settings, endpoint: str | None, store: object | None) -
 async def drain(state: AppState) -> None:
     """On shutdown: refuse new uploads, give running ones a grace period, then cancel them.
 
-    A cancelled upload aborts its multipart upload and rolls back its request.
+    A cancelled upload aborts its multipart upload, deletes what its request stored
+    (telling the webhook receiver if it was notified) and answers 503
+    SHUTTING_DOWN. Only handlers still storing files are cancelled: one that is
+    writing its answer is left to finish; then their cleanup gets its time.
     """
     state.draining = True
     running = set(state.uploads)
@@ -202,7 +205,8 @@ async def drain(state: AppState) -> None:
         return
     log.info("proxy.draining uploads=%d grace=%.0fs", len(running), state.settings.shutdown_timeout)
     _, pending = await asyncio.wait(running, timeout=state.settings.shutdown_timeout)
-    for task in pending:
-        task.cancel()
+    stopping = [task for task in pending if task in state.uploads]
+    for task in stopping:
+        state.stop(task)
     if pending:
-        await asyncio.wait(pending, timeout=60)
+        await asyncio.wait(pending, timeout=state.cleanup_wait)

@@ -17,6 +17,7 @@ S3; both finish without needing more budget.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
@@ -64,9 +65,12 @@ class MemoryBudget:
                 # Granted just as we were cancelled: give it back.
                 self._give(n)
             else:
-                self._waiters.remove(entry)
-                heapq.heapify(self._waiters)
-                self._wake()
+                # Cancelled before being granted. A wake-up between the cancellation and
+                # this line may already have dropped the entry (its future was done).
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(entry)
+                    heapq.heapify(self._waiters)
+                self._wake()  # whoever waited behind this entry may fit now
             raise
         finally:
             self.wait_seconds += time.monotonic() - started

@@ -1,7 +1,18 @@
-"""Thin HTTP handlers: check headers, hand the body to the streaming core, render JSON."""
+"""Thin HTTP handlers: check headers, hand the body to the streaming core, render JSON.
+
+The upload's promise: a client told "failed" finds nothing stored; a client told
+201 finds exactly its bytes. So once files are stored, anything that stops the
+request before its 201 is built (the webhook failing, any exception, a
+cancellation) deletes them; if the webhook receiver was being told, it then gets
+``upload.rolled_back``. A cancellation by shutdown's drain is answered 503
+``SHUTTING_DOWN`` once the cleanup is done (drain marks the task, the handler takes
+that one cancellation back with ``Task.uncancel``); any other cancellation is
+re-raised.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -13,11 +24,11 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 from s3proxy.auth import Principal
 from s3proxy.errors import (
     EXPECTATION_FAILED,
+    FILE_TOO_LARGE,
     MALFORMED_MULTIPART,
     NOT_MULTIPART,
     REQUEST_TOO_LARGE,
     SHUTTING_DOWN,
-    TOKEN_SCOPE,
     WEBHOOK_FAILED,
     ProxyError,
     error_body,
@@ -25,6 +36,7 @@ from s3proxy.errors import (
 )
 from s3proxy.form import TransportFlow, iter_form
 from s3proxy.log import REQUEST_ID
+from s3proxy.pipeline import abort_reason
 from s3proxy.state import STATE, AppState
 from s3proxy.uploads import RequestUpload
 from s3proxy.webhook import WebhookError
@@ -56,8 +68,9 @@ def check_upload(request: web.Request, state: AppState) -> tuple[Principal, int 
     max_size = grant.max_size if grant is not None else None
     if max_size is not None and length is not None and length > max_size + MULTIPART_OVERHEAD:
         raise ProxyError(
-            TOKEN_SCOPE,
-            f"the upload token allows {max_size} bytes; the body has {length}",
+            FILE_TOO_LARGE,
+            f"the upload token allows {max_size} bytes of file data per request; "
+            f"the request body has {length} bytes",
         )
     return principal, length
 
@@ -80,6 +93,29 @@ async def expect_upload(request: web.Request) -> web.StreamResponse | None:
 async def upload(request: web.Request) -> web.Response:
     state = request.app[STATE]
     principal, length = check_upload(request, state)
+    # The handler's own task: aiohttp runs each request in one, apart from the
+    # connection's task (``request.task``), so cancelling it stops this request only.
+    task = asyncio.current_task()
+    with state.track(task):
+        try:
+            return await _store(request, state, principal, length)
+        except asyncio.CancelledError:
+            if task is None or not state.stopped_by_shutdown(task):
+                raise
+            log.warning("request.stopped reason=SHUTTING_DOWN")
+    resp = error_response(
+        ProxyError(
+            SHUTTING_DOWN,
+            "the proxy is shutting down; nothing was stored: retry on another instance",
+        )
+    )
+    resp.force_close()  # the rest of the body may still be on its way: do not wait for it
+    return resp
+
+
+async def _store(
+    request: web.Request, state: AppState, principal: Principal, length: int | None
+) -> web.Response:
     try:
         reader = MultipartReader(request.headers, request.content)
     except (ValueError, AssertionError) as exc:
@@ -101,17 +137,29 @@ async def upload(request: web.Request) -> web.Response:
         grant,
         state.janitor,
     )
-    with state.track(request.task):
-        result = await job.run(parts)
+    result = await job.run(parts)  # all or nothing: on any failure it deleted its files
+    notifying = False
+    try:
         out = result.to_json()
         if state.webhook is not None:
-            out["webhook"] = await notify(state, job, out)
+            notifying = True
+            out["webhook"] = await notify(state, out)
+        response = web.json_response(out, status=201)
+    except BaseException as exc:
+        keys = [f.key for f in result.files]
+        try:
+            await job.rollback()  # to its end, even if cancelled meanwhile
+        finally:
+            if notifying:
+                await notify_rolled_back(state, keys, _reason(state, exc))
+        raise
     log.info("request.stored files=%d by=%s", len(result.files), principal.subject)
-    return web.json_response(out, status=201)
+    return response
 
 
-async def notify(state: AppState, job: RequestUpload, body: dict[str, Any]) -> dict[str, Any]:
-    """Tell the application; if it cannot be told, roll back or keep as configured."""
+async def notify(state: AppState, body: dict[str, Any]) -> dict[str, Any]:
+    """Tell the application; if it cannot be told, fail (the caller rolls back) or keep,
+    as configured. Any other exception fails the request whatever the policy."""
     assert state.webhook is not None
     rid = REQUEST_ID.get()
     event = {"event": "upload.completed", "request_id": rid, "time": int(time.time()), **body}
@@ -120,13 +168,37 @@ async def notify(state: AppState, job: RequestUpload, body: dict[str, Any]) -> d
     except WebhookError as exc:
         if state.settings.webhook_failure == "rollback":
             log.error("webhook.failed action=rollback reason=%s", exc.reason)
-            await job.rollback()
             raise ProxyError(
                 WEBHOOK_FAILED, f"the upload was rolled back: the webhook failed ({exc.reason})"
             ) from exc
         log.error("webhook.failed action=keep reason=%s", exc.reason)
         return {"delivered": False, "error": exc.reason}
     return {"delivered": True}
+
+
+async def notify_rolled_back(state: AppState, keys: list[str], reason: str) -> None:
+    """Best effort, one attempt: the receiver may have got upload.completed for files
+    that are now deleted. Failing is logged, not raised (a cancellation is raised)."""
+    if state.webhook is None or not keys:
+        return
+    rid = REQUEST_ID.get()
+    event = {
+        "event": "upload.rolled_back",
+        "request_id": rid,
+        "time": int(time.time()),
+        "keys": keys,
+        "reason": reason,
+    }
+    try:
+        await state.webhook.deliver(event, rid, max_attempts=1)
+    except Exception as exc:
+        log.warning("webhook.rolled_back_not_delivered reason=%s", getattr(exc, "reason", exc))
+
+
+def _reason(state: AppState, exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError) and state.draining:
+        return SHUTTING_DOWN.code
+    return abort_reason(exc)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -1,10 +1,13 @@
 """Cleanup calls that must happen: aborts of failed multipart uploads, rollback deletes.
 
-``run_cleanup`` runs one to the end even while its caller is being cancelled (the
-abort is shielded and has a timeout). If S3 is unreachable at that moment, the
-``Janitor`` keeps retrying in the background, so an upload that failed because S3
-went away is still aborted once S3 is back. What a stopped process could not
-clean is left to ``s3proxy cleanup`` and the bucket's lifecycle rule.
+``finish`` awaits something to its end even while the caller is being cancelled,
+and then re-raises that cancellation: a cleanup is never cut short, and a
+cancellation meant for the caller is never swallowed (however many arrive).
+``run_cleanups`` runs cleanup calls that way, all at once, each with a timeout. If
+S3 is unreachable at that moment, the ``Janitor`` keeps retrying in the
+background, so an upload that failed because S3 went away is still aborted once S3
+is back. What a stopped process could not clean is left to ``s3proxy cleanup`` and
+the bucket's lifecycle rule.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 log = logging.getLogger("s3proxy.janitor")
 
 CLEANUP_TIMEOUT = 30.0  # seconds one abort or delete may take
 Cleanup = Callable[[], Awaitable[None]]
+T = TypeVar("T")
 
 
 class Janitor:
@@ -60,23 +65,45 @@ class Janitor:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def run_cleanup(fn: Cleanup, what: str, janitor: Janitor | None = None) -> None:
-    """Run a cleanup call to the end even if we are being cancelled; never raise for it.
-
-    If it fails, hand it to the janitor to retry (or log, without one).
-    """
-    task = asyncio.ensure_future(asyncio.wait_for(fn(), CLEANUP_TIMEOUT))
+async def finish(aw: Awaitable[T]) -> T:
+    """Await ``aw`` to its end even if the caller is cancelled meanwhile (once or more);
+    then raise CancelledError for the caller, or return ``aw``'s result."""
+    task = asyncio.ensure_future(aw)
     cancelled = False
     while not task.done():
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             cancelled = True
-        except Exception:
-            break
-    if not task.cancelled() and task.exception() is not None:
-        log.error("cleanup.failed what=%s error=%r", what, task.exception())
+        except BaseException:
+            break  # task is done: its error is raised below
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller's cancellation wins
+        raise asyncio.CancelledError
+    return task.result()
+
+
+async def run_cleanup(fn: Cleanup, what: str, janitor: Janitor | None = None) -> None:
+    """Run one cleanup call to the end even if we are being cancelled; never raise for it
+    (but re-raise the caller's cancellation once it is done).
+
+    If it fails, hand it to the janitor to retry (or log, without one).
+    """
+    await run_cleanups([(fn, what)], janitor)
+
+
+async def run_cleanups(calls: Sequence[tuple[Cleanup, str]], janitor: Janitor | None) -> None:
+    """``run_cleanup`` for several calls at once: each one runs (and, failing, goes to the
+    janitor) whatever happens to the others or to the caller."""
+    if calls:
+        await finish(asyncio.gather(*(_attempt(fn, what, janitor) for fn, what in calls)))
+
+
+async def _attempt(fn: Cleanup, what: str, janitor: Janitor | None) -> None:
+    try:
+        await asyncio.wait_for(fn(), CLEANUP_TIMEOUT)
+    except Exception as exc:
+        log.error("cleanup.failed what=%s error=%r", what, exc)
         if janitor is not None:
             janitor.retry(fn, what)
-    if cancelled:
-        raise asyncio.CancelledError

@@ -6,6 +6,12 @@ Invariants:
 - Every CreateMultipartUpload ends in Complete or Abort; the abort waits for
   in-flight part calls to be cancelled first, is shielded from cancellation and
   has a timeout.
+- Once a PutObject or CompleteMultipartUpload has been sent, S3 may have stored the
+  object even if its answer never arrives (a timeout, a lost connection, a
+  cancellation): any failure from then on deletes the key. Keys are unique per
+  upload (the template has ``{uuid}``), so this never deletes anyone else's object.
+- The cleanup runs to its end whatever stops the upload (``janitor.finish``), and
+  a cancellation arriving meanwhile is re-raised afterwards, never swallowed.
 - Complete is called only after the part's closing boundary was seen and the
   bytes sent to S3 add up to the bytes received.
 - A file that ends within its first part is stored with one PutObject.
@@ -14,7 +20,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -28,7 +33,7 @@ from s3proxy.body import Chunk
 from s3proxy.budget import MemoryBudget, Reservation
 from s3proxy.errors import FILE_TOO_LARGE, INTERNAL, TOKEN_SCOPE, TYPE_NOT_ALLOWED, ProxyError
 from s3proxy.form import ChunkSource
-from s3proxy.janitor import Janitor, run_cleanup
+from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor, finish, run_cleanup
 from s3proxy.parts import MAX_PARTS, PartSlicer, plan_parts
 from s3proxy.sink import ObjectOptions, ObjectSink
 
@@ -45,6 +50,8 @@ class PipelineConfig:
     chunk_size: int = 256 * 1024  # most bytes asked of the client at once
     allow_types: tuple[str, ...] = ()
     grant_types: tuple[str, ...] = ()  # an upload token's narrower allowlist (403 outside it)
+    token_limit: int | None = None  # an upload token's bytes of file data per request (413 over)
+    token_used: int = 0  # of those, bytes already stored by the request's earlier files
     acl: str | None = None
     storage_class: str | None = None
     sse: str | None = None
@@ -59,7 +66,8 @@ class FileSpec:
     filename: str
     key: str
     declared_type: str | None = None
-    metadata: Mapping[str, str] = dc_field(default_factory=dict)
+    metadata: Mapping[str, str] = dc_field(default_factory=dict)  # as S3 metadata (encoded)
+    fields: Mapping[str, str] = dc_field(default_factory=dict)  # the same, as the client sent it
     size_hint: int | None = None  # the file cannot be larger than this (from Content-Length)
 
 
@@ -73,6 +81,7 @@ class StoredFile:
     etag: str
     sha256: str
     parts: int
+    metadata: Mapping[str, str] = dc_field(default_factory=dict)  # form fields stored with it
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,6 +92,7 @@ class StoredFile:
             "content_type": self.content_type,
             "etag": self.etag,
             "sha256": self.sha256,
+            "metadata": dict(self.metadata),
         }
 
 
@@ -114,6 +124,10 @@ class FileUpload:
         self.cfg = cfg
         self.size = 0
         self.upload_id: str | None = None
+        self.maybe_stored = False  # a PutObject or Complete was sent: the key may exist
+        self.token_left = (
+            None if cfg.token_limit is None else max(0, cfg.token_limit - cfg.token_used)
+        )
         self._hash = hashlib.sha256()
         self._inflight: set[asyncio.Task[None]] = set()
         self._etags: dict[int, str] = {}
@@ -123,24 +137,32 @@ class FileUpload:
         try:
             return await self._stream(source)
         except BaseException as exc:
-            await self._cancel_inflight()
-            if self.upload_id is not None:
-                upload_id = self.upload_id
-                log.info(
-                    "upload.aborted key=%s upload_id=%s reason=%s",
-                    self.spec.key,
-                    upload_id,
-                    abort_reason(exc),
-                )
-                await run_cleanup(
-                    lambda: self.sink.abort(self.spec.key, upload_id),
-                    f"abort key={self.spec.key} upload_id={upload_id}",
-                    self.janitor,
-                )
+            # To the end even if cancelled meanwhile; that cancellation is re-raised after.
+            await finish(self._clean_up(abort_reason(exc)))
             raise
 
+    async def _clean_up(self, reason: str) -> None:
+        """Stop the part calls in flight, then abort the multipart upload and delete
+        what a write may have stored. Never raises: what fails goes to the janitor."""
+        await self._cancel_inflight()
+        key = self.spec.key
+        if self.upload_id is not None:
+            upload_id = self.upload_id
+            log.info("upload.aborted key=%s upload_id=%s reason=%s", key, upload_id, reason)
+            await run_cleanup(
+                lambda: self.sink.abort(key, upload_id),
+                f"abort key={key} upload_id={upload_id}",
+                self.janitor,
+            )
+        if self.maybe_stored:
+            log.info("upload.deleted key=%s reason=%s", key, reason)
+            await run_cleanup(lambda: self.sink.delete(key), f"delete key={key}", self.janitor)
+
     async def _stream(self, source: ChunkSource) -> StoredFile | None:
-        plan = plan_parts(self.cfg.part_size, self.spec.size_hint, self.cfg.max_file_size)
+        limit = self.cfg.max_file_size
+        if self.token_left is not None:
+            limit = min(limit, self.token_left)
+        plan = plan_parts(self.cfg.part_size, self.spec.size_hint, limit)
         slicer = PartSlicer(plan, limit=self.spec.size_hint)
         leftover = memoryview(b"")
         content_type = ""
@@ -208,6 +230,15 @@ class FileUpload:
 
     def _receive(self, chunk: bytes) -> None:
         self.size += len(chunk)
+        # Whichever limit is lower is crossed first, and named.
+        if self.token_left is not None and self.size > self.token_left:
+            used = self.cfg.token_used
+            raise ProxyError(
+                FILE_TOO_LARGE,
+                f"the upload token allows {self.cfg.token_limit} bytes of file data per "
+                f"request; file {self.spec.filename!r} goes over it"
+                + (f" after {used} bytes in earlier files" if used else ""),
+            )
         if self.size > self.cfg.max_file_size:
             raise ProxyError(
                 FILE_TOO_LARGE,
@@ -254,6 +285,7 @@ class FileUpload:
         if not data and not self.spec.filename:
             return None  # a browser's empty file input: no file was chosen
         digest = self._hash.hexdigest()
+        self.maybe_stored = True
         etag = await self.sink.put(
             self.spec.key, data, self._options(content_type, {"sha256": digest})
         )
@@ -294,11 +326,17 @@ class FileUpload:
             self._reap(done)
 
     async def _cancel_inflight(self) -> None:
-        for task in self._inflight:
+        """Cancel the part calls in flight and wait until they have ended, so that the
+        abort comes after them (a part landing after an abort stays billed). Runs
+        inside ``finish``: no cancellation of the caller reaches these waits."""
+        tasks, self._inflight = self._inflight, set()
+        for task in tasks:
             task.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.gather(*self._inflight, return_exceptions=True)
-        self._inflight.clear()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLEANUP_TIMEOUT)
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: the upload failed for its own reason
 
     async def _complete(self, content_type: str) -> StoredFile:
         assert self.upload_id is not None
@@ -308,18 +346,13 @@ class FileUpload:
         if [n for n, _ in parts] != list(range(1, len(parts) + 1)):
             raise ProxyError(INTERNAL, "part numbers are not contiguous")
         upload_id = self.upload_id
+        self.maybe_stored = True
         etag = await self.sink.complete(self.spec.key, upload_id, parts)
         self.upload_id = None  # completed: nothing left to abort
         digest = self._hash.hexdigest()
-        try:
-            # S3 metadata is fixed at CreateMultipartUpload, before the hash is known;
-            # a tag can be added afterwards without copying the object.
-            await self.sink.tag(self.spec.key, {"sha256": digest})
-        except BaseException:
-            await run_cleanup(
-                lambda: self.sink.delete(self.spec.key), f"delete key={self.spec.key}", self.janitor
-            )
-            raise
+        # S3 metadata is fixed at CreateMultipartUpload, before the hash is known; a tag
+        # can be added afterwards without copying the object. Failing, the object goes.
+        await self.sink.tag(self.spec.key, {"sha256": digest})
         log.debug("upload.tagged key=%s upload_id=%s", self.spec.key, upload_id)
         return self._stored(content_type, etag, digest, parts=len(parts))
 
@@ -333,4 +366,5 @@ class FileUpload:
             etag=etag.strip('"'),
             sha256=digest,
             parts=parts,
+            metadata=self.spec.fields,
         )

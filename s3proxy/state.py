@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
 from s3proxy.auth import Authenticator, load_keys
 from s3proxy.budget import MemoryBudget
 from s3proxy.form import FormLimits
-from s3proxy.janitor import Janitor
+from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor
 from s3proxy.metrics import Metrics
 from s3proxy.pipeline import PipelineConfig
 from s3proxy.settings import Settings
@@ -33,7 +34,8 @@ class AppState:
     sink: S3Sink | None = None  # set once the S3 client is open
     webhook: Webhook | None = None  # set when a webhook URL is configured
     draining: bool = False
-    uploads: set[asyncio.Task[object]] = field(default_factory=set)
+    uploads: set[asyncio.Task[Any]] = field(default_factory=set)  # handlers storing files
+    stopped: set[asyncio.Task[Any]] = field(default_factory=set)  # ...that drain cancelled
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AppState:
@@ -66,14 +68,22 @@ class AppState:
             ),
         )
 
+    @property
+    def cleanup_wait(self) -> float:
+        """Seconds a cancelled upload may need to clean up: an abort and a delete for the
+        file in progress, the deletes of the others (at once), one webhook notice."""
+        return 3 * CLEANUP_TIMEOUT + self.settings.webhook_timeout
+
     def require_sink(self) -> S3Sink:
         if self.sink is None:
             raise RuntimeError("the S3 client is not open yet")
         return self.sink
 
     @contextlib.contextmanager
-    def track(self, task: asyncio.Task[object] | None) -> Iterator[None]:
-        """Remember an upload's task so shutdown can wait for it, then cancel it."""
+    def track(self, task: asyncio.Task[Any] | None) -> Iterator[None]:
+        """Remember an upload handler's own task (``asyncio.current_task()``, which
+        aiohttp runs per request, not the connection's ``request.task``) so shutdown
+        can wait for it, then cancel it."""
         if task is not None:
             self.uploads.add(task)
         try:
@@ -81,6 +91,20 @@ class AppState:
         finally:
             if task is not None:
                 self.uploads.discard(task)
+                self.stopped.discard(task)
+
+    def stop(self, task: asyncio.Task[Any]) -> None:
+        """Cancel an upload for shutdown; its handler then answers 503 SHUTTING_DOWN."""
+        self.stopped.add(task)
+        task.cancel()
+
+    def stopped_by_shutdown(self, task: asyncio.Task[Any]) -> bool:
+        """Was this cancellation drain's alone? If so, take it back (``uncancel``) so the
+        handler can still answer; a cancellation from anyone else stays."""
+        if task not in self.stopped:
+            return False
+        self.stopped.discard(task)
+        return task.uncancel() == 0
 
 
 STATE = web.AppKey("state", AppState)

@@ -3,9 +3,16 @@
 Files are stored one after another in the order they arrive (the body is one
 stream). If anything fails, the file in progress is aborted by its pipeline and
 the files already stored by this request are deleted, so a failed request
-leaves nothing behind. Form fields that arrive before a file are stored as that
-file's ``x-amz-meta-*`` metadata (S3 fixes metadata when an upload is created);
-all fields are returned in the response.
+leaves nothing behind; the deletes run to their end even if the request is
+cancelled (again) meanwhile.
+
+Form fields that arrive before a file are stored as that file's ``x-amz-meta-*``
+metadata (S3 fixes metadata when an upload is created); a field sent after it is
+not. Each stored file reports under ``metadata`` exactly the fields stored with
+it (as sent, before encoding; a repeated field joined with commas, as stored),
+and ``fields`` returns every field of the request. S3 metadata names are
+case-insensitive, so ``Foo`` and ``foo`` before one file are refused (400
+INVALID_FIELD) rather than one silently replacing the other.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +28,7 @@ from s3proxy import keys
 from s3proxy.budget import MemoryBudget
 from s3proxy.errors import INVALID_FIELD, METADATA_TOO_LARGE, NO_FILE, ProxyError
 from s3proxy.form import Field, FilePart
-from s3proxy.janitor import Janitor, run_cleanup
+from s3proxy.janitor import Janitor, run_cleanups
 from s3proxy.metrics import Metrics
 from s3proxy.pipeline import (
     FileSpec,
@@ -60,19 +67,32 @@ def encode_metadata_value(value: str) -> str:
     return "=?UTF-8?B?" + base64.b64encode(value.encode()).decode() + "?="
 
 
+def stored_fields(fields: dict[str, str | list[str]]) -> dict[str, str]:
+    """The fields as stored with a file, before encoding: repeated values joined."""
+    return {k: v if isinstance(v, str) else ",".join(v) for k, v in fields.items()}
+
+
 def field_metadata(fields: dict[str, str | list[str]]) -> dict[str, str]:
     """Fields as S3 metadata, or a clear error when they cannot be stored faithfully."""
     meta: dict[str, str] = {}
-    for name, value in fields.items():
+    names: dict[str, str] = {}  # lowercased -> as sent
+    for name, joined in stored_fields(fields).items():
         if not _TOKEN.match(name):
             raise ProxyError(
                 INVALID_FIELD,
                 f"field name {name!r} cannot be stored as S3 metadata (use letters, digits, - _ .)",
             )
-        if name.lower() in RESERVED_METADATA:
+        lower = name.lower()
+        if lower in RESERVED_METADATA:
             raise ProxyError(INVALID_FIELD, f"field name {name!r} is reserved")
-        joined = value if isinstance(value, str) else ",".join(value)
-        meta[name.lower()] = encode_metadata_value(joined)
+        if lower in names:
+            raise ProxyError(
+                INVALID_FIELD,
+                f"fields {names[lower]!r} and {name!r} differ only in case; S3 metadata "
+                "names are case-insensitive, so they cannot both be stored",
+            )
+        names[lower] = name
+        meta[lower] = encode_metadata_value(joined)
     size = sum(len(k) + len(v) for k, v in meta.items()) + len("sha256") + 64
     if size > MAX_METADATA_BYTES:
         raise ProxyError(
@@ -144,6 +164,7 @@ class RequestUpload:
             key=key,
             declared_type=part.declared_type,
             metadata=field_metadata(self.result.fields),
+            fields=stored_fields(self.result.fields),
             size_hint=self.size_hint,
         )
         upload = FileUpload(spec, self.sink, self.budget, self._file_config(), self.janitor)
@@ -174,19 +195,26 @@ class RequestUpload:
         """The proxy's limits, narrowed by the upload token if there is one."""
         if self.grant is None:
             return self.cfg
-        cfg = dataclasses.replace(self.cfg, grant_types=self.grant.types)
-        if self.grant.max_size is not None:
-            left = self.grant.max_size - sum(f.size for f in self.result.files)
-            cfg = dataclasses.replace(cfg, max_file_size=max(0, min(cfg.max_file_size, left)))
-        return cfg
+        return dataclasses.replace(
+            self.cfg,
+            grant_types=self.grant.types,
+            token_limit=self.grant.max_size,
+            token_used=sum(f.size for f in self.result.files),
+        )
 
-    async def rollback(self) -> None:
-        """Delete what this request already stored; the failing file aborted itself."""
-        for stored in self.result.files:
-            log.info("upload.rolled_back key=%s", stored.key)
-            await run_cleanup(
-                lambda key=stored.key: self.sink.delete(key),  # type: ignore[misc]
-                f"rollback key={stored.key}",
-                self.janitor,
-            )
-        self.result.files.clear()
+    async def rollback(self) -> list[str]:
+        """Delete what this request already stored (the failing file aborted itself);
+        return the keys. Every delete runs, at once, even if the request is cancelled
+        meanwhile (that cancellation is re-raised afterwards); a failed one goes to the
+        janitor."""
+        files, self.result.files = self.result.files, []
+        keys = [f.key for f in files]
+        for key in keys:
+            log.info("upload.rolled_back key=%s", key)
+        await run_cleanups(
+            [(self._deleter(key), f"rollback key={key}") for key in keys], self.janitor
+        )
+        return keys
+
+    def _deleter(self, key: str) -> Callable[[], Awaitable[None]]:
+        return lambda: self.sink.delete(key)

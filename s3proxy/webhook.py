@@ -22,6 +22,19 @@ retried after ``backoff`` seconds, doubling each time, with jitter, capped at
 ``MAX_DELAY`` (a ``Retry-After`` on the answer replaces the computed delay, under
 the same cap). Any other answer (3xx, 4xx) means the receiver will not take this
 event, so retrying is pointless: ``WebhookError`` at once.
+
+Events (the body is UTF-8 JSON; text that is not Unicode, such as a lone surrogate
+from an undecodable filename byte, is sent as U+FFFD, so encoding never fails)::
+
+    {"event": "upload.completed", "request_id", "time", "files": [...], "fields": {...}}
+    {"event": "upload.rolled_back", "request_id", "time", "keys": [...], "reason": "..."}
+
+``upload.rolled_back`` follows an ``upload.completed`` delivery that the proxy then
+undid: the receiver may have got the event even though its answer never came back
+in time (or the request failed or the proxy shut down while delivering), and the
+files it names have been deleted. It has the same ``request_id``, lists the
+deleted keys, and is sent once, best effort (a receiver that is down misses it;
+``verify`` and the headers work as for any event).
 """
 
 from __future__ import annotations
@@ -108,6 +121,19 @@ def verify(
     return hmac.compare_digest(expected, signature.encode("utf-8", "replace"))
 
 
+def encode_event(event: Mapping[str, Any]) -> bytes:
+    """The event as UTF-8 JSON; cannot fail for any mapping with string keys.
+
+    Lone surrogates (what ``surrogateescape`` makes of bytes that are not UTF-8) become
+    U+FFFD, and values JSON has no type for become their ``str``.
+    """
+    text = json.dumps(dict(event), separators=(",", ":"), ensure_ascii=False, default=str)
+    # UTF-16 with surrogatepass pairs up valid surrogate pairs and keeps lone ones,
+    # which the strict decode then replaces; the rest of the text is unchanged.
+    text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text.encode("utf-8")
+
+
 def retry_delay(backoff: float, attempt: int, rand: Callable[[], float] = random.random) -> float:
     """Seconds to wait after failed attempt ``attempt`` (1-based).
 
@@ -148,12 +174,16 @@ class Webhook:
         self.config = config
         self.session = session
 
-    async def deliver(self, event: Mapping[str, Any], request_id: str) -> None:
-        """POST ``event`` as JSON until a 2xx answer; raise WebhookError when giving up."""
-        body = json.dumps(dict(event), separators=(",", ":"), ensure_ascii=False).encode()
+    async def deliver(
+        self, event: Mapping[str, Any], request_id: str, max_attempts: int | None = None
+    ) -> None:
+        """POST ``event`` as JSON until a 2xx answer; raise WebhookError when giving up
+        (after ``max_attempts``, by default the configured number)."""
+        body = encode_event(event)
         delivery = str(uuid.uuid4())
         cfg = self.config
-        for attempt in range(1, cfg.max_attempts + 1):
+        attempts = cfg.max_attempts if max_attempts is None else max(1, max_attempts)
+        for attempt in range(1, attempts + 1):
             failure = await self._attempt(body, request_id, delivery, attempt)
             if failure is None:
                 log.info(
@@ -163,7 +193,7 @@ class Webhook:
                     attempt,
                 )
                 return
-            if not failure.retryable or attempt == cfg.max_attempts:
+            if not failure.retryable or attempt == attempts:
                 raise WebhookError(failure.reason, attempt, failure.status)
             if failure.retry_after is not None:
                 delay = min(MAX_DELAY, failure.retry_after)

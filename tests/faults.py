@@ -1,5 +1,6 @@
 """A fault-injecting HTTP proxy in front of moto: real HTTP on loopback, with chosen
-S3 calls answered by errors, delays or dropped connections."""
+S3 calls answered by errors, delays or dropped connections, or carried out by S3 with
+the answer arriving too late (``Fault.late``: S3 did the write, the proxy cannot know)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class Fault:
     code: str = "InternalError"
     delay: float = 0.0  # sleep before answering (or before forwarding)
     drop: bool = False  # close the connection without an answer
+    late: float = 0.0  # forward to S3 first, then sleep before answering: the answer is lost
 
 
 def operation(request: web.Request) -> str:
@@ -98,7 +100,9 @@ class FaultyS3:
                     "server",
                 ):
                     out.headers[k] = v
-            return out
+        if fault is not None and fault.late:
+            await asyncio.sleep(fault.late)
+        return out
 
     async def __aenter__(self) -> FaultyS3:
         self._session = aiohttp.ClientSession(auto_decompress=False)

@@ -99,3 +99,22 @@ async def test_older_uploads_are_served_first() -> None:
     held.release()
     await asyncio.gather(newer, older)
     assert order == ["older", "newer"]
+
+
+async def test_waiter_cancelled_just_before_memory_is_released() -> None:
+    """The waiter is cancelled, then memory is released before it runs again: the wake-up
+    drops its (cancelled) entry, and the waiter must still end with CancelledError."""
+    b = MemoryBudget(100)
+    held = await b.acquire(100)
+    waiter = asyncio.create_task(b.acquire(50))
+    behind = asyncio.create_task(b.acquire(30))
+    await asyncio.sleep(0)
+    assert b.waiting == 2
+    waiter.cancel()  # cancels its future at once...
+    held.release()  # ...and _wake pops that entry before the waiter task runs
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    r = await behind  # the next in line is served
+    assert b.waiting == 0 and b.in_use == 30
+    r.release()
+    assert b.in_use == 0

@@ -394,3 +394,68 @@ async def test_request_id_is_echoed_or_made(proxy: Any) -> None:
     assert len(resp.headers["X-Request-ID"]) == 32
     resp = await proxy.post("/upload", data=b"x", headers={"Content-Type": "text/plain"})
     assert resp.status == 415 and len(resp.headers["X-Request-ID"]) == 32
+
+
+@pytest.mark.parametrize(
+    ("op", "size"),
+    [("PutObject", 1000), ("CompleteMultipartUpload", 7 * MiB)],
+    ids=["put", "complete"],
+)
+async def test_lost_answer_deletes_what_s3_stored(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, op: str, size: int
+) -> None:
+    """S3 carried out the write but every answer came after --s3-read-timeout: the client
+    is told 504, so the object S3 did store must go (a retry would make a duplicate)."""
+    raw = bodies.body([bodies.file("f", "a.bin", os.urandom(size))])
+    got, out, faulty = await run_with_faults(
+        proxy_factory,
+        moto,
+        lambda o, n: Fault(late=1.5) if o == op else None,
+        raw,
+        s3_max_attempts=2,
+        s3_read_timeout=0.5,
+    )
+    expect_error(got, out, 504, "UPSTREAM_TIMEOUT")
+    assert faulty.calls.count(op) >= 2  # retried, and every attempt reached S3
+    assert "DeleteObject" in faulty.calls
+    await wait_clean(s3, bucket, within=2.0)
+
+
+async def test_token_size_limit_is_one_error(proxy_factory: Any, s3: Any, bucket: str) -> None:
+    """Over an upload token's size: 413 FILE_TOO_LARGE naming the token's limit, whether
+    seen from Content-Length or while streaming after earlier files."""
+    from s3proxy.tokens import issue
+
+    secret = "t" * 32
+    proxy = await proxy_factory(token_secret=(secret,))
+    token = issue(secret.encode(), prefix="p/", ttl=60, max_size=1 * MiB)
+    auth = {**bodies.headers(), "Authorization": f"Bearer {token}"}
+    allows = f"the upload token allows {MiB} bytes of file data per request"
+
+    raw = bodies.body([bodies.file("f", "a.bin", os.urandom(3 * MiB))])
+    status, out = await post_raw(proxy, raw, headers=auth)
+    expect_error(status, out, 413, "FILE_TOO_LARGE")
+    assert allows in out["error"]["message"]
+
+    raw = bodies.body(
+        [
+            bodies.file("a", "a.bin", os.urandom(MiB)),  # exactly the token's size
+            bodies.file("b", "b.bin", b"x"),
+        ]
+    )
+    status, out = await post_raw(proxy, bodies.chunked(raw), headers=auth)
+    expect_error(status, out, 413, "FILE_TOO_LARGE")
+    assert allows in out["error"]["message"], out
+    assert "b.bin" in out["error"]["message"]
+    await wait_clean(s3, bucket)
+
+
+async def test_fields_differing_only_in_case_are_refused(proxy: Any, s3: Any, bucket: str) -> None:
+    """S3 metadata names are case-insensitive: Foo and foo cannot both be stored."""
+    raw = bodies.body(
+        [bodies.field("Foo", "1"), bodies.field("foo", "2"), bodies.file("f", "a.txt", b"x")]
+    )
+    status, out = await post_raw(proxy, raw)
+    expect_error(status, out, 400, "INVALID_FIELD")
+    assert "'Foo'" in out["error"]["message"] and "'foo'" in out["error"]["message"]
+    await wait_clean(s3, bucket)

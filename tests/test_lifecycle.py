@@ -47,9 +47,14 @@ async def test_sigterm_aborts_stalled_upload_after_grace(
 ) -> None:
     proxy = start(moto, bucket, tmp_path, "--shutdown-timeout", "1")
     raw = bodies.body([bodies.file("f", "big.bin", os.urandom(20 * MiB))])
-    _, writer = await open_upload(proxy.port, raw, 12 * MiB)  # then the client stalls
+    reader, writer = await open_upload(proxy.port, raw, 12 * MiB)  # then the client stalls
     await wait_for(lambda: open_uploads(s3, bucket))
     proxy.proc.send_signal(signal.SIGTERM)
+    # The client is told, rather than left with a dropped connection.
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+    assert head.startswith(b"HTTP/1.1 503"), head
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    assert b'"SHUTTING_DOWN"' in await asyncio.wait_for(reader.readexactly(length), 5)
     code = await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, 30)
     writer.close()
     assert code == 0
@@ -119,6 +124,7 @@ async def test_non_ascii_field_is_rfc2047_metadata(proxy: Any, s3: Any, bucket: 
     assert resp.status == 201, await resp.text()
     out = await resp.json()
     assert out["fields"] == {"title": "Grüße, 日本"}
+    assert out["files"][0]["metadata"] == {"title": "Grüße, 日本"}  # as sent, not encoded
     meta = s3.head_object(Bucket=bucket, Key=out["files"][0]["key"])["Metadata"]
     import email.header
 
@@ -137,8 +143,27 @@ async def test_field_after_file_is_returned_not_stored(proxy: Any, s3: Any, buck
     resp = await proxy.post("/upload", data=raw, headers=bodies.headers())
     out = await resp.json()
     assert out["fields"] == {"a": "1", "b": "2"}
+    # The response says what was stored with the object: "a", not "b".
+    assert out["files"][0]["metadata"] == {"a": "1"}
     meta = s3.head_object(Bucket=bucket, Key=out["files"][0]["key"])["Metadata"]
     assert meta.get("a") == "1" and "b" not in meta
+
+
+async def test_repeated_field_is_stored_joined(proxy: Any, s3: Any, bucket: str) -> None:
+    raw = bodies.body(
+        [
+            bodies.field("Tag", "x"),
+            bodies.field("Tag", "y"),
+            bodies.file("f", "x.txt", b"x", "text/plain"),
+        ]
+    )
+    resp = await proxy.post("/upload", data=raw, headers=bodies.headers())
+    out = await resp.json()
+    assert resp.status == 201, out
+    assert out["fields"] == {"Tag": ["x", "y"]}
+    assert out["files"][0]["metadata"] == {"Tag": "x,y"}
+    meta = s3.head_object(Bucket=bucket, Key=out["files"][0]["key"])["Metadata"]
+    assert meta["tag"] == "x,y"
 
 
 async def test_browser_empty_file_input_is_skipped(proxy: Any, s3: Any, bucket: str) -> None:

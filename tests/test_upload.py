@@ -44,6 +44,7 @@ async def test_small_file_is_stored_with_metadata(proxy: Any, s3: Any, bucket: s
     assert out["fields"] == {"title": "Q3 review"}
     [f] = out["files"]
     assert f["field"] == "file" and f["filename"] == "report.pdf"
+    assert f["metadata"] == {"title": "Q3 review"}
     assert f["size"] == len(body)
     assert f["sha256"] == hashlib.sha256(body).hexdigest()
     assert f["content_type"] == "application/pdf"

@@ -251,3 +251,27 @@ def test_config_is_validated(kw: dict[str, Any]) -> None:
     args: dict[str, Any] = {"url": "http://127.0.0.1/hook", "secret": None, **kw}
     with pytest.raises(ValueError):
         WebhookConfig(**args)
+
+
+async def test_text_that_is_not_unicode_is_still_sent_as_utf8_json(
+    receiver: Receiver, session: aiohttp.ClientSession
+) -> None:
+    """A filename decoded with surrogateescape (a raw 0xE9 byte) holds a lone surrogate,
+    which UTF-8 cannot encode: it is sent as U+FFFD, and the delivery goes out."""
+    event = {"files": [{"filename": "caf\udce9.txt", "size": 1}], "n": 1}
+    await webhook(session, receiver.url).deliver(event, "req-9")
+    [seen] = receiver.seen
+    assert json.loads(seen.body.decode("utf-8")) == {
+        "files": [{"filename": "caf\ufffd.txt", "size": 1}],
+        "n": 1,
+    }
+
+
+def test_encoding_an_event_cannot_fail() -> None:
+    from s3proxy.webhook import encode_event
+
+    odd: dict[str, Any] = {"\udcff": "\ud800x", "when": time, "ok": "é", "pair": "\U0001f600"}
+    decoded = json.loads(encode_event(odd).decode("utf-8"))
+    assert decoded["\ufffd"] == "\ufffdx"
+    assert decoded["ok"] == "é" and decoded["pair"] == "\U0001f600"
+    assert isinstance(decoded["when"], str)

@@ -3,13 +3,17 @@ that keeps failing does to the upload (rollback, or keep)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from typing import Any
 
+import pytest
 from aiohttp import web
 
-from s3proxy.webhook import verify
+from s3proxy.app import drain
+from s3proxy.state import STATE
+from s3proxy.webhook import Webhook, verify
 from tests import bodies
 from tests.bodies import MiB
 from tests.s3util import all_keys, open_uploads
@@ -17,18 +21,26 @@ from tests.s3util import all_keys, open_uploads
 SECRET = "hook-secret"
 
 
-async def receiver(aiohttp_server: Any, status: int) -> tuple[Any, list[dict[str, Any]]]:
+async def receiver(
+    aiohttp_server: Any, status: int, slow_completed: float = 0.0
+) -> tuple[Any, list[dict[str, Any]]]:
+    """A receiver answering ``status``; it takes ``slow_completed`` seconds over an
+    upload.completed event (it gets the event, the proxy does not get the answer)."""
     got: list[dict[str, Any]] = []
 
     async def hook(request: web.Request) -> web.Response:
         raw = await request.read()
+        raw.decode("utf-8")  # strict: the body must be UTF-8
         ok = verify(
             SECRET.encode(),
             request.headers["X-S3Proxy-Timestamp"],
             request.headers["X-S3Proxy-Signature"],
             raw,
         )
-        got.append({"body": json.loads(raw), "signed": ok, "rid": request.headers["X-Request-ID"]})
+        body = json.loads(raw)
+        got.append({"body": body, "signed": ok, "rid": request.headers["X-Request-ID"]})
+        if body["event"] == "upload.completed":
+            await asyncio.sleep(slow_completed)
         return web.Response(status=status)
 
     app = web.Application()
@@ -78,7 +90,10 @@ async def test_failing_webhook_rolls_back(
     resp = await proxy.post("/upload", data=bodies.chunked(upload_body()), headers=bodies.headers())
     out = await resp.json()
     assert resp.status == 502 and out["error"]["code"] == "WEBHOOK_FAILED"
-    assert len(got) == 2  # retried once
+    assert len(events(got, "upload.completed")) == 2  # retried once
+    # then one best-effort notice that the files it may have seen are gone
+    [rolled] = events(got, "upload.rolled_back")
+    assert rolled["body"]["reason"] == "WEBHOOK_FAILED" and len(rolled["body"]["keys"]) == 2
     assert all_keys(s3, bucket) == [] and open_uploads(s3, bucket) == []
 
 
@@ -96,3 +111,119 @@ async def test_failing_webhook_keep_policy(
     assert resp.status == 201
     assert out["webhook"]["delivered"] is False and "400" in out["webhook"]["error"]
     assert sorted(all_keys(s3, bucket)) == sorted(f["key"] for f in out["files"])
+
+
+def events(got: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in got if e["body"]["event"] == name]
+
+
+async def test_non_utf8_filename_is_delivered(
+    proxy_factory: Any, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    """A filename with a raw Latin-1 byte (not UTF-8): the webhook still goes out."""
+    server, got = await receiver(aiohttp_server, 204)
+    proxy = await proxy_factory(webhook_url=str(server.make_url("/hook")), webhook_secret=SECRET)
+    raw = bodies.body([bodies.file("f", "cafXX.txt", b"hello", "text/plain")])
+    raw = raw.replace(b"cafXX.txt", b"caf\xe9.txt")
+    resp = await proxy.post("/upload", data=raw, headers=bodies.headers())
+    out = await resp.json()
+    assert resp.status == 201, out
+    assert out["webhook"] == {"delivered": True}
+    [event] = got
+    assert event["signed"]
+    assert [f["key"] for f in event["body"]["files"]] == [f["key"] for f in out["files"]]
+    assert all_keys(s3, bucket) == [out["files"][0]["key"]]
+
+
+@pytest.mark.parametrize("policy", ["rollback", "keep"])
+async def test_any_failure_while_notifying_rolls_back(
+    proxy_factory: Any, aiohttp_server: Any, s3: Any, bucket: str, monkeypatch: Any, policy: str
+) -> None:
+    """Not a WebhookError (a bug, anything): the client is told it failed, so nothing stays,
+    whatever --webhook-failure says."""
+
+    async def broken(self: Webhook, event: Any, request_id: str, **kw: Any) -> None:
+        raise RuntimeError("bug in delivery")
+
+    monkeypatch.setattr(Webhook, "deliver", broken)
+    proxy = await proxy_factory(webhook_url="http://127.0.0.1:9/hook", webhook_failure=policy)
+    resp = await proxy.post("/upload", data=bodies.chunked(upload_body()), headers=bodies.headers())
+    out = await resp.json()
+    assert resp.status == 500 and out["error"]["code"] == "INTERNAL"
+    assert all_keys(s3, bucket) == [] and open_uploads(s3, bucket) == []
+
+
+async def test_shutdown_while_webhook_is_retried(
+    proxy_factory: Any, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    """SIGTERM's drain cancels a request whose webhook is being retried: the files are
+    rolled back, the receiver is told, and the client gets a JSON 503, not a dropped line."""
+    server, got = await receiver(aiohttp_server, 500)
+    proxy = await proxy_factory(
+        webhook_url=str(server.make_url("/hook")),
+        webhook_secret=SECRET,
+        webhook_attempts=5,
+        shutdown_timeout=0.1,
+    )
+    posting = asyncio.ensure_future(
+        proxy.post(
+            "/upload",
+            data=bodies.chunked(upload_body()),
+            headers={**bodies.headers(), "X-Request-ID": "req-drain"},
+        )
+    )
+    for _ in range(500):
+        if got:
+            break
+        await asyncio.sleep(0.02)
+    assert all_keys(s3, bucket), "stored, and waiting on the webhook"
+    await drain(proxy.server.app[STATE])
+    resp = await asyncio.wait_for(posting, 10)
+    out = await resp.json()
+    assert resp.status == 503 and out["error"]["code"] == "SHUTTING_DOWN", out
+    assert all_keys(s3, bucket) == [] and open_uploads(s3, bucket) == []
+    [completed] = events(got, "upload.completed")[:1]
+    [rolled] = events(got, "upload.rolled_back")
+    assert rolled["signed"] and rolled["body"]["request_id"] == "req-drain"
+    assert rolled["body"]["keys"] == [f["key"] for f in completed["body"]["files"]]
+
+
+async def test_late_webhook_answer_is_followed_by_rolled_back(
+    proxy_factory: Any, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    """The receiver got upload.completed but answered after the timeout: the files are
+    deleted, so it is sent upload.rolled_back with the same request id and the keys."""
+    server, got = await receiver(aiohttp_server, 204, slow_completed=1.0)
+    proxy = await proxy_factory(
+        webhook_url=str(server.make_url("/hook")),
+        webhook_secret=SECRET,
+        webhook_attempts=1,
+        webhook_timeout=0.3,
+    )
+    resp = await proxy.post(
+        "/upload",
+        data=bodies.chunked(upload_body()),
+        headers={**bodies.headers(), "X-Request-ID": "req-late"},
+    )
+    out = await resp.json()
+    assert resp.status == 502 and out["error"]["code"] == "WEBHOOK_FAILED"
+    assert all_keys(s3, bucket) == [] and open_uploads(s3, bucket) == []
+    [completed] = events(got, "upload.completed")
+    [rolled] = events(got, "upload.rolled_back")
+    assert rolled["signed"] and rolled["rid"] == "req-late"
+    assert rolled["body"]["request_id"] == completed["body"]["request_id"] == "req-late"
+    assert rolled["body"]["keys"] == [f["key"] for f in completed["body"]["files"]]
+    assert rolled["body"]["reason"] == "WEBHOOK_FAILED"
+
+
+async def test_webhook_failure_without_delivery_attempt_sends_no_rolled_back(
+    proxy_factory: Any, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    """A failed upload that never reached the webhook stage sends nothing at all."""
+    server, got = await receiver(aiohttp_server, 204)
+    proxy = await proxy_factory(
+        webhook_url=str(server.make_url("/hook")), webhook_secret=SECRET, max_file_size=1000
+    )
+    resp = await proxy.post("/upload", data=bodies.chunked(upload_body()), headers=bodies.headers())
+    assert resp.status == 413
+    assert got == []
