@@ -141,8 +141,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         type=Path,
-        default=harness.REPO / "bench" / "results",
-        help="where latest.json, latest.png and latest.md go",
+        help="where latest.json, latest.png and latest.md go (default bench/runs/, untracked;"
+        " bench/results/, the committed results, with --update-readme)",
     )
     p.add_argument(
         "--cache-dir",
@@ -156,6 +156,17 @@ def parser() -> argparse.ArgumentParser:
         help="rewrite the results section of bench/README.md",
     )
     return p
+
+
+def out_dir(out: Path | None, update_readme: bool) -> Path:
+    """Where a run writes: an explicit ``--out``, else the untracked bench/runs/.
+
+    The committed results in bench/results/ are written only when asked for: by ``--out``, or
+    by ``--update-readme``, whose README section links the plot there.
+    """
+    if out is not None:
+        return out
+    return harness.RESULTS_DIR if update_readme else harness.RUNS_DIR
 
 
 def options(argv: list[str]) -> tuple[harness.Options, bool]:
@@ -204,7 +215,7 @@ def options(argv: list[str]) -> tuple[harness.Options, bool]:
         sign_payload=args.sign_payload,
         s3proxy_args=shlex.split(args.s3proxy_args),
         s3proxy_rev=args.s3proxy_rev,
-        out=args.out,
+        out=out_dir(args.out, args.update_readme),
         cache_dir=args.cache_dir,
         preset=name,
         command="python -m bench " + shlex.join(argv),

@@ -30,6 +30,10 @@ from bench import body, clients, procs, s3util
 REPO = Path(__file__).resolve().parent.parent
 DESIGNS = ("s3proxy", "direct", "naive-tempfile", "naive-memory", "multer-s3")
 CLIENTS = ("curl", "aiohttp")
+# The committed, official results; a run writes here only when asked (--out, --update-readme).
+RESULTS_DIR = REPO / "bench" / "results"
+# Where runs go by default: ignored by git, so a run never overwrites committed results.
+RUNS_DIR = REPO / "bench" / "runs"
 MULTER_SRC = Path(__file__).resolve().parent / "designs" / "multer"
 
 
@@ -57,7 +61,7 @@ class Options:
     # Which s3proxy to measure: None copies the working tree's s3proxy/ once at the start (so
     # edits made while the run goes on do not change it halfway); a git revision exports that.
     s3proxy_rev: str | None = None
-    out: Path = REPO / "bench" / "results"
+    out: Path = RUNS_DIR
     cache_dir: Path = Path.home() / ".cache" / "s3proxy-bench"
     sample_interval: float = 0.05
     preset: str = "custom"

@@ -401,18 +401,22 @@ def write(result: dict[str, Any], out: Path, readme: Path | None = None) -> dict
 
 
 def main() -> None:
-    """``python -m bench.report RESULTS.json [--update-readme]``: render a saved run again."""
+    """``python -m bench.report RESULTS.json [--out DIR] [--update-readme]``: render a saved run
+    again, beside the JSON unless ``--out`` says where."""
     import argparse
 
     from bench.harness import REPO
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("json", type=Path)
+    p.add_argument("--out", type=Path, help="where to write (default: the JSON's directory)")
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args()
     result = json.loads(args.json.read_text())
     readme = REPO / "bench" / "README.md" if args.update_readme else None
-    written = write(result, args.json.parent, readme)
+    out = args.out or args.json.parent
+    out.mkdir(parents=True, exist_ok=True)
+    written = write(result, out, readme)
     print(terminal(result))
     print("\n" + "  ".join(f"{k}: {v}" for k, v in written.items()))
 
