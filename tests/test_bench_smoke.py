@@ -20,9 +20,10 @@ DESIGNS = {"s3proxy", "direct", "naive-tempfile", "naive-memory"}
 
 
 def _tracked_changes() -> str:
-    """``git status`` of the tracked files under bench/ (results, README)."""
+    """``git status`` of the tracked files a run could write: the results and the README."""
+    where = ["bench/results", "bench/README.md"]
     return subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--", "bench"],
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--", *where],
         capture_output=True,
         text=True,
         check=True,
