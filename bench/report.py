@@ -49,7 +49,7 @@ def summarize(runs: list[CellResult], cpus: int = 1) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, int, int], list[CellResult]] = {}
     for r in runs:
         groups.setdefault((r.design, r.client, r.size, r.concurrency), []).append(r)
-    cells = []
+    cells: list[dict[str, Any]] = []
     for (design, client, size, conc), rs in groups.items():
         nbytes = sum(r.bytes for r in rs)
         lat = [x for r in rs for x in r.latencies_s]

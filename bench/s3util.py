@@ -142,15 +142,15 @@ async def multipart_upload(
 
 
 async def rechunk(
-    chunks: AsyncIterator[bytes] | Iterable[bytes], part_size: int
+    chunks: AsyncIterator[bytes] | Iterable[bytes | memoryview], part_size: int
 ) -> AsyncIterator[bytes]:
     """Group a stream of chunks into parts of ``part_size`` bytes (the last may be short)."""
     buf = bytearray()
 
-    async def source() -> AsyncIterator[bytes]:
+    async def source() -> AsyncIterator[bytes | memoryview]:
         if isinstance(chunks, AsyncIterator):
-            async for c in chunks:
-                yield c
+            async for a in chunks:
+                yield a
         else:
             for c in chunks:
                 yield c
