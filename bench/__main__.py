@@ -16,9 +16,10 @@ import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
-from bench import harness, report
+from bench import clients, designs, matrix, report
+from bench.options import RESULTS_DIR, RUNS_DIR, Options
+from bench.result import RunResult
 
 UNITS = {
     "": 1,
@@ -38,7 +39,7 @@ PRESETS: dict[str, dict[str, object]] = {
     "full": {
         "sizes": "64MiB,256MiB,1GiB",
         "concurrency": "1,4,16,64",
-        "designs": ",".join(harness.DESIGNS),
+        "designs": ",".join(designs.DESIGNS),
         "clients": "curl",
         "backend": "seaweedfs",
     },
@@ -46,7 +47,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # (64 x 1 GiB would take an hour per design on 2 cores).
     "readme": {
         "cells": "64MiB:1,64MiB:4,64MiB:16,64MiB:64,256MiB:1,256MiB:4,256MiB:16,1GiB:1,1GiB:4",
-        "designs": ",".join(harness.DESIGNS),
+        "designs": ",".join(designs.DESIGNS),
         "clients": "curl",
         "backend": "seaweedfs",
         "part_size": "8MiB",
@@ -58,7 +59,7 @@ PRESETS: dict[str, dict[str, object]] = {
     "quick": {
         "sizes": "32MiB",
         "concurrency": "1,4,16",
-        "designs": ",".join(harness.DESIGNS),
+        "designs": ",".join(designs.DESIGNS),
         "clients": "curl",
         "backend": "seaweedfs",
     },
@@ -109,8 +110,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", help="comma-separated file sizes, e.g. 64MiB,256MiB,1GiB")
     p.add_argument("--concurrency", help="comma-separated concurrent uploads, e.g. 1,4,16,64")
     p.add_argument("--reps", type=int, help="repetitions of every cell (default 1)")
-    p.add_argument("--designs", help=f"comma-separated, from {','.join(harness.DESIGNS)}")
-    p.add_argument("--clients", help="comma-separated, from curl,aiohttp (default curl)")
+    p.add_argument("--designs", help=f"comma-separated, from {','.join(designs.DESIGNS)}")
+    p.add_argument(
+        "--clients", help=f"comma-separated, from {','.join(clients.KINDS)} (default curl)"
+    )
     p.add_argument(
         "--backend",
         choices=("seaweedfs", "moto", "external"),
@@ -141,13 +144,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         type=Path,
-        default=harness.REPO / "bench" / "results",
-        help="where latest.json, latest.png and latest.md go",
+        help="where latest.json, latest.png and latest.md go (default bench/runs/, untracked;"
+        " bench/results/, the committed results, with --update-readme)",
     )
     p.add_argument(
         "--cache-dir",
         type=Path,
-        default=harness.Options.cache_dir,
+        default=Options.cache_dir,
         help="npm packages of the multer-s3 design (outside the repo)",
     )
     p.add_argument(
@@ -158,7 +161,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def options(argv: list[str]) -> tuple[harness.Options, bool]:
+def out_dir(out: Path | None, update_readme: bool) -> Path:
+    """Where a run writes: an explicit ``--out``, else the untracked bench/runs/.
+
+    The committed results in bench/results/ are written only when asked for: by ``--out``, or
+    by ``--update-readme``, whose README section links the plot there.
+    """
+    if out is not None:
+        return out
+    return RESULTS_DIR if update_readme else RUNS_DIR
+
+
+def options(argv: list[str]) -> tuple[Options, bool]:
     args = parser().parse_args(argv)
     name = args.matrix or ("quick" if args.quick else "smoke" if args.smoke else "full")
     pre = PRESETS[name]
@@ -186,12 +200,12 @@ def options(argv: list[str]) -> tuple[harness.Options, bool]:
     )
     sizes = sizes or listed_sizes
     concurrency = concurrency or listed_conc
-    opts = harness.Options(
+    opts = Options(
         sizes=sizes,
         concurrency=concurrency,
         cells=pairs,
-        designs=_list(pick("designs"), harness.DESIGNS),
-        clients=_list(pick("clients"), harness.CLIENTS),
+        designs=_list(pick("designs"), designs.DESIGNS),
+        clients=_list(pick("clients"), clients.KINDS),
         reps=args.reps or 1,
         backend=backend,
         endpoint_url=args.endpoint_url,
@@ -204,7 +218,7 @@ def options(argv: list[str]) -> tuple[harness.Options, bool]:
         sign_payload=args.sign_payload,
         s3proxy_args=shlex.split(args.s3proxy_args),
         s3proxy_rev=args.s3proxy_rev,
-        out=args.out,
+        out=out_dir(args.out, args.update_readme),
         cache_dir=args.cache_dir,
         preset=name,
         command="python -m bench " + shlex.join(argv),
@@ -214,7 +228,7 @@ def options(argv: list[str]) -> tuple[harness.Options, bool]:
     return opts, args.update_readme
 
 
-async def _run_until_signalled(opts: harness.Options) -> dict[str, Any]:
+async def _run_until_signalled(opts: Options) -> RunResult:
     """Run; SIGTERM or SIGINT cancel the run so that every child and the store are stopped.
 
     (A background job's SIGINT is ignored and SIGTERM would kill Python outright, leaving the
@@ -225,18 +239,15 @@ async def _run_until_signalled(opts: harness.Options) -> dict[str, Any]:
     assert task is not None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel)
-    return await harness.run(opts)
+    return await matrix.run(opts)
 
 
 def main(argv: list[str] | None = None) -> int:
     opts, update_readme = options(sys.argv[1:] if argv is None else argv)
-    result = asyncio.run(_run_until_signalled(opts))
-    readme = harness.REPO / "bench" / "README.md" if update_readme else None
-    written = report.write(result, opts.out, readme)
-    print(report.terminal(result))
-    print("\n" + "  ".join(f"{k}: {v}" for k, v in written.items()))
-    failures = sum(c["failures"] for c in result["cells"])
-    return 1 if failures or not result["cells"] else 0
+    run = asyncio.run(_run_until_signalled(opts))
+    rep = report.publish(run, opts.out, update_readme)
+    failures = sum(c["failures"] for c in rep.cells)
+    return 1 if failures or not rep.cells else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from aiohttp.abc import AbstractStreamWriter
 
 from bench import body, procs
 
+KINDS = ("curl", "aiohttp")  # what --clients offers (direct's own client is "builtin")
+
 
 @dataclass
 class Upload:

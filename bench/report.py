@@ -10,51 +10,49 @@ import json
 import re
 import statistics
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.harness import _percentile
+from bench.options import REPO
+from bench.result import CellResult, RunResult, percentile
 
 GIB = 2**30
 MIB = 2**20
 
 
-def _key(r: dict[str, Any]) -> tuple[str, str, int, int]:
-    return r["design"], r["client"], r["size"], r["concurrency"]
+def _per_gib(values: Iterable[float | None], nbytes: int) -> float | None:
+    """The sum of the recorded values (None: not recorded) per GiB of ``nbytes``."""
+    known = [v for v in values if v is not None]
+    return sum(known) / (nbytes / GIB) if known and nbytes else None
 
 
-def _per_gib(rs: list[dict[str, Any]], k: str, nbytes: int) -> float | None:
-    values = [r[k] for r in rs if r.get(k) is not None]
-    return sum(values) / (nbytes / GIB) if values and nbytes else None
+def _median(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
-def _median(rs: list[dict[str, Any]], k: str) -> float | None:
-    values = [r[k] for r in rs if r.get(k) is not None]
-    return statistics.median(values) if values else None
-
-
-def other_cpu_fraction(r: dict[str, Any], cpus: int) -> float | None:
+def other_cpu_fraction(r: CellResult, cpus: int) -> float | None:
     """Share of all cores busy with something else than the cell (other users' work).
 
     All CPUs' busy time during the cell, less what the server, the store, the clients and the
     harness used. Near 0 on a quiet machine; on a shared one it says how noisy the cell was.
     """
-    if r.get("machine_busy_cpu_s") is None or not r.get("wall_s"):
+    if r.machine_busy_cpu_s is None or not r.wall_s:
         return None
-    ours = r["cpu_s"] + (r["s3_cpu_s"] or 0) + r["client_cpu_s"] + r["harness_cpu_s"]
-    return max(0.0, r["machine_busy_cpu_s"] - ours) / (r["wall_s"] * cpus)
+    ours = r.cpu_s + (r.s3_cpu_s or 0) + (r.client_cpu_s or 0) + (r.harness_cpu_s or 0)
+    return max(0.0, r.machine_busy_cpu_s - ours) / (r.wall_s * cpus)
 
 
-def summarize(runs: list[dict[str, Any]], cpus: int = 1) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, str, int, int], list[dict[str, Any]]] = {}
+def summarize(runs: list[CellResult], cpus: int = 1) -> list[dict[str, Any]]:
+    """One summary per (design, client, size, concurrency), its repetitions folded together."""
+    groups: dict[tuple[str, str, int, int], list[CellResult]] = {}
     for r in runs:
-        groups.setdefault(_key(r), []).append(r)
-    cells = []
+        groups.setdefault((r.design, r.client, r.size, r.concurrency), []).append(r)
+    cells: list[dict[str, Any]] = []
     for (design, client, size, conc), rs in groups.items():
-        nbytes = sum(r["bytes"] for r in rs)
-        lat = [x for r in rs for x in r["latencies_s"]]
-        tps = [r["throughput_mbps"] for r in rs if r["throughput_mbps"] is not None]
-        s3cpu = [r["s3_cpu_s"] for r in rs if r["s3_cpu_s"] is not None]
+        nbytes = sum(r.bytes for r in rs)
+        lat = [x for r in rs for x in r.latencies_s]
         cells.append(
             {
                 "design": design,
@@ -62,34 +60,30 @@ def summarize(runs: list[dict[str, Any]], cpus: int = 1) -> list[dict[str, Any]]
                 "size": size,
                 "concurrency": conc,
                 "reps": len(rs),
-                "uploads": sum(r["uploads"] for r in rs),
+                "uploads": sum(r.uploads for r in rs),
                 "bytes": nbytes,
-                "throughput_mbps": statistics.median(tps) if tps else None,
-                "latency_p50_s": _percentile(lat, 0.5),
-                "latency_p95_s": _percentile(lat, 0.95),
-                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
-                "idle_rss_bytes": max(r.get("idle_rss_bytes", 0) for r in rs),
-                "rss_growth_bytes": max(
-                    r["peak_rss_bytes"] - r.get("idle_rss_bytes", 0) for r in rs
-                ),
-                "cpu_s_per_gib": sum(r["cpu_s"] for r in rs) / (nbytes / GIB) if nbytes else None,
-                "s3_cpu_s_per_gib": sum(s3cpu) / (nbytes / GIB) if s3cpu and nbytes else None,
-                "client_cpu_s_per_gib": _per_gib(rs, "client_cpu_s", nbytes),
-                "machine_busy_fraction": _median(rs, "machine_busy_fraction"),
-                "other_cpu_fraction": _median(
-                    [{"x": other_cpu_fraction(r, cpus)} for r in rs], "x"
-                ),
-                "disk_write_bytes": max(r["disk_write_bytes"] for r in rs),
-                "peak_tmp_bytes": max(r["peak_tmp_bytes"] for r in rs),
-                "failures": sum(r["failures"] for r in rs),
-                "verified": sum(r["verified"] for r in rs),
-                "stray_objects": sum(r["stray_objects"] for r in rs),
-                "open_multipart_uploads": sum(r["open_multipart_uploads"] for r in rs),
-                "size_misreports": sum(r.get("size_misreports", 0) for r in rs),
+                "throughput_mbps": _median(r.throughput_mbps for r in rs),
+                "latency_p50_s": percentile(lat, 0.5),
+                "latency_p95_s": percentile(lat, 0.95),
+                "peak_rss_bytes": max(r.peak_rss_bytes for r in rs),
+                "idle_rss_bytes": max(r.idle_rss_bytes for r in rs),
+                "rss_growth_bytes": max(r.peak_rss_bytes - r.idle_rss_bytes for r in rs),
+                "cpu_s_per_gib": _per_gib((r.cpu_s for r in rs), nbytes),
+                "s3_cpu_s_per_gib": _per_gib((r.s3_cpu_s for r in rs), nbytes),
+                "client_cpu_s_per_gib": _per_gib((r.client_cpu_s for r in rs), nbytes),
+                "machine_busy_fraction": _median(r.machine_busy_fraction for r in rs),
+                "other_cpu_fraction": _median(other_cpu_fraction(r, cpus) for r in rs),
+                "disk_write_bytes": max(r.disk_write_bytes for r in rs),
+                "peak_tmp_bytes": max(r.peak_tmp_bytes for r in rs),
+                "failures": sum(r.failures for r in rs),
+                "verified": sum(r.verified for r in rs),
+                "stray_objects": sum(r.stray_objects for r in rs),
+                "open_multipart_uploads": sum(r.open_multipart_uploads for r in rs),
+                "size_misreports": sum(r.size_misreports for r in rs),
                 "size_misreport_example": next(
-                    (r["size_misreport_example"] for r in rs if r.get("size_misreport_example")), ""
+                    (r.size_misreport_example for r in rs if r.size_misreport_example), ""
                 ),
-                "errors": [e for r in rs for e in r["errors"] + r["verify_errors"]][:5],
+                "errors": [e for r in rs for e in r.errors + r.verify_errors][:5],
             }
         )
     order = {
@@ -106,6 +100,28 @@ def summarize(runs: list[dict[str, Any]], cpus: int = 1) -> list[dict[str, Any]]
         )
     )
     return cells
+
+
+@dataclass
+class Report:
+    """A run and what is derived from it: its cells summarized, and the s3proxy ratios."""
+
+    run: RunResult
+    cells: list[dict[str, Any]]
+    ratios: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, run: RunResult) -> Report:
+        cells = summarize(run.runs, run.meta["machine"]["cpus"] or 1)
+        return cls(run, cells, ratios(cells))
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.run.meta
+
+    def to_json(self) -> dict[str, Any]:
+        """The saved file: the run, then its summaries (read by people, not read back)."""
+        return {**self.run.to_json(), "cells": self.cells, "ratios": self.ratios}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -230,8 +246,9 @@ def md_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def notes(result: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
-    out = list(result["meta"]["notes"])
+def notes(rep: Report) -> list[str]:
+    cells = rep.cells
+    out = list(rep.meta["notes"])
     other = [c["other_cpu_fraction"] for c in cells if c.get("other_cpu_fraction") is not None]
     if other and statistics.median(other) > 0.15:
         out.append(
@@ -266,16 +283,15 @@ def notes(result: dict[str, Any], cells: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def terminal(result: dict[str, Any]) -> str:
-    cells = result["cells"]
-    meta = result["meta"]
+def terminal(rep: Report) -> str:
+    meta = rep.meta
     parts = [
         f"{meta['command']}: {meta['duration_s']:.0f} s, load average {_load(meta)}",
-        text_table(COLUMNS, rows(cells)),
+        text_table(COLUMNS, rows(rep.cells)),
     ]
-    if result["ratios"]:
-        parts.append(text_table(RATIO_COLUMNS, ratio_rows(result["ratios"])))
-    parts.append("\n".join(f"note: {n}" for n in notes(result, cells)))
+    if rep.ratios:
+        parts.append(text_table(RATIO_COLUMNS, ratio_rows(rep.ratios)))
+    parts.append("\n".join(f"note: {n}" for n in notes(rep)))
     return "\n\n".join(parts)
 
 
@@ -293,19 +309,19 @@ def _source(meta: dict[str, Any]) -> str:
     return f", s3proxy at commit {src.get('commit')}{dirty}"
 
 
-def markdown(result: dict[str, Any], png: Path | None) -> str:
-    meta = result["meta"]
+def markdown(rep: Report, png: Path | None) -> str:
+    meta = rep.meta
     parts = [
         f"Produced by `{meta['command']}` on {meta['started']} "
         f"({meta['machine']['cpus']} CPUs, backend {meta['backend']}, "
         f"{meta['duration_s']:.0f} s, load average {_load(meta)}){_source(meta)}.",
-        md_table(COLUMNS, rows(result["cells"])),
+        md_table(COLUMNS, rows(rep.cells)),
     ]
-    if result["ratios"]:
-        parts.append(md_table(RATIO_COLUMNS, ratio_rows(result["ratios"])))
+    if rep.ratios:
+        parts.append(md_table(RATIO_COLUMNS, ratio_rows(rep.ratios)))
     if png is not None:
         parts.append(f"![throughput and peak RSS against concurrency]({png.name})")
-    parts += [f"- {n}" for n in notes(result, result["cells"])]
+    parts += [f"- {n}" for n in notes(rep)]
     return "\n\n".join(parts) + "\n"
 
 
@@ -364,26 +380,25 @@ def plot(cells: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+README = REPO / "bench" / "README.md"
 README_START = "<!-- bench:latest:start -->"
 README_END = "<!-- bench:latest:end -->"
 
 
-def write(result: dict[str, Any], out: Path, readme: Path | None = None) -> dict[str, Path]:
-    """Summarize into ``result`` and write latest.json, latest.png and latest.md to ``out``."""
-    result["cells"] = summarize(result["runs"], result["meta"]["machine"]["cpus"] or 1)
-    result["ratios"] = ratios(result["cells"])
+def write(rep: Report, out: Path, readme: Path | None = None) -> dict[str, Path]:
+    """Write latest.json, latest.png and latest.md to ``out`` (and the README's section)."""
     written = {"json": out / "latest.json"}
     tmp = out / "latest.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.write_text(json.dumps(rep.to_json(), indent=1) + "\n")
     tmp.replace(written["json"])
     png = out / "latest.png"
-    if plot(result["cells"], png):
+    if plot(rep.cells, png):
         written["png"] = png
     else:
-        result["meta"]["notes"].append(
+        rep.meta["notes"].append(
             "plot skipped: matplotlib is not installed (pip install -e '.[bench]')"
         )
-    md = markdown(result, written.get("png"))
+    md = markdown(rep, written.get("png"))
     written["md"] = out / "latest.md"
     written["md"].write_text(md)
     if readme is not None and readme.exists():
@@ -400,21 +415,27 @@ def write(result: dict[str, Any], out: Path, readme: Path | None = None) -> dict
     return written
 
 
-def main() -> None:
-    """``python -m bench.report RESULTS.json [--update-readme]``: render a saved run again."""
-    import argparse
+def publish(run: RunResult, out: Path, update_readme: bool = False) -> Report:
+    """Summarize ``run``, write it to ``out`` (and the README's section), print the tables."""
+    rep = Report.of(run)
+    out.mkdir(parents=True, exist_ok=True)
+    written = write(rep, out, README if update_readme else None)
+    print(terminal(rep))
+    print("\n" + "  ".join(f"{k}: {v}" for k, v in written.items()))
+    return rep
 
-    from bench.harness import REPO
+
+def main() -> None:
+    """``python -m bench.report RESULTS.json [--out DIR] [--update-readme]``: render a saved run
+    again, beside the JSON unless ``--out`` says where."""
+    import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("json", type=Path)
+    p.add_argument("--out", type=Path, help="where to write (default: the JSON's directory)")
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args()
-    result = json.loads(args.json.read_text())
-    readme = REPO / "bench" / "README.md" if args.update_readme else None
-    written = write(result, args.json.parent, readme)
-    print(terminal(result))
-    print("\n" + "  ".join(f"{k}: {v}" for k, v in written.items()))
+    publish(RunResult.load(args.json), args.out or args.json.parent, args.update_readme)
 
 
 if __name__ == "__main__":

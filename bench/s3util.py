@@ -6,6 +6,7 @@ parts in flight as s3proxy, so what differs between them is only how they hold t
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import hashlib
@@ -17,6 +18,18 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 MIN_PART = 5 << 20  # S3: every part but the last is at least 5 MiB
+
+
+def design_flags(description: str | None) -> argparse.ArgumentParser:
+    """The S3 flags every Python design takes (bench.designs.argv passes them)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--endpoint-url", required=True)
+    p.add_argument("--bucket", required=True)
+    p.add_argument("--region", default="us-east-1")
+    p.add_argument("--part-size", type=int, default=8 << 20)
+    p.add_argument("--parts-in-flight", type=int, default=2)
+    p.add_argument("--sign-payload", action="store_true", help="sha256-sign each part")
+    return p
 
 
 def config(pool: int = 64, sign_payload: bool = False) -> AioConfig:
@@ -129,15 +142,15 @@ async def multipart_upload(
 
 
 async def rechunk(
-    chunks: AsyncIterator[bytes] | Iterable[bytes], part_size: int
+    chunks: AsyncIterator[bytes] | Iterable[bytes | memoryview], part_size: int
 ) -> AsyncIterator[bytes]:
     """Group a stream of chunks into parts of ``part_size`` bytes (the last may be short)."""
     buf = bytearray()
 
-    async def source() -> AsyncIterator[bytes]:
+    async def source() -> AsyncIterator[bytes | memoryview]:
         if isinstance(chunks, AsyncIterator):
-            async for c in chunks:
-                yield c
+            async for a in chunks:
+                yield a
         else:
             for c in chunks:
                 yield c

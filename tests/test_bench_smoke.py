@@ -19,11 +19,23 @@ REPO = Path(__file__).resolve().parent.parent
 DESIGNS = {"s3proxy", "direct", "naive-tempfile", "naive-memory"}
 
 
+def _tracked_changes() -> str:
+    """``git status`` of the tracked files a run could write: the results and the README."""
+    where = ["bench/results", "bench/README.md"]
+    return subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--", *where],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_bench_smoke(tmp_path: Path) -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
+    before = _tracked_changes()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3PROXY_"))}
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
@@ -49,3 +61,4 @@ def test_bench_smoke(tmp_path: Path) -> None:
     clients = {c["client"] for c in cells if c["design"] == "s3proxy"}
     assert clients == {"curl", "aiohttp"}
     assert (tmp_path / "latest.md").exists()
+    assert _tracked_changes() == before, "the run changed files git tracks"

@@ -25,15 +25,9 @@ Receive = Callable[
 
 
 def parse_args(description: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=description)
+    p = s3util.design_flags(description)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--endpoint-url", required=True)
-    p.add_argument("--bucket", required=True)
-    p.add_argument("--region", default="us-east-1")
-    p.add_argument("--part-size", type=int, default=8 << 20)
-    p.add_argument("--parts-in-flight", type=int, default=2)
-    p.add_argument("--sign-payload", action="store_true", help="sha256-sign each part")
     return p.parse_args()
 
 

@@ -50,14 +50,7 @@ async def _warm_up(s3: Any, bucket: str) -> None:
 
 
 async def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--endpoint-url", required=True)
-    p.add_argument("--bucket", required=True)
-    p.add_argument("--region", default="us-east-1")
-    p.add_argument("--part-size", type=int, default=8 << 20)
-    p.add_argument("--parts-in-flight", type=int, default=2)
-    p.add_argument("--sign-payload", action="store_true", help="sha256-sign each part")
-    args = p.parse_args()
+    args = s3util.design_flags(__doc__).parse_args()
     loop = asyncio.get_running_loop()
     async with s3util.client(
         args.endpoint_url,

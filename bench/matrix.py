@@ -1,0 +1,125 @@
+"""Running the whole matrix: set up once (bodies, the store, the designs), every cell, tear down.
+
+Within each (size, concurrency) the designs run back to back in an order rotated from cell
+to cell, so that machine noise (page cache, the store compacting, another process waking up)
+falls on all of them alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench import body, designs
+from bench.backends import Backend, start_backend, warm_backend
+from bench.cells import Setup, run_cell, verify_and_clean
+from bench.options import REPO, Options
+from bench.progress import Bar, log
+from bench.result import CellResult, RunResult
+from bench.snapshot import snapshot_s3proxy
+
+
+async def run(opts: Options) -> RunResult:
+    """Run the whole matrix and return the raw results (report.py summarizes them)."""
+    started = time.time()
+    load0 = os.getloadavg()
+    opts.out.mkdir(parents=True, exist_ok=True)
+    log_dir = opts.out / "logs"
+    shutil.rmtree(log_dir, ignore_errors=True)  # logs of this run only
+    notes: list[str] = []
+    names = list(opts.designs)
+    if "s3proxy" in names and not (REPO / "s3proxy" / "cli.py").exists():
+        names.remove("s3proxy")
+        notes.append("s3proxy skipped: s3proxy/cli.py does not exist yet")
+    multer_dir = None
+    if "multer-s3" in names:
+        multer_dir, note = await asyncio.to_thread(designs.prepare_multer, opts.cache_dir)
+        if multer_dir is None:
+            names.remove("multer-s3")
+            notes.append(note)
+    for n in notes:
+        log(n)
+    workdir = Path(tempfile.mkdtemp(prefix="s3proxy-bench-"))
+    s3proxy_src = workdir / "s3proxy-src"
+    source: dict[str, Any] = {}
+    if "s3proxy" in names:
+        source = await asyncio.to_thread(snapshot_s3proxy, opts.s3proxy_rev, s3proxy_src)
+        log(
+            f"s3proxy from {source['rev']} ({source['commit']}"
+            + (", with uncommitted changes)" if source["uncommitted_changes"] else ")")
+        )
+    # curl's body files live in RAM when they can, so the client side writes no disk.
+    shm = "/dev/shm"
+    body_dir = Path(
+        tempfile.mkdtemp(
+            prefix="s3proxy-bench-bodies-", dir=shm if os.access(shm, os.W_OK) else None
+        )
+    )
+    body_files: dict[int, Path] = {}
+    runs: list[CellResult] = []
+    pairs = [(d, c) for d in names for c in (["builtin"] if d == "direct" else opts.clients)]
+    cells = opts.cells or [(s, c) for s in opts.sizes for c in opts.concurrency]
+    total = sum(s * c for s, c in cells) * len(pairs) * opts.reps
+    bar = Bar(total)
+    b: Backend | None = None
+    try:
+        for size in sorted({s for s, _ in cells}):
+            await asyncio.to_thread(body.sha256, opts.seed, size)
+            if "curl" in opts.clients:
+                body_files[size] = await asyncio.to_thread(
+                    body.write_file, opts.seed, size, body_dir / f"body-{size}.bin"
+                )
+        log(f"starting the {opts.backend} backend ...")
+        b = await start_backend(opts, workdir, log_dir)
+        log(
+            f"backend {b.kind} at {b.endpoint_url} bucket {b.bucket}; "
+            f"{len(cells) * len(pairs) * opts.reps} cells, {total / 2**30:.2f} GiB to upload"
+        )
+        await warm_backend(b, opts)
+        setup = Setup(b, opts, bar, log_dir, body_files, multer_dir, s3proxy_src)
+        bar.start()
+        for rep in range(opts.reps):
+            for i, (size, conc) in enumerate(cells):
+                k = (i + rep) % len(pairs)
+                for design, client in pairs[k:] + pairs[:k]:
+                    try:
+                        cell = await run_cell(setup, design, client, size, conc, rep)
+                    except Exception as e:  # one broken cell must not lose the whole run
+                        cell = CellResult.failed(design, client, size, conc, rep, e)
+                        bar.finish_cell(conc * size, f"{design}-{client}: FAILED {e}")
+                        with contextlib.suppress(Exception):
+                            await verify_and_clean(b, opts.region, [], opts.seed, size)
+                    runs.append(cell)
+    finally:
+        await bar.stop()
+        if b is not None:
+            await b.stop()
+        shutil.rmtree(body_dir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+    meta = {
+        "command": opts.command,
+        "preset": opts.preset,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "duration_s": time.time() - started,
+        "loadavg_start": load0,
+        "loadavg_end": os.getloadavg(),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "backend": opts.backend if b is None else b.kind,
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        "designs": names,
+        "s3proxy_source": source,
+        "notes": notes,
+    }
+    return RunResult(meta, runs)
