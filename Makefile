@@ -24,6 +24,7 @@ $(VENV)/.test: setup.cfg pyproject.toml | $(BIN)/python
 	@touch $@
 
 serve: $(VENV)/.serve
+	@echo "the command is $(BIN)/s3proxy (. $(BIN)/activate puts it on PATH); Ctrl-C stops it"
 	$(BIN)/s3proxy serve
 
 test: $(VENV)/.test browser

@@ -108,7 +108,6 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
     try:
         async with open_client(opts) as client:
             state.sink = S3Sink(client, settings.bucket_name, state.metrics)
-            _log_start(settings, opts.endpoint_url, store)
             sweeper = None
             if settings.cleanup_interval > 0:
                 sweeper = asyncio.create_task(_sweep_forever(client, settings), name="cleanup")
@@ -164,8 +163,12 @@ async def _webhook(app: web.Application) -> AsyncIterator[None]:
         state.webhook = None
 
 
-def _log_start(settings: Settings, endpoint: str | None, store: object | None) -> None:
-    where = f" data_dir={settings.data_dir.resolve()}" if store is not None else ""
+def log_ready(app: web.Application) -> None:
+    """Say the proxy serves, where, and how to try it; call once it is listening."""
+    state = app[STATE]
+    settings = state.settings
+    endpoint = state.sink.client.meta.endpoint_url if state.sink is not None else None
+    where = f" data_dir={settings.data_dir.resolve()}" if settings.embedded else ""
     log.info(
         "proxy.ready listen=http://%s:%d s3=%s bucket=%s%s",
         settings.host,
@@ -174,7 +177,7 @@ def _log_start(settings: Settings, endpoint: str | None, store: object | None) -
         settings.bucket_name,
         where,
     )
-    if store is not None:
+    if settings.embedded:
         creds = settings.data_dir.resolve() / "credentials.json"
         log.info(
             "embedded store: keys in %s; list with: "
@@ -184,11 +187,18 @@ def _log_start(settings: Settings, endpoint: str | None, store: object | None) -
             endpoint,
             settings.bucket_name,
         )
-    log.info(
-        "try: curl -F file=@report.pdf http://%s:%d/upload",
-        settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1",
-        settings.port,
-    )
+    host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}/upload"
+    if settings.api_key or settings.api_key_file:
+        log.info('try: curl -H "Authorization: Bearer $KEY" -F file=@report.pdf %s', url)
+    elif settings.auth_configured:  # tokens only
+        log.info(
+            'try: curl -H "Authorization: Bearer $(s3proxy token --prefix try/)" '
+            "-F file=@report.pdf %s",
+            url,
+        )
+    else:
+        log.info("try: curl -F file=@report.pdf %s", url)
 
 
 async def drain(state: AppState) -> None:

@@ -1,9 +1,23 @@
-"""The ``s3proxy`` command: ``serve`` (flags with S3PROXY_* defaults), logging, run the app."""
+"""The ``s3proxy`` command: ``serve``, ``token`` and ``cleanup``.
+
+Every command reports an operator's mistake or an outside failure as one line on
+stderr (``s3proxy: error: ...``), never a traceback, and exits with:
+
+* 0: done;
+* 1: a runtime failure: cannot listen, the embedded store would not start, S3
+  unreachable or refusing, some aborts of a cleanup failed;
+* 2: a usage or settings error: a bad flag or value, a missing or short secret,
+  no S3 credentials;
+* 130: interrupted (Ctrl-C) before the command finished.
+
+A bug still shows its traceback: only the failures listed here are caught.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -13,9 +27,42 @@ from pathlib import Path
 from s3proxy import __version__
 from s3proxy import log as logsetup
 from s3proxy.settings import Settings, SettingsError
-from s3proxy.sink import client_options
 
 log = logging.getLogger("s3proxy.cli")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+#: The settings ``cleanup`` uses; it neither shows nor reads (from S3PROXY_*) the rest.
+CLEANUP_SETTINGS = (
+    "endpoint_url",
+    "region",
+    "bucket",
+    "key_template",
+    "s3_connect_timeout",
+    "s3_read_timeout",
+    "s3_max_attempts",
+    "data_dir",
+    "embedded_s3_port",
+    "log_level",
+    "log_format",
+)
+
+#: What to add to an EmbeddedStoreError about a setting: the serve flag that sets it.
+_EMBEDDED_HINTS = {
+    "s3_port": " with --embedded-s3-port (0 picks a free one)",
+    "data_dir": " (see --data-dir)",
+}
+
+
+class CommandError(Exception):
+    """A one-line failure of a command, with the exit status it warrants."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="s3proxy",
         description="Stream multipart/form-data uploads into S3, "
         "with bounded memory and no temp files.",
+        epilog="Exit status: 0 done, 1 runtime failure, 2 usage or settings error.",
     )
     parser.add_argument("--version", action="version", version=f"s3proxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,111 +89,198 @@ def build_parser() -> argparse.ArgumentParser:
         "(or --token-secret-file). A browser sends it as Authorization: Bearer, "
         "X-Upload-Token or ?token=.",
     )
-    token.add_argument("--prefix", required=True, help="key prefix the uploads go under (ends /)")
-    token.add_argument("--ttl", default="15m", help="how long the token is valid [default 15m]")
-    token.add_argument("--max-size", help="most bytes of file data per request (e.g. 100MiB)")
-    token.add_argument("--type", action="append", default=[], help="allowed type (repeatable)")
-    token.add_argument("--max-files", type=int, help="most files per request")
-    token.add_argument("--subject", help="who the token is for (appears in logs)")
-    token.add_argument("--token-secret-file", help="file of secrets; the first signs")
+    token.add_argument(
+        "--prefix", required=True, metavar="PREFIX", help="key prefix the uploads go under (ends /)"
+    )
+    token.add_argument(
+        "--ttl", default="15m", metavar="DURATION", help="how long the token is valid [default 15m]"
+    )
+    token.add_argument(
+        "--max-size", metavar="SIZE", help="most bytes of file data per request (e.g. 100MiB)"
+    )
+    token.add_argument(
+        "--type", action="append", default=[], metavar="TYPE", help="allowed type (repeatable)"
+    )
+    token.add_argument("--max-files", type=int, metavar="N", help="most files per request")
+    token.add_argument("--subject", metavar="NAME", help="who the token is for (appears in logs)")
+    token.add_argument(
+        "--token-secret-file", metavar="PATH", help="file of secrets; the first signs"
+    )
 
     cleanup = sub.add_parser(
         "cleanup",
         help="abort multipart uploads a crash left behind",
         description="List multipart uploads under the key template's prefix older than "
-        "--older-than, and abort them with --execute (default: dry run). Takes the same "
-        "S3 settings as serve.",
+        "--older-than, and abort them with --execute (default: dry run). Takes serve's "
+        "S3 settings (flags or S3PROXY_* variables); with no --endpoint-url it talks to "
+        "the embedded store that `s3proxy serve` runs with the same --data-dir.",
+        epilog="Exit status: 0 done, 1 S3 unreachable or some aborts failed, "
+        "2 usage or settings error.",
     )
-    cleanup.add_argument("--older-than", default="24h", help="age threshold [default 24h]")
-    cleanup.add_argument("--prefix", help="key prefix to sweep [default: the template's]")
+    cleanup.add_argument(
+        "--older-than", default="24h", metavar="DURATION", help="age threshold [default 24h]"
+    )
+    cleanup.add_argument(
+        "--prefix", metavar="PREFIX", help="key prefix to sweep [default: the template's]"
+    )
     cleanup.add_argument("--execute", action="store_true", help="abort (default: dry run)")
-    Settings.add_arguments(cleanup)
+    Settings.add_arguments(cleanup, only=CLEANUP_SETTINGS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # usage errors: argparse exits 2
     try:
         if args.command == "token":
             return issue_token(args)
-        settings = Settings.load(vars(args), os.environ)
         if args.command == "cleanup":
+            settings = Settings.load(vars(args), os.environ, only=CLEANUP_SETTINGS)
             logsetup.setup(settings.log_level, settings.log_format)
+            if settings.log_level != "debug":
+                # "Found credentials in environment variables." on every run is noise
+                # in a command's output (serve logs it once, at start, where it helps).
+                logging.getLogger("aiobotocore.credentials").setLevel(logging.WARNING)
             return asyncio.run(run_cleanup(settings, args))
-    except (SettingsError, ValueError, OSError) as exc:
-        print(f"s3proxy: error: {exc}", file=sys.stderr)
-        return 2
-    logsetup.setup(settings.log_level, settings.log_format)
-    return serve(settings, argv)
+        settings = Settings.load(vars(args), os.environ)
+        logsetup.setup(settings.log_level, settings.log_format)
+        return serve(settings, argv)
+    except SettingsError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except CommandError as exc:
+        return _fail(str(exc), exc.status)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"s3proxy: error: {message}", file=sys.stderr)
+    return status
 
 
 def issue_token(args: argparse.Namespace) -> int:
-    from s3proxy.settings import parse_duration, parse_size, read_secrets
+    from s3proxy.settings import check_token_secrets, parse_duration, parse_size, read_secrets
     from s3proxy.tokens import issue
 
     inline = [v for v in os.environ.get("S3PROXY_TOKEN_SECRET", "").split(",") if v.strip()]
     path = args.token_secret_file or os.environ.get("S3PROXY_TOKEN_SECRET_FILE")
-    secrets = read_secrets(inline, Path(path) if path else None)
+    secrets_file = Path(path) if path else None
+    check_token_secrets(inline, secrets_file, inline_name="S3PROXY_TOKEN_SECRET")
+    secrets = read_secrets(inline, secrets_file)
     if not secrets:
         raise SettingsError("set S3PROXY_TOKEN_SECRET or --token-secret-file to sign tokens")
-    token = issue(
-        secrets[0].encode(),
-        prefix=args.prefix,
-        ttl=int(parse_duration(args.ttl)),
-        max_size=parse_size(args.max_size) if args.max_size else None,
-        types=args.type,
-        max_files=args.max_files,
-        subject=args.subject,
-    )
+    try:
+        ttl = int(parse_duration(args.ttl))
+        max_size = parse_size(args.max_size) if args.max_size else None
+        token = issue(
+            secrets[0].encode(),
+            prefix=args.prefix,
+            ttl=ttl,
+            max_size=max_size,
+            types=args.type,
+            max_files=args.max_files,
+            subject=args.subject,
+        )
+    except ValueError as exc:  # a bad --ttl, --max-size or grant (tokens.issue checks it)
+        raise SettingsError(str(exc)) from None
     print(token)
-    return 0
+    return EXIT_OK
 
 
 async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
-    """One sweep with the serve settings' S3 client (the embedded store must be running)."""
+    """One sweep with serve's S3 settings; with no endpoint, the running embedded store's."""
     from datetime import timedelta
 
     from s3proxy.cleanup import sweep
+    from s3proxy.errors import ProxyError
     from s3proxy.keys import template_prefix
     from s3proxy.settings import parse_duration
-    from s3proxy.sink import open_client
+    from s3proxy.sink import client_options, open_client
 
-    opts = client_options(settings)
-    async with open_client(opts) as client:
-        result = await sweep(
-            client,
-            settings.bucket_name,
-            template_prefix(settings.key_template) if args.prefix is None else args.prefix,
-            timedelta(seconds=parse_duration(args.older_than)),
-            dry_run=not args.execute,
+    try:
+        older_than = timedelta(seconds=parse_duration(args.older_than))
+    except ValueError as exc:
+        raise SettingsError(f"--older-than: {exc}") from None
+    prefix = template_prefix(settings.key_template) if args.prefix is None else args.prefix
+    if settings.embedded:
+        # Checked before client_options reads them too; and never the AWS chain's
+        # default endpoint: the store serve runs, or an error.
+        access_key, secret_key = _embedded_keys(settings.data_dir)
+        opts = dataclasses.replace(
+            client_options(settings),
+            endpoint_url=f"http://127.0.0.1:{settings.embedded_s3_port}",
+            access_key=access_key,
+            secret_key=secret_key,
         )
-    verb = "aborted" if args.execute else "would abort (dry run; --execute to abort)"
-    print(f"{len(result.found)} orphaned uploads found; {verb} {len(result.found)}")
+    else:
+        opts = client_options(settings)
+    try:
+        async with open_client(opts) as client:
+            result = await sweep(
+                client, settings.bucket_name, prefix, older_than, dry_run=not args.execute
+            )
+    except ProxyError as exc:
+        raise _cleanup_error(exc, settings) from None
+
+    found, aborted, failed = len(result.found), len(result.aborted), len(result.errors)
+    if args.execute:
+        print(f"{found} orphaned uploads found; aborted {aborted}, failed {failed}")
+    else:
+        print(f"{found} orphaned uploads found; would abort {found} (dry run; --execute to abort)")
     for orphan in result.found:
         print(f"  {orphan.initiated.isoformat()}  {orphan.key}  {orphan.upload_id}")
     for orphan, error in result.errors:
-        print(f"  failed: {orphan.key}: {error}", file=sys.stderr)
-    return 1 if result.errors else 0
+        print(f"s3proxy: abort failed: {orphan.key} {orphan.upload_id}: {error}", file=sys.stderr)
+    return EXIT_FAILURE if result.errors else EXIT_OK
+
+
+def _embedded_keys(data_dir: Path) -> tuple[str, str]:
+    """The running embedded store's keys, or a one-line error saying where they were sought."""
+    from s3proxy.embedded import CREDENTIALS_NAME, EmbeddedStoreError, read_credentials
+
+    try:
+        return read_credentials(data_dir)
+    except FileNotFoundError:
+        raise SettingsError(
+            f"no embedded store keys at {data_dir.absolute() / CREDENTIALS_NAME}: pass the "
+            "--data-dir that `s3proxy serve` uses (S3PROXY_DATA_DIR; it is relative to the "
+            "directory serve runs in), or --endpoint-url and --bucket for another S3"
+        ) from None
+    except EmbeddedStoreError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _cleanup_error(exc: Exception, settings: Settings) -> CommandError:
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+    from s3proxy.errors import UPSTREAM_UNAVAILABLE, ProxyError
+
+    if isinstance(exc.__cause__, NoCredentialsError | PartialCredentialsError):
+        return CommandError(
+            "no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE, or another source of the standard AWS chain",
+            EXIT_USAGE,
+        )
+    message = exc.message if isinstance(exc, ProxyError) else str(exc)
+    if settings.embedded and isinstance(exc, ProxyError) and exc.kind == UPSTREAM_UNAVAILABLE:
+        message += (
+            f"; is the embedded store running (`s3proxy serve`, S3 on "
+            f"127.0.0.1:{settings.embedded_s3_port})?"
+        )
+    return CommandError(message)
 
 
 def serve(settings: Settings, argv: Sequence[str]) -> int:
+    from s3proxy.embedded import EmbeddedStoreError
+    from s3proxy.server import ListenError, supervise
     from s3proxy.server import serve as run
-    from s3proxy.server import supervise
 
     try:
         if settings.workers > 1:
             return asyncio.run(supervise(settings, argv))
         asyncio.run(run(settings))
-    except OSError as exc:
-        print(
-            f"s3proxy: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
-            file=sys.stderr,
-        )
-        return 1
-    except Exception as exc:
-        if type(exc).__name__ == "EmbeddedStoreError":
-            print(f"s3proxy: error: {exc}", file=sys.stderr)
-            return 1
-        raise
-    return 0
+    except ListenError as exc:
+        raise CommandError(str(exc)) from None
+    except EmbeddedStoreError as exc:
+        raise CommandError(f"{exc}{_EMBEDDED_HINTS.get(exc.setting or '', '')}") from None
+    return EXIT_OK

@@ -52,7 +52,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-__all__ = ["REGION", "EmbeddedConfig", "EmbeddedStore", "EmbeddedStoreError"]
+__all__ = ["REGION", "EmbeddedConfig", "EmbeddedStore", "EmbeddedStoreError", "read_credentials"]
 
 #: SeaweedFS ignores the region, but SigV4 signs one; clients must all use the same.
 REGION = "us-east-1"
@@ -95,7 +95,15 @@ _SCRUBBED_ENV_PREFIXES = ("AWS_", "S3_")
 
 
 class EmbeddedStoreError(Exception):
-    """One-line, human-readable reason the embedded store could not start."""
+    """One-line, human-readable reason the embedded store could not start.
+
+    ``setting`` names the :class:`EmbeddedConfig` field at fault, if one is (a taken
+    ``s3_port``, an unusable ``data_dir``), so a caller can name its own flag for it.
+    """
+
+    def __init__(self, message: str, *, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 @dataclass(frozen=True)
@@ -225,22 +233,31 @@ class EmbeddedStore:
             self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise EmbeddedStoreError(
-                f"embedded S3 store: cannot create data dir {self._data_dir}: {exc}"
+                f"embedded S3 store: cannot create data dir {self._data_dir}: "
+                f"{exc.strerror or exc}",
+                setting="data_dir",
             ) from exc
-        if self._keys is None:
-            self._keys = _load_or_create_credentials(self._data_dir / CREDENTIALS_NAME)
-        identities = self._data_dir / IDENTITIES_NAME
-        _write_private(identities, _identities_json(*self._keys))
-        with contextlib.suppress(FileNotFoundError):
-            (self._data_dir / _WEED_SAVED_OPTIONS).unlink()
-        self._ports = ports
-        # Reused next time: weed keeps master state per master port (m<port>/) and
-        # names its /tmp sockets by port, so stable ports keep the layout stable.
-        _write_private(ports_file, json.dumps(ports, indent=2))
-        argv = [binary, "-logtostderr", "mini", *self._weed_flags(identities)]
-
-        started = time.monotonic()
-        log_offset = self._spawn_log_header(argv)
+        try:
+            if self._keys is None:
+                self._keys = _load_or_create_credentials(self._data_dir / CREDENTIALS_NAME)
+            identities = self._data_dir / IDENTITIES_NAME
+            _write_private(identities, _identities_json(*self._keys))
+            with contextlib.suppress(FileNotFoundError):
+                (self._data_dir / _WEED_SAVED_OPTIONS).unlink()
+            self._ports = ports
+            # Reused next time: weed keeps master state per master port (m<port>/) and
+            # names its /tmp sockets by port, so stable ports keep the layout stable.
+            _write_private(ports_file, json.dumps(ports, indent=2))
+            argv = [binary, "-logtostderr", "mini", *self._weed_flags(identities)]
+            started = time.monotonic()
+            log_offset = self._spawn_log_header(argv)
+        except OSError as exc:
+            # Not a listen error: a file in the data dir we cannot read or write.
+            where = exc.filename or self._data_dir
+            raise EmbeddedStoreError(
+                f"embedded S3 store: cannot use {where}: {exc.strerror or exc}",
+                setting="data_dir",
+            ) from exc
         with self.log_path.open("ab") as log:
             try:
                 self._proc = await asyncio.create_subprocess_exec(
@@ -483,7 +500,8 @@ def _resolve_ports(config: EmbeddedConfig, previous: Mapping[str, int]) -> dict[
         if not _port_is_free(host, port):
             raise EmbeddedStoreError(
                 f"embedded S3 store: port {port} ({name}) on {host} is already in use; "
-                f"pass another port as {field} (0 picks a free one) or stop what holds it"
+                "stop what holds it or choose another port",
+                setting=field,
             )
         given[flag] = port
     with _PortPicker(host, set(given.values())) as picker:
@@ -586,17 +604,37 @@ def _random_token(length: int, alphabet: str) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(length))
 
 
+def read_credentials(data_dir: Path) -> tuple[str, str]:
+    """The keys a store keeps in ``data_dir`` (for clients of a running store).
+
+    Raises FileNotFoundError if there are none yet (the store never started there),
+    EmbeddedStoreError if the file is there but unusable.
+    """
+    path = data_dir.expanduser().absolute() / CREDENTIALS_NAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise EmbeddedStoreError(
+            f"embedded S3 store: cannot read {path}: {exc.strerror or exc}", setting="data_dir"
+        ) from exc
+    try:
+        data = json.loads(text)
+        return str(data["access_key"]), str(data["secret_key"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EmbeddedStoreError(
+            f"embedded S3 store: {path} is unreadable ({exc!r}); delete it to generate new keys",
+            setting="data_dir",
+        ) from exc
+
+
 def _load_or_create_credentials(path: Path) -> tuple[str, str]:
     """Keys generated on first start and reused after, so clients keep working."""
     try:
-        data = json.loads(path.read_text())
-        return str(data["access_key"]), str(data["secret_key"])
+        return read_credentials(path.parent)
     except FileNotFoundError:
         pass
-    except (ValueError, KeyError, TypeError) as exc:
-        raise EmbeddedStoreError(
-            f"embedded S3 store: {path} is unreadable ({exc}); delete it to generate new keys"
-        ) from exc
     # Shaped like AWS keys (20 upper-case alphanumerics, 40-character secret).
     access_key = "S3PX" + _random_token(16, string.ascii_uppercase + string.digits)
     secret_key = _random_token(40, string.ascii_letters + string.digits)

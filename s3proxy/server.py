@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from s3proxy.app import create_app, drain, embedded_store
+from s3proxy.app import create_app, drain, embedded_store, log_ready
 from s3proxy.settings import Settings
 from s3proxy.state import STATE
 
@@ -48,6 +48,17 @@ def _forget_signals() -> None:
         loop.remove_signal_handler(sig)
 
 
+class ListenError(Exception):
+    """The proxy's own port cannot be listened on (taken, not permitted, no such host)."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        # aiohttp rewraps bind errors with the address in strerror; the errno says it
+        # shorter. getaddrinfo errors (unknown host) have negative codes of their own.
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
+        reason = reason or str(exc)
+        super().__init__(f"cannot listen on {host}:{port}: {reason}")
+
+
 async def serve(settings: Settings) -> None:
     app = create_app(settings)
     runner = web.AppRunner(
@@ -59,7 +70,11 @@ async def serve(settings: Settings) -> None:
         site = web.TCPSite(
             runner, settings.host, settings.port, reuse_port=settings.reuse_port or None
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(settings.host, settings.port, exc) from exc
+        log_ready(app)
         await stop.wait()
         log.info("proxy.stopping signal received")
         await drain(app[STATE])

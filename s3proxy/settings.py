@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,8 +98,16 @@ def _setting(
     choices: Sequence[str] | None = None,
     show: Callable[[Any], str] | None = None,
     secret: bool = False,
+    metavar: str | None = None,
 ) -> Any:
-    meta = {"help": help, "parse": parse, "repeat": repeat, "choices": choices, "show": show}
+    meta = {
+        "help": help,
+        "parse": parse,
+        "repeat": repeat,
+        "choices": choices,
+        "show": show,
+        "metavar": metavar,
+    }
     if repeat:
         return field(default_factory=lambda: tuple(default), metadata=meta, repr=not secret)
     return field(default=default, metadata=meta, repr=not secret)
@@ -113,11 +121,73 @@ def read_secrets(values: Sequence[str], path: Path | None) -> tuple[str, ...]:
     """Secrets given inline plus those in a file (one per line, # comments)."""
     found = [v.strip() for v in values if v.strip()]
     if path is not None:
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                found.append(line)
+        found += [line for _, line in _secret_lines(path)]
     return tuple(found)
+
+
+def _secret_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, secret) for each secret in a file; unreadable is a ValueError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    lines = ((n, line.strip()) for n, line in enumerate(text.splitlines(), 1))
+    return [(n, line) for n, line in lines if line and not line.startswith("#")]
+
+
+#: HMAC-SHA256 keys shorter than the hash output (32 bytes) weaken it, and a short
+#: secret is guessable offline from one token (RFC 2104, section 3).
+MIN_TOKEN_SECRET_BYTES = 32
+
+
+def check_token_secrets(inline: Sequence[str], path: Path | None, *, inline_name: str) -> None:
+    """Raise SettingsError naming the setting if a token secret is short or unreadable.
+
+    ``inline_name`` says where the inline secrets came from (the flag or the variable).
+    The secret itself is never part of the message.
+    """
+    found = [(inline_name, f"secret {i}", v.strip()) for i, v in enumerate(inline, 1)]
+    if path is not None:
+        try:
+            lines = _secret_lines(path)
+        except ValueError as exc:
+            raise SettingsError(f"--token-secret-file: {exc}") from None
+        found += [("--token-secret-file", f"{path} line {n}", v) for n, v in lines]
+    for name, where, value in found:
+        size = len(value.encode())
+        if value and size < MIN_TOKEN_SECRET_BYTES:
+            raise SettingsError(
+                f"{name}: {where} is {size} bytes; token secrets must be at least "
+                f"{MIN_TOKEN_SECRET_BYTES} bytes (make one with: openssl rand -hex 32)"
+            )
+
+
+_METAVARS: dict[Callable[[str], Any], str] = {
+    parse_size: "SIZE",
+    parse_duration: "DURATION",
+    _parse_bool: "BOOL",
+    _opt_path: "PATH",
+    Path: "PATH",
+    float: "SECONDS",  # every float setting is a number of seconds
+}
+
+
+def _metavar(f: dataclasses.Field[Any]) -> str:
+    """What a flag's value is, for --help: SIZE, DURATION, BOOL, URL, PATH, N, ..."""
+    meta = f.metadata
+    if meta["metavar"]:
+        return str(meta["metavar"])
+    if meta["parse"] in _METAVARS:
+        return _METAVARS[meta["parse"]]
+    if f.name.endswith("_port") or f.name == "port":
+        return "PORT"
+    if meta["parse"] is int:
+        return "N"
+    if f.name.endswith("_url"):
+        return "URL"
+    return f.name.rsplit("_", 1)[-1].upper()  # host, region, bucket, origin, secret, ...
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
@@ -224,7 +294,9 @@ class Settings:
     sse: str | None = _setting(
         None, "server-side encryption (AES256 or aws:kms)", _opt_str, choices=("AES256", "aws:kms")
     )
-    sse_kms_key_id: str | None = _setting(None, "KMS key id with --sse aws:kms", _opt_str)
+    sse_kms_key_id: str | None = _setting(
+        None, "KMS key id with --sse aws:kms", _opt_str, metavar="KEY_ID"
+    )
     # S3 client
     s3_connect_timeout: float = _setting(10.0, "seconds to connect to S3", float)
     s3_read_timeout: float = _setting(120.0, "seconds to wait for an S3 response", float)
@@ -407,9 +479,16 @@ class Settings:
             raise SettingsError(
                 "--webhook-attempts must be at least 1 and --webhook-timeout positive"
             )
-        for path in (self.api_key_file, self.token_secret_file):
-            if path is not None and not path.is_file():
-                raise SettingsError(f"cannot read {path}: no such file")
+        if self.api_key_file is not None:
+            try:
+                _secret_lines(self.api_key_file)
+            except ValueError as exc:
+                raise SettingsError(f"--api-key-file: {exc}") from None
+        check_token_secrets(
+            self.token_secret,
+            self.token_secret_file,
+            inline_name="--token-secret (S3PROXY_TOKEN_SECRET)",
+        )
         if (
             self.host not in LOOPBACK_HOSTS
             and not self.auth_configured
@@ -426,9 +505,13 @@ class Settings:
     # --- loading -------------------------------------------------------------
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One flag per field; the default shown is the field's, the env var named."""
+    def add_arguments(
+        cls, parser: argparse.ArgumentParser, only: Collection[str] | None = None
+    ) -> None:
+        """One flag per field (or per field in ``only``); default and env var named."""
         for f in dataclasses.fields(cls):
+            if only is not None and f.name not in only:
+                continue
             meta = f.metadata
             flag = "--" + f.name.replace("_", "-")
             env = ENV_PREFIX + f.name.upper()
@@ -443,17 +526,28 @@ class Settings:
                 kwargs["choices"] = list(meta["choices"])
             if meta["repeat"]:
                 kwargs["action"] = "append"
-            parser.add_argument(flag, metavar=f.name.split("_")[-1].upper(), **kwargs)
+            if not meta["choices"]:  # argparse shows {a,b} for choices itself
+                kwargs["metavar"] = _metavar(f)
+            parser.add_argument(flag, **kwargs)
 
     @classmethod
     def load(
-        cls, args: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+        cls,
+        args: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+        only: Collection[str] | None = None,
     ) -> Settings:
-        """Build settings from parsed flags (raw strings) over environment over defaults."""
+        """Build settings from parsed flags (raw strings) over environment over defaults.
+
+        With ``only``, the other fields keep their defaults whatever the environment
+        says (a command that uses a few settings is not stopped by the others).
+        """
         args = args or {}
         environ = environ or {}
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
+            if only is not None and f.name not in only:
+                continue
             meta = f.metadata
             raw = args.get(f.name)
             source = "--" + f.name.replace("_", "-")

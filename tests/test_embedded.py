@@ -170,11 +170,28 @@ async def test_taken_port_fails_fast(tmp_path: Path) -> None:
         port = holder.getsockname()[1]
         store = EmbeddedStore(EmbeddedConfig(data_dir=data_dir, s3_port=port))
         started = time.monotonic()
-        with pytest.raises(EmbeddedStoreError, match=rf"port {port} \(s3\) on 127.0.0.1"):
+        with pytest.raises(EmbeddedStoreError, match=rf"port {port} \(s3\) on 127.0.0.1") as taken:
             await store.start()
+    assert taken.value.setting == "s3_port"  # the CLI names its own flag for it
     assert time.monotonic() - started < 5
     assert store.pid is None
     assert not data_dir.exists()  # refused before anything was written or spawned
+
+
+@pytest.mark.parametrize("broken", ["directory", "json"])
+async def test_unusable_credentials_file_is_a_store_error(tmp_path: Path, broken: str) -> None:
+    # Not an OSError (which the CLI once reported as "cannot listen on host:port").
+    creds = tmp_path / CREDENTIALS_NAME
+    if broken == "directory":
+        creds.mkdir()
+    else:
+        creds.write_text('{"access_key": ')
+    store = EmbeddedStore(EmbeddedConfig(data_dir=tmp_path, s3_port=0))
+    with pytest.raises(EmbeddedStoreError, match=str(creds)) as failed:
+        await store.start()
+    assert failed.value.setting == "data_dir"
+    assert "\n" not in str(failed.value)
+    assert store.pid is None
 
 
 async def test_weed_exiting_during_start_reports_its_output(tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ from tests import bodies
 from tests.bodies import MiB
 from tests.s3util import MotoServer, ProxyProcess, fake_aws_env, open_uploads
 
+NEW_SECRET, OLD_SECRET = "n" * 32, "o" * 32
+
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -32,7 +34,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def test_token_command_issues_verifiable_tokens() -> None:
-    env = {**fake_aws_env(), "S3PROXY_TOKEN_SECRET": "new-secret,old-secret"}
+    env = {**fake_aws_env(), "S3PROXY_TOKEN_SECRET": f"{NEW_SECRET},{OLD_SECRET}"}
     proc = cli(
         "token",
         "--prefix",
@@ -48,7 +50,7 @@ def test_token_command_issues_verifiable_tokens() -> None:
         env=env,
     )
     assert proc.returncode == 0, proc.stderr
-    grant = verify(proc.stdout.strip(), [b"new-secret"])
+    grant = verify(proc.stdout.strip(), [NEW_SECRET.encode()])
     assert grant.prefix == "users/7/" and grant.max_size == 5 * MiB
     assert grant.types == ("application/pdf",) and grant.subject == "user-7"
     assert 590 <= grant.expires - time.time() <= 600
@@ -58,7 +60,8 @@ def test_token_command_without_secret_is_one_line() -> None:
     proc = cli("token", "--prefix", "p/")
     assert proc.returncode == 2 and "S3PROXY_TOKEN_SECRET" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = cli("token", "--prefix", "../evil/", env={**fake_aws_env(), "S3PROXY_TOKEN_SECRET": "x"})
+    env = {**fake_aws_env(), "S3PROXY_TOKEN_SECRET": NEW_SECRET}
+    proc = cli("token", "--prefix", "../evil/", env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
@@ -93,6 +96,7 @@ def test_cleanup_command_dry_run_then_execute(
     assert len(open_uploads(s3, bucket)) == 3
     proc = cli(*args, "--execute")
     assert proc.returncode == 0, proc.stderr
+    assert "2 orphaned uploads found; aborted 2, failed 0" in proc.stdout
 
 
 async def test_serve_sweeps_periodically(

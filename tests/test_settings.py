@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +88,12 @@ def test_env_list() -> None:
         (["--endpoint-url", "ftp://x", "--bucket", "b"], {}, "http(s) URL"),
         ([], {"S3PROXY_SIGN_PAYLOAD": "maybe"}, "boolean"),
         ([], {"S3PROXY_REQUEST_CHECKSUM": "always"}, "one of"),
+        # HMAC secrets: every one at least 32 bytes, named by setting, never echoed
+        ([], {"S3PROXY_TOKEN_SECRET": "abc"}, "secret 1 is 3 bytes"),
+        ([], {"S3PROXY_TOKEN_SECRET": "s" * 32 + ",abc"}, "S3PROXY_TOKEN_SECRET"),
+        (["--token-secret", "s" * 31], {}, "at least 32 bytes"),
+        (["--token-secret-file", "/nonexistent/secrets"], {}, "--token-secret-file: cannot read"),
+        (["--api-key-file", "/nonexistent/keys"], {}, "--api-key-file: cannot read"),
     ],
 )
 def test_invalid_settings(argv: list[str], env: dict[str, str], message: str) -> None:
@@ -94,6 +101,28 @@ def test_invalid_settings(argv: list[str], env: dict[str, str], message: str) ->
         load(argv, env)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+    assert "abc" not in str(err.value)
+
+
+def test_token_secret_file_lines_are_checked(tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.write_text("# new first\n" + "n" * 32 + "\n\n" + "o" * 32 + "\n")
+    s = load(["--token-secret-file", str(secrets)])
+    assert s.token_secrets() == ("n" * 32, "o" * 32)
+    secrets.write_text("n" * 32 + "\nold\n")
+    with pytest.raises(SettingsError, match=rf"--token-secret-file: {secrets} line 2 is 3 bytes"):
+        load(["--token-secret-file", str(secrets)])
+    secrets.write_bytes(b"\xff" * 40)
+    with pytest.raises(SettingsError, match="not UTF-8"):
+        load(["--token-secret-file", str(secrets)])
+
+
+def test_load_only_some_settings_ignores_the_rest_of_the_environment() -> None:
+    env = {"S3PROXY_HOST": "0.0.0.0", "S3PROXY_TOKEN_SECRET": "short", "S3PROXY_BUCKET": "b"}
+    with pytest.raises(SettingsError):
+        Settings.load({}, env)
+    s = Settings.load({}, env, only=("bucket",))
+    assert s.bucket == "b" and s.host == "127.0.0.1" and s.token_secret == ()
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,367 @@
+"""The CLI as an operator meets it: one-line errors, true exit codes, honest counts, help.
+
+Exit codes (README, "Exit codes"): 0 done; 1 a runtime failure (the store unreachable, a
+port taken, some aborts failed); 2 a usage or settings error (bad flag, missing or short
+secret, no credentials). Every test runs ``python -m s3proxy`` as a separate process and
+checks that stderr is one line with no traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.faults import Fault, FaultyS3
+from tests.s3util import MotoServer, fake_aws_env, free_port, open_uploads
+
+SECRET = "s" * 32
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "s3proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env or fake_aws_env(),
+        cwd=cwd,
+    )
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The error line, after checking it is the only line of stderr and no traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("s3proxy: error: "), proc.stderr
+    return lines[0]
+
+
+def no_credentials_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in fake_aws_env().items() if not k.startswith("AWS_")}
+    env.update(
+        HOME=str(home),
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_EC2_METADATA_DISABLED="true",  # no 169.254.169.254 probe
+    )
+    return env
+
+
+# --- cleanup -----------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    return free_port()  # bound and closed again: nothing listens there
+
+
+def test_cleanup_unreachable_store_is_one_line_exit_1() -> None:
+    proc = cli(
+        "cleanup",
+        "--endpoint-url",
+        f"http://127.0.0.1:{closed_port()}",
+        "--bucket",
+        "b",
+        "--s3-max-attempts",
+        "1",
+    )
+    line = one_line_error(proc)
+    assert proc.returncode == 1
+    assert "cannot reach S3" in line
+    assert proc.stdout == ""
+
+
+def test_cleanup_without_credentials_is_one_line_exit_2(tmp_path: Path) -> None:
+    proc = cli(
+        "cleanup",
+        "--endpoint-url",
+        f"http://127.0.0.1:{closed_port()}",
+        "--bucket",
+        "b",
+        "--s3-max-attempts",
+        "1",
+        env=no_credentials_env(tmp_path),
+    )
+    line = one_line_error(proc)
+    assert proc.returncode == 2
+    assert "credentials" in line and "AWS_ACCESS_KEY_ID" in line
+
+
+def test_cleanup_embedded_without_its_keys_names_the_data_dir(tmp_path: Path) -> None:
+    # No --endpoint-url: the embedded store's keys are read from the data dir, which is
+    # relative to where serve ran. From elsewhere this must say so, not ask AWS.
+    proc = cli("cleanup", env=no_credentials_env(tmp_path), cwd=tmp_path)
+    line = one_line_error(proc)
+    assert proc.returncode == 2
+    assert str(tmp_path / "s3proxy-data" / "credentials.json") in line
+    assert "--data-dir" in line
+
+
+def test_cleanup_embedded_store_not_running_is_exit_1(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "credentials.json").write_text('{"access_key": "a", "secret_key": "b"}')
+    port = closed_port()
+    proc = cli(
+        "cleanup",
+        "--data-dir",
+        str(data),
+        "--embedded-s3-port",
+        str(port),
+        "--s3-max-attempts",
+        "1",
+        env=no_credentials_env(tmp_path),
+    )
+    line = one_line_error(proc)
+    assert proc.returncode == 1
+    assert f"127.0.0.1:{port}" in line and "running" in line
+
+
+@pytest.fixture
+def three_orphans(s3: Any, bucket: str) -> Iterator[None]:
+    for key in ("uploads/a/1.bin", "uploads/b/2.bin", "uploads/c/3.bin"):
+        s3.create_multipart_upload(Bucket=bucket, Key=key)
+    yield
+    for up in open_uploads(s3, bucket):
+        s3.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+
+
+async def test_cleanup_counts_only_the_aborts_that_succeeded(
+    moto: MotoServer, bucket: str, three_orphans: None, s3: Any
+) -> None:
+    # The second abort is refused (403 AccessDenied, not retried): 3 found, 2 aborted,
+    # 1 failed, exit 1.
+    def rule(op: str, n: int) -> Fault | None:
+        if op == "AbortMultipartUpload" and n == 2:
+            return Fault(status=403, code="AccessDenied")
+        return None
+
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "s3proxy",
+            "cleanup",
+            "--endpoint-url",
+            faulty.endpoint_url,
+            "--bucket",
+            bucket,
+            "--older-than",
+            "1h",
+            "--execute",
+            "--log-level",
+            "error",
+            env=fake_aws_env(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out_b, err_b = await asyncio.wait_for(proc.communicate(), 60)
+    out, err = out_b.decode(), err_b.decode()
+    assert proc.returncode == 1, err
+    assert "3 orphaned uploads found; aborted 2, failed 1" in out, out
+    assert "Traceback" not in err
+    failed = [line for line in err.splitlines() if "failed" in line]
+    assert len(failed) == 1 and "AccessDenied" in failed[0], err
+    assert len(open_uploads(s3, bucket)) == 1
+
+
+def test_cleanup_help_lists_only_the_flags_it_uses() -> None:
+    out = cli("cleanup", "--help").stdout
+    for flag in (
+        "--older-than",
+        "--prefix",
+        "--execute",
+        "--endpoint-url",
+        "--region",
+        "--bucket",
+        "--key-template",
+        "--data-dir",
+        "--embedded-s3-port",
+        "--s3-max-attempts",
+        "--log-level",
+        "--log-format",
+    ):
+        assert flag in out, flag
+    for flag in ("--part-size", "--memory-budget", "--webhook-url", "--api-key", "--workers"):
+        assert flag not in out, flag
+
+
+def test_cleanup_ignores_serve_only_environment(moto: MotoServer, bucket: str) -> None:
+    # A serve-only setting in the environment (here one serve would refuse) is not
+    # cleanup's business.
+    env = {**fake_aws_env(), "S3PROXY_HOST": "0.0.0.0", "S3PROXY_TOKEN_SECRET": "short"}
+    proc = cli("cleanup", "--endpoint-url", moto.endpoint_url, "--bucket", bucket, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "0 orphaned uploads found" in proc.stdout
+
+
+# --- help --------------------------------------------------------------------------
+
+
+def test_help_metavars_say_what_a_value_is() -> None:
+    out = " ".join(cli("serve", "--help").stdout.split())
+    for expected in (
+        "--insecure-no-auth BOOL",
+        "--cleanup-older-than DURATION",
+        "--page BOOL",
+        "--max-file-size SIZE",
+        "--client-timeout SECONDS",
+        "--endpoint-url URL",
+        "--webhook-url URL",
+        "--data-dir PATH",
+        "--token-secret-file PATH",
+        "--port PORT",
+        "--max-files N",
+    ):
+        assert expected in out, expected
+    for wrong in (" AUTH", " THAN", " PAGE ", " TIMEOUT", " FILE "):
+        assert wrong not in out, wrong
+
+
+# --- token and secrets ---------------------------------------------------------------
+
+
+def test_token_with_a_short_secret_is_refused() -> None:
+    proc = cli("token", "--prefix", "p/", env={**fake_aws_env(), "S3PROXY_TOKEN_SECRET": "abc"})
+    line = one_line_error(proc)
+    assert proc.returncode == 2
+    assert "S3PROXY_TOKEN_SECRET" in line and "32 bytes" in line
+    assert "abc" not in line  # never echo a secret
+
+
+def test_serve_with_a_short_secret_is_refused(tmp_path: Path) -> None:
+    env = {**fake_aws_env(), "S3PROXY_TOKEN_SECRET": f"{SECRET},abc"}
+    proc = cli("serve", "--endpoint-url", "http://127.0.0.1:9", "--bucket", "b", env=env)
+    line = one_line_error(proc)
+    assert proc.returncode == 2
+    assert "S3PROXY_TOKEN_SECRET" in line and "32 bytes" in line
+
+    secrets = tmp_path / "secrets"
+    secrets.write_text(f"# rotation\n{SECRET}\nshort\n")
+    proc = cli(
+        "serve",
+        "--endpoint-url",
+        "http://127.0.0.1:9",
+        "--bucket",
+        "b",
+        "--token-secret-file",
+        str(secrets),
+    )
+    line = one_line_error(proc)
+    assert proc.returncode == 2
+    assert "--token-secret-file" in line and f"{secrets} line 3" in line
+
+
+def test_token_secret_file_missing_or_unreadable_is_one_line(tmp_path: Path) -> None:
+    proc = cli("token", "--prefix", "p/", "--token-secret-file", str(tmp_path / "nope"))
+    line = one_line_error(proc)
+    assert proc.returncode == 2 and "--token-secret-file" in line and "nope" in line
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe" * 20)
+    proc = cli("token", "--prefix", "p/", "--token-secret-file", str(binary))
+    line = one_line_error(proc)
+    assert proc.returncode == 2 and "--token-secret-file" in line
+
+
+def test_serve_with_an_unreadable_key_file_is_a_settings_error(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_bytes(b"\xff\xfe\n")
+    proc = cli(
+        "serve",
+        "--endpoint-url",
+        "http://127.0.0.1:9",
+        "--bucket",
+        "b",
+        "--api-key-file",
+        str(keys),
+    )
+    line = one_line_error(proc)
+    assert proc.returncode == 2
+    assert "--api-key-file" in line and "cannot listen" not in line
+
+
+# --- serve startup -------------------------------------------------------------------
+
+
+def test_port_taken_is_one_line_and_never_ready() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = cli(
+            "serve", "--port", str(port), "--endpoint-url", "http://127.0.0.1:9", "--bucket", "b"
+        )
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("s3proxy: error")]
+    assert errors == [f"s3proxy: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    assert "Traceback" not in proc.stderr
+    assert "proxy.ready" not in proc.stderr and "try: curl" not in proc.stderr
+
+
+def test_embedded_port_taken_names_the_flag(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = cli(
+            "serve",
+            "--port",
+            str(free_port()),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--embedded-s3-port",
+            str(port),
+        )
+    line = one_line_error(proc)
+    assert proc.returncode == 1
+    assert f"port {port}" in line and "--embedded-s3-port" in line
+    assert "s3_port" not in line
+
+
+def test_bad_embedded_credentials_file_is_not_a_listen_error(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "credentials.json").mkdir(parents=True)  # a directory where the keys should be
+    proc = cli(
+        "serve",
+        "--port",
+        str(free_port()),
+        "--data-dir",
+        str(data),
+        "--embedded-s3-port",
+        str(free_port()),
+    )
+    line = one_line_error(proc)
+    assert proc.returncode == 1
+    assert "cannot listen" not in line
+    assert str(data / "credentials.json") in line
+
+
+@pytest.mark.parametrize(
+    ("env", "hint"),
+    [
+        ({}, "try: curl -F file=@"),
+        ({"S3PROXY_API_KEY": "k" * 32}, 'try: curl -H "Authorization: Bearer $KEY" -F file=@'),
+    ],
+)
+def test_ready_hint_matches_auth(tmp_path: Path, env: dict[str, str], hint: str) -> None:
+    from tests.s3util import ProxyProcess
+
+    log = tmp_path / "serve.log"
+    proxy = ProxyProcess.start(
+        ["--endpoint-url", "http://127.0.0.1:9", "--bucket", "b"], {**fake_aws_env(), **env}, log
+    )
+    try:
+        text = log.read_text()
+    finally:
+        assert proxy.stop() == 0
+    assert "proxy.ready" in text and hint in text, text
