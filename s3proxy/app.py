@@ -19,7 +19,7 @@ from aiohttp.typedefs import Middleware
 if TYPE_CHECKING:
     from s3proxy.embedded import EmbeddedStore
 
-from s3proxy import downloads, handlers, page, presign
+from s3proxy import downloads, handlers, page, presign, protocol
 from s3proxy.cleanup import sweep
 from s3proxy.cors import cors_middleware
 from s3proxy.errors import error_middleware
@@ -57,8 +57,10 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         middlewares=middlewares,
         # The socket read buffer is per connection and outside the memory budget.
-        handler_args={"read_bufsize": settings.read_buffer // 2},
+        handler_args={"read_bufsize": settings.read_buffer // 2, **protocol.HANDLER_ARGS},
     )
+    # Malformed HTTP is answered as JSON too, however the server is built.
+    protocol.install(app)
     app[STATE] = state
     app[METRICS] = state.metrics
     budget = state.budget
