@@ -561,3 +561,55 @@ async def test_odd_header_bytes_are_never_a_500(
         assert resp.code == "INVALID_REQUEST"
         assert b"\xff" not in resp.body
     no_errors_logged(caplog)
+
+
+@pytest.mark.parametrize("ranged", [False, True], ids=["200", "206"])
+async def test_streamed_download_carries_request_id_and_cors(
+    proxy_factory: Any, stored: str, data: bytes, ranged: bool
+) -> None:
+    """The headers go out when the handler prepares the stream, before any middleware
+    sees the response: they must be set by then (on_response_prepare), or a browser
+    blocks the cross-origin download and the request id is lost."""
+    page = "http://page.example:8000"
+    proxy = await proxy_factory(cors_origin=(page,))
+    request = (
+        b"GET " + path(KEY).encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Origin: " + page.encode() + b"\r\n" + (b"Range: bytes=10-19\r\n" if ranged else b"")
+    )
+    for extra, rid in ((b"X-Request-ID: dl-42\r\n", "dl-42"), (b"", None)):
+        resp = await exchange(proxy.host, proxy.port, request + extra + b"\r\n")
+        assert resp.status == (206 if ranged else 200), resp.raw[:300]
+        assert resp.body == (data[10:20] if ranged else data)
+        assert resp.headers["Access-Control-Allow-Origin"] == page
+        assert "X-Request-ID" in resp.headers["Access-Control-Expose-Headers"]
+        assert resp.headers["Vary"] == "Origin"
+        assert resp.headers.getall("X-Request-ID") == [rid or resp.headers["X-Request-ID"]]
+        assert len(resp.headers["X-Request-ID"]) >= 5
+    # Another origin gets the bytes (CORS is the browser's check) but no permission.
+    other = await exchange(
+        proxy.host, proxy.port, request.replace(page.encode(), b"http://evil.example") + b"\r\n"
+    )
+    assert other.status in (200, 206) and "Access-Control-Allow-Origin" not in other.headers
+
+
+async def test_cors_preflight_refusal_is_json(proxy_factory: Any) -> None:
+    proxy = await proxy_factory(cors_origin=("http://page.example",))
+    resp = await proxy.options(
+        path(KEY),
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert resp.status == 403
+    assert await error_code(resp) == "ORIGIN_NOT_ALLOWED"
+    assert "Access-Control-Allow-Origin" not in resp.headers
+    ok = await proxy.options(
+        path(KEY),
+        headers={
+            "Origin": "http://page.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, range",
+        },
+    )
+    assert ok.status == 204
+    assert ok.headers["Access-Control-Allow-Origin"] == "http://page.example"
+    assert "Range" in ok.headers["Access-Control-Allow-Headers"]
+    assert ok.headers["X-Request-ID"]
