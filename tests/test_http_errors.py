@@ -41,6 +41,14 @@ MALFORMED = {
         + b"\r\n\r\nab",
         400,
     ),
+    "content-length-overflow": (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nX-Mark: "
+        + MARK
+        + b"\r\nContent-Length: "
+        + b"9" * 40
+        + b"\r\n\r\n",
+        400,
+    ),
     "obs-fold": (b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: b\r\n  " + MARK + b"\r\n\r\n", 400),
     "nul-in-header": (b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: b\x00" + MARK + b"\r\n\r\n", 400),
     "bad-version": (b"GET /" + MARK + b" HTTP/9.9\r\nHost: a\r\n\r\n", 400),
