@@ -19,9 +19,9 @@ from aiohttp.typedefs import Middleware
 if TYPE_CHECKING:
     from s3proxy.embedded import EmbeddedStore
 
-from s3proxy import downloads, handlers, page, presign
+from s3proxy import downloads, handlers, page, presign, protocol
 from s3proxy.cleanup import sweep
-from s3proxy.cors import cors_middleware
+from s3proxy.cors import Cors
 from s3proxy.errors import error_middleware
 from s3proxy.keys import template_prefix
 from s3proxy.log import REQUEST_ID
@@ -34,33 +34,56 @@ from s3proxy.webhook import Webhook, WebhookConfig
 log = logging.getLogger("s3proxy.app")
 
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+RID = web.RequestKey("request_id", str)
+
+
+def request_id(request: web.Request) -> str:
+    """The client's X-Request-ID if it is sane, else a new one; the same all request long."""
+    rid = request.get(RID)
+    if rid is None:
+        given = request.headers.get("X-Request-ID", "")
+        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request[RID] = rid
+    return rid
 
 
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Take the client's X-Request-ID (if sane) or make one; log with it; return it."""
-    given = request.headers.get("X-Request-ID", "")
-    rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-    REQUEST_ID.set(rid)
+    """Log everything the request does with its id (the response gets it in _mark_response)."""
+    REQUEST_ID.set(request_id(request))
     response: web.StreamResponse = await handler(request)
-    response.headers["X-Request-ID"] = rid
     return response
+
+
+async def _mark_response(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response carries its request id.
+
+    Set here, just before the headers go out, not after the handler returns: a
+    streamed download is prepared (its headers sent) inside the handler.
+    """
+    response.headers["X-Request-ID"] = request_id(request)
 
 
 def create_app(settings: Settings) -> web.Application:
     state = AppState.from_settings(settings)
     middlewares: list[Middleware] = [request_id_middleware]
-    if settings.cors_origin:
-        middlewares.append(cors_middleware(settings.cors_origin))
+    cors = Cors(settings.cors_origin) if settings.cors_origin else None
+    if cors is not None:
+        middlewares.append(cors.preflight)
     middlewares += [metrics_middleware(state.metrics), error_middleware]
     app = web.Application(
         middlewares=middlewares,
         # The socket read buffer is per connection and outside the memory budget.
-        handler_args={"read_bufsize": settings.read_buffer // 2},
+        handler_args={"read_bufsize": settings.read_buffer // 2, **protocol.HANDLER_ARGS},
     )
+    # Malformed HTTP is answered as JSON too, however the server is built.
+    protocol.install(app)
     app[STATE] = state
     app[METRICS] = state.metrics
+    app.on_response_prepare.append(_mark_response)
+    if cors is not None:
+        app.on_response_prepare.append(cors.mark)
     budget = state.budget
     state.metrics.bind_budget(lambda: budget.in_use, budget.limit, lambda: budget.wait_seconds)
     app.router.add_post("/upload", handlers.upload, expect_handler=handlers.expect_upload)

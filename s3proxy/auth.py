@@ -2,7 +2,9 @@
 
 Checked from the request's headers and query alone, before any body byte is read
 (also on the ``Expect: 100-continue`` path), so a rejected client never streams a
-byte. Keys are compared in constant time and never logged.
+byte. Keys are compared in constant time and never logged. A credential is
+whatever bytes the client sent: one that is not UTF-8, or not a token's base64url,
+matches nothing and is refused 401 like any other wrong one.
 
 - No keys and no token secrets configured: anyone who can reach the proxy may
   upload, which settings only allow on a loopback address (or with
@@ -74,7 +76,10 @@ class Authenticator:
         raise ProxyError(INVALID_CREDENTIALS, "the API key or token is not valid")
 
     def _is_api_key(self, credential: str) -> bool:
-        given = credential.encode()
+        # The bytes as sent: aiohttp decodes header values as UTF-8 with
+        # surrogateescape, so a non-UTF-8 byte arrives as a lone surrogate, which a
+        # plain .encode() refuses (a 500); escaped back, it simply matches no key.
+        given = credential.encode("utf-8", "surrogateescape")
         # Compare with every key, always: the time taken says nothing about which matched.
         matches = [hmac.compare_digest(given, key) for key in self.api_keys]
         return any(matches)

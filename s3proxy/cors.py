@@ -1,49 +1,60 @@
-"""CORS for browser uploads from other origins (``--cors-origin``).
+"""CORS for browser uploads and downloads from other origins (``--cors-origin``).
 
-Answers preflights itself and marks real responses; no cookies are involved
-(credentials travel as Bearer tokens), so Allow-Credentials is never sent.
+Preflights are answered by a middleware; every other response is marked in the
+app's ``on_response_prepare`` signal, which aiohttp fires just before the headers go
+out, so a streamed download (prepared by its handler, long before a middleware gets
+the response back) carries them too. No cookies are involved (credentials travel as
+Bearer tokens), so Allow-Credentials is never sent.
 """
 
 from __future__ import annotations
 
 from aiohttp import hdrs, web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler
 
-ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID, X-Upload-Token"
-ALLOW_METHODS = "GET, POST, OPTIONS"
+from s3proxy.errors import ORIGIN_NOT_ALLOWED, ProxyError, error_response
+
+ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID, X-Upload-Token, Range"
+ALLOW_METHODS = "GET, HEAD, POST, OPTIONS"
 MAX_AGE = "600"
 # What scripts on the page may read: the request id, and what downloads need.
 EXPOSE_HEADERS = "X-Request-ID, ETag, Content-Range, Content-Disposition, Accept-Ranges"
 
 
-def cors_middleware(origins: tuple[str, ...]) -> Middleware:
-    allow_any = "*" in origins
+class Cors:
+    """The allowed origins, the preflight middleware and the response marker."""
 
-    def allowed(origin: str | None) -> bool:
-        return origin is not None and (allow_any or origin in origins)
+    def __init__(self, origins: tuple[str, ...]) -> None:
+        self.origins = origins
+        self.allow_any = "*" in origins
+
+    def allowed(self, origin: str | None) -> bool:
+        return origin is not None and (self.allow_any or origin in self.origins)
 
     @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        origin = request.headers.get(hdrs.ORIGIN)
-        preflight = (
+    async def preflight(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not (
             request.method == hdrs.METH_OPTIONS
             and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
-        )
-        resp: web.StreamResponse
-        if preflight:
-            if not allowed(origin):
-                return web.Response(status=403, text="origin not allowed")
-            resp = web.Response(status=204)
-            resp.headers[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = ALLOW_METHODS
-            resp.headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = ALLOW_HEADERS
-            resp.headers[hdrs.ACCESS_CONTROL_MAX_AGE] = MAX_AGE
-        else:
-            resp = await handler(request)
-        if allowed(origin):
-            assert origin is not None
-            resp.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = "*" if allow_any else origin
-            resp.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = EXPOSE_HEADERS
-            resp.headers.add(hdrs.VARY, "Origin")
+        ):
+            return await handler(request)
+        if not self.allowed(request.headers.get(hdrs.ORIGIN)):
+            return error_response(
+                ProxyError(ORIGIN_NOT_ALLOWED, "this origin may not call the proxy")
+            )
+        resp = web.Response(status=204)
+        resp.headers[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = ALLOW_METHODS
+        resp.headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = ALLOW_HEADERS
+        resp.headers[hdrs.ACCESS_CONTROL_MAX_AGE] = MAX_AGE
         return resp
 
-    return middleware
+    async def mark(self, request: web.Request, response: web.StreamResponse) -> None:
+        """on_response_prepare: the CORS headers of an allowed origin's response."""
+        if not self.allow_any:
+            # The answer depends on Origin: caches must keep one per origin.
+            response.headers.add(hdrs.VARY, "Origin")
+        origin = request.headers.get(hdrs.ORIGIN)
+        if self.allowed(origin):
+            assert origin is not None
+            response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = "*" if self.allow_any else origin
+            response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = EXPOSE_HEADERS

@@ -64,6 +64,13 @@ _PASSED_ON = (
 _OUTCOMES = frozenset({304, 404, 412, 416})
 # A single byte range (RFC 9110 14.1.2): first-last, first- or -suffix.
 _BYTE_RANGE = re.compile(r"bytes=(?:(\d+)-(\d*)|-(\d+))", re.ASCII)
+# Past any object S3 holds (5 TiB; AWS now documents 48.8 TiB), and still a signed
+# 64-bit integer, which is what S3 implementations parse a Range into.
+MAX_POSITION = 2**63 - 1
+# RFC 9110 8.8.3: entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE, etagc = %x21 / %x23-7E /
+# obs-text. obs-text is left out: S3's ETags are ASCII, and aiohttp hands a non-UTF-8
+# byte on as a lone surrogate that botocore cannot send.
+_ENTITY_TAG = re.compile(r'(?:W/)?"[\x21\x23-\x7e]*"')
 
 
 # --- pure: which keys, which range, which conditions ------------------------
@@ -91,17 +98,37 @@ def single_range(value: str | None) -> str | None:
     """The Range to ask S3 for, or None to send the whole object.
 
     Only one well-formed byte range is passed on: S3 does not do multiple
-    ranges, and some S3-compatible stores fail on malformed ones.
+    ranges, and some S3-compatible stores fail on malformed ones. Positions are
+    rewritten without leading zeros and clamped to ``MAX_POSITION``, which means
+    the same thing for any object S3 can hold.
     """
     if not value:
         return None
     m = _BYTE_RANGE.fullmatch(value.replace(" ", ""))
     if m is None:
         return None
-    first, last, _suffix = m.groups()
-    if first is not None and last and int(last) < int(first):
+    first, last, suffix = m.groups()
+    if suffix is not None:
+        length = _position(suffix)
+        # A suffix longer than any object asks for all of it (RFC 9110 14.1.2).
+        return "bytes=0-" if length == MAX_POSITION else f"bytes=-{length}"
+    start = _position(first)
+    if not last:
+        return f"bytes={start}-"
+    end = _position(last)
+    if end < start:
         return None  # invalid (RFC 9110 14.1.1): ignored, not unsatisfiable
-    return m.group(0)
+    # A last position past the end means "to the end" (RFC 9110 14.1.2).
+    return f"bytes={start}-" if end == MAX_POSITION else f"bytes={start}-{end}"
+
+
+def _position(digits: str) -> int:
+    """A byte position, clamped to MAX_POSITION: never int() on thousands of client digits
+    (past 4300 Python refuses, a 500), and never a number a store cannot parse."""
+    significant = digits.lstrip("0")
+    if len(significant) > len(str(MAX_POSITION)):
+        return MAX_POSITION
+    return min(int(significant or "0"), MAX_POSITION)
 
 
 def http_date(value: str | None) -> dt.datetime | None:
@@ -110,7 +137,8 @@ def http_date(value: str | None) -> dt.datetime | None:
         return None
     try:
         parsed = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, IndexError):
+        # OverflowError: a year or offset of many digits.
         return None
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.UTC)
 
@@ -120,19 +148,35 @@ def conditions(headers: Mapping[str, str]) -> dict[str, Any]:
 
     The date conditions are dropped where RFC 9110 13.2.2 says to ignore them (when
     the matching ETag condition is present), so the outcome does not depend on
-    how a given S3 implementation orders them.
+    how a given S3 implementation orders them. A malformed If-Match or
+    If-None-Match is refused (400): ignoring it would turn a conditional request
+    into an unconditional one.
     """
     params: dict[str, Any] = {}
     if if_match := headers.get(hdrs.IF_MATCH):
-        params["IfMatch"] = if_match
+        params["IfMatch"] = entity_tags(if_match, hdrs.IF_MATCH)
     elif since := http_date(headers.get(hdrs.IF_UNMODIFIED_SINCE)):
         params["IfUnmodifiedSince"] = since
     if if_none_match := headers.get(hdrs.IF_NONE_MATCH):
         # If-None-Match compares weakly; S3 only knows strong tags, so drop the W/.
-        params["IfNoneMatch"] = re.sub(r'W/(?=")', "", if_none_match)
+        tags = entity_tags(if_none_match, hdrs.IF_NONE_MATCH)
+        params["IfNoneMatch"] = re.sub(r'W/(?=")', "", tags)
     elif since := http_date(headers.get(hdrs.IF_MODIFIED_SINCE)):
         params["IfModifiedSince"] = since
     return params
+
+
+def entity_tags(value: str, header: str) -> str:
+    """``*`` or a list of entity tags, re-joined with ", "; ProxyError 400 otherwise.
+
+    Empty list elements are skipped, as RFC 9110 5.6.1.2 asks of recipients.
+    """
+    if value.strip() == "*":
+        return "*"
+    tags = [t for t in (part.strip(" \t") for part in value.split(",")) if t]
+    if not tags or not all(_ENTITY_TAG.fullmatch(t) for t in tags):
+        raise ProxyError(INVALID_REQUEST, f"{header} must be * or a list of entity tags")
+    return ", ".join(tags)
 
 
 def if_range_holds(if_range: str, etag: str | None, last_modified: str | None) -> bool:

@@ -8,7 +8,9 @@ Exception tree::
 
 Handlers raise ``ProxyError(KIND, "message")``; ``error_middleware`` renders it as
 ``{"error": {"code": ..., "message": ...}}``. Anything else that escapes a handler is
-logged with its traceback and rendered as INTERNAL without one.
+logged with its traceback and rendered as INTERNAL without one. What never reaches a
+middleware (a request aiohttp cannot parse, an error in an expect handler) is
+rendered the same way by ``protocol.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 log = logging.getLogger("s3proxy.errors")
 
@@ -36,6 +39,7 @@ class ErrorKind:
 
 # 400
 INVALID_REQUEST = ErrorKind("INVALID_REQUEST", 400)
+BAD_HTTP_REQUEST = ErrorKind("BAD_HTTP_REQUEST", 400)  # not parseable HTTP/1.1 (protocol.py)
 MALFORMED_MULTIPART = ErrorKind("MALFORMED_MULTIPART", 400)
 NO_FILE = ErrorKind("NO_FILE", 400)
 INVALID_FIELD = ErrorKind("INVALID_FIELD", 400)
@@ -46,6 +50,7 @@ INVALID_CREDENTIALS = ErrorKind("INVALID_CREDENTIALS", 401)
 TOKEN_EXPIRED = ErrorKind("TOKEN_EXPIRED", 401)
 TOKEN_SCOPE = ErrorKind("TOKEN_SCOPE", 403)
 KEY_FORBIDDEN = ErrorKind("KEY_FORBIDDEN", 403)
+ORIGIN_NOT_ALLOWED = ErrorKind("ORIGIN_NOT_ALLOWED", 403)  # a CORS preflight from elsewhere
 # 404 / 405 from routing
 NOT_FOUND = ErrorKind("NOT_FOUND", 404)
 METHOD_NOT_ALLOWED = ErrorKind("METHOD_NOT_ALLOWED", 405)
@@ -63,6 +68,9 @@ METADATA_TOO_LARGE = ErrorKind("METADATA_TOO_LARGE", 413)
 # 412 / 416
 PRECONDITION_FAILED = ErrorKind("PRECONDITION_FAILED", 412)
 RANGE_NOT_SATISFIABLE = ErrorKind("RANGE_NOT_SATISFIABLE", 416)
+# 414 / 431: a request line or header section over aiohttp's limits (protocol.py)
+URI_TOO_LONG = ErrorKind("URI_TOO_LONG", 414)
+HEADERS_TOO_LARGE = ErrorKind("HEADERS_TOO_LARGE", 431)
 # 415
 NOT_MULTIPART = ErrorKind("NOT_MULTIPART", 415)
 TYPE_NOT_ALLOWED = ErrorKind("TYPE_NOT_ALLOWED", 415)
@@ -105,10 +113,21 @@ def error_response(err: ProxyError) -> web.Response:
     resp = web.json_response(error_body(err.kind, err.message), status=err.kind.status)
     if err.kind.status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="s3proxy"'
-    if err.kind.status in (400, 401, 403, 408, 413, 415):
+    if err.kind.status in (400, 401, 403, 408, 413, 414, 415, 431):
         # The rest of the body may still be on the wire; do not try to parse it
         # as the next request.
         resp.force_close()
+    return resp
+
+
+def http_exception_response(exc: web.HTTPException) -> web.Response:
+    """aiohttp's HTTPException (a text/plain page) as our JSON, with its reason, never its
+    text (aiohttp puts client input there, e.g. "Unknown Expect: <value>")."""
+    kind = _BY_STATUS.get(exc.status, ErrorKind(exc.reason.upper().replace(" ", "_"), exc.status))
+    resp = web.json_response(error_body(kind, exc.reason), status=exc.status)
+    for name in ("Allow",):
+        if name in exc.headers:
+            resp.headers[name] = exc.headers[name]
     return resp
 
 
@@ -123,14 +142,21 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        kind = _BY_STATUS.get(
-            exc.status, ErrorKind(exc.reason.upper().replace(" ", "_"), exc.status)
+        return http_exception_response(exc)
+    except RequestPayloadError as exc:
+        # The body's framing broke mid-read (a bad chunk size, see protocol.py): the
+        # client's fault, one line, and the message is ours, not the client's bytes.
+        log.info("request.bad_body path=%s error=%s", request.path, exc)
+        return error_response(
+            ProxyError(BAD_HTTP_REQUEST, "the request body is not valid HTTP/1.1 framing")
         )
-        resp = web.json_response(error_body(kind, exc.reason), status=exc.status)
-        for name in ("Allow",):
-            if name in exc.headers:
-                resp.headers[name] = exc.headers[name]
-        return resp
+    except ConnectionResetError:
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            log.exception("request.failed path=%s", request.path)
+            return error_response(ProxyError(INTERNAL, "internal error; see the proxy's log"))
+        log.info("request.client_gone path=%s", request.path)
+        return error_response(ProxyError(CLIENT_DISCONNECTED, "the client closed the connection"))
     except Exception:
         log.exception("request.failed path=%s", request.path)
         return error_response(ProxyError(INTERNAL, "internal error; see the proxy's log"))

@@ -53,6 +53,7 @@ from botocore.exceptions import ClientError
 from s3proxy import keys, parts, sniff
 from s3proxy.auth import Principal
 from s3proxy.errors import (
+    CLIENT_DISCONNECTED,
     FILE_TOO_LARGE,
     INVALID_REQUEST,
     KEY_FORBIDDEN,
@@ -154,9 +155,18 @@ async def _context(request: web.Request, *, new_upload: bool = False) -> Context
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object; anything else is the client's fault, never a 500."""
     try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
+        raw = await request.read()
+    except ConnectionError:
+        raise ProxyError(
+            CLIENT_DISCONNECTED, "the client closed the connection before the body was complete"
+        ) from None
+    try:
+        # ValueError covers bad UTF-8 and numbers past Python's int-string limit;
+        # RecursionError, nesting past the interpreter's limit ("[" * 100_000).
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
         raise ProxyError(INVALID_REQUEST, "the request body must be a JSON object") from None
     if not isinstance(body, dict):
         raise ProxyError(INVALID_REQUEST, "the request body must be a JSON object")
@@ -234,11 +244,12 @@ def _client_key(ctx: Context, body: Mapping[str, Any]) -> str:
     """A key the client sends back: well-formed, and under what it may touch."""
     key = _string(body, "key")
     if (
-        len(key.encode()) > keys.MAX_KEY_BYTES
+        any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in key)
+        # surrogatepass: a lone surrogate (JSON can escape one) must not raise here.
+        or len(key.encode("utf-8", "surrogatepass")) > keys.MAX_KEY_BYTES
         or key.startswith("/")
         or "\\" in key
         or any(seg in ("", ".", "..") for seg in key.split("/"))
-        or any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in key)
     ):
         raise ProxyError(INVALID_REQUEST, "'key' is not a key this proxy makes")
     if not key.startswith(ctx.key_prefix):
@@ -496,7 +507,8 @@ async def complete_multipart(request: web.Request) -> web.Response:
         head = await ctx.sink.client.head_object(Bucket=ctx.bucket, Key=key)
     signed = head.get("Metadata", {}).get(SIZE_META)
     stored = int(head["ContentLength"])
-    if signed is None:
+    if signed is None or not (signed.isascii() and signed.isdigit() and len(signed) <= 20):
+        # The proxy wrote it at create; anything else is not a size to hold the object to.
         log.warning("presign.size_unchecked key=%s reason=metadata_missing", key)
     elif int(signed) != stored:
         async with _s3(ctx, "DeleteObject"):

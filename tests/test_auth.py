@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from s3proxy.settings import Settings, SettingsError
 from s3proxy.tokens import issue
 from tests import bodies
 from tests.bodies import MiB
+from tests.rawhttp import exchange
 from tests.s3util import all_keys, open_uploads
 
 KEY = "k3y-0123456789abcdef"
@@ -182,3 +184,65 @@ async def test_cors_preflight_and_response(proxy_factory: Any) -> None:
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
     )
     assert other.status == 403 and "Access-Control-Allow-Origin" not in other.headers
+
+
+def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    """A client's fault is never logged as an error, nor with a traceback."""
+    bad = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+# Bytes that are not UTF-8: aiohttp hands them on as lone surrogates.
+@pytest.mark.parametrize(
+    "credential",
+    [
+        b"Authorization: Bearer \xff\xfe",
+        b"Authorization: Bearer k3y-\xc3",
+        b"Authorization: Bearer abc\xff.def",
+        b"X-Upload-Token: \xff\xfe.\x80",
+    ],
+    ids=["bearer", "bearer-truncated-utf8", "bearer-token-like", "x-upload-token"],
+)
+@pytest.mark.parametrize("expect", [False, True], ids=["body", "expect-100"])
+async def test_non_utf8_credentials_are_a_json_401(
+    authed: Any, caplog: pytest.LogCaptureFixture, credential: bytes, expect: bool
+) -> None:
+    raw = pdf_body()
+    extra = [credential] + ([b"Expect: 100-continue"] if expect else [])
+    head = bodies.request_head(len(raw), *extra)
+    resp = await exchange(authed.host, authed.port, head + (b"" if expect else raw))
+    assert resp.status == 401, resp.raw[:300]
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert resp.code == "INVALID_CREDENTIALS"
+    assert resp.interim == []  # refused before a 100 Continue
+    no_tracebacks(caplog)
+
+
+async def test_non_utf8_credentials_on_downloads_and_signing(
+    authed: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    for request in (
+        b"GET /files/uploads/a.txt HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\r\n\r\n",
+        b"POST /sign HTTP/1.1\r\nHost: x\r\nX-Upload-Token: a\xff.b\r\nContent-Length: 2\r\n"
+        b"Content-Type: application/json\r\n\r\n{}",
+        b"GET /files/uploads/a.txt?token=%FF%FE.%80 HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        resp = await exchange(authed.host, authed.port, request, quiet=1)
+        assert (resp.status, resp.code) == (401, "INVALID_CREDENTIALS"), resp.raw[:300]
+    no_tracebacks(caplog)
+
+
+async def test_token_with_a_deeply_nested_payload_is_refused(authed: Any) -> None:
+    """A payload JSON parser's recursion limit is a malformed token, not a 500 (the
+    payload is only parsed once the signature holds, so this needs the secret)."""
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    body = b64(b"[" * 2500 + b"]" * 2500)
+    sig = b64(hmac.new(SECRET, body.encode(), hashlib.sha256).digest())
+    status, out, _ = await post(authed, pdf_body(), Authorization=f"Bearer {body}.{sig}")
+    assert (status, out["error"]["code"]) == (401, "INVALID_CREDENTIALS")

@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import email.utils
 import hashlib
+import logging
 import os
 import tracemalloc
 from typing import Any
@@ -23,6 +24,7 @@ from s3proxy.errors import ProxyError
 from s3proxy.keys import content_disposition
 from s3proxy.tokens import UploadGrant, issue
 from tests.faults import FaultyS3
+from tests.rawhttp import exchange
 
 MiB = 1024**2
 KEY = "uploads/2024/05/0123abcd/report.pdf"
@@ -83,6 +85,14 @@ def stored(s3: Any, bucket: str, data: bytes) -> str:
         ("items=0-1", None),
         ("garbage", None),
         ("bytes=-", None),
+        ("bytes=007-010", "bytes=7-10"),
+        # Past Python's int-string limit (4300 digits): still a range, never a 500.
+        ("bytes=1-" + "9" * 5000, "bytes=1-"),  # a last byte past any object: to the end
+        ("bytes=0-" + "0" * 5000 + "5", "bytes=0-5"),
+        ("bytes=-" + "9" * 5000, "bytes=0-"),  # a suffix longer than any object: all of it
+        ("bytes=" + "9" * 5000 + "-", f"bytes={2**63 - 1}-"),  # unsatisfiable
+        ("bytes=" + "9" * 5000 + "-1", None),  # last < first: invalid, ignored
+        ("bytes=5-" + "9" * 30, "bytes=5-"),
     ],
 )
 def test_single_range(value: str | None, sent: str | None) -> None:
@@ -132,6 +142,40 @@ def test_conditions_follow_rfc_precedence() -> None:
         "IfMatch": '"a"'
     }
     assert downloads.conditions({"If-Modified-Since": "not a date"}) == {}
+    # Dates whose fields overflow are invalid dates too: ignored (RFC 9110 13.1.3).
+    for junk in (
+        "Mon, 01 Jan 99999999999999 00:00:00 GMT",
+        "Mon, 01 Jan 2020 00:00:00 +" + "9" * 20,
+    ):
+        assert downloads.conditions({"If-Modified-Since": junk}) == {}
+        assert downloads.conditions({"If-Unmodified-Since": junk}) == {}
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["nope", '"a" junk', ",", '"a\udcff"', "\udcff", 'W/ "a"', '"a"b"', '*, "a"', "a,b"],
+)
+def test_malformed_entity_tags_are_refused(value: str) -> None:
+    for name in ("If-Match", "If-None-Match"):
+        with pytest.raises(ProxyError) as err:
+            downloads.conditions({name: value})
+        assert err.value.kind.code == "INVALID_REQUEST"
+        assert value not in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("value", "sent"),
+    [
+        ('"a"', '"a"'),
+        ('"a", W/"b",\t "c"', '"a", W/"b", "c"'),
+        ('"a",,', '"a"'),  # empty list elements are skipped (RFC 9110 5.6.1.2)
+        (" * ", "*"),
+        ('W/"x"', 'W/"x"'),
+        ('""', '""'),
+    ],
+)
+def test_entity_tag_lists(value: str, sent: str) -> None:
+    assert downloads.conditions({"If-Match": value}) == {"IfMatch": sent}
 
 
 def test_if_range_holds() -> None:
@@ -456,3 +500,116 @@ async def test_redirect_refuses_keys_outside_prefix(proxy_factory: Any) -> None:
     resp = await proxy.get(path("secret/plans.txt"), allow_redirects=False)
     assert resp.status == 403
     assert await error_code(resp) == "KEY_FORBIDDEN"
+
+
+def no_errors_logged(caplog: pytest.LogCaptureFixture) -> None:
+    bad = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+async def test_huge_range_is_never_a_500(
+    proxy: Any, stored: str, data: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    resp = await proxy.get(path(KEY), headers={"Range": "bytes=1-" + "9" * 5000})
+    assert resp.status == 206
+    assert await resp.read() == data[1:]
+    resp = await proxy.get(path(KEY), headers={"Range": "bytes=" + "9" * 5000 + "-"})
+    assert resp.status == 416
+    assert await error_code(resp) == "RANGE_NOT_SATISFIABLE"
+    assert resp.headers["Content-Range"] == f"bytes */{len(data)}"
+    resp = await proxy.get(path(KEY), headers={"Range": "bytes=-" + "9" * 5000})
+    assert resp.status == 206
+    assert await resp.read() == data
+    no_errors_logged(caplog)
+
+
+# Each header the download path reads, with bytes that are not UTF-8 (or not sane).
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [
+        (b"Range: bytes=0-\xff", 200),  # not a byte range: ignored
+        (b'If-Match: "\xff"', 400),
+        (b"If-None-Match: \xff\xfe", 400),
+        (b"If-Modified-Since: Mon, 01 Jan 2020 \xff", 200),
+        (b"If-Modified-Since: Mon, 01 Jan 99999999999999 00:00:00 GMT", 200),
+        (b"If-Unmodified-Since: Mon, 01 Jan 99999999999999 00:00:00 GMT", 200),
+        (b"If-Range: \xff\xfe\r\nRange: bytes=0-9", 200),
+        (b"X-Request-ID: \xff\xfe", 200),
+        (b"Origin: https://\xff.example", 200),
+    ],
+)
+async def test_odd_header_bytes_are_never_a_500(
+    proxy: Any,
+    stored: str,
+    data: bytes,
+    caplog: pytest.LogCaptureFixture,
+    header: bytes,
+    status: int,
+) -> None:
+    request = (
+        b"GET "
+        + path(KEY).encode()
+        + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        + header
+        + b"\r\n\r\n"
+    )
+    resp = await exchange(proxy.host, proxy.port, request)
+    assert resp.status == status, resp.raw[:400]
+    if status == 200:
+        assert resp.body == data
+    else:
+        assert resp.code == "INVALID_REQUEST"
+        assert b"\xff" not in resp.body
+    no_errors_logged(caplog)
+
+
+@pytest.mark.parametrize("ranged", [False, True], ids=["200", "206"])
+async def test_streamed_download_carries_request_id_and_cors(
+    proxy_factory: Any, stored: str, data: bytes, ranged: bool
+) -> None:
+    """The headers go out when the handler prepares the stream, before any middleware
+    sees the response: they must be set by then (on_response_prepare), or a browser
+    blocks the cross-origin download and the request id is lost."""
+    page = "http://page.example:8000"
+    proxy = await proxy_factory(cors_origin=(page,))
+    request = (
+        b"GET " + path(KEY).encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Origin: " + page.encode() + b"\r\n" + (b"Range: bytes=10-19\r\n" if ranged else b"")
+    )
+    for extra, rid in ((b"X-Request-ID: dl-42\r\n", "dl-42"), (b"", None)):
+        resp = await exchange(proxy.host, proxy.port, request + extra + b"\r\n")
+        assert resp.status == (206 if ranged else 200), resp.raw[:300]
+        assert resp.body == (data[10:20] if ranged else data)
+        assert resp.headers["Access-Control-Allow-Origin"] == page
+        assert "X-Request-ID" in resp.headers["Access-Control-Expose-Headers"]
+        assert resp.headers["Vary"] == "Origin"
+        assert resp.headers.getall("X-Request-ID") == [rid or resp.headers["X-Request-ID"]]
+        assert len(resp.headers["X-Request-ID"]) >= 5
+    # Another origin gets the bytes (CORS is the browser's check) but no permission.
+    other = await exchange(
+        proxy.host, proxy.port, request.replace(page.encode(), b"http://evil.example") + b"\r\n"
+    )
+    assert other.status in (200, 206) and "Access-Control-Allow-Origin" not in other.headers
+
+
+async def test_cors_preflight_refusal_is_json(proxy_factory: Any) -> None:
+    proxy = await proxy_factory(cors_origin=("http://page.example",))
+    resp = await proxy.options(
+        path(KEY),
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert resp.status == 403
+    assert await error_code(resp) == "ORIGIN_NOT_ALLOWED"
+    assert "Access-Control-Allow-Origin" not in resp.headers
+    ok = await proxy.options(
+        path(KEY),
+        headers={
+            "Origin": "http://page.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, range",
+        },
+    )
+    assert ok.status == 204
+    assert ok.headers["Access-Control-Allow-Origin"] == "http://page.example"
+    assert "Range" in ok.headers["Access-Control-Allow-Headers"]
+    assert ok.headers["X-Request-ID"]

@@ -11,10 +11,13 @@ screenshot to docs/upload-page.png for the README.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import http.server
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +32,7 @@ from s3proxy.page import content_security_policy, s3_sources
 from tests.bodies import MiB
 from tests.browser import chromium_page, throttle_uploads
 from tests.conftest import ProxyFactory, make_settings
-from tests.s3util import BOTO_CONFIG, ProxyProcess
+from tests.s3util import BOTO_CONFIG, MotoServer, ProxyProcess, fake_aws_env, free_port
 from tests.seaweed_fixture import s3_client_kwargs
 
 API_KEY = "page-test-key-0123456789"
@@ -399,3 +402,76 @@ def test_upload_page_in_a_real_browser(
         assert hashlib.sha256(body).hexdigest() == result["sha256"]
     stored = sw.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=PREFIX).get("Contents", [])
     assert sorted(o["Key"] for o in stored) == sorted(r["key"] for r in results.values())
+
+
+# --- a cross-origin download in a real browser -------------------------------------------
+
+
+@contextlib.contextmanager
+def static_site(root: Path) -> Iterator[str]:
+    """A page served from its own origin (another port), as an application's would be."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+FETCH_JS = """async ([url, key, range]) => {
+    const headers = {Authorization: "Bearer " + key, "X-Request-ID": "browser-dl-1"};
+    if (range) headers.Range = range;
+    const r = await fetch(url, {headers});
+    const bytes = new Uint8Array(await r.arrayBuffer());
+    const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+    return {
+        status: r.status,
+        size: bytes.length,
+        sha256: Array.from(digest, b => b.toString(16).padStart(2, "0")).join(""),
+        requestId: r.headers.get("X-Request-ID"),
+        contentRange: r.headers.get("Content-Range"),
+    };
+}"""
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)  # room for apt-get to install Chromium on a machine without it
+def test_cross_origin_download_in_a_real_browser(
+    moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    """A page on one origin fetches a file through the proxy on another and reads its
+    bytes: the streamed 200/206 must carry the CORS headers, or the browser blocks it."""
+    data = noise(3 * MiB + 5, seed=18)
+    key = "dl/0123abcd/data.bin"
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("<!doctype html><title>app</title><p>app")
+    with static_site(tmp_path / "site") as site:
+        port = free_port()
+        env = {**fake_aws_env(), "S3PROXY_API_KEY": API_KEY}
+        args = ["--endpoint-url", moto.endpoint_url, "--bucket", bucket]
+        args += ["--key-template", "dl/{uuid}/{filename}", "--cors-origin", site]
+        proxy = ProxyProcess.start(args, env, tmp_path / "proxy.log", port=port)
+        try:
+            with show_log_on_failure(proxy.log_path), chromium_page() as (page, console):
+                page.goto(site + "/index.html")
+                url = f"{proxy.url}/files/{key}"
+                whole = page.evaluate(FETCH_JS, [url, API_KEY, None])
+                assert whole == {
+                    "status": 200,
+                    "size": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "requestId": "browser-dl-1",
+                    "contentRange": None,
+                }
+                part = page.evaluate(FETCH_JS, [url, API_KEY, "bytes=100-199"])
+                assert part["status"] == 206 and part["size"] == 100
+                assert part["sha256"] == hashlib.sha256(data[100:200]).hexdigest()
+                assert part["contentRange"] == f"bytes 100-199/{len(data)}"
+                assert console.unexpected() == []
+        finally:
+            assert proxy.stop() == 0

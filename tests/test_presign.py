@@ -169,6 +169,11 @@ async def test_limits(proxy_factory: Any) -> None:
         (json.dumps({"filename": "a"}).encode(), "'size'"),
         (json.dumps({"filename": "a", "size": 1, "method": "get"}).encode(), "'method'"),
         (json.dumps({"filename": "a", "size": 1, "content_type": "pdf"}).encode(), "content"),
+        # Nesting past Python's recursion limit, numbers past its int-string limit.
+        (b"[" * 100_000, "JSON object"),
+        (b'{"a":' * 50_000, "JSON object"),
+        (b'{"filename": "a", "size": ' + b"9" * 5000 + b"}", "JSON object"),
+        (b"\xff\xfe{}", "JSON object"),
     ],
 )
 async def test_bad_requests(authed: Any, raw: bytes, message: str) -> None:
@@ -225,7 +230,13 @@ async def test_client_keys_are_checked(authed: Any, s3: Any, bucket: str) -> Non
         # An API key may use any key the template makes, but not others.
         status, out = await call(authed, "/sign/multipart/parts", {**ref, "key": "elsewhere/x"})
         assert (status, code(out)) == (403, "KEY_FORBIDDEN")
-        for bad in ("uploads/../users/43/x", "uploads//x", "/uploads/x", "uploads/\x00"):
+        for bad in (
+            "uploads/../users/43/x",
+            "uploads//x",
+            "/uploads/x",
+            "uploads/\x00",
+            "uploads/\ud800",  # a lone surrogate (JSON allows the escape)
+        ):
             status, out = await call(authed, "/sign/multipart/parts", {**ref, "key": bad})
             assert (status, code(out)) == (400, "INVALID_REQUEST"), bad
         for numbers in ([], [0], [10_001], [1, 1], ["1"], list(range(1, 1002))):

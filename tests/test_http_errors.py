@@ -1,0 +1,265 @@
+"""Malformed HTTP gets a JSON error, one log line and a closed connection.
+
+aiohttp answers a request it cannot parse itself, before any middleware runs: by
+default text/plain, echoing the offending bytes, with an ERROR traceback per request
+(and, for a bad chunk size after the handler started reading, no answer at all).
+``s3proxy/protocol.py`` replaces that; these tests send the bytes over raw sockets,
+both to the server the tests build (``aiohttp_client(create_app(...))``) and to a
+real ``python -m s3proxy serve``, so they fail if aiohttp's behaviour under the hook
+changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from s3proxy import protocol
+from s3proxy.app import create_app
+from tests.conftest import make_settings
+from tests.rawhttp import RawResponse, exchange
+from tests.s3util import MotoServer, ProxyProcess, fake_aws_env
+
+# Marks the client's bytes: it must never come back in an answer or land in the log.
+MARK = b"ZqXmark"
+FORM = b"Content-Type: multipart/form-data; boundary=xx\r\n"
+
+MALFORMED = {
+    "control-char-in-target": (b"GET /x\x01" + MARK + b" HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    "header-without-colon": (b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + MARK + b"\r\n\r\n", 400),
+    "duplicate-content-length": (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2"
+        + MARK
+        + b"\r\n\r\nab",
+        400,
+    ),
+    "content-length-overflow": (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nX-Mark: "
+        + MARK
+        + b"\r\nContent-Length: "
+        + b"9" * 40
+        + b"\r\n\r\n",
+        400,
+    ),
+    "obs-fold": (b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: b\r\n  " + MARK + b"\r\n\r\n", 400),
+    "nul-in-header": (b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: b\x00" + MARK + b"\r\n\r\n", 400),
+    "bad-version": (b"GET /" + MARK + b" HTTP/9.9\r\nHost: a\r\n\r\n", 400),
+    "not-http": (b"\x16\x03\x01\x02\x00" + MARK + b"\r\n\r\n", 400),
+    "bad-chunk-size": (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\n"
+        + FORM
+        + b"Transfer-Encoding: chunked\r\n\r\nZZ"
+        + MARK
+        + b"\r\nabc\r\n",
+        400,
+    ),
+    "chunked-and-content-length": (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+        + FORM
+        + b"Transfer-Encoding: chunked\r\n\r\n3\r\n"
+        + MARK
+        + b"\r\n0\r\n\r\n",
+        400,
+    ),
+    "long-request-line": (b"GET /" + MARK + b"A" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+    "long-header": (
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: " + MARK + b"B" * 9000 + b"\r\n\r\n",
+        431,
+    ),
+    "too-many-headers": (
+        b"GET /healthz HTTP/1.1\r\nX-Mark: "
+        + MARK
+        + b"\r\n"
+        + b"".join(b"X-%d: v\r\n" % i for i in range(200))
+        + b"\r\n",
+        431,
+    ),
+}
+CODES = {400: "BAD_HTTP_REQUEST", 414: "URI_TOO_LONG", 431: "HEADERS_TOO_LARGE"}
+
+# A bad chunk size that arrives after the handler began reading the body: aiohttp's
+# C parser then queued the error behind the running request and left the body
+# waiting forever, so the client got no answer at all.
+LATE_BAD_CHUNK = {
+    "upload": b"POST /upload HTTP/1.1\r\nHost: a\r\n" + FORM,
+    "sign": b"POST /sign HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n",
+}
+
+
+def assert_json_error(resp: RawResponse, status: int, code: str) -> None:
+    assert resp.status == status, resp.raw[:400]
+    assert resp.headers["Content-Type"].startswith("application/json"), resp.raw[:400]
+    assert resp.code == code
+    assert resp.json()["error"]["message"]
+    assert MARK not in resp.raw, resp.raw[:400]
+    assert resp.closed, "the connection must be closed after a malformed request"
+
+
+def own_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """Every log record but the access log's one line per request."""
+    return [r for r in caplog.records if r.name != "aiohttp.access"]
+
+
+def assert_one_quiet_line(caplog: pytest.LogCaptureFixture) -> None:
+    records = own_records(caplog)
+    assert len(records) == 1, [(r.name, r.getMessage()) for r in records]
+    (record,) = records
+    assert record.levelno in (logging.INFO, logging.WARNING)
+    assert record.exc_info is None and "Traceback" not in caplog.text
+    assert MARK.decode() not in caplog.text
+
+
+@pytest.fixture
+async def proxy(proxy_factory: Any) -> Any:
+    return await proxy_factory()
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+async def test_malformed_request_is_a_json_error(
+    proxy: Any, caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    raw, status = MALFORMED[name]
+    caplog.set_level(logging.DEBUG, logger="aiohttp")
+    caplog.set_level(logging.INFO, logger="s3proxy")
+    resp = await exchange(proxy.host, proxy.port, raw)
+    assert_json_error(resp, status, CODES[status])
+    assert resp.headers["X-Request-ID"]
+    assert_one_quiet_line(caplog)
+
+
+@pytest.mark.parametrize("route", list(LATE_BAD_CHUNK))
+async def test_bad_chunk_while_the_body_is_read(
+    proxy: Any, caplog: pytest.LogCaptureFixture, route: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    head = LATE_BAD_CHUNK[route] + b"Transfer-Encoding: chunked\r\n\r\n"
+    body = b"--xx\r\nContent-Disposition: form-data; name=a\r\n\r\n" if route == "upload" else b"{"
+    first = b"%x\r\n%s\r\n" % (len(body), body)
+    resp = await exchange(proxy.host, proxy.port, head + first, b"ZZ" + MARK + b"\r\nabc\r\n")
+    assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
+    await asyncio.sleep(0.1)
+    bad = [r for r in own_records(caplog) if r.exc_info or r.levelno >= logging.ERROR]
+    assert not bad, [r.getMessage() for r in bad]
+    assert MARK.decode() not in caplog.text
+
+
+async def test_unknown_expectation_is_json(proxy: Any) -> None:
+    """aiohttp's default expect handler raises 417 with the header's value as its text."""
+    resp = await exchange(
+        proxy.host,
+        proxy.port,
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nExpect: " + MARK + b"\r\n\r\n",
+        quiet=1,
+    )
+    assert resp.status == 417, resp.raw[:300]
+    assert resp.code == "EXPECTATION_FAILED"
+    assert MARK not in resp.raw
+
+
+async def test_error_escaping_the_middlewares_is_json(
+    aiohttp_client: Any, moto: MotoServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug outside the middlewares (in an expect handler, say) is a JSON 500."""
+
+    async def broken(request: web.Request) -> None:
+        raise RuntimeError("a bug")
+
+    async def never(request: web.Request) -> web.Response:
+        raise AssertionError("not reached")
+
+    app = create_app(make_settings(moto.endpoint_url, bucket="b"))
+    app.router.add_post("/broken", never, expect_handler=broken)
+    client = await aiohttp_client(app)
+    resp = await exchange(
+        client.host,
+        client.port,
+        b"POST /broken HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 5\r\n\r\nhello",
+    )
+    assert_json_error(resp, 500, "INTERNAL")
+    # A 500 is the proxy's fault: its traceback is logged, once.
+    assert [r.exc_info is not None for r in own_records(caplog)] == [True]
+
+
+async def test_the_hook_is_on_every_server_built_for_the_app(
+    aiohttp_client: Any, moto: MotoServer
+) -> None:
+    """Guard for the private aiohttp API protocol.py relies on (see its docstring)."""
+    app = create_app(make_settings(moto.endpoint_url, bucket="b"))
+    client = await aiohttp_client(app)
+    server = client.server.runner.server
+    assert server is not None
+    handler = server()
+    try:
+        assert isinstance(handler, protocol.ProxyRequestHandler)
+    finally:
+        handler.force_close()
+    assert protocol.private_api_problems() == []
+
+
+def test_status_from_parser_errors() -> None:
+    """The 414/431 split depends on the limits being different: keep them so."""
+    from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
+
+    line, field = protocol.MAX_LINE_SIZE, protocol.MAX_FIELD_SIZE
+    assert line != field
+    assert protocol.error_kind(LineTooLong(b"x", line)).status == 414
+    assert protocol.error_kind(LineTooLong(b"x", field)).status == 431
+    assert protocol.error_kind(BadHttpMessage("Too many headers received")).status == 431
+    assert protocol.error_kind(BadStatusLine("x")).status == 400
+
+
+# --- the real CLI process ---------------------------------------------------------------
+
+
+@pytest.fixture
+def served(moto: MotoServer, tmp_path: Path, s3: Any) -> Iterator[ProxyProcess]:
+    name = f"t-{int(time.time() * 1000)}"
+    s3.create_bucket(Bucket=name)
+    env = fake_aws_env()
+    args = ["--endpoint-url", moto.endpoint_url, "--bucket", name]
+    proxy = ProxyProcess.start(args, env, tmp_path / "proxy.log")
+    yield proxy
+    proxy.stop()
+    s3.delete_bucket(Bucket=name)
+
+
+async def test_served_process_answers_malformed_http_as_json(served: ProxyProcess) -> None:
+    log = served.log_path
+    before = log.stat().st_size
+    sent = 0
+    for raw, status in MALFORMED.values():
+        sent += len(raw)
+        resp = await exchange("127.0.0.1", served.port, raw)
+        assert_json_error(resp, status, CODES[status])
+    for route, head in LATE_BAD_CHUNK.items():
+        body = b"{" if route == "sign" else b"--xx\r\n"
+        resp = await exchange(
+            "127.0.0.1",
+            served.port,
+            head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(body), body),
+            b"ZZ" + MARK + b"\r\n",
+        )
+        assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
+    # A client that goes away mid-body is not the proxy's error either.
+    with socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(
+            b"POST /sign HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        await asyncio.sleep(0.3)
+    await asyncio.sleep(0.5)
+    text = log.read_text()[before:]
+    assert "Traceback" not in text and " ERROR " not in text, text[-3000:]
+    assert MARK.decode() not in text
+    # One event line and one access line per bad request, nothing more.
+    lines = [line for line in text.splitlines() if "aiohttp.access" not in line]
+    assert len(lines) <= len(MALFORMED) + len(LATE_BAD_CHUNK) + 1, text[-3000:]
