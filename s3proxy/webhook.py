@@ -111,7 +111,7 @@ def verify(
     False for a malformed or stale (or far-future) timestamp, or a signature that
     does not match; the comparison is constant-time.
     """
-    if not (timestamp.isascii() and timestamp.isdigit()):
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
         return False
     ts = int(timestamp)
     current = time.time() if now is None else now
@@ -149,7 +149,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isascii() and value.isdigit():
+    if value.isascii() and value.isdigit() and len(value) <= 12:
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

@@ -132,6 +132,7 @@ def test_sign_and_verify_scheme() -> None:
     assert not verify(SECRET, "17e8", sig, body, now=1_700_000_000)
     assert not verify(SECRET, "\u0661\u0667", sig, body, now=17)  # non-ASCII digits
     assert not verify(SECRET, "1700000001", sig, body, now=1_700_000_000)
+    assert not verify(SECRET, "9" * 5000, sig, body)  # past int()'s digit limit: False, no error
     assert not verify(SECRET, "1700000000", "sha256=ü", body, now=1_700_000_000)
     assert verify(SECRET, "1700000000", sig, body, now=1_700_000_500, tolerance=600)
 
