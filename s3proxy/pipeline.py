@@ -1,5 +1,9 @@
 """One file's journey: sniff -> parts -> parts uploading in flight -> complete | abort.
 
+The decisions (how much to reserve and read, PutObject or multipart, part sizes and
+numbers, limits) are s3proxy.machine's; this module does the I/O they ask for: the
+budget, the client's bytes, the S3 calls with parts in flight, and the cleanup.
+
 Invariants:
 - A part's buffer is reserved from the memory budget before a byte of it is read,
   and released when S3 has acknowledged the part (or the upload failed).
@@ -34,7 +38,17 @@ from s3proxy.budget import MemoryBudget, Reservation
 from s3proxy.errors import FILE_TOO_LARGE, INTERNAL, TOKEN_SCOPE, TYPE_NOT_ALLOWED, ProxyError
 from s3proxy.form import ChunkSource
 from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor, finish, run_cleanup
-from s3proxy.parts import MAX_PARTS, PartSlicer, plan_parts
+from s3proxy.machine import (
+    CreateUpload,
+    FileTooLarge,
+    PutObject,
+    Read,
+    Reserve,
+    SendPart,
+    TooManyParts,
+    UploadMachine,
+)
+from s3proxy.parts import plan_parts
 from s3proxy.sink import ObjectOptions, ObjectSink
 
 log = logging.getLogger("s3proxy.pipeline")
@@ -122,7 +136,7 @@ class FileUpload:
         self.sink = sink
         self.budget = budget
         self.cfg = cfg
-        self.size = 0
+        self._machine: UploadMachine | None = None
         self.upload_id: str | None = None
         self.maybe_stored = False  # a PutObject or Complete was sent: the key may exist
         self.token_left = (
@@ -133,7 +147,7 @@ class FileUpload:
         self._etags: dict[int, str] = {}
         self._sent = 0
 
-    async def run(self, source: ChunkSource) -> StoredFile | None:
+    async def run(self, source: ChunkSource) -> StoredFile:
         try:
             return await self._stream(source)
         except BaseException as exc:
@@ -158,93 +172,90 @@ class FileUpload:
             log.info("upload.deleted key=%s reason=%s", key, reason)
             await run_cleanup(lambda: self.sink.delete(key), f"delete key={key}", self.janitor)
 
-    async def _stream(self, source: ChunkSource) -> StoredFile | None:
-        limit = self.cfg.max_file_size
-        if self.token_left is not None:
-            limit = min(limit, self.token_left)
+    @property
+    def size(self) -> int:
+        """Bytes of the file received so far."""
+        return 0 if self._machine is None else self._machine.size
+
+    def _limit(self) -> int:
+        """The most bytes this file may have: the proxy's limit or what the token has left."""
+        if self.token_left is None:
+            return self.cfg.max_file_size
+        return min(self.cfg.max_file_size, self.token_left)
+
+    async def _stream(self, source: ChunkSource) -> StoredFile:
+        """Drive the upload's state machine: it decides, this loop does the I/O."""
+        limit = self._limit()
         plan = plan_parts(self.cfg.part_size, self.spec.size_hint, limit)
-        slicer = PartSlicer(plan, limit=self.spec.size_hint)
-        leftover = memoryview(b"")
+        machine = UploadMachine(plan, limit, self.spec.size_hint, self.cfg.chunk_size)
+        self._machine = machine
+        reservation: Reservation | None = None
         content_type = ""
-        eof = False
-        while not eof:
-            if slicer.number > MAX_PARTS:
-                raise ProxyError(FILE_TOO_LARGE, "file needs more than S3's 10,000 parts")
-            await self._wait_for_slot()
-            need = max(1, slicer.allocation())
-            waiting = not self.budget.can_take(need)
-            if waiting:
-                source.pause()  # nothing to read into: let TCP hold the client's bytes
-            try:
-                reservation: Reservation | None = await self.budget.acquire(
-                    need, priority=self.started
-                )
-            finally:
-                if waiting:
-                    source.resume()
-            try:
-                while not slicer.full:
-                    if leftover:
-                        leftover = slicer.feed(leftover)
-                        continue
-                    # Ask for no more than the part can hold. aiohttp may still hand
-                    # over up to one chunk more (it returns the chunk before the one
-                    # asked for); that overflow is the only data outside the budget.
-                    chunk = await source.read(
-                        min(self.cfg.chunk_size, slicer.target - slicer.filled)
-                    )
-                    if not chunk:
-                        eof = True
-                        break
-                    self._receive(chunk)
-                    leftover = slicer.feed(chunk)
-                size = slicer.filled
-                number, data = slicer.take()
-                assert reservation is not None
-                reservation.shrink(size)
-                if number == 1:
-                    content_type = self._content_type(data)
-                    if not eof and not leftover:
-                        # A file of exactly one part is still one PutObject: peek at
-                        # the next chunk (held outside the budget) to see if more follows.
-                        peek = await source.read(1)
-                        if peek:
-                            self._receive(peek)
-                            leftover = memoryview(peek)
-                        eof = not peek
-                    if eof:
-                        return await self._put(data, content_type)
+        try:
+            while True:
+                action = machine.next_action()
+                if isinstance(action, Read):
+                    # No more than the part can hold. aiohttp may still hand over up to
+                    # one chunk more (it returns the chunk before the one asked for);
+                    # that overflow, and a peek, are the only data outside the budget.
+                    chunk = await source.read(action.size)
+                    try:
+                        machine.feed(chunk)
+                    except FileTooLarge:
+                        raise self._too_large() from None
+                    self._hash.update(chunk)
+                elif isinstance(action, Reserve):
+                    await self._wait_for_slot()
+                    reservation = await self._reserve(action.size, source)
+                elif isinstance(action, SendPart):
+                    assert reservation is not None
+                    reservation.shrink(action.size)
+                    self._launch(action.number, action.chunks, action.size, reservation)
+                    reservation = None
+                elif isinstance(action, CreateUpload):
+                    content_type = self._content_type(action.first)
                     self.upload_id = await self.sink.create(
                         self.spec.key, self._options(content_type)
                     )
                     log.debug("upload.created key=%s upload_id=%s", self.spec.key, self.upload_id)
-                if not size:
-                    break  # the file ended exactly on a part boundary
-                self._launch(number, data, size, reservation)
-                reservation = None
-            finally:
-                if reservation is not None:
-                    reservation.release()
-        await self._drain()
-        return await self._complete(content_type)
+                elif isinstance(action, PutObject):
+                    content_type = self._content_type(action.chunks)
+                    return await self._put(action.chunks, content_type)
+                else:
+                    await self._drain()
+                    return await self._complete(content_type)
+        except TooManyParts as exc:
+            raise ProxyError(FILE_TOO_LARGE, f"file {self.spec.filename!r}: {exc}") from None
+        finally:
+            if reservation is not None:
+                reservation.release()
 
-    def _receive(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        # Whichever limit is lower is crossed first, and named.
-        if self.token_left is not None and self.size > self.token_left:
+    async def _reserve(self, size: int, source: ChunkSource) -> Reservation:
+        """Take a part's bytes from the budget; while waiting, stop reading the socket
+        (nothing to read into: let TCP hold the client's bytes)."""
+        waiting = not self.budget.can_take(size)
+        if waiting:
+            source.pause()
+        try:
+            return await self.budget.acquire(size, priority=self.started)
+        finally:
+            if waiting:
+                source.resume()
+
+    def _too_large(self) -> ProxyError:
+        """FILE_TOO_LARGE naming whichever limit was crossed (the lower one)."""
+        if self.token_left is not None and self.token_left < self.cfg.max_file_size:
             used = self.cfg.token_used
-            raise ProxyError(
+            return ProxyError(
                 FILE_TOO_LARGE,
                 f"the upload token allows {self.cfg.token_limit} bytes of file data per "
                 f"request; file {self.spec.filename!r} goes over it"
                 + (f" after {used} bytes in earlier files" if used else ""),
             )
-        if self.size > self.cfg.max_file_size:
-            raise ProxyError(
-                FILE_TOO_LARGE,
-                f"file {self.spec.filename!r} is over the limit of {self.cfg.max_file_size} bytes",
-            )
-        self._hash.update(chunk)
+        return ProxyError(
+            FILE_TOO_LARGE,
+            f"file {self.spec.filename!r} is over the limit of {self.cfg.max_file_size} bytes",
+        )
 
     def _content_type(self, data: list[Chunk]) -> str:
         head = bytearray()
@@ -281,9 +292,7 @@ class FileUpload:
             sse_kms_key_id=self.cfg.sse_kms_key_id,
         )
 
-    async def _put(self, data: list[Chunk], content_type: str) -> StoredFile | None:
-        if not data and not self.spec.filename:
-            return None  # a browser's empty file input: no file was chosen
+    async def _put(self, data: list[Chunk], content_type: str) -> StoredFile:
         digest = self._hash.hexdigest()
         self.maybe_stored = True
         etag = await self.sink.put(
