@@ -32,10 +32,6 @@ class ErrorKind:
     code: str
     status: int
 
-    @property
-    def client_fault(self) -> bool:
-        return self.status < 500
-
 
 # 400
 INVALID_REQUEST = ErrorKind("INVALID_REQUEST", 400)

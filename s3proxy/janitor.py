@@ -33,10 +33,6 @@ class Janitor:
         self.give_up_after = give_up_after
         self._tasks: set[asyncio.Task[None]] = set()
 
-    @property
-    def pending(self) -> int:
-        return len(self._tasks)
-
     def retry(self, fn: Cleanup, what: str) -> None:
         task = asyncio.create_task(self._retry(fn, what), name=f"cleanup-{what}")
         self._tasks.add(task)

@@ -570,6 +570,3 @@ class Settings:
             if meta["choices"] and values[f.name] not in meta["choices"]:
                 raise SettingsError(f"{source} must be one of {', '.join(meta['choices'])}")
         return cls(**values)
-
-    def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)

@@ -108,13 +108,31 @@ def slice_all(
     return [(n, b"".join(chunks)) for n, chunks in out]
 
 
-@pytest.mark.parametrize("chunk", [1, 1000, 4096, 5 * MiB, 7 * MiB, 11 * MiB + 3])
-def test_slicer_cuts_exact_parts(chunk: int) -> None:
-    data = bytes(range(256)) * (12 * MiB // 256) + b"tail"
-    chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)] if chunk > 4096 else [data]
-    parts = slice_all(PartPlan(5 * MiB, growing=False), chunks)
+@pytest.mark.parametrize(
+    ("base", "chunk"),
+    [
+        # Every chunk size really reaches the slicer: small parts for small chunks,
+        # so a 1-byte feed stays quick; S3-sized parts for chunks around a part.
+        (1000, 1),
+        (1000, 7),
+        (1000, 999),
+        (1000, 1000),
+        (1000, 1001),
+        (1000, 4096),
+        (5 * MiB, 5 * MiB),
+        (5 * MiB, 7 * MiB),
+        (5 * MiB, 11 * MiB + 3),
+    ],
+)
+def test_slicer_cuts_exact_parts(base: int, chunk: int) -> None:
+    size = 2 * base + base // 2 + 4  # two full parts and a short third
+    data = (bytes(range(256)) * (size // 256 + 1))[:size]
+    chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+    assert len(chunks) > 1 or chunk >= len(data)
+    parts = slice_all(PartPlan(base, growing=False), chunks)
     assert [n for n, _ in parts] == [1, 2, 3]
-    assert [len(p) for _, p in parts] == [5 * MiB, 5 * MiB, 2 * MiB + 4]
+    assert [len(p) for _, p in parts[:2]] == [base, base]
+    assert 0 < len(parts[2][1]) < base
     assert b"".join(p for _, p in parts) == data
 
 
