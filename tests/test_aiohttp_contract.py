@@ -1,0 +1,81 @@
+"""The aiohttp internals s3proxy relies on, pinned the way aiobotocore pins botocore's.
+
+s3proxy uses a few private aiohttp APIs where no public one does the job:
+
+- ``form.next_part`` repeats ``MultipartReader.next`` without its ``_charset_`` sniffing
+  (aiohttp's own Content-Disposition parser warns on filenames with several ``;``);
+- ``form.TransportFlow`` reads ``BaseProtocol._reading_paused``/``_buffer_paused`` so its
+  own pause never undoes aiohttp's backpressure;
+- ``handlers.expect_upload`` calls ``_default_expect_handler`` to send ``100 Continue``;
+- ``body.ChunkedBodyPayload`` registers itself in ``payload.PAYLOAD_REGISTRY``;
+- ``protocol`` subclasses the connection handler to answer malformed HTTP as JSON
+  (it checks its own needs in ``protocol.private_api_problems``).
+
+``setup.cfg`` bounds aiohttp to the minor version these were read against. When a new
+aiohttp changes one of these functions, the digest test fails: read the new source,
+check the use in s3proxy still holds, then add the new digest here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import base_protocol, multipart, payload, web_protocol, web_urldispatcher
+
+from s3proxy import protocol
+from s3proxy.body import ChunkedBody, ChunkedBodyPayload
+
+
+def digest(obj: Callable[..., Any]) -> str:
+    return hashlib.sha1(inspect.getsource(obj).encode()).hexdigest()[:12]
+
+
+MR = multipart.MultipartReader
+RH = web_protocol.RequestHandler
+BP = base_protocol.BaseProtocol
+# name -> (the function, digests of its source as s3proxy was checked against it)
+PINNED: dict[str, tuple[Callable[..., Any], set[str]]] = {
+    "MultipartReader.next": (MR.next, {"360ab7ce7a0f"}),  # aiohttp 3.14
+    "MultipartReader._maybe_release_last_part": (MR._maybe_release_last_part, {"a0e757923bae"}),
+    "MultipartReader._read_until_first_boundary": (
+        MR._read_until_first_boundary,
+        {"1c5f229653b4"},
+    ),
+    "MultipartReader._read_boundary": (MR._read_boundary, {"6972e2329b9c"}),
+    "MultipartReader.fetch_next_part": (MR.fetch_next_part, {"992ff923e23f"}),
+    "BaseProtocol.pause_reading": (BP.pause_reading, {"7109d00aefa9"}),
+    "BaseProtocol.resume_reading": (BP.resume_reading, {"eccf495f468f"}),
+    "_default_expect_handler": (web_urldispatcher._default_expect_handler, {"004ab0e85114"}),
+    "RequestHandler.handle_error": (RH.handle_error, {"742397715bc1"}),
+    "RequestHandler.finish_response": (RH.finish_response, {"a0e3106db01a"}),
+    "RequestHandler.data_received": (RH.data_received, {"8735c9eaea40"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_relied_on_source_is_unchanged(name: str) -> None:
+    obj, known = PINNED[name]
+    assert digest(obj) in known, (
+        f"aiohttp {aiohttp.__version__} changed {name}: review s3proxy's use of it "
+        f"(see this module's docstring), then add {digest(obj)!r} to PINNED"
+    )
+
+
+def test_private_attributes_exist() -> None:
+    slots = base_protocol.BaseProtocol.__slots__
+    assert "_reading_paused" in slots and "_buffer_paused" in slots
+    reader_attrs = inspect.getsource(multipart.MultipartReader.__init__)
+    assert "self._at_bof" in reader_attrs and "self._last_part" in reader_attrs
+    assert protocol.private_api_problems() == []
+
+
+def test_chunked_body_payload_is_what_aiohttp_sends() -> None:
+    body = ChunkedBody([b"ab", memoryview(b"cd")])
+    found = payload.PAYLOAD_REGISTRY.get(body)
+    assert isinstance(found, ChunkedBodyPayload)
+    assert found.size == 4
