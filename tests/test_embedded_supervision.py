@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -335,3 +336,52 @@ async def test_store_stop_during_restart_leaves_no_weed(tmp_path: Path, when: st
     assert time.monotonic() - stopping < 5
     assert store.pid is None
     wait_no_weed(restarting, tmp_path, within=1.0)
+
+
+@pytest.mark.e2e
+async def test_failed_restarts_back_off_and_keep_trying(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its S3 port taken while weed is down: each try fails (logged, with a longer wait),
+    none gives up, and the first try after the port is free brings it back there."""
+    store = EmbeddedStore(EmbeddedConfig(data_dir=tmp_path, s3_port=0, restart=Backoff(0.2)))
+    await store.start()
+    try:
+        port = store.ports["s3.port"]
+        old = store.pid
+        assert old is not None
+        with socket.socket() as squatter:
+            os.killpg(old, signal.SIGKILL)
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if not store.up:
+                    break
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            squatter.bind(("127.0.0.1", port))  # weed is reaped: its listeners are closed
+            squatter.listen()
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if len(failures(caplog)) >= 2:
+                    break
+            assert not store.up and store.pid is None  # nothing half-started left running
+        for _ in range(300):
+            await asyncio.sleep(0.05)
+            if store.up:
+                break
+        assert store.up and store.ports["s3.port"] == port and store.restarts == 1
+        found = failures(caplog)
+        assert found[:2] == [(2, 0.4), (3, 0.8)]  # streak goes on: 0.2, 0.4, 0.8 s ...
+        assert f"port {port} (s3.port)" in caplog.text
+    finally:
+        await store.stop()
+    wait_no_weed(None, tmp_path, within=1.0)
+
+
+def failures(caplog: pytest.LogCaptureFixture) -> list[tuple[int, float]]:
+    """(next restart number, its delay) of each ``embedded.restart_failed`` record."""
+    found = []
+    for record in caplog.records:
+        m = re.match(r"embedded\.restart_failed next=(\d+) delay=([\d.]+)s", record.getMessage())
+        if m:
+            found.append((int(m.group(1)), float(m.group(2))))
+    return found
