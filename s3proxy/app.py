@@ -102,13 +102,14 @@ def create_app(settings: Settings) -> web.Application:
 
 def embedded_store(settings: Settings) -> EmbeddedStore:
     """The embedded SeaweedFS store as the settings describe it (not started)."""
-    from s3proxy.embedded import EmbeddedConfig, EmbeddedStore
+    from s3proxy.embedded import Backoff, EmbeddedConfig, EmbeddedStore
 
     return EmbeddedStore(
         EmbeddedConfig(
             data_dir=settings.data_dir,
             bucket=settings.bucket_name,
             s3_port=settings.embedded_s3_port,
+            restart=Backoff(settings.embedded_restart_delay, settings.embedded_restart_max_delay),
         )
     )
 
@@ -121,7 +122,8 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
     store = None
     if settings.embedded:
         store = embedded_store(settings)
-        await store.start()
+        await store.start()  # and restarts weed whenever it exits, until stop()
+        state.store = store
         opts = dataclasses.replace(
             opts,
             endpoint_url=store.endpoint_url,
@@ -146,6 +148,7 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
                 state.sink = None
     finally:
         if store is not None:
+            state.store = None
             await store.stop()
 
 

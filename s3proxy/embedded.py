@@ -15,6 +15,12 @@ Invariants:
 * ``start()`` returns only once the S3 API answers HeadBucket for our bucket with our
   keys and a stored object (if any) reads back; anything else ends in
   :class:`EmbeddedStoreError` with no child left behind.
+* Once started, weed is restarted whenever it exits, until ``stop()``: after a
+  :class:`Backoff` delay (0.5 s doubling to 30 s by default; back to 0.5 s after a run
+  that stayed ready 60 s), on the same ports with the same keys and data, and never
+  given up on (a store that cannot come back keeps the proxy unready, and says why in
+  the log, rather than ending it). ``up`` is False from the moment weed exits until
+  a restart is ready again.
 * Every port is passed to weed explicitly: ``weed mini`` silently moves a busy port it
   was not given, and derives gRPC ports as HTTP port + 10000, which overflows for
   ephemeral ports. Fixed ports are bind-tested first, so a busy port fails at once;
@@ -31,6 +37,7 @@ import asyncio
 import contextlib
 import ctypes
 import json
+import logging
 import os
 import re
 import secrets
@@ -52,7 +59,17 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-__all__ = ["REGION", "EmbeddedConfig", "EmbeddedStore", "EmbeddedStoreError", "read_credentials"]
+__all__ = [
+    "REGION",
+    "Backoff",
+    "EmbeddedConfig",
+    "EmbeddedStore",
+    "EmbeddedStoreError",
+    "plan_restart",
+    "read_credentials",
+]
+
+log = logging.getLogger("s3proxy.embedded")
 
 #: SeaweedFS ignores the region, but SigV4 signs one; clients must all use the same.
 REGION = "us-east-1"
@@ -107,6 +124,40 @@ class EmbeddedStoreError(Exception):
 
 
 @dataclass(frozen=True)
+class Backoff:
+    """How long to wait before restarting weed after it exits.
+
+    ``first`` seconds after an exit, doubling for each exit in a row up to ``cap``;
+    a run that stayed ready ``reset_after`` seconds ends the streak. Restarts never
+    stop: the store is the proxy's only storage, so giving up would only leave it
+    unready for good, and the doubling already keeps a store that cannot start
+    from spinning (one attempt per ``cap`` seconds).
+    """
+
+    first: float = 0.5
+    cap: float = 30.0
+    reset_after: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.first <= self.cap:
+            raise ValueError(f"restart backoff needs 0 < first <= cap, got {self}")
+
+
+def plan_restart(streak: int, ready_for: float | None, backoff: Backoff) -> tuple[int, float]:
+    """After an exit: (this restart's number in the streak, seconds to wait before it).
+
+    ``streak`` is the number of the previous restart in a row (0: none yet);
+    ``ready_for`` is how long the run that ended had been ready, None if it never
+    became ready (a restart that failed counts as one more exit in a row).
+    """
+    if ready_for is not None and ready_for >= backoff.reset_after:
+        streak = 0
+    streak += 1
+    # Exponent capped: 2.0**1024 overflows a float, and the cap is reached long before.
+    return streak, min(backoff.cap, backoff.first * 2.0 ** min(streak - 1, 64))
+
+
+@dataclass(frozen=True)
 class EmbeddedConfig:
     """How to run the embedded store; every port is 0 (pick a free one) but S3's."""
 
@@ -126,6 +177,7 @@ class EmbeddedConfig:
     access_key: str | None = None  # None: generated once, kept in data_dir/credentials.json
     secret_key: str | None = None
     weed_binary: str | None = None  # None: `weed` next to sys.executable, then on PATH
+    restart: Backoff | None = Backoff()  # None: no restarts (a dead weed stays dead)
 
 
 class EmbeddedStore:
@@ -149,8 +201,12 @@ class EmbeddedStore:
         if config.access_key is not None and config.secret_key is not None:
             self._keys = (config.access_key, config.secret_key)
         self._proc: asyncio.subprocess.Process | None = None
+        self._ready_since: float | None = None  # monotonic time the running weed got ready
+        self._supervisor: asyncio.Task[None] | None = None
         self.startup_seconds: float | None = None
-        """Seconds the last successful ``start()`` took from spawn to ready."""
+        """Seconds the last successful start or restart took from spawn to ready."""
+        self.restarts = 0
+        """How many times weed was restarted after it exited (since ``start()``)."""
 
     # -- what clients need ---------------------------------------------------------
 
@@ -196,6 +252,15 @@ class EmbeddedStore:
         proc = self._proc
         return proc.pid if proc is not None and proc.returncode is None else None
 
+    @property
+    def up(self) -> bool:
+        """weed runs and answered the readiness probe since it was (re)spawned.
+
+        False from the moment weed exits (its exit is reaped by the event loop)
+        until a restart is ready: what readiness reports, without an S3 call.
+        """
+        return self._ready_since is not None and self.pid is not None
+
     def _credentials(self) -> tuple[str, str]:
         if self._keys is None:
             raise RuntimeError("keys are generated or loaded at start(); call start() first")
@@ -223,7 +288,7 @@ class EmbeddedStore:
         Raises EmbeddedStoreError (and leaves no child) if a port is taken, the binary
         is missing, weed exits, or it is not ready within ``timeout`` seconds.
         """
-        if self.pid is not None:
+        if self.pid is not None or self._supervisor is not None:
             raise RuntimeError("embedded S3 store already started")
         binary = _find_weed(self._config.weed_binary)
         ports_file = self._data_dir / PORTS_NAME
@@ -242,22 +307,31 @@ class EmbeddedStore:
                 self._keys = _load_or_create_credentials(self._data_dir / CREDENTIALS_NAME)
             identities = self._data_dir / IDENTITIES_NAME
             _write_private(identities, _identities_json(*self._keys))
-            with contextlib.suppress(FileNotFoundError):
-                (self._data_dir / _WEED_SAVED_OPTIONS).unlink()
             self._ports = ports
             # Reused next time: weed keeps master state per master port (m<port>/) and
             # names its /tmp sockets by port, so stable ports keep the layout stable.
             _write_private(ports_file, json.dumps(ports, indent=2))
+        except OSError as exc:
+            raise _data_dir_error(exc, self._data_dir) from exc
+        await self._launch(binary, identities, timeout)
+        if self._config.restart is not None:
+            self._supervisor = asyncio.create_task(
+                self._supervise(binary, identities, self._config.restart, timeout),
+                name="embedded-store",
+            )
+            self._supervisor.add_done_callback(_supervisor_done)
+
+    async def _launch(self, binary: str, identities: Path, timeout: float) -> None:  # noqa: ASYNC109
+        """Spawn weed on ``self._ports`` and wait until it is ready; on failure, no child."""
+        try:
+            # Each run: weed saves its flags here again, and they would override ours.
+            with contextlib.suppress(FileNotFoundError):
+                (self._data_dir / _WEED_SAVED_OPTIONS).unlink()
             argv = [binary, "-logtostderr", "mini", *self._weed_flags(identities)]
             started = time.monotonic()
             log_offset = self._spawn_log_header(argv)
         except OSError as exc:
-            # Not a listen error: a file in the data dir we cannot read or write.
-            where = exc.filename or self._data_dir
-            raise EmbeddedStoreError(
-                f"embedded S3 store: cannot use {where}: {exc.strerror or exc}",
-                setting="data_dir",
-            ) from exc
+            raise _data_dir_error(exc, self._data_dir) from exc
         with self.log_path.open("ab") as log:
             try:
                 self._proc = await asyncio.create_subprocess_exec(
@@ -277,10 +351,91 @@ class EmbeddedStore:
         except BaseException:
             await self._kill()
             raise
-        self.startup_seconds = time.monotonic() - started
+        self._ready_since = time.monotonic()
+        self.startup_seconds = self._ready_since - started
+
+    async def _supervise(
+        self,
+        binary: str,
+        identities: Path,
+        backoff: Backoff,
+        timeout: float,  # noqa: ASYNC109
+    ) -> None:
+        """Restart weed each time it exits, with backoff, until stop() cancels this."""
+        streak = 0
+        while True:
+            proc = self._proc
+            assert proc is not None
+            code = await proc.wait()
+            ready_for = None if self._ready_since is None else time.monotonic() - self._ready_since
+            self._forget(proc)
+            streak, delay = plan_restart(streak, ready_for, backoff)
+            log.error(
+                "embedded.exited pid=%d code=%s up=%.1fs restart=%d delay=%.1fs log=%s",
+                proc.pid,
+                code,
+                ready_for or 0.0,
+                streak,
+                delay,
+                self.log_path,
+            )
+            while True:
+                await asyncio.sleep(delay)
+                log.info("embedded.restarting restart=%d", streak)
+                try:
+                    await self._restart(binary, identities, timeout)
+                    break
+                except (EmbeddedStoreError, OSError) as exc:
+                    reason = str(exc).splitlines()[0]
+                    streak, delay = plan_restart(streak, None, backoff)
+                    log.error(
+                        "embedded.restart_failed next=%d delay=%.1fs reason=%s",
+                        streak,
+                        delay,
+                        reason,
+                    )
+            self.restarts += 1
+            log.warning(
+                "embedded.restarted pid=%s restart=%d ready_in=%.2fs",
+                self.pid,
+                streak,
+                self.startup_seconds or 0.0,
+            )
+
+    async def _restart(self, binary: str, identities: Path, timeout: float) -> None:  # noqa: ASYNC109
+        """Spawn weed again on exactly the ports and keys it had: the proxy's client
+        knows them. Missing files are written again (weed without its -s3.config)."""
+        host = self._config.host
+        for flag, port in self._ports.items():
+            if not _port_is_free(host, port):
+                raise EmbeddedStoreError(
+                    f"embedded S3 store: port {port} ({flag}) on {host} was taken while "
+                    "weed was down"
+                )
+        _write_private(identities, _identities_json(*self._credentials()))
+        await self._launch(binary, identities, timeout)
+
+    def _forget(self, proc: asyncio.subprocess.Process) -> None:
+        """After weed exited: reap what it left in its group, drop its /tmp sockets."""
+        self._ready_since = None
+        _signal_group(proc.pid, signal.SIGKILL)
+        if self._proc is proc:
+            self._proc = None
+        _remove_tmp_sockets(self._ports.values())
+
+    async def _stop_supervising(self) -> None:
+        """Cancel the restart loop, waiting for it: a weed it was starting is killed."""
+        task, self._supervisor = self._supervisor, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait([task])  # not `await task`: that would swallow our own cancel
 
     async def stop(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
-        """SIGTERM the process group, SIGKILL it after ``timeout``; idempotent."""
+        """Stop restarting; SIGTERM the process group, SIGKILL it after ``timeout``;
+        idempotent."""
+        await self._stop_supervising()
+        self._ready_since = None
         proc = self._proc
         if proc is None:
             return
@@ -303,10 +458,10 @@ class EmbeddedStore:
                 _remove_tmp_sockets(self._ports.values())
 
     async def wait(self) -> int | None:
-        """Wait for weed to exit (it should not, until stop()); its exit code.
+        """Wait for the running weed to exit (it should not, until stop()); its exit code.
 
-        For a supervisor task: the proxy can fail readiness or shut down when its store
-        dies under it. None if the store is not running.
+        A restart (see ``Backoff``) is a new process: this does not wait for it.
+        None if the store is not running.
         """
         proc = self._proc
         return None if proc is None else await proc.wait()
@@ -319,6 +474,7 @@ class EmbeddedStore:
         with contextlib.suppress(ProcessLookupError):
             await asyncio.shield(proc.wait())
         self._proc = None
+        self._ready_since = None
         _remove_tmp_sockets(self._ports.values())
 
     # -- internals -----------------------------------------------------------------
@@ -449,6 +605,20 @@ class EmbeddedStore:
 
 
 # -- helpers (module level so they are easy to test and reuse) --------------------------
+
+
+def _supervisor_done(task: asyncio.Task[None]) -> None:
+    """The restart loop ends only when cancelled; anything else is a bug to log."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("embedded.supervisor_failed error=%r", exc)
+
+
+def _data_dir_error(exc: OSError, data_dir: Path) -> EmbeddedStoreError:
+    """Not a listen error: a file in the data dir we cannot read or write."""
+    where = exc.filename or data_dir
+    return EmbeddedStoreError(
+        f"embedded S3 store: cannot use {where}: {exc.strerror or exc}", setting="data_dir"
+    )
 
 
 def _find_weed(explicit: str | None) -> str:

@@ -212,6 +212,7 @@ async def readyz(request: web.Request) -> web.Response:
     if state.draining:
         return web.json_response(error_body(SHUTTING_DOWN, "shutting down"), status=503)
     try:
+        state.check_store()
         await state.require_sink().check()
     except ProxyError as err:
         return web.json_response(error_body(err.kind, err.message), status=503)

@@ -96,6 +96,8 @@ async def supervise(settings: Settings, argv: Sequence[str]) -> int:
     store = None
     if settings.embedded:
         store = embedded_store(settings)
+        # Restarted here when weed dies (the workers find it on the same port again);
+        # each worker's /readyz sees the outage through its own S3 check.
         await store.start()
         env.update(
             S3PROXY_ENDPOINT_URL=store.endpoint_url,

@@ -386,6 +386,16 @@ class Settings:
         "info", "log level", str.lower, choices=("debug", "info", "warning", "error")
     )
     log_format: str = _setting("text", "log format", str.lower, choices=("text", "json"))
+    # embedded store supervision (weed is restarted whenever it exits, never given up on)
+    embedded_restart_delay: float = _setting(
+        0.5,
+        "embedded store: seconds before restarting weed after it exits; doubles per exit "
+        "in a row, back to this after a minute up",
+        float,
+    )
+    embedded_restart_max_delay: float = _setting(
+        30.0, "embedded store: longest wait between restarts", float
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -501,6 +511,10 @@ class Settings:
             )
         if self.sse_kms_key_id and self.sse != "aws:kms":
             raise SettingsError("--sse-kms-key-id needs --sse aws:kms")
+        if not 0 < self.embedded_restart_delay <= self.embedded_restart_max_delay:
+            raise SettingsError(
+                "--embedded-restart-delay must be positive and at most --embedded-restart-max-delay"
+            )
 
     # --- loading -------------------------------------------------------------
 

@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from s3proxy.auth import Authenticator, load_keys
 from s3proxy.budget import MemoryBudget
+from s3proxy.errors import UPSTREAM_UNAVAILABLE, ProxyError
 from s3proxy.form import FormLimits
 from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor
 from s3proxy.metrics import Metrics
@@ -19,6 +20,9 @@ from s3proxy.pipeline import PipelineConfig
 from s3proxy.settings import Settings
 from s3proxy.sink import Presigner, S3Sink
 from s3proxy.webhook import Webhook
+
+if TYPE_CHECKING:
+    from s3proxy.embedded import EmbeddedStore
 
 
 @dataclass
@@ -33,6 +37,7 @@ class AppState:
     janitor: Janitor = field(default_factory=Janitor)
     sink: S3Sink | None = None  # set once the S3 client is open
     webhook: Webhook | None = None  # set when a webhook URL is configured
+    store: EmbeddedStore | None = None  # the embedded store this process runs, if any
     draining: bool = False
     uploads: set[asyncio.Task[Any]] = field(default_factory=set)  # handlers storing files
     stopped: set[asyncio.Task[Any]] = field(default_factory=set)  # ...that drain cancelled
@@ -73,6 +78,14 @@ class AppState:
         """Seconds a cancelled upload may need to clean up: an abort and a delete for the
         file in progress, the deletes of the others (at once), one webhook notice."""
         return 3 * CLEANUP_TIMEOUT + self.settings.webhook_timeout
+
+    def check_store(self) -> None:
+        """Raise UPSTREAM_UNAVAILABLE while the embedded store this process runs is down
+        or restarting: known at once, where an S3 call would wait out its retries."""
+        if self.store is not None and not self.store.up:
+            raise ProxyError(
+                UPSTREAM_UNAVAILABLE, "the embedded S3 store is down; it is being restarted"
+            )
 
     def require_sink(self) -> S3Sink:
         if self.sink is None:
