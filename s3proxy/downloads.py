@@ -2,10 +2,12 @@
 
 Rules, in the order a request meets them:
 
-1. Credentials first (``auth.py``), then the key: it must lie under the caller's
-   prefix (an upload token's ``prefix``, otherwise the key template's literal
-   prefix) and must not hold ``.`` or ``..`` segments. A refused key never
-   reaches S3, so the proxy cannot be used to probe the rest of the bucket.
+1. Credentials first (``auth.py``), then the key, by the one rule of
+   ``keys.KeyPolicy``: a caller reads what it may upload (under an upload
+   token's prefix plus the key template's literal prefix), and only keys formed
+   as the proxy makes them (403 KEY_FORBIDDEN; over S3's 1024 bytes, 400). A
+   refused key never reaches S3, so the proxy cannot be used to probe the rest
+   of the bucket.
 2. ``download_mode=stream``: the client's validators and its Range go to
    GetObject/HeadObject, and S3's answer is passed on (200, 206, 304, 412, 416,
    404). The body is copied in ``CHUNK_SIZE`` reads, each written (and drained
@@ -42,7 +44,7 @@ from s3proxy.errors import (
     ProxyError,
     error_response,
 )
-from s3proxy.keys import MAX_KEY_BYTES, content_disposition, template_prefix
+from s3proxy.keys import KeyPolicy, KeyRefused, content_disposition
 from s3proxy.sink import S3Sink, translate
 from s3proxy.state import STATE, AppState
 
@@ -76,22 +78,12 @@ _ENTITY_TAG = re.compile(r'(?:W/)?"[\x21\x23-\x7e]*"')
 # --- pure: which keys, which range, which conditions ------------------------
 
 
-def allowed_prefix(principal: Principal, key_template: str) -> str:
-    """An upload token reads what it may write; anyone else reads the template's prefix."""
-    if principal.grant is not None:
-        return principal.grant.prefix
-    return template_prefix(key_template)
-
-
-def check_key(key: str, prefix: str) -> None:
-    """Refuse a key outside ``prefix`` or one a path normalizer would read differently."""
-    segments = key.split("/")
-    if not key or any(s in (".", "..") for s in segments):
-        raise ProxyError(KEY_FORBIDDEN, "the key must not be empty or hold . or .. segments")
-    if not key.startswith(prefix) or key == prefix:
-        raise ProxyError(KEY_FORBIDDEN, f"only keys under {prefix!r} may be read")
-    if len(key.encode()) > MAX_KEY_BYTES:
-        raise ProxyError(INVALID_REQUEST, "the key is longer than S3's 1024-byte limit")
+def check_key(key: str, principal: Principal, key_template: str) -> None:
+    """Refuse a key this principal may not read (``keys.KeyPolicy``: the rule of every route)."""
+    try:
+        KeyPolicy.for_grant(key_template, principal.grant).check(key)
+    except KeyRefused as exc:
+        raise ProxyError(INVALID_REQUEST if exc.too_long else KEY_FORBIDDEN, str(exc)) from None
 
 
 def single_range(value: str | None) -> str | None:
@@ -247,7 +239,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     principal = state.auth.authenticate(request)
     key = request.match_info["key"]
-    check_key(key, allowed_prefix(principal, state.settings.key_template))
+    check_key(key, principal, state.settings.key_template)
     if state.settings.download_mode == "redirect":
         return await redirect(request, key)
     return await stream(request, state, key)

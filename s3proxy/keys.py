@@ -1,8 +1,28 @@
-"""Pure: object keys from the template, filename sanitizing, Content-Disposition.
+"""Pure: object keys from the template, which keys a caller may use, Content-Disposition.
 
 The client's filename is untrusted: it must never add path segments to a key
 (so a key never escapes the template's prefix), never carry control characters
 into a header, and never be so long that the key passes S3's 1024-byte limit.
+
+Key policy: the one rule for every route (``POST /upload``, ``/sign``, ``GET
+/files``, resumable uploads) lives in ``KeyPolicy``, built from the key template
+and the caller's upload grant, if any:
+
+- A new key is ``grant prefix + the template's key``; anonymous and API-key
+  callers have no grant prefix.
+- A caller may read, complete or abort exactly the keys it could have been
+  given: keys under ``grant prefix + the template's literal prefix``, well
+  formed as this proxy makes them. That is the narrowest consistent rule: every
+  key ``new_key`` makes passes ``check`` (tested), and a token holder cannot
+  reach objects the backend keeps beside its uploads under the grant prefix
+  (``users/42/avatar.png`` when uploads land in ``users/42/uploads/...``); the
+  grant prefix alone would let a bearer token read those.
+- Well formed: non-empty, no empty, ``.`` or ``..`` segment (so no leading,
+  trailing or double ``/``), no backslash, no control or format character and
+  no lone surrogate, at most ``MAX_KEY_BYTES`` in UTF-8. A path normalizer, a
+  log line or an S3-compatible store can read none of them differently, and the
+  proxy never makes one (``sanitize_filename`` drops what it would refuse), so
+  refusing them can never hide an object the proxy stored.
 """
 
 from __future__ import annotations
@@ -12,6 +32,8 @@ import posixpath
 import re
 import unicodedata
 import uuid
+from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import quote
 
 MAX_KEY_BYTES = 1024  # S3 object key limit, in UTF-8 bytes
@@ -20,6 +42,19 @@ DEFAULT_FILENAME = "upload"
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f/\\]")
 _SPACES = re.compile(r"\s+")
+# Unicode categories refused in a client-supplied key: Cc control (C0, DEL, C1), Cf
+# format (bidi overrides, zero-width: they disguise a key), Cs a lone surrogate (JSON
+# and aiohttp's surrogateescape can hand one over; it has no UTF-8 form to send).
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs"})
+# Sample field values that make a key of the template without changing its shape.
+_SAMPLE_FIELDS = {
+    "yyyy": "2000",
+    "mm": "01",
+    "dd": "01",
+    "uuid": "0" * 32,
+    "filename": DEFAULT_FILENAME,
+    "field": "file",
+}
 
 
 def sanitize_filename(name: str | None) -> str:
@@ -80,12 +115,95 @@ def make_key(
     return key
 
 
-def under_prefix(prefix: str, key: str) -> str:
-    """Put a key under an upload token's prefix (already validated as clean)."""
-    full = prefix + key
-    if len(full.encode()) > MAX_KEY_BYTES:
-        raise ValueError("key longer than S3's 1024-byte limit")
-    return full
+class KeyRefused(ValueError):
+    """A client-supplied key the caller may not use.
+
+    ``too_long`` marks the one refusal that is about S3 rather than the caller (a
+    key S3 cannot hold, 400); every other is a key the caller may not touch (403).
+    """
+
+    def __init__(self, reason: str, *, too_long: bool = False) -> None:
+        super().__init__(reason)
+        self.too_long = too_long
+
+
+class HasPrefix(Protocol):
+    """An upload grant, as far as keys go (``tokens.UploadGrant``)."""
+
+    @property
+    def prefix(self) -> str: ...
+
+
+def malformed(key: str) -> str | None:
+    """Why ``key`` is not a key this proxy could make, or None (see the module docstring)."""
+    if not key:
+        return "the key must not be empty"
+    if "\\" in key or any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in key):
+        return "the key must not hold backslashes, control or format characters"
+    if any(seg in ("", ".", "..") for seg in key.split("/")):
+        return "the key must not hold empty, . or .. segments"
+    return None
+
+
+def template_problem(template: str) -> str | None:
+    """Why keys made from ``template`` would not be keys the proxy lets their maker use.
+
+    The template is filled with plain sample values and checked as a client key:
+    a literal ``//``, ``./`` or ``../`` (which ``make_key``'s normalizing would
+    silently rewrite, moving keys out from under the template's prefix), a
+    leading ``/``, a backslash or a control character is a problem.
+    """
+    try:
+        sample = template.format(**_SAMPLE_FIELDS)
+    except (KeyError, IndexError, ValueError) as exc:
+        return f"unknown or broken field: {exc}"
+    return malformed(sample)
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """Which keys one caller gets and may use (the rule is in the module docstring)."""
+
+    template: str  # --key-template
+    grant_prefix: str = ""  # an upload token's prefix; "" for anonymous and API-key callers
+
+    def __post_init__(self) -> None:
+        # tokens.py rule 6 guarantees it; refused here too, so no caller can build a
+        # policy where the grant "users/4" reaches "users/42/".
+        if self.grant_prefix and not self.grant_prefix.endswith("/"):
+            raise ValueError(f"grant prefix {self.grant_prefix!r} must end with /")
+
+    @classmethod
+    def for_grant(cls, template: str, grant: HasPrefix | None) -> KeyPolicy:
+        return cls(template, "" if grant is None else grant.prefix)
+
+    @property
+    def prefix(self) -> str:
+        """Every key this caller gets, and every key it may use, starts with this."""
+        return self.grant_prefix + template_prefix(self.template)
+
+    def new_key(
+        self,
+        filename: str,
+        field: str = "file",
+        *,
+        now: dt.datetime | None = None,
+        upload_id: str | None = None,
+    ) -> str:
+        """The key for a new upload; ValueError if the template cannot make a usable one."""
+        key = self.grant_prefix + make_key(self.template, filename, field, now, upload_id)
+        self.check(key)  # a key the caller could not then read is never handed out
+        return key
+
+    def check(self, key: str) -> None:
+        """May this caller read, complete or abort ``key``? KeyRefused if not."""
+        problem = malformed(key)
+        if problem is not None:
+            raise KeyRefused(problem)
+        if not key.startswith(self.prefix) or key == self.prefix:
+            raise KeyRefused(f"keys you may use start with {self.prefix!r}")
+        if len(key.encode()) > MAX_KEY_BYTES:  # lone surrogates were refused above
+            raise KeyRefused("the key is longer than S3's 1024-byte limit", too_long=True)
 
 
 def content_disposition(filename: str) -> str:

@@ -42,7 +42,6 @@ import logging
 import math
 import re
 import time
-import unicodedata
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -137,11 +136,9 @@ class Context:
         return max(1, math.ceil(self.settings.presign_expiry))
 
     @property
-    def key_prefix(self) -> str:
-        """Every key this principal may touch starts with this."""
-        prefix = keys.template_prefix(self.settings.key_template)
-        grant = self.principal.grant
-        return prefix if grant is None else grant.prefix + prefix
+    def key_policy(self) -> keys.KeyPolicy:
+        """The keys this principal gets and may touch: the same rule as every route."""
+        return keys.KeyPolicy.for_grant(self.settings.key_template, self.principal.grant)
 
 
 async def _context(request: web.Request, *, new_upload: bool = False) -> Context:
@@ -233,9 +230,7 @@ def check_file(ctx: Context, file: FileRequest) -> None:
 
 def _new_key(ctx: Context, filename: str) -> str:
     try:
-        key = keys.make_key(ctx.settings.key_template, filename, field="file")
-        grant = ctx.principal.grant
-        return key if grant is None else keys.under_prefix(grant.prefix, key)
+        return ctx.key_policy.new_key(filename, "file")
     except ValueError as exc:
         raise ProxyError(INVALID_REQUEST, f"cannot make an object key: {exc}") from None
 
@@ -243,17 +238,10 @@ def _new_key(ctx: Context, filename: str) -> str:
 def _client_key(ctx: Context, body: Mapping[str, Any]) -> str:
     """A key the client sends back: well-formed, and under what it may touch."""
     key = _string(body, "key")
-    if (
-        any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in key)
-        # surrogatepass: a lone surrogate (JSON can escape one) must not raise here.
-        or len(key.encode("utf-8", "surrogatepass")) > keys.MAX_KEY_BYTES
-        or key.startswith("/")
-        or "\\" in key
-        or any(seg in ("", ".", "..") for seg in key.split("/"))
-    ):
-        raise ProxyError(INVALID_REQUEST, "'key' is not a key this proxy makes")
-    if not key.startswith(ctx.key_prefix):
-        raise ProxyError(KEY_FORBIDDEN, f"keys you may use start with {ctx.key_prefix!r}")
+    try:
+        ctx.key_policy.check(key)
+    except keys.KeyRefused as exc:
+        raise ProxyError(INVALID_REQUEST if exc.too_long else KEY_FORBIDDEN, str(exc)) from None
     return key
 
 

@@ -125,6 +125,7 @@ class RequestUpload:
         self.result = UploadResult()
         self.metrics = metrics or Metrics()
         self.grant = grant
+        self.key_policy = keys.KeyPolicy.for_grant(key_template, grant)
 
     async def run(self, parts: AsyncIterator[Field | FilePart]) -> UploadResult:
         try:
@@ -153,9 +154,7 @@ class RequestUpload:
 
     async def _store(self, part: FilePart) -> StoredFile | None:
         try:
-            key = keys.make_key(self.key_template, part.filename, part.field)
-            if self.grant is not None:
-                key = keys.under_prefix(self.grant.prefix, key)
+            key = self.key_policy.new_key(part.filename, part.field)
         except ValueError as exc:
             raise ProxyError(INVALID_FIELD, f"cannot make an object key: {exc}") from None
         spec = FileSpec(

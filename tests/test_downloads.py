@@ -23,6 +23,7 @@ from s3proxy.auth import Principal
 from s3proxy.errors import ProxyError
 from s3proxy.keys import content_disposition
 from s3proxy.tokens import UploadGrant, issue
+from tests import bodies
 from tests.faults import FaultyS3
 from tests.rawhttp import exchange
 
@@ -99,36 +100,32 @@ def test_single_range(value: str | None, sent: str | None) -> None:
     assert downloads.single_range(value) == sent
 
 
+# Which keys each caller may read is keys.KeyPolicy's table (tests/test_key_policy.py);
+# here, that downloads applies it and how a refusal is answered.
+TOKEN_7 = Principal("token", UploadGrant("users/7/", None, (), None, None, 0))
+
+
 @pytest.mark.parametrize(
-    ("key", "prefix", "ok"),
+    ("key", "principal", "code"),
     [
-        ("uploads/a/b.txt", "uploads/", True),
-        ("uploads/é/ü ber%.txt", "uploads/", True),
-        ("uploadsX/a", "uploads/", False),
-        ("other/a", "uploads/", False),
-        ("uploads/", "uploads/", False),
-        ("", "", False),
-        ("uploads/../secret", "uploads/", False),
-        ("uploads/./a", "uploads/", False),
-        ("uploads/a/..", "uploads/", False),
-        ("../uploads/a", "", False),
-        ("anything/at/all", "", True),
+        ("uploads/a/b.txt", Principal("api_key"), None),
+        ("users/7/uploads/a/b.txt", TOKEN_7, None),
+        ("users/7/a/b.txt", TOKEN_7, "KEY_FORBIDDEN"),  # the grant prefix alone: not any more
+        ("uploads/a/b.txt", TOKEN_7, "KEY_FORBIDDEN"),
+        ("users/7/uploads/a/b.txt", Principal("api_key"), "KEY_FORBIDDEN"),
+        ("uploads/../secret", Principal("api_key"), "KEY_FORBIDDEN"),
+        ("uploads//a", Principal("anonymous"), "KEY_FORBIDDEN"),
+        ("uploads/" + "a" * 1017, Principal("api_key"), "INVALID_REQUEST"),
     ],
 )
-def test_check_key(key: str, prefix: str, ok: bool) -> None:
-    if ok:
-        downloads.check_key(key, prefix)
+def test_check_key(key: str, principal: Principal, code: str | None) -> None:
+    template = "uploads/{yyyy}/{uuid}/{filename}"
+    if code is None:
+        downloads.check_key(key, principal, template)
     else:
         with pytest.raises(ProxyError) as err:
-            downloads.check_key(key, prefix)
-        assert err.value.kind.code == "KEY_FORBIDDEN"
-
-
-def test_allowed_prefix() -> None:
-    template = "uploads/{yyyy}/{uuid}/{filename}"
-    assert downloads.allowed_prefix(Principal("api_key"), template) == "uploads/"
-    grant = UploadGrant("users/7/", None, (), None, None, 0)
-    assert downloads.allowed_prefix(Principal("token", grant), template) == "users/7/"
+            downloads.check_key(key, principal, template)
+        assert err.value.kind.code == code
 
 
 def test_conditions_follow_rfc_precedence() -> None:
@@ -344,7 +341,7 @@ async def authed(proxy_factory: Any) -> Any:
 
 
 async def test_auth(authed: Any, s3: Any, bucket: str) -> None:
-    put(s3, bucket, "users/42/a.txt", b"mine")
+    put(s3, bucket, "users/42/uploads/a.txt", b"mine")
     put(s3, bucket, KEY, b"theirs")
     anonymous = await authed.get(path(KEY))
     assert anonymous.status == 401
@@ -355,9 +352,9 @@ async def test_auth(authed: Any, s3: Any, bucket: str) -> None:
 
     token = issue(SECRET, prefix="users/42/", ttl=60)
     bearer = {"Authorization": f"Bearer {token}"}
-    own = await authed.get(path("users/42/a.txt"), headers=bearer)
+    own = await authed.get(path("users/42/uploads/a.txt"), headers=bearer)
     assert (own.status, await own.read()) == (200, b"mine")
-    by_query = await authed.get(path("users/42/a.txt"), params={"token": token})
+    by_query = await authed.get(path("users/42/uploads/a.txt"), params={"token": token})
     assert by_query.status == 200
     other = await authed.get(path(KEY), headers=bearer)
     assert other.status == 403
@@ -613,3 +610,55 @@ async def test_cors_preflight_refusal_is_json(proxy_factory: Any) -> None:
     assert ok.headers["Access-Control-Allow-Origin"] == "http://page.example"
     assert "Range" in ok.headers["Access-Control-Allow-Headers"]
     assert ok.headers["X-Request-ID"]
+
+
+# --- the one key rule (keys.KeyPolicy), over HTTP ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        "/files/uploads//x",
+        "/files/uploads/x/",
+        "/files/uploads/a%00b",
+        "/files/uploads/a%01b",
+        "/files/uploads/a%C2%85b",  # C1 (NEL)
+        "/files/uploads/evil%E2%80%AEtxt.exe",  # a bidi override
+        "/files/uploads/a%E2%80%8Bb",  # a zero-width space
+        "/files/uploads%5C..%5Csecret%5Cplans.txt",
+    ],
+)
+async def test_key_the_proxy_never_makes_never_reaches_s3(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, raw_path: str
+) -> None:
+    """Refused as /sign refuses it: 403 KEY_FORBIDDEN (was passed on to S3: 404 or 200)."""
+    async with FaultyS3(moto.endpoint_url) as faulty:
+        proxy = await proxy_factory(endpoint_url=faulty.endpoint_url)
+        resp = await raw_get(proxy, raw_path)
+        assert (resp.status, await error_code(resp)) == (403, "KEY_FORBIDDEN")
+        assert faulty.calls == []
+
+
+async def test_token_reads_what_it_uploaded_and_nothing_beside(
+    authed: Any, s3: Any, bucket: str
+) -> None:
+    """A token holder reads under its prefix plus the template's prefix, where /upload puts
+    its files; not other objects under its prefix (a change: those were readable)."""
+    put(s3, bucket, "users/42/avatar.png", b"the backend's")
+    bearer = {"Authorization": f"Bearer {issue(SECRET, prefix='users/42/', ttl=60)}"}
+    data = bodies.pdf(1000)
+    resp = await authed.post(
+        "/upload",
+        data=bodies.body([bodies.file("f", "a.pdf", data)]),
+        headers={**bodies.headers(), **bearer},
+    )
+    assert resp.status == 201, await resp.text()
+    key = (await resp.json())["files"][0]["key"]
+    assert key.startswith("users/42/uploads/")
+    own = await authed.get(path(key), headers=bearer)
+    assert (own.status, await own.read()) == (200, data)
+    beside = await authed.get(path("users/42/avatar.png"), headers=bearer)
+    assert (beside.status, await error_code(beside)) == (403, "KEY_FORBIDDEN")
+    other = {"Authorization": f"Bearer {issue(SECRET, prefix='users/43/', ttl=60)}"}
+    theirs = await authed.get(path(key), headers=other)
+    assert (theirs.status, await error_code(theirs)) == (403, "KEY_FORBIDDEN")

@@ -238,7 +238,8 @@ async def test_client_keys_are_checked(authed: Any, s3: Any, bucket: str) -> Non
             "uploads/\ud800",  # a lone surrogate (JSON allows the escape)
         ):
             status, out = await call(authed, "/sign/multipart/parts", {**ref, "key": bad})
-            assert (status, code(out)) == (400, "INVALID_REQUEST"), bad
+            # keys.KeyPolicy: a key the proxy never makes is one nobody may use (was 400).
+            assert (status, code(out)) == (403, "KEY_FORBIDDEN"), bad
         for numbers in ([], [0], [10_001], [1, 1], ["1"], list(range(1, 1002))):
             status, out = await call(
                 authed, "/sign/multipart/parts", {**ref, "part_numbers": numbers}, token()
@@ -485,3 +486,35 @@ async def test_multipart_abort_leaves_nothing(
     assert sw.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=up["key"]).get("KeyCount") == 0
     status, out = await call(proxy, "/sign/multipart/parts", {**ref, "part_numbers": [2]}, {})
     assert (status, code(out)) == (404, "NO_SUCH_UPLOAD")
+
+
+async def test_token_reads_what_it_signed_and_cannot_touch_beside(
+    authed: Any, s3: Any, bucket: str
+) -> None:
+    """One rule for /sign and /files: a token holder reads the key it was signed, and may
+    neither read nor complete nor abort beside it, even under its own grant prefix."""
+    mine = token()
+    status, out = await call(authed, "/sign", pdf(5), mine)
+    assert status == 200 and out["key"].startswith("users/42/uploads/"), out
+    async with (
+        aiohttp.ClientSession() as http,
+        http.put(out["url"], data=b"%PDF-", headers=out["headers"]) as resp,
+    ):
+        assert resp.status == 200
+    got = await authed.get("/files/" + out["key"], headers=mine)
+    assert (got.status, await got.read()) == (200, b"%PDF-")
+    got = await authed.get("/files/" + out["key"], headers=token(prefix="users/43/"))
+    assert got.status == 403
+    # The backend's own multipart upload beside the token's uploads, under its prefix.
+    beside = "users/42/avatar.png"
+    upload_id = s3.create_multipart_upload(Bucket=bucket, Key=beside)["UploadId"]
+    try:
+        ref = {"key": beside, "upload_id": upload_id}
+        for route in ("/sign/multipart/complete", "/sign/multipart/abort"):
+            status, out = await call(authed, route, ref, mine)
+            assert (status, code(out)) == (403, "KEY_FORBIDDEN"), route
+        assert [u["UploadId"] for u in open_uploads(s3, bucket)] == [upload_id]
+        got = await authed.get("/files/" + beside, headers=mine)
+        assert got.status == 403
+    finally:
+        s3.abort_multipart_upload(Bucket=bucket, Key=beside, UploadId=upload_id)
