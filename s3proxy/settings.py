@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from s3proxy import parts
+from s3proxy import keys, parts
 
 ENV_PREFIX = "S3PROXY_"
 
@@ -478,6 +478,8 @@ class Settings:
             raise SettingsError(f"--key-template has an unknown or broken field: {exc}") from None
         if self.key_template.startswith("/"):
             raise SettingsError("--key-template must not start with /")
+        if (problem := keys.template_problem(self.key_template)) is not None:
+            raise SettingsError(f"--key-template: {problem}")
         for t in self.allow_type:
             if not re.match(r"^[\w.+-]+/([\w.+-]+|\*)$", t):
                 raise SettingsError(

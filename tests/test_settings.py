@@ -84,6 +84,7 @@ def test_env_list() -> None:
         (["--memory-budget", "4MiB"], {}, "--memory-budget"),
         (["--key-template", "x/{filename}"], {}, "{uuid}"),
         (["--key-template", "x/{uuid}/{nope}"], {}, "unknown"),
+        (["--key-template", "a//{uuid}/{filename}"], {}, "segments"),
         (["--allow-type", "pdf"], {}, "--allow-type"),
         (["--endpoint-url", "ftp://x", "--bucket", "b"], {}, "http(s) URL"),
         ([], {"S3PROXY_SIGN_PAYLOAD": "maybe"}, "boolean"),
