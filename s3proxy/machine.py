@@ -110,7 +110,9 @@ class UploadMachine:
         self.size = 0  # bytes received so far
         self.finished = False
         self._slicer = PartSlicer(plan, limit=limit)
-        self._gen = self._run()
+        # The generator must not hold ``self``: a machine <-> generator cycle would keep
+        # the part's chunks alive until the cyclic GC runs, long after the budget let go.
+        self._gen = _decide(self._slicer, read_size)
         self._reading = False
         self._fed: bytes | None = None
 
@@ -121,12 +123,24 @@ class UploadMachine:
         if self.finished:
             raise RuntimeError("the upload has no more actions")
         fed, self._fed = self._fed, None
-        action = self._gen.send(fed)
+        try:
+            action = self._gen.send(fed)
+        except BaseException:
+            self.close()
+            raise
         if isinstance(action, Read):
             self._reading = True
         elif isinstance(action, PutObject | Complete):
             self.finished = True
         return action
+
+    def close(self) -> None:
+        """Drop every chunk the machine still holds (an upload that failed mid-part)."""
+        self.finished = True
+        self._reading = False
+        self._fed = None
+        self._gen.close()
+        self._slicer.take()
 
     def feed(self, chunk: bytes) -> None:
         """The bytes a ``Read`` brought; b"" when the file ended."""
@@ -135,51 +149,51 @@ class UploadMachine:
         self._reading = False
         if len(chunk) and self.size + len(chunk) > self.max_size:
             self.size += len(chunk)
-            self.finished = True
+            self.close()
             raise FileTooLarge(self.max_size)
         self.size += len(chunk)
         self._fed = chunk
 
-    def _run(self) -> Generator[Action, bytes | None, None]:
-        slicer = self._slicer
-        leftover = memoryview(b"")
-        eof = False
-        parts = 0
-        while True:
-            if slicer.number > MAX_PARTS:
-                # Parts 1..10,000 are out: the file must end right here.
-                if not leftover:
-                    peek = yield Read(1, peek=True)
-                    leftover = memoryview(peek or b"")
-                if leftover:
-                    self.finished = True
-                    raise TooManyParts
-                yield Complete(parts, self.size)
-                return
-            yield Reserve(max(1, slicer.allocation()))
-            while not slicer.full:
-                if leftover:
-                    leftover = slicer.feed(leftover)
-                    continue
-                chunk = yield Read(min(self.read_size, slicer.target - slicer.filled))
-                if not chunk:
-                    eof = True
-                    break
-                leftover = slicer.feed(chunk)
-            size = slicer.filled
-            number, data = slicer.take()
-            if number == 1:
-                if not eof and not leftover:
-                    peek = yield Read(1, peek=True)
-                    leftover = memoryview(peek or b"")
-                    eof = not peek
-                if eof:
-                    yield PutObject(data, size)
-                    return
-                yield CreateUpload(data)
-            if size:
-                parts = number
-                yield SendPart(number, data, size)
+
+def _decide(slicer: PartSlicer, read_size: int) -> Generator[Action, bytes | None, None]:
+    """The decisions, in order; ``send`` it the bytes each Read brought."""
+    leftover = memoryview(b"")
+    eof = False
+    parts = 0
+    while True:
+        if slicer.number > MAX_PARTS:
+            # Parts 1..10,000 are out: the file must end right here.
+            if not leftover:
+                peek = yield Read(1, peek=True)
+                leftover = memoryview(peek or b"")
+            if leftover:
+                raise TooManyParts
+            yield Complete(parts, slicer.consumed)
+            return
+        yield Reserve(max(1, slicer.allocation()))
+        while not slicer.full:
+            if leftover:
+                leftover = slicer.feed(leftover)
+                continue
+            chunk = yield Read(min(read_size, slicer.target - slicer.filled))
+            if not chunk:
+                eof = True
+                break
+            leftover = slicer.feed(chunk)
+        size = slicer.filled
+        number, data = slicer.take()
+        if number == 1:
+            if not eof and not leftover:
+                peek = yield Read(1, peek=True)
+                leftover = memoryview(peek or b"")
+                eof = not peek
             if eof:
-                yield Complete(parts, self.size)
+                yield PutObject(data, size)
                 return
+            yield CreateUpload(data)
+        if size:
+            parts = number
+            yield SendPart(number, data, size)
+        if eof:
+            yield Complete(parts, slicer.consumed)
+            return

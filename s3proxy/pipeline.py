@@ -227,6 +227,7 @@ class FileUpload:
         except TooManyParts as exc:
             raise ProxyError(FILE_TOO_LARGE, f"file {self.spec.filename!r}: {exc}") from None
         finally:
+            machine.close()  # a failed upload's partial part goes now, not at the next GC
             if reservation is not None:
                 reservation.release()
 
