@@ -35,7 +35,7 @@ from s3proxy.errors import FILE_TOO_LARGE, INTERNAL, TOKEN_SCOPE, TYPE_NOT_ALLOW
 from s3proxy.form import ChunkSource
 from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor, finish, run_cleanup
 from s3proxy.parts import MAX_PARTS, PartSlicer, plan_parts
-from s3proxy.sink import ObjectOptions, ObjectSink
+from s3proxy.s3 import ObjectOptions, ObjectSink
 
 log = logging.getLogger("s3proxy.pipeline")
 
