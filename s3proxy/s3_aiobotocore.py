@@ -530,7 +530,9 @@ def client_config(opts: ClientOptions) -> AioConfig:
     return AioConfig(
         connect_timeout=opts.connect_timeout,
         read_timeout=opts.read_timeout,
-        retries={"mode": "standard", "max_attempts": opts.max_attempts},
+        # total_max_attempts counts the first try; botocore's max_attempts counts only
+        # retries (max_attempts=1 is two attempts), which is not what --s3-max-attempts says.
+        retries={"mode": "standard", "total_max_attempts": opts.max_attempts},
         max_pool_connections=opts.max_connections,
         s3={"payload_signing_enabled": opts.sign_payload, "addressing_style": _addressing(opts)},
         request_checksum_calculation=opts.request_checksum,
