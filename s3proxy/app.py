@@ -21,13 +21,15 @@ if TYPE_CHECKING:
 
 from s3proxy import downloads, handlers, page, presign, protocol
 from s3proxy.cleanup import sweep
+from s3proxy.config import embedded_config
 from s3proxy.cors import Cors
 from s3proxy.errors import error_middleware
 from s3proxy.keys import template_prefix
 from s3proxy.log import REQUEST_ID
 from s3proxy.metrics import METRICS, metrics_handler, metrics_middleware
+from s3proxy.s3 import ObjectStore
+from s3proxy.s3_aiobotocore import open_store
 from s3proxy.settings import Settings
-from s3proxy.sink import S3Sink, client_options, open_client
 from s3proxy.state import STATE, AppState
 from s3proxy.webhook import Webhook, WebhookConfig
 
@@ -102,23 +104,16 @@ def create_app(settings: Settings) -> web.Application:
 
 def embedded_store(settings: Settings) -> EmbeddedStore:
     """The embedded SeaweedFS store as the settings describe it (not started)."""
-    from s3proxy.embedded import Backoff, EmbeddedConfig, EmbeddedStore
+    from s3proxy.embedded import EmbeddedStore
 
-    return EmbeddedStore(
-        EmbeddedConfig(
-            data_dir=settings.data_dir,
-            bucket=settings.bucket_name,
-            s3_port=settings.embedded_s3_port,
-            restart=Backoff(settings.embedded_restart_delay, settings.embedded_restart_max_delay),
-        )
-    )
+    return EmbeddedStore(embedded_config(settings))
 
 
 async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
     """Open (and, with no endpoint configured, first start) the S3 store the proxy writes to."""
     state = app[STATE]
     settings = state.settings
-    opts = client_options(settings)
+    opts = state.config.client
     store = None
     if settings.embedded:
         store = embedded_store(settings)
@@ -131,11 +126,16 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
             secret_key=store.secret_key,
         )
     try:
-        async with open_client(opts) as client:
-            state.sink = S3Sink(client, settings.bucket_name, state.metrics)
+        async with open_store(
+            opts,
+            settings.bucket_name,
+            state.metrics,
+            presign_endpoint=settings.presign_endpoint_url,
+        ) as bucket:
+            state.sink = bucket
             sweeper = None
             if settings.cleanup_interval > 0:
-                sweeper = asyncio.create_task(_sweep_forever(client, settings), name="cleanup")
+                sweeper = asyncio.create_task(_sweep_forever(bucket, settings), name="cleanup")
             try:
                 yield
             finally:
@@ -144,7 +144,6 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
                     with contextlib.suppress(asyncio.CancelledError):
                         await sweeper
                 await state.janitor.close()
-                await state.presigner.close()
                 state.sink = None
     finally:
         if store is not None:
@@ -152,17 +151,13 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
             await store.stop()
 
 
-async def _sweep_forever(client: Any, settings: Settings) -> None:
+async def _sweep_forever(bucket: ObjectStore, settings: Settings) -> None:
     """Abort multipart uploads a crash left behind, now and then (any instance may do it)."""
     prefix = template_prefix(settings.key_template)
     while True:
         try:
             result = await sweep(
-                client,
-                settings.bucket_name,
-                prefix,
-                timedelta(seconds=settings.cleanup_older_than),
-                dry_run=False,
+                bucket, prefix, timedelta(seconds=settings.cleanup_older_than), dry_run=False
             )
             log.info("cleanup.swept found=%d aborted=%d", len(result.found), len(result.aborted))
         except Exception as exc:
@@ -193,7 +188,7 @@ def log_ready(app: web.Application) -> None:
     """Say the proxy serves, where, and how to try it; call once it is listening."""
     state = app[STATE]
     settings = state.settings
-    endpoint = state.sink.client.meta.endpoint_url if state.sink is not None else None
+    endpoint = state.sink.endpoint_url if state.sink is not None else None
     where = f" data_dir={settings.data_dir.resolve()}" if settings.embedded else ""
     log.info(
         "proxy.ready listen=http://%s:%d s3=%s bucket=%s%s",
@@ -204,7 +199,9 @@ def log_ready(app: web.Application) -> None:
         where,
     )
     if settings.embedded:
-        creds = settings.data_dir.resolve() / "credentials.json"
+        from s3proxy.embedded import credentials_path
+
+        creds = credentials_path(settings.data_dir.resolve())
         log.info(
             "embedded store: keys in %s; list with: "
             "AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... "

@@ -13,17 +13,13 @@ line of defence; this is for stores without lifecycle rules and for audits
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from s3proxy.errors import UPSTREAM_ERROR, ProxyError
-from s3proxy.sink import S3Sink, translate
+from s3proxy.errors import ProxyError
+from s3proxy.s3 import PAGE_SIZE, ObjectStore
 
 log = logging.getLogger("s3proxy.cleanup")
-
-PAGE_SIZE = 1000  # ListMultipartUploads returns at most 1,000 uploads per page
 
 
 @dataclass(frozen=True)
@@ -45,8 +41,7 @@ class SweepResult:
 
 
 async def sweep(
-    client: Any,
-    bucket: str,
+    bucket: ObjectStore,
     prefix: str,
     older_than: timedelta,
     *,
@@ -70,18 +65,17 @@ async def sweep(
     cutoff = now - older_than
 
     result = SweepResult()
-    async for orphan in _list_uploads(client, bucket, prefix, page_size):
-        if orphan.initiated < cutoff:
-            result.found.append(orphan)
+    async for up in bucket.list_uploads(prefix, page_size=page_size):
+        if up.initiated < cutoff:
+            result.found.append(Orphan(up.key, up.upload_id, up.initiated))
 
-    sink = S3Sink(client, bucket)
     for orphan in result.found:
         age = (now - orphan.initiated).total_seconds()
         if dry_run:
             action = "would-abort"
         else:
             try:
-                await sink.abort(orphan.key, orphan.upload_id)
+                await bucket.abort(orphan.key, orphan.upload_id)
             except ProxyError as err:
                 result.errors.append((orphan, err.message))
                 log.warning(
@@ -102,49 +96,3 @@ async def sweep(
             action,
         )
     return result
-
-
-async def _list_uploads(
-    client: Any, bucket: str, prefix: str, page_size: int
-) -> AsyncIterator[Orphan]:
-    """Every open upload under ``prefix``, once each, following the store's page markers."""
-    markers: dict[str, str] = {}
-    seen: set[tuple[str, str]] = set()
-    while True:
-        with translate("ListMultipartUploads"):
-            page = await client.list_multipart_uploads(
-                Bucket=bucket, Prefix=prefix, MaxUploads=page_size, **markers
-            )
-        uploads = page.get("Uploads", [])
-        for up in uploads:
-            # Filter again: a store that ignores Prefix must not get us to
-            # abort uploads that belong to someone else.
-            if up["Key"].startswith(prefix) and (up["Key"], up["UploadId"]) not in seen:
-                seen.add((up["Key"], up["UploadId"]))
-                yield Orphan(up["Key"], up["UploadId"], up["Initiated"])
-        if not page.get("IsTruncated"):
-            return
-        following = _next_markers(page, uploads)
-        if not following or following == markers:
-            raise ProxyError(
-                UPSTREAM_ERROR, "ListMultipartUploads is truncated but does not advance"
-            )
-        markers = following
-
-
-def _next_markers(page: dict[str, Any], uploads: list[dict[str, Any]]) -> dict[str, str]:
-    """Where the next page starts: exactly the Next* markers the store sent.
-
-    S3 sends NextKeyMarker and NextUploadIdMarker. SeaweedFS orders by upload id
-    and sends only NextUploadIdMarker; given a KeyMarker as well it returns an
-    empty page, so markers the store did not send are not made up. Only a store
-    that sends neither is continued after the last upload listed.
-    """
-    following = {
-        name: str(page[f"Next{name}"])
-        for name in ("KeyMarker", "UploadIdMarker")
-        if page.get(f"Next{name}")
-    }
-    if not following and uploads:
-        following = {"KeyMarker": uploads[-1]["Key"], "UploadIdMarker": uploads[-1]["UploadId"]}
-    return following

@@ -23,10 +23,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from s3proxy import __version__
 from s3proxy import log as logsetup
 from s3proxy.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from s3proxy.embedded import StoreAccess
 
 log = logging.getLogger("s3proxy.cli")
 
@@ -192,33 +196,30 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from s3proxy.cleanup import sweep
+    from s3proxy.config import client_options
     from s3proxy.errors import ProxyError
     from s3proxy.keys import template_prefix
+    from s3proxy.s3_aiobotocore import open_store
     from s3proxy.settings import parse_duration
-    from s3proxy.sink import client_options, open_client
 
     try:
         older_than = timedelta(seconds=parse_duration(args.older_than))
     except ValueError as exc:
         raise SettingsError(f"--older-than: {exc}") from None
     prefix = template_prefix(settings.key_template) if args.prefix is None else args.prefix
+    opts = client_options(settings)
     if settings.embedded:
-        # Checked before client_options reads them too; and never the AWS chain's
-        # default endpoint: the store serve runs, or an error.
-        access_key, secret_key = _embedded_keys(settings.data_dir)
+        # Never the AWS chain's default endpoint: the store serve runs, or an error.
+        access = _embedded_access(settings)
         opts = dataclasses.replace(
-            client_options(settings),
-            endpoint_url=f"http://127.0.0.1:{settings.embedded_s3_port}",
-            access_key=access_key,
-            secret_key=secret_key,
+            opts,
+            endpoint_url=access.endpoint_url,
+            access_key=access.access_key,
+            secret_key=access.secret_key,
         )
-    else:
-        opts = client_options(settings)
     try:
-        async with open_client(opts) as client:
-            result = await sweep(
-                client, settings.bucket_name, prefix, older_than, dry_run=not args.execute
-            )
+        async with open_store(opts, settings.bucket_name) as bucket:
+            result = await sweep(bucket, prefix, older_than, dry_run=not args.execute)
     except ProxyError as exc:
         raise _cleanup_error(exc, settings) from None
 
@@ -234,15 +235,16 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_FAILURE if result.errors else EXIT_OK
 
 
-def _embedded_keys(data_dir: Path) -> tuple[str, str]:
-    """The running embedded store's keys, or a one-line error saying where they were sought."""
-    from s3proxy.embedded import CREDENTIALS_NAME, EmbeddedStoreError, read_credentials
+def _embedded_access(settings: Settings) -> StoreAccess:
+    """The running embedded store's endpoint and keys, or a one-line error saying where
+    they were sought."""
+    from s3proxy.embedded import EmbeddedStoreError, credentials_path, store_access
 
     try:
-        return read_credentials(data_dir)
+        return store_access(settings.data_dir, settings.embedded_s3_port)
     except FileNotFoundError:
         raise SettingsError(
-            f"no embedded store keys at {data_dir.absolute() / CREDENTIALS_NAME}: pass the "
+            f"no embedded store keys at {credentials_path(settings.data_dir)}: pass the "
             "--data-dir that `s3proxy serve` uses (S3PROXY_DATA_DIR; it is relative to the "
             "directory serve runs in), or --endpoint-url and --bucket for another S3"
         ) from None
@@ -251,11 +253,10 @@ def _embedded_keys(data_dir: Path) -> tuple[str, str]:
 
 
 def _cleanup_error(exc: Exception, settings: Settings) -> CommandError:
-    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
-
     from s3proxy.errors import UPSTREAM_UNAVAILABLE, ProxyError
+    from s3proxy.s3 import NoCredentials
 
-    if isinstance(exc.__cause__, NoCredentialsError | PartialCredentialsError):
+    if isinstance(exc, NoCredentials):
         return CommandError(
             "no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
             "AWS_PROFILE, or another source of the standard AWS chain",

@@ -28,11 +28,8 @@ import email.utils
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import hdrs, web
-from botocore.exceptions import ClientError
 
 from s3proxy.auth import Principal
 from s3proxy.errors import (
@@ -45,25 +42,22 @@ from s3proxy.errors import (
     error_response,
 )
 from s3proxy.keys import KeyPolicy, KeyRefused, content_disposition
-from s3proxy.sink import S3Sink, translate
+from s3proxy.s3 import (
+    Conditions,
+    InvalidRange,
+    NoSuchKey,
+    NotModified,
+    ObjectBody,
+    ObjectHead,
+    ObjectStore,
+    PreconditionFailed,
+)
 from s3proxy.state import STATE, AppState
 
 log = logging.getLogger("s3proxy.downloads")
 
 CHUNK_SIZE = 256 * 1024  # bytes read from S3 and written to the client at a time
 
-# Headers of S3's answer passed on as they are (Content-Length is set from the
-# parsed response, Content-Disposition has a default, Cache-Control is ours).
-_PASSED_ON = (
-    hdrs.CONTENT_TYPE,
-    hdrs.CONTENT_RANGE,
-    hdrs.CONTENT_ENCODING,
-    hdrs.CONTENT_LANGUAGE,
-    hdrs.ETAG,
-    hdrs.LAST_MODIFIED,
-)
-# The answers S3 gives as errors that are, for the client, ordinary HTTP outcomes.
-_OUTCOMES = frozenset({304, 404, 412, 416})
 # A single byte range (RFC 9110 14.1.2): first-last, first- or -suffix.
 _BYTE_RANGE = re.compile(r"bytes=(?:(\d+)-(\d*)|-(\d+))", re.ASCII)
 # Past any object S3 holds (5 TiB; AWS now documents 48.8 TiB), and still a signed
@@ -135,8 +129,8 @@ def http_date(value: str | None) -> dt.datetime | None:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.UTC)
 
 
-def conditions(headers: Mapping[str, str]) -> dict[str, Any]:
-    """The client's validators as GetObject/HeadObject parameters.
+def conditions(headers: Mapping[str, str]) -> Conditions:
+    """The client's validators, as S3 is to check them.
 
     The date conditions are dropped where RFC 9110 13.2.2 says to ignore them (when
     the matching ETag condition is present), so the outcome does not depend on
@@ -144,18 +138,18 @@ def conditions(headers: Mapping[str, str]) -> dict[str, Any]:
     If-None-Match is refused (400): ignoring it would turn a conditional request
     into an unconditional one.
     """
-    params: dict[str, Any] = {}
-    if if_match := headers.get(hdrs.IF_MATCH):
-        params["IfMatch"] = entity_tags(if_match, hdrs.IF_MATCH)
-    elif since := http_date(headers.get(hdrs.IF_UNMODIFIED_SINCE)):
-        params["IfUnmodifiedSince"] = since
-    if if_none_match := headers.get(hdrs.IF_NONE_MATCH):
+    if_match = if_none_match = None
+    modified_since = unmodified_since = None
+    if value := headers.get(hdrs.IF_MATCH):
+        if_match = entity_tags(value, hdrs.IF_MATCH)
+    else:
+        unmodified_since = http_date(headers.get(hdrs.IF_UNMODIFIED_SINCE))
+    if value := headers.get(hdrs.IF_NONE_MATCH):
         # If-None-Match compares weakly; S3 only knows strong tags, so drop the W/.
-        tags = entity_tags(if_none_match, hdrs.IF_NONE_MATCH)
-        params["IfNoneMatch"] = re.sub(r'W/(?=")', "", tags)
-    elif since := http_date(headers.get(hdrs.IF_MODIFIED_SINCE)):
-        params["IfModifiedSince"] = since
-    return params
+        if_none_match = re.sub(r'W/(?=")', "", entity_tags(value, hdrs.IF_NONE_MATCH))
+    else:
+        modified_since = http_date(headers.get(hdrs.IF_MODIFIED_SINCE))
+    return Conditions(if_match, if_none_match, modified_since, unmodified_since)
 
 
 def entity_tags(value: str, header: str) -> str:
@@ -171,65 +165,16 @@ def entity_tags(value: str, header: str) -> str:
     return ", ".join(tags)
 
 
-def if_range_holds(if_range: str, etag: str | None, last_modified: str | None) -> bool:
+def if_range_holds(if_range: str, etag: str | None, last_modified: dt.datetime | None) -> bool:
     """RFC 9110 13.1.5: the range applies only if the validator still matches, strongly."""
     if if_range.startswith('"'):
         return etag is not None and not etag.startswith("W/") and if_range == etag
-    given, current = http_date(if_range), http_date(last_modified)
-    return given is not None and given == current
+    given = http_date(if_range)
+    return given is not None and given == last_modified
 
 
 def attachment_name(key: str) -> str:
     return content_disposition(key.rsplit("/", 1)[-1])
-
-
-# --- S3 ----------------------------------------------------------------------
-
-
-@dataclass
-class Answer:
-    """S3's answer: a status and the parsed response, or the error's response for an outcome."""
-
-    status: int
-    response: dict[str, Any]
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        headers: Mapping[str, str] = self.response.get("ResponseMetadata", {}).get(
-            "HTTPHeaders", {}
-        )
-        return headers
-
-    @property
-    def body(self) -> Any:
-        return self.response.get("Body")
-
-    def close(self) -> None:
-        if self.body is not None:
-            self.body.close()
-
-
-async def fetch(sink: S3Sink, head: bool, params: dict[str, Any]) -> Answer:
-    """Call GetObject or HeadObject; 304, 404, 412 and 416 come back as answers."""
-    operation = "HeadObject" if head else "GetObject"
-    call = sink.client.head_object if head else sink.client.get_object
-    async with sink.call(operation):
-        try:
-            response = await call(Bucket=sink.bucket, **params)
-        except ClientError as exc:
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            if status not in _OUTCOMES:
-                raise
-            return Answer(status, dict(exc.response))
-    return Answer(int(response["ResponseMetadata"]["HTTPStatusCode"]), response)
-
-
-async def object_size(sink: S3Sink, key: str) -> int | None:
-    """The object's size, for a 416's ``Content-Range: bytes */size``, if S3 says."""
-    answer = await fetch(sink, True, {"Key": key})
-    if answer.status != 200:
-        return None
-    return int(answer.response["ContentLength"])
 
 
 # --- HTTP --------------------------------------------------------------------
@@ -246,52 +191,77 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 
 
 async def stream(request: web.Request, state: AppState, key: str) -> web.StreamResponse:
-    sink = state.require_sink()
+    bucket = state.require_sink()
     head = request.method == hdrs.METH_HEAD
-    params = {"Key": key, **conditions(request.headers)}
+    cond = conditions(request.headers)
     byte_range = single_range(request.headers.get(hdrs.RANGE))
-    if byte_range is not None:
-        params["Range"] = byte_range
-    answer = await fetch(sink, head, params)
-    if_range = request.headers.get(hdrs.IF_RANGE)
-    if (
-        answer.status == 206
-        and if_range
-        and not if_range_holds(
-            if_range, answer.headers.get("etag"), answer.headers.get("last-modified")
-        )
-    ):
-        # The object changed since the client's partial copy: send all of it.
-        answer.close()
-        del params["Range"]
-        answer = await fetch(sink, head, params)
-    if answer.status == 304:
-        return not_modified(answer)
-    if answer.status == 404:
-        raise ProxyError(NO_SUCH_KEY, f"no object with key {key!r}")
-    if answer.status == 412:
+    try:
+        answer = await fetch(bucket, key, head, byte_range, cond)
+        if_range = request.headers.get(hdrs.IF_RANGE)
+        if (
+            answer.head.partial
+            and if_range
+            and not if_range_holds(if_range, answer.head.etag, answer.head.last_modified)
+        ):
+            # The object changed since the client's partial copy: send all of it.
+            answer.close()
+            answer = await fetch(bucket, key, head, None, cond)
+    except NotModified as outcome:
+        return not_modified(outcome)
+    except NoSuchKey:
+        raise ProxyError(NO_SUCH_KEY, f"no object with key {key!r}") from None
+    except PreconditionFailed:
         raise ProxyError(
             PRECONDITION_FAILED, "a condition in If-Match or If-Unmodified-Since failed"
-        )
-    if answer.status == 416:
-        return await not_satisfiable(sink, key, answer)
+        ) from None
+    except InvalidRange as outcome:
+        return await not_satisfiable(bucket, key, outcome.size)
     return await send(request, key, answer)
 
 
-def not_modified(answer: Answer) -> web.Response:
+async def fetch(
+    bucket: ObjectStore, key: str, head: bool, byte_range: str | None, cond: Conditions
+) -> ObjectBody:
+    """GetObject, or HeadObject as a body of nothing, so both are answered alike."""
+    if not head:
+        return await bucket.get(key, byte_range=byte_range, conditions=cond)
+    found = await bucket.head(key, byte_range=byte_range, conditions=cond)
+
+    async def nothing(n: int) -> bytes:
+        return b""
+
+    return ObjectBody(found, nothing, lambda: None)
+
+
+async def object_size(bucket: ObjectStore, key: str) -> int | None:
+    """The object's size, for a 416's ``Content-Range: bytes */size``, if S3 says."""
+    try:
+        return (await bucket.head(key)).size
+    except (NoSuchKey, NotModified, PreconditionFailed, InvalidRange):
+        return None
+
+
+def _http_date(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    # botocore's tzutc() is not dt.UTC, which format_datetime insists on.
+    return email.utils.format_datetime(value.astimezone(dt.UTC), usegmt=True)
+
+
+def not_modified(outcome: NotModified) -> web.Response:
     """304 with the validators and caching headers a 200 would carry (RFC 9110 15.4.5)."""
     headers = {"Cache-Control": "private"}
-    for name in (hdrs.ETAG, hdrs.LAST_MODIFIED):
-        if value := answer.headers.get(name.lower()):
-            headers[name] = value
+    if outcome.etag:
+        headers[hdrs.ETAG] = outcome.etag
+    if last_modified := _http_date(outcome.last_modified):
+        headers[hdrs.LAST_MODIFIED] = last_modified
     return web.Response(status=304, headers=headers)
 
 
-async def not_satisfiable(sink: S3Sink, key: str, answer: Answer) -> web.Response:
+async def not_satisfiable(bucket: ObjectStore, key: str, size: int | None) -> web.Response:
     """416 as JSON, with ``Content-Range: bytes */size`` if the size is known (RFC 9110 15.5.17)."""
-    size = answer.response.get("Error", {}).get("ActualObjectSize")
     if size is None:  # HeadObject's 416 has no body to carry it
-        size = await object_size(sink, key)
+        size = await object_size(bucket, key)
     resp = error_response(
         ProxyError(RANGE_NOT_SATISFIABLE, "the range is outside the object's bytes")
     )
@@ -300,13 +270,19 @@ async def not_satisfiable(sink: S3Sink, key: str, answer: Answer) -> web.Respons
     return resp
 
 
-def response_headers(key: str, answer: Answer) -> dict[str, str]:
-    s3 = answer.headers
-    headers: dict[str, str] = {
-        str(name): s3[name.lower()] for name in _PASSED_ON if name.lower() in s3
+def response_headers(key: str, head: ObjectHead) -> dict[str, str]:
+    """S3's headers passed on as they are; Content-Disposition has a default, the rest is ours."""
+    passed_on = {
+        hdrs.CONTENT_TYPE: head.content_type,
+        hdrs.CONTENT_RANGE: head.content_range,
+        hdrs.CONTENT_ENCODING: head.content_encoding,
+        hdrs.CONTENT_LANGUAGE: head.content_language,
+        hdrs.ETAG: head.etag,
+        hdrs.LAST_MODIFIED: _http_date(head.last_modified),
     }
+    headers: dict[str, str] = {str(k): v for k, v in passed_on.items() if v}
     headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
-    headers[hdrs.CONTENT_DISPOSITION] = s3.get("content-disposition") or attachment_name(key)
+    headers[hdrs.CONTENT_DISPOSITION] = head.content_disposition or attachment_name(key)
     headers[hdrs.ACCEPT_RANGES] = "bytes"
     # Behind credentials: never kept by shared caches.
     headers[hdrs.CACHE_CONTROL] = "private"
@@ -316,16 +292,17 @@ def response_headers(key: str, answer: Answer) -> dict[str, str]:
     return headers
 
 
-async def send(request: web.Request, key: str, answer: Answer) -> web.StreamResponse:
+async def send(request: web.Request, key: str, answer: ObjectBody) -> web.StreamResponse:
     """Copy the object to the client a chunk at a time; the S3 body is closed on every path."""
-    response = web.StreamResponse(status=answer.status, headers=response_headers(key, answer))
-    response.content_length = int(answer.response["ContentLength"])
-    body = answer.body
+    head = answer.head
+    status = 206 if head.partial else 200
+    response = web.StreamResponse(status=status, headers=response_headers(key, head))
+    response.content_length = head.length
     sent = 0
     try:
         await response.prepare(request)
-        if body is not None:
-            while chunk := await body.read(CHUNK_SIZE):
+        if request.method != hdrs.METH_HEAD:
+            while chunk := await answer.read(CHUNK_SIZE):
                 await response.write(chunk)
                 sent += len(chunk)
         await response.write_eof()
@@ -348,20 +325,15 @@ async def send(request: web.Request, key: str, answer: Answer) -> web.StreamResp
 async def redirect(request: web.Request, key: str) -> web.Response:
     """302 to a presigned URL for the same method; S3 serves the bytes, ranges and 304s."""
     state = request.app[STATE]
-    settings = state.settings
-    sink = state.require_sink()
-    # SigV4, for the endpoint browsers reach: the proxy's one presigning client.
-    client = await state.presigner.client(sink)
+    bucket = state.require_sink()
     head = request.method == hdrs.METH_HEAD
-    params = {"Bucket": sink.bucket, "Key": key}
-    if not head:
-        params["ResponseContentDisposition"] = attachment_name(key)
-    with translate("presign"):
-        url = await client.generate_presigned_url(
-            "head_object" if head else "get_object",
-            Params=params,
-            ExpiresIn=int(settings.presign_expiry),
-        )
+    # SigV4, for the endpoint browsers reach.
+    url = await bucket.presign_get(
+        key,
+        int(state.settings.presign_expiry),
+        head=head,
+        disposition=None if head else attachment_name(key),
+    )
     # The URL is a credential that expires: no cache may keep or replay it.
     return web.Response(status=302, headers={hdrs.LOCATION: url, hdrs.CACHE_CONTROL: "no-store"})
 

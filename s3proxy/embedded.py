@@ -65,8 +65,11 @@ __all__ = [
     "EmbeddedConfig",
     "EmbeddedStore",
     "EmbeddedStoreError",
+    "StoreAccess",
+    "credentials_path",
     "plan_restart",
     "read_credentials",
+    "store_access",
 ]
 
 log = logging.getLogger("s3proxy.embedded")
@@ -774,13 +777,41 @@ def _random_token(length: int, alphabet: str) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(length))
 
 
+@dataclass(frozen=True)
+class StoreAccess:
+    """How a client reaches a store: its S3 endpoint and keys."""
+
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+
+
+def credentials_path(data_dir: Path) -> Path:
+    """Where a store in ``data_dir`` keeps its keys (the one place that knows the name)."""
+    return data_dir.expanduser().absolute() / CREDENTIALS_NAME
+
+
+def store_access(data_dir: Path, s3_port: int, host: str = "127.0.0.1") -> StoreAccess:
+    """The endpoint and keys of the store that runs (or ran) in ``data_dir``, for its clients.
+
+    ``s3_port`` 0 means the port the store picked, as kept in ``ports.json``. Raises
+    FileNotFoundError if there are no keys yet (the store never started there),
+    EmbeddedStoreError if they are unusable.
+    """
+    access_key, secret_key = read_credentials(data_dir)
+    if s3_port == 0:
+        s3_port = _read_ports(data_dir.expanduser().absolute() / PORTS_NAME).get("s3.port", 0)
+    where = f"[{host}]" if ":" in host else host
+    return StoreAccess(f"http://{where}:{s3_port}", access_key, secret_key)
+
+
 def read_credentials(data_dir: Path) -> tuple[str, str]:
     """The keys a store keeps in ``data_dir`` (for clients of a running store).
 
     Raises FileNotFoundError if there are none yet (the store never started there),
     EmbeddedStoreError if the file is there but unusable.
     """
-    path = data_dir.expanduser().absolute() / CREDENTIALS_NAME
+    path = credentials_path(data_dir)
     try:
         text = path.read_text()
     except FileNotFoundError:

@@ -6,7 +6,7 @@ several apps in one process (tests, benchmarks) never clash over metric names.
 Labels are kept to bounded sets, because every distinct label value is a new time
 series held forever: routes are the router's canonical paths (``unmatched`` when
 no route matched), methods outside the standard ones count as ``OTHER``, and
-error reasons are stable codes (``FILE_TOO_LARGE``, a botocore error code, or an
+error reasons are stable codes (``FILE_TOO_LARGE``, an S3 error code, or an
 exception type name), never messages or URLs.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -30,6 +29,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from s3proxy.errors import ProxyError
+from s3proxy.s3 import S3Error
 
 # Whole requests: an upload of several GiB at a modest rate takes minutes, so the
 # buckets reach 10 minutes; health checks and rejections land in the low ones.
@@ -157,18 +157,15 @@ class Metrics:
 
 
 def error_code(exc: BaseException) -> str:
-    """A stable, low-cardinality code for an exception: ours, then botocore's, then its type.
+    """A stable, low-cardinality code for an exception: S3's, then ours, then its type.
 
-    botocore's ``ClientError`` is recognised by its ``response`` dict rather than
-    imported, so this module stays free of botocore.
+    An ``S3Error`` carries S3's error code (``SlowDown``) or, when S3 never answered,
+    the exception's type name (``ReadTimeoutError``), as its ``reason``.
     """
+    if isinstance(exc, S3Error):
+        return exc.reason
     if isinstance(exc, ProxyError):
         return exc.kind.code
-    response: Any = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code")
-        if code:
-            return str(code)
     return type(exc).__name__
 
 

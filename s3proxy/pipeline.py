@@ -49,7 +49,7 @@ from s3proxy.machine import (
     UploadMachine,
 )
 from s3proxy.parts import plan_parts
-from s3proxy.sink import ObjectOptions, ObjectSink
+from s3proxy.s3 import ObjectOptions, ObjectSink
 
 log = logging.getLogger("s3proxy.pipeline")
 

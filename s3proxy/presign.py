@@ -42,12 +42,11 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from botocore.exceptions import ClientError
 
 from s3proxy import keys, parts, sniff
 from s3proxy.auth import Principal
@@ -62,8 +61,8 @@ from s3proxy.errors import (
     TYPE_NOT_ALLOWED,
     ProxyError,
 )
+from s3proxy.s3 import InvalidParts, NoSuchUpload, ObjectOptions, ObjectStore, PartInfo
 from s3proxy.settings import Settings
-from s3proxy.sink import ObjectOptions, S3Sink
 from s3proxy.state import STATE, AppState
 
 log = logging.getLogger("s3proxy.presign")
@@ -72,27 +71,14 @@ SIZE_META = "s3proxy-size"  # x-amz-meta-s3proxy-size: the size a multipart uplo
 MAX_PARTS_PER_CALL = 1000  # part URLs signed per request, as S3 pages ListParts
 METHODS = ("put", "post")
 
-# ObjectOptions' PutObject parameters as the HTTP headers a presigned PUT signs.
-_HEADERS = {
-    "ContentType": "Content-Type",
-    "ContentDisposition": "Content-Disposition",
-    "ACL": "x-amz-acl",
-    "StorageClass": "x-amz-storage-class",
-    "ServerSideEncryption": "x-amz-server-side-encryption",
-    "SSEKMSKeyId": "x-amz-server-side-encryption-aws-kms-key-id",
-}
-# A POST form names the ACL "acl"; the other fields are named like the headers.
-_POST_FIELDS = {**_HEADERS, "ACL": "acl"}
-# S3 answers these for a bad part list: the client's fault, not an upstream one.
-_BAD_PARTS = {"InvalidPart", "InvalidPartOrder", "EntityTooSmall"}
 _TYPE = re.compile(r"[\w.+-]+/[\w.+-]+", re.ASCII)
 
 
-# --- the presigning client ---------------------------------------------------------
+# --- routes -----------------------------------------------------------------------
 
 
 def add_routes(app: web.Application) -> None:
-    """Register the signing routes and the signing client's lifetime."""
+    """Register the signing routes."""
     app.router.add_post("/sign", sign)
     app.router.add_post("/sign/multipart", create_multipart)
     app.router.add_post("/sign/multipart/parts", sign_parts)
@@ -116,12 +102,11 @@ class FileRequest:
 
 @dataclass(frozen=True)
 class Context:
-    """What every signing request needs: who asks, and the clients to ask S3 with."""
+    """What every signing request needs: who asks, and the bucket to ask and sign for."""
 
     state: AppState
     principal: Principal
-    sink: S3Sink
-    signer: Any  # the presigning aiobotocore client
+    sink: ObjectStore
 
     @property
     def settings(self) -> Settings:
@@ -147,8 +132,7 @@ async def _context(request: web.Request, *, new_upload: bool = False) -> Context
     if new_upload and state.draining:
         raise ProxyError(SHUTTING_DOWN, "the proxy is shutting down; retry on another instance")
     principal = state.auth.authenticate(request)
-    sink = state.require_sink()
-    return Context(state, principal, sink, await state.presigner.client(sink))
+    return Context(state, principal, state.require_sink())
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -252,43 +236,22 @@ def _upload_id(body: Mapping[str, Any]) -> str:
     return upload_id
 
 
-def _options(settings: Settings, file: FileRequest, metadata: Mapping[str, str]) -> ObjectOptions:
+def _options(ctx: Context, file: FileRequest, metadata: Mapping[str, str]) -> ObjectOptions:
     """What the object is created with: as ``POST /upload`` sets it, type as declared."""
-    return ObjectOptions(
-        content_type=file.content_type,
-        content_disposition=keys.content_disposition(file.filename),
-        metadata=metadata,
-        acl=settings.acl,
-        storage_class=settings.storage_class,
-        sse=settings.sse,
-        sse_kms_key_id=settings.sse_kms_key_id,
-    )
+    return ctx.state.config.objects.options(file.content_type, file.filename, metadata)
 
 
-@contextlib.asynccontextmanager
-async def _s3(ctx: Context, operation: str) -> AsyncIterator[None]:
-    """The sink's S3 call wrapper, but a missing upload or a bad part list is the client's
-    fault."""
-    async with ctx.sink.call(operation):
-        try:
-            yield
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code == "NoSuchUpload":
-                raise ProxyError(
-                    NO_SUCH_UPLOAD, "no such multipart upload (completed, aborted or never made)"
-                ) from exc
-            if code in _BAD_PARTS:
-                raise ProxyError(INVALID_REQUEST, f"S3 refused the parts: {code}") from exc
-            raise
-
-
-async def _object_url(ctx: Context, key: str) -> str:
-    """Where the object lives on the endpoint browsers use (a presigned URL minus its query)."""
-    url: str = await ctx.signer.generate_presigned_url(
-        "get_object", Params={"Bucket": ctx.bucket, "Key": key}, ExpiresIn=1
-    )
-    return url.split("?", 1)[0]
+@contextlib.contextmanager
+def _client_faults() -> Iterator[None]:
+    """A missing upload or a bad part list is the client's fault, not an upstream one."""
+    try:
+        yield
+    except NoSuchUpload as exc:
+        raise ProxyError(
+            NO_SUCH_UPLOAD, "no such multipart upload (completed, aborted or never made)"
+        ) from exc
+    except InvalidParts as exc:
+        raise ProxyError(INVALID_REQUEST, f"S3 refused the parts: {exc.reason}") from exc
 
 
 # --- single-request uploads ---------------------------------------------------------
@@ -308,28 +271,18 @@ async def sign(request: web.Request) -> web.Response:
             }
         )
     key = _new_key(ctx, file.filename)
-    params = _options(ctx.settings, file, {}).to_params()
-    del params["Metadata"]
+    options = _options(ctx, file, {})
     expires_at = int(time.time()) + ctx.expires_in
     out: dict[str, Any] = {"multipart": False, "key": key, "bucket": ctx.bucket}
     if file.method == "put":
-        url = await ctx.signer.generate_presigned_url(
-            "put_object",
-            Params={"Bucket": ctx.bucket, "Key": key, "ContentLength": file.size, **params},
-            ExpiresIn=ctx.expires_in,
-        )
-        out.update(method="PUT", url=url, headers={_HEADERS[k]: v for k, v in params.items()})
+        put = await ctx.sink.presign_put(key, file.size, options, ctx.expires_in)
+        out.update(method="PUT", url=put.url, headers=dict(put.headers))
     else:
-        fields = {_POST_FIELDS[k]: v for k, v in params.items()}
-        conditions: list[Any] = [{name: value} for name, value in fields.items()]
         # Exactly the declared size, as a PUT signs Content-Length: the size the
         # limits were checked against is the size stored.
-        conditions.append(["content-length-range", file.size, file.size])
-        post = await ctx.signer.generate_presigned_post(
-            ctx.bucket, key, Fields=fields, Conditions=conditions, ExpiresIn=ctx.expires_in
-        )
-        out.update(method="POST", url=post["url"], fields=post["fields"])
-    out.update(expires_at=expires_at, object_url=await _object_url(ctx, key))
+        post = await ctx.sink.presign_post(key, file.size, options, ctx.expires_in)
+        out.update(method="POST", url=post.url, fields=dict(post.fields))
+    out.update(expires_at=expires_at, object_url=await ctx.sink.object_url(key))
     log.info(
         "presign.signed key=%s method=%s size=%d by=%s",
         key,
@@ -349,12 +302,8 @@ async def create_multipart(request: web.Request) -> web.Response:
     file = parse_file_request(await _json_body(request))
     check_file(ctx, file)
     key = _new_key(ctx, file.filename)
-    options = _options(ctx.settings, file, {SIZE_META: str(file.size)})
-    async with _s3(ctx, "CreateMultipartUpload"):
-        resp = await ctx.sink.client.create_multipart_upload(
-            Bucket=ctx.bucket, Key=key, **options.to_params()
-        )
-    upload_id = str(resp["UploadId"])
+    options = _options(ctx, file, {SIZE_META: str(file.size)})
+    upload_id = await ctx.sink.create(key, options)
     plan = parts.plan_parts(ctx.settings.part_size, file.size, ctx.settings.max_file_size)
     log.info(
         "presign.multipart_created key=%s upload_id=%s size=%d by=%s",
@@ -372,7 +321,7 @@ async def create_multipart(request: web.Request) -> web.Response:
             "content_type": file.content_type,
             "part_size": plan.base,
             "part_count": plan.parts_for(file.size),
-            "object_url": await _object_url(ctx, key),
+            "object_url": await ctx.sink.object_url(key),
         }
     )
 
@@ -398,38 +347,26 @@ async def sign_parts(request: web.Request) -> web.Response:
     key, upload_id = _client_key(ctx, body), _upload_id(body)
     numbers = _part_numbers(body)
     # One cheap call so a wrong or finished upload fails here, not in the browser.
-    async with _s3(ctx, "ListParts"):
-        await ctx.sink.client.list_parts(Bucket=ctx.bucket, Key=key, UploadId=upload_id, MaxParts=1)
+    with _client_faults():
+        await ctx.sink.list_parts(key, upload_id, max_parts=1)
     expires_at = int(time.time()) + ctx.expires_in
     urls = []
     for n in numbers:
-        url = await ctx.signer.generate_presigned_url(
-            "upload_part",
-            Params={"Bucket": ctx.bucket, "Key": key, "UploadId": upload_id, "PartNumber": n},
-            ExpiresIn=ctx.expires_in,
-        )
+        url = await ctx.sink.presign_part(key, upload_id, n, ctx.expires_in)
         urls.append({"part_number": n, "url": url})
     return web.json_response(
         {"key": key, "upload_id": upload_id, "parts": urls, "expires_at": expires_at}
     )
 
 
-async def _uploaded_parts(ctx: Context, key: str, upload_id: str) -> list[dict[str, Any]]:
-    """Every part S3 holds for the upload (ListParts pages at 1,000)."""
-    found: list[dict[str, Any]] = []
-    marker = 0
-    while True:
-        async with _s3(ctx, "ListParts"):
-            page = await ctx.sink.client.list_parts(
-                Bucket=ctx.bucket, Key=key, UploadId=upload_id, PartNumberMarker=marker
-            )
-        found += [
-            {"part_number": p["PartNumber"], "etag": p["ETag"], "size": p["Size"]}
-            for p in page.get("Parts", [])
-        ]
-        if not page.get("IsTruncated"):
-            return found
-        marker = int(page["NextPartNumberMarker"])
+async def _uploaded_parts(ctx: Context, key: str, upload_id: str) -> list[PartInfo]:
+    """Every part S3 holds for the upload."""
+    with _client_faults():
+        return await ctx.sink.list_parts(key, upload_id)
+
+
+def _parts_json(found: Sequence[PartInfo]) -> list[dict[str, Any]]:
+    return [{"part_number": p.number, "etag": p.etag, "size": p.size} for p in found]
 
 
 async def list_parts(request: web.Request) -> web.Response:
@@ -437,14 +374,14 @@ async def list_parts(request: web.Request) -> web.Response:
     ctx = await _context(request)
     key, upload_id = _client_key(ctx, request.query), _upload_id(request.query)
     found = await _uploaded_parts(ctx, key, upload_id)
-    return web.json_response({"key": key, "upload_id": upload_id, "parts": found})
+    return web.json_response({"key": key, "upload_id": upload_id, "parts": _parts_json(found)})
 
 
-def _check_parts(ctx: Context, body: Mapping[str, Any], found: list[dict[str, Any]]) -> int:
+def _check_parts(ctx: Context, body: Mapping[str, Any], found: Sequence[PartInfo]) -> int:
     """Refuse to complete a gappy, unexpected or oversized upload; return its size."""
     if not found:
         raise ProxyError(INVALID_REQUEST, "no part has been uploaded")
-    numbers = [p["part_number"] for p in found]
+    numbers = [p.number for p in found]
     if numbers != list(range(1, len(found) + 1)):
         missing = min(set(range(1, max(numbers) + 1)) - set(numbers))
         raise ProxyError(INVALID_REQUEST, f"part {missing} has not been uploaded")
@@ -458,12 +395,12 @@ def _check_parts(ctx: Context, body: Mapping[str, Any], found: list[dict[str, An
             raise ProxyError(
                 INVALID_REQUEST, "'parts' must be a list of {part_number, etag}"
             ) from None
-        held = {p["part_number"]: str(p["etag"]).strip('"') for p in found}
+        held = {p.number: p.etag.strip('"') for p in found}
         if claimed != held:
             raise ProxyError(
                 INVALID_REQUEST, "'parts' does not match the parts S3 holds for this upload"
             )
-    size = sum(int(p["size"]) for p in found)
+    size = sum(p.size for p in found)
     limit = ctx.settings.max_file_size
     if size > limit:
         raise ProxyError(FILE_TOO_LARGE, f"the parts hold {size} bytes; the limit is {limit}")
@@ -482,25 +419,16 @@ async def complete_multipart(request: web.Request) -> web.Response:
     key, upload_id = _client_key(ctx, body), _upload_id(body)
     found = await _uploaded_parts(ctx, key, upload_id)
     size = _check_parts(ctx, body, found)
-    async with _s3(ctx, "CompleteMultipartUpload"):
-        await ctx.sink.client.complete_multipart_upload(
-            Bucket=ctx.bucket,
-            Key=key,
-            UploadId=upload_id,
-            MultipartUpload={
-                "Parts": [{"PartNumber": p["part_number"], "ETag": p["etag"]} for p in found]
-            },
-        )
-    async with _s3(ctx, "HeadObject"):
-        head = await ctx.sink.client.head_object(Bucket=ctx.bucket, Key=key)
-    signed = head.get("Metadata", {}).get(SIZE_META)
-    stored = int(head["ContentLength"])
+    with _client_faults():
+        await ctx.sink.complete(key, upload_id, [(p.number, p.etag) for p in found])
+    head = await ctx.sink.head(key)
+    signed = head.metadata.get(SIZE_META)
+    stored = head.length
     if signed is None or not (signed.isascii() and signed.isdigit() and len(signed) <= 20):
         # The proxy wrote it at create; anything else is not a size to hold the object to.
         log.warning("presign.size_unchecked key=%s reason=metadata_missing", key)
     elif int(signed) != stored:
-        async with _s3(ctx, "DeleteObject"):
-            await ctx.sink.client.delete_object(Bucket=ctx.bucket, Key=key)
+        await ctx.sink.delete(key)
         log.info("presign.size_mismatch key=%s signed=%s stored=%d", key, signed, stored)
         raise ProxyError(
             INVALID_REQUEST,
@@ -520,9 +448,9 @@ async def complete_multipart(request: web.Request) -> web.Response:
             "bucket": ctx.bucket,
             "size": stored,
             "parts": len(found),
-            "etag": head.get("ETag"),
-            "content_type": head.get("ContentType"),
-            "object_url": await _object_url(ctx, key),
+            "etag": head.etag,
+            "content_type": head.content_type,
+            "object_url": await ctx.sink.object_url(key),
         }
     )
 
@@ -532,13 +460,6 @@ async def abort_multipart(request: web.Request) -> web.Response:
     ctx = await _context(request)
     body = await _json_body(request)
     key, upload_id = _client_key(ctx, body), _upload_id(body)
-    try:
-        async with _s3(ctx, "AbortMultipartUpload"):
-            await ctx.sink.client.abort_multipart_upload(
-                Bucket=ctx.bucket, Key=key, UploadId=upload_id
-            )
-    except ProxyError as err:
-        if err.kind is not NO_SUCH_UPLOAD:
-            raise
+    await ctx.sink.abort(key, upload_id)  # an upload already gone counts as aborted
     log.info("presign.multipart_aborted key=%s upload_id=%s", key, upload_id)
     return web.json_response({"key": key, "upload_id": upload_id, "aborted": True})

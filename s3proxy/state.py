@@ -12,13 +12,14 @@ from aiohttp import web
 
 from s3proxy.auth import Authenticator, load_keys
 from s3proxy.budget import MemoryBudget
+from s3proxy.config import Config
 from s3proxy.errors import UPSTREAM_UNAVAILABLE, ProxyError
 from s3proxy.form import FormLimits
 from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor
 from s3proxy.metrics import Metrics
 from s3proxy.pipeline import PipelineConfig
+from s3proxy.s3 import ObjectStore
 from s3proxy.settings import Settings
-from s3proxy.sink import Presigner, S3Sink
 from s3proxy.webhook import Webhook
 
 if TYPE_CHECKING:
@@ -28,14 +29,12 @@ if TYPE_CHECKING:
 @dataclass
 class AppState:
     settings: Settings
+    config: Config  # what the settings mean for each module, mapped once
     budget: MemoryBudget
-    pipeline: PipelineConfig
-    form_limits: FormLimits
-    presigner: Presigner  # SigV4 URLs for the endpoint browsers reach
     metrics: Metrics = field(default_factory=Metrics)
     auth: Authenticator = field(default_factory=Authenticator)
     janitor: Janitor = field(default_factory=Janitor)
-    sink: S3Sink | None = None  # set once the S3 client is open
+    sink: ObjectStore | None = None  # the bucket; set once the S3 client is open
     webhook: Webhook | None = None  # set when a webhook URL is configured
     store: EmbeddedStore | None = None  # the embedded store this process runs, if any
     draining: bool = False
@@ -46,32 +45,21 @@ class AppState:
     def from_settings(cls, settings: Settings) -> AppState:
         return cls(
             settings=settings,
-            presigner=Presigner(settings),
+            config=Config.from_settings(settings),
             auth=Authenticator(
                 api_keys=load_keys(settings.api_keys()),
                 token_secrets=load_keys(settings.token_secrets()),
             ),
             budget=MemoryBudget(settings.memory_budget),
-            pipeline=PipelineConfig(
-                part_size=settings.part_size,
-                parts_in_flight=settings.parts_in_flight,
-                max_file_size=settings.max_file_size,
-                chunk_size=settings.read_buffer,
-                allow_types=settings.allow_type,
-                acl=settings.acl,
-                storage_class=settings.storage_class,
-                sse=settings.sse,
-                sse_kms_key_id=settings.sse_kms_key_id,
-            ),
-            form_limits=FormLimits(
-                max_files=settings.max_files,
-                max_fields=settings.max_fields,
-                max_field_size=settings.max_field_size,
-                max_request_size=settings.max_request_size,
-                chunk_size=settings.read_buffer,
-                idle_timeout=settings.client_timeout,
-            ),
         )
+
+    @property
+    def pipeline(self) -> PipelineConfig:
+        return self.config.pipeline
+
+    @property
+    def form_limits(self) -> FormLimits:
+        return self.config.form
 
     @property
     def cleanup_wait(self) -> float:
@@ -87,7 +75,7 @@ class AppState:
                 UPSTREAM_UNAVAILABLE, "the embedded S3 store is down; it is being restarted"
             )
 
-    def require_sink(self) -> S3Sink:
+    def require_sink(self) -> ObjectStore:
         if self.sink is None:
             raise RuntimeError("the S3 client is not open yet")
         return self.sink

@@ -37,7 +37,7 @@ from s3proxy.pipeline import (
     StoredFile,
     abort_reason,
 )
-from s3proxy.sink import ObjectSink
+from s3proxy.s3 import ObjectSink
 from s3proxy.tokens import UploadGrant
 
 log = logging.getLogger("s3proxy.uploads")

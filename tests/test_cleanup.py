@@ -24,7 +24,7 @@ import pytest
 from s3proxy.cleanup import Orphan, SweepResult, sweep
 from s3proxy.embedded import EmbeddedStore
 from s3proxy.errors import ProxyError
-from s3proxy.sink import ClientOptions, open_client
+from s3proxy.s3_aiobotocore import AioObjectStore, ClientOptions, open_client
 from tests.s3util import MotoServer, open_uploads
 from tests.seaweed_fixture import s3_client_kwargs
 
@@ -143,7 +143,7 @@ async def test_dry_run_reports_and_aborts_nothing(
 ) -> None:
     before = open_uploads(s3, bucket)
     caplog.set_level(logging.INFO, "s3proxy.cleanup")
-    result = await sweep(aio, bucket, PREFIX, HOUR, now=mixed + 2 * HOUR)
+    result = await sweep(AioObjectStore(aio, bucket), PREFIX, HOUR, now=mixed + 2 * HOUR)
     assert keys_of(result.found) == [f"{PREFIX}a/with-part.bin", f"{PREFIX}b.bin"]
     assert result.aborted == [] and result.errors == []
     assert open_uploads(s3, bucket) == before
@@ -162,7 +162,9 @@ async def test_real_run_aborts_everything_old_under_the_prefix_and_nothing_else(
         if not u["Key"].startswith(PREFIX)
     )
     caplog.set_level(logging.INFO, "s3proxy.cleanup")
-    result = await sweep(aio, bucket, PREFIX, HOUR, dry_run=False, now=mixed + 2 * HOUR)
+    result = await sweep(
+        AioObjectStore(aio, bucket), PREFIX, HOUR, dry_run=False, now=mixed + 2 * HOUR
+    )
     assert (
         keys_of(result.aborted)
         == keys_of(result.found)
@@ -197,13 +199,15 @@ async def test_age_cutoff(
     older_than: timedelta,
     found: int,
 ) -> None:
-    result = await sweep(aio, bucket, PREFIX, older_than, dry_run=False, now=mixed + age)
+    result = await sweep(
+        AioObjectStore(aio, bucket), PREFIX, older_than, dry_run=False, now=mixed + age
+    )
     assert len(result.found) == len(result.aborted) == found
     assert len(open_under(s3, bucket, PREFIX)) == 2 - found
 
 
 async def test_default_now_is_timezone_aware(aio: Any, bucket: str, mixed: datetime) -> None:
-    result = await sweep(aio, bucket, PREFIX, timedelta(days=365 * 100))
+    result = await sweep(AioObjectStore(aio, bucket), PREFIX, timedelta(days=365 * 100))
     assert result == SweepResult([], [], [])
 
 
@@ -216,14 +220,16 @@ async def test_pagination(aio: Any, s3: Any, bucket: str, tidy: None, markers: s
     paged = PagedS3(aio, markers=markers)
     now = newest_initiated(s3, bucket) + 2 * HOUR
 
-    dry = await sweep(paged, bucket, PREFIX, HOUR, now=now, page_size=3)
+    dry = await sweep(AioObjectStore(paged, bucket), PREFIX, HOUR, now=now, page_size=3)
     assert len(dry.found) == len({(o.key, o.upload_id) for o in dry.found}) == 11
     assert len(paged.list_calls) == 4  # 3 + 3 + 3 + 2
     assert [c["MaxUploads"] for c in paged.list_calls] == [3] * 4
     assert "KeyMarker" not in paged.list_calls[0]
     assert all(c["Prefix"] == PREFIX for c in paged.list_calls)
 
-    result = await sweep(paged, bucket, PREFIX, HOUR, dry_run=False, now=now, page_size=3)
+    result = await sweep(
+        AioObjectStore(paged, bucket), PREFIX, HOUR, dry_run=False, now=now, page_size=3
+    )
     assert len(result.aborted) == 11 and result.errors == []
     assert open_under(s3, bucket, PREFIX) == []
     assert len(open_uploads(s3, bucket)) == 2
@@ -233,7 +239,9 @@ async def test_a_store_that_ignores_prefix_cannot_widen_the_sweep(
     aio: Any, s3: Any, bucket: str, mixed: datetime
 ) -> None:
     wide = PagedS3(aio, ignore_prefix=True)
-    result = await sweep(wide, bucket, PREFIX, HOUR, dry_run=False, now=mixed + 2 * HOUR)
+    result = await sweep(
+        AioObjectStore(wide, bucket), PREFIX, HOUR, dry_run=False, now=mixed + 2 * HOUR
+    )
     assert keys_of(result.aborted) == [f"{PREFIX}a/with-part.bin", f"{PREFIX}b.bin"]
     assert len(open_uploads(s3, bucket)) == 3
 
@@ -242,7 +250,9 @@ async def test_a_store_that_never_advances_is_an_error(
     aio: Any, bucket: str, mixed: datetime
 ) -> None:
     with pytest.raises(ProxyError, match="does not advance"):
-        await sweep(PagedS3(aio, stuck=True), bucket, PREFIX, HOUR, now=mixed, page_size=1)
+        await sweep(
+            AioObjectStore(PagedS3(aio, stuck=True), bucket), PREFIX, HOUR, now=mixed, page_size=1
+        )
 
 
 async def test_already_gone_is_not_an_error(
@@ -262,7 +272,7 @@ async def test_already_gone_is_not_an_error(
             return page
 
     result = await sweep(
-        StaleListing(aio), bucket, PREFIX, HOUR, dry_run=False, now=mixed + 2 * HOUR
+        AioObjectStore(StaleListing(aio), bucket), PREFIX, HOUR, dry_run=False, now=mixed + 2 * HOUR
     )
     assert stale in result.aborted and len(result.aborted) == 2
     assert result.errors == []
@@ -274,7 +284,9 @@ async def test_refused_abort_is_recorded_and_the_sweep_goes_on(
 ) -> None:
     refusing = PagedS3(aio, abort_bucket=f"{bucket}-missing")
     caplog.set_level(logging.INFO, "s3proxy.cleanup")
-    result = await sweep(refusing, bucket, PREFIX, HOUR, dry_run=False, now=mixed + 2 * HOUR)
+    result = await sweep(
+        AioObjectStore(refusing, bucket), PREFIX, HOUR, dry_run=False, now=mixed + 2 * HOUR
+    )
     assert result.aborted == []
     assert [o for o, _ in result.errors] == result.found and len(result.found) == 2
     assert all("NoSuchBucket" in why for _, why in result.errors)
@@ -294,7 +306,7 @@ async def test_refused_abort_is_recorded_and_the_sweep_goes_on(
 async def test_bad_arguments(aio: Any, bucket: str, kwargs: dict[str, Any]) -> None:
     args: dict[str, Any] = {"older_than": HOUR, **kwargs}
     with pytest.raises(ValueError):
-        await sweep(aio, bucket, PREFIX, **args)
+        await sweep(AioObjectStore(aio, bucket), PREFIX, **args)
 
 
 @pytest.mark.e2e
@@ -317,12 +329,19 @@ async def test_pagination_on_seaweedfs(seaweedfs: EmbeddedStore) -> None:
                 created.add((key, resp["UploadId"]))
             await client.create_multipart_upload(Bucket=seaweedfs.bucket, Key=f"{prefix[:-1]}.x")
             far = datetime.now(UTC) + timedelta(days=1)
-            dry = await sweep(client, seaweedfs.bucket, prefix, HOUR, now=far, page_size=2)
+            dry = await sweep(
+                AioObjectStore(client, seaweedfs.bucket), prefix, HOUR, now=far, page_size=2
+            )
             assert {(o.key, o.upload_id) for o in dry.found} == created
             assert len(dry.found) == 7
 
             result = await sweep(
-                client, seaweedfs.bucket, prefix, HOUR, dry_run=False, now=far, page_size=2
+                AioObjectStore(client, seaweedfs.bucket),
+                prefix,
+                HOUR,
+                dry_run=False,
+                now=far,
+                page_size=2,
             )
             assert len(result.aborted) == 7 and result.errors == []
             left = await client.list_multipart_uploads(Bucket=seaweedfs.bucket, Prefix=prefix)

@@ -22,6 +22,7 @@ from s3proxy import downloads
 from s3proxy.auth import Principal
 from s3proxy.errors import ProxyError
 from s3proxy.keys import content_disposition
+from s3proxy.s3 import Conditions, ObjectBody, ObjectHead
 from s3proxy.tokens import UploadGrant, issue
 from tests import bodies
 from tests.faults import FaultyS3
@@ -131,21 +132,21 @@ def test_check_key(key: str, principal: Principal, code: str | None) -> None:
 def test_conditions_follow_rfc_precedence() -> None:
     date = "Wed, 21 Oct 2015 07:28:00 GMT"
     when = dt.datetime(2015, 10, 21, 7, 28, tzinfo=dt.UTC)
-    assert downloads.conditions({"If-Modified-Since": date}) == {"IfModifiedSince": when}
-    assert downloads.conditions({"If-None-Match": 'W/"a", "b"', "If-Modified-Since": date}) == {
-        "IfNoneMatch": '"a", "b"'
-    }
-    assert downloads.conditions({"If-Match": '"a"', "If-Unmodified-Since": date}) == {
-        "IfMatch": '"a"'
-    }
-    assert downloads.conditions({"If-Modified-Since": "not a date"}) == {}
+    assert downloads.conditions({"If-Modified-Since": date}) == Conditions(if_modified_since=when)
+    assert downloads.conditions(
+        {"If-None-Match": 'W/"a", "b"', "If-Modified-Since": date}
+    ) == Conditions(if_none_match='"a", "b"')
+    assert downloads.conditions({"If-Match": '"a"', "If-Unmodified-Since": date}) == Conditions(
+        if_match='"a"'
+    )
+    assert downloads.conditions({"If-Modified-Since": "not a date"}) == Conditions()
     # Dates whose fields overflow are invalid dates too: ignored (RFC 9110 13.1.3).
     for junk in (
         "Mon, 01 Jan 99999999999999 00:00:00 GMT",
         "Mon, 01 Jan 2020 00:00:00 +" + "9" * 20,
     ):
-        assert downloads.conditions({"If-Modified-Since": junk}) == {}
-        assert downloads.conditions({"If-Unmodified-Since": junk}) == {}
+        assert downloads.conditions({"If-Modified-Since": junk}) == Conditions()
+        assert downloads.conditions({"If-Unmodified-Since": junk}) == Conditions()
 
 
 @pytest.mark.parametrize(
@@ -172,15 +173,16 @@ def test_malformed_entity_tags_are_refused(value: str) -> None:
     ],
 )
 def test_entity_tag_lists(value: str, sent: str) -> None:
-    assert downloads.conditions({"If-Match": value}) == {"IfMatch": sent}
+    assert downloads.conditions({"If-Match": value}) == Conditions(if_match=sent)
 
 
 def test_if_range_holds() -> None:
-    date = "Wed, 21 Oct 2015 07:28:00 GMT"
+    text = "Wed, 21 Oct 2015 07:28:00 GMT"
+    date = dt.datetime(2015, 10, 21, 7, 28, tzinfo=dt.UTC)
     assert downloads.if_range_holds('"x"', '"x"', date)
     assert not downloads.if_range_holds('"x"', '"y"', date)
     assert not downloads.if_range_holds('W/"x"', 'W/"x"', date)
-    assert downloads.if_range_holds(date, '"x"', date)
+    assert downloads.if_range_holds(text, '"x"', date)
     assert not downloads.if_range_holds("Thu, 22 Oct 2015 07:28:00 GMT", '"x"', date)
 
 
@@ -399,13 +401,13 @@ async def test_client_going_away_closes_the_s3_body(
 ) -> None:
     put(s3, bucket, "uploads/big.bin", os.urandom(20 * MiB))
     closed: list[int] = []
-    close = downloads.Answer.close
+    close = ObjectBody.close
 
-    def spy(self: downloads.Answer) -> None:
-        closed.append(self.status)
+    def spy(self: ObjectBody) -> None:
+        closed.append(self.head.length)
         close(self)
 
-    monkeypatch.setattr(downloads.Answer, "close", spy)
+    monkeypatch.setattr(ObjectBody, "close", spy)
     resp = await proxy.get(path("uploads/big.bin"))
     assert resp.status == 200
     await resp.content.readexactly(1024)
@@ -414,7 +416,7 @@ async def test_client_going_away_closes_the_s3_body(
         if closed:
             break
         await asyncio.sleep(0.05)
-    assert closed == [200]
+    assert closed == [20 * MiB]
     assert (await proxy.get("/healthz")).status == 200
 
 
@@ -437,9 +439,7 @@ class BrokenBody:
 
 async def test_s3_failing_mid_body_cuts_the_response(aiohttp_client: Any) -> None:
     body = BrokenBody()
-    answer = downloads.Answer(
-        200, {"ContentLength": 5000, "Body": body, "ResponseMetadata": {"HTTPHeaders": {}}}
-    )
+    answer = ObjectBody(ObjectHead(length=5000), body.read, body.close)
 
     async def handler(request: web.Request) -> web.StreamResponse:
         return await downloads.send(request, "uploads/a.bin", answer)

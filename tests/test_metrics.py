@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from s3proxy.budget import MemoryBudget
 from s3proxy.errors import FILE_TOO_LARGE, ProxyError, error_middleware
 from s3proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
+from s3proxy.s3 import S3Error, refusal
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -133,21 +134,14 @@ async def test_exceptions_without_error_middleware(aiohttp_client: Any, metrics:
 
 
 async def test_s3_call_times_successes_and_counts_errors(metrics: Metrics) -> None:
-    class FakeClientError(Exception):
-        """Shaped like botocore's ClientError."""
-
-        def __init__(self, code: str) -> None:
-            super().__init__(code)
-            self.response = {"Error": {"Code": code}}
-
     async with metrics.s3_call("UploadPart"):
         await asyncio.sleep(0)
     with pytest.raises(ProxyError):
         async with metrics.s3_call("UploadPart"):
             raise ProxyError(FILE_TOO_LARGE, "x")
-    with pytest.raises(FakeClientError):
+    with pytest.raises(S3Error):
         async with metrics.s3_call("CompleteMultipartUpload"):
-            raise FakeClientError("SlowDown")
+            raise refusal("CompleteMultipartUpload", "SlowDown", 503)
     with pytest.raises(ConnectionResetError):
         async with metrics.s3_call("PutObject"):
             raise ConnectionResetError

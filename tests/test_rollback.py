@@ -21,7 +21,7 @@ from s3proxy.budget import MemoryBudget
 from s3proxy.errors import CLIENT_DISCONNECTED, ProxyError
 from s3proxy.form import Field, FilePart
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, StoredFile
-from s3proxy.sink import ObjectOptions
+from s3proxy.s3 import ObjectOptions
 from s3proxy.uploads import RequestUpload
 
 MiB = 1024**2

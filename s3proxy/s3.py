@@ -1,0 +1,346 @@
+"""The S3 interface: every call the product makes to its bucket, typed, and nothing else.
+
+Like tusd's ``S3API`` beside its handler and httpx's ``AsyncBaseTransport``, the
+storage side is one small contract with one real implementation
+(``s3proxy.s3_aiobotocore``, over aiobotocore) and one in-memory one for tests
+(``tests/memory_s3.py``); the same contract tests run against both. Nothing here
+imports botocore: callers see the dataclasses below and ``S3Error``.
+
+Errors: every call raises only ``S3Error`` (a ``ProxyError``, so an unhandled one
+still reaches the client as JSON 502/503/504, as before) or cancellation::
+
+    ProxyError
+      S3Error               kind UPSTREAM_ERROR (S3 refused), _UNAVAILABLE (unreachable,
+        |                   throttling), _TIMEOUT; ``reason`` is S3's error code (or, with
+        |                   no answer, the exception's type name): stable, for metrics
+        NoSuchUpload        the multipart upload id is unknown (completed, aborted, never made)
+        NoSuchKey           no such object (GetObject/HeadObject)
+        InvalidParts        Complete refused the part list (InvalidPart, InvalidPartOrder,
+                            EntityTooSmall)
+        PreconditionFailed  412 to If-Match / If-Unmodified-Since
+        NotModified         304 to If-None-Match / If-Modified-Since (carries the validators)
+        InvalidRange        416; ``size`` is the object's, if S3 said
+        NoCredentials       no usable credentials are configured
+
+A caller branches on the type; none parses an S3 error code. The kinds stay the
+upstream ones, so a caller that does not branch (the upload pipeline) answers 502
+as it always did; one that does (presign: 404 NO_SUCH_UPLOAD) re-raises its own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Protocol
+
+from s3proxy.body import Chunk
+from s3proxy.errors import UPSTREAM_ERROR, UPSTREAM_UNAVAILABLE, ErrorKind, ProxyError
+from s3proxy.keys import content_disposition
+
+Body = Sequence[Chunk]  # a part as the chunks it arrived in
+
+#: S3 error codes that mean "slow down" (and so 503, not 502).
+THROTTLING = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "ServiceUnavailable"}
+)
+#: S3's answers to a bad part list at CompleteMultipartUpload.
+BAD_PARTS = frozenset({"InvalidPart", "InvalidPartOrder", "EntityTooSmall"})
+PAGE_SIZE = 1000  # ListParts and ListMultipartUploads page at 1,000 (S3 API reference)
+
+
+# --- errors -----------------------------------------------------------------------
+
+
+class S3Error(ProxyError):
+    """An S3 call failed; see the module docstring for the tree."""
+
+    def __init__(self, kind: ErrorKind, message: str, *, operation: str, reason: str) -> None:
+        super().__init__(kind, message)
+        self.operation = operation
+        self.reason = reason
+
+
+class NoSuchUpload(S3Error):
+    pass
+
+
+class NoSuchKey(S3Error):
+    pass
+
+
+class InvalidParts(S3Error):
+    pass
+
+
+class PreconditionFailed(S3Error):
+    pass
+
+
+class NotModified(S3Error):
+    """A 304: the client's copy is current. The validators go into the 304 answer."""
+
+    etag: str | None = None
+    last_modified: dt.datetime | None = None
+
+
+class InvalidRange(S3Error):
+    size: int | None = None  # the object's size, for ``Content-Range: bytes */size``
+
+
+class NoCredentials(S3Error):
+    pass
+
+
+def refusal(
+    operation: str,
+    code: str,
+    status: int,
+    *,
+    etag: str | None = None,
+    last_modified: dt.datetime | None = None,
+    size: int | None = None,
+) -> S3Error:
+    """The typed error for S3's answer ``status``/``code`` to ``operation``.
+
+    Both implementations build their errors here, so they cannot disagree on which
+    answer is which type. HeadObject errors have no body (the code is the status),
+    so a 404 to a read is NoSuchKey by status.
+    """
+    if code in THROTTLING or status == 503:
+        return S3Error(
+            UPSTREAM_UNAVAILABLE,
+            f"S3 {operation} throttled or unavailable: {code}",
+            operation=operation,
+            reason=code,
+        )
+    message = f"S3 {operation} failed: {code}"
+    kwargs = {"operation": operation, "reason": code}
+    if code == "NoSuchUpload":
+        return NoSuchUpload(UPSTREAM_ERROR, message, **kwargs)
+    if code in BAD_PARTS:
+        return InvalidParts(UPSTREAM_ERROR, message, **kwargs)
+    if code == "NoSuchKey" or (status == 404 and operation in ("HeadObject", "GetObject")):
+        return NoSuchKey(UPSTREAM_ERROR, message, **kwargs)
+    if code == "PreconditionFailed" or status == 412:
+        return PreconditionFailed(UPSTREAM_ERROR, message, **kwargs)
+    if status == 304:
+        err = NotModified(UPSTREAM_ERROR, message, **kwargs)
+        err.etag, err.last_modified = etag, last_modified
+        return err
+    if code == "InvalidRange" or status == 416:
+        bad = InvalidRange(UPSTREAM_ERROR, message, **kwargs)
+        bad.size = size
+        return bad
+    return S3Error(UPSTREAM_ERROR, message, **kwargs)
+
+
+# --- what goes in -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectOptions:
+    """What is set on an object when it is created."""
+
+    content_type: str
+    content_disposition: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    acl: str | None = None
+    storage_class: str | None = None
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ObjectDefaults:
+    """The settings every created object gets (``--acl``, ``--storage-class``, SSE): the one
+    place ``ObjectOptions`` are made, for ``POST /upload`` and for presigned uploads alike."""
+
+    acl: str | None = None
+    storage_class: str | None = None
+    sse: str | None = None
+    sse_kms_key_id: str | None = None
+
+    def options(
+        self, content_type: str, filename: str, metadata: Mapping[str, str] | None = None
+    ) -> ObjectOptions:
+        return ObjectOptions(
+            content_type=content_type,
+            content_disposition=content_disposition(filename),
+            metadata=dict(metadata or {}),
+            acl=self.acl,
+            storage_class=self.storage_class,
+            sse=self.sse,
+            sse_kms_key_id=self.sse_kms_key_id,
+        )
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """A read's validators (RFC 9110 13.1), passed to S3 as they are."""
+
+    if_match: str | None = None
+    if_none_match: str | None = None
+    if_modified_since: dt.datetime | None = None
+    if_unmodified_since: dt.datetime | None = None
+
+
+# --- what comes out ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    number: int
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    """An open multipart upload."""
+
+    key: str
+    upload_id: str
+    initiated: dt.datetime
+
+
+@dataclass(frozen=True)
+class ObjectHead:
+    """An object's answer to HeadObject/GetObject; with a range, ``length`` is the range's."""
+
+    length: int  # bytes in this answer (Content-Length)
+    etag: str | None = None
+    last_modified: dt.datetime | None = None
+    content_type: str | None = None
+    content_disposition: str | None = None
+    content_encoding: str | None = None
+    content_language: str | None = None
+    content_range: str | None = None  # "bytes 0-9/100" when a range was served (206)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def partial(self) -> bool:
+        return self.content_range is not None
+
+    @property
+    def size(self) -> int:
+        """The whole object's size (from Content-Range's total when a range was served)."""
+        if self.content_range is not None:
+            total = self.content_range.rpartition("/")[2]
+            if total.isdigit():
+                return int(total)
+        return self.length
+
+
+class ObjectBody:
+    """A GetObject answer: its head, and its bytes read on demand. Close it on every path."""
+
+    def __init__(
+        self, head: ObjectHead, read: Callable[[int], Awaitable[bytes]], close: Callable[[], None]
+    ) -> None:
+        self.head = head
+        self._read = read
+        self._close = close
+
+    async def read(self, n: int) -> bytes:
+        """At most ``n`` bytes; b"" at the end."""
+        return await self._read(n)
+
+    def close(self) -> None:
+        self._close()
+
+    async def __aenter__(self) -> ObjectBody:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class SignedRequest:
+    """A presigned PUT: the URL, and the headers the client must send exactly."""
+
+    url: str
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class SignedPost:
+    """A presigned POST: the form's action URL and the fields to send before the file."""
+
+    url: str
+    fields: Mapping[str, str]
+
+
+# --- the contract -----------------------------------------------------------------
+
+
+class ObjectSink(Protocol):
+    """The S3 calls the upload pipeline needs (a subset of ``ObjectStore``)."""
+
+    async def put(self, key: str, data: Body, options: ObjectOptions) -> str: ...
+    async def create(self, key: str, options: ObjectOptions) -> str: ...
+    async def upload_part(self, key: str, upload_id: str, number: int, data: Body) -> str: ...
+    async def complete(self, key: str, upload_id: str, parts: Sequence[tuple[int, str]]) -> str: ...
+    async def abort(self, key: str, upload_id: str) -> None: ...
+    async def tag(self, key: str, tags: Mapping[str, str]) -> None: ...
+    async def delete(self, key: str) -> None: ...
+    async def check(self) -> None: ...
+
+
+class ObjectStore(ObjectSink, Protocol):
+    """One bucket, as the product uses it. The contract every implementation keeps:
+
+    * Every call raises ``S3Error`` (or a subclass) for any failure, never a library's
+      own exception; cancellation passes through untouched.
+    * ``put``/``complete`` return the object's ETag; ``create`` the upload id;
+      ``upload_part`` the part's ETag.
+    * ``create`` leaves no upload open when it fails, even when S3 made one and only
+      the answer was lost (a timeout, a dropped connection, a cancellation): it aborts
+      the key's uploads (``abort_uploads``) before raising. Keys are unique per
+      upload, so no one else's upload is touched.
+    * ``abort`` of an upload already gone (NoSuchUpload) succeeds: aborts are retried.
+    * ``complete`` raises NoSuchUpload or InvalidParts for those answers.
+    * ``list_parts`` returns parts by number, all of them (S3 pages at 1,000) unless
+      ``max_parts`` caps it; NoSuchUpload if the upload is unknown.
+    * ``list_uploads`` yields each open upload whose key starts with ``prefix`` once,
+      following the store's page markers; a store that ignores ``Prefix`` cannot make
+      it yield others.
+    * ``head``/``get`` raise NoSuchKey, PreconditionFailed, NotModified, InvalidRange
+      for those answers; ``get``'s body must be closed.
+    * ``presign_*`` sign for the endpoint browsers reach and make no S3 call;
+      ``object_url`` is where the object lives there (no query).
+    """
+
+    bucket: str
+
+    @property
+    def endpoint_url(self) -> str | None: ...
+
+    async def abort_uploads(self, key: str) -> list[UploadInfo]: ...
+    async def list_parts(
+        self, key: str, upload_id: str, *, max_parts: int | None = None
+    ) -> list[PartInfo]: ...
+    def list_uploads(
+        self, prefix: str, *, page_size: int = PAGE_SIZE
+    ) -> AsyncIterator[UploadInfo]: ...
+    async def head(
+        self, key: str, *, byte_range: str | None = None, conditions: Conditions | None = None
+    ) -> ObjectHead: ...
+    async def get(
+        self, key: str, *, byte_range: str | None = None, conditions: Conditions | None = None
+    ) -> ObjectBody: ...
+    async def presign_get(
+        self, key: str, expires_in: int, *, head: bool = False, disposition: str | None = None
+    ) -> str: ...
+    async def presign_put(
+        self, key: str, size: int, options: ObjectOptions, expires_in: int
+    ) -> SignedRequest: ...
+    async def presign_post(
+        self, key: str, size: int, options: ObjectOptions, expires_in: int
+    ) -> SignedPost: ...
+    async def presign_part(self, key: str, upload_id: str, number: int, expires_in: int) -> str: ...
+    async def object_url(self, key: str) -> str: ...

@@ -1,0 +1,582 @@
+"""``ObjectStore`` over aiobotocore: the one module that imports botocore.
+
+Everything botocore raises is translated here (``translate``) into ``S3Error`` and
+its subclasses (``s3proxy.s3``): client-visible upstream faults are 502 (S3 said
+no), 503 (S3 unreachable or throttling) and 504 (S3 too slow). Transient failures
+are retried inside botocore (standard retry mode: 5xx, throttling, connection
+errors, with backoff); a part's bytes stay in our buffer until S3 acknowledges
+them, so every retry can resend them. Every call goes through ``AioObjectStore.call``,
+which times it, counts its error and translates what it raised.
+
+Also here: the client factory (``open_client``: one pooled client per process) and
+the presigning client, which is separate because SigV4 signs the Host header (a URL
+for ``--presign-endpoint-url`` must be signed for that host) and botocore presigns
+with SigV2 for custom endpoints unless told ``s3v4``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import email.utils
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
+
+from s3proxy.body import ChunkedBody
+from s3proxy.errors import UPSTREAM_ERROR, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, ProxyError
+from s3proxy.janitor import CLEANUP_TIMEOUT, finish
+from s3proxy.metrics import Metrics
+from s3proxy.s3 import (
+    PAGE_SIZE,
+    Body,
+    Conditions,
+    NoCredentials,
+    NoSuchUpload,
+    ObjectBody,
+    ObjectHead,
+    ObjectOptions,
+    PartInfo,
+    S3Error,
+    SignedPost,
+    SignedRequest,
+    UploadInfo,
+    refusal,
+)
+
+log = logging.getLogger("s3proxy.s3")
+
+# ObjectOptions' PutObject parameters as the HTTP headers a presigned PUT signs.
+_HEADERS = {
+    "ContentType": "Content-Type",
+    "ContentDisposition": "Content-Disposition",
+    "ACL": "x-amz-acl",
+    "StorageClass": "x-amz-storage-class",
+    "ServerSideEncryption": "x-amz-server-side-encryption",
+    "SSEKMSKeyId": "x-amz-server-side-encryption-aws-kms-key-id",
+}
+# A POST form names the ACL "acl"; the other fields are named like the headers.
+_POST_FIELDS = {**_HEADERS, "ACL": "acl"}
+# S3's answers to a conditional or ranged read: outcomes for the client, not S3 faults,
+# so they are not counted as S3 errors.
+_READ_OUTCOMES = frozenset({304, 404, 412, 416})
+
+
+# --- translation ------------------------------------------------------------------
+
+
+def _refusal(operation: str, exc: ClientError) -> S3Error:
+    """S3's error answer as its typed error."""
+    response: Any = exc.response
+    err = response.get("Error", {})
+    meta = response.get("ResponseMetadata", {})
+    headers = meta.get("HTTPHeaders", {})
+    size = err.get("ActualObjectSize")
+    return refusal(
+        operation,
+        str(err.get("Code", "Unknown")),
+        int(meta.get("HTTPStatusCode") or 0),
+        etag=headers.get("etag"),
+        last_modified=_http_date(headers.get("last-modified")),
+        size=int(size) if str(size).isdigit() else None,
+    )
+
+
+def _http_date(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+@contextlib.contextmanager
+def translate(operation: str) -> Iterator[None]:
+    """Turn whatever botocore or the network raised into an S3Error."""
+    try:
+        yield
+    except ProxyError:
+        raise
+    except ClientError as exc:
+        raise _refusal(operation, exc) from exc
+    except (TimeoutError, ReadTimeoutError, ConnectTimeoutError) as exc:
+        raise S3Error(
+            UPSTREAM_TIMEOUT,
+            f"S3 {operation} timed out",
+            operation=operation,
+            reason=type(exc).__name__,
+        ) from exc
+    except (
+        BotoConnectionError,
+        ConnectionClosedError,
+        aiohttp.ClientError,
+        ConnectionError,
+    ) as exc:
+        raise S3Error(
+            UPSTREAM_UNAVAILABLE,
+            f"S3 {operation}: cannot reach S3 ({type(exc).__name__})",
+            operation=operation,
+            reason=type(exc).__name__,
+        ) from exc
+    except (NoCredentialsError, PartialCredentialsError) as exc:
+        raise NoCredentials(
+            UPSTREAM_ERROR,
+            "no usable S3 credentials are configured",
+            operation=operation,
+            reason=type(exc).__name__,
+        ) from exc
+    except BotoCoreError as exc:
+        raise S3Error(
+            UPSTREAM_ERROR,
+            f"S3 {operation} failed: {type(exc).__name__}",
+            operation=operation,
+            reason=type(exc).__name__,
+        ) from exc
+
+
+def _params(options: ObjectOptions, *, metadata: bool = True) -> dict[str, Any]:
+    """ObjectOptions as PutObject/CreateMultipartUpload parameters."""
+    params: dict[str, Any] = {"ContentType": options.content_type}
+    if metadata:
+        params["Metadata"] = dict(options.metadata)
+    optional = {
+        "ContentDisposition": options.content_disposition,
+        "ACL": options.acl,
+        "StorageClass": options.storage_class,
+        "ServerSideEncryption": options.sse,
+        "SSEKMSKeyId": options.sse_kms_key_id,
+    }
+    params.update({k: v for k, v in optional.items() if v})
+    return params
+
+
+def _read_params(key: str, byte_range: str | None, cond: Conditions | None) -> dict[str, Any]:
+    params: dict[str, Any] = {"Key": key}
+    if byte_range is not None:
+        params["Range"] = byte_range
+    if cond is not None:
+        given = {
+            "IfMatch": cond.if_match,
+            "IfNoneMatch": cond.if_none_match,
+            "IfModifiedSince": cond.if_modified_since,
+            "IfUnmodifiedSince": cond.if_unmodified_since,
+        }
+        params.update({k: v for k, v in given.items() if v is not None})
+    return params
+
+
+def _head(resp: Mapping[str, Any]) -> ObjectHead:
+    return ObjectHead(
+        length=int(resp.get("ContentLength", 0)),
+        etag=resp.get("ETag"),
+        last_modified=resp.get("LastModified"),
+        content_type=resp.get("ContentType"),
+        content_disposition=resp.get("ContentDisposition"),
+        content_encoding=resp.get("ContentEncoding"),
+        content_language=resp.get("ContentLanguage"),
+        content_range=resp.get("ContentRange"),
+        metadata=dict(resp.get("Metadata", {})),
+    )
+
+
+def _next_markers(page: Mapping[str, Any], uploads: list[dict[str, Any]]) -> dict[str, str]:
+    """Where the next ListMultipartUploads page starts: exactly the Next* markers sent.
+
+    S3 sends NextKeyMarker and NextUploadIdMarker. SeaweedFS orders by upload id
+    and sends only NextUploadIdMarker; given a KeyMarker as well it returns an
+    empty page, so markers the store did not send are not made up. Only a store
+    that sends neither is continued after the last upload listed.
+    """
+    following = {
+        name: str(page[f"Next{name}"])
+        for name in ("KeyMarker", "UploadIdMarker")
+        if page.get(f"Next{name}")
+    }
+    if not following and uploads:
+        following = {"KeyMarker": uploads[-1]["Key"], "UploadIdMarker": uploads[-1]["UploadId"]}
+    return following
+
+
+# --- the store --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How to reach S3 (built from Settings by ``s3proxy.config``)."""
+
+    endpoint_url: str | None
+    region: str
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+    max_attempts: int = 5
+    max_connections: int = 64
+    sign_payload: bool = False
+    request_checksum: str = "when_required"
+    access_key: str | None = None
+    secret_key: str | None = None
+
+
+class AioObjectStore:
+    """``ObjectStore`` over one shared aiobotocore S3 client (see ``s3proxy.s3``)."""
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        metrics: Metrics | None = None,
+        *,
+        options: ClientOptions | None = None,
+        presign_endpoint: str | None = None,
+    ) -> None:
+        self._client = client
+        self.bucket = bucket
+        self._metrics = metrics or Metrics()
+        self._options = options
+        self._presign_endpoint = presign_endpoint
+        self._signer: Any = None
+        self._signer_lock = asyncio.Lock()
+        self._stack = contextlib.AsyncExitStack()
+
+    @property
+    def endpoint_url(self) -> str | None:
+        url: str | None = self._client.meta.endpoint_url
+        return url
+
+    @contextlib.asynccontextmanager
+    async def call(self, operation: str) -> AsyncIterator[None]:
+        """Wrap every S3 call: time it, count its error by S3's code, translate what it raised."""
+        async with self._metrics.s3_call(operation):
+            with translate(operation):
+                yield
+
+    # -- writes ---------------------------------------------------------------------
+
+    async def put(self, key: str, data: Body, options: ObjectOptions) -> str:
+        async with self.call("PutObject"):
+            resp = await self._client.put_object(
+                Bucket=self.bucket, Key=key, Body=ChunkedBody(data), **_params(options)
+            )
+        return str(resp["ETag"])
+
+    async def create(self, key: str, options: ObjectOptions) -> str:
+        try:
+            async with self.call("CreateMultipartUpload"):
+                resp = await self._client.create_multipart_upload(
+                    Bucket=self.bucket, Key=key, **_params(options)
+                )
+        except BaseException:
+            # S3 may have made the upload and only its answer was lost: abort it, since
+            # no one else will ever learn its id. To the end even if we are cancelled.
+            await finish(self._abort_lost(key, keep=None))
+            raise
+        upload_id = str(resp["UploadId"])
+        if resp.get("ResponseMetadata", {}).get("RetryAttempts"):
+            # botocore retried: an earlier attempt may have made an upload whose answer
+            # was lost (a read timeout), which would stay open unseen.
+            await finish(self._abort_lost(key, keep=upload_id))
+        return upload_id
+
+    async def _abort_lost(self, key: str, keep: str | None) -> None:
+        """Best effort: abort the key's uploads but ``keep``; a failure is logged, not raised."""
+        try:
+            async with asyncio.timeout(CLEANUP_TIMEOUT):
+                aborted = await self.abort_uploads(key, keep=keep)
+        except Exception as exc:
+            log.warning("upload.lost_create_unchecked key=%s error=%r", key, exc)
+            return
+        for upload in aborted:
+            log.info("upload.aborted key=%s upload_id=%s reason=lost_create", key, upload.upload_id)
+
+    async def upload_part(self, key: str, upload_id: str, number: int, data: Body) -> str:
+        async with self.call("UploadPart"):
+            resp = await self._client.upload_part(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=ChunkedBody(data),
+            )
+        return str(resp["ETag"])
+
+    async def complete(self, key: str, upload_id: str, parts: Sequence[tuple[int, str]]) -> str:
+        async with self.call("CompleteMultipartUpload"):
+            resp = await self._client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]},
+            )
+        return str(resp["ETag"])
+
+    async def abort(self, key: str, upload_id: str) -> None:
+        try:
+            async with self.call("AbortMultipartUpload"):
+                await self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id
+                )
+        except NoSuchUpload:
+            pass  # already gone: what an abort wants
+
+    async def abort_uploads(self, key: str, *, keep: str | None = None) -> list[UploadInfo]:
+        """Abort every open upload of exactly ``key`` (but ``keep``); return those aborted."""
+        found = [u async for u in self.list_uploads(key) if u.key == key and u.upload_id != keep]
+        for upload in found:
+            await self.abort(key, upload.upload_id)
+        return found
+
+    async def tag(self, key: str, tags: Mapping[str, str]) -> None:
+        async with self.call("PutObjectTagging"):
+            await self._client.put_object_tagging(
+                Bucket=self.bucket,
+                Key=key,
+                Tagging={"TagSet": [{"Key": k, "Value": v} for k, v in tags.items()]},
+            )
+
+    async def delete(self, key: str) -> None:
+        async with self.call("DeleteObject"):
+            await self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    # -- reads ----------------------------------------------------------------------
+
+    async def check(self) -> None:
+        async with self.call("HeadBucket"):
+            await self._client.head_bucket(Bucket=self.bucket)
+
+    async def list_parts(
+        self, key: str, upload_id: str, *, max_parts: int | None = None
+    ) -> list[PartInfo]:
+        found: list[PartInfo] = []
+        params: dict[str, Any] = {}
+        while True:
+            if max_parts is not None:
+                params["MaxParts"] = min(max_parts - len(found), PAGE_SIZE)
+            async with self.call("ListParts"):
+                page = await self._client.list_parts(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, **params
+                )
+            found += [
+                PartInfo(int(p["PartNumber"]), str(p["ETag"]), int(p["Size"]))
+                for p in page.get("Parts", [])
+            ]
+            if not page.get("IsTruncated") or (max_parts is not None and len(found) >= max_parts):
+                return found[:max_parts]
+            params["PartNumberMarker"] = int(page["NextPartNumberMarker"])
+
+    async def list_uploads(
+        self, prefix: str, *, page_size: int = PAGE_SIZE
+    ) -> AsyncIterator[UploadInfo]:
+        markers: dict[str, str] = {}
+        seen: set[tuple[str, str]] = set()
+        while True:
+            async with self.call("ListMultipartUploads"):
+                page = await self._client.list_multipart_uploads(
+                    Bucket=self.bucket, Prefix=prefix, MaxUploads=page_size, **markers
+                )
+            uploads = page.get("Uploads", [])
+            for up in uploads:
+                # Filter again: a store that ignores Prefix must not get us to
+                # touch uploads that belong to someone else.
+                if up["Key"].startswith(prefix) and (up["Key"], up["UploadId"]) not in seen:
+                    seen.add((up["Key"], up["UploadId"]))
+                    yield UploadInfo(up["Key"], up["UploadId"], up["Initiated"])
+            if not page.get("IsTruncated"):
+                return
+            following = _next_markers(page, uploads)
+            if not following or following == markers:
+                raise S3Error(
+                    UPSTREAM_ERROR,
+                    "ListMultipartUploads is truncated but does not advance",
+                    operation="ListMultipartUploads",
+                    reason="NotAdvancing",
+                )
+            markers = following
+
+    async def _read(self, operation: str, method: Any, params: dict[str, Any]) -> Any:
+        """GetObject/HeadObject; 304, 404, 412 and 416 raise their types uncounted."""
+        outcome: ClientError | None = None
+        async with self.call(operation):
+            try:
+                return await method(Bucket=self.bucket, **params)
+            except ClientError as exc:
+                status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+                if status not in _READ_OUTCOMES:
+                    raise
+                outcome = exc
+        assert outcome is not None
+        raise _refusal(operation, outcome) from outcome
+
+    async def head(
+        self, key: str, *, byte_range: str | None = None, conditions: Conditions | None = None
+    ) -> ObjectHead:
+        params = _read_params(key, byte_range, conditions)
+        return _head(await self._read("HeadObject", self._client.head_object, params))
+
+    async def get(
+        self, key: str, *, byte_range: str | None = None, conditions: Conditions | None = None
+    ) -> ObjectBody:
+        params = _read_params(key, byte_range, conditions)
+        resp = await self._read("GetObject", self._client.get_object, params)
+        body = resp["Body"]
+
+        async def read(n: int) -> bytes:
+            with translate("GetObject"):
+                data: bytes = await body.read(n)
+            return data
+
+        return ObjectBody(_head(resp), read, body.close)
+
+    # -- signing --------------------------------------------------------------------
+
+    async def _sign(self, method: str, params: dict[str, Any], expires_in: int) -> str:
+        signer = await self._signing_client()
+        with translate("presign"):
+            url: str = await signer.generate_presigned_url(
+                method, Params={"Bucket": self.bucket, **params}, ExpiresIn=expires_in
+            )
+        return url
+
+    async def presign_get(
+        self, key: str, expires_in: int, *, head: bool = False, disposition: str | None = None
+    ) -> str:
+        params: dict[str, Any] = {"Key": key}
+        if disposition is not None:
+            params["ResponseContentDisposition"] = disposition
+        return await self._sign("head_object" if head else "get_object", params, expires_in)
+
+    async def presign_put(
+        self, key: str, size: int, options: ObjectOptions, expires_in: int
+    ) -> SignedRequest:
+        params = _params(options, metadata=False)  # metadata is not signed
+        url = await self._sign(
+            "put_object", {"Key": key, "ContentLength": size, **params}, expires_in
+        )
+        return SignedRequest(url, {_HEADERS[k]: v for k, v in params.items()})
+
+    async def presign_post(
+        self, key: str, size: int, options: ObjectOptions, expires_in: int
+    ) -> SignedPost:
+        fields = {_POST_FIELDS[k]: v for k, v in _params(options, metadata=False).items()}
+        conditions: list[Any] = [{name: value} for name, value in fields.items()]
+        # Exactly the declared size, as a PUT signs Content-Length.
+        conditions.append(["content-length-range", size, size])
+        signer = await self._signing_client()
+        with translate("presign"):
+            post = await signer.generate_presigned_post(
+                self.bucket, key, Fields=fields, Conditions=conditions, ExpiresIn=expires_in
+            )
+        return SignedPost(str(post["url"]), dict(post["fields"]))
+
+    async def presign_part(self, key: str, upload_id: str, number: int, expires_in: int) -> str:
+        params = {"Key": key, "UploadId": upload_id, "PartNumber": number}
+        return await self._sign("upload_part", params, expires_in)
+
+    async def object_url(self, key: str) -> str:
+        return (await self.presign_get(key, 1)).split("?", 1)[0]
+
+    async def _signing_client(self) -> Any:
+        """Opened on first use, for the endpoint browsers reach, with the proxy's keys."""
+        if self._signer is None:
+            async with self._signer_lock:
+                if self._signer is None:
+                    endpoint = self._presign_endpoint or self.endpoint_url
+                    opts = self._options or ClientOptions(
+                        endpoint_url=endpoint, region=self._client.meta.region_name
+                    )
+                    opts = dataclasses.replace(opts, endpoint_url=endpoint)
+                    config = client_config(opts).merge(AioConfig(signature_version="s3v4"))
+                    with translate("presign"):
+                        self._signer = await self._stack.enter_async_context(
+                            _create_client(opts, config)
+                        )
+        return self._signer
+
+    async def close(self) -> None:
+        """Close the signing client, if one was opened (the main client is the caller's)."""
+        await self._stack.aclose()
+        self._signer = None
+
+
+# --- the client factory -----------------------------------------------------------
+
+
+def client_config(opts: ClientOptions) -> AioConfig:
+    """botocore config: our timeouts and retries, and no byte passes we do not need.
+
+    ``payload_signing_enabled=False`` sends UNSIGNED-PAYLOAD instead of a sha256
+    of every part (botocore honours it over plain HTTP too), and
+    ``when_required`` checksums skip the CRC32 botocore >= 1.36 adds by default,
+    which some S3-compatible stores also reject.
+    """
+    return AioConfig(
+        connect_timeout=opts.connect_timeout,
+        read_timeout=opts.read_timeout,
+        # total_max_attempts counts the first try; botocore's max_attempts counts only
+        # retries (max_attempts=1 is two attempts), which is not what --s3-max-attempts says.
+        retries={"mode": "standard", "total_max_attempts": opts.max_attempts},
+        max_pool_connections=opts.max_connections,
+        s3={"payload_signing_enabled": opts.sign_payload, "addressing_style": _addressing(opts)},
+        request_checksum_calculation=opts.request_checksum,
+        response_checksum_validation="when_required",
+    )
+
+
+def _addressing(opts: ClientOptions) -> str:
+    """Path-style for S3-compatible stores (no bucket DNS names); AWS decides for itself."""
+    if opts.endpoint_url is None or "amazonaws.com" in opts.endpoint_url:
+        return "auto"
+    return "path"
+
+
+def _create_client(opts: ClientOptions, config: AioConfig) -> Any:
+    kwargs: dict[str, Any] = {}
+    if opts.access_key and opts.secret_key:
+        kwargs = {"aws_access_key_id": opts.access_key, "aws_secret_access_key": opts.secret_key}
+    return get_session().create_client(
+        "s3", endpoint_url=opts.endpoint_url, region_name=opts.region, config=config, **kwargs
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_client(opts: ClientOptions) -> AsyncIterator[Any]:
+    """One aiobotocore S3 client for the whole process (it pools connections)."""
+    async with _create_client(opts, client_config(opts)) as client:
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def open_store(
+    opts: ClientOptions,
+    bucket: str,
+    metrics: Metrics | None = None,
+    *,
+    presign_endpoint: str | None = None,
+) -> AsyncIterator[AioObjectStore]:
+    """The store for ``bucket`` over a client of its own, closed (signer too) at exit."""
+    async with open_client(opts) as client:
+        store = AioObjectStore(
+            client, bucket, metrics, options=opts, presign_endpoint=presign_endpoint
+        )
+        try:
+            yield store
+        finally:
+            await store.close()

@@ -1,0 +1,101 @@
+"""The aiobotocore ObjectStore where only a real endpoint shows it: lost answers, retries.
+
+A CreateMultipartUpload whose answer is lost (S3 made the upload, the proxy timed out)
+leaves an upload no one knows the id of; the store must find it by key and abort it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from s3proxy.s3 import ObjectOptions, S3Error
+from s3proxy.s3_aiobotocore import ClientOptions, open_store
+from tests import bodies
+from tests.bodies import MiB
+from tests.faults import Fault, FaultyS3
+from tests.s3util import all_keys, open_uploads
+from tests.test_failures import expect_error, post_raw
+
+
+def lost_create(times: int) -> Any:
+    """The first ``times`` CreateMultipartUpload answers come after the read timeout."""
+    return lambda op, n: Fault(late=1.5) if op == "CreateMultipartUpload" and n <= times else None
+
+
+async def test_lost_create_answer_is_a_504_and_leaves_no_upload(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str
+) -> None:
+    raw = bodies.body([bodies.file("f", "a.bin", os.urandom(6 * MiB))])
+    async with FaultyS3(moto.endpoint_url, lost_create(1)) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url, s3_max_attempts=1, s3_read_timeout=0.5
+        )
+        status, out = await post_raw(proxy, raw)
+    expect_error(status, out, 504, "UPSTREAM_TIMEOUT")
+    assert faulty.calls.count("CreateMultipartUpload") == 1
+    assert "AbortMultipartUpload" in faulty.calls
+    assert open_uploads(s3, bucket) == []  # the fixture checks it too
+    assert all_keys(s3, bucket) == []
+
+
+async def test_create_retried_after_a_lost_answer_aborts_the_first_upload(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str
+) -> None:
+    """botocore retries the timed-out create and S3 makes a second upload: the first
+    one, whose id never arrived, must not stay open behind a 201."""
+    data = os.urandom(6 * MiB)
+    raw = bodies.body([bodies.file("f", "a.bin", data)])
+    async with FaultyS3(moto.endpoint_url, lost_create(1)) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url, s3_max_attempts=2, s3_read_timeout=0.5
+        )
+        status, out = await post_raw(proxy, raw)
+    assert status == 201, out
+    assert faulty.calls.count("CreateMultipartUpload") == 2
+    assert faulty.calls.count("AbortMultipartUpload") == 1
+    assert open_uploads(s3, bucket) == []
+    [f] = out["files"]
+    assert s3.get_object(Bucket=bucket, Key=f["key"])["Body"].read() == data
+
+
+async def test_abort_uploads_touches_exactly_one_key(moto: Any, s3: Any, bucket: str) -> None:
+    opts = ClientOptions(endpoint_url=moto.endpoint_url, region="us-east-1")
+    async with open_store(opts, bucket) as store:
+        options = ObjectOptions("application/octet-stream")
+        mine = [await store.create("k/a.bin", options) for _ in range(2)]
+        other = await store.create("k/a.bin2", options)
+        aborted = await store.abort_uploads("k/a.bin")
+        assert sorted(u.upload_id for u in aborted) == sorted(mine)
+        assert [(u["Key"], u["UploadId"]) for u in open_uploads(s3, bucket)] == [
+            ("k/a.bin2", other)
+        ]
+        await store.abort("k/a.bin2", other)
+
+
+async def test_unreachable_s3_is_a_typed_503() -> None:
+    from tests.s3util import free_port
+
+    opts = ClientOptions(
+        endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1", max_attempts=1
+    )
+    async with open_store(opts, "b") as store:
+        try:
+            await store.check()
+        except S3Error as err:
+            assert err.kind.status == 503
+            assert err.operation == "HeadBucket"
+        else:
+            raise AssertionError("no error")
+
+
+async def test_max_attempts_counts_the_first_attempt(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str
+) -> None:
+    """--s3-max-attempts is attempts per call, not retries after the first."""
+    raw = bodies.body([bodies.file("f", "a.bin", os.urandom(1000))])
+    async with FaultyS3(moto.endpoint_url, lambda op, n: Fault(status=500)) as faulty:
+        proxy = await proxy_factory(endpoint_url=faulty.endpoint_url, s3_max_attempts=3)
+        status, out = await post_raw(proxy, raw)
+    expect_error(status, out, 502, "UPSTREAM_ERROR")
+    assert faulty.calls.count("PutObject") == 3

@@ -1,0 +1,189 @@
+"""The ObjectStore contract (``s3proxy.s3``), the SAME tests run against the aiobotocore
+store on moto and against ``tests/memory_s3.MemoryS3``, so the fake cannot drift."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from s3proxy.s3 import (
+    Conditions,
+    InvalidParts,
+    InvalidRange,
+    NoSuchKey,
+    NoSuchUpload,
+    NotModified,
+    ObjectOptions,
+    ObjectStore,
+    PreconditionFailed,
+    S3Error,
+)
+from s3proxy.s3_aiobotocore import ClientOptions, open_store
+from tests.memory_s3 import MemoryS3
+
+MiB = 1024**2
+OPTS = ObjectOptions("text/plain", 'attachment; filename="a.txt"', {"who": "me"})
+
+
+@pytest.fixture(params=["aiobotocore", "memory"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[ObjectStore]:
+    if request.param == "memory":
+        yield MemoryS3()
+        return
+    moto = request.getfixturevalue("moto")
+    bucket = request.getfixturevalue("bucket")  # checks no upload is left open
+    opts = ClientOptions(endpoint_url=moto.endpoint_url, region="us-east-1", max_attempts=1)
+    async with open_store(opts, bucket) as real:
+        yield real
+
+
+async def read_all(store: ObjectStore, key: str, **kw: Any) -> bytes:
+    async with await store.get(key, **kw) as body:
+        out = b""
+        while chunk := await body.read(1000):
+            out += chunk
+        return out
+
+
+async def test_put_then_head_and_get(store: ObjectStore) -> None:
+    etag = await store.put("a/x.txt", [b"hello ", memoryview(b"world")], OPTS)
+    head = await store.head("a/x.txt")
+    assert (head.length, head.size, head.etag) == (11, 11, etag)
+    assert head.content_type == "text/plain"
+    assert head.content_disposition == 'attachment; filename="a.txt"'
+    assert head.metadata == {"who": "me"}
+    assert head.last_modified is not None and head.last_modified.tzinfo is not None
+    assert not head.partial
+    assert await read_all(store, "a/x.txt") == b"hello world"
+
+
+async def test_multipart_round_trip(store: ObjectStore) -> None:
+    first, last = os.urandom(5 * MiB), b"tail"
+    upload_id = await store.create("a/big.bin", OPTS)
+    assert [u.upload_id async for u in store.list_uploads("a/")] == [upload_id]
+    e1 = await store.upload_part("a/big.bin", upload_id, 1, [first])
+    e2 = await store.upload_part("a/big.bin", upload_id, 2, [last])
+    parts = await store.list_parts("a/big.bin", upload_id)
+    assert [(p.number, p.etag, p.size) for p in parts] == [(1, e1, 5 * MiB), (2, e2, 4)]
+    assert len(await store.list_parts("a/big.bin", upload_id, max_parts=1)) == 1
+    etag = await store.complete("a/big.bin", upload_id, [(1, e1), (2, e2)])
+    assert etag.endswith('-2"')
+    assert [u async for u in store.list_uploads("a/")] == []
+    assert await read_all(store, "a/big.bin") == first + last
+
+
+async def test_small_parts_are_refused_at_complete(store: ObjectStore) -> None:
+    upload_id = await store.create("a/small.bin", OPTS)
+    try:
+        e1 = await store.upload_part("a/small.bin", upload_id, 1, [b"x"])
+        e2 = await store.upload_part("a/small.bin", upload_id, 2, [b"y"])
+        with pytest.raises(InvalidParts) as err:
+            await store.complete("a/small.bin", upload_id, [(1, e1), (2, e2)])
+        assert err.value.reason == "EntityTooSmall" and err.value.kind.status == 502
+    finally:
+        await store.abort("a/small.bin", upload_id)
+
+
+async def test_unknown_upload(store: ObjectStore) -> None:
+    upload_id = await store.create("a/gone.bin", OPTS)
+    await store.abort("a/gone.bin", upload_id)
+    await store.abort("a/gone.bin", upload_id)  # already gone: still fine
+    with pytest.raises(NoSuchUpload):
+        await store.list_parts("a/gone.bin", upload_id)
+    # S3 answers these NoSuchUpload too; moto 5 answers 500, so only S3Error here.
+    with pytest.raises(S3Error):
+        await store.upload_part("a/gone.bin", upload_id, 1, [b"x"])
+    with pytest.raises(S3Error):
+        await store.complete("a/gone.bin", upload_id, [(1, '"x"')])
+
+
+async def test_missing_object(store: ObjectStore) -> None:
+    with pytest.raises(NoSuchKey):
+        await store.head("a/none")
+    with pytest.raises(NoSuchKey):
+        await store.get("a/none")
+    await store.delete("a/none")  # deleting nothing is fine
+
+
+async def test_conditional_and_ranged_reads(store: ObjectStore) -> None:
+    etag = await store.put("a/c.txt", [b"0123456789"], OPTS)
+    with pytest.raises(NotModified) as nm:
+        await store.get("a/c.txt", conditions=Conditions(if_none_match=etag))
+    assert nm.value.etag == etag
+    with pytest.raises(NotModified):
+        await store.head("a/c.txt", conditions=Conditions(if_none_match=etag))
+    with pytest.raises(PreconditionFailed):
+        await store.get("a/c.txt", conditions=Conditions(if_match='"other"'))
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    with pytest.raises(NotModified):
+        await store.get("a/c.txt", conditions=Conditions(if_modified_since=later))
+    assert await read_all(store, "a/c.txt", conditions=Conditions(if_match=etag)) == b"0123456789"
+
+    body = await store.get("a/c.txt", byte_range="bytes=2-4")
+    async with body:
+        assert body.head.partial and body.head.content_range == "bytes 2-4/10"
+        assert (body.head.length, body.head.size) == (3, 10)
+        assert await body.read(100) == b"234"
+    assert await read_all(store, "a/c.txt", byte_range="bytes=-3") == b"789"
+    with pytest.raises(InvalidRange) as bad:
+        await store.get("a/c.txt", byte_range="bytes=50-")
+    assert bad.value.size == 10
+
+
+async def test_abort_uploads_and_listing_by_prefix(store: ObjectStore) -> None:
+    ids = [await store.create(k, OPTS) for k in ("p/a", "p/a", "p/ab", "q/a")]
+    assert sorted([u.upload_id async for u in store.list_uploads("p/")]) == sorted(ids[:3])
+    aborted = await store.abort_uploads("p/a")
+    assert sorted(u.upload_id for u in aborted) == sorted(ids[:2])
+    assert [u.key async for u in store.list_uploads("")] == ["p/ab", "q/a"]
+    await store.abort_uploads("p/ab")
+    await store.abort_uploads("q/a")
+
+
+async def test_tag_and_delete(store: ObjectStore) -> None:
+    await store.put("a/t.txt", [b"x"], OPTS)
+    await store.tag("a/t.txt", {"sha256": "abc"})
+    await store.delete("a/t.txt")
+    with pytest.raises(NoSuchKey):
+        await store.head("a/t.txt")
+    with pytest.raises(S3Error):
+        await store.tag("a/t.txt", {"sha256": "abc"})
+
+
+async def test_presigned_urls_name_the_key(store: ObjectStore) -> None:
+    url = await store.presign_part("a/k.bin", "some-id", 3, 60)
+    assert "a/k.bin" in url and "partNumber=3" in url
+    put = await store.presign_put("a/k.bin", 10, OPTS, 60)
+    assert put.headers["Content-Type"] == "text/plain"
+    post = await store.presign_post("a/k.bin", 10, OPTS, 60)
+    assert post.fields["key"] == "a/k.bin"
+    assert (await store.object_url("a/k.bin")).endswith("/a/k.bin")
+
+
+# --- the fake's own controls -------------------------------------------------------------
+
+
+async def test_memory_failure_injection_and_lost_create() -> None:
+    fake = MemoryS3()
+    fake.fail("UploadPart", at=2)
+    upload_id = await fake.create("k", OPTS)
+    await fake.upload_part("k", upload_id, 1, [b"x"])
+    with pytest.raises(S3Error) as err:
+        await fake.upload_part("k", upload_id, 2, [b"x"])
+    assert err.value.kind.status == 502
+    await fake.abort("k", upload_id)
+
+    fake.fail("CreateMultipartUpload", at=2, lost=True)
+    with pytest.raises(S3Error) as lost:
+        await fake.create("k2", OPTS)
+    assert lost.value.kind.status == 504
+    assert fake.uploads == {}  # made, answer lost, aborted by key
+    assert fake.ops()[-3:] == [
+        "CreateMultipartUpload",
+        "ListMultipartUploads",
+        "AbortMultipartUpload",
+    ]
