@@ -16,6 +16,7 @@ from s3proxy.form import FormLimits
 from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor
 from s3proxy.metrics import Metrics
 from s3proxy.pipeline import PipelineConfig
+from s3proxy.protocol import Connections
 from s3proxy.settings import Settings
 from s3proxy.sink import Presigner, S3Sink
 from s3proxy.webhook import Webhook
@@ -33,6 +34,7 @@ class AppState:
     janitor: Janitor = field(default_factory=Janitor)
     sink: S3Sink | None = None  # set once the S3 client is open
     webhook: Webhook | None = None  # set when a webhook URL is configured
+    connections: Connections = field(default_factory=lambda: Connections(1024, 10.0))
     draining: bool = False
     uploads: set[asyncio.Task[Any]] = field(default_factory=set)  # handlers storing files
     stopped: set[asyncio.Task[Any]] = field(default_factory=set)  # ...that drain cancelled
@@ -47,6 +49,7 @@ class AppState:
                 token_secrets=load_keys(settings.token_secrets()),
             ),
             budget=MemoryBudget(settings.memory_budget),
+            connections=Connections(settings.max_connections, settings.header_timeout),
             pipeline=PipelineConfig(
                 part_size=settings.part_size,
                 parts_in_flight=settings.parts_in_flight,
