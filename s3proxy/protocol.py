@@ -133,6 +133,9 @@ _MESSAGES = {
 # balancers probing at once; each costs one fd.
 HEALTH_RESERVE = 16
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+# A reserve connection's head is due this soon: a health checker sends its request at
+# once, and slow heads must not keep the reserve from the health checks.
+RESERVE_HEAD_TIMEOUT = 1.0
 # TODO(errors.py): belongs in the one list of errors (and README's table).
 OVERLOADED = ErrorKind("OVERLOADED", 503)
 # Seconds between two log lines about refused or timed-out connections: a flood of
@@ -144,18 +147,25 @@ class Admission(enum.Enum):
     SERVE = "serve"
     EVICT_AND_SERVE = "evict"  # close the oldest idle connection, then serve this one
     HEALTH_ONLY = "health"  # the reserve: /healthz and /readyz only
+    EVICT_AND_HEALTH_ONLY = "evict-reserve"  # close the oldest reserve one without a head
     REFUSE = "refuse"  # closed at once
 
 
-def admission(served: int, reserve: int, limit: int, *, idle: bool) -> Admission:
+def admission(
+    served: int, reserve: int, limit: int, *, idle: bool, reserve_headless: bool = False
+) -> Admission:
     """What to do with a new connection, given how many are served and in the reserve,
-    the cap, and whether some served connection is idle (can be closed harmlessly)."""
+    the cap, whether some served connection is idle (closing it loses nothing), and
+    whether some reserve connection has no complete head yet (a health checker sends
+    its head at once: a slow one there is a flood, and gives way to a newer one)."""
     if served < limit:
         return Admission.SERVE
     if idle:
         return Admission.EVICT_AND_SERVE
     if reserve < HEALTH_RESERVE:
         return Admission.HEALTH_ONLY
+    if reserve_headless:
+        return Admission.EVICT_AND_HEALTH_ONLY
     return Admission.REFUSE
 
 
@@ -182,17 +192,21 @@ class Connections:
     def opened(self, conn: ProxyRequestHandler) -> Admission:
         full = len(self.served) >= self.max_connections
         idle = [c for c in self.served if c.idle] if full else []
+        headless = [c for c in self.reserve if c.requests_open == 0]
         decision = admission(
-            len(self.served), len(self.reserve), self.max_connections, idle=bool(idle)
+            len(self.served),
+            len(self.reserve),
+            self.max_connections,
+            idle=bool(idle),
+            reserve_headless=bool(headless),
         )
         if decision is Admission.EVICT_AND_SERVE:
-            oldest = min(idle, key=lambda c: c.idle_since)
-            self.evicted += 1
-            self.closed(oldest)
-            oldest.force_close()
+            self._evict(min(idle, key=lambda c: c.idle_since))
+        elif decision is Admission.EVICT_AND_HEALTH_ONLY:
+            self._evict(min(headless, key=lambda c: c.idle_since))
         if decision in (Admission.SERVE, Admission.EVICT_AND_SERVE):
             self.served.add(conn)
-        elif decision is Admission.HEALTH_ONLY:
+        elif decision in (Admission.HEALTH_ONLY, Admission.EVICT_AND_HEALTH_ONLY):
             self.reserve.add(conn)
         else:
             self.refused += 1
@@ -206,6 +220,11 @@ class Connections:
                     suppressed,
                 )
         return decision
+
+    def _evict(self, conn: ProxyRequestHandler) -> None:
+        self.evicted += 1
+        self.closed(conn)
+        conn.force_close()
 
     def closed(self, conn: ProxyRequestHandler) -> None:
         self.served.discard(conn)
@@ -312,8 +331,10 @@ class ProxyRequestHandler(RequestHandler):
         # A new connection's head is due header_timeout from now, first byte or not.
         self._arm_head_timer()
         decision = self.pool.opened(self)
-        if decision is Admission.HEALTH_ONLY:
+        if decision in (Admission.HEALTH_ONLY, Admission.EVICT_AND_HEALTH_ONLY):
             self.health_only = True
+            self._cancel_head_timer()
+            self._arm_head_timer(min(self.pool.header_timeout, RESERVE_HEAD_TIMEOUT))
         elif decision is Admission.REFUSE:
             self.force_close()
 
@@ -322,9 +343,10 @@ class ProxyRequestHandler(RequestHandler):
         self._cancel_head_timer()
         super().connection_lost(exc)
 
-    def _arm_head_timer(self) -> None:
+    def _arm_head_timer(self, timeout: float | None = None) -> None:
         if self._head_timer is None:
-            self._head_timer = self._loop.call_later(self.pool.header_timeout, self._head_timed_out)
+            delay = self.pool.header_timeout if timeout is None else timeout
+            self._head_timer = self._loop.call_later(delay, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
