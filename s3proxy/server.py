@@ -70,27 +70,40 @@ def connection_cap(max_connections: int, nofile: int, s3_pool: int) -> int:
     return max(1, min(max_connections, room))
 
 
-def fit_to_fd_limit(settings: Settings) -> Settings:
-    """Raise the fd limit, log it, and lower ``max_connections`` to what fits."""
+@dataclass(frozen=True)
+class FdLimit:
+    before: int  # the soft limit the process started with
+    soft: int
+    hard: int
+    asked: int  # --max-connections
+    cap: int  # what fits
+
+
+def fit_to_fd_limit(settings: Settings) -> tuple[Settings, FdLimit]:
+    """Raise the fd limit and lower ``max_connections`` to what fits."""
     before, soft, hard = raise_nofile()
     cap = connection_cap(settings.max_connections, soft, settings.s3_max_connections)
+    fds = FdLimit(before, soft, hard, settings.max_connections, cap)
+    return settings.replace(max_connections=cap), fds
+
+
+def log_fds(fds: FdLimit) -> None:
+    """Say what the fd limit is (once listening: a failed start stays one line)."""
     log.info(
         "proxy.fds nofile_soft=%d->%d nofile_hard=%d max_connections=%d",
-        before,
-        soft,
-        hard,
-        cap,
+        fds.before,
+        fds.soft,
+        fds.hard,
+        fds.cap,
     )
-    if cap < settings.max_connections:
+    if fds.cap < fds.asked:
         log.warning(
             "proxy.max_connections_lowered asked=%d fits=%d nofile=%d: raise the hard "
             "limit (ulimit -Hn, LimitNOFILE=) for more",
-            settings.max_connections,
-            cap,
-            soft,
+            fds.asked,
+            fds.cap,
+            fds.soft,
         )
-        settings = settings.replace(max_connections=cap)
-    return settings
 
 
 def _stop_event() -> asyncio.Event:
@@ -120,7 +133,7 @@ class ListenError(Exception):
 
 async def serve(settings: Settings) -> None:
     asyncio.get_running_loop().set_exception_handler(loop_exception_handler())
-    settings = fit_to_fd_limit(settings)
+    settings, fds = fit_to_fd_limit(settings)
     app = create_app(settings)
     runner = web.AppRunner(
         app,
@@ -141,6 +154,7 @@ async def serve(settings: Settings) -> None:
             await operator.setup()
             await _listen(operator, host, port, settings.reuse_port)
             log.info("proxy.operator_listen url=http://%s:%d/metrics", host, port)
+        log_fds(fds)
         log_ready(app)
         await stop.wait()
         log.info("proxy.stopping signal received")

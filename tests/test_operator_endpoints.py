@@ -124,3 +124,24 @@ async def test_no_token_in_the_access_log(
     log = proxy.log_path.read_text()
     assert "/upload?token=REDACTED" in log
     assert token not in log and token.split(".")[-1] not in log
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:9100", ("127.0.0.1", 9100)),
+        ("[::1]:9100", ("::1", 9100)),
+        ("127.0.0.1", None),
+        (":9100", None),
+        ("127.0.0.1:0", None),
+        ("127.0.0.1:http", None),
+    ],
+)
+def test_parse_listen(text: str, expected: tuple[str, int] | None) -> None:
+    from s3proxy.settings import parse_listen
+
+    if expected is None:
+        with pytest.raises(ValueError):
+            parse_listen(text)
+    else:
+        assert parse_listen(text) == expected
