@@ -73,17 +73,27 @@ def create_app(settings: Settings) -> web.Application:
     cors = Cors(settings.cors_origin) if settings.cors_origin else None
     if cors is not None:
         middlewares.append(cors.preflight)
-    middlewares += [metrics_middleware(state.metrics), error_middleware]
+    middlewares += [
+        metrics_middleware(state.metrics),
+        error_middleware,
+        protocol.capacity_middleware,
+    ]
     app = web.Application(
         middlewares=middlewares,
-        # The socket read buffer is per connection and outside the memory budget.
-        handler_args={"read_bufsize": settings.read_buffer // 2, **protocol.HANDLER_ARGS},
+        handler_args={
+            # The socket read buffer is per connection and outside the memory budget.
+            "read_bufsize": settings.read_buffer // 2,
+            "keepalive_timeout": settings.keepalive_timeout,
+            **protocol.HANDLER_ARGS,
+        },
     )
-    # Malformed HTTP is answered as JSON too, however the server is built.
-    protocol.install(app)
+    # Malformed HTTP is answered as JSON too, however the server is built; and the
+    # connection policy (head timeout, cap) holds for every server too.
+    protocol.install(app, state.connections)
     app[STATE] = state
     app[METRICS] = state.metrics
     app.on_response_prepare.append(_mark_response)
+    app.on_response_prepare.append(protocol.mark_closing)
     if cors is not None:
         app.on_response_prepare.append(cors.mark)
     budget = state.budget
@@ -91,7 +101,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/upload", handlers.upload, expect_handler=handlers.expect_upload)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
-    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/metrics", handlers.metrics)
     presign.add_routes(app)
     downloads.add_routes(app)
     if settings.page:
@@ -99,6 +109,23 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_s3_backend)
     app.cleanup_ctx.append(_webhook)
     app.on_shutdown.append(lambda app: drain(app[STATE]))
+    return app
+
+
+def create_operator_app(main: web.Application) -> web.Application:
+    """The ``--metrics-listen`` app: ``/metrics``, ``/healthz`` and a detailed ``/readyz``
+    of ``main``, without auth (bind it where only operators reach)."""
+    state = main[STATE]
+    app = web.Application(
+        middlewares=[error_middleware],
+        handler_args={"keepalive_timeout": state.settings.keepalive_timeout},
+    )
+    protocol.install(app, protocol.Connections(64, state.settings.header_timeout))
+    app[STATE] = state
+    app[METRICS] = main[METRICS]
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz_detail)
     return app
 
 
@@ -229,17 +256,34 @@ async def drain(state: AppState) -> None:
 
     A cancelled upload aborts its multipart upload, deletes what its request stored
     (telling the webhook receiver if it was notified) and answers 503
-    SHUTTING_DOWN. Only handlers still storing files are cancelled: one that is
-    writing its answer is left to finish; then their cleanup gets its time.
+    SHUTTING_DOWN with ``Connection: close``. Only handlers still storing files are
+    cancelled: one that is writing its answer is left to finish; then their cleanup
+    gets its time. Idle keep-alive connections are closed at once and every response
+    from now on says ``Connection: close``, so no client holds the process once its
+    request is answered. Other requests in progress (a download) get what is left of
+    the grace period. Running it again does nothing.
     """
-    state.draining = True
-    running = set(state.uploads)
-    if not running:
+    if state.draining:
         return
-    log.info("proxy.draining uploads=%d grace=%.0fs", len(running), state.settings.shutdown_timeout)
-    _, pending = await asyncio.wait(running, timeout=state.settings.shutdown_timeout)
-    stopping = [task for task in pending if task in state.uploads]
-    for task in stopping:
-        state.stop(task)
-    if pending:
-        await asyncio.wait(pending, timeout=state.cleanup_wait)
+    state.draining = True
+    conns = state.connections
+    conns.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + state.settings.shutdown_timeout
+    closed = conns.close_idle()
+    running = set(state.uploads)
+    log.info(
+        "proxy.draining uploads=%d connections=%d idle_closed=%d grace=%.0fs",
+        len(running),
+        len(conns),
+        closed,
+        state.settings.shutdown_timeout,
+    )
+    if running:
+        _, pending = await asyncio.wait(running, timeout=state.settings.shutdown_timeout)
+        stopping = [task for task in pending if task in state.uploads]
+        for task in stopping:
+            state.stop(task)
+        if pending:
+            await asyncio.wait(pending, timeout=state.cleanup_wait)
+    await conns.wait_quiet(deadline)

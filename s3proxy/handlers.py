@@ -29,6 +29,7 @@ from s3proxy.errors import (
     NOT_MULTIPART,
     REQUEST_TOO_LARGE,
     SHUTTING_DOWN,
+    TOKEN_SCOPE,
     WEBHOOK_FAILED,
     ProxyError,
     error_body,
@@ -36,7 +37,9 @@ from s3proxy.errors import (
 )
 from s3proxy.form import TransportFlow, iter_form
 from s3proxy.log import REQUEST_ID
+from s3proxy.metrics import metrics_handler
 from s3proxy.pipeline import abort_reason
+from s3proxy.protocol import refuse_over_capacity
 from s3proxy.state import STATE, AppState
 from s3proxy.uploads import RequestUpload
 from s3proxy.webhook import WebhookError
@@ -52,6 +55,7 @@ def check_upload(request: web.Request, state: AppState) -> tuple[Principal, int 
     shutdown, credentials, the content type and a Content-Length over a limit."""
     if state.draining:
         raise ProxyError(SHUTTING_DOWN, "the proxy is shutting down; retry on another instance")
+    refuse_over_capacity(request)  # the expect handler runs before the middlewares
     principal = state.auth.authenticate(request)
     ctype = request.headers.get(hdrs.CONTENT_TYPE, "")
     if request.content_type != "multipart/form-data":
@@ -206,14 +210,53 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    """Readiness: the bucket answers with our credentials, and we are not draining."""
-    state = request.app[STATE]
+async def readiness(state: AppState) -> ProxyError | None:
+    """Why this instance should get no traffic now, or None: the one place readiness is
+    decided (a check of the embedded store's health belongs here too)."""
     if state.draining:
-        return web.json_response(error_body(SHUTTING_DOWN, "shutting down"), status=503)
+        return ProxyError(SHUTTING_DOWN, "shutting down")
     try:
         state.check_store()
         await state.require_sink().check()
     except ProxyError as err:
-        return web.json_response(error_body(err.kind, err.message), status=503)
-    return web.json_response({"status": "ready", "bucket": state.settings.bucket_name})
+        return err
+    return None
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness for load balancers, unauthenticated: ready or a 503 with an error code,
+    naming no bucket, endpoint or S3 detail (the log and ``--metrics-listen`` have them)."""
+    state = request.app[STATE]
+    err = await readiness(state)
+    if err is None:
+        return web.json_response({"status": "ready"})
+    if err.kind is not SHUTTING_DOWN:
+        log.warning("readyz.not_ready code=%s reason=%s", err.kind.code, err.message)
+    return web.json_response(error_body(err.kind, "not ready"), status=503)
+
+
+async def readyz_detail(request: web.Request) -> web.Response:
+    """Readiness with its reason and what it checked, for operators (``--metrics-listen``)."""
+    state = request.app[STATE]
+    err = await readiness(state)
+    sink = state.sink
+    detail = {
+        "bucket": state.settings.bucket_name,
+        "endpoint": sink.endpoint_url if sink is not None else None,
+        "connections": len(state.connections),
+        "uploads": len(state.uploads),
+    }
+    if err is None:
+        return web.json_response({"status": "ready", **detail})
+    return web.json_response({**error_body(err.kind, err.message), **detail}, status=503)
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    """``/metrics`` on the public port: with auth configured, for API keys only (upload
+    tokens are handed to browsers); ``--metrics-listen`` serves it without auth."""
+    state = request.app[STATE]
+    if state.auth.enabled:
+        principal = state.auth.authenticate(request)  # 401 without a valid credential
+        if principal.kind != "api_key":
+            raise ProxyError(TOKEN_SCOPE, "an upload token does not grant /metrics; use an API key")
+    return await metrics_handler(request)

@@ -3,17 +3,122 @@
 The request id lives in a ContextVar set by the request-id middleware, so every line
 logged while a request is handled (pipeline events, S3 errors, the access log) carries
 it without being passed around.
+
+No credential reaches the log: both formats pass every line (message and traceback)
+through ``redact``, which masks query parameters that carry one (``?token=``, an
+``X-Amz-Signature`` of a presigned URL, ...) and ``Bearer`` values. Request headers
+are never logged (the access log format has none).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import errno
 import json
 import logging
+import re
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+# Query parameters that carry a credential: ours (``?token=``, auth.TOKEN_QUERY), the
+# usual API key names, and SigV4 presigned URLs' (AWS "Authenticating Requests: Using
+# Query Parameters": X-Amz-Credential, X-Amz-Signature, X-Amz-Security-Token) and
+# SigV2's (AWSAccessKeyId, Signature).
+SECRET_PARAMS = (
+    "token",
+    "key",
+    "api_key",
+    "apikey",
+    "api-key",
+    "access_token",
+    "secret",
+    "password",
+    "signature",
+    "sig",
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "awsaccesskeyid",
+    "upload_token",
+)
+REDACTED = "REDACTED"
+_PARAM = re.compile(
+    r"([?&;](?:" + "|".join(re.escape(p) for p in SECRET_PARAMS) + r")=)[^&;\s\"'#]*",
+    re.IGNORECASE,
+)
+# A Bearer credential, as an Authorization value would show it; "$KEY" placeholders in
+# the proxy's own usage hints are not credentials.
+_BEARER = re.compile(r"(\bBearer\s+)(?![$<])[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with every credential-looking query value and Bearer value masked."""
+    if "=" not in text and "earer" not in text:
+        return text  # the common case, cheaply
+    return _BEARER.sub(r"\1" + REDACTED, _PARAM.sub(r"\1" + REDACTED, text))
+
+
+class RateLimit:
+    """At most one event per ``interval`` seconds passes; the others are counted.
+
+    ``hit()`` returns None for a suppressed event, else how many events this one stands
+    for (itself and those suppressed since the last that passed).
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last: float | None = None
+        self._suppressed = 0
+
+    def hit(self) -> int | None:
+        now = self._clock()
+        if self._last is not None and now - self._last < self.interval:
+            self._suppressed += 1
+            return None
+        self._last = now
+        count, self._suppressed = self._suppressed + 1, 0
+        return count
+
+
+# errnos asyncio's accept loop reports as "socket.accept() out of system resource".
+_ACCEPT_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def loop_exception_handler(
+    limit: RateLimit | None = None,
+) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """An event loop exception handler that logs accept() failing for want of file
+    descriptors once per ``limit`` interval, one line without a traceback.
+
+    asyncio (3.11) reports it once per connection waiting in the backlog, with a
+    traceback each, and every report schedules another retry: at the common 1,024-fd
+    limit that was megabytes of log a second. Everything else goes to the default.
+    """
+    limit = limit or RateLimit(1.0)
+    logger = logging.getLogger("s3proxy.server")
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _ACCEPT_EXHAUSTED:
+            count = limit.hit()
+            if count is not None:
+                logger.error(
+                    "accept.failed error=%s times=%d: raise the fd limit or lower "
+                    "--max-connections",
+                    errno.errorcode.get(exc.errno or 0, exc.errno),
+                    count,
+                )
+            return
+        loop.default_exception_handler(context)
+
+    return handle
 
 
 class RequestIdFilter(logging.Filter):
@@ -32,11 +137,24 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "request_id": getattr(record, "request_id", "-"),
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            out["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(out, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger rid=... message``, credentials redacted."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(asctime)s %(levelname)s %(name)s rid=%(request_id)s %(message)s",
+            "%Y-%m-%dT%H:%M:%S",
+        )
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:
@@ -45,12 +163,7 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter(
-                "%(asctime)s %(levelname)s %(name)s rid=%(request_id)s %(message)s",
-                "%Y-%m-%dT%H:%M:%S",
-            )
-        )
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

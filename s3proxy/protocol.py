@@ -21,6 +21,21 @@ Here instead (``ProxyRequestHandler``):
 - an ``HTTPException`` or other exception escaping the app outside the middlewares
   (aiohttp's default expect handler, a bug in an expect handler) is JSON too.
 
+It also holds the connection policy (README "Limits and timeouts"), which aiohttp
+leaves to the deployment (its keep-alive timeout is an hour and it has no head timeout
+and no cap), as ``Connections``, one per app:
+
+- a request head must be complete ``--header-timeout`` after the connection opened, or
+  after its first byte on a kept-alive connection (slowloris); an idle kept-alive
+  connection is closed after ``--keepalive-timeout`` (aiohttp's own timer);
+- at most ``--max-connections`` are served. Past it the oldest idle connection is closed
+  to make room; if none is idle, the new one joins a reserve of ``HEALTH_RESERVE``
+  where only ``/healthz`` and ``/readyz`` are answered (anything else gets 503
+  ``OVERLOADED``, ``Connection: close``), so a load balancer still sees the instance;
+  past the reserve a connection is closed at once. Nothing stops accepting: a full
+  backlog would time out the health checks too;
+- at drain, idle connections are closed and every response says ``Connection: close``.
+
 aiohttp has no public hook for any of this (aio-libs/aiohttp#3287), so this module
 is the one place the proxy leans on its internals, listed in
 ``private_api_problems()``, which a test asserts finds nothing missing:
@@ -31,7 +46,9 @@ is the one place the proxy leans on its internals, listed in
 - ``Server._loop`` and ``Server._kwargs``, to build the handler as ``Server`` does;
 - ``RequestHandler.handle_error`` and ``finish_response`` (public names, not documented),
   and ``_current_request``, ``_messages`` and ``web_protocol._ErrInfo`` for the
-  body-phase error.
+  body-phase error;
+- ``RequestHandler._waiter`` (pending while the connection waits for a request head, as
+  aiohttp's own keep-alive timer reads it), for the head timeout and idleness.
 
 If any is gone, ``install()`` logs a warning and leaves aiohttp's behaviour as it is
 (the proxy still runs); tests/test_http_errors.py fails.
@@ -39,8 +56,12 @@ If any is gone, ``install()`` logs a warning and leaves aiohttp's behaviour as i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import enum
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web, web_protocol
@@ -51,13 +72,15 @@ from s3proxy.errors import (
     BAD_HTTP_REQUEST,
     HEADERS_TOO_LARGE,
     INTERNAL,
+    OVERLOADED,
     UPSTREAM_TIMEOUT,
     URI_TOO_LONG,
     ErrorKind,
+    ProxyError,
     error_body,
     http_exception_response,
 )
-from s3proxy.log import REQUEST_ID
+from s3proxy.log import REQUEST_ID, RateLimit
 
 log = logging.getLogger("s3proxy.protocol")
 
@@ -107,8 +130,233 @@ _MESSAGES = {
 }
 
 
+# Connections past --max-connections kept for health checks: enough for a few load
+# balancers probing at once; each costs one fd.
+HEALTH_RESERVE = 16
+HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+# A reserve connection's head is due this soon: a health checker sends its request at
+# once, and slow heads must not keep the reserve from the health checks.
+RESERVE_HEAD_TIMEOUT = 1.0
+# Seconds between two log lines about refused or timed-out connections: a flood of
+# them must not become a flood of log lines.
+LOG_INTERVAL = 1.0
+
+
+class Admission(enum.Enum):
+    SERVE = "serve"
+    EVICT_AND_SERVE = "evict"  # close the oldest idle connection, then serve this one
+    HEALTH_ONLY = "health"  # the reserve: /healthz and /readyz only
+    EVICT_AND_HEALTH_ONLY = "evict-reserve"  # close the oldest reserve one without a head
+    REFUSE = "refuse"  # closed at once
+
+
+def admission(
+    served: int, reserve: int, limit: int, *, idle: bool, reserve_headless: bool = False
+) -> Admission:
+    """What to do with a new connection, given how many are served and in the reserve,
+    the cap, whether some served connection is idle (closing it loses nothing), and
+    whether some reserve connection has no complete head yet (a health checker sends
+    its head at once: a slow one there is a flood, and gives way to a newer one)."""
+    if served < limit:
+        return Admission.SERVE
+    if idle:
+        return Admission.EVICT_AND_SERVE
+    if reserve < HEALTH_RESERVE:
+        return Admission.HEALTH_ONLY
+    if reserve_headless:
+        return Admission.EVICT_AND_HEALTH_ONLY
+    return Admission.REFUSE
+
+
+class Connections:
+    """The open connections of the servers built for one app, and their policy."""
+
+    def __init__(self, max_connections: int, header_timeout: float) -> None:
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.served: set[ProxyRequestHandler] = set()
+        self.reserve: set[ProxyRequestHandler] = set()
+        self.draining = False
+        # Totals since start, for logs and tests.
+        self.refused = 0
+        self.evicted = 0
+        self.head_timeouts = 0
+        self._log_refused = RateLimit(LOG_INTERVAL)
+        self._log_timeouts = RateLimit(LOG_INTERVAL)
+        self._changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self.served) + len(self.reserve)
+
+    def opened(self, conn: ProxyRequestHandler) -> Admission:
+        full = len(self.served) >= self.max_connections
+        idle = [c for c in self.served if c.idle] if full else []
+        headless = [c for c in self.reserve if c.requests_open == 0]
+        decision = admission(
+            len(self.served),
+            len(self.reserve),
+            self.max_connections,
+            idle=bool(idle),
+            reserve_headless=bool(headless),
+        )
+        if decision is Admission.EVICT_AND_SERVE:
+            self._evict(min(idle, key=lambda c: c.idle_since))
+        elif decision is Admission.EVICT_AND_HEALTH_ONLY:
+            self._evict(min(headless, key=lambda c: c.idle_since))
+        if decision in (Admission.SERVE, Admission.EVICT_AND_SERVE):
+            self.served.add(conn)
+        elif decision in (Admission.HEALTH_ONLY, Admission.EVICT_AND_HEALTH_ONLY):
+            self.reserve.add(conn)
+        else:
+            self.refused += 1
+            suppressed = self._log_refused.hit()
+            if suppressed is not None:
+                log.warning(
+                    "connections.refused open=%d max_connections=%d reserve=%d refused=%d",
+                    len(self),
+                    self.max_connections,
+                    HEALTH_RESERVE,
+                    suppressed,
+                )
+        return decision
+
+    def _evict(self, conn: ProxyRequestHandler) -> None:
+        self.evicted += 1
+        self.closed(conn)
+        conn.force_close()
+
+    def closed(self, conn: ProxyRequestHandler) -> None:
+        self.served.discard(conn)
+        self.reserve.discard(conn)
+        self._changed.set()
+
+    def head_timed_out(self) -> None:
+        self.head_timeouts += 1
+        suppressed = self._log_timeouts.hit()
+        if suppressed is not None:
+            log.info(
+                "connections.head_timeout timeout=%gs closed=%d", self.header_timeout, suppressed
+            )
+
+    @property
+    def busy(self) -> int:
+        """Connections with a request in progress."""
+        return sum(1 for c in (*self.served, *self.reserve) if c.requests_open > 0)
+
+    def close_idle(self) -> int:
+        """Close every connection that waits for a request and has none begun (drain)."""
+        idle = [c for c in (*self.served, *self.reserve) if c.idle]
+        for conn in idle:
+            self.closed(conn)
+            conn.force_close()
+        return len(idle)
+
+    async def wait_quiet(self, deadline: float) -> None:
+        """Until no request is in progress, or the loop's clock passes ``deadline``."""
+        loop = asyncio.get_running_loop()
+        while self.busy and loop.time() < deadline:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
+
+    def request_done(self) -> None:
+        """A response finished or a connection closed: ``wait_quiet`` looks again."""
+        self._changed.set()
+
+
+def closing(request: web.BaseRequest) -> bool:
+    """Should this connection close after its response (draining, or in the reserve)?"""
+    conn = request.protocol
+    return isinstance(conn, ProxyRequestHandler) and (conn.health_only or conn.pool.draining)
+
+
+def refuse_over_capacity(request: web.BaseRequest) -> None:
+    """Raise OVERLOADED for a reserve connection asking anything but a health check."""
+    conn = request.protocol
+    if (
+        isinstance(conn, ProxyRequestHandler)
+        and conn.health_only
+        and request.path not in HEALTH_PATHS
+    ):
+        raise ProxyError(
+            OVERLOADED,
+            f"the proxy has {conn.pool.max_connections} connections open; "
+            "retry shortly or on another instance",
+        )
+
+
+@web.middleware
+async def capacity_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Only health checks on a reserve connection (see ``Connections``)."""
+    refuse_over_capacity(request)
+    return await handler(request)
+
+
+async def mark_closing(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: ``Connection: close`` while draining or in the reserve."""
+    if closing(request):
+        response.force_close()
+        response.headers["Connection"] = "close"
+
+
 class ProxyRequestHandler(RequestHandler):
-    """aiohttp's connection handler, answering what it refuses as the proxy does."""
+    """aiohttp's connection handler, answering what it refuses as the proxy does, with
+    the head timeout and the connection cap of ``Connections``."""
+
+    def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.pool = manager.pool
+        self.health_only = False
+        self.requests_open = 0  # heads parsed whose response is not finished
+        self.idle_since = self._loop.time()
+        self._head_begun = False  # bytes of the next request have come
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """Waiting for a request head (as aiohttp's keep-alive timer tells it)."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and not self._messages
+
+    @property
+    def idle(self) -> bool:
+        """Waiting, and no byte of the next head has come: closing it loses nothing."""
+        return self.transport is not None and self.requests_open == 0 and not self._head_begun
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # A new connection's head is due header_timeout from now, first byte or not.
+        self._arm_head_timer()
+        decision = self.pool.opened(self)
+        if decision in (Admission.HEALTH_ONLY, Admission.EVICT_AND_HEALTH_ONLY):
+            self.health_only = True
+            self._cancel_head_timer()
+            self._arm_head_timer(min(self.pool.header_timeout, RESERVE_HEAD_TIMEOUT))
+        elif decision is Admission.REFUSE:
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.pool.closed(self)
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self, timeout: float | None = None) -> None:
+        if self._head_timer is None:
+            delay = self.pool.header_timeout if timeout is None else timeout
+            self._head_timer = self._loop.call_later(delay, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.waiting:  # still no complete head: slowloris, or a client gone quiet
+            self.pool.head_timed_out()
+            self.force_close()
 
     def handle_error(
         self,
@@ -156,8 +404,28 @@ class ProxyRequestHandler(RequestHandler):
             resp = json_resp
         return await super().finish_response(request, resp, start_time)
 
+    def log_access(
+        self, request: web.BaseRequest, response: web.StreamResponse, time: float | None
+    ) -> None:
+        # Called once per request, when its response is finished (finish_response).
+        self.requests_open = max(0, self.requests_open - 1)
+        self._head_begun = bool(self._messages)
+        self.idle_since = self._loop.time()
+        self.pool.request_done()
+        super().log_access(request, response, time)
+
     def data_received(self, data: bytes) -> None:
+        waiting = self.waiting
+        queued = len(self._messages)
         super().data_received(data)
+        parsed = len(self._messages) - queued
+        if data and self.requests_open == 0:
+            self._head_begun = True
+        if parsed > 0:  # a head is complete
+            self.requests_open += parsed
+            self._cancel_head_timer()
+        elif data and waiting:  # the first bytes of a head on a kept-alive connection
+            self._arm_head_timer()
         # aiohttp's C parser raises a framing error in a body (a bad chunk size) out of
         # feed_data, and data_received queues it as a new message behind the request
         # being handled, whose body then never ends. Fail that body instead.
@@ -179,6 +447,10 @@ class ProxyRequestHandler(RequestHandler):
 class ProxyServer(web.Server):
     """aiohttp's low-level server, making ProxyRequestHandler connections."""
 
+    def __init__(self, *args: Any, pool: Connections, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pool = pool
+
     def __call__(self) -> RequestHandler:
         return ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
 
@@ -188,11 +460,11 @@ def private_api_problems() -> list[str]:
     problems = []
     if not callable(getattr(web.Application, "_make_handler", None)):
         problems.append("Application._make_handler")
-    for name in ("handle_error", "finish_response", "data_received"):
+    for name in ("handle_error", "finish_response", "data_received", "log_access"):
         if not callable(getattr(RequestHandler, name, None)):
             problems.append(f"RequestHandler.{name}")
     slots = getattr(RequestHandler, "__slots__", ())
-    for name in ("_current_request", "_messages"):
+    for name in ("_current_request", "_messages", "_waiter"):
         if name not in slots:
             problems.append(f"RequestHandler.{name}")
     if not hasattr(web_protocol, "_ErrInfo"):
@@ -200,8 +472,8 @@ def private_api_problems() -> list[str]:
     return problems
 
 
-def install(app: web.Application) -> None:
-    """Make every server aiohttp builds for ``app`` use ProxyRequestHandler."""
+def install(app: web.Application, pool: Connections) -> None:
+    """Make every server aiohttp builds for ``app`` use ProxyRequestHandler, under ``pool``."""
     problems = private_api_problems()
     if problems:
         log.warning(
@@ -218,6 +490,7 @@ def install(app: web.Application) -> None:
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             loop=server._loop,
+            pool=pool,
             **server._kwargs,
         )
 

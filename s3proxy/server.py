@@ -6,6 +6,11 @@ in its grace period. Here the proxy first drains (``/readyz`` and new uploads
 answer 503 while running uploads get ``--shutdown-timeout`` to finish, then are
 cancelled, which aborts them), and only then lets aiohttp close connections.
 
+Before listening it raises its soft ``RLIMIT_NOFILE`` to the hard limit (often 1,024
+soft against far more hard) and fits ``--max-connections`` under it
+(``connection_cap``), so running out of descriptors stays something that does not
+happen; if accept() fails for want of them anyway, that is one log line a second.
+
 With ``--workers N`` the first process starts N copies of itself that share the
 port (SO_REUSEPORT; the kernel spreads connections), forwards signals to them and
 restarts one that dies. With the embedded store, the store runs once, here.
@@ -15,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -25,13 +32,79 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from s3proxy.app import create_app, drain, embedded_store, log_ready
-from s3proxy.settings import Settings
+from s3proxy.app import create_app, create_operator_app, drain, embedded_store, log_ready
+from s3proxy.log import loop_exception_handler
+from s3proxy.protocol import HEALTH_RESERVE
+from s3proxy.settings import Settings, parse_listen
 from s3proxy.state import STATE
 
 log = logging.getLogger("s3proxy.server")
 
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
+# Seconds aiohttp gives connections after drain: drain has already waited for requests
+# (--shutdown-timeout); what is left is a client not reading the answer it was sent, or
+# one still sending a body nobody reads (aiohttp lingers 10 s for it). Not 5 s more.
+EXIT_GRACE = 1.0
+# Descriptors besides client connections and the S3 pool: stdio, the event loop, the
+# listeners, the embedded store's pipes, the presigner's and the webhook's few sockets.
+OTHER_FDS = 32
+
+
+def raise_nofile() -> tuple[int, int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one; (soft before, soft now, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target, hard
+        except (ValueError, OSError):
+            pass
+    return soft, soft, hard
+
+
+def connection_cap(max_connections: int, nofile: int, s3_pool: int) -> int:
+    """The most client connections that fit in ``nofile`` descriptors, at most the one
+    asked for: each takes one, and the health reserve, the S3 pool (and the
+    presigner's) and the rest (``OTHER_FDS``) must still fit. At least 1."""
+    room = nofile - HEALTH_RESERVE - 2 * s3_pool - OTHER_FDS
+    return max(1, min(max_connections, room))
+
+
+@dataclass(frozen=True)
+class FdLimit:
+    before: int  # the soft limit the process started with
+    soft: int
+    hard: int
+    asked: int  # --max-connections
+    cap: int  # what fits
+
+
+def fit_to_fd_limit(settings: Settings) -> tuple[Settings, FdLimit]:
+    """Raise the fd limit and lower ``max_connections`` to what fits."""
+    before, soft, hard = raise_nofile()
+    cap = connection_cap(settings.max_connections, soft, settings.s3_max_connections)
+    fds = FdLimit(before, soft, hard, settings.max_connections, cap)
+    return dataclasses.replace(settings, max_connections=cap), fds
+
+
+def log_fds(fds: FdLimit) -> None:
+    """Say what the fd limit is (once listening: a failed start stays one line)."""
+    log.info(
+        "proxy.fds nofile_soft=%d->%d nofile_hard=%d max_connections=%d",
+        fds.before,
+        fds.soft,
+        fds.hard,
+        fds.cap,
+    )
+    if fds.cap < fds.asked:
+        log.warning(
+            "proxy.max_connections_lowered asked=%d fits=%d nofile=%d: raise the hard "
+            "limit (ulimit -Hn, LimitNOFILE=) for more",
+            fds.asked,
+            fds.cap,
+            fds.soft,
+        )
 
 
 def _stop_event() -> asyncio.Event:
@@ -60,28 +133,47 @@ class ListenError(Exception):
 
 
 async def serve(settings: Settings) -> None:
+    asyncio.get_running_loop().set_exception_handler(loop_exception_handler())
+    settings, fds = fit_to_fd_limit(settings)
     app = create_app(settings)
     runner = web.AppRunner(
-        app, handle_signals=False, access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=5.0
+        app,
+        handle_signals=False,
+        access_log_format=ACCESS_LOG_FORMAT,
+        shutdown_timeout=EXIT_GRACE,
     )
+    operator: web.AppRunner | None = None
     stop = _stop_event()
     try:
         await runner.setup()  # opens the S3 client; starts the embedded store if any
-        site = web.TCPSite(
-            runner, settings.host, settings.port, reuse_port=settings.reuse_port or None
-        )
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ListenError(settings.host, settings.port, exc) from exc
+        await _listen(runner, settings.host, settings.port, settings.reuse_port)
+        if settings.metrics_listen is not None:
+            host, port = parse_listen(settings.metrics_listen)
+            operator = web.AppRunner(
+                create_operator_app(app), handle_signals=False, shutdown_timeout=EXIT_GRACE
+            )
+            await operator.setup()
+            await _listen(operator, host, port, settings.reuse_port)
+            log.info("proxy.operator_listen url=http://%s:%d/metrics", host, port)
+        log_fds(fds)
         log_ready(app)
         await stop.wait()
         log.info("proxy.stopping signal received")
         await drain(app[STATE])
     finally:
         await runner.cleanup()
+        if operator is not None:
+            await operator.cleanup()
         _forget_signals()
     log.info("proxy.stopped")
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int, reuse_port: bool) -> None:
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ListenError(host, port, exc) from exc
 
 
 @dataclass

@@ -193,6 +193,15 @@ def _metavar(f: dataclasses.Field[Any]) -> str:
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """``127.0.0.1:9100`` or ``[::1]:9100`` as (host, port)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT: {text!r} (e.g. 127.0.0.1:9100)")
+    return host, int(port)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the proxy can be told. Defaults are what production wants."""
@@ -396,6 +405,33 @@ class Settings:
     embedded_restart_max_delay: float = _setting(
         30.0, "embedded store: longest wait between restarts", float
     )
+    # connections (README "Limits and timeouts")
+    header_timeout: float = _setting(
+        10.0,
+        "seconds a request head may take, from connection open or its first byte (slowloris)",
+        parse_duration,
+        show=format_duration,
+    )
+    keepalive_timeout: float = _setting(
+        15.0,
+        "seconds an idle keep-alive connection stays open (set above a load balancer's idle "
+        "timeout when it keeps connections open)",
+        parse_duration,
+        show=format_duration,
+    )
+    max_connections: int = _setting(
+        1024,
+        "open client connections; past it only /healthz and /readyz are served (a few "
+        "more), the rest get 503 OVERLOADED; lowered to fit RLIMIT_NOFILE",
+        int,
+    )
+    metrics_listen: str | None = _setting(
+        None,
+        "HOST:PORT of a second listener serving /metrics, /healthz and a detailed /readyz "
+        "without auth (e.g. 127.0.0.1:9100)",
+        _opt_str,
+        metavar="HOST:PORT",
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -517,6 +553,15 @@ class Settings:
             raise SettingsError(
                 "--embedded-restart-delay must be positive and at most --embedded-restart-max-delay"
             )
+        if self.header_timeout <= 0 or self.keepalive_timeout <= 0:
+            raise SettingsError("--header-timeout and --keepalive-timeout must be positive")
+        if self.max_connections < 1:
+            raise SettingsError("--max-connections must be at least 1")
+        if self.metrics_listen is not None:
+            try:
+                parse_listen(self.metrics_listen)
+            except ValueError as exc:
+                raise SettingsError(f"--metrics-listen: {exc}") from None
 
     # --- loading -------------------------------------------------------------
 

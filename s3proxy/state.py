@@ -18,6 +18,7 @@ from s3proxy.form import FormLimits
 from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor
 from s3proxy.metrics import Metrics
 from s3proxy.pipeline import PipelineConfig
+from s3proxy.protocol import Connections
 from s3proxy.s3 import ObjectStore
 from s3proxy.settings import Settings
 from s3proxy.webhook import Webhook
@@ -37,6 +38,7 @@ class AppState:
     sink: ObjectStore | None = None  # the bucket; set once the S3 client is open
     webhook: Webhook | None = None  # set when a webhook URL is configured
     store: EmbeddedStore | None = None  # the embedded store this process runs, if any
+    connections: Connections = field(default_factory=lambda: Connections(1024, 10.0))
     draining: bool = False
     uploads: set[asyncio.Task[Any]] = field(default_factory=set)  # handlers storing files
     stopped: set[asyncio.Task[Any]] = field(default_factory=set)  # ...that drain cancelled
@@ -51,6 +53,7 @@ class AppState:
                 token_secrets=load_keys(settings.token_secrets()),
             ),
             budget=MemoryBudget(settings.memory_budget),
+            connections=Connections(settings.max_connections, settings.header_timeout),
         )
 
     @property

@@ -1,0 +1,350 @@
+"""Connections: the head timeout (slowloris), the keep-alive timeout, the cap with its
+health reserve, the fd limit, and EMFILE logged once a second. Dozens of sockets, not
+thousands (the thousand-socket variant is marked slow)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import io
+import os
+import resource
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from s3proxy.log import RateLimit, loop_exception_handler
+from s3proxy.protocol import HEALTH_RESERVE, Admission, admission
+from s3proxy.server import OTHER_FDS, connection_cap
+from tests import bodies
+from tests.bodies import MiB
+from tests.rawhttp import exchange
+from tests.s3util import MotoServer, fake_aws_env, free_port
+
+
+@pytest.mark.parametrize(
+    ("served", "reserve", "limit", "idle", "expected"),
+    [
+        (0, 0, 10, False, Admission.SERVE),
+        (9, 0, 10, True, Admission.SERVE),
+        (10, 0, 10, True, Admission.EVICT_AND_SERVE),
+        (10, 0, 10, False, Admission.HEALTH_ONLY),
+        (10, HEALTH_RESERVE - 1, 10, False, Admission.HEALTH_ONLY),
+        (10, HEALTH_RESERVE, 10, False, Admission.REFUSE),
+        (10, HEALTH_RESERVE, 10, True, Admission.EVICT_AND_SERVE),
+    ],
+)
+def test_admission(served: int, reserve: int, limit: int, idle: bool, expected: Admission) -> None:
+    assert admission(served, reserve, limit, idle=idle) is expected
+
+
+@pytest.mark.parametrize(
+    ("reserve", "headless", "expected"),
+    [
+        (HEALTH_RESERVE - 1, True, Admission.HEALTH_ONLY),
+        (HEALTH_RESERVE, True, Admission.EVICT_AND_HEALTH_ONLY),
+        (HEALTH_RESERVE, False, Admission.REFUSE),  # all answering health checks
+    ],
+)
+def test_admission_reserve(reserve: int, headless: bool, expected: Admission) -> None:
+    assert admission(10, reserve, 10, idle=False, reserve_headless=headless) is expected
+
+
+@pytest.mark.parametrize(
+    ("asked", "nofile", "s3_pool", "expected"),
+    [
+        (1024, 1 << 20, 64, 1024),  # plenty
+        (1024, 1024, 64, 1024 - HEALTH_RESERVE - 128 - OTHER_FDS),  # the common soft limit
+        (1024, 128, 8, 128 - HEALTH_RESERVE - 16 - OTHER_FDS),
+        (1024, 64, 64, 1),  # nothing fits: still serve one
+    ],
+)
+def test_connection_cap(asked: int, nofile: int, s3_pool: int, expected: int) -> None:
+    assert connection_cap(asked, nofile, s3_pool) == expected
+
+
+def test_rate_limit_counts_what_it_suppresses() -> None:
+    now = [0.0]
+    limit = RateLimit(1.0, clock=lambda: now[0])
+    got = []
+    for t in (0.0, 0.1, 0.5, 0.99, 1.0, 1.2, 5.0):
+        now[0] = t
+        got.append(limit.hit())
+    assert got == [1, None, None, None, 4, None, 2]
+
+
+def test_emfile_on_accept_is_one_line_a_second(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    handler = loop_exception_handler(RateLimit(1.0, clock=lambda: now[0]))
+    loop = asyncio.new_event_loop()
+    try:
+        exc = OSError(errno.EMFILE, "Too many open files")
+        context = {"message": "socket.accept() out of system resource", "exception": exc}
+        for i in range(300):  # what asyncio reports for a full backlog, over 3 s
+            now[0] = i / 100
+            handler(loop, context)
+    finally:
+        loop.close()
+    lines = [r for r in caplog.records if "accept.failed" in r.getMessage()]
+    assert len(lines) == 3
+    assert "EMFILE" in lines[0].getMessage() and not any(r.exc_info for r in lines)
+    counts = [int(r.getMessage().split("times=")[1].split(":")[0]) for r in lines]
+    assert counts == [1, 100, 100]  # the last 99 are told with the next line
+
+
+# --- against a served app -------------------------------------------------------------
+
+
+async def read_until_closed(reader: asyncio.StreamReader, within: float) -> float:
+    """Seconds until the server closes the connection (EOF or reset)."""
+    started = time.monotonic()
+    with contextlib.suppress(ConnectionError):
+        while await asyncio.wait_for(reader.read(65536), within):
+            pass
+    return time.monotonic() - started
+
+
+async def slowloris(host: str, port: int, stop: asyncio.Event) -> float:
+    """Send a request head a byte at a time; return when the server closed it."""
+    reader, writer = await asyncio.open_connection(host, port)
+    started = time.monotonic()
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 4000
+    try:
+        for byte in head:
+            if stop.is_set():
+                break
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            if reader.at_eof():
+                break
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(reader.read(1), 10)
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+    return time.monotonic() - started
+
+
+async def test_slowloris_closed_after_header_timeout_while_upload_and_healthz_work(
+    proxy_factory: Any,
+) -> None:
+    proxy = await proxy_factory(header_timeout=1.0, keepalive_timeout=5.0)
+    host, port = proxy.server.host, proxy.server.port
+    stop = asyncio.Event()
+    attackers = [asyncio.create_task(slowloris(host, port, stop)) for _ in range(30)]
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    raw = bodies.body([bodies.file("f", "a.bin", os.urandom(6 * MiB))])
+    resp = await proxy.post("/upload", data=bodies.chunked(raw), headers=bodies.headers())
+    assert resp.status == 201, await resp.text()
+    upload_s = time.monotonic() - started
+    assert (await proxy.get("/healthz")).status == 200
+    lived = await asyncio.wait_for(asyncio.gather(*attackers), 10)
+    stop.set()
+    # closed at the head timeout, not after the 4 KiB they would take 13 minutes to send
+    assert all(0.9 < t < 2.5 for t in lived), lived
+    print(f"upload of 6 MiB next to 30 slowloris: {upload_s:.2f}s")
+
+
+async def test_silent_new_connection_closed_after_header_timeout(proxy_factory: Any) -> None:
+    proxy = await proxy_factory(header_timeout=1.0, keepalive_timeout=5.0)
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    try:
+        assert 0.9 < await read_until_closed(reader, 5) < 2.0
+    finally:
+        writer.close()
+
+
+async def test_idle_keepalive_closed_after_keepalive_timeout(proxy_factory: Any) -> None:
+    proxy = await proxy_factory(header_timeout=5.0, keepalive_timeout=1.0)
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head
+        # kept alive: a second request on it is answered
+        await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+        # then idle: closed about a keep-alive timeout later (aiohttp's timer ceils to 1 s)
+        assert 0.9 < await read_until_closed(reader, 5) < 2.5
+    finally:
+        writer.close()
+
+
+async def open_partial(host: str, port: int) -> tuple[asyncio.StreamReader, Any]:
+    """A connection with part of a head sent: busy, so never evicted."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /healthz HTTP/1.1\r\n")
+    await writer.drain()
+    return reader, writer
+
+
+async def test_past_the_cap_only_health_checks_are_served(proxy_factory: Any) -> None:
+    proxy = await proxy_factory(max_connections=4, header_timeout=30.0)
+    host, port = proxy.server.host, proxy.server.port
+    held = [await open_partial(host, port) for _ in range(4)]
+    try:
+        await asyncio.sleep(0.1)
+        health = await exchange(host, port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", quiet=2)
+        assert health.status == 200 and health.headers["Connection"] == "close"
+        raw = bodies.body([bodies.file("f", "a.txt", b"hello")])
+        up = await exchange(host, port, bodies.request_head(len(raw)) + raw, quiet=2)
+        assert up.status == 503 and up.code == "OVERLOADED", up.raw
+        assert up.headers["Connection"] == "close"
+        # a reserve full of slow heads gives way to a health check, oldest first
+        reserve = [await open_partial(host, port) for _ in range(HEALTH_RESERVE)]
+        try:
+            await asyncio.sleep(0.1)
+            health = await exchange(host, port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert health.status == 200, health.raw
+            assert await read_until_closed(reserve[0][0], 1) < 0.5
+        finally:
+            for _, w in reserve:
+                w.close()
+    finally:
+        for _, w in held:
+            w.close()
+
+
+async def test_at_the_cap_the_oldest_idle_connection_makes_room(proxy_factory: Any) -> None:
+    proxy = await proxy_factory(max_connections=3, header_timeout=30.0)
+    host, port = proxy.server.host, proxy.server.port
+    idle = []
+    for _ in range(3):
+        idle.append(await asyncio.open_connection(host, port))
+        await asyncio.sleep(0.05)
+    try:
+        raw = bodies.body([bodies.file("f", "a.txt", b"hello")])
+        up = await exchange(host, port, bodies.request_head(len(raw)) + raw, quiet=5)
+        assert up.status == 201, up.raw
+        assert await read_until_closed(idle[0][0], 2) < 1.0  # the oldest was closed
+        with pytest.raises(TimeoutError):  # the others were not
+            await read_until_closed(idle[2][0], 0.3)
+    finally:
+        for _, w in idle:
+            w.close()
+
+
+# --- a real process under a low fd limit ---------------------------------------------
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def start_limited(moto: MotoServer, bucket: str, log: Path, nofile: int, *extra: str) -> Any:
+    port = free_port()
+
+    def limit() -> None:  # the HARD limit: the proxy raises its soft limit to it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "s3proxy", "serve", "--host", "127.0.0.1"),
+                *("--port", str(port), "--endpoint-url", moto.endpoint_url, "--bucket", bucket),
+                *("--part-size", "5MiB", "--s3-max-connections", "8", *extra),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=fake_aws_env(),
+            preexec_fn=limit,
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return proc, port
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+
+
+async def flood_and_upload(
+    moto: MotoServer, bucket: str, tmp_path: Path, nofile: int, sockets: int
+) -> dict[str, float]:
+    log = tmp_path / "proxy.log"
+    proc, port = start_limited(moto, bucket, log, nofile, "--header-timeout", "2")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        data = os.urandom(12 * MiB)
+        raw = bodies.body([bodies.file("f", "big.bin", data)])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(bodies.request_head(len(raw)) + raw[: 6 * MiB])  # an upload in flight
+        await writer.drain()
+        size_before = log.stat().st_size
+        flood = []
+        for _ in range(sockets):  # idle sockets and slow heads, half and half
+            with contextlib.suppress(OSError):
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                if len(flood) % 2:
+                    w.write(b"GET /healthz HTTP/1.1\r\n")
+                flood.append(w)
+        fds = fd_count(proc.pid)
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url + "/healthz", timeout=aiohttp.ClientTimeout(5)) as resp:
+                assert resp.status == 200
+            healthz_s = time.monotonic() - started
+            writer.write(raw[6 * MiB :])  # the upload in flight completes
+            await writer.drain()
+            resp_raw = await asyncio.wait_for(reader.read(65536), 30)
+            assert resp_raw.startswith(b"HTTP/1.1 201"), resp_raw
+            started = time.monotonic()
+            async with session.post(
+                url + "/upload", data=io.BytesIO(raw), headers=bodies.headers()
+            ) as resp:
+                assert resp.status == 201, await resp.text()
+            upload_s = time.monotonic() - started
+        await asyncio.sleep(3)  # the flood sits out the head timeout
+        logged = log.stat().st_size - size_before
+        figures = {
+            "fds": fds,
+            "rss_mib": rss_mib(proc.pid),
+            "healthz_s": healthz_s,
+            "upload_12mib_s": upload_s,
+            "log_bytes": logged,
+        }
+        for w in flood:
+            w.close()
+        writer.close()
+        text = log.read_text()
+        assert "Traceback" not in text, text[-3000:]
+        assert "nofile_soft" in text
+        return figures
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+async def test_low_fd_limit_and_a_flood(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    figures = await flood_and_upload(moto, bucket, tmp_path, nofile=128, sockets=200)
+    print("128 fds, 200 flood sockets:", figures)
+    assert figures["fds"] < 128
+    assert figures["log_bytes"] < 20_000
+
+
+@pytest.mark.slow
+async def test_thousand_sockets_at_1024_fds(moto: MotoServer, bucket: str, tmp_path: Path) -> None:
+    figures = await flood_and_upload(moto, bucket, tmp_path, nofile=1024, sockets=2000)
+    print("1024 fds, 2000 flood sockets:", figures)
+    assert figures["fds"] < 1024
+    assert figures["log_bytes"] < 50_000

@@ -1,0 +1,115 @@
+"""SIGTERM on a real process: uploads cut at the deadline are told 503 SHUTTING_DOWN
+with ``Connection: close`` on the wire, and keep-alive clients do not hold the process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from tests import bodies
+from tests.bodies import MiB
+from tests.s3util import MotoServer, ProxyProcess, all_keys, fake_aws_env, open_uploads
+from tests.test_lifecycle import open_upload, wait_for
+
+
+def start(moto: MotoServer, bucket: str, tmp_path: Path, *extra: str) -> ProxyProcess:
+    return ProxyProcess.start(
+        ["--endpoint-url", moto.endpoint_url, "--bucket", bucket, "--part-size", "5MiB", *extra],
+        fake_aws_env(),
+        tmp_path / "proxy.log",
+    )
+
+
+async def exit_code(proxy: ProxyProcess, within: float = 30) -> int:
+    code: int = await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, within)
+    return code
+
+
+async def test_uploads_cut_at_the_deadline_get_503_connection_close(
+    moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    proxy = start(moto, bucket, tmp_path, "--shutdown-timeout", "1")
+    stalled = []
+    for _ in range(3):  # several stalled uploads, each at a different point
+        raw = bodies.body([bodies.file("f", "big.bin", os.urandom(12 * MiB))])
+        stalled.append(await open_upload(proxy.port, raw, 7 * MiB))
+    await wait_for(lambda: len(open_uploads(s3, bucket)) == 3)
+    signalled = time.monotonic()
+    proxy.proc.send_signal(signal.SIGTERM)
+    for reader, _ in stalled:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+        assert head.startswith(b"HTTP/1.1 503"), head
+        assert b"\r\nConnection: close\r\n" in head, head
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        assert b'"SHUTTING_DOWN"' in await asyncio.wait_for(reader.readexactly(length), 5)
+    # The clients still hold their sockets, not reading, with body bytes unsent: the
+    # process does not wait aiohttp's 5 s more for them.
+    assert await exit_code(proxy) == 0
+    took = time.monotonic() - signalled
+    for _, writer in stalled:
+        writer.close()
+    assert took < 1 + 3.5, took  # grace + cleanup + EXIT_GRACE, with room for moto
+    assert open_uploads(s3, bucket) == []
+    assert all_keys(s3, bucket) == []
+    print(f"exit {took:.2f}s after SIGTERM with 3 stalled uploads, --shutdown-timeout 1")
+
+
+async def test_keepalive_client_does_not_hold_the_process(
+    moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    proxy = start(moto, bucket, tmp_path, "--shutdown-timeout", "20", "--keepalive-timeout", "60")
+    data = os.urandom(12 * MiB)
+    raw = bodies.body([bodies.file("f", "a.bin", data)])
+    reader, writer = await open_upload(proxy.port, raw, 6 * MiB)
+    await wait_for(lambda: open_uploads(s3, bucket))
+    proxy.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    await asyncio.sleep(0.3)
+    writer.write(raw[6 * MiB :])  # the upload finishes during the grace period
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+    assert head.startswith(b"HTTP/1.1 201"), head
+    assert b"\r\nConnection: close\r\n" in head, head  # draining: do not come back
+    # the client keeps its keep-alive connection open; the process exits anyway
+    assert await exit_code(proxy) == 0
+    took = time.monotonic() - signalled
+    writer.close()
+    assert took < 5, took  # far below --shutdown-timeout 20
+    [key] = all_keys(s3, bucket)
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+    print(f"exit {took:.2f}s after SIGTERM with a keep-alive client, --shutdown-timeout 20")
+
+
+async def test_idle_keepalive_closed_at_drain_and_requests_told_to_close(
+    moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    proxy = start(moto, bucket, tmp_path, "--shutdown-timeout", "20", "--keepalive-timeout", "60")
+    # an idle kept-alive connection, and one busy with an upload that keeps drain waiting
+    idle_r, idle_w = await asyncio.open_connection("127.0.0.1", proxy.port)
+    idle_w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(idle_r.readuntil(b"\r\n\r\n"), 5)
+    await idle_r.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+    raw = bodies.body([bodies.file("f", "a.bin", os.urandom(12 * MiB))])
+    up_r, up_w = await open_upload(proxy.port, raw, 6 * MiB)
+    await wait_for(lambda: open_uploads(s3, bucket))
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(idle_r.read(), 5) == b""  # closed at once
+    # a new connection during drain: an upload is refused and told to close
+    late_r, late_w = await asyncio.open_connection("127.0.0.1", proxy.port)
+    small = bodies.body([bodies.file("f", "a.txt", b"x")])
+    late_w.write(bodies.request_head(len(small)) + small)
+    head = await asyncio.wait_for(late_r.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 503") and b"Connection: close" in head, head
+    late_w.close()
+    up_w.write(raw[6 * MiB :])
+    await up_w.drain()
+    head = await asyncio.wait_for(up_r.readuntil(b"\r\n\r\n"), 20)
+    assert head.startswith(b"HTTP/1.1 201"), head
+    assert await exit_code(proxy) == 0
+    for w in (idle_w, up_w):
+        w.close()
+    assert len(all_keys(s3, bucket)) == 1

@@ -1,0 +1,147 @@
+"""What operators' endpoints and the log disclose: /readyz names nothing, /metrics wants
+an API key when auth is on (or --metrics-listen), and no credential reaches the log."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from s3proxy.app import create_app, create_operator_app
+from s3proxy.log import redact
+from s3proxy.tokens import issue
+from tests import bodies
+from tests.conftest import make_settings
+from tests.s3util import MotoServer, ProxyProcess, fake_aws_env
+
+KEY = "k-" + "a" * 30
+SECRET = "s" * 32
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            '127.0.0.1 "POST /upload?token=eyJ.abc HTTP/1.1" 201',
+            '127.0.0.1 "POST /upload?token=REDACTED HTTP/1.1" 201',
+        ),
+        ("GET /u?a=1&TOKEN=x&b=2", "GET /u?a=1&TOKEN=REDACTED&b=2"),
+        ("/x?api_key=k1", "/x?api_key=REDACTED"),
+        ("/x?key=k1&upload_id=7", "/x?key=REDACTED&upload_id=7"),
+        (
+            "https://s3/b/k?X-Amz-Credential=AKIA%2F1&X-Amz-Signature=ab12&X-Amz-Expires=900",
+            "https://s3/b/k?X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED&X-Amz-Expires=900",
+        ),
+        ("?X-Amz-Security-Token=IQo", "?X-Amz-Security-Token=REDACTED"),
+        (
+            "https://s3/b/k?AWSAccessKeyId=AK&Signature=x",
+            "https://s3/b/k?AWSAccessKeyId=REDACTED&Signature=REDACTED",
+        ),
+        ("Authorization: Bearer sk_live_1", "Authorization: Bearer REDACTED"),
+        # not credentials: other names that end in "key", and the usage hint's placeholder
+        ("monkey=1 /x?turkey=2&tokens=3", "monkey=1 /x?turkey=2&tokens=3"),
+        ('curl -H "Authorization: Bearer $KEY"', 'curl -H "Authorization: Bearer $KEY"'),
+        ("upload.completed key=uploads/a.pdf size=3", "upload.completed key=uploads/a.pdf size=3"),
+    ],
+)
+def test_redact(line: str, expected: str) -> None:
+    assert redact(line) == expected
+
+
+async def test_readyz_names_no_bucket(proxy: Any, bucket: str) -> None:
+    resp = await proxy.get("/readyz")
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ready"}
+
+
+async def test_readyz_not_ready_names_nothing(proxy_factory: Any) -> None:
+    proxy = await proxy_factory(bucket="secret-bucket-name")
+    resp = await proxy.get("/readyz")
+    assert resp.status == 503
+    text = await resp.text()
+    assert "secret-bucket-name" not in text and "127.0.0.1" not in text
+    assert json.loads(text)["error"]["code"].startswith("UPSTREAM")
+
+
+async def test_metrics_need_an_api_key_when_auth_is_on(proxy_factory: Any) -> None:
+    proxy = await proxy_factory(api_key=(KEY,), token_secret=(SECRET,))
+    assert (await proxy.get("/metrics")).status == 401
+    bad = await proxy.get("/metrics", headers={"Authorization": "Bearer nope"})
+    assert bad.status == 401
+    token = issue(SECRET.encode(), prefix="u/", ttl=60)
+    scoped = await proxy.get("/metrics", params={"token": token})
+    assert scoped.status == 403 and (await scoped.json())["error"]["code"] == "TOKEN_SCOPE"
+    ok = await proxy.get("/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    assert ok.status == 200 and "s3proxy_uploads_started_total" in await ok.text()
+    # the load balancer's checks stay open
+    assert (await proxy.get("/healthz")).status == 200
+    assert (await proxy.get("/readyz")).status == 200
+
+
+async def test_metrics_open_without_auth(proxy: Any) -> None:
+    assert (await proxy.get("/metrics")).status == 200
+
+
+async def test_operator_listener(aiohttp_client: Any, moto: MotoServer, bucket: str) -> None:
+    main = create_app(make_settings(moto.endpoint_url, bucket=bucket, api_key=(KEY,)))
+    await aiohttp_client(main)  # starts the S3 client the operator app reads
+    operator = await aiohttp_client(create_operator_app(main))
+    metrics = await operator.get("/metrics")
+    assert metrics.status == 200 and "s3proxy_http_request_seconds" in await metrics.text()
+    ready = await operator.get("/readyz")
+    body = await ready.json()
+    assert ready.status == 200 and body["status"] == "ready" and body["bucket"] == bucket
+    assert (await operator.get("/healthz")).status == 200
+    assert (await operator.post("/upload")).status in (404, 405)  # nothing else there
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_no_token_in_the_access_log(
+    moto: MotoServer, bucket: str, tmp_path: Path, fmt: str
+) -> None:
+    proxy = ProxyProcess.start(
+        ["--endpoint-url", moto.endpoint_url, "--bucket", bucket, "--log-format", fmt],
+        {**fake_aws_env(), "S3PROXY_TOKEN_SECRET": SECRET},
+        tmp_path / "proxy.log",
+    )
+    token = issue(SECRET.encode(), prefix="u/", ttl=60)
+    raw = bodies.body([bodies.file("f", "a.txt", os.urandom(100))])
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{proxy.url}/upload?token={token}", data=io.BytesIO(raw), headers=bodies.headers()
+            ) as resp,
+        ):
+            assert resp.status == 201, await resp.text()
+    finally:
+        proxy.stop()
+    log = proxy.log_path.read_text()
+    assert "/upload?token=REDACTED" in log
+    assert token not in log and token.split(".")[-1] not in log
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:9100", ("127.0.0.1", 9100)),
+        ("[::1]:9100", ("::1", 9100)),
+        ("127.0.0.1", None),
+        (":9100", None),
+        ("127.0.0.1:0", None),
+        ("127.0.0.1:http", None),
+    ],
+)
+def test_parse_listen(text: str, expected: tuple[str, int] | None) -> None:
+    from s3proxy.settings import parse_listen
+
+    if expected is None:
+        with pytest.raises(ValueError):
+            parse_listen(text)
+    else:
+        assert parse_listen(text) == expected
