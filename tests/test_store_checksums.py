@@ -14,6 +14,7 @@ the body after the request was signed. docs/integrity-notes.md sums the findings
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -183,6 +184,15 @@ def flip_one_bit(first_attempt_only: bool = False) -> Callable[..., None]:
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def recorder(sent: list[dict[str, str]]) -> Callable[..., None]:
+    """A ``before-send`` hook keeping each request's headers (lower-cased names) in ``sent``."""
+
+    def hook(request: Any, **_: Any) -> None:
+        sent.append({k.lower(): _text(v) for k, v in request.headers.items()})
+
+    return hook
 
 
 def get(s3: Any, store: Store, key: str) -> bytes:
@@ -396,11 +406,7 @@ def test_unsigned_payload_with_checksum_over_plain_http(store: Store) -> None:
     http://, and the checksum header beside it; the store takes the pair."""
     s3 = store.client(s3={"addressing_style": "path", "payload_signing_enabled": False})
     sent: list[dict[str, str]] = []
-
-    def record(request: Any, **_: Any) -> None:
-        sent.append({k.lower(): _text(v) for k, v in request.headers.items()})
-
-    s3.meta.events.register("before-send.s3.PutObject", record)
+    s3.meta.events.register("before-send.s3.PutObject", recorder(sent))
     data = payload(100_000)
     value = crc(Algorithm.CRC64NVME, data)
     s3.put_object(Bucket=store.bucket, Key=store.key("u"), Body=data, ChecksumCRC64NVME=value.b64())
@@ -419,6 +425,8 @@ def test_corruption_in_transit(store: Store) -> None:
     value = crc(Algorithm.CRC64NVME, data).b64()
     unsigned_s3 = store.client(s3={"addressing_style": "path", "payload_signing_enabled": False})
     signed_s3 = store.client()
+    signed: list[dict[str, str]] = []
+    signed_s3.meta.events.register("before-send.s3.PutObject", recorder(signed))
     for s3 in (unsigned_s3, signed_s3):
         s3.meta.events.register("before-send.s3.PutObject", flip_one_bit())
     plain = store.client()
@@ -440,6 +448,7 @@ def test_corruption_in_transit(store: Store) -> None:
     assert get(plain, store, store.key("no-crc")) != data  # nothing could tell
 
     refused = put(signed_s3, "signed")
+    assert signed[0]["x-amz-content-sha256"] == hashlib.sha256(data).hexdigest()  # SigV4 signed
     if store.facts.verifies_signed_payload:
         assert refused is not None
     else:
