@@ -62,6 +62,9 @@ MAX_EMPTY_READS = 4  # aiohttp returns b"" a few times at a truncated end before
 DEFAULT_MIN_RATE = 32 * 1024
 DEFAULT_RATE_WINDOW = 30.0
 DEFAULT_MAX_FIELDS_SIZE = 256 * 1024
+# Field values are read in small steps: aiohttp holds up to two reads of a part in its
+# window until it sees the part's end, and that window is outside the budget.
+FIELD_READ = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -501,7 +504,7 @@ async def _read_field(
     ``room`` left for field values (both are checked on every chunk, as it arrives)."""
     data = bytearray()
     source = PartSource(part, watch)
-    while chunk := await source.read(min(limits.chunk_size, max(room, 0) + 1)):
+    while chunk := await source.read(min(FIELD_READ, max(room, 0) + 1)):
         data += chunk
         if len(data) > limits.max_field_size:
             raise ProxyError(
