@@ -19,6 +19,10 @@ Invariants:
 - Complete is called only after the part's closing boundary was seen and the
   bytes sent to S3 add up to the bytes received.
 - A file that ends within its first part is stored with one PutObject.
+- While it fills a reserved part, the upload is a budget ``Holder``: under memory
+  pressure the budget may evict it for filling below ``min_rate``; eviction only
+  expires its pending client read, so the 408 takes the normal error path (abort,
+  rollback). Once the part is full (S3's turn) it is never evicted.
 """
 
 from __future__ import annotations
