@@ -1,4 +1,4 @@
-"""The process-wide memory budget: an async semaphore counted in bytes.
+"""The process-wide memory budget: an async semaphore counted in bytes, kept fair.
 
 Every part buffer is reserved here before a byte of it is read from the client,
 so when the budget is spent the proxy simply stops reading sockets and TCP pushes
@@ -9,9 +9,35 @@ gets its next part before a newer one gets its first, so few uploads are half-re
 at once (each holds socket and parser buffers outside the budget) and the oldest
 finish first.
 
-No deadlock: a reservation is taken whole before its part is filled, so every
-holder either is filling a part from its own client or has a part uploading to
-S3; both finish without needing more budget.
+No deadlock: a part's reservation is taken whole before its part is filled, so
+every part holder either is filling a part from its own client or has a part
+uploading to S3; both finish without needing more budget. Side reservations (a
+request's form-field bytes, ``side_cap``) may be held by a request that then waits
+for a part, so their total is capped below ``limit - largest part``: once the part
+holders are done, the head of the line always fits. A side reservation first waits
+for room under its cap (apart from the line, so it never blocks a part), then
+joins the line holding nothing.
+
+Fairness (issue #11). Whole-part reservations let a slow client pin a part's
+worth of memory: three clients sending 6 B/s held 15 of 16 MiB, and everyone else
+waited out the idle timeout. Two mechanisms, chosen over the alternatives:
+
+- A minimum data rate for every request (``--min-upload-rate`` over a window of
+  client time, s3proxy.limits and form.ClientWatch): no client can hold anything
+  forever, and it bounds how long an upload lives (the orphan sweep's figure).
+- Eviction under pressure: once the head of the line has waited ``PATIENCE``
+  seconds, the budget asks each part holder how fast it is filling its part and
+  evicts (408 through the normal error path: the upload aborts and rolls back)
+  every one that has held its part for ``MIN_HELD`` seconds and filled it slower
+  than the minimum rate over the last ``MIN_HELD`` seconds. A holder whose part is
+  uploading to S3 is never evicted: it releases on S3's answer. Without waiters
+  nobody is evicted, so a slow client on an idle proxy only meets the rate window.
+
+Rejected: reservations that grow with the bytes that arrived (filling parts piece
+by piece can deadlock once every holder needs more; breaking that needs eviction
+anyway), and a cap per connection (does not stop N slow connections). Eviction
+judges only holders that are both slow and in the way, and is decided by a pure
+function (``choose_victims``) tested with tables.
 """
 
 from __future__ import annotations
@@ -21,7 +47,61 @@ import contextlib
 import heapq
 import itertools
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
+from typing import Protocol
+
+# Seconds the head of the line may wait before slow holders are judged: long enough
+# that a normal part release (S3 answering) usually comes first, short enough that a
+# waiting upload barely notices the tricklers.
+PATIENCE = 0.25
+# Seconds a holder must have held its part, and the window its fill rate is judged
+# over: a paused client (TCP backpressure) resumes from the kernel's buffer within
+# milliseconds, so half a second at the minimum rate (16 KiB at 32 KiB/s) is plenty.
+MIN_HELD = 0.5
+
+
+@dataclass(frozen=True)
+class HolderState:
+    """What the eviction decision sees of one part holder."""
+
+    held_for: float  # seconds since its reservation was granted
+    rate: float | None  # bytes/s filling its part over the last MIN_HELD; None: not filling
+    min_rate: float  # the slowest it may fill (its request's minimum rate)
+
+
+def choose_victims(
+    holders: Sequence[HolderState],
+    waited: float,
+    patience: float = PATIENCE,
+    min_held: float = MIN_HELD,
+) -> list[int]:
+    """Indices of the holders to evict, given how long the head of the line ``waited``.
+
+    Nobody is evicted before someone has waited ``patience``; then every holder that
+    is filling its part (not uploading it), has held it ``min_held`` and fills it
+    below its minimum rate.
+    """
+    if waited < patience:
+        return []
+    return [
+        i
+        for i, h in enumerate(holders)
+        if h.rate is not None and h.held_for >= min_held and h.rate < h.min_rate
+    ]
+
+
+class Holder(Protocol):
+    """The owner of a part reservation, as the budget asks it under pressure."""
+
+    def fill_state(self, now: float) -> HolderState | None:
+        """How it is doing now (monotonic clock); None: never evict it now."""
+        ...
+
+    def evict(self, message: str) -> None:
+        """Stop the upload with a 408 ``message``; the reservation is released as it unwinds."""
+        ...
 
 
 class MemoryBudget:
@@ -32,8 +112,14 @@ class MemoryBudget:
         self.in_use = 0
         self.peak = 0
         self.wait_seconds = 0.0
-        self._waiters: list[tuple[float, int, int, asyncio.Future[None]]] = []  # a heap
+        self.side_in_use = 0  # of in_use, held by side reservations (form fields)
+        self.evictions = 0
+        # a heap of (priority, seq, size, future, enqueued at)
+        self._waiters: list[tuple[float, int, int, asyncio.Future[None], float]] = []
         self._seq = itertools.count()
+        self._side_waiters: list[asyncio.Future[None]] = []
+        self._holders: dict[Reservation, Holder] = {}
+        self._watchdog: asyncio.TimerHandle | None = None
 
     @property
     def available(self) -> int:
@@ -47,17 +133,24 @@ class MemoryBudget:
         """Would ``acquire(n)`` return without waiting?"""
         return not self._waiters and n <= self.available
 
-    async def acquire(self, n: int, priority: float = 0.0) -> Reservation:
-        """Wait until ``n`` bytes are free and take them; lower ``priority`` goes first."""
+    async def acquire(
+        self, n: int, priority: float = 0.0, holder: Holder | None = None
+    ) -> Reservation:
+        """Wait until ``n`` bytes are free and take them; lower ``priority`` goes first.
+
+        A ``holder`` may be evicted under pressure while it holds the reservation.
+        """
         if n > self.limit:
             raise ValueError(f"reservation of {n} bytes exceeds the budget of {self.limit}")
         if not self._waiters and n <= self.available:
             self._take(n)
-            return Reservation(self, n)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (priority, next(self._seq), n, fut)
-        heapq.heappush(self._waiters, entry)
+            return self._granted(n, holder)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         started = time.monotonic()
+        entry = (priority, next(self._seq), n, fut, started)
+        heapq.heappush(self._waiters, entry)
+        self._arm_watchdog(loop)
         try:
             await fut
         except BaseException:
@@ -74,7 +167,36 @@ class MemoryBudget:
             raise
         finally:
             self.wait_seconds += time.monotonic() - started
-        return Reservation(self, n)
+        return self._granted(n, holder)
+
+    async def acquire_side(self, n: int, side_cap: int, priority: float = 0.0) -> Reservation:
+        """Take ``n`` bytes that a request holds while it may wait for a part (form
+        fields): first wait for room under ``side_cap`` (apart from the line), then
+        wait in line like a part. ``side_cap`` must leave the largest part room."""
+        if n > side_cap:
+            raise ValueError(f"side reservation of {n} bytes exceeds its cap of {side_cap}")
+        while self.side_in_use + n > side_cap:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._side_waiters.append(fut)
+            try:
+                await fut
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._side_waiters.remove(fut)
+        self.side_in_use += n  # holds room under the cap while it waits in line
+        try:
+            reservation = await self.acquire(n, priority)
+        except BaseException:
+            self._give_side(n)
+            raise
+        reservation.side = True
+        return reservation
+
+    def _granted(self, n: int, holder: Holder | None) -> Reservation:
+        reservation = Reservation(self, n)
+        if holder is not None:
+            self._holders[reservation] = holder
+        return reservation
 
     def _take(self, n: int) -> None:
         self.in_use += n
@@ -85,12 +207,52 @@ class MemoryBudget:
         assert self.in_use >= 0, "budget released more than was taken"
         self._wake()
 
+    def _give_side(self, n: int) -> None:
+        self.side_in_use -= n
+        assert self.side_in_use >= 0, "side reservations released more than was taken"
+        for fut in self._side_waiters:  # each re-checks its own fit
+            if not fut.done():
+                fut.set_result(None)
+
     def _wake(self) -> None:
         while self._waiters and self._waiters[0][2] <= self.available:
-            _, _, n, fut = heapq.heappop(self._waiters)
+            _, _, n, fut, _ = heapq.heappop(self._waiters)
             if not fut.done():
                 self._take(n)
                 fut.set_result(None)
+
+    def _forget(self, reservation: Reservation) -> None:
+        self._holders.pop(reservation, None)
+
+    # --- eviction under pressure ---------------------------------------------------
+
+    def _arm_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(PATIENCE, self._check)
+
+    def _check(self) -> None:
+        """While someone waits: evict the part holders that are slow and in the way."""
+        self._watchdog = None
+        live = [w for w in self._waiters if not w[3].done()]
+        if not live:
+            return
+        now = time.monotonic()
+        waited = now - min(w[4] for w in live)
+        owners: list[Holder] = []
+        states: list[HolderState] = []
+        for owner in list(self._holders.values()):
+            state = owner.fill_state(now)
+            if state is not None:
+                owners.append(owner)
+                states.append(state)
+        for i in choose_victims(states, waited):
+            self.evictions += 1
+            s = states[i]
+            owners[i].evict(
+                f"the client sent {s.rate:.0f} bytes/s, under the minimum of "
+                f"{s.min_rate:.0f} bytes/s, while other uploads waited for memory"
+            )
+        self._watchdog = asyncio.get_running_loop().call_later(PATIENCE / 2, self._check)
 
 
 class Reservation:
@@ -99,16 +261,22 @@ class Reservation:
     def __init__(self, budget: MemoryBudget, size: int) -> None:
         self._budget = budget
         self.size = size
+        self.side = False  # held under a side cap (form fields)
 
     def shrink(self, size: int) -> None:
         if size < self.size:
             freed = self.size - size
             self.size = size
+            if self.side:
+                self._budget._give_side(freed)
             self._budget._give(freed)
 
     def release(self) -> None:
+        self._budget._forget(self)
         if self.size:
             size, self.size = self.size, 0
+            if self.side:
+                self._budget._give_side(size)
             self._budget._give(size)
 
     async def __aenter__(self) -> Reservation:

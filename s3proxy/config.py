@@ -45,6 +45,8 @@ class Config:
                 storage_class=objects.storage_class,
                 sse=objects.sse,
                 sse_kms_key_id=objects.sse_kms_key_id,
+                min_rate=settings.min_upload_rate,
+                max_fields_size=settings.max_fields_size,
             ),
             form=FormLimits(
                 max_files=settings.max_files,
@@ -53,6 +55,9 @@ class Config:
                 max_request_size=settings.max_request_size,
                 chunk_size=settings.read_buffer,
                 idle_timeout=settings.client_timeout,
+                min_rate=settings.min_upload_rate,
+                rate_window=settings.min_rate_window,
+                max_fields_size=settings.max_fields_size,
             ),
         )
 

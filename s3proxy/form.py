@@ -52,10 +52,18 @@ from s3proxy.errors import (
     ProxyError,
 )
 from s3proxy.keys import sanitize_filename
+from s3proxy.limits import RateMeter
 
 T = TypeVar("T")
 
 MAX_EMPTY_READS = 4  # aiohttp returns b"" a few times at a truncated end before it raises
+# The defaults of --min-upload-rate and --min-rate-window (s3proxy.settings says why).
+DEFAULT_MIN_RATE = 32 * 1024
+DEFAULT_RATE_WINDOW = 30.0
+DEFAULT_MAX_FIELDS_SIZE = 256 * 1024
+# Field values are read in small steps: aiohttp holds up to two reads of a part in its
+# window until it sees the part's end, and that window is outside the budget.
+FIELD_READ = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -66,12 +74,16 @@ class FormLimits:
     max_request_size: int
     chunk_size: int
     idle_timeout: float = 60.0  # seconds without a byte from the client
+    min_rate: float = DEFAULT_MIN_RATE  # bytes/s over rate_window of client time (408 below)
+    rate_window: float = DEFAULT_RATE_WINDOW
+    max_fields_size: int = DEFAULT_MAX_FIELDS_SIZE  # all field values of a request (413 over)
 
 
 @dataclass(frozen=True)
 class Field:
     name: str
     value: str
+    size: int = 0  # bytes of the value as received (counted against the memory budget)
 
 
 class ChunkSource(Protocol):
@@ -84,6 +96,9 @@ class ChunkSource(Protocol):
     async def read(self, size: int) -> bytes: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...
+    def expire(self, message: str) -> None:
+        """End the pending (or next) read with CLIENT_TIMEOUT ``message``: an eviction."""
+        ...
 
 
 class TransportFlow:
@@ -152,57 +167,100 @@ def client_errors() -> Iterator[None]:
 
 
 class ClientWatch:
-    """One request's reads from the client: an idle timeout and the request size limit.
+    """One request's reads from the client: idle timeout, minimum rate, size limit.
 
     Every read from the client runs under :meth:`read`. It fails with CLIENT_TIMEOUT
-    once no byte has arrived for ``idle_timeout`` seconds (every byte re-arms it, so a
-    slow but steady client is never cut off, in the preamble, part headers or data),
-    and with REQUEST_TOO_LARGE as soon as the body passes ``max_request_size``, even in
-    the middle of one long read such as a huge preamble. It watches the body's byte
-    count on a timer: every ``MIN_TICK`` seconds while bytes flow, backing off while
-    the client is silent, so an idle connection costs about one wakeup a second.
+    once no byte has arrived for ``idle_timeout`` seconds (every byte re-arms it, in
+    the preamble, part headers or data), or once a full ``rate_window`` of client
+    time has carried less than ``min_rate`` bytes per second (s3proxy.limits: the
+    first window is grace; only time spent inside reads counts, so waits for memory
+    or S3 are never held against the client). It fails with REQUEST_TOO_LARGE as
+    soon as the body passes ``max_request_size``, even in the middle of one long read
+    such as a huge preamble. It watches the body's byte count on a timer: every
+    ``MIN_TICK`` seconds while bytes flow, backing off while the client is silent, so
+    an idle connection costs about one wakeup a second. :meth:`expire` ends the
+    pending (or next) read at once with a given error: the budget's eviction.
     """
 
     MIN_TICK = 0.05
     MAX_TICK = 1.0
 
     def __init__(
-        self, body_bytes: Callable[[], int], idle_timeout: float, max_request_size: int
+        self,
+        body_bytes: Callable[[], int],
+        idle_timeout: float,
+        max_request_size: int,
+        min_rate: float = DEFAULT_MIN_RATE,
+        rate_window: float = DEFAULT_RATE_WINDOW,
     ) -> None:
         self._body_bytes = body_bytes
         self._idle = idle_timeout
         self._max = max_request_size
-        self._max_tick = max(self.MIN_TICK, min(self.MAX_TICK, idle_timeout / 4))
+        self.min_rate = min_rate
+        self._max_tick = max(self.MIN_TICK, min(self.MAX_TICK, idle_timeout / 4, rate_window / 4))
+        self._client_time = 0.0  # seconds spent inside reads so far
+        self._meter = RateMeter(rate_window, 0.0, body_bytes())
+        self._expired: ProxyError | None = None
+        self._expire_now: Callable[[ProxyError], None] | None = None
 
     def check_size(self) -> None:
         if self._body_bytes() > self._max:
             raise ProxyError(REQUEST_TOO_LARGE, f"request body over the limit of {self._max} bytes")
 
+    def expire(self, kind: ErrorKind, message: str) -> None:
+        """End the pending read now (or the next one at its start) with this error."""
+        if self._expired is None:
+            self._expired = ProxyError(kind, message)
+        if self._expire_now is not None:
+            self._expire_now(self._expired)
+
+    def _too_slow(self) -> ProxyError:
+        window = self._meter.window
+        return ProxyError(
+            CLIENT_TIMEOUT,
+            f"the client sent under the minimum of {self.min_rate:.0f} bytes/s over {window:g} s",
+        )
+
     async def read(self, read: Callable[[], Awaitable[T]]) -> T:
-        """Run one read from the client under the idle timeout and the size limit."""
+        """Run one read from the client under the idle timeout, the rate and the size limit."""
+        if self._expired is not None:
+            raise self._expired
         self.check_size()
         loop = asyncio.get_running_loop()
-        seen, last = self._body_bytes(), loop.time()
+        began = loop.time()
+        base = self._client_time
+        seen, last = self._body_bytes(), began
         interval = self.MIN_TICK
-        verdict: ErrorKind | None = None
+        verdict: ProxyError | None = None
         handle: asyncio.TimerHandle | None = None
 
+        def judge(err: ProxyError) -> None:
+            nonlocal verdict
+            verdict = err
+            timeout.reschedule(loop.time())  # expire now: cancels the read
+
         def tick() -> None:
-            nonlocal seen, last, interval, verdict, handle
+            nonlocal seen, last, interval, handle
             now, received = loop.time(), self._body_bytes()
+            clock = base + (now - began)
+            self._meter.add(clock, received)
             if received > self._max:
-                verdict = REQUEST_TOO_LARGE
-            elif received != seen:
+                return judge(
+                    ProxyError(
+                        REQUEST_TOO_LARGE, f"request body over the limit of {self._max} bytes"
+                    )
+                )
+            if received != seen:
                 seen, last, interval = received, now, self.MIN_TICK
             elif now - last >= self._idle - 0.001:  # the loop may run a timer a hair early
-                verdict = CLIENT_TIMEOUT
+                return judge(ProxyError(CLIENT_TIMEOUT, "the client sent nothing for too long"))
             else:
                 interval = min(interval * 2, self._max_tick)
-            if verdict is not None:
-                timeout.reschedule(now)  # expire now: cancels the read
-                return
+            if self._meter.too_slow(clock, self.min_rate):
+                return judge(self._too_slow())
             handle = loop.call_at(min(now + interval, last + self._idle), tick)
 
+        self._expire_now = judge
         try:
             with client_errors():
                 async with asyncio.timeout(None) as timeout:
@@ -212,11 +270,14 @@ class ClientWatch:
                     finally:
                         handle.cancel()
         except ProxyError as err:
-            if verdict is REQUEST_TOO_LARGE:
-                raise ProxyError(
-                    REQUEST_TOO_LARGE, f"request body over the limit of {self._max} bytes"
-                ) from err.__cause__
+            if verdict is not None:
+                raise verdict from err.__cause__
             raise
+        finally:
+            self._expire_now = None
+            now = loop.time()
+            self._client_time = base + (now - began)
+            self._meter.add(self._client_time, self._body_bytes())
         self.check_size()
         return result
 
@@ -312,8 +373,14 @@ async def iter_form(
     will use it (``upload`` when the client sent none). A part with an empty filename
     and no content (a browser's unused file input) is skipped: it is not a file.
     """
-    files = fields = 0
-    watch = ClientWatch(body_bytes, limits.idle_timeout, limits.max_request_size)
+    files = fields = fields_size = 0
+    watch = ClientWatch(
+        body_bytes,
+        limits.idle_timeout,
+        limits.max_request_size,
+        limits.min_rate,
+        limits.rate_window,
+    )
     while True:
         part = await watch.read(lambda: next_part(reader))
         if part is None:
@@ -341,7 +408,10 @@ async def iter_form(
             fields += 1
             if fields > limits.max_fields:
                 raise ProxyError(TOO_MANY_FIELDS, f"more than {limits.max_fields} form fields")
-            yield Field(head.name, await _read_field(part, head.name, limits, watch))
+            room = limits.max_fields_size - fields_size
+            value = await _read_field(part, head.name, limits, watch, room)
+            fields_size += value.size
+            yield Field(head.name, value.text, value.size)
 
 
 class PartSource:
@@ -371,6 +441,9 @@ class PartSource:
             self._paused = False
             self._flow.resume_reading()
 
+    def expire(self, message: str) -> None:
+        self._watch.expire(CLIENT_TIMEOUT, message)
+
     async def read(self, size: int) -> bytes:
         size = max(size, self.MIN_READ)
         for _ in range(MAX_EMPTY_READS + 1):
@@ -393,6 +466,9 @@ class Replay:
     def resume(self) -> None:
         self._rest.resume()
 
+    def expire(self, message: str) -> None:
+        self._rest.expire(message)
+
     async def read(self, size: int) -> bytes:
         if self._first:
             chunk, self._first = self._first[:size], self._first[size:]
@@ -400,18 +476,32 @@ class Replay:
         return await self._rest.read(size)
 
 
+@dataclass(frozen=True)
+class _Value:
+    text: str
+    size: int  # bytes as received
+
+
 async def _read_field(
-    part: BodyPartReader, name: str, limits: FormLimits, watch: ClientWatch
-) -> str:
+    part: BodyPartReader, name: str, limits: FormLimits, watch: ClientWatch, room: int
+) -> _Value:
+    """A field's value, cut off as soon as it passes its own limit or the request's
+    ``room`` left for field values (both are checked on every chunk, as it arrives)."""
     data = bytearray()
     source = PartSource(part, watch)
-    while chunk := await source.read(limits.chunk_size):
+    while chunk := await source.read(min(FIELD_READ, max(room, 0) + 1)):
         data += chunk
         if len(data) > limits.max_field_size:
             raise ProxyError(
                 FIELD_TOO_LARGE, f"field {name!r} over the limit of {limits.max_field_size} bytes"
             )
+        if len(data) > room:
+            raise ProxyError(
+                FIELD_TOO_LARGE,
+                f"form field values over the limit of {limits.max_fields_size} bytes "
+                f"per request (at field {name!r})",
+            )
     try:
-        return data.decode("utf-8")
+        return _Value(data.decode("utf-8"), len(data))
     except UnicodeDecodeError:
         raise ProxyError(INVALID_FIELD, f"field {name!r} is not UTF-8 text") from None

@@ -19,6 +19,10 @@ Invariants:
 - Complete is called only after the part's closing boundary was seen and the
   bytes sent to S3 add up to the bytes received.
 - A file that ends within its first part is stored with one PutObject.
+- While it fills a reserved part, the upload is a budget ``Holder``: under memory
+  pressure the budget may evict it for filling below ``min_rate``; eviction only
+  expires its pending client read, so the 408 takes the normal error path (abort,
+  rollback). Once the part is full (S3's turn) it is never evicted.
 """
 
 from __future__ import annotations
@@ -34,10 +38,11 @@ from typing import Any, TypeVar
 
 from s3proxy import keys, sniff
 from s3proxy.body import Chunk
-from s3proxy.budget import MemoryBudget, Reservation
+from s3proxy.budget import MIN_HELD, HolderState, MemoryBudget, Reservation
 from s3proxy.errors import FILE_TOO_LARGE, INTERNAL, TOKEN_SCOPE, TYPE_NOT_ALLOWED, ProxyError
-from s3proxy.form import ChunkSource
+from s3proxy.form import DEFAULT_MAX_FIELDS_SIZE, DEFAULT_MIN_RATE, ChunkSource
 from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor, finish, run_cleanup
+from s3proxy.limits import RateMeter
 from s3proxy.machine import (
     CreateUpload,
     FileTooLarge,
@@ -70,6 +75,8 @@ class PipelineConfig:
     storage_class: str | None = None
     sse: str | None = None
     sse_kms_key_id: str | None = None
+    min_rate: float = DEFAULT_MIN_RATE  # --min-upload-rate: slower part fillers may be evicted
+    max_fields_size: int = DEFAULT_MAX_FIELDS_SIZE  # a request's field bytes, held in the budget
 
 
 @dataclass(frozen=True)
@@ -146,8 +153,34 @@ class FileUpload:
         self._inflight: set[asyncio.Task[None]] = set()
         self._etags: dict[int, str] = {}
         self._sent = 0
+        self._source: ChunkSource | None = None
+        self._filling: RateMeter | None = None  # set while a reserved part is being filled
+        self._evicted = False
+
+    # --- s3proxy.budget.Holder: asked under memory pressure --------------------------
+
+    def fill_state(self, now: float) -> HolderState | None:
+        """How fast this upload fills its reserved part; None unless it is filling one."""
+        meter = self._filling
+        if meter is None or self._evicted:
+            return None
+        meter.add(max(now, meter.last), self.size)
+        held = now - meter.start
+        rate = meter.rate(now)
+        if rate is None:  # held for less than a window: the average so far
+            rate = (self.size - meter.first) / held if held > 0 else float("inf")
+        return HolderState(held_for=held, rate=rate, min_rate=self.cfg.min_rate)
+
+    def evict(self, message: str) -> None:
+        """Stop reading the client: its pending read fails with 408 ``message``."""
+        if self._evicted or self._source is None:
+            return
+        self._evicted = True
+        log.info("upload.evicted key=%s received=%d", self.spec.key, self.size)
+        self._source.expire(message)
 
     async def run(self, source: ChunkSource) -> StoredFile:
+        self._source = source
         try:
             return await self._stream(source)
         except BaseException as exc:
@@ -204,9 +237,14 @@ class FileUpload:
                     except FileTooLarge:
                         raise self._too_large() from None
                     self._hash.update(chunk)
-                elif isinstance(action, Reserve):
+                    if self._filling is not None:
+                        self._filling.add(max(time.monotonic(), self._filling.last), self.size)
+                    continue
+                self._filling = None  # the part is full (or not begun): never evicted now
+                if isinstance(action, Reserve):
                     await self._wait_for_slot()
                     reservation = await self._reserve(action.size, source)
+                    self._filling = RateMeter(MIN_HELD, time.monotonic(), self.size)
                 elif isinstance(action, SendPart):
                     assert reservation is not None
                     reservation.shrink(action.size)
@@ -238,7 +276,7 @@ class FileUpload:
         if waiting:
             source.pause()
         try:
-            return await self.budget.acquire(size, priority=self.started)
+            return await self.budget.acquire(size, priority=self.started, holder=self)
         finally:
             if waiting:
                 source.resume()

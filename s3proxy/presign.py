@@ -136,13 +136,37 @@ async def _context(request: web.Request, *, new_upload: bool = False) -> Context
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object; anything else is the client's fault, never a 500."""
-    try:
-        raw = await request.read()
-    except ConnectionError:
+    """The body as a JSON object; anything else is the client's fault, never a 500.
+
+    Read like an upload's body (form.ClientWatch): 408 once the client sends nothing
+    for ``--client-timeout`` or too slowly, 413 past ``--max-sign-body`` (declared or
+    as it arrives), so a stalled or huge body holds at most that many bytes.
+    """
+    from s3proxy.errors import REQUEST_TOO_LARGE
+    from s3proxy.form import ClientWatch
+
+    settings = request.app[STATE].settings
+    limit = settings.max_sign_body
+    length = request.content_length
+    if length is not None and length > limit:
+        raise ProxyError(
+            REQUEST_TOO_LARGE, f"request body of {length} bytes is over the limit of {limit} bytes"
+        )
+    content = request.content
+    watch = ClientWatch(
+        lambda: content.total_bytes,
+        settings.client_timeout,
+        limit,
+        settings.min_upload_rate,
+        settings.min_rate_window,
+    )
+    raw = bytearray()
+    while chunk := await watch.read(content.readany):
+        raw += chunk
+    if length is not None and len(raw) < length:  # aiohttp raises this; to be sure
         raise ProxyError(
             CLIENT_DISCONNECTED, "the client closed the connection before the body was complete"
-        ) from None
+        )
     try:
         # ValueError covers bad UTF-8 and numbers past Python's int-string limit;
         # RecursionError, nesting past the interpreter's limit ("[" * 100_000).

@@ -432,6 +432,34 @@ class Settings:
         _opt_str,
         metavar="HOST:PORT",
     )
+    # fair memory and slow clients (issue #11)
+    min_upload_rate: int = _setting(
+        32 * 1024,
+        "slowest a request body may arrive, in bytes/s over --min-rate-window (408 below it); "
+        "a client filling a part below it while others wait for memory is cut off at once",
+        parse_size,
+        show=format_size,
+        metavar="BYTES_PER_S",
+    )
+    min_rate_window: float = _setting(
+        30.0,
+        "seconds of client time the upload rate is averaged over (the first window is grace)",
+        parse_duration,
+        show=format_duration,
+    )
+    max_fields_size: int = _setting(
+        256 * 1024,
+        "most bytes of non-file form field values in one request, counted in the memory "
+        "budget (413 over it)",
+        parse_size,
+        show=format_size,
+    )
+    max_sign_body: int = _setting(
+        64 * 1024,
+        "largest JSON body of a POST /sign* request (413 over it)",
+        parse_size,
+        show=format_size,
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -504,6 +532,20 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.min_upload_rate < 1 or self.min_rate_window <= 0:
+            raise SettingsError(
+                "--min-upload-rate must be at least 1 byte/s and --min-rate-window positive"
+            )
+        if self.max_fields_size < 1 or self.max_sign_body < 1024:
+            raise SettingsError(
+                "--max-fields-size must be at least 1 and --max-sign-body at least 1KiB"
+            )
+        if self.memory_budget < largest + self.max_fields_size:
+            raise SettingsError(
+                f"--memory-budget {format_size(self.memory_budget)} leaves no room for form "
+                f"fields ({format_size(self.max_fields_size)}, --max-fields-size) next to the "
+                f"largest part ({format_size(largest)}); raise the budget or lower the limits"
+            )
         if "{uuid}" not in self.key_template:
             raise SettingsError(
                 "--key-template must contain {uuid} so that uploads never overwrite"

@@ -13,6 +13,15 @@ it (as sent, before encoding; a repeated field joined with commas, as stored),
 and ``fields`` returns every field of the request. S3 metadata names are
 case-insensitive, so ``Foo`` and ``foo`` before one file are refused (400
 INVALID_FIELD) rather than one silently replacing the other.
+
+The field values a request holds count against the memory budget: at its first
+non-empty field the request takes an allowance of ``max_fields_size`` bytes (no
+more than the body's length) as a side reservation, which s3proxy.form keeps its
+fields within (413 over it), and gives it back when the request ends. One
+allowance, taken whole while the request holds nothing else, so a request never
+waits for budget while holding field bytes it might need more of (no deadlock);
+the side cap keeps the largest part room. Only the first field's bytes (at most
+``--max-field-size``) are read before the allowance is granted.
 """
 
 from __future__ import annotations
@@ -20,16 +29,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from s3proxy import keys
-from s3proxy.budget import MemoryBudget
+from s3proxy.budget import MemoryBudget, Reservation
 from s3proxy.errors import INVALID_FIELD, METADATA_TOO_LARGE, NO_FILE, ProxyError
 from s3proxy.form import Field, FilePart
 from s3proxy.janitor import Janitor, run_cleanups
 from s3proxy.metrics import Metrics
+from s3proxy.parts import largest_part
 from s3proxy.pipeline import (
     FileSpec,
     FileUpload,
@@ -126,11 +137,14 @@ class RequestUpload:
         self.metrics = metrics or Metrics()
         self.grant = grant
         self.key_policy = keys.KeyPolicy.for_grant(key_template, grant)
+        self.started = time.monotonic()
+        self._fields: Reservation | None = None  # the allowance for field values
 
     async def run(self, parts: AsyncIterator[Field | FilePart]) -> UploadResult:
         try:
             async for part in parts:
                 if isinstance(part, Field):
+                    await self._hold_fields(part)
                     self._add_field(part)
                 else:
                     stored = await self._store(part)
@@ -141,7 +155,29 @@ class RequestUpload:
         except BaseException:
             await self.rollback()
             raise
+        finally:
+            if self._fields is not None:
+                self._fields.release()
+                self._fields = None
         return self.result
+
+    def fields_allowance(self) -> tuple[int, int]:
+        """(allowance, side cap): a request's field bytes and the most all requests'
+        field bytes may hold, leaving the largest part room (no deadlock, budget.py)."""
+        cfg = self.cfg
+        side_cap = max(0, self.budget.limit - largest_part(cfg.part_size, cfg.max_file_size))
+        allowance = cfg.max_fields_size
+        if self.size_hint is not None:
+            allowance = min(allowance, self.size_hint)
+        return min(allowance, side_cap), side_cap
+
+    async def _hold_fields(self, part: Field) -> None:
+        """Take the request's field allowance from the budget at its first field."""
+        if self._fields is not None or part.size == 0:
+            return
+        allowance, side_cap = self.fields_allowance()
+        if allowance > 0:
+            self._fields = await self.budget.acquire_side(allowance, side_cap, self.started)
 
     def _add_field(self, part: Field) -> None:
         current = self.result.fields.get(part.name)

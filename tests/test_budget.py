@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from s3proxy.budget import MemoryBudget
+from s3proxy.budget import HolderState, MemoryBudget, Reservation, choose_victims
 
 
 async def test_acquire_and_release() -> None:
@@ -118,3 +118,117 @@ async def test_waiter_cancelled_just_before_memory_is_released() -> None:
     assert b.waiting == 0 and b.in_use == 30
     r.release()
     assert b.in_use == 0
+
+
+# --- fairness: who is evicted (pure), and the budget asking its holders ---------------
+
+SLOW = 10.0  # bytes/s
+MIN = 32 * 1024.0
+
+
+@pytest.mark.parametrize(
+    ("holders", "waited", "victims"),
+    [
+        ([], 5.0, []),
+        # nobody has waited long enough: nobody is judged
+        ([HolderState(10.0, SLOW, MIN)], 0.1, []),
+        # a slow holder that has held its part long enough, while someone waits
+        ([HolderState(1.0, SLOW, MIN)], 0.3, [0]),
+        # too new to judge (its client may still be waking from backpressure)
+        ([HolderState(0.2, SLOW, MIN)], 5.0, []),
+        # uploading to S3 (rate None): never evicted, it releases on S3's answer
+        ([HolderState(30.0, None, MIN)], 5.0, []),
+        # fast enough, and exactly at the rate: kept
+        ([HolderState(3.0, 1e6, MIN), HolderState(3.0, MIN, MIN)], 5.0, []),
+        # a mix: only the slow, old, filling ones
+        (
+            [
+                HolderState(3.0, SLOW, MIN),
+                HolderState(3.0, 1e6, MIN),
+                HolderState(0.1, SLOW, MIN),
+                HolderState(3.0, None, MIN),
+                HolderState(0.5, 0.0, MIN),
+            ],
+            0.25,
+            [0, 4],
+        ),
+        # each holder is judged by its own request's minimum rate
+        ([HolderState(3.0, 500.0, 1000.0), HolderState(3.0, 500.0, 100.0)], 1.0, [0]),
+    ],
+)
+def test_choose_victims(holders: list[HolderState], waited: float, victims: list[int]) -> None:
+    assert choose_victims(holders, waited) == victims
+
+
+class FakeHolder:
+    def __init__(self, state: HolderState | None) -> None:
+        self.state = state
+        self.evicted: list[str] = []
+        self.reservation: Reservation | None = None
+
+    def fill_state(self, now: float) -> HolderState | None:
+        return None if self.evicted else self.state
+
+    def evict(self, message: str) -> None:
+        self.evicted.append(message)
+        assert self.reservation is not None
+        self.reservation.release()  # as an upload does once its read fails
+
+
+async def test_slow_holders_are_evicted_only_when_someone_waits() -> None:
+    b = MemoryBudget(100)
+    slow, fast, sending = (
+        FakeHolder(HolderState(5.0, SLOW, MIN)),
+        FakeHolder(HolderState(5.0, 1e6, MIN)),
+        FakeHolder(HolderState(5.0, None, MIN)),
+    )
+    for h in (slow, fast, sending):
+        h.reservation = await b.acquire(30, holder=h)
+    await asyncio.sleep(0.5)
+    assert not slow.evicted  # nobody waits: nobody is evicted
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    r = await asyncio.wait_for(b.acquire(40), 2)
+    assert 0.2 <= loop.time() - start < 1.0
+    assert len(slow.evicted) == 1 and "bytes/s" in slow.evicted[0]
+    assert not fast.evicted and not sending.evicted
+    assert b.evictions == 1
+    r.release()
+    for h in (fast, sending):
+        assert h.reservation is not None
+        h.reservation.release()
+    assert b.in_use == 0
+
+
+async def test_side_reservations_wait_apart_and_never_block_parts() -> None:
+    b = MemoryBudget(100)
+    first = await b.acquire_side(20, side_cap=30)
+    assert (b.in_use, b.side_in_use) == (20, 20)
+    second = asyncio.create_task(b.acquire_side(20, side_cap=30))  # over the cap: waits
+    await asyncio.sleep(0.01)
+    assert not second.done() and b.waiting == 0
+    part = await asyncio.wait_for(b.acquire(80), 1)  # a part is not held up by it
+    part.release()
+    first.release()
+    r = await asyncio.wait_for(second, 1)
+    assert (b.in_use, b.side_in_use) == (20, 20)
+    r.shrink(5)
+    assert (b.in_use, b.side_in_use) == (5, 5)
+    r.release()
+    assert (b.in_use, b.side_in_use) == (0, 0)
+
+
+async def test_cancelled_side_waiter_leaves_no_trace() -> None:
+    b = MemoryBudget(100)
+    held = await b.acquire(100)
+    waiter = asyncio.create_task(b.acquire_side(10, side_cap=50))  # room, but no memory
+    await asyncio.sleep(0.01)
+    assert b.side_in_use == 10 and b.waiting == 1
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert (b.side_in_use, b.waiting) == (0, 0)
+    held.release()
+    assert b.in_use == 0
+    with pytest.raises(ValueError):
+        await b.acquire_side(60, side_cap=50)

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from s3proxy.errors import ProxyError
+from s3proxy.errors import CLIENT_TIMEOUT, ProxyError
 from s3proxy.form import ClientWatch, PartHead, Replay, read_part_head
 
 
@@ -186,3 +186,59 @@ def test_read_part_head_refuses(pairs: list[tuple[str, str]], words: str) -> Non
         read_part_head(headers(*pairs))
     assert err.value.kind.code == "MALFORMED_MULTIPART"
     assert words in err.value.message
+
+
+# --- the minimum rate and eviction ------------------------------------------------------
+
+
+async def test_watch_cuts_off_a_client_under_the_minimum_rate() -> None:
+    """100 B/s against a 1000 B/s floor: cut off once the first window has passed."""
+    counter = Counter()
+    watch = ClientWatch(
+        counter, idle_timeout=30, max_request_size=10**6, min_rate=1000, rate_window=0.5
+    )
+    feeder = asyncio.create_task(trickle(counter, 0.05, 100, step=5))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(ProxyError) as err:
+        await watch.read(lambda: asyncio.sleep(10))
+    assert err.value.kind.code == "CLIENT_TIMEOUT"
+    assert "minimum of 1000 bytes/s" in err.value.message
+    assert 0.5 <= loop.time() - start < 1.5
+    feeder.cancel()
+
+
+async def test_watch_keeps_a_client_at_the_rate_and_counts_only_client_time() -> None:
+    """Time between reads (waiting for memory or S3) is not the client's."""
+    counter = Counter()
+    watch = ClientWatch(
+        counter, idle_timeout=30, max_request_size=10**6, min_rate=1000, rate_window=0.3
+    )
+    feeder = asyncio.create_task(trickle(counter, 0.05, 20, step=100))  # 2000 B/s
+    assert await watch.read(lambda: asyncio.sleep(0.9, "ok")) == "ok"
+    await feeder
+    await asyncio.sleep(1.0)  # the proxy is busy: nothing arrives, and it is not judged
+    feeder = asyncio.create_task(trickle(counter, 0.05, 10, step=100))
+    assert await watch.read(lambda: asyncio.sleep(0.4, "again")) == "again"
+    await feeder
+
+
+async def test_expire_ends_the_pending_read_and_the_next() -> None:
+    watch = ClientWatch(Counter(), idle_timeout=30, max_request_size=1000)
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.1, watch.expire, CLIENT_TIMEOUT, "evicted: too slow")
+    start = loop.time()
+    with pytest.raises(ProxyError) as err:
+        await watch.read(lambda: asyncio.sleep(10))
+    assert (err.value.kind.code, err.value.message) == ("CLIENT_TIMEOUT", "evicted: too slow")
+    assert loop.time() - start < 1.0
+    with pytest.raises(ProxyError) as err:  # the request is over: no read starts again
+        await watch.read(lambda: asyncio.sleep(0, "never"))
+    assert err.value.message == "evicted: too slow"
+
+
+async def test_expire_between_reads_fails_the_next_one() -> None:
+    watch = ClientWatch(Counter(), idle_timeout=30, max_request_size=1000)
+    watch.expire(CLIENT_TIMEOUT, "evicted")
+    with pytest.raises(ProxyError):
+        await watch.read(lambda: asyncio.sleep(0))

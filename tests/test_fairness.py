@@ -1,0 +1,342 @@
+"""Issue #11: slow clients cannot hold memory others need; every client byte is bounded.
+
+Against moto through the real app: tricklers are evicted (JSON 408, nothing stored)
+while a normal upload goes through; stalled form fields hold only their allowance
+from the budget; /sign bodies are read with the idle timeout and a size limit. And
+the pure bounds the orphan sweep uses, as tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import FormData
+
+from s3proxy import limits
+from s3proxy.budget import MIN_HELD
+from s3proxy.limits import RateMeter
+from s3proxy.settings import Settings, SettingsError
+from s3proxy.state import STATE
+from tests import bodies
+
+MiB = 1024**2
+KiB = 1024
+
+
+# --- the pure bounds ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S:
+    part_size: int = 8 * MiB
+    max_file_size: int = 5 * 1024**3
+    max_request_size: int = 10 * 1024**3
+    min_upload_rate: int = 32 * KiB
+    min_rate_window: float = 30.0
+    client_timeout: float = 60.0
+    s3_read_timeout: float = 120.0
+    s3_connect_timeout: float = 10.0
+    s3_max_attempts: int = 5
+
+
+S3_CALL = 5 * (10 + 120)  # 650 s: every attempt connects and waits its full timeout
+
+
+@pytest.mark.parametrize(
+    ("s", "part_interval", "upload"),
+    [
+        # defaults: 8 MiB parts at 32 KiB/s = 256 s + 30 s grace + 60 s idle + one S3 call
+        (S(), 256 + 30 + 60 + S3_CALL, 10 * 1024**3 / (32 * KiB) + 30 + 60 + 2 * S3_CALL),
+        # a faster floor shortens both
+        (
+            S(min_upload_rate=1 * MiB),
+            8 + 30 + 60 + S3_CALL,
+            10 * 1024 + 30 + 60 + 2 * S3_CALL,
+        ),
+        # unknown-length files up to 5 GiB keep 8 MiB parts (5 GiB / 1,000 parts < 8 MiB)...
+        (S(part_size=5 * MiB), 160 + 30 + 60 + S3_CALL, 327680 + 30 + 60 + 2 * S3_CALL),
+        # ...but unknown lengths up to 100 GiB double parts up to 64 MiB: the largest counts
+        (
+            S(max_file_size=100 * 1024**3, max_request_size=100 * 1024**3),
+            2048 + 30 + 60 + S3_CALL,
+            100 * 1024**3 / (32 * KiB) + 30 + 60 + 2 * S3_CALL,
+        ),
+    ],
+)
+def test_longest_intervals(s: S, part_interval: float, upload: float) -> None:
+    assert limits.longest_part_interval(s) == pytest.approx(part_interval)
+    assert limits.longest_upload(s) == pytest.approx(upload)
+
+
+def test_settings_satisfy_the_bounds_protocol() -> None:
+    s = Settings(endpoint_url="http://127.0.0.1:1", bucket="b")
+    assert limits.longest_part_interval(s) == limits.longest_part_interval(S())
+
+
+@pytest.mark.parametrize(
+    ("samples", "now", "rate"),
+    [
+        ([], 0.5, None),  # under one window since the start: too early to judge
+        ([(1.0, 100)], 1.0, 100.0),  # exactly one window
+        ([(0.5, 50), (1.0, 100), (1.5, 100), (2.0, 100)], 2.0, 0.0),  # stalled for a window
+        ([(0.5, 0), (1.0, 0), (1.5, 0), (2.0, 300)], 2.0, 300.0),  # a burst at the end counts
+        ([(0.2, 10), (3.0, 40)], 3.0, pytest.approx(30 / 2.8)),  # a long gap: over the gap
+    ],
+)
+def test_rate_meter(samples: list[tuple[float, int]], now: float, rate: float | None) -> None:
+    meter = RateMeter(window=1.0)
+    for t, total in samples:
+        meter.add(t, total)
+    assert meter.rate(now) == rate
+
+
+def test_rate_meter_keeps_a_few_samples_and_refuses_a_backward_clock() -> None:
+    meter = RateMeter(window=1.0)
+    for i in range(1, 1001):
+        meter.add(i * 0.05, i)
+    assert len(meter._samples) <= 22
+    assert meter.too_slow(50.0, 21.0) and not meter.too_slow(50.0, 19.0)
+    with pytest.raises(ValueError):
+        meter.add(1.0, 2000)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"min_upload_rate": 0}, "--min-upload-rate"),
+        ({"min_rate_window": 0.0}, "--min-rate-window"),
+        ({"max_fields_size": 0}, "--max-fields-size"),
+        ({"max_sign_body": 100}, "--max-sign-body"),
+        # a request's fields plus the largest part must fit, or the two could deadlock
+        ({"memory_budget": 8 * MiB}, "no room for form fields"),
+    ],
+)
+def test_settings_refuse(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings(endpoint_url="http://127.0.0.1:1", bucket="b", **overrides)
+
+
+# --- through the proxy ----------------------------------------------------------------
+
+
+async def read_response(reader: asyncio.StreamReader, within: float) -> tuple[int, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), within)
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return status, await asyncio.wait_for(reader.readexactly(length), within)
+
+
+async def trickler(port: int, name: str, every: float = 0.1) -> tuple[int, bytes]:
+    """A client declaring a 100 MiB file and sending it at 10 bytes a second."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    part = bodies.part_head(bodies.file("file", f"{name}.bin", b""))
+    writer.write(bodies.request_head(100 * MiB) + part)
+    await writer.drain()
+
+    async def drip() -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await asyncio.sleep(every)
+                writer.write(b"x")
+                await writer.drain()
+
+    dripping = asyncio.create_task(drip())
+    try:
+        return await read_response(reader, 60)
+    finally:
+        dripping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dripping
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def timed_upload(proxy: Any, data: bytes, name: str) -> float:
+    form = FormData()
+    form.add_field("file", io.BytesIO(data), filename=name, content_type="application/octet-stream")
+    start = time.monotonic()
+    resp = await proxy.post("/upload", data=form)
+    assert resp.status == 201, await resp.text()
+    await resp.read()
+    return time.monotonic() - start
+
+
+async def test_tricklers_are_evicted_and_a_normal_upload_goes_through(
+    proxy_factory: Any, s3: Any, bucket: str, keys_in: Any
+) -> None:
+    """The acceptance scenario: 16 MiB budget, 8 clients at 10 B/s, one 20 MiB upload.
+
+    Two tricklers fit the budget (8 MiB parts), six wait ahead of the upload (they
+    are older): each pair is evicted after holding ``MIN_HELD`` seconds, so the
+    upload waits about four rounds of it on top of its own time.
+    """
+    proxy = await proxy_factory(memory_budget=16 * MiB, part_size=8 * MiB)
+    budget = proxy.server.app[STATE].budget
+    data = os.urandom(20 * MiB)
+    idle = await timed_upload(proxy, data, "idle.bin")
+
+    tricklers = [asyncio.create_task(trickler(proxy.port, f"slow{i}")) for i in range(8)]
+    await asyncio.sleep(0.3)  # every trickler is holding or waiting for a part
+    assert budget.in_use == 16 * MiB and budget.waiting == 6
+    loaded = await timed_upload(proxy, data, "loaded.bin")
+    answers = await asyncio.wait_for(asyncio.gather(*tricklers), 30)
+
+    print(f"20 MiB upload: idle {idle:.2f} s, with 8 tricklers {loaded:.2f} s")
+    assert loaded <= 2 * idle + 4 * MIN_HELD + 1.5
+    for status, payload in answers:
+        error = json.loads(payload)["error"]
+        assert status == 408 and error["code"] == "CLIENT_TIMEOUT", payload
+        assert "while other uploads waited for memory" in error["message"]
+    assert budget.evictions == 8
+    stored = keys_in(bucket)
+    assert len(stored) == 2 and not any("slow" in k for k in stored)
+    assert budget.in_use == 0
+
+
+async def test_a_fast_holder_is_never_evicted(
+    proxy_factory: Any, s3: Any, bucket: str, keys_in: Any
+) -> None:
+    """Three uploads at loopback speed share a budget of one part: all are stored."""
+    proxy = await proxy_factory(memory_budget=6 * MiB, part_size=5 * MiB, max_fields_size=KiB)
+    data = os.urandom(12 * MiB)
+    await asyncio.gather(*(timed_upload(proxy, data, f"f{i}.bin") for i in range(3)))
+    assert proxy.server.app[STATE].budget.evictions == 0
+    assert len(keys_in(bucket)) == 3
+
+
+def vm_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * KiB
+    raise AssertionError("no VmRSS")
+
+
+async def test_stalled_form_fields_hold_only_their_allowance(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    """30 requests send 64 KiB fields and stall: the field bytes are in the budget (a
+    256 KiB allowance each), the rest of what they hold is per-connection buffers."""
+    proxy = await proxy_factory(memory_budget=16 * MiB, part_size=5 * MiB, client_timeout=30)
+    budget = proxy.server.app[STATE].budget
+    value = b"v" * (64 * KiB)
+    fields = b"".join(
+        bodies.part_head(bodies.field(f"f{i}", "")) + value + b"\r\n" for i in range(3)
+    )
+    # a fourth field begins: the three before it are complete (aiohttp sees a part's
+    # end only with the next boundary), then the client stalls
+    fields += bodies.part_head(bodies.field("f3", "")) + b"v" * 100
+    before = vm_rss()
+    conns = []
+    for _ in range(30):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(bodies.request_head(100 * MiB) + fields)
+        await writer.drain()
+        conns.append((reader, writer))
+    await asyncio.sleep(1.0)
+    grown = vm_rss() - before
+    in_use = budget.in_use
+    print(f"30 stalled requests: budget in use {in_use / MiB:.1f} MiB, RSS +{grown / MiB:.1f} MiB")
+    assert in_use == 30 * 256 * KiB == budget.side_in_use
+    # budget + per connection: the read buffer and the field in hand (README, Memory)
+    assert grown <= in_use + 30 * 2 * 256 * KiB + 8 * MiB
+
+    # 100 x 64 KiB fields: cut off at the per-request total, nothing left held
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    many = b"".join(
+        bodies.part_head(bodies.field(f"g{i}", "")) + value + b"\r\n" for i in range(100)
+    )
+    writer.write(bodies.request_head(len(many)) + many)
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    status, payload = await read_response(reader, 10)
+    writer.close()
+    assert status == 413 and json.loads(payload)["error"]["code"] == "FIELD_TOO_LARGE"
+    assert "per request" in json.loads(payload)["error"]["message"]
+    for _, w in conns:
+        w.close()
+        with contextlib.suppress(ConnectionError):
+            await w.wait_closed()
+    for _ in range(50):
+        if budget.in_use == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert budget.in_use == 0 and budget.side_in_use == 0
+
+
+async def test_field_bytes_wait_for_room_under_the_side_cap(
+    proxy_factory: Any, s3: Any, bucket: str, keys_in: Any
+) -> None:
+    """With room for one request's fields next to the largest part, a second request
+    with fields waits for the first to end, then is stored."""
+    proxy = await proxy_factory(
+        memory_budget=5 * MiB + 64 * KiB, part_size=5 * MiB, max_fields_size=64 * KiB
+    )
+    budget = proxy.server.app[STATE].budget
+    _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    first = bodies.part_head(bodies.field("a", "")) + b"1\r\n"
+    first += bodies.part_head(bodies.field("b", "")) + b"x" * (40 * KiB)  # past the read window
+    writer.write(bodies.request_head(100 * MiB) + first)  # holds its allowance, then stalls
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    assert budget.side_in_use == 64 * KiB  # the whole side cap
+    form = FormData()
+    form.add_field("note", "hi")
+    form.add_field("file", b"data", filename="a.txt")
+    second = asyncio.create_task(proxy.post("/upload", data=form))
+    await asyncio.sleep(0.3)
+    assert not second.done()
+    writer.close()  # the first request ends: its allowance goes back
+    resp = await asyncio.wait_for(second, 10)
+    assert resp.status == 201, await resp.text()
+    assert (await resp.json())["fields"] == {"note": "hi"}
+    assert len(keys_in(bucket)) == 1
+
+
+async def test_sign_bodies_are_bounded(proxy_factory: Any, s3: Any, bucket: str) -> None:
+    proxy = await proxy_factory(client_timeout=0.5, max_sign_body=4 * KiB)
+    head = b"POST /sign HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+    # stalled one byte short: 408 within the idle timeout
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    start = time.monotonic()
+    writer.write(head + b"Content-Length: 100\r\n\r\n" + b"{" * 99)
+    await writer.drain()
+    status, payload = await read_response(reader, 5)
+    writer.close()
+    took = time.monotonic() - start
+    assert status == 408 and json.loads(payload)["error"]["code"] == "CLIENT_TIMEOUT"
+    assert took < 0.5 + 1.0
+
+    # declared too large: 413 before the body is read
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(head + b"Content-Length: 5000\r\n\r\n")
+    await writer.drain()
+    status, payload = await read_response(reader, 5)
+    writer.close()
+    assert status == 413 and json.loads(payload)["error"]["code"] == "REQUEST_TOO_LARGE"
+
+    # chunked, no length: 413 as soon as it passes the limit
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(head + b"Transfer-Encoding: chunked\r\n\r\n")
+    writer.write(bodies.chunk_frame(b" " * 3000) + bodies.chunk_frame(b" " * 3000))
+    await writer.drain()
+    status, payload = await read_response(reader, 5)
+    writer.close()
+    assert status == 413 and json.loads(payload)["error"]["code"] == "REQUEST_TOO_LARGE"
+
+    # and a small one is still served
+    resp = await proxy.post("/sign", json={"filename": "a.txt", "size": 3})
+    assert resp.status == 200, await resp.text()
