@@ -31,7 +31,7 @@ from s3proxy.s3 import ObjectStore
 from s3proxy.s3_aiobotocore import open_store
 from s3proxy.settings import Settings
 from s3proxy.state import STATE, AppState
-from s3proxy.webhook import Webhook, WebhookConfig
+from s3proxy.webhook import Webhook
 
 log = logging.getLogger("s3proxy.app")
 
@@ -195,16 +195,10 @@ async def _sweep_forever(bucket: ObjectStore, settings: Settings) -> None:
 async def _webhook(app: web.Application) -> AsyncIterator[None]:
     """One HTTP client session for webhook deliveries, if a webhook is configured."""
     state = app[STATE]
-    settings = state.settings
-    if settings.webhook_url is None:
+    config = state.config.webhook
+    if config is None:
         yield
         return
-    config = WebhookConfig(
-        url=settings.webhook_url,
-        secret=settings.webhook_secret.encode() if settings.webhook_secret else None,
-        timeout=settings.webhook_timeout,
-        max_attempts=settings.webhook_attempts,
-    )
     async with aiohttp.ClientSession() as session:
         state.webhook = Webhook(config, session)
         yield

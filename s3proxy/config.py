@@ -15,6 +15,7 @@ from s3proxy.pipeline import PipelineConfig
 from s3proxy.s3 import ObjectDefaults
 from s3proxy.s3_aiobotocore import ClientOptions
 from s3proxy.settings import Settings
+from s3proxy.webhook import WebhookConfig
 
 if TYPE_CHECKING:
     from s3proxy.embedded import EmbeddedConfig
@@ -28,6 +29,7 @@ class Config:
     objects: ObjectDefaults  # what every created object gets
     pipeline: PipelineConfig  # one file's journey into S3
     form: FormLimits  # what a multipart/form-data request may hold
+    webhook: WebhookConfig | None  # where completions are announced, if anywhere
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Config:
@@ -59,6 +61,7 @@ class Config:
                 rate_window=settings.min_rate_window,
                 max_fields_size=settings.max_fields_size,
             ),
+            webhook=webhook_config(settings),
         )
 
 
@@ -74,6 +77,17 @@ def client_options(settings: Settings) -> ClientOptions:
         max_connections=settings.s3_max_connections,
         sign_payload=settings.sign_payload,
         request_checksum=settings.request_checksum,
+    )
+
+
+def webhook_config(settings: Settings) -> WebhookConfig | None:
+    if settings.webhook_url is None:
+        return None
+    return WebhookConfig(
+        url=settings.webhook_url,
+        secret=settings.webhook_secret.encode() if settings.webhook_secret else None,
+        timeout=settings.webhook_timeout,
+        max_attempts=settings.webhook_attempts,
     )
 
 

@@ -53,11 +53,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
+from s3proxy.errors import ProxyError
+from s3proxy.s3 import ObjectStore
 
 __all__ = [
     "REGION",
@@ -562,49 +561,39 @@ class EmbeddedStore:
 
     async def _poll_bucket(self, last_error: list[str]) -> None:
         """Probe S3 with our keys until it passes; see ``_probe``."""
+        from s3proxy.s3_aiobotocore import ClientOptions, open_store
+
         access_key, secret_key = self._credentials()
-        config = AioConfig(
+        opts = ClientOptions(
+            endpoint_url=self.endpoint_url,
+            region=REGION,
             connect_timeout=1,
             read_timeout=2,
-            retries={"max_attempts": 1, "mode": "standard"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            s3={"addressing_style": "path"},
+            max_attempts=1,
+            access_key=access_key,
+            secret_key=secret_key,
         )
-        session = get_session()
-        async with session.create_client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            region_name=REGION,
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            config=config,
-        ) as client:
+        async with open_store(opts, self.bucket) as store:
             while True:
                 try:
-                    await self._probe(client)
+                    await self._probe(store)
                     return
-                except ClientError as exc:
-                    meta: Any = exc.response.get("ResponseMetadata", {})
-                    last_error[0] = f"HTTP {meta.get('HTTPStatusCode')} on {exc.operation_name}"
-                except (BotoCoreError, OSError) as exc:
-                    last_error[0] = str(exc)
+                except ProxyError as exc:
+                    last_error[0] = exc.message
                 await asyncio.sleep(_POLL_INTERVAL)
 
-    async def _probe(self, client: Any) -> None:
+    async def _probe(self, store: ObjectStore) -> None:
         """Raise unless S3 answers, the bucket exists, our keys work and data is readable.
 
         The read matters on restart: the gateway can answer before the volume server
         has registered its volumes with the master, and then every GET is a 500.
         """
-        await client.head_bucket(Bucket=self.bucket)
-        listing = await client.list_objects_v2(Bucket=self.bucket, MaxKeys=10)
-        contents = listing.get("Contents", [])
-        sample = next((obj["Key"] for obj in contents if obj.get("Size", 0) > 0), None)
+        await store.check()
+        listing = await store.list_objects(limit=10)
+        sample = next((obj.key for obj in listing if obj.size > 0), None)
         if sample is not None:
-            response = await client.get_object(Bucket=self.bucket, Key=sample, Range="bytes=0-0")
-            async with response["Body"] as body:
-                await body.read()
+            async with await store.get(sample, byte_range="bytes=0-0") as body:
+                await body.read(1)
 
 
 # -- helpers (module level so they are easy to test and reuse) --------------------------

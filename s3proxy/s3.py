@@ -197,6 +197,14 @@ class PartInfo:
 
 
 @dataclass(frozen=True)
+class ObjectInfo:
+    """An object as a listing names it."""
+
+    key: str
+    size: int
+
+
+@dataclass(frozen=True)
 class UploadInfo:
     """An open multipart upload."""
 
@@ -321,6 +329,7 @@ class ObjectStore(ObjectSink, Protocol):
     def endpoint_url(self) -> str | None: ...
 
     async def abort_uploads(self, key: str) -> list[UploadInfo]: ...
+    async def list_objects(self, prefix: str = "", *, limit: int = 1000) -> list[ObjectInfo]: ...
     async def list_parts(
         self, key: str, upload_id: str, *, max_parts: int | None = None
     ) -> list[PartInfo]: ...

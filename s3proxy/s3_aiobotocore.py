@@ -54,6 +54,7 @@ from s3proxy.s3 import (
     NoSuchUpload,
     ObjectBody,
     ObjectHead,
+    ObjectInfo,
     ObjectOptions,
     PartInfo,
     S3Error,
@@ -381,6 +382,14 @@ class AioObjectStore:
             if not page.get("IsTruncated") or (max_parts is not None and len(found) >= max_parts):
                 return found[:max_parts]
             params["PartNumberMarker"] = int(page["NextPartNumberMarker"])
+
+    async def list_objects(self, prefix: str = "", *, limit: int = 1000) -> list[ObjectInfo]:
+        """The first ``limit`` objects under ``prefix`` (one page: no caller needs more)."""
+        async with self.call("ListObjectsV2"):
+            page = await self._client.list_objects_v2(
+                Bucket=self.bucket, Prefix=prefix, MaxKeys=limit
+            )
+        return [ObjectInfo(o["Key"], int(o.get("Size", 0))) for o in page.get("Contents", [])]
 
     async def list_uploads(
         self, prefix: str, *, page_size: int = PAGE_SIZE

@@ -28,6 +28,7 @@ from s3proxy.s3 import (
     Conditions,
     ObjectBody,
     ObjectHead,
+    ObjectInfo,
     ObjectOptions,
     PartInfo,
     S3Error,
@@ -230,6 +231,11 @@ class MemoryS3:
         upload = self._upload("ListParts", key, upload_id)
         found = [PartInfo(n, e, len(d)) for n, (d, e) in sorted(upload.parts.items())]
         return found[:max_parts]
+
+    async def list_objects(self, prefix: str = "", *, limit: int = 1000) -> list[ObjectInfo]:
+        self._call("ListObjectsV2", prefix)
+        keys = sorted(k for k in self.objects if k.startswith(prefix))[:limit]
+        return [ObjectInfo(k, len(self.objects[k].data)) for k in keys]
 
     async def list_uploads(
         self, prefix: str, *, page_size: int = PAGE_SIZE

@@ -17,6 +17,7 @@ from s3proxy.s3 import (
     NoSuchKey,
     NoSuchUpload,
     NotModified,
+    ObjectInfo,
     ObjectOptions,
     ObjectStore,
     PreconditionFailed,
@@ -59,6 +60,18 @@ async def test_put_then_head_and_get(store: ObjectStore) -> None:
     assert head.last_modified is not None and head.last_modified.tzinfo is not None
     assert not head.partial
     assert await read_all(store, "a/x.txt") == b"hello world"
+
+
+async def test_list_objects_by_prefix_and_limit(store: ObjectStore) -> None:
+    for key, data in (("l/a", b"1"), ("l/b", b"22"), ("l/c", b""), ("m/d", b"4444")):
+        await store.put(key, [data], OPTS)
+    assert await store.list_objects("l/") == [
+        ObjectInfo("l/a", 1),
+        ObjectInfo("l/b", 2),
+        ObjectInfo("l/c", 0),
+    ]
+    assert await store.list_objects("l/", limit=2) == [ObjectInfo("l/a", 1), ObjectInfo("l/b", 2)]
+    assert await store.list_objects("zz/") == []
 
 
 async def test_multipart_round_trip(store: ObjectStore) -> None:
