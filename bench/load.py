@@ -262,6 +262,7 @@ class _Run:
                 record.request_id = rid
                 if not should_retry(status, code, body.started, record.retries, self.cfg.retry):
                     break
+                record.retried_on.append(record.error_key)
                 record.retries += 1
                 pause = backoff_s(record.retries - 1, retry_after, self.jitter.random())
                 await asyncio.sleep(pause)
@@ -325,6 +326,7 @@ async def run_load(cfg: LoadConfig, stop: asyncio.Event | None = None) -> LoadRe
     load.png into ``cfg.out`` when given. Awaitable from a test's event loop, beside an
     in-process proxy.
     """
+    cpu0 = time.process_time()
     connector = aiohttp.TCPConnector(limit=cfg.concurrency, force_close=not cfg.keepalive)
     async with aiohttp.ClientSession(connector=connector) as session:
         run = _Run(cfg, session)
@@ -340,6 +342,7 @@ async def run_load(cfg: LoadConfig, stop: asyncio.Event | None = None) -> LoadRe
                     await progress
                 if sys.stderr.isatty():
                     sys.stderr.write("\r" + " " * 78 + "\r")
+    cpu = time.process_time() - cpu0
     deleted = 0
     if cfg.verify:
         assert cfg.s3_endpoint and cfg.bucket
@@ -348,7 +351,7 @@ async def run_load(cfg: LoadConfig, stop: asyncio.Event | None = None) -> LoadRe
             deleted = await load_verify.cleanup(
                 run.records, cfg.s3_endpoint, cfg.bucket, cfg.region
             )
-    result = summarize(cfg.to_json(), run.started_at, run.records, run.dropped, deleted)
+    result = summarize(cfg.to_json(), run.started_at, run.records, run.dropped, deleted, cpu)
     if cfg.out is not None:
         load_report.write(result, cfg.out)
     return result

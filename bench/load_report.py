@@ -22,6 +22,13 @@ def _s(x: float | None) -> str:
     return "-" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % (scale // 16) == 0:
+            return f"{n / scale:g} {unit}"
+    return f"{n} B"
+
+
 def summary_text(r: LoadResult) -> str:
     """What the CLI prints when the run is over."""
     lat = r.latency_s
@@ -36,6 +43,13 @@ def summary_text(r: LoadResult) -> str:
             f"  max {_s(lat.get('max'))}",
         ),
     ]
+    if r.bytes_ok:
+        rows.append(
+            (
+                "client CPU",
+                f"{r.client_cpu_s:.1f} s, {r.client_cpu_s / (r.bytes_ok / 2**30):.2f} s/GiB",
+            )
+        )
     if r.dropped:
         rows.append(("dropped", f"{r.dropped} arrivals over the in-flight cap"))
     if r.config.get("verify"):
@@ -49,6 +63,16 @@ def summary_text(r: LoadResult) -> str:
         )
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if len(r.by_size) > 1:
+        lines += ["", f"{'size':>10} {'ok':>6} {'p50 s':>8} {'p95 s':>8} {'p99 s':>8} {'max s':>8}"]
+        for size, lat in r.by_size.items():
+            lines.append(
+                f"{_size(int(size)):>10} {lat['count']:>6.0f} {_s(lat['p50']):>8}"
+                f" {_s(lat['p95']):>8} {_s(lat['p99']):>8} {_s(lat['max']):>8}"
+            )
+    if r.retries_by:
+        lines += ["", "retried on (status code: retries)"]
+        lines += [f"  {k}: {n}" for k, n in r.retries_by.items()]
     if r.errors:
         lines += ["", "errors (status code: count)"]
         lines += [f"  {k}: {n}" for k, n in r.errors.items()]
@@ -94,7 +118,7 @@ def plot(r: LoadResult, path: Path) -> None:
         ax_lat.legend(loc="upper left", fontsize="small", title="status")
     ax_lat.grid(alpha=0.3)
     series = throughput_series(r.records)
-    ax_tp.step(range(len(series)), series, where="post", color="tab:blue")
+    ax_tp.stairs(series, range(len(series) + 1), color="tab:blue")
     ax_tp.set_ylabel("MB/s (successful uploads)")
     ax_tp.set_xlabel("seconds since start")
     ax_tp.grid(alpha=0.3)

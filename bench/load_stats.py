@@ -36,6 +36,7 @@ class RequestRecord:
     key: str = ""  # the key a 201 named
     sha256: str = ""  # of the bytes sent (set once the whole body was generated)
     retries: int = 0  # attempts after the first
+    retried_on: list[str] = field(default_factory=list)  # why: each retried answer's error_key
     error: str = ""  # a short message for a failure
     request_id: str = ""  # X-Request-ID sent with the last attempt (in the proxy's log)
     verify: str = ""  # outcome of --verify: ok, lost, partial, mismatch, error; "" unchecked
@@ -94,6 +95,17 @@ def _round(x: float) -> float | None:
     return None if math.isnan(x) else round(x, 6)
 
 
+def latency_summary(latencies: Sequence[float]) -> dict[str, float | None]:
+    """count, p50, p95, p99 and max of some latencies (None where there are none)."""
+    return {
+        "count": len(latencies),
+        "p50": _round(percentile(latencies, 50)),
+        "p95": _round(percentile(latencies, 95)),
+        "p99": _round(percentile(latencies, 99)),
+        "max": _round(max(latencies, default=math.nan)),
+    }
+
+
 @dataclass
 class LoadResult:
     """A finished load test: the counts, the figures, and every request."""
@@ -108,10 +120,15 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)  # "status CODE" -> count
     retries: int = 0  # attempts after the first, over all uploads
     retried_ok: int = 0  # uploads that succeeded after at least one retry
+    retries_by: dict[str, int] = field(default_factory=dict)  # "status CODE" -> retries
     bytes_ok: int = 0
     throughput_mbps: float = 0.0  # bytes_ok / 10^6 / wall_s
     uploads_per_s: float = 0.0  # ok / wall_s
     latency_s: dict[str, float | None] = field(default_factory=dict)  # p50/p95/p99/max of ok
+    # the same per file size ("1048576" -> {"count", "p50", ...}): a mix of 1 MiB and
+    # 200 MiB files has one p99 that describes neither
+    by_size: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    client_cpu_s: float = 0.0  # CPU time of the process that ran the load (it competes too)
     verified: int = 0  # 201s whose object has the right size and sha256
     lost: int = 0  # 201s with no object
     partial: int = 0  # 201s whose object has another size
@@ -138,6 +155,7 @@ def summarize(
     records: Sequence[RequestRecord],
     dropped: int = 0,
     deleted: int = 0,
+    client_cpu_s: float = 0.0,
 ) -> LoadResult:
     """Add the records up. Latency percentiles are of successful uploads only."""
     recs = sorted(records, key=lambda r: (r.start, r.n))
@@ -157,15 +175,16 @@ def summarize(
         errors=dict(Counter(r.error_key for r in recs if not r.ok).most_common()),
         retries=sum(r.retries for r in recs),
         retried_ok=sum(1 for r in ok if r.retries),
+        retries_by=dict(Counter(k for r in recs for k in r.retried_on).most_common()),
         bytes_ok=bytes_ok,
         throughput_mbps=round(bytes_ok / 1e6 / wall, 3) if wall > 0 else 0.0,
         uploads_per_s=round(len(ok) / wall, 3) if wall > 0 else 0.0,
-        latency_s={
-            "p50": _round(percentile(latencies, 50)),
-            "p95": _round(percentile(latencies, 95)),
-            "p99": _round(percentile(latencies, 99)),
-            "max": _round(max(latencies, default=math.nan)),
+        latency_s=latency_summary(latencies),
+        by_size={
+            str(size): latency_summary([r.latency for r in ok if r.size == size])
+            for size in sorted({r.size for r in recs})
         },
+        client_cpu_s=round(client_cpu_s, 3),
         verified=verdicts[VERIFIED],
         lost=verdicts[LOST],
         partial=verdicts[PARTIAL],

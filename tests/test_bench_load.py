@@ -113,6 +113,9 @@ async def test_overloaded_answers_are_retried_and_counted(
     assert result.failed == 0, result.errors
     assert result.ok == result.verified == 8
     assert result.retries > 0 and result.retried_ok > 0
+    # a client over the cap sees the 503, or a broken pipe if it was still sending
+    assert set(result.retries_by) <= {"503 OVERLOADED", "0 SEND_FAILED"}
+    assert sum(result.retries_by.values()) == result.retries
 
 
 async def test_connection_refused_is_retried_then_reported() -> None:
@@ -120,6 +123,7 @@ async def test_connection_refused_is_retried_then_reported() -> None:
     result = await run_load(cfg)
     assert result.errors == {"0 CONNECTION_REFUSED": 2}
     assert result.retries == 4 and result.retried_ok == 0
+    assert result.retries_by == {"0 CONNECTION_REFUSED": 4}
     assert all(r.sha256 == "" and r.key == "" for r in result.records)
 
 

@@ -14,7 +14,7 @@ import pytest
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.streams import StreamReader
 
-from bench import genbody, load, load_config, load_stats, load_verify
+from bench import genbody, load, load_config, load_report, load_stats, load_verify
 from bench.load_config import LoadConfig
 from bench.load_stats import RequestRecord
 
@@ -470,11 +470,11 @@ def test_throughput_series(records: list[RequestRecord], series: list[float]) ->
 def test_summarize_counts() -> None:
     recs = [
         _rec(0, 0.0, 1.0, verify="ok"),
-        _rec(1, 0.0, 2.0, retries=2, verify="ok"),
+        _rec(1, 0.0, 2.0, retries=2, retried_on=["503 OVERLOADED", "0 SEND_FAILED"], verify="ok"),
         _rec(2, 0.5, 3.0, verify="lost"),
         _rec(3, 1.0, 4.0, verify="partial"),
         _rec(4, 1.0, 2.0, verify="mismatch"),
-        _rec(5, 1.0, 1.5, status=503, code="OVERLOADED", retries=1),
+        _rec(5, 1.0, 1.5, status=503, code="OVERLOADED", retries=1, retried_on=["503 OVERLOADED"]),
         _rec(6, 1.0, 1.1, status=503, code="OVERLOADED"),
         _rec(7, 2.0, 3.0, status=0, code="CONNECTION_REFUSED"),
         _rec(8, 2.0, 3.0, status=201, code="BAD_REPLY"),
@@ -488,6 +488,7 @@ def test_summarize_counts() -> None:
         "201 BAD_REPLY": 1,
         "502 HTTP_502": 1,
     }
+    assert r.retries_by == {"503 OVERLOADED": 2, "0 SEND_FAILED": 1}
     assert (r.verified, r.lost, r.partial, r.mismatched, r.verify_errors) == (2, 1, 1, 1, 0)
     assert r.wall_s == 4.0
     assert r.bytes_ok == 5 * MiB
@@ -501,7 +502,45 @@ def test_summarize_counts() -> None:
 def test_summarize_nothing() -> None:
     r = load_stats.summarize({}, "t", [])
     assert (r.ok, r.failed, r.wall_s, r.throughput_mbps) == (0, 0, 0.0, 0.0)
-    assert r.latency_s == {"p50": None, "p95": None, "p99": None, "max": None}
+    assert r.latency_s == {"count": 0, "p50": None, "p95": None, "p99": None, "max": None}
+    assert r.by_size == {}
+
+
+def test_latency_per_size_and_the_summary_text() -> None:
+    recs = [_rec(i, 0.0, 0.1 * (i + 1), size=MiB) for i in range(10)]
+    recs += [_rec(10 + i, 0.0, 10.0 + i, size=200 * MiB) for i in range(3)]
+    recs.append(_rec(20, 0.0, 1.0, size=200 * MiB, status=503, code="OVERLOADED"))
+    r = load_stats.summarize({"verify": False}, "t", recs, dropped=2, client_cpu_s=1.5)
+    assert r.by_size[str(MiB)]["count"] == 10
+    assert r.by_size[str(MiB)]["p50"] == pytest.approx(0.55)
+    assert r.by_size[str(200 * MiB)] == {
+        "count": 3,
+        "p50": 11.0,
+        "p95": pytest.approx(11.9),
+        "p99": pytest.approx(11.98),
+        "max": 12.0,
+    }
+    text = load_report.summary_text(r)
+    assert "14 (13 ok, 1 failed)" in text
+    assert "dropped" in text and "503 OVERLOADED: 1" in text
+    assert "1 MiB" in text and "200 MiB" in text
+    assert "verified" not in text  # not asked for
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (MiB, "1 MiB"),
+        (200 * MiB, "200 MiB"),
+        (1 << 30, "1 GiB"),
+        (64 << 10, "64 KiB"),
+        (1536, "1.5 KiB"),
+        (1000, "1000 B"),
+        (0, "0 B"),
+    ],
+)
+def test_size_label(n: int, text: str) -> None:
+    assert load_report._size(n) == text
 
 
 # --- verification verdicts ------------------------------------------------------------------
