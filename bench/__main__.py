@@ -5,6 +5,9 @@ uploads); ``readme``, the official results in bench/README.md (64 MiB x 1, 4, 16
 1, 4, 16, 1 GiB x 1, 4; s3proxy with --memory-budget 64MiB --part-size 8MiB
 --parts-in-flight 2); ``quick`` (``--quick``, about two minutes on 2 cores); ``smoke``
 (``--smoke``, tiny, moto, for CI). Other flags given with a matrix override its values.
+
+``python -m bench load --target URL ...`` load-tests a running deployment instead
+(``python -m bench load --help``; bench/load.py).
 """
 
 from __future__ import annotations
@@ -243,7 +246,12 @@ async def _run_until_signalled(opts: Options) -> RunResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts, update_readme = options(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["load"]:
+        from bench import load  # only the load test needs its modules
+
+        return load.main(args[1:])
+    opts, update_readme = options(args)
     run = asyncio.run(_run_until_signalled(opts))
     rep = report.publish(run, opts.out, update_readme)
     failures = sum(c["failures"] for c in rep.cells)
