@@ -390,7 +390,8 @@ async def _uploaded_parts(ctx: Context, key: str, upload_id: str) -> list[PartIn
 
 
 def _parts_json(found: Sequence[PartInfo]) -> list[dict[str, Any]]:
-    return [{"part_number": p.number, "etag": p.etag, "size": p.size} for p in found]
+    # Unquoted, as /upload reports etags: JSON needs no HTTP entity-tag quotes.
+    return [{"part_number": p.number, "etag": p.etag.strip('"'), "size": p.size} for p in found]
 
 
 async def list_parts(request: web.Request) -> web.Response:
@@ -472,7 +473,7 @@ async def complete_multipart(request: web.Request) -> web.Response:
             "bucket": ctx.bucket,
             "size": stored,
             "parts": len(found),
-            "etag": head.etag,
+            "etag": (head.etag or "").strip('"'),
             "content_type": head.content_type,
             "object_url": await ctx.sink.object_url(key),
         }
