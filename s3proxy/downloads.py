@@ -19,6 +19,11 @@ Rules, in the order a request meets them:
 S3 implements neither multiple ranges nor If-Range, so the proxy does: a Range it
 cannot pass on as one byte range is ignored (RFC 9110 14.2 allows that: the whole
 object is sent), and If-Range is checked against the ranged answer's validators.
+
+``Repr-Digest: sha-256=:<base64>:`` (RFC 9530 section 3) is sent when the object's sha256 is
+known from its ``x-amz-meta-sha256`` (written by ``POST /upload`` for a file stored with one
+PutObject). It describes the whole representation, so a 206 carries the same value as the
+200: a client checks it once it holds every byte.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from collections.abc import Mapping
 from aiohttp import hdrs, web
 
 from s3proxy.auth import Principal
+from s3proxy.digests import sf_digest
 from s3proxy.errors import (
     INVALID_REQUEST,
     KEY_FORBIDDEN,
@@ -67,6 +73,8 @@ MAX_POSITION = 2**63 - 1
 # obs-text. obs-text is left out: S3's ETags are ASCII, and aiohttp hands a non-UTF-8
 # byte on as a lone surrogate that botocore cannot send.
 _ENTITY_TAG = re.compile(r'(?:W/)?"[\x21\x23-\x7e]*"')
+# The hex sha256 the pipeline stores as x-amz-meta-sha256 (hashlib's hexdigest: lowercase).
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
 
 # --- pure: which keys, which range, which conditions ------------------------
@@ -171,6 +179,14 @@ def if_range_holds(if_range: str, etag: str | None, last_modified: dt.datetime |
         return etag is not None and not etag.startswith("W/") and if_range == etag
     given = http_date(if_range)
     return given is not None and given == last_modified
+
+
+def repr_digest(head: ObjectHead) -> str | None:
+    """RFC 9530 ``Repr-Digest`` from the sha256 stored with the object, if there is one."""
+    value = head.metadata.get("sha256", "").strip().lower()
+    if not _SHA256_HEX.fullmatch(value):
+        return None
+    return "sha-256=" + sf_digest(bytes.fromhex(value))
 
 
 def attachment_name(key: str) -> str:
@@ -284,6 +300,8 @@ def response_headers(key: str, head: ObjectHead) -> dict[str, str]:
     headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
     headers[hdrs.CONTENT_DISPOSITION] = head.content_disposition or attachment_name(key)
     headers[hdrs.ACCEPT_RANGES] = "bytes"
+    if digest := repr_digest(head):
+        headers["Repr-Digest"] = digest  # of the whole object, on a 206 too (RFC 9530 3)
     # Behind credentials: never kept by shared caches.
     headers[hdrs.CACHE_CONTROL] = "private"
     # Uploaded bytes are untrusted: no sniffing them into HTML, no scripts if opened inline.

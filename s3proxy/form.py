@@ -11,6 +11,9 @@ folded header lines (obs-fold) and lines over aiohttp's 8190 bytes are refused;
 ``Content-Transfer-Encoding`` other than 7bit/8bit/binary is refused (RFC 7578
 section 4.7; storing it still encoded would be silent corruption); a part without a
 Content-Disposition, without a name, or with a type other than form-data is refused.
+A file part's ``Content-Digest`` (RFC 9530) and ``Content-MD5`` (RFC 1864) are read into
+its ``declared`` digests (s3proxy.digests); one that cannot be read is a 400
+INVALID_DIGEST before any of the file is stored. On a field part they are ignored.
 An empty filename with content is a file named ``upload``; an empty filename without
 content (an unused browser file input) is skipped before it counts as a file.
 
@@ -27,6 +30,7 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Protocol, TypeVar
 
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
@@ -38,11 +42,13 @@ from aiohttp.http_exceptions import (
 )
 from multidict import CIMultiDictProxy
 
+from s3proxy.digests import Declared, DigestError, read_declared
 from s3proxy.disposition import decode_text, header_bytes, parse_form_disposition
 from s3proxy.errors import (
     CLIENT_DISCONNECTED,
     CLIENT_TIMEOUT,
     FIELD_TOO_LARGE,
+    INVALID_DIGEST,
     INVALID_FIELD,
     MALFORMED_MULTIPART,
     REQUEST_TOO_LARGE,
@@ -133,6 +139,7 @@ class FilePart:
     filename: str
     declared_type: str | None
     source: ChunkSource
+    declared: Declared = dc_field(default_factory=Declared)  # the digests its part headers declared
 
 
 @contextlib.contextmanager
@@ -318,6 +325,7 @@ class PartHead:
     name: str
     filename: str | None
     declared_type: str | None
+    declared: Declared = dc_field(default_factory=Declared)  # Content-Digest, Content-MD5
 
 
 def read_part_head(headers: CIMultiDictProxy[str]) -> PartHead:
@@ -354,7 +362,15 @@ def read_part_head(headers: CIMultiDictProxy[str]) -> PartHead:
     declared = headers.get(hdrs.CONTENT_TYPE)
     if declared is not None and not (declared.isascii() and _MEDIA_TYPE.match(declared)):
         declared = None
-    return PartHead(disp.name, disp.filename, declared)
+    digests = Declared()
+    if disp.filename is not None:
+        try:
+            digests = read_declared(
+                headers.getall("Content-Digest", []), headers.getall(hdrs.CONTENT_MD5, [])
+            )
+        except DigestError as exc:
+            raise ProxyError(INVALID_DIGEST, f"part {disp.name!r}: {exc}") from None
+    return PartHead(disp.name, disp.filename, declared, digests)
 
 
 async def iter_form(
@@ -401,7 +417,7 @@ async def iter_form(
                     TOO_MANY_FILES, f"more than {limits.max_files} files in one request"
                 )
             filename = sanitize_filename(head.filename)
-            yield FilePart(head.name, filename, head.declared_type, source)
+            yield FilePart(head.name, filename, head.declared_type, source, head.declared)
             if not part.at_eof():
                 raise RuntimeError("file part was not read to its end")
         else:

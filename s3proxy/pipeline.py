@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 from s3proxy import keys, sniff
 from s3proxy.body import Chunk
 from s3proxy.budget import MIN_HELD, HolderState, MemoryBudget, Reservation
+from s3proxy.digests import DigestCheck, verify_declared
 from s3proxy.errors import FILE_TOO_LARGE, INTERNAL, TOKEN_SCOPE, TYPE_NOT_ALLOWED, ProxyError
 from s3proxy.form import DEFAULT_MAX_FIELDS_SIZE, DEFAULT_MIN_RATE, ChunkSource
 from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor, finish, run_cleanup
@@ -90,6 +91,7 @@ class FileSpec:
     metadata: Mapping[str, str] = dc_field(default_factory=dict)  # as S3 metadata (encoded)
     fields: Mapping[str, str] = dc_field(default_factory=dict)  # the same, as the client sent it
     size_hint: int | None = None  # the file cannot be larger than this (from Content-Length)
+    digests: DigestCheck | None = None  # what the client declared (s3proxy.digests)
 
 
 @dataclass(frozen=True)
@@ -332,6 +334,7 @@ class FileUpload:
         )
 
     async def _put(self, data: list[Chunk], content_type: str) -> StoredFile:
+        verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
         digest = self._hash.hexdigest()
         self.maybe_stored = True
         etag = await self.sink.put(
@@ -394,6 +397,7 @@ class FileUpload:
         if [n for n, _ in parts] != list(range(1, len(parts) + 1)):
             raise ProxyError(INTERNAL, "part numbers are not contiguous")
         upload_id = self.upload_id
+        verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
         self.maybe_stored = True
         etag = await self.sink.complete(self.spec.key, upload_id, parts)
         self.upload_id = None  # completed: nothing left to abort

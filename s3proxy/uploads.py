@@ -36,6 +36,7 @@ from typing import Any
 
 from s3proxy import keys
 from s3proxy.budget import MemoryBudget, Reservation
+from s3proxy.digests import DigestCheck
 from s3proxy.errors import INVALID_FIELD, METADATA_TOO_LARGE, NO_FILE, ProxyError
 from s3proxy.form import Field, FilePart
 from s3proxy.janitor import Janitor, run_cleanups
@@ -201,13 +202,15 @@ class RequestUpload:
             metadata=field_metadata(self.result.fields),
             fields=stored_fields(self.result.fields),
             size_hint=self.size_hint,
+            digests=DigestCheck(part.declared) if part.declared else None,
         )
+        source = spec.digests.wrap(part.source) if spec.digests else part.source
         upload = FileUpload(spec, self.sink, self.budget, self._file_config(), self.janitor)
         m = self.metrics
         m.uploads_started.inc()
         m.uploads_in_flight.inc()
         try:
-            stored = await upload.run(part.source)
+            stored = await upload.run(source)
         except BaseException as exc:
             m.uploads_aborted.labels(abort_reason(exc)).inc()
             raise

@@ -4,9 +4,11 @@ validators, or redirected to a presigned URL; keys outside the prefix never reac
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import email.utils
 import hashlib
+import io
 import logging
 import os
 import tracemalloc
@@ -662,3 +664,54 @@ async def test_token_reads_what_it_uploaded_and_nothing_beside(
     other = {"Authorization": f"Bearer {issue(SECRET, prefix='users/43/', ttl=60)}"}
     theirs = await authed.get(path(key), headers=other)
     assert (theirs.status, await error_code(theirs)) == (403, "KEY_FORBIDDEN")
+
+
+# --- Repr-Digest (RFC 9530) -------------------------------------------------------------
+
+SHA_OF_X = hashlib.sha256(b"x").hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("metadata", "sent"),
+    [
+        ({}, None),
+        ({"sha256": SHA_OF_X}, "sha-256=:LXEWQrcmsEQBYnyp+6wy9chTD7GQPMTbAiWHF5IaSIE=:"),
+        ({"sha256": SHA_OF_X.upper()}, "sha-256=:LXEWQrcmsEQBYnyp+6wy9chTD7GQPMTbAiWHF5IaSIE=:"),
+        ({"sha256": SHA_OF_X[:-1]}, None),  # not a sha256: no claim at all
+        ({"sha256": "z" * 64}, None),
+        ({"title": SHA_OF_X}, None),
+    ],
+)
+def test_repr_digest(metadata: dict[str, str], sent: str | None) -> None:
+    assert downloads.repr_digest(ObjectHead(length=1, metadata=metadata)) == sent
+
+
+def repr_sha256(resp: aiohttp.ClientResponse) -> str:
+    """The sha-256 of a Repr-Digest header, as hex."""
+    value = resp.headers["Repr-Digest"]
+    assert value.startswith("sha-256=:") and value.endswith(":"), value
+    return base64.b64decode(value[len("sha-256=:") : -1]).hex()
+
+
+async def test_repr_digest_is_the_whole_objects_sha256_on_200_206_and_head(proxy: Any) -> None:
+    data = os.urandom(100_000)
+    form = aiohttp.FormData()
+    form.add_field("file", io.BytesIO(data), filename="r.bin")
+    uploaded = await proxy.post("/upload", data=form)
+    assert uploaded.status == 201, await uploaded.text()
+    key = (await uploaded.json())["files"][0]["key"]
+    whole = hashlib.sha256(data).hexdigest()
+    full = await proxy.get(path(key))
+    assert full.status == 200 and await full.read() == data
+    assert repr_sha256(full) == whole
+    part = await proxy.get(path(key), headers={"Range": "bytes=10-19"})
+    assert part.status == 206 and await part.read() == data[10:20]
+    assert repr_sha256(part) == whole  # the representation's, not the range's
+    head = await proxy.head(path(key))
+    assert repr_sha256(head) == whole
+
+
+async def test_no_repr_digest_without_a_stored_sha256(proxy: Any, stored: str) -> None:
+    resp = await proxy.get(path(KEY))
+    assert resp.status == 200
+    assert "Repr-Digest" not in resp.headers

@@ -19,6 +19,7 @@ import aiohttp
 import boto3
 import pytest
 from aiohttp.test_utils import TestClient
+from botocore.config import Config
 
 from s3proxy.app import create_app
 from s3proxy.embedded import EmbeddedStore
@@ -521,3 +522,46 @@ async def test_token_reads_what_it_signed_and_cannot_touch_beside(
         assert got.status == 403
     finally:
         s3.abort_multipart_upload(Bucket=bucket, Key=beside, UploadId=upload_id)
+
+
+# --- a declared sha256 fixed in the signature (issue #12; the store's side) ------------
+
+
+@e2e
+async def test_store_refuses_other_bytes_than_a_signed_checksum_sha256(
+    sw: Any, seaweedfs: EmbeddedStore
+) -> None:
+    """What ``/sign`` with a declared sha256 relies on: botocore's presigner signs
+    ``x-amz-checksum-sha256`` (ChecksumSHA256) as a header of a PUT and of an UploadPart,
+    and SeaweedFS refuses bytes whose sha256 is not that value, or the header left off or
+    changed; the right bytes with the signed header are stored."""
+    data = b"the declared bytes\n" * 100
+    declared = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    key = f"presign/{uuid.uuid4().hex}/declared.txt"
+    params = {"Bucket": seaweedfs.bucket, "Key": key, "ContentLength": len(data)}
+    # SigV4, as the proxy's presigning client (boto3 would presign SigV2 by default).
+    signer = boto3.client(
+        "s3",
+        config=BOTO_CONFIG.merge(Config(signature_version="s3v4")),
+        **s3_client_kwargs(seaweedfs),
+    )
+    url = signer.generate_presigned_url(
+        "put_object", Params={**params, "ChecksumSHA256": declared}, ExpiresIn=60
+    )
+    signer.close()
+    assert "x-amz-checksum-sha256" in parse_qs(urlsplit(url).query)["X-Amz-SignedHeaders"][0]
+    other = bytes([data[0] ^ 1]) + data[1:]  # same size, one bit off
+    other_sha = base64.b64encode(hashlib.sha256(other).digest()).decode()
+    async with aiohttp.ClientSession() as http:
+        refusals = [
+            (400, {"x-amz-checksum-sha256": declared}),  # other bytes: BadDigest
+            (403, {"x-amz-checksum-sha256": other_sha}),  # header changed: not signed
+            (403, {}),  # header left off: not signed
+        ]
+        for status, headers in refusals:
+            async with http.put(url, data=other, headers=headers) as resp:
+                assert resp.status == status, (headers, await resp.text())
+        assert sw.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=key).get("KeyCount") == 0
+        async with http.put(url, data=data, headers={"x-amz-checksum-sha256": declared}) as resp:
+            assert resp.status == 200, await resp.text()
+    assert sw.get_object(Bucket=seaweedfs.bucket, Key=key)["Body"].read() == data
