@@ -18,7 +18,9 @@ ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID, X-Upload-Token, Rang
 ALLOW_METHODS = "GET, HEAD, POST, OPTIONS"
 MAX_AGE = "600"
 # What scripts on the page may read: the request id, and what downloads need.
-EXPOSE_HEADERS = "X-Request-ID, ETag, Content-Range, Content-Disposition, Accept-Ranges"
+EXPOSE_HEADERS = (
+    "X-Request-ID, ETag, Content-Range, Content-Disposition, Accept-Ranges, Repr-Digest"
+)
 
 
 class Cors:
