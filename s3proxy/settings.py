@@ -396,6 +396,7 @@ class Settings:
         "unset or auto: a quarter of the orphan threshold (--cleanup-older-than); 0: never",
         _parse_auto_duration,
         show=_show_auto_duration,
+        metavar="DURATION",
     )
     cleanup_older_than: float | None = _setting(
         None,
@@ -404,6 +405,7 @@ class Settings:
         "live upload leaves between parts, derived from the limits, plus the clock skew)",
         _parse_opt_duration,
         show=format_duration,
+        metavar="DURATION",
     )
     cleanup_prefix: tuple[str, ...] = _setting(
         (),
