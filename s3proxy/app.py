@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -20,13 +21,12 @@ if TYPE_CHECKING:
     from s3proxy.embedded import EmbeddedStore
 
 from s3proxy import downloads, handlers, page, presign, protocol
-from s3proxy.cleanup import sweep
+from s3proxy.cleanup import Rule, sweep
 from s3proxy.config import embedded_config
 from s3proxy.cors import Cors
 from s3proxy.errors import error_middleware
-from s3proxy.keys import template_prefix
 from s3proxy.log import REQUEST_ID
-from s3proxy.metrics import METRICS, metrics_handler, metrics_middleware
+from s3proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
 from s3proxy.s3 import ObjectStore
 from s3proxy.s3_aiobotocore import open_store
 from s3proxy.settings import Settings
@@ -161,8 +161,10 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
         ) as bucket:
             state.sink = bucket
             sweeper = None
-            if settings.cleanup_interval > 0:
-                sweeper = asyncio.create_task(_sweep_forever(bucket, settings), name="cleanup")
+            if settings.sweep_every > 0:
+                sweeper = asyncio.create_task(
+                    _sweep_forever(bucket, settings, state.metrics), name="cleanup"
+                )
             try:
                 yield
             finally:
@@ -178,18 +180,45 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
             await store.stop()
 
 
-async def _sweep_forever(bucket: ObjectStore, settings: Settings) -> None:
-    """Abort multipart uploads a crash left behind, now and then (any instance may do it)."""
-    prefix = template_prefix(settings.key_template)
+async def _sweep_forever(bucket: ObjectStore, settings: Settings, metrics: Metrics) -> None:
+    """Abort multipart uploads a crash left behind, now and then (any instance may do it).
+
+    One loop, so at most one sweep at a time per process. Each wait is a random
+    fraction (1/2 to 1) of the interval, so instances started together drift apart
+    instead of sweeping in lockstep, and an orphan goes within threshold + interval of
+    its last sign of life. By activity (the default) the first sweep waits too: what
+    a crash just left is younger than the threshold anyway. By age
+    (``--cleanup-older-than``) it sweeps at once, as it always did.
+    """
+    threshold, by_activity = settings.orphan_rule
+    rule = Rule(timedelta(seconds=threshold), by_activity=by_activity)
+    every = settings.sweep_every
+    log.info(
+        "cleanup.scheduled by=%s threshold=%.0fs interval=%.0fs prefixes=%s",
+        "activity" if by_activity else "age",
+        threshold,
+        every,
+        ",".join(repr(p) for p in settings.cleanup_prefixes),
+    )
+    if by_activity:
+        await asyncio.sleep(every * random.uniform(0.5, 1.0))
     while True:
         try:
-            result = await sweep(
-                bucket, prefix, timedelta(seconds=settings.cleanup_older_than), dry_run=False
-            )
-            log.info("cleanup.swept found=%d aborted=%d", len(result.found), len(result.aborted))
+            result = await sweep(bucket, settings.cleanup_prefixes, rule, dry_run=False)
         except Exception as exc:
+            metrics.sweeps.labels("failed").inc()
             log.warning("cleanup.failed error=%s", exc)
-        await asyncio.sleep(settings.cleanup_interval)
+        else:
+            metrics.sweeps.labels("ok").inc()
+            metrics.orphans_aborted.inc(len(result.aborted))
+            log.info(
+                "cleanup.swept found=%d aborted=%d failed=%d live=%d",
+                len(result.found),
+                len(result.aborted),
+                len(result.errors),
+                result.live,
+            )
+        await asyncio.sleep(every * random.uniform(0.5, 1.0))
 
 
 async def _webhook(app: web.Application) -> AsyncIterator[None]:

@@ -2,75 +2,163 @@
 
 Every upload the proxy starts ends in complete or abort, except when the process
 dies in between. S3 bills the stored parts of an incomplete multipart upload
-until it is aborted, so this finds uploads under a prefix initiated more than
-``older_than`` ago and aborts them. ``older_than`` must be longer than any
-upload can take (and than the shutdown grace period), or a live upload is cut
-off. A bucket lifecycle rule ``AbortIncompleteMultipartUpload`` is the second
-line of defence; this is for stores without lifecycle rules and for audits
-(``dry_run``, the default, only reports).
+until it is aborted, so this finds uploads under some prefixes that show no sign
+of life and aborts them (``dry_run`` only reports).
+
+Any instance may sweep, and it sees every instance's uploads, including ones
+another instance is still streaming. So by default (``Rule.idle``) an upload is
+judged by its newest sign of life, the later of its initiation and its newest
+part's ``LastModified``: a live upload sends a part at least every so often
+(s3proxy.limits.orphan_after), however long the whole upload takes, so it is
+never cut off, and a dead one goes soon after its last part. ``Rule.age`` judges
+by initiation alone (``--cleanup-older-than``): the threshold must then exceed
+the longest upload (s3proxy.limits.longest_upload, days with the defaults).
+
+The decision is pure (``is_orphan``, tested with tables); ``sweep`` is the I/O:
+list uploads, list the parts of those old enough to need it, abort. In doubt
+(ListParts fails, a part without a date) an upload is kept. A bucket lifecycle
+rule ``AbortIncompleteMultipartUpload`` is the second line of defence.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from s3proxy.errors import ProxyError
-from s3proxy.s3 import PAGE_SIZE, ObjectStore
+from s3proxy.s3 import PAGE_SIZE, NoSuchUpload, ObjectStore, PartInfo
 
 log = logging.getLogger("s3proxy.cleanup")
 
 
 @dataclass(frozen=True)
+class Rule:
+    """When an open upload counts as orphaned: no sign of life for longer than
+    ``threshold``; signs of life are its initiation and, ``by_activity``, its parts."""
+
+    threshold: timedelta
+    by_activity: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threshold < timedelta(0):
+            raise ValueError("the threshold must not be negative")
+
+    @classmethod
+    def idle(cls, threshold: timedelta) -> Rule:
+        """Orphaned once neither initiation nor any part is newer than ``threshold``."""
+        return cls(threshold, by_activity=True)
+
+    @classmethod
+    def age(cls, threshold: timedelta) -> Rule:
+        """Orphaned once initiated more than ``threshold`` ago, whatever its parts."""
+        return cls(threshold, by_activity=False)
+
+
+def newest_part(parts: Sequence[PartInfo]) -> datetime | None:
+    """The newest part's LastModified; None with no parts. ValueError if a part has no
+    date: its activity cannot be judged."""
+    if any(p.last_modified is None for p in parts):
+        raise ValueError("a part without LastModified")
+    return max((p.last_modified for p in parts if p.last_modified is not None), default=None)
+
+
+def is_orphan(rule: Rule, now: datetime, initiated: datetime, newest: datetime | None) -> bool:
+    """Pure: has the upload shown no sign of life for longer than the threshold?
+
+    Exactly at the threshold it is kept (only older counts). With ``by_activity``,
+    ``newest`` (its newest part, None if it has none) counts as a sign of life too;
+    without, it is ignored.
+    """
+    last = initiated
+    if rule.by_activity and newest is not None:
+        last = max(last, newest)
+    return now - last > rule.threshold
+
+
+@dataclass(frozen=True)
 class Orphan:
-    """An incomplete multipart upload old enough to be considered abandoned."""
+    """An incomplete multipart upload that showed no sign of life for too long."""
 
     key: str
     upload_id: str
     initiated: datetime
+    last_active: datetime | None = None  # its newest part, if it had one (and was asked)
+
+    @property
+    def idle_since(self) -> datetime:
+        return self.initiated if self.last_active is None else max(self.initiated, self.last_active)
 
 
 @dataclass
 class SweepResult:
-    """What a sweep saw and did; ``errors`` holds aborts S3 refused, with the reason."""
+    """What a sweep saw and did. ``live`` counts the uploads it kept (young, active, or
+    not judged: see the log); ``errors`` holds aborts S3 refused, with the reason."""
 
     found: list[Orphan] = field(default_factory=list)
     aborted: list[Orphan] = field(default_factory=list)
     errors: list[tuple[Orphan, str]] = field(default_factory=list)
+    live: int = 0
 
 
 async def sweep(
     bucket: ObjectStore,
-    prefix: str,
-    older_than: timedelta,
+    prefixes: str | Sequence[str],
+    rule: Rule,
     *,
     dry_run: bool = True,
     now: datetime | None = None,
     page_size: int = PAGE_SIZE,
 ) -> SweepResult:
-    """Find (and unless ``dry_run``, abort) uploads under ``prefix`` older than ``older_than``.
+    """Find (and unless ``dry_run``, abort) uploads under ``prefixes`` orphaned by ``rule``.
 
-    Listing failures raise ProxyError; an abort that fails is recorded in
-    ``errors`` and the sweep goes on. An upload that is already gone when we
-    abort it (NoSuchUpload) counts as aborted.
+    Listing uploads raises ProxyError. Per upload, failures are contained: a ListParts
+    that fails keeps the upload (logged), one that says NoSuchUpload means it ended
+    meanwhile (skipped); an abort that fails is recorded in ``errors`` and the sweep
+    goes on; one that finds the upload already gone counts as aborted. ``now`` is taken
+    once, at the start: a long sweep only judges uploads younger than they are.
     """
-    if older_than < timedelta(0):
-        raise ValueError("older_than must not be negative")
     if not 1 <= page_size <= PAGE_SIZE:
         raise ValueError(f"page_size must be 1-{PAGE_SIZE}")
     now = datetime.now(UTC) if now is None else now
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (S3 reports times in UTC)")
-    cutoff = now - older_than
+    prefixes = [prefixes] if isinstance(prefixes, str) else list(prefixes)
 
     result = SweepResult()
-    async for up in bucket.list_uploads(prefix, page_size=page_size):
-        if up.initiated < cutoff:
-            result.found.append(Orphan(up.key, up.upload_id, up.initiated))
+    seen: set[tuple[str, str]] = set()  # prefixes may overlap ("" and "uploads/")
+    for prefix in prefixes:
+        async for up in bucket.list_uploads(prefix, page_size=page_size):
+            if (up.key, up.upload_id) in seen:
+                continue
+            seen.add((up.key, up.upload_id))
+            if not is_orphan(rule, now, up.initiated, None):
+                result.live += 1  # initiated recently: no part can make it older
+                continue
+            newest = None
+            if rule.by_activity:
+                try:
+                    newest = newest_part(await bucket.list_parts(up.key, up.upload_id))
+                except NoSuchUpload:
+                    continue  # completed or aborted since it was listed
+                except (ProxyError, ValueError) as exc:
+                    result.live += 1
+                    log.warning(
+                        "cleanup.unjudged key=%s upload_id=%s error=%s",
+                        up.key,
+                        up.upload_id,
+                        getattr(exc, "message", exc),
+                    )
+                    continue
+                if not is_orphan(rule, now, up.initiated, newest):
+                    result.live += 1
+                    continue
+            result.found.append(Orphan(up.key, up.upload_id, up.initiated, newest))
 
     for orphan in result.found:
         age = (now - orphan.initiated).total_seconds()
+        idle = (now - orphan.idle_since).total_seconds()
         if dry_run:
             action = "would-abort"
         else:
@@ -79,20 +167,23 @@ async def sweep(
             except ProxyError as err:
                 result.errors.append((orphan, err.message))
                 log.warning(
-                    "cleanup.orphan key=%s upload_id=%s age=%.0fs action=failed error=%s",
+                    "cleanup.orphan key=%s upload_id=%s age=%.0fs idle=%.0fs action=failed "
+                    "error=%s",
                     orphan.key,
                     orphan.upload_id,
                     age,
+                    idle,
                     err.message,
                 )
                 continue
             result.aborted.append(orphan)
             action = "aborted"
         log.info(
-            "cleanup.orphan key=%s upload_id=%s age=%.0fs action=%s",
+            "cleanup.orphan key=%s upload_id=%s age=%.0fs idle=%.0fs action=%s",
             orphan.key,
             orphan.upload_id,
             age,
+            idle,
             action,
         )
     return result

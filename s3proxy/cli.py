@@ -52,6 +52,13 @@ CLEANUP_SETTINGS = (
     "embedded_s3_port",
     "log_level",
     "log_format",
+    # serve's limits: the orphan threshold is derived from them (s3proxy.limits)
+    "part_size",
+    "max_file_size",
+    "client_timeout",
+    "min_upload_rate",
+    "min_rate_window",
+    "cleanup_clock_skew",
 )
 
 #: What to add to an EmbeddedStoreError about a setting: the serve flag that sets it.
@@ -114,18 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup = sub.add_parser(
         "cleanup",
         help="abort multipart uploads a crash left behind",
-        description="List multipart uploads under the key template's prefix older than "
-        "--older-than, and abort them with --execute (default: dry run). Takes serve's "
-        "S3 settings (flags or S3PROXY_* variables); with no --endpoint-url it talks to "
-        "the embedded store that `s3proxy serve` runs with the same --data-dir.",
+        description="List multipart uploads under the key template's prefix that show no "
+        "sign of life (no new part) for longer than a live upload can go without one, "
+        "derived from serve's limits (give the same flags or S3PROXY_* variables), and "
+        "abort them with --execute (default: dry run). With --older-than, judge by age "
+        "alone. Takes serve's S3 settings; with no --endpoint-url it talks to the embedded "
+        "store that `s3proxy serve` runs with the same --data-dir.",
         epilog="Exit status: 0 done, 1 S3 unreachable or some aborts failed, "
         "2 usage or settings error.",
     )
     cleanup.add_argument(
-        "--older-than", default="24h", metavar="DURATION", help="age threshold [default 24h]"
+        "--older-than",
+        metavar="DURATION",
+        help="judge by age alone: abort uploads initiated longer ago than this, even live "
+        "ones [default: by activity, see above]",
     )
     cleanup.add_argument(
-        "--prefix", metavar="PREFIX", help="key prefix to sweep [default: the template's]"
+        "--prefix",
+        action="append",
+        metavar="PREFIX",
+        help="key prefix to sweep (repeatable; '' for the whole bucket) [default: the template's]",
     )
     cleanup.add_argument("--execute", action="store_true", help="abort (default: dry run)")
     Settings.add_arguments(cleanup, only=CLEANUP_SETTINGS)
@@ -195,18 +210,21 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
     """One sweep with serve's S3 settings; with no endpoint, the running embedded store's."""
     from datetime import timedelta
 
-    from s3proxy.cleanup import sweep
+    from s3proxy.cleanup import Rule, sweep
     from s3proxy.config import client_options
     from s3proxy.errors import ProxyError
     from s3proxy.keys import template_prefix
     from s3proxy.s3_aiobotocore import open_store
     from s3proxy.settings import parse_duration
 
-    try:
-        older_than = timedelta(seconds=parse_duration(args.older_than))
-    except ValueError as exc:
-        raise SettingsError(f"--older-than: {exc}") from None
-    prefix = template_prefix(settings.key_template) if args.prefix is None else args.prefix
+    threshold, by_activity = settings.orphan_rule
+    if args.older_than is not None:
+        try:
+            threshold, by_activity = parse_duration(args.older_than), False
+        except ValueError as exc:
+            raise SettingsError(f"--older-than: {exc}") from None
+    rule = Rule(timedelta(seconds=threshold), by_activity=by_activity)
+    prefixes = args.prefix if args.prefix is not None else [template_prefix(settings.key_template)]
     opts = client_options(settings)
     if settings.embedded:
         # Never the AWS chain's default endpoint: the store serve runs, or an error.
@@ -219,17 +237,24 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
         )
     try:
         async with open_store(opts, settings.bucket_name) as bucket:
-            result = await sweep(bucket, prefix, older_than, dry_run=not args.execute)
+            result = await sweep(bucket, prefixes, rule, dry_run=not args.execute)
     except ProxyError as exc:
         raise _cleanup_error(exc, settings) from None
 
+    judged = (
+        f"no sign of life for {threshold:.0f}s" if by_activity else f"over {threshold:.0f}s old"
+    )
+    print(f"orphaned: {judged}; {result.live} live uploads kept")
     found, aborted, failed = len(result.found), len(result.aborted), len(result.errors)
     if args.execute:
         print(f"{found} orphaned uploads found; aborted {aborted}, failed {failed}")
     else:
         print(f"{found} orphaned uploads found; would abort {found} (dry run; --execute to abort)")
     for orphan in result.found:
-        print(f"  {orphan.initiated.isoformat()}  {orphan.key}  {orphan.upload_id}")
+        print(
+            f"  initiated {orphan.initiated.isoformat()}  last active "
+            f"{orphan.idle_since.isoformat()}  {orphan.key}  {orphan.upload_id}"
+        )
     for orphan, error in result.errors:
         print(f"s3proxy: abort failed: {orphan.key} {orphan.upload_id}: {error}", file=sys.stderr)
     return EXIT_FAILURE if result.errors else EXIT_OK

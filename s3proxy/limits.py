@@ -11,7 +11,9 @@ at least ``rate * window`` bytes, so ``n`` bytes take at most ``n / rate + windo
 seconds of client time (sum the windows). The orphan sweep needs that figure to
 tell an upload that is still streaming from one whose instance crashed:
 ``longest_part_interval`` is the most wall-clock time a live upload goes without
-sending a part to S3, ``longest_upload`` the most a whole request can take.
+sending a part to S3, ``longest_upload`` the most a whole request can take, and
+``orphan_after`` how long an open multipart upload must show no sign of life before
+the sweep may take it for a crash's orphan.
 """
 
 from __future__ import annotations
@@ -78,6 +80,37 @@ def longest_upload(s: RateSettings) -> float:
     """
     body = client_time(s.max_request_size, s.min_upload_rate, s.min_rate_window)
     return body + s.client_timeout + 2 * s3_call_time(s)
+
+
+def orphan_after(s: RateSettings, clock_skew: float) -> float:
+    """Seconds an open multipart upload shows no sign of life before it counts as orphaned.
+
+    A sign of life is what any instance can see in the bucket: the upload's initiation
+    (ListMultipartUploads ``Initiated``) or its newest part (ListParts ``LastModified``).
+    A live upload leaves two kinds of gap between them, both within ``2 * L`` where
+    ``L = longest_part_interval``:
+
+    * part to part (or initiation to the first part; Create follows the first part's
+      fill): one wait for memory, then at most ``L``. The wait is within ``L`` at the head
+      of the budget's line: every part holder releases within ``L`` (filling at the rate
+      or evicted, then one S3 call), and nobody overtakes the head (s3proxy.budget);
+    * the last part to Complete: at most two S3 calls, if the store stamps a part when
+      its upload starts (SeaweedFS stamps when it ends); ``2 * s3_call_time <= 2 * L``.
+
+    ``clock_skew`` covers clocks: the sweeping instance compares the store's timestamps
+    (whole seconds on SeaweedFS) with its own clock. Every instance must share the
+    limits: a sweeper with smaller ones would cut off another's live uploads.
+    An upload further back in the budget's line than its head can wait longer; that
+    is an overload the memory metrics show (``s3proxy_memory_budget_wait_seconds_total``).
+    """
+    return 2 * longest_part_interval(s) + clock_skew
+
+
+def sweep_interval(threshold: float) -> float:
+    """Seconds between sweeps by default: a quarter of the threshold, so an orphan goes
+    within ``threshold + interval`` of its last sign of life (1.25 x threshold) while a
+    sweep, which lists every open upload and the parts of old ones, stays rare."""
+    return threshold / 4
 
 
 class RateMeter:

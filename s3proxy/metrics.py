@@ -125,6 +125,17 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
+        self.orphans_aborted = Counter(
+            "s3proxy_orphans_aborted",
+            "Multipart uploads with no sign of life that the orphan sweep aborted.",
+            registry=r,
+        )
+        self.sweeps = Counter(
+            "s3proxy_cleanup_sweeps",
+            "Orphan sweeps run, by outcome (ok, failed).",
+            ["outcome"],
+            registry=r,
+        )
         self._budget: _BudgetCollector | None = None
 
     def bind_budget(

@@ -194,6 +194,7 @@ class PartInfo:
     number: int
     etag: str
     size: int
+    last_modified: dt.datetime | None = None  # when the store took it: the sweep's sign of life
 
 
 @dataclass(frozen=True)

@@ -376,7 +376,9 @@ class AioObjectStore:
                     Bucket=self.bucket, Key=key, UploadId=upload_id, **params
                 )
             found += [
-                PartInfo(int(p["PartNumber"]), str(p["ETag"]), int(p["Size"]))
+                PartInfo(
+                    int(p["PartNumber"]), str(p["ETag"]), int(p["Size"]), p.get("LastModified")
+                )
                 for p in page.get("Parts", [])
             ]
             if not page.get("IsTruncated") or (max_parts is not None and len(found) >= max_parts):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from s3proxy import keys, parts
+from s3proxy import keys, limits, parts
 
 ENV_PREFIX = "S3PROXY_"
 
@@ -74,6 +74,20 @@ def format_duration(seconds: float) -> str:
         if seconds >= factor and seconds % factor == 0:
             return f"{int(seconds // factor)}{unit}"
     return f"{seconds:g}s"
+
+
+def _parse_auto_duration(text: str) -> float | None:
+    """``auto`` (None: derived) or a duration."""
+    return None if str(text).strip().lower() == "auto" else parse_duration(text)
+
+
+def _show_auto_duration(seconds: float | None) -> str:
+    return "auto" if seconds is None else format_duration(seconds)
+
+
+def _parse_opt_duration(text: str) -> float | None:
+    """Empty (None: unset) or a duration."""
+    return parse_duration(text) if str(text).strip() else None
 
 
 def _parse_bool(text: str) -> bool:
@@ -376,15 +390,34 @@ class Settings:
         "bind with SO_REUSEPORT (set for workers; lets several processes share the port)",
         _parse_bool,
     )
-    cleanup_interval: float = _setting(
-        0.0,
-        "abort orphaned multipart uploads under the key prefix this often (0: never)",
-        parse_duration,
-        show=format_duration,
+    cleanup_interval: float | None = _setting(
+        None,
+        "sweep for orphaned multipart uploads (a crash's) about this often, with jitter; "
+        "unset or auto: a quarter of the orphan threshold (--cleanup-older-than); 0: never",
+        _parse_auto_duration,
+        show=_show_auto_duration,
+        metavar="DURATION",
     )
-    cleanup_older_than: float = _setting(
-        86400.0,
-        "multipart uploads older than this count as orphaned",
+    cleanup_older_than: float | None = _setting(
+        None,
+        "judge orphans by age alone: abort multipart uploads initiated longer ago than this, "
+        "even live ones (unset: abort uploads with no new part for twice the longest gap a "
+        "live upload leaves between parts, derived from the limits, plus the clock skew)",
+        _parse_opt_duration,
+        show=format_duration,
+        metavar="DURATION",
+    )
+    cleanup_prefix: tuple[str, ...] = _setting(
+        (),
+        "key prefix to sweep (repeatable; '' for the whole bucket, e.g. with upload tokens); "
+        "none: the key template's",
+        repeat=True,
+        metavar="PREFIX",
+    )
+    cleanup_clock_skew: float = _setting(
+        60.0,
+        "how far the clocks of instances and of the store may disagree; added to the "
+        "orphan threshold",
         parse_duration,
         show=format_duration,
     )
@@ -465,6 +498,25 @@ class Settings:
         self.validate()
 
     @property
+    def orphan_rule(self) -> tuple[float, bool]:
+        """(threshold seconds, judged by activity) of the orphan sweep (s3proxy.cleanup)."""
+        if self.cleanup_older_than is not None:
+            return self.cleanup_older_than, False
+        return limits.orphan_after(self, self.cleanup_clock_skew), True
+
+    @property
+    def sweep_every(self) -> float:
+        """Seconds between orphan sweeps (0: none)."""
+        if self.cleanup_interval is not None:
+            return self.cleanup_interval
+        return limits.sweep_interval(self.orphan_rule[0])
+
+    @property
+    def cleanup_prefixes(self) -> tuple[str, ...]:
+        """The key prefixes the sweep covers."""
+        return self.cleanup_prefix or (keys.template_prefix(self.key_template),)
+
+    @property
     def embedded(self) -> bool:
         return self.endpoint_url is None
 
@@ -503,10 +555,12 @@ class Settings:
             raise SettingsError("--presign-expiry must be between 1s and 7d (SigV4's limit)")
         if self.workers < 1:
             raise SettingsError("--workers must be at least 1")
-        if self.cleanup_interval < 0 or self.cleanup_older_than < 60:
+        if (self.cleanup_interval or 0) < 0 or (self.cleanup_older_than or 60) < 60:
             raise SettingsError(
                 "--cleanup-interval must be >= 0 and --cleanup-older-than at least 1m"
             )
+        if self.cleanup_clock_skew < 0:
+            raise SettingsError("--cleanup-clock-skew must be >= 0")
         if self.parts_in_flight < 1:
             raise SettingsError("--parts-in-flight must be at least 1")
         largest = parts.largest_part(self.part_size, self.max_file_size)

@@ -50,12 +50,25 @@ class Stored:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+class Parts(dict[int, tuple[bytes, str]]):
+    """An upload's parts by number; ``modified[n]`` is when part ``n`` was last stored
+    (ListParts ``LastModified``), stamped on every store. Tests may set it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modified: dict[int, datetime] = {}
+
+    def __setitem__(self, number: int, part: tuple[bytes, str]) -> None:
+        super().__setitem__(number, part)
+        self.modified[number] = _now()
+
+
 @dataclass
 class Upload:
     key: str
     options: ObjectOptions
     initiated: datetime
-    parts: dict[int, tuple[bytes, str]] = field(default_factory=dict)
+    parts: Parts = field(default_factory=Parts)
 
 
 @dataclass
@@ -229,7 +242,10 @@ class MemoryS3:
     ) -> list[PartInfo]:
         self._call("ListParts", key)
         upload = self._upload("ListParts", key, upload_id)
-        found = [PartInfo(n, e, len(d)) for n, (d, e) in sorted(upload.parts.items())]
+        found = [
+            PartInfo(n, e, len(d), upload.parts.modified[n])
+            for n, (d, e) in sorted(upload.parts.items())
+        ]
         return found[:max_parts]
 
     async def list_objects(self, prefix: str = "", *, limit: int = 1000) -> list[ObjectInfo]:

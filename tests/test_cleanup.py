@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from s3proxy.cleanup import Orphan, SweepResult, sweep
+from s3proxy.cleanup import Orphan, Rule, SweepResult, sweep
 from s3proxy.embedded import EmbeddedStore
 from s3proxy.errors import ProxyError
 from s3proxy.s3_aiobotocore import AioObjectStore, ClientOptions, open_client
@@ -30,6 +30,7 @@ from tests.seaweed_fixture import s3_client_kwargs
 
 PREFIX = "orphans/"
 HOUR = timedelta(hours=1)
+AGE = Rule.age(HOUR)  # moto dates every upload alike: these tests judge by age
 
 
 class PagedS3:
@@ -143,7 +144,7 @@ async def test_dry_run_reports_and_aborts_nothing(
 ) -> None:
     before = open_uploads(s3, bucket)
     caplog.set_level(logging.INFO, "s3proxy.cleanup")
-    result = await sweep(AioObjectStore(aio, bucket), PREFIX, HOUR, now=mixed + 2 * HOUR)
+    result = await sweep(AioObjectStore(aio, bucket), PREFIX, AGE, now=mixed + 2 * HOUR)
     assert keys_of(result.found) == [f"{PREFIX}a/with-part.bin", f"{PREFIX}b.bin"]
     assert result.aborted == [] and result.errors == []
     assert open_uploads(s3, bucket) == before
@@ -163,7 +164,7 @@ async def test_real_run_aborts_everything_old_under_the_prefix_and_nothing_else(
     )
     caplog.set_level(logging.INFO, "s3proxy.cleanup")
     result = await sweep(
-        AioObjectStore(aio, bucket), PREFIX, HOUR, dry_run=False, now=mixed + 2 * HOUR
+        AioObjectStore(aio, bucket), PREFIX, AGE, dry_run=False, now=mixed + 2 * HOUR
     )
     assert (
         keys_of(result.aborted)
@@ -200,15 +201,15 @@ async def test_age_cutoff(
     found: int,
 ) -> None:
     result = await sweep(
-        AioObjectStore(aio, bucket), PREFIX, older_than, dry_run=False, now=mixed + age
+        AioObjectStore(aio, bucket), PREFIX, Rule.age(older_than), dry_run=False, now=mixed + age
     )
     assert len(result.found) == len(result.aborted) == found
     assert len(open_under(s3, bucket, PREFIX)) == 2 - found
 
 
 async def test_default_now_is_timezone_aware(aio: Any, bucket: str, mixed: datetime) -> None:
-    result = await sweep(AioObjectStore(aio, bucket), PREFIX, timedelta(days=365 * 100))
-    assert result == SweepResult([], [], [])
+    result = await sweep(AioObjectStore(aio, bucket), PREFIX, Rule.age(timedelta(days=365 * 100)))
+    assert result == SweepResult([], [], [], live=2)
 
 
 @pytest.mark.parametrize("markers", ["s3", "upload_id", "none"])
@@ -220,7 +221,7 @@ async def test_pagination(aio: Any, s3: Any, bucket: str, tidy: None, markers: s
     paged = PagedS3(aio, markers=markers)
     now = newest_initiated(s3, bucket) + 2 * HOUR
 
-    dry = await sweep(AioObjectStore(paged, bucket), PREFIX, HOUR, now=now, page_size=3)
+    dry = await sweep(AioObjectStore(paged, bucket), PREFIX, AGE, now=now, page_size=3)
     assert len(dry.found) == len({(o.key, o.upload_id) for o in dry.found}) == 11
     assert len(paged.list_calls) == 4  # 3 + 3 + 3 + 2
     assert [c["MaxUploads"] for c in paged.list_calls] == [3] * 4
@@ -228,7 +229,7 @@ async def test_pagination(aio: Any, s3: Any, bucket: str, tidy: None, markers: s
     assert all(c["Prefix"] == PREFIX for c in paged.list_calls)
 
     result = await sweep(
-        AioObjectStore(paged, bucket), PREFIX, HOUR, dry_run=False, now=now, page_size=3
+        AioObjectStore(paged, bucket), PREFIX, AGE, dry_run=False, now=now, page_size=3
     )
     assert len(result.aborted) == 11 and result.errors == []
     assert open_under(s3, bucket, PREFIX) == []
@@ -240,7 +241,7 @@ async def test_a_store_that_ignores_prefix_cannot_widen_the_sweep(
 ) -> None:
     wide = PagedS3(aio, ignore_prefix=True)
     result = await sweep(
-        AioObjectStore(wide, bucket), PREFIX, HOUR, dry_run=False, now=mixed + 2 * HOUR
+        AioObjectStore(wide, bucket), PREFIX, AGE, dry_run=False, now=mixed + 2 * HOUR
     )
     assert keys_of(result.aborted) == [f"{PREFIX}a/with-part.bin", f"{PREFIX}b.bin"]
     assert len(open_uploads(s3, bucket)) == 3
@@ -251,7 +252,7 @@ async def test_a_store_that_never_advances_is_an_error(
 ) -> None:
     with pytest.raises(ProxyError, match="does not advance"):
         await sweep(
-            AioObjectStore(PagedS3(aio, stuck=True), bucket), PREFIX, HOUR, now=mixed, page_size=1
+            AioObjectStore(PagedS3(aio, stuck=True), bucket), PREFIX, AGE, now=mixed, page_size=1
         )
 
 
@@ -272,7 +273,7 @@ async def test_already_gone_is_not_an_error(
             return page
 
     result = await sweep(
-        AioObjectStore(StaleListing(aio), bucket), PREFIX, HOUR, dry_run=False, now=mixed + 2 * HOUR
+        AioObjectStore(StaleListing(aio), bucket), PREFIX, AGE, dry_run=False, now=mixed + 2 * HOUR
     )
     assert stale in result.aborted and len(result.aborted) == 2
     assert result.errors == []
@@ -285,7 +286,7 @@ async def test_refused_abort_is_recorded_and_the_sweep_goes_on(
     refusing = PagedS3(aio, abort_bucket=f"{bucket}-missing")
     caplog.set_level(logging.INFO, "s3proxy.cleanup")
     result = await sweep(
-        AioObjectStore(refusing, bucket), PREFIX, HOUR, dry_run=False, now=mixed + 2 * HOUR
+        AioObjectStore(refusing, bucket), PREFIX, AGE, dry_run=False, now=mixed + 2 * HOUR
     )
     assert result.aborted == []
     assert [o for o, _ in result.errors] == result.found and len(result.found) == 2
@@ -297,16 +298,19 @@ async def test_refused_abort_is_recorded_and_the_sweep_goes_on(
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"older_than": timedelta(seconds=-1)},
         {"page_size": 0},
         {"page_size": 1001},
         {"now": datetime(2030, 1, 1)},  # naive
     ],
 )
 async def test_bad_arguments(aio: Any, bucket: str, kwargs: dict[str, Any]) -> None:
-    args: dict[str, Any] = {"older_than": HOUR, **kwargs}
     with pytest.raises(ValueError):
-        await sweep(AioObjectStore(aio, bucket), PREFIX, **args)
+        await sweep(AioObjectStore(aio, bucket), PREFIX, AGE, **kwargs)
+
+
+def test_a_negative_threshold_is_refused() -> None:
+    with pytest.raises(ValueError):
+        Rule.idle(timedelta(seconds=-1))
 
 
 @pytest.mark.e2e
@@ -330,7 +334,7 @@ async def test_pagination_on_seaweedfs(seaweedfs: EmbeddedStore) -> None:
             await client.create_multipart_upload(Bucket=seaweedfs.bucket, Key=f"{prefix[:-1]}.x")
             far = datetime.now(UTC) + timedelta(days=1)
             dry = await sweep(
-                AioObjectStore(client, seaweedfs.bucket), prefix, HOUR, now=far, page_size=2
+                AioObjectStore(client, seaweedfs.bucket), prefix, AGE, now=far, page_size=2
             )
             assert {(o.key, o.upload_id) for o in dry.found} == created
             assert len(dry.found) == 7
@@ -338,7 +342,7 @@ async def test_pagination_on_seaweedfs(seaweedfs: EmbeddedStore) -> None:
             result = await sweep(
                 AioObjectStore(client, seaweedfs.bucket),
                 prefix,
-                HOUR,
+                AGE,
                 dry_run=False,
                 now=far,
                 page_size=2,
