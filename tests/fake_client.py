@@ -6,7 +6,9 @@ recorded. ``GatedS3`` is ``tests.memory_s3.MemoryS3`` (the in-memory S3, failure
 injection per call) with what cancellation tests need on top: calls held at a gate
 until the test releases them, the order in which calls started and ended, how many
 of one operation ran at once, a switch that makes the store unreachable, and
-``until`` to wait for any of that on an event rather than on a clock.
+``until`` to wait for any of that on an event rather than on a clock. ``FormClient``
+sends a raw multipart body into aiohttp's own ``StreamReader`` and ``MultipartReader``
+(no socket), stopping whenever the reader's buffer is full, as TCP would.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from aiohttp import MultipartReader
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.streams import StreamReader
+
 from s3proxy.s3 import Body, ObjectOptions, refusal
+from tests import bodies
 from tests.memory_s3 import MemoryS3
 
 T = TypeVar("T")
@@ -80,6 +87,85 @@ class ClientSource:
         assert self.paused, "resumed without a pause"
         self.paused = False
         self.resumes += 1
+
+
+class Wire(BaseProtocol):
+    """The protocol under an in-memory StreamReader: the reader pauses and resumes it
+    at its high and low water marks; ``can_send`` is what a TCP window would say."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.can_send = asyncio.Event()
+        self.can_send.set()
+        self.pauses = 0
+
+    @property
+    def connected(self) -> bool:
+        return True  # the reader waits for more only on a connected protocol
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+        self.pauses += 1
+        self.can_send.clear()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self._reading_paused = False
+        self.can_send.set()
+
+
+class FormClient:
+    """A client sending ``body`` (multipart/form-data, tests.bodies' boundary) in
+    ``piece``-byte writes, waiting whenever the reader's buffer is full.
+
+    It stops after ``cut`` bytes if given, then closes the body (``then=None``) or
+    fails it with ``then`` (a dropped connection).
+    """
+
+    def __init__(
+        self,
+        body: bytes,
+        *,
+        piece: int = 64 * 1024,
+        cut: int | None = None,
+        then: BaseException | None = None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.body = body if cut is None else body[:cut]
+        self.piece = piece
+        self.then = then
+        self.sent = 0
+        self.wire = Wire(loop)
+        self.stream = StreamReader(self.wire, 2**16, loop=loop)
+        self.reader = MultipartReader(bodies.headers(), self.stream)
+
+    def body_bytes(self) -> int:
+        return self.sent
+
+    @contextlib.asynccontextmanager
+    async def sending(self) -> AsyncIterator[None]:
+        """Send while the block runs; a reader that failed leaves the client waiting
+        for room, so it is stopped then, and must have finished otherwise."""
+        sender = asyncio.create_task(self.send())
+        try:
+            yield
+        except BaseException:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+            raise
+        async with asyncio.timeout(WAIT):
+            await sender
+
+    async def send(self) -> None:
+        for start in range(0, len(self.body), self.piece):
+            await self.wire.can_send.wait()
+            data = self.body[start : start + self.piece]
+            self.stream.feed_data(data)
+            self.sent += len(data)
+        if self.then is not None:
+            self.stream.set_exception(self.then)
+        else:
+            self.stream.feed_eof()
 
 
 def payload(size: int, seed: int = 0) -> bytes:
