@@ -171,6 +171,11 @@ def _params(options: ObjectOptions, *, metadata: bool = True) -> dict[str, Any]:
     return params
 
 
+def _only_new(if_none_match: bool) -> dict[str, str]:
+    """``If-None-Match: *``: write only if the key is free (the one value S3 accepts)."""
+    return {"IfNoneMatch": "*"} if if_none_match else {}
+
+
 def _read_params(key: str, byte_range: str | None, cond: Conditions | None) -> dict[str, Any]:
     params: dict[str, Any] = {"Key": key}
     if byte_range is not None:
@@ -272,10 +277,16 @@ class AioObjectStore:
 
     # -- writes ---------------------------------------------------------------------
 
-    async def put(self, key: str, data: Body, options: ObjectOptions) -> str:
+    async def put(
+        self, key: str, data: Body, options: ObjectOptions, *, if_none_match: bool = False
+    ) -> str:
         async with self.call("PutObject"):
             resp = await self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=ChunkedBody(data), **_params(options)
+                Bucket=self.bucket,
+                Key=key,
+                Body=ChunkedBody(data),
+                **_params(options),
+                **_only_new(if_none_match),
             )
         return str(resp["ETag"])
 
@@ -319,13 +330,21 @@ class AioObjectStore:
             )
         return str(resp["ETag"])
 
-    async def complete(self, key: str, upload_id: str, parts: Sequence[tuple[int, str]]) -> str:
+    async def complete(
+        self,
+        key: str,
+        upload_id: str,
+        parts: Sequence[tuple[int, str]],
+        *,
+        if_none_match: bool = False,
+    ) -> str:
         async with self.call("CompleteMultipartUpload"):
             resp = await self._client.complete_multipart_upload(
                 Bucket=self.bucket,
                 Key=key,
                 UploadId=upload_id,
                 MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]},
+                **_only_new(if_none_match),
             )
         return str(resp["ETag"])
 
@@ -353,9 +372,10 @@ class AioObjectStore:
                 Tagging={"TagSet": [{"Key": k, "Value": v} for k, v in tags.items()]},
             )
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        condition = {} if if_match is None else {"IfMatch": if_match}
         async with self.call("DeleteObject"):
-            await self._client.delete_object(Bucket=self.bucket, Key=key)
+            await self._client.delete_object(Bucket=self.bucket, Key=key, **condition)
 
     # -- reads ----------------------------------------------------------------------
 
