@@ -51,6 +51,7 @@ from s3proxy.s3 import (
     Body,
     Conditions,
     NoCredentials,
+    NoSuchKey,
     NoSuchUpload,
     ObjectBody,
     ObjectHead,
@@ -374,8 +375,11 @@ class AioObjectStore:
 
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
         condition = {} if if_match is None else {"IfMatch": if_match}
-        async with self.call("DeleteObject"):
-            await self._client.delete_object(Bucket=self.bucket, Key=key, **condition)
+        try:
+            async with self.call("DeleteObject"):
+                await self._client.delete_object(Bucket=self.bucket, Key=key, **condition)
+        except NoSuchKey:
+            pass  # a conditional delete of a missing key: gone, what a delete wants
 
     # -- reads ----------------------------------------------------------------------
 
