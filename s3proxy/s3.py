@@ -339,6 +339,8 @@ class ObjectStore(ObjectSink, Protocol):
     * ``head``/``get`` raise NoSuchKey, PreconditionFailed, NotModified, InvalidRange
       for those answers; ``get``'s body must be closed.
     * ``presign_*`` sign for the endpoint browsers reach and make no S3 call;
+      ``presign_put`` with ``if_none_match`` signs ``If-None-Match: *`` as a header
+      the client must send (S3 then refuses a key that exists, 412);
       ``object_url`` is where the object lives there (no query).
     """
 
@@ -362,7 +364,13 @@ class ObjectStore(ObjectSink, Protocol):
         self, key: str, expires_in: int, *, head: bool = False, disposition: str | None = None
     ) -> str: ...
     async def presign_put(
-        self, key: str, size: int, options: ObjectOptions, expires_in: int
+        self,
+        key: str,
+        size: int,
+        options: ObjectOptions,
+        expires_in: int,
+        *,
+        if_none_match: bool = False,
     ) -> SignedRequest: ...
     async def presign_post(
         self, key: str, size: int, options: ObjectOptions, expires_in: int

@@ -75,9 +75,10 @@ _HEADERS = {
     "StorageClass": "x-amz-storage-class",
     "ServerSideEncryption": "x-amz-server-side-encryption",
     "SSEKMSKeyId": "x-amz-server-side-encryption-aws-kms-key-id",
+    "IfNoneMatch": "If-None-Match",
 }
 # A POST form names the ACL "acl"; the other fields are named like the headers.
-_POST_FIELDS = {**_HEADERS, "ACL": "acl"}
+_POST_FIELDS = {**_HEADERS, "ACL": "acl"}  # (no IfNoneMatch: a POST policy cannot hold one)
 # S3's answers to a conditional or ranged read: outcomes for the client, not S3 faults,
 # so they are not counted as S3 errors.
 _READ_OUTCOMES = frozenset({304, 404, 412, 416})
@@ -497,9 +498,16 @@ class AioObjectStore:
         return await self._sign("head_object" if head else "get_object", params, expires_in)
 
     async def presign_put(
-        self, key: str, size: int, options: ObjectOptions, expires_in: int
+        self,
+        key: str,
+        size: int,
+        options: ObjectOptions,
+        expires_in: int,
+        *,
+        if_none_match: bool = False,
     ) -> SignedRequest:
-        params = _params(options, metadata=False)  # metadata is not signed
+        # metadata is not signed; If-None-Match is (in X-Amz-SignedHeaders): it must be sent
+        params = {**_params(options, metadata=False), **_only_new(if_none_match)}
         url = await self._sign(
             "put_object", {"Key": key, "ContentLength": size, **params}, expires_in
         )

@@ -338,10 +338,17 @@ class MemoryS3:
         return self._url(key, method="HEAD" if head else "GET", expires=expires_in)
 
     async def presign_put(
-        self, key: str, size: int, options: ObjectOptions, expires_in: int
+        self,
+        key: str,
+        size: int,
+        options: ObjectOptions,
+        expires_in: int,
+        *,
+        if_none_match: bool = False,
     ) -> SignedRequest:
         url = self._url(key, method="PUT", size=size, expires=expires_in)
-        return SignedRequest(url, {"Content-Type": options.content_type})
+        only_new = {"If-None-Match": "*"} if if_none_match else {}
+        return SignedRequest(url, {"Content-Type": options.content_type, **only_new})
 
     async def presign_post(
         self, key: str, size: int, options: ObjectOptions, expires_in: int

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import boto3
 import pytest
 from aiohttp.test_utils import TestClient
@@ -339,3 +340,52 @@ async def test_race_on_seaweedfs(
     finally:
         for key in [k for k in all_keys(sw, seaweedfs.bucket) if k.startswith(prefix)]:
             sw.delete_object(Bucket=seaweedfs.bucket, Key=key)
+
+
+# --- presigned uploads -------------------------------------------------------------------
+
+
+async def sign(proxy: TestClient[Any, Any], path: str, body: Any) -> tuple[int, dict[str, Any]]:
+    resp = await proxy.post(path, json=body)
+    return resp.status, await resp.json()
+
+
+PDF = {"filename": "a.pdf", "content_type": "application/pdf"}
+
+
+async def test_presigned_put_signs_if_none_match(proxy_factory: Any, s3: Any, bucket: str) -> None:
+    """The client must send If-None-Match: * (it is a signed header); S3 then refuses
+    a second PUT to the key. A POST policy cannot carry it: refused for shared keys."""
+    proxy = await shared_proxy(proxy_factory)
+    status, out = await sign(proxy, "/sign", {**PDF, "size": 5})
+    assert status == 200 and out["key"] == "in/a.pdf", out
+    assert out["headers"]["If-None-Match"] == "*"
+    signed = out["url"].split("X-Amz-SignedHeaders=")[1].split("&")[0]
+    assert "if-none-match" in signed.split("%3B")
+    async with aiohttp.ClientSession() as http:
+        for expected in (200, 412):
+            async with http.put(out["url"], data=b"%PDF-", headers=out["headers"]) as resp:
+                assert resp.status == expected, await resp.text()
+    status, out = await sign(proxy, "/sign", {**PDF, "size": 5, "method": "post"})
+    assert (status, out["error"]["code"]) == (400, "INVALID_REQUEST")
+    assert '"method": "put"' in out["error"]["message"]
+
+
+async def test_presigned_multipart_to_a_taken_key_is_409(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    proxy = await shared_proxy(proxy_factory, presign_multipart_threshold=1024)
+    s3.put_object(Bucket=bucket, Key="in/a.pdf", Body=b"someone else's")
+    status, up = await sign(proxy, "/sign/multipart", {**PDF, "size": 3})
+    assert status == 200, up
+    ref = {"key": up["key"], "upload_id": up["upload_id"]}
+    _, urls = await sign(proxy, "/sign/multipart/parts", {**ref, "part_numbers": [1]})
+    async with (
+        aiohttp.ClientSession() as http,
+        http.put(urls["parts"][0]["url"], data=b"abc") as resp,
+    ):
+        assert resp.status == 200
+    status, out = await sign(proxy, "/sign/multipart/complete", ref)
+    assert (status, out["error"]["code"]) == (409, "KEY_EXISTS"), out
+    assert stored(s3, bucket, "in/a.pdf") == b"someone else's"
+    assert open_uploads(s3, bucket) == []
