@@ -56,6 +56,8 @@ NO_SUCH_KEY = ErrorKind("NO_SUCH_KEY", 404)
 NO_SUCH_UPLOAD = ErrorKind("NO_SUCH_UPLOAD", 404)  # a multipart upload id S3 does not know
 # 408
 CLIENT_TIMEOUT = ErrorKind("CLIENT_TIMEOUT", 408)
+# 409: an object is already stored at the key and --no-overwrite is on
+KEY_EXISTS = ErrorKind("KEY_EXISTS", 409)
 # 411 / 413
 FILE_TOO_LARGE = ErrorKind("FILE_TOO_LARGE", 413)
 TOO_MANY_FILES = ErrorKind("TOO_MANY_FILES", 413)
@@ -112,7 +114,7 @@ def error_response(err: ProxyError) -> web.Response:
     resp = web.json_response(error_body(err.kind, err.message), status=err.kind.status)
     if err.kind.status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="s3proxy"'
-    if err.kind.status in (400, 401, 403, 408, 413, 414, 415, 431):
+    if err.kind.status in (400, 401, 403, 408, 409, 413, 414, 415, 431):
         # The rest of the body may still be on the wire; do not try to parse it
         # as the next request.
         resp.force_close()

@@ -23,6 +23,14 @@ and the caller's upload grant, if any:
   log line or an S3-compatible store can read none of them differently, and the
   proxy never makes one (``sanitize_filename`` drops what it would refuse), so
   refusing them can never hide an object the proxy stored.
+
+Write policy (``WritePolicy``, from the template and ``--no-overwrite``): with
+``{uuid}`` in the template every key is new, so a write needs no condition and
+what a failed write may have stored is the upload's own to delete. Without it
+two uploads can get the same key: then every write carries ``If-None-Match: *``
+(the first wins, the other gets 409 KEY_EXISTS), and a failed upload deletes only
+an object that carries its own nonce; or, with ``--no-overwrite false``, the last
+write wins and nothing is ever deleted on failure (it could be someone else's).
 """
 
 from __future__ import annotations
@@ -32,11 +40,16 @@ import posixpath
 import re
 import unicodedata
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote
 
 MAX_KEY_BYTES = 1024  # S3 object key limit, in UTF-8 bytes
+# x-amz-meta-s3proxy-upload: a per-upload nonce, written when keys may be shared, so a
+# failed upload can tell its own object from another upload's at the same key.
+NONCE_META = "s3proxy-upload"
+NONCE_BYTES = len(NONCE_META) + 32  # of S3's 2 KB metadata budget (a uuid4 in hex)
 MAX_FILENAME_BYTES = 200
 DEFAULT_FILENAME = "upload"
 
@@ -157,7 +170,60 @@ def template_problem(template: str) -> str | None:
         sample = template.format(**_SAMPLE_FIELDS)
     except (KeyError, IndexError, ValueError) as exc:
         return f"unknown or broken field: {exc}"
+    if sample == template:  # KeyPolicy.check refuses a key equal to the prefix
+        return "has no field, so every upload would get the same key"
     return malformed(sample)
+
+
+def unique_keys(template: str) -> bool:
+    """Does every upload get a key of its own (a fresh ``{uuid}`` in it)?"""
+    return "{uuid}" in template
+
+
+@dataclass(frozen=True)
+class WritePolicy:
+    """How the upload pipeline writes a key and what it may delete when it fails.
+
+    The default is the one for a ``{uuid}`` template: no condition, and the key is the
+    upload's own (see the module docstring and ``write_policy``).
+    """
+
+    # Send If-None-Match: * on PutObject and CompleteMultipartUpload: a key that exists
+    # is refused (409 KEY_EXISTS) and the object carries the upload's nonce.
+    if_none_match: bool = False
+    # Every key is new ({uuid}): an object at it after a failed write is this upload's.
+    unique_keys: bool = True
+
+    @property
+    def cleanup(self) -> str:
+        """What a failed upload does to an object a write of its may have stored:
+        ``delete`` it, delete it only if it carries our ``nonce`` (checked with HeadObject,
+        then deleted with If-Match on its ETag), or ``keep`` it (it may be someone else's)."""
+        if self.unique_keys:
+            return "delete"
+        return "nonce" if self.if_none_match else "keep"
+
+
+UNIQUE_KEYS = WritePolicy()  # a {uuid} template's: no condition, the key is the upload's own
+
+
+def write_policy(template: str, no_overwrite: bool | None) -> WritePolicy:
+    """``--no-overwrite`` (None: unset) with ``--key-template`` as a WritePolicy.
+
+    Unset means on for a template without ``{uuid}`` and off with one: a uuid key is
+    already unique (122 random bits), so the condition would protect nothing and would
+    only tie every upload to a store that implements conditional writes (S3 answered
+    NotImplemented before 2024-08, and some S3-compatible stores still do).
+    """
+    unique = unique_keys(template)
+    return WritePolicy(
+        if_none_match=not unique if no_overwrite is None else no_overwrite, unique_keys=unique
+    )
+
+
+def owned_by(metadata: Mapping[str, str], nonce: str) -> bool:
+    """Is the object whose metadata this is the one written by the upload with ``nonce``?"""
+    return metadata.get(NONCE_META) == nonce
 
 
 @dataclass(frozen=True)

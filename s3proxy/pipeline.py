@@ -12,8 +12,13 @@ Invariants:
   has a timeout.
 - Once a PutObject or CompleteMultipartUpload has been sent, S3 may have stored the
   object even if its answer never arrives (a timeout, a lost connection, a
-  cancellation): any failure from then on deletes the key. Keys are unique per
-  upload (the template has ``{uuid}``), so this never deletes anyone else's object.
+  cancellation): any failure from then on deletes the key, if it is the upload's own
+  (``keys.WritePolicy``): a ``{uuid}`` key is; a shared key is only if the object
+  there carries this upload's nonce (deleted with If-Match on the ETag HeadObject
+  gave); with overwrites allowed (``--no-overwrite false``) nothing is deleted.
+- Under ``--no-overwrite`` PutObject and Complete carry ``If-None-Match: *``; S3's
+  412 is 409 KEY_EXISTS (and the upload is aborted), unless the object at the key
+  carries our nonce: then an earlier attempt stored it and its answer was lost.
 - The cleanup runs to its end whatever stops the upload (``janitor.finish``), and
   a cancellation arriving meanwhile is re-raised afterwards, never swallowed.
 - Complete is called only after the part's closing boundary was seen and the
@@ -28,10 +33,12 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any, TypeVar
@@ -40,7 +47,14 @@ from s3proxy import keys, sniff
 from s3proxy.body import Chunk
 from s3proxy.budget import MIN_HELD, HolderState, MemoryBudget, Reservation
 from s3proxy.digests import DigestCheck, verify_declared
-from s3proxy.errors import FILE_TOO_LARGE, INTERNAL, TOKEN_SCOPE, TYPE_NOT_ALLOWED, ProxyError
+from s3proxy.errors import (
+    FILE_TOO_LARGE,
+    INTERNAL,
+    KEY_EXISTS,
+    TOKEN_SCOPE,
+    TYPE_NOT_ALLOWED,
+    ProxyError,
+)
 from s3proxy.form import DEFAULT_MAX_FIELDS_SIZE, DEFAULT_MIN_RATE, ChunkSource
 from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor, finish, run_cleanup
 from s3proxy.limits import RateMeter
@@ -55,7 +69,7 @@ from s3proxy.machine import (
     UploadMachine,
 )
 from s3proxy.parts import plan_parts
-from s3proxy.s3 import ObjectOptions, ObjectSink
+from s3proxy.s3 import NoSuchKey, ObjectOptions, ObjectSink, PreconditionFailed
 
 log = logging.getLogger("s3proxy.pipeline")
 
@@ -78,6 +92,7 @@ class PipelineConfig:
     sse_kms_key_id: str | None = None
     min_rate: float = DEFAULT_MIN_RATE  # --min-upload-rate: slower part fillers may be evicted
     max_fields_size: int = DEFAULT_MAX_FIELDS_SIZE  # a request's field bytes, held in the budget
+    writes: keys.WritePolicy = keys.UNIQUE_KEYS  # --no-overwrite with the key template
 
 
 @dataclass(frozen=True)
@@ -148,6 +163,7 @@ class FileUpload:
         self._machine: UploadMachine | None = None
         self.upload_id: str | None = None
         self.maybe_stored = False  # a PutObject or Complete was sent: the key may exist
+        self.nonce = uuid.uuid4().hex  # marks our object when keys may be shared
         self.token_left = (
             None if cfg.token_limit is None else max(0, cfg.token_limit - cfg.token_used)
         )
@@ -203,9 +219,54 @@ class FileUpload:
                 f"abort key={key} upload_id={upload_id}",
                 self.janitor,
             )
-        if self.maybe_stored:
+        if self.maybe_stored and self.cfg.writes.cleanup == "delete":
             log.info("upload.deleted key=%s reason=%s", key, reason)
             await run_cleanup(lambda: self.sink.delete(key), f"delete key={key}", self.janitor)
+        elif self.maybe_stored and self.cfg.writes.cleanup == "nonce":
+            await run_cleanup(lambda: self._delete_own(reason), f"delete key={key}", self.janitor)
+        elif self.maybe_stored:
+            log.warning("upload.kept key=%s reason=%s overwrites_allowed=true", key, reason)
+
+    async def _delete_own(self, reason: str) -> None:
+        """Delete the object at our shared key only if it carries our nonce, and only
+        that version (If-Match): never another upload's object."""
+        key = self.spec.key
+        etag = await self._own_etag()
+        if etag is None:
+            log.info("upload.not_deleted key=%s reason=%s owner=other", key, reason)
+            return
+        try:
+            await self.sink.delete(key, if_match=etag)
+        except PreconditionFailed:  # replaced since the HeadObject: by someone else
+            log.info("upload.not_deleted key=%s reason=%s owner=changed", key, reason)
+            return
+        log.info("upload.deleted key=%s reason=%s", key, reason)
+
+    async def _own_etag(self) -> str | None:
+        """The ETag of the object at our key if it is the one this upload wrote, else None."""
+        try:
+            head = await self.sink.head(self.spec.key)
+        except NoSuchKey:
+            return None
+        return head.etag if keys.owned_by(head.metadata, self.nonce) else None
+
+    async def _only_new(self, write: Callable[..., Awaitable[str]]) -> str:
+        """A PutObject or Complete, with If-None-Match: * under --no-overwrite."""
+        if not self.cfg.writes.if_none_match:
+            return await write()
+        try:
+            return await write(if_none_match=True)
+        except PreconditionFailed:
+            # Ours if an earlier attempt stored it and botocore's retry was refused.
+            etag = await self._own_etag()
+            if etag is None:
+                self.maybe_stored = False  # refused: nothing of ours is at the key
+                raise ProxyError(
+                    KEY_EXISTS,
+                    f"an object is already stored at {self.spec.key!r}; uploads do not "
+                    "replace objects (--no-overwrite)",
+                ) from None
+            return etag
 
     @property
     def size(self) -> int:
@@ -326,20 +387,22 @@ class FileUpload:
         return ObjectOptions(
             content_type=content_type,
             content_disposition=keys.content_disposition(self.spec.filename),
-            metadata={**self.spec.metadata, **(extra or {})},
+            metadata={**self.spec.metadata, **self._nonce(), **(extra or {})},
             acl=self.cfg.acl,
             storage_class=self.cfg.storage_class,
             sse=self.cfg.sse,
             sse_kms_key_id=self.cfg.sse_kms_key_id,
         )
 
+    def _nonce(self) -> dict[str, str]:
+        return {keys.NONCE_META: self.nonce} if self.cfg.writes.if_none_match else {}
+
     async def _put(self, data: list[Chunk], content_type: str) -> StoredFile:
         verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
         digest = self._hash.hexdigest()
         self.maybe_stored = True
-        etag = await self.sink.put(
-            self.spec.key, data, self._options(content_type, {"sha256": digest})
-        )
+        options = self._options(content_type, {"sha256": digest})
+        etag = await self._only_new(functools.partial(self.sink.put, self.spec.key, data, options))
         return self._stored(content_type, etag, digest, parts=0)
 
     def _launch(self, number: int, data: list[Chunk], size: int, reservation: Reservation) -> None:
@@ -358,6 +421,14 @@ class FileUpload:
                 reservation.release()
 
         task = asyncio.create_task(send(), name=f"part-{number}")
+
+        # A task cancelled before its first step never runs send()'s finally: free the
+        # part here too (release is idempotent), or the budget would keep it for good.
+        def free(_: asyncio.Task[None]) -> None:
+            data.clear()
+            reservation.release()
+
+        task.add_done_callback(free)
         self._inflight.add(task)
 
     async def _wait_for_slot(self) -> None:
@@ -399,7 +470,9 @@ class FileUpload:
         upload_id = self.upload_id
         verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
         self.maybe_stored = True
-        etag = await self.sink.complete(self.spec.key, upload_id, parts)
+        etag = await self._only_new(
+            functools.partial(self.sink.complete, self.spec.key, upload_id, parts)
+        )
         self.upload_id = None  # completed: nothing left to abort
         digest = self._hash.hexdigest()
         # S3 metadata is fixed at CreateMultipartUpload, before the hash is known; a tag

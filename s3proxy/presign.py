@@ -54,6 +54,7 @@ from s3proxy.errors import (
     CLIENT_DISCONNECTED,
     FILE_TOO_LARGE,
     INVALID_REQUEST,
+    KEY_EXISTS,
     KEY_FORBIDDEN,
     NO_SUCH_UPLOAD,
     SHUTTING_DOWN,
@@ -61,7 +62,15 @@ from s3proxy.errors import (
     TYPE_NOT_ALLOWED,
     ProxyError,
 )
-from s3proxy.s3 import InvalidParts, NoSuchUpload, ObjectOptions, ObjectStore, PartInfo
+from s3proxy.janitor import run_cleanup
+from s3proxy.s3 import (
+    InvalidParts,
+    NoSuchUpload,
+    ObjectOptions,
+    ObjectStore,
+    PartInfo,
+    PreconditionFailed,
+)
 from s3proxy.settings import Settings
 from s3proxy.state import STATE, AppState
 
@@ -119,6 +128,11 @@ class Context:
     @property
     def expires_in(self) -> int:
         return max(1, math.ceil(self.settings.presign_expiry))
+
+    @property
+    def writes(self) -> keys.WritePolicy:
+        """--no-overwrite with the key template, as for ``POST /upload``."""
+        return keys.write_policy(self.settings.key_template, self.settings.no_overwrite)
 
     @property
     def key_policy(self) -> keys.KeyPolicy:
@@ -299,8 +313,17 @@ async def sign(request: web.Request) -> web.Response:
     expires_at = int(time.time()) + ctx.expires_in
     out: dict[str, Any] = {"multipart": False, "key": key, "bucket": ctx.bucket}
     if file.method == "put":
-        put = await ctx.sink.presign_put(key, file.size, options, ctx.expires_in)
+        only_new = ctx.writes.if_none_match
+        put = await ctx.sink.presign_put(
+            key, file.size, options, ctx.expires_in, if_none_match=only_new
+        )
         out.update(method="PUT", url=put.url, headers=dict(put.headers))
+    elif ctx.writes.cleanup == "nonce":  # a shared key that must not be overwritten
+        raise ProxyError(
+            INVALID_REQUEST,
+            "a presigned POST cannot refuse to overwrite (S3's POST policy has no "
+            'If-None-Match) and keys here are shared (--no-overwrite): use "method": "put"',
+        )
     else:
         # Exactly the declared size, as a PUT signs Content-Length: the size the
         # limits were checked against is the size stored.
@@ -445,7 +468,25 @@ async def complete_multipart(request: web.Request) -> web.Response:
     found = await _uploaded_parts(ctx, key, upload_id)
     size = _check_parts(ctx, body, found)
     with _client_faults():
-        await ctx.sink.complete(key, upload_id, [(p.number, p.etag) for p in found])
+        try:
+            await ctx.sink.complete(
+                key,
+                upload_id,
+                [(p.number, p.etag) for p in found],
+                if_none_match=ctx.writes.if_none_match,
+            )
+        except PreconditionFailed:
+            # A refused Complete leaves the upload open: abort it, whatever happens.
+            await run_cleanup(
+                lambda: ctx.sink.abort(key, upload_id),
+                f"abort key={key} upload_id={upload_id}",
+                ctx.state.janitor,
+            )
+            raise ProxyError(
+                KEY_EXISTS,
+                f"an object is already stored at {key!r}; uploads do not replace objects "
+                "(--no-overwrite); the multipart upload was aborted",
+            ) from None
     head = await ctx.sink.head(key)
     signed = head.metadata.get(SIZE_META)
     stored = head.length
@@ -453,7 +494,10 @@ async def complete_multipart(request: web.Request) -> web.Response:
         # The proxy wrote it at create; anything else is not a size to hold the object to.
         log.warning("presign.size_unchecked key=%s reason=metadata_missing", key)
     elif int(signed) != stored:
-        await ctx.sink.delete(key)
+        # Only this version (If-Match): on a shared key with overwrites allowed, a
+        # later upload may already have replaced it.
+        with contextlib.suppress(PreconditionFailed):  # replaced meanwhile: not ours now
+            await ctx.sink.delete(key, if_match=None if ctx.writes.unique_keys else head.etag)
         log.info("presign.size_mismatch key=%s signed=%s stored=%d", key, signed, stored)
         raise ProxyError(
             INVALID_REQUEST,

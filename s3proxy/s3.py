@@ -17,7 +17,9 @@ still reaches the client as JSON 502/503/504, as before) or cancellation::
         NoSuchKey           no such object (GetObject/HeadObject)
         InvalidParts        Complete refused the part list (InvalidPart, InvalidPartOrder,
                             EntityTooSmall)
-        PreconditionFailed  412 to If-Match / If-Unmodified-Since
+        PreconditionFailed  412 to If-Match / If-Unmodified-Since, and to a write's
+                            If-None-Match: * on an existing key (409 ConditionalRequestConflict,
+                            S3's answer to a write racing another on the key, too)
         NotModified         304 to If-None-Match / If-Modified-Since (carries the validators)
         InvalidRange        416; ``size`` is the object's, if S3 said
         NoCredentials       no usable credentials are configured
@@ -123,7 +125,7 @@ def refusal(
         return InvalidParts(UPSTREAM_ERROR, message, **kwargs)
     if code == "NoSuchKey" or (status == 404 and operation in ("HeadObject", "GetObject")):
         return NoSuchKey(UPSTREAM_ERROR, message, **kwargs)
-    if code == "PreconditionFailed" or status == 412:
+    if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
         return PreconditionFailed(UPSTREAM_ERROR, message, **kwargs)
     if status == 304:
         err = NotModified(UPSTREAM_ERROR, message, **kwargs)
@@ -290,14 +292,26 @@ class SignedPost:
 class ObjectSink(Protocol):
     """The S3 calls the upload pipeline needs (a subset of ``ObjectStore``)."""
 
-    async def put(self, key: str, data: Body, options: ObjectOptions) -> str: ...
+    async def put(
+        self, key: str, data: Body, options: ObjectOptions, *, if_none_match: bool = False
+    ) -> str: ...
     async def create(self, key: str, options: ObjectOptions) -> str: ...
     async def upload_part(self, key: str, upload_id: str, number: int, data: Body) -> str: ...
-    async def complete(self, key: str, upload_id: str, parts: Sequence[tuple[int, str]]) -> str: ...
+    async def complete(
+        self,
+        key: str,
+        upload_id: str,
+        parts: Sequence[tuple[int, str]],
+        *,
+        if_none_match: bool = False,
+    ) -> str: ...
     async def abort(self, key: str, upload_id: str) -> None: ...
     async def tag(self, key: str, tags: Mapping[str, str]) -> None: ...
-    async def delete(self, key: str) -> None: ...
+    async def delete(self, key: str, *, if_match: str | None = None) -> None: ...
     async def check(self) -> None: ...
+    async def head(
+        self, key: str, *, byte_range: str | None = None, conditions: Conditions | None = None
+    ) -> ObjectHead: ...
 
 
 class ObjectStore(ObjectSink, Protocol):
@@ -313,6 +327,11 @@ class ObjectStore(ObjectSink, Protocol):
       upload, so no one else's upload is touched.
     * ``abort`` of an upload already gone (NoSuchUpload) succeeds: aborts are retried.
     * ``complete`` raises NoSuchUpload or InvalidParts for those answers.
+    * ``put``/``complete`` with ``if_none_match`` send ``If-None-Match: *`` and raise
+      PreconditionFailed if the key exists (nothing written; a refused Complete leaves
+      the upload open). ``delete`` with ``if_match`` (an ETag) sends ``If-Match`` and
+      raises PreconditionFailed if the object is another (S3 since 2025-09, SeaweedFS
+      and moto: probed in tests/test_no_overwrite.py); deleting a missing key succeeds.
     * ``list_parts`` returns parts by number, all of them (S3 pages at 1,000) unless
       ``max_parts`` caps it; NoSuchUpload if the upload is unknown.
     * ``list_uploads`` yields each open upload whose key starts with ``prefix`` once,
@@ -321,6 +340,8 @@ class ObjectStore(ObjectSink, Protocol):
     * ``head``/``get`` raise NoSuchKey, PreconditionFailed, NotModified, InvalidRange
       for those answers; ``get``'s body must be closed.
     * ``presign_*`` sign for the endpoint browsers reach and make no S3 call;
+      ``presign_put`` with ``if_none_match`` signs ``If-None-Match: *`` as a header
+      the client must send (S3 then refuses a key that exists, 412);
       ``object_url`` is where the object lives there (no query).
     """
 
@@ -337,9 +358,6 @@ class ObjectStore(ObjectSink, Protocol):
     def list_uploads(
         self, prefix: str, *, page_size: int = PAGE_SIZE
     ) -> AsyncIterator[UploadInfo]: ...
-    async def head(
-        self, key: str, *, byte_range: str | None = None, conditions: Conditions | None = None
-    ) -> ObjectHead: ...
     async def get(
         self, key: str, *, byte_range: str | None = None, conditions: Conditions | None = None
     ) -> ObjectBody: ...
@@ -347,7 +365,13 @@ class ObjectStore(ObjectSink, Protocol):
         self, key: str, expires_in: int, *, head: bool = False, disposition: str | None = None
     ) -> str: ...
     async def presign_put(
-        self, key: str, size: int, options: ObjectOptions, expires_in: int
+        self,
+        key: str,
+        size: int,
+        options: ObjectOptions,
+        expires_in: int,
+        *,
+        if_none_match: bool = False,
     ) -> SignedRequest: ...
     async def presign_post(
         self, key: str, size: int, options: ObjectOptions, expires_in: int

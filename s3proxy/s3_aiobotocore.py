@@ -51,6 +51,7 @@ from s3proxy.s3 import (
     Body,
     Conditions,
     NoCredentials,
+    NoSuchKey,
     NoSuchUpload,
     ObjectBody,
     ObjectHead,
@@ -74,9 +75,10 @@ _HEADERS = {
     "StorageClass": "x-amz-storage-class",
     "ServerSideEncryption": "x-amz-server-side-encryption",
     "SSEKMSKeyId": "x-amz-server-side-encryption-aws-kms-key-id",
+    "IfNoneMatch": "If-None-Match",
 }
 # A POST form names the ACL "acl"; the other fields are named like the headers.
-_POST_FIELDS = {**_HEADERS, "ACL": "acl"}
+_POST_FIELDS = {**_HEADERS, "ACL": "acl"}  # (no IfNoneMatch: a POST policy cannot hold one)
 # S3's answers to a conditional or ranged read: outcomes for the client, not S3 faults,
 # so they are not counted as S3 errors.
 _READ_OUTCOMES = frozenset({304, 404, 412, 416})
@@ -169,6 +171,11 @@ def _params(options: ObjectOptions, *, metadata: bool = True) -> dict[str, Any]:
     }
     params.update({k: v for k, v in optional.items() if v})
     return params
+
+
+def _only_new(if_none_match: bool) -> dict[str, str]:
+    """``If-None-Match: *``: write only if the key is free (the one value S3 accepts)."""
+    return {"IfNoneMatch": "*"} if if_none_match else {}
 
 
 def _read_params(key: str, byte_range: str | None, cond: Conditions | None) -> dict[str, Any]:
@@ -272,10 +279,16 @@ class AioObjectStore:
 
     # -- writes ---------------------------------------------------------------------
 
-    async def put(self, key: str, data: Body, options: ObjectOptions) -> str:
+    async def put(
+        self, key: str, data: Body, options: ObjectOptions, *, if_none_match: bool = False
+    ) -> str:
         async with self.call("PutObject"):
             resp = await self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=ChunkedBody(data), **_params(options)
+                Bucket=self.bucket,
+                Key=key,
+                Body=ChunkedBody(data),
+                **_params(options),
+                **_only_new(if_none_match),
             )
         return str(resp["ETag"])
 
@@ -319,13 +332,21 @@ class AioObjectStore:
             )
         return str(resp["ETag"])
 
-    async def complete(self, key: str, upload_id: str, parts: Sequence[tuple[int, str]]) -> str:
+    async def complete(
+        self,
+        key: str,
+        upload_id: str,
+        parts: Sequence[tuple[int, str]],
+        *,
+        if_none_match: bool = False,
+    ) -> str:
         async with self.call("CompleteMultipartUpload"):
             resp = await self._client.complete_multipart_upload(
                 Bucket=self.bucket,
                 Key=key,
                 UploadId=upload_id,
                 MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]},
+                **_only_new(if_none_match),
             )
         return str(resp["ETag"])
 
@@ -353,9 +374,13 @@ class AioObjectStore:
                 Tagging={"TagSet": [{"Key": k, "Value": v} for k, v in tags.items()]},
             )
 
-    async def delete(self, key: str) -> None:
-        async with self.call("DeleteObject"):
-            await self._client.delete_object(Bucket=self.bucket, Key=key)
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
+        condition = {} if if_match is None else {"IfMatch": if_match}
+        try:
+            async with self.call("DeleteObject"):
+                await self._client.delete_object(Bucket=self.bucket, Key=key, **condition)
+        except NoSuchKey:
+            pass  # a conditional delete of a missing key: gone, what a delete wants
 
     # -- reads ----------------------------------------------------------------------
 
@@ -475,9 +500,16 @@ class AioObjectStore:
         return await self._sign("head_object" if head else "get_object", params, expires_in)
 
     async def presign_put(
-        self, key: str, size: int, options: ObjectOptions, expires_in: int
+        self,
+        key: str,
+        size: int,
+        options: ObjectOptions,
+        expires_in: int,
+        *,
+        if_none_match: bool = False,
     ) -> SignedRequest:
-        params = _params(options, metadata=False)  # metadata is not signed
+        # metadata is not signed; If-None-Match is (in X-Amz-SignedHeaders): it must be sent
+        params = {**_params(options, metadata=False), **_only_new(if_none_match)}
         url = await self._sign(
             "put_object", {"Key": key, "ContentLength": size, **params}, expires_in
         )

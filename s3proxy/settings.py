@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from s3proxy import keys, limits, parts
+
+log = logging.getLogger("s3proxy.settings")
 
 ENV_PREFIX = "S3PROXY_"
 
@@ -303,7 +306,7 @@ class Settings:
     key_template: str = _setting(
         "uploads/{yyyy}/{mm}/{uuid}/{filename}",
         "object key template; fields: {yyyy} {mm} {dd} {uuid} {filename} {field}; "
-        "must contain {uuid}",
+        "without {uuid} two uploads can get one key (see --no-overwrite)",
     )
     allow_type: tuple[str, ...] = _setting(
         (),
@@ -493,9 +496,23 @@ class Settings:
         parse_size,
         show=format_size,
     )
+    # nothing overwritten (issue #12)
+    no_overwrite: bool | None = _setting(
+        None,
+        "refuse to replace an object: writes carry If-None-Match: *, a key that exists "
+        "is 409 KEY_EXISTS; unset: on for a --key-template without {uuid} (a uuid key is "
+        "already new); false with such a template: the last upload wins",
+        _parse_bool,
+    )
 
     def __post_init__(self) -> None:
         self.validate()
+        if self.no_overwrite is False and not keys.unique_keys(self.key_template):
+            log.warning(
+                "settings.overwrite key_template=%s: uploads to one key replace each other "
+                "and a failed upload never deletes what it may have stored (--no-overwrite false)",
+                self.key_template,
+            )
 
     @property
     def orphan_rule(self) -> tuple[float, bool]:
@@ -599,10 +616,6 @@ class Settings:
                 f"--memory-budget {format_size(self.memory_budget)} leaves no room for form "
                 f"fields ({format_size(self.max_fields_size)}, --max-fields-size) next to the "
                 f"largest part ({format_size(largest)}); raise the budget or lower the limits"
-            )
-        if "{uuid}" not in self.key_template:
-            raise SettingsError(
-                "--key-template must contain {uuid} so that uploads never overwrite"
             )
         try:
             self.key_template.format(yyyy="", mm="", dd="", uuid="", filename="", field="")

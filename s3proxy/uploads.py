@@ -57,7 +57,7 @@ log = logging.getLogger("s3proxy.uploads")
 # S3 user metadata: keys and values together at most 2 KB
 # (https://docs.aws.amazon.com/AmazonS3/latest/userguide/UsingMetadata.html).
 MAX_METADATA_BYTES = 2048
-RESERVED_METADATA = {"sha256"}
+RESERVED_METADATA = {"sha256", keys.NONCE_META}
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -105,7 +105,8 @@ def field_metadata(fields: dict[str, str | list[str]]) -> dict[str, str]:
             )
         names[lower] = name
         meta[lower] = encode_metadata_value(joined)
-    size = sum(len(k) + len(v) for k, v in meta.items()) + len("sha256") + 64
+    # What the proxy adds: the sha256, and the nonce of a --no-overwrite write.
+    size = sum(len(k) + len(v) for k, v in meta.items()) + len("sha256") + 64 + keys.NONCE_BYTES
     if size > MAX_METADATA_BYTES:
         raise ProxyError(
             METADATA_TOO_LARGE,
@@ -246,13 +247,19 @@ class RequestUpload:
         meanwhile (that cancellation is re-raised afterwards); a failed one goes to the
         janitor."""
         files, self.result.files = self.result.files, []
-        keys = [f.key for f in files]
-        for key in keys:
-            log.info("upload.rolled_back key=%s", key)
+        cleanup = self.cfg.writes.cleanup
+        if cleanup == "keep":  # --no-overwrite false on a shared key: it may be another's
+            for f in files:
+                log.warning("upload.kept key=%s reason=rollback overwrites_allowed=true", f.key)
+            return []
+        for f in files:
+            log.info("upload.rolled_back key=%s", f.key)
         await run_cleanups(
-            [(self._deleter(key), f"rollback key={key}") for key in keys], self.janitor
+            [(self._deleter(f, cleanup), f"rollback key={f.key}") for f in files], self.janitor
         )
-        return keys
+        return [f.key for f in files]
 
-    def _deleter(self, key: str) -> Callable[[], Awaitable[None]]:
-        return lambda: self.sink.delete(key)
+    def _deleter(self, stored: StoredFile, cleanup: str) -> Callable[[], Awaitable[None]]:
+        # A shared key is deleted only while it is still the object this request wrote.
+        if_match = f'"{stored.etag}"' if cleanup == "nonce" else None
+        return lambda: self.sink.delete(stored.key, if_match=if_match)

@@ -18,7 +18,7 @@ import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import MultipartReader
 from aiohttp.base_protocol import BaseProtocol
@@ -274,28 +274,34 @@ class GatedS3(MemoryS3):
         self._note(op, label, "ok")
         return result
 
-    async def put(self, key: str, data: Body, options: ObjectOptions) -> str:
+    # Each call passes its keyword options (checksums, conditions) through unchanged:
+    # the gate only decides when a call runs, never what it does.
+    async def put(self, key: str, data: Body, options: ObjectOptions, **kw: Any) -> Any:
         return await self._run(
-            "PutObject", key, lambda: super(GatedS3, self).put(key, data, options)
+            "PutObject", key, lambda: super(GatedS3, self).put(key, data, options, **kw)
         )
 
-    async def create(self, key: str, options: ObjectOptions) -> str:
+    async def create(self, key: str, options: ObjectOptions, **kw: Any) -> str:
         return await self._run(
-            "CreateMultipartUpload", key, lambda: super(GatedS3, self).create(key, options)
+            "CreateMultipartUpload", key, lambda: super(GatedS3, self).create(key, options, **kw)
         )
 
-    async def upload_part(self, key: str, upload_id: str, number: int, data: Body) -> str:
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, data: Body, **kw: Any
+    ) -> Any:
         return await self._run(
             "UploadPart",
             str(number),
-            lambda: super(GatedS3, self).upload_part(key, upload_id, number, data),
+            lambda: super(GatedS3, self).upload_part(key, upload_id, number, data, **kw),
         )
 
-    async def complete(self, key: str, upload_id: str, parts: Sequence[tuple[int, str]]) -> str:
+    async def complete(
+        self, key: str, upload_id: str, parts: Sequence[tuple[int, str]], **kw: Any
+    ) -> Any:
         return await self._run(
             "CompleteMultipartUpload",
             key,
-            lambda: super(GatedS3, self).complete(key, upload_id, parts),
+            lambda: super(GatedS3, self).complete(key, upload_id, parts, **kw),
         )
 
     async def abort(self, key: str, upload_id: str) -> None:
@@ -306,5 +312,5 @@ class GatedS3(MemoryS3):
     async def tag(self, key: str, tags: Mapping[str, str]) -> None:
         await self._run("PutObjectTagging", key, lambda: super(GatedS3, self).tag(key, tags))
 
-    async def delete(self, key: str) -> None:
-        await self._run("DeleteObject", key, lambda: super(GatedS3, self).delete(key))
+    async def delete(self, key: str, **kw: Any) -> None:
+        await self._run("DeleteObject", key, lambda: super(GatedS3, self).delete(key, **kw))

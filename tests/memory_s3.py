@@ -154,8 +154,15 @@ class MemoryS3:
 
     # -- writes ---------------------------------------------------------------------
 
-    async def put(self, key: str, data: Body, options: ObjectOptions) -> str:
+    def _only_new(self, operation: str, key: str, if_none_match: bool) -> None:
+        if if_none_match and key in self.objects:
+            raise refusal(operation, "PreconditionFailed", 412)
+
+    async def put(
+        self, key: str, data: Body, options: ObjectOptions, *, if_none_match: bool = False
+    ) -> str:
         lost = self._call("PutObject", key)
+        self._only_new("PutObject", key, if_none_match)
         raw = _join(data)
         self.objects[key] = Stored(raw, _etag(raw), options, _now())
         self._after(lost)
@@ -186,10 +193,18 @@ class MemoryS3:
         self._after(lost)
         return upload.parts[number][1]
 
-    async def complete(self, key: str, upload_id: str, parts: Sequence[tuple[int, str]]) -> str:
+    async def complete(
+        self,
+        key: str,
+        upload_id: str,
+        parts: Sequence[tuple[int, str]],
+        *,
+        if_none_match: bool = False,
+    ) -> str:
         op = "CompleteMultipartUpload"
         lost = self._call(op, key)
         upload = self._upload(op, key, upload_id)
+        self._only_new(op, key, if_none_match)  # refused: the upload stays open, as in S3
         numbers = [n for n, _ in parts]
         if not parts or numbers != sorted(set(numbers)):
             raise refusal(op, "InvalidPartOrder", 400)
@@ -227,8 +242,11 @@ class MemoryS3:
         self.objects[key].tags = dict(tags)
         self._after(lost)
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, *, if_match: str | None = None) -> None:
         lost = self._call("DeleteObject", key)
+        obj = self.objects.get(key)
+        if obj is not None and if_match is not None and not _matches(if_match, obj.etag):
+            raise refusal("DeleteObject", "PreconditionFailed", 412)
         self.objects.pop(key, None)
         self._after(lost)
 
@@ -336,10 +354,17 @@ class MemoryS3:
         return self._url(key, method="HEAD" if head else "GET", expires=expires_in)
 
     async def presign_put(
-        self, key: str, size: int, options: ObjectOptions, expires_in: int
+        self,
+        key: str,
+        size: int,
+        options: ObjectOptions,
+        expires_in: int,
+        *,
+        if_none_match: bool = False,
     ) -> SignedRequest:
         url = self._url(key, method="PUT", size=size, expires=expires_in)
-        return SignedRequest(url, {"Content-Type": options.content_type})
+        only_new = {"If-None-Match": "*"} if if_none_match else {}
+        return SignedRequest(url, {"Content-Type": options.content_type, **only_new})
 
     async def presign_post(
         self, key: str, size: int, options: ObjectOptions, expires_in: int

@@ -32,6 +32,11 @@ DASHED_TOKEN = KeyPolicy("in-{uuid}/{filename}", "users/42/")
 # A template with no literal prefix: the bucket (anonymous) or the grant prefix (token).
 BARE = KeyPolicy("{uuid}/{filename}")
 BARE_TOKEN = KeyPolicy("{uuid}/{filename}", "users/42/")
+# Templates without {uuid} (issue #12, --no-overwrite): two uploads can share a key.
+SHARED = KeyPolicy("docs/{filename}")
+SHARED_TOKEN = KeyPolicy("docs/{filename}", "users/42/")
+SHARED_BARE = KeyPolicy("{filename}")
+SHARED_DATED = KeyPolicy("{field}/{yyyy}-{mm}-{dd}.bin", "users/42/")
 
 OK, FORBIDDEN, TOO_LONG = "ok", "forbidden", "too long"
 
@@ -128,7 +133,21 @@ def test_grant_prefix_must_be_a_folder() -> None:
         KeyPolicy.for_grant(TEMPLATE, grant("users/4"))
 
 
-@pytest.mark.parametrize("policy", [ANONYMOUS, TOKEN, DASHED, DASHED_TOKEN, BARE, BARE_TOKEN])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        ANONYMOUS,
+        TOKEN,
+        DASHED,
+        DASHED_TOKEN,
+        BARE,
+        BARE_TOKEN,
+        SHARED,
+        SHARED_TOKEN,
+        SHARED_BARE,
+        SHARED_DATED,
+    ],
+)
 @pytest.mark.parametrize(
     "filename",
     [
@@ -159,6 +178,23 @@ def test_new_key_is_grant_prefix_then_template_key() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("policy", "filename", "key"),
+    [
+        (SHARED, "a.pdf", "docs/a.pdf"),
+        (SHARED, "../../a.pdf", "docs/a.pdf"),  # the same key however the name is dressed
+        (SHARED_TOKEN, "a.pdf", "users/42/docs/a.pdf"),
+        (SHARED_BARE, "", "upload"),
+        (SHARED_DATED, "x", "users/42/file/2026-03-07.bin"),
+    ],
+)
+def test_templates_without_uuid_give_every_upload_of_a_name_one_key(
+    policy: KeyPolicy, filename: str, key: str
+) -> None:
+    assert policy.new_key(filename, now=NOW) == policy.new_key(filename, now=NOW) == key
+    policy.check(key)
+
+
 def test_new_key_too_long_under_a_grant_prefix() -> None:
     """The template's key fits S3's limit; with a long grant prefix in front it does not."""
     long_grant = KeyPolicy(TEMPLATE, "p" * 900 + "/")
@@ -181,6 +217,10 @@ def test_new_key_too_long_under_a_grant_prefix() -> None:
         ("up\\loads/{uuid}", "backslash"),
         ("up\x01/{uuid}", "control"),
         ("uploads/{nope}", "unknown or broken field"),
+        ("docs/{filename}", None),  # no {uuid}: allowed, under --no-overwrite
+        ("{filename}", None),
+        ("daily/{yyyy}-{mm}-{dd}.bin", None),
+        ("docs/fixed.bin", "no field"),  # every upload the same key, equal to the prefix
     ],
 )
 def test_template_problem(template: str, problem: str | None) -> None:

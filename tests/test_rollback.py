@@ -89,7 +89,7 @@ class MemoryS3:
     async def tag(self, key: str, tags: Mapping[str, str]) -> None:
         pass
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, **_: object) -> None:
         self.events.append(f"delete {key}")
         await asyncio.sleep(self.delete_delay)
         self.objects.pop(key, None)

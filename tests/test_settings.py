@@ -82,7 +82,7 @@ def test_env_list() -> None:
         (["--part-size", "lots"], {}, "--part-size: not a size"),
         ([], {"S3PROXY_PORT": "eighty"}, "S3PROXY_PORT"),
         (["--memory-budget", "4MiB"], {}, "--memory-budget"),
-        (["--key-template", "x/{filename}"], {}, "{uuid}"),
+        (["--key-template", "x/fixed.bin"], {}, "no field"),
         (["--key-template", "x/{uuid}/{nope}"], {}, "unknown"),
         (["--key-template", "a//{uuid}/{filename}"], {}, "segments"),
         (["--allow-type", "pdf"], {}, "--allow-type"),
