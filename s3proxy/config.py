@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from s3proxy import checksums
 from s3proxy.form import FormLimits
 from s3proxy.pipeline import PipelineConfig
 from s3proxy.s3 import ObjectDefaults
@@ -49,6 +50,7 @@ class Config:
                 sse_kms_key_id=objects.sse_kms_key_id,
                 min_rate=settings.min_upload_rate,
                 max_fields_size=settings.max_fields_size,
+                checksum=checksums.resolve_mode(settings.checksum),
             ),
             form=FormLimits(
                 max_files=settings.max_files,

@@ -19,6 +19,11 @@ Invariants:
 - Complete is called only after the part's closing boundary was seen and the
   bytes sent to S3 add up to the bytes received.
 - A file that ends within its first part is stored with one PutObject.
+- With ``checksum`` set, every UploadPart and PutObject carries the CRC of its bytes,
+  computed as they stream past (``PartCrcs``, next to the sha256), and Complete the
+  part CRCs with the full-object value combined from them: S3 verifies every byte, and
+  no byte is read twice. A part S3 refuses as corrupted (BadDigest) is still in memory
+  and is sent once more; refused again, the upload fails (502 UPSTREAM_CORRUPTION).
 - While it fills a reserved part, the upload is a budget ``Holder``: under memory
   pressure the budget may evict it for filling below ``min_rate``; eviction only
   expires its pending client read, so the 408 takes the normal error path (abort,
@@ -30,8 +35,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any, TypeVar
@@ -39,7 +45,16 @@ from typing import Any, TypeVar
 from s3proxy import keys, sniff
 from s3proxy.body import Chunk
 from s3proxy.budget import MIN_HELD, HolderState, MemoryBudget, Reservation
-from s3proxy.errors import FILE_TOO_LARGE, INTERNAL, TOKEN_SCOPE, TYPE_NOT_ALLOWED, ProxyError
+from s3proxy.checksums import Algorithm, Crc, CrcValue
+from s3proxy.errors import (
+    FILE_TOO_LARGE,
+    INTERNAL,
+    TOKEN_SCOPE,
+    TYPE_NOT_ALLOWED,
+    UPSTREAM_CORRUPTION,
+    UPSTREAM_ERROR,
+    ProxyError,
+)
 from s3proxy.form import DEFAULT_MAX_FIELDS_SIZE, DEFAULT_MIN_RATE, ChunkSource
 from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor, finish, run_cleanup
 from s3proxy.limits import RateMeter
@@ -53,8 +68,15 @@ from s3proxy.machine import (
     TooManyParts,
     UploadMachine,
 )
-from s3proxy.parts import plan_parts
-from s3proxy.s3 import ObjectOptions, ObjectSink
+from s3proxy.parts import MAX_PARTS, PartPlan, plan_parts
+from s3proxy.s3 import (
+    BadDigest,
+    ChecksumUnsupported,
+    ObjectOptions,
+    ObjectSink,
+    StoredChecksum,
+    Written,
+)
 
 log = logging.getLogger("s3proxy.pipeline")
 
@@ -77,6 +99,7 @@ class PipelineConfig:
     sse_kms_key_id: str | None = None
     min_rate: float = DEFAULT_MIN_RATE  # --min-upload-rate: slower part fillers may be evicted
     max_fields_size: int = DEFAULT_MAX_FIELDS_SIZE  # a request's field bytes, held in the budget
+    checksum: Algorithm | None = None  # --checksum (auto: CRC64NVME); None sends no checksum
 
 
 @dataclass(frozen=True)
@@ -103,6 +126,7 @@ class StoredFile:
     sha256: str
     parts: int
     metadata: Mapping[str, str] = dc_field(default_factory=dict)  # form fields stored with it
+    checksum: StoredChecksum | None = None  # what S3 stored and verified; None: --checksum off
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -113,8 +137,49 @@ class StoredFile:
             "content_type": self.content_type,
             "etag": self.etag,
             "sha256": self.sha256,
+            "checksum": None if self.checksum is None else self.checksum.to_json(),
             "metadata": dict(self.metadata),
         }
+
+
+class PartCrcs:
+    """Pure: each part's CRC, fed the file's bytes chunk by chunk as they arrive.
+
+    Part ``n`` is the ``plan.size(n)`` bytes after part ``n - 1``, exactly as
+    ``parts.PartSlicer`` cuts them; a chunk across a boundary is split (a memoryview, no
+    copy). Each byte is checksummed once, right after the sha256, while still in cache.
+    """
+
+    def __init__(self, algorithm: Algorithm, plan: PartPlan) -> None:
+        self.algorithm = algorithm
+        self._plan = plan
+        self._number = 1
+        self._room = plan.size(1)  # bytes part ``_number`` still takes
+        self._running = Crc(algorithm)
+        self._done: dict[int, CrcValue] = {}
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        while len(chunk) > self._room:
+            view = memoryview(chunk)
+            head, chunk = view[: self._room], view[self._room :]
+            self._running.update(head)  # type: ignore[arg-type]  # awscrt takes any buffer
+            self._next()
+        self._running.update(chunk)  # type: ignore[arg-type]
+        self._room -= len(chunk)
+
+    def _next(self) -> None:
+        self._done[self._number] = self._running.result()
+        self._number += 1
+        self._running = Crc(self.algorithm)
+        # Past S3's last part the machine refuses the file; count on without a boundary.
+        self._room = self._plan.size(self._number) if self._number <= MAX_PARTS else sys.maxsize
+
+    def take(self, number: int) -> CrcValue:
+        """Part ``number``'s CRC, once all of its bytes have been fed (it may be the last,
+        shorter part: what was fed of it so far is all of it)."""
+        if number == self._number:
+            self._next()
+        return self._done.pop(number)
 
 
 def abort_reason(exc: BaseException) -> str:
@@ -152,6 +217,8 @@ class FileUpload:
         self._hash = hashlib.sha256()
         self._inflight: set[asyncio.Task[None]] = set()
         self._etags: dict[int, str] = {}
+        self._crcs: PartCrcs | None = None  # each part's CRC, when --checksum is on
+        self._part_crcs: dict[int, CrcValue] = {}  # of parts S3 acknowledged
         self._sent = 0
         self._source: ChunkSource | None = None
         self._filling: RateMeter | None = None  # set while a reserved part is being filled
@@ -222,6 +289,7 @@ class FileUpload:
         plan = plan_parts(self.cfg.part_size, self.spec.size_hint, limit)
         machine = UploadMachine(plan, limit, self.spec.size_hint, self.cfg.chunk_size)
         self._machine = machine
+        crcs = self._crcs = None if self.cfg.checksum is None else PartCrcs(self.cfg.checksum, plan)
         reservation: Reservation | None = None
         content_type = ""
         try:
@@ -237,6 +305,8 @@ class FileUpload:
                     except FileTooLarge:
                         raise self._too_large() from None
                     self._hash.update(chunk)
+                    if crcs is not None:
+                        crcs.update(chunk)
                     if self._filling is not None:
                         self._filling.add(max(time.monotonic(), self._filling.last), self.size)
                     continue
@@ -248,17 +318,17 @@ class FileUpload:
                 elif isinstance(action, SendPart):
                     assert reservation is not None
                     reservation.shrink(action.size)
-                    self._launch(action.number, action.chunks, action.size, reservation)
+                    crc = None if crcs is None else crcs.take(action.number)
+                    self._launch(action.number, action.chunks, action.size, reservation, crc)
                     reservation = None
                 elif isinstance(action, CreateUpload):
                     content_type = self._content_type(action.first)
-                    self.upload_id = await self.sink.create(
-                        self.spec.key, self._options(content_type)
-                    )
+                    self.upload_id = await self._create(self._options(content_type))
                     log.debug("upload.created key=%s upload_id=%s", self.spec.key, self.upload_id)
                 elif isinstance(action, PutObject):
                     content_type = self._content_type(action.chunks)
-                    return await self._put(action.chunks, content_type)
+                    crc = None if crcs is None else crcs.take(1)
+                    return await self._put(action.chunks, content_type, crc)
                 else:
                     await self._drain()
                     return await self._complete(content_type)
@@ -331,22 +401,81 @@ class FileUpload:
             sse_kms_key_id=self.cfg.sse_kms_key_id,
         )
 
-    async def _put(self, data: list[Chunk], content_type: str) -> StoredFile:
+    async def _checked(self, call: Callable[[], Awaitable[T]], what: str = "") -> T:
+        """One S3 write that carries a checksum.
+
+        BadDigest: S3 computed another CRC than the one we sent, so the bytes changed on the
+        way (S3 stored nothing). botocore's standard retry mode does not retry a 400, and
+        the bytes are still in memory: send them once more (``what`` names them; no name,
+        no resend). Refused again, the link corrupts data: 502 UPSTREAM_CORRUPTION.
+        ChecksumUnsupported: the store takes no additional checksums; say how to turn
+        them off rather than leave a bare 502.
+        """
+        try:
+            try:
+                return await call()
+            except BadDigest as exc:
+                if not what:
+                    raise
+                log.warning(
+                    "upload.bad_digest key=%s what=%r reason=%s action=resend",
+                    self.spec.key,
+                    what,
+                    exc.reason,
+                )
+            try:
+                return await call()
+            except BadDigest as exc:
+                raise ProxyError(
+                    UPSTREAM_CORRUPTION,
+                    f"file {self.spec.filename!r}: S3 refused {what} twice as corrupted on "
+                    f"the way to it ({exc.reason}); nothing was stored",
+                ) from exc
+        except ChecksumUnsupported as exc:
+            name = self.cfg.checksum.value if self.cfg.checksum else "additional"
+            raise ProxyError(
+                UPSTREAM_ERROR,
+                f"S3 refused the {name} checksum on {exc.operation} ({exc.reason}): the store "
+                "may not support additional checksums; run the proxy with --checksum off "
+                "(S3PROXY_CHECKSUM=off)",
+            ) from exc
+
+    async def _create(self, options: ObjectOptions) -> str:
+        return await self._checked(
+            lambda: self.sink.create(self.spec.key, options, checksum=self.cfg.checksum)
+        )
+
+    async def _put(self, data: list[Chunk], content_type: str, crc: CrcValue | None) -> StoredFile:
         digest = self._hash.hexdigest()
         self.maybe_stored = True
-        etag = await self.sink.put(
-            self.spec.key, data, self._options(content_type, {"sha256": digest})
+        options = self._options(content_type, {"sha256": digest})
+        written = await self._checked(
+            lambda: self.sink.put(self.spec.key, data, options, checksum=crc), "the file"
         )
-        return self._stored(content_type, etag, digest, parts=0)
+        return self._stored(content_type, written, digest, parts=0)
 
-    def _launch(self, number: int, data: list[Chunk], size: int, reservation: Reservation) -> None:
+    def _launch(
+        self,
+        number: int,
+        data: list[Chunk],
+        size: int,
+        reservation: Reservation,
+        crc: CrcValue | None = None,
+    ) -> None:
         assert self.upload_id is not None
         upload_id = self.upload_id
 
         async def send() -> None:
             try:
-                etag = await self.sink.upload_part(self.spec.key, upload_id, number, data)
+                etag = await self._checked(
+                    lambda: self.sink.upload_part(
+                        self.spec.key, upload_id, number, data, checksum=crc
+                    ),
+                    f"part {number}",
+                )
                 self._etags[number] = etag
+                if crc is not None:
+                    self._part_crcs[number] = crc
                 self._sent += size
             finally:
                 # Free the bytes now, not when this task is reaped: the budget is
@@ -395,24 +524,28 @@ class FileUpload:
             raise ProxyError(INTERNAL, "part numbers are not contiguous")
         upload_id = self.upload_id
         self.maybe_stored = True
-        etag = await self.sink.complete(self.spec.key, upload_id, parts)
+        checksums = [self._part_crcs[n] for n, _ in parts] if self.cfg.checksum else []
+        written = await self._checked(
+            lambda: self.sink.complete(self.spec.key, upload_id, parts, checksums=checksums)
+        )
         self.upload_id = None  # completed: nothing left to abort
         digest = self._hash.hexdigest()
         # S3 metadata is fixed at CreateMultipartUpload, before the hash is known; a tag
         # can be added afterwards without copying the object. Failing, the object goes.
         await self.sink.tag(self.spec.key, {"sha256": digest})
         log.debug("upload.tagged key=%s upload_id=%s", self.spec.key, upload_id)
-        return self._stored(content_type, etag, digest, parts=len(parts))
+        return self._stored(content_type, written, digest, parts=len(parts))
 
-    def _stored(self, content_type: str, etag: str, digest: str, parts: int) -> StoredFile:
+    def _stored(self, content_type: str, written: Written, digest: str, parts: int) -> StoredFile:
         return StoredFile(
             field=self.spec.field,
             filename=self.spec.filename,
             key=self.spec.key,
             size=self.size,
             content_type=content_type,
-            etag=etag.strip('"'),
+            etag=written.etag.strip('"'),
             sha256=digest,
             parts=parts,
             metadata=self.spec.fields,
+            checksum=written.checksum,
         )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from s3proxy import keys, parts
+from s3proxy import checksums, keys, parts
 
 ENV_PREFIX = "S3PROXY_"
 
@@ -459,6 +459,14 @@ class Settings:
         "largest JSON body of a POST /sign* request (413 over it)",
         parse_size,
         show=format_size,
+    )
+    # integrity (issue #12; README "Integrity")
+    checksum: str = _setting(
+        "auto",
+        "checksum every part and object S3 must verify (auto: crc64nvme); off sends none, "
+        "for stores that refuse them",
+        str.lower,
+        choices=checksums.CHECKSUM_MODES,
     )
 
     def __post_init__(self) -> None:
