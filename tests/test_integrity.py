@@ -23,9 +23,11 @@ import pytest
 
 from s3proxy.app import create_app
 from s3proxy.checksums import Algorithm, Crc, CrcValue
+from s3proxy.config import Config
 from s3proxy.embedded import EmbeddedStore
 from s3proxy.parts import PartPlan
 from s3proxy.pipeline import PartCrcs
+from s3proxy.settings import Settings, SettingsError
 from tests.conftest import make_settings
 from tests.faults import Fault, FaultyS3
 from tests.s3util import BOTO_CONFIG, all_keys, open_uploads
@@ -368,3 +370,35 @@ async def test_seaweedfs_without_checksums_stores_corruption_silently(
     assert status == 201, out
     stored = sw.get_object(Bucket=seaweedfs.bucket, Key=out["files"][0]["key"])["Body"].read()
     assert len(stored) == len(data) and stored != data
+
+
+# --- the setting ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "algorithm"),
+    [
+        (None, Algorithm.CRC64NVME),  # the default, auto
+        ("auto", Algorithm.CRC64NVME),
+        ("CRC64NVME", Algorithm.CRC64NVME),
+        ("crc32c", Algorithm.CRC32C),
+        ("off", None),
+    ],
+)
+def test_checksum_setting_reaches_the_pipeline(
+    given: str | None, algorithm: Algorithm | None
+) -> None:
+    settings = Settings.load(
+        {"checksum": given}, {"S3PROXY_ENDPOINT_URL": "http://s3", "S3PROXY_BUCKET": "b"}
+    )
+    assert Config.from_settings(settings).pipeline.checksum is algorithm
+
+
+def test_checksum_setting_refuses_others() -> None:
+    with pytest.raises(
+        SettingsError, match="--checksum must be one of auto, crc64nvme, crc32c, off"
+    ):
+        Settings.load({"checksum": "sha256"})
+    env = {"S3PROXY_CHECKSUM": "md5"}
+    with pytest.raises(SettingsError, match="S3PROXY_CHECKSUM must be one of"):
+        Settings.load({}, env)
