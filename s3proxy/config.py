@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from s3proxy import keys
+from s3proxy import checksums, keys
 from s3proxy.form import FormLimits
 from s3proxy.pipeline import PipelineConfig
 from s3proxy.s3 import ObjectDefaults
@@ -51,6 +51,7 @@ class Config:
                 min_rate=settings.min_upload_rate,
                 max_fields_size=settings.max_fields_size,
                 writes=keys.write_policy(settings.key_template, settings.no_overwrite),
+                checksum=checksums.resolve_mode(settings.checksum),
             ),
             form=FormLimits(
                 max_files=settings.max_files,

@@ -24,6 +24,11 @@ Invariants:
 - Complete is called only after the part's closing boundary was seen and the
   bytes sent to S3 add up to the bytes received.
 - A file that ends within its first part is stored with one PutObject.
+- With ``checksum`` set, every UploadPart and PutObject carries the CRC of its bytes,
+  computed as they stream past (``PartCrcs``, next to the sha256), and Complete the
+  part CRCs with the full-object value combined from them: S3 verifies every byte, and
+  no byte is read twice. A part S3 refuses as corrupted (BadDigest) is still in memory
+  and is sent once more; refused again, the upload fails (502 UPSTREAM_CORRUPTION).
 - While it fills a reserved part, the upload is a budget ``Holder``: under memory
   pressure the budget may evict it for filling below ``min_rate``; eviction only
   expires its pending client read, so the 408 takes the normal error path (abort,
@@ -36,6 +41,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -46,6 +52,7 @@ from typing import Any, TypeVar
 from s3proxy import keys, sniff
 from s3proxy.body import Chunk
 from s3proxy.budget import MIN_HELD, HolderState, MemoryBudget, Reservation
+from s3proxy.checksums import Algorithm, Crc, CrcValue
 from s3proxy.digests import DigestCheck, verify_declared
 from s3proxy.errors import (
     FILE_TOO_LARGE,
@@ -53,6 +60,8 @@ from s3proxy.errors import (
     KEY_EXISTS,
     TOKEN_SCOPE,
     TYPE_NOT_ALLOWED,
+    UPSTREAM_CORRUPTION,
+    UPSTREAM_ERROR,
     ProxyError,
 )
 from s3proxy.form import DEFAULT_MAX_FIELDS_SIZE, DEFAULT_MIN_RATE, ChunkSource
@@ -68,8 +77,17 @@ from s3proxy.machine import (
     TooManyParts,
     UploadMachine,
 )
-from s3proxy.parts import plan_parts
-from s3proxy.s3 import NoSuchKey, ObjectOptions, ObjectSink, PreconditionFailed
+from s3proxy.parts import MAX_PARTS, PartPlan, plan_parts
+from s3proxy.s3 import (
+    BadDigest,
+    ChecksumUnsupported,
+    NoSuchKey,
+    ObjectOptions,
+    ObjectSink,
+    PreconditionFailed,
+    StoredChecksum,
+    Written,
+)
 
 log = logging.getLogger("s3proxy.pipeline")
 
@@ -93,6 +111,7 @@ class PipelineConfig:
     min_rate: float = DEFAULT_MIN_RATE  # --min-upload-rate: slower part fillers may be evicted
     max_fields_size: int = DEFAULT_MAX_FIELDS_SIZE  # a request's field bytes, held in the budget
     writes: keys.WritePolicy = keys.UNIQUE_KEYS  # --no-overwrite with the key template
+    checksum: Algorithm | None = None  # --checksum (auto: CRC64NVME); None sends no checksum
 
 
 @dataclass(frozen=True)
@@ -120,6 +139,7 @@ class StoredFile:
     sha256: str
     parts: int
     metadata: Mapping[str, str] = dc_field(default_factory=dict)  # form fields stored with it
+    checksum: StoredChecksum | None = None  # what S3 stored and verified; None: --checksum off
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -130,8 +150,49 @@ class StoredFile:
             "content_type": self.content_type,
             "etag": self.etag,
             "sha256": self.sha256,
+            "checksum": None if self.checksum is None else self.checksum.to_json(),
             "metadata": dict(self.metadata),
         }
+
+
+class PartCrcs:
+    """Pure: each part's CRC, fed the file's bytes chunk by chunk as they arrive.
+
+    Part ``n`` is the ``plan.size(n)`` bytes after part ``n - 1``, exactly as
+    ``parts.PartSlicer`` cuts them; a chunk across a boundary is split (a memoryview, no
+    copy). Each byte is checksummed once, right after the sha256, while still in cache.
+    """
+
+    def __init__(self, algorithm: Algorithm, plan: PartPlan) -> None:
+        self.algorithm = algorithm
+        self._plan = plan
+        self._number = 1
+        self._room = plan.size(1)  # bytes part ``_number`` still takes
+        self._running = Crc(algorithm)
+        self._done: dict[int, CrcValue] = {}
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        while len(chunk) > self._room:
+            view = memoryview(chunk)
+            head, chunk = view[: self._room], view[self._room :]
+            self._running.update(head)  # type: ignore[arg-type]  # awscrt takes any buffer
+            self._next()
+        self._running.update(chunk)  # type: ignore[arg-type]
+        self._room -= len(chunk)
+
+    def _next(self) -> None:
+        self._done[self._number] = self._running.result()
+        self._number += 1
+        self._running = Crc(self.algorithm)
+        # Past S3's last part the machine refuses the file; count on without a boundary.
+        self._room = self._plan.size(self._number) if self._number <= MAX_PARTS else sys.maxsize
+
+    def take(self, number: int) -> CrcValue:
+        """Part ``number``'s CRC, once all of its bytes have been fed (it may be the last,
+        shorter part: what was fed of it so far is all of it)."""
+        if number == self._number:
+            self._next()
+        return self._done.pop(number)
 
 
 def abort_reason(exc: BaseException) -> str:
@@ -170,6 +231,8 @@ class FileUpload:
         self._hash = hashlib.sha256()
         self._inflight: set[asyncio.Task[None]] = set()
         self._etags: dict[int, str] = {}
+        self._crcs: PartCrcs | None = None  # each part's CRC, when --checksum is on
+        self._part_crcs: dict[int, CrcValue] = {}  # of parts S3 acknowledged
         self._sent = 0
         self._source: ChunkSource | None = None
         self._filling: RateMeter | None = None  # set while a reserved part is being filled
@@ -250,7 +313,7 @@ class FileUpload:
             return None
         return head.etag if keys.owned_by(head.metadata, self.nonce) else None
 
-    async def _only_new(self, write: Callable[..., Awaitable[str]]) -> str:
+    async def _only_new(self, write: Callable[..., Awaitable[Written]]) -> Written:
         """A PutObject or Complete, with If-None-Match: * under --no-overwrite."""
         if not self.cfg.writes.if_none_match:
             return await write()
@@ -266,7 +329,7 @@ class FileUpload:
                     f"an object is already stored at {self.spec.key!r}; uploads do not "
                     "replace objects (--no-overwrite)",
                 ) from None
-            return etag
+            return Written(etag)  # S3's answer, with its checksum, was the lost one
 
     @property
     def size(self) -> int:
@@ -285,6 +348,7 @@ class FileUpload:
         plan = plan_parts(self.cfg.part_size, self.spec.size_hint, limit)
         machine = UploadMachine(plan, limit, self.spec.size_hint, self.cfg.chunk_size)
         self._machine = machine
+        crcs = self._crcs = None if self.cfg.checksum is None else PartCrcs(self.cfg.checksum, plan)
         reservation: Reservation | None = None
         content_type = ""
         try:
@@ -300,6 +364,8 @@ class FileUpload:
                     except FileTooLarge:
                         raise self._too_large() from None
                     self._hash.update(chunk)
+                    if crcs is not None:
+                        crcs.update(chunk)
                     if self._filling is not None:
                         self._filling.add(max(time.monotonic(), self._filling.last), self.size)
                     continue
@@ -311,17 +377,17 @@ class FileUpload:
                 elif isinstance(action, SendPart):
                     assert reservation is not None
                     reservation.shrink(action.size)
-                    self._launch(action.number, action.chunks, action.size, reservation)
+                    crc = None if crcs is None else crcs.take(action.number)
+                    self._launch(action.number, action.chunks, action.size, reservation, crc)
                     reservation = None
                 elif isinstance(action, CreateUpload):
                     content_type = self._content_type(action.first)
-                    self.upload_id = await self.sink.create(
-                        self.spec.key, self._options(content_type)
-                    )
+                    self.upload_id = await self._create(self._options(content_type))
                     log.debug("upload.created key=%s upload_id=%s", self.spec.key, self.upload_id)
                 elif isinstance(action, PutObject):
                     content_type = self._content_type(action.chunks)
-                    return await self._put(action.chunks, content_type)
+                    crc = None if crcs is None else crcs.take(1)
+                    return await self._put(action.chunks, content_type, crc)
                 else:
                     await self._drain()
                     return await self._complete(content_type)
@@ -397,22 +463,81 @@ class FileUpload:
     def _nonce(self) -> dict[str, str]:
         return {keys.NONCE_META: self.nonce} if self.cfg.writes.if_none_match else {}
 
-    async def _put(self, data: list[Chunk], content_type: str) -> StoredFile:
+    async def _checked(self, call: Callable[[], Awaitable[T]], what: str = "") -> T:
+        """One S3 write that carries a checksum.
+
+        BadDigest: S3 computed another CRC than the one we sent, so the bytes changed on the
+        way (S3 stored nothing). botocore's standard retry mode does not retry a 400, and
+        the bytes are still in memory: send them once more (``what`` names them; no name,
+        no resend). Refused again, the link corrupts data: 502 UPSTREAM_CORRUPTION.
+        ChecksumUnsupported: the store takes no additional checksums; say how to turn
+        them off rather than leave a bare 502.
+        """
+        try:
+            try:
+                return await call()
+            except BadDigest as exc:
+                if not what:
+                    raise
+                log.warning(
+                    "upload.bad_digest key=%s what=%r reason=%s action=resend",
+                    self.spec.key,
+                    what,
+                    exc.reason,
+                )
+            try:
+                return await call()
+            except BadDigest as exc:
+                raise ProxyError(
+                    UPSTREAM_CORRUPTION,
+                    f"file {self.spec.filename!r}: S3 refused {what} twice as corrupted on "
+                    f"the way to it ({exc.reason}); nothing was stored",
+                ) from exc
+        except ChecksumUnsupported as exc:
+            name = self.cfg.checksum.value if self.cfg.checksum else "additional"
+            raise ProxyError(
+                UPSTREAM_ERROR,
+                f"S3 refused the {name} checksum on {exc.operation} ({exc.reason}): the store "
+                "may not support additional checksums; run the proxy with --checksum off "
+                "(S3PROXY_CHECKSUM=off)",
+            ) from exc
+
+    async def _create(self, options: ObjectOptions) -> str:
+        return await self._checked(
+            lambda: self.sink.create(self.spec.key, options, checksum=self.cfg.checksum)
+        )
+
+    async def _put(self, data: list[Chunk], content_type: str, crc: CrcValue | None) -> StoredFile:
         verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
         digest = self._hash.hexdigest()
         self.maybe_stored = True
         options = self._options(content_type, {"sha256": digest})
-        etag = await self._only_new(functools.partial(self.sink.put, self.spec.key, data, options))
-        return self._stored(content_type, etag, digest, parts=0)
+        put = functools.partial(self.sink.put, self.spec.key, data, options, checksum=crc)
+        written = await self._checked(lambda: self._only_new(put), "the file")
+        return self._stored(content_type, written, digest, parts=0)
 
-    def _launch(self, number: int, data: list[Chunk], size: int, reservation: Reservation) -> None:
+    def _launch(
+        self,
+        number: int,
+        data: list[Chunk],
+        size: int,
+        reservation: Reservation,
+        crc: CrcValue | None = None,
+    ) -> None:
         assert self.upload_id is not None
         upload_id = self.upload_id
 
         async def send() -> None:
             try:
-                etag = await self.sink.upload_part(self.spec.key, upload_id, number, data)
+                etag = await self._checked(
+                    lambda: self.sink.upload_part(
+                        self.spec.key, upload_id, number, data, checksum=crc
+                    ),
+                    f"part {number}",
+                )
                 self._etags[number] = etag
+                if crc is not None:
+                    self._part_crcs[number] = crc
                 self._sent += size
             finally:
                 # Free the bytes now, not when this task is reaped: the budget is
@@ -470,26 +595,29 @@ class FileUpload:
         upload_id = self.upload_id
         verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
         self.maybe_stored = True
-        etag = await self._only_new(
-            functools.partial(self.sink.complete, self.spec.key, upload_id, parts)
+        checksums = [self._part_crcs[n] for n, _ in parts] if self.cfg.checksum else []
+        complete = functools.partial(
+            self.sink.complete, self.spec.key, upload_id, parts, checksums=checksums
         )
+        written = await self._checked(lambda: self._only_new(complete))
         self.upload_id = None  # completed: nothing left to abort
         digest = self._hash.hexdigest()
         # S3 metadata is fixed at CreateMultipartUpload, before the hash is known; a tag
         # can be added afterwards without copying the object. Failing, the object goes.
         await self.sink.tag(self.spec.key, {"sha256": digest})
         log.debug("upload.tagged key=%s upload_id=%s", self.spec.key, upload_id)
-        return self._stored(content_type, etag, digest, parts=len(parts))
+        return self._stored(content_type, written, digest, parts=len(parts))
 
-    def _stored(self, content_type: str, etag: str, digest: str, parts: int) -> StoredFile:
+    def _stored(self, content_type: str, written: Written, digest: str, parts: int) -> StoredFile:
         return StoredFile(
             field=self.spec.field,
             filename=self.spec.filename,
             key=self.spec.key,
             size=self.size,
             content_type=content_type,
-            etag=etag.strip('"'),
+            etag=written.etag.strip('"'),
             sha256=digest,
             parts=parts,
             metadata=self.spec.fields,
+            checksum=written.checksum,
         )

@@ -23,6 +23,17 @@ still reaches the client as JSON 502/503/504, as before) or cancellation::
         NotModified         304 to If-None-Match / If-Modified-Since (carries the validators)
         InvalidRange        416; ``size`` is the object's, if S3 said
         NoCredentials       no usable credentials are configured
+        BadDigest           kind UPSTREAM_CORRUPTION: S3 computed another checksum than the
+                            one sent (the bytes changed on the way); nothing was stored
+        ChecksumUnsupported a call carrying an additional checksum was refused in a way that
+                            says the store does not take them (``checksum_refusal``)
+
+Checksums: ``put``/``upload_part`` take the CRC of their bytes (``s3proxy.checksums``) and
+send it as ``x-amz-checksum-<algorithm>``, so S3 refuses bytes changed in transit;
+``create`` declares the algorithm (``ChecksumType=FULL_OBJECT``); ``complete`` takes each
+part's CRC and sends them with the full-object value combined from them. ``put`` and
+``complete`` return ``Written``: the ETag and the checksum S3 stored, as S3 reported it or,
+if it reported none, the value sent (which S3 accepted).
 
 A caller branches on the type; none parses an S3 error code. The kinds stay the
 upstream ones, so a caller that does not branch (the upload pipeline) answers 502
@@ -38,7 +49,14 @@ from types import TracebackType
 from typing import Protocol
 
 from s3proxy.body import Chunk
-from s3proxy.errors import UPSTREAM_ERROR, UPSTREAM_UNAVAILABLE, ErrorKind, ProxyError
+from s3proxy.checksums import Algorithm, CrcValue, full_object
+from s3proxy.errors import (
+    UPSTREAM_CORRUPTION,
+    UPSTREAM_ERROR,
+    UPSTREAM_UNAVAILABLE,
+    ErrorKind,
+    ProxyError,
+)
 from s3proxy.keys import content_disposition
 
 Body = Sequence[Chunk]  # a part as the chunks it arrived in
@@ -50,6 +68,14 @@ THROTTLING = frozenset(
 #: S3's answers to a bad part list at CompleteMultipartUpload.
 BAD_PARTS = frozenset({"InvalidPart", "InvalidPartOrder", "EntityTooSmall"})
 PAGE_SIZE = 1000  # ListParts and ListMultipartUploads page at 1,000 (S3 API reference)
+#: S3's answers when the bytes it received are not the bytes described: BadDigest for a
+#: Content-MD5 or x-amz-checksum-* mismatch, XAmzContentSHA256Mismatch for a signed
+#: payload's sha256 (S3 API reference, "Error responses").
+CORRUPTED = frozenset({"BadDigest", "XAmzContentSHA256Mismatch"})
+#: What a store answers to a checksum header or ChecksumAlgorithm it does not take: S3 says
+#: InvalidRequest to an algorithm the upload did not declare, stores without additional
+#: checksums InvalidArgument or NotImplemented (501).
+CHECKSUM_REFUSALS = frozenset({"InvalidArgument", "InvalidRequest", "NotImplemented"})
 
 
 # --- errors -----------------------------------------------------------------------
@@ -95,6 +121,25 @@ class NoCredentials(S3Error):
     pass
 
 
+class BadDigest(S3Error):
+    """S3 refused the bytes: they do not match the checksum sent with them."""
+
+
+class ChecksumUnsupported(S3Error):
+    """The store refused a call because of its additional checksum (see ``checksum_refusal``)."""
+
+
+def checksum_refusal(err: S3Error) -> S3Error:
+    """``err`` as ChecksumUnsupported when the refused call carried a checksum and S3's code
+    says the store does not take one; else ``err`` unchanged. Implementations call it only
+    for calls that carried a checksum, so the same code on a plain call stays what it was."""
+    if type(err) is S3Error and err.reason in CHECKSUM_REFUSALS:
+        return ChecksumUnsupported(
+            err.kind, err.message, operation=err.operation, reason=err.reason
+        )
+    return err
+
+
 def refusal(
     operation: str,
     code: str,
@@ -119,6 +164,12 @@ def refusal(
         )
     message = f"S3 {operation} failed: {code}"
     kwargs = {"operation": operation, "reason": code}
+    if code in CORRUPTED:
+        return BadDigest(
+            UPSTREAM_CORRUPTION,
+            f"S3 {operation} refused the bytes as corrupted in transit: {code}",
+            **kwargs,
+        )
     if code == "NoSuchUpload":
         return NoSuchUpload(UPSTREAM_ERROR, message, **kwargs)
     if code in BAD_PARTS:
@@ -189,6 +240,36 @@ class Conditions:
 
 
 # --- what comes out ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredChecksum:
+    """The additional checksum an object was stored with (a CRC of the whole object)."""
+
+    algorithm: Algorithm
+    value: str  # base64, as S3 writes it in x-amz-checksum-<algorithm>
+    type: str = "FULL_OBJECT"  # ChecksumType: CRCs of whole objects are FULL_OBJECT
+    reported: bool = True  # S3 returned it; False: the value sent, which S3 accepted
+
+    @classmethod
+    def sent(cls, value: CrcValue) -> StoredChecksum:
+        return cls(value.algorithm, value.b64(), reported=False)
+
+    def to_json(self) -> dict[str, str]:
+        return {"algorithm": self.algorithm.value.lower(), "type": self.type, "value": self.value}
+
+
+@dataclass(frozen=True)
+class Written:
+    """What ``put`` and ``complete`` stored: the ETag, and the checksum if one was sent."""
+
+    etag: str
+    checksum: StoredChecksum | None = None
+
+
+def whole_object(parts: Sequence[CrcValue]) -> CrcValue | None:
+    """The FULL_OBJECT value ``complete`` sends for these part CRCs; None for none."""
+    return full_object(parts, parts[0].algorithm) if parts else None
 
 
 @dataclass(frozen=True)
@@ -293,18 +374,29 @@ class ObjectSink(Protocol):
     """The S3 calls the upload pipeline needs (a subset of ``ObjectStore``)."""
 
     async def put(
-        self, key: str, data: Body, options: ObjectOptions, *, if_none_match: bool = False
+        self,
+        key: str,
+        data: Body,
+        options: ObjectOptions,
+        *,
+        checksum: CrcValue | None = None,
+        if_none_match: bool = False,
+    ) -> Written: ...
+    async def create(
+        self, key: str, options: ObjectOptions, *, checksum: Algorithm | None = None
     ) -> str: ...
-    async def create(self, key: str, options: ObjectOptions) -> str: ...
-    async def upload_part(self, key: str, upload_id: str, number: int, data: Body) -> str: ...
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, data: Body, *, checksum: CrcValue | None = None
+    ) -> str: ...
     async def complete(
         self,
         key: str,
         upload_id: str,
         parts: Sequence[tuple[int, str]],
         *,
+        checksums: Sequence[CrcValue] = (),
         if_none_match: bool = False,
-    ) -> str: ...
+    ) -> Written: ...
     async def abort(self, key: str, upload_id: str) -> None: ...
     async def tag(self, key: str, tags: Mapping[str, str]) -> None: ...
     async def delete(self, key: str, *, if_match: str | None = None) -> None: ...
@@ -319,8 +411,14 @@ class ObjectStore(ObjectSink, Protocol):
 
     * Every call raises ``S3Error`` (or a subclass) for any failure, never a library's
       own exception; cancellation passes through untouched.
-    * ``put``/``complete`` return the object's ETag; ``create`` the upload id;
-      ``upload_part`` the part's ETag.
+    * ``put``/``complete`` return the object's ETag (in ``Written``); ``create`` the
+      upload id; ``upload_part`` the part's ETag.
+    * A ``checksum`` given to ``put``/``upload_part`` is sent with the bytes; ``create``
+      with one declares it FULL_OBJECT; ``complete``'s ``checksums`` (one per part, in
+      order) are sent with their parts and combined into the full-object value.
+      ``Written.checksum`` is what S3 reported, else the value sent; None if none was.
+      A mismatch S3 detects raises BadDigest; a call with a checksum the store does not
+      take raises ChecksumUnsupported.
     * ``create`` leaves no upload open when it fails, even when S3 made one and only
       the answer was lost (a timeout, a dropped connection, a cancellation): it aborts
       the key's uploads (``abort_uploads``) before raising. Keys are unique per

@@ -43,6 +43,7 @@ from botocore.exceptions import (
 )
 
 from s3proxy.body import ChunkedBody
+from s3proxy.checksums import Algorithm, CrcValue
 from s3proxy.errors import UPSTREAM_ERROR, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, ProxyError
 from s3proxy.janitor import CLEANUP_TIMEOUT, finish
 from s3proxy.metrics import Metrics
@@ -61,8 +62,12 @@ from s3proxy.s3 import (
     S3Error,
     SignedPost,
     SignedRequest,
+    StoredChecksum,
     UploadInfo,
+    Written,
+    checksum_refusal,
     refusal,
+    whole_object,
 )
 
 log = logging.getLogger("s3proxy.s3")
@@ -178,6 +183,45 @@ def _only_new(if_none_match: bool) -> dict[str, str]:
     return {"IfNoneMatch": "*"} if if_none_match else {}
 
 
+def _checksum_params(value: CrcValue | None) -> dict[str, str]:
+    """``ChecksumCRC64NVME=<b64>``: botocore sends it as x-amz-checksum-crc64nvme and, a
+    value being given, computes none of its own (no second pass over the bytes)."""
+    return {} if value is None else {value.algorithm.param: value.b64()}
+
+
+def _stored_checksum(resp: Mapping[str, Any], sent: CrcValue | None) -> StoredChecksum | None:
+    """The checksum S3 reported in a PutObject/Complete answer, else the one sent."""
+    if sent is None:
+        return None
+    reported = resp.get(sent.algorithm.param)
+    if not reported:
+        return StoredChecksum.sent(sent)
+    if reported != sent.b64():
+        log.warning(
+            "upload.checksum_differs algorithm=%s sent=%s reported=%s",
+            sent.algorithm.value,
+            sent.b64(),
+            reported,
+        )
+    return StoredChecksum(
+        sent.algorithm, str(reported), str(resp.get("ChecksumType") or "FULL_OBJECT")
+    )
+
+
+@contextlib.contextmanager
+def _carrying(checksum: object) -> Iterator[None]:
+    """A refusal of a call that carried a checksum may be the store refusing checksums."""
+    try:
+        yield
+    except S3Error as exc:
+        if checksum is None:
+            raise
+        refused = checksum_refusal(exc)
+        if refused is exc:
+            raise
+        raise refused from exc
+
+
 def _read_params(key: str, byte_range: str | None, cond: Conditions | None) -> dict[str, Any]:
     params: dict[str, Any] = {"Key": key}
     if byte_range is not None:
@@ -280,24 +324,40 @@ class AioObjectStore:
     # -- writes ---------------------------------------------------------------------
 
     async def put(
-        self, key: str, data: Body, options: ObjectOptions, *, if_none_match: bool = False
-    ) -> str:
-        async with self.call("PutObject"):
-            resp = await self._client.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=ChunkedBody(data),
-                **_params(options),
-                **_only_new(if_none_match),
-            )
-        return str(resp["ETag"])
-
-    async def create(self, key: str, options: ObjectOptions) -> str:
-        try:
-            async with self.call("CreateMultipartUpload"):
-                resp = await self._client.create_multipart_upload(
-                    Bucket=self.bucket, Key=key, **_params(options)
+        self,
+        key: str,
+        data: Body,
+        options: ObjectOptions,
+        *,
+        checksum: CrcValue | None = None,
+        if_none_match: bool = False,
+    ) -> Written:
+        with _carrying(checksum):
+            async with self.call("PutObject"):
+                resp = await self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=ChunkedBody(data),
+                    **_params(options),
+                    **_checksum_params(checksum),
+                    **_only_new(if_none_match),
                 )
+        return Written(str(resp["ETag"]), _stored_checksum(resp, checksum))
+
+    async def create(
+        self, key: str, options: ObjectOptions, *, checksum: Algorithm | None = None
+    ) -> str:
+        declared = {}
+        if checksum is not None:
+            # FULL_OBJECT: a CRC of the whole object, checked at Complete (S3 user guide,
+            # "Checking object integrity"); only CRCs have it, and need no second pass.
+            declared = {"ChecksumAlgorithm": checksum.value, "ChecksumType": "FULL_OBJECT"}
+        try:
+            with _carrying(checksum):
+                async with self.call("CreateMultipartUpload"):
+                    resp = await self._client.create_multipart_upload(
+                        Bucket=self.bucket, Key=key, **_params(options), **declared
+                    )
         except BaseException:
             # S3 may have made the upload and only its answer was lost: abort it, since
             # no one else will ever learn its id. To the end even if we are cancelled.
@@ -321,15 +381,19 @@ class AioObjectStore:
         for upload in aborted:
             log.info("upload.aborted key=%s upload_id=%s reason=lost_create", key, upload.upload_id)
 
-    async def upload_part(self, key: str, upload_id: str, number: int, data: Body) -> str:
-        async with self.call("UploadPart"):
-            resp = await self._client.upload_part(
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=ChunkedBody(data),
-            )
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, data: Body, *, checksum: CrcValue | None = None
+    ) -> str:
+        with _carrying(checksum):
+            async with self.call("UploadPart"):
+                resp = await self._client.upload_part(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=ChunkedBody(data),
+                    **_checksum_params(checksum),
+                )
         return str(resp["ETag"])
 
     async def complete(
@@ -338,17 +402,29 @@ class AioObjectStore:
         upload_id: str,
         parts: Sequence[tuple[int, str]],
         *,
+        checksums: Sequence[CrcValue] = (),
         if_none_match: bool = False,
-    ) -> str:
-        async with self.call("CompleteMultipartUpload"):
-            resp = await self._client.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]},
-                **_only_new(if_none_match),
-            )
-        return str(resp["ETag"])
+    ) -> Written:
+        listed: list[dict[str, Any]] = [{"PartNumber": n, "ETag": e} for n, e in parts]
+        whole = whole_object(checksums)
+        declared: dict[str, Any] = {}
+        if whole is not None:
+            if len(checksums) != len(parts):
+                raise ValueError("complete() needs one checksum per part")
+            for entry, value in zip(listed, checksums, strict=True):
+                entry.update(_checksum_params(value))
+            declared = {"ChecksumType": "FULL_OBJECT", **_checksum_params(whole)}
+        with _carrying(whole):
+            async with self.call("CompleteMultipartUpload"):
+                resp = await self._client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": listed},
+                    **declared,
+                    **_only_new(if_none_match),
+                )
+        return Written(str(resp["ETag"]), _stored_checksum(resp, whole))
 
     async def abort(self, key: str, upload_id: str) -> None:
         try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from s3proxy import keys, limits, parts
+from s3proxy import checksums, keys, limits, parts
 
 log = logging.getLogger("s3proxy.settings")
 
@@ -503,6 +503,14 @@ class Settings:
         "is 409 KEY_EXISTS; unset: on for a --key-template without {uuid} (a uuid key is "
         "already new); false with such a template: the last upload wins",
         _parse_bool,
+    )
+    # integrity (issue #12; README "Integrity")
+    checksum: str = _setting(
+        "auto",
+        "checksum every part and object S3 must verify (auto: crc64nvme); off sends none, "
+        "for stores that refuse them",
+        str.lower,
+        choices=checksums.CHECKSUM_MODES,
     )
 
     def __post_init__(self) -> None:

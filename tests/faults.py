@@ -1,6 +1,10 @@
 """A fault-injecting HTTP proxy in front of moto: real HTTP on loopback, with chosen
 S3 calls answered by errors, delays or dropped connections, or carried out by S3 with
-the answer arriving too late (``Fault.late``: S3 did the write, the proxy cannot know)."""
+the answer arriving too late (``Fault.late``: S3 did the write, the proxy cannot know),
+or forwarded with one byte of the body flipped (``Fault.flip``: corruption in transit).
+
+In front of a store that checks signatures (SeaweedFS), pass ``keep_host=True``: SigV4
+signs the Host header, so it must reach the store as the client sent it."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ class Fault:
     delay: float = 0.0  # sleep before answering (or before forwarding)
     drop: bool = False  # close the connection without an answer
     late: float = 0.0  # forward to S3 first, then sleep before answering: the answer is lost
+    flip: bool = False  # forward with one bit of the body's middle byte flipped
 
 
 def operation(request: web.Request) -> str:
@@ -60,6 +65,8 @@ class FaultyS3:
     rule: Callable[[str, int], Fault | None] = lambda op, n: None
     calls: list[str] = field(default_factory=list)
     port: int = 0
+    keep_host: bool = False  # forward the Host header as sent (for stores that verify SigV4)
+    headers: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # (op, lower-cased)
 
     @property
     def endpoint_url(self) -> str:
@@ -70,6 +77,11 @@ class FaultyS3:
         self.calls.append(op)
         fault = self.rule(op, self.calls.count(op))
         body = await request.read()
+        self.headers.append((op, {k.lower(): v for k, v in request.headers.items()}))
+        if fault is not None and fault.flip and body:
+            flipped = bytearray(body)
+            flipped[len(flipped) // 2] ^= 0x01
+            body = bytes(flipped)
         if fault is not None:
             if fault.delay:
                 await asyncio.sleep(fault.delay)
@@ -83,9 +95,8 @@ class FaultyS3:
                     text=S3_ERROR.format(code=fault.code),
                     content_type="application/xml",
                 )
-        headers = {
-            k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")
-        }
+        dropped = ("content-length",) if self.keep_host else ("host", "content-length")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in dropped}
         async with self._session.request(
             request.method, self.upstream + request.path_qs, headers=headers, data=io.BytesIO(body)
         ) as resp:

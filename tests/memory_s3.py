@@ -3,11 +3,14 @@ recorded, failures injected per operation and call number.
 
 It keeps the contract in ``s3proxy.s3`` (and ``tests/test_s3_contract.py`` runs the same
 tests against it and against the aiobotocore store on moto, so it cannot drift):
-S3's 5 MiB minimum part size at Complete, NoSuchUpload, conditional and ranged reads.
+S3's 5 MiB minimum part size at Complete, NoSuchUpload, conditional and ranged reads, and
+additional checksums as S3 (and SeaweedFS) verify them: a wrong one is BadDigest.
 
     store = MemoryS3()
     store.fail("UploadPart", at=2)                     # the 2nd UploadPart raises 502
     store.fail("CreateMultipartUpload", lost=True)     # made, but the answer is lost (504)
+    store.corrupt("UploadPart", at=1)                  # the 1st part's bytes arrive changed
+    store.refuse_checksums = True                      # a store that takes no x-amz-checksum-*
     ... run the code under test ...
     assert store.ops() == ["CreateMultipartUpload", "UploadPart", ...]
 """
@@ -21,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from s3proxy.checksums import Algorithm, Crc, CrcValue
 from s3proxy.errors import UPSTREAM_TIMEOUT, ProxyError
 from s3proxy.s3 import (
     PAGE_SIZE,
@@ -34,8 +38,12 @@ from s3proxy.s3 import (
     S3Error,
     SignedPost,
     SignedRequest,
+    StoredChecksum,
     UploadInfo,
+    Written,
+    checksum_refusal,
     refusal,
+    whole_object,
 )
 
 MIN_PART = 5 * 1024**2  # S3's minimum size of every part but the last (EntityTooSmall)
@@ -48,6 +56,7 @@ class Stored:
     options: ObjectOptions
     last_modified: datetime
     tags: dict[str, str] = field(default_factory=dict)
+    checksum: StoredChecksum | None = None
 
 
 class Parts(dict[int, tuple[bytes, str]]):
@@ -69,6 +78,7 @@ class Upload:
     options: ObjectOptions
     initiated: datetime
     parts: Parts = field(default_factory=Parts)
+    checksum: Algorithm | None = None
 
 
 @dataclass
@@ -91,6 +101,12 @@ def _join(data: Body) -> bytes:
     return b"".join(bytes(c) for c in data)
 
 
+def _crc(algorithm: Algorithm, data: bytes) -> CrcValue:
+    running = Crc(algorithm)
+    running.update(data)
+    return running.result()
+
+
 class MemoryS3:
     """``ObjectStore`` over dicts; see the module docstring."""
 
@@ -100,7 +116,9 @@ class MemoryS3:
         self.uploads: dict[str, Upload] = {}
         self.calls: list[tuple[str, str]] = []  # (operation, key)
         self._failures: list[Failure] = []
+        self._corrupt: list[tuple[str, int | None]] = []
         self._ids = itertools.count(1)
+        self.refuse_checksums = False  # answer a checksum as stores without them do
 
     @property
     def endpoint_url(self) -> str | None:
@@ -133,6 +151,29 @@ class MemoryS3:
 
         self._failures.append(Failure(operation, at, make, lost))
 
+    def corrupt(self, operation: str, *, at: int | None = None) -> None:
+        """Flip a byte of ``operation``'s body (its ``at``-th call, or every call) on the way in."""
+        self._corrupt.append((operation, at))
+
+    def _received(self, operation: str, data: Body) -> bytes:
+        """The bytes as they arrive: changed if a ``corrupt`` matches this call."""
+        raw = _join(data)
+        n = self.ops().count(operation)
+        if raw and any(op == operation and at in (None, n) for op, at in self._corrupt):
+            flipped = bytearray(raw)
+            flipped[len(flipped) // 2] ^= 0x01
+            return bytes(flipped)
+        return raw
+
+    def _verify(self, operation: str, value: CrcValue | Algorithm | None, raw: bytes) -> None:
+        """What S3 does with a checksum header: refuse it (a store without them) or check it."""
+        if value is None:
+            return
+        if self.refuse_checksums:
+            raise checksum_refusal(refusal(operation, "InvalidArgument", 400))
+        if isinstance(value, CrcValue) and _crc(value.algorithm, raw) != value:
+            raise refusal(operation, "BadDigest", 400)
+
     def ops(self) -> list[str]:
         return [op for op, _ in self.calls]
 
@@ -159,20 +200,31 @@ class MemoryS3:
             raise refusal(operation, "PreconditionFailed", 412)
 
     async def put(
-        self, key: str, data: Body, options: ObjectOptions, *, if_none_match: bool = False
-    ) -> str:
+        self,
+        key: str,
+        data: Body,
+        options: ObjectOptions,
+        *,
+        checksum: CrcValue | None = None,
+        if_none_match: bool = False,
+    ) -> Written:
         lost = self._call("PutObject", key)
         self._only_new("PutObject", key, if_none_match)
-        raw = _join(data)
-        self.objects[key] = Stored(raw, _etag(raw), options, _now())
+        raw = self._received("PutObject", data)
+        self._verify("PutObject", checksum, raw)
+        stored = None if checksum is None else StoredChecksum(checksum.algorithm, checksum.b64())
+        self.objects[key] = Stored(raw, _etag(raw), options, _now(), checksum=stored)
         self._after(lost)
-        return self.objects[key].etag
+        return Written(self.objects[key].etag, stored)
 
-    async def create(self, key: str, options: ObjectOptions) -> str:
+    async def create(
+        self, key: str, options: ObjectOptions, *, checksum: Algorithm | None = None
+    ) -> str:
         try:
             lost = self._call("CreateMultipartUpload", key)
+            self._verify("CreateMultipartUpload", checksum, b"")
             upload_id = f"upload-{next(self._ids)}"
-            self.uploads[upload_id] = Upload(key, options, _now())
+            self.uploads[upload_id] = Upload(key, options, _now(), checksum=checksum)
             self._after(lost)
         except BaseException:
             await self.abort_uploads(key)  # the contract: no upload left behind
@@ -185,10 +237,15 @@ class MemoryS3:
             raise refusal(operation, "NoSuchUpload", 404)
         return upload
 
-    async def upload_part(self, key: str, upload_id: str, number: int, data: Body) -> str:
+    async def upload_part(
+        self, key: str, upload_id: str, number: int, data: Body, *, checksum: CrcValue | None = None
+    ) -> str:
         lost = self._call("UploadPart", key)
         upload = self._upload("UploadPart", key, upload_id)
-        raw = _join(data)
+        raw = self._received("UploadPart", data)
+        self._verify("UploadPart", checksum, raw)
+        if checksum is not None and checksum.algorithm is not upload.checksum:
+            raise refusal("UploadPart", "InvalidRequest", 400)  # not the declared algorithm
         upload.parts[number] = (raw, _etag(raw))
         self._after(lost)
         return upload.parts[number][1]
@@ -199,8 +256,9 @@ class MemoryS3:
         upload_id: str,
         parts: Sequence[tuple[int, str]],
         *,
+        checksums: Sequence[CrcValue] = (),
         if_none_match: bool = False,
-    ) -> str:
+    ) -> Written:
         op = "CompleteMultipartUpload"
         lost = self._call(op, key)
         upload = self._upload(op, key, upload_id)
@@ -217,10 +275,22 @@ class MemoryS3:
             b"".join(bytes.fromhex(upload.parts[n][1].strip('"')) for n in numbers)
         )
         etag = f'"{digest.hexdigest()}-{len(parts)}"'
-        self.objects[key] = Stored(b"".join(chunks), etag, upload.options, _now())
+        whole = whole_object(checksums)
+        raw = b"".join(chunks)
+        stored = None
+        if whole is not None:
+            # S3 checks each listed part's value and the object's (a refusal leaves the
+            # upload open, as S3's does).
+            if any(_crc(c.algorithm, d) != c for c, d in zip(checksums, chunks, strict=True)):
+                raise refusal(op, "BadDigest", 400)
+            self._verify(op, whole, raw)
+            stored = StoredChecksum(whole.algorithm, whole.b64())
+        elif upload.checksum is not None:  # FULL_OBJECT declared, no value: S3 computes it
+            stored = StoredChecksum(upload.checksum, _crc(upload.checksum, raw).b64())
+        self.objects[key] = Stored(raw, etag, upload.options, _now(), checksum=stored)
         del self.uploads[upload_id]
         self._after(lost)
-        return etag
+        return Written(etag, stored)
 
     async def abort(self, key: str, upload_id: str) -> None:
         lost = self._call("AbortMultipartUpload", key)

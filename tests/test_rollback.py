@@ -21,7 +21,7 @@ from s3proxy.budget import MemoryBudget
 from s3proxy.errors import CLIENT_DISCONNECTED, ProxyError
 from s3proxy.form import Field, FilePart
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, StoredFile
-from s3proxy.s3 import ObjectOptions
+from s3proxy.s3 import ObjectOptions, Written
 from s3proxy.uploads import RequestUpload
 
 MiB = 1024**2
@@ -43,20 +43,22 @@ class MemoryS3:
     delete_delay: float = 0.0
     part_stop_delay: float = 0.0  # how long a cancelled part call takes to end
 
-    async def put(self, key: str, data: Sequence[Chunk], options: ObjectOptions) -> str:
+    async def put(
+        self, key: str, data: Sequence[Chunk], options: ObjectOptions, **_: object
+    ) -> Written:
         self.objects[key] = b"".join(bytes(c) for c in data)
         self.events.append("put")
         if "put" in self.hang:
             await forever()
-        return '"etag"'
+        return Written('"etag"')
 
-    async def create(self, key: str, options: ObjectOptions) -> str:
+    async def create(self, key: str, options: ObjectOptions, **_: object) -> str:
         upload_id = f"up-{len(self.uploads) + 1}"
         self.uploads[upload_id] = {}
         return upload_id
 
     async def upload_part(
-        self, key: str, upload_id: str, number: int, data: Sequence[Chunk]
+        self, key: str, upload_id: str, number: int, data: Sequence[Chunk], **_: object
     ) -> str:
         self.events.append(f"part-{number}")
         try:
@@ -74,13 +76,15 @@ class MemoryS3:
         self.uploads[upload_id][number] = b"".join(bytes(c) for c in data)
         return f'"p{number}"'
 
-    async def complete(self, key: str, upload_id: str, parts: Sequence[tuple[int, str]]) -> str:
+    async def complete(
+        self, key: str, upload_id: str, parts: Sequence[tuple[int, str]], **_: object
+    ) -> Written:
         stored = self.uploads.pop(upload_id)
         self.objects[key] = b"".join(stored[n] for n, _ in parts)
         self.events.append("complete")
         if "complete" in self.hang:
             await forever()
-        return '"etag-2"'
+        return Written('"etag-2"')
 
     async def abort(self, key: str, upload_id: str) -> None:
         self.events.append("abort")
@@ -192,7 +196,9 @@ async def test_error_after_put_deletes_it() -> None:
     """Any exception once a write may have reached S3 deletes the key (keys are unique)."""
 
     class Boom(MemoryS3):
-        async def put(self, key: str, data: Sequence[Chunk], options: ObjectOptions) -> str:
+        async def put(
+            self, key: str, data: Sequence[Chunk], options: ObjectOptions, **_: object
+        ) -> Written:
             await super().put(key, data, options)
             raise ProxyError(CLIENT_DISCONNECTED, "answer lost")
 

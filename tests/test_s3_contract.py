@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 
+from s3proxy.checksums import Algorithm, Crc, CrcValue
 from s3proxy.s3 import (
+    BadDigest,
+    ChecksumUnsupported,
     Conditions,
     InvalidParts,
     InvalidRange,
@@ -22,7 +25,10 @@ from s3proxy.s3 import (
     ObjectStore,
     PreconditionFailed,
     S3Error,
+    checksum_refusal,
+    whole_object,
 )
+from s3proxy.s3 import refusal as refusal_of
 from s3proxy.s3_aiobotocore import ClientOptions, open_store
 from tests.memory_s3 import MemoryS3
 
@@ -51,7 +57,7 @@ async def read_all(store: ObjectStore, key: str, **kw: Any) -> bytes:
 
 
 async def test_put_then_head_and_get(store: ObjectStore) -> None:
-    etag = await store.put("a/x.txt", [b"hello ", memoryview(b"world")], OPTS)
+    etag = (await store.put("a/x.txt", [b"hello ", memoryview(b"world")], OPTS)).etag
     head = await store.head("a/x.txt")
     assert (head.length, head.size, head.etag) == (11, 11, etag)
     assert head.content_type == "text/plain"
@@ -83,7 +89,7 @@ async def test_multipart_round_trip(store: ObjectStore) -> None:
     parts = await store.list_parts("a/big.bin", upload_id)
     assert [(p.number, p.etag, p.size) for p in parts] == [(1, e1, 5 * MiB), (2, e2, 4)]
     assert len(await store.list_parts("a/big.bin", upload_id, max_parts=1)) == 1
-    etag = await store.complete("a/big.bin", upload_id, [(1, e1), (2, e2)])
+    etag = (await store.complete("a/big.bin", upload_id, [(1, e1), (2, e2)])).etag
     assert etag.endswith('-2"')
     assert [u async for u in store.list_uploads("a/")] == []
     assert await read_all(store, "a/big.bin") == first + last
@@ -123,7 +129,7 @@ async def test_missing_object(store: ObjectStore) -> None:
 
 
 async def test_conditional_and_ranged_reads(store: ObjectStore) -> None:
-    etag = await store.put("a/c.txt", [b"0123456789"], OPTS)
+    etag = (await store.put("a/c.txt", [b"0123456789"], OPTS)).etag
     with pytest.raises(NotModified) as nm:
         await store.get("a/c.txt", conditions=Conditions(if_none_match=etag))
     assert nm.value.etag == etag
@@ -175,6 +181,87 @@ async def test_presigned_urls_name_the_key(store: ObjectStore) -> None:
     post = await store.presign_post("a/k.bin", 10, OPTS, 60)
     assert post.fields["key"] == "a/k.bin"
     assert (await store.object_url("a/k.bin")).endswith("/a/k.bin")
+
+
+# --- additional checksums (issue #12) ----------------------------------------------------
+# moto verifies none (docs/integrity-notes.md), so a wrong value's refusal is the fake's and
+# SeaweedFS's business (tests/test_integrity.py); what both keep is what is sent and reported.
+
+
+def crc64(data: bytes) -> CrcValue:
+    running = Crc(Algorithm.CRC64NVME)
+    running.update(data)
+    return running.result()
+
+
+async def test_put_with_checksum_reports_it(store: ObjectStore) -> None:
+    data = b"checked bytes"
+    written = await store.put(
+        "a/sum.txt", [data[:4], memoryview(data)[4:]], OPTS, checksum=crc64(data)
+    )
+    assert written.checksum is not None
+    assert written.checksum.to_json() == {
+        "algorithm": "crc64nvme",
+        "type": "FULL_OBJECT",
+        "value": crc64(data).b64(),
+    }
+    assert (await store.put("a/plain.txt", [data], OPTS)).checksum is None
+    assert await read_all(store, "a/sum.txt") == data
+
+
+async def test_full_object_checksum_round_trip(store: ObjectStore) -> None:
+    first, last = os.urandom(5 * MiB), b"tail"
+    upload_id = await store.create("a/sum.bin", OPTS, checksum=Algorithm.CRC64NVME)
+    try:
+        sums = [crc64(first), crc64(last)]
+        e1 = await store.upload_part("a/sum.bin", upload_id, 1, [first], checksum=sums[0])
+        e2 = await store.upload_part("a/sum.bin", upload_id, 2, [last], checksum=sums[1])
+        written = await store.complete("a/sum.bin", upload_id, [(1, e1), (2, e2)], checksums=sums)
+    except BaseException:
+        await store.abort("a/sum.bin", upload_id)
+        raise
+    assert written.checksum is not None
+    assert written.checksum.value == crc64(first + last).b64() == whole_object(sums).b64()  # type: ignore[union-attr]
+    assert written.checksum.type == "FULL_OBJECT"
+    assert await read_all(store, "a/sum.bin") == first + last
+
+
+async def test_memory_verifies_checksums_like_s3() -> None:
+    fake = MemoryS3()
+    with pytest.raises(BadDigest) as bad:
+        await fake.put("k", [b"abc"], OPTS, checksum=crc64(b"abd"))
+    assert (bad.value.kind.code, bad.value.kind.status, bad.value.reason) == (
+        "UPSTREAM_CORRUPTION",
+        502,
+        "BadDigest",
+    )
+    assert fake.objects == {}
+    fake = MemoryS3()
+    fake.corrupt("PutObject", at=2)
+    await fake.put("k", [b"abc"], OPTS, checksum=crc64(b"abc"))
+    with pytest.raises(BadDigest):
+        await fake.put("k2", [b"abc"], OPTS, checksum=crc64(b"abc"))
+    fake.refuse_checksums = True
+    with pytest.raises(ChecksumUnsupported):
+        await fake.create("k3", OPTS, checksum=Algorithm.CRC64NVME)
+    assert fake.uploads == {}
+
+
+def test_checksum_refusal_types() -> None:
+    """Codes that mean "this store takes no checksum" become ChecksumUnsupported only for a
+    call that carried one (the implementations ask only then); BadDigest is always typed."""
+    for code, status, kind in [
+        ("InvalidArgument", 400, ChecksumUnsupported),
+        ("InvalidRequest", 400, ChecksumUnsupported),
+        ("NotImplemented", 501, ChecksumUnsupported),
+        ("AccessDenied", 403, S3Error),
+        ("NoSuchUpload", 404, NoSuchUpload),
+        ("BadDigest", 400, BadDigest),
+        ("XAmzContentSHA256Mismatch", 400, BadDigest),
+    ]:
+        err = checksum_refusal(refusal_of("PutObject", code, status))
+        assert type(err) is kind, code
+    assert type(refusal_of("PutObject", "InvalidArgument", 400)) is S3Error
 
 
 # --- the fake's own controls -------------------------------------------------------------
