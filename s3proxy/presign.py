@@ -107,6 +107,7 @@ class FileRequest:
     content_type: str
     size: int
     method: str
+    sha256: bytes | None = None  # declared: signed into a PUT, so S3 refuses other bytes
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,9 @@ def _integer(value: Any, name: str) -> int:
     return value
 
 
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
 def parse_file_request(body: Mapping[str, Any]) -> FileRequest:
     """The declared file; an empty or missing type is guessed from the name."""
     filename = _string(body, "filename")
@@ -220,7 +224,18 @@ def parse_file_request(body: Mapping[str, Any]) -> FileRequest:
         ctype = sniff.guess_from_name(filename) or sniff.OCTET_STREAM
     if not _TYPE.fullmatch(ctype):
         raise ProxyError(INVALID_REQUEST, f"'content_type' {declared!r} is not like image/png")
-    return FileRequest(filename, ctype, size, str(method))
+    digest = body.get("sha256")
+    sha256 = None
+    if digest is not None:
+        if not (isinstance(digest, str) and _SHA256_HEX.fullmatch(digest)):
+            raise ProxyError(INVALID_REQUEST, "'sha256' must be 64 hex digits (as /upload reports)")
+        if method != "put":
+            raise ProxyError(
+                INVALID_REQUEST,
+                '\'sha256\' needs "method": "put" (S3\'s POST policy cannot hold a checksum)',
+            )
+        sha256 = bytes.fromhex(digest)
+    return FileRequest(filename, ctype, size, str(method), sha256)
 
 
 def check_file(ctx: Context, file: FileRequest) -> None:
@@ -315,7 +330,7 @@ async def sign(request: web.Request) -> web.Response:
     if file.method == "put":
         only_new = ctx.writes.if_none_match
         put = await ctx.sink.presign_put(
-            key, file.size, options, ctx.expires_in, if_none_match=only_new
+            key, file.size, options, ctx.expires_in, if_none_match=only_new, sha256=file.sha256
         )
         out.update(method="PUT", url=put.url, headers=dict(put.headers))
     elif ctx.writes.cleanup == "nonce":  # a shared key that must not be overwritten

@@ -470,6 +470,7 @@ class ObjectStore(ObjectSink, Protocol):
         expires_in: int,
         *,
         if_none_match: bool = False,
+        sha256: bytes | None = None,
     ) -> SignedRequest: ...
     async def presign_post(
         self, key: str, size: int, options: ObjectOptions, expires_in: int

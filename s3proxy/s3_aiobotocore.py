@@ -17,6 +17,7 @@ with SigV2 for custom endpoints unless told ``s3v4``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import email.utils
@@ -81,9 +82,11 @@ _HEADERS = {
     "ServerSideEncryption": "x-amz-server-side-encryption",
     "SSEKMSKeyId": "x-amz-server-side-encryption-aws-kms-key-id",
     "IfNoneMatch": "If-None-Match",
+    "ChecksumSHA256": "x-amz-checksum-sha256",
 }
 # A POST form names the ACL "acl"; the other fields are named like the headers.
-_POST_FIELDS = {**_HEADERS, "ACL": "acl"}  # (no IfNoneMatch: a POST policy cannot hold one)
+# (no IfNoneMatch or checksum: a POST policy holds neither)
+_POST_FIELDS = {**_HEADERS, "ACL": "acl"}
 # S3's answers to a conditional or ranged read: outcomes for the client, not S3 faults,
 # so they are not counted as S3 errors.
 _READ_OUTCOMES = frozenset({304, 404, 412, 416})
@@ -583,9 +586,13 @@ class AioObjectStore:
         expires_in: int,
         *,
         if_none_match: bool = False,
+        sha256: bytes | None = None,
     ) -> SignedRequest:
-        # metadata is not signed; If-None-Match is (in X-Amz-SignedHeaders): it must be sent
+        # Metadata is not signed; If-None-Match and the checksum are (X-Amz-SignedHeaders),
+        # so the client must send them, and S3 refuses other bytes (400 BadDigest).
         params = {**_params(options, metadata=False), **_only_new(if_none_match)}
+        if sha256 is not None:
+            params["ChecksumSHA256"] = base64.b64encode(sha256).decode()
         url = await self._sign(
             "put_object", {"Key": key, "ContentLength": size, **params}, expires_in
         )

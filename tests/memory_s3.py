@@ -17,6 +17,7 @@ additional checksums as S3 (and SeaweedFS) verify them: a wrong one is BadDigest
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import re
@@ -431,9 +432,12 @@ class MemoryS3:
         expires_in: int,
         *,
         if_none_match: bool = False,
+        sha256: bytes | None = None,
     ) -> SignedRequest:
         url = self._url(key, method="PUT", size=size, expires=expires_in)
         only_new = {"If-None-Match": "*"} if if_none_match else {}
+        if sha256 is not None:
+            only_new["x-amz-checksum-sha256"] = base64.b64encode(sha256).decode()
         return SignedRequest(url, {"Content-Type": options.content_type, **only_new})
 
     async def presign_post(

@@ -170,6 +170,11 @@ async def test_limits(proxy_factory: Any) -> None:
         (json.dumps({"filename": "a"}).encode(), "'size'"),
         (json.dumps({"filename": "a", "size": 1, "method": "get"}).encode(), "'method'"),
         (json.dumps({"filename": "a", "size": 1, "content_type": "pdf"}).encode(), "content"),
+        (json.dumps({"filename": "a", "size": 1, "sha256": "abc"}).encode(), "'sha256'"),
+        (
+            json.dumps({"filename": "a", "size": 1, "sha256": "0" * 64, "method": "post"}).encode(),
+            "'sha256'",
+        ),
         # Nesting past Python's recursion limit, numbers past its int-string limit.
         (b"[" * 10_000, "JSON object"),  # past the recursion limit, under --max-sign-body
         (b'{"a":' * 10_000, "JSON object"),
@@ -379,6 +384,33 @@ async def test_put_straight_to_the_store(
     assert obj["Body"].read() == data
     assert obj["ContentType"] == "text/plain"
     assert obj["ContentDisposition"] == out["headers"]["Content-Disposition"]
+
+
+@e2e
+async def test_declared_sha256_is_enforced_by_the_store(
+    store_proxy: Any, sw: Any, seaweedfs: EmbeddedStore
+) -> None:
+    """A sha256 declared to /sign is signed into the PUT: the store itself refuses
+    other bytes of the right size (SeaweedFS 4.48: 400 BadDigest), and a client that
+    leaves the header off (403: it is signed)."""
+    proxy = await store_proxy()
+    data = b"the declared bytes\n" * 500
+    digest = hashlib.sha256(data).hexdigest()
+    status, out = await call(proxy, "/sign", {**text_file(len(data)), "sha256": digest}, {})
+    assert status == 200, out
+    assert "x-amz-checksum-sha256" in parse_qs(urlsplit(out["url"]).query)["X-Amz-SignedHeaders"][0]
+    headers = out["headers"]
+    assert base64.b64decode(headers["x-amz-checksum-sha256"]).hex() == digest
+    other = bytes(reversed(data))  # same size, other bytes
+    async with aiohttp.ClientSession() as http:
+        async with http.put(out["url"], data=other, headers=headers) as resp:
+            assert resp.status == 400 and "BadDigest" in await resp.text()
+        without = {k: v for k, v in headers.items() if k != "x-amz-checksum-sha256"}
+        async with http.put(out["url"], data=data, headers=without) as resp:
+            assert resp.status == 403
+        async with http.put(out["url"], data=data, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+    assert sw.get_object(Bucket=seaweedfs.bucket, Key=out["key"])["Body"].read() == data
 
 
 @e2e
