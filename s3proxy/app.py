@@ -275,7 +275,8 @@ def log_ready(app: web.Application) -> None:
 
 
 async def drain(state: AppState) -> None:
-    """On shutdown: refuse new uploads, give running ones a grace period, then cancel them.
+    """Once the listener is closed (``server.serve``, after ``--drain-delay``): refuse new
+    uploads, give running ones a grace period, then cancel them.
 
     A cancelled upload aborts its multipart upload, deletes what its request stored
     (telling the webhook receiver if it was notified) and answers 503
@@ -284,13 +285,15 @@ async def drain(state: AppState) -> None:
     gets its time. Idle keep-alive connections are closed at once and every response
     from now on says ``Connection: close``, so no client holds the process once its
     request is answered. Other requests in progress (a download) get what is left of
-    the grace period. Running it again does nothing.
+    the grace period. The background store check stops: /readyz says 503 from here on.
+    Running it again does nothing.
     """
+    state.begin_stopping()
+    await state.store_check.stop()
     if state.draining:
         return
     state.draining = True
     conns = state.connections
-    conns.draining = True
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.settings.shutdown_timeout
     closed = conns.close_idle()

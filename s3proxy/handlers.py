@@ -212,26 +212,27 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readiness(state: AppState) -> ProxyError | None:
     """Why this instance should get no traffic now, or None: the one place readiness is
-    decided (a check of the embedded store's health belongs here too)."""
-    if state.draining:
+    decided. Never waits on S3: the store's state is the background check's last result
+    (``StoreCheck``; started here for an app not run by ``server.serve``), the embedded
+    store's is known in process."""
+    state.readyz_asked = True
+    if state.stopping or state.draining:
         return ProxyError(SHUTTING_DOWN, "shutting down")
     try:
         state.check_store()
-        await state.require_sink().check()
     except ProxyError as err:
         return err
-    return None
+    state.store_check.start(state.check_s3)
+    return await state.store_check.verdict()
 
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness for load balancers, unauthenticated: ready or a 503 with an error code,
-    naming no bucket, endpoint or S3 detail (the log and ``--metrics-listen`` have them)."""
-    state = request.app[STATE]
-    err = await readiness(state)
+    naming no bucket, endpoint or S3 detail (the log and ``--metrics-listen`` have them;
+    the log says when readiness changes, not at every check)."""
+    err = await readiness(request.app[STATE])
     if err is None:
         return web.json_response({"status": "ready"})
-    if err.kind is not SHUTTING_DOWN:
-        log.warning("readyz.not_ready code=%s reason=%s", err.kind.code, err.message)
     return web.json_response(error_body(err.kind, "not ready"), status=503)
 
 

@@ -1,10 +1,19 @@
 """Run the app: listen, wait for SIGTERM/SIGINT, drain, clean up; or supervise workers.
 
-Not ``web.run_app``: on shutdown aiohttp marks every connection closing and then
-discards the bytes that arrive on it, so an upload in flight could never finish
-in its grace period. Here the proxy first drains (``/readyz`` and new uploads
-answer 503 while running uploads get ``--shutdown-timeout`` to finish, then are
-cancelled, which aborts them), and only then lets aiohttp close connections.
+A rolling restart by plain SIGTERM needs no help from the load balancer (issue #14):
+
+1. for ``--drain-delay`` (the "preStop sleep"), ``/readyz`` answers 503 while every
+   request is still served, each response with ``Connection: close``, so load
+   balancers that check readiness stop routing here and drop their kept-alive
+   connections; a second signal ends the delay;
+2. the listening socket closes: a new connection is refused, which every load
+   balancer retries on another server (nginx's passive checks included), where a
+   503 to a POST whose body it began to send is never retried;
+3. drain (``app.drain``): idle connections are closed, uploads in flight get
+   ``--shutdown-timeout`` to finish, then are cancelled, which aborts them;
+4. only then aiohttp closes what is left. Not ``web.run_app``: on shutdown it marks
+   every connection closing and then discards the bytes that arrive on it, so an
+   upload in flight could never finish in its grace period.
 
 Before listening it raises its soft ``RLIMIT_NOFILE`` to the hard limit (often 1,024
 soft against far more hard) and fits ``--max-connections`` under it
@@ -36,7 +45,7 @@ from s3proxy.app import create_app, create_operator_app, drain, embedded_store, 
 from s3proxy.log import loop_exception_handler
 from s3proxy.protocol import HEALTH_RESERVE
 from s3proxy.settings import Settings, parse_listen
-from s3proxy.state import STATE
+from s3proxy.state import AUTO_DRAIN_DELAY, STATE
 
 log = logging.getLogger("s3proxy.server")
 
@@ -144,9 +153,11 @@ async def serve(settings: Settings) -> None:
     )
     operator: web.AppRunner | None = None
     stop = _stop_event()
+    state = app[STATE]
     try:
         await runner.setup()  # opens the S3 client; starts the embedded store if any
-        await _listen(runner, settings.host, settings.port, settings.reuse_port)
+        site = await _listen(runner, settings.host, settings.port, settings.reuse_port)
+        state.store_check.start(state.check_s3)  # what /readyz answers from
         if settings.metrics_listen is not None:
             host, port = parse_listen(settings.metrics_listen)
             operator = web.AppRunner(
@@ -158,8 +169,21 @@ async def serve(settings: Settings) -> None:
         log_fds(fds)
         log_ready(app)
         await stop.wait()
-        log.info("proxy.stopping signal received")
-        await drain(app[STATE])
+        delay = state.drain_delay
+        state.begin_stopping()
+        log.info(
+            "proxy.stopping signal received drain_delay=%gs uploads=%d: /readyz answers 503, "
+            "requests are still served",
+            delay,
+            len(state.uploads),
+        )
+        if delay > 0:
+            stop.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)  # a second signal: no more delay
+        await site.stop()  # new connections are refused; the operator listener stays
+        log.info("proxy.listener_closed new connections are refused")
+        await drain(state)
     finally:
         await runner.cleanup()
         if operator is not None:
@@ -168,12 +192,13 @@ async def serve(settings: Settings) -> None:
     log.info("proxy.stopped")
 
 
-async def _listen(runner: web.AppRunner, host: str, port: int, reuse_port: bool) -> None:
+async def _listen(runner: web.AppRunner, host: str, port: int, reuse_port: bool) -> web.TCPSite:
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as exc:
         raise ListenError(host, port, exc) from exc
+    return site
 
 
 @dataclass
@@ -198,6 +223,7 @@ async def supervise(settings: Settings, argv: Sequence[str]) -> int:
             AWS_SECRET_ACCESS_KEY=store.secret_key,
         )
     stop = _stop_event()
+    delay = AUTO_DRAIN_DELAY if settings.drain_delay is None else settings.drain_delay
     workers: list[Worker] = []
     status = 0
     try:
@@ -227,7 +253,7 @@ async def supervise(settings: Settings, argv: Sequence[str]) -> int:
                 w.proc.send_signal(signal.SIGTERM)
         for w in workers:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(w.proc.wait(), settings.shutdown_timeout + 15)
+                await asyncio.wait_for(w.proc.wait(), delay + settings.shutdown_timeout + 15)
         if store is not None:
             await store.stop()
         _forget_signals()

@@ -512,6 +512,29 @@ class Settings:
         str.lower,
         choices=checksums.CHECKSUM_MODES,
     )
+    # rolling restarts and readiness (issue #14; README "Operating it")
+    drain_delay: float | None = _setting(
+        None,
+        "on SIGTERM, seconds /readyz answers 503 while new requests are still served, before "
+        "the listener closes (new connections refused); set it to at least the load "
+        "balancer's check interval x fall count; auto: 6s (HAProxy's inter 2s x fall 3) "
+        "once anything has asked /readyz, else 0",
+        _parse_auto_duration,
+        show=_show_auto_duration,
+        metavar="DURATION",
+    )
+    readiness_interval: float = _setting(
+        1.0,
+        "seconds between the background store checks (HeadBucket) /readyz answers from",
+        parse_duration,
+        show=format_duration,
+    )
+    readiness_timeout: float = _setting(
+        1.0,
+        "seconds one background store check may take before /readyz says 503 UPSTREAM_TIMEOUT",
+        parse_duration,
+        show=format_duration,
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -679,6 +702,10 @@ class Settings:
                 parse_listen(self.metrics_listen)
             except ValueError as exc:
                 raise SettingsError(f"--metrics-listen: {exc}") from None
+        if (self.drain_delay or 0) < 0:
+            raise SettingsError("--drain-delay must be >= 0 (or auto)")
+        if self.readiness_interval <= 0 or self.readiness_timeout <= 0:
+            raise SettingsError("--readiness-interval and --readiness-timeout must be positive")
 
     # --- loading -------------------------------------------------------------
 

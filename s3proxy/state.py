@@ -1,10 +1,16 @@
-"""What the app shares between requests, typed as one ``web.AppKey``."""
+"""What the app shares between requests, typed as one ``web.AppKey``.
+
+Also the store check ``/readyz`` answers from (``StoreCheck``): a load balancer's check
+must never wait on S3 calls that retry, or it marks the instance down by its own
+timeout rather than by the answer (S3-FACTS "Many instances").
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +19,7 @@ from aiohttp import web
 from s3proxy.auth import Authenticator, load_keys
 from s3proxy.budget import MemoryBudget
 from s3proxy.config import Config
-from s3proxy.errors import UPSTREAM_UNAVAILABLE, ProxyError
+from s3proxy.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, ProxyError
 from s3proxy.form import FormLimits
 from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor
 from s3proxy.metrics import Metrics
@@ -25,6 +31,110 @@ from s3proxy.webhook import Webhook
 
 if TYPE_CHECKING:
     from s3proxy.embedded import EmbeddedStore
+
+log = logging.getLogger("s3proxy.state")
+
+# --drain-delay auto, once something has asked /readyz: HAProxy's default check
+# (inter 2s, fall 3) marks a server down after 3 failed checks, up to 6 s after the
+# first 503. Kubernetes users add a preStop sleep of about 5 s for the same reason.
+AUTO_DRAIN_DELAY = 6.0
+# A cached store check older than this many intervals (plus the timeout) is not
+# trusted: the checker itself is stuck (a blocked loop) or gone.
+STALE_INTERVALS = 3
+
+
+def drain_delay(setting: float | None, readyz_asked: bool) -> float:
+    """Seconds to keep serving with /readyz at 503 before closing the listener: the
+    setting, or for ``auto`` (None) ``AUTO_DRAIN_DELAY`` if anything has asked /readyz
+    (something routes by it and must see the 503), else 0 (nobody is told by waiting)."""
+    if setting is not None:
+        return setting
+    return AUTO_DRAIN_DELAY if readyz_asked else 0.0
+
+
+def store_verdict(
+    last: ProxyError | None, checked_at: float | None, now: float, stale_after: float
+) -> ProxyError | None:
+    """What /readyz says of the store: the last check's error (None: ready), unless
+    there has been none yet or it is older than ``stale_after`` seconds."""
+    if checked_at is None:
+        return ProxyError(UPSTREAM_UNAVAILABLE, "the store has not been checked yet")
+    if now - checked_at > stale_after:
+        return ProxyError(
+            UPSTREAM_UNAVAILABLE, f"the last store check finished {now - checked_at:.1f}s ago"
+        )
+    return last
+
+
+class StoreCheck:
+    """The store checked every ``interval`` seconds by one background task, each check
+    cut at ``timeout``; ``verdict()`` answers from the last result at once (only the
+    very first waits, for at most the timeout). Logs when readiness changes."""
+
+    def __init__(self, interval: float, timeout: float) -> None:
+        self.interval = interval
+        self.timeout = timeout
+        self.last: ProxyError | None = None
+        self.checked_at: float | None = None  # loop time the last check finished
+        self.checks = 0
+        self._task: asyncio.Task[None] | None = None
+        self._first = asyncio.Event()
+
+    @property
+    def stale_after(self) -> float:
+        return STALE_INTERVALS * self.interval + self.timeout
+
+    def start(self, check: Callable[[], Awaitable[None]]) -> None:
+        """Run the checks (once; again after ``stop``)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(check), name="readiness")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def once(self, check: Callable[[], Awaitable[None]]) -> ProxyError | None:
+        """One check, as an error (None: ready); never raises but a cancellation."""
+        try:
+            await asyncio.wait_for(check(), self.timeout)
+        except TimeoutError:
+            return ProxyError(
+                UPSTREAM_TIMEOUT, f"the store did not answer its check within {self.timeout:g}s"
+            )
+        except ProxyError as err:
+            return err
+        except Exception as exc:  # not open yet (RuntimeError), anything unforeseen
+            return ProxyError(UPSTREAM_UNAVAILABLE, f"the store check failed: {exc}")
+        return None
+
+    async def _run(self, check: Callable[[], Awaitable[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            began = loop.time()
+            err = await self.once(check)
+            self._record(err, loop.time())
+            await asyncio.sleep(max(0.0, began + self.interval - loop.time()))
+
+    def _record(self, err: ProxyError | None, now: float) -> None:
+        was = self.last if self.checks else None
+        if err is not None and (was is None or was.kind is not err.kind):
+            log.warning("readiness.not_ready code=%s reason=%s", err.kind.code, err.message)
+        elif err is None and was is not None:
+            log.info("readiness.ready after=%s", was.kind.code)
+        self.last, self.checked_at = err, now
+        self.checks += 1
+        self._first.set()
+
+    async def verdict(self) -> ProxyError | None:
+        """The store's readiness now, from the last check."""
+        if self.checked_at is None and self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first.wait(), self.timeout)
+        loop = asyncio.get_running_loop()
+        return store_verdict(self.last, self.checked_at, loop.time(), self.stale_after)
 
 
 @dataclass
@@ -39,7 +149,12 @@ class AppState:
     webhook: Webhook | None = None  # set when a webhook URL is configured
     store: EmbeddedStore | None = None  # the embedded store this process runs, if any
     connections: Connections = field(default_factory=lambda: Connections(1024, 10.0))
-    draining: bool = False
+    draining: bool = False  # drain() began: the listener is closed, new uploads get 503
+    # SIGTERM seen: /readyz answers 503 and every response says Connection: close, but
+    # requests are still served until the drain delay ends (``begin_stopping``).
+    stopping: bool = False
+    readyz_asked: bool = False  # anything asked /readyz (for --drain-delay auto)
+    store_check: StoreCheck = field(default_factory=lambda: StoreCheck(1.0, 1.0))
     uploads: set[asyncio.Task[Any]] = field(default_factory=set)  # handlers storing files
     stopped: set[asyncio.Task[Any]] = field(default_factory=set)  # ...that drain cancelled
 
@@ -54,6 +169,7 @@ class AppState:
             ),
             budget=MemoryBudget(settings.memory_budget),
             connections=Connections(settings.max_connections, settings.header_timeout),
+            store_check=StoreCheck(settings.readiness_interval, settings.readiness_timeout),
         )
 
     @property
@@ -77,6 +193,23 @@ class AppState:
             raise ProxyError(
                 UPSTREAM_UNAVAILABLE, "the embedded S3 store is down; it is being restarted"
             )
+
+    async def check_s3(self) -> None:
+        """The store check /readyz answers from: the embedded store is up and the bucket
+        answers HeadBucket."""
+        self.check_store()
+        await self.require_sink().check()
+
+    def begin_stopping(self) -> None:
+        """SIGTERM: /readyz says 503 and responses say ``Connection: close`` (so no
+        kept-alive connection is reused when the listener closes); uploads are still
+        accepted until drain."""
+        self.stopping = True
+        self.connections.draining = True
+
+    @property
+    def drain_delay(self) -> float:
+        return drain_delay(self.settings.drain_delay, self.readyz_asked)
 
     def require_sink(self) -> ObjectStore:
         if self.sink is None:
