@@ -115,14 +115,21 @@ async def all_keys_async(s3: Any, bucket: str) -> list[str]:
     return await asyncio.to_thread(all_keys, s3, bucket)
 
 
-def read_object(s3: Any, bucket: str, key: str) -> bytes:
-    body: bytes = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    return body
+def get_object(s3: Any, bucket: str, key: str) -> tuple[dict[str, Any], bytes]:
+    """GetObject's response, and its body read to the end."""
+    obj: dict[str, Any] = s3.get_object(Bucket=bucket, Key=key)
+    with obj["Body"] as body:
+        return obj, body.read()
+
+
+async def get_object_async(s3: Any, bucket: str, key: str) -> tuple[dict[str, Any], bytes]:
+    """``get_object`` in a worker thread (reading the body blocks too), for async tests."""
+    return await asyncio.to_thread(get_object, s3, bucket, key)
 
 
 async def read_object_async(s3: Any, bucket: str, key: str) -> bytes:
-    """GetObject and reading its body (blocking too) in a worker thread, for async tests."""
-    return await asyncio.to_thread(read_object, s3, bucket, key)
+    """The object's bytes, read in a worker thread, for async tests."""
+    return (await get_object_async(s3, bucket, key))[1]
 
 
 async def head_object_async(s3: Any, bucket: str, key: str) -> dict[str, Any]:
