@@ -64,7 +64,9 @@ class PagedS3:
     async def list_multipart_uploads(self, **kwargs: Any) -> dict[str, Any]:
         self.list_calls.append(kwargs)
         prefix = "" if self.ignore_prefix else kwargs.get("Prefix", "")
-        page = await self._client.list_multipart_uploads(Bucket=kwargs["Bucket"], Prefix=prefix)
+        page: dict[str, Any] = await self._client.list_multipart_uploads(
+            Bucket=kwargs["Bucket"], Prefix=prefix
+        )
         uploads: list[dict[str, Any]] = page.get("Uploads", [])
         if self.markers == "upload_id":
             uploads.sort(key=lambda u: u["UploadId"])

@@ -104,7 +104,8 @@ async def test_budget_applies_backpressure(proxy_factory: Any, s3: Any, bucket: 
         async def one(i: int) -> int:
             raw = bodies.body([bodies.file("f", f"{i}.bin", os.urandom(16 * MiB))])
             resp = await proxy.post("/upload", data=bodies.chunked(raw), headers=bodies.headers())
-            return resp.status
+            status: int = resp.status
+            return status
 
         statuses = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(4))), 120)
     finally:
