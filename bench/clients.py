@@ -110,11 +110,12 @@ class _BodyPayload(aiohttp.payload.Payload):
     def __init__(self, seed: int, size: int, progress: Progress) -> None:
         super().__init__(None, content_type="application/octet-stream")
         self._seed = seed
-        self._size = size
+        self._size = size  # Payload's own field: it sets Content-Length
+        self._length = size  # the same, typed int (Payload types _size as int | None)
         self._progress = progress
 
     async def write(self, writer: AbstractStreamWriter) -> None:
-        for chunk in body.chunks(self._seed, self._size):
+        for chunk in body.chunks(self._seed, self._length):
             await writer.write(chunk)
             self._progress.sent += len(chunk)
 

@@ -167,8 +167,9 @@ class Crc:
         self._value = 0
         self._length = 0
 
-    def update(self, chunk: bytes) -> None:
-        self._value = int(self._update(chunk, self._value))
+    def update(self, chunk: bytes | bytearray | memoryview) -> None:
+        # awscrt takes any buffer; its stubs say bytes
+        self._value = int(self._update(chunk, self._value))  # type: ignore[arg-type]
         self._length += len(chunk)
 
     def result(self) -> CrcValue:

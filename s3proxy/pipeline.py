@@ -175,9 +175,9 @@ class PartCrcs:
         while len(chunk) > self._room:
             view = memoryview(chunk)
             head, chunk = view[: self._room], view[self._room :]
-            self._running.update(head)  # type: ignore[arg-type]  # awscrt takes any buffer
+            self._running.update(head)
             self._next()
-        self._running.update(chunk)  # type: ignore[arg-type]
+        self._running.update(chunk)
         self._room -= len(chunk)
 
     def _next(self) -> None:

@@ -88,6 +88,9 @@ class ClientSource:
         self.paused = False
         self.resumes += 1
 
+    def expire(self, message: str) -> None:
+        raise AssertionError(f"no eviction expected here: {message}")
+
 
 class Wire(BaseProtocol):
     """The protocol under an in-memory StreamReader: the reader pauses and resumes it

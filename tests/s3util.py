@@ -1,19 +1,28 @@
-"""Test helpers around a real S3 endpoint on loopback: start moto, inspect buckets."""
+"""Test helpers around a real S3 endpoint on loopback: start moto, inspect buckets.
+
+boto3 is synchronous. In an ``async def`` test the event loop also serves the proxy
+under test (``proxy_factory``), so a boto3 call made on it stalls the proxy for as long
+as S3 takes to answer. Async tests use the ``*_async`` helpers below, or
+``await asyncio.to_thread(s3.call, ...)``, which run the call in a worker thread.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import boto3
 from botocore.config import Config
+
+from tests.polling import eventually_sync
 
 CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 BOTO_CONFIG = Config(
@@ -51,17 +60,20 @@ class MotoServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def answering() -> bool:
             if proc.poll() is not None:
                 raise RuntimeError(f"moto_server exited: {log_path.read_text()[-2000:]}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
-                return cls(port, proc)
-            except OSError:
-                time.sleep(0.1)
-        proc.kill()
-        raise RuntimeError("moto_server did not start in 30 s")
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1):
+                return True
+
+        try:
+            eventually_sync(answering, within=30, what="moto_server to answer", ignoring=(OSError,))
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        return cls(port, proc)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -91,6 +103,39 @@ def all_keys(s3: Any, bucket: str) -> list[str]:
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         keys.extend(o["Key"] for o in page.get("Contents", []))
     return keys
+
+
+async def open_uploads_async(s3: Any, bucket: str) -> list[dict[str, Any]]:
+    """``open_uploads`` in a worker thread, for async tests."""
+    return await asyncio.to_thread(open_uploads, s3, bucket)
+
+
+async def all_keys_async(s3: Any, bucket: str) -> list[str]:
+    """``all_keys`` in a worker thread, for async tests."""
+    return await asyncio.to_thread(all_keys, s3, bucket)
+
+
+def get_object(s3: Any, bucket: str, key: str) -> tuple[dict[str, Any], bytes]:
+    """GetObject's response, and its body read to the end."""
+    obj: dict[str, Any] = s3.get_object(Bucket=bucket, Key=key)
+    with obj["Body"] as body:
+        return obj, body.read()
+
+
+async def get_object_async(s3: Any, bucket: str, key: str) -> tuple[dict[str, Any], bytes]:
+    """``get_object`` in a worker thread (reading the body blocks too), for async tests."""
+    return await asyncio.to_thread(get_object, s3, bucket, key)
+
+
+async def read_object_async(s3: Any, bucket: str, key: str) -> bytes:
+    """The object's bytes, read in a worker thread, for async tests."""
+    return (await get_object_async(s3, bucket, key))[1]
+
+
+async def head_object_async(s3: Any, bucket: str, key: str) -> dict[str, Any]:
+    """HeadObject in a worker thread, for async tests."""
+    head: dict[str, Any] = await asyncio.to_thread(s3.head_object, Bucket=bucket, Key=key)
+    return head
 
 
 def empty_bucket(s3: Any, bucket: str) -> None:
@@ -130,6 +175,7 @@ class ProxyProcess:
         log_path: Path,
         timeout: float = 90.0,
         port: int | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> ProxyProcess:
         port = port or free_port()
         with open(log_path, "wb") as out:
@@ -148,20 +194,26 @@ class ProxyProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
+                preexec_fn=preexec_fn,
             )
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                return cls(proc, port, log_path)
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    proc.wait()
-                    raise RuntimeError(
-                        f"proxy did not start:\n{log_path.read_text()[-3000:]}"
-                    ) from None
-                time.sleep(0.1)
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"proxy exited with {proc.returncode}")
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return True
+
+        try:
+            eventually_sync(
+                listening, within=timeout, what="the proxy to answer /healthz", ignoring=(OSError,)
+            )
+        except (AssertionError, RuntimeError) as failed:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(
+                f"proxy did not start ({failed}):\n{log_path.read_text()[-3000:]}"
+            ) from None
+        return cls(proc, port, log_path)
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:

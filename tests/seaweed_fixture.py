@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Iterator
+from operator import not_
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from s3proxy.embedded import EmbeddedConfig, EmbeddedStore
+from tests.polling import eventually_sync
 
 
 def s3_client_kwargs(store: EmbeddedStore) -> dict[str, Any]:
@@ -63,15 +64,12 @@ def processes_mentioning(text: str) -> list[int]:
 
 def wait_no_weed(pid: int | None, data_dir: Path, within: float = 10.0) -> None:
     """Fail unless weed ``pid`` and anything run on ``data_dir`` are gone ``within`` s."""
-    deadline = time.monotonic() + within
-    while True:
+
+    def leftovers() -> list[int]:
         alive = [p for p in [pid] if p is not None and process_alive(p)]
-        leftovers = sorted(set(alive + processes_mentioning(str(data_dir))))
-        if not leftovers:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"weed still running after {within}s: pids {leftovers}")
-        time.sleep(0.05)
+        return sorted(set(alive + processes_mentioning(str(data_dir))))
+
+    eventually_sync(leftovers, until=not_, within=within, what=f"weed pids on {data_dir} gone")
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from s3proxy.tokens import issue
 from tests import bodies
 from tests.bodies import MiB
 from tests.rawhttp import exchange
-from tests.s3util import all_keys, open_uploads
+from tests.s3util import all_keys_async, open_uploads_async
 
 KEY = "k3y-0123456789abcdef"
 SECRET = b"s" * 32
@@ -98,7 +98,7 @@ async def test_token_type_scope(authed: Any, s3: Any, bucket: str) -> None:
     )
     status, out, _ = await post(authed, raw, Authorization=f"Bearer {token}")
     assert (status, out["error"]["code"]) == (403, "TOKEN_SCOPE")
-    assert all_keys(s3, bucket) == [] and open_uploads(s3, bucket) == []
+    assert await all_keys_async(s3, bucket) == [] and await open_uploads_async(s3, bucket) == []
 
 
 async def test_token_size_scope(authed: Any, s3: Any, bucket: str) -> None:
@@ -113,7 +113,7 @@ async def test_token_size_scope(authed: Any, s3: Any, bucket: str) -> None:
         "/upload", data=bodies.chunked(raw), headers={**bodies.headers(), "X-Upload-Token": token}
     )
     assert resp.status == 413 and (await resp.json())["error"]["code"] == "FILE_TOO_LARGE"
-    assert all_keys(s3, bucket) == [] and open_uploads(s3, bucket) == []
+    assert await all_keys_async(s3, bucket) == [] and await open_uploads_async(s3, bucket) == []
 
 
 async def test_token_max_files(authed: Any) -> None:

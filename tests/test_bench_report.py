@@ -76,7 +76,7 @@ def meta(cpus: int = 2) -> dict[str, object]:
     ],
 )
 def test_summarize_folds_repetitions(
-    reps: list[dict[str, object]], key: str, expected: object
+    reps: list[dict[str, Any]], key: str, expected: object
 ) -> None:
     runs = [cell(rep=i, **kw) for i, kw in enumerate(reps)]
     (summary,) = report.summarize(runs, cpus=2)

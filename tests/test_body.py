@@ -8,7 +8,7 @@ import pytest
 
 from s3proxy.body import ChunkedBody, ChunkedBodyPayload
 
-CHUNKS = [b"abc", memoryview(b"defgh")[1:], b"", b"ij"]
+CHUNKS: list[bytes | memoryview] = [b"abc", memoryview(b"defgh")[1:], b"", b"ij"]
 DATA = b"abcefghij"
 
 

@@ -13,6 +13,7 @@ Two things moto (5.x) does not do like S3, and how the tests cope:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -25,7 +26,7 @@ from s3proxy.cleanup import Orphan, Rule, SweepResult, sweep
 from s3proxy.embedded import EmbeddedStore
 from s3proxy.errors import ProxyError
 from s3proxy.s3_aiobotocore import AioObjectStore, ClientOptions, open_client
-from tests.s3util import MotoServer, open_uploads
+from tests.s3util import MotoServer, open_uploads, open_uploads_async
 from tests.seaweed_fixture import s3_client_kwargs
 
 PREFIX = "orphans/"
@@ -64,7 +65,9 @@ class PagedS3:
     async def list_multipart_uploads(self, **kwargs: Any) -> dict[str, Any]:
         self.list_calls.append(kwargs)
         prefix = "" if self.ignore_prefix else kwargs.get("Prefix", "")
-        page = await self._client.list_multipart_uploads(Bucket=kwargs["Bucket"], Prefix=prefix)
+        page: dict[str, Any] = await self._client.list_multipart_uploads(
+            Bucket=kwargs["Bucket"], Prefix=prefix
+        )
         uploads: list[dict[str, Any]] = page.get("Uploads", [])
         if self.markers == "upload_id":
             uploads.sort(key=lambda u: u["UploadId"])
@@ -114,13 +117,15 @@ async def start(client: Any, bucket: str, *keys: str) -> list[str]:
     return ids
 
 
-def open_under(s3: Any, bucket: str, prefix: str) -> list[tuple[str, str]]:
-    uploads = s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
+async def open_under(s3: Any, bucket: str, prefix: str) -> list[tuple[str, str]]:
+    """The uploads open under ``prefix``, listed in a worker thread."""
+    page = await asyncio.to_thread(s3.list_multipart_uploads, Bucket=bucket, Prefix=prefix)
+    uploads = page.get("Uploads", [])
     return sorted((u["Key"], u["UploadId"]) for u in uploads if u["Key"].startswith(prefix))
 
 
-def newest_initiated(s3: Any, bucket: str) -> datetime:
-    initiated: datetime = max(u["Initiated"] for u in open_uploads(s3, bucket))
+async def newest_initiated(s3: Any, bucket: str) -> datetime:
+    initiated: datetime = max(u["Initiated"] for u in await open_uploads_async(s3, bucket))
     return initiated
 
 
@@ -136,18 +141,18 @@ async def mixed(aio: Any, s3: Any, bucket: str, tidy: None) -> datetime:
         Bucket=bucket, Key=f"{PREFIX}a/with-part.bin", UploadId=with_part, PartNumber=1, Body=b"x"
     )
     await start(aio, bucket, f"{PREFIX}b.bin", "other/c.bin", "orphans.bin", "orphansX/d.bin")
-    return newest_initiated(s3, bucket)
+    return await newest_initiated(s3, bucket)
 
 
 async def test_dry_run_reports_and_aborts_nothing(
     aio: Any, s3: Any, bucket: str, mixed: datetime, caplog: pytest.LogCaptureFixture
 ) -> None:
-    before = open_uploads(s3, bucket)
+    before = await open_uploads_async(s3, bucket)
     caplog.set_level(logging.INFO, "s3proxy.cleanup")
     result = await sweep(AioObjectStore(aio, bucket), PREFIX, AGE, now=mixed + 2 * HOUR)
     assert keys_of(result.found) == [f"{PREFIX}a/with-part.bin", f"{PREFIX}b.bin"]
     assert result.aborted == [] and result.errors == []
-    assert open_uploads(s3, bucket) == before
+    assert await open_uploads_async(s3, bucket) == before
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2
     assert all(" action=would-abort" in line and " age=7200s " in line for line in lines)
@@ -159,7 +164,7 @@ async def test_real_run_aborts_everything_old_under_the_prefix_and_nothing_else(
 ) -> None:
     outside = sorted(
         (u["Key"], u["UploadId"])
-        for u in open_uploads(s3, bucket)
+        for u in await open_uploads_async(s3, bucket)
         if not u["Key"].startswith(PREFIX)
     )
     caplog.set_level(logging.INFO, "s3proxy.cleanup")
@@ -175,8 +180,10 @@ async def test_real_run_aborts_everything_old_under_the_prefix_and_nothing_else(
         ]
     )
     assert result.errors == []
-    assert open_under(s3, bucket, PREFIX) == []
-    assert sorted((u["Key"], u["UploadId"]) for u in open_uploads(s3, bucket)) == outside
+    assert await open_under(s3, bucket, PREFIX) == []
+    assert (
+        sorted((u["Key"], u["UploadId"]) for u in await open_uploads_async(s3, bucket)) == outside
+    )
     assert all(" action=aborted" in r.getMessage() for r in caplog.records)
     assert len(caplog.records) == 2
 
@@ -204,7 +211,7 @@ async def test_age_cutoff(
         AioObjectStore(aio, bucket), PREFIX, Rule.age(older_than), dry_run=False, now=mixed + age
     )
     assert len(result.found) == len(result.aborted) == found
-    assert len(open_under(s3, bucket, PREFIX)) == 2 - found
+    assert len(await open_under(s3, bucket, PREFIX)) == 2 - found
 
 
 async def test_default_now_is_timezone_aware(aio: Any, bucket: str, mixed: datetime) -> None:
@@ -219,7 +226,7 @@ async def test_pagination(aio: Any, s3: Any, bucket: str, tidy: None, markers: s
     keys = [f"{PREFIX}{i % 4}.bin" for i in range(11)] + ["other/x.bin"] * 2
     await start(aio, bucket, *keys)
     paged = PagedS3(aio, markers=markers)
-    now = newest_initiated(s3, bucket) + 2 * HOUR
+    now = await newest_initiated(s3, bucket) + 2 * HOUR
 
     dry = await sweep(AioObjectStore(paged, bucket), PREFIX, AGE, now=now, page_size=3)
     assert len(dry.found) == len({(o.key, o.upload_id) for o in dry.found}) == 11
@@ -232,8 +239,8 @@ async def test_pagination(aio: Any, s3: Any, bucket: str, tidy: None, markers: s
         AioObjectStore(paged, bucket), PREFIX, AGE, dry_run=False, now=now, page_size=3
     )
     assert len(result.aborted) == 11 and result.errors == []
-    assert open_under(s3, bucket, PREFIX) == []
-    assert len(open_uploads(s3, bucket)) == 2
+    assert await open_under(s3, bucket, PREFIX) == []
+    assert len(await open_uploads_async(s3, bucket)) == 2
 
 
 async def test_a_store_that_ignores_prefix_cannot_widen_the_sweep(
@@ -244,7 +251,7 @@ async def test_a_store_that_ignores_prefix_cannot_widen_the_sweep(
         AioObjectStore(wide, bucket), PREFIX, AGE, dry_run=False, now=mixed + 2 * HOUR
     )
     assert keys_of(result.aborted) == [f"{PREFIX}a/with-part.bin", f"{PREFIX}b.bin"]
-    assert len(open_uploads(s3, bucket)) == 3
+    assert len(await open_uploads_async(s3, bucket)) == 3
 
 
 async def test_a_store_that_never_advances_is_an_error(
@@ -260,8 +267,8 @@ async def test_already_gone_is_not_an_error(
     aio: Any, s3: Any, bucket: str, mixed: datetime
 ) -> None:
     """Between listing and aborting, someone else (a lifecycle rule) aborted it."""
-    [gone] = open_under(s3, bucket, f"{PREFIX}b")
-    s3.abort_multipart_upload(Bucket=bucket, Key=gone[0], UploadId=gone[1])
+    [gone] = await open_under(s3, bucket, f"{PREFIX}b")
+    await asyncio.to_thread(s3.abort_multipart_upload, Bucket=bucket, Key=gone[0], UploadId=gone[1])
     stale = Orphan(gone[0], gone[1], mixed)
 
     class StaleListing(PagedS3):
@@ -277,7 +284,7 @@ async def test_already_gone_is_not_an_error(
     )
     assert stale in result.aborted and len(result.aborted) == 2
     assert result.errors == []
-    assert open_under(s3, bucket, PREFIX) == []
+    assert await open_under(s3, bucket, PREFIX) == []
 
 
 async def test_refused_abort_is_recorded_and_the_sweep_goes_on(
@@ -291,7 +298,7 @@ async def test_refused_abort_is_recorded_and_the_sweep_goes_on(
     assert result.aborted == []
     assert [o for o, _ in result.errors] == result.found and len(result.found) == 2
     assert all("NoSuchBucket" in why for _, why in result.errors)
-    assert len(open_under(s3, bucket, PREFIX)) == 2
+    assert len(await open_under(s3, bucket, PREFIX)) == 2
     assert all(" action=failed " in r.getMessage() for r in caplog.records)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.faults import Fault, FaultyS3
-from tests.s3util import MotoServer, fake_aws_env, free_port, open_uploads
+from tests.s3util import MotoServer, fake_aws_env, free_port, open_uploads, open_uploads_async
 
 SECRET = "s" * 32
 
@@ -172,7 +172,7 @@ async def test_cleanup_counts_only_the_aborts_that_succeeded(
     assert "Traceback" not in err
     failed = [line for line in err.splitlines() if "failed" in line]
     assert len(failed) == 1 and "AccessDenied" in failed[0], err
-    assert len(open_uploads(s3, bucket)) == 1
+    assert len(await open_uploads_async(s3, bucket)) == 1
 
 
 def test_cleanup_help_lists_only_the_flags_it_uses() -> None:

@@ -10,10 +10,7 @@ import errno
 import io
 import os
 import resource
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ from s3proxy.server import OTHER_FDS, connection_cap
 from tests import bodies
 from tests.bodies import MiB
 from tests.rawhttp import exchange
-from tests.s3util import MotoServer, fake_aws_env, free_port
+from tests.s3util import MotoServer, ProxyProcess, fake_aws_env
 
 
 @pytest.mark.parametrize(
@@ -250,39 +247,30 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def start_limited(moto: MotoServer, bucket: str, log: Path, nofile: int, *extra: str) -> Any:
-    port = free_port()
-
+def start_limited(
+    moto: MotoServer, bucket: str, log: Path, nofile: int, *extra: str
+) -> ProxyProcess:
     def limit() -> None:  # the HARD limit: the proxy raises its soft limit to it
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "s3proxy", "serve", "--host", "127.0.0.1"),
-                *("--port", str(port), "--endpoint-url", moto.endpoint_url, "--bucket", bucket),
-                *("--part-size", "5MiB", "--s3-max-connections", "8", *extra),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=fake_aws_env(),
-            preexec_fn=limit,
-        )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return proc, port
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+    return ProxyProcess.start(
+        [
+            *("--endpoint-url", moto.endpoint_url, "--bucket", bucket),
+            *("--part-size", "5MiB", "--s3-max-connections", "8", *extra),
+        ],
+        fake_aws_env(),
+        log,
+        timeout=60,
+        preexec_fn=limit,
+    )
 
 
 async def flood_and_upload(
     moto: MotoServer, bucket: str, tmp_path: Path, nofile: int, sockets: int
 ) -> dict[str, float]:
     log = tmp_path / "proxy.log"
-    proc, port = start_limited(moto, bucket, log, nofile, "--header-timeout", "2")
+    proxy = start_limited(moto, bucket, log, nofile, "--header-timeout", "2")
+    proc, port = proxy.proc, proxy.port
     url = f"http://127.0.0.1:{port}"
     try:
         data = os.urandom(12 * MiB)
@@ -291,7 +279,7 @@ async def flood_and_upload(
         writer.write(bodies.request_head(len(raw)) + raw[: 6 * MiB])  # an upload in flight
         await writer.drain()
         size_before = log.stat().st_size
-        flood = []
+        flood: list[asyncio.StreamWriter] = []
         for _ in range(sockets):  # idle sockets and slow heads, half and half
             with contextlib.suppress(OSError):
                 _, w = await asyncio.open_connection("127.0.0.1", port)

@@ -28,6 +28,7 @@ from s3proxy.s3 import Conditions, ObjectBody, ObjectHead
 from s3proxy.tokens import UploadGrant, issue
 from tests import bodies
 from tests.faults import FaultyS3
+from tests.polling import eventually
 from tests.rawhttp import exchange
 
 MiB = 1024**2
@@ -38,6 +39,11 @@ SECRET = b"s" * 32
 
 def put(s3: Any, bucket: str, key: str, data: bytes, **extra: Any) -> str:
     return str(s3.put_object(Bucket=bucket, Key=key, Body=data, **extra)["ETag"])
+
+
+async def put_async(s3: Any, bucket: str, key: str, data: bytes, **extra: Any) -> str:
+    """``put`` in a worker thread, for async tests: their loop also serves the proxy."""
+    return await asyncio.to_thread(put, s3, bucket, key, data, **extra)
 
 
 def path(key: str) -> str:
@@ -210,7 +216,7 @@ async def test_percent_encoded_key_and_default_disposition(
     proxy: Any, s3: Any, bucket: str
 ) -> None:
     key = "uploads/x/naïve 50% file?#.txt"
-    put(s3, bucket, key, b"hello")
+    await put_async(s3, bucket, key, b"hello")
     resp = await proxy.get(path(key))
     assert resp.status == 200, await resp.text()
     assert await resp.read() == b"hello"
@@ -330,7 +336,7 @@ async def test_head(proxy: Any, stored: str, data: bytes) -> None:
 async def test_key_outside_prefix_never_reaches_s3(
     proxy_factory: Any, moto: Any, s3: Any, bucket: str, raw_path: str
 ) -> None:
-    put(s3, bucket, "secret/plans.txt", b"top secret")
+    await put_async(s3, bucket, "secret/plans.txt", b"top secret")
     async with FaultyS3(moto.endpoint_url) as faulty:
         proxy = await proxy_factory(endpoint_url=faulty.endpoint_url)
         resp = await raw_get(proxy, raw_path)
@@ -345,8 +351,8 @@ async def authed(proxy_factory: Any) -> Any:
 
 
 async def test_auth(authed: Any, s3: Any, bucket: str) -> None:
-    put(s3, bucket, "users/42/uploads/a.txt", b"mine")
-    put(s3, bucket, KEY, b"theirs")
+    await put_async(s3, bucket, "users/42/uploads/a.txt", b"mine")
+    await put_async(s3, bucket, KEY, b"theirs")
     anonymous = await authed.get(path(KEY))
     assert anonymous.status == 401
     assert await error_code(anonymous) == "AUTH_REQUIRED"
@@ -371,7 +377,7 @@ async def test_large_object_streams_in_chunks(
     proxy: Any, s3: Any, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     big = os.urandom(20 * MiB)
-    put(s3, bucket, "uploads/big.bin", big)
+    await put_async(s3, bucket, "uploads/big.bin", big)
     writes: list[int] = []
     write = web.StreamResponse.write
 
@@ -401,7 +407,7 @@ async def test_large_object_streams_in_chunks(
 async def test_client_going_away_closes_the_s3_body(
     proxy: Any, s3: Any, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    put(s3, bucket, "uploads/big.bin", os.urandom(20 * MiB))
+    await put_async(s3, bucket, "uploads/big.bin", os.urandom(20 * MiB))
     closed: list[int] = []
     close = ObjectBody.close
 
@@ -414,10 +420,7 @@ async def test_client_going_away_closes_the_s3_body(
     assert resp.status == 200
     await resp.content.readexactly(1024)
     resp.close()  # drop the connection mid-body
-    for _ in range(200):
-        if closed:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: closed, within=10, what="the S3 body closed")
     assert closed == [20 * MiB]
     assert (await proxy.get("/healthz")).status == 200
 
@@ -647,7 +650,7 @@ async def test_token_reads_what_it_uploaded_and_nothing_beside(
 ) -> None:
     """A token holder reads under its prefix plus the template's prefix, where /upload puts
     its files; not other objects under its prefix (a change: those were readable)."""
-    put(s3, bucket, "users/42/avatar.png", b"the backend's")
+    await put_async(s3, bucket, "users/42/avatar.png", b"the backend's")
     bearer = {"Authorization": f"Bearer {issue(SECRET, prefix='users/42/', ttl=60)}"}
     data = bodies.pdf(1000)
     resp = await authed.post(

@@ -14,8 +14,16 @@ import pytest
 
 from tests import bodies
 from tests.bodies import MiB
-from tests.s3util import MotoServer, ProxyProcess, all_keys, fake_aws_env, open_uploads
-from tests.test_lifecycle import open_upload, wait_for
+from tests.polling import eventually
+from tests.s3util import (
+    MotoServer,
+    ProxyProcess,
+    all_keys_async,
+    fake_aws_env,
+    open_uploads_async,
+    read_object_async,
+)
+from tests.test_lifecycle import open_upload
 
 
 def start(moto: MotoServer, bucket: str, tmp_path: Path, *extra: str) -> ProxyProcess:
@@ -39,7 +47,12 @@ async def test_uploads_cut_at_the_deadline_get_503_connection_close(
     for _ in range(3):  # several stalled uploads, each at a different point
         raw = bodies.body([bodies.file("f", "big.bin", os.urandom(12 * MiB))])
         stalled.append(await open_upload(proxy.port, raw, 7 * MiB))
-    await wait_for(lambda: len(open_uploads(s3, bucket)) == 3)
+    await eventually(
+        lambda: open_uploads_async(s3, bucket),
+        until=lambda ups: len(ups) == 3,
+        within=20,
+        what="3 multipart uploads open",
+    )
     signalled = time.monotonic()
     proxy.proc.send_signal(signal.SIGTERM)
     for reader, _ in stalled:
@@ -55,8 +68,8 @@ async def test_uploads_cut_at_the_deadline_get_503_connection_close(
     for _, writer in stalled:
         writer.close()
     assert took < 1 + 3.5, took  # grace + cleanup + EXIT_GRACE, with room for moto
-    assert open_uploads(s3, bucket) == []
-    assert all_keys(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
+    assert await all_keys_async(s3, bucket) == []
     print(f"exit {took:.2f}s after SIGTERM with 3 stalled uploads, --shutdown-timeout 1")
 
 
@@ -67,7 +80,9 @@ async def test_keepalive_client_does_not_hold_the_process(
     data = os.urandom(12 * MiB)
     raw = bodies.body([bodies.file("f", "a.bin", data)])
     reader, writer = await open_upload(proxy.port, raw, 6 * MiB)
-    await wait_for(lambda: open_uploads(s3, bucket))
+    await eventually(
+        lambda: open_uploads_async(s3, bucket), within=20, what="the multipart upload open"
+    )
     proxy.proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     await asyncio.sleep(0.3)
@@ -81,8 +96,8 @@ async def test_keepalive_client_does_not_hold_the_process(
     took = time.monotonic() - signalled
     writer.close()
     assert took < 5, took  # far below --shutdown-timeout 20
-    [key] = all_keys(s3, bucket)
-    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+    [key] = await all_keys_async(s3, bucket)
+    assert await read_object_async(s3, bucket, key) == data
     print(f"exit {took:.2f}s after SIGTERM with a keep-alive client, --shutdown-timeout 20")
 
 
@@ -97,7 +112,9 @@ async def test_idle_keepalive_closed_at_drain_and_requests_told_to_close(
     await idle_r.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
     raw = bodies.body([bodies.file("f", "a.bin", os.urandom(12 * MiB))])
     up_r, up_w = await open_upload(proxy.port, raw, 6 * MiB)
-    await wait_for(lambda: open_uploads(s3, bucket))
+    await eventually(
+        lambda: open_uploads_async(s3, bucket), within=20, what="the multipart upload open"
+    )
     proxy.proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(idle_r.read(), 5) == b""  # closed at once
     # a new connection during drain is refused (no --drain-delay, nothing asked /readyz:
@@ -111,4 +128,4 @@ async def test_idle_keepalive_closed_at_drain_and_requests_told_to_close(
     assert await exit_code(proxy) == 0
     for w in (idle_w, up_w):
         w.close()
-    assert len(all_keys(s3, bucket)) == 1
+    assert len(await all_keys_async(s3, bucket)) == 1

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from operator import not_
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ import pytest
 from s3proxy.embedded import EmbeddedStore
 from tests import bodies
 from tests.bodies import MiB
-from tests.s3util import BOTO_CONFIG, ProxyProcess, free_port
+from tests.polling import eventually_sync
+from tests.s3util import BOTO_CONFIG, ProxyProcess, free_port, open_uploads
 from tests.seaweed_fixture import processes_mentioning, s3_client_kwargs
 
 pytestmark = pytest.mark.e2e
@@ -110,11 +112,12 @@ def clean_bucket(sw: Any, seaweedfs: EmbeddedStore) -> Iterator[None]:
 
 
 def assert_nothing_left(sw: Any, bucket: str, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while (left := leftovers(sw, bucket)) != ([], []):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"left behind on SeaweedFS: uploads={left[0]} objects={left[1]}")
-        time.sleep(0.1)
+    eventually_sync(
+        lambda: leftovers(sw, bucket),
+        until=lambda left: left == ([], []),
+        within=within,
+        what="nothing left behind on SeaweedFS (uploads, objects)",
+    )
 
 
 def curl(url: str, *forms: str) -> tuple[int, dict[str, Any]]:
@@ -294,10 +297,11 @@ def test_client_disconnect_mid_body(
             % (len(raw), bodies.BOUNDARY.encode())
         )
         sock.sendall(raw[: 16 * MiB])
-        deadline = time.monotonic() + 20
-        while not sw.list_multipart_uploads(Bucket=seaweedfs.bucket).get("Uploads"):
-            assert time.monotonic() < deadline, "the multipart upload should have started"
-            time.sleep(0.05)
+        eventually_sync(
+            lambda: open_uploads(sw, seaweedfs.bucket),
+            within=20,
+            what="the multipart upload to start",
+        )
         sock.setsockopt(
             socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
         )  # RST
@@ -340,10 +344,12 @@ def test_embedded_mode_start_upload_stop_restart(tmp_path: Path) -> None:
         key = out["files"][0]["key"]
     finally:
         assert proxy.stop() == 0
-    deadline = time.monotonic() + 10
-    while processes_mentioning(str(data_dir)):
-        assert time.monotonic() < deadline, "weed left running after the proxy stopped"
-        time.sleep(0.1)
+    eventually_sync(
+        lambda: processes_mentioning(str(data_dir)),
+        until=not_,
+        within=10,
+        what="weed gone after the proxy stopped",
+    )
 
     proxy = ProxyProcess.start(args, plain_env(), tmp_path / "second.log", port=port)
     try:
@@ -369,10 +375,12 @@ def test_embedded_store_killed_with_proxy(tmp_path: Path) -> None:
     assert processes_mentioning(str(data_dir))
     proxy.proc.send_signal(signal.SIGKILL)
     proxy.proc.wait()
-    deadline = time.monotonic() + 10
-    while processes_mentioning(str(data_dir)):
-        assert time.monotonic() < deadline, "weed outlived a SIGKILLed proxy"
-        time.sleep(0.1)
+    eventually_sync(
+        lambda: processes_mentioning(str(data_dir)),
+        until=not_,
+        within=10,
+        what="weed gone after its proxy was SIGKILLed",
+    )
 
 
 def test_embedded_port_taken_is_a_clear_error(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from s3proxy.embedded import CREDENTIALS_NAME, EmbeddedConfig, EmbeddedStore, EmbeddedStoreError
+from tests.s3util import read_object_async
 from tests.seaweed_fixture import process_alive, running_store, s3_client_kwargs, wait_no_weed
 
 pytestmark = pytest.mark.e2e
@@ -245,10 +246,12 @@ async def test_restart_keeps_objects_and_keys(
         assert b"AWS_" not in environ_of(pid)
         keys = (first.access_key, first.secret_key)
         with closing(client(first)) as s3:
-            s3.put_object(Bucket=first.bucket, Key="kept", Body=b"still here")
+            await asyncio.to_thread(
+                s3.put_object, Bucket=first.bucket, Key="kept", Body=b"still here"
+            )
         leaked = client(first, aws_access_key_id="LEAKEDKEY", aws_secret_access_key="leakedsecret")
         with closing(leaked), pytest.raises(ClientError):
-            leaked.list_buckets()
+            await asyncio.to_thread(leaked.list_buckets)
     assert first.pid is None
     wait_no_weed(pid, config.data_dir, within=1.0)
     credentials = config.data_dir / CREDENTIALS_NAME
@@ -261,7 +264,7 @@ async def test_restart_keeps_objects_and_keys(
         timings.append(second.startup_seconds)
         assert (second.access_key, second.secret_key) == keys
         with closing(client(second)) as s3:
-            body = s3.get_object(Bucket=second.bucket, Key="kept")["Body"].read()
+            body = await read_object_async(s3, second.bucket, "kept")
         assert body == b"still here"
     finally:
         pid = second.pid

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from contextlib import closing
+from operator import not_
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ import pytest
 
 from s3proxy.embedded import Backoff, EmbeddedConfig, EmbeddedStore, plan_restart
 from s3proxy.settings import Settings, SettingsError
-from tests.s3util import BOTO_CONFIG, ProxyProcess, free_port
+from tests.polling import eventually, eventually_sync
+from tests.s3util import BOTO_CONFIG, ProxyProcess, free_port, read_object_async
 from tests.seaweed_fixture import process_alive, processes_mentioning, wait_no_weed
 
 # --- the backoff, pure ----------------------------------------------------------------
@@ -90,14 +92,15 @@ def kill_weed(data_dir: Path) -> int:
     return pid
 
 
-def wait_until(cond: Callable[[], bool], within: float, what: str, step: float = 0.02) -> float:
-    """Poll ``cond`` until true; the seconds it took. Fails after ``within``."""
-    started = time.monotonic()
-    while not cond():
-        if time.monotonic() - started > within:
-            raise AssertionError(f"not within {within}s: {what}")
-        time.sleep(step)
-    return time.monotonic() - started
+def readyz(url: str) -> int:
+    return get(url + "/readyz")[0]
+
+
+STEP = 0.02  # seconds between looks: these waits are timed, to tens of ms
+
+
+def is_(expected: int) -> Callable[[int], bool]:
+    return lambda status: status == expected
 
 
 def new_weed(data_dir: Path, old: int) -> int | None:
@@ -156,16 +159,20 @@ def test_weed_killed_under_the_proxy_comes_back(tmp_path: Path) -> None:
 
         killed = time.monotonic()
         old = kill_weed(data_dir)
-        ready: list[tuple[int, dict[str, Any]]] = []
 
-        def readyz_is(status: int) -> bool:
+        def ready() -> tuple[int, dict[str, Any]]:
             assert get(proxy.url + "/healthz") == (200, {"status": "ok"})  # the process is fine
-            ready.append(get(proxy.url + "/readyz"))
-            return ready[-1][0] == status
+            return get(proxy.url + "/readyz")
 
-        to_503 = wait_until(lambda: readyz_is(503), 5.0, "/readyz 503 after weed died")
-        assert ready[-1][1]["error"]["code"] == "UPSTREAM_UNAVAILABLE"
-        wait_until(lambda: readyz_is(200), 20.0, "/readyz 200 again after the restart")
+        waiting = time.monotonic()
+        answer = eventually_sync(
+            ready, until=lambda got: got[0] == 503, within=5, what="503 after weed died", every=STEP
+        )
+        to_503 = time.monotonic() - waiting
+        assert answer[1]["error"]["code"] == "UPSTREAM_UNAVAILABLE"
+        eventually_sync(
+            ready, until=lambda got: got[0] == 200, within=20, what="200 after restart", every=STEP
+        )
         back = time.monotonic() - killed
         assert new_weed(data_dir, old) is not None  # a new process, not the old one back
 
@@ -200,9 +207,16 @@ def test_repeated_kills_back_off(tmp_path: Path) -> None:
         for _ in range(3):
             old = kill_weed(data_dir)  # as soon as it is back: deaths in a row
             killed = time.monotonic()
-            wait_until(lambda: new_weed(data_dir, old) is not None, 15.0, "weed respawned")  # noqa: B023
+            eventually_sync(
+                lambda: new_weed(data_dir, old),  # noqa: B023
+                within=15.0,
+                what="weed respawned",
+                every=STEP,
+            )
             gaps.append(time.monotonic() - killed)
-            wait_until(lambda: get(proxy.url + "/readyz")[0] == 200, 15.0, "ready again")
+            eventually_sync(
+                lambda: readyz(proxy.url), until=is_(200), within=15, what="ready", every=STEP
+            )
     finally:
         assert proxy.stop() == 0
     wait_no_weed(None, data_dir, within=10.0)
@@ -222,8 +236,9 @@ def test_stopping_the_proxy_during_a_restart_leaves_no_weed(
     proxy = ProxyProcess.start(args, plain_env(), tmp_path / "proxy.log")
     try:
         old = kill_weed(data_dir)
-        wait_until(lambda: new_weed(data_dir, old) is not None, 10.0, "weed respawned")
-        restarting = new_weed(data_dir, old)
+        restarting = eventually_sync(
+            lambda: new_weed(data_dir, old), within=10.0, what="weed respawned", every=STEP
+        )
         assert restarting is not None
         assert get(proxy.url + "/readyz")[0] == 503  # caught while it starts
         proxy.proc.send_signal(sig)
@@ -232,7 +247,11 @@ def test_stopping_the_proxy_during_a_restart_leaves_no_weed(
         proxy.stop()
     if sig == signal.SIGTERM:
         assert proxy.proc.returncode == 0
-    gone = wait_until(lambda: not weed_pids(data_dir), 10.0, "no weed left")
+    waiting = time.monotonic()
+    eventually_sync(
+        lambda: weed_pids(data_dir), until=not_, within=10.0, what="no weed left", every=STEP
+    )
+    gone = time.monotonic() - waiting
     assert not process_alive(restarting)
     print(f"{sig.name} during a restart: the starting weed gone after {gone:.2f} s")
 
@@ -248,11 +267,15 @@ def test_workers_supervisor_restarts_weed(tmp_path: Path) -> None:
     ]
     proxy = ProxyProcess.start(args, plain_env(), tmp_path / "proxy.log")
     try:
-        wait_until(lambda: get(proxy.url + "/readyz")[0] == 200, 20.0, "workers ready")
+        url = proxy.url
+        eventually_sync(lambda: readyz(url), until=is_(200), within=20, what="ready", every=STEP)
         old = kill_weed(data_dir)
         killed = time.monotonic()
-        to_503 = wait_until(lambda: get(proxy.url + "/readyz")[0] == 503, 2.0, "workers 503")
-        wait_until(lambda: get(proxy.url + "/readyz")[0] == 200, 20.0, "workers ready again")
+        eventually_sync(lambda: readyz(url), until=is_(503), within=2, what="503", every=STEP)
+        to_503 = time.monotonic() - killed
+        eventually_sync(
+            lambda: readyz(url), until=is_(200), within=20, what="ready again", every=STEP
+        )
         back = time.monotonic() - killed
         assert new_weed(data_dir, old) is not None
         src = tmp_path / "after.txt"
@@ -288,24 +311,19 @@ async def test_store_restarts_on_the_same_ports_with_its_keys_and_data(tmp_path:
             config=BOTO_CONFIG,
         )
         with closing(s3):
-            s3.put_object(Bucket=store.bucket, Key="kept", Body=b"still here")
+            await asyncio.to_thread(
+                s3.put_object, Bucket=store.bucket, Key="kept", Body=b"still here"
+            )
             (tmp_path / "s3-identities.json").unlink()  # rewritten for the restart
             old = store.pid
             assert old is not None and store.up
             os.killpg(old, signal.SIGKILL)
-            for _ in range(100):
-                await asyncio.sleep(0.01)
-                if not store.up:
-                    break
-            assert not store.up
-            for _ in range(300):
-                await asyncio.sleep(0.05)
-                if store.up:
-                    break
+            await eventually(lambda: not store.up, within=1, what="the store down", every=0.01)
+            await eventually(lambda: store.up, within=15, what="the store up again")
             assert store.up and store.pid not in (None, old) and store.restarts == 1
             assert (store.ports, store.endpoint_url) == (ports, endpoint)
             assert (store.access_key, store.secret_key) == keys
-            got = s3.get_object(Bucket=store.bucket, Key="kept")["Body"].read()
+            got = await read_object_async(s3, store.bucket, "kept")
             assert got == b"still here"
     finally:
         pid = store.pid
@@ -323,11 +341,15 @@ async def test_store_stop_during_restart_leaves_no_weed(tmp_path: Path, when: st
     assert old is not None
     os.killpg(old, signal.SIGKILL)
     restarting = None
-    for _ in range(200):
-        await asyncio.sleep(0.02)
-        restarting = store.pid if when == "starting" else None
-        if (when == "waiting" and not store.up) or restarting not in (None, old):
-            break
+    if when == "waiting":
+        await eventually(lambda: not store.up, within=4, what="the store down", every=0.02)
+    else:
+        restarting = await eventually(
+            lambda: store.pid if store.pid != old else None,
+            within=4,
+            what="a new weed being started",
+            every=0.02,
+        )
     assert not store.up
     if when == "starting":
         assert restarting not in (None, old)  # a new weed is being started
@@ -352,22 +374,18 @@ async def test_failed_restarts_back_off_and_keep_trying(
         assert old is not None
         with socket.socket() as squatter:
             os.killpg(old, signal.SIGKILL)
-            for _ in range(100):
-                await asyncio.sleep(0.01)
-                if not store.up:
-                    break
+            await eventually(lambda: not store.up, within=1, what="the store down", every=0.01)
             squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             squatter.bind(("127.0.0.1", port))  # weed is reaped: its listeners are closed
             squatter.listen()
-            for _ in range(100):
-                await asyncio.sleep(0.05)
-                if len(failures(caplog)) >= 2:
-                    break
+            await eventually(
+                lambda: failures(caplog),
+                until=lambda found: len(found) >= 2,
+                within=5,
+                what="two failed restarts logged",
+            )
             assert not store.up and store.pid is None  # nothing half-started left running
-        for _ in range(300):
-            await asyncio.sleep(0.05)
-            if store.up:
-                break
+        await eventually(lambda: store.up, within=15, what="the store up again")
         assert store.up and store.ports["s3.port"] == port and store.restarts == 1
         found = failures(caplog)
         assert found[:2] == [(2, 0.4), (3, 0.8)]  # streak goes on: 0.2, 0.4, 0.8 s ...

@@ -13,19 +13,22 @@ import pytest
 from tests import bodies
 from tests.bodies import MiB
 from tests.faults import Fault, FaultyS3
-from tests.s3util import all_keys, open_uploads
+from tests.polling import eventually
+from tests.s3util import all_keys_async, open_uploads_async, read_object_async
 
 
 async def wait_clean(s3: Any, bucket: str, within: float = 10.0) -> None:
     """Poll until the bucket holds no object and no open multipart upload."""
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        uploads, keys = open_uploads(s3, bucket), all_keys(s3, bucket)
-        if not uploads and not keys:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"left behind: uploads={uploads} keys={keys}")
-        await asyncio.sleep(0.1)
+
+    async def left() -> tuple[list[dict[str, Any]], list[str]]:
+        return await open_uploads_async(s3, bucket), await all_keys_async(s3, bucket)
+
+    await eventually(
+        left,
+        until=lambda uploads_keys: uploads_keys == ([], []),
+        within=within,
+        what="no open upload and no object left (uploads, keys)",
+    )
 
 
 async def post_raw(proxy: Any, raw: Any, **kw: Any) -> tuple[int, dict[str, Any]]:
@@ -254,11 +257,11 @@ async def test_client_disconnect_mid_body(proxy: Any, s3: Any, bucket: str, at: 
     await writer.drain()
     if at > 10 * MiB:
         # wait until the proxy has at least one part in S3, then vanish
-        for _ in range(100):
-            if open_uploads(s3, bucket):
-                break
-            await asyncio.sleep(0.05)
-        assert open_uploads(s3, bucket), "the multipart upload should have started"
+        await eventually(
+            lambda: open_uploads_async(s3, bucket),
+            within=5,
+            what="the multipart upload to start",
+        )
     writer.transport.abort()  # RST, like a killed client
     await wait_clean(s3, bucket)
     assert (await proxy.get("/healthz")).status == 200
@@ -298,7 +301,7 @@ async def test_transient_part_errors_are_retried(
     assert status == 201, out
     assert faulty.calls.count("UploadPart") == 3 + 3  # three parts, three failures retried
     [f] = out["files"]
-    assert s3.get_object(Bucket=bucket, Key=f["key"])["Body"].read() == data
+    assert await read_object_async(s3, bucket, f["key"]) == data
 
 
 @pytest.mark.parametrize(

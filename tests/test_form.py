@@ -111,6 +111,9 @@ class Chunks:
     def resume(self) -> None:
         self.paused = False
 
+    def expire(self, message: str) -> None:
+        raise AssertionError(f"no eviction expected here: {message}")
+
 
 async def test_replay_gives_the_read_ahead_bytes_first() -> None:
     rest = Chunks(b"world")

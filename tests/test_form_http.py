@@ -17,6 +17,7 @@ import pytest
 from s3proxy.keys import content_disposition
 from tests import bodies
 from tests.bodies import MiB, raw_body, raw_part
+from tests.s3util import head_object_async
 
 TEXT = b"hello, world\n"
 
@@ -31,13 +32,13 @@ def no_surrogates(out: dict[str, Any]) -> None:
     json.dumps(out, ensure_ascii=False).encode("utf-8")  # a lone surrogate cannot be encoded
 
 
-def assert_stored_as(out: dict[str, Any], s3: Any, bucket: str, filename: str) -> None:
+async def assert_stored_as(out: dict[str, Any], s3: Any, bucket: str, filename: str) -> None:
     """Response, key and stored Content-Disposition all carry the same final name."""
     no_surrogates(out)
     [f] = out["files"]
     assert f["filename"] == filename, f
     assert f["key"].rsplit("/", 1)[-1] == filename, f
-    head = s3.head_object(Bucket=bucket, Key=f["key"])
+    head = await head_object_async(s3, bucket, f["key"])
     assert head["ContentDisposition"] == content_disposition(filename)
 
 
@@ -75,7 +76,7 @@ async def test_filenames_as_clients_send_them(
     raw = raw_body(raw_part(b'form-data; name="file"; filename=' + filename, TEXT))
     status, out = await post(proxy, raw)
     assert status == 201, out
-    assert_stored_as(out, s3, bucket, stored)
+    await assert_stored_as(out, s3, bucket, stored)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +127,7 @@ async def test_empty_filename_with_content_is_a_file(proxy: Any, s3: Any, bucket
     raw = raw_body(raw_part(b'form-data; name="file"; filename=""', TEXT))
     status, out = await post(proxy, raw)
     assert status == 201, out
-    assert_stored_as(out, s3, bucket, "upload")
+    await assert_stored_as(out, s3, bucket, "upload")
 
 
 async def test_empty_file_inputs_do_not_count_as_files(
@@ -318,4 +319,4 @@ async def test_curl_filenames(
     )
     stdout, _ = await proc.communicate()
     assert proc.returncode == 0
-    assert_stored_as(json.loads(stdout), s3, bucket, stored)
+    await assert_stored_as(json.loads(stdout), s3, bucket, stored)

@@ -15,7 +15,16 @@ import pytest
 
 from tests import bodies
 from tests.bodies import MiB
-from tests.s3util import MotoServer, ProxyProcess, all_keys, fake_aws_env, open_uploads
+from tests.polling import eventually
+from tests.s3util import (
+    MotoServer,
+    ProxyProcess,
+    all_keys_async,
+    fake_aws_env,
+    head_object_async,
+    open_uploads_async,
+    read_object_async,
+)
 
 
 def start(moto: MotoServer, bucket: str, tmp_path: Path, *extra: str) -> ProxyProcess:
@@ -34,21 +43,15 @@ async def open_upload(port: int, raw: bytes, sent: int) -> tuple[Any, Any]:
     return reader, writer
 
 
-async def wait_for(cond: Any, within: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not cond():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
 async def test_sigterm_aborts_stalled_upload_after_grace(
     moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
 ) -> None:
     proxy = start(moto, bucket, tmp_path, "--shutdown-timeout", "1")
     raw = bodies.body([bodies.file("f", "big.bin", os.urandom(20 * MiB))])
     reader, writer = await open_upload(proxy.port, raw, 12 * MiB)  # then the client stalls
-    await wait_for(lambda: open_uploads(s3, bucket))
+    await eventually(
+        lambda: open_uploads_async(s3, bucket), within=20, what="the multipart upload open"
+    )
     proxy.proc.send_signal(signal.SIGTERM)
     # The client is told, rather than left with a dropped connection.
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
@@ -58,8 +61,8 @@ async def test_sigterm_aborts_stalled_upload_after_grace(
     code = await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, 30)
     writer.close()
     assert code == 0
-    assert open_uploads(s3, bucket) == []
-    assert all_keys(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
+    assert await all_keys_async(s3, bucket) == []
     assert "upload.aborted" in proxy.log_path.read_text()
 
 
@@ -70,7 +73,9 @@ async def test_sigterm_lets_running_upload_finish(
     data = os.urandom(12 * MiB)
     raw = bodies.body([bodies.file("f", "big.bin", data)])
     reader, writer = await open_upload(proxy.port, raw, 6 * MiB)
-    await wait_for(lambda: open_uploads(s3, bucket))
+    await eventually(
+        lambda: open_uploads_async(s3, bucket), within=20, what="the multipart upload open"
+    )
     proxy.proc.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.5)
     # Nothing asked /readyz (--drain-delay auto is 0): the listener closes at once, and a
@@ -83,8 +88,8 @@ async def test_sigterm_lets_running_upload_finish(
     assert head.startswith(b"HTTP/1.1 201"), head
     writer.close()
     assert await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, 30) == 0
-    [key] = all_keys(s3, bucket)
-    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == data
+    [key] = await all_keys_async(s3, bucket)
+    assert await read_object_async(s3, bucket, key) == data
 
 
 @pytest.mark.parametrize(
@@ -106,7 +111,7 @@ async def test_object_options_are_applied(proxy_factory: Any, s3: Any, bucket: s
         resp = await proxy.post("/upload", data=bodies.chunked(raw), headers=bodies.headers())
         assert resp.status == 201, await resp.text()
         [f] = (await resp.json())["files"]
-        head = s3.head_object(Bucket=bucket, Key=f["key"])
+        head = await head_object_async(s3, bucket, f["key"])
         assert head["StorageClass"] == "STANDARD_IA"
         assert head["ServerSideEncryption"] == "AES256"
 
@@ -120,7 +125,7 @@ async def test_non_ascii_field_is_rfc2047_metadata(proxy: Any, s3: Any, bucket: 
     out = await resp.json()
     assert out["fields"] == {"title": "Grüße, 日本"}
     assert out["files"][0]["metadata"] == {"title": "Grüße, 日本"}  # as sent, not encoded
-    meta = s3.head_object(Bucket=bucket, Key=out["files"][0]["key"])["Metadata"]
+    meta = (await head_object_async(s3, bucket, out["files"][0]["key"]))["Metadata"]
     import email.header
 
     decoded = email.header.decode_header(meta["title"])
@@ -140,7 +145,7 @@ async def test_field_after_file_is_returned_not_stored(proxy: Any, s3: Any, buck
     assert out["fields"] == {"a": "1", "b": "2"}
     # The response says what was stored with the object: "a", not "b".
     assert out["files"][0]["metadata"] == {"a": "1"}
-    meta = s3.head_object(Bucket=bucket, Key=out["files"][0]["key"])["Metadata"]
+    meta = (await head_object_async(s3, bucket, out["files"][0]["key"]))["Metadata"]
     assert meta.get("a") == "1" and "b" not in meta
 
 
@@ -157,7 +162,7 @@ async def test_repeated_field_is_stored_joined(proxy: Any, s3: Any, bucket: str)
     assert resp.status == 201, out
     assert out["fields"] == {"Tag": ["x", "y"]}
     assert out["files"][0]["metadata"] == {"Tag": "x,y"}
-    meta = s3.head_object(Bucket=bucket, Key=out["files"][0]["key"])["Metadata"]
+    meta = (await head_object_async(s3, bucket, out["files"][0]["key"]))["Metadata"]
     assert meta["tag"] == "x,y"
 
 
@@ -172,7 +177,6 @@ async def test_json_logs_carry_request_id_and_upload_id(
     moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
 ) -> None:
     import json
-
 
     proxy = start(moto, bucket, tmp_path, "--log-format", "json")
     raw = bodies.body([bodies.file("f", "a.bin", os.urandom(6 * MiB))])

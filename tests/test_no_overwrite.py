@@ -147,7 +147,8 @@ async def test_delete_if_match(store: ObjectStore) -> None:
 
 async def shared_proxy(proxy_factory: Any, **settings: Any) -> TestClient[Any, Any]:
     settings.setdefault("key_template", SHARED)
-    return await proxy_factory(**settings)
+    client: TestClient[Any, Any] = await proxy_factory(**settings)
+    return client
 
 
 async def upload(proxy: TestClient[Any, Any], data: bytes) -> tuple[int, dict[str, Any]]:

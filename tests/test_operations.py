@@ -18,7 +18,8 @@ import pytest
 from s3proxy.tokens import verify
 from tests import bodies
 from tests.bodies import MiB
-from tests.s3util import MotoServer, ProxyProcess, fake_aws_env, open_uploads
+from tests.polling import eventually
+from tests.s3util import MotoServer, ProxyProcess, fake_aws_env, open_uploads, open_uploads_async
 
 NEW_SECRET, OLD_SECRET = "n" * 32, "o" * 32
 
@@ -103,10 +104,12 @@ async def test_serve_sweeps_periodically(
     proxy_factory: Any, s3: Any, bucket: str, orphans: None
 ) -> None:
     await proxy_factory(cleanup_interval=3600, cleanup_older_than=3600)
-    deadline = time.monotonic() + 10
-    while len(open_uploads(s3, bucket)) != 1:
-        assert time.monotonic() < deadline, "the sweep did not run"
-        await asyncio.sleep(0.1)
+    await eventually(
+        lambda: open_uploads_async(s3, bucket),
+        until=lambda ups: len(ups) == 1,
+        within=10,
+        what="the sweep to leave only the upload outside its prefix",
+    )
 
 
 def children(pid: int) -> list[int]:
@@ -149,10 +152,12 @@ async def test_workers_share_the_port(
 
         assert await asyncio.gather(*(one(i) for i in range(6))) == [201] * 6
         os.kill(workers[0], signal.SIGKILL)  # a crashed worker is replaced
-        deadline = time.monotonic() + 15
-        while len(set(children(proxy.proc.pid)) - {workers[0]}) < 2:
-            assert time.monotonic() < deadline, "the dead worker was not replaced"
-            await asyncio.sleep(0.1)
+        await eventually(
+            lambda: set(children(proxy.proc.pid)) - {workers[0]},
+            until=lambda live: len(live) >= 2,
+            within=15,
+            what="the dead worker replaced (live workers)",
+        )
     finally:
         code = proxy.stop()
     assert code == 0

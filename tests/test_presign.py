@@ -27,7 +27,14 @@ from s3proxy.settings import Settings
 from s3proxy.state import STATE
 from s3proxy.tokens import issue
 from tests.bodies import MiB
-from tests.s3util import BOTO_CONFIG, open_uploads
+from tests.s3util import (
+    BOTO_CONFIG,
+    get_object_async,
+    head_object_async,
+    open_uploads,
+    open_uploads_async,
+    read_object_async,
+)
 from tests.seaweed_fixture import s3_client_kwargs
 
 KEY = "k3y-0123456789abcdef"
@@ -97,7 +104,7 @@ async def test_put_is_signed_with_its_headers(authed: Any, s3: Any, bucket: str)
         http.put(out["url"], data=b"%PDF-", headers=out["headers"]) as resp,
     ):
         assert resp.status == 200
-    head = s3.head_object(Bucket=bucket, Key=out["key"])
+    head = await head_object_async(s3, bucket, out["key"])
     assert head["ContentType"] == "application/pdf" and head["ContentLength"] == 5
 
 
@@ -202,7 +209,7 @@ async def test_large_files_are_sent_to_multipart(authed: Any, s3: Any, bucket: s
     status, out = await call(authed, "/sign", pdf(20 * MiB + 1))
     assert status == 200
     assert out == {"multipart": True, "endpoint": "/sign/multipart", "threshold": 20 * MiB}
-    assert open_uploads(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
 
 
 async def test_draining_refuses_new_uploads_only(authed: Any, s3: Any, bucket: str) -> None:
@@ -215,7 +222,7 @@ async def test_draining_refuses_new_uploads_only(authed: Any, s3: Any, bucket: s
     status, out = await call(authed, "/sign/multipart/parts", {**ref, "part_numbers": [1]})
     assert status == 200
     status, out = await call(authed, "/sign/multipart/abort", ref)
-    assert status == 200 and open_uploads(s3, bucket) == []
+    assert status == 200 and await open_uploads_async(s3, bucket) == []
 
 
 async def test_client_keys_are_checked(authed: Any, s3: Any, bucket: str) -> None:
@@ -260,7 +267,7 @@ async def test_client_keys_are_checked(authed: Any, s3: Any, bucket: str) -> Non
     finally:
         status, out = await call(authed, "/sign/multipart/abort", ref, token())
         assert status == 200 and out["aborted"] is True
-    assert open_uploads(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
     status, out = await call(authed, "/sign/multipart/abort", ref, token())  # again: still fine
     assert status == 200
 
@@ -304,8 +311,8 @@ async def test_complete_checks_parts_and_size(authed: Any, s3: Any, bucket: str)
         assert "6291456 were signed" in out["error"]["message"]
     finally:
         await call(authed, "/sign/multipart/abort", ref, big)
-    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
-    assert open_uploads(s3, bucket) == []
+    assert (await asyncio.to_thread(s3.list_objects_v2, Bucket=bucket)).get("KeyCount") == 0
+    assert await open_uploads_async(s3, bucket) == []
 
 
 # --- signatures the store checks (SeaweedFS) --------------------------------------
@@ -380,8 +387,8 @@ async def test_put_straight_to_the_store(
             assert resp.status == 403
         async with http.put(out["url"], data=data, headers=out["headers"]) as resp:
             assert resp.status == 200, await resp.text()
-    obj = sw.get_object(Bucket=seaweedfs.bucket, Key=out["key"])
-    assert obj["Body"].read() == data
+    obj, got = await get_object_async(sw, seaweedfs.bucket, out["key"])
+    assert got == data
     assert obj["ContentType"] == "text/plain"
     assert obj["ContentDisposition"] == out["headers"]["Content-Disposition"]
 
@@ -436,8 +443,8 @@ async def test_post_form_straight_to_the_store(
     assert (await post({**out["fields"], "key": out["key"] + "x"}, data))[0] == 403
     status, text = await post(out["fields"], data)
     assert status in (200, 201, 204), text
-    obj = sw.get_object(Bucket=seaweedfs.bucket, Key=out["key"])
-    assert obj["Body"].read() == data and obj["ContentType"] == "application/pdf"
+    obj, got = await get_object_async(sw, seaweedfs.bucket, out["key"])
+    assert got == data and obj["ContentType"] == "application/pdf"
 
 
 @e2e
@@ -452,7 +459,8 @@ async def test_expired_url_is_refused(store_proxy: Any, sw: Any, seaweedfs: Embe
     ):
         assert resp.status == 403
         assert "expired" in (await resp.text()).lower()
-    assert sw.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=out["key"]).get("KeyCount") == 0
+    listed = await asyncio.to_thread(sw.list_objects_v2, Bucket=seaweedfs.bucket, Prefix=out["key"])
+    assert listed.get("KeyCount") == 0
 
 
 @e2e
@@ -469,7 +477,7 @@ async def test_presign_endpoint_is_signed_for_its_own_host(
         http.put(out["url"], data=b"hello", headers=out["headers"]) as resp,
     ):
         assert resp.status == 200, await resp.text()
-    assert sw.get_object(Bucket=seaweedfs.bucket, Key=out["key"])["Body"].read() == b"hello"
+    assert await read_object_async(sw, seaweedfs.bucket, out["key"]) == b"hello"
 
 
 @e2e
@@ -501,8 +509,8 @@ async def test_multipart_straight_to_the_store(
     assert status == 200, done
     assert (done["size"], done["parts"], done["content_type"]) == (len(data), 2, "text/plain")
     assert not done["etag"].startswith('"') and done["etag"].endswith("-2")
-    obj = sw.get_object(Bucket=seaweedfs.bucket, Key=up["key"])
-    assert hashlib.sha256(obj["Body"].read()).digest() == hashlib.sha256(data).digest()
+    obj, got = await get_object_async(sw, seaweedfs.bucket, up["key"])
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
     assert obj["ContentType"] == "text/plain"
 
 
@@ -517,9 +525,10 @@ async def test_multipart_abort_leaves_nothing(
     await put_parts(signed["parts"], [b"x" * 5 * MiB])
     status, out = await call(proxy, "/sign/multipart/abort", ref, headers={})
     assert status == 200 and out["aborted"] is True
-    uploads = open_uploads(sw, seaweedfs.bucket)
+    uploads = await open_uploads_async(sw, seaweedfs.bucket)
     assert up["upload_id"] not in [u["UploadId"] for u in uploads]
-    assert sw.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=up["key"]).get("KeyCount") == 0
+    listed = await asyncio.to_thread(sw.list_objects_v2, Bucket=seaweedfs.bucket, Prefix=up["key"])
+    assert listed.get("KeyCount") == 0
     status, out = await call(proxy, "/sign/multipart/parts", {**ref, "part_numbers": [2]}, {})
     assert (status, code(out)) == (404, "NO_SUCH_UPLOAD")
 
@@ -543,17 +552,20 @@ async def test_token_reads_what_it_signed_and_cannot_touch_beside(
     assert got.status == 403
     # The backend's own multipart upload beside the token's uploads, under its prefix.
     beside = "users/42/avatar.png"
-    upload_id = s3.create_multipart_upload(Bucket=bucket, Key=beside)["UploadId"]
+    created = await asyncio.to_thread(s3.create_multipart_upload, Bucket=bucket, Key=beside)
+    upload_id = created["UploadId"]
     try:
         ref = {"key": beside, "upload_id": upload_id}
         for route in ("/sign/multipart/complete", "/sign/multipart/abort"):
             status, out = await call(authed, route, ref, mine)
             assert (status, code(out)) == (403, "KEY_FORBIDDEN"), route
-        assert [u["UploadId"] for u in open_uploads(s3, bucket)] == [upload_id]
+        assert [u["UploadId"] for u in await open_uploads_async(s3, bucket)] == [upload_id]
         got = await authed.get("/files/" + beside, headers=mine)
         assert got.status == 403
     finally:
-        s3.abort_multipart_upload(Bucket=bucket, Key=beside, UploadId=upload_id)
+        await asyncio.to_thread(
+            s3.abort_multipart_upload, Bucket=bucket, Key=beside, UploadId=upload_id
+        )
 
 
 # --- a declared sha256 fixed in the signature (issue #12; the store's side) ------------

@@ -17,7 +17,7 @@ import pytest
 
 from tests import bodies
 from tests.bodies import MiB
-from tests.s3util import MotoServer, ProxyProcess, fake_aws_env
+from tests.s3util import MotoServer, ProxyProcess, fake_aws_env, head_object_async
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
@@ -104,7 +104,8 @@ async def test_budget_applies_backpressure(proxy_factory: Any, s3: Any, bucket: 
         async def one(i: int) -> int:
             raw = bodies.body([bodies.file("f", f"{i}.bin", os.urandom(16 * MiB))])
             resp = await proxy.post("/upload", data=bodies.chunked(raw), headers=bodies.headers())
-            return resp.status
+            status: int = resp.status
+            return status
 
         statuses = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(4))), 120)
     finally:
@@ -187,7 +188,7 @@ async def test_1gib_upload_peak_rss_bounded_by_budget(
     [f] = out["files"]
     assert f["size"] == size
     assert f["sha256"] == digest.hexdigest()
-    assert s3.head_object(Bucket=bucket, Key=f["key"])["ContentLength"] == size
+    assert (await head_object_async(s3, bucket, f["key"]))["ContentLength"] == size
     bound = idle + 64 * MiB + 32 * MiB
     print(
         f"idle RSS {idle / MiB:.0f} MiB, peak RSS {peak / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB"

@@ -21,8 +21,9 @@ from s3proxy.budget import MemoryBudget
 from s3proxy.errors import CLIENT_DISCONNECTED, ProxyError
 from s3proxy.form import Field, FilePart
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, StoredFile
-from s3proxy.s3 import ObjectOptions, Written
+from s3proxy.s3 import ObjectHead, ObjectOptions, Written, refusal
 from s3proxy.uploads import RequestUpload
+from tests.polling import eventually
 
 MiB = 1024**2
 CFG = PipelineConfig(part_size=5 * MiB, parts_in_flight=2, max_file_size=1024**3)
@@ -98,6 +99,11 @@ class MemoryS3:
         await asyncio.sleep(self.delete_delay)
         self.objects.pop(key, None)
 
+    async def head(self, key: str, **_: object) -> ObjectHead:
+        if key not in self.objects:
+            raise refusal("HeadObject", "NoSuchKey", 404)
+        return ObjectHead(length=len(self.objects[key]))
+
     async def check(self) -> None:
         pass
 
@@ -127,17 +133,15 @@ class Source:
     def resume(self) -> None:
         pass
 
+    def expire(self, message: str) -> None:
+        raise AssertionError(f"no eviction expected here: {message}")
+
 
 def spec(key: str = "k/a.bin") -> FileSpec:
     return FileSpec(field="f", filename="a.bin", key=key)
 
 
-async def until(cond: object, within: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not cond():  # type: ignore[operator]
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
+FINE = 0.005  # seconds between looks: the windows these tests aim into are 50-200 ms
 
 
 async def test_rollback_deletes_every_file_despite_a_second_cancellation() -> None:
@@ -150,10 +154,22 @@ async def test_rollback_deletes_every_file_despite_a_second_cancellation() -> No
 
     job = RequestUpload(s3, MemoryBudget(64 * MiB), CFG, "u/{uuid}/{filename}", None)
     task = asyncio.create_task(job.run(form()))
-    await until(lambda: len(s3.objects) == 3)
+    await eventually(
+        lambda: list(s3.objects),
+        until=lambda keys: len(keys) == 3,
+        within=5,
+        what="3 files stored",
+        every=FINE,
+    )
     s3.delete_delay = 0.05
     task.cancel()  # shutdown: the rollback starts
-    await until(lambda: any(e.startswith("delete") for e in s3.events))
+    await eventually(
+        lambda: s3.events,
+        until=lambda events: any(e.startswith("delete") for e in events),
+        within=5,
+        what="the rollback deleting (events)",
+        every=FINE,
+    )
     task.cancel()  # and a second cancellation arrives during it
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -168,7 +184,13 @@ async def test_cancellation_while_parts_stop_is_not_swallowed() -> None:
     source = Source(bytes(5 * MiB + 100), then=ProxyError(CLIENT_DISCONNECTED, "gone"))
     upload = FileUpload(spec(), s3, MemoryBudget(64 * MiB), CFG)
     task = asyncio.create_task(upload.run(source))
-    await until(lambda: "part-1-cancelled" in s3.events)
+    await eventually(
+        lambda: s3.events,
+        until=lambda events: "part-1-cancelled" in events,
+        within=5,
+        what="part 1 cancelled (events)",
+        every=FINE,
+    )
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -185,7 +207,13 @@ async def test_cancelled_after_the_write_reached_s3_deletes_it(hang: str, size: 
     s3 = MemoryS3(hang={hang})
     upload = FileUpload(spec(), s3, MemoryBudget(64 * MiB), CFG)
     task = asyncio.create_task(upload.run(Source(bytes(size))))
-    await until(lambda: hang in s3.events)
+    await eventually(
+        lambda: s3.events,
+        until=lambda events: hang in events,
+        within=5,
+        what=f"{hang} reached S3 (events)",
+        every=FINE,
+    )
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

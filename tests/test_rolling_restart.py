@@ -20,8 +20,15 @@ from s3proxy.state import AUTO_DRAIN_DELAY, StoreCheck, drain_delay, store_verdi
 from tests import bodies
 from tests.bodies import MiB
 from tests.faults import Fault, FaultyS3
-from tests.s3util import MotoServer, ProxyProcess, all_keys, fake_aws_env, open_uploads
-from tests.test_lifecycle import open_upload, wait_for
+from tests.polling import eventually
+from tests.s3util import (
+    MotoServer,
+    ProxyProcess,
+    all_keys,
+    fake_aws_env,
+    open_uploads_async,
+)
+from tests.test_lifecycle import open_upload
 
 # --- decisions ---------------------------------------------------------------------------
 
@@ -168,7 +175,9 @@ async def test_sigterm_serves_through_the_drain_delay_then_refuses_connections(
     in_flight = os.urandom(12 * MiB)
     raw = bodies.body([bodies.file("f", "a.bin", in_flight)])
     reader, writer = await open_upload(proxy.port, raw, 6 * MiB)
-    await wait_for(lambda: open_uploads(s3, bucket))
+    await eventually(
+        lambda: open_uploads_async(s3, bucket), within=20, what="the upload in flight at S3"
+    )
     proxy.proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     await asyncio.sleep(0.2)

@@ -14,7 +14,7 @@ from s3proxy.s3_aiobotocore import ClientOptions, open_store
 from tests import bodies
 from tests.bodies import MiB
 from tests.faults import Fault, FaultyS3
-from tests.s3util import all_keys, open_uploads
+from tests.s3util import all_keys_async, open_uploads_async, read_object_async
 from tests.test_failures import expect_error, post_raw
 
 
@@ -35,8 +35,8 @@ async def test_lost_create_answer_is_a_504_and_leaves_no_upload(
     expect_error(status, out, 504, "UPSTREAM_TIMEOUT")
     assert faulty.calls.count("CreateMultipartUpload") == 1
     assert "AbortMultipartUpload" in faulty.calls
-    assert open_uploads(s3, bucket) == []  # the fixture checks it too
-    assert all_keys(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []  # the fixture checks it too
+    assert await all_keys_async(s3, bucket) == []
 
 
 async def test_create_retried_after_a_lost_answer_aborts_the_first_upload(
@@ -54,9 +54,9 @@ async def test_create_retried_after_a_lost_answer_aborts_the_first_upload(
     assert status == 201, out
     assert faulty.calls.count("CreateMultipartUpload") == 2
     assert faulty.calls.count("AbortMultipartUpload") == 1
-    assert open_uploads(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
     [f] = out["files"]
-    assert s3.get_object(Bucket=bucket, Key=f["key"])["Body"].read() == data
+    assert await read_object_async(s3, bucket, f["key"]) == data
 
 
 async def test_abort_uploads_touches_exactly_one_key(moto: Any, s3: Any, bucket: str) -> None:
@@ -67,7 +67,7 @@ async def test_abort_uploads_touches_exactly_one_key(moto: Any, s3: Any, bucket:
         other = await store.create("k/a.bin2", options)
         aborted = await store.abort_uploads("k/a.bin")
         assert sorted(u.upload_id for u in aborted) == sorted(mine)
-        assert [(u["Key"], u["UploadId"]) for u in open_uploads(s3, bucket)] == [
+        assert [(u["Key"], u["UploadId"]) for u in await open_uploads_async(s3, bucket)] == [
             ("k/a.bin2", other)
         ]
         await store.abort("k/a.bin2", other)

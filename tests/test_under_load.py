@@ -21,13 +21,14 @@ import pytest
 from s3proxy.embedded import EmbeddedConfig, EmbeddedStore
 from tests import bodies
 from tests.bodies import MiB
+from tests.polling import eventually
 from tests.s3util import (
     BOTO_CONFIG,
     MotoServer,
     ProxyProcess,
     fake_aws_env,
     free_port,
-    open_uploads,
+    open_uploads_async,
 )
 from tests.seaweed_fixture import s3_client_kwargs
 from tests.test_resources import proc_status
@@ -83,10 +84,11 @@ async def test_s3_killed_mid_upload_then_recovers(tmp_path: Path) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         writer.write(bodies.request_head(len(raw)) + raw[: 7 * MiB])
         await writer.drain()
-        deadline = time.monotonic() + 20
-        while not open_uploads(sw, store.bucket):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: open_uploads_async(sw, store.bucket),
+            within=20,
+            what="the multipart upload open",
+        )
 
         assert store.pid is not None
         os.kill(store.pid, signal.SIGKILL)  # the S3 server dies mid-upload
@@ -102,10 +104,18 @@ async def test_s3_killed_mid_upload_then_recovers(tmp_path: Path) -> None:
 
         store = EmbeddedStore(cfg)  # S3 comes back, same data and port
         await store.start()
-        deadline = time.monotonic() + 60
-        while get(proxy.url + "/readyz")[0] != 200 or open_uploads(sw, store.bucket):
-            assert time.monotonic() < deadline, "no recovery, or the orphan was never aborted"
-            await asyncio.sleep(0.5)
+
+        async def readyz_and_open_uploads() -> tuple[int, list[dict[str, Any]] | None]:
+            ready = (await asyncio.to_thread(get, proxy.url + "/readyz"))[0]
+            return ready, (await open_uploads_async(sw, store.bucket) if ready == 200 else None)
+
+        await eventually(
+            readyz_and_open_uploads,
+            until=lambda seen: seen == (200, []),
+            within=60,
+            every=0.5,
+            what="recovery, and the orphan aborted (/readyz status, open uploads)",
+        )
         assert "cleanup.retried" in proxy.log_path.read_text()
 
         async with (
@@ -180,7 +190,7 @@ async def test_hundred_clients_half_stall(load_proxy: ProxyProcess, s3: Any, buc
         f"100 clients (50 stalled): {elapsed:.1f} s, RSS {idle / MiB:.0f} -> {peak / MiB:.0f} MiB"
     )
     assert peak - idle < 64 * MiB + 64 * MiB
-    assert open_uploads(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
     assert get(proxy.url + "/healthz")[0] == 200
     async with aiohttp.ClientSession() as session, session.get(proxy.url + "/metrics") as resp:
         metrics = await resp.text()
@@ -215,4 +225,4 @@ async def test_flood_of_tiny_requests(load_proxy: ProxyProcess, s3: Any, bucket:
     print(f"1000 tiny requests: {1000 / elapsed:.0f} req/s, RSS grew {grown / MiB:.1f} MiB")
     assert grown < 32 * MiB
     assert get(proxy.url + "/healthz")[0] == 200
-    assert open_uploads(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []

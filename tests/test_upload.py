@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -10,6 +11,7 @@ from typing import Any
 import aiohttp
 
 from tests import bodies
+from tests.s3util import get_object_async, read_object_async
 
 MiB = 1024**2
 
@@ -49,8 +51,8 @@ async def test_small_file_is_stored_with_metadata(proxy: Any, s3: Any, bucket: s
     assert f["sha256"] == hashlib.sha256(body).hexdigest()
     assert f["content_type"] == "application/pdf"
     assert f["key"].startswith("uploads/") and f["key"].endswith("/report.pdf")
-    obj = s3.get_object(Bucket=bucket, Key=f["key"])
-    assert obj["Body"].read() == body
+    obj, got = await get_object_async(s3, bucket, f["key"])
+    assert got == body
     assert obj["ContentType"] == "application/pdf"
     assert obj["Metadata"]["title"] == "Q3 review"
     assert obj["Metadata"]["sha256"] == f["sha256"]
@@ -65,10 +67,10 @@ async def test_multipart_file_is_stored_in_parts(proxy: Any, s3: Any, bucket: st
     [f] = (await resp.json())["files"]
     assert f["size"] == len(body)
     assert f["sha256"] == hashlib.sha256(body).hexdigest()
-    obj = s3.get_object(Bucket=bucket, Key=f["key"])
-    assert obj["Body"].read() == body
+    assert await read_object_async(s3, bucket, f["key"]) == body
     assert f["etag"].endswith("-3")  # 5 MiB parts: 5 + 5 + 2
-    tags = s3.get_object_tagging(Bucket=bucket, Key=f["key"])["TagSet"]
+    tagging = await asyncio.to_thread(s3.get_object_tagging, Bucket=bucket, Key=f["key"])
+    tags = tagging["TagSet"]
     assert {"Key": "sha256", "Value": f["sha256"]} in tags
 
 
@@ -77,8 +79,8 @@ async def test_exactly_one_part(proxy: Any, s3: Any, bucket: str) -> None:
     resp = await proxy.post("/upload", data=form(("file", "one.pdf", body, None)))
     assert resp.status == 201, await resp.text()
     [f] = (await resp.json())["files"]
-    obj = s3.get_object(Bucket=bucket, Key=f["key"])
-    assert obj["Body"].read() == body
+    obj, got = await get_object_async(s3, bucket, f["key"])
+    assert got == body
     assert "-" not in f["etag"], "a file of exactly one part goes up with one PutObject"
     assert obj["Metadata"]["sha256"] == f["sha256"]
 
@@ -95,7 +97,7 @@ async def test_several_files_in_one_request(proxy: Any, s3: Any, bucket: str) ->
     files = (await resp.json())["files"]
     assert [f["field"] for f in files] == ["a", "b", "c"]
     for f, data in zip(files, (a, b, c), strict=True):
-        assert s3.get_object(Bucket=bucket, Key=f["key"])["Body"].read() == data
+        assert await read_object_async(s3, bucket, f["key"]) == data
         assert f["sha256"] == hashlib.sha256(data).hexdigest()
     assert files[2]["content_type"] == "text/plain"
 
@@ -107,7 +109,7 @@ async def test_chunked_request_body(proxy: Any, s3: Any, bucket: str) -> None:
     assert resp.status == 201, await resp.text()
     [f] = (await resp.json())["files"]
     assert f["size"] == len(data)
-    assert s3.get_object(Bucket=bucket, Key=f["key"])["Body"].read() == data
+    assert await read_object_async(s3, bucket, f["key"]) == data
 
 
 async def test_healthz(proxy: Any) -> None:

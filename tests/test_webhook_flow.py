@@ -16,7 +16,8 @@ from s3proxy.state import STATE
 from s3proxy.webhook import Webhook, verify
 from tests import bodies
 from tests.bodies import MiB
-from tests.s3util import all_keys, open_uploads
+from tests.polling import eventually
+from tests.s3util import all_keys_async, open_uploads_async
 
 SECRET = "hook-secret"
 
@@ -94,7 +95,7 @@ async def test_failing_webhook_rolls_back(
     # then one best-effort notice that the files it may have seen are gone
     [rolled] = events(got, "upload.rolled_back")
     assert rolled["body"]["reason"] == "WEBHOOK_FAILED" and len(rolled["body"]["keys"]) == 2
-    assert all_keys(s3, bucket) == [] and open_uploads(s3, bucket) == []
+    assert await all_keys_async(s3, bucket) == [] and await open_uploads_async(s3, bucket) == []
 
 
 async def test_failing_webhook_keep_policy(
@@ -110,7 +111,7 @@ async def test_failing_webhook_keep_policy(
     out = await resp.json()
     assert resp.status == 201
     assert out["webhook"]["delivered"] is False and "400" in out["webhook"]["error"]
-    assert sorted(all_keys(s3, bucket)) == sorted(f["key"] for f in out["files"])
+    assert sorted(await all_keys_async(s3, bucket)) == sorted(f["key"] for f in out["files"])
 
 
 def events(got: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -132,7 +133,7 @@ async def test_non_utf8_filename_is_delivered(
     [event] = got
     assert event["signed"]
     assert [f["key"] for f in event["body"]["files"]] == [f["key"] for f in out["files"]]
-    assert all_keys(s3, bucket) == [out["files"][0]["key"]]
+    assert await all_keys_async(s3, bucket) == [out["files"][0]["key"]]
 
 
 @pytest.mark.parametrize("policy", ["rollback", "keep"])
@@ -150,7 +151,7 @@ async def test_any_failure_while_notifying_rolls_back(
     resp = await proxy.post("/upload", data=bodies.chunked(upload_body()), headers=bodies.headers())
     out = await resp.json()
     assert resp.status == 500 and out["error"]["code"] == "INTERNAL"
-    assert all_keys(s3, bucket) == [] and open_uploads(s3, bucket) == []
+    assert await all_keys_async(s3, bucket) == [] and await open_uploads_async(s3, bucket) == []
 
 
 async def test_shutdown_while_webhook_is_retried(
@@ -172,16 +173,13 @@ async def test_shutdown_while_webhook_is_retried(
             headers={**bodies.headers(), "X-Request-ID": "req-drain"},
         )
     )
-    for _ in range(500):
-        if got:
-            break
-        await asyncio.sleep(0.02)
-    assert all_keys(s3, bucket), "stored, and waiting on the webhook"
+    await eventually(lambda: got, within=10, what="the receiver to get an event")
+    assert await all_keys_async(s3, bucket), "stored, and waiting on the webhook"
     await drain(proxy.server.app[STATE])
     resp = await asyncio.wait_for(posting, 10)
     out = await resp.json()
     assert resp.status == 503 and out["error"]["code"] == "SHUTTING_DOWN", out
-    assert all_keys(s3, bucket) == [] and open_uploads(s3, bucket) == []
+    assert await all_keys_async(s3, bucket) == [] and await open_uploads_async(s3, bucket) == []
     [completed] = events(got, "upload.completed")[:1]
     [rolled] = events(got, "upload.rolled_back")
     assert rolled["signed"] and rolled["body"]["request_id"] == "req-drain"
@@ -207,7 +205,7 @@ async def test_late_webhook_answer_is_followed_by_rolled_back(
     )
     out = await resp.json()
     assert resp.status == 502 and out["error"]["code"] == "WEBHOOK_FAILED"
-    assert all_keys(s3, bucket) == [] and open_uploads(s3, bucket) == []
+    assert await all_keys_async(s3, bucket) == [] and await open_uploads_async(s3, bucket) == []
     [completed] = events(got, "upload.completed")
     [rolled] = events(got, "upload.rolled_back")
     assert rolled["signed"] and rolled["rid"] == "req-late"

@@ -14,7 +14,7 @@ from aiohttp import BodyPartReader, web
 from bench.designs import _server
 
 
-async def _slices(data: bytearray, part_size: int) -> AsyncIterator[bytes]:
+async def _slices(data: bytes, part_size: int) -> AsyncIterator[bytes]:
     for i in range(0, len(data), part_size):
         yield data[i : i + part_size]
 

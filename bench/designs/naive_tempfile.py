@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import AsyncIterator
-from typing import BinaryIO
+from typing import IO
 
 from aiohttp import web
 
 from bench.designs import _server
 
 
-async def _file_parts(f: BinaryIO, part_size: int) -> AsyncIterator[bytes]:
+async def _file_parts(f: IO[bytes], part_size: int) -> AsyncIterator[bytes]:
     try:
         while part := f.read(part_size):  # blocking reads, as the naive handler does
             yield part
