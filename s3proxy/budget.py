@@ -20,8 +20,10 @@ joins the line holding nothing.
 
 Fairness (issue #11). Whole-part reservations let a slow client pin a part's
 worth of memory: three clients sending 6 B/s held 15 of 16 MiB, and everyone else
-waited out the idle timeout. Two mechanisms, chosen over the alternatives:
+waited out the idle timeout. Three mechanisms, chosen over the alternatives:
 
+- The pipeline asks for a part's memory only once the part's first bytes have
+  arrived (``pipeline.PROBE_BYTES``): a trickling client never queues here at all.
 - A minimum data rate for every request (``--min-upload-rate`` over a window of
   client time, s3proxy.limits and form.ClientWatch): no client can hold anything
   forever, and it bounds how long an upload lives (the orphan sweep's figure).

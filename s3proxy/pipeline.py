@@ -44,6 +44,7 @@ import logging
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -90,6 +91,10 @@ from s3proxy.s3 import (
 )
 
 log = logging.getLogger("s3proxy.pipeline")
+
+# Bytes of a part a client must have sent before the part's memory is asked for (at most
+# this much per upload is held outside the budget while it arrives): see FileUpload._probe.
+PROBE_BYTES = 64 * 1024
 
 T = TypeVar("T")
 
@@ -351,14 +356,22 @@ class FileUpload:
         crcs = self._crcs = None if self.cfg.checksum is None else PartCrcs(self.cfg.checksum, plan)
         reservation: Reservation | None = None
         content_type = ""
+        probed: deque[bytes] = deque()  # read before the part's memory was asked for
+        probe_ended = False  # the file ended within the probe
         try:
             while True:
                 action = machine.next_action()
                 if isinstance(action, Read):
                     # No more than the part can hold. aiohttp may still hand over up to
                     # one chunk more (it returns the chunk before the one asked for);
-                    # that overflow, and a peek, are the only data outside the budget.
-                    chunk = await source.read(action.size)
+                    # that overflow, a peek and the probe are the only data outside the
+                    # budget.
+                    if probed:
+                        chunk = probed.popleft()
+                    elif probe_ended:
+                        chunk = b""
+                    else:
+                        chunk = await source.read(action.size)
                     try:
                         machine.feed(chunk)
                     except FileTooLarge:
@@ -372,6 +385,8 @@ class FileUpload:
                 self._filling = None  # the part is full (or not begun): never evicted now
                 if isinstance(action, Reserve):
                     await self._wait_for_slot()
+                    if not probed and not probe_ended:
+                        probe_ended = await self._probe(source, probed, action.size)
                     reservation = await self._reserve(action.size, source)
                     self._filling = RateMeter(MIN_HELD, time.monotonic(), self.size)
                 elif isinstance(action, SendPart):
@@ -397,6 +412,24 @@ class FileUpload:
             machine.close()  # a failed upload's partial part goes now, not at the next GC
             if reservation is not None:
                 reservation.release()
+
+    async def _probe(self, source: ChunkSource, into: deque[bytes], size: int) -> bool:
+        """Read the first ``PROBE_BYTES`` of a part (less for a smaller one) before asking
+        for its memory; True if the file ended first.
+
+        A client must show it sends before it may hold or even queue for a part's worth of
+        the budget: one that trickles stays here (its reads under the idle timeout and the
+        minimum rate) and never stands in line ahead of uploads that do send.
+        """
+        want = min(PROBE_BYTES, size)
+        got = 0
+        while got < want:
+            chunk = await source.read(min(want - got, self.cfg.chunk_size))
+            if not chunk:
+                return True
+            into.append(chunk)
+            got += len(chunk)
+        return False
 
     async def _reserve(self, size: int, source: ChunkSource) -> Reservation:
         """Take a part's bytes from the budget; while waiting, stop reading the socket
