@@ -227,6 +227,7 @@ class FileUpload:
         self.budget = budget
         self.cfg = cfg
         self._machine: UploadMachine | None = None
+        self._probed: deque[bytes] = deque()  # a part's first bytes, read before its memory
         self.upload_id: str | None = None
         self.maybe_stored = False  # a PutObject or Complete was sent: the key may exist
         self.nonce = uuid.uuid4().hex  # marks our object when keys may be shared
@@ -338,8 +339,9 @@ class FileUpload:
 
     @property
     def size(self) -> int:
-        """Bytes of the file received so far."""
-        return 0 if self._machine is None else self._machine.size
+        """Bytes of the file received so far (the probe's included)."""
+        fed = 0 if self._machine is None else self._machine.size
+        return fed + sum(len(c) for c in self._probed)
 
     def _limit(self) -> int:
         """The most bytes this file may have: the proxy's limit or what the token has left."""
@@ -356,7 +358,7 @@ class FileUpload:
         crcs = self._crcs = None if self.cfg.checksum is None else PartCrcs(self.cfg.checksum, plan)
         reservation: Reservation | None = None
         content_type = ""
-        probed: deque[bytes] = deque()  # read before the part's memory was asked for
+        probed = self._probed  # read before the part's memory was asked for
         probe_ended = False  # the file ended within the probe
         try:
             while True:

@@ -224,3 +224,18 @@ class ProxyProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def start_proxy(moto: MotoServer, bucket: str, log_dir: Path, *extra: str) -> ProxyProcess:
+    """A real ``s3proxy serve`` process on moto (5 MiB parts), logging into ``log_dir``."""
+    return ProxyProcess.start(
+        ["--endpoint-url", moto.endpoint_url, "--bucket", bucket, "--part-size", "5MiB", *extra],
+        fake_aws_env(),
+        log_dir / "proxy.log",
+    )
+
+
+async def exit_code(proxy: ProxyProcess, within: float = 30) -> int:
+    """The process's exit status, waited for in a thread (the event loop stays free)."""
+    code: int = await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, within)
+    return code

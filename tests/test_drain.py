@@ -17,32 +17,19 @@ from tests.bodies import MiB
 from tests.polling import eventually
 from tests.s3util import (
     MotoServer,
-    ProxyProcess,
     all_keys_async,
-    fake_aws_env,
+    exit_code,
     open_uploads_async,
     read_object_async,
+    start_proxy,
 )
 from tests.test_lifecycle import open_upload
-
-
-def start(moto: MotoServer, bucket: str, tmp_path: Path, *extra: str) -> ProxyProcess:
-    return ProxyProcess.start(
-        ["--endpoint-url", moto.endpoint_url, "--bucket", bucket, "--part-size", "5MiB", *extra],
-        fake_aws_env(),
-        tmp_path / "proxy.log",
-    )
-
-
-async def exit_code(proxy: ProxyProcess, within: float = 30) -> int:
-    code: int = await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, within)
-    return code
 
 
 async def test_uploads_cut_at_the_deadline_get_503_connection_close(
     moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
 ) -> None:
-    proxy = start(moto, bucket, tmp_path, "--shutdown-timeout", "1")
+    proxy = start_proxy(moto, bucket, tmp_path, "--shutdown-timeout", "1")
     stalled = []
     for _ in range(3):  # several stalled uploads, each at a different point
         raw = bodies.body([bodies.file("f", "big.bin", os.urandom(12 * MiB))])
@@ -76,7 +63,9 @@ async def test_uploads_cut_at_the_deadline_get_503_connection_close(
 async def test_keepalive_client_does_not_hold_the_process(
     moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
 ) -> None:
-    proxy = start(moto, bucket, tmp_path, "--shutdown-timeout", "20", "--keepalive-timeout", "60")
+    proxy = start_proxy(
+        moto, bucket, tmp_path, "--shutdown-timeout", "20", "--keepalive-timeout", "60"
+    )
     data = os.urandom(12 * MiB)
     raw = bodies.body([bodies.file("f", "a.bin", data)])
     reader, writer = await open_upload(proxy.port, raw, 6 * MiB)
@@ -104,7 +93,9 @@ async def test_keepalive_client_does_not_hold_the_process(
 async def test_idle_keepalive_closed_at_drain_and_requests_told_to_close(
     moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
 ) -> None:
-    proxy = start(moto, bucket, tmp_path, "--shutdown-timeout", "20", "--keepalive-timeout", "60")
+    proxy = start_proxy(
+        moto, bucket, tmp_path, "--shutdown-timeout", "20", "--keepalive-timeout", "60"
+    )
     # an idle kept-alive connection, and one busy with an upload that keeps drain waiting
     idle_r, idle_w = await asyncio.open_connection("127.0.0.1", proxy.port)
     idle_w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")

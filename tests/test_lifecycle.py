@@ -18,21 +18,12 @@ from tests.bodies import MiB
 from tests.polling import eventually
 from tests.s3util import (
     MotoServer,
-    ProxyProcess,
     all_keys_async,
-    fake_aws_env,
     head_object_async,
     open_uploads_async,
     read_object_async,
+    start_proxy,
 )
-
-
-def start(moto: MotoServer, bucket: str, tmp_path: Path, *extra: str) -> ProxyProcess:
-    return ProxyProcess.start(
-        ["--endpoint-url", moto.endpoint_url, "--bucket", bucket, "--part-size", "5MiB", *extra],
-        fake_aws_env(),
-        tmp_path / "proxy.log",
-    )
 
 
 async def open_upload(port: int, raw: bytes, sent: int) -> tuple[Any, Any]:
@@ -46,7 +37,7 @@ async def open_upload(port: int, raw: bytes, sent: int) -> tuple[Any, Any]:
 async def test_sigterm_aborts_stalled_upload_after_grace(
     moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
 ) -> None:
-    proxy = start(moto, bucket, tmp_path, "--shutdown-timeout", "1")
+    proxy = start_proxy(moto, bucket, tmp_path, "--shutdown-timeout", "1")
     raw = bodies.body([bodies.file("f", "big.bin", os.urandom(20 * MiB))])
     reader, writer = await open_upload(proxy.port, raw, 12 * MiB)  # then the client stalls
     await eventually(
@@ -69,7 +60,7 @@ async def test_sigterm_aborts_stalled_upload_after_grace(
 async def test_sigterm_lets_running_upload_finish(
     moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
 ) -> None:
-    proxy = start(moto, bucket, tmp_path, "--shutdown-timeout", "20")
+    proxy = start_proxy(moto, bucket, tmp_path, "--shutdown-timeout", "20")
     data = os.urandom(12 * MiB)
     raw = bodies.body([bodies.file("f", "big.bin", data)])
     reader, writer = await open_upload(proxy.port, raw, 6 * MiB)
@@ -178,7 +169,7 @@ async def test_json_logs_carry_request_id_and_upload_id(
 ) -> None:
     import json
 
-    proxy = start(moto, bucket, tmp_path, "--log-format", "json")
+    proxy = start_proxy(moto, bucket, tmp_path, "--log-format", "json")
     raw = bodies.body([bodies.file("f", "a.bin", os.urandom(6 * MiB))])
     async with (
         aiohttp.ClientSession() as session,

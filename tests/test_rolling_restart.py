@@ -23,10 +23,10 @@ from tests.faults import Fault, FaultyS3
 from tests.polling import eventually
 from tests.s3util import (
     MotoServer,
-    ProxyProcess,
     all_keys,
-    fake_aws_env,
+    exit_code,
     open_uploads_async,
+    start_proxy,
 )
 from tests.test_lifecycle import open_upload
 
@@ -152,26 +152,13 @@ async def test_readyz_answers_at_once_while_the_store_is_away(
 # --- SIGTERM to a real process --------------------------------------------------------------
 
 
-def start(moto: MotoServer, bucket: str, tmp_path: Path, *extra: str) -> ProxyProcess:
-    return ProxyProcess.start(
-        ["--endpoint-url", moto.endpoint_url, "--bucket", bucket, "--part-size", "5MiB", *extra],
-        fake_aws_env(),
-        tmp_path / "proxy.log",
-    )
-
-
-async def exit_code(proxy: ProxyProcess, within: float = 30) -> int:
-    code: int = await asyncio.get_running_loop().run_in_executor(None, proxy.proc.wait, within)
-    return code
-
-
 async def test_sigterm_serves_through_the_drain_delay_then_refuses_connections(
     moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
 ) -> None:
     """Before: new uploads got 503 SHUTTING_DOWN at once, which no load balancer replays
     once it began to send the body."""
     delay = 2.0
-    proxy = start(moto, bucket, tmp_path, "--drain-delay", "2", "--shutdown-timeout", "20")
+    proxy = start_proxy(moto, bucket, tmp_path, "--drain-delay", "2", "--shutdown-timeout", "20")
     in_flight = os.urandom(12 * MiB)
     raw = bodies.body([bodies.file("f", "a.bin", in_flight)])
     reader, writer = await open_upload(proxy.port, raw, 6 * MiB)
@@ -225,7 +212,7 @@ async def test_sigterm_serves_through_the_drain_delay_then_refuses_connections(
 async def test_auto_delay_once_readyz_was_asked_and_a_second_signal_ends_it(
     moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
-    proxy = start(moto, bucket, tmp_path)  # --drain-delay auto
+    proxy = start_proxy(moto, bucket, tmp_path)  # --drain-delay auto
     async with aiohttp.ClientSession() as session:
         async with session.get(proxy.url + "/readyz") as resp:
             assert resp.status == 200  # a load balancer checks this instance
