@@ -83,6 +83,7 @@ from s3proxy.s3 import (
     BadDigest,
     ChecksumUnsupported,
     NoSuchKey,
+    ObjectDefaults,
     ObjectOptions,
     ObjectSink,
     PreconditionFailed,
@@ -99,6 +100,9 @@ PROBE_BYTES = 64 * 1024
 T = TypeVar("T")
 
 
+NO_DEFAULTS = ObjectDefaults()  # no ACL, storage class or SSE: the bucket's own
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     part_size: int
@@ -109,14 +113,11 @@ class PipelineConfig:
     grant_types: tuple[str, ...] = ()  # an upload token's narrower allowlist (403 outside it)
     token_limit: int | None = None  # an upload token's bytes of file data per request (413 over)
     token_used: int = 0  # of those, bytes already stored by the request's earlier files
-    acl: str | None = None
-    storage_class: str | None = None
-    sse: str | None = None
-    sse_kms_key_id: str | None = None
     min_rate: float = DEFAULT_MIN_RATE  # --min-upload-rate: slower part fillers may be evicted
     max_fields_size: int = DEFAULT_MAX_FIELDS_SIZE  # a request's field bytes, held in the budget
     writes: keys.WritePolicy = keys.UNIQUE_KEYS  # --no-overwrite with the key template
     checksum: Algorithm | None = None  # --checksum (auto: CRC64NVME); None sends no checksum
+    objects: ObjectDefaults = NO_DEFAULTS  # --acl, --storage-class, SSE
 
 
 @dataclass(frozen=True)
@@ -485,15 +486,8 @@ class FileUpload:
         return found.content_type
 
     def _options(self, content_type: str, extra: Mapping[str, str] | None = None) -> ObjectOptions:
-        return ObjectOptions(
-            content_type=content_type,
-            content_disposition=keys.content_disposition(self.spec.filename),
-            metadata={**self.spec.metadata, **self._nonce(), **(extra or {})},
-            acl=self.cfg.acl,
-            storage_class=self.cfg.storage_class,
-            sse=self.cfg.sse,
-            sse_kms_key_id=self.cfg.sse_kms_key_id,
-        )
+        metadata = {**self.spec.metadata, **self._nonce(), **(extra or {})}
+        return self.cfg.objects.options(content_type, self.spec.filename, metadata)
 
     def _nonce(self) -> dict[str, str]:
         return {keys.NONCE_META: self.nonce} if self.cfg.writes.if_none_match else {}
