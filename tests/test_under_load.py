@@ -99,7 +99,14 @@ async def test_s3_killed_mid_upload_then_recovers(tmp_path: Path) -> None:
         writer.close()
         assert status in (502, 503, 504), payload
         assert json.loads(payload)["error"]["code"].startswith("UPSTREAM_")
-        assert get(proxy.url + "/readyz")[0] == 503
+        # /readyz answers from a background check (--readiness-interval, 1 s): 503 once it
+        # has looked, within an interval and a check timeout of the store's death.
+        await eventually(
+            lambda: asyncio.to_thread(get, proxy.url + "/readyz"),
+            until=lambda got: got[0] == 503,
+            within=5,
+            what="/readyz 503 while S3 is down",
+        )
         assert get(proxy.url + "/healthz")[0] == 200
 
         store = EmbeddedStore(cfg)  # S3 comes back, same data and port
