@@ -14,29 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import shlex
 import signal
 import sys
 from pathlib import Path
 
-from bench import clients, designs, matrix, report
+from bench import clients, designs, load_config, matrix, report
 from bench.options import RESULTS_DIR, RUNS_DIR, Options
 from bench.result import RunResult
-
-UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1 << 10,
-    "kib": 1 << 10,
-    "m": 1 << 20,
-    "mib": 1 << 20,
-    "g": 1 << 30,
-    "gib": 1 << 30,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-}
 
 PRESETS: dict[str, dict[str, object]] = {
     "full": {
@@ -81,10 +66,11 @@ PRESETS: dict[str, dict[str, object]] = {
 
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64MiB)")
-    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+    """``bench.load_config.parse_size`` (one size syntax for both commands), for argparse."""
+    try:
+        return load_config.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _list(text: str, allowed: tuple[str, ...] | None = None) -> list[str]:
