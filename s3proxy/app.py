@@ -20,7 +20,7 @@ from aiohttp.typedefs import Middleware
 if TYPE_CHECKING:
     from s3proxy.embedded import EmbeddedStore
 
-from s3proxy import downloads, handlers, page, presign, protocol
+from s3proxy import downloads, handlers, page, presign, protocol, tus
 from s3proxy.cleanup import Rule, sweep
 from s3proxy.config import embedded_config
 from s3proxy.cors import Cors
@@ -108,6 +108,8 @@ def create_app(settings: Settings) -> web.Application:
         page.add_routes(app)
     app.cleanup_ctx.append(_s3_backend)
     app.cleanup_ctx.append(_webhook)
+    if settings.tus:
+        tus.add_routes(app)  # after _s3_backend: its URL keys may come from the store
     app.on_shutdown.append(lambda app: drain(app[STATE]))
     return app
 

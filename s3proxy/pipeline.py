@@ -285,6 +285,7 @@ class FileUpload:
         self._staged_crc: CrcValue | None = None
         self._staged_sent = 0  # of the bytes sent in parts, those loaded from staging
         self.created_here = False  # this request made the multipart upload (resumed files)
+        self.content_type = "" if resume is None else resume.content_type
         if resume is not None:
             self.upload_id = resume.upload_id
         self._source: ChunkSource | None = None
@@ -464,7 +465,7 @@ class FileUpload:
                     reservation = None
                 elif isinstance(action, CreateUpload):
                     first = await self._with_staged(action.staged, action.first)
-                    content_type = self._content_type(first)
+                    content_type = self.content_type = self._content_type(first)
                     self.upload_id = await self._create(self._options(content_type))
                     self.created_here = True
                     log.debug("upload.created key=%s upload_id=%s", self.spec.key, self.upload_id)
@@ -475,6 +476,15 @@ class FileUpload:
                     return await self._put(chunks, content_type, crc)
                 elif isinstance(action, Stage):
                     assert resume is not None
+                    if not resume.point.offset and action.size >= min(
+                        sniff.SNIFF_BYTES, resume.point.total
+                    ):
+                        # The file's first bytes: --allow-type and the token's types hold
+                        # before any of them is kept (the type is fixed later, at
+                        # CreateMultipartUpload or PutObject, from these same bytes).
+                        self._content_type(action.chunks)
+                    verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
+                    await self._drain()  # the parts this request sent are acknowledged
                     await resume.staging.stage(
                         action.number, action.start, action.chunks, action.size
                     )
@@ -735,6 +745,10 @@ class FileUpload:
             await self.sink.tag(self.spec.key, {"sha256": digest})
             log.debug("upload.tagged key=%s upload_id=%s", self.spec.key, upload_id)
         return self._stored(content_type, written, digest, parts=len(parts))
+
+    def acknowledged(self) -> dict[int, tuple[str, CrcValue | None]]:
+        """The parts S3 holds for this file: (ETag, CRC) by number, earlier requests' too."""
+        return {n: (e, self._part_crcs.get(n)) for n, e in sorted(self._etags.items())}
 
     def _digest(self) -> str:
         """The file's sha256, hex; "" for a resumed file that did not arrive in this one

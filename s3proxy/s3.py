@@ -430,8 +430,9 @@ class ObjectStore(ObjectSink, Protocol):
       PreconditionFailed if the key exists (nothing written; a refused Complete leaves
       the upload open). ``put`` with ``if_match`` (an ETag) writes only over that exact
       object (a compare-and-swap: PreconditionFailed if it changed, NoSuchKey if it is
-      gone; S3 since 2024-11, moto and SeaweedFS: tests/test_s3_contract.py). ``delete`` with ``if_match`` (an ETag) sends ``If-Match`` and
-      raises PreconditionFailed if the object is another (S3 since 2025-09, SeaweedFS
+      gone; S3 since 2024-11, moto and SeaweedFS: tests/test_s3_contract.py).
+      ``delete`` with ``if_match`` (an ETag) sends ``If-Match`` and raises
+      PreconditionFailed if the object is another (S3 since 2025-09, SeaweedFS
       and moto: probed in tests/test_no_overwrite.py); deleting a missing key succeeds.
     * ``list_parts`` returns parts by number, all of them (S3 pages at 1,000) unless
       ``max_parts`` caps it; NoSuchUpload if the upload is unknown.
