@@ -221,7 +221,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     location = ROOT + tus_url.issue(upload, request.app[TUS].keys[0])
     store = TusStore(state.require_sink(), upload)
     checksum = None if cfg.checksum is None else cfg.checksum.value
-    await store.create(TusState(checksum=checksum))
+    await store.create(TusState(key=key, checksum=checksum))
     state.metrics.uploads_started.inc()
     log.info("tus.created key=%s length=%d id=%s by=%s", key, length, upload.id, principal.subject)
     headers = {"Location": location, **_expires(upload)}
@@ -575,6 +575,7 @@ class _Appended:
         tail = [self.segment] if self.segment is not None else []
         return TusState(
             offset=self.current.offset + self.file.size,
+            key=self.current.key,
             upload_id=self.file.upload_id,
             content_type=self.file.content_type,
             checksum=self.current.checksum,

@@ -85,6 +85,7 @@ class TusState:
     """The committed progress of one upload (see the module docstring)."""
 
     offset: int = 0
+    key: str = ""  # the object's (the sweep aborts an expired upload's multipart upload)
     upload_id: str | None = None
     content_type: str = ""
     checksum: str | None = None  # the algorithm the multipart upload declared
@@ -122,6 +123,7 @@ class TusState:
             data: dict[str, Any] = json.loads(raw)
             return cls(
                 offset=int(data["offset"]),
+                key=str(data["key"]),
                 upload_id=data["upload_id"],
                 content_type=str(data["content_type"]),
                 checksum=data.get("checksum"),
