@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,6 +19,8 @@ from s3proxy.state import STATE
 from s3proxy.tus import TUS
 from s3proxy.tus_url import TusUpload
 from tests.conftest import ProxyFactory
+from tests.faults import Fault, FaultyS3
+from tests.polling import eventually
 from tests.s3util import all_keys_async, open_uploads_async, read_object_async
 from tests.test_resources import WriteAudit
 from tests.test_tus import TUS as TUS_HEADERS
@@ -198,3 +201,50 @@ async def test_small_patches_open_no_file_for_writing(
 @pytest.fixture(scope="session")
 def write_audit() -> WriteAudit:
     return WriteAudit()
+
+
+@pytest.mark.slow
+async def test_a_failed_s3_call_anywhere_leaves_the_upload_resumable(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """Every S3 call of a three-PATCH upload, failed in turn: the PATCH fails, HEAD never
+    reports a byte that is not stored (the upload resumes from what HEAD says and the
+    object is byte-identical), no multipart upload is left open, nothing stays reserved."""
+    clean = await proxy_factory()
+    data = body(7 * MiB + 3)
+    cuts = [0, 3 * MiB, 6 * MiB, len(data)]
+    n = 0
+    while True:
+        n += 1
+        url = await new_upload(clean, len(data))
+        upload = tus_url.verify(url.removeprefix("/tus/"), clean.app[TUS].keys, time.time())
+        calls: list[str] = []
+
+        def fail_nth(op: str, _: int, n: int = n, calls: list[str] = calls) -> Fault | None:
+            calls.append(op)
+            return Fault(status=403, code="AccessDenied") if len(calls) == n else None
+
+        async with FaultyS3(moto.endpoint_url, fail_nth) as faulty:
+            flaky = await proxy_factory(faulty.endpoint_url)
+            failed = None
+            for start, end in itertools.pairwise(cuts):
+                offset = await offset_of(clean, url)
+                assert offset <= start, (n, offset, start)  # never more than was sent
+                resp = await flaky.patch(
+                    url, data=io.BytesIO(data[offset:end]), headers=patch_headers(offset)
+                )
+                if resp.status != 204:
+                    failed = (calls[n - 1], resp.status, (await resp.json())["error"]["code"])
+                    break
+        if failed is None:
+            assert n > 10, "every call of the upload was failed once"
+            break
+        offset = await offset_of(clean, url)
+        resp = await clean.patch(url, data=io.BytesIO(data[offset:]), headers=patch_headers(offset))
+        assert resp.status == 204, (n, failed, await resp.text())
+        assert await read_object_async(s3, bucket, upload.key) == data, (n, failed)
+
+        async def settled() -> bool:
+            return not await reserved(s3, bucket) and not await open_uploads_async(s3, bucket)
+
+        await eventually(settled, within=30, what=f"cleanup after failing call {n} {failed}")
