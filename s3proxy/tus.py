@@ -67,7 +67,7 @@ from s3proxy.janitor import finish, run_cleanup
 from s3proxy.machine import Resume
 from s3proxy.parts import plan_parts
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, Resumed, StoredFile, abort_reason
-from s3proxy.s3 import NoSuchKey, ObjectStore, PreconditionFailed
+from s3proxy.s3 import NoSuchKey, NoSuchUpload, ObjectStore, PreconditionFailed
 from s3proxy.state import STATE, AppState
 from s3proxy.tus_protocol import OFFSET_STREAM, VERSION
 from s3proxy.tus_state import Lock, Part, Segment, TusState, TusStore
@@ -385,6 +385,15 @@ async def _append_tracked(
     try:
         try:
             stored = await _stream(request, state, store, current, appended, declared)
+        except (NoSuchUpload, NoSuchKey):  # its multipart upload, or its staged bytes
+            if not await _finished(store):
+                raise
+            # An instance died between completing the upload and removing its state: the
+            # object is whole; finish the removal.
+            committed = True
+            await lease.stop()
+            await run_cleanup(_remover(store), f"tus state id={upload.id}", state.janitor)
+            return upload.length
         except ProxyError as err:
             if err.kind.status >= 500 or err.kind is CHECKSUM_MISMATCH:
                 raise  # nothing of it is trusted: commit nothing
@@ -426,6 +435,13 @@ async def _append_tracked(
             await appended.abort_unnamed(state)
 
 
+def _remover(store: TusStore) -> Callable[[], Awaitable[None]]:
+    async def remove() -> None:
+        await store.remove_all()
+
+    return remove
+
+
 async def _forget(state: AppState, store: TusStore, segments: list[Segment]) -> None:
     """Delete segments a commit no longer names (their bytes are in a part now)."""
     if segments:
@@ -450,10 +466,7 @@ async def _completed(state: AppState, store: TusStore, stored: StoredFile) -> No
         upload.id,
     )
 
-    async def remove() -> None:
-        await store.remove_all()
-
-    await run_cleanup(remove, f"tus state id={upload.id}", state.janitor)
+    await run_cleanup(_remover(store), f"tus state id={upload.id}", state.janitor)
     if state.webhook is not None:
         out = {"files": [stored.to_json()], "fields": {}}
         try:

@@ -248,3 +248,28 @@ async def test_a_failed_s3_call_anywhere_leaves_the_upload_resumable(
             return not await reserved(s3, bucket) and not await open_uploads_async(s3, bucket)
 
         await eventually(settled, within=30, what=f"cleanup after failing call {n} {failed}")
+
+
+async def test_a_crash_after_completing_before_removing_the_state_is_recovered(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """The instance died between CompleteMultipartUpload and removing the state (put back
+    here as it was): the client's retried PATCH finds the object whole and gets 204."""
+    proxy = await proxy_factory()
+    data = body(6 * MiB)
+    url = await new_upload(proxy, len(data))
+    resp = await proxy.patch(url, data=io.BytesIO(data[: 5 * MiB + 1]), headers=patch_headers(0))
+    assert resp.status == 204
+    upload = tus_url.verify(url.removeprefix("/tus/"), proxy.app[TUS].keys, time.time())
+    state_key = upload.prefix + "state"
+    before = await asyncio.to_thread(s3.get_object, Bucket=bucket, Key=state_key)
+    saved = before["Body"].read()
+    offset = 5 * MiB + 1
+    resp = await proxy.patch(url, data=io.BytesIO(data[offset:]), headers=patch_headers(offset))
+    assert resp.status == 204
+    await asyncio.to_thread(s3.put_object, Bucket=bucket, Key=state_key, Body=saved)
+    assert await offset_of(proxy, url) == offset
+    resp = await proxy.patch(url, data=io.BytesIO(data[offset:]), headers=patch_headers(offset))
+    assert resp.status == 204 and resp.headers["Upload-Offset"] == str(len(data))
+    assert await read_object_async(s3, bucket, upload.key) == data
+    assert await reserved(s3, bucket) == []
