@@ -14,6 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from s3proxy import tokens, tus_url
+from s3proxy.checksums import Algorithm, Crc
 from s3proxy.cleanup import Rule, sweep, sweep_tus
 from s3proxy.state import STATE
 from s3proxy.tus import TUS
@@ -25,6 +26,8 @@ from tests.s3util import all_keys_async, open_uploads_async, read_object_async
 from tests.test_resources import WriteAudit
 from tests.test_tus import TUS as TUS_HEADERS
 from tests.test_tus import KiB, MiB, body, reserved, stored_key
+from tests.test_webhook_flow import SECRET as SECRET_HOOK
+from tests.test_webhook_flow import receiver
 
 SECRET = b"s" * 32
 
@@ -273,3 +276,40 @@ async def test_a_crash_after_completing_before_removing_the_state_is_recovered(
     assert resp.status == 204 and resp.headers["Upload-Offset"] == str(len(data))
     assert await read_object_async(s3, bucket, upload.key) == data
     assert await reserved(s3, bucket) == []
+
+
+async def test_the_webhook_hears_of_the_completed_upload_once(
+    proxy_factory: ProxyFactory, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    server, got = await receiver(aiohttp_server, 204)
+    proxy = await proxy_factory(
+        webhook_url=str(server.make_url("/hook")), webhook_secret=SECRET_HOOK
+    )
+    data = body(250 * KiB)
+    url = await new_upload(proxy, len(data))
+    for start in range(0, len(data), 100 * KiB):
+        resp = await proxy.patch(
+            url, data=data[start : start + 100 * KiB], headers=patch_headers(start)
+        )
+        assert resp.status == 204
+    [event] = got
+    assert event["signed"] and event["body"]["event"] == "upload.completed"
+    [stored] = event["body"]["files"]
+    assert stored["key"] == await stored_key(s3, bucket)
+    assert stored["size"] == len(data) and stored["content_type"] == "application/pdf"
+    crc = Crc(Algorithm.CRC64NVME)
+    crc.update(data)
+    assert stored["checksum"]["value"] == crc.b64()
+
+
+async def test_a_failing_webhook_rolls_the_upload_back(
+    proxy_factory: ProxyFactory, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    server, _ = await receiver(aiohttp_server, 500)
+    proxy = await proxy_factory(
+        webhook_url=str(server.make_url("/hook")), webhook_secret=SECRET_HOOK, webhook_attempts=1
+    )
+    url = await new_upload(proxy, 1000)
+    resp = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
+    assert resp.status == 502 and (await resp.json())["error"]["code"] == "WEBHOOK_FAILED"
+    assert await all_keys_async(s3, bucket) == []
