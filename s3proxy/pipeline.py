@@ -477,13 +477,15 @@ class FileUpload:
                     return await self._put(chunks, content_type, crc)
                 elif isinstance(action, Stage):
                     assert resume is not None
-                    if not resume.point.offset and action.size >= min(
-                        sniff.SNIFF_BYTES, resume.point.total
-                    ):
-                        # The file's first bytes: --allow-type and the token's types hold
-                        # before any of them is kept (the type is fixed later, at
-                        # CreateMultipartUpload or PutObject, from these same bytes).
-                        self._content_type(action.chunks)
+                    head = min(sniff.SNIFF_BYTES, resume.point.total)
+                    if resume.point.offset < head <= action.start + action.size:
+                        # The file's first bytes are complete with this request's: the
+                        # type and --allow-type (and the token's types) are checked before
+                        # any of these is kept; the type itself is fixed later, at
+                        # CreateMultipartUpload or PutObject, from these same bytes. Fewer
+                        # than SNIFF_BYTES staged before (a tiny first PATCH) are read back.
+                        first = await self._with_staged(resume.point.staged, action.chunks)
+                        self._content_type(first)
                     verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
                     await self._drain()  # the parts this request sent are acknowledged
                     await resume.staging.stage(

@@ -313,3 +313,23 @@ async def test_a_failing_webhook_rolls_the_upload_back(
     resp = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
     assert resp.status == 502 and (await resp.json())["error"]["code"] == "WEBHOOK_FAILED"
     assert await all_keys_async(s3, bucket) == []
+
+
+async def test_the_type_is_checked_once_tiny_patches_bring_the_first_bytes(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """--allow-type on the file's first 64 KiB even when they come in 1 KiB PATCHes: the
+    PATCH that completes them is refused, and none of its bytes is kept."""
+    proxy = await proxy_factory(allow_type=("application/pdf",))
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 400
+    url = await new_upload(proxy, len(png))
+    for start in range(0, 63 * KiB, 21 * KiB):
+        resp = await proxy.patch(
+            url, data=png[start : start + 21 * KiB], headers=patch_headers(start)
+        )
+        assert resp.status == 204
+    resp = await proxy.patch(url, data=png[63 * KiB : 65 * KiB], headers=patch_headers(63 * KiB))
+    assert resp.status == 415 and (await resp.json())["error"]["code"] == "TYPE_NOT_ALLOWED"
+    assert await offset_of(proxy, url) == 63 * KiB
+    resp = await proxy.delete(url, headers=TUS_HEADERS)
+    assert resp.status == 204
