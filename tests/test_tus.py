@@ -305,3 +305,31 @@ async def test_termination_aborts_the_multipart_upload(
     assert resp.status == 204
     assert await all_keys_async(s3, bucket) == []
     # the bucket fixture checks that no multipart upload is left open
+
+
+async def test_cors_lets_a_page_elsewhere_speak_tus(proxy_factory: ProxyFactory) -> None:
+    proxy = await proxy_factory(cors_origin=("https://app.example",))
+    origin = {"Origin": "https://app.example"}
+    pre = await proxy.options(
+        "/tus/x",
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "PATCH",
+            "Access-Control-Request-Headers": "tus-resumable,upload-offset,content-type",
+        },
+    )
+    assert pre.status == 204
+    assert "PATCH" in pre.headers["Access-Control-Allow-Methods"]
+    allowed = pre.headers["Access-Control-Allow-Headers"].lower()
+    for name in ("tus-resumable", "upload-offset", "upload-length", "upload-metadata"):
+        assert name in allowed
+    resp = await proxy.post("/tus/", headers={**TUS, **origin, "Upload-Length": "9"})
+    assert resp.status == 201
+    exposed = {h.strip().lower() for h in resp.headers["Access-Control-Expose-Headers"].split(",")}
+    assert {
+        "location",
+        "upload-offset",
+        "upload-length",
+        "upload-expires",
+        "tus-resumable",
+    } <= exposed
