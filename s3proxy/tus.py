@@ -394,6 +394,24 @@ async def _append_tracked(
             await lease.stop()
             await run_cleanup(_remover(store), f"tus state id={upload.id}", state.janitor)
             return upload.length
+        except asyncio.CancelledError:
+            # Shutdown's drain (or the server) stopped it: keep its acknowledged parts too,
+            # so a rolling restart costs a resume at the last part, not at the PATCH's
+            # start. To its end even if cancelled again meanwhile.
+            kept = appended.partial_state()
+            if kept is not None:
+
+                async def keep(kept: TusState = kept) -> None:
+                    nonlocal committed
+                    with contextlib.suppress(ProxyError):
+                        await lease.commit(kept)
+                        committed = True
+                        log.info(
+                            "tus.kept id=%s offset=%d reason=CANCELLED", upload.id, kept.offset
+                        )
+
+                await finish(keep())
+            raise
         except ProxyError as err:
             if err.kind.status >= 500 or err.kind is CHECKSUM_MISMATCH:
                 raise  # nothing of it is trusted: commit nothing

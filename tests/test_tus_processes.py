@@ -21,6 +21,7 @@ from tests.s3util import (
     MotoServer,
     ProxyProcess,
     all_keys_async,
+    exit_code,
     open_uploads_async,
     read_object_async,
     start_proxy,
@@ -184,3 +185,42 @@ async def test_kill_9_mid_patch_resumes_on_another_instance(
     await sweep_orphans(moto, bucket)
     assert await open_uploads_async(s3, bucket) == []
     assert [k for k in await all_keys_async(s3, bucket)] == [key]
+
+
+@pytest.mark.filterwarnings("ignore:Sending a large body directly:ResourceWarning")
+async def test_a_patch_stopped_by_shutdown_keeps_its_parts(
+    moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    """SIGTERM while a PATCH is still streaming: after --shutdown-timeout it is stopped
+    (503 SHUTTING_DOWN), keeps the whole parts S3 acknowledged, and the upload goes on
+    from there on another instance (a rolling restart costs one part, not the PATCH)."""
+    a, b = two_proxies(moto, bucket, tmp_path, "--shutdown-timeout", "1", "--drain-delay", "0")
+    try:
+        data = body(12 * MiB + 3)
+        async with aiohttp.ClientSession() as session:
+            url = await create(session, a, len(data))
+            reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+            writer.write(
+                (
+                    f"PATCH {url} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+                    f"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n"
+                ).encode()
+                + data[: 7 * MiB]
+            )
+            await writer.drain()
+            await asyncio.sleep(1.5)  # part 1 reaches S3; the client then stalls
+            a.proc.send_signal(signal.SIGTERM)
+            answer = await asyncio.wait_for(reader.read(4096), 20)
+            assert b" 503 " in answer.split(b"\r\n", 1)[0] and b"SHUTTING_DOWN" in answer
+            writer.transport.abort()
+            assert await exit_code(a, 20) == 0
+            offset = await offset_on(session, b, url)
+            assert offset == 5 * MiB
+            resp = await resume(session, b, url, data, offset)
+            assert resp.status == 204
+        assert await read_object_async(s3, bucket, await stored_key(s3, bucket)) == data
+        assert await reserved(s3, bucket) == []
+    finally:
+        a.stop()
+        b.stop()
