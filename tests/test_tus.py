@@ -333,3 +333,9 @@ async def test_cors_lets_a_page_elsewhere_speak_tus(proxy_factory: ProxyFactory)
         "upload-expires",
         "tus-resumable",
     } <= exposed
+
+
+async def test_tus_can_be_turned_off(proxy_factory: ProxyFactory) -> None:
+    proxy = await proxy_factory(tus=False)
+    resp = await proxy.post("/tus/", headers={**TUS, "Upload-Length": "5"})
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "NOT_FOUND"
