@@ -12,10 +12,10 @@ Thin handlers over three pure parts and one driver:
   sizes, parts in flight, checksums S3 verifies, sniffing and ``--allow-type`` on the
   first bytes, client idle timeout and minimum rate, metrics and completion webhook.
 
-Routes: ``POST /tus/`` creates (creation, creation-with-upload; auth as ``/upload``:
-API key or upload token, whose prefix, size and types bind the upload); ``HEAD``,
-``PATCH``, ``DELETE`` ``/tus/{url}`` need only the URL; ``OPTIONS`` announces the
-extensions. ``X-HTTP-Method-Override`` on a POST to an upload URL is honoured.
+Routes: ``POST /tus/`` creates (creation, creation-with-upload, creation-defer-length;
+auth as ``/upload``: API key or upload token, whose prefix, size and types bind the
+upload); ``HEAD``, ``PATCH``, ``DELETE`` ``/tus/{url}`` need only the URL; ``OPTIONS``
+announces the extensions. ``X-HTTP-Method-Override`` on a POST to an upload URL is honoured.
 
 A PATCH: read the state (404 none, 409 offset, 423 locked) -> swap in the lock -> stream
 (parts it fills go to S3 as UploadPart, staged bytes of the part it continues are read
