@@ -133,6 +133,7 @@ def test_writing_a_saved_run_elsewhere_leaves_the_committed_files_alone(
     saved = RESULTS / "issue-conc" / "latest.json"
     before = _status()
     written = report.write(Report.of(RunResult.load(saved)), tmp_path)
-    assert written["json"].read_bytes() == saved.read_bytes()
+    # the same run (newer fields such as the body kind read back with their defaults)
+    assert RunResult.load(written["json"]) == RunResult.load(saved)
     assert written["md"].parent == tmp_path
     assert _status() == before

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-DESIGNS = {"s3proxy", "direct", "naive-tempfile", "naive-memory"}
+DESIGNS = {"s3proxy", "direct", "naive-tempfile", "naive-memory", "floor"}
 
 
 def _tracked_changes() -> str:
