@@ -542,8 +542,8 @@ class Settings:
     # speed (issue #15; README "Benchmarks")
     event_loop: str = _setting(
         "asyncio",
-        "event loop: uvloop (measured: less CPU per GiB) or asyncio, the standard library's; "
-        "auto: uvloop when installed",
+        "event loop: asyncio (the standard library's) or uvloop; auto: uvloop when "
+        "installed (measured: no difference in CPU per GiB, see README Benchmarks)",
         str.lower,
         choices=EVENT_LOOPS,
     )
