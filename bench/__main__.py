@@ -56,7 +56,7 @@ PRESETS: dict[str, dict[str, object]] = {
     "smoke": {
         "sizes": "1MiB,6MiB",
         "concurrency": "1,2",
-        "designs": "s3proxy,direct,naive-tempfile,naive-memory,floor",
+        "designs": "s3proxy,direct,naive-tempfile,naive-memory",
         "clients": "curl,aiohttp",
         "backend": "moto",
         "part_size": "5MiB",
