@@ -20,14 +20,14 @@ import sys
 from pathlib import Path
 
 from bench import clients, designs, load_config, matrix, report
-from bench.options import RESULTS_DIR, RUNS_DIR, Options
+from bench.options import RESULTS_DIR, RUNS_DIR, CellSpec, Options
 from bench.result import RunResult
 
 PRESETS: dict[str, dict[str, object]] = {
     "full": {
         "sizes": "64MiB,256MiB,1GiB",
         "concurrency": "1,4,16,64",
-        "designs": ",".join(designs.DESIGNS),
+        "designs": ",".join(designs.ALL),
         "clients": "curl",
         "backend": "seaweedfs",
     },
@@ -35,7 +35,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # (64 x 1 GiB would take an hour per design on 2 cores).
     "readme": {
         "cells": "64MiB:1,64MiB:4,64MiB:16,64MiB:64,256MiB:1,256MiB:4,256MiB:16,1GiB:1,1GiB:4",
-        "designs": ",".join(designs.DESIGNS),
+        "designs": ",".join(designs.ALL),
         "clients": "curl",
         "backend": "seaweedfs",
         "part_size": "8MiB",
@@ -47,7 +47,7 @@ PRESETS: dict[str, dict[str, object]] = {
     "quick": {
         "sizes": "32MiB",
         "concurrency": "1,4,16",
-        "designs": ",".join(designs.DESIGNS),
+        "designs": ",".join(designs.ALL),
         "clients": "curl",
         "backend": "seaweedfs",
     },
@@ -71,6 +71,27 @@ def parse_size(text: str) -> int:
         return load_config.parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# Issue #15's small-files cell: 1,000 uploads of 100 KiB, 16 at a time.
+SMALL_FILES = "100KiB:16x1000"
+
+
+def parse_cell(text: str) -> CellSpec:
+    """``SIZE:CONC[xCOUNT][:junk]``: ``256MiB:4``, ``100KiB:16x1000`` (1,000 uploads, 16 at a
+    time), ``1GiB:1:junk`` (a file of multipart junk, bench/body.py)."""
+    size, _, rest = text.strip().partition(":")
+    conc, _, kind = rest.partition(":")
+    conc, _, count = conc.partition("x")
+    try:
+        spec = CellSpec(parse_size(size), int(conc), int(count or 0), kind or "random")
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a cell: {text!r} (SIZE:CONC[xCOUNT][:junk])"
+        ) from None
+    if spec.body not in ("random", "junk") or spec.concurrency < 1 or spec.count < 0:
+        raise argparse.ArgumentTypeError(f"not a cell: {text!r} (SIZE:CONC[xCOUNT][:junk])")
+    return spec
 
 
 def _list(text: str, allowed: tuple[str, ...] | None = None) -> list[str]:
@@ -98,8 +119,20 @@ def parser() -> argparse.ArgumentParser:
     preset.add_argument("--smoke", action="store_true", help="--matrix smoke: tiny, moto, CI")
     p.add_argument("--sizes", help="comma-separated file sizes, e.g. 64MiB,256MiB,1GiB")
     p.add_argument("--concurrency", help="comma-separated concurrent uploads, e.g. 1,4,16,64")
+    p.add_argument(
+        "--cells",
+        help="comma-separated cells SIZE:CONC[xCOUNT][:junk] to run instead of a matrix's:"
+        " 256MiB:4 (4 uploads at once), 100KiB:16x1000 (1,000 uploads, 16 at a time),"
+        " 1GiB:1:junk (a file of multipart junk: CRLF runs, near-boundaries, dash runs)",
+    )
+    p.add_argument(
+        "--small-files",
+        action="store_true",
+        help=f"run the small-files cell, {SMALL_FILES} (after --cells' if any): requests/s"
+        " and CPU per request",
+    )
     p.add_argument("--reps", type=int, help="repetitions of every cell (default 1)")
-    p.add_argument("--designs", help=f"comma-separated, from {','.join(designs.DESIGNS)}")
+    p.add_argument("--designs", help=f"comma-separated, from {','.join(designs.ALL)}")
     p.add_argument(
         "--clients", help=f"comma-separated, from {','.join(clients.KINDS)} (default curl)"
     )
@@ -125,6 +158,11 @@ def parser() -> argparse.ArgumentParser:
         help="sha256-sign every part in every design (default: UNSIGNED-PAYLOAD, as s3proxy)",
     )
     p.add_argument("--s3proxy-args", default="", help="extra flags for `s3proxy serve`")
+    p.add_argument(
+        "--s3proxy-b-args",
+        help="also run s3proxy as the design s3proxy-b with these flags instead of"
+        " --s3proxy-args: an A/B in the same run (e.g. '--event-loop uvloop')",
+    )
     p.add_argument(
         "--s3proxy-rev",
         help="measure s3proxy as of this git revision (e.g. HEAD); default: a copy of the"
@@ -193,7 +231,7 @@ def options(argv: list[str]) -> tuple[Options, bool]:
         sizes=sizes,
         concurrency=concurrency,
         cells=pairs,
-        designs=_list(pick("designs"), designs.DESIGNS),
+        designs=_list(pick("designs"), designs.ALL),
         clients=_list(pick("clients"), clients.KINDS),
         reps=args.reps or 1,
         backend=backend,
@@ -211,10 +249,21 @@ def options(argv: list[str]) -> tuple[Options, bool]:
         cache_dir=args.cache_dir,
         preset=name,
         command="python -m bench " + shlex.join(argv),
+        specs=specs(args.cells, args.small_files),
+        s3proxy_b_args=None if args.s3proxy_b_args is None else shlex.split(args.s3proxy_b_args),
     )
     if not opts.sizes or not opts.concurrency or not opts.designs or not opts.clients:
         raise SystemExit("sizes, concurrency, designs and clients must not be empty")
     return opts, args.update_readme
+
+
+def specs(cells: str | None, small_files: bool) -> list[CellSpec]:
+    """The cells given as specs (they replace the matrix's grid); ``--small-files`` adds
+    its cell after them."""
+    out = [parse_cell(c) for c in _list(cells or "")]
+    if small_files:
+        out.append(parse_cell(SMALL_FILES))
+    return out
 
 
 async def _run_until_signalled(opts: Options) -> RunResult:

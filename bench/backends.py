@@ -87,7 +87,12 @@ async def start_backend(opts: Options, workdir: Path, log_dir: Path) -> Backend:
             raise SystemExit(
                 f"the embedded SeaweedFS store is not available ({e}); try --backend moto"
             ) from e
-        store = EmbeddedStore(EmbeddedConfig(data_dir=workdir / "seaweedfs", bucket=opts.bucket))
+        # A free S3 port, not the default 8333: another run (or a `make serve`) may hold it.
+        store = EmbeddedStore(
+            EmbeddedConfig(
+                data_dir=workdir / "seaweedfs", bucket=opts.bucket, s3_port=procs.free_port()
+            )
+        )
         await store.start(timeout=90)
         b = Backend(
             "seaweedfs",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench import body, clients, designs, procs, s3util
 from bench.backends import Backend, child_env
-from bench.options import REPO, Options
+from bench.options import REPO, CellSpec, Options
 from bench.progress import Bar
 from bench.result import CellResult, percentile
 
@@ -30,7 +30,7 @@ class Setup:
     opts: Options
     bar: Bar
     log_dir: Path
-    body_files: dict[int, Path] = field(default_factory=dict)  # curl's, by size
+    body_files: dict[tuple[int, str], Path] = field(default_factory=dict)  # curl's: (size, kind)
     multer_dir: Path | None = None  # the installed multer-s3 design
     s3proxy_src: Path | None = None  # the snapshot of s3proxy to measure
 
@@ -47,10 +47,15 @@ class Checks:
 
 
 async def verify_and_clean(
-    b: Backend, region: str, uploads: list[clients.Upload], seed: int, size: int
+    b: Backend,
+    region: str,
+    uploads: list[clients.Upload],
+    seed: int,
+    size: int,
+    kind: str = "random",
 ) -> Checks:
     """Check every reported object against the generated body, then delete everything."""
-    expected = body.sha256(seed, size)
+    expected = body.sha256(seed, size, kind)
     reported = [k for u in uploads for k in u.keys]
     async with b.client(region) as s3:
         slots = asyncio.Semaphore(4)
@@ -119,11 +124,13 @@ class _Measured:
 
 
 async def _measure(
-    child: procs.Child, design: str, client: str, size: int, conc: int, port: int, s: Setup
+    child: procs.Child, design: str, client: str, spec: CellSpec, port: int, s: Setup
 ) -> _Measured:
     """Run the cell's uploads against the ready server, sampling it and the store."""
     opts, bar = s.opts, s.bar
-    timeout = 60 + conc * size / 5e6  # bounded: assumes at least 5 MB/s in aggregate
+    size, conc, total = spec.size, spec.concurrency, spec.uploads
+    # bounded: assumes at least 5 MB/s in aggregate (and 20 small uploads a second)
+    timeout = 60 + total * size / 5e6 + total / 20
     progress = clients.Progress()
     # What the server holds at rest once warmed up, so peak - idle is what the cell cost.
     idle_rss = procs.rss_bytes(procs.tree(child.pid))
@@ -132,7 +139,7 @@ async def _measure(
     store = procs.Sampler(pid, opts.sample_interval, whole_tree=False) if pid else None
     wchar0 = procs.io_chars(child.pid)[1]
     if design == "direct":
-        bar.cell(child.name, lambda: min(conc * size, procs.io_chars(child.pid)[1] - wchar0))
+        bar.cell(child.name, lambda: min(total * size, procs.io_chars(child.pid)[1] - wchar0))
     elif client == "curl":
         bar.cell(child.name, progress.curl_bytes)
     else:
@@ -149,7 +156,9 @@ async def _measure(
     if design == "direct":
         assert child.proc is not None
         prefix = f"bench/direct/{uuid.uuid4().hex}/"
-        uploads = await clients.direct_job(child.proc, conc, opts.seed, size, prefix, timeout)
+        uploads = await clients.direct_job(
+            child.proc, conc, opts.seed, size, prefix, timeout, total, spec.body
+        )
     else:
         uploads = await clients.run_clients(
             client,
@@ -157,9 +166,11 @@ async def _measure(
             conc,
             opts.seed,
             size,
-            s.body_files.get(size),
+            s.body_files.get((size, spec.body)),
             timeout,
             progress,
+            total,
+            spec.body,
         )
     wall = time.perf_counter() - t0
     busy = procs.machine_busy_seconds() - busy0
@@ -180,15 +191,16 @@ async def _measure(
     )
 
 
-async def run_cell(
-    s: Setup, design: str, client: str, size: int, conc: int, rep: int
-) -> CellResult:
-    """One design, one client kind, ``conc`` uploads of ``size`` bytes at once, measured."""
+async def run_cell(s: Setup, design: str, client: str, spec: CellSpec, rep: int) -> CellResult:
+    """One design, one client kind, ``spec.concurrency`` uploads of ``spec.size`` bytes at
+    once (``spec.uploads`` in all), measured."""
+    size, conc = spec.size, spec.concurrency
     port = procs.free_port()
-    name = f"{design}-{client}-{designs.size_arg(size)}-c{conc}-r{rep}"
+    extra = (f"x{spec.count}" if spec.count else "") + ("-junk" if spec.body == "junk" else "")
+    name = f"{design}-{client}-{designs.size_arg(size)}-c{conc}{extra}-r{rep}"
     argv = designs.argv(design, port, s.backend, s.opts, s.multer_dir)
     # s3proxy runs from its snapshot (cwd first on sys.path with -m); the others from the repo
-    src = s.s3proxy_src if design == "s3proxy" else None
+    src = s.s3proxy_src if design in ("s3proxy", designs.S3PROXY_B) else None
     child = procs.Child(
         name,
         argv,
@@ -200,17 +212,19 @@ async def run_cell(
     await child.start()
     try:
         await _ready(child, design, port, s)
-        m = await _measure(child, design, client, size, conc, port, s)
+        m = await _measure(child, design, client, spec, port, s)
     finally:
         if design == "direct" and child.proc is not None and child.proc.stdin is not None:
             child.proc.stdin.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(child.proc.wait(), 10)
         code = await child.stop()
-    checks = await verify_and_clean(s.backend, s.opts.region, m.uploads, s.opts.seed, size)
-    cell = _result(design, client, size, conc, rep, m, checks, code, str(child.log_path))
+    checks = await verify_and_clean(
+        s.backend, s.opts.region, m.uploads, s.opts.seed, size, spec.body
+    )
+    cell = _result(design, client, spec, rep, m, checks, code, str(child.log_path))
     s.bar.finish_cell(
-        conc * size,
+        spec.uploads * size,
         f"{name:<44} {cell.throughput_mbps or 0.0:7.1f} MB/s"
         f"  rss {m.usage.peak_rss / 2**20:6.0f} MiB  cpu {m.usage.cpu_s:6.2f} s"
         f"  failures {cell.failures}",
@@ -221,8 +235,7 @@ async def run_cell(
 def _result(
     design: str,
     client: str,
-    size: int,
-    conc: int,
+    spec: CellSpec,
     rep: int,
     m: _Measured,
     checks: Checks,
@@ -230,6 +243,7 @@ def _result(
     log: str,
 ) -> CellResult:
     ups = m.uploads
+    size, conc = spec.size, spec.concurrency
     ok_bytes = sum(u.size for u in ups if u.ok)
     gib = ok_bytes / 2**30
     latencies = [u.latency for u in ups if u.ok]
@@ -240,7 +254,7 @@ def _result(
         size=size,
         concurrency=conc,
         rep=rep,
-        uploads=conc,
+        uploads=spec.uploads,
         bytes=ok_bytes,
         wall_s=m.wall,
         throughput_mbps=ok_bytes / m.wall / 1e6 if m.wall > 0 else None,
@@ -272,4 +286,5 @@ def _result(
         stray_objects=checks.stray_objects,
         stray_keys=checks.stray_keys,
         open_multipart_uploads=checks.open_multipart_uploads,
+        body=spec.body,
     )

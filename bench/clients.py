@@ -65,9 +65,28 @@ class Progress:
 
 
 async def curl_upload(
-    url: str, path: Path, size: int, name: str, limit_s: float, progress: Progress
+    url: str,
+    path: Path,
+    size: int,
+    name: str,
+    limit_s: float,
+    progress: Progress,
+    kind: str = "random",
 ) -> Upload:
-    """``curl -F file=@PATH`` as a user would type it; the reply and timing via ``-w``."""
+    """``curl -F file=@PATH`` as a user would type it; the reply and timing via ``-w``.
+
+    A junk body's file is already the whole form (its near-boundaries need the boundary
+    known), so curl sends it as it is, with that boundary in its Content-Type.
+    """
+    if kind == "junk":
+        send = [
+            "-H",
+            f"Content-Type: multipart/form-data; boundary={body.JUNK_BOUNDARY}",
+            "--data-binary",
+            f"@{path}",
+        ]
+    else:
+        send = ["-F", f"file=@{path};filename={name};type=application/octet-stream"]
     argv = [
         "curl",
         "-sS",
@@ -77,8 +96,7 @@ async def curl_upload(
         "-",
         "-w",
         "\n%{http_code} %{time_total}",
-        "-F",
-        f"file=@{path};filename={name};type=application/octet-stream",
+        *send,
         url,
     ]
     t0 = time.perf_counter()
@@ -107,15 +125,16 @@ async def curl_upload(
 class _BodyPayload(aiohttp.payload.Payload):
     """The generated body as an aiohttp payload with a known size (so Content-Length is set)."""
 
-    def __init__(self, seed: int, size: int, progress: Progress) -> None:
+    def __init__(self, seed: int, size: int, progress: Progress, kind: str = "random") -> None:
         super().__init__(None, content_type="application/octet-stream")
         self._seed = seed
         self._size = size  # Payload's own field: it sets Content-Length
         self._length = size  # the same, typed int (Payload types _size as int | None)
         self._progress = progress
+        self._kind = kind
 
     async def write(self, writer: AbstractStreamWriter) -> None:
-        for chunk in body.chunks(self._seed, self._length):
+        for chunk in body.chunks(self._seed, self._length, self._kind):
             await writer.write(chunk)
             self._progress.sent += len(chunk)
 
@@ -131,9 +150,11 @@ async def aiohttp_upload(
     name: str,
     limit_s: float,
     progress: Progress,
+    kind: str = "random",
 ) -> Upload:
-    with aiohttp.MultipartWriter("form-data") as form:
-        payload = _BodyPayload(seed, size, progress)
+    boundary = body.JUNK_BOUNDARY if kind == "junk" else None
+    with aiohttp.MultipartWriter("form-data", boundary) as form:
+        payload = _BodyPayload(seed, size, progress, kind)
         payload.set_content_disposition("form-data", name="file", filename=name)
         form.append_payload(payload)
     t0 = time.perf_counter()
@@ -154,37 +175,61 @@ async def run_clients(
     body_file: Path | None,
     limit_s: float,
     progress: Progress,
+    total: int | None = None,
+    body_kind: str = "random",
 ) -> list[Upload]:
-    """Start ``count`` uploads at once and wait for all of them."""
-    names = [f"bench-{size}-{i}.bin" for i in range(count)]
+    """Start ``count`` uploads at once and wait for all of them; with ``total``, send that
+    many uploads in all, ``count`` at a time (each client starts its next upload as soon as
+    its last one is answered: the small-files cell)."""
+    names = [f"bench-{size}-{i}.bin" for i in range(total or count)]
+    slots = asyncio.Semaphore(count)
     if kind == "curl":
         assert body_file is not None
-        return list(
-            await asyncio.gather(
-                *(curl_upload(url, body_file, size, n, limit_s, progress) for n in names)
-            )
-        )
+
+        async def by_curl(name: str) -> Upload:
+            async with slots:
+                return await curl_upload(url, body_file, size, name, limit_s, progress, body_kind)
+
+        return list(await asyncio.gather(*(by_curl(n) for n in names)))
     connector = aiohttp.TCPConnector(limit=count, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
-        return list(
-            await asyncio.gather(
-                *(aiohttp_upload(session, url, seed, size, n, limit_s, progress) for n in names)
-            )
-        )
+
+        async def by_aiohttp(name: str) -> Upload:
+            async with slots:
+                return await aiohttp_upload(
+                    session, url, seed, size, name, limit_s, progress, body_kind
+                )
+
+        return list(await asyncio.gather(*(by_aiohttp(n) for n in names)))
 
 
 async def direct_job(
-    proc: asyncio.subprocess.Process, count: int, seed: int, size: int, prefix: str, limit_s: float
+    proc: asyncio.subprocess.Process,
+    count: int,
+    seed: int,
+    size: int,
+    prefix: str,
+    limit_s: float,
+    total: int | None = None,
+    body_kind: str = "random",
 ) -> list[Upload]:
-    """Hand one job to the direct design's process and read its per-upload results."""
+    """Hand one job to the direct design's process and read its per-upload results
+    (``total`` uploads, ``count`` at a time; by default ``count`` at once)."""
     assert proc.stdin is not None and proc.stdout is not None
-    job = {"count": count, "seed": seed, "size": size, "prefix": prefix}
+    job = {
+        "count": total or count,
+        "concurrency": count,
+        "seed": seed,
+        "size": size,
+        "prefix": prefix,
+        "body": body_kind,
+    }
     proc.stdin.write((json.dumps(job) + "\n").encode())
     await proc.stdin.drain()
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), limit_s)
     except TimeoutError:
-        return [Upload(False, limit_s, 0, error="direct: timed out")] * count
+        return [Upload(False, limit_s, 0, error="direct: timed out")] * (total or count)
     with contextlib.suppress(ValueError):
         uploads = json.loads(line)["uploads"]
         return [
@@ -197,4 +242,4 @@ async def direct_job(
             )
             for u in uploads
         ]
-    return [Upload(False, 0.0, 0, error=f"direct: bad reply {line[:200]!r}")] * count
+    return [Upload(False, 0.0, 0, error=f"direct: bad reply {line[:200]!r}")] * (total or count)

@@ -21,7 +21,7 @@ from typing import Any
 from bench import body, designs
 from bench.backends import Backend, start_backend, warm_backend
 from bench.cells import Setup, run_cell, verify_and_clean
-from bench.options import REPO, Options
+from bench.options import REPO, CellSpec, Options
 from bench.progress import Bar, log
 from bench.result import CellResult, RunResult
 from bench.snapshot import snapshot_s3proxy
@@ -36,6 +36,8 @@ async def run(opts: Options) -> RunResult:
     shutil.rmtree(log_dir, ignore_errors=True)  # logs of this run only
     notes: list[str] = []
     names = list(opts.designs)
+    if opts.s3proxy_b_args is not None and designs.S3PROXY_B not in names:
+        names.insert(names.index("s3proxy") + 1 if "s3proxy" in names else 0, designs.S3PROXY_B)
     if "s3proxy" in names and not (REPO / "s3proxy" / "cli.py").exists():
         names.remove("s3proxy")
         notes.append("s3proxy skipped: s3proxy/cli.py does not exist yet")
@@ -50,7 +52,7 @@ async def run(opts: Options) -> RunResult:
     workdir = Path(tempfile.mkdtemp(prefix="s3proxy-bench-"))
     s3proxy_src = workdir / "s3proxy-src"
     source: dict[str, Any] = {}
-    if "s3proxy" in names:
+    if "s3proxy" in names or designs.S3PROXY_B in names:
         source = await asyncio.to_thread(snapshot_s3proxy, opts.s3proxy_rev, s3proxy_src)
         log(
             f"s3proxy from {source['rev']} ({source['commit']}"
@@ -63,19 +65,20 @@ async def run(opts: Options) -> RunResult:
             prefix="s3proxy-bench-bodies-", dir=shm if os.access(shm, os.W_OK) else None
         )
     )
-    body_files: dict[int, Path] = {}
+    body_files: dict[tuple[int, str], Path] = {}
     runs: list[CellResult] = []
     pairs = [(d, c) for d in names for c in (["builtin"] if d == "direct" else opts.clients)]
-    cells = opts.cells or [(s, c) for s in opts.sizes for c in opts.concurrency]
-    total = sum(s * c for s, c in cells) * len(pairs) * opts.reps
+    grid = opts.cells or [(s, c) for s in opts.sizes for c in opts.concurrency]
+    cells = opts.specs or [CellSpec(s, c) for s, c in grid]
+    total = sum(c.size * c.uploads for c in cells) * len(pairs) * opts.reps
     bar = Bar(total)
     b: Backend | None = None
     try:
-        for size in sorted({s for s, _ in cells}):
-            await asyncio.to_thread(body.sha256, opts.seed, size)
+        for size, kind in sorted({(c.size, c.body) for c in cells}):
+            await asyncio.to_thread(body.sha256, opts.seed, size, kind)
             if "curl" in opts.clients:
-                body_files[size] = await asyncio.to_thread(
-                    body.write_file, opts.seed, size, body_dir / f"body-{size}.bin"
+                body_files[size, kind] = await asyncio.to_thread(
+                    body.write_file, opts.seed, size, body_dir / f"body-{size}-{kind}.bin", kind
                 )
         log(f"starting the {opts.backend} backend ...")
         b = await start_backend(opts, workdir, log_dir)
@@ -87,16 +90,20 @@ async def run(opts: Options) -> RunResult:
         setup = Setup(b, opts, bar, log_dir, body_files, multer_dir, s3proxy_src)
         bar.start()
         for rep in range(opts.reps):
-            for i, (size, conc) in enumerate(cells):
+            for i, spec in enumerate(cells):
                 k = (i + rep) % len(pairs)
                 for design, client in pairs[k:] + pairs[:k]:
                     try:
-                        cell = await run_cell(setup, design, client, size, conc, rep)
+                        cell = await run_cell(setup, design, client, spec, rep)
                     except Exception as e:  # one broken cell must not lose the whole run
-                        cell = CellResult.failed(design, client, size, conc, rep, e)
-                        bar.finish_cell(conc * size, f"{design}-{client}: FAILED {e}")
+                        cell = CellResult.failed(
+                            design, client, spec.size, spec.concurrency, rep, e
+                        )
+                        cell.uploads = cell.failures = spec.uploads
+                        cell.body = spec.body
+                        bar.finish_cell(spec.uploads * spec.size, f"{design}-{client}: FAILED {e}")
                         with contextlib.suppress(Exception):
-                            await verify_and_clean(b, opts.region, [], opts.seed, size)
+                            await verify_and_clean(b, opts.region, [], opts.seed, spec.size)
                     runs.append(cell)
     finally:
         await bar.stop()

@@ -12,6 +12,24 @@ RESULTS_DIR = REPO / "bench" / "results"
 RUNS_DIR = REPO / "bench" / "runs"
 
 
+@dataclass(frozen=True)
+class CellSpec:
+    """One cell beyond the size x concurrency grid (``--cells``, ``--small-files``).
+
+    ``count`` uploads in all, ``concurrency`` at a time (0: one each, the grid's cells);
+    ``body`` is what every file holds: ``random`` or ``junk`` (bench/body.py).
+    """
+
+    size: int
+    concurrency: int
+    count: int = 0
+    body: str = "random"
+
+    @property
+    def uploads(self) -> int:
+        return self.count or self.concurrency
+
+
 @dataclass
 class Options:
     """Everything one run needs."""
@@ -41,3 +59,8 @@ class Options:
     sample_interval: float = 0.05
     preset: str = "custom"
     command: str = ""
+    # Cells given as specs (--cells, --small-files): run instead of the grid when set.
+    specs: list[CellSpec] = field(default_factory=list)
+    # A second s3proxy design, "s3proxy-b", run with these flags instead (--s3proxy-b-args):
+    # an A/B of one setting in the same run (e.g. --event-loop asyncio against uvloop).
+    s3proxy_b_args: list[str] | None = None

@@ -211,6 +211,9 @@ class Sampler:
         return u
 
 
+PIPE_LINE_LIMIT = 16 << 20  # longest line read from a child's stdout
+
+
 class Child:
     """A supervised child process whose output the harness relays into a log file."""
 
@@ -256,6 +259,8 @@ class Child:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+            # the direct design answers a job in one JSON line: 1,000 uploads are ~150 kB
+            limit=PIPE_LINE_LIMIT,
         )
         streams = [self.proc.stderr] if self.pipes else [self.proc.stdout, self.proc.stderr]
         self._relays = [asyncio.create_task(self._relay(s)) for s in streams if s is not None]

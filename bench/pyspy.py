@@ -49,8 +49,8 @@ def attach(harness: int, out: Path, rate: int, limit_s: float) -> int:
         kids = _children(harness)
         servers = [k for k in kids if "s3proxy" in _cmdline(k) and "serve" in _cmdline(k)]
         curls = [k for k in kids if _cmdline(k)[:1] == ["curl"]]
-        # more than one curl: the cell itself, not the single warm-up upload (aiohttp anyway)
-        if servers and len(curls) > 1:
+        # any curl is the cell's: the warm-up upload uses the aiohttp client
+        if servers and curls:
             server = servers[0]
             print(f"recording s3proxy pid {server} ({len(curls)} clients)", file=sys.stderr)
             proc = subprocess.Popen(

@@ -46,21 +46,24 @@ def other_cpu_fraction(r: CellResult, cpus: int) -> float | None:
 
 def summarize(runs: list[CellResult], cpus: int = 1) -> list[dict[str, Any]]:
     """One summary per (design, client, size, concurrency), its repetitions folded together."""
-    groups: dict[tuple[str, str, int, int], list[CellResult]] = {}
+    groups: dict[tuple[str, str, int, int, str, int], list[CellResult]] = {}
     for r in runs:
-        groups.setdefault((r.design, r.client, r.size, r.concurrency), []).append(r)
+        key = (r.design, r.client, r.size, r.concurrency, r.body, r.uploads)
+        groups.setdefault(key, []).append(r)
     cells: list[dict[str, Any]] = []
-    for (design, client, size, conc), rs in groups.items():
+    for (design, client, size, conc, kind, _), rs in groups.items():
         nbytes = sum(r.bytes for r in rs)
         lat = [x for r in rs for x in r.latencies_s]
+        uploads = sum(r.uploads for r in rs)
         cells.append(
             {
                 "design": design,
                 "client": client,
                 "size": size,
                 "concurrency": conc,
+                "body": kind,
                 "reps": len(rs),
-                "uploads": sum(r.uploads for r in rs),
+                "uploads": uploads,
                 "bytes": nbytes,
                 "throughput_mbps": _median(r.throughput_mbps for r in rs),
                 "latency_p50_s": percentile(lat, 0.5),
@@ -69,6 +72,13 @@ def summarize(runs: list[CellResult], cpus: int = 1) -> list[dict[str, Any]]:
                 "idle_rss_bytes": max(r.idle_rss_bytes for r in rs),
                 "rss_growth_bytes": max(r.peak_rss_bytes - r.idle_rss_bytes for r in rs),
                 "cpu_s_per_gib": _per_gib((r.cpu_s for r in rs), nbytes),
+                # small files: successful uploads per second (median), CPU per upload started
+                "requests_per_s": _median(
+                    (r.bytes // r.size) / r.wall_s if r.size and r.wall_s else None for r in rs
+                ),
+                "cpu_ms_per_request": 1000 * sum(r.cpu_s for r in rs) / uploads
+                if uploads
+                else None,
                 "s3_cpu_s_per_gib": _per_gib((r.s3_cpu_s for r in rs), nbytes),
                 "client_cpu_s_per_gib": _per_gib((r.client_cpu_s for r in rs), nbytes),
                 "machine_busy_fraction": _median(r.machine_busy_fraction for r in rs),
@@ -88,18 +98,38 @@ def summarize(runs: list[CellResult], cpus: int = 1) -> list[dict[str, Any]]:
         )
     order = {
         d: i
-        for i, d in enumerate(("s3proxy", "direct", "naive-tempfile", "naive-memory", "multer-s3"))
+        for i, d in enumerate(
+            ("s3proxy", "direct", "naive-tempfile", "naive-memory", "multer-s3", "floor")
+        )
     }
     client_order = {"curl": 0, "aiohttp": 1, "builtin": 2}
     cells.sort(
         key=lambda c: (
             c["size"],
             c["concurrency"],
+            c["uploads"] // c["reps"],
+            c["body"] != "random",
             order.get(c["design"], 99),
             client_order.get(c["client"], 9),
         )
     )
+    for c in cells:
+        c["cpu_vs_floor"] = _ratio(c["cpu_s_per_gib"], _floor_cpu(c, cells))
     return cells
+
+
+def _floor_cpu(c: dict[str, Any], cells: list[dict[str, Any]]) -> float | None:
+    """The floor's CPU per GiB in the same cell (same sizes, uploads and body), same client;
+    for the direct design, which has no client, the floor's with curl (or any)."""
+    same = [
+        o
+        for o in cells
+        if o["design"] == "floor"
+        and (o["size"], o["concurrency"], o["body"], o["uploads"] // o["reps"])
+        == (c["size"], c["concurrency"], c["body"], c["uploads"] // c["reps"])
+    ]
+    same.sort(key=lambda o: (o["client"] != c["client"], o["client"] != "curl"))
+    return same[0]["cpu_s_per_gib"] if same else None
 
 
 @dataclass
@@ -139,6 +169,8 @@ def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for o in cells
             if o["size"] == c["size"]
             and o["concurrency"] == c["concurrency"]
+            and o["body"] == c["body"]
+            and o["uploads"] // o["reps"] == c["uploads"] // c["reps"]
             and o["design"] != "s3proxy"
             and o["client"] in (c["client"], "builtin")
         ]
@@ -148,6 +180,9 @@ def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "client": c["client"],
                     "size": c["size"],
                     "concurrency": c["concurrency"],
+                    "body": c["body"],
+                    "uploads": c["uploads"],
+                    "reps": c["reps"],
                     "other": o["design"],
                     "throughput": _ratio(c["throughput_mbps"], o["throughput_mbps"]),
                     "peak_rss": _ratio(c["peak_rss_bytes"], o["peak_rss_bytes"]),
@@ -166,6 +201,17 @@ def _size(n: int) -> str:
         if n >= div and n % div == 0:
             return f"{n // div} {unit}"
     return f"{n} B"
+
+
+def _cell_size(c: dict[str, Any]) -> str:
+    """The size column: the size, and what the file holds when it is not the usual body."""
+    return _size(c["size"]) + ("" if c.get("body", "random") == "random" else f" {c['body']}")
+
+
+def _conc(c: dict[str, Any]) -> str:
+    """The concurrency column; ``16 (1000)`` when the clients sent 1,000 uploads in all."""
+    per_rep = c["uploads"] // max(1, c.get("reps", 1))
+    return str(c["concurrency"]) + ("" if per_rep == c["concurrency"] else f" ({per_rep})")
 
 
 COLUMNS = [
@@ -188,35 +234,63 @@ COLUMNS = [
 ]
 
 
-def rows(cells: Iterable[dict[str, Any]]) -> list[list[str]]:
+# Shown only when a run has what they need, so older runs render as they always did:
+# CPU/floor: the cell's CPU per GiB over the floor design's in the same cell;
+# req/s, CPU ms/req: for cells of many small uploads (clients send several each).
+FLOOR_COLUMN = "CPU/floor"
+REQUEST_COLUMNS = ["req/s", "CPU ms/req"]
+
+
+def columns(cells: list[dict[str, Any]]) -> list[str]:
+    cols = list(COLUMNS)
+    at = cols.index("CPU s/GiB") + 1
+    if any(c.get("cpu_vs_floor") is not None for c in cells):
+        cols.insert(at, FLOOR_COLUMN)
+    if any(c["uploads"] // max(1, c.get("reps", 1)) != c["concurrency"] for c in cells):
+        cols[at:at] = REQUEST_COLUMNS
+    return cols
+
+
+def rows(cells: Iterable[dict[str, Any]], cols: list[str] = COLUMNS) -> list[list[str]]:
+    """One row per cell, with the values of ``cols`` (COLUMNS and the optional ones)."""
+    out = []
+    for c, row in ((c, _row(c)) for c in cells):
+        extra = {
+            FLOOR_COLUMN: _f(c.get("cpu_vs_floor"), ".2f"),
+            "req/s": _f(c.get("requests_per_s"), ".1f"),
+            "CPU ms/req": _f(c.get("cpu_ms_per_request"), ".2f"),
+        }
+        values = dict(zip(COLUMNS, row, strict=True)) | extra
+        out.append([values[k] for k in cols])
+    return out
+
+
+def _row(c: dict[str, Any]) -> list[str]:
     return [
-        [
-            _size(c["size"]),
-            str(c["concurrency"]),
-            c["design"],
-            c["client"],
-            _f(c["throughput_mbps"], ".1f"),
-            _f(c["latency_p50_s"], ".2f"),
-            _f(c["latency_p95_s"], ".2f"),
-            _f(c["peak_rss_bytes"] / MIB, ".0f"),
-            _f(c["idle_rss_bytes"] / MIB, ".0f"),
-            _f(c["cpu_s_per_gib"], ".2f"),
-            _f(c["s3_cpu_s_per_gib"], ".2f"),
-            _f(c["disk_write_bytes"] / MIB, ".0f"),
-            _f(c["peak_tmp_bytes"] / MIB, ".0f"),
-            _f(None if c["other_cpu_fraction"] is None else 100 * c["other_cpu_fraction"], ".0f"),
-            str(c["failures"]),
-            f"{c['verified']}/{c['uploads']}",
-        ]
-        for c in cells
+        _cell_size(c),
+        _conc(c),
+        c["design"],
+        c["client"],
+        _f(c["throughput_mbps"], ".1f"),
+        _f(c["latency_p50_s"], ".2f"),
+        _f(c["latency_p95_s"], ".2f"),
+        _f(c["peak_rss_bytes"] / MIB, ".0f"),
+        _f(c["idle_rss_bytes"] / MIB, ".0f"),
+        _f(c["cpu_s_per_gib"], ".2f"),
+        _f(c["s3_cpu_s_per_gib"], ".2f"),
+        _f(c["disk_write_bytes"] / MIB, ".0f"),
+        _f(c["peak_tmp_bytes"] / MIB, ".0f"),
+        _f(None if c["other_cpu_fraction"] is None else 100 * c["other_cpu_fraction"], ".0f"),
+        str(c["failures"]),
+        f"{c['verified']}/{c['uploads']}",
     ]
 
 
 def ratio_rows(rs: Iterable[dict[str, Any]]) -> list[list[str]]:
     return [
         [
-            _size(r["size"]),
-            str(r["concurrency"]),
+            _cell_size(r),
+            _conc(r),
             r["client"],
             f"s3proxy/{r['other']}",
             _f(r["throughput"], ".2f"),
@@ -287,7 +361,7 @@ def terminal(rep: Report) -> str:
     meta = rep.meta
     parts = [
         f"{meta['command']}: {meta['duration_s']:.0f} s, load average {_load(meta)}",
-        text_table(COLUMNS, rows(rep.cells)),
+        text_table(columns(rep.cells), rows(rep.cells, columns(rep.cells))),
     ]
     if rep.ratios:
         parts.append(text_table(RATIO_COLUMNS, ratio_rows(rep.ratios)))
@@ -315,7 +389,7 @@ def markdown(rep: Report, png: Path | None) -> str:
         f"Produced by `{meta['command']}` on {meta['started']} "
         f"({meta['machine']['cpus']} CPUs, backend {meta['backend']}, "
         f"{meta['duration_s']:.0f} s, load average {_load(meta)}){_source(meta)}.",
-        md_table(COLUMNS, rows(rep.cells)),
+        md_table(columns(rep.cells), rows(rep.cells, columns(rep.cells))),
     ]
     if rep.ratios:
         parts.append(md_table(RATIO_COLUMNS, ratio_rows(rep.ratios)))

@@ -38,7 +38,7 @@ class CellResult:
     size: int  # bytes per upload
     concurrency: int
     rep: int  # repetition, from 0
-    uploads: int  # uploads started (= concurrency)
+    uploads: int  # uploads started (= concurrency, or more when each client sends several)
     bytes: int = 0  # bytes of the uploads that succeeded
     wall_s: float = 0.0  # first request to last reply
     throughput_mbps: float | None = None  # bytes / wall_s, in 10^6 bytes/s
@@ -72,6 +72,9 @@ class CellResult:
     stray_objects: int = 0  # objects in the bucket nobody reported
     stray_keys: list[str] = field(default_factory=list)
     open_multipart_uploads: int = 0  # left open by the design (and aborted by the harness)
+    # What the file holds: "random" (the generated body) or "junk" (hostile to a multipart
+    # parser: CRLF runs, near-boundaries, dash runs; bench/body.py)
+    body: str = "random"
 
     @classmethod
     def failed(

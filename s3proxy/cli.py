@@ -308,13 +308,13 @@ def _cleanup_error(exc: Exception, settings: Settings) -> CommandError:
 
 def serve(settings: Settings, argv: Sequence[str]) -> int:
     from s3proxy.embedded import EmbeddedStoreError
-    from s3proxy.server import ListenError, supervise
+    from s3proxy.server import ListenError, run_in_loop, supervise
     from s3proxy.server import serve as run
 
     try:
         if settings.workers > 1:
-            return asyncio.run(supervise(settings, argv))
-        asyncio.run(run(settings))
+            return run_in_loop(settings, lambda: supervise(settings, argv))
+        run_in_loop(settings, lambda: run(settings))
     except ListenError as exc:
         raise CommandError(str(exc)) from None
     except EmbeddedStoreError as exc:

@@ -31,7 +31,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
 from aiohttp.http_exceptions import (
@@ -208,7 +208,17 @@ class ClientWatch:
         self._client_time = 0.0  # seconds spent inside reads so far
         self._meter = RateMeter(rate_window, 0.0, body_bytes())
         self._expired: ProxyError | None = None
-        self._expire_now: Callable[[ProxyError], None] | None = None
+        # The pending read (reads run one at a time): its task, when it began, the client
+        # time before it, and what the ticker has seen of it.
+        self._task: asyncio.Task[Any] | None = None
+        self._cancelling = 0
+        self._verdict: ProxyError | None = None
+        self._began = self._base = self._last = 0.0
+        self._seen = 0
+        self._interval = self.MIN_TICK
+        # One timer chain for the whole request, not one per read (a GiB is 4,096 reads
+        # of 256 KiB): it runs while a read is pending and stops at its first tick after.
+        self._ticker: asyncio.TimerHandle | None = None
 
     def check_size(self) -> None:
         if self._body_bytes() > self._max:
@@ -218,8 +228,8 @@ class ClientWatch:
         """End the pending read now (or the next one at its start) with this error."""
         if self._expired is None:
             self._expired = ProxyError(kind, message)
-        if self._expire_now is not None:
-            self._expire_now(self._expired)
+        if self._task is not None:
+            self._judge(self._expired)
 
     def _too_slow(self) -> ProxyError:
         window = self._meter.window
@@ -228,62 +238,67 @@ class ClientWatch:
             f"the client sent under the minimum of {self.min_rate:.0f} bytes/s over {window:g} s",
         )
 
+    def _judge(self, err: ProxyError) -> None:
+        """End the pending read with ``err``: cancel its task (``read`` turns it into err)."""
+        if self._task is not None and self._verdict is None:
+            self._verdict = err
+            self._task.cancel()
+
+    def _tick(self) -> None:
+        self._ticker = None
+        if self._task is None or self._verdict is not None:
+            return  # no read pending: the next one starts the chain again
+        loop = asyncio.get_running_loop()
+        now, received = loop.time(), self._body_bytes()
+        clock = self._base + (now - self._began)
+        self._meter.add(clock, received)
+        if received > self._max:
+            return self._judge(
+                ProxyError(REQUEST_TOO_LARGE, f"request body over the limit of {self._max} bytes")
+            )
+        if received != self._seen:
+            self._seen, self._last, self._interval = received, now, self.MIN_TICK
+        elif now - self._last >= self._idle - 0.001:  # the loop may run a timer a hair early
+            return self._judge(ProxyError(CLIENT_TIMEOUT, "the client sent nothing for too long"))
+        else:
+            self._interval = min(self._interval * 2, self._max_tick)
+        if self._meter.too_slow(clock, self.min_rate):
+            return self._judge(self._too_slow())
+        self._ticker = loop.call_at(min(now + self._interval, self._last + self._idle), self._tick)
+
     async def read(self, read: Callable[[], Awaitable[T]]) -> T:
-        """Run one read from the client under the idle timeout, the rate and the size limit."""
+        """Run one read from the client under the idle timeout, the rate and the size limit.
+
+        Reads of one watch run one at a time (one request's body is read in order)."""
         if self._expired is not None:
             raise self._expired
         self.check_size()
         loop = asyncio.get_running_loop()
-        began = loop.time()
-        base = self._client_time
-        seen, last = self._body_bytes(), began
-        interval = self.MIN_TICK
-        verdict: ProxyError | None = None
-        handle: asyncio.TimerHandle | None = None
-
-        def judge(err: ProxyError) -> None:
-            nonlocal verdict
-            verdict = err
-            timeout.reschedule(loop.time())  # expire now: cancels the read
-
-        def tick() -> None:
-            nonlocal seen, last, interval, handle
-            now, received = loop.time(), self._body_bytes()
-            clock = base + (now - began)
-            self._meter.add(clock, received)
-            if received > self._max:
-                return judge(
-                    ProxyError(
-                        REQUEST_TOO_LARGE, f"request body over the limit of {self._max} bytes"
-                    )
-                )
-            if received != seen:
-                seen, last, interval = received, now, self.MIN_TICK
-            elif now - last >= self._idle - 0.001:  # the loop may run a timer a hair early
-                return judge(ProxyError(CLIENT_TIMEOUT, "the client sent nothing for too long"))
-            else:
-                interval = min(interval * 2, self._max_tick)
-            if self._meter.too_slow(clock, self.min_rate):
-                return judge(self._too_slow())
-            handle = loop.call_at(min(now + interval, last + self._idle), tick)
-
-        self._expire_now = judge
+        task = asyncio.current_task()
+        assert task is not None and self._task is None, "one read at a time"
+        now = loop.time()
+        # Each read starts its own idle clock: time between reads is not the client's.
+        self._began, self._base, self._last = now, self._client_time, now
+        self._seen = self._body_bytes()
+        self._task, self._cancelling, self._verdict = task, task.cancelling(), None
+        first = min(now + self.MIN_TICK, now + self._idle)
+        if self._ticker is None or self._ticker.when() > first:
+            if self._ticker is not None:
+                self._ticker.cancel()
+            self._interval = self.MIN_TICK
+            self._ticker = loop.call_at(first, self._tick)
         try:
             with client_errors():
-                async with asyncio.timeout(None) as timeout:
-                    handle = loop.call_at(min(last + interval, last + self._idle), tick)
-                    try:
-                        result = await read()
-                    finally:
-                        handle.cancel()
-        except ProxyError as err:
-            if verdict is not None:
-                raise verdict from err.__cause__
-            raise
+                try:
+                    result = await read()
+                except asyncio.CancelledError:
+                    # our own cancel (not the task's owner's): the verdict instead
+                    if self._verdict is not None and task.uncancel() <= self._cancelling:
+                        raise self._verdict from None
+                    raise
         finally:
-            self._expire_now = None
-            now = loop.time()
-            self._client_time = base + (now - began)
+            self._task = None
+            self._client_time = self._base + (loop.time() - self._began)
             self._meter.add(self._client_time, self._body_bytes())
         self.check_size()
         return result

@@ -106,6 +106,10 @@ def _opt_str(text: str) -> str | None:
     return text or None
 
 
+# --event-loop: s3proxy.server.loop_factory turns the choice into a loop.
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+
+
 def _setting(
     default: Any,
     help: str,
@@ -550,6 +554,14 @@ class Settings:
         "after it died",
         parse_duration,
         show=format_duration,
+    )
+    # speed (issue #15; README "Benchmarks")
+    event_loop: str = _setting(
+        "asyncio",
+        "event loop: asyncio (the standard library's) or uvloop; auto: uvloop when "
+        "installed (measured: no difference in CPU per GiB, see README Benchmarks)",
+        str.lower,
+        choices=EVENT_LOOPS,
     )
 
     def __post_init__(self) -> None:

@@ -62,3 +62,44 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert clients == {"curl", "aiohttp"}
     assert (tmp_path / "latest.md").exists()
     assert _tracked_changes() == before, "the run changed files git tracks"
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_the_floor_small_files_and_junk_cells_run(tmp_path: Path) -> None:
+    """The floor design, a cell of several uploads per client and a junk file, on moto
+    (the smoke matrix leaves them out to stay within its time)."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3PROXY_"))}
+    argv = [
+        *("--backend", "moto", "--designs", "s3proxy,direct,floor"),
+        *("--cells", "6MiB:1,6MiB:1:junk,100KiB:2x6", "--clients", "curl,aiohttp"),
+        *("--part-size", "5MiB", "--memory-budget", "32MiB", "--out", str(tmp_path)),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "latest.json").read_text())
+    cells_seen = {
+        (c["design"], c["client"], c["size"], c["body"], c["uploads"]) for c in result["cells"]
+    }
+    for design, clients in (
+        ("s3proxy", ("curl", "aiohttp")),
+        ("floor", ("curl", "aiohttp")),
+        ("direct", ("builtin",)),
+    ):
+        for client in clients:
+            assert (design, client, 6 << 20, "junk", 1) in cells_seen
+            assert (design, client, 100 << 10, "random", 6) in cells_seen
+    for c in result["cells"]:
+        assert c["failures"] == 0 and c["verified"] == c["uploads"], c
+        assert c["design"] == "floor" or c["cpu_vs_floor"] is not None, c
+    assert "CPU/floor" in (tmp_path / "latest.md").read_text()

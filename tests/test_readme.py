@@ -31,6 +31,7 @@ OTHER_FLAGS = {
     "--s3proxy-rev",
     "--update-readme",
     "--quick",
+    "--cells",
     "--strict",  # mypy
 }
 # Codes the table documents that come from outside errors.py's list.

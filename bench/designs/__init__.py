@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from bench.options import Options
 
 DESIGNS = ("s3proxy", "direct", "naive-tempfile", "naive-memory", "multer-s3")
+# The floor (bench/designs/floor.py): the least a relay can spend; the report gives every
+# design's CPU per GiB as a ratio of it. Every named matrix runs it.
+FLOOR = "floor"
+# s3proxy once more with other flags (--s3proxy-b-args), for an A/B in the same run.
+S3PROXY_B = "s3proxy-b"
+ALL = (*DESIGNS, FLOOR)
 MULTER_SRC = Path(__file__).resolve().parent / "multer"
 
 
@@ -37,7 +43,8 @@ def argv(design: str, port: int, b: Backend, opts: Options, multer_dir: Path | N
         sizing.append("--sign-payload")
     listen = ["--host", "127.0.0.1", "--port", str(port)]
     py = sys.executable
-    if design == "s3proxy":
+    if design in ("s3proxy", S3PROXY_B):
+        flags = opts.s3proxy_args if design == "s3proxy" else opts.s3proxy_b_args or []
         return [
             py,
             "-m",
@@ -53,10 +60,12 @@ def argv(design: str, port: int, b: Backend, opts: Options, multer_dir: Path | N
             str(opts.parts_in_flight),
             "--sign-payload",
             "true" if opts.sign_payload else "false",
-            *opts.s3proxy_args,
+            *flags,
         ]
     if design == "direct":
         return [py, "-m", "bench.designs.direct", *common, *sizing]
+    if design == FLOOR:
+        return [py, "-m", "bench.designs.floor", *listen, *common]
     if design in ("naive-tempfile", "naive-memory"):
         module = "bench.designs." + design.replace("-", "_")
         return [py, "-m", module, *listen, *common, *sizing]

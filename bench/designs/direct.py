@@ -3,7 +3,8 @@
 This is the ceiling a proxy can approach: same part size, same parts in flight, no HTTP hop
 in between. It runs as its own process so its CPU and memory are measured like a server's.
 Protocol on stdin/stdout, one JSON object per line: it prints ``{"ready": true}``, then for
-each job ``{"count", "size", "seed", "prefix"}`` it answers ``{"uploads": [...]}``; EOF ends it.
+each job ``{"count", "concurrency", "size", "seed", "prefix", "body"}`` (``count``
+uploads, ``concurrency`` at a time) it answers ``{"uploads": [...]}``; EOF ends it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ async def _one(s3: Any, args: argparse.Namespace, job: dict[str, Any], i: int) -
     t0 = time.perf_counter()
     try:
         parts: AsyncIterator[bytes] = s3util.rechunk(
-            body.chunks(job["seed"], job["size"]), args.part_size
+            body.chunks(job["seed"], job["size"], job.get("body", "random")), args.part_size
         )
         size = await s3util.multipart_upload(s3, args.bucket, key, parts, args.parts_in_flight)
         return {"ok": True, "key": key, "size": size, "latency": time.perf_counter() - t0}
@@ -36,6 +37,17 @@ async def _one(s3: Any, args: argparse.Namespace, job: dict[str, Any], i: int) -
             "latency": time.perf_counter() - t0,
             "error": f"{type(e).__name__}: {e}",
         }
+
+
+async def _job(s3: Any, args: argparse.Namespace, job: dict[str, Any]) -> list[dict[str, Any]]:
+    """``count`` uploads, ``concurrency`` at a time (all at once by default)."""
+    slots = asyncio.Semaphore(job.get("concurrency") or job["count"])
+
+    async def one(i: int) -> dict[str, Any]:
+        async with slots:
+            return await _one(s3, args, job, i)
+
+    return list(await asyncio.gather(*(one(i) for i in range(job["count"]))))
 
 
 async def _warm_up(s3: Any, bucket: str) -> None:
@@ -60,8 +72,7 @@ async def main() -> None:
         await _warm_up(s3, args.bucket)
         print(json.dumps({"ready": True}), flush=True)
         while line := await loop.run_in_executor(None, sys.stdin.readline):
-            job = json.loads(line)
-            uploads = await asyncio.gather(*(_one(s3, args, job, i) for i in range(job["count"])))
+            uploads = await _job(s3, args, json.loads(line))
             print(json.dumps({"uploads": uploads}), flush=True)
 
 
