@@ -36,6 +36,11 @@ def chunks(seed: int, size: int) -> Iterator[memoryview]:
         yield view[off : off + n]
 
 
+def offsets(seed: int, size: int) -> list[int]:
+    """Where each 1 MiB window of the body starts in the pool (the Node.js client's input)."""
+    return [_offset(seed, index) for index in range(-(-size // BLOCK))]
+
+
 @functools.lru_cache(maxsize=64)
 def sha256(seed: int, size: int) -> str:
     """The hex sha256 every uploaded copy of this body must have."""

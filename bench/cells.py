@@ -31,7 +31,7 @@ class Setup:
     bar: Bar
     log_dir: Path
     body_files: dict[int, Path] = field(default_factory=dict)  # curl's, by size
-    multer_dir: Path | None = None  # the installed multer-s3 design
+    node_dirs: dict[str, Path] = field(default_factory=dict)  # designs.NODE folders installed
     s3proxy_src: Path | None = None  # the snapshot of s3proxy to measure
 
 
@@ -80,19 +80,42 @@ async def verify_and_clean(
     )
 
 
-async def warm_up(url: str, b: Backend, opts: Options) -> None:
-    """One upload of just over a part before measuring, so one-off setup is not charged."""
+def endpoint(port: int, client: str) -> str:
+    """Where a client kind uploads: POST /upload, or the tus creation URL."""
+    path = "tus/" if designs.protocol(client) == "tus" else "upload"
+    return f"http://127.0.0.1:{port}/{path}"
+
+
+async def warm_up(design: str, client: str, port: int, s: Setup) -> None:
+    """One upload of just over a part before measuring, so one-off setup is not charged.
+
+    In the cell's own protocol (tus-node has no /upload; s3proxy's tus path has state of
+    its own to warm).
+    """
+    b, opts = s.backend, s.opts
     size = opts.part_size + 1
-    up = (
-        await clients.run_clients("aiohttp", url, 1, opts.seed, size, None, 60, clients.Progress())
-    )[0]
+    url = endpoint(port, client)
+    if designs.protocol(client) == "tus":
+        chunk = clients.tus_chunk(client)
+        node = s.node_dirs["tus"]
+        ups = await clients.tus_job(
+            node, design, url, 1, opts.seed, size, chunk, 60, clients.Progress()
+        )
+    else:
+        ups = await clients.run_clients(
+            "aiohttp", url, 1, opts.seed, size, None, 60, clients.Progress()
+        )
+    up = ups[0]
     if not up.ok:
         raise RuntimeError(f"warm-up upload failed: {up.error}")
     async with b.client(opts.region) as s3:
-        await s3util.delete_keys(s3, b.bucket, up.keys)
+        # In a bucket of our own, also what the design keeps beside the object (@tus/s3-store's
+        # .info), so that the cell's stray objects are the cell's own.
+        keys = await s3util.list_keys(s3, b.bucket) if b.owned else up.keys
+        await s3util.delete_keys(s3, b.bucket, keys)
 
 
-async def _ready(child: procs.Child, design: str, port: int, s: Setup) -> None:
+async def _ready(child: procs.Child, design: str, client: str, port: int, s: Setup) -> None:
     """Wait until the server answers, and warm it up (direct says "ready" on stdout)."""
     if design == "direct":
         assert child.proc is not None and child.proc.stdout is not None
@@ -101,7 +124,7 @@ async def _ready(child: procs.Child, design: str, port: int, s: Setup) -> None:
             raise RuntimeError(f"direct did not start; see {child.log_path}")
     else:
         await child.wait_http(f"http://127.0.0.1:{port}/healthz", limit_s=60)
-        await warm_up(f"http://127.0.0.1:{port}/upload", s.backend, s.opts)
+        await warm_up(design, client, port, s)
 
 
 @dataclass
@@ -135,6 +158,8 @@ async def _measure(
         bar.cell(child.name, lambda: min(conc * size, procs.io_chars(child.pid)[1] - wchar0))
     elif client == "curl":
         bar.cell(child.name, progress.curl_bytes)
+    elif designs.protocol(client) == "tus":
+        bar.cell(child.name, progress.node_bytes)
     else:
         bar.cell(child.name, lambda: progress.sent)
     server.start()
@@ -150,10 +175,22 @@ async def _measure(
         assert child.proc is not None
         prefix = f"bench/direct/{uuid.uuid4().hex}/"
         uploads = await clients.direct_job(child.proc, conc, opts.seed, size, prefix, timeout)
+    elif designs.protocol(client) == "tus":
+        uploads = await clients.tus_job(
+            s.node_dirs["tus"],
+            design,
+            endpoint(port, client),
+            conc,
+            opts.seed,
+            size,
+            clients.tus_chunk(client),
+            timeout,
+            progress,
+        )
     else:
         uploads = await clients.run_clients(
             client,
-            f"http://127.0.0.1:{port}/upload",
+            endpoint(port, client),
             conc,
             opts.seed,
             size,
@@ -186,7 +223,7 @@ async def run_cell(
     """One design, one client kind, ``conc`` uploads of ``size`` bytes at once, measured."""
     port = procs.free_port()
     name = f"{design}-{client}-{designs.size_arg(size)}-c{conc}-r{rep}"
-    argv = designs.argv(design, port, s.backend, s.opts, s.multer_dir)
+    argv = designs.argv(design, port, s.backend, s.opts, s.node_dirs)
     # s3proxy runs from its snapshot (cwd first on sys.path with -m); the others from the repo
     src = s.s3proxy_src if design == "s3proxy" else None
     child = procs.Child(
@@ -199,7 +236,7 @@ async def run_cell(
     )
     await child.start()
     try:
-        await _ready(child, design, port, s)
+        await _ready(child, design, client, port, s)
         m = await _measure(child, design, client, size, conc, port, s)
     finally:
         if design == "direct" and child.proc is not None and child.proc.stdin is not None:
