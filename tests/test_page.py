@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hashlib
 import http.server
+import importlib.resources
 import os
 import random
 import re
@@ -67,6 +68,28 @@ async def test_page_and_assets_are_served(proxy: Any, moto: Any) -> None:
     assert (await unknown.json())["error"]["code"] == "NOT_FOUND"
     head = await proxy.head("/")
     assert head.status == 200
+
+
+async def test_the_vendored_tus_client_is_served_with_its_version_and_licence(proxy: Any) -> None:
+    """tus-js-client's browser bundle, for the page's resumable uploads: served like page.js,
+    loaded before it, its version the one its licence file names; the licence is not served."""
+    html = await (await proxy.get("/")).text()
+    assert html.index('src="static/tus.min.js"') < html.index('src="static/page.js"')
+    bundle = await proxy.get("/static/tus.min.js")
+    assert bundle.status == 200
+    assert bundle.headers["Content-Type"] == "text/javascript; charset=utf-8"
+    assert "script-src 'self'" in bundle.headers["Content-Security-Policy"]
+    text = await bundle.text()
+    assert text.startswith("/*! tus-js-client 4.3.1, dist/tus.min.js of the npm package")
+    assert "sourceMappingURL" not in text  # the map is not shipped: no 404 in devtools
+    assert (await proxy.get("/static/tus-js-client.LICENSE")).status == 404
+
+
+def test_the_vendored_tus_client_ships_with_its_licence() -> None:
+    static = importlib.resources.files("s3proxy") / "static"
+    licence = static.joinpath("tus-js-client.LICENSE").read_text()
+    assert licence.startswith("tus-js-client 4.3.1 (npm: tus-js-client@4.3.1")
+    assert "The MIT License (MIT)" in licence
 
 
 async def test_page_needs_no_credentials_but_uploads_do(proxy_factory: ProxyFactory) -> None:
