@@ -12,9 +12,12 @@ Infinity, what a user of tus-js-client gets by default), ``tus:50MiB`` in PATCHe
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,12 +238,20 @@ def tus_key(design: str, url: str, headers: dict[str, str]) -> str | None:
     """The S3 key of a finished tus upload: a header the server sent, or what its design does.
 
     @tus/s3-store stores the object under the upload id, the upload URL's last segment.
+    s3proxy's upload URL states its key: ``b64url(json) "." signature`` (s3proxy/tus_url.py).
     """
     for h in TUS_KEY_HEADERS:
         if headers.get(h):
-            return headers[h]
-    if design == "tus-node" and url:
-        return url.rstrip("/").rsplit("/", 1)[-1]
+            return urllib.parse.unquote(headers[h])
+    last = url.rstrip("/").rsplit("/", 1)[-1] if url else ""
+    if design == "tus-node" and last:
+        return last
+    if design == "s3proxy" and last.count(".") == 1:
+        with contextlib.suppress(ValueError, binascii.Error, AttributeError):
+            token = last.split(".")[0]
+            data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+            key = data.get("key")
+            return key if isinstance(key, str) and key else None
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from pathlib import Path
 
@@ -134,6 +135,14 @@ def test_a_tus_uploads_key_comes_from_the_servers_header_or_the_designs_rule() -
     assert clients.tus_key("s3proxy", url, {"S3Proxy-Key": "uploads/a/b.bin"}) == "uploads/a/b.bin"
     assert clients.tus_key("tus-node", url, {}) == "0f3a9c"  # @tus/s3-store: the upload id
     assert clients.tus_key("s3proxy", url, {}) is None  # no guessing: reported as a failure
+    # s3proxy's upload URL: base64url JSON naming the key, "." and its signature
+    token = base64.urlsafe_b64encode(b'{"id":"x","key":"up/\xc3\xa9t\xc3\xa9.bin"}')
+    signed = f"http://127.0.0.1:1/tus/{token.decode().rstrip('=')}.c2lnbmF0dXJl"
+    assert clients.tus_key("s3proxy", signed, {}) == "up/été.bin"
+    assert clients.tus_key("s3proxy", signed + "x.y", {}) is None  # not one token
+    assert clients.tus_key("s3proxy", "http://127.0.0.1:1/tus/!!.x", {}) is None
+    quoted = {"S3Proxy-Key": "up/%C3%A9t%C3%A9.bin"}
+    assert clients.tus_key("s3proxy", signed, quoted) == "up/été.bin"
     reply = {
         "uploads": [
             {"ok": True, "latency": 1.5, "url": url, "headers": {}},

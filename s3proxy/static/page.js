@@ -28,6 +28,15 @@
   // Waits before each retry of a resumable upload whose connection failed (tus-js-client
   // asks the server for its offset each time and goes on from there): about a minute.
   const TUS_RETRY_DELAYS = [0, 1000, 3000, 5000, 10000, 20000, 20000];
+
+  // Bytes per PATCH of a resumable upload. The proxy commits a PATCH only when it ends (a
+  // cut one is discarded), so a drop loses at most one chunk: about a tenth of the file,
+  // 8 to 64 MiB, a multiple of 8 MiB (the proxy's default part size, so a PATCH's end
+  // leaves no short part to stage).
+  function tusChunkSize(size) {
+    const step = 8 * MiB;
+    return Math.min(64 * MiB, Math.max(step, Math.ceil(size / 10 / step) * step));
+  }
   // Headers a page may not set on an XMLHttpRequest (the browser sets them itself).
   const FORBIDDEN = new Set(["host", "content-length", "connection", "expect", "accept-encoding"]);
 
@@ -410,25 +419,20 @@
     return failed;
   }
 
-  // What the proxy stored, from the last answer of a finished tus upload: the same JSON as
-  // POST upload's (its files[0]) in the body, or else the key in a header.
-  function tusStored(response, file) {
-    const fallback = { key: "", size: file.size, content_type: contentType(file), sha256: "" };
-    const body = (response && response.getBody()) || "";
+  // The key a finished tus upload is stored at: the proxy's S3Proxy-Key header where it
+  // sends one, else the upload URL's own statement (its signed part before the "." is
+  // base64url JSON naming the key, s3proxy/tus_url.py).
+  function tusKey(response, url) {
+    const header = response && response.getHeader("S3Proxy-Key");
     try {
-      const parsed = JSON.parse(body);
-      const stored = parsed && Array.isArray(parsed.files) ? parsed.files[0] : parsed;
-      if (stored && stored.key) return { ...fallback, ...stored };
+      if (header) return decodeURIComponent(header);
+      const token = url.slice(url.lastIndexOf("/") + 1).split(".")[0];
+      const b64 = token.replace(/-/g, "+").replace(/_/g, "/");
+      const bytes = Uint8Array.from(atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4)), (c) => c.charCodeAt(0));
+      return JSON.parse(new TextDecoder().decode(bytes)).key || "";
     } catch (_) {
-      // not JSON: read the headers
+      return "";
     }
-    const header = (name) => (response && response.getHeader(name)) || "";
-    return {
-      key: header("S3Proxy-Key"),
-      size: Number(header("Upload-Length")) || file.size,
-      content_type: header("S3Proxy-Content-Type") || contentType(file),
-      sha256: header("S3Proxy-Sha256"),
-    };
   }
 
   // Resumable, through the proxy: tus-js-client against tus/, resuming a stored upload URL.
@@ -439,6 +443,7 @@
         endpoint: new URL("tus/", document.baseURI).href,
         metadata: { filename: file.name, filetype: contentType(file) },
         headers: authHeaders(),
+        chunkSize: tusChunkSize(file.size),
         retryDelays: TUS_RETRY_DELAYS,
         removeFingerprintOnSuccess: true, // the same file chosen later is a new upload
         onProgress: (sent) => row.progress(sent),
@@ -448,7 +453,7 @@
             row.resumedAt = Number(response.getHeader("Upload-Offset")) || 0;
           }
         },
-        onSuccess: ({ lastResponse }) => resolve(tusStored(lastResponse, file)),
+        onSuccess: ({ lastResponse }) => resolve(tusKey(lastResponse, upload.url)),
         onError: (error) => reject(tusError(error)),
       });
       upload
@@ -468,9 +473,9 @@
   }
 
   async function viaTus(row) {
-    let stored;
+    let key;
     try {
-      stored = await resumable(row);
+      key = await resumable(row);
     } catch (error) {
       // A proxy without tus/ (404 on the creation POST): a file that only went resumable
       // for its size goes as an ordinary upload instead.
@@ -481,7 +486,9 @@
       }
       throw error;
     }
-    row.done({ key: stored.key, size: stored.size, type: stored.content_type, sha256: stored.sha256 || "—" });
+    row.set("uploading", "Stored; computing the SHA-256 in this browser…");
+    const { sha256, note } = await sha256Hex(row.file);
+    row.done({ key, size: row.file.size, type: contentType(row.file), sha256, note });
   }
 
   const PATHS = { proxy: viaProxy, direct, tus: viaTus };
