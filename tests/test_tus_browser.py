@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -38,6 +39,8 @@ from tests.s3util import BOTO_CONFIG, ProxyProcess, free_port
 from tests.seaweed_fixture import s3_client_kwargs
 
 API_KEY = "tus-page-test-key-0123456789"
+README = Path(__file__).resolve().parent.parent / "README.md"
+MAKE_SERVE = "http://127.0.0.1:8080"  # where the README's examples find the proxy
 PREFIX = "page-tus/"
 RESERVED = ".s3proxy/"
 THRESHOLD = 64 * MiB  # page.js RESUMABLE_OVER: bigger files go resumable through the proxy
@@ -57,14 +60,16 @@ class Proxies:
     log_dir: Path
     port: int = field(default_factory=free_port)
     started: list[ProxyProcess] = field(default_factory=list)
+    api_key: str | None = API_KEY  # None: no auth, as `make serve` on loopback
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3PROXY_"))}
         env.update(
             AWS_ACCESS_KEY_ID=self.store.access_key,
             AWS_SECRET_ACCESS_KEY=self.store.secret_key,
-            S3PROXY_API_KEY=API_KEY,
         )
+        if self.api_key:
+            env["S3PROXY_API_KEY"] = self.api_key
         env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
         return env
 
@@ -302,3 +307,36 @@ def test_a_reload_mid_upload_then_the_same_file_resumes(
         assert "resumed" in result["status"].lower(), result
         assert unexpected(console) == []
     check_stored(sw, seaweedfs, result, data)
+
+
+def readme_snippet() -> str:
+    """The README's tus-js-client example, as printed."""
+    text = README.read_text()
+    section = text[text.index("#### Resumable uploads from your own page (tus-js-client)") :]
+    match = re.search(r"```js\n(.*?)```", section, re.S)
+    assert match is not None
+    return match.group(1)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_the_readmes_tus_js_client_example_works_as_printed(
+    proxies: Proxies, sw: Any, seaweedfs: EmbeddedStore
+) -> None:
+    """Run in the console of the upload page, as the README says, against a proxy without
+    auth (``make serve`` on loopback); only the address differs from ``make serve``'s."""
+    snippet = readme_snippet()
+    assert MAKE_SERVE in snippet
+    proxies.api_key = None
+    proxy = proxies.start()
+    with chromium_page() as (page, console):
+        page.goto(proxy.url + "/")
+        page.wait_for_selector("html[data-ready=true]")
+        code = snippet.replace(MAKE_SERVE, proxy.url)
+        url = page.evaluate(f"async () => {{\n{code}\nreturn url;\n}}")
+        assert url.startswith(f"{proxy.url}/tus/")
+        assert unexpected(console) == []
+    stored = sw.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=PREFIX).get("Contents", [])
+    assert [o["Key"].rsplit("/", 1)[-1] for o in stored] == ["hello.txt"]
+    body = sw.get_object(Bucket=seaweedfs.bucket, Key=stored[0]["Key"])["Body"].read()
+    assert body == b"hello, resumable world\n"
