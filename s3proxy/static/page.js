@@ -409,6 +409,7 @@
       const failed = errorFrom(status, response.getHeader("Content-Type") || "", response.getBody() || "");
       // Refusals of the request itself (auth, type, size) do not get better by resuming.
       failed.resumable = status === 409 || status === 423 || status >= 500;
+      failed.creating = error.originalRequest && error.originalRequest.getMethod() === "POST";
       return failed;
     }
     const failed = new UploadError(
@@ -479,7 +480,7 @@
     } catch (error) {
       // A proxy without tus/ (404 on the creation POST): a file that only went resumable
       // for its size goes as an ordinary upload instead.
-      if (error.status === 404 && row.chosen === "proxy" && !row.resumedAt) {
+      if (error.status === 404 && error.creating && row.chosen === "proxy") {
         row.mode = "proxy";
         $('[data-testid="file-mode"]', row.el).textContent = MODE_LABELS.proxy;
         return viaProxy(row);
