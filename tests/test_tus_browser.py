@@ -18,6 +18,7 @@ and no multipart upload left open.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -84,11 +85,16 @@ class Proxies:
         self.started.append(proxy)
         return proxy
 
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- {p.log_path} (end) ---\n{p.log_path.read_text(errors='replace')[-4000:]}"
-            for p in self.started
-        )
+    @contextlib.contextmanager
+    def logs_on_failure(self) -> Iterator[None]:
+        """On a failure, print the proxies' logs (pytest shows a failed test's output)."""
+        try:
+            yield
+        except BaseException:
+            for p in self.started:
+                text = p.log_path.read_text(errors="replace")[-6000:]
+                print(f"--- {p.log_path} (end) ---\n{text}")
+            raise
 
 
 @pytest.fixture
@@ -97,9 +103,6 @@ def proxies(seaweedfs: EmbeddedStore, sw: Any, tmp_path: Path) -> Iterator[Proxi
     p = Proxies(seaweedfs, tmp_path)
     try:
         yield p
-    except BaseException:
-        print(p.logs())
-        raise
     finally:
         for proxy in p.started:
             proxy.stop()
@@ -128,14 +131,32 @@ def noise(size: int, seed: int) -> bytes:
 
 @dataclass
 class Patches:
-    """The tus requests the page sent, as the browser saw them."""
+    """The tus requests the page sent, as the browser saw them, and their answers."""
 
     seen: list[tuple[str, str, int | None]] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
 
     def on_request(self, request: Any) -> None:
         if "/tus/" in request.url:
             offset = request.headers.get("upload-offset")
             self.seen.append((request.method, request.url, None if offset is None else int(offset)))
+
+    def on_response(self, response: Any) -> None:
+        if "/tus/" in response.url:
+            offset = response.headers.get("upload-offset")
+            self.answers.append(f"{response.request.method} {response.status} offset={offset}")
+
+    def on_failed(self, request: Any) -> None:
+        if "/tus/" in request.url:
+            self.answers.append(f"{request.method} failed: {request.failure}")
+
+    def watch(self, page: Any) -> None:
+        page.on("request", self.on_request)
+        page.on("response", self.on_response)
+        page.on("requestfailed", self.on_failed)
+
+    def __str__(self) -> str:
+        return "\n".join(self.answers)
 
     def offsets(self) -> list[int]:
         return [o for m, _, o in self.seen if m == "PATCH" and o is not None]
@@ -210,8 +231,8 @@ def test_a_large_file_through_the_proxy_goes_resumable(
     small.write_bytes(noise(2 * MiB, seed=32))
     proxy = proxies.start()
     patches = Patches()
-    with chromium_page() as (page, console):
-        page.on("request", patches.on_request)
+    with proxies.logs_on_failure(), chromium_page() as (page, console):
+        patches.watch(page)
         open_page(page, proxy)
         assert page.get_by_test_id("mode-proxy").is_checked()
         page.get_by_test_id("file-input").set_input_files([path, small])
@@ -220,10 +241,12 @@ def test_a_large_file_through_the_proxy_goes_resumable(
         large = shown(page, "large.bin")
         assert large["mode"] == "through the proxy, resumable"
         assert shown(page, "small.bin")["mode"] == "through the proxy"  # under the threshold
-        # one POST, then PATCHes of 8 MiB, each from where the last one ended
+        # one POST, then PATCHes of 8 MiB, each from where the last one ended (a PATCH cut
+        # on a busy machine is retried after a HEAD, from the same offset)
         chunks = -(-len(data) // CHUNK)
-        assert [m for m, _, _ in patches.seen] == ["POST"] + ["PATCH"] * chunks, patches.seen
-        assert patches.offsets() == [i * CHUNK for i in range(chunks)]
+        methods = [m for m, _, _ in patches.seen]
+        assert methods.count("POST") == 1 and set(methods) <= {"POST", "PATCH", "HEAD"}
+        assert sorted(set(patches.offsets())) == [i * CHUNK for i in range(chunks)], str(patches)
         # a finished upload leaves no URL behind to resume
         stored = page.evaluate("() => Object.keys(localStorage).filter(k => k.startsWith('tus::'))")
         assert stored == []
@@ -241,8 +264,8 @@ def test_the_proxy_killed_mid_upload_and_another_continues(
     path.write_bytes(data)
     proxy = proxies.start()
     patches = Patches()
-    with chromium_page() as (page, console):
-        page.on("request", patches.on_request)
+    with proxies.logs_on_failure(), chromium_page() as (page, console):
+        patches.watch(page)
         open_page(page, proxy)
         page.get_by_test_id("mode-tus").check()
         throttle_uploads(page, 4 * MiB)  # ~6 s for the file: time to kill the proxy mid-PATCH
@@ -279,8 +302,8 @@ def test_a_reload_mid_upload_then_the_same_file_resumes(
     path.write_bytes(data)
     proxy = proxies.start()
     patches = Patches()
-    with chromium_page() as (page, console):
-        page.on("request", patches.on_request)
+    with proxies.logs_on_failure(), chromium_page() as (page, console):
+        patches.watch(page)
         page.on("dialog", lambda dialog: dialog.accept())  # "leave the page?" on reload
         open_page(page, proxy)
         page.get_by_test_id("mode-tus").check()
@@ -329,7 +352,7 @@ def test_the_readmes_tus_js_client_example_works_as_printed(
     assert MAKE_SERVE in snippet
     proxies.api_key = None
     proxy = proxies.start()
-    with chromium_page() as (page, console):
+    with proxies.logs_on_failure(), chromium_page() as (page, console):
         page.goto(proxy.url + "/")
         page.wait_for_selector("html[data-ready=true]")
         code = snippet.replace(MAKE_SERVE, proxy.url)
