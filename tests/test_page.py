@@ -1,8 +1,9 @@
 """The upload page: GET / and its assets (quick, against moto), and the page itself in a
 real headless Chromium against the real proxy process and SeaweedFS (``e2e``).
 
-The browser test uploads through both paths, through the proxy (one POST /upload per
-file) and direct to S3 (presigned PUT, and presigned multipart above the threshold),
+The browser test uploads through every path, through the proxy (one POST /upload per
+file), resumable (tus-js-client against /tus/) and direct to S3 (presigned PUT, and
+presigned multipart above the threshold),
 reads progress and results off the page, takes screenshots, and checks every stored
 object byte for byte with boto3. ``UPDATE_SCREENSHOTS=1`` also writes the final
 screenshot to docs/upload-page.png for the README.
@@ -291,6 +292,7 @@ def test_upload_page_in_a_real_browser(
         "notes.txt": b"direct to S3, one presigned PUT\n" * 100,
         "big-direct.bin": noise(7 * MiB + 123, seed=2),
         "too-big.bin": noise(9 * MiB, seed=3),  # over --max-file-size: /sign refuses it
+        "resumable.bin": noise(3 * MiB + 7, seed=4),
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
@@ -385,19 +387,30 @@ def test_upload_page_in_a_real_browser(
         dropped_shown = result_of(page, "dropped.txt")
         assert dropped_shown["sha256"] == hashlib.sha256(dropped).hexdigest()
         assert overall(page) == (1.0, "5 of 6 stored, 1 failed.")
+
+        # 4. Resumable through the proxy (tus-js-client against /tus/; tests/test_tus_browser.py
+        # drops connections and reloads the page).
+        page.get_by_test_id("mode-tus").check()
+        page.get_by_test_id("file-input").set_input_files(tmp_path / "resumable.bin")
+        wait_finished(page, 7)
+        resumable = result_of(page, "resumable.bin")
+        assert resumable["mode"] == "through the proxy, resumable"
+        assert resumable["sha256"] == hashlib.sha256(files["resumable.bin"]).hexdigest()
+        assert overall(page) == (1.0, "6 of 7 stored, 1 failed.")
         page.screenshot(path=shots / "3-both-paths.png", full_page=True)
 
-        # 4. A refused upload shows the proxy's error code and message on its row.
+        # 5. A refused upload shows the proxy's error code and message on its row.
+        page.get_by_test_id("mode-proxy").check()
         page.get_by_test_id("token").fill("not-the-key")
         page.get_by_test_id("file-input").set_input_files(
             {"name": "refused.txt", "mimeType": "text/plain", "buffer": b"no"}
         )
-        wait_finished(page, 7)
+        wait_finished(page, 8)
         refused = row(page, "refused.txt")
         assert refused.get_attribute("data-state") == "error"
         error = refused.get_by_test_id("result-error").inner_text()
         assert error.startswith("INVALID_CREDENTIALS: ")
-        assert overall(page) == (1.0, "5 of 7 stored, 2 failed.")
+        assert overall(page) == (1.0, "6 of 8 stored, 2 failed.")
         page.screenshot(path=shots / "4-refused.png", full_page=True)
         # The browser noted the 413 and 401 on its console (so the console is watched),
         # and nothing else: no uncaught exception, no CSP refusal.
@@ -417,6 +430,7 @@ def test_upload_page_in_a_real_browser(
         "notes.txt": notes,
         "big-direct.bin": big_direct,
         "dropped.txt": dropped_shown,
+        "resumable.bin": resumable,
     }
     for name, result in results.items():
         obj = sw.get_object(Bucket=seaweedfs.bucket, Key=result["key"])
@@ -425,6 +439,9 @@ def test_upload_page_in_a_real_browser(
         assert hashlib.sha256(body).hexdigest() == result["sha256"]
     stored = sw.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=PREFIX).get("Contents", [])
     assert sorted(o["Key"] for o in stored) == sorted(r["key"] for r in results.values())
+    # the resumable upload left nothing under the proxy's reserved prefix
+    reserved = sw.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=".s3proxy/").get("Contents", [])
+    assert reserved == []
 
 
 # --- a cross-origin download in a real browser -------------------------------------------
