@@ -74,12 +74,12 @@ class Proxies:
         env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
         return env
 
-    def start(self) -> ProxyProcess:
+    def start(self, *extra: str) -> ProxyProcess:
         args = ["--endpoint-url", self.store.endpoint_url, "--bucket", self.store.bucket]
         args += ["--key-template", PREFIX + "{uuid}/{filename}", "--part-size", "5MiB"]
         # A killed proxy's PATCH holds its upload's lock this long (+ the skew): short here,
         # so that the next process may take the upload over within the page's retries.
-        args += ["--tus-lock-lease", "2", "--cleanup-clock-skew", "0"]
+        args += ["--tus-lock-lease", "2", "--cleanup-clock-skew", "0", *extra]
         log = self.log_dir / f"proxy-{len(self.started)}.log"
         proxy = ProxyProcess.start(args, self.env(), log, port=self.port)
         self.started.append(proxy)
@@ -330,6 +330,36 @@ def test_a_reload_mid_upload_then_the_same_file_resumes(
         assert "resumed" in result["status"].lower(), result
         assert unexpected(console) == []
     check_stored(sw, seaweedfs, result, data)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_without_tus_a_large_file_goes_through_upload_instead(
+    proxies: Proxies, sw: Any, seaweedfs: EmbeddedStore, tmp_path: Path
+) -> None:
+    """A proxy run with ``--tus false``: a large file the page would send resumably goes as
+    an ordinary POST /upload; one the user asked to send resumably fails with the reason."""
+    data = noise(THRESHOLD + MiB, seed=35)
+    (tmp_path / "large.bin").write_bytes(data)
+    (tmp_path / "asked.bin").write_bytes(b"resumable, please\n")
+    proxy = proxies.start("--tus", "false")
+    patches = Patches()
+    with proxies.logs_on_failure(), chromium_page() as (page, console):
+        patches.watch(page)
+        open_page(page, proxy)
+        page.get_by_test_id("file-input").set_input_files(tmp_path / "large.bin")
+        assert wait_state(page, "large.bin", ("done", "error"), timeout=240) == "done"
+        large = shown(page, "large.bin")
+        assert large["mode"] == "through the proxy"  # no longer "resumable"
+        assert large["status"] == "Stored in S3"
+        assert [m for m, _, _ in patches.seen] == ["POST"], str(patches)  # the creation, 404
+        page.get_by_test_id("mode-tus").check()
+        page.get_by_test_id("file-input").set_input_files(tmp_path / "asked.bin")
+        assert wait_state(page, "asked.bin", ("done", "error"), timeout=60) == "error"
+        error = row(page, "asked.bin").get_by_test_id("result-error").inner_text()
+        assert error.startswith("NOT_FOUND: "), error
+        assert console.unexpected() == []
+    check_stored(sw, seaweedfs, large, data)
 
 
 def readme_snippet() -> str:

@@ -70,7 +70,7 @@ function uploadOne(job, buf, i) {
       uploadSize: job.size,
       metadata: { filename: name, filetype: 'application/octet-stream' },
       headers: job.headers || {},
-      retryDelays: [0, 1000, 3000],
+      // retryDelays: tus-js-client's default, [0, 1000, 3000, 5000] ms, as its users get
       storeFingerprintForResuming: false,
       fileReader: { openFile: () => Promise.resolve(new GeneratedSource(buf, job.offsets, job.size)) },
       fingerprint: () => Promise.resolve(null),
