@@ -218,14 +218,19 @@ async def _sweep_forever(bucket: ObjectStore, settings: Settings, metrics: Metri
             metrics.sweeps.labels("ok").inc()
             metrics.orphans_aborted.inc(len(result.aborted))
             log.info(
-                "cleanup.swept found=%d aborted=%d failed=%d live=%d tus_live=%d tus_removed=%d",
+                "cleanup.swept found=%d aborted=%d failed=%d live=%d",
                 len(result.found),
                 len(result.aborted),
                 len(result.errors),
                 result.live,
-                len(tus_uploads.live),
-                len(tus_uploads.removed),
             )
+            if tus_uploads.live or tus_uploads.expired:
+                log.info(
+                    "cleanup.tus_swept live=%d expired=%d removed=%d",
+                    len(tus_uploads.live),
+                    len(tus_uploads.expired),
+                    len(tus_uploads.removed),
+                )
         await asyncio.sleep(every * random.uniform(0.5, 1.0))
 
 

@@ -33,8 +33,9 @@ Invariants:
   staged bytes of the unfinished part are loaded (``Staging.load``) into the part's
   reservation only when the part is sent, their CRC combined with the new bytes' (no
   second pass); a request that ends inside the file hands its tail to
-  ``Staging.stage`` and returns None. A failed resumed request aborts only a multipart
-  upload it created itself: what earlier requests stored stays, to resume from.
+  ``Staging.stage`` and returns None. A failed resumed request aborts nothing: the parts
+  S3 acknowledged (``acknowledged``) and a multipart upload it made (``created_here``)
+  are the caller's to keep or abort, and what earlier requests stored stays.
 - While it fills a reserved part, the upload is a budget ``Holder``: under memory
   pressure the budget may evict it for filling below ``min_rate``; eviction only
   expires its pending client read, so the 408 takes the normal error path (abort,
@@ -335,7 +336,7 @@ class FileUpload:
         what a write may have stored. Never raises: what fails goes to the janitor."""
         await self._cancel_inflight()
         key = self.spec.key
-        if self.upload_id is not None and (self.resume is None or self.created_here):
+        if self.upload_id is not None and self.resume is None:
             upload_id = self.upload_id
             log.info("upload.aborted key=%s upload_id=%s reason=%s", key, upload_id, reason)
             await run_cleanup(
@@ -476,13 +477,15 @@ class FileUpload:
                     return await self._put(chunks, content_type, crc)
                 elif isinstance(action, Stage):
                     assert resume is not None
-                    if not resume.point.offset and action.size >= min(
-                        sniff.SNIFF_BYTES, resume.point.total
-                    ):
-                        # The file's first bytes: --allow-type and the token's types hold
-                        # before any of them is kept (the type is fixed later, at
-                        # CreateMultipartUpload or PutObject, from these same bytes).
-                        self._content_type(action.chunks)
+                    head = min(sniff.SNIFF_BYTES, resume.point.total)
+                    if resume.point.offset < head <= action.start + action.size:
+                        # The file's first bytes are complete with this request's: the
+                        # type and --allow-type (and the token's types) are checked before
+                        # any of these is kept; the type itself is fixed later, at
+                        # CreateMultipartUpload or PutObject, from these same bytes. Fewer
+                        # than SNIFF_BYTES staged before (a tiny first PATCH) are read back.
+                        first = await self._with_staged(resume.point.staged, action.chunks)
+                        self._content_type(first)
                     verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
                     await self._drain()  # the parts this request sent are acknowledged
                     await resume.staging.stage(

@@ -67,7 +67,7 @@ from s3proxy.janitor import finish, run_cleanup
 from s3proxy.machine import Resume
 from s3proxy.parts import plan_parts
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, Resumed, StoredFile, abort_reason
-from s3proxy.s3 import NoSuchKey, ObjectStore, PreconditionFailed
+from s3proxy.s3 import NoSuchKey, NoSuchUpload, ObjectStore, PreconditionFailed
 from s3proxy.state import STATE, AppState
 from s3proxy.tus_protocol import OFFSET_STREAM, VERSION
 from s3proxy.tus_state import Lock, Part, Segment, TusState, TusStore
@@ -381,9 +381,56 @@ async def _append_tracked(
     lease = Lease(store, current, settings.tus_lock_lease, settings.cleanup_clock_skew)
     await lease.take(etag)
     committed = False
+    appended = _Appended(store, current)
     try:
-        appended = _Appended(store, current)
-        stored = await _stream(request, state, store, current, appended, declared)
+        try:
+            stored = await _stream(request, state, store, current, appended, declared)
+        except (NoSuchUpload, NoSuchKey):  # its multipart upload, or its staged bytes
+            if not await _finished(store):
+                raise
+            # An instance died between completing the upload and removing its state: the
+            # object is whole; finish the removal.
+            committed = True
+            await lease.stop()
+            await run_cleanup(_remover(store), f"tus state id={upload.id}", state.janitor)
+            return upload.length
+        except asyncio.CancelledError:
+            # Shutdown's drain (or the server) stopped it: keep its acknowledged parts too,
+            # so a rolling restart costs a resume at the last part, not at the PATCH's
+            # start. To its end even if cancelled again meanwhile.
+            kept = appended.partial_state()
+            if kept is not None:
+
+                async def keep(kept: TusState = kept) -> None:
+                    nonlocal committed
+                    with contextlib.suppress(ProxyError):
+                        await lease.commit(kept)
+                        committed = True
+                        log.info(
+                            "tus.kept id=%s offset=%d reason=CANCELLED", upload.id, kept.offset
+                        )
+
+                await finish(keep())
+            raise
+        except ProxyError as err:
+            if err.kind.status >= 500 or err.kind is CHECKSUM_MISMATCH:
+                raise  # nothing of it is trusted: commit nothing
+            # The client went away (or broke a limit) mid-PATCH: keep the parts S3 has
+            # acknowledged, so a resume need not send them again (tus: "store as much as
+            # possible"); the bytes of its unfinished part are lost.
+            kept = appended.partial_state()
+            if kept is not None:
+                await lease.commit(kept)
+                committed = True
+                await _forget(state, store, appended.dropped())
+                log.info(
+                    "tus.kept key=%s id=%s offset=%d reason=%s",
+                    upload.key,
+                    upload.id,
+                    kept.offset,
+                    err.kind.code,
+                )
+            raise
         if stored is None:
             new_offset = await lease.commit(appended.next_state())
             committed = True
@@ -403,6 +450,14 @@ async def _append_tracked(
     finally:
         if not committed:
             await lease.release()
+            await appended.abort_unnamed(state)
+
+
+def _remover(store: TusStore) -> Callable[[], Awaitable[None]]:
+    async def remove() -> None:
+        await store.remove_all()
+
+    return remove
 
 
 async def _forget(state: AppState, store: TusStore, segments: list[Segment]) -> None:
@@ -429,10 +484,7 @@ async def _completed(state: AppState, store: TusStore, stored: StoredFile) -> No
         upload.id,
     )
 
-    async def remove() -> None:
-        await store.remove_all()
-
-    await run_cleanup(remove, f"tus state id={upload.id}", state.janitor)
+    await run_cleanup(_remover(store), f"tus state id={upload.id}", state.janitor)
     if state.webhook is not None:
         out = {"files": [stored.to_json()], "fields": {}}
         try:
@@ -586,6 +638,43 @@ class _Appended:
 
     def dropped(self) -> list[Segment]:
         return list(self.current.segments) if self._new_parts() else []
+
+    def partial_state(self) -> TusState | None:
+        """The state that keeps what a failed PATCH got S3 to acknowledge: its whole parts
+        (none: None). The upload then stands at the end of its last part."""
+        if self.file is None:
+            return None
+        new_parts = self._new_parts()
+        if not new_parts:
+            return None
+        parts = [*self.current.parts, *new_parts]
+        numbers = [p.number for p in parts]
+        if numbers != list(range(1, len(parts) + 1)):
+            return None  # a gap (a part still failing before a later one landed)
+        return TusState(
+            offset=sum(p.size for p in parts),
+            key=self.current.key,
+            upload_id=self.file.upload_id,
+            content_type=self.file.content_type,
+            checksum=self.current.checksum,
+            parts=parts,
+            segments=[],
+            lock=None,
+        )
+
+    async def abort_unnamed(self, state: AppState) -> None:
+        """A multipart upload this PATCH made but never committed: no state names it, so
+        abort it now (a killed instance leaves it to the orphan sweep)."""
+        file = self.file
+        if file is None or not file.created_here or file.upload_id is None:
+            return
+        key, upload_id = self.store.upload.key, file.upload_id
+        log.info("upload.aborted key=%s upload_id=%s reason=uncommitted", key, upload_id)
+        await run_cleanup(
+            lambda: self.store.bucket.abort(key, upload_id),
+            f"abort key={key} upload_id={upload_id}",
+            state.janitor,
+        )
 
 
 class Lease:

@@ -28,6 +28,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -39,6 +40,7 @@ RESERVED_PREFIX = ".s3proxy/tus/"  # every state object of every tus upload is u
 MAX_URL_TOKEN = 6000  # characters: a key (1024 bytes) and a filename fit several times
 _CONTEXT = b"s3proxy tus upload url v1"
 _SIGNED = "tus1."
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class UrlError(Exception):
@@ -111,6 +113,8 @@ def verify(token: str, keys: Sequence[bytes], now: float) -> TusUpload:
     if len(token) > MAX_URL_TOKEN or token.count(".") != 1:
         raise UrlError("malformed upload URL")
     body, sig_text = token.split(".")
+    if not _B64URL.fullmatch(body) or not _B64URL.fullmatch(sig_text):
+        raise UrlError("malformed upload URL")
     sig = _unb64(sig_text)
     if not any([hmac.compare_digest(_mac(k, body), sig) for k in keys]):
         raise UrlError("unknown upload URL")
