@@ -29,10 +29,10 @@
   // asks the server for its offset each time and goes on from there): about a minute.
   const TUS_RETRY_DELAYS = [0, 1000, 3000, 5000, 10000, 20000, 20000];
 
-  // Bytes per PATCH of a resumable upload. The proxy commits a PATCH only when it ends (a
-  // cut one is discarded), so a drop loses at most one chunk: about a tenth of the file,
-  // 8 to 64 MiB, a multiple of 8 MiB (the proxy's default part size, so a PATCH's end
-  // leaves no short part to stage).
+  // Bytes per PATCH of a resumable upload. A PATCH cut by the network keeps the whole parts
+  // S3 acknowledged, but one whose proxy was killed keeps nothing: that loses at most one
+  // chunk, about a tenth of the file, 8 to 64 MiB, a multiple of 8 MiB (the proxy's default
+  // part size, so a PATCH's end leaves no short part to stage).
   function tusChunkSize(size) {
     const step = 8 * MiB;
     return Math.min(64 * MiB, Math.max(step, Math.ceil(size / 10 / step) * step));
