@@ -12,10 +12,10 @@ Thin handlers over three pure parts and one driver:
   sizes, parts in flight, checksums S3 verifies, sniffing and ``--allow-type`` on the
   first bytes, client idle timeout and minimum rate, metrics and completion webhook.
 
-Routes: ``POST /tus/`` creates (creation, creation-with-upload; auth as ``/upload``:
-API key or upload token, whose prefix, size and types bind the upload); ``HEAD``,
-``PATCH``, ``DELETE`` ``/tus/{url}`` need only the URL; ``OPTIONS`` announces the
-extensions. ``X-HTTP-Method-Override`` on a POST to an upload URL is honoured.
+Routes: ``POST /tus/`` creates (creation, creation-with-upload, creation-defer-length;
+auth as ``/upload``: API key or upload token, whose prefix, size and types bind the
+upload); ``HEAD``, ``PATCH``, ``DELETE`` ``/tus/{url}`` need only the URL; ``OPTIONS``
+announces the extensions. ``X-HTTP-Method-Override`` on a POST to an upload URL is honoured.
 
 A PATCH: read the state (404 none, 409 offset, 423 locked) -> swap in the lock -> stream
 (parts it fills go to S3 as UploadPart, staged bytes of the part it continues are read
@@ -188,12 +188,14 @@ async def create(request: web.Request) -> web.StreamResponse:
     _refuse_draining(state)
     tus_protocol.check_version(request.headers.get("Tus-Resumable"))
     principal = state.auth.authenticate(request)
-    if "Upload-Defer-Length" in request.headers:
-        raise ProxyError(
-            INVALID_REQUEST, "Upload-Defer-Length is not supported: send Upload-Length"
-        )
-    length = tus_protocol.parse_count("Upload-Length", request.headers.get("Upload-Length"))
-    _check_size(state, principal, length)
+    deferred = request.headers.get("Upload-Defer-Length")
+    length: int | None = None
+    if deferred is None or "Upload-Length" in request.headers:
+        length = tus_protocol.parse_count("Upload-Length", request.headers.get("Upload-Length"))
+        _check_size(state, principal, length)
+    elif deferred != "1":
+        raise ProxyError(INVALID_REQUEST, "Upload-Defer-Length must be 1")
+    limit = _size_limit(state, principal) if length is None else length
     meta = tus_protocol.parse_metadata(request.headers.get("Upload-Metadata"))
     filename = keys.sanitize_filename(meta.get("filename") or meta.get("name"))
     declared = meta.get("filetype") or meta.get("type") or None
@@ -205,7 +207,9 @@ async def create(request: web.Request) -> web.StreamResponse:
         raise ProxyError(INVALID_FIELD, f"cannot make an object key: {exc}") from None
     cfg = state.pipeline
     expires = int(time.time() + state.settings.tus_expiry)
-    plan = plan_parts(cfg.part_size, length, cfg.max_file_size)
+    plan = plan_parts(cfg.part_size, limit, cfg.max_file_size)
+    if length is None:  # parts grow as for a stream of unknown length, up to the limit
+        plan = plan_parts(cfg.part_size, None, limit)
     grant = principal.grant
     upload = TusUpload(
         id=tus_url.new_id(expires, key),
@@ -217,19 +221,29 @@ async def create(request: web.Request) -> web.StreamResponse:
         filename=filename,
         declared_type=declared,
         types=() if grant is None else grant.types,
+        limit=limit,
     )
     location = ROOT + tus_url.issue(upload, request.app[TUS].keys[0])
     store = TusStore(state.require_sink(), upload)
     checksum = None if cfg.checksum is None else cfg.checksum.value
     await store.create(TusState(key=key, checksum=checksum))
     state.metrics.uploads_started.inc()
-    log.info("tus.created key=%s length=%d id=%s by=%s", key, length, upload.id, principal.subject)
+    log.info("tus.created key=%s length=%s id=%s by=%s", key, length, upload.id, principal.subject)
     headers = {"Location": location, **_expires(upload)}
     with_body = request.content_type == OFFSET_STREAM and request.can_read_body
     if with_body or length == 0:
         offset = await _append(request, state, store, 0)
         headers["Upload-Offset"] = str(offset)
     return _answer(201, headers)
+
+
+def _size_limit(state: AppState, principal: Principal) -> int:
+    """The most bytes a file of this caller may have."""
+    grant = principal.grant
+    limit = state.settings.max_file_size
+    if grant is not None and grant.max_size is not None:
+        limit = min(limit, grant.max_size)
+    return limit
 
 
 def _check_size(state: AppState, principal: Principal, length: int) -> None:
@@ -253,16 +267,17 @@ async def head(request: web.Request) -> web.StreamResponse:
     upload = _upload(request)
     store = TusStore(state.require_sink(), upload)
     found = await store.read()
+    length = upload.length
     if found is None:
-        if not await _finished(store):
+        head = await _finished(store)
+        if head is None:
             raise ProxyError(NO_SUCH_UPLOAD, "no such upload (terminated, or never created)")
-        offset = upload.length
+        offset = length = head
     else:
         offset = found[0].offset
-    return _answer(
-        200,
-        {"Upload-Offset": str(offset), "Upload-Length": str(upload.length), **_expires(upload)},
-    )
+        length = length if length is not None else found[0].length
+    sizes = {"Upload-Length": str(length)} if length is not None else {"Upload-Defer-Length": "1"}
+    return _answer(200, {"Upload-Offset": str(offset), **sizes, **_expires(upload)})
 
 
 @_tus_errors
@@ -299,13 +314,17 @@ async def remove_upload(bucket: ObjectStore, upload: TusUpload, current: TusStat
     await TusStore(bucket, upload).remove_all()
 
 
-async def _finished(store: TusStore) -> bool:
-    """Is the object this upload made at its key (the upload completed)?"""
+async def _finished(store: TusStore) -> int | None:
+    """The size of the object this upload made at its key, if it completed; else None."""
     try:
         found = await store.bucket.head(store.upload.key)
     except NoSuchKey:
-        return False
-    return found.metadata.get(TUS_META) == store.upload.id and found.size == store.upload.length
+        return None
+    if found.metadata.get(TUS_META) != store.upload.id:
+        return None
+    if store.upload.length is not None and found.size != store.upload.length:
+        return None
+    return found.size
 
 
 @_tus_errors
@@ -342,7 +361,7 @@ async def _append(request: web.Request, state: AppState, store: TusStore, offset
     upload = store.upload
     declared = tus_protocol.parse_checksum(request.headers.get("Upload-Checksum"))
     length = request.content_length
-    if length is not None and offset + length > upload.length:
+    if length is not None and upload.length is not None and offset + length > upload.length:
         raise ProxyError(
             FILE_TOO_LARGE,
             f"{length} bytes at offset {offset} go past Upload-Length {upload.length}",
@@ -369,14 +388,16 @@ async def _append_tracked(
     upload = store.upload
     found = await store.read()
     if found is None:
-        if offset == upload.length and await _finished(store):
-            return upload.length
+        done = await _finished(store)
+        if done is not None and offset == done:
+            return done
         raise ProxyError(NO_SUCH_UPLOAD, "no such upload (finished, terminated, or never created)")
     current, etag = found
     if current.offset != offset:
         raise ProxyError(
             OFFSET_MISMATCH, f"Upload-Offset is {offset}; the upload is at {current.offset}"
         )
+    current.length = _total(request, upload, current)
     settings = state.settings
     lease = Lease(store, current, settings.tus_lock_lease, settings.cleanup_clock_skew)
     await lease.take(etag)
@@ -386,14 +407,15 @@ async def _append_tracked(
         try:
             stored = await _stream(request, state, store, current, appended, declared)
         except (NoSuchUpload, NoSuchKey):  # its multipart upload, or its staged bytes
-            if not await _finished(store):
+            done = await _finished(store)
+            if done is None:
                 raise
             # An instance died between completing the upload and removing its state: the
             # object is whole; finish the removal.
             committed = True
             await lease.stop()
             await run_cleanup(_remover(store), f"tus state id={upload.id}", state.janitor)
-            return upload.length
+            return done
         except asyncio.CancelledError:
             # Shutdown's drain (or the server) stopped it: keep its acknowledged parts too,
             # so a rolling restart costs a resume at the last part, not at the PATCH's
@@ -446,11 +468,31 @@ async def _append_tracked(
         committed = True  # the object is stored: the state goes with the prefix
         await lease.stop()
         await _completed(state, store, stored)
-        return upload.length
+        return stored.size
     finally:
         if not committed:
             await lease.release()
             await appended.abort_unnamed(state)
+
+
+def _total(request: web.Request, upload: TusUpload, current: TusState) -> int | None:
+    """The file's length: the URL's, or a deferred one declared before or by this PATCH
+    (``Upload-Length``, once; not below what is stored, not over the upload's limit)."""
+    if upload.length is not None:
+        return upload.length
+    text = request.headers.get("Upload-Length")
+    if text is None:
+        return current.length
+    length = tus_protocol.parse_count("Upload-Length", text)
+    if current.length is not None and length != current.length:
+        raise ProxyError(INVALID_REQUEST, f"Upload-Length was declared as {current.length}")
+    if length > upload.limit:
+        raise ProxyError(
+            FILE_TOO_LARGE, f"Upload-Length {length} is over the limit of {upload.limit}"
+        )
+    if length < current.offset:
+        raise ProxyError(INVALID_REQUEST, f"Upload-Length {length} is below the offset")
+    return length
 
 
 def _remover(store: TusStore) -> Callable[[], Awaitable[None]]:
@@ -514,10 +556,14 @@ async def _stream(
     cfg: PipelineConfig = state.pipeline
     if upload.types:
         cfg = dataclasses.replace(cfg, grant_types=upload.types)
+    total = current.length
+    if total is None:
+        # Length still deferred: the request cannot end the file (it ends before a total
+        # one byte over the limit, and the limit refuses that byte), so it stages its tail.
+        cfg = dataclasses.replace(cfg, max_file_size=upload.limit)
+        total = upload.limit + 1
     resumed = Resumed(
-        point=Resume(
-            current.offset, upload.length, current.staged, created=current.upload_id is not None
-        ),
+        point=Resume(current.offset, total, current.staged, created=current.upload_id is not None),
         plan=upload.plan,
         staging=appended,
         content_type=current.content_type,
@@ -538,7 +584,7 @@ async def _stream(
     watch = ClientWatch(
         lambda: body.total_bytes,
         settings.client_timeout,
-        max(0, upload.length - current.offset),
+        max(0, min(total, upload.limit) - current.offset),
         settings.min_upload_rate,
         settings.min_rate_window,
     )
@@ -628,6 +674,7 @@ class _Appended:
         return TusState(
             offset=self.current.offset + self.file.size,
             key=self.current.key,
+            length=self.current.length,
             upload_id=self.file.upload_id,
             content_type=self.file.content_type,
             checksum=self.current.checksum,
@@ -654,6 +701,7 @@ class _Appended:
         return TusState(
             offset=sum(p.size for p in parts),
             key=self.current.key,
+            length=self.current.length,
             upload_id=self.file.upload_id,
             content_type=self.file.content_type,
             checksum=self.current.checksum,

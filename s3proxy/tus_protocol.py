@@ -26,7 +26,14 @@ from s3proxy.errors import INVALID_DIGEST, INVALID_REQUEST, UNSUPPORTED_VERSION,
 
 VERSION = "1.0.0"
 # What this server supports, in the order OPTIONS lists them.
-EXTENSIONS = ("creation", "creation-with-upload", "termination", "expiration", "checksum")
+EXTENSIONS = (
+    "creation",
+    "creation-with-upload",
+    "creation-defer-length",
+    "termination",
+    "expiration",
+    "checksum",
+)
 CHECKSUM_ALGORITHMS = ("sha1", "sha256", "md5")
 OFFSET_STREAM = "application/offset+octet-stream"
 _DIGITS = re.compile(r"[0-9]{1,19}")  # 19 digits: below 2**63, as tusd's int64

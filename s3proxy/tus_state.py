@@ -86,6 +86,7 @@ class TusState:
 
     offset: int = 0
     key: str = ""  # the object's (the sweep aborts an expired upload's multipart upload)
+    length: int | None = None  # a deferred length, once a PATCH declared it
     upload_id: str | None = None
     content_type: str = ""
     checksum: str | None = None  # the algorithm the multipart upload declared
@@ -124,6 +125,7 @@ class TusState:
             return cls(
                 offset=int(data["offset"]),
                 key=str(data["key"]),
+                length=data.get("length"),
                 upload_id=data["upload_id"],
                 content_type=str(data["content_type"]),
                 checksum=data.get("checksum"),

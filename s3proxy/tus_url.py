@@ -58,13 +58,14 @@ class TusUpload:
 
     id: str  # random; names the upload's state prefix
     key: str
-    length: int
+    length: int | None  # None: deferred (Upload-Defer-Length), declared by a later PATCH
     expires: int  # unix seconds
     part_size: int
     growing: bool
     filename: str
     declared_type: str | None = None
     types: tuple[str, ...] = ()  # an upload token's allowlist ((): no narrower than the proxy's)
+    limit: int = 0  # the most bytes the file may have (a deferred length is checked on it)
 
     @property
     def plan(self) -> PartPlan:

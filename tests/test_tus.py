@@ -333,3 +333,43 @@ async def test_cors_lets_a_page_elsewhere_speak_tus(proxy_factory: ProxyFactory)
         "upload-expires",
         "tus-resumable",
     } <= exposed
+
+
+async def test_tus_can_be_turned_off(proxy_factory: ProxyFactory) -> None:
+    proxy = await proxy_factory(tus=False)
+    resp = await proxy.post("/tus/", headers={**TUS, "Upload-Length": "5"})
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "NOT_FOUND"
+
+
+async def test_deferred_length(proxy_factory: ProxyFactory, s3: Any, bucket: str) -> None:
+    """Upload-Defer-Length: the length comes with a later PATCH; until then the upload
+    stages what it gets (across a part boundary too) and HEAD says the length is deferred."""
+    proxy = await proxy_factory()
+    data = body(6 * MiB + 11)
+    resp = await proxy.post("/tus/", headers={**TUS, "Upload-Defer-Length": "1"})
+    assert resp.status == 201, await resp.text()
+    url = resp.headers["Location"]
+    head = await proxy.head(url, headers=TUS)
+    assert head.headers["Upload-Defer-Length"] == "1" and "Upload-Length" not in head.headers
+    cut = 5 * MiB + 100
+    resp = await proxy.patch(url, data=io.BytesIO(data[:cut]), headers=_patch_headers(0))
+    assert resp.status == 204 and resp.headers["Upload-Offset"] == str(cut)
+    assert await reserved(s3, bucket) != []  # not complete: the length is not known yet
+    resp = await proxy.patch(
+        url,
+        data=io.BytesIO(data[cut:]),
+        headers=_patch_headers(cut, **{"Upload-Length": str(len(data))}),
+    )
+    assert resp.status == 204 and resp.headers["Upload-Offset"] == str(len(data))
+    assert await read_object_async(s3, bucket, await stored_key(s3, bucket)) == data
+    assert await reserved(s3, bucket) == []
+    head = await proxy.head(url, headers=TUS)
+    assert head.headers["Upload-Length"] == str(len(data))
+    # over the limit when declared
+    resp = await proxy.post("/tus/", headers={**TUS, "Upload-Defer-Length": "1"})
+    url = resp.headers["Location"]
+    resp = await proxy.patch(
+        url, data=b"x", headers=_patch_headers(0, **{"Upload-Length": str(2 * 1024**3)})
+    )
+    assert resp.status == 413
+    assert (await proxy.delete(url, headers=TUS)).status == 204
