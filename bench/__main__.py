@@ -4,7 +4,10 @@ Matrices (``--matrix NAME``): ``full``, the default (64 MiB, 256 MiB, 1 GiB x 1,
 uploads); ``readme``, the official results in bench/README.md (64 MiB x 1, 4, 16, 64, 256 MiB x
 1, 4, 16, 1 GiB x 1, 4; s3proxy with --memory-budget 64MiB --part-size 8MiB
 --parts-in-flight 2); ``quick`` (``--quick``, about two minutes on 2 cores); ``smoke``
-(``--smoke``, tiny, moto, for CI). Other flags given with a matrix override its values.
+(``--smoke``, tiny, moto, for CI); ``tus`` (resumable uploads: s3proxy over tus and
+@tus/server + @tus/s3-store with tus-js-client, in one PATCH per file and in 50 MiB PATCHes,
+against s3proxy's /upload with curl, at 1 GiB x 1 and 256 MiB x 16); ``tus-smoke`` (the same
+designs and clients, tiny, moto). Other flags given with a matrix override its values.
 
 ``python -m bench load --target URL ...`` load-tests a running deployment instead
 (``python -m bench load --help``; bench/load.py).
@@ -27,7 +30,7 @@ PRESETS: dict[str, dict[str, object]] = {
     "full": {
         "sizes": "64MiB,256MiB,1GiB",
         "concurrency": "1,4,16,64",
-        "designs": ",".join(designs.ALL),
+        "designs": ",".join(designs.FORM_ALL),
         "clients": "curl",
         "backend": "seaweedfs",
     },
@@ -35,7 +38,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # (64 x 1 GiB would take an hour per design on 2 cores).
     "readme": {
         "cells": "64MiB:1,64MiB:4,64MiB:16,64MiB:64,256MiB:1,256MiB:4,256MiB:16,1GiB:1,1GiB:4",
-        "designs": ",".join(designs.ALL),
+        "designs": ",".join(designs.FORM_ALL),
         "clients": "curl",
         "backend": "seaweedfs",
         "part_size": "8MiB",
@@ -47,7 +50,7 @@ PRESETS: dict[str, dict[str, object]] = {
     "quick": {
         "sizes": "32MiB",
         "concurrency": "1,4,16",
-        "designs": ",".join(designs.ALL),
+        "designs": ",".join(designs.FORM_ALL),
         "clients": "curl",
         "backend": "seaweedfs",
     },
@@ -58,6 +61,27 @@ PRESETS: dict[str, dict[str, object]] = {
         "concurrency": "1,2",
         "designs": "s3proxy,direct,naive-tempfile,naive-memory",
         "clients": "curl,aiohttp",
+        "backend": "moto",
+        "part_size": "5MiB",
+        "memory_budget": "32MiB",
+    },
+    # Resumable uploads (issue 13): every tus design with tus-js-client, one PATCH per file and
+    # 50 MiB PATCHes, and s3proxy's /upload with curl as the yardstick.
+    "tus": {
+        "cells": "1GiB:1,256MiB:16",
+        "designs": "s3proxy,tus-node",
+        "clients": "curl,tus,tus:50MiB",
+        "backend": "seaweedfs",
+        "part_size": "8MiB",
+        "parts_in_flight": "2",
+        "memory_budget": "64MiB",
+    },
+    # The same pairs, tiny, on moto: 6 MiB in 5 MiB PATCHes is two PATCHes, one short.
+    "tus-smoke": {
+        "sizes": "6MiB",
+        "concurrency": "1,2",
+        "designs": "s3proxy,tus-node",
+        "clients": "curl,tus,tus:5MiB",
         "backend": "moto",
         "part_size": "5MiB",
         "memory_budget": "32MiB",
@@ -101,6 +125,14 @@ def _list(text: str, allowed: tuple[str, ...] | None = None) -> list[str]:
     return items
 
 
+def _clients(text: str) -> list[str]:
+    """--clients: kinds from clients.KINDS, and tus:SIZE (PATCHes of SIZE bytes)."""
+    try:
+        return list(dict.fromkeys(clients.parse_client(x) for x in _list(text)))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -111,7 +143,8 @@ def parser() -> argparse.ArgumentParser:
     preset.add_argument(
         "--matrix",
         choices=tuple(PRESETS),
-        help="a named matrix: full (default), readme (the official results), quick, smoke",
+        help="a named matrix: full (default), readme (the official results), quick, smoke,"
+        " tus (resumable uploads), tus-smoke",
     )
     preset.add_argument(
         "--quick", action="store_true", help="--matrix quick: 32 MiB x 1,4,16, all designs"
@@ -134,7 +167,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, help="repetitions of every cell (default 1)")
     p.add_argument("--designs", help=f"comma-separated, from {','.join(designs.ALL)}")
     p.add_argument(
-        "--clients", help=f"comma-separated, from {','.join(clients.KINDS)} (default curl)"
+        "--clients",
+        help=f"comma-separated, from {','.join(clients.KINDS)} (default curl); tus sends a file"
+        " in one PATCH, tus:50MiB in PATCHes of 50 MiB",
     )
     p.add_argument(
         "--backend",
@@ -178,7 +213,7 @@ def parser() -> argparse.ArgumentParser:
         "--cache-dir",
         type=Path,
         default=Options.cache_dir,
-        help="npm packages of the multer-s3 design (outside the repo)",
+        help="npm packages of the Node.js designs and the tus client (outside the repo)",
     )
     p.add_argument(
         "--update-readme",
@@ -232,7 +267,7 @@ def options(argv: list[str]) -> tuple[Options, bool]:
         concurrency=concurrency,
         cells=pairs,
         designs=_list(pick("designs"), designs.ALL),
-        clients=_list(pick("clients"), clients.KINDS),
+        clients=_clients(pick("clients")),
         reps=args.reps or 1,
         backend=backend,
         endpoint_url=args.endpoint_url,

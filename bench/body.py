@@ -111,6 +111,11 @@ def form_tail(boundary: str = JUNK_BOUNDARY) -> bytes:
     return f"\r\n--{boundary}--\r\n".encode()
 
 
+def offsets(seed: int, size: int) -> list[int]:
+    """Where each 1 MiB window of the body starts in the pool (the Node.js client's input)."""
+    return [_offset(seed, index) for index in range(-(-size // BLOCK))]
+
+
 @functools.lru_cache(maxsize=64)
 def sha256(seed: int, size: int, kind: str = "random") -> str:
     """The hex sha256 every uploaded copy of this body must have."""

@@ -31,7 +31,7 @@ class Setup:
     bar: Bar
     log_dir: Path
     body_files: dict[tuple[int, str], Path] = field(default_factory=dict)  # curl's: (size, kind)
-    multer_dir: Path | None = None  # the installed multer-s3 design
+    node_dirs: dict[str, Path] = field(default_factory=dict)  # designs.NODE folders installed
     s3proxy_src: Path | None = None  # the snapshot of s3proxy to measure
 
 
@@ -85,19 +85,42 @@ async def verify_and_clean(
     )
 
 
-async def warm_up(url: str, b: Backend, opts: Options) -> None:
-    """One upload of just over a part before measuring, so one-off setup is not charged."""
+def endpoint(port: int, client: str) -> str:
+    """Where a client kind uploads: POST /upload, or the tus creation URL."""
+    path = "tus/" if designs.protocol(client) == "tus" else "upload"
+    return f"http://127.0.0.1:{port}/{path}"
+
+
+async def warm_up(design: str, client: str, port: int, s: Setup) -> None:
+    """One upload of just over a part before measuring, so one-off setup is not charged.
+
+    In the cell's own protocol (tus-node has no /upload; s3proxy's tus path has state of
+    its own to warm).
+    """
+    b, opts = s.backend, s.opts
     size = opts.part_size + 1
-    up = (
-        await clients.run_clients("aiohttp", url, 1, opts.seed, size, None, 60, clients.Progress())
-    )[0]
+    url = endpoint(port, client)
+    if designs.protocol(client) == "tus":
+        chunk = clients.tus_chunk(client)
+        node = s.node_dirs["tus"]
+        ups = await clients.tus_job(
+            node, design, url, 1, opts.seed, size, chunk, 60, clients.Progress()
+        )
+    else:
+        ups = await clients.run_clients(
+            "aiohttp", url, 1, opts.seed, size, None, 60, clients.Progress()
+        )
+    up = ups[0]
     if not up.ok:
         raise RuntimeError(f"warm-up upload failed: {up.error}")
     async with b.client(opts.region) as s3:
-        await s3util.delete_keys(s3, b.bucket, up.keys)
+        # In a bucket of our own, also what the design keeps beside the object (@tus/s3-store's
+        # .info), so that the cell's stray objects are the cell's own.
+        keys = await s3util.list_keys(s3, b.bucket) if b.owned else up.keys
+        await s3util.delete_keys(s3, b.bucket, keys)
 
 
-async def _ready(child: procs.Child, design: str, port: int, s: Setup) -> None:
+async def _ready(child: procs.Child, design: str, client: str, port: int, s: Setup) -> None:
     """Wait until the server answers, and warm it up (direct says "ready" on stdout)."""
     if design == "direct":
         assert child.proc is not None and child.proc.stdout is not None
@@ -106,7 +129,7 @@ async def _ready(child: procs.Child, design: str, port: int, s: Setup) -> None:
             raise RuntimeError(f"direct did not start; see {child.log_path}")
     else:
         await child.wait_http(f"http://127.0.0.1:{port}/healthz", limit_s=60)
-        await warm_up(f"http://127.0.0.1:{port}/upload", s.backend, s.opts)
+        await warm_up(design, client, port, s)
 
 
 @dataclass
@@ -142,6 +165,8 @@ async def _measure(
         bar.cell(child.name, lambda: min(total * size, procs.io_chars(child.pid)[1] - wchar0))
     elif client == "curl":
         bar.cell(child.name, progress.curl_bytes)
+    elif designs.protocol(client) == "tus":
+        bar.cell(child.name, progress.node_bytes)
     else:
         bar.cell(child.name, lambda: progress.sent)
     server.start()
@@ -159,10 +184,22 @@ async def _measure(
         uploads = await clients.direct_job(
             child.proc, conc, opts.seed, size, prefix, timeout, total, spec.body
         )
+    elif designs.protocol(client) == "tus":
+        uploads = await clients.tus_job(
+            s.node_dirs["tus"],
+            design,
+            endpoint(port, client),
+            conc,
+            opts.seed,
+            size,
+            clients.tus_chunk(client),
+            timeout,
+            progress,
+        )
     else:
         uploads = await clients.run_clients(
             client,
-            f"http://127.0.0.1:{port}/upload",
+            endpoint(port, client),
             conc,
             opts.seed,
             size,
@@ -198,7 +235,7 @@ async def run_cell(s: Setup, design: str, client: str, spec: CellSpec, rep: int)
     port = procs.free_port()
     extra = (f"x{spec.count}" if spec.count else "") + ("-junk" if spec.body == "junk" else "")
     name = f"{design}-{client}-{designs.size_arg(size)}-c{conc}{extra}-r{rep}"
-    argv = designs.argv(design, port, s.backend, s.opts, s.multer_dir)
+    argv = designs.argv(design, port, s.backend, s.opts, s.node_dirs)
     # s3proxy runs from its snapshot (cwd first on sys.path with -m); the others from the repo
     src = s.s3proxy_src if design in ("s3proxy", designs.S3PROXY_B) else None
     child = procs.Child(
@@ -211,7 +248,7 @@ async def run_cell(s: Setup, design: str, client: str, spec: CellSpec, rep: int)
     )
     await child.start()
     try:
-        await _ready(child, design, port, s)
+        await _ready(child, design, client, port, s)
         m = await _measure(child, design, client, spec, port, s)
     finally:
         if design == "direct" and child.proc is not None and child.proc.stdin is not None:

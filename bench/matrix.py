@@ -41,12 +41,21 @@ async def run(opts: Options) -> RunResult:
     if "s3proxy" in names and not (REPO / "s3proxy" / "cli.py").exists():
         names.remove("s3proxy")
         notes.append("s3proxy skipped: s3proxy/cli.py does not exist yet")
-    multer_dir = None
-    if "multer-s3" in names:
-        multer_dir, note = await asyncio.to_thread(designs.prepare_multer, opts.cache_dir)
-        if multer_dir is None:
-            names.remove("multer-s3")
+    node_dirs: dict[str, Path] = {}
+    client_names = list(opts.clients)
+    for which in designs.node_packages(names, client_names):
+        folder, note = await asyncio.to_thread(designs.prepare_node, which, opts.cache_dir)
+        if folder is None:
+            # without it: the design it holds, and (tus) every tus client
+            names = [d for d in names if designs.NODE_OF.get(d) != which]
+            if which == "tus":
+                client_names = [c for c in client_names if designs.protocol(c) != "tus"]
             notes.append(note)
+        else:
+            node_dirs[which] = folder
+    pairs, skipped = designs.pairs(names, client_names)
+    notes += skipped
+    names = [d for d in names if any(d == pd for pd, _ in pairs)]
     for n in notes:
         log(n)
     workdir = Path(tempfile.mkdtemp(prefix="s3proxy-bench-"))
@@ -67,7 +76,6 @@ async def run(opts: Options) -> RunResult:
     )
     body_files: dict[tuple[int, str], Path] = {}
     runs: list[CellResult] = []
-    pairs = [(d, c) for d in names for c in (["builtin"] if d == "direct" else opts.clients)]
     grid = opts.cells or [(s, c) for s in opts.sizes for c in opts.concurrency]
     cells = opts.specs or [CellSpec(s, c) for s, c in grid]
     total = sum(c.size * c.uploads for c in cells) * len(pairs) * opts.reps
@@ -87,7 +95,7 @@ async def run(opts: Options) -> RunResult:
             f"{len(cells) * len(pairs) * opts.reps} cells, {total / 2**30:.2f} GiB to upload"
         )
         await warm_backend(b, opts)
-        setup = Setup(b, opts, bar, log_dir, body_files, multer_dir, s3proxy_src)
+        setup = Setup(b, opts, bar, log_dir, body_files, node_dirs, s3proxy_src)
         bar.start()
         for rep in range(opts.reps):
             for i, spec in enumerate(cells):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import designs
 from bench.options import REPO
 from bench.result import CellResult, RunResult, percentile
 
@@ -99,10 +100,18 @@ def summarize(runs: list[CellResult], cpus: int = 1) -> list[dict[str, Any]]:
     order = {
         d: i
         for i, d in enumerate(
-            ("s3proxy", "direct", "naive-tempfile", "naive-memory", "multer-s3", "floor")
+            (
+                "s3proxy",
+                "direct",
+                "naive-tempfile",
+                "naive-memory",
+                "multer-s3",
+                "tus-node",
+                "floor",
+            )
         )
     }
-    client_order = {"curl": 0, "aiohttp": 1, "builtin": 2}
+    client_order = {"curl": 0, "aiohttp": 1, "builtin": 2, "tus": 3}
     cells.sort(
         key=lambda c: (
             c["size"],
@@ -110,7 +119,8 @@ def summarize(runs: list[CellResult], cpus: int = 1) -> list[dict[str, Any]]:
             c["uploads"] // c["reps"],
             c["body"] != "random",
             order.get(c["design"], 99),
-            client_order.get(c["client"], 9),
+            client_order.get(c["client"].partition(":")[0], 9),
+            c["client"],
         )
     )
     for c in cells:
@@ -158,23 +168,26 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _compared(c: dict[str, Any], o: dict[str, Any]) -> bool:
+    """Whether s3proxy's cell ``c`` is set against ``o``: another design with the same client
+    (or direct's own), or, for s3proxy over tus, s3proxy's own /upload with curl (issue 13's
+    target: tus within 10% of it)."""
+    if o["size"] != c["size"] or o["concurrency"] != c["concurrency"] or o["body"] != c["body"]:
+        return False
+    if o["uploads"] // o["reps"] != c["uploads"] // c["reps"]:
+        return False
+    if o["design"] != "s3proxy":
+        return bool(o["client"] in (c["client"], "builtin"))
+    return designs.protocol(c["client"]) == "tus" and o["client"] == "curl"
+
+
 def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """s3proxy/direct for throughput; s3proxy/other for peak RSS and CPU per GiB."""
     out = []
     for c in cells:
         if c["design"] != "s3proxy":
             continue
-        same = [
-            o
-            for o in cells
-            if o["size"] == c["size"]
-            and o["concurrency"] == c["concurrency"]
-            and o["body"] == c["body"]
-            and o["uploads"] // o["reps"] == c["uploads"] // c["reps"]
-            and o["design"] != "s3proxy"
-            and o["client"] in (c["client"], "builtin")
-        ]
-        for o in same:
+        for o in (o for o in cells if _compared(c, o)):
             out.append(
                 {
                     "client": c["client"],
@@ -183,7 +196,7 @@ def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "body": c["body"],
                     "uploads": c["uploads"],
                     "reps": c["reps"],
-                    "other": o["design"],
+                    "other": o["design"] if o["design"] != "s3proxy" else "s3proxy-curl",
                     "throughput": _ratio(c["throughput_mbps"], o["throughput_mbps"]),
                     "peak_rss": _ratio(c["peak_rss_bytes"], o["peak_rss_bytes"]),
                     "cpu_per_gib": _ratio(c["cpu_s_per_gib"], o["cpu_s_per_gib"]),

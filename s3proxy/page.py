@@ -1,10 +1,12 @@
 """GET /: the browser upload page, and the few static files it is made of.
 
 The page (``static/index.html``, ``page.js``, ``page.css``) is plain HTML and JS with no
-build step and no URL outside the proxy and the S3 endpoint. The files are read once, when
-the routes are added, through importlib.resources (so they also load from a zipped
-install) and served from memory; only these names are served, nothing is looked up on disk
-per request.
+build step and no URL outside the proxy and the S3 endpoint. ``tus.min.js`` is
+tus-js-client's browser bundle for the page's resumable uploads through ``/tus/``, vendored
+from the npm package (version and MIT licence in ``static/tus-js-client.LICENSE``, which is
+not served). The files are read once, when the routes are added, through
+importlib.resources (so they also load from a zipped install) and served from memory; only
+these names are served, nothing is looked up on disk per request.
 
 The page itself needs no credentials: it holds no data. Auth applies to the calls it
 makes (POST /upload, POST /sign...), with the token the user types or the page's
@@ -32,6 +34,7 @@ from s3proxy.state import STATE
 ASSETS = {
     "page.js": "text/javascript",
     "page.css": "text/css",
+    "tus.min.js": "text/javascript",
 }
 INDEX = "index.html"
 

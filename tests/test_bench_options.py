@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from bench import designs
+from bench import body, clients, designs
 from bench.__main__ import options, parse_cell
 from bench.backends import Backend
 from bench.options import CellSpec
@@ -81,8 +82,8 @@ def test_an_a_b_of_s3proxy_flags_runs_s3proxy_twice() -> None:
         ["--s3proxy-args", "--event-loop asyncio", "--s3proxy-b-args", "--event-loop uvloop"]
     )[0]
     b = Backend("moto", "http://127.0.0.1:1", "b", "k", "s", None, True, _never)
-    a_argv = designs.argv("s3proxy", 1, b, opts, None)
-    b_argv = designs.argv(designs.S3PROXY_B, 1, b, opts, None)
+    a_argv = designs.argv("s3proxy", 1, b, opts, {})
+    b_argv = designs.argv(designs.S3PROXY_B, 1, b, opts, {})
     assert a_argv[-2:] == ["--event-loop", "asyncio"]
     assert b_argv[-2:] == ["--event-loop", "uvloop"]
     assert a_argv[:-2] == b_argv[:-2]
@@ -90,3 +91,129 @@ def test_an_a_b_of_s3proxy_flags_runs_s3proxy_twice() -> None:
 
 async def _never() -> None:
     raise AssertionError
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "chunk"),
+    [
+        ("curl", "curl", None),
+        (" aiohttp ", "aiohttp", None),
+        ("tus", "tus", None),
+        ("tus:50MiB", "tus:50MiB", 50 << 20),
+        ("tus:52428800", "tus:50MiB", 50 << 20),
+        ("tus:100KiB", "tus:102400", 100 << 10),
+        ("tus:1000", "tus:1000", 1000),
+    ],
+)
+def test_client_kinds_parse_and_normalize(text: str, kind: str, chunk: int | None) -> None:
+    assert clients.parse_client(text) == kind
+    assert clients.tus_chunk(kind) == chunk
+    assert designs.protocol(kind) == ("tus" if kind.startswith("tus") else "form")
+
+
+@pytest.mark.parametrize("text", ["tus:0", "tus:abc", "tus:", "curl:5MiB", "wget", "TUS"])
+def test_bad_client_kinds_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        clients.parse_client(text)
+    with pytest.raises(SystemExit):
+        options(["--clients", f"curl,{text}"])
+
+
+def test_the_tus_matrix_is_issue_13s() -> None:
+    opts = options(["--matrix", "tus"])[0]
+    assert opts.cells == [(1 << 30, 1), (256 << 20, 16)]
+    assert opts.designs == ["s3proxy", "tus-node"]
+    assert opts.clients == ["curl", "tus", "tus:50MiB"]
+    # duplicates given twice, in two spellings, count once
+    assert options(["--matrix", "tus", "--clients", "tus:50MiB,tus:52428800"])[0].clients == [
+        "tus:50MiB"
+    ]
+
+
+def test_the_form_matrices_leave_tus_node_out() -> None:
+    for argv in ([], ["--quick"], ["--matrix", "readme"]):
+        assert "tus-node" not in options(argv)[0].designs
+
+
+@pytest.mark.parametrize(
+    ("names", "kinds", "expected", "skipped"),
+    [
+        (
+            ["s3proxy", "tus-node"],
+            ["curl", "tus", "tus:50MiB"],
+            [
+                ("s3proxy", "curl"),
+                ("s3proxy", "tus"),
+                ("s3proxy", "tus:50MiB"),
+                ("tus-node", "tus"),
+                ("tus-node", "tus:50MiB"),
+            ],
+            [],
+        ),
+        (
+            ["direct", "multer-s3", "tus-node"],
+            ["curl"],
+            [("direct", "builtin"), ("multer-s3", "curl")],
+            ["tus-node"],
+        ),
+        (["naive-memory"], ["tus"], [], ["naive-memory"]),
+    ],
+)
+def test_designs_pair_with_the_clients_that_speak_their_protocol(
+    names: list[str], kinds: list[str], expected: list[tuple[str, str]], skipped: list[str]
+) -> None:
+    got, notes = designs.pairs(names, kinds)
+    assert got == expected
+    assert [n.split()[0] for n in notes] == skipped
+
+
+@pytest.mark.parametrize(
+    ("names", "kinds", "expected"),
+    [
+        (["s3proxy", "direct"], ["curl"], []),
+        (["s3proxy"], ["curl", "tus"], ["tus"]),
+        (["multer-s3", "tus-node"], ["curl"], ["multer-s3", "tus"]),
+        (["tus-node"], ["tus", "tus:5MiB"], ["tus"]),
+    ],
+)
+def test_only_the_node_packages_a_run_uses_are_installed(
+    names: list[str], kinds: list[str], expected: list[str]
+) -> None:
+    assert designs.node_packages(names, kinds) == expected
+
+
+def test_a_tus_uploads_key_comes_from_the_servers_header_or_the_designs_rule() -> None:
+    url = "http://127.0.0.1:1/tus/0f3a9c"
+    assert clients.tus_key("s3proxy", url, {"S3Proxy-Key": "uploads/a/b.bin"}) == "uploads/a/b.bin"
+    assert clients.tus_key("tus-node", url, {}) == "0f3a9c"  # @tus/s3-store: the upload id
+    assert clients.tus_key("s3proxy", url, {}) is None  # no guessing: reported as a failure
+    # s3proxy's upload URL: base64url JSON naming the key, "." and its signature
+    token = base64.urlsafe_b64encode(b'{"id":"x","key":"up/\xc3\xa9t\xc3\xa9.bin"}')
+    signed = f"http://127.0.0.1:1/tus/{token.decode().rstrip('=')}.c2lnbmF0dXJl"
+    assert clients.tus_key("s3proxy", signed, {}) == "up/été.bin"
+    assert clients.tus_key("s3proxy", signed + "x.y", {}) is None  # not one token
+    assert clients.tus_key("s3proxy", "http://127.0.0.1:1/tus/!!.x", {}) is None
+    quoted = {"S3Proxy-Key": "up/%C3%A9t%C3%A9.bin"}
+    assert clients.tus_key("s3proxy", signed, quoted) == "up/été.bin"
+    reply = {
+        "uploads": [
+            {"ok": True, "latency": 1.5, "url": url, "headers": {}},
+            {"ok": False, "latency": 0.2, "url": None, "error": "Error: tus: 413"},
+        ]
+    }
+    ok, failed = clients.tus_results("tus-node", 7, reply)
+    assert (ok.ok, ok.size, ok.keys, ok.latency) == (True, 7, ["0f3a9c"], 1.5)
+    assert (failed.ok, failed.size, failed.error) == (False, 0, "tus: Error: tus: 413")
+    (missing,) = clients.tus_results("s3proxy", 7, {"uploads": [reply["uploads"][0]]})
+    assert not missing.ok and "no key" in missing.error
+
+
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) - 1, 1 << 20, (3 << 20) + 5])
+def test_the_offsets_given_to_the_node_client_rebuild_the_body(size: int) -> None:
+    pool = body._pool(1)
+    offsets = body.offsets(1, size)
+    assert len(offsets) == -(-size // body.BLOCK)
+    rebuilt = b"".join(
+        pool[off : off + min(body.BLOCK, size - i * body.BLOCK)] for i, off in enumerate(offsets)
+    )
+    assert rebuilt == b"".join(body.chunks(1, size))

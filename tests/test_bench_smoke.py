@@ -103,3 +103,48 @@ def test_the_floor_small_files_and_junk_cells_run(tmp_path: Path) -> None:
         assert c["failures"] == 0 and c["verified"] == c["uploads"], c
         assert c["design"] == "floor" or c["cpu_vs_floor"] is not None, c
     assert "CPU/floor" in (tmp_path / "latest.md").read_text()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_bench_tus_smoke(tmp_path: Path) -> None:
+    """The resumable designs: s3proxy over tus and @tus/server + @tus/s3-store, driven by
+    tus-js-client in one PATCH and in 5 MiB PATCHes, beside s3proxy's /upload with curl."""
+    if not (shutil.which("node") and shutil.which("npm") and shutil.which("curl")):
+        pytest.skip("node, npm and curl are needed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3PROXY_"))}
+    argv = ["--matrix", "tus-smoke", "--concurrency", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "latest.json").read_text())
+    cells = {(c["design"], c["client"]): c for c in result["cells"]}
+    assert set(cells) == {
+        ("s3proxy", "curl"),
+        ("s3proxy", "tus"),
+        ("s3proxy", "tus:5MiB"),
+        ("tus-node", "tus"),
+        ("tus-node", "tus:5MiB"),
+    }, result["meta"]["notes"]
+    for (design, client), c in cells.items():
+        where = f"{design}/{client}"
+        assert c["failures"] == 0, (where, c["errors"])
+        assert c["verified"] == c["uploads"] == 1, where  # size and sha256 read back
+        assert c["open_multipart_uploads"] == 0, where
+        assert c["throughput_mbps"] > 0, where
+        if design == "s3proxy":
+            # nothing left beside the object, nothing written to disk
+            assert c["stray_objects"] == 0, where
+            assert c["disk_write_bytes"] == c["peak_tmp_bytes"] == 0, where
+        else:
+            # @tus/s3-store keeps a .info object per upload, and spools parts to os.tmpdir()
+            assert c["stray_objects"] == 1, where
+            assert c["disk_write_bytes"] + c["peak_tmp_bytes"] > 0, where
+    assert {r["other"] for r in result["ratios"]} == {"s3proxy-curl", "tus-node"}

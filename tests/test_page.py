@@ -1,8 +1,9 @@
 """The upload page: GET / and its assets (quick, against moto), and the page itself in a
 real headless Chromium against the real proxy process and SeaweedFS (``e2e``).
 
-The browser test uploads through both paths, through the proxy (one POST /upload per
-file) and direct to S3 (presigned PUT, and presigned multipart above the threshold),
+The browser test uploads through every path, through the proxy (one POST /upload per
+file), resumable (tus-js-client against /tus/) and direct to S3 (presigned PUT, and
+presigned multipart above the threshold),
 reads progress and results off the page, takes screenshots, and checks every stored
 object byte for byte with boto3. ``UPDATE_SCREENSHOTS=1`` also writes the final
 screenshot to docs/upload-page.png for the README.
@@ -14,6 +15,7 @@ import contextlib
 import functools
 import hashlib
 import http.server
+import importlib.resources
 import os
 import random
 import re
@@ -67,6 +69,28 @@ async def test_page_and_assets_are_served(proxy: Any, moto: Any) -> None:
     assert (await unknown.json())["error"]["code"] == "NOT_FOUND"
     head = await proxy.head("/")
     assert head.status == 200
+
+
+async def test_the_vendored_tus_client_is_served_with_its_version_and_licence(proxy: Any) -> None:
+    """tus-js-client's browser bundle, for the page's resumable uploads: served like page.js,
+    loaded before it, its version the one its licence file names; the licence is not served."""
+    html = await (await proxy.get("/")).text()
+    assert html.index('src="static/tus.min.js"') < html.index('src="static/page.js"')
+    bundle = await proxy.get("/static/tus.min.js")
+    assert bundle.status == 200
+    assert bundle.headers["Content-Type"] == "text/javascript; charset=utf-8"
+    assert "script-src 'self'" in bundle.headers["Content-Security-Policy"]
+    text = await bundle.text()
+    assert text.startswith("/*! tus-js-client 4.3.1, dist/tus.min.js of the npm package")
+    assert "sourceMappingURL" not in text  # the map is not shipped: no 404 in devtools
+    assert (await proxy.get("/static/tus-js-client.LICENSE")).status == 404
+
+
+def test_the_vendored_tus_client_ships_with_its_licence() -> None:
+    static = importlib.resources.files("s3proxy") / "static"
+    licence = static.joinpath("tus-js-client.LICENSE").read_text()
+    assert licence.startswith("tus-js-client 4.3.1 (npm: tus-js-client@4.3.1")
+    assert "The MIT License (MIT)" in licence
 
 
 async def test_page_needs_no_credentials_but_uploads_do(proxy_factory: ProxyFactory) -> None:
@@ -268,6 +292,7 @@ def test_upload_page_in_a_real_browser(
         "notes.txt": b"direct to S3, one presigned PUT\n" * 100,
         "big-direct.bin": noise(7 * MiB + 123, seed=2),
         "too-big.bin": noise(9 * MiB, seed=3),  # over --max-file-size: /sign refuses it
+        "resumable.bin": noise(3 * MiB + 7, seed=4),
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
@@ -362,19 +387,30 @@ def test_upload_page_in_a_real_browser(
         dropped_shown = result_of(page, "dropped.txt")
         assert dropped_shown["sha256"] == hashlib.sha256(dropped).hexdigest()
         assert overall(page) == (1.0, "5 of 6 stored, 1 failed.")
+
+        # 4. Resumable through the proxy (tus-js-client against /tus/; tests/test_tus_browser.py
+        # drops connections and reloads the page).
+        page.get_by_test_id("mode-tus").check()
+        page.get_by_test_id("file-input").set_input_files(tmp_path / "resumable.bin")
+        wait_finished(page, 7)
+        resumable = result_of(page, "resumable.bin")
+        assert resumable["mode"] == "through the proxy, resumable"
+        assert resumable["sha256"] == hashlib.sha256(files["resumable.bin"]).hexdigest()
+        assert overall(page) == (1.0, "6 of 7 stored, 1 failed.")
         page.screenshot(path=shots / "3-both-paths.png", full_page=True)
 
-        # 4. A refused upload shows the proxy's error code and message on its row.
+        # 5. A refused upload shows the proxy's error code and message on its row.
+        page.get_by_test_id("mode-proxy").check()
         page.get_by_test_id("token").fill("not-the-key")
         page.get_by_test_id("file-input").set_input_files(
             {"name": "refused.txt", "mimeType": "text/plain", "buffer": b"no"}
         )
-        wait_finished(page, 7)
+        wait_finished(page, 8)
         refused = row(page, "refused.txt")
         assert refused.get_attribute("data-state") == "error"
         error = refused.get_by_test_id("result-error").inner_text()
         assert error.startswith("INVALID_CREDENTIALS: ")
-        assert overall(page) == (1.0, "5 of 7 stored, 2 failed.")
+        assert overall(page) == (1.0, "6 of 8 stored, 2 failed.")
         page.screenshot(path=shots / "4-refused.png", full_page=True)
         # The browser noted the 413 and 401 on its console (so the console is watched),
         # and nothing else: no uncaught exception, no CSP refusal.
@@ -394,6 +430,7 @@ def test_upload_page_in_a_real_browser(
         "notes.txt": notes,
         "big-direct.bin": big_direct,
         "dropped.txt": dropped_shown,
+        "resumable.bin": resumable,
     }
     for name, result in results.items():
         obj = sw.get_object(Bucket=seaweedfs.bucket, Key=result["key"])
@@ -402,6 +439,9 @@ def test_upload_page_in_a_real_browser(
         assert hashlib.sha256(body).hexdigest() == result["sha256"]
     stored = sw.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=PREFIX).get("Contents", [])
     assert sorted(o["Key"] for o in stored) == sorted(r["key"] for r in results.values())
+    # the resumable upload left nothing under the proxy's reserved prefix
+    reserved = sw.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=".s3proxy/").get("Contents", [])
+    assert reserved == []
 
 
 # --- a cross-origin download in a real browser -------------------------------------------

@@ -5,6 +5,12 @@
 // Direct to S3: POST sign gives a presigned PUT (or, for large files, a presigned
 // multipart upload); the bytes go from the browser to S3 and the proxy never sees them.
 //
+// Resumable (tus 1.0.0 at tus/, with tus-js-client, vendored as static/tus.min.js): chosen
+// for every file, or, through the proxy, taken by itself for files over RESUMABLE_OVER. The
+// upload URL is kept in localStorage (tus-js-client's fingerprint of name, type, size and
+// modification time), so after a dropped connection the upload retries from the server's
+// offset, and after a reload or a failure choosing the same file again continues it.
+//
 // XMLHttpRequest, not fetch, for every request that carries a file: fetch has no
 // upload progress events. URLs are relative so the page also works under a path prefix.
 "use strict";
@@ -16,6 +22,21 @@
   const FILES_AT_ONCE = 3; // files uploading at the same time (browsers allow 6 per host)
   const PARTS_AT_ONCE = 3; // parts of one direct multipart upload in flight
   const SIGN_BATCH = 20; // part URLs asked for per POST sign/multipart/parts
+  // Through the proxy, files over this go resumable (tus) by themselves: a dropped
+  // connection costs seconds of a small file, minutes of a large one.
+  const RESUMABLE_OVER = 64 * MiB;
+  // Waits before each retry of a resumable upload whose connection failed (tus-js-client
+  // asks the server for its offset each time and goes on from there): about a minute.
+  const TUS_RETRY_DELAYS = [0, 1000, 3000, 5000, 10000, 20000, 20000];
+
+  // Bytes per PATCH of a resumable upload. A PATCH cut by the network keeps the whole parts
+  // S3 acknowledged, but one whose proxy was killed keeps nothing: that loses at most one
+  // chunk, about a tenth of the file, 8 to 64 MiB, a multiple of 8 MiB (the proxy's default
+  // part size, so a PATCH's end leaves no short part to stage).
+  function tusChunkSize(size) {
+    const step = 8 * MiB;
+    return Math.min(64 * MiB, Math.max(step, Math.ceil(size / 10 / step) * step));
+  }
   // Headers a page may not set on an XMLHttpRequest (the browser sets them itself).
   const FORBIDDEN = new Set(["host", "content-length", "connection", "expect", "accept-encoding"]);
 
@@ -65,6 +86,20 @@
   function chosenMode() {
     return $('input[name="mode"]:checked').value;
   }
+
+  const tusClient = window.tus && window.tus.isSupported ? window.tus : null;
+
+  // How one file travels: "proxy", "direct", or "tus" (chosen, or taken by a large file).
+  function modeFor(file, mode) {
+    if (mode === "proxy" && tusClient && file.size > RESUMABLE_OVER) return "tus";
+    return mode;
+  }
+
+  const MODE_LABELS = {
+    proxy: "through the proxy",
+    direct: "direct to S3",
+    tus: "through the proxy, resumable",
+  };
 
   // An error from a response body: the proxy's JSON, S3's XML, or whatever came.
   function errorFrom(status, contentType, text) {
@@ -138,16 +173,17 @@
   }
 
   class Row {
-    constructor(file, mode) {
+    constructor(file, mode, chosen = mode) {
       this.file = file;
       this.mode = mode;
+      this.chosen = chosen; // the mode picked on the page (a large file may go tus instead)
       this.loaded = 0;
       this.state = "queued";
       this.el = rowTemplate.content.firstElementChild.cloneNode(true);
       this.bar = $('[data-testid="file-progress"]', this.el);
       this.status = $('[data-testid="file-status"]', this.el);
       $('[data-testid="file-name"]', this.el).textContent = file.name;
-      $('[data-testid="file-mode"]', this.el).textContent = mode === "direct" ? "direct to S3" : "through the proxy";
+      $('[data-testid="file-mode"]', this.el).textContent = MODE_LABELS[mode];
       $('[data-testid="file-size"]', this.el).textContent = formatSize(file.size);
       this.bar.max = Math.max(file.size, 1);
       this.bar.setAttribute("aria-label", `Upload progress of ${file.name}`);
@@ -169,13 +205,14 @@
     }
 
     progress(loaded) {
-      this.loaded = Math.min(Math.max(loaded, this.loaded), this.file.size);
+      this.loaded = Math.min(loaded, this.file.size);
       this.bar.value = this.loaded;
       const percent = this.file.size ? Math.floor((100 * this.loaded) / this.file.size) : 100;
+      const resumed = this.resumedAt ? `, resumed at ${formatSize(this.resumedAt)}` : "";
       const text =
         this.loaded >= this.file.size
           ? "Sent; waiting for the store to confirm…"
-          : `Uploading: ${percent} % (${formatSize(this.loaded)} of ${formatSize(this.file.size)})`;
+          : `Uploading: ${percent} % (${formatSize(this.loaded)} of ${formatSize(this.file.size)}${resumed})`;
       this.set("uploading", text);
     }
 
@@ -193,7 +230,8 @@
         $('[data-testid="result-sha256"]', result).after(small);
       }
       result.hidden = false;
-      this.set("done", this.mode === "direct" ? "Stored in S3 (direct)" : "Stored in S3");
+      const how = { direct: " (direct)", tus: this.resumedAt ? " (resumed)" : " (resumable)" };
+      this.set("done", `Stored in S3${how[this.mode] || ""}`);
     }
 
     fail(error) {
@@ -203,6 +241,9 @@
       const codeEl = document.createElement("code");
       codeEl.textContent = code;
       box.append(codeEl, `: ${error.message || "unknown error"}`);
+      if (this.mode === "tus" && error.resumable) {
+        box.append(" — choose the same file again to continue where it stopped.");
+      }
       box.hidden = false;
       this.bar.value = this.total; // counted as finished in the overall bar
       this.loaded = this.file.size;
@@ -360,10 +401,103 @@
     row.done({ key: stored.key, size: stored.size, type: stored.content_type, sha256, note });
   }
 
+  // A tus-js-client error as an UploadError: the server's JSON error when it answered.
+  function tusError(error) {
+    const response = error && error.originalResponse;
+    if (response && response.getStatus()) {
+      const status = response.getStatus();
+      const failed = errorFrom(status, response.getHeader("Content-Type") || "", response.getBody() || "");
+      // Refusals of the request itself (auth, type, size) do not get better by resuming.
+      failed.resumable = status === 409 || status === 423 || status >= 500;
+      failed.creating = error.originalRequest && error.originalRequest.getMethod() === "POST";
+      return failed;
+    }
+    const failed = new UploadError(
+      "NETWORK_ERROR",
+      "the connection to the proxy failed and did not come back within a minute of retries",
+    );
+    failed.resumable = true;
+    return failed;
+  }
+
+  // The key a finished tus upload is stored at: the proxy's S3Proxy-Key header where it
+  // sends one, else the upload URL's own statement (its signed part before the "." is
+  // base64url JSON naming the key, s3proxy/tus_url.py).
+  function tusKey(response, url) {
+    const header = response && response.getHeader("S3Proxy-Key");
+    try {
+      if (header) return decodeURIComponent(header);
+      const token = url.slice(url.lastIndexOf("/") + 1).split(".")[0];
+      const b64 = token.replace(/-/g, "+").replace(/_/g, "/");
+      const bytes = Uint8Array.from(atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4)), (c) => c.charCodeAt(0));
+      return JSON.parse(new TextDecoder().decode(bytes)).key || "";
+    } catch (_) {
+      return "";
+    }
+  }
+
+  // Resumable, through the proxy: tus-js-client against tus/, resuming a stored upload URL.
+  function resumable(row) {
+    const file = row.file;
+    return new Promise((resolve, reject) => {
+      const upload = new tusClient.Upload(file, {
+        endpoint: new URL("tus/", document.baseURI).href,
+        metadata: { filename: file.name, filetype: contentType(file) },
+        headers: authHeaders(),
+        chunkSize: tusChunkSize(file.size),
+        retryDelays: TUS_RETRY_DELAYS,
+        removeFingerprintOnSuccess: true, // the same file chosen later is a new upload
+        onProgress: (sent) => row.progress(sent),
+        onAfterResponse: (request, response) => {
+          // HEAD is how it learns where a stored upload stands: shown as "resumed at"
+          if (request.getMethod() === "HEAD" && response.getStatus() === 200) {
+            row.resumedAt = Number(response.getHeader("Upload-Offset")) || 0;
+          }
+        },
+        onSuccess: ({ lastResponse }) => resolve(tusKey(lastResponse, upload.url)),
+        onError: (error) => reject(tusError(error)),
+      });
+      upload
+        .findPreviousUploads()
+        .then((previous) => {
+          if (previous.length) {
+            // the newest stored URL for this file: tus-js-client asks the server its offset
+            // (and starts a new upload if the server no longer knows it)
+            previous.sort((a, b) => Date.parse(b.creationTime) - Date.parse(a.creationTime));
+            upload.resumeFromPreviousUpload(previous[0]);
+            row.set("uploading", "Resuming an earlier upload of this file…");
+          }
+          upload.start();
+        })
+        .catch((error) => reject(tusError(error)));
+    });
+  }
+
+  async function viaTus(row) {
+    let key;
+    try {
+      key = await resumable(row);
+    } catch (error) {
+      // A proxy without tus/ (404 on the creation POST): a file that only went resumable
+      // for its size goes as an ordinary upload instead.
+      if (error.status === 404 && error.creating && row.chosen === "proxy") {
+        row.mode = "proxy";
+        $('[data-testid="file-mode"]', row.el).textContent = MODE_LABELS.proxy;
+        return viaProxy(row);
+      }
+      throw error;
+    }
+    row.set("uploading", "Stored; computing the SHA-256 in this browser…");
+    const { sha256, note } = await sha256Hex(row.file);
+    row.done({ key, size: row.file.size, type: contentType(row.file), sha256, note });
+  }
+
+  const PATHS = { proxy: viaProxy, direct, tus: viaTus };
+
   async function run(row) {
     row.set("uploading", "Starting…");
     try {
-      await (row.mode === "direct" ? direct(row) : viaProxy(row));
+      await PATHS[row.mode](row);
     } catch (error) {
       if (!(error instanceof UploadError)) console.error(error);
       row.fail(error);
@@ -384,7 +518,7 @@
   function add(files) {
     const mode = chosenMode();
     for (const file of files) {
-      const row = new Row(file, mode);
+      const row = new Row(file, modeFor(file, mode), mode);
       rows.push(row);
       list.append(row.el);
       queue.push(row);
