@@ -177,7 +177,7 @@ class SeaweedCluster:
                 f"-port.grpc={next(ports)}",
                 f"-dir={self.root / f'volume{i}'}",
                 f"-mserver={master}",
-                "-max=10",
+                "-max=100",  # 64 MiB volumes, not preallocated: only what is written
                 "-preStopSeconds=0",
                 "-dataCenter=dc1",
                 "-rack=rack1",
@@ -315,9 +315,7 @@ class SeaweedCluster:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return True
 
-        eventually_sync(
-            accepts, within=READY_S, what=f"{node.name} listening", ignoring=(OSError,)
-        )
+        eventually_sync(accepts, within=READY_S, what=f"{node.name} listening", ignoring=(OSError,))
 
     def _wait_http(self, port: int, path: str, node: Node) -> None:
         import urllib.error
