@@ -239,10 +239,19 @@ class SeaweedCluster:
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
-        """Start every node in order, create the bucket, check a write and read per gateway."""
+        """Start the master, then the volume servers and the filer together, then the
+        gateways; create the bucket; check a write and read through every gateway."""
         try:
-            for name in self.nodes:
-                self.start_node(name, probe=False)
+            self.start_node("master")
+            waves = [
+                [n for n in self.nodes if n.startswith("volume")] + ["filer"],
+                [n for n in self.nodes if n.startswith("s3-")],
+            ]
+            for wave in waves:
+                for name in wave:
+                    self.nodes[name].spawn()
+                for name in wave:
+                    self._wait_serving(name, probe=False)
             self.client(1).create_bucket(Bucket=BUCKET)
             for gw in range(1, self.gateways + 1):
                 self._wait_gateway(gw, write=True)
@@ -251,9 +260,12 @@ class SeaweedCluster:
             raise
 
     def start_node(self, name: str, probe: bool = True) -> None:
-        """Start one node and wait until it serves (``probe``: and the cluster reads)."""
+        """Start one node and wait until it serves (a gateway: answers HeadBucket)."""
+        self.nodes[name].spawn()
+        self._wait_serving(name, probe)
+
+    def _wait_serving(self, name: str, probe: bool) -> None:
         node = self.nodes[name]
-        node.spawn()
         if name == "master":
             self._wait_http(self.master_port, "/cluster/status", node)
         elif name.startswith("volume"):
@@ -269,9 +281,10 @@ class SeaweedCluster:
             self._wait_http(port, "/", node)
         elif name.startswith("s3-"):
             gw = int(name.removeprefix("s3-"))
-            self._wait_gateway(gw, write=False, node=node) if probe else self._wait_tcp(
-                self.s3_ports[gw - 1], node
-            )
+            if probe:
+                self._wait_gateway(gw, write=False, node=node)
+            else:
+                self._wait_tcp(self.s3_ports[gw - 1], node)
 
     def stop_node(self, name: str) -> int | None:
         """SIGTERM one node and wait for it to exit."""
@@ -282,9 +295,11 @@ class SeaweedCluster:
         return self.nodes[name].signal(signal.SIGKILL)
 
     def close(self) -> None:
-        """Stop everything, gateways first, master last; no weed is left running."""
+        """Stop everything, gateways first, master last; no weed is left running. The
+        data is thrown away, so no node gets long to stop (the filer ignores SIGTERM
+        for 10 s)."""
         for name in reversed(list(self.nodes)):
-            self.nodes[name].signal(signal.SIGTERM, wait=10)
+            self.nodes[name].signal(signal.SIGTERM, wait=1)
 
     # -- readiness -----------------------------------------------------------------
 

@@ -211,7 +211,7 @@ def start_load(target: str, cluster: SeaweedCluster, retry: int, seed: int) -> L
     )
     stop = asyncio.Event()
     t0 = time.monotonic()
-    return Load(asyncio.create_task(run_load(cfg, stop)), stop, t0)
+    return Load(asyncio.create_task(run_load(cfg, stop, origin=t0)), stop, t0)
 
 
 def open_uploads(cluster: SeaweedCluster) -> list[tuple[str, str]]:
