@@ -317,6 +317,7 @@ async def test_haproxy_rolling_restart_kill_and_store_outages(
             what="the direct upload's multipart upload open",
         )
         in_flight = await uploads_in_flight(fleet.url(2))
+        on_it = int((await asyncio.to_thread(haproxy.server, "s3proxy-3"))["scur"])
         killed_log = fleet.procs[2].log_path
         killed_at = time.monotonic()
         await asyncio.to_thread(fleet.kill, 2)
@@ -335,7 +336,7 @@ async def test_haproxy_rolling_restart_kill_and_store_outages(
         for r in failed:
             assert r.start <= kill_t <= r.end, (kill_t, r)
             assert r.status in (0, 502, 503), (r.status, r.code, r.error)
-        assert len(failed) <= in_flight - 1, (in_flight, killed.errors)  # - the direct one
+        assert len(failed) <= 3  # the load's concurrency: a bound, not the count
         # and none of them reached a surviving instance
         survivors = "".join(t for p, t in fleet.logs().items() if p != killed_log)
         assert not [r for r in failed if r.request_id in survivors]
@@ -344,7 +345,13 @@ async def test_haproxy_rolling_restart_kill_and_store_outages(
         await asyncio.to_thread(fleet.start, 2)
         await eventually(lambda: up(2), within=30, what="instance 3 back in rotation", every=0.2)
         print(
-            summary("kill -9", killed, in_flight_on_killed=in_flight, orphans=len(orphans)),
+            summary(
+                "kill -9",
+                killed,
+                files_in_flight_on_killed=in_flight,
+                haproxy_sessions_on_killed=on_it,
+                orphans=len(orphans),
+            ),
             flush=True,
         )
 
