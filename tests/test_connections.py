@@ -274,14 +274,14 @@ async def test_a_kept_alive_connection_whose_next_request_is_unread_is_not_evict
     [served] = conns.served
     assert isinstance(served, ProxyRequestHandler) and served.idle
     assert served.transport is not None
-    served.transport.pause_reading()  # type: ignore[attr-defined]
+    served.transport.pause_reading()
     raw = bodies.body([bodies.file("f", "a.txt", b"hello")])
     writer.write(bodies.request_head(len(raw)) + raw)  # the next request, sent whole
     await writer.drain()
     await eventually(lambda: not served.idle, within=2, what="the request seen in the kernel")
     newcomer = await asyncio.open_connection(host, port)
     await asyncio.sleep(0.2)  # the newcomer is admitted (to the reserve, not by eviction)
-    served.transport.resume_reading()  # type: ignore[attr-defined]
+    served.transport.resume_reading()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 201"), head
     assert conns.evicted == 0
