@@ -42,15 +42,15 @@ GiB = 1 << 30
 
 @contextlib.contextmanager
 def proxies(
-    cluster: SeaweedCluster, count: int, workers: int, logdir: Path, budget: str
+    cluster: SeaweedCluster, count: int, workers: int, logdir: Path, budget: str, gateways: int
 ) -> Iterator[list[ProxyProcess]]:
-    """``count`` s3proxy processes, alternating between the two gateways."""
+    """``count`` s3proxy processes, taking turns over ``gateways`` S3 gateways."""
     started = []
     try:
         for i in range(count):
             args = [
                 "--endpoint-url",
-                cluster.endpoint(1 + i % 2),
+                cluster.endpoint(1 + i % gateways),
                 "--bucket",
                 BUCKET,
                 "--workers",
@@ -125,20 +125,26 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "s3_endpoint": cluster.endpoint(1),
                 "bucket": BUCKET,
             }
-            for workers in (1, 2):
-                with proxies(cluster, 1, workers, root, args.budget) as run:
+            for workers in (1, 2) if not args.lb_only else ():
+                with proxies(cluster, 1, workers, root, args.budget, args.gateways) as run:
                     rows.append(
                         await measure(
                             f"1 instance, --workers {workers}", run[0].url, cluster, run, cfg
                         )
                     )
             for count in (1, 3):
-                with proxies(cluster, count, 1, root, args.budget) as run:
+                with proxies(cluster, count, 1, root, args.budget, args.gateways) as run:
                     servers = [f"127.0.0.1:{run[i % count].port}" for i in range(3)]
                     with running_haproxy(servers, root / f"haproxy-{count}") as lb:
                         await asyncio.sleep(5)  # two checks: every server UP
                         rows.append(
-                            await measure(f"{count} behind HAProxy", lb.url, cluster, run, cfg)
+                            await measure(
+                                f"{count} behind HAProxy, {args.gateways} gateway(s)",
+                                lb.url,
+                                cluster,
+                                run,
+                                cfg,
+                            )
                         )
     return rows
 
@@ -149,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--duration", default="20s")
     p.add_argument("--budget", default="128MiB", help="--memory-budget of each worker")
+    p.add_argument("--gateways", type=int, choices=(1, 2), default=2, help="S3 gateways used")
+    p.add_argument("--lb-only", action="store_true", help="only the HAProxy deployments")
     p.add_argument("--out", type=Path, default=Path("bench/results/deploy-sizing"))
     args = p.parse_args(argv)
     began = time.time()
