@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import random
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -20,8 +21,8 @@ from aiohttp.typedefs import Middleware
 if TYPE_CHECKING:
     from s3proxy.embedded import EmbeddedStore
 
-from s3proxy import downloads, handlers, page, presign, protocol
-from s3proxy.cleanup import Rule, sweep
+from s3proxy import downloads, handlers, page, presign, protocol, tus
+from s3proxy.cleanup import Rule, sweep, sweep_tus
 from s3proxy.config import embedded_config
 from s3proxy.cors import Cors
 from s3proxy.errors import error_middleware
@@ -108,6 +109,8 @@ def create_app(settings: Settings) -> web.Application:
         page.add_routes(app)
     app.cleanup_ctx.append(_s3_backend)
     app.cleanup_ctx.append(_webhook)
+    if settings.tus:
+        tus.add_routes(app)  # after _s3_backend: its URL keys may come from the store
     app.on_shutdown.append(lambda app: drain(app[STATE]))
     return app
 
@@ -204,7 +207,10 @@ async def _sweep_forever(bucket: ObjectStore, settings: Settings, metrics: Metri
         await asyncio.sleep(every * random.uniform(0.5, 1.0))
     while True:
         try:
-            result = await sweep(bucket, settings.cleanup_prefixes, rule, dry_run=False)
+            tus_uploads = await sweep_tus(bucket, dry_run=False, now=time.time())
+            result = await sweep(
+                bucket, settings.cleanup_prefixes, rule, dry_run=False, keep=tus_uploads.live
+            )
         except Exception as exc:
             metrics.sweeps.labels("failed").inc()
             log.warning("cleanup.failed error=%s", exc)
@@ -218,6 +224,13 @@ async def _sweep_forever(bucket: ObjectStore, settings: Settings, metrics: Metri
                 len(result.errors),
                 result.live,
             )
+            if tus_uploads.live or tus_uploads.expired:
+                log.info(
+                    "cleanup.tus_swept live=%d expired=%d removed=%d",
+                    len(tus_uploads.live),
+                    len(tus_uploads.expired),
+                    len(tus_uploads.removed),
+                )
         await asyncio.sleep(every * random.uniform(0.5, 1.0))
 
 

@@ -14,6 +14,15 @@ never cut off, and a dead one goes soon after its last part. ``Rule.age`` judges
 by initiation alone (``--cleanup-older-than``): the threshold must then exceed
 the longest upload (s3proxy.limits.longest_upload, days with the defaults).
 
+Resumable (tus) uploads sit idle between PATCHes for as long as their client is away
+(hours), far longer than a live ``/upload`` leaves between parts, so the idle rule must
+not judge them: ``sweep_tus`` lists the reserved prefix (``.s3proxy/tus/<expiry>-<key
+hash>-<random>/``), removes uploads past their expiry (abort the multipart upload named in
+their state, delete every object under their prefix) and returns the key hashes of the
+live ones, which ``sweep`` then keeps whatever their age. A multipart upload a crashed
+PATCH made but never committed is kept while its tus upload lives, and swept like any
+orphan once it is finished, terminated or expired.
+
 The decision is pure (``is_orphan``, tested with tables); ``sweep`` is the I/O:
 list uploads, list the parts of those old enough to need it, abort. In doubt
 (ListParts fails, a part without a date) an upload is kept. A bucket lifecycle
@@ -28,7 +37,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from s3proxy.errors import ProxyError
-from s3proxy.s3 import PAGE_SIZE, NoSuchUpload, ObjectStore, PartInfo
+from s3proxy.s3 import PAGE_SIZE, NoSuchKey, NoSuchUpload, ObjectStore, PartInfo
+from s3proxy.tus_url import RESERVED_PREFIX, key_hash, parse_id
 
 log = logging.getLogger("s3proxy.cleanup")
 
@@ -110,6 +120,7 @@ async def sweep(
     dry_run: bool = True,
     now: datetime | None = None,
     page_size: int = PAGE_SIZE,
+    keep: frozenset[str] = frozenset(),
 ) -> SweepResult:
     """Find (and unless ``dry_run``, abort) uploads under ``prefixes`` orphaned by ``rule``.
 
@@ -133,6 +144,9 @@ async def sweep(
             if (up.key, up.upload_id) in seen:
                 continue
             seen.add((up.key, up.upload_id))
+            if keep and key_hash(up.key) in keep:
+                result.live += 1  # a live tus upload's: idle between PATCHes, not dead
+                continue
             if not is_orphan(rule, now, up.initiated, None):
                 result.live += 1  # initiated recently: no part can make it older
                 continue
@@ -186,4 +200,67 @@ async def sweep(
             idle,
             action,
         )
+    return result
+
+
+@dataclass
+class TusSweep:
+    """What ``sweep_tus`` saw: the key hashes of live tus uploads (for ``sweep``'s
+    ``keep``), the ids of expired ones, and those it removed."""
+
+    live: frozenset[str] = frozenset()
+    expired: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+async def sweep_tus(bucket: ObjectStore, *, dry_run: bool = True, now: float) -> TusSweep:
+    """Remove expired tus uploads (unless ``dry_run``); return the live ones' key hashes.
+
+    An expired upload's state names its key and multipart upload: that is aborted, then
+    every object under its prefix deleted (the state last, so a removal cut short is
+    found again next time). Failures are logged and left for the next sweep.
+    """
+    from s3proxy.tus_state import TusState, remove_prefix
+
+    live: set[str] = set()
+    expired: dict[str, bool] = {}
+    after = ""
+    while True:
+        page = await bucket.list_objects(RESERVED_PREFIX, limit=PAGE_SIZE, start_after=after)
+        for obj in page:
+            upload_id = obj.key[len(RESERVED_PREFIX) :].split("/", 1)[0]
+            parsed = parse_id(upload_id)
+            if parsed is None:
+                continue
+            expires, hashed = parsed
+            if expires >= now:
+                live.add(hashed)
+            else:
+                expired.setdefault(upload_id, obj.key.endswith("/state"))
+        if len(page) < PAGE_SIZE:
+            break
+        after = page[-1].key
+    result = TusSweep(frozenset(live), sorted(expired))
+    for upload_id in result.expired:
+        prefix = f"{RESERVED_PREFIX}{upload_id}/"
+        if dry_run:
+            log.info("cleanup.tus id=%s action=would-remove", upload_id)
+            continue
+        try:
+            try:
+                async with await bucket.get(prefix + "state") as body:
+                    raw = bytearray()
+                    while chunk := await body.read(64 * 1024):
+                        raw += chunk
+                state = TusState.from_bytes(bytes(raw))
+                if state.upload_id is not None and state.key:
+                    await bucket.abort(state.key, state.upload_id)
+            except NoSuchKey:
+                pass  # its state went first: only segments are left
+            await remove_prefix(bucket, prefix, last=prefix + "state")
+        except ProxyError as err:
+            log.warning("cleanup.tus id=%s action=failed error=%s", upload_id, err.message)
+            continue
+        result.removed.append(upload_id)
+        log.info("cleanup.tus id=%s action=removed reason=expired", upload_id)
     return result

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -210,7 +211,7 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
     """One sweep with serve's S3 settings; with no endpoint, the running embedded store's."""
     from datetime import timedelta
 
-    from s3proxy.cleanup import Rule, sweep
+    from s3proxy.cleanup import Rule, sweep, sweep_tus
     from s3proxy.config import client_options
     from s3proxy.errors import ProxyError
     from s3proxy.keys import template_prefix
@@ -237,7 +238,10 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
         )
     try:
         async with open_store(opts, settings.bucket_name) as bucket:
-            result = await sweep(bucket, prefixes, rule, dry_run=not args.execute)
+            tus_uploads = await sweep_tus(bucket, dry_run=not args.execute, now=time.time())
+            result = await sweep(
+                bucket, prefixes, rule, dry_run=not args.execute, keep=tus_uploads.live
+            )
     except ProxyError as exc:
         raise _cleanup_error(exc, settings) from None
 
@@ -245,6 +249,12 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
         f"no sign of life for {threshold:.0f}s" if by_activity else f"over {threshold:.0f}s old"
     )
     print(f"orphaned: {judged}; {result.live} live uploads kept")
+    if tus_uploads.live or tus_uploads.expired:
+        done = "removed" if args.execute else "would remove"
+        print(
+            f"resumable (tus): {len(tus_uploads.live)} live kept; {len(tus_uploads.expired)} "
+            f"expired, {done} {len(tus_uploads.removed if args.execute else tus_uploads.expired)}"
+        )
     found, aborted, failed = len(result.found), len(result.aborted), len(result.errors)
     if args.execute:
         print(f"{found} orphaned uploads found; aborted {aborted}, failed {failed}")

@@ -14,12 +14,20 @@ from aiohttp.typedefs import Handler
 
 from s3proxy.errors import ORIGIN_NOT_ALLOWED, ProxyError, error_response
 
-ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID, X-Upload-Token, Range"
-ALLOW_METHODS = "GET, HEAD, POST, OPTIONS"
+ALLOW_HEADERS = (
+    "Authorization, Content-Type, X-Request-ID, X-Upload-Token, Range, "
+    # tus 1.0.0 (s3proxy.tus)
+    "Tus-Resumable, Upload-Length, Upload-Offset, Upload-Metadata, Upload-Checksum, "
+    "Upload-Defer-Length, Upload-Concat, X-HTTP-Method-Override"
+)
+ALLOW_METHODS = "GET, HEAD, POST, PATCH, DELETE, OPTIONS"
 MAX_AGE = "600"
 # What scripts on the page may read: the request id, and what downloads need.
 EXPOSE_HEADERS = (
-    "X-Request-ID, ETag, Content-Range, Content-Disposition, Accept-Ranges, Repr-Digest"
+    "X-Request-ID, ETag, Content-Range, Content-Disposition, Accept-Ranges, Repr-Digest, "
+    # what tus clients read (tus-js-client: Location, Upload-Offset; the rest for progress)
+    "Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, "
+    "Upload-Offset, Upload-Length, Upload-Expires, Location"
 )
 
 

@@ -48,6 +48,7 @@ _SHOWN = {
     "sha256": "Content-Digest sha-256",
     "sha512": "Content-Digest sha-512",
     "md5": "Content-MD5",
+    "sha1": "Upload-Checksum sha1",
 }
 
 
@@ -58,10 +59,11 @@ class Declared:
     sha256: bytes | None = None
     sha512: bytes | None = None
     md5: bytes | None = None
+    sha1: bytes | None = None  # tus's Upload-Checksum only
 
     def items(self) -> dict[str, bytes]:
         """The declared digests by hashlib name."""
-        found = {"sha256": self.sha256, "sha512": self.sha512, "md5": self.md5}
+        found = {"sha256": self.sha256, "sha512": self.sha512, "md5": self.md5, "sha1": self.sha1}
         return {name: value for name, value in found.items() if value is not None}
 
     def __bool__(self) -> bool:

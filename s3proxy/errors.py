@@ -58,6 +58,13 @@ NO_SUCH_UPLOAD = ErrorKind("NO_SUCH_UPLOAD", 404)  # a multipart upload id S3 do
 CLIENT_TIMEOUT = ErrorKind("CLIENT_TIMEOUT", 408)
 # 409: an object is already stored at the key and --no-overwrite is on
 KEY_EXISTS = ErrorKind("KEY_EXISTS", 409)
+# tus (s3proxy.tus): the protocol's own statuses
+OFFSET_MISMATCH = ErrorKind("OFFSET_MISMATCH", 409)  # Upload-Offset is not the stored offset
+UPLOAD_EXPIRED = ErrorKind("UPLOAD_EXPIRED", 410)  # a tus upload URL past its Upload-Expires
+UNSUPPORTED_VERSION = ErrorKind("UNSUPPORTED_VERSION", 412)  # Tus-Resumable other than 1.0.0
+NOT_OFFSET_STREAM = ErrorKind("NOT_OFFSET_STREAM", 415)  # a PATCH not application/offset+...
+UPLOAD_LOCKED = ErrorKind("UPLOAD_LOCKED", 423)  # another PATCH holds the upload
+CHECKSUM_MISMATCH = ErrorKind("CHECKSUM_MISMATCH", 460)  # a PATCH's bytes against Upload-Checksum
 # 411 / 413
 FILE_TOO_LARGE = ErrorKind("FILE_TOO_LARGE", 413)
 TOO_MANY_FILES = ErrorKind("TOO_MANY_FILES", 413)

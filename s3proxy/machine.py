@@ -15,9 +15,19 @@ byte by byte without an event loop:
 - the file-size limit, checked on every chunk, and S3's 10,000-part cap.
 
 Rules the driver keeps: bytes reserved by a ``Reserve`` belong to the next
-``SendPart`` or ``PutObject`` (shrink the reservation to its ``size``); whatever is
-still reserved when the machine finishes or raises is released. ``CreateUpload``
-and ``PutObject`` carry the first part's chunks so the driver can sniff the type.
+``SendPart``, ``PutObject`` or ``Stage`` (shrink the reservation to its ``size``);
+whatever is still reserved when the machine finishes or raises is released.
+``CreateUpload`` and ``PutObject`` carry the first part's chunks so the driver can
+sniff the type.
+
+Resuming (``Resume``, for tus): one request may carry only a stretch of a file whose
+total length is known. The machine then starts at the part the stored bytes end in;
+``staged`` bytes of that part are already stored elsewhere (not in this request), so
+the first ``SendPart``/``CreateUpload``/``PutObject`` says how many to put in front
+of its chunks, and the reservation covers them. The request's end is not the file's
+end: when the bytes stop before ``total``, the machine ends with ``Stage`` (keep this
+request's bytes of the unfinished part) instead of sending a short part. A byte past
+``total`` is FileTooLarge. Without ``Resume`` nothing changes.
 """
 
 from __future__ import annotations
@@ -46,24 +56,67 @@ class Read:
 
 @dataclass(frozen=True)
 class PutObject:
-    """The whole file is ``chunks``: store it with one PutObject."""
+    """The whole file is ``chunks`` (after ``staged`` stored bytes): one PutObject."""
 
     chunks: list[Chunk]
-    size: int
+    size: int  # the whole file's, staged bytes included
+    staged: int = 0
 
 
 @dataclass(frozen=True)
 class CreateUpload:
-    """Start a multipart upload; ``first`` is part 1's data, for sniffing (not yet sent)."""
+    """Start a multipart upload; ``first`` is part 1's data, for sniffing (not yet sent);
+    ``staged`` stored bytes come before it."""
 
     first: list[Chunk]
+    staged: int = 0
 
 
 @dataclass(frozen=True)
 class SendPart:
     number: int
     chunks: list[Chunk]
+    size: int  # the part's, staged bytes included
+    staged: int = 0  # stored bytes of this part that go before ``chunks``
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The request ended inside the file (resuming only): keep ``chunks``, this request's
+    ``size`` bytes of part ``number`` starting at file offset ``start``; nothing is sent.
+    The machine is finished; ``size`` may be 0."""
+
+    number: int
+    start: int
+    chunks: list[Chunk]
     size: int
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a file stands when this request's bytes begin: ``offset`` bytes are stored,
+    of which the last ``staged`` belong to the unfinished part (stored apart, not yet
+    sent as a part); ``created``: the multipart upload exists; ``total``: its length."""
+
+    offset: int
+    total: int
+    staged: int = 0
+    created: bool = False
+
+    def part(self, plan: PartPlan) -> int:
+        """The number of the part this request continues; ValueError if ``offset - staged``
+        is not where a part begins, or ``staged`` does not fit that part."""
+        if not 0 <= self.staged <= self.offset <= self.total:
+            raise ValueError(f"inconsistent resume point {self}")
+        start, number = 0, 1
+        while start < self.offset - self.staged:
+            start += plan.size(number)
+            number += 1
+        if start != self.offset - self.staged or self.staged >= plan.size(number):
+            raise ValueError(f"resume point {self} is not on the plan's part boundaries")
+        if number > 1 and not self.created:
+            raise ValueError("parts were sent but no multipart upload was created")
+        return number
 
 
 @dataclass(frozen=True)
@@ -74,7 +127,7 @@ class Complete:
     size: int
 
 
-Action = Reserve | Read | PutObject | CreateUpload | SendPart | Complete
+Action = Reserve | Read | PutObject | CreateUpload | SendPart | Complete | Stage
 
 
 class UploadLimitError(Exception):
@@ -101,18 +154,29 @@ class UploadMachine:
     """
 
     def __init__(
-        self, plan: PartPlan, max_size: int, limit: int | None = None, read_size: int = 256 * 1024
+        self,
+        plan: PartPlan,
+        max_size: int,
+        limit: int | None = None,
+        read_size: int = 256 * 1024,
+        resume: Resume | None = None,
     ) -> None:
         if read_size < 1:
             raise ValueError("read_size must be positive")
-        self.max_size = max_size
         self.read_size = read_size
-        self.size = 0  # bytes received so far
+        self.size = 0  # bytes received so far (by this request, when resuming)
         self.finished = False
         self._slicer = PartSlicer(plan, limit=limit)
+        self._base = 0  # file bytes stored before this request
+        if resume is not None:
+            max_size = min(max_size, resume.total)
+            self._base = resume.offset
+            self._slicer = PartSlicer(plan, limit=resume.total)
+            self._slicer.resume(resume.part(plan), resume.offset, resume.staged)
+        self.max_size = max_size
         # The generator must not hold ``self``: a machine <-> generator cycle would keep
         # the part's chunks alive until the cyclic GC runs, long after the budget let go.
-        self._gen = _decide(self._slicer, read_size)
+        self._gen = _decide(self._slicer, read_size, resume)
         self._reading = False
         self._fed: bytes | None = None
 
@@ -130,7 +194,7 @@ class UploadMachine:
             raise
         if isinstance(action, Read):
             self._reading = True
-        elif isinstance(action, PutObject | Complete):
+        elif isinstance(action, PutObject | Complete | Stage):
             self.finished = True
         return action
 
@@ -147,7 +211,7 @@ class UploadMachine:
         if not self._reading:
             raise RuntimeError("feed() without a Read")
         self._reading = False
-        if len(chunk) and self.size + len(chunk) > self.max_size:
+        if len(chunk) and self._base + self.size + len(chunk) > self.max_size:
             self.size += len(chunk)
             self.close()
             raise FileTooLarge(self.max_size)
@@ -155,11 +219,16 @@ class UploadMachine:
         self._fed = chunk
 
 
-def _decide(slicer: PartSlicer, read_size: int) -> Generator[Action, bytes | None, None]:
+def _decide(
+    slicer: PartSlicer, read_size: int, resume: Resume | None = None
+) -> Generator[Action, bytes | None, None]:
     """The decisions, in order; ``send`` it the bytes each Read brought."""
+    total = None if resume is None else resume.total
+    created = resume is not None and resume.created
+    staged = 0 if resume is None else resume.staged  # stored bytes before the first part's
     leftover = memoryview(b"")
     eof = False
-    parts = 0
+    parts = slicer.number - 1
     while True:
         if slicer.number > MAX_PARTS:
             # Parts 1..10,000 are out: the file must end right here.
@@ -181,19 +250,31 @@ def _decide(slicer: PartSlicer, read_size: int) -> Generator[Action, bytes | Non
                 break
             leftover = slicer.feed(chunk)
         size = slicer.filled
+        held = size - staged  # of the part, the bytes this request brought
         number, data = slicer.take()
-        if number == 1:
+        if eof and total is not None and slicer.consumed < total:
+            # The request ended, the file did not: keep this request's bytes of the part.
+            yield Stage(number, slicer.consumed - held, data, held)
+            return
+        if number == 1 and not created:
             if not eof and not leftover:
                 peek = yield Read(1, peek=True)
                 leftover = memoryview(peek or b"")
                 eof = not peek
-            if eof:
-                yield PutObject(data, size)
+            if eof and (total is None or slicer.consumed == total):
+                yield PutObject(data, size, staged)
                 return
-            yield CreateUpload(data)
+            if eof:  # a resumed first part that is full, and the request ended with it
+                yield CreateUpload(data, staged)
+                yield SendPart(number, data, size, staged)
+                yield Stage(number + 1, slicer.consumed, [], 0)
+                return
+            yield CreateUpload(data, staged)
+            created = True
         if size:
             parts = number
-            yield SendPart(number, data, size)
+            yield SendPart(number, data, size, staged)
+        staged = 0
         if eof:
             yield Complete(parts, slicer.consumed)
             return

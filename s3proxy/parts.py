@@ -117,6 +117,17 @@ class PartSlicer:
             return self._target
         return max(0, min(self._target, self._limit - self.consumed + self._filled))
 
+    def resume(self, number: int, consumed: int, staged: int) -> None:
+        """Start at part ``number``, ``consumed`` bytes into the file, of which ``staged``
+        are the part's first bytes, stored elsewhere: they count as filled, but only the
+        chunks fed from now on are handed out (resumed uploads, s3proxy.machine)."""
+        if self.consumed or self._chunks or not 0 <= staged < self.plan.size(number):
+            raise ValueError("resume a fresh slicer, within the part")
+        self.number = number
+        self.consumed = consumed
+        self._target = self.plan.size(number)
+        self._filled = staged
+
     def feed(self, chunk: bytes | memoryview) -> memoryview:
         room = self._target - self._filled
         if len(chunk) <= room:

@@ -29,6 +29,13 @@ Invariants:
   part CRCs with the full-object value combined from them: S3 verifies every byte, and
   no byte is read twice. A part S3 refuses as corrupted (BadDigest) is still in memory
   and is sent once more; refused again, the upload fails (502 UPSTREAM_CORRUPTION).
+- Resumed (``Resumed``, for tus): the machine starts where the stored bytes end; the
+  staged bytes of the unfinished part are loaded (``Staging.load``) into the part's
+  reservation only when the part is sent, their CRC combined with the new bytes' (no
+  second pass); a request that ends inside the file hands its tail to
+  ``Staging.stage`` and returns None. A failed resumed request aborts nothing: the parts
+  S3 acknowledged (``acknowledged``) and a multipart upload it made (``created_here``)
+  are the caller's to keep or abort, and what earlier requests stored stays.
 - While it fills a reserved part, the upload is a budget ``Holder``: under memory
   pressure the budget may evict it for filling below ``min_rate``; eviction only
   expires its pending client read, so the 408 takes the normal error path (abort,
@@ -48,7 +55,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from s3proxy import keys, sniff
 from s3proxy.body import Chunk
@@ -74,7 +81,9 @@ from s3proxy.machine import (
     PutObject,
     Read,
     Reserve,
+    Resume,
     SendPart,
+    Stage,
     TooManyParts,
     UploadMachine,
 )
@@ -161,6 +170,33 @@ class StoredFile:
         }
 
 
+class Staging(Protocol):
+    """Where a resumed file keeps the bytes of its unfinished part between requests."""
+
+    async def load(self) -> list[bytes]:
+        """The staged bytes of the part this request continues, in order."""
+        ...
+
+    async def stage(self, number: int, start: int, chunks: list[Chunk], size: int) -> None:
+        """Keep this request's ``size`` bytes of part ``number`` (from file offset ``start``)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A file continued from what earlier requests stored (tus): the machine's resume
+    point, the part plan the file was begun with (parts must not change size between
+    requests), where the staged bytes live, and the parts and upload already made."""
+
+    point: Resume
+    plan: PartPlan
+    staging: Staging
+    content_type: str = ""  # fixed when the multipart upload was created ("" if not yet)
+    upload_id: str | None = None
+    etags: Mapping[int, str] = dc_field(default_factory=dict)
+    crcs: Mapping[int, CrcValue] = dc_field(default_factory=dict)
+
+
 class PartCrcs:
     """Pure: each part's CRC, fed the file's bytes chunk by chunk as they arrive.
 
@@ -169,11 +205,13 @@ class PartCrcs:
     copy). Each byte is checksummed once, right after the sha256, while still in cache.
     """
 
-    def __init__(self, algorithm: Algorithm, plan: PartPlan) -> None:
+    def __init__(
+        self, algorithm: Algorithm, plan: PartPlan, number: int = 1, staged: int = 0
+    ) -> None:
         self.algorithm = algorithm
         self._plan = plan
-        self._number = 1
-        self._room = plan.size(1)  # bytes part ``_number`` still takes
+        self._number = number  # resumed: the first part fed, ``staged`` bytes of it not
+        self._room = plan.size(number) - staged  # bytes part ``_number`` still takes
         self._running = Crc(algorithm)
         self._done: dict[int, CrcValue] = {}
 
@@ -220,8 +258,10 @@ class FileUpload:
         budget: MemoryBudget,
         cfg: PipelineConfig,
         janitor: Janitor | None = None,
+        resume: Resumed | None = None,
     ) -> None:
         self.janitor = janitor
+        self.resume = resume
         self.started = time.monotonic()  # older uploads get the budget first
         self.spec = spec
         self.sink = sink
@@ -237,10 +277,18 @@ class FileUpload:
         )
         self._hash = hashlib.sha256()
         self._inflight: set[asyncio.Task[None]] = set()
-        self._etags: dict[int, str] = {}
+        self._etags: dict[int, str] = {} if resume is None else dict(resume.etags)
         self._crcs: PartCrcs | None = None  # each part's CRC, when --checksum is on
-        self._part_crcs: dict[int, CrcValue] = {}  # of parts S3 acknowledged
+        # of parts S3 acknowledged
+        self._part_crcs: dict[int, CrcValue] = {} if resume is None else dict(resume.crcs)
         self._sent = 0
+        self._staged: list[bytes] | None = None  # a resumed part's stored bytes, once loaded
+        self._staged_crc: CrcValue | None = None
+        self._staged_sent = 0  # of the bytes sent in parts, those loaded from staging
+        self.created_here = False  # this request made the multipart upload (resumed files)
+        self.content_type = "" if resume is None else resume.content_type
+        if resume is not None:
+            self.upload_id = resume.upload_id
         self._source: ChunkSource | None = None
         self._filling: RateMeter | None = None  # set while a reserved part is being filled
         self._evicted = False
@@ -268,6 +316,13 @@ class FileUpload:
         self._source.expire(message)
 
     async def run(self, source: ChunkSource) -> StoredFile:
+        stored = await self.proceed(source)
+        if stored is None:
+            raise ProxyError(INTERNAL, "a whole file's upload ended before the file")
+        return stored
+
+    async def proceed(self, source: ChunkSource) -> StoredFile | None:
+        """The stored file; None when a resumed file's request ended before the file."""
         self._source = source
         try:
             return await self._stream(source)
@@ -281,7 +336,7 @@ class FileUpload:
         what a write may have stored. Never raises: what fails goes to the janitor."""
         await self._cancel_inflight()
         key = self.spec.key
-        if self.upload_id is not None:
+        if self.upload_id is not None and self.resume is None:
             upload_id = self.upload_id
             log.info("upload.aborted key=%s upload_id=%s reason=%s", key, upload_id, reason)
             await run_cleanup(
@@ -350,15 +405,24 @@ class FileUpload:
             return self.cfg.max_file_size
         return min(self.cfg.max_file_size, self.token_left)
 
-    async def _stream(self, source: ChunkSource) -> StoredFile:
+    async def _stream(self, source: ChunkSource) -> StoredFile | None:
         """Drive the upload's state machine: it decides, this loop does the I/O."""
         limit = self._limit()
-        plan = plan_parts(self.cfg.part_size, self.spec.size_hint, limit)
-        machine = UploadMachine(plan, limit, self.spec.size_hint, self.cfg.chunk_size)
+        resume = self.resume
+        if resume is None:
+            plan = plan_parts(self.cfg.part_size, self.spec.size_hint, limit)
+            machine = UploadMachine(plan, limit, self.spec.size_hint, self.cfg.chunk_size)
+            crcs = None if self.cfg.checksum is None else PartCrcs(self.cfg.checksum, plan)
+        else:
+            plan, point = resume.plan, resume.point
+            machine = UploadMachine(plan, limit, None, self.cfg.chunk_size, resume=point)
+            crcs = None
+            if self.cfg.checksum is not None:
+                crcs = PartCrcs(self.cfg.checksum, plan, point.part(plan), point.staged)
         self._machine = machine
-        crcs = self._crcs = None if self.cfg.checksum is None else PartCrcs(self.cfg.checksum, plan)
+        self._crcs = crcs
         reservation: Reservation | None = None
-        content_type = ""
+        content_type = "" if resume is None else resume.content_type
         probed = self._probed  # read before the part's memory was asked for
         probe_ended = False  # the file ended within the probe
         try:
@@ -395,17 +459,39 @@ class FileUpload:
                 elif isinstance(action, SendPart):
                     assert reservation is not None
                     reservation.shrink(action.size)
-                    crc = None if crcs is None else crcs.take(action.number)
-                    self._launch(action.number, action.chunks, action.size, reservation, crc)
+                    chunks = await self._with_staged(action.staged, action.chunks)
+                    crc = None if crcs is None else self._crc_with_staged(crcs.take(action.number))
+                    self._staged = None
+                    self._launch(action.number, chunks, action.size, reservation, crc)
                     reservation = None
                 elif isinstance(action, CreateUpload):
-                    content_type = self._content_type(action.first)
+                    first = await self._with_staged(action.staged, action.first)
+                    content_type = self.content_type = self._content_type(first)
                     self.upload_id = await self._create(self._options(content_type))
+                    self.created_here = True
                     log.debug("upload.created key=%s upload_id=%s", self.spec.key, self.upload_id)
                 elif isinstance(action, PutObject):
-                    content_type = self._content_type(action.chunks)
-                    crc = None if crcs is None else crcs.take(1)
-                    return await self._put(action.chunks, content_type, crc)
+                    chunks = await self._with_staged(action.staged, action.chunks)
+                    content_type = self._content_type(chunks)
+                    crc = None if crcs is None else self._crc_with_staged(crcs.take(1))
+                    return await self._put(chunks, content_type, crc)
+                elif isinstance(action, Stage):
+                    assert resume is not None
+                    head = min(sniff.SNIFF_BYTES, resume.point.total)
+                    if resume.point.offset < head <= action.start + action.size:
+                        # The file's first bytes are complete with this request's: the
+                        # type and --allow-type (and the token's types) are checked before
+                        # any of these is kept; the type itself is fixed later, at
+                        # CreateMultipartUpload or PutObject, from these same bytes. Fewer
+                        # than SNIFF_BYTES staged before (a tiny first PATCH) are read back.
+                        first = await self._with_staged(resume.point.staged, action.chunks)
+                        self._content_type(first)
+                    verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
+                    await self._drain()  # the parts this request sent are acknowledged
+                    await resume.staging.stage(
+                        action.number, action.start, action.chunks, action.size
+                    )
+                    return None
                 else:
                     await self._drain()
                     return await self._complete(content_type)
@@ -415,6 +501,30 @@ class FileUpload:
             machine.close()  # a failed upload's partial part goes now, not at the next GC
             if reservation is not None:
                 reservation.release()
+
+    async def _with_staged(self, staged: int, chunks: list[Chunk]) -> list[Chunk]:
+        """``chunks`` after the part's staged bytes (loaded from where they are kept, once,
+        into the part's reservation, which counts them); ``chunks`` when none are."""
+        if not staged:
+            return chunks
+        if self._staged is None:
+            assert self.resume is not None
+            loaded = await self.resume.staging.load()
+            if sum(len(c) for c in loaded) != staged:
+                raise ProxyError(INTERNAL, "the staged bytes are not the size recorded")
+            self._staged = loaded
+            if self.cfg.checksum is not None:
+                running = Crc(self.cfg.checksum)
+                for chunk in loaded:
+                    running.update(chunk)
+                self._staged_crc = running.result()
+            self._staged_sent += staged
+        return [*self._staged, *chunks]
+
+    def _crc_with_staged(self, crc: CrcValue) -> CrcValue:
+        """A part's CRC: its staged bytes' (if any) followed by the new bytes'."""
+        staged, self._staged_crc = self._staged_crc, None
+        return crc if staged is None else staged.then(crc)
 
     async def _probe(self, source: ChunkSource, into: deque[bytes], size: int) -> bool:
         """Read the first ``PROBE_BYTES`` of a part (less for a smaller one) before asking
@@ -538,9 +648,9 @@ class FileUpload:
 
     async def _put(self, data: list[Chunk], content_type: str, crc: CrcValue | None) -> StoredFile:
         verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
-        digest = self._hash.hexdigest()
+        digest = self._digest()
         self.maybe_stored = True
-        options = self._options(content_type, {"sha256": digest})
+        options = self._options(content_type, {"sha256": digest} if digest else None)
         put = functools.partial(self.sink.put, self.spec.key, data, options, checksum=crc)
         written = await self._checked(lambda: self._only_new(put), "the file")
         return self._stored(content_type, written, digest, parts=0)
@@ -616,7 +726,7 @@ class FileUpload:
 
     async def _complete(self, content_type: str) -> StoredFile:
         assert self.upload_id is not None
-        if self._sent != self.size:
+        if self._sent != self.size + self._staged_sent:
             raise ProxyError(INTERNAL, f"sent {self._sent} bytes to S3 but received {self.size}")
         parts = sorted(self._etags.items())
         if [n for n, _ in parts] != list(range(1, len(parts) + 1)):
@@ -630,19 +740,33 @@ class FileUpload:
         )
         written = await self._checked(lambda: self._only_new(complete))
         self.upload_id = None  # completed: nothing left to abort
-        digest = self._hash.hexdigest()
-        # S3 metadata is fixed at CreateMultipartUpload, before the hash is known; a tag
-        # can be added afterwards without copying the object. Failing, the object goes.
-        await self.sink.tag(self.spec.key, {"sha256": digest})
-        log.debug("upload.tagged key=%s upload_id=%s", self.spec.key, upload_id)
+        digest = self._digest()
+        if digest:
+            # S3 metadata is fixed at CreateMultipartUpload, before the hash is known; a
+            # tag can be added afterwards without copying the object. Failing, the object
+            # goes.
+            await self.sink.tag(self.spec.key, {"sha256": digest})
+            log.debug("upload.tagged key=%s upload_id=%s", self.spec.key, upload_id)
         return self._stored(content_type, written, digest, parts=len(parts))
 
+    def acknowledged(self) -> dict[int, tuple[str, CrcValue | None]]:
+        """The parts S3 holds for this file: (ETag, CRC) by number, earlier requests' too."""
+        return {n: (e, self._part_crcs.get(n)) for n, e in sorted(self._etags.items())}
+
+    def _digest(self) -> str:
+        """The file's sha256, hex; "" for a resumed file that did not arrive in this one
+        request (a hash's state cannot be stored between requests)."""
+        if self.resume is not None and self.resume.point.offset:
+            return ""
+        return self._hash.hexdigest()
+
     def _stored(self, content_type: str, written: Written, digest: str, parts: int) -> StoredFile:
+        size = self.size if self.resume is None else self.resume.point.total
         return StoredFile(
             field=self.spec.field,
             filename=self.spec.filename,
             key=self.spec.key,
-            size=self.size,
+            size=size,
             content_type=content_type,
             etag=written.etag.strip('"'),
             sha256=digest,

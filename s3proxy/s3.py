@@ -381,6 +381,7 @@ class ObjectSink(Protocol):
         *,
         checksum: CrcValue | None = None,
         if_none_match: bool = False,
+        if_match: str | None = None,
     ) -> Written: ...
     async def create(
         self, key: str, options: ObjectOptions, *, checksum: Algorithm | None = None
@@ -427,11 +428,17 @@ class ObjectStore(ObjectSink, Protocol):
     * ``complete`` raises NoSuchUpload or InvalidParts for those answers.
     * ``put``/``complete`` with ``if_none_match`` send ``If-None-Match: *`` and raise
       PreconditionFailed if the key exists (nothing written; a refused Complete leaves
-      the upload open). ``delete`` with ``if_match`` (an ETag) sends ``If-Match`` and
-      raises PreconditionFailed if the object is another (S3 since 2025-09, SeaweedFS
+      the upload open). ``put`` with ``if_match`` (an ETag) writes only over that exact
+      object (a compare-and-swap: PreconditionFailed if it changed, NoSuchKey if it is
+      gone; S3 since 2024-11, moto and SeaweedFS: tests/test_s3_contract.py).
+      ``delete`` with ``if_match`` (an ETag) sends ``If-Match`` and raises
+      PreconditionFailed if the object is another (S3 since 2025-09, SeaweedFS
       and moto: probed in tests/test_no_overwrite.py); deleting a missing key succeeds.
     * ``list_parts`` returns parts by number, all of them (S3 pages at 1,000) unless
       ``max_parts`` caps it; NoSuchUpload if the upload is unknown.
+    * ``list_objects`` returns one page, in key order, of keys after ``start_after``.
+    * ``credential_secret`` is the secret key the store signs with, if one is known
+      (a key all instances on the bucket share, for signing tus upload URLs).
     * ``list_uploads`` yields each open upload whose key starts with ``prefix`` once,
       following the store's page markers; a store that ignores ``Prefix`` cannot make
       it yield others.
@@ -449,7 +456,10 @@ class ObjectStore(ObjectSink, Protocol):
     def endpoint_url(self) -> str | None: ...
 
     async def abort_uploads(self, key: str) -> list[UploadInfo]: ...
-    async def list_objects(self, prefix: str = "", *, limit: int = 1000) -> list[ObjectInfo]: ...
+    async def list_objects(
+        self, prefix: str = "", *, limit: int = 1000, start_after: str = ""
+    ) -> list[ObjectInfo]: ...
+    async def credential_secret(self) -> str | None: ...
     async def list_parts(
         self, key: str, upload_id: str, *, max_parts: int | None = None
     ) -> list[PartInfo]: ...

@@ -334,7 +334,9 @@ class AioObjectStore:
         *,
         checksum: CrcValue | None = None,
         if_none_match: bool = False,
+        if_match: str | None = None,
     ) -> Written:
+        swap = {} if if_match is None else {"IfMatch": if_match}
         with _carrying(checksum):
             async with self.call("PutObject"):
                 resp = await self._client.put_object(
@@ -344,6 +346,7 @@ class AioObjectStore:
                     **_params(options),
                     **_checksum_params(checksum),
                     **_only_new(if_none_match),
+                    **swap,
                 )
         return Written(str(resp["ETag"]), _stored_checksum(resp, checksum))
 
@@ -463,6 +466,16 @@ class AioObjectStore:
 
     # -- reads ----------------------------------------------------------------------
 
+    async def credential_secret(self) -> str | None:
+        """The secret key requests are signed with (botocore's resolved credentials)."""
+        # aiobotocore keeps them on the signer; resolved lazily (env, profile, role).
+        creds = self._client._request_signer._credentials
+        if creds is None:
+            return None
+        frozen = await creds.get_frozen_credentials()
+        secret: str | None = frozen.secret_key
+        return secret
+
     async def check(self) -> None:
         async with self.call("HeadBucket"):
             await self._client.head_bucket(Bucket=self.bucket)
@@ -489,11 +502,14 @@ class AioObjectStore:
                 return found[:max_parts]
             params["PartNumberMarker"] = int(page["NextPartNumberMarker"])
 
-    async def list_objects(self, prefix: str = "", *, limit: int = 1000) -> list[ObjectInfo]:
-        """The first ``limit`` objects under ``prefix`` (one page: no caller needs more)."""
+    async def list_objects(
+        self, prefix: str = "", *, limit: int = 1000, start_after: str = ""
+    ) -> list[ObjectInfo]:
+        """The first ``limit`` objects under ``prefix`` after ``start_after`` (one page)."""
+        after = {"StartAfter": start_after} if start_after else {}
         async with self.call("ListObjectsV2"):
             page = await self._client.list_objects_v2(
-                Bucket=self.bucket, Prefix=prefix, MaxKeys=limit
+                Bucket=self.bucket, Prefix=prefix, MaxKeys=limit, **after
             )
         return [ObjectInfo(o["Key"], int(o.get("Size", 0))) for o in page.get("Contents", [])]
 

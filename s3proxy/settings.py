@@ -535,6 +535,22 @@ class Settings:
         parse_duration,
         show=format_duration,
     )
+    tus: bool = _setting(True, "serve resumable uploads (tus 1.0.0) at /tus/", _parse_bool)
+    tus_expiry: float = _setting(
+        86400.0,
+        "how long a resumable upload may take from its creation (Upload-Expires); then its "
+        "URL stops working and the sweep removes what it stored",
+        parse_duration,
+        show=format_duration,
+    )
+    tus_lock_lease: float = _setting(
+        30.0,
+        "seconds a resumable upload's PATCH holds its lock without renewing it; a killed "
+        "instance's upload can be resumed elsewhere this long (plus --cleanup-clock-skew) "
+        "after it died",
+        parse_duration,
+        show=format_duration,
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -706,6 +722,8 @@ class Settings:
             raise SettingsError("--drain-delay must be >= 0 (or auto)")
         if self.readiness_interval <= 0 or self.readiness_timeout <= 0:
             raise SettingsError("--readiness-interval and --readiness-timeout must be positive")
+        if self.tus_expiry < 60 or self.tus_lock_lease < 0.5:
+            raise SettingsError("--tus-expiry must be at least 60s and --tus-lock-lease 0.5s")
 
     # --- loading -------------------------------------------------------------
 

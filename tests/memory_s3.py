@@ -113,6 +113,7 @@ class MemoryS3:
 
     def __init__(self, bucket: str = "memory") -> None:
         self.bucket = bucket
+        self.secret: str | None = "memory-secret"  # what credential_secret() answers
         self.objects: dict[str, Stored] = {}
         self.uploads: dict[str, Upload] = {}
         self.calls: list[tuple[str, str]] = []  # (operation, key)
@@ -208,9 +209,16 @@ class MemoryS3:
         *,
         checksum: CrcValue | None = None,
         if_none_match: bool = False,
+        if_match: str | None = None,
     ) -> Written:
         lost = self._call("PutObject", key)
         self._only_new("PutObject", key, if_none_match)
+        if if_match is not None:
+            current = self.objects.get(key)
+            if current is None:
+                raise refusal("PutObject", "NoSuchKey", 404)
+            if not _matches(if_match, current.etag):
+                raise refusal("PutObject", "PreconditionFailed", 412)
         raw = self._received("PutObject", data)
         self._verify("PutObject", checksum, raw)
         stored = None if checksum is None else StoredChecksum(checksum.algorithm, checksum.b64())
@@ -323,6 +331,9 @@ class MemoryS3:
 
     # -- reads ----------------------------------------------------------------------
 
+    async def credential_secret(self) -> str | None:
+        return self.secret
+
     async def check(self) -> None:
         self._call("HeadBucket")
 
@@ -337,9 +348,11 @@ class MemoryS3:
         ]
         return found[:max_parts]
 
-    async def list_objects(self, prefix: str = "", *, limit: int = 1000) -> list[ObjectInfo]:
+    async def list_objects(
+        self, prefix: str = "", *, limit: int = 1000, start_after: str = ""
+    ) -> list[ObjectInfo]:
         self._call("ListObjectsV2", prefix)
-        keys = sorted(k for k in self.objects if k.startswith(prefix))[:limit]
+        keys = sorted(k for k in self.objects if k.startswith(prefix) and k > start_after)[:limit]
         return [ObjectInfo(k, len(self.objects[k].data)) for k in keys]
 
     async def list_uploads(

@@ -25,6 +25,7 @@ SHELL_BLOCKS = re.findall(r"```sh\n(.*?)```", README, re.S)
 OTHER_FLAGS = {
     "--form-string",  # curl
     "--upload-file",  # curl
+    "--data-binary",  # curl (the tus walk-through)
     "--recursive",  # aws s3 ls
     "--matrix",  # python -m bench
     "--s3proxy-rev",

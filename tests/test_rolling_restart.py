@@ -16,7 +16,13 @@ import aiohttp
 import pytest
 
 from s3proxy.errors import SHUTTING_DOWN, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, ProxyError
-from s3proxy.state import AUTO_DRAIN_DELAY, StoreCheck, drain_delay, store_verdict
+from s3proxy.state import (
+    AUTO_DRAIN_DELAY,
+    StoreCheck,
+    check_paused,
+    drain_delay,
+    store_verdict,
+)
 from tests import bodies
 from tests.bodies import MiB
 from tests.faults import Fault, FaultyS3
@@ -134,6 +140,46 @@ async def test_stop_ends_even_when_the_check_loses_its_cancellation() -> None:
     began = time.monotonic()
     await asyncio.wait_for(check.stop(), 5)
     assert time.monotonic() - began < 1.5
+
+
+@pytest.mark.parametrize(
+    ("now", "last_asked", "paused"),
+    [(10.0, 0.0, False), (30.0, 0.0, False), (30.1, 0.0, True), (100.0, 75.0, False)],
+)
+def test_checks_pause_when_nobody_asks(now: float, last_asked: float, paused: bool) -> None:
+    assert check_paused(now, last_asked, 30.0) is paused
+
+
+async def test_store_checks_pause_without_readyz_and_a_readyz_gets_a_fresh_check() -> None:
+    """Nobody asking: the HeadBuckets stop (they cost CPU on every idle instance); the
+    next verdict after the pause starts them again and answers from a new check."""
+    check = StoreCheck(interval=0.02, timeout=0.1, idle_after=0.2)
+    calls: list[float] = []
+    healthy = True
+
+    async def counted() -> None:
+        calls.append(time.monotonic())
+        if not healthy:
+            raise ProxyError(UPSTREAM_UNAVAILABLE, "refused")
+
+    check.start(counted)
+    assert await check.verdict() is None
+    await eventually(lambda: not check.running, within=5, what="the checks pause")
+    stopped_at = len(calls)
+    await asyncio.sleep(0.3)
+    assert len(calls) == stopped_at, "checks went on with nobody asking"
+    assert stopped_at < 40  # about idle_after / interval, not unbounded
+    healthy = False  # the store went away during the pause: the cached "ready" is stale
+    check.start(counted)
+    err = await check.verdict()
+    assert err is not None and err.kind is UPSTREAM_UNAVAILABLE
+    assert len(calls) == stopped_at + 1
+    # Asked again and again (a load balancer): the checks keep running.
+    for _ in range(20):
+        await asyncio.sleep(0.03)
+        await check.verdict()
+    assert check.running
+    await check.stop()
 
 
 # --- /readyz answers at once -------------------------------------------------------------

@@ -287,3 +287,28 @@ async def test_memory_failure_injection_and_lost_create() -> None:
         "ListMultipartUploads",
         "AbortMultipartUpload",
     ]
+
+
+async def test_put_if_match_swaps_only_the_version_read(store: ObjectStore) -> None:
+    """A compare-and-swap: the tus state object is updated only over what was read."""
+    first = (await store.put("cas/state", [b"1"], OPTS)).etag
+    second = (await store.put("cas/state", [b"2"], OPTS, if_match=first)).etag
+    with pytest.raises(PreconditionFailed):
+        await store.put("cas/state", [b"3"], OPTS, if_match=first)  # stale
+    assert await read_all(store, "cas/state") == b"2"
+    with pytest.raises((NoSuchKey, PreconditionFailed)):
+        await store.put("cas/missing", [b"x"], OPTS, if_match=second)
+    with pytest.raises(NoSuchKey):
+        await store.head("cas/missing")
+
+
+async def test_list_objects_pages_with_start_after(store: ObjectStore) -> None:
+    for key in ("p/a", "p/b", "p/c"):
+        await store.put(key, [b"."], OPTS)
+    assert [o.key for o in await store.list_objects("p/", limit=2)] == ["p/a", "p/b"]
+    assert [o.key for o in await store.list_objects("p/", start_after="p/b")] == ["p/c"]
+
+
+async def test_credential_secret_is_the_signing_secret(store: ObjectStore) -> None:
+    secret = await store.credential_secret()
+    assert secret  # moto's fake AWS_SECRET_ACCESS_KEY, the memory store's own

@@ -1,0 +1,799 @@
+"""Resumable uploads: tus 1.0.0 at ``/tus/``, with no local state and no sticky sessions.
+
+Thin handlers over three pure parts and one driver:
+
+- ``tus_protocol``: the headers (version, offsets, metadata, checksums);
+- ``tus_url``: the upload URL, a signed capability naming the key, length, expiry, part
+  plan and the creating credential's limits, so any instance serves any request;
+- ``tus_state``: the progress, one state object in S3 swapped with If-Match (the commit
+  point and the lock; its docstring states the crash invariants);
+- the bytes go through the same ``FileUpload`` driver and ``UploadMachine`` as
+  ``POST /upload`` (``pipeline.Resumed``): the same memory budget and backpressure, part
+  sizes, parts in flight, checksums S3 verifies, sniffing and ``--allow-type`` on the
+  first bytes, client idle timeout and minimum rate, metrics and completion webhook.
+
+Routes: ``POST /tus/`` creates (creation, creation-with-upload, creation-defer-length;
+auth as ``/upload``: API key or upload token, whose prefix, size and types bind the
+upload); ``HEAD``, ``PATCH``, ``DELETE`` ``/tus/{url}`` need only the URL; ``OPTIONS``
+announces the extensions. ``X-HTTP-Method-Override`` on a POST to an upload URL is honoured.
+
+A PATCH: read the state (404 none, 409 offset, 423 locked) -> swap in the lock -> stream
+(parts it fills go to S3 as UploadPart, staged bytes of the part it continues are read
+back and put in front) -> the tail it leaves is one segment object -> swap in the new
+state (the 204's offset). The last PATCH completes the multipart upload (or, for a file
+within one part, PutObject from its segments and its own bytes) and removes the state
+and segments: a finished upload is an ordinary object, nothing is left under the prefix.
+A failed PATCH commits nothing (see ``tus_state``): the upload stays resumable where it
+was, and that PATCH's bytes are discarded (checksum mismatch: 460).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from s3proxy import keys, tus_protocol, tus_url
+from s3proxy.auth import Principal
+from s3proxy.body import Chunk
+from s3proxy.digests import Declared, DigestCheck
+from s3proxy.errors import (
+    CHECKSUM_MISMATCH,
+    CLIENT_TIMEOUT,
+    DIGEST_MISMATCH,
+    FILE_TOO_LARGE,
+    INVALID_FIELD,
+    INVALID_REQUEST,
+    METHOD_NOT_ALLOWED,
+    NO_SUCH_UPLOAD,
+    NOT_OFFSET_STREAM,
+    OFFSET_MISMATCH,
+    SHUTTING_DOWN,
+    UPLOAD_EXPIRED,
+    UPLOAD_LOCKED,
+    ProxyError,
+    error_response,
+)
+from s3proxy.form import ClientWatch, TransportFlow
+from s3proxy.handlers import notify
+from s3proxy.janitor import finish, run_cleanup
+from s3proxy.machine import Resume
+from s3proxy.parts import plan_parts
+from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, Resumed, StoredFile, abort_reason
+from s3proxy.s3 import NoSuchKey, NoSuchUpload, ObjectStore, PreconditionFailed
+from s3proxy.state import STATE, AppState
+from s3proxy.tus_protocol import OFFSET_STREAM, VERSION
+from s3proxy.tus_state import Lock, Part, Segment, TusState, TusStore
+from s3proxy.tus_url import TusUpload, UrlError
+
+log = logging.getLogger("s3proxy.tus")
+
+ROOT = "/tus/"
+TUS_META = "s3proxy-tus"  # the object's metadata: which tus upload made it
+
+
+@dataclass
+class TusService:
+    """What every tus request needs besides the app state: the URL keys."""
+
+    keys: tuple[bytes, ...]
+
+
+TUS = web.AppKey("tus", TusService)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_route("OPTIONS", ROOT, options)
+    app.router.add_post(ROOT, create)
+    app.router.add_route("OPTIONS", ROOT + "{url}", options)
+    app.router.add_route("HEAD", ROOT + "{url}", head)
+    app.router.add_route("PATCH", ROOT + "{url}", patch)
+    app.router.add_delete(ROOT + "{url}", terminate)
+    app.router.add_post(ROOT + "{url}", override)
+    app.cleanup_ctx.append(_url_keys)
+
+
+async def _url_keys(app: web.Application) -> AsyncIterator[None]:
+    """The keys upload URLs are signed with, from what all instances share (tus_url)."""
+    state = app[STATE]
+    shared = [s.encode() for s in state.settings.token_secrets()]
+    source = "token secrets"
+    if not shared:
+        secret = await state.require_sink().credential_secret()
+        if secret:
+            shared, source = [secret.encode()], "the S3 secret key"
+    if not shared:
+        shared, source = [uuid.uuid4().bytes + uuid.uuid4().bytes], "a random key"
+        log.warning(
+            "tus.url_key source=random: no token secret and no S3 secret key; resumable "
+            "uploads cannot move between instances or survive a restart"
+        )
+    else:
+        log.info("tus.url_key source=%s", source.replace(" ", "_"))
+    app[TUS] = TusService(tus_url.url_keys(shared))
+    yield
+
+
+# --- answers --------------------------------------------------------------------------
+
+
+def _answer(status: int, headers: dict[str, str] | None = None) -> web.Response:
+    resp = web.Response(status=status)
+    resp.headers["Tus-Resumable"] = VERSION
+    resp.headers["Cache-Control"] = "no-store"
+    for name, value in (headers or {}).items():
+        resp.headers[name] = value
+    return resp
+
+
+def _tus_errors(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Errors as JSON like everywhere, with the tus headers a client reads (Tus-Version
+    on a 412). A request whose body was not read to its end closes the connection."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ProxyError as err:
+            resp = error_response(err)
+            resp.headers["Tus-Resumable"] = VERSION
+            if err.kind.status == 412:
+                resp.headers["Tus-Version"] = VERSION
+            if request.can_read_body and not request.content.is_eof():
+                resp.force_close()
+            return resp
+
+    return wrapped
+
+
+def _expires(upload: TusUpload) -> dict[str, str]:
+    return {"Upload-Expires": tus_protocol.http_date(upload.expires)}
+
+
+def _upload(request: web.Request) -> TusUpload:
+    try:
+        return tus_url.verify(request.match_info["url"], request.app[TUS].keys, time.time())
+    except UrlError as exc:
+        if exc.expired:
+            raise ProxyError(UPLOAD_EXPIRED, "this upload expired") from None
+        raise ProxyError(NO_SUCH_UPLOAD, f"no such upload ({exc.reason})") from None
+
+
+def _refuse_draining(state: AppState) -> None:
+    if state.draining:
+        raise ProxyError(SHUTTING_DOWN, "the proxy is shutting down; retry on another instance")
+
+
+# --- OPTIONS, POST, HEAD, DELETE ---------------------------------------------------------
+
+
+async def options(request: web.Request) -> web.Response:
+    settings = request.app[STATE].settings
+    resp = web.Response(status=204)
+    resp.headers.update(tus_protocol.options_headers(settings.max_file_size))
+    return resp
+
+
+@_tus_errors
+async def create(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    _refuse_draining(state)
+    tus_protocol.check_version(request.headers.get("Tus-Resumable"))
+    principal = state.auth.authenticate(request)
+    deferred = request.headers.get("Upload-Defer-Length")
+    length: int | None = None
+    if deferred is None or "Upload-Length" in request.headers:
+        length = tus_protocol.parse_count("Upload-Length", request.headers.get("Upload-Length"))
+        _check_size(state, principal, length)
+    elif deferred != "1":
+        raise ProxyError(INVALID_REQUEST, "Upload-Defer-Length must be 1")
+    limit = _size_limit(state, principal) if length is None else length
+    meta = tus_protocol.parse_metadata(request.headers.get("Upload-Metadata"))
+    filename = keys.sanitize_filename(meta.get("filename") or meta.get("name"))
+    declared = meta.get("filetype") or meta.get("type") or None
+    try:
+        key = keys.KeyPolicy.for_grant(state.settings.key_template, principal.grant).new_key(
+            filename, "file"
+        )
+    except ValueError as exc:
+        raise ProxyError(INVALID_FIELD, f"cannot make an object key: {exc}") from None
+    cfg = state.pipeline
+    expires = int(time.time() + state.settings.tus_expiry)
+    plan = plan_parts(cfg.part_size, limit, cfg.max_file_size)
+    if length is None:  # parts grow as for a stream of unknown length, up to the limit
+        plan = plan_parts(cfg.part_size, None, limit)
+    grant = principal.grant
+    upload = TusUpload(
+        id=tus_url.new_id(expires, key),
+        key=key,
+        length=length,
+        expires=expires,
+        part_size=plan.base,
+        growing=plan.growing,
+        filename=filename,
+        declared_type=declared,
+        types=() if grant is None else grant.types,
+        limit=limit,
+    )
+    location = ROOT + tus_url.issue(upload, request.app[TUS].keys[0])
+    store = TusStore(state.require_sink(), upload)
+    checksum = None if cfg.checksum is None else cfg.checksum.value
+    await store.create(TusState(key=key, checksum=checksum))
+    state.metrics.uploads_started.inc()
+    log.info("tus.created key=%s length=%s id=%s by=%s", key, length, upload.id, principal.subject)
+    headers = {"Location": location, **_expires(upload)}
+    with_body = request.content_type == OFFSET_STREAM and request.can_read_body
+    if with_body or length == 0:
+        offset = await _append(request, state, store, 0)
+        headers["Upload-Offset"] = str(offset)
+    return _answer(201, headers)
+
+
+def _size_limit(state: AppState, principal: Principal) -> int:
+    """The most bytes a file of this caller may have."""
+    grant = principal.grant
+    limit = state.settings.max_file_size
+    if grant is not None and grant.max_size is not None:
+        limit = min(limit, grant.max_size)
+    return limit
+
+
+def _check_size(state: AppState, principal: Principal, length: int) -> None:
+    limit = state.settings.max_file_size
+    if length > limit:
+        raise ProxyError(
+            FILE_TOO_LARGE, f"Upload-Length {length} is over the limit of {limit} bytes"
+        )
+    grant = principal.grant
+    if grant is not None and grant.max_size is not None and length > grant.max_size:
+        raise ProxyError(
+            FILE_TOO_LARGE,
+            f"the upload token allows {grant.max_size} bytes; Upload-Length is {length}",
+        )
+
+
+@_tus_errors
+async def head(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    tus_protocol.check_version(request.headers.get("Tus-Resumable"))
+    upload = _upload(request)
+    store = TusStore(state.require_sink(), upload)
+    found = await store.read()
+    length = upload.length
+    if found is None:
+        head = await _finished(store)
+        if head is None:
+            raise ProxyError(NO_SUCH_UPLOAD, "no such upload (terminated, or never created)")
+        offset = length = head
+    else:
+        offset = found[0].offset
+        length = length if length is not None else found[0].length
+    sizes = {"Upload-Length": str(length)} if length is not None else {"Upload-Defer-Length": "1"}
+    return _answer(200, {"Upload-Offset": str(offset), **sizes, **_expires(upload)})
+
+
+@_tus_errors
+async def terminate(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    tus_protocol.check_version(request.headers.get("Tus-Resumable"))
+    upload = _upload(request)
+    await _terminate(state, TusStore(state.require_sink(), upload))
+    return _answer(204)
+
+
+async def _terminate(state: AppState, store: TusStore) -> None:
+    found = await store.read()
+    if found is None:
+        raise ProxyError(NO_SUCH_UPLOAD, "no such upload (finished, terminated, or never created)")
+    current, etag = found
+    now = time.time()
+    if current.locked(now, state.settings.cleanup_clock_skew):
+        raise ProxyError(UPLOAD_LOCKED, "a PATCH is in progress on this upload; retry later")
+    # Take the lock for good: a PATCH starting meanwhile gets 423, not a half-removed upload.
+    current.lock = Lock("terminating", now + state.settings.tus_lock_lease)
+    try:
+        await store.swap(current, etag)
+    except (PreconditionFailed, NoSuchKey):
+        raise ProxyError(UPLOAD_LOCKED, "the upload changed meanwhile; retry") from None
+    await remove_upload(store.bucket, store.upload, current)
+    log.info("tus.terminated key=%s id=%s", store.upload.key, store.upload.id)
+
+
+async def remove_upload(bucket: ObjectStore, upload: TusUpload, current: TusState | None) -> None:
+    """Abort the upload's multipart upload and delete every object under its prefix."""
+    if current is not None and current.upload_id is not None:
+        await bucket.abort(upload.key, current.upload_id)
+    await TusStore(bucket, upload).remove_all()
+
+
+async def _finished(store: TusStore) -> int | None:
+    """The size of the object this upload made at its key, if it completed; else None."""
+    try:
+        found = await store.bucket.head(store.upload.key)
+    except NoSuchKey:
+        return None
+    if found.metadata.get(TUS_META) != store.upload.id:
+        return None
+    if store.upload.length is not None and found.size != store.upload.length:
+        return None
+    return found.size
+
+
+@_tus_errors
+async def override(request: web.Request) -> web.StreamResponse:
+    """``X-HTTP-Method-Override``: a POST standing in for PATCH or DELETE (for clients
+    and networks that cannot send those)."""
+    method = request.headers.get("X-HTTP-Method-Override", "").upper()
+    if method == "PATCH":
+        return await patch(request)
+    if method == "DELETE":
+        return await terminate(request)
+    raise ProxyError(METHOD_NOT_ALLOWED, "POST to an upload URL needs X-HTTP-Method-Override")
+
+
+# --- PATCH ------------------------------------------------------------------------------
+
+
+@_tus_errors
+async def patch(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    _refuse_draining(state)
+    tus_protocol.check_version(request.headers.get("Tus-Resumable"))
+    upload = _upload(request)
+    if request.content_type != OFFSET_STREAM:
+        raise ProxyError(NOT_OFFSET_STREAM, f"a PATCH must be Content-Type: {OFFSET_STREAM}")
+    offset = tus_protocol.parse_count("Upload-Offset", request.headers.get("Upload-Offset"))
+    store = TusStore(state.require_sink(), upload)
+    new_offset = await _append(request, state, store, offset)
+    return _answer(204, {"Upload-Offset": str(new_offset), **_expires(upload)})
+
+
+async def _append(request: web.Request, state: AppState, store: TusStore, offset: int) -> int:
+    """Append the request's body at ``offset``; the committed offset after it."""
+    upload = store.upload
+    declared = tus_protocol.parse_checksum(request.headers.get("Upload-Checksum"))
+    length = request.content_length
+    if length is not None and upload.length is not None and offset + length > upload.length:
+        raise ProxyError(
+            FILE_TOO_LARGE,
+            f"{length} bytes at offset {offset} go past Upload-Length {upload.length}",
+        )
+    task = asyncio.current_task()
+    with state.track(task):
+        try:
+            return await _append_tracked(request, state, store, offset, declared)
+        except asyncio.CancelledError:
+            if task is None or not state.stopped_by_shutdown(task):
+                raise
+    raise ProxyError(
+        SHUTTING_DOWN, "the proxy is shutting down; resume the upload (HEAD, then PATCH)"
+    )
+
+
+async def _append_tracked(
+    request: web.Request,
+    state: AppState,
+    store: TusStore,
+    offset: int,
+    declared: Declared | None,
+) -> int:
+    upload = store.upload
+    found = await store.read()
+    if found is None:
+        done = await _finished(store)
+        if done is not None and offset == done:
+            return done
+        raise ProxyError(NO_SUCH_UPLOAD, "no such upload (finished, terminated, or never created)")
+    current, etag = found
+    if current.offset != offset:
+        raise ProxyError(
+            OFFSET_MISMATCH, f"Upload-Offset is {offset}; the upload is at {current.offset}"
+        )
+    current.length = _total(request, upload, current)
+    settings = state.settings
+    lease = Lease(store, current, settings.tus_lock_lease, settings.cleanup_clock_skew)
+    await lease.take(etag)
+    committed = False
+    appended = _Appended(store, current)
+    try:
+        try:
+            stored = await _stream(request, state, store, current, appended, declared)
+        except (NoSuchUpload, NoSuchKey):  # its multipart upload, or its staged bytes
+            done = await _finished(store)
+            if done is None:
+                raise
+            # An instance died between completing the upload and removing its state: the
+            # object is whole; finish the removal.
+            committed = True
+            await lease.stop()
+            await run_cleanup(_remover(store), f"tus state id={upload.id}", state.janitor)
+            return done
+        except asyncio.CancelledError:
+            # Shutdown's drain (or the server) stopped it: keep its acknowledged parts too,
+            # so a rolling restart costs a resume at the last part, not at the PATCH's
+            # start. To its end even if cancelled again meanwhile.
+            kept = appended.partial_state()
+            if kept is not None:
+
+                async def keep(kept: TusState = kept) -> None:
+                    nonlocal committed
+                    with contextlib.suppress(ProxyError):
+                        await lease.commit(kept)
+                        committed = True
+                        log.info(
+                            "tus.kept id=%s offset=%d reason=CANCELLED", upload.id, kept.offset
+                        )
+
+                await finish(keep())
+            raise
+        except ProxyError as err:
+            if err.kind.status >= 500 or err.kind is CHECKSUM_MISMATCH:
+                raise  # nothing of it is trusted: commit nothing
+            # The client went away (or broke a limit) mid-PATCH: keep the parts S3 has
+            # acknowledged, so a resume need not send them again (tus: "store as much as
+            # possible"); the bytes of its unfinished part are lost.
+            kept = appended.partial_state()
+            if kept is not None:
+                await lease.commit(kept)
+                committed = True
+                await _forget(state, store, appended.dropped())
+                log.info(
+                    "tus.kept key=%s id=%s offset=%d reason=%s",
+                    upload.key,
+                    upload.id,
+                    kept.offset,
+                    err.kind.code,
+                )
+            raise
+        if stored is None:
+            new_offset = await lease.commit(appended.next_state())
+            committed = True
+            await _forget(state, store, appended.dropped())
+            log.info(
+                "tus.patched key=%s id=%s offset=%d bytes=%d",
+                upload.key,
+                upload.id,
+                new_offset,
+                new_offset - offset,
+            )
+            return new_offset
+        committed = True  # the object is stored: the state goes with the prefix
+        await lease.stop()
+        await _completed(state, store, stored)
+        return stored.size
+    finally:
+        if not committed:
+            await lease.release()
+            await appended.abort_unnamed(state)
+
+
+def _total(request: web.Request, upload: TusUpload, current: TusState) -> int | None:
+    """The file's length: the URL's, or a deferred one declared before or by this PATCH
+    (``Upload-Length``, once; not below what is stored, not over the upload's limit)."""
+    if upload.length is not None:
+        return upload.length
+    text = request.headers.get("Upload-Length")
+    if text is None:
+        return current.length
+    length = tus_protocol.parse_count("Upload-Length", text)
+    if current.length is not None and length != current.length:
+        raise ProxyError(INVALID_REQUEST, f"Upload-Length was declared as {current.length}")
+    if length > upload.limit:
+        raise ProxyError(
+            FILE_TOO_LARGE, f"Upload-Length {length} is over the limit of {upload.limit}"
+        )
+    if length < current.offset:
+        raise ProxyError(INVALID_REQUEST, f"Upload-Length {length} is below the offset")
+    return length
+
+
+def _remover(store: TusStore) -> Callable[[], Awaitable[None]]:
+    async def remove() -> None:
+        await store.remove_all()
+
+    return remove
+
+
+async def _forget(state: AppState, store: TusStore, segments: list[Segment]) -> None:
+    """Delete segments a commit no longer names (their bytes are in a part now)."""
+    if segments:
+        await run_cleanup(
+            lambda: store.delete_segments(segments),
+            f"tus segments id={store.upload.id}",
+            state.janitor,
+        )
+
+
+async def _completed(state: AppState, store: TusStore, stored: StoredFile) -> None:
+    upload = store.upload
+    m = state.metrics
+    m.uploads_completed.inc()
+    m.bytes_stored.inc(stored.size)
+    log.info(
+        "upload.completed key=%s size=%d parts=%d content_type=%s tus_id=%s",
+        stored.key,
+        stored.size,
+        stored.parts,
+        stored.content_type,
+        upload.id,
+    )
+
+    await run_cleanup(_remover(store), f"tus state id={upload.id}", state.janitor)
+    if state.webhook is not None:
+        out = {"files": [stored.to_json()], "fields": {}}
+        try:
+            await notify(state, out)
+        except ProxyError:
+            # --webhook-failure rollback: the application never heard of it, so it goes.
+            log.info("upload.rolled_back key=%s reason=WEBHOOK_FAILED", stored.key)
+            await run_cleanup(
+                lambda: state.require_sink().delete(stored.key),
+                f"rollback key={stored.key}",
+                state.janitor,
+            )
+            raise
+
+
+async def _stream(
+    request: web.Request,
+    state: AppState,
+    store: TusStore,
+    current: TusState,
+    appended: _Appended,
+    declared: Declared | None,
+) -> StoredFile | None:
+    """The request's body through the upload pipeline, resumed at the state's offset."""
+    upload = store.upload
+    settings = state.settings
+    cfg: PipelineConfig = state.pipeline
+    if upload.types:
+        cfg = dataclasses.replace(cfg, grant_types=upload.types)
+    total = current.length
+    if total is None:
+        # Length still deferred: the request cannot end the file (it ends before a total
+        # one byte over the limit, and the limit refuses that byte), so it stages its tail.
+        cfg = dataclasses.replace(cfg, max_file_size=upload.limit)
+        total = upload.limit + 1
+    resumed = Resumed(
+        point=Resume(current.offset, total, current.staged, created=current.upload_id is not None),
+        plan=upload.plan,
+        staging=appended,
+        content_type=current.content_type,
+        upload_id=current.upload_id,
+        etags=current.etags(),
+        crcs=current.crcs(),
+    )
+    digests = DigestCheck(declared) if declared else None
+    spec = FileSpec(
+        field="file",
+        filename=upload.filename,
+        key=upload.key,
+        declared_type=upload.declared_type,
+        metadata={TUS_META: upload.id},
+        digests=digests,
+    )
+    body = request.content
+    watch = ClientWatch(
+        lambda: body.total_bytes,
+        settings.client_timeout,
+        max(0, min(total, upload.limit) - current.offset),
+        settings.min_upload_rate,
+        settings.min_rate_window,
+    )
+    source = BodySource(request, watch)
+    file = FileUpload(spec, store.bucket, state.budget, cfg, state.janitor, resume=resumed)
+    appended.file = file
+    m = state.metrics
+    m.uploads_in_flight.inc()
+    try:
+        return await file.proceed(digests.wrap(source) if digests else source)
+    except ProxyError as err:
+        m.uploads_aborted.labels(abort_reason(err)).inc()
+        if err.kind is DIGEST_MISMATCH:
+            raise ProxyError(CHECKSUM_MISMATCH, err.message.replace("file", "PATCH of", 1)) from err
+        raise
+    except BaseException as exc:
+        m.uploads_aborted.labels(abort_reason(exc)).inc()
+        raise
+    finally:
+        m.uploads_in_flight.dec()
+        m.bytes_received.inc(file.size)
+
+
+class BodySource:
+    """A PATCH body as a ``ChunkSource``: every read under the request's ClientWatch (idle
+    timeout, minimum rate, the bytes left of Upload-Length); pausing stops the socket."""
+
+    def __init__(self, request: web.Request, watch: ClientWatch) -> None:
+        self._content = request.content
+        self._watch = watch
+        self._flow = TransportFlow(request)
+        self._paused = False
+
+    async def read(self, size: int) -> bytes:
+        return await self._watch.read(lambda: self._content.read(size))
+
+    def pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._flow.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._flow.resume_reading()
+
+    def expire(self, message: str) -> None:
+        self._watch.expire(CLIENT_TIMEOUT, message)
+
+
+class _Appended:
+    """What one PATCH adds: the pipeline's ``Staging`` (staged bytes read back, the tail
+    written as a segment), and the state it commits."""
+
+    def __init__(self, store: TusStore, current: TusState) -> None:
+        self.store = store
+        self.current = current
+        self.file: FileUpload | None = None
+        self.segment: Segment | None = None
+        self.tail_start: int | None = None
+
+    async def load(self) -> list[bytes]:
+        return await self.store.load(self.current.segments)
+
+    async def stage(self, number: int, start: int, chunks: list[Chunk], size: int) -> None:
+        self.tail_start = start
+        if size:
+            self.segment = await self.store.put_segment(start, chunks, size)
+
+    def _new_parts(self) -> list[Part]:
+        assert self.file is not None
+        known = {p.number for p in self.current.parts}
+        plan = self.store.upload.plan
+        return [
+            Part(n, etag, plan.size(n), None if crc is None else crc.b64())
+            for n, (etag, crc) in self.file.acknowledged().items()
+            if n not in known
+        ]
+
+    def next_state(self) -> TusState:
+        """The state after this PATCH (its lock released)."""
+        assert self.file is not None and self.tail_start is not None
+        new_parts = self._new_parts()
+        # A part sent by this PATCH took the staged segments in front of it.
+        kept = [] if new_parts else list(self.current.segments)
+        tail = [self.segment] if self.segment is not None else []
+        return TusState(
+            offset=self.current.offset + self.file.size,
+            key=self.current.key,
+            length=self.current.length,
+            upload_id=self.file.upload_id,
+            content_type=self.file.content_type,
+            checksum=self.current.checksum,
+            parts=[*self.current.parts, *new_parts],
+            segments=[*kept, *tail],
+            lock=None,
+        )
+
+    def dropped(self) -> list[Segment]:
+        return list(self.current.segments) if self._new_parts() else []
+
+    def partial_state(self) -> TusState | None:
+        """The state that keeps what a failed PATCH got S3 to acknowledge: its whole parts
+        (none: None). The upload then stands at the end of its last part."""
+        if self.file is None:
+            return None
+        new_parts = self._new_parts()
+        if not new_parts:
+            return None
+        parts = [*self.current.parts, *new_parts]
+        numbers = [p.number for p in parts]
+        if numbers != list(range(1, len(parts) + 1)):
+            return None  # a gap (a part still failing before a later one landed)
+        return TusState(
+            offset=sum(p.size for p in parts),
+            key=self.current.key,
+            length=self.current.length,
+            upload_id=self.file.upload_id,
+            content_type=self.file.content_type,
+            checksum=self.current.checksum,
+            parts=parts,
+            segments=[],
+            lock=None,
+        )
+
+    async def abort_unnamed(self, state: AppState) -> None:
+        """A multipart upload this PATCH made but never committed: no state names it, so
+        abort it now (a killed instance leaves it to the orphan sweep)."""
+        file = self.file
+        if file is None or not file.created_here or file.upload_id is None:
+            return
+        key, upload_id = self.store.upload.key, file.upload_id
+        log.info("upload.aborted key=%s upload_id=%s reason=uncommitted", key, upload_id)
+        await run_cleanup(
+            lambda: self.store.bucket.abort(key, upload_id),
+            f"abort key={key} upload_id={upload_id}",
+            state.janitor,
+        )
+
+
+class Lease:
+    """A PATCH's hold on its upload: the lock swapped into the state, renewed every third
+    of the lease while the PATCH runs, released (or replaced by the commit) at its end."""
+
+    def __init__(self, store: TusStore, current: TusState, seconds: float, skew: float) -> None:
+        self.store = store
+        self.state = dataclasses.replace(current)
+        self.seconds = seconds
+        self.skew = skew
+        self.owner = uuid.uuid4().hex
+        self.etag = ""
+        self.lost = False
+        self._mutex = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    async def take(self, etag: str) -> None:
+        now = time.time()
+        if self.state.locked(now, self.skew):
+            raise ProxyError(UPLOAD_LOCKED, "another PATCH is in progress on this upload")
+        self.state.lock = Lock(self.owner, now + self.seconds)
+        try:
+            self.etag = await self.store.swap(self.state, etag)
+        except (PreconditionFailed, NoSuchKey):
+            raise ProxyError(UPLOAD_LOCKED, "another request changed this upload first") from None
+        self._task = asyncio.create_task(self._renew(), name="tus-lease")
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.seconds / 3)
+            async with self._mutex:
+                self.state.lock = Lock(self.owner, time.time() + self.seconds)
+                try:
+                    self.etag = await self.store.swap(self.state, self.etag)
+                except (PreconditionFailed, NoSuchKey):
+                    self.lost = True
+                    log.warning("tus.lock_lost id=%s", self.store.upload.id)
+                    return
+                except ProxyError as err:  # S3 trouble: the next renewal may make it
+                    log.warning("tus.lock_renew_failed id=%s error=%s", self.store.upload.id, err)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def commit(self, new: TusState) -> int:
+        """Swap in the PATCH's state; 423 if the lock was lost meanwhile."""
+        await self.stop()
+        async with self._mutex:
+            try:
+                self.etag = await self.store.swap(new, self.etag)
+            except (PreconditionFailed, NoSuchKey):
+                raise ProxyError(
+                    UPLOAD_LOCKED, "this PATCH lost its lock (it stalled); HEAD and resume"
+                ) from None
+        return new.offset
+
+    async def release(self) -> None:
+        """Give the lock back after a failed PATCH, best effort (else it goes stale)."""
+        await self.stop()
+        if self.lost or not self.etag:
+            return
+        self.state.lock = None
+        etag = self.etag
+
+        async def give_back() -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.store.swap(self.state, etag), self.seconds)
+
+        await finish(give_back())  # to its end even if the PATCH is being cancelled

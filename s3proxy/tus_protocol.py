@@ -1,0 +1,129 @@
+"""Pure: the tus 1.0.0 protocol's headers, read and written (https://tus.io/protocols/resumable-upload).
+
+No I/O: the handlers in ``s3proxy.tus`` call these with header values and get numbers,
+dicts or a ``ProxyError`` with the status the protocol names for that fault.
+
+- ``Tus-Resumable`` must be ``1.0.0`` on every request but OPTIONS (412 otherwise,
+  with ``Tus-Version`` in the answer).
+- ``Upload-Offset``/``Upload-Length`` are non-negative decimal integers ("MUST be a
+  non-negative integer"): no sign, no spaces, no exponent; anything else is a 400.
+- ``Upload-Metadata`` is comma-separated ``key base64value`` pairs; keys are ASCII,
+  unique, without spaces or commas; a key may stand alone (no value).
+- ``Upload-Checksum`` is ``<algorithm> <base64 digest>`` (checksum extension); the
+  algorithms here are the ones hashlib has and ``Tus-Checksum-Algorithm`` lists.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import hashlib
+import re
+
+from s3proxy.digests import Declared
+from s3proxy.errors import INVALID_DIGEST, INVALID_REQUEST, UNSUPPORTED_VERSION, ProxyError
+
+VERSION = "1.0.0"
+# What this server supports, in the order OPTIONS lists them.
+EXTENSIONS = (
+    "creation",
+    "creation-with-upload",
+    "creation-defer-length",
+    "termination",
+    "expiration",
+    "checksum",
+)
+CHECKSUM_ALGORITHMS = ("sha1", "sha256", "md5")
+OFFSET_STREAM = "application/offset+octet-stream"
+_DIGITS = re.compile(r"[0-9]{1,19}")  # 19 digits: below 2**63, as tusd's int64
+_KEY = re.compile(r"[!-+\--~]+")  # printable ASCII without space and comma
+MAX_METADATA = 4096  # bytes of Upload-Metadata accepted (a filename and a type need ~300)
+
+
+def check_version(value: str | None) -> None:
+    """412 unless the client speaks tus 1.0.0."""
+    if value != VERSION:
+        raise ProxyError(
+            UNSUPPORTED_VERSION,
+            f"Tus-Resumable must be {VERSION}, got {value!r}" if value else "Tus-Resumable missing",
+        )
+
+
+def parse_count(name: str, value: str | None) -> int:
+    """A non-negative integer header; 400 INVALID_REQUEST if missing or malformed."""
+    if value is None:
+        raise ProxyError(INVALID_REQUEST, f"{name} is required")
+    if not _DIGITS.fullmatch(value):
+        raise ProxyError(INVALID_REQUEST, f"{name} must be a non-negative integer")
+    return int(value)
+
+
+def parse_metadata(value: str | None) -> dict[str, str]:
+    """``Upload-Metadata`` as text; values that are not UTF-8 are refused (400), as are
+    repeated keys and bad base64."""
+    if not value:
+        return {}
+    if len(value) > MAX_METADATA:
+        raise ProxyError(INVALID_REQUEST, f"Upload-Metadata over {MAX_METADATA} bytes")
+    out: dict[str, str] = {}
+    for pair in value.split(","):
+        fields = pair.strip().split(" ")
+        if len(fields) > 2 or not _KEY.fullmatch(fields[0]):
+            raise ProxyError(INVALID_REQUEST, "Upload-Metadata: expected 'key base64value' pairs")
+        key = fields[0]
+        if key in out:
+            raise ProxyError(INVALID_REQUEST, f"Upload-Metadata: key {key!r} repeated")
+        raw = b""
+        if len(fields) == 2:
+            try:
+                raw = base64.b64decode(fields[1], validate=True)
+            except (binascii.Error, ValueError):
+                raise ProxyError(
+                    INVALID_REQUEST, f"Upload-Metadata: the value of {key!r} is not base64"
+                ) from None
+        try:
+            out[key] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProxyError(
+                INVALID_REQUEST, f"Upload-Metadata: the value of {key!r} is not UTF-8"
+            ) from None
+    return out
+
+
+def parse_checksum(value: str | None) -> Declared | None:
+    """``Upload-Checksum`` as the digest to check the PATCH's bytes against; None if absent.
+    An algorithm not supported or a digest of the wrong size is a 400 (tus: "Bad Request")."""
+    if value is None:
+        return None
+    algorithm, _, encoded = value.strip().partition(" ")
+    algorithm = algorithm.lower()
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise ProxyError(
+            INVALID_DIGEST,
+            f"Upload-Checksum algorithm {algorithm!r} is not supported; "
+            f"use one of {', '.join(CHECKSUM_ALGORITHMS)}",
+        )
+    try:
+        digest = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ProxyError(INVALID_DIGEST, "Upload-Checksum: the digest is not base64") from None
+    if len(digest) != hashlib.new(algorithm).digest_size:
+        raise ProxyError(INVALID_DIGEST, f"Upload-Checksum: not a {algorithm} digest")
+    return Declared(**{algorithm: digest})
+
+
+def http_date(unix: float) -> str:
+    """``Upload-Expires``'s format (RFC 9110 IMF-fixdate)."""
+    return email.utils.formatdate(unix, usegmt=True)
+
+
+def options_headers(max_size: int) -> dict[str, str]:
+    """What OPTIONS announces."""
+    return {
+        "Tus-Resumable": VERSION,
+        "Tus-Version": VERSION,
+        "Tus-Extension": ",".join(EXTENSIONS),
+        "Tus-Max-Size": str(max_size),
+        "Tus-Checksum-Algorithm": ",".join(CHECKSUM_ALGORITHMS),
+    }

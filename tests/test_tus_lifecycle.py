@@ -1,0 +1,335 @@
+"""tus uploads over their life: racing PATCHes, locks, expiry and the sweep, upload
+tokens across PATCHes, and no file opened for writing (moto)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from s3proxy import tokens, tus_url
+from s3proxy.checksums import Algorithm, Crc
+from s3proxy.cleanup import Rule, sweep, sweep_tus
+from s3proxy.state import STATE
+from s3proxy.tus import TUS
+from s3proxy.tus_url import TusUpload
+from tests.conftest import ProxyFactory
+from tests.faults import Fault, FaultyS3
+from tests.polling import eventually
+from tests.s3util import all_keys_async, open_uploads_async, read_object_async
+from tests.test_resources import WriteAudit
+from tests.test_tus import TUS as TUS_HEADERS
+from tests.test_tus import KiB, MiB, body, reserved, stored_key
+from tests.test_webhook_flow import SECRET as SECRET_HOOK
+from tests.test_webhook_flow import receiver
+
+SECRET = b"s" * 32
+
+
+def patch_headers(offset: int, **extra: str) -> dict[str, str]:
+    return {
+        **TUS_HEADERS,
+        "Upload-Offset": str(offset),
+        "Content-Type": "application/offset+octet-stream",
+        **extra,
+    }
+
+
+async def new_upload(proxy: TestClient[Any, Any], length: int, **headers: str) -> str:
+    resp = await proxy.post(
+        "/tus/", headers={**TUS_HEADERS, "Upload-Length": str(length), **headers}
+    )
+    assert resp.status == 201, await resp.text()
+    return resp.headers["Location"]
+
+
+async def offset_of(proxy: TestClient[Any, Any], url: str) -> int:
+    resp = await proxy.head(url, headers=TUS_HEADERS)
+    assert resp.status == 200
+    return int(resp.headers["Upload-Offset"])
+
+
+async def test_racing_patches_one_wins_the_other_is_refused(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """Two PATCHes at the same offset on two proxies sharing the bucket: one is stored, the
+    other gets 423 (the lock) or 409 (the offset moved); the object is one client's bytes."""
+    a = await proxy_factory()
+    b = await proxy_factory()
+    data = body(300 * KiB)
+    url = await new_upload(a, len(data))
+
+    async def slow_body(payload: bytes) -> Any:
+        for i in range(0, len(payload), 16 * KiB):
+            yield payload[i : i + 16 * KiB]
+            await asyncio.sleep(0.01)
+
+    first, second = await asyncio.gather(
+        a.patch(url, data=slow_body(data[: 200 * KiB]), headers=patch_headers(0)),
+        b.patch(url, data=slow_body(data[: 200 * KiB]), headers=patch_headers(0)),
+    )
+    statuses = sorted([first.status, second.status])
+    assert statuses[0] == 204 and statuses[1] in (409, 423), statuses
+    loser = first if first.status != 204 else second
+    assert (await loser.json())["error"]["code"] in ("UPLOAD_LOCKED", "OFFSET_MISMATCH")
+    assert await offset_of(b, url) == 200 * KiB
+    resp = await b.patch(url, data=data[200 * KiB :], headers=patch_headers(200 * KiB))
+    assert resp.status == 204
+    assert await read_object_async(s3, bucket, await stored_key(s3, bucket)) == data
+
+
+async def test_a_dead_patchs_lock_goes_stale_after_the_lease(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """A lock nobody renews (its instance died) blocks PATCHes with 423 only until the
+    lease (plus the clock skew) has passed."""
+    proxy = await proxy_factory(tus_lock_lease=1.0, cleanup_clock_skew=0)
+    data = body(100 * KiB)
+    url = await new_upload(proxy, len(data))
+    upload = tus_url.verify(url.removeprefix("/tus/"), proxy.app[TUS].keys, time.time())
+    from s3proxy.tus_state import Lock, TusStore
+
+    store = TusStore(proxy.app[STATE].require_sink(), upload)
+    found = await store.read()
+    assert found is not None
+    current, etag = found
+    current.lock = Lock("a-killed-instance", time.time() + 1.0)
+    await store.swap(current, etag)
+    resp = await proxy.patch(url, data=data, headers=patch_headers(0))
+    assert resp.status == 423 and (await resp.json())["error"]["code"] == "UPLOAD_LOCKED"
+    await asyncio.sleep(1.2)
+    resp = await proxy.patch(url, data=data, headers=patch_headers(0))
+    assert resp.status == 204
+    assert await read_object_async(s3, bucket, await stored_key(s3, bucket)) == data
+
+
+async def test_expired_upload_url_is_410_and_the_sweep_removes_it(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    proxy = await proxy_factory()
+    data = body(7 * MiB)
+    url = await new_upload(proxy, len(data))
+    resp = await proxy.patch(url, data=io.BytesIO(data[: 6 * MiB]), headers=patch_headers(0))
+    assert resp.status == 204
+    assert len(await open_uploads_async(s3, bucket)) == 1
+    bucket_store = proxy.app[STATE].require_sink()
+    # The idle rule would abort the multipart upload (moto dates it in 2010): a live tus
+    # upload's is kept, whatever its age.
+    live = await sweep_tus(bucket_store, dry_run=False, now=time.time())
+    assert live.live and not live.expired
+    far = datetime.now(UTC) + timedelta(days=30)
+    kept = await sweep(
+        bucket_store, "", Rule.idle(timedelta(hours=1)), dry_run=False, now=far, keep=live.live
+    )
+    assert kept.aborted == [] and kept.live == 1
+    # Past its expiry: removed, multipart upload aborted, nothing left under the prefix.
+    gone = await sweep_tus(bucket_store, dry_run=False, now=time.time() + 2 * 86400)
+    assert len(gone.removed) == 1
+    assert await open_uploads_async(s3, bucket) == []
+    assert await all_keys_async(s3, bucket) == []
+    # An expired URL (signed by this proxy) is 410.
+    upload = tus_url.verify(url.removeprefix("/tus/"), proxy.app[TUS].keys, time.time())
+    old = TusUpload(**{**upload.__dict__, "expires": int(time.time()) - 1})
+    resp = await proxy.patch(
+        "/tus/" + tus_url.issue(old, proxy.app[TUS].keys[0]), data=b"x", headers=patch_headers(0)
+    )
+    assert resp.status == 410 and (await resp.json())["error"]["code"] == "UPLOAD_EXPIRED"
+
+
+async def test_upload_token_limits_hold_across_patches(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    proxy = await proxy_factory(token_secret=(SECRET.decode(),))
+    token = tokens.issue(
+        SECRET, prefix="users/42/", ttl=60, max_size=400 * KiB, types=["application/pdf"]
+    )
+    auth = {"Authorization": f"Bearer {token}"}
+    # no credential: 401 at creation
+    resp = await proxy.post("/tus/", headers={**TUS_HEADERS, "Upload-Length": "10"})
+    assert resp.status == 401
+    # over the token's size: 413 at creation
+    resp = await proxy.post(
+        "/tus/", headers={**TUS_HEADERS, "Upload-Length": str(401 * KiB), **auth}
+    )
+    assert resp.status == 413
+    # a type outside the grant: refused at the first PATCH, before any byte is kept
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * (100 * KiB)
+    url = await new_upload(proxy, len(png) + 10, **auth)
+    resp = await proxy.patch(url, data=png, headers=patch_headers(0))
+    assert resp.status == 403 and (await resp.json())["error"]["code"] == "TOKEN_SCOPE"
+    assert await offset_of(proxy, url) == 0
+    assert [k for k in await reserved(s3, bucket) if "/seg/" in k] == []
+    # the token's prefix holds, and later PATCHes need only the URL (no credential)
+    data = body(300 * KiB)
+    url = await new_upload(proxy, len(data), **auth)
+    for start in range(0, len(data), 100 * KiB):
+        resp = await proxy.patch(
+            url, data=data[start : start + 100 * KiB], headers=patch_headers(start)
+        )
+        assert resp.status == 204
+    key = await stored_key(s3, bucket)
+    assert key.startswith("users/42/")
+    assert await read_object_async(s3, bucket, key) == data
+
+
+async def test_small_patches_open_no_file_for_writing(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, write_audit: WriteAudit
+) -> None:
+    """100 KiB PATCHes, as mobile clients send them: a correct object, no file opened for
+    writing by the proxy, nothing left under the reserved prefix, the budget back at 0."""
+    proxy = await proxy_factory()
+    data = body(5 * MiB + 250 * KiB)
+    url = await new_upload(proxy, len(data))
+    write_audit.active = True
+    try:
+        for start in range(0, len(data), 100 * KiB):
+            resp = await proxy.patch(
+                url, data=data[start : start + 100 * KiB], headers=patch_headers(start)
+            )
+            assert resp.status == 204, await resp.text()
+    finally:
+        write_audit.active = False
+    assert write_audit.writes == [], f"files opened for writing: {write_audit.writes}"
+    assert await read_object_async(s3, bucket, await stored_key(s3, bucket)) == data
+    assert await reserved(s3, bucket) == []
+    assert proxy.app[STATE].budget.in_use == 0
+
+
+@pytest.fixture(scope="session")
+def write_audit() -> WriteAudit:
+    return WriteAudit()
+
+
+@pytest.mark.slow
+async def test_a_failed_s3_call_anywhere_leaves_the_upload_resumable(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """Every S3 call of a three-PATCH upload, failed in turn: the PATCH fails, HEAD never
+    reports a byte that is not stored (the upload resumes from what HEAD says and the
+    object is byte-identical), no multipart upload is left open, nothing stays reserved."""
+    clean = await proxy_factory()
+    data = body(7 * MiB + 3)
+    cuts = [0, 3 * MiB, 6 * MiB, len(data)]
+    n = 0
+    while True:
+        n += 1
+        url = await new_upload(clean, len(data))
+        upload = tus_url.verify(url.removeprefix("/tus/"), clean.app[TUS].keys, time.time())
+        calls: list[str] = []
+
+        def fail_nth(op: str, _: int, n: int = n, calls: list[str] = calls) -> Fault | None:
+            calls.append(op)
+            return Fault(status=403, code="AccessDenied") if len(calls) == n else None
+
+        async with FaultyS3(moto.endpoint_url, fail_nth) as faulty:
+            flaky = await proxy_factory(faulty.endpoint_url)
+            failed = None
+            for start, end in itertools.pairwise(cuts):
+                offset = await offset_of(clean, url)
+                assert offset <= start, (n, offset, start)  # never more than was sent
+                resp = await flaky.patch(
+                    url, data=io.BytesIO(data[offset:end]), headers=patch_headers(offset)
+                )
+                if resp.status != 204:
+                    failed = (calls[n - 1], resp.status, (await resp.json())["error"]["code"])
+                    break
+        if failed is None:
+            assert n > 10, "every call of the upload was failed once"
+            break
+        offset = await offset_of(clean, url)
+        resp = await clean.patch(url, data=io.BytesIO(data[offset:]), headers=patch_headers(offset))
+        assert resp.status == 204, (n, failed, await resp.text())
+        assert await read_object_async(s3, bucket, upload.key) == data, (n, failed)
+
+        async def settled() -> bool:
+            return not await reserved(s3, bucket) and not await open_uploads_async(s3, bucket)
+
+        await eventually(settled, within=30, what=f"cleanup after failing call {n} {failed}")
+
+
+async def test_a_crash_after_completing_before_removing_the_state_is_recovered(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """The instance died between CompleteMultipartUpload and removing the state (put back
+    here as it was): the client's retried PATCH finds the object whole and gets 204."""
+    proxy = await proxy_factory()
+    data = body(6 * MiB)
+    url = await new_upload(proxy, len(data))
+    resp = await proxy.patch(url, data=io.BytesIO(data[: 5 * MiB + 1]), headers=patch_headers(0))
+    assert resp.status == 204
+    upload = tus_url.verify(url.removeprefix("/tus/"), proxy.app[TUS].keys, time.time())
+    state_key = upload.prefix + "state"
+    before = await asyncio.to_thread(s3.get_object, Bucket=bucket, Key=state_key)
+    saved = before["Body"].read()
+    offset = 5 * MiB + 1
+    resp = await proxy.patch(url, data=io.BytesIO(data[offset:]), headers=patch_headers(offset))
+    assert resp.status == 204
+    await asyncio.to_thread(s3.put_object, Bucket=bucket, Key=state_key, Body=saved)
+    assert await offset_of(proxy, url) == offset
+    resp = await proxy.patch(url, data=io.BytesIO(data[offset:]), headers=patch_headers(offset))
+    assert resp.status == 204 and resp.headers["Upload-Offset"] == str(len(data))
+    assert await read_object_async(s3, bucket, upload.key) == data
+    assert await reserved(s3, bucket) == []
+
+
+async def test_the_webhook_hears_of_the_completed_upload_once(
+    proxy_factory: ProxyFactory, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    server, got = await receiver(aiohttp_server, 204)
+    proxy = await proxy_factory(
+        webhook_url=str(server.make_url("/hook")), webhook_secret=SECRET_HOOK
+    )
+    data = body(250 * KiB)
+    url = await new_upload(proxy, len(data))
+    for start in range(0, len(data), 100 * KiB):
+        resp = await proxy.patch(
+            url, data=data[start : start + 100 * KiB], headers=patch_headers(start)
+        )
+        assert resp.status == 204
+    [event] = got
+    assert event["signed"] and event["body"]["event"] == "upload.completed"
+    [stored] = event["body"]["files"]
+    assert stored["key"] == await stored_key(s3, bucket)
+    assert stored["size"] == len(data) and stored["content_type"] == "application/pdf"
+    crc = Crc(Algorithm.CRC64NVME)
+    crc.update(data)
+    assert stored["checksum"]["value"] == crc.b64()
+
+
+async def test_a_failing_webhook_rolls_the_upload_back(
+    proxy_factory: ProxyFactory, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    server, _ = await receiver(aiohttp_server, 500)
+    proxy = await proxy_factory(
+        webhook_url=str(server.make_url("/hook")), webhook_secret=SECRET_HOOK, webhook_attempts=1
+    )
+    url = await new_upload(proxy, 1000)
+    resp = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
+    assert resp.status == 502 and (await resp.json())["error"]["code"] == "WEBHOOK_FAILED"
+    assert await all_keys_async(s3, bucket) == []
+
+
+async def test_the_type_is_checked_once_tiny_patches_bring_the_first_bytes(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """--allow-type on the file's first 64 KiB even when they come in 1 KiB PATCHes: the
+    PATCH that completes them is refused, and none of its bytes is kept."""
+    proxy = await proxy_factory(allow_type=("application/pdf",))
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 400
+    url = await new_upload(proxy, len(png))
+    for start in range(0, 63 * KiB, 21 * KiB):
+        resp = await proxy.patch(
+            url, data=png[start : start + 21 * KiB], headers=patch_headers(start)
+        )
+        assert resp.status == 204
+    resp = await proxy.patch(url, data=png[63 * KiB : 65 * KiB], headers=patch_headers(63 * KiB))
+    assert resp.status == 415 and (await resp.json())["error"]["code"] == "TYPE_NOT_ALLOWED"
+    assert await offset_of(proxy, url) == 63 * KiB
+    resp = await proxy.delete(url, headers=TUS_HEADERS)
+    assert resp.status == 204

@@ -1,0 +1,150 @@
+"""The pure parts of tus: headers (tus_protocol), the signed upload URL (tus_url), the
+state document and its lock rule (tus_state). Tables, no event loop."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+
+from s3proxy import tus_protocol, tus_url
+from s3proxy.errors import ProxyError
+from s3proxy.tus_state import Lock, Part, Segment, TusState
+from s3proxy.tus_url import TusUpload, UrlError
+
+KEY = tus_url.url_keys([b"k" * 32])[0]
+OTHER = tus_url.url_keys([b"o" * 32])[0]
+UPLOAD = TusUpload(
+    id=tus_url.new_id(2_000_000_000, "uploads/x/deck.pdf"),
+    key="uploads/x/deck.pdf",
+    length=123,
+    expires=2_000_000_000,
+    part_size=5 * 1024**2,
+    growing=False,
+    filename="deck.pdf",
+    declared_type="application/pdf",
+    types=("application/pdf",),
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [(None, "UNSUPPORTED_VERSION"), ("0.2.2", "UNSUPPORTED_VERSION"), ("1.0.0", None)],
+)
+def test_version(value: str | None, code: str | None) -> None:
+    if code is None:
+        tus_protocol.check_version(value)
+        return
+    with pytest.raises(ProxyError) as err:
+        tus_protocol.check_version(value)
+    assert err.value.kind.code == code and err.value.kind.status == 412
+
+
+@pytest.mark.parametrize("value", [None, "", "-1", "+1", "1.5", "1e3", " 1", "0x10", "9" * 20])
+def test_counts_must_be_plain_non_negative_integers(value: str | None) -> None:
+    with pytest.raises(ProxyError) as err:
+        tus_protocol.parse_count("Upload-Offset", value)
+    assert err.value.kind.status == 400
+
+
+def test_counts() -> None:
+    assert tus_protocol.parse_count("Upload-Length", "0") == 0
+    assert tus_protocol.parse_count("Upload-Length", "5368709120") == 5 * 1024**3
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_metadata() -> None:
+    header = (
+        f"filename {b64('Präsentation 2026.pdf')},filetype {b64('application/pdf')},is_confidential"
+    )
+    assert tus_protocol.parse_metadata(header) == {
+        "filename": "Präsentation 2026.pdf",
+        "filetype": "application/pdf",
+        "is_confidential": "",
+    }
+    assert tus_protocol.parse_metadata(None) == {}
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "a b c",  # three fields
+        f"a {b64('x')},a {b64('y')}",  # repeated key
+        "a !!!",  # not base64
+        "a /w==",  # not UTF-8 (0xff)
+        "k\u00e9y eA==",  # a non-ASCII key
+    ],
+)
+def test_bad_metadata_is_a_400(header: str) -> None:
+    with pytest.raises(ProxyError) as err:
+        tus_protocol.parse_metadata(header)
+    assert err.value.kind.status == 400
+
+
+def test_checksum() -> None:
+    digest = hashlib.sha1(b"abc").digest()
+    declared = tus_protocol.parse_checksum(f"sha1 {base64.b64encode(digest).decode()}")
+    assert declared is not None and declared.sha1 == digest
+    assert tus_protocol.parse_checksum(None) is None
+    for bad in ("crc32 AAAAAA==", "sha256 AAAA", "sha1 not-base64", "sha1"):
+        with pytest.raises(ProxyError) as err:
+            tus_protocol.parse_checksum(bad)
+        assert err.value.kind.code == "INVALID_DIGEST", bad
+
+
+def test_url_round_trip_and_tampering() -> None:
+    token = tus_url.issue(UPLOAD, KEY)
+    assert tus_url.verify(token, [OTHER, KEY], now=1_900_000_000) == UPLOAD
+    with pytest.raises(UrlError):
+        tus_url.verify(token, [OTHER], now=1_900_000_000)  # another deployment's key
+    body, sig = token.split(".")
+    forged = base64.urlsafe_b64encode(
+        base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).replace(b"123", b"999")
+    )
+    with pytest.raises(UrlError):
+        tus_url.verify(forged.decode().rstrip("=") + "." + sig, [KEY], now=1_900_000_000)
+    for junk in ("", ".", "a.b", "a.b.c", "\u00e9." + sig, "x" * 7000):
+        with pytest.raises(UrlError):
+            tus_url.verify(junk, [KEY], now=1_900_000_000)
+    with pytest.raises(UrlError) as expired:
+        tus_url.verify(token, [KEY], now=2_000_000_001)
+    assert expired.value.expired
+
+
+def test_url_keys_are_not_token_secrets() -> None:
+    """A URL is never signed with a token secret itself: an upload token's MAC cannot
+    stand in for a URL's."""
+    assert tus_url.url_keys([b"k" * 32]) != (b"k" * 32,)
+
+
+def test_ids_carry_the_expiry_and_the_key_hash() -> None:
+    parsed = tus_url.parse_id(UPLOAD.id)
+    assert parsed == (2_000_000_000, tus_url.key_hash(UPLOAD.key))
+    assert tus_url.parse_id("probe-123") is None
+    assert UPLOAD.prefix == f".s3proxy/tus/{UPLOAD.id}/"
+
+
+def test_state_round_trip_and_lock_rule() -> None:
+    state = TusState(
+        offset=5 * 1024**2 + 10,
+        key="uploads/x",
+        upload_id="u-1",
+        content_type="application/pdf",
+        checksum="CRC64NVME",
+        parts=[Part(1, '"e1"', 5 * 1024**2, "AAAAAAAAAAA=")],
+        segments=[Segment(".s3proxy/tus/x/seg/1", 5 * 1024**2, 10)],
+        lock=Lock("me", 100.0),
+    )
+    again = TusState.from_bytes(state.to_bytes())
+    assert again == state
+    assert again.staged == 10
+    assert again.crcs()[1].length == 5 * 1024**2
+    assert again.locked(now=100.0, skew=0) and again.locked(now=105.0, skew=5)
+    assert not again.locked(now=105.1, skew=5)
+    assert not TusState().locked(now=0, skew=0)
+    with pytest.raises(ProxyError):
+        TusState.from_bytes(b"{}")
