@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint bench browser screenshot clean
+.PHONY: serve test lint bench browser loadbalancers screenshot clean
 
 $(BIN)/python:
 	@$(PYTHON) -c "import ctypes.util, sys; sys.exit(0 if ctypes.util.find_library('magic') else 1)" \
@@ -27,13 +27,18 @@ serve: $(VENV)/.serve
 	@echo "the command is $(BIN)/s3proxy (. $(BIN)/activate puts it on PATH); Ctrl-C stops it"
 	$(BIN)/s3proxy serve
 
-test: $(VENV)/.test browser
+test: $(VENV)/.test browser loadbalancers
 	$(BIN)/pytest
 
 # The upload page's test drives Debian's Chromium (Playwright never downloads a browser here).
 browser:
 	@test -x /usr/bin/chromium || { echo "installing chromium (the page's browser test needs it)"; \
 	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null; }
+
+# The scale-out test runs Debian's HAProxy and nginx on the configs of docs/deploy/.
+loadbalancers:
+	@test -x /usr/sbin/haproxy -a -x /usr/sbin/nginx || { echo "installing haproxy and nginx (the scale-out test needs them)"; \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends haproxy nginx) >/dev/null; }
 
 screenshot: $(VENV)/.test browser
 	UPDATE_SCREENSHOTS=1 $(BIN)/pytest tests/test_page.py -m e2e

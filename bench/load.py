@@ -176,11 +176,13 @@ def progress_line(
 class _Run:
     """The state of one load test while it runs."""
 
-    def __init__(self, cfg: LoadConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, cfg: LoadConfig, session: aiohttp.ClientSession, origin: float | None = None
+    ) -> None:
         self.cfg = cfg
         self.session = session
         self.url = cfg.url
-        self.t0 = time.monotonic()
+        self.t0 = time.monotonic() if origin is None else origin
         self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self.run_id = f"{random.Random(cfg.seed).getrandbits(32):08x}{int(time.time()) % 10**6}"
         self.sizes = random.Random(f"sizes:{cfg.seed}")
@@ -319,8 +321,13 @@ class _Run:
             sys.stderr.flush()
 
 
-async def run_load(cfg: LoadConfig, stop: asyncio.Event | None = None) -> LoadResult:
+async def run_load(
+    cfg: LoadConfig, stop: asyncio.Event | None = None, origin: float | None = None
+) -> LoadResult:
     """Run one load test to its end; setting ``stop`` ends arrivals early (in-flight finish).
+
+    Record times count from ``origin`` (a ``time.monotonic()`` value; default: the call), so
+    a test that does things during the run can tell which uploads were in flight at each.
 
     Verifies (and cleans up) in S3 when the config says so, and writes load.json and
     load.png into ``cfg.out`` when given. Awaitable from a test's event loop, beside an
@@ -329,7 +336,7 @@ async def run_load(cfg: LoadConfig, stop: asyncio.Event | None = None) -> LoadRe
     cpu0 = time.process_time()
     connector = aiohttp.TCPConnector(limit=cfg.concurrency, force_close=not cfg.keepalive)
     async with aiohttp.ClientSession(connector=connector) as session:
-        run = _Run(cfg, session)
+        run = _Run(cfg, session, origin)
         if stop is not None:
             run.stop = stop
         progress = asyncio.create_task(run.show_progress()) if cfg.progress else None

@@ -96,6 +96,7 @@ class StoreCheck:
         self._task: asyncio.Task[None] | None = None
         self._first = asyncio.Event()  # a check finished since the last start
         self._asked_at = 0.0  # loop time of the last verdict() or start()
+        self._stopping = False
 
     @property
     def stale_after(self) -> float:
@@ -108,21 +109,33 @@ class StoreCheck:
     def start(self, check: Callable[[], Awaitable[None]]) -> None:
         """Run the checks (once; again after ``stop`` or a pause)."""
         if not self.running:
+            self._stopping = False
             self._asked_at = asyncio.get_running_loop().time()
             self._first = asyncio.Event()
             self._task = asyncio.create_task(self._run(check), name="readiness")
 
     async def stop(self) -> None:
+        """End the checks; returns within the timeout (plus a second) whatever the check
+        does. A cancellation can be lost inside a library (Python 3.11's ``wait_for``
+        returns the result of a future that finished just as it was cancelled), and a
+        shutdown that waited on it would never end: measured, a SIGTERMed instance
+        that stayed up past --shutdown-timeout with its listener closed."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if task is None:
+            return
+        self._stopping = True  # a lost cancellation still ends the loop
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=self.timeout + 1.0)
+        if not done:
+            log.warning("readiness.stop_timeout the store check did not stop; left behind")
+        elif not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("readiness.check_failed error=%r", exc)
 
     async def once(self, check: Callable[[], Awaitable[None]]) -> ProxyError | None:
         """One check, as an error (None: ready); never raises but a cancellation."""
         try:
-            await asyncio.wait_for(check(), self.timeout)
+            async with asyncio.timeout(self.timeout):  # not wait_for: see stop()
+                await check()
         except TimeoutError:
             return ProxyError(
                 UPSTREAM_TIMEOUT, f"the store did not answer its check within {self.timeout:g}s"
@@ -135,7 +148,7 @@ class StoreCheck:
 
     async def _run(self, check: Callable[[], Awaitable[None]]) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping:
             began = loop.time()
             err = await self.once(check)
             self._record(err, loop.time())

@@ -10,6 +10,7 @@ import errno
 import io
 import os
 import resource
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,18 @@ import aiohttp
 import pytest
 
 from s3proxy.log import RateLimit, loop_exception_handler
-from s3proxy.protocol import HEALTH_RESERVE, Admission, admission
+from s3proxy.protocol import (
+    HEALTH_RESERVE,
+    Admission,
+    ProxyRequestHandler,
+    admission,
+    unread_bytes,
+)
 from s3proxy.server import OTHER_FDS, connection_cap
+from s3proxy.state import STATE
 from tests import bodies
 from tests.bodies import MiB
+from tests.polling import eventually
 from tests.rawhttp import exchange
 from tests.s3util import MotoServer, ProxyProcess, fake_aws_env
 
@@ -231,6 +240,53 @@ async def test_at_the_cap_the_oldest_idle_connection_makes_room(proxy_factory: A
     finally:
         for _, w in idle:
             w.close()
+
+
+def test_unread_bytes_counts_what_the_kernel_holds() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        assert unread_bytes(a) == 0
+        line = b"POST /upload HTTP/1.1\r\n"
+        b.sendall(line)
+        assert unread_bytes(a) == len(line)
+        a.recv(100)
+        assert unread_bytes(a) == 0
+    assert unread_bytes(a) == 0  # closed: cannot tell, so nothing
+
+
+async def test_a_kept_alive_connection_whose_next_request_is_unread_is_not_evicted(
+    proxy_factory: Any,
+) -> None:
+    """Before: at the cap, a new connection evicted a kept-alive one that looked idle
+    while its next request already sat unread in the kernel (the client reuses it the
+    moment it has its answer): that request, sent whole, got a reset. Here the proxy's
+    read of it is paused, which holds the race open."""
+    proxy = await proxy_factory(max_connections=1, header_timeout=30.0)
+    host, port = proxy.server.host, proxy.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    writer.write(health)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    await asyncio.wait_for(reader.readexactly(length), 5)
+    conns = proxy.server.app[STATE].connections
+    [served] = conns.served
+    assert isinstance(served, ProxyRequestHandler) and served.idle
+    assert served.transport is not None
+    served.transport.pause_reading()
+    raw = bodies.body([bodies.file("f", "a.txt", b"hello")])
+    writer.write(bodies.request_head(len(raw)) + raw)  # the next request, sent whole
+    await writer.drain()
+    await eventually(lambda: not served.idle, within=2, what="the request seen in the kernel")
+    newcomer = await asyncio.open_connection(host, port)
+    await asyncio.sleep(0.2)  # the newcomer is admitted (to the reserve, not by eviction)
+    served.transport.resume_reading()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 201"), head
+    assert conns.evicted == 0
+    writer.close()
+    newcomer[1].close()
 
 
 # --- a real process under a low fd limit ---------------------------------------------

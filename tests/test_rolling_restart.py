@@ -99,6 +99,49 @@ async def test_a_hanging_or_failing_check_is_an_answer_not_an_exception() -> Non
     assert await check.once(fine) is None
 
 
+async def test_stop_ends_when_the_check_finishes_as_it_is_cancelled() -> None:
+    """Before: the check ran under Python 3.11's wait_for, which returns the result of a
+    check that finished just as it was cancelled, so the cancellation was lost, the loop
+    went on and stop() waited for ever: a SIGTERMed instance stayed up with its listener
+    closed, past --shutdown-timeout (seen in tests/test_scale_out)."""
+    check = StoreCheck(interval=0.05, timeout=1.0)
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def answers_when_released() -> None:
+        entered.set()
+        await release.wait()
+
+    check.start(answers_when_released)
+    await entered.wait()
+    release.set()  # the check finishes on the loop's next turn...
+    began = time.monotonic()
+    async with asyncio.timeout(5):
+        await check.stop()  # ...and is cancelled before it (stop cancels before it yields)
+    assert time.monotonic() - began < 1.5
+
+
+async def test_stop_ends_even_when_the_check_loses_its_cancellation() -> None:
+    """Before: stop() cancelled the check loop and waited for it, so a cancellation lost
+    in the check (a library that returns instead of raising it) kept the loop going and
+    a SIGTERMed instance up forever, its listener closed (seen in tests/test_scale_out)."""
+    check = StoreCheck(interval=0.05, timeout=0.2)
+    entered = asyncio.Event()
+
+    async def loses_it() -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            return  # what a lost cancellation looks like from outside
+
+    check.start(loses_it)
+    await entered.wait()
+    began = time.monotonic()
+    await asyncio.wait_for(check.stop(), 5)
+    assert time.monotonic() - began < 1.5
+
+
 @pytest.mark.parametrize(
     ("now", "last_asked", "paused"),
     [(10.0, 0.0, False), (30.0, 0.0, False), (30.1, 0.0, True), (100.0, 75.0, False)],

@@ -1,0 +1,93 @@
+"""The deployment guide shows the configurations that are tested.
+
+docs/deploy.md quotes every file under docs/deploy/ whole, and those files are what
+tests/test_scale_out.py runs (HAProxy, nginx); the systemd unit is checked by
+``systemd-analyze verify``; the IAM policy is valid JSON naming only actions the proxy's
+S3 calls need; the README links the guide.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GUIDE = REPO / "docs" / "deploy.md"
+DEPLOY = REPO / "docs" / "deploy"
+
+
+def code_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```[a-z]*\n(.*?)```", markdown, flags=re.DOTALL)
+
+
+@pytest.mark.parametrize(
+    "name", ["haproxy.cfg", "nginx-s3proxy.conf", "s3proxy.service", "iam-policy.json"]
+)
+def test_the_guide_quotes_each_config_file_whole(name: str) -> None:
+    text = (DEPLOY / name).read_text()
+    assert text in code_blocks(GUIDE.read_text()), f"docs/deploy.md does not quote {name} whole"
+
+
+def test_the_readme_links_the_guide() -> None:
+    assert "(docs/deploy.md)" in (REPO / "README.md").read_text()
+
+
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    """systemd's own check: unknown keys, bad values, a missing binary all complain."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (the unit is checked where it is)")
+    unit = (DEPLOY / "s3proxy.service").read_text()
+    assert "ExecStart=/opt/s3proxy/.venv/bin/s3proxy serve" in unit
+    # only the install path differs: the unit points at this venv's s3proxy
+    here = Path(sys.executable).with_name("s3proxy")
+    path = tmp_path / "s3proxy.service"
+    path.write_text(unit.replace("/opt/s3proxy/.venv/bin/s3proxy", str(here)))
+    done = subprocess.run(
+        [analyze, "verify", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+    # and it gives the drain its time: TimeoutStopSec >= drain delay + shutdown timeout
+    stop = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    assert stop >= 6 + 30
+
+
+def test_the_iam_policy_names_what_the_proxy_calls() -> None:
+    """Every S3 operation s3proxy/s3_aiobotocore.py makes is allowed by an action listed,
+    and no action is listed that none of them needs."""
+    policy = json.loads((DEPLOY / "iam-policy.json").read_text())
+    actions = {a for st in policy["Statement"] for a in st["Action"]}
+    source = (REPO / "s3proxy" / "s3_aiobotocore.py").read_text()
+    # the client's S3 operations (not ``meta`` or private attributes such as its signer)
+    calls = set(re.findall(r"_client\.([a-z][a-z_0-9]*)", source)) - {"meta"}
+    # presigned URLs are requests made with the proxy's credentials too
+    calls |= set(re.findall(r'_sign\(\s*"([a-z_]+)"', source))
+    calls |= set(re.findall(r'"([a-z_]+)" if head else "([a-z_]+)"', source)[0])
+    if "generate_presigned_post" in source:
+        calls.add("put_object")
+    # the IAM action that allows each API call (AWS's "Actions, resources and condition
+    # keys for Amazon S3"; HeadBucket is allowed by s3:ListBucket, HeadObject by
+    # s3:GetObject, the multipart calls but ListParts by s3:PutObject)
+    needs = {
+        "put_object": "s3:PutObject",
+        "create_multipart_upload": "s3:PutObject",
+        "upload_part": "s3:PutObject",
+        "complete_multipart_upload": "s3:PutObject",
+        "abort_multipart_upload": "s3:AbortMultipartUpload",
+        "put_object_tagging": "s3:PutObjectTagging",
+        "delete_object": "s3:DeleteObject",
+        "head_bucket": "s3:ListBucket",
+        "list_parts": "s3:ListMultipartUploadParts",
+        "list_objects_v2": "s3:ListBucket",
+        "list_multipart_uploads": "s3:ListBucketMultipartUploads",
+        "head_object": "s3:GetObject",
+        "get_object": "s3:GetObject",
+    }
+    assert calls - set(needs) == set(), f"s3proxy calls S3 in a way the test does not map: {calls}"
+    assert {needs[c] for c in calls} == actions
