@@ -27,8 +27,11 @@ serve: $(VENV)/.serve
 	@echo "the command is $(BIN)/s3proxy (. $(BIN)/activate puts it on PATH); Ctrl-C stops it"
 	$(BIN)/s3proxy serve
 
+# Three test processes on two cores: most tests wait on sockets, servers and timeouts, so
+# the suite takes about half as long (--dist loadfile keeps a file's module-scoped servers,
+# such as the scale-out cluster, in one process).
 test: $(VENV)/.test browser loadbalancers
-	$(BIN)/pytest
+	$(BIN)/pytest -n 3 --dist loadfile
 
 # The upload page's test drives Debian's Chromium (Playwright never downloads a browser here).
 browser:
