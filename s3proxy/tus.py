@@ -727,7 +727,13 @@ class _Appended:
 
 class Lease:
     """A PATCH's hold on its upload: the lock swapped into the state, renewed every third
-    of the lease while the PATCH runs, released (or replaced by the commit) at its end."""
+    of the lease while the PATCH runs, released (or replaced by the commit) at its end.
+
+    A PATCH must never lose its lock to its own renewal. So the renewal is stopped only
+    between swaps (``stop`` takes the mutex, the cancel lands on the sleep), and a swap
+    whose answer was lost (a timeout, a cancellation after sending) leaves a stale ETag
+    that ``_swap_own`` recovers from: a 412 over a state still carrying this lease's owner
+    is our own write, as nobody else writes without replacing the owner."""
 
     def __init__(self, store: TusStore, current: TusState, seconds: float, skew: float) -> None:
         self.store = store
@@ -751,49 +757,84 @@ class Lease:
             raise ProxyError(UPLOAD_LOCKED, "another request changed this upload first") from None
         self._task = asyncio.create_task(self._renew(), name="tus-lease")
 
+    async def _swap_own(self, new: TusState) -> None:
+        """Swap ``new`` over the state this lease holds; PreconditionFailed or NoSuchKey
+        only if another request really changed it (the lock was lost)."""
+        try:
+            self.etag = await self.store.swap(new, self.etag)
+        except PreconditionFailed:
+            found = await self.store.read()
+            if found is None or found[0].lock is None or found[0].lock.owner != self.owner:
+                raise
+            # Our own earlier swap landed unseen: the state is still ours, at a newer ETag.
+            log.info("tus.lock_recovered id=%s owner=%s", self.store.upload.id, self.owner)
+            self.etag = await self.store.swap(new, found[1])
+
     async def _renew(self) -> None:
         while True:
             await asyncio.sleep(self.seconds / 3)
             async with self._mutex:
                 self.state.lock = Lock(self.owner, time.time() + self.seconds)
                 try:
-                    self.etag = await self.store.swap(self.state, self.etag)
+                    await self._swap_own(self.state)
                 except (PreconditionFailed, NoSuchKey):
                     self.lost = True
-                    log.warning("tus.lock_lost id=%s", self.store.upload.id)
+                    log.warning("tus.lock_lost id=%s owner=%s", self.store.upload.id, self.owner)
                     return
                 except ProxyError as err:  # S3 trouble: the next renewal may make it
                     log.warning("tus.lock_renew_failed id=%s error=%s", self.store.upload.id, err)
 
     async def stop(self) -> None:
+        """Stop renewing, never mid-swap: a swap cut off after sending lands at S3 unseen."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
+        if task is None:
+            return
+        try:
+            async with self._mutex:  # the renewal is sleeping (or waiting for the mutex)
+                task.cancel()
+        finally:
+            task.cancel()  # also if this wait was cancelled
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
     async def commit(self, new: TusState) -> int:
-        """Swap in the PATCH's state; 423 if the lock was lost meanwhile."""
+        """Swap in the PATCH's state; 423 if the lock was really lost meanwhile."""
         await self.stop()
         async with self._mutex:
             try:
-                self.etag = await self.store.swap(new, self.etag)
+                await self._swap_own(new)
             except (PreconditionFailed, NoSuchKey):
+                self.lost = True
+                log.warning(
+                    "tus.commit_lost_lock id=%s owner=%s offset=%d",
+                    self.store.upload.id,
+                    self.owner,
+                    new.offset,
+                )
                 raise ProxyError(
                     UPLOAD_LOCKED, "this PATCH lost its lock (it stalled); HEAD and resume"
                 ) from None
         return new.offset
 
     async def release(self) -> None:
-        """Give the lock back after a failed PATCH, best effort (else it goes stale)."""
+        """Give the lock back after a failed PATCH, best effort (else it goes stale); only
+        while the state still carries this lease's owner."""
         await self.stop()
         if self.lost or not self.etag:
             return
         self.state.lock = None
-        etag = self.etag
 
         async def give_back() -> None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.store.swap(self.state, etag), self.seconds)
+            try:
+                await asyncio.wait_for(self._swap_own(self.state), self.seconds)
+            except (PreconditionFailed, NoSuchKey):
+                pass  # another request holds the upload now: its lock is not ours to drop
+            except Exception as err:  # best effort: the lock goes stale after the lease
+                log.warning(
+                    "tus.lock_release_failed id=%s owner=%s error=%s",
+                    self.store.upload.id,
+                    self.owner,
+                    err,
+                )
 
         await finish(give_back())  # to its end even if the PATCH is being cancelled

@@ -333,3 +333,71 @@ async def test_the_type_is_checked_once_tiny_patches_bring_the_first_bytes(
     assert await offset_of(proxy, url) == 63 * KiB
     resp = await proxy.delete(url, headers=TUS_HEADERS)
     assert resp.status == 204
+
+
+async def test_a_renewal_in_flight_at_the_commit_does_not_lose_the_patchs_lock(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """Regression (the bench's 423s): the body ends while the lock renewal's swap is in
+    flight (S3 applied it, its answer is slow); the commit must not cancel it and then
+    fail on the stale ETag. The PATCH gets 204 and the next HEAD is not locked."""
+    data = body(400 * KiB)
+    armed = False
+    in_flight = asyncio.Event()
+
+    def slow_renewal(op: str, _: int) -> Fault | None:
+        nonlocal armed
+        if op == "PutObject" and armed and not in_flight.is_set():
+            in_flight.set()  # the first state swap after the renewal period: a renewal
+            return Fault(late=0.5)
+        return None
+
+    async with FaultyS3(moto.endpoint_url, slow_renewal) as faulty:
+        proxy = await proxy_factory(faulty.endpoint_url, tus_lock_lease=0.6)
+        url = await new_upload(proxy, len(data))
+
+        async def stream() -> Any:
+            nonlocal armed
+            yield data[: 100 * KiB]
+            await asyncio.sleep(0.1)
+            armed = True  # the renewal (every 0.2 s) is next to reach S3
+            await asyncio.wait_for(in_flight.wait(), 5)
+            await asyncio.sleep(0.05)  # its swap is at S3, the answer 0.5 s away
+            yield data[100 * KiB : 300 * KiB]
+
+        resp = await proxy.patch(url, data=stream(), headers=patch_headers(0))
+        assert resp.status == 204, await resp.text()
+        assert resp.headers["Upload-Offset"] == str(300 * KiB)
+        assert await offset_of(proxy, url) == 300 * KiB  # not 423: no lock left behind
+        resp = await proxy.patch(url, data=data[300 * KiB :], headers=patch_headers(300 * KiB))
+        assert resp.status == 204, await resp.text()
+    assert await read_object_async(s3, bucket, await stored_key(s3, bucket)) == data
+
+
+async def test_sequential_patches_each_longer_than_the_renewal_period_all_succeed(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """Several PATCHes, each streaming over several renewals whose swaps answer slowly
+    (S3 applied them): every one commits, and HEAD between them answers, never 423."""
+    data = body(400 * KiB)
+    cuts = [0, 100 * KiB, 200 * KiB, 300 * KiB, len(data)]
+
+    def slow_swaps(op: str, _: int) -> Fault | None:
+        return Fault(late=0.15) if op == "PutObject" else None
+
+    async with FaultyS3(moto.endpoint_url, slow_swaps) as faulty:
+        proxy = await proxy_factory(faulty.endpoint_url, tus_lock_lease=0.6)
+        url = await new_upload(proxy, len(data))
+        for start, end in itertools.pairwise(cuts):
+
+            async def stream(start: int = start, end: int = end) -> Any:
+                for i in range(start, end, 10 * KiB):
+                    yield data[i : min(i + 10 * KiB, end)]
+                    await asyncio.sleep(0.06)  # 0.6 s a PATCH: three renewal periods
+
+            resp = await proxy.patch(url, data=stream(), headers=patch_headers(start))
+            assert resp.status == 204, (start, await resp.text())
+            assert resp.headers["Upload-Offset"] == str(end)
+            if end < len(data):
+                assert await offset_of(proxy, url) == end
+    assert await read_object_async(s3, bucket, await stored_key(s3, bucket)) == data
