@@ -4,8 +4,10 @@ tokens across PATCHes, and no file opened for writing (moto)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import itertools
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,11 +18,14 @@ from aiohttp.test_utils import TestClient
 from s3proxy import tokens, tus_url
 from s3proxy.checksums import Algorithm, Crc
 from s3proxy.cleanup import Rule, sweep, sweep_tus
+from s3proxy.errors import ProxyError
 from s3proxy.state import STATE
-from s3proxy.tus import TUS
+from s3proxy.tus import TUS, Lease
+from s3proxy.tus_state import Lock, TusState, TusStore
 from s3proxy.tus_url import TusUpload
 from tests.conftest import ProxyFactory
 from tests.faults import Fault, FaultyS3
+from tests.memory_s3 import MemoryS3
 from tests.polling import eventually
 from tests.s3util import all_keys_async, open_uploads_async, read_object_async
 from tests.test_resources import WriteAudit
@@ -30,6 +35,17 @@ from tests.test_webhook_flow import SECRET as SECRET_HOOK
 from tests.test_webhook_flow import receiver
 
 SECRET = b"s" * 32
+UPLOAD = TusUpload(
+    id=tus_url.new_id(2_000_000_000, "uploads/x/deck.pdf"),
+    key="uploads/x/deck.pdf",
+    length=123,
+    expires=2_000_000_000,
+    part_size=5 * 1024**2,
+    growing=False,
+    filename="deck.pdf",
+    declared_type="application/pdf",
+    types=("application/pdf",),
+)
 
 
 def patch_headers(offset: int, **extra: str) -> dict[str, str]:
@@ -93,8 +109,6 @@ async def test_a_dead_patchs_lock_goes_stale_after_the_lease(
     data = body(100 * KiB)
     url = await new_upload(proxy, len(data))
     upload = tus_url.verify(url.removeprefix("/tus/"), proxy.app[TUS].keys, time.time())
-    from s3proxy.tus_state import Lock, TusStore
-
     store = TusStore(proxy.app[STATE].require_sink(), upload)
     found = await store.read()
     assert found is not None
@@ -401,3 +415,54 @@ async def test_sequential_patches_each_longer_than_the_renewal_period_all_succee
             if end < len(data):
                 assert await offset_of(proxy, url) == end
     assert await read_object_async(s3, bucket, await stored_key(s3, bucket)) == data
+
+
+async def _leased(store: TusStore) -> Lease:
+    created = await store.create(TusState(key=store.upload.key))
+    found = await store.read()
+    assert found is not None and found[1] == created
+    lease = Lease(store, found[0], seconds=60, skew=0)
+    await lease.take(created)
+    return lease
+
+
+async def test_a_commit_recognises_its_own_swap_whose_answer_was_lost() -> None:
+    """A swap of the lease landed at S3 but its answer never came (a timeout): the lease's
+    ETag is stale, yet the state carries its owner, so the commit goes through."""
+    store = TusStore(MemoryS3(), UPLOAD)
+    lease = await _leased(store)
+    landed = dataclasses.replace(lease.state, lock=Lock(lease.owner, time.time() + 60))
+    await store.swap(landed, lease.etag)  # the lease never learns this ETag
+    assert await lease.commit(TusState(key=store.upload.key, offset=7)) == 7
+    found = await store.read()
+    assert found is not None and found[0].offset == 7 and found[0].lock is None
+
+
+async def test_a_commit_that_really_lost_its_lock_is_logged_and_drops_no_other_lock(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another PATCH took the lock over: the commit is 423, logged with the upload id, and
+    the release leaves the other owner's lock alone."""
+    store = TusStore(MemoryS3(), UPLOAD)
+    lease = await _leased(store)
+    other = dataclasses.replace(lease.state, lock=Lock("another-patch", time.time() + 60))
+    await store.swap(other, lease.etag)
+    with caplog.at_level(logging.WARNING, "s3proxy.tus"), pytest.raises(ProxyError) as err:
+        await lease.commit(TusState(key=store.upload.key, offset=7))
+    assert err.value.kind.code == "UPLOAD_LOCKED"
+    assert f"tus.commit_lost_lock id={store.upload.id}" in caplog.text
+    await lease.release()
+    found = await store.read()
+    assert found is not None and found[0].lock == other.lock and found[0].offset == 0
+
+
+async def test_a_failed_patchs_release_recognises_its_own_lock() -> None:
+    """The release after a failed PATCH, over a stale ETag of its own lock: the lock goes,
+    so the client's retry is not 423 for the lease."""
+    store = TusStore(MemoryS3(), UPLOAD)
+    lease = await _leased(store)
+    landed = dataclasses.replace(lease.state, lock=Lock(lease.owner, time.time() + 60))
+    await store.swap(landed, lease.etag)
+    await lease.release()
+    found = await store.read()
+    assert found is not None and found[0].lock is None
