@@ -76,6 +76,8 @@ from s3proxy.tus_url import TusUpload, UrlError
 log = logging.getLogger("s3proxy.tus")
 
 ROOT = "/tus/"
+KEY_HEADER = "S3Proxy-Key"  # the stored object of a finished upload
+SHA256_HEADER = "S3Proxy-Sha256"
 TUS_META = "s3proxy-tus"  # the object's metadata: which tus upload made it
 
 
@@ -131,6 +133,25 @@ def _answer(status: int, headers: dict[str, str] | None = None) -> web.Response:
     for name, value in (headers or {}).items():
         resp.headers[name] = value
     return resp
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """What a PATCH leaves: the committed offset, and once the upload is complete the
+    stored object (``S3Proxy-Key``; ``S3Proxy-Sha256`` when one PATCH carried the whole
+    file, the only case its sha256 is known)."""
+
+    offset: int
+    key: str | None = None
+    sha256: str = ""
+
+    def headers(self) -> dict[str, str]:
+        out = {"Upload-Offset": str(self.offset)}
+        if self.key is not None:
+            out[KEY_HEADER] = self.key
+        if self.sha256:
+            out[SHA256_HEADER] = self.sha256
+        return out
 
 
 def _tus_errors(
@@ -232,8 +253,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     headers = {"Location": location, **_expires(upload)}
     with_body = request.content_type == OFFSET_STREAM and request.can_read_body
     if with_body or length == 0:
-        offset = await _append(request, state, store, 0)
-        headers["Upload-Offset"] = str(offset)
+        headers.update((await _append(request, state, store, 0)).headers())
     return _answer(201, headers)
 
 
@@ -268,16 +288,18 @@ async def head(request: web.Request) -> web.StreamResponse:
     store = TusStore(state.require_sink(), upload)
     found = await store.read()
     length = upload.length
+    finished: dict[str, str] = {}
     if found is None:
         head = await _finished(store)
         if head is None:
             raise ProxyError(NO_SUCH_UPLOAD, "no such upload (terminated, or never created)")
         offset = length = head
+        finished = {KEY_HEADER: upload.key}
     else:
         offset = found[0].offset
         length = length if length is not None else found[0].length
     sizes = {"Upload-Length": str(length)} if length is not None else {"Upload-Defer-Length": "1"}
-    return _answer(200, {"Upload-Offset": str(offset), **sizes, **_expires(upload)})
+    return _answer(200, {"Upload-Offset": str(offset), **sizes, **_expires(upload), **finished})
 
 
 @_tus_errors
@@ -352,11 +374,13 @@ async def patch(request: web.Request) -> web.StreamResponse:
         raise ProxyError(NOT_OFFSET_STREAM, f"a PATCH must be Content-Type: {OFFSET_STREAM}")
     offset = tus_protocol.parse_count("Upload-Offset", request.headers.get("Upload-Offset"))
     store = TusStore(state.require_sink(), upload)
-    new_offset = await _append(request, state, store, offset)
-    return _answer(204, {"Upload-Offset": str(new_offset), **_expires(upload)})
+    result = await _append(request, state, store, offset)
+    return _answer(204, {**result.headers(), **_expires(upload)})
 
 
-async def _append(request: web.Request, state: AppState, store: TusStore, offset: int) -> int:
+async def _append(
+    request: web.Request, state: AppState, store: TusStore, offset: int
+) -> PatchResult:
     """Append the request's body at ``offset``; the committed offset after it."""
     upload = store.upload
     declared = tus_protocol.parse_checksum(request.headers.get("Upload-Checksum"))
@@ -384,13 +408,13 @@ async def _append_tracked(
     store: TusStore,
     offset: int,
     declared: Declared | None,
-) -> int:
+) -> PatchResult:
     upload = store.upload
     found = await store.read()
     if found is None:
         done = await _finished(store)
         if done is not None and offset == done:
-            return done
+            return PatchResult(done, upload.key)
         raise ProxyError(NO_SUCH_UPLOAD, "no such upload (finished, terminated, or never created)")
     current, etag = found
     if current.offset != offset:
@@ -415,7 +439,7 @@ async def _append_tracked(
             committed = True
             await lease.stop()
             await run_cleanup(_remover(store), f"tus state id={upload.id}", state.janitor)
-            return done
+            return PatchResult(done, upload.key)
         except asyncio.CancelledError:
             # Shutdown's drain (or the server) stopped it: keep its acknowledged parts too,
             # so a rolling restart costs a resume at the last part, not at the PATCH's
@@ -464,11 +488,11 @@ async def _append_tracked(
                 new_offset,
                 new_offset - offset,
             )
-            return new_offset
+            return PatchResult(new_offset)
         committed = True  # the object is stored: the state goes with the prefix
         await lease.stop()
         await _completed(state, store, stored)
-        return stored.size
+        return PatchResult(stored.size, stored.key, stored.sha256)
     finally:
         if not committed:
             await lease.release()
