@@ -27,7 +27,9 @@ EXPOSE_HEADERS = (
     "X-Request-ID, ETag, Content-Range, Content-Disposition, Accept-Ranges, Repr-Digest, "
     # what tus clients read (tus-js-client: Location, Upload-Offset; the rest for progress)
     "Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, "
-    "Upload-Offset, Upload-Length, Upload-Expires, Location"
+    "Upload-Offset, Upload-Length, Upload-Expires, Location, "
+    # the stored object of a finished tus upload
+    "S3Proxy-Key, S3Proxy-Sha256"
 )
 
 

@@ -76,6 +76,8 @@ from s3proxy.tus_url import TusUpload, UrlError
 log = logging.getLogger("s3proxy.tus")
 
 ROOT = "/tus/"
+KEY_HEADER = "S3Proxy-Key"  # the stored object of a finished upload
+SHA256_HEADER = "S3Proxy-Sha256"
 TUS_META = "s3proxy-tus"  # the object's metadata: which tus upload made it
 
 
@@ -131,6 +133,25 @@ def _answer(status: int, headers: dict[str, str] | None = None) -> web.Response:
     for name, value in (headers or {}).items():
         resp.headers[name] = value
     return resp
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """What a PATCH leaves: the committed offset, and once the upload is complete the
+    stored object (``S3Proxy-Key``; ``S3Proxy-Sha256`` when one PATCH carried the whole
+    file, the only case its sha256 is known)."""
+
+    offset: int
+    key: str | None = None
+    sha256: str = ""
+
+    def headers(self) -> dict[str, str]:
+        out = {"Upload-Offset": str(self.offset)}
+        if self.key is not None:
+            out[KEY_HEADER] = self.key
+        if self.sha256:
+            out[SHA256_HEADER] = self.sha256
+        return out
 
 
 def _tus_errors(
@@ -232,8 +253,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     headers = {"Location": location, **_expires(upload)}
     with_body = request.content_type == OFFSET_STREAM and request.can_read_body
     if with_body or length == 0:
-        offset = await _append(request, state, store, 0)
-        headers["Upload-Offset"] = str(offset)
+        headers.update((await _append(request, state, store, 0)).headers())
     return _answer(201, headers)
 
 
@@ -268,16 +288,18 @@ async def head(request: web.Request) -> web.StreamResponse:
     store = TusStore(state.require_sink(), upload)
     found = await store.read()
     length = upload.length
+    finished: dict[str, str] = {}
     if found is None:
         head = await _finished(store)
         if head is None:
             raise ProxyError(NO_SUCH_UPLOAD, "no such upload (terminated, or never created)")
         offset = length = head
+        finished = {KEY_HEADER: upload.key}
     else:
         offset = found[0].offset
         length = length if length is not None else found[0].length
     sizes = {"Upload-Length": str(length)} if length is not None else {"Upload-Defer-Length": "1"}
-    return _answer(200, {"Upload-Offset": str(offset), **sizes, **_expires(upload)})
+    return _answer(200, {"Upload-Offset": str(offset), **sizes, **_expires(upload), **finished})
 
 
 @_tus_errors
@@ -352,11 +374,13 @@ async def patch(request: web.Request) -> web.StreamResponse:
         raise ProxyError(NOT_OFFSET_STREAM, f"a PATCH must be Content-Type: {OFFSET_STREAM}")
     offset = tus_protocol.parse_count("Upload-Offset", request.headers.get("Upload-Offset"))
     store = TusStore(state.require_sink(), upload)
-    new_offset = await _append(request, state, store, offset)
-    return _answer(204, {"Upload-Offset": str(new_offset), **_expires(upload)})
+    result = await _append(request, state, store, offset)
+    return _answer(204, {**result.headers(), **_expires(upload)})
 
 
-async def _append(request: web.Request, state: AppState, store: TusStore, offset: int) -> int:
+async def _append(
+    request: web.Request, state: AppState, store: TusStore, offset: int
+) -> PatchResult:
     """Append the request's body at ``offset``; the committed offset after it."""
     upload = store.upload
     declared = tus_protocol.parse_checksum(request.headers.get("Upload-Checksum"))
@@ -384,13 +408,13 @@ async def _append_tracked(
     store: TusStore,
     offset: int,
     declared: Declared | None,
-) -> int:
+) -> PatchResult:
     upload = store.upload
     found = await store.read()
     if found is None:
         done = await _finished(store)
         if done is not None and offset == done:
-            return done
+            return PatchResult(done, upload.key)
         raise ProxyError(NO_SUCH_UPLOAD, "no such upload (finished, terminated, or never created)")
     current, etag = found
     if current.offset != offset:
@@ -415,7 +439,7 @@ async def _append_tracked(
             committed = True
             await lease.stop()
             await run_cleanup(_remover(store), f"tus state id={upload.id}", state.janitor)
-            return done
+            return PatchResult(done, upload.key)
         except asyncio.CancelledError:
             # Shutdown's drain (or the server) stopped it: keep its acknowledged parts too,
             # so a rolling restart costs a resume at the last part, not at the PATCH's
@@ -464,11 +488,11 @@ async def _append_tracked(
                 new_offset,
                 new_offset - offset,
             )
-            return new_offset
+            return PatchResult(new_offset)
         committed = True  # the object is stored: the state goes with the prefix
         await lease.stop()
         await _completed(state, store, stored)
-        return stored.size
+        return PatchResult(stored.size, stored.key, stored.sha256)
     finally:
         if not committed:
             await lease.release()
@@ -727,7 +751,13 @@ class _Appended:
 
 class Lease:
     """A PATCH's hold on its upload: the lock swapped into the state, renewed every third
-    of the lease while the PATCH runs, released (or replaced by the commit) at its end."""
+    of the lease while the PATCH runs, released (or replaced by the commit) at its end.
+
+    A PATCH must never lose its lock to its own renewal. So the renewal is stopped only
+    between swaps (``stop`` takes the mutex, the cancel lands on the sleep), and a swap
+    whose answer was lost (a timeout, a cancellation after sending) leaves a stale ETag
+    that ``_swap_own`` recovers from: a 412 over a state still carrying this lease's owner
+    is our own write, as nobody else writes without replacing the owner."""
 
     def __init__(self, store: TusStore, current: TusState, seconds: float, skew: float) -> None:
         self.store = store
@@ -751,49 +781,84 @@ class Lease:
             raise ProxyError(UPLOAD_LOCKED, "another request changed this upload first") from None
         self._task = asyncio.create_task(self._renew(), name="tus-lease")
 
+    async def _swap_own(self, new: TusState) -> None:
+        """Swap ``new`` over the state this lease holds; PreconditionFailed or NoSuchKey
+        only if another request really changed it (the lock was lost)."""
+        try:
+            self.etag = await self.store.swap(new, self.etag)
+        except PreconditionFailed:
+            found = await self.store.read()
+            if found is None or found[0].lock is None or found[0].lock.owner != self.owner:
+                raise
+            # Our own earlier swap landed unseen: the state is still ours, at a newer ETag.
+            log.info("tus.lock_recovered id=%s owner=%s", self.store.upload.id, self.owner)
+            self.etag = await self.store.swap(new, found[1])
+
     async def _renew(self) -> None:
         while True:
             await asyncio.sleep(self.seconds / 3)
             async with self._mutex:
                 self.state.lock = Lock(self.owner, time.time() + self.seconds)
                 try:
-                    self.etag = await self.store.swap(self.state, self.etag)
+                    await self._swap_own(self.state)
                 except (PreconditionFailed, NoSuchKey):
                     self.lost = True
-                    log.warning("tus.lock_lost id=%s", self.store.upload.id)
+                    log.warning("tus.lock_lost id=%s owner=%s", self.store.upload.id, self.owner)
                     return
                 except ProxyError as err:  # S3 trouble: the next renewal may make it
                     log.warning("tus.lock_renew_failed id=%s error=%s", self.store.upload.id, err)
 
     async def stop(self) -> None:
+        """Stop renewing, never mid-swap: a swap cut off after sending lands at S3 unseen."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
+        if task is None:
+            return
+        try:
+            async with self._mutex:  # the renewal is sleeping (or waiting for the mutex)
+                task.cancel()
+        finally:
+            task.cancel()  # also if this wait was cancelled
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
     async def commit(self, new: TusState) -> int:
-        """Swap in the PATCH's state; 423 if the lock was lost meanwhile."""
+        """Swap in the PATCH's state; 423 if the lock was really lost meanwhile."""
         await self.stop()
         async with self._mutex:
             try:
-                self.etag = await self.store.swap(new, self.etag)
+                await self._swap_own(new)
             except (PreconditionFailed, NoSuchKey):
+                self.lost = True
+                log.warning(
+                    "tus.commit_lost_lock id=%s owner=%s offset=%d",
+                    self.store.upload.id,
+                    self.owner,
+                    new.offset,
+                )
                 raise ProxyError(
                     UPLOAD_LOCKED, "this PATCH lost its lock (it stalled); HEAD and resume"
                 ) from None
         return new.offset
 
     async def release(self) -> None:
-        """Give the lock back after a failed PATCH, best effort (else it goes stale)."""
+        """Give the lock back after a failed PATCH, best effort (else it goes stale); only
+        while the state still carries this lease's owner."""
         await self.stop()
         if self.lost or not self.etag:
             return
         self.state.lock = None
-        etag = self.etag
 
         async def give_back() -> None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.store.swap(self.state, etag), self.seconds)
+            try:
+                await asyncio.wait_for(self._swap_own(self.state), self.seconds)
+            except (PreconditionFailed, NoSuchKey):
+                pass  # another request holds the upload now: its lock is not ours to drop
+            except Exception as err:  # best effort: the lock goes stale after the lease
+                log.warning(
+                    "tus.lock_release_failed id=%s owner=%s error=%s",
+                    self.store.upload.id,
+                    self.owner,
+                    err,
+                )
 
         await finish(give_back())  # to its end even if the PATCH is being cancelled

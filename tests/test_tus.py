@@ -216,6 +216,41 @@ def _patch_headers(offset: int, **extra: str) -> dict[str, str]:
     }
 
 
+async def test_the_finishing_patch_names_the_stored_object(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """The PATCH that completes an upload answers ``S3Proxy-Key`` (and ``S3Proxy-Sha256``
+    when it carried the whole file); an earlier PATCH does not; HEAD of the finished
+    upload answers the key too."""
+    proxy = await proxy_factory(cors_origin=("https://app.example",))
+    origin = {"Origin": "https://app.example"}
+    whole = body(300 * KiB, seed=5)
+    url = await _new(proxy, len(whole))
+    resp = await proxy.patch(url, data=whole, headers={**_patch_headers(0), **origin})
+    assert resp.status == 204, await resp.text()
+    key = await stored_key(s3, bucket)
+    assert resp.headers["S3Proxy-Key"] == key
+    assert resp.headers["S3Proxy-Sha256"] == hashlib.sha256(whole).hexdigest()
+    exposed = resp.headers["Access-Control-Expose-Headers"].lower()
+    assert "s3proxy-key" in exposed and "s3proxy-sha256" in exposed
+    head = await proxy.head(url, headers=TUS)
+    assert head.status == 200 and head.headers["S3Proxy-Key"] == key
+
+    halves = body(300 * KiB, seed=6)
+    url = await _new(proxy, len(halves))
+    first = await proxy.patch(url, data=halves[: 100 * KiB], headers=_patch_headers(0))
+    assert first.status == 204
+    assert "S3Proxy-Key" not in first.headers
+    head = await proxy.head(url, headers=TUS)
+    assert "S3Proxy-Key" not in head.headers
+    last = await proxy.patch(url, data=halves[100 * KiB :], headers=_patch_headers(100 * KiB))
+    assert last.status == 204
+    second_key = last.headers["S3Proxy-Key"]
+    assert second_key != key and "S3Proxy-Sha256" not in last.headers  # not known over two
+    assert await read_object_async(s3, bucket, second_key) == halves
+    assert await reserved(s3, bucket) == []
+
+
 async def test_protocol_errors_have_their_statuses(
     proxy_factory: ProxyFactory, s3: Any, bucket: str
 ) -> None:
@@ -332,6 +367,8 @@ async def test_cors_lets_a_page_elsewhere_speak_tus(proxy_factory: ProxyFactory)
         "upload-length",
         "upload-expires",
         "tus-resumable",
+        "s3proxy-key",
+        "s3proxy-sha256",
     } <= exposed
 
 

@@ -4,8 +4,10 @@ tokens across PATCHes, and no file opened for writing (moto)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import itertools
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,11 +18,14 @@ from aiohttp.test_utils import TestClient
 from s3proxy import tokens, tus_url
 from s3proxy.checksums import Algorithm, Crc
 from s3proxy.cleanup import Rule, sweep, sweep_tus
+from s3proxy.errors import ProxyError
 from s3proxy.state import STATE
-from s3proxy.tus import TUS
+from s3proxy.tus import TUS, Lease
+from s3proxy.tus_state import Lock, TusState, TusStore
 from s3proxy.tus_url import TusUpload
 from tests.conftest import ProxyFactory
 from tests.faults import Fault, FaultyS3
+from tests.memory_s3 import MemoryS3
 from tests.polling import eventually
 from tests.s3util import all_keys_async, open_uploads_async, read_object_async
 from tests.test_resources import WriteAudit
@@ -30,6 +35,17 @@ from tests.test_webhook_flow import SECRET as SECRET_HOOK
 from tests.test_webhook_flow import receiver
 
 SECRET = b"s" * 32
+UPLOAD = TusUpload(
+    id=tus_url.new_id(2_000_000_000, "uploads/x/deck.pdf"),
+    key="uploads/x/deck.pdf",
+    length=123,
+    expires=2_000_000_000,
+    part_size=5 * 1024**2,
+    growing=False,
+    filename="deck.pdf",
+    declared_type="application/pdf",
+    types=("application/pdf",),
+)
 
 
 def patch_headers(offset: int, **extra: str) -> dict[str, str]:
@@ -93,8 +109,6 @@ async def test_a_dead_patchs_lock_goes_stale_after_the_lease(
     data = body(100 * KiB)
     url = await new_upload(proxy, len(data))
     upload = tus_url.verify(url.removeprefix("/tus/"), proxy.app[TUS].keys, time.time())
-    from s3proxy.tus_state import Lock, TusStore
-
     store = TusStore(proxy.app[STATE].require_sink(), upload)
     found = await store.read()
     assert found is not None
@@ -333,3 +347,122 @@ async def test_the_type_is_checked_once_tiny_patches_bring_the_first_bytes(
     assert await offset_of(proxy, url) == 63 * KiB
     resp = await proxy.delete(url, headers=TUS_HEADERS)
     assert resp.status == 204
+
+
+async def test_a_renewal_in_flight_at_the_commit_does_not_lose_the_patchs_lock(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """Regression (the bench's 423s): the body ends while the lock renewal's swap is in
+    flight (S3 applied it, its answer is slow); the commit must not cancel it and then
+    fail on the stale ETag. The PATCH gets 204 and the next HEAD is not locked."""
+    data = body(400 * KiB)
+    armed = False
+    in_flight = asyncio.Event()
+
+    def slow_renewal(op: str, _: int) -> Fault | None:
+        nonlocal armed
+        if op == "PutObject" and armed and not in_flight.is_set():
+            in_flight.set()  # the first state swap after the renewal period: a renewal
+            return Fault(late=0.5)
+        return None
+
+    async with FaultyS3(moto.endpoint_url, slow_renewal) as faulty:
+        proxy = await proxy_factory(faulty.endpoint_url, tus_lock_lease=0.6)
+        url = await new_upload(proxy, len(data))
+
+        async def stream() -> Any:
+            nonlocal armed
+            yield data[: 100 * KiB]
+            await asyncio.sleep(0.1)
+            armed = True  # the renewal (every 0.2 s) is next to reach S3
+            await asyncio.wait_for(in_flight.wait(), 5)
+            await asyncio.sleep(0.05)  # its swap is at S3, the answer 0.5 s away
+            yield data[100 * KiB : 300 * KiB]
+
+        resp = await proxy.patch(url, data=stream(), headers=patch_headers(0))
+        assert resp.status == 204, await resp.text()
+        assert resp.headers["Upload-Offset"] == str(300 * KiB)
+        assert await offset_of(proxy, url) == 300 * KiB  # not 423: no lock left behind
+        resp = await proxy.patch(url, data=data[300 * KiB :], headers=patch_headers(300 * KiB))
+        assert resp.status == 204, await resp.text()
+    assert await read_object_async(s3, bucket, await stored_key(s3, bucket)) == data
+
+
+async def test_sequential_patches_each_longer_than_the_renewal_period_all_succeed(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """Several PATCHes, each streaming over several renewals whose swaps answer slowly
+    (S3 applied them): every one commits, and HEAD between them answers, never 423."""
+    data = body(400 * KiB)
+    cuts = [0, 100 * KiB, 200 * KiB, 300 * KiB, len(data)]
+
+    def slow_swaps(op: str, _: int) -> Fault | None:
+        return Fault(late=0.15) if op == "PutObject" else None
+
+    async with FaultyS3(moto.endpoint_url, slow_swaps) as faulty:
+        proxy = await proxy_factory(faulty.endpoint_url, tus_lock_lease=0.6)
+        url = await new_upload(proxy, len(data))
+        for start, end in itertools.pairwise(cuts):
+
+            async def stream(start: int = start, end: int = end) -> Any:
+                for i in range(start, end, 10 * KiB):
+                    yield data[i : min(i + 10 * KiB, end)]
+                    await asyncio.sleep(0.06)  # 0.6 s a PATCH: three renewal periods
+
+            resp = await proxy.patch(url, data=stream(), headers=patch_headers(start))
+            assert resp.status == 204, (start, await resp.text())
+            assert resp.headers["Upload-Offset"] == str(end)
+            if end < len(data):
+                assert await offset_of(proxy, url) == end
+    assert await read_object_async(s3, bucket, await stored_key(s3, bucket)) == data
+
+
+async def _leased(store: TusStore) -> Lease:
+    created = await store.create(TusState(key=store.upload.key))
+    found = await store.read()
+    assert found is not None and found[1] == created
+    lease = Lease(store, found[0], seconds=60, skew=0)
+    await lease.take(created)
+    return lease
+
+
+async def test_a_commit_recognises_its_own_swap_whose_answer_was_lost() -> None:
+    """A swap of the lease landed at S3 but its answer never came (a timeout): the lease's
+    ETag is stale, yet the state carries its owner, so the commit goes through."""
+    store = TusStore(MemoryS3(), UPLOAD)
+    lease = await _leased(store)
+    landed = dataclasses.replace(lease.state, lock=Lock(lease.owner, time.time() + 60))
+    await store.swap(landed, lease.etag)  # the lease never learns this ETag
+    assert await lease.commit(TusState(key=store.upload.key, offset=7)) == 7
+    found = await store.read()
+    assert found is not None and found[0].offset == 7 and found[0].lock is None
+
+
+async def test_a_commit_that_really_lost_its_lock_is_logged_and_drops_no_other_lock(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another PATCH took the lock over: the commit is 423, logged with the upload id, and
+    the release leaves the other owner's lock alone."""
+    store = TusStore(MemoryS3(), UPLOAD)
+    lease = await _leased(store)
+    other = dataclasses.replace(lease.state, lock=Lock("another-patch", time.time() + 60))
+    await store.swap(other, lease.etag)
+    with caplog.at_level(logging.WARNING, "s3proxy.tus"), pytest.raises(ProxyError) as err:
+        await lease.commit(TusState(key=store.upload.key, offset=7))
+    assert err.value.kind.code == "UPLOAD_LOCKED"
+    assert f"tus.commit_lost_lock id={store.upload.id}" in caplog.text
+    await lease.release()
+    found = await store.read()
+    assert found is not None and found[0].lock == other.lock and found[0].offset == 0
+
+
+async def test_a_failed_patchs_release_recognises_its_own_lock() -> None:
+    """The release after a failed PATCH, over a stale ETag of its own lock: the lock goes,
+    so the client's retry is not 423 for the lease."""
+    store = TusStore(MemoryS3(), UPLOAD)
+    lease = await _leased(store)
+    landed = dataclasses.replace(lease.state, lock=Lock(lease.owner, time.time() + 60))
+    await store.swap(landed, lease.etag)
+    await lease.release()
+    found = await store.read()
+    assert found is not None and found[0].lock is None
