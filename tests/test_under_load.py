@@ -165,8 +165,19 @@ async def test_hundred_clients_half_stall(load_proxy: ProxyProcess, s3: Any, buc
     proxy = load_proxy
     idle = proc_status(proxy.proc.pid, "VmRSS")
 
+    # The bodies are made before any client connects: made inside the clients, 600 MiB of
+    # os.urandom ran on the test's event loop while earlier clients were mid-body, and on a
+    # busy machine those sat silent past --client-timeout (a 408 the proxy was right to give).
+    good_bodies = [
+        bodies.body([bodies.file("f", f"{i}.bin", os.urandom((3 if i % 2 else 7) * MiB))])
+        for i in range(50)
+    ]
+    stall_bodies = [
+        bodies.body([bodies.file("f", f"s{i}.bin", os.urandom(6 * MiB))]) for i in range(50)
+    ]
+
     async def good(i: int) -> int:
-        raw = bodies.body([bodies.file("f", f"{i}.bin", os.urandom((3 if i % 2 else 7) * MiB))])
+        raw = good_bodies[i]
         async with (
             aiohttp.ClientSession() as session,
             session.post(
@@ -176,7 +187,7 @@ async def test_hundred_clients_half_stall(load_proxy: ProxyProcess, s3: Any, buc
             return resp.status
 
     async def stall(i: int) -> int:
-        raw = bodies.body([bodies.file("f", f"s{i}.bin", os.urandom(6 * MiB))])
+        raw = stall_bodies[i]
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         writer.write(bodies.request_head(len(raw)) + raw[: (i % 3 + 1) * MiB])  # then nothing
         await writer.drain()
