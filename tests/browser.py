@@ -9,15 +9,14 @@ installed the test fails, it does not skip: CI must prove the page works.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from tests.apt import ensure_package
 
 if TYPE_CHECKING:
     from playwright.sync_api import ConsoleMessage, Page
@@ -34,36 +33,11 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-APT_TIMEOUT = 600  # seconds for each of apt-get update and install, on a slow mirror
 
 
 def ensure_chromium() -> Path:
     """Debian's Chromium, installed with apt-get if missing; the test fails if it can't be."""
-    if CHROMIUM.exists():
-        return CHROMIUM
-    if shutil.which("apt-get") is None:
-        pytest.fail(f"{CHROMIUM} is missing and there is no apt-get to install Debian's chromium")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    # Wait for another apt/dpkg run (a parallel install) instead of failing on its lock.
-    lock = ["-o", "DPkg::Lock::Timeout=300"]
-    for cmd in (
-        ["apt-get", *lock, "update", "-qq"],
-        ["apt-get", *lock, "install", "-y", "-qq", "chromium"],
-    ):
-        try:
-            done = subprocess.run(
-                cmd, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            pytest.fail(f"cannot install Chromium for the browser tests: {' '.join(cmd)}: {exc}")
-        if done.returncode != 0:
-            pytest.fail(
-                f"cannot install Chromium for the browser tests: {' '.join(cmd)} exited "
-                f"{done.returncode}:\n{(done.stdout + done.stderr)[-3000:]}"
-            )
-    if not CHROMIUM.exists():
-        pytest.fail(f"apt-get installed chromium but {CHROMIUM} is not there")
-    return CHROMIUM
+    return ensure_package(CHROMIUM, "chromium")
 
 
 @dataclass

@@ -16,7 +16,6 @@ import contextlib
 import csv
 import io
 import os
-import shutil
 import signal
 import socket
 import string
@@ -25,8 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
+from tests.apt import ensure_package
 from tests.polling import eventually_sync
 
 DEPLOY = Path(__file__).resolve().parent.parent / "docs" / "deploy"
@@ -34,38 +32,13 @@ HAPROXY_CFG = DEPLOY / "haproxy.cfg"
 NGINX_CONF = DEPLOY / "nginx-s3proxy.conf"
 HAPROXY = Path("/usr/sbin/haproxy")
 NGINX = Path("/usr/sbin/nginx")
-APT_TIMEOUT = 600  # seconds for each of apt-get update and install, on a slow mirror
 # The apt package that brings each binary (the Makefile's `loadbalancers` target agrees).
 PACKAGES = {HAPROXY: "haproxy", NGINX: "nginx"}
 
 
 def ensure_installed(binary: Path) -> Path:
     """Debian's HAProxy or nginx, installed with apt-get if missing; fail if it can't be."""
-    if binary.exists():
-        return binary
-    package = PACKAGES[binary]
-    if shutil.which("apt-get") is None:
-        pytest.fail(f"{binary} is missing and there is no apt-get to install Debian's {package}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    lock = ["-o", "DPkg::Lock::Timeout=300"]  # wait for a parallel apt run, not fail
-    for cmd in (
-        ["apt-get", *lock, "update", "-qq"],
-        ["apt-get", *lock, "install", "-y", "-qq", "--no-install-recommends", package],
-    ):
-        try:
-            done = subprocess.run(
-                cmd, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            pytest.fail(f"cannot install {package}: {' '.join(cmd)}: {exc}")
-        if done.returncode != 0:
-            pytest.fail(
-                f"cannot install {package}: {' '.join(cmd)} exited {done.returncode}:\n"
-                f"{(done.stdout + done.stderr)[-3000:]}"
-            )
-    if not binary.exists():
-        pytest.fail(f"apt-get installed {package} but {binary} is not there")
-    return binary
+    return ensure_package(binary, PACKAGES[binary], "--no-install-recommends")
 
 
 def render(template: Path, values: Mapping[str, str]) -> str:

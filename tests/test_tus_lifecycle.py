@@ -31,21 +31,11 @@ from tests.s3util import all_keys_async, open_uploads_async, read_object_async
 from tests.test_resources import WriteAudit
 from tests.test_tus import TUS as TUS_HEADERS
 from tests.test_tus import KiB, MiB, body, reserved, stored_key
+from tests.test_tus_units import UPLOAD
 from tests.test_webhook_flow import SECRET as SECRET_HOOK
 from tests.test_webhook_flow import receiver
 
 SECRET = b"s" * 32
-UPLOAD = TusUpload(
-    id=tus_url.new_id(2_000_000_000, "uploads/x/deck.pdf"),
-    key="uploads/x/deck.pdf",
-    length=123,
-    expires=2_000_000_000,
-    part_size=5 * 1024**2,
-    growing=False,
-    filename="deck.pdf",
-    declared_type="application/pdf",
-    types=("application/pdf",),
-)
 
 
 def patch_headers(offset: int, **extra: str) -> dict[str, str]:
