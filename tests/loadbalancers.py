@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tests.apt import ensure_package
 from tests.polling import eventually_sync
+from tests.s3util import free_port
 
 DEPLOY = Path(__file__).resolve().parent.parent / "docs" / "deploy"
 HAPROXY_CFG = DEPLOY / "haproxy.cfg"
@@ -48,12 +49,6 @@ def render(template: Path, values: Mapping[str, str]) -> str:
     if "${" in body:
         raise ValueError(f"{template.name}: a placeholder was not given: {body}")
     return text
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -115,7 +110,7 @@ def running_haproxy(servers: list[str], workdir: Path) -> Iterator[HAProxy]:
     """HAProxy with the guide's config over ``servers`` ("127.0.0.1:port", three)."""
     binary = ensure_installed(HAPROXY)
     workdir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     sock = workdir / "haproxy.sock"
     global_cfg = workdir / "global.cfg"
     # What a host's own global section has; in the foreground, logging to stderr.
@@ -176,7 +171,7 @@ def running_nginx(servers: list[str], workdir: Path) -> Iterator[Nginx]:
     """nginx with the guide's site config over ``servers`` ("127.0.0.1:port", three)."""
     binary = ensure_installed(NGINX)
     workdir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     site = workdir / "s3proxy.conf"
     site.write_text(
         render(
