@@ -5,9 +5,10 @@ Issue #15's worst case: Python multipart parsers that scan line by line drop fro
 multipart/form-data body per case through what s3proxy runs on every upload, in process and
 without sockets: aiohttp's StreamReader (fed 256 KiB at a time, with its flow control),
 aiohttp's MultipartReader, and s3proxy.form's ``iter_form`` reading the file part in
-``--read-buffer`` chunks, as the pipeline does. Nothing is hashed or sent: this is the
-parser alone. ``aiohttp`` rows run aiohttp's ``read_chunk`` without s3proxy.form, to show
-what the wrapper adds.
+``--read-buffer`` chunks, as the pipeline does (whole chunks, scanned for the part's end
+by s3proxy.delimiter). Nothing is hashed or sent: this is the parser alone. ``aiohttp``
+rows read the file part with aiohttp's ``read_chunk`` alone (what s3proxy.form used
+before issue #15: a window copy and a join per chunk).
 
 Bodies (bench/body.py): ``random`` is the bench's usual file, ``junk`` its hostile one (every
 MiB holds about 4,000 near-boundaries and 170,000 CRLFs), ``crlf`` nothing but CRLFs, and

@@ -1,6 +1,8 @@
 """aiohttp's multipart reader behind a small iterator of fields and files, with the limits.
 
-Framing is aiohttp's (boundaries, header lines, ``BodyPartReader.read_chunk``); what a
+Framing is aiohttp's (boundaries, header lines, ``BodyPartReader.read_chunk`` for
+fields), but for a file part's body: its chunks are scanned for the part's end where
+they lie (s3proxy.delimiter) and handed on without a copy (see ``PartSource``). What a
 part's headers mean is ours: its Content-Disposition is read by s3proxy.disposition
 (aiohttp's parser splits filenames on ``;`` and eats backslashes), so a field name or
 filename that leaves this module never holds a surrogate, and a file's ``filename`` is
@@ -28,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import warnings
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -42,6 +46,7 @@ from aiohttp.http_exceptions import (
 )
 from multidict import CIMultiDictProxy
 
+from s3proxy.delimiter import DelimiterScan
 from s3proxy.digests import Declared, DigestError, read_declared
 from s3proxy.disposition import decode_text, header_bytes, parse_form_disposition
 from s3proxy.errors import (
@@ -93,7 +98,11 @@ class Field:
 
 
 class ChunkSource(Protocol):
-    """A file's bytes as they arrive: ``read`` returns up to ``size`` bytes, b"" at its end.
+    """A file's bytes as they arrive: ``read`` returns about ``size`` bytes, b"" at its end.
+
+    A read may bring more than ``size``, up to one chunk as the socket brought it (a file
+    part's PartSource never cuts one: a cut copies); readers take the overflow as the
+    next bytes.
 
     ``pause``/``resume`` stop and restart reading the socket while the reader waits for
     memory, so a waiting upload does not fill socket buffers outside the budget.
@@ -420,7 +429,7 @@ async def iter_form(
             raise ProxyError(MALFORMED_MULTIPART, "nested multipart parts are not supported")
         head = read_part_head(part.headers)
         if head.filename is not None:
-            source: ChunkSource = PartSource(part, watch, flow)
+            source: ChunkSource = PartSource(part, watch, flow, whole_chunks=True)
             if not head.filename:
                 first = await source.read(limits.chunk_size)
                 if not first:
@@ -446,7 +455,19 @@ async def iter_form(
 
 
 class PartSource:
-    """One part's bytes; ends only once the part's closing boundary was seen."""
+    """One part's bytes; ends only once the part's closing boundary was seen.
+
+    A file part's bytes (``whole_chunks``; a part without a Content-Length or a
+    Content-Transfer-Encoding, which is every form-data file part a browser or curl
+    sends) are read by ``_read_whole_chunk``: each chunk as aiohttp's StreamReader
+    received it, scanned for the part's end in place (s3proxy.delimiter). aiohttp's
+    ``read_chunk`` copies every chunk twice on its way (its window of the previous and
+    this read, and the join of the buffered chunks a ``read(n)`` makes); these bytes
+    go on to sha256, the CRC and S3 as they are. A read may bring more than ``size``
+    (a whole chunk, at most the read buffer for a Content-Length body): splitting it
+    would copy it, and the upload machine takes the overflow as the next part's first
+    bytes. Other parts, and field values, keep aiohttp's ``read_chunk``.
+    """
 
     # aiohttp needs room for a boundary in every read of a part without a length.
     MIN_READ = 256
@@ -456,11 +477,16 @@ class PartSource:
         part: BodyPartReader,
         watch: ClientWatch,
         flow: TransportFlow | None = None,
+        whole_chunks: bool = False,
     ) -> None:
         self._part = part
         self._watch = watch
         self._flow = flow
         self._paused = False
+        self._scan: DelimiterScan | None = None
+        self._ready: deque[bytes] = deque()  # bytes the scan settled, not yet handed on
+        if whole_chunks and _plain_part(part):
+            self._scan = DelimiterScan(b"\r\n" + part._boundary)
 
     def pause(self) -> None:
         if self._flow is not None and not self._paused:
@@ -476,12 +502,59 @@ class PartSource:
         self._watch.expire(CLIENT_TIMEOUT, message)
 
     async def read(self, size: int) -> bytes:
+        if self._scan is not None:
+            if self._ready:
+                return self._ready.popleft()
+            return await self._watch.read(self._read_whole_chunk)
         size = max(size, self.MIN_READ)
         for _ in range(MAX_EMPTY_READS + 1):
             chunk = await self._watch.read(lambda: self._part.read_chunk(size))
             if chunk or self._part.at_eof():
                 return chunk
         raise ProxyError(MALFORMED_MULTIPART, "the body ended inside a file part")
+
+    async def _read_whole_chunk(self) -> bytes:
+        """The part's next bytes, b"" once its delimiter was seen.
+
+        Leaves the part and the stream as aiohttp's ``read_chunk`` does at a part's
+        end: the delimiter's CRLF consumed (the rest of the body pushed back, starting
+        at ``--boundary``, for ``next_part`` to read), the part at its end. The body's
+        end before the delimiter is MALFORMED_MULTIPART at once (aiohttp hands back
+        empty reads a few times first, hence MAX_EMPTY_READS on the other path).
+        """
+        scan, part = self._scan, self._part
+        assert scan is not None
+        content = part._content
+        while not part._at_eof:
+            # readchunk hands over the first buffered chunk as it is (readany and
+            # read(n) join all that is buffered); b"" at a chunked body's HTTP chunk end.
+            chunk, _ = await content.readchunk()
+            if not chunk:
+                if content.at_eof():
+                    raise ProxyError(MALFORMED_MULTIPART, "the body ended inside a file part")
+                continue
+            pieces, rest = scan.feed(chunk)
+            if rest is not None:
+                with warnings.catch_warnings():  # deprecated, and what aiohttp itself does
+                    warnings.filterwarnings("ignore", category=DeprecationWarning)
+                    content.unread_data(rest)
+                part._at_eof = True
+            if pieces:
+                self._ready.extend(pieces[1:])
+                return pieces[0]
+        return b""
+
+
+def _plain_part(part: BodyPartReader) -> bool:
+    """True if the part's bytes are its body as sent, up to its delimiter: no
+    Content-Length (aiohttp ignores it on form-data parts, RFC 7578 section 4.8), no
+    Content-Transfer-Encoding, and nothing read of it yet."""
+    return (
+        part._length is None
+        and hdrs.CONTENT_TRANSFER_ENCODING not in part.headers
+        and part._prev_chunk is None
+        and not part._at_eof
+    )
 
 
 class Replay:
@@ -501,8 +574,8 @@ class Replay:
         self._rest.expire(message)
 
     async def read(self, size: int) -> bytes:
-        if self._first:
-            chunk, self._first = self._first[:size], self._first[size:]
+        if self._first:  # whole, as a PartSource read may bring more than asked
+            chunk, self._first = self._first, b""
             return chunk
         return await self._rest.read(size)
 

@@ -8,7 +8,8 @@ byte by byte without an event loop:
 - how much memory to reserve before filling the next part (``Reserve``);
 - how much to ask of the client at once (``Read``), and when to read one byte
   beyond a full first part to tell "exactly one part" from "more follows"
-  (``Read(peek=True)``: that byte is held outside the budget);
+  (``Read(peek=True)``: what it brings, one byte or up to one whole chunk, is held
+  outside the budget);
 - one ``PutObject`` for a file that ends within its first part, else
   ``CreateUpload``, then ``SendPart`` 1..n, then ``Complete``;
 - no empty part when a file ends exactly on a part boundary;
@@ -51,7 +52,7 @@ class Read:
     """Read at most ``size`` bytes from the client and ``feed`` them (b"" at the end)."""
 
     size: int
-    peek: bool = False  # one byte past a full first part, outside the budget
+    peek: bool = False  # a byte (or a chunk) past a full first part, outside the budget
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,8 @@ from s3proxy.s3 import (
 log = logging.getLogger("s3proxy.pipeline")
 
 # Bytes of a part a client must have sent before the part's memory is asked for (at most
-# this much per upload is held outside the budget while it arrives): see FileUpload._probe.
+# this much, rounded up to the chunk that passes it, per upload is held outside the budget
+# while it arrives): see FileUpload._probe.
 PROBE_BYTES = 64 * 1024
 
 T = TypeVar("T")
@@ -429,10 +430,11 @@ class FileUpload:
             while True:
                 action = machine.next_action()
                 if isinstance(action, Read):
-                    # No more than the part can hold. aiohttp may still hand over up to
-                    # one chunk more (it returns the chunk before the one asked for);
-                    # that overflow, a peek and the probe are the only data outside the
-                    # budget.
+                    # No more than the part can hold. The source may still hand over up
+                    # to one chunk more (a file part's reads are whole chunks as the socket
+                    # brought them, never cut to size: a cut copies; the machine keeps the
+                    # overflow for the next part); that overflow, a peek and the probe are
+                    # the only data outside the budget.
                     if probed:
                         chunk = probed.popleft()
                     elif probe_ended:

@@ -4,6 +4,11 @@ s3proxy uses a few private aiohttp APIs where no public one does the job:
 
 - ``form.next_part`` repeats ``MultipartReader.next`` without its ``_charset_`` sniffing
   (aiohttp's own Content-Disposition parser warns on filenames with several ``;``);
+- ``form.PartSource`` reads a file part's body itself (s3proxy.delimiter scans it): it
+  takes the part's ``_content``, ``_boundary``, ``_length``, ``_prev_chunk`` and sets
+  ``_at_eof`` as ``BodyPartReader.read_chunk``/``_read_chunk_from_stream`` would (their
+  semantics are what it matches), reads with ``StreamReader.readchunk`` (one buffered
+  chunk as it is, via ``_read_nowait_chunk``) and pushes back with ``unread_data``;
 - ``form.TransportFlow`` reads ``BaseProtocol._reading_paused``/``_buffer_paused`` so its
   own pause never undoes aiohttp's backpressure;
 - ``handlers.expect_upload`` calls ``_default_expect_handler`` to send ``100 Continue``;
@@ -25,7 +30,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import base_protocol, multipart, payload, web_protocol, web_urldispatcher
+from aiohttp import base_protocol, multipart, payload, streams, web_protocol, web_urldispatcher
 
 from s3proxy import protocol
 from s3proxy.body import ChunkedBody, ChunkedBodyPayload
@@ -38,6 +43,8 @@ def digest(obj: Callable[..., Any]) -> str:
 MR = multipart.MultipartReader
 RH = web_protocol.RequestHandler
 BP = base_protocol.BaseProtocol
+BPR = multipart.BodyPartReader
+SR = streams.StreamReader
 # name -> (the function, digests of its source as s3proxy was checked against it)
 PINNED: dict[str, tuple[Callable[..., Any], set[str]]] = {
     "MultipartReader.next": (MR.next, {"360ab7ce7a0f"}),  # aiohttp 3.14
@@ -48,6 +55,12 @@ PINNED: dict[str, tuple[Callable[..., Any], set[str]]] = {
     ),
     "MultipartReader._read_boundary": (MR._read_boundary, {"6972e2329b9c"}),
     "MultipartReader.fetch_next_part": (MR.fetch_next_part, {"992ff923e23f"}),
+    "BodyPartReader.__init__": (BPR.__init__, {"dec8ad0d4785"}),
+    "BodyPartReader.read_chunk": (BPR.read_chunk, {"d3aaeddfc1d4"}),
+    "BodyPartReader._read_chunk_from_stream": (BPR._read_chunk_from_stream, {"60c1e3062c61"}),
+    "StreamReader.readchunk": (SR.readchunk, {"16c0fff5da9c"}),
+    "StreamReader._read_nowait_chunk": (SR._read_nowait_chunk, {"ddfcfd34f8d7"}),
+    "StreamReader.unread_data": (SR.unread_data, {"2818ec247aee"}),
     "BaseProtocol.pause_reading": (BP.pause_reading, {"7109d00aefa9"}),
     "BaseProtocol.resume_reading": (BP.resume_reading, {"eccf495f468f"}),
     "_default_expect_handler": (web_urldispatcher._default_expect_handler, {"004ab0e85114"}),
@@ -71,6 +84,9 @@ def test_private_attributes_exist() -> None:
     assert "_reading_paused" in slots and "_buffer_paused" in slots
     reader_attrs = inspect.getsource(multipart.MultipartReader.__init__)
     assert "self._at_bof" in reader_attrs and "self._last_part" in reader_attrs
+    part_attrs = inspect.getsource(multipart.BodyPartReader.__init__)
+    for name in ("_content", "_boundary", "_length", "_prev_chunk", "_at_eof"):
+        assert f"self.{name}" in part_attrs, name
     assert protocol.private_api_problems() == []
 
 
