@@ -67,7 +67,7 @@ from s3proxy.limits import RateMeter
 
 T = TypeVar("T")
 
-MAX_EMPTY_READS = 4  # aiohttp returns b"" a few times at a truncated end before it raises
+MAX_EMPTY_READS = 4  # read_chunk returns b"" a few times at a truncated end before it raises
 # The defaults of --min-upload-rate and --min-rate-window (s3proxy.settings says why).
 DEFAULT_MIN_RATE = 32 * 1024
 DEFAULT_RATE_WINDOW = 30.0
@@ -461,12 +461,13 @@ class PartSource:
     Content-Transfer-Encoding, which is every form-data file part a browser or curl
     sends) are read by ``_read_whole_chunk``: each chunk as aiohttp's StreamReader
     received it, scanned for the part's end in place (s3proxy.delimiter). aiohttp's
-    ``read_chunk`` copies every chunk twice on its way (its window of the previous and
-    this read, and the join of the buffered chunks a ``read(n)`` makes); these bytes
-    go on to sha256, the CRC and S3 as they are. A read may bring more than ``size``
-    (a whole chunk, at most the read buffer for a Content-Length body): splitting it
-    would copy it, and the upload machine takes the overflow as the next part's first
-    bytes. Other parts, and field values, keep aiohttp's ``read_chunk``.
+    ``read_chunk`` copies every chunk on its way (its window of the previous and this
+    read), and again when more than one is buffered (the join a ``read(n)`` makes);
+    these bytes go on to sha256, the CRC and S3 as they are. A read may bring more than
+    ``size`` (a whole chunk: one socket read, 256 KiB with asyncio, for a Content-Length
+    body; what one HTTP chunk has buffered for a chunked one): splitting it would copy
+    it, and the upload machine takes the overflow as the next part's first bytes. Other
+    parts, and field values, keep aiohttp's ``read_chunk``.
     """
 
     # aiohttp needs room for a boundary in every read of a part without a length.
