@@ -59,6 +59,7 @@ EXIT_GRACE = 1.0
 # Descriptors besides client connections and the S3 pool: stdio, the event loop, the
 # listeners, the embedded store's pipes, the presigner's and the webhook's few sockets.
 OTHER_FDS = 32
+S3_POOLS = 3  # connection pools of --s3-max-connections each (see connection_cap)
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -99,9 +100,10 @@ def raise_nofile() -> tuple[int, int, int]:
 
 def connection_cap(max_connections: int, nofile: int, s3_pool: int) -> int:
     """The most client connections that fit in ``nofile`` descriptors, at most the one
-    asked for: each takes one, and the health reserve, the S3 pool (and the
-    presigner's) and the rest (``OTHER_FDS``) must still fit. At least 1."""
-    room = nofile - HEALTH_RESERVE - 2 * s3_pool - OTHER_FDS
+    asked for: each takes one, and the health reserve, the S3 pools (botocore's, the
+    presigner's and UploadPart's lean one, ``s3proxy.s3_parts``) and the rest
+    (``OTHER_FDS``) must still fit. At least 1."""
+    room = nofile - HEALTH_RESERVE - S3_POOLS * s3_pool - OTHER_FDS
     return max(1, min(max_connections, room))
 
 
