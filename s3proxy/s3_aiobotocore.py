@@ -1,4 +1,5 @@
-"""``ObjectStore`` over aiobotocore: the one module that imports botocore.
+"""``ObjectStore`` over aiobotocore: with ``s3_parts`` (UploadPart's lean path, signed,
+retried and shaped by botocore), the only modules that import botocore.
 
 Everything botocore raises is translated here (``translate``) into ``S3Error`` and
 its subclasses (``s3proxy.s3``): client-visible upstream faults are 502 (S3 said

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import resource
@@ -77,6 +78,16 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
         return asyncio.new_event_loop
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
+
+
+def settle_heap() -> None:
+    """Move what start-up made (modules, botocore's S3 model: ~10^6 objects) out of the
+    collector's sight: a full collection then walks only what requests made.
+
+    Measured: the first full collection after start, during the first 1 GiB upload,
+    took 0.15 CPU s; with the start-up heap frozen it takes ~nothing (README Benchmarks)."""
+    gc.collect()
+    gc.freeze()
 
 
 def run_in_loop(settings: Settings, main: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -185,6 +196,7 @@ async def serve(settings: Settings) -> None:
         await runner.setup()  # opens the S3 client; starts the embedded store if any
         site = await _listen(runner, settings.host, settings.port, settings.reuse_port)
         state.store_check.start(state.check_s3)  # what /readyz answers from
+        settle_heap()
         if settings.metrics_listen is not None:
             host, port = parse_listen(settings.metrics_listen)
             operator = web.AppRunner(
