@@ -77,6 +77,7 @@ def client_options(settings: Settings) -> ClientOptions:
         max_connections=settings.s3_max_connections,
         sign_payload=settings.sign_payload,
         request_checksum=settings.request_checksum,
+        lean_parts=settings.lean_upload_part,
     )
 
 

@@ -1,4 +1,5 @@
-"""``ObjectStore`` over aiobotocore: the one module that imports botocore.
+"""``ObjectStore`` over aiobotocore: with ``s3_parts`` (UploadPart's lean path, signed,
+retried and shaped by botocore), the only modules that import botocore.
 
 Everything botocore raises is translated here (``translate``) into ``S3Error`` and
 its subclasses (``s3proxy.s3``): client-visible upstream faults are 502 (S3 said
@@ -70,6 +71,7 @@ from s3proxy.s3 import (
     refusal,
     whole_object,
 )
+from s3proxy.s3_parts import PartSender, lean_sender
 
 log = logging.getLogger("s3proxy.s3")
 
@@ -289,6 +291,14 @@ class ClientOptions:
     request_checksum: str = "when_required"
     access_key: str | None = None
     secret_key: str | None = None
+    lean_parts: bool = True  # UploadPart through s3_parts.PartSender where it can
+
+    @property
+    def parts_can_be_lean(self) -> bool:
+        """A lean UploadPart sends no payload hash and no checksum botocore would add."""
+        return (
+            self.lean_parts and not self.sign_payload and self.request_checksum == "when_required"
+        )
 
 
 class AioObjectStore:
@@ -309,6 +319,8 @@ class AioObjectStore:
         self._options = options
         self._presign_endpoint = presign_endpoint
         self._signer: Any = None
+        self._parts: PartSender | None = None  # UploadPart's lean path, made on first use
+        self._parts_decided = False
         self._signer_lock = asyncio.Lock()
         self._stack = contextlib.AsyncExitStack()
 
@@ -390,8 +402,14 @@ class AioObjectStore:
     async def upload_part(
         self, key: str, upload_id: str, number: int, data: Body, *, checksum: CrcValue | None = None
     ) -> str:
+        sender = self._part_sender()
         with _carrying(checksum):
             async with self.call("UploadPart"):
+                if sender is not None:
+                    headers = (
+                        {} if checksum is None else {checksum.algorithm.header: checksum.b64()}
+                    )
+                    return await sender.send(key, upload_id, number, data, headers)
                 resp = await self._client.upload_part(
                     Bucket=self.bucket,
                     Key=key,
@@ -401,6 +419,21 @@ class AioObjectStore:
                     **_checksum_params(checksum),
                 )
         return str(resp["ETag"])
+
+    def _part_sender(self) -> PartSender | None:
+        if not self._parts_decided:
+            self._parts_decided = True
+            opts = self._options or ClientOptions(endpoint_url=None, region="")
+            if opts.parts_can_be_lean:
+                self._parts = lean_sender(
+                    self._client,
+                    self.bucket,
+                    connect_timeout=opts.connect_timeout,
+                    read_timeout=opts.read_timeout,
+                    max_attempts=opts.max_attempts,
+                    max_connections=opts.max_connections,
+                )
+        return self._parts
 
     async def complete(
         self,
@@ -656,6 +689,9 @@ class AioObjectStore:
         """Close the signing client, if one was opened (the main client is the caller's)."""
         await self._stack.aclose()
         self._signer = None
+        if self._parts is not None:
+            await self._parts.close()
+            self._parts, self._parts_decided = None, False
 
 
 # --- the client factory -----------------------------------------------------------

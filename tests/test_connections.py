@@ -67,8 +67,8 @@ def test_admission_reserve(reserve: int, headless: bool, expected: Admission) ->
     ("asked", "nofile", "s3_pool", "expected"),
     [
         (1024, 1 << 20, 64, 1024),  # plenty
-        (1024, 1024, 64, 1024 - HEALTH_RESERVE - 128 - OTHER_FDS),  # the common soft limit
-        (1024, 128, 8, 128 - HEALTH_RESERVE - 16 - OTHER_FDS),
+        (1024, 1024, 64, 1024 - HEALTH_RESERVE - 3 * 64 - OTHER_FDS),  # the common soft limit
+        (1024, 128, 8, 128 - HEALTH_RESERVE - 3 * 8 - OTHER_FDS),
         (1024, 64, 64, 1),  # nothing fits: still serve one
     ],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import urllib.request
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from s3proxy.server import loop_factory
+from s3proxy.server import loop_factory, settle_heap
 from s3proxy.settings import Settings, SettingsError
 from tests.bodies import MiB
 from tests.s3util import MotoServer, read_object_async, start_proxy
@@ -79,3 +80,14 @@ async def test_the_proxy_serves_and_drains_under_each_loop(
     log = proxy.log_path.read_text()
     expected = "uvloop.Loop" if choice == "uvloop" else "asyncio.unix_events._UnixSelectorEventLoop"
     assert f"proxy.event_loop loop={expected}" in log, log[-2000:]
+
+
+def test_settle_heap_freezes_what_start_up_made() -> None:
+    """What exists at start is out of the collector's sight (a full collection during the
+    first upload cost 0.15 CPU s with botocore's model in the young generations)."""
+    made_at_start = [{"n": i} for i in range(1000)]
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() >= len(made_at_start)
+    finally:
+        gc.unfreeze()
