@@ -643,7 +643,18 @@ class BodySource:
         self._paused = False
 
     async def read(self, size: int) -> bytes:
-        return await self._watch.read(lambda: self._content.read(size))
+        """The body's next chunk as received, b"" at its end.
+
+        ``readchunk`` hands over the first buffered chunk as it is (``read(size)`` joins
+        what is buffered: a copy); a chunk may bring more than ``size``, which the
+        upload machine keeps for the next part, as with a form's file part."""
+        return await self._watch.read(self._next_chunk)
+
+    async def _next_chunk(self) -> bytes:
+        while True:
+            chunk, _ = await self._content.readchunk()
+            if chunk or self._content.at_eof():
+                return chunk  # b"" mid-body is a chunked body's HTTP chunk end: read on
 
     def pause(self) -> None:
         if not self._paused:
