@@ -93,6 +93,8 @@ log = logging.getLogger("s3proxy.protocol")
 # aiohttp's default. Both go to the server as handler_args (HANDLER_ARGS).
 MAX_LINE_SIZE = 8192
 MAX_FIELD_SIZE = 8190
+# asyncio's selector transport reads at most this much per recv (its max_size).
+RECV_SIZE = 256 * 1024
 HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE}
 # aiohttp's message for more than max_headers (128) header lines.
 _TOO_MANY_HEADERS = "Too many headers received"
@@ -184,9 +186,12 @@ def admission(
 class Connections:
     """The open connections of the servers built for one app, and their policy."""
 
-    def __init__(self, max_connections: int, header_timeout: float) -> None:
+    def __init__(
+        self, max_connections: int, header_timeout: float, recv_size: int = RECV_SIZE
+    ) -> None:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
+        self.recv_size = recv_size  # most bytes one socket read takes (--read-buffer)
         self.served: set[ProxyRequestHandler] = set()
         self.reserve: set[ProxyRequestHandler] = set()
         self.draining = False
@@ -353,6 +358,10 @@ class ProxyRequestHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if hasattr(transport, "max_size"):  # asyncio's selector transport; uvloop sizes its own
+            # One recv of up to --read-buffer: fewer, larger chunks through the parser,
+            # the multipart scan and the pipeline (asyncio's own is 256 KiB).
+            transport.max_size = self.pool.recv_size
         # A new connection's head is due header_timeout from now, first byte or not.
         self._arm_head_timer()
         decision = self.pool.opened(self)

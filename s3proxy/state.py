@@ -209,7 +209,9 @@ class AppState:
                 token_secrets=load_keys(settings.token_secrets()),
             ),
             budget=MemoryBudget(settings.memory_budget),
-            connections=Connections(settings.max_connections, settings.header_timeout),
+            connections=Connections(
+                settings.max_connections, settings.header_timeout, settings.read_buffer
+            ),
             store_check=StoreCheck(settings.readiness_interval, settings.readiness_timeout),
         )
 

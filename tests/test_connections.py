@@ -289,6 +289,23 @@ async def test_a_kept_alive_connection_whose_next_request_is_unread_is_not_evict
     newcomer[1].close()
 
 
+@pytest.mark.parametrize("read_buffer", [256 * 1024, 1 * MiB])
+async def test_one_socket_read_takes_up_to_the_read_buffer(
+    proxy_factory: Any, read_buffer: int
+) -> None:
+    """asyncio reads 256 KiB per recv whatever --read-buffer says; 1 MiB reads are a
+    quarter of the chunks through the parser, the scan and the pipeline."""
+    proxy = await proxy_factory(read_buffer=read_buffer)
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    [served] = proxy.server.app[STATE].connections.served
+    assert served.transport is not None
+    assert served.transport.max_size == read_buffer
+    writer.close()
+
+
 # --- a real process under a low fd limit ---------------------------------------------
 
 
