@@ -287,7 +287,8 @@ class Settings:
     )
     read_buffer: int = _setting(
         256 * 1024,
-        "per-connection socket read buffer (high-water mark) and read chunk size",
+        "per-connection socket read buffer: one recv takes up to this much (high-water mark, "
+        "read chunk size); 1MiB: about a tenth less CPU per GiB, more memory per connection",
         parse_size,
         show=format_size,
     )
