@@ -270,6 +270,7 @@ class FileUpload:
         self.cfg = cfg
         self._machine: UploadMachine | None = None
         self._probed: deque[bytes] = deque()  # a part's first bytes, read before its memory
+        self._probed_size = 0  # their bytes (size is asked per chunk: no sum over the deque)
         self.upload_id: str | None = None
         self.maybe_stored = False  # a PutObject or Complete was sent: the key may exist
         self.nonce = uuid.uuid4().hex  # marks our object when keys may be shared
@@ -398,7 +399,7 @@ class FileUpload:
     def size(self) -> int:
         """Bytes of the file received so far (the probe's included)."""
         fed = 0 if self._machine is None else self._machine.size
-        return fed + sum(len(c) for c in self._probed)
+        return fed + self._probed_size
 
     def _limit(self) -> int:
         """The most bytes this file may have: the proxy's limit or what the token has left."""
@@ -437,6 +438,7 @@ class FileUpload:
                     # the only data outside the budget.
                     if probed:
                         chunk = probed.popleft()
+                        self._probed_size -= len(chunk)
                     elif probe_ended:
                         chunk = b""
                     else:
@@ -544,6 +546,7 @@ class FileUpload:
                 return True
             into.append(chunk)
             got += len(chunk)
+            self._probed_size += len(chunk)
         return False
 
     async def _reserve(self, size: int, source: ChunkSource) -> Reservation:

@@ -5,10 +5,17 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from aiohttp.http_exceptions import InvalidHeader, LineTooLong
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from s3proxy.errors import CLIENT_TIMEOUT, ProxyError
-from s3proxy.form import ClientWatch, PartHead, Replay, read_part_head
+from s3proxy.errors import (
+    CLIENT_DISCONNECTED,
+    CLIENT_TIMEOUT,
+    MALFORMED_MULTIPART,
+    ErrorKind,
+    ProxyError,
+)
+from s3proxy.form import ClientWatch, PartHead, Replay, client_error, read_part_head
 
 
 class Counter:
@@ -246,3 +253,23 @@ async def test_expire_between_reads_fails_the_next_one() -> None:
     watch.expire(CLIENT_TIMEOUT, "evicted")
     with pytest.raises(ProxyError):
         await watch.read(lambda: asyncio.sleep(0))
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (TimeoutError(), CLIENT_TIMEOUT),
+        (ConnectionResetError(), CLIENT_DISCONNECTED),
+        (LineTooLong(b"x" * 10, 8190), MALFORMED_MULTIPART),
+        (InvalidHeader(" folded"), MALFORMED_MULTIPART),
+        (InvalidHeader("bad"), MALFORMED_MULTIPART),
+        (ValueError("Reading after EOF"), MALFORMED_MULTIPART),
+        (ProxyError(CLIENT_TIMEOUT, "ours"), None),  # raised as it is
+        (TypeError("a bug"), None),  # not the client's: raised as it is (a 500)
+    ],
+)
+def test_what_the_reader_raises_is_the_clients_error(
+    exc: Exception, kind: ErrorKind | None
+) -> None:
+    mapped = client_error(exc)
+    assert (mapped.kind if mapped is not None else None) == kind
