@@ -82,8 +82,9 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         middlewares=middlewares,
         handler_args={
-            # The socket read buffer is per connection and outside the memory budget.
-            "read_bufsize": settings.read_buffer // 2,
+            # Per connection and outside the memory budget: aiohttp stops reading the
+            # socket past twice this (256 KiB), whatever size one read takes.
+            "read_bufsize": protocol.RECV_SIZE // 2,
             "keepalive_timeout": settings.keepalive_timeout,
             **protocol.HANDLER_ARGS,
         },

@@ -131,6 +131,12 @@ class TransportFlow:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.pause_reading()
 
+    def expect(self, size: int) -> None:
+        """The upload waits for ``size`` bytes: the next socket read may take that much."""
+        expect = getattr(self._protocol, "expect", None)  # s3proxy's protocol only
+        if expect is not None:
+            expect(size)
+
     def resume_reading(self) -> None:
         held = getattr(self._protocol, "_reading_paused", False) or getattr(
             self._protocol, "_buffer_paused", False
@@ -510,6 +516,8 @@ class PartSource:
         if self._scan is not None:
             if self._ready:
                 return self._ready.popleft()
+            if self._flow is not None:
+                self._flow.expect(size)
             return await self._watch.read(self._read_whole_chunk)
         size = max(size, self.MIN_READ)
         for _ in range(MAX_EMPTY_READS + 1):

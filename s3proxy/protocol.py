@@ -93,8 +93,11 @@ log = logging.getLogger("s3proxy.protocol")
 # aiohttp's default. Both go to the server as handler_args (HANDLER_ARGS).
 MAX_LINE_SIZE = 8192
 MAX_FIELD_SIZE = 8190
-# asyncio's selector transport reads at most this much per recv (its max_size).
+# asyncio's selector transport reads at most this much per recv (its max_size); an
+# upload waiting for a part's bytes widens the next read (ProxyRequestHandler.expect),
+# down to MIN_RECV when it waits for less.
 RECV_SIZE = 256 * 1024
+MIN_RECV = 64 * 1024
 HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE}
 # aiohttp's message for more than max_headers (128) header lines.
 _TOO_MANY_HEADERS = "Too many headers received"
@@ -191,7 +194,7 @@ class Connections:
     ) -> None:
         self.max_connections = max_connections
         self.header_timeout = header_timeout
-        self.recv_size = recv_size  # most bytes one socket read takes (--read-buffer)
+        self.recv_size = recv_size  # most bytes one widened socket read takes (--read-buffer)
         self.served: set[ProxyRequestHandler] = set()
         self.reserve: set[ProxyRequestHandler] = set()
         self.draining = False
@@ -358,10 +361,7 @@ class ProxyRequestHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if hasattr(transport, "max_size"):  # asyncio's selector transport; uvloop sizes its own
-            # One recv of up to --read-buffer: fewer, larger chunks through the parser,
-            # the multipart scan and the pipeline (asyncio's own is 256 KiB).
-            transport.max_size = self.pool.recv_size
+        self._widened = False
         # A new connection's head is due header_timeout from now, first byte or not.
         self._arm_head_timer()
         decision = self.pool.opened(self)
@@ -449,7 +449,21 @@ class ProxyRequestHandler(RequestHandler):
         self.pool.request_done()
         super().log_access(request, response, time)
 
+    def expect(self, size: int) -> None:
+        """An upload waits for up to ``size`` bytes to fill a part it holds memory for:
+        let the next socket read take that much, up to --read-buffer (asyncio reads
+        256 KiB). Fewer, larger chunks through the parser, the multipart scan and the
+        pipeline; after that one read, reads are 256 KiB again, so bytes nobody waits
+        for (an upload queued for memory) arrive in the usual sizes."""
+        transport = self.transport
+        if transport is not None and hasattr(transport, "max_size"):  # not uvloop's
+            transport.max_size = max(MIN_RECV, min(size, self.pool.recv_size))
+            self._widened = True
+
     def data_received(self, data: bytes) -> None:
+        if self._widened:
+            self._widened = False
+            self.transport.max_size = RECV_SIZE  # type: ignore[union-attr]
         waiting = self.waiting
         queued = len(self._messages)
         super().data_received(data)

@@ -286,9 +286,9 @@ class Settings:
         show=format_size,
     )
     read_buffer: int = _setting(
-        256 * 1024,
-        "per-connection socket read buffer: one recv takes up to this much (high-water mark, "
-        "read chunk size); 1MiB: about a tenth less CPU per GiB, more memory per connection",
+        1024 * 1024,
+        "most bytes one socket read takes while an upload waits for them to fill a part "
+        "(and the read chunk size); other reads take 256KiB",
         parse_size,
         show=format_size,
     )

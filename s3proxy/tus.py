@@ -648,6 +648,7 @@ class BodySource:
         ``readchunk`` hands over the first buffered chunk as it is (``read(size)`` joins
         what is buffered: a copy); a chunk may bring more than ``size``, which the
         upload machine keeps for the next part, as with a form's file part."""
+        self._flow.expect(size)
         return await self._watch.read(self._next_chunk)
 
     async def _next_chunk(self) -> bytes:

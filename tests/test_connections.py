@@ -21,6 +21,8 @@ import pytest
 from s3proxy.log import RateLimit, loop_exception_handler
 from s3proxy.protocol import (
     HEALTH_RESERVE,
+    MIN_RECV,
+    RECV_SIZE,
     Admission,
     ProxyRequestHandler,
     admission,
@@ -289,20 +291,29 @@ async def test_a_kept_alive_connection_whose_next_request_is_unread_is_not_evict
     newcomer[1].close()
 
 
-@pytest.mark.parametrize("read_buffer", [256 * 1024, 1 * MiB])
-async def test_one_socket_read_takes_up_to_the_read_buffer(
-    proxy_factory: Any, read_buffer: int
+async def test_a_socket_read_is_widened_only_for_an_upload_waiting_for_bytes(
+    proxy_factory: Any,
 ) -> None:
-    """asyncio reads 256 KiB per recv whatever --read-buffer says; 1 MiB reads are a
-    quarter of the chunks through the parser, the scan and the pipeline."""
-    proxy = await proxy_factory(read_buffer=read_buffer)
+    """asyncio reads 256 KiB per recv; an upload waiting to fill a part widens the next
+    read up to --read-buffer (fewer chunks through the parser, scan and pipeline), and
+    only that one: bytes nobody waits for come in the usual sizes (memory outside the
+    budget stays what it was)."""
+    proxy = await proxy_factory(read_buffer=1 * MiB)
     reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 200"), head
     [served] = proxy.server.app[STATE].connections.served
-    assert served.transport is not None
-    assert served.transport.max_size == read_buffer
+    transport = served.transport
+    assert transport is not None
+    assert transport.max_size == RECV_SIZE  # asyncio's own
+    served.expect(8 * MiB)
+    assert transport.max_size == MiB  # at most --read-buffer
+    served.expect(100)
+    assert transport.max_size == MIN_RECV
+    served.expect(MiB // 2)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # that one read comes
+    await eventually(lambda: transport.max_size == RECV_SIZE, within=5, what="narrowed")
     writer.close()
 
 
