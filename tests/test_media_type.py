@@ -10,7 +10,7 @@ from s3proxy.handlers import media_type
 HEADERS = [
     "multipart/form-data; boundary=------------------------abcdef",
     "Multipart/Form-Data; boundary=x",
-    "  multipart/form-data ;boundary=\"a;b\"",
+    '  multipart/form-data ;boundary="a;b"',
     "multipart/form-data",
     "multipart/mixed; boundary=x",
     "application/json",
