@@ -50,6 +50,15 @@ log = logging.getLogger("s3proxy.handlers")
 MULTIPART_OVERHEAD = 64 * 1024
 
 
+def media_type(header: str) -> str:
+    """A Content-Type header's ``type/subtype``, lowercased. Pure.
+
+    What aiohttp's ``request.content_type`` compares, without its pass through the
+    ``email`` package's header parser: ~1.7 ms of CPU per upload, since every form's
+    boundary makes its header new to that parser's cache."""
+    return header.partition(";")[0].strip().lower()
+
+
 def check_upload(request: web.Request, state: AppState) -> tuple[Principal, int | None]:
     """Refuse what can be refused from the headers alone, before a body byte is read:
     shutdown, credentials, the content type and a Content-Length over a limit."""
@@ -58,7 +67,7 @@ def check_upload(request: web.Request, state: AppState) -> tuple[Principal, int 
     refuse_over_capacity(request)  # the expect handler runs before the middlewares
     principal = state.auth.authenticate(request)
     ctype = request.headers.get(hdrs.CONTENT_TYPE, "")
-    if request.content_type != "multipart/form-data":
+    if media_type(ctype) != "multipart/form-data":
         raise ProxyError(
             NOT_MULTIPART, f"expected Content-Type multipart/form-data, got {ctype or 'none'!r}"
         )

@@ -71,7 +71,7 @@ from s3proxy.s3 import (
     refusal,
     whole_object,
 )
-from s3proxy.s3_parts import PartSender, lean_sender
+from s3proxy.s3_parts import PartSender, lean_sender, object_headers
 
 log = logging.getLogger("s3proxy.s3")
 
@@ -213,6 +213,15 @@ def _stored_checksum(resp: Mapping[str, Any], sent: CrcValue | None) -> StoredCh
     )
 
 
+def _put_answer(headers: Mapping[str, str], sent: CrcValue | None) -> dict[str, Any]:
+    """A lean PutObject's answer headers as the fields botocore's parsed answer has."""
+    resp: dict[str, Any] = {"ETag": headers["ETag"]}
+    if sent is not None:
+        resp[sent.algorithm.param] = headers.get(sent.algorithm.header)
+        resp["ChecksumType"] = headers.get("x-amz-checksum-type")
+    return resp
+
+
 @contextlib.contextmanager
 def _carrying(checksum: object) -> Iterator[None]:
     """A refusal of a call that carried a checksum may be the store refusing checksums."""
@@ -292,6 +301,7 @@ class ClientOptions:
     access_key: str | None = None
     secret_key: str | None = None
     lean_parts: bool = True  # UploadPart through s3_parts.PartSender where it can
+    lean_put: bool = True  # PutObject too (where the parts are lean)
 
     @property
     def parts_can_be_lean(self) -> bool:
@@ -349,8 +359,19 @@ class AioObjectStore:
         if_match: str | None = None,
     ) -> Written:
         swap = {} if if_match is None else {"IfMatch": if_match}
+        sender = self._part_sender() if self._lean_put() else None
+        headers = None
+        if sender is not None:
+            params = {**_params(options, metadata=False), **_only_new(if_none_match), **swap}
+            headers = object_headers(sender.put_names, params, options.metadata)
         with _carrying(checksum):
             async with self.call("PutObject"):
+                if sender is not None and headers is not None:
+                    if checksum is not None:
+                        headers[checksum.algorithm.header] = checksum.b64()
+                    answer = await sender.put_object(key, data, headers)
+                    resp = _put_answer(answer.headers, checksum)
+                    return Written(str(resp["ETag"]), _stored_checksum(resp, checksum))
                 resp = await self._client.put_object(
                     Bucket=self.bucket,
                     Key=key,
@@ -419,6 +440,9 @@ class AioObjectStore:
                     **_checksum_params(checksum),
                 )
         return str(resp["ETag"])
+
+    def _lean_put(self) -> bool:
+        return self._options is not None and self._options.lean_put
 
     def _part_sender(self) -> PartSender | None:
         if not self._parts_decided:

@@ -1,4 +1,5 @@
-"""UploadPart without botocore's per-call machinery: the call made for every 8 MiB.
+"""UploadPart and PutObject without botocore's per-call machinery: the call made for
+every 8 MiB, and the one call of every small file.
 
 A botocore call costs about 4.5 ms of CPU on the event loop whatever its size
 (parameter validation, serialization, endpoint rules, a dozen events, the user-agent
@@ -12,7 +13,10 @@ and timeout exceptions for the network), so ``s3_aiobotocore.translate`` and eve
 above it see exactly what a botocore call raises. Only the request building and the
 HTTP exchange are ours, on a pool of their own.
 
-The part's URL (host, bucket addressing, key encoding) is botocore's too: a presigned
+PutObject's headers are named by botocore's model (``header_names``); a parameter
+this path does not know, or a non-ASCII header value, is left to botocore
+(``object_headers`` returns None). The part's URL (host, bucket addressing, key
+encoding) is botocore's too: a presigned
 UploadPart URL for the key, made once per key, without its query. Used only where it
 is simple to be right: no HTTP proxy configured, credentials present; otherwise
 ``lean_sender`` returns None and UploadPart goes through botocore.
@@ -63,10 +67,57 @@ ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error answer read to find S3's error
 
 @dataclass(frozen=True)
 class Answer:
-    """What botocore's retry checks read of an HTTP answer."""
+    """What botocore's retry checks read of an HTTP answer (and PutObject's caller)."""
 
     status_code: int
     headers: Mapping[str, str]
+
+    def __getitem__(self, name: str) -> str:
+        return self.headers[name]
+
+
+# PutObject parameters sent as headers, by botocore's name (their header names are
+# read from botocore's model, see ``header_names``).
+PUT_HEADERS = (
+    "ContentType",
+    "ContentDisposition",
+    "ACL",
+    "StorageClass",
+    "ServerSideEncryption",
+    "SSEKMSKeyId",
+    "IfNoneMatch",
+    "IfMatch",
+)
+BUCKET_PROBE = "k"  # the key of the one presigned PutObject URL the bucket's URL is cut from
+
+
+def header_names(operation: Any) -> dict[str, str]:
+    """PutObject's parameter -> header name, from botocore's model (``Metadata``: prefix)."""
+    members = operation.input_shape.members
+    return {name: str(members[name].serialization["name"]) for name in (*PUT_HEADERS, "Metadata")}
+
+
+def _plain(text: str) -> bool:
+    return text.isascii() and text.isprintable()
+
+
+def object_headers(
+    names: Mapping[str, str], params: Mapping[str, Any], metadata: Mapping[str, str]
+) -> dict[str, str] | None:
+    """PutObject's headers as botocore would send them; None where botocore must send them.
+
+    Pure. ``params`` are botocore parameters (None/"" values left out), ``metadata``
+    the user metadata. A non-ASCII value is left to botocore, whose answer to it (a
+    validation error) is the contract's."""
+    headers = {names[k]: str(v) for k, v in params.items() if k in names and v}
+    if len(headers) != sum(1 for v in params.values() if v):
+        return None  # a parameter this path does not know
+    prefix = names["Metadata"]
+    for key, value in metadata.items():
+        headers[prefix + key] = value
+    if not all(_plain(k) and _plain(v) for k, v in headers.items()):
+        return None
+    return headers
 
 
 def error_response(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
@@ -141,6 +192,9 @@ class PartSender:
         self._backoff = ExponentialBackoff(throttling_detector=_Throttling())
         self._urls: OrderedDict[str, str] = OrderedDict()
         self._operation = client.meta.service_model.operation_model("UploadPart")
+        self._put_operation = client.meta.service_model.operation_model("PutObject")
+        self._bucket_base: str | None = None
+        self.put_names = header_names(self._put_operation)
         self._session: aiohttp.ClientSession | None = None
 
     async def _base(self, key: str, upload_id: str) -> str:
@@ -184,6 +238,32 @@ class PartSender:
     ) -> str:
         """UploadPart: the part's ETag. Raises what a botocore call would raise."""
         url = part_url(await self._base(key, upload_id), upload_id, number)
+        answer = await self._exchange("UploadPart", self._operation, url, data, headers)
+        return answer["ETag"]
+
+    async def put_object(self, key: str, data: Body, headers: Mapping[str, str]) -> Answer:
+        """PutObject with ``headers`` (see ``object_headers``): the answer's headers.
+
+        The key's URL is the bucket's (botocore's, found once) with the key encoded as
+        botocore encodes a ``{Key+}`` label: every key is new for small files, and a
+        presigned URL per key would cost what this path saves."""
+        url = await self._bucket_url() + quote(key, safe="/~")
+        return await self._exchange("PutObject", self._put_operation, url, data, headers)
+
+    async def _bucket_url(self) -> str:
+        if self._bucket_base is None:
+            params = {"Bucket": self._bucket, "Key": BUCKET_PROBE}
+            url = await self._client.generate_presigned_url("put_object", Params=params)
+            base = str(url).split("?", 1)[0]
+            if not base.endswith("/" + BUCKET_PROBE):
+                raise ValueError(f"unexpected PutObject URL shape: {base}")
+            self._bucket_base = base[: -len(BUCKET_PROBE)]
+        return self._bucket_base
+
+    async def _exchange(
+        self, name: str, operation: Any, url: str, data: Body, headers: Mapping[str, str]
+    ) -> Answer:
+        """One signed PUT with botocore's retries: the 200 answer (with an ETag)."""
         size = sum(len(c) for c in data)
         attempt = 0
         while True:
@@ -198,16 +278,16 @@ class PartSender:
                 ) as resp:
                     if resp.status == 200 and "ETag" in resp.headers:
                         await resp.read()
-                        return resp.headers["ETag"]
+                        return Answer(resp.status, resp.headers)
                     body = await resp.content.read(ERROR_BODY_LIMIT)
                     answer = Answer(resp.status, resp.headers)
                     parsed = error_response(resp.status, resp.headers, body)
-                    failure = ClientError(parsed, "UploadPart")
+                    failure = ClientError(parsed, name)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 failure = network_error(exc, url)
             context = RetryContext(
                 attempt,
-                operation_model=self._operation,
+                operation_model=operation,
                 parsed_response=parsed,
                 http_response=answer,
                 caught_exception=None if parsed is not None else failure,
@@ -215,7 +295,7 @@ class PartSender:
             if not self._conditions.is_retryable(context):
                 raise failure
             delay = self._backoff.delay_amount(context)
-            log.debug("s3.retry operation=UploadPart attempt=%d delay=%.2f", attempt, delay)
+            log.debug("s3.retry operation=%s attempt=%d delay=%.2f", name, attempt, delay)
             await asyncio.sleep(delay)
 
     async def close(self) -> None:

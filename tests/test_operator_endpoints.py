@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from s3proxy.app import create_app, create_operator_app
-from s3proxy.log import redact
+from s3proxy.log import _BEARER, _PARAM, REDACTED, redact
 from s3proxy.tokens import issue
 from tests import bodies
 from tests.conftest import make_settings
@@ -145,3 +145,22 @@ def test_parse_listen(text: str, expected: tuple[str, int] | None) -> None:
             parse_listen(text)
     else:
         assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "upload.stored key=a/b.bin size=102400 etag=abc",
+        "GET /x?Token=abc&sig=def HTTP/1.1",
+        "a;key=1 b&password=2",
+        "BEARER abcdef",  # no '=': the old shortcut skipped it
+        "authorization: bearer x.y.z",
+        "x=1 Bearer $KEY",
+        "",
+    ],
+)
+def test_redact_shortcuts_mask_what_both_patterns_would(line: str) -> None:
+    """redact's cheap pre-checks skip a pattern only where it cannot match."""
+
+    full = _BEARER.sub(r"\1" + REDACTED, _PARAM.sub(r"\1" + REDACTED, line))
+    assert redact(line) == full
