@@ -1,5 +1,5 @@
-"""``ObjectStore`` over aiobotocore: with ``s3_parts`` (UploadPart's lean path, signed,
-retried and shaped by botocore), the only modules that import botocore.
+"""``ObjectStore`` over aiobotocore: with ``s3_parts`` (the lean path of PutObject and
+UploadPart, signed, retried and shaped by botocore), the only modules importing botocore.
 
 Everything botocore raises is translated here (``translate``) into ``S3Error`` and
 its subclasses (``s3proxy.s3``): client-visible upstream faults are 502 (S3 said

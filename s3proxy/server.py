@@ -112,7 +112,7 @@ def raise_nofile() -> tuple[int, int, int]:
 def connection_cap(max_connections: int, nofile: int, s3_pool: int) -> int:
     """The most client connections that fit in ``nofile`` descriptors, at most the one
     asked for: each takes one, and the health reserve, the S3 pools (botocore's, the
-    presigner's and UploadPart's lean one, ``s3proxy.s3_parts``) and the rest
+    presigner's and the lean sender's, ``s3proxy.s3_parts``) and the rest
     (``OTHER_FDS``) must still fit. At least 1."""
     room = nofile - HEALTH_RESERVE - S3_POOLS * s3_pool - OTHER_FDS
     return max(1, min(max_connections, room))

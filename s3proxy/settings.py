@@ -566,8 +566,8 @@ class Settings:
     )
     lean_upload_part: bool = _setting(
         True,
-        "send UploadPart (one per part) without botocore's per-call work: signed, retried "
-        "and its errors shaped by botocore, ~1.5 ms CPU instead of ~4.5 (README Benchmarks)",
+        "send UploadPart and PutObject without botocore's per-call work: signed, retried "
+        "and their errors shaped by botocore, ~1.5 ms CPU instead of ~4.5 (README Benchmarks)",
         _parse_bool,
     )
 
