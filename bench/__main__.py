@@ -199,6 +199,11 @@ def parser() -> argparse.ArgumentParser:
         " --s3proxy-args: an A/B in the same run (e.g. '--event-loop uvloop')",
     )
     p.add_argument(
+        "--s3proxy-b-rev",
+        help="also run s3proxy-b from this git revision (with --s3proxy-args unless"
+        " --s3proxy-b-args is given): a before/after of the code in the same run",
+    )
+    p.add_argument(
         "--s3proxy-rev",
         help="measure s3proxy as of this git revision (e.g. HEAD); default: a copy of the"
         " working tree's s3proxy/ taken at the start",
@@ -286,6 +291,7 @@ def options(argv: list[str]) -> tuple[Options, bool]:
         command="python -m bench " + shlex.join(argv),
         specs=specs(args.cells, args.small_files),
         s3proxy_b_args=None if args.s3proxy_b_args is None else shlex.split(args.s3proxy_b_args),
+        s3proxy_b_rev=args.s3proxy_b_rev,
     )
     if not opts.sizes or not opts.concurrency or not opts.designs or not opts.clients:
         raise SystemExit("sizes, concurrency, designs and clients must not be empty")

@@ -33,6 +33,7 @@ class Setup:
     body_files: dict[tuple[int, str], Path] = field(default_factory=dict)  # curl's: (size, kind)
     node_dirs: dict[str, Path] = field(default_factory=dict)  # designs.NODE folders installed
     s3proxy_src: Path | None = None  # the snapshot of s3proxy to measure
+    s3proxy_b_src: Path | None = None  # s3proxy-b's (--s3proxy-b-rev), else s3proxy_src
 
 
 @dataclass
@@ -237,7 +238,9 @@ async def run_cell(s: Setup, design: str, client: str, spec: CellSpec, rep: int)
     name = f"{design}-{client}-{designs.size_arg(size)}-c{conc}{extra}-r{rep}"
     argv = designs.argv(design, port, s.backend, s.opts, s.node_dirs)
     # s3proxy runs from its snapshot (cwd first on sys.path with -m); the others from the repo
-    src = s.s3proxy_src if design in ("s3proxy", designs.S3PROXY_B) else None
+    src = {"s3proxy": s.s3proxy_src, designs.S3PROXY_B: s.s3proxy_b_src or s.s3proxy_src}.get(
+        design
+    )
     child = procs.Child(
         name,
         argv,

@@ -36,7 +36,8 @@ async def run(opts: Options) -> RunResult:
     shutil.rmtree(log_dir, ignore_errors=True)  # logs of this run only
     notes: list[str] = []
     names = list(opts.designs)
-    if opts.s3proxy_b_args is not None and designs.S3PROXY_B not in names:
+    wants_b = opts.s3proxy_b_args is not None or opts.s3proxy_b_rev is not None
+    if wants_b and designs.S3PROXY_B not in names:
         names.insert(names.index("s3proxy") + 1 if "s3proxy" in names else 0, designs.S3PROXY_B)
     if "s3proxy" in names and not (REPO / "s3proxy" / "cli.py").exists():
         names.remove("s3proxy")
@@ -61,6 +62,12 @@ async def run(opts: Options) -> RunResult:
     workdir = Path(tempfile.mkdtemp(prefix="s3proxy-bench-"))
     s3proxy_src = workdir / "s3proxy-src"
     source: dict[str, Any] = {}
+    b_source: dict[str, Any] = {}
+    s3proxy_b_src = s3proxy_src
+    if opts.s3proxy_b_rev is not None and designs.S3PROXY_B in names:
+        s3proxy_b_src = workdir / "s3proxy-b-src"
+        b_source = await asyncio.to_thread(snapshot_s3proxy, opts.s3proxy_b_rev, s3proxy_b_src)
+        log(f"s3proxy-b from {b_source['rev']} ({b_source['commit']})")
     if "s3proxy" in names or designs.S3PROXY_B in names:
         source = await asyncio.to_thread(snapshot_s3proxy, opts.s3proxy_rev, s3proxy_src)
         log(
@@ -95,7 +102,7 @@ async def run(opts: Options) -> RunResult:
             f"{len(cells) * len(pairs) * opts.reps} cells, {total / 2**30:.2f} GiB to upload"
         )
         await warm_backend(b, opts)
-        setup = Setup(b, opts, bar, log_dir, body_files, node_dirs, s3proxy_src)
+        setup = Setup(b, opts, bar, log_dir, body_files, node_dirs, s3proxy_src, s3proxy_b_src)
         bar.start()
         for rep in range(opts.reps):
             for i, spec in enumerate(cells):
@@ -135,6 +142,7 @@ async def run(opts: Options) -> RunResult:
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
         "designs": names,
         "s3proxy_source": source,
+        "s3proxy_b_source": b_source,
         "notes": notes,
     }
     return RunResult(meta, runs)

@@ -64,3 +64,5 @@ class Options:
     # A second s3proxy design, "s3proxy-b", run with these flags instead (--s3proxy-b-args):
     # an A/B of one setting in the same run (e.g. --event-loop asyncio against uvloop).
     s3proxy_b_args: list[str] | None = None
+    # ... and/or as of this git revision (--s3proxy-b-rev): a before/after in one run.
+    s3proxy_b_rev: str | None = None

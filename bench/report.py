@@ -393,7 +393,9 @@ def _source(meta: dict[str, Any]) -> str:
     if not src:
         return ""
     dirty = " with uncommitted changes" if src.get("uncommitted_changes") else ""
-    return f", s3proxy at commit {src.get('commit')}{dirty}"
+    b = meta.get("s3proxy_b_source") or {}
+    other = f", s3proxy-b at commit {b.get('commit')}" if b else ""
+    return f", s3proxy at commit {src.get('commit')}{dirty}{other}"
 
 
 def markdown(rep: Report, png: Path | None) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from operator import not_
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 from s3proxy.embedded import EmbeddedConfig, EmbeddedStore
+from s3proxy.s3_aiobotocore import AioObjectStore, ClientOptions, open_store
+from s3proxy.s3_parts import PartSender
 from tests.polling import eventually_sync
 
 
@@ -94,4 +96,20 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStor
     """One SeaweedFS on free loopback ports, bucket ``uploads``, generated keys."""
     data_dir = tmp_path_factory.mktemp("seaweedfs")
     with running_store(EmbeddedConfig(data_dir=data_dir, s3_port=0)) as store:
+        yield store
+
+
+@pytest.fixture
+async def weed_store(seaweedfs: EmbeddedStore) -> AsyncIterator[AioObjectStore]:
+    """The aiobotocore store on the session's SeaweedFS (which checks signatures), its
+    lean sender in use, one attempt per call."""
+    opts = ClientOptions(
+        endpoint_url=seaweedfs.endpoint_url,
+        region=seaweedfs.region,
+        access_key=seaweedfs.access_key,
+        secret_key=seaweedfs.secret_key,
+        max_attempts=1,
+    )
+    async with open_store(opts, seaweedfs.bucket) as store:
+        assert isinstance(store._part_sender(), PartSender)
         yield store

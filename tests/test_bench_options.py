@@ -217,3 +217,13 @@ def test_the_offsets_given_to_the_node_client_rebuild_the_body(size: int) -> Non
         pool[off : off + min(body.BLOCK, size - i * body.BLOCK)] for i, off in enumerate(offsets)
     )
     assert rebuilt == b"".join(body.chunks(1, size))
+
+
+def test_a_before_and_after_runs_s3proxy_b_from_another_revision() -> None:
+    opts = options(["--s3proxy-b-rev", "0000bb0", "--s3proxy-args", "--checksum off"])[0]
+    assert opts.s3proxy_b_rev == "0000bb0" and opts.s3proxy_b_args is None
+    b = Backend("moto", "http://127.0.0.1:1", "b", "k", "s", None, True, _never)
+    # the same flags (--s3proxy-args holds for both unless --s3proxy-b-args is given)
+    a_argv = designs.argv("s3proxy", 1, b, opts, {})
+    assert a_argv[-2:] == ["--checksum", "off"]
+    assert designs.argv(designs.S3PROXY_B, 1, b, opts, {}) == a_argv

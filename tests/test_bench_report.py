@@ -178,3 +178,13 @@ def test_small_file_cells_report_requests_per_second_and_cpu_per_request() -> No
 def test_older_runs_render_without_the_new_columns() -> None:
     rep = Report.of(RunResult(meta(), [cell("s3proxy"), cell("direct", "builtin")]))
     assert report.columns(rep.cells) == report.COLUMNS
+
+
+def test_the_header_names_both_revisions_of_a_before_and_after() -> None:
+    info = {
+        **meta(),
+        "s3proxy_source": {"rev": "HEAD", "commit": "db85b60", "uncommitted_changes": False},
+        "s3proxy_b_source": {"rev": "0000bb0", "commit": "0000bb0", "uncommitted_changes": False},
+    }
+    table = report.markdown(Report.of(RunResult(info, [cell("s3proxy")])), None)
+    assert "s3proxy at commit db85b60, s3proxy-b at commit 0000bb0." in table.splitlines()[0]

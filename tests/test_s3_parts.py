@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -19,7 +18,6 @@ from botocore.exceptions import (
 )
 
 from s3proxy.checksums import Algorithm, Crc
-from s3proxy.embedded import EmbeddedStore
 from s3proxy.s3 import BadDigest, ObjectOptions, S3Error
 from s3proxy.s3_aiobotocore import AioObjectStore, ClientOptions, open_store
 from s3proxy.s3_parts import PartSender, error_response, network_error, part_url
@@ -110,20 +108,6 @@ async def test_an_http_proxy_in_the_environment_leaves_parts_to_botocore(
 
 
 # --- against a store that checks signatures -----------------------------------------
-
-
-@pytest.fixture
-async def weed_store(seaweedfs: EmbeddedStore) -> AsyncIterator[AioObjectStore]:
-    opts = ClientOptions(
-        endpoint_url=seaweedfs.endpoint_url,
-        region=seaweedfs.region,
-        access_key=seaweedfs.access_key,
-        secret_key=seaweedfs.secret_key,
-        max_attempts=1,
-    )
-    async with open_store(opts, seaweedfs.bucket) as store:
-        assert isinstance(store._part_sender(), PartSender)
-        yield store
 
 
 @pytest.mark.e2e

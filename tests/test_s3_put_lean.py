@@ -5,13 +5,11 @@ Signatures and headers are checked by SeaweedFS; retries through FaultyS3 on mot
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from s3proxy.checksums import Algorithm, Crc
-from s3proxy.embedded import EmbeddedStore
 from s3proxy.s3 import ObjectOptions, PreconditionFailed, S3Error
 from s3proxy.s3_aiobotocore import AioObjectStore, ClientOptions, open_store
 from s3proxy.s3_parts import PartSender, header_names, object_headers
@@ -94,20 +92,6 @@ def test_what_this_path_cannot_send_is_left_to_botocore(
 
 
 # --- against a store that checks signatures -----------------------------------------
-
-
-@pytest.fixture
-async def weed_store(seaweedfs: EmbeddedStore) -> AsyncIterator[AioObjectStore]:
-    opts = ClientOptions(
-        endpoint_url=seaweedfs.endpoint_url,
-        region=seaweedfs.region,
-        access_key=seaweedfs.access_key,
-        secret_key=seaweedfs.secret_key,
-        max_attempts=1,
-    )
-    async with open_store(opts, seaweedfs.bucket) as store:
-        assert isinstance(store._part_sender(), PartSender)
-        yield store
 
 
 def _no_botocore_put(store: AioObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:

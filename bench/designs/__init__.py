@@ -115,7 +115,9 @@ def argv(
     listen = ["--host", "127.0.0.1", "--port", str(port)]
     py = sys.executable
     if design in ("s3proxy", S3PROXY_B):
-        flags = opts.s3proxy_args if design == "s3proxy" else opts.s3proxy_b_args or []
+        flags = opts.s3proxy_args
+        if design == S3PROXY_B and opts.s3proxy_b_args is not None:
+            flags = opts.s3proxy_b_args
         return [
             py,
             "-m",
