@@ -29,6 +29,7 @@ OTHER_FLAGS = {
     "--recursive",  # aws s3 ls
     "--matrix",  # python -m bench
     "--s3proxy-rev",
+    "--s3proxy-b-rev",
     "--update-readme",
     "--quick",
     "--cells",
