@@ -314,12 +314,18 @@ def lean_sender(
     max_connections: int,
 ) -> PartSender | None:
     """A sender for ``client``, or None where botocore must do it (see the module)."""
-    if getattr(client.meta.config, "proxies", None) or urllib.request.getproxies():
+    endpoint = urlsplit(client.meta.endpoint_url or "")
+    if not endpoint.scheme:
+        return None
+    if getattr(client.meta.config, "proxies", None):
+        return None
+    # botocore sends through HTTP(S)_PROXY unless NO_PROXY names the host: so must we not
+    if urllib.request.getproxies().get(endpoint.scheme) and not urllib.request.proxy_bypass(
+        endpoint.hostname or ""
+    ):
         return None
     signer = getattr(client, "_request_signer", None)
     if getattr(signer, "_credentials", None) is None:
-        return None
-    if not urlsplit(client.meta.endpoint_url or "").scheme:
         return None
     return PartSender(
         client,

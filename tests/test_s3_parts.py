@@ -98,13 +98,25 @@ async def test_the_lean_path_is_taken_only_where_it_sends_what_botocore_would(
         assert isinstance(store._part_sender(), PartSender) is lean
 
 
-async def test_an_http_proxy_in_the_environment_leaves_parts_to_botocore(
-    moto: Any, bucket: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("env", "lean"),
+    [
+        ({"HTTP_PROXY": "http://127.0.0.1:9"}, False),  # botocore would send through it
+        ({"HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1"}, True),  # not here
+        ({"HTTPS_PROXY": "http://127.0.0.1:9"}, True),  # the endpoint is plain HTTP
+        ({"NO_PROXY": "example.com"}, True),
+    ],
+)
+async def test_an_http_proxy_that_applies_leaves_the_calls_to_botocore(
+    moto: Any, bucket: str, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], lean: bool
 ) -> None:
-    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     opts = ClientOptions(endpoint_url=moto.endpoint_url, region="us-east-1")
     async with open_store(opts, bucket) as store:
-        assert store._part_sender() is None
+        assert isinstance(store._part_sender(), PartSender) is lean
 
 
 # --- against a store that checks signatures -----------------------------------------
