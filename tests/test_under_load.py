@@ -153,6 +153,12 @@ def load_proxy(moto: MotoServer, bucket: str, tmp_path: Path) -> Any:
             "64MiB",
             "--client-timeout",
             "2",
+            # The 50 good bodies all come from this test's one process; on a busy 2-core
+            # machine one of them can fall below the default 32 KiB/s while others wait for
+            # memory and be evicted (by design: tests/test_fairness.py). Here the stalled
+            # half must end by --client-timeout, and every good one must be stored.
+            "--min-upload-rate",
+            "1",
         ],
         fake_aws_env(),
         tmp_path / "proxy.log",
