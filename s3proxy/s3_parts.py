@@ -15,11 +15,11 @@ HTTP exchange are ours, on a pool of their own.
 
 PutObject's headers are named by botocore's model (``header_names``); a parameter
 this path does not know, or a non-ASCII header value, is left to botocore
-(``object_headers`` returns None). The part's URL (host, bucket addressing, key
-encoding) is botocore's too: a presigned
-UploadPart URL for the key, made once per key, without its query. Used only where it
-is simple to be right: no HTTP proxy configured, credentials present; otherwise
-``lean_sender`` returns None and UploadPart goes through botocore.
+(``object_headers`` returns None). The object's URL is botocore's too: the bucket's
+(host, addressing) cut once from a presigned URL, and the key encoded as botocore
+encodes a ``{Key+}`` label. Used only where it is simple to be right: no HTTP proxy
+applies, credentials present; otherwise ``lean_sender`` returns None and botocore
+sends the call.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import inspect
 import logging
 import ssl
 import urllib.request
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +60,6 @@ from s3proxy.s3 import Body
 
 log = logging.getLogger("s3proxy.s3")
 
-URL_CACHE = 1024  # keys whose part URL is remembered (one per upload in flight is enough)
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error answer read to find S3's error code
 
 
@@ -190,26 +188,11 @@ class PartSender:
         self._max_connections = max_connections
         self._conditions = StandardRetryConditions(max_attempts=max_attempts)
         self._backoff = ExponentialBackoff(throttling_detector=_Throttling())
-        self._urls: OrderedDict[str, str] = OrderedDict()
         self._operation = client.meta.service_model.operation_model("UploadPart")
         self._put_operation = client.meta.service_model.operation_model("PutObject")
         self._bucket_base: str | None = None
         self.put_names = header_names(self._put_operation)
         self._session: aiohttp.ClientSession | None = None
-
-    async def _base(self, key: str, upload_id: str) -> str:
-        """The key's URL without query, as botocore addresses it (cached per key)."""
-        base = self._urls.get(key)
-        if base is None:
-            params = {"Bucket": self._bucket, "Key": key, "UploadId": upload_id, "PartNumber": 1}
-            url = await self._client.generate_presigned_url("upload_part", Params=params)
-            base = str(url).split("?", 1)[0]
-            self._urls[key] = base
-            while len(self._urls) > URL_CACHE:
-                self._urls.popitem(last=False)
-        else:
-            self._urls.move_to_end(key)
-        return base
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -237,20 +220,19 @@ class PartSender:
         self, key: str, upload_id: str, number: int, data: Body, headers: Mapping[str, str]
     ) -> str:
         """UploadPart: the part's ETag. Raises what a botocore call would raise."""
-        url = part_url(await self._base(key, upload_id), upload_id, number)
+        url = part_url(await self._object_url(key), upload_id, number)
         answer = await self._exchange("UploadPart", self._operation, url, data, headers)
         return answer["ETag"]
 
     async def put_object(self, key: str, data: Body, headers: Mapping[str, str]) -> Answer:
-        """PutObject with ``headers`` (see ``object_headers``): the answer's headers.
-
-        The key's URL is the bucket's (botocore's, found once) with the key encoded as
-        botocore encodes a ``{Key+}`` label: every key is new for small files, and a
-        presigned URL per key would cost what this path saves."""
-        url = await self._bucket_url() + quote(key, safe="/~")
+        """PutObject with ``headers`` (see ``object_headers``): the answer's headers."""
+        url = await self._object_url(key)
         return await self._exchange("PutObject", self._put_operation, url, data, headers)
 
-    async def _bucket_url(self) -> str:
+    async def _object_url(self, key: str) -> str:
+        """The key's URL without query: the bucket's (botocore's, found once) and the key
+        encoded as botocore encodes a ``{Key+}`` label (a presigned URL per key would
+        cost what this path saves)."""
         if self._bucket_base is None:
             params = {"Bucket": self._bucket, "Key": BUCKET_PROBE}
             url = await self._client.generate_presigned_url("put_object", Params=params)
@@ -258,30 +240,30 @@ class PartSender:
             if not base.endswith("/" + BUCKET_PROBE):
                 raise ValueError(f"unexpected PutObject URL shape: {base}")
             self._bucket_base = base[: -len(BUCKET_PROBE)]
-        return self._bucket_base
+        return self._bucket_base + quote(key, safe="/~")
 
     async def _exchange(
         self, name: str, operation: Any, url: str, data: Body, headers: Mapping[str, str]
     ) -> Answer:
         """One signed PUT with botocore's retries: the 200 answer (with an ETag)."""
-        size = sum(len(c) for c in data)
+        body = ChunkedBody(data)  # its payload writes the chunks afresh on every attempt
         attempt = 0
         while True:
             attempt += 1
-            signed = await self._signed(url, size, headers)
+            signed = await self._signed(url, len(body), headers)
             answer: Answer | None = None
             parsed: dict[str, Any] | None = None
             failure: Exception
             try:
                 async with self._http().put(
-                    yarl.URL(url, encoded=True), data=ChunkedBody(data), headers=signed
+                    yarl.URL(url, encoded=True), data=body, headers=signed
                 ) as resp:
                     if resp.status == 200 and "ETag" in resp.headers:
                         await resp.read()
                         return Answer(resp.status, resp.headers)
-                    body = await resp.content.read(ERROR_BODY_LIMIT)
+                    said = await resp.content.read(ERROR_BODY_LIMIT)
                     answer = Answer(resp.status, resp.headers)
-                    parsed = error_response(resp.status, resp.headers, body)
+                    parsed = error_response(resp.status, resp.headers, said)
                     failure = ClientError(parsed, name)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 failure = network_error(exc, url)
