@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any, Protocol, TypeVar
 
-from aiohttp import BodyPartReader, MultipartReader, hdrs, web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, hdrs, web
 from aiohttp.http_exceptions import (
     HttpProcessingError,
     InvalidHeader,
@@ -464,6 +464,18 @@ async def iter_form(
             yield Field(head.name, value.text, value.size)
 
 
+async def next_chunk(content: StreamReader) -> bytes:
+    """The body's next chunk as the socket brought it; b"" only at the body's end.
+
+    ``readchunk`` hands over the first buffered chunk as it is (``readany`` and
+    ``read(n)`` join all that is buffered: a copy); its b"" at a chunked body's HTTP
+    chunk end is not the end."""
+    while True:
+        chunk, _ = await content.readchunk()
+        if chunk or content.at_eof():
+            return chunk
+
+
 class PartSource:
     """One part's bytes; ends only once the part's closing boundary was seen.
 
@@ -539,13 +551,9 @@ class PartSource:
         assert scan is not None
         content = part._content
         while not part._at_eof:
-            # readchunk hands over the first buffered chunk as it is (readany and
-            # read(n) join all that is buffered); b"" at a chunked body's HTTP chunk end.
-            chunk, _ = await content.readchunk()
+            chunk = await next_chunk(content)
             if not chunk:
-                if content.at_eof():
-                    raise ProxyError(MALFORMED_MULTIPART, "the body ended inside a file part")
-                continue
+                raise ProxyError(MALFORMED_MULTIPART, "the body ended inside a file part")
             pieces, rest = scan.feed(chunk)
             if rest is not None:
                 with warnings.catch_warnings():  # deprecated, and what aiohttp itself does

@@ -61,7 +61,7 @@ from s3proxy.errors import (
     ProxyError,
     error_response,
 )
-from s3proxy.form import ClientWatch, TransportFlow
+from s3proxy.form import ClientWatch, TransportFlow, next_chunk
 from s3proxy.handlers import notify
 from s3proxy.janitor import finish, run_cleanup
 from s3proxy.machine import Resume
@@ -643,19 +643,11 @@ class BodySource:
         self._paused = False
 
     async def read(self, size: int) -> bytes:
-        """The body's next chunk as received, b"" at its end.
-
-        ``readchunk`` hands over the first buffered chunk as it is (``read(size)`` joins
-        what is buffered: a copy); a chunk may bring more than ``size``, which the
-        upload machine keeps for the next part, as with a form's file part."""
+        """The body's next chunk as received (``form.next_chunk``), b"" at its end; it
+        may bring more than ``size``, which the upload machine keeps for the next part,
+        as with a form's file part."""
         self._flow.expect(size)
-        return await self._watch.read(self._next_chunk)
-
-    async def _next_chunk(self) -> bytes:
-        while True:
-            chunk, _ = await self._content.readchunk()
-            if chunk or self._content.at_eof():
-                return chunk  # b"" mid-body is a chunked body's HTTP chunk end: read on
+        return await self._watch.read(lambda: next_chunk(self._content))
 
     def pause(self) -> None:
         if not self._paused:
