@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 import pytest
+from aiobotocore.credentials import AioRefreshableCredentials
 from botocore.exceptions import (
     ConnectionClosedError,
     ConnectTimeoutError,
@@ -18,6 +20,7 @@ from botocore.exceptions import (
 )
 
 from s3proxy.checksums import Algorithm, Crc
+from s3proxy.embedded import EmbeddedStore
 from s3proxy.s3 import BadDigest, ObjectOptions, S3Error
 from s3proxy.s3_aiobotocore import AioObjectStore, ClientOptions, open_store
 from s3proxy.s3_parts import PartSender, error_response, network_error, part_url
@@ -161,6 +164,71 @@ async def test_a_wrong_checksum_is_refused_as_bad_digest_by_the_store(
             await weed_store.upload_part(key, upload_id, 1, [data], checksum=crc(data + b"x"))
     finally:
         await weed_store.abort(key, upload_id)
+
+
+@pytest.mark.e2e
+async def test_refreshable_credentials_are_fetched_fresh_for_every_signature(
+    seaweedfs: EmbeddedStore,
+) -> None:
+    """Credentials that refresh (an assumed role, instance metadata): every signature asks
+    for them (awaiting the refresh), and our signer signs with them."""
+    refreshed = 0
+
+    async def refresh() -> dict[str, str]:
+        nonlocal refreshed
+        refreshed += 1
+        # inside botocore's advisory window (15 min): refreshed again on every use
+        expiry = datetime.now(UTC) + timedelta(minutes=5)
+        return {
+            "access_key": seaweedfs.access_key,
+            "secret_key": seaweedfs.secret_key,
+            "token": "",  # SeaweedFS takes a token as STS's: none here (see test_sigv4)
+            "expiry_time": expiry.isoformat(),
+        }
+
+    opts = ClientOptions(
+        endpoint_url=seaweedfs.endpoint_url,
+        region=seaweedfs.region,
+        access_key="stale",
+        secret_key="stale",
+        max_attempts=1,
+    )
+    async with open_store(opts, seaweedfs.bucket) as store:
+        store._client._request_signer._credentials = AioRefreshableCredentials.create_from_metadata(
+            await refresh(), refresh_using=refresh, method="test"
+        )
+        sender = store._part_sender()
+        assert isinstance(sender, PartSender)
+        key, data = "lean/refreshed.bin", os.urandom(1000)
+        upload_id = await store.create(key, OPTS)
+        try:
+            before = refreshed
+            etag = await store.upload_part(key, upload_id, 1, [data])
+            assert refreshed > before  # the part's signature asked for fresh credentials
+            await store.complete(key, upload_id, [(1, etag)])
+        except BaseException:
+            await store.abort(key, upload_id)
+            raise
+        before = refreshed
+        await store.put("lean/refreshed-put.bin", [data], OPTS)
+        assert refreshed > before
+        for name in (key, "lean/refreshed-put.bin"):
+            async with await store.get(name) as body:
+                assert await body.read(2000) == data
+            await store.delete(name)
+        assert sender._keys.derived == 1  # ours signed both, with one key for the day
+
+
+@pytest.mark.e2e
+async def test_static_credentials_without_a_token_are_signed_by_ours(
+    weed_store: AioObjectStore,
+) -> None:
+    sender = weed_store._part_sender()
+    assert isinstance(sender, PartSender)
+    written = await weed_store.put("lean/static.bin", [b"static"], OPTS)
+    assert written.etag.strip('"')
+    await weed_store.delete("lean/static.bin")
+    assert sender._keys.derived == 1
 
 
 # --- retries and errors, as botocore's ----------------------------------------------
