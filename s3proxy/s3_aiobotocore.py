@@ -1,5 +1,6 @@
-"""``ObjectStore`` over aiobotocore: with ``s3_parts`` (the lean path of PutObject and
-UploadPart, signed, retried and shaped by botocore), the only modules importing botocore.
+"""``ObjectStore`` over aiobotocore: with ``s3_parts`` (the lean path of the write calls:
+PutObject, UploadPart, CreateMultipartUpload, CompleteMultipartUpload and PutObjectTagging,
+signed, retried and shaped by botocore), the only modules importing botocore.
 
 Everything botocore raises is translated here (``translate``) into ``S3Error`` and
 its subclasses (``s3proxy.s3``): client-visible upstream faults are 502 (S3 said
@@ -71,7 +72,13 @@ from s3proxy.s3 import (
     refusal,
     whole_object,
 )
-from s3proxy.s3_parts import PartSender, lean_sender, object_headers
+from s3proxy.s3_parts import (
+    PartSender,
+    complete_body,
+    lean_sender,
+    object_headers,
+    tagging_body,
+)
 
 log = logging.getLogger("s3proxy.s3")
 
@@ -85,6 +92,13 @@ _HEADERS = {
     "SSEKMSKeyId": "x-amz-server-side-encryption-aws-kms-key-id",
     "IfNoneMatch": "If-None-Match",
     "ChecksumSHA256": "x-amz-checksum-sha256",
+}
+# The checksum parameters of CreateMultipartUpload and CompleteMultipartUpload as the
+# headers botocore's model sends them as (the lean path's; the part's value is its own).
+_DECLARED = {
+    "ChecksumAlgorithm": "x-amz-checksum-algorithm",
+    "ChecksumType": "x-amz-checksum-type",
+    **{a.param: a.header for a in Algorithm},
 }
 # A POST form names the ACL "acl"; the other fields are named like the headers.
 # (no IfNoneMatch or checksum: a POST policy holds neither)
@@ -359,11 +373,8 @@ class AioObjectStore:
         if_match: str | None = None,
     ) -> Written:
         swap = {} if if_match is None else {"IfMatch": if_match}
-        sender = self._part_sender() if self._lean_put() else None
-        headers = None
-        if sender is not None:
-            params = {**_params(options, metadata=False), **_only_new(if_none_match), **swap}
-            headers = object_headers(sender.put_names, params, options.metadata)
+        params = {**_params(options, metadata=False), **_only_new(if_none_match), **swap}
+        sender, headers = self._lean_headers(params, options)
         with _carrying(checksum):
             async with self.call("PutObject"):
                 if sender is not None and headers is not None:
@@ -391,20 +402,26 @@ class AioObjectStore:
             # FULL_OBJECT: a CRC of the whole object, checked at Complete (S3 user guide,
             # "Checking object integrity"); only CRCs have it, and need no second pass.
             declared = {"ChecksumAlgorithm": checksum.value, "ChecksumType": "FULL_OBJECT"}
+        sender, headers = self._lean_headers(_params(options, metadata=False), options)
         try:
             with _carrying(checksum):
                 async with self.call("CreateMultipartUpload"):
-                    resp = await self._client.create_multipart_upload(
-                        Bucket=self.bucket, Key=key, **_params(options), **declared
-                    )
+                    if sender is not None and headers is not None:
+                        headers.update({_DECLARED[k]: v for k, v in declared.items()})
+                        upload_id, retried = await sender.create(key, headers)
+                    else:
+                        resp = await self._client.create_multipart_upload(
+                            Bucket=self.bucket, Key=key, **_params(options), **declared
+                        )
+                        upload_id = str(resp["UploadId"])
+                        retried = resp.get("ResponseMetadata", {}).get("RetryAttempts", 0)
         except BaseException:
             # S3 may have made the upload and only its answer was lost: abort it, since
             # no one else will ever learn its id. To the end even if we are cancelled.
             await finish(self._abort_lost(key, keep=None))
             raise
-        upload_id = str(resp["UploadId"])
-        if resp.get("ResponseMetadata", {}).get("RetryAttempts"):
-            # botocore retried: an earlier attempt may have made an upload whose answer
+        if retried:
+            # the call was retried: an earlier attempt may have made an upload whose answer
             # was lost (a read timeout), which would stay open unseen.
             await finish(self._abort_lost(key, keep=upload_id))
         return upload_id
@@ -444,6 +461,16 @@ class AioObjectStore:
     def _lean_put(self) -> bool:
         return self._options is not None and self._options.lean_put
 
+    def _lean_headers(
+        self, params: Mapping[str, Any], options: ObjectOptions
+    ) -> tuple[PartSender | None, dict[str, str] | None]:
+        """The lean sender and an object's headers for it (PutObject, CreateMultipartUpload);
+        no headers where botocore must send the call (``object_headers``)."""
+        sender = self._part_sender() if self._lean_put() else None
+        if sender is None:
+            return None, None
+        return sender, object_headers(sender.put_names, params, options.metadata)
+
     def _part_sender(self) -> PartSender | None:
         if not self._parts_decided:
             self._parts_decided = True
@@ -477,8 +504,15 @@ class AioObjectStore:
             for entry, value in zip(listed, checksums, strict=True):
                 entry.update(_checksum_params(value))
             declared = {"ChecksumType": "FULL_OBJECT", **_checksum_params(whole)}
+        sender = self._part_sender() if self._lean_put() else None
         with _carrying(whole):
             async with self.call("CompleteMultipartUpload"):
+                if sender is not None:
+                    headers = {_DECLARED[k]: v for k, v in declared.items()}
+                    headers.update({"If-None-Match": "*"} if if_none_match else {})
+                    body = complete_body(listed)
+                    fields = await sender.complete(key, upload_id, body, headers)
+                    return Written(fields["ETag"], _stored_checksum(fields, whole))
                 resp = await self._client.complete_multipart_upload(
                     Bucket=self.bucket,
                     Key=key,
@@ -506,7 +540,11 @@ class AioObjectStore:
         return found
 
     async def tag(self, key: str, tags: Mapping[str, str]) -> None:
+        sender = self._part_sender() if self._lean_put() else None
         async with self.call("PutObjectTagging"):
+            if sender is not None:
+                await sender.tag(key, tagging_body(tags))
+                return
             await self._client.put_object_tagging(
                 Bucket=self.bucket,
                 Key=key,

@@ -1,5 +1,6 @@
-"""UploadPart and PutObject without botocore's per-call machinery: the call made for
-every 8 MiB, and the one call of every small file.
+"""S3's write calls without botocore's per-call machinery: UploadPart (the call made for
+every 8 MiB), PutObject (the one call of every small file), and the three calls of every
+multipart upload (CreateMultipartUpload, CompleteMultipartUpload, PutObjectTagging).
 
 A botocore call costs about 4.5 ms of CPU on the event loop whatever its size
 (parameter validation, serialization, endpoint rules, a dozen events, the user-agent
@@ -14,13 +15,15 @@ for the network), so ``s3_aiobotocore.translate`` and everything
 above it see exactly what a botocore call raises. Only the request building and the
 HTTP exchange are ours, on a pool of their own.
 
-PutObject's headers are named by botocore's model (``header_names``); a parameter
-this path does not know, or a non-ASCII header value, is left to botocore
-(``object_headers`` returns None). The object's URL is botocore's too: the bucket's
-(host, addressing) cut once from a presigned URL, and the key encoded as botocore
-encodes a ``{Key+}`` label. Used only where it is simple to be right: no HTTP proxy
-applies, credentials present; otherwise ``lean_sender`` returns None and botocore
-sends the call.
+PutObject's (and CreateMultipartUpload's) headers are named by botocore's model
+(``header_names``); a parameter this path does not know, or a non-ASCII header value, is
+left to botocore (``object_headers`` returns None). The XML bodies are botocore's
+serialisation (``complete_body``, ``tagging_body``), answers are read as botocore reads
+them (``answer_status``: S3's 200 with an ``<Error>`` body is a 500; ``xml_fields``).
+The object's URL is botocore's too: the bucket's (host, addressing) cut once from a
+presigned URL, and the key encoded as botocore encodes a ``{Key+}`` label. Used only
+where it is simple to be right: no HTTP proxy applies, credentials present; otherwise
+``lean_sender`` returns None and botocore sends the call.
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ import inspect
 import logging
 import ssl
 import urllib.request
-from collections.abc import Mapping
+import zlib
+from base64 import b64encode
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
 from xml.etree import ElementTree
+from xml.sax.saxutils import escape
 
 import aiohttp
 import yarl
@@ -66,12 +72,19 @@ log = logging.getLogger("s3proxy.s3")
 ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error answer read to find S3's error code
 
 
+S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"  # botocore's model: the payloads' xmlNamespace
+# No Content-Type of aiohttp's own: botocore sends one only where a parameter names it.
+NO_AUTO_HEADERS = ("Content-Type",)
+
+
 @dataclass(frozen=True)
 class Answer:
-    """What botocore's retry checks read of an HTTP answer (and PutObject's caller)."""
+    """What botocore's retry checks read of an HTTP answer, and what the caller reads."""
 
     status_code: int
     headers: Mapping[str, str]
+    content: bytes = b""
+    attempts: int = 1  # botocore's ResponseMetadata.RetryAttempts is this minus one
 
     def __getitem__(self, name: str) -> str:
         return self.headers[name]
@@ -145,7 +158,84 @@ def error_response(status: int, headers: Mapping[str, str], body: bytes) -> dict
 
 def part_url(base: str, upload_id: str, number: int) -> str:
     """The part's URL, its query encoded as SigV4's canonical query string wants it."""
-    return f"{base}?partNumber={number}&uploadId={quote(upload_id, safe='-_.~')}"
+    return f"{base}?partNumber={number}&{upload_query(upload_id)}"
+
+
+def upload_query(upload_id: str) -> str:
+    """``uploadId=...`` encoded as SigV4's canonical query string wants it."""
+    return f"uploadId={quote(upload_id, safe='-_.~')}"
+
+
+def _element(name: str, children: Sequence[str]) -> str:
+    """One element as ElementTree (botocore's serializer) writes it, empty ones closed."""
+    if not children:
+        return f"<{name} />"
+    return f"<{name}>{''.join(children)}</{name.split(' ', 1)[0]}>"
+
+
+def complete_body(parts: Sequence[Mapping[str, object]]) -> bytes:
+    """CompleteMultipartUpload's XML as botocore serialises ``MultipartUpload={"Parts":
+    parts}``: each part's fields in the order given (PartNumber, ETag, ChecksumCRC64NVME).
+
+    Pure. Text escaped as ElementTree escapes it (``&``, ``<``, ``>``), UTF-8."""
+    listed = [
+        _element("Part", [f"<{k}>{escape(str(v))}</{k}>" for k, v in part.items()])
+        for part in parts
+    ]
+    return _element(f'CompleteMultipartUpload xmlns="{S3_XMLNS}"', listed).encode()
+
+
+def tagging_body(tags: Mapping[str, str]) -> bytes:
+    """PutObjectTagging's XML as botocore serialises ``Tagging={"TagSet": [...]}``. Pure."""
+    listed = [
+        f"<Tag><Key>{escape(k)}</Key><Value>{escape(v)}</Value></Tag>" for k, v in tags.items()
+    ]
+    return _element(f'Tagging xmlns="{S3_XMLNS}"', [_element("TagSet", listed)]).encode()
+
+
+def tagging_headers(body: bytes) -> dict[str, str]:
+    """The integrity headers botocore adds to PutObjectTagging (``requestChecksumRequired``):
+    with ``request_checksum_calculation`` either way, a CRC32 of the body, not Content-MD5.
+
+    Pure."""
+    crc = zlib.crc32(body).to_bytes(4, "big")
+    return {
+        "x-amz-checksum-crc32": b64encode(crc).decode(),
+        "x-amz-sdk-checksum-algorithm": "CRC32",
+    }
+
+
+def answer_status(status: int, content: bytes) -> int:
+    """The status botocore gives an S3 answer: a 200 whose body is an ``<Error>``, or is
+    not XML at all (cut off), is a 500 (``handlers._handle_200_error``: S3 may answer
+    CompleteMultipartUpload 200 and fail later), so it is retried and raised as one.
+
+    Pure."""
+    if status != 200 or not content:
+        return status
+    try:
+        root = ElementTree.fromstring(content)
+    except ElementTree.ParseError:
+        return 500
+    return 500 if root.tag == "Error" else 200
+
+
+def xml_fields(content: bytes) -> dict[str, str]:
+    """The top-level elements of an S3 XML answer by their names without namespace (as
+    botocore's parser names them): ``UploadId``, ``ETag``, ``ChecksumCRC64NVME``...
+
+    Pure. An empty or non-XML body has none."""
+    try:
+        root = ElementTree.fromstring(content)
+    except ElementTree.ParseError:
+        return {}
+    return {child.tag.rsplit("}", 1)[-1]: child.text or "" for child in root}
+
+
+def malformed(name: str, answer: Answer) -> ClientError:
+    """A 200 answer without what the call returns (an ETag, an UploadId): an error named
+    by its status, not retried (botocore would not retry it either)."""
+    return ClientError(error_response(answer.status_code, answer.headers, answer.content), name)
 
 
 def _unsigned_payload(config: Any) -> bool:
@@ -177,7 +267,7 @@ def network_error(exc: BaseException, url: str) -> Exception:
 
 
 class PartSender:
-    """Sends UploadPart requests for one aiobotocore S3 client."""
+    """Sends S3's write calls (see the module) for one aiobotocore S3 client."""
 
     def __init__(
         self,
@@ -198,8 +288,12 @@ class PartSender:
         self._max_connections = max_connections
         self._conditions = StandardRetryConditions(max_attempts=max_attempts)
         self._backoff = ExponentialBackoff(throttling_detector=_Throttling())
-        self._operation = client.meta.service_model.operation_model("UploadPart")
-        self._put_operation = client.meta.service_model.operation_model("PutObject")
+        model = client.meta.service_model
+        self._operation = model.operation_model("UploadPart")
+        self._put_operation = model.operation_model("PutObject")
+        self._create_operation = model.operation_model("CreateMultipartUpload")
+        self._complete_operation = model.operation_model("CompleteMultipartUpload")
+        self._tag_operation = model.operation_model("PutObjectTagging")
         self._bucket_base: str | None = None
         self.put_names = header_names(self._put_operation)
         self._session: aiohttp.ClientSession | None = None
@@ -252,13 +346,49 @@ class PartSender:
     ) -> str:
         """UploadPart: the part's ETag. Raises what a botocore call would raise."""
         url = part_url(await self._object_url(key), upload_id, number)
-        answer = await self._exchange("UploadPart", self._operation, url, data, headers)
+        answer = await self._exchange("UploadPart", self._operation, "PUT", url, data, headers)
+        if "ETag" not in answer.headers:
+            raise malformed("UploadPart", answer)
         return answer["ETag"]
 
     async def put_object(self, key: str, data: Body, headers: Mapping[str, str]) -> Answer:
         """PutObject with ``headers`` (see ``object_headers``): the answer's headers."""
         url = await self._object_url(key)
-        return await self._exchange("PutObject", self._put_operation, url, data, headers)
+        answer = await self._exchange("PutObject", self._put_operation, "PUT", url, data, headers)
+        if "ETag" not in answer.headers:
+            raise malformed("PutObject", answer)
+        return answer
+
+    async def create(self, key: str, headers: Mapping[str, str]) -> tuple[str, int]:
+        """CreateMultipartUpload with ``headers`` (``object_headers`` and the declared
+        checksum's): (the upload id, how many times it was retried: an earlier attempt may
+        have made an upload whose answer was lost, as botocore's RetryAttempts tells)."""
+        name = "CreateMultipartUpload"
+        url = await self._object_url(key) + "?uploads"
+        answer = await self._exchange(name, self._create_operation, "POST", url, (), headers)
+        upload_id = xml_fields(answer.content).get("UploadId")
+        if not upload_id:
+            raise malformed(name, answer)
+        return upload_id, answer.attempts - 1
+
+    async def complete(
+        self, key: str, upload_id: str, body: bytes, headers: Mapping[str, str]
+    ) -> dict[str, str]:
+        """CompleteMultipartUpload with ``body`` (``complete_body``): the answer's fields
+        (ETag, and the stored checksum where S3 reports it)."""
+        name = "CompleteMultipartUpload"
+        url = f"{await self._object_url(key)}?{upload_query(upload_id)}"
+        answer = await self._exchange(name, self._complete_operation, "POST", url, (body,), headers)
+        fields = xml_fields(answer.content)
+        if "ETag" not in fields:
+            raise malformed(name, answer)
+        return fields
+
+    async def tag(self, key: str, body: bytes) -> None:
+        """PutObjectTagging with ``body`` (``tagging_body``) and botocore's CRC32 of it."""
+        url = await self._object_url(key) + "?tagging"
+        headers = tagging_headers(body)
+        await self._exchange("PutObjectTagging", self._tag_operation, "PUT", url, (body,), headers)
 
     async def _object_url(self, key: str) -> str:
         """The key's URL without query: the bucket's (botocore's, found once) and the key
@@ -274,27 +404,40 @@ class PartSender:
         return self._bucket_base + quote(key, safe="/~")
 
     async def _exchange(
-        self, name: str, operation: Any, url: str, data: Body, headers: Mapping[str, str]
+        self,
+        name: str,
+        operation: Any,
+        method: str,
+        url: str,
+        data: Body,
+        headers: Mapping[str, str],
     ) -> Answer:
-        """One signed PUT with botocore's retries: the 200 answer (with an ETag)."""
+        """One signed request with botocore's retries: the 200 answer (its small body read)."""
         body = ChunkedBody(data)  # its payload writes the chunks afresh on every attempt
         attempt = 0
         while True:
             attempt += 1
-            signed = await self._signed("PUT", url, len(body), headers)
+            signed = await self._signed(method, url, len(body), headers)
             answer: Answer | None = None
             parsed: dict[str, Any] | None = None
             failure: Exception
             try:
-                async with self._http().put(
-                    yarl.URL(url, encoded=True), data=body, headers=signed
+                async with self._http().request(
+                    method,
+                    yarl.URL(url, encoded=True),
+                    data=body,
+                    headers=signed,
+                    skip_auto_headers=NO_AUTO_HEADERS,
                 ) as resp:
-                    if resp.status == 200 and "ETag" in resp.headers:
-                        await resp.read()
-                        return Answer(resp.status, resp.headers)
-                    said = await resp.content.read(ERROR_BODY_LIMIT)
-                    answer = Answer(resp.status, resp.headers)
-                    parsed = error_response(resp.status, resp.headers, said)
+                    if resp.status == 200:
+                        content = await resp.read()  # S3's answers to these calls are small
+                    else:
+                        content = await resp.content.read(ERROR_BODY_LIMIT)
+                    status = answer_status(resp.status, content)
+                    answer = Answer(status, resp.headers, content, attempt)
+                    if status == 200:
+                        return answer
+                    parsed = error_response(status, resp.headers, content)
                     failure = ClientError(parsed, name)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 failure = network_error(exc, url)

@@ -30,6 +30,7 @@ class Fault:
     drop: bool = False  # close the connection without an answer
     late: float = 0.0  # forward to S3 first, then sleep before answering: the answer is lost
     flip: bool = False  # forward with one bit of the body's middle byte flipped
+    body: bytes | None = None  # with ``status``: answer this body instead of S3's error
 
 
 def operation(request: web.Request) -> str:
@@ -67,6 +68,7 @@ class FaultyS3:
     port: int = 0
     keep_host: bool = False  # forward the Host header as sent (for stores that verify SigV4)
     headers: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # (op, lower-cased)
+    bodies: list[tuple[str, bytes]] = field(default_factory=list)  # (op, the body as sent)
 
     @property
     def endpoint_url(self) -> str:
@@ -78,6 +80,7 @@ class FaultyS3:
         fault = self.rule(op, self.calls.count(op))
         body = await request.read()
         self.headers.append((op, {k.lower(): v for k, v in request.headers.items()}))
+        self.bodies.append((op, body))
         if fault is not None and fault.flip and body:
             flipped = bytearray(body)
             flipped[len(flipped) // 2] ^= 0x01
@@ -90,10 +93,11 @@ class FaultyS3:
                 request.transport.close()
                 raise ConnectionResetError("dropped by the test")
             if fault.status:
+                answer = fault.body
+                if answer is None:
+                    answer = S3_ERROR.format(code=fault.code).encode()
                 return web.Response(
-                    status=fault.status,
-                    text=S3_ERROR.format(code=fault.code),
-                    content_type="application/xml",
+                    status=fault.status, body=answer, content_type="application/xml"
                 )
         dropped = ("content-length",) if self.keep_host else ("host", "content-length")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in dropped}

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
+
 from s3proxy.s3 import ObjectOptions, S3Error
 from s3proxy.s3_aiobotocore import ClientOptions, open_store
 from tests import bodies
@@ -23,35 +25,58 @@ def lost_create(times: int) -> Any:
     return lambda op, n: Fault(late=1.5) if op == "CreateMultipartUpload" and n <= times else None
 
 
+def creates_sent_by(faulty: FaultyS3) -> set[str]:
+    """Which path sent the creates: botocore names its requests (amz-sdk-invocation-id)."""
+    return {
+        "botocore" if "amz-sdk-invocation-id" in headers else "lean"
+        for op, headers in faulty.headers
+        if op == "CreateMultipartUpload"
+    }
+
+
+LEAN_OR_NOT = pytest.mark.parametrize("lean", [True, False], ids=["lean", "botocore"])
+
+
+@LEAN_OR_NOT
 async def test_lost_create_answer_is_a_504_and_leaves_no_upload(
-    proxy_factory: Any, moto: Any, s3: Any, bucket: str
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, lean: bool
 ) -> None:
     raw = bodies.body([bodies.file("f", "a.bin", os.urandom(6 * MiB))])
     async with FaultyS3(moto.endpoint_url, lost_create(1)) as faulty:
         proxy = await proxy_factory(
-            endpoint_url=faulty.endpoint_url, s3_max_attempts=1, s3_read_timeout=0.5
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=1,
+            s3_read_timeout=0.5,
+            lean_upload_part=lean,
         )
         status, out = await post_raw(proxy, raw)
     expect_error(status, out, 504, "UPSTREAM_TIMEOUT")
+    assert creates_sent_by(faulty) == {"lean" if lean else "botocore"}
     assert faulty.calls.count("CreateMultipartUpload") == 1
     assert "AbortMultipartUpload" in faulty.calls
     assert await open_uploads_async(s3, bucket) == []  # the fixture checks it too
     assert await all_keys_async(s3, bucket) == []
 
 
+@LEAN_OR_NOT
 async def test_create_retried_after_a_lost_answer_aborts_the_first_upload(
-    proxy_factory: Any, moto: Any, s3: Any, bucket: str
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, lean: bool
 ) -> None:
-    """botocore retries the timed-out create and S3 makes a second upload: the first
-    one, whose id never arrived, must not stay open behind a 201."""
+    """The timed-out create is retried (by botocore or the lean sender, which reports its
+    retries as botocore does) and S3 makes a second upload: the first one, whose id
+    never arrived, must not stay open behind a 201."""
     data = os.urandom(6 * MiB)
     raw = bodies.body([bodies.file("f", "a.bin", data)])
     async with FaultyS3(moto.endpoint_url, lost_create(1)) as faulty:
         proxy = await proxy_factory(
-            endpoint_url=faulty.endpoint_url, s3_max_attempts=2, s3_read_timeout=0.5
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=2,
+            s3_read_timeout=0.5,
+            lean_upload_part=lean,
         )
         status, out = await post_raw(proxy, raw)
     assert status == 201, out
+    assert creates_sent_by(faulty) == {"lean" if lean else "botocore"}
     assert faulty.calls.count("CreateMultipartUpload") == 2
     assert faulty.calls.count("AbortMultipartUpload") == 1
     assert await open_uploads_async(s3, bucket) == []
