@@ -24,7 +24,8 @@ Invariants:
 * Every port is passed to weed explicitly: ``weed mini`` silently moves a busy port it
   was not given, and derives gRPC ports as HTTP port + 10000, which overflows for
   ephemeral ports. Fixed ports are bind-tested first, so a busy port fails at once;
-  ports picked for 0 are kept in ``ports.json`` and reused while free.
+  ports picked for 0 are kept in ``ports.json`` and reused while free. A picked port
+  someone takes between our check and weed's bind is picked again (``PICK_ATTEMPTS``).
 * What we add to ``data_dir``: ``weed.log`` (weed's output), ``credentials.json`` and
   ``s3-identities.json`` (mode 0600), ``ports.json``. Everything else is weed's.
 * Nothing depends on the rest of the package; the CLI and the tests build on this.
@@ -80,6 +81,7 @@ LOG_NAME = "weed.log"
 CREDENTIALS_NAME = "credentials.json"
 IDENTITIES_NAME = "s3-identities.json"
 PORTS_NAME = "ports.json"
+PICK_ATTEMPTS = 3  # launches with freshly picked ports when a picked one was taken meanwhile
 #: weed mini reloads flags it saved in the data dir, and those override ours when a
 #: value we pass equals weed's default; we remove it so only our flags count.
 _WEED_SAVED_OPTIONS = "mini.options"
@@ -315,7 +317,23 @@ class EmbeddedStore:
             _write_private(ports_file, json.dumps(ports, indent=2))
         except OSError as exc:
             raise _data_dir_error(exc, self._data_dir) from exc
-        await self._launch(binary, identities, timeout)
+        for attempt in range(1, PICK_ATTEMPTS + 1):
+            try:
+                await self._launch(binary, identities, timeout)
+                break
+            except EmbeddedStoreError as exc:
+                taken = taken_port(str(exc))
+                if attempt == PICK_ATTEMPTS or taken is None or taken in _given(self._config):
+                    raise
+            # A port we picked was free when checked, then someone took it before weed
+            # bound it (another process's bind or outgoing connection): pick again.
+            log.warning("embedded.port_taken port=%d attempt=%d", taken, attempt)
+            previous = {flag: port for flag, port in self._ports.items() if port != taken}
+            self._ports = _resolve_ports(self._config, previous)
+            try:
+                _write_private(ports_file, json.dumps(self._ports, indent=2))
+            except OSError as exc:
+                raise _data_dir_error(exc, self._data_dir) from exc
         if self._config.restart is not None:
             self._supervisor = asyncio.create_task(
                 self._supervise(binary, identities, self._config.restart, timeout),
@@ -645,6 +663,20 @@ def _port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+_TAKEN = re.compile(r"Port allocation failed: port (\d+)")
+
+
+def taken_port(message: str) -> int | None:
+    """The port weed's start-up output says it could not bind, if that is why it failed."""
+    found = _TAKEN.search(message)
+    return int(found.group(1)) if found else None
+
+
+def _given(config: EmbeddedConfig) -> set[int]:
+    """The ports the configuration names (not 0): never re-picked, a clash fails."""
+    return {port for field, _, _ in _PORTS if (port := getattr(config, field))}
 
 
 def _resolve_ports(config: EmbeddedConfig, previous: Mapping[str, int]) -> dict[str, int]:

@@ -6,6 +6,7 @@ Everything runs on 127.0.0.1 against the real ``weed`` binary; nothing is mocked
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import select
 import signal
@@ -26,7 +27,14 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from s3proxy.embedded import CREDENTIALS_NAME, EmbeddedConfig, EmbeddedStore, EmbeddedStoreError
+from s3proxy import embedded
+from s3proxy.embedded import (
+    CREDENTIALS_NAME,
+    EmbeddedConfig,
+    EmbeddedStore,
+    EmbeddedStoreError,
+    taken_port,
+)
 from tests.s3util import read_object_async
 from tests.seaweed_fixture import process_alive, running_store, s3_client_kwargs, wait_no_weed
 
@@ -210,6 +218,60 @@ async def test_weed_exiting_during_start_reports_its_output(tmp_path: Path) -> N
     assert str(port) in message.split("last lines of", 1)[1]  # weed's own words
     assert store.pid is None
     wait_no_weed(None, tmp_path, within=1.0)
+
+
+async def test_a_picked_port_taken_before_weed_binds_it_is_picked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ports s3proxy picks are free when checked and bound by weed a moment later; another
+    process may take one in between (seen in CI: weed's filer port, on a busy machine).
+    Here the first pick of the filer port is one held on 127.0.0.2 (free by our check,
+    refused by weed's), as such a race leaves it: the store starts on a fresh pick."""
+    real = embedded._resolve_ports
+    calls = 0
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.2", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+
+        def first_pick_taken(config: EmbeddedConfig, previous: Any) -> dict[str, int]:
+            nonlocal calls
+            calls += 1
+            ports = real(config, previous)
+            return {**ports, "filer.port": port} if calls == 1 else ports
+
+        monkeypatch.setattr(embedded, "_resolve_ports", first_pick_taken)
+        store = EmbeddedStore(EmbeddedConfig(data_dir=tmp_path, s3_port=0))
+        try:
+            await store.start(timeout=30)
+            assert calls == 2
+            assert store._ports["filer.port"] != port
+            assert json.loads((tmp_path / "ports.json").read_text()) == store._ports
+            assert f"embedded.port_taken port={port} attempt=1" in caplog.text
+        finally:
+            await store.stop()
+    wait_no_weed(None, tmp_path, within=5.0)
+
+
+async def test_a_given_port_weed_cannot_bind_is_not_picked_again(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.2", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        store = EmbeddedStore(EmbeddedConfig(data_dir=tmp_path, s3_port=0, filer_port=port))
+        with pytest.raises(EmbeddedStoreError) as failed:
+            await store.start(timeout=30)
+    assert taken_port(str(failed.value)) == port
+    assert store.pid is None
+
+
+def test_taken_port_reads_weeds_words() -> None:
+    line = (
+        "E1202 03:00:03.289779 mini.go:1244 Port allocation failed: port 33049 for Filer "
+        "(specified by flag filer.port) is not available on 127.0.0.1 and cannot be used"
+    )
+    assert taken_port("weed exited; last lines:\n" + line) == 33049
+    assert taken_port("embedded S3 store: not ready after 30s") is None
 
 
 async def test_not_ready_in_time_kills_weed(tmp_path: Path) -> None:
