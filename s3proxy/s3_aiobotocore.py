@@ -458,15 +458,19 @@ class AioObjectStore:
                 )
         return str(resp["ETag"])
 
-    def _lean_put(self) -> bool:
-        return self._options is not None and self._options.lean_put
+    def _lean_writer(self) -> PartSender | None:
+        """The lean sender for the object-level calls (PutObject, Create, Complete,
+        PutObjectTagging), where ``lean_put`` allows it; None: botocore sends them."""
+        if self._options is None or not self._options.lean_put:
+            return None
+        return self._part_sender()
 
     def _lean_headers(
         self, params: Mapping[str, Any], options: ObjectOptions
     ) -> tuple[PartSender | None, dict[str, str] | None]:
         """The lean sender and an object's headers for it (PutObject, CreateMultipartUpload);
         no headers where botocore must send the call (``object_headers``)."""
-        sender = self._part_sender() if self._lean_put() else None
+        sender = self._lean_writer()
         if sender is None:
             return None, None
         return sender, object_headers(sender.put_names, params, options.metadata)
@@ -504,12 +508,12 @@ class AioObjectStore:
             for entry, value in zip(listed, checksums, strict=True):
                 entry.update(_checksum_params(value))
             declared = {"ChecksumType": "FULL_OBJECT", **_checksum_params(whole)}
-        sender = self._part_sender() if self._lean_put() else None
+        sender = self._lean_writer()
         with _carrying(whole):
             async with self.call("CompleteMultipartUpload"):
                 if sender is not None:
                     headers = {_DECLARED[k]: v for k, v in declared.items()}
-                    headers.update({"If-None-Match": "*"} if if_none_match else {})
+                    headers.update({_HEADERS[k]: v for k, v in _only_new(if_none_match).items()})
                     body = complete_body(listed)
                     fields = await sender.complete(key, upload_id, body, headers)
                     return Written(fields["ETag"], _stored_checksum(fields, whole))
@@ -540,7 +544,7 @@ class AioObjectStore:
         return found
 
     async def tag(self, key: str, tags: Mapping[str, str]) -> None:
-        sender = self._part_sender() if self._lean_put() else None
+        sender = self._lean_writer()
         async with self.call("PutObjectTagging"):
             if sender is not None:
                 await sender.tag(key, tagging_body(tags))
