@@ -126,6 +126,11 @@ class TransportFlow:
     def __init__(self, request: web.BaseRequest) -> None:
         self._protocol = request.protocol
         self._transport = request.transport
+        # s3proxy's protocol hands the rest of a Content-Length body to the request's
+        # StreamReader past the HTTP parser, which copies every chunk.
+        bypass = getattr(self._protocol, "bypass_parser", None)
+        if bypass is not None:
+            bypass(request)
 
     def pause_reading(self) -> None:
         if self._transport is not None and not self._transport.is_closing():

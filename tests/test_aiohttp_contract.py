@@ -14,7 +14,11 @@ s3proxy uses a few private aiohttp APIs where no public one does the job:
 - ``handlers.expect_upload`` calls ``_default_expect_handler`` to send ``100 Continue``;
 - ``body.ChunkedBodyPayload`` registers itself in ``payload.PAYLOAD_REGISTRY``;
 - ``protocol`` subclasses the connection handler to answer malformed HTTP as JSON
-  (it checks its own needs in ``protocol.private_api_problems``).
+  (it checks its own needs in ``protocol.private_api_problems``), and hands an upload's
+  Content-Length body to its StreamReader past the parser (``bypass_parser``): it feeds
+  the StreamReader as the parser would (``feed_data``, then ``feed_eof``), builds the next
+  parser as ``RequestHandler.__init__`` does, and relies on ``connection_lost`` failing
+  the current request's body whatever the parser saw.
 
 ``setup.cfg`` bounds aiohttp to the minor version these were read against. When a new
 aiohttp changes one of these functions, the digest test fails: read the new source,
@@ -67,6 +71,10 @@ PINNED: dict[str, tuple[Callable[..., Any], set[str]]] = {
     "RequestHandler.handle_error": (RH.handle_error, {"742397715bc1"}),
     "RequestHandler.finish_response": (RH.finish_response, {"a0e3106db01a"}),
     "RequestHandler.data_received": (RH.data_received, {"8735c9eaea40"}),
+    "RequestHandler.__init__": (RH.__init__, {"6a9e373cab28"}),
+    "RequestHandler.connection_lost": (RH.connection_lost, {"9daf3cb0a9e8"}),
+    "StreamReader.feed_data": (SR.feed_data, {"f038032951f7"}),
+    "StreamReader.feed_eof": (SR.feed_eof, {"ee5d63e38ec2"}),
 }
 
 

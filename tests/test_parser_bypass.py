@@ -1,0 +1,130 @@
+"""An upload's Content-Length body read past aiohttp's HTTP parser (``bypass_parser``).
+
+The parser copies every body chunk; s3proxy's protocol hands the socket's chunks to the
+request's StreamReader itself once the upload handler reads the body. These tests hold
+it to what the parser did: the same bytes stored, the body's end where Content-Length
+puts it, the connection's next request parsed (pipelined in the same read or sent
+later), a body drained after an early answer, a client gone mid-body, and bodies it must
+leave to the parser (chunked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+from s3proxy.state import STATE
+from tests import bodies
+from tests.bodies import MiB
+from tests.faults import Fault, FaultyS3
+from tests.polling import eventually
+from tests.s3util import all_keys_async, open_uploads_async, read_object_async
+
+
+def pool(proxy: Any) -> Any:
+    return proxy.server.app[STATE].connections
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One response on a kept-alive connection: its status and its body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    status = int(head.split(b" ", 2)[1])
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    return status, await asyncio.wait_for(reader.readexactly(length), 30)
+
+
+def upload(data: bytes, name: str) -> bytes:
+    raw = bodies.body([bodies.file("f", name, data)])
+    return bodies.request_head(len(raw)) + raw
+
+
+async def test_a_body_still_arriving_bypasses_the_parser_and_the_next_request_is_parsed(
+    proxy: Any, s3: Any, bucket: str
+) -> None:
+    """The first upload's body arrives after its handler began: read past the parser.
+    Its last bytes come in one write with a whole second upload (pipelined): the body
+    ends at its Content-Length, and a new parser reads the second request."""
+    first, second = os.urandom(3 * MiB + 17), os.urandom(300 * 1024)
+    request = upload(first, "first.bin")
+    head_end = request.index(b"\r\n\r\n") + 4
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    writer.write(request[: head_end + 1000])
+    await eventually(lambda: pool(proxy).bypassed == 1, within=5, what="the body bypassed")
+    writer.write(request[head_end + 1000 : -5000])
+    await writer.drain()
+    writer.write(request[-5000:] + upload(second, "second.bin"))
+    await writer.drain()
+    stored = []
+    for data in (first, second):
+        status, body = await read_response(reader)
+        assert status == 201, body
+        [f] = json.loads(body)["files"]
+        assert f["size"] == len(data)
+        stored.append(await read_object_async(s3, bucket, f["key"]))
+    assert stored == [first, second]
+    # The second request came whole with the first's last bytes: the new parser read
+    # its body, nothing was left to bypass.
+    assert pool(proxy).bypassed == 1
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # and the connection goes on
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+
+
+async def test_a_body_answered_early_is_drained_past_the_parser(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str
+) -> None:
+    """A 5xx answer before the body's end keeps the connection (aiohttp drains the rest
+    of the body, lingering): the drain goes through the bypass to the body's end, and the
+    next request on the connection is parsed from its first byte."""
+    async with FaultyS3(
+        moto.endpoint_url, lambda op, n: Fault(status=500) if op == "UploadPart" else None
+    ) as faulty:
+        proxy = await proxy_factory(endpoint_url=faulty.endpoint_url, s3_max_attempts=1)
+        request = upload(os.urandom(20 * MiB), "big.bin")
+        head_end = request.index(b"\r\n\r\n") + 4
+        reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+        writer.write(request[: head_end + 1000])
+        await eventually(lambda: pool(proxy).bypassed == 1, within=5, what="the body bypassed")
+        answered = asyncio.ensure_future(read_response(reader))
+        for i in range(head_end + 1000, len(request), MiB):
+            writer.write(request[i : i + MiB])
+            await writer.drain()
+        status, body = await answered
+        assert status == 502, body
+        assert json.loads(body)["error"]["code"] == "UPSTREAM_ERROR"
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_response(reader))[0] == 200
+        writer.close()
+    assert await all_keys_async(s3, bucket) == []
+
+
+async def test_a_client_gone_mid_body_leaves_nothing(proxy: Any, s3: Any, bucket: str) -> None:
+    request = upload(os.urandom(12 * MiB), "gone.bin")
+    _, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    writer.write(request[: 9 * MiB])  # past the first part: an upload was begun in S3
+    await writer.drain()
+    await eventually(lambda: pool(proxy).bypassed == 1, within=5, what="the body bypassed")
+    await asyncio.sleep(0.5)
+    writer.close()
+
+    async def left() -> tuple[list[str], list[Any]]:
+        return await all_keys_async(s3, bucket), await open_uploads_async(s3, bucket)
+
+    await eventually(left, until=lambda got: got == ([], []), within=10, what="nothing stored")
+
+
+async def test_a_chunked_body_stays_with_the_parser(proxy: Any, s3: Any, bucket: str) -> None:
+    data = os.urandom(MiB + 5)
+    raw = bodies.body([bodies.file("f", "c.bin", data)])
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    writer.write(bodies.chunked_request_head() + bodies.chunk_frame(raw[:1000]))
+    await asyncio.sleep(0.3)  # the handler reads the body before the rest comes
+    writer.write(bodies.chunk_frame(raw[1000:]) + bodies.chunk_frame(b""))
+    status, body = await read_response(reader)
+    assert status == 201, body
+    [f] = json.loads(body)["files"]
+    assert await read_object_async(s3, bucket, f["key"]) == data
+    assert pool(proxy).bypassed == 0
+    writer.close()
