@@ -34,6 +34,7 @@ import gc
 import logging
 import os
 import resource
+import select
 import signal
 import sys
 import time
@@ -50,6 +51,10 @@ from s3proxy.settings import Settings, SettingsError, parse_listen
 from s3proxy.state import AUTO_DRAIN_DELAY, STATE
 
 log = logging.getLogger("s3proxy.server")
+# Loop turns spent taking the connections waiting in the backlog before the listener
+# closes (asyncio accepts up to 100 a turn; more keep coming only under a flood).
+ACCEPT_TURNS = 10
+SETTLE_TURNS = 4
 T = TypeVar("T")
 
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
@@ -222,7 +227,7 @@ async def serve(settings: Settings) -> None:
             stop.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)  # a second signal: no more delay
-        await site.stop()  # new connections are refused; the operator listener stays
+        await close_listener(site)  # new connections are refused; the operator listener stays
         log.info("proxy.listener_closed new connections are refused")
         await drain(state)
     finally:
@@ -231,6 +236,41 @@ async def serve(settings: Settings) -> None:
             await operator.cleanup()
         _forget_signals()
     log.info("proxy.stopped")
+
+
+async def close_listener(site: web.BaseSite) -> None:
+    """Close the listening socket, once the loop has taken the connections the kernel
+    already completed for it.
+
+    Closing a listener resets the connections waiting in its backlog, and their clients
+    have sent their requests (a load balancer sends at once): they got a reset instead of
+    an answer (nginx: 502 "Connection reset by peer while reading response header", once
+    in a rolling restart). Taken first, they are served, or told 503 SHUTTING_DOWN, as
+    the drain decides. asyncio accepts what is waiting each time the loop turns.
+    """
+    server = getattr(site, "_server", None)  # aiohttp's asyncio.Server, once started
+    sockets = list(getattr(server, "sockets", None) or ())
+    accepted = False
+    for _ in range(ACCEPT_TURNS):
+        if not any(_readable(sock) for sock in sockets):
+            break
+        accepted = True
+        await asyncio.sleep(0)
+    if accepted:
+        # asyncio makes an accepted socket's transport in a task of its own, attached to
+        # the listener: closed first, it drops the socket. A few turns see it made and
+        # connection_made run (the connection joins the drain's count).
+        for _ in range(SETTLE_TURNS):
+            await asyncio.sleep(0)
+    await site.stop()
+
+
+def _readable(sock: Any) -> bool:
+    """A listening socket is readable while connections wait in its backlog."""
+    try:
+        return bool(select.select([sock.fileno()], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
 
 
 async def _listen(runner: web.AppRunner, host: str, port: int, reuse_port: bool) -> web.TCPSite:

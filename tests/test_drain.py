@@ -6,14 +6,20 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
+from s3proxy.app import create_app, drain
+from s3proxy.server import close_listener
+from s3proxy.state import STATE
 from tests import bodies
 from tests.bodies import MiB
+from tests.conftest import make_settings
 from tests.polling import eventually
 from tests.s3util import (
     MotoServer,
@@ -120,3 +126,51 @@ async def test_idle_keepalive_closed_at_drain_and_requests_told_to_close(
     for w in (idle_w, up_w):
         w.close()
     assert len(await all_keys_async(s3, bucket)) == 1
+
+
+async def test_a_connection_waiting_in_the_backlog_is_answered_not_reset(
+    moto: MotoServer, s3: Any, bucket: str
+) -> None:
+    """Before: closing the listener reset a connection the kernel had completed and the
+    proxy had not accepted yet, its request already sent (nginx: 502 "Connection reset
+    by peer while reading response header", once in a rolling restart), and the drain
+    did not wait for a connection whose request was still unread. Here the client
+    connects and sends with the loop held, so its connection waits in the backlog when
+    the listener closes, as the proxy's stop sequence closes it; then the drain runs."""
+    app = create_app(make_settings(moto.endpoint_url, bucket=bucket))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    data = os.urandom(100 * 1024)
+    raw = bodies.body([bodies.file("f", "late.bin", data)])
+    client = socket.create_connection(("127.0.0.1", port))  # the kernel completes it
+    client.sendall(bodies.request_head(len(raw)) + raw)
+    try:
+        await close_listener(site)
+        await drain(app[STATE])
+        received = await asyncio.to_thread(read_until_closed, client)
+    finally:
+        client.close()
+        await runner.cleanup()
+    assert received.startswith((b"HTTP/1.1 201", b"HTTP/1.1 503")), received[:200]
+    if received.startswith(b"HTTP/1.1 201"):
+        [key] = await all_keys_async(s3, bucket)
+        assert await read_object_async(s3, bucket, key) == data
+    else:
+        assert b'"SHUTTING_DOWN"' in received, received
+        assert await all_keys_async(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
+
+
+def read_until_closed(sock: socket.socket, within: float = 20.0) -> bytes:
+    """Everything the server sends until it closes the connection (b"" if it resets it)."""
+    sock.settimeout(within)
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    return out
