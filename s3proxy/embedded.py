@@ -665,13 +665,19 @@ def _port_is_free(host: str, port: int) -> bool:
     return True
 
 
-_TAKEN = re.compile(r"Port allocation failed: port (\d+)")
+# weed's words for a port it could not bind: its own check before start-up, and Go's
+# bind error when a server (the S3 gRPC one, seen in CI) finds the port taken later.
+_TAKEN = re.compile(
+    r"Port allocation failed: port (\d+)|listen tcp \S*:(\d+): bind: address already in use"
+)
 
 
 def taken_port(message: str) -> int | None:
     """The port weed's start-up output says it could not bind, if that is why it failed."""
     found = _TAKEN.search(message)
-    return int(found.group(1)) if found else None
+    if found is None:
+        return None
+    return int(found.group(1) or found.group(2))
 
 
 def _given(config: EmbeddedConfig) -> set[int]:

@@ -271,6 +271,12 @@ def test_taken_port_reads_weeds_words() -> None:
         "(specified by flag filer.port) is not available on 127.0.0.1 and cannot be used"
     )
     assert taken_port("weed exited; last lines:\n" + line) == 33049
+    grpc = (  # a port taken between weed's own check and its S3 gRPC server's bind (CI)
+        "F1202 06:17:30.055975 s3.go:448 s3 failed to listen on grpc port 35693: "
+        "listen tcp 127.0.0.1:35693: bind: address already in use"
+    )
+    assert taken_port("weed exited; last lines:\n" + grpc) == 35693
+    assert taken_port("listen tcp [::1]:9333: bind: address already in use") == 9333
     assert taken_port("embedded S3 store: not ready after 30s") is None
 
 
