@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -203,13 +203,19 @@ async def test_unusable_credentials_file_is_a_store_error(tmp_path: Path, broken
     assert store.pid is None
 
 
-async def test_weed_exiting_during_start_reports_its_output(tmp_path: Path) -> None:
-    # Free on 127.0.0.1 (our check passes) but held on 127.0.0.2, which weed's own
-    # all-interfaces check refuses: weed itself exits, and we must say why.
+@contextmanager
+def held_by_another_address() -> Iterator[int]:
+    """A port free on 127.0.0.1 (s3proxy's check passes) but held on 127.0.0.2, which
+    weed's own all-interfaces check refuses: how a port taken between the two looks."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.2", 0))
         holder.listen()
-        port = holder.getsockname()[1]
+        yield holder.getsockname()[1]
+
+
+async def test_weed_exiting_during_start_reports_its_output(tmp_path: Path) -> None:
+    # weed itself exits, and we must say why.
+    with held_by_another_address() as port:
         store = EmbeddedStore(EmbeddedConfig(data_dir=tmp_path, s3_port=0, master_port=port))
         with pytest.raises(EmbeddedStoreError) as failed:
             await store.start(timeout=30)
@@ -229,10 +235,7 @@ async def test_a_picked_port_taken_before_weed_binds_it_is_picked_again(
     refused by weed's), as such a race leaves it: the store starts on a fresh pick."""
     real = embedded._resolve_ports
     calls = 0
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.2", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
+    with held_by_another_address() as port:
 
         def first_pick_taken(config: EmbeddedConfig, previous: Any) -> dict[str, int]:
             nonlocal calls
@@ -254,10 +257,7 @@ async def test_a_picked_port_taken_before_weed_binds_it_is_picked_again(
 
 
 async def test_a_given_port_weed_cannot_bind_is_not_picked_again(tmp_path: Path) -> None:
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.2", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
+    with held_by_another_address() as port:
         store = EmbeddedStore(EmbeddedConfig(data_dir=tmp_path, s3_port=0, filer_port=port))
         with pytest.raises(EmbeddedStoreError) as failed:
             await store.start(timeout=30)
