@@ -24,6 +24,9 @@ class Backend:
     pid: int | None
     owned: bool  # ours alone: every object in the bucket is the bench's to check and delete
     stop: Callable[[], Awaitable[None]]
+    # Give the store back the bytes of the objects a cell deleted, between cells (the
+    # embedded SeaweedFS keeps them until its own sweep, and fills up about 60 GiB in).
+    reclaim: Callable[[], Awaitable[None]] | None = None
 
     def client(self, region: str) -> Any:
         """An S3 client of this store (an async context manager)."""
@@ -103,6 +106,7 @@ async def start_backend(opts: Options, workdir: Path, log_dir: Path) -> Backend:
             store.pid,
             True,
             store.stop,
+            store.vacuum,
         )
     await _ensure_bucket(b, opts.region)
     return b

@@ -27,6 +27,20 @@ from bench.result import CellResult, RunResult
 from bench.snapshot import snapshot_s3proxy
 
 
+async def reclaim(b: Backend) -> None:
+    """Let the store take back what the last cell deleted, outside any measurement; a
+    failure is logged, not fatal (the run goes on, and may meet a full store later)."""
+    if b.reclaim is None:
+        return
+    t = time.monotonic()
+    try:
+        await b.reclaim()
+    except Exception as e:
+        log(f"reclaiming the store's deleted space failed: {e}")
+    else:
+        log(f"store space reclaimed in {time.monotonic() - t:.1f} s")
+
+
 async def run(opts: Options) -> RunResult:
     """Run the whole matrix and return the raw results (report.py summarizes them)."""
     started = time.time()
@@ -120,6 +134,7 @@ async def run(opts: Options) -> RunResult:
                         with contextlib.suppress(Exception):
                             await verify_and_clean(b, opts.region, [], opts.seed, spec.size)
                     runs.append(cell)
+                    await reclaim(b)
     finally:
         await bar.stop()
         if b is not None:

@@ -486,6 +486,47 @@ class EmbeddedStore:
         proc = self._proc
         return None if proc is None else await proc.wait()
 
+    async def vacuum(self, threshold: float = 0.0001, timeout: float = 300.0) -> None:  # noqa: ASYNC109
+        """Compact every volume whose deleted bytes are over ``threshold`` of it, now.
+
+        A deleted object's bytes stay in its volume until weed's own sweep (every 840 s,
+        volumes over 30% garbage), and weed mini allows only free disk / 1 GiB volumes:
+        writing and deleting that much faster than the sweep fills the store, and every
+        write then fails with InternalError (the bench, about 60 GiB into a run). Over
+        gRPC with ``weed shell``: the master's HTTP API is off (``-disableHttp``).
+        Raises EmbeddedStoreError if weed shell fails or takes over ``timeout`` seconds.
+        """
+        if self.pid is None:
+            raise EmbeddedStoreError("embedded S3 store: not running")
+        master = (
+            f"{self._config.host}:{self._ports['master.port']}.{self._ports['master.port.grpc']}"
+        )
+        script = f"lock\nvolume.vacuum -garbageThreshold={threshold}\nunlock\n".encode()
+        proc = await asyncio.create_subprocess_exec(
+            _find_weed(self._config.weed_binary),
+            "shell",
+            f"-master={master}",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(script), timeout)
+        except BaseException as exc:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            if isinstance(exc, TimeoutError):
+                raise EmbeddedStoreError(
+                    f"embedded S3 store: weed shell volume.vacuum took over {timeout:g} s"
+                ) from None
+            raise
+        if proc.returncode != 0 or b"error" in out.lower():
+            tail = out.decode(errors="replace").strip()[-300:]
+            raise EmbeddedStoreError(
+                f"embedded S3 store: weed shell volume.vacuum failed ({proc.returncode}): {tail}"
+            )
+
     async def _kill(self) -> None:
         proc = self._proc
         if proc is None:
