@@ -2,8 +2,8 @@
 
 Matrices (``--matrix NAME``): ``full``, the default (64 MiB, 256 MiB, 1 GiB x 1, 4, 16, 64
 uploads); ``readme``, the official results in bench/README.md (64 MiB x 1, 4, 16, 64, 256 MiB x
-1, 4, 16, 1 GiB x 1, 4; s3proxy with --memory-budget 64MiB --part-size 8MiB
---parts-in-flight 2); ``quick`` (``--quick``, about two minutes on 2 cores); ``smoke``
+1, 4, 16, 1 GiB x 1, 4, a 256 MiB file of multipart junk, 1,000 x 100 KiB 16 at a time;
+s3proxy with --memory-budget 64MiB --part-size 8MiB --parts-in-flight 2); ``quick`` (``--quick``, about two minutes on 2 cores); ``smoke``
 (``--smoke``, tiny, moto, for CI); ``tus`` (resumable uploads: s3proxy over tus and
 @tus/server + @tus/s3-store with tus-js-client, in one PATCH per file and in 50 MiB PATCHes,
 against s3proxy's /upload with curl, at 1 GiB x 1 and 256 MiB x 16); ``tus-smoke`` (the same
@@ -37,7 +37,9 @@ PRESETS: dict[str, dict[str, object]] = {
     # The README's official matrix: every (size, concurrency) pair listed, not a cross product
     # (64 x 1 GiB would take an hour per design on 2 cores).
     "readme": {
-        "cells": "64MiB:1,64MiB:4,64MiB:16,64MiB:64,256MiB:1,256MiB:4,256MiB:16,1GiB:1,1GiB:4",
+        # and issue 15's cells: a file of multipart junk, and 1,000 small files, 16 at a time
+        "cells": "64MiB:1,64MiB:4,64MiB:16,64MiB:64,256MiB:1,256MiB:4,256MiB:16,1GiB:1,1GiB:4,"
+        "256MiB:1:junk,100KiB:16x1000",
         "designs": ",".join(designs.FORM_ALL),
         "clients": "curl",
         "backend": "seaweedfs",
