@@ -71,6 +71,16 @@ def test_small_files_is_a_thousand_uploads_of_100_kib_sixteen_at_a_time() -> Non
     assert [s.size for s in specs] == [1 << 30, 100 * 1024]
 
 
+def test_the_readme_matrix_ends_with_the_junk_and_small_file_cells() -> None:
+    specs = options(["--matrix", "readme"])[0].specs
+    assert specs[:2] == [CellSpec(64 << 20, 1), CellSpec(64 << 20, 4)]
+    assert len(specs) == 11
+    assert specs[-2:] == [CellSpec(256 << 20, 1, 0, "junk"), CellSpec(100 << 10, 16, 1000)]
+    # given cells or a grid of its own replace the whole matrix, extras too
+    assert options(["--matrix", "readme", "--cells", "1GiB:1"])[0].specs == [CellSpec(1 << 30, 1)]
+    assert options(["--matrix", "readme", "--sizes", "1MiB"])[0].specs == []
+
+
 def test_the_floor_runs_in_every_named_matrix_but_the_smoke_one() -> None:
     assert "floor" not in options(["--smoke"])[0].designs  # CI's: kept within its time
     for argv in ([], ["--quick"], ["--matrix", "readme"]):
