@@ -4,10 +4,11 @@ Matrices (``--matrix NAME``): ``full``, the default (64 MiB, 256 MiB, 1 GiB x 1,
 uploads); ``readme``, the official results in bench/README.md (64 MiB x 1, 4, 16, 64, 256 MiB x
 1, 4, 16, 1 GiB x 1, 4, a 256 MiB file of multipart junk, 1,000 x 100 KiB 16 at a time;
 s3proxy with --memory-budget 64MiB --part-size 8MiB --parts-in-flight 2); ``quick``
-(``--quick``, about two minutes on 2 cores); ``smoke`` (``--smoke``, tiny, moto, for CI); ``tus`` (resumable uploads: s3proxy over tus and
-@tus/server + @tus/s3-store with tus-js-client, in one PATCH per file and in 50 MiB PATCHes,
-against s3proxy's /upload with curl, at 1 GiB x 1 and 256 MiB x 16); ``tus-smoke`` (the same
-designs and clients, tiny, moto). Other flags given with a matrix override its values.
+(``--quick``, about two minutes on 2 cores); ``smoke`` (``--smoke``, tiny, moto, for CI);
+``tus`` (resumable uploads: s3proxy over tus and @tus/server + @tus/s3-store with
+tus-js-client, in one PATCH per file and in 50 MiB PATCHes, against s3proxy's /upload with
+curl, at 1 GiB x 1 and 256 MiB x 16); ``tus-smoke`` (the same designs and clients, tiny,
+moto). Other flags given with a matrix override its values.
 
 ``python -m bench load --target URL ...`` load-tests a running deployment instead
 (``python -m bench load --help``; bench/load.py).
