@@ -30,23 +30,32 @@ def _tracked_changes() -> str:
     ).stdout
 
 
-@pytest.mark.e2e
-@pytest.mark.timeout(240)
-def test_bench_smoke(tmp_path: Path) -> None:
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
-    before = _tracked_changes()
+def run_bench(
+    argv: list[str], out: Path, needs: tuple[str, ...] = ("curl",), timeout: int = 220
+) -> str:
+    """Run ``python -m bench ARGV --out OUT`` as a user would (no AWS_ or S3PROXY_
+    variables of ours); its stderr, once it exited 0. Skips without the tools it needs."""
+    if missing := [tool for tool in needs if shutil.which(tool) is None]:
+        pytest.skip(f"{', '.join(missing)} not installed")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3PROXY_"))}
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench", *argv, "--out", str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=220,
+        timeout=timeout,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_bench_smoke(tmp_path: Path) -> None:
+    before = _tracked_changes()
+    run_bench(["--smoke"], tmp_path)
     result = json.loads((tmp_path / "latest.json").read_text())
     cells = result["cells"]
     assert {c["design"] for c in cells} == DESIGNS, result["meta"]["notes"]
@@ -69,24 +78,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
 def test_the_floor_small_files_and_junk_cells_run(tmp_path: Path) -> None:
     """The floor design, a cell of several uploads per client and a junk file, on moto
     (the smoke matrix leaves them out to stay within its time)."""
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3PROXY_"))}
     argv = [
         *("--backend", "moto", "--designs", "s3proxy,direct,floor"),
         *("--cells", "6MiB:1,6MiB:1:junk,100KiB:2x6", "--clients", "curl,aiohttp"),
-        *("--part-size", "5MiB", "--memory-budget", "32MiB", "--out", str(tmp_path)),
+        *("--part-size", "5MiB", "--memory-budget", "32MiB"),
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", *argv],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=220,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_bench(argv, tmp_path)
     result = json.loads((tmp_path / "latest.json").read_text())
     cells_seen = {
         (c["design"], c["client"], c["size"], c["body"], c["uploads"]) for c in result["cells"]
@@ -110,27 +107,15 @@ def test_the_floor_small_files_and_junk_cells_run(tmp_path: Path) -> None:
 def test_the_embedded_store_gets_its_space_back_after_every_cell(tmp_path: Path) -> None:
     """On the embedded SeaweedFS the bytes a cell deleted are reclaimed before the next
     cell (weed keeps them until its own sweep: a run of ~60 GiB filled the store)."""
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3PROXY_"))}
     argv = [
         *("--backend", "seaweedfs", "--designs", "s3proxy,direct", "--cells", "6MiB:1,6MiB:2"),
-        *("--part-size", "5MiB", "--memory-budget", "32MiB", "--out", str(tmp_path)),
+        *("--part-size", "5MiB", "--memory-budget", "32MiB"),
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", *argv],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=220,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stderr = run_bench(argv, tmp_path)
     cells = json.loads((tmp_path / "latest.json").read_text())["cells"]
     assert len(cells) == 4 and all(c["verified"] == c["uploads"] for c in cells), cells
-    assert proc.stderr.count("store space reclaimed in") == 4, proc.stderr[-3000:]
-    assert "reclaiming the store's deleted space failed" not in proc.stderr
+    assert stderr.count("store space reclaimed in") == 4, stderr[-3000:]
+    assert "reclaiming the store's deleted space failed" not in stderr
 
 
 @pytest.mark.e2e
@@ -138,20 +123,8 @@ def test_the_embedded_store_gets_its_space_back_after_every_cell(tmp_path: Path)
 def test_bench_tus_smoke(tmp_path: Path) -> None:
     """The resumable designs: s3proxy over tus and @tus/server + @tus/s3-store, driven by
     tus-js-client in one PATCH and in 5 MiB PATCHes, beside s3proxy's /upload with curl."""
-    if not (shutil.which("node") and shutil.which("npm") and shutil.which("curl")):
-        pytest.skip("node, npm and curl are needed")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3PROXY_"))}
-    argv = ["--matrix", "tus-smoke", "--concurrency", "1", "--out", str(tmp_path)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", *argv],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    argv = ["--matrix", "tus-smoke", "--concurrency", "1"]
+    run_bench(argv, tmp_path, needs=("node", "npm", "curl"), timeout=280)
     result = json.loads((tmp_path / "latest.json").read_text())
     cells = {(c["design"], c["client"]): c for c in result["cells"]}
     assert set(cells) == {

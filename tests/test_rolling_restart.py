@@ -230,9 +230,10 @@ async def test_readyz_answers_at_once_while_the_store_is_away(
         down = [(at, status, body) for at, _, status, body in answers if status == 503]
         assert down, answers
         to_503 = down[0][0] - went
-        # 503 within two intervals (plus the check's own timeout) of the outage, and from
+        # 503 within a few intervals of the outage (the next check, plus its own timeout:
+        # 0.6 s; 1.19 s once on a busy CI machine, 3 test workers on 2 cores), and from
         # then on (no flapping), naming no S3 detail
-        assert to_503 < 3 * interval + 0.2, to_503
+        assert to_503 < 5 * interval + 0.5, to_503
         assert all(status == 503 for at, _, status, _ in answers if at >= down[0][0])
         code = down[-1][2]["error"]["code"]
         # refused connections are retried with backoff (--s3-max-attempts), so the check
