@@ -142,7 +142,7 @@ def sha256_of_object(sw: Any, bucket: str, key: str) -> tuple[str, int, dict[str
 
 def write_file(path: Path, size: int, head: bytes = b"") -> str:
     digest = hashlib.sha256()
-    block = os.urandom(MiB)
+    block = bodies.opaque(MiB)  # after ``head``: no chance magic of its own
     with open(path, "wb") as f:
         f.write(head)
         digest.update(head)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -113,7 +112,7 @@ async def test_declared_type_not_ascii_is_ignored(proxy: Any, s3: Any, bucket: s
     raw = raw_body(
         raw_part(
             b'form-data; name="file"; filename="a.bin"',
-            os.urandom(100),
+            bodies.opaque(100),
             b"Content-Type: appl\xe9cation/x-thing",
         )
     )
