@@ -13,6 +13,7 @@ import resource
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -105,6 +106,46 @@ def test_emfile_on_accept_is_one_line_a_second(caplog: pytest.LogCaptureFixture)
     assert "EMFILE" in lines[0].getMessage() and not any(r.exc_info for r in lines)
     counts = [int(r.getMessage().split("times=")[1].split(":")[0]) for r in lines]
     assert counts == [1, 100, 100]  # the last 99 are told with the next line
+
+
+async def test_aiohttps_orphaned_body_write_is_one_line_without_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """aiohttp writes a request body in a task of its own; when S3 closes the connection
+    first, the task's error is never retrieved and asyncio logged it with a traceback
+    (CI: a SeaweedFS gateway stopped mid-upload). The real aiohttp coroutine, failing as
+    it did there: the transport closing at write_eof."""
+    from aiohttp import ClientRequest
+    from aiohttp.client_exceptions import ClientConnectionResetError
+
+    class Writer:
+        async def write_eof(self) -> None:
+            raise ClientConnectionResetError("Cannot write to closing transport")
+
+    request = SimpleNamespace(_upload_tracker=None, _upload_gen=0, _continue=None, _body=None)
+    conn = SimpleNamespace(protocol=object(), close=lambda: None)
+    task = asyncio.ensure_future(ClientRequest.write_bytes(request, Writer(), conn))  # type: ignore[arg-type]
+    with contextlib.suppress(ClientConnectionResetError):
+        await task
+    handler = loop_exception_handler()
+    context = {"message": "Task exception was never retrieved", "exception": task.exception()}
+    handler(asyncio.get_running_loop(), {**context, "future": task})
+    [line] = [r for r in caplog.records if "s3.body_write_orphaned" in r.getMessage()]
+    assert "Cannot write to closing transport" in line.getMessage() and not line.exc_info
+    assert line.levelname == "WARNING"
+
+    # any other task's unretrieved error still goes to asyncio's own report
+    async def other() -> None:
+        raise ClientConnectionResetError("ours")
+
+    mine = asyncio.ensure_future(other())
+    with contextlib.suppress(ClientConnectionResetError):
+        await mine
+    caplog.clear()
+    handler(asyncio.get_running_loop(), {**context, "exception": mine.exception(), "future": mine})
+    [report] = caplog.records
+    assert report.getMessage().startswith("Task exception was never retrieved")
+    assert report.exc_info
 
 
 # --- against a served app -------------------------------------------------------------
