@@ -512,15 +512,15 @@ class EmbeddedStore:
         )
         try:
             out, _ = await asyncio.wait_for(proc.communicate(script), timeout)
-        except BaseException as exc:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            if isinstance(exc, TimeoutError):
-                raise EmbeddedStoreError(
-                    f"embedded S3 store: weed shell volume.vacuum took over {timeout:g} s"
-                ) from None
-            raise
+        except TimeoutError:
+            raise EmbeddedStoreError(
+                f"embedded S3 store: weed shell volume.vacuum took over {timeout:g} s"
+            ) from None
+        finally:
+            if proc.returncode is None:  # timed out or cancelled: no shell left behind
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
         if proc.returncode != 0 or b"error" in out.lower():
             tail = out.decode(errors="replace").strip()[-300:]
             raise EmbeddedStoreError(

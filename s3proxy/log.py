@@ -113,7 +113,7 @@ def loop_exception_handler(
 
     def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        if _orphan_body_write(context):
+        if _orphan_body_write(context.get("future"), exc):
             # aiohttp (3.14) writes a request's body in a task of its own, and when the
             # store closes the connection first (it went down mid-request) that task's
             # error is never awaited: the request itself failed, and was handled, on its
@@ -140,16 +140,14 @@ def loop_exception_handler(
 _BODY_WRITE = getattr(getattr(ClientRequest, "write_bytes", None), "__code__", None)
 
 
-def _orphan_body_write(context: dict[str, Any]) -> bool:
+def _orphan_body_write(task: object, exc: object) -> bool:
     """Whether asyncio reports aiohttp's own request-body task, failed for a lost
     connection, as an exception nobody retrieved."""
-    task = context.get("future")
-    coro = task.get_coro() if isinstance(task, asyncio.Task) else None
-    code = getattr(coro, "cr_code", None)
     return (
-        code is not None
-        and code is _BODY_WRITE
-        and isinstance(context.get("exception"), ClientConnectionError | OSError)
+        _BODY_WRITE is not None
+        and isinstance(task, asyncio.Task)
+        and getattr(task.get_coro(), "cr_code", None) is _BODY_WRITE
+        and isinstance(exc, ClientConnectionError | OSError)
     )
 
 
