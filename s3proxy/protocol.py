@@ -268,8 +268,11 @@ class Connections:
 
     @property
     def busy(self) -> int:
-        """Connections with a request in progress."""
-        return sum(1 for c in (*self.served, *self.reserve) if c.requests_open > 0)
+        """Connections with a request in progress or bytes of one come, read or still in
+        the kernel: the drain waits for them. Before, a kept-alive connection whose next
+        request was sent as the drain began was left out, and closed under its client
+        by the stop that followed."""
+        return sum(1 for c in (*self.served, *self.reserve) if c.started)
 
     def close_idle(self) -> int:
         """Close every connection that waits for a request and has none begun (drain)."""
@@ -369,6 +372,11 @@ class ProxyRequestHandler(RequestHandler):
             and not self._head_begun
             and unread_bytes(transport.get_extra_info("socket")) == 0
         )
+
+    @property
+    def started(self) -> bool:
+        """Open, and not idle: a request is open or bytes of the next one have come."""
+        return self.transport is not None and not self.idle
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

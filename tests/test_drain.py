@@ -150,6 +150,7 @@ async def test_a_connection_waiting_in_the_backlog_is_answered_not_reset(
     try:
         await close_listener(site)
         await drain(app[STATE])
+        await runner.cleanup()  # as the server's stop sequence does after the drain
         received = await asyncio.to_thread(read_until_closed, client)
     finally:
         client.close()
@@ -174,3 +175,40 @@ def read_until_closed(sock: socket.socket, within: float = 20.0) -> bytes:
     except ConnectionResetError:
         pass
     return out
+
+
+async def test_a_request_sent_on_a_kept_alive_connection_just_before_drain_is_answered(
+    moto: MotoServer, s3: Any, bucket: str
+) -> None:
+    """A kept-alive connection's next request, sent but not yet read by the loop when
+    the drain begins: the connection is not idle (its bytes are in the kernel), and the
+    drain waits for its request instead of closing it under the client."""
+    app = create_app(make_settings(moto.endpoint_url, bucket=bucket))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    client = socket.create_connection(("127.0.0.1", port))
+    data = os.urandom(100 * 1024)
+    raw = bodies.body([bodies.file("f", "late.bin", data)])
+    try:
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = await asyncio.to_thread(client.recv, 65536)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        await asyncio.sleep(0.1)  # the first request is over: the connection waits
+        client.sendall(bodies.request_head(len(raw)) + raw)  # the loop has not read it
+        await drain(app[STATE])
+        await runner.cleanup()  # as the server's stop sequence does after the drain
+        received = await asyncio.to_thread(read_until_closed, client)
+    finally:
+        client.close()
+        await runner.cleanup()
+    assert received.startswith((b"HTTP/1.1 201", b"HTTP/1.1 503")), received[:200]
+    if received.startswith(b"HTTP/1.1 201"):
+        [key] = await all_keys_async(s3, bucket)
+        assert await read_object_async(s3, bucket, key) == data
+    else:
+        assert b'"SHUTTING_DOWN"' in received, received
+        assert await all_keys_async(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
