@@ -21,7 +21,7 @@ from aiohttp.typedefs import Middleware
 if TYPE_CHECKING:
     from s3proxy.embedded import EmbeddedStore
 
-from s3proxy import downloads, handlers, page, presign, protocol, tus
+from s3proxy import codings, downloads, handlers, page, presign, protocol, tus
 from s3proxy.cleanup import Rule, sweep, sweep_tus
 from s3proxy.config import embedded_config
 from s3proxy.cors import Cors
@@ -78,6 +78,7 @@ def create_app(settings: Settings) -> web.Application:
         metrics_middleware(state.metrics),
         error_middleware,
         protocol.capacity_middleware,
+        codings.refuse_unsupported,
     ]
     app = web.Application(
         middlewares=middlewares,

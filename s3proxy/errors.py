@@ -19,7 +19,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.web_protocol import RequestPayloadError
 
 log = logging.getLogger("s3proxy.errors")
@@ -81,10 +82,12 @@ HEADERS_TOO_LARGE = ErrorKind("HEADERS_TOO_LARGE", 431)
 # 415
 NOT_MULTIPART = ErrorKind("NOT_MULTIPART", 415)
 TYPE_NOT_ALLOWED = ErrorKind("TYPE_NOT_ALLOWED", 415)
+UNSUPPORTED_ENCODING = ErrorKind("UNSUPPORTED_ENCODING", 415)  # a Content-Encoding not decoded
 # 417
 EXPECTATION_FAILED = ErrorKind("EXPECTATION_FAILED", 417)
 # 5xx
 INTERNAL = ErrorKind("INTERNAL", 500)
+UNSUPPORTED_TRANSFER_CODING = ErrorKind("UNSUPPORTED_TRANSFER_CODING", 501)  # not chunked
 UPSTREAM_ERROR = ErrorKind("UPSTREAM_ERROR", 502)
 UPSTREAM_CORRUPTION = ErrorKind("UPSTREAM_CORRUPTION", 502)  # S3 refused bytes as corrupted
 WEBHOOK_FAILED = ErrorKind("WEBHOOK_FAILED", 502)
@@ -122,7 +125,7 @@ def error_response(err: ProxyError) -> web.Response:
     resp = web.json_response(error_body(err.kind, err.message), status=err.kind.status)
     if err.kind.status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="s3proxy"'
-    if err.kind.status in (400, 401, 403, 408, 409, 413, 414, 415, 431):
+    if err.kind.status in (400, 401, 403, 408, 409, 413, 414, 415, 431, 501):
         # The rest of the body may still be on the wire; do not try to parse it
         # as the next request.
         resp.force_close()
@@ -155,10 +158,13 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except RequestPayloadError as exc:
         # The body's framing broke mid-read (a bad chunk size, see protocol.py): the
         # client's fault, one line, and the message is ours, not the client's bytes.
-        log.info("request.bad_body path=%s error=%s", request.path, exc)
-        return error_response(
-            ProxyError(BAD_HTTP_REQUEST, "the request body is not valid HTTP/1.1 framing")
-        )
+        log.info("request.bad_body path=%s error=%s", request.path, " ".join(str(exc).split()))
+        if isinstance(exc.__cause__, ContentEncodingError):
+            coding = request.headers.get(hdrs.CONTENT_ENCODING, "")[:20]
+            message = f"the request body is not valid {coding} data (its Content-Encoding)"
+        else:
+            message = "the request body is not valid HTTP/1.1 framing"
+        return error_response(ProxyError(BAD_HTTP_REQUEST, message))
     except ConnectionResetError:
         transport = request.transport
         if transport is not None and not transport.is_closing():

@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import MultipartReader, hdrs, web
 from aiohttp.web_urldispatcher import _default_expect_handler
 
+from s3proxy import codings
 from s3proxy.auth import Principal
 from s3proxy.errors import (
     EXPECTATION_FAILED,
@@ -97,6 +98,7 @@ async def expect_upload(request: web.Request) -> web.StreamResponse | None:
         )
     try:
         check_upload(request, request.app[STATE])
+        codings.check_request(request)
     except ProxyError as err:
         return error_response(err)
     await _default_expect_handler(request)

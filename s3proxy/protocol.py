@@ -64,6 +64,7 @@ import contextlib
 import enum
 import fcntl
 import logging
+import re
 import sys
 import termios
 import uuid
@@ -72,7 +73,7 @@ from typing import Any
 
 from aiohttp import hdrs, web, web_protocol
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong
 from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
@@ -82,6 +83,7 @@ from s3proxy.errors import (
     HEADERS_TOO_LARGE,
     INTERNAL,
     OVERLOADED,
+    UNSUPPORTED_ENCODING,
     UPSTREAM_TIMEOUT,
     URI_TOO_LONG,
     ErrorKind,
@@ -111,6 +113,8 @@ _TOO_MANY_HEADERS = "Too many headers received"
 
 def error_kind(exc: HttpProcessingError) -> ErrorKind:
     """The error a parser failure is answered with."""
+    if isinstance(exc, ContentEncodingError):  # br or zstd, whose decoder is not installed
+        return UNSUPPORTED_ENCODING
     if isinstance(exc, LineTooLong) and len(exc.args) > 1:
         limit = exc.args[1]
         if limit == MAX_LINE_SIZE:
@@ -127,16 +131,24 @@ def safe_reason(exc: HttpProcessingError) -> str:
     ("Invalid header token:\\n\\n  b'...'"): the first line, cut at the first quote."""
     if isinstance(exc, LineTooLong):
         return "line too long"
-    text = str(exc.message).split("\n", 1)[0]
-    cut = min((i for i in (text.find(q) for q in ("'", '"', "bytearray(")) if i >= 0), default=-1)
-    if cut >= 0:
-        text = text[:cut]
+    text = str(exc.message).split("\n", 1)[0].split(". ", 1)[0]  # not "Please install ..."
+    quoted = _QUOTED.search(text)
+    if quoted is not None:
+        text = text[: quoted.start()]
     text = "".join(c for c in text if c.isascii() and c.isprintable())
     return text.strip().rstrip(":").strip()[:100] or type(exc).__name__
 
 
+# Where the client's bytes begin in a parser's message: a quote, bytes' b'...', or a
+# bytearray(...); not an apostrophe inside a word ("can't").
+_QUOTED = re.compile(r"""\bb['"]|bytearray\(|(?<![A-Za-z])['"]|['"](?![A-Za-z])""")
+
 _MESSAGES = {
     BAD_HTTP_REQUEST: "the request is not valid HTTP/1.1",
+    UNSUPPORTED_ENCODING: (
+        "the request's Content-Encoding is not supported: send the body as it is, or coded "
+        "once with gzip or deflate"
+    ),
     URI_TOO_LONG: f"the request target is longer than {MAX_LINE_SIZE} bytes",
     HEADERS_TOO_LARGE: (
         f"a request header is longer than {MAX_FIELD_SIZE} bytes, or there are too many"
@@ -456,6 +468,12 @@ class ProxyRequestHandler(RequestHandler):
             json_resp = http_exception_response(resp)
             json_resp.force_close()
             resp = json_resp
+        body = request.content
+        if not body.is_eof() and isinstance(body.exception(), RequestPayloadError):
+            # Its decoding failed (Content-Encoding gzip, and not gzip): no byte of it
+            # will come, and aiohttp, lingering to drain it after this answer, would read
+            # into the error and log it as an unhandled traceback.
+            body.feed_eof()
         return await super().finish_response(request, resp, start_time)
 
     def log_access(
@@ -563,7 +581,9 @@ class ProxyRequestHandler(RequestHandler):
         # feed_data, and data_received queues it as a new message behind the request
         # being handled, whose body then never ends. Fail that body instead.
         request = self._current_request
-        if request is None or not self._messages:
+        if request is None:
+            return
+        if not self._messages:
             return
         message = self._messages[-1][0]
         if not isinstance(message, web_protocol._ErrInfo):

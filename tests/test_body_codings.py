@@ -1,0 +1,209 @@
+"""A body's codings: what aiohttp decodes is stored decoded; what it would pass through
+as it came (an unknown Content-Encoding, a transfer coding before chunked) is refused
+before a byte is read, never stored as the client's coded bytes and answered 201; a
+body that does not decode is a 400 with nothing stored and no traceback.
+
+Before: ``Transfer-Encoding: gzip, chunked``, ``Content-Encoding: x-gzip`` (or
+``x-unknown``, ``gzip, gzip``, ``gzip`` then ``identity``) were answered 201 with the
+coded bytes stored; ``br`` was a 400 BAD_HTTP_REQUEST asking to "install Brotli"; a body
+that was not gzip logged aiohttp's "Unhandled exception" traceback."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import zlib
+from typing import Any
+
+import pytest
+
+from tests import bodies
+from tests.rawhttp import RawResponse, exchange
+from tests.s3util import all_keys, open_uploads
+from tests.test_tus import _new, _patch_headers
+
+FILE = b"%PDF-1.4 the bytes the client means\n" + bytes(range(256)) * 40
+FORM = bodies.body([bodies.file("f", "doc.pdf", FILE)])
+BOUNDARY = bodies.BOUNDARY.encode()
+
+
+def request(body: bytes, headers: bytes, *, chunked: bool = False) -> bytes:
+    """A POST /upload of ``body`` as framed: Content-Length, or one chunk (with
+    ``Transfer-Encoding: chunked`` unless ``headers`` has a Transfer-Encoding)."""
+    if chunked and b"transfer-encoding:" not in headers.lower():
+        headers += b"Transfer-Encoding: chunked\r\n"
+    head = (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Type: multipart/form-data; boundary="
+        + BOUNDARY
+        + b"\r\n"
+        + headers
+    )
+    if chunked:
+        return head + b"\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def deflate(data: bytes) -> bytes:
+    return zlib.compress(data)
+
+
+# (coded body, headers, chunked): each stores FILE exactly
+DECODED = {
+    "gzip": (gzip.compress(FORM), b"Content-Encoding: gzip\r\n", False),
+    "deflate": (deflate(FORM), b"Content-Encoding: deflate\r\n", False),
+    "GZIP-upper-case": (gzip.compress(FORM), b"Content-Encoding: GZIP\r\n", False),
+    "identity": (FORM, b"Content-Encoding: identity\r\n", False),
+    "identity-then-gzip": (
+        gzip.compress(FORM),
+        b"Content-Encoding: identity\r\nContent-Encoding: gzip\r\n",
+        False,
+    ),
+    "gzip-chunked": (
+        gzip.compress(FORM),
+        b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+        True,
+    ),
+    "CHUNKED-upper-case": (FORM, b"Transfer-Encoding: CHUNKED\r\n", True),
+}
+
+# (coded body, headers, chunked, status, code)
+REFUSED = {
+    "te-gzip-chunked": (
+        gzip.compress(FORM),
+        b"Transfer-Encoding: gzip, chunked\r\n",
+        True,
+        501,
+        "UNSUPPORTED_TRANSFER_CODING",
+    ),
+    "te-unknown-chunked": (
+        FORM,
+        b"Transfer-Encoding: x-foo, chunked\r\n",
+        True,
+        501,
+        "UNSUPPORTED_TRANSFER_CODING",
+    ),
+    "ce-x-gzip": (gzip.compress(FORM), b"Content-Encoding: x-gzip\r\n", False, 415, ""),
+    "ce-unknown": (FORM, b"Content-Encoding: x-unknown\r\n", False, 415, ""),
+    "ce-compress": (FORM, b"Content-Encoding: compress\r\n", False, 415, ""),
+    "ce-gzip-twice": (
+        gzip.compress(gzip.compress(FORM)),
+        b"Content-Encoding: gzip, gzip\r\n",
+        False,
+        415,
+        "",
+    ),
+    "ce-gzip-then-identity": (
+        gzip.compress(FORM),
+        b"Content-Encoding: gzip\r\nContent-Encoding: identity\r\n",
+        False,
+        415,
+        "",
+    ),
+    "ce-br-not-installed": (FORM, b"Content-Encoding: br\r\n", False, 415, ""),
+    "ce-zstd-not-installed": (FORM, b"Content-Encoding: zstd\r\n", False, 415, ""),
+}
+
+
+def quiet_log(caplog: pytest.LogCaptureFixture) -> None:
+    """The client's fault: no traceback, nothing at ERROR."""
+    loud = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not loud, [(r.name, r.getMessage()) for r in loud]
+    assert "Traceback" not in caplog.text
+
+
+def refused(resp: RawResponse, status: int, code: str) -> None:
+    assert resp.status == status, resp.raw[:400]
+    assert resp.code == code, resp.json()
+    # The body was not read: it must not be parsed as a next request (HTTP/1.0: the
+    # parser's own answers, which close).
+    closing = resp.headers.get("Connection", "").lower() == "close"
+    assert closing or resp.raw.startswith(b"HTTP/1.0 "), resp.raw[:400]
+
+
+@pytest.mark.parametrize("name", list(DECODED))
+async def test_a_body_coded_as_aiohttp_decodes_is_stored_decoded(
+    proxy: Any, s3: Any, bucket: str, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    body, headers, chunked = DECODED[name]
+    resp = await exchange(proxy.host, proxy.port, request(body, headers, chunked=chunked))
+    assert resp.status == 201, resp.raw[:400]
+    [stored] = resp.json()["files"]
+    assert stored["size"] == len(FILE)
+    assert s3.get_object(Bucket=bucket, Key=stored["key"])["Body"].read() == FILE
+    quiet_log(caplog)
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+async def test_a_coding_the_proxy_would_store_as_it_came_is_refused(
+    proxy: Any, s3: Any, bucket: str, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    body, headers, chunked, status, code = REFUSED[name]
+    resp = await exchange(proxy.host, proxy.port, request(body, headers, chunked=chunked))
+    refused(resp, status, code or "UNSUPPORTED_ENCODING")
+    message = resp.json()["error"]["message"]
+    assert "gzip or deflate" in message or "chunked alone" in message, message
+    assert "install" not in message.lower(), message  # not aiohttp's advice to operators
+    assert all_keys(s3, bucket) == []
+    assert open_uploads(s3, bucket) == []
+    quiet_log(caplog)
+
+
+async def test_refused_before_the_body_is_sent_with_expect_100_continue(proxy: Any) -> None:
+    head = request(b"", b"Content-Encoding: x-gzip\r\nExpect: 100-continue\r\n").replace(
+        b"Content-Length: 0", b"Content-Length: %d" % len(FORM)
+    )
+    resp = await exchange(proxy.host, proxy.port, head)  # the body is never sent
+    assert resp.interim == [], "no 100 Continue for a body that will be refused"
+    refused(resp, 415, "UNSUPPORTED_ENCODING")
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_body_that_does_not_decode_is_a_400_without_traceback(
+    proxy: Any, s3: Any, bucket: str, chunked: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    raw = request(b"not gzip at all " * 64, b"Content-Encoding: gzip\r\n", chunked=chunked)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    # The body after the head, as a client sends it once its head went: the upload is
+    # reading it when it fails to decode.
+    resp = await exchange(proxy.host, proxy.port, head + b"\r\n\r\n", body)
+    assert resp.status == 400, resp.raw[:400]
+    assert resp.code == "BAD_HTTP_REQUEST", resp.json()
+    assert "not valid gzip data" in resp.json()["error"]["message"]
+    assert all_keys(s3, bucket) == []
+    quiet_log(caplog)
+
+
+async def test_gzip_that_breaks_after_parts_were_stored_aborts_the_upload(
+    proxy_factory: Any, s3: Any, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Valid gzip for 12 MiB of file (one 5 MiB part is in S3), then garbage."""
+    caplog.set_level(logging.INFO)
+    proxy = await proxy_factory(part_size=5 * 1024 * 1024)
+    coder = zlib.compressobj(6, zlib.DEFLATED, 31)
+    head = bodies.part_head(bodies.file("f", "big.bin", b""))
+    good = coder.compress(head + os.urandom(12 * 1024 * 1024)) + coder.flush(zlib.Z_SYNC_FLUSH)
+    body = good + b"\x00garbage" * 4096
+    resp = await exchange(
+        proxy.host, proxy.port, request(body, b"Content-Encoding: gzip\r\n"), quiet=20
+    )
+    assert resp.status == 400, resp.raw[:400]
+    assert "not valid gzip data" in resp.json()["error"]["message"]
+    assert all_keys(s3, bucket) == []
+    assert open_uploads(s3, bucket) == []
+    quiet_log(caplog)
+
+
+async def test_a_tus_patch_with_a_coding_not_decoded_is_refused(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    proxy = await proxy_factory()
+    url = await _new(proxy, len(FILE))
+    resp = await proxy.patch(
+        url, data=gzip.compress(FILE), headers=_patch_headers(0, **{"Content-Encoding": "x-gzip"})
+    )
+    assert resp.status == 415, await resp.text()
+    assert (await resp.json())["error"]["code"] == "UNSUPPORTED_ENCODING"
+    head = await proxy.head(url, headers={"Tus-Resumable": "1.0.0"})
+    assert head.headers["Upload-Offset"] == "0"  # nothing of it was kept
