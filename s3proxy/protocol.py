@@ -131,6 +131,8 @@ def safe_reason(exc: HttpProcessingError) -> str:
     ("Invalid header token:\\n\\n  b'...'"): the first line, cut at the first quote."""
     if isinstance(exc, LineTooLong):
         return "line too long"
+    if str(exc.message).startswith("Pause on PRI"):  # llhttp's words for the preface
+        return "an HTTP/2 connection preface: this server speaks HTTP/1.1"
     text = str(exc.message).split("\n", 1)[0].split(". ", 1)[0]  # not "Please install ..."
     quoted = _QUOTED.search(text)
     if quoted is not None:

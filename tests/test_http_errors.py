@@ -205,6 +205,13 @@ async def test_the_hook_is_on_every_server_built_for_the_app(
     assert protocol.private_api_problems() == []
 
 
+async def test_http2_prior_knowledge_is_told_the_server_speaks_http_1_1(proxy: Any) -> None:
+    """curl --http2-prior-knowledge: the preface was "Pause on PRI/Upgrade" (llhttp's)."""
+    resp = await exchange(proxy.host, proxy.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
+    assert "speaks HTTP/1.1" in resp.json()["error"]["message"]
+
+
 def test_status_from_parser_errors() -> None:
     """The 414/431 split depends on the limits being different: keep them so."""
     from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
