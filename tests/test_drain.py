@@ -4,10 +4,12 @@ with ``Connection: close`` on the wire, and keep-alive clients do not hold the p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -137,24 +139,36 @@ async def test_a_connection_waiting_in_the_backlog_is_answered_not_reset(
     did not wait for a connection whose request was still unread. Here the client
     connects and sends with the loop held, so its connection waits in the backlog when
     the listener closes, as the proxy's stop sequence closes it; then the drain runs."""
+    data = os.urandom(100 * 1024)
+    raw = bodies.body([bodies.file("f", "late.bin", data)])
+    async with served_app(moto, bucket) as (app, runner, site, port):
+        with socket.create_connection(("127.0.0.1", port)) as client:  # the kernel completes it
+            client.sendall(bodies.request_head(len(raw)) + raw)
+            await close_listener(site)
+            await drain(app[STATE])
+            await runner.cleanup()  # as the server's stop sequence does after the drain
+            received = await asyncio.to_thread(read_until_closed, client)
+    await assert_stored_or_refused(received, data, s3, bucket)
+
+
+@contextlib.asynccontextmanager
+async def served_app(
+    moto: MotoServer, bucket: str
+) -> AsyncIterator[tuple[web.Application, web.AppRunner, web.TCPSite, int]]:
+    """The app served in this process on a free port, to drive its stop sequence by hand."""
     app = create_app(make_settings(moto.endpoint_url, bucket=bucket))
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = runner.addresses[0][1]
-    data = os.urandom(100 * 1024)
-    raw = bodies.body([bodies.file("f", "late.bin", data)])
-    client = socket.create_connection(("127.0.0.1", port))  # the kernel completes it
-    client.sendall(bodies.request_head(len(raw)) + raw)
     try:
-        await close_listener(site)
-        await drain(app[STATE])
-        await runner.cleanup()  # as the server's stop sequence does after the drain
-        received = await asyncio.to_thread(read_until_closed, client)
+        yield app, runner, site, runner.addresses[0][1]
     finally:
-        client.close()
         await runner.cleanup()
+
+
+async def assert_stored_or_refused(received: bytes, data: bytes, s3: Any, bucket: str) -> None:
+    """An answer, not a reset: 201 with ``data`` stored, or 503 with nothing stored."""
     assert received.startswith((b"HTTP/1.1 201", b"HTTP/1.1 503")), received[:200]
     if received.startswith(b"HTTP/1.1 201"):
         [key] = await all_keys_async(s3, bucket)
@@ -183,32 +197,16 @@ async def test_a_request_sent_on_a_kept_alive_connection_just_before_drain_is_an
     """A kept-alive connection's next request, sent but not yet read by the loop when
     the drain begins: the connection is not idle (its bytes are in the kernel), and the
     drain waits for its request instead of closing it under the client."""
-    app = create_app(make_settings(moto.endpoint_url, bucket=bucket))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    client = socket.create_connection(("127.0.0.1", port))
     data = os.urandom(100 * 1024)
     raw = bodies.body([bodies.file("f", "late.bin", data)])
-    try:
-        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        first = await asyncio.to_thread(client.recv, 65536)
-        assert first.startswith(b"HTTP/1.1 200"), first
-        await asyncio.sleep(0.1)  # the first request is over: the connection waits
-        client.sendall(bodies.request_head(len(raw)) + raw)  # the loop has not read it
-        await drain(app[STATE])
-        await runner.cleanup()  # as the server's stop sequence does after the drain
-        received = await asyncio.to_thread(read_until_closed, client)
-    finally:
-        client.close()
-        await runner.cleanup()
-    assert received.startswith((b"HTTP/1.1 201", b"HTTP/1.1 503")), received[:200]
-    if received.startswith(b"HTTP/1.1 201"):
-        [key] = await all_keys_async(s3, bucket)
-        assert await read_object_async(s3, bucket, key) == data
-    else:
-        assert b'"SHUTTING_DOWN"' in received, received
-        assert await all_keys_async(s3, bucket) == []
-    assert await open_uploads_async(s3, bucket) == []
+    async with served_app(moto, bucket) as (app, runner, _, port):
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = await asyncio.to_thread(client.recv, 65536)
+            assert first.startswith(b"HTTP/1.1 200"), first
+            await asyncio.sleep(0.1)  # the first request is over: the connection waits
+            client.sendall(bodies.request_head(len(raw)) + raw)  # the loop has not read it
+            await drain(app[STATE])
+            await runner.cleanup()  # as the server's stop sequence does after the drain
+            received = await asyncio.to_thread(read_until_closed, client)
+    await assert_stored_or_refused(received, data, s3, bucket)
