@@ -128,7 +128,8 @@ def error_kind(exc: HttpProcessingError) -> ErrorKind:
 
 def safe_reason(exc: HttpProcessingError) -> str:
     """The parser's reason without the client's bytes, which aiohttp quotes after it
-    ("Invalid header token:\\n\\n  b'...'"): the first line, cut at the first quote."""
+    ("Invalid header token:\\n\\n  b'...'"): its first sentence, cut where a quote
+    begins (``_QUOTED``)."""
     if isinstance(exc, LineTooLong):
         return "line too long"
     if str(exc.message).startswith("Pause on PRI"):  # llhttp's words for the preface
@@ -583,9 +584,7 @@ class ProxyRequestHandler(RequestHandler):
         # feed_data, and data_received queues it as a new message behind the request
         # being handled, whose body then never ends. Fail that body instead.
         request = self._current_request
-        if request is None:
-            return
-        if not self._messages:
+        if request is None or not self._messages:
             return
         message = self._messages[-1][0]
         if not isinstance(message, web_protocol._ErrInfo):
