@@ -210,3 +210,24 @@ async def test_a_request_sent_on_a_kept_alive_connection_just_before_drain_is_an
             await runner.cleanup()  # as the server's stop sequence does after the drain
             received = await asyncio.to_thread(read_until_closed, client)
     await assert_stored_or_refused(received, data, s3, bucket)
+
+
+async def test_partly_sent_heads_do_not_hold_the_drain(moto: MotoServer, bucket: str) -> None:
+    """Slowloris connections (a head begun, never finished) are not requests the drain
+    waits for: with them it waited for --header-timeout (10.8 s to exit with 20)."""
+    async with served_app(moto, bucket) as (app, _, _, port):
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        try:
+            for sock in socks:
+                sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\n")
+            conns = app[STATE].connections
+            await eventually(
+                lambda: len(conns), until=lambda n: n == 5, within=5, what="5 connections"
+            )
+            await asyncio.sleep(0.2)  # their bytes read: heads begun
+            began = time.monotonic()
+            await asyncio.wait_for(drain(app[STATE]), 5)
+            assert time.monotonic() - began < 1.0
+        finally:
+            for sock in socks:
+                sock.close()
