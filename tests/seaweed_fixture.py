@@ -64,6 +64,13 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+# How long weed may take to exit on a SIGTERM it alone handles (the kernel's parent-death
+# signal, once its proxy was SIGKILLed): its filer waits up to 10 s for open gRPC streams
+# (weed.log in a CI-like run: "Filer stopped 11.2s"). A proxy's own stop SIGKILLs weed
+# after 10 s, so waits after one need no more than the default.
+WEED_SIGTERM_EXIT = 20.0
+
+
 def wait_no_weed(pid: int | None, data_dir: Path, within: float = 10.0) -> None:
     """Fail unless weed ``pid`` and anything run on ``data_dir`` are gone ``within`` s."""
 

@@ -37,7 +37,13 @@ from s3proxy.embedded import (
 )
 from tests.polling import eventually
 from tests.s3util import read_object_async
-from tests.seaweed_fixture import process_alive, running_store, s3_client_kwargs, wait_no_weed
+from tests.seaweed_fixture import (
+    WEED_SIGTERM_EXIT,
+    process_alive,
+    running_store,
+    s3_client_kwargs,
+    wait_no_weed,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -416,7 +422,8 @@ def test_sigkilled_parent_leaves_no_weed(tmp_path: Path) -> None:
         parent.wait()
         if parent.stdout is not None:
             parent.stdout.close()
-    # The kernel SIGTERMs weed (parent-death signal); it shuts down in about a second.
+    # The kernel SIGTERMs weed (parent-death signal); it shuts down in about a second,
+    # or in 11 s when its filer waits for a gRPC stream (see WEED_SIGTERM_EXIT).
     killed = time.monotonic()
-    wait_no_weed(int(weed_pid), tmp_path, within=10.0)
+    wait_no_weed(int(weed_pid), tmp_path, within=WEED_SIGTERM_EXIT)
     print(f"weed gone {time.monotonic() - killed:.2f}s after its parent was SIGKILLed")
