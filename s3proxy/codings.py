@@ -20,7 +20,9 @@ from multidict import CIMultiDictProxy
 
 from s3proxy.errors import UNSUPPORTED_ENCODING, UNSUPPORTED_TRANSFER_CODING, ProxyError
 
-DECODED = ("gzip", "deflate")  # what aiohttp decodes here; the messages name them
+DECODED = ("gzip", "deflate")  # what aiohttp decodes here
+# What a refused client should do instead (here, and for br/zstd, refused by the parser).
+CONTENT_ADVICE = f"send the body as it is, or coded once with {' or '.join(DECODED)}"
 SHOWN = 60  # characters of a header value a message quotes
 
 
@@ -46,8 +48,7 @@ def check_body_codings(headers: CIMultiDictProxy[str], decoded: bool) -> None:
     if content and (len(content) > 1 or not decoded):
         raise ProxyError(
             UNSUPPORTED_ENCODING,
-            f"Content-Encoding {', '.join(content)[:SHOWN]!r} is not supported: send the "
-            f"body as it is, or coded once with {' or '.join(DECODED)}",
+            f"Content-Encoding {', '.join(content)[:SHOWN]!r} is not supported: " + CONTENT_ADVICE,
         )
 
 

@@ -78,6 +78,7 @@ from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
+from s3proxy.codings import CONTENT_ADVICE
 from s3proxy.errors import (
     BAD_HTTP_REQUEST,
     HEADERS_TOO_LARGE,
@@ -132,9 +133,10 @@ def safe_reason(exc: HttpProcessingError) -> str:
     begins (``_QUOTED``)."""
     if isinstance(exc, LineTooLong):
         return "line too long"
-    if str(exc.message).startswith("Pause on PRI"):  # llhttp's words for the preface
+    text = str(exc.message)
+    if text.startswith("Pause on PRI"):  # llhttp's words for the preface
         return "an HTTP/2 connection preface: this server speaks HTTP/1.1"
-    text = str(exc.message).split("\n", 1)[0].split(". ", 1)[0]  # not "Please install ..."
+    text = text.split("\n", 1)[0].split(". ", 1)[0]  # not "Please install ..."
     quoted = _QUOTED.search(text)
     if quoted is not None:
         text = text[: quoted.start()]
@@ -148,10 +150,7 @@ _QUOTED = re.compile(r"""\bb['"]|bytearray\(|(?<![A-Za-z])['"]|['"](?![A-Za-z])"
 
 _MESSAGES = {
     BAD_HTTP_REQUEST: "the request is not valid HTTP/1.1",
-    UNSUPPORTED_ENCODING: (
-        "the request's Content-Encoding is not supported: send the body as it is, or coded "
-        "once with gzip or deflate"
-    ),
+    UNSUPPORTED_ENCODING: "the request's Content-Encoding is not supported: " + CONTENT_ADVICE,
     URI_TOO_LONG: f"the request target is longer than {MAX_LINE_SIZE} bytes",
     HEADERS_TOO_LARGE: (
         f"a request header is longer than {MAX_FIELD_SIZE} bytes, or there are too many"
@@ -477,12 +476,6 @@ class ProxyRequestHandler(RequestHandler):
             json_resp = http_exception_response(resp)
             json_resp.force_close()
             resp = json_resp
-        body = request.content
-        if not body.is_eof() and isinstance(body.exception(), RequestPayloadError):
-            # Its decoding failed (Content-Encoding gzip, and not gzip): no byte of it
-            # will come, and aiohttp, lingering to drain it after this answer, would read
-            # into the error and log it as an unhandled traceback.
-            body.feed_eof()
         return await super().finish_response(request, resp, start_time)
 
     def log_access(
@@ -581,13 +574,13 @@ class ProxyRequestHandler(RequestHandler):
         parsed = len(self._messages) - queued
         if data and self.requests_open == 0:
             self._head_begun = True
+            if self.pool.draining:  # bytes with no request open: the drain looks again
+                self.pool.request_done()
         if parsed > 0:  # a head is complete
             self.requests_open += parsed
             self._cancel_head_timer()
         elif data and waiting:  # the first bytes of a head on a kept-alive connection
             self._arm_head_timer()
-        if self.pool.draining:  # bytes read: the drain looks again at what it waits for
-            self.pool.request_done()
         # aiohttp's C parser raises a framing error in a body (a bad chunk size) out of
         # feed_data, and data_received queues it as a new message behind the request
         # being handled, whose body then never ends. Fail that body instead.
@@ -604,6 +597,18 @@ class ProxyRequestHandler(RequestHandler):
         body.set_exception(RequestPayloadError(f"malformed body: {reason}"))
         # No byte of this body will come: at EOF, aiohttp does not linger to drain it.
         body.feed_eof()
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp reads the rest of an answered request's body to drain the connection
+        (its lingering close), and logs what that read raises as "Unhandled exception"
+        with a traceback. A body that breaks there (Content-Encoding gzip, and not gzip;
+        the answer already went, perhaps a refusal before the body was read) is the
+        client's fault: one line. aiohttp closes the connection either way."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, RequestPayloadError):
+            log.info("http.bad_body_unread error=%s", " ".join(str(exc).split()))
+            return
+        super().log_exception(*args, **kw)
 
 
 class ProxyServer(web.Server):
@@ -622,7 +627,7 @@ def private_api_problems() -> list[str]:
     problems = []
     if not callable(getattr(web.Application, "_make_handler", None)):
         problems.append("Application._make_handler")
-    for name in ("handle_error", "finish_response", "data_received", "log_access"):
+    for name in ("handle_error", "finish_response", "data_received", "log_access", "log_exception"):
         if not callable(getattr(RequestHandler, name, None)):
             problems.append(f"RequestHandler.{name}")
     slots = (*getattr(RequestHandler, "__slots__", ()), *getattr(BaseProtocol, "__slots__", ()))
