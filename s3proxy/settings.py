@@ -191,7 +191,6 @@ _METAVARS: dict[Callable[[str], Any], str] = {
     _parse_bool: "BOOL",
     _opt_path: "PATH",
     Path: "PATH",
-    float: "SECONDS",  # every float setting is a number of seconds
 }
 
 
@@ -293,7 +292,10 @@ class Settings:
         show=format_size,
     )
     client_timeout: float = _setting(
-        60.0, "seconds a client may send no bytes before its upload is aborted (408)", float
+        60.0,
+        "seconds a client may send no bytes before its upload is aborted (408)",
+        parse_duration,
+        show=format_duration,
     )
     # limits
     max_file_size: int = _setting(
@@ -329,8 +331,12 @@ class Settings:
         None, "KMS key id with --sse aws:kms", _opt_str, metavar="KEY_ID"
     )
     # S3 client
-    s3_connect_timeout: float = _setting(10.0, "seconds to connect to S3", float)
-    s3_read_timeout: float = _setting(120.0, "seconds to wait for an S3 response", float)
+    s3_connect_timeout: float = _setting(
+        10.0, "seconds to connect to S3", parse_duration, show=format_duration
+    )
+    s3_read_timeout: float = _setting(
+        120.0, "seconds to wait for an S3 response", parse_duration, show=format_duration
+    )
     s3_max_attempts: int = _setting(
         5, "attempts per S3 call (transient errors retried with backoff)", int
     )
@@ -376,7 +382,9 @@ class Settings:
         _opt_str,
         secret=True,
     )
-    webhook_timeout: float = _setting(10.0, "seconds one webhook attempt may take", float)
+    webhook_timeout: float = _setting(
+        10.0, "seconds one webhook attempt may take", parse_duration, show=format_duration
+    )
     webhook_attempts: int = _setting(5, "webhook attempts, with backoff, before giving up", int)
     webhook_failure: str = _setting(
         "rollback",
@@ -430,7 +438,10 @@ class Settings:
         show=format_duration,
     )
     shutdown_timeout: float = _setting(
-        30.0, "seconds in-flight uploads get to finish on shutdown before they are aborted", float
+        30.0,
+        "seconds in-flight uploads get to finish on shutdown before they are aborted",
+        parse_duration,
+        show=format_duration,
     )
     log_level: str = _setting(
         "info", "log level", str.lower, choices=("debug", "info", "warning", "error")
@@ -441,10 +452,11 @@ class Settings:
         0.5,
         "embedded store: seconds before restarting weed after it exits; doubles per exit "
         "in a row, back to this after a minute up",
-        float,
+        parse_duration,
+        show=format_duration,
     )
     embedded_restart_max_delay: float = _setting(
-        30.0, "embedded store: longest wait between restarts", float
+        30.0, "embedded store: longest wait between restarts", parse_duration, show=format_duration
     )
     # connections (README "Limits and timeouts")
     header_timeout: float = _setting(

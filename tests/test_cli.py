@@ -216,7 +216,7 @@ def test_help_metavars_say_what_a_value_is() -> None:
         "--cleanup-older-than DURATION",
         "--page BOOL",
         "--max-file-size SIZE",
-        "--client-timeout SECONDS",
+        "--client-timeout DURATION",
         "--endpoint-url URL",
         "--webhook-url URL",
         "--data-dir PATH",

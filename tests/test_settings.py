@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,26 @@ def test_invalid_settings(argv: list[str], env: dict[str, str], message: str) ->
     assert message in str(err.value)
     assert "\n" not in str(err.value)
     assert "abc" not in str(err.value)
+
+
+SECONDS_SETTINGS = [
+    f.name for f in dataclasses.fields(Settings) if "float" in str(f.type) and f.init
+]
+
+
+@pytest.mark.parametrize("name", SECONDS_SETTINGS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "1e400"])
+def test_no_duration_setting_takes_a_value_that_is_not_a_finite_time(name: str, value: str) -> None:
+    """`--client-timeout nan` started a proxy whose client reads never timed out."""
+    with pytest.raises(SettingsError) as err:
+        load([], {"S3PROXY_" + name.upper(): value})
+    assert "S3PROXY_" + name.upper() in str(err.value) or "--" in str(err.value)
+
+
+def test_every_duration_setting_takes_seconds_and_units() -> None:
+    s = load([], {"S3PROXY_" + name.upper(): "90" for name in SECONDS_SETTINGS})
+    assert {getattr(s, name) for name in SECONDS_SETTINGS} == {90.0}
+    assert load(["--client-timeout", "2m", "--shutdown-timeout", "1.5"]).client_timeout == 120.0
 
 
 def test_token_secret_file_lines_are_checked(tmp_path: Path) -> None:
