@@ -22,7 +22,9 @@ and the caller's upload grant, if any:
   no lone surrogate, at most ``MAX_KEY_BYTES`` in UTF-8. A path normalizer, a
   log line or an S3-compatible store can read none of them differently, and the
   proxy never makes one (``sanitize_filename`` drops what it would refuse), so
-  refusing them can never hide an object the proxy stored.
+  refusing them can never hide an object the proxy stored. Nor is a key under
+  ``RESERVED_NAMESPACE`` (``.s3proxy/``): the proxy's own state, with a template
+  that has no literal prefix otherwise inside every caller's reach.
 
 Write policy (``WritePolicy``, from the template and ``--no-overwrite``): with
 ``{uuid}`` in the template every key is new, so a write needs no condition and
@@ -46,6 +48,9 @@ from typing import Protocol
 from urllib.parse import quote
 
 MAX_KEY_BYTES = 1024  # S3 object key limit, in UTF-8 bytes
+# The proxy's own objects (tus state and staged bytes: ``tus_url.RESERVED_PREFIX``) live
+# under it; no caller may be given, read, complete or abort a key there.
+RESERVED_NAMESPACE = ".s3proxy/"
 # x-amz-meta-s3proxy-upload: a per-upload nonce, written when keys may be shared, so a
 # failed upload can tell its own object from another upload's at the same key.
 NONCE_META = "s3proxy-upload"
@@ -155,6 +160,8 @@ def malformed(key: str) -> str | None:
         return "the key must not hold backslashes, control or format characters"
     if any(seg in ("", ".", "..") for seg in key.split("/")):
         return "the key must not hold empty, . or .. segments"
+    if key.startswith(RESERVED_NAMESPACE):
+        return f"keys under {RESERVED_NAMESPACE} are the proxy's own (resumable upload state)"
     return None
 
 

@@ -632,6 +632,7 @@ async def test_cors_preflight_refusal_is_json(proxy_factory: Any) -> None:
         "/files/uploads/evil%E2%80%AEtxt.exe",  # a bidi override
         "/files/uploads/a%E2%80%8Bb",  # a zero-width space
         "/files/uploads%5C..%5Csecret%5Cplans.txt",
+        "/files/.s3proxy/tus/0123/state",  # the proxy's own (kept out by the prefix, too)
     ],
 )
 async def test_key_the_proxy_never_makes_never_reaches_s3(
@@ -642,6 +643,27 @@ async def test_key_the_proxy_never_makes_never_reaches_s3(
         proxy = await proxy_factory(endpoint_url=faulty.endpoint_url)
         resp = await raw_get(proxy, raw_path)
         assert (resp.status, await error_code(resp)) == (403, "KEY_FORBIDDEN")
+        assert faulty.calls == []
+
+
+async def test_the_proxys_own_objects_are_not_served_under_a_bare_template(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str
+) -> None:
+    """With no literal prefix in the template, every well-formed key was readable: the tus
+    state of any upload (its S3 upload id, its staged bytes) was served with a 200."""
+    await put_async(s3, bucket, ".s3proxy/tus/0123/state", b'{"offset": 0}')
+    async with FaultyS3(moto.endpoint_url) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url, key_template="{uuid}/{filename}"
+        )
+        for method in ("GET", "HEAD"):
+            resp = await proxy.request(method, "/files/.s3proxy/tus/0123/state")
+            assert resp.status == 403, method
+        assert (
+            (await proxy.get("/files/.s3proxy/tus/0123/state"))
+            .headers["Content-Type"]
+            .startswith("application/json")
+        )
         assert faulty.calls == []
 
 

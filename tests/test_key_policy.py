@@ -12,8 +12,15 @@ import datetime as dt
 import pytest
 
 from s3proxy.auth import Principal
-from s3proxy.keys import MAX_KEY_BYTES, KeyPolicy, KeyRefused, template_problem
+from s3proxy.keys import (
+    MAX_KEY_BYTES,
+    RESERVED_NAMESPACE,
+    KeyPolicy,
+    KeyRefused,
+    template_problem,
+)
 from s3proxy.tokens import UploadGrant
+from s3proxy.tus_url import RESERVED_PREFIX
 
 TEMPLATE = "uploads/{yyyy}/{mm}/{uuid}/{filename}"
 NOW = dt.datetime(2026, 3, 7, tzinfo=dt.UTC)
@@ -110,6 +117,11 @@ def test_prefix_is_grant_prefix_then_template_prefix(policy: KeyPolicy, prefix: 
         (BARE, "x", OK),
         (BARE, "", FORBIDDEN),
         (BARE, "../uploads/a", FORBIDDEN),
+        # the proxy's own objects (tus state), in reach of a template with no literal prefix
+        (BARE, ".s3proxy/tus/0123/state", FORBIDDEN),
+        (BARE, ".s3proxy/x", FORBIDDEN),
+        (BARE, ".s3proxyless/x", OK),
+        (BARE_TOKEN, "users/42/.s3proxy/tus/a", OK),  # not the bucket's reserved namespace
         (BARE_TOKEN, "users/42/0123/a.pdf", OK),
         (BARE_TOKEN, "users/42/", FORBIDDEN),
         (BARE_TOKEN, "users/42", FORBIDDEN),
@@ -221,6 +233,7 @@ def test_new_key_too_long_under_a_grant_prefix() -> None:
         ("{filename}", None),
         ("daily/{yyyy}-{mm}-{dd}.bin", None),
         ("docs/fixed.bin", "no field"),  # every upload the same key, equal to the prefix
+        (".s3proxy/{uuid}/{filename}", "the proxy's own"),
     ],
 )
 def test_template_problem(template: str, problem: str | None) -> None:
@@ -239,3 +252,14 @@ def test_a_template_whose_keys_escape_its_prefix_makes_none(template: str) -> No
     "uploads//": such a key is refused when made, not handed out unreadable."""
     with pytest.raises(ValueError):
         KeyPolicy(template).new_key("a.pdf")
+
+
+def test_a_key_made_from_a_field_name_is_never_in_the_reserved_namespace() -> None:
+    """With ``{field}/...`` and no literal prefix, a form field named ``.s3proxy`` must not
+    put an upload among the tus state objects (sanitizing drops the leading dot)."""
+    key = KeyPolicy("{field}/{uuid}/{filename}").new_key("state", ".s3proxy")
+    assert not key.startswith(RESERVED_NAMESPACE)
+
+
+def test_the_reserved_namespace_holds_the_tus_state() -> None:
+    assert RESERVED_PREFIX.startswith(RESERVED_NAMESPACE)
