@@ -29,7 +29,6 @@ PutObject). It describes the whole representation, so a 206 carries the same val
 from __future__ import annotations
 
 import datetime as dt
-import email.utils
 import logging
 import re
 from collections.abc import Mapping
@@ -47,6 +46,7 @@ from s3proxy.errors import (
     ProxyError,
     error_response,
 )
+from s3proxy.http_dates import format_http_date, parse_http_date
 from s3proxy.keys import KeyPolicy, KeyRefused, content_disposition
 from s3proxy.s3 import (
     Conditions,
@@ -125,18 +125,6 @@ def _position(digits: str) -> int:
     return min(int(significant or "0"), MAX_POSITION)
 
 
-def http_date(value: str | None) -> dt.datetime | None:
-    """An HTTP-date as an aware datetime; None for a missing or invalid one (then ignored)."""
-    if not value:
-        return None
-    try:
-        parsed = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, OverflowError, IndexError):
-        # OverflowError: a year or offset of many digits.
-        return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.UTC)
-
-
 def conditions(headers: Mapping[str, str]) -> Conditions:
     """The client's validators, as S3 is to check them.
 
@@ -151,12 +139,12 @@ def conditions(headers: Mapping[str, str]) -> Conditions:
     if value := headers.get(hdrs.IF_MATCH):
         if_match = entity_tags(value, hdrs.IF_MATCH)
     else:
-        unmodified_since = http_date(headers.get(hdrs.IF_UNMODIFIED_SINCE))
+        unmodified_since = parse_http_date(headers.get(hdrs.IF_UNMODIFIED_SINCE))
     if value := headers.get(hdrs.IF_NONE_MATCH):
         # If-None-Match compares weakly; S3 only knows strong tags, so drop the W/.
         if_none_match = re.sub(r'W/(?=")', "", entity_tags(value, hdrs.IF_NONE_MATCH))
     else:
-        modified_since = http_date(headers.get(hdrs.IF_MODIFIED_SINCE))
+        modified_since = parse_http_date(headers.get(hdrs.IF_MODIFIED_SINCE))
     return Conditions(if_match, if_none_match, modified_since, unmodified_since)
 
 
@@ -177,7 +165,7 @@ def if_range_holds(if_range: str, etag: str | None, last_modified: dt.datetime |
     """RFC 9110 13.1.5: the range applies only if the validator still matches, strongly."""
     if if_range.startswith('"'):
         return etag is not None and not etag.startswith("W/") and if_range == etag
-    given = http_date(if_range)
+    given = parse_http_date(if_range)
     return given is not None and given == last_modified
 
 
@@ -208,20 +196,8 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 
 async def stream(request: web.Request, state: AppState, key: str) -> web.StreamResponse:
     bucket = state.require_sink()
-    head = request.method == hdrs.METH_HEAD
-    cond = conditions(request.headers)
-    byte_range = single_range(request.headers.get(hdrs.RANGE))
     try:
-        answer = await fetch(bucket, key, head, byte_range, cond)
-        if_range = request.headers.get(hdrs.IF_RANGE)
-        if (
-            answer.head.partial
-            and if_range
-            and not if_range_holds(if_range, answer.head.etag, answer.head.last_modified)
-        ):
-            # The object changed since the client's partial copy: send all of it.
-            answer.close()
-            answer = await fetch(bucket, key, head, None, cond)
+        answer = await ranged_fetch(bucket, key, request)
     except NotModified as outcome:
         return not_modified(outcome)
     except NoSuchKey:
@@ -233,6 +209,31 @@ async def stream(request: web.Request, state: AppState, key: str) -> web.StreamR
     except InvalidRange as outcome:
         return await not_satisfiable(bucket, key, outcome.size)
     return await send(request, key, answer)
+
+
+async def ranged_fetch(bucket: ObjectStore, key: str, request: web.Request) -> ObjectBody:
+    """The client's Range of the object, or all of it where its If-Range no longer holds.
+
+    RFC 9110 13.1.5: a stale If-Range means the Range is ignored, so a range past the
+    end of the object as it is now is a 200 with every byte, not a 416.
+    """
+    head = request.method == hdrs.METH_HEAD
+    cond = conditions(request.headers)
+    byte_range = single_range(request.headers.get(hdrs.RANGE))
+    if_range = request.headers.get(hdrs.IF_RANGE)
+    if byte_range is None or not if_range:
+        return await fetch(bucket, key, head, byte_range, cond)
+    try:
+        answer = await fetch(bucket, key, head, byte_range, cond)
+    except InvalidRange:
+        now = await bucket.head(key, conditions=cond)
+        if if_range_holds(if_range, now.etag, now.last_modified):
+            raise
+        return await fetch(bucket, key, head, None, cond)
+    if if_range_holds(if_range, answer.head.etag, answer.head.last_modified):
+        return answer
+    answer.close()  # the object changed since the client's partial copy: send all of it
+    return await fetch(bucket, key, head, None, cond)
 
 
 async def fetch(
@@ -257,19 +258,12 @@ async def object_size(bucket: ObjectStore, key: str) -> int | None:
         return None
 
 
-def _http_date(value: dt.datetime | None) -> str | None:
-    if value is None:
-        return None
-    # botocore's tzutc() is not dt.UTC, which format_datetime insists on.
-    return email.utils.format_datetime(value.astimezone(dt.UTC), usegmt=True)
-
-
 def not_modified(outcome: NotModified) -> web.Response:
     """304 with the validators and caching headers a 200 would carry (RFC 9110 15.4.5)."""
     headers = {"Cache-Control": "private"}
     if outcome.etag:
         headers[hdrs.ETAG] = outcome.etag
-    if last_modified := _http_date(outcome.last_modified):
+    if last_modified := format_http_date(outcome.last_modified):
         headers[hdrs.LAST_MODIFIED] = last_modified
     return web.Response(status=304, headers=headers)
 
@@ -287,14 +281,19 @@ async def not_satisfiable(bucket: ObjectStore, key: str, size: int | None) -> we
 
 
 def response_headers(key: str, head: ObjectHead) -> dict[str, str]:
-    """S3's headers passed on as they are; Content-Disposition has a default, the rest is ours."""
+    """S3's headers passed on as they are; Content-Disposition has a default, the rest is ours.
+
+    Not Content-Encoding: a presigned PUT cannot bind it (SigV4 leaves headers it did not
+    sign free), so a client could store 48 KB of gzip under "Content-Encoding: gzip" and
+    have every browser that downloads it inflate 50 MB. The stored bytes are served as
+    they are (identity), which is also what was counted against the upload's limits.
+    """
     passed_on = {
         hdrs.CONTENT_TYPE: head.content_type,
         hdrs.CONTENT_RANGE: head.content_range,
-        hdrs.CONTENT_ENCODING: head.content_encoding,
         hdrs.CONTENT_LANGUAGE: head.content_language,
         hdrs.ETAG: head.etag,
-        hdrs.LAST_MODIFIED: _http_date(head.last_modified),
+        hdrs.LAST_MODIFIED: format_http_date(head.last_modified),
     }
     headers: dict[str, str] = {str(k): v for k, v in passed_on.items() if v}
     headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")

@@ -40,7 +40,6 @@ deleted keys, and is sent once, best effort (a receiver that is down misses it;
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hashlib
 import hmac
 import json
@@ -53,6 +52,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+
+from s3proxy.http_dates import parse_http_date
 
 log = logging.getLogger("s3proxy.webhook")
 
@@ -151,9 +152,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     value = value.strip()
     if value.isascii() and value.isdigit() and len(value) <= 12:
         return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    when = parse_http_date(value)
+    if when is None:
         return None
     current = time.time() if now is None else now
     return max(0.0, when.timestamp() - current)

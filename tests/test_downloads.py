@@ -7,6 +7,7 @@ import asyncio
 import base64
 import datetime as dt
 import email.utils
+import gzip
 import hashlib
 import io
 import logging
@@ -23,6 +24,7 @@ from yarl import URL
 from s3proxy import downloads
 from s3proxy.auth import Principal
 from s3proxy.errors import ProxyError
+from s3proxy.http_dates import format_http_date, parse_http_date
 from s3proxy.keys import content_disposition
 from s3proxy.s3 import Conditions, ObjectBody, ObjectHead
 from s3proxy.tokens import UploadGrant, issue
@@ -268,6 +270,64 @@ async def test_if_range(proxy: Any, stored: str, data: bytes) -> None:
     changed = await proxy.get(path(KEY), headers={"Range": "bytes=0-9", "If-Range": '"old"'})
     assert changed.status == 200
     assert await changed.read() == data
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("validator", ['"old"', "Wed, 01 Jan 2020 00:00:00 GMT"])
+async def test_a_stale_if_range_sends_everything_even_for_a_range_past_the_end(
+    proxy: Any, stored: str, data: bytes, method: str, validator: str
+) -> None:
+    """RFC 9110 13.1.5: the Range of a stale If-Range is ignored (was 416)."""
+    headers = {"Range": f"bytes={len(data) + 10}-", "If-Range": validator}
+    resp = await proxy.request(method, path(KEY), headers=headers)
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(len(data))
+    if method == "GET":
+        assert await resp.read() == data
+    still = await proxy.request(method, path(KEY), headers={**headers, "If-Range": stored})
+    assert still.status == 416
+    assert still.headers["Content-Range"] == f"bytes */{len(data)}"
+
+
+@pytest.mark.parametrize("name", ["If-Modified-Since", "If-Unmodified-Since", "If-Range"])
+@pytest.mark.parametrize(
+    "date",
+    ["Fri, 31 Dec 9999 23:59:59 -2359", "Fri, 31 Dec 9999 23:59:59 -0001"],
+)
+async def test_a_date_with_no_utc_form_is_ignored_not_a_500(
+    proxy: Any, stored: str, data: bytes, name: str, date: str
+) -> None:
+    """The parse worked; moving it to UTC overflowed, inside botocore: 500 and a traceback."""
+    headers = {name: date, "Range": "bytes=0-9"}
+    for method in ("GET", "HEAD"):
+        resp = await proxy.request(method, path(KEY), headers=headers)
+        # an invalid date is ignored (RFC 9110 13.1.3); an invalid If-Range ignores the Range
+        assert resp.status == (200 if name == "If-Range" else 206), (method, resp.status)
+
+
+async def test_a_stored_content_encoding_is_not_passed_on(proxy: Any, s3: Any, bucket: str) -> None:
+    """A presigned PUT cannot bind Content-Encoding: 48 KB stored as "gzip" were
+    inflated to 50 MB by every client that downloaded them. Served as stored."""
+    bomb = gzip.compress(b"\0" * 5_000_000)
+    put(s3, bucket, KEY, bomb, ContentType="image/png", ContentEncoding="gzip")
+    for method in ("GET", "HEAD"):
+        resp = await proxy.request(method, path(KEY))
+        assert resp.status == 200
+        assert "Content-Encoding" not in resp.headers
+        assert resp.headers["Content-Length"] == str(len(bomb))
+    assert await (await proxy.get(path(KEY))).read() == bomb
+
+
+def test_http_dates_with_no_utc_form() -> None:
+    assert parse_http_date("Fri, 31 Dec 9999 23:59:59 -2359") is None
+    assert parse_http_date("Fri, 31 Dec 9999 23:59:59 +2359") == dt.datetime(
+        9999, 12, 31, 0, 0, 59, tzinfo=dt.UTC
+    )
+    west = dt.timezone(-dt.timedelta(hours=23, minutes=59))
+    assert format_http_date(dt.datetime(9999, 12, 31, 23, 59, tzinfo=west)) is None
+    assert format_http_date(dt.datetime(2015, 10, 21, 7, 28, tzinfo=dt.UTC)) == (
+        "Wed, 21 Oct 2015 07:28:00 GMT"
+    )
 
 
 @pytest.mark.parametrize("weak", [False, True])

@@ -237,6 +237,9 @@ def test_parse_retry_after() -> None:
     now = 784111777.0  # Sun, 06 Nov 1994 08:49:37 GMT
     assert parse_retry_after("Sun, 06 Nov 1994 08:49:47 GMT", now=now) == 10.0
     assert parse_retry_after("Sun, 06 Nov 1994 08:49:27 GMT", now=now) == 0.0
+    # a receiver's date whose year or offset overflows is no date (was OverflowError)
+    assert parse_retry_after("Sun, 06 Nov 99999999999999 08:49:27 GMT", now=now) is None
+    assert parse_retry_after("Fri, 31 Dec 9999 23:59:59 -2359", now=now) is None
 
 
 @pytest.mark.parametrize(
