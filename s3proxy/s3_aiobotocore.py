@@ -688,7 +688,9 @@ class AioObjectStore:
     async def presign_get(
         self, key: str, expires_in: int, *, head: bool = False, disposition: str | None = None
     ) -> str:
-        params: dict[str, Any] = {"Key": key}
+        # identity: a stored Content-Encoding (which a presigned PUT cannot bind) is not
+        # passed on, so no browser inflates a few KB of gzip into gigabytes.
+        params: dict[str, Any] = {"Key": key, "ResponseContentEncoding": "identity"}
         if disposition is not None:
             params["ResponseContentDisposition"] = disposition
         return await self._sign("head_object" if head else "get_object", params, expires_in)

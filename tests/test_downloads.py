@@ -318,6 +318,20 @@ async def test_a_stored_content_encoding_is_not_passed_on(proxy: Any, s3: Any, b
     assert await (await proxy.get(path(KEY))).read() == bomb
 
 
+async def test_a_redirect_asks_s3_not_to_pass_a_stored_content_encoding_on(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    bomb = gzip.compress(b"\0" * 5_000_000)
+    put(s3, bucket, KEY, bomb, ContentType="image/png", ContentEncoding="gzip")
+    proxy = await proxy_factory(download_mode="redirect")
+    resp = await proxy.get(path(KEY), allow_redirects=False)
+    async with aiohttp.ClientSession(auto_decompress=False) as plain:
+        async with plain.get(URL(resp.headers["Location"], encoded=True)) as got:
+            assert got.status == 200
+            assert got.headers.get("Content-Encoding", "identity") == "identity"
+            assert await got.read() == bomb
+
+
 def test_http_dates_with_no_utc_form() -> None:
     assert parse_http_date("Fri, 31 Dec 9999 23:59:59 -2359") is None
     assert parse_http_date("Fri, 31 Dec 9999 23:59:59 +2359") == dt.datetime(
