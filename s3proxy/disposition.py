@@ -23,8 +23,13 @@ The rules, in order:
    whose quotes do not close under that rule (a browser's ``"dir\\"``) is read again
    with every backslash literal. Parameter names are case-insensitive; a parameter
    given twice is refused.
+   If that reading finds no filename but the all-literal one does (``name="dir\\";
+   filename="a.txt"`` from a WHATWG client), the literal one is taken: a part that
+   names a file must never be read as a field.
 3. ``filename*`` / ``name*`` (RFC 8187, and RFC 2231 continuations ``filename*0*``...)
    win over ``filename`` / ``name`` when they decode (charset UTF-8 or ISO-8859-1).
+   One that does not (another charset, a bad escape, a missing piece) and has no plain
+   ``filename`` beside it is read best-effort (UTF-8, else windows-1252): still a file.
 4. A plain value is percent-decoded only when it holds at least one ``%``, every ``%``
    starts a ``%XX`` escape, and the decoded bytes are valid UTF-8 (so ``100%.pdf`` and
    ``a%2.txt`` stay as they are; a literal ``%41`` in a name cannot be told apart and
@@ -182,7 +187,44 @@ def _gather(params: list[tuple[str, bytes]], key: str) -> str | None:
             return text
     if key in found:
         return decode_plain(found[key])
+    if f"{key}*" in found:
+        return _best_effort(found[f"{key}*"])
+    if pieces:
+        return "".join(_best_effort(pieces[n][1]) for n in sorted(pieces))
     return None
+
+
+def _literal_if_it_names_a_file(
+    raw: bytes, dtype: bytes, params: list[tuple[str, bytes]]
+) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """Both readings of a ``\\"`` parse; take the one with every backslash literal if
+    only it finds a filename. WHATWG clients (browsers, Node, curl, requests) never
+    escape, so ``name="dir\\"; filename="a.txt"`` is a field name ending in a backslash
+    and a file; read with escapes it was one field, and the file was lost behind a 201.
+    """
+    try:
+        literal = split_params(raw, escapes=False)
+    except ValueError:
+        return dtype, params
+    if _names_a_file(literal[1]) and not _names_a_file(params):
+        return literal
+    return dtype, params
+
+
+def _names_a_file(params: list[tuple[str, bytes]]) -> bool:
+    return any(n == "filename" or n.startswith("filename*") for n, _ in params)
+
+
+def _best_effort(raw: bytes) -> str:
+    """An extended value that does not decode faithfully, read as well as it can be.
+
+    A part that names a file is a file whatever its name's charset: read as a field,
+    its bytes were dropped (or stored as metadata) behind a 201. The name is only a
+    hint (sanitized before use), so UTF-8, else windows-1252, of what is there.
+    """
+    m = _EXT_VALUE.match(raw)
+    value = raw if m is None else m.group(2)
+    return decode_text(value if _PERCENT_ESCAPES.search(value) else unquote_to_bytes(value))
 
 
 def parse_form_disposition(raw: bytes) -> FormDisposition:
@@ -191,6 +233,9 @@ def parse_form_disposition(raw: bytes) -> FormDisposition:
         dtype, params = split_params(raw)
     except ValueError:
         dtype, params = split_params(raw, escapes=False)  # a browser's trailing backslash
+    else:
+        if b'\\"' in raw:
+            dtype, params = _literal_if_it_names_a_file(raw, dtype, params)
     names = [n for n, _ in params]
     for n in set(names):
         if names.count(n) > 1:

@@ -26,6 +26,7 @@ the side cap keeps the largest part room. Only the first field's bytes (at most
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import logging
 import re
@@ -71,11 +72,12 @@ class UploadResult:
 
 
 def encode_metadata_value(value: str) -> str:
-    """S3 metadata travels in HTTP headers: non-ASCII text goes RFC 2047-encoded, as S3 does."""
-    if value.isascii() and value.isprintable():
+    """S3 metadata travels in HTTP headers: what a header would not carry as it is goes
+    RFC 2047-encoded, as S3 does for non-ASCII text. That is also text with spaces around
+    it (header values are trimmed in transit) and text a reader would take for an
+    encoded word (``=?UTF-8?B?aGk=?=`` would read back as "hi")."""
+    if value.isascii() and value.isprintable() and value == value.strip() and "=?" not in value:
         return value
-    import base64
-
     return "=?UTF-8?B?" + base64.b64encode(value.encode()).decode() + "?="
 
 

@@ -88,6 +88,17 @@ TABLE = [
         fd("f", "\u20ac a.txt"),
     ),
     (b'form-data; name="f"; filename*0="long "; filename*1="name.txt"', fd("f", "long name.txt")),
+    # a filename* that does not decode faithfully still names a file (was: a field, the
+    # file dropped behind a 201): best-effort UTF-8, else windows-1252
+    (b"form-data; name=\"r\"; filename*=windows-1252''caf%E9.txt", fd("r", "caf\u00e9.txt")),
+    (b"form-data; name=\"r\"; filename*=UTF-8''100%.csv", fd("r", "100%.csv")),
+    (b"form-data; name=\"r\"; filename*=UTF-8''%E9t%E9.csv", fd("r", "\u00e9t\u00e9.csv")),
+    (b'form-data; name="r"; filename*=nonsense', fd("r", "nonsense")),
+    (b'form-data; name="r"; filename*0="rep"; filename*2="ort.csv"', fd("r", "report.csv")),
+    (b'form-data; name="r"; filename*1="ort.csv"', fd("r", "ort.csv")),
+    # a field name ending in a backslash (captured: Node fetch, curl 7.88): a file follows
+    (b'form-data; name="attachments\\"; filename="two.txt"', fd("attachments\\", "two.txt")),
+    (b'form-data; name="a\\"; filename="b\\"', fd("a\\", "b\\")),
     # syntax variations
     (b"form-data; name=file; filename=report.pdf", fd("file", "report.pdf")),
     (b'Form-Data ; NAME = "f" ;FileName="a.txt" ;', fd("f", "a.txt")),

@@ -16,7 +16,7 @@ import pytest
 from s3proxy.keys import content_disposition
 from tests import bodies
 from tests.bodies import MiB, raw_body, raw_part
-from tests.s3util import head_object_async
+from tests.s3util import get_object_async, head_object_async
 
 TEXT = b"hello, world\n"
 
@@ -98,6 +98,38 @@ async def test_field_names_are_decoded(
     assert status == 201, out
     no_surrogates(out)
     assert out["fields"] == {want: "v"}
+
+
+@pytest.mark.parametrize(
+    "disposition",
+    [
+        pytest.param(
+            b"form-data; name=\"report\"; filename*=windows-1252''caf%E9.txt", id="cp1252"
+        ),
+        pytest.param(b"form-data; name=\"report\"; filename*=UTF-8''100%.csv", id="bad-escape"),
+        pytest.param(b"form-data; name=\"report\"; filename*=UTF-8''%E9t%E9.csv", id="not-utf8"),
+        pytest.param(b'form-data; name="report"; filename*0="rep"; filename*2="ort.csv"', id="gap"),
+        pytest.param(b'form-data; name="attachments\\"; filename="two.txt"', id="name-backslash"),
+    ],
+)
+async def test_a_part_that_names_a_file_is_never_read_as_a_field(
+    proxy: Any, s3: Any, bucket: str, disposition: bytes
+) -> None:
+    """Was 201 with only the second file stored: the first one's bytes came back as a
+    field (and went on the second file as x-amz-meta metadata)."""
+    secret = b"secret,salary\r\nbob,100"
+    raw = raw_body(
+        raw_part(disposition, secret),
+        raw_part(b'form-data; name="file"; filename="b.txt"', TEXT),
+    )
+    status, out = await post(proxy, raw)
+    assert status == 201, out
+    no_surrogates(out)
+    assert out["fields"] == {}
+    first, second = out["files"]
+    assert (first["size"], second["filename"]) == (len(secret), "b.txt")
+    assert (await get_object_async(s3, bucket, first["key"]))[1] == secret
+    assert set((await head_object_async(s3, bucket, second["key"]))["Metadata"]) == {"sha256"}
 
 
 async def test_file_field_name_is_decoded(proxy: Any, s3: Any, bucket: str) -> None:

@@ -123,6 +123,35 @@ async def test_non_ascii_field_is_rfc2047_metadata(proxy: Any, s3: Any, bucket: 
     assert decoded[0][0].decode(decoded[0][1]) == "Grüße, 日本"
 
 
+def rfc2047_decoded(value: str) -> str:
+    """What a reader of the metadata gets: encoded words decoded, plain text as it is."""
+    import email.header
+
+    return "".join(
+        part.decode(charset or "ascii") if isinstance(part, bytes) else part
+        for part, charset in email.header.decode_header(value)
+    )
+
+
+@pytest.mark.parametrize("size", [100, 6 * MiB])
+async def test_field_values_that_headers_would_change_are_stored_encoded(
+    proxy: Any, s3: Any, bucket: str, size: int
+) -> None:
+    """Surrounding spaces were trimmed in transit (stored "Q3 review", reported
+    " Q3 review "); a plain value shaped as an encoded word read back as other text."""
+    sent = {"title": " Q3 review ", "word": "=?UTF-8?B?aGk=?=", "plain": "Q3 review"}
+    raw = bodies.body(
+        [*(bodies.field(k, v) for k, v in sent.items()), bodies.file("f", "a.bin", b"x" * size)]
+    )
+    resp = await proxy.post("/upload", data=bodies.chunked(raw), headers=bodies.headers())
+    assert resp.status == 201, await resp.text()
+    [f] = (await resp.json())["files"]
+    assert f["metadata"] == sent
+    meta = (await head_object_async(s3, bucket, f["key"]))["Metadata"]
+    assert {k: rfc2047_decoded(meta[k]) for k in sent} == sent
+    assert meta["plain"] == "Q3 review"  # plain text stays plain
+
+
 async def test_field_after_file_is_returned_not_stored(proxy: Any, s3: Any, bucket: str) -> None:
     raw = bodies.body(
         [
