@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -120,6 +120,29 @@ def error_body(kind: ErrorKind, message: str) -> dict[str, Any]:
     return {"error": {"code": kind.code, "message": message}}
 
 
+# aiohttp's ContentEncodingError says either "no decoder" (br, zstd without their
+# packages: "Can not decode content-encoding: brotli (br). Please install ...") or "these
+# bytes are not data of a coding it decodes" ("...: gzip", or just "deflate" at the end).
+_DECODED_CODINGS = ("gzip", "deflate")
+_DECODE_PREFIX = "Can not decode content-encoding: "
+
+
+def undecodable_coding(exc: BaseException | None) -> str | None:
+    """The coding (gzip, deflate) whose data in the body was not valid, if that is what
+    ``exc`` or one of its causes says; None otherwise (a missing decoder included)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, ContentEncodingError):
+            name = str(exc.message).removeprefix(_DECODE_PREFIX).strip().lower()
+            return name if name in _DECODED_CODINGS else None
+        exc, seen = exc.__cause__, seen + 1
+    return None
+
+
+def bad_coding_message(coding: str) -> str:
+    return f"the request body is not valid {coding} data (its Content-Encoding)"
+
+
 def error_response(err: ProxyError) -> web.Response:
     """Render an error as JSON; close the connection when the body was not fully read."""
     resp = web.json_response(error_body(err.kind, err.message), status=err.kind.status)
@@ -159,9 +182,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         # The body's framing broke mid-read (a bad chunk size, see protocol.py): the
         # client's fault, one line, and the message is ours, not the client's bytes.
         log.info("request.bad_body path=%s error=%s", request.path, " ".join(str(exc).split()))
-        if isinstance(exc.__cause__, ContentEncodingError):
-            coding = request.headers.get(hdrs.CONTENT_ENCODING, "")[:20]
-            message = f"the request body is not valid {coding} data (its Content-Encoding)"
+        coding = undecodable_coding(exc)
+        if coding is not None:
+            message = bad_coding_message(coding)
         else:
             message = "the request body is not valid HTTP/1.1 framing"
         return error_response(ProxyError(BAD_HTTP_REQUEST, message))

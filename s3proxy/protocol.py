@@ -89,8 +89,10 @@ from s3proxy.errors import (
     URI_TOO_LONG,
     ErrorKind,
     ProxyError,
+    bad_coding_message,
     error_body,
     http_exception_response,
+    undecodable_coding,
 )
 from s3proxy.log import REQUEST_ID, RateLimit
 
@@ -114,8 +116,10 @@ _TOO_MANY_HEADERS = "Too many headers received"
 
 def error_kind(exc: HttpProcessingError) -> ErrorKind:
     """The error a parser failure is answered with."""
-    if isinstance(exc, ContentEncodingError):  # br or zstd, whose decoder is not installed
-        return UNSUPPORTED_ENCODING
+    if isinstance(exc, ContentEncodingError):
+        # bytes that are not gzip (deflate): the client's data; else br or zstd, whose
+        # decoder is not installed
+        return BAD_HTTP_REQUEST if undecodable_coding(exc) else UNSUPPORTED_ENCODING
     if isinstance(exc, LineTooLong) and len(exc.args) > 1:
         limit = exc.args[1]
         if limit == MAX_LINE_SIZE:
@@ -455,7 +459,8 @@ class ProxyRequestHandler(RequestHandler):
                 reason,
                 request.remote,
             )
-            text = f"{_MESSAGES[kind]} ({reason})"
+            coding = undecodable_coding(exc)
+            text = bad_coding_message(coding) if coding else f"{_MESSAGES[kind]} ({reason})"
         elif status == 504:  # asyncio.TimeoutError outside the middlewares
             kind, text = UPSTREAM_TIMEOUT, "timed out"
             log.warning("request.timed_out path=%s", request.path)
@@ -594,7 +599,9 @@ class ProxyRequestHandler(RequestHandler):
         if body.is_eof() or body.exception() is not None:
             return  # the error belongs to a pipelined request after this one
         reason = safe_reason(message.exc) if isinstance(message.exc, HttpProcessingError) else ""
-        body.set_exception(RequestPayloadError(f"malformed body: {reason}"))
+        failure = RequestPayloadError(f"malformed body: {reason}")
+        failure.__cause__ = message.exc  # StreamReader sets it only on a waiting read
+        body.set_exception(failure)
         # No byte of this body will come: at EOF, aiohttp does not linger to drain it.
         body.feed_eof()
 

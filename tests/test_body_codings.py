@@ -172,6 +172,38 @@ async def test_a_body_that_does_not_decode_is_a_400_without_traceback(
     quiet_log(caplog)
 
 
+@pytest.mark.parametrize("cut", [1, 4])
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("segments", ["one-segment", "head-then-body"])
+async def test_a_deflate_body_cut_short_is_a_400_and_nothing_is_stored(
+    proxy: Any,
+    s3: Any,
+    bucket: str,
+    cut: int,
+    chunked: bool,
+    segments: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A deflate body without (part of) its Adler-32 was 415 "not supported" when it
+    came in one segment (the parser's decode failure taken for a missing decoder), and
+    "not valid HTTP/1.1 framing" when the body came after the head."""
+    caplog.set_level(logging.INFO)
+    coding = "deflate"
+    coded = zlib.compress(FORM)
+    raw = request(coded[:-cut], f"Content-Encoding: {coding}\r\n".encode(), chunked=chunked)
+    if segments == "one-segment":
+        resp = await exchange(proxy.host, proxy.port, raw)
+    else:
+        head, _, body = raw.partition(b"\r\n\r\n")
+        resp = await exchange(proxy.host, proxy.port, head + b"\r\n\r\n", body)
+    assert resp.status == 400, resp.raw[:400]
+    assert resp.code == "BAD_HTTP_REQUEST", resp.json()
+    assert f"not valid {coding} data" in resp.json()["error"]["message"]
+    assert all_keys(s3, bucket) == []
+    assert open_uploads(s3, bucket) == []
+    quiet_log(caplog)
+
+
 async def test_gzip_that_breaks_after_parts_were_stored_aborts_the_upload(
     proxy_factory: Any, s3: Any, bucket: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -225,3 +257,20 @@ async def test_a_body_that_fails_to_decode_after_the_answer_logs_no_traceback(
     assert resp.status == 415 and resp.code == "NOT_MULTIPART", resp.raw[:400]
     await asyncio.sleep(0.2)  # the drain's read of the body has failed by now
     quiet_log(caplog)
+
+
+def test_a_missing_decoder_is_told_from_bad_data() -> None:
+    """aiohttp's one ContentEncodingError means either; the answer differs (415 or 400)."""
+    from aiohttp.http_exceptions import ContentEncodingError
+
+    from s3proxy.errors import undecodable_coding
+
+    missing = "Can not decode content-encoding: brotli (br). Please install `Brotli`"
+    assert undecodable_coding(ContentEncodingError(missing)) is None
+    assert undecodable_coding(ContentEncodingError("deflate")) == "deflate"
+    bad = ContentEncodingError("Can not decode content-encoding: gzip")
+    assert undecodable_coding(bad) == "gzip"
+    wrapped = ValueError("malformed body")
+    wrapped.__cause__ = bad
+    assert undecodable_coding(wrapped) == "gzip"
+    assert undecodable_coding(ValueError("x")) is None
