@@ -74,9 +74,11 @@ class UploadResult:
 def encode_metadata_value(value: str) -> str:
     """S3 metadata travels in HTTP headers: what a header would not carry as it is goes
     RFC 2047-encoded, as S3 does for non-ASCII text. That is also text with spaces around
-    it (header values are trimmed in transit) and text a reader would take for an
-    encoded word (``=?UTF-8?B?aGk=?=`` would read back as "hi")."""
-    if value.isascii() and value.isprintable() and value == value.strip() and "=?" not in value:
+    it (header values are trimmed in transit), the empty value (some stores drop an
+    empty header) and text a reader would take for an encoded word
+    (``=?UTF-8?B?aGk=?=`` would read back as "hi")."""
+    plain = value.isascii() and value.isprintable() and value == value.strip()
+    if plain and value and "=?" not in value:
         return value
     return "=?UTF-8?B?" + base64.b64encode(value.encode()).decode() + "?="
 

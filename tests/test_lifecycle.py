@@ -139,7 +139,7 @@ async def test_field_values_that_headers_would_change_are_stored_encoded(
 ) -> None:
     """Surrounding spaces were trimmed in transit (stored "Q3 review", reported
     " Q3 review "); a plain value shaped as an encoded word read back as other text."""
-    sent = {"title": " Q3 review ", "word": "=?UTF-8?B?aGk=?=", "plain": "Q3 review"}
+    sent = {"title": " Q3 review ", "word": "=?UTF-8?B?aGk=?=", "plain": "Q3 review", "note": ""}
     raw = bodies.body(
         [*(bodies.field(k, v) for k, v in sent.items()), bodies.file("f", "a.bin", b"x" * size)]
     )
