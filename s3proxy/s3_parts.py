@@ -232,6 +232,18 @@ def xml_fields(content: bytes) -> dict[str, str]:
     return {child.tag.rsplit("}", 1)[-1]: child.text or "" for child in root}
 
 
+async def read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to ``limit`` bytes or its end. One ``read(limit)`` returns only what is
+    buffered: an error body in two TCP segments would lose S3's code (and its retry)."""
+    data = bytearray()
+    while len(data) < limit:
+        chunk = await stream.read(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
 def malformed(name: str, answer: Answer) -> ClientError:
     """A 200 answer without what the call returns (an ETag, an UploadId): an error named
     by its status, not retried (botocore would not retry it either)."""
@@ -432,7 +444,7 @@ class PartSender:
                     if resp.status == 200:
                         content = await resp.read()  # S3's answers to these calls are small
                     else:
-                        content = await resp.content.read(ERROR_BODY_LIMIT)
+                        content = await read_capped(resp.content, ERROR_BODY_LIMIT)
                     status = answer_status(resp.status, content)
                     answer = Answer(status, resp.headers, content, attempt)
                     if status == 200:
