@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from s3proxy.s3 import ObjectOptions
+from s3proxy.s3 import ObjectOptions, S3Error
 from s3proxy.s3_aiobotocore import AioObjectStore, ClientOptions, open_store
-from tests.faults import FaultyS3, operation
+from tests.faults import Fault, FaultyS3, operation
 from tests.test_s3_calls_lean import multipart, paths
 
 OPTIONS = ObjectOptions("application/octet-stream")
@@ -83,3 +83,62 @@ async def test_an_error_body_in_pieces_keeps_its_code(
             await _write(store, op)
     assert faulty.calls.count(op) == 2
     assert paths(faulty)[op] == {"lean" if lean else "botocore"}
+
+
+NO_ETAG = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<CompleteMultipartUploadResult '
+    b'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Bucket>b</Bucket>'
+    b"</CompleteMultipartUploadResult>"
+)
+NO_SIZE = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<ListPartsResult '
+    b'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Part><PartNumber>1</PartNumber>'
+    b"<ETag>&quot;x&quot;</ETag></Part><IsTruncated>false</IsTruncated></ListPartsResult>"
+)
+NO_INITIATED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<ListMultipartUploadsResult '
+    b'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Upload><Key>k.bin</Key>'
+    b"<UploadId>u</UploadId></Upload><IsTruncated>false</IsTruncated>"
+    b"</ListMultipartUploadsResult>"
+)
+
+
+async def _list_parts(store: AioObjectStore) -> Any:
+    upload_id = await store.create("k.bin", OPTIONS)
+    try:
+        return await store.list_parts("k.bin", upload_id)
+    finally:
+        await store.abort("k.bin", upload_id)
+
+
+async def _list_uploads(store: AioObjectStore) -> Any:
+    return [u async for u in store.list_uploads("")]
+
+
+@LEAN_OR_NOT
+@pytest.mark.parametrize(
+    ("op", "answer", "call"),
+    [
+        ("PutObject", b"", lambda store: _write(store, "PutObject")),
+        ("UploadPart", b"", lambda store: _write(store, "UploadPart")),
+        ("CompleteMultipartUpload", NO_ETAG, lambda store: _write(store, "Complete")),
+        ("GetObject", NO_SIZE, _list_parts),  # ListParts, as FaultyS3 names a GET
+        ("ListMultipartUploads", NO_INITIATED, _list_uploads),
+    ],
+    ids=["put-no-etag", "part-no-etag", "complete-no-etag", "part-no-size", "upload-no-date"],
+)
+async def test_an_answer_without_its_fields_is_an_upstream_error(
+    moto: Any, bucket: str, op: str, answer: bytes, call: Any, lean: bool
+) -> None:
+    """A 200 that lacks a field the call reads (a broken gateway): a 502 naming the call on
+    both paths, not a KeyError (a 500) from reading botocore's parsed answer."""
+    rule = lambda o, n: Fault(status=200, body=answer) if o == op else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+        options = ClientOptions(
+            endpoint_url=faulty.endpoint_url, region="us-east-1", lean_parts=lean
+        )
+        async with open_store(options, bucket) as store:
+            with pytest.raises(S3Error) as err:
+                await call(store)
+    assert err.value.kind.status == 502, err.value
+    assert err.value.operation == ("ListParts" if op == "GetObject" else op)
