@@ -282,9 +282,22 @@ def _client_key(ctx: Context, body: Mapping[str, Any]) -> str:
     return key
 
 
+def plausible_upload_id(text: str) -> bool:
+    """Could a store have made this upload id? Pure. Stores make opaque tokens (AWS:
+    base64url; moto drops ``/`` from its base64; SeaweedFS: hex) that go into a URL's query;
+    a path (``/``, ``\\``, ``.``, ``..``) is none, and SeaweedFS refuses it as InvalidRequest,
+    which would be a 502 counted against S3 for the client's fault."""
+    return (
+        0 < len(text) <= 1024
+        and text.isprintable()
+        and not any(c in text for c in "/\\")
+        and text not in (".", "..")
+    )
+
+
 def _upload_id(body: Mapping[str, Any]) -> str:
     upload_id = _string(body, "upload_id")
-    if len(upload_id) > 1024 or not upload_id.isprintable():
+    if not plausible_upload_id(upload_id):
         raise ProxyError(INVALID_REQUEST, "'upload_id' is not a multipart upload id")
     return upload_id
 

@@ -21,6 +21,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from botocore.config import Config
 
+from s3proxy import presign
 from s3proxy.app import create_app
 from s3proxy.embedded import EmbeddedStore
 from s3proxy.settings import Settings
@@ -609,3 +610,60 @@ async def test_store_refuses_other_bytes_than_a_signed_checksum_sha256(
         async with http.put(url, data=data, headers={"x-amz-checksum-sha256": declared}) as resp:
             assert resp.status == 200, await resp.text()
     assert sw.get_object(Bucket=seaweedfs.bucket, Key=key)["Body"].read() == data
+
+
+BAD_UPLOAD_IDS = pytest.mark.parametrize("upload_id", ["a/b", "..", "../x", "a\\b", "x/../y"])
+
+
+async def refused_upload_id(proxy: Any, upload_id: str, headers: dict[str, str]) -> None:
+    """Every multipart route answers 400 to ``upload_id``, and no S3 error is counted."""
+    ref = {"key": "presign/x/y", "upload_id": upload_id, "part_numbers": [1]}
+    for path in ("/sign/multipart/parts", "/sign/multipart/complete", "/sign/multipart/abort"):
+        status, out = await call(proxy, path, ref, headers)
+        assert (status, code(out)) == (400, "INVALID_REQUEST"), (path, out)
+    query = {"key": ref["key"], "upload_id": upload_id}
+    resp = await proxy.get("/sign/multipart/parts", params=query, headers=headers)
+    assert resp.status == 400, await resp.text()
+    metrics = await (await proxy.get("/metrics", headers=headers)).text()
+    assert "s3proxy_s3_errors_total{" not in metrics
+
+
+@BAD_UPLOAD_IDS
+async def test_an_upload_id_the_proxy_did_not_make_is_refused(
+    proxy_factory: Any, upload_id: str
+) -> None:
+    """An upload id no store makes (a path: ``/``, ``\\``, ``..``) is refused before S3 is
+    asked (moto answered NoSuchUpload; abort even said "aborted": true)."""
+    proxy = await proxy_factory(key_template="presign/{uuid}/{filename}")
+    await refused_upload_id(proxy, upload_id, {})
+
+
+@e2e
+@BAD_UPLOAD_IDS
+async def test_an_upload_id_the_store_cannot_route_is_the_clients_fault(
+    store_proxy: Any, sw: Any, upload_id: str
+) -> None:
+    """SeaweedFS refuses such an id as InvalidRequest: that was a 502 UPSTREAM_ERROR
+    ("S3 ListParts failed: InvalidRequest") counted against S3; it is the client's 400."""
+    await refused_upload_id(await store_proxy(), upload_id, {})
+
+
+@pytest.mark.parametrize(
+    ("upload_id", "plausible"),
+    [
+        ("VXBsb2FkIElEIGZvciA2aWWpbmcncyBteS1tb3ZpZS5tMnRzIHVwbG9hZA", True),  # AWS's docs
+        ("xadcOB_7YPBOJuoFiQ9cz4P3Pe6FIZwO4f7wN93uHsNBEw97pl5eNwzExg0LAT2dUN91cOmrEQ--", True),
+        ("2~iCw_lDY8VoNgvyZbnjO2pBPXYlXS8ac", True),  # Ceph
+        ("f0e1d2c3b4a5968778695a4b3c2d1e0f", True),  # SeaweedFS
+        ("a.b", True),
+        ("a/b", False),
+        ("a\\b", False),
+        ("..", False),
+        (".", False),
+        ("", False),
+        ("a\nb", False),
+        ("x" * 1025, False),
+    ],
+)
+def test_plausible_upload_ids(upload_id: str, plausible: bool) -> None:
+    assert presign.plausible_upload_id(upload_id) is plausible
