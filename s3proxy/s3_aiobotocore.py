@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 from aiobotocore.config import AioConfig
+from aiobotocore.httpsession import AIOHTTPSession
 from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
@@ -782,6 +783,32 @@ class AioObjectStore:
 # --- the client factory -----------------------------------------------------------
 
 
+class AnswerDeadlineSession(AIOHTTPSession):  # type: ignore[misc]  # untyped base
+    """aiobotocore's HTTP session, with the whole of an answer botocore reads at once (all
+    but GetObject's body) read within the read timeout of its head. The socket read
+    timeout alone never ends an answer that trickles (a byte per read, every read in
+    time); the request's body is sent before the deadline starts, so a big part is not cut."""
+
+    async def send(self, request: Any) -> Any:
+        if request.stream_output:
+            return await super().send(request)
+        request.stream_output = True  # super() returns at the answer's head
+        try:
+            response = await super().send(request)
+        finally:
+            request.stream_output = False
+        try:
+            async with asyncio.timeout(self._timeout.sock_read):
+                await response.content
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            response.raw.close()
+            raise ReadTimeoutError(endpoint_url=request.url, error=exc) from exc
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+            response.raw.close()
+            raise ConnectionClosedError(endpoint_url=request.url, error=exc) from exc
+        return response
+
+
 def client_config(opts: ClientOptions) -> AioConfig:
     """botocore config: our timeouts and retries, and no byte passes we do not need.
 
@@ -800,6 +827,7 @@ def client_config(opts: ClientOptions) -> AioConfig:
         s3={"payload_signing_enabled": opts.sign_payload, "addressing_style": _addressing(opts)},
         request_checksum_calculation=opts.request_checksum,
         response_checksum_validation="when_required",
+        http_session_cls=AnswerDeadlineSession,
     )
 
 

@@ -142,3 +142,26 @@ async def test_an_answer_without_its_fields_is_an_upstream_error(
                 await call(store)
     assert err.value.kind.status == 502, err.value
     assert err.value.operation == ("ListParts" if op == "GetObject" else op)
+
+
+@LEAN_OR_NOT
+@pytest.mark.parametrize("op", ["CompleteMultipartUpload", "PutObject"])
+async def test_a_trickling_answer_times_out(moto: Any, bucket: str, op: str, lean: bool) -> None:
+    """200 and its head at once, then one byte every 0.2 s, forever: every read is inside
+    --s3-read-timeout, so only a deadline on the whole answer ends it (a 504)."""
+    faulty = SlowAnswers(moto.endpoint_url)
+    faulty.op, faulty.status, faulty.gap, faulty.forever = op, 200, 0.2, True
+    faulty.pieces = (b'<?xml version="1.0" encoding="UTF-8"?>\n',)
+    async with faulty:
+        options = ClientOptions(
+            endpoint_url=faulty.endpoint_url,
+            region="us-east-1",
+            lean_parts=lean,
+            read_timeout=1.0,
+            max_attempts=1,
+        )
+        async with open_store(options, bucket) as store:
+            with pytest.raises(S3Error) as err:
+                # a guard for the test itself, far above the deadline
+                await asyncio.wait_for(_write(store, op), 10)
+    assert (err.value.kind.status, err.value.operation) == (504, op)
