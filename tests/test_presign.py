@@ -28,6 +28,7 @@ from s3proxy.settings import Settings
 from s3proxy.state import STATE
 from s3proxy.tokens import issue
 from tests.bodies import MiB
+from tests.faults import Fault, FaultyS3
 from tests.s3util import (
     BOTO_CONFIG,
     get_object_async,
@@ -667,3 +668,61 @@ async def test_an_upload_id_the_store_cannot_route_is_the_clients_fault(
 )
 def test_plausible_upload_ids(upload_id: str, plausible: bool) -> None:
     assert presign.plausible_upload_id(upload_id) is plausible
+
+
+async def stored_keys(s3: Any, bucket: str) -> list[str]:
+    listing = await asyncio.to_thread(s3.list_objects_v2, Bucket=bucket)
+    return [o["Key"] for o in listing.get("Contents", [])]
+
+
+@pytest.mark.parametrize("stored", [7 * MiB, 6 * MiB], ids=["wrong-size", "right-size"])
+@pytest.mark.parametrize(
+    ("op", "fault"),
+    [
+        ("HeadObject", Fault(status=500)),
+        ("HeadObject", Fault(delay=30)),
+        ("CompleteMultipartUpload", Fault(late=2.0)),
+    ],
+    ids=["head-500", "head-hangs", "complete-answer-lost"],
+)
+async def test_a_complete_that_fails_after_s3_completed_keeps_no_unchecked_object(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, op: str, fault: Fault, stored: int
+) -> None:
+    """Signed for 6 MiB; S3 completes, then the size check cannot run (HeadObject fails or
+    hangs; Complete's answer is lost). The client told of a failure must not leave an
+    object that was never held to its size (a 7 MiB one stayed), and a retried complete
+    finds what S3 made and checks it: gone if wrong, success if right (was 404
+    NO_SUCH_UPLOAD, the object kept unchecked)."""
+    armed = False
+    rule = lambda o, n: fault if armed and o == op else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=2,
+            s3_read_timeout=1.0,
+            key_template="uploads/{uuid}/{filename}",
+        )
+        status, up = await call(proxy, "/sign/multipart", pdf(6 * MiB), {})
+        assert status == 200, up
+        ref = {"key": up["key"], "upload_id": up["upload_id"]}
+        await asyncio.to_thread(
+            s3.upload_part, Bucket=bucket, PartNumber=1, Body=b"x" * stored,
+            Key=ref["key"], UploadId=ref["upload_id"],
+        )  # fmt: skip
+        armed = True
+        first, out = await call(proxy, "/sign/multipart/complete", ref, {})
+        armed = False
+        keys = await stored_keys(s3, bucket)
+        if first != 200:
+            # told it failed: nothing unchecked stands
+            assert stored == 6 * MiB or keys == [], (first, out, keys)
+        again, out2 = await call(proxy, "/sign/multipart/complete", ref, {})
+    keys = await stored_keys(s3, bucket)
+    if stored == 6 * MiB:
+        assert 200 in (first, again) or keys == [], (first, out, again, out2)
+        assert first == 200 or again in (200, 404), (first, out, again, out2)
+    else:
+        assert keys == [], (first, out, again, out2)
+        assert (again, code(out2)) in ((400, "INVALID_REQUEST"), (404, "NO_SUCH_UPLOAD"))
+    if keys:
+        await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=keys[0])
