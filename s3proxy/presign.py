@@ -65,11 +65,14 @@ from s3proxy.errors import (
 from s3proxy.janitor import run_cleanup
 from s3proxy.s3 import (
     InvalidParts,
+    NoSuchKey,
     NoSuchUpload,
+    ObjectHead,
     ObjectOptions,
     ObjectStore,
     PartInfo,
     PreconditionFailed,
+    S3Error,
 )
 from s3proxy.settings import Settings
 from s3proxy.state import STATE, AppState
@@ -282,9 +285,22 @@ def _client_key(ctx: Context, body: Mapping[str, Any]) -> str:
     return key
 
 
+def plausible_upload_id(text: str) -> bool:
+    """Could a store have made this upload id? Pure. Stores make opaque tokens (AWS:
+    base64url; moto drops ``/`` from its base64; SeaweedFS: hex) that go into a URL's query;
+    a path (``/``, ``\\``, ``.``, ``..``) is none, and SeaweedFS refuses it as InvalidRequest,
+    which would be a 502 counted against S3 for the client's fault."""
+    return (
+        0 < len(text) <= 1024
+        and text.isprintable()
+        and not any(c in text for c in "/\\")
+        and text not in (".", "..")
+    )
+
+
 def _upload_id(body: Mapping[str, Any]) -> str:
     upload_id = _string(body, "upload_id")
-    if len(upload_id) > 1024 or not upload_id.isprintable():
+    if not plausible_upload_id(upload_id):
         raise ProxyError(INVALID_REQUEST, "'upload_id' is not a multipart upload id")
     return upload_id
 
@@ -476,33 +492,90 @@ def _check_parts(ctx: Context, body: Mapping[str, Any], found: Sequence[PartInfo
 
 
 async def complete_multipart(request: web.Request) -> web.Response:
-    """Complete from the parts S3 holds, then hold the object to the size signed at create."""
+    """Complete from the parts S3 holds, then hold the object to the size signed at create.
+
+    No object that was not held to its size stays while the client is told of a failure:
+    if S3 may have completed (Complete's answer lost) the object is looked for and checked;
+    if it cannot be checked (HeadObject fails) it is deleted. A complete retried after a
+    lost answer finds the upload gone and the object there, and checks it then."""
     ctx = await _context(request)
     body = await _json_body(request)
     key, upload_id = _client_key(ctx, body), _upload_id(body)
-    found = await _uploaded_parts(ctx, key, upload_id)
-    size = _check_parts(ctx, body, found)
-    with _client_faults():
-        try:
-            await ctx.sink.complete(
-                key,
-                upload_id,
-                [(p.number, p.etag) for p in found],
-                if_none_match=ctx.writes.if_none_match,
-            )
-        except PreconditionFailed:
-            # A refused Complete leaves the upload open: abort it, whatever happens.
-            await run_cleanup(
-                lambda: ctx.sink.abort(key, upload_id),
-                f"abort key={key} upload_id={upload_id}",
-                ctx.state.janitor,
-            )
-            raise ProxyError(
-                KEY_EXISTS,
-                f"an object is already stored at {key!r}; uploads do not replace objects "
-                "(--no-overwrite); the multipart upload was aborted",
-            ) from None
-    head = await ctx.sink.head(key)
+    try:
+        found = await _uploaded_parts(ctx, key, upload_id)
+    except ProxyError as exc:
+        head = await _completed_object(ctx, key) if exc.kind is NO_SUCH_UPLOAD else None
+        if head is None:
+            raise
+        return await _held_to_size(ctx, key, upload_id, head)
+    _check_parts(ctx, body, found)
+    try:
+        with _client_faults():
+            try:
+                written = await ctx.sink.complete(
+                    key,
+                    upload_id,
+                    [(p.number, p.etag) for p in found],
+                    if_none_match=ctx.writes.if_none_match,
+                )
+            except PreconditionFailed:
+                # A refused Complete leaves the upload open: abort it, whatever happens.
+                await run_cleanup(
+                    lambda: ctx.sink.abort(key, upload_id),
+                    f"abort key={key} upload_id={upload_id}",
+                    ctx.state.janitor,
+                )
+                raise ProxyError(
+                    KEY_EXISTS,
+                    f"an object is already stored at {key!r}; uploads do not replace objects "
+                    "(--no-overwrite); the multipart upload was aborted",
+                ) from None
+    except ProxyError as exc:
+        if exc.kind in (KEY_EXISTS, INVALID_REQUEST):
+            raise
+        # S3 may have completed and only its answer was lost (a retry then says NoSuchUpload).
+        head = await _completed_object(ctx, key)
+        if head is None:
+            raise
+        return await _held_to_size(ctx, key, upload_id, head)
+    try:
+        head = await ctx.sink.head(key)
+    except S3Error:
+        # Not held to its size, and the client is told it failed: it must not stay.
+        if_match = None if ctx.writes.unique_keys else written.etag
+        await run_cleanup(
+            lambda: ctx.sink.delete(key, if_match=if_match),
+            f"delete key={key} reason=size_unchecked",
+            ctx.state.janitor,
+        )
+        log.info("presign.unchecked_deleted key=%s upload_id=%s", key, upload_id)
+        raise
+    return await _held_to_size(ctx, key, upload_id, head, len(found))
+
+
+async def _completed_object(ctx: Context, key: str) -> ObjectHead | None:
+    """The object a completed presigned upload made at ``key``, if it stands: only where
+    every upload has a key of its own (else it may be another upload's), and only one
+    with the signed size in its metadata (one of ours). S3's failures propagate."""
+    if not ctx.writes.unique_keys:
+        return None
+    try:
+        head = await ctx.sink.head(key)
+    except NoSuchKey:
+        return None
+    return head if SIZE_META in head.metadata else None
+
+
+def _parts_in(etag: str | None) -> int:
+    """A multipart object's part count from its ETag (``"<md5>-N"``); 1 if it has none."""
+    count = (etag or "").strip('"').rpartition("-")[2]
+    return int(count) if count.isdigit() else 1
+
+
+async def _held_to_size(
+    ctx: Context, key: str, upload_id: str, head: ObjectHead, parts_count: int | None = None
+) -> web.Response:
+    """Delete the object if its size is not the one signed at create (400); else its JSON."""
     signed = head.metadata.get(SIZE_META)
     stored = head.length
     if signed is None or not (signed.isascii() and signed.isdigit() and len(signed) <= 20):
@@ -518,12 +591,14 @@ async def complete_multipart(request: web.Request) -> web.Response:
             INVALID_REQUEST,
             f"the parts hold {stored} bytes but {signed} were signed; the object was deleted",
         )
+    if parts_count is None:  # a complete retried after a lost answer: S3 knows
+        parts_count = _parts_in(head.etag)
     log.info(
         "presign.multipart_completed key=%s upload_id=%s size=%d parts=%d by=%s",
         key,
         upload_id,
-        size,
-        len(found),
+        stored,
+        parts_count,
         ctx.principal.subject,
     )
     return web.json_response(
@@ -531,7 +606,7 @@ async def complete_multipart(request: web.Request) -> web.Response:
             "key": key,
             "bucket": ctx.bucket,
             "size": stored,
-            "parts": len(found),
+            "parts": parts_count,
             "etag": (head.etag or "").strip('"'),
             "content_type": head.content_type,
             "object_url": await ctx.sink.object_url(key),

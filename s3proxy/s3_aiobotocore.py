@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 from aiobotocore.config import AioConfig
+from aiobotocore.httpsession import AIOHTTPSession
 from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
@@ -139,11 +140,23 @@ def _http_date(value: str | None) -> datetime | None:
 
 @contextlib.contextmanager
 def translate(operation: str) -> Iterator[None]:
-    """Turn whatever botocore or the network raised into an S3Error."""
+    """Turn whatever botocore or the network raised into an S3Error.
+
+    The block is the call and the reading of its answer: a field the answer lacks or
+    holds garbled (KeyError, ValueError, TypeError from botocore's parsed dict) is S3's
+    fault, a 502 ``MalformedAnswer``, never a 500 of ours."""
     try:
         yield
     except ProxyError:
         raise
+    except (KeyError, ValueError, TypeError) as exc:
+        log.warning("s3.malformed_answer operation=%s error=%r", operation, exc)
+        raise S3Error(
+            UPSTREAM_ERROR,
+            f"S3 {operation} answered without a usable {exc}",
+            operation=operation,
+            reason="MalformedAnswer",
+        ) from exc
     except ClientError as exc:
         raise _refusal(operation, exc) from exc
     except (TimeoutError, ReadTimeoutError, ConnectTimeoutError) as exc:
@@ -392,7 +405,7 @@ class AioObjectStore:
                     **_only_new(if_none_match),
                     **swap,
                 )
-        return Written(str(resp["ETag"]), _stored_checksum(resp, checksum))
+                return Written(str(resp["ETag"]), _stored_checksum(resp, checksum))
 
     async def create(
         self, key: str, options: ObjectOptions, *, checksum: Algorithm | None = None
@@ -414,7 +427,7 @@ class AioObjectStore:
                             Bucket=self.bucket, Key=key, **_params(options), **declared
                         )
                         upload_id = str(resp["UploadId"])
-                        retried = resp.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+                        retried = int(resp.get("ResponseMetadata", {}).get("RetryAttempts", 0))
         except BaseException:
             # S3 may have made the upload and only its answer was lost: abort it, since
             # no one else will ever learn its id. To the end even if we are cancelled.
@@ -456,7 +469,7 @@ class AioObjectStore:
                     Body=ChunkedBody(data),
                     **_checksum_params(checksum),
                 )
-        return str(resp["ETag"])
+                return str(resp["ETag"])
 
     def _lean_writer(self) -> PartSender | None:
         """The lean sender for the object-level calls (PutObject, Create, Complete,
@@ -525,7 +538,7 @@ class AioObjectStore:
                     **declared,
                     **_only_new(if_none_match),
                 )
-        return Written(str(resp["ETag"]), _stored_checksum(resp, whole))
+                return Written(str(resp["ETag"]), _stored_checksum(resp, whole))
 
     async def abort(self, key: str, upload_id: str) -> None:
         try:
@@ -591,15 +604,17 @@ class AioObjectStore:
                 page = await self._client.list_parts(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, **params
                 )
-            found += [
-                PartInfo(
-                    int(p["PartNumber"]), str(p["ETag"]), int(p["Size"]), p.get("LastModified")
-                )
-                for p in page.get("Parts", [])
-            ]
-            if not page.get("IsTruncated") or (max_parts is not None and len(found) >= max_parts):
-                return found[:max_parts]
-            params["PartNumberMarker"] = int(page["NextPartNumberMarker"])
+                found += [
+                    PartInfo(
+                        int(p["PartNumber"]), str(p["ETag"]), int(p["Size"]), p.get("LastModified")
+                    )
+                    for p in page.get("Parts", [])
+                ]
+                if not page.get("IsTruncated") or (
+                    max_parts is not None and len(found) >= max_parts
+                ):
+                    return found[:max_parts]
+                params["PartNumberMarker"] = int(page["NextPartNumberMarker"])
 
     async def list_objects(
         self, prefix: str = "", *, limit: int = 1000, start_after: str = ""
@@ -610,7 +625,7 @@ class AioObjectStore:
             page = await self._client.list_objects_v2(
                 Bucket=self.bucket, Prefix=prefix, MaxKeys=limit, **after
             )
-        return [ObjectInfo(o["Key"], int(o.get("Size", 0))) for o in page.get("Contents", [])]
+            return [ObjectInfo(o["Key"], int(o.get("Size", 0))) for o in page.get("Contents", [])]
 
     async def list_uploads(
         self, prefix: str, *, page_size: int = PAGE_SIZE
@@ -622,16 +637,17 @@ class AioObjectStore:
                 page = await self._client.list_multipart_uploads(
                     Bucket=self.bucket, Prefix=prefix, MaxUploads=page_size, **markers
                 )
-            uploads = page.get("Uploads", [])
-            for up in uploads:
+                uploads = page.get("Uploads", [])
+                listed = [UploadInfo(u["Key"], u["UploadId"], u["Initiated"]) for u in uploads]
+                following = _next_markers(page, uploads) if page.get("IsTruncated") else None
+            for up in listed:
                 # Filter again: a store that ignores Prefix must not get us to
                 # touch uploads that belong to someone else.
-                if up["Key"].startswith(prefix) and (up["Key"], up["UploadId"]) not in seen:
-                    seen.add((up["Key"], up["UploadId"]))
-                    yield UploadInfo(up["Key"], up["UploadId"], up["Initiated"])
-            if not page.get("IsTruncated"):
+                if up.key.startswith(prefix) and (up.key, up.upload_id) not in seen:
+                    seen.add((up.key, up.upload_id))
+                    yield up
+            if following is None:
                 return
-            following = _next_markers(page, uploads)
             if not following or following == markers:
                 raise S3Error(
                     UPSTREAM_ERROR,
@@ -641,12 +657,16 @@ class AioObjectStore:
                 )
             markers = following
 
-    async def _read(self, operation: str, method: Any, params: dict[str, Any]) -> Any:
-        """GetObject/HeadObject; 304, 404, 412 and 416 raise their types uncounted."""
+    async def _read(
+        self, operation: str, method: Any, params: dict[str, Any]
+    ) -> tuple[Any, ObjectHead]:
+        """GetObject/HeadObject: the answer and its head; 304, 404, 412 and 416 raise their
+        types uncounted."""
         outcome: ClientError | None = None
         async with self.call(operation):
             try:
-                return await method(Bucket=self.bucket, **params)
+                resp = await method(Bucket=self.bucket, **params)
+                return resp, _head(resp)
             except ClientError as exc:
                 status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
                 if status not in _READ_OUTCOMES:
@@ -659,13 +679,13 @@ class AioObjectStore:
         self, key: str, *, byte_range: str | None = None, conditions: Conditions | None = None
     ) -> ObjectHead:
         params = _read_params(key, byte_range, conditions)
-        return _head(await self._read("HeadObject", self._client.head_object, params))
+        return (await self._read("HeadObject", self._client.head_object, params))[1]
 
     async def get(
         self, key: str, *, byte_range: str | None = None, conditions: Conditions | None = None
     ) -> ObjectBody:
         params = _read_params(key, byte_range, conditions)
-        resp = await self._read("GetObject", self._client.get_object, params)
+        resp, head = await self._read("GetObject", self._client.get_object, params)
         body = resp["Body"]
 
         async def read(n: int) -> bytes:
@@ -673,7 +693,7 @@ class AioObjectStore:
                 data: bytes = await body.read(n)
             return data
 
-        return ObjectBody(_head(resp), read, body.close)
+        return ObjectBody(head, read, body.close)
 
     # -- signing --------------------------------------------------------------------
 
@@ -765,6 +785,32 @@ class AioObjectStore:
 # --- the client factory -----------------------------------------------------------
 
 
+class AnswerDeadlineSession(AIOHTTPSession):  # type: ignore[misc]  # untyped base
+    """aiobotocore's HTTP session, with the whole of an answer botocore reads at once (all
+    but GetObject's body) read within the read timeout of its head. The socket read
+    timeout alone never ends an answer that trickles (a byte per read, every read in
+    time); the request's body is sent before the deadline starts, so a big part is not cut."""
+
+    async def send(self, request: Any) -> Any:
+        if request.stream_output:
+            return await super().send(request)
+        request.stream_output = True  # super() returns at the answer's head
+        try:
+            response = await super().send(request)
+        finally:
+            request.stream_output = False
+        try:
+            async with asyncio.timeout(self._timeout.sock_read):
+                await response.content
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            response.raw.close()
+            raise ReadTimeoutError(endpoint_url=request.url, error=exc) from exc
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+            response.raw.close()
+            raise ConnectionClosedError(endpoint_url=request.url, error=exc) from exc
+        return response
+
+
 def client_config(opts: ClientOptions) -> AioConfig:
     """botocore config: our timeouts and retries, and no byte passes we do not need.
 
@@ -783,6 +829,7 @@ def client_config(opts: ClientOptions) -> AioConfig:
         s3={"payload_signing_enabled": opts.sign_payload, "addressing_style": _addressing(opts)},
         request_checksum_calculation=opts.request_checksum,
         response_checksum_validation="when_required",
+        http_session_cls=AnswerDeadlineSession,
     )
 
 

@@ -35,7 +35,7 @@ import ssl
 import urllib.request
 import zlib
 from base64 import b64encode
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -45,6 +45,7 @@ from xml.sax.saxutils import escape
 
 import aiohttp
 import yarl
+from aiohttp.abc import AbstractStreamWriter
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.exceptions import (
@@ -64,7 +65,7 @@ from botocore.retries.standard import (
 )
 
 from s3proxy import sigv4
-from s3proxy.body import ChunkedBody
+from s3proxy.body import ChunkedBody, ChunkedBodyPayload
 from s3proxy.s3 import Body
 
 log = logging.getLogger("s3proxy.s3")
@@ -232,6 +233,18 @@ def xml_fields(content: bytes) -> dict[str, str]:
     return {child.tag.rsplit("}", 1)[-1]: child.text or "" for child in root}
 
 
+async def read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to ``limit`` bytes or its end. One ``read(limit)`` returns only what is
+    buffered: an error body in two TCP segments would lose S3's code (and its retry)."""
+    data = bytearray()
+    while len(data) < limit:
+        chunk = await stream.read(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
 def malformed(name: str, answer: Answer) -> ClientError:
     """A 200 answer without what the call returns (an ETag, an UploadId): an error named
     by its status, not retried (botocore would not retry it either)."""
@@ -286,6 +299,7 @@ class PartSender:
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
         self._max_connections = max_connections
+        self._read_timeout = read_timeout
         self._conditions = StandardRetryConditions(max_attempts=max_attempts)
         self._backoff = ExponentialBackoff(throttling_detector=_Throttling())
         model = client.meta.service_model
@@ -422,23 +436,12 @@ class PartSender:
             parsed: dict[str, Any] | None = None
             failure: Exception
             try:
-                async with self._http().request(
-                    method,
-                    yarl.URL(url, encoded=True),
-                    data=body,
-                    headers=signed,
-                    skip_auto_headers=NO_AUTO_HEADERS,
-                ) as resp:
-                    if resp.status == 200:
-                        content = await resp.read()  # S3's answers to these calls are small
-                    else:
-                        content = await resp.content.read(ERROR_BODY_LIMIT)
-                    status = answer_status(resp.status, content)
-                    answer = Answer(status, resp.headers, content, attempt)
-                    if status == 200:
-                        return answer
-                    parsed = error_response(status, resp.headers, content)
-                    failure = ClientError(parsed, name)
+                async with asyncio.timeout(None) as deadline:
+                    answer = await self._attempt(method, url, body, signed, deadline, attempt)
+                if answer.status_code == 200:
+                    return answer
+                parsed = error_response(answer.status_code, answer.headers, answer.content)
+                failure = ClientError(parsed, name)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 failure = network_error(exc, url)
             context = RetryContext(
@@ -454,10 +457,62 @@ class PartSender:
             log.debug("s3.retry operation=%s attempt=%d delay=%.2f", name, attempt, delay)
             await asyncio.sleep(delay)
 
+    async def _attempt(
+        self,
+        method: str,
+        url: str,
+        body: ChunkedBody,
+        headers: Mapping[str, str],
+        deadline: asyncio.Timeout,
+        attempt: int,
+    ) -> Answer:
+        """One request and its whole answer, the answer within ``read_timeout`` of the
+        request's last byte (or of the answer's head, if S3 answers before): sending a big
+        part is not cut, a trickling answer is (each read alone is within sock_read)."""
+        loop = asyncio.get_running_loop()
+        answering = True
+
+        def arm() -> None:
+            if answering and deadline.when() is None:
+                deadline.reschedule(loop.time() + self._read_timeout)
+
+        payload = _SentPayload(body, arm)
+        try:
+            async with self._http().request(
+                method,
+                yarl.URL(url, encoded=True),
+                data=payload,
+                headers=headers,
+                skip_auto_headers=NO_AUTO_HEADERS,
+            ) as resp:
+                arm()
+                if resp.status == 200:
+                    content = await resp.read()  # S3's answers to these calls are small
+                else:
+                    content = await read_capped(resp.content, ERROR_BODY_LIMIT)
+                return Answer(answer_status(resp.status, content), resp.headers, content, attempt)
+        finally:
+            answering = False
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class _SentPayload(ChunkedBodyPayload):
+    """A part's payload that calls ``sent`` once its last byte is written (once per
+    request: no work per chunk)."""
+
+    def __init__(self, value: ChunkedBody, sent: Callable[[], None]) -> None:
+        super().__init__(value)
+        self._sent = sent
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        await super().write_with_length(writer, content_length)
+        self._sent()
 
 
 def lean_sender(

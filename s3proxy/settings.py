@@ -335,7 +335,10 @@ class Settings:
         10.0, "seconds to connect to S3", parse_duration, show=format_duration
     )
     s3_read_timeout: float = _setting(
-        120.0, "seconds to wait for an S3 response", parse_duration, show=format_duration
+        120.0,
+        "seconds to wait for an S3 socket read, and for a whole S3 answer once the request is sent",
+        parse_duration,
+        show=format_duration,
     )
     s3_max_attempts: int = _setting(
         5, "attempts per S3 call (transient errors retried with backoff)", int

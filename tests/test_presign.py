@@ -21,12 +21,14 @@ import pytest
 from aiohttp.test_utils import TestClient
 from botocore.config import Config
 
+from s3proxy import presign
 from s3proxy.app import create_app
 from s3proxy.embedded import EmbeddedStore
 from s3proxy.settings import Settings
 from s3proxy.state import STATE
 from s3proxy.tokens import issue
 from tests.bodies import MiB
+from tests.faults import Fault, FaultyS3
 from tests.s3util import (
     BOTO_CONFIG,
     get_object_async,
@@ -609,3 +611,118 @@ async def test_store_refuses_other_bytes_than_a_signed_checksum_sha256(
         async with http.put(url, data=data, headers={"x-amz-checksum-sha256": declared}) as resp:
             assert resp.status == 200, await resp.text()
     assert sw.get_object(Bucket=seaweedfs.bucket, Key=key)["Body"].read() == data
+
+
+BAD_UPLOAD_IDS = pytest.mark.parametrize("upload_id", ["a/b", "..", "../x", "a\\b", "x/../y"])
+
+
+async def refused_upload_id(proxy: Any, upload_id: str, headers: dict[str, str]) -> None:
+    """Every multipart route answers 400 to ``upload_id``, and no S3 error is counted."""
+    ref = {"key": "presign/x/y", "upload_id": upload_id, "part_numbers": [1]}
+    for path in ("/sign/multipart/parts", "/sign/multipart/complete", "/sign/multipart/abort"):
+        status, out = await call(proxy, path, ref, headers)
+        assert (status, code(out)) == (400, "INVALID_REQUEST"), (path, out)
+    query = {"key": ref["key"], "upload_id": upload_id}
+    resp = await proxy.get("/sign/multipart/parts", params=query, headers=headers)
+    assert resp.status == 400, await resp.text()
+    metrics = await (await proxy.get("/metrics", headers=headers)).text()
+    assert "s3proxy_s3_errors_total{" not in metrics
+
+
+@BAD_UPLOAD_IDS
+async def test_an_upload_id_the_proxy_did_not_make_is_refused(
+    proxy_factory: Any, upload_id: str
+) -> None:
+    """An upload id no store makes (a path: ``/``, ``\\``, ``..``) is refused before S3 is
+    asked (moto answered NoSuchUpload; abort even said "aborted": true)."""
+    proxy = await proxy_factory(key_template="presign/{uuid}/{filename}")
+    await refused_upload_id(proxy, upload_id, {})
+
+
+@e2e
+@BAD_UPLOAD_IDS
+async def test_an_upload_id_the_store_cannot_route_is_the_clients_fault(
+    store_proxy: Any, sw: Any, upload_id: str
+) -> None:
+    """SeaweedFS refuses such an id as InvalidRequest: that was a 502 UPSTREAM_ERROR
+    ("S3 ListParts failed: InvalidRequest") counted against S3; it is the client's 400."""
+    await refused_upload_id(await store_proxy(), upload_id, {})
+
+
+@pytest.mark.parametrize(
+    ("upload_id", "plausible"),
+    [
+        ("VXBsb2FkIElEIGZvciA2aWWpbmcncyBteS1tb3ZpZS5tMnRzIHVwbG9hZA", True),  # AWS's docs
+        ("xadcOB_7YPBOJuoFiQ9cz4P3Pe6FIZwO4f7wN93uHsNBEw97pl5eNwzExg0LAT2dUN91cOmrEQ--", True),
+        ("2~iCw_lDY8VoNgvyZbnjO2pBPXYlXS8ac", True),  # Ceph
+        ("f0e1d2c3b4a5968778695a4b3c2d1e0f", True),  # SeaweedFS
+        ("a.b", True),
+        ("a/b", False),
+        ("a\\b", False),
+        ("..", False),
+        (".", False),
+        ("", False),
+        ("a\nb", False),
+        ("x" * 1025, False),
+    ],
+)
+def test_plausible_upload_ids(upload_id: str, plausible: bool) -> None:
+    assert presign.plausible_upload_id(upload_id) is plausible
+
+
+async def stored_keys(s3: Any, bucket: str) -> list[str]:
+    listing = await asyncio.to_thread(s3.list_objects_v2, Bucket=bucket)
+    return [o["Key"] for o in listing.get("Contents", [])]
+
+
+@pytest.mark.parametrize("stored", [7 * MiB, 6 * MiB], ids=["wrong-size", "right-size"])
+@pytest.mark.parametrize(
+    ("op", "fault"),
+    [
+        ("HeadObject", Fault(status=500)),
+        ("HeadObject", Fault(delay=30)),
+        ("CompleteMultipartUpload", Fault(late=2.0)),
+    ],
+    ids=["head-500", "head-hangs", "complete-answer-lost"],
+)
+async def test_a_complete_that_fails_after_s3_completed_keeps_no_unchecked_object(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, op: str, fault: Fault, stored: int
+) -> None:
+    """Signed for 6 MiB; S3 completes, then the size check cannot run (HeadObject fails or
+    hangs; Complete's answer is lost). The client told of a failure must not leave an
+    object that was never held to its size (a 7 MiB one stayed), and a retried complete
+    finds what S3 made and checks it: gone if wrong, success if right (was 404
+    NO_SUCH_UPLOAD, the object kept unchecked)."""
+    armed = False
+    rule = lambda o, n: fault if armed and o == op else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=2,
+            s3_read_timeout=1.0,
+            key_template="uploads/{uuid}/{filename}",
+        )
+        status, up = await call(proxy, "/sign/multipart", pdf(6 * MiB), {})
+        assert status == 200, up
+        ref = {"key": up["key"], "upload_id": up["upload_id"]}
+        await asyncio.to_thread(
+            s3.upload_part, Bucket=bucket, PartNumber=1, Body=b"x" * stored,
+            Key=ref["key"], UploadId=ref["upload_id"],
+        )  # fmt: skip
+        armed = True
+        first, out = await call(proxy, "/sign/multipart/complete", ref, {})
+        armed = False
+        keys = await stored_keys(s3, bucket)
+        if first != 200:
+            # told it failed: nothing unchecked stands
+            assert stored == 6 * MiB or keys == [], (first, out, keys)
+        again, out2 = await call(proxy, "/sign/multipart/complete", ref, {})
+    keys = await stored_keys(s3, bucket)
+    if stored == 6 * MiB:
+        assert 200 in (first, again) or keys == [], (first, out, again, out2)
+        assert first == 200 or again in (200, 404), (first, out, again, out2)
+    else:
+        assert keys == [], (first, out, again, out2)
+        assert (again, code(out2)) in ((400, "INVALID_REQUEST"), (404, "NO_SUCH_UPLOAD"))
+    if keys:
+        await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=keys[0])
