@@ -51,10 +51,12 @@ from s3proxy.errors import (
     FILE_TOO_LARGE,
     INVALID_FIELD,
     INVALID_REQUEST,
+    KEY_EXISTS,
     METHOD_NOT_ALLOWED,
     NO_SUCH_UPLOAD,
     NOT_OFFSET_STREAM,
     OFFSET_MISMATCH,
+    REQUEST_TOO_LARGE,
     SHUTTING_DOWN,
     UPLOAD_EXPIRED,
     UPLOAD_LOCKED,
@@ -67,10 +69,10 @@ from s3proxy.janitor import finish, run_cleanup
 from s3proxy.machine import Resume
 from s3proxy.parts import plan_parts
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, Resumed, StoredFile, abort_reason
-from s3proxy.s3 import NoSuchKey, NoSuchUpload, ObjectStore, PreconditionFailed
+from s3proxy.s3 import NoSuchKey, NoSuchUpload, ObjectStore, PreconditionFailed, S3Error
 from s3proxy.state import STATE, AppState
 from s3proxy.tus_protocol import OFFSET_STREAM, VERSION
-from s3proxy.tus_state import Lock, Part, Segment, TusState, TusStore
+from s3proxy.tus_state import Lock, Part, Segment, TusState, TusStore, part_length
 from s3proxy.tus_url import TusUpload, UrlError
 
 log = logging.getLogger("s3proxy.tus")
@@ -246,6 +248,8 @@ async def create(request: web.Request) -> web.StreamResponse:
     )
     location = ROOT + tus_url.issue(upload, request.app[TUS].keys[0])
     store = TusStore(state.require_sink(), upload)
+    if cfg.writes.if_none_match:
+        await _refuse_taken(store.bucket, key)
     checksum = None if cfg.checksum is None else cfg.checksum.value
     await store.create(TusState(key=key, checksum=checksum))
     state.metrics.uploads_started.inc()
@@ -255,6 +259,18 @@ async def create(request: web.Request) -> web.StreamResponse:
     if with_body or length == 0:
         headers.update((await _append(request, state, store, 0)).headers())
     return _answer(201, headers)
+
+
+async def _refuse_taken(bucket: ObjectStore, key: str) -> None:
+    """409 under --no-overwrite for a key already stored: said before the client sends
+    the file, not after (the completion still refuses one stored meanwhile)."""
+    try:
+        await bucket.head(key)
+    except NoSuchKey:
+        return
+    raise ProxyError(
+        KEY_EXISTS, f"an object is already stored at {key!r}; uploads do not replace objects"
+    )
 
 
 def _size_limit(state: AppState, principal: Principal) -> int:
@@ -336,6 +352,36 @@ async def remove_upload(bucket: ObjectStore, upload: TusUpload, current: TusStat
     await TusStore(bucket, upload).remove_all()
 
 
+async def _landed(store: TusStore, appended: _Appended, err: ProxyError) -> StoredFile | None:
+    """The stored file, if a PATCH that failed while storing it (its PutObject or
+    CompleteMultipartUpload sent, the answer lost or its retry refused) did store it:
+    the object at the key carries this upload's id and its length. None otherwise,
+    also when that cannot be told now (a retried PATCH or HEAD tells it later)."""
+    file = appended.file
+    if file is None or not (file.maybe_stored or err.kind is KEY_EXISTS):
+        return None
+    if store.upload.length is None and appended.current.length is None:
+        return None
+    try:
+        found = await store.bucket.head(store.upload.key)
+    except S3Error:
+        return None
+    length = appended.current.length
+    if found.metadata.get(TUS_META) != store.upload.id or found.size != length:
+        return None
+    upload = store.upload
+    return StoredFile(
+        field="file",
+        filename=upload.filename,
+        key=upload.key,
+        size=found.size,
+        content_type=found.content_type or file.content_type,
+        etag=(found.etag or "").strip('"'),
+        sha256="",
+        parts=len(file.acknowledged()),
+    )
+
+
 async def _finished(store: TusStore) -> int | None:
     """The size of the object this upload made at its key, if it completed; else None."""
     try:
@@ -415,6 +461,10 @@ async def _append_tracked(
         done = await _finished(store)
         if done is not None and offset == done:
             return PatchResult(done, upload.key)
+        if done is not None:  # a PATCH resent after its 204 was lost: HEAD says it is done
+            raise ProxyError(
+                OFFSET_MISMATCH, f"Upload-Offset is {offset}; the upload is complete at {done}"
+            )
         raise ProxyError(NO_SUCH_UPLOAD, "no such upload (finished, terminated, or never created)")
     current, etag = found
     if current.offset != offset:
@@ -459,6 +509,28 @@ async def _append_tracked(
                 await finish(keep())
             raise
         except ProxyError as err:
+            landed = await _landed(store, appended, err)
+            if landed is not None:
+                # The object was stored but the answer lost (a timeout; a retried write
+                # refused as KEY_EXISTS): it is this upload's, whole, so it completed.
+                committed = True
+                await lease.stop()
+                log.info("tus.completed_unseen key=%s id=%s error=%s", upload.key, upload.id, err)
+                await _completed(state, store, landed)
+                return PatchResult(landed.size, landed.key)
+            if err.kind is KEY_EXISTS:
+                # Another upload stored the key first (--no-overwrite): this one can never
+                # complete there, so it ends now, as a termination would end it.
+                committed = True
+                await lease.stop()
+                ended = dataclasses.replace(current, upload_id=appended.upload_id())
+                await run_cleanup(
+                    lambda: remove_upload(store.bucket, upload, ended),
+                    f"tus end id={upload.id}",
+                    state.janitor,
+                )
+                log.info("tus.ended key=%s id=%s reason=KEY_EXISTS", upload.key, upload.id)
+                raise ProxyError(KEY_EXISTS, f"{err.message}; this upload is ended") from err
             if err.kind.status >= 500 or err.kind is CHECKSUM_MISMATCH:
                 raise  # nothing of it is trusted: commit nothing
             # The client went away (or broke a limit) mid-PATCH: keep the parts S3 has
@@ -605,14 +677,15 @@ async def _stream(
         digests=digests,
     )
     body = request.content
+    left = max(0, min(total, upload.limit) - current.offset)
     watch = ClientWatch(
         lambda: body.total_bytes,
         settings.client_timeout,
-        max(0, min(total, upload.limit) - current.offset),
+        left,
         settings.min_upload_rate,
         settings.min_rate_window,
     )
-    source = BodySource(request, watch)
+    source = BodySource(request, watch, left)
     file = FileUpload(spec, store.bucket, state.budget, cfg, state.janitor, resume=resumed)
     appended.file = file
     m = state.metrics
@@ -632,11 +705,16 @@ async def _stream(
         m.bytes_received.inc(file.size)
 
 
+def _past_length(left: int) -> str:
+    return f"the PATCH goes past Upload-Length (or the upload's limit): {left} bytes were left"
+
+
 class BodySource:
     """A PATCH body as a ``ChunkSource``: every read under the request's ClientWatch (idle
     timeout, minimum rate, the bytes left of Upload-Length); pausing stops the socket."""
 
-    def __init__(self, request: web.Request, watch: ClientWatch) -> None:
+    def __init__(self, request: web.Request, watch: ClientWatch, left: int) -> None:
+        self._left = left
         self._content = request.content
         self._watch = watch
         self._flow = TransportFlow(request)
@@ -647,7 +725,14 @@ class BodySource:
         may bring more than ``size``, which the upload machine keeps for the next part,
         as with a form's file part."""
         self._flow.expect(size)
-        return await self._watch.read(lambda: next_chunk(self._content))
+        try:
+            return await self._watch.read(lambda: next_chunk(self._content))
+        except ProxyError as err:
+            if err.kind is not REQUEST_TOO_LARGE:
+                raise
+            # The watch's limit is the bytes left of Upload-Length (or of the upload's
+            # limit): going past it is the file's fault, as README's table says.
+            raise ProxyError(FILE_TOO_LARGE, _past_length(self._left)) from None
 
     def pause(self) -> None:
         if not self._paused:
@@ -686,8 +771,9 @@ class _Appended:
         assert self.file is not None
         known = {p.number for p in self.current.parts}
         plan = self.store.upload.plan
+        length = self.current.length
         return [
-            Part(n, etag, plan.size(n), None if crc is None else crc.b64())
+            Part(n, etag, part_length(plan, n, length), None if crc is None else crc.b64())
             for n, (etag, crc) in self.file.acknowledged().items()
             if n not in known
         ]
@@ -711,21 +797,33 @@ class _Appended:
             lock=None,
         )
 
+    def upload_id(self) -> str | None:
+        """The multipart upload this PATCH continued or made, if any."""
+        return self.current.upload_id if self.file is None else self.file.upload_id
+
     def dropped(self) -> list[Segment]:
         return list(self.current.segments) if self._new_parts() else []
 
     def partial_state(self) -> TusState | None:
         """The state that keeps what a failed PATCH got S3 to acknowledge: its whole parts
-        (none: None). The upload then stands at the end of its last part."""
+        (none: None). The upload then stands at the end of its last whole part: never at
+        the file's end (the file's short last part is not kept: the upload would look
+        complete and is not), never past it."""
         if self.file is None:
             return None
-        new_parts = self._new_parts()
+        plan = self.store.upload.plan
+        new_parts = [p for p in self._new_parts() if p.size == plan.size(p.number)]
         if not new_parts:
             return None
         parts = [*self.current.parts, *new_parts]
         numbers = [p.number for p in parts]
         if numbers != list(range(1, len(parts) + 1)):
             return None  # a gap (a part still failing before a later one landed)
+        length = self.current.length
+        if length is not None and sum(p.size for p in parts) >= length:
+            parts.pop()  # the file's last part, full by chance: the next PATCH resends it
+            if len(parts) == len(self.current.parts):
+                return None
         return TusState(
             offset=sum(p.size for p in parts),
             key=self.current.key,
