@@ -190,6 +190,12 @@ def _upload(request: web.Request) -> TusUpload:
         raise ProxyError(NO_SUCH_UPLOAD, f"no such upload ({exc.reason})") from None
 
 
+def _check_headers(request: web.Request) -> None:
+    """Every tus request: its tus headers once each, and tus 1.0.0."""
+    tus_protocol.check_single(name.decode("latin-1") for name, _ in request.raw_headers)
+    tus_protocol.check_version(request.headers.get("Tus-Resumable"))
+
+
 def _refuse_draining(state: AppState) -> None:
     if state.draining:
         raise ProxyError(SHUTTING_DOWN, "the proxy is shutting down; retry on another instance")
@@ -209,11 +215,13 @@ async def options(request: web.Request) -> web.Response:
 async def create(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     _refuse_draining(state)
-    tus_protocol.check_version(request.headers.get("Tus-Resumable"))
+    _check_headers(request)
     principal = state.auth.authenticate(request)
     deferred = request.headers.get("Upload-Defer-Length")
     length: int | None = None
-    if deferred is None or "Upload-Length" in request.headers:
+    if deferred is not None and "Upload-Length" in request.headers:
+        raise ProxyError(INVALID_REQUEST, "Upload-Length and Upload-Defer-Length together")
+    if deferred is None:
         length = tus_protocol.parse_count("Upload-Length", request.headers.get("Upload-Length"))
         _check_size(state, principal, length)
     elif deferred != "1":
@@ -246,19 +254,44 @@ async def create(request: web.Request) -> web.StreamResponse:
         types=() if grant is None else grant.types,
         limit=limit,
     )
-    location = ROOT + tus_url.issue(upload, request.app[TUS].keys[0])
+    token = tus_url.issue(upload, request.app[TUS].keys[0])
+    if len(token) > tus_url.MAX_URL_TOKEN:
+        # A Location the proxy would not take back (nor, past 8 KiB, read): refuse now.
+        raise ProxyError(
+            INVALID_REQUEST,
+            f"Upload-Metadata makes the upload URL {len(token)} characters long, over "
+            f"{tus_url.MAX_URL_TOKEN}; send a shorter filename or filetype",
+        )
     store = TusStore(state.require_sink(), upload)
+    with_body = request.content_type == OFFSET_STREAM and request.can_read_body
+    if with_body:
+        _check_patch(request, upload, 0)  # what can be refused is refused before state
     if cfg.writes.if_none_match:
         await _refuse_taken(store.bucket, key)
     checksum = None if cfg.checksum is None else cfg.checksum.value
     await store.create(TusState(key=key, checksum=checksum))
     state.metrics.uploads_started.inc()
     log.info("tus.created key=%s length=%s id=%s by=%s", key, length, upload.id, principal.subject)
-    headers = {"Location": location, **_expires(upload)}
-    with_body = request.content_type == OFFSET_STREAM and request.can_read_body
+    headers = {"Location": ROOT + token, **_expires(upload)}
     if with_body or length == 0:
-        headers.update((await _append(request, state, store, 0)).headers())
+        try:
+            headers.update((await _append(request, state, store, 0)).headers())
+        except BaseException:
+            # Refused: the client has no Location, so nothing of the upload may stay.
+            await finish(run_cleanup(_undo(store), f"tus creation id={upload.id}", state.janitor))
+            raise
     return _answer(201, headers)
+
+
+def _undo(store: TusStore) -> Callable[[], Awaitable[None]]:
+    """Remove an upload whose creation was refused: its state, staged bytes and parts."""
+
+    async def undo() -> None:
+        found = await store.read()
+        await remove_upload(store.bucket, store.upload, None if found is None else found[0])
+        log.info("tus.creation_undone key=%s id=%s", store.upload.key, store.upload.id)
+
+    return undo
 
 
 async def _refuse_taken(bucket: ObjectStore, key: str) -> None:
@@ -299,7 +332,7 @@ def _check_size(state: AppState, principal: Principal, length: int) -> None:
 @_tus_errors
 async def head(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    tus_protocol.check_version(request.headers.get("Tus-Resumable"))
+    _check_headers(request)
     upload = _upload(request)
     store = TusStore(state.require_sink(), upload)
     found = await store.read()
@@ -321,7 +354,7 @@ async def head(request: web.Request) -> web.StreamResponse:
 @_tus_errors
 async def terminate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    tus_protocol.check_version(request.headers.get("Tus-Resumable"))
+    _check_headers(request)
     upload = _upload(request)
     await _terminate(state, TusStore(state.require_sink(), upload))
     return _answer(204)
@@ -414,7 +447,7 @@ async def override(request: web.Request) -> web.StreamResponse:
 async def patch(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     _refuse_draining(state)
-    tus_protocol.check_version(request.headers.get("Tus-Resumable"))
+    _check_headers(request)
     upload = _upload(request)
     if request.content_type != OFFSET_STREAM:
         raise ProxyError(NOT_OFFSET_STREAM, f"a PATCH must be Content-Type: {OFFSET_STREAM}")
@@ -428,14 +461,7 @@ async def _append(
     request: web.Request, state: AppState, store: TusStore, offset: int
 ) -> PatchResult:
     """Append the request's body at ``offset``; the committed offset after it."""
-    upload = store.upload
-    declared = tus_protocol.parse_checksum(request.headers.get("Upload-Checksum"))
-    length = request.content_length
-    if length is not None and upload.length is not None and offset + length > upload.length:
-        raise ProxyError(
-            FILE_TOO_LARGE,
-            f"{length} bytes at offset {offset} go past Upload-Length {upload.length}",
-        )
+    declared = _check_patch(request, store.upload, offset)
     task = asyncio.current_task()
     with state.track(task):
         try:
@@ -446,6 +472,23 @@ async def _append(
     raise ProxyError(
         SHUTTING_DOWN, "the proxy is shutting down; resume the upload (HEAD, then PATCH)"
     )
+
+
+def _check_patch(request: web.Request, upload: TusUpload, offset: int) -> Declared | None:
+    """What a PATCH's headers alone refuse: its Upload-Checksum (the digest to check, if
+    any), a Content-Length past Upload-Length. A content-coded body's Content-Length
+    counts coded bytes: its decoded bytes are counted as they arrive instead."""
+    declared = tus_protocol.parse_checksum(request.headers.get("Upload-Checksum"))
+    length = request.content_length
+    coded = request.headers.get("Content-Encoding", "identity").strip().lower() != "identity"
+    if coded or length is None or upload.length is None:
+        return declared
+    if offset + length > upload.length:
+        raise ProxyError(
+            FILE_TOO_LARGE,
+            f"{length} bytes at offset {offset} go past Upload-Length {upload.length}",
+        )
+    return declared
 
 
 async def _append_tracked(
@@ -574,9 +617,11 @@ async def _append_tracked(
 def _total(request: web.Request, upload: TusUpload, current: TusState) -> int | None:
     """The file's length: the URL's, or a deferred one declared before or by this PATCH
     (``Upload-Length``, once; not below what is stored, not over the upload's limit)."""
-    if upload.length is not None:
-        return upload.length
     text = request.headers.get("Upload-Length")
+    if upload.length is not None:
+        if text is not None and tus_protocol.parse_count("Upload-Length", text) != upload.length:
+            raise ProxyError(INVALID_REQUEST, f"Upload-Length is {upload.length}, not {text}")
+        return upload.length
     if text is None:
         return current.length
     length = tus_protocol.parse_count("Upload-Length", text)
