@@ -38,9 +38,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.web_urldispatcher import _default_expect_handler
 
-from s3proxy import keys, tus_protocol, tus_url
+from s3proxy import codings, keys, tus_protocol, tus_url
 from s3proxy.auth import Principal
 from s3proxy.body import Chunk
 from s3proxy.digests import Declared, DigestCheck
@@ -48,6 +49,7 @@ from s3proxy.errors import (
     CHECKSUM_MISMATCH,
     CLIENT_TIMEOUT,
     DIGEST_MISMATCH,
+    EXPECTATION_FAILED,
     FILE_TOO_LARGE,
     INVALID_FIELD,
     INVALID_REQUEST,
@@ -95,12 +97,12 @@ TUS = web.AppKey("tus", TusService)
 
 def add_routes(app: web.Application) -> None:
     app.router.add_route("OPTIONS", ROOT, options)
-    app.router.add_post(ROOT, create)
+    app.router.add_post(ROOT, create, expect_handler=expect)
     app.router.add_route("OPTIONS", ROOT + "{url}", options)
     app.router.add_route("HEAD", ROOT + "{url}", head)
-    app.router.add_route("PATCH", ROOT + "{url}", patch)
+    app.router.add_route("PATCH", ROOT + "{url}", patch, expect_handler=expect)
     app.router.add_delete(ROOT + "{url}", terminate)
-    app.router.add_post(ROOT + "{url}", override)
+    app.router.add_post(ROOT + "{url}", override, expect_handler=expect)
     app.cleanup_ctx.append(_url_keys)
 
 
@@ -166,15 +168,69 @@ def _tus_errors(
         try:
             return await handler(request)
         except ProxyError as err:
-            resp = error_response(err)
-            resp.headers["Tus-Resumable"] = VERSION
-            if err.kind.status == 412:
-                resp.headers["Tus-Version"] = VERSION
+            resp = _error(err)
             if request.can_read_body and not request.content.is_eof():
                 resp.force_close()
             return resp
 
     return wrapped
+
+
+def _error(err: ProxyError) -> web.Response:
+    resp = error_response(err)
+    resp.headers["Tus-Resumable"] = VERSION
+    if err.kind.status == 412:
+        resp.headers["Tus-Version"] = VERSION
+    return resp
+
+
+async def expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: what the headers (and, for a PATCH, the upload's offset)
+    already refuse is answered before the client sends a byte of body, as on /upload."""
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        return _error(ProxyError(EXPECTATION_FAILED, "only Expect: 100-continue is supported"))
+    try:
+        codings.check_request(request)
+        _check_headers(request)
+        if "url" not in request.match_info:
+            _precheck_create(request)
+        elif request.method == "PATCH" or (
+            request.headers.get("X-HTTP-Method-Override", "").upper() == "PATCH"
+        ):
+            await _precheck_patch(request)
+    except ProxyError as err:
+        resp = _error(err)
+        resp.force_close()  # the client may send the body all the same: do not read it
+        return resp
+    await _default_expect_handler(request)
+    return None
+
+
+def _precheck_create(request: web.Request) -> None:
+    """A creation-with-upload's body past its Upload-Length."""
+    if request.content_type != OFFSET_STREAM or "Upload-Length" not in request.headers:
+        return
+    length = tus_protocol.parse_count("Upload-Length", request.headers.get("Upload-Length"))
+    body = request.content_length
+    coded = request.headers.get("Content-Encoding", "identity").strip().lower() != "identity"
+    if body is not None and not coded and body > length:
+        raise ProxyError(FILE_TOO_LARGE, f"{body} bytes go past Upload-Length {length}")
+
+
+async def _precheck_patch(request: web.Request) -> None:
+    """A PATCH's headers, then where the upload stands (one GetObject of its state)."""
+    state = request.app[STATE]
+    _refuse_draining(state)
+    upload = _upload(request)
+    if request.content_type != OFFSET_STREAM:
+        raise ProxyError(NOT_OFFSET_STREAM, f"a PATCH must be Content-Type: {OFFSET_STREAM}")
+    offset = tus_protocol.parse_count("Upload-Offset", request.headers.get("Upload-Offset"))
+    _check_patch(request, upload, offset)
+    found = await TusStore(state.require_sink(), upload).read()
+    if found is not None and found[0].offset != offset:
+        raise ProxyError(
+            OFFSET_MISMATCH, f"Upload-Offset is {offset}; the upload is at {found[0].offset}"
+        )
 
 
 def _expires(upload: TusUpload) -> dict[str, str]:
