@@ -581,6 +581,9 @@ async def _append_tracked(
             stored = await _stream(request, state, store, current, appended, declared)
         except (NoSuchUpload, NoSuchKey):  # its multipart upload, or its staged bytes
             done = await _finished(store)
+            if done is None and time.time() > upload.expires:
+                # The expiry sweep removed it under this PATCH (begun before the expiry).
+                raise ProxyError(UPLOAD_EXPIRED, "this upload expired") from None
             if done is None:
                 raise
             # An instance died between completing the upload and removing its state: the
