@@ -213,12 +213,17 @@ class TusSweep:
     removed: list[str] = field(default_factory=list)
 
 
-async def sweep_tus(bucket: ObjectStore, *, dry_run: bool = True, now: float) -> TusSweep:
+async def sweep_tus(
+    bucket: ObjectStore, *, dry_run: bool = True, now: float, skew: float = 0.0
+) -> TusSweep:
     """Remove expired tus uploads (unless ``dry_run``); return the live ones' key hashes.
 
     An expired upload's state names its key and multipart upload: that is aborted, then
     every object under its prefix deleted (the state last, so a removal cut short is
-    found again next time). Failures are logged and left for the next sweep.
+    found again next time). One whose state holds a live lock (a PATCH begun before the
+    expiry still runs) is left to a later sweep: no new PATCH can start on an expired
+    URL, so the lock is released or lapses (``skew`` after its lease). Failures are
+    logged and left for the next sweep.
     """
     from s3proxy.tus_state import TusState, remove_prefix
 
@@ -253,6 +258,11 @@ async def sweep_tus(bucket: ObjectStore, *, dry_run: bool = True, now: float) ->
                     while chunk := await body.read(64 * 1024):
                         raw += chunk
                 state = TusState.from_bytes(bytes(raw))
+                if state.locked(now, skew):
+                    log.info("cleanup.tus id=%s action=skipped reason=locked", upload_id)
+                    # its multipart upload is live too: the orphan sweep keeps it
+                    result.live = result.live | {upload_id.split("-")[1]}
+                    continue
                 if state.upload_id is not None and state.key:
                     await bucket.abort(state.key, state.upload_id)
             except NoSuchKey:

@@ -346,7 +346,11 @@ class FileUpload:
                 f"abort key={key} upload_id={upload_id}",
                 self.janitor,
             )
-        if self.maybe_stored and self.cfg.writes.cleanup == "delete":
+        if self.maybe_stored and self.resume is not None:
+            # A resumed file (tus) is its caller's to judge: the object at the key, if
+            # any, is that upload's completed file, and a retried request answers it.
+            log.info("upload.maybe_stored key=%s reason=%s", key, reason)
+        elif self.maybe_stored and self.cfg.writes.cleanup == "delete":
             log.info("upload.deleted key=%s reason=%s", key, reason)
             await run_cleanup(lambda: self.sink.delete(key), f"delete key={key}", self.janitor)
         elif self.maybe_stored and self.cfg.writes.cleanup == "nonce":

@@ -38,9 +38,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.web_urldispatcher import _default_expect_handler
 
-from s3proxy import keys, tus_protocol, tus_url
+from s3proxy import codings, keys, tus_protocol, tus_url
 from s3proxy.auth import Principal
 from s3proxy.body import Chunk
 from s3proxy.digests import Declared, DigestCheck
@@ -48,13 +49,16 @@ from s3proxy.errors import (
     CHECKSUM_MISMATCH,
     CLIENT_TIMEOUT,
     DIGEST_MISMATCH,
+    EXPECTATION_FAILED,
     FILE_TOO_LARGE,
     INVALID_FIELD,
     INVALID_REQUEST,
+    KEY_EXISTS,
     METHOD_NOT_ALLOWED,
     NO_SUCH_UPLOAD,
     NOT_OFFSET_STREAM,
     OFFSET_MISMATCH,
+    REQUEST_TOO_LARGE,
     SHUTTING_DOWN,
     UPLOAD_EXPIRED,
     UPLOAD_LOCKED,
@@ -67,10 +71,10 @@ from s3proxy.janitor import finish, run_cleanup
 from s3proxy.machine import Resume
 from s3proxy.parts import plan_parts
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, Resumed, StoredFile, abort_reason
-from s3proxy.s3 import NoSuchKey, NoSuchUpload, ObjectStore, PreconditionFailed
+from s3proxy.s3 import NoSuchKey, NoSuchUpload, ObjectStore, PreconditionFailed, S3Error
 from s3proxy.state import STATE, AppState
 from s3proxy.tus_protocol import OFFSET_STREAM, VERSION
-from s3proxy.tus_state import Lock, Part, Segment, TusState, TusStore
+from s3proxy.tus_state import Lock, Part, Segment, TusState, TusStore, part_length
 from s3proxy.tus_url import TusUpload, UrlError
 
 log = logging.getLogger("s3proxy.tus")
@@ -93,12 +97,12 @@ TUS = web.AppKey("tus", TusService)
 
 def add_routes(app: web.Application) -> None:
     app.router.add_route("OPTIONS", ROOT, options)
-    app.router.add_post(ROOT, create)
+    app.router.add_post(ROOT, create, expect_handler=expect)
     app.router.add_route("OPTIONS", ROOT + "{url}", options)
     app.router.add_route("HEAD", ROOT + "{url}", head)
-    app.router.add_route("PATCH", ROOT + "{url}", patch)
+    app.router.add_route("PATCH", ROOT + "{url}", patch, expect_handler=expect)
     app.router.add_delete(ROOT + "{url}", terminate)
-    app.router.add_post(ROOT + "{url}", override)
+    app.router.add_post(ROOT + "{url}", override, expect_handler=expect)
     app.cleanup_ctx.append(_url_keys)
 
 
@@ -164,15 +168,69 @@ def _tus_errors(
         try:
             return await handler(request)
         except ProxyError as err:
-            resp = error_response(err)
-            resp.headers["Tus-Resumable"] = VERSION
-            if err.kind.status == 412:
-                resp.headers["Tus-Version"] = VERSION
+            resp = _error(err)
             if request.can_read_body and not request.content.is_eof():
                 resp.force_close()
             return resp
 
     return wrapped
+
+
+def _error(err: ProxyError) -> web.Response:
+    resp = error_response(err)
+    resp.headers["Tus-Resumable"] = VERSION
+    if err.kind.status == 412:
+        resp.headers["Tus-Version"] = VERSION
+    return resp
+
+
+async def expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: what the headers (and, for a PATCH, the upload's offset)
+    already refuse is answered before the client sends a byte of body, as on /upload."""
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        return _error(ProxyError(EXPECTATION_FAILED, "only Expect: 100-continue is supported"))
+    try:
+        codings.check_request(request)
+        _check_headers(request)
+        if "url" not in request.match_info:
+            _precheck_create(request)
+        elif request.method == "PATCH" or (
+            request.headers.get("X-HTTP-Method-Override", "").upper() == "PATCH"
+        ):
+            await _precheck_patch(request)
+    except ProxyError as err:
+        resp = _error(err)
+        resp.force_close()  # the client may send the body all the same: do not read it
+        return resp
+    await _default_expect_handler(request)
+    return None
+
+
+def _precheck_create(request: web.Request) -> None:
+    """A creation-with-upload's body past its Upload-Length."""
+    if request.content_type != OFFSET_STREAM or "Upload-Length" not in request.headers:
+        return
+    length = tus_protocol.parse_count("Upload-Length", request.headers.get("Upload-Length"))
+    body = request.content_length
+    coded = request.headers.get("Content-Encoding", "identity").strip().lower() != "identity"
+    if body is not None and not coded and body > length:
+        raise ProxyError(FILE_TOO_LARGE, f"{body} bytes go past Upload-Length {length}")
+
+
+async def _precheck_patch(request: web.Request) -> None:
+    """A PATCH's headers, then where the upload stands (one GetObject of its state)."""
+    state = request.app[STATE]
+    _refuse_draining(state)
+    upload = _upload(request)
+    if request.content_type != OFFSET_STREAM:
+        raise ProxyError(NOT_OFFSET_STREAM, f"a PATCH must be Content-Type: {OFFSET_STREAM}")
+    offset = tus_protocol.parse_count("Upload-Offset", request.headers.get("Upload-Offset"))
+    _check_patch(request, upload, offset)
+    found = await TusStore(state.require_sink(), upload).read()
+    if found is not None and found[0].offset != offset:
+        raise ProxyError(
+            OFFSET_MISMATCH, f"Upload-Offset is {offset}; the upload is at {found[0].offset}"
+        )
 
 
 def _expires(upload: TusUpload) -> dict[str, str]:
@@ -186,6 +244,12 @@ def _upload(request: web.Request) -> TusUpload:
         if exc.expired:
             raise ProxyError(UPLOAD_EXPIRED, "this upload expired") from None
         raise ProxyError(NO_SUCH_UPLOAD, f"no such upload ({exc.reason})") from None
+
+
+def _check_headers(request: web.Request) -> None:
+    """Every tus request: its tus headers once each, and tus 1.0.0."""
+    tus_protocol.check_single(name.decode("latin-1") for name, _ in request.raw_headers)
+    tus_protocol.check_version(request.headers.get("Tus-Resumable"))
 
 
 def _refuse_draining(state: AppState) -> None:
@@ -207,11 +271,13 @@ async def options(request: web.Request) -> web.Response:
 async def create(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     _refuse_draining(state)
-    tus_protocol.check_version(request.headers.get("Tus-Resumable"))
+    _check_headers(request)
     principal = state.auth.authenticate(request)
     deferred = request.headers.get("Upload-Defer-Length")
     length: int | None = None
-    if deferred is None or "Upload-Length" in request.headers:
+    if deferred is not None and "Upload-Length" in request.headers:
+        raise ProxyError(INVALID_REQUEST, "Upload-Length and Upload-Defer-Length together")
+    if deferred is None:
         length = tus_protocol.parse_count("Upload-Length", request.headers.get("Upload-Length"))
         _check_size(state, principal, length)
     elif deferred != "1":
@@ -244,17 +310,56 @@ async def create(request: web.Request) -> web.StreamResponse:
         types=() if grant is None else grant.types,
         limit=limit,
     )
-    location = ROOT + tus_url.issue(upload, request.app[TUS].keys[0])
+    token = tus_url.issue(upload, request.app[TUS].keys[0])
+    if len(token) > tus_url.MAX_URL_TOKEN:
+        # A Location the proxy would not take back (nor, past 8 KiB, read): refuse now.
+        raise ProxyError(
+            INVALID_REQUEST,
+            f"Upload-Metadata makes the upload URL {len(token)} characters long, over "
+            f"{tus_url.MAX_URL_TOKEN}; send a shorter filename or filetype",
+        )
     store = TusStore(state.require_sink(), upload)
+    with_body = request.content_type == OFFSET_STREAM and request.can_read_body
+    if with_body:
+        _check_patch(request, upload, 0)  # what can be refused is refused before state
+    if cfg.writes.if_none_match:
+        await _refuse_taken(store.bucket, key)
     checksum = None if cfg.checksum is None else cfg.checksum.value
     await store.create(TusState(key=key, checksum=checksum))
     state.metrics.uploads_started.inc()
     log.info("tus.created key=%s length=%s id=%s by=%s", key, length, upload.id, principal.subject)
-    headers = {"Location": location, **_expires(upload)}
-    with_body = request.content_type == OFFSET_STREAM and request.can_read_body
+    headers = {"Location": ROOT + token, **_expires(upload)}
     if with_body or length == 0:
-        headers.update((await _append(request, state, store, 0)).headers())
+        try:
+            headers.update((await _append(request, state, store, 0)).headers())
+        except BaseException:
+            # Refused: the client has no Location, so nothing of the upload may stay.
+            await finish(run_cleanup(_undo(store), f"tus creation id={upload.id}", state.janitor))
+            raise
     return _answer(201, headers)
+
+
+def _undo(store: TusStore) -> Callable[[], Awaitable[None]]:
+    """Remove an upload whose creation was refused: its state, staged bytes and parts."""
+
+    async def undo() -> None:
+        found = await store.read()
+        await remove_upload(store.bucket, store.upload, None if found is None else found[0])
+        log.info("tus.creation_undone key=%s id=%s", store.upload.key, store.upload.id)
+
+    return undo
+
+
+async def _refuse_taken(bucket: ObjectStore, key: str) -> None:
+    """409 under --no-overwrite for a key already stored: said before the client sends
+    the file, not after (the completion still refuses one stored meanwhile)."""
+    try:
+        await bucket.head(key)
+    except NoSuchKey:
+        return
+    raise ProxyError(
+        KEY_EXISTS, f"an object is already stored at {key!r}; uploads do not replace objects"
+    )
 
 
 def _size_limit(state: AppState, principal: Principal) -> int:
@@ -283,7 +388,7 @@ def _check_size(state: AppState, principal: Principal, length: int) -> None:
 @_tus_errors
 async def head(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    tus_protocol.check_version(request.headers.get("Tus-Resumable"))
+    _check_headers(request)
     upload = _upload(request)
     store = TusStore(state.require_sink(), upload)
     found = await store.read()
@@ -305,7 +410,7 @@ async def head(request: web.Request) -> web.StreamResponse:
 @_tus_errors
 async def terminate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    tus_protocol.check_version(request.headers.get("Tus-Resumable"))
+    _check_headers(request)
     upload = _upload(request)
     await _terminate(state, TusStore(state.require_sink(), upload))
     return _answer(204)
@@ -334,6 +439,36 @@ async def remove_upload(bucket: ObjectStore, upload: TusUpload, current: TusStat
     if current is not None and current.upload_id is not None:
         await bucket.abort(upload.key, current.upload_id)
     await TusStore(bucket, upload).remove_all()
+
+
+async def _landed(store: TusStore, appended: _Appended, err: ProxyError) -> StoredFile | None:
+    """The stored file, if a PATCH that failed while storing it (its PutObject or
+    CompleteMultipartUpload sent, the answer lost or its retry refused) did store it:
+    the object at the key carries this upload's id and its length. None otherwise,
+    also when that cannot be told now (a retried PATCH or HEAD tells it later)."""
+    file = appended.file
+    if file is None or not (file.maybe_stored or err.kind is KEY_EXISTS):
+        return None
+    if store.upload.length is None and appended.current.length is None:
+        return None
+    try:
+        found = await store.bucket.head(store.upload.key)
+    except S3Error:
+        return None
+    length = appended.current.length
+    if found.metadata.get(TUS_META) != store.upload.id or found.size != length:
+        return None
+    upload = store.upload
+    return StoredFile(
+        field="file",
+        filename=upload.filename,
+        key=upload.key,
+        size=found.size,
+        content_type=found.content_type or file.content_type,
+        etag=(found.etag or "").strip('"'),
+        sha256="",
+        parts=len(file.acknowledged()),
+    )
 
 
 async def _finished(store: TusStore) -> int | None:
@@ -368,7 +503,7 @@ async def override(request: web.Request) -> web.StreamResponse:
 async def patch(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     _refuse_draining(state)
-    tus_protocol.check_version(request.headers.get("Tus-Resumable"))
+    _check_headers(request)
     upload = _upload(request)
     if request.content_type != OFFSET_STREAM:
         raise ProxyError(NOT_OFFSET_STREAM, f"a PATCH must be Content-Type: {OFFSET_STREAM}")
@@ -382,14 +517,7 @@ async def _append(
     request: web.Request, state: AppState, store: TusStore, offset: int
 ) -> PatchResult:
     """Append the request's body at ``offset``; the committed offset after it."""
-    upload = store.upload
-    declared = tus_protocol.parse_checksum(request.headers.get("Upload-Checksum"))
-    length = request.content_length
-    if length is not None and upload.length is not None and offset + length > upload.length:
-        raise ProxyError(
-            FILE_TOO_LARGE,
-            f"{length} bytes at offset {offset} go past Upload-Length {upload.length}",
-        )
+    declared = _check_patch(request, store.upload, offset)
     task = asyncio.current_task()
     with state.track(task):
         try:
@@ -400,6 +528,23 @@ async def _append(
     raise ProxyError(
         SHUTTING_DOWN, "the proxy is shutting down; resume the upload (HEAD, then PATCH)"
     )
+
+
+def _check_patch(request: web.Request, upload: TusUpload, offset: int) -> Declared | None:
+    """What a PATCH's headers alone refuse: its Upload-Checksum (the digest to check, if
+    any), a Content-Length past Upload-Length. A content-coded body's Content-Length
+    counts coded bytes: its decoded bytes are counted as they arrive instead."""
+    declared = tus_protocol.parse_checksum(request.headers.get("Upload-Checksum"))
+    length = request.content_length
+    coded = request.headers.get("Content-Encoding", "identity").strip().lower() != "identity"
+    if coded or length is None or upload.length is None:
+        return declared
+    if offset + length > upload.length:
+        raise ProxyError(
+            FILE_TOO_LARGE,
+            f"{length} bytes at offset {offset} go past Upload-Length {upload.length}",
+        )
+    return declared
 
 
 async def _append_tracked(
@@ -415,6 +560,10 @@ async def _append_tracked(
         done = await _finished(store)
         if done is not None and offset == done:
             return PatchResult(done, upload.key)
+        if done is not None:  # a PATCH resent after its 204 was lost: HEAD says it is done
+            raise ProxyError(
+                OFFSET_MISMATCH, f"Upload-Offset is {offset}; the upload is complete at {done}"
+            )
         raise ProxyError(NO_SUCH_UPLOAD, "no such upload (finished, terminated, or never created)")
     current, etag = found
     if current.offset != offset:
@@ -432,6 +581,9 @@ async def _append_tracked(
             stored = await _stream(request, state, store, current, appended, declared)
         except (NoSuchUpload, NoSuchKey):  # its multipart upload, or its staged bytes
             done = await _finished(store)
+            if done is None and time.time() > upload.expires:
+                # The expiry sweep removed it under this PATCH (begun before the expiry).
+                raise ProxyError(UPLOAD_EXPIRED, "this upload expired") from None
             if done is None:
                 raise
             # An instance died between completing the upload and removing its state: the
@@ -459,6 +611,28 @@ async def _append_tracked(
                 await finish(keep())
             raise
         except ProxyError as err:
+            landed = await _landed(store, appended, err)
+            if landed is not None:
+                # The object was stored but the answer lost (a timeout; a retried write
+                # refused as KEY_EXISTS): it is this upload's, whole, so it completed.
+                committed = True
+                await lease.stop()
+                log.info("tus.completed_unseen key=%s id=%s error=%s", upload.key, upload.id, err)
+                await _completed(state, store, landed)
+                return PatchResult(landed.size, landed.key)
+            if err.kind is KEY_EXISTS:
+                # Another upload stored the key first (--no-overwrite): this one can never
+                # complete there, so it ends now, as a termination would end it.
+                committed = True
+                await lease.stop()
+                ended = dataclasses.replace(current, upload_id=appended.upload_id())
+                await run_cleanup(
+                    lambda: remove_upload(store.bucket, upload, ended),
+                    f"tus end id={upload.id}",
+                    state.janitor,
+                )
+                log.info("tus.ended key=%s id=%s reason=KEY_EXISTS", upload.key, upload.id)
+                raise ProxyError(KEY_EXISTS, f"{err.message}; this upload is ended") from err
             if err.kind.status >= 500 or err.kind is CHECKSUM_MISMATCH:
                 raise  # nothing of it is trusted: commit nothing
             # The client went away (or broke a limit) mid-PATCH: keep the parts S3 has
@@ -502,9 +676,11 @@ async def _append_tracked(
 def _total(request: web.Request, upload: TusUpload, current: TusState) -> int | None:
     """The file's length: the URL's, or a deferred one declared before or by this PATCH
     (``Upload-Length``, once; not below what is stored, not over the upload's limit)."""
-    if upload.length is not None:
-        return upload.length
     text = request.headers.get("Upload-Length")
+    if upload.length is not None:
+        if text is not None and tus_protocol.parse_count("Upload-Length", text) != upload.length:
+            raise ProxyError(INVALID_REQUEST, f"Upload-Length is {upload.length}, not {text}")
+        return upload.length
     if text is None:
         return current.length
     length = tus_protocol.parse_count("Upload-Length", text)
@@ -605,14 +781,15 @@ async def _stream(
         digests=digests,
     )
     body = request.content
+    left = max(0, min(total, upload.limit) - current.offset)
     watch = ClientWatch(
         lambda: body.total_bytes,
         settings.client_timeout,
-        max(0, min(total, upload.limit) - current.offset),
+        left,
         settings.min_upload_rate,
         settings.min_rate_window,
     )
-    source = BodySource(request, watch)
+    source = BodySource(request, watch, left)
     file = FileUpload(spec, store.bucket, state.budget, cfg, state.janitor, resume=resumed)
     appended.file = file
     m = state.metrics
@@ -632,11 +809,16 @@ async def _stream(
         m.bytes_received.inc(file.size)
 
 
+def _past_length(left: int) -> str:
+    return f"the PATCH goes past Upload-Length (or the upload's limit): {left} bytes were left"
+
+
 class BodySource:
     """A PATCH body as a ``ChunkSource``: every read under the request's ClientWatch (idle
     timeout, minimum rate, the bytes left of Upload-Length); pausing stops the socket."""
 
-    def __init__(self, request: web.Request, watch: ClientWatch) -> None:
+    def __init__(self, request: web.Request, watch: ClientWatch, left: int) -> None:
+        self._left = left
         self._content = request.content
         self._watch = watch
         self._flow = TransportFlow(request)
@@ -647,7 +829,14 @@ class BodySource:
         may bring more than ``size``, which the upload machine keeps for the next part,
         as with a form's file part."""
         self._flow.expect(size)
-        return await self._watch.read(lambda: next_chunk(self._content))
+        try:
+            return await self._watch.read(lambda: next_chunk(self._content))
+        except ProxyError as err:
+            if err.kind is not REQUEST_TOO_LARGE:
+                raise
+            # The watch's limit is the bytes left of Upload-Length (or of the upload's
+            # limit): going past it is the file's fault, as README's table says.
+            raise ProxyError(FILE_TOO_LARGE, _past_length(self._left)) from None
 
     def pause(self) -> None:
         if not self._paused:
@@ -686,8 +875,9 @@ class _Appended:
         assert self.file is not None
         known = {p.number for p in self.current.parts}
         plan = self.store.upload.plan
+        length = self.current.length
         return [
-            Part(n, etag, plan.size(n), None if crc is None else crc.b64())
+            Part(n, etag, part_length(plan, n, length), None if crc is None else crc.b64())
             for n, (etag, crc) in self.file.acknowledged().items()
             if n not in known
         ]
@@ -711,21 +901,33 @@ class _Appended:
             lock=None,
         )
 
+    def upload_id(self) -> str | None:
+        """The multipart upload this PATCH continued or made, if any."""
+        return self.current.upload_id if self.file is None else self.file.upload_id
+
     def dropped(self) -> list[Segment]:
         return list(self.current.segments) if self._new_parts() else []
 
     def partial_state(self) -> TusState | None:
         """The state that keeps what a failed PATCH got S3 to acknowledge: its whole parts
-        (none: None). The upload then stands at the end of its last part."""
+        (none: None). The upload then stands at the end of its last whole part: never at
+        the file's end (the file's short last part is not kept: the upload would look
+        complete and is not), never past it."""
         if self.file is None:
             return None
-        new_parts = self._new_parts()
+        plan = self.store.upload.plan
+        new_parts = [p for p in self._new_parts() if p.size == plan.size(p.number)]
         if not new_parts:
             return None
         parts = [*self.current.parts, *new_parts]
         numbers = [p.number for p in parts]
         if numbers != list(range(1, len(parts) + 1)):
             return None  # a gap (a part still failing before a later one landed)
+        length = self.current.length
+        if length is not None and sum(p.size for p in parts) >= length:
+            parts.pop()  # the file's last part, full by chance: the next PATCH resends it
+            if len(parts) == len(self.current.parts):
+                return None
         return TusState(
             offset=sum(p.size for p in parts),
             key=self.current.key,

@@ -20,6 +20,7 @@ import binascii
 import email.utils
 import hashlib
 import re
+from collections.abc import Iterable
 
 from s3proxy.digests import Declared
 from s3proxy.errors import INVALID_DIGEST, INVALID_REQUEST, UNSUPPORTED_VERSION, ProxyError
@@ -39,6 +40,29 @@ OFFSET_STREAM = "application/offset+octet-stream"
 _DIGITS = re.compile(r"[0-9]{1,19}")  # 19 digits: below 2**63, as tusd's int64
 _KEY = re.compile(r"[!-+\--~]+")  # printable ASCII without space and comma
 MAX_METADATA = 4096  # bytes of Upload-Metadata accepted (a filename and a type need ~300)
+
+
+# The protocol's own headers: each names one value, so two of one are refused (400), as
+# /upload refuses two Content-MD5, rather than the first silently winning.
+SINGLE = (
+    "Tus-Resumable",
+    "Upload-Length",
+    "Upload-Offset",
+    "Upload-Checksum",
+    "Upload-Metadata",
+    "Upload-Defer-Length",
+)
+_SINGLE = {name.lower() for name in SINGLE}
+
+
+def check_single(names: Iterable[str]) -> None:
+    """400 if one of the tus headers appears twice among a request's header ``names``."""
+    seen: set[str] = set()
+    for name in names:
+        low = name.lower()
+        if low in _SINGLE and low in seen:
+            raise ProxyError(INVALID_REQUEST, f"{name} appears more than once")
+        seen.add(low)
 
 
 def check_version(value: str | None) -> None:

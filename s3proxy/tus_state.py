@@ -50,6 +50,7 @@ from typing import Any
 from s3proxy.body import Chunk
 from s3proxy.checksums import Algorithm, CrcValue, decode_b64
 from s3proxy.errors import INTERNAL, ProxyError
+from s3proxy.parts import TIER_PARTS, PartPlan
 from s3proxy.s3 import NoSuchKey, ObjectOptions, ObjectStore
 from s3proxy.tus_url import TusUpload
 
@@ -65,6 +66,27 @@ class Part:
     etag: str
     size: int
     crc: str | None = None  # base64, as S3 takes it; None without --checksum
+
+
+def part_start(plan: PartPlan, number: int) -> int:
+    """The file offset where part ``number`` (1-based) begins (a loop per tier, not part)."""
+    if not plan.growing:
+        return (number - 1) * plan.base
+    start, n = 0, 1
+    while n < number:
+        step = min(TIER_PARTS - (n - 1) % TIER_PARTS, number - n)
+        start += plan.size(n) * step
+        n += step
+    return start
+
+
+def part_length(plan: PartPlan, number: int, length: int | None) -> int:
+    """The bytes part ``number`` holds: the plan's size, but the file's last part only
+    what is left of ``length`` (the state must count what S3 holds, not what was planned)."""
+    full = plan.size(number)
+    if length is None:
+        return full
+    return max(0, min(full, length - part_start(plan, number)))
 
 
 @dataclass(frozen=True)

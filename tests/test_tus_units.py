@@ -10,8 +10,11 @@ import pytest
 
 from s3proxy import tus_protocol, tus_url
 from s3proxy.errors import ProxyError
-from s3proxy.tus_state import Lock, Part, Segment, TusState
+from s3proxy.parts import PartPlan
+from s3proxy.tus_state import Lock, Part, Segment, TusState, part_length, part_start
 from s3proxy.tus_url import TusUpload, UrlError
+
+MiB = 1024**2
 
 KEY = tus_url.url_keys([b"k" * 32])[0]
 OTHER = tus_url.url_keys([b"o" * 32])[0]
@@ -148,3 +151,26 @@ def test_state_round_trip_and_lock_rule() -> None:
     assert not TusState().locked(now=0, skew=0)
     with pytest.raises(ProxyError):
         TusState.from_bytes(b"{}")
+
+
+@pytest.mark.parametrize(
+    ("plan", "number", "length", "expected"),
+    [
+        (PartPlan(5 * MiB, False), 1, 7 * MiB, 5 * MiB),
+        (PartPlan(5 * MiB, False), 2, 7 * MiB, 2 * MiB),  # the short last part: its bytes
+        (PartPlan(5 * MiB, False), 2, 10 * MiB, 5 * MiB),
+        (PartPlan(5 * MiB, False), 2, None, 5 * MiB),  # deferred: parts are whole
+        (PartPlan(5 * MiB, True), 1001, 5 * MiB * 1000 + 3, 3),  # past the first tier
+        (PartPlan(5 * MiB, True), 1002, 5 * MiB * 1000 + 10 * MiB + 1, 1),
+    ],
+)
+def test_a_part_counts_the_bytes_it_holds(
+    plan: PartPlan, number: int, length: int | None, expected: int
+) -> None:
+    assert part_length(plan, number, length) == expected
+
+
+def test_part_start_follows_the_growing_plan() -> None:
+    plan = PartPlan(5 * MiB, True)
+    for n in (1, 2, 999, 1000, 1001, 2500, 10_000):
+        assert part_start(plan, n) == sum(plan.size(k) for k in range(1, n))

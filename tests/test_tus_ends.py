@@ -1,0 +1,190 @@
+"""How a tus upload ends when its last PATCH does not go as planned: a refused completion
+(409 KEY_EXISTS), a lost answer to CompleteMultipartUpload, a lost 204. Each test checks
+what HEAD says, what a retried PATCH gets, and what the bucket holds."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from aiohttp import web
+
+from s3proxy.tus_url import RESERVED_PREFIX
+from tests.conftest import ProxyFactory
+from tests.faults import Fault, FaultyS3
+from tests.s3util import all_keys_async, open_uploads_async, read_object_async
+from tests.test_tus import TUS, MiB, body, meta, reserved
+from tests.test_tus_lifecycle import new_upload, patch_headers
+
+
+class HeadingS3(FaultyS3):
+    """FaultyS3 that answers HeadObject with the object's Content-Length (FaultyS3 answers
+    a HEAD with an empty body's length, 0), so the proxy can see a stored object's size."""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        out = await super().handle(request)
+        if request.method != "HEAD" or out.status != 200:
+            return out
+        sent = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with self._session.head(self.upstream + request.path_qs, headers=sent) as resp:
+            length = resp.headers.get("Content-Length", "0")
+        answer = web.StreamResponse(status=200)
+        kept = {k: v for k, v in out.headers.items() if k.lower() != "content-length"}
+        answer.headers.update(kept)
+        answer.content_length = int(length)
+        await answer.prepare(request)
+        await answer.write_eof()
+        return answer
+
+
+async def _code(resp: Any) -> tuple[int, str]:
+    return resp.status, (await resp.json())["error"]["code"]
+
+
+async def test_a_refused_completion_never_reports_an_offset_past_the_length(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """Under --no-overwrite another upload stored the key first: the last PATCH of this one
+    is 409 KEY_EXISTS, and the upload is ended (it can never finish at that key): HEAD and
+    a retried PATCH are 404, its multipart upload is aborted, nothing is left reserved,
+    and the first upload's object is untouched."""
+    proxy = await proxy_factory(key_template="uploads/{filename}")
+    first, second = body(7 * MiB, seed=1), body(7 * MiB, seed=2)
+    named = meta(filename="same.pdf")
+    url_a = await new_upload(proxy, len(first), **{"Upload-Metadata": named})
+    url_b = await new_upload(proxy, len(second), **{"Upload-Metadata": named})
+    resp = await proxy.patch(url_a, data=io.BytesIO(first), headers=patch_headers(0))
+    assert resp.status == 204, await resp.text()
+    resp = await proxy.patch(url_b, data=io.BytesIO(second[: 6 * MiB]), headers=patch_headers(0))
+    assert resp.status == 204, await resp.text()
+    rest = second[6 * MiB :]
+    resp = await proxy.patch(url_b, data=io.BytesIO(rest), headers=patch_headers(6 * MiB))
+    assert await _code(resp) == (409, "KEY_EXISTS")
+    head = await proxy.head(url_b, headers=TUS)
+    assert head.status == 404, head.headers  # not an offset past Upload-Length
+    resp = await proxy.patch(url_b, data=io.BytesIO(rest), headers=patch_headers(6 * MiB))
+    assert await _code(resp) == (404, "NO_SUCH_UPLOAD")
+    assert await reserved(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
+    assert await read_object_async(s3, bucket, "uploads/same.pdf") == first
+
+
+async def test_a_key_taken_before_creation_is_refused_at_creation(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """Under --no-overwrite a POST for a key that is already stored is 409 at once, not
+    after the client sent the whole file; nothing is made for it."""
+    proxy = await proxy_factory(key_template="uploads/{filename}")
+    named = meta(filename="taken.pdf")
+    url = await new_upload(proxy, 10, **{"Upload-Metadata": named})
+    resp = await proxy.patch(url, data=body(10), headers=patch_headers(0))
+    assert resp.status == 204
+    resp = await proxy.post(
+        "/tus/", headers={**TUS, "Upload-Length": "10", "Upload-Metadata": named}
+    )
+    assert await _code(resp) == (409, "KEY_EXISTS")
+    assert "Location" not in resp.headers
+    assert await reserved(s3, bucket) == []
+
+
+async def test_a_patch_cut_after_its_last_part_keeps_only_whole_parts(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """A PATCH refused after S3 acknowledged the file's short last part (a body running
+    past Upload-Length): the offset kept is never past the length nor past a whole part."""
+    proxy = await proxy_factory()
+    data = body(7 * MiB)
+    url = await new_upload(proxy, len(data))
+
+    async def too_long() -> Any:
+        yield data
+        yield b"x" * (64 * 1024)
+
+    resp = await proxy.patch(url, data=too_long(), headers=patch_headers(0))
+    assert await _code(resp) == (413, "FILE_TOO_LARGE")
+    head = await proxy.head(url, headers=TUS)
+    offset = int(head.headers["Upload-Offset"])
+    assert offset in (0, 5 * MiB), offset
+    resp = await proxy.patch(url, data=io.BytesIO(data[offset:]), headers=patch_headers(offset))
+    assert resp.status == 204, await resp.text()
+    assert await read_object_async(s3, bucket, resp.headers["S3Proxy-Key"]) == data
+    assert await reserved(s3, bucket) == []
+
+
+async def test_a_patch_resent_after_a_lost_204_is_told_the_offset(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """The 204 of the last PATCH was lost and the client sends it again at the same offset:
+    409 OFFSET_MISMATCH (a tus client then asks HEAD, which says it is complete), not 404."""
+    proxy = await proxy_factory()
+    data = body(300 * 1024)
+    url = await new_upload(proxy, len(data))
+    resp = await proxy.patch(url, data=data[:1000], headers=patch_headers(0))
+    assert resp.status == 204
+    resp = await proxy.patch(url, data=data[1000:], headers=patch_headers(1000))
+    assert resp.status == 204
+    resp = await proxy.patch(url, data=data[1000:], headers=patch_headers(1000))
+    assert await _code(resp) == (409, "OFFSET_MISMATCH")
+    head = await proxy.head(url, headers=TUS)
+    assert head.headers["Upload-Offset"] == head.headers["Upload-Length"] == str(len(data))
+    resp = await proxy.patch(url, data=b"", headers=patch_headers(len(data)))
+    assert resp.status == 204 and resp.headers["Upload-Offset"] == str(len(data))
+
+
+async def test_a_lost_complete_answer_ends_in_the_stored_object(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """S3 completed the multipart upload but its answer came after --s3-read-timeout: the
+    proxy finds the object it made (HeadObject: this upload's, the right size) and answers
+    204 with its key; the object stays, nothing is left reserved or open."""
+    armed = {"on": False}
+
+    def rule(op: str, _: int) -> Fault | None:
+        if armed["on"] and op == "CompleteMultipartUpload":
+            return Fault(late=2.0)
+        return None
+
+    data = body(7 * MiB, seed=3)
+    async with HeadingS3(moto.endpoint_url, rule) as faulty:
+        proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=1.0, s3_max_attempts=2)
+        url = await new_upload(proxy, len(data))
+        resp = await proxy.patch(url, data=io.BytesIO(data[: 6 * MiB]), headers=patch_headers(0))
+        assert resp.status == 204
+        armed["on"] = True
+        rest = io.BytesIO(data[6 * MiB :])
+        resp = await proxy.patch(url, data=rest, headers=patch_headers(6 * MiB))
+        assert resp.status == 204, await resp.text()
+        key = resp.headers["S3Proxy-Key"]
+        assert resp.headers["Upload-Offset"] == str(len(data))
+        head = await proxy.head(url, headers=TUS)
+        assert head.status == 200 and head.headers["Upload-Offset"] == str(len(data))
+    assert await read_object_async(s3, bucket, key) == data
+    assert await reserved(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
+    assert [k for k in await all_keys_async(s3, bucket) if not k.startswith(RESERVED_PREFIX)]
+
+
+async def test_a_lost_put_answer_of_a_small_file_ends_in_the_stored_object(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """The same for a file within one part, stored by one PutObject whose answer is lost."""
+    armed = {"on": False}
+    puts: list[str] = []
+
+    def rule(op: str, _: int) -> Fault | None:
+        if armed["on"] and op == "PutObject":
+            puts.append(op)  # the first takes the lock, the second stores the file
+            return Fault(late=2.0) if len(puts) == 2 else None
+        return None
+
+    data = body(1000, seed=4)
+    async with HeadingS3(moto.endpoint_url, rule) as faulty:
+        proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=1.0, s3_max_attempts=1)
+        url = await new_upload(proxy, len(data))
+        armed["on"] = True
+        resp = await proxy.patch(url, data=data, headers=patch_headers(0))
+        armed["on"] = False
+        # The state's swap never ran: the lost answer was the object's PutObject.
+        assert resp.status == 204, await resp.text()
+        assert await read_object_async(s3, bucket, resp.headers["S3Proxy-Key"]) == data
+    assert await reserved(s3, bucket) == []

@@ -1,0 +1,78 @@
+"""``Expect: 100-continue`` on the tus routes: a PATCH (or creation) the headers already
+refuse is answered before the client sends a byte of body, not after a 100 Continue."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.conftest import ProxyFactory
+from tests.test_tus_lifecycle import new_upload
+
+
+async def _first_answer(port: int | None, request: bytes) -> bytes:
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    return head
+
+
+def _patch(url: str, **headers: str) -> bytes:
+    base = {
+        "Host": "x",
+        "Tus-Resumable": "1.0.0",
+        "Upload-Offset": "0",
+        "Content-Type": "application/offset+octet-stream",
+        "Content-Length": "100",
+        "Expect": "100-continue",
+        **headers,
+    }
+    lines = "".join(f"{k}: {v}\r\n" for k, v in base.items() if v)
+    return f"PATCH {url} HTTP/1.1\r\n{lines}\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Upload-Offset": "7", "Content-Length": "50"}, b"409"),  # not where the upload stands
+        ({"Content-Length": "101"}, b"413"),  # past Upload-Length
+        ({"Content-Type": "text/plain"}, b"415"),
+        ({"Tus-Resumable": "0.2.2"}, b"412"),
+        ({"Upload-Checksum": "crc32 AAAAAA=="}, b"400"),
+        ({"url": "/tus/AAAA.BBBB"}, b"404"),
+    ],
+)
+async def test_a_refused_patch_gets_no_100_continue(
+    proxy_factory: ProxyFactory, headers: dict[str, str], status: bytes
+) -> None:
+    proxy = await proxy_factory()
+    url = await new_upload(proxy, 100)
+    target = headers.pop("url", url)
+    head = await _first_answer(proxy.port, _patch(target, **headers))
+    assert head.startswith(b"HTTP/1.1 " + status), head
+    assert b"Tus-Resumable: 1.0.0" in head
+    assert (await proxy.delete(url, headers={"Tus-Resumable": "1.0.0"})).status == 204
+
+
+async def test_a_good_patch_gets_100_continue(proxy_factory: ProxyFactory) -> None:
+    proxy = await proxy_factory()
+    url = await new_upload(proxy, 100)
+    head = await _first_answer(proxy.port, _patch(url))
+    assert head.startswith(b"HTTP/1.1 100"), head
+    assert (await proxy.delete(url, headers={"Tus-Resumable": "1.0.0"})).status == 204
+
+
+async def test_a_refused_creation_gets_no_100_continue(proxy_factory: ProxyFactory) -> Any:
+    proxy = await proxy_factory()
+    request = (
+        b"POST /tus/ HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\nUpload-Length: 10\r\n"
+        b"Content-Type: application/offset+octet-stream\r\nContent-Length: 11\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    head = await _first_answer(proxy.port, request)
+    assert head.startswith(b"HTTP/1.1 413"), head

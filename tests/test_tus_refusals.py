@@ -1,0 +1,226 @@
+"""Requests the tus routes refuse: each refusal leaves nothing behind (no state under
+the reserved prefix, no multipart upload open) and carries the code README's table
+names."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from s3proxy.state import STATE
+from tests.conftest import ProxyFactory
+from tests.s3util import all_keys_async, open_uploads_async
+from tests.test_tus import TUS, KiB, body, meta
+from tests.test_tus_lifecycle import new_upload, patch_headers
+
+STREAM = {"Content-Type": "application/offset+octet-stream"}
+
+
+async def _code(resp: Any) -> tuple[int, str]:
+    return resp.status, (await resp.json())["error"]["code"]
+
+
+async def _nothing_left(s3: Any, bucket: str) -> None:
+    assert await all_keys_async(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
+
+
+def _sha1(data: bytes) -> str:
+    return "sha1 " + base64.b64encode(hashlib.sha1(data).digest()).decode()
+
+
+@pytest.mark.parametrize(
+    ("headers", "data", "expected"),
+    [
+        ({"Upload-Length": "10"}, b"x" * 11, (413, "FILE_TOO_LARGE")),
+        (
+            {"Upload-Length": "10", "Upload-Checksum": "crc32 AAAAAA=="},
+            b"x",
+            (400, "INVALID_DIGEST"),
+        ),
+        (
+            {"Upload-Length": "10", "Upload-Checksum": _sha1(b"other")},
+            b"x" * 5,
+            (460, "CHECKSUM_MISMATCH"),
+        ),
+        (
+            {"Upload-Length": str(200 * KiB), "Upload-Checksum": _sha1(b"other")},
+            body(200 * KiB),
+            (460, "CHECKSUM_MISMATCH"),
+        ),
+    ],
+)
+async def test_a_refused_creation_with_upload_leaves_nothing(
+    proxy_factory: ProxyFactory,
+    s3: Any,
+    bucket: str,
+    headers: dict[str, str],
+    data: bytes,
+    expected: tuple[int, str],
+) -> None:
+    proxy = await proxy_factory()
+    resp = await proxy.post("/tus/", data=data, headers={**TUS, **STREAM, **headers})
+    assert await _code(resp) == expected
+    assert "Location" not in resp.headers
+    await _nothing_left(s3, bucket)
+
+
+async def test_an_empty_upload_of_a_type_not_allowed_leaves_nothing(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    proxy = await proxy_factory(allow_type=("application/pdf",))
+    resp = await proxy.post("/tus/", headers={**TUS, "Upload-Length": "0"})
+    assert await _code(resp) == (415, "TYPE_NOT_ALLOWED")
+    await _nothing_left(s3, bucket)
+
+
+async def test_a_creation_body_that_stalls_leaves_nothing(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """408 in the POST's body: the client has no Location, so nothing of it may stay."""
+    proxy = await proxy_factory(client_timeout=1.0)
+    data = body(6 * 1024 * KiB)
+
+    async def stalls() -> AsyncIterator[bytes]:
+        yield data
+        await asyncio.sleep(4)
+        yield b"x"
+
+    resp = await proxy.post(
+        "/tus/", data=stalls(), headers={**TUS, **STREAM, "Upload-Length": str(len(data) + 10)}
+    )
+    assert await _code(resp) == (408, "CLIENT_TIMEOUT")
+
+    async def settled() -> bool:
+        return not await all_keys_async(s3, bucket) and not await open_uploads_async(s3, bucket)
+
+    for _ in range(50):
+        if await settled():
+            break
+        await asyncio.sleep(0.1)
+    await _nothing_left(s3, bucket)
+    assert proxy.app[STATE].metrics.uploads_started._value.get() == 1
+
+
+@pytest.mark.parametrize("filetype", ['"' * 2300, '"' * 3000, "\x01" * 1000, "a" * 3000])
+async def test_metadata_that_makes_the_url_too_long_is_refused(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, filetype: str
+) -> None:
+    """A Location the proxy would not accept back is never given out: 400, nothing made."""
+    proxy = await proxy_factory()
+    resp = await proxy.post(
+        "/tus/",
+        headers={
+            **TUS,
+            "Upload-Length": "5",
+            "Upload-Metadata": meta(filename="a.bin", filetype=filetype),
+        },
+    )
+    if resp.status == 201:  # short enough: the URL it gave works
+        url = resp.headers["Location"]
+        assert (await proxy.patch(url, data=b"hello", headers=patch_headers(0))).status == 204
+        return
+    assert await _code(resp) == (400, "INVALID_REQUEST")
+    await _nothing_left(s3, bucket)
+
+
+@pytest.mark.parametrize(
+    "name", ["Upload-Length", "Tus-Resumable", "Upload-Metadata", "Upload-Defer-Length"]
+)
+async def test_a_repeated_creation_header_is_refused(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, name: str
+) -> None:
+    proxy = await proxy_factory()
+    values = {
+        "Upload-Length": ["5", "7"],
+        "Tus-Resumable": ["1.0.0", "1.0.0"],
+        "Upload-Metadata": [meta(filename="a.bin"), meta(filename="b.bin")],
+        "Upload-Defer-Length": ["1", "1"],
+    }[name]
+    headers = [(k, v) for k, v in {**TUS, "Upload-Length": "5"}.items() if k != name]
+    headers += [(name, v) for v in values]
+    resp = await proxy.post("/tus/", headers=headers)
+    assert await _code(resp) == (400, "INVALID_REQUEST")
+    await _nothing_left(s3, bucket)
+
+
+@pytest.mark.parametrize(
+    ("name", "values"),
+    [
+        ("Upload-Offset", ["0", "5"]),
+        ("Tus-Resumable", ["1.0.0", "1.0.0"]),
+        ("Upload-Checksum", [_sha1(b"hello"), _sha1(b"other")]),
+        ("Upload-Length", ["5", "5"]),
+    ],
+)
+async def test_a_repeated_patch_header_is_refused(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, name: str, values: list[str]
+) -> None:
+    proxy = await proxy_factory()
+    url = await new_upload(proxy, 5)
+    headers = [(k, v) for k, v in patch_headers(0).items() if k != name]
+    headers += [(name, v) for v in values]
+    resp = await proxy.patch(url, data=b"hello", headers=headers)
+    assert await _code(resp) == (400, "INVALID_REQUEST")
+    head = await proxy.head(url, headers=TUS)
+    assert head.headers["Upload-Offset"] == "0"
+    assert (await proxy.delete(url, headers=TUS)).status == 204
+
+
+async def test_length_and_deferred_length_together_are_refused(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    proxy = await proxy_factory()
+    resp = await proxy.post(
+        "/tus/", headers={**TUS, "Upload-Length": "5", "Upload-Defer-Length": "1"}
+    )
+    assert await _code(resp) == (400, "INVALID_REQUEST")
+    await _nothing_left(s3, bucket)
+
+
+async def test_a_patch_naming_another_length_is_refused(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    proxy = await proxy_factory()
+    url = await new_upload(proxy, 5)
+    resp = await proxy.patch(url, data=b"hel", headers=patch_headers(0, **{"Upload-Length": "9"}))
+    assert await _code(resp) == (400, "INVALID_REQUEST")
+    resp = await proxy.patch(url, data=b"hello", headers=patch_headers(0, **{"Upload-Length": "5"}))
+    assert resp.status == 204
+
+
+async def test_a_gzip_coded_patch_is_measured_by_its_decoded_bytes(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """Content-Encoding: gzip is decoded and stored decoded: the length check counts the
+    decoded bytes, not the coded Content-Length (random bytes grow when gzipped)."""
+    import gzip
+    import os
+
+    proxy = await proxy_factory()
+    data = body(9) + os.urandom(991)
+    coded = gzip.compress(data)
+    assert len(coded) > len(data)
+    url = await new_upload(proxy, len(data))
+    resp = await proxy.patch(
+        url, data=coded, headers=patch_headers(0, **{"Content-Encoding": "gzip"})
+    )
+    assert resp.status == 204, await resp.text()
+    keys = await all_keys_async(s3, bucket)
+    assert len(keys) == 1
+    got = await asyncio.to_thread(s3.get_object, Bucket=bucket, Key=keys[0])
+    assert got["Body"].read() == data
+    # and decoded bytes past Upload-Length are still refused
+    url = await new_upload(proxy, 10)
+    resp = await proxy.patch(
+        url,
+        data=gzip.compress(b"x" * 100),
+        headers=patch_headers(0, **{"Content-Encoding": "gzip"}),
+    )
+    assert await _code(resp) == (413, "FILE_TOO_LARGE")
+    assert (await proxy.delete(url, headers=TUS)).status == 204

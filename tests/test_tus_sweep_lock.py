@@ -1,0 +1,44 @@
+"""The expiry sweep and a PATCH still running on an expired upload: the sweep leaves an
+upload whose lock is live (it goes once the lock is released or lapses)."""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+from s3proxy import tus_url
+from s3proxy.cleanup import sweep_tus
+from s3proxy.state import STATE
+from s3proxy.tus import TUS, Lease
+from s3proxy.tus_state import TusStore
+from tests.conftest import ProxyFactory
+from tests.s3util import all_keys_async, open_uploads_async
+from tests.test_tus import MiB, body
+from tests.test_tus_lifecycle import new_upload, patch_headers
+
+
+async def test_the_sweep_skips_an_expired_upload_a_patch_holds(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    proxy = await proxy_factory()
+    data = body(7 * MiB)
+    url = await new_upload(proxy, len(data))
+    resp = await proxy.patch(url, data=io.BytesIO(data[: 6 * MiB]), headers=patch_headers(0))
+    assert resp.status == 204
+    sink = proxy.app[STATE].require_sink()
+    upload = tus_url.verify(url.removeprefix("/tus/"), proxy.app[TUS].keys, time.time())
+    store = TusStore(sink, upload)
+    found = await store.read()
+    assert found is not None
+    lease = Lease(store, found[0], 3 * 86400, 0)
+    await lease.take(found[1])
+    later = upload.expires + 10  # expired, the lock live (a PATCH begun before)
+    kept = await sweep_tus(sink, dry_run=False, now=later, skew=0)
+    assert kept.removed == []
+    assert len(await open_uploads_async(s3, bucket)) == 1
+    await lease.release()
+    gone = await sweep_tus(sink, dry_run=False, now=later, skew=0)
+    assert len(gone.removed) == 1
+    assert await open_uploads_async(s3, bucket) == []
+    assert await all_keys_async(s3, bucket) == []
