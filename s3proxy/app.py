@@ -209,7 +209,9 @@ async def _sweep_forever(bucket: ObjectStore, settings: Settings, metrics: Metri
         await asyncio.sleep(every * random.uniform(0.5, 1.0))
     while True:
         try:
-            tus_uploads = await sweep_tus(bucket, dry_run=False, now=time.time())
+            tus_uploads = await sweep_tus(
+                bucket, dry_run=False, now=time.time(), skew=settings.cleanup_clock_skew
+            )
             result = await sweep(
                 bucket, settings.cleanup_prefixes, rule, dry_run=False, keep=tus_uploads.live
             )

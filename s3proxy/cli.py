@@ -238,7 +238,12 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
         )
     try:
         async with open_store(opts, settings.bucket_name) as bucket:
-            tus_uploads = await sweep_tus(bucket, dry_run=not args.execute, now=time.time())
+            tus_uploads = await sweep_tus(
+                bucket,
+                dry_run=not args.execute,
+                now=time.time(),
+                skew=settings.cleanup_clock_skew,
+            )
             result = await sweep(
                 bucket, prefixes, rule, dry_run=not args.execute, keep=tus_uploads.live
             )

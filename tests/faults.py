@@ -106,6 +106,9 @@ class FaultyS3:
         ) as resp:
             payload = await resp.read()
             out = web.Response(status=resp.status, body=payload)
+            if request.method == "HEAD":  # the object's length, not the empty body's
+                out = web.StreamResponse(status=resp.status)
+                out.content_length = int(resp.headers.get("Content-Length", "0"))
             for k, v in resp.headers.items():
                 if k.lower() not in (
                     "content-length",

@@ -7,34 +7,12 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from aiohttp import web
-
 from s3proxy.tus_url import RESERVED_PREFIX
 from tests.conftest import ProxyFactory
 from tests.faults import Fault, FaultyS3
 from tests.s3util import all_keys_async, open_uploads_async, read_object_async
 from tests.test_tus import TUS, MiB, body, meta, reserved
 from tests.test_tus_lifecycle import new_upload, patch_headers
-
-
-class HeadingS3(FaultyS3):
-    """FaultyS3 that answers HeadObject with the object's Content-Length (FaultyS3 answers
-    a HEAD with an empty body's length, 0), so the proxy can see a stored object's size."""
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        out = await super().handle(request)
-        if request.method != "HEAD" or out.status != 200:
-            return out
-        sent = {k: v for k, v in request.headers.items() if k.lower() != "host"}
-        async with self._session.head(self.upstream + request.path_qs, headers=sent) as resp:
-            length = resp.headers.get("Content-Length", "0")
-        answer = web.StreamResponse(status=200)
-        kept = {k: v for k, v in out.headers.items() if k.lower() != "content-length"}
-        answer.headers.update(kept)
-        answer.content_length = int(length)
-        await answer.prepare(request)
-        await answer.write_eof()
-        return answer
 
 
 async def _code(resp: Any) -> tuple[int, str]:
@@ -145,7 +123,7 @@ async def test_a_lost_complete_answer_ends_in_the_stored_object(
         return None
 
     data = body(7 * MiB, seed=3)
-    async with HeadingS3(moto.endpoint_url, rule) as faulty:
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
         proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=1.0, s3_max_attempts=2)
         url = await new_upload(proxy, len(data))
         resp = await proxy.patch(url, data=io.BytesIO(data[: 6 * MiB]), headers=patch_headers(0))
@@ -178,7 +156,7 @@ async def test_a_lost_put_answer_of_a_small_file_ends_in_the_stored_object(
         return None
 
     data = body(1000, seed=4)
-    async with HeadingS3(moto.endpoint_url, rule) as faulty:
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
         proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=1.0, s3_max_attempts=1)
         url = await new_upload(proxy, len(data))
         armed["on"] = True
