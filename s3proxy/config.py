@@ -49,6 +49,7 @@ class Config:
                 max_fields_size=settings.max_fields_size,
                 writes=keys.write_policy(settings.key_template, settings.no_overwrite),
                 checksum=checksums.resolve_mode(settings.checksum),
+                late_write_window=2 * settings.s3_read_timeout,
             ),
             form=FormLimits(
                 max_files=settings.max_files,

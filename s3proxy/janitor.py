@@ -32,11 +32,30 @@ class Janitor:
         self.interval = interval
         self.give_up_after = give_up_after
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rechecks: set[asyncio.Task[None]] = set()  # a precaution each: dropped at close
 
     def retry(self, fn: Cleanup, what: str) -> None:
         task = asyncio.create_task(self._retry(fn, what), name=f"cleanup-{what}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def again_after(self, fn: Cleanup, what: str, delays: Sequence[float]) -> None:
+        """Run ``fn`` once more after each delay: for a write whose answer never came,
+        which S3 may still carry out after the rollback deleted its key (a request held
+        on the way lands late). ``fn`` must be safe to repeat."""
+        task = asyncio.create_task(self._again(fn, what, delays), name=f"recheck-{what}")
+        self._rechecks.add(task)
+        task.add_done_callback(self._rechecks.discard)
+
+    async def _again(self, fn: Cleanup, what: str, delays: Sequence[float]) -> None:
+        waited = 0.0
+        for delay in sorted(delays):
+            await asyncio.sleep(delay - waited)
+            waited = delay
+            try:
+                await asyncio.wait_for(fn(), CLEANUP_TIMEOUT)
+            except Exception as exc:
+                log.warning("cleanup.recheck_failed what=%s error=%r", what, exc)
 
     async def _retry(self, fn: Cleanup, what: str) -> None:
         deadline = time.monotonic() + self.give_up_after
@@ -56,9 +75,12 @@ class Janitor:
     async def close(self) -> None:
         if self._tasks:
             log.warning("cleanup.abandoned count=%d; run `s3proxy cleanup`", len(self._tasks))
-        for task in list(self._tasks):
+        if self._rechecks:
+            log.info("cleanup.rechecks_dropped count=%d", len(self._rechecks))
+        tasks = [*self._tasks, *self._rechecks]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def finish(aw: Awaitable[T]) -> T:

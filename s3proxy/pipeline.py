@@ -128,6 +128,9 @@ class PipelineConfig:
     writes: keys.WritePolicy = keys.UNIQUE_KEYS  # --no-overwrite with the key template
     checksum: Algorithm | None = None  # --checksum (auto: CRC64NVME); None sends no checksum
     objects: ObjectDefaults = NO_DEFAULTS  # --acl, --storage-class, SSE
+    # seconds after a rollback its delete is made again (and 4x that), for writes S3
+    # carries out late; 0: not again (2 x --s3-read-timeout in serve)
+    late_write_window: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -353,10 +356,20 @@ class FileUpload:
         elif self.maybe_stored and self.cfg.writes.cleanup == "delete":
             log.info("upload.deleted key=%s reason=%s", key, reason)
             await run_cleanup(lambda: self.sink.delete(key), f"delete key={key}", self.janitor)
+            self._delete_late_writes(lambda: self.sink.delete(key))
         elif self.maybe_stored and self.cfg.writes.cleanup == "nonce":
             await run_cleanup(lambda: self._delete_own(reason), f"delete key={key}", self.janitor)
+            self._delete_late_writes(lambda: self._delete_own(reason))
         elif self.maybe_stored:
             log.warning("upload.kept key=%s reason=%s overwrites_allowed=true", key, reason)
+
+    def _delete_late_writes(self, delete: Callable[[], Awaitable[None]]) -> None:
+        """Delete again later: a PutObject or Complete whose answer never came may still be
+        carried out by S3 (held on the way, it lands after the delete above). Our own key
+        (or only our own nonce's object), so repeating it never touches another upload."""
+        if self.janitor is not None and self.cfg.late_write_window > 0:
+            window = self.cfg.late_write_window
+            self.janitor.again_after(delete, f"delete key={self.spec.key}", (window, 4 * window))
 
     async def _delete_own(self, reason: str) -> None:
         """Delete the object at our shared key only if it carries our nonce, and only

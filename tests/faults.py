@@ -105,7 +105,7 @@ class FaultyS3:
             request.method, self.upstream + request.path_qs, headers=headers, data=io.BytesIO(body)
         ) as resp:
             payload = await resp.read()
-            out = web.Response(status=resp.status, body=payload)
+            out: web.StreamResponse = web.Response(status=resp.status, body=payload)
             if request.method == "HEAD":  # the object's length, not the empty body's
                 out = web.StreamResponse(status=resp.status)
                 out.content_length = int(resp.headers.get("Content-Length", "0"))

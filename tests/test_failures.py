@@ -424,6 +424,31 @@ async def test_lost_answer_deletes_what_s3_stored(
     await wait_clean(s3, bucket, within=2.0)
 
 
+@pytest.mark.parametrize(
+    ("op", "size"),
+    [("PutObject", 1000), ("CompleteMultipartUpload", 7 * MiB)],
+    ids=["put", "complete"],
+)
+async def test_a_write_s3_carries_out_after_the_proxy_gave_up_is_deleted_too(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, op: str, size: int
+) -> None:
+    """Each attempt reached S3 only after --s3-read-timeout (held on the way, then carried
+    out): the rollback's delete ran before they landed, and the object stayed behind a
+    504. The delete is made again once such late writes have had time to land."""
+    raw = bodies.body([bodies.file("f", "a.bin", os.urandom(size))])
+    async with FaultyS3(
+        moto.endpoint_url, lambda o, n: Fault(delay=1.5) if o == op else None
+    ) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url, s3_max_attempts=2, s3_read_timeout=0.5
+        )
+        got, out = await post_raw(proxy, raw)
+        expect_error(got, out, 504, "UPSTREAM_TIMEOUT")
+        await asyncio.sleep(2.0)  # every held attempt has landed
+        assert faulty.calls.count(op) == 2
+        await wait_clean(s3, bucket, within=6.0)
+
+
 async def test_token_size_limit_is_one_error(proxy_factory: Any, s3: Any, bucket: str) -> None:
     """Over an upload token's size: 413 FILE_TOO_LARGE naming the token's limit, whether
     seen from Content-Length or while streaming after earlier files."""

@@ -403,3 +403,23 @@ async def test_abort_s3_refused_is_retried_until_s3_is_back(store: GatedS3) -> N
         assert store.uploads == {}
     finally:
         await janitor.close()
+
+
+async def test_a_recheck_runs_once_per_delay_and_is_dropped_quietly_at_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    janitor = Janitor()
+    runs: list[int] = []
+
+    async def delete() -> None:
+        runs.append(len(runs))
+        if len(runs) == 1:
+            raise OSError("S3 away")  # a failed recheck does not stop the next one
+
+    janitor.again_after(delete, "delete key=k", (0.01, 0.05))
+    await asyncio.sleep(0.2)
+    assert runs == [0, 1]
+    janitor.again_after(delete, "delete key=k", (60.0,))
+    await janitor.close()
+    assert runs == [0, 1]
+    assert "cleanup.abandoned" not in caplog.text  # a precaution, not a cleanup owed
