@@ -323,9 +323,12 @@ async def send(request: web.Request, key: str, answer: ObjectBody) -> web.Stream
                 await response.write(chunk)
                 sent += len(chunk)
         await response.write_eof()
-    except ConnectionResetError:
-        log.info("download.client_gone key=%s sent=%d", key, sent)
     except Exception as exc:
+        if request.transport is None or request.transport.is_closing():
+            # The client went (a reset, a broken pipe, however aiohttp words it): its
+            # choice, and nothing to cut. An S3 failure finds the client still there.
+            log.info("download.client_gone key=%s sent=%d", key, sent)
+            return response
         # The status line is out: the only way left to say "failed" is to cut the
         # connection short of Content-Length.
         log.warning("download.failed key=%s sent=%d error=%s", key, sent, type(exc).__name__)
