@@ -113,14 +113,20 @@ async def test_a_dead_patchs_lock_goes_stale_after_the_lease(
     assert await read_object_async(s3, bucket, await stored_key(s3, bucket)) == data
 
 
-async def test_expired_upload_url_is_410_and_the_sweep_removes_it(
-    proxy_factory: ProxyFactory, s3: Any, bucket: str
-) -> None:
-    proxy = await proxy_factory()
+async def six_of_seven_mib(proxy: Any) -> tuple[str, bytes]:
+    """A 7 MiB upload with its first 6 MiB sent (one part in S3, the rest staged)."""
     data = body(7 * MiB)
     url = await new_upload(proxy, len(data))
     resp = await proxy.patch(url, data=io.BytesIO(data[: 6 * MiB]), headers=patch_headers(0))
     assert resp.status == 204
+    return url, data
+
+
+async def test_expired_upload_url_is_410_and_the_sweep_removes_it(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    proxy = await proxy_factory()
+    url, _ = await six_of_seven_mib(proxy)
     assert len(await open_uploads_async(s3, bucket)) == 1
     bucket_store = proxy.app[STATE].require_sink()
     # The idle rule would abort the multipart upload (moto dates it in 2010): a live tus

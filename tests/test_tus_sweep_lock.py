@@ -3,7 +3,6 @@ upload whose lock is live (it goes once the lock is released or lapses)."""
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Any
 
@@ -14,18 +13,14 @@ from s3proxy.tus import TUS, Lease
 from s3proxy.tus_state import TusStore
 from tests.conftest import ProxyFactory
 from tests.s3util import all_keys_async, open_uploads_async
-from tests.test_tus import MiB, body
-from tests.test_tus_lifecycle import new_upload, patch_headers
+from tests.test_tus_lifecycle import six_of_seven_mib
 
 
 async def test_the_sweep_skips_an_expired_upload_a_patch_holds(
     proxy_factory: ProxyFactory, s3: Any, bucket: str
 ) -> None:
     proxy = await proxy_factory()
-    data = body(7 * MiB)
-    url = await new_upload(proxy, len(data))
-    resp = await proxy.patch(url, data=io.BytesIO(data[: 6 * MiB]), headers=patch_headers(0))
-    assert resp.status == 204
+    url, _ = await six_of_seven_mib(proxy)
     sink = proxy.app[STATE].require_sink()
     upload = tus_url.verify(url.removeprefix("/tus/"), proxy.app[TUS].keys, time.time())
     store = TusStore(sink, upload)
