@@ -612,6 +612,8 @@ async def _append_tracked(
             raise
         except ProxyError as err:
             landed = await _landed(store, appended, err)
+            if landed is None and appended.file is not None and appended.file.maybe_stored:
+                state.metrics.uploads_aborted.labels(abort_reason(err)).inc()
             if landed is not None:
                 # The object was stored but the answer lost (a timeout; a retried write
                 # refused as KEY_EXISTS): it is this upload's, whole, so it completed.
@@ -797,7 +799,8 @@ async def _stream(
     try:
         return await file.proceed(digests.wrap(source) if digests else source)
     except ProxyError as err:
-        m.uploads_aborted.labels(abort_reason(err)).inc()
+        if not file.maybe_stored:  # else _append_tracked counts it, unless it landed
+            m.uploads_aborted.labels(abort_reason(err)).inc()
         if err.kind is DIGEST_MISMATCH:
             raise ProxyError(CHECKSUM_MISMATCH, err.message.replace("file", "PATCH of", 1)) from err
         raise

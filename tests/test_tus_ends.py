@@ -136,6 +136,10 @@ async def test_a_lost_complete_answer_ends_in_the_stored_object(
         assert resp.headers["Upload-Offset"] == str(len(data))
         head = await proxy.head(url, headers=TUS)
         assert head.status == 200 and head.headers["Upload-Offset"] == str(len(data))
+        # counted once, as completed (it was also counted aborted)
+        text = await (await proxy.get("/metrics")).text()
+        assert "s3proxy_uploads_completed_total 1.0" in text
+        assert "s3proxy_uploads_aborted_total{" not in text
     assert await read_object_async(s3, bucket, key) == data
     assert await reserved(s3, bucket) == []
     assert await open_uploads_async(s3, bucket) == []
