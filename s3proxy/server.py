@@ -47,7 +47,7 @@ from aiohttp import web
 from s3proxy.app import create_app, create_operator_app, drain, embedded_store, log_ready
 from s3proxy.log import loop_exception_handler
 from s3proxy.protocol import HEALTH_RESERVE
-from s3proxy.settings import Settings, SettingsError, parse_listen
+from s3proxy.settings import Settings, SettingsError, parse_listen, worker_listen
 from s3proxy.state import AUTO_DRAIN_DELAY, STATE
 
 log = logging.getLogger("s3proxy.server")
@@ -208,7 +208,7 @@ async def serve(settings: Settings) -> None:
                 create_operator_app(app), handle_signals=False, shutdown_timeout=EXIT_GRACE
             )
             await operator.setup()
-            await _listen(operator, host, port, settings.reuse_port)
+            await _listen(operator, host, port, reuse_port=False)  # each worker its own
             log.info("proxy.operator_listen url=http://%s:%d/metrics", host, port)
         log_fds(fds)
         loop = asyncio.get_running_loop()
@@ -308,7 +308,9 @@ async def supervise(settings: Settings, argv: Sequence[str]) -> int:
     workers: list[Worker] = []
     status = 0
     try:
-        workers = [await _spawn(argv, env) for _ in range(settings.workers)]
+        workers = [
+            await _spawn(_worker_argv(argv, settings, i), env) for i in range(settings.workers)
+        ]
         log.info("workers.started count=%d port=%d", settings.workers, settings.port)
         while not stop.is_set():
             exits = {asyncio.ensure_future(w.proc.wait()): i for i, w in enumerate(workers)}
@@ -327,7 +329,7 @@ async def supervise(settings: Settings, argv: Sequence[str]) -> int:
                     status = 1  # it could not start (port taken, bad setting): give up
                     stop.set()
                 else:
-                    workers[i] = await _spawn(argv, env)
+                    workers[i] = await _spawn(_worker_argv(argv, settings, i), env)
     finally:
         for w in workers:
             if w.proc.returncode is None:
@@ -342,6 +344,13 @@ async def supervise(settings: Settings, argv: Sequence[str]) -> int:
 
 
 START_GRACE = 5.0  # a worker failing at start (exit 1/2) within this is not restarted
+
+
+def _worker_argv(argv: Sequence[str], settings: Settings, index: int) -> list[str]:
+    """Worker ``index``'s command line: the supervisor's, and its own metrics port."""
+    if settings.metrics_listen is None:
+        return list(argv)
+    return [*argv, "--metrics-listen", worker_listen(settings.metrics_listen, index)]
 
 
 async def _spawn(argv: Sequence[str], env: dict[str, str]) -> Worker:

@@ -222,6 +222,15 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def worker_listen(text: str, index: int) -> str:
+    """Worker ``index``'s own ``--metrics-listen``: the port plus its index. One shared
+    (SO_REUSEPORT) port would answer each scrape from a random worker: counters that
+    jump back and forth, and no way to reach a given worker's gauges."""
+    host, port = parse_listen(text)
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port + index}"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the proxy can be told. Defaults are what production wants."""
@@ -750,9 +759,14 @@ class Settings:
             raise SettingsError("--max-connections must be at least 1")
         if self.metrics_listen is not None:
             try:
-                parse_listen(self.metrics_listen)
+                _, metrics_port = parse_listen(self.metrics_listen)
             except ValueError as exc:
                 raise SettingsError(f"--metrics-listen: {exc}") from None
+            if metrics_port + self.workers - 1 > 65535:
+                raise SettingsError(
+                    "--metrics-listen: worker i listens on its port + i; "
+                    f"{metrics_port} + {self.workers - 1} is past 65535"
+                )
         if (self.drain_delay or 0) < 0:
             raise SettingsError("--drain-delay must be >= 0 (or auto)")
         if self.readiness_interval <= 0 or self.readiness_timeout <= 0:

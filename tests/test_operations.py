@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -117,9 +118,40 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no two free ports in a row")
+
+
+async def started_total(url: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    [value] = [
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "s3proxy_uploads_started_total"
+    ]
+    return float(value)
+
+
 async def test_workers_share_the_port(
     moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
 ) -> None:
+    metrics = free_port_pair()
     proxy = ProxyProcess.start(
         [
             "--endpoint-url",
@@ -132,6 +164,8 @@ async def test_workers_share_the_port(
             "5MiB",
             "--memory-budget",
             "32MiB",
+            "--metrics-listen",
+            f"127.0.0.1:{metrics}",
         ],
         fake_aws_env(),
         tmp_path / "workers.log",
@@ -151,6 +185,10 @@ async def test_workers_share_the_port(
                 return resp.status
 
         assert await asyncio.gather(*(one(i) for i in range(6))) == [201] * 6
+        # Each worker's own metrics, on the port plus its index: together, every upload
+        # (one shared port answered each scrape from a random worker).
+        counts = [await started_total(f"http://127.0.0.1:{metrics + i}/metrics") for i in (0, 1)]
+        assert sum(counts) == 6, counts
         os.kill(workers[0], signal.SIGKILL)  # a crashed worker is replaced
         await eventually(
             lambda: set(children(proxy.proc.pid)) - {workers[0]},

@@ -201,3 +201,13 @@ def test_readme_documents_every_setting() -> None:
         if f"`--{f.name.replace('_', '-')}`" not in readme
     ]
     assert not missing, f"README's configuration table lacks {missing}"
+
+
+def test_each_worker_gets_its_own_metrics_port() -> None:
+    from s3proxy.settings import worker_listen
+
+    assert worker_listen("127.0.0.1:9100", 0) == "127.0.0.1:9100"
+    assert worker_listen("127.0.0.1:9100", 3) == "127.0.0.1:9103"
+    assert worker_listen("[::1]:9100", 1) == "[::1]:9101"
+    with pytest.raises(SettingsError, match="port \\+ i"):
+        load(["--metrics-listen", "127.0.0.1:65535", "--workers", "2"])
