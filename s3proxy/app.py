@@ -25,7 +25,7 @@ from s3proxy import codings, downloads, handlers, page, presign, protocol, tus
 from s3proxy.cleanup import Rule, sweep, sweep_tus
 from s3proxy.config import embedded_config
 from s3proxy.cors import Cors
-from s3proxy.errors import error_middleware
+from s3proxy.errors import UPLOAD_EXPIRED, error_middleware
 from s3proxy.log import REQUEST_ID
 from s3proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
 from s3proxy.s3 import ObjectStore
@@ -221,6 +221,7 @@ async def _sweep_forever(bucket: ObjectStore, settings: Settings, metrics: Metri
         else:
             metrics.sweeps.labels("ok").inc()
             metrics.orphans_aborted.inc(len(result.aborted))
+            metrics.uploads_aborted.labels(UPLOAD_EXPIRED.code).inc(len(tus_uploads.removed))
             log.info(
                 "cleanup.swept found=%d aborted=%d failed=%d live=%d",
                 len(result.found),

@@ -96,6 +96,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.tus_patches_failed = Counter(
+            "s3proxy_tus_patches_failed",
+            "Resumable-upload PATCHes that ended early, by error code; the upload stays "
+            "resumable (it counts as aborted only when it ends: terminated, expired, refused).",
+            ["reason"],
+            registry=r,
+        )
         self.bytes_received = Counter(
             "s3proxy_bytes_received", "File bytes read from clients.", registry=r
         )

@@ -432,6 +432,7 @@ async def _terminate(state: AppState, store: TusStore) -> None:
         raise ProxyError(UPLOAD_LOCKED, "the upload changed meanwhile; retry") from None
     await remove_upload(store.bucket, store.upload, current)
     log.info("tus.terminated key=%s id=%s", store.upload.key, store.upload.id)
+    state.metrics.uploads_aborted.labels("TERMINATED").inc()
 
 
 async def remove_upload(bucket: ObjectStore, upload: TusUpload, current: TusState | None) -> None:
@@ -612,8 +613,6 @@ async def _append_tracked(
             raise
         except ProxyError as err:
             landed = await _landed(store, appended, err)
-            if landed is None and appended.file is not None and appended.file.maybe_stored:
-                state.metrics.uploads_aborted.labels(abort_reason(err)).inc()
             if landed is not None:
                 # The object was stored but the answer lost (a timeout; a retried write
                 # refused as KEY_EXISTS): it is this upload's, whole, so it completed.
@@ -634,6 +633,7 @@ async def _append_tracked(
                     state.janitor,
                 )
                 log.info("tus.ended key=%s id=%s reason=KEY_EXISTS", upload.key, upload.id)
+                state.metrics.uploads_aborted.labels(KEY_EXISTS.code).inc()
                 raise ProxyError(KEY_EXISTS, f"{err.message}; this upload is ended") from err
             if err.kind.status >= 500 or err.kind is CHECKSUM_MISMATCH:
                 raise  # nothing of it is trusted: commit nothing
@@ -799,13 +799,14 @@ async def _stream(
     try:
         return await file.proceed(digests.wrap(source) if digests else source)
     except ProxyError as err:
-        if not file.maybe_stored:  # else _append_tracked counts it, unless it landed
-            m.uploads_aborted.labels(abort_reason(err)).inc()
+        # The PATCH failed, not the upload: it stays resumable (or is found complete).
         if err.kind is DIGEST_MISMATCH:
+            m.tus_patches_failed.labels(CHECKSUM_MISMATCH.code).inc()
             raise ProxyError(CHECKSUM_MISMATCH, err.message.replace("file", "PATCH of", 1)) from err
+        m.tus_patches_failed.labels(abort_reason(err)).inc()
         raise
     except BaseException as exc:
-        m.uploads_aborted.labels(abort_reason(exc)).inc()
+        m.tus_patches_failed.labels(abort_reason(exc)).inc()
         raise
     finally:
         m.uploads_in_flight.dec()

@@ -462,3 +462,36 @@ async def test_a_failed_patchs_release_recognises_its_own_lock() -> None:
     await lease.release()
     found = await store.read()
     assert found is not None and found[0].lock is None
+
+
+async def test_a_failed_patch_is_not_an_aborted_upload(proxy_factory: ProxyFactory) -> None:
+    """A PATCH refused 460 left the upload resumable, yet counted it aborted; completed
+    on the next PATCH, it was counted both ways. Aborted now means ended without a file."""
+    import base64
+    import hashlib
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    proxy = await proxy_factory()
+    data = body(1000)
+    url = await new_upload(proxy, len(data))
+    wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+    resp = await proxy.patch(
+        url, data=data, headers=patch_headers(0, **{"Upload-Checksum": f"sha1 {wrong}"})
+    )
+    assert resp.status == 460
+    assert (await proxy.patch(url, data=data, headers=patch_headers(0))).status == 204
+    ended = await new_upload(proxy, 10)
+    assert (await proxy.delete(ended, headers=TUS_HEADERS)).status == 204
+    text = await (await proxy.get("/metrics")).text()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+    assert samples[("s3proxy_uploads_started_total", ())] == 2
+    assert samples[("s3proxy_uploads_completed_total", ())] == 1
+    aborted = {k[1]: v for k, v in samples.items() if k[0] == "s3proxy_uploads_aborted_total"}
+    assert aborted == {(("reason", "TERMINATED"),): 1}
+    reason = (("reason", "CHECKSUM_MISMATCH"),)
+    assert samples[("s3proxy_tus_patches_failed_total", reason)] == 1
