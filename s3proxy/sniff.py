@@ -58,8 +58,13 @@ class Sniffed:
 
     content_type: str
     confident: bool
+    # what libmagic saw when the name refined it (text/plain for a .csv): the bytes
+    # vouch for it too, so an allowlist of text/plain takes the CSV
+    seen: str | None = None
 
     def allowed_by(self, allowlist: tuple[str, ...]) -> bool:
+        if self.seen is not None and allowed(self.seen, allowlist):
+            return True
         return allowed(self.content_type if self.confident else OCTET_STREAM, allowlist)
 
 
@@ -84,7 +89,7 @@ def sniff(head: bytes | bytearray | memoryview, filename: str, declared: str | N
             return Sniffed(declared, False)
         return Sniffed(by_name or OCTET_STREAM, False)
     if found == "text/plain" and by_name and by_name.startswith("text/"):
-        return Sniffed(by_name, True)  # csv, markdown, ...: libmagic only sees text
+        return Sniffed(by_name, True, found)  # csv, markdown, ...: libmagic only sees text
     return Sniffed(found, True)
 
 

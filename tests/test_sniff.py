@@ -88,3 +88,13 @@ def test_the_tests_opaque_bytes_are_unknown_to_libmagic() -> None:
     for size in (100, 4096, 1 << 20):
         found = sniff(bodies.opaque(size), "a.bin", None)
         assert found == Sniffed("application/octet-stream", False), size
+
+
+@pytest.mark.parametrize("name", ["data.csv", "notes.md", "notes.txt"])
+def test_text_refined_by_its_name_passes_a_text_plain_allowlist(name: str) -> None:
+    """--allow-type text/plain refused a .csv or .md of plain text (415 'text/csv'): the
+    bytes are text/plain, and the name only refines what is stored."""
+    got = sniff(b"a,b,c\n1,2,3\n", name, None)
+    assert got.allowed_by(("text/plain",))
+    assert got.allowed_by((got.content_type,))
+    assert not got.allowed_by(("application/pdf",))
