@@ -470,7 +470,7 @@ async def test_a_failed_patch_is_not_an_aborted_upload(proxy_factory: ProxyFacto
     import base64
     import hashlib
 
-    from prometheus_client.parser import text_string_to_metric_families
+    from tests.test_metrics import scrape, value
 
     proxy = await proxy_factory()
     data = body(1000)
@@ -483,15 +483,10 @@ async def test_a_failed_patch_is_not_an_aborted_upload(proxy_factory: ProxyFacto
     assert (await proxy.patch(url, data=data, headers=patch_headers(0))).status == 204
     ended = await new_upload(proxy, 10)
     assert (await proxy.delete(ended, headers=TUS_HEADERS)).status == 204
-    text = await (await proxy.get("/metrics")).text()
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
-    assert samples[("s3proxy_uploads_started_total", ())] == 2
-    assert samples[("s3proxy_uploads_completed_total", ())] == 1
+    samples = await scrape(proxy)
+    assert value(samples, "s3proxy_uploads_started_total") == 2
+    assert value(samples, "s3proxy_uploads_completed_total") == 1
     aborted = {k[1]: v for k, v in samples.items() if k[0] == "s3proxy_uploads_aborted_total"}
-    assert aborted == {(("reason", "TERMINATED"),): 1}
-    reason = (("reason", "CHECKSUM_MISMATCH"),)
-    assert samples[("s3proxy_tus_patches_failed_total", reason)] == 1
+    assert aborted == {frozenset({("reason", "TERMINATED")}): 1}
+    failed = value(samples, "s3proxy_tus_patches_failed_total", reason="CHECKSUM_MISMATCH")
+    assert failed == 1
