@@ -74,7 +74,7 @@ from typing import Any
 from aiohttp import hdrs, web, web_protocol
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong
-from aiohttp.http_parser import HttpRequestParser
+from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParser
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
@@ -141,12 +141,20 @@ def safe_reason(exc: HttpProcessingError) -> str:
     if text.startswith("Pause on PRI"):  # llhttp's words for the preface
         return "an HTTP/2 connection preface: this server speaks HTTP/1.1"
     text = text.split("\n", 1)[0].split(". ", 1)[0]  # not "Please install ..."
+    duplicate = _DUPLICATE.match(text)
+    if duplicate is not None and duplicate.group(1).lower() in SINGLETON_HEADERS:
+        # a name from aiohttp's fixed list, not the client's bytes: say which
+        return f"the {duplicate.group(1)} header is given more than once"
     quoted = _QUOTED.search(text)
     if quoted is not None:
         text = text[: quoted.start()]
     text = "".join(c for c in text if c.isascii() and c.isprintable())
     return text.strip().rstrip(":").strip()[:100] or type(exc).__name__
 
+
+# aiohttp's words for a second Content-Type, Host, ... (SINGLETON_HEADERS); llhttp's own
+# for Content-Length: "Duplicate Content-Length".
+_DUPLICATE = re.compile(r"Duplicate '?([A-Za-z0-9-]{1,40})'?(?: header found)?[.:]?$")
 
 # Where the client's bytes begin in a parser's message: a quote, bytes' b'...', or a
 # bytearray(...); not an apostrophe inside a word ("can't").

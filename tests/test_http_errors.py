@@ -212,6 +212,20 @@ async def test_http2_prior_knowledge_is_told_the_server_speaks_http_1_1(proxy: A
     assert "speaks HTTP/1.1" in resp.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("name", ["Content-Type", "Content-Length", "Host"])
+async def test_a_repeated_single_header_is_named(proxy: Any, name: str) -> None:
+    """Two Content-Type headers (two boundaries: which one a proxy in front obeys is
+    anyone's guess) were refused as just "(Duplicate)"."""
+    value = {"Content-Type": b"text/plain", "Content-Length": b"0", "Host": b"b"}[name]
+    head = (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Type: multipart/form-data; boundary=A\r\n"
+        b"Content-Length: 0\r\n" + name.encode() + b": " + value + b"\r\n\r\n"
+    )
+    resp = await exchange(proxy.host, proxy.port, head)
+    assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
+    assert f"the {name} header is given more than once" in resp.json()["error"]["message"]
+
+
 def test_status_from_parser_errors() -> None:
     """The 414/431 split depends on the limits being different: keep them so."""
     from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
