@@ -18,9 +18,14 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from s3proxy.errors import UNSUPPORTED_ENCODING, UNSUPPORTED_TRANSFER_CODING, ProxyError
+from s3proxy.errors import (
+    DECODED_CODINGS,
+    UNSUPPORTED_ENCODING,
+    UNSUPPORTED_TRANSFER_CODING,
+    ProxyError,
+)
 
-DECODED = ("gzip", "deflate")  # what aiohttp decodes here
+DECODED = DECODED_CODINGS  # what aiohttp decodes here
 # What a refused client should do instead (here, and for br/zstd, refused by the parser).
 CONTENT_ADVICE = f"send the body as it is, or coded once with {' or '.join(DECODED)}"
 SHOWN = 60  # characters of a header value a message quotes
@@ -29,6 +34,12 @@ SHOWN = 60  # characters of a header value a message quotes
 def codings(values: Iterable[str]) -> list[str]:
     """The codings of every line of a coding header, in order, lowercased."""
     return [c.strip().lower() for value in values for c in value.split(",") if c.strip()]
+
+
+def content_coded(headers: CIMultiDictProxy[str]) -> bool:
+    """Is the body content-coded (a Content-Encoding other than identity, on any line)?
+    Its Content-Length then counts coded bytes, not the file's."""
+    return any(c != "identity" for c in codings(headers.getall("Content-Encoding", ())))
 
 
 def check_body_codings(headers: CIMultiDictProxy[str], decoded: bool) -> None:

@@ -123,7 +123,7 @@ def error_body(kind: ErrorKind, message: str) -> dict[str, Any]:
 # aiohttp's ContentEncodingError says either "no decoder" (br, zstd without their
 # packages: "Can not decode content-encoding: brotli (br). Please install ...") or "these
 # bytes are not data of a coding it decodes" ("...: gzip", or just "deflate" at the end).
-_DECODED_CODINGS = ("gzip", "deflate")
+DECODED_CODINGS = ("gzip", "deflate")  # what aiohttp decodes (codings.py's policy too)
 _DECODE_PREFIX = "Can not decode content-encoding: "
 
 
@@ -134,7 +134,7 @@ def undecodable_coding(exc: BaseException | None) -> str | None:
     while exc is not None and seen < 8:
         if isinstance(exc, ContentEncodingError):
             name = str(exc.message).removeprefix(_DECODE_PREFIX).strip().lower()
-            return name if name in _DECODED_CODINGS else None
+            return name if name in DECODED_CODINGS else None
         exc, seen = exc.__cause__, seen + 1
     return None
 

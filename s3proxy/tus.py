@@ -211,20 +211,13 @@ def _precheck_create(request: web.Request) -> None:
     if request.content_type != OFFSET_STREAM or "Upload-Length" not in request.headers:
         return
     length = tus_protocol.parse_count("Upload-Length", request.headers.get("Upload-Length"))
-    body = request.content_length
-    coded = request.headers.get("Content-Encoding", "identity").strip().lower() != "identity"
-    if body is not None and not coded and body > length:
-        raise ProxyError(FILE_TOO_LARGE, f"{body} bytes go past Upload-Length {length}")
+    _refuse_past_length(request, 0, length)
 
 
 async def _precheck_patch(request: web.Request) -> None:
     """A PATCH's headers, then where the upload stands (one GetObject of its state)."""
     state = request.app[STATE]
-    _refuse_draining(state)
-    upload = _upload(request)
-    if request.content_type != OFFSET_STREAM:
-        raise ProxyError(NOT_OFFSET_STREAM, f"a PATCH must be Content-Type: {OFFSET_STREAM}")
-    offset = tus_protocol.parse_count("Upload-Offset", request.headers.get("Upload-Offset"))
+    upload, offset = _patch_target(request, state)
     _check_patch(request, upload, offset)
     found = await TusStore(state.require_sink(), upload).read()
     if found is not None and found[0].offset != offset:
@@ -503,15 +496,21 @@ async def override(request: web.Request) -> web.StreamResponse:
 @_tus_errors
 async def patch(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    _refuse_draining(state)
     _check_headers(request)
-    upload = _upload(request)
-    if request.content_type != OFFSET_STREAM:
-        raise ProxyError(NOT_OFFSET_STREAM, f"a PATCH must be Content-Type: {OFFSET_STREAM}")
-    offset = tus_protocol.parse_count("Upload-Offset", request.headers.get("Upload-Offset"))
+    upload, offset = _patch_target(request, state)
     store = TusStore(state.require_sink(), upload)
     result = await _append(request, state, store, offset)
     return _answer(204, {**result.headers(), **_expires(upload)})
+
+
+def _patch_target(request: web.Request, state: AppState) -> tuple[TusUpload, int]:
+    """A PATCH's upload and Upload-Offset, or why it is refused (the handler and the
+    expect handler read a PATCH alike)."""
+    _refuse_draining(state)
+    upload = _upload(request)
+    if request.content_type != OFFSET_STREAM:
+        raise ProxyError(NOT_OFFSET_STREAM, f"a PATCH must be Content-Type: {OFFSET_STREAM}")
+    return upload, tus_protocol.parse_count("Upload-Offset", request.headers.get("Upload-Offset"))
 
 
 async def _append(
@@ -533,19 +532,23 @@ async def _append(
 
 def _check_patch(request: web.Request, upload: TusUpload, offset: int) -> Declared | None:
     """What a PATCH's headers alone refuse: its Upload-Checksum (the digest to check, if
-    any), a Content-Length past Upload-Length. A content-coded body's Content-Length
-    counts coded bytes: its decoded bytes are counted as they arrive instead."""
+    any), a Content-Length past Upload-Length."""
     declared = tus_protocol.parse_checksum(request.headers.get("Upload-Checksum"))
-    length = request.content_length
-    coded = request.headers.get("Content-Encoding", "identity").strip().lower() != "identity"
-    if coded or length is None or upload.length is None:
-        return declared
-    if offset + length > upload.length:
-        raise ProxyError(
-            FILE_TOO_LARGE,
-            f"{length} bytes at offset {offset} go past Upload-Length {upload.length}",
-        )
+    _refuse_past_length(request, offset, upload.length)
     return declared
+
+
+def _refuse_past_length(request: web.Request, offset: int, length: int | None) -> None:
+    """FILE_TOO_LARGE for a Content-Length that goes past the upload's length. A
+    content-coded body's Content-Length counts coded bytes: its decoded bytes are
+    counted as they arrive instead."""
+    body = request.content_length
+    if body is None or length is None or codings.content_coded(request.headers):
+        return
+    if offset + body > length:
+        raise ProxyError(
+            FILE_TOO_LARGE, f"{body} bytes at offset {offset} go past Upload-Length {length}"
+        )
 
 
 async def _append_tracked(

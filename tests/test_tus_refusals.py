@@ -194,22 +194,27 @@ async def test_a_patch_naming_another_length_is_refused(
     assert resp.status == 204
 
 
+@pytest.mark.parametrize("lines", [("gzip",), ("identity", "gzip")], ids=["gzip", "two-lines"])
 async def test_a_gzip_coded_patch_is_measured_by_its_decoded_bytes(
-    proxy_factory: ProxyFactory, s3: Any, bucket: str
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, lines: tuple[str, ...]
 ) -> None:
     """Content-Encoding: gzip is decoded and stored decoded: the length check counts the
-    decoded bytes, not the coded Content-Length (random bytes grow when gzipped)."""
+    decoded bytes, not the coded Content-Length (random bytes grow when gzipped). Also
+    when gzip is on a second Content-Encoding line (aiohttp decodes by the last one)."""
     import gzip
     import os
+
+    from multidict import CIMultiDict
 
     proxy = await proxy_factory()
     data = body(9) + os.urandom(991)
     coded = gzip.compress(data)
     assert len(coded) > len(data)
     url = await new_upload(proxy, len(data))
-    resp = await proxy.patch(
-        url, data=coded, headers=patch_headers(0, **{"Content-Encoding": "gzip"})
-    )
+    headers = CIMultiDict(patch_headers(0))
+    for line in lines:
+        headers.add("Content-Encoding", line)
+    resp = await proxy.patch(url, data=coded, headers=headers)
     assert resp.status == 204, await resp.text()
     keys = await all_keys_async(s3, bucket)
     assert len(keys) == 1
