@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 S3_ERROR = (
@@ -31,6 +32,15 @@ class Fault:
     late: float = 0.0  # forward to S3 first, then sleep before answering: the answer is lost
     flip: bool = False  # forward with one bit of the body's middle byte flipped
     body: bytes | None = None  # with ``status``: answer this body instead of S3's error
+
+
+# The two calls that store an object, each with a file size that makes the proxy use it:
+# (op, size) for tests of a write whose answer is lost or late.
+OBJECT_WRITES = pytest.mark.parametrize(
+    ("op", "size"),
+    [("PutObject", 1000), ("CompleteMultipartUpload", 7 * 1024 * 1024)],
+    ids=["put", "complete"],
+)
 
 
 def operation(request: web.Request) -> str:

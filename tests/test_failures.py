@@ -12,7 +12,7 @@ import pytest
 
 from tests import bodies
 from tests.bodies import MiB
-from tests.faults import Fault, FaultyS3
+from tests.faults import OBJECT_WRITES, Fault, FaultyS3
 from tests.polling import eventually
 from tests.s3util import all_keys_async, open_uploads_async, read_object_async
 
@@ -399,11 +399,7 @@ async def test_request_id_is_echoed_or_made(proxy: Any) -> None:
     assert resp.status == 415 and len(resp.headers["X-Request-ID"]) == 32
 
 
-@pytest.mark.parametrize(
-    ("op", "size"),
-    [("PutObject", 1000), ("CompleteMultipartUpload", 7 * MiB)],
-    ids=["put", "complete"],
-)
+@OBJECT_WRITES
 async def test_lost_answer_deletes_what_s3_stored(
     proxy_factory: Any, moto: Any, s3: Any, bucket: str, op: str, size: int
 ) -> None:
@@ -424,11 +420,7 @@ async def test_lost_answer_deletes_what_s3_stored(
     await wait_clean(s3, bucket, within=2.0)
 
 
-@pytest.mark.parametrize(
-    ("op", "size"),
-    [("PutObject", 1000), ("CompleteMultipartUpload", 7 * MiB)],
-    ids=["put", "complete"],
-)
+@OBJECT_WRITES
 async def test_a_write_s3_carries_out_after_the_proxy_gave_up_is_deleted_too(
     proxy_factory: Any, moto: Any, s3: Any, bucket: str, op: str, size: int
 ) -> None:

@@ -30,7 +30,7 @@ from s3proxy.s3_aiobotocore import ClientOptions, open_store
 from s3proxy.settings import Settings, SettingsError
 from tests import bodies
 from tests.conftest import make_settings
-from tests.faults import Fault, FaultyS3
+from tests.faults import OBJECT_WRITES, Fault, FaultyS3
 from tests.memory_s3 import MemoryS3
 from tests.s3util import BOTO_CONFIG, all_keys, open_uploads
 from tests.seaweed_fixture import s3_client_kwargs
@@ -215,11 +215,7 @@ async def test_overwrites_allowed_when_asked(proxy_factory: Any, s3: Any, bucket
     assert NONCE_META not in s3.head_object(Bucket=bucket, Key="in/a.bin")["Metadata"]
 
 
-@pytest.mark.parametrize(
-    ("op", "size"),
-    [("PutObject", 1000), ("CompleteMultipartUpload", 7 * MiB)],
-    ids=["put", "complete"],
-)
+@OBJECT_WRITES
 async def test_lost_answer_never_deletes_another_uploads_object(
     proxy_factory: Any, moto: Any, s3: Any, bucket: str, op: str, size: int
 ) -> None:
