@@ -10,7 +10,9 @@ Thin handlers over three pure parts and one driver:
 - the bytes go through the same ``FileUpload`` driver and ``UploadMachine`` as
   ``POST /upload`` (``pipeline.Resumed``): the same memory budget and backpressure, part
   sizes, parts in flight, checksums S3 verifies, sniffing and ``--allow-type`` on the
-  first bytes, client idle timeout and minimum rate, metrics and completion webhook.
+  first bytes, client idle timeout and minimum rate, metrics and completion webhook;
+- ``tus_append`` (what one PATCH reads and adds), ``tus_lease`` (its lock, renewed while
+  it runs) and ``tus_ending`` (completion, a completion found after a lost answer, removal).
 
 Routes: ``POST /tus/`` creates (creation, creation-with-upload, creation-defer-length;
 auth as ``/upload``: API key or upload token, whose prefix, size and types bind the
@@ -41,13 +43,11 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from s3proxy import codings, keys, tus_protocol, tus_url
+from s3proxy import codings, keys, tus_ending, tus_protocol, tus_url
 from s3proxy.auth import Principal
-from s3proxy.body import Chunk
 from s3proxy.digests import Declared, DigestCheck
 from s3proxy.errors import (
     CHECKSUM_MISMATCH,
-    CLIENT_TIMEOUT,
     DIGEST_MISMATCH,
     EXPECTATION_FAILED,
     FILE_TOO_LARGE,
@@ -58,23 +58,24 @@ from s3proxy.errors import (
     NO_SUCH_UPLOAD,
     NOT_OFFSET_STREAM,
     OFFSET_MISMATCH,
-    REQUEST_TOO_LARGE,
     SHUTTING_DOWN,
     UPLOAD_EXPIRED,
     UPLOAD_LOCKED,
     ProxyError,
     error_response,
 )
-from s3proxy.form import ClientWatch, TransportFlow, next_chunk
-from s3proxy.handlers import notify
+from s3proxy.form import ClientWatch
 from s3proxy.janitor import finish, run_cleanup
 from s3proxy.machine import Resume
 from s3proxy.parts import plan_parts
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, Resumed, StoredFile, abort_reason
-from s3proxy.s3 import NoSuchKey, NoSuchUpload, ObjectStore, PreconditionFailed, S3Error
+from s3proxy.s3 import NoSuchKey, NoSuchUpload, ObjectStore, PreconditionFailed
 from s3proxy.state import STATE, AppState
+from s3proxy.tus_append import Appended, BodySource
+from s3proxy.tus_ending import TUS_META
+from s3proxy.tus_lease import Lease
 from s3proxy.tus_protocol import OFFSET_STREAM, VERSION
-from s3proxy.tus_state import Lock, Part, Segment, TusState, TusStore, part_length
+from s3proxy.tus_state import Lock, TusState, TusStore
 from s3proxy.tus_url import TusUpload, UrlError
 
 log = logging.getLogger("s3proxy.tus")
@@ -82,7 +83,6 @@ log = logging.getLogger("s3proxy.tus")
 ROOT = "/tus/"
 KEY_HEADER = "S3Proxy-Key"  # the stored object of a finished upload
 SHA256_HEADER = "S3Proxy-Sha256"
-TUS_META = "s3proxy-tus"  # the object's metadata: which tus upload made it
 
 
 @dataclass
@@ -337,7 +337,9 @@ def _undo(store: TusStore) -> Callable[[], Awaitable[None]]:
 
     async def undo() -> None:
         found = await store.read()
-        await remove_upload(store.bucket, store.upload, None if found is None else found[0])
+        await tus_ending.remove_upload(
+            store.bucket, store.upload, None if found is None else found[0]
+        )
         log.info("tus.creation_undone key=%s id=%s", store.upload.key, store.upload.id)
 
     return undo
@@ -388,7 +390,7 @@ async def head(request: web.Request) -> web.StreamResponse:
     length = upload.length
     finished: dict[str, str] = {}
     if found is None:
-        head = await _finished(store)
+        head = await tus_ending.finished(store)
         if head is None:
             raise ProxyError(NO_SUCH_UPLOAD, "no such upload (terminated, or never created)")
         offset = length = head
@@ -423,59 +425,9 @@ async def _terminate(state: AppState, store: TusStore) -> None:
         await store.swap(current, etag)
     except (PreconditionFailed, NoSuchKey):
         raise ProxyError(UPLOAD_LOCKED, "the upload changed meanwhile; retry") from None
-    await remove_upload(store.bucket, store.upload, current)
+    await tus_ending.remove_upload(store.bucket, store.upload, current)
     log.info("tus.terminated key=%s id=%s", store.upload.key, store.upload.id)
     state.metrics.uploads_aborted.labels("TERMINATED").inc()
-
-
-async def remove_upload(bucket: ObjectStore, upload: TusUpload, current: TusState | None) -> None:
-    """Abort the upload's multipart upload and delete every object under its prefix."""
-    if current is not None and current.upload_id is not None:
-        await bucket.abort(upload.key, current.upload_id)
-    await TusStore(bucket, upload).remove_all()
-
-
-async def _landed(store: TusStore, appended: _Appended, err: ProxyError) -> StoredFile | None:
-    """The stored file, if a PATCH that failed while storing it (its PutObject or
-    CompleteMultipartUpload sent, the answer lost or its retry refused) did store it:
-    the object at the key carries this upload's id and its length. None otherwise,
-    also when that cannot be told now (a retried PATCH or HEAD tells it later)."""
-    file = appended.file
-    if file is None or not (file.maybe_stored or err.kind is KEY_EXISTS):
-        return None
-    if store.upload.length is None and appended.current.length is None:
-        return None
-    try:
-        found = await store.bucket.head(store.upload.key)
-    except S3Error:
-        return None
-    length = appended.current.length
-    if found.metadata.get(TUS_META) != store.upload.id or found.size != length:
-        return None
-    upload = store.upload
-    return StoredFile(
-        field="file",
-        filename=upload.filename,
-        key=upload.key,
-        size=found.size,
-        content_type=found.content_type or file.content_type,
-        etag=(found.etag or "").strip('"'),
-        sha256="",
-        parts=len(file.acknowledged()),
-    )
-
-
-async def _finished(store: TusStore) -> int | None:
-    """The size of the object this upload made at its key, if it completed; else None."""
-    try:
-        found = await store.bucket.head(store.upload.key)
-    except NoSuchKey:
-        return None
-    if found.metadata.get(TUS_META) != store.upload.id:
-        return None
-    if store.upload.length is not None and found.size != store.upload.length:
-        return None
-    return found.size
 
 
 @_tus_errors
@@ -561,7 +513,7 @@ async def _append_tracked(
     upload = store.upload
     found = await store.read()
     if found is None:
-        done = await _finished(store)
+        done = await tus_ending.finished(store)
         if done is not None and offset == done:
             return PatchResult(done, upload.key)
         if done is not None:  # a PATCH resent after its 204 was lost: HEAD says it is done
@@ -579,12 +531,12 @@ async def _append_tracked(
     lease = Lease(store, current, settings.tus_lock_lease, settings.cleanup_clock_skew)
     await lease.take(etag)
     committed = False
-    appended = _Appended(store, current)
+    appended = Appended(store, current)
     try:
         try:
             stored = await _stream(request, state, store, current, appended, declared)
         except (NoSuchUpload, NoSuchKey):  # its multipart upload, or its staged bytes
-            done = await _finished(store)
+            done = await tus_ending.finished(store)
             if done is None and time.time() > upload.expires:
                 # The expiry sweep removed it under this PATCH (begun before the expiry).
                 raise ProxyError(UPLOAD_EXPIRED, "this upload expired") from None
@@ -594,7 +546,7 @@ async def _append_tracked(
             # object is whole; finish the removal.
             committed = True
             await lease.stop()
-            await run_cleanup(_remover(store), f"tus state id={upload.id}", state.janitor)
+            await run_cleanup(tus_ending.remover(store), f"tus state id={upload.id}", state.janitor)
             return PatchResult(done, upload.key)
         except asyncio.CancelledError:
             # Shutdown's drain (or the server) stopped it: keep its acknowledged parts too,
@@ -615,15 +567,15 @@ async def _append_tracked(
                 await finish(keep())
             raise
         except ProxyError as err:
-            landed = await _landed(store, appended, err)
-            if landed is not None:
+            stored_unseen = await tus_ending.landed(store, appended, err)
+            if stored_unseen is not None:
                 # The object was stored but the answer lost (a timeout; a retried write
                 # refused as KEY_EXISTS): it is this upload's, whole, so it completed.
                 committed = True
                 await lease.stop()
                 log.info("tus.completed_unseen key=%s id=%s error=%s", upload.key, upload.id, err)
-                await _completed(state, store, landed)
-                return PatchResult(landed.size, landed.key)
+                await tus_ending.completed(state, store, stored_unseen)
+                return PatchResult(stored_unseen.size, stored_unseen.key)
             if err.kind is KEY_EXISTS:
                 # Another upload stored the key first (--no-overwrite): this one can never
                 # complete there, so it ends now, as a termination would end it.
@@ -631,7 +583,7 @@ async def _append_tracked(
                 await lease.stop()
                 ended = dataclasses.replace(current, upload_id=appended.upload_id())
                 await run_cleanup(
-                    lambda: remove_upload(store.bucket, upload, ended),
+                    lambda: tus_ending.remove_upload(store.bucket, upload, ended),
                     f"tus end id={upload.id}",
                     state.janitor,
                 )
@@ -647,7 +599,7 @@ async def _append_tracked(
             if kept is not None:
                 await lease.commit(kept)
                 committed = True
-                await _forget(state, store, appended.dropped())
+                await tus_ending.forget(state, store, appended.dropped())
                 log.info(
                     "tus.kept key=%s id=%s offset=%d reason=%s",
                     upload.key,
@@ -659,7 +611,7 @@ async def _append_tracked(
         if stored is None:
             new_offset = await lease.commit(appended.next_state())
             committed = True
-            await _forget(state, store, appended.dropped())
+            await tus_ending.forget(state, store, appended.dropped())
             log.info(
                 "tus.patched key=%s id=%s offset=%d bytes=%d",
                 upload.key,
@@ -670,7 +622,7 @@ async def _append_tracked(
             return PatchResult(new_offset)
         committed = True  # the object is stored: the state goes with the prefix
         await lease.stop()
-        await _completed(state, store, stored)
+        await tus_ending.completed(state, store, stored)
         return PatchResult(stored.size, stored.key, stored.sha256)
     finally:
         if not committed:
@@ -700,59 +652,12 @@ def _total(request: web.Request, upload: TusUpload, current: TusState) -> int | 
     return length
 
 
-def _remover(store: TusStore) -> Callable[[], Awaitable[None]]:
-    async def remove() -> None:
-        await store.remove_all()
-
-    return remove
-
-
-async def _forget(state: AppState, store: TusStore, segments: list[Segment]) -> None:
-    """Delete segments a commit no longer names (their bytes are in a part now)."""
-    if segments:
-        await run_cleanup(
-            lambda: store.delete_segments(segments),
-            f"tus segments id={store.upload.id}",
-            state.janitor,
-        )
-
-
-async def _completed(state: AppState, store: TusStore, stored: StoredFile) -> None:
-    upload = store.upload
-    m = state.metrics
-    m.uploads_completed.inc()
-    m.bytes_stored.inc(stored.size)
-    log.info(
-        "upload.completed key=%s size=%d parts=%d content_type=%s tus_id=%s",
-        stored.key,
-        stored.size,
-        stored.parts,
-        stored.content_type,
-        upload.id,
-    )
-
-    await run_cleanup(_remover(store), f"tus state id={upload.id}", state.janitor)
-    if state.webhook is not None:
-        out = {"files": [stored.to_json()], "fields": {}}
-        try:
-            await notify(state, out)
-        except ProxyError:
-            # --webhook-failure rollback: the application never heard of it, so it goes.
-            log.info("upload.rolled_back key=%s reason=WEBHOOK_FAILED", stored.key)
-            await run_cleanup(
-                lambda: state.require_sink().delete(stored.key),
-                f"rollback key={stored.key}",
-                state.janitor,
-            )
-            raise
-
-
 async def _stream(
     request: web.Request,
     state: AppState,
     store: TusStore,
     current: TusState,
-    appended: _Appended,
+    appended: Appended,
     declared: Declared | None,
 ) -> StoredFile | None:
     """The request's body through the upload pipeline, resumed at the state's offset."""
@@ -814,264 +719,3 @@ async def _stream(
     finally:
         m.uploads_in_flight.dec()
         m.bytes_received.inc(file.size)
-
-
-def _past_length(left: int) -> str:
-    return f"the PATCH goes past Upload-Length (or the upload's limit): {left} bytes were left"
-
-
-class BodySource:
-    """A PATCH body as a ``ChunkSource``: every read under the request's ClientWatch (idle
-    timeout, minimum rate, the bytes left of Upload-Length); pausing stops the socket."""
-
-    def __init__(self, request: web.Request, watch: ClientWatch, left: int) -> None:
-        self._left = left
-        self._content = request.content
-        self._watch = watch
-        self._flow = TransportFlow(request)
-        self._paused = False
-
-    async def read(self, size: int) -> bytes:
-        """The body's next chunk as received (``form.next_chunk``), b"" at its end; it
-        may bring more than ``size``, which the upload machine keeps for the next part,
-        as with a form's file part."""
-        self._flow.expect(size)
-        try:
-            return await self._watch.read(lambda: next_chunk(self._content))
-        except ProxyError as err:
-            if err.kind is not REQUEST_TOO_LARGE:
-                raise
-            # The watch's limit is the bytes left of Upload-Length (or of the upload's
-            # limit): going past it is the file's fault, as README's table says.
-            raise ProxyError(FILE_TOO_LARGE, _past_length(self._left)) from None
-
-    def pause(self) -> None:
-        if not self._paused:
-            self._paused = True
-            self._flow.pause_reading()
-
-    def resume(self) -> None:
-        if self._paused:
-            self._paused = False
-            self._flow.resume_reading()
-
-    def expire(self, message: str) -> None:
-        self._watch.expire(CLIENT_TIMEOUT, message)
-
-
-class _Appended:
-    """What one PATCH adds: the pipeline's ``Staging`` (staged bytes read back, the tail
-    written as a segment), and the state it commits."""
-
-    def __init__(self, store: TusStore, current: TusState) -> None:
-        self.store = store
-        self.current = current
-        self.file: FileUpload | None = None
-        self.segment: Segment | None = None
-        self.tail_start: int | None = None
-
-    async def load(self) -> list[bytes]:
-        return await self.store.load(self.current.segments)
-
-    async def stage(self, number: int, start: int, chunks: list[Chunk], size: int) -> None:
-        self.tail_start = start
-        if size:
-            self.segment = await self.store.put_segment(start, chunks, size)
-
-    def _new_parts(self) -> list[Part]:
-        assert self.file is not None
-        known = {p.number for p in self.current.parts}
-        plan = self.store.upload.plan
-        length = self.current.length
-        return [
-            Part(n, etag, part_length(plan, n, length), None if crc is None else crc.b64())
-            for n, (etag, crc) in self.file.acknowledged().items()
-            if n not in known
-        ]
-
-    def next_state(self) -> TusState:
-        """The state after this PATCH (its lock released)."""
-        assert self.file is not None and self.tail_start is not None
-        new_parts = self._new_parts()
-        # A part sent by this PATCH took the staged segments in front of it.
-        kept = [] if new_parts else list(self.current.segments)
-        tail = [self.segment] if self.segment is not None else []
-        return TusState(
-            offset=self.current.offset + self.file.size,
-            key=self.current.key,
-            length=self.current.length,
-            upload_id=self.file.upload_id,
-            content_type=self.file.content_type,
-            checksum=self.current.checksum,
-            parts=[*self.current.parts, *new_parts],
-            segments=[*kept, *tail],
-            lock=None,
-        )
-
-    def upload_id(self) -> str | None:
-        """The multipart upload this PATCH continued or made, if any."""
-        return self.current.upload_id if self.file is None else self.file.upload_id
-
-    def dropped(self) -> list[Segment]:
-        return list(self.current.segments) if self._new_parts() else []
-
-    def partial_state(self) -> TusState | None:
-        """The state that keeps what a failed PATCH got S3 to acknowledge: its whole parts
-        (none: None). The upload then stands at the end of its last whole part: never at
-        the file's end (the file's short last part is not kept: the upload would look
-        complete and is not), never past it."""
-        if self.file is None:
-            return None
-        plan = self.store.upload.plan
-        new_parts = [p for p in self._new_parts() if p.size == plan.size(p.number)]
-        if not new_parts:
-            return None
-        parts = [*self.current.parts, *new_parts]
-        numbers = [p.number for p in parts]
-        if numbers != list(range(1, len(parts) + 1)):
-            return None  # a gap (a part still failing before a later one landed)
-        length = self.current.length
-        if length is not None and sum(p.size for p in parts) >= length:
-            parts.pop()  # the file's last part, full by chance: the next PATCH resends it
-            if len(parts) == len(self.current.parts):
-                return None
-        return TusState(
-            offset=sum(p.size for p in parts),
-            key=self.current.key,
-            length=self.current.length,
-            upload_id=self.file.upload_id,
-            content_type=self.file.content_type,
-            checksum=self.current.checksum,
-            parts=parts,
-            segments=[],
-            lock=None,
-        )
-
-    async def abort_unnamed(self, state: AppState) -> None:
-        """A multipart upload this PATCH made but never committed: no state names it, so
-        abort it now (a killed instance leaves it to the orphan sweep)."""
-        file = self.file
-        if file is None or not file.created_here or file.upload_id is None:
-            return
-        key, upload_id = self.store.upload.key, file.upload_id
-        log.info("upload.aborted key=%s upload_id=%s reason=uncommitted", key, upload_id)
-        await run_cleanup(
-            lambda: self.store.bucket.abort(key, upload_id),
-            f"abort key={key} upload_id={upload_id}",
-            state.janitor,
-        )
-
-
-class Lease:
-    """A PATCH's hold on its upload: the lock swapped into the state, renewed every third
-    of the lease while the PATCH runs, released (or replaced by the commit) at its end.
-
-    A PATCH must never lose its lock to its own renewal. So the renewal is stopped only
-    between swaps (``stop`` takes the mutex, the cancel lands on the sleep), and a swap
-    whose answer was lost (a timeout, a cancellation after sending) leaves a stale ETag
-    that ``_swap_own`` recovers from: a 412 over a state still carrying this lease's owner
-    is our own write, as nobody else writes without replacing the owner."""
-
-    def __init__(self, store: TusStore, current: TusState, seconds: float, skew: float) -> None:
-        self.store = store
-        self.state = dataclasses.replace(current)
-        self.seconds = seconds
-        self.skew = skew
-        self.owner = uuid.uuid4().hex
-        self.etag = ""
-        self.lost = False
-        self._mutex = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
-
-    async def take(self, etag: str) -> None:
-        now = time.time()
-        if self.state.locked(now, self.skew):
-            raise ProxyError(UPLOAD_LOCKED, "another PATCH is in progress on this upload")
-        self.state.lock = Lock(self.owner, now + self.seconds)
-        try:
-            self.etag = await self.store.swap(self.state, etag)
-        except (PreconditionFailed, NoSuchKey):
-            raise ProxyError(UPLOAD_LOCKED, "another request changed this upload first") from None
-        self._task = asyncio.create_task(self._renew(), name="tus-lease")
-
-    async def _swap_own(self, new: TusState) -> None:
-        """Swap ``new`` over the state this lease holds; PreconditionFailed or NoSuchKey
-        only if another request really changed it (the lock was lost)."""
-        try:
-            self.etag = await self.store.swap(new, self.etag)
-        except PreconditionFailed:
-            found = await self.store.read()
-            if found is None or found[0].lock is None or found[0].lock.owner != self.owner:
-                raise
-            # Our own earlier swap landed unseen: the state is still ours, at a newer ETag.
-            log.info("tus.lock_recovered id=%s owner=%s", self.store.upload.id, self.owner)
-            self.etag = await self.store.swap(new, found[1])
-
-    async def _renew(self) -> None:
-        while True:
-            await asyncio.sleep(self.seconds / 3)
-            async with self._mutex:
-                self.state.lock = Lock(self.owner, time.time() + self.seconds)
-                try:
-                    await self._swap_own(self.state)
-                except (PreconditionFailed, NoSuchKey):
-                    self.lost = True
-                    log.warning("tus.lock_lost id=%s owner=%s", self.store.upload.id, self.owner)
-                    return
-                except ProxyError as err:  # S3 trouble: the next renewal may make it
-                    log.warning("tus.lock_renew_failed id=%s error=%s", self.store.upload.id, err)
-
-    async def stop(self) -> None:
-        """Stop renewing, never mid-swap: a swap cut off after sending lands at S3 unseen."""
-        task, self._task = self._task, None
-        if task is None:
-            return
-        try:
-            async with self._mutex:  # the renewal is sleeping (or waiting for the mutex)
-                task.cancel()
-        finally:
-            task.cancel()  # also if this wait was cancelled
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def commit(self, new: TusState) -> int:
-        """Swap in the PATCH's state; 423 if the lock was really lost meanwhile."""
-        await self.stop()
-        async with self._mutex:
-            try:
-                await self._swap_own(new)
-            except (PreconditionFailed, NoSuchKey):
-                self.lost = True
-                log.warning(
-                    "tus.commit_lost_lock id=%s owner=%s offset=%d",
-                    self.store.upload.id,
-                    self.owner,
-                    new.offset,
-                )
-                raise ProxyError(
-                    UPLOAD_LOCKED, "this PATCH lost its lock (it stalled); HEAD and resume"
-                ) from None
-        return new.offset
-
-    async def release(self) -> None:
-        """Give the lock back after a failed PATCH, best effort (else it goes stale); only
-        while the state still carries this lease's owner."""
-        await self.stop()
-        if self.lost or not self.etag:
-            return
-        self.state.lock = None
-
-        async def give_back() -> None:
-            try:
-                await asyncio.wait_for(self._swap_own(self.state), self.seconds)
-            except (PreconditionFailed, NoSuchKey):
-                pass  # another request holds the upload now: its lock is not ours to drop
-            except Exception as err:  # best effort: the lock goes stale after the lease
-                log.warning(
-                    "tus.lock_release_failed id=%s owner=%s error=%s",
-                    self.store.upload.id,
-                    self.owner,
-                    err,
-                )
-
-        await finish(give_back())  # to its end even if the PATCH is being cancelled

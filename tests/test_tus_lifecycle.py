@@ -20,7 +20,8 @@ from s3proxy.checksums import Algorithm, Crc
 from s3proxy.cleanup import Rule, sweep, sweep_tus
 from s3proxy.errors import ProxyError
 from s3proxy.state import STATE
-from s3proxy.tus import TUS, Lease
+from s3proxy.tus import TUS
+from s3proxy.tus_lease import Lease
 from s3proxy.tus_state import Lock, TusState, TusStore
 from s3proxy.tus_url import TusUpload
 from tests.conftest import ProxyFactory

@@ -9,7 +9,8 @@ from typing import Any
 from s3proxy import tus_url
 from s3proxy.cleanup import sweep_tus
 from s3proxy.state import STATE
-from s3proxy.tus import TUS, Lease
+from s3proxy.tus import TUS
+from s3proxy.tus_lease import Lease
 from s3proxy.tus_state import TusStore
 from tests.conftest import ProxyFactory
 from tests.s3util import all_keys_async, open_uploads_async

@@ -1,0 +1,119 @@
+"""How a tus upload ends: completed (its object stored, its state removed, the webhook
+told), found completed after a lost answer, or removed whole (terminated, expired, ended
+by another upload's object at its key). Driven by ``tus``'s PATCH and DELETE handlers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from s3proxy.errors import KEY_EXISTS, ProxyError
+from s3proxy.handlers import notify
+from s3proxy.janitor import run_cleanup
+from s3proxy.pipeline import StoredFile
+from s3proxy.s3 import NoSuchKey, ObjectStore, S3Error
+from s3proxy.state import AppState
+from s3proxy.tus_append import Appended
+from s3proxy.tus_state import Segment, TusState, TusStore
+from s3proxy.tus_url import TusUpload
+
+log = logging.getLogger("s3proxy.tus")
+
+TUS_META = "s3proxy-tus"  # the object's metadata: which tus upload made it
+
+
+async def remove_upload(bucket: ObjectStore, upload: TusUpload, current: TusState | None) -> None:
+    """Abort the upload's multipart upload and delete every object under its prefix."""
+    if current is not None and current.upload_id is not None:
+        await bucket.abort(upload.key, current.upload_id)
+    await TusStore(bucket, upload).remove_all()
+
+
+async def landed(store: TusStore, appended: Appended, err: ProxyError) -> StoredFile | None:
+    """The stored file, if a PATCH that failed while storing it (its PutObject or
+    CompleteMultipartUpload sent, the answer lost or its retry refused) did store it:
+    the object at the key carries this upload's id and its length. None otherwise,
+    also when that cannot be told now (a retried PATCH or HEAD tells it later)."""
+    file = appended.file
+    if file is None or not (file.maybe_stored or err.kind is KEY_EXISTS):
+        return None
+    if store.upload.length is None and appended.current.length is None:
+        return None
+    try:
+        found = await store.bucket.head(store.upload.key)
+    except S3Error:
+        return None
+    length = appended.current.length
+    if found.metadata.get(TUS_META) != store.upload.id or found.size != length:
+        return None
+    upload = store.upload
+    return StoredFile(
+        field="file",
+        filename=upload.filename,
+        key=upload.key,
+        size=found.size,
+        content_type=found.content_type or file.content_type,
+        etag=(found.etag or "").strip('"'),
+        sha256="",
+        parts=len(file.acknowledged()),
+    )
+
+
+async def finished(store: TusStore) -> int | None:
+    """The size of the object this upload made at its key, if it completed; else None."""
+    try:
+        found = await store.bucket.head(store.upload.key)
+    except NoSuchKey:
+        return None
+    if found.metadata.get(TUS_META) != store.upload.id:
+        return None
+    if store.upload.length is not None and found.size != store.upload.length:
+        return None
+    return found.size
+
+
+def remover(store: TusStore) -> Callable[[], Awaitable[None]]:
+    async def remove() -> None:
+        await store.remove_all()
+
+    return remove
+
+
+async def forget(state: AppState, store: TusStore, segments: list[Segment]) -> None:
+    """Delete segments a commit no longer names (their bytes are in a part now)."""
+    if segments:
+        await run_cleanup(
+            lambda: store.delete_segments(segments),
+            f"tus segments id={store.upload.id}",
+            state.janitor,
+        )
+
+
+async def completed(state: AppState, store: TusStore, stored: StoredFile) -> None:
+    upload = store.upload
+    m = state.metrics
+    m.uploads_completed.inc()
+    m.bytes_stored.inc(stored.size)
+    log.info(
+        "upload.completed key=%s size=%d parts=%d content_type=%s tus_id=%s",
+        stored.key,
+        stored.size,
+        stored.parts,
+        stored.content_type,
+        upload.id,
+    )
+
+    await run_cleanup(remover(store), f"tus state id={upload.id}", state.janitor)
+    if state.webhook is not None:
+        out = {"files": [stored.to_json()], "fields": {}}
+        try:
+            await notify(state, out)
+        except ProxyError:
+            # --webhook-failure rollback: the application never heard of it, so it goes.
+            log.info("upload.rolled_back key=%s reason=WEBHOOK_FAILED", stored.key)
+            await run_cleanup(
+                lambda: state.require_sink().delete(stored.key),
+                f"rollback key={stored.key}",
+                state.janitor,
+            )
+            raise
