@@ -526,12 +526,20 @@ async def _append_tracked(
         raise ProxyError(
             OFFSET_MISMATCH, f"Upload-Offset is {offset}; the upload is at {current.offset}"
         )
-    current.length = _total(request, upload, current)
+    # The length this PATCH works to; a deferred one it declares is stored only with its
+    # commit (the lock and a refused PATCH leave the stored state as it was).
+    stored_length = current.length
+    current = dataclasses.replace(current, length=_total(request, upload, current))
     settings = state.settings
-    lease = Lease(store, current, settings.tus_lock_lease, settings.cleanup_clock_skew)
+    lease = Lease(
+        store,
+        dataclasses.replace(current, length=stored_length),
+        settings.tus_lock_lease,
+        settings.cleanup_clock_skew,
+    )
     await lease.take(etag)
     committed = False
-    appended = Appended(store, current)
+    appended = Appended(store, current, stored_length)
     try:
         try:
             stored = await _stream(request, state, store, current, appended, declared)

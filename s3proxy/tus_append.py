@@ -66,9 +66,10 @@ class Appended:
     """What one PATCH adds: the pipeline's ``Staging`` (staged bytes read back, the tail
     written as a segment), and the state it commits."""
 
-    def __init__(self, store: TusStore, current: TusState) -> None:
+    def __init__(self, store: TusStore, current: TusState, stored_length: int | None) -> None:
         self.store = store
-        self.current = current
+        self.current = current  # as stored, with the length this PATCH works to
+        self.stored_length = stored_length  # the length as stored (a failed PATCH keeps it)
         self.file: FileUpload | None = None
         self.segment: Segment | None = None
         self.tail_start: int | None = None
@@ -141,7 +142,7 @@ class Appended:
         return TusState(
             offset=sum(p.size for p in parts),
             key=self.current.key,
-            length=self.current.length,
+            length=self.stored_length,
             upload_id=self.file.upload_id,
             content_type=self.file.content_type,
             checksum=self.current.checksum,

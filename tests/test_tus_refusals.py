@@ -229,3 +229,38 @@ async def test_a_gzip_coded_patch_is_measured_by_its_decoded_bytes(
     )
     assert await _code(resp) == (413, "FILE_TOO_LARGE")
     assert (await proxy.delete(url, headers=TUS)).status == 204
+
+
+@pytest.mark.parametrize(
+    ("extra", "sent", "expected"),
+    [
+        ({"Upload-Checksum": _sha1(b"other")}, 200, (460, "CHECKSUM_MISMATCH")),
+        ({}, 250, (413, "FILE_TOO_LARGE")),
+    ],
+)
+async def test_a_refused_patch_does_not_declare_its_length(
+    proxy_factory: ProxyFactory,
+    extra: dict[str, str],
+    sent: int,
+    expected: tuple[int, str],
+) -> None:
+    """A deferred Upload-Length comes with the PATCH that is accepted: a refused PATCH
+    (460, 413) changes nothing, so the client can send the right length after it."""
+    proxy = await proxy_factory()
+    data = body(400)
+    resp = await proxy.post("/tus/", headers={**TUS, "Upload-Defer-Length": "1"})
+    url = resp.headers["Location"]
+    assert (await proxy.patch(url, data=data[:100], headers=patch_headers(0))).status == 204
+    refused = await proxy.patch(
+        url,
+        data=data[100 : 100 + sent],
+        headers={**patch_headers(100), "Upload-Length": "300", **extra},
+    )
+    assert await _code(refused) == expected
+    head = await proxy.head(url, headers=TUS)
+    assert head.headers["Upload-Offset"] == "100"
+    assert head.headers.get("Upload-Defer-Length") == "1" and "Upload-Length" not in head.headers
+    resp = await proxy.patch(
+        url, data=data[100:], headers={**patch_headers(100), "Upload-Length": "400"}
+    )
+    assert resp.status == 204 and resp.headers["Upload-Offset"] == "400"
