@@ -25,6 +25,8 @@ still reaches the client as JSON 502/503/504, as before) or cancellation::
         NoCredentials       no usable credentials are configured
         BadDigest           kind UPSTREAM_CORRUPTION: S3 computed another checksum than the
                             one sent (the bytes changed on the way); nothing was stored
+        ChecksumDiffers     kind UPSTREAM_CORRUPTION: a write was carried out but S3 answered
+                            with another FULL_OBJECT checksum than the one sent
         ChecksumUnsupported a call carrying an additional checksum was refused in a way that
                             says the store does not take them (``checksum_refusal``)
 
@@ -33,7 +35,8 @@ send it as ``x-amz-checksum-<algorithm>``, so S3 refuses bytes changed in transi
 ``create`` declares the algorithm (``ChecksumType=FULL_OBJECT``); ``complete`` takes each
 part's CRC and sends them with the full-object value combined from them. ``put`` and
 ``complete`` return ``Written``: the ETag and the checksum S3 stored, as S3 reported it or,
-if it reported none, the value sent (which S3 accepted).
+if it reported none, the value sent (which S3 accepted); never a FULL_OBJECT value other
+than the one sent (``stored_checksum``).
 
 A caller branches on the type; none parses an S3 error code. The kinds stay the
 upstream ones, so a caller that does not branch (the upload pipeline) answers 502
@@ -49,7 +52,7 @@ from types import TracebackType
 from typing import Protocol
 
 from s3proxy.body import Chunk
-from s3proxy.checksums import Algorithm, CrcValue, full_object
+from s3proxy.checksums import Algorithm, CrcValue, DigestError, decode_b64, full_object
 from s3proxy.errors import (
     UPSTREAM_CORRUPTION,
     UPSTREAM_ERROR,
@@ -123,6 +126,12 @@ class NoCredentials(S3Error):
 
 class BadDigest(S3Error):
     """S3 refused the bytes: they do not match the checksum sent with them."""
+
+
+class ChecksumDiffers(S3Error):
+    """S3 carried out a write but answered with another FULL_OBJECT checksum than the one
+    sent with it: it holds (or says it holds) other bytes. The write took place, so it is
+    not resent; the caller deletes what it stored."""
 
 
 class ChecksumUnsupported(S3Error):
@@ -257,6 +266,37 @@ class StoredChecksum:
 
     def to_json(self) -> dict[str, str]:
         return {"algorithm": self.algorithm.value.lower(), "type": self.type, "value": self.value}
+
+
+def stored_checksum(
+    operation: str, sent: CrcValue | None, reported: str | None, kind: str | None
+) -> StoredChecksum | None:
+    """The checksum S3 stored an object with, from its answer to PutObject or Complete.
+
+    None reported: the value sent, which S3 accepted. A FULL_OBJECT value must be the CRC
+    sent; any other is ChecksumDiffers. A COMPOSITE one (a checksum of the parts'
+    checksums, from a store that did not take the FULL_OBJECT type declared) is not a CRC
+    of the object and cannot be compared: it is reported as S3 gave it, its type saying so.
+    Pure."""
+    if sent is None:
+        return None
+    if not reported:
+        return StoredChecksum.sent(sent)
+    kind = kind or "FULL_OBJECT"
+    if kind == "FULL_OBJECT":
+        try:
+            same = decode_b64(sent.algorithm, reported) == sent.value
+        except DigestError:
+            same = False
+        if not same:
+            raise ChecksumDiffers(
+                UPSTREAM_CORRUPTION,
+                f"S3 {operation} answered that it stored {sent.algorithm.value} {reported!r}, "
+                f"not {sent.b64()!r}, the CRC of the bytes sent: the store holds other bytes",
+                operation=operation,
+                reason="ChecksumDiffers",
+            )
+    return StoredChecksum(sent.algorithm, reported, kind)
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ from s3proxy.s3 import (
     Written,
     checksum_refusal,
     refusal,
+    stored_checksum,
     whole_object,
 )
 from s3proxy.s3_parts import (
@@ -221,23 +222,13 @@ def _checksum_params(value: CrcValue | None) -> dict[str, str]:
     return {} if value is None else {value.algorithm.param: value.b64()}
 
 
-def _stored_checksum(resp: Mapping[str, Any], sent: CrcValue | None) -> StoredChecksum | None:
-    """The checksum S3 reported in a PutObject/Complete answer, else the one sent."""
-    if sent is None:
-        return None
-    reported = resp.get(sent.algorithm.param)
-    if not reported:
-        return StoredChecksum.sent(sent)
-    if reported != sent.b64():
-        log.warning(
-            "upload.checksum_differs algorithm=%s sent=%s reported=%s",
-            sent.algorithm.value,
-            sent.b64(),
-            reported,
-        )
-    return StoredChecksum(
-        sent.algorithm, str(reported), str(resp.get("ChecksumType") or "FULL_OBJECT")
-    )
+def _stored_checksum(
+    operation: str, resp: Mapping[str, Any], sent: CrcValue | None
+) -> StoredChecksum | None:
+    """``s3.stored_checksum`` of a PutObject/Complete answer's fields."""
+    reported = None if sent is None else resp.get(sent.algorithm.param)
+    kind = resp.get("ChecksumType")
+    return stored_checksum(operation, sent, None if reported is None else str(reported), kind)
 
 
 def _put_answer(headers: Mapping[str, str], sent: CrcValue | None) -> dict[str, Any]:
@@ -395,7 +386,7 @@ class AioObjectStore:
                         headers[checksum.algorithm.header] = checksum.b64()
                     answer = await sender.put_object(key, data, headers)
                     resp = _put_answer(answer.headers, checksum)
-                    return Written(str(resp["ETag"]), _stored_checksum(resp, checksum))
+                    return Written(str(resp["ETag"]), _stored_checksum("PutObject", resp, checksum))
                 resp = await self._client.put_object(
                     Bucket=self.bucket,
                     Key=key,
@@ -405,7 +396,7 @@ class AioObjectStore:
                     **_only_new(if_none_match),
                     **swap,
                 )
-                return Written(str(resp["ETag"]), _stored_checksum(resp, checksum))
+                return Written(str(resp["ETag"]), _stored_checksum("PutObject", resp, checksum))
 
     async def create(
         self, key: str, options: ObjectOptions, *, checksum: Algorithm | None = None
@@ -529,7 +520,9 @@ class AioObjectStore:
                     headers.update({_HEADERS[k]: v for k, v in _only_new(if_none_match).items()})
                     body = complete_body(listed)
                     fields = await sender.complete(key, upload_id, body, headers)
-                    return Written(fields["ETag"], _stored_checksum(fields, whole))
+                    return Written(
+                        fields["ETag"], _stored_checksum("CompleteMultipartUpload", fields, whole)
+                    )
                 resp = await self._client.complete_multipart_upload(
                     Bucket=self.bucket,
                     Key=key,
@@ -538,7 +531,9 @@ class AioObjectStore:
                     **declared,
                     **_only_new(if_none_match),
                 )
-                return Written(str(resp["ETag"]), _stored_checksum(resp, whole))
+                return Written(
+                    str(resp["ETag"]), _stored_checksum("CompleteMultipartUpload", resp, whole)
+                )
 
     async def abort(self, key: str, upload_id: str) -> None:
         try:

@@ -69,7 +69,7 @@ from s3proxy.janitor import finish, run_cleanup
 from s3proxy.machine import Resume
 from s3proxy.parts import plan_parts
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, Resumed, StoredFile, abort_reason
-from s3proxy.s3 import NoSuchKey, NoSuchUpload, ObjectStore, PreconditionFailed
+from s3proxy.s3 import ChecksumDiffers, NoSuchKey, NoSuchUpload, ObjectStore, PreconditionFailed
 from s3proxy.state import STATE, AppState
 from s3proxy.tus_append import Appended, BodySource
 from s3proxy.tus_ending import TUS_META
@@ -584,20 +584,25 @@ async def _append_tracked(
                 log.info("tus.completed_unseen key=%s id=%s error=%s", upload.key, upload.id, err)
                 await tus_ending.completed(state, store, stored_unseen)
                 return PatchResult(stored_unseen.size, stored_unseen.key)
-            if err.kind is KEY_EXISTS:
+            if err.kind is KEY_EXISTS or isinstance(err, ChecksumDiffers):
                 # Another upload stored the key first (--no-overwrite): this one can never
-                # complete there, so it ends now, as a termination would end it.
+                # complete there. Or S3 stored this one's object with other bytes (its
+                # answer names another CRC): the object goes, and the parts went into it.
+                # Either way the upload ends now, as a termination would end it.
                 committed = True
                 await lease.stop()
                 ended = dataclasses.replace(current, upload_id=appended.upload_id())
-                await run_cleanup(
-                    lambda: tus_ending.remove_upload(store.bucket, upload, ended),
-                    f"tus end id={upload.id}",
-                    state.janitor,
-                )
-                log.info("tus.ended key=%s id=%s reason=KEY_EXISTS", upload.key, upload.id)
-                state.metrics.uploads_aborted.labels(KEY_EXISTS.code).inc()
-                raise ProxyError(KEY_EXISTS, f"{err.message}; this upload is ended") from err
+                corrupt = isinstance(err, ChecksumDiffers)
+
+                async def end() -> None:
+                    if corrupt:
+                        await tus_ending.drop_object(store)
+                    await tus_ending.remove_upload(store.bucket, upload, ended)
+
+                await run_cleanup(end, f"tus end id={upload.id}", state.janitor)
+                log.info("tus.ended key=%s id=%s reason=%s", upload.key, upload.id, err.kind.code)
+                state.metrics.uploads_aborted.labels(err.kind.code).inc()
+                raise ProxyError(err.kind, f"{err.message}; this upload is ended") from err
             if err.kind.status >= 500 or err.kind is CHECKSUM_MISMATCH:
                 raise  # nothing of it is trusted: commit nothing
             # The client went away (or broke a limit) mid-PATCH: keep the parts S3 has

@@ -4,6 +4,7 @@ by another upload's object at its key). Driven by ``tus``'s PATCH and DELETE han
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -11,7 +12,7 @@ from s3proxy.errors import KEY_EXISTS, ProxyError
 from s3proxy.handlers import notify
 from s3proxy.janitor import run_cleanup
 from s3proxy.pipeline import StoredFile
-from s3proxy.s3 import NoSuchKey, ObjectStore, S3Error
+from s3proxy.s3 import ChecksumDiffers, NoSuchKey, ObjectStore, PreconditionFailed, S3Error
 from s3proxy.state import AppState
 from s3proxy.tus_append import Appended
 from s3proxy.tus_state import Segment, TusState, TusStore
@@ -35,6 +36,8 @@ async def landed(store: TusStore, appended: Appended, err: ProxyError) -> Stored
     the object at the key carries this upload's id and its length. None otherwise,
     also when that cannot be told now (a retried PATCH or HEAD tells it later)."""
     file = appended.file
+    if isinstance(err, ChecksumDiffers):
+        return None  # stored, but not the bytes sent
     if file is None or not (file.maybe_stored or err.kind is KEY_EXISTS):
         return None
     if store.upload.length is None and appended.current.length is None:
@@ -57,6 +60,20 @@ async def landed(store: TusStore, appended: Appended, err: ProxyError) -> Stored
         sha256="",
         parts=len(file.acknowledged()),
     )
+
+
+async def drop_object(store: TusStore) -> None:
+    """Delete the object at the upload's key if this upload stored it (its id in the
+    metadata; If-Match, so never an object another upload put there since)."""
+    try:
+        found = await store.bucket.head(store.upload.key)
+    except NoSuchKey:
+        return
+    if found.metadata.get(TUS_META) != store.upload.id:
+        return
+    with contextlib.suppress(PreconditionFailed):
+        await store.bucket.delete(store.upload.key, if_match=found.etag)
+    log.info("upload.deleted key=%s reason=UPSTREAM_CORRUPTION", store.upload.key)
 
 
 async def finished(store: TusStore) -> int | None:

@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy in front of moto: real HTTP on loopback, with chosen
 S3 calls answered by errors, delays or dropped connections, or carried out by S3 with
 the answer arriving too late (``Fault.late``: S3 did the write, the proxy cannot know),
-or forwarded with one byte of the body flipped (``Fault.flip``: corruption in transit).
+or forwarded with one byte of the body flipped (``Fault.flip``: corruption in transit), or
+forwarded with S3's answer changed on the way back (``Fault.answer``).
 
 In front of a store that checks signatures (SeaweedFS), pass ``keep_host=True``: SigV4
 signs the Host header, so it must reach the store as the client sent it."""
@@ -32,6 +33,8 @@ class Fault:
     late: float = 0.0  # forward to S3 first, then sleep before answering: the answer is lost
     flip: bool = False  # forward with one bit of the body's middle byte flipped
     body: bytes | None = None  # with ``status``: answer this body instead of S3's error
+    # forward, then change S3's answer (its headers, or its body: web.Response.body)
+    answer: Callable[[web.Response], None] | None = None
 
 
 # The two calls that store an object, each with a file size that makes the proxy use it:
@@ -128,6 +131,8 @@ class FaultyS3:
                     "server",
                 ):
                     out.headers[k] = v
+        if fault is not None and fault.answer is not None and isinstance(out, web.Response):
+            fault.answer(out)
         if fault is not None and fault.late:
             await asyncio.sleep(fault.late)
         return out

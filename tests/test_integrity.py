@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import aiohttp
 import boto3
 import pytest
+from aiohttp import web
 
 from s3proxy.app import create_app
 from s3proxy.checksums import Algorithm, Crc, CrcValue
@@ -27,9 +29,10 @@ from s3proxy.config import Config
 from s3proxy.embedded import EmbeddedStore
 from s3proxy.parts import PartPlan
 from s3proxy.pipeline import PartCrcs
+from s3proxy.s3 import ChecksumDiffers, StoredChecksum, stored_checksum
 from s3proxy.settings import Settings, SettingsError
 from tests.conftest import make_settings
-from tests.faults import Fault, FaultyS3
+from tests.faults import OBJECT_WRITES, Fault, FaultyS3
 from tests.s3util import BOTO_CONFIG, all_keys, open_uploads
 from tests.seaweed_fixture import s3_client_kwargs
 
@@ -210,6 +213,98 @@ async def test_bad_digest_twice_fails_clean(
     assert status == 502, out
     assert out["error"]["code"] == "UPSTREAM_CORRUPTION"
     assert "twice" in out["error"]["message"] and "nothing was stored" in out["error"]["message"]
+    assert keys_in(bucket) == [] and open_uploads(s3, bucket) == []
+
+
+# --- a store that answers with another checksum than the one sent -----------------------
+
+OTHER_CRC = "AAAAAAAAAAE="  # a CRC-64/NVME no test file has
+
+
+def test_stored_checksum_is_the_one_sent_or_refused() -> None:
+    """Pure: S3's FULL_OBJECT value must be the CRC sent; a COMPOSITE one cannot be
+    compared and is reported as given; none reported is the value sent."""
+    sent = crc(b"the bytes")
+    same = stored_checksum("PutObject", sent, sent.b64(), "FULL_OBJECT")
+    assert same == StoredChecksum(Algorithm.CRC64NVME, sent.b64(), "FULL_OBJECT")
+    assert stored_checksum("PutObject", sent, sent.b64(), None) == same
+    assert stored_checksum("PutObject", sent, None, None) == StoredChecksum.sent(sent)
+    assert stored_checksum("PutObject", None, OTHER_CRC, "FULL_OBJECT") is None
+    composite = stored_checksum("CompleteMultipartUpload", sent, OTHER_CRC + "-3", "COMPOSITE")
+    assert composite == StoredChecksum(Algorithm.CRC64NVME, OTHER_CRC + "-3", "COMPOSITE")
+    for reported in (OTHER_CRC, OTHER_CRC + "-3", "not base64!", sent.b64()[:-4]):
+        with pytest.raises(ChecksumDiffers) as caught:
+            stored_checksum("CompleteMultipartUpload", sent, reported, "FULL_OBJECT")
+        assert caught.value.kind.code == "UPSTREAM_CORRUPTION"
+        assert sent.b64() in caught.value.message
+
+
+def other_checksum(resp: web.Response) -> None:
+    """S3's answer, naming another CRC-64/NVME than the one the proxy sent: a PutObject's
+    header, a CompleteMultipartUpload's element."""
+    if "x-amz-checksum-crc64nvme" in resp.headers or not resp.body:
+        resp.headers["x-amz-checksum-crc64nvme"] = OTHER_CRC
+        resp.headers["x-amz-checksum-type"] = "FULL_OBJECT"
+        return
+    assert isinstance(resp.body, bytes)
+    text = re.sub(r"<ChecksumCRC64NVME>[^<]*</ChecksumCRC64NVME>", "", resp.body.decode())
+    text = text.replace(
+        "</CompleteMultipartUploadResult>",
+        f"<ChecksumCRC64NVME>{OTHER_CRC}</ChecksumCRC64NVME>"
+        "<ChecksumType>FULL_OBJECT</ChecksumType></CompleteMultipartUploadResult>",
+    )
+    resp.body = text.encode()
+
+
+@OBJECT_WRITES
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "botocore"])
+async def test_a_write_answered_with_another_checksum_is_undone(
+    proxy_factory: Any,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    keys_in: Any,
+    op: str,
+    size: int,
+    lean: bool,
+) -> None:
+    """S3 carried out the write but says it stored another CRC than the one sent: it
+    holds other bytes, so the object is deleted and the client told 502
+    UPSTREAM_CORRUPTION, not 201 with S3's value (it was logged and passed on)."""
+    rule: Rule = lambda o, n: Fault(answer=other_checksum) if o == op else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+        proxy = await proxy_factory(endpoint_url=faulty.endpoint_url, lean_upload_part=lean)
+        status, out = await upload(proxy, os.urandom(size))
+        assert faulty.calls.count(op) == 1  # carried out: not sent again
+    assert (status, out["error"]["code"]) == (502, "UPSTREAM_CORRUPTION"), out
+    assert OTHER_CRC in out["error"]["message"]
+    assert keys_in(bucket) == [] and open_uploads(s3, bucket) == []
+
+
+@OBJECT_WRITES
+async def test_a_tus_upload_answered_with_another_checksum_ends(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, keys_in: Any, op: str, size: int
+) -> None:
+    """The same answer to a tus upload's last PATCH: its object is deleted and the upload
+    ended (its parts went into that object), never found "complete" by a retry."""
+    rule: Rule = lambda o, n: Fault(answer=other_checksum) if o == op else None  # noqa: E731
+    tus = {"Tus-Resumable": "1.0.0"}
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+        proxy = await proxy_factory(endpoint_url=faulty.endpoint_url)
+        resp = await proxy.post("/tus/", headers={**tus, "Upload-Length": str(size)})
+        url = resp.headers["Location"]
+        headers = {
+            **tus,
+            "Upload-Offset": "0",
+            "Content-Type": "application/offset+octet-stream",
+        }
+        resp = await proxy.patch(url, data=io.BytesIO(os.urandom(size)), headers=headers)
+        assert resp.status == 502 and (await resp.json())["error"]["code"] == (
+            "UPSTREAM_CORRUPTION"
+        )
+        assert (await proxy.head(url, headers=tus)).status == 404
+        resp = await proxy.patch(url, data=io.BytesIO(os.urandom(size)), headers=headers)
+        assert resp.status == 404
     assert keys_in(bucket) == [] and open_uploads(s3, bucket) == []
 
 
