@@ -158,6 +158,10 @@ def _secret_lines(path: Path) -> list[tuple[int, str]]:
     return [(n, line) for n, line in lines if line and not line.startswith("#")]
 
 
+#: `` # ...`` after a value: a comment an env file kept (systemd does not strip it), which
+#: would else be read as part of the value, or as more API keys of a repeatable setting.
+_TRAILING_COMMENT = re.compile(r"\s#")
+
 #: HMAC-SHA256 keys shorter than the hash output (32 bytes) weaken it, and a short
 #: secret is guessable offline from one token (RFC 2104, section 3).
 MIN_TOKEN_SECRET_BYTES = 32
@@ -828,6 +832,12 @@ class Settings:
                 if env in environ:
                     raw = environ[env]
                     source = env
+                    if _TRAILING_COMMENT.search(raw):
+                        raise SettingsError(
+                            f"{env}: a comment (' #') follows the value: env files "
+                            "(systemd's EnvironmentFile, docker's --env-file) keep it as "
+                            "part of the value; put comments on lines of their own"
+                        )
                     if meta["repeat"]:
                         raw = [p for p in re.split(r"[,\s]+", raw) if p]
             if raw is None:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from s3proxy.settings import Settings
+
 REPO = Path(__file__).resolve().parent.parent
 GUIDE = REPO / "docs" / "deploy.md"
 DEPLOY = REPO / "docs" / "deploy"
@@ -27,7 +29,8 @@ def code_blocks(markdown: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "name", ["haproxy.cfg", "nginx-s3proxy.conf", "s3proxy.service", "iam-policy.json"]
+    "name",
+    ["haproxy.cfg", "nginx-s3proxy.conf", "s3proxy.service", "s3proxy.env", "iam-policy.json"],
 )
 def test_the_guide_quotes_each_config_file_whole(name: str) -> None:
     text = (DEPLOY / name).read_text()
@@ -36,6 +39,30 @@ def test_the_guide_quotes_each_config_file_whole(name: str) -> None:
 
 def test_the_readme_links_the_guide() -> None:
     assert "(docs/deploy.md)" in (REPO / "README.md").read_text()
+
+
+def systemd_environment(text: str) -> dict[str, str]:
+    """An EnvironmentFile as systemd reads it: comments only on lines of their own, the
+    rest of a line after ``=`` is the value (a ``#`` in it included)."""
+    env = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";")):
+            name, value = line.split("=", 1)
+            env[name.strip()] = value.strip()
+    return env
+
+
+def test_the_env_file_starts_the_proxy_as_systemd_reads_it() -> None:
+    """Regression: two lines ended in a comment, which systemd keeps in the value:
+    S3PROXY_DRAIN_DELAY='6   # explicit: ...' stopped the service from starting."""
+    env = systemd_environment((DEPLOY / "s3proxy.env").read_text())
+    assert env["S3PROXY_API_KEY"] == "..."
+    env["S3PROXY_API_KEY"] = "0123456789abcdef" * 3
+    settings = Settings.load(environ=env)
+    assert settings.api_keys() == ("0123456789abcdef" * 3,)
+    assert settings.drain_delay == 6 and settings.shutdown_timeout == 30
+    assert settings.bucket == "my-uploads" and settings.host == "0.0.0.0"
 
 
 def test_the_systemd_unit_verifies(tmp_path: Path) -> None:

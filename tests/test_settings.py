@@ -96,6 +96,18 @@ def test_env_list() -> None:
         (["--token-secret", "s" * 31], {}, "at least 32 bytes"),
         (["--token-secret-file", "/nonexistent/secrets"], {}, "--token-secret-file: cannot read"),
         (["--api-key-file", "/nonexistent/keys"], {}, "--api-key-file: cannot read"),
+        # a comment an env file kept after the value (systemd does): its words were API keys
+        (
+            [],
+            {"S3PROXY_API_KEY": "abc" * 8 + "   # or a token secret"},
+            "S3PROXY_API_KEY: a comment",
+        ),
+        ([], {"S3PROXY_DRAIN_DELAY": "6  # explicit"}, "on lines of their own"),
+        (
+            [],
+            {"S3PROXY_BUCKET": "b\t#prod", "S3PROXY_ENDPOINT_URL": "http://x:1"},
+            "S3PROXY_BUCKET",
+        ),
     ],
 )
 def test_invalid_settings(argv: list[str], env: dict[str, str], message: str) -> None:
