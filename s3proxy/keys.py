@@ -40,6 +40,7 @@ from __future__ import annotations
 import datetime as dt
 import posixpath
 import re
+import string
 import unicodedata
 import uuid
 from collections.abc import Mapping
@@ -102,9 +103,20 @@ def sanitize_filename(name: str | None) -> str:
     return name
 
 
+def _fields(template: str) -> list[tuple[str, str | None]]:
+    """(literal text, field name or None) pieces of a template, as ``str.format`` reads
+    it (``{{`` is a literal brace, not a field); ValueError if it is broken."""
+    return [(literal, name) for literal, name, _, _ in string.Formatter().parse(template)]
+
+
 def template_prefix(template: str) -> str:
     """The literal part of the template before the first field: every key starts with it."""
-    return template.split("{", 1)[0]
+    prefix = ""
+    for literal, name in _fields(template):
+        prefix += literal
+        if name is not None:
+            break
+    return prefix
 
 
 def make_key(
@@ -177,14 +189,15 @@ def template_problem(template: str) -> str | None:
         sample = template.format(**_SAMPLE_FIELDS)
     except (KeyError, IndexError, ValueError) as exc:
         return f"unknown or broken field: {exc}"
-    if sample == template:  # KeyPolicy.check refuses a key equal to the prefix
+    if all(name is None for _, name in _fields(template)):
         return "has no field, so every upload would get the same key"
     return malformed(sample)
 
 
 def unique_keys(template: str) -> bool:
-    """Does every upload get a key of its own (a fresh ``{uuid}`` in it)?"""
-    return "{uuid}" in template
+    """Does every upload get a key of its own (a fresh ``{uuid}`` in it; ``{{uuid}}`` is
+    the literal text)?"""
+    return any(name == "uuid" for _, name in _fields(template))
 
 
 @dataclass(frozen=True)

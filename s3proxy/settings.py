@@ -60,16 +60,27 @@ def format_size(n: int) -> str:
     return str(n)
 
 
+#: botocore's check of a region name (botocore.utils.validate_region_name: a host label),
+#: but not empty (which it lets through, and the signer then refuses on every call).
+_REGION_RE = re.compile(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _DURATION_UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+#: The longest duration any setting takes: past it, dates and timers overflow (a tus
+#: URL's expiry past the year 9999, the sweep's timedelta) and no wait is meant.
+MAX_DURATION = 3650 * 86400.0
+
+
 def parse_duration(text: str) -> float:
-    """Seconds from ``90``, ``90s``, ``15m``, ``24h`` or ``7d``."""
+    """Seconds from ``90``, ``90s``, ``15m``, ``24h`` or ``7d``, at most 3650d."""
     m = _DURATION_RE.match(str(text).lower())
     if not m:
         raise ValueError(f"not a duration: {text!r} (use seconds or 90s, 15m, 24h, 7d)")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{text!r} is longer than the longest duration taken, 3650d")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
@@ -634,9 +645,12 @@ class Settings:
 
     @property
     def auth_configured(self) -> bool:
-        return bool(
-            self.api_key or self.token_secret or self.api_key_file or self.token_secret_file
-        )
+        """Whether any credential is really given: an empty key file or a blank key is
+        none (the authenticator would accept everyone)."""
+        try:
+            return bool(self.api_keys() or self.token_secrets())
+        except ValueError:  # an unreadable file: validate() names it
+            return bool(self.api_key_file or self.token_secret_file)
 
     def api_keys(self) -> tuple[str, ...]:
         return read_secrets(self.api_key, self.api_key_file)
@@ -667,6 +681,12 @@ class Settings:
             raise SettingsError("--presign-expiry must be between 1s and 7d (SigV4's limit)")
         if self.workers < 1:
             raise SettingsError("--workers must be at least 1")
+        if self.s3_max_connections < 1 or self.s3_max_attempts < 1:
+            raise SettingsError("--s3-max-connections and --s3-max-attempts must be at least 1")
+        if not _REGION_RE.fullmatch(self.region):
+            raise SettingsError(f"--region {self.region!r} is not a region name like eu-west-1")
+        if not str(self.data_dir).strip() or str(self.data_dir) == ".":
+            raise SettingsError("--data-dir must name a directory (default ./s3proxy-data)")
         if (self.cleanup_interval or 0) < 0 or (self.cleanup_older_than or 60) < 60:
             raise SettingsError(
                 "--cleanup-interval must be >= 0 and --cleanup-older-than at least 1m"

@@ -12,6 +12,8 @@ from s3proxy.keys import (
     make_key,
     sanitize_filename,
     template_prefix,
+    template_problem,
+    unique_keys,
 )
 
 TEMPLATE = "uploads/{yyyy}/{mm}/{uuid}/{filename}"
@@ -105,3 +107,12 @@ def test_sanitize_is_idempotent(raw: str) -> None:
     once = sanitize_filename(raw)
     assert sanitize_filename(once) == once
     assert make_key(TEMPLATE, once, now=NOW, upload_id="u").rsplit("/", 1)[-1] == once
+
+
+def test_escaped_braces_are_literal_text_not_fields() -> None:
+    """``{{uuid}}`` is the text {uuid}: keys from it are not unique (it counted as a
+    {uuid} field, so --no-overwrite stayed off and uploads replaced each other)."""
+    assert not unique_keys("esc/{{uuid}}/{filename}")
+    assert unique_keys("esc/{{x}}/{uuid}/{filename}")
+    assert template_prefix("a{{b}}/{uuid}/{filename}") == "a{b}/"
+    assert template_problem("only/{{uuid}}") is not None

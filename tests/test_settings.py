@@ -96,6 +96,18 @@ def test_env_list() -> None:
         (["--token-secret", "s" * 31], {}, "at least 32 bytes"),
         (["--token-secret-file", "/nonexistent/secrets"], {}, "--token-secret-file: cannot read"),
         (["--api-key-file", "/nonexistent/keys"], {}, "--api-key-file: cannot read"),
+        # found by a probe of every setting: each started a proxy that failed later
+        (["--region", ""], {}, "--region '' is not a region name"),
+        (["--region", "bad region"], {}, "not a region name"),
+        ([], {"S3PROXY_REGION": ""}, "not a region name"),
+        (["--s3-max-connections", "-1"], {}, "--s3-max-connections"),
+        (["--s3-max-connections", "0"], {}, "--s3-max-connections"),
+        (["--s3-max-attempts", "0"], {}, "--s3-max-attempts"),
+        ([], {"S3PROXY_DATA_DIR": ""}, "--data-dir must name a directory"),
+        (["--client-timeout", "99999999999d"], {}, "longest duration"),
+        (["--tus-expiry", "3651d"], {}, "--tus-expiry: '3651d' is longer"),
+        (["--host", "0.0.0.0", "--api-key", " "], {}, "without authentication"),
+        (["--host", "0.0.0.0", "--token-secret", "   "], {}, "without authentication"),
         # a comment an env file kept after the value (systemd does): its words were API keys
         (
             [],
@@ -223,3 +235,16 @@ def test_each_worker_gets_its_own_metrics_port() -> None:
     assert worker_listen("[::1]:9100", 1) == "[::1]:9101"
     with pytest.raises(SettingsError, match="port \\+ i"):
         load(["--metrics-listen", "127.0.0.1:65535", "--workers", "2"])
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n\n"])
+def test_an_empty_key_file_is_no_authentication(tmp_path: Path, text: str) -> None:
+    """Regression: an API key file with no key passed the public-address check, and the
+    proxy then served everyone without authentication."""
+    keys = tmp_path / "keys"
+    keys.write_text(text)
+    for flag in ("--api-key-file", "--token-secret-file"):
+        with pytest.raises(SettingsError, match="without authentication"):
+            load(["--host", "0.0.0.0", flag, str(keys)], {})
+    keys.write_text("k" * 24 + "\n")
+    assert load(["--host", "0.0.0.0", "--api-key-file", str(keys)], {}).api_keys() == ("k" * 24,)
