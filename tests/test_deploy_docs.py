@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from s3proxy.keys import template_prefix
 from s3proxy.settings import Settings
+from s3proxy.tus_url import RESERVED_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
 GUIDE = REPO / "docs" / "deploy.md"
@@ -83,6 +85,18 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     # and it gives the drain its time: TimeoutStopSec >= drain delay + shutdown timeout
     stop = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE).group(1))  # type: ignore[union-attr]
     assert stop >= 6 + 30
+
+
+def test_the_iam_policy_covers_the_keys_the_proxy_writes() -> None:
+    """Regression: the objects' resource was the key template's prefix only, so every
+    POST /tus/ (its state under .s3proxy/tus/) was refused AccessDenied by S3."""
+    policy = json.loads((DEPLOY / "iam-policy.json").read_text())
+    [objects] = [st for st in policy["Statement"] if "s3:PutObject" in st["Action"]]
+    resources = objects["Resource"]
+    resources = [resources] if isinstance(resources, str) else resources
+    covered = [r.removeprefix("arn:aws:s3:::my-uploads/").removesuffix("*") for r in resources]
+    for key in (template_prefix(Settings().key_template) + "x", RESERVED_PREFIX + "id/state"):
+        assert any(key.startswith(prefix) for prefix in covered), key
 
 
 def test_the_iam_policy_names_what_the_proxy_calls() -> None:
