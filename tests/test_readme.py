@@ -8,6 +8,7 @@ embedded store in the e2e suite's spirit by hand: see the commit that added this
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import re
 import shlex
@@ -17,6 +18,7 @@ import pytest
 
 from s3proxy import errors
 from s3proxy.cli import build_parser
+from s3proxy.settings import Settings
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 SHELL_BLOCKS = re.findall(r"```sh\n(.*?)```", README, re.S)
@@ -81,6 +83,13 @@ def test_every_flag_the_readme_names_exists() -> None:
     ours = set().union(*(flags_of(p) for p in subcommands().values()))
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9](?![\w*-])", README))
     assert named - ours - OTHER_FLAGS == set()
+
+
+def test_the_settings_table_has_every_setting() -> None:
+    """README says `serve --help` lists the same: the table had lost two settings."""
+    rows = set(re.findall(r"^\| `(--[a-z0-9-]+)` \| `S3PROXY_", README, flags=re.MULTILINE))
+    settings = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(Settings) if f.init}
+    assert settings - rows == set()
 
 
 def test_commands_in_examples_take_the_flags_shown() -> None:
