@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -248,3 +249,15 @@ def test_an_empty_key_file_is_no_authentication(tmp_path: Path, text: str) -> No
             load(["--host", "0.0.0.0", flag, str(keys)], {})
     keys.write_text("k" * 24 + "\n")
     assert load(["--host", "0.0.0.0", "--api-key-file", str(keys)], {}).api_keys() == ("k" * 24,)
+
+
+def test_settings_warn_once_when_asked_not_when_made(caplog: pytest.LogCaptureFixture) -> None:
+    """A warning printed while the settings were made came before the log's format was
+    set (a raw line in --log-format json output), and again for every copy made."""
+    argv = ["--key-template", "docs/{filename}", "--no-overwrite", "false"]
+    with caplog.at_level(logging.WARNING, logger="s3proxy"):
+        settings = load(argv, {})
+        dataclasses.replace(settings, max_connections=10)
+        assert caplog.records == []
+        settings.log_warnings()
+    assert [r.getMessage().split()[0] for r in caplog.records] == ["settings.overwrite"]
