@@ -31,11 +31,13 @@ Invariants:
   and is sent once more; refused again, the upload fails (502 UPSTREAM_CORRUPTION).
 - Resumed (``Resumed``, for tus): the machine starts where the stored bytes end; the
   staged bytes of the unfinished part are loaded (``Staging.load``) into the part's
-  reservation only when the part is sent, their CRC combined with the new bytes' (no
-  second pass); a request that ends inside the file hands its tail to
-  ``Staging.stage`` and returns None. A failed resumed request aborts nothing: the parts
-  S3 acknowledged (``acknowledged``) and a multipart upload it made (``created_here``)
-  are the caller's to keep or abort, and what earlier requests stored stays.
+  reservation only when the part is sent, their CRC (the loader's, who checked them
+  against the CRCs they were staged with) combined with the new bytes'; a request that
+  ends inside the file hands its tail to ``Staging.stage`` with its CRC (``PartCrcs``'
+  running value: no second pass) and returns None. A failed resumed request aborts
+  nothing: the parts S3 acknowledged (``acknowledged``) and a multipart upload it made
+  (``created_here``) are the caller's to keep or abort, and what earlier requests stored
+  stays.
 - While it fills a reserved part, the upload is a budget ``Holder``: under memory
   pressure the budget may evict it for filling below ``min_rate``; eviction only
   expires its pending client read, so the 408 takes the normal error path (abort,
@@ -174,15 +176,29 @@ class StoredFile:
         }
 
 
-class Staging(Protocol):
-    """Where a resumed file keeps the bytes of its unfinished part between requests."""
+@dataclass(frozen=True)
+class Staged:
+    """The staged bytes of a part, as loaded, and their CRC if the loader computed it
+    (checking them against the CRCs they were staged with): then no second pass here."""
 
-    async def load(self) -> list[bytes]:
+    chunks: list[bytes]
+    crc: CrcValue | None = None
+
+
+class Staging(Protocol):
+    """Where a resumed file keeps the bytes of its unfinished part between requests. What
+    is staged comes back checked: ``stage`` gets the CRC of the bytes as they arrived,
+    ``load`` must not return other bytes (it fails instead)."""
+
+    async def load(self) -> Staged:
         """The staged bytes of the part this request continues, in order."""
         ...
 
-    async def stage(self, number: int, start: int, chunks: list[Chunk], size: int) -> None:
-        """Keep this request's ``size`` bytes of part ``number`` (from file offset ``start``)."""
+    async def stage(
+        self, number: int, start: int, chunks: list[Chunk], size: int, crc: CrcValue | None
+    ) -> None:
+        """Keep this request's ``size`` bytes of part ``number`` (from file offset ``start``);
+        ``crc`` is theirs (None with the checksum off)."""
         ...
 
 
@@ -241,6 +257,17 @@ class PartCrcs:
         if number == self._number:
             self._next()
         return self._done.pop(number)
+
+
+def _crc_of_staged(loaded: Staged, algorithm: Algorithm) -> CrcValue:
+    """The staged bytes' CRC: the loader's when it has one (it read them for it), else
+    one pass here."""
+    if loaded.crc is not None and loaded.crc.algorithm is algorithm:
+        return loaded.crc
+    running = Crc(algorithm)
+    for chunk in loaded.chunks:
+        running.update(chunk)
+    return running.result()
 
 
 def abort_reason(exc: BaseException) -> str:
@@ -509,8 +536,11 @@ class FileUpload:
                         self._content_type(first)
                     verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
                     await self._drain()  # the parts this request sent are acknowledged
+                    crc = None
+                    if crcs is not None and action.size:
+                        crc = self._tail_crc(crcs, action)
                     await resume.staging.stage(
-                        action.number, action.start, action.chunks, action.size
+                        action.number, action.start, action.chunks, action.size, crc
                     )
                     return None
                 else:
@@ -531,16 +561,23 @@ class FileUpload:
         if self._staged is None:
             assert self.resume is not None
             loaded = await self.resume.staging.load()
-            if sum(len(c) for c in loaded) != staged:
+            if sum(len(c) for c in loaded.chunks) != staged:
                 raise ProxyError(INTERNAL, "the staged bytes are not the size recorded")
-            self._staged = loaded
+            self._staged = loaded.chunks
             if self.cfg.checksum is not None:
-                running = Crc(self.cfg.checksum)
-                for chunk in loaded:
-                    running.update(chunk)
-                self._staged_crc = running.result()
+                self._staged_crc = _crc_of_staged(loaded, self.cfg.checksum)
             self._staged_sent += staged
         return [*self._staged, *chunks]
+
+    @staticmethod
+    def _tail_crc(crcs: PartCrcs, action: Stage) -> CrcValue:
+        """The CRC of this request's bytes of the part it stages: ``PartCrcs`` began this
+        request at its first byte (a part's staged bytes are not fed again), so it is the
+        running CRC of that part, whether the request began inside it or not."""
+        crc = crcs.take(action.number)
+        if crc.length != action.size:
+            raise ProxyError(INTERNAL, f"staged {action.size} bytes with a CRC of {crc.length}")
+        return crc
 
     def _crc_with_staged(self, crc: CrcValue) -> CrcValue:
         """A part's CRC: its staged bytes' (if any) followed by the new bytes'."""

@@ -9,10 +9,11 @@ import logging
 from aiohttp import web
 
 from s3proxy.body import Chunk
+from s3proxy.checksums import Algorithm, CrcValue
 from s3proxy.errors import CLIENT_TIMEOUT, FILE_TOO_LARGE, REQUEST_TOO_LARGE, ProxyError
 from s3proxy.form import ClientWatch, TransportFlow, next_chunk
 from s3proxy.janitor import run_cleanup
-from s3proxy.pipeline import FileUpload
+from s3proxy.pipeline import FileUpload, Staged
 from s3proxy.state import AppState
 from s3proxy.tus_state import Part, Segment, TusState, TusStore, part_length
 
@@ -74,13 +75,22 @@ class Appended:
         self.segment: Segment | None = None
         self.tail_start: int | None = None
 
-    async def load(self) -> list[bytes]:
-        return await self.store.load(self.current.segments)
+    async def load(self) -> Staged:
+        """The staged bytes, checked against their CRCs (``TusStore.load``)."""
+        checksum = self.current.checksum
+        algorithm = None if checksum is None else Algorithm(checksum)
+        chunks, crc = await self.store.load(self.current.segments, algorithm)
+        return Staged(chunks, crc)
 
-    async def stage(self, number: int, start: int, chunks: list[Chunk], size: int) -> None:
+    async def stage(
+        self, number: int, start: int, chunks: list[Chunk], size: int, crc: CrcValue | None
+    ) -> None:
         self.tail_start = start
-        if size:
-            self.segment = await self.store.put_segment(start, chunks, size)
+        if not size:
+            return
+        if crc is not None and crc.algorithm.value != self.current.checksum:
+            crc = None  # not the upload's algorithm (an instance set otherwise): not recorded
+        self.segment = await self.store.put_segment(start, chunks, size, crc)
 
     def _new_parts(self) -> list[Part]:
         assert self.file is not None

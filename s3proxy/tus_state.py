@@ -2,8 +2,9 @@
 
 Layout, under the reserved prefix (``tus_url.RESERVED_PREFIX``)::
 
-    .s3proxy/tus/<id>/state          JSON: offset, upload id, content type, committed parts
-                                     (number, ETag, size, CRC), staged segments, the lock
+    .s3proxy/tus/<id>/state          JSON led by a sha256 of itself: offset, upload id,
+                                     content type, committed parts (number, ETag, size,
+                                     CRC), staged segments (and their CRCs), the lock
     .s3proxy/tus/<id>/seg/<start>-<n> bytes of the unfinished part, one object per PATCH
 
 **The commit point is the state object.** A PATCH writes its bytes first (UploadPart for
@@ -36,10 +37,27 @@ new holder also uploaded; the committed ETag then no longer matches and
 CompleteMultipartUpload refuses the upload (InvalidPart) rather than store mixed bytes.
 The compare-and-swap needs ``If-Match`` on PutObject: S3 (since 2024-11), moto 5.x and
 SeaweedFS 4.48 have it (tests/test_s3_contract.py, tests/test_tus_e2e.py).
+
+**What is read back is checked.** The state and the segments are the only bytes the proxy
+reads back from S3 and builds on, so a bit changed on the way (either way) must not be
+believed:
+
+- a segment goes to S3 with the CRC of its bytes, computed as they arrived (S3 refuses
+  other bytes: BadDigest, resent once), and the state records that CRC; read back, the
+  bytes are checked against it (read once more on a mismatch, then 502
+  UPSTREAM_CORRUPTION: the PATCH commits nothing and the upload stays where it was);
+- the state record starts with a sha256 of the rest of its bytes (still JSON, so an
+  instance running older code reads it), carries the upload's CRC to S3 when it has one,
+  and must hold together (offset = parts + segments, parts 1..n, segments contiguous);
+  one that does not is read once more, then 502 UPSTREAM_CORRUPTION. A state without the
+  check was written by older code: it is read, invariants checked, and checked from its
+  next swap on.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import uuid
@@ -48,16 +66,49 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from s3proxy.body import Chunk
-from s3proxy.checksums import Algorithm, CrcValue, decode_b64
-from s3proxy.errors import INTERNAL, ProxyError
+from s3proxy.checksums import Algorithm, Crc, CrcValue, decode_b64
+from s3proxy.errors import INTERNAL, UPSTREAM_CORRUPTION, ProxyError
 from s3proxy.parts import TIER_PARTS, PartPlan
-from s3proxy.s3 import NoSuchKey, ObjectOptions, ObjectStore
+from s3proxy.s3 import BadDigest, NoSuchKey, ObjectOptions, ObjectStore, Written
 from s3proxy.tus_url import TusUpload
 
 log = logging.getLogger("s3proxy.tus")
 
 STATE_OPTIONS = ObjectOptions("application/json")
 SEGMENT_OPTIONS = ObjectOptions("application/octet-stream")
+
+# A state record begins with the sha256 (hex) of the bytes after ``",``: a byte changed
+# anywhere in the record, the check included, fails it; the record stays one JSON object.
+CHECK_PREFIX = b'{"check":"'
+CHECK_WIDTH = 64
+# The fields of a state written before the check: exactly these (a subset: ``length`` and
+# ``checksum`` came later). Any other key in an unchecked record is a changed byte (in
+# ``check`` itself, say), not an old state.
+UNCHECKED_FIELDS = frozenset(
+    (
+        "offset",
+        "key",
+        "length",
+        "upload_id",
+        "content_type",
+        "checksum",
+        "parts",
+        "segments",
+        "lock",
+    )
+)
+
+
+class CorruptState(ProxyError):
+    """The state read back is not a whole state this proxy wrote: the bytes changed on the
+    way or at rest. UPSTREAM_CORRUPTION (502), never believed."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(
+            UPSTREAM_CORRUPTION,
+            f"this upload's state read back from S3 is corrupted ({why}); nothing was changed",
+        )
+        self.why = why
 
 
 @dataclass(frozen=True)
@@ -94,6 +145,7 @@ class Segment:
     key: str
     start: int
     size: int
+    crc: str | None = None  # base64, of its bytes as they arrived; None: --checksum off or older
 
 
 @dataclass(frozen=True)
@@ -138,13 +190,39 @@ class TusState:
         }
 
     def to_bytes(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        """The record: the fields as JSON, led by the sha256 of the bytes after it (see
+        ``CHECK_PREFIX``). INTERNAL for a state that breaks an invariant: it would be
+        refused when read, so it is never written."""
+        why = self.inconsistency()
+        if why is not None:
+            raise ProxyError(INTERNAL, f"refusing to write an inconsistent tus state: {why}")
+        rest = json.dumps(self._fields(), separators=(",", ":")).encode()[1:]
+        return CHECK_PREFIX + _check(rest) + b'",' + rest
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "offset": self.offset,
+            "key": self.key,
+            "length": self.length,
+            "upload_id": self.upload_id,
+            "content_type": self.content_type,
+            "checksum": self.checksum,
+            "parts": [asdict(p) for p in self.parts],
+            # Each segment with the fields it always had, its CRC beside it: older code
+            # (a rolling upgrade) makes a Segment of every field it finds in one.
+            "segments": [{"key": s.key, "start": s.start, "size": s.size} for s in self.segments],
+            "segment_crcs": {s.key: s.crc for s in self.segments if s.crc is not None},
+            "lock": None if self.lock is None else asdict(self.lock),
+        }
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> TusState:
+        """The state a record holds; CorruptState if its check fails, it is no state, or
+        it breaks an invariant."""
+        data = _record(raw)
         try:
-            data: dict[str, Any] = json.loads(raw)
-            return cls(
+            crcs: dict[str, str] = data.get("segment_crcs") or {}
+            state = cls(
                 offset=int(data["offset"]),
                 key=str(data["key"]),
                 length=data.get("length"),
@@ -152,11 +230,78 @@ class TusState:
                 content_type=str(data["content_type"]),
                 checksum=data.get("checksum"),
                 parts=[Part(**p) for p in data["parts"]],
-                segments=[Segment(**s) for s in data["segments"]],
+                segments=[
+                    Segment(str(s["key"]), int(s["start"]), int(s["size"]), crcs.get(s["key"]))
+                    for s in data["segments"]
+                ],
                 lock=None if data["lock"] is None else Lock(**data["lock"]),
             )
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ProxyError(INTERNAL, f"unreadable tus state: {exc}") from exc
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise CorruptState(f"not a tus state: {exc!r}") from exc
+        why = state.inconsistency()
+        if why is not None:
+            raise CorruptState(why)
+        return state
+
+    def inconsistency(self) -> str | None:
+        """Why no PATCH could have committed this state; None if one could: the offset
+        counts exactly the bytes of the parts and segments, parts are 1..n, segments follow
+        the parts without a gap, CRCs are ones of the upload's algorithm."""
+        numbers = [p.number for p in self.parts]
+        if numbers != list(range(1, len(numbers) + 1)):
+            return f"parts numbered {numbers}, not 1..{len(numbers)}"
+        if any(p.size < 0 for p in self.parts) or any(s.size <= 0 for s in self.segments):
+            return "a part of a negative size, or an empty segment"
+        end = sum(p.size for p in self.parts)
+        for seg in self.segments:
+            if seg.start != end:
+                return f"a segment starts at {seg.start}, not at {end}"
+            end += seg.size
+        if self.offset != end:
+            return f"offset {self.offset} is not the {end} bytes of its parts and segments"
+        if self.length is not None and not 0 <= self.offset <= self.length:
+            return f"offset {self.offset} is past the length {self.length}"
+        if self.parts and self.upload_id is None:
+            return "parts without a multipart upload"
+        return self._crc_inconsistency()
+
+    def _crc_inconsistency(self) -> str | None:
+        crcs = [p.crc for p in self.parts] + [s.crc for s in self.segments]
+        if self.checksum is None:
+            return None if crcs == [None] * len(crcs) else "CRCs without an algorithm"
+        try:
+            algorithm = Algorithm(self.checksum)
+            for crc in crcs:
+                if crc is not None:
+                    decode_b64(algorithm, crc)
+        except ValueError as exc:
+            return f"checksum: {exc}"
+        return None
+
+
+def _check(rest: bytes) -> bytes:
+    return hashlib.sha256(rest).hexdigest().encode()
+
+
+def _record(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a state record whose check holds, or of an older record without
+    one (the old fields only); CorruptState otherwise."""
+    checked = raw.startswith(CHECK_PREFIX)
+    if checked:
+        end = len(CHECK_PREFIX) + CHECK_WIDTH
+        rest = raw[end + 2 :]
+        if raw[end : end + 2] != b'",' or raw[len(CHECK_PREFIX) : end] != _check(rest):
+            raise CorruptState("its sha256 does not match its bytes")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise CorruptState(f"not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CorruptState("not a JSON object")
+    if not checked and not data.keys() <= UNCHECKED_FIELDS:
+        unknown = sorted(data.keys() - UNCHECKED_FIELDS)
+        raise CorruptState(f"no check, and fields no state without one has: {unknown}")
+    return data
 
 
 class TusStore:
@@ -169,7 +314,19 @@ class TusStore:
 
     async def read(self) -> tuple[TusState, str] | None:
         """The committed state and its ETag; None if there is none (never made, finished,
-        terminated)."""
+        terminated). A corrupted state is read once more (the bytes may have changed on the
+        way), then CorruptState."""
+        try:
+            return await self._read_once()
+        except CorruptState as err:
+            log.warning("tus.state_corrupted id=%s why=%r action=reread", self.upload.id, err.why)
+        try:
+            return await self._read_once()
+        except CorruptState as err:
+            log.error("tus.state_corrupted id=%s why=%r action=refused", self.upload.id, err.why)
+            raise CorruptState(f"{err.why}; read twice") from err
+
+    async def _read_once(self) -> tuple[TusState, str] | None:
         try:
             async with await self.bucket.get(self.state_key) as body:
                 raw = bytearray()
@@ -183,30 +340,114 @@ class TusStore:
         return TusState.from_bytes(bytes(raw)), etag
 
     async def create(self, state: TusState) -> str:
-        written = await self.bucket.put(
-            self.state_key, [state.to_bytes()], STATE_OPTIONS, if_none_match=True
-        )
-        return written.etag
+        return await self._put_state(state, if_none_match=True)
 
     async def swap(self, state: TusState, etag: str) -> str:
         """Replace the state read as ``etag`` (PreconditionFailed/NoSuchKey if it changed)."""
-        written = await self.bucket.put(
-            self.state_key, [state.to_bytes()], STATE_OPTIONS, if_match=etag
+        return await self._put_state(state, if_match=etag)
+
+    async def _put_state(
+        self, state: TusState, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        """The state with the CRC of its record when the upload has an algorithm (S3
+        refuses it changed on the way in; its own check covers the way back)."""
+        raw = state.to_bytes()
+        crc = None if state.checksum is None else crc_of([raw], Algorithm(state.checksum))
+        written = await self._put_verified(
+            self.state_key,
+            [raw],
+            STATE_OPTIONS,
+            crc,
+            "the tus state",
+            if_none_match=if_none_match,
+            if_match=if_match,
         )
         return written.etag
 
-    async def put_segment(self, start: int, chunks: Sequence[Chunk], size: int) -> Segment:
+    async def put_segment(
+        self, start: int, chunks: Sequence[Chunk], size: int, crc: CrcValue | None
+    ) -> Segment:
+        """Store a PATCH's tail with ``crc``, the CRC of its bytes as they arrived (None
+        without a checksum): S3 verifies it, and ``load`` checks the bytes read back."""
         key = f"{self.upload.prefix}seg/{start:016d}-{uuid.uuid4().hex[:12]}"
-        await self.bucket.put(key, chunks, SEGMENT_OPTIONS)
-        return Segment(key, start, size)
+        await self._put_verified(key, chunks, SEGMENT_OPTIONS, crc, f"the staged bytes at {start}")
+        return Segment(key, start, size, None if crc is None else crc.b64())
 
-    async def load(self, segments: Sequence[Segment]) -> list[bytes]:
+    async def _put_verified(
+        self,
+        key: str,
+        data: Sequence[Chunk],
+        options: ObjectOptions,
+        crc: CrcValue | None,
+        what: str,
+        **conditions: Any,
+    ) -> Written:
+        """PutObject carrying ``crc``. BadDigest (S3 computed another CRC: the bytes changed
+        on the way, nothing was stored) is sent once more from memory, as a part is (no
+        ``If-*`` condition has changed meanwhile); refused again, UPSTREAM_CORRUPTION."""
+        put = functools.partial(self.bucket.put, key, data, options, checksum=crc, **conditions)
+        try:
+            return await put()
+        except BadDigest as exc:
+            log.warning(
+                "tus.bad_digest id=%s what=%r reason=%s action=resend",
+                self.upload.id,
+                what,
+                exc.reason,
+            )
+        try:
+            return await put()
+        except BadDigest as exc:
+            raise ProxyError(
+                UPSTREAM_CORRUPTION,
+                f"S3 refused {what} twice as corrupted on the way to it ({exc.reason}); "
+                "nothing of this request was kept",
+            ) from exc
+
+    async def load(
+        self, segments: Sequence[Segment], algorithm: Algorithm | None
+    ) -> tuple[list[bytes], CrcValue | None]:
+        """The segments' bytes in order, each checked against the CRC it was stored with,
+        and their CRC (computed here, so nobody reads them again for it; None without an
+        algorithm). A segment that does not match is read once more, then 502
+        UPSTREAM_CORRUPTION."""
         out: list[bytes] = []
+        total = None if algorithm is None else CrcValue(algorithm, 0, 0)
         for seg in segments:
-            async with await self.bucket.get(seg.key) as body:
-                while chunk := await body.read(256 * 1024):
-                    out.append(chunk)
-        return out
+            chunks, crc = await self._load_segment(seg, algorithm)
+            out += chunks
+            if total is not None and crc is not None:
+                total = total.then(crc)
+        return out, total
+
+    async def _load_segment(
+        self, seg: Segment, algorithm: Algorithm | None
+    ) -> tuple[list[bytes], CrcValue | None]:
+        chunks, crc = await self._read_segment(seg, algorithm)
+        if _intact(seg, crc):
+            return chunks, crc
+        log.warning("tus.segment_corrupted id=%s key=%s action=reread", self.upload.id, seg.key)
+        chunks, crc = await self._read_segment(seg, algorithm)
+        if _intact(seg, crc):
+            return chunks, crc
+        log.error("tus.segment_corrupted id=%s key=%s action=refused", self.upload.id, seg.key)
+        raise ProxyError(
+            UPSTREAM_CORRUPTION,
+            f"the staged bytes at offset {seg.start} of this upload, read back from S3 twice, "
+            "are not the bytes stored; nothing of this PATCH was kept (resume it later)",
+        )
+
+    async def _read_segment(
+        self, seg: Segment, algorithm: Algorithm | None
+    ) -> tuple[list[bytes], CrcValue | None]:
+        running = None if algorithm is None else Crc(algorithm)
+        out: list[bytes] = []
+        async with await self.bucket.get(seg.key) as body:
+            while chunk := await body.read(256 * 1024):
+                out.append(chunk)
+                if running is not None:
+                    running.update(chunk)
+        return out, None if running is None else running.result()
 
     async def delete_segments(self, segments: Sequence[Segment]) -> None:
         for seg in segments:
@@ -216,6 +457,21 @@ class TusStore:
         """Delete every object under the upload's prefix, the state last (so a removal cut
         short leaves a state the sweep still finds); how many were deleted."""
         return await remove_prefix(self.bucket, self.upload.prefix, last=self.state_key)
+
+
+def crc_of(chunks: Sequence[Chunk], algorithm: Algorithm) -> CrcValue:
+    running = Crc(algorithm)
+    for chunk in chunks:
+        running.update(chunk)
+    return running.result()
+
+
+def _intact(seg: Segment, crc: CrcValue | None) -> bool:
+    """The bytes read back are the segment's: their CRC (and length) is the one recorded.
+    True when there is nothing to compare (--checksum off, or stored by older code)."""
+    if seg.crc is None or crc is None:
+        return True
+    return crc == CrcValue(crc.algorithm, decode_b64(crc.algorithm, seg.crc), seg.size)
 
 
 async def remove_prefix(bucket: ObjectStore, prefix: str, last: str | None = None) -> int:

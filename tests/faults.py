@@ -2,7 +2,10 @@
 S3 calls answered by errors, delays or dropped connections, or carried out by S3 with
 the answer arriving too late (``Fault.late``: S3 did the write, the proxy cannot know),
 or forwarded with one byte of the body flipped (``Fault.flip``: corruption in transit), or
-forwarded with S3's answer changed on the way back (``Fault.answer``).
+forwarded with S3's answer changed (``Fault.answer``) or one byte of it flipped
+(``Fault.flip_answer``) on the way back.
+Calls are named by ``operation`` unless ``name`` says otherwise (to tell a tus state from
+a segment, say: ``tus_operation``).
 
 In front of a store that checks signatures (SeaweedFS), pass ``keep_host=True``: SigV4
 signs the Host header, so it must reach the store as the client sent it."""
@@ -32,6 +35,7 @@ class Fault:
     drop: bool = False  # close the connection without an answer
     late: float = 0.0  # forward to S3 first, then sleep before answering: the answer is lost
     flip: bool = False  # forward with one bit of the body's middle byte flipped
+    flip_answer: bool = False  # answer with one bit of the answer body's middle byte flipped
     body: bytes | None = None  # with ``status``: answer this body instead of S3's error
     # forward, then change S3's answer (its headers, or its body: web.Response.body)
     answer: Callable[[web.Response], None] | None = None
@@ -73,6 +77,20 @@ def operation(request: web.Request) -> str:
     return request.method
 
 
+def tus_operation(request: web.Request) -> str:
+    """``operation``, with ``:state`` or ``:segment`` for a tus upload's own objects."""
+    op = operation(request)
+    if "/.s3proxy/tus/" in request.path:
+        return op + (":segment" if "/seg/" in request.path else ":state")
+    return op
+
+
+def flipped(body: bytes) -> bytes:
+    out = bytearray(body)
+    out[len(out) // 2] ^= 0x01
+    return bytes(out)
+
+
 @dataclass
 class FaultyS3:
     upstream: str
@@ -82,22 +100,21 @@ class FaultyS3:
     keep_host: bool = False  # forward the Host header as sent (for stores that verify SigV4)
     headers: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # (op, lower-cased)
     bodies: list[tuple[str, bytes]] = field(default_factory=list)  # (op, the body as sent)
+    name: Callable[[web.Request], str] = operation  # what ``rule`` and ``calls`` see
 
     @property
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        op = operation(request)
+        op = self.name(request)
         self.calls.append(op)
         fault = self.rule(op, self.calls.count(op))
         body = await request.read()
         self.headers.append((op, {k.lower(): v for k, v in request.headers.items()}))
         self.bodies.append((op, body))
         if fault is not None and fault.flip and body:
-            flipped = bytearray(body)
-            flipped[len(flipped) // 2] ^= 0x01
-            body = bytes(flipped)
+            body = flipped(body)
         if fault is not None:
             if fault.delay:
                 await asyncio.sleep(fault.delay)
@@ -118,6 +135,8 @@ class FaultyS3:
             request.method, self.upstream + request.path_qs, headers=headers, data=io.BytesIO(body)
         ) as resp:
             payload = await resp.read()
+            if fault is not None and fault.flip_answer and payload:
+                payload = flipped(payload)
             out: web.StreamResponse = web.Response(status=resp.status, body=payload)
             if request.method == "HEAD":  # the object's length, not the empty body's
                 out = web.StreamResponse(status=resp.status)

@@ -22,7 +22,7 @@ from s3proxy.errors import ProxyError
 from s3proxy.state import STATE
 from s3proxy.tus import TUS
 from s3proxy.tus_lease import Lease
-from s3proxy.tus_state import Lock, TusState, TusStore
+from s3proxy.tus_state import Lock, Segment, TusState, TusStore
 from s3proxy.tus_url import TusUpload
 from tests.conftest import ProxyFactory
 from tests.faults import Fault, FaultyS3
@@ -423,6 +423,13 @@ async def _leased(store: TusStore) -> Lease:
     return lease
 
 
+def seven_staged(store: TusStore) -> TusState:
+    """A state after a PATCH of 7 bytes (a state adds up: its offset is its segments')."""
+    return TusState(
+        key=store.upload.key, offset=7, segments=[Segment(store.upload.prefix + "seg/0", 0, 7)]
+    )
+
+
 async def test_a_commit_recognises_its_own_swap_whose_answer_was_lost() -> None:
     """A swap of the lease landed at S3 but its answer never came (a timeout): the lease's
     ETag is stale, yet the state carries its owner, so the commit goes through."""
@@ -430,7 +437,7 @@ async def test_a_commit_recognises_its_own_swap_whose_answer_was_lost() -> None:
     lease = await _leased(store)
     landed = dataclasses.replace(lease.state, lock=Lock(lease.owner, time.time() + 60))
     await store.swap(landed, lease.etag)  # the lease never learns this ETag
-    assert await lease.commit(TusState(key=store.upload.key, offset=7)) == 7
+    assert await lease.commit(seven_staged(store)) == 7
     found = await store.read()
     assert found is not None and found[0].offset == 7 and found[0].lock is None
 
@@ -445,7 +452,7 @@ async def test_a_commit_that_really_lost_its_lock_is_logged_and_drops_no_other_l
     other = dataclasses.replace(lease.state, lock=Lock("another-patch", time.time() + 60))
     await store.swap(other, lease.etag)
     with caplog.at_level(logging.WARNING, "s3proxy.tus"), pytest.raises(ProxyError) as err:
-        await lease.commit(TusState(key=store.upload.key, offset=7))
+        await lease.commit(seven_staged(store))
     assert err.value.kind.code == "UPLOAD_LOCKED"
     assert f"tus.commit_lost_lock id={store.upload.id}" in caplog.text
     await lease.release()

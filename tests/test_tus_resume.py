@@ -15,7 +15,7 @@ from s3proxy.checksums import Algorithm, Crc, CrcValue
 from s3proxy.errors import ProxyError
 from s3proxy.machine import Resume
 from s3proxy.parts import plan_parts
-from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, Resumed, StoredFile
+from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, Resumed, Staged, StoredFile
 from tests.fake_client import ClientSource, MiB
 from tests.memory_s3 import MemoryS3
 from tests.test_tus import body
@@ -35,17 +35,30 @@ class Progress:
     total: int
     offset: int = 0
     staged: list[bytes] = field(default_factory=list)
+    staged_crc: CrcValue | None = None  # theirs, from the CRCs stage() was given
     upload_id: str | None = None
     content_type: str = ""
     etags: dict[int, str] = field(default_factory=dict)
     crcs: dict[int, CrcValue] = field(default_factory=dict)
-    tail: tuple[int, bytes] | None = None  # what the last request staged
+    tail: tuple[int, bytes, CrcValue | None] | None = None  # what the last request staged
 
-    async def load(self) -> list[bytes]:
-        return list(self.staged)
+    async def load(self) -> Staged:
+        return Staged(list(self.staged), self.staged_crc)
 
-    async def stage(self, number: int, start: int, chunks: list[Chunk], size: int) -> None:
-        self.tail = (start, b"".join(bytes(c) for c in chunks))
+    async def stage(
+        self, number: int, start: int, chunks: list[Chunk], size: int, crc: CrcValue | None
+    ) -> None:
+        tail = b"".join(bytes(c) for c in chunks)
+        # The CRC handed over is the one of exactly these bytes, also for a request that
+        # began inside the part (PartCrcs' running value, no second pass).
+        assert crc == (crc_of(tail) if size else None)
+        self.tail = (start, tail, crc)
+
+
+def crc_of(data: bytes) -> CrcValue:
+    running = Crc(Algorithm.CRC64NVME)
+    running.update(data)
+    return running.result()
 
 
 async def send(
@@ -69,12 +82,13 @@ async def send(
     assert budget.in_use == 0
     acked = upload.acknowledged()
     if len(acked) > len(p.etags):  # a part was sent: the staged bytes went into it
-        p.staged = []
+        p.staged, p.staged_crc = [], None
         p.offset = sum(plan.size(n) for n in acked)
     if p.tail is not None and p.tail[1]:
-        start, tail = p.tail
-        assert start == p.offset + sum(len(s) for s in p.staged)
+        start, tail, crc = p.tail
+        assert start == p.offset + sum(len(s) for s in p.staged) and crc is not None
         p.staged.append(tail)
+        p.staged_crc = crc if p.staged_crc is None else p.staged_crc.then(crc)
     p.etags = {n: e for n, (e, _) in acked.items()}
     p.crcs = {n: c for n, (_, c) in acked.items() if c is not None}
     p.upload_id = upload.upload_id
