@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from s3proxy import __version__
 from s3proxy import log as logsetup
@@ -77,8 +77,16 @@ class CommandError(Exception):
         self.status = status
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors as README's exit table says: one line, ``s3proxy: error:``,
+    exit 2 (argparse prints the whole usage first, 40 lines for serve)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"s3proxy: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="s3proxy",
         description="Stream multipart/form-data uploads into S3, "
         "with bounded memory and no temp files.",

@@ -99,6 +99,18 @@ def _show_auto_duration(seconds: float | None) -> str:
     return "auto" if seconds is None else format_duration(seconds)
 
 
+def _shown_default(default: Any, show: Callable[[Any], str] | None) -> str:
+    """A default as --help and README's table write it: ``auto`` for derived ones,
+    ``unset``, booleans as they are typed (``true``)."""
+    if show is _show_auto_duration:
+        return show(default)
+    if default is None or default == ():
+        return "unset"
+    if isinstance(default, bool):
+        return str(default).lower()
+    return show(default) if show else str(default)
+
+
 def _parse_opt_duration(text: str) -> float | None:
     """Empty (None: unset) or a duration."""
     return parse_duration(text) if str(text).strip() else None
@@ -819,8 +831,7 @@ class Settings:
             default = (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             )
-            show = meta["show"] or (lambda v: "unset" if v is None or v == () else str(v))
-            shown = show(default) if default not in (None, ()) else "unset"
+            shown = _shown_default(default, meta["show"])
             help_text = f"{meta['help']} [env {env}; default {shown}]"
             kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "default": None}
             if meta["choices"]:

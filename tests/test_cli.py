@@ -366,3 +366,22 @@ def test_ready_hint_matches_auth(tmp_path: Path, env: dict[str, str], hint: str)
     finally:
         assert proxy.stop() == 0
     assert "proxy.ready" in text and hint in text, text
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["serve", "--sse", "foo"], "--sse"),
+        (["serve", "--part-size", "-5MiB"], "--part-size"),
+        (["serve", "--port"], "--port"),
+        (["serve", "--bogus"], "--bogus"),
+        (["cleanup", "--older-than"], "--older-than"),
+        ([], "command"),
+    ],
+)
+def test_usage_errors_are_one_line(args: list[str], named: str) -> None:
+    """argparse printed the whole usage (43 lines for serve) and 's3proxy serve: error:';
+    README's exit table says one line, 's3proxy: error: ...', status 2."""
+    proc = cli(*args)
+    assert proc.returncode == 2
+    assert named in one_line_error(proc)

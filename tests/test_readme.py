@@ -140,3 +140,15 @@ def test_sign_example_uses_the_exact_size_and_extracts_the_url() -> None:
     assert sign
     for block in sign:
         assert "stat -c%s" in block and '["url"]' in block
+
+
+def test_the_settings_table_shows_the_defaults_help_shows() -> None:
+    """--help said 'default unset' for auto settings (README: auto) and True/False for
+    booleans (README: true/false); both now come from one rule."""
+    rows = dict(re.findall(r"^\| `(--[a-z0-9-]+)` \| `S3PROXY_\w+` \| `([^`]*)` \|", README, re.M))
+    shown = " ".join(subcommands()["serve"].format_help().split())
+    for f in dataclasses.fields(Settings):
+        if not f.init:
+            continue
+        flag, env = "--" + f.name.replace("_", "-"), "S3PROXY_" + f.name.upper()
+        assert f"[env {env}; default {rows[flag]}]" in shown, flag
