@@ -340,7 +340,7 @@ async def next_part(reader: MultipartReader) -> MultipartReader | BodyPartReader
         return None
     await reader._maybe_release_last_part()
     if reader._at_bof:
-        await reader._read_until_first_boundary()
+        await _read_preamble(reader)
         reader._at_bof = False
     else:
         await reader._read_boundary()
@@ -349,6 +349,33 @@ async def next_part(reader: MultipartReader) -> MultipartReader | BodyPartReader
     part = await reader.fetch_next_part()
     reader._last_part = part
     return part
+
+
+#: The most bytes before a form's first boundary (RFC 2046's preamble). Browsers and
+#: curl send none, mail-style clients a line; read a line at a time, as aiohttp does, a
+#: megabyte of empty lines costs a second of CPU, so a longer one is refused.
+MAX_PREAMBLE = 64 * 1024
+
+
+async def _read_preamble(reader: MultipartReader) -> None:
+    """aiohttp's ``_read_until_first_boundary``, with the preamble bounded."""
+    seen = 0
+    while True:
+        line = await reader._readline()
+        if line == b"":
+            raise ProxyError(MALFORMED_MULTIPART, "the body has no multipart boundary")
+        stripped = line.rstrip()
+        if stripped == reader._boundary:
+            return
+        if stripped == reader._boundary + b"--":
+            reader._at_eof = True
+            return
+        seen += len(line)
+        if seen > MAX_PREAMBLE:
+            raise ProxyError(
+                MALFORMED_MULTIPART,
+                f"no multipart boundary in the body's first {MAX_PREAMBLE // 1024} KiB",
+            )
 
 
 # RFC 7578 section 4.7: Content-Transfer-Encoding is deprecated in form-data; these
@@ -447,8 +474,15 @@ async def iter_form(
             source: ChunkSource = PartSource(part, watch, flow, whole_chunks=True)
             if not head.filename:
                 first = await source.read(limits.chunk_size)
-                if not first:
-                    continue  # a browser's unused file input
+                if not first:  # a browser's unused file input: skipped, counted as a field
+                    fields += 1
+                    if fields > limits.max_fields:
+                        raise ProxyError(
+                            TOO_MANY_FIELDS,
+                            f"more than {limits.max_fields} form fields (unused file inputs "
+                            "count as fields)",
+                        )
+                    continue
                 source = Replay(first, source)
             files += 1
             if files > limits.max_files:

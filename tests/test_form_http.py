@@ -16,7 +16,7 @@ import pytest
 from s3proxy.keys import content_disposition
 from tests import bodies
 from tests.bodies import MiB, raw_body, raw_part
-from tests.s3util import get_object_async, head_object_async
+from tests.s3util import all_keys_async, get_object_async, head_object_async
 
 TEXT = b"hello, world\n"
 
@@ -300,8 +300,9 @@ async def test_idle_client_in_part_headers_gets_408(
 async def test_oversized_preamble_is_refused_while_it_arrives(
     proxy_factory: Any, s3: Any, bucket: str
 ) -> None:
-    """--max-request-size holds while the preamble is read, not after it."""
-    proxy = await proxy_factory(max_request_size=1 * MiB, client_timeout=30.0)
+    """--max-request-size holds while the preamble is read, not after it (a limit below
+    the preamble's own, 64 KiB)."""
+    proxy = await proxy_factory(max_request_size=16 * 1024, client_timeout=30.0)
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(bodies.chunked_request_head())
     line = b"x" * 1000 + b"\r\n"
@@ -314,6 +315,43 @@ async def test_oversized_preamble_is_refused_while_it_arrives(
     status, payload = await read_response(reader, 5)
     writer.close()
     assert status == 413 and b"REQUEST_TOO_LARGE" in payload
+
+
+@pytest.mark.parametrize(
+    ("preamble", "expected"),
+    [
+        (b"This is a multi-part message in MIME format.\r\n", 201),
+        (b"x" * 1000 + b"\r\n" * 31_000, 201),  # just under 64 KiB
+        (b"\r\n" * 40_000, 400),  # 80,000 bytes: refused, not read line by line to its end
+    ],
+)
+async def test_a_preamble_is_bounded(
+    proxy_factory: Any, s3: Any, bucket: str, preamble: bytes, expected: int
+) -> None:
+    """A preamble is read a line at a time (aiohttp's readline): 10 MiB of empty lines
+    cost 11 s of CPU and stalled the event loop for seconds (/healthz 1.7 s p50)."""
+    proxy = await proxy_factory()
+    raw = raw_body(raw_part(b'form-data; name="file"; filename="a.txt"', TEXT), preamble=preamble)
+    status, out = await post(proxy, raw)
+    assert status == expected, out
+    if expected == 400:
+        assert out["error"]["code"] == "MALFORMED_MULTIPART"
+        assert "64 KiB" in out["error"]["message"]
+        assert await all_keys_async(s3, bucket) == []
+
+
+async def test_unused_file_inputs_count_as_fields(proxy_factory: Any, s3: Any, bucket: str) -> None:
+    """A browser's unused file input (filename="", no bytes) is skipped, but counted: 100,000
+    of them cost 8 s of CPU while no limit counted them."""
+    proxy = await proxy_factory(max_fields=5)
+    unused = raw_part(b'form-data; name="extra"; filename=""', b"")
+    field = raw_part(b'form-data; name="title"', b"Q3")
+    real = raw_part(b'form-data; name="file"; filename="a.txt"', TEXT)
+    status, out = await post(proxy, raw_body(field, *[unused] * 4, real))
+    assert status == 201 and [f["filename"] for f in out["files"]] == ["a.txt"], out
+    status, out = await post(proxy, raw_body(field, *[unused] * 5, real))
+    assert (status, out["error"]["code"]) == (413, "TOO_MANY_FIELDS"), out
+    assert "unused file inputs" in out["error"]["message"]
 
 
 async def test_oversized_part_headers_are_refused(proxy_factory: Any, s3: Any, bucket: str) -> None:

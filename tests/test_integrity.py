@@ -32,7 +32,7 @@ from s3proxy.pipeline import PartCrcs
 from s3proxy.s3 import ChecksumDiffers, StoredChecksum, stored_checksum
 from s3proxy.settings import Settings, SettingsError
 from tests.conftest import make_settings
-from tests.faults import OBJECT_WRITES, Fault, FaultyS3
+from tests.faults import OBJECT_WRITES, Fault, FaultyS3, tus_operation
 from tests.s3util import BOTO_CONFIG, all_keys, open_uploads
 from tests.seaweed_fixture import s3_client_kwargs
 
@@ -289,7 +289,7 @@ async def test_a_tus_upload_answered_with_another_checksum_ends(
     ended (its parts went into that object), never found "complete" by a retry."""
     rule: Rule = lambda o, n: Fault(answer=other_checksum) if o == op else None  # noqa: E731
     tus = {"Tus-Resumable": "1.0.0"}
-    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
         proxy = await proxy_factory(endpoint_url=faulty.endpoint_url)
         resp = await proxy.post("/tus/", headers={**tus, "Upload-Length": str(size)})
         url = resp.headers["Location"]
