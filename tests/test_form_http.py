@@ -15,7 +15,7 @@ import pytest
 
 from s3proxy.keys import content_disposition
 from tests import bodies
-from tests.bodies import MiB, raw_body, raw_part
+from tests.bodies import raw_body, raw_part
 from tests.s3util import all_keys_async, get_object_async, head_object_async
 
 TEXT = b"hello, world\n"
