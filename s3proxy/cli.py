@@ -7,7 +7,7 @@ stderr (``s3proxy: error: ...``), never a traceback, and exits with:
 * 1: a runtime failure: cannot listen, the embedded store would not start, S3
   unreachable or refusing, some aborts of a cleanup failed;
 * 2: a usage or settings error: a bad flag or value, a missing or short secret,
-  no S3 credentials;
+  no S3 credentials for ``cleanup``;
 * 130: interrupted (Ctrl-C) before the command finished.
 
 A bug still shows its traceback: only the failures listed here are caught.

@@ -690,6 +690,8 @@ class Settings:
                 raise SettingsError("--bucket (S3PROXY_BUCKET) is required with --endpoint-url")
         if not (1 <= self.port <= 65535):
             raise SettingsError(f"--port must be 1-65535, got {self.port}")
+        if not (1 <= self.embedded_s3_port <= 65535):
+            raise SettingsError(f"--embedded-s3-port must be 1-65535, got {self.embedded_s3_port}")
         if self.part_size < parts.MIN_PART_SIZE or self.part_size > parts.MAX_PART_SIZE:
             raise SettingsError("--part-size must be between 5MiB and 5GiB (S3's part size limits)")
         if not 0 < self.presign_multipart_threshold <= 5 * 1024**3:
@@ -803,6 +805,11 @@ class Settings:
                 _, metrics_port = parse_listen(self.metrics_listen)
             except ValueError as exc:
                 raise SettingsError(f"--metrics-listen: {exc}") from None
+            if self.port <= metrics_port + self.workers - 1 and metrics_port <= self.port:
+                raise SettingsError(
+                    f"--metrics-listen port {metrics_port} (worker i: + i) is --port "
+                    f"{self.port}: give the operator endpoints a port of their own"
+                )
             if metrics_port + self.workers - 1 > 65535:
                 raise SettingsError(
                     "--metrics-listen: worker i listens on its port + i; "
