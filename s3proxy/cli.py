@@ -232,6 +232,8 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
             threshold, by_activity = parse_duration(args.older_than), False
         except ValueError as exc:
             raise SettingsError(f"--older-than: {exc}") from None
+        if threshold < 60:  # as serve's --cleanup-older-than: 0 would abort every upload
+            raise SettingsError("--older-than must be at least 1m (it must exceed any upload)")
     rule = Rule(timedelta(seconds=threshold), by_activity=by_activity)
     prefixes = args.prefix if args.prefix is not None else [template_prefix(settings.key_template)]
     opts = client_options(settings)

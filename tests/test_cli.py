@@ -376,6 +376,7 @@ def test_ready_hint_matches_auth(tmp_path: Path, env: dict[str, str], hint: str)
         (["serve", "--port"], "--port"),
         (["serve", "--bogus"], "--bogus"),
         (["cleanup", "--older-than"], "--older-than"),
+        (["cleanup", "--older-than", "0"], "--older-than must be at least 1m"),
         ([], "command"),
     ],
 )
