@@ -16,17 +16,20 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from s3proxy import tus_url
+from s3proxy import tus_keys, tus_url
 from s3proxy.cleanup import sweep_tus
+from s3proxy.errors import ProxyError
 from s3proxy.state import STATE
 from s3proxy.tus import TUS
+from s3proxy.tus_keys import UrlKeys
 from tests.conftest import ProxyFactory
 from tests.faults import Fault, FaultyS3
+from tests.memory_s3 import MemoryS3
 from tests.s3util import MotoServer, all_keys_async, read_object_async
 from tests.test_tus import TUS as TUS_HEADERS
 from tests.test_tus import KiB, body, stored_key
 
-KEY_OBJECT = ".s3proxy/tus/url-key"
+KEY_OBJECT = ".s3proxy/tus/url-key"  # spelled out: the name is what deployments hold
 
 
 def patch_headers(offset: int) -> dict[str, str]:
@@ -183,3 +186,35 @@ async def test_with_token_secrets_the_bucket_holds_no_key(
     assert await offset_on(b, url) == 0
     assert KEY_OBJECT not in await all_keys_async(s3, bucket)
     assert (await a.delete(url, headers=TUS_HEADERS)).status == 204
+
+
+# --- the loader over the in-memory store ---------------------------------------------------
+
+
+async def test_a_failed_load_is_retried_by_the_next_request() -> None:
+    """A create whose answer was lost (a timeout): 503, and the next request reads the
+    key that did land, rather than making another."""
+    store = MemoryS3()
+    store.fail("PutObject", at=1, lost=True)
+    keys = UrlKeys((), lambda: store)
+    with pytest.raises(ProxyError) as failed:
+        await keys.get()
+    assert failed.value.kind.status == 503
+    assert "UPSTREAM_TIMEOUT" in failed.value.message
+    stored = tus_keys.decode(store.objects[KEY_OBJECT].data)
+    signing = (await keys.get())[0]
+    assert signing == tus_url.url_keys(stored)[0]
+    assert [op for op, key in store.calls if key == KEY_OBJECT].count("PutObject") == 1
+    await keys.close()
+
+
+async def test_an_unreadable_key_object_is_503_and_left_as_it_is() -> None:
+    store = MemoryS3()
+    await store.put(KEY_OBJECT, [b"garbage"], tus_keys.KEY_OPTIONS)
+    keys = UrlKeys((), lambda: store)
+    for _ in range(2):
+        with pytest.raises(ProxyError) as failed:
+            await keys.get()
+        assert failed.value.kind.status == 503 and KEY_OBJECT in failed.value.message
+    assert store.objects[KEY_OBJECT].data == b"garbage"
+    await keys.close()
