@@ -26,9 +26,10 @@ requests meanwhile get 503 ``UPSTREAM_UNAVAILABLE`` naming what the store answer
 loaded, the keys stay for the life of the process.
 
 The object holds a list (the first signs, all verify), so a key can be added later
-without a new format. Whoever can read the object can forge upload URLs; whoever can do
-that can already write to the bucket directly. ``GET /files`` never serves ``.s3proxy/``,
-and the sweeps pass it by (its name is not an upload id: ``tus_url.parse_id``).
+without a new format. Reading it is as good as writing to the bucket (a forged URL may
+name any key): read access to ``.s3proxy/`` belongs only to principals that may write the
+bucket anyway, as the S3 secret key did. ``GET /files`` never serves ``.s3proxy/``, and
+the sweeps pass it by (its name is not an upload id: ``tus_url.parse_id``).
 """
 
 from __future__ import annotations
