@@ -478,7 +478,8 @@ class ObjectStore(ObjectSink, Protocol):
       ``max_parts`` caps it; NoSuchUpload if the upload is unknown.
     * ``list_objects`` returns one page, in key order, of keys after ``start_after``.
     * ``credential_secret`` is the secret key the store signs with, if one is known
-      (a key all instances on the bucket share, for signing tus upload URLs).
+      (tus URLs signed with it before the bucket held a URL key still verify:
+      ``tus_keys``; instances with their own credentials do not share it).
     * ``list_uploads`` yields each open upload whose key starts with ``prefix`` once,
       following the store's page markers; a store that ignores ``Prefix`` cannot make
       it yield others.

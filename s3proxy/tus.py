@@ -4,7 +4,8 @@ Thin handlers over three pure parts and one driver:
 
 - ``tus_protocol``: the headers (version, offsets, metadata, checksums);
 - ``tus_url``: the upload URL, a signed capability naming the key, length, expiry, part
-  plan and the creating credential's limits, so any instance serves any request;
+  plan and the creating credential's limits, so any instance serves any request
+  (``tus_keys``: the key it is signed with, which every instance shares);
 - ``tus_state``: the progress, one state object in S3 swapped with If-Match (the commit
   point and the lock; its docstring states the crash invariants);
 - the bytes go through the same ``FileUpload`` driver and ``UploadMachine`` as
@@ -36,7 +37,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -73,6 +73,7 @@ from s3proxy.s3 import ChecksumDiffers, NoSuchKey, NoSuchUpload, ObjectStore, Pr
 from s3proxy.state import STATE, AppState
 from s3proxy.tus_append import Appended, BodySource
 from s3proxy.tus_ending import TUS_META
+from s3proxy.tus_keys import UrlKeys
 from s3proxy.tus_lease import Lease
 from s3proxy.tus_protocol import OFFSET_STREAM, VERSION
 from s3proxy.tus_state import Lock, TusState, TusStore
@@ -85,14 +86,7 @@ KEY_HEADER = "S3Proxy-Key"  # the stored object of a finished upload
 SHA256_HEADER = "S3Proxy-Sha256"
 
 
-@dataclass
-class TusService:
-    """What every tus request needs besides the app state: the URL keys."""
-
-    keys: tuple[bytes, ...]
-
-
-TUS = web.AppKey("tus", TusService)
+TUS = web.AppKey("tus", UrlKeys)  # what upload URLs are signed with (tus_keys)
 
 
 def add_routes(app: web.Application) -> None:
@@ -107,24 +101,15 @@ def add_routes(app: web.Application) -> None:
 
 
 async def _url_keys(app: web.Application) -> AsyncIterator[None]:
-    """The keys upload URLs are signed with, from what all instances share (tus_url)."""
+    """The keys upload URLs are signed with, from what all instances share (tus_keys):
+    no S3 call here, so the proxy starts whether or not the store answers yet."""
     state = app[STATE]
-    shared = [s.encode() for s in state.settings.token_secrets()]
-    source = "token secrets"
-    if not shared:
-        secret = await state.require_sink().credential_secret()
-        if secret:
-            shared, source = [secret.encode()], "the S3 secret key"
-    if not shared:
-        shared, source = [uuid.uuid4().bytes + uuid.uuid4().bytes], "a random key"
-        log.warning(
-            "tus.url_key source=random: no token secret and no S3 secret key; resumable "
-            "uploads cannot move between instances or survive a restart"
-        )
-    else:
-        log.info("tus.url_key source=%s", source.replace(" ", "_"))
-    app[TUS] = TusService(tus_url.url_keys(shared))
-    yield
+    keys = UrlKeys(state.settings.token_secrets(), state.require_sink)
+    app[TUS] = keys
+    try:
+        yield
+    finally:
+        await keys.close()
 
 
 # --- answers --------------------------------------------------------------------------
@@ -217,7 +202,7 @@ def _precheck_create(request: web.Request) -> None:
 async def _precheck_patch(request: web.Request) -> None:
     """A PATCH's headers, then where the upload stands (one GetObject of its state)."""
     state = request.app[STATE]
-    upload, offset = _patch_target(request, state)
+    upload, offset = await _patch_target(request, state)
     _check_patch(request, upload, offset)
     found = await TusStore(state.require_sink(), upload).read()
     if found is not None and found[0].offset != offset:
@@ -230,9 +215,10 @@ def _expires(upload: TusUpload) -> dict[str, str]:
     return {"Upload-Expires": tus_protocol.http_date(upload.expires)}
 
 
-def _upload(request: web.Request) -> TusUpload:
+async def _upload(request: web.Request) -> TusUpload:
+    keys = await request.app[TUS].get()
     try:
-        return tus_url.verify(request.match_info["url"], request.app[TUS].keys, time.time())
+        return tus_url.verify(request.match_info["url"], keys, time.time())
     except UrlError as exc:
         if exc.expired:
             raise ProxyError(UPLOAD_EXPIRED, "this upload expired") from None
@@ -303,7 +289,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         types=() if grant is None else grant.types,
         limit=limit,
     )
-    token = tus_url.issue(upload, request.app[TUS].keys[0])
+    token = tus_url.issue(upload, (await request.app[TUS].get())[0])
     if len(token) > tus_url.MAX_URL_TOKEN:
         # A Location the proxy would not take back (nor, past 8 KiB, read): refuse now.
         raise ProxyError(
@@ -384,7 +370,7 @@ def _check_size(state: AppState, principal: Principal, length: int) -> None:
 async def head(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     _check_headers(request)
-    upload = _upload(request)
+    upload = await _upload(request)
     store = TusStore(state.require_sink(), upload)
     found = await store.read()
     length = upload.length
@@ -406,7 +392,7 @@ async def head(request: web.Request) -> web.StreamResponse:
 async def terminate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     _check_headers(request)
-    upload = _upload(request)
+    upload = await _upload(request)
     await _terminate(state, TusStore(state.require_sink(), upload))
     return _answer(204)
 
@@ -449,17 +435,17 @@ async def override(request: web.Request) -> web.StreamResponse:
 async def patch(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     _check_headers(request)
-    upload, offset = _patch_target(request, state)
+    upload, offset = await _patch_target(request, state)
     store = TusStore(state.require_sink(), upload)
     result = await _append(request, state, store, offset)
     return _answer(204, {**result.headers(), **_expires(upload)})
 
 
-def _patch_target(request: web.Request, state: AppState) -> tuple[TusUpload, int]:
+async def _patch_target(request: web.Request, state: AppState) -> tuple[TusUpload, int]:
     """A PATCH's upload and Upload-Offset, or why it is refused (the handler and the
     expect handler read a PATCH alike)."""
     _refuse_draining(state)
-    upload = _upload(request)
+    upload = await _upload(request)
     if request.content_type != OFFSET_STREAM:
         raise ProxyError(NOT_OFFSET_STREAM, f"a PATCH must be Content-Type: {OFFSET_STREAM}")
     return upload, tus_protocol.parse_count("Upload-Offset", request.headers.get("Upload-Offset"))

@@ -14,11 +14,13 @@ Format, like ``s3proxy.tokens`` (base64url without padding)::
     /tus/ b64url(json) "." b64url(HMAC-SHA256(url_key, "tus1." + b64url(json)))
 
 ``url_key`` is derived from a secret every instance shares (``url_keys``): each
-configured upload-token secret, else the S3 secret key the instances sign with (all
-instances on one bucket hold it), so a URL made on one instance verifies on every
-other. The derivation separates the uses: an upload token never verifies as a URL, nor
-the other way round. A URL is a bearer capability for one upload until it expires:
-whoever holds it may append to, read the progress of, or terminate that upload only.
+configured upload-token secret, else a random key kept in the bucket itself
+(``tus_keys``, which does the I/O; not the S3 secret key: instances with their own
+credentials, an instance role's rotating ones, do not share it), so a URL made on one
+instance verifies on every other, and after a restart. The derivation separates the
+uses: an upload token never verifies as a URL, nor the other way round. A URL is a
+bearer capability for one upload until it expires: whoever holds it may append to, read
+the progress of, or terminate that upload only.
 """
 
 from __future__ import annotations

@@ -101,6 +101,7 @@ class FaultyS3:
     headers: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # (op, lower-cased)
     bodies: list[tuple[str, bytes]] = field(default_factory=list)  # (op, the body as sent)
     name: Callable[[web.Request], str] = operation  # what ``rule`` and ``calls`` see
+    paths: list[tuple[str, str]] = field(default_factory=list)  # (op, /bucket/key)
 
     @property
     def endpoint_url(self) -> str:
@@ -109,6 +110,7 @@ class FaultyS3:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         op = self.name(request)
         self.calls.append(op)
+        self.paths.append((op, request.path))
         fault = self.rule(op, self.calls.count(op))
         body = await request.read()
         self.headers.append((op, {k.lower(): v for k, v in request.headers.items()}))

@@ -21,6 +21,7 @@ from s3proxy.cleanup import Rule, sweep, sweep_tus
 from s3proxy.errors import ProxyError
 from s3proxy.state import STATE
 from s3proxy.tus import TUS
+from s3proxy.tus_keys import KEY_OBJECT
 from s3proxy.tus_lease import Lease
 from s3proxy.tus_state import Lock, Segment, TusState, TusStore
 from s3proxy.tus_url import TusUpload
@@ -31,7 +32,7 @@ from tests.polling import eventually
 from tests.s3util import all_keys_async, open_uploads_async, read_object_async
 from tests.test_resources import WriteAudit
 from tests.test_tus import TUS as TUS_HEADERS
-from tests.test_tus import KiB, MiB, body, reserved, stored_key
+from tests.test_tus import KiB, MiB, body, objects, reserved, stored_key
 from tests.test_tus_units import UPLOAD
 from tests.test_webhook_flow import SECRET as SECRET_HOOK
 from tests.test_webhook_flow import receiver
@@ -143,7 +144,7 @@ async def test_expired_upload_url_is_410_and_the_sweep_removes_it(
     gone = await sweep_tus(bucket_store, dry_run=False, now=time.time() + 2 * 86400)
     assert len(gone.removed) == 1
     assert await open_uploads_async(s3, bucket) == []
-    assert await all_keys_async(s3, bucket) == []
+    assert await all_keys_async(s3, bucket) == [KEY_OBJECT]  # the URL key stays
     # An expired URL (signed by this proxy) is 410.
     upload = tus_url.verify(url.removeprefix("/tus/"), proxy.app[TUS].keys, time.time())
     old = TusUpload(**{**upload.__dict__, "expires": int(time.time()) - 1})
@@ -323,7 +324,7 @@ async def test_a_failing_webhook_rolls_the_upload_back(
     url = await new_upload(proxy, 1000)
     resp = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
     assert resp.status == 502 and (await resp.json())["error"]["code"] == "WEBHOOK_FAILED"
-    assert await all_keys_async(s3, bucket) == []
+    assert await objects(s3, bucket) == []
 
 
 async def test_the_type_is_checked_once_tiny_patches_bring_the_first_bytes(

@@ -20,13 +20,12 @@ from tests.polling import eventually
 from tests.s3util import (
     MotoServer,
     ProxyProcess,
-    all_keys_async,
     exit_code,
     open_uploads_async,
     read_object_async,
     start_proxy,
 )
-from tests.test_tus import TUS, MiB, body, reserved, stored_key
+from tests.test_tus import TUS, MiB, body, objects, reserved, stored_key
 
 pytestmark = pytest.mark.slow
 
@@ -184,7 +183,7 @@ async def test_kill_9_mid_patch_resumes_on_another_instance(
     # The killed PATCH's multipart upload was never named in the state: the sweep's.
     await sweep_orphans(moto, bucket)
     assert await open_uploads_async(s3, bucket) == []
-    assert [k for k in await all_keys_async(s3, bucket)] == [key]
+    assert await objects(s3, bucket) == [key]
 
 
 @pytest.mark.filterwarnings("ignore:Sending a large body directly:ResourceWarning")

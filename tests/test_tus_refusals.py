@@ -14,8 +14,8 @@ import pytest
 
 from s3proxy.state import STATE
 from tests.conftest import ProxyFactory
-from tests.s3util import all_keys_async, open_uploads_async
-from tests.test_tus import TUS, KiB, body, meta
+from tests.s3util import open_uploads_async
+from tests.test_tus import TUS, KiB, body, meta, objects
 from tests.test_tus_lifecycle import new_upload, patch_headers
 
 STREAM = {"Content-Type": "application/offset+octet-stream"}
@@ -26,7 +26,7 @@ async def _code(resp: Any) -> tuple[int, str]:
 
 
 async def _nothing_left(s3: Any, bucket: str) -> None:
-    assert await all_keys_async(s3, bucket) == []
+    assert await objects(s3, bucket) == []
     assert await open_uploads_async(s3, bucket) == []
 
 
@@ -97,7 +97,7 @@ async def test_a_creation_body_that_stalls_leaves_nothing(
     assert await _code(resp) == (408, "CLIENT_TIMEOUT")
 
     async def settled() -> bool:
-        return not await all_keys_async(s3, bucket) and not await open_uploads_async(s3, bucket)
+        return not await objects(s3, bucket) and not await open_uploads_async(s3, bucket)
 
     for _ in range(50):
         if await settled():
@@ -216,7 +216,7 @@ async def test_a_gzip_coded_patch_is_measured_by_its_decoded_bytes(
         headers.add("Content-Encoding", line)
     resp = await proxy.patch(url, data=coded, headers=headers)
     assert resp.status == 204, await resp.text()
-    keys = await all_keys_async(s3, bucket)
+    keys = await objects(s3, bucket)
     assert len(keys) == 1
     got = await asyncio.to_thread(s3.get_object, Bucket=bucket, Key=keys[0])
     assert got["Body"].read() == data

@@ -10,6 +10,7 @@ from s3proxy import tus_url
 from s3proxy.cleanup import sweep_tus
 from s3proxy.state import STATE
 from s3proxy.tus import TUS
+from s3proxy.tus_keys import KEY_OBJECT
 from s3proxy.tus_lease import Lease
 from s3proxy.tus_state import TusStore
 from tests.conftest import ProxyFactory
@@ -37,4 +38,4 @@ async def test_the_sweep_skips_an_expired_upload_a_patch_holds(
     gone = await sweep_tus(sink, dry_run=False, now=later, skew=0)
     assert len(gone.removed) == 1
     assert await open_uploads_async(s3, bucket) == []
-    assert await all_keys_async(s3, bucket) == []
+    assert await all_keys_async(s3, bucket) == [KEY_OBJECT]  # the URL key stays

@@ -1,5 +1,6 @@
 """The pure parts of tus: headers (tus_protocol), the signed upload URL (tus_url), the
-state document and its lock rule (tus_state). Tables, no event loop."""
+state document and its lock rule (tus_state), the URL key object (tus_keys). Tables, no
+event loop."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import hashlib
 
 import pytest
 
-from s3proxy import tus_protocol, tus_url
+from s3proxy import tus_keys, tus_protocol, tus_url
 from s3proxy.errors import ProxyError
 from s3proxy.parts import PartPlan
 from s3proxy.tus_state import Lock, Part, Segment, TusState, part_length, part_start
@@ -128,6 +129,40 @@ def test_ids_carry_the_expiry_and_the_key_hash() -> None:
     parsed = tus_url.parse_id(UPLOAD.id)
     assert parsed == (2_000_000_000, tus_url.key_hash(UPLOAD.key))
     assert tus_url.parse_id("probe-123") is None
+
+
+def test_the_url_key_object_is_no_upload_id() -> None:
+    """The sweeps walk the reserved prefix by upload id: the key object is none."""
+    name = tus_keys.KEY_OBJECT.removeprefix(tus_url.RESERVED_PREFIX)
+    assert tus_keys.KEY_OBJECT.startswith(tus_url.RESERVED_PREFIX) and "/" not in name
+    assert tus_url.parse_id(name) is None
+
+
+def test_a_new_key_object_holds_one_random_key() -> None:
+    first, second = tus_keys.new_key_object(), tus_keys.new_key_object()
+    keys = tus_keys.decode(first)
+    assert len(keys) == 1 and len(keys[0]) == tus_keys.KEY_BYTES
+    assert keys != tus_keys.decode(second)
+    assert tus_keys.decode(tus_keys.encode([b"a" * 32, b"b" * 40])) == (b"a" * 32, b"b" * 40)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"keys": ["' + base64.urlsafe_b64encode(b"k" * 32) + b'"]}',  # no format
+        b'{"format": 2, "keys": ["' + base64.urlsafe_b64encode(b"k" * 32) + b'"]}',
+        b'{"format": 1}',
+        b'{"format": 1, "keys": []}',
+        b'{"format": 1, "keys": ["' + base64.urlsafe_b64encode(b"k" * 31) + b'"]}',  # short
+        b'{"format": 1, "keys": ["not*base64"]}',
+    ],
+)
+def test_an_unreadable_key_object_is_refused(raw: bytes) -> None:
+    with pytest.raises(tus_keys.KeyObjectError):
+        tus_keys.decode(raw)
     assert UPLOAD.prefix == f".s3proxy/tus/{UPLOAD.id}/"
 
 
