@@ -211,6 +211,7 @@ async def serve(settings: Settings) -> None:
             await _listen(operator, host, port, reuse_port=False)  # each worker its own
             log.info("proxy.operator_listen url=http://%s:%d/metrics", host, port)
         log_fds(fds)
+        settings.log_warnings()
         loop = asyncio.get_running_loop()
         log.info("proxy.event_loop loop=%s.%s", type(loop).__module__, type(loop).__name__)
         log_ready(app)

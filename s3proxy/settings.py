@@ -613,6 +613,11 @@ class Settings:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def log_warnings(self) -> None:
+        """Warn of settings that work but cost something; the server calls it once logging
+        is set up (not at construction: a copy is made at start, and a line printed
+        before the log's format is set breaks --log-format json)."""
         if self.no_overwrite is False and not keys.unique_keys(self.key_template):
             log.warning(
                 "settings.overwrite key_template=%s: uploads to one key replace each other "
