@@ -337,9 +337,9 @@ async def send(
 ) -> web.StreamResponse:
     """Copy the object to the client a chunk at a time; the S3 body is closed on every path.
 
-    Every write is under ``limits`` (``download_limits.WriteWatch``): a client that accepts nothing for
-    the idle timeout, or less than the minimum rate, is cut off and the S3 body closed,
-    so its pooled connection goes back at once."""
+    Every write is under ``limits`` (``download_limits.WriteWatch``): a client that
+    accepts nothing for the idle timeout, or less than the minimum rate, is cut off and
+    the S3 body closed, so its pooled connection goes back at once."""
     limits = limits or DownloadLimits()
     head = answer.head
     status = 206 if head.partial else 200
