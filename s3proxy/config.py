@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from s3proxy import checksums, keys
+from s3proxy.download_limits import DownloadLimits, download_slots
 from s3proxy.form import FormLimits
 from s3proxy.pipeline import PipelineConfig
 from s3proxy.s3 import ObjectDefaults
@@ -30,6 +31,7 @@ class Config:
     objects: ObjectDefaults  # what every created object gets
     pipeline: PipelineConfig  # one file's journey into S3
     form: FormLimits  # what a multipart/form-data request may hold
+    downloads: DownloadLimits  # how slowly a download may be read, and how many at once
     webhook: WebhookConfig | None  # where completions are announced, if anywhere
 
     @classmethod
@@ -61,6 +63,12 @@ class Config:
                 min_rate=settings.min_upload_rate,
                 rate_window=settings.min_rate_window,
                 max_fields_size=settings.max_fields_size,
+            ),
+            downloads=DownloadLimits(
+                idle_timeout=settings.client_timeout,
+                min_rate=settings.min_download_rate,
+                rate_window=settings.min_rate_window,
+                slots=download_slots(settings.s3_max_connections),
             ),
             webhook=webhook_config(settings),
         )

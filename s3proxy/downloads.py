@@ -13,6 +13,10 @@ Rules, in the order a request meets them:
    404). The body is copied in ``CHUNK_SIZE`` reads, each written (and drained
    to the client) before the next is read, so a download holds at most about one
    chunk in memory however large the object, and a slow client slows the S3 read.
+   Since the GetObject holds a pooled S3 connection all along, a client that accepts
+   nothing for --client-timeout or less than --min-download-rate is cut off, and
+   at most ``download_limits.download_slots`` GETs stream at once (503 OVERLOADED
+   past them): see s3proxy.download_limits.
 3. ``download_mode=redirect``: 302 to a presigned URL, signed for the endpoint
    browsers reach; S3 then answers the client's Range and validators itself.
 
@@ -28,15 +32,25 @@ PutObject). It describes the whole representation, so a 206 carries the same val
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import re
+import socket
+import struct
 from collections.abc import Mapping
 
 from aiohttp import hdrs, web
 
 from s3proxy.auth import Principal
 from s3proxy.digests import sf_digest
+from s3proxy.download_limits import (
+    RETRY_AFTER,
+    ClientStalled,
+    DownloadLimits,
+    SlotsFull,
+    WriteWatch,
+)
 from s3proxy.errors import (
     INVALID_REQUEST,
     KEY_FORBIDDEN,
@@ -191,7 +205,16 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     check_key(key, principal, state.settings.key_template)
     if state.settings.download_mode == "redirect":
         return await redirect(request, key)
-    return await stream(request, state, key)
+    if request.method == hdrs.METH_HEAD:
+        return await stream(request, state, key)  # HeadObject: a short call, no slot
+    try:
+        async with state.downloads.slot():
+            return await stream(request, state, key)
+    except SlotsFull as err:
+        log.info("download.no_slot key=%s slots=%d", key, state.downloads.size)
+        resp = error_response(err)
+        resp.headers[hdrs.RETRY_AFTER] = str(RETRY_AFTER)
+        return resp
 
 
 async def stream(request: web.Request, state: AppState, key: str) -> web.StreamResponse:
@@ -208,7 +231,7 @@ async def stream(request: web.Request, state: AppState, key: str) -> web.StreamR
         ) from None
     except InvalidRange as outcome:
         return await not_satisfiable(bucket, key, outcome.size)
-    return await send(request, key, answer)
+    return await send(request, key, answer, state.config.downloads)
 
 
 async def ranged_fetch(bucket: ObjectStore, key: str, request: web.Request) -> ObjectBody:
@@ -309,34 +332,73 @@ def response_headers(key: str, head: ObjectHead) -> dict[str, str]:
     return headers
 
 
-async def send(request: web.Request, key: str, answer: ObjectBody) -> web.StreamResponse:
-    """Copy the object to the client a chunk at a time; the S3 body is closed on every path."""
+async def send(
+    request: web.Request, key: str, answer: ObjectBody, limits: DownloadLimits | None = None
+) -> web.StreamResponse:
+    """Copy the object to the client a chunk at a time; the S3 body is closed on every path.
+
+    Every write is under ``limits`` (``download_limits.WriteWatch``): a client that
+    accepts nothing for the idle timeout, or less than the minimum rate, is cut off and
+    the S3 body closed, so its pooled connection goes back at once."""
+    limits = limits or DownloadLimits()
     head = answer.head
     status = 206 if head.partial else 200
     response = web.StreamResponse(status=status, headers=response_headers(key, head))
     response.content_length = head.length
-    sent = 0
+    watch = WriteWatch(
+        lambda: _buffered(request), limits.idle_timeout, limits.min_rate, limits.rate_window
+    )
     try:
         await response.prepare(request)
-        if request.method != hdrs.METH_HEAD:
-            while chunk := await answer.read(CHUNK_SIZE):
-                await response.write(chunk)
-                sent += len(chunk)
-        await response.write_eof()
+        async with watch.watching():
+            if request.method != hdrs.METH_HEAD:
+                while chunk := await answer.read(CHUNK_SIZE):
+                    await watch.write(response.write(chunk), len(chunk))
+            await watch.write(response.write_eof(), 0)
+    except ClientStalled as stalled:
+        # Nothing left to say but to cut the connection short of Content-Length.
+        log.info(
+            "download.client_stalled key=%s sent=%d accepted=%d reason=%s",
+            key,
+            watch.given,
+            stalled.accepted,
+            stalled.reason,
+        )
+        reset(request)
     except Exception as exc:
         if request.transport is None or request.transport.is_closing():
             # The client went (a reset, a broken pipe, however aiohttp words it): its
             # choice, and nothing to cut. An S3 failure finds the client still there.
-            log.info("download.client_gone key=%s sent=%d", key, sent)
+            log.info("download.client_gone key=%s sent=%d", key, watch.given)
             return response
         # The status line is out: the only way left to say "failed" is to cut the
         # connection short of Content-Length.
-        log.warning("download.failed key=%s sent=%d error=%s", key, sent, type(exc).__name__)
+        log.warning("download.failed key=%s sent=%d error=%s", key, watch.given, type(exc).__name__)
         if request.transport is not None:
             request.transport.abort()
     finally:
         answer.close()
     return response
+
+
+def reset(request: web.Request) -> None:
+    """Abort the connection with a reset (SO_LINGER 0), as nginx's reset_timedout_connection:
+    a plain close leaves what the kernel holds (MiBs) to a client that does not read, on
+    an orphaned socket, for minutes."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+def _buffered(request: web.Request) -> int:
+    """Bytes written to the client's socket that still wait in asyncio's buffer."""
+    transport = request.transport
+    return 0 if transport is None else transport.get_write_buffer_size()
 
 
 # --- redirect mode -----------------------------------------------------------

@@ -329,7 +329,8 @@ class Settings:
     )
     client_timeout: float = _setting(
         60.0,
-        "seconds a client may send no bytes before its upload is aborted (408)",
+        "seconds a client may send no bytes before its upload is aborted (408), or accept "
+        "no bytes of a streamed download before it is cut off",
         parse_duration,
         show=format_duration,
     )
@@ -379,7 +380,12 @@ class Settings:
     s3_max_attempts: int = _setting(
         5, "attempts per S3 call (transient errors retried with backoff)", int
     )
-    s3_max_connections: int = _setting(64, "S3 connection pool size", int)
+    s3_max_connections: int = _setting(
+        64,
+        "S3 connection pool size; streamed downloads take at most three quarters of it "
+        "(the rest is kept for short calls such as /readyz's)",
+        int,
+    )
     sign_payload: bool = _setting(
         False,
         "sha256-sign each part's payload (costs a hash pass; off sends UNSIGNED-PAYLOAD)",
@@ -535,9 +541,18 @@ class Settings:
     )
     min_rate_window: float = _setting(
         30.0,
-        "seconds of client time the upload rate is averaged over (the first window is grace)",
+        "seconds of client time the upload and download rates are averaged over (the first "
+        "window is grace)",
         parse_duration,
         show=format_duration,
+    )
+    min_download_rate: int = _setting(
+        32 * 1024,
+        "slowest a client may accept a streamed download, in bytes/s over --min-rate-window "
+        "(cut off below it: it holds an S3 connection)",
+        parse_size,
+        show=format_size,
+        metavar="BYTES_PER_S",
     )
     max_fields_size: int = _setting(
         256 * 1024,
@@ -737,9 +752,10 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.min_upload_rate < 1 or self.min_rate_window <= 0:
+        if self.min_upload_rate < 1 or self.min_download_rate < 1 or self.min_rate_window <= 0:
             raise SettingsError(
-                "--min-upload-rate must be at least 1 byte/s and --min-rate-window positive"
+                "--min-upload-rate and --min-download-rate must be at least 1 byte/s and "
+                "--min-rate-window positive"
             )
         if self.max_fields_size < 1 or self.max_sign_body < 1024:
             raise SettingsError(

@@ -19,6 +19,7 @@ from aiohttp import web
 from s3proxy.auth import Authenticator, load_keys
 from s3proxy.budget import MemoryBudget
 from s3proxy.config import Config
+from s3proxy.download_limits import DownloadSlots
 from s3proxy.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, ProxyError
 from s3proxy.form import FormLimits
 from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor
@@ -197,13 +198,16 @@ class AppState:
     readyz_asked: bool = False  # anything asked /readyz (for --drain-delay auto)
     store_check: StoreCheck = field(default_factory=lambda: StoreCheck(1.0, 1.0))
     uploads: set[asyncio.Task[Any]] = field(default_factory=set)  # handlers storing files
+    # streamed downloads at once, below the S3 pool's size (s3proxy.download_limits)
+    downloads: DownloadSlots = field(default_factory=lambda: DownloadSlots(48))
     stopped: set[asyncio.Task[Any]] = field(default_factory=set)  # ...that drain cancelled
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AppState:
+        config = Config.from_settings(settings)
         return cls(
             settings=settings,
-            config=Config.from_settings(settings),
+            config=config,
             auth=Authenticator(
                 api_keys=load_keys(settings.api_keys()),
                 token_secrets=load_keys(settings.token_secrets()),
@@ -213,6 +217,7 @@ class AppState:
                 settings.max_connections, settings.header_timeout, settings.read_buffer
             ),
             store_check=StoreCheck(settings.readiness_interval, settings.readiness_timeout),
+            downloads=DownloadSlots(config.downloads.slots, config.downloads.slot_wait),
         )
 
     @property

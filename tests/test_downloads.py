@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import os
+import socket
 import tracemalloc
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -23,10 +24,12 @@ from yarl import URL
 
 from s3proxy import downloads
 from s3proxy.auth import Principal
+from s3proxy.download_limits import download_slots
 from s3proxy.errors import ProxyError
 from s3proxy.http_dates import format_http_date, parse_http_date
 from s3proxy.keys import content_disposition
 from s3proxy.s3 import Conditions, ObjectBody, ObjectHead
+from s3proxy.state import STATE
 from s3proxy.tokens import UploadGrant, issue
 from tests import bodies
 from tests.faults import FaultyS3
@@ -818,3 +821,195 @@ async def test_no_repr_digest_without_a_stored_sha256(proxy: Any, stored: str) -
     resp = await proxy.get(path(KEY))
     assert resp.status == 200
     assert "Repr-Digest" not in resp.headers
+
+
+# --- readers that stall or crawl -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("pool", "slots"), [(1, 1), (2, 1), (4, 3), (8, 6), (64, 48), (100, 75)])
+def test_download_slots_keep_a_quarter_of_the_pool_back(pool: int, slots: int) -> None:
+    assert download_slots(pool) == slots
+
+
+# A download holds one connection of the S3 pool while it streams. A client that sends
+# its GET and never reads would hold it for ever (issue: probe 10); these readers are
+# cut off within --client-timeout or below --min-download-rate, and downloads never take
+# the pool's reserve. Timing bounds are several times what is expected (2-core CI).
+
+BIG = "uploads/2024/05/0123abcd/big.bin"  # under the key template's prefix
+TUS_HEADERS = {"Tus-Resumable": "1.0.0"}
+
+
+def stalled_reader(proxy: Any, key: str) -> socket.socket:
+    """A client that sends its GET and never reads: a small receive buffer, so the
+    proxy's writes back up after a few MiB in the kernel."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((proxy.host, proxy.port))
+    sock.sendall(f"GET {path(key)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+async def read_to_the_end(sock: socket.socket) -> int:
+    """Read what the proxy sent until it closed or reset the connection (within 10 s:
+    longer means it was never cut); the bytes read."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    received = 0
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                data = await loop.sock_recv(sock, 1 << 20)
+            except ConnectionError:
+                return received
+            if not data:
+                return received
+            received += len(data)
+
+
+def stalled_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("download.client_stalled")
+    ]
+
+
+async def answered_within(seconds: float, call: Any) -> aiohttp.ClientResponse:
+    """The answer to ``call()``, which must come within ``seconds``."""
+    async with asyncio.timeout(seconds):
+        resp: aiohttp.ClientResponse = await call()
+        await resp.read()
+        return resp
+
+
+async def test_stalled_readers_are_cut_off_and_the_pool_is_free_again(
+    proxy_factory: Any, s3: Any, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    proxy = await proxy_factory(s3_max_connections=4, client_timeout=1.0)
+    await put_async(s3, bucket, BIG, os.urandom(16 * MiB))
+    await put_async(s3, bucket, KEY, b"small")
+    socks = [stalled_reader(proxy, BIG) for _ in range(4)]
+    try:
+        began = asyncio.get_running_loop().time()
+        await eventually(
+            lambda: len(stalled_lines(caplog)) == 4, within=30, what="the stalled readers cut off"
+        )
+        took = asyncio.get_running_loop().time() - began
+        for s in socks:  # closed, short of the object
+            assert await read_to_the_end(s) < 16 * MiB
+        # The pool is free again: a download and /readyz answer at once.
+        resp = await answered_within(10, lambda: proxy.get(path(KEY)))
+        assert resp.status == 200
+        assert await resp.read() == b"small"
+        assert (await answered_within(10, lambda: proxy.get("/readyz"))).status == 200
+    finally:
+        for s in socks:
+            s.close()
+    lines = stalled_lines(caplog)
+    assert len(lines) == 4, [r.getMessage() for r in caplog.records]
+    assert all(" key=" + BIG in line and " sent=" in line for line in lines), lines
+    assert not [r for r in caplog.records if r.exc_info], "no tracebacks"
+    # 1 s of timeout each, three at once and the fourth after a slot freed: about 2-3 s.
+    assert took < 20, took
+    print(f"4 stalled readers cut off within {took:.2f}s")
+
+
+async def test_stalled_readers_never_take_the_pools_reserve(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    # A long client timeout: the readers stay stalled for the whole test.
+    proxy = await proxy_factory(s3_max_connections=4, client_timeout=60.0)
+    slots = proxy.app[STATE].downloads
+    slots.wait = 1.0  # the 503 past the cap comes sooner than SLOT_WAIT
+    await put_async(s3, bucket, BIG, os.urandom(16 * MiB))
+    await put_async(s3, bucket, KEY, b"small")
+    socks = [stalled_reader(proxy, BIG) for _ in range(4)]
+    try:
+        await asyncio.sleep(1.0)  # the readers' GetObjects are under way
+        assert slots.size == 3 and slots.in_use == 3  # a pool of 4 keeps one back
+        assert (await answered_within(10, lambda: proxy.get("/readyz"))).status == 200
+        head = await answered_within(10, lambda: proxy.head(path(KEY)))
+        assert head.status == 200
+        created = await answered_within(
+            10, lambda: proxy.post("/tus/", headers={**TUS_HEADERS, "Upload-Length": "5"})
+        )
+        assert created.status == 201, await created.text()
+        state = await answered_within(
+            10, lambda: proxy.head(created.headers["Location"], headers=TUS_HEADERS)
+        )
+        assert state.status == 200
+        assert state.headers["Upload-Offset"] == "0"
+        # A download past the cap waits a bounded time for a slot, then 503 with Retry-After.
+        over = await answered_within(15, lambda: proxy.get(path(KEY)))
+        assert over.status == 503
+        assert await error_code(over) == "OVERLOADED"
+        assert int(over.headers["Retry-After"]) >= 1
+        # Still ready after all that.
+        assert (await answered_within(10, lambda: proxy.get("/readyz"))).status == 200
+    finally:
+        for s in socks:
+            s.close()
+
+
+async def test_a_reader_under_the_minimum_rate_is_cut_off(
+    proxy_factory: Any, s3: Any, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="s3proxy.downloads")
+    proxy = await proxy_factory(client_timeout=30.0, min_download_rate=1024**2, min_rate_window=1.0)
+    await put_async(s3, bucket, BIG, os.urandom(16 * MiB))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (proxy.host, proxy.port))
+    await loop.sock_sendall(sock, f"GET {path(BIG)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    received, closed = 0, False
+    began = loop.time()
+    try:
+        # About 64 KiB/s, never idle: under the 1 MiB/s minimum, over any idle timeout.
+        while loop.time() - began < 60 and not closed:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+            except ConnectionError:
+                closed = True
+                break
+            if not data:
+                closed = True
+                break
+            received += len(data)
+            await asyncio.sleep(4096 / (64 * 1024))
+    finally:
+        sock.close()
+    took = loop.time() - began
+    assert closed, f"still served after {took:.1f}s and {received} bytes"
+    assert received < 16 * MiB
+    assert took < 30, took  # the first second is grace, then one window below the rate
+    lines = stalled_lines(caplog)
+    assert len(lines) == 1 and "reason=slow" in lines[0], lines
+
+
+async def test_a_normal_reader_is_unaffected(
+    proxy_factory: Any, s3: Any, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="s3proxy.downloads")
+    proxy = await proxy_factory(
+        s3_max_connections=2, client_timeout=1.0, min_download_rate=64 * 1024, min_rate_window=1.0
+    )
+    data = os.urandom(16 * MiB)
+    await put_async(s3, bucket, BIG, data)
+    for _ in range(3):  # one slot (a pool of 2 keeps one back): each frees it for the next
+        resp = await answered_within(60, lambda: proxy.get(path(BIG)))
+        assert resp.status == 200
+        assert hashlib.sha256(await resp.read()).digest() == hashlib.sha256(data).digest()
+    # A reader that pauses for less than the timeout between reads keeps its download.
+    resp = await proxy.get(path(BIG), headers={"Range": "bytes=0-4194303"})
+    assert resp.status == 206
+    got = b""
+    while chunk := await resp.content.read(1024**2):
+        got += chunk
+        await asyncio.sleep(0.3)
+    assert got == data[: 4 * MiB]
+    assert stalled_lines(caplog) == []
+    no_errors_logged(caplog)

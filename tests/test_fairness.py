@@ -114,6 +114,7 @@ def test_rate_meter_keeps_a_few_samples_and_refuses_a_backward_clock() -> None:
     ("overrides", "message"),
     [
         ({"min_upload_rate": 0}, "--min-upload-rate"),
+        ({"min_download_rate": 0}, "--min-download-rate"),
         ({"min_rate_window": 0.0}, "--min-rate-window"),
         ({"max_fields_size": 0}, "--max-fields-size"),
         ({"max_sign_body": 100}, "--max-sign-body"),
