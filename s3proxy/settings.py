@@ -705,8 +705,8 @@ class Settings:
                 raise SettingsError("--bucket (S3PROXY_BUCKET) is required with --endpoint-url")
         if not (1 <= self.port <= 65535):
             raise SettingsError(f"--port must be 1-65535, got {self.port}")
-        if not (1 <= self.embedded_s3_port <= 65535):
-            raise SettingsError(f"--embedded-s3-port must be 1-65535, got {self.embedded_s3_port}")
+        if not (0 <= self.embedded_s3_port <= 65535):  # 0: a free port the store picks
+            raise SettingsError(f"--embedded-s3-port must be 0-65535, got {self.embedded_s3_port}")
         if self.part_size < parts.MIN_PART_SIZE or self.part_size > parts.MAX_PART_SIZE:
             raise SettingsError("--part-size must be between 5MiB and 5GiB (S3's part size limits)")
         if not 0 < self.presign_multipart_threshold <= 5 * 1024**3:

@@ -104,7 +104,7 @@ async def _url_keys(app: web.Application) -> AsyncIterator[None]:
     """The keys upload URLs are signed with, from what all instances share (tus_keys):
     no S3 call here, so the proxy starts whether or not the store answers yet."""
     state = app[STATE]
-    keys = UrlKeys(state.settings.token_secrets(), state.require_sink)
+    keys = UrlKeys(state.settings.token_secrets(), state.require_sink, state.pipeline.checksum)
     app[TUS] = keys
     try:
         yield

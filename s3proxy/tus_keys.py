@@ -44,8 +44,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from s3proxy import tus_url
+from s3proxy.checksums import Algorithm
 from s3proxy.errors import UPSTREAM_ERROR, UPSTREAM_UNAVAILABLE, ProxyError
 from s3proxy.s3 import NoSuchKey, ObjectOptions, ObjectStore, PreconditionFailed
+from s3proxy.tus_state import crc_of
 
 log = logging.getLogger("s3proxy.tus")
 
@@ -87,15 +89,19 @@ def decode(raw: bytes) -> tuple[bytes, ...]:
     return keys
 
 
-async def read_or_create(bucket: ObjectStore) -> tuple[tuple[bytes, ...], bool]:
-    """The bucket's URL secrets, and whether this call created them."""
+async def read_or_create(
+    bucket: ObjectStore, checksum: Algorithm | None = None
+) -> tuple[tuple[bytes, ...], bool]:
+    """The bucket's URL secrets, and whether this call created them (written with the
+    CRC of its bytes, which S3 verifies, as every object the proxy writes)."""
     for attempt in range(ATTEMPTS):
         raw = await _read(bucket)
         if raw is not None:
             return _decoded(raw), False
         fresh = new_key_object()
         try:
-            await bucket.put(KEY_OBJECT, [fresh], KEY_OPTIONS, if_none_match=True)
+            crc = None if checksum is None else crc_of([fresh], checksum)
+            await bucket.put(KEY_OBJECT, [fresh], KEY_OPTIONS, checksum=crc, if_none_match=True)
         except PreconditionFailed:
             # Another instance's (or ours, whose answer was lost and whose retry was
             # refused): read it. A conflict may come before the winner's is readable.
@@ -128,8 +134,14 @@ class UrlKeys:
     """The URL keys of one process (``tus_url.url_keys``: the first signs, all verify):
     the token secrets', or the bucket's, loaded once on first use."""
 
-    def __init__(self, token_secrets: Sequence[str], bucket: Callable[[], ObjectStore]) -> None:
+    def __init__(
+        self,
+        token_secrets: Sequence[str],
+        bucket: Callable[[], ObjectStore],
+        checksum: Algorithm | None = None,
+    ) -> None:
         self._bucket = bucket
+        self._checksum = checksum
         self._keys: tuple[bytes, ...] | None = None
         self._loading: asyncio.Task[tuple[bytes, ...]] | None = None
         shared = [s.encode() for s in token_secrets]
@@ -166,7 +178,7 @@ class UrlKeys:
     async def _load(self) -> tuple[bytes, ...]:
         bucket = self._bucket()
         try:
-            shared, created = await read_or_create(bucket)
+            shared, created = await read_or_create(bucket, self._checksum)
         except ProxyError as err:
             log.warning(
                 "tus.url_key_failed object=%s error=%s message=%s",

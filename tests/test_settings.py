@@ -109,7 +109,7 @@ def test_env_list() -> None:
         (["--tus-expiry", "3651d"], {}, "--tus-expiry: '3651d' is longer"),
         (["--host", "0.0.0.0", "--api-key", " "], {}, "without authentication"),
         (["--host", "0.0.0.0", "--token-secret", "   "], {}, "without authentication"),
-        (["--embedded-s3-port", "70000"], {}, "--embedded-s3-port must be 1-65535"),
+        (["--embedded-s3-port", "70000"], {}, "--embedded-s3-port must be 0-65535"),
         (["--embedded-s3-port", "-1"], {}, "--embedded-s3-port"),
         (["--metrics-listen", "127.0.0.1:8080"], {}, "a port of their own"),
         (["--metrics-listen", "127.0.0.1:8079", "--workers", "2"], {}, "a port of their own"),
