@@ -90,7 +90,7 @@ def test_settings(
             with pytest.raises(SettingsError, match=outcome):
                 Settings.load(args, env)
             return
-        Settings.load(args, env)
+        Settings.load(args, env).log_warnings()
     warned = [r.getMessage() for r in caplog.records if r.name == "s3proxy.settings"]
     if outcome == "ok":
         assert not warned
