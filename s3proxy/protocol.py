@@ -15,6 +15,9 @@ Here instead (``ProxyRequestHandler``):
   ``MAX_LINE_SIZE``; ``HEADERS_TOO_LARGE`` 431 for a header over ``MAX_FIELD_SIZE``
   or too many headers), with a request id, ``Connection: close``, and one INFO line
   in the log; neither the answer nor the log line holds the client's bytes;
+- an HTTP/1.0 request with Transfer-Encoding (faulty framing, RFC 9112 section 6.1),
+  which llhttp decodes as chunked, is answered ``BAD_HTTP_REQUEST`` before a handler
+  runs, and nothing after it on the connection is read;
 - a framing error inside a body being read fails that body's stream with
   ``RequestPayloadError``, so the handler stops and ``error_middleware`` answers
   ``BAD_HTTP_REQUEST``;
@@ -73,9 +76,15 @@ from typing import Any
 
 from aiohttp import hdrs, web, web_protocol
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong
+from aiohttp.http import HttpVersion10
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    ContentEncodingError,
+    HttpProcessingError,
+    LineTooLong,
+)
 from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParser
-from aiohttp.streams import StreamReader
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from s3proxy.codings import CONTENT_ADVICE
@@ -374,6 +383,8 @@ class ProxyRequestHandler(RequestHandler):
         self._bypass: StreamReader | None = None
         self._bypass_left = 0
         self._auto_decompress = bool(kwargs.get("auto_decompress", True))
+        # The connection closes after what is queued: bytes that come now are not parsed.
+        self._ignore_rest = False
 
     @property
     def waiting(self) -> bool:
@@ -581,9 +592,13 @@ class ProxyRequestHandler(RequestHandler):
             data = self._feed_bypassed(data)
             if not data:
                 return
+        if self._ignore_rest:
+            return
         waiting = self.waiting
         queued = len(self._messages)
         super().data_received(data)
+        if len(self._messages) > queued:
+            self._screen(queued)
         parsed = len(self._messages) - queued
         if data and self.requests_open == 0:
             self._head_begun = True
@@ -612,6 +627,27 @@ class ProxyRequestHandler(RequestHandler):
         body.set_exception(failure)
         # No byte of this body will come: at EOF, aiohttp does not linger to drain it.
         body.feed_eof()
+
+    def _screen(self, first: int) -> None:
+        """Look at the heads queued from ``first`` on, for framing llhttp accepts and
+        HTTP/1.1 does not.
+
+        RFC 9112 section 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing
+        (a 1.0 intermediary may not know chunked), and the server must close after it.
+        llhttp decodes it as chunked: here it is answered 400 before a handler runs, and
+        nothing after it on the connection is read."""
+        messages = self._messages
+        for i in range(first, len(messages)):
+            message = messages[i][0]
+            if isinstance(message, web_protocol._ErrInfo):
+                continue
+            if message.version == HttpVersion10 and hdrs.TRANSFER_ENCODING in message.headers:
+                exc = BadHttpMessage("Transfer-Encoding in an HTTP/1.0 request is faulty framing")
+                messages[i] = (web_protocol._ErrInfo(400, exc, exc.message), EMPTY_PAYLOAD)
+                while len(messages) > i + 1:
+                    messages.pop()
+                self._ignore_rest = True
+                return
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """aiohttp reads the rest of an answered request's body to drain the connection

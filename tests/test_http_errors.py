@@ -26,7 +26,7 @@ from s3proxy import protocol
 from s3proxy.app import create_app
 from tests.conftest import make_settings
 from tests.rawhttp import RawResponse, exchange
-from tests.s3util import MotoServer, ProxyProcess, fake_aws_env
+from tests.s3util import MotoServer, ProxyProcess, all_keys_async, fake_aws_env
 
 # Marks the client's bytes: it must never come back in an answer or land in the log.
 MARK = b"ZqXmark"
@@ -284,3 +284,31 @@ async def test_served_process_answers_malformed_http_as_json(served: ProxyProces
     # One event line and one access line per bad request, nothing more.
     lines = [line for line in text.splitlines() if "aiohttp.access" not in line]
     assert len(lines) <= len(MALFORMED) + len(LATE_BAD_CHUNK) + 1, text[-3000:]
+
+
+# --- framing the parser accepts and HTTP/1.1 does not (RFC 9112) -------------------------
+
+FORM_BODY = (
+    b'--xx\r\nContent-Disposition: form-data; name="f"; filename="a.txt"\r\n'
+    b"Content-Type: text/plain\r\n\r\nhello\r\n--xx--\r\n"
+)
+NEXT = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+async def test_http_1_0_with_transfer_encoding_is_refused_and_closed(
+    proxy: Any, s3: Any, bucket: str
+) -> None:
+    """RFC 9112 section 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+    llhttp decoded it as chunked: the file was stored (201), the connection kept alive and
+    the next request answered."""
+    raw = (
+        b"POST /upload HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n"
+        + FORM
+        + b"Transfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(FORM_BODY), FORM_BODY)
+    )
+    resp = await exchange(proxy.host, proxy.port, raw + NEXT)
+    assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
+    assert "HTTP/1.0" in resp.json()["error"]["message"]
+    assert resp.raw.count(b"HTTP/1.1 ") == 1, resp.raw  # the next request is not answered
+    assert await all_keys_async(s3, bucket) == []
