@@ -18,6 +18,9 @@ Here instead (``ProxyRequestHandler``):
 - an HTTP/1.0 request with Transfer-Encoding (faulty framing, RFC 9112 section 6.1),
   which llhttp decodes as chunked, is answered ``BAD_HTTP_REQUEST`` before a handler
   runs, and nothing after it on the connection is read;
+- a request that closes the connection (``Connection: close``, HTTP/1.0 without
+  keep-alive) is answered whatever follows it in the same read, and what follows is
+  not read (RFC 9112 section 9.6; llhttp raised on it and aiohttp answered 400);
 - a framing error inside a body being read fails that body's stream with
   ``RequestPayloadError``, so the handler stops and ``error_middleware`` answers
   ``BAD_HTTP_REQUEST``;
@@ -83,7 +86,7 @@ from aiohttp.http_exceptions import (
     HttpProcessingError,
     LineTooLong,
 )
-from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParser
+from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
@@ -199,6 +202,27 @@ def unread_bytes(sock: Any) -> int:
     except (OSError, ValueError):
         return 0
     return int.from_bytes(raw, sys.byteorder, signed=True)
+
+
+def _head_end(data: bytes) -> int:
+    """Where the first request head in ``data`` may end (after its blank line), or -1.
+
+    A head's end split across reads shows as ``data`` beginning with LF or CRLF: cut
+    there too (a cut is always harmless: the parser reads a stream)."""
+    if data[:1] == b"\n":
+        return 1
+    if data[:2] == b"\r\n":
+        return 2
+    end = data.find(b"\r\n\r\n")
+    return -1 if end < 0 or end + 4 == len(data) else end + 4
+
+
+# llhttp's reason for a byte after a message that closes the connection.
+_DATA_AFTER_CLOSE = "Data after `Connection: close`"
+
+
+def _after_close(exc: BaseException) -> bool:
+    return isinstance(exc, HttpProcessingError) and str(exc.message).startswith(_DATA_AFTER_CLOSE)
 
 
 class Admission(enum.Enum):
@@ -385,6 +409,9 @@ class ProxyRequestHandler(RequestHandler):
         self._auto_decompress = bool(kwargs.get("auto_decompress", True))
         # The connection closes after what is queued: bytes that come now are not parsed.
         self._ignore_rest = False
+        # The newest request head the parser gave, and its body (_parse, _screen).
+        self._last_head: RawRequestMessage | None = None
+        self._last_payload: StreamReader | None = None
 
     @property
     def waiting(self) -> bool:
@@ -510,6 +537,8 @@ class ProxyRequestHandler(RequestHandler):
         self._head_begun = bool(self._messages)
         self.idle_since = self._loop.time()
         self.pool.request_done()
+        if self._ignore_rest and not self._messages:
+            self.close()  # what was queued is answered; nothing after it is read
         super().log_access(request, response, time)
 
     def expect(self, size: int) -> None:
@@ -596,9 +625,7 @@ class ProxyRequestHandler(RequestHandler):
             return
         waiting = self.waiting
         queued = len(self._messages)
-        super().data_received(data)
-        if len(self._messages) > queued:
-            self._screen(queued)
+        self._parse(data)
         parsed = len(self._messages) - queued
         if data and self.requests_open == 0:
             self._head_begun = True
@@ -609,24 +636,34 @@ class ProxyRequestHandler(RequestHandler):
             self._cancel_head_timer()
         elif data and waiting:  # the first bytes of a head on a kept-alive connection
             self._arm_head_timer()
-        # aiohttp's C parser raises a framing error in a body (a bad chunk size) out of
-        # feed_data, and data_received queues it as a new message behind the request
-        # being handled, whose body then never ends. Fail that body instead.
-        request = self._current_request
-        if request is None or not self._messages:
-            return
-        message = self._messages[-1][0]
-        if not isinstance(message, web_protocol._ErrInfo):
-            return
-        body = request.content
-        if body.is_eof() or body.exception() is not None:
-            return  # the error belongs to a pipelined request after this one
-        reason = safe_reason(message.exc) if isinstance(message.exc, HttpProcessingError) else ""
-        failure = RequestPayloadError(f"malformed body: {reason}")
-        failure.__cause__ = message.exc  # StreamReader sets it only on a waiting read
-        body.set_exception(failure)
-        # No byte of this body will come: at EOF, aiohttp does not linger to drain it.
-        body.feed_eof()
+
+    def _parse(self, data: bytes) -> None:
+        """aiohttp's ``data_received``, given ``data`` a request head at a time.
+
+        llhttp stops at the end of some messages, and aiohttp then loses what came with
+        them in the same read: after a request that closes the connection (``Connection:
+        close``, or HTTP/1.0 without keep-alive) it raises "Data after `Connection: close`"
+        on any further byte, and aiohttp answers that 400 in place of the request (RFC
+        9112 section 9.6: answer it, then close, ignoring what follows); after a request
+        with an ``Upgrade`` aiohttp does not take (``h2c``, as ``curl --http2`` sends), the
+        bytes after it are dropped, so a request pipelined behind it is never answered.
+        Cut at each head's end, a head is parsed in a read of its own, nothing comes after
+        it in that read, and ``_screen`` decides about what follows. Bodies go on whole
+        (an upload's body does not come here at all: ``bypass_parser``)."""
+        while True:
+            end = -1 if self._in_body() else _head_end(data)
+            piece, data = (data, b"") if end < 0 else (data[:end], data[end:])
+            queued = len(self._messages)
+            super().data_received(piece)
+            if len(self._messages) > queued:
+                self._screen(queued)
+            if not data or self._ignore_rest or self._force_close or self._close:
+                return
+
+    def _in_body(self) -> bool:
+        """Is the parser inside the newest request's body (its next bytes are body)?"""
+        payload = self._last_payload
+        return payload is not None and not payload.is_eof()
 
     def _screen(self, first: int) -> None:
         """Look at the heads queued from ``first`` on, for framing llhttp accepts and
@@ -638,9 +675,18 @@ class ProxyRequestHandler(RequestHandler):
         nothing after it on the connection is read."""
         messages = self._messages
         for i in range(first, len(messages)):
-            message = messages[i][0]
+            message, payload = messages[i]
             if isinstance(message, web_protocol._ErrInfo):
-                continue
+                last = self._last_head
+                if last is not None and last.should_close and _after_close(message.exc):
+                    # Bytes after a request that closes the connection: not a request.
+                    del messages[i]
+                    self._ignore_rest = True
+                    return
+                if self._in_body():
+                    self._body_broke(i)
+                    return
+                continue  # a head that cannot be parsed, after complete requests
             if message.version == HttpVersion10 and hdrs.TRANSFER_ENCODING in message.headers:
                 exc = BadHttpMessage("Transfer-Encoding in an HTTP/1.0 request is faulty framing")
                 messages[i] = (web_protocol._ErrInfo(400, exc, exc.message), EMPTY_PAYLOAD)
@@ -648,6 +694,41 @@ class ProxyRequestHandler(RequestHandler):
                     messages.pop()
                 self._ignore_rest = True
                 return
+            self._last_head, self._last_payload = message, payload
+            if message.should_close and payload.is_eof():
+                # Its answer closes the connection: what follows is not read (RFC 9112
+                # section 9.6). A body still due comes first; bytes after it raise
+                # "Data after `Connection: close`", dropped above.
+                self._ignore_rest = True
+                return
+
+    def _body_broke(self, i: int) -> None:
+        """The parse error queued at ``i`` is in the newest request's body (a bad chunk
+        size): aiohttp's C parser raises it out of feed_data, and data_received queues it
+        as a new message, behind a request whose body then never ends.
+
+        A request not yet handled is answered as that error in its place; a body being
+        read fails, so its handler stops and ``error_middleware`` answers
+        ``BAD_HTTP_REQUEST``. Either way nothing after it is parsed."""
+        messages, payload = self._messages, self._last_payload
+        assert payload is not None
+        error = messages[i]
+        while len(messages) > i:
+            messages.pop()
+        self._ignore_rest = True
+        for j, (_, queued) in enumerate(messages):
+            if queued is payload:
+                messages[j] = error
+                while len(messages) > j + 1:
+                    messages.pop()
+                return
+        exc = error[0].exc  # type: ignore[union-attr]
+        reason = safe_reason(exc) if isinstance(exc, HttpProcessingError) else ""
+        failure = RequestPayloadError(f"malformed body: {reason}")
+        failure.__cause__ = exc  # StreamReader sets it only on a waiting read
+        payload.set_exception(failure)
+        # No byte of this body will come: at EOF, aiohttp does not linger to drain it.
+        payload.feed_eof()
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """aiohttp reads the rest of an answered request's body to drain the connection

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -26,7 +27,13 @@ from s3proxy import protocol
 from s3proxy.app import create_app
 from tests.conftest import make_settings
 from tests.rawhttp import RawResponse, exchange
-from tests.s3util import MotoServer, ProxyProcess, all_keys_async, fake_aws_env
+from tests.s3util import (
+    MotoServer,
+    ProxyProcess,
+    all_keys_async,
+    fake_aws_env,
+    read_object_async,
+)
 
 # Marks the client's bytes: it must never come back in an answer or land in the log.
 MARK = b"ZqXmark"
@@ -312,3 +319,47 @@ async def test_http_1_0_with_transfer_encoding_is_refused_and_closed(
     assert "HTTP/1.0" in resp.json()["error"]["message"]
     assert resp.raw.count(b"HTTP/1.1 ") == 1, resp.raw  # the next request is not answered
     assert await all_keys_async(s3, bucket) == []
+
+
+CLOSE_THEN_DATA = {
+    "connection-close": b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" + NEXT,
+    "http-1.0": b"GET /healthz HTTP/1.0\r\n\r\n" + NEXT,
+    "pipelined-then-close": NEXT
+    + b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    + NEXT,
+    "close-then-junk": b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n\x16\x03",
+}
+
+
+@pytest.mark.parametrize("name", list(CLOSE_THEN_DATA))
+async def test_a_request_closing_the_connection_is_answered_whatever_follows(
+    proxy: Any, name: str
+) -> None:
+    """RFC 9112 section 9.6: answer a request with ``Connection: close`` (or HTTP/1.0
+    without keep-alive), then close, ignoring what follows. llhttp raised "Data after
+    `Connection: close`" on bytes after it in the same read, and aiohttp answered that
+    400 in place of the request."""
+    raw = CLOSE_THEN_DATA[name]
+    resp = await exchange(proxy.host, proxy.port, raw)
+    expected = 2 if name == "pipelined-then-close" else 1
+    assert re.findall(rb"HTTP/1\.[01] (\d+)", resp.raw) == [b"200"] * expected, resp.raw
+    assert resp.closed
+
+
+@pytest.mark.parametrize("late", [False, True])
+async def test_an_upload_closing_the_connection_is_stored_whatever_follows(
+    proxy: Any, s3: Any, bucket: str, late: bool
+) -> None:
+    """The same for an upload, its body in the head's read or after it (read past the
+    parser: bypass_parser); one byte follows it."""
+    head = (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+        + FORM
+        + b"Content-Length: %d\r\n\r\n" % len(FORM_BODY)
+    )
+    chunks = (head, FORM_BODY + b"X") if late else (head + FORM_BODY + b"X",)
+    resp = await exchange(proxy.host, proxy.port, *chunks)
+    assert resp.status == 201, resp.raw
+    assert resp.closed
+    [f] = resp.json()["files"]
+    assert await read_object_async(s3, bucket, f["key"]) == b"hello"
