@@ -13,8 +13,9 @@ Here instead (``ProxyRequestHandler``):
 - a request that cannot be parsed is answered with the proxy's JSON error body
   (``BAD_HTTP_REQUEST`` 400; ``URI_TOO_LONG`` 414 for a request target over
   ``MAX_LINE_SIZE``; ``HEADERS_TOO_LARGE`` 431 for a header over ``MAX_FIELD_SIZE``
-  or too many headers), with a request id, ``Connection: close``, and one INFO line
-  in the log; neither the answer nor the log line holds the client's bytes;
+  or too many headers), with a request id, ``Connection: close``, the CORS headers the
+  app's responses carry (the Origin read from the refused head's bytes), and one INFO
+  line in the log; neither the answer nor the log line holds the client's bytes;
 - an HTTP/1.0 request with Transfer-Encoding (faulty framing, RFC 9112 section 6.1),
   which llhttp decodes as chunked, is answered ``BAD_HTTP_REQUEST`` before a handler
   runs, and nothing after it on the connection is read;
@@ -91,6 +92,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from s3proxy.codings import CONTENT_ADVICE
+from s3proxy.cors import Cors
 from s3proxy.errors import (
     BAD_HTTP_REQUEST,
     HEADERS_TOO_LARGE,
@@ -216,6 +218,15 @@ def _head_end(data: bytes) -> int:
     end = data.find(b"\r\n\r\n")
     return -1 if end < 0 or end + 4 == len(data) else end + 4
 
+
+def _raw_origin(head: bytes) -> str | None:
+    """The Origin header in the bytes of a head the parser refused (a browser sends its
+    head in one write), for the CORS headers of the error."""
+    found = _ORIGIN.search(head)
+    return None if found is None else found.group(1).decode("latin-1").strip()
+
+
+_ORIGIN = re.compile(rb"\r\norigin[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 
 # llhttp's reason for a byte after a message that closes the connection.
 _DATA_AFTER_CLOSE = "Data after `Connection: close`"
@@ -398,6 +409,9 @@ class ProxyRequestHandler(RequestHandler):
     def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.pool = manager.pool
+        self.cors = manager.cors
+        # The Origin of a request the parser refused (its head is not the request's).
+        self._error_origin: str | None = None
         self.health_only = False
         self.requests_open = 0  # heads parsed whose response is not finished
         self.idle_since = self._loop.time()
@@ -515,6 +529,9 @@ class ProxyRequestHandler(RequestHandler):
             log.error("request.failed path=%s", request.path, exc_info=exc)
         resp = web.json_response(error_body(kind, text), status=kind.status)
         resp.headers["X-Request-ID"] = rid
+        if self.cors is not None:
+            # No on_response_prepare here: the app's signal marks its own responses only.
+            self.cors.add_headers(request.headers.get(hdrs.ORIGIN, self._error_origin), resp)
         resp.force_close()
         return resp
 
@@ -656,6 +673,10 @@ class ProxyRequestHandler(RequestHandler):
             queued = len(self._messages)
             super().data_received(piece)
             if len(self._messages) > queued:
+                if self.cors is not None and isinstance(
+                    self._messages[-1][0], web_protocol._ErrInfo
+                ):
+                    self._error_origin = _raw_origin(piece)
                 self._screen(queued)
             if not data or self._ignore_rest or self._force_close or self._close:
                 return
@@ -686,9 +707,13 @@ class ProxyRequestHandler(RequestHandler):
                 if self._in_body():
                     self._body_broke(i)
                     return
-                continue  # a head that cannot be parsed, after complete requests
+                # A head that cannot be parsed: answered after the requests before it,
+                # then the connection closes (handle_error); the parser can go no further.
+                self._ignore_rest = True
+                return
             if message.version == HttpVersion10 and hdrs.TRANSFER_ENCODING in message.headers:
                 exc = BadHttpMessage("Transfer-Encoding in an HTTP/1.0 request is faulty framing")
+                self._error_origin = message.headers.get(hdrs.ORIGIN)
                 messages[i] = (web_protocol._ErrInfo(400, exc, exc.message), EMPTY_PAYLOAD)
                 while len(messages) > i + 1:
                     messages.pop()
@@ -718,6 +743,9 @@ class ProxyRequestHandler(RequestHandler):
         self._ignore_rest = True
         for j, (_, queued) in enumerate(messages):
             if queued is payload:
+                head = messages[j][0]
+                if isinstance(head, RawRequestMessage):
+                    self._error_origin = head.headers.get(hdrs.ORIGIN)
                 messages[j] = error
                 while len(messages) > j + 1:
                     messages.pop()
@@ -746,9 +774,12 @@ class ProxyRequestHandler(RequestHandler):
 class ProxyServer(web.Server):
     """aiohttp's low-level server, making ProxyRequestHandler connections."""
 
-    def __init__(self, *args: Any, pool: Connections, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, pool: Connections, cors: Cors | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.pool = pool
+        self.cors = cors
 
     def __call__(self) -> RequestHandler:
         return ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -780,8 +811,9 @@ def private_api_problems() -> list[str]:
     return problems
 
 
-def install(app: web.Application, pool: Connections) -> None:
-    """Make every server aiohttp builds for ``app`` use ProxyRequestHandler, under ``pool``."""
+def install(app: web.Application, pool: Connections, cors: Cors | None = None) -> None:
+    """Make every server aiohttp builds for ``app`` use ProxyRequestHandler, under ``pool``;
+    its own answers carry ``cors``'s headers, as the app's do."""
     problems = private_api_problems()
     if problems:
         log.warning(
@@ -799,6 +831,7 @@ def install(app: web.Application, pool: Connections) -> None:
             handler_cancellation=server.handler_cancellation,
             loop=server._loop,
             pool=pool,
+            cors=cors,
             **server._kwargs,
         )
 

@@ -363,3 +363,46 @@ async def test_an_upload_closing_the_connection_is_stored_whatever_follows(
     assert resp.closed
     [f] = resp.json()["files"]
     assert await read_object_async(s3, bucket, f["key"]) == b"hello"
+
+
+ORIGIN = b"http://app.example"
+# What the protocol layer answers itself, each head carrying an allowed Origin.
+PARSER_ERRORS = {
+    "uri-too-long": (b"GET /files/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n", 414),
+    "header-too-large": (
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 9000 + b"\r\n",
+        431,
+    ),
+    "bad-chunk-with-head": (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\n" + FORM + b"Transfer-Encoding: chunked\r\n",
+        400,
+    ),
+    "br-not-installed": (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\n" + FORM + b"Content-Encoding: br\r\n"
+        b"Content-Length: 5\r\n",
+        415,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PARSER_ERRORS))
+@pytest.mark.parametrize("origin", [ORIGIN, b"http://other.example"])
+async def test_protocol_errors_carry_the_cors_headers(
+    proxy_factory: Any, name: str, origin: bytes
+) -> None:
+    """A page on an allowed origin reads the JSON error of the protocol layer as it reads
+    a handler's (before, a 414, 431 or parser 400/415 had no CORS headers: the browser
+    saw a network error); another origin gets none."""
+    proxy = await proxy_factory(cors_origin=(ORIGIN.decode(),))
+    head, status = PARSER_ERRORS[name]
+    tail = b"ZZ\r\nabc\r\n" if name == "bad-chunk-with-head" else b"hello"
+    raw = head + b"Origin: " + origin + b"\r\n\r\n" + tail
+    resp = await exchange(proxy.host, proxy.port, raw, quiet=2)
+    assert resp.status == status, resp.raw[:300]
+    assert resp.headers.get("Content-Type", "").startswith("application/json")
+    if origin == ORIGIN:
+        assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN.decode()
+        assert "X-Request-ID" in resp.headers["Access-Control-Expose-Headers"]
+    else:
+        assert "Access-Control-Allow-Origin" not in resp.headers
+    assert resp.headers["Vary"] == "Origin"
