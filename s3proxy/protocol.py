@@ -55,7 +55,8 @@ is the one place the proxy leans on its internals, listed in
   and ``_current_request``, ``_messages`` and ``web_protocol._ErrInfo`` for the
   body-phase error;
 - ``RequestHandler._waiter`` (pending while the connection waits for a request head, as
-  aiohttp's own keep-alive timer reads it), for the head timeout and idleness;
+  aiohttp's own keep-alive timer reads it), for the head timeout and idleness, and
+  ``_keepalive_handle``, that timer, stopped once a head begins;
 - ``BaseProtocol._parser``, ``RequestHandler._read_bufsize``, ``_force_close``, ``_close``,
   ``web_protocol.MAX_MSG_QUEUE_SIZE`` and ``HttpRequestParser``'s arguments, for an upload's body
   read past the parser (``ProxyRequestHandler.bypass_parser``).
@@ -646,6 +647,14 @@ class ProxyRequestHandler(RequestHandler):
         parsed = len(self._messages) - queued
         if data and self.requests_open == 0:
             self._head_begun = True
+            # A head has begun: from now only the head timer may close the connection.
+            # aiohttp's keep-alive timer closes it while no head is complete, counting
+            # from the last answer (or the connection's start), so it cut heads that had
+            # begun well within --header-timeout. aiohttp arms it again after the answer.
+            handle = self._keepalive_handle
+            if handle is not None:
+                handle.cancel()
+                self._keepalive_handle = None
             if self.pool.draining:  # bytes with no request open: the drain looks again
                 self.pool.request_done()
         if parsed > 0:  # a head is complete
@@ -802,6 +811,7 @@ def private_api_problems() -> list[str]:
         "_read_bufsize",
         "_force_close",
         "_close",
+        "_keepalive_handle",
     ):
         if name not in slots:
             problems.append(f"RequestHandler.{name}")
