@@ -229,6 +229,13 @@ def _raw_origin(head: bytes) -> str | None:
 
 _ORIGIN = re.compile(rb"\r\norigin[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 
+def _taken_upgrade(message: RawRequestMessage) -> bool:
+    """Does aiohttp take this request's Upgrade (a websocket, or CONNECT), keeping what
+    follows it for after the answer? Any other (``h2c``) it drops what follows."""
+    upgrade = message.headers.get(hdrs.UPGRADE, "")
+    return message.method == hdrs.METH_CONNECT or upgrade.lower() == "websocket"
+
+
 # llhttp's reason for a byte after a message that closes the connection.
 _DATA_AFTER_CLOSE = "Data after `Connection: close`"
 
@@ -728,6 +735,13 @@ class ProxyRequestHandler(RequestHandler):
                     messages.pop()
                 self._ignore_rest = True
                 return
+            if message.upgrade and not payload.is_eof() and not _taken_upgrade(message):
+                # llhttp stops at the end of this body for the Upgrade, and aiohttp drops
+                # what follows it in that read, which cannot be cut out here (the body's
+                # end is the parser's to find): close after the answer, so the client
+                # sends again what was dropped, rather than waiting on it.
+                message = message._replace(should_close=True)
+                messages[i] = (message, payload)
             self._last_head, self._last_payload = message, payload
             if message.should_close and payload.is_eof():
                 # Its answer closes the connection: what follows is not read (RFC 9112

@@ -406,3 +406,33 @@ async def test_protocol_errors_carry_the_cors_headers(
     else:
         assert "Access-Control-Allow-Origin" not in resp.headers
     assert resp.headers["Vary"] == "Origin"
+
+
+H2C = (
+    b"Host: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+)
+
+
+@pytest.mark.parametrize("body", [False, True])
+async def test_a_request_pipelined_after_an_h2c_upgrade_is_not_dropped(
+    proxy_factory: Any, body: bool
+) -> None:
+    """``curl --http2`` to http:// asks to upgrade to h2c; the proxy answers in HTTP/1.1.
+    llhttp stops at the end of such a request and aiohttp dropped the rest of the read:
+    a request pipelined behind it was never answered, and the client waited for the
+    keep-alive timeout. It is answered now; behind a request with a body (where the rest
+    of that read cannot be told), the connection closes at once after the first answer,
+    so the client retries."""
+    proxy = await proxy_factory(keepalive_timeout=30.0)
+    first = b"GET /healthz HTTP/1.1\r\n" + H2C + b"\r\n"
+    if body:
+        first = b"POST /nowhere HTTP/1.1\r\n" + H2C + b"Content-Length: 5\r\n\r\nhello"
+    started = time.monotonic()
+    resp = await exchange(proxy.host, proxy.port, first + NEXT, quiet=5)
+    statuses = re.findall(rb"HTTP/1\.1 (\d+)", resp.raw)
+    if body:
+        assert statuses in ([b"404", b"200"], [b"404"]), resp.raw
+        assert resp.closed and time.monotonic() - started < 2, resp.raw
+    else:
+        assert statuses == [b"200", b"200"], resp.raw
