@@ -229,6 +229,7 @@ def _raw_origin(head: bytes) -> str | None:
 
 _ORIGIN = re.compile(rb"\r\norigin[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 
+
 def _taken_upgrade(message: RawRequestMessage) -> bool:
     """Does aiohttp take this request's Upgrade (a websocket, or CONNECT), keeping what
     follows it for after the answer? Any other (``h2c``) it drops what follows."""
@@ -431,6 +432,8 @@ class ProxyRequestHandler(RequestHandler):
         self._auto_decompress = bool(kwargs.get("auto_decompress", True))
         # The connection closes after what is queued: bytes that come now are not parsed.
         self._ignore_rest = False
+        # The client half-closed after complete requests: answer them, then close.
+        self._eof = False
         # The newest request head the parser gave, and its body (_parse, _screen).
         self._last_head: RawRequestMessage | None = None
         self._last_payload: StreamReader | None = None
@@ -562,7 +565,7 @@ class ProxyRequestHandler(RequestHandler):
         self._head_begun = bool(self._messages)
         self.idle_since = self._loop.time()
         self.pool.request_done()
-        if self._ignore_rest and not self._messages:
+        if (self._ignore_rest or self._eof) and not self._messages:
             self.close()  # what was queued is answered; nothing after it is read
         super().log_access(request, response, time)
 
@@ -669,6 +672,23 @@ class ProxyRequestHandler(RequestHandler):
             self._cancel_head_timer()
         elif data and waiting:  # the first bytes of a head on a kept-alive connection
             self._arm_head_timer()
+
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio: bool | None
+        """The client half-closed (``shutdown(SHUT_WR)``, ``nc -N``): keep the transport
+        open for writing when every request it sent is complete, and answer them.
+
+        aiohttp returns None here, so asyncio closes the transport: the request was
+        cancelled unanswered, and a complete upload stored and rolled back. With a body
+        still due (or no request), the EOF ends the connection as before: that request
+        cannot complete. True keeps the socket open for writing only (asyncio stops
+        reading it); the connection closes once what was queued is answered."""
+        if self._eof:
+            return True  # a read resumed by flow control saw the EOF again
+        if self.requests_open == 0 or self._bypass is not None or self._in_body():
+            return False
+        self._eof = True
+        self._ignore_rest = True  # a partial head after the requests is dropped
+        return True
 
     def _parse(self, data: bytes) -> None:
         """aiohttp's ``data_received``, given ``data`` a request head at a time.
@@ -813,7 +833,14 @@ def private_api_problems() -> list[str]:
     problems = []
     if not callable(getattr(web.Application, "_make_handler", None)):
         problems.append("Application._make_handler")
-    for name in ("handle_error", "finish_response", "data_received", "log_access", "log_exception"):
+    for name in (
+        "handle_error",
+        "finish_response",
+        "data_received",
+        "eof_received",
+        "log_access",
+        "log_exception",
+    ):
         if not callable(getattr(RequestHandler, name, None)):
             problems.append(f"RequestHandler.{name}")
     slots = (*getattr(RequestHandler, "__slots__", ()), *getattr(BaseProtocol, "__slots__", ()))

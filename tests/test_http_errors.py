@@ -12,6 +12,7 @@ changes.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import socket
@@ -436,3 +437,49 @@ async def test_a_request_pipelined_after_an_h2c_upgrade_is_not_dropped(
         assert resp.closed and time.monotonic() - started < 2, resp.raw
     else:
         assert statuses == [b"200", b"200"], resp.raw
+
+
+async def half_closed(host: str, port: int, raw: bytes) -> bytes:
+    """Send ``raw``, half-close (shutdown SHUT_WR, as ``nc -N`` does), read to the end."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(raw)
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("close", [False, True])
+async def test_a_complete_request_then_a_half_close_is_answered(
+    proxy: Any, s3: Any, bucket: str, close: bool
+) -> None:
+    """aiohttp took the client's EOF for a lost connection: no answer at all, and a
+    complete upload was stored, then rolled back. The transport stays open for the answer
+    when every request sent is complete, and closes after it."""
+    connection = b"Connection: close\r\n" if close else b""
+    health = b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + connection + b"\r\n"
+    upload = (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\n"
+        + connection
+        + FORM
+        + b"Content-Length: %d\r\n\r\n" % len(FORM_BODY)
+        + FORM_BODY
+    )
+    got = await half_closed(proxy.host, proxy.port, health + upload)
+    assert re.findall(rb"HTTP/1\.1 (\d+)", got) == ([b"200"] if close else [b"200", b"201"])
+    if not close:
+        key = json.loads(got[got.rindex(b"\r\n\r\n") + 4 :])["files"][0]["key"]
+        assert await read_object_async(s3, bucket, key) == b"hello"
+
+
+async def test_a_half_close_mid_body_stores_nothing(proxy: Any, s3: Any, bucket: str) -> None:
+    upload = (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\n"
+        + FORM
+        + b"Content-Length: %d\r\n\r\n" % (len(FORM_BODY) + 10)
+        + FORM_BODY
+    )
+    got = await half_closed(proxy.host, proxy.port, upload)
+    assert b" 201 " not in got
+    assert await all_keys_async(s3, bucket) == []
