@@ -92,7 +92,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     # Malformed HTTP is answered as JSON too, however the server is built; and the
     # connection policy (head timeout, cap) holds for every server too.
-    protocol.install(app, state.connections)
+    protocol.install(app, state.connections, cors)
     app[STATE] = state
     app[METRICS] = state.metrics
     app.on_response_prepare.append(_mark_response)

@@ -60,13 +60,17 @@ class Cors:
         resp.headers[hdrs.ACCESS_CONTROL_MAX_AGE] = MAX_AGE
         return resp
 
-    async def mark(self, request: web.Request, response: web.StreamResponse) -> None:
-        """on_response_prepare: the CORS headers of an allowed origin's response."""
+    def add_headers(self, origin: str | None, response: web.StreamResponse) -> None:
+        """The CORS headers of a response to a request from ``origin``: the one place
+        that decides them (the app's responses, and the protocol layer's errors)."""
         if not self.allow_any:
             # The answer depends on Origin: caches must keep one per origin.
             response.headers.add(hdrs.VARY, "Origin")
-        origin = request.headers.get(hdrs.ORIGIN)
         if self.allowed(origin):
             assert origin is not None
             response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = "*" if self.allow_any else origin
             response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = EXPOSE_HEADERS
+
+    async def mark(self, request: web.Request, response: web.StreamResponse) -> None:
+        """on_response_prepare: the CORS headers of an allowed origin's response."""
+        self.add_headers(request.headers.get(hdrs.ORIGIN), response)

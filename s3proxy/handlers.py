@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from aiohttp import MultipartReader, hdrs, web
+from aiohttp.helpers import parse_mimetype
 from aiohttp.web_urldispatcher import _default_expect_handler
 
 from s3proxy import codings
@@ -47,6 +48,8 @@ from s3proxy.webhook import WebhookError
 
 log = logging.getLogger("s3proxy.handlers")
 
+# RFC 2046 section 5.1.1: a boundary is 1 to 70 characters.
+MAX_BOUNDARY = 70
 # Boundaries and part headers around the file data an upload token counts.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -71,6 +74,15 @@ def check_upload(request: web.Request, state: AppState) -> tuple[Principal, int 
     if media_type(ctype) != "multipart/form-data":
         raise ProxyError(
             NOT_MULTIPART, f"expected Content-Type multipart/form-data, got {ctype or 'none'!r}"
+        )
+    boundary = parse_mimetype(ctype).parameters.get("boundary", "")
+    if not 1 <= len(boundary) <= MAX_BOUNDARY:
+        # aiohttp's reader refuses a missing or long one, not an empty one: its delimiter
+        # would be a bare "--", and a file was stored from it.
+        raise ProxyError(
+            MALFORMED_MULTIPART,
+            f"the multipart boundary must be 1 to {MAX_BOUNDARY} characters (RFC 2046 "
+            f"section 5.1.1), got {len(boundary)}",
         )
     length = request.content_length
     limit = state.settings.max_request_size

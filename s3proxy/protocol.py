@@ -13,8 +13,15 @@ Here instead (``ProxyRequestHandler``):
 - a request that cannot be parsed is answered with the proxy's JSON error body
   (``BAD_HTTP_REQUEST`` 400; ``URI_TOO_LONG`` 414 for a request target over
   ``MAX_LINE_SIZE``; ``HEADERS_TOO_LARGE`` 431 for a header over ``MAX_FIELD_SIZE``
-  or too many headers), with a request id, ``Connection: close``, and one INFO line
-  in the log; neither the answer nor the log line holds the client's bytes;
+  or too many headers), with a request id, ``Connection: close``, the CORS headers the
+  app's responses carry (the Origin read from the refused head's bytes), and one INFO
+  line in the log; neither the answer nor the log line holds the client's bytes;
+- an HTTP/1.0 request with Transfer-Encoding (faulty framing, RFC 9112 section 6.1),
+  which llhttp decodes as chunked, is answered ``BAD_HTTP_REQUEST`` before a handler
+  runs, and nothing after it on the connection is read;
+- a request that closes the connection (``Connection: close``, HTTP/1.0 without
+  keep-alive) is answered whatever follows it in the same read, and what follows is
+  not read (RFC 9112 section 9.6; llhttp raised on it and aiohttp answered 400);
 - a framing error inside a body being read fails that body's stream with
   ``RequestPayloadError``, so the handler stops and ``error_middleware`` answers
   ``BAD_HTTP_REQUEST``;
@@ -48,7 +55,8 @@ is the one place the proxy leans on its internals, listed in
   and ``_current_request``, ``_messages`` and ``web_protocol._ErrInfo`` for the
   body-phase error;
 - ``RequestHandler._waiter`` (pending while the connection waits for a request head, as
-  aiohttp's own keep-alive timer reads it), for the head timeout and idleness;
+  aiohttp's own keep-alive timer reads it), for the head timeout and idleness, and
+  ``_keepalive_handle``, that timer, stopped once a head begins;
 - ``BaseProtocol._parser``, ``RequestHandler._read_bufsize``, ``_force_close``, ``_close``,
   ``web_protocol.MAX_MSG_QUEUE_SIZE`` and ``HttpRequestParser``'s arguments, for an upload's body
   read past the parser (``ProxyRequestHandler.bypass_parser``).
@@ -73,12 +81,19 @@ from typing import Any
 
 from aiohttp import hdrs, web, web_protocol
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong
-from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParser
-from aiohttp.streams import StreamReader
+from aiohttp.http import HttpVersion10
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    ContentEncodingError,
+    HttpProcessingError,
+    LineTooLong,
+)
+from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParser, RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from s3proxy.codings import CONTENT_ADVICE
+from s3proxy.cors import Cors
 from s3proxy.errors import (
     BAD_HTTP_REQUEST,
     HEADERS_TOO_LARGE,
@@ -190,6 +205,44 @@ def unread_bytes(sock: Any) -> int:
     except (OSError, ValueError):
         return 0
     return int.from_bytes(raw, sys.byteorder, signed=True)
+
+
+def _head_end(data: bytes) -> int:
+    """Where the first request head in ``data`` may end (after its blank line), or -1.
+
+    A head's end split across reads shows as ``data`` beginning with LF or CRLF: cut
+    there too (a cut is always harmless: the parser reads a stream)."""
+    if data[:1] == b"\n":
+        return 1
+    if data[:2] == b"\r\n":
+        return 2
+    end = data.find(b"\r\n\r\n")
+    return -1 if end < 0 or end + 4 == len(data) else end + 4
+
+
+def _raw_origin(head: bytes) -> str | None:
+    """The Origin header in the bytes of a head the parser refused (a browser sends its
+    head in one write), for the CORS headers of the error."""
+    found = _ORIGIN.search(head)
+    return None if found is None else found.group(1).decode("latin-1").strip()
+
+
+_ORIGIN = re.compile(rb"\r\norigin[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+
+
+def _taken_upgrade(message: RawRequestMessage) -> bool:
+    """Does aiohttp take this request's Upgrade (a websocket, or CONNECT), keeping what
+    follows it for after the answer? Any other (``h2c``) it drops what follows."""
+    upgrade = message.headers.get(hdrs.UPGRADE, "")
+    return message.method == hdrs.METH_CONNECT or upgrade.lower() == "websocket"
+
+
+# llhttp's reason for a byte after a message that closes the connection.
+_DATA_AFTER_CLOSE = "Data after `Connection: close`"
+
+
+def _after_close(exc: BaseException) -> bool:
+    return isinstance(exc, HttpProcessingError) and str(exc.message).startswith(_DATA_AFTER_CLOSE)
 
 
 class Admission(enum.Enum):
@@ -365,6 +418,9 @@ class ProxyRequestHandler(RequestHandler):
     def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.pool = manager.pool
+        self.cors = manager.cors
+        # The Origin of a request the parser refused (its head is not the request's).
+        self._error_origin: str | None = None
         self.health_only = False
         self.requests_open = 0  # heads parsed whose response is not finished
         self.idle_since = self._loop.time()
@@ -374,6 +430,13 @@ class ProxyRequestHandler(RequestHandler):
         self._bypass: StreamReader | None = None
         self._bypass_left = 0
         self._auto_decompress = bool(kwargs.get("auto_decompress", True))
+        # The connection closes after what is queued: bytes that come now are not parsed.
+        self._ignore_rest = False
+        # The client half-closed after complete requests: answer them, then close.
+        self._eof = False
+        # The newest request head the parser gave, and its body (_parse, _screen).
+        self._last_head: RawRequestMessage | None = None
+        self._last_payload: StreamReader | None = None
 
     @property
     def waiting(self) -> bool:
@@ -477,6 +540,9 @@ class ProxyRequestHandler(RequestHandler):
             log.error("request.failed path=%s", request.path, exc_info=exc)
         resp = web.json_response(error_body(kind, text), status=kind.status)
         resp.headers["X-Request-ID"] = rid
+        if self.cors is not None:
+            # No on_response_prepare here: the app's signal marks its own responses only.
+            self.cors.add_headers(request.headers.get(hdrs.ORIGIN, self._error_origin), resp)
         resp.force_close()
         return resp
 
@@ -499,6 +565,8 @@ class ProxyRequestHandler(RequestHandler):
         self._head_begun = bool(self._messages)
         self.idle_since = self._loop.time()
         self.pool.request_done()
+        if (self._ignore_rest or self._eof) and not self._messages:
+            self.close()  # what was queued is answered; nothing after it is read
         super().log_access(request, response, time)
 
     def expect(self, size: int) -> None:
@@ -581,12 +649,22 @@ class ProxyRequestHandler(RequestHandler):
             data = self._feed_bypassed(data)
             if not data:
                 return
+        if self._ignore_rest:
+            return
         waiting = self.waiting
         queued = len(self._messages)
-        super().data_received(data)
+        self._parse(data)
         parsed = len(self._messages) - queued
         if data and self.requests_open == 0:
             self._head_begun = True
+            # A head has begun: from now only the head timer may close the connection.
+            # aiohttp's keep-alive timer closes it while no head is complete, counting
+            # from the last answer (or the connection's start), so it cut heads that had
+            # begun well within --header-timeout. aiohttp arms it again after the answer.
+            handle = self._keepalive_handle
+            if handle is not None:
+                handle.cancel()
+                self._keepalive_handle = None
             if self.pool.draining:  # bytes with no request open: the drain looks again
                 self.pool.request_done()
         if parsed > 0:  # a head is complete
@@ -594,24 +672,134 @@ class ProxyRequestHandler(RequestHandler):
             self._cancel_head_timer()
         elif data and waiting:  # the first bytes of a head on a kept-alive connection
             self._arm_head_timer()
-        # aiohttp's C parser raises a framing error in a body (a bad chunk size) out of
-        # feed_data, and data_received queues it as a new message behind the request
-        # being handled, whose body then never ends. Fail that body instead.
-        request = self._current_request
-        if request is None or not self._messages:
-            return
-        message = self._messages[-1][0]
-        if not isinstance(message, web_protocol._ErrInfo):
-            return
-        body = request.content
-        if body.is_eof() or body.exception() is not None:
-            return  # the error belongs to a pipelined request after this one
-        reason = safe_reason(message.exc) if isinstance(message.exc, HttpProcessingError) else ""
+
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio: bool | None
+        """The client half-closed (``shutdown(SHUT_WR)``, ``nc -N``): keep the transport
+        open for writing when every request it sent is complete, and answer them.
+
+        aiohttp returns None here, so asyncio closes the transport: the request was
+        cancelled unanswered, and a complete upload stored and rolled back. With a body
+        still due (or no request), the EOF ends the connection as before: that request
+        cannot complete. True keeps the socket open for writing only (asyncio stops
+        reading it); the connection closes once what was queued is answered."""
+        if self._eof:
+            return True  # a read resumed by flow control saw the EOF again
+        if self.requests_open == 0 or self._bypass is not None or self._in_body():
+            return False
+        self._eof = True
+        self._ignore_rest = True  # a partial head after the requests is dropped
+        return True
+
+    def _parse(self, data: bytes) -> None:
+        """aiohttp's ``data_received``, given ``data`` a request head at a time.
+
+        llhttp stops at the end of some messages, and aiohttp then loses what came with
+        them in the same read: after a request that closes the connection (``Connection:
+        close``, or HTTP/1.0 without keep-alive) it raises "Data after `Connection: close`"
+        on any further byte, and aiohttp answers that 400 in place of the request (RFC
+        9112 section 9.6: answer it, then close, ignoring what follows); after a request
+        with an ``Upgrade`` aiohttp does not take (``h2c``, as ``curl --http2`` sends), the
+        bytes after it are dropped, so a request pipelined behind it is never answered.
+        Cut at each head's end, a head is parsed in a read of its own, nothing comes after
+        it in that read, and ``_screen`` decides about what follows. Bodies go on whole
+        (an upload's body does not come here at all: ``bypass_parser``)."""
+        while True:
+            end = -1 if self._in_body() else _head_end(data)
+            piece, data = (data, b"") if end < 0 else (data[:end], data[end:])
+            queued = len(self._messages)
+            super().data_received(piece)
+            if len(self._messages) > queued:
+                if self.cors is not None and isinstance(
+                    self._messages[-1][0], web_protocol._ErrInfo
+                ):
+                    self._error_origin = _raw_origin(piece)
+                self._screen(queued)
+            if not data or self._ignore_rest or self._force_close or self._close:
+                return
+
+    def _in_body(self) -> bool:
+        """Is the parser inside the newest request's body (its next bytes are body)?"""
+        payload = self._last_payload
+        return payload is not None and not payload.is_eof()
+
+    def _screen(self, first: int) -> None:
+        """Look at the heads queued from ``first`` on, for framing llhttp accepts and
+        HTTP/1.1 does not.
+
+        RFC 9112 section 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing
+        (a 1.0 intermediary may not know chunked), and the server must close after it.
+        llhttp decodes it as chunked: here it is answered 400 before a handler runs, and
+        nothing after it on the connection is read."""
+        messages = self._messages
+        for i in range(first, len(messages)):
+            message, payload = messages[i]
+            if isinstance(message, web_protocol._ErrInfo):
+                last = self._last_head
+                if last is not None and last.should_close and _after_close(message.exc):
+                    # Bytes after a request that closes the connection: not a request.
+                    del messages[i]
+                    self._ignore_rest = True
+                    return
+                if self._in_body():
+                    self._body_broke(i)
+                    return
+                # A head that cannot be parsed: answered after the requests before it,
+                # then the connection closes (handle_error); the parser can go no further.
+                self._ignore_rest = True
+                return
+            if message.version == HttpVersion10 and hdrs.TRANSFER_ENCODING in message.headers:
+                exc = BadHttpMessage("Transfer-Encoding in an HTTP/1.0 request is faulty framing")
+                self._error_origin = message.headers.get(hdrs.ORIGIN)
+                messages[i] = (web_protocol._ErrInfo(400, exc, exc.message), EMPTY_PAYLOAD)
+                while len(messages) > i + 1:
+                    messages.pop()
+                self._ignore_rest = True
+                return
+            if message.upgrade and not payload.is_eof() and not _taken_upgrade(message):
+                # llhttp stops at the end of this body for the Upgrade, and aiohttp drops
+                # what follows it in that read, which cannot be cut out here (the body's
+                # end is the parser's to find): close after the answer, so the client
+                # sends again what was dropped, rather than waiting on it.
+                message = message._replace(should_close=True)
+                messages[i] = (message, payload)
+            self._last_head, self._last_payload = message, payload
+            if message.should_close and payload.is_eof():
+                # Its answer closes the connection: what follows is not read (RFC 9112
+                # section 9.6). A body still due comes first; bytes after it raise
+                # "Data after `Connection: close`", dropped above.
+                self._ignore_rest = True
+                return
+
+    def _body_broke(self, i: int) -> None:
+        """The parse error queued at ``i`` is in the newest request's body (a bad chunk
+        size): aiohttp's C parser raises it out of feed_data, and data_received queues it
+        as a new message, behind a request whose body then never ends.
+
+        A request not yet handled is answered as that error in its place; a body being
+        read fails, so its handler stops and ``error_middleware`` answers
+        ``BAD_HTTP_REQUEST``. Either way nothing after it is parsed."""
+        messages, payload = self._messages, self._last_payload
+        assert payload is not None
+        error = messages[i]
+        while len(messages) > i:
+            messages.pop()
+        self._ignore_rest = True
+        for j, (_, queued) in enumerate(messages):
+            if queued is payload:
+                head = messages[j][0]
+                if isinstance(head, RawRequestMessage):
+                    self._error_origin = head.headers.get(hdrs.ORIGIN)
+                messages[j] = error
+                while len(messages) > j + 1:
+                    messages.pop()
+                return
+        exc = error[0].exc  # type: ignore[union-attr]
+        reason = safe_reason(exc) if isinstance(exc, HttpProcessingError) else ""
         failure = RequestPayloadError(f"malformed body: {reason}")
-        failure.__cause__ = message.exc  # StreamReader sets it only on a waiting read
-        body.set_exception(failure)
+        failure.__cause__ = exc  # StreamReader sets it only on a waiting read
+        payload.set_exception(failure)
         # No byte of this body will come: at EOF, aiohttp does not linger to drain it.
-        body.feed_eof()
+        payload.feed_eof()
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """aiohttp reads the rest of an answered request's body to drain the connection
@@ -629,9 +817,12 @@ class ProxyRequestHandler(RequestHandler):
 class ProxyServer(web.Server):
     """aiohttp's low-level server, making ProxyRequestHandler connections."""
 
-    def __init__(self, *args: Any, pool: Connections, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, pool: Connections, cors: Cors | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.pool = pool
+        self.cors = cors
 
     def __call__(self) -> RequestHandler:
         return ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -642,7 +833,14 @@ def private_api_problems() -> list[str]:
     problems = []
     if not callable(getattr(web.Application, "_make_handler", None)):
         problems.append("Application._make_handler")
-    for name in ("handle_error", "finish_response", "data_received", "log_access", "log_exception"):
+    for name in (
+        "handle_error",
+        "finish_response",
+        "data_received",
+        "eof_received",
+        "log_access",
+        "log_exception",
+    ):
         if not callable(getattr(RequestHandler, name, None)):
             problems.append(f"RequestHandler.{name}")
     slots = (*getattr(RequestHandler, "__slots__", ()), *getattr(BaseProtocol, "__slots__", ()))
@@ -654,6 +852,7 @@ def private_api_problems() -> list[str]:
         "_read_bufsize",
         "_force_close",
         "_close",
+        "_keepalive_handle",
     ):
         if name not in slots:
             problems.append(f"RequestHandler.{name}")
@@ -663,8 +862,9 @@ def private_api_problems() -> list[str]:
     return problems
 
 
-def install(app: web.Application, pool: Connections) -> None:
-    """Make every server aiohttp builds for ``app`` use ProxyRequestHandler, under ``pool``."""
+def install(app: web.Application, pool: Connections, cors: Cors | None = None) -> None:
+    """Make every server aiohttp builds for ``app`` use ProxyRequestHandler, under ``pool``;
+    its own answers carry ``cors``'s headers, as the app's do."""
     problems = private_api_problems()
     if problems:
         log.warning(
@@ -682,6 +882,7 @@ def install(app: web.Application, pool: Connections) -> None:
             handler_cancellation=server.handler_cancellation,
             loop=server._loop,
             pool=pool,
+            cors=cors,
             **server._kwargs,
         )
 

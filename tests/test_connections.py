@@ -470,3 +470,34 @@ async def test_thousand_sockets_at_1024_fds(moto: MotoServer, bucket: str, tmp_p
     print("1024 fds, 2000 flood sockets:", figures)
     assert figures["fds"] < 1024
     assert figures["log_bytes"] < 50_000
+
+
+async def send_slowly(writer: asyncio.StreamWriter, data: bytes, over: float) -> None:
+    step = max(1, len(data) // 10)
+    for i in range(0, len(data), step):
+        writer.write(data[i : i + step])
+        await writer.drain()
+        await asyncio.sleep(over / 10)
+
+
+@pytest.mark.parametrize("kept_alive", [True, False])
+async def test_a_head_begun_is_not_cut_by_the_keepalive_timer(
+    proxy_factory: Any, kept_alive: bool
+) -> None:
+    """README: the head must be complete --header-timeout after its first byte. aiohttp's
+    keep-alive timer (from the last answer, or from the connection's start) closed the
+    connection under a head that had begun, whatever the header timeout."""
+    proxy = await proxy_factory(header_timeout=4.0, keepalive_timeout=1.0)
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    health = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: 0123456789abcdef\r\n\r\n"
+    try:
+        if kept_alive:
+            writer.write(health)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+            await asyncio.sleep(0.6)  # idle, then a head begins before the timer's 1 s
+        await send_slowly(writer, health, over=2.0)  # ends well past the keep-alive timer
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200"), head
+    finally:
+        writer.close()

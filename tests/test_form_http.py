@@ -389,3 +389,31 @@ async def test_curl_filenames(
     stdout, _ = await proc.communicate()
     assert proc.returncode == 0
     await assert_stored_as(json.loads(stdout), s3, bucket, stored)
+
+
+@pytest.mark.parametrize(
+    "ctype",
+    [
+        'multipart/form-data; boundary=""',
+        "multipart/form-data; boundary=",
+        "multipart/form-data",
+        "multipart/form-data; boundary=" + "b" * 71,
+    ],
+)
+@pytest.mark.parametrize("expect", [False, True])
+async def test_a_bad_boundary_is_refused_before_the_body(
+    proxy: Any, s3: Any, bucket: str, ctype: str, expect: bool
+) -> None:
+    """RFC 2046 section 5.1.1: a boundary is 1 to 70 characters. An empty one was taken,
+    its delimiter a bare ``--``, and the file stored (201). With Expect: 100-continue the
+    refusal comes before the body is sent."""
+    body = (
+        b'--\r\nContent-Disposition: form-data; name="f"; filename="a.txt"\r\n\r\nhello\r\n----\r\n'
+    )
+    headers = {"Content-Type": ctype}
+    if expect:
+        headers["Expect"] = "100-continue"
+    resp = await proxy.post("/upload", data=body, headers=headers)
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["error"]["code"] == "MALFORMED_MULTIPART"
+    assert await all_keys_async(s3, bucket) == []

@@ -12,7 +12,9 @@ changes.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -26,7 +28,13 @@ from s3proxy import protocol
 from s3proxy.app import create_app
 from tests.conftest import make_settings
 from tests.rawhttp import RawResponse, exchange
-from tests.s3util import MotoServer, ProxyProcess, fake_aws_env
+from tests.s3util import (
+    MotoServer,
+    ProxyProcess,
+    all_keys_async,
+    fake_aws_env,
+    read_object_async,
+)
 
 # Marks the client's bytes: it must never come back in an answer or land in the log.
 MARK = b"ZqXmark"
@@ -284,3 +292,194 @@ async def test_served_process_answers_malformed_http_as_json(served: ProxyProces
     # One event line and one access line per bad request, nothing more.
     lines = [line for line in text.splitlines() if "aiohttp.access" not in line]
     assert len(lines) <= len(MALFORMED) + len(LATE_BAD_CHUNK) + 1, text[-3000:]
+
+
+# --- framing the parser accepts and HTTP/1.1 does not (RFC 9112) -------------------------
+
+FORM_BODY = (
+    b'--xx\r\nContent-Disposition: form-data; name="f"; filename="a.txt"\r\n'
+    b"Content-Type: text/plain\r\n\r\nhello\r\n--xx--\r\n"
+)
+NEXT = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+async def test_http_1_0_with_transfer_encoding_is_refused_and_closed(
+    proxy: Any, s3: Any, bucket: str
+) -> None:
+    """RFC 9112 section 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+    llhttp decoded it as chunked: the file was stored (201), the connection kept alive and
+    the next request answered."""
+    raw = (
+        b"POST /upload HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n"
+        + FORM
+        + b"Transfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(FORM_BODY), FORM_BODY)
+    )
+    resp = await exchange(proxy.host, proxy.port, raw + NEXT)
+    assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
+    assert "HTTP/1.0" in resp.json()["error"]["message"]
+    assert resp.raw.count(b"HTTP/1.1 ") == 1, resp.raw  # the next request is not answered
+    assert await all_keys_async(s3, bucket) == []
+
+
+CLOSE_THEN_DATA = {
+    "connection-close": b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" + NEXT,
+    "http-1.0": b"GET /healthz HTTP/1.0\r\n\r\n" + NEXT,
+    "pipelined-then-close": NEXT
+    + b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    + NEXT,
+    "close-then-junk": b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n\x16\x03",
+}
+
+
+@pytest.mark.parametrize("name", list(CLOSE_THEN_DATA))
+async def test_a_request_closing_the_connection_is_answered_whatever_follows(
+    proxy: Any, name: str
+) -> None:
+    """RFC 9112 section 9.6: answer a request with ``Connection: close`` (or HTTP/1.0
+    without keep-alive), then close, ignoring what follows. llhttp raised "Data after
+    `Connection: close`" on bytes after it in the same read, and aiohttp answered that
+    400 in place of the request."""
+    raw = CLOSE_THEN_DATA[name]
+    resp = await exchange(proxy.host, proxy.port, raw)
+    expected = 2 if name == "pipelined-then-close" else 1
+    assert re.findall(rb"HTTP/1\.[01] (\d+)", resp.raw) == [b"200"] * expected, resp.raw
+    assert resp.closed
+
+
+@pytest.mark.parametrize("late", [False, True])
+async def test_an_upload_closing_the_connection_is_stored_whatever_follows(
+    proxy: Any, s3: Any, bucket: str, late: bool
+) -> None:
+    """The same for an upload, its body in the head's read or after it (read past the
+    parser: bypass_parser); one byte follows it."""
+    head = (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+        + FORM
+        + b"Content-Length: %d\r\n\r\n" % len(FORM_BODY)
+    )
+    chunks = (head, FORM_BODY + b"X") if late else (head + FORM_BODY + b"X",)
+    resp = await exchange(proxy.host, proxy.port, *chunks)
+    assert resp.status == 201, resp.raw
+    assert resp.closed
+    [f] = resp.json()["files"]
+    assert await read_object_async(s3, bucket, f["key"]) == b"hello"
+
+
+ORIGIN = b"http://app.example"
+# What the protocol layer answers itself, each head carrying an allowed Origin.
+PARSER_ERRORS = {
+    "uri-too-long": (b"GET /files/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n", 414),
+    "header-too-large": (
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 9000 + b"\r\n",
+        431,
+    ),
+    "bad-chunk-with-head": (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\n" + FORM + b"Transfer-Encoding: chunked\r\n",
+        400,
+    ),
+    "br-not-installed": (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\n" + FORM + b"Content-Encoding: br\r\n"
+        b"Content-Length: 5\r\n",
+        415,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PARSER_ERRORS))
+@pytest.mark.parametrize("origin", [ORIGIN, b"http://other.example"])
+async def test_protocol_errors_carry_the_cors_headers(
+    proxy_factory: Any, name: str, origin: bytes
+) -> None:
+    """A page on an allowed origin reads the JSON error of the protocol layer as it reads
+    a handler's (before, a 414, 431 or parser 400/415 had no CORS headers: the browser
+    saw a network error); another origin gets none."""
+    proxy = await proxy_factory(cors_origin=(ORIGIN.decode(),))
+    head, status = PARSER_ERRORS[name]
+    tail = b"ZZ\r\nabc\r\n" if name == "bad-chunk-with-head" else b"hello"
+    raw = head + b"Origin: " + origin + b"\r\n\r\n" + tail
+    resp = await exchange(proxy.host, proxy.port, raw, quiet=2)
+    assert resp.status == status, resp.raw[:300]
+    assert resp.headers.get("Content-Type", "").startswith("application/json")
+    if origin == ORIGIN:
+        assert resp.headers["Access-Control-Allow-Origin"] == ORIGIN.decode()
+        assert "X-Request-ID" in resp.headers["Access-Control-Expose-Headers"]
+    else:
+        assert "Access-Control-Allow-Origin" not in resp.headers
+    assert resp.headers["Vary"] == "Origin"
+
+
+H2C = (
+    b"Host: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+)
+
+
+@pytest.mark.parametrize("body", [False, True])
+async def test_a_request_pipelined_after_an_h2c_upgrade_is_not_dropped(
+    proxy_factory: Any, body: bool
+) -> None:
+    """``curl --http2`` to http:// asks to upgrade to h2c; the proxy answers in HTTP/1.1.
+    llhttp stops at the end of such a request and aiohttp dropped the rest of the read:
+    a request pipelined behind it was never answered, and the client waited for the
+    keep-alive timeout. It is answered now; behind a request with a body (where the rest
+    of that read cannot be told), the connection closes at once after the first answer,
+    so the client retries."""
+    proxy = await proxy_factory(keepalive_timeout=30.0)
+    first = b"GET /healthz HTTP/1.1\r\n" + H2C + b"\r\n"
+    if body:
+        first = b"POST /nowhere HTTP/1.1\r\n" + H2C + b"Content-Length: 5\r\n\r\nhello"
+    started = time.monotonic()
+    resp = await exchange(proxy.host, proxy.port, first + NEXT, quiet=5)
+    statuses = re.findall(rb"HTTP/1\.1 (\d+)", resp.raw)
+    if body:
+        assert statuses in ([b"404", b"200"], [b"404"]), resp.raw
+        assert resp.closed and time.monotonic() - started < 2, resp.raw
+    else:
+        assert statuses == [b"200", b"200"], resp.raw
+
+
+async def half_closed(host: str, port: int, raw: bytes) -> bytes:
+    """Send ``raw``, half-close (shutdown SHUT_WR, as ``nc -N`` does), read to the end."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(raw)
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("close", [False, True])
+async def test_a_complete_request_then_a_half_close_is_answered(
+    proxy: Any, s3: Any, bucket: str, close: bool
+) -> None:
+    """aiohttp took the client's EOF for a lost connection: no answer at all, and a
+    complete upload was stored, then rolled back. The transport stays open for the answer
+    when every request sent is complete, and closes after it."""
+    connection = b"Connection: close\r\n" if close else b""
+    health = b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + connection + b"\r\n"
+    upload = (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\n"
+        + connection
+        + FORM
+        + b"Content-Length: %d\r\n\r\n" % len(FORM_BODY)
+        + FORM_BODY
+    )
+    got = await half_closed(proxy.host, proxy.port, health + upload)
+    assert re.findall(rb"HTTP/1\.1 (\d+)", got) == ([b"200"] if close else [b"200", b"201"])
+    if not close:
+        key = json.loads(got[got.rindex(b"\r\n\r\n") + 4 :])["files"][0]["key"]
+        assert await read_object_async(s3, bucket, key) == b"hello"
+
+
+async def test_a_half_close_mid_body_stores_nothing(proxy: Any, s3: Any, bucket: str) -> None:
+    upload = (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\n"
+        + FORM
+        + b"Content-Length: %d\r\n\r\n" % (len(FORM_BODY) + 10)
+        + FORM_BODY
+    )
+    got = await half_closed(proxy.host, proxy.port, upload)
+    assert b" 201 " not in got
+    assert await all_keys_async(s3, bucket) == []
