@@ -70,7 +70,6 @@ from s3proxy.errors import (
     KEY_EXISTS,
     TOKEN_SCOPE,
     TYPE_NOT_ALLOWED,
-    UPSTREAM_CORRUPTION,
     UPSTREAM_ERROR,
     ProxyError,
 )
@@ -91,7 +90,6 @@ from s3proxy.machine import (
 )
 from s3proxy.parts import MAX_PARTS, PartPlan, plan_parts
 from s3proxy.s3 import (
-    BadDigest,
     ChecksumUnsupported,
     NoSuchKey,
     ObjectDefaults,
@@ -100,6 +98,7 @@ from s3proxy.s3 import (
     PreconditionFailed,
     StoredChecksum,
     Written,
+    resend_if_corrupted,
 )
 
 log = logging.getLogger("s3proxy.pipeline")
@@ -664,33 +663,20 @@ class FileUpload:
     async def _checked(self, call: Callable[[], Awaitable[T]], what: str = "") -> T:
         """One S3 write that carries a checksum.
 
-        BadDigest: S3 computed another CRC than the one we sent, so the bytes changed on the
-        way (S3 stored nothing). botocore's standard retry mode does not retry a 400, and
-        the bytes are still in memory: send them once more (``what`` names them; no name,
-        no resend). Refused again, the link corrupts data: 502 UPSTREAM_CORRUPTION.
+        BadDigest (the bytes changed on the way; S3 stored nothing): sent once more
+        (``s3.resend_if_corrupted``; ``what`` names the bytes; no name, no resend).
         ChecksumUnsupported: the store takes no additional checksums; say how to turn
         them off rather than leave a bare 502.
         """
         try:
-            try:
+            if not what:
                 return await call()
-            except BadDigest as exc:
-                if not what:
-                    raise
-                log.warning(
-                    "upload.bad_digest key=%s what=%r reason=%s action=resend",
-                    self.spec.key,
-                    what,
-                    exc.reason,
-                )
-            try:
-                return await call()
-            except BadDigest as exc:
-                raise ProxyError(
-                    UPSTREAM_CORRUPTION,
-                    f"file {self.spec.filename!r}: S3 refused {what} twice as corrupted on "
-                    f"the way to it ({exc.reason}); nothing was stored",
-                ) from exc
+            return await resend_if_corrupted(
+                call,
+                what,
+                context=f"key={self.spec.key}",
+                outcome=f"file {self.spec.filename!r}: nothing was stored",
+            )
         except ChecksumUnsupported as exc:
             name = self.cfg.checksum.value if self.cfg.checksum else "additional"
             raise ProxyError(

@@ -46,10 +46,11 @@ as it always did; one that does (presign: 404 NO_SUCH_UPLOAD) re-raises its own.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from s3proxy.body import Chunk
 from s3proxy.checksums import Algorithm, CrcValue, DigestError, decode_b64, full_object
@@ -61,6 +62,9 @@ from s3proxy.errors import (
     ProxyError,
 )
 from s3proxy.keys import content_disposition
+
+log = logging.getLogger("s3proxy.s3")
+T = TypeVar("T")
 
 Body = Sequence[Chunk]  # a part as the chunks it arrived in
 
@@ -136,6 +140,27 @@ class ChecksumDiffers(S3Error):
 
 class ChecksumUnsupported(S3Error):
     """The store refused a call because of its additional checksum (see ``checksum_refusal``)."""
+
+
+async def resend_if_corrupted(
+    call: Callable[[], Awaitable[T]], what: str, *, context: str, outcome: str
+) -> T:
+    """A write that carries a checksum, sent once more if S3 refuses its bytes as changed
+    on the way (BadDigest: nothing was stored; botocore's standard retry mode does not
+    retry a 400, and the bytes are still in memory). Refused again, the link corrupts
+    data: UPSTREAM_CORRUPTION naming ``what``, then ``outcome``. ``context`` goes in the
+    log line (``key=...``)."""
+    try:
+        return await call()
+    except BadDigest as exc:
+        log.warning("s3.bad_digest %s what=%r reason=%s action=resend", context, what, exc.reason)
+    try:
+        return await call()
+    except BadDigest as exc:
+        raise ProxyError(
+            UPSTREAM_CORRUPTION,
+            f"S3 refused {what} twice as corrupted on the way to it ({exc.reason}); {outcome}",
+        ) from exc
 
 
 def checksum_refusal(err: S3Error) -> S3Error:

@@ -69,7 +69,7 @@ from s3proxy.body import Chunk
 from s3proxy.checksums import Algorithm, Crc, CrcValue, decode_b64
 from s3proxy.errors import INTERNAL, UPSTREAM_CORRUPTION, ProxyError
 from s3proxy.parts import TIER_PARTS, PartPlan
-from s3proxy.s3 import BadDigest, NoSuchKey, ObjectOptions, ObjectStore, Written
+from s3proxy.s3 import NoSuchKey, ObjectOptions, ObjectStore, Written, resend_if_corrupted
 from s3proxy.tus_url import TusUpload
 
 log = logging.getLogger("s3proxy.tus")
@@ -382,27 +382,15 @@ class TusStore:
         what: str,
         **conditions: Any,
     ) -> Written:
-        """PutObject carrying ``crc``. BadDigest (S3 computed another CRC: the bytes changed
-        on the way, nothing was stored) is sent once more from memory, as a part is (no
-        ``If-*`` condition has changed meanwhile); refused again, UPSTREAM_CORRUPTION."""
+        """PutObject carrying ``crc``, sent once more on BadDigest as a part is
+        (``s3.resend_if_corrupted``; no ``If-*`` condition has changed meanwhile)."""
         put = functools.partial(self.bucket.put, key, data, options, checksum=crc, **conditions)
-        try:
-            return await put()
-        except BadDigest as exc:
-            log.warning(
-                "tus.bad_digest id=%s what=%r reason=%s action=resend",
-                self.upload.id,
-                what,
-                exc.reason,
-            )
-        try:
-            return await put()
-        except BadDigest as exc:
-            raise ProxyError(
-                UPSTREAM_CORRUPTION,
-                f"S3 refused {what} twice as corrupted on the way to it ({exc.reason}); "
-                "nothing of this request was kept",
-            ) from exc
+        return await resend_if_corrupted(
+            put,
+            what,
+            context=f"tus_id={self.upload.id}",
+            outcome="nothing of this request was kept",
+        )
 
     async def load(
         self, segments: Sequence[Segment], algorithm: Algorithm | None
