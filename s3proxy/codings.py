@@ -42,6 +42,16 @@ def content_coded(headers: CIMultiDictProxy[str]) -> bool:
     return any(c != "identity" for c in codings(headers.getall("Content-Encoding", ())))
 
 
+def read_length(request: web.BaseRequest) -> int | None:
+    """The most bytes a handler can read of the body: its Content-Length, or None when
+    unknown or content-coded. A coded body's Content-Length counts coded bytes and bounds
+    nothing it decodes to (100 KB of gzip is 100 MiB of zeros): taken for the file's bound,
+    it sized every part's reservation to 1 byte, and parts were filled outside the budget."""
+    if content_coded(request.headers):
+        return None
+    return request.content_length
+
+
 def check_body_codings(headers: CIMultiDictProxy[str], decoded: bool) -> None:
     """Raise if the body's codings are ones the proxy would not undo.
 

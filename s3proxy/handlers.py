@@ -63,7 +63,7 @@ def media_type(header: str) -> str:
     return header.partition(";")[0].strip().lower()
 
 
-def check_upload(request: web.Request, state: AppState) -> tuple[Principal, int | None]:
+def check_upload(request: web.Request, state: AppState) -> Principal:
     """Refuse what can be refused from the headers alone, before a body byte is read:
     shutdown, credentials, the content type and a Content-Length over a limit."""
     if state.draining:
@@ -98,7 +98,7 @@ def check_upload(request: web.Request, state: AppState) -> tuple[Principal, int 
             f"the upload token allows {max_size} bytes of file data per request; "
             f"the request body has {length} bytes",
         )
-    return principal, length
+    return principal
 
 
 async def expect_upload(request: web.Request) -> web.StreamResponse | None:
@@ -119,13 +119,13 @@ async def expect_upload(request: web.Request) -> web.StreamResponse | None:
 
 async def upload(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    principal, length = check_upload(request, state)
+    principal = check_upload(request, state)
     # The handler's own task: aiohttp runs each request in one, apart from the
     # connection's task (``request.task``), so cancelling it stops this request only.
     task = asyncio.current_task()
     with state.track(task):
         try:
-            return await _store(request, state, principal, length)
+            return await _store(request, state, principal)
         except asyncio.CancelledError:
             if task is None or not state.stopped_by_shutdown(task):
                 raise
@@ -140,9 +140,7 @@ async def upload(request: web.Request) -> web.Response:
     return resp
 
 
-async def _store(
-    request: web.Request, state: AppState, principal: Principal, length: int | None
-) -> web.Response:
+async def _store(request: web.Request, state: AppState, principal: Principal) -> web.Response:
     try:
         reader = MultipartReader(request.headers, request.content)
     except (ValueError, AssertionError) as exc:
@@ -153,13 +151,14 @@ async def _store(
     if grant is not None and grant.max_files is not None:
         limits = dataclasses.replace(limits, max_files=min(limits.max_files, grant.max_files))
     parts = iter_form(reader, limits, lambda: body.total_bytes, TransportFlow(request))
-    # No file can be longer than the whole body: that bounds part sizes and buffers.
+    # No file can be longer than the whole body as read: that bounds part sizes and
+    # buffers (not a coded body's Content-Length: codings.read_length).
     job = RequestUpload(
         state.require_sink(),
         state.budget,
         state.pipeline,
         state.settings.key_template,
-        length,
+        codings.read_length(request),
         state.metrics,
         grant,
         state.janitor,

@@ -150,8 +150,9 @@ class UploadMachine:
     """One file: events in (``feed``), actions out (``next_action``).
 
     ``plan`` sizes the parts, ``max_size`` is the most bytes the file may have,
-    ``limit`` what it cannot exceed if known (the request's length: a small file
-    reserves no more than it can use), ``read_size`` the most bytes asked at once.
+    ``limit`` what it cannot exceed if known (the request's length as read, so a small
+    file reserves no more than it can use; a byte past it is FileTooLarge), ``read_size``
+    the most bytes asked at once.
     """
 
     def __init__(
@@ -169,6 +170,11 @@ class UploadMachine:
         self.finished = False
         self._slicer = PartSlicer(plan, limit=limit)
         self._base = 0  # file bytes stored before this request
+        if limit is not None:
+            # The slicer reserves what is left of ``limit``: a byte past it would fill a
+            # part reserved for 1 byte, outside the budget. Refused instead (a gzip body's
+            # coded Content-Length taken for the file's bound did that, 5 MiB a part).
+            max_size = min(max_size, limit)
         if resume is not None:
             max_size = min(max_size, resume.total)
             self._base = resume.offset

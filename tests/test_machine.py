@@ -127,6 +127,18 @@ def test_known_limit_reserves_only_what_can_arrive() -> None:
     assert trace.put == b"x" * 30
 
 
+def test_bytes_past_a_known_limit_are_refused_not_read_into_unreserved_parts() -> None:
+    """A ``limit`` is a promise that sizes reservations (what is left of it): bytes past it
+    would fill parts reserved for 1 byte. Before, a gzip body's Content-Length (coded bytes)
+    came in as the limit, and every part after it was 5 MiB of memory held outside the
+    budget (20 uploads of 40 MiB of zeros: +204 MiB RSS on a 16 MiB budget)."""
+    machine = UploadMachine(PartPlan(10, growing=False), max_size=10**6, limit=30)
+    with pytest.raises(FileTooLarge) as info:
+        drive(machine, b"x" * 100, 7)
+    assert info.value.limit == 30
+    assert machine.finished
+
+
 def test_growing_plan_changes_part_size_by_tier() -> None:
     plan = PartPlan(1, growing=True)  # parts 1-1000 of 1 byte, 1001-2000 of 2 ...
     data = b"y" * 1003

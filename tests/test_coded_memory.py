@@ -1,0 +1,233 @@
+"""A content-coded body is held to the memory budget like a plain one (README "Memory").
+
+Before: a ``Content-Encoding: gzip`` upload passed its Content-Length (the coded bytes,
+100 KB for 100 MiB of zeros) to the pipeline as the most the file could be. Every part
+after those first bytes reserved what was "left" of it, 1 byte, and filled 5 MiB: 20
+concurrent gzip uploads of 100 MiB with a 16 MiB budget grew the proxy by 205 MiB RSS
+(plain: 13), about two unreserved parts per upload. Measured in-process, the request
+StreamReaders held at most 0.38 MiB each meanwhile: aiohttp inflates no further than its
+high-water mark, so the decoded bytes outside the budget were never the problem.
+
+Here the bytes of parts on their way to S3 (what the budget exists to bound) are counted
+against the budget while S3 is slow, for form uploads and tus PATCHes; the decoded bytes
+each request's StreamReader holds are bounded too; and every file arrives byte-exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from s3proxy import protocol
+from s3proxy.state import STATE
+from tests import bodies
+from tests.conftest import ProxyFactory
+from tests.s3util import (
+    MotoServer,
+    ProxyProcess,
+    fake_aws_env,
+    head_object_async,
+    read_object_async,
+)
+from tests.test_resources import proc_status
+from tests.test_tus import _new, _patch_headers
+
+MiB = 1024**2
+BUDGET = 16 * MiB
+PART = 5 * MiB
+# What one request's StreamReader may hold of a decoded body: aiohttp pauses past its
+# high-water mark (2 x read_bufsize, app.py) and inflates at most max(64 KiB, read_bufsize)
+# per step past it.
+STREAM_BOUND = 2 * (protocol.RECV_SIZE // 2) + protocol.RECV_SIZE // 2
+
+
+def compressible(size: int, seed: int) -> bytes:
+    """``size`` bytes that gzip to about a thousandth, distinct per ``seed``."""
+    block = hashlib.sha256(b"%d" % seed).digest() * 32  # 1 KiB
+    return (block * (size // len(block) + 1))[:size]
+
+
+def reset_peak(pid: int) -> None:
+    """Make the process's VmHWM its RSS now (proc(5), clear_refs): the peak from here."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+class Watch:
+    """The bytes of parts inside S3 calls (slowed down: they pile up if unbounded) and of
+    every request's StreamReader, at their peaks."""
+
+    def __init__(self, proxy: Any, monkeypatch: pytest.MonkeyPatch, delay: float) -> None:
+        state = proxy.server.app[STATE]
+        self.connections = state.connections
+        self.budget = state.budget
+        self.sending = self.peak_sending = self.peak_stream = self.parts = 0
+        sink = state.require_sink()
+        original: Callable[..., Awaitable[str]] = sink.upload_part
+
+        async def upload_part(key: str, upload_id: str, number: int, data: Any, **kw: Any) -> str:
+            size = sum(len(c) for c in data)
+            self.sending += size
+            self.peak_sending = max(self.peak_sending, self.sending)
+            self.parts += 1
+            try:
+                await asyncio.sleep(delay)
+                return await original(key, upload_id, number, data, **kw)
+            finally:
+                self.sending -= size
+
+        monkeypatch.setattr(sink, "upload_part", upload_part)
+
+    async def sample(self) -> None:
+        while True:
+            for conn in self.connections.served:
+                request = conn._current_request
+                if request is not None:  # a body-less request's EmptyStreamReader has none
+                    held = getattr(request.content, "_size", 0)
+                    self.peak_stream = max(self.peak_stream, held)
+            await asyncio.sleep(0.002)
+
+    async def around(self, work: Awaitable[list[Any]]) -> list[Any]:
+        sampler = asyncio.create_task(self.sample())
+        try:
+            return await asyncio.wait_for(work, 120)
+        finally:
+            assert not sampler.done(), sampler  # it failed: its peaks would be wrong
+            sampler.cancel()
+
+
+@pytest.fixture
+async def slow_s3_proxy(
+    proxy_factory: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Any, Watch]]:
+    # 1 B/s: a body is sent at once, but one upload's wait for memory may be a while
+    proxy = await proxy_factory(memory_budget=BUDGET, part_size=PART, min_upload_rate=1)
+    yield proxy, Watch(proxy, monkeypatch, delay=0.05)
+
+
+async def test_gzip_uploads_waiting_on_a_small_budget_stay_within_it(
+    slow_s3_proxy: tuple[Any, Watch], s3: Any, bucket: str
+) -> None:
+    proxy, watch = slow_s3_proxy
+    files = [compressible(16 * MiB + i, seed=i) for i in range(8)]
+
+    async def one(i: int, data: bytes) -> dict[str, Any]:
+        coded = gzip.compress(bodies.body([bodies.file("f", f"{i}.bin", data)]), 6)
+        assert len(coded) < len(data) // 100
+        resp = await proxy.post(
+            "/upload", data=coded, headers={**bodies.headers(), "Content-Encoding": "gzip"}
+        )
+        out: dict[str, Any] = await resp.json()
+        assert resp.status == 201, out
+        return out
+
+    results = await watch.around(asyncio.gather(*(one(i, d) for i, d in enumerate(files))))
+    print(
+        f"8 gzip uploads of 16 MiB, budget {BUDGET // MiB} MiB: parts in S3 calls peaked at "
+        f"{watch.peak_sending / MiB:.1f} MiB, one StreamReader at "
+        f"{watch.peak_stream / 1024:.0f} KiB"
+    )
+    assert watch.peak_sending <= BUDGET, "parts held outside the budget"
+    assert watch.peak_stream <= STREAM_BOUND
+    assert watch.parts == 8 * 4
+    assert watch.budget.in_use == 0
+    for out, data in zip(results, files, strict=True):
+        [stored] = out["files"]
+        assert stored["size"] == len(data)
+        assert stored["sha256"] == hashlib.sha256(data).hexdigest()
+        assert await read_object_async(s3, bucket, stored["key"]) == data
+
+
+async def test_gzip_tus_patches_stay_within_the_budget(
+    slow_s3_proxy: tuple[Any, Watch], s3: Any, bucket: str
+) -> None:
+    """A tus PATCH's machine is bounded by Upload-Length (the decoded file), not by its
+    Content-Length: it was right before, and stays so."""
+    proxy, watch = slow_s3_proxy
+    files = [compressible(12 * MiB + i, seed=100 + i) for i in range(6)]
+
+    async def one(data: bytes) -> str:
+        url = await _new(proxy, len(data))
+        resp = await proxy.patch(
+            url,
+            data=gzip.compress(data, 6),
+            headers=_patch_headers(0, **{"Content-Encoding": "gzip"}),
+        )
+        assert resp.status == 204, await resp.text()
+        return str(resp.headers["S3Proxy-Key"])
+
+    keys = await watch.around(asyncio.gather(*(one(d) for d in files)))
+    print(
+        f"6 gzip PATCHes of 12 MiB: parts in S3 calls peaked at {watch.peak_sending / MiB:.1f} "
+        f"MiB, one StreamReader at {watch.peak_stream / 1024:.0f} KiB"
+    )
+    assert watch.peak_sending <= BUDGET
+    assert watch.peak_stream <= STREAM_BOUND
+    for key, data in zip(keys, files, strict=True):
+        assert await read_object_async(s3, bucket, key) == data
+
+
+async def test_gzip_uploads_grow_a_proxy_process_by_the_budget_not_per_upload(
+    moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    """The process's RSS, as a user runs it: 12 concurrent gzip uploads of 32 MiB (about
+    32 KB each on the wire) with a 16 MiB budget. Before: +123 MiB (unreserved parts,
+    about 10 MiB per upload); README's bound is the budget plus under 1 MiB per upload."""
+    proxy = ProxyProcess.start(
+        [
+            "--endpoint-url",
+            moto.endpoint_url,
+            "--bucket",
+            bucket,
+            "--memory-budget",
+            "16MiB",
+            "--part-size",
+            "5MiB",
+            "--min-upload-rate",
+            "1",
+        ],
+        fake_aws_env(),
+        tmp_path / "proxy.log",
+    )
+    size = 32 * MiB
+    files = [compressible(size, seed=200 + i) for i in range(12)]
+    coded = [gzip.compress(bodies.body([bodies.file("f", "z.bin", d)]), 6) for d in files]
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(2):  # warm: the first coded upload loads what every one uses
+                async with session.post(
+                    proxy.url + "/upload",
+                    data=coded[0],
+                    headers={**bodies.headers(), "Content-Encoding": "gzip"},
+                ) as resp:
+                    assert resp.status == 201, await resp.text()
+            idle = proc_status(proxy.proc.pid, "VmRSS")
+            reset_peak(proxy.proc.pid)
+
+            async def one(body: bytes) -> dict[str, Any]:
+                async with session.post(
+                    proxy.url + "/upload",
+                    data=io.BytesIO(body),
+                    headers={**bodies.headers(), "Content-Encoding": "gzip"},
+                ) as resp:
+                    out: dict[str, Any] = await resp.json()
+                    assert resp.status == 201, out
+                    return out
+
+            results = await asyncio.gather(*(one(b) for b in coded))
+        peak = proc_status(proxy.proc.pid, "VmHWM")
+    finally:
+        proxy.stop()
+    print(f"12 x 32 MiB gzip: idle {idle / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB")
+    for out, data in zip(results, files, strict=True):
+        [stored] = out["files"]
+        assert stored["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (await head_object_async(s3, bucket, stored["key"]))["ContentLength"] == size
+    assert peak - idle <= BUDGET + 32 * MiB, f"+{(peak - idle) / MiB:.0f} MiB"
