@@ -59,9 +59,12 @@ from typing import Protocol
 # waiting upload barely notices the tricklers.
 PATIENCE = 0.25
 # Seconds a holder must have held its part, and the window its fill rate is judged
-# over: a paused client (TCP backpressure) resumes from the kernel's buffer within
-# milliseconds, so half a second at the minimum rate (16 KiB at 32 KiB/s) is plenty.
-MIN_HELD = 0.5
+# over. Not shorter: a client on a lossy link is silent for a retransmission timeout
+# (200 ms at least, doubling per loss in a row), and a busy sender for a scheduling
+# stall; at 0.5 s, 63 of 64 uploads from one client process on a loaded 2-core CI
+# machine were evicted together after one such stall, each losing its whole upload.
+# Two seconds outlast three losses in a row and still free a trickler's part soon.
+MIN_HELD = 2.0
 
 
 @dataclass(frozen=True)

@@ -133,9 +133,9 @@ MIN = 32 * 1024.0
         # nobody has waited long enough: nobody is judged
         ([HolderState(10.0, SLOW, MIN)], 0.1, []),
         # a slow holder that has held its part long enough, while someone waits
-        ([HolderState(1.0, SLOW, MIN)], 0.3, [0]),
+        ([HolderState(2.5, SLOW, MIN)], 0.3, [0]),
         # too new to judge (its client may still be waking from backpressure)
-        ([HolderState(0.2, SLOW, MIN)], 5.0, []),
+        ([HolderState(1.0, SLOW, MIN)], 5.0, []),
         # uploading to S3 (rate None): never evicted, it releases on S3's answer
         ([HolderState(30.0, None, MIN)], 5.0, []),
         # fast enough, and exactly at the rate: kept
@@ -147,7 +147,7 @@ MIN = 32 * 1024.0
                 HolderState(3.0, 1e6, MIN),
                 HolderState(0.1, SLOW, MIN),
                 HolderState(3.0, None, MIN),
-                HolderState(0.5, 0.0, MIN),
+                HolderState(2.0, 0.0, MIN),  # held exactly MIN_HELD
             ],
             0.25,
             [0, 4],
