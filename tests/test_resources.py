@@ -217,9 +217,10 @@ async def test_64_concurrent_uploads_stay_within_budget(
             "--max-file-size",
             "1GiB",
             # All 64 bodies come from this test's one process: on a busy 2-core machine it
-            # fed one of them under the default 32 KiB/s for half a second while others
-            # waited for memory, and the budget evicted it (408, by design: see
-            # tests/test_fairness.py). Here only a client silent for that long may be.
+            # fed one of them under the default 32 KiB/s for the eviction window while
+            # others waited for memory, and the budget evicted it (408, by design: see
+            # tests/test_fairness.py). Here only a client silent for that long may be
+            # (budget.MIN_HELD: at 0.5 s, one stall of this process cost 63 of 64).
             "--min-upload-rate",
             "1",
         ],
