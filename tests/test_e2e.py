@@ -370,7 +370,7 @@ def test_embedded_mode_start_upload_stop_restart(tmp_path: Path) -> None:
 
 def test_embedded_store_killed_with_proxy(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    args = ["--data-dir", str(data_dir), "--embedded-s3-port", str(free_port())]
+    args = ["--data-dir", str(data_dir), "--embedded-s3-port", "0"]
     proxy = ProxyProcess.start(args, plain_env(), tmp_path / "p.log")
     assert processes_mentioning(str(data_dir))
     proxy.proc.send_signal(signal.SIGKILL)

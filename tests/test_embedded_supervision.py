@@ -28,7 +28,7 @@ import pytest
 from s3proxy.embedded import Backoff, EmbeddedConfig, EmbeddedStore, plan_restart
 from s3proxy.settings import Settings, SettingsError
 from tests.polling import eventually, eventually_sync
-from tests.s3util import BOTO_CONFIG, ProxyProcess, free_port, read_object_async
+from tests.s3util import BOTO_CONFIG, ProxyProcess, read_object_async
 from tests.seaweed_fixture import (
     WEED_SIGTERM_EXIT,
     processes_mentioning,
@@ -150,7 +150,7 @@ def exits_logged(log_path: Path) -> list[tuple[int, float]]:
 def test_weed_killed_under_the_proxy_comes_back(tmp_path: Path) -> None:
     """Default settings: no flag of this feature, so this fails on a proxy without it."""
     data_dir = tmp_path / "data"
-    args = ["--data-dir", str(data_dir), "--embedded-s3-port", str(free_port())]
+    args = ["--data-dir", str(data_dir), "--embedded-s3-port", "0"]
     proxy = ProxyProcess.start(args, plain_env(), tmp_path / "proxy.log")
     try:
         before = tmp_path / "before.txt"
@@ -203,7 +203,7 @@ def test_weed_killed_under_the_proxy_comes_back(tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_repeated_kills_back_off(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    args = ["--data-dir", str(data_dir), "--embedded-s3-port", str(free_port())]
+    args = ["--data-dir", str(data_dir), "--embedded-s3-port", "0"]
     proxy = ProxyProcess.start(args, plain_env(), tmp_path / "proxy.log")
     gaps = []
     try:
@@ -235,7 +235,7 @@ def test_stopping_the_proxy_during_a_restart_leaves_no_weed(
     tmp_path: Path, sig: signal.Signals
 ) -> None:
     data_dir = tmp_path / "data"
-    args = ["--data-dir", str(data_dir), "--embedded-s3-port", str(free_port())]
+    args = ["--data-dir", str(data_dir), "--embedded-s3-port", "0"]
     proxy = ProxyProcess.start(args, plain_env(), tmp_path / "proxy.log")
     try:
         old = kill_weed(data_dir)
@@ -265,7 +265,7 @@ def test_workers_supervisor_restarts_weed(tmp_path: Path) -> None:
     their own S3 check (one attempt, so it answers at once)."""
     data_dir = tmp_path / "data"
     args = [
-        *("--data-dir", str(data_dir), "--embedded-s3-port", str(free_port())),
+        *("--data-dir", str(data_dir), "--embedded-s3-port", "0"),
         *("--workers", "2", "--s3-max-attempts", "1", "--embedded-restart-delay", "2"),
     ]
     proxy = ProxyProcess.start(args, plain_env(), tmp_path / "proxy.log")
