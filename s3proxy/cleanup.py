@@ -222,10 +222,11 @@ async def sweep_tus(
     every object under its prefix deleted (the state last, so a removal cut short is
     found again next time). One whose state holds a live lock (a PATCH begun before the
     expiry still runs) is left to a later sweep: no new PATCH can start on an expired
-    URL, so the lock is released or lapses (``skew`` after its lease). Failures are
-    logged and left for the next sweep.
+    URL, so the lock is released or lapses (``skew`` after its lease). An unreadable
+    state holds nothing: that upload goes too. Failures are logged and left for the next
+    sweep.
     """
-    from s3proxy.tus_state import TusState, remove_prefix
+    from s3proxy.tus_state import CorruptState, TusState, remove_prefix
 
     live: set[str] = set()
     expired: dict[str, bool] = {}
@@ -267,6 +268,11 @@ async def sweep_tus(
                     await bucket.abort(state.key, state.upload_id)
             except NoSuchKey:
                 pass  # its state went first: only segments are left
+            except CorruptState as err:
+                # Unreadable (changed at rest, or on the way here): no PATCH can use it
+                # either, and the upload has expired. Its multipart upload, unnamed now,
+                # is the orphan sweep's (an expired upload's is not kept as live).
+                log.warning("cleanup.tus id=%s state=unreadable error=%s", upload_id, err.message)
             await remove_prefix(bucket, prefix, last=prefix + "state")
         except ProxyError as err:
             log.warning("cleanup.tus id=%s action=failed error=%s", upload_id, err.message)

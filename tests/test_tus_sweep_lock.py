@@ -39,3 +39,24 @@ async def test_the_sweep_skips_an_expired_upload_a_patch_holds(
     assert len(gone.removed) == 1
     assert await open_uploads_async(s3, bucket) == []
     assert await all_keys_async(s3, bucket) == [KEY_OBJECT]  # the URL key stays
+
+
+async def test_the_sweep_removes_an_expired_upload_whose_state_is_unreadable(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """A state corrupted at rest answered 502 to every request, and the sweep logged
+    'action=failed' for it at every pass, for ever: it is removed once expired, and its
+    multipart upload (no longer named) is the orphan sweep's."""
+    proxy = await proxy_factory()
+    url, _ = await six_of_seven_mib(proxy)
+    sink = proxy.app[STATE].require_sink()
+    upload = tus_url.verify(url.removeprefix("/tus/"), proxy.app[TUS].keys, time.time())
+    state_key = TusStore(sink, upload).state_key
+    raw = s3.get_object(Bucket=bucket, Key=state_key)["Body"].read()
+    s3.put_object(Bucket=bucket, Key=state_key, Body=raw.replace(b'"offset":', b'"offset":1'))
+    assert (await proxy.head(url, headers={"Tus-Resumable": "1.0.0"})).status == 502
+    gone = await sweep_tus(sink, dry_run=False, now=upload.expires + 10, skew=0)
+    assert gone.removed == [upload.prefix.removeprefix(tus_url.RESERVED_PREFIX).strip("/")]
+    assert await all_keys_async(s3, bucket) == [KEY_OBJECT]
+    [left] = await open_uploads_async(s3, bucket)  # unnamed now: the orphan sweep's
+    s3.abort_multipart_upload(Bucket=bucket, Key=left["Key"], UploadId=left["UploadId"])
