@@ -9,7 +9,8 @@ filename that leaves this module never holds a surrogate, and a file's ``filenam
 already the sanitized name the key and Content-Disposition use.
 
 Decisions about part headers (each a 400 MALFORMED_MULTIPART with a clear message):
-folded header lines (obs-fold) and lines over aiohttp's 8190 bytes are refused;
+folded header lines (obs-fold) and lines over 8190 bytes with their CRLF (aiohttp's
+limit) are refused;
 ``Content-Transfer-Encoding`` other than 7bit/8bit/binary is refused (RFC 7578
 section 4.7; storing it still encoded would be silent corruption); a part without a
 Content-Disposition, without a name, or with a type other than form-data is refused.
