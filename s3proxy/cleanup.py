@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from s3proxy.errors import ProxyError
-from s3proxy.s3 import PAGE_SIZE, NoSuchKey, NoSuchUpload, ObjectStore, PartInfo
+from s3proxy.s3 import PAGE_SIZE, NoSuchKey, NoSuchUpload, ObjectStore, PartInfo, read_small
 from s3proxy.tus_url import RESERVED_PREFIX, key_hash, parse_id
 
 log = logging.getLogger("s3proxy.cleanup")
@@ -254,11 +254,8 @@ async def sweep_tus(
             continue
         try:
             try:
-                async with await bucket.get(prefix + "state") as body:
-                    raw = bytearray()
-                    while chunk := await body.read(64 * 1024):
-                        raw += chunk
-                state = TusState.from_bytes(bytes(raw))
+                raw, _ = await read_small(bucket, prefix + "state")
+                state = TusState.from_bytes(raw)
                 if state.locked(now, skew):
                     log.info("cleanup.tus id=%s action=skipped reason=locked", upload_id)
                     # its multipart upload is live too: the orphan sweep keeps it

@@ -553,3 +553,13 @@ class ObjectStore(ObjectSink, Protocol):
     ) -> SignedPost: ...
     async def presign_part(self, key: str, upload_id: str, number: int, expires_in: int) -> str: ...
     async def object_url(self, key: str) -> str: ...
+
+
+async def read_small(bucket: ObjectStore, key: str) -> tuple[bytes, str | None]:
+    """A small object of the proxy's own (a tus state, its URL key) whole, and its ETag;
+    NoSuchKey if there is none. Never an upload's bytes: those are streamed."""
+    async with await bucket.get(key) as body:
+        raw = bytearray()
+        while chunk := await body.read(64 * 1024):
+            raw += chunk
+        return bytes(raw), body.head.etag

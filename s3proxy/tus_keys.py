@@ -46,7 +46,7 @@ from typing import Any
 from s3proxy import tus_url
 from s3proxy.checksums import Algorithm
 from s3proxy.errors import UPSTREAM_ERROR, UPSTREAM_UNAVAILABLE, ProxyError
-from s3proxy.s3 import NoSuchKey, ObjectOptions, ObjectStore, PreconditionFailed
+from s3proxy.s3 import NoSuchKey, ObjectOptions, ObjectStore, PreconditionFailed, read_small
 from s3proxy.tus_state import crc_of
 
 log = logging.getLogger("s3proxy.tus")
@@ -113,13 +113,10 @@ async def read_or_create(
 
 async def _read(bucket: ObjectStore) -> bytes | None:
     try:
-        async with await bucket.get(KEY_OBJECT) as body:
-            raw = bytearray()
-            while chunk := await body.read(64 * 1024):
-                raw += chunk
+        raw, _ = await read_small(bucket, KEY_OBJECT)
     except NoSuchKey:
         return None
-    return bytes(raw)
+    return raw
 
 
 def _decoded(raw: bytes) -> tuple[bytes, ...]:

@@ -69,7 +69,14 @@ from s3proxy.body import Chunk
 from s3proxy.checksums import Algorithm, Crc, CrcValue, decode_b64
 from s3proxy.errors import INTERNAL, UPSTREAM_CORRUPTION, ProxyError
 from s3proxy.parts import TIER_PARTS, PartPlan
-from s3proxy.s3 import NoSuchKey, ObjectOptions, ObjectStore, Written, resend_if_corrupted
+from s3proxy.s3 import (
+    NoSuchKey,
+    ObjectOptions,
+    ObjectStore,
+    Written,
+    read_small,
+    resend_if_corrupted,
+)
 from s3proxy.tus_url import TusUpload
 
 log = logging.getLogger("s3proxy.tus")
@@ -328,16 +335,12 @@ class TusStore:
 
     async def _read_once(self) -> tuple[TusState, str] | None:
         try:
-            async with await self.bucket.get(self.state_key) as body:
-                raw = bytearray()
-                while chunk := await body.read(64 * 1024):
-                    raw += chunk
-                etag = body.head.etag
+            raw, etag = await read_small(self.bucket, self.state_key)
         except NoSuchKey:
             return None
         if etag is None:
             raise ProxyError(INTERNAL, "the store returned the tus state without an ETag")
-        return TusState.from_bytes(bytes(raw)), etag
+        return TusState.from_bytes(raw), etag
 
     async def create(self, state: TusState) -> str:
         return await self._put_state(state, if_none_match=True)
