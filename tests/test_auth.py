@@ -101,6 +101,20 @@ async def test_token_type_scope(authed: Any, s3: Any, bucket: str) -> None:
     assert await all_keys_async(s3, bucket) == [] and await open_uploads_async(s3, bucket) == []
 
 
+async def test_token_type_refusal_names_what_was_found(authed: Any) -> None:
+    """A PNG signature then zeros: libmagic cannot identify it, so it is refused as
+    unidentified, never as the image/png its client declared (which the token allows)."""
+    token = issue(SECRET, prefix="p/", ttl=60, types=["image/png"])
+    fake = b"\x89PNG\r\n\x1a\n" + bytes(200)
+    raw = bodies.body([bodies.file("f", "fake.png", fake, "image/png")])
+    status, out, _ = await post(authed, raw, Authorization=f"Bearer {token}")
+    assert (status, out["error"]["code"]) == (403, "TOKEN_SCOPE")
+    assert out["error"]["message"] == (
+        "file 'fake.png' is unidentified (application/octet-stream); "
+        "the upload token allows image/png"
+    )
+
+
 async def test_token_size_scope(authed: Any, s3: Any, bucket: str) -> None:
     token = issue(SECRET, prefix="p/", ttl=60, max_size=1 * MiB)
     status, out, _ = await post(authed, pdf_body(3 * MiB), Authorization=f"Bearer {token}")
