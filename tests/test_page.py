@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import boto3
@@ -37,6 +37,9 @@ from tests.browser import chromium_page, throttle_uploads
 from tests.conftest import ProxyFactory, make_settings
 from tests.s3util import BOTO_CONFIG, MotoServer, ProxyProcess, fake_aws_env, free_port
 from tests.seaweed_fixture import s3_client_kwargs
+
+if TYPE_CHECKING:
+    from playwright.sync_api import FilePayload
 
 API_KEY = "page-test-key-0123456789"
 PREFIX = "page/"
@@ -443,6 +446,35 @@ def test_upload_page_in_a_real_browser(
     # the resumable upload left nothing under the proxy's reserved prefix
     reserved = sw.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=".s3proxy/").get("Contents", [])
     assert [o["Key"] for o in reserved if o["Key"] != KEY_OBJECT] == []  # the URL key stays
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)  # room for apt-get to install Chromium on a machine without it
+def test_resumable_mode_shows_the_key_stored_for_any_name(
+    page_proxy: ProxyProcess, sw: Any, seaweedfs: EmbeddedStore, clean_prefix: None
+) -> None:
+    """Resumable mode reads the key off the proxy's S3Proxy-Key: non-ASCII, a bare ``%``
+    and a ``%XX`` in the name show the key S3 holds (they showed mojibake, "" and
+    another object's key while the header carried raw UTF-8)."""
+    names = ["日本.txt", "50%.txt", "a%41b.txt"]
+    with show_log_on_failure(page_proxy.log_path), chromium_page() as (page, console):
+        page.goto(f"{page_proxy.url}/?token={API_KEY}")
+        page.wait_for_selector("html[data-ready=true]")
+        page.get_by_test_id("mode-tus").check()
+        files: list[FilePayload] = [
+            {"name": n, "mimeType": "text/plain", "buffer": n.encode()} for n in names
+        ]
+        page.get_by_test_id("file-input").set_input_files(files)
+        wait_finished(page, len(names))
+        shown = {n: result_of(page, n) for n in names}
+        assert console.unexpected() == []
+    stored = sw.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=PREFIX).get("Contents", [])
+    assert sorted(r["key"] for r in shown.values()) == sorted(o["Key"] for o in stored)
+    for name, result in shown.items():
+        assert result["mode"] == "through the proxy, resumable"
+        assert result["key"].startswith(PREFIX) and result["key"].endswith("/" + name), result
+        body = sw.get_object(Bucket=seaweedfs.bucket, Key=result["key"])["Body"].read()
+        assert body == name.encode()
 
 
 # --- a cross-origin download in a real browser -------------------------------------------
