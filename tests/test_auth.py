@@ -203,6 +203,67 @@ async def test_cors_preflight_and_response(proxy_factory: Any) -> None:
     assert other.status == 403 and "Access-Control-Allow-Origin" not in other.headers
 
 
+def names(header: str) -> set[str]:
+    return {h.strip().lower() for h in header.split(",")}
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "wanted"),
+    [
+        (
+            "/files/k.bin",
+            "GET",
+            "range,if-none-match,if-match,if-modified-since,if-unmodified-since,if-range",
+        ),
+        ("/upload", "POST", "authorization,content-type,content-encoding,x-request-id"),
+        ("/tus/", "POST", "tus-resumable,upload-length,upload-metadata,content-encoding"),
+    ],
+    ids=["conditional-download", "coded-upload", "tus"],
+)
+async def test_cors_preflight_allows_every_header_the_proxy_reads(
+    proxy_factory: Any, path: str, method: str, wanted: str
+) -> None:
+    """What the README advertises must pass a browser's preflight: conditional downloads
+    and coded uploads were blocked (their headers are not CORS-safelisted)."""
+    client = await proxy_factory(cors_origin=("https://app.example",))
+    pre = await client.options(
+        path,
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": wanted,
+        },
+    )
+    assert pre.status == 204
+    allowed = names(pre.headers["Access-Control-Allow-Headers"])
+    assert set(wanted.split(",")) <= allowed
+    assert "upload-concat" not in allowed  # no concatenation extension
+    # every header the README tells a page to read is exposed
+    resp = await client.get("/healthz", headers={"Origin": "https://app.example"})
+    exposed = names(resp.headers["Access-Control-Expose-Headers"])
+    assert {
+        "x-request-id",
+        "retry-after",
+        "etag",
+        "content-range",
+        "content-disposition",
+        "accept-ranges",
+        "repr-digest",
+        "location",
+        "upload-offset",
+        "upload-length",
+        "upload-defer-length",
+        "upload-expires",
+        "tus-resumable",
+        "tus-version",
+        "tus-extension",
+        "tus-max-size",
+        "tus-checksum-algorithm",
+        "s3proxy-key",
+        "s3proxy-sha256",
+    } <= exposed
+
+
 def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
     """A client's fault is never logged as an error, nor with a traceback."""
     bad = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
