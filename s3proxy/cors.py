@@ -14,20 +14,31 @@ from aiohttp.typedefs import Handler
 
 from s3proxy.errors import ORIGIN_NOT_ALLOWED, ProxyError, error_response
 
+# Every request header the proxy reads that is not CORS-safelisted (Fetch standard,
+# "CORS-safelisted request-header"): without it in the preflight's answer the browser
+# never sends the request.
 ALLOW_HEADERS = (
-    "Authorization, Content-Type, X-Request-ID, X-Upload-Token, Range, "
-    # tus 1.0.0 (s3proxy.tus)
+    "Authorization, Content-Type, X-Request-ID, X-Upload-Token, "
+    # downloads: ranges and conditional requests (s3proxy.downloads)
+    "Range, If-None-Match, If-Match, If-Modified-Since, If-Unmodified-Since, If-Range, "
+    # a gzip- or deflate-coded body (s3proxy.codings)
+    "Content-Encoding, "
+    # tus 1.0.0 with the extensions tus_protocol.EXTENSIONS lists (no concatenation)
     "Tus-Resumable, Upload-Length, Upload-Offset, Upload-Metadata, Upload-Checksum, "
-    "Upload-Defer-Length, Upload-Concat, X-HTTP-Method-Override"
+    "Upload-Defer-Length, X-HTTP-Method-Override"
 )
 ALLOW_METHODS = "GET, HEAD, POST, PATCH, DELETE, OPTIONS"
 MAX_AGE = "600"
-# What scripts on the page may read: the request id, and what downloads need.
+# What scripts on the page may read, beyond the safelisted response headers (Content-Type,
+# Content-Length, Last-Modified, Cache-Control...): every header the README tells a
+# client to read.
 EXPOSE_HEADERS = (
-    "X-Request-ID, ETag, Content-Range, Content-Disposition, Accept-Ranges, Repr-Digest, "
+    "X-Request-ID, Retry-After, "
+    # downloads
+    "ETag, Content-Range, Content-Disposition, Accept-Ranges, Repr-Digest, "
     # what tus clients read (tus-js-client: Location, Upload-Offset; the rest for progress)
     "Tus-Resumable, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, "
-    "Upload-Offset, Upload-Length, Upload-Expires, Location, "
+    "Upload-Offset, Upload-Length, Upload-Defer-Length, Upload-Expires, Location, "
     # the stored object of a finished tus upload
     "S3Proxy-Key, S3Proxy-Sha256"
 )

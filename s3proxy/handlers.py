@@ -173,12 +173,14 @@ async def _store(request: web.Request, state: AppState, principal: Principal) ->
         response = web.json_response(out, status=201)
     except BaseException as exc:
         keys = [f.key for f in result.files]
+        reason = rollback_reason(state, exc)
         try:
-            await job.rollback()  # to its end, even if cancelled meanwhile
+            await job.rollback(reason)  # to its end, even if cancelled meanwhile
         finally:
             if notifying:
-                await notify_rolled_back(state, keys, _reason(state, exc))
+                await notify_rolled_back(state, keys, reason)
         raise
+    job.settle()  # the outcome is final: the files are kept
     log.info("request.stored files=%d by=%s", len(result.files), principal.subject)
     return response
 
@@ -221,7 +223,8 @@ async def notify_rolled_back(state: AppState, keys: list[str], reason: str) -> N
         log.warning("webhook.rolled_back_not_delivered reason=%s", getattr(exc, "reason", exc))
 
 
-def _reason(state: AppState, exc: BaseException) -> str:
+def rollback_reason(state: AppState, exc: BaseException) -> str:
+    """Why stored files were rolled back, for ``upload.rolled_back`` and the metrics."""
     if isinstance(exc, asyncio.CancelledError) and state.draining:
         return SHUTTING_DOWN.code
     return abort_reason(exc)

@@ -88,11 +88,14 @@ class Metrics:
             "s3proxy_uploads_started", "Files whose upload began.", registry=r
         )
         self.uploads_completed = Counter(
-            "s3proxy_uploads_completed", "Files stored completely in S3.", registry=r
+            "s3proxy_uploads_completed",
+            "Files stored in S3 and kept (counted once the request's outcome is final).",
+            registry=r,
         )
         self.uploads_aborted = Counter(
             "s3proxy_uploads_aborted",
-            "Files whose upload was abandoned, by the error code that ended it.",
+            "Files not kept: abandoned, or rolled back with their request, by the error "
+            "code that ended it.",
             ["reason"],
             registry=r,
         )
@@ -107,7 +110,7 @@ class Metrics:
             "s3proxy_bytes_received", "File bytes read from clients.", registry=r
         )
         self.bytes_stored = Counter(
-            "s3proxy_bytes_stored", "File bytes of uploads completed in S3.", registry=r
+            "s3proxy_bytes_stored", "File bytes of the uploads counted completed.", registry=r
         )
         self.uploads_in_flight = Gauge(
             "s3proxy_uploads_in_flight", "Files being uploaded right now.", registry=r

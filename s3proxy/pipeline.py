@@ -637,18 +637,15 @@ class FileUpload:
                 break
         found = sniff.sniff(head, self.spec.filename, self.spec.declared_type)
         if not found.allowed_by(self.cfg.allow_types):
-            shown = (
-                found.content_type if found.confident else "unidentified (application/octet-stream)"
-            )
             raise ProxyError(
                 TYPE_NOT_ALLOWED,
-                f"file {self.spec.filename!r} is {shown}; "
+                f"file {self.spec.filename!r} is {found.described}; "
                 f"allowed: {', '.join(self.cfg.allow_types)}",
             )
         if self.cfg.grant_types and not found.allowed_by(self.cfg.grant_types):
             raise ProxyError(
                 TOKEN_SCOPE,
-                f"file {self.spec.filename!r} is {found.content_type}; "
+                f"file {self.spec.filename!r} is {found.described}; "
                 f"the upload token allows {', '.join(self.cfg.grant_types)}",
             )
         return found.content_type

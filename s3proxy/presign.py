@@ -20,7 +20,7 @@ Endpoints (JSON in, JSON out; the same credentials as ``/upload``)::
     GET  /sign/multipart/parts?key=&upload_id=
       -> {key, upload_id, parts: [{part_number, etag, size}]}    (to resume)
     POST /sign/multipart/complete {key, upload_id, parts?: [{part_number, etag}]}
-      -> {key, bucket, size, parts, etag, content_type, object_url}
+      -> {key, bucket, size, parts, etag, content_type, object_url, webhook?}
     POST /sign/multipart/abort {key, upload_id} -> {key, upload_id, aborted: true}
 
 A multipart upload has no server-side state here: the signed size rides in the
@@ -32,6 +32,12 @@ deletes the object if they differ. Part URLs do not sign a Content-Length (the
 size is not known when they are signed), so oversized parts are only refused at
 ``complete``; an upload that is never completed is left to abort or to
 ``s3proxy cleanup`` / an ``AbortIncompleteMultipartUpload`` lifecycle rule.
+
+The proxy completes a multipart upload itself, so it tells the webhook as ``POST
+/upload`` does (``upload.completed``, ``--webhook-failure``); a single presigned PUT or
+POST goes to S3 without the proxy, which never hears of it. With no server-side state,
+a complete retried after a lost answer cannot tell whether the event went out: it sends
+it again (at least once; receivers deduplicate on the key).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from aiohttp import web
 
 from s3proxy import keys, parts, sniff
 from s3proxy.auth import Principal
+from s3proxy.disposition import parse_form_disposition
 from s3proxy.errors import (
     CLIENT_DISCONNECTED,
     FILE_TOO_LARGE,
@@ -62,6 +69,7 @@ from s3proxy.errors import (
     TYPE_NOT_ALLOWED,
     ProxyError,
 )
+from s3proxy.handlers import notify, notify_rolled_back, rollback_reason
 from s3proxy.janitor import run_cleanup
 from s3proxy.s3 import (
     InvalidParts,
@@ -507,7 +515,7 @@ async def complete_multipart(request: web.Request) -> web.Response:
         head = await _completed_object(ctx, key) if exc.kind is NO_SUCH_UPLOAD else None
         if head is None:
             raise
-        return await _held_to_size(ctx, key, upload_id, head)
+        return await _answer(ctx, await _held_to_size(ctx, key, upload_id, head), head)
     _check_parts(ctx, body, found)
     try:
         with _client_faults():
@@ -537,7 +545,7 @@ async def complete_multipart(request: web.Request) -> web.Response:
         head = await _completed_object(ctx, key)
         if head is None:
             raise
-        return await _held_to_size(ctx, key, upload_id, head)
+        return await _answer(ctx, await _held_to_size(ctx, key, upload_id, head), head)
     try:
         head = await ctx.sink.head(key)
     except S3Error:
@@ -550,7 +558,7 @@ async def complete_multipart(request: web.Request) -> web.Response:
         )
         log.info("presign.unchecked_deleted key=%s upload_id=%s", key, upload_id)
         raise
-    return await _held_to_size(ctx, key, upload_id, head, len(found))
+    return await _answer(ctx, await _held_to_size(ctx, key, upload_id, head, len(found)), head)
 
 
 async def _completed_object(ctx: Context, key: str) -> ObjectHead | None:
@@ -574,7 +582,7 @@ def _parts_in(etag: str | None) -> int:
 
 async def _held_to_size(
     ctx: Context, key: str, upload_id: str, head: ObjectHead, parts_count: int | None = None
-) -> web.Response:
+) -> dict[str, Any]:
     """Delete the object if its size is not the one signed at create (400); else its JSON."""
     signed = head.metadata.get(SIZE_META)
     stored = head.length
@@ -601,17 +609,64 @@ async def _held_to_size(
         parts_count,
         ctx.principal.subject,
     )
-    return web.json_response(
-        {
-            "key": key,
-            "bucket": ctx.bucket,
-            "size": stored,
-            "parts": parts_count,
-            "etag": (head.etag or "").strip('"'),
-            "content_type": head.content_type,
-            "object_url": await ctx.sink.object_url(key),
-        }
-    )
+    return {
+        "key": key,
+        "bucket": ctx.bucket,
+        "size": stored,
+        "parts": parts_count,
+        "etag": (head.etag or "").strip('"'),
+        "content_type": head.content_type,
+        "object_url": await ctx.sink.object_url(key),
+    }
+
+
+def completed_file(out: Mapping[str, Any], head: ObjectHead) -> dict[str, Any]:
+    """The completed object as ``POST /upload`` describes a stored file. Pure. What the
+    proxy never saw is null: no form field, no sha256 (it never read the bytes), no
+    checksum it verified; the filename is the one signed at create, read back from the
+    object's Content-Disposition."""
+    disposition = head.content_disposition or ""
+    filename = parse_form_disposition(disposition.encode("latin-1", "replace")).filename
+    return {
+        "field": None,
+        "filename": filename,
+        "key": out["key"],
+        "size": out["size"],
+        "content_type": out["content_type"],
+        "etag": out["etag"],
+        "sha256": None,
+        "checksum": None,
+        "metadata": {},
+    }
+
+
+async def _answer(ctx: Context, out: dict[str, Any], head: ObjectHead) -> web.Response:
+    """The complete's 200, once the webhook (if any) has heard of the object, as for
+    ``POST /upload``: if it cannot be told, ``--webhook-failure rollback`` deletes the
+    object and answers 502 WEBHOOK_FAILED, ``keep`` answers 200 with ``"webhook":
+    {"delivered": false, ...}``. Anything else that stops the request once delivery has
+    begun deletes the object too; the receiver then gets ``upload.rolled_back``."""
+    state = ctx.state
+    if state.webhook is None:
+        return web.json_response(out)
+    key = out["key"]
+    try:
+        out["webhook"] = await notify(state, {"files": [completed_file(out, head)], "fields": {}})
+    except BaseException as exc:
+        reason = rollback_reason(state, exc)
+        if_match = None if ctx.writes.unique_keys else head.etag
+
+        async def delete() -> None:
+            with contextlib.suppress(PreconditionFailed):  # replaced meanwhile: not ours now
+                await ctx.sink.delete(key, if_match=if_match)
+
+        try:
+            await run_cleanup(delete, f"rollback key={key}", state.janitor)
+            log.info("presign.rolled_back key=%s reason=%s", key, reason)
+        finally:
+            await notify_rolled_back(state, [key], reason)
+        raise
+    return web.json_response(out)
 
 
 async def abort_multipart(request: web.Request) -> web.Response:

@@ -70,7 +70,9 @@ from s3proxy.s3 import Body
 
 log = logging.getLogger("s3proxy.s3")
 
-ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error answer read to find S3's error code
+# Bytes of an answer read: S3's error code, or a 200's few fields (CompleteMultipart's
+# result with the whitespace S3 sends while it works is well under 1 KiB).
+ANSWER_BODY_LIMIT = 64 * 1024
 
 
 S3_XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"  # botocore's model: the payloads' xmlNamespace
@@ -486,10 +488,12 @@ class PartSender:
                 skip_auto_headers=NO_AUTO_HEADERS,
             ) as resp:
                 arm()
-                if resp.status == 200:
-                    content = await resp.read()  # S3's answers to these calls are small
-                else:
-                    content = await read_capped(resp.content, ERROR_BODY_LIMIT)
+                # S3's answers to these calls are small, errors too: a longer one (a
+                # gateway's page) is cut, a cut 200 is a 500 (answer_status), and its
+                # connection is dropped rather than read on.
+                content = await read_capped(resp.content, ANSWER_BODY_LIMIT)
+                if not resp.content.at_eof():
+                    resp.close()
                 return Answer(answer_status(resp.status, content), resp.headers, content, attempt)
         finally:
             answering = False

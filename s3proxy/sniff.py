@@ -62,6 +62,12 @@ class Sniffed:
     # vouch for it too, so an allowlist of text/plain takes the CSV
     seen: str | None = None
 
+    @property
+    def described(self) -> str:
+        """What a refusal says the file is: the type an allowlist was checked against,
+        so an unidentified file is never named by the type its client declared."""
+        return self.content_type if self.confident else f"unidentified ({OCTET_STREAM})"
+
     def allowed_by(self, allowlist: tuple[str, ...]) -> bool:
         if self.seen is not None and allowed(self.seen, allowlist):
             return True

@@ -82,7 +82,7 @@ from s3proxy.tus_url import TusUpload, UrlError
 log = logging.getLogger("s3proxy.tus")
 
 ROOT = "/tus/"
-KEY_HEADER = "S3Proxy-Key"  # the stored object of a finished upload
+KEY_HEADER = "S3Proxy-Key"  # the stored object of a finished upload, percent-encoded
 SHA256_HEADER = "S3Proxy-Sha256"
 
 
@@ -137,7 +137,7 @@ class PatchResult:
     def headers(self) -> dict[str, str]:
         out = {"Upload-Offset": str(self.offset)}
         if self.key is not None:
-            out[KEY_HEADER] = self.key
+            out[KEY_HEADER] = tus_protocol.key_header(self.key)
         if self.sha256:
             out[SHA256_HEADER] = self.sha256
         return out
@@ -380,7 +380,7 @@ async def head(request: web.Request) -> web.StreamResponse:
         if head is None:
             raise ProxyError(NO_SUCH_UPLOAD, "no such upload (terminated, or never created)")
         offset = length = head
-        finished = {KEY_HEADER: upload.key}
+        finished = {KEY_HEADER: tus_protocol.key_header(upload.key)}
     else:
         offset = found[0].offset
         length = length if length is not None else found[0].length

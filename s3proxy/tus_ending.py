@@ -107,10 +107,10 @@ async def forget(state: AppState, store: TusStore, segments: list[Segment]) -> N
 
 
 async def completed(state: AppState, store: TusStore, stored: StoredFile) -> None:
+    """The upload's object is stored: remove its state and tell the webhook. It counts
+    as completed once that is done, as aborted (WEBHOOK_FAILED) if the webhook's failure
+    rolled it back: never both (as ``uploads.RequestUpload.settle``)."""
     upload = store.upload
-    m = state.metrics
-    m.uploads_completed.inc()
-    m.bytes_stored.inc(stored.size)
     log.info(
         "upload.completed key=%s size=%d parts=%d content_type=%s tus_id=%s",
         stored.key,
@@ -120,17 +120,26 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile) -> Non
         upload.id,
     )
 
-    await run_cleanup(remover(store), f"tus state id={upload.id}", state.janitor)
-    if state.webhook is not None:
-        out = {"files": [stored.to_json()], "fields": {}}
-        try:
-            await notify(state, out)
-        except ProxyError:
-            # --webhook-failure rollback: the application never heard of it, so it goes.
-            log.info("upload.rolled_back key=%s reason=WEBHOOK_FAILED", stored.key)
-            await run_cleanup(
-                lambda: state.require_sink().delete(stored.key),
-                f"rollback key={stored.key}",
-                state.janitor,
-            )
-            raise
+    m = state.metrics
+    kept = True
+    try:
+        await run_cleanup(remover(store), f"tus state id={upload.id}", state.janitor)
+        if state.webhook is not None:
+            out = {"files": [stored.to_json()], "fields": {}}
+            try:
+                await notify(state, out)
+            except ProxyError as err:
+                # --webhook-failure rollback: the application never heard of it, so it goes.
+                kept = False
+                m.uploads_aborted.labels(err.kind.code).inc()
+                log.info("upload.rolled_back key=%s reason=%s", stored.key, err.kind.code)
+                await run_cleanup(
+                    lambda: state.require_sink().delete(stored.key),
+                    f"rollback key={stored.key}",
+                    state.janitor,
+                )
+                raise
+    finally:
+        if kept:  # also when cancelled meanwhile: the object stays
+            m.uploads_completed.inc()
+            m.bytes_stored.inc(stored.size)

@@ -11,6 +11,7 @@ dicts or a ``ProxyError`` with the status the protocol names for that fault.
   unique, without spaces or commas; a key may stand alone (no value).
 - ``Upload-Checksum`` is ``<algorithm> <base64 digest>`` (checksum extension); the
   algorithms here are the ones hashlib has and ``Tus-Checksum-Algorithm`` lists.
+- ``S3Proxy-Key`` (ours) names the stored object percent-encoded (``key_header``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import email.utils
 import hashlib
 import re
 from collections.abc import Iterable
+from urllib.parse import quote
 
 from s3proxy.digests import Declared
 from s3proxy.errors import INVALID_DIGEST, INVALID_REQUEST, UNSUPPORTED_VERSION, ProxyError
@@ -40,6 +42,14 @@ OFFSET_STREAM = "application/offset+octet-stream"
 _DIGITS = re.compile(r"[0-9]{1,19}")  # 19 digits: below 2**63, as tusd's int64
 _KEY = re.compile(r"[!-+\--~]+")  # printable ASCII without space and comma
 MAX_METADATA = 4096  # bytes of Upload-Metadata accepted (a filename and a type need ~300)
+
+
+def key_header(key: str) -> str:
+    """An object key as a header value: its UTF-8 percent-encoded (RFC 3986 section 2.1),
+    all but ``/`` and the unreserved characters, ``%`` itself as ``%25``. Header values
+    are ASCII (RFC 9110 section 5.5): raw UTF-8 reaches a browser's XHR as Latin-1
+    mojibake, and a literal ``%`` would be misread by the client's decodeURIComponent."""
+    return quote(key, safe="/")
 
 
 # The protocol's own headers: each names one value, so two of one are refused (400), as

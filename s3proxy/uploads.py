@@ -158,8 +158,8 @@ class RequestUpload:
                         self.result.files.append(stored)
             if not self.result.files:
                 raise ProxyError(NO_FILE, "the request has no file part (send one with a filename)")
-        except BaseException:
-            await self.rollback()
+        except BaseException as exc:
+            await self.rollback(abort_reason(exc))
             raise
         finally:
             if self._fields is not None:
@@ -223,8 +223,8 @@ class RequestUpload:
             m.uploads_in_flight.dec()
             m.bytes_received.inc(upload.size)
         if stored is not None:
-            m.uploads_completed.inc()
-            m.bytes_stored.inc(stored.size)
+            # Counted completed only by ``settle``, once the request keeps it: a later
+            # file or the webhook may still roll it back.
             log.info(
                 "upload.completed key=%s size=%d parts=%d content_type=%s",
                 stored.key,
@@ -245,19 +245,34 @@ class RequestUpload:
             token_used=sum(f.size for f in self.result.files),
         )
 
-    async def rollback(self) -> list[str]:
+    def settle(self) -> None:
+        """The request succeeded (its 201 is built): its files are kept, so count them
+        completed now. Until then a stored file may still be rolled back, and it then
+        counts as aborted, never as both: every file started ends in one of the two."""
+        self._count_completed(self.result.files)
+
+    def _count_completed(self, files: list[StoredFile]) -> None:
+        m = self.metrics
+        m.uploads_completed.inc(len(files))
+        m.bytes_stored.inc(sum(f.size for f in files))
+
+    async def rollback(self, reason: str) -> list[str]:
         """Delete what this request already stored (the failing file aborted itself);
         return the keys. Every delete runs, at once, even if the request is cancelled
         meanwhile (that cancellation is re-raised afterwards); a failed one goes to the
-        janitor."""
+        janitor. Each deleted file counts as aborted for ``reason`` (the code that
+        failed the request: WEBHOOK_FAILED, the failing file's, ...)."""
         files, self.result.files = self.result.files, []
         cleanup = self.cfg.writes.cleanup
         if cleanup == "keep":  # --no-overwrite false on a shared key: it may be another's
             for f in files:
                 log.warning("upload.kept key=%s reason=rollback overwrites_allowed=true", f.key)
+            self._count_completed(files)  # stored, and left stored
             return []
+        if files:
+            self.metrics.uploads_aborted.labels(reason).inc(len(files))
         for f in files:
-            log.info("upload.rolled_back key=%s", f.key)
+            log.info("upload.rolled_back key=%s reason=%s", f.key, reason)
         await run_cleanups(
             [(self._deleter(f, cleanup), f"rollback key={f.key}") for f in files], self.janitor
         )

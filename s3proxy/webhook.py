@@ -54,12 +54,19 @@ from typing import Any
 import aiohttp
 
 from s3proxy.http_dates import parse_http_date
+from s3proxy.s3_parts import read_capped
 
 log = logging.getLogger("s3proxy.webhook")
 
 MAX_DELAY = 30.0  # seconds: the longest wait between attempts, Retry-After included
 SIGNATURE_PREFIX = "sha256="
 DEFAULT_TOLERANCE = 300  # seconds a receiver should accept between timestamp and its clock
+# The most of a receiver's answer body read. Only the status counts, so the body is read
+# just to reuse the connection; an answer longer than this (a proxy's error page, a
+# misbehaving receiver: one of 1.5 GB took the proxy from 98 MB to 3 GB) is not read on,
+# its connection is closed instead. 64 KiB holds any acknowledgement; aiohttp's reader
+# buffers at most twice that before it pauses the socket, so a delivery holds ~200 KiB.
+ANSWER_LIMIT = 64 * 1024
 # Request Timeout and Too Many Requests say "try again"; 5xx is the receiver's trouble.
 _RETRY_STATUS = frozenset({408, 429})
 
@@ -234,8 +241,11 @@ class Webhook:
                 # is a configuration error to report, not to follow.
                 allow_redirects=False,
             ) as resp:
-                # Read the answer (inside the timeout) so the connection can be reused.
-                await resp.read()
+                # Read a short answer (inside the timeout) so the connection can be
+                # reused; drop the connection rather than read a long one to its end.
+                await read_capped(resp.content, ANSWER_LIMIT)
+                if not resp.content.at_eof():
+                    resp.close()
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
         except aiohttp.InvalidURL as exc:

@@ -101,6 +101,20 @@ async def test_token_type_scope(authed: Any, s3: Any, bucket: str) -> None:
     assert await all_keys_async(s3, bucket) == [] and await open_uploads_async(s3, bucket) == []
 
 
+async def test_token_type_refusal_names_what_was_found(authed: Any) -> None:
+    """A PNG signature then zeros: libmagic cannot identify it, so it is refused as
+    unidentified, never as the image/png its client declared (which the token allows)."""
+    token = issue(SECRET, prefix="p/", ttl=60, types=["image/png"])
+    fake = b"\x89PNG\r\n\x1a\n" + bytes(200)
+    raw = bodies.body([bodies.file("f", "fake.png", fake, "image/png")])
+    status, out, _ = await post(authed, raw, Authorization=f"Bearer {token}")
+    assert (status, out["error"]["code"]) == (403, "TOKEN_SCOPE")
+    assert out["error"]["message"] == (
+        "file 'fake.png' is unidentified (application/octet-stream); "
+        "the upload token allows image/png"
+    )
+
+
 async def test_token_size_scope(authed: Any, s3: Any, bucket: str) -> None:
     token = issue(SECRET, prefix="p/", ttl=60, max_size=1 * MiB)
     status, out, _ = await post(authed, pdf_body(3 * MiB), Authorization=f"Bearer {token}")
@@ -187,6 +201,67 @@ async def test_cors_preflight_and_response(proxy_factory: Any) -> None:
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
     )
     assert other.status == 403 and "Access-Control-Allow-Origin" not in other.headers
+
+
+def names(header: str) -> set[str]:
+    return {h.strip().lower() for h in header.split(",")}
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "wanted"),
+    [
+        (
+            "/files/k.bin",
+            "GET",
+            "range,if-none-match,if-match,if-modified-since,if-unmodified-since,if-range",
+        ),
+        ("/upload", "POST", "authorization,content-type,content-encoding,x-request-id"),
+        ("/tus/", "POST", "tus-resumable,upload-length,upload-metadata,content-encoding"),
+    ],
+    ids=["conditional-download", "coded-upload", "tus"],
+)
+async def test_cors_preflight_allows_every_header_the_proxy_reads(
+    proxy_factory: Any, path: str, method: str, wanted: str
+) -> None:
+    """What the README advertises must pass a browser's preflight: conditional downloads
+    and coded uploads were blocked (their headers are not CORS-safelisted)."""
+    client = await proxy_factory(cors_origin=("https://app.example",))
+    pre = await client.options(
+        path,
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": wanted,
+        },
+    )
+    assert pre.status == 204
+    allowed = names(pre.headers["Access-Control-Allow-Headers"])
+    assert set(wanted.split(",")) <= allowed
+    assert "upload-concat" not in allowed  # no concatenation extension
+    # every header the README tells a page to read is exposed
+    resp = await client.get("/healthz", headers={"Origin": "https://app.example"})
+    exposed = names(resp.headers["Access-Control-Expose-Headers"])
+    assert {
+        "x-request-id",
+        "retry-after",
+        "etag",
+        "content-range",
+        "content-disposition",
+        "accept-ranges",
+        "repr-digest",
+        "location",
+        "upload-offset",
+        "upload-length",
+        "upload-defer-length",
+        "upload-expires",
+        "tus-resumable",
+        "tus-version",
+        "tus-extension",
+        "tus-max-size",
+        "tus-checksum-algorithm",
+        "s3proxy-key",
+        "s3proxy-sha256",
+    } <= exposed
 
 
 def no_tracebacks(caplog: pytest.LogCaptureFixture) -> None:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import boto3
@@ -37,6 +37,9 @@ from tests.browser import chromium_page, throttle_uploads
 from tests.conftest import ProxyFactory, make_settings
 from tests.s3util import BOTO_CONFIG, MotoServer, ProxyProcess, fake_aws_env, free_port
 from tests.seaweed_fixture import s3_client_kwargs
+
+if TYPE_CHECKING:
+    from playwright.sync_api import FilePayload
 
 API_KEY = "page-test-key-0123456789"
 PREFIX = "page/"
@@ -445,6 +448,35 @@ def test_upload_page_in_a_real_browser(
     assert [o["Key"] for o in reserved if o["Key"] != KEY_OBJECT] == []  # the URL key stays
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(900)  # room for apt-get to install Chromium on a machine without it
+def test_resumable_mode_shows_the_key_stored_for_any_name(
+    page_proxy: ProxyProcess, sw: Any, seaweedfs: EmbeddedStore, clean_prefix: None
+) -> None:
+    """Resumable mode reads the key off the proxy's S3Proxy-Key: non-ASCII, a bare ``%``
+    and a ``%XX`` in the name show the key S3 holds (they showed mojibake, "" and
+    another object's key while the header carried raw UTF-8)."""
+    names = ["日本.txt", "50%.txt", "a%41b.txt"]
+    with show_log_on_failure(page_proxy.log_path), chromium_page() as (page, console):
+        page.goto(f"{page_proxy.url}/?token={API_KEY}")
+        page.wait_for_selector("html[data-ready=true]")
+        page.get_by_test_id("mode-tus").check()
+        files: list[FilePayload] = [
+            {"name": n, "mimeType": "text/plain", "buffer": n.encode()} for n in names
+        ]
+        page.get_by_test_id("file-input").set_input_files(files)
+        wait_finished(page, len(names))
+        shown = {n: result_of(page, n) for n in names}
+        assert console.unexpected() == []
+    stored = sw.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=PREFIX).get("Contents", [])
+    assert sorted(r["key"] for r in shown.values()) == sorted(o["Key"] for o in stored)
+    for name, result in shown.items():
+        assert result["mode"] == "through the proxy, resumable"
+        assert result["key"].startswith(PREFIX) and result["key"].endswith("/" + name), result
+        body = sw.get_object(Bucket=seaweedfs.bucket, Key=result["key"])["Body"].read()
+        assert body == name.encode()
+
+
 # --- a cross-origin download in a real browser -------------------------------------------
 
 
@@ -479,6 +511,51 @@ FETCH_JS = """async ([url, key, range]) => {
 }"""
 
 
+# What the README advertises beyond a plain GET, from another origin: conditional
+# downloads (headers that need the preflight's leave) with the headers a page reads, and
+# a gzip-coded upload.
+CONDITIONAL_JS = """async ([url, key]) => {
+    const auth = {Authorization: "Bearer " + key};
+    const first = await fetch(url, {headers: auth});
+    await first.arrayBuffer();
+    const etag = first.headers.get("ETag");
+    const lastModified = first.headers.get("Last-Modified");
+    const status = async (headers) =>
+        (await fetch(url, {headers: {...auth, ...headers}, cache: "no-store"})).status;
+    return {
+        etag: etag,
+        reprDigest: first.headers.get("Repr-Digest"),
+        disposition: first.headers.get("Content-Disposition"),
+        acceptRanges: first.headers.get("Accept-Ranges"),
+        noneMatch: await status({"If-None-Match": etag}),
+        match: await status({"If-Match": '"other"'}),
+        modifiedSince: await status({"If-Modified-Since": lastModified}),
+        unmodifiedSince: await status({"If-Unmodified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"}),
+        ifRange: await status({"If-Range": etag, Range: "bytes=0-9"}),
+    };
+}"""
+
+GZIP_UPLOAD_JS = r"""async ([proxy, key]) => {
+    const boundary = "cors-gzip-boundary";
+    const form = `--${boundary}\r\nContent-Disposition: form-data; name="file"; ` +
+        `filename="coded.txt"\r\nContent-Type: text/plain\r\n\r\n` +
+        `sent gzip-coded from another origin\n\r\n--${boundary}--\r\n`;
+    const coded = await new Response(
+        new Blob([form]).stream().pipeThrough(new CompressionStream("gzip"))
+    ).arrayBuffer();
+    const r = await fetch(proxy + "/upload", {
+        method: "POST",
+        headers: {
+            Authorization: "Bearer " + key,
+            "Content-Type": "multipart/form-data; boundary=" + boundary,
+            "Content-Encoding": "gzip",
+        },
+        body: coded,
+    });
+    return {status: r.status, body: await r.json()};
+}"""
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(900)  # room for apt-get to install Chromium on a machine without it
 def test_cross_origin_download_in_a_real_browser(
@@ -488,7 +565,9 @@ def test_cross_origin_download_in_a_real_browser(
     bytes: the streamed 200/206 must carry the CORS headers, or the browser blocks it."""
     data = noise(3 * MiB + 5, seed=18)
     key = "dl/0123abcd/data.bin"
-    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    # its sha256 as a one-PutObject /upload stores it: the download says Repr-Digest
+    sha = hashlib.sha256(data).hexdigest()
+    s3.put_object(Bucket=bucket, Key=key, Body=data, Metadata={"sha256": sha})
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "index.html").write_text("<!doctype html><title>app</title><p>app")
     with static_site(tmp_path / "site") as site:
@@ -513,6 +592,20 @@ def test_cross_origin_download_in_a_real_browser(
                 assert part["status"] == 206 and part["size"] == 100
                 assert part["sha256"] == hashlib.sha256(data[100:200]).hexdigest()
                 assert part["contentRange"] == f"bytes 100-199/{len(data)}"
+                # conditional requests pass the preflight; the page reads what it needs
+                cond = page.evaluate(CONDITIONAL_JS, [url, API_KEY])
+                assert cond["etag"] and cond["reprDigest"].startswith("sha-256=:")
+                assert cond["disposition"].startswith("attachment")
+                assert cond["acceptRanges"] == "bytes"
+                assert (cond["noneMatch"], cond["match"]) == (304, 412)
+                assert (cond["modifiedSince"], cond["unmodifiedSince"]) == (304, 412)
+                assert cond["ifRange"] == 206
+                # and so does a gzip-coded upload
+                coded = page.evaluate(GZIP_UPLOAD_JS, [proxy.url, API_KEY])
+                assert coded["status"] == 201, coded
+                [stored] = coded["body"]["files"]
+                got = s3.get_object(Bucket=bucket, Key=stored["key"])["Body"].read()
+                assert got == b"sent gzip-coded from another origin\n"
                 assert console.unexpected() == []
         finally:
             assert proxy.stop() == 0

@@ -38,6 +38,8 @@ from tests.s3util import (
     read_object_async,
 )
 from tests.seaweed_fixture import s3_client_kwargs
+from tests.test_webhook_flow import SECRET as HOOK_SECRET
+from tests.test_webhook_flow import receiver
 
 KEY = "k3y-0123456789abcdef"
 SECRET = b"s" * 32
@@ -726,3 +728,95 @@ async def test_a_complete_that_fails_after_s3_completed_keeps_no_unchecked_objec
         assert (again, code(out2)) in ((400, "INVALID_REQUEST"), (404, "NO_SUCH_UPLOAD"))
     if keys:
         await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=keys[0])
+
+
+# --- the completion webhook ---------------------------------------------------------
+
+
+async def _multipart_done(proxy: Any, s3: Any, bucket: str) -> dict[str, str]:
+    """A presigned multipart upload of report.pdf (6 MiB, one part) ready to complete."""
+    status, up = await call(proxy, "/sign/multipart", pdf(6 * MiB), {})
+    assert status == 200, up
+    ref = {"key": up["key"], "upload_id": up["upload_id"]}
+    await asyncio.to_thread(
+        s3.upload_part, Bucket=bucket, PartNumber=1, Body=b"x" * 6 * MiB,
+        Key=ref["key"], UploadId=ref["upload_id"],
+    )  # fmt: skip
+    return ref
+
+
+async def test_multipart_complete_tells_the_webhook(
+    proxy_factory: Any, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    """The proxy completes the object, so the receiver hears of it as of an /upload file
+    (what the proxy never saw is null). A retried complete sends it again: at least once."""
+    server, got = await receiver(aiohttp_server, 204)
+    proxy = await proxy_factory(
+        webhook_url=str(server.make_url("/hook")),
+        webhook_secret=HOOK_SECRET,
+        key_template="uploads/{uuid}/{filename}",
+    )
+    ref = await _multipart_done(proxy, s3, bucket)
+    status, out = await call(proxy, "/sign/multipart/complete", ref, {})
+    assert status == 200, out
+    assert out["webhook"] == {"delivered": True}
+    [event] = got
+    assert event["signed"]
+    body = event["body"]
+    assert body["event"] == "upload.completed" and body["fields"] == {}
+    assert body["files"] == [
+        {
+            "field": None,
+            "filename": "report.pdf",
+            "key": ref["key"],
+            "size": 6 * MiB,
+            "content_type": "application/pdf",
+            "etag": out["etag"],
+            "sha256": None,
+            "checksum": None,
+            "metadata": {},
+        }
+    ]
+    status, again = await call(proxy, "/sign/multipart/complete", ref, {})
+    assert status == 200 and again["key"] == ref["key"]
+    assert [e["body"]["files"][0]["key"] for e in got] == [ref["key"]] * 2
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+async def test_multipart_complete_rolls_back_when_the_webhook_fails(
+    proxy_factory: Any, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    server, got = await receiver(aiohttp_server, 500)
+    proxy = await proxy_factory(
+        webhook_url=str(server.make_url("/hook")),
+        webhook_secret=HOOK_SECRET,
+        webhook_attempts=2,
+        key_template="uploads/{uuid}/{filename}",
+    )
+    ref = await _multipart_done(proxy, s3, bucket)
+    status, out = await call(proxy, "/sign/multipart/complete", ref, {})
+    assert (status, code(out)) == (502, "WEBHOOK_FAILED")
+    assert await stored_keys(s3, bucket) == [] and await open_uploads_async(s3, bucket) == []
+    assert [e["body"]["event"] for e in got] == ["upload.completed"] * 2 + ["upload.rolled_back"]
+    assert got[-1]["body"]["keys"] == [ref["key"]]
+    assert got[-1]["body"]["reason"] == "WEBHOOK_FAILED"
+    status, out = await call(proxy, "/sign/multipart/complete", ref, {})
+    assert (status, code(out)) == (404, "NO_SUCH_UPLOAD")
+
+
+async def test_multipart_complete_keeps_the_object_if_so_configured(
+    proxy_factory: Any, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    server, _ = await receiver(aiohttp_server, 400)
+    proxy = await proxy_factory(
+        webhook_url=str(server.make_url("/hook")),
+        webhook_secret=HOOK_SECRET,
+        webhook_failure="keep",
+        key_template="uploads/{uuid}/{filename}",
+    )
+    ref = await _multipart_done(proxy, s3, bucket)
+    status, out = await call(proxy, "/sign/multipart/complete", ref, {})
+    assert status == 200, out
+    assert out["webhook"]["delivered"] is False and "400" in out["webhook"]["error"]
+    assert await stored_keys(s3, bucket) == [ref["key"]]
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])

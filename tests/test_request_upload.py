@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
+from prometheus_client import generate_latest
 
 from s3proxy.budget import MemoryBudget
 from s3proxy.errors import (
@@ -39,6 +40,7 @@ from s3proxy.tokens import UploadGrant
 from s3proxy.uploads import RequestUpload, UploadResult
 from tests import bodies
 from tests.fake_client import ClientSource, FormClient, GatedS3, MiB, payload
+from tests.test_metrics import parse, value
 
 PART = 5 * MiB
 CFG = PipelineConfig(part_size=PART, parts_in_flight=2, max_file_size=1024**3)
@@ -131,6 +133,12 @@ async def test_third_file_fails_the_first_two_are_deleted(
     assert store.count("AbortMultipartUpload") == aborts
     assert store.objects == {} and budget.in_use == 0
     assert up.result.files == []
+    # every file started ends once: the two deleted ones aborted with the third
+    samples = parse(generate_latest(up.metrics.registry).decode())
+    assert value(samples, "s3proxy_uploads_started_total") == 3
+    assert value(samples, "s3proxy_uploads_completed_total") == 0
+    assert value(samples, "s3proxy_bytes_stored_total") == 0
+    assert value(samples, "s3proxy_uploads_aborted_total", reason=code.code) == 3
 
 
 async def test_every_file_stored_nothing_deleted(store: GatedS3) -> None:
@@ -153,9 +161,23 @@ async def test_rollback_after_success_deletes_every_file(store: GatedS3) -> None
     up = job(store, MemoryBudget(4 * PART))
     result = await up.run(parts([file("a", b"1"), file("b", b"22"), file("c", b"333")]))
     keys = [f.key for f in result.files]
-    assert await up.rollback() == keys
+    assert await up.rollback("WEBHOOK_FAILED") == keys
     assert store.objects == {}
-    assert await up.rollback() == []  # nothing twice
+    assert await up.rollback("WEBHOOK_FAILED") == []  # nothing twice
+    samples = parse(generate_latest(up.metrics.registry).decode())
+    assert value(samples, "s3proxy_uploads_completed_total") == 0
+    assert value(samples, "s3proxy_uploads_aborted_total", reason="WEBHOOK_FAILED") == 3
+
+
+async def test_settled_files_count_completed_once(store: GatedS3) -> None:
+    up = job(store, MemoryBudget(4 * PART))
+    await up.run(parts([file("a", b"1"), file("b", b"22")]))
+    samples = parse(generate_latest(up.metrics.registry).decode())
+    assert value(samples, "s3proxy_uploads_completed_total") == 0  # not final yet
+    up.settle()
+    samples = parse(generate_latest(up.metrics.registry).decode())
+    assert value(samples, "s3proxy_uploads_completed_total") == 2
+    assert value(samples, "s3proxy_bytes_stored_total") == 3
 
 
 async def test_rollback_cancelled_twice_still_deletes_every_file(store: GatedS3) -> None:
@@ -191,7 +213,7 @@ async def test_direct_rollback_cancelled_twice_still_deletes(store: GatedS3) -> 
     up = job(store, MemoryBudget(4 * PART))
     await up.run(parts([file("a", b"1"), file("b", b"2")]))
     store.hold("DeleteObject")
-    task = asyncio.create_task(up.rollback())
+    task = asyncio.create_task(up.rollback("WEBHOOK_FAILED"))
     await store.reached("DeleteObject", 2)
     task.cancel()
     await asyncio.sleep(0)
@@ -208,7 +230,7 @@ async def test_rollback_s3_down_is_retried_by_the_janitor(store: GatedS3) -> Non
     try:
         await up.run(parts([file("a", b"1"), file("b", b"2")]))
         store.down = True
-        assert len(await up.rollback()) == 2  # returns at once: S3 is down
+        assert len(await up.rollback("WEBHOOK_FAILED")) == 2  # returns at once: S3 is down
         assert len(store.objects) == 2
         await store.reached("DeleteObject", 6, "failed")  # retried while down
         store.down = False

@@ -165,3 +165,46 @@ async def test_a_trickling_answer_times_out(moto: Any, bucket: str, op: str, lea
                 # a guard for the test itself, far above the deadline
                 await asyncio.wait_for(_write(store, op), 10)
     assert (err.value.kind.status, err.value.operation) == (504, op)
+
+
+class HugeAnswer(FaultyS3):
+    """Answers the first call of ``op`` itself: 200 with ``size`` bytes of whitespace,
+    counting what it manages to send before the client hangs up."""
+
+    op: str = ""
+    size: int = 0
+    sent: int = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if operation(request) != self.op or self.op in self.calls:
+            return await super().handle(request)
+        self.calls.append(self.op)
+        await request.read()
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/xml"})
+        resp.content_length = self.size
+        await resp.prepare(request)
+        piece = b" " * (64 * 1024)
+        try:
+            while self.sent < self.size:
+                await resp.write(piece)
+                self.sent += len(piece)
+        except ConnectionError:
+            pass
+        return resp
+
+
+@pytest.mark.parametrize("op", ["UploadPart", "PutObject", "CompleteMultipartUpload"])
+async def test_a_huge_answer_is_not_read_whole(moto: Any, bucket: str, op: str) -> None:
+    """A 200 of 256 MiB (a broken gateway) on the lean path: read up to 64 KiB, taken as
+    the cut answer it is (a 500, retried), its connection dropped; the store could send
+    only what the socket buffers took (all 256 MiB, into memory, when read whole)."""
+    faulty = HugeAnswer(moto.endpoint_url)
+    faulty.op, faulty.size = op, 256 * 1024 * 1024
+    async with faulty:
+        options = ClientOptions(
+            endpoint_url=faulty.endpoint_url, region="us-east-1", lean_parts=True
+        )
+        async with open_store(options, bucket) as store:
+            await asyncio.wait_for(_write(store, op), 30)
+    assert faulty.calls.count(op) == 2  # retried, then stored
+    assert faulty.sent < 32 * 1024 * 1024, faulty.sent

@@ -66,6 +66,9 @@ def test_declared_type_cannot_pass_the_allowlist() -> None:
     assert got.content_type == "application/pdf"
     assert not got.allowed_by(("application/pdf",))
     assert got.allowed_by(("application/pdf", "application/octet-stream"))
+    # a refusal names what the allowlist saw, not the declared type
+    assert got.described == "unidentified (application/octet-stream)"
+    assert Sniffed("image/png", confident=True).described == "image/png"
 
 
 @pytest.mark.parametrize(

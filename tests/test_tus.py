@@ -10,6 +10,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import urllib.parse
 from typing import Any
 
 import pytest
@@ -222,6 +223,28 @@ def _patch_headers(offset: int, **extra: str) -> dict[str, str]:
         "Content-Type": "application/offset+octet-stream",
         **extra,
     }
+
+
+async def test_the_key_header_is_percent_encoded(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """A key with non-ASCII and ``%`` travels as ASCII (its UTF-8 percent-encoded), on the
+    finishing PATCH and on HEAD: it went out as raw UTF-8, which browsers read as Latin-1."""
+    proxy = await proxy_factory()
+    name = "日本 50%41.txt"
+    meta = "filename " + base64.b64encode(name.encode()).decode()
+    resp = await proxy.post("/tus/", headers={**TUS, "Upload-Length": "3", "Upload-Metadata": meta})
+    assert resp.status == 201, await resp.text()
+    url = resp.headers["Location"]
+    resp = await proxy.patch(url, data=b"abc", headers=_patch_headers(0))
+    assert resp.status == 204, await resp.text()
+    key = await stored_key(s3, bucket)
+    assert key.endswith("/" + name)
+    head = await proxy.head(url, headers=TUS)
+    for answer in (resp, head):
+        raw = dict(answer.raw_headers)[b"S3Proxy-Key"]
+        assert raw.isascii() and b"%" in raw
+        assert urllib.parse.unquote(raw.decode()) == key
 
 
 async def test_the_finishing_patch_names_the_stored_object(

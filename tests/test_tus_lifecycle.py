@@ -325,6 +325,12 @@ async def test_a_failing_webhook_rolls_the_upload_back(
     resp = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
     assert resp.status == 502 and (await resp.json())["error"]["code"] == "WEBHOOK_FAILED"
     assert await objects(s3, bucket) == []
+    from tests.test_metrics import scrape, value
+
+    samples = await scrape(proxy)  # aborted for the webhook, never completed
+    assert value(samples, "s3proxy_uploads_completed_total") == 0
+    assert value(samples, "s3proxy_bytes_stored_total") == 0
+    assert value(samples, "s3proxy_uploads_aborted_total", reason="WEBHOOK_FAILED") == 1
 
 
 async def test_the_type_is_checked_once_tiny_patches_bring_the_first_bytes(

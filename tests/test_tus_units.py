@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import urllib.parse
 
 import pytest
 
@@ -98,6 +99,22 @@ def test_checksum() -> None:
         with pytest.raises(ProxyError) as err:
             tus_protocol.parse_checksum(bad)
         assert err.value.kind.code == "INVALID_DIGEST", bad
+
+
+@pytest.mark.parametrize(
+    ("key", "header"),
+    [
+        ("u/a-b_c.d~e/f.txt", "u/a-b_c.d~e/f.txt"),  # unreserved and "/" as they are
+        ("u/日本.txt", "u/%E6%97%A5%E6%9C%AC.txt"),
+        ("u/50%.txt", "u/50%25.txt"),
+        ("u/a%41b.txt", "u/a%2541b.txt"),  # not read back as "aAb.txt"
+        ("u/a b+c;d,e'(f)?#.txt", "u/a%20b%2Bc%3Bd%2Ce%27%28f%29%3F%23.txt"),
+    ],
+)
+def test_the_key_header_is_ascii_percent_encoded(key: str, header: str) -> None:
+    value = tus_protocol.key_header(key)
+    assert value == header and value.isascii()
+    assert urllib.parse.unquote(value) == key
 
 
 def test_url_round_trip_and_tampering() -> None:

@@ -220,6 +220,42 @@ async def test_connection_refused_is_retried_then_reported(
     assert info.value.status is None
 
 
+async def test_a_huge_answer_is_not_read_whole(session: aiohttp.ClientSession) -> None:
+    """A receiver answering 200 with 256 MiB: the proxy reads at most 64 KiB of it
+    and closes the connection, so the receiver gets to send only what the socket buffers
+    hold (it sent all 256 MiB, into the proxy's memory, when the answer was read whole)."""
+    total = 256 * 1024 * 1024
+    sent = 0
+    done = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").lower().split("\r\n")
+            length = next(int(h.split(":")[1]) for h in lines if h.startswith("content-length:"))
+            await reader.readexactly(length)  # the event
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+            piece = bytes(64 * 1024)
+            while sent < total:
+                writer.write(piece)
+                await writer.drain()
+                sent += len(piece)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            done.set()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        await webhook(session, f"http://127.0.0.1:{port}/hook", timeout=10).deliver(EVENT, "r")
+        await asyncio.wait_for(done.wait(), 10)
+    # what the loopback socket buffers took before the close, not the answer
+    assert sent < 32 * 1024 * 1024, sent
+
+
 def test_retry_delay_doubles_with_jitter_and_a_cap() -> None:
     assert retry_delay(0.5, 1, rand=lambda: 0.0) == 0.25
     assert retry_delay(0.5, 1, rand=lambda: 1.0) == 0.5

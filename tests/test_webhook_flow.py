@@ -18,6 +18,7 @@ from tests import bodies
 from tests.bodies import MiB
 from tests.polling import eventually
 from tests.s3util import all_keys_async, open_uploads_async
+from tests.test_metrics import scrape, value
 
 SECRET = "hook-secret"
 
@@ -96,6 +97,12 @@ async def test_failing_webhook_rolls_back(
     [rolled] = events(got, "upload.rolled_back")
     assert rolled["body"]["reason"] == "WEBHOOK_FAILED" and len(rolled["body"]["keys"]) == 2
     assert await all_keys_async(s3, bucket) == [] and await open_uploads_async(s3, bucket) == []
+    # the two files count as aborted for the webhook, not as completed or stored
+    samples = await scrape(proxy)
+    assert value(samples, "s3proxy_uploads_started_total") == 2
+    assert value(samples, "s3proxy_uploads_completed_total") == 0
+    assert value(samples, "s3proxy_bytes_stored_total") == 0
+    assert value(samples, "s3proxy_uploads_aborted_total", reason="WEBHOOK_FAILED") == 2
 
 
 async def test_failing_webhook_keep_policy(
@@ -112,6 +119,10 @@ async def test_failing_webhook_keep_policy(
     assert resp.status == 201
     assert out["webhook"]["delivered"] is False and "400" in out["webhook"]["error"]
     assert sorted(await all_keys_async(s3, bucket)) == sorted(f["key"] for f in out["files"])
+    samples = await scrape(proxy)  # kept: completed
+    assert value(samples, "s3proxy_uploads_completed_total") == 2
+    assert value(samples, "s3proxy_bytes_stored_total") == sum(f["size"] for f in out["files"])
+    assert value(samples, "s3proxy_uploads_aborted_total", reason="WEBHOOK_FAILED") is None
 
 
 def events(got: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:

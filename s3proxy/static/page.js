@@ -421,8 +421,9 @@
   }
 
   // The key a finished tus upload is stored at: the proxy's S3Proxy-Key header where it
-  // sends one, else the upload URL's own statement (its signed part before the "." is
-  // base64url JSON naming the key, s3proxy/tus_url.py).
+  // sends one (percent-encoded UTF-8, so the header stays ASCII: decode it), else the
+  // upload URL's own statement (its signed part before the "." is base64url JSON naming
+  // the key, s3proxy/tus_url.py).
   function tusKey(response, url) {
     const header = response && response.getHeader("S3Proxy-Key");
     try {
