@@ -65,6 +65,16 @@ CLIENTS = [
     ),
     pytest.param(b'"back\\%22slash"', '"slash', id="curl-backslash-quote"),
     pytest.param(b"report.pdf", "report.pdf", id="unquoted-token"),
+    # Kept as sent (they were stripped or collapsed: env, a b.pdf, ends).
+    pytest.param(b'".env"', ".env", id="dotfile"),
+    pytest.param(b'".gitignore"', ".gitignore", id="dotfile-gitignore"),
+    pytest.param(b'"a  b.pdf"', "a  b.pdf", id="double-space"),
+    pytest.param(b'"ends."', "ends.", id="trailing-dot"),
+    pytest.param('"a\u00a0b.txt"'.encode(), "a\u00a0b.txt", id="no-break-space"),
+    pytest.param('"日本\u3000語.txt"'.encode(), "日本\u3000語.txt", id="ideographic-space"),
+    pytest.param(b'"a%0D%0Ab.txt"', "a  b.txt", id="whatwg-crlf-spaces"),
+    pytest.param(b'" padded.txt "', "padded.txt", id="trimmed"),
+    pytest.param(b'"..."', "upload", id="only-dots"),
 ]
 
 
