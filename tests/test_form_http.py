@@ -63,6 +63,7 @@ CLIENTS = [
     pytest.param(
         b"\"euro.txt\"; filename*=UTF-8''%E2%82%AC.txt", "\u20ac.txt", id="filename-star-wins"
     ),
+    pytest.param(b"\"a.pdf\"; filename*=UTF-8''", "a.pdf", id="empty-filename-star"),
     pytest.param(b'"back\\%22slash"', '"slash', id="curl-backslash-quote"),
     pytest.param(b"report.pdf", "report.pdf", id="unquoted-token"),
     # Kept as sent (they were stripped or collapsed: env, a b.pdf, ends).
