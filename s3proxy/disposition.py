@@ -27,7 +27,8 @@ The rules, in order:
    filename="a.txt"`` from a WHATWG client), the literal one is taken: a part that
    names a file must never be read as a field.
 3. ``filename*`` / ``name*`` (RFC 8187, and RFC 2231 continuations ``filename*0*``...)
-   win over ``filename`` / ``name`` when they decode (charset UTF-8 or ISO-8859-1).
+   win over ``filename`` / ``name`` when they decode (charset UTF-8 or ISO-8859-1) to a
+   non-empty value; an empty one (``filename*=UTF-8''``) leaves the plain parameter.
    One that does not (another charset, a bad escape, a missing piece) and has no plain
    ``filename`` beside it is read best-effort (UTF-8, else windows-1252): still a file.
 4. A plain value is percent-decoded only when it holds at least one ``%``, every ``%``
@@ -167,7 +168,7 @@ def _gather(params: list[tuple[str, bytes]], key: str) -> str | None:
     found = dict(params)
     if f"{key}*" in found:
         ext = decode_ext(found[f"{key}*"])
-        if ext is not None:
+        if ext:  # "" (filename*=UTF-8'') must not hide a plain filename="a.pdf"
             return ext
     pieces: dict[int, tuple[bool, bytes]] = {}
     for name, value in params:
@@ -183,7 +184,7 @@ def _gather(params: list[tuple[str, bytes]], key: str) -> str | None:
             )
         else:
             text = decode_text(b"".join(unquote_to_bytes(v) if star else v for star, v in ordered))
-        if text is not None:
+        if text:
             return text
     if key in found:
         return decode_plain(found[key])

@@ -13,7 +13,10 @@ folded header lines (obs-fold) and lines over 8190 bytes with their CRLF (aiohtt
 limit) are refused;
 ``Content-Transfer-Encoding`` other than 7bit/8bit/binary is refused (RFC 7578
 section 4.7; storing it still encoded would be silent corruption); a part without a
-Content-Disposition, without a name, or with a type other than form-data is refused.
+Content-Disposition, without a name, or with a type other than form-data is refused, and
+so is one with Content-Disposition, Content-Transfer-Encoding or Content-Type twice
+(which one counts would depend on the parser). Messages are ours: aiohttp's echo the
+client's bytes (a header line, up to 20 bytes of a file after a boundary).
 A file part's ``Content-Digest`` (RFC 9530) and ``Content-MD5`` (RFC 1864) are read into
 its ``declared`` digests (s3proxy.digests); one that cannot be read is a 400
 INVALID_DIGEST before any of the file is stored. On a field part they are ignored.
@@ -38,6 +41,7 @@ from dataclasses import field as dc_field
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, hdrs, web
+from aiohttp.helpers import parse_mimetype
 from aiohttp.http_exceptions import (
     HttpProcessingError,
     InvalidHeader,
@@ -48,7 +52,7 @@ from multidict import CIMultiDictProxy
 
 from s3proxy.delimiter import DelimiterScan
 from s3proxy.digests import Declared, DigestError, read_declared
-from s3proxy.disposition import decode_text, header_bytes, parse_form_disposition
+from s3proxy.disposition import decode_text, header_bytes, parse_form_disposition, split_params
 from s3proxy.errors import (
     CLIENT_DISCONNECTED,
     CLIENT_TIMEOUT,
@@ -188,11 +192,34 @@ def client_error(exc: Exception) -> ProxyError | None:
             "a part header is folded over several lines (obs-fold, RFC 9112 section 5.2); "
             "send each header on one line",
         )
-    if isinstance(
-        exc, HttpProcessingError | ValueError | AssertionError | LookupError | RuntimeError
-    ):
-        return ProxyError(MALFORMED_MULTIPART, f"malformed multipart body: {exc}")
+    if isinstance(exc, HttpProcessingError):
+        return ProxyError(MALFORMED_MULTIPART, _part_head_problem(exc))
+    if isinstance(exc, ValueError | AssertionError | LookupError | RuntimeError):
+        # aiohttp's text repeats the client's bytes (a boundary line, a header): not sent on
+        return ProxyError(MALFORMED_MULTIPART, "the multipart body is malformed")
     return None
+
+
+# aiohttp's HeadersParser messages for a part's header block (pinned in
+# tests/test_aiohttp_contract.py, as protocol.py pins the request's).
+_TOO_MANY_PART_HEADERS = "Too many headers received"
+_DUPLICATE_PART_HEADER = "Duplicate '"
+
+
+def _part_head_problem(exc: HttpProcessingError) -> str:
+    """What is wrong with a part's header block, in our words: aiohttp's messages carry
+    the client's bytes (``Invalid HTTP header: b''``) and a newline."""
+    text = exc.message if isinstance(exc.message, str) else ""
+    if isinstance(exc, InvalidHeader):
+        return (
+            "a part header line is not 'Name: value' (an empty or invalid name, no colon, "
+            "or a control character)"
+        )
+    if text.startswith(_TOO_MANY_PART_HEADERS):
+        return "a part has too many header lines"
+    if text.startswith(_DUPLICATE_PART_HEADER):
+        return "a part repeats a header that may appear once (such as Content-Type)"
+    return "a part's header block is malformed"
 
 
 class ClientWatch:
@@ -344,12 +371,25 @@ async def next_part(reader: MultipartReader) -> MultipartReader | BodyPartReader
         await _read_preamble(reader)
         reader._at_bof = False
     else:
-        await reader._read_boundary()
+        await _read_boundary(reader)
     if reader.at_eof():
         return None
     part = await reader.fetch_next_part()
     reader._last_part = part
     return part
+
+
+async def _read_boundary(reader: MultipartReader) -> None:
+    """aiohttp's ``_read_boundary`` (the delimiter line after a part), its ValueError told
+    in our words: its text echoes the line, up to 20 bytes of the client's file."""
+    try:
+        await reader._read_boundary()
+    except ValueError:
+        raise ProxyError(
+            MALFORMED_MULTIPART,
+            "the line after a part is not a boundary delimiter: the body ended early, or "
+            "the boundary occurs in a part's data (it must not: RFC 2046 section 5.1.1)",
+        ) from None
 
 
 #: The most bytes before a form's first boundary (RFC 2046's preamble). Browsers and
@@ -379,10 +419,85 @@ async def _read_preamble(reader: MultipartReader) -> None:
             )
 
 
+# RFC 2046 section 5.1.1: boundary := 0*69<bchars> bcharsnospace, bchars being
+# bcharsnospace / " ", bcharsnospace := DIGIT / ALPHA / "'()+_,-./:=?".
+MAX_BOUNDARY = 70
+_BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+
+
+def request_boundary(content_type: str) -> str:
+    """The request's multipart boundary; ProxyError(MALFORMED_MULTIPART) if there is not
+    exactly one that RFC 2046 allows and aiohttp reads the same way. Pure.
+
+    Checked from the header alone, before a body byte is read. The parameters are read
+    quote-aware (s3proxy.disposition.split_params); aiohttp's reader takes the boundary
+    from ``parse_mimetype``, which splits on every ``;`` and strips spaces and quotes
+    from the value, so a boundary it would read otherwise (one beginning with a space,
+    a ``;`` in another quoted parameter) is refused too: the delimiter the client
+    writes and the one the reader looks for are always the same. The client's boundary
+    is never echoed.
+    """
+    try:
+        _, params = split_params(header_bytes(content_type))
+    except ValueError:
+        raise ProxyError(
+            MALFORMED_MULTIPART, "the Content-Type header has a quoted parameter with no end"
+        ) from None
+    found = [value for name, value in params if name == "boundary"]
+    if len(found) > 1:
+        raise ProxyError(
+            MALFORMED_MULTIPART, "the Content-Type header gives the multipart boundary twice"
+        )
+    raw = found[0] if found else b""
+    if not 1 <= len(raw) <= MAX_BOUNDARY:
+        # aiohttp's reader refuses a missing or long one, not an empty one: its delimiter
+        # would be a bare "--", and a file was stored from it.
+        raise ProxyError(
+            MALFORMED_MULTIPART,
+            f"the multipart boundary must be 1 to {MAX_BOUNDARY} characters (RFC 2046 "
+            f"section 5.1.1), got {len(raw)}",
+        )
+    if not _BOUNDARY.fullmatch(raw):
+        why = (
+            "must not end with a space"
+            if _BOUNDARY.fullmatch(raw.rstrip(b" "))
+            else "may hold only ASCII letters, digits, spaces and '()+_,-./:=?"
+        )
+        raise ProxyError(
+            MALFORMED_MULTIPART, f"the multipart boundary {why} (RFC 2046 section 5.1.1)"
+        )
+    boundary = raw.decode("ascii")
+    if parse_mimetype(content_type).parameters.getall("boundary", []) != [boundary]:
+        raise ProxyError(
+            MALFORMED_MULTIPART,
+            "the multipart boundary cannot be read unambiguously: it begins with a space, "
+            "or another parameter holds a quoted ';'",
+        )
+    return boundary
+
+
 # RFC 7578 section 4.7: Content-Transfer-Encoding is deprecated in form-data; these
 # three mean "the bytes as they are", anything else would be stored still encoded.
 IDENTITY_TRANSFER_ENCODINGS = frozenset({"7bit", "8bit", "binary"})
 _MEDIA_TYPE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*;.*)?$")
+
+
+# A part's headers that mean one thing each: given twice, which one counts would depend
+# on the reader (aiohttp's .get takes the first, another parser the last), so a body
+# could be read one way here and another way by a scanner or log in front of us.
+SINGLE_PART_HEADERS = (
+    hdrs.CONTENT_DISPOSITION,
+    hdrs.CONTENT_TRANSFER_ENCODING,
+    hdrs.CONTENT_TYPE,
+)
+
+
+def _one(headers: CIMultiDictProxy[str], name: str) -> str | None:
+    """The one value of a part header in SINGLE_PART_HEADERS; MALFORMED_MULTIPART if twice."""
+    found = headers.getall(name, [])
+    if len(found) > 1:
+        raise ProxyError(MALFORMED_MULTIPART, f"a part has two {name} headers")
+    return found[0] if found else None
 
 
 @dataclass(frozen=True)
@@ -398,17 +513,16 @@ class PartHead:
 def read_part_head(headers: CIMultiDictProxy[str]) -> PartHead:
     """A part's identity from its headers, decoded by s3proxy.disposition's rules.
 
-    Raises ProxyError(MALFORMED_MULTIPART) for what no client should send: no or two
-    Content-Disposition headers, a type other than form-data, no name, a transfer
-    encoding. A declared Content-Type that is not a plain ASCII media type is ignored.
+    Raises ProxyError(MALFORMED_MULTIPART) for what no client should send: no
+    Content-Disposition header, two of any SINGLE_PART_HEADERS, a type other than
+    form-data, no name, a transfer encoding. A declared Content-Type that is not a plain
+    ASCII media type is ignored.
     """
-    found = headers.getall(hdrs.CONTENT_DISPOSITION, [])
-    if not found:
+    found = _one(headers, hdrs.CONTENT_DISPOSITION)
+    if found is None:
         raise ProxyError(MALFORMED_MULTIPART, "a part has no Content-Disposition header")
-    if len(found) > 1:
-        raise ProxyError(MALFORMED_MULTIPART, "a part has two Content-Disposition headers")
     try:
-        disp = parse_form_disposition(header_bytes(found[0]))
+        disp = parse_form_disposition(header_bytes(found))
     except ValueError as exc:
         raise ProxyError(MALFORMED_MULTIPART, f"a part's Content-Disposition: {exc}") from None
     if disp.type != "form-data":
@@ -418,7 +532,7 @@ def read_part_head(headers: CIMultiDictProxy[str]) -> PartHead:
         )
     if disp.name is None:
         raise ProxyError(MALFORMED_MULTIPART, "a part has no name in its Content-Disposition")
-    encoding = headers.get(hdrs.CONTENT_TRANSFER_ENCODING)
+    encoding = _one(headers, hdrs.CONTENT_TRANSFER_ENCODING)
     if encoding is not None and encoding.strip().lower() not in IDENTITY_TRANSFER_ENCODINGS:
         shown = decode_text(header_bytes(encoding))
         raise ProxyError(
@@ -426,7 +540,7 @@ def read_part_head(headers: CIMultiDictProxy[str]) -> PartHead:
             f"part {disp.name!r} has Content-Transfer-Encoding {shown!r}: not supported "
             "(RFC 7578 section 4.7); send the bytes as they are",
         )
-    declared = headers.get(hdrs.CONTENT_TYPE)
+    declared = _one(headers, hdrs.CONTENT_TYPE)
     if declared is not None and not (declared.isascii() and _MEDIA_TYPE.match(declared)):
         declared = None
     digests = Declared()

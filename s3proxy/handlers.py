@@ -19,7 +19,6 @@ import time
 from typing import Any
 
 from aiohttp import MultipartReader, hdrs, web
-from aiohttp.helpers import parse_mimetype
 from aiohttp.web_urldispatcher import _default_expect_handler
 
 from s3proxy import codings
@@ -37,7 +36,7 @@ from s3proxy.errors import (
     error_body,
     error_response,
 )
-from s3proxy.form import TransportFlow, iter_form
+from s3proxy.form import TransportFlow, iter_form, request_boundary
 from s3proxy.log import REQUEST_ID
 from s3proxy.metrics import metrics_handler
 from s3proxy.pipeline import abort_reason
@@ -48,8 +47,6 @@ from s3proxy.webhook import WebhookError
 
 log = logging.getLogger("s3proxy.handlers")
 
-# RFC 2046 section 5.1.1: a boundary is 1 to 70 characters.
-MAX_BOUNDARY = 70
 # Boundaries and part headers around the file data an upload token counts.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -75,15 +72,7 @@ def check_upload(request: web.Request, state: AppState) -> Principal:
         raise ProxyError(
             NOT_MULTIPART, f"expected Content-Type multipart/form-data, got {ctype or 'none'!r}"
         )
-    boundary = parse_mimetype(ctype).parameters.get("boundary", "")
-    if not 1 <= len(boundary) <= MAX_BOUNDARY:
-        # aiohttp's reader refuses a missing or long one, not an empty one: its delimiter
-        # would be a bare "--", and a file was stored from it.
-        raise ProxyError(
-            MALFORMED_MULTIPART,
-            f"the multipart boundary must be 1 to {MAX_BOUNDARY} characters (RFC 2046 "
-            f"section 5.1.1), got {len(boundary)}",
-        )
+    request_boundary(ctype)  # one, allowed by RFC 2046, read alike by aiohttp
     length = request.content_length
     limit = state.settings.max_request_size
     if length is not None and length > limit:

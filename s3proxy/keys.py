@@ -59,8 +59,8 @@ NONCE_BYTES = len(NONCE_META) + 32  # of S3's 2 KB metadata budget (a uuid4 in h
 MAX_FILENAME_BYTES = 200
 DEFAULT_FILENAME = "upload"
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f/\\]")
-_SPACES = re.compile(r"\s+")
+# Dropped from a filename: control, format, lone surrogate, private use.
+_DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co"})
 # Unicode categories refused in a client-supplied key: Cc control (C0, DEL, C1), Cf
 # format (bidi overrides, zero-width: they disguise a key), Cs a lone surrogate (JSON
 # and aiohttp's surrogateescape can hand one over; it has no UTF-8 form to send).
@@ -77,30 +77,49 @@ _SAMPLE_FIELDS = {
 
 
 def sanitize_filename(name: str | None) -> str:
-    """Make a client filename safe as one key segment and as a header value.
+    """Make a client filename safe as one key segment and as a header value. Pure.
 
-    Keeps the last path component (browsers on Windows send ``C:\\x\\a.pdf``),
-    NFC-normalizes, drops control characters and separators, refuses ``.``/``..``,
-    and caps the UTF-8 length while keeping the extension.
+    The rules, in order (README "Uploads" lists them; everything else is kept as sent,
+    so ``.env``, ``ends.``, ``a  b.pdf`` and ``a\\u00a0b.txt`` stay what they are):
+
+    1. Whitespace other than Unicode spaces (Zs) becomes an ASCII space: tab, CR, LF and
+       the other whitespace controls, U+2028/U+2029 (Zl, Zp), so a line break in a name
+       never reaches a header or a log line.
+    2. Other control characters (Cc), format characters (Cf: bidi overrides, zero-width;
+       they disguise an extension), lone surrogates and private-use characters dropped.
+    3. NFC; only the last path component (``/`` and ``\\`` both separate: browsers on
+       Windows send ``C:\\x\\a.pdf``).
+    4. Leading and trailing whitespace (any, Zs too) trimmed: a header value would lose it.
+    5. Empty, or only dots (``.``, ``..``, ``...``): ``upload``; no key segment is ever
+       ``.`` or ``..``.
+    6. At most ``MAX_FILENAME_BYTES`` of UTF-8, cut from the stem so the extension stays.
     """
     if not name:
         return DEFAULT_FILENAME
-    name = unicodedata.normalize("NFC", name)
-    name = re.split(r"[/\\]", name)[-1]
-    name = _UNSAFE.sub("", name)
-    # Unicode format characters (bidi overrides, zero-width) can disguise extensions.
-    name = "".join(c for c in name if unicodedata.category(c) not in ("Cf", "Cc", "Cs", "Co"))
-    name = _SPACES.sub(" ", name).strip(" .")
-    if not name or name in (".", ".."):
+    # NFC after the drops: a dropped character between a letter and its accent
+    # (``e\u202e\u0301``) would otherwise leave the pair uncomposed.
+    name = unicodedata.normalize("NFC", "".join(_clean_char(c) for c in name))
+    name = re.split(r"[/\\]", name)[-1].strip()
+    if not name.strip("."):
         return DEFAULT_FILENAME
     if len(name.encode()) > MAX_FILENAME_BYTES:
         stem, ext = posixpath.splitext(name)
         if len(ext.encode()) > 16:
             stem, ext = name, ""
         budget = MAX_FILENAME_BYTES - len(ext.encode())
-        stem = stem.encode()[:budget].decode("utf-8", "ignore").rstrip(" .")
-        name = (stem or DEFAULT_FILENAME) + ext
+        stem = stem.encode()[:budget].decode("utf-8", "ignore").rstrip()
+        name = (stem if stem.strip(".") else DEFAULT_FILENAME) + ext
     return name
+
+
+def _clean_char(c: str) -> str:
+    """One character of a filename: itself, a space (rule 1) or nothing (rule 2)."""
+    category = unicodedata.category(c)
+    if c.isspace() and category != "Zs":
+        return " "
+    if category in _DROPPED_CATEGORIES:
+        return ""
+    return c
 
 
 def _fields(template: str) -> list[tuple[str, str | None]]:
@@ -293,12 +312,21 @@ class KeyPolicy:
 
 
 def content_disposition(filename: str) -> str:
-    """``attachment`` with an ASCII fallback and an RFC 5987 ``filename*`` (RFC 6266)."""
+    """``attachment`` with an ASCII fallback and an RFC 5987 ``filename*`` (RFC 6266).
+
+    The fallback is the name with its accents dropped (NFKD) and what has no ASCII form
+    left out; when nothing of the stem is left (``日本語.txt``) it is ``upload`` plus
+    the extension, never ``.txt``: a client that reads only the fallback would save a
+    hidden file."""
     safe = sanitize_filename(filename)
     ascii_name = (
         unicodedata.normalize("NFKD", safe).encode("ascii", "ignore").decode().replace('"', "")
     )
-    ascii_name = ascii_name.replace("\\", "").strip() or DEFAULT_FILENAME
+    ascii_name = ascii_name.replace("\\", "").strip()
+    if ascii_name.startswith(".") and not safe.startswith("."):
+        ascii_name = DEFAULT_FILENAME + ascii_name  # the stem had no ASCII form
+    if not ascii_name.strip("."):
+        ascii_name = DEFAULT_FILENAME
     if ascii_name == safe:
         return f'attachment; filename="{ascii_name}"'
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(safe, safe='')}"

@@ -59,7 +59,12 @@ log = logging.getLogger("s3proxy.uploads")
 # (https://docs.aws.amazon.com/AmazonS3/latest/userguide/UsingMetadata.html).
 MAX_METADATA_BYTES = 2048
 RESERVED_METADATA = {"sha256", keys.NONCE_META}
-_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A field name stored as metadata: HTTP token characters (RFC 9110 section 5.6.2) that
+# every store keeps, leading ``_``, ``.``, ``-`` included (``_token``, ``_charset_``).
+# Not others, nor percent-encoded: moto (5.2.5) silently drops an ``x-amz-meta-`` name
+# outside this set (``post%5btitle%5d``, ``a%20b``), which SeaweedFS stores; a name
+# some store loses behind a 201 is refused instead.
+_METADATA_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclass
@@ -88,16 +93,22 @@ def stored_fields(fields: dict[str, str | list[str]]) -> dict[str, str]:
     return {k: v if isinstance(v, str) else ",".join(v) for k, v in fields.items()}
 
 
+def unstorable_name(name: str) -> str:
+    """Why a field sent before a file cannot be stored with it, and the way out."""
+    return (
+        f"field {name!r} comes before a file, so it would be stored as the file's S3 "
+        "metadata, whose names may hold only ASCII letters, digits, '_', '.' and '-'; "
+        'rename it, or send it after the last file (it is then returned under "fields" only)'
+    )
+
+
 def field_metadata(fields: dict[str, str | list[str]]) -> dict[str, str]:
     """Fields as S3 metadata, or a clear error when they cannot be stored faithfully."""
     meta: dict[str, str] = {}
     names: dict[str, str] = {}  # lowercased -> as sent
     for name, joined in stored_fields(fields).items():
-        if not _TOKEN.match(name):
-            raise ProxyError(
-                INVALID_FIELD,
-                f"field name {name!r} cannot be stored as S3 metadata (use letters, digits, - _ .)",
-            )
+        if not _METADATA_NAME.fullmatch(name):
+            raise ProxyError(INVALID_FIELD, unstorable_name(name))
         lower = name.lower()
         if lower in RESERVED_METADATA:
             raise ProxyError(INVALID_FIELD, f"field name {name!r} is reserved")

@@ -88,6 +88,15 @@ TABLE = [
         fd("f", "\u20ac a.txt"),
     ),
     (b'form-data; name="f"; filename*0="long "; filename*1="name.txt"', fd("f", "long name.txt")),
+    # an ext value (or continuation) that decodes to "" does not hide the plain one
+    (b'form-data; name="f"; filename="a.pdf"; filename*=UTF-8\'\'', fd("f", "a.pdf")),
+    (b'form-data; name="f"; filename*=UTF-8\'\'; filename="a.pdf"', fd("f", "a.pdf")),
+    (b'form-data; name="f"; filename="a.pdf"; filename*=UTF-8\'en\'', fd("f", "a.pdf")),
+    (b'form-data; name="f"; filename="a.pdf"; filename*0*=UTF-8\'\'', fd("f", "a.pdf")),
+    (b'form-data; name="f"; filename="a.pdf"; filename*0=""', fd("f", "a.pdf")),
+    (b"form-data; name=\"f\"; filename*=UTF-8''", fd("f", "")),  # alone: an empty name
+    (b"form-data; name=\"title\"; name*=UTF-8''", fd("title")),
+    (b'form-data; name="t"; name*0*=UTF-8\'\'; filename="a"', fd("t", "a")),
     # a filename* that does not decode faithfully still names a file (was: a field, the
     # file dropped behind a 201): best-effort UTF-8, else windows-1252
     (b"form-data; name=\"r\"; filename*=windows-1252''caf%E9.txt", fd("r", "caf\u00e9.txt")),

@@ -165,10 +165,26 @@ async def test_metadata_too_large(proxy: Any, s3: Any, bucket: str) -> None:
     await wait_clean(s3, bucket)
 
 
-async def test_field_name_not_storable(proxy: Any) -> None:
-    raw = bodies.body([bodies.field("a b", "x"), bodies.file("f", "a.txt", b"x")])
+@pytest.mark.parametrize(
+    "name", ["a b", "post[title]", "form[_token]", "tags[]", "100%", "café", "a:b", ""]
+)
+async def test_field_name_not_storable(proxy: Any, s3: Any, bucket: str, name: str) -> None:
+    """A name S3 metadata cannot carry as it is, before a file: refused, and the message
+    says which characters a name may hold and that the field may follow the file."""
+    raw = bodies.body([bodies.field(name, "x"), bodies.file("f", "a.txt", b"x")])
     status, out = await post_raw(proxy, raw)
     expect_error(status, out, 400, "INVALID_FIELD")
+    message = out["error"]["message"]
+    assert repr(name) in message and "'_', '.' and '-'" in message and "after" in message
+    await wait_clean(s3, bucket)
+
+
+async def test_field_name_not_storable_after_the_file(proxy: Any) -> None:
+    """The same names after the last file are not metadata: returned under "fields"."""
+    raw = bodies.body([bodies.file("f", "a.txt", b"x"), bodies.field("post[title]", "t")])
+    status, out = await post_raw(proxy, raw)
+    assert status == 201, out
+    assert out["fields"] == {"post[title]": "t"} and out["files"][0]["metadata"] == {}
 
 
 async def test_request_too_large_by_content_length(

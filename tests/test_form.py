@@ -190,6 +190,22 @@ def test_read_part_head(pairs: list[tuple[str, str]], want: PartHead) -> None:
             ],
             "Content-Transfer-Encoding 'base64'",
         ),
+        (  # only the first was checked: binary passed, the part was really base64
+            [
+                ("Content-Disposition", 'form-data; name="a"; filename="a"'),
+                ("Content-Transfer-Encoding", "binary"),
+                ("Content-Transfer-Encoding", "base64"),
+            ],
+            "two Content-Transfer-Encoding headers",
+        ),
+        (
+            [
+                ("Content-Disposition", 'form-data; name="a"; filename="a"'),
+                ("Content-Type", "text/plain"),
+                ("Content-Type", "application/pdf"),
+            ],
+            "two Content-Type headers",
+        ),
     ],
 )
 def test_read_part_head_refuses(pairs: list[tuple[str, str]], words: str) -> None:
@@ -273,3 +289,47 @@ def test_what_the_reader_raises_is_the_clients_error(
 ) -> None:
     mapped = client_error(exc)
     assert (mapped.kind if mapped is not None else None) == kind
+
+
+@pytest.mark.parametrize(
+    ("ctype", "words"),
+    [
+        ("multipart/form-data", "1 to 70 characters"),
+        ('multipart/form-data; boundary=""', "1 to 70 characters"),
+        ("multipart/form-data; boundary=" + "b" * 71, "1 to 70 characters"),
+        ('multipart/form-data; boundary="abc "', "must not end with a space"),
+        ('multipart/form-data; boundary="a\\"b"', "may hold only"),
+        ('multipart/form-data; boundary="a;b"', "may hold only"),
+        ("multipart/form-data; boundary=caf\u00e9", "may hold only"),
+        ('multipart/form-data; boundary="abc', "no end"),
+        ('multipart/form-data; boundary=" abc"', "unambiguously"),
+        ('multipart/form-data; charset="x;boundary=a"; boundary=b', "unambiguously"),
+        ("multipart/form-data; boundary=abc; boundary=zzz", "twice"),
+        ("multipart/form-data; boundary=abc; Boundary=abc", "twice"),
+    ],
+)
+def test_request_boundary_refuses(ctype: str, words: str) -> None:
+    """Refused from the header alone (before the body), the boundary never echoed."""
+    from s3proxy.form import request_boundary  # here: the test predates it
+
+    with pytest.raises(ProxyError) as err:
+        request_boundary(ctype)
+    assert err.value.kind.code == "MALFORMED_MULTIPART"
+    assert words in err.value.message
+    assert "abc" not in err.value.message and "zzz" not in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("ctype", "boundary"),
+    [
+        ("multipart/form-data; boundary=abc", "abc"),
+        ('multipart/form-data; boundary="a b"', "a b"),
+        ('multipart/form-data; boundary="\'()+_,-./:=?"', "'()+_,-./:=?"),
+        ("Multipart/Form-Data; BOUNDARY = abc ; charset=utf-8", "abc"),
+        ("multipart/form-data;charset=utf-8;boundary=" + "b" * 70, "b" * 70),
+    ],
+)
+def test_request_boundary(ctype: str, boundary: str) -> None:
+    from s3proxy.form import request_boundary
+
+    assert request_boundary(ctype) == boundary

@@ -63,8 +63,19 @@ CLIENTS = [
     pytest.param(
         b"\"euro.txt\"; filename*=UTF-8''%E2%82%AC.txt", "\u20ac.txt", id="filename-star-wins"
     ),
+    pytest.param(b"\"a.pdf\"; filename*=UTF-8''", "a.pdf", id="empty-filename-star"),
     pytest.param(b'"back\\%22slash"', '"slash', id="curl-backslash-quote"),
     pytest.param(b"report.pdf", "report.pdf", id="unquoted-token"),
+    # Kept as sent (they were stripped or collapsed: env, a b.pdf, ends).
+    pytest.param(b'".env"', ".env", id="dotfile"),
+    pytest.param(b'".gitignore"', ".gitignore", id="dotfile-gitignore"),
+    pytest.param(b'"a  b.pdf"', "a  b.pdf", id="double-space"),
+    pytest.param(b'"ends."', "ends.", id="trailing-dot"),
+    pytest.param('"a\u00a0b.txt"'.encode(), "a\u00a0b.txt", id="no-break-space"),
+    pytest.param('"日本\u3000語.txt"'.encode(), "日本\u3000語.txt", id="ideographic-space"),
+    pytest.param(b'"a%0D%0Ab.txt"', "a  b.txt", id="whatwg-crlf-spaces"),
+    pytest.param(b'" padded.txt "', "padded.txt", id="trimmed"),
+    pytest.param(b'"..."', "upload", id="only-dots"),
 ]
 
 
@@ -398,6 +409,20 @@ async def test_curl_filenames(
         "multipart/form-data; boundary=",
         "multipart/form-data",
         "multipart/form-data; boundary=" + "b" * 71,
+        # RFC 2046 bchars: no trailing space, no quote, backslash, ; or non-ASCII
+        'multipart/form-data; boundary="abc "',
+        'multipart/form-data; boundary="a\\"b"',
+        'multipart/form-data; boundary="a\\b"',
+        'multipart/form-data; boundary="a;b"',
+        "multipart/form-data; boundary=a@b",
+        "multipart/form-data; boundary=caf\u00e9",
+        'multipart/form-data; boundary="abc',
+        # read otherwise by aiohttp (it strips spaces, splits on every ;)
+        'multipart/form-data; boundary=" abc"',
+        'multipart/form-data; charset="x;boundary=zzz"; boundary=abc',
+        # given twice: the first won (a parser-differential risk)
+        "multipart/form-data; boundary=abc; boundary=zzz",
+        "multipart/form-data; boundary=abc; BOUNDARY=abc",
     ],
 )
 @pytest.mark.parametrize("expect", [False, True])
@@ -416,4 +441,127 @@ async def test_a_bad_boundary_is_refused_before_the_body(
     resp = await proxy.post("/upload", data=body, headers=headers)
     assert resp.status == 400, await resp.text()
     assert (await resp.json())["error"]["code"] == "MALFORMED_MULTIPART"
+    assert await all_keys_async(s3, bucket) == []
+
+
+@pytest.mark.parametrize(
+    ("params", "read_as"),
+    [
+        ('boundary="abc "', "abc"),
+        ('boundary=" abc"', "abc"),
+        ("boundary=abc; boundary=zzz", "abc"),
+        ('charset="x;boundary=abc"; boundary=zzz', "abc"),
+        ('boundary="a\\"b"', 'a\\"b'),
+    ],
+)
+async def test_a_boundary_read_two_ways_is_refused_before_the_body(
+    proxy: Any, s3: Any, bucket: str, params: str, read_as: str
+) -> None:
+    """The body is valid for the boundary aiohttp's reader takes from the header; the
+    client meant another (or the header is ambiguous). It was stored (201); now the
+    header alone is refused, and nothing is stored."""
+    part = raw_part(b'form-data; name="file"; filename="a.txt"', TEXT)
+    raw = raw_body(part).replace(bodies.BOUNDARY.encode(), read_as.encode())
+    resp = await proxy.post(
+        "/upload", data=io.BytesIO(raw), headers={"Content-Type": "multipart/form-data; " + params}
+    )
+    assert resp.status == 400, await resp.text()
+    error = (await resp.json())["error"]
+    assert error["code"] == "MALFORMED_MULTIPART"
+    assert "boundary" in error["message"] and "body" not in error["message"], error
+    assert await all_keys_async(s3, bucket) == []
+
+
+@pytest.mark.parametrize(
+    ("params", "boundary"),
+    [
+        ('boundary="\'()+_,-./:=?"', "'()+_,-./:=?"),
+        ('boundary="a b  c"', "a b  c"),
+        ("boundary=" + "b" * 70, "b" * 70),
+        ("BOUNDARY=abc", "abc"),
+        ("Boundary = abc ; charset=utf-8", "abc"),
+        ('charset="utf-8";boundary="abc"', "abc"),
+    ],
+)
+async def test_boundaries_rfc_2046_allows_are_taken(
+    proxy: Any, s3: Any, bucket: str, params: str, boundary: str
+) -> None:
+    part = raw_part(b'form-data; name="file"; filename="a.txt"', TEXT)
+    raw = raw_body(part).replace(bodies.BOUNDARY.encode(), boundary.encode())
+    resp = await proxy.post(
+        "/upload",
+        data=io.BytesIO(raw),
+        headers={"Content-Type": "multipart/form-data; " + params},
+    )
+    assert resp.status == 201, await resp.text()
+
+
+def two_headers(*lines: bytes) -> bytes:
+    return raw_body(raw_part(b'form-data; name="file"; filename="a.txt"', TEXT, *lines))
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        pytest.param(
+            two_headers(b"Content-Transfer-Encoding: binary", b"Content-Transfer-Encoding: base64"),
+            "two Content-Transfer-Encoding headers",
+            id="two-transfer-encodings",
+        ),
+        pytest.param(
+            two_headers(b"Content-Type: text/plain", b"Content-Type: application/pdf"),
+            "repeats a header",
+            id="two-content-types",
+        ),
+        pytest.param(two_headers(b": foo"), "not 'Name: value'", id="empty-header-name"),
+        pytest.param(two_headers(b"no colon here"), "not 'Name: value'", id="no-colon"),
+        pytest.param(two_headers(b"X-A: a\x00b"), "not 'Name: value'", id="nul-in-value"),
+        pytest.param(
+            two_headers(*[b"X-H%d: v" % i for i in range(200)]),
+            "too many header lines",
+            id="too-many-headers",
+        ),
+        pytest.param(
+            raw_body(
+                raw_part(
+                    b'form-data; name="file"; filename="a.bin"',
+                    b"data\r\n--" + bodies.BOUNDARY.encode() + b"SECRET\x87\x0fG_bytes",
+                )
+            ),
+            "must not",
+            id="boundary-in-file-data",
+        ),
+        pytest.param(
+            raw_body(
+                raw_part(
+                    b'form-data; name="note"',
+                    b"v\r\n--" + bodies.BOUNDARY.encode() + b"SECRET",
+                ),
+                raw_part(b'form-data; name="file"; filename="a.bin"', TEXT),
+            ),
+            "must not",
+            id="boundary-in-field-value",
+        ),
+        pytest.param(
+            raw_part(b'form-data; name="file"; filename="a.bin"', TEXT)
+            + b"--"
+            + bodies.BOUNDARY.encode()
+            + b"SECRET",
+            "must not",
+            id="junk-after-the-last-delimiter",
+        ),
+    ],
+)
+async def test_malformed_parts_are_told_in_our_words(
+    proxy: Any, s3: Any, bucket: str, raw: bytes, words: str
+) -> None:
+    """400 MALFORMED_MULTIPART with a short message of ours: no newline, none of the
+    client's bytes (aiohttp's text echoed a header, or up to 20 bytes of the file)."""
+    status, out = await post(proxy, raw)
+    assert status == 400, out
+    assert out["error"]["code"] == "MALFORMED_MULTIPART"
+    message = out["error"]["message"]
+    assert words in message, message
+    assert "\n" not in message and "b'" not in message and "SECRET" not in message, message
+    assert "400, message" not in message and "Invalid" not in message, message
     assert await all_keys_async(s3, bucket) == []

@@ -49,6 +49,15 @@ MALFORMED = {
         + b"\r\n\r\nab",
         400,
     ),
+    # the boundary comes from Content-Type: two of them must never reach the form reader
+    "duplicate-content-type": (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n"
+        + FORM
+        + b"Content-Type: multipart/form-data; boundary="
+        + MARK
+        + b"\r\n\r\nab",
+        400,
+    ),
     "content-length-overflow": (
         b"POST /upload HTTP/1.1\r\nHost: a\r\nX-Mark: "
         + MARK

@@ -255,10 +255,15 @@ def test_a_template_whose_keys_escape_its_prefix_makes_none(template: str) -> No
 
 
 def test_a_key_made_from_a_field_name_is_never_in_the_reserved_namespace() -> None:
-    """With ``{field}/...`` and no literal prefix, a form field named ``.s3proxy`` must not
-    put an upload among the tus state objects (sanitizing drops the leading dot)."""
-    key = KeyPolicy("{field}/{uuid}/{filename}").new_key("state", ".s3proxy")
-    assert not key.startswith(RESERVED_NAMESPACE)
+    """With ``{field}/...`` or ``{filename}/...`` and no literal prefix, a field or file
+    named ``.s3proxy`` must not put an upload among the tus state objects. Sanitizing keeps
+    leading dots (``.env`` is a name people use), so new_key refuses the key instead (a
+    400 on every route: INVALID_FIELD, or INVALID_REQUEST for /sign)."""
+    with pytest.raises(KeyRefused, match="proxy's own"):
+        KeyPolicy("{field}/{uuid}/{filename}").new_key("state", ".s3proxy")
+    with pytest.raises(KeyRefused, match="proxy's own"):
+        KeyPolicy("{filename}/{uuid}").new_key(".s3proxy", "file")
+    assert KeyPolicy("{field}/{uuid}/{filename}").new_key(".env", ".x").startswith(".x/")
 
 
 def test_the_reserved_namespace_holds_the_tus_state() -> None:

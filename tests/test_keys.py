@@ -8,6 +8,7 @@ import pytest
 
 from s3proxy.keys import (
     DEFAULT_FILENAME,
+    KeyPolicy,
     content_disposition,
     make_key,
     sanitize_filename,
@@ -30,16 +31,44 @@ NOW = dt.datetime(2026, 3, 7, tzinfo=dt.UTC)
         (".", DEFAULT_FILENAME),
         ("", DEFAULT_FILENAME),
         (None, DEFAULT_FILENAME),
-        ("a\x00b\r\nc.pdf", "abc.pdf"),
+        ("a\x00b\x7f\x9fc.pdf", "abc.pdf"),  # controls dropped
+        ("a\r\nb\tc.pdf", "a  b c.pdf"),  # whitespace controls are spaces, not collapsed
+        ("a\u2028b\u2029c\x85d.txt", "a b c d.txt"),  # Zl, Zp, NEL
         ("evil\u202etxt.exe", "eviltxt.exe"),
-        ("  spaced   out .pdf ", "spaced out .pdf"),
+        ("a\u200bb\ufeff.txt", "ab.txt"),  # zero-width, BOM
+        ("\ue000a.txt", "a.txt"),  # private use
+        ("  spaced   out .pdf ", "spaced   out .pdf"),  # runs of spaces kept, ends trimmed
+        ("\u00a0\u3000a.txt\u00a0", "a.txt"),  # ends trimmed, Zs too
+        ("a\u00a0b.txt", "a\u00a0b.txt"),  # no-break space kept
+        ("日本\u3000語.txt", "日本\u3000語.txt"),  # ideographic space kept
         ("cafe\u0301.pdf", "caf\u00e9.pdf"),  # NFC
+        ("cafe\u202e\u0301.pdf", "caf\u00e9.pdf"),  # NFC after the drop
+        (".env", ".env"),
+        (".gitignore", ".gitignore"),
+        ("dir/.hidden", ".hidden"),
+        ("ends.", "ends."),
+        (". a .", ". a ."),
         ("dir/", DEFAULT_FILENAME),
         ("...", DEFAULT_FILENAME),
+        (" .. ", DEFAULT_FILENAME),
+        ("a/\u200b..", DEFAULT_FILENAME),
+        (".\u202e.", DEFAULT_FILENAME),
     ],
 )
 def test_sanitize_filename(raw: str | None, clean: str) -> None:
     assert sanitize_filename(raw) == clean
+
+
+@pytest.mark.parametrize(
+    ("name", "capped"),
+    [
+        ("." + "x" * 300, "." + "x" * 199),  # a dotfile: all stem
+        ("." * 250 + "pdf", DEFAULT_FILENAME),  # the cut leaves only dots
+        ("a" * 195 + "    " + "b.txt", "a" * 195 + ".txt"),
+    ],
+)
+def test_long_filename_cut(name: str, capped: str) -> None:
+    assert sanitize_filename(name) == capped
 
 
 def test_long_filename_is_capped_keeping_extension() -> None:
@@ -79,7 +108,23 @@ def test_uuid_makes_keys_unique() -> None:
             "attachment; filename=\"resume.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9.pdf",
         ),
         ('a"b.pdf', "attachment; filename=\"ab.pdf\"; filename*=UTF-8''a%22b.pdf"),
-        ("日本.pdf", "attachment; filename=\".pdf\"; filename*=UTF-8''%E6%97%A5%E6%9C%AC.pdf"),
+        (
+            "日本.pdf",
+            "attachment; filename=\"upload.pdf\"; filename*=UTF-8''%E6%97%A5%E6%9C%AC.pdf",
+        ),
+        (
+            "日本語 ファイル.txt",
+            'attachment; filename="upload.txt"; '
+            "filename*=UTF-8''%E6%97%A5%E6%9C%AC%E8%AA%9E%20%E3%83%95%E3%82%A1%E3%82%A4%E3%83%AB.txt",
+        ),
+        (
+            "日本.tar.gz",
+            "attachment; filename=\"upload.tar.gz\"; filename*=UTF-8''%E6%97%A5%E6%9C%AC.tar.gz",
+        ),
+        ("日本", "attachment; filename=\"upload\"; filename*=UTF-8''%E6%97%A5%E6%9C%AC"),
+        (".env", 'attachment; filename=".env"'),
+        (".日本", "attachment; filename=\"upload\"; filename*=UTF-8''.%E6%97%A5%E6%9C%AC"),
+        ("a\u00a0b.txt", "attachment; filename=\"a b.txt\"; filename*=UTF-8''a%C2%A0b.txt"),
     ],
 )
 def test_content_disposition(name: str, header: str) -> None:
@@ -100,6 +145,12 @@ def test_content_disposition(name: str, header: str) -> None:
         "x" * 300,
         "a" * 195 + " " + "b.tar.gz.verylongextension",
         "cafe\u0301\u202e.pdf",
+        "cafe\u202e\u0301.pdf",
+        ".env",
+        "ends.",
+        "a\r\n\u3000b.",
+        "." * 250 + ".pdf",
+        " . ",
     ],
 )
 def test_sanitize_is_idempotent(raw: str) -> None:
@@ -107,6 +158,27 @@ def test_sanitize_is_idempotent(raw: str) -> None:
     once = sanitize_filename(raw)
     assert sanitize_filename(once) == once
     assert make_key(TEMPLATE, once, now=NOW, upload_id="u").rsplit("/", 1)[-1] == once
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "uploads/{yyyy}/{mm}/{uuid}/{filename}",
+        "{filename}",
+        "d/{uuid}-{filename}",
+        "{field}/{uuid}/{filename}",
+    ],
+)
+@pytest.mark.parametrize(
+    "name",
+    [".", "..", "...", " .. ", ".env", "..\\..\\x", "../..", "a/..", "\u2028..\u2029", ".\u200b."],
+)
+def test_dot_names_never_make_dot_segments(template: str, name: str) -> None:
+    """Leading dots are kept now (``.env``), so no name may still become a ``.``/``..``
+    segment (which make_key's normpath would fold away, moving the key up a level)."""
+    key = KeyPolicy(template).new_key(name, name, now=NOW, upload_id="u")
+    assert not any(seg in ("", ".", "..") for seg in key.split("/")), key
+    assert key.startswith(template_prefix(template)), key
 
 
 def test_escaped_braces_are_literal_text_not_fields() -> None:
