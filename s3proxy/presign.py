@@ -81,6 +81,7 @@ from s3proxy.s3 import (
     PartInfo,
     PreconditionFailed,
     S3Error,
+    refuse_stored,
 )
 from s3proxy.settings import Settings
 from s3proxy.state import STATE, AppState
@@ -353,6 +354,8 @@ async def sign(request: web.Request) -> web.Response:
     out: dict[str, Any] = {"multipart": False, "key": key, "bucket": ctx.bucket}
     if file.method == "put":
         only_new = ctx.writes.if_none_match
+        if only_new:
+            await refuse_stored(ctx.sink, key)
         put = await ctx.sink.presign_put(
             key, file.size, options, ctx.expires_in, if_none_match=only_new, sha256=file.sha256
         )
@@ -388,6 +391,8 @@ async def create_multipart(request: web.Request) -> web.Response:
     file = parse_file_request(await _json_body(request))
     check_file(ctx, file)
     key = _new_key(ctx, file.filename)
+    if ctx.writes.if_none_match:
+        await refuse_stored(ctx.sink, key)
     options = _options(ctx, file, {SIZE_META: str(file.size)})
     upload_id = await ctx.sink.create(key, options)
     plan = parts.plan_parts(ctx.settings.part_size, file.size, ctx.settings.max_file_size)

@@ -55,6 +55,7 @@ from typing import Protocol, TypeVar
 from s3proxy.body import Chunk
 from s3proxy.checksums import Algorithm, CrcValue, DigestError, decode_b64, full_object
 from s3proxy.errors import (
+    KEY_EXISTS,
     UPSTREAM_CORRUPTION,
     UPSTREAM_ERROR,
     UPSTREAM_UNAVAILABLE,
@@ -161,6 +162,19 @@ async def resend_if_corrupted(
             UPSTREAM_CORRUPTION,
             f"S3 refused {what} twice as corrupted on the way to it ({exc.reason}); {outcome}",
         ) from exc
+
+
+async def refuse_stored(bucket: ObjectStore, key: str) -> None:
+    """409 KEY_EXISTS for a key already stored where uploads do not replace objects
+    (--no-overwrite on a template that shares keys): said before the client sends the
+    file, not after. The write itself still refuses one stored meanwhile (If-None-Match)."""
+    try:
+        await bucket.head(key)
+    except NoSuchKey:
+        return
+    raise ProxyError(
+        KEY_EXISTS, f"an object is already stored at {key!r}; uploads do not replace objects"
+    )
 
 
 def checksum_refusal(err: S3Error) -> S3Error:

@@ -348,13 +348,14 @@ async def test_presigned_put_signs_if_none_match(proxy_factory: Any, s3: Any, bu
     """The client must send If-None-Match: * (it is a signed header); S3 then refuses
     a second PUT to the key. A POST policy cannot carry it: refused for shared keys."""
     proxy = await shared_proxy(proxy_factory)
-    status, out = await sign(proxy, "/sign", {**PDF, "size": 5})
-    assert status == 200 and out["key"] == "in/a.pdf", out
-    assert out["headers"]["If-None-Match"] == "*"
-    signed = out["url"].split("X-Amz-SignedHeaders=")[1].split("&")[0]
-    assert "if-none-match" in signed.split("%3B")
+    signed_twice = [await sign(proxy, "/sign", {**PDF, "size": 5}) for _ in range(2)]
+    for status, out in signed_twice:
+        assert status == 200 and out["key"] == "in/a.pdf", out
+        assert out["headers"]["If-None-Match"] == "*"
+        signed = out["url"].split("X-Amz-SignedHeaders=")[1].split("&")[0]
+        assert "if-none-match" in signed.split("%3B")
     async with aiohttp.ClientSession() as http:
-        for expected in (200, 412):
+        for expected, (_, out) in zip((200, 412), signed_twice, strict=True):
             async with http.put(out["url"], data=b"%PDF-", headers=out["headers"]) as resp:
                 assert resp.status == expected, await resp.text()
     status, out = await sign(proxy, "/sign", {**PDF, "size": 5, "method": "post"})
@@ -365,10 +366,11 @@ async def test_presigned_put_signs_if_none_match(proxy_factory: Any, s3: Any, bu
 async def test_presigned_multipart_to_a_taken_key_is_409(
     proxy_factory: Any, s3: Any, bucket: str
 ) -> None:
+    """Stored after the upload began: its complete refuses it, and aborts the upload."""
     proxy = await shared_proxy(proxy_factory, presign_multipart_threshold=1024)
-    s3.put_object(Bucket=bucket, Key="in/a.pdf", Body=b"someone else's")
     status, up = await sign(proxy, "/sign/multipart", {**PDF, "size": 3})
     assert status == 200, up
+    s3.put_object(Bucket=bucket, Key="in/a.pdf", Body=b"someone else's")
     ref = {"key": up["key"], "upload_id": up["upload_id"]}
     _, urls = await sign(proxy, "/sign/multipart/parts", {**ref, "part_numbers": [1]})
     async with (
@@ -380,3 +382,18 @@ async def test_presigned_multipart_to_a_taken_key_is_409(
     assert (status, out["error"]["code"]) == (409, "KEY_EXISTS"), out
     assert stored(s3, bucket, "in/a.pdf") == b"someone else's"
     assert open_uploads(s3, bucket) == []
+
+
+@pytest.mark.parametrize("path", ["/sign", "/sign/multipart"])
+async def test_signing_for_a_taken_key_is_409_at_once(
+    proxy_factory: Any, s3: Any, bucket: str, path: str
+) -> None:
+    """Said before the client sends a byte (as tus's creation does), not after it sent
+    every part: nothing is signed and no multipart upload is opened."""
+    proxy = await shared_proxy(proxy_factory, presign_multipart_threshold=1024)
+    s3.put_object(Bucket=bucket, Key="in/a.pdf", Body=b"someone else's")
+    size = 3 if path == "/sign" else 2048
+    status, out = await sign(proxy, path, {**PDF, "size": size})
+    assert (status, out["error"]["code"]) == (409, "KEY_EXISTS"), out
+    assert open_uploads(s3, bucket) == []
+    assert stored(s3, bucket, "in/a.pdf") == b"someone else's"
