@@ -70,6 +70,7 @@ from s3proxy.s3 import (
     UploadInfo,
     Written,
     checksum_refusal,
+    not_advancing,
     refusal,
     stored_checksum,
     whole_object,
@@ -609,7 +610,10 @@ class AioObjectStore:
                     max_parts is not None and len(found) >= max_parts
                 ):
                     return found[:max_parts]
-                params["PartNumberMarker"] = int(page["NextPartNumberMarker"])
+                marker = int(page["NextPartNumberMarker"])
+                if marker <= params.get("PartNumberMarker", 0):
+                    raise not_advancing("ListParts", f"NextPartNumberMarker {marker}")
+                params["PartNumberMarker"] = marker
 
     async def list_objects(
         self, prefix: str = "", *, limit: int = 1000, start_after: str = ""
@@ -644,12 +648,7 @@ class AioObjectStore:
             if following is None:
                 return
             if not following or following == markers:
-                raise S3Error(
-                    UPSTREAM_ERROR,
-                    "ListMultipartUploads is truncated but does not advance",
-                    operation="ListMultipartUploads",
-                    reason="NotAdvancing",
-                )
+                raise not_advancing("ListMultipartUploads", f"markers {following}")
             markers = following
 
     async def _read(
