@@ -161,7 +161,16 @@ def translate(operation: str) -> Iterator[None]:
         ) from exc
     except ClientError as exc:
         raise _refusal(operation, exc) from exc
-    except (TimeoutError, ReadTimeoutError, ConnectTimeoutError) as exc:
+    except ConnectTimeoutError as exc:
+        # No connection within --s3-connect-timeout: S3 is unreachable (503), as when it
+        # refuses connections; 504 is for an S3 that took the call and did not answer.
+        raise S3Error(
+            UPSTREAM_UNAVAILABLE,
+            f"S3 {operation}: cannot reach S3 (no connection within the connect timeout)",
+            operation=operation,
+            reason=type(exc).__name__,
+        ) from exc
+    except (TimeoutError, ReadTimeoutError) as exc:
         raise S3Error(
             UPSTREAM_TIMEOUT,
             f"S3 {operation} timed out",
