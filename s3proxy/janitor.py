@@ -102,13 +102,17 @@ async def finish(aw: Awaitable[T]) -> T:
     return task.result()
 
 
-async def run_cleanup(fn: Cleanup, what: str, janitor: Janitor | None = None) -> None:
+async def run_cleanup(
+    fn: Cleanup, what: str, janitor: Janitor | None = None, *, retry: Cleanup | None = None
+) -> None:
     """Run one cleanup call to the end even if we are being cancelled; never raise for it
     (but re-raise the caller's cancellation once it is done).
 
-    If it fails, hand it to the janitor to retry (or log, without one).
+    If it fails, hand it to the janitor to retry (or log, without one): ``fn`` again, or
+    ``retry`` when what ``fn`` undoes may have become right meanwhile (a later request
+    may report as stored the object ``fn`` deletes: ``retry`` checks before it deletes).
     """
-    await run_cleanups([(fn, what)], janitor)
+    await finish(_attempt(fn, what, janitor, retry))
 
 
 async def run_cleanups(calls: Sequence[tuple[Cleanup, str]], janitor: Janitor | None) -> None:
@@ -118,10 +122,12 @@ async def run_cleanups(calls: Sequence[tuple[Cleanup, str]], janitor: Janitor | 
         await finish(asyncio.gather(*(_attempt(fn, what, janitor) for fn, what in calls)))
 
 
-async def _attempt(fn: Cleanup, what: str, janitor: Janitor | None) -> None:
+async def _attempt(
+    fn: Cleanup, what: str, janitor: Janitor | None, retry: Cleanup | None = None
+) -> None:
     try:
         await asyncio.wait_for(fn(), CLEANUP_TIMEOUT)
     except Exception as exc:
         log.error("cleanup.failed what=%s error=%r", what, exc)
         if janitor is not None:
-            janitor.retry(fn, what)
+            janitor.retry(fn if retry is None else retry, what)
