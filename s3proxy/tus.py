@@ -304,7 +304,13 @@ async def create(request: web.Request) -> web.StreamResponse:
     if cfg.writes.if_none_match:
         await _refuse_taken(store.bucket, key)
     checksum = None if cfg.checksum is None else cfg.checksum.value
-    await store.create(TusState(key=key, checksum=checksum))
+    try:
+        await store.create(TusState(key=key, checksum=checksum))
+    except ProxyError:
+        # The write may have landed (its answer lost, or a 500 after S3 stored it): with
+        # no Location, nothing of the upload may stay.
+        await run_cleanup(_undo(store), f"tus creation id={upload.id}", state.janitor)
+        raise
     state.metrics.uploads_started.inc()
     log.info("tus.created key=%s length=%s id=%s by=%s", key, length, upload.id, principal.subject)
     headers = {"Location": ROOT + token, **_expires(upload)}
