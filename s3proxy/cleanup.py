@@ -37,7 +37,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from s3proxy.errors import ProxyError
-from s3proxy.s3 import PAGE_SIZE, NoSuchKey, NoSuchUpload, ObjectStore, PartInfo, read_small
+from s3proxy.s3 import (
+    PAGE_SIZE,
+    NoSuchKey,
+    NoSuchUpload,
+    ObjectStore,
+    PartInfo,
+    object_pages,
+    read_small,
+)
 from s3proxy.tus_url import RESERVED_PREFIX, key_hash, parse_id
 
 log = logging.getLogger("s3proxy.cleanup")
@@ -230,9 +238,7 @@ async def sweep_tus(
 
     live: set[str] = set()
     expired: dict[str, bool] = {}
-    after = ""
-    while True:
-        page = await bucket.list_objects(RESERVED_PREFIX, limit=PAGE_SIZE, start_after=after)
+    async for page in object_pages(bucket, RESERVED_PREFIX, page_size=PAGE_SIZE):
         for obj in page:
             upload_id = obj.key[len(RESERVED_PREFIX) :].split("/", 1)[0]
             parsed = parse_id(upload_id)
@@ -243,9 +249,6 @@ async def sweep_tus(
                 live.add(hashed)
             else:
                 expired.setdefault(upload_id, obj.key.endswith("/state"))
-        if len(page) < PAGE_SIZE:
-            break
-        after = page[-1].key
     result = TusSweep(frozenset(live), sorted(expired))
     for upload_id in result.expired:
         prefix = f"{RESERVED_PREFIX}{upload_id}/"

@@ -384,7 +384,11 @@ class FileUpload:
             await run_cleanup(lambda: self.sink.delete(key), f"delete key={key}", self.janitor)
             self._delete_late_writes(lambda: self.sink.delete(key))
         elif self.maybe_stored and self.cfg.writes.cleanup == "nonce":
-            await run_cleanup(lambda: self._delete_own(reason), f"delete key={key}", self.janitor)
+            await run_cleanup(
+                lambda: self._delete_own(reason),
+                f"delete key={key} nonce={self.nonce}",
+                self.janitor,
+            )
             self._delete_late_writes(lambda: self._delete_own(reason))
         elif self.maybe_stored:
             log.warning("upload.kept key=%s reason=%s overwrites_allowed=true", key, reason)

@@ -554,12 +554,16 @@ async def complete_multipart(request: web.Request) -> web.Response:
     try:
         head = await ctx.sink.head(key)
     except S3Error:
-        # Not held to its size, and the client is told it failed: it must not stay.
+        # Not held to its size, and the client is told it failed: it must not stay. Unless
+        # the delete fails too: a retried complete may then find it, check it and answer
+        # 200, so the janitor checks it too rather than delete what the client was told
+        # is stored.
         if_match = None if ctx.writes.unique_keys else written.etag
         await run_cleanup(
             lambda: ctx.sink.delete(key, if_match=if_match),
             f"delete key={key} reason=size_unchecked",
             ctx.state.janitor,
+            retry=(lambda: _hold_later(ctx, key)) if ctx.writes.unique_keys else None,
         )
         log.info("presign.unchecked_deleted key=%s upload_id=%s", key, upload_id)
         raise
@@ -577,6 +581,23 @@ async def _completed_object(ctx: Context, key: str) -> ObjectHead | None:
     except NoSuchKey:
         return None
     return head if SIZE_META in head.metadata else None
+
+
+async def _hold_later(ctx: Context, key: str) -> None:
+    """The janitor's retry of a failed complete's delete: hold the object to its size as
+    a retried complete would (delete it if wrong, keep it if right: that complete may
+    have answered 200 for it)."""
+    try:
+        head = await ctx.sink.head(key)
+    except NoSuchKey:
+        return
+    signed = head.metadata.get(SIZE_META, "")
+    readable = signed.isascii() and signed.isdigit() and len(signed) <= 20
+    if not readable or int(signed) == head.length:  # as _held_to_size judges it
+        log.info("presign.checked_later key=%s size=%d action=kept", key, head.length)
+        return
+    await ctx.sink.delete(key)
+    log.info("presign.checked_later key=%s signed=%s action=deleted", key, signed)
 
 
 def _parts_in(etag: str | None) -> int:

@@ -569,6 +569,34 @@ class ObjectStore(ObjectSink, Protocol):
     async def object_url(self, key: str) -> str: ...
 
 
+def not_advancing(operation: str, detail: str) -> S3Error:
+    """A listing answered truncated whose next page would not start after this one:
+    following it would call S3 for ever (a broken store or gateway), so it is an error."""
+    return S3Error(
+        UPSTREAM_ERROR,
+        f"{operation} is truncated but does not advance ({detail})",
+        operation=operation,
+        reason="NotAdvancing",
+    )
+
+
+async def object_pages(
+    bucket: ObjectStore, prefix: str, *, page_size: int = 1000
+) -> AsyncIterator[list[ObjectInfo]]:
+    """Every page of the objects under ``prefix``, in key order (the last one short).
+    A full page with a key not after the last page's (a store that ignores StartAfter)
+    raises NotAdvancing instead of being listed again and again."""
+    after = ""
+    while True:
+        page = await bucket.list_objects(prefix, limit=page_size, start_after=after)
+        if after and any(o.key <= after for o in page):
+            raise not_advancing("ListObjectsV2", f"a page starts at or before {after!r}")
+        yield page
+        if len(page) < page_size:
+            return
+        after = page[-1].key
+
+
 async def read_small(bucket: ObjectStore, key: str) -> tuple[bytes, str | None]:
     """A small object of the proxy's own (a tus state, its URL key) whole, and its ETag;
     NoSuchKey if there is none. Never an upload's bytes: those are streamed."""

@@ -70,6 +70,7 @@ from s3proxy.s3 import (
     UploadInfo,
     Written,
     checksum_refusal,
+    not_advancing,
     refusal,
     stored_checksum,
     whole_object,
@@ -160,7 +161,16 @@ def translate(operation: str) -> Iterator[None]:
         ) from exc
     except ClientError as exc:
         raise _refusal(operation, exc) from exc
-    except (TimeoutError, ReadTimeoutError, ConnectTimeoutError) as exc:
+    except ConnectTimeoutError as exc:
+        # No connection within --s3-connect-timeout: S3 is unreachable (503), as when it
+        # refuses connections; 504 is for an S3 that took the call and did not answer.
+        raise S3Error(
+            UPSTREAM_UNAVAILABLE,
+            f"S3 {operation}: cannot reach S3 (no connection within the connect timeout)",
+            operation=operation,
+            reason=type(exc).__name__,
+        ) from exc
+    except (TimeoutError, ReadTimeoutError) as exc:
         raise S3Error(
             UPSTREAM_TIMEOUT,
             f"S3 {operation} timed out",
@@ -609,7 +619,10 @@ class AioObjectStore:
                     max_parts is not None and len(found) >= max_parts
                 ):
                     return found[:max_parts]
-                params["PartNumberMarker"] = int(page["NextPartNumberMarker"])
+                marker = int(page["NextPartNumberMarker"])
+                if marker <= params.get("PartNumberMarker", 0):
+                    raise not_advancing("ListParts", f"NextPartNumberMarker {marker}")
+                params["PartNumberMarker"] = marker
 
     async def list_objects(
         self, prefix: str = "", *, limit: int = 1000, start_after: str = ""
@@ -644,12 +657,7 @@ class AioObjectStore:
             if following is None:
                 return
             if not following or following == markers:
-                raise S3Error(
-                    UPSTREAM_ERROR,
-                    "ListMultipartUploads is truncated but does not advance",
-                    operation="ListMultipartUploads",
-                    reason="NotAdvancing",
-                )
+                raise not_advancing("ListMultipartUploads", f"markers {following}")
             markers = following
 
     async def _read(

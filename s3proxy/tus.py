@@ -304,7 +304,13 @@ async def create(request: web.Request) -> web.StreamResponse:
     if cfg.writes.if_none_match:
         await _refuse_taken(store.bucket, key)
     checksum = None if cfg.checksum is None else cfg.checksum.value
-    await store.create(TusState(key=key, checksum=checksum))
+    try:
+        await store.create(TusState(key=key, checksum=checksum))
+    except ProxyError:
+        # The write may have landed (its answer lost, or a 500 after S3 stored it): with
+        # no Location, nothing of the upload may stay.
+        await run_cleanup(_undo(store), f"tus creation id={upload.id}", state.janitor)
+        raise
     state.metrics.uploads_started.inc()
     log.info("tus.created key=%s length=%s id=%s by=%s", key, length, upload.id, principal.subject)
     headers = {"Location": ROOT + token, **_expires(upload)}
@@ -403,17 +409,30 @@ async def _terminate(state: AppState, store: TusStore) -> None:
         raise ProxyError(NO_SUCH_UPLOAD, "no such upload (finished, terminated, or never created)")
     current, etag = found
     now = time.time()
-    if current.locked(now, state.settings.cleanup_clock_skew):
-        raise ProxyError(UPLOAD_LOCKED, "a PATCH is in progress on this upload; retry later")
-    # Take the lock for good: a PATCH starting meanwhile gets 423, not a half-removed upload.
-    current.lock = Lock("terminating", now + state.settings.tus_lock_lease)
-    try:
-        await store.swap(current, etag)
-    except (PreconditionFailed, NoSuchKey):
-        raise ProxyError(UPLOAD_LOCKED, "the upload changed meanwhile; retry") from None
+    # A termination's lock left by a DELETE that failed, or whose swap landed unseen: the
+    # removal is safe to repeat, so this DELETE carries it on (no 423 for the lease).
+    if not _terminating(current):
+        if current.locked(now, state.settings.cleanup_clock_skew):
+            raise ProxyError(UPLOAD_LOCKED, "a PATCH is in progress on this upload; retry later")
+        # Take the lock for good: a PATCH starting meanwhile gets 423, not a half-removed upload.
+        current.lock = Lock(TERMINATING, now + state.settings.tus_lock_lease)
+        try:
+            await store.swap(current, etag)
+        except (PreconditionFailed, NoSuchKey):
+            found = await store.read()  # our own swap, landed with its answer lost?
+            if found is None or not _terminating(found[0]):
+                raise ProxyError(UPLOAD_LOCKED, "the upload changed meanwhile; retry") from None
+            current = found[0]
     await tus_ending.remove_upload(store.bucket, store.upload, current)
     log.info("tus.terminated key=%s id=%s", store.upload.key, store.upload.id)
     state.metrics.uploads_aborted.labels("TERMINATED").inc()
+
+
+TERMINATING = "terminating"  # the lock owner of a DELETE: it never gives the lock back
+
+
+def _terminating(current: TusState) -> bool:
+    return current.lock is not None and current.lock.owner == TERMINATING
 
 
 @_tus_errors

@@ -46,9 +46,30 @@ class Lease:
         self.state.lock = Lock(self.owner, now + self.seconds)
         try:
             self.etag = await self.store.swap(self.state, etag)
-        except (PreconditionFailed, NoSuchKey):
-            raise ProxyError(UPLOAD_LOCKED, "another request changed this upload first") from None
+        except (PreconditionFailed, NoSuchKey) as err:
+            # Often our own swap: it landed, its answer was lost and the retry was refused.
+            if not await self._landed_unseen():
+                raise ProxyError(
+                    UPLOAD_LOCKED, "another request changed this upload first"
+                ) from err
+        except ProxyError:
+            # It may have landed all the same (answered 500 or late): then the lock is
+            # ours, and only this PATCH can give it back before the lease lapses.
+            if not await self._landed_unseen():
+                raise
         self._task = asyncio.create_task(self._renew(), name="tus-lease")
+
+    async def _landed_unseen(self) -> bool:
+        """Whether the state carries this lease's lock though the swap said otherwise (it
+        landed, its answer lost): then the lease holds it, at the ETag read."""
+        with contextlib.suppress(ProxyError):
+            found = await self.store.read()
+            lock = None if found is None else found[0].lock
+            if found is not None and lock is not None and lock.owner == self.owner:
+                log.info("tus.lock_recovered id=%s owner=%s", self.store.upload.id, self.owner)
+                self.etag = found[1]
+                return True
+        return False
 
     async def _swap_own(self, new: TusState) -> None:
         """Swap ``new`` over the state this lease holds; PreconditionFailed or NoSuchKey

@@ -74,6 +74,7 @@ from s3proxy.s3 import (
     ObjectOptions,
     ObjectStore,
     Written,
+    object_pages,
     read_small,
     resend_if_corrupted,
 )
@@ -467,16 +468,11 @@ def _intact(seg: Segment, crc: CrcValue | None) -> bool:
 
 async def remove_prefix(bucket: ObjectStore, prefix: str, last: str | None = None) -> int:
     deleted = 0
-    after = ""
-    while True:
-        page = await bucket.list_objects(prefix, limit=1000, start_after=after)
+    async for page in object_pages(bucket, prefix):
         for obj in page:
             if obj.key != last:
                 await bucket.delete(obj.key)
                 deleted += 1
-        if len(page) < 1000:
-            break
-        after = page[-1].key
     if last is not None:
         await bucket.delete(last)
         deleted += 1

@@ -284,9 +284,15 @@ class RequestUpload:
             self.metrics.uploads_aborted.labels(reason).inc(len(files))
         for f in files:
             log.info("upload.rolled_back key=%s reason=%s", f.key, reason)
-        await run_cleanups(
-            [(self._deleter(f, cleanup), f"rollback key={f.key}") for f in files], self.janitor
-        )
+        # Where keys are shared, the ETag tells this request's object (to delete it by hand).
+        calls = [
+            (
+                self._deleter(f, cleanup),
+                f"rollback key={f.key}" + (f" etag={f.etag}" if cleanup == "nonce" else ""),
+            )
+            for f in files
+        ]
+        await run_cleanups(calls, self.janitor)
         return [f.key for f in files]
 
     def _deleter(self, stored: StoredFile, cleanup: str) -> Callable[[], Awaitable[None]]:

@@ -72,6 +72,8 @@ def operation(request: web.Request) -> str:
         return "HeadObject" if has_key else "HeadBucket"
     if request.method == "GET" and "uploads" in q:
         return "ListMultipartUploads"
+    if request.method == "GET" and "uploadId" in q:
+        return "ListParts"
     if request.method == "GET":
         return "GetObject" if has_key else "ListObjects"
     return request.method

@@ -29,6 +29,7 @@ from s3proxy.state import STATE
 from s3proxy.tokens import issue
 from tests.bodies import MiB
 from tests.faults import Fault, FaultyS3
+from tests.polling import eventually
 from tests.s3util import (
     BOTO_CONFIG,
     get_object_async,
@@ -820,3 +821,49 @@ async def test_multipart_complete_keeps_the_object_if_so_configured(
     assert out["webhook"]["delivered"] is False and "400" in out["webhook"]["error"]
     assert await stored_keys(s3, bucket) == [ref["key"]]
     await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+@pytest.mark.parametrize("retried", [True, False], ids=["retried", "not-retried"])
+@pytest.mark.parametrize("stored", [6 * MiB, 7 * MiB], ids=["right-size", "wrong-size"])
+async def test_a_queued_delete_never_removes_what_a_retried_complete_reported(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, stored: int, retried: bool
+) -> None:
+    """Signed for 6 MiB; S3 completes, the size check fails (HeadObject 500) and so does
+    the delete that follows (DeleteObject 500): the client gets 502 and the delete goes to
+    the janitor. The client's retried complete then finds the object, checks it and
+    answers 200; the janitor must not delete it afterwards (the faults probe's s15: 200,
+    then the object gone 6 s later). The janitor holds it to its size instead: it deletes
+    a wrong-sized object, and keeps a right-sized one (a retry may report it stored)."""
+    armed = False
+    rule = lambda o, n: (  # noqa: E731
+        Fault(status=500) if armed and o in ("HeadObject", "DeleteObject") else None
+    )
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=1,
+            key_template="uploads/{uuid}/{filename}",
+        )
+        janitor = proxy.app[STATE].janitor
+        janitor.interval = 0.3
+        status, up = await call(proxy, "/sign/multipart", pdf(6 * MiB), {})
+        assert status == 200, up
+        ref = {"key": up["key"], "upload_id": up["upload_id"]}
+        await asyncio.to_thread(
+            s3.upload_part, Bucket=bucket, PartNumber=1, Body=b"x" * stored,
+            Key=ref["key"], UploadId=ref["upload_id"],
+        )  # fmt: skip
+        armed = True
+        first, out = await call(proxy, "/sign/multipart/complete", ref, {})
+        assert (first, code(out)) == (502, "UPSTREAM_ERROR"), out
+        assert await stored_keys(s3, bucket) == [ref["key"]]  # the delete failed
+        armed = False
+        if retried:
+            again, out2 = await call(proxy, "/sign/multipart/complete", ref, {})
+            assert again == (200 if stored == 6 * MiB else 400), out2
+        await eventually(lambda: not janitor._tasks, within=10, what="the janitor's retry")
+        assert "DeleteObject" in faulty.calls
+    kept = stored == 6 * MiB
+    assert await stored_keys(s3, bucket) == ([ref["key"]] if kept else [])
+    if kept:
+        await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])

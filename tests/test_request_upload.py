@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -34,7 +35,7 @@ from s3proxy.errors import (
     ProxyError,
 )
 from s3proxy.form import Field, FilePart, FormLimits, iter_form
-from s3proxy.janitor import Janitor
+from s3proxy.janitor import Janitor, advice
 from s3proxy.pipeline import PipelineConfig
 from s3proxy.tokens import UploadGrant
 from s3proxy.uploads import RequestUpload, UploadResult
@@ -238,6 +239,62 @@ async def test_rollback_s3_down_is_retried_by_the_janitor(store: GatedS3) -> Non
         assert store.objects == {}
     finally:
         await janitor.close()
+
+
+async def test_a_rollback_owed_at_shutdown_gets_a_last_try(
+    store: GatedS3, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rollback delete still owed when the proxy stops is tried once more at close: S3
+    back meanwhile, the object goes (the faults probe's s9: the 502'd request's object
+    stayed, and the log sent the operator to `s3proxy cleanup`, which never removes it)."""
+    janitor = Janitor(interval=60)  # its next retry would come long after the close
+    up = job(store, MemoryBudget(4 * PART), janitor=janitor)
+    await up.run(parts([file("a", b"1")]))
+    store.down = True
+    await up.rollback("UPSTREAM_ERROR")
+    assert len(store.objects) == 1
+    store.down = False
+    with caplog.at_level(logging.INFO, "s3proxy.janitor"):
+        await janitor.close()
+    assert store.objects == {}
+    assert "cleanup.retried what=rollback key=" in caplog.text
+    assert "cleanup.abandoned" not in caplog.text
+
+
+async def test_a_rollback_that_fails_at_shutdown_is_logged_with_its_key_and_remedy(
+    store: GatedS3, caplog: pytest.LogCaptureFixture
+) -> None:
+    """S3 still away at close: the last try fails within its bound, and each owed delete
+    is logged with its key and what removes it (by hand: nothing removes it later)."""
+    janitor = Janitor(interval=60)
+    up = job(store, MemoryBudget(4 * PART), janitor=janitor)
+    await up.run(parts([file("a", b"1"), file("b", b"2")]))
+    keys = sorted(store.objects)
+    store.down = True
+    await up.rollback("UPSTREAM_ERROR")
+    with caplog.at_level(logging.INFO, "s3proxy.janitor"):
+        await asyncio.wait_for(janitor.close(last_try=0.5), 5)
+    abandoned = [r.getMessage() for r in caplog.records if "cleanup.abandoned" in r.getMessage()]
+    assert len(abandoned) == 2
+    for key, line in zip(keys, sorted(abandoned), strict=True):
+        assert f"what=rollback key={key}" in line
+        assert "delete it by hand" in line and "s3proxy cleanup" not in line
+
+
+@pytest.mark.parametrize(
+    ("what", "remedy"),
+    [
+        ("abort key=k upload_id=u", "s3proxy cleanup --execute"),
+        ("tus state id=x", "s3proxy cleanup --execute"),
+        ("tus end id=x", "s3proxy cleanup --execute"),
+        ("delete key=k", "delete it by hand"),
+        ("delete key=k nonce=n", "delete it by hand"),
+        ("rollback key=k etag=e", "delete it by hand"),
+        ("delete key=k reason=size_unchecked", "x-amz-meta-s3proxy-size"),
+    ],
+)
+def test_an_abandoned_cleanup_names_what_undoes_it(what: str, remedy: str) -> None:
+    assert remedy in advice(what)
 
 
 # -- fields and metadata -------------------------------------------------------------

@@ -6,7 +6,11 @@ leaves an upload no one knows the id of; the store must find it by key and abort
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -124,3 +128,45 @@ async def test_max_attempts_counts_the_first_attempt(
         status, out = await post_raw(proxy, raw)
     expect_error(status, out, 502, "UPSTREAM_ERROR")
     assert faulty.calls.count("PutObject") == 3
+
+
+@contextlib.contextmanager
+def never_accepting() -> Iterator[str]:
+    """An endpoint whose listen backlog is full: a connect to it neither succeeds nor is
+    refused (the kernel drops the SYN), so only the connect timeout ends it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    address = server.getsockname()
+    fillers = []
+    try:
+        for _ in range(8):  # more than the backlog takes: the rest are left pending
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(address)
+            fillers.append(filler)
+        yield f"http://{address[0]}:{address[1]}"
+    finally:
+        for filler in fillers:
+            filler.close()
+        server.close()
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "botocore"])
+async def test_a_store_that_never_accepts_is_unreachable_not_slow(lean: bool) -> None:
+    """No connection within --s3-connect-timeout is 503 UPSTREAM_UNAVAILABLE, as README's
+    table says of an unreachable S3; 504 is for an S3 that took the call and did not
+    answer (the faults probe got 504 "S3 PutObject timed out")."""
+    with never_accepting() as url:
+        opts = ClientOptions(
+            endpoint_url=url,
+            region="us-east-1",
+            max_attempts=1,
+            connect_timeout=0.3,
+            lean_parts=lean,
+        )
+        async with open_store(opts, "b") as store:
+            with pytest.raises(S3Error) as err:
+                await asyncio.wait_for(store.put("k", [b"x"], ObjectOptions("a/b")), 10)
+    assert (err.value.kind.status, err.value.kind.code) == (503, "UPSTREAM_UNAVAILABLE")
+    assert err.value.operation == "PutObject"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from s3proxy.s3 import ObjectOptions, S3Error
+from s3proxy.s3 import ObjectInfo, ObjectOptions, S3Error, object_pages
 from s3proxy.s3_aiobotocore import AioObjectStore, ClientOptions, open_store
 from tests.faults import Fault, FaultyS3, operation
 from tests.test_s3_calls_lean import multipart, paths
@@ -122,7 +122,7 @@ async def _list_uploads(store: AioObjectStore) -> Any:
         ("PutObject", b"", lambda store: _write(store, "PutObject")),
         ("UploadPart", b"", lambda store: _write(store, "UploadPart")),
         ("CompleteMultipartUpload", NO_ETAG, lambda store: _write(store, "Complete")),
-        ("GetObject", NO_SIZE, _list_parts),  # ListParts, as FaultyS3 names a GET
+        ("ListParts", NO_SIZE, _list_parts),
         ("ListMultipartUploads", NO_INITIATED, _list_uploads),
     ],
     ids=["put-no-etag", "part-no-etag", "complete-no-etag", "part-no-size", "upload-no-date"],
@@ -141,7 +141,7 @@ async def test_an_answer_without_its_fields_is_an_upstream_error(
             with pytest.raises(S3Error) as err:
                 await call(store)
     assert err.value.kind.status == 502, err.value
-    assert err.value.operation == ("ListParts" if op == "GetObject" else op)
+    assert err.value.operation == op
 
 
 @LEAN_OR_NOT
@@ -208,3 +208,74 @@ async def test_a_huge_answer_is_not_read_whole(moto: Any, bucket: str, op: str) 
             await asyncio.wait_for(_write(store, op), 30)
     assert faulty.calls.count(op) == 2  # retried, then stored
     assert faulty.sent < 32 * 1024 * 1024, faulty.sent
+
+
+def _parts_page(marker: int) -> bytes:
+    """A ListParts page of one part, truncated, whose next page starts at ``marker``."""
+    return (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<ListPartsResult '
+        b'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Part><PartNumber>1</PartNumber>'
+        b"<ETag>&quot;x&quot;</ETag><Size>5</Size></Part><IsTruncated>true</IsTruncated>"
+        b"<NextPartNumberMarker>%d</NextPartNumberMarker></ListPartsResult>" % marker
+    )
+
+
+@pytest.mark.parametrize("markers", [[0], [1, 1], [2, 1]], ids=["zero", "same", "back"])
+async def test_a_parts_listing_that_does_not_advance_is_an_upstream_error(
+    moto: Any, bucket: str, markers: list[int]
+) -> None:
+    """ListParts truncated whose NextPartNumberMarker does not go past the one sent (a
+    broken store or gateway): a 502 after those pages, not S3 called for ever (the
+    /sign/multipart/parts of the faults probe made 1,399 calls in 20 s and went on after
+    the client left; `s3proxy cleanup` too)."""
+
+    def rule(op: str, n: int) -> Fault | None:
+        if op != "ListParts":
+            return None
+        return Fault(status=200, body=_parts_page(markers[min(n, len(markers)) - 1]))
+
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+        options = ClientOptions(endpoint_url=faulty.endpoint_url, region="us-east-1")
+        async with open_store(options, bucket) as store:
+            with pytest.raises(S3Error) as err:
+                await asyncio.wait_for(_list_parts(store), 10)
+    assert (err.value.kind.status, err.value.reason) == (502, "NotAdvancing")
+    assert faulty.calls.count("ListParts") == len(markers)
+
+
+class IgnoresStartAfter:
+    """A store whose ListObjectsV2 ignores StartAfter: every page is the first."""
+
+    def __init__(self, store: AioObjectStore) -> None:
+        self.store = store
+
+    async def list_objects(
+        self, prefix: str = "", *, limit: int = 1000, start_after: str = ""
+    ) -> list[ObjectInfo]:
+        return await self.store.list_objects(prefix, limit=limit)
+
+
+async def test_an_object_listing_that_does_not_advance_is_an_upstream_error(
+    moto: Any, bucket: str
+) -> None:
+    """Every loop over object pages goes through ``object_pages``: a store that lists
+    the same page again is a 502, not a loop (the tus expiry sweep, a prefix's removal)."""
+    options = ClientOptions(endpoint_url=moto.endpoint_url, region="us-east-1")
+    async with open_store(options, bucket) as store:
+        for i in range(3):
+            await store.put(f"p/{i}", [b"x"], OPTIONS)
+        assert [[o.key for o in page] async for page in object_pages(store, "p/", page_size=2)] == [
+            ["p/0", "p/1"],
+            ["p/2"],
+        ]
+        stuck: Any = IgnoresStartAfter(store)
+        with pytest.raises(S3Error) as err:
+            await asyncio.wait_for(_drain(object_pages(stuck, "p/", page_size=2)), 10)
+        assert err.value.reason == "NotAdvancing"
+        for i in range(3):
+            await store.delete(f"p/{i}")
+
+
+async def _drain(pages: Any) -> None:
+    async for _ in pages:
+        pass

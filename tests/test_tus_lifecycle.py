@@ -26,7 +26,7 @@ from s3proxy.tus_lease import Lease
 from s3proxy.tus_state import Lock, Segment, TusState, TusStore
 from s3proxy.tus_url import TusUpload
 from tests.conftest import ProxyFactory
-from tests.faults import Fault, FaultyS3
+from tests.faults import Fault, FaultyS3, tus_operation
 from tests.memory_s3 import MemoryS3
 from tests.polling import eventually
 from tests.s3util import all_keys_async, open_uploads_async, read_object_async
@@ -505,3 +505,80 @@ async def test_a_failed_patch_is_not_an_aborted_upload(proxy_factory: ProxyFacto
     assert aborted == {frozenset({("reason", "TERMINATED")}): 1}
     failed = value(samples, "s3proxy_tus_patches_failed_total", reason="CHECKSUM_MISMATCH")
     assert failed == 1
+
+
+def landed_but_failed(late: bool) -> Fault:
+    """The write lands at S3; its answer comes after the read timeout, or as a 500."""
+    if late:
+        return Fault(late=1.0)
+
+    def error(resp: Any) -> None:
+        resp.set_status(500)
+        resp.body = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
+
+    return Fault(answer=error)
+
+
+@pytest.mark.parametrize("late", [True, False], ids=["late-once", "500-every-attempt"])
+async def test_a_patch_whose_lock_swap_landed_unseen_goes_on(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str, late: bool
+) -> None:
+    """The PATCH's lock swap landed but its answer was lost (late once: the retry is
+    refused 412 by the swap itself; or 500 on every attempt): the state carries its owner,
+    so the PATCH has the lock and goes on. Before, 423 (or 502) and then 423 for every
+    retry during the lease and the clock skew (≈90 s in the faults probe)."""
+    swaps: list[str] = []  # the state writes once the upload is made
+
+    def rule(op: str, n: int) -> Fault | None:
+        if op != "PutObject:state" or armed is False:
+            return None
+        swaps.append(op)
+        return landed_but_failed(late) if len(swaps) <= (1 if late else 3) else None
+
+    armed = False
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
+        proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=0.5, s3_max_attempts=3)
+        data = body(1000)
+        url = await new_upload(proxy, len(data))
+        armed = True
+        resp = await proxy.patch(url, data=data[:400], headers=patch_headers(0))
+        assert resp.status == 204, await resp.text()
+        assert len(swaps) == (3 if late else 4)  # the lock's attempts, then the commit
+        resp = await proxy.patch(url, data=data[400:], headers=patch_headers(400))
+        assert resp.status == 204, await resp.text()
+    assert await read_object_async(s3, bucket, resp.headers["S3Proxy-Key"]) == data
+    assert await reserved(s3, bucket) == []
+
+
+@pytest.mark.parametrize("fault", ["abort", "swap-late"])
+async def test_a_retried_delete_carries_on_a_failed_termination(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str, fault: str
+) -> None:
+    """A DELETE whose abort failed (502), or whose lock swap landed with its answer lost:
+    the client's retried DELETE removes the upload at once. Before, every DELETE got 423
+    "a PATCH is in progress" for the lease and the clock skew (90 s), though none was."""
+    armed = False
+
+    def rule(op: str, n: int) -> Fault | None:
+        if not armed:
+            return None
+        if fault == "abort" and op == "AbortMultipartUpload":
+            return Fault(status=500)
+        if fault == "swap-late" and op == "PutObject:state":
+            return Fault(late=1.0)
+        return None
+
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
+        proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=0.5, s3_max_attempts=2)
+        url, _ = await six_of_seven_mib(proxy)
+        armed = True
+        first = await proxy.delete(url, headers=TUS_HEADERS)
+        if fault == "abort":
+            assert first.status == 502, await first.text()
+        armed = False
+        if first.status != 204:
+            retried = await proxy.delete(url, headers=TUS_HEADERS)
+            assert retried.status == 204, await retried.text()
+        assert (await proxy.head(url, headers=TUS_HEADERS)).status == 404
+    assert await open_uploads_async(s3, bucket) == []
+    assert await reserved(s3, bucket) == []

@@ -14,6 +14,7 @@ import pytest
 
 from s3proxy.state import STATE
 from tests.conftest import ProxyFactory
+from tests.faults import Fault, FaultyS3, tus_operation
 from tests.s3util import open_uploads_async
 from tests.test_tus import TUS, KiB, body, meta, objects
 from tests.test_tus_lifecycle import new_upload, patch_headers
@@ -77,6 +78,33 @@ async def test_an_empty_upload_of_a_type_not_allowed_leaves_nothing(
     resp = await proxy.post("/tus/", headers={**TUS, "Upload-Length": "0"})
     assert await _code(resp) == (415, "TYPE_NOT_ALLOWED")
     await _nothing_left(s3, bucket)
+
+
+async def test_a_creation_whose_state_write_landed_unseen_leaves_nothing(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """The state's PutObject is carried out by S3 but answered 500 (every attempt): the
+    POST gets 502 with no Location, so the state it made is removed too (it stayed until
+    Upload-Expires, 24 h, in the faults probe)."""
+    armed = False
+
+    def error(resp: Any) -> None:
+        resp.set_status(500)
+        resp.body = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
+
+    rule = lambda op, n: (  # noqa: E731
+        Fault(answer=error) if armed and op == "PutObject:state" else None
+    )
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
+        proxy = await proxy_factory(faulty.endpoint_url, s3_max_attempts=2)
+        await new_upload(proxy, 10)  # the URL key is made; this upload's state stays
+        before = await objects(s3, bucket)
+        armed = True
+        resp = await proxy.post("/tus/", headers={**TUS, "Upload-Length": "10"})
+        assert await _code(resp) == (502, "UPSTREAM_ERROR")
+        assert "Location" not in resp.headers
+        assert faulty.calls.count("PutObject:state") >= 2
+    assert await objects(s3, bucket) == before
 
 
 async def test_a_creation_body_that_stalls_leaves_nothing(
