@@ -192,7 +192,8 @@ async def expect(request: web.Request) -> web.StreamResponse | None:
 
 
 def _precheck_create(request: web.Request) -> None:
-    """A creation-with-upload's body past its Upload-Length."""
+    """A creation's own headers; a creation-with-upload's body past its Upload-Length."""
+    _check_creation(request)
     if request.content_type != OFFSET_STREAM or "Upload-Length" not in request.headers:
         return
     length = tus_protocol.parse_count("Upload-Length", request.headers.get("Upload-Length"))
@@ -226,9 +227,15 @@ async def _upload(request: web.Request) -> TusUpload:
 
 
 def _check_headers(request: web.Request) -> None:
-    """Every tus request: its tus headers once each, and tus 1.0.0."""
+    """Every tus request: its tus headers once each, tus 1.0.0, no extension not served."""
     tus_protocol.check_single(name.decode("latin-1") for name, _ in request.raw_headers)
     tus_protocol.check_version(request.headers.get("Tus-Resumable"))
+    tus_protocol.check_extensions(request.headers.items())
+
+
+def _check_creation(request: web.Request) -> None:
+    headers = request.headers
+    tus_protocol.check_creation(headers.get("Upload-Offset"), headers.get("X-HTTP-Method-Override"))
 
 
 def _refuse_draining(state: AppState) -> None:
@@ -251,6 +258,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     _refuse_draining(state)
     _check_headers(request)
+    _check_creation(request)
     principal = state.auth.authenticate(request)
     deferred = request.headers.get("Upload-Defer-Length")
     length: int | None = None
