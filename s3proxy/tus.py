@@ -59,6 +59,7 @@ from s3proxy.errors import (
     NOT_OFFSET_STREAM,
     OFFSET_MISMATCH,
     SHUTTING_DOWN,
+    UPLOAD_COMPLETE,
     UPLOAD_EXPIRED,
     UPLOAD_LOCKED,
     ProxyError,
@@ -408,7 +409,7 @@ async def terminate(request: web.Request) -> web.StreamResponse:
 async def _terminate(state: AppState, store: TusStore) -> None:
     found = await store.read()
     if found is None:
-        raise ProxyError(NO_SUCH_UPLOAD, "no such upload (finished, terminated, or never created)")
+        raise await _not_terminable(store)
     current, etag = found
     now = time.time()
     if current.locked(now, state.settings.cleanup_clock_skew):
@@ -422,6 +423,18 @@ async def _terminate(state: AppState, store: TusStore) -> None:
     await tus_ending.remove_upload(store.bucket, store.upload, current)
     log.info("tus.terminated key=%s id=%s", store.upload.key, store.upload.id)
     state.metrics.uploads_aborted.labels("TERMINATED").inc()
+
+
+async def _not_terminable(store: TusStore) -> ProxyError:
+    """Why an upload without a state is not terminated: finished (HEAD says complete; its
+    object is an ordinary stored file now, which an upload URL never deletes) or gone."""
+    if await tus_ending.finished(store) is not None:
+        return ProxyError(
+            UPLOAD_COMPLETE,
+            "this upload is complete: its object is stored and is kept (an upload URL "
+            "does not delete a stored file)",
+        )
+    return ProxyError(NO_SUCH_UPLOAD, "no such upload (terminated, or never created)")
 
 
 @_tus_errors
@@ -514,7 +527,7 @@ async def _append_tracked(
             raise ProxyError(
                 OFFSET_MISMATCH, f"Upload-Offset is {offset}; the upload is complete at {done}"
             )
-        raise ProxyError(NO_SUCH_UPLOAD, "no such upload (finished, terminated, or never created)")
+        raise ProxyError(NO_SUCH_UPLOAD, "no such upload (terminated, or never created)")
     current, etag = found
     if current.offset != offset:
         raise ProxyError(

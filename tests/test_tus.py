@@ -418,3 +418,30 @@ async def test_deferred_length(proxy_factory: ProxyFactory, s3: Any, bucket: str
     )
     assert resp.status == 413
     assert (await proxy.delete(url, headers=TUS)).status == 204
+
+
+async def test_deleting_a_finished_upload_keeps_its_object(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """A finished upload's URL does not delete the stored file: 403 UPLOAD_COMPLETE, as
+    HEAD says (200, complete); was 404 NO_SUCH_UPLOAD "finished, terminated or never
+    created" while HEAD answered 200. tus-js-client does not retry a 403 (it does a 409)."""
+    proxy = await proxy_factory()
+    url = await _new(proxy, len(PDF))
+    assert (await proxy.patch(url, data=PDF, headers=_patch_headers(0))).status == 204
+    key = await stored_key(s3, bucket)
+    for resp in (
+        await proxy.delete(url, headers=TUS),
+        await proxy.post(url, headers={**TUS, "X-HTTP-Method-Override": "DELETE"}),
+    ):
+        assert resp.status == 403
+        error = (await resp.json())["error"]
+        assert error["code"] == "UPLOAD_COMPLETE" and "kept" in error["message"]
+    head = await proxy.head(url, headers=TUS)
+    assert head.status == 200 and head.headers["Upload-Offset"] == str(len(PDF))
+    assert await read_object_async(s3, bucket, key) == PDF
+    # a terminated upload's URL is still 404
+    url = await _new(proxy, len(PDF))
+    assert (await proxy.delete(url, headers=TUS)).status == 204
+    resp = await proxy.delete(url, headers=TUS)
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "NO_SUCH_UPLOAD"
