@@ -98,7 +98,17 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("PATCH", ROOT + "{url}", patch, expect_handler=expect)
     app.router.add_delete(ROOT + "{url}", terminate)
     app.router.add_post(ROOT + "{url}", override, expect_handler=expect)
+    app.on_response_prepare.append(_mark_tus)
     app.cleanup_ctx.append(_url_keys)
+
+
+async def _mark_tus(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer under /tus/, whoever made it (a handler, an error,
+    the expect handler, a 405 of the router), says the protocol version and is not kept
+    by caches (tus requires no-store on HEAD; a cached 404 or 423 would mislead too)."""
+    if request.path.startswith(ROOT):
+        response.headers["Tus-Resumable"] = VERSION
+        response.headers["Cache-Control"] = "no-store"
 
 
 async def _url_keys(app: web.Application) -> AsyncIterator[None]:
@@ -117,9 +127,8 @@ async def _url_keys(app: web.Application) -> AsyncIterator[None]:
 
 
 def _answer(status: int, headers: dict[str, str] | None = None) -> web.Response:
+    """A tus answer (``_mark_tus`` adds Tus-Resumable and Cache-Control)."""
     resp = web.Response(status=status)
-    resp.headers["Tus-Resumable"] = VERSION
-    resp.headers["Cache-Control"] = "no-store"
     for name, value in (headers or {}).items():
         resp.headers[name] = value
     return resp
@@ -147,8 +156,9 @@ class PatchResult:
 def _tus_errors(
     handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """Errors as JSON like everywhere, with the tus headers a client reads (Tus-Version
-    on a 412). A request whose body was not read to its end closes the connection."""
+    """Errors as JSON like everywhere, with Tus-Version on a 412 (``_mark_tus`` adds the
+    headers every tus answer has). A request whose body was not read to its end closes
+    the connection."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
@@ -164,7 +174,6 @@ def _tus_errors(
 
 def _error(err: ProxyError) -> web.Response:
     resp = error_response(err)
-    resp.headers["Tus-Resumable"] = VERSION
     if err.kind.status == 412:
         resp.headers["Tus-Version"] = VERSION
     return resp

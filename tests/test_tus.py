@@ -445,3 +445,36 @@ async def test_deleting_a_finished_upload_keeps_its_object(
     assert (await proxy.delete(url, headers=TUS)).status == 204
     resp = await proxy.delete(url, headers=TUS)
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "NO_SUCH_UPLOAD"
+
+
+SHA1 = "sha1 " + "A" * 27 + "="  # a sha1 digest no bytes here have
+
+
+async def test_every_tus_answer_is_not_stored_by_caches(proxy_factory: ProxyFactory) -> None:
+    """tus: HEAD answers carry Cache-Control: no-store, and so does every answer of the
+    tus routes, errors included (a cached 404 or 423 would mislead a client resuming).
+    Was: only the successes had it."""
+    proxy = await proxy_factory(max_file_size=1000)
+    url = await _new(proxy, 10)
+    gone = url[:-3] + "AAA"
+    answers = {
+        "201": await proxy.post("/tus/", headers={**TUS, "Upload-Length": "1"}),
+        "200": await proxy.head(url, headers=TUS),
+        "404 head": await proxy.head(gone, headers=TUS),
+        "404 patch": await proxy.patch(gone, data=PDF, headers=_patch_headers(0)),
+        "409": await proxy.patch(url, data=PDF[:2], headers=_patch_headers(3)),
+        "412": await proxy.head(url),
+        "413": await proxy.post("/tus/", headers={**TUS, "Upload-Length": "1001"}),
+        "415": await proxy.patch(url, data=PDF, headers={**TUS, "Upload-Offset": "0"}),
+        "460": await proxy.patch(
+            url, data=PDF, headers=_patch_headers(0, **{"Upload-Checksum": SHA1})
+        ),
+        "405 route": await proxy.get(url),
+        "405 override": await proxy.post(url, headers={**TUS, "X-HTTP-Method-Override": "PUT"}),
+        "204": await proxy.patch(url, data=PDF[:5], headers=_patch_headers(0)),
+    }
+    for name, resp in answers.items():
+        assert resp.status == int(name[:3]), (name, resp.status, await resp.text())
+        assert resp.headers.get("Cache-Control") == "no-store", name
+        assert resp.headers.get("Tus-Resumable") == "1.0.0", name
+    assert (await proxy.delete(url, headers=TUS)).headers["Cache-Control"] == "no-store"
