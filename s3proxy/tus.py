@@ -79,12 +79,16 @@ from s3proxy.tus_lease import Lease
 from s3proxy.tus_protocol import OFFSET_STREAM, VERSION
 from s3proxy.tus_state import Lock, TusState, TusStore
 from s3proxy.tus_url import TusUpload, UrlError
+from s3proxy.uploads import field_metadata
 
 log = logging.getLogger("s3proxy.tus")
 
 ROOT = "/tus/"
 KEY_HEADER = "S3Proxy-Key"  # the stored object of a finished upload
 SHA256_HEADER = "S3Proxy-Sha256"
+# Upload-Metadata keys the proxy reads itself: the file's name and declared type. Every
+# other key is stored as the object's S3 metadata.
+OWN_KEYS = ("filename", "name", "filetype", "type")
 
 
 TUS = web.AppKey("tus", UrlKeys)  # what upload URLs are signed with (tus_keys)
@@ -307,6 +311,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         types=() if grant is None else grant.types,
         limit=limit,
     )
+    stored_meta, fields = _object_metadata(meta, upload.id)
     token = tus_url.issue(upload, (await request.app[TUS].get())[0])
     if len(token) > tus_url.MAX_URL_TOKEN:
         # A Location the proxy would not take back (nor, past 8 KiB, read): refuse now.
@@ -322,7 +327,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     if cfg.writes.if_none_match:
         await _refuse_taken(store.bucket, key)
     checksum = None if cfg.checksum is None else cfg.checksum.value
-    await store.create(TusState(key=key, checksum=checksum))
+    await store.create(TusState(key=key, checksum=checksum, metadata=stored_meta, fields=fields))
     state.metrics.uploads_started.inc()
     log.info("tus.created key=%s length=%s id=%s by=%s", key, length, upload.id, principal.subject)
     headers = {"Location": ROOT + token, **_expires(upload)}
@@ -334,6 +339,23 @@ async def create(request: web.Request) -> web.StreamResponse:
             await finish(run_cleanup(_undo(store), f"tus creation id={upload.id}", state.janitor))
             raise
     return _answer(201, headers)
+
+
+def _object_metadata(meta: dict[str, str], upload_id: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Upload-Metadata's keys but the name and type as the object's S3 metadata (encoded),
+    and as sent: stored as /upload stores form fields, with its limits and errors (the
+    upload's id counted in, as it is stored too), so refused now if they cannot be."""
+    fields = {k: v for k, v in meta.items() if k not in OWN_KEYS}
+    for name in fields:
+        if name.lower() == TUS_META:
+            raise ProxyError(INVALID_FIELD, f"Upload-Metadata: key {name!r} is reserved")
+    with_id: dict[str, str | list[str]] = {**fields, TUS_META: upload_id}
+    try:
+        stored = field_metadata(with_id)
+    except ProxyError as err:
+        raise ProxyError(err.kind, f"Upload-Metadata: {err.message}") from None
+    stored.pop(TUS_META, None)  # added with each PATCH's object (tus_ending.finished reads it)
+    return stored, fields
 
 
 def _undo(store: TusStore) -> Callable[[], Awaitable[None]]:
@@ -716,7 +738,8 @@ async def _stream(
         filename=upload.filename,
         key=upload.key,
         declared_type=upload.declared_type,
-        metadata={TUS_META: upload.id},
+        metadata={**current.metadata, TUS_META: upload.id},
+        fields=current.fields,
         digests=digests,
     )
     body = request.content

@@ -412,7 +412,7 @@ PARALLEL_JS = """async ([endpoint, parallel]) => {
       endpoint,
       parallelUploads: parallel,
       retryDelays: [0, 500],
-      metadata: { filename: "par.bin", filetype: "application/octet-stream" },
+      metadata: { filename: "par.bin", filetype: "application/octet-stream", note: "kept" },
       onSuccess: () => resolve({ ok: true, url: upload.url }),
       onError: (err) => {
         const res = err.originalResponse;
@@ -433,7 +433,7 @@ def test_tus_js_client_parallel_uploads_are_refused_and_store_nothing(
     """``parallelUploads: 2`` sends ``Upload-Concat: partial`` creations (concatenation is
     not served): refused at once with 400 UNSUPPORTED_EXTENSION, nothing stored (was: two
     half-files stored as objects named ``upload``, then the final POST failed). The same
-    file as one upload is stored."""
+    file as one upload is stored, with its extra metadata key as S3 metadata."""
     proxies.api_key = None
     proxy = proxies.start()
     bucket = seaweedfs.bucket
@@ -452,3 +452,4 @@ def test_tus_js_client_parallel_uploads_are_refused_and_store_nothing(
         assert unexpected(console) == []
     [obj] = sw.list_objects_v2(Bucket=bucket, Prefix=PREFIX)["Contents"]
     assert obj["Key"].endswith("/par.bin") and obj["Size"] == 3 * MiB + 5
+    assert sw.head_object(Bucket=bucket, Key=obj["Key"])["Metadata"]["note"] == "kept"
