@@ -62,6 +62,12 @@ KEY_EXISTS = ErrorKind("KEY_EXISTS", 409)
 # tus (s3proxy.tus): the protocol's own statuses
 OFFSET_MISMATCH = ErrorKind("OFFSET_MISMATCH", 409)  # Upload-Offset is not the stored offset
 UPLOAD_EXPIRED = ErrorKind("UPLOAD_EXPIRED", 410)  # a tus upload URL past its Upload-Expires
+# A DELETE of a finished tus upload: its object is kept (a URL never deletes a stored file);
+# 403 as tus answers a PATCH to a finished (final) upload, and clients do not retry it.
+UPLOAD_COMPLETE = ErrorKind("UPLOAD_COMPLETE", 403)
+# A tus header of an extension not served (Upload-Concat...): ignored, it would change what
+# is stored; 400 as tus answers a checksum algorithm the server lacks.
+UNSUPPORTED_EXTENSION = ErrorKind("UNSUPPORTED_EXTENSION", 400)
 UNSUPPORTED_VERSION = ErrorKind("UNSUPPORTED_VERSION", 412)  # Tus-Resumable other than 1.0.0
 NOT_OFFSET_STREAM = ErrorKind("NOT_OFFSET_STREAM", 415)  # a PATCH not application/offset+...
 UPLOAD_LOCKED = ErrorKind("UPLOAD_LOCKED", 423)  # another PATCH holds the upload

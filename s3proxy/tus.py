@@ -59,6 +59,7 @@ from s3proxy.errors import (
     NOT_OFFSET_STREAM,
     OFFSET_MISMATCH,
     SHUTTING_DOWN,
+    UPLOAD_COMPLETE,
     UPLOAD_EXPIRED,
     UPLOAD_LOCKED,
     ProxyError,
@@ -69,7 +70,13 @@ from s3proxy.janitor import finish, run_cleanup
 from s3proxy.machine import Resume
 from s3proxy.parts import plan_parts
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, Resumed, StoredFile, abort_reason
-from s3proxy.s3 import ChecksumDiffers, NoSuchKey, NoSuchUpload, ObjectStore, PreconditionFailed
+from s3proxy.s3 import (
+    ChecksumDiffers,
+    NoSuchKey,
+    NoSuchUpload,
+    PreconditionFailed,
+    refuse_stored,
+)
 from s3proxy.state import STATE, AppState
 from s3proxy.tus_append import Appended, BodySource
 from s3proxy.tus_ending import TUS_META
@@ -78,12 +85,16 @@ from s3proxy.tus_lease import Lease
 from s3proxy.tus_protocol import OFFSET_STREAM, VERSION
 from s3proxy.tus_state import Lock, TusState, TusStore
 from s3proxy.tus_url import TusUpload, UrlError
+from s3proxy.uploads import field_metadata
 
 log = logging.getLogger("s3proxy.tus")
 
 ROOT = "/tus/"
 KEY_HEADER = "S3Proxy-Key"  # the stored object of a finished upload, percent-encoded
 SHA256_HEADER = "S3Proxy-Sha256"
+# Upload-Metadata keys the proxy reads itself: the file's name and declared type. Every
+# other key is stored as the object's S3 metadata.
+OWN_KEYS = ("filename", "name", "filetype", "type")
 
 
 TUS = web.AppKey("tus", UrlKeys)  # what upload URLs are signed with (tus_keys)
@@ -97,7 +108,17 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("PATCH", ROOT + "{url}", patch, expect_handler=expect)
     app.router.add_delete(ROOT + "{url}", terminate)
     app.router.add_post(ROOT + "{url}", override, expect_handler=expect)
+    app.on_response_prepare.append(_mark_tus)
     app.cleanup_ctx.append(_url_keys)
+
+
+async def _mark_tus(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer under /tus/, whoever made it (a handler, an error,
+    the expect handler, a 405 of the router), says the protocol version and is not kept
+    by caches (tus requires no-store on HEAD; a cached 404 or 423 would mislead too)."""
+    if request.path.startswith(ROOT):
+        response.headers["Tus-Resumable"] = VERSION
+        response.headers["Cache-Control"] = "no-store"
 
 
 async def _url_keys(app: web.Application) -> AsyncIterator[None]:
@@ -116,9 +137,8 @@ async def _url_keys(app: web.Application) -> AsyncIterator[None]:
 
 
 def _answer(status: int, headers: dict[str, str] | None = None) -> web.Response:
+    """A tus answer (``_mark_tus`` adds Tus-Resumable and Cache-Control)."""
     resp = web.Response(status=status)
-    resp.headers["Tus-Resumable"] = VERSION
-    resp.headers["Cache-Control"] = "no-store"
     for name, value in (headers or {}).items():
         resp.headers[name] = value
     return resp
@@ -146,8 +166,9 @@ class PatchResult:
 def _tus_errors(
     handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """Errors as JSON like everywhere, with the tus headers a client reads (Tus-Version
-    on a 412). A request whose body was not read to its end closes the connection."""
+    """Errors as JSON like everywhere, with Tus-Version on a 412 (``_mark_tus`` adds the
+    headers every tus answer has). A request whose body was not read to its end closes
+    the connection."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
@@ -163,7 +184,6 @@ def _tus_errors(
 
 def _error(err: ProxyError) -> web.Response:
     resp = error_response(err)
-    resp.headers["Tus-Resumable"] = VERSION
     if err.kind.status == 412:
         resp.headers["Tus-Version"] = VERSION
     return resp
@@ -192,7 +212,8 @@ async def expect(request: web.Request) -> web.StreamResponse | None:
 
 
 def _precheck_create(request: web.Request) -> None:
-    """A creation-with-upload's body past its Upload-Length."""
+    """A creation's own headers; a creation-with-upload's body past its Upload-Length."""
+    _check_creation(request)
     if request.content_type != OFFSET_STREAM or "Upload-Length" not in request.headers:
         return
     length = tus_protocol.parse_count("Upload-Length", request.headers.get("Upload-Length"))
@@ -226,9 +247,15 @@ async def _upload(request: web.Request) -> TusUpload:
 
 
 def _check_headers(request: web.Request) -> None:
-    """Every tus request: its tus headers once each, and tus 1.0.0."""
+    """Every tus request: its tus headers once each, tus 1.0.0, no extension not served."""
     tus_protocol.check_single(name.decode("latin-1") for name, _ in request.raw_headers)
     tus_protocol.check_version(request.headers.get("Tus-Resumable"))
+    tus_protocol.check_extensions(request.headers.items())
+
+
+def _check_creation(request: web.Request) -> None:
+    headers = request.headers
+    tus_protocol.check_creation(headers.get("Upload-Offset"), headers.get("X-HTTP-Method-Override"))
 
 
 def _refuse_draining(state: AppState) -> None:
@@ -251,6 +278,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     _refuse_draining(state)
     _check_headers(request)
+    _check_creation(request)
     principal = state.auth.authenticate(request)
     deferred = request.headers.get("Upload-Defer-Length")
     length: int | None = None
@@ -289,6 +317,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         types=() if grant is None else grant.types,
         limit=limit,
     )
+    stored_meta, fields = _object_metadata(meta, upload.id)
     token = tus_url.issue(upload, (await request.app[TUS].get())[0])
     if len(token) > tus_url.MAX_URL_TOKEN:
         # A Location the proxy would not take back (nor, past 8 KiB, read): refuse now.
@@ -302,10 +331,12 @@ async def create(request: web.Request) -> web.StreamResponse:
     if with_body:
         _check_patch(request, upload, 0)  # what can be refused is refused before state
     if cfg.writes.if_none_match:
-        await _refuse_taken(store.bucket, key)
+        await refuse_stored(store.bucket, key)
     checksum = None if cfg.checksum is None else cfg.checksum.value
     try:
-        await store.create(TusState(key=key, checksum=checksum))
+        await store.create(
+            TusState(key=key, checksum=checksum, metadata=stored_meta, fields=fields)
+        )
     except ProxyError:
         # The write may have landed (its answer lost, or a 500 after S3 stored it): with
         # no Location, nothing of the upload may stay.
@@ -324,6 +355,30 @@ async def create(request: web.Request) -> web.StreamResponse:
     return _answer(201, headers)
 
 
+def _object_metadata(meta: dict[str, str], upload_id: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Upload-Metadata's keys but the name and type as the object's S3 metadata (encoded),
+    and as sent: stored as /upload stores form fields, with its limits and errors (the
+    upload's id counted in, as it is stored too), so refused now if they cannot be."""
+    fields = {k: v for k, v in meta.items() if k not in OWN_KEYS}
+    for name in fields:
+        if name.lower() == TUS_META:
+            raise ProxyError(INVALID_FIELD, f"Upload-Metadata: key {name!r} is reserved")
+    with_id: dict[str, str | list[str]] = {**fields, TUS_META: upload_id}
+    try:
+        stored = field_metadata(with_id, _unstorable_key)
+    except ProxyError as err:
+        raise ProxyError(err.kind, f"Upload-Metadata: {err.message}") from None
+    stored.pop(TUS_META, None)  # added with each PATCH's object (tus_ending.finished reads it)
+    return stored, fields
+
+
+def _unstorable_key(name: str) -> str:
+    return (
+        f"key {name!r} would be the object's S3 metadata name, which may hold only ASCII "
+        "letters, digits, '_', '.' and '-'"
+    )
+
+
 def _undo(store: TusStore) -> Callable[[], Awaitable[None]]:
     """Remove an upload whose creation was refused: its state, staged bytes and parts."""
 
@@ -335,18 +390,6 @@ def _undo(store: TusStore) -> Callable[[], Awaitable[None]]:
         log.info("tus.creation_undone key=%s id=%s", store.upload.key, store.upload.id)
 
     return undo
-
-
-async def _refuse_taken(bucket: ObjectStore, key: str) -> None:
-    """409 under --no-overwrite for a key already stored: said before the client sends
-    the file, not after (the completion still refuses one stored meanwhile)."""
-    try:
-        await bucket.head(key)
-    except NoSuchKey:
-        return
-    raise ProxyError(
-        KEY_EXISTS, f"an object is already stored at {key!r}; uploads do not replace objects"
-    )
 
 
 def _size_limit(state: AppState, principal: Principal) -> int:
@@ -406,7 +449,7 @@ async def terminate(request: web.Request) -> web.StreamResponse:
 async def _terminate(state: AppState, store: TusStore) -> None:
     found = await store.read()
     if found is None:
-        raise ProxyError(NO_SUCH_UPLOAD, "no such upload (finished, terminated, or never created)")
+        raise await _not_terminable(store)
     current, etag = found
     now = time.time()
     # A termination's lock left by a DELETE that failed, or whose swap landed unseen: the
@@ -433,6 +476,18 @@ TERMINATING = "terminating"  # the lock owner of a DELETE: it never gives the lo
 
 def _terminating(current: TusState) -> bool:
     return current.lock is not None and current.lock.owner == TERMINATING
+
+
+async def _not_terminable(store: TusStore) -> ProxyError:
+    """Why an upload without a state is not terminated: finished (HEAD says complete; its
+    object is an ordinary stored file now, which an upload URL never deletes) or gone."""
+    if await tus_ending.finished(store) is not None:
+        return ProxyError(
+            UPLOAD_COMPLETE,
+            "this upload is complete: its object is stored and is kept (an upload URL "
+            "does not delete a stored file)",
+        )
+    return ProxyError(NO_SUCH_UPLOAD, "no such upload (terminated, or never created)")
 
 
 @_tus_errors
@@ -525,7 +580,7 @@ async def _append_tracked(
             raise ProxyError(
                 OFFSET_MISMATCH, f"Upload-Offset is {offset}; the upload is complete at {done}"
             )
-        raise ProxyError(NO_SUCH_UPLOAD, "no such upload (finished, terminated, or never created)")
+        raise ProxyError(NO_SUCH_UPLOAD, "no such upload (terminated, or never created)")
     current, etag = found
     if current.offset != offset:
         raise ProxyError(
@@ -705,7 +760,8 @@ async def _stream(
         filename=upload.filename,
         key=upload.key,
         declared_type=upload.declared_type,
-        metadata={TUS_META: upload.id},
+        metadata={**current.metadata, TUS_META: upload.id},
+        fields=current.fields,
         digests=digests,
     )
     body = request.content

@@ -4,6 +4,7 @@ back, the tail written as a segment) with the state it commits, whole or partial
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from aiohttp import web
@@ -110,13 +111,11 @@ class Appended:
         # A part sent by this PATCH took the staged segments in front of it.
         kept = [] if new_parts else list(self.current.segments)
         tail = [self.segment] if self.segment is not None else []
-        return TusState(
+        return dataclasses.replace(
+            self.current,
             offset=self.current.offset + self.file.size,
-            key=self.current.key,
-            length=self.current.length,
             upload_id=self.file.upload_id,
             content_type=self.file.content_type,
-            checksum=self.current.checksum,
             parts=[*self.current.parts, *new_parts],
             segments=[*kept, *tail],
             lock=None,
@@ -149,13 +148,12 @@ class Appended:
             parts.pop()  # the file's last part, full by chance: the next PATCH resends it
             if len(parts) == len(self.current.parts):
                 return None
-        return TusState(
+        return dataclasses.replace(
+            self.current,
             offset=sum(p.size for p in parts),
-            key=self.current.key,
             length=self.stored_length,
             upload_id=self.file.upload_id,
             content_type=self.file.content_type,
-            checksum=self.current.checksum,
             parts=parts,
             segments=[],
             lock=None,

@@ -59,6 +59,7 @@ async def landed(store: TusStore, appended: Appended, err: ProxyError) -> Stored
         etag=(found.etag or "").strip('"'),
         sha256="",
         parts=len(file.acknowledged()),
+        metadata=appended.current.fields,
     )
 
 

@@ -12,6 +12,10 @@ dicts or a ``ProxyError`` with the status the protocol names for that fault.
 - ``Upload-Checksum`` is ``<algorithm> <base64 digest>`` (checksum extension); the
   algorithms here are the ones hashlib has and ``Tus-Checksum-Algorithm`` lists.
 - ``S3Proxy-Key`` (ours) names the stored object percent-encoded (``key_header``).
+- A header of an extension not served (``UNSERVED``: concatenation, challenge, a checksum
+  sent as a trailer) is refused on every request (400 UNSUPPORTED_EXTENSION), never
+  ignored: ignored, each would change what is stored or who may continue it. Clients do
+  not all read ``Tus-Extension`` first (tus-js-client's ``parallelUploads`` does not).
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from collections.abc import Iterable
 from urllib.parse import quote
 
 from s3proxy.digests import Declared
-from s3proxy.errors import INVALID_DIGEST, INVALID_REQUEST, UNSUPPORTED_VERSION, ProxyError
+from s3proxy.errors import (
+    INVALID_DIGEST,
+    INVALID_REQUEST,
+    METHOD_NOT_ALLOWED,
+    UNSUPPORTED_EXTENSION,
+    UNSUPPORTED_VERSION,
+    ProxyError,
+)
 
 VERSION = "1.0.0"
 # What this server supports, in the order OPTIONS lists them.
@@ -73,6 +84,51 @@ def check_single(names: Iterable[str]) -> None:
         if low in _SINGLE and low in seen:
             raise ProxyError(INVALID_REQUEST, f"{name} appears more than once")
         seen.add(low)
+
+
+# The request headers of tus extensions this server does not serve, with the extension
+# (tus 1.0.0 "Concatenation"; "Challenge" of the protocol's next revision).
+UNSERVED = {
+    "upload-concat": "concatenation",  # partial uploads, concatenated by a final one
+    "upload-secret": "challenge",  # only the secret's holder may continue the upload
+    "upload-challenge": "challenge",
+}
+_HINTS = {
+    "concatenation": "; send the file as one upload (tus-js-client: parallelUploads: 1)",
+    "checksum-trailer": "; send Upload-Checksum as a header",
+}
+
+
+def check_extensions(headers: Iterable[tuple[str, str]]) -> None:
+    """400 UNSUPPORTED_EXTENSION if a request's ``headers`` (name, value) rely on an
+    extension this server does not announce: its header would otherwise be ignored."""
+    for name, value in headers:
+        low = name.lower()
+        extension = UNSERVED.get(low)
+        if extension is None and low == "trailer":
+            # checksum-trailer: the digest would come after the body, where it is not read.
+            named = {t.strip().lower() for t in value.split(",")}
+            extension = "checksum-trailer" if "upload-checksum" in named else None
+        if extension is not None:
+            raise ProxyError(
+                UNSUPPORTED_EXTENSION,
+                f"{name}: the tus {extension} extension is not supported here "
+                f"(OPTIONS lists the extensions in Tus-Extension){_HINTS.get(extension, '')}",
+            )
+
+
+def check_creation(offset: str | None, override: str | None) -> None:
+    """What a creation's headers refuse beyond lengths and metadata: an ``Upload-Offset``
+    other than 0 (its body is the file's start; 400), and ``X-HTTP-Method-Override``
+    naming another method (tus: the server MUST use it as the method; 405 on this URL)."""
+    if offset is not None and parse_count("Upload-Offset", offset) != 0:
+        raise ProxyError(INVALID_REQUEST, "a creation's Upload-Offset must be 0 (or absent)")
+    if override is not None and override.strip().upper() != "POST":
+        raise ProxyError(
+            METHOD_NOT_ALLOWED,
+            f"X-HTTP-Method-Override: {override.strip()!r} on the creation URL; "
+            "send PATCH, HEAD and DELETE to the upload URL",
+        )
 
 
 def check_version(value: str | None) -> None:

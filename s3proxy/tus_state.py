@@ -4,7 +4,8 @@ Layout, under the reserved prefix (``tus_url.RESERVED_PREFIX``)::
 
     .s3proxy/tus/<id>/state          JSON led by a sha256 of itself: offset, upload id,
                                      content type, committed parts (number, ETag, size,
-                                     CRC), staged segments (and their CRCs), the lock
+                                     CRC), staged segments (and their CRCs), the lock,
+                                     the object's metadata (from Upload-Metadata)
     .s3proxy/tus/<id>/seg/<start>-<n> bytes of the unfinished part, one object per PATCH
 
 **The commit point is the state object.** A PATCH writes its bytes first (UploadPart for
@@ -175,6 +176,11 @@ class TusState:
     parts: list[Part] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     lock: Lock | None = None
+    # Upload-Metadata for the object, fixed at creation (S3 takes it with the multipart
+    # upload or the PutObject, at a later PATCH): as S3 metadata (encoded), and as sent
+    # (the webhook's). A record without them (older code) reads as none.
+    metadata: dict[str, str] = field(default_factory=dict)
+    fields: dict[str, str] = field(default_factory=dict)
 
     @property
     def staged(self) -> int:
@@ -221,6 +227,8 @@ class TusState:
             "segments": [{"key": s.key, "start": s.start, "size": s.size} for s in self.segments],
             "segment_crcs": {s.key: s.crc for s in self.segments if s.crc is not None},
             "lock": None if self.lock is None else asdict(self.lock),
+            "metadata": self.metadata,
+            "fields": self.fields,
         }
 
     @classmethod
@@ -243,6 +251,8 @@ class TusState:
                     for s in data["segments"]
                 ],
                 lock=None if data["lock"] is None else Lock(**data["lock"]),
+                metadata=_texts(data.get("metadata") or {}),
+                fields=_texts(data.get("fields") or {}),
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise CorruptState(f"not a tus state: {exc!r}") from exc
@@ -285,6 +295,13 @@ class TusState:
         except ValueError as exc:
             return f"checksum: {exc}"
         return None
+
+
+def _texts(value: dict[str, Any]) -> dict[str, str]:
+    """A record's text map; TypeError if it is none (the record is then refused)."""
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise TypeError("a map of texts holds something else")
+    return dict(value)
 
 
 def _check(rest: bytes) -> bytes:

@@ -102,13 +102,16 @@ def unstorable_name(name: str) -> str:
     )
 
 
-def field_metadata(fields: dict[str, str | list[str]]) -> dict[str, str]:
-    """Fields as S3 metadata, or a clear error when they cannot be stored faithfully."""
+def field_metadata(
+    fields: dict[str, str | list[str]], unstorable: Callable[[str], str] = unstorable_name
+) -> dict[str, str]:
+    """Fields as S3 metadata, or a clear error when they cannot be stored faithfully;
+    ``unstorable`` says why a name cannot be, in the words of the caller's protocol."""
     meta: dict[str, str] = {}
     names: dict[str, str] = {}  # lowercased -> as sent
     for name, joined in stored_fields(fields).items():
         if not _METADATA_NAME.fullmatch(name):
-            raise ProxyError(INVALID_FIELD, unstorable_name(name))
+            raise ProxyError(INVALID_FIELD, unstorable(name))
         lower = name.lower()
         if lower in RESERVED_METADATA:
             raise ProxyError(INVALID_FIELD, f"field name {name!r} is reserved")

@@ -52,12 +52,8 @@ async def tuspy_upload(
 ) -> str:
     """Upload with tuspy's asyncio uploader; the upload URL."""
     c = tus_client.TusClient(str(proxy.make_url("/tus/")))
-    uploader = c.async_uploader(
-        file_stream=io.BytesIO(data),
-        chunk_size=chunk_size,
-        metadata={"filename": "deck.pdf", "filetype": "application/pdf"},
-        **kwargs,
-    )
+    kwargs.setdefault("metadata", {"filename": "deck.pdf", "filetype": "application/pdf"})
+    uploader = c.async_uploader(file_stream=io.BytesIO(data), chunk_size=chunk_size, **kwargs)
     await uploader.upload()
     assert uploader.url is not None
     return str(uploader.url)
@@ -441,3 +437,141 @@ async def test_deferred_length(proxy_factory: ProxyFactory, s3: Any, bucket: str
     )
     assert resp.status == 413
     assert (await proxy.delete(url, headers=TUS)).status == 204
+
+
+async def test_deleting_a_finished_upload_keeps_its_object(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """A finished upload's URL does not delete the stored file: 403 UPLOAD_COMPLETE, as
+    HEAD says (200, complete); was 404 NO_SUCH_UPLOAD "finished, terminated or never
+    created" while HEAD answered 200. tus-js-client does not retry a 403 (it does a 409)."""
+    proxy = await proxy_factory()
+    url = await _new(proxy, len(PDF))
+    assert (await proxy.patch(url, data=PDF, headers=_patch_headers(0))).status == 204
+    key = await stored_key(s3, bucket)
+    for resp in (
+        await proxy.delete(url, headers=TUS),
+        await proxy.post(url, headers={**TUS, "X-HTTP-Method-Override": "DELETE"}),
+    ):
+        assert resp.status == 403
+        error = (await resp.json())["error"]
+        assert error["code"] == "UPLOAD_COMPLETE" and "kept" in error["message"]
+    head = await proxy.head(url, headers=TUS)
+    assert head.status == 200 and head.headers["Upload-Offset"] == str(len(PDF))
+    assert await read_object_async(s3, bucket, key) == PDF
+    # a terminated upload's URL is still 404
+    url = await _new(proxy, len(PDF))
+    assert (await proxy.delete(url, headers=TUS)).status == 204
+    resp = await proxy.delete(url, headers=TUS)
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "NO_SUCH_UPLOAD"
+
+
+SHA1 = "sha1 " + "A" * 27 + "="  # a sha1 digest no bytes here have
+
+
+async def test_every_tus_answer_is_not_stored_by_caches(proxy_factory: ProxyFactory) -> None:
+    """tus: HEAD answers carry Cache-Control: no-store, and so does every answer of the
+    tus routes, errors included (a cached 404 or 423 would mislead a client resuming).
+    Was: only the successes had it."""
+    proxy = await proxy_factory(max_file_size=1000)
+    url = await _new(proxy, 10)
+    gone = url[:-3] + "AAA"
+    answers = {
+        "201": await proxy.post("/tus/", headers={**TUS, "Upload-Length": "1"}),
+        "200": await proxy.head(url, headers=TUS),
+        "404 head": await proxy.head(gone, headers=TUS),
+        "404 patch": await proxy.patch(gone, data=PDF, headers=_patch_headers(0)),
+        "409": await proxy.patch(url, data=PDF[:2], headers=_patch_headers(3)),
+        "412": await proxy.head(url),
+        "413": await proxy.post("/tus/", headers={**TUS, "Upload-Length": "1001"}),
+        "415": await proxy.patch(url, data=PDF, headers={**TUS, "Upload-Offset": "0"}),
+        "460": await proxy.patch(
+            url, data=PDF, headers=_patch_headers(0, **{"Upload-Checksum": SHA1})
+        ),
+        "405 route": await proxy.get(url),
+        "405 override": await proxy.post(url, headers={**TUS, "X-HTTP-Method-Override": "PUT"}),
+        "204": await proxy.patch(url, data=PDF[:5], headers=_patch_headers(0)),
+    }
+    for name, resp in answers.items():
+        assert resp.status == int(name[:3]), (name, resp.status, await resp.text())
+        assert resp.headers.get("Cache-Control") == "no-store", name
+        assert resp.headers.get("Tus-Resumable") == "1.0.0", name
+    assert (await proxy.delete(url, headers=TUS)).headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize(
+    ("size", "chunk"),
+    [(300 * KiB, 100 * KiB), (6 * MiB + 1, 4 * MiB), (5, 64 * MiB)],
+    ids=["one-put-from-segments", "multipart", "one-patch"],
+)
+async def test_upload_metadata_is_stored_as_the_objects_metadata(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, size: int, chunk: int
+) -> None:
+    """Upload-Metadata keys other than filename/name and filetype/type are stored as the
+    object's S3 metadata, as /upload stores form fields (was: accepted, then dropped)."""
+    proxy = await proxy_factory()
+    data = body(size)
+    extra = {"note": "Q3 review", "relativePath": "a/b.pdf", "empty": "", "who": "Zoë"}
+    await tuspy_upload(proxy, data, chunk, metadata={"filename": "d.pdf", **extra})
+    key = await stored_key(s3, bucket)
+    assert key.endswith("/d.pdf")
+    head = await head_object_async(s3, bucket, key)
+    stored = head["Metadata"]
+    assert stored["note"] == "Q3 review" and stored["relativepath"] == "a/b.pdf"
+    assert "filename" not in stored and "filetype" not in stored
+    assert stored["empty"] == "=?UTF-8?B??="  # as /upload stores an empty field
+    assert base64.b64decode(stored["who"][10:-2]).decode() == "Zoë"
+    assert stored["s3proxy-tus"]  # which upload made it
+    assert await read_object_async(s3, bucket, key) == data
+
+
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        (meta(filename="a.pdf", **{"a:b": "x"}), (400, "INVALID_FIELD")),  # not a metadata name
+        (meta(sha256="0" * 64), (400, "INVALID_FIELD")),  # reserved, as on /upload
+        (meta(**{"s3proxy-tus": "x"}), (400, "INVALID_FIELD")),  # the proxy's own
+        (meta(Note="a", note="b"), (400, "INVALID_FIELD")),  # one S3 name
+        (meta(note="x" * 2000), (413, "METADATA_TOO_LARGE")),  # over S3's 2 KB
+        (meta(note="x" * 1900), (413, "METADATA_TOO_LARGE")),  # with the upload id it is
+    ],
+    ids=["name", "reserved", "proxy-own", "case", "too-large", "too-large-with-id"],
+)
+async def test_metadata_that_cannot_be_stored_is_refused_at_creation(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, metadata: str, expected: tuple[int, str]
+) -> None:
+    """Refused as /upload refuses such fields, before anything is stored (not at the PATCH
+    that would make the object, after the client was given a URL)."""
+    proxy = await proxy_factory()
+    resp = await proxy.post(
+        "/tus/",
+        data=PDF,
+        headers={
+            **TUS,
+            "Upload-Length": str(len(PDF)),
+            "Upload-Metadata": metadata,
+            "Content-Type": "application/offset+octet-stream",
+        },
+    )
+    assert (resp.status, (await resp.json())["error"]["code"]) == expected
+    assert "Upload-Metadata" in (await resp.json())["error"]["message"]
+    assert "Location" not in resp.headers
+    assert await objects(s3, bucket) == []
+
+
+async def test_metadata_just_within_s3s_limit_is_stored(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    proxy = await proxy_factory()
+    value = "x" * 1750
+    url = await _new_with(proxy, len(PDF), meta(filename="a.pdf", note=value))
+    assert (await proxy.patch(url, data=PDF, headers=_patch_headers(0))).status == 204
+    head = await head_object_async(s3, bucket, await stored_key(s3, bucket))
+    assert head["Metadata"]["note"] == value
+
+
+async def _new_with(proxy: TestClient[Any, Any], length: int, metadata: str) -> str:
+    headers = {**TUS, "Upload-Length": str(length), "Upload-Metadata": metadata}
+    resp = await proxy.post("/tus/", headers=headers)
+    assert resp.status == 201, await resp.text()
+    return resp.headers["Location"]

@@ -400,3 +400,56 @@ def test_the_readmes_tus_js_client_example_works_as_printed(
     assert [o["Key"].rsplit("/", 1)[-1] for o in stored] == ["hello.txt"]
     body = sw.get_object(Bucket=seaweedfs.bucket, Key=stored[0]["Key"])["Body"].read()
     assert body == b"hello, resumable world\n"
+
+
+# tus-js-client in the page's console: parallel (Upload-Concat) uploads, then one upload.
+PARALLEL_JS = """async ([endpoint, parallel]) => {
+  const bytes = new Uint8Array(3 * 1024 * 1024 + 5);
+  for (let i = 0; i < bytes.length; i++) bytes[i] = (i * 7 + (i >> 10)) & 255;
+  const file = new Blob([bytes], { type: "application/octet-stream" });
+  return await new Promise((resolve) => {
+    const upload = new tus.Upload(file, {
+      endpoint,
+      parallelUploads: parallel,
+      retryDelays: [0, 500],
+      metadata: { filename: "par.bin", filetype: "application/octet-stream", note: "kept" },
+      onSuccess: () => resolve({ ok: true, url: upload.url }),
+      onError: (err) => {
+        const res = err.originalResponse;
+        const body = res ? res.getBody() : String(err);
+        resolve({ ok: false, status: res ? res.getStatus() : 0, body });
+      },
+    });
+    upload.start();
+  });
+}"""
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_tus_js_client_parallel_uploads_are_refused_and_store_nothing(
+    proxies: Proxies, sw: Any, seaweedfs: EmbeddedStore
+) -> None:
+    """``parallelUploads: 2`` sends ``Upload-Concat: partial`` creations (concatenation is
+    not served): refused at once with 400 UNSUPPORTED_EXTENSION, nothing stored (was: two
+    half-files stored as objects named ``upload``, then the final POST failed). The same
+    file as one upload is stored, with its extra metadata key as S3 metadata."""
+    proxies.api_key = None
+    proxy = proxies.start()
+    bucket = seaweedfs.bucket
+    with proxies.logs_on_failure(), chromium_page() as (page, console):
+        patches = Patches()
+        patches.watch(page)
+        page.goto(proxy.url + "/")
+        page.wait_for_selector("html[data-ready=true]")
+        refused = page.evaluate(PARALLEL_JS, [proxy.url + "/tus/", 2])
+        assert refused["ok"] is False and refused["status"] == 400, refused
+        assert "UNSUPPORTED_EXTENSION" in refused["body"] and "concatenation" in refused["body"]
+        assert [m for m, _, _ in patches.seen] == ["POST", "POST"], str(patches)  # no retry
+        assert sw.list_objects_v2(Bucket=bucket, Prefix=PREFIX).get("Contents", []) == []
+        stored = page.evaluate(PARALLEL_JS, [proxy.url + "/tus/", 1])
+        assert stored["ok"] is True, stored
+        assert unexpected(console) == []
+    [obj] = sw.list_objects_v2(Bucket=bucket, Prefix=PREFIX)["Contents"]
+    assert obj["Key"].endswith("/par.bin") and obj["Size"] == 3 * MiB + 5
+    assert sw.head_object(Bucket=bucket, Key=obj["Key"])["Metadata"]["note"] == "kept"

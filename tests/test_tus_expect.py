@@ -76,3 +76,17 @@ async def test_a_refused_creation_gets_no_100_continue(proxy_factory: ProxyFacto
     )
     head = await _first_answer(proxy.port, request)
     assert head.startswith(b"HTTP/1.1 413"), head
+
+
+async def test_a_concatenation_gets_no_100_continue(proxy_factory: ProxyFactory) -> Any:
+    """A partial upload with its first bytes (tus-js-client, parallelUploads and
+    uploadDataDuringCreation): refused on its headers, before the body."""
+    proxy = await proxy_factory()
+    request = (
+        b"POST /tus/ HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\nUpload-Length: 10\r\n"
+        b"Upload-Concat: partial\r\n"
+        b"Content-Type: application/offset+octet-stream\r\nContent-Length: 10\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    head = await _first_answer(proxy.port, request)
+    assert head.startswith(b"HTTP/1.1 400"), head

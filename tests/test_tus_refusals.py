@@ -292,3 +292,123 @@ async def test_a_refused_patch_does_not_declare_its_length(
         url, data=data[100:], headers={**patch_headers(100), "Upload-Length": "400"}
     )
     assert resp.status == 204 and resp.headers["Upload-Offset"] == "400"
+
+
+# tus-js-client 4.3.1 with parallelUploads: 2 creates two partial uploads (no metadata), then
+# the final one naming them; Tus-Extension lacks "concatenation", but it does not look.
+PARTIAL = {"Upload-Concat": "partial", "Upload-Length": "8912896"}
+FINAL = {"Upload-Concat": "final;/tus/a.b /tus/c.d", "Upload-Metadata": meta(filename="p.bin")}
+
+
+@pytest.mark.parametrize("headers", [PARTIAL, FINAL], ids=["partial", "final"])
+async def test_a_concatenation_is_refused_before_anything_is_made(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, headers: dict[str, str]
+) -> None:
+    """Was: each partial made an ordinary upload, completed as an object named ``upload``,
+    and the final POST was 400 "Upload-Length is required": the client was told it failed
+    and two half-files stayed stored."""
+    proxy = await proxy_factory()
+    resp = await proxy.post("/tus/", headers={**TUS, **headers})
+    assert await _code(resp) == (400, "UNSUPPORTED_EXTENSION")
+    assert "concatenation" in (await resp.json())["error"]["message"]
+    assert "Location" not in resp.headers
+    # with its body (creation-with-upload), which is not read
+    resp = await proxy.post("/tus/", data=body(1000), headers={**TUS, **STREAM, **headers})
+    assert await _code(resp) == (400, "UNSUPPORTED_EXTENSION")
+    await _nothing_left(s3, bucket)
+    assert proxy.app[STATE].metrics.uploads_started._value.get() == 0
+
+
+@pytest.mark.parametrize(
+    ("header", "extension"),
+    [
+        ({"Upload-Concat": "partial"}, "concatenation"),
+        ({"Upload-Challenge": "sha256 AAAA"}, "challenge"),
+        ({"Trailer": "Upload-Checksum"}, "checksum-trailer"),
+    ],
+)
+async def test_an_extension_header_on_an_upload_url_is_refused(
+    proxy_factory: ProxyFactory,
+    s3: Any,
+    bucket: str,
+    header: dict[str, str],
+    extension: str,
+) -> None:
+    """PATCH, HEAD and DELETE carrying a header of an extension the proxy does not serve:
+    400 naming it, and the upload is as it was (a checksum sent as a trailer would go
+    unchecked; a PATCH to a partial upload would be appended to a whole one)."""
+    proxy = await proxy_factory()
+    url = await new_upload(proxy, 5)
+    resp = await proxy.patch(url, data=b"hello", headers={**patch_headers(0), **header})
+    assert await _code(resp) == (400, "UNSUPPORTED_EXTENSION")
+    assert extension in (await resp.json())["error"]["message"]
+    resp = await proxy.head(url, headers={**TUS, **header})
+    assert resp.status == 400
+    resp = await proxy.delete(url, headers={**TUS, **header})
+    assert await _code(resp) == (400, "UNSUPPORTED_EXTENSION")
+    head = await proxy.head(url, headers=TUS)
+    assert head.status == 200 and head.headers["Upload-Offset"] == "0"
+    assert (await proxy.delete(url, headers=TUS)).status == 204
+    await _nothing_left(s3, bucket)
+
+
+async def test_a_creation_asking_for_a_secret_is_refused(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """Upload-Secret (the challenge extension) asks that only its holder may continue the
+    upload: served without it, the upload would be open to whoever has the URL."""
+    proxy = await proxy_factory()
+    headers = {**TUS, "Upload-Length": "5", "Upload-Secret": "s" * 48}
+    resp = await proxy.post("/tus/", headers=headers)
+    assert await _code(resp) == (400, "UNSUPPORTED_EXTENSION")
+    assert "challenge" in (await resp.json())["error"]["message"]
+    await _nothing_left(s3, bucket)
+
+
+@pytest.mark.parametrize("offset", ["5", "x"])
+async def test_a_creation_with_upload_at_another_offset_is_refused(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, offset: str
+) -> None:
+    """A creation's body is the file's start: one that says it is not (Upload-Offset other
+    than 0) is refused, not stored at 0."""
+    proxy = await proxy_factory()
+    headers = {**TUS, **STREAM, "Upload-Length": "10", "Upload-Offset": offset}
+    resp = await proxy.post("/tus/", data=b"hello", headers=headers)
+    assert await _code(resp) == (400, "INVALID_REQUEST")
+    await _nothing_left(s3, bucket)
+    resp = await proxy.post("/tus/", data=b"hello", headers={**headers, "Upload-Offset": "0"})
+    assert resp.status == 201 and resp.headers["Upload-Offset"] == "5"
+    assert (await proxy.delete(resp.headers["Location"], headers=TUS)).status == 204
+
+
+@pytest.mark.parametrize("method", ["DELETE", "PATCH", "HEAD", "GET"])
+async def test_a_creation_url_post_standing_in_for_another_method_makes_nothing(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, method: str
+) -> None:
+    """tus: the server MUST use X-HTTP-Method-Override as the method. POST /tus/ standing
+    in for another method is that method on the creation URL (405), not a creation."""
+    proxy = await proxy_factory()
+    headers = {**TUS, "Upload-Length": "5", "X-HTTP-Method-Override": method}
+    resp = await proxy.post("/tus/", headers=headers)
+    assert await _code(resp) == (405, "METHOD_NOT_ALLOWED")
+    await _nothing_left(s3, bucket)
+    resp = await proxy.post("/tus/", headers={**headers, "X-HTTP-Method-Override": "POST"})
+    assert resp.status == 201
+    assert (await proxy.delete(resp.headers["Location"], headers=TUS)).status == 204
+
+
+@pytest.mark.parametrize("method", ["PATCH", "DELETE", "HEAD", "POST-PATCH", "POST-DELETE"])
+async def test_every_method_needs_tus_1_0_0(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, method: str
+) -> None:
+    proxy = await proxy_factory()
+    url = await new_upload(proxy, 5)
+    headers = {**patch_headers(0), "Tus-Resumable": "2.0.0"}
+    if method.startswith("POST-"):
+        headers["X-HTTP-Method-Override"] = method[5:]
+        method = "POST"
+    data = None if method == "HEAD" else b"hello"
+    resp = await proxy.request(method, url, data=data, headers=headers)
+    assert resp.status == 412 and resp.headers["Tus-Version"] == "1.0.0"
+    assert (await proxy.head(url, headers=TUS)).headers["Upload-Offset"] == "0"
+    assert (await proxy.delete(url, headers=TUS)).status == 204

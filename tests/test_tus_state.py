@@ -4,6 +4,7 @@ never believed; records written before the check are still read."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +34,10 @@ STATE = TusState(
 
 
 def old_record(state: TusState, **changes: Any) -> bytes:
-    """The record as the code before the check wrote it: ``asdict``, segments without CRCs."""
+    """The record as the code before the check wrote it: ``asdict``, segments without CRCs
+    (and without the object's metadata, which came after the check)."""
     fields = json.loads(state.to_bytes())
-    del fields["check"], fields["segment_crcs"]
+    del fields["check"], fields["segment_crcs"], fields["metadata"], fields["fields"]
     fields.update(changes)
     return json.dumps(fields, separators=(",", ":")).encode()
 
@@ -165,3 +167,28 @@ def test_a_consistent_state_passes() -> None:
     assert STATE.inconsistency() is None
     done = TusState(offset=2 * MiB, length=2 * MiB, upload_id="u", parts=parts(1, 2))
     assert done.inconsistency() is None
+
+
+def test_the_objects_metadata_round_trips_and_older_records_have_none() -> None:
+    """Upload-Metadata kept for the object rides in the state from the creation to the
+    PATCH that makes the object; a record of the code before it (checked, but without the
+    two maps) is read as an upload without metadata."""
+    with_meta = TusState(metadata={"note": "=?UTF-8?B?Wm/Dqw==?="}, fields={"note": "Zoë"})
+    assert TusState.from_bytes(with_meta.to_bytes()) == with_meta
+    fields = json.loads(STATE.to_bytes())
+    del fields["check"], fields["metadata"], fields["fields"]
+    rest = json.dumps(fields, separators=(",", ":")).encode()[1:]
+    older = b'{"check":"' + hashlib.sha256(rest).hexdigest().encode() + b'",' + rest
+    again = TusState.from_bytes(older)
+    assert again == STATE and again.metadata == {} and again.fields == {}
+
+
+@pytest.mark.parametrize("value", [["a"], {"note": 1}, "note"])
+def test_metadata_that_is_no_map_of_texts_is_refused(value: Any) -> None:
+    fields = json.loads(STATE.to_bytes())
+    del fields["check"]
+    fields["metadata"] = value
+    rest = json.dumps(fields, separators=(",", ":")).encode()[1:]
+    record = b'{"check":"' + hashlib.sha256(rest).hexdigest().encode() + b'",' + rest
+    with pytest.raises(CorruptState, match="not a tus state"):
+        TusState.from_bytes(record)
