@@ -365,7 +365,7 @@ def _object_metadata(meta: dict[str, str], upload_id: str) -> tuple[dict[str, st
             raise ProxyError(INVALID_FIELD, f"Upload-Metadata: key {name!r} is reserved")
     with_id: dict[str, str | list[str]] = {**fields, TUS_META: upload_id}
     try:
-        stored = field_metadata(with_id, _unstorable_key)
+        stored = field_metadata(with_id, _unstorable_key, noun="key")
     except ProxyError as err:
         raise ProxyError(err.kind, f"Upload-Metadata: {err.message}") from None
     stored.pop(TUS_META, None)  # added with each PATCH's object (tus_ending.finished reads it)

@@ -103,10 +103,13 @@ def unstorable_name(name: str) -> str:
 
 
 def field_metadata(
-    fields: dict[str, str | list[str]], unstorable: Callable[[str], str] = unstorable_name
+    fields: dict[str, str | list[str]],
+    unstorable: Callable[[str], str] = unstorable_name,
+    noun: str = "field",
 ) -> dict[str, str]:
     """Fields as S3 metadata, or a clear error when they cannot be stored faithfully;
-    ``unstorable`` says why a name cannot be, in the words of the caller's protocol."""
+    ``unstorable`` and ``noun`` word the errors in the caller's protocol (a tus upload's
+    metadata has keys, not fields)."""
     meta: dict[str, str] = {}
     names: dict[str, str] = {}  # lowercased -> as sent
     for name, joined in stored_fields(fields).items():
@@ -114,11 +117,11 @@ def field_metadata(
             raise ProxyError(INVALID_FIELD, unstorable(name))
         lower = name.lower()
         if lower in RESERVED_METADATA:
-            raise ProxyError(INVALID_FIELD, f"field name {name!r} is reserved")
+            raise ProxyError(INVALID_FIELD, f"{noun} name {name!r} is reserved")
         if lower in names:
             raise ProxyError(
                 INVALID_FIELD,
-                f"fields {names[lower]!r} and {name!r} differ only in case; S3 metadata "
+                f"{noun}s {names[lower]!r} and {name!r} differ only in case; S3 metadata "
                 "names are case-insensitive, so they cannot both be stored",
             )
         names[lower] = name
@@ -128,7 +131,7 @@ def field_metadata(
     if size > MAX_METADATA_BYTES:
         raise ProxyError(
             METADATA_TOO_LARGE,
-            f"form fields take {size} bytes as S3 metadata; S3 allows {MAX_METADATA_BYTES}",
+            f"the {noun}s take {size} bytes as S3 metadata; S3 allows {MAX_METADATA_BYTES}",
         )
     return meta
 

@@ -554,7 +554,9 @@ async def test_metadata_that_cannot_be_stored_is_refused_at_creation(
         },
     )
     assert (resp.status, (await resp.json())["error"]["code"]) == expected
-    assert "Upload-Metadata" in (await resp.json())["error"]["message"]
+    message = (await resp.json())["error"]["message"]
+    assert "Upload-Metadata" in message
+    assert "field" not in message and "file" not in message  # tus's words, not /upload's
     assert "Location" not in resp.headers
     assert await objects(s3, bucket) == []
 
