@@ -604,18 +604,19 @@ async def _append_tracked(
         try:
             stored = await _stream(request, state, store, current, appended, declared)
         except (NoSuchUpload, NoSuchKey):  # its multipart upload, or its staged bytes
-            done = await tus_ending.finished(store)
-            if done is None and time.time() > upload.expires:
+            whole = await tus_ending.stored_object(store, current)
+            if whole is None and time.time() > upload.expires:
                 # The expiry sweep removed it under this PATCH (begun before the expiry).
                 raise ProxyError(UPLOAD_EXPIRED, "this upload expired") from None
-            if done is None:
+            if whole is None:
                 raise
-            # An instance died between completing the upload and removing its state: the
-            # object is whole; finish the removal.
+            # The object is whole, and the state still here: the PATCH that stored it did
+            # not end the upload (its instance gone, or the webhook failed and its rollback
+            # is owed). End it now, the webhook told as for any completion.
             committed = True
             await lease.stop()
-            await run_cleanup(tus_ending.remover(store), f"tus state id={upload.id}", state.janitor)
-            return PatchResult(done, upload.key)
+            await tus_ending.completed(state, store, whole, lease.owner)
+            return PatchResult(whole.size, whole.key)
         except asyncio.CancelledError:
             # Shutdown's drain (or the server) stopped it: keep its acknowledged parts too,
             # so a rolling restart costs a resume at the last part, not at the PATCH's
@@ -642,7 +643,7 @@ async def _append_tracked(
                 committed = True
                 await lease.stop()
                 log.info("tus.completed_unseen key=%s id=%s error=%s", upload.key, upload.id, err)
-                await tus_ending.completed(state, store, stored_unseen)
+                await tus_ending.completed(state, store, stored_unseen, lease.owner)
                 return PatchResult(stored_unseen.size, stored_unseen.key)
             if err.kind is KEY_EXISTS or isinstance(err, ChecksumDiffers):
                 # Another upload stored the key first (--no-overwrite): this one can never
@@ -695,7 +696,7 @@ async def _append_tracked(
             return PatchResult(new_offset)
         committed = True  # the object is stored: the state goes with the prefix
         await lease.stop()
-        await tus_ending.completed(state, store, stored)
+        await tus_ending.completed(state, store, stored, lease.owner)
         return PatchResult(stored.size, stored.key, stored.sha256)
     finally:
         if not committed:

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
-from s3proxy.errors import KEY_EXISTS, ProxyError
+from s3proxy.errors import KEY_EXISTS, UPLOAD_LOCKED, ProxyError
 from s3proxy.handlers import notify
 from s3proxy.janitor import run_cleanup
 from s3proxy.pipeline import StoredFile
 from s3proxy.s3 import ChecksumDiffers, NoSuchKey, ObjectStore, PreconditionFailed, S3Error
 from s3proxy.state import AppState
 from s3proxy.tus_append import Appended
-from s3proxy.tus_state import Segment, TusState, TusStore
+from s3proxy.tus_state import Lock, Segment, TusState, TusStore
 from s3proxy.tus_url import TusUpload
 
 log = logging.getLogger("s3proxy.tus")
@@ -97,6 +98,59 @@ def remover(store: TusStore) -> Callable[[], Awaitable[None]]:
     return remove
 
 
+def rollback(state: AppState, store: TusStore, owner: str) -> Callable[[], Awaitable[None]]:
+    """Delete a completed upload's object, then its state, under the lock of ``owner``
+    (the PATCH that completed it): while the state is there, no request has reported the
+    object stored, and holding the lock keeps a retried PATCH from completing it meanwhile
+    (423). Run again by the janitor after that lock expired, it takes the lock again; after
+    a retried PATCH completed the upload (the state gone, 204 answered), it keeps the object."""
+    settings = state.settings
+
+    async def undo() -> None:
+        found = await store.read()
+        if found is None:
+            log.info("upload.kept key=%s reason=completed_by_retry", store.upload.key)
+            return
+        current, etag = found
+        now = time.time()
+        lock = current.lock
+        if (
+            lock is not None
+            and lock.owner != owner
+            and current.locked(now, settings.cleanup_clock_skew)
+        ):
+            raise ProxyError(UPLOAD_LOCKED, "a PATCH holds the upload; the rollback waits")
+        current.lock = Lock(owner, now + settings.tus_lock_lease)
+        await store.swap(current, etag)
+        await store.bucket.delete(store.upload.key)
+        await store.remove_all()
+
+    return undo
+
+
+async def stored_object(store: TusStore, current: TusState) -> StoredFile | None:
+    """The file this upload stored at its key (its id in the metadata, its length), found
+    after the PATCH that stored it failed to end it (an instance gone between the two)."""
+    try:
+        found = await store.bucket.head(store.upload.key)
+    except NoSuchKey:
+        return None
+    length = current.length if current.length is not None else store.upload.length
+    if found.metadata.get(TUS_META) != store.upload.id or found.size != length:
+        return None
+    return StoredFile(
+        field="file",
+        filename=store.upload.filename,
+        key=store.upload.key,
+        size=found.size,
+        content_type=found.content_type or "application/octet-stream",
+        etag=(found.etag or "").strip('"'),
+        sha256="",
+        parts=len(current.parts),
+        metadata=current.fields,
+    )
+
+
 async def forget(state: AppState, store: TusStore, segments: list[Segment]) -> None:
     """Delete segments a commit no longer names (their bytes are in a part now)."""
     if segments:
@@ -107,10 +161,16 @@ async def forget(state: AppState, store: TusStore, segments: list[Segment]) -> N
         )
 
 
-async def completed(state: AppState, store: TusStore, stored: StoredFile) -> None:
-    """The upload's object is stored: remove its state and tell the webhook. It counts
-    as completed once that is done, as aborted (WEBHOOK_FAILED) if the webhook's failure
-    rolled it back: never both (as ``uploads.RequestUpload.settle``)."""
+async def completed(state: AppState, store: TusStore, stored: StoredFile, owner: str) -> None:
+    """The upload's object is stored: tell the webhook, then remove the upload's state.
+    It counts as completed once that is done, as aborted (WEBHOOK_FAILED) if the webhook's
+    failure rolled it back: never both (as ``uploads.RequestUpload.settle``).
+
+    The state goes only after the webhook heard of the object, or with its rollback. A
+    PATCH retried meanwhile (its answer lost, or a 502 for the webhook) still finds the
+    state and completes again, telling the webhook again (at least once): never a bare
+    204 for an object the application did not hear of, and never a 204 for one a queued
+    rollback deletes afterwards (the rollback keeps an object whose state a retry removed)."""
     upload = store.upload
     log.info(
         "upload.completed key=%s size=%d parts=%d content_type=%s tus_id=%s",
@@ -124,7 +184,6 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile) -> Non
     m = state.metrics
     kept = True
     try:
-        await run_cleanup(remover(store), f"tus state id={upload.id}", state.janitor)
         if state.webhook is not None:
             out = {"files": [stored.to_json()], "fields": {}}
             try:
@@ -135,11 +194,12 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile) -> Non
                 m.uploads_aborted.labels(err.kind.code).inc()
                 log.info("upload.rolled_back key=%s reason=%s", stored.key, err.kind.code)
                 await run_cleanup(
-                    lambda: state.require_sink().delete(stored.key),
-                    f"rollback key={stored.key}",
+                    rollback(state, store, owner),
+                    f"rollback key={stored.key} tus_id={upload.id}",
                     state.janitor,
                 )
                 raise
+        await run_cleanup(remover(store), f"tus state id={upload.id}", state.janitor)
     finally:
         if kept:  # also when cancelled meanwhile: the object stays
             m.uploads_completed.inc()

@@ -7,12 +7,14 @@ import asyncio
 import dataclasses
 import io
 import itertools
+import json
 import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from s3proxy import tokens, tus_url
@@ -582,3 +584,96 @@ async def test_a_retried_delete_carries_on_a_failed_termination(
         assert (await proxy.head(url, headers=TUS_HEADERS)).status == 404
     assert await open_uploads_async(s3, bucket) == []
     assert await reserved(s3, bucket) == []
+
+
+async def _rollback_owed(
+    proxy_factory: ProxyFactory, aiohttp_server: Any, moto: Any, lease: float, interval: float
+) -> tuple[Any, TestClient[Any, Any], Any, dict[str, bool], list[dict[str, Any]], str]:
+    """An upload whose webhook failed (502) and whose rollback delete failed too: the
+    rollback is owed to the janitor, the object still stored."""
+    status = {"hook": 500}
+    got: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        got.append(json.loads(await request.read()))
+        return web.Response(status=status["hook"])
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = await aiohttp_server(app)
+    faults = {"delete": True}
+    rule = lambda op, n: (  # noqa: E731
+        Fault(status=500) if faults["delete"] and op == "DeleteObject" else None
+    )
+    faulty = FaultyS3(moto.endpoint_url, rule, name=tus_operation)
+    await faulty.__aenter__()
+    proxy = await proxy_factory(
+        endpoint_url=faulty.endpoint_url,
+        s3_max_attempts=1,
+        webhook_url=str(server.make_url("/hook")),
+        webhook_secret=SECRET_HOOK,
+        webhook_attempts=1,
+        tus_lock_lease=lease,
+        cleanup_clock_skew=0,
+    )
+    proxy.app[STATE].janitor.interval = interval
+    url = await new_upload(proxy, 1000)
+    resp = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
+    assert resp.status == 502 and (await resp.json())["error"]["code"] == "WEBHOOK_FAILED"
+    status["hook"] = 204
+    return faulty, proxy, status, faults, got, url
+
+
+async def test_a_patch_retried_while_the_rollback_is_owed_never_gets_204_for_a_deleted_object(
+    proxy_factory: ProxyFactory, aiohttp_server: Any, moto: Any, s3: Any, bucket: str
+) -> None:
+    """The webhook failed (502) and so did the rollback's delete: the object is still
+    stored while the janitor owes its delete. The client's retried PATCH got 204 (its state
+    was gone, the object found: done) and the janitor then deleted the object it reported;
+    the webhook never heard of it either. Now the state stays until the rollback is done,
+    under the completing PATCH's lock: the retry is refused (423), and once S3 deletes
+    again nothing is stored and the upload is gone (404)."""
+    faulty, proxy, _, faults, got, url = await _rollback_owed(
+        proxy_factory, aiohttp_server, moto, lease=30, interval=0.3
+    )
+    try:
+        retry = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
+        assert retry.status == 423, await retry.text()
+        assert len(await objects(s3, bucket)) == 2  # the object, and its state: still owed
+        faults["delete"] = False
+        await eventually(
+            lambda: not proxy.app[STATE].janitor._tasks, within=10, what="the owed rollback"
+        )
+        assert await objects(s3, bucket) == [] and await reserved(s3, bucket) == []
+        again = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
+        assert again.status == 404
+        assert [e["event"] for e in got].count("upload.completed") == 1
+    finally:
+        await faulty.__aexit__(None, None, None)
+
+
+async def test_a_retry_that_completes_after_the_lock_expired_keeps_its_object(
+    proxy_factory: ProxyFactory, aiohttp_server: Any, moto: Any, s3: Any, bucket: str
+) -> None:
+    """The completing PATCH's lock expired while the rollback was owed: a retried PATCH
+    completes the upload again, the webhook (back now) is told, 204; the janitor's owed
+    rollback then finds the state gone and keeps the object that PATCH reported."""
+    faulty, proxy, _, faults, got, url = await _rollback_owed(
+        proxy_factory,
+        aiohttp_server,
+        moto,
+        lease=0.5,
+        interval=60,  # the lock expires first
+    )
+    janitor = proxy.app[STATE].janitor
+    try:
+        await asyncio.sleep(0.7)
+        retry = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
+        assert retry.status == 204, await retry.text()
+        faults["delete"] = False
+        await janitor.close()  # the owed rollback's last try: it finds the state gone
+        assert await read_object_async(s3, bucket, await stored_key(s3, bucket)) == body(1000)
+        assert await reserved(s3, bucket) == []
+        assert [e["event"] for e in got].count("upload.completed") == 2  # at least once
+    finally:
+        await faulty.__aexit__(None, None, None)
