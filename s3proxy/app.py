@@ -26,7 +26,7 @@ from s3proxy.cleanup import Rule, sweep, sweep_tus
 from s3proxy.config import embedded_config
 from s3proxy.cors import Cors
 from s3proxy.errors import UPLOAD_EXPIRED, error_middleware
-from s3proxy.log import REQUEST_ID
+from s3proxy.log import ACCESS_LOG_FORMAT, REQUEST_ID, AccessLogger
 from s3proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
 from s3proxy.s3 import ObjectStore
 from s3proxy.s3_aiobotocore import open_store
@@ -87,6 +87,8 @@ def create_app(settings: Settings) -> web.Application:
             # socket past twice this (256 KiB), whatever size one read takes.
             "read_bufsize": protocol.RECV_SIZE // 2,
             "keepalive_timeout": settings.keepalive_timeout,
+            "access_log_class": AccessLogger,
+            "access_log_format": ACCESS_LOG_FORMAT,
             **protocol.HANDLER_ARGS,
         },
     )
@@ -123,7 +125,11 @@ def create_operator_app(main: web.Application) -> web.Application:
     state = main[STATE]
     app = web.Application(
         middlewares=[error_middleware],
-        handler_args={"keepalive_timeout": state.settings.keepalive_timeout},
+        handler_args={
+            "keepalive_timeout": state.settings.keepalive_timeout,
+            "access_log_class": AccessLogger,
+            "access_log_format": ACCESS_LOG_FORMAT,
+        },
     )
     protocol.install(app, protocol.Connections(64, state.settings.header_timeout))
     app[STATE] = state

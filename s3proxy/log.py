@@ -26,7 +26,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, unquote_plus
 
-from aiohttp import ClientConnectionError, ClientRequest
+from aiohttp import ClientConnectionError, ClientRequest, web
+from aiohttp.web_log import AccessLogger as _AiohttpAccessLogger
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -181,6 +182,37 @@ def _orphan_body_write(task: object, exc: object) -> bool:
         and getattr(task.get_coro(), "cr_code", None) is _BODY_WRITE
         and isinstance(exc, ClientConnectionError | OSError)
     )
+
+
+# The access log: peer, request line (redacted like every line), status, body bytes sent,
+# seconds. Set as a handler argument in create_app, so tests log as the CLI does.
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
+# nginx's status for "the client closed the connection before the answer": what the
+# access log and the metrics say of such a request, rather than the answer nobody read.
+CLIENT_GONE_STATUS = 499
+CLIENT_GONE = web.RequestKey("client_gone", bool)
+
+
+def client_gone(request: web.BaseRequest, response: web.StreamResponse) -> bool:
+    """Whether the client went away before ``response`` began (its head unsent): a body
+    cut mid-upload is answered 400 CLIENT_DISCONNECTED, but nobody is left to read it.
+
+    A response already begun (a download cut short) keeps its status, as nginx's does.
+    """
+    if response.prepared:
+        return False
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+class AccessLogger(_AiohttpAccessLogger):
+    """aiohttp's access logger, with 499 for a request the metrics middleware found its
+    client gone for (``CLIENT_GONE``), so the log and the metrics agree."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.get(CLIENT_GONE):
+            response = web.StreamResponse(status=CLIENT_GONE_STATUS)
+        super().log(request, response, time)
 
 
 class RequestIdFilter(logging.Filter):

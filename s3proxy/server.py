@@ -57,7 +57,6 @@ ACCEPT_TURNS = 10
 SETTLE_TURNS = 4
 T = TypeVar("T")
 
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
 # Seconds aiohttp gives connections after drain: drain has already waited for requests
 # (--shutdown-timeout); what is left is a client not reading the answer it was sent, or
 # one still sending a body nobody reads (aiohttp lingers 10 s for it). Not 5 s more.
@@ -191,7 +190,6 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(
         app,
         handle_signals=False,
-        access_log_format=ACCESS_LOG_FORMAT,
         shutdown_timeout=EXIT_GRACE,
     )
     operator: web.AppRunner | None = None

@@ -3,6 +3,7 @@ an API key when auth is on (or --metrics-listen), and no credential reaches the 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -172,6 +173,38 @@ async def test_no_token_in_the_access_log(
     signature = upload_url.rsplit(".", 1)[-1]
     assert signature not in log
     assert log.count(".REDACTED HTTP/1.1") == 2, log  # HEAD and DELETE
+
+
+async def test_a_client_gone_mid_body_is_499_in_the_access_log_and_metrics(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    """The outside test's cut uploads showed as ``"POST /upload" 400 0`` and
+    ``status="400"``: an answer nobody was left to read. Like nginx: 499. (A real
+    process: aiohttp's test server cancels a handler whose client left, the CLI's not.)"""
+    proxy = ProxyProcess.start(
+        ["--endpoint-url", moto.endpoint_url, "--bucket", bucket],
+        fake_aws_env(),
+        tmp_path / "proxy.log",
+    )
+    raw = bodies.body([bodies.file("f", "a.bin", b"x" * (1 << 20))])
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(bodies.request_head(len(raw)) + raw[:50_000])
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.close()
+        for _ in range(100):
+            if '"POST /upload HTTP/1.1"' in proxy.log_path.read_text():
+                break
+            await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as session, session.get(f"{proxy.url}/metrics") as r:
+            scrape = await r.text()
+    finally:
+        proxy.stop()
+    line = next(x for x in proxy.log_path.read_text().splitlines() if "POST /upload" in x)
+    assert '"POST /upload HTTP/1.1" 499 0 ' in line, line
+    assert 'route="/upload",status="499"' in scrape, scrape
+    assert 'route="/upload",status="400"' not in scrape
 
 
 @pytest.mark.parametrize(
