@@ -191,6 +191,15 @@ ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
 # access log and the metrics say of such a request, rather than the answer nobody read.
 CLIENT_GONE_STATUS = 499
 CLIENT_GONE = web.RequestKey("client_gone", bool)
+# The response whose head went out (set as it is prepared): what a request cut short
+# after that (a download stopped by the shutdown) is logged and counted with.
+PREPARED = web.RequestKey("prepared", web.StreamResponse)
+
+
+def cut_short_response(request: web.BaseRequest) -> web.StreamResponse:
+    """What the access log shows for a request whose handler was cancelled: the response
+    already begun (its status, the body bytes sent), else 499, nothing having been sent."""
+    return request.get(PREPARED) or web.StreamResponse(status=CLIENT_GONE_STATUS)
 
 
 def client_gone(request: web.BaseRequest, response: web.StreamResponse) -> bool:

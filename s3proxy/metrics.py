@@ -29,7 +29,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from s3proxy.errors import ProxyError
-from s3proxy.log import CLIENT_GONE, CLIENT_GONE_STATUS, client_gone
+from s3proxy.log import CLIENT_GONE, CLIENT_GONE_STATUS, client_gone, cut_short_response
 from s3proxy.s3 import S3Error
 
 # Whole requests: an upload of several GiB at a modest rate takes minutes, so the
@@ -208,7 +208,8 @@ def metrics_middleware(metrics: Metrics) -> Middleware:
 
     Put it first (outermost) so it sees the status the client sees. It also copes
     with errors that reach it: an ``HTTPException`` counts with its status, any
-    other exception as 500, and cancellation as 499; all are re-raised. An answer
+    other exception as 500, and cancellation as 499 (or the status of the response
+    it cut short, a download's 200); all are re-raised. An answer
     whose client left before it began (a body cut mid-upload) is 499 too, not the
     400 nobody read, here and in the access log.
     """
@@ -229,7 +230,7 @@ def metrics_middleware(metrics: Metrics) -> Middleware:
             raise
         except BaseException as exc:
             if not isinstance(exc, Exception):
-                status = CANCELLED_STATUS
+                status = str(cut_short_response(request).status)
             raise
         finally:
             metrics.request_duration.labels(
