@@ -26,7 +26,13 @@ from s3proxy.cleanup import Rule, sweep, sweep_tus
 from s3proxy.config import embedded_config
 from s3proxy.cors import Cors
 from s3proxy.errors import UPLOAD_EXPIRED, error_middleware
-from s3proxy.log import REQUEST_ID
+from s3proxy.log import (
+    ACCESS_LOG_FORMAT,
+    PREPARED,
+    REQUEST_ID,
+    AccessLogger,
+    cut_short_response,
+)
 from s3proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
 from s3proxy.s3 import ObjectStore
 from s3proxy.s3_aiobotocore import open_store
@@ -37,6 +43,9 @@ from s3proxy.webhook import Webhook
 log = logging.getLogger("s3proxy.app")
 
 
+# Seconds a request cut short at the drain's deadline may take to end (closing its S3
+# body): nothing to wait for but its own finally blocks.
+STOP_WAIT = 1.0
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 RID = web.RequestKey("request_id", str)
 
@@ -52,11 +61,37 @@ def request_id(request: web.Request) -> str:
 
 
 @web.middleware
-async def request_id_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Log everything the request does with its id (the response gets it in _mark_response)."""
+async def request_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Log everything the request does with its id (the response gets it in _mark_response),
+    and keep its task where drain can stop it.
+
+    A handler cancelled mid-request (by drain at its deadline, a download still
+    streaming; or by aiohttp) never reaches aiohttp's access log: it is logged here,
+    with the status and bytes of the response it cut short, so every request has its
+    line (before: a download cut at shutdown left none).
+    """
     REQUEST_ID.set(request_id(request))
-    response: web.StreamResponse = await handler(request)
-    return response
+    state = request.app[STATE]
+    task = asyncio.current_task()
+    started = asyncio.get_running_loop().time()
+    if task is not None:
+        state.requests.add(task)
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except asyncio.CancelledError:
+        if task is not None and task in state.stopped:
+            log.warning(
+                "request.stopped reason=SHUTTING_DOWN method=%s path=%s",
+                request.method,
+                request.path,
+            )
+        request.protocol.log_access(request, cut_short_response(request), started)
+        raise
+    finally:
+        if task is not None:
+            state.requests.discard(task)
+            state.stopped.discard(task)
 
 
 async def _mark_response(request: web.Request, response: web.StreamResponse) -> None:
@@ -66,11 +101,12 @@ async def _mark_response(request: web.Request, response: web.StreamResponse) -> 
     streamed download is prepared (its headers sent) inside the handler.
     """
     response.headers["X-Request-ID"] = request_id(request)
+    request[PREPARED] = response
 
 
 def create_app(settings: Settings) -> web.Application:
     state = AppState.from_settings(settings)
-    middlewares: list[Middleware] = [request_id_middleware]
+    middlewares: list[Middleware] = [request_middleware]
     cors = Cors(settings.cors_origin) if settings.cors_origin else None
     if cors is not None:
         middlewares.append(cors.preflight)
@@ -87,6 +123,8 @@ def create_app(settings: Settings) -> web.Application:
             # socket past twice this (256 KiB), whatever size one read takes.
             "read_bufsize": protocol.RECV_SIZE // 2,
             "keepalive_timeout": settings.keepalive_timeout,
+            "access_log_class": AccessLogger,
+            "access_log_format": ACCESS_LOG_FORMAT,
             **protocol.HANDLER_ARGS,
         },
     )
@@ -123,7 +161,11 @@ def create_operator_app(main: web.Application) -> web.Application:
     state = main[STATE]
     app = web.Application(
         middlewares=[error_middleware],
-        handler_args={"keepalive_timeout": state.settings.keepalive_timeout},
+        handler_args={
+            "keepalive_timeout": state.settings.keepalive_timeout,
+            "access_log_class": AccessLogger,
+            "access_log_format": ACCESS_LOG_FORMAT,
+        },
     )
     protocol.install(app, protocol.Connections(64, state.settings.header_timeout))
     app[STATE] = state
@@ -331,3 +373,20 @@ async def drain(state: AppState) -> None:
         if pending:
             await asyncio.wait(pending, timeout=state.cleanup_wait)
     await conns.wait_quiet(deadline)
+    await stop_requests(state)
+
+
+async def stop_requests(state: AppState) -> None:
+    """At the drain's deadline, cut short the requests still in progress (a download to
+    a slow client), uploads aside (they were stopped above and clean up).
+
+    Each is cancelled here and logged as it ends (``request_middleware``), where
+    aiohttp's own stop would give it one EXIT_GRACE to finish and one more once
+    cancelled, and log nothing: the outside test's slow download ended 2 s after
+    --shutdown-timeout, with no line in the log.
+    """
+    late = [task for task in state.requests if not task.done() and task not in state.uploads]
+    for task in late:
+        state.stop(task)
+    if late:
+        await asyncio.wait(late, timeout=STOP_WAIT)

@@ -62,6 +62,13 @@ CLEANUP_SETTINGS = (
     "cleanup_clock_skew",
 )
 
+#: Where ``cleanup`` means a setting otherwise than ``serve``: it never starts a store.
+CLEANUP_HELPS = {
+    "endpoint_url": "S3 endpoint URL (e.g. https://s3.eu-west-1.amazonaws.com, "
+    "http://minio:9000); unset: the embedded store `s3proxy serve` runs with the same "
+    "--data-dir (it must be running)",
+}
+
 #: What to add to an EmbeddedStoreError about a setting: the serve flag that sets it.
 _EMBEDDED_HINTS = {
     "s3_port": " with --embedded-s3-port (0 picks a free one)",
@@ -152,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="key prefix to sweep (repeatable; '' for the whole bucket) [default: the template's]",
     )
     cleanup.add_argument("--execute", action="store_true", help="abort (default: dry run)")
-    Settings.add_arguments(cleanup, only=CLEANUP_SETTINGS)
+    Settings.add_arguments(cleanup, only=CLEANUP_SETTINGS, helps=CLEANUP_HELPS)
     return parser
 
 

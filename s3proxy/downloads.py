@@ -32,6 +32,7 @@ PutObject). It describes the whole representation, so a 206 carries the same val
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -355,6 +356,11 @@ async def send(
                 while chunk := await answer.read(CHUNK_SIZE):
                     await watch.write(response.write(chunk), len(chunk))
             await watch.write(response.write_eof(), 0)
+    except asyncio.CancelledError:
+        # Cut short by the shutdown's deadline (app.stop_requests): the access line
+        # has the status it began with; this says how far it got.
+        log.info("download.stopped key=%s sent=%d", key, watch.given)
+        raise
     except ClientStalled as stalled:
         # Nothing left to say but to cut the connection short of Content-Length.
         log.info(

@@ -26,8 +26,16 @@ Invariants:
   ephemeral ports. Fixed ports are bind-tested first, so a busy port fails at once;
   ports picked for 0 are kept in ``ports.json`` and reused while free. A picked port
   someone takes between our check and weed's bind is picked again (``PICK_ATTEMPTS``).
+* One store per data dir. ``start()`` takes an exclusive ``flock`` on ``s3proxy.lock``
+  before it writes anything there, and holds it until ``stop()``; another s3proxy on the
+  same dir fails at once, in one line, naming the holder's pid (before: it rewrote the
+  first one's ports.json, keys and sockets, then failed with 20 lines of weed's log).
+  weed inherits the lock, so it stays held until weed too is gone: a proxy restarted
+  right after a ``kill -9`` waits (``LOCK_WAIT``) for the weed it left, which the
+  parent-death signal is stopping, instead of failing on weed's own lock (1 in 3 tries).
 * What we add to ``data_dir``: ``weed.log`` (weed's output), ``credentials.json`` and
-  ``s3-identities.json`` (mode 0600), ``ports.json``. Everything else is weed's.
+  ``s3-identities.json`` (mode 0600), ``ports.json``, ``s3proxy.lock`` (the holder's
+  pid). Everything else is weed's.
 * Nothing depends on the rest of the package; the CLI and the tests build on this.
   POSIX only (process groups); the parent-death signal is Linux only.
 """
@@ -37,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -81,6 +90,10 @@ LOG_NAME = "weed.log"
 CREDENTIALS_NAME = "credentials.json"
 IDENTITIES_NAME = "s3-identities.json"
 PORTS_NAME = "ports.json"
+LOCK_NAME = "s3proxy.lock"
+#: Seconds to wait for a data dir held by the weed of a proxy that is gone: weed exits
+#: about 1 s after its parent-death SIGTERM, 11 s when its filer waits for its streams.
+LOCK_WAIT = 15.0
 PICK_ATTEMPTS = 3  # launches with freshly picked ports when a picked one was taken meanwhile
 #: weed mini reloads flags it saved in the data dir, and those override ours when a
 #: value we pass equals weed's default; we remove it so only our flags count.
@@ -207,6 +220,7 @@ class EmbeddedStore:
         self._proc: asyncio.subprocess.Process | None = None
         self._ready_since: float | None = None  # monotonic time the running weed got ready
         self._supervisor: asyncio.Task[None] | None = None
+        self._lock: int | None = None  # the fd holding data_dir's lock, from start() to stop()
         self.startup_seconds: float | None = None
         """Seconds the last successful start or restart took from spawn to ready."""
         self.restarts = 0
@@ -306,6 +320,20 @@ class EmbeddedStore:
                 f"{exc.strerror or exc}",
                 setting="data_dir",
             ) from exc
+        self._lock = await lock_data_dir(self._data_dir, LOCK_WAIT)  # before any write
+        try:
+            await self._start(binary, ports_file, ports, timeout)
+        except BaseException:
+            self._unlock()
+            raise
+
+    async def _start(
+        self,
+        binary: str,
+        ports_file: Path,
+        ports: dict[str, int],
+        timeout: float,  # noqa: ASYNC109
+    ) -> None:
         try:
             if self._keys is None:
                 self._keys = _load_or_create_credentials(self._data_dir / CREDENTIALS_NAME)
@@ -363,6 +391,8 @@ class EmbeddedStore:
                     env=_child_env(),
                     start_new_session=True,
                     preexec_fn=parent_death_signal(),
+                    # weed holds the data dir's lock with us, and past us if we are killed
+                    pass_fds=() if self._lock is None else (self._lock,),
                 )
             except OSError as exc:
                 raise EmbeddedStoreError(f"embedded S3 store: cannot run {binary}: {exc}") from exc
@@ -458,6 +488,7 @@ class EmbeddedStore:
         self._ready_since = None
         proc = self._proc
         if proc is None:
+            self._unlock()
             return
         try:
             if proc.returncode is None:
@@ -476,6 +507,13 @@ class EmbeddedStore:
             if proc.returncode is not None:
                 self._proc = None
                 _remove_tmp_sockets(self._ports.values())
+                self._unlock()
+
+    def _unlock(self) -> None:
+        """Let the data dir go (weed, which shares the lock, is gone)."""
+        fd, self._lock = self._lock, None
+        if fd is not None:
+            os.close(fd)
 
     async def wait(self) -> int | None:
         """Wait for the running weed to exit (it should not, until stop()); its exit code.
@@ -662,6 +700,76 @@ def _supervisor_done(task: asyncio.Task[None]) -> None:
     """The restart loop ends only when cancelled; anything else is a bug to log."""
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("embedded.supervisor_failed error=%r", exc)
+
+
+async def lock_data_dir(data_dir: Path, wait: float) -> int:
+    """An fd holding an exclusive lock on ``data_dir``'s lock file, which says our pid.
+
+    Held by a live process: EmbeddedStoreError at once, naming it. Held though its pid
+    is gone: the weed a killed proxy left is still exiting; wait up to ``wait`` seconds.
+    """
+    path = data_dir / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise _data_dir_error(exc, data_dir) from exc
+    deadline = time.monotonic() + wait
+    said = False
+    try:
+        while not _try_lock(fd):
+            holder = _lock_holder(fd)
+            if holder is not None and _pid_alive(holder):
+                raise EmbeddedStoreError(
+                    f"data dir {data_dir} is in use by another s3proxy (pid {holder})"
+                )
+            if time.monotonic() >= deadline:
+                raise EmbeddedStoreError(
+                    f"data dir {data_dir} is still locked by the embedded store of an "
+                    f"s3proxy that is gone (pid {holder}): its weed did not exit within "
+                    f"{wait:g} s; stop it (fuser {path} names it)"
+                )
+            if not said:
+                log.info(
+                    "embedded.waiting_for_lock data_dir=%s pid=%s: the store of a proxy that "
+                    "is gone is still stopping",
+                    data_dir,
+                    holder,
+                )
+                said = True
+            await asyncio.sleep(_POLL_INTERVAL)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid the lock file names (its holder's, or the last holder's)."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _data_dir_error(exc: OSError, data_dir: Path) -> EmbeddedStoreError:

@@ -23,6 +23,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from s3proxy.log import RateLimit
+
 log = logging.getLogger("s3proxy.errors")
 
 
@@ -149,8 +151,59 @@ def bad_coding_message(coding: str) -> str:
     return f"the request body is not valid {coding} data (its Content-Encoding)"
 
 
+# An upstream failure that ends a request is a WARNING naming the S3 call and S3's code
+# (the client's JSON has them, the log did not: an outage was invisible at
+# --log-level warning). Once per UPSTREAM_LOG_INTERVAL per (operation, code), with how
+# many it stands for: a store that fails every call must not flood the log.
+UPSTREAM_KINDS = frozenset(
+    {UPSTREAM_ERROR, UPSTREAM_CORRUPTION, UPSTREAM_UNAVAILABLE, UPSTREAM_TIMEOUT}
+)
+UPSTREAM_LOG_INTERVAL = 10.0
+_MAX_LIMITS = 256  # (operation, code) pairs are few; past this, start counting afresh
+_upstream_limits: dict[tuple[str, str], RateLimit] = {}
+
+
+def upstream_cause(err: BaseException) -> tuple[str, str]:
+    """(S3 operation, S3's error code) of the S3 call that caused ``err``, found on it or
+    its causes (an ``s3.S3Error`` carries ``operation`` and ``reason``); else ("-", its code)."""
+    exc: BaseException | None = err
+    for _ in range(8):
+        if exc is None:
+            break
+        operation, reason = getattr(exc, "operation", None), getattr(exc, "reason", None)
+        if isinstance(operation, str) and isinstance(reason, str):
+            return operation, reason
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    code = err.kind.code if isinstance(err, ProxyError) else type(err).__name__
+    return "-", code
+
+
+def log_upstream_failure(err: ProxyError) -> None:
+    """Log an upstream error that ends a request (rate-limited per operation and code)."""
+    if err.kind not in UPSTREAM_KINDS:
+        return
+    operation, code = upstream_cause(err)
+    if len(_upstream_limits) >= _MAX_LIMITS:
+        _upstream_limits.clear()
+    limit = _upstream_limits.setdefault((operation, code), RateLimit(UPSTREAM_LOG_INTERVAL))
+    times = limit.hit()
+    if times is not None:
+        log.warning(
+            "request.upstream_failed operation=%s code=%s error=%s status=%d times=%d",
+            operation,
+            code,
+            err.kind.code,
+            err.kind.status,
+            times,
+        )
+
+
 def error_response(err: ProxyError) -> web.Response:
-    """Render an error as JSON; close the connection when the body was not fully read."""
+    """Render an error as JSON; close the connection when the body was not fully read.
+
+    Every ProxyError a client is answered with passes here (the middleware, tus, the
+    expect handlers), so an upstream one is logged here too."""
+    log_upstream_failure(err)
     resp = web.json_response(error_body(err.kind, err.message), status=err.kind.status)
     if err.kind.status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="s3proxy"'

@@ -6,8 +6,10 @@ it without being passed around.
 
 No credential reaches the log: both formats pass every line (message and traceback)
 through ``redact``, which masks query parameters that carry one (``?token=``, an
-``X-Amz-Signature`` of a presigned URL, ...) and ``Bearer`` values. Request headers
-are never logged (the access log format has none).
+``X-Amz-Signature`` of a presigned URL, ...; judged by the name as the app decodes it,
+so ``?%74oken=`` too), the signature of a tus upload URL (``/tus/<body>.<signature>``,
+a bearer capability) and ``Bearer`` values. Request headers are never logged (the
+access log format has none). No other route carries a credential in its path.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote, unquote_plus
 
-from aiohttp import ClientConnectionError, ClientRequest
+from aiohttp import ClientConnectionError, ClientRequest, web
+from aiohttp.web_log import AccessLogger as _AiohttpAccessLogger
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -50,21 +54,50 @@ SECRET_PARAMS = (
     "upload_token",
 )
 REDACTED = "REDACTED"
-_PARAM = re.compile(
-    r"([?&;](?:" + "|".join(re.escape(p) for p in SECRET_PARAMS) + r")=)[^&;\s\"'#]*",
-    re.IGNORECASE,
-)
+_SECRET_NAMES = frozenset(SECRET_PARAMS)
+# One query parameter: its name and value as they stand in the raw target. The value
+# stops at the next separator ('?' too: a value holding "?token=" is masked either way).
+_QUERY_PAIR = re.compile(r"([?&;])([^=&;?\s\"'#]+)=([^&;?\s\"'#]*)")
+# A tus upload URL's token (``s3proxy.tus_url``: b64url(json) "." b64url(HMAC)): a
+# bearer capability for one upload, so its signature is masked wherever it shows up.
+_TUS_SEGMENT = re.compile(r"/tus/([^/?\s\"'#]+)")
+# What the app accepts as an upload URL, once aiohttp has percent-decoded the path: a
+# MAC is 43 characters, a body over a hundred; 16 keeps a key such as tus/a.pdf as it is.
+_TUS_TOKEN = re.compile(r"([A-Za-z0-9_-]{16,})\.[A-Za-z0-9_-]{16,}")
 # A Bearer credential, as an Authorization value would show it; "$KEY" placeholders in
 # the proxy's own usage hints are not credentials.
 _BEARER = re.compile(r"(\bBearer\s+)(?![$<])[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 
 
+def secret_param(raw_name: str) -> bool:
+    """Whether a query parameter, named as it stands in the raw request target, carries a
+    credential: judged on the name the app reads (``request.query`` percent-decodes it
+    and turns ``+`` into a space, so ``%74oken`` is ``token``), case-insensitively."""
+    return unquote_plus(raw_name).lower() in _SECRET_NAMES
+
+
+def _mask_param(m: re.Match[str]) -> str:
+    if not secret_param(m.group(2)):
+        return m.group(0)
+    return f"{m.group(1)}{m.group(2)}={REDACTED}"
+
+
+def _mask_tus(m: re.Match[str]) -> str:
+    token = _TUS_TOKEN.fullmatch(unquote(m.group(1)))
+    if token is None:
+        return m.group(0)  # not a URL the app would take (nor its signature's bytes)
+    return f"/tus/{token.group(1)}.{REDACTED}"
+
+
 def redact(text: str) -> str:
-    """``text`` with every credential-looking query value and Bearer value masked."""
+    """``text`` with every credential-looking query value, tus upload URL signature and
+    Bearer value masked."""
     # Each pattern runs only where it can match: every event line has ``key=value``
     # pairs, few have a query (the two regex passes were ~2% of a small upload's CPU).
     if "=" in text and ("?" in text or "&" in text or ";" in text):
-        text = _PARAM.sub(r"\1" + REDACTED, text)
+        text = _QUERY_PAIR.sub(_mask_param, text)
+    if "/tus/" in text:
+        text = _TUS_SEGMENT.sub(_mask_tus, text)
     if "bearer" in text.lower():
         text = _BEARER.sub(r"\1" + REDACTED, text)
     return text
@@ -149,6 +182,46 @@ def _orphan_body_write(task: object, exc: object) -> bool:
         and getattr(task.get_coro(), "cr_code", None) is _BODY_WRITE
         and isinstance(exc, ClientConnectionError | OSError)
     )
+
+
+# The access log: peer, request line (redacted like every line), status, body bytes sent,
+# seconds. Set as a handler argument in create_app, so tests log as the CLI does.
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
+# nginx's status for "the client closed the connection before the answer": what the
+# access log and the metrics say of such a request, rather than the answer nobody read.
+CLIENT_GONE_STATUS = 499
+CLIENT_GONE = web.RequestKey("client_gone", bool)
+# The response whose head went out (set as it is prepared): what a request cut short
+# after that (a download stopped by the shutdown) is logged and counted with.
+PREPARED = web.RequestKey("prepared", web.StreamResponse)
+
+
+def cut_short_response(request: web.BaseRequest) -> web.StreamResponse:
+    """What the access log shows for a request whose handler was cancelled: the response
+    already begun (its status, the body bytes sent), else 499, nothing having been sent."""
+    return request.get(PREPARED) or web.StreamResponse(status=CLIENT_GONE_STATUS)
+
+
+def client_gone(request: web.BaseRequest, response: web.StreamResponse) -> bool:
+    """Whether the client went away before ``response`` began (its head unsent): a body
+    cut mid-upload is answered 400 CLIENT_DISCONNECTED, but nobody is left to read it.
+
+    A response already begun (a download cut short) keeps its status, as nginx's does.
+    """
+    if response.prepared:
+        return False
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+class AccessLogger(_AiohttpAccessLogger):
+    """aiohttp's access logger, with 499 for a request the metrics middleware found its
+    client gone for (``CLIENT_GONE``), so the log and the metrics agree."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.get(CLIENT_GONE):
+            response = web.StreamResponse(status=CLIENT_GONE_STATUS)
+        super().log(request, response, time)
 
 
 class RequestIdFilter(logging.Filter):

@@ -29,6 +29,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from s3proxy.errors import ProxyError
+from s3proxy.log import CLIENT_GONE, CLIENT_GONE_STATUS, client_gone, cut_short_response
 from s3proxy.s3 import S3Error
 
 # Whole requests: an upload of several GiB at a modest rate takes minutes, so the
@@ -47,7 +48,7 @@ UNMATCHED = "unmatched"  # route label for requests no route matched (404, 405)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 # Status label for a handler cancelled mid-request (the client went away), after
 # nginx's "499 client closed request"; no response was sent.
-CANCELLED_STATUS = "499"
+CANCELLED_STATUS = str(CLIENT_GONE_STATUS)
 
 
 class _BudgetCollector:
@@ -207,7 +208,10 @@ def metrics_middleware(metrics: Metrics) -> Middleware:
 
     Put it first (outermost) so it sees the status the client sees. It also copes
     with errors that reach it: an ``HTTPException`` counts with its status, any
-    other exception as 500, and cancellation as 499; all are re-raised.
+    other exception as 500, and cancellation as 499 (or the status of the response
+    it cut short, a download's 200); all are re-raised. An answer
+    whose client left before it began (a body cut mid-upload) is 499 too, not the
+    400 nobody read, here and in the access log.
     """
 
     @web.middleware  # without it aiohttp 3 treats it as old-style and warns
@@ -217,13 +221,16 @@ def metrics_middleware(metrics: Metrics) -> Middleware:
         try:
             response = await handler(request)
             status = str(response.status)
+            if client_gone(request, response):
+                request[CLIENT_GONE] = True  # the access log says 499 too
+                status = CANCELLED_STATUS
             return response
         except web.HTTPException as exc:
             status = str(exc.status)
             raise
         except BaseException as exc:
             if not isinstance(exc, Exception):
-                status = CANCELLED_STATUS
+                status = str(cut_short_response(request).status)
             raise
         finally:
             metrics.request_duration.labels(

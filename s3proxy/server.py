@@ -57,7 +57,6 @@ ACCEPT_TURNS = 10
 SETTLE_TURNS = 4
 T = TypeVar("T")
 
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
 # Seconds aiohttp gives connections after drain: drain has already waited for requests
 # (--shutdown-timeout); what is left is a client not reading the answer it was sent, or
 # one still sending a body nobody reads (aiohttp lingers 10 s for it). Not 5 s more.
@@ -191,12 +190,12 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(
         app,
         handle_signals=False,
-        access_log_format=ACCESS_LOG_FORMAT,
         shutdown_timeout=EXIT_GRACE,
     )
     operator: web.AppRunner | None = None
     stop = _stop_event()
     state = app[STATE]
+    store_stopping: asyncio.Task[None] | None = None
     try:
         await runner.setup()  # opens the S3 client; starts the embedded store if any
         site = await _listen(runner, settings.host, settings.port, settings.reuse_port)
@@ -231,8 +230,15 @@ async def serve(settings: Settings) -> None:
         await close_listener(site)  # new connections are refused; the operator listener stays
         log.info("proxy.listener_closed new connections are refused")
         await drain(state)
+        if state.store is not None:
+            # Nothing calls S3 once drain is over: the store's own stop (about 1.1 s:
+            # weed's filer waits 1 s for its streams) overlaps aiohttp's EXIT_GRACE for
+            # the connections still open, rather than following it.
+            store_stopping = asyncio.create_task(state.store.stop(), name="store-stop")
     finally:
-        await runner.cleanup()
+        await runner.cleanup()  # stops the store (again: stop() is idempotent)
+        if store_stopping is not None:
+            await store_stopping
         if operator is not None:
             await operator.cleanup()
         _forget_signals()

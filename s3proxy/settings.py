@@ -842,9 +842,17 @@ class Settings:
 
     @classmethod
     def add_arguments(
-        cls, parser: argparse.ArgumentParser, only: Collection[str] | None = None
+        cls,
+        parser: argparse.ArgumentParser,
+        only: Collection[str] | None = None,
+        helps: Mapping[str, str] | None = None,
     ) -> None:
-        """One flag per field (or per field in ``only``); default and env var named."""
+        """One flag per field (or per field in ``only``); default and env var named.
+
+        ``helps`` replaces a field's help text where another command means it otherwise
+        (``cleanup``'s unset --endpoint-url is the running embedded store, not a new one).
+        """
+        helps = helps or {}
         for f in dataclasses.fields(cls):
             if only is not None and f.name not in only:
                 continue
@@ -855,7 +863,7 @@ class Settings:
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             )
             shown = _shown_default(default, meta["show"])
-            help_text = f"{meta['help']} [env {env}; default {shown}]"
+            help_text = f"{helps.get(f.name, meta['help'])} [env {env}; default {shown}]"
             kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "default": None}
             if meta["choices"]:
                 kwargs["choices"] = list(meta["choices"])

@@ -201,6 +201,8 @@ class AppState:
     # streamed downloads at once, below the S3 pool's size (s3proxy.download_limits)
     downloads: DownloadSlots = field(default_factory=lambda: DownloadSlots(48))
     stopped: set[asyncio.Task[Any]] = field(default_factory=set)  # ...that drain cancelled
+    # every request handler in progress (its own task): what drain cancels at its deadline
+    requests: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AppState:
@@ -279,7 +281,8 @@ class AppState:
                 self.stopped.discard(task)
 
     def stop(self, task: asyncio.Task[Any]) -> None:
-        """Cancel an upload for shutdown; its handler then answers 503 SHUTTING_DOWN."""
+        """Cancel a request for shutdown: an upload's handler then answers 503
+        SHUTTING_DOWN; any other is cut short (``app.request_middleware`` logs it)."""
         self.stopped.add(task)
         task.cancel()
 

@@ -195,6 +195,10 @@ def test_cleanup_help_lists_only_the_flags_it_uses() -> None:
         assert flag in out, flag
     for flag in ("--memory-budget", "--webhook-url", "--api-key", "--workers"):
         assert flag not in out, flag
+    # cleanup never starts a store: unset, it talks to the one serve runs (outside test)
+    flat = " ".join(out.split())
+    assert "start the embedded" not in flat
+    assert "unset: the embedded store `s3proxy serve` runs with the same --data-dir" in flat
 
 
 def test_cleanup_ignores_serve_only_environment(moto: MotoServer, bucket: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -231,3 +232,45 @@ async def test_partly_sent_heads_do_not_hold_the_drain(moto: MotoServer, bucket:
         finally:
             for sock in socks:
                 sock.close()
+
+
+async def test_a_download_cut_at_the_deadline_is_logged_and_ends_the_wait(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    """The outside test's slow 30 MiB download at SIGTERM: it was cut 2 s after
+    --shutdown-timeout (aiohttp's own stop: one EXIT_GRACE to finish, one more once
+    cancelled) and left no line in the log, neither access nor event."""
+    proxy = start_proxy(moto, bucket, tmp_path, "--shutdown-timeout", "2", "--drain-delay", "0")
+    data = os.urandom(30 * MiB)
+    raw = bodies.body([bodies.file("f", "big.bin", data)])
+    reader, writer = await open_upload(proxy.port, raw, len(raw))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    key = json.loads(await reader.readexactly(length))["files"][0]["key"]
+    writer.close()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", proxy.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"GET /files/{key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    got = len(await reader.read(64 * 1024))  # the download has begun; then it reads slowly
+    took = 0.0
+    proxy.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    while chunk := await asyncio.wait_for(reader.read(64 * 1024), 20):
+        got += len(chunk)  # what the kernels buffered still comes after the cut
+        await asyncio.sleep(0.05)
+        if proxy.proc.poll() is not None and not took:
+            took = time.monotonic() - signalled
+    writer.close()
+    assert await exit_code(proxy) == 0
+    took = took or time.monotonic() - signalled
+    assert got < len(data)
+    assert took < 2 + 1.5, took  # cut at --shutdown-timeout, not 2 s after it
+    log = proxy.log_path.read_text()
+    [access] = [line for line in log.splitlines() if f"GET /files/{key}" in line]
+    assert '" 200 ' in access, access  # the status it began with, and the bytes sent
+    assert "request.stopped reason=SHUTTING_DOWN method=GET" in log, log
+    assert f"download.stopped key={key} sent=" in log, log
+    print(f"exit {took:.2f}s after SIGTERM with a slow download, --shutdown-timeout 2")

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from operator import not_
 from pathlib import Path
@@ -411,3 +412,38 @@ def test_embedded_port_taken_is_a_clear_error(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 15
     assert "already in use" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_second_proxy_on_a_data_dir_in_use_is_one_line_and_touches_nothing(
+    tmp_path: Path,
+) -> None:
+    """Outside test: a second serve on a running proxy's --data-dir rewrote its
+    ports.json, s3-identities.json and sockets, then failed after ~1 s with 20 lines
+    of weed's log ("leveldb ... resource temporarily unavailable")."""
+    data_dir = tmp_path / "data"
+    args = ["--data-dir", str(data_dir), "--embedded-s3-port", "0"]
+    proxy = ProxyProcess.start(args, plain_env(), tmp_path / "first.log")
+    try:
+        before = {
+            name: (data_dir / name).read_bytes() for name in ("ports.json", "s3-identities.json")
+        }
+        t0 = time.monotonic()
+        second = subprocess.run(
+            [sys.executable, "-m", "s3proxy", "serve", "--port", str(free_port()), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=plain_env(),
+        )
+        took = time.monotonic() - t0
+        assert second.returncode == 1, second.stderr
+        assert second.stderr.strip().splitlines() == [
+            f"s3proxy: error: data dir {data_dir.resolve()} is in use by another s3proxy "
+            f"(pid {proxy.proc.pid})"
+        ], second.stderr
+        for name, content in before.items():
+            assert (data_dir / name).read_bytes() == content, name
+        assert took < 10, took
+        assert urllib.request.urlopen(f"{proxy.url}/readyz", timeout=5).status == 200
+    finally:
+        assert proxy.stop() == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import select
 import signal
@@ -427,3 +428,62 @@ def test_sigkilled_parent_leaves_no_weed(tmp_path: Path) -> None:
     killed = time.monotonic()
     wait_no_weed(int(weed_pid), tmp_path, within=WEED_SIGTERM_EXIT)
     print(f"weed gone {time.monotonic() - killed:.2f}s after its parent was SIGKILLed")
+
+
+def start_and_kill_keeper(data_dir: Path) -> int:
+    """Run a store in a child process (KEEPER), SIGKILL the child once it is ready; the
+    pid of the weed it leaves, stopping on its parent-death signal."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", KEEPER, str(data_dir)], stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert parent.stdout is not None
+        readable, _, _ = select.select([parent.stdout], [], [], 60)
+        assert readable, "the store did not start within 60 s"
+        _, weed_pid = parent.stdout.readline().decode().split()
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+    return int(weed_pid)
+
+
+async def test_a_store_started_right_after_its_parent_was_killed_waits_for_the_old_weed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tus tester: after kill -9 of a proxy, an immediate restart failed "weed exited
+    with code 255 while starting" (1 of 3 tries): the old weed, stopping on its
+    parent-death signal (about 1 s), still held its data. It holds the data dir's lock
+    too now (inherited), so the new store waits for it, then starts."""
+    weed_pid = start_and_kill_keeper(tmp_path)
+    caplog.set_level(logging.INFO, "s3proxy.embedded")
+    store = EmbeddedStore(EmbeddedConfig(data_dir=tmp_path, s3_port=0))
+    t0 = time.monotonic()
+    try:
+        await store.start()  # at once: the old weed is still stopping
+        took = time.monotonic() - t0
+        assert not process_alive(weed_pid)
+        assert "embedded.waiting_for_lock" in caplog.text
+    finally:
+        await store.stop()
+    print(f"started {took:.2f}s after the old store's parent was SIGKILLed")
+
+
+async def test_a_data_dir_in_use_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    async with EmbeddedStore(EmbeddedConfig(data_dir=tmp_path, s3_port=0)) as first:
+        ports = (tmp_path / "ports.json").read_bytes()
+        second = EmbeddedStore(
+            EmbeddedConfig(data_dir=tmp_path, s3_port=0, access_key="a" * 16, secret_key="b" * 32)
+        )
+        with pytest.raises(EmbeddedStoreError) as err:
+            await second.start()
+        assert str(err.value) == (
+            f"data dir {tmp_path} is in use by another s3proxy (pid {os.getpid()})"
+        )
+        assert (tmp_path / "ports.json").read_bytes() == ports
+        assert first.up
+    # once stopped, the dir is free again
+    async with EmbeddedStore(EmbeddedConfig(data_dir=tmp_path, s3_port=0)) as again:
+        assert again.up

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from s3proxy import errors
+from s3proxy.errors import UPSTREAM_ERROR, UPSTREAM_UNAVAILABLE, ProxyError
+from s3proxy.s3 import S3Error
 from tests import bodies
 from tests.bodies import MiB
 from tests.faults import OBJECT_WRITES, Fault, FaultyS3
@@ -332,8 +336,18 @@ async def test_transient_part_errors_are_retried(
     ids=["500", "403", "503", "drop", "timeout"],
 )
 async def test_part_upload_failure_aborts(
-    proxy_factory: Any, moto: Any, s3: Any, bucket: str, fault: Fault, status: int, code: str
+    proxy_factory: Any,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    fault: Fault,
+    status: int,
+    code: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(errors, "_upstream_limits", {})
+    caplog.set_level(logging.WARNING, "s3proxy.errors")
     raw = bodies.body(
         [
             bodies.file("a", "first.pdf", bodies.pdf(1000)),
@@ -351,6 +365,35 @@ async def test_part_upload_failure_aborts(
     expect_error(got, out, status, code)
     assert "AbortMultipartUpload" in faulty.calls
     await wait_clean(s3, bucket)
+    # The outside test: a 502 was only an INFO upload.aborted, nothing at WARNING said
+    # which S3 call failed or how.
+    [line] = [r.getMessage() for r in caplog.records if "upstream_failed" in r.getMessage()]
+    assert line.startswith("request.upstream_failed operation=UploadPart code="), line
+    assert f"error={code} status={status} times=1" in line, line
+    assert "code=- " not in line and f"code={code} " not in line, line  # S3's code, not ours
+
+
+def test_upstream_failures_are_logged_once_per_interval_per_call_and_code(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(errors, "_upstream_limits", {})
+    caplog.set_level(logging.INFO, "s3proxy.errors")
+    failed = S3Error(UPSTREAM_ERROR, "S3 UploadPart failed", operation="UploadPart", reason="E")
+    try:
+        raise ProxyError(UPSTREAM_ERROR, "wrapped") from failed
+    except ProxyError as exc:
+        wrapped = exc
+    for err in (failed, failed, wrapped, ProxyError(UPSTREAM_UNAVAILABLE, "store down")):
+        errors.error_response(err)
+    errors.error_response(ProxyError(errors.FILE_TOO_LARGE, "client's"))  # not upstream
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "request.upstream_failed operation=UploadPart code=E error=UPSTREAM_ERROR status=502 "
+        "times=1",
+        "request.upstream_failed operation=- code=UPSTREAM_UNAVAILABLE "
+        "error=UPSTREAM_UNAVAILABLE status=503 times=1",
+    ]
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
 
 
 @pytest.mark.parametrize(
