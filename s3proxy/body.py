@@ -21,10 +21,15 @@ WRITE_SIZE = 256 * 1024  # one socket write; aiohttp drains past 64 KiB buffered
 
 
 class ChunkedBody:
-    """Read-only, seekable view over a sequence of byte chunks."""
+    """Read-only, seekable view over a sequence of byte chunks.
+
+    It holds the caller's sequence itself, not a copy: when the caller empties it (the
+    part's memory goes back to the budget, ``budget.Reservation.cover``), the chunks go
+    even if a cancelled request still holds this body, in a reference cycle that only
+    the cyclic GC would free. The caller must not change it while a call sends it."""
 
     def __init__(self, chunks: Sequence[Chunk]) -> None:
-        self.chunks = tuple(chunks)
+        self.chunks = chunks
         self._size = sum(len(c) for c in self.chunks)
         self._pos = 0
 

@@ -52,7 +52,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 # Seconds the head of the line may wait before slow holders are judged: long enough
 # that a normal part release (S3 answering) usually comes first, short enough that a
@@ -261,12 +261,30 @@ class MemoryBudget:
 
 
 class Reservation:
-    """Bytes held from the budget; shrink to what a short part needs, release once."""
+    """Bytes held from the budget; shrink to what a short part needs, release once.
+
+    The budget must count a buffer until its bytes are really gone, not only until
+    its holder is done with it: a failed upload's frames live on in its exception's
+    traceback, often in a reference cycle that only the cyclic GC frees (the client
+    error that keeps the frame it was raised from, asyncio's cancelled tasks, aiohttp's
+    request writer), and everything they reach with it. So the lists of chunks a
+    reservation pays for are ``cover``-ed, and ``release`` empties them before it gives
+    the bytes back: whoever still holds a list then holds nothing. (Measured: 300 cut
+    uploads against a 32 MiB budget left 74 MiB of part chunks in cyclic garbage the
+    budget had given back, and RSS grew from 88 to 340 MB.)
+    """
 
     def __init__(self, budget: MemoryBudget, size: int) -> None:
         self._budget = budget
         self.size = size
         self.side = False  # held under a side cap (form fields)
+        self._covered: list[list[Any]] = []
+
+    def cover(self, *buffers: list[Any]) -> None:
+        """These lists hold bytes this reservation pays for: ``release`` empties them."""
+        for buffer in buffers:
+            if not any(buffer is held for held in self._covered):
+                self._covered.append(buffer)
 
     def shrink(self, size: int) -> None:
         if size < self.size:
@@ -277,6 +295,9 @@ class Reservation:
             self._budget._give(freed)
 
     def release(self) -> None:
+        covered, self._covered = self._covered, []
+        for buffer in covered:
+            buffer.clear()
         self._budget._forget(self)
         if self.size:
             size, self.size = self.size, 0

@@ -341,13 +341,24 @@ class ClientWatch:
         except asyncio.CancelledError:
             # our own cancel (not the task's owner's): the verdict instead
             if self._verdict is not None and task.uncancel() <= self._cancelling:
-                raise self._verdict from None
+                verdict, self._verdict = self._verdict, None
+                try:
+                    raise verdict from None
+                finally:
+                    del verdict  # see below
             raise
         except Exception as exc:
             mapped = client_error(exc)
             if mapped is None:
                 raise
-            raise mapped from exc
+            try:
+                raise mapped from exc
+            finally:
+                # Neither a local of this frame nor kept by ``self``: the error's
+                # traceback keeps this frame, and such a reference cycle would hold the
+                # request's frames, with what they hold, until the cyclic GC runs (see
+                # budget.Reservation).
+                del mapped
         finally:
             self._task = None
             self._client_time = self._base + (loop.time() - self._began)

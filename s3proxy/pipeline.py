@@ -269,6 +269,15 @@ def _crc_of_staged(loaded: Staged, algorithm: Algorithm) -> CrcValue:
     return running.result()
 
 
+def chunk_lists(action: object) -> list[list[Chunk]]:
+    """The lists of a part's chunks an action of the machine hands over (pure)."""
+    if isinstance(action, CreateUpload):
+        return [action.first]
+    if isinstance(action, SendPart | PutObject | Stage):
+        return [action.chunks]
+    return []
+
+
 def abort_reason(exc: BaseException) -> str:
     """A stable word for why an upload ended early: the error code, or how it was stopped."""
     if isinstance(exc, ProxyError):
@@ -358,9 +367,16 @@ class FileUpload:
         try:
             return await self._stream(source)
         except BaseException as exc:
+            self._drop_unsent()
             # To the end even if cancelled meanwhile; that cancellation is re-raised after.
             await finish(self._clean_up(abort_reason(exc)))
             raise
+
+    def _drop_unsent(self) -> None:
+        """Let go of the bytes read but not sent (the probe's, a part's staged bytes) now:
+        the failure's traceback keeps this upload reachable, maybe until the cyclic GC."""
+        self._probed.clear()  # (``size`` still counts them: they were received)
+        self._staged = None
 
     async def _clean_up(self, reason: str) -> None:
         """Stop the part calls in flight, then abort the multipart upload and delete
@@ -478,29 +494,11 @@ class FileUpload:
             while True:
                 action = machine.next_action()
                 if isinstance(action, Read):
-                    # No more than the part can hold. The source may still hand over up
-                    # to one chunk more (a file part's reads are whole chunks as the socket
-                    # brought them, never cut to size: a cut copies; the machine keeps the
-                    # overflow for the next part); that overflow, a peek and the probe are
-                    # the only data outside the budget.
-                    if probed:
-                        chunk = probed.popleft()
-                        self._probed_size -= len(chunk)
-                    elif probe_ended:
-                        chunk = b""
-                    else:
-                        chunk = await source.read(action.size)
-                    try:
-                        machine.feed(chunk)
-                    except FileTooLarge:
-                        raise self._too_large() from None
-                    self._hash.update(chunk)
-                    if crcs is not None:
-                        crcs.update(chunk)
-                    if self._filling is not None:
-                        self._filling.add(max(time.monotonic(), self._filling.last), self.size)
+                    await self._read(source, action.size, probe_ended)
                     continue
                 self._filling = None  # the part is full (or not begun): never evicted now
+                if reservation is not None:
+                    reservation.cover(*chunk_lists(action))
                 if isinstance(action, Reserve):
                     await self._wait_for_slot()
                     if not probed and not probe_ended:
@@ -510,19 +508,19 @@ class FileUpload:
                 elif isinstance(action, SendPart):
                     assert reservation is not None
                     reservation.shrink(action.size)
-                    chunks = await self._with_staged(action.staged, action.chunks)
+                    chunks = await self._with_staged(action.staged, action.chunks, reservation)
                     crc = None if crcs is None else self._crc_with_staged(crcs.take(action.number))
                     self._staged = None
                     self._launch(action.number, chunks, action.size, reservation, crc)
                     reservation = None
                 elif isinstance(action, CreateUpload):
-                    first = await self._with_staged(action.staged, action.first)
+                    first = await self._with_staged(action.staged, action.first, reservation)
                     content_type = self.content_type = self._content_type(first)
                     self.upload_id = await self._create(self._options(content_type))
                     self.created_here = True
                     log.debug("upload.created key=%s upload_id=%s", self.spec.key, self.upload_id)
                 elif isinstance(action, PutObject):
-                    chunks = await self._with_staged(action.staged, action.chunks)
+                    chunks = await self._with_staged(action.staged, action.chunks, reservation)
                     content_type = self._content_type(chunks)
                     crc = None if crcs is None else self._crc_with_staged(crcs.take(1))
                     return await self._put(chunks, content_type, crc)
@@ -535,7 +533,9 @@ class FileUpload:
                         # any of these is kept; the type itself is fixed later, at
                         # CreateMultipartUpload or PutObject, from these same bytes. Fewer
                         # than SNIFF_BYTES staged before (a tiny first PATCH) are read back.
-                        first = await self._with_staged(resume.point.staged, action.chunks)
+                        first = await self._with_staged(
+                            resume.point.staged, action.chunks, reservation
+                        )
                         self._content_type(first)
                     verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
                     await self._drain()  # the parts this request sent are acknowledged
@@ -556,9 +556,41 @@ class FileUpload:
             if reservation is not None:
                 reservation.release()
 
-    async def _with_staged(self, staged: int, chunks: list[Chunk]) -> list[Chunk]:
+    async def _read(self, source: ChunkSource, size: int, probe_ended: bool) -> None:
+        """Feed the machine one chunk: the probe's first, then the client's.
+
+        No more than the part can hold. The source may still hand over up to one chunk
+        more (a file part's reads are whole chunks as the socket brought them, never cut
+        to size: a cut copies; the machine keeps the overflow for the next part); that
+        overflow, a peek and the probe are the only data outside the budget. A frame of
+        its own: the chunk in hand is never a local of ``_stream``, whose frame a
+        failure's traceback keeps (``budget.Reservation``)."""
+        machine = self._machine
+        assert machine is not None
+        if self._probed:
+            chunk = self._probed.popleft()
+            self._probed_size -= len(chunk)
+        elif probe_ended:
+            chunk = b""
+        else:
+            chunk = await source.read(size)
+        try:
+            machine.feed(chunk)
+        except FileTooLarge:
+            chunk = b""  # not kept by this frame in the error's traceback
+            raise self._too_large() from None
+        self._hash.update(chunk)
+        if self._crcs is not None:
+            self._crcs.update(chunk)
+        if self._filling is not None:
+            self._filling.add(max(time.monotonic(), self._filling.last), self.size)
+
+    async def _with_staged(
+        self, staged: int, chunks: list[Chunk], reservation: Reservation | None
+    ) -> list[Chunk]:
         """``chunks`` after the part's staged bytes (loaded from where they are kept, once,
-        into the part's reservation, which counts them); ``chunks`` when none are."""
+        into the part's reservation, which counts them and covers every list of them);
+        ``chunks`` when none are."""
         if not staged:
             return chunks
         if self._staged is None:
@@ -570,7 +602,10 @@ class FileUpload:
             if self.cfg.checksum is not None:
                 self._staged_crc = _crc_of_staged(loaded, self.cfg.checksum)
             self._staged_sent += staged
-        return [*self._staged, *chunks]
+        joined = [*self._staged, *chunks]
+        if reservation is not None:
+            reservation.cover(self._staged, joined)
+        return joined
 
     @staticmethod
     def _tail_crc(crcs: PartCrcs, action: Stage) -> CrcValue:
@@ -712,6 +747,8 @@ class FileUpload:
         assert self.upload_id is not None
         upload_id = self.upload_id
 
+        reservation.cover(data)
+
         async def send() -> None:
             try:
                 etag = await self._checked(
@@ -726,8 +763,9 @@ class FileUpload:
                 self._sent += size
             finally:
                 # Free the bytes now, not when this task is reaped: the budget is
-                # released here, so the memory must be too.
-                data.clear()
+                # released here, and the release empties ``data`` (covered), which the
+                # request's body shares, so the memory goes too (a cancelled request's
+                # frames may live on in a reference cycle until the cyclic GC runs).
                 reservation.release()
 
         task = asyncio.create_task(send(), name=f"part-{number}")
@@ -735,7 +773,6 @@ class FileUpload:
         # A task cancelled before its first step never runs send()'s finally: free the
         # part here too (release is idempotent), or the budget would keep it for good.
         def free(_: asyncio.Task[None]) -> None:
-            data.clear()
             reservation.release()
 
         task.add_done_callback(free)

@@ -26,6 +26,18 @@ def test_read_in_pieces(size: int) -> None:
     assert out == DATA
 
 
+async def test_body_shares_the_callers_list() -> None:
+    """No copy of the chunk list: emptying it (the part's memory back to the budget)
+    frees the chunks even where a cancelled request still holds its body."""
+    chunks: list[bytes | memoryview] = [b"abc", b"de"]
+    body = ChunkedBody(chunks)
+    chunks.clear()
+    assert body.chunks == []
+    w = Writer()
+    await ChunkedBodyPayload(body).write_with_length(w, None)  # type: ignore[arg-type]
+    assert w.data == b""
+
+
 def test_seek_tell() -> None:
     body = ChunkedBody(CHUNKS)
     assert body.seek(0, io.SEEK_END) == len(DATA)

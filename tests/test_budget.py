@@ -21,6 +21,21 @@ async def test_acquire_and_release() -> None:
     assert b.peak == 60
 
 
+async def test_release_empties_the_buffers_it_covers() -> None:
+    """The bytes go back to the budget only with the lists that hold them emptied:
+    whoever still holds such a list (a failed request's frame) holds nothing."""
+    b = MemoryBudget(100)
+    r = await b.acquire(60)
+    part: list[bytes] = [b"a" * 30, b"b" * 30]
+    joined = [b"s", *part]
+    r.cover(part)
+    r.cover(part, joined)  # covered once
+    r.shrink(50)
+    assert part and joined, "shrinking frees no buffer"
+    r.release()
+    assert (part, joined, b.in_use) == ([], [], 0)
+
+
 async def test_waits_until_released_fifo() -> None:
     b = MemoryBudget(100)
     first = await b.acquire(80)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 from aiohttp.http_exceptions import InvalidHeader, LineTooLong
@@ -333,3 +335,28 @@ def test_request_boundary(ctype: str, boundary: str) -> None:
     from s3proxy.form import request_boundary
 
     assert request_boundary(ctype) == boundary
+
+
+@pytest.mark.parametrize("failure", ["disconnect", "timeout"])
+async def test_watch_errors_leave_no_reference_cycle(failure: str) -> None:
+    """The error a read raises is not kept by the frame its own traceback holds (a local,
+    or the watch's verdict): such a cycle held the request's frames, and the part
+    buffers they reached, until the cyclic GC ran. 1,500 uploads cut mid-part took the
+    proxy to a peak of 164 MB with these cycles, 142 MB without (README "Memory")."""
+
+    async def lost() -> bytes:
+        raise ConnectionResetError("Connection lost")
+
+    watch = ClientWatch(Counter(), idle_timeout=0.1, max_request_size=10**6)
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.raises(ProxyError) as err:
+            await watch.read(lost if failure == "disconnect" else lambda: asyncio.sleep(5))
+        assert err.value.kind.code in ("CLIENT_DISCONNECTED", "CLIENT_TIMEOUT")
+        raised = weakref.ref(err.value)
+        del err  # and with it pytest's reference: only a cycle keeps the error now
+        left = raised()
+    finally:
+        gc.enable()
+    assert left is None, "the error is kept by a reference cycle"
