@@ -360,12 +360,10 @@ def _object_metadata(meta: dict[str, str], upload_id: str) -> tuple[dict[str, st
     and as sent: stored as /upload stores form fields, with its limits and errors (the
     upload's id counted in, as it is stored too), so refused now if they cannot be."""
     fields = {k: v for k, v in meta.items() if k not in OWN_KEYS}
-    for name in fields:
-        if name.lower() == TUS_META:
-            raise ProxyError(INVALID_FIELD, f"Upload-Metadata: key {name!r} is reserved")
-    with_id: dict[str, str | list[str]] = {**fields, TUS_META: upload_id}
     try:
-        stored = field_metadata(with_id, _unstorable_key, noun="key")
+        stored = field_metadata(
+            dict(fields), _unstorable_key, noun="key", own={TUS_META: upload_id}
+        )
     except ProxyError as err:
         raise ProxyError(err.kind, f"Upload-Metadata: {err.message}") from None
     stored.pop(TUS_META, None)  # added with each PATCH's object (tus_ending.finished reads it)

@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,16 @@ log = logging.getLogger("s3proxy.uploads")
 # (https://docs.aws.amazon.com/AmazonS3/latest/userguide/UsingMetadata.html).
 MAX_METADATA_BYTES = 2048
 RESERVED_METADATA = {"sha256", keys.NONCE_META}
+# Names the proxy writes and reads back as proof (a tus upload's id, a --no-overwrite
+# nonce, a presigned upload's signed size): a client's field under this prefix could pass
+# another upload's object off as its own, so every such name is the proxy's.
+PROXY_METADATA_PREFIX = "s3proxy-"
+
+
+def reserved_metadata_name(lower: str) -> bool:
+    return lower in RESERVED_METADATA or lower.startswith(PROXY_METADATA_PREFIX)
+
+
 # A field name stored as metadata: HTTP token characters (RFC 9110 section 5.6.2) that
 # every store keeps, leading ``_``, ``.``, ``-`` included (``_token``, ``_charset_``).
 # Not others, nor percent-encoded: moto (5.2.5) silently drops an ``x-amz-meta-`` name
@@ -106,17 +116,19 @@ def field_metadata(
     fields: dict[str, str | list[str]],
     unstorable: Callable[[str], str] = unstorable_name,
     noun: str = "field",
+    own: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Fields as S3 metadata, or a clear error when they cannot be stored faithfully;
     ``unstorable`` and ``noun`` word the errors in the caller's protocol (a tus upload's
-    metadata has keys, not fields)."""
+    metadata has keys, not fields). ``own`` is metadata the proxy adds itself (names
+    under ``s3proxy-``): counted against S3's limit, and in the result."""
     meta: dict[str, str] = {}
     names: dict[str, str] = {}  # lowercased -> as sent
     for name, joined in stored_fields(fields).items():
         if not _METADATA_NAME.fullmatch(name):
             raise ProxyError(INVALID_FIELD, unstorable(name))
         lower = name.lower()
-        if lower in RESERVED_METADATA:
+        if reserved_metadata_name(lower):
             raise ProxyError(INVALID_FIELD, f"{noun} name {name!r} is reserved")
         if lower in names:
             raise ProxyError(
@@ -126,6 +138,7 @@ def field_metadata(
             )
         names[lower] = name
         meta[lower] = encode_metadata_value(joined)
+    meta.update(own or {})
     # What the proxy adds: the sha256, and the nonce of a --no-overwrite write.
     size = sum(len(k) + len(v) for k, v in meta.items()) + len("sha256") + 64 + keys.NONCE_BYTES
     if size > MAX_METADATA_BYTES:

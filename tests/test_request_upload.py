@@ -341,12 +341,31 @@ async def test_multipart_file_gets_its_metadata_at_create(store: GatedS3) -> Non
         ([Field("a", "1"), Field("b", "2")], NO_FILE),
         ([Field("Foo", "1"), Field("foo", "2"), "file"], INVALID_FIELD),
         ([Field("sha256", "x"), "file"], INVALID_FIELD),
+        # the proxy's own names, which it reads back as proof: a tus upload's id (a
+        # field of it made another client's object pass as that upload's, 204), a
+        # --no-overwrite nonce, a presigned upload's size; any other under s3proxy-
+        ([Field("s3proxy-tus", "x"), "file"], INVALID_FIELD),
+        ([Field("S3Proxy-Upload", "x"), "file"], INVALID_FIELD),
+        ([Field("s3proxy-size", "1"), "file"], INVALID_FIELD),
+        ([Field("s3proxy-anything", "1"), "file"], INVALID_FIELD),
         ([Field("a b", "x"), "file"], INVALID_FIELD),
         ([Field("big", "v" * 2048), "file"], METADATA_TOO_LARGE),
         # a bad field between two files: the first, already stored, is deleted
         (["file", Field("Foo", "1"), Field("FOO", "2"), "file"], INVALID_FIELD),
     ],
-    ids=["empty", "only-fields", "case", "reserved", "bad-name", "too-big", "after-a-file"],
+    ids=[
+        "empty",
+        "only-fields",
+        "case",
+        "reserved",
+        "tus-id",
+        "nonce",
+        "size",
+        "proxy-prefix",
+        "bad-name",
+        "too-big",
+        "after-a-file",
+    ],
 )
 async def test_refused_forms_store_nothing(
     store: GatedS3, items: list[Field | str], code: ErrorKind
