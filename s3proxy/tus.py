@@ -348,9 +348,11 @@ async def create(request: web.Request) -> web.StreamResponse:
     if with_body or length == 0:
         try:
             headers.update((await _append(request, state, store, 0)).headers())
-        except BaseException:
+        except BaseException as exc:
             # Refused: the client has no Location, so nothing of the upload may stay.
             await finish(run_cleanup(_undo(store), f"tus creation id={upload.id}", state.janitor))
+            if not isinstance(exc, tus_ending.Ended):  # it started: it ends here
+                state.metrics.uploads_aborted.labels(abort_reason(exc)).inc()
             raise
     return _answer(201, headers)
 
@@ -661,7 +663,7 @@ async def _append_tracked(
                 await run_cleanup(end, f"tus end id={upload.id}", state.janitor)
                 log.info("tus.ended key=%s id=%s reason=%s", upload.key, upload.id, err.kind.code)
                 state.metrics.uploads_aborted.labels(err.kind.code).inc()
-                raise ProxyError(err.kind, f"{err.message}; this upload is ended") from err
+                raise tus_ending.Ended(err.kind, f"{err.message}; this upload is ended") from err
             if err.kind.status >= 500 or err.kind is CHECKSUM_MISMATCH:
                 raise  # nothing of it is trusted: commit nothing
             # The client went away (or broke a limit) mid-PATCH: keep the parts S3 has

@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from s3proxy.errors import KEY_EXISTS, UPLOAD_LOCKED, ProxyError
-from s3proxy.handlers import notify
+from s3proxy.handlers import notify, notify_rolled_back
 from s3proxy.janitor import run_cleanup
 from s3proxy.pipeline import StoredFile
 from s3proxy.s3 import ChecksumDiffers, NoSuchKey, ObjectStore, PreconditionFailed, S3Error
@@ -22,6 +22,11 @@ from s3proxy.tus_url import TusUpload
 log = logging.getLogger("s3proxy.tus")
 
 TUS_META = "s3proxy-tus"  # the object's metadata: which tus upload made it
+
+
+class Ended(ProxyError):
+    """The upload ended with this error (removed, or its object rolled back), and was
+    counted as aborted: whoever sees it must not count it again."""
 
 
 async def remove_upload(bucket: ObjectStore, upload: TusUpload, current: TusState | None) -> None:
@@ -198,7 +203,9 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
                     f"rollback key={stored.key} tus_id={upload.id}",
                     state.janitor,
                 )
-                raise
+                # As /upload's rollback: the receiver may have got upload.completed.
+                await notify_rolled_back(state, [stored.key], err.kind.code)
+                raise Ended(err.kind, err.message) from err
         await run_cleanup(remover(store), f"tus state id={upload.id}", state.janitor)
     finally:
         if kept:  # also when cancelled meanwhile: the object stays

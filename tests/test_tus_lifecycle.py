@@ -4,6 +4,7 @@ tokens across PATCHes, and no file opened for writing (moto)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import io
 import itertools
@@ -319,7 +320,7 @@ async def test_the_webhook_hears_of_the_completed_upload_once(
 async def test_a_failing_webhook_rolls_the_upload_back(
     proxy_factory: ProxyFactory, aiohttp_server: Any, s3: Any, bucket: str
 ) -> None:
-    server, _ = await receiver(aiohttp_server, 500)
+    server, got = await receiver(aiohttp_server, 500)
     proxy = await proxy_factory(
         webhook_url=str(server.make_url("/hook")), webhook_secret=SECRET_HOOK, webhook_attempts=1
     )
@@ -327,6 +328,11 @@ async def test_a_failing_webhook_rolls_the_upload_back(
     resp = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
     assert resp.status == 502 and (await resp.json())["error"]["code"] == "WEBHOOK_FAILED"
     assert await objects(s3, bucket) == []
+    # as /upload's rollback: the receiver may have got upload.completed, so it is told
+    completed, rolled = (e["body"] for e in got)
+    assert (completed["event"], rolled["event"]) == ("upload.completed", "upload.rolled_back")
+    assert rolled["keys"] == [completed["files"][0]["key"]]
+    assert rolled["reason"] == "WEBHOOK_FAILED"
     from tests.test_metrics import scrape, value
 
     samples = await scrape(proxy)  # aborted for the webhook, never completed
@@ -677,3 +683,33 @@ async def test_a_retry_that_completes_after_the_lock_expired_keeps_its_object(
         assert [e["event"] for e in got].count("upload.completed") == 2  # at least once
     finally:
         await faulty.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize("refusal", ["checksum", "webhook"])
+async def test_a_refused_creation_with_upload_ends_once_in_the_metrics(
+    proxy_factory: ProxyFactory, aiohttp_server: Any, s3: Any, bucket: str, refusal: str
+) -> None:
+    """A creation whose body is refused (460 here) leaves nothing and gives no Location:
+    the upload it started ends there, aborted, once (it was counted started and never
+    ended); one whose webhook failed is counted aborted by the rollback, not twice."""
+    from tests.test_metrics import scrape, value
+
+    server, _ = await receiver(aiohttp_server, 500)
+    hook = {"webhook_url": str(server.make_url("/hook")), "webhook_secret": SECRET_HOOK}
+    proxy = await proxy_factory(webhook_attempts=1, **(hook if refusal == "webhook" else {}))
+    headers = {
+        **TUS_HEADERS,
+        "Upload-Length": "1000",
+        "Content-Type": "application/offset+octet-stream",
+    }
+    if refusal == "checksum":
+        headers["Upload-Checksum"] = "sha1 " + base64.b64encode(b"x" * 20).decode()
+    resp = await proxy.post("/tus/", data=body(1000), headers=headers)
+    expected = (460, "CHECKSUM_MISMATCH") if refusal == "checksum" else (502, "WEBHOOK_FAILED")
+    assert (resp.status, (await resp.json())["error"]["code"]) == expected
+    assert "Location" not in resp.headers
+    assert await objects(s3, bucket) == []
+    samples = await scrape(proxy)
+    assert value(samples, "s3proxy_uploads_started_total") == 1
+    assert value(samples, "s3proxy_uploads_aborted_total", reason=expected[1]) == 1
+    assert value(samples, "s3proxy_uploads_completed_total") == 0
