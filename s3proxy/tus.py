@@ -198,7 +198,7 @@ async def expect(request: web.Request) -> web.StreamResponse | None:
         codings.check_request(request)
         _check_headers(request)
         if "url" not in request.match_info:
-            _precheck_create(request)
+            await _precheck_create(request)
         elif request.method == "PATCH" or (
             request.headers.get("X-HTTP-Method-Override", "").upper() == "PATCH"
         ):
@@ -211,9 +211,10 @@ async def expect(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
-def _precheck_create(request: web.Request) -> None:
-    """A creation's own headers; a creation-with-upload's body past its Upload-Length."""
-    _check_creation(request)
+async def _precheck_create(request: web.Request) -> None:
+    """What a creation's headers refuse (``plan_creation``); a creation-with-upload's body
+    past its Upload-Length."""
+    await plan_creation(request, request.app[STATE])
     if request.content_type != OFFSET_STREAM or "Upload-Length" not in request.headers:
         return
     length = tus_protocol.parse_count("Upload-Length", request.headers.get("Upload-Length"))
@@ -273,11 +274,22 @@ async def options(request: web.Request) -> web.Response:
     return resp
 
 
-@_tus_errors
-async def create(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    _refuse_draining(state)
-    _check_headers(request)
+@dataclass(frozen=True)
+class Creation:
+    """What a creation's headers decide, before anything is stored: refused whole by
+    ``plan_creation`` (also at ``Expect: 100-continue``, before the body is sent)."""
+
+    principal: Principal
+    upload: TusUpload
+    token: str
+    stored_meta: dict[str, str]
+    fields: dict[str, str]
+
+
+async def plan_creation(request: web.Request, state: AppState) -> Creation:
+    """The upload a creation makes, from its headers alone: its size against the limits,
+    its metadata as S3 metadata, its key (not taken, where uploads do not replace
+    objects), its URL."""
     _check_creation(request)
     principal = state.auth.authenticate(request)
     deferred = request.headers.get("Upload-Defer-Length")
@@ -326,16 +338,29 @@ async def create(request: web.Request) -> web.StreamResponse:
             f"Upload-Metadata makes the upload URL {len(token)} characters long, over "
             f"{tus_url.MAX_URL_TOKEN}; send a shorter filename or filetype",
         )
+    if cfg.writes.if_none_match:
+        await refuse_stored(state.require_sink(), key)
+    return Creation(principal, upload, token, stored_meta, fields)
+
+
+@_tus_errors
+async def create(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    _refuse_draining(state)
+    _check_headers(request)
+    creation = await plan_creation(request, state)
+    upload, token, principal = creation.upload, creation.token, creation.principal
+    key, length, cfg = upload.key, upload.length, state.pipeline
     store = TusStore(state.require_sink(), upload)
     with_body = request.content_type == OFFSET_STREAM and request.can_read_body
     if with_body:
         _check_patch(request, upload, 0)  # what can be refused is refused before state
-    if cfg.writes.if_none_match:
-        await refuse_stored(store.bucket, key)
     checksum = None if cfg.checksum is None else cfg.checksum.value
     try:
         await store.create(
-            TusState(key=key, checksum=checksum, metadata=stored_meta, fields=fields)
+            TusState(
+                key=key, checksum=checksum, metadata=creation.stored_meta, fields=creation.fields
+            )
         )
     except ProxyError:
         # The write may have landed (its answer lost, or a 500 after S3 stored it): with

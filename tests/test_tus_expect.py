@@ -4,6 +4,7 @@ refuse is answered before the client sends a byte of body, not after a 100 Conti
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Any
 
 import pytest
@@ -90,3 +91,45 @@ async def test_a_concatenation_gets_no_100_continue(proxy_factory: ProxyFactory)
     )
     head = await _first_answer(proxy.port, request)
     assert head.startswith(b"HTTP/1.1 400"), head
+
+
+def _creation(**headers: str) -> bytes:
+    base = {
+        "Host": "x",
+        "Tus-Resumable": "1.0.0",
+        "Upload-Length": "10",
+        "Content-Type": "application/offset+octet-stream",
+        "Content-Length": "10",
+        "Expect": "100-continue",
+        **headers,
+    }
+    lines = "".join(f"{k}: {v}\r\n" for k, v in base.items())
+    return f"POST /tus/ HTTP/1.1\r\n{lines}\r\n".encode()
+
+
+def _meta(**pairs: str) -> str:
+    return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in pairs.items())
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Upload-Metadata": _meta(**{"a:b": "x"})}, b"400"),  # not a metadata name
+        ({"Upload-Metadata": _meta(sha256="x")}, b"400"),  # reserved
+        ({"Upload-Metadata": _meta(note="x" * 2000)}, b"413"),  # over S3's 2 KB
+        ({"Upload-Length": "20000000000"}, b"413"),  # over --max-file-size
+        ({"Upload-Metadata": _meta(filename="taken.bin")}, b"409"),  # a shared key, stored
+    ],
+    ids=["name", "reserved", "too-large", "too-long", "key-taken"],
+)
+async def test_a_creation_its_headers_refuse_gets_no_100_continue(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, headers: dict[str, str], status: bytes
+) -> None:
+    """Every refusal the creation's headers decide comes before the body is sent: the
+    metadata stored as S3 metadata, the size, a taken key (the re-probe: 100 Continue,
+    then the refusal after the whole body)."""
+    s3.put_object(Bucket=bucket, Key="in/taken.bin", Body=b"someone else's")
+    proxy = await proxy_factory(key_template="in/{filename}")
+    head = await _first_answer(proxy.port, _creation(**headers))
+    assert head.startswith(b"HTTP/1.1 " + status), head
+    assert b"Tus-Resumable: 1.0.0" in head
