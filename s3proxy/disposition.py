@@ -42,8 +42,11 @@ The rules, in order:
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from urllib.parse import quote_from_bytes, unquote_to_bytes
+
+from s3proxy.errors import quoted
 
 # The bytes a quoted-string backslash escapes; any other backslash is data.
 _ESCAPABLE = frozenset(b'"\\ \t')
@@ -163,12 +166,20 @@ def split_params(raw: bytes, escapes: bool = True) -> tuple[bytes, list[tuple[st
     return dtype, params
 
 
+def _blank(text: str) -> bool:
+    """Nothing a name could be made of: empty, or only spaces, controls and format
+    characters (``filename*=UTF-8''%20``, ``%00``, a zero-width space), which the
+    filename's sanitizing drops to nothing. Such a ``key*`` must not hide a plain
+    ``key="a.pdf"``."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
+
+
 def _gather(params: list[tuple[str, bytes]], key: str) -> str | None:
     """The value of ``key``: ``key*`` (or its continuations) if it decodes, else ``key``."""
     found = dict(params)
     if f"{key}*" in found:
         ext = decode_ext(found[f"{key}*"])
-        if ext:  # "" (filename*=UTF-8'') must not hide a plain filename="a.pdf"
+        if ext is not None and not _blank(ext):
             return ext
     pieces: dict[int, tuple[bool, bytes]] = {}
     for name, value in params:
@@ -184,7 +195,7 @@ def _gather(params: list[tuple[str, bytes]], key: str) -> str | None:
             )
         else:
             text = decode_text(b"".join(unquote_to_bytes(v) if star else v for star, v in ordered))
-        if text:
+        if text is not None and not _blank(text):
             return text
     if key in found:
         return decode_plain(found[key])
@@ -240,7 +251,7 @@ def parse_form_disposition(raw: bytes) -> FormDisposition:
     names = [n for n, _ in params]
     for n in set(names):
         if names.count(n) > 1:
-            raise ValueError(f"the parameter {n!r} is given twice")
+            raise ValueError(f"the parameter {quoted(n)} is given twice")
     return FormDisposition(
         type=decode_text(dtype).lower(),
         name=_gather(params, "name"),

@@ -124,6 +124,19 @@ class ProxyError(Exception):
         return f"ProxyError({self.kind.code}, {self.message!r})"
 
 
+# The most of a client's own text (a field name, a header's value) an error message
+# quotes back: enough to find it, never the client's bytes by the kilobyte.
+QUOTED_LIMIT = 64
+
+
+def quoted(text: str, limit: int = QUOTED_LIMIT) -> str:
+    """``text`` as an error message quotes it: repr'd (so control characters show as
+    escapes), cut to ``limit`` characters with a trailing "..." when longer."""
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + "..."
+
+
 def error_body(kind: ErrorKind, message: str) -> dict[str, Any]:
     return {"error": {"code": kind.code, "message": message}}
 

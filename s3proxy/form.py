@@ -52,7 +52,7 @@ from multidict import CIMultiDictProxy
 
 from s3proxy.delimiter import DelimiterScan
 from s3proxy.digests import Declared, DigestError, read_declared
-from s3proxy.disposition import decode_text, header_bytes, parse_form_disposition, split_params
+from s3proxy.disposition import header_bytes, parse_form_disposition, split_params
 from s3proxy.errors import (
     CLIENT_DISCONNECTED,
     CLIENT_TIMEOUT,
@@ -65,6 +65,7 @@ from s3proxy.errors import (
     TOO_MANY_FILES,
     ErrorKind,
     ProxyError,
+    quoted,
 )
 from s3proxy.keys import sanitize_filename
 from s3proxy.limits import RateMeter
@@ -539,17 +540,17 @@ def read_part_head(headers: CIMultiDictProxy[str]) -> PartHead:
     if disp.type != "form-data":
         raise ProxyError(
             MALFORMED_MULTIPART,
-            f"a part's Content-Disposition is {disp.type!r}, not form-data (RFC 7578 section 4.2)",
+            f"a part's Content-Disposition is {quoted(disp.type)}, not form-data (RFC 7578 section "
+            "4.2)",
         )
     if disp.name is None:
         raise ProxyError(MALFORMED_MULTIPART, "a part has no name in its Content-Disposition")
     encoding = _one(headers, hdrs.CONTENT_TRANSFER_ENCODING)
     if encoding is not None and encoding.strip().lower() not in IDENTITY_TRANSFER_ENCODINGS:
-        shown = decode_text(header_bytes(encoding))
         raise ProxyError(
             MALFORMED_MULTIPART,
-            f"part {disp.name!r} has Content-Transfer-Encoding {shown!r}: not supported "
-            "(RFC 7578 section 4.7); send the bytes as they are",
+            f"part {quoted(disp.name)} has a Content-Transfer-Encoding other than 7bit, 8bit "
+            "or binary: not supported (RFC 7578 section 4.7); send the bytes as they are",
         )
     declared = _one(headers, hdrs.CONTENT_TYPE)
     if declared is not None and not (declared.isascii() and _MEDIA_TYPE.match(declared)):
@@ -561,7 +562,7 @@ def read_part_head(headers: CIMultiDictProxy[str]) -> PartHead:
                 headers.getall("Content-Digest", []), headers.getall(hdrs.CONTENT_MD5, [])
             )
         except DigestError as exc:
-            raise ProxyError(INVALID_DIGEST, f"part {disp.name!r}: {exc}") from None
+            raise ProxyError(INVALID_DIGEST, f"part {quoted(disp.name)}: {exc}") from None
     return PartHead(disp.name, disp.filename, declared, digests)
 
 
@@ -783,15 +784,16 @@ async def _read_field(
         data += chunk
         if len(data) > limits.max_field_size:
             raise ProxyError(
-                FIELD_TOO_LARGE, f"field {name!r} over the limit of {limits.max_field_size} bytes"
+                FIELD_TOO_LARGE,
+                f"field {quoted(name)} over the limit of {limits.max_field_size} bytes",
             )
         if len(data) > room:
             raise ProxyError(
                 FIELD_TOO_LARGE,
                 f"form field values over the limit of {limits.max_fields_size} bytes "
-                f"per request (at field {name!r})",
+                f"per request (at field {quoted(name)})",
             )
     try:
         return _Value(data.decode("utf-8"), len(data))
     except UnicodeDecodeError:
-        raise ProxyError(INVALID_FIELD, f"field {name!r} is not UTF-8 text") from None
+        raise ProxyError(INVALID_FIELD, f"field {quoted(name)} is not UTF-8 text") from None

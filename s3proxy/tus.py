@@ -64,6 +64,7 @@ from s3proxy.errors import (
     UPLOAD_LOCKED,
     ProxyError,
     error_response,
+    quoted,
 )
 from s3proxy.form import ClientWatch
 from s3proxy.janitor import finish, run_cleanup
@@ -399,7 +400,7 @@ def _object_metadata(meta: dict[str, str], upload_id: str) -> tuple[dict[str, st
 
 def _unstorable_key(name: str) -> str:
     return (
-        f"key {name!r} would be the object's S3 metadata name, which may hold only ASCII "
+        f"key {quoted(name)} would be the object's S3 metadata name, which may hold only ASCII "
         "letters, digits, '_', '.' and '-'"
     )
 

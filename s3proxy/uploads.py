@@ -38,7 +38,7 @@ from typing import Any
 from s3proxy import keys
 from s3proxy.budget import MemoryBudget, Reservation
 from s3proxy.digests import DigestCheck
-from s3proxy.errors import INVALID_FIELD, METADATA_TOO_LARGE, NO_FILE, ProxyError
+from s3proxy.errors import INVALID_FIELD, METADATA_TOO_LARGE, NO_FILE, ProxyError, quoted
 from s3proxy.form import Field, FilePart
 from s3proxy.janitor import Janitor, run_cleanups
 from s3proxy.metrics import Metrics
@@ -106,7 +106,7 @@ def stored_fields(fields: dict[str, str | list[str]]) -> dict[str, str]:
 def unstorable_name(name: str) -> str:
     """Why a field sent before a file cannot be stored with it, and the way out."""
     return (
-        f"field {name!r} comes before a file, so it would be stored as the file's S3 "
+        f"field {quoted(name)} comes before a file, so it would be stored as the file's S3 "
         "metadata, whose names may hold only ASCII letters, digits, '_', '.' and '-'; "
         'rename it, or send it after the last file (it is then returned under "fields" only)'
     )
@@ -129,12 +129,12 @@ def field_metadata(
             raise ProxyError(INVALID_FIELD, unstorable(name))
         lower = name.lower()
         if reserved_metadata_name(lower):
-            raise ProxyError(INVALID_FIELD, f"{noun} name {name!r} is reserved")
+            raise ProxyError(INVALID_FIELD, f"{noun} name {quoted(name)} is reserved")
         if lower in names:
             raise ProxyError(
                 INVALID_FIELD,
-                f"{noun}s {names[lower]!r} and {name!r} differ only in case; S3 metadata "
-                "names are case-insensitive, so they cannot both be stored",
+                f"{noun}s {quoted(names[lower])} and {quoted(name)} differ only in case; S3 "
+                "metadata names are case-insensitive, so they cannot both be stored",
             )
         names[lower] = name
         meta[lower] = encode_metadata_value(joined)

@@ -94,6 +94,12 @@ TABLE = [
     (b'form-data; name="f"; filename="a.pdf"; filename*=UTF-8\'en\'', fd("f", "a.pdf")),
     (b'form-data; name="f"; filename="a.pdf"; filename*0*=UTF-8\'\'', fd("f", "a.pdf")),
     (b'form-data; name="f"; filename="a.pdf"; filename*0=""', fd("f", "a.pdf")),
+    # nor one that decodes to only spaces, controls or format characters (the re-probe)
+    (b'form-data; name="f"; filename="a.pdf"; filename*=UTF-8\'\'%20', fd("f", "a.pdf")),
+    (b'form-data; name="f"; filename="a.pdf"; filename*=UTF-8\'\'%00', fd("f", "a.pdf")),
+    (b'form-data; name="f"; filename="a.pdf"; filename*=UTF-8\'\'%E2%80%8B', fd("f", "a.pdf")),
+    (b'form-data; name="f"; filename="a.pdf"; filename*=UTF-8\'\'%E3%80%80%09', fd("f", "a.pdf")),
+    (b'form-data; name="f"; filename="a.pdf"; filename*0*=UTF-8\'\'%20', fd("f", "a.pdf")),
     (b"form-data; name=\"f\"; filename*=UTF-8''", fd("f", "")),  # alone: an empty name
     (b"form-data; name=\"title\"; name*=UTF-8''", fd("title")),
     (b'form-data; name="t"; name*0*=UTF-8\'\'; filename="a"', fd("t", "a")),

@@ -190,7 +190,7 @@ def test_read_part_head(pairs: list[tuple[str, str]], want: PartHead) -> None:
                 ("Content-Disposition", 'form-data; name="a"'),
                 ("Content-Transfer-Encoding", "base64"),
             ],
-            "Content-Transfer-Encoding 'base64'",
+            "other than 7bit, 8bit or binary",
         ),
         (  # only the first was checked: binary passed, the part was really base64
             [
@@ -215,6 +215,30 @@ def test_read_part_head_refuses(pairs: list[tuple[str, str]], words: str) -> Non
         read_part_head(headers(*pairs))
     assert err.value.kind.code == "MALFORMED_MULTIPART"
     assert words in err.value.message
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("Content-Disposition", 'form-data; name="a"'), ("Content-Transfer-Encoding", "x" * 7800)],
+        [("Content-Disposition", "y" * 7800 + '; name="a"')],
+        [
+            ("Content-Disposition", f'form-data; name="{"n" * 7800}"'),
+            ("Content-Transfer-Encoding", "q"),
+        ],
+        [("Content-Disposition", f'form-data; {"p" * 7800}=1; {"p" * 7800}=2; name="a"')],
+    ],
+    ids=["encoding", "type", "name", "parameter"],
+)
+def test_a_refusal_quotes_no_more_than_a_little_of_the_clients_text(
+    pairs: list[tuple[str, str]],
+) -> None:
+    """A message names what it refuses, not kilobytes of it (the re-probe: a 7.8 KB
+    Content-Transfer-Encoding came back whole in the error)."""
+    with pytest.raises(ProxyError) as err:
+        read_part_head(headers(*pairs))
+    assert err.value.kind.code == "MALFORMED_MULTIPART"
+    assert len(err.value.message) < 250, err.value.message
 
 
 # --- the minimum rate and eviction ------------------------------------------------------
