@@ -166,9 +166,17 @@ class Appended:
         if file is None or not file.created_here or file.upload_id is None:
             return
         key, upload_id = self.store.upload.key, file.upload_id
-        log.info("upload.aborted key=%s upload_id=%s reason=uncommitted", key, upload_id)
-        await run_cleanup(
-            lambda: self.store.bucket.abort(key, upload_id),
-            f"abort key={key} upload_id={upload_id}",
-            state.janitor,
-        )
+
+        async def abort() -> None:
+            # "Never committed" as this PATCH saw it: a commit answered late or with an
+            # error may have landed all the same, and then the state names this upload.
+            # Unless the state says otherwise now, it stays (an upload no state names is
+            # the orphan sweep's); aborting it would leave the upload unable to finish.
+            found = await self.store.read()
+            if found is not None and found[0].upload_id == upload_id:
+                log.info("upload.kept key=%s upload_id=%s reason=committed", key, upload_id)
+                return
+            log.info("upload.aborted key=%s upload_id=%s reason=uncommitted", key, upload_id)
+            await self.store.bucket.abort(key, upload_id)
+
+        await run_cleanup(abort, f"abort key={key} upload_id={upload_id}", state.janitor)

@@ -117,18 +117,35 @@ class Lease:
         async with self._mutex:
             try:
                 await self._swap_own(new)
-            except (PreconditionFailed, NoSuchKey):
-                self.lost = True
-                log.warning(
-                    "tus.commit_lost_lock id=%s owner=%s offset=%d",
-                    self.store.upload.id,
-                    self.owner,
-                    new.offset,
-                )
-                raise ProxyError(
-                    UPLOAD_LOCKED, "this PATCH lost its lock (it stalled); HEAD and resume"
-                ) from None
+            except ProxyError as err:
+                # The commit may have landed, its answer late or an error (a commit writes
+                # no lock, so ``_swap_own`` cannot tell it by the owner): the state read
+                # back is exactly the one sent, then it is this PATCH's.
+                if not await self._committed_unseen(new):
+                    if isinstance(err, PreconditionFailed | NoSuchKey):
+                        raise self._lost(new) from None
+                    raise
         return new.offset
+
+    async def _committed_unseen(self, new: TusState) -> bool:
+        with contextlib.suppress(ProxyError):
+            found = await self.store.read()
+            if found is not None and found[0] == new:
+                log.info("tus.commit_recovered id=%s owner=%s", self.store.upload.id, self.owner)
+                self.etag = found[1]
+                return True
+        return False
+
+    def _lost(self, new: TusState) -> ProxyError:
+        """A commit refused because another request changed the state: the lock was lost."""
+        self.lost = True
+        log.warning(
+            "tus.commit_lost_lock id=%s owner=%s offset=%d",
+            self.store.upload.id,
+            self.owner,
+            new.offset,
+        )
+        return ProxyError(UPLOAD_LOCKED, "this PATCH lost its lock (it stalled); HEAD and resume")
 
     async def release(self) -> None:
         """Give the lock back after a failed PATCH, best effort (else it goes stale); only

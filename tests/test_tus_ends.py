@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import io
 from typing import Any
+from urllib.parse import unquote
+
+import pytest
 
 from s3proxy.tus_url import RESERVED_PREFIX
 from tests.conftest import ProxyFactory
-from tests.faults import Fault, FaultyS3
+from tests.faults import Fault, FaultyS3, tus_operation
 from tests.s3util import all_keys_async, open_uploads_async, read_object_async
 from tests.test_tus import TUS, MiB, body, meta, reserved
 from tests.test_tus_lifecycle import new_upload, patch_headers
@@ -170,3 +173,44 @@ async def test_a_lost_put_answer_of_a_small_file_ends_in_the_stored_object(
         assert resp.status == 204, await resp.text()
         assert await read_object_async(s3, bucket, resp.headers["S3Proxy-Key"]) == data
     assert await reserved(s3, bucket) == []
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+async def test_a_commit_that_landed_unseen_is_this_patchs(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str, attempts: int
+) -> None:
+    """The PATCH that filled the first part (its multipart upload made here) had its
+    commit stored by S3, the answer late: it took the commit for lost, aborted the
+    multipart upload the stored state named, and every later PATCH failed (502) while
+    HEAD said resumable, for good (the re-probe, 3 of 3). Its own commit read back is
+    recognised now, and nothing named by the state is aborted."""
+    armed = {"on": False}
+    states: list[str] = []
+
+    def rule(op: str, _: int) -> Fault | None:
+        if armed["on"] and op == "PutObject:state":
+            states.append(op)  # the lock first, then the commit
+            return Fault(late=2.0) if len(states) == 2 else None
+        return None
+
+    data = body(11 * MiB, seed=5)
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
+        proxy = await proxy_factory(
+            faulty.endpoint_url, s3_read_timeout=1.0, s3_max_attempts=attempts, part_size=8 * MiB
+        )
+        url = await new_upload(proxy, len(data))
+        first = io.BytesIO(data[: 4 * MiB])
+        assert (await proxy.patch(url, data=first, headers=patch_headers(0))).status == 204
+        armed["on"] = True
+        second = io.BytesIO(data[4 * MiB : 8 * MiB])
+        resp = await proxy.patch(url, data=second, headers=patch_headers(4 * MiB))
+        armed["on"] = False
+        assert resp.status == 204, await resp.text()
+        assert resp.headers["Upload-Offset"] == str(8 * MiB)
+        rest = io.BytesIO(data[8 * MiB :])
+        resp = await proxy.patch(url, data=rest, headers=patch_headers(8 * MiB))
+        assert resp.status == 204, await resp.text()
+        key = resp.headers["S3Proxy-Key"]
+    assert await read_object_async(s3, bucket, unquote(key)) == data
+    assert await reserved(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
