@@ -60,7 +60,9 @@ _SECRET_NAMES = frozenset(SECRET_PARAMS)
 _QUERY_PAIR = re.compile(r"([?&;])([^=&;?\s\"'#]+)=([^&;?\s\"'#]*)")
 # A tus upload URL's token (``s3proxy.tus_url``: b64url(json) "." b64url(HMAC)): a
 # bearer capability for one upload, so its signature is masked wherever it shows up.
-_TUS_SEGMENT = re.compile(r"/tus/([^/?\s\"'#]+)")
+# The path after it, to the query: also ``/TUS/``, ``/tus%2F`` and a token with more after
+# it (``<token>%20``, ``<token>;x``): each a 404, its signature still valid elsewhere.
+_TUS_SEGMENT = re.compile(r"/tus(?:/|%2f)([^?\s\"'#]+)", re.IGNORECASE)
 # What the app accepts as an upload URL, once aiohttp has percent-decoded the path: a
 # MAC is 43 characters, a body over a hundred; 16 keeps a key such as tus/a.pdf as it is.
 _TUS_TOKEN = re.compile(r"([A-Za-z0-9_-]{16,})\.[A-Za-z0-9_-]{16,}")
@@ -83,10 +85,10 @@ def _mask_param(m: re.Match[str]) -> str:
 
 
 def _mask_tus(m: re.Match[str]) -> str:
-    token = _TUS_TOKEN.fullmatch(unquote(m.group(1)))
+    token = _TUS_TOKEN.search(unquote(m.group(1)))
     if token is None:
-        return m.group(0)  # not a URL the app would take (nor its signature's bytes)
-    return f"/tus/{token.group(1)}.{REDACTED}"
+        return m.group(0)  # no upload URL's token in it (nor its signature's bytes)
+    return f"/tus/{token.group(1)}.{REDACTED}"  # what followed the token is dropped too
 
 
 def redact(text: str) -> str:
@@ -96,7 +98,7 @@ def redact(text: str) -> str:
     # pairs, few have a query (the two regex passes were ~2% of a small upload's CPU).
     if "=" in text and ("?" in text or "&" in text or ";" in text):
         text = _QUERY_PAIR.sub(_mask_param, text)
-    if "/tus/" in text:
+    if "/tus" in text or "/TUS" in text.upper():
         text = _TUS_SEGMENT.sub(_mask_tus, text)
     if "bearer" in text.lower():
         text = _BEARER.sub(r"\1" + REDACTED, text)

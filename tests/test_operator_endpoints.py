@@ -74,6 +74,16 @@ SECRET = "s" * 32
         ),
         (f"/tus/{TUS_BODY}%2E{TUS_SIG}?x=1", f"/tus/{TUS_BODY}.REDACTED?x=1"),
         (f"/tus/{TUS_BODY}.%{ord(TUS_SIG[0]):02X}{TUS_SIG[1:]}", f"/tus/{TUS_BODY}.REDACTED"),
+        # a path slightly off (each a 404) still carries a valid signature (the re-probe)
+        (
+            f'"HEAD /tus/{TUS_BODY}.{TUS_SIG}%20 HTTP/1.1"',
+            f'"HEAD /tus/{TUS_BODY}.REDACTED HTTP/1.1"',
+        ),
+        (f"/tus/{TUS_BODY}.{TUS_SIG};x", f"/tus/{TUS_BODY}.REDACTED"),
+        (f"/tus/{TUS_BODY}.{TUS_SIG}%2Fmore", f"/tus/{TUS_BODY}.REDACTED"),
+        (f"/TUS/{TUS_BODY}.{TUS_SIG}", f"/tus/{TUS_BODY}.REDACTED"),
+        (f"/tus%2F{TUS_BODY}.{TUS_SIG}", f"/tus/{TUS_BODY}.REDACTED"),
+        (f"/tus/x/{TUS_BODY}.{TUS_SIG}", f"/tus/{TUS_BODY}.REDACTED"),
         # not upload URLs: a key under tus/, the creation endpoint
         ("upload.completed key=u/tus/report.pdf", "upload.completed key=u/tus/report.pdf"),
         ('"POST /tus/ HTTP/1.1" 201', '"POST /tus/ HTTP/1.1" 201'),
