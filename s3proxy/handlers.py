@@ -174,16 +174,17 @@ async def _store(request: web.Request, state: AppState, principal: Principal) ->
     return response
 
 
-async def notify(state: AppState, body: dict[str, Any]) -> dict[str, Any]:
+async def notify(state: AppState, body: dict[str, Any], *, keep: bool = False) -> dict[str, Any]:
     """Tell the application; if it cannot be told, fail (the caller rolls back) or keep,
-    as configured. Any other exception fails the request whatever the policy."""
+    as configured (``keep`` forces keeping: for an object some request may already have
+    reported stored). Any other exception fails the request whatever the policy."""
     assert state.webhook is not None
     rid = REQUEST_ID.get()
     event = {"event": "upload.completed", "request_id": rid, "time": int(time.time()), **body}
     try:
         await state.webhook.deliver(event, rid)
     except WebhookError as exc:
-        if state.settings.webhook_failure == "rollback":
+        if state.settings.webhook_failure == "rollback" and not keep:
             log.error("webhook.failed action=rollback reason=%s", exc.reason)
             raise ProxyError(
                 WEBHOOK_FAILED, f"the upload was rolled back: the webhook failed ({exc.reason})"

@@ -565,7 +565,7 @@ async def complete_multipart(request: web.Request) -> web.Response:
             ctx.state.janitor,
             retry=(lambda: _hold_later(ctx, key)) if ctx.writes.unique_keys else None,
         )
-        log.info("presign.unchecked_deleted key=%s upload_id=%s", key, upload_id)
+        log.info("presign.size_unchecked key=%s upload_id=%s action=delete", key, upload_id)
         raise
     return await _answer(ctx, await _held_to_size(ctx, key, upload_id, head, len(found)), head)
 
@@ -586,7 +586,10 @@ async def _completed_object(ctx: Context, key: str) -> ObjectHead | None:
 async def _hold_later(ctx: Context, key: str) -> None:
     """The janitor's retry of a failed complete's delete: hold the object to its size as
     a retried complete would (delete it if wrong, keep it if right: that complete may
-    have answered 200 for it)."""
+    have answered 200 for it). A kept object is told to the webhook, so the application
+    hears of it even if no complete is retried (at least once: a retried one told it
+    too); its failure then only logs, as ``--webhook-failure keep`` would: a retried
+    complete may have reported the object stored."""
     try:
         head = await ctx.sink.head(key)
     except NoSuchKey:
@@ -595,6 +598,10 @@ async def _hold_later(ctx: Context, key: str) -> None:
     readable = signed.isascii() and signed.isdigit() and len(signed) <= 20
     if not readable or int(signed) == head.length:  # as _held_to_size judges it
         log.info("presign.checked_later key=%s size=%d action=kept", key, head.length)
+        if ctx.state.webhook is not None:
+            out = await _held_to_size(ctx, key, "", head)
+            body = {"files": [completed_file(out, head)], "fields": {}}
+            await notify(ctx.state, body, keep=True)
         return
     await ctx.sink.delete(key)
     log.info("presign.checked_later key=%s signed=%s action=deleted", key, signed)

@@ -826,14 +826,23 @@ async def test_multipart_complete_keeps_the_object_if_so_configured(
 @pytest.mark.parametrize("retried", [True, False], ids=["retried", "not-retried"])
 @pytest.mark.parametrize("stored", [6 * MiB, 7 * MiB], ids=["right-size", "wrong-size"])
 async def test_a_queued_delete_never_removes_what_a_retried_complete_reported(
-    proxy_factory: Any, moto: Any, s3: Any, bucket: str, stored: int, retried: bool
+    proxy_factory: Any,
+    aiohttp_server: Any,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    stored: int,
+    retried: bool,
 ) -> None:
     """Signed for 6 MiB; S3 completes, the size check fails (HeadObject 500) and so does
     the delete that follows (DeleteObject 500): the client gets 502 and the delete goes to
     the janitor. The client's retried complete then finds the object, checks it and
     answers 200; the janitor must not delete it afterwards (the faults probe's s15: 200,
     then the object gone 6 s later). The janitor holds it to its size instead: it deletes
-    a wrong-sized object, and keeps a right-sized one (a retry may report it stored)."""
+    a wrong-sized object, and keeps a right-sized one (a retry may report it stored),
+    which the webhook is told of even if no complete is retried (the re-probe: kept after
+    the 502, the application never heard of it)."""
+    server, got = await receiver(aiohttp_server, 204)
     armed = False
     rule = lambda o, n: (  # noqa: E731
         Fault(status=500) if armed and o in ("HeadObject", "DeleteObject") else None
@@ -843,6 +852,8 @@ async def test_a_queued_delete_never_removes_what_a_retried_complete_reported(
             endpoint_url=faulty.endpoint_url,
             s3_max_attempts=1,
             key_template="uploads/{uuid}/{filename}",
+            webhook_url=str(server.make_url("/hook")),
+            webhook_secret=HOOK_SECRET,
         )
         janitor = proxy.app[STATE].janitor
         janitor.interval = 0.3
@@ -865,5 +876,8 @@ async def test_a_queued_delete_never_removes_what_a_retried_complete_reported(
         assert "DeleteObject" in faulty.calls
     kept = stored == 6 * MiB
     assert await stored_keys(s3, bucket) == ([ref["key"]] if kept else [])
+    told = [e["body"]["files"][0]["key"] for e in got if e["body"]["event"] == "upload.completed"]
+    # the retried complete tells it, and the janitor's keep (at least once)
+    assert told == [ref["key"]] * ((2 if retried else 1) if kept else 0)
     if kept:
         await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
