@@ -92,6 +92,7 @@ from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParser, RawRequest
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
+from s3proxy import tus_protocol
 from s3proxy.codings import CONTENT_ADVICE
 from s3proxy.cors import Cors
 from s3proxy.errors import (
@@ -228,6 +229,9 @@ def _raw_origin(head: bytes) -> str | None:
 
 
 _ORIGIN = re.compile(rb"\r\norigin[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+TUS_ROOT = "/tus/"
+# A refused head's request line naming a tus URL (the parser gave no path for it).
+_TUS_TARGET = re.compile(rb"[!-~]+ /tus/")
 
 
 def _taken_upgrade(message: RawRequestMessage) -> bool:
@@ -421,6 +425,8 @@ class ProxyRequestHandler(RequestHandler):
         self.cors = manager.cors
         # The Origin of a request the parser refused (its head is not the request's).
         self._error_origin: str | None = None
+        # ... and whether it was a tus request, whose answers all carry the tus headers.
+        self._error_tus = False
         self.health_only = False
         self.requests_open = 0  # heads parsed whose response is not finished
         self.idle_since = self._loop.time()
@@ -543,6 +549,9 @@ class ProxyRequestHandler(RequestHandler):
         if self.cors is not None:
             # No on_response_prepare here: the app's signal marks its own responses only.
             self.cors.add_headers(request.headers.get(hdrs.ORIGIN, self._error_origin), resp)
+        if self._error_tus or request.path.startswith(TUS_ROOT):
+            # As every answer under /tus/ (tus.add_routes' hook, which never sees this one).
+            resp.headers.update(tus_protocol.ANSWER_HEADERS)
         resp.force_close()
         return resp
 
@@ -709,10 +718,10 @@ class ProxyRequestHandler(RequestHandler):
             queued = len(self._messages)
             super().data_received(piece)
             if len(self._messages) > queued:
-                if self.cors is not None and isinstance(
-                    self._messages[-1][0], web_protocol._ErrInfo
-                ):
-                    self._error_origin = _raw_origin(piece)
+                if isinstance(self._messages[-1][0], web_protocol._ErrInfo):
+                    self._error_tus = _TUS_TARGET.match(piece) is not None
+                    if self.cors is not None:
+                        self._error_origin = _raw_origin(piece)
                 self._screen(queued)
             if not data or self._ignore_rest or self._force_close or self._close:
                 return
@@ -750,6 +759,7 @@ class ProxyRequestHandler(RequestHandler):
             if message.version == HttpVersion10 and hdrs.TRANSFER_ENCODING in message.headers:
                 exc = BadHttpMessage("Transfer-Encoding in an HTTP/1.0 request is faulty framing")
                 self._error_origin = message.headers.get(hdrs.ORIGIN)
+                self._error_tus = message.path.startswith(TUS_ROOT)
                 messages[i] = (web_protocol._ErrInfo(400, exc, exc.message), EMPTY_PAYLOAD)
                 while len(messages) > i + 1:
                     messages.pop()
@@ -789,6 +799,7 @@ class ProxyRequestHandler(RequestHandler):
                 head = messages[j][0]
                 if isinstance(head, RawRequestMessage):
                     self._error_origin = head.headers.get(hdrs.ORIGIN)
+                    self._error_tus = head.path.startswith(TUS_ROOT)
                 messages[j] = error
                 while len(messages) > j + 1:
                     messages.pop()

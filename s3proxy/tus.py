@@ -118,8 +118,7 @@ async def _mark_tus(request: web.Request, response: web.StreamResponse) -> None:
     the expect handler, a 405 of the router), says the protocol version and is not kept
     by caches (tus requires no-store on HEAD; a cached 404 or 423 would mislead too)."""
     if request.path.startswith(ROOT):
-        response.headers["Tus-Resumable"] = VERSION
-        response.headers["Cache-Control"] = "no-store"
+        response.headers.update(tus_protocol.ANSWER_HEADERS)
 
 
 async def _url_keys(app: web.Application) -> AsyncIterator[None]:

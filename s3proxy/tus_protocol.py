@@ -39,6 +39,9 @@ from s3proxy.errors import (
 )
 
 VERSION = "1.0.0"
+# On every answer under /tus/, errors included: the version, and not kept by caches (tus
+# requires no-store on HEAD; a cached 404 or 423 would mislead too).
+ANSWER_HEADERS = {"Tus-Resumable": VERSION, "Cache-Control": "no-store"}
 # What this server supports, in the order OPTIONS lists them.
 EXTENSIONS = (
     "creation",

@@ -133,3 +133,25 @@ async def test_a_creation_its_headers_refuse_gets_no_100_continue(
     head = await _first_answer(proxy.port, _creation(**headers))
     assert head.startswith(b"HTTP/1.1 " + status), head
     assert b"Tus-Resumable: 1.0.0" in head
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        # a coding the proxy cannot decode: refused by the HTTP layer, not a tus handler
+        b"PATCH /tus/abc HTTP/1.1\r\nHost: x\r\nContent-Encoding: br\r\nContent-Length: 1\r\n\r\n",
+        b"POST /tus/ HTTP/1.1\r\nHost: x\r\nContent-Encoding: zstd\r\nContent-Length: 1\r\n\r\n",
+        # a head the parser refuses
+        b"HEAD /tus/abc HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    ],
+    ids=["br", "zstd", "bad-head"],
+)
+async def test_answers_the_http_layer_gives_under_tus_carry_the_tus_headers(
+    proxy_factory: ProxyFactory, request_bytes: bytes
+) -> None:
+    """Every answer under /tus/ says the version and no-store, also those aiohttp's
+    layer makes before the app sees the request (the re-probe: 415 without them)."""
+    proxy = await proxy_factory()
+    head = await _first_answer(proxy.port, request_bytes)
+    assert head.split(b" ")[1][:1] == b"4", head
+    assert b"Tus-Resumable: 1.0.0" in head and b"Cache-Control: no-store" in head, head
