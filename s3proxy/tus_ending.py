@@ -7,13 +7,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from s3proxy.errors import KEY_EXISTS, UPLOAD_LOCKED, ProxyError
 from s3proxy.handlers import notify, notify_rolled_back
 from s3proxy.janitor import run_cleanup
 from s3proxy.pipeline import StoredFile
-from s3proxy.s3 import ChecksumDiffers, NoSuchKey, ObjectStore, PreconditionFailed, S3Error
+from s3proxy.s3 import (
+    ChecksumDiffers,
+    NoSuchKey,
+    ObjectHead,
+    ObjectStore,
+    PreconditionFailed,
+    S3Error,
+)
 from s3proxy.state import AppState
 from s3proxy.tus_append import Appended
 from s3proxy.tus_state import Lock, Segment, TusState, TusStore
@@ -36,6 +43,38 @@ async def remove_upload(bucket: ObjectStore, upload: TusUpload, current: TusStat
     await TusStore(bucket, upload).remove_all()
 
 
+async def own_object(store: TusStore, length: int | None) -> ObjectHead | None:
+    """The object at the upload's key if this upload made it (its id in the metadata)
+    and, when ``length`` is given, of that size; else None."""
+    try:
+        found = await store.bucket.head(store.upload.key)
+    except NoSuchKey:
+        return None
+    if found.metadata.get(TUS_META) != store.upload.id:
+        return None
+    if length is not None and found.size != length:
+        return None
+    return found
+
+
+def _stored_file(
+    store: TusStore, found: ObjectHead, content_type: str, parts: int, fields: Mapping[str, str]
+) -> StoredFile:
+    """The file as a completion describes it, from the object found (no sha256: the bytes
+    were not all read by this request)."""
+    return StoredFile(
+        field="file",
+        filename=store.upload.filename,
+        key=store.upload.key,
+        size=found.size,
+        content_type=found.content_type or content_type,
+        etag=(found.etag or "").strip('"'),
+        sha256="",
+        parts=parts,
+        metadata=fields,
+    )
+
+
 async def landed(store: TusStore, appended: Appended, err: ProxyError) -> StoredFile | None:
     """The stored file, if a PATCH that failed while storing it (its PutObject or
     CompleteMultipartUpload sent, the answer lost or its retry refused) did store it:
@@ -46,37 +85,24 @@ async def landed(store: TusStore, appended: Appended, err: ProxyError) -> Stored
         return None  # stored, but not the bytes sent
     if file is None or not (file.maybe_stored or err.kind is KEY_EXISTS):
         return None
-    if store.upload.length is None and appended.current.length is None:
+    length = appended.current.length
+    if length is None:
         return None
     try:
-        found = await store.bucket.head(store.upload.key)
+        found = await own_object(store, length)
     except S3Error:
         return None
-    length = appended.current.length
-    if found.metadata.get(TUS_META) != store.upload.id or found.size != length:
+    if found is None:
         return None
-    upload = store.upload
-    return StoredFile(
-        field="file",
-        filename=upload.filename,
-        key=upload.key,
-        size=found.size,
-        content_type=found.content_type or file.content_type,
-        etag=(found.etag or "").strip('"'),
-        sha256="",
-        parts=len(file.acknowledged()),
-        metadata=appended.current.fields,
-    )
+    parts = len(file.acknowledged())
+    return _stored_file(store, found, file.content_type, parts, appended.current.fields)
 
 
 async def drop_object(store: TusStore) -> None:
     """Delete the object at the upload's key if this upload stored it (its id in the
     metadata; If-Match, so never an object another upload put there since)."""
-    try:
-        found = await store.bucket.head(store.upload.key)
-    except NoSuchKey:
-        return
-    if found.metadata.get(TUS_META) != store.upload.id:
+    found = await own_object(store, None)
+    if found is None:
         return
     with contextlib.suppress(PreconditionFailed):
         await store.bucket.delete(store.upload.key, if_match=found.etag)
@@ -85,15 +111,8 @@ async def drop_object(store: TusStore) -> None:
 
 async def finished(store: TusStore) -> int | None:
     """The size of the object this upload made at its key, if it completed; else None."""
-    try:
-        found = await store.bucket.head(store.upload.key)
-    except NoSuchKey:
-        return None
-    if found.metadata.get(TUS_META) != store.upload.id:
-        return None
-    if store.upload.length is not None and found.size != store.upload.length:
-        return None
-    return found.size
+    found = await own_object(store, store.upload.length)
+    return None if found is None else found.size
 
 
 def remover(store: TusStore) -> Callable[[], Awaitable[None]]:
@@ -136,23 +155,12 @@ def rollback(state: AppState, store: TusStore, owner: str) -> Callable[[], Await
 async def stored_object(store: TusStore, current: TusState) -> StoredFile | None:
     """The file this upload stored at its key (its id in the metadata, its length), found
     after the PATCH that stored it failed to end it (an instance gone between the two)."""
-    try:
-        found = await store.bucket.head(store.upload.key)
-    except NoSuchKey:
-        return None
     length = current.length if current.length is not None else store.upload.length
-    if found.metadata.get(TUS_META) != store.upload.id or found.size != length:
+    found = None if length is None else await own_object(store, length)
+    if found is None:
         return None
-    return StoredFile(
-        field="file",
-        filename=store.upload.filename,
-        key=store.upload.key,
-        size=found.size,
-        content_type=found.content_type or "application/octet-stream",
-        etag=(found.etag or "").strip('"'),
-        sha256="",
-        parts=len(current.parts),
-        metadata=current.fields,
+    return _stored_file(
+        store, found, "application/octet-stream", len(current.parts), current.fields
     )
 
 
