@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 from s3proxy.errors import UPLOAD_LOCKED, ProxyError
 from s3proxy.janitor import finish
@@ -62,11 +63,18 @@ class Lease:
     async def _landed_unseen(self) -> bool:
         """Whether the state carries this lease's lock though the swap said otherwise (it
         landed, its answer lost): then the lease holds it, at the ETag read."""
+        return await self._read_back(
+            lambda s: s.lock is not None and s.lock.owner == self.owner, "lock"
+        )
+
+    async def _read_back(self, mine: Callable[[TusState], bool], what: str) -> bool:
+        """Whether the state read back is this lease's own write (``mine``), one whose
+        answer was lost or an error: then the lease holds the state at the ETag read.
+        False also when it cannot be read now."""
         with contextlib.suppress(ProxyError):
             found = await self.store.read()
-            lock = None if found is None else found[0].lock
-            if found is not None and lock is not None and lock.owner == self.owner:
-                log.info("tus.lock_recovered id=%s owner=%s", self.store.upload.id, self.owner)
+            if found is not None and mine(found[0]):
+                log.info("tus.%s_recovered id=%s owner=%s", what, self.store.upload.id, self.owner)
                 self.etag = found[1]
                 return True
         return False
@@ -121,20 +129,11 @@ class Lease:
                 # The commit may have landed, its answer late or an error (a commit writes
                 # no lock, so ``_swap_own`` cannot tell it by the owner): the state read
                 # back is exactly the one sent, then it is this PATCH's.
-                if not await self._committed_unseen(new):
+                if not await self._read_back(lambda s: s == new, "commit"):
                     if isinstance(err, PreconditionFailed | NoSuchKey):
                         raise self._lost(new) from None
                     raise
         return new.offset
-
-    async def _committed_unseen(self, new: TusState) -> bool:
-        with contextlib.suppress(ProxyError):
-            found = await self.store.read()
-            if found is not None and found[0] == new:
-                log.info("tus.commit_recovered id=%s owner=%s", self.store.upload.id, self.owner)
-                self.etag = found[1]
-                return True
-        return False
 
     def _lost(self, new: TusState) -> ProxyError:
         """A commit refused because another request changed the state: the lock was lost."""
