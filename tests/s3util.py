@@ -177,7 +177,27 @@ class ProxyProcess:
         port: int | None = None,
         preexec_fn: Callable[[], None] | None = None,
     ) -> ProxyProcess:
-        port = port or free_port()
+        """Start it and wait for /healthz. On a port picked here, a start that lost the
+        port to another test between ``free_port()`` and the proxy's bind (a fresh-clone
+        CI run: "cannot listen on ...: Address already in use") is tried again on another."""
+        for _ in range(2 if port is None else 0):
+            try:
+                return cls._start(args, env, log_path, timeout, free_port(), preexec_fn)
+            except RuntimeError as failed:
+                if "Address already in use" not in str(failed):
+                    raise
+        return cls._start(args, env, log_path, timeout, port or free_port(), preexec_fn)
+
+    @classmethod
+    def _start(
+        cls,
+        args: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        timeout: float,
+        port: int,
+        preexec_fn: Callable[[], None] | None,
+    ) -> ProxyProcess:
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(
                 [
