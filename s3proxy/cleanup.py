@@ -43,6 +43,7 @@ from s3proxy.s3 import (
     NoSuchUpload,
     ObjectStore,
     PartInfo,
+    PreconditionFailed,
     object_pages,
     read_small,
 )
@@ -231,10 +232,11 @@ async def sweep_tus(
     found again next time). One whose state holds a live lock (a PATCH begun before the
     expiry still runs) is left to a later sweep: no new PATCH can start on an expired
     URL, so the lock is released or lapses (``skew`` after its lease). An unreadable
-    state holds nothing: that upload goes too. Failures are logged and left for the next
-    sweep.
+    state holds nothing: that upload goes too. One whose state says FAILED (rolled back,
+    its delete owed when its instance gave up or died) loses its object first: nothing
+    of a failed upload is kept. Failures are logged and left for the next sweep.
     """
-    from s3proxy.tus_state import CorruptState, TusState, remove_prefix
+    from s3proxy.tus_state import FAILED, CorruptState, TusState, remove_prefix
 
     live: set[str] = set()
     expired: dict[str, bool] = {}
@@ -266,6 +268,8 @@ async def sweep_tus(
                     continue
                 if state.upload_id is not None and state.key:
                     await bucket.abort(state.key, state.upload_id)
+                if state.ending == FAILED and state.key:
+                    await _drop_failed(bucket, state.key, upload_id)
             except NoSuchKey:
                 pass  # its state went first: only segments are left
             except CorruptState as err:
@@ -280,3 +284,21 @@ async def sweep_tus(
         result.removed.append(upload_id)
         log.info("cleanup.tus id=%s action=removed reason=expired", upload_id)
     return result
+
+
+async def _drop_failed(bucket: ObjectStore, key: str, upload_id: str) -> None:
+    """Delete the object at ``key`` if the failed tus upload ``upload_id`` made it (its
+    id in the metadata; If-Match, so never one another upload stored there since)."""
+    from s3proxy.tus_state import TUS_META
+
+    try:
+        found = await bucket.head(key)
+    except NoSuchKey:
+        return
+    if found.metadata.get(TUS_META) != upload_id:
+        return
+    try:
+        await bucket.delete(key, if_match=found.etag)
+    except PreconditionFailed:
+        return  # replaced meanwhile: not this upload's any more
+    log.info("upload.deleted key=%s reason=tus_failed tus_id=%s", key, upload_id)

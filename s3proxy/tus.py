@@ -80,11 +80,19 @@ from s3proxy.s3 import (
 )
 from s3proxy.state import STATE, AppState
 from s3proxy.tus_append import Appended, BodySource
-from s3proxy.tus_ending import TUS_META
 from s3proxy.tus_keys import UrlKeys
 from s3proxy.tus_lease import Lease
 from s3proxy.tus_protocol import OFFSET_STREAM, VERSION
-from s3proxy.tus_state import Lock, TusState, TusStore
+from s3proxy.tus_state import (
+    COMPLETED,
+    FAILED,
+    TERMINATED,
+    TERMINATING,
+    TUS_META,
+    Lock,
+    TusState,
+    TusStore,
+)
 from s3proxy.tus_url import TusUpload, UrlError
 from s3proxy.uploads import field_metadata
 
@@ -227,10 +235,36 @@ async def _precheck_patch(request: web.Request) -> None:
     upload, offset = await _patch_target(request, state)
     _check_patch(request, upload, offset)
     found = await TusStore(state.require_sink(), upload).read()
-    if found is not None and found[0].offset != offset:
+    if found is None:
+        return  # finished or gone: the handler tells which
+    current = found[0]
+    _refuse_ended(current)
+    at = _at(current)
+    if at != offset:
+        raise ProxyError(OFFSET_MISMATCH, f"Upload-Offset is {offset}; the upload is at {at}")
+
+
+def _refuse_ended(current: TusState) -> None:
+    """404 for an upload whose state is still here though it ended without a file
+    (rolled back, ended, terminated: its removal is owed), as once that removal is done:
+    at once, never 423 for the lock its last request left, nor an offset to resume at."""
+    ended = current.ended()
+    if ended == FAILED:
         raise ProxyError(
-            OFFSET_MISMATCH, f"Upload-Offset is {offset}; the upload is at {found[0].offset}"
+            NO_SUCH_UPLOAD,
+            "this upload failed and its file is not kept (the completion webhook failed, "
+            "another upload stored its key, or S3 stored other bytes); upload it again",
         )
+    if ended == TERMINATED:
+        raise ProxyError(NO_SUCH_UPLOAD, "no such upload (terminated)")
+
+
+def _at(current: TusState) -> int:
+    """The offset a state stands at: its length once it is noted COMPLETED (the object
+    stored and told, the state's removal owed), else its committed offset."""
+    if current.ended() == COMPLETED and current.length is not None:
+        return current.length
+    return current.offset
 
 
 def _expires(upload: TusUpload) -> dict[str, str]:
@@ -456,8 +490,12 @@ async def head(request: web.Request) -> web.StreamResponse:
         offset = length = head
         finished = {KEY_HEADER: tus_protocol.key_header(upload.key)}
     else:
-        offset = found[0].offset
-        length = length if length is not None else found[0].length
+        current = found[0]
+        _refuse_ended(current)
+        offset = _at(current)
+        length = length if length is not None else current.length
+        if current.ended() == COMPLETED:
+            finished = {KEY_HEADER: tus_protocol.key_header(upload.key)}
     sizes = {"Upload-Length": str(length)} if length is not None else {"Upload-Defer-Length": "1"}
     return _answer(200, {"Upload-Offset": str(offset), **sizes, **_expires(upload), **finished})
 
@@ -476,6 +514,10 @@ async def _terminate(state: AppState, store: TusStore) -> None:
     if found is None:
         raise await _not_terminable(store)
     current, etag = found
+    if current.ended() == COMPLETED:
+        raise _complete()
+    if current.ended() == FAILED:
+        _refuse_ended(current)  # its rollback (the janitor's, or the sweep) deletes its object
     now = time.time()
     # A termination's lock left by a DELETE that failed, or whose swap landed unseen: the
     # removal is safe to repeat, so this DELETE carries it on (no 423 for the lease).
@@ -496,23 +538,24 @@ async def _terminate(state: AppState, store: TusStore) -> None:
     state.metrics.uploads_aborted.labels("TERMINATED").inc()
 
 
-TERMINATING = "terminating"  # the lock owner of a DELETE: it never gives the lock back
-
-
 def _terminating(current: TusState) -> bool:
-    return current.lock is not None and current.lock.owner == TERMINATING
+    return current.ended() == TERMINATED
 
 
 async def _not_terminable(store: TusStore) -> ProxyError:
     """Why an upload without a state is not terminated: finished (HEAD says complete; its
     object is an ordinary stored file now, which an upload URL never deletes) or gone."""
     if await tus_ending.finished(store) is not None:
-        return ProxyError(
-            UPLOAD_COMPLETE,
-            "this upload is complete: its object is stored and is kept (an upload URL "
-            "does not delete a stored file)",
-        )
+        return _complete()
     return ProxyError(NO_SUCH_UPLOAD, "no such upload (terminated, or never created)")
+
+
+def _complete() -> ProxyError:
+    return ProxyError(
+        UPLOAD_COMPLETE,
+        "this upload is complete: its object is stored and is kept (an upload URL "
+        "does not delete a stored file)",
+    )
 
 
 @_tus_errors
@@ -607,6 +650,14 @@ async def _append_tracked(
             )
         raise ProxyError(NO_SUCH_UPLOAD, "no such upload (terminated, or never created)")
     current, etag = found
+    _refuse_ended(current)
+    if current.ended() == COMPLETED:  # stored and told; only its state's removal is owed
+        done = _at(current)
+        if offset == done:
+            return PatchResult(done, upload.key)
+        raise ProxyError(
+            OFFSET_MISMATCH, f"Upload-Offset is {offset}; the upload is complete at {done}"
+        )
     if current.offset != offset:
         raise ProxyError(
             OFFSET_MISMATCH, f"Upload-Offset is {offset}; the upload is at {current.offset}"
@@ -637,7 +688,8 @@ async def _append_tracked(
                 raise
             # The object is whole, and the state still here: the PATCH that stored it did
             # not end the upload (its instance gone, or the webhook failed and its rollback
-            # is owed). End it now, the webhook told as for any completion.
+            # could not even mark the state FAILED). End it now, the webhook told as for
+            # any completion.
             committed = True
             await lease.stop()
             await tus_ending.completed(state, store, whole, lease.owner)
@@ -685,7 +737,12 @@ async def _append_tracked(
                         await tus_ending.drop_object(store)
                     await tus_ending.remove_upload(store.bucket, upload, ended)
 
-                await run_cleanup(end, f"tus end id={upload.id}", state.janitor)
+                await run_cleanup(
+                    tus_ending.noting(store, end, FAILED),
+                    f"tus end id={upload.id}",
+                    state.janitor,
+                    retry=end,
+                )
                 log.info("tus.ended key=%s id=%s reason=%s", upload.key, upload.id, err.kind.code)
                 state.metrics.uploads_aborted.labels(err.kind.code).inc()
                 raise tus_ending.Ended(err.kind, f"{err.message}; this upload is ended") from err

@@ -5,6 +5,7 @@ by another upload's object at its key). Driven by ``tus``'s PATCH and DELETE han
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,12 +24,10 @@ from s3proxy.s3 import (
 )
 from s3proxy.state import AppState
 from s3proxy.tus_append import Appended
-from s3proxy.tus_state import Lock, Segment, TusState, TusStore
+from s3proxy.tus_state import COMPLETED, FAILED, TUS_META, Lock, Segment, TusState, TusStore
 from s3proxy.tus_url import TusUpload
 
 log = logging.getLogger("s3proxy.tus")
-
-TUS_META = "s3proxy-tus"  # the object's metadata: which tus upload made it
 
 
 class Ended(ProxyError):
@@ -122,30 +121,69 @@ def remover(store: TusStore) -> Callable[[], Awaitable[None]]:
     return remove
 
 
+def noting(
+    store: TusStore, removal: Callable[[], Awaitable[None]], ending: str, length: int | None = None
+) -> Callable[[], Awaitable[None]]:
+    """``removal``, and if it fails, the state swapped to say how the upload ended (best
+    effort; a PutObject often works while DeleteObject does not), then the failure raised
+    for the janitor to retry ``removal``. Meanwhile HEAD and PATCH answer that ending at
+    once, not the offset before the last PATCH nor 423 for the lock it left."""
+
+    async def run() -> None:
+        try:
+            await removal()
+        except Exception:
+            try:
+                await note_ending(store, ending, length)
+            except Exception as err:  # the removal's retry is what matters
+                log.warning("tus.ending_unnoted id=%s error=%r", store.upload.id, err)
+            raise
+
+    return run
+
+
+async def note_ending(store: TusStore, ending: str, length: int | None = None) -> None:
+    """Swap the state to ``ending`` (COMPLETED with the object's size as its length), the
+    lock dropped: the upload is over, nobody holds it. Not over another ending."""
+    found = await store.read()
+    if found is None or found[0].ending is not None:
+        return
+    current, etag = found
+    size = current.length if length is None else length
+    await store.swap(dataclasses.replace(current, ending=ending, lock=None, length=size), etag)
+    log.info("tus.ending_noted id=%s ending=%s", store.upload.id, ending)
+
+
 def rollback(state: AppState, store: TusStore, owner: str) -> Callable[[], Awaitable[None]]:
-    """Delete a completed upload's object, then its state, under the lock of ``owner``
-    (the PATCH that completed it): while the state is there, no request has reported the
-    object stored, and holding the lock keeps a retried PATCH from completing it meanwhile
-    (423). Run again by the janitor after that lock expired, it takes the lock again; after
-    a retried PATCH completed the upload (the state gone, 204 answered), it keeps the object."""
+    """Delete a completed upload's object, then its state. First the state says FAILED
+    (under the lock of ``owner``, the PATCH that completed it, for instances that predate
+    the mark): from then on HEAD, PATCH and DELETE answer 404 at once, no retried PATCH
+    completes it again, and the object goes however long S3 refuses the delete (the
+    janitor's retries, else the expiry sweep). While the state is there, no request has
+    reported the object stored. Only if that swap itself failed can a retried PATCH
+    complete the upload meanwhile (the webhook back; the state then gone or COMPLETED):
+    the rollback then keeps the object that PATCH reported."""
     settings = state.settings
 
     async def undo() -> None:
         found = await store.read()
-        if found is None:
+        if found is None or found[0].ending == COMPLETED:
             log.info("upload.kept key=%s reason=completed_by_retry", store.upload.key)
             return
         current, etag = found
         now = time.time()
         lock = current.lock
         if (
-            lock is not None
+            current.ending is None
+            and lock is not None
             and lock.owner != owner
             and current.locked(now, settings.cleanup_clock_skew)
         ):
             raise ProxyError(UPLOAD_LOCKED, "a PATCH holds the upload; the rollback waits")
-        current.lock = Lock(owner, now + settings.tus_lock_lease)
-        await store.swap(current, etag)
+        if current.ending is None:
+            current.ending = FAILED
+            current.lock = Lock(owner, now + settings.tus_lock_lease)
+            await store.swap(current, etag)
         await store.bucket.delete(store.upload.key)
         await store.remove_all()
 
@@ -180,10 +218,12 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
     failure rolled it back: never both (as ``uploads.RequestUpload.settle``).
 
     The state goes only after the webhook heard of the object, or with its rollback. A
-    PATCH retried meanwhile (its answer lost, or a 502 for the webhook) still finds the
-    state and completes again, telling the webhook again (at least once): never a bare
-    204 for an object the application did not hear of, and never a 204 for one a queued
-    rollback deletes afterwards (the rollback keeps an object whose state a retry removed)."""
+    PATCH retried before that (its answer lost, or its instance gone in between) still
+    finds the state and completes again, telling the webhook again (at least once): never
+    a bare 204 for an object the application did not hear of. A rollback first marks the
+    state FAILED (a retry is then 404, never 204 for an object it deletes); once the
+    webhook heard of the object, a removal that fails marks it COMPLETED (a retry is then
+    204 at once, the webhook not told again)."""
     upload = store.upload
     log.info(
         "upload.completed key=%s size=%d parts=%d content_type=%s tus_id=%s",
@@ -214,7 +254,12 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
                 # As /upload's rollback: the receiver may have got upload.completed.
                 await notify_rolled_back(state, [stored.key], err.kind.code)
                 raise Ended(err.kind, err.message) from err
-        await run_cleanup(remover(store), f"tus state id={upload.id}", state.janitor)
+        await run_cleanup(
+            noting(store, remover(store), COMPLETED, stored.size),
+            f"tus state id={upload.id}",
+            state.janitor,
+            retry=remover(store),
+        )
     finally:
         if kept:  # also when cancelled meanwhile: the object stays
             m.uploads_completed.inc()

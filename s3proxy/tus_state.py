@@ -39,6 +39,19 @@ CompleteMultipartUpload refuses the upload (InvalidPart) rather than store mixed
 The compare-and-swap needs ``If-Match`` on PutObject: S3 (since 2024-11), moto 5.x and
 SeaweedFS 4.48 have it (tests/test_s3_contract.py, tests/test_tus_e2e.py).
 
+**An ending whose removal failed is written down.** An upload ends by removing its
+prefix (completed: the object stored and the webhook told; rolled back; ended by another
+upload's object at its key; terminated). When S3 refuses that removal (the state's
+DeleteObject fails while PutObject still works), the state is swapped to say how it
+ended (``ending``; a rollback writes FAILED before it deletes anything) and the janitor
+retries the removal; a termination's ending is its lock, owned by ``TERMINATING`` for
+good, carried on by a retried DELETE. Until the removal is done HEAD, PATCH and DELETE
+answer that ending at once: complete (``Upload-Offset = Upload-Length``, no second
+webhook), or gone (404); never the offset before the last PATCH, nor 423 for the lock that
+PATCH left. The mark costs one GetObject and one PutObject, only when the removal failed
+(a rollback's rides on the lock swap it always made): HEAD and PATCH read the state as
+before, with no call added. The expiry sweep deletes a FAILED upload's object too.
+
 **What is read back is checked.** The state and the segments are the only bytes the proxy
 reads back from S3 and builds on, so a bit changed on the way (either way) must not be
 believed:
@@ -163,6 +176,15 @@ class Lock:
     until: float  # unix seconds
 
 
+TUS_META = "s3proxy-tus"  # the object's metadata: which tus upload made it
+TERMINATING = "terminating"  # the lock owner of a DELETE: it never gives the lock back
+# How an upload whose state is still there ended (``TusState.ending``):
+COMPLETED = "completed"  # its object is stored and the webhook heard of it: it is kept
+FAILED = "failed"  # rolled back or ended: its object, if it made one, is deleted
+TERMINATED = "terminated"  # not stored: a DELETE's lock (``TusState.ended``)
+ENDINGS = (COMPLETED, FAILED)
+
+
 @dataclass
 class TusState:
     """The committed progress of one upload (see the module docstring)."""
@@ -181,6 +203,18 @@ class TusState:
     # (the webhook's). A record without them (older code) reads as none.
     metadata: dict[str, str] = field(default_factory=dict)
     fields: dict[str, str] = field(default_factory=dict)
+    # How the upload ended, written only when removing its state failed (see the module
+    # docstring): COMPLETED (``length`` then the object's size) or FAILED; None while it goes on.
+    ending: str | None = None
+
+    def ended(self) -> str | None:
+        """How the upload ended though its state is still here (COMPLETED, FAILED,
+        TERMINATED), None while it goes on. Pure: what HEAD, PATCH and DELETE decide on."""
+        if self.ending is not None:
+            return self.ending
+        if self.lock is not None and self.lock.owner == TERMINATING:
+            return TERMINATED
+        return None
 
     @property
     def staged(self) -> int:
@@ -214,6 +248,8 @@ class TusState:
         return CHECK_PREFIX + _check(rest) + b'",' + rest
 
     def _fields(self) -> dict[str, Any]:
+        # ``ending`` only when set: a going upload's record stays what it was before.
+        ending = {} if self.ending is None else {"ending": self.ending}
         return {
             "offset": self.offset,
             "key": self.key,
@@ -229,6 +265,7 @@ class TusState:
             "lock": None if self.lock is None else asdict(self.lock),
             "metadata": self.metadata,
             "fields": self.fields,
+            **ending,
         }
 
     @classmethod
@@ -253,6 +290,7 @@ class TusState:
                 lock=None if data["lock"] is None else Lock(**data["lock"]),
                 metadata=_texts(data.get("metadata") or {}),
                 fields=_texts(data.get("fields") or {}),
+                ending=data.get("ending"),
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise CorruptState(f"not a tus state: {exc!r}") from exc
@@ -281,6 +319,10 @@ class TusState:
             return f"offset {self.offset} is past the length {self.length}"
         if self.parts and self.upload_id is None:
             return "parts without a multipart upload"
+        if self.ending is not None and self.ending not in ENDINGS:
+            return f"an ending {self.ending!r} no proxy writes"
+        if self.ending == COMPLETED and self.length is None:
+            return "completed without the object's size"
         return self._crc_inconsistency()
 
     def _crc_inconsistency(self) -> str | None:

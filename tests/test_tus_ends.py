@@ -1,5 +1,6 @@
 """How a tus upload ends when its last PATCH does not go as planned: a refused completion
-(409 KEY_EXISTS), a lost answer to CompleteMultipartUpload, a lost 204. Each test checks
+(409 KEY_EXISTS), a lost answer to CompleteMultipartUpload, a lost 204, a state S3 will
+not delete. Each test checks
 what HEAD says, what a retried PATCH gets, and what the bucket holds."""
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from urllib.parse import unquote
 
 import pytest
 
+from s3proxy.state import STATE
 from s3proxy.tus_url import RESERVED_PREFIX
 from tests.conftest import ProxyFactory
 from tests.faults import Fault, FaultyS3, tus_operation
 from tests.s3util import all_keys_async, open_uploads_async, read_object_async
 from tests.test_tus import TUS, MiB, body, meta, reserved
 from tests.test_tus_lifecycle import new_upload, patch_headers
+from tests.test_webhook_flow import SECRET as SECRET_HOOK
+from tests.test_webhook_flow import receiver
 
 
 async def _code(resp: Any) -> tuple[int, str]:
@@ -214,3 +218,71 @@ async def test_a_commit_that_landed_unseen_is_this_patchs(
     assert await read_object_async(s3, bucket, unquote(key)) == data
     assert await reserved(s3, bucket) == []
     assert await open_uploads_async(s3, bucket) == []
+
+
+@pytest.mark.parametrize("ending", ["completed", "deferred", "key-exists"])
+async def test_an_ending_whose_state_delete_fails_is_answered_at_once(
+    proxy_factory: ProxyFactory, aiohttp_server: Any, moto: Any, s3: Any, bucket: str, ending: str
+) -> None:
+    """The last PATCH ended the upload, but S3 refuses to delete its state (DeleteObject on
+    it: 500, for ever; the janitor retries). Before, HEAD went on answering the offset
+    before that PATCH (a client resuming from it re-sent bytes of a finished upload), a
+    resent PATCH and a DELETE got 423 until the last PATCH's lock lapsed (lease + skew,
+    ≈90 s), then the PATCH completed the upload again and the webhook heard of it twice.
+    Now the state says how it ended: complete (HEAD offset = length with the key, a PATCH
+    at the length 204, one resent at the old offset 409, DELETE 403, the webhook told
+    once), or, ended by another upload's object at the key, gone (404)."""
+    server, got = await receiver(aiohttp_server, 204)
+    armed = False
+
+    def rule(op: str, _: int) -> Fault | None:
+        return Fault(status=500) if armed and op == "DeleteObject:state" else None
+
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
+        proxy = await proxy_factory(
+            faulty.endpoint_url,
+            s3_max_attempts=1,
+            key_template="uploads/{filename}",
+            webhook_url=str(server.make_url("/hook")),
+            webhook_secret=SECRET_HOOK,
+        )
+        named = meta(filename="same.pdf")
+        data, other = body(1000), body(10, seed=2)
+        if ending == "deferred":
+            headers = {**TUS, "Upload-Defer-Length": "1", "Upload-Metadata": named}
+            url = (await proxy.post("/tus/", headers=headers)).headers["Location"]
+        else:
+            url = await new_upload(proxy, len(data), **{"Upload-Metadata": named})
+        resp = await proxy.patch(url, data=data[:400], headers=patch_headers(0))
+        assert resp.status == 204, await resp.text()
+        if ending == "key-exists":
+            first = await new_upload(proxy, len(other), **{"Upload-Metadata": named})
+            resp = await proxy.patch(first, data=other, headers=patch_headers(0))
+            assert resp.status == 204, await resp.text()
+        armed = True
+        declared = {"Upload-Length": "1000"} if ending == "deferred" else {}
+        last = await proxy.patch(url, data=data[400:], headers=patch_headers(400, **declared))
+        head = await proxy.head(url, headers=TUS)
+        resent = await proxy.patch(url, data=data[400:], headers=patch_headers(400))
+        at_end = await proxy.patch(url, data=b"", headers=patch_headers(1000))
+        delete = await proxy.delete(url, headers=TUS)
+        if ending == "key-exists":
+            assert await _code(last) == (409, "KEY_EXISTS")
+            assert head.status == 404, head.headers
+            assert await _code(resent) == (404, "NO_SUCH_UPLOAD")
+            assert await _code(at_end) == (404, "NO_SUCH_UPLOAD")
+            assert await _code(delete) == (404, "NO_SUCH_UPLOAD")
+        else:
+            assert last.status == 204, await last.text()
+            assert head.status == 200, await head.text()
+            assert head.headers["Upload-Offset"] == head.headers["Upload-Length"] == "1000"
+            assert unquote(head.headers["S3Proxy-Key"]) == "uploads/same.pdf"
+            assert await _code(resent) == (409, "OFFSET_MISMATCH")
+            assert at_end.status == 204 and at_end.headers["Upload-Offset"] == "1000"
+            assert await _code(delete) == (403, "UPLOAD_COMPLETE")
+            assert [e["body"]["event"] for e in got] == ["upload.completed"]
+        armed = False
+        await proxy.app[STATE].janitor.close()  # the owed removal's last try
+        assert await reserved(s3, bucket) == []
+        stored = other if ending == "key-exists" else data
+        assert await read_object_async(s3, bucket, "uploads/same.pdf") == stored

@@ -564,7 +564,10 @@ async def test_a_retried_delete_carries_on_a_failed_termination(
 ) -> None:
     """A DELETE whose abort failed (502), or whose lock swap landed with its answer lost:
     the client's retried DELETE removes the upload at once. Before, every DELETE got 423
-    "a PATCH is in progress" for the lease and the clock skew (90 s), though none was."""
+    "a PATCH is in progress" for the lease and the clock skew (90 s), though none was.
+    Meanwhile the upload is terminated for every request: HEAD and PATCH are 404 (before,
+    HEAD answered its offset and a PATCH 423, then took the upload over once the
+    termination's lock lapsed)."""
     armed = False
 
     def rule(op: str, n: int) -> Fault | None:
@@ -584,6 +587,10 @@ async def test_a_retried_delete_carries_on_a_failed_termination(
         if fault == "abort":
             assert first.status == 502, await first.text()
         armed = False
+        head = await proxy.head(url, headers=TUS_HEADERS)
+        assert head.status == 404, head.headers
+        resp = await proxy.patch(url, data=b"x", headers=patch_headers(6 * MiB))
+        assert resp.status == 404, await resp.text()
         if first.status != 204:
             retried = await proxy.delete(url, headers=TUS_HEADERS)
             assert retried.status == 204, await retried.text()
@@ -593,24 +600,39 @@ async def test_a_retried_delete_carries_on_a_failed_termination(
 
 
 async def _rollback_owed(
-    proxy_factory: ProxyFactory, aiohttp_server: Any, moto: Any, lease: float, interval: float
+    proxy_factory: ProxyFactory,
+    aiohttp_server: Any,
+    moto: Any,
+    lease: float,
+    interval: float,
+    swap: bool = False,
 ) -> tuple[Any, TestClient[Any, Any], Any, dict[str, bool], list[dict[str, Any]], str]:
-    """An upload whose webhook failed (502) and whose rollback delete failed too: the
-    rollback is owed to the janitor, the object still stored."""
+    """An upload whose webhook failed (502) and whose rollback delete failed too (S3
+    refuses every DeleteObject until the test lifts it): the rollback is owed to the
+    janitor, the object still stored. With ``swap``, the
+    rollback's swap of the state (its FAILED mark) failed as well, and its fault stays
+    armed until the test lifts it."""
     status = {"hook": 500}
     got: list[dict[str, Any]] = []
 
     async def hook(request: web.Request) -> web.Response:
         got.append(json.loads(await request.read()))
+        if status["hook"] >= 500:
+            faults["swap"] = swap  # from the failed completion on: the rollback's swap fails
         return web.Response(status=status["hook"])
 
     app = web.Application()
     app.router.add_post("/hook", hook)
     server = await aiohttp_server(app)
-    faults = {"delete": True}
-    rule = lambda op, n: (  # noqa: E731
-        Fault(status=500) if faults["delete"] and op == "DeleteObject" else None
-    )
+    faults = {"delete": True, "swap": False}
+
+    def rule(op: str, n: int) -> Fault | None:
+        if faults["delete"] and op.startswith("DeleteObject"):  # the object's, the state's
+            return Fault(status=500)
+        if faults["swap"] and op == "PutObject:state":
+            return Fault(status=500)
+        return None
+
     faulty = FaultyS3(moto.endpoint_url, rule, name=tus_operation)
     await faulty.__aenter__()
     proxy = await proxy_factory(
@@ -630,21 +652,27 @@ async def _rollback_owed(
     return faulty, proxy, status, faults, got, url
 
 
-async def test_a_patch_retried_while_the_rollback_is_owed_never_gets_204_for_a_deleted_object(
+async def test_an_upload_whose_rollback_is_owed_is_told_at_once_it_failed(
     proxy_factory: ProxyFactory, aiohttp_server: Any, moto: Any, s3: Any, bucket: str
 ) -> None:
     """The webhook failed (502) and so did the rollback's delete: the object is still
-    stored while the janitor owes its delete. The client's retried PATCH got 204 (its state
-    was gone, the object found: done) and the janitor then deleted the object it reported;
-    the webhook never heard of it either. Now the state stays until the rollback is done,
-    under the completing PATCH's lock: the retry is refused (423), and once S3 deletes
-    again nothing is stored and the upload is gone (404)."""
+    stored while the janitor owes its delete (retried at 5, 10, 15 ... 60 s). Before, the
+    rollback held the upload's lock all that while: HEAD said offset 0 and a retried PATCH
+    or DELETE got 423, so tus-js-client (retrying at 0/1/3/5 s) gave up on a "locked"
+    upload. Now the state says FAILED from the rollback's first swap: HEAD, PATCH and DELETE
+    are 404 at once, as once the rollback is done, and the object goes when S3 deletes
+    again; the webhook heard of it once."""
     faulty, proxy, _, faults, got, url = await _rollback_owed(
         proxy_factory, aiohttp_server, moto, lease=30, interval=0.3
     )
     try:
+        head = await proxy.head(url, headers=TUS_HEADERS)
+        assert head.status == 404, head.headers
         retry = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
-        assert retry.status == 423, await retry.text()
+        assert retry.status == 404, await retry.text()
+        assert "webhook failed" in (await retry.json())["error"]["message"]
+        delete = await proxy.delete(url, headers=TUS_HEADERS)
+        assert delete.status == 404, await delete.text()
         assert len(await objects(s3, bucket)) == 2  # the object, and its state: still owed
         faults["delete"] = False
         await eventually(
@@ -658,12 +686,13 @@ async def test_a_patch_retried_while_the_rollback_is_owed_never_gets_204_for_a_d
         await faulty.__aexit__(None, None, None)
 
 
-async def test_a_retry_that_completes_after_the_lock_expired_keeps_its_object(
+async def test_an_owed_rollback_deletes_its_object_after_the_lock_expired(
     proxy_factory: ProxyFactory, aiohttp_server: Any, moto: Any, s3: Any, bucket: str
 ) -> None:
-    """The completing PATCH's lock expired while the rollback was owed: a retried PATCH
-    completes the upload again, the webhook (back now) is told, 204; the janitor's owed
-    rollback then finds the state gone and keeps the object that PATCH reported."""
+    """The completing PATCH's lock expired while the rollback was owed. Before, a retried
+    PATCH then completed the upload again (the webhook told a second time) and the failed
+    upload's object was kept. Now the state says FAILED: the retry is 404, and the owed
+    rollback deletes the object: nothing of a failed upload is kept."""
     faulty, proxy, _, faults, got, url = await _rollback_owed(
         proxy_factory,
         aiohttp_server,
@@ -675,9 +704,36 @@ async def test_a_retry_that_completes_after_the_lock_expired_keeps_its_object(
     try:
         await asyncio.sleep(0.7)
         retry = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
-        assert retry.status == 204, await retry.text()
+        assert retry.status == 404, await retry.text()
         faults["delete"] = False
-        await janitor.close()  # the owed rollback's last try: it finds the state gone
+        await janitor.close()  # the owed rollback's last try
+        assert await objects(s3, bucket) == [] and await reserved(s3, bucket) == []
+        assert [e["event"] for e in got].count("upload.completed") == 1
+    finally:
+        await faulty.__aexit__(None, None, None)
+
+
+async def test_a_retry_that_completes_before_the_rollback_could_mark_it_keeps_its_object(
+    proxy_factory: ProxyFactory, aiohttp_server: Any, moto: Any, s3: Any, bucket: str
+) -> None:
+    """The rollback could not even swap the state (FAILED): the completing PATCH's lock
+    expired, a retried PATCH completes the upload again, the webhook (back now) is told,
+    204. Its state's removal fails too, so the retry notes the state COMPLETED (HEAD says
+    complete); the janitor's owed rollback then finds the upload completed and keeps the
+    object that PATCH reported."""
+    faulty, proxy, _, faults, got, url = await _rollback_owed(
+        proxy_factory, aiohttp_server, moto, lease=0.5, interval=60, swap=True
+    )
+    janitor = proxy.app[STATE].janitor
+    try:
+        await asyncio.sleep(0.7)
+        faults["swap"] = False
+        retry = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
+        assert retry.status == 204, await retry.text()
+        head = await proxy.head(url, headers=TUS_HEADERS)  # its state's removal is owed too
+        assert head.headers["Upload-Offset"] == head.headers["Upload-Length"] == "1000"
+        faults["delete"] = False
+        await janitor.close()  # the owed rollback's last try: it finds the upload completed
         assert await read_object_async(s3, bucket, await stored_key(s3, bucket)) == body(1000)
         assert await reserved(s3, bucket) == []
         assert [e["event"] for e in got].count("upload.completed") == 2  # at least once

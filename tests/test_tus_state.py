@@ -12,7 +12,17 @@ from typing import Any
 import pytest
 
 from s3proxy.errors import INTERNAL, UPSTREAM_CORRUPTION, ProxyError
-from s3proxy.tus_state import CorruptState, Lock, Part, Segment, TusState
+from s3proxy.tus_state import (
+    COMPLETED,
+    FAILED,
+    TERMINATED,
+    TERMINATING,
+    CorruptState,
+    Lock,
+    Part,
+    Segment,
+    TusState,
+)
 
 MiB = 1024**2
 CRC = "AAAAAAAAAAA="  # a CRC64NVME, base64
@@ -192,3 +202,40 @@ def test_metadata_that_is_no_map_of_texts_is_refused(value: Any) -> None:
     record = b'{"check":"' + hashlib.sha256(rest).hexdigest().encode() + b'",' + rest
     with pytest.raises(CorruptState, match="not a tus state"):
         TusState.from_bytes(record)
+
+
+@pytest.mark.parametrize(
+    ("ending", "lock", "ended"),
+    [
+        (None, None, None),
+        (None, Lock("a-patch", 1.0), None),  # a PATCH's lock, live or stale: still going
+        (None, Lock(TERMINATING, 1.0), TERMINATED),  # a DELETE's, for good
+        (COMPLETED, None, COMPLETED),
+        (FAILED, Lock("the-rollback", 1.0), FAILED),  # a rollback marks under its lock
+    ],
+)
+def test_how_an_upload_whose_state_is_left_ended(
+    ending: str | None, lock: Lock | None, ended: str | None
+) -> None:
+    state = TusState(offset=10, length=30, segments=[Segment("s", 0, 10)], lock=lock)
+    state.ending = ending
+    assert state.ended() == ended
+    assert TusState.from_bytes(state.to_bytes()) == state
+
+
+def test_a_going_uploads_record_names_no_ending() -> None:
+    """Without an ending the record is what it was before the mark existed (older
+    instances in a rolling upgrade read it alike)."""
+    assert b"ending" not in STATE.to_bytes()
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"ending": "paused"}, "an ending 'paused' no proxy writes"),
+        ({"ending": COMPLETED, "length": None}, "completed without the object's size"),
+    ],
+)
+def test_an_ending_no_proxy_writes_is_refused(changes: dict[str, Any], why: str) -> None:
+    with pytest.raises(ProxyError, match=why):
+        TusState(**changes).to_bytes()

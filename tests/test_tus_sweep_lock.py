@@ -1,10 +1,14 @@
 """The expiry sweep and a PATCH still running on an expired upload: the sweep leaves an
-upload whose lock is live (it goes once the lock is released or lapses)."""
+upload whose lock is live (it goes once the lock is released or lapses); an expired upload
+that failed loses its object too."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
+
+import pytest
 
 from s3proxy import tus_url
 from s3proxy.cleanup import sweep_tus
@@ -12,10 +16,10 @@ from s3proxy.state import STATE
 from s3proxy.tus import TUS
 from s3proxy.tus_keys import KEY_OBJECT
 from s3proxy.tus_lease import Lease
-from s3proxy.tus_state import TusStore
+from s3proxy.tus_state import FAILED, TUS_META, TusStore
 from tests.conftest import ProxyFactory
 from tests.s3util import all_keys_async, open_uploads_async
-from tests.test_tus_lifecycle import six_of_seven_mib
+from tests.test_tus_lifecycle import new_upload, six_of_seven_mib
 
 
 async def test_the_sweep_skips_an_expired_upload_a_patch_holds(
@@ -60,3 +64,27 @@ async def test_the_sweep_removes_an_expired_upload_whose_state_is_unreadable(
     assert await all_keys_async(s3, bucket) == [KEY_OBJECT]
     [left] = await open_uploads_async(s3, bucket)  # unnamed now: the orphan sweep's
     s3.abort_multipart_upload(Bucket=bucket, Key=left["Key"], UploadId=left["UploadId"])
+
+
+@pytest.mark.parametrize("owner", ["this", "another"])
+async def test_the_sweep_deletes_the_object_of_an_expired_failed_upload(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, owner: str
+) -> None:
+    """An upload rolled back (its state says FAILED) whose object's delete never went
+    through (its instance gave up or died): before, the sweep removed its state and kept
+    the object of a failed upload for ever. Now it deletes the object too, if this upload
+    made it (its id in the metadata): never another upload's object at that key."""
+    proxy = await proxy_factory()
+    sink = proxy.app[STATE].require_sink()
+    url = await new_upload(proxy, 1000)
+    upload = tus_url.verify(url.removeprefix("/tus/"), proxy.app[TUS].keys, time.time())
+    store = TusStore(sink, upload)
+    found = await store.read()
+    assert found is not None
+    await store.swap(dataclasses.replace(found[0], ending=FAILED), found[1])
+    made_by = upload.id if owner == "this" else "another-upload"
+    s3.put_object(Bucket=bucket, Key=upload.key, Body=b"x" * 1000, Metadata={TUS_META: made_by})
+    gone = await sweep_tus(sink, dry_run=False, now=upload.expires + 10, skew=0)
+    assert len(gone.removed) == 1
+    left = [KEY_OBJECT] if owner == "this" else sorted([KEY_OBJECT, upload.key])
+    assert sorted(await all_keys_async(s3, bucket)) == left
