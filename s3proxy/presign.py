@@ -516,12 +516,11 @@ async def complete_multipart(request: web.Request) -> web.Response:
     key, upload_id = _client_key(ctx, body), _upload_id(body)
     try:
         found = await _uploaded_parts(ctx, key, upload_id)
-    except ProxyError as exc:
-        head = await _completed_object(ctx, key) if exc.kind is NO_SUCH_UPLOAD else None
-        if head is None:
+        _check_parts(ctx, body, found)
+    except ProxyError:
+        if (done := await _done_meanwhile(ctx, key, upload_id)) is None:
             raise
-        return await _answer(ctx, await _held_to_size(ctx, key, upload_id, head), head)
-    _check_parts(ctx, body, found)
+        return done
     try:
         with _client_faults():
             try:
@@ -532,6 +531,8 @@ async def complete_multipart(request: web.Request) -> web.Response:
                     if_none_match=ctx.writes.if_none_match,
                 )
             except PreconditionFailed:
+                if (done := await _done_meanwhile(ctx, key, upload_id)) is not None:
+                    return done
                 # A refused Complete leaves the upload open: abort it, whatever happens.
                 await run_cleanup(
                     lambda: ctx.sink.abort(key, upload_id),
@@ -544,13 +545,11 @@ async def complete_multipart(request: web.Request) -> web.Response:
                     "(--no-overwrite); the multipart upload was aborted",
                 ) from None
     except ProxyError as exc:
-        if exc.kind in (KEY_EXISTS, INVALID_REQUEST):
+        # S3 may have completed and only its answer was lost (a retry then says
+        # NoSuchUpload), or another complete of this upload did (S3 refuses the parts).
+        if exc.kind is KEY_EXISTS or (done := await _done_meanwhile(ctx, key, upload_id)) is None:
             raise
-        # S3 may have completed and only its answer was lost (a retry then says NoSuchUpload).
-        head = await _completed_object(ctx, key)
-        if head is None:
-            raise
-        return await _answer(ctx, await _held_to_size(ctx, key, upload_id, head), head)
+        return done
     try:
         head = await ctx.sink.head(key)
     except S3Error:
@@ -568,6 +567,19 @@ async def complete_multipart(request: web.Request) -> web.Response:
         log.info("presign.size_unchecked key=%s upload_id=%s action=delete", key, upload_id)
         raise
     return await _answer(ctx, await _held_to_size(ctx, key, upload_id, head, len(found)), head)
+
+
+async def _done_meanwhile(ctx: Context, key: str, upload_id: str) -> web.Response | None:
+    """The answer to a complete refused or failed while another complete of the upload
+    may have stored it (a client's retry through another instance, or one whose answer
+    was lost): S3 then lists no parts (SeaweedFS, for a moment), refuses the parts, the
+    precondition or the upload. The object found is held to its size as a retried
+    complete would; None if there is none, and the refusal stands. Only objects of this
+    upload's key are found: one no client can write but through a complete here."""
+    head = await _completed_object(ctx, key)
+    if head is None:
+        return None
+    return await _answer(ctx, await _held_to_size(ctx, key, upload_id, head), head)
 
 
 async def _completed_object(ctx: Context, key: str) -> ObjectHead | None:

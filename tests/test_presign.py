@@ -881,3 +881,76 @@ async def test_a_queued_delete_never_removes_what_a_retried_complete_reported(
     assert told == [ref["key"]] * ((2 if retried else 1) if kept else 0)
     if kept:
         await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+EMPTY_PARTS = (
+    b'<?xml version="1.0" encoding="UTF-8"?>'
+    b'<ListPartsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+    b"<IsTruncated>false</IsTruncated></ListPartsResult>"
+)
+
+
+@pytest.mark.parametrize(
+    ("op", "fault", "no_overwrite"),
+    [
+        ("ListParts", Fault(status=200, body=EMPTY_PARTS), None),
+        ("CompleteMultipartUpload", Fault(status=400, code="InvalidPart"), None),
+        ("CompleteMultipartUpload", Fault(status=412, code="PreconditionFailed"), True),
+    ],
+    ids=["no-parts-listed", "parts-refused", "precondition-refused"],
+)
+async def test_a_complete_racing_another_answers_for_the_object_it_stored(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, op: str, fault: Fault, no_overwrite: Any
+) -> None:
+    """Two completes of one upload at once (a client's retry through another instance):
+    the one that loses sees S3 list no parts (SeaweedFS, for a moment), or list them and
+    then refuse the parts or the precondition, while the other has stored the file. It was
+    told 400 "no part has been uploaded" (or 409 KEY_EXISTS) for a stored file (the lb
+    probe, 2 of 16 races): it must answer 200 for the object, held to its size."""
+    ref: dict[str, str] = {}
+
+    def other_completes(_: Any) -> None:
+        """The other complete lands between this one's ListParts and its Complete."""
+        parts = s3.list_parts(Bucket=bucket, Key=ref["key"], UploadId=ref["upload_id"])["Parts"]
+        s3.complete_multipart_upload(
+            Bucket=bucket, Key=ref["key"], UploadId=ref["upload_id"],
+            MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": parts[0]["ETag"]}]},
+        )  # fmt: skip
+
+    armed = False
+
+    def rule(o: str, n: int) -> Fault | None:
+        if not armed:
+            return None
+        if op == "ListParts":
+            return fault if o == op else None
+        if o == "ListParts":
+            return Fault(answer=other_completes)
+        return fault if o == op else None
+
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=1,
+            key_template="uploads/{uuid}/{filename}",
+            no_overwrite=no_overwrite,
+        )
+        status, up = await call(proxy, "/sign/multipart", pdf(6 * MiB), {})
+        assert status == 200, up
+        ref.update(key=up["key"], upload_id=up["upload_id"])
+        await asyncio.to_thread(
+            s3.upload_part, Bucket=bucket, PartNumber=1, Body=b"x" * 6 * MiB,
+            Key=ref["key"], UploadId=ref["upload_id"],
+        )  # fmt: skip
+        if op == "ListParts":  # the other complete is done: S3 lists no part for a moment
+            other, out = await call(proxy, "/sign/multipart/complete", ref, {})
+            assert other == 200, out
+        before = len(faulty.calls)
+        armed = True
+        status, out = await call(proxy, "/sign/multipart/complete", ref, {})
+        armed = False
+        assert op in faulty.calls[before:]
+    assert status == 200, out
+    assert out["key"] == ref["key"] and out["size"] == 6 * MiB, out
+    assert await stored_keys(s3, bucket) == [ref["key"]]
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
