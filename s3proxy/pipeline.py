@@ -802,7 +802,10 @@ class FileUpload:
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=CLEANUP_TIMEOUT)
+            limit = CLEANUP_TIMEOUT
+            if self.janitor is not None:  # and not past the shutdown's deadline
+                limit = self.janitor.time_for(limit)
+            await asyncio.wait(tasks, timeout=limit)
         for task in tasks:
             if task.done() and not task.cancelled():
                 task.exception()  # retrieved: the upload failed for its own reason

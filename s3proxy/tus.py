@@ -67,7 +67,7 @@ from s3proxy.errors import (
     quoted,
 )
 from s3proxy.form import ClientWatch
-from s3proxy.janitor import finish, run_cleanup
+from s3proxy.janitor import by_deadline, finish, run_cleanup
 from s3proxy.machine import Resume
 from s3proxy.parts import plan_parts
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, Resumed, StoredFile, abort_reason
@@ -672,6 +672,7 @@ async def _append_tracked(
         dataclasses.replace(current, length=stored_length),
         settings.tus_lock_lease,
         settings.cleanup_clock_skew,
+        state.janitor.deadline,
     )
     await lease.take(etag)
     committed = False
@@ -710,7 +711,8 @@ async def _append_tracked(
                             "tus.kept id=%s offset=%d reason=CANCELLED", upload.id, kept.offset
                         )
 
-                await finish(keep())
+                what = f"tus commit id={upload.id} offset={kept.offset}"
+                await finish(by_deadline(keep(), what, state.janitor))
             raise
         except ProxyError as err:
             stored_unseen = await tus_ending.landed(store, appended, err)

@@ -291,6 +291,8 @@ async def test_a_rollback_that_fails_at_shutdown_is_logged_with_its_key_and_reme
         ("delete key=k nonce=n", "delete it by hand"),
         ("rollback key=k etag=e", "delete it by hand"),
         ("delete key=k reason=size_unchecked", "x-amz-meta-s3proxy-size"),
+        ("tus commit id=x offset=5", "resumes from its last commit"),
+        ("tus lock id=x owner=o", "resumes from its last commit"),
     ],
 )
 def test_an_abandoned_cleanup_names_what_undoes_it(what: str, remedy: str) -> None:
