@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -39,6 +40,19 @@ LAST_TRY_TIMEOUT = 5.0  # seconds the last try at close may take (all at once): 
 SHUTDOWN_CLEANUP = 3.0
 Cleanup = Callable[[], Awaitable[None]]
 T = TypeVar("T")
+
+
+class Kind(enum.Enum):
+    """What a cleanup undoes, which alone says what removes it if this process cannot
+    (``advice``); passed with every cleanup, beside its label for the log."""
+
+    UPLOAD = "upload"  # an open multipart upload: ``abort key=... upload_id=...``
+    TUS_UPLOAD = "tus_upload"  # a tus upload's objects: ``tus creation|end|segments|state``
+    OBJECT = "object"  # the object of a request answered failure: ``delete``, ``rollback``
+    # a presigned upload's object whose size check could not run: a retried complete
+    # may have reported it stored (``delete key=... reason=size_unchecked``)
+    OBJECT_SIZE_UNCHECKED = "object_size_unchecked"
+    TUS_PATCH = "tus_patch"  # a cut PATCH's commit or lock release: ``tus commit|lock``
 
 
 class ShutdownDeadline(TimeoutError):
@@ -110,7 +124,8 @@ class Janitor:
         self.give_up_after = give_up_after
         self.deadline = Deadline()
         self.closed = False  # close() began: what fails from now on is abandoned
-        self._tasks: dict[asyncio.Task[None], tuple[Cleanup, str]] = {}  # owed: tried at close
+        # owed: tried at close
+        self._tasks: dict[asyncio.Task[None], tuple[Cleanup, str, Kind]] = {}
         self._rechecks: set[asyncio.Task[None]] = set()  # a precaution each: dropped at close
 
     def gone(self) -> bool:
@@ -124,12 +139,12 @@ class Janitor:
         ends = due(now, limit, self.deadline.at)
         return limit if ends is None else max(0.0, ends - now)
 
-    def retry(self, fn: Cleanup, what: str, error: BaseException | None = None) -> None:
+    def retry(self, fn: Cleanup, what: str, kind: Kind, error: BaseException | None = None) -> None:
         if self.gone():
-            abandon(what, error)
+            abandon(what, kind, error)
             return
-        task = asyncio.create_task(self._retry(fn, what), name=f"cleanup-{what}")
-        self._tasks[task] = (fn, what)
+        task = asyncio.create_task(self._retry(fn, what, kind), name=f"cleanup-{what}")
+        self._tasks[task] = (fn, what, kind)
         task.add_done_callback(lambda t: self._tasks.pop(t, None))
 
     def again_after(self, fn: Cleanup, what: str, delays: Sequence[float]) -> None:
@@ -151,7 +166,7 @@ class Janitor:
             except Exception as exc:
                 log.warning("cleanup.recheck_failed what=%s error=%r", what, exc)
 
-    async def _retry(self, fn: Cleanup, what: str) -> None:
+    async def _retry(self, fn: Cleanup, what: str, kind: Kind) -> None:
         deadline = time.monotonic() + self.give_up_after
         attempt = 1
         while time.monotonic() < deadline:
@@ -165,7 +180,7 @@ class Janitor:
                 continue
             log.info("cleanup.retried what=%s attempts=%d", what, attempt)
             return
-        log.error("cleanup.gave_up what=%s; %s", what, advice(what))
+        log.error("cleanup.gave_up what=%s; %s", what, advice(kind))
 
     async def close(self, last_try: float = LAST_TRY_TIMEOUT) -> None:
         """Stop retrying; give every cleanup still owed one last try (all at once, within
@@ -183,24 +198,24 @@ class Janitor:
         await asyncio.gather(*tasks, return_exceptions=True)
         if owed:
             log.info("cleanup.last_try count=%d", len(owed))
-            await asyncio.gather(*(self._last_try(fn, what, last_try) for fn, what in owed))
+            await asyncio.gather(*(self._last_try(*duty, last_try) for duty in owed))
 
-    async def _last_try(self, fn: Cleanup, what: str, seconds: float) -> None:
+    async def _last_try(self, fn: Cleanup, what: str, kind: Kind, seconds: float) -> None:
         try:
             async with self.deadline.bound(seconds):
                 await fn()
         except Exception as exc:
-            abandon(what, exc)
+            abandon(what, kind, exc)
             return
         log.info("cleanup.retried what=%s attempts=last", what)
 
 
-def abandon(what: str, error: BaseException | None) -> None:
+def abandon(what: str, kind: Kind, error: BaseException | None) -> None:
     """The one line for a cleanup this process will not do, with what undoes it."""
-    log.error("cleanup.abandoned what=%s error=%r; %s", what, error, advice(what))
+    log.error("cleanup.abandoned what=%s error=%r; %s", what, error, advice(kind))
 
 
-async def by_deadline(aw: Awaitable[None], what: str, janitor: Janitor | None) -> None:
+async def by_deadline(aw: Awaitable[None], what: str, kind: Kind, janitor: Janitor | None) -> None:
     """Await ``aw`` (a cleanup with no limit of its own: a commit, a notice), but not past
     the shutdown's deadline: cut there, it is logged abandoned, not raised."""
     if janitor is None:
@@ -210,27 +225,26 @@ async def by_deadline(aw: Awaitable[None], what: str, janitor: Janitor | None) -
         async with janitor.deadline.bound(None):
             await aw
     except ShutdownDeadline as exc:
-        abandon(what, exc)
+        abandon(what, kind, exc)
 
 
-def advice(what: str) -> str:
-    """What undoes a cleanup the process could not do, for its log line (``what`` starts
-    with the call: ``abort``, ``tus ...``, ``delete``, ``rollback``)."""
-    if what.startswith(("tus commit ", "tus lock ")):  # a cut PATCH's: the upload goes on
-        return "nothing to do: the upload resumes from its last commit once its lock lapses"
-    if what.startswith(("abort ", "tus ")):
-        return "`s3proxy cleanup --execute` removes it (once idle or expired)"
-    if "reason=size_unchecked" in what:  # a presigned upload's: a retry may have kept it
-        return (
-            "nothing removes it later: delete it by hand if its size is not its "
-            'x-amz-meta-s3proxy-size (README "Operating it")'
-        )
-    if what.startswith(("delete ", "rollback ")):
-        return (
-            "the object of a failed request stays, nothing removes it later: delete it "
-            'by hand (README "Operating it")'
-        )
-    return 'see README "Operating it"'
+def advice(kind: Kind) -> str:
+    """What undoes a cleanup of this kind that the process could not do, for its log line."""
+    match kind:
+        case Kind.TUS_PATCH:  # the upload goes on
+            return "nothing to do: the upload resumes from its last commit once its lock lapses"
+        case Kind.UPLOAD | Kind.TUS_UPLOAD:
+            return "`s3proxy cleanup --execute` removes it (once idle or expired)"
+        case Kind.OBJECT_SIZE_UNCHECKED:  # a retry may have reported it stored
+            return (
+                "nothing removes it later: delete it by hand if its size is not its "
+                'x-amz-meta-s3proxy-size (README "Operating it")'
+            )
+        case Kind.OBJECT:
+            return (
+                "the object of a failed request stays, nothing removes it later: delete it "
+                'by hand (README "Operating it")'
+            )
 
 
 async def finish(aw: Awaitable[T]) -> T:
@@ -253,7 +267,12 @@ async def finish(aw: Awaitable[T]) -> T:
 
 
 async def run_cleanup(
-    fn: Cleanup, what: str, janitor: Janitor | None = None, *, retry: Cleanup | None = None
+    fn: Cleanup,
+    what: str,
+    janitor: Janitor | None = None,
+    *,
+    kind: Kind,
+    retry: Cleanup | None = None,
 ) -> None:
     """Run one cleanup call to the end even if we are being cancelled; never raise for it
     (but re-raise the caller's cancellation once it is done).
@@ -262,29 +281,29 @@ async def run_cleanup(
     ``retry`` when what ``fn`` undoes may have become right meanwhile (a later request
     may report as stored the object ``fn`` deletes: ``retry`` checks before it deletes).
     """
-    await finish(_attempt(fn, what, janitor, retry))
+    await finish(_attempt(fn, what, kind, janitor, retry))
 
 
-async def run_cleanups(calls: Sequence[tuple[Cleanup, str]], janitor: Janitor | None) -> None:
+async def run_cleanups(calls: Sequence[tuple[Cleanup, str, Kind]], janitor: Janitor | None) -> None:
     """``run_cleanup`` for several calls at once: each one runs (and, failing, goes to the
     janitor) whatever happens to the others or to the caller."""
     if calls:
-        await finish(asyncio.gather(*(_attempt(fn, what, janitor) for fn, what in calls)))
+        await finish(asyncio.gather(*(_attempt(*call, janitor) for call in calls)))
 
 
 async def _attempt(
-    fn: Cleanup, what: str, janitor: Janitor | None, retry: Cleanup | None = None
+    fn: Cleanup, what: str, kind: Kind, janitor: Janitor | None, retry: Cleanup | None = None
 ) -> None:
     try:
         async with _bound(janitor, CLEANUP_TIMEOUT):
             await fn()
     except Exception as exc:
         if janitor is not None and janitor.gone():
-            abandon(what, exc)  # at the shutdown's deadline: no retry will come
+            abandon(what, kind, exc)  # at the shutdown's deadline: no retry will come
             return
         log.error("cleanup.failed what=%s error=%r", what, exc)
         if janitor is not None:
-            janitor.retry(fn if retry is None else retry, what, exc)
+            janitor.retry(fn if retry is None else retry, what, kind, exc)
 
 
 def _bound(janitor: Janitor | None, limit: float) -> contextlib.AbstractAsyncContextManager[None]:

@@ -49,7 +49,7 @@ from botocore.exceptions import (
 from s3proxy.body import ChunkedBody
 from s3proxy.checksums import Algorithm, CrcValue
 from s3proxy.errors import UPSTREAM_ERROR, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, ProxyError
-from s3proxy.janitor import CLEANUP_TIMEOUT, Deadline, ShutdownDeadline, abandon, finish
+from s3proxy.janitor import CLEANUP_TIMEOUT, Deadline, Kind, ShutdownDeadline, abandon, finish
 from s3proxy.metrics import Metrics
 from s3proxy.s3 import (
     PAGE_SIZE,
@@ -448,7 +448,7 @@ class AioObjectStore:
             async with self._deadline.bound(CLEANUP_TIMEOUT):
                 aborted = await self.abort_uploads(key, keep=keep)
         except ShutdownDeadline as exc:
-            abandon(f"abort key={key} upload_id=unknown", exc)
+            abandon(f"abort key={key} upload_id=unknown", Kind.UPLOAD, exc)
             return
         except Exception as exc:
             log.warning("upload.lost_create_unchecked key=%s error=%r", key, exc)

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 
 from s3proxy.errors import UPLOAD_LOCKED, ProxyError
-from s3proxy.janitor import Deadline, ShutdownDeadline, abandon, finish
+from s3proxy.janitor import Deadline, Kind, ShutdownDeadline, abandon, finish
 from s3proxy.s3 import NoSuchKey, PreconditionFailed
 from s3proxy.tus_state import Lock, TusState, TusStore
 
@@ -169,7 +169,8 @@ class Lease:
             except (PreconditionFailed, NoSuchKey):
                 pass  # another request holds the upload now: its lock is not ours to drop
             except ShutdownDeadline as err:
-                abandon(f"tus lock id={self.store.upload.id} owner={self.owner}", err)
+                what = f"tus lock id={self.store.upload.id} owner={self.owner}"
+                abandon(what, Kind.TUS_PATCH, err)
             except Exception as err:  # best effort: the lock goes stale after the lease
                 log.warning(
                     "tus.lock_release_failed id=%s owner=%s error=%s",

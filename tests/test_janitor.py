@@ -11,6 +11,7 @@ import pytest
 
 from s3proxy.janitor import (
     Janitor,
+    Kind,
     ShutdownDeadline,
     abandoned,
     by_deadline,
@@ -68,7 +69,9 @@ async def test_setting_the_deadline_cuts_a_cleanup_already_running(
     janitor = Janitor()
     loop = asyncio.get_running_loop()
     with caplog.at_level(logging.INFO, "s3proxy.janitor"):
-        running = asyncio.create_task(run_cleanup(hang, "abort key=k upload_id=u", janitor))
+        running = asyncio.create_task(
+            run_cleanup(hang, "abort key=k upload_id=u", janitor, kind=Kind.UPLOAD)
+        )
         await asyncio.sleep(0.05)
         janitor.deadline.set(loop.time() + 0.2)
         await asyncio.wait_for(running, 2)
@@ -85,7 +88,7 @@ async def test_a_cleanup_begun_past_the_deadline_ends_at_once(
     janitor = Janitor()
     janitor.deadline.set(asyncio.get_running_loop().time())
     with caplog.at_level(logging.INFO, "s3proxy.janitor"):
-        await asyncio.wait_for(run_cleanup(hang, "delete key=k", janitor), 1)
+        await asyncio.wait_for(run_cleanup(hang, "delete key=k", janitor, kind=Kind.OBJECT), 1)
     [line] = lines(caplog, "cleanup.abandoned")
     assert "what=delete key=k" in line and "delete it by hand" in line
     assert not janitor._tasks
@@ -100,7 +103,7 @@ async def test_the_last_try_keeps_to_the_deadline(caplog: pytest.LogCaptureFixtu
         raise OSError("connection refused")
 
     with caplog.at_level(logging.INFO, "s3proxy.janitor"):
-        await run_cleanup(refused, "abort key=k upload_id=u", janitor, retry=hang)
+        await run_cleanup(refused, "abort key=k upload_id=u", janitor, kind=Kind.UPLOAD, retry=hang)
         assert len(janitor._tasks) == 1  # owed
         loop = asyncio.get_running_loop()
         janitor.deadline.set(loop.time() + 0.2)
@@ -124,7 +127,7 @@ async def test_a_cleanup_failing_after_close_is_logged_not_dropped(
         raise OSError("connection refused")
 
     with caplog.at_level(logging.INFO, "s3proxy.janitor"):
-        await run_cleanup(refused, "rollback key=k", janitor)
+        await run_cleanup(refused, "rollback key=k", janitor, kind=Kind.OBJECT)
     assert not janitor._tasks
     [line] = lines(caplog, "cleanup.abandoned")
     assert "what=rollback key=k error=OSError('connection refused')" in line
@@ -138,7 +141,9 @@ async def test_a_commit_with_no_limit_of_its_own_ends_at_the_deadline(
     janitor = Janitor()
     janitor.deadline.set(asyncio.get_running_loop().time() + 0.1)
     with caplog.at_level(logging.INFO, "s3proxy.janitor"):
-        await asyncio.wait_for(by_deadline(hang(), "tus commit id=x offset=5", janitor), 2)
+        await asyncio.wait_for(
+            by_deadline(hang(), "tus commit id=x offset=5", Kind.TUS_PATCH, janitor), 2
+        )
     [line] = lines(caplog, "cleanup.abandoned")
     assert "what=tus commit id=x offset=5" in line and "resumes from its last commit" in line
 
