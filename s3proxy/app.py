@@ -26,6 +26,7 @@ from s3proxy.cleanup import Rule, sweep, sweep_tus
 from s3proxy.config import embedded_config
 from s3proxy.cors import Cors
 from s3proxy.errors import UPLOAD_EXPIRED, error_middleware
+from s3proxy.janitor import SHUTDOWN_CLEANUP
 from s3proxy.log import (
     ACCESS_LOG_FORMAT,
     PREPARED,
@@ -205,6 +206,7 @@ async def _s3_backend(app: web.Application) -> AsyncIterator[None]:
             settings.bucket_name,
             state.metrics,
             presign_endpoint=settings.presign_endpoint_url,
+            deadline=state.janitor.deadline,
         ) as bucket:
             state.sink = bucket
             sweeper = None
@@ -341,12 +343,14 @@ async def drain(state: AppState) -> None:
     A cancelled upload aborts its multipart upload, deletes what its request stored
     (telling the webhook receiver if it was notified) and answers 503
     SHUTTING_DOWN with ``Connection: close``. Only handlers still storing files are
-    cancelled: one that is writing its answer is left to finish; then their cleanup
-    gets its time. Idle keep-alive connections are closed at once and every response
-    from now on says ``Connection: close``, so no client holds the process once its
-    request is answered. Other requests in progress (a download) get what is left of
-    the grace period. The background store check stops: /readyz says 503 from here on.
-    Running it again does nothing.
+    cancelled: one that is writing its answer is left to finish. Their cleanup, the
+    janitor's last try and every other cleanup share one deadline, ``SHUTDOWN_CLEANUP``
+    seconds after the grace period, whatever S3 does (``janitor.Deadline``). Idle
+    keep-alive connections are closed at once and every response from now on says
+    ``Connection: close``, so no client holds the process once its request is answered.
+    Other requests in progress (a download) get what is left of the grace period. The
+    background store check stops: /readyz says 503 from here on. Running it again does
+    nothing.
     """
     state.begin_stopping()
     await state.store_check.stop()
@@ -356,6 +360,9 @@ async def drain(state: AppState) -> None:
     conns = state.connections
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.settings.shutdown_timeout
+    # The one deadline of every cleanup from now on (in requests, the janitor's last try).
+    cleanup_deadline = deadline + SHUTDOWN_CLEANUP
+    state.janitor.deadline.set(cleanup_deadline)
     closed = conns.close_idle()
     running = set(state.uploads)
     log.info(
@@ -365,15 +372,23 @@ async def drain(state: AppState) -> None:
         closed,
         state.settings.shutdown_timeout,
     )
+    pending: set[asyncio.Task[Any]] = set()
     if running:
         _, pending = await asyncio.wait(running, timeout=state.settings.shutdown_timeout)
         stopping = [task for task in pending if task in state.uploads]
         for task in stopping:
             state.stop(task)
-        if pending:
-            await asyncio.wait(pending, timeout=state.cleanup_wait)
+    # The last try at what the janitor owes runs alongside the cut uploads' cleanup, and
+    # what fails from here on is logged abandoned: all of it ends by the deadline.
+    last_try = asyncio.create_task(state.janitor.close(), name="cleanup-last-try")
     await conns.wait_quiet(deadline)
     await stop_requests(state)
+    await asyncio.wait(
+        [last_try, *pending], timeout=max(0.0, cleanup_deadline - loop.time()) + STOP_WAIT
+    )
+    late = [task for task in (last_try, *pending) if not task.done()]
+    if late:  # every cleanup is bounded by the deadline: this is a bug, but exit anyway
+        log.error("proxy.cleanup_overran tasks=%d", len(late))
 
 
 async def stop_requests(state: AppState) -> None:

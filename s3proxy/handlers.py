@@ -208,7 +208,8 @@ async def notify_rolled_back(state: AppState, keys: list[str], reason: str) -> N
         "reason": reason,
     }
     try:
-        await state.webhook.deliver(event, rid, max_attempts=1)
+        async with state.janitor.deadline.bound(None):  # a cleanup: the shutdown's deadline
+            await state.webhook.deliver(event, rid, max_attempts=1)
     except Exception as exc:
         log.warning("webhook.rolled_back_not_delivered reason=%s", getattr(exc, "reason", exc))
 

@@ -74,7 +74,7 @@ from s3proxy.errors import (
     ProxyError,
 )
 from s3proxy.form import DEFAULT_MAX_FIELDS_SIZE, DEFAULT_MIN_RATE, ChunkSource
-from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor, finish, run_cleanup
+from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor, Kind, finish, run_cleanup
 from s3proxy.limits import RateMeter
 from s3proxy.machine import (
     CreateUpload,
@@ -390,6 +390,7 @@ class FileUpload:
                 lambda: self.sink.abort(key, upload_id),
                 f"abort key={key} upload_id={upload_id}",
                 self.janitor,
+                kind=Kind.UPLOAD,
             )
         if self.maybe_stored and self.resume is not None:
             # A resumed file (tus) is its caller's to judge: the object at the key, if
@@ -397,13 +398,16 @@ class FileUpload:
             log.info("upload.maybe_stored key=%s reason=%s", key, reason)
         elif self.maybe_stored and self.cfg.writes.cleanup == "delete":
             log.info("upload.deleted key=%s reason=%s", key, reason)
-            await run_cleanup(lambda: self.sink.delete(key), f"delete key={key}", self.janitor)
+            await run_cleanup(
+                lambda: self.sink.delete(key), f"delete key={key}", self.janitor, kind=Kind.OBJECT
+            )
             self._delete_late_writes(lambda: self.sink.delete(key))
         elif self.maybe_stored and self.cfg.writes.cleanup == "nonce":
             await run_cleanup(
                 lambda: self._delete_own(reason),
                 f"delete key={key} nonce={self.nonce}",
                 self.janitor,
+                kind=Kind.OBJECT,
             )
             self._delete_late_writes(lambda: self._delete_own(reason))
         elif self.maybe_stored:
@@ -802,7 +806,10 @@ class FileUpload:
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=CLEANUP_TIMEOUT)
+            limit = CLEANUP_TIMEOUT
+            if self.janitor is not None:  # and not past the shutdown's deadline
+                limit = self.janitor.time_for(limit)
+            await asyncio.wait(tasks, timeout=limit)
         for task in tasks:
             if task.done() and not task.cancelled():
                 task.exception()  # retrieved: the upload failed for its own reason

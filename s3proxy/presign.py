@@ -70,7 +70,7 @@ from s3proxy.errors import (
     ProxyError,
 )
 from s3proxy.handlers import notify, notify_rolled_back, rollback_reason
-from s3proxy.janitor import run_cleanup
+from s3proxy.janitor import Kind, run_cleanup
 from s3proxy.s3 import (
     InvalidParts,
     NoSuchKey,
@@ -538,6 +538,7 @@ async def complete_multipart(request: web.Request) -> web.Response:
                     lambda: ctx.sink.abort(key, upload_id),
                     f"abort key={key} upload_id={upload_id}",
                     ctx.state.janitor,
+                    kind=Kind.UPLOAD,
                 )
                 raise ProxyError(
                     KEY_EXISTS,
@@ -562,6 +563,7 @@ async def complete_multipart(request: web.Request) -> web.Response:
             lambda: ctx.sink.delete(key, if_match=if_match),
             f"delete key={key} reason=size_unchecked",
             ctx.state.janitor,
+            kind=Kind.OBJECT_SIZE_UNCHECKED,
             retry=(lambda: _hold_later(ctx, key)) if ctx.writes.unique_keys else None,
         )
         log.info("presign.size_unchecked key=%s upload_id=%s action=delete", key, upload_id)
@@ -706,7 +708,7 @@ async def _answer(ctx: Context, out: dict[str, Any], head: ObjectHead) -> web.Re
                 await ctx.sink.delete(key, if_match=if_match)
 
         try:
-            await run_cleanup(delete, f"rollback key={key}", state.janitor)
+            await run_cleanup(delete, f"rollback key={key}", state.janitor, kind=Kind.OBJECT)
             log.info("presign.rolled_back key=%s reason=%s", key, reason)
         finally:
             await notify_rolled_back(state, [key], reason)

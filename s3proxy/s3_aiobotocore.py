@@ -49,7 +49,7 @@ from botocore.exceptions import (
 from s3proxy.body import ChunkedBody
 from s3proxy.checksums import Algorithm, CrcValue
 from s3proxy.errors import UPSTREAM_ERROR, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, ProxyError
-from s3proxy.janitor import CLEANUP_TIMEOUT, finish
+from s3proxy.janitor import CLEANUP_TIMEOUT, Deadline, Kind, ShutdownDeadline, abandon, finish
 from s3proxy.metrics import Metrics
 from s3proxy.s3 import (
     PAGE_SIZE,
@@ -350,8 +350,10 @@ class AioObjectStore:
         *,
         options: ClientOptions | None = None,
         presign_endpoint: str | None = None,
+        deadline: Deadline | None = None,
     ) -> None:
         self._client = client
+        self._deadline = deadline or Deadline()  # the shutdown's, for the cleanup done here
         self.bucket = bucket
         self._metrics = metrics or Metrics()
         self._options = options
@@ -443,8 +445,11 @@ class AioObjectStore:
     async def _abort_lost(self, key: str, keep: str | None) -> None:
         """Best effort: abort the key's uploads but ``keep``; a failure is logged, not raised."""
         try:
-            async with asyncio.timeout(CLEANUP_TIMEOUT):
+            async with self._deadline.bound(CLEANUP_TIMEOUT):
                 aborted = await self.abort_uploads(key, keep=keep)
+        except ShutdownDeadline as exc:
+            abandon(f"abort key={key} upload_id=unknown", Kind.UPLOAD, exc)
+            return
         except Exception as exc:
             log.warning("upload.lost_create_unchecked key=%s error=%r", key, exc)
             return
@@ -866,11 +871,18 @@ async def open_store(
     metrics: Metrics | None = None,
     *,
     presign_endpoint: str | None = None,
+    deadline: Deadline | None = None,
 ) -> AsyncIterator[AioObjectStore]:
-    """The store for ``bucket`` over a client of its own, closed (signer too) at exit."""
+    """The store for ``bucket`` over a client of its own, closed (signer too) at exit;
+    ``deadline``: the shutdown's, which the cleanup it does itself keeps to."""
     async with open_client(opts) as client:
         store = AioObjectStore(
-            client, bucket, metrics, options=opts, presign_endpoint=presign_endpoint
+            client,
+            bucket,
+            metrics,
+            options=opts,
+            presign_endpoint=presign_endpoint,
+            deadline=deadline,
         )
         try:
             yield store

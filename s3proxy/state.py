@@ -22,7 +22,7 @@ from s3proxy.config import Config
 from s3proxy.download_limits import DownloadSlots
 from s3proxy.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, ProxyError
 from s3proxy.form import FormLimits
-from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor
+from s3proxy.janitor import Janitor
 from s3proxy.metrics import Metrics
 from s3proxy.pipeline import PipelineConfig
 from s3proxy.protocol import Connections
@@ -229,12 +229,6 @@ class AppState:
     @property
     def form_limits(self) -> FormLimits:
         return self.config.form
-
-    @property
-    def cleanup_wait(self) -> float:
-        """Seconds a cancelled upload may need to clean up: an abort and a delete for the
-        file in progress, the deletes of the others (at once), one webhook notice."""
-        return 3 * CLEANUP_TIMEOUT + self.settings.webhook_timeout
 
     def check_store(self) -> None:
         """Raise UPSTREAM_UNAVAILABLE while the embedded store this process runs is down

@@ -67,7 +67,7 @@ from s3proxy.errors import (
     quoted,
 )
 from s3proxy.form import ClientWatch
-from s3proxy.janitor import finish, run_cleanup
+from s3proxy.janitor import Kind, by_deadline, finish, run_cleanup
 from s3proxy.machine import Resume
 from s3proxy.parts import plan_parts
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, Resumed, StoredFile, abort_reason
@@ -399,7 +399,8 @@ async def create(request: web.Request) -> web.StreamResponse:
     except ProxyError:
         # The write may have landed (its answer lost, or a 500 after S3 stored it): with
         # no Location, nothing of the upload may stay.
-        await run_cleanup(_undo(store), f"tus creation id={upload.id}", state.janitor)
+        what = f"tus creation id={upload.id}"
+        await run_cleanup(_undo(store), what, state.janitor, kind=Kind.TUS_UPLOAD)
         raise
     state.metrics.uploads_started.inc()
     log.info("tus.created key=%s length=%s id=%s by=%s", key, length, upload.id, principal.subject)
@@ -409,7 +410,8 @@ async def create(request: web.Request) -> web.StreamResponse:
             headers.update((await _append(request, state, store, 0)).headers())
         except BaseException as exc:
             # Refused: the client has no Location, so nothing of the upload may stay.
-            await finish(run_cleanup(_undo(store), f"tus creation id={upload.id}", state.janitor))
+            what = f"tus creation id={upload.id}"
+            await finish(run_cleanup(_undo(store), what, state.janitor, kind=Kind.TUS_UPLOAD))
             if not isinstance(exc, tus_ending.Ended):  # it started: it ends here
                 state.metrics.uploads_aborted.labels(abort_reason(exc)).inc()
             raise
@@ -672,6 +674,7 @@ async def _append_tracked(
         dataclasses.replace(current, length=stored_length),
         settings.tus_lock_lease,
         settings.cleanup_clock_skew,
+        state.janitor.deadline,
     )
     await lease.take(etag)
     committed = False
@@ -710,7 +713,8 @@ async def _append_tracked(
                             "tus.kept id=%s offset=%d reason=CANCELLED", upload.id, kept.offset
                         )
 
-                await finish(keep())
+                what = f"tus commit id={upload.id} offset={kept.offset}"
+                await finish(by_deadline(keep(), what, Kind.TUS_PATCH, state.janitor))
             raise
         except ProxyError as err:
             stored_unseen = await tus_ending.landed(store, appended, err)
@@ -741,6 +745,7 @@ async def _append_tracked(
                     tus_ending.noting(store, end, FAILED),
                     f"tus end id={upload.id}",
                     state.janitor,
+                    kind=Kind.TUS_UPLOAD,
                     retry=end,
                 )
                 log.info("tus.ended key=%s id=%s reason=%s", upload.key, upload.id, err.kind.code)

@@ -13,7 +13,7 @@ from s3proxy.body import Chunk
 from s3proxy.checksums import Algorithm, CrcValue
 from s3proxy.errors import CLIENT_TIMEOUT, FILE_TOO_LARGE, REQUEST_TOO_LARGE, ProxyError
 from s3proxy.form import ClientWatch, TransportFlow, next_chunk
-from s3proxy.janitor import run_cleanup
+from s3proxy.janitor import Kind, run_cleanup
 from s3proxy.pipeline import FileUpload, Staged
 from s3proxy.state import AppState
 from s3proxy.tus_state import Part, Segment, TusState, TusStore, part_length
@@ -179,4 +179,5 @@ class Appended:
             log.info("upload.aborted key=%s upload_id=%s reason=uncommitted", key, upload_id)
             await self.store.bucket.abort(key, upload_id)
 
-        await run_cleanup(abort, f"abort key={key} upload_id={upload_id}", state.janitor)
+        what = f"abort key={key} upload_id={upload_id}"
+        await run_cleanup(abort, what, state.janitor, kind=Kind.UPLOAD)

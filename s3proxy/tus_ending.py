@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from s3proxy.errors import KEY_EXISTS, UPLOAD_LOCKED, ProxyError
 from s3proxy.handlers import notify, notify_rolled_back
-from s3proxy.janitor import run_cleanup
+from s3proxy.janitor import Kind, run_cleanup
 from s3proxy.pipeline import StoredFile
 from s3proxy.s3 import (
     ChecksumDiffers,
@@ -209,6 +209,7 @@ async def forget(state: AppState, store: TusStore, segments: list[Segment]) -> N
             lambda: store.delete_segments(segments),
             f"tus segments id={store.upload.id}",
             state.janitor,
+            kind=Kind.TUS_UPLOAD,
         )
 
 
@@ -250,6 +251,7 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
                     rollback(state, store, owner),
                     f"rollback key={stored.key} tus_id={upload.id}",
                     state.janitor,
+                    kind=Kind.OBJECT,
                 )
                 # As /upload's rollback: the receiver may have got upload.completed.
                 await notify_rolled_back(state, [stored.key], err.kind.code)
@@ -258,6 +260,7 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
             noting(store, remover(store), COMPLETED, stored.size),
             f"tus state id={upload.id}",
             state.janitor,
+            kind=Kind.TUS_UPLOAD,
             retry=remover(store),
         )
     finally:

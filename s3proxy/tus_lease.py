@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 
 from s3proxy.errors import UPLOAD_LOCKED, ProxyError
-from s3proxy.janitor import finish
+from s3proxy.janitor import Deadline, Kind, ShutdownDeadline, abandon, finish
 from s3proxy.s3 import NoSuchKey, PreconditionFailed
 from s3proxy.tus_state import Lock, TusState, TusStore
 
@@ -29,8 +29,16 @@ class Lease:
     that ``_swap_own`` recovers from: a 412 over a state still carrying this lease's owner
     is our own write, as nobody else writes without replacing the owner."""
 
-    def __init__(self, store: TusStore, current: TusState, seconds: float, skew: float) -> None:
+    def __init__(
+        self,
+        store: TusStore,
+        current: TusState,
+        seconds: float,
+        skew: float,
+        deadline: Deadline | None = None,  # the shutdown's: a release keeps to it
+    ) -> None:
         self.store = store
+        self.deadline = deadline or Deadline()
         self.state = dataclasses.replace(current)
         self.seconds = seconds
         self.skew = skew
@@ -156,9 +164,13 @@ class Lease:
 
         async def give_back() -> None:
             try:
-                await asyncio.wait_for(self._swap_own(self.state), self.seconds)
+                async with self.deadline.bound(self.seconds):
+                    await self._swap_own(self.state)
             except (PreconditionFailed, NoSuchKey):
                 pass  # another request holds the upload now: its lock is not ours to drop
+            except ShutdownDeadline as err:
+                what = f"tus lock id={self.store.upload.id} owner={self.owner}"
+                abandon(what, Kind.TUS_PATCH, err)
             except Exception as err:  # best effort: the lock goes stale after the lease
                 log.warning(
                     "tus.lock_release_failed id=%s owner=%s error=%s",

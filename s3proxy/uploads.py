@@ -40,7 +40,7 @@ from s3proxy.budget import MemoryBudget, Reservation
 from s3proxy.digests import DigestCheck
 from s3proxy.errors import INVALID_FIELD, METADATA_TOO_LARGE, NO_FILE, ProxyError, quoted
 from s3proxy.form import Field, FilePart
-from s3proxy.janitor import Janitor, run_cleanups
+from s3proxy.janitor import Janitor, Kind, run_cleanups
 from s3proxy.metrics import Metrics
 from s3proxy.parts import largest_part
 from s3proxy.pipeline import (
@@ -308,6 +308,7 @@ class RequestUpload:
             (
                 self._deleter(f, cleanup),
                 f"rollback key={f.key}" + (f" etag={f.etag}" if cleanup == "nonce" else ""),
+                Kind.OBJECT,
             )
             for f in files
         ]

@@ -39,6 +39,8 @@ class Fault:
     body: bytes | None = None  # with ``status``: answer this body instead of S3's error
     # forward, then change S3's answer (its headers, or its body: web.Response.body)
     answer: Callable[[web.Response], None] | None = None
+    # hold the call until this is set (S3 hanging), then go on as the other fields say
+    until: asyncio.Event | None = None
 
 
 # The two calls that store an object, each with a file size that makes the proxy use it:
@@ -120,6 +122,8 @@ class FaultyS3:
         if fault is not None and fault.flip and body:
             body = flipped(body)
         if fault is not None:
+            if fault.until is not None:
+                await fault.until.wait()
             if fault.delay:
                 await asyncio.sleep(fault.delay)
             if fault.drop:

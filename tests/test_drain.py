@@ -9,11 +9,13 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -23,11 +25,14 @@ from s3proxy.state import STATE
 from tests import bodies
 from tests.bodies import MiB
 from tests.conftest import make_settings
+from tests.faults import Fault, FaultyS3
 from tests.polling import eventually
 from tests.s3util import (
     MotoServer,
+    ProxyProcess,
     all_keys_async,
     exit_code,
+    fake_aws_env,
     open_uploads_async,
     read_object_async,
     start_proxy,
@@ -274,3 +279,134 @@ async def test_a_download_cut_at_the_deadline_is_logged_and_ends_the_wait(
     assert "request.stopped reason=SHUTTING_DOWN method=GET" in log, log
     assert f"download.stopped key={key} sent=" in log, log
     print(f"exit {took:.2f}s after SIGTERM with a slow download, --shutdown-timeout 2")
+
+
+@pytest.mark.filterwarnings("ignore:Sending a large body directly:ResourceWarning")
+async def test_exit_is_bounded_while_s3_hangs(
+    moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    """The outside re-probe: S3 holding every answer at SIGTERM, with an upload and a tus
+    PATCH cut by the drain and a cleanup the janitor owes. Each cleanup had 30 s of its
+    own, one after the other, and the last try came after them: 128.6 s to exit, a tus
+    commit still running after ``proxy.stopped``. Now they share one deadline: the exit
+    comes within the README's --drain-delay + --shutdown-timeout + 5 s, and every cleanup
+    not done is logged abandoned once, with what removes it."""
+    release = asyncio.Event()
+    hanging = False
+
+    def rule(op: str, n: int) -> Fault | None:
+        if hanging:
+            return Fault(until=release, status=503, code="SlowDown")
+        if op == "AbortMultipartUpload" and n == 1:  # the janitor's, then
+            return Fault(status=403, code="AccessDenied")
+        return None
+
+    delay, grace = 1, 2
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+        proxy = ProxyProcess.start(
+            [
+                "--endpoint-url",
+                faulty.endpoint_url,
+                "--bucket",
+                bucket,
+                "--part-size",
+                "5MiB",
+                "--drain-delay",
+                str(delay),
+                "--shutdown-timeout",
+                str(grace),
+            ],
+            fake_aws_env(),
+            tmp_path / "proxy.log",
+        )
+        writers = []
+        try:
+            # 1. An upload whose client went away, its abort refused: the janitor owes it.
+            raw = bodies.body([bodies.file("f", "a.bin", os.urandom(12 * MiB))])
+            _, gone = await open_upload(proxy.port, raw, 7 * MiB)
+            await eventually(
+                lambda: open_uploads_async(s3, bucket),
+                until=lambda u: len(u) == 1,
+                within=20,
+                what="the first upload open",
+            )
+            gone.transport.abort()
+            failed = await eventually(
+                lambda: _lines(proxy.log_path, "cleanup.failed what=abort "),
+                until=lambda lines: len(lines) == 1,
+                within=20,
+                what="the first upload's abort refused",
+            )
+            owed = failed[0].split("what=", 1)[1].split(" error=", 1)[0]
+            # 2. An upload stalled mid-file, and 3. a tus PATCH stalled after its first part.
+            raw = bodies.body([bodies.file("f", "b.bin", os.urandom(12 * MiB))])
+            writers.append((await open_upload(proxy.port, raw, 7 * MiB))[1])
+            data = os.urandom(12 * MiB)
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(
+                    proxy.url + "/tus/",
+                    headers={"Tus-Resumable": "1.0.0", "Upload-Length": str(len(data))},
+                ) as resp,
+            ):
+                assert resp.status == 201, await resp.text()
+                url = resp.headers["Location"]
+            _, patch = await asyncio.open_connection("127.0.0.1", proxy.port)
+            patch.write(
+                (
+                    f"PATCH {url} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+                    f"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n"
+                ).encode()
+                + data[: 7 * MiB]
+            )
+            await patch.drain()
+            writers.append(patch)
+            await eventually(
+                lambda: open_uploads_async(s3, bucket),
+                until=lambda u: len(u) == 3,
+                within=20,
+                what="the stalled upload's and the PATCH's open",
+            )
+            await asyncio.sleep(1.5)  # the first parts reach S3
+            hanging = True  # from now on S3 answers nothing
+            signalled = time.monotonic()
+            proxy.proc.send_signal(signal.SIGTERM)
+            bound = delay + grace + 5  # README "Shutdown and rolling restarts"
+            try:
+                assert await exit_code(proxy, bound + 2) == 0
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"still running {bound + 2}s after SIGTERM (bound {bound}s)")
+            took = time.monotonic() - signalled
+            print(f"exit {took:.2f}s after SIGTERM with S3 hanging (bound {bound}s)")
+            assert took <= bound, took
+        finally:
+            release.set()
+            proxy.stop()
+            for writer in writers:
+                writer.close()
+        log = proxy.log_path.read_text()
+        assert "proxy.stopped" in log.rstrip().splitlines()[-1], log[-3000:]
+        whats = [
+            line.split("what=", 1)[1].split(" error=", 1)[0]
+            for line in _lines(proxy.log_path, "cleanup.abandoned ")
+        ]
+        assert len(whats) == len(set(whats)), whats  # once each
+        assert owed in whats, (owed, whats)
+        assert any(w.startswith("tus commit id=") for w in whats), whats
+        # Nothing dropped unseen: every multipart upload left open is named in a line.
+        left = await open_uploads_async(s3, bucket)
+        assert len(left) == 3, left
+        for upload in left:
+            assert any(f"upload_id={upload['UploadId']}" in w for w in whats), (upload, whats)
+        for upload in left:
+            await asyncio.to_thread(
+                s3.abort_multipart_upload,
+                Bucket=bucket,
+                Key=upload["Key"],
+                UploadId=upload["UploadId"],
+            )
+
+
+def _lines(path: Path, marker: str) -> list[str]:
+    return [line for line in path.read_text().splitlines() if marker in line]

@@ -35,7 +35,7 @@ from s3proxy.errors import (
     ProxyError,
 )
 from s3proxy.form import Field, FilePart, FormLimits, iter_form
-from s3proxy.janitor import Janitor, advice
+from s3proxy.janitor import Janitor, Kind, advice
 from s3proxy.pipeline import PipelineConfig
 from s3proxy.tokens import UploadGrant
 from s3proxy.uploads import RequestUpload, UploadResult
@@ -282,19 +282,17 @@ async def test_a_rollback_that_fails_at_shutdown_is_logged_with_its_key_and_reme
 
 
 @pytest.mark.parametrize(
-    ("what", "remedy"),
+    ("kind", "remedy"),
     [
-        ("abort key=k upload_id=u", "s3proxy cleanup --execute"),
-        ("tus state id=x", "s3proxy cleanup --execute"),
-        ("tus end id=x", "s3proxy cleanup --execute"),
-        ("delete key=k", "delete it by hand"),
-        ("delete key=k nonce=n", "delete it by hand"),
-        ("rollback key=k etag=e", "delete it by hand"),
-        ("delete key=k reason=size_unchecked", "x-amz-meta-s3proxy-size"),
+        (Kind.UPLOAD, "`s3proxy cleanup --execute` removes it"),  # abort key=... upload_id=...
+        (Kind.TUS_UPLOAD, "`s3proxy cleanup --execute` removes it"),  # tus state|end id=...
+        (Kind.OBJECT, "delete it by hand"),  # delete key=..., rollback key=... etag=...
+        (Kind.OBJECT_SIZE_UNCHECKED, "x-amz-meta-s3proxy-size"),
+        (Kind.TUS_PATCH, "resumes from its last commit"),  # tus commit|lock id=...
     ],
 )
-def test_an_abandoned_cleanup_names_what_undoes_it(what: str, remedy: str) -> None:
-    assert remedy in advice(what)
+def test_an_abandoned_cleanup_names_what_undoes_it(kind: Kind, remedy: str) -> None:
+    assert remedy in advice(kind)
 
 
 # -- fields and metadata -------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from s3proxy.app import drain
+from s3proxy.janitor import SHUTDOWN_CLEANUP
 from s3proxy.state import STATE
 from s3proxy.webhook import Webhook, verify
 from tests import bodies
@@ -236,3 +238,52 @@ async def test_webhook_failure_without_delivery_attempt_sends_no_rolled_back(
     resp = await proxy.post("/upload", data=bodies.chunked(upload_body()), headers=bodies.headers())
     assert resp.status == 413
     assert got == []
+
+
+async def test_a_rolled_back_notice_to_a_hanging_receiver_keeps_to_the_shutdown_deadline(
+    proxy_factory: Any,
+    aiohttp_server: Any,
+    s3: Any,
+    bucket: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The receiver holds every answer: the request cut by the drain rolls its files back,
+    and its upload.rolled_back notice (its own --webhook-timeout, 30 s here) ends at the
+    shutdown's cleanup deadline, logged, rather than holding the exit."""
+    release = asyncio.Event()
+    got: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        got.append(json.loads(await request.read())["event"])
+        await release.wait()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = await aiohttp_server(app)
+    proxy = await proxy_factory(
+        webhook_url=str(server.make_url("/hook")),
+        webhook_attempts=1,
+        webhook_timeout=30,
+        shutdown_timeout=0.5,
+    )
+    try:
+        posting = asyncio.ensure_future(
+            proxy.post("/upload", data=bodies.chunked(upload_body()), headers=bodies.headers())
+        )
+        await eventually(lambda: got, within=10, what="the receiver to get upload.completed")
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with caplog.at_level(logging.INFO):
+            await asyncio.wait_for(drain(proxy.server.app[STATE]), 20)
+        took = loop.time() - began
+        assert took < 0.5 + SHUTDOWN_CLEANUP + 1.5, took
+        resp = await asyncio.wait_for(posting, 10)
+        assert resp.status == 503 and (await resp.json())["error"]["code"] == "SHUTTING_DOWN"
+        assert got == ["upload.completed", "upload.rolled_back"]
+        assert "webhook.rolled_back_not_delivered reason=the shutdown deadline passed" in (
+            caplog.text
+        )
+        assert await all_keys_async(s3, bucket) == []
+    finally:
+        release.set()

@@ -1,0 +1,161 @@
+"""The shutdown's one deadline for cleanup (``janitor.Deadline``): the pure decisions as
+tables, then the janitor and the cleanup calls keeping to it with a cleanup that hangs
+(S3 holding its answer), on a real loop with short deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from s3proxy.janitor import (
+    Janitor,
+    Kind,
+    ShutdownDeadline,
+    abandoned,
+    by_deadline,
+    due,
+    run_cleanup,
+)
+
+
+@pytest.mark.parametrize(
+    ("now", "limit", "deadline", "expected"),
+    [
+        (10.0, 30.0, None, 40.0),  # before shutdown: the call's own limit
+        (10.0, None, None, None),  # no limit of its own, no shutdown: unbounded
+        (10.0, 30.0, 15.0, 15.0),  # the deadline comes first
+        (10.0, 3.0, 15.0, 13.0),  # the limit comes first
+        (10.0, None, 15.0, 15.0),  # a commit: only the deadline
+        (20.0, 30.0, 15.0, 15.0),  # past it: ends at once
+    ],
+)
+def test_a_cleanup_ends_at_its_limit_or_the_deadline_whichever_comes_first(
+    now: float, limit: float | None, deadline: float | None, expected: float | None
+) -> None:
+    assert due(now, limit, deadline) == expected
+
+
+@pytest.mark.parametrize(
+    ("now", "deadline", "closed", "expected"),
+    [
+        (10.0, None, False, False),  # running: the janitor retries it
+        (10.0, 15.0, False, False),  # shutting down, time left: still handed on
+        (15.0, 15.0, False, True),  # the deadline: no try may come
+        (10.0, 15.0, True, True),  # the janitor closed: no retry will run
+        (10.0, None, True, True),
+    ],
+)
+def test_a_failed_cleanup_is_abandoned_once_no_try_can_follow(
+    now: float, deadline: float | None, closed: bool, expected: bool
+) -> None:
+    assert abandoned(now, deadline, closed) is expected
+
+
+async def hang() -> None:
+    await asyncio.sleep(3600)  # S3 holding its answer
+
+
+def lines(caplog: pytest.LogCaptureFixture, marker: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if marker in r.getMessage()]
+
+
+async def test_setting_the_deadline_cuts_a_cleanup_already_running(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Begun before shutdown with its own 30 s, it still ends by the deadline, logged
+    abandoned once (not failed, not handed to a janitor that will never run it)."""
+    janitor = Janitor()
+    loop = asyncio.get_running_loop()
+    with caplog.at_level(logging.INFO, "s3proxy.janitor"):
+        running = asyncio.create_task(
+            run_cleanup(hang, "abort key=k upload_id=u", janitor, kind=Kind.UPLOAD)
+        )
+        await asyncio.sleep(0.05)
+        janitor.deadline.set(loop.time() + 0.2)
+        await asyncio.wait_for(running, 2)
+    [line] = lines(caplog, "cleanup.abandoned")
+    assert "what=abort key=k upload_id=u error=ShutdownDeadline(" in line
+    assert "s3proxy cleanup --execute" in line
+    assert lines(caplog, "cleanup.failed") == []
+    assert not janitor._tasks
+
+
+async def test_a_cleanup_begun_past_the_deadline_ends_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    janitor = Janitor()
+    janitor.deadline.set(asyncio.get_running_loop().time())
+    with caplog.at_level(logging.INFO, "s3proxy.janitor"):
+        await asyncio.wait_for(run_cleanup(hang, "delete key=k", janitor, kind=Kind.OBJECT), 1)
+    [line] = lines(caplog, "cleanup.abandoned")
+    assert "what=delete key=k" in line and "delete it by hand" in line
+    assert not janitor._tasks
+
+
+async def test_the_last_try_keeps_to_the_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    """A cleanup owed (S3 away), then S3 hangs: the last try ends at the deadline, not
+    after its own 5 s, and the owed cleanup is logged once."""
+    janitor = Janitor(interval=60)
+
+    async def refused() -> None:
+        raise OSError("connection refused")
+
+    with caplog.at_level(logging.INFO, "s3proxy.janitor"):
+        await run_cleanup(refused, "abort key=k upload_id=u", janitor, kind=Kind.UPLOAD, retry=hang)
+        assert len(janitor._tasks) == 1  # owed
+        loop = asyncio.get_running_loop()
+        janitor.deadline.set(loop.time() + 0.2)
+        began = loop.time()
+        await asyncio.wait_for(janitor.close(), 2)
+        assert loop.time() - began < 1.0
+    assert len(lines(caplog, "cleanup.abandoned what=abort key=k upload_id=u")) == 1
+    await janitor.close()  # again: nothing more
+    assert len(lines(caplog, "cleanup.abandoned")) == 1
+
+
+async def test_a_cleanup_failing_after_close_is_logged_not_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Once closed no retry will ever run: a retry task made then would be cancelled at
+    the loop's end, unseen. It is logged abandoned instead."""
+    janitor = Janitor()
+    await janitor.close()
+
+    async def refused() -> None:
+        raise OSError("connection refused")
+
+    with caplog.at_level(logging.INFO, "s3proxy.janitor"):
+        await run_cleanup(refused, "rollback key=k", janitor, kind=Kind.OBJECT)
+    assert not janitor._tasks
+    [line] = lines(caplog, "cleanup.abandoned")
+    assert "what=rollback key=k error=OSError('connection refused')" in line
+
+
+async def test_a_commit_with_no_limit_of_its_own_ends_at_the_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A cut tus PATCH's commit: unbounded before shutdown, cut at the deadline and
+    logged with what it means (the upload resumes from its last commit)."""
+    janitor = Janitor()
+    janitor.deadline.set(asyncio.get_running_loop().time() + 0.1)
+    with caplog.at_level(logging.INFO, "s3proxy.janitor"):
+        await asyncio.wait_for(
+            by_deadline(hang(), "tus commit id=x offset=5", Kind.TUS_PATCH, janitor), 2
+        )
+    [line] = lines(caplog, "cleanup.abandoned")
+    assert "what=tus commit id=x offset=5" in line and "resumes from its last commit" in line
+
+
+async def test_a_bound_cut_by_its_own_limit_is_a_plain_timeout() -> None:
+    janitor = Janitor()
+    janitor.deadline.set(asyncio.get_running_loop().time() + 60)
+    with pytest.raises(TimeoutError) as raised:
+        async with janitor.deadline.bound(0.05):
+            await hang()
+    assert not isinstance(raised.value, ShutdownDeadline)
+    janitor.deadline.set(asyncio.get_running_loop().time() + 0.05)  # it only moves earlier
+    with pytest.raises(ShutdownDeadline):
+        async with janitor.deadline.bound(30.0):
+            await hang()
