@@ -44,6 +44,7 @@ __all__ = [
     "CrcValue",
     "DigestError",
     "decode_b64",
+    "decode_base64",
     "full_object",
     "parse_content_digest",
     "parse_content_md5",
@@ -188,7 +189,7 @@ def decode_b64(algorithm: Algorithm, text: str) -> int:
     A FULL_OBJECT value may come back as ``<b64>`` alone; a COMPOSITE one as ``<b64>-<parts>``,
     which is not a CRC of the object and is refused here.
     """
-    raw = _b64(text, algorithm.header)
+    raw = decode_base64(text, algorithm.header)
     if len(raw) != algorithm.width:
         raise DigestError(
             f"{algorithm.header} holds {len(raw)} bytes, a {algorithm.value} has {algorithm.width}"
@@ -200,13 +201,17 @@ class DigestError(ValueError):
     """A client's digest header cannot be read: the message says why, for a 400 answer."""
 
 
-# RFC 9530 section 5 / the IANA "Hash Algorithms for HTTP Digest Fields" registry: the two
-# algorithms with status "Active", mapped to their hashlib names and digest sizes. The
-# deprecated ones (md5, sha, unixsum, unixcksum, adler, crc32c) are ignored like unknown keys,
-# as RFC 9530 section 2 lets a recipient ignore algorithms it does not support.
+# RFC 9530 section 5 / the IANA "Hash Algorithms for HTTP Digest Fields" registry, mapped to
+# hashlib names and digest sizes: the two "Active" algorithms, and the two "Deprecated" ones
+# hashlib computes (md5, sha = SHA-1). A client that sends those believes it is protected, and
+# checking costs only the hash of a file that declared it. The other deprecated ones (unixsum,
+# unixcksum, adler, crc32c) and unknown keys are ignored beside one checked here (RFC 9530
+# section 2 lets a recipient ignore them); a field of nothing but those is refused.
 DIGEST_ALGORITHMS: Final[dict[str, tuple[str, int]]] = {
     "sha-256": ("sha256", hashlib.sha256().digest_size),
     "sha-512": ("sha512", hashlib.sha512().digest_size),
+    "md5": ("md5", hashlib.md5().digest_size),
+    "sha": ("sha1", hashlib.sha1().digest_size),
 }
 
 # Content-MD5 is the base64 of a 128-bit MD5 digest (RFC 1864 section 2).
@@ -220,39 +225,50 @@ _NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 _BASE64 = re.compile(r"[A-Za-z0-9+/=]*")
 
 
-def parse_content_digest(field: str) -> dict[str, bytes]:
-    """The digests in a ``Content-Digest`` field that we can verify, by RFC 9530 name.
+def parse_content_digest(field: str, header: str = "Content-Digest") -> dict[str, bytes]:
+    """The digests in a ``Content-Digest`` (or ``Repr-Digest``: the same syntax, RFC 9530
+    section 3) field that we can verify, by RFC 9530 name.
 
     ``sha-256=:<base64>:, sha-512=:<base64>:`` gives ``{"sha-256": <32 bytes>, "sha-512":
     <64 bytes>}``. Several field lines are joined with ``,`` first (RFC 9110 section 5.3).
-    Unknown algorithms are skipped but must still be well-formed; a key given twice keeps its
-    last value (RFC 8941 section 4.2.2). DigestError if the field is not a Structured Field
-    Dictionary, or a known algorithm's value is not a Byte Sequence of the right size.
+    Unknown algorithms beside a known one are skipped but must still be well-formed; a key
+    given twice keeps its last value (RFC 8941 section 4.2.2). DigestError if the field is not
+    a Structured Field Dictionary, a known algorithm's value is not a Byte Sequence of the
+    right size, or the field names only algorithms we cannot verify (nothing would be checked,
+    yet the client would believe it was).
     """
-    members = _SfDictionary(field).parse()
+    members = _SfDictionary(field, header).parse()
     found: dict[str, bytes] = {}
     for key, value in members.items():
         if key not in DIGEST_ALGORITHMS:
             continue
         if not isinstance(value, bytes):
-            raise DigestError(f"Content-Digest {key} must be a byte sequence like :<base64>:")
+            raise DigestError(f"{header} {key} must be a byte sequence like :<base64>:")
         size = DIGEST_ALGORITHMS[key][1]
         if len(value) != size:
-            raise DigestError(f"Content-Digest {key} is {len(value)} bytes, not {size}")
+            raise DigestError(f"{header} {key} is {len(value)} bytes, not {size}")
         found[key] = value
+    if members and not found:
+        raise DigestError(
+            f"{header} names only {', '.join(members)}, which the proxy does not check; "
+            f"declare one of {', '.join(DIGEST_ALGORITHMS)} (sha-256 costs nothing)"
+        )
     return found
 
 
 def parse_content_md5(field: str) -> bytes:
     """The 16-byte MD5 in a ``Content-MD5`` field (RFC 1864); DigestError if it is not one."""
-    raw = _b64(field.strip(" \t"), "Content-MD5")
+    raw = decode_base64(field.strip(" \t"), "Content-MD5")
     if len(raw) != _MD5_SIZE:
         raise DigestError(f"Content-MD5 is {len(raw)} bytes, an MD5 digest has {_MD5_SIZE}")
     return raw
 
 
-def _b64(text: str, what: str) -> bytes:
-    """Strict base64 (RFC 4648 section 4 alphabet); padding may be left off (RFC 8941 4.2.7)."""
+def decode_base64(text: str, what: str) -> bytes:
+    """Strict base64 (RFC 4648 section 4 alphabet); padding may be left off (RFC 8941 4.2.7).
+
+    The one reader of every digest a client sends in base64 (Content-Digest's byte sequences,
+    Content-MD5, tus's Upload-Checksum), so all accept and refuse the same forms."""
     if not _BASE64.fullmatch(text) or "=" in text.rstrip("="):
         raise DigestError(f"{what} is not base64")
     bare = text.rstrip("=")
@@ -273,13 +289,14 @@ class _SfDictionary:
     values so the caller can say "not a byte sequence".
     """
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, header: str = "Content-Digest") -> None:
         self.text = text
+        self.header = header
         self.pos = 0
 
     def fail(self, why: str) -> DigestError:
         return DigestError(
-            f"Content-Digest is malformed at character {self.pos + 1}: {why}"
+            f"{self.header} is malformed at character {self.pos + 1}: {why}"
             " (the form is sha-256=:<base64>:, RFC 9530)"
         )
 
@@ -361,7 +378,7 @@ class _SfDictionary:
             if end < 0:
                 raise self.fail("a byte sequence has no closing ':'")
             try:
-                raw = _b64(self.text[self.pos + 1 : end], "a byte sequence")
+                raw = decode_base64(self.text[self.pos + 1 : end], "a byte sequence")
             except DigestError:
                 raise self.fail("a byte sequence holds base64 only") from None
             self.pos = end + 1

@@ -1,11 +1,14 @@
 """What a client says it sent: the digests declared on a file part, checked before S3 commits.
 
-A file part may carry ``Content-Digest`` (RFC 9530: ``sha-256``, ``sha-512``) or
-``Content-MD5`` (RFC 1864) among its part headers (curl:
-``-F 'file=@f;headers="Content-Digest: sha-256=:<b64>:"'``). ``read_declared`` turns those
-headers into a ``Declared`` (``DigestError`` for what cannot be read: a 400 before any byte is
-stored); ``DigestCheck`` hashes what the declaration needs beyond the sha-256 the pipeline
-computes anyway; ``verify_declared`` compares, just before PutObject and before
+A file part may carry ``Content-Digest`` or ``Repr-Digest`` (RFC 9530: ``sha-256``,
+``sha-512``, and the deprecated ``md5``, ``sha``) or ``Content-MD5`` (RFC 1864) among its part
+headers (curl: ``-F 'file=@f;headers="Content-Digest: sha-256=:<b64>:"'``); a tus PATCH
+carries ``Upload-Checksum`` (tus_protocol.py). ``read_declared`` turns those headers into a
+``Declared`` whose every digest remembers the header that declared it, so a mismatch names
+what the client sent (``DigestError`` for what cannot be read: a 400 before any byte is
+stored); ``refuse_unchecked`` refuses a digest header where it would not be checked;
+``DigestCheck`` hashes what the declaration needs beyond the sha-256 the pipeline computes
+anyway; ``verify_declared`` compares, just before PutObject and before
 CompleteMultipartUpload.
 
 Invariants:
@@ -16,18 +19,26 @@ Invariants:
 - A mismatch is found before the write that would commit the object (PutObject, Complete),
   so the pipeline's usual cleanup (abort, rollback of the request's earlier files) leaves
   nothing stored: "a client told failed finds nothing stored".
-- ``mismatched`` is pure: digests in, the names that differ out.
+- A digest header is either checked or refused, never ignored: ignoring it would tell the
+  client its bytes were checked when they were not.
+- ``mismatched`` is pure: digests in, the ones that differ out.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from s3proxy.checksums import DigestError, parse_content_digest, parse_content_md5
+from s3proxy.checksums import (
+    DIGEST_ALGORITHMS,
+    DigestError,
+    parse_content_digest,
+    parse_content_md5,
+)
 from s3proxy.errors import DIGEST_MISMATCH, ProxyError
 
 if TYPE_CHECKING:
@@ -35,63 +46,101 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Declared",
+    "Digest",
     "DigestCheck",
     "DigestError",
     "mismatched",
     "read_declared",
+    "refuse_unchecked",
     "sf_digest",
     "verify_declared",
 ]
 
-# How each declared digest is named to the client (the header and its algorithm key).
-_SHOWN = {
-    "sha256": "Content-Digest sha-256",
-    "sha512": "Content-Digest sha-512",
-    "md5": "Content-MD5",
-    "sha1": "Upload-Checksum sha1",
-}
+# Part headers whose digests are read here (RFC 9530, RFC 1864), lowercase.
+PART_DIGEST_HEADERS: Final = frozenset({"content-digest", "repr-digest", "content-md5"})
+
+# Headers that declare a digest of a message's bytes (RFC 9530, its predecessor RFC 3230's
+# Digest, RFC 1864, S3's additional checksums). Where the proxy does not check one, it refuses
+# it: a client that sent it would otherwise believe the bytes were checked.
+_DIGEST_HEADER = re.compile(
+    r"content-digest|repr-digest|content-md5|digest|x-amz-checksum-(crc[0-9a-z]*|sha[0-9]*)"
+)
+
+
+@dataclass(frozen=True)
+class Digest:
+    """One digest a client declared, and the header that declared it (for the message)."""
+
+    name: str  # hashlib name: sha256, sha512, md5, sha1
+    value: bytes
+    header: str  # as the client wrote it: "Content-Digest sha-256", "Upload-Checksum sha1"
+
+    def shown(self, raw: bytes) -> str:
+        """``raw`` in this header's own form: a Byte Sequence in Content-Digest and
+        Repr-Digest (RFC 9530), bare base64 in Content-MD5 (RFC 1864) and Upload-Checksum."""
+        if self.header.startswith(("Content-Digest", "Repr-Digest")):
+            return sf_digest(raw)
+        return base64.b64encode(raw).decode("ascii")
 
 
 @dataclass(frozen=True)
 class Declared:
-    """The digests one file part declared, raw bytes by hashlib name; empty if none."""
+    """The digests one file part (or tus PATCH) declared, in the order read; empty if none.
 
-    sha256: bytes | None = None
-    sha512: bytes | None = None
-    md5: bytes | None = None
-    sha1: bytes | None = None  # tus's Upload-Checksum only
+    One algorithm may be declared twice (Content-Digest and Repr-Digest sha-256, Content-MD5
+    and Content-Digest md5): each is checked, so neither can pass unchecked.
+    """
 
-    def items(self) -> dict[str, bytes]:
-        """The declared digests by hashlib name."""
-        found = {"sha256": self.sha256, "sha512": self.sha512, "md5": self.md5, "sha1": self.sha1}
-        return {name: value for name, value in found.items() if value is not None}
+    digests: tuple[Digest, ...] = ()
+
+    def names(self) -> set[str]:
+        """The hashlib names to compute."""
+        return {d.name for d in self.digests}
 
     def __bool__(self) -> bool:
-        return bool(self.items())
+        return bool(self.digests)
 
 
-def read_declared(content_digest: Sequence[str], content_md5: Sequence[str]) -> Declared:
-    """The digests in a part's ``Content-Digest`` and ``Content-MD5`` lines; DigestError if
-    one cannot be read.
+def refuse_unchecked(names: Iterable[str], checked: frozenset[str], hint: str) -> None:
+    """DigestError naming the first digest header in ``names`` that is not in ``checked``
+    (lowercase): one the proxy would ignore there. ``hint`` says what to send instead."""
+    for name in names:
+        low = name.lower()
+        if low not in checked and _DIGEST_HEADER.fullmatch(low):
+            raise DigestError(f"{name} is not checked here; {hint}")
+
+
+def read_declared(
+    content_digest: Sequence[str], content_md5: Sequence[str], repr_digest: Sequence[str] = ()
+) -> Declared:
+    """The digests in a part's ``Content-Digest``, ``Content-MD5`` and ``Repr-Digest`` lines;
+    DigestError if one cannot be read.
 
     Several ``Content-Digest`` lines are one list (RFC 9110 section 5.3); algorithms we
-    cannot verify are skipped (RFC 9530 section 2). ``Content-MD5`` is a single value
-    (RFC 1864): two lines are refused rather than one picked.
+    cannot verify beside one we can are skipped (RFC 9530 section 2). A part has no content
+    coding (form.py refuses a Content-Transfer-Encoding, and RFC 7578 has none), so its
+    ``Repr-Digest`` is a digest of the same bytes (RFC 9530 section 3) and is checked alike.
+    ``Content-MD5`` is a single value (RFC 1864): two lines are refused rather than one picked.
     """
-    digests = parse_content_digest(", ".join(content_digest)) if content_digest else {}
+    found: list[Digest] = []
+    for header, lines in (("Content-Digest", content_digest), ("Repr-Digest", repr_digest)):
+        if lines:
+            for key, value in parse_content_digest(", ".join(lines), header).items():
+                found.append(Digest(DIGEST_ALGORITHMS[key][0], value, f"{header} {key}"))
     if len(content_md5) > 1:
         raise DigestError("a part has two Content-MD5 headers")
-    md5 = parse_content_md5(content_md5[0]) if content_md5 else None
-    return Declared(digests.get("sha-256"), digests.get("sha-512"), md5)
+    if content_md5:
+        found.append(Digest("md5", parse_content_md5(content_md5[0]), "Content-MD5"))
+    return Declared(tuple(found))
 
 
-def mismatched(declared: Declared, computed: Mapping[str, bytes]) -> list[str]:
-    """The hashlib names whose declared digest differs from the computed one.
+def mismatched(declared: Declared, computed: Mapping[str, bytes]) -> list[Digest]:
+    """The declared digests that differ from the computed ones (by hashlib name).
 
     A declared digest with no computed value counts as differing: never report a match
     that was not checked.
     """
-    return [name for name, value in declared.items().items() if computed.get(name) != value]
+    return [d for d in declared.digests if computed.get(d.name) != d.value]
 
 
 def sf_digest(raw: bytes) -> str:
@@ -104,7 +153,7 @@ class DigestCheck:
 
     def __init__(self, declared: Declared) -> None:
         self.declared = declared
-        self._hashers = {name: hashlib.new(name) for name in declared.items() if name != "sha256"}
+        self._hashers = {name: hashlib.new(name) for name in declared.names() if name != "sha256"}
 
     def update(self, chunk: bytes) -> None:
         for hasher in self._hashers.values():
@@ -149,12 +198,10 @@ def verify_declared(check: DigestCheck | None, sha256: bytes, filename: str) -> 
     wrong = mismatched(check.declared, computed)
     if not wrong:
         return
-    name = wrong[0]
-    # Each value in its header's own form: Content-MD5 is bare base64 (RFC 1864).
-    show = (lambda raw: base64.b64encode(raw).decode("ascii")) if name == "md5" else sf_digest
+    first = wrong[0]
+    received = first.shown(computed[first.name]) if first.name in computed else "nothing"
     raise ProxyError(
         DIGEST_MISMATCH,
-        f"file {filename!r}: the bytes received do not match its {_SHOWN[name]} "
-        f"(declared {show(check.declared.items()[name])}, received {show(computed[name])}); "
-        "nothing was stored",
+        f"file {filename!r}: the bytes received do not match its {first.header} "
+        f"(declared {first.shown(first.value)}, received {received}); nothing was stored",
     )

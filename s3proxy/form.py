@@ -51,7 +51,13 @@ from aiohttp.http_exceptions import (
 from multidict import CIMultiDictProxy
 
 from s3proxy.delimiter import DelimiterScan
-from s3proxy.digests import Declared, DigestError, read_declared
+from s3proxy.digests import (
+    PART_DIGEST_HEADERS,
+    Declared,
+    DigestError,
+    read_declared,
+    refuse_unchecked,
+)
 from s3proxy.disposition import header_bytes, parse_form_disposition, split_params
 from s3proxy.errors import (
     CLIENT_DISCONNECTED,
@@ -204,6 +210,11 @@ def client_error(exc: Exception) -> ProxyError | None:
 # aiohttp's HeadersParser messages for a part's header block (pinned in
 # tests/test_aiohttp_contract.py, as protocol.py pins the request's).
 _TOO_MANY_PART_HEADERS = "Too many headers received"
+# What a part's digest header that is not checked is told to send instead.
+_DIGEST_HINT = (
+    "declare a file's digest in its part's Content-Digest or Repr-Digest (sha-256, sha-512, "
+    "md5, sha) or Content-MD5"
+)
 _DUPLICATE_PART_HEADER = "Duplicate '"
 
 
@@ -556,13 +567,19 @@ def read_part_head(headers: CIMultiDictProxy[str]) -> PartHead:
     if declared is not None and not (declared.isascii() and _MEDIA_TYPE.match(declared)):
         declared = None
     digests = Declared()
-    if disp.filename is not None:
-        try:
+    try:
+        if disp.filename is None:
+            # A field's value is not a file: no digest of it is checked.
+            refuse_unchecked(headers, frozenset(), _DIGEST_HINT)
+        else:
+            refuse_unchecked(headers, PART_DIGEST_HEADERS, _DIGEST_HINT)
             digests = read_declared(
-                headers.getall("Content-Digest", []), headers.getall(hdrs.CONTENT_MD5, [])
+                headers.getall("Content-Digest", []),
+                headers.getall(hdrs.CONTENT_MD5, []),
+                headers.getall("Repr-Digest", []),
             )
-        except DigestError as exc:
-            raise ProxyError(INVALID_DIGEST, f"part {quoted(disp.name)}: {exc}") from None
+    except DigestError as exc:
+        raise ProxyError(INVALID_DIGEST, f"part {quoted(disp.name)}: {exc}") from None
     return PartHead(disp.name, disp.filename, declared, digests)
 
 

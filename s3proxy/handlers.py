@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import MultipartReader, hdrs, web
@@ -23,9 +24,11 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 
 from s3proxy import codings
 from s3proxy.auth import Principal
+from s3proxy.digests import DigestError, refuse_unchecked
 from s3proxy.errors import (
     EXPECTATION_FAILED,
     FILE_TOO_LARGE,
+    INVALID_DIGEST,
     MALFORMED_MULTIPART,
     NOT_MULTIPART,
     REQUEST_TOO_LARGE,
@@ -62,7 +65,8 @@ def media_type(header: str) -> str:
 
 def check_upload(request: web.Request, state: AppState) -> Principal:
     """Refuse what can be refused from the headers alone, before a body byte is read:
-    shutdown, credentials, the content type and a Content-Length over a limit."""
+    shutdown, credentials, the content type, a digest of the whole body and a
+    Content-Length over a limit."""
     if state.draining:
         raise ProxyError(SHUTTING_DOWN, "the proxy is shutting down; retry on another instance")
     refuse_over_capacity(request)  # the expect handler runs before the middlewares
@@ -73,6 +77,7 @@ def check_upload(request: web.Request, state: AppState) -> Principal:
             NOT_MULTIPART, f"expected Content-Type multipart/form-data, got {ctype or 'none'!r}"
         )
     request_boundary(ctype)  # one, allowed by RFC 2046, read alike by aiohttp
+    refuse_request_digests(request.headers)
     length = request.content_length
     limit = state.settings.max_request_size
     if length is not None and length > limit:
@@ -88,6 +93,22 @@ def check_upload(request: web.Request, state: AppState) -> Principal:
             f"the request body has {length} bytes",
         )
     return principal
+
+
+def refuse_request_digests(headers: Iterable[str]) -> None:
+    """INVALID_DIGEST for a digest of the whole request body (Content-Digest, Content-MD5,
+    Repr-Digest, Digest, x-amz-checksum-*): it covers the multipart framing too, so it could
+    be checked only after the last file was committed, and with one more hash pass; ignored,
+    the client would believe its bytes were checked. Each file part declares its own."""
+    try:
+        refuse_unchecked(
+            headers,
+            frozenset(),
+            "a digest of the whole multipart body is not checked; declare each file's in its "
+            "part's headers (curl: -F 'file=@f;headers=\"Content-Digest: sha-256=:<b64>:\"')",
+        )
+    except DigestError as exc:
+        raise ProxyError(INVALID_DIGEST, str(exc)) from None
 
 
 async def expect_upload(request: web.Request) -> web.StreamResponse | None:

@@ -220,10 +220,14 @@ async def expect(request: web.Request) -> web.StreamResponse | None:
 
 
 async def _precheck_create(request: web.Request) -> None:
-    """What a creation's headers refuse (``plan_creation``); a creation-with-upload's body
-    past its Upload-Length."""
+    """What a creation's headers refuse (``plan_creation``); a creation-with-upload's digest
+    headers, and its body past its Upload-Length."""
     await plan_creation(request, request.app[STATE])
-    if request.content_type != OFFSET_STREAM or "Upload-Length" not in request.headers:
+    if request.content_type != OFFSET_STREAM:
+        return
+    tus_protocol.refuse_other_digests(request.headers)
+    tus_protocol.parse_checksum(request.headers.get("Upload-Checksum"))
+    if "Upload-Length" not in request.headers:
         return
     length = tus_protocol.parse_count("Upload-Length", request.headers.get("Upload-Length"))
     _refuse_past_length(request, 0, length)
@@ -614,7 +618,8 @@ async def _append(
 
 def _check_patch(request: web.Request, upload: TusUpload, offset: int) -> Declared | None:
     """What a PATCH's headers alone refuse: its Upload-Checksum (the digest to check, if
-    any), a Content-Length past Upload-Length."""
+    any), any other digest header, a Content-Length past Upload-Length."""
+    tus_protocol.refuse_other_digests(request.headers)
     declared = tus_protocol.parse_checksum(request.headers.get("Upload-Checksum"))
     _refuse_past_length(request, offset, upload.length)
     return declared

@@ -10,7 +10,9 @@ dicts or a ``ProxyError`` with the status the protocol names for that fault.
 - ``Upload-Metadata`` is comma-separated ``key base64value`` pairs; keys are ASCII,
   unique, without spaces or commas; a key may stand alone (no value).
 - ``Upload-Checksum`` is ``<algorithm> <base64 digest>`` (checksum extension); the
-  algorithms here are the ones hashlib has and ``Tus-Checksum-Algorithm`` lists.
+  algorithms here are the ones hashlib has and ``Tus-Checksum-Algorithm`` lists; the
+  base64 is read as every client digest is (``checksums.decode_base64``: padding optional).
+  Any other digest header on a request with a body is refused, never ignored.
 - ``S3Proxy-Key`` (ours) names the stored object percent-encoded (``key_header``).
 - A header of an extension not served (``UNSERVED``: concatenation, challenge, a checksum
   sent as a trailer) is refused on every request (400 UNSUPPORTED_EXTENSION), never
@@ -28,7 +30,8 @@ import re
 from collections.abc import Iterable
 from urllib.parse import quote
 
-from s3proxy.digests import Declared
+from s3proxy.checksums import DigestError, decode_base64
+from s3proxy.digests import Declared, Digest, refuse_unchecked
 from s3proxy.errors import (
     INVALID_DIGEST,
     INVALID_REQUEST,
@@ -198,12 +201,23 @@ def parse_checksum(value: str | None) -> Declared | None:
             f"use one of {', '.join(CHECKSUM_ALGORITHMS)}",
         )
     try:
-        digest = base64.b64decode(encoded.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ProxyError(INVALID_DIGEST, "Upload-Checksum: the digest is not base64") from None
+        digest = decode_base64(encoded.strip(), "Upload-Checksum: the digest")
+    except DigestError as exc:
+        raise ProxyError(INVALID_DIGEST, str(exc)) from None
     if len(digest) != hashlib.new(algorithm).digest_size:
         raise ProxyError(INVALID_DIGEST, f"Upload-Checksum: not a {algorithm} digest")
-    return Declared(**{algorithm: digest})
+    return Declared((Digest(algorithm, digest, f"Upload-Checksum {algorithm}"),))
+
+
+def refuse_other_digests(headers: Iterable[str]) -> None:
+    """400 INVALID_DIGEST for a digest header on a request with a body other than
+    ``Upload-Checksum`` (Content-Digest, Repr-Digest, Content-MD5, Digest, x-amz-checksum-*):
+    the proxy checks only that one here, and a client sending another would believe its
+    bytes were checked."""
+    try:
+        refuse_unchecked(headers, frozenset(), "send the PATCH's digest in Upload-Checksum")
+    except DigestError as exc:
+        raise ProxyError(INVALID_DIGEST, str(exc)) from None
 
 
 def http_date(unix: float) -> str:

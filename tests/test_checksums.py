@@ -261,6 +261,7 @@ SHA512 = hashlib.sha512(BODY).digest()
 SHA256_B64 = "X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE="
 SHA512_B64 = base64.b64encode(SHA512).decode()
 MD5_B64 = base64.b64encode(hashlib.md5(BODY).digest()).decode()
+MD5 = hashlib.md5(BODY).digest()
 
 
 def test_rfc9530_example_value() -> None:
@@ -280,11 +281,17 @@ def test_rfc9530_example_value() -> None:
         ),
         # padding may be left off (RFC 8941 4.2.7)
         (f"sha-256=:{SHA256_B64.rstrip('=')}:", {"sha-256": SHA256}),
-        # deprecated and unknown algorithms are skipped (RFC 9530 section 2)
-        (f"md5=:{MD5_B64}:, sha-256=:{SHA256_B64}:", {"sha-256": SHA256}),
+        # the deprecated md5 and sha are read (hashlib has them; a client sending one
+        # believes it is checked); others and unknown keys beside them are skipped (RFC 9530
+        # section 2)
+        (f"md5=:{MD5_B64}:, sha-256=:{SHA256_B64}:", {"md5": MD5, "sha-256": SHA256}),
         (f"unixsum=30637, sha-256=:{SHA256_B64}:", {"sha-256": SHA256}),
-        ("md5=:" + MD5_B64 + ":", {}),
-        ('blake3=:AAAA:, x-custom="a \\"q\\" b";p=1, flag, l=(1 2.5 tok);q, n=-3', {}),
+        ("md5=:" + MD5_B64 + ":", {"md5": MD5}),
+        (
+            'blake3=:AAAA:, x-custom="a \\"q\\" b";p=1, flag, l=(1 2.5 tok);q, n=-3, '
+            f"sha-256=:{SHA256_B64}:",
+            {"sha-256": SHA256},
+        ),
         # parameters on a member are read and dropped
         (f"sha-256=:{SHA256_B64}:;note=1", {"sha-256": SHA256}),
         # a key given twice keeps its last value (RFC 8941 4.2.2)
@@ -337,14 +344,19 @@ def test_content_digest_malformed(field: str, why: str) -> None:
     assert isinstance(err.value, ValueError)
 
 
+@pytest.mark.parametrize("field", ["unixsum=30637", "crc32c=:AAAAAA==:, adler=:AAAAAA==:"])
+def test_content_digest_of_nothing_checkable_is_refused(field: str) -> None:
+    """Ignored, the client would believe its bytes were checked (probe finding 4)."""
+    with pytest.raises(DigestError, match=r"names only .* which the proxy does not check"):
+        parse_content_digest(field)
+
+
 def test_content_digest_error_names_the_position() -> None:
     with pytest.raises(DigestError, match="at character 15: expected a lowercase key"):
         parse_content_digest("sha-256=:AA:, Bad=1")
 
 
 # --- Content-MD5 (RFC 1864) ----------------------------------------------------------------
-
-MD5 = hashlib.md5(BODY).digest()
 
 
 @pytest.mark.parametrize("field", [MD5_B64, f" {MD5_B64}\t", MD5_B64.rstrip("=")])

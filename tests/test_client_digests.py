@@ -15,6 +15,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,14 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from s3proxy.digests import (
+    PART_DIGEST_HEADERS,
     Declared,
+    Digest,
     DigestCheck,
     DigestError,
     mismatched,
     read_declared,
+    refuse_unchecked,
     verify_declared,
 )
 from s3proxy.errors import DIGEST_MISMATCH, INVALID_DIGEST, ProxyError
@@ -38,6 +42,7 @@ DATA = b"the bytes the client sent"
 SHA256 = hashlib.sha256(DATA).digest()
 SHA512 = hashlib.sha512(DATA).digest()
 MD5 = hashlib.md5(DATA).digest()
+SHA1 = hashlib.sha1(DATA).digest()
 
 
 def b64(raw: bytes) -> str:
@@ -50,24 +55,62 @@ def sf(raw: bytes) -> str:
 
 # --- pure: reading a declaration ------------------------------------------------------
 
+CD256 = Digest("sha256", SHA256, "Content-Digest sha-256")
+CD512 = Digest("sha512", SHA512, "Content-Digest sha-512")
+CMD5 = Digest("md5", MD5, "Content-MD5")
+
+
+def declared(*digests: Digest) -> Declared:
+    return Declared(digests)
+
 
 @pytest.mark.parametrize(
-    ("digest_lines", "md5_lines", "expected"),
+    ("digest_lines", "md5_lines", "repr_lines", "expected"),
     [
-        ([], [], Declared()),
-        ([f"sha-256={sf(SHA256)}"], [], Declared(sha256=SHA256)),
-        ([f"sha-512={sf(SHA512)}"], [], Declared(sha512=SHA512)),
-        ([f"sha-256={sf(SHA256)}, sha-512={sf(SHA512)}"], [], Declared(SHA256, SHA512)),
+        ([], [], [], declared()),
+        ([f"sha-256={sf(SHA256)}"], [], [], declared(CD256)),
+        ([f"sha-512={sf(SHA512)}"], [], [], declared(CD512)),
+        ([f"sha-256={sf(SHA256)}, sha-512={sf(SHA512)}"], [], [], declared(CD256, CD512)),
         # Two field lines are one list (RFC 9110 section 5.3).
-        ([f"sha-256={sf(SHA256)}", f"sha-512={sf(SHA512)}"], [], Declared(SHA256, SHA512)),
-        ([], [b64(MD5)], Declared(md5=MD5)),
-        ([f"sha-256={sf(SHA256)}"], [b64(MD5)], Declared(sha256=SHA256, md5=MD5)),
-        # Algorithms we cannot verify are skipped (RFC 9530 section 2): nothing declared.
-        ([f"md5={sf(MD5)}, unixsum=:AAAA:"], [], Declared()),
+        ([f"sha-256={sf(SHA256)}", f"sha-512={sf(SHA512)}"], [], [], declared(CD256, CD512)),
+        ([], [b64(MD5)], [], declared(CMD5)),
+        ([f"sha-256={sf(SHA256)}"], [b64(MD5)], [], declared(CD256, CMD5)),
+        # RFC 9530's deprecated md5 and sha are checked: hashlib has them.
+        (
+            [f"md5={sf(MD5)}, sha={sf(SHA1)}"],
+            [],
+            [],
+            declared(
+                Digest("md5", MD5, "Content-Digest md5"), Digest("sha1", SHA1, "Content-Digest sha")
+            ),
+        ),
+        # Beside one it checks, an algorithm it cannot is skipped (RFC 9530 section 2).
+        (
+            [f"md5={sf(MD5)}, unixsum=:AAAA:"],
+            [],
+            [],
+            declared(Digest("md5", MD5, "Content-Digest md5")),
+        ),
+        # Repr-Digest of a part (no content coding) is the same digest, checked alike.
+        (
+            [],
+            [],
+            [f"sha-256={sf(SHA256)}"],
+            declared(Digest("sha256", SHA256, "Repr-Digest sha-256")),
+        ),
+        # One algorithm from two headers: both kept, both checked.
+        (
+            [f"md5={sf(MD5)}"],
+            [b64(MD5)],
+            [],
+            declared(Digest("md5", MD5, "Content-Digest md5"), CMD5),
+        ),
     ],
 )
-def test_read_declared(digest_lines: list[str], md5_lines: list[str], expected: Declared) -> None:
-    assert read_declared(digest_lines, md5_lines) == expected
+def test_read_declared(
+    digest_lines: list[str], md5_lines: list[str], repr_lines: list[str], expected: Declared
+) -> None:
+    assert read_declared(digest_lines, md5_lines, repr_lines) == expected
 
 
 @pytest.mark.parametrize(
@@ -80,6 +123,8 @@ def test_read_declared(digest_lines: list[str], md5_lines: list[str], expected: 
         ([], ["!!!"], "not base64"),
         ([], [b64(SHA256)], "32 bytes"),
         ([], [b64(MD5), b64(MD5)], "two Content-MD5"),
+        # Nothing it could check: refused, not a silent pass.
+        (["unixsum=:AAAA:, crc32c=:AAAAAA==:"], [], "names only unixsum, crc32c"),
     ],
 )
 def test_read_declared_refuses_what_it_cannot_read(
@@ -89,27 +134,44 @@ def test_read_declared_refuses_what_it_cannot_read(
         read_declared(digest_lines, md5_lines)
 
 
+def test_repr_digest_errors_name_repr_digest() -> None:
+    with pytest.raises(DigestError, match=r"^Repr-Digest is malformed"):
+        read_declared([], [], ["sha-256=:abc"])
+    with pytest.raises(DigestError, match=r"^Repr-Digest sha-256 is 64 bytes"):
+        read_declared([], [], [f"sha-256={sf(SHA512)}"])
+
+
 @pytest.mark.parametrize(
-    ("declared", "computed", "wrong"),
+    ("declared_", "computed", "wrong"),
     [
-        (Declared(), {}, []),
-        (Declared(sha256=SHA256), {"sha256": SHA256}, []),
-        (Declared(sha256=SHA256), {"sha256": MD5 * 2}, ["sha256"]),
-        (Declared(SHA256, SHA512, MD5), {"sha256": SHA256, "sha512": SHA512, "md5": MD5}, []),
-        (Declared(SHA256, SHA512, MD5), {"sha256": SHA256, "sha512": SHA512, "md5": b""}, ["md5"]),
+        (declared(), {}, []),
+        (declared(CD256), {"sha256": SHA256}, []),
+        (declared(CD256), {"sha256": MD5 * 2}, [CD256]),
+        (declared(CD256, CD512, CMD5), {"sha256": SHA256, "sha512": SHA512, "md5": MD5}, []),
+        (
+            declared(CD256, CD512, CMD5),
+            {"sha256": SHA256, "sha512": SHA512, "md5": b""},
+            [CMD5],
+        ),
         # Declared but never computed: a mismatch, never a silent pass.
-        (Declared(sha512=SHA512), {"sha256": SHA256}, ["sha512"]),
+        (declared(CD512), {"sha256": SHA256}, [CD512]),
+        # The same algorithm twice: the wrong one is found whichever header comes first.
+        (
+            declared(Digest("sha256", bytes(32), "Repr-Digest sha-256"), CD256),
+            {"sha256": SHA256},
+            [Digest("sha256", bytes(32), "Repr-Digest sha-256")],
+        ),
     ],
 )
-def test_mismatched(declared: Declared, computed: dict[str, bytes], wrong: list[str]) -> None:
-    assert mismatched(declared, computed) == wrong
+def test_mismatched(declared_: Declared, computed: dict[str, bytes], wrong: list[Digest]) -> None:
+    assert mismatched(declared_, computed) == wrong
 
 
 def test_check_hashes_only_what_the_pipeline_does_not() -> None:
-    check = DigestCheck(Declared(sha256=SHA256))
+    check = DigestCheck(declared(CD256))
     check.update(DATA)
     assert check.computed(SHA256) == {"sha256": SHA256}  # no second sha-256 pass
-    check = DigestCheck(Declared(SHA256, SHA512, MD5))
+    check = DigestCheck(declared(CD256, CD512, CMD5))
     for i in range(0, len(DATA), 7):
         check.update(DATA[i : i + 7])
     assert check.computed(SHA256) == {"sha256": SHA256, "sha512": SHA512, "md5": MD5}
@@ -117,7 +179,7 @@ def test_check_hashes_only_what_the_pipeline_does_not() -> None:
 
 
 def test_verify_names_the_header_and_both_values() -> None:
-    check = DigestCheck(Declared(md5=MD5))
+    check = DigestCheck(declared(CMD5))
     check.update(b"other bytes")
     with pytest.raises(ProxyError) as caught:
         verify_declared(check, SHA256, "f.txt")
@@ -126,6 +188,61 @@ def test_verify_names_the_header_and_both_values() -> None:
     assert "Content-MD5" in message and b64(MD5) in message
     assert b64(hashlib.md5(b"other bytes").digest()) in message
     verify_declared(None, b"", "f.txt")  # nothing declared: nothing to check
+
+
+OTHER = b"other bytes"
+
+
+@pytest.mark.parametrize(
+    ("digest", "names", "shown"),
+    [
+        # The header the client sent, each value in that header's own form.
+        (CD256, "its Content-Digest sha-256 ", sf),
+        (CD512, "its Content-Digest sha-512 ", sf),
+        (CMD5, "its Content-MD5 ", b64),
+        (Digest("md5", MD5, "Content-Digest md5"), "its Content-Digest md5 ", sf),
+        (Digest("sha1", SHA1, "Content-Digest sha"), "its Content-Digest sha ", sf),
+        (Digest("sha256", SHA256, "Repr-Digest sha-256"), "its Repr-Digest sha-256 ", sf),
+        (Digest("sha256", SHA256, "Upload-Checksum sha256"), "its Upload-Checksum sha256 ", b64),
+        (Digest("md5", MD5, "Upload-Checksum md5"), "its Upload-Checksum md5 ", b64),
+        (Digest("sha1", SHA1, "Upload-Checksum sha1"), "its Upload-Checksum sha1 ", b64),
+    ],
+)
+def test_a_mismatch_names_the_header_the_client_sent(
+    digest: Digest, names: str, shown: Callable[[bytes], str]
+) -> None:
+    check = DigestCheck(declared(digest))
+    check.update(OTHER)
+    with pytest.raises(ProxyError) as caught:
+        verify_declared(check, hashlib.sha256(OTHER).digest(), "f.txt")
+    message = caught.value.message
+    assert names in message
+    received = hashlib.new(digest.name, OTHER).digest()
+    assert f"declared {shown(digest.value)}, received {shown(received)}" in message
+
+
+@pytest.mark.parametrize(
+    ("names", "checked", "refused"),
+    [
+        (["Content-Type", "Content-Disposition"], frozenset(), None),
+        (["Want-Content-Digest", "Want-Repr-Digest"], frozenset(), None),  # asks, declares nothing
+        (["Content-Digest"], PART_DIGEST_HEADERS, None),
+        (["repr-digest", "Content-MD5"], PART_DIGEST_HEADERS, None),
+        (["Digest"], PART_DIGEST_HEADERS, "Digest"),  # RFC 3230, obsoleted by RFC 9530
+        (["x-amz-checksum-sha256"], PART_DIGEST_HEADERS, "x-amz-checksum-sha256"),
+        (["X-Amz-Checksum-CRC32"], PART_DIGEST_HEADERS, "X-Amz-Checksum-CRC32"),
+        (["x-amz-checksum-crc64nvme"], PART_DIGEST_HEADERS, "x-amz-checksum-crc64nvme"),
+        (["Content-Digest"], frozenset(), "Content-Digest"),
+        (["Content-MD5"], frozenset(), "Content-MD5"),
+        (["Repr-Digest"], frozenset(), "Repr-Digest"),
+    ],
+)
+def test_refuse_unchecked(names: list[str], checked: frozenset[str], refused: str | None) -> None:
+    if refused is None:
+        refuse_unchecked(names, checked, "hint")
+        return
+    with pytest.raises(DigestError, match=rf"^{refused} is not checked here; hint$"):
+        refuse_unchecked(names, checked, "hint")
 
 
 # --- part headers ---------------------------------------------------------------------
@@ -140,7 +257,7 @@ def test_a_file_part_carries_its_declaration() -> None:
     head = read_part_head(
         part_headers(("Content-Digest", f"sha-512={sf(SHA512)}"), ("content-md5", b64(MD5)))
     )
-    assert head.declared == Declared(sha512=SHA512, md5=MD5)
+    assert head.declared == declared(CD512, CMD5)
 
 
 def test_a_malformed_declaration_is_invalid_digest() -> None:
@@ -150,9 +267,28 @@ def test_a_malformed_declaration_is_invalid_digest() -> None:
     assert "'file'" in caught.value.message and "sha-256=:<base64>:" in caught.value.message
 
 
-def test_a_field_part_digest_is_ignored() -> None:
-    head = read_part_head(part_headers(("Content-Digest", "nonsense"), filename=False))
-    assert head.declared == Declared()
+@pytest.mark.parametrize(
+    "header",
+    [
+        ("Digest", f"SHA-256={b64(SHA256)}"),
+        ("x-amz-checksum-sha256", b64(SHA256)),
+        ("x-amz-checksum-crc32", "AAAAAA=="),
+    ],
+)
+def test_a_digest_header_not_checked_is_refused(header: tuple[str, str]) -> None:
+    with pytest.raises(ProxyError) as caught:
+        read_part_head(part_headers(header))
+    assert caught.value.kind is INVALID_DIGEST
+    message = caught.value.message
+    assert f"{header[0]} is not checked" in message and "Content-Digest" in message
+
+
+def test_a_field_part_digest_is_refused() -> None:
+    # A field is not a file: its digest is not checked, so it is not taken either.
+    with pytest.raises(ProxyError) as caught:
+        read_part_head(part_headers(("Content-Digest", "nonsense"), filename=False))
+    assert caught.value.kind is INVALID_DIGEST
+    assert read_part_head(part_headers(filename=False)).declared == Declared()
 
 
 # --- through POST /upload (moto) ------------------------------------------------------
@@ -271,10 +407,94 @@ async def test_malformed_declaration_is_refused_before_any_byte_is_stored(
     assert keys_in(bucket) == []
 
 
-async def test_an_algorithm_we_cannot_check_is_ignored(proxy: Any, bucket: str) -> None:
+async def test_an_algorithm_we_cannot_check_is_skipped_only_beside_one_we_can(
+    proxy: Any, bucket: str, keys_in: Any
+) -> None:
     data = b"hello"
-    resp = await post(proxy, file_part(data, b"Content-Digest: crc32c=:AAAAAA==:"))
+    alone = b"Content-Digest: crc32c=:AAAAAA==:"
+    resp = await post(proxy, file_part(data, alone))
+    assert resp.status == 400, await resp.text()
+    error = (await resp.json())["error"]
+    assert error["code"] == "INVALID_DIGEST" and "names only crc32c" in error["message"]
+    beside = alone + b", sha-256=" + sf(hashlib.sha256(data).digest()).encode()
+    resp = await post(proxy, file_part(data, beside))
     assert resp.status == 201, await resp.text()
+
+
+def other_lines(data: bytes, kind: str) -> list[bytes]:
+    """Part header lines declaring ``data``'s digest in a header other than Content-Digest
+    sha-256/sha-512 and Content-MD5 (probe finding 4: each was ignored, a wrong one a 201)."""
+    if kind == "repr-sha-256":
+        return [b"Repr-Digest: sha-256=" + sf(hashlib.sha256(data).digest()).encode()]
+    if kind == "cd-md5":
+        return [b"Content-Digest: md5=" + sf(hashlib.md5(data).digest()).encode()]
+    assert kind == "cd-sha"
+    return [b"Content-Digest: sha=" + sf(hashlib.sha1(data).digest()).encode()]
+
+
+SHOWN = {"repr-sha-256": "Repr-Digest sha-256", "cd-md5": "Content-Digest md5"}
+SHOWN["cd-sha"] = "Content-Digest sha"
+
+
+@pytest.mark.parametrize("kind", ["repr-sha-256", "cd-md5", "cd-sha"])
+@pytest.mark.parametrize("size", ["1-byte", "multipart"])
+async def test_repr_digest_and_deprecated_algorithms_are_checked(
+    proxy: Any, s3: Any, bucket: str, keys_in: Any, size: str, kind: str
+) -> None:
+    data = bodies.pdf(SIZES[size]) if SIZES[size] > 1 else b"x"
+    wrong = data[:-1] + bytes([data[-1] ^ 1])
+    resp = await post(proxy, file_part(data, *other_lines(wrong, kind)))
+    assert resp.status == 400, await resp.text()
+    error = (await resp.json())["error"]
+    assert error["code"] == "DIGEST_MISMATCH"
+    assert f"its {SHOWN[kind]} " in error["message"]
+    assert keys_in(bucket) == []
+    resp = await post(proxy, file_part(data, *other_lines(data, kind)))
+    assert resp.status == 201, await resp.text()
+    [stored] = (await resp.json())["files"]
+    assert s3.get_object(Bucket=bucket, Key=stored["key"])["Body"].read() == data
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"Digest: SHA-256=" + b64(bytes(32)).encode(),
+        b"x-amz-checksum-sha256: " + b64(bytes(32)).encode(),
+        b"x-amz-checksum-crc32: AAAAAA==",
+    ],
+)
+async def test_a_part_digest_header_not_checked_is_refused(
+    proxy: Any, bucket: str, keys_in: Any, line: bytes
+) -> None:
+    resp = await post(proxy, file_part(bodies.pdf(12 * MiB), line))
+    assert resp.status == 400, await resp.text()
+    error = (await resp.json())["error"]
+    assert error["code"] == "INVALID_DIGEST"
+    assert line.split(b":")[0].decode() + " is not checked" in error["message"]
+    assert keys_in(bucket) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("Content-Digest", "sha-256=" + sf(bytes(32))),
+        ("Content-Digest", "garbage"),
+        ("Content-MD5", b64(bytes(16))),
+        ("Repr-Digest", "sha-256=" + sf(bytes(32))),
+        ("Digest", "SHA-256=" + b64(bytes(32))),
+        ("x-amz-checksum-sha256", b64(bytes(32))),
+    ],
+)
+async def test_a_digest_of_the_whole_request_is_refused(
+    proxy: Any, bucket: str, keys_in: Any, name: str, value: str
+) -> None:
+    raw = bodies.raw_body(file_part(b"hello"))
+    resp = await proxy.post("/upload", data=raw, headers={**bodies.headers(), name: value})
+    assert resp.status == 400, await resp.text()
+    error = (await resp.json())["error"]
+    assert error["code"] == "INVALID_DIGEST"
+    assert f"{name} is not checked" in error["message"] and "part's headers" in error["message"]
+    assert keys_in(bucket) == []
 
 
 # --- curl itself ----------------------------------------------------------------------

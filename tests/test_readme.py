@@ -12,11 +12,12 @@ import dataclasses
 import itertools
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from s3proxy import errors
+from s3proxy import errors, tus_protocol
 from s3proxy.cli import build_parser
 from s3proxy.settings import Settings
 
@@ -152,3 +153,61 @@ def test_the_settings_table_shows_the_defaults_help_shows() -> None:
             continue
         flag, env = "--" + f.name.replace("_", "-"), "S3PROXY_" + f.name.upper()
         assert f"[env {env}; default {rows[flag]}]" in shown, flag
+
+
+# What the tus code answers for a header that is missing, malformed or repeated, asked of
+# the pure functions themselves (None: no pure call shows it; not checked here).
+_TUS_FAULTS: dict[str, dict[str, Callable[[], object] | None]] = {
+    "missing": {
+        "Tus-Resumable": lambda: tus_protocol.check_version(None),
+        "Upload-Length": lambda: tus_protocol.parse_count("Upload-Length", None),
+        "Upload-Offset": lambda: tus_protocol.parse_count("Upload-Offset", None),
+    },
+    "malformed": {
+        "Tus-Resumable": lambda: tus_protocol.check_version("0.2.2"),
+        "Upload-Length": lambda: tus_protocol.parse_count("Upload-Length", "-1"),
+        "Upload-Offset": lambda: tus_protocol.parse_count("Upload-Offset", "x"),
+        "Upload-Metadata": lambda: tus_protocol.parse_metadata("a b c"),
+        "Upload-Checksum": lambda: tus_protocol.parse_checksum("sha1 AAAA"),
+        "Upload-Defer-Length": None,  # read in tus.py against the request
+    },
+    "repeated": {
+        name: (lambda name=name: tus_protocol.check_single([name, name]))  # type: ignore[misc]
+        for name in tus_protocol.SINGLE
+    },
+}
+
+
+def _tus_fault_code(fault: str, header: str) -> str | None:
+    call = _TUS_FAULTS[fault].get(header)
+    if call is None:
+        return None
+    with pytest.raises(errors.ProxyError) as caught:
+        call()
+    return caught.value.kind.code
+
+
+def test_each_tus_header_fault_is_listed_under_the_code_it_gets() -> None:
+    """A row's "missing (...)", "malformed (...)" or "repeated (...)" lists only headers
+    that get that row's code: the table listed a malformed Upload-Checksum under both
+    INVALID_REQUEST and INVALID_DIGEST (it is INVALID_DIGEST), and a missing Tus-Resumable
+    under INVALID_REQUEST (it is 412 UNSUPPORTED_VERSION)."""
+    row = re.compile(r"^\s*\| \d{3}(?: / \d{3})* \| (.*?) \| (.*) \|$")
+    fault = r"(?:missing|malformed|repeated)"
+    claim = re.compile(rf"({fault}(?:(?:, | or ){fault})*) \(([^()]*)\)")
+    checked = 0
+    for line in README.splitlines():
+        m = row.match(line)
+        if not m:
+            continue
+        codes = set(re.findall(r"`([A-Z_]+)`", m.group(1)))
+        for faults, listed in claim.findall(m.group(2)):
+            for said in re.findall(r"missing|malformed|repeated", faults):
+                for header in re.findall(r"`([A-Za-z-]+)`", listed):
+                    if header not in tus_protocol.SINGLE:
+                        continue
+                    code = _tus_fault_code(said, header)
+                    if code is not None:
+                        checked += 1
+                        assert code in codes, f"{said} {header} is {code}, listed under {codes}"
+    assert checked >= 10

@@ -45,6 +45,7 @@ def _patch(url: str, **headers: str) -> bytes:
         ({"Content-Type": "text/plain"}, b"415"),
         ({"Tus-Resumable": "0.2.2"}, b"412"),
         ({"Upload-Checksum": "crc32 AAAAAA=="}, b"400"),
+        ({"Content-Digest": "sha-256=:AAAA:"}, b"400"),  # only Upload-Checksum is checked
         ({"url": "/tus/AAAA.BBBB"}, b"404"),
     ],
 )

@@ -294,6 +294,61 @@ async def test_a_refused_patch_does_not_declare_its_length(
     assert resp.status == 204 and resp.headers["Upload-Offset"] == "400"
 
 
+@pytest.mark.parametrize("algorithm", ["sha1", "sha256", "md5"])
+async def test_a_460_names_the_upload_checksum_sent(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, algorithm: str
+) -> None:
+    """The message names Upload-Checksum and its algorithm, each value as the client wrote
+    it (probe: sha256 was named "Content-Digest sha-256", md5 "Content-MD5")."""
+    proxy = await proxy_factory()
+    data = body(1000)
+    url = await new_upload(proxy, len(data))
+    wrong = base64.b64encode(hashlib.new(algorithm, b"other").digest()).decode()
+    right = base64.b64encode(hashlib.new(algorithm, data).digest()).decode()
+    resp = await proxy.patch(
+        url, data=data, headers=patch_headers(0, **{"Upload-Checksum": f"{algorithm} {wrong}"})
+    )
+    assert resp.status == 460
+    message = (await resp.json())["error"]["message"]
+    assert f"its Upload-Checksum {algorithm} (declared {wrong}, received {right})" in message
+    assert "Content-" not in message
+    assert (await proxy.delete(url, headers=TUS)).status == 204
+    await _nothing_left(s3, bucket)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("Content-Digest", "sha-256=:" + base64.b64encode(bytes(32)).decode() + ":"),
+        ("Repr-Digest", "sha-256=:" + base64.b64encode(bytes(32)).decode() + ":"),
+        ("Content-MD5", base64.b64encode(bytes(16)).decode()),
+        ("Digest", "SHA-256=" + base64.b64encode(bytes(32)).decode()),
+        ("x-amz-checksum-crc32", "AAAAAA=="),
+    ],
+)
+async def test_a_digest_header_other_than_upload_checksum_is_refused(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, name: str, value: str
+) -> None:
+    """Ignored, a wrong one was a 204 (probe finding 4): refused on a PATCH and on a
+    creation-with-upload, nothing kept."""
+    proxy = await proxy_factory()
+    data = body(1000)
+    url = await new_upload(proxy, len(data))
+    resp = await proxy.patch(url, data=data, headers={**patch_headers(0), name: value})
+    assert await _code(resp) == (400, "INVALID_DIGEST")
+    assert "Upload-Checksum" in (await resp.json())["error"]["message"]
+    assert (await proxy.head(url, headers=TUS)).headers["Upload-Offset"] == "0"
+    assert (await proxy.delete(url, headers=TUS)).status == 204
+    resp = await proxy.post(
+        "/tus/",
+        data=data,
+        headers={**TUS, **STREAM, "Upload-Length": str(len(data)), name: value},
+    )
+    assert await _code(resp) == (400, "INVALID_DIGEST")
+    assert "Location" not in resp.headers
+    await _nothing_left(s3, bucket)
+
+
 # tus-js-client 4.3.1 with parallelUploads: 2 creates two partial uploads (no metadata), then
 # the final one naming them; Tus-Extension lacks "concatenation", but it does not look.
 PARTIAL = {"Upload-Concat": "partial", "Upload-Length": "8912896"}

@@ -11,6 +11,8 @@ import urllib.parse
 import pytest
 
 from s3proxy import tus_keys, tus_protocol, tus_url
+from s3proxy.checksums import parse_content_md5
+from s3proxy.digests import Declared, Digest
 from s3proxy.errors import ProxyError
 from s3proxy.parts import PartPlan
 from s3proxy.tus_state import Lock, Part, Segment, TusState, part_length, part_start
@@ -93,12 +95,47 @@ def test_bad_metadata_is_a_400(header: str) -> None:
 def test_checksum() -> None:
     digest = hashlib.sha1(b"abc").digest()
     declared = tus_protocol.parse_checksum(f"sha1 {base64.b64encode(digest).decode()}")
-    assert declared is not None and declared.sha1 == digest
+    assert declared == Declared((Digest("sha1", digest, "Upload-Checksum sha1"),))
     assert tus_protocol.parse_checksum(None) is None
     for bad in ("crc32 AAAAAA==", "sha256 AAAA", "sha1 not-base64", "sha1"):
         with pytest.raises(ProxyError) as err:
             tus_protocol.parse_checksum(bad)
         assert err.value.kind.code == "INVALID_DIGEST", bad
+
+
+@pytest.mark.parametrize("algorithm", ["sha1", "sha256", "md5"])
+def test_checksum_names_its_own_header(algorithm: str) -> None:
+    """A 460 names what the client sent (probe: sha256 said "Content-Digest sha-256")."""
+    digest = hashlib.new(algorithm, b"abc").digest()
+    declared = tus_protocol.parse_checksum(f"{algorithm} {base64.b64encode(digest).decode()}")
+    assert declared is not None
+    [found] = declared.digests
+    assert found.header == f"Upload-Checksum {algorithm}"
+
+
+@pytest.mark.parametrize("algorithm", ["sha1", "sha256", "md5"])
+def test_checksum_base64_is_read_as_content_md5_is(algorithm: str) -> None:
+    """Unpadded base64 is taken by Content-MD5 and so by Upload-Checksum (one reader)."""
+    digest = hashlib.new(algorithm, b"abc").digest()
+    bare = base64.b64encode(digest).decode().rstrip("=")
+    assert bare != base64.b64encode(digest).decode()  # each of these digests is padded
+    assert parse_content_md5(base64.b64encode(hashlib.md5(b"abc").digest()).decode().rstrip("="))
+    declared = tus_protocol.parse_checksum(f"{algorithm} {bare}")
+    assert declared is not None and declared.digests[0].value == digest
+    for bad in (f"{algorithm} {bare}=!", f"{algorithm} {bare.replace('/', '_')}_-"):
+        with pytest.raises(ProxyError, match="not base64"):
+            tus_protocol.parse_checksum(bad)
+
+
+@pytest.mark.parametrize(
+    "name", ["Content-Digest", "Repr-Digest", "Content-MD5", "Digest", "x-amz-checksum-sha256"]
+)
+def test_other_digest_headers_are_refused(name: str) -> None:
+    with pytest.raises(ProxyError) as err:
+        tus_protocol.refuse_other_digests(["Upload-Offset", name])
+    assert err.value.kind.code == "INVALID_DIGEST"
+    assert f"{name} is not checked" in err.value.message and "Upload-Checksum" in err.value.message
+    tus_protocol.refuse_other_digests(["Upload-Offset", "Upload-Checksum", "Content-Type"])
 
 
 @pytest.mark.parametrize(
