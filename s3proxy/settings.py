@@ -349,7 +349,7 @@ class Settings:
     # objects
     key_template: str = _setting(
         "uploads/{yyyy}/{mm}/{uuid}/{filename}",
-        "object key template; fields: {yyyy} {mm} {dd} {uuid} {filename} {field}; "
+        "object key template; fields, used plainly: {yyyy} {mm} {dd} {uuid} {filename} {field}; "
         "without {uuid} two uploads can get one key (see --no-overwrite)",
     )
     allow_type: tuple[str, ...] = _setting(
@@ -767,10 +767,8 @@ class Settings:
                 f"fields ({format_size(self.max_fields_size)}, --max-fields-size) next to the "
                 f"largest part ({format_size(largest)}); raise the budget or lower the limits"
             )
-        try:
-            self.key_template.format(yyyy="", mm="", dd="", uuid="", filename="", field="")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise SettingsError(f"--key-template has an unknown or broken field: {exc}") from None
+        if (problem := keys.field_problem(self.key_template)) is not None:
+            raise SettingsError(f"--key-template: {problem}")
         if self.key_template.startswith("/"):
             raise SettingsError("--key-template must not start with /")
         if (problem := keys.template_problem(self.key_template)) is not None:

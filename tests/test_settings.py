@@ -87,6 +87,10 @@ def test_env_list() -> None:
         (["--key-template", "x/fixed.bin"], {}, "no field"),
         (["--key-template", "x/{uuid}/{nope}"], {}, "unknown"),
         (["--key-template", "a//{uuid}/{filename}"], {}, "segments"),
+        # a field cut or changed by a spec, conversion or attribute (the last a traceback)
+        (["--key-template", "k/{uuid:.1}/{filename}"], {}, "{uuid:.1} must be used plainly"),
+        ([], {"S3PROXY_KEY_TEMPLATE": "k/{uuid.hex}"}, "--key-template: field {uuid.hex}"),
+        (["--key-template", "k/{uuid}/{filename!r}"], {}, "{filename!r} must be used plainly"),
         (["--allow-type", "pdf"], {}, "--allow-type"),
         (["--endpoint-url", "ftp://x", "--bucket", "b"], {}, "http(s) URL"),
         ([], {"S3PROXY_SIGN_PAYLOAD": "maybe"}, "boolean"),
