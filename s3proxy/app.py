@@ -324,7 +324,7 @@ def log_ready(app: web.Application) -> None:
         )
     host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
     url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}/upload"
-    if settings.api_key or settings.api_key_file:
+    if settings.api_keys():
         log.info('try: curl -H "Authorization: Bearer $KEY" -F file=@report.pdf %s', url)
     elif settings.auth_configured:  # tokens only
         log.info(

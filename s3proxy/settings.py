@@ -181,6 +181,18 @@ def _secret_lines(path: Path) -> list[tuple[int, str]]:
     return [(n, line) for n, line in lines if line and not line.startswith("#")]
 
 
+#: Settings whose value is a credential: given but empty, the proxy would run open.
+CREDENTIAL_SETTINGS = ("api_key", "api_key_file", "token_secret", "token_secret_file")
+
+
+def _no_credential(names: str) -> str:
+    """The one-line refusal of a credential setting that is given but holds none."""
+    return (
+        f"{names} is given but holds no key (blank, or a file of only comments): the proxy "
+        "would run without authentication; give a key, or leave the setting unset"
+    )
+
+
 #: `` # ...`` after a value: a comment an env file kept (systemd does not strip it), which
 #: would else be read as part of the value, or as more API keys of a repeatable setting.
 _TRAILING_COMMENT = re.compile(r"\s#")
@@ -794,6 +806,16 @@ class Settings:
             self.token_secret_file,
             inline_name="--token-secret (S3PROXY_TOKEN_SECRET)",
         )
+        for given, found, names in (
+            (self.api_key or self.api_key_file, self.api_keys(), "--api-key / --api-key-file"),
+            (
+                self.token_secret or self.token_secret_file,
+                self.token_secrets(),
+                "--token-secret / --token-secret-file",
+            ),
+        ):
+            if given and not found:
+                raise SettingsError(_no_credential(names))
         if (
             self.host not in LOOPBACK_HOSTS
             and not self.auth_configured
@@ -905,6 +927,9 @@ class Settings:
                         )
                     if meta["repeat"]:
                         raw = [p for p in re.split(r"[,\s]+", raw) if p]
+                    if not raw and f.name in CREDENTIAL_SETTINGS:
+                        # S3PROXY_API_KEY=${KEY} with KEY unset: meant a key, got none
+                        raise SettingsError(_no_credential(env))
             if raw is None:
                 continue
             try:

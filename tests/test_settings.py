@@ -269,3 +269,27 @@ def test_settings_warn_once_when_asked_not_when_made(caplog: pytest.LogCaptureFi
         assert caplog.records == []
         settings.log_warnings()
     assert [r.getMessage().split()[0] for r in caplog.records] == ["settings.overwrite"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_a_credential_setting_that_holds_no_key_is_refused(tmp_path: Path, host: str) -> None:
+    """Regression (config probe): an --api-key-file of only a comment, or
+    S3PROXY_API_KEY=' , ', on a loopback host ran with no authentication at all (uploads
+    with no Authorization 201), while the start log told how to send the key."""
+    empty = tmp_path / "keys"
+    empty.write_text("# rotated out\n\n")
+    cases: list[tuple[list[str], dict[str, str], str]] = [
+        (["--api-key-file", str(empty)], {}, "--api-key / --api-key-file is given"),
+        (["--token-secret-file", str(empty)], {}, "--token-secret / --token-secret-file"),
+        (["--api-key", " "], {}, "--api-key / --api-key-file"),
+        ([], {"S3PROXY_API_KEY": " , "}, "S3PROXY_API_KEY is given"),
+        ([], {"S3PROXY_API_KEY": ""}, "S3PROXY_API_KEY is given"),
+        ([], {"S3PROXY_TOKEN_SECRET": ""}, "S3PROXY_TOKEN_SECRET is given"),
+        ([], {"S3PROXY_API_KEY_FILE": ""}, "S3PROXY_API_KEY_FILE is given"),
+    ]
+    for argv, env, message in cases:
+        with pytest.raises(SettingsError) as err:
+            load(["--host", host, *argv], env)
+        assert message in str(err.value) and "without authentication" in str(err.value)
+    if host == "127.0.0.1":
+        assert load(["--host", host], {}).auth_configured is False  # unset: open on loopback
