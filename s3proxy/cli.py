@@ -23,7 +23,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from s3proxy import __version__
@@ -61,6 +60,9 @@ CLEANUP_SETTINGS = (
     "min_rate_window",
     "cleanup_clock_skew",
 )
+
+#: The settings ``token`` reads, the same way serve does.
+TOKEN_SETTINGS = ("token_secret", "token_secret_file")
 
 #: Where ``cleanup`` means a setting otherwise than ``serve``: it never starts a store.
 CLEANUP_HELPS = {
@@ -194,14 +196,14 @@ def _fail(message: str, status: int) -> int:
 
 
 def issue_token(args: argparse.Namespace) -> int:
-    from s3proxy.settings import check_token_secrets, parse_duration, parse_size, read_secrets
+    from s3proxy.settings import parse_duration, parse_size
     from s3proxy.tokens import issue
 
-    inline = [v for v in os.environ.get("S3PROXY_TOKEN_SECRET", "").split(",") if v.strip()]
-    path = args.token_secret_file or os.environ.get("S3PROXY_TOKEN_SECRET_FILE")
-    secrets_file = Path(path) if path else None
-    check_token_secrets(inline, secrets_file, inline_name="S3PROXY_TOKEN_SECRET")
-    secrets = read_secrets(inline, secrets_file)
+    # Read as serve reads them (one parser: separators, the ' #' guard, short secrets),
+    # so a token this command signs is one serve accepts.
+    secrets = Settings.load(
+        {"token_secret_file": args.token_secret_file}, os.environ, only=TOKEN_SETTINGS
+    ).token_secrets()
     if not secrets:
         raise SettingsError("set S3PROXY_TOKEN_SECRET or --token-secret-file to sign tokens")
     try:

@@ -278,6 +278,35 @@ def test_token_secret_file_missing_or_unreadable_is_one_line(tmp_path: Path) -> 
     assert proc.returncode == 2 and "--token-secret-file" in line
 
 
+@pytest.mark.parametrize("joined", [" ", "\n", ", "])
+def test_token_reads_the_secrets_as_serve_does(joined: str) -> None:
+    """Regression (config probe): with S3PROXY_TOKEN_SECRET="A B" serve split on spaces
+    too (two secrets) and token on commas only (one secret "A B"): every token it
+    issued was 401 "bad signature" at the proxy."""
+    from s3proxy.settings import Settings
+    from s3proxy.tokens import verify
+
+    env = {**fake_aws_env(), "S3PROXY_TOKEN_SECRET": "a" * 32 + joined + "b" * 32}
+    proc = cli("token", "--prefix", "p/", env=env)
+    assert proc.returncode == 0, proc.stderr
+    served = Settings.load({}, env).token_secrets()
+    assert served == ("a" * 32, "b" * 32)
+    verify(proc.stdout.strip(), [s.encode() for s in served])
+    verify(proc.stdout.strip(), [b"a" * 32])  # the first signs
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("a" * 32 + "  # current", "a comment"),  # serve refuses it; token signed with it
+        (" , ", "holds no key"),
+    ],
+)
+def test_token_refuses_what_serve_refuses(value: str, named: str) -> None:
+    proc = cli("token", "--prefix", "p/", env={**fake_aws_env(), "S3PROXY_TOKEN_SECRET": value})
+    assert proc.returncode == 2 and named in one_line_error(proc)
+
+
 def test_serve_with_an_unreadable_key_file_is_a_settings_error(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_bytes(b"\xff\xfe\n")
