@@ -181,6 +181,9 @@ def _secret_lines(path: Path) -> list[tuple[int, str]]:
     return [(n, line) for n, line in lines if line and not line.startswith("#")]
 
 
+#: Settings whose value is a URL the proxy sends to or signs for.
+URL_SETTINGS = ("endpoint_url", "presign_endpoint_url", "webhook_url")
+
 #: Settings whose value is a credential: given but empty, the proxy would run open.
 CREDENTIAL_SETTINGS = ("api_key", "api_key_file", "token_secret", "token_secret_file")
 
@@ -708,13 +711,14 @@ class Settings:
 
     def validate(self) -> None:
         """Raise SettingsError for the first invalid combination, in one line."""
-        if self.endpoint_url is not None:
-            if not re.match(r"^https?://[^/]+", self.endpoint_url):
+        for name in URL_SETTINGS:  # each is used only later, by a request that then fails
+            url = getattr(self, name)
+            if url is not None and not re.match(r"^https?://[^/]+", url):
                 raise SettingsError(
-                    f"--endpoint-url must be an http(s) URL, got {self.endpoint_url!r}"
+                    f"--{name.replace('_', '-')} must be an http(s) URL, got {url!r}"
                 )
-            if not self.bucket:
-                raise SettingsError("--bucket (S3PROXY_BUCKET) is required with --endpoint-url")
+        if self.endpoint_url is not None and not self.bucket:
+            raise SettingsError("--bucket (S3PROXY_BUCKET) is required with --endpoint-url")
         if not (1 <= self.port <= 65535):
             raise SettingsError(f"--port must be 1-65535, got {self.port}")
         if not (0 <= self.embedded_s3_port <= 65535):  # 0: a free port the store picks
@@ -790,8 +794,6 @@ class Settings:
                 raise SettingsError(
                     f"--allow-type {t!r} is not a content type like application/pdf"
                 )
-        if self.webhook_url is not None and not re.match(r"^https?://[^/]+", self.webhook_url):
-            raise SettingsError(f"--webhook-url must be an http(s) URL, got {self.webhook_url!r}")
         if self.webhook_attempts < 1 or self.webhook_timeout <= 0:
             raise SettingsError(
                 "--webhook-attempts must be at least 1 and --webhook-timeout positive"

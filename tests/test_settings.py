@@ -93,6 +93,10 @@ def test_env_list() -> None:
         (["--key-template", "k/{uuid}/{filename!r}"], {}, "{filename!r} must be used plainly"),
         (["--allow-type", "pdf"], {}, "--allow-type"),
         (["--endpoint-url", "ftp://x", "--bucket", "b"], {}, "http(s) URL"),
+        # config probe: started, then every /sign was 502 "without a usable Invalid endpoint"
+        (["--presign-endpoint-url", "notaurl"], {}, "--presign-endpoint-url must be an http(s)"),
+        ([], {"S3PROXY_PRESIGN_ENDPOINT_URL": "s3.example.com"}, "--presign-endpoint-url"),
+        (["--webhook-url", "example.com/hook"], {}, "--webhook-url must be an http(s) URL"),
         ([], {"S3PROXY_SIGN_PAYLOAD": "maybe"}, "boolean"),
         ([], {"S3PROXY_REQUEST_CHECKSUM": "always"}, "one of"),
         # HMAC secrets: every one at least 32 bytes, named by setting, never echoed
