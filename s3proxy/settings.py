@@ -745,6 +745,14 @@ class Settings:
             raise SettingsError("--cleanup-clock-skew must be >= 0")
         if self.parts_in_flight < 1:
             raise SettingsError("--parts-in-flight must be at least 1")
+        # The file size's own limits first: the part arithmetic below assumes them.
+        if self.max_file_size < 1:
+            raise SettingsError("--max-file-size must be at least 1")
+        if self.max_file_size > parts.MAX_OBJECT_SIZE:
+            raise SettingsError(
+                f"--max-file-size {format_size(self.max_file_size)} is above S3's object "
+                f"size limit ({format_size(parts.MAX_OBJECT_SIZE)})"
+            )
         largest = parts.largest_part(self.part_size, self.max_file_size)
         if self.memory_budget < largest:
             raise SettingsError(
@@ -753,8 +761,6 @@ class Settings:
                 f"a {format_size(self.max_file_size)} file needs ({format_size(largest)}); "
                 "raise the budget or lower --max-file-size"
             )
-        if self.max_file_size > parts.MAX_OBJECT_SIZE:
-            raise SettingsError("--max-file-size is above S3's object size limit")
         if self.client_timeout <= 0 or self.s3_read_timeout <= 0 or self.s3_connect_timeout <= 0:
             raise SettingsError("timeouts must be positive")
         if self.read_buffer < 64 * 1024:

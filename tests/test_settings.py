@@ -92,6 +92,10 @@ def test_env_list() -> None:
         ([], {"S3PROXY_KEY_TEMPLATE": "k/{uuid.hex}"}, "--key-template: field {uuid.hex}"),
         (["--key-template", "k/{uuid}/{filename!r}"], {}, "{filename!r} must be used plainly"),
         (["--allow-type", "pdf"], {}, "--allow-type"),
+        # integrity probe: 51TiB spun forever at start, 6TiB blamed --memory-budget
+        (["--max-file-size", "51TiB"], {}, "--max-file-size 51TiB is above S3's object size"),
+        (["--max-file-size", "6TiB"], {}, "--max-file-size 6TiB is above S3's object size"),
+        (["--max-file-size", "0"], {}, "--max-file-size must be at least 1"),
         (["--endpoint-url", "ftp://x", "--bucket", "b"], {}, "http(s) URL"),
         # config probe: started, then every /sign was 502 "without a usable Invalid endpoint"
         (["--presign-endpoint-url", "notaurl"], {}, "--presign-endpoint-url must be an http(s)"),
