@@ -859,12 +859,25 @@ class Settings:
                     "--metrics-listen: worker i listens on its port + i; "
                     f"{metrics_port} + {self.workers - 1} is past 65535"
                 )
+        if self.embedded and self.embedded_s3_port in self._own_ports():
+            raise SettingsError(
+                f"--embedded-s3-port {self.embedded_s3_port} is a port the proxy listens on "
+                "(--port, --metrics-listen): the embedded store takes it first; give it another"
+            )
         if (self.drain_delay or 0) < 0:
             raise SettingsError("--drain-delay must be >= 0 (or auto)")
         if self.readiness_interval <= 0 or self.readiness_timeout <= 0:
             raise SettingsError("--readiness-interval and --readiness-timeout must be positive")
         if self.tus_expiry < 60 or self.tus_lock_lease < 0.5:
             raise SettingsError("--tus-expiry must be at least 60s and --tus-lock-lease 0.5s")
+
+    def _own_ports(self) -> set[int]:
+        """The ports the proxy's listeners take on its host (workers share --port)."""
+        ports = {self.port}
+        if self.metrics_listen is not None:
+            first = parse_listen(self.metrics_listen)[1]
+            ports.update(range(first, first + self.workers))
+        return ports
 
     # --- loading -------------------------------------------------------------
 

@@ -124,6 +124,10 @@ def test_env_list() -> None:
         (["--embedded-s3-port", "70000"], {}, "--embedded-s3-port must be 0-65535"),
         (["--embedded-s3-port", "-1"], {}, "--embedded-s3-port"),
         (["--metrics-listen", "127.0.0.1:8080"], {}, "a port of their own"),
+        # config probe: the store took the port (5 s), then "cannot listen" named neither
+        (["--port", "8333"], {}, "--embedded-s3-port 8333 is a port the proxy listens on"),
+        ([], {"S3PROXY_PORT": "9000", "S3PROXY_EMBEDDED_S3_PORT": "9000"}, "takes it first"),
+        (["--metrics-listen", "127.0.0.1:8332", "--workers", "2"], {}, "--embedded-s3-port"),
         (["--metrics-listen", "127.0.0.1:8079", "--workers", "2"], {}, "a port of their own"),
         # a comment an env file kept after the value (systemd does): its words were API keys
         (
@@ -301,3 +305,7 @@ def test_a_credential_setting_that_holds_no_key_is_refused(tmp_path: Path, host:
         assert message in str(err.value) and "without authentication" in str(err.value)
     if host == "127.0.0.1":
         assert load(["--host", host], {}).auth_configured is False  # unset: open on loopback
+
+
+def test_an_outside_store_leaves_the_embedded_port_free() -> None:
+    assert load(["--port", "8333", "--endpoint-url", "http://x:1", "--bucket", "b"]).port == 8333
