@@ -906,12 +906,12 @@ class Settings:
             shown = _shown_default(default, meta["show"])
             help_text = f"{helps.get(f.name, meta['help'])} [env {env}; default {shown}]"
             kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "default": None}
-            if meta["choices"]:
-                kwargs["choices"] = list(meta["choices"])
             if meta["repeat"]:
                 kwargs["action"] = "append"
-            if not meta["choices"]:  # argparse shows {a,b} for choices itself
-                kwargs["metavar"] = _metavar(f)
+            # Choices are checked by load(), after the field's parse, for flag and variable
+            # alike (argparse's own check refused --log-level DEBUG, which the env took).
+            choices = meta["choices"]
+            kwargs["metavar"] = "{" + ",".join(choices) + "}" if choices else _metavar(f)
             parser.add_argument(flag, **kwargs)
 
     @classmethod
@@ -951,8 +951,8 @@ class Settings:
                     if not raw and f.name in CREDENTIAL_SETTINGS:
                         # S3PROXY_API_KEY=${KEY} with KEY unset: meant a key, got none
                         raise SettingsError(_no_credential(env))
-            if raw is None:
-                continue
+            if raw is None or (isinstance(raw, str) and not raw.strip() and f.default is None):
+                continue  # empty: unset, for a setting whose default is unset or auto
             try:
                 if meta["repeat"]:
                     values[f.name] = tuple(meta["parse"](r) for r in raw)

@@ -309,3 +309,37 @@ def test_a_credential_setting_that_holds_no_key_is_refused(tmp_path: Path, host:
 
 def test_an_outside_store_leaves_the_embedded_port_free() -> None:
     assert load(["--port", "8333", "--endpoint-url", "http://x:1", "--bucket", "b"]).port == 8333
+
+
+def test_a_choice_is_taken_in_any_case_from_flag_and_variable() -> None:
+    """Regression (config probe): --log-level DEBUG was refused by argparse's choices
+    while S3PROXY_LOG_LEVEL=DEBUG was taken (the field lowercases): one check now."""
+    argv = ["--log-level", "DEBUG", "--log-format", "JSON", "--checksum", "OFF"]
+    s = load([*argv, "--event-loop", "UVLOOP"])
+    assert (s.log_level, s.log_format, s.checksum, s.event_loop) == (
+        "debug",
+        "json",
+        "off",
+        "uvloop",
+    )
+    with pytest.raises(SettingsError, match="--log-level must be one of debug, info"):
+        load(["--log-level", "loud"])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        f.name
+        for f in dataclasses.fields(Settings)
+        if f.init and f.default is None and not f.metadata["repeat"]
+    ],
+)
+def test_an_empty_value_of_an_unset_by_default_setting_is_unset(name: str) -> None:
+    """Regression (config probe): S3PROXY_CLEANUP_INTERVAL= was 'not a duration', and
+    S3PROXY_NO_OVERWRITE= 'not a boolean', though both default to unset, while
+    S3PROXY_ENDPOINT_URL= meant unset: an env file leaving a value empty now always does."""
+    if name in ("api_key_file", "token_secret_file"):  # credentials: given but empty is refused
+        return
+    s = load([], {"S3PROXY_" + name.upper(): ""})
+    assert getattr(s, name) is None
+    assert getattr(load(["--" + name.replace("_", "-"), ""]), name) is None
