@@ -143,8 +143,10 @@ def _setting(
     show: Callable[[Any], str] | None = None,
     secret: bool = False,
     metavar: str | None = None,
+    split: str = r"[,\s]+",
 ) -> Any:
     meta = {
+        "split": split,  # a repeatable setting's variable: what separates its values
         "help": help,
         "parse": parse,
         "repeat": repeat,
@@ -485,10 +487,11 @@ class Settings:
     )
     cleanup_prefix: tuple[str, ...] = _setting(
         (),
-        "key prefix to sweep (repeatable; '' for the whole bucket, e.g. with upload tokens); "
-        "none: the key template's",
+        "key prefix to sweep (repeatable; '' for the whole bucket, e.g. with upload tokens; "
+        "the variable is comma-separated, spaces belong to a prefix); none: the key template's",
         repeat=True,
         metavar="PREFIX",
+        split=r"\s*,\s*",  # a key prefix may hold spaces ("my uploads/")
     )
     cleanup_clock_skew: float = _setting(
         60.0,
@@ -947,7 +950,7 @@ class Settings:
                             "part of the value; put comments on lines of their own"
                         )
                     if meta["repeat"]:
-                        raw = [p for p in re.split(r"[,\s]+", raw) if p]
+                        raw = [p for p in re.split(meta["split"], raw) if p]
                     if not raw and f.name in CREDENTIAL_SETTINGS:
                         # S3PROXY_API_KEY=${KEY} with KEY unset: meant a key, got none
                         raise SettingsError(_no_credential(env))

@@ -343,3 +343,13 @@ def test_an_empty_value_of_an_unset_by_default_setting_is_unset(name: str) -> No
     s = load([], {"S3PROXY_" + name.upper(): ""})
     assert getattr(s, name) is None
     assert getattr(load(["--" + name.replace("_", "-"), ""]), name) is None
+
+
+def test_the_cleanup_prefix_variable_keeps_spaces_and_empty_is_the_template() -> None:
+    """Regression (config probe): S3PROXY_CLEANUP_PREFIX="my uploads/" was split on the
+    space into "my" and "uploads/", and "my" swept other programs' keys."""
+    s = load([], {"S3PROXY_CLEANUP_PREFIX": "my uploads/, tok/"})
+    assert s.cleanup_prefixes == ("my uploads/", "tok/")
+    empty = load([], {"S3PROXY_CLEANUP_PREFIX": ""})  # unset: never the whole bucket
+    assert empty.cleanup_prefixes == ("uploads/",)
+    assert load(["--cleanup-prefix", ""]).cleanup_prefixes == ("",)  # the flag can
