@@ -185,9 +185,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # "Found credentials in environment variables." on every run is noise
                 # in a command's output (serve logs it once, at start, where it helps).
                 logging.getLogger("aiobotocore.credentials").setLevel(logging.WARNING)
+            warn_unknown_variables()
             return asyncio.run(run_cleanup(settings, args))
         settings = Settings.load(vars(args), os.environ)
         logsetup.setup(settings.log_level, settings.log_format)
+        warn_unknown_variables()
         return serve(settings, argv)
     except SettingsError as exc:
         return _fail(str(exc), EXIT_USAGE)
@@ -195,6 +197,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), exc.status)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
+
+
+def warn_unknown_variables() -> None:
+    """One WARNING naming the S3PROXY_* variables that set nothing (misspelled?)."""
+    from s3proxy.settings import unknown_variables
+
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        log.warning(
+            "settings.unknown_variables names=%s: no setting has these names (misspelled?); "
+            "they are ignored",
+            ",".join(unknown),
+        )
 
 
 def _fail(message: str, status: int) -> int:

@@ -275,6 +275,13 @@ def worker_listen(text: str, index: int) -> str:
     return f"{shown}:{port + index}"
 
 
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The ``S3PROXY_*`` variables that name no setting (a typo such as
+    ``S3PROXY_MEMORY_BUGDET`` is otherwise ignored without a word). Pure."""
+    known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
+    return sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the proxy can be told. Defaults are what production wants."""

@@ -257,6 +257,15 @@ def test_cleanup_finds_the_embedded_store_on_the_port_it_recorded(
     assert proc.returncode == 1 and f"127.0.0.1:{closed}" in one_line_error(proc)
 
 
+def test_an_unknown_variable_is_warned_of(moto: MotoServer, bucket: str) -> None:
+    """A typo (S3PROXY_MEMORY_BUGDET) is a WARNING at start naming it, not an error."""
+    env = {**fake_aws_env(), "S3PROXY_MEMORY_BUGDET": "1GiB"}
+    proc = cli("cleanup", "--endpoint-url", moto.endpoint_url, "--bucket", bucket, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "settings.unknown_variables names=S3PROXY_MEMORY_BUGDET" in proc.stderr
+    assert "WARNING" in proc.stderr
+
+
 # --- help --------------------------------------------------------------------------
 
 

@@ -353,3 +353,15 @@ def test_the_cleanup_prefix_variable_keeps_spaces_and_empty_is_the_template() ->
     empty = load([], {"S3PROXY_CLEANUP_PREFIX": ""})  # unset: never the whole bucket
     assert empty.cleanup_prefixes == ("uploads/",)
     assert load(["--cleanup-prefix", ""]).cleanup_prefixes == ("",)  # the flag can
+
+
+def test_unknown_variables_are_named() -> None:
+    """Regression (config probe): S3PROXY_MEMORY_BUGDET=1GiB was ignored without a word."""
+    from s3proxy.settings import unknown_variables
+
+    env = {"S3PROXY_MEMORY_BUGDET": "1GiB", "S3PROXY_PORT": "1", "S3PROXY_": "", "HOME": "/"}
+    assert unknown_variables(env) == ["S3PROXY_", "S3PROXY_MEMORY_BUGDET"]
+    assert (
+        unknown_variables({"S3PROXY_" + f.name.upper(): "" for f in dataclasses.fields(Settings)})
+        == []
+    )
