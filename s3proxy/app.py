@@ -301,7 +301,7 @@ def log_ready(app: web.Application) -> None:
     state = app[STATE]
     settings = state.settings
     endpoint = state.sink.endpoint_url if state.sink is not None else None
-    where = f" data_dir={settings.data_dir.resolve()}" if settings.embedded else ""
+    where = f" data_dir={settings.data_dir.expanduser().resolve()}" if settings.embedded else ""
     log.info(
         "proxy.ready listen=http://%s:%d s3=%s bucket=%s%s",
         settings.host,
@@ -313,7 +313,7 @@ def log_ready(app: web.Application) -> None:
     if settings.embedded:
         from s3proxy.embedded import credentials_path
 
-        creds = credentials_path(settings.data_dir.resolve())
+        creds = credentials_path(settings.data_dir.expanduser().resolve())
         log.info(
             "embedded store: keys in %s; list with: "
             "AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... "

@@ -159,8 +159,14 @@ def _setting(
     return field(default=default, metadata=meta, repr=not secret)
 
 
+def _path(text: str) -> Path:
+    """A path with ``~`` expanded, as a shell would: an env file or a quoted flag leaves
+    it, and the store used $HOME/x while the start log named <cwd>/~/x."""
+    return Path(text).expanduser()
+
+
 def _opt_path(text: str) -> Path | None:
-    return Path(text) if text else None
+    return _path(text) if text else None
 
 
 def read_secrets(values: Sequence[str], path: Path | None) -> tuple[str, ...]:
@@ -234,7 +240,7 @@ _METAVARS: dict[Callable[[str], Any], str] = {
     parse_duration: "DURATION",
     _parse_bool: "BOOL",
     _opt_path: "PATH",
-    Path: "PATH",
+    _path: "PATH",
 }
 
 
@@ -463,7 +469,7 @@ class Settings:
     )
     # embedded store
     data_dir: Path = _setting(  # noqa: RUF009 - Path is immutable
-        Path("s3proxy-data"), "embedded store: where its data lives", Path, show=str
+        Path("s3proxy-data"), "embedded store: where its data lives", _path, show=str
     )
     embedded_s3_port: int = _setting(8333, "embedded store: S3 port", int)
     # operations

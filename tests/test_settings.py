@@ -365,3 +365,15 @@ def test_unknown_variables_are_named() -> None:
         unknown_variables({"S3PROXY_" + f.name.upper(): "" for f in dataclasses.fields(Settings)})
         == []
     )
+
+
+def test_a_path_setting_expands_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (config probe): --data-dir '~/x' (or S3PROXY_DATA_DIR=~/x from an env
+    file): the store used $HOME/x, the start log named <cwd>/~/x."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load(["--data-dir", "~/x"]).data_dir == tmp_path / "x"
+    assert load([], {"S3PROXY_DATA_DIR": "~/x"}).data_dir == tmp_path / "x"
+    (tmp_path / "keys").write_text("k" * 32 + "\n")
+    assert load(["--api-key-file", "~/keys"]).api_keys() == ("k" * 32,)
