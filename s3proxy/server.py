@@ -52,6 +52,7 @@ from s3proxy.settings import (
     SettingsError,
     parse_listen,
     unknown_variables,
+    url_host,
     worker_listen,
 )
 from s3proxy.state import AUTO_DRAIN_DELAY, STATE
@@ -214,7 +215,7 @@ async def serve(settings: Settings) -> None:
             )
             await operator.setup()
             await _listen(operator, host, port, reuse_port=False)  # each worker its own
-            log.info("proxy.operator_listen url=http://%s:%d/metrics", host, port)
+            log.info("proxy.operator_listen url=http://%s:%d/metrics", url_host(host), port)
         log_fds(fds)
         settings.log_warnings()
         loop = asyncio.get_running_loop()

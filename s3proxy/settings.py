@@ -272,13 +272,17 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def url_host(host: str) -> str:
+    """A host as a URL writes it: an IPv6 address in brackets (RFC 3986, 3.2.2)."""
+    return f"[{host}]" if ":" in host else host
+
+
 def worker_listen(text: str, index: int) -> str:
     """Worker ``index``'s own ``--metrics-listen``: the port plus its index. One shared
     (SO_REUSEPORT) port would answer each scrape from a random worker: counters that
     jump back and forth, and no way to reach a given worker's gauges."""
     host, port = parse_listen(text)
-    shown = f"[{host}]" if ":" in host else host
-    return f"{shown}:{port + index}"
+    return f"{url_host(host)}:{port + index}"
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

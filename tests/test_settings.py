@@ -377,3 +377,18 @@ def test_a_path_setting_expands_the_home_directory(
     assert load([], {"S3PROXY_DATA_DIR": "~/x"}).data_dir == tmp_path / "x"
     (tmp_path / "keys").write_text("k" * 32 + "\n")
     assert load(["--api-key-file", "~/keys"]).api_keys() == ("k" * 32,)
+
+
+@pytest.mark.parametrize(("host", "shown"), [("::1", "[::1]"), ("127.0.0.1", "127.0.0.1")])
+def test_the_ready_line_writes_an_ipv6_listen_address_in_brackets(
+    host: str, shown: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (config probe): --host ::1 logged proxy.ready listen=http://::1:8080,
+    not a URL (the try: line had the brackets)."""
+    from s3proxy.app import create_app, log_ready
+
+    settings = Settings(host=host, endpoint_url="http://127.0.0.1:9", bucket="b")
+    with caplog.at_level(logging.INFO, logger="s3proxy"):
+        log_ready(create_app(settings))
+    ready = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("proxy.ready"))
+    assert f"listen=http://{shown}:8080 " in ready
