@@ -416,8 +416,8 @@ class Settings:
     )
     s3_max_connections: int = _setting(
         64,
-        "S3 connection pool size; streamed downloads take at most three quarters of it "
-        "(the rest is kept for short calls such as /readyz's)",
+        "S3 connection pool size, at least 2; streamed downloads take at most three quarters "
+        "of it (the rest, at least one, is kept for short calls such as /readyz's)",
         int,
     )
     sign_payload: bool = _setting(
@@ -751,8 +751,13 @@ class Settings:
             raise SettingsError("--presign-expiry must be between 1s and 7d (SigV4's limit)")
         if self.workers < 1:
             raise SettingsError("--workers must be at least 1")
-        if self.s3_max_connections < 1 or self.s3_max_attempts < 1:
-            raise SettingsError("--s3-max-connections and --s3-max-attempts must be at least 1")
+        if self.s3_max_attempts < 1:
+            raise SettingsError("--s3-max-attempts must be at least 1")
+        if self.s3_max_connections < 2:  # one for downloads, one kept for everything else
+            raise SettingsError(
+                "--s3-max-connections must be at least 2: streamed downloads never take the "
+                "whole pool, so a stalled one cannot stall /readyz and uploads"
+            )
         if not _REGION_RE.fullmatch(self.region):
             raise SettingsError(f"--region {self.region!r} is not a region name like eu-west-1")
         if not str(self.data_dir).strip() or str(self.data_dir) == ".":

@@ -115,6 +115,8 @@ def test_env_list() -> None:
         ([], {"S3PROXY_REGION": ""}, "not a region name"),
         (["--s3-max-connections", "-1"], {}, "--s3-max-connections"),
         (["--s3-max-connections", "0"], {}, "--s3-max-connections"),
+        # config probe: one stalled download held the only connection, /readyz 503
+        (["--s3-max-connections", "1"], {}, "--s3-max-connections must be at least 2"),
         (["--s3-max-attempts", "0"], {}, "--s3-max-attempts"),
         ([], {"S3PROXY_DATA_DIR": ""}, "--data-dir must name a directory"),
         (["--client-timeout", "99999999999d"], {}, "longest duration"),
