@@ -37,7 +37,7 @@ from s3proxy.log import (
 from s3proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
 from s3proxy.s3 import ObjectStore
 from s3proxy.s3_aiobotocore import open_store
-from s3proxy.settings import Settings
+from s3proxy.settings import Settings, url_host
 from s3proxy.state import STATE, AppState
 from s3proxy.webhook import Webhook
 
@@ -301,10 +301,10 @@ def log_ready(app: web.Application) -> None:
     state = app[STATE]
     settings = state.settings
     endpoint = state.sink.endpoint_url if state.sink is not None else None
-    where = f" data_dir={settings.data_dir.resolve()}" if settings.embedded else ""
+    where = f" data_dir={settings.data_dir.expanduser().resolve()}" if settings.embedded else ""
     log.info(
         "proxy.ready listen=http://%s:%d s3=%s bucket=%s%s",
-        settings.host,
+        url_host(settings.host),
         settings.port,
         endpoint or "aws",
         settings.bucket_name,
@@ -313,7 +313,7 @@ def log_ready(app: web.Application) -> None:
     if settings.embedded:
         from s3proxy.embedded import credentials_path
 
-        creds = credentials_path(settings.data_dir.resolve())
+        creds = credentials_path(settings.data_dir.expanduser().resolve())
         log.info(
             "embedded store: keys in %s; list with: "
             "AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... "
@@ -323,8 +323,8 @@ def log_ready(app: web.Application) -> None:
             settings.bucket_name,
         )
     host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}/upload"
-    if settings.api_key or settings.api_key_file:
+    url = f"http://{url_host(host)}:{settings.port}/upload"
+    if settings.api_keys():
         log.info('try: curl -H "Authorization: Bearer $KEY" -F file=@report.pdf %s', url)
     elif settings.auth_configured:  # tokens only
         log.info(

@@ -23,7 +23,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from s3proxy import __version__
@@ -61,6 +60,13 @@ CLEANUP_SETTINGS = (
     "min_rate_window",
     "cleanup_clock_skew",
 )
+
+#: The settings ``token`` reads, the same way serve does.
+TOKEN_SETTINGS = ("token_secret", "token_secret_file")
+
+#: What ``cleanup`` reads from serve's environment but takes as its own flags
+#: (--older-than, --prefix): the sweep's scope is serve's unless told otherwise.
+CLEANUP_SCOPE = ("cleanup_older_than", "cleanup_prefix")
 
 #: Where ``cleanup`` means a setting otherwise than ``serve``: it never starts a store.
 CLEANUP_HELPS = {
@@ -150,13 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--older-than",
         metavar="DURATION",
         help="judge by age alone: abort uploads initiated longer ago than this, even live "
-        "ones [default: by activity, see above]",
+        "ones [env S3PROXY_CLEANUP_OLDER_THAN, as serve; default: by activity, see above]",
     )
     cleanup.add_argument(
         "--prefix",
         action="append",
         metavar="PREFIX",
-        help="key prefix to sweep (repeatable; '' for the whole bucket) [default: the template's]",
+        help="key prefix to sweep (repeatable; '' for the whole bucket) "
+        "[env S3PROXY_CLEANUP_PREFIX, as serve; default: the template's]",
     )
     cleanup.add_argument("--execute", action="store_true", help="abort (default: dry run)")
     Settings.add_arguments(cleanup, only=CLEANUP_SETTINGS, helps=CLEANUP_HELPS)
@@ -170,15 +177,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "token":
             return issue_token(args)
         if args.command == "cleanup":
-            settings = Settings.load(vars(args), os.environ, only=CLEANUP_SETTINGS)
+            settings = Settings.load(
+                vars(args), os.environ, only=(*CLEANUP_SETTINGS, *CLEANUP_SCOPE)
+            )
             logsetup.setup(settings.log_level, settings.log_format)
             if settings.log_level != "debug":
                 # "Found credentials in environment variables." on every run is noise
                 # in a command's output (serve logs it once, at start, where it helps).
                 logging.getLogger("aiobotocore.credentials").setLevel(logging.WARNING)
+            warn_unknown_variables()
             return asyncio.run(run_cleanup(settings, args))
         settings = Settings.load(vars(args), os.environ)
         logsetup.setup(settings.log_level, settings.log_format)
+        warn_unknown_variables()
         return serve(settings, argv)
     except SettingsError as exc:
         return _fail(str(exc), EXIT_USAGE)
@@ -188,20 +199,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("interrupted", EXIT_INTERRUPTED)
 
 
+def warn_unknown_variables() -> None:
+    """One WARNING naming the S3PROXY_* variables that set nothing (misspelled?)."""
+    from s3proxy.settings import unknown_variables
+
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        log.warning(
+            "settings.unknown_variables names=%s: no setting has these names (misspelled?); "
+            "they are ignored",
+            ",".join(unknown),
+        )
+
+
 def _fail(message: str, status: int) -> int:
     print(f"s3proxy: error: {message}", file=sys.stderr)
     return status
 
 
 def issue_token(args: argparse.Namespace) -> int:
-    from s3proxy.settings import check_token_secrets, parse_duration, parse_size, read_secrets
+    from s3proxy.settings import parse_duration, parse_size
     from s3proxy.tokens import issue
 
-    inline = [v for v in os.environ.get("S3PROXY_TOKEN_SECRET", "").split(",") if v.strip()]
-    path = args.token_secret_file or os.environ.get("S3PROXY_TOKEN_SECRET_FILE")
-    secrets_file = Path(path) if path else None
-    check_token_secrets(inline, secrets_file, inline_name="S3PROXY_TOKEN_SECRET")
-    secrets = read_secrets(inline, secrets_file)
+    # Read as serve reads them (one parser: separators, the ' #' guard, short secrets),
+    # so a token this command signs is one serve accepts.
+    secrets = Settings.load(
+        {"token_secret_file": args.token_secret_file}, os.environ, only=TOKEN_SETTINGS
+    ).token_secrets()
     if not secrets:
         raise SettingsError("set S3PROXY_TOKEN_SECRET or --token-secret-file to sign tokens")
     try:
@@ -229,7 +253,6 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
     from s3proxy.cleanup import Rule, sweep, sweep_tus
     from s3proxy.config import client_options
     from s3proxy.errors import ProxyError
-    from s3proxy.keys import template_prefix
     from s3proxy.s3_aiobotocore import open_store
     from s3proxy.settings import parse_duration
 
@@ -242,11 +265,14 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
         if threshold < 60:  # as serve's --cleanup-older-than: 0 would abort every upload
             raise SettingsError("--older-than must be at least 1m (it must exceed any upload)")
     rule = Rule(timedelta(seconds=threshold), by_activity=by_activity)
-    prefixes = args.prefix if args.prefix is not None else [template_prefix(settings.key_template)]
+    prefixes = args.prefix if args.prefix is not None else list(settings.cleanup_prefixes)
     opts = client_options(settings)
     if settings.embedded:
         # Never the AWS chain's default endpoint: the store serve runs, or an error.
-        access = _embedded_access(settings)
+        port_given = args.embedded_s3_port is not None or bool(
+            os.environ.get("S3PROXY_EMBEDDED_S3_PORT", "").strip()
+        )
+        access = _embedded_access(settings, port_given)
         opts = dataclasses.replace(
             opts,
             endpoint_url=access.endpoint_url,
@@ -265,7 +291,7 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
                 bucket, prefixes, rule, dry_run=not args.execute, keep=tus_uploads.live
             )
     except ProxyError as exc:
-        raise _cleanup_error(exc, settings) from None
+        raise _cleanup_error(exc, settings, opts.endpoint_url) from None
 
     judged = (
         f"no sign of life for {threshold:.0f}s" if by_activity else f"over {threshold:.0f}s old"
@@ -292,13 +318,22 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_FAILURE if result.errors else EXIT_OK
 
 
-def _embedded_access(settings: Settings) -> StoreAccess:
+def _embedded_access(settings: Settings, port_given: bool) -> StoreAccess:
     """The running embedded store's endpoint and keys, or a one-line error saying where
-    they were sought."""
-    from s3proxy.embedded import EmbeddedStoreError, credentials_path, store_access
+    they were sought. Its port is the one it recorded at start (``ports.json``) unless
+    --embedded-s3-port is given: serve may have been told another than the default."""
+    from s3proxy.embedded import (
+        EmbeddedStoreError,
+        credentials_path,
+        recorded_s3_port,
+        store_access,
+    )
 
+    port = settings.embedded_s3_port
+    if not port_given:
+        port = recorded_s3_port(settings.data_dir) or port
     try:
-        return store_access(settings.data_dir, settings.embedded_s3_port)
+        return store_access(settings.data_dir, port)
     except FileNotFoundError:
         raise SettingsError(
             f"no embedded store keys at {credentials_path(settings.data_dir)}: pass the "
@@ -309,7 +344,7 @@ def _embedded_access(settings: Settings) -> StoreAccess:
         raise CommandError(str(exc)) from None
 
 
-def _cleanup_error(exc: Exception, settings: Settings) -> CommandError:
+def _cleanup_error(exc: Exception, settings: Settings, endpoint: str | None) -> CommandError:
     from s3proxy.errors import UPSTREAM_UNAVAILABLE, ProxyError
     from s3proxy.s3 import NoCredentials
 
@@ -321,10 +356,8 @@ def _cleanup_error(exc: Exception, settings: Settings) -> CommandError:
         )
     message = exc.message if isinstance(exc, ProxyError) else str(exc)
     if settings.embedded and isinstance(exc, ProxyError) and exc.kind == UPSTREAM_UNAVAILABLE:
-        message += (
-            f"; is the embedded store running (`s3proxy serve`, S3 on "
-            f"127.0.0.1:{settings.embedded_s3_port})?"
-        )
+        where = (endpoint or "").removeprefix("http://")
+        message += f"; is the embedded store running (`s3proxy serve`, S3 on {where})?"
     return CommandError(message)
 
 

@@ -47,7 +47,8 @@ RETRY_AFTER = 5
 def download_slots(pool: int) -> int:
     """How many downloads may stream at once from a pool of ``pool`` S3 connections: a
     quarter (at least one) is kept back for the short calls (HeadBucket, HeadObject, tus
-    state, an upload's Create/Complete). A pool of one keeps nothing back."""
+    state, an upload's Create/Complete). Settings refuse a pool of one, which would
+    keep nothing back."""
     return max(1, pool - max(1, pool // 4))
 
 

@@ -981,6 +981,12 @@ def store_access(data_dir: Path, s3_port: int, host: str = "127.0.0.1") -> Store
     return StoreAccess(f"http://{where}:{s3_port}", access_key, secret_key)
 
 
+def recorded_s3_port(data_dir: Path) -> int | None:
+    """The S3 port the store in ``data_dir`` last started on (``ports.json``), if any."""
+    port = _read_ports(data_dir.expanduser().absolute() / PORTS_NAME).get("s3.port")
+    return port if port else None
+
+
 def read_credentials(data_dir: Path) -> tuple[str, str]:
     """The keys a store keeps in ``data_dir`` (for clients of a running store).
 

@@ -122,10 +122,45 @@ def _clean_char(c: str) -> str:
     return c
 
 
+#: The fields a template may hold, each used plainly: ``{uuid}``, never ``{uuid:.1}``,
+#: ``{uuid!r}``, ``{uuid.hex}`` or ``{uuid[0]}``. A format spec, conversion or attribute
+#: or index access can cut or change a field (``{uuid:.1}`` leaves 16 keys, and
+#: --no-overwrite, which follows ``{uuid}``, off), so none is taken.
+FIELDS = frozenset(_SAMPLE_FIELDS)
+
+
 def _fields(template: str) -> list[tuple[str, str | None]]:
     """(literal text, field name or None) pieces of a template, as ``str.format`` reads
     it (``{{`` is a literal brace, not a field); ValueError if it is broken."""
     return [(literal, name) for literal, name, _, _ in string.Formatter().parse(template)]
+
+
+def field_problem(template: str) -> str | None:
+    """Why a field of ``template`` is not one of ``FIELDS`` used plainly, or None. Pure.
+
+    Refusing beats judging the rendered value: no spec, conversion or access can then
+    make a field other than what ``make_key`` fills in, so the ``{uuid}`` that
+    ``unique_keys`` sees is the whole uuid in every key.
+    """
+    try:
+        pieces = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        return f"broken field: {exc}"
+    for _, name, spec, conversion in pieces:
+        if name is None:
+            continue
+        shown = "{" + name + (f"!{conversion}" if conversion else "")
+        shown += (f":{spec}" if spec else "") + "}"
+        base = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if base in FIELDS and (base != name or spec or conversion):
+            return (
+                f"field {shown} must be used plainly, as {{{base}}} "
+                "(no format spec, conversion, attribute or index: they can cut or change it)"
+            )
+        if name not in FIELDS:
+            known = " ".join("{" + f + "}" for f in _SAMPLE_FIELDS)
+            return f"unknown field {shown} (fields: {known})"
+    return None
 
 
 def template_prefix(template: str) -> str:
@@ -204,19 +239,21 @@ def template_problem(template: str) -> str | None:
     silently rewrite, moving keys out from under the template's prefix), a
     leading ``/``, a backslash or a control character is a problem.
     """
-    try:
-        sample = template.format(**_SAMPLE_FIELDS)
-    except (KeyError, IndexError, ValueError) as exc:
-        return f"unknown or broken field: {exc}"
+    if (problem := field_problem(template)) is not None:
+        return problem
+    sample = template.format(**_SAMPLE_FIELDS)
     if all(name is None for _, name in _fields(template)):
         return "has no field, so every upload would get the same key"
     return malformed(sample)
 
 
 def unique_keys(template: str) -> bool:
-    """Does every upload get a key of its own (a fresh ``{uuid}`` in it; ``{{uuid}}`` is
-    the literal text)?"""
-    return any(name == "uuid" for _, name in _fields(template))
+    """Does every upload get a key of its own (a fresh, whole ``{uuid}`` in it; ``{{uuid}}``
+    is the literal text, and ``{uuid:.1}`` is not whole: ``field_problem`` refuses it)?"""
+    return any(
+        name == "uuid" and not spec and not conversion
+        for _, name, spec, conversion in string.Formatter().parse(template)
+    )
 
 
 @dataclass(frozen=True)

@@ -57,17 +57,23 @@ def plan_parts(base: int, upper_bound: int | None, max_file_size: int) -> PartPl
     """Choose the part plan for one file.
 
     ``upper_bound`` is what the file cannot exceed if known (the request's
-    Content-Length); the plan always reaches ``max_file_size`` within 10,000 parts.
+    Content-Length); the plan always reaches ``max_file_size`` within 10,000 parts, or
+    ValueError when no plan can (past 10,000 parts of 5 GiB: the growing search below
+    would otherwise never end).
     """
     if base < MIN_PART_SIZE or base > MAX_PART_SIZE:
         raise ValueError("part size must be between 5 MiB and 5 GiB")
     bound = max_file_size if upper_bound is None else min(upper_bound, max_file_size)
+    if bound > MAX_PARTS * MAX_PART_SIZE:
+        raise ValueError(f"{bound} bytes do not fit in {MAX_PARTS} parts of at most 5 GiB")
     if bound <= base * MAX_PARTS:
         return PartPlan(base, growing=False)
     if upper_bound is not None:
         return PartPlan(min(_round_up(-(-bound // MAX_PARTS), MiB), MAX_PART_SIZE), growing=False)
     plan = PartPlan(base, growing=True)
     while plan.capacity() < bound:  # only a 5 MiB base short of 5 TiB needs this
+        if plan.base >= MAX_PART_SIZE:  # unreachable after the check above; never spin
+            raise ValueError(f"no growing plan holds {bound} bytes")
         plan = PartPlan(plan.base + MiB, growing=True)
     return plan
 

@@ -91,6 +91,7 @@ from s3proxy.machine import (
 from s3proxy.parts import MAX_PARTS, PartPlan, plan_parts
 from s3proxy.s3 import (
     ChecksumUnsupported,
+    NoCredentials,
     NoSuchKey,
     ObjectDefaults,
     ObjectOptions,
@@ -311,6 +312,7 @@ class FileUpload:
         self._probed_size = 0  # their bytes (size is asked per chunk: no sum over the deque)
         self.upload_id: str | None = None
         self.maybe_stored = False  # a PutObject or Complete was sent: the key may exist
+        # (set by _only_new, the one place they are sent)
         self.nonce = uuid.uuid4().hex  # marks our object when keys may be shared
         self.token_left = (
             None if cfg.token_limit is None else max(0, cfg.token_limit - cfg.token_used)
@@ -397,10 +399,12 @@ class FileUpload:
             # any, is that upload's completed file, and a retried request answers it.
             log.info("upload.maybe_stored key=%s reason=%s", key, reason)
         elif self.maybe_stored and self.cfg.writes.cleanup == "delete":
-            log.info("upload.deleted key=%s reason=%s", key, reason)
-            await run_cleanup(
-                lambda: self.sink.delete(key), f"delete key={key}", self.janitor, kind=Kind.OBJECT
-            )
+
+            async def delete() -> None:  # "deleted" once it is: a failure is logged instead
+                await self.sink.delete(key)
+                log.info("upload.deleted key=%s reason=%s", key, reason)
+
+            await run_cleanup(delete, f"delete key={key}", self.janitor, kind=Kind.OBJECT)
             self._delete_late_writes(lambda: self.sink.delete(key))
         elif self.maybe_stored and self.cfg.writes.cleanup == "nonce":
             await run_cleanup(
@@ -445,9 +449,22 @@ class FileUpload:
         return head.etag if keys.owned_by(head.metadata, self.nonce) else None
 
     async def _only_new(self, write: Callable[..., Awaitable[Written]]) -> Written:
-        """A PutObject or Complete, with If-None-Match: * under --no-overwrite."""
-        if not self.cfg.writes.if_none_match:
-            return await write()
+        """A PutObject or Complete, with If-None-Match: * under --no-overwrite.
+
+        From here the key may hold what the write stored (``maybe_stored``), unless it
+        failed before a request was sent: then a failed upload owes no delete (with no
+        credentials, "delete it by hand" pointed the operator at objects never made).
+        """
+        self.maybe_stored = True
+        try:
+            if not self.cfg.writes.if_none_match:
+                return await write()
+            return await self._write_only_new(write)
+        except NoCredentials:  # signing failed, before any request (s3.NoCredentials)
+            self.maybe_stored = False
+            raise
+
+    async def _write_only_new(self, write: Callable[..., Awaitable[Written]]) -> Written:
         try:
             return await write(if_none_match=True)
         except PreconditionFailed:
@@ -734,7 +751,6 @@ class FileUpload:
     async def _put(self, data: list[Chunk], content_type: str, crc: CrcValue | None) -> StoredFile:
         verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
         digest = self._digest()
-        self.maybe_stored = True
         options = self._options(content_type, {"sha256": digest} if digest else None)
         put = functools.partial(self.sink.put, self.spec.key, data, options, checksum=crc)
         written = await self._checked(lambda: self._only_new(put), "the file")
@@ -823,7 +839,6 @@ class FileUpload:
             raise ProxyError(INTERNAL, "part numbers are not contiguous")
         upload_id = self.upload_id
         verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
-        self.maybe_stored = True
         checksums = [self._part_crcs[n] for n, _ in parts] if self.cfg.checksum else []
         complete = functools.partial(
             self.sink.complete, self.spec.key, upload_id, parts, checksums=checksums

@@ -22,7 +22,8 @@ still reaches the client as JSON 502/503/504, as before) or cancellation::
                             S3's answer to a write racing another on the key, too)
         NotModified         304 to If-None-Match / If-Modified-Since (carries the validators)
         InvalidRange        416; ``size`` is the object's, if S3 said
-        NoCredentials       no usable credentials are configured
+        NoCredentials       no usable credentials are configured; raised while signing,
+                            before any request is sent (so nothing was stored)
         BadDigest           kind UPSTREAM_CORRUPTION: S3 computed another checksum than the
                             one sent (the bytes changed on the way); nothing was stored
         ChecksumDiffers     kind UPSTREAM_CORRUPTION: a write was carried out but S3 answered

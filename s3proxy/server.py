@@ -47,7 +47,14 @@ from aiohttp import web
 from s3proxy.app import create_app, create_operator_app, drain, embedded_store, log_ready
 from s3proxy.log import loop_exception_handler
 from s3proxy.protocol import HEALTH_RESERVE
-from s3proxy.settings import Settings, SettingsError, parse_listen, worker_listen
+from s3proxy.settings import (
+    Settings,
+    SettingsError,
+    parse_listen,
+    unknown_variables,
+    url_host,
+    worker_listen,
+)
 from s3proxy.state import AUTO_DRAIN_DELAY, STATE
 
 log = logging.getLogger("s3proxy.server")
@@ -208,7 +215,7 @@ async def serve(settings: Settings) -> None:
             )
             await operator.setup()
             await _listen(operator, host, port, reuse_port=False)  # each worker its own
-            log.info("proxy.operator_listen url=http://%s:%d/metrics", host, port)
+            log.info("proxy.operator_listen url=http://%s:%d/metrics", url_host(host), port)
         log_fds(fds)
         settings.log_warnings()
         loop = asyncio.get_running_loop()
@@ -297,7 +304,8 @@ class Worker:
 
 async def supervise(settings: Settings, argv: Sequence[str]) -> int:
     """Run ``settings.workers`` serve processes on one port; return the exit status."""
-    env = dict(os.environ)
+    unknown = set(unknown_variables(os.environ))  # warned of once, here, not per worker
+    env = {k: v for k, v in os.environ.items() if k not in unknown}
     store = None
     if settings.embedded:
         store = embedded_store(settings)

@@ -143,8 +143,10 @@ def _setting(
     show: Callable[[Any], str] | None = None,
     secret: bool = False,
     metavar: str | None = None,
+    split: str = r"[,\s]+",
 ) -> Any:
     meta = {
+        "split": split,  # a repeatable setting's variable: what separates its values
         "help": help,
         "parse": parse,
         "repeat": repeat,
@@ -157,8 +159,14 @@ def _setting(
     return field(default=default, metadata=meta, repr=not secret)
 
 
+def _path(text: str) -> Path:
+    """A path with ``~`` expanded, as a shell would: an env file or a quoted flag leaves
+    it, and the store used $HOME/x while the start log named <cwd>/~/x."""
+    return Path(text).expanduser()
+
+
 def _opt_path(text: str) -> Path | None:
-    return Path(text) if text else None
+    return _path(text) if text else None
 
 
 def read_secrets(values: Sequence[str], path: Path | None) -> tuple[str, ...]:
@@ -179,6 +187,21 @@ def _secret_lines(path: Path) -> list[tuple[int, str]]:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
     lines = ((n, line.strip()) for n, line in enumerate(text.splitlines(), 1))
     return [(n, line) for n, line in lines if line and not line.startswith("#")]
+
+
+#: Settings whose value is a URL the proxy sends to or signs for.
+URL_SETTINGS = ("endpoint_url", "presign_endpoint_url", "webhook_url")
+
+#: Settings whose value is a credential: given but empty, the proxy would run open.
+CREDENTIAL_SETTINGS = ("api_key", "api_key_file", "token_secret", "token_secret_file")
+
+
+def _no_credential(names: str) -> str:
+    """The one-line refusal of a credential setting that is given but holds none."""
+    return (
+        f"{names} is given but holds no key (blank, or a file of only comments): the proxy "
+        "would run without authentication; give a key, or leave the setting unset"
+    )
 
 
 #: `` # ...`` after a value: a comment an env file kept (systemd does not strip it), which
@@ -217,7 +240,7 @@ _METAVARS: dict[Callable[[str], Any], str] = {
     parse_duration: "DURATION",
     _parse_bool: "BOOL",
     _opt_path: "PATH",
-    Path: "PATH",
+    _path: "PATH",
 }
 
 
@@ -249,13 +272,24 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def url_host(host: str) -> str:
+    """A host as a URL writes it: an IPv6 address in brackets (RFC 3986, 3.2.2)."""
+    return f"[{host}]" if ":" in host else host
+
+
 def worker_listen(text: str, index: int) -> str:
     """Worker ``index``'s own ``--metrics-listen``: the port plus its index. One shared
     (SO_REUSEPORT) port would answer each scrape from a random worker: counters that
     jump back and forth, and no way to reach a given worker's gauges."""
     host, port = parse_listen(text)
-    shown = f"[{host}]" if ":" in host else host
-    return f"{shown}:{port + index}"
+    return f"{url_host(host)}:{port + index}"
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The ``S3PROXY_*`` variables that name no setting (a typo such as
+    ``S3PROXY_MEMORY_BUGDET`` is otherwise ignored without a word). Pure."""
+    known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
+    return sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known)
 
 
 @dataclass(frozen=True)
@@ -349,7 +383,7 @@ class Settings:
     # objects
     key_template: str = _setting(
         "uploads/{yyyy}/{mm}/{uuid}/{filename}",
-        "object key template; fields: {yyyy} {mm} {dd} {uuid} {filename} {field}; "
+        "object key template; fields, used plainly: {yyyy} {mm} {dd} {uuid} {filename} {field}; "
         "without {uuid} two uploads can get one key (see --no-overwrite)",
     )
     allow_type: tuple[str, ...] = _setting(
@@ -382,8 +416,8 @@ class Settings:
     )
     s3_max_connections: int = _setting(
         64,
-        "S3 connection pool size; streamed downloads take at most three quarters of it "
-        "(the rest is kept for short calls such as /readyz's)",
+        "S3 connection pool size, at least 2; streamed downloads take at most three quarters "
+        "of it (the rest, at least one, is kept for short calls such as /readyz's)",
         int,
     )
     sign_payload: bool = _setting(
@@ -439,7 +473,7 @@ class Settings:
     )
     # embedded store
     data_dir: Path = _setting(  # noqa: RUF009 - Path is immutable
-        Path("s3proxy-data"), "embedded store: where its data lives", Path, show=str
+        Path("s3proxy-data"), "embedded store: where its data lives", _path, show=str
     )
     embedded_s3_port: int = _setting(8333, "embedded store: S3 port", int)
     # operations
@@ -470,10 +504,11 @@ class Settings:
     )
     cleanup_prefix: tuple[str, ...] = _setting(
         (),
-        "key prefix to sweep (repeatable; '' for the whole bucket, e.g. with upload tokens); "
-        "none: the key template's",
+        "key prefix to sweep (repeatable; '' for the whole bucket, e.g. with upload tokens; "
+        "the variable is comma-separated, spaces belong to a prefix); none: the key template's",
         repeat=True,
         metavar="PREFIX",
+        split=r"\s*,\s*",  # a key prefix may hold spaces ("my uploads/")
     )
     cleanup_clock_skew: float = _setting(
         60.0,
@@ -696,13 +731,14 @@ class Settings:
 
     def validate(self) -> None:
         """Raise SettingsError for the first invalid combination, in one line."""
-        if self.endpoint_url is not None:
-            if not re.match(r"^https?://[^/]+", self.endpoint_url):
+        for name in URL_SETTINGS:  # each is used only later, by a request that then fails
+            url = getattr(self, name)
+            if url is not None and not re.match(r"^https?://[^/]+", url):
                 raise SettingsError(
-                    f"--endpoint-url must be an http(s) URL, got {self.endpoint_url!r}"
+                    f"--{name.replace('_', '-')} must be an http(s) URL, got {url!r}"
                 )
-            if not self.bucket:
-                raise SettingsError("--bucket (S3PROXY_BUCKET) is required with --endpoint-url")
+        if self.endpoint_url is not None and not self.bucket:
+            raise SettingsError("--bucket (S3PROXY_BUCKET) is required with --endpoint-url")
         if not (1 <= self.port <= 65535):
             raise SettingsError(f"--port must be 1-65535, got {self.port}")
         if not (0 <= self.embedded_s3_port <= 65535):  # 0: a free port the store picks
@@ -715,8 +751,13 @@ class Settings:
             raise SettingsError("--presign-expiry must be between 1s and 7d (SigV4's limit)")
         if self.workers < 1:
             raise SettingsError("--workers must be at least 1")
-        if self.s3_max_connections < 1 or self.s3_max_attempts < 1:
-            raise SettingsError("--s3-max-connections and --s3-max-attempts must be at least 1")
+        if self.s3_max_attempts < 1:
+            raise SettingsError("--s3-max-attempts must be at least 1")
+        if self.s3_max_connections < 2:  # one for downloads, one kept for everything else
+            raise SettingsError(
+                "--s3-max-connections must be at least 2: streamed downloads never take the "
+                "whole pool, so a stalled one cannot stall /readyz and uploads"
+            )
         if not _REGION_RE.fullmatch(self.region):
             raise SettingsError(f"--region {self.region!r} is not a region name like eu-west-1")
         if not str(self.data_dir).strip() or str(self.data_dir) == ".":
@@ -729,6 +770,14 @@ class Settings:
             raise SettingsError("--cleanup-clock-skew must be >= 0")
         if self.parts_in_flight < 1:
             raise SettingsError("--parts-in-flight must be at least 1")
+        # The file size's own limits first: the part arithmetic below assumes them.
+        if self.max_file_size < 1:
+            raise SettingsError("--max-file-size must be at least 1")
+        if self.max_file_size > parts.MAX_OBJECT_SIZE:
+            raise SettingsError(
+                f"--max-file-size {format_size(self.max_file_size)} is above S3's object "
+                f"size limit ({format_size(parts.MAX_OBJECT_SIZE)})"
+            )
         largest = parts.largest_part(self.part_size, self.max_file_size)
         if self.memory_budget < largest:
             raise SettingsError(
@@ -737,8 +786,6 @@ class Settings:
                 f"a {format_size(self.max_file_size)} file needs ({format_size(largest)}); "
                 "raise the budget or lower --max-file-size"
             )
-        if self.max_file_size > parts.MAX_OBJECT_SIZE:
-            raise SettingsError("--max-file-size is above S3's object size limit")
         if self.client_timeout <= 0 or self.s3_read_timeout <= 0 or self.s3_connect_timeout <= 0:
             raise SettingsError("timeouts must be positive")
         if self.read_buffer < 64 * 1024:
@@ -767,10 +814,8 @@ class Settings:
                 f"fields ({format_size(self.max_fields_size)}, --max-fields-size) next to the "
                 f"largest part ({format_size(largest)}); raise the budget or lower the limits"
             )
-        try:
-            self.key_template.format(yyyy="", mm="", dd="", uuid="", filename="", field="")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise SettingsError(f"--key-template has an unknown or broken field: {exc}") from None
+        if (problem := keys.field_problem(self.key_template)) is not None:
+            raise SettingsError(f"--key-template: {problem}")
         if self.key_template.startswith("/"):
             raise SettingsError("--key-template must not start with /")
         if (problem := keys.template_problem(self.key_template)) is not None:
@@ -780,8 +825,6 @@ class Settings:
                 raise SettingsError(
                     f"--allow-type {t!r} is not a content type like application/pdf"
                 )
-        if self.webhook_url is not None and not re.match(r"^https?://[^/]+", self.webhook_url):
-            raise SettingsError(f"--webhook-url must be an http(s) URL, got {self.webhook_url!r}")
         if self.webhook_attempts < 1 or self.webhook_timeout <= 0:
             raise SettingsError(
                 "--webhook-attempts must be at least 1 and --webhook-timeout positive"
@@ -796,6 +839,16 @@ class Settings:
             self.token_secret_file,
             inline_name="--token-secret (S3PROXY_TOKEN_SECRET)",
         )
+        for given, found, names in (
+            (self.api_key or self.api_key_file, self.api_keys(), "--api-key / --api-key-file"),
+            (
+                self.token_secret or self.token_secret_file,
+                self.token_secrets(),
+                "--token-secret / --token-secret-file",
+            ),
+        ):
+            if given and not found:
+                raise SettingsError(_no_credential(names))
         if (
             self.host not in LOOPBACK_HOSTS
             and not self.auth_configured
@@ -831,12 +884,25 @@ class Settings:
                     "--metrics-listen: worker i listens on its port + i; "
                     f"{metrics_port} + {self.workers - 1} is past 65535"
                 )
+        if self.embedded and self.embedded_s3_port in self._own_ports():
+            raise SettingsError(
+                f"--embedded-s3-port {self.embedded_s3_port} is a port the proxy listens on "
+                "(--port, --metrics-listen): the embedded store takes it first; give it another"
+            )
         if (self.drain_delay or 0) < 0:
             raise SettingsError("--drain-delay must be >= 0 (or auto)")
         if self.readiness_interval <= 0 or self.readiness_timeout <= 0:
             raise SettingsError("--readiness-interval and --readiness-timeout must be positive")
         if self.tus_expiry < 60 or self.tus_lock_lease < 0.5:
             raise SettingsError("--tus-expiry must be at least 60s and --tus-lock-lease 0.5s")
+
+    def _own_ports(self) -> set[int]:
+        """The ports the proxy's listeners take on its host (workers share --port)."""
+        ports = {self.port}
+        if self.metrics_listen is not None:
+            first = parse_listen(self.metrics_listen)[1]
+            ports.update(range(first, first + self.workers))
+        return ports
 
     # --- loading -------------------------------------------------------------
 
@@ -865,12 +931,12 @@ class Settings:
             shown = _shown_default(default, meta["show"])
             help_text = f"{helps.get(f.name, meta['help'])} [env {env}; default {shown}]"
             kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "default": None}
-            if meta["choices"]:
-                kwargs["choices"] = list(meta["choices"])
             if meta["repeat"]:
                 kwargs["action"] = "append"
-            if not meta["choices"]:  # argparse shows {a,b} for choices itself
-                kwargs["metavar"] = _metavar(f)
+            # Choices are checked by load(), after the field's parse, for flag and variable
+            # alike (argparse's own check refused --log-level DEBUG, which the env took).
+            choices = meta["choices"]
+            kwargs["metavar"] = "{" + ",".join(choices) + "}" if choices else _metavar(f)
             parser.add_argument(flag, **kwargs)
 
     @classmethod
@@ -906,9 +972,12 @@ class Settings:
                             "part of the value; put comments on lines of their own"
                         )
                     if meta["repeat"]:
-                        raw = [p for p in re.split(r"[,\s]+", raw) if p]
-            if raw is None:
-                continue
+                        raw = [p for p in re.split(meta["split"], raw) if p]
+                    if not raw and f.name in CREDENTIAL_SETTINGS:
+                        # S3PROXY_API_KEY=${KEY} with KEY unset: meant a key, got none
+                        raise SettingsError(_no_credential(env))
+            if raw is None or (isinstance(raw, str) and not raw.strip() and f.default is None):
+                continue  # empty: unset, for a setting whose default is unset or auto
             try:
                 if meta["repeat"]:
                     values[f.name] = tuple(meta["parse"](r) for r in raw)

@@ -60,7 +60,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from s3proxy.keys import MAX_KEY_BYTES
+from s3proxy.keys import MAX_KEY_BYTES, RESERVED_NAMESPACE
 
 VERSION = 1
 DEFAULT_LEEWAY = 30  # seconds of clock skew tolerated between issuer and proxy
@@ -100,7 +100,7 @@ class UploadGrant:
 
 
 def issue(
-    secret: bytes,
+    secret: bytes | str,
     *,
     prefix: str,
     ttl: int,
@@ -112,14 +112,21 @@ def issue(
 ) -> str:
     """A token for one upload request under ``prefix``, valid for ``ttl`` seconds.
 
-    Raises ValueError for arguments no verifier would accept, so a bad token is
-    caught where it is made rather than as a 401 in the browser.
+    ``secret`` is one of the proxy's S3PROXY_TOKEN_SECRET values, as text (what a backend
+    holds) or its UTF-8 bytes (what the proxy signs with). Raises ValueError for
+    arguments no verifier would accept, or that give a token every endpoint refuses
+    (a prefix under the proxy's own ``.s3proxy/``), so a bad token is caught where it
+    is made rather than as a 401 or 400 in the browser.
     """
+    if isinstance(secret, str):
+        secret = secret.encode()
     if not secret:
         raise ValueError("the secret must not be empty")
     if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1:
         raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
     problem = prefix_problem(prefix)
+    if not problem and prefix.startswith(RESERVED_NAMESPACE):
+        problem = f"keys under {RESERVED_NAMESPACE} are the proxy's own; no upload may use them"
     if problem:
         raise ValueError(f"prefix {prefix!r}: {problem}")
     for name, limit in (("max_size", max_size), ("max_files", max_files)):

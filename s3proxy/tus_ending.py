@@ -4,7 +4,6 @@ by another upload's object at its key). Driven by ``tus``'s PATCH and DELETE han
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
@@ -103,8 +102,10 @@ async def drop_object(store: TusStore) -> None:
     found = await own_object(store, None)
     if found is None:
         return
-    with contextlib.suppress(PreconditionFailed):
+    try:
         await store.bucket.delete(store.upload.key, if_match=found.etag)
+    except PreconditionFailed:  # replaced meanwhile: not this upload's, nothing deleted
+        return
     log.info("upload.deleted key=%s reason=UPSTREAM_CORRUPTION", store.upload.key)
 
 

@@ -210,6 +210,62 @@ def test_cleanup_ignores_serve_only_environment(moto: MotoServer, bucket: str) -
     assert "0 orphaned uploads found" in proc.stdout
 
 
+def test_cleanup_sweeps_serves_scope_from_its_environment(
+    moto: MotoServer, bucket: str, s3: Any
+) -> None:
+    """Regression (config probe): cleanup ignored S3PROXY_CLEANUP_OLDER_THAN and
+    S3PROXY_CLEANUP_PREFIX, so with serve's env file it swept another scope than serve
+    (by activity, under the template's prefix: the token prefixes were missed)."""
+    for key in ("tok/1/a.bin", "uploads/2/b.bin"):
+        s3.create_multipart_upload(Bucket=bucket, Key=key)  # moto dates them 2010
+    env = {
+        **fake_aws_env(),
+        "S3PROXY_CLEANUP_PREFIX": "tok/",
+        "S3PROXY_CLEANUP_OLDER_THAN": "1m",
+    }
+    try:
+        proc = cli("cleanup", "--endpoint-url", moto.endpoint_url, "--bucket", bucket, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert "over 60s old" in proc.stdout and "1 orphaned uploads found" in proc.stdout
+        assert "tok/1/a.bin" in proc.stdout and "uploads/2/b.bin" not in proc.stdout
+        flags = ("--prefix", "uploads/", "--older-than", "2m")  # its own flags still win
+        proc = cli(
+            "cleanup", "--endpoint-url", moto.endpoint_url, "--bucket", bucket, *flags, env=env
+        )
+        assert "over 120s old" in proc.stdout and "uploads/2/b.bin" in proc.stdout
+    finally:
+        for up in open_uploads(s3, bucket):
+            s3.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+
+
+def test_cleanup_finds_the_embedded_store_on_the_port_it_recorded(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    """Regression (config probe): after S3PROXY_EMBEDDED_S3_PORT=... make serve, a plain
+    `s3proxy cleanup` tried 8333, though the store recorded its port in ports.json."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "credentials.json").write_text('{"access_key": "testing", "secret_key": "testing"}')
+    port = int(moto.endpoint_url.rsplit(":", 1)[1])
+    (data / "ports.json").write_text(f'{{"s3.port": {port}}}')
+    args = ("cleanup", "--data-dir", str(data), "--bucket", bucket, "--s3-max-attempts", "1")
+    proc = cli(*args, env=no_credentials_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "0 orphaned uploads found" in proc.stdout
+    closed = closed_port()  # a port given is the one tried
+    proc = cli(*args, "--embedded-s3-port", str(closed), env=no_credentials_env(tmp_path))
+    assert proc.returncode == 1 and f"127.0.0.1:{closed}" in one_line_error(proc)
+
+
+def test_an_unknown_variable_is_warned_of(moto: MotoServer, bucket: str) -> None:
+    """A typo (S3PROXY_MEMORY_BUGDET) is a WARNING at start naming it, not an error."""
+    env = {**fake_aws_env(), "S3PROXY_MEMORY_BUGDET": "1GiB"}
+    proc = cli("cleanup", "--endpoint-url", moto.endpoint_url, "--bucket", bucket, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "settings.unknown_variables names=S3PROXY_MEMORY_BUGDET" in proc.stderr
+    assert "WARNING" in proc.stderr
+
+
 # --- help --------------------------------------------------------------------------
 
 
@@ -276,6 +332,35 @@ def test_token_secret_file_missing_or_unreadable_is_one_line(tmp_path: Path) -> 
     proc = cli("token", "--prefix", "p/", "--token-secret-file", str(binary))
     line = one_line_error(proc)
     assert proc.returncode == 2 and "--token-secret-file" in line
+
+
+@pytest.mark.parametrize("joined", [" ", "\n", ", "])
+def test_token_reads_the_secrets_as_serve_does(joined: str) -> None:
+    """Regression (config probe): with S3PROXY_TOKEN_SECRET="A B" serve split on spaces
+    too (two secrets) and token on commas only (one secret "A B"): every token it
+    issued was 401 "bad signature" at the proxy."""
+    from s3proxy.settings import Settings
+    from s3proxy.tokens import verify
+
+    env = {**fake_aws_env(), "S3PROXY_TOKEN_SECRET": "a" * 32 + joined + "b" * 32}
+    proc = cli("token", "--prefix", "p/", env=env)
+    assert proc.returncode == 0, proc.stderr
+    served = Settings.load({}, env).token_secrets()
+    assert served == ("a" * 32, "b" * 32)
+    verify(proc.stdout.strip(), [s.encode() for s in served])
+    verify(proc.stdout.strip(), [b"a" * 32])  # the first signs
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("a" * 32 + "  # current", "a comment"),  # serve refuses it; token signed with it
+        (" , ", "holds no key"),
+    ],
+)
+def test_token_refuses_what_serve_refuses(value: str, named: str) -> None:
+    proc = cli("token", "--prefix", "p/", env={**fake_aws_env(), "S3PROXY_TOKEN_SECRET": value})
+    assert proc.returncode == 2 and named in one_line_error(proc)
 
 
 def test_serve_with_an_unreadable_key_file_is_a_settings_error(tmp_path: Path) -> None:

@@ -290,6 +290,39 @@ async def test_client_disconnect_mid_body(proxy: Any, s3: Any, bucket: str, at: 
 # --- upstream faults ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("template", ["u/{uuid}/{filename}", "docs/{filename}"])
+async def test_no_credentials_owes_no_delete(
+    proxy_factory: Any,
+    s3: Any,
+    bucket: str,
+    template: str,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression (config probe): with no S3 credentials every failed upload logged
+    "upload.deleted", then "cleanup.failed what=delete" and at shutdown "cleanup.abandoned
+    ... delete it by hand" for an object no request was ever sent for (signing failed
+    first): the operator hunted objects that do not exist."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no 169.254.169.254 probe
+    monkeypatch.setenv("HOME", str(tmp_path))
+    proxy = await proxy_factory(key_template=template, s3_max_attempts=1)
+    with caplog.at_level(logging.INFO, logger="s3proxy"):
+        status, out = await post_raw(proxy, bodies.body([bodies.file("f", "a.bin", b"x" * 100)]))
+        await proxy.close()  # shutdown: the janitor reports what it still owes
+    expect_error(status, out, 502, "UPSTREAM_ERROR")
+    assert "credentials" in out["error"]["message"]
+    owed = [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith(("upload.deleted", "upload.not_deleted", "cleanup."))
+    ]
+    assert owed == []
+    assert await all_keys_async(s3, bucket) == []
+
+
 async def run_with_faults(
     proxy_factory: Any,
     moto: Any,

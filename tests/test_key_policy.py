@@ -228,7 +228,7 @@ def test_new_key_too_long_under_a_grant_prefix() -> None:
         ("uploads/{uuid}/{filename}/", "empty"),
         ("up\\loads/{uuid}", "backslash"),
         ("up\x01/{uuid}", "control"),
-        ("uploads/{nope}", "unknown or broken field"),
+        ("uploads/{nope}", "unknown field {nope}"),
         ("docs/{filename}", None),  # no {uuid}: allowed, under --no-overwrite
         ("{filename}", None),
         ("daily/{yyyy}-{mm}-{dd}.bin", None),

@@ -10,6 +10,7 @@ from s3proxy.keys import (
     DEFAULT_FILENAME,
     KeyPolicy,
     content_disposition,
+    field_problem,
     make_key,
     sanitize_filename,
     template_prefix,
@@ -188,3 +189,42 @@ def test_escaped_braces_are_literal_text_not_fields() -> None:
     assert unique_keys("esc/{{x}}/{uuid}/{filename}")
     assert template_prefix("a{{b}}/{uuid}/{filename}") == "a{b}/"
     assert template_problem("only/{{uuid}}") is not None
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        # found by the config probe: each was accepted at start
+        ("k/{uuid:.1}/{filename}", "{uuid:.1} must be used plainly"),  # 16 keys, no 409
+        ("k/{uuid:>40}/{filename}", "{uuid:>40} must be used plainly"),
+        ("a/{uuid}/{filename!r}", "{filename!r} must be used plainly"),
+        ("a/{uuid}/{filename:.3}", "{filename:.3} must be used plainly"),
+        ("k/{uuid.__class__}/{filename}", "{uuid.__class__} must be used plainly"),
+        ("k/{uuid.upper}/{filename}", "{uuid.upper} must be used plainly"),
+        ("k/{uuid.hex}/{filename}", "{uuid.hex} must be used plainly"),  # was a traceback
+        ("k/{uuid[0]}/{filename}", "{uuid[0]} must be used plainly"),
+        ("k/{yyyy!s}/{uuid}", "{yyyy!s} must be used plainly"),
+        ("k/{}/{uuid}", "unknown field {}"),
+        ("k/{0}/{uuid}", "unknown field {0}"),
+        ("k/{nope.x}/{uuid}", "unknown field {nope.x}"),
+        ("k/{uuid/{filename}", "broken field"),
+        ("k/{yyyy}/{mm}/{dd}/{uuid}/{field}/{filename}", None),
+        ("k/{{uuid:.1}}/{uuid}", None),  # literal text
+    ],
+)
+def test_a_template_uses_every_field_plainly(template: str, problem: str | None) -> None:
+    """A format spec, conversion or attribute access can cut or change a field: with
+    ``{uuid:.1}`` 20 uploads got 16 keys, each told 201, while ``unique_keys`` said every
+    key was new (so --no-overwrite stayed off). Refused, so no field is other than filled."""
+    found = field_problem(template)
+    if problem is None:
+        assert found is None and template_problem(template) is None
+    else:
+        assert found is not None and problem in found and "\n" not in found
+        assert template_problem(template) == found
+
+
+def test_unique_keys_needs_the_whole_uuid() -> None:
+    assert unique_keys("k/{uuid}/{filename}")
+    for cut in ("k/{uuid:.1}/{filename}", "k/{uuid!r}/{filename}", "k/{uuid:>40}"):
+        assert not unique_keys(cut)

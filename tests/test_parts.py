@@ -162,3 +162,17 @@ def test_slicer_allocation_respects_known_limit(limit: int | None, allocations: 
         slicer.take()
         seen.append(slicer.allocation())
     assert seen == allocations
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("bound", [MAX_PARTS * MAX_PART_SIZE + 1, 51 * TiB, 1024 * TiB])
+@pytest.mark.parametrize("known", [False, True])
+def test_a_bound_no_plan_reaches_is_refused_not_searched_forever(bound: int, known: bool) -> None:
+    """Regression (integrity probe): `serve --max-file-size 51TiB` spun at 100% CPU at
+    start: a growing plan's parts stop at 5 GiB, so its capacity never reached the bound."""
+    with pytest.raises(ValueError, match="parts of at most 5 GiB"):
+        plan_parts(5 * MiB, bound if known else None, bound)
+    with pytest.raises(ValueError):
+        largest_part(5 * MiB, bound)
+    plan = plan_parts(5 * MiB, None, MAX_PARTS * MAX_PART_SIZE)  # the most any plan holds
+    assert plan.capacity() >= MAX_PARTS * MAX_PART_SIZE

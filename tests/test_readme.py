@@ -211,3 +211,20 @@ def test_each_tus_header_fault_is_listed_under_the_code_it_gets() -> None:
                         checked += 1
                         assert code in codes, f"{said} {header} is {code}, listed under {codes}"
     assert checked >= 10
+
+
+def test_examples_read_only_files_an_earlier_example_made() -> None:
+    """Regression (config probe): the tus curl and tuspy examples read deck.pdf and the
+    digest example deck.pptx, which the README never makes (the quick start makes
+    report.pdf): run verbatim, they failed."""
+    blocks = re.findall(r"```(?:sh|python)\n(.*?)```", README, re.S)
+    read = re.compile(
+        r"(?:@|stat -c%s |-binary |--upload-file |uploader\(\"|head -c \d+ |tail -c \S+ )"
+        r"([\w.-]+\.\w+)"
+    )
+    made: set[str] = set()
+    for block in blocks:
+        for line in block.splitlines():
+            missing = {name for name in read.findall(line) if name not in made}
+            assert not missing, f"{missing} read before an example makes them: {line}"
+            made.update(re.findall(r">\s*([\w.-]+\.\w+)", line))

@@ -87,8 +87,20 @@ def test_env_list() -> None:
         (["--key-template", "x/fixed.bin"], {}, "no field"),
         (["--key-template", "x/{uuid}/{nope}"], {}, "unknown"),
         (["--key-template", "a//{uuid}/{filename}"], {}, "segments"),
+        # a field cut or changed by a spec, conversion or attribute (the last a traceback)
+        (["--key-template", "k/{uuid:.1}/{filename}"], {}, "{uuid:.1} must be used plainly"),
+        ([], {"S3PROXY_KEY_TEMPLATE": "k/{uuid.hex}"}, "--key-template: field {uuid.hex}"),
+        (["--key-template", "k/{uuid}/{filename!r}"], {}, "{filename!r} must be used plainly"),
         (["--allow-type", "pdf"], {}, "--allow-type"),
+        # integrity probe: 51TiB spun forever at start, 6TiB blamed --memory-budget
+        (["--max-file-size", "51TiB"], {}, "--max-file-size 51TiB is above S3's object size"),
+        (["--max-file-size", "6TiB"], {}, "--max-file-size 6TiB is above S3's object size"),
+        (["--max-file-size", "0"], {}, "--max-file-size must be at least 1"),
         (["--endpoint-url", "ftp://x", "--bucket", "b"], {}, "http(s) URL"),
+        # config probe: started, then every /sign was 502 "without a usable Invalid endpoint"
+        (["--presign-endpoint-url", "notaurl"], {}, "--presign-endpoint-url must be an http(s)"),
+        ([], {"S3PROXY_PRESIGN_ENDPOINT_URL": "s3.example.com"}, "--presign-endpoint-url"),
+        (["--webhook-url", "example.com/hook"], {}, "--webhook-url must be an http(s) URL"),
         ([], {"S3PROXY_SIGN_PAYLOAD": "maybe"}, "boolean"),
         ([], {"S3PROXY_REQUEST_CHECKSUM": "always"}, "one of"),
         # HMAC secrets: every one at least 32 bytes, named by setting, never echoed
@@ -103,6 +115,8 @@ def test_env_list() -> None:
         ([], {"S3PROXY_REGION": ""}, "not a region name"),
         (["--s3-max-connections", "-1"], {}, "--s3-max-connections"),
         (["--s3-max-connections", "0"], {}, "--s3-max-connections"),
+        # config probe: one stalled download held the only connection, /readyz 503
+        (["--s3-max-connections", "1"], {}, "--s3-max-connections must be at least 2"),
         (["--s3-max-attempts", "0"], {}, "--s3-max-attempts"),
         ([], {"S3PROXY_DATA_DIR": ""}, "--data-dir must name a directory"),
         (["--client-timeout", "99999999999d"], {}, "longest duration"),
@@ -112,6 +126,10 @@ def test_env_list() -> None:
         (["--embedded-s3-port", "70000"], {}, "--embedded-s3-port must be 0-65535"),
         (["--embedded-s3-port", "-1"], {}, "--embedded-s3-port"),
         (["--metrics-listen", "127.0.0.1:8080"], {}, "a port of their own"),
+        # config probe: the store took the port (5 s), then "cannot listen" named neither
+        (["--port", "8333"], {}, "--embedded-s3-port 8333 is a port the proxy listens on"),
+        ([], {"S3PROXY_PORT": "9000", "S3PROXY_EMBEDDED_S3_PORT": "9000"}, "takes it first"),
+        (["--metrics-listen", "127.0.0.1:8332", "--workers", "2"], {}, "--embedded-s3-port"),
         (["--metrics-listen", "127.0.0.1:8079", "--workers", "2"], {}, "a port of their own"),
         # a comment an env file kept after the value (systemd does): its words were API keys
         (
@@ -265,3 +283,114 @@ def test_settings_warn_once_when_asked_not_when_made(caplog: pytest.LogCaptureFi
         assert caplog.records == []
         settings.log_warnings()
     assert [r.getMessage().split()[0] for r in caplog.records] == ["settings.overwrite"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_a_credential_setting_that_holds_no_key_is_refused(tmp_path: Path, host: str) -> None:
+    """Regression (config probe): an --api-key-file of only a comment, or
+    S3PROXY_API_KEY=' , ', on a loopback host ran with no authentication at all (uploads
+    with no Authorization 201), while the start log told how to send the key."""
+    empty = tmp_path / "keys"
+    empty.write_text("# rotated out\n\n")
+    cases: list[tuple[list[str], dict[str, str], str]] = [
+        (["--api-key-file", str(empty)], {}, "--api-key / --api-key-file is given"),
+        (["--token-secret-file", str(empty)], {}, "--token-secret / --token-secret-file"),
+        (["--api-key", " "], {}, "--api-key / --api-key-file"),
+        ([], {"S3PROXY_API_KEY": " , "}, "S3PROXY_API_KEY is given"),
+        ([], {"S3PROXY_API_KEY": ""}, "S3PROXY_API_KEY is given"),
+        ([], {"S3PROXY_TOKEN_SECRET": ""}, "S3PROXY_TOKEN_SECRET is given"),
+        ([], {"S3PROXY_API_KEY_FILE": ""}, "S3PROXY_API_KEY_FILE is given"),
+    ]
+    for argv, env, message in cases:
+        with pytest.raises(SettingsError) as err:
+            load(["--host", host, *argv], env)
+        assert message in str(err.value) and "without authentication" in str(err.value)
+    if host == "127.0.0.1":
+        assert load(["--host", host], {}).auth_configured is False  # unset: open on loopback
+
+
+def test_an_outside_store_leaves_the_embedded_port_free() -> None:
+    assert load(["--port", "8333", "--endpoint-url", "http://x:1", "--bucket", "b"]).port == 8333
+
+
+def test_a_choice_is_taken_in_any_case_from_flag_and_variable() -> None:
+    """Regression (config probe): --log-level DEBUG was refused by argparse's choices
+    while S3PROXY_LOG_LEVEL=DEBUG was taken (the field lowercases): one check now."""
+    argv = ["--log-level", "DEBUG", "--log-format", "JSON", "--checksum", "OFF"]
+    s = load([*argv, "--event-loop", "UVLOOP"])
+    assert (s.log_level, s.log_format, s.checksum, s.event_loop) == (
+        "debug",
+        "json",
+        "off",
+        "uvloop",
+    )
+    with pytest.raises(SettingsError, match="--log-level must be one of debug, info"):
+        load(["--log-level", "loud"])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        f.name
+        for f in dataclasses.fields(Settings)
+        if f.init and f.default is None and not f.metadata["repeat"]
+    ],
+)
+def test_an_empty_value_of_an_unset_by_default_setting_is_unset(name: str) -> None:
+    """Regression (config probe): S3PROXY_CLEANUP_INTERVAL= was 'not a duration', and
+    S3PROXY_NO_OVERWRITE= 'not a boolean', though both default to unset, while
+    S3PROXY_ENDPOINT_URL= meant unset: an env file leaving a value empty now always does."""
+    if name in ("api_key_file", "token_secret_file"):  # credentials: given but empty is refused
+        return
+    s = load([], {"S3PROXY_" + name.upper(): ""})
+    assert getattr(s, name) is None
+    assert getattr(load(["--" + name.replace("_", "-"), ""]), name) is None
+
+
+def test_the_cleanup_prefix_variable_keeps_spaces_and_empty_is_the_template() -> None:
+    """Regression (config probe): S3PROXY_CLEANUP_PREFIX="my uploads/" was split on the
+    space into "my" and "uploads/", and "my" swept other programs' keys."""
+    s = load([], {"S3PROXY_CLEANUP_PREFIX": "my uploads/, tok/"})
+    assert s.cleanup_prefixes == ("my uploads/", "tok/")
+    empty = load([], {"S3PROXY_CLEANUP_PREFIX": ""})  # unset: never the whole bucket
+    assert empty.cleanup_prefixes == ("uploads/",)
+    assert load(["--cleanup-prefix", ""]).cleanup_prefixes == ("",)  # the flag can
+
+
+def test_unknown_variables_are_named() -> None:
+    """Regression (config probe): S3PROXY_MEMORY_BUGDET=1GiB was ignored without a word."""
+    from s3proxy.settings import unknown_variables
+
+    env = {"S3PROXY_MEMORY_BUGDET": "1GiB", "S3PROXY_PORT": "1", "S3PROXY_": "", "HOME": "/"}
+    assert unknown_variables(env) == ["S3PROXY_", "S3PROXY_MEMORY_BUGDET"]
+    assert (
+        unknown_variables({"S3PROXY_" + f.name.upper(): "" for f in dataclasses.fields(Settings)})
+        == []
+    )
+
+
+def test_a_path_setting_expands_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (config probe): --data-dir '~/x' (or S3PROXY_DATA_DIR=~/x from an env
+    file): the store used $HOME/x, the start log named <cwd>/~/x."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load(["--data-dir", "~/x"]).data_dir == tmp_path / "x"
+    assert load([], {"S3PROXY_DATA_DIR": "~/x"}).data_dir == tmp_path / "x"
+    (tmp_path / "keys").write_text("k" * 32 + "\n")
+    assert load(["--api-key-file", "~/keys"]).api_keys() == ("k" * 32,)
+
+
+@pytest.mark.parametrize(("host", "shown"), [("::1", "[::1]"), ("127.0.0.1", "127.0.0.1")])
+def test_the_ready_line_writes_an_ipv6_listen_address_in_brackets(
+    host: str, shown: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (config probe): --host ::1 logged proxy.ready listen=http://::1:8080,
+    not a URL (the try: line had the brackets)."""
+    from s3proxy.app import create_app, log_ready
+
+    settings = Settings(host=host, endpoint_url="http://127.0.0.1:9", bucket="b")
+    with caplog.at_level(logging.INFO, logger="s3proxy"):
+        log_ready(create_app(settings))
+    ready = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("proxy.ready"))
+    assert f"listen=http://{shown}:8080 " in ready

@@ -326,3 +326,20 @@ def test_secrets_must_be_configured() -> None:
         verify(token, [SECRET, b""])
     with pytest.raises(ValueError):
         issue(b"", prefix="p/", ttl=60)
+
+
+def test_issue_takes_the_secret_as_the_environment_holds_it() -> None:
+    """Regression (config probe): README's `tokens.issue(secret, ...)` with the str a
+    backend has from S3PROXY_TOKEN_SECRET raised TypeError (bytes only)."""
+    token = issue(SECRET.decode(), prefix="users/42/", ttl=60, now=NOW)
+    assert verify(token, [SECRET], now=NOW).prefix == "users/42/"
+    assert verify(issue("é" * 16, prefix="p/", ttl=60, now=NOW), ["é".encode() * 16], now=NOW)
+
+
+@pytest.mark.parametrize("prefix", [".s3proxy/", ".s3proxy/tus/", ".s3proxy/x/y/"])
+def test_issue_refuses_a_prefix_no_endpoint_would_take(prefix: str) -> None:
+    """Regression (config probe): `s3proxy token --prefix .s3proxy/` exited 0 with a
+    token every endpoint then refused (400: the proxy's own namespace)."""
+    with pytest.raises(ValueError, match="proxy's own"):
+        issue(SECRET, prefix=prefix, ttl=60)
+    assert issue(SECRET, prefix=".s3proxy-not/", ttl=60)  # only the namespace itself
