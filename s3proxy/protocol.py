@@ -93,7 +93,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from s3proxy import tus_protocol
-from s3proxy.codings import CONTENT_ADVICE
+from s3proxy.codings import CONTENT_ADVICE, end_check_problems, install_end_check
 from s3proxy.cors import Cors
 from s3proxy.errors import (
     BAD_HTTP_REQUEST,
@@ -876,6 +876,11 @@ def private_api_problems() -> list[str]:
 def install(app: web.Application, pool: Connections, cors: Cors | None = None) -> None:
     """Make every server aiohttp builds for ``app`` use ProxyRequestHandler, under ``pool``;
     its own answers carry ``cors``'s headers, as the app's do."""
+    if not install_end_check():
+        log.warning(
+            "http.hook_unavailable missing=%s: a gzip body cut short is not refused",
+            ",".join(end_check_problems()),
+        )
     problems = private_api_problems()
     if problems:
         log.warning(
