@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.http_exceptions import BadHttpMessage, ContentEncodingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from s3proxy.log import RateLimit
@@ -160,6 +160,22 @@ def undecodable_coding(exc: BaseException | None) -> str | None:
     return None
 
 
+class FramingLimit(BadHttpMessage):
+    """A request's framing past a limit of the proxy's own (chunk extensions): raised as
+    the parser's errors are, answered ``BAD_HTTP_REQUEST`` with its message, which is
+    ours and holds none of the client's bytes."""
+
+
+def framing_limit(exc: BaseException | None) -> FramingLimit | None:
+    """The FramingLimit ``exc`` is or was caused by, if any."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, FramingLimit):
+            return exc
+        exc, seen = exc.__cause__, seen + 1
+    return None
+
+
 def bad_coding_message(coding: str) -> str:
     return f"the request body is not valid {coding} data (its Content-Encoding)"
 
@@ -255,8 +271,11 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         # client's fault, one line, and the message is ours, not the client's bytes.
         log.info("request.bad_body path=%s error=%s", request.path, " ".join(str(exc).split()))
         coding = undecodable_coding(exc)
+        limit = framing_limit(exc)
         if coding is not None:
             message = bad_coding_message(coding)
+        elif limit is not None:
+            message = str(limit.message)
         else:
             message = "the request body is not valid HTTP/1.1 framing"
         return error_response(ProxyError(BAD_HTTP_REQUEST, message))

@@ -93,6 +93,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from s3proxy import tus_protocol
+from s3proxy.chunks import MAX_CHUNK_EXTENSIONS, ChunkExtensions
 from s3proxy.codings import CONTENT_ADVICE, end_check_problems, install_end_check
 from s3proxy.cors import Cors
 from s3proxy.errors import (
@@ -104,6 +105,7 @@ from s3proxy.errors import (
     UPSTREAM_TIMEOUT,
     URI_TOO_LONG,
     ErrorKind,
+    FramingLimit,
     ProxyError,
     bad_coding_message,
     error_body,
@@ -443,6 +445,8 @@ class ProxyRequestHandler(RequestHandler):
         # The newest request head the parser gave, and its body (_parse, _screen).
         self._last_head: RawRequestMessage | None = None
         self._last_payload: StreamReader | None = None
+        # ... and its chunk extensions, while it is a chunked body (_over_extensions).
+        self._extensions: ChunkExtensions | None = None
 
     @property
     def waiting(self) -> bool:
@@ -537,7 +541,12 @@ class ProxyRequestHandler(RequestHandler):
                 request.remote,
             )
             coding = undecodable_coding(exc)
-            text = bad_coding_message(coding) if coding else f"{_MESSAGES[kind]} ({reason})"
+            if coding:
+                text = bad_coding_message(coding)
+            elif isinstance(exc, FramingLimit):
+                text = str(exc.message)
+            else:
+                text = f"{_MESSAGES[kind]} ({reason})"
         elif status == 504:  # asyncio.TimeoutError outside the middlewares
             kind, text = UPSTREAM_TIMEOUT, "timed out"
             log.warning("request.timed_out path=%s", request.path)
@@ -713,8 +722,11 @@ class ProxyRequestHandler(RequestHandler):
         it in that read, and ``_screen`` decides about what follows. Bodies go on whole
         (an upload's body does not come here at all: ``bypass_parser``)."""
         while True:
-            end = -1 if self._in_body() else _head_end(data)
+            in_body = self._in_body()
+            end = -1 if in_body else _head_end(data)
             piece, data = (data, b"") if end < 0 else (data[:end], data[end:])
+            if in_body and self._over_extensions(piece):
+                return
             queued = len(self._messages)
             super().data_received(piece)
             if len(self._messages) > queued:
@@ -725,6 +737,21 @@ class ProxyRequestHandler(RequestHandler):
                 self._screen(queued)
             if not data or self._ignore_rest or self._force_close or self._close:
                 return
+
+    def _over_extensions(self, piece: bytes) -> bool:
+        """Count the chunk extensions in ``piece`` of the newest request's chunked body;
+        past ``MAX_CHUNK_EXTENSIONS`` that body breaks as on a bad chunk size (True)."""
+        scan = self._extensions
+        if scan is None or scan.done or scan.feed(piece) <= MAX_CHUNK_EXTENSIONS:
+            return False
+        exc = FramingLimit(
+            f"the request body's chunk extensions are over {MAX_CHUNK_EXTENSIONS} bytes "
+            "(RFC 9112 section 7.1.1): send chunks without extensions"
+        )
+        self._extensions = None
+        self._messages.append((web_protocol._ErrInfo(400, exc, exc.message), EMPTY_PAYLOAD))
+        self._body_broke(len(self._messages) - 1)
+        return True
 
     def _in_body(self) -> bool:
         """Is the parser inside the newest request's body (its next bytes are body)?"""
@@ -773,6 +800,8 @@ class ProxyRequestHandler(RequestHandler):
                 message = message._replace(should_close=True)
                 messages[i] = (message, payload)
             self._last_head, self._last_payload = message, payload
+            chunked = message.chunked and not payload.is_eof()
+            self._extensions = ChunkExtensions() if chunked else None
             if message.should_close and payload.is_eof():
                 # Its answer closes the connection: what follows is not read (RFC 9112
                 # section 9.6). A body still due comes first; bytes after it raise

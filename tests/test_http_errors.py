@@ -492,3 +492,50 @@ async def test_a_half_close_mid_body_stores_nothing(proxy: Any, s3: Any, bucket:
     got = await half_closed(proxy.host, proxy.port, upload)
     assert b" 201 " not in got
     assert await all_keys_async(s3, bucket) == []
+
+
+def _chunked_upload(*chunks: bytes) -> tuple[bytes, bytes]:
+    """A chunked /upload (its head, its body) of FORM_BODY in chunks, the n-th chunk's
+    size line followed by ``chunks[n]`` (an extension, or nothing)."""
+    head = b"POST /upload HTTP/1.1\r\nHost: a\r\n" + FORM + b"Transfer-Encoding: chunked\r\n\r\n"
+    step = -(-len(FORM_BODY) // len(chunks))
+    pieces = [FORM_BODY[i : i + step] for i in range(0, len(FORM_BODY), step)]
+    framed = zip(pieces, chunks, strict=False)  # fewer pieces than extensions: the rest unused
+    body = b"".join(b"%x%s\r\n%s\r\n" % (len(p), ext, p) for p, ext in framed)
+    return head, body + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("segments", ["one-segment", "head-then-body"])
+@pytest.mark.parametrize("shape", ["one-long", "many-short"])
+async def test_chunk_extensions_past_the_limit_are_a_400(
+    proxy_factory: Any, s3: Any, bucket: str, segments: str, shape: str
+) -> None:
+    """llhttp skips chunk extensions without a limit and nothing counted them: 50 MB of
+    extension on one chunk passed --max-request-size 1MiB (201). RFC 9112 7.1.1."""
+    proxy = await proxy_factory(max_request_size=1024 * 1024)
+    if shape == "one-long":
+        head, body = _chunked_upload(b";e=" + MARK + b"a" * 2 * 1024 * 1024)
+    else:  # 22 KiB in all, none of them long
+        head, body = _chunked_upload(*[b";e=" + MARK + b"a" * 400] * 100)
+    chunks = (head + body,) if segments == "one-segment" else (head, body)
+    resp = await exchange(proxy.host, proxy.port, *chunks)
+    assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
+    assert "chunk extensions are over 16384 bytes" in resp.json()["error"]["message"]
+    assert await all_keys_async(s3, bucket) == []
+
+
+async def test_chunk_extensions_under_the_limit_are_taken(proxy: Any, s3: Any, bucket: str) -> None:
+    head, body = _chunked_upload(b";a=1", b";b", b";c=" + b"x" * 10000)
+    resp = await exchange(proxy.host, proxy.port, head, body)
+    assert resp.status == 201, resp.raw[:400]
+    key = resp.json()["files"][0]["key"]
+    assert await read_object_async(s3, bucket, key) == b"hello"
+
+
+async def test_chunk_extensions_past_the_limit_on_sign_are_a_400(proxy: Any) -> None:
+    """Every route: the limit is the connection's, not the upload's."""
+    body = b'{"filename": "a.txt", "size": 3}'
+    raw = LATE_BAD_CHUNK["sign"] + b"Transfer-Encoding: chunked\r\n\r\n"
+    raw += b"%x;e=%s\r\n%s\r\n0\r\n\r\n" % (len(body), b"a" * 17000, body)
+    resp = await exchange(proxy.host, proxy.port, raw)
+    assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
