@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, ContentEncodingError
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    ContentEncodingError,
+    ContentLengthError,
+    TransferEncodingError,
+)
 from aiohttp.web_protocol import RequestPayloadError
 
 from s3proxy.log import RateLimit
@@ -279,6 +284,15 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         else:
             message = "the request body is not valid HTTP/1.1 framing"
         return error_response(ProxyError(BAD_HTTP_REQUEST, message))
+    except (ContentLengthError, TransferEncodingError) as exc:
+        # The body ended before its length or its last chunk: the client half-closed
+        # (protocol.eof_received), and is still there to read this.
+        log.info("request.body_cut path=%s error=%s", request.path, " ".join(str(exc).split()))
+        return error_response(
+            ProxyError(
+                CLIENT_DISCONNECTED, "the client closed the connection before the body was complete"
+            )
+        )
     except ConnectionResetError:
         transport = request.transport
         if transport is not None and not transport.is_closing():

@@ -85,8 +85,10 @@ from aiohttp.http import HttpVersion10
 from aiohttp.http_exceptions import (
     BadHttpMessage,
     ContentEncodingError,
+    ContentLengthError,
     HttpProcessingError,
     LineTooLong,
+    TransferEncodingError,
 )
 from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
@@ -128,6 +130,8 @@ MAX_FIELD_SIZE = 8190
 RECV_SIZE = 256 * 1024
 MIN_RECV = 64 * 1024
 HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE}
+# The failure of a body the client half-closed in (eof_received).
+BODY_CUT = "the client closed its sending side before the body was complete"
 # aiohttp's message for more than max_headers (128) header lines.
 _TOO_MANY_HEADERS = "Too many headers received"
 
@@ -693,17 +697,28 @@ class ProxyRequestHandler(RequestHandler):
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio: bool | None
         """The client half-closed (``shutdown(SHUT_WR)``, ``nc -N``): keep the transport
-        open for writing when every request it sent is complete, and answer them.
+        open for writing and answer what it sent.
 
         aiohttp returns None here, so asyncio closes the transport: the request was
-        cancelled unanswered, and a complete upload stored and rolled back. With a body
-        still due (or no request), the EOF ends the connection as before: that request
-        cannot complete. True keeps the socket open for writing only (asyncio stops
-        reading it); the connection closes once what was queued is answered."""
+        cancelled unanswered, and a complete upload stored and rolled back. Now every
+        complete request is answered; a body still due ends as the parser ends one at
+        EOF (``ContentLengthError``, ``TransferEncodingError``: 400 CLIENT_DISCONNECTED,
+        the upload rolled back), and that answer is written too (before, the client read
+        only an EOF). With no request begun, the EOF ends the connection as before. True
+        keeps the socket open for writing only (asyncio stops reading it); the connection
+        closes once what was queued is answered."""
         if self._eof:
             return True  # a read resumed by flow control saw the EOF again
-        if self.requests_open == 0 or self._bypass is not None or self._in_body():
+        if self.requests_open == 0:
             return False
+        payload = self._bypass if self._bypass is not None else self._last_payload
+        if self._bypass is not None or self._in_body():
+            assert payload is not None
+            chunked = self._last_head is not None and self._last_head.chunked
+            ended = TransferEncodingError if chunked else ContentLengthError
+            self._bypass = None
+            payload.set_exception(ended(BODY_CUT))
+            payload.feed_eof()  # no byte of it will come: aiohttp does not linger on it
         self._eof = True
         self._ignore_rest = True  # a partial head after the requests is dropped
         return True

@@ -539,3 +539,39 @@ async def test_chunk_extensions_past_the_limit_on_sign_are_a_400(proxy: Any) -> 
     raw += b"%x;e=%s\r\n%s\r\n0\r\n\r\n" % (len(body), b"a" * 17000, body)
     resp = await exchange(proxy.host, proxy.port, raw)
     assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("route", ["upload", "sign"])
+async def test_a_half_close_mid_body_is_answered(
+    proxy: Any, s3: Any, bucket: str, route: str, framing: str
+) -> None:
+    """A client that shuts down its sending side mid-body is still there to read: it got
+    only an EOF; now the 400 the early end of its body is (and nothing is stored)."""
+    body = FORM_BODY if route == "upload" else b'{"filename": "a.txt", "size": 3}'
+    head = LATE_BAD_CHUNK[route]
+    if framing == "chunked":
+        raw = head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(body), body)
+    else:
+        raw = head + b"Content-Length: %d\r\n\r\n" % (len(body) + 10) + body
+    got = await half_closed(proxy.host, proxy.port, raw)
+    assert got.startswith(b"HTTP/1.1 400 "), got
+    answer = json.loads(got[got.index(b"\r\n\r\n") + 4 :])
+    assert answer["error"]["code"] == "CLIENT_DISCONNECTED", answer
+    assert await all_keys_async(s3, bucket) == []
+
+
+async def test_a_half_close_mid_tus_patch_is_answered(proxy: Any) -> None:
+    from tests.test_tus import _new
+
+    url = await _new(proxy, 100)
+    raw = (
+        b"PATCH " + url.encode() + b" HTTP/1.1\r\nHost: a\r\nTus-Resumable: 1.0.0\r\n"
+        b"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
+        b"Content-Length: 100\r\n\r\n" + b"x" * 50
+    )
+    got = await half_closed(proxy.host, proxy.port, raw)
+    assert got.startswith(b"HTTP/1.1 400 ") and b"CLIENT_DISCONNECTED" in got, got
+    assert b"Tus-Resumable: 1.0.0" in got
+    head = await proxy.head(url, headers={"Tus-Resumable": "1.0.0"})
+    assert head.headers["Upload-Offset"] == "0"  # no whole part came
