@@ -108,6 +108,8 @@ UPSTREAM_UNAVAILABLE = ErrorKind("UPSTREAM_UNAVAILABLE", 503)
 SHUTTING_DOWN = ErrorKind("SHUTTING_DOWN", 503)
 OVERLOADED = ErrorKind("OVERLOADED", 503)  # past --max-connections (protocol.py)
 UPSTREAM_TIMEOUT = ErrorKind("UPSTREAM_TIMEOUT", 504)
+# a request line's major version other than 1 (RFC 9110 section 15.6.6; protocol.py)
+HTTP_VERSION_NOT_SUPPORTED = ErrorKind("HTTP_VERSION_NOT_SUPPORTED", 505)
 
 _BY_STATUS = {
     404: NOT_FOUND,
@@ -169,6 +171,12 @@ class FramingLimit(BadHttpMessage):
     """A request's framing past a limit of the proxy's own (chunk extensions): raised as
     the parser's errors are, answered ``BAD_HTTP_REQUEST`` with its message, which is
     ours and holds none of the client's bytes."""
+
+
+class VersionNotSupported(BadHttpMessage):
+    """A request line whose HTTP major version is not 1 (``HTTP/2.0`` over HTTP/1.1
+    framing, ``HTTP/3.1``, an HTTP/0.9 line without a version): answered 505
+    ``HTTP_VERSION_NOT_SUPPORTED`` with its message, which is ours."""
 
 
 def framing_limit(exc: BaseException | None) -> FramingLimit | None:

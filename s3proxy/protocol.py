@@ -53,7 +53,8 @@ is the one place the proxy leans on its internals, listed in
 - ``Server._loop`` and ``Server._kwargs``, to build the handler as ``Server`` does;
 - ``RequestHandler.handle_error`` and ``finish_response`` (public names, not documented),
   and ``_current_request``, ``_messages`` and ``web_protocol._ErrInfo`` for the
-  body-phase error;
+  body-phase error; ``web_protocol.ERROR`` (the stand-in request of a refused head) and
+  ``BaseRequest._message``/``_version``, to answer it with an HTTP/1.1 status line;
 - ``RequestHandler._waiter`` (pending while the connection waits for a request head, as
   aiohttp's own keep-alive timer reads it), for the head timeout and idleness, and
   ``_keepalive_handle``, that timer, stopped once a head begins;
@@ -81,9 +82,10 @@ from typing import Any
 
 from aiohttp import hdrs, web, web_protocol
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http import HttpVersion10
+from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import (
     BadHttpMessage,
+    BadStatusLine,
     ContentEncodingError,
     ContentLengthError,
     HttpProcessingError,
@@ -101,6 +103,7 @@ from s3proxy.cors import Cors
 from s3proxy.errors import (
     BAD_HTTP_REQUEST,
     HEADERS_TOO_LARGE,
+    HTTP_VERSION_NOT_SUPPORTED,
     INTERNAL,
     OVERLOADED,
     UNSUPPORTED_ENCODING,
@@ -109,6 +112,7 @@ from s3proxy.errors import (
     ErrorKind,
     FramingLimit,
     ProxyError,
+    VersionNotSupported,
     bad_coding_message,
     error_body,
     http_exception_response,
@@ -138,6 +142,8 @@ _TOO_MANY_HEADERS = "Too many headers received"
 
 def error_kind(exc: HttpProcessingError) -> ErrorKind:
     """The error a parser failure is answered with."""
+    if isinstance(exc, VersionNotSupported):
+        return HTTP_VERSION_NOT_SUPPORTED
     if isinstance(exc, ContentEncodingError):
         # bytes that are not gzip (deflate): the client's data; else br or zstd, whose
         # decoder is not installed
@@ -162,6 +168,18 @@ def safe_reason(exc: HttpProcessingError) -> str:
     text = str(exc.message)
     if text.startswith("Pause on PRI"):  # llhttp's words for the preface
         return "an HTTP/2 connection preface: this server speaks HTTP/1.1"
+    if isinstance(exc, BadStatusLine) and text.startswith("Bad status line"):
+        # aiohttp's name for the first line of any message; in a request it is the
+        # request line. llhttp's own reason follows on the next line ("Invalid HTTP
+        # version:"), then the client's bytes.
+        lines = [line.strip() for line in text.split("\n")]
+        detail = lines[1].rstrip(":") if len(lines) > 1 else ""
+        cut = _QUOTED.search(detail)
+        detail = detail[: cut.start()].strip() if cut is not None else detail
+        detail = "".join(c for c in detail if c.isascii() and c.isprintable())[:60]
+        return (
+            f"bad request line: {detail[:1].lower()}{detail[1:]}" if detail else "bad request line"
+        )
     text = text.split("\n", 1)[0].split(". ", 1)[0]  # not "Please install ..."
     duplicate = _DUPLICATE.match(text)
     if duplicate is not None and duplicate.group(1).lower() in SINGLETON_HEADERS:
@@ -253,6 +271,34 @@ _DATA_AFTER_CLOSE = "Data after `Connection: close`"
 
 def _after_close(exc: BaseException) -> bool:
     return isinstance(exc, HttpProcessingError) and str(exc.message).startswith(_DATA_AFTER_CLOSE)
+
+
+# A request line: method, target, version (absent in HTTP/0.9's shape).
+_REQUEST_LINE = re.compile(rb"[!-~]+ [!-~]+(?: HTTP/(\d+)\.(\d+))?\r?\n")
+
+
+def request_line_version(head: bytes) -> tuple[int, int] | None:
+    """The HTTP version a request head's first line names ((0, 9) for a line without
+    one), or None when the line is not a request line's shape at all."""
+    found = _REQUEST_LINE.match(head)
+    if found is None:
+        return None
+    if found.group(1) is None:
+        return (0, 9)
+    return (int(found.group(1)), int(found.group(2)))
+
+
+def version_refusal(version: tuple[int, int] | None) -> VersionNotSupported | None:
+    """The refusal of a request line's version: any major version but 1 (RFC 9110
+    section 15.6.6: 505; this server speaks HTTP/1.1 framing only, and an ``HTTP/2.0``
+    request line is no HTTP/2). A 1.x minor version llhttp refuses (``HTTP/1.9``)
+    stays its 400."""
+    if version is None or version[0] == 1:
+        return None
+    major, minor = version
+    return VersionNotSupported(
+        f"HTTP/{major}.{minor} is not supported: this server speaks HTTP/1.1"[:80]
+    )
 
 
 class Admission(enum.Enum):
@@ -421,6 +467,11 @@ async def mark_closing(request: web.Request, response: web.StreamResponse) -> No
         response.headers["Connection"] = "close"
 
 
+def _error_info(exc: HttpProcessingError) -> Any:
+    """A refusal queued in a request's place, as aiohttp queues a parse failure."""
+    return web_protocol._ErrInfo(error_kind(exc).status, exc, exc.message)
+
+
 class ProxyRequestHandler(RequestHandler):
     """aiohttp's connection handler, answering what it refuses as the proxy does, with
     the head timeout and the connection cap of ``Connections``."""
@@ -547,7 +598,7 @@ class ProxyRequestHandler(RequestHandler):
             coding = undecodable_coding(exc)
             if coding:
                 text = bad_coding_message(coding)
-            elif isinstance(exc, FramingLimit):
+            elif isinstance(exc, FramingLimit | VersionNotSupported):
                 text = str(exc.message)
             else:
                 text = f"{_MESSAGES[kind]} ({reason})"
@@ -566,6 +617,11 @@ class ProxyRequestHandler(RequestHandler):
             # As every answer under /tus/ (tus.add_routes' hook, which never sees this one).
             resp.headers.update(tus_protocol.ANSWER_HEADERS)
         resp.force_close()
+        if request._message is web_protocol.ERROR:
+            # aiohttp's stand-in for a head it could not parse is HTTP/1.0, and the
+            # status line repeats the request's version: answer as the HTTP/1.1 server
+            # this is (RFC 9110 section 6.2), also to an HTTP/2.0 or 0.9 line.
+            request._version = HttpVersion11
         return resp
 
     async def finish_response(
@@ -745,7 +801,12 @@ class ProxyRequestHandler(RequestHandler):
             queued = len(self._messages)
             super().data_received(piece)
             if len(self._messages) > queued:
-                if isinstance(self._messages[-1][0], web_protocol._ErrInfo):
+                refused = self._messages[-1][0]
+                if isinstance(refused, web_protocol._ErrInfo):
+                    unsupported = version_refusal(request_line_version(piece))
+                    if isinstance(refused.exc, BadStatusLine) and unsupported is not None:
+                        # llhttp refuses HTTP/3.1 as a bad line: it is a version
+                        self._messages[-1] = (_error_info(unsupported), EMPTY_PAYLOAD)
                     self._error_tus = _TUS_TARGET.match(piece) is not None
                     if self.cors is not None:
                         self._error_origin = _raw_origin(piece)
@@ -764,7 +825,7 @@ class ProxyRequestHandler(RequestHandler):
             "(RFC 9112 section 7.1.1): send chunks without extensions"
         )
         self._extensions = None
-        self._messages.append((web_protocol._ErrInfo(400, exc, exc.message), EMPTY_PAYLOAD))
+        self._messages.append((_error_info(exc), EMPTY_PAYLOAD))
         self._body_broke(len(self._messages) - 1)
         return True
 
@@ -798,11 +859,15 @@ class ProxyRequestHandler(RequestHandler):
                 # then the connection closes (handle_error); the parser can go no further.
                 self._ignore_rest = True
                 return
-            if message.version == HttpVersion10 and hdrs.TRANSFER_ENCODING in message.headers:
+            exc: BadHttpMessage | None = version_refusal(tuple(message.version))  # type: ignore[arg-type]
+            if exc is None and (
+                message.version == HttpVersion10 and hdrs.TRANSFER_ENCODING in message.headers
+            ):
                 exc = BadHttpMessage("Transfer-Encoding in an HTTP/1.0 request is faulty framing")
+            if exc is not None:
                 self._error_origin = message.headers.get(hdrs.ORIGIN)
                 self._error_tus = message.path.startswith(TUS_ROOT)
-                messages[i] = (web_protocol._ErrInfo(400, exc, exc.message), EMPTY_PAYLOAD)
+                messages[i] = (_error_info(exc), EMPTY_PAYLOAD)
                 while len(messages) > i + 1:
                     messages.pop()
                 self._ignore_rest = True
@@ -911,9 +976,12 @@ def private_api_problems() -> list[str]:
     ):
         if name not in slots:
             problems.append(f"RequestHandler.{name}")
-    for name in ("_ErrInfo", "MAX_MSG_QUEUE_SIZE"):
+    for name in ("_ErrInfo", "MAX_MSG_QUEUE_SIZE", "ERROR"):
         if not hasattr(web_protocol, name):
             problems.append(f"web_protocol.{name}")
+    for name in ("_message", "_version"):
+        if name not in web.BaseRequest.ATTRS:
+            problems.append(f"BaseRequest.{name}")
     return problems
 
 

@@ -68,7 +68,8 @@ MALFORMED = {
     ),
     "obs-fold": (b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: b\r\n  " + MARK + b"\r\n\r\n", 400),
     "nul-in-header": (b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: b\x00" + MARK + b"\r\n\r\n", 400),
-    "bad-version": (b"GET /" + MARK + b" HTTP/9.9\r\nHost: a\r\n\r\n", 400),
+    "bad-version": (b"GET /" + MARK + b" HTTP/1.9\r\nHost: a\r\n\r\n", 400),
+    "other-major-version": (b"GET /" + MARK + b" HTTP/9.9\r\nHost: a\r\n\r\n", 505),
     "not-http": (b"\x16\x03\x01\x02\x00" + MARK + b"\r\n\r\n", 400),
     "bad-chunk-size": (
         b"POST /upload HTTP/1.1\r\nHost: a\r\n"
@@ -100,7 +101,12 @@ MALFORMED = {
         431,
     ),
 }
-CODES = {400: "BAD_HTTP_REQUEST", 414: "URI_TOO_LONG", 431: "HEADERS_TOO_LARGE"}
+CODES = {
+    400: "BAD_HTTP_REQUEST",
+    414: "URI_TOO_LONG",
+    431: "HEADERS_TOO_LARGE",
+    505: "HTTP_VERSION_NOT_SUPPORTED",
+}
 
 # A bad chunk size that arrives after the handler began reading the body: aiohttp's
 # C parser then queued the error behind the running request and left the body
@@ -149,6 +155,8 @@ async def test_malformed_request_is_a_json_error(
     resp = await exchange(proxy.host, proxy.port, raw)
     assert_json_error(resp, status, CODES[status])
     assert resp.headers["X-Request-ID"]
+    # aiohttp's stand-in request for a refused head is HTTP/1.0, and so was the answer
+    assert resp.raw.startswith(b"HTTP/1.1 "), resp.raw[:40]
     assert_one_quiet_line(caplog)
 
 
@@ -327,7 +335,8 @@ async def test_http_1_0_with_transfer_encoding_is_refused_and_closed(
     resp = await exchange(proxy.host, proxy.port, raw + NEXT)
     assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
     assert "HTTP/1.0" in resp.json()["error"]["message"]
-    assert resp.raw.count(b"HTTP/1.1 ") == 1, resp.raw  # the next request is not answered
+    # the next request is not answered
+    assert len(re.findall(rb"HTTP/1\.[01] \d{3} ", resp.raw)) == 1, resp.raw
     assert await all_keys_async(s3, bucket) == []
 
 
@@ -575,3 +584,51 @@ async def test_a_half_close_mid_tus_patch_is_answered(proxy: Any) -> None:
     assert b"Tus-Resumable: 1.0.0" in got
     head = await proxy.head(url, headers={"Tus-Resumable": "1.0.0"})
     assert head.headers["Upload-Offset"] == "0"  # no whole part came
+
+
+VERSION_ROUTES = [b"GET /healthz", b"POST /upload", b"POST /tus/", b"POST /sign", b"GET /files/a"]
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/3.1", b"HTTP/9.9", b""])
+@pytest.mark.parametrize("line", VERSION_ROUTES, ids=lambda line: line.decode())
+async def test_a_request_line_of_another_major_version_is_a_505(
+    proxy: Any, line: bytes, version: bytes
+) -> None:
+    """RFC 9110 section 15.6.6. ``HTTP/2.0`` was served and answered ``HTTP/2.0 201``;
+    ``HTTP/3.1`` was a 400 "Bad status line"; a bare ``GET /healthz`` (HTTP/0.9's
+    shape) was answered ``HTTP/0.9 200 OK``."""
+    head = line + (b" " + version if version else b"") + b"\r\n"
+    if version:
+        head += b"Host: a\r\nContent-Length: 0\r\n"
+    resp = await exchange(proxy.host, proxy.port, head + b"\r\n")
+    assert resp.raw.startswith(b"HTTP/1.1 505 "), resp.raw[:200]
+    assert_json_error(resp, 505, "HTTP_VERSION_NOT_SUPPORTED")
+    shown = (version or b"HTTP/0.9").decode()
+    assert (
+        resp.json()["error"]["message"] == f"{shown} is not supported: this server speaks HTTP/1.1"
+    )
+
+
+@pytest.mark.parametrize("version", [b"HTTP/1.9", b"HTTP/1.1x", b"FOO/1.1"])
+async def test_a_bad_version_names_the_request_line(proxy: Any, version: bytes) -> None:
+    """llhttp refuses these as a "Bad status line": a request has a request line."""
+    resp = await exchange(
+        proxy.host, proxy.port, b"GET /healthz " + version + b"\r\nHost: a\r\n\r\n"
+    )
+    assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
+    message = resp.json()["error"]["message"]
+    assert "bad request line" in message and "status line" not in message, message
+    assert resp.raw.startswith(b"HTTP/1.1 400 "), resp.raw[:40]
+
+
+def test_the_version_of_a_request_line() -> None:
+    version = protocol.request_line_version
+    assert version(b"GET / HTTP/1.1\r\nHost: a\r\n") == (1, 1)
+    assert version(b"GET / HTTP/2.0\r\n") == (2, 0)
+    assert version(b"GET /x\r\n\r\n") == (0, 9)
+    assert version(b"GET /x HTTP/1.1") is None  # no line end yet
+    assert version(b"\x16\x03\x01") is None
+    assert protocol.version_refusal((1, 9)) is None
+    assert protocol.version_refusal(None) is None
+    refusal = protocol.version_refusal((2, 0))
+    assert refusal is not None and protocol.error_kind(refusal).status == 505
