@@ -204,6 +204,9 @@ def client_error(exc: Exception) -> ProxyError | None:
 # aiohttp's HeadersParser messages for a part's header block (pinned in
 # tests/test_aiohttp_contract.py, as protocol.py pins the request's).
 _TOO_MANY_PART_HEADERS = "Too many headers received"
+#: The most header lines one part may have: a request head's limit (aiohttp's default
+#: for both). Browsers send two or three.
+MAX_PART_HEADERS = 128
 _DUPLICATE_PART_HEADER = "Duplicate '"
 
 
@@ -217,7 +220,7 @@ def _part_head_problem(exc: HttpProcessingError) -> str:
             "or a control character)"
         )
     if text.startswith(_TOO_MANY_PART_HEADERS):
-        return "a part has too many header lines"
+        return f"a part has more than {MAX_PART_HEADERS} header lines"
     if text.startswith(_DUPLICATE_PART_HEADER):
         return "a part repeats a header that may appear once (such as Content-Type)"
     return "a part's header block is malformed"
