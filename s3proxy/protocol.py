@@ -497,6 +497,9 @@ class ProxyRequestHandler(RequestHandler):
         self._ignore_rest = False
         # The client half-closed after complete requests: answer them, then close.
         self._eof = False
+        # The body the client's EOF ended (eof_received): its request is answered, and
+        # logged 499 as a client gone (log.client_gone), for a FIN is all the proxy sees.
+        self.cut_body: StreamReader | None = None
         # The newest request head the parser gave, and its body (_parse, _screen).
         self._last_head: RawRequestMessage | None = None
         self._last_payload: StreamReader | None = None
@@ -773,6 +776,7 @@ class ProxyRequestHandler(RequestHandler):
             chunked = self._last_head is not None and self._last_head.chunked
             ended = TransferEncodingError if chunked else ContentLengthError
             self._bypass = None
+            self.cut_body = payload
             payload.set_exception(ended(BODY_CUT))
             payload.feed_eof()  # no byte of it will come: aiohttp does not linger on it
         self._eof = True
