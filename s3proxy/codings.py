@@ -12,10 +12,14 @@ section 6.1).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.compression_utils import ZLibDecompressor
+from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.http_parser import DeflateBuffer
 from multidict import CIMultiDictProxy
 
 from s3proxy.errors import (
@@ -87,3 +91,105 @@ async def refuse_unsupported(request: web.Request, handler: Any) -> web.StreamRe
     check_request(request)
     response: web.StreamResponse = await handler(request)
     return response
+
+
+# --- A coded body must end where its coding ends ---------------------------------------
+#
+# aiohttp checks at the body's end that a deflate stream ended (DeflateBuffer.feed_eof),
+# but not a gzip one: its decoder starts a fresh member after each one ends, and a gzip
+# body cut anywhere (its CRC-32 and ISIZE trailer left off, half its deflate data, a
+# stream only sync-flushed) decoded to a prefix that was stored and answered 201. Here
+# the end of every zlib-coded body is checked: the decoder holds no member begun and
+# not ended. RFC 1952 section 2.2: a gzip body is a series of members, each with its
+# trailer, and decodes to their concatenation; bytes after the last member that are
+# not a member (trailing garbage, zero padding) are not gzip. A deflate body (the zlib
+# format, RFC 9110 section 8.4.1.2) is taken the same way, as aiohttp decodes it.
+
+
+class TrackedInflate:
+    """A zlib decompressobj that remembers whether it was given a byte: a member begun.
+
+    zlib's object does not tell (no total_in); a fresh one and one fed half a member
+    look the same until the next byte."""
+
+    __slots__ = ("_inner", "begun")
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.begun = False
+
+    def decompress(self, data: Any, max_length: int = 0) -> bytes:
+        if len(data):
+            self.begun = True
+        out: bytes = self._inner.decompress(data, max_length)
+        return out
+
+    def flush(self, *args: int) -> bytes:
+        out: bytes = self._inner.flush(*args)
+        return out
+
+    @property
+    def eof(self) -> bool:
+        return bool(self._inner.eof)
+
+    @property
+    def unused_data(self) -> bytes:
+        return bytes(self._inner.unused_data)
+
+    @property
+    def unconsumed_tail(self) -> bytes:
+        return bytes(self._inner.unconsumed_tail)
+
+
+def stream_complete(decoder: Any) -> bool:
+    """Did the coded bytes a body's decoder (aiohttp's ``ZLibDecompressor``) was given
+    end where a member ends? True for a decoder this check does not know (br, zstd)."""
+    if not isinstance(decoder, ZLibDecompressor):
+        return True
+    if decoder._pending_unused_data is not None:
+        return False  # coded bytes not yet decoded (the parser drains them before EOF)
+    inflate = decoder._decompressor
+    if inflate.eof:
+        return True
+    return isinstance(inflate, TrackedInflate) and not inflate.begun
+
+
+def end_check_problems() -> list[str]:
+    """The aiohttp internals the end check needs that are missing (empty: all there)."""
+    problems = []
+    if not callable(getattr(DeflateBuffer, "feed_eof", None)):
+        problems.append("http_parser.DeflateBuffer.feed_eof")
+    if not callable(getattr(ZLibDecompressor, "_new_decompressor", None)):
+        problems.append("compression_utils.ZLibDecompressor._new_decompressor")
+    if getattr(ZLibDecompressor, "_pending_unused_data", 0) is not None:
+        problems.append("compression_utils.ConcatDecompressionHandler._pending_unused_data")
+    return problems
+
+
+def install_end_check() -> bool:
+    """Make aiohttp refuse, at a zlib-coded body's end, a stream that has not ended
+    (``ContentEncodingError``, answered 400 ``BAD_HTTP_REQUEST`` like any bytes that are
+    not gzip). Process-wide and idempotent: the C parser builds the Python class's
+    DeflateBuffer, so one patch of the class covers both parsers. False when aiohttp's
+    internals moved (the caller warns; tests/test_aiohttp_contract.py fails)."""
+    if getattr(DeflateBuffer.feed_eof, "_s3proxy_checked", False):
+        return True
+    if end_check_problems():
+        return False
+    new_decompressor = ZLibDecompressor._new_decompressor
+    feed_eof = DeflateBuffer.feed_eof
+
+    @functools.wraps(new_decompressor)
+    def tracked(self: ZLibDecompressor) -> Any:
+        return TrackedInflate(new_decompressor(self))
+
+    @functools.wraps(feed_eof)
+    def checked_feed_eof(self: DeflateBuffer) -> None:
+        if self.size > 0 and not stream_complete(self.decompressor):
+            raise ContentEncodingError(self.encoding or "")
+        feed_eof(self)
+
+    checked_feed_eof._s3proxy_checked = True  # type: ignore[attr-defined]
+    ZLibDecompressor._new_decompressor = tracked  # type: ignore[method-assign]
+    DeflateBuffer.feed_eof = checked_feed_eof  # type: ignore[method-assign]
+    return True

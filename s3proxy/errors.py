@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    ContentEncodingError,
+    ContentLengthError,
+    TransferEncodingError,
+)
 from aiohttp.web_protocol import RequestPayloadError
 
 from s3proxy.log import RateLimit
@@ -103,6 +108,8 @@ UPSTREAM_UNAVAILABLE = ErrorKind("UPSTREAM_UNAVAILABLE", 503)
 SHUTTING_DOWN = ErrorKind("SHUTTING_DOWN", 503)
 OVERLOADED = ErrorKind("OVERLOADED", 503)  # past --max-connections (protocol.py)
 UPSTREAM_TIMEOUT = ErrorKind("UPSTREAM_TIMEOUT", 504)
+# a request line's major version other than 1 (RFC 9110 section 15.6.6; protocol.py)
+HTTP_VERSION_NOT_SUPPORTED = ErrorKind("HTTP_VERSION_NOT_SUPPORTED", 505)
 
 _BY_STATUS = {
     404: NOT_FOUND,
@@ -156,6 +163,28 @@ def undecodable_coding(exc: BaseException | None) -> str | None:
         if isinstance(exc, ContentEncodingError):
             name = str(exc.message).removeprefix(_DECODE_PREFIX).strip().lower()
             return name if name in DECODED_CODINGS else None
+        exc, seen = exc.__cause__, seen + 1
+    return None
+
+
+class FramingLimit(BadHttpMessage):
+    """A request's framing past a limit of the proxy's own (chunk extensions): raised as
+    the parser's errors are, answered ``BAD_HTTP_REQUEST`` with its message, which is
+    ours and holds none of the client's bytes."""
+
+
+class VersionNotSupported(BadHttpMessage):
+    """A request line whose HTTP major version is not 1 (``HTTP/2.0`` over HTTP/1.1
+    framing, ``HTTP/3.1``, an HTTP/0.9 line without a version): answered 505
+    ``HTTP_VERSION_NOT_SUPPORTED`` with its message, which is ours."""
+
+
+def framing_limit(exc: BaseException | None) -> FramingLimit | None:
+    """The FramingLimit ``exc`` is or was caused by, if any."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, FramingLimit):
+            return exc
         exc, seen = exc.__cause__, seen + 1
     return None
 
@@ -255,11 +284,23 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         # client's fault, one line, and the message is ours, not the client's bytes.
         log.info("request.bad_body path=%s error=%s", request.path, " ".join(str(exc).split()))
         coding = undecodable_coding(exc)
+        limit = framing_limit(exc)
         if coding is not None:
             message = bad_coding_message(coding)
+        elif limit is not None:
+            message = str(limit.message)
         else:
             message = "the request body is not valid HTTP/1.1 framing"
         return error_response(ProxyError(BAD_HTTP_REQUEST, message))
+    except (ContentLengthError, TransferEncodingError) as exc:
+        # The body ended before its length or its last chunk: the client half-closed
+        # (protocol.eof_received), and is still there to read this.
+        log.info("request.body_cut path=%s error=%s", request.path, " ".join(str(exc).split()))
+        return error_response(
+            ProxyError(
+                CLIENT_DISCONNECTED, "the client closed the connection before the body was complete"
+            )
+        )
     except ConnectionResetError:
         transport = request.transport
         if transport is not None and not transport.is_closing():

@@ -215,6 +215,9 @@ _DIGEST_HINT = (
     "declare a file's digest in its part's Content-Digest or Repr-Digest (sha-256, sha-512, "
     "md5, sha) or Content-MD5"
 )
+#: The most header lines one part may have: a request head's limit (aiohttp's default
+#: for both). Browsers send two or three.
+MAX_PART_HEADERS = 128
 _DUPLICATE_PART_HEADER = "Duplicate '"
 
 
@@ -228,7 +231,7 @@ def _part_head_problem(exc: HttpProcessingError) -> str:
             "or a control character)"
         )
     if text.startswith(_TOO_MANY_PART_HEADERS):
-        return "a part has too many header lines"
+        return f"a part has more than {MAX_PART_HEADERS} header lines"
     if text.startswith(_DUPLICATE_PART_HEADER):
         return "a part repeats a header that may appear once (such as Content-Type)"
     return "a part's header block is malformed"

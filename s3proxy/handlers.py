@@ -39,7 +39,7 @@ from s3proxy.errors import (
     error_body,
     error_response,
 )
-from s3proxy.form import TransportFlow, iter_form, request_boundary
+from s3proxy.form import MAX_PART_HEADERS, TransportFlow, iter_form, request_boundary
 from s3proxy.log import REQUEST_ID
 from s3proxy.metrics import metrics_handler
 from s3proxy.pipeline import abort_reason
@@ -152,7 +152,7 @@ async def upload(request: web.Request) -> web.Response:
 
 async def _store(request: web.Request, state: AppState, principal: Principal) -> web.Response:
     try:
-        reader = MultipartReader(request.headers, request.content)
+        reader = MultipartReader(request.headers, request.content, max_headers=MAX_PART_HEADERS)
     except (ValueError, AssertionError) as exc:
         raise ProxyError(MALFORMED_MULTIPART, f"bad multipart Content-Type: {exc}") from None
     body = request.content

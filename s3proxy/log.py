@@ -209,9 +209,13 @@ def client_gone(request: web.BaseRequest, response: web.StreamResponse) -> bool:
     cut mid-upload is answered 400 CLIENT_DISCONNECTED, but nobody is left to read it.
 
     A response already begun (a download cut short) keeps its status, as nginx's does.
+    A body the client's EOF ended (``ProxyRequestHandler.cut_body``) is answered, for a
+    client that only half-closed, but counts as gone: a FIN cannot tell the two apart.
     """
     if response.prepared:
         return False
+    if getattr(request.protocol, "cut_body", None) is request.content:
+        return True
     transport = request.transport
     return transport is None or transport.is_closing()
 

@@ -53,7 +53,8 @@ is the one place the proxy leans on its internals, listed in
 - ``Server._loop`` and ``Server._kwargs``, to build the handler as ``Server`` does;
 - ``RequestHandler.handle_error`` and ``finish_response`` (public names, not documented),
   and ``_current_request``, ``_messages`` and ``web_protocol._ErrInfo`` for the
-  body-phase error;
+  body-phase error; ``web_protocol.ERROR`` (the stand-in request of a refused head) and
+  ``BaseRequest._message``/``_version``, to answer it with an HTTP/1.1 status line;
 - ``RequestHandler._waiter`` (pending while the connection waits for a request head, as
   aiohttp's own keep-alive timer reads it), for the head timeout and idleness, and
   ``_keepalive_handle``, that timer, stopped once a head begins;
@@ -81,30 +82,37 @@ from typing import Any
 
 from aiohttp import hdrs, web, web_protocol
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http import HttpVersion10
+from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import (
     BadHttpMessage,
+    BadStatusLine,
     ContentEncodingError,
+    ContentLengthError,
     HttpProcessingError,
     LineTooLong,
+    TransferEncodingError,
 )
 from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from s3proxy import tus_protocol
-from s3proxy.codings import CONTENT_ADVICE
+from s3proxy.chunks import MAX_CHUNK_EXTENSIONS, ChunkExtensions
+from s3proxy.codings import CONTENT_ADVICE, end_check_problems, install_end_check
 from s3proxy.cors import Cors
 from s3proxy.errors import (
     BAD_HTTP_REQUEST,
     HEADERS_TOO_LARGE,
+    HTTP_VERSION_NOT_SUPPORTED,
     INTERNAL,
     OVERLOADED,
     UNSUPPORTED_ENCODING,
     UPSTREAM_TIMEOUT,
     URI_TOO_LONG,
     ErrorKind,
+    FramingLimit,
     ProxyError,
+    VersionNotSupported,
     bad_coding_message,
     error_body,
     http_exception_response,
@@ -126,12 +134,16 @@ MAX_FIELD_SIZE = 8190
 RECV_SIZE = 256 * 1024
 MIN_RECV = 64 * 1024
 HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE}
+# The failure of a body the client half-closed in (eof_received).
+BODY_CUT = "the client closed its sending side before the body was complete"
 # aiohttp's message for more than max_headers (128) header lines.
 _TOO_MANY_HEADERS = "Too many headers received"
 
 
 def error_kind(exc: HttpProcessingError) -> ErrorKind:
     """The error a parser failure is answered with."""
+    if isinstance(exc, VersionNotSupported):
+        return HTTP_VERSION_NOT_SUPPORTED
     if isinstance(exc, ContentEncodingError):
         # bytes that are not gzip (deflate): the client's data; else br or zstd, whose
         # decoder is not installed
@@ -156,6 +168,18 @@ def safe_reason(exc: HttpProcessingError) -> str:
     text = str(exc.message)
     if text.startswith("Pause on PRI"):  # llhttp's words for the preface
         return "an HTTP/2 connection preface: this server speaks HTTP/1.1"
+    if isinstance(exc, BadStatusLine) and text.startswith("Bad status line"):
+        # aiohttp's name for the first line of any message; in a request it is the
+        # request line. llhttp's own reason follows on the next line ("Invalid HTTP
+        # version:"), then the client's bytes.
+        lines = [line.strip() for line in text.split("\n")]
+        detail = lines[1].rstrip(":") if len(lines) > 1 else ""
+        cut = _QUOTED.search(detail)
+        detail = detail[: cut.start()].strip() if cut is not None else detail
+        detail = "".join(c for c in detail if c.isascii() and c.isprintable())[:60]
+        return (
+            f"bad request line: {detail[:1].lower()}{detail[1:]}" if detail else "bad request line"
+        )
     text = text.split("\n", 1)[0].split(". ", 1)[0]  # not "Please install ..."
     duplicate = _DUPLICATE.match(text)
     if duplicate is not None and duplicate.group(1).lower() in SINGLETON_HEADERS:
@@ -247,6 +271,34 @@ _DATA_AFTER_CLOSE = "Data after `Connection: close`"
 
 def _after_close(exc: BaseException) -> bool:
     return isinstance(exc, HttpProcessingError) and str(exc.message).startswith(_DATA_AFTER_CLOSE)
+
+
+# A request line: method, target, version (absent in HTTP/0.9's shape).
+_REQUEST_LINE = re.compile(rb"[!-~]+ [!-~]+(?: HTTP/(\d+)\.(\d+))?\r?\n")
+
+
+def request_line_version(head: bytes) -> tuple[int, int] | None:
+    """The HTTP version a request head's first line names ((0, 9) for a line without
+    one), or None when the line is not a request line's shape at all."""
+    found = _REQUEST_LINE.match(head)
+    if found is None:
+        return None
+    if found.group(1) is None:
+        return (0, 9)
+    return (int(found.group(1)), int(found.group(2)))
+
+
+def version_refusal(version: tuple[int, int] | None) -> VersionNotSupported | None:
+    """The refusal of a request line's version: any major version but 1 (RFC 9110
+    section 15.6.6: 505; this server speaks HTTP/1.1 framing only, and an ``HTTP/2.0``
+    request line is no HTTP/2). A 1.x minor version llhttp refuses (``HTTP/1.9``)
+    stays its 400."""
+    if version is None or version[0] == 1:
+        return None
+    major, minor = version
+    return VersionNotSupported(
+        f"HTTP/{major}.{minor} is not supported: this server speaks HTTP/1.1"[:80]
+    )
 
 
 class Admission(enum.Enum):
@@ -415,6 +467,11 @@ async def mark_closing(request: web.Request, response: web.StreamResponse) -> No
         response.headers["Connection"] = "close"
 
 
+def _error_info(exc: HttpProcessingError) -> Any:
+    """A refusal queued in a request's place, as aiohttp queues a parse failure."""
+    return web_protocol._ErrInfo(error_kind(exc).status, exc, exc.message)
+
+
 class ProxyRequestHandler(RequestHandler):
     """aiohttp's connection handler, answering what it refuses as the proxy does, with
     the head timeout and the connection cap of ``Connections``."""
@@ -440,9 +497,14 @@ class ProxyRequestHandler(RequestHandler):
         self._ignore_rest = False
         # The client half-closed after complete requests: answer them, then close.
         self._eof = False
+        # The body the client's EOF ended (eof_received): its request is answered, and
+        # logged 499 as a client gone (log.client_gone), for a FIN is all the proxy sees.
+        self.cut_body: StreamReader | None = None
         # The newest request head the parser gave, and its body (_parse, _screen).
         self._last_head: RawRequestMessage | None = None
         self._last_payload: StreamReader | None = None
+        # ... and its chunk extensions, while it is a chunked body (_over_extensions).
+        self._extensions: ChunkExtensions | None = None
 
     @property
     def waiting(self) -> bool:
@@ -537,7 +599,12 @@ class ProxyRequestHandler(RequestHandler):
                 request.remote,
             )
             coding = undecodable_coding(exc)
-            text = bad_coding_message(coding) if coding else f"{_MESSAGES[kind]} ({reason})"
+            if coding:
+                text = bad_coding_message(coding)
+            elif isinstance(exc, FramingLimit | VersionNotSupported):
+                text = str(exc.message)
+            else:
+                text = f"{_MESSAGES[kind]} ({reason})"
         elif status == 504:  # asyncio.TimeoutError outside the middlewares
             kind, text = UPSTREAM_TIMEOUT, "timed out"
             log.warning("request.timed_out path=%s", request.path)
@@ -553,6 +620,11 @@ class ProxyRequestHandler(RequestHandler):
             # As every answer under /tus/ (tus.add_routes' hook, which never sees this one).
             resp.headers.update(tus_protocol.ANSWER_HEADERS)
         resp.force_close()
+        if request._message is web_protocol.ERROR:
+            # aiohttp's stand-in for a head it could not parse is HTTP/1.0, and the
+            # status line repeats the request's version: answer as the HTTP/1.1 server
+            # this is (RFC 9110 section 6.2), also to an HTTP/2.0 or 0.9 line.
+            request._version = HttpVersion11
         return resp
 
     async def finish_response(
@@ -684,17 +756,29 @@ class ProxyRequestHandler(RequestHandler):
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio: bool | None
         """The client half-closed (``shutdown(SHUT_WR)``, ``nc -N``): keep the transport
-        open for writing when every request it sent is complete, and answer them.
+        open for writing and answer what it sent.
 
         aiohttp returns None here, so asyncio closes the transport: the request was
-        cancelled unanswered, and a complete upload stored and rolled back. With a body
-        still due (or no request), the EOF ends the connection as before: that request
-        cannot complete. True keeps the socket open for writing only (asyncio stops
-        reading it); the connection closes once what was queued is answered."""
+        cancelled unanswered, and a complete upload stored and rolled back. Now every
+        complete request is answered; a body still due ends as the parser ends one at
+        EOF (``ContentLengthError``, ``TransferEncodingError``: 400 CLIENT_DISCONNECTED,
+        the upload rolled back), and that answer is written too (before, the client read
+        only an EOF). With no request begun, the EOF ends the connection as before. True
+        keeps the socket open for writing only (asyncio stops reading it); the connection
+        closes once what was queued is answered."""
         if self._eof:
             return True  # a read resumed by flow control saw the EOF again
-        if self.requests_open == 0 or self._bypass is not None or self._in_body():
+        if self.requests_open == 0:
             return False
+        payload = self._bypass if self._bypass is not None else self._last_payload
+        if self._bypass is not None or self._in_body():
+            assert payload is not None
+            chunked = self._last_head is not None and self._last_head.chunked
+            ended = TransferEncodingError if chunked else ContentLengthError
+            self._bypass = None
+            self.cut_body = payload
+            payload.set_exception(ended(BODY_CUT))
+            payload.feed_eof()  # no byte of it will come: aiohttp does not linger on it
         self._eof = True
         self._ignore_rest = True  # a partial head after the requests is dropped
         return True
@@ -713,18 +797,41 @@ class ProxyRequestHandler(RequestHandler):
         it in that read, and ``_screen`` decides about what follows. Bodies go on whole
         (an upload's body does not come here at all: ``bypass_parser``)."""
         while True:
-            end = -1 if self._in_body() else _head_end(data)
+            in_body = self._in_body()
+            end = -1 if in_body else _head_end(data)
             piece, data = (data, b"") if end < 0 else (data[:end], data[end:])
+            if in_body and self._over_extensions(piece):
+                return
             queued = len(self._messages)
             super().data_received(piece)
             if len(self._messages) > queued:
-                if isinstance(self._messages[-1][0], web_protocol._ErrInfo):
+                refused = self._messages[-1][0]
+                if isinstance(refused, web_protocol._ErrInfo):
+                    unsupported = version_refusal(request_line_version(piece))
+                    if isinstance(refused.exc, BadStatusLine) and unsupported is not None:
+                        # llhttp refuses HTTP/3.1 as a bad line: it is a version
+                        self._messages[-1] = (_error_info(unsupported), EMPTY_PAYLOAD)
                     self._error_tus = _TUS_TARGET.match(piece) is not None
                     if self.cors is not None:
                         self._error_origin = _raw_origin(piece)
                 self._screen(queued)
             if not data or self._ignore_rest or self._force_close or self._close:
                 return
+
+    def _over_extensions(self, piece: bytes) -> bool:
+        """Count the chunk extensions in ``piece`` of the newest request's chunked body;
+        past ``MAX_CHUNK_EXTENSIONS`` that body breaks as on a bad chunk size (True)."""
+        scan = self._extensions
+        if scan is None or scan.done or scan.feed(piece) <= MAX_CHUNK_EXTENSIONS:
+            return False
+        exc = FramingLimit(
+            f"the request body's chunk extensions are over {MAX_CHUNK_EXTENSIONS} bytes "
+            "(RFC 9112 section 7.1.1): send chunks without extensions"
+        )
+        self._extensions = None
+        self._messages.append((_error_info(exc), EMPTY_PAYLOAD))
+        self._body_broke(len(self._messages) - 1)
+        return True
 
     def _in_body(self) -> bool:
         """Is the parser inside the newest request's body (its next bytes are body)?"""
@@ -756,11 +863,15 @@ class ProxyRequestHandler(RequestHandler):
                 # then the connection closes (handle_error); the parser can go no further.
                 self._ignore_rest = True
                 return
-            if message.version == HttpVersion10 and hdrs.TRANSFER_ENCODING in message.headers:
+            exc: BadHttpMessage | None = version_refusal(tuple(message.version))  # type: ignore[arg-type]
+            if exc is None and (
+                message.version == HttpVersion10 and hdrs.TRANSFER_ENCODING in message.headers
+            ):
                 exc = BadHttpMessage("Transfer-Encoding in an HTTP/1.0 request is faulty framing")
+            if exc is not None:
                 self._error_origin = message.headers.get(hdrs.ORIGIN)
                 self._error_tus = message.path.startswith(TUS_ROOT)
-                messages[i] = (web_protocol._ErrInfo(400, exc, exc.message), EMPTY_PAYLOAD)
+                messages[i] = (_error_info(exc), EMPTY_PAYLOAD)
                 while len(messages) > i + 1:
                     messages.pop()
                 self._ignore_rest = True
@@ -773,6 +884,8 @@ class ProxyRequestHandler(RequestHandler):
                 message = message._replace(should_close=True)
                 messages[i] = (message, payload)
             self._last_head, self._last_payload = message, payload
+            chunked = message.chunked and not payload.is_eof()
+            self._extensions = ChunkExtensions() if chunked else None
             if message.should_close and payload.is_eof():
                 # Its answer closes the connection: what follows is not read (RFC 9112
                 # section 9.6). A body still due comes first; bytes after it raise
@@ -867,15 +980,23 @@ def private_api_problems() -> list[str]:
     ):
         if name not in slots:
             problems.append(f"RequestHandler.{name}")
-    for name in ("_ErrInfo", "MAX_MSG_QUEUE_SIZE"):
+    for name in ("_ErrInfo", "MAX_MSG_QUEUE_SIZE", "ERROR"):
         if not hasattr(web_protocol, name):
             problems.append(f"web_protocol.{name}")
+    for name in ("_message", "_version"):
+        if name not in web.BaseRequest.ATTRS:
+            problems.append(f"BaseRequest.{name}")
     return problems
 
 
 def install(app: web.Application, pool: Connections, cors: Cors | None = None) -> None:
     """Make every server aiohttp builds for ``app`` use ProxyRequestHandler, under ``pool``;
     its own answers carry ``cors``'s headers, as the app's do."""
+    if not install_end_check():
+        log.warning(
+            "http.hook_unavailable missing=%s: a gzip body cut short is not refused",
+            ",".join(end_check_problems()),
+        )
     problems = private_api_problems()
     if problems:
         log.warning(

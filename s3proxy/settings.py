@@ -373,7 +373,11 @@ class Settings:
         5 * 1024**3, "largest file accepted", parse_size, show=format_size
     )
     max_files: int = _setting(20, "most files accepted in one request", int)
-    max_fields: int = _setting(100, "most non-file form fields accepted in one request", int)
+    max_fields: int = _setting(
+        100,
+        "most non-file form fields accepted in one request (unused file inputs count as fields)",
+        int,
+    )
     max_field_size: int = _setting(
         64 * 1024, "largest non-file form field value", parse_size, show=format_size
     )

@@ -18,7 +18,11 @@ s3proxy uses a few private aiohttp APIs where no public one does the job:
   Content-Length body to its StreamReader past the parser (``bypass_parser``): it feeds
   the StreamReader as the parser would (``feed_data``, then ``feed_eof``), builds the next
   parser as ``RequestHandler.__init__`` does, and relies on ``connection_lost`` failing
-  the current request's body whatever the parser saw.
+  the current request's body whatever the parser saw;
+- ``codings.install_end_check`` wraps ``DeflateBuffer.feed_eof`` (the C parser builds the
+  same Python class) and ``ZLibDecompressor._new_decompressor``, and reads the decoder's
+  ``_decompressor`` and ``_pending_unused_data``: a gzip body must end where a member ends
+  (aiohttp's decoder starts a fresh member after each, ``decompress_sync``).
 
 ``setup.cfg`` bounds aiohttp to the minor version these were read against. When a new
 aiohttp changes one of these functions, the digest test fails: read the new source,
@@ -34,9 +38,18 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import base_protocol, multipart, payload, streams, web_protocol, web_urldispatcher
+from aiohttp import (
+    base_protocol,
+    compression_utils,
+    http_parser,
+    multipart,
+    payload,
+    streams,
+    web_protocol,
+    web_urldispatcher,
+)
 
-from s3proxy import protocol
+from s3proxy import codings, protocol
 from s3proxy.body import ChunkedBody, ChunkedBodyPayload
 
 
@@ -49,6 +62,8 @@ RH = web_protocol.RequestHandler
 BP = base_protocol.BaseProtocol
 BPR = multipart.BodyPartReader
 SR = streams.StreamReader
+DB = http_parser.DeflateBuffer
+ZD = compression_utils.ZLibDecompressor
 # name -> (the function, digests of its source as s3proxy was checked against it)
 PINNED: dict[str, tuple[Callable[..., Any], set[str]]] = {
     "MultipartReader.next": (MR.next, {"360ab7ce7a0f"}),  # aiohttp 3.14
@@ -75,6 +90,15 @@ PINNED: dict[str, tuple[Callable[..., Any], set[str]]] = {
     "RequestHandler.connection_lost": (RH.connection_lost, {"9daf3cb0a9e8"}),
     "StreamReader.feed_data": (SR.feed_data, {"f038032951f7"}),
     "StreamReader.feed_eof": (SR.feed_eof, {"ee5d63e38ec2"}),
+    # wrapped by codings.install_end_check; inspect reads the wrapped source
+    "DeflateBuffer.feed_eof": (DB.feed_eof, {"44ef42bdcdda"}),
+    "DeflateBuffer.feed_data": (DB.feed_data, {"372e05642d20"}),
+    "ZLibDecompressor._new_decompressor": (ZD._new_decompressor, {"55d436b2d0c8"}),
+    "ZLibDecompressor.decompress_sync": (ZD.decompress_sync, {"1a804bd091d5"}),
+    "ConcatDecompressionHandler._decompress_members": (
+        compression_utils.ConcatDecompressionHandler._decompress_members,
+        {"fa84bb495776"},
+    ),
 }
 
 
@@ -96,6 +120,43 @@ def test_private_attributes_exist() -> None:
     for name in ("_content", "_boundary", "_length", "_prev_chunk", "_at_eof"):
         assert f"self.{name}" in part_attrs, name
     assert protocol.private_api_problems() == []
+    assert codings.end_check_problems() == []
+
+
+@pytest.mark.parametrize("parser", ["c", "python"])
+def test_a_gzip_body_cut_short_fails_in_either_parser(parser: str) -> None:
+    """The end check reaches the C parser too: it builds http_parser's DeflateBuffer.
+    The C parser raises the failure; the Python one sets it on the body's reader."""
+    import asyncio
+    import gzip
+    from unittest import mock
+
+    from s3proxy.errors import undecodable_coding
+
+    assert codings.install_end_check()
+    cls = http_parser.HttpRequestParserPy if parser == "python" else http_parser.HttpRequestParserC
+    loop = asyncio.new_event_loop()
+
+    def failure(body: bytes) -> BaseException | None:
+        head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Encoding: gzip\r\n"
+        raw = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        proto = mock.Mock()  # the parser's protocol: only pause/resume reading are called
+        p = cls(proto, loop, 2**16, max_line_size=8190, max_field_size=8190)
+        try:
+            [(_, reader)], _, _ = p.feed_data(raw)
+        except Exception as exc:
+            return exc
+        assert reader.is_eof() or reader.exception() is not None
+        return reader.exception()
+
+    try:
+        whole = gzip.compress(b"x" * 1000)
+        assert failure(whole) is None
+        assert failure(whole + whole) is None  # two members
+        assert undecodable_coding(failure(whole[:-8])) == "gzip"
+        assert undecodable_coding(failure(whole[:-4])) == "gzip"
+    finally:
+        loop.close()
 
 
 def test_chunked_body_payload_is_what_aiohttp_sends() -> None:

@@ -62,6 +62,12 @@ DECODED = {
         True,
     ),
     "CHUNKED-upper-case": (FORM, b"Transfer-Encoding: CHUNKED\r\n", True),
+    # RFC 1952 section 2.2: members decode to their concatenation
+    "gzip-two-members": (
+        gzip.compress(FORM[:1000]) + gzip.compress(FORM[1000:]),
+        b"Content-Encoding: gzip\r\n",
+        False,
+    ),
 }
 
 # (coded body, headers, chunked, status, code)
@@ -274,3 +280,77 @@ def test_a_missing_decoder_is_told_from_bad_data() -> None:
     wrapped.__cause__ = bad
     assert undecodable_coding(wrapped) == "gzip"
     assert undecodable_coding(ValueError("x")) is None
+
+
+def _sync_flushed(data: bytes) -> bytes:
+    """A gzip stream flushed (every byte decodable) but never finished: no last block."""
+    coder = zlib.compressobj(6, zlib.DEFLATED, 31)
+    return coder.compress(data) + coder.flush(zlib.Z_SYNC_FLUSH)
+
+
+GZ = gzip.compress(FORM)
+# (coded body, coding): none is a whole stream of its coding; each decodes to a prefix
+# of FORM, FORM and more, or FORM then bytes that are not a member
+UNENDED = {
+    "gzip-no-trailer": (GZ[:-8], "gzip"),
+    "gzip-no-isize": (GZ[:-4], "gzip"),
+    "gzip-cut-in-half": (GZ[: len(GZ) // 2], "gzip"),
+    "gzip-sync-flushed": (_sync_flushed(FORM), "gzip"),
+    "gzip-then-a-member-begun": (GZ + GZ[:10], "gzip"),
+    "gzip-then-zero-padding": (GZ + b"\0" * 8, "gzip"),
+    "gzip-then-garbage": (GZ + b"garbage", "gzip"),
+    "deflate-then-a-stream-begun": (zlib.compress(FORM) + zlib.compress(b"x")[:3], "deflate"),
+}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("name", list(UNENDED))
+async def test_a_coded_body_whose_stream_does_not_end_is_a_400_and_nothing_is_stored(
+    proxy: Any, s3: Any, bucket: str, name: str, chunked: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gzip body without its CRC-32 and ISIZE trailer, cut in half or only flushed was
+    answered 201 and its decoded prefix stored: aiohttp checks a deflate stream's end,
+    not a gzip one's."""
+    caplog.set_level(logging.INFO)
+    coded, coding = UNENDED[name]
+    raw = request(coded, f"Content-Encoding: {coding}\r\n".encode(), chunked=chunked)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    resp = await exchange(proxy.host, proxy.port, head + b"\r\n\r\n", body)
+    assert resp.status == 400, resp.raw[:400]
+    assert resp.code == "BAD_HTTP_REQUEST", resp.json()
+    assert f"not valid {coding} data" in resp.json()["error"]["message"]
+    assert all_keys(s3, bucket) == []
+    assert open_uploads(s3, bucket) == []
+    quiet_log(caplog)
+
+
+@pytest.mark.parametrize("cut", ["half", "trailer"])
+async def test_a_tus_patch_whose_gzip_does_not_end_keeps_nothing(
+    proxy_factory: Any, cut: str
+) -> None:
+    """A PATCH of gzip cut in half was 204 and the decoded prefix kept; one without its
+    trailer completed the upload."""
+    proxy = await proxy_factory()
+    url = await _new(proxy, len(FILE))
+    coded = gzip.compress(FILE)
+    body = coded[: len(coded) // 2] if cut == "half" else coded[:-8]
+    resp = await proxy.patch(
+        url, data=body, headers=_patch_headers(0, **{"Content-Encoding": "gzip"})
+    )
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["error"]["code"] == "BAD_HTTP_REQUEST"
+    head = await proxy.head(url, headers={"Tus-Resumable": "1.0.0"})
+    assert head.headers["Upload-Offset"] == "0"
+
+
+async def test_a_sign_request_whose_gzip_does_not_end_is_a_400(proxy: Any) -> None:
+    """Every route that reads a body: /sign's JSON decoded whole without its trailer."""
+    coded = gzip.compress(b'{"filename": "a.txt", "size": 3}')[:-8]
+    raw = (
+        b"POST /sign HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+        b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(coded)
+    ) + coded
+    resp = await exchange(proxy.host, proxy.port, raw)
+    assert resp.status == 400, resp.raw[:400]
+    assert resp.code == "BAD_HTTP_REQUEST", resp.json()
+    assert "not valid gzip data" in resp.json()["error"]["message"]

@@ -68,7 +68,8 @@ MALFORMED = {
     ),
     "obs-fold": (b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: b\r\n  " + MARK + b"\r\n\r\n", 400),
     "nul-in-header": (b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: b\x00" + MARK + b"\r\n\r\n", 400),
-    "bad-version": (b"GET /" + MARK + b" HTTP/9.9\r\nHost: a\r\n\r\n", 400),
+    "bad-version": (b"GET /" + MARK + b" HTTP/1.9\r\nHost: a\r\n\r\n", 400),
+    "other-major-version": (b"GET /" + MARK + b" HTTP/9.9\r\nHost: a\r\n\r\n", 505),
     "not-http": (b"\x16\x03\x01\x02\x00" + MARK + b"\r\n\r\n", 400),
     "bad-chunk-size": (
         b"POST /upload HTTP/1.1\r\nHost: a\r\n"
@@ -100,7 +101,12 @@ MALFORMED = {
         431,
     ),
 }
-CODES = {400: "BAD_HTTP_REQUEST", 414: "URI_TOO_LONG", 431: "HEADERS_TOO_LARGE"}
+CODES = {
+    400: "BAD_HTTP_REQUEST",
+    414: "URI_TOO_LONG",
+    431: "HEADERS_TOO_LARGE",
+    505: "HTTP_VERSION_NOT_SUPPORTED",
+}
 
 # A bad chunk size that arrives after the handler began reading the body: aiohttp's
 # C parser then queued the error behind the running request and left the body
@@ -149,6 +155,8 @@ async def test_malformed_request_is_a_json_error(
     resp = await exchange(proxy.host, proxy.port, raw)
     assert_json_error(resp, status, CODES[status])
     assert resp.headers["X-Request-ID"]
+    # aiohttp's stand-in request for a refused head is HTTP/1.0, and so was the answer
+    assert resp.raw.startswith(b"HTTP/1.1 "), resp.raw[:40]
     assert_one_quiet_line(caplog)
 
 
@@ -327,7 +335,8 @@ async def test_http_1_0_with_transfer_encoding_is_refused_and_closed(
     resp = await exchange(proxy.host, proxy.port, raw + NEXT)
     assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
     assert "HTTP/1.0" in resp.json()["error"]["message"]
-    assert resp.raw.count(b"HTTP/1.1 ") == 1, resp.raw  # the next request is not answered
+    # the next request is not answered
+    assert len(re.findall(rb"HTTP/1\.[01] \d{3} ", resp.raw)) == 1, resp.raw
     assert await all_keys_async(s3, bucket) == []
 
 
@@ -492,3 +501,134 @@ async def test_a_half_close_mid_body_stores_nothing(proxy: Any, s3: Any, bucket:
     got = await half_closed(proxy.host, proxy.port, upload)
     assert b" 201 " not in got
     assert await all_keys_async(s3, bucket) == []
+
+
+def _chunked_upload(*chunks: bytes) -> tuple[bytes, bytes]:
+    """A chunked /upload (its head, its body) of FORM_BODY in chunks, the n-th chunk's
+    size line followed by ``chunks[n]`` (an extension, or nothing)."""
+    head = b"POST /upload HTTP/1.1\r\nHost: a\r\n" + FORM + b"Transfer-Encoding: chunked\r\n\r\n"
+    step = -(-len(FORM_BODY) // len(chunks))
+    pieces = [FORM_BODY[i : i + step] for i in range(0, len(FORM_BODY), step)]
+    framed = zip(pieces, chunks, strict=False)  # fewer pieces than extensions: the rest unused
+    body = b"".join(b"%x%s\r\n%s\r\n" % (len(p), ext, p) for p, ext in framed)
+    return head, body + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("segments", ["one-segment", "head-then-body"])
+@pytest.mark.parametrize("shape", ["one-long", "many-short"])
+async def test_chunk_extensions_past_the_limit_are_a_400(
+    proxy_factory: Any, s3: Any, bucket: str, segments: str, shape: str
+) -> None:
+    """llhttp skips chunk extensions without a limit and nothing counted them: 50 MB of
+    extension on one chunk passed --max-request-size 1MiB (201). RFC 9112 7.1.1."""
+    proxy = await proxy_factory(max_request_size=1024 * 1024)
+    if shape == "one-long":
+        head, body = _chunked_upload(b";e=" + MARK + b"a" * 2 * 1024 * 1024)
+    else:  # 22 KiB in all, none of them long
+        head, body = _chunked_upload(*[b";e=" + MARK + b"a" * 400] * 100)
+    chunks = (head + body,) if segments == "one-segment" else (head, body)
+    resp = await exchange(proxy.host, proxy.port, *chunks)
+    assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
+    assert "chunk extensions are over 16384 bytes" in resp.json()["error"]["message"]
+    assert await all_keys_async(s3, bucket) == []
+
+
+async def test_chunk_extensions_under_the_limit_are_taken(proxy: Any, s3: Any, bucket: str) -> None:
+    head, body = _chunked_upload(b";a=1", b";b", b";c=" + b"x" * 10000)
+    resp = await exchange(proxy.host, proxy.port, head, body)
+    assert resp.status == 201, resp.raw[:400]
+    key = resp.json()["files"][0]["key"]
+    assert await read_object_async(s3, bucket, key) == b"hello"
+
+
+async def test_chunk_extensions_past_the_limit_on_sign_are_a_400(proxy: Any) -> None:
+    """Every route: the limit is the connection's, not the upload's."""
+    body = b'{"filename": "a.txt", "size": 3}'
+    raw = LATE_BAD_CHUNK["sign"] + b"Transfer-Encoding: chunked\r\n\r\n"
+    raw += b"%x;e=%s\r\n%s\r\n0\r\n\r\n" % (len(body), b"a" * 17000, body)
+    resp = await exchange(proxy.host, proxy.port, raw)
+    assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("route", ["upload", "sign"])
+async def test_a_half_close_mid_body_is_answered(
+    proxy: Any, s3: Any, bucket: str, route: str, framing: str
+) -> None:
+    """A client that shuts down its sending side mid-body is still there to read: it got
+    only an EOF; now the 400 the early end of its body is (and nothing is stored)."""
+    body = FORM_BODY if route == "upload" else b'{"filename": "a.txt", "size": 3}'
+    head = LATE_BAD_CHUNK[route]
+    if framing == "chunked":
+        raw = head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(body), body)
+    else:
+        raw = head + b"Content-Length: %d\r\n\r\n" % (len(body) + 10) + body
+    got = await half_closed(proxy.host, proxy.port, raw)
+    assert got.startswith(b"HTTP/1.1 400 "), got
+    answer = json.loads(got[got.index(b"\r\n\r\n") + 4 :])
+    assert answer["error"]["code"] == "CLIENT_DISCONNECTED", answer
+    assert await all_keys_async(s3, bucket) == []
+
+
+async def test_a_half_close_mid_tus_patch_is_answered(proxy: Any) -> None:
+    from tests.test_tus import _new
+
+    url = await _new(proxy, 100)
+    raw = (
+        b"PATCH " + url.encode() + b" HTTP/1.1\r\nHost: a\r\nTus-Resumable: 1.0.0\r\n"
+        b"Upload-Offset: 0\r\nContent-Type: application/offset+octet-stream\r\n"
+        b"Content-Length: 100\r\n\r\n" + b"x" * 50
+    )
+    got = await half_closed(proxy.host, proxy.port, raw)
+    assert got.startswith(b"HTTP/1.1 400 ") and b"CLIENT_DISCONNECTED" in got, got
+    assert b"Tus-Resumable: 1.0.0" in got
+    head = await proxy.head(url, headers={"Tus-Resumable": "1.0.0"})
+    assert head.headers["Upload-Offset"] == "0"  # no whole part came
+
+
+VERSION_ROUTES = [b"GET /healthz", b"POST /upload", b"POST /tus/", b"POST /sign", b"GET /files/a"]
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/3.1", b"HTTP/9.9", b""])
+@pytest.mark.parametrize("line", VERSION_ROUTES, ids=lambda line: line.decode())
+async def test_a_request_line_of_another_major_version_is_a_505(
+    proxy: Any, line: bytes, version: bytes
+) -> None:
+    """RFC 9110 section 15.6.6. ``HTTP/2.0`` was served and answered ``HTTP/2.0 201``;
+    ``HTTP/3.1`` was a 400 "Bad status line"; a bare ``GET /healthz`` (HTTP/0.9's
+    shape) was answered ``HTTP/0.9 200 OK``."""
+    head = line + (b" " + version if version else b"") + b"\r\n"
+    if version:
+        head += b"Host: a\r\nContent-Length: 0\r\n"
+    resp = await exchange(proxy.host, proxy.port, head + b"\r\n")
+    assert resp.raw.startswith(b"HTTP/1.1 505 "), resp.raw[:200]
+    assert_json_error(resp, 505, "HTTP_VERSION_NOT_SUPPORTED")
+    shown = (version or b"HTTP/0.9").decode()
+    assert (
+        resp.json()["error"]["message"] == f"{shown} is not supported: this server speaks HTTP/1.1"
+    )
+
+
+@pytest.mark.parametrize("version", [b"HTTP/1.9", b"HTTP/1.1x", b"FOO/1.1"])
+async def test_a_bad_version_names_the_request_line(proxy: Any, version: bytes) -> None:
+    """llhttp refuses these as a "Bad status line": a request has a request line."""
+    resp = await exchange(
+        proxy.host, proxy.port, b"GET /healthz " + version + b"\r\nHost: a\r\n\r\n"
+    )
+    assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
+    message = resp.json()["error"]["message"]
+    assert "bad request line" in message and "status line" not in message, message
+    assert resp.raw.startswith(b"HTTP/1.1 400 "), resp.raw[:40]
+
+
+def test_the_version_of_a_request_line() -> None:
+    version = protocol.request_line_version
+    assert version(b"GET / HTTP/1.1\r\nHost: a\r\n") == (1, 1)
+    assert version(b"GET / HTTP/2.0\r\n") == (2, 0)
+    assert version(b"GET /x\r\n\r\n") == (0, 9)
+    assert version(b"GET /x HTTP/1.1") is None  # no line end yet
+    assert version(b"\x16\x03\x01") is None
+    assert protocol.version_refusal((1, 9)) is None
+    assert protocol.version_refusal(None) is None
+    refusal = protocol.version_refusal((2, 0))
+    assert refusal is not None and protocol.error_kind(refusal).status == 505
