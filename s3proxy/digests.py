@@ -31,7 +31,7 @@ from s3proxy.checksums import DigestError, parse_content_digest, parse_content_m
 from s3proxy.errors import DIGEST_MISMATCH, ProxyError
 
 if TYPE_CHECKING:
-    from s3proxy.form import ChunkSource
+    from s3proxy.form import Arrival, ChunkSource
 
 __all__ = [
     "Declared",
@@ -139,6 +139,9 @@ class _Hashing:
 
     def expire(self, message: str) -> None:
         self._source.expire(message)
+
+    def arrival(self) -> Arrival | None:
+        return self._source.arrival()
 
 
 def verify_declared(check: DigestCheck | None, sha256: bytes, filename: str) -> None:
