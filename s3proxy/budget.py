@@ -55,7 +55,8 @@ can be counted (``WaiterState``). Two rules, both decided by pure functions:
   below its minimum rate over the last ``MIN_HELD`` of its wait gets a 408 without
   ever holding a part. Its kernel buffer had room all along, so the slowness is the
   client's. Silence is judged only when the body is known to owe bytes (a
-  Content-Length): a chunked body's end may be in the kernel, unseen.
+  Content-Length): a chunked body's end may be in the kernel, unseen, so a silent
+  one counts as ready after a window (as every waiter did before).
 
 So a normal upload queued behind any number of tricklers waits at most for the
 holders in its way to be evicted (``PATIENCE`` + ``MIN_HELD`` + a check, 2.4 s),
@@ -144,8 +145,15 @@ class WaiterState:
 
 def is_ready(state: WaiterState | None, need: int, ready_bytes: int = READY_BYTES) -> bool:
     """Has the waiter's client sent what it needs to progress once granted ``need``
-    bytes? Unknown (no state: a side reservation, a source that cannot tell) is ready."""
+    bytes? Unknown (no state: a side reservation, a source that cannot tell) is ready.
+
+    So is a client silent for a whole window whose body's end cannot be seen (chunked,
+    or with a Content-Encoding): its last bytes may be its body's end, in the kernel;
+    kept back, it would wait as long as ready uploads keep coming.
+    """
     if state is None:
+        return True
+    if state.ended is None and state.rate == 0:
         return True
     return state.ended is True or state.unread >= min(ready_bytes, need)
 

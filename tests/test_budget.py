@@ -283,6 +283,11 @@ def waiter(
         (waiter(unread=0, ended=True), PART, True),  # its body is all here
         (waiter(unread=100, ended=False), PART, False),
         (waiter(unread=100), 100, True),  # a small reservation needs less
+        # silent for a window, its end unseen (chunked): maybe all here, so not kept back
+        (waiter(unread=100, rate=0.0), PART, True),
+        (waiter(unread=100, rate=None), PART, False),  # not a window yet
+        (waiter(unread=100, rate=1.0), PART, False),  # a trickle: more is due
+        (waiter(unread=100, ended=False, rate=0.0), PART, False),  # Content-Length: due
     ],
 )
 def test_is_ready(state: WaiterState | None, need: int, ready: bool) -> None:
