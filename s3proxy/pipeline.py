@@ -370,7 +370,8 @@ class FileUpload:
             return None
         meter.add(max(now, meter.last), max(arrival.received, meter.first))
         ended = True if self._has_part else arrival.ended
-        return WaiterState(arrival.unread, ended, meter.rate(now), self.cfg.min_rate)
+        rate = meter.rate(now)
+        return WaiterState(arrival.unread, ended, rate, self.cfg.min_rate, arrival.blocked)
 
     def evict(self, message: str) -> None:
         """Stop reading the client: its pending read fails with 408 ``message``."""

@@ -269,16 +269,24 @@ PART = 5 * 1024 * 1024
 
 
 def waiter(
-    unread: int = 0, ended: bool | None = None, rate: float | None = None, min_rate: float = MIN
+    unread: int = 0,
+    ended: bool | None = None,
+    rate: float | None = None,
+    min_rate: float = MIN,
+    blocked: bool | None = None,
 ) -> WaiterState:
-    return WaiterState(unread, ended, rate, min_rate)
+    return WaiterState(unread, ended, rate, min_rate, blocked)
 
 
 @pytest.mark.parametrize(
     ("state", "need", "ready"),
     [
         (None, PART, True),  # cannot tell (a side reservation): as before, in line
-        (waiter(unread=READY_BYTES), PART, True),  # a client held back by backpressure
+        (waiter(blocked=True), PART, True),  # window closed: a client held back by us
+        (waiter(unread=200_000, blocked=False), PART, False),  # a burst, window still open
+        (waiter(unread=100, blocked=False), 100, True),  # all its part needs is here
+        # no window known (an older kernel): bytes piled up stand for it
+        (waiter(unread=READY_BYTES), PART, True),
         (waiter(unread=READY_BYTES - 1), PART, False),  # a trickler past the probe
         (waiter(unread=0, ended=True), PART, True),  # its body is all here
         (waiter(unread=100, ended=False), PART, False),
@@ -321,7 +329,8 @@ def test_grant(line: list[tuple[int, bool]], available: int, granted: list[int])
         ([(waiter(rate=None), PART)], []),  # waited less than a window
         ([(waiter(rate=1.0), PART)], [0]),  # a trickle
         ([(waiter(rate=MIN), PART)], []),  # exactly at the rate
-        ([(waiter(rate=1.0, unread=READY_BYTES), PART)], []),  # ready: held back by us
+        ([(waiter(rate=1.0, blocked=True), PART)], []),  # ready: held back by us
+        ([(waiter(rate=1.0, unread=READY_BYTES, blocked=False), PART)], [0]),  # a burst, then 1 B/s
         ([(waiter(rate=1.0, ended=True), PART)], []),  # its body is all here
         # silence: judged only when the body owes bytes (a chunked end may be unseen)
         ([(waiter(rate=0.0, ended=False), PART)], [0]),
