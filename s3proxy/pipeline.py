@@ -345,6 +345,7 @@ class FileUpload:
         self._filling: RateMeter | None = None  # set while a reserved part is being filled
         self._arriving: RateMeter | None = None  # set while it waits for a part's memory
         self._has_part = False  # the part it waits for is all in hand (the file ended)
+        self._held_back = False  # its receive window was seen closed during this wait
         self._evicted = False
 
     # --- s3proxy.budget.Holder: asked under memory pressure --------------------------
@@ -371,7 +372,12 @@ class FileUpload:
         meter.add(max(now, meter.last), max(arrival.received, meter.first))
         ended = True if self._has_part else arrival.ended
         rate = meter.rate(now)
-        return WaiterState(arrival.unread, ended, rate, self.cfg.min_rate, arrival.blocked)
+        # Once seen closed, the window counts as closed for the rest of this wait: a
+        # kernel that compacts a full buffer may let a few more bytes in, a tiny rate
+        # that is not the client's doing.
+        self._held_back = self._held_back or arrival.blocked is True
+        blocked = True if self._held_back else arrival.blocked
+        return WaiterState(arrival.unread, ended, rate, self.cfg.min_rate, blocked)
 
     def evict(self, message: str) -> None:
         """Stop reading the client: its pending read fails with 408 ``message``."""
@@ -683,6 +689,7 @@ class FileUpload:
             received = 0 if arrival is None else arrival.received
             self._arriving = RateMeter(MIN_HELD, time.monotonic(), received)
             self._has_part = in_hand
+            self._held_back = False
         try:
             return await self.budget.acquire(size, priority=self.started, holder=self)
         except WaitExpired as exc:
