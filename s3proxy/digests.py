@@ -42,7 +42,7 @@ from s3proxy.checksums import (
 from s3proxy.errors import DIGEST_MISMATCH, ProxyError
 
 if TYPE_CHECKING:
-    from s3proxy.form import ChunkSource
+    from s3proxy.form import Arrival, ChunkSource
 
 __all__ = [
     "Declared",
@@ -188,6 +188,9 @@ class _Hashing:
 
     def expire(self, message: str) -> None:
         self._source.expire(message)
+
+    def arrival(self) -> Arrival | None:
+        return self._source.arrival()
 
 
 def verify_declared(check: DigestCheck | None, sha256: bytes, filename: str) -> None:

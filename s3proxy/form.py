@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
+import sys
 import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -75,6 +77,7 @@ from s3proxy.errors import (
 )
 from s3proxy.keys import sanitize_filename
 from s3proxy.limits import RateMeter
+from s3proxy.protocol import unread_bytes
 
 T = TypeVar("T")
 
@@ -108,6 +111,41 @@ class Field:
     size: int = 0  # bytes of the value as received (counted against the memory budget)
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """What a request's client has sent, as seen while its upload waits for memory
+    (the proxy does not read the socket then, so it piles up in the kernel)."""
+
+    received: int  # body bytes that reached the proxy: read, or waiting in the kernel
+    unread: int  # of those, not read by the request yet (kernel and aiohttp buffers)
+    ended: bool | None  # the whole body is here (True), bytes are still owed, unknown
+    blocked: bool | None = None  # the receive window is closed: the client waits on us
+
+
+# struct tcp_info (linux/tcp.h): tcpi_rcv_wnd, the receive window last advertised, is
+# the u32 at this offset (Linux 6.2 and later; older kernels return a shorter struct).
+_TCPI_RCV_WND = 232
+
+
+def window_closed(sock: Any) -> bool | None:
+    """Has the kernel closed ``sock``'s receive window (a zero window advertised: the
+    peer may send nothing more until the proxy reads)? None when it cannot tell.
+
+    A client held back by the budget fills the kernel buffer and its window closes; one
+    that sent a burst and trickles leaves it open. The bytes held are no sign of this:
+    measured on loopback, a fast 12 MiB client held back had 95 KB in the kernel, a
+    client that sent 100 KB and then 1 B/s 34 KB (window 93 KB), one that sent 200 KB
+    and then 1 B/s 130 KB (window closed: indistinguishable while it waits).
+    """
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if len(raw) < _TCPI_RCV_WND + 4:
+        return None
+    return int.from_bytes(raw[_TCPI_RCV_WND : _TCPI_RCV_WND + 4], sys.byteorder) == 0
+
+
 class ChunkSource(Protocol):
     """A file's bytes as they arrive: ``read`` returns about ``size`` bytes, b"" at its end.
 
@@ -126,6 +164,10 @@ class ChunkSource(Protocol):
         """End the pending (or next) read with CLIENT_TIMEOUT ``message``: an eviction."""
         ...
 
+    def arrival(self) -> Arrival | None:
+        """What the client has sent so far; None when it cannot tell."""
+        ...
+
 
 class TransportFlow:
     """Stops and restarts reading one request's socket while its upload waits for memory.
@@ -138,6 +180,12 @@ class TransportFlow:
     def __init__(self, request: web.BaseRequest) -> None:
         self._protocol = request.protocol
         self._transport = request.transport
+        self._content = request.content
+        self._length = request.content_length
+        # Content-Length counts the body's bytes as sent only without a coding on it
+        headers = request.headers
+        if hdrs.TRANSFER_ENCODING in headers or hdrs.CONTENT_ENCODING in headers:
+            self._length = None
         # s3proxy's protocol hands the rest of a Content-Length body to the request's
         # StreamReader past the HTTP parser, which copies every chunk.
         bypass = getattr(self._protocol, "bypass_parser", None)
@@ -153,6 +201,23 @@ class TransportFlow:
         expect = getattr(self._protocol, "expect", None)  # s3proxy's protocol only
         if expect is not None:
             expect(size)
+
+    def arrival(self) -> Arrival | None:
+        """The body's bytes read so far plus those the kernel holds unread (FIONREAD).
+        Its end is known from a Content-Length with no coding, or once aiohttp saw it."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return None
+        sock = transport.get_extra_info("socket")
+        kernel = unread_bytes(sock)
+        content = self._content
+        read = content.total_bytes
+        ended: bool | None = None
+        if content.is_eof():
+            ended = True
+        elif self._length is not None:
+            ended = read + kernel >= self._length
+        return Arrival(read + kernel, content._size + kernel, ended, window_closed(sock))
 
     def resume_reading(self) -> None:
         held = getattr(self._protocol, "_reading_paused", False) or getattr(
@@ -710,6 +775,9 @@ class PartSource:
     def expire(self, message: str) -> None:
         self._watch.expire(CLIENT_TIMEOUT, message)
 
+    def arrival(self) -> Arrival | None:
+        return None if self._flow is None else self._flow.arrival()
+
     async def read(self, size: int) -> bytes:
         if self._scan is not None:
             if self._ready:
@@ -779,6 +847,9 @@ class Replay:
 
     def expire(self, message: str) -> None:
         self._rest.expire(message)
+
+    def arrival(self) -> Arrival | None:
+        return self._rest.arrival()
 
     async def read(self, size: int) -> bytes:
         if self._first:  # whole, as a PartSource read may bring more than asked

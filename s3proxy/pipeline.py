@@ -42,6 +42,10 @@ Invariants:
   pressure the budget may evict it for filling below ``min_rate``; eviction only
   expires its pending client read, so the 408 takes the normal error path (abort,
   rollback). Once the part is full (S3's turn) it is never evicted.
+- While it waits for a part's memory, the upload is a budget waiter: the socket is not
+  read, and ``wait_state`` counts what piles up in the kernel. Ready uploads are served
+  first, and one whose client sends below ``min_rate`` meanwhile gets a 408 (``WaitExpired``)
+  without ever holding the part.
 """
 
 from __future__ import annotations
@@ -61,10 +65,18 @@ from typing import Any, Protocol, TypeVar
 
 from s3proxy import keys, sniff
 from s3proxy.body import Chunk
-from s3proxy.budget import MIN_HELD, HolderState, MemoryBudget, Reservation
+from s3proxy.budget import (
+    MIN_HELD,
+    HolderState,
+    MemoryBudget,
+    Reservation,
+    WaiterState,
+    WaitExpired,
+)
 from s3proxy.checksums import Algorithm, Crc, CrcValue
 from s3proxy.digests import DigestCheck, verify_declared
 from s3proxy.errors import (
+    CLIENT_TIMEOUT,
     FILE_TOO_LARGE,
     INTERNAL,
     KEY_EXISTS,
@@ -333,6 +345,9 @@ class FileUpload:
             self.upload_id = resume.upload_id
         self._source: ChunkSource | None = None
         self._filling: RateMeter | None = None  # set while a reserved part is being filled
+        self._arriving: RateMeter | None = None  # set while it waits for a part's memory
+        self._has_part = False  # the part it waits for is all in hand (the file ended)
+        self._held_back = False  # its receive window was seen closed during this wait
         self._evicted = False
 
     # --- s3proxy.budget.Holder: asked under memory pressure --------------------------
@@ -348,6 +363,23 @@ class FileUpload:
         if rate is None:  # held for less than a window: the average so far
             rate = (self.size - meter.first) / held if held > 0 else float("inf")
         return HolderState(held_for=held, rate=rate, min_rate=self.cfg.min_rate)
+
+    def wait_state(self, now: float) -> WaiterState | None:
+        """How its client sends while it waits for a part: the socket is not read then,
+        so the bytes pile up in the kernel, where they are counted."""
+        source, meter = self._source, self._arriving
+        arrival = None if source is None or meter is None else source.arrival()
+        if meter is None or arrival is None:
+            return None
+        meter.add(max(now, meter.last), max(arrival.received, meter.first))
+        ended = True if self._has_part else arrival.ended
+        rate = meter.rate(now)
+        # Once seen closed, the window counts as closed for the rest of this wait: a
+        # kernel that compacts a full buffer may let a few more bytes in, a tiny rate
+        # that is not the client's doing.
+        self._held_back = self._held_back or arrival.blocked is True
+        blocked = True if self._held_back else arrival.blocked
+        return WaiterState(arrival.unread, ended, rate, self.cfg.min_rate, blocked)
 
     def evict(self, message: str) -> None:
         """Stop reading the client: its pending read fails with 408 ``message``."""
@@ -524,7 +556,7 @@ class FileUpload:
                     await self._wait_for_slot()
                     if not probed and not probe_ended:
                         probe_ended = await self._probe(source, probed, action.size)
-                    reservation = await self._reserve(action.size, source)
+                    reservation = await self._reserve(action.size, source, probe_ended)
                     self._filling = RateMeter(MIN_HELD, time.monotonic(), self.size)
                 elif isinstance(action, SendPart):
                     assert reservation is not None
@@ -662,15 +694,26 @@ class FileUpload:
             self._probed_size += len(chunk)
         return False
 
-    async def _reserve(self, size: int, source: ChunkSource) -> Reservation:
+    async def _reserve(self, size: int, source: ChunkSource, in_hand: bool) -> Reservation:
         """Take a part's bytes from the budget; while waiting, stop reading the socket
-        (nothing to read into: let TCP hold the client's bytes)."""
+        (nothing to read into: let TCP hold the client's bytes). Meanwhile the budget
+        watches what the client sends (``wait_state``): one that sends too slowly gets
+        a 408 without ever holding the part. ``in_hand``: the part's bytes are all read."""
         waiting = not self.budget.can_take(size)
         if waiting:
             source.pause()
+            arrival = source.arrival()
+            received = 0 if arrival is None else arrival.received
+            self._arriving = RateMeter(MIN_HELD, time.monotonic(), received)
+            self._has_part = in_hand
+            self._held_back = False
         try:
             return await self.budget.acquire(size, priority=self.started, holder=self)
+        except WaitExpired as exc:
+            log.info("upload.wait_expired key=%s received=%d", self.spec.key, self.size)
+            raise ProxyError(CLIENT_TIMEOUT, str(exc)) from None
         finally:
+            self._arriving = None
             if waiting:
                 source.resume()
 

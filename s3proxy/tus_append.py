@@ -12,7 +12,7 @@ from aiohttp import web
 from s3proxy.body import Chunk
 from s3proxy.checksums import Algorithm, CrcValue
 from s3proxy.errors import CLIENT_TIMEOUT, FILE_TOO_LARGE, REQUEST_TOO_LARGE, ProxyError
-from s3proxy.form import ClientWatch, TransportFlow, next_chunk
+from s3proxy.form import Arrival, ClientWatch, TransportFlow, next_chunk
 from s3proxy.janitor import Kind, run_cleanup
 from s3proxy.pipeline import FileUpload, Staged
 from s3proxy.state import AppState
@@ -62,6 +62,9 @@ class BodySource:
 
     def expire(self, message: str) -> None:
         self._watch.expire(CLIENT_TIMEOUT, message)
+
+    def arrival(self) -> Arrival | None:
+        return self._flow.arrival()
 
 
 class Appended:

@@ -91,6 +91,9 @@ class ClientSource:
     def expire(self, message: str) -> None:
         raise AssertionError(f"no eviction expected here: {message}")
 
+    def arrival(self) -> None:
+        return None
+
 
 class Wire(BaseProtocol):
     """The protocol under an in-memory StreamReader: the reader pauses and resumes it

@@ -6,7 +6,18 @@ import asyncio
 
 import pytest
 
-from s3proxy.budget import HolderState, MemoryBudget, Reservation, choose_victims
+from s3proxy.budget import (
+    READY_BYTES,
+    HolderState,
+    MemoryBudget,
+    Reservation,
+    WaiterState,
+    WaitExpired,
+    choose_expired,
+    choose_victims,
+    grant,
+    is_ready,
+)
 
 
 async def test_acquire_and_release() -> None:
@@ -184,6 +195,9 @@ class FakeHolder:
     def fill_state(self, now: float) -> HolderState | None:
         return None if self.evicted else self.state
 
+    def wait_state(self, now: float) -> WaiterState | None:
+        return None
+
     def evict(self, message: str) -> None:
         self.evicted.append(message)
         assert self.reservation is not None
@@ -247,3 +261,161 @@ async def test_cancelled_side_waiter_leaves_no_trace() -> None:
     assert b.in_use == 0
     with pytest.raises(ValueError):
         await b.acquire_side(60, side_cap=50)
+
+
+# --- waiters: ready first, slow ones time out (hostile probe, finding 2) ----------------
+
+PART = 5 * 1024 * 1024
+
+
+def waiter(
+    unread: int = 0,
+    ended: bool | None = None,
+    rate: float | None = None,
+    min_rate: float = MIN,
+    blocked: bool | None = None,
+) -> WaiterState:
+    return WaiterState(unread, ended, rate, min_rate, blocked)
+
+
+@pytest.mark.parametrize(
+    ("state", "need", "ready"),
+    [
+        (None, PART, True),  # cannot tell (a side reservation): as before, in line
+        (waiter(blocked=True), PART, True),  # window closed: a client held back by us
+        (waiter(unread=200_000, blocked=False), PART, False),  # a burst, window still open
+        (waiter(unread=100, blocked=False), 100, True),  # all its part needs is here
+        # no window known (an older kernel): bytes piled up stand for it
+        (waiter(unread=READY_BYTES), PART, True),
+        (waiter(unread=READY_BYTES - 1), PART, False),  # a trickler past the probe
+        (waiter(unread=0, ended=True), PART, True),  # its body is all here
+        (waiter(unread=100, ended=False), PART, False),
+        (waiter(unread=100), 100, True),  # a small reservation needs less
+        # silent for a window, its end unseen (chunked): maybe all here, so not kept back
+        (waiter(unread=100, rate=0.0), PART, True),
+        (waiter(unread=100, rate=None), PART, False),  # not a window yet
+        (waiter(unread=100, rate=1.0), PART, False),  # a trickle: more is due
+        (waiter(unread=100, ended=False, rate=0.0), PART, False),  # Content-Length: due
+    ],
+)
+def test_is_ready(state: WaiterState | None, need: int, ready: bool) -> None:
+    assert is_ready(state, need) is ready
+
+
+@pytest.mark.parametrize(
+    ("line", "available", "granted"),
+    [
+        ([], 100, []),
+        # in line order while each fits; the first that does not fit stops the rest
+        ([(30, True), (30, True), (30, True)], 70, [0, 1]),
+        ([(80, True), (10, True)], 50, []),  # a big head is not overtaken by small ones
+        # ready waiters pass unready ones, and keep their order among themselves
+        ([(30, False), (30, True), (30, False), (30, True)], 60, [1, 3]),
+        # an unready waiter gets memory only once no ready one waits...
+        ([(30, False), (30, True)], 100, [1, 0]),
+        ([(30, False), (30, False)], 40, [0]),
+        # ...not when the oldest ready one does not fit (it would be overtaken)
+        ([(10, False), (80, True)], 50, []),
+    ],
+)
+def test_grant(line: list[tuple[int, bool]], available: int, granted: list[int]) -> None:
+    assert grant(line, available) == granted
+
+
+@pytest.mark.parametrize(
+    ("waiters", "expired"),
+    [
+        ([(None, PART)], []),  # cannot tell: never timed out
+        ([(waiter(rate=None), PART)], []),  # waited less than a window
+        ([(waiter(rate=1.0), PART)], [0]),  # a trickle
+        ([(waiter(rate=MIN), PART)], []),  # exactly at the rate
+        ([(waiter(rate=1.0, blocked=True), PART)], []),  # ready: held back by us
+        ([(waiter(rate=1.0, unread=READY_BYTES, blocked=False), PART)], [0]),  # a burst, then 1 B/s
+        ([(waiter(rate=1.0, ended=True), PART)], []),  # its body is all here
+        # silence: judged only when the body owes bytes (a chunked end may be unseen)
+        ([(waiter(rate=0.0, ended=False), PART)], [0]),
+        ([(waiter(rate=0.0), PART)], []),
+        # each by its own minimum rate
+        (
+            [
+                (waiter(rate=500.0, min_rate=1000.0), PART),
+                (waiter(rate=500.0, min_rate=100.0), PART),
+            ],
+            [0],
+        ),
+    ],
+)
+def test_choose_expired(waiters: list[tuple[WaiterState | None, int]], expired: list[int]) -> None:
+    assert choose_expired(waiters) == expired
+
+
+class FakeWaiter(FakeHolder):
+    """A part waiter whose client's sending the test sets."""
+
+    def __init__(self, state: WaiterState | None) -> None:
+        super().__init__(None)
+        self.waiting = state
+
+    def wait_state(self, now: float) -> WaiterState | None:
+        return self.waiting
+
+
+async def test_ready_waiters_pass_unready_ones_and_slow_ones_time_out() -> None:
+    b = MemoryBudget(100)
+    held = await b.acquire(100)
+    slow = FakeWaiter(waiter(unread=10, ended=False, rate=None))
+    ready = FakeWaiter(waiter(unread=READY_BYTES, rate=None))
+    slow_task = asyncio.create_task(b.acquire(60, holder=slow))
+    await asyncio.sleep(0.01)
+    ready_task = asyncio.create_task(b.acquire(60, holder=ready))
+    await asyncio.sleep(0.01)
+    held.release()  # room for one: the ready one, though the other came first
+    r = await asyncio.wait_for(ready_task, 1)
+    assert not slow_task.done()
+    slow.waiting = waiter(unread=10, ended=False, rate=1.0)  # one window of a trickle
+    with pytest.raises(WaitExpired, match="while it waited for memory"):
+        await asyncio.wait_for(slow_task, 1)
+    assert (b.expired, b.waiting, b.in_use) == (1, 0, 60)
+    r.release()
+    assert b.in_use == 0
+
+
+async def test_a_waiter_that_becomes_ready_is_granted_without_a_release() -> None:
+    b = MemoryBudget(100)
+    held = await b.acquire(50)
+    big = FakeWaiter(waiter(unread=0, rate=None))  # unready and cannot fit
+    small = FakeWaiter(waiter(unread=0, rate=None))
+    big_task = asyncio.create_task(b.acquire(60, holder=big))
+    await asyncio.sleep(0.01)
+    small_task = asyncio.create_task(b.acquire(40, holder=small))
+    await asyncio.sleep(0.01)
+    assert not small_task.done()  # in line behind the unready head that does not fit
+    small.waiting = waiter(unread=READY_BYTES, rate=None)  # its client's bytes arrive
+    r = await asyncio.wait_for(small_task, 1)  # the next check grants it
+    held.release()
+    r.release()
+    (await asyncio.wait_for(big_task, 1)).release()
+    assert b.in_use == 0
+
+
+async def test_a_big_ready_part_is_not_starved_by_small_ready_ones() -> None:
+    """A stream of small ready requests behind a big ready head waits for it."""
+    b = MemoryBudget(100)
+    held = [await b.acquire(30) for _ in range(3)]
+    big = asyncio.create_task(b.acquire(90, holder=FakeWaiter(waiter(unread=READY_BYTES))))
+    await asyncio.sleep(0.01)
+    smalls = [
+        asyncio.create_task(b.acquire(10, holder=FakeWaiter(waiter(unread=READY_BYTES))))
+        for _ in range(5)
+    ]
+    for r in held:  # each release leaves room for small ones, never for the big one
+        await asyncio.sleep(0.01)
+        r.release()
+        assert not any(t.done() for t in smalls) or big.done()
+    got = await asyncio.wait_for(big, 1)
+    await asyncio.sleep(0)
+    assert [t.done() for t in smalls] == [True, False, False, False, False]  # the room left
+    got.release()
+    for t in smalls:
+        (await asyncio.wait_for(t, 1)).release()
+    assert b.in_use == 0

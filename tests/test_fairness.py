@@ -238,6 +238,50 @@ async def test_clients_that_slow_down_mid_part_are_evicted(
     assert budget.in_use == 0
 
 
+@pytest.mark.parametrize(
+    ("every", "burst"),
+    [(0.1, PROBE_BYTES + 8 * KiB), (None, PROBE_BYTES + 8 * KiB), (0.1, 300 * KiB)],
+    ids=["trickle", "silent", "trickle-after-300KiB"],
+)
+async def test_tricklers_queued_ahead_do_not_delay_a_later_upload(
+    proxy_factory: Any, s3: Any, bucket: str, keys_in: Any, every: float | None, burst: int
+) -> None:
+    """The hostile probe's finding 2 at test scale: 20 clients pass the probe, then send
+    10 B/s (or nothing); 16 MiB budget, 5 MiB parts, so 3 parts fit. Their burst is
+    PROBE_BYTES + 8 KiB, or 300 KiB (a socket read takes 256 KiB, the kernel holds the
+    rest with its receive window still open). A 12 MiB upload started behind them used
+    to wait for them all, 3 at a time, each holding a part for MIN_HELD (9.7 s). Now it
+    passes the waiting tricklers (its client is held back: window closed, ready), they
+    time out without holding a part, and it waits only for the 3 holders' eviction
+    (PATIENCE). Two rounds of fresh tricklers, the faster judged (a loaded CI machine).
+    """
+    proxy = await proxy_factory(memory_budget=16 * MiB, part_size=5 * MiB)
+    budget = proxy.server.app[STATE].budget
+    data = os.urandom(12 * MiB)
+    idle = await timed_upload(proxy, data, "idle.bin")
+    drip = 1000.0 if every is None else every  # silent: no byte within the test
+    loaded: list[float] = []
+    answers: list[tuple[int, bytes]] = []
+    for round_ in range(2):
+        slow = [
+            asyncio.create_task(trickler(proxy.port, f"slow{round_}-{i}", drip, burst))
+            for i in range(20)
+        ]
+        await eventually(lambda: budget.waiting >= 17, within=5, what="tricklers queued")
+        await asyncio.sleep(MIN_HELD + 0.5)  # the holders may be judged (held MIN_HELD)
+        loaded.append(await timed_upload(proxy, data, f"loaded{round_}.bin"))
+        answers += await asyncio.wait_for(asyncio.gather(*slow), 30)
+    print(f"12 MiB upload: idle {idle:.2f} s, behind 20 tricklers {loaded}")
+    assert min(loaded) <= 2 * idle + PATIENCE + 1.0
+    for status, payload in answers:
+        error = json.loads(payload)["error"]
+        assert status == 408 and error["code"] == "CLIENT_TIMEOUT", payload
+    assert budget.expired >= 2 * 17 - 6  # most timed out waiting, never holding a part
+    stored = keys_in(bucket)
+    assert len(stored) == 3 and not any("slow" in k for k in stored)
+    assert budget.in_use == 0 and budget.waiting == 0
+
+
 async def test_a_fast_holder_is_never_evicted(
     proxy_factory: Any, s3: Any, bucket: str, keys_in: Any
 ) -> None:

@@ -123,6 +123,9 @@ class Chunks:
     def expire(self, message: str) -> None:
         raise AssertionError(f"no eviction expected here: {message}")
 
+    def arrival(self) -> None:
+        return None
+
 
 async def test_replay_gives_the_read_ahead_bytes_first() -> None:
     rest = Chunks(b"world")

@@ -136,6 +136,9 @@ class Source:
     def expire(self, message: str) -> None:
         raise AssertionError(f"no eviction expected here: {message}")
 
+    def arrival(self) -> None:
+        return None
+
 
 def spec(key: str = "k/a.bin") -> FileSpec:
     return FileSpec(field="f", filename="a.bin", key=key)
