@@ -108,6 +108,47 @@ async def drop_object(store: TusStore) -> None:
     log.info("upload.deleted key=%s reason=UPSTREAM_CORRUPTION", store.upload.key)
 
 
+async def resurrected(store: TusStore, current: TusState, etag: str) -> int | None:
+    """The size of this upload's object if ``current`` (read at ``etag``) is a state
+    that came back after the upload completed, else None. Its creation's state write,
+    an attempt of it held on the way, landed after the completion removed the state
+    (``If-None-Match: *`` on a key gone again): pristine, beside the object the upload
+    made. Such a state is removed (If-Match: only it) and the upload answered complete:
+    never completed (and counted, and told) twice, nor offset 0 for a stored file. One
+    HeadObject, for pristine states only."""
+    if not current.pristine:
+        return None
+    found = await own_object(store, None)
+    if found is None:
+        return None
+    with contextlib.suppress(S3Error):  # a later recheck or the sweep removes it then
+        await store.bucket.delete(store.state_key, if_match=etag)
+    log.info("tus.state_resurrected id=%s action=removed", store.upload.id)
+    return found.size
+
+
+def creation_recheck(
+    store: TusStore, sent: TusState, ended: Callable[[], bool]
+) -> Callable[[], Awaitable[None]]:
+    """The recheck of a creation whose state write had an unanswered attempt (it may
+    land after the upload ended and its state went, ``janitor.recheck_late``): a state
+    still exactly as sent, of an upload that ended (``ended``: in the creation's own
+    request; or completed since, its object there) is that late write, and goes
+    (If-Match: only it). A state changed since is a live upload's, and stays."""
+
+    async def recheck() -> None:
+        found = await store.read()
+        if found is None or found[0] != sent:
+            return
+        if not ended() and await own_object(store, None) is None:
+            return  # live, not yet PATCHed
+        with contextlib.suppress(PreconditionFailed):  # changed meanwhile: live
+            await store.bucket.delete(store.state_key, if_match=found[1])
+        log.info("tus.state_resurrected id=%s action=removed", store.upload.id)
+
+    return recheck
+
+
 async def finished(store: TusStore) -> int | None:
     """The size of the object this upload made at its key, if it completed; else None."""
     found = await own_object(store, store.upload.length)
