@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from s3proxy.errors import KEY_EXISTS, UPLOAD_LOCKED, ProxyError
 from s3proxy.handlers import notify, notify_rolled_back
-from s3proxy.janitor import Kind, run_cleanup
+from s3proxy.janitor import Kind, recheck_late, run_cleanup
 from s3proxy.pipeline import StoredFile
 from s3proxy.s3 import (
     ChecksumDiffers,
@@ -94,18 +94,20 @@ async def landed(store: TusStore, appended: Appended, err: ProxyError) -> Stored
     if found is None:
         return None
     parts = len(file.acknowledged())
-    return _stored_file(store, found, file.content_type, parts, appended.current.fields)
+    stored = _stored_file(store, found, file.content_type, parts, appended.current.fields)
+    return dataclasses.replace(stored, may_land_late=True)  # its answer was lost
 
 
-async def drop_object(store: TusStore) -> None:
+async def drop_object(store: TusStore, reason: str = "UPSTREAM_CORRUPTION") -> None:
     """Delete the object at the upload's key if this upload stored it (its id in the
-    metadata; If-Match, so never an object another upload put there since)."""
+    metadata; If-Match, so never an object another upload put there since). Safe to
+    repeat: also the recheck of a rollback whose write may land late."""
     found = await own_object(store, None)
     if found is None:
         return
     with contextlib.suppress(PreconditionFailed):
         await store.bucket.delete(store.upload.key, if_match=found.etag)
-    log.info("upload.deleted key=%s reason=UPSTREAM_CORRUPTION", store.upload.key)
+    log.info("upload.deleted key=%s reason=%s", store.upload.key, reason)
 
 
 async def resurrected(store: TusStore, current: TusState, etag: str) -> int | None:
@@ -288,12 +290,15 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
                 kept = False
                 m.uploads_aborted.labels(err.kind.code).inc()
                 log.info("upload.rolled_back key=%s reason=%s", stored.key, err.kind.code)
+                what = f"rollback key={stored.key} tus_id={upload.id}"
                 await run_cleanup(
-                    rollback(state, store, owner),
-                    f"rollback key={stored.key} tus_id={upload.id}",
-                    state.janitor,
-                    kind=Kind.OBJECT,
+                    rollback(state, store, owner), what, state.janitor, kind=Kind.OBJECT
                 )
+                if stored.may_land_late:  # its PutObject/Complete may still be carried out
+                    window = state.pipeline.late_write_window
+                    recheck_late(
+                        state.janitor, lambda: drop_object(store, "late_write"), what, window
+                    )
                 # As /upload's rollback: the receiver may have got upload.completed.
                 await notify_rolled_back(state, [stored.key], err.kind.code)
                 raise Ended(err.kind, err.message) from err

@@ -376,3 +376,33 @@ async def test_a_creation_whose_own_state_write_landed_unseen_is_created(
         key = unquote(resp.headers["S3Proxy-Key"])
     assert await read_object_async(s3, bucket, key) == data
     assert await reserved(s3, bucket) == []
+
+
+async def test_a_rolled_back_upload_whose_write_lands_late_is_deleted_again(
+    proxy_factory: ProxyFactory, moto: Any, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    """The object's PutObject held past --s3-read-timeout, its retry stored it, the
+    webhook failed and --webhook-failure rollback deleted it; then the held attempt landed
+    and stored it again, behind a 502. The rollback's delete is made again later."""
+    server, _ = await receiver(aiohttp_server, 500)
+    held = lambda op, n: Fault(delay=1.5) if (op, n) == ("PutObject", 1) else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, held, name=tus_operation) as faulty:
+        proxy = await proxy_factory(
+            faulty.endpoint_url,
+            s3_read_timeout=0.5,
+            s3_max_attempts=3,
+            webhook_url=str(server.make_url("/hook")),
+            webhook_secret=SECRET_HOOK,
+            webhook_attempts=1,
+        )
+        url = await new_upload(proxy, 1000)
+        resp = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
+        assert resp.status == 502 and (await resp.json())["error"]["code"] == "WEBHOOK_FAILED"
+        assert faulty.calls.count("PutObject") == 2
+        await asyncio.sleep(1.5)  # the held attempt has landed
+        await eventually(
+            lambda: all_keys_async(s3, bucket),
+            until=lambda keys: [k for k in keys if not k.startswith(RESERVED_PREFIX)] == [],
+            within=6.0,
+            what="no object of the rolled back upload",
+        )
