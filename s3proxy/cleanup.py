@@ -35,6 +35,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from s3proxy.errors import ProxyError
 from s3proxy.s3 import (
@@ -48,6 +49,9 @@ from s3proxy.s3 import (
     read_small,
 )
 from s3proxy.tus_url import RESERVED_PREFIX, key_hash, parse_id
+
+if TYPE_CHECKING:
+    from s3proxy.tus_state import TusState
 
 log = logging.getLogger("s3proxy.cleanup")
 
@@ -215,11 +219,25 @@ async def sweep(
 @dataclass
 class TusSweep:
     """What ``sweep_tus`` saw: the key hashes of live tus uploads (for ``sweep``'s
-    ``keep``), the ids of expired ones, and those it removed."""
+    ``keep``), the ids of expired ones, those it removed, and of those the ones the
+    removal ended (``ends_by_expiry``: counted aborted UPLOAD_EXPIRED, once)."""
 
     live: frozenset[str] = frozenset()
     expired: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    ended: list[str] = field(default_factory=list)
+
+
+def ends_by_expiry(state: TusState | None, came_back: bool) -> bool:
+    """Does removing an expired tus upload end it (for the metrics), or had it ended, and
+    been counted, before? Ended before: no state (a removal deleted it, the state last:
+    what is left was written late, a segment), an ending written down (COMPLETED, FAILED:
+    counted when it ended), a state come back after its upload completed (``came_back``:
+    a creation's write that landed late). A termination whose removal failed was not
+    counted yet (DELETE counts once its removal is done), nor an unreadable state. Pure."""
+    if state is None:
+        return False
+    return state.ending is None and not came_back
 
 
 async def sweep_tus(
@@ -257,10 +275,13 @@ async def sweep_tus(
         if dry_run:
             log.info("cleanup.tus id=%s action=would-remove", upload_id)
             continue
+        ends = True  # unless the state says it ended before
         try:
             try:
                 raw, _ = await read_small(bucket, prefix + "state")
                 state = TusState.from_bytes(raw)
+                came_back = state.pristine and await _made_by(bucket, state.key, upload_id)
+                ends = ends_by_expiry(state, came_back)
                 if state.locked(now, skew):
                     log.info("cleanup.tus id=%s action=skipped reason=locked", upload_id)
                     # its multipart upload is live too: the orphan sweep keeps it
@@ -271,7 +292,7 @@ async def sweep_tus(
                 if state.ending == FAILED and state.key:
                     await _drop_failed(bucket, state.key, upload_id)
             except NoSuchKey:
-                pass  # its state went first: only segments are left
+                ends = ends_by_expiry(None, False)  # only what landed after its removal
             except CorruptState as err:
                 # Unreadable (changed at rest, or on the way here): no PATCH can use it
                 # either, and the upload has expired. Its multipart upload, unnamed now,
@@ -282,8 +303,23 @@ async def sweep_tus(
             log.warning("cleanup.tus id=%s action=failed error=%s", upload_id, err.message)
             continue
         result.removed.append(upload_id)
-        log.info("cleanup.tus id=%s action=removed reason=expired", upload_id)
+        if ends:
+            result.ended.append(upload_id)
+        log.info("cleanup.tus id=%s action=removed reason=expired ended=%s", upload_id, ends)
     return result
+
+
+async def _made_by(bucket: ObjectStore, key: str, upload_id: str) -> bool:
+    """Whether the object at ``key`` was stored by the tus upload ``upload_id``."""
+    from s3proxy.tus_state import TUS_META
+
+    if not key:
+        return False
+    try:
+        found = await bucket.head(key)
+    except NoSuchKey:
+        return False
+    return found.metadata.get(TUS_META) == upload_id
 
 
 async def _drop_failed(bucket: ObjectStore, key: str, upload_id: str) -> None:

@@ -55,6 +55,23 @@ class Kind(enum.Enum):
     TUS_PATCH = "tus_patch"  # a cut PATCH's commit or lock release: ``tus commit|lock``
 
 
+def late_delays(window: float) -> tuple[float, ...]:
+    """When a removal is made again after a write that may land late (``again_after``):
+    ``window`` seconds on (2 x --s3-read-timeout: an attempt held that long has landed or
+    is lost) and 4x that (8 x); none for no window. Pure."""
+    return (window, 4 * window) if window > 0 else ()
+
+
+def recheck_late(janitor: Janitor | None, fn: Cleanup, what: str, window: float) -> None:
+    """Make the removal ``fn`` again at ``late_delays(window)``: what it removes was made
+    by a write an attempt of which went unanswered (``s3.Written.may_land_late``), or whose
+    answer never came, and S3 may carry that attempt out after the removal. ``fn`` must be
+    safe to repeat and touch only what this request made (its own key, or If-Match/nonce)."""
+    delays = late_delays(window)
+    if janitor is not None and delays:
+        janitor.again_after(fn, what, delays)
+
+
 class ShutdownDeadline(TimeoutError):
     """A cleanup cut short because the shutdown's deadline passed."""
 

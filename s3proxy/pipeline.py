@@ -86,7 +86,7 @@ from s3proxy.errors import (
     ProxyError,
 )
 from s3proxy.form import DEFAULT_MAX_FIELDS_SIZE, DEFAULT_MIN_RATE, ChunkSource
-from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor, Kind, finish, run_cleanup
+from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor, Kind, finish, recheck_late, run_cleanup
 from s3proxy.limits import RateMeter
 from s3proxy.machine import (
     CreateUpload,
@@ -173,6 +173,10 @@ class StoredFile:
     parts: int
     metadata: Mapping[str, str] = dc_field(default_factory=dict)  # form fields stored with it
     checksum: StoredChecksum | None = None  # what S3 stored and verified; None: --checksum off
+    nonce: str | None = None  # what marks it ours on a shared key (--no-overwrite); None: unique
+    # an attempt of its PutObject/Complete went unanswered: S3 may store it again later,
+    # so whatever removes it removes it again later (``janitor.recheck_late``)
+    may_land_late: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -186,6 +190,31 @@ class StoredFile:
             "checksum": None if self.checksum is None else self.checksum.to_json(),
             "metadata": dict(self.metadata),
         }
+
+
+async def own_etag(sink: ObjectSink, key: str, nonce: str) -> str | None:
+    """The ETag of the object at ``key`` if the upload with ``nonce`` wrote it, else None."""
+    try:
+        head = await sink.head(key)
+    except NoSuchKey:
+        return None
+    return head.etag if keys.owned_by(head.metadata, nonce) else None
+
+
+async def delete_own(sink: ObjectSink, key: str, nonce: str, reason: str) -> None:
+    """Delete the object at a shared ``key`` only if it carries ``nonce``, and only that
+    version (If-Match on the ETag HeadObject gave): never another upload's object, even
+    one of the same bytes (same ETag) written since. Safe to repeat."""
+    etag = await own_etag(sink, key, nonce)
+    if etag is None:
+        log.info("upload.not_deleted key=%s reason=%s owner=other", key, reason)
+        return
+    try:
+        await sink.delete(key, if_match=etag)
+    except PreconditionFailed:  # replaced since the HeadObject: by someone else
+        log.info("upload.not_deleted key=%s reason=%s owner=changed", key, reason)
+        return
+    log.info("upload.deleted key=%s reason=%s", key, reason)
 
 
 @dataclass(frozen=True)
@@ -453,32 +482,17 @@ class FileUpload:
         """Delete again later: a PutObject or Complete whose answer never came may still be
         carried out by S3 (held on the way, it lands after the delete above). Our own key
         (or only our own nonce's object), so repeating it never touches another upload."""
-        if self.janitor is not None and self.cfg.late_write_window > 0:
-            window = self.cfg.late_write_window
-            self.janitor.again_after(delete, f"delete key={self.spec.key}", (window, 4 * window))
+        recheck_late(
+            self.janitor, delete, f"delete key={self.spec.key}", self.cfg.late_write_window
+        )
 
     async def _delete_own(self, reason: str) -> None:
-        """Delete the object at our shared key only if it carries our nonce, and only
-        that version (If-Match): never another upload's object."""
-        key = self.spec.key
-        etag = await self._own_etag()
-        if etag is None:
-            log.info("upload.not_deleted key=%s reason=%s owner=other", key, reason)
-            return
-        try:
-            await self.sink.delete(key, if_match=etag)
-        except PreconditionFailed:  # replaced since the HeadObject: by someone else
-            log.info("upload.not_deleted key=%s reason=%s owner=changed", key, reason)
-            return
-        log.info("upload.deleted key=%s reason=%s", key, reason)
+        """Delete the object at our shared key only if it carries our nonce (``delete_own``)."""
+        await delete_own(self.sink, self.spec.key, self.nonce, reason)
 
     async def _own_etag(self) -> str | None:
         """The ETag of the object at our key if it is the one this upload wrote, else None."""
-        try:
-            head = await self.sink.head(self.spec.key)
-        except NoSuchKey:
-            return None
-        return head.etag if keys.owned_by(head.metadata, self.nonce) else None
+        return await own_etag(self.sink, self.spec.key, self.nonce)
 
     async def _only_new(self, write: Callable[..., Awaitable[Written]]) -> Written:
         """A PutObject or Complete, with If-None-Match: * under --no-overwrite.
@@ -509,7 +523,9 @@ class FileUpload:
                     f"an object is already stored at {self.spec.key!r}; uploads do not "
                     "replace objects (--no-overwrite)",
                 ) from None
-            return Written(etag)  # S3's answer, with its checksum, was the lost one
+            # S3's answer, with its checksum, was the lost one: that attempt went
+            # unanswered, and another may still land.
+            return Written(etag, unanswered=1)
 
     @property
     def size(self) -> int:
@@ -921,4 +937,6 @@ class FileUpload:
             parts=parts,
             metadata=self.spec.fields,
             checksum=written.checksum,
+            nonce=self.nonce if self.cfg.writes.if_none_match else None,
+            may_land_late=written.may_land_late,
         )

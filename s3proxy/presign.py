@@ -48,7 +48,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +70,7 @@ from s3proxy.errors import (
     ProxyError,
 )
 from s3proxy.handlers import notify, notify_rolled_back, rollback_reason
-from s3proxy.janitor import Kind, run_cleanup
+from s3proxy.janitor import Kind, recheck_late, run_cleanup
 from s3proxy.s3 import (
     InvalidParts,
     NoSuchKey,
@@ -548,7 +548,9 @@ async def complete_multipart(request: web.Request) -> web.Response:
     except ProxyError as exc:
         # S3 may have completed and only its answer was lost (a retry then says
         # NoSuchUpload), or another complete of this upload did (S3 refuses the parts).
-        if exc.kind is KEY_EXISTS or (done := await _done_meanwhile(ctx, key, upload_id)) is None:
+        # That Complete may still land late (its answer was lost, or another's was).
+        late = exc.kind is not KEY_EXISTS
+        if not late or (done := await _done_meanwhile(ctx, key, upload_id, late=late)) is None:
             raise
         return done
     try:
@@ -559,6 +561,8 @@ async def complete_multipart(request: web.Request) -> web.Response:
         # 200, so the janitor checks it too rather than delete what the client was told
         # is stored.
         if_match = None if ctx.writes.unique_keys else written.etag
+        if written.may_land_late:
+            _again_later(ctx, lambda: ctx.sink.delete(key, if_match=if_match), key)
         await run_cleanup(
             lambda: ctx.sink.delete(key, if_match=if_match),
             f"delete key={key} reason=size_unchecked",
@@ -568,10 +572,22 @@ async def complete_multipart(request: web.Request) -> web.Response:
         )
         log.info("presign.size_unchecked key=%s upload_id=%s action=delete", key, upload_id)
         raise
-    return await _answer(ctx, await _held_to_size(ctx, key, upload_id, head, len(found)), head)
+    late = written.may_land_late
+    out = await _held_to_size(ctx, key, upload_id, head, len(found), late=late)
+    return await _answer(ctx, out, head, late=late)
 
 
-async def _done_meanwhile(ctx: Context, key: str, upload_id: str) -> web.Response | None:
+def _again_later(ctx: Context, delete: Callable[[], Awaitable[None]], key: str) -> None:
+    """Make a delete of the completed object again later (``janitor.recheck_late``): an
+    attempt of its Complete went unanswered and S3 may carry it out after the delete."""
+    log.info("presign.late_write_possible key=%s action=recheck", key)
+    window = 2 * ctx.settings.s3_read_timeout
+    recheck_late(ctx.state.janitor, delete, f"delete key={key}", window)
+
+
+async def _done_meanwhile(
+    ctx: Context, key: str, upload_id: str, *, late: bool = False
+) -> web.Response | None:
     """The answer to a complete refused or failed while another complete of the upload
     may have stored it (a client's retry through another instance, or one whose answer
     was lost): S3 then lists no parts (SeaweedFS, for a moment), refuses the parts, the
@@ -581,7 +597,8 @@ async def _done_meanwhile(ctx: Context, key: str, upload_id: str) -> web.Respons
     head = await _completed_object(ctx, key)
     if head is None:
         return None
-    return await _answer(ctx, await _held_to_size(ctx, key, upload_id, head), head)
+    out = await _held_to_size(ctx, key, upload_id, head, late=late)
+    return await _answer(ctx, out, head, late=late)
 
 
 async def _completed_object(ctx: Context, key: str) -> ObjectHead | None:
@@ -628,9 +645,16 @@ def _parts_in(etag: str | None) -> int:
 
 
 async def _held_to_size(
-    ctx: Context, key: str, upload_id: str, head: ObjectHead, parts_count: int | None = None
+    ctx: Context,
+    key: str,
+    upload_id: str,
+    head: ObjectHead,
+    parts_count: int | None = None,
+    *,
+    late: bool = False,
 ) -> dict[str, Any]:
-    """Delete the object if its size is not the one signed at create (400); else its JSON."""
+    """Delete the object if its size is not the one signed at create (400); else its JSON.
+    ``late``: the Complete that made it may still land, so a delete is made again later."""
     signed = head.metadata.get(SIZE_META)
     stored = head.length
     if signed is None or not (signed.isascii() and signed.isdigit() and len(signed) <= 20):
@@ -639,8 +663,10 @@ async def _held_to_size(
     elif int(signed) != stored:
         # Only this version (If-Match): on a shared key with overwrites allowed, a
         # later upload may already have replaced it.
-        with contextlib.suppress(PreconditionFailed):  # replaced meanwhile: not ours now
-            await ctx.sink.delete(key, if_match=None if ctx.writes.unique_keys else head.etag)
+        delete = _version_deleter(ctx, key, head)
+        await delete()
+        if late:
+            _again_later(ctx, delete, key)
         log.info("presign.size_mismatch key=%s signed=%s stored=%d", key, signed, stored)
         raise ProxyError(
             INVALID_REQUEST,
@@ -687,7 +713,21 @@ def completed_file(out: Mapping[str, Any], head: ObjectHead) -> dict[str, Any]:
     }
 
 
-async def _answer(ctx: Context, out: dict[str, Any], head: ObjectHead) -> web.Response:
+def _version_deleter(ctx: Context, key: str, head: ObjectHead) -> Callable[[], Awaitable[None]]:
+    """Delete the object at ``key`` (on a shared key only the version ``head`` saw);
+    replaced meanwhile, it is not ours now and stays. Safe to repeat."""
+    if_match = None if ctx.writes.unique_keys else head.etag
+
+    async def delete() -> None:
+        with contextlib.suppress(PreconditionFailed):
+            await ctx.sink.delete(key, if_match=if_match)
+
+    return delete
+
+
+async def _answer(
+    ctx: Context, out: dict[str, Any], head: ObjectHead, *, late: bool = False
+) -> web.Response:
     """The complete's 200, once the webhook (if any) has heard of the object, as for
     ``POST /upload``: if it cannot be told, ``--webhook-failure rollback`` deletes the
     object and answers 502 WEBHOOK_FAILED, ``keep`` answers 200 with ``"webhook":
@@ -701,15 +741,12 @@ async def _answer(ctx: Context, out: dict[str, Any], head: ObjectHead) -> web.Re
         out["webhook"] = await notify(state, {"files": [completed_file(out, head)], "fields": {}})
     except BaseException as exc:
         reason = rollback_reason(state, exc)
-        if_match = None if ctx.writes.unique_keys else head.etag
-
-        async def delete() -> None:
-            with contextlib.suppress(PreconditionFailed):  # replaced meanwhile: not ours now
-                await ctx.sink.delete(key, if_match=if_match)
-
+        delete = _version_deleter(ctx, key, head)
         try:
             await run_cleanup(delete, f"rollback key={key}", state.janitor, kind=Kind.OBJECT)
             log.info("presign.rolled_back key=%s reason=%s", key, reason)
+            if late:
+                _again_later(ctx, delete, key)
         finally:
             await notify_rolled_back(state, [key], reason)
         raise

@@ -341,10 +341,22 @@ def stored_checksum(
 
 @dataclass(frozen=True)
 class Written:
-    """What ``put`` and ``complete`` stored: the ETag, and the checksum if one was sent."""
+    """What ``put`` and ``complete`` stored: the ETag, and the checksum if one was sent.
+
+    ``unanswered``: attempts of the call that got no answer after their request may have
+    reached S3 (a read timeout, a connection dropped once sent), before another attempt's
+    answer. S3 may still carry such an attempt out later: a request held on the way lands
+    after whatever removed this object meanwhile (a rollback), and stores it again. So
+    whatever removes it makes the removal again later (``janitor.late_delays``)."""
 
     etag: str
     checksum: StoredChecksum | None = None
+    unanswered: int = 0
+
+    @property
+    def may_land_late(self) -> bool:
+        """An attempt of this write may still be carried out by S3 (see the class)."""
+        return self.unanswered > 0
 
 
 def whole_object(parts: Sequence[CrcValue]) -> CrcValue | None:
@@ -504,6 +516,9 @@ class ObjectStore(ObjectSink, Protocol):
       the answer was lost (a timeout, a dropped connection, a cancellation): it aborts
       the key's uploads (``abort_uploads``) before raising. Keys are unique per
       upload, so no one else's upload is touched.
+    * ``put``/``complete`` count in ``Written.unanswered`` the attempts that got no
+      answer once their request may have reached S3 (read timeouts, dropped
+      connections; botocore's own path, which does not say why, counts every retry).
     * ``abort`` of an upload already gone (NoSuchUpload) succeeds: aborts are retried.
     * ``complete`` raises NoSuchUpload or InvalidParts for those answers.
     * ``put``/``complete`` with ``if_none_match`` send ``If-None-Match: *`` and raise

@@ -241,6 +241,13 @@ def _stored_checksum(
     return stored_checksum(operation, sent, None if reported is None else str(reported), kind)
 
 
+def _retried(resp: Mapping[str, Any]) -> int:
+    """Attempts botocore retried before its answer (``RetryAttempts``). It does not say
+    why, so each counts as unanswered (``Written.unanswered``): at worst a removal is made
+    again for nothing (the lean path, which sends these calls unless it cannot, knows)."""
+    return int(resp.get("ResponseMetadata", {}).get("RetryAttempts", 0))
+
+
 def _put_answer(headers: Mapping[str, str], sent: CrcValue | None) -> dict[str, Any]:
     """A lean PutObject's answer headers as the fields botocore's parsed answer has."""
     resp: dict[str, Any] = {"ETag": headers["ETag"]}
@@ -398,7 +405,8 @@ class AioObjectStore:
                         headers[checksum.algorithm.header] = checksum.b64()
                     answer = await sender.put_object(key, data, headers)
                     resp = _put_answer(answer.headers, checksum)
-                    return Written(str(resp["ETag"]), _stored_checksum("PutObject", resp, checksum))
+                    stored = _stored_checksum("PutObject", resp, checksum)
+                    return Written(str(resp["ETag"]), stored, answer.unanswered)
                 resp = await self._client.put_object(
                     Bucket=self.bucket,
                     Key=key,
@@ -408,7 +416,8 @@ class AioObjectStore:
                     **_only_new(if_none_match),
                     **swap,
                 )
-                return Written(str(resp["ETag"]), _stored_checksum("PutObject", resp, checksum))
+                stored = _stored_checksum("PutObject", resp, checksum)
+                return Written(str(resp["ETag"]), stored, _retried(resp))
 
     async def create(
         self, key: str, options: ObjectOptions, *, checksum: Algorithm | None = None
@@ -430,7 +439,7 @@ class AioObjectStore:
                             Bucket=self.bucket, Key=key, **_params(options), **declared
                         )
                         upload_id = str(resp["UploadId"])
-                        retried = int(resp.get("ResponseMetadata", {}).get("RetryAttempts", 0))
+                        retried = _retried(resp)
         except BaseException:
             # S3 may have made the upload and only its answer was lost: abort it, since
             # no one else will ever learn its id. To the end even if we are cancelled.
@@ -534,9 +543,11 @@ class AioObjectStore:
                     headers = {_DECLARED[k]: v for k, v in declared.items()}
                     headers.update({_HEADERS[k]: v for k, v in _only_new(if_none_match).items()})
                     body = complete_body(listed)
-                    fields = await sender.complete(key, upload_id, body, headers)
+                    fields, lost = await sender.complete(key, upload_id, body, headers)
                     return Written(
-                        fields["ETag"], _stored_checksum("CompleteMultipartUpload", fields, whole)
+                        fields["ETag"],
+                        _stored_checksum("CompleteMultipartUpload", fields, whole),
+                        lost,
                     )
                 resp = await self._client.complete_multipart_upload(
                     Bucket=self.bucket,
@@ -547,7 +558,9 @@ class AioObjectStore:
                     **_only_new(if_none_match),
                 )
                 return Written(
-                    str(resp["ETag"]), _stored_checksum("CompleteMultipartUpload", resp, whole)
+                    str(resp["ETag"]),
+                    _stored_checksum("CompleteMultipartUpload", resp, whole),
+                    _retried(resp),
                 )
 
     async def abort(self, key: str, upload_id: str) -> None:

@@ -29,6 +29,7 @@ where it is simple to be right: no HTTP proxy applies, credentials present; othe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import ssl
@@ -88,6 +89,9 @@ class Answer:
     headers: Mapping[str, str]
     content: bytes = b""
     attempts: int = 1  # botocore's ResponseMetadata.RetryAttempts is this minus one
+    # of those attempts, how many got no answer once their request may have reached S3
+    # (``unanswered``): S3 may still carry them out later (``s3.Written.unanswered``)
+    unanswered: int = 0
 
     def __getitem__(self, name: str) -> str:
         return self.headers[name]
@@ -268,6 +272,15 @@ class _Throttling:
         return bool(self._checker.is_retryable(context))
 
 
+def unanswered(failure: BaseException) -> bool:
+    """Did an attempt that failed so go unanswered after its request may have reached S3?
+    A read timeout or a dropped connection: yes, S3 may have it (or get it later, held on
+    the way). No connection made (a connect timeout, a refusal): no request left us.
+
+    Pure."""
+    return not isinstance(failure, ConnectTimeoutError | EndpointConnectionError)
+
+
 def network_error(exc: BaseException, url: str) -> Exception:
     """An aiohttp/asyncio failure as the botocore exception botocore would raise."""
     kind: type[HTTPClientError] = ConnectionClosedError
@@ -389,16 +402,16 @@ class PartSender:
 
     async def complete(
         self, key: str, upload_id: str, body: bytes, headers: Mapping[str, str]
-    ) -> dict[str, str]:
+    ) -> tuple[dict[str, str], int]:
         """CompleteMultipartUpload with ``body`` (``complete_body``): the answer's fields
-        (ETag, and the stored checksum where S3 reports it)."""
+        (ETag, and the stored checksum where S3 reports it), and its ``Answer.unanswered``."""
         name = "CompleteMultipartUpload"
         url = f"{await self._object_url(key)}?{upload_query(upload_id)}"
         answer = await self._exchange(name, self._complete_operation, "POST", url, (body,), headers)
         fields = xml_fields(answer.content)
         if "ETag" not in fields:
             raise malformed(name, answer)
-        return fields
+        return fields, answer.unanswered
 
     async def tag(self, key: str, body: bytes) -> None:
         """PutObjectTagging with ``body`` (``tagging_body``) and botocore's CRC32 of it."""
@@ -431,6 +444,7 @@ class PartSender:
         """One signed request with botocore's retries: the 200 answer (its small body read)."""
         body = ChunkedBody(data)  # its payload writes the chunks afresh on every attempt
         attempt = 0
+        lost = 0  # attempts unanswered once sent: they may land later
         while True:
             attempt += 1
             signed = await self._signed(method, url, len(body), headers)
@@ -441,11 +455,12 @@ class PartSender:
                 async with asyncio.timeout(None) as deadline:
                     answer = await self._attempt(method, url, body, signed, deadline, attempt)
                 if answer.status_code == 200:
-                    return answer
+                    return dataclasses.replace(answer, unanswered=lost)
                 parsed = error_response(answer.status_code, answer.headers, answer.content)
                 failure = ClientError(parsed, name)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 failure = network_error(exc, url)
+                lost += unanswered(failure)
             context = RetryContext(
                 attempt,
                 operation_model=operation,

@@ -67,7 +67,7 @@ from s3proxy.errors import (
     quoted,
 )
 from s3proxy.form import ClientWatch
-from s3proxy.janitor import Kind, by_deadline, finish, run_cleanup
+from s3proxy.janitor import Kind, by_deadline, finish, recheck_late, run_cleanup
 from s3proxy.machine import Resume
 from s3proxy.parts import plan_parts
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, Resumed, StoredFile, abort_reason
@@ -394,32 +394,46 @@ async def create(request: web.Request) -> web.StreamResponse:
     if with_body:
         _check_patch(request, upload, 0)  # what can be refused is refused before state
     checksum = None if cfg.checksum is None else cfg.checksum.value
+    sent = TusState(
+        key=key, checksum=checksum, metadata=creation.stored_meta, fields=creation.fields
+    )
     try:
-        await store.create(
-            TusState(
-                key=key, checksum=checksum, metadata=creation.stored_meta, fields=creation.fields
-            )
-        )
+        created = await store.create(sent)
     except ProxyError:
-        # The write may have landed (its answer lost, or a 500 after S3 stored it): with
-        # no Location, nothing of the upload may stay.
+        # The write may have landed (its answer lost, or a 500 after S3 stored it), or
+        # still land (held on the way): with no Location, nothing of the upload may stay.
         what = f"tus creation id={upload.id}"
         await run_cleanup(_undo(store), what, state.janitor, kind=Kind.TUS_UPLOAD)
+        recheck_late(state.janitor, _undo(store), what, _late_window(state))
         raise
+    ended = False  # this request ended the upload (completed it, or undid it)
+    if created.may_land_late:
+        # An attempt of the state write may land after the upload ended and its state
+        # went, bringing it back: looked for again later (``creation_recheck``).
+        recheck = tus_ending.creation_recheck(store, sent, lambda: ended)
+        recheck_late(state.janitor, recheck, f"tus state id={upload.id}", _late_window(state))
     state.metrics.uploads_started.inc()
     log.info("tus.created key=%s length=%s id=%s by=%s", key, length, upload.id, principal.subject)
     headers = {"Location": ROOT + token, **_expires(upload)}
     if with_body or length == 0:
         try:
-            headers.update((await _append(request, state, store, 0)).headers())
+            result = await _append(request, state, store, 0, created=True)
         except BaseException as exc:
             # Refused: the client has no Location, so nothing of the upload may stay.
+            ended = True
             what = f"tus creation id={upload.id}"
             await finish(run_cleanup(_undo(store), what, state.janitor, kind=Kind.TUS_UPLOAD))
             if not isinstance(exc, tus_ending.Ended):  # it started: it ends here
                 state.metrics.uploads_aborted.labels(abort_reason(exc)).inc()
             raise
+        ended = result.key is not None
+        headers.update(result.headers())
     return _answer(201, headers)
+
+
+def _late_window(state: AppState) -> float:
+    """Seconds after which a removal is made again for a write that may land late."""
+    return state.pipeline.late_write_window
 
 
 def _object_metadata(meta: dict[str, str], upload_id: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -494,6 +508,9 @@ async def head(request: web.Request) -> web.StreamResponse:
         if head is None:
             raise ProxyError(NO_SUCH_UPLOAD, "no such upload (terminated, or never created)")
         offset = length = head
+        finished = {KEY_HEADER: tus_protocol.key_header(upload.key)}
+    elif (size := await tus_ending.resurrected(store, *found)) is not None:
+        offset = length = size  # completed; its state came back (a late creation write)
         finished = {KEY_HEADER: tus_protocol.key_header(upload.key)}
     else:
         current = found[0]
@@ -600,14 +617,15 @@ async def _patch_target(request: web.Request, state: AppState) -> tuple[TusUploa
 
 
 async def _append(
-    request: web.Request, state: AppState, store: TusStore, offset: int
+    request: web.Request, state: AppState, store: TusStore, offset: int, *, created: bool = False
 ) -> PatchResult:
-    """Append the request's body at ``offset``; the committed offset after it."""
+    """Append the request's body at ``offset``; the committed offset after it.
+    ``created``: in the creation's request (its state is new, not one come back)."""
     declared = _check_patch(request, store.upload, offset)
     task = asyncio.current_task()
     with state.track(task):
         try:
-            return await _append_tracked(request, state, store, offset, declared)
+            return await _append_tracked(request, state, store, offset, declared, created)
         except asyncio.CancelledError:
             if task is None or not state.stopped_by_shutdown(task):
                 raise
@@ -644,9 +662,13 @@ async def _append_tracked(
     store: TusStore,
     offset: int,
     declared: Declared | None,
+    created: bool = False,
 ) -> PatchResult:
     upload = store.upload
     found = await store.read()
+    came_back = None if created or found is None else await tus_ending.resurrected(store, *found)
+    if came_back is not None:
+        found = None  # a state come back after its upload completed (removed again)
     if found is None:
         done = await tus_ending.finished(store)
         if done is not None and offset == done:

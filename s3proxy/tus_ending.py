@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from s3proxy.errors import KEY_EXISTS, UPLOAD_LOCKED, ProxyError
 from s3proxy.handlers import notify, notify_rolled_back
-from s3proxy.janitor import Kind, run_cleanup
+from s3proxy.janitor import Kind, recheck_late, run_cleanup
 from s3proxy.pipeline import StoredFile
 from s3proxy.s3 import (
     ChecksumDiffers,
@@ -93,12 +93,14 @@ async def landed(store: TusStore, appended: Appended, err: ProxyError) -> Stored
     if found is None:
         return None
     parts = len(file.acknowledged())
-    return _stored_file(store, found, file.content_type, parts, appended.current.fields)
+    stored = _stored_file(store, found, file.content_type, parts, appended.current.fields)
+    return dataclasses.replace(stored, may_land_late=True)  # its answer was lost
 
 
-async def drop_object(store: TusStore) -> None:
+async def drop_object(store: TusStore, reason: str = "UPSTREAM_CORRUPTION") -> None:
     """Delete the object at the upload's key if this upload stored it (its id in the
-    metadata; If-Match, so never an object another upload put there since)."""
+    metadata; If-Match, so never an object another upload put there since). Safe to
+    repeat: also the recheck of a rollback whose write may land late."""
     found = await own_object(store, None)
     if found is None:
         return
@@ -106,7 +108,48 @@ async def drop_object(store: TusStore) -> None:
         await store.bucket.delete(store.upload.key, if_match=found.etag)
     except PreconditionFailed:  # replaced meanwhile: not this upload's, nothing deleted
         return
-    log.info("upload.deleted key=%s reason=UPSTREAM_CORRUPTION", store.upload.key)
+    log.info("upload.deleted key=%s reason=%s", store.upload.key, reason)
+
+
+async def resurrected(store: TusStore, current: TusState, etag: str) -> int | None:
+    """The size of this upload's object if ``current`` (read at ``etag``) is a state
+    that came back after the upload completed, else None. Its creation's state write,
+    an attempt of it held on the way, landed after the completion removed the state
+    (``If-None-Match: *`` on a key gone again): pristine, beside the object the upload
+    made. Such a state is removed (If-Match: only it) and the upload answered complete:
+    never completed (and counted, and told) twice, nor offset 0 for a stored file. One
+    HeadObject, for pristine states only."""
+    if not current.pristine:
+        return None
+    found = await own_object(store, None)
+    if found is None:
+        return None
+    with contextlib.suppress(S3Error):  # a later recheck or the sweep removes it then
+        await store.bucket.delete(store.state_key, if_match=etag)
+    log.info("tus.state_resurrected id=%s action=removed", store.upload.id)
+    return found.size
+
+
+def creation_recheck(
+    store: TusStore, sent: TusState, ended: Callable[[], bool]
+) -> Callable[[], Awaitable[None]]:
+    """The recheck of a creation whose state write had an unanswered attempt (it may
+    land after the upload ended and its state went, ``janitor.recheck_late``): a state
+    still exactly as sent, of an upload that ended (``ended``: in the creation's own
+    request; or completed since, its object there) is that late write, and goes
+    (If-Match: only it). A state changed since is a live upload's, and stays."""
+
+    async def recheck() -> None:
+        found = await store.read()
+        if found is None or found[0] != sent:
+            return
+        if not ended() and await own_object(store, None) is None:
+            return  # live, not yet PATCHed
+        with contextlib.suppress(PreconditionFailed):  # changed meanwhile: live
+            await store.bucket.delete(store.state_key, if_match=found[1])
+        log.info("tus.state_resurrected id=%s action=removed", store.upload.id)
+
+    return recheck
 
 
 async def finished(store: TusStore) -> int | None:
@@ -248,12 +291,15 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
                 kept = False
                 m.uploads_aborted.labels(err.kind.code).inc()
                 log.info("upload.rolled_back key=%s reason=%s", stored.key, err.kind.code)
+                what = f"rollback key={stored.key} tus_id={upload.id}"
                 await run_cleanup(
-                    rollback(state, store, owner),
-                    f"rollback key={stored.key} tus_id={upload.id}",
-                    state.janitor,
-                    kind=Kind.OBJECT,
+                    rollback(state, store, owner), what, state.janitor, kind=Kind.OBJECT
                 )
+                if stored.may_land_late:  # its PutObject/Complete may still be carried out
+                    window = state.pipeline.late_write_window
+                    recheck_late(
+                        state.janitor, lambda: drop_object(store, "late_write"), what, window
+                    )
                 # As /upload's rollback: the receiver may have got upload.completed.
                 await notify_rolled_back(state, [stored.key], err.kind.code)
                 raise Ended(err.kind, err.message) from err

@@ -87,6 +87,7 @@ from s3proxy.s3 import (
     NoSuchKey,
     ObjectOptions,
     ObjectStore,
+    PreconditionFailed,
     Written,
     object_pages,
     read_small,
@@ -206,6 +207,20 @@ class TusState:
     # How the upload ended, written only when removing its state failed (see the module
     # docstring): COMPLETED (``length`` then the object's size) or FAILED; None while it goes on.
     ending: str | None = None
+
+    @property
+    def pristine(self) -> bool:
+        """As its creation wrote it: nothing stored, nothing held, no ending. Such a state
+        beside an object this upload made is a creation's write that landed late, after
+        the upload completed and its state went (``tus_ending.resurrected``)."""
+        return (
+            self.offset == 0
+            and not self.parts
+            and not self.segments
+            and self.upload_id is None
+            and self.lock is None
+            and self.ending is None
+        )
 
     def ended(self) -> str | None:
         """How the upload ended though its state is still here (COMPLETED, FAILED,
@@ -402,8 +417,19 @@ class TusStore:
             raise ProxyError(INTERNAL, "the store returned the tus state without an ETag")
         return TusState.from_bytes(raw), etag
 
-    async def create(self, state: TusState) -> str:
-        return await self._put_state(state, if_none_match=True)
+    async def create(self, state: TusState) -> Written:
+        """Write a new upload's state (``If-None-Match: *``). Refused (412), the state there
+        can only be this creation's own: the id is new and no one has its URL yet, so an
+        earlier attempt landed and its answer was lost. Read back as the state sent, it is
+        this write's, with that attempt unanswered (``Written.may_land_late``)."""
+        try:
+            return await self._write_state(state, if_none_match=True)
+        except PreconditionFailed:
+            found = await self.read()
+            if found is None or found[0] != state:
+                raise
+            log.info("tus.creation_recovered id=%s", self.upload.id)
+            return Written(found[1], unanswered=1)
 
     async def swap(self, state: TusState, etag: str) -> str:
         """Replace the state read as ``etag`` (PreconditionFailed/NoSuchKey if it changed)."""
@@ -412,11 +438,17 @@ class TusStore:
     async def _put_state(
         self, state: TusState, *, if_none_match: bool = False, if_match: str | None = None
     ) -> str:
+        written = await self._write_state(state, if_none_match=if_none_match, if_match=if_match)
+        return written.etag
+
+    async def _write_state(
+        self, state: TusState, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> Written:
         """The state with the CRC of its record when the upload has an algorithm (S3
         refuses it changed on the way in; its own check covers the way back)."""
         raw = state.to_bytes()
         crc = None if state.checksum is None else crc_of([raw], Algorithm(state.checksum))
-        written = await self._put_verified(
+        return await self._put_verified(
             self.state_key,
             [raw],
             STATE_OPTIONS,
@@ -425,7 +457,6 @@ class TusStore:
             if_none_match=if_none_match,
             if_match=if_match,
         )
-        return written.etag
 
     async def put_segment(
         self, start: int, chunks: Sequence[Chunk], size: int, crc: CrcValue | None

@@ -40,7 +40,7 @@ from s3proxy.budget import MemoryBudget, Reservation
 from s3proxy.digests import DigestCheck
 from s3proxy.errors import INVALID_FIELD, METADATA_TOO_LARGE, NO_FILE, ProxyError, quoted
 from s3proxy.form import Field, FilePart
-from s3proxy.janitor import Janitor, Kind, run_cleanups
+from s3proxy.janitor import Janitor, Kind, recheck_late, run_cleanups
 from s3proxy.metrics import Metrics
 from s3proxy.parts import largest_part
 from s3proxy.pipeline import (
@@ -49,6 +49,7 @@ from s3proxy.pipeline import (
     PipelineConfig,
     StoredFile,
     abort_reason,
+    delete_own,
 )
 from s3proxy.s3 import ObjectSink
 from s3proxy.tokens import UploadGrant
@@ -313,9 +314,28 @@ class RequestUpload:
             for f in files
         ]
         await run_cleanups(calls, self.janitor)
+        for f in files:
+            if f.may_land_late:  # stored by a write an attempt of which may still land
+                log.info("upload.late_write_possible key=%s action=recheck", f.key)
+                recheck_late(
+                    self.janitor,
+                    self._rechecker(f, cleanup, reason),
+                    f"rollback key={f.key}",
+                    self.cfg.late_write_window,
+                )
         return [f.key for f in files]
 
     def _deleter(self, stored: StoredFile, cleanup: str) -> Callable[[], Awaitable[None]]:
         # A shared key is deleted only while it is still the object this request wrote.
         if_match = f'"{stored.etag}"' if cleanup == "nonce" else None
         return lambda: self.sink.delete(stored.key, if_match=if_match)
+
+    def _rechecker(
+        self, stored: StoredFile, cleanup: str, reason: str
+    ) -> Callable[[], Awaitable[None]]:
+        """The rollback's delete made again later: a shared key's object only if it still
+        carries this request's nonce (a later upload of the same bytes has the same ETag)."""
+        nonce = stored.nonce
+        if cleanup == "nonce" and nonce is not None:
+            return lambda: delete_own(self.sink, stored.key, nonce, reason)
+        return self._deleter(stored, cleanup)

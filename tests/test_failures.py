@@ -533,6 +533,37 @@ async def test_a_write_s3_carries_out_after_the_proxy_gave_up_is_deleted_too(
         await wait_clean(s3, bucket, within=6.0)
 
 
+@OBJECT_WRITES
+async def test_a_retried_write_whose_first_attempt_lands_after_the_rollback_is_deleted_again(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, op: str, size: int
+) -> None:
+    """The soak probe's object kept for good behind a 400: the file's first PutObject (or
+    Complete) attempt was held on the way past --s3-read-timeout, botocore's retry stored
+    the file, a later part failed the request and the rollback deleted the file; then the
+    held attempt reached S3 and stored it again. The call did get an answer (the retry's),
+    yet one attempt went unanswered: the rollback's delete is made again later too."""
+    raw = bodies.body(
+        [bodies.file("f", "a.bin", os.urandom(size)), bodies.file("g", "b.bin", b"x" * 1000)],
+        close=False,
+    )[:-2]  # the second file never ends: 400 MALFORMED_MULTIPART after the first is stored
+    held = lambda o, n: Fault(delay=1.5) if (o, n) == (op, 1) else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, held) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url, s3_max_attempts=3, s3_read_timeout=0.5
+        )
+        got, out = await post_raw(proxy, raw)
+        expect_error(got, out, 400, "MALFORMED_MULTIPART")
+        assert faulty.calls.count(op) == 2  # the held attempt and the retry that stored it
+        await asyncio.sleep(2.0)  # the held attempt has landed (moto refuses a late Complete)
+        await wait_clean(s3, bucket, within=6.0)
+        await eventually(
+            lambda: faulty.calls.count("DeleteObject"),
+            until=lambda n: n >= 3,
+            within=6.0,
+            what="the rollback's delete and its two rechecks",
+        )
+
+
 async def test_token_size_limit_is_one_error(proxy_factory: Any, s3: Any, bucket: str) -> None:
     """Over an upload token's size: 413 FILE_TOO_LARGE naming the token's limit, whether
     seen from Content-Length or while streaming after earlier files."""

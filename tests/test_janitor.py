@@ -16,8 +16,17 @@ from s3proxy.janitor import (
     abandoned,
     by_deadline,
     due,
+    late_delays,
     run_cleanup,
 )
+
+
+@pytest.mark.parametrize(("window", "delays"), [(1.0, (1.0, 4.0)), (8.0, (8.0, 32.0)), (0.0, ())])
+def test_late_delays_are_the_window_and_four_times_it(
+    window: float, delays: tuple[float, ...]
+) -> None:
+    """2 x and 8 x --s3-read-timeout (the window is 2 x); no window, no recheck."""
+    assert late_delays(window) == delays
 
 
 @pytest.mark.parametrize(

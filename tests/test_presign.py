@@ -731,6 +731,40 @@ async def test_a_complete_that_fails_after_s3_completed_keeps_no_unchecked_objec
         await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=keys[0])
 
 
+async def test_a_complete_whose_first_attempt_was_held_deletes_a_wrong_size_again_later(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str
+) -> None:
+    """Complete's first attempt held on the way past --s3-read-timeout, the retry
+    completed: the object is the wrong size and is deleted (400), and since the held
+    attempt may still be carried out after that delete, the delete is made again later
+    (2 x and 8 x --s3-read-timeout), as for /upload's rollback."""
+    held = lambda o, n: Fault(delay=1.5) if (o, n) == ("CompleteMultipartUpload", 1) else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, held) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=3,
+            s3_read_timeout=0.5,
+            key_template="uploads/{uuid}/{filename}",
+        )
+        status, up = await call(proxy, "/sign/multipart", pdf(6 * MiB), {})
+        assert status == 200, up
+        ref = {"key": up["key"], "upload_id": up["upload_id"]}
+        await asyncio.to_thread(
+            s3.upload_part, Bucket=bucket, PartNumber=1, Body=b"x" * 7 * MiB,
+            Key=ref["key"], UploadId=ref["upload_id"],
+        )  # fmt: skip
+        got, out = await call(proxy, "/sign/multipart/complete", ref, {})
+        assert (got, code(out)) == (400, "INVALID_REQUEST"), out
+        assert faulty.calls.count("CompleteMultipartUpload") == 2
+        await eventually(
+            lambda: faulty.calls.count("DeleteObject"),
+            until=lambda n: n >= 3,
+            within=6.0,
+            what="the size check's delete and its two rechecks",
+        )
+    assert await stored_keys(s3, bucket) == []
+
+
 # --- the completion webhook ---------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from s3proxy.checksums import Algorithm, Crc
 from s3proxy.embedded import EmbeddedStore
 from s3proxy.s3 import BadDigest, ObjectOptions, S3Error
 from s3proxy.s3_aiobotocore import AioObjectStore, ClientOptions, open_store
-from s3proxy.s3_parts import PartSender, error_response, network_error, part_url
+from s3proxy.s3_parts import PartSender, error_response, network_error, part_url, unanswered
 from tests.faults import Fault, FaultyS3
 
 pytest_plugins = ["tests.seaweed_fixture"]
@@ -79,6 +79,16 @@ def test_network_failures_become_botocores_exceptions() -> None:
     assert isinstance(network_error(refused, url), EndpointConnectionError)
     closed = aiohttp.ServerDisconnectedError()
     assert isinstance(network_error(closed, url), ConnectionClosedError)
+
+
+def test_which_failed_attempts_may_still_land() -> None:
+    """A read timeout or a dropped connection: S3 may have the request (or get it later,
+    held on the way); no connection made: nothing left the proxy."""
+    url = "http://127.0.0.1:1/b"
+    assert unanswered(network_error(aiohttp.SocketTimeoutError(), url))
+    assert unanswered(network_error(aiohttp.ServerDisconnectedError(), url))
+    assert not unanswered(network_error(aiohttp.ConnectionTimeoutError(), url))
+    assert not unanswered(EndpointConnectionError(endpoint_url=url))
 
 
 # --- which path ---------------------------------------------------------------------

@@ -5,6 +5,7 @@ what HEAD says, what a retried PATCH gets, and what the bucket holds."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 from typing import Any
 from urllib.parse import unquote
@@ -15,6 +16,7 @@ from s3proxy.state import STATE
 from s3proxy.tus_url import RESERVED_PREFIX
 from tests.conftest import ProxyFactory
 from tests.faults import Fault, FaultyS3, tus_operation
+from tests.polling import eventually
 from tests.s3util import all_keys_async, open_uploads_async, read_object_async
 from tests.test_tus import TUS, MiB, body, meta, reserved
 from tests.test_tus_lifecycle import new_upload, patch_headers
@@ -286,3 +288,121 @@ async def test_an_ending_whose_state_delete_fails_is_answered_at_once(
         assert await reserved(s3, bucket) == []
         stored = other if ending == "key-exists" else data
         assert await read_object_async(s3, bucket, "uploads/same.pdf") == stored
+
+
+class _HeldCreation:
+    """The fault proxy with ``fault`` on the first state write once armed (a creation's:
+    the URL key, written at the first creation, is out of the way by then)."""
+
+    def __init__(self, moto: Any, fault: Fault) -> None:
+        self.armed = False
+        self.writes = 0
+        self.fault = fault
+        self.faulty = FaultyS3(moto.endpoint_url, self.rule, name=tus_operation)
+
+    def rule(self, op: str, n: int) -> Fault | None:
+        if not self.armed or op != "PutObject:state":
+            return None
+        self.writes += 1
+        return self.fault if self.writes == 1 else None
+
+
+@pytest.mark.parametrize("upload", ["zero-length", "with-upload"])
+async def test_a_creation_write_that_lands_late_never_brings_a_completed_upload_back(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str, upload: str
+) -> None:
+    """The soak probe: the creation's state write (If-None-Match: *) held on the way past
+    --s3-read-timeout; its retry made the state, the upload completed in the creation's
+    request and its state went; then the held write landed on the absent key and made the
+    state again. HEAD said offset 0 with no S3Proxy-Key, a PATCH completed it a second
+    time (completed_total 1 -> 2), or the sweep counted it aborted too. Now HEAD and PATCH
+    answer it complete, it counts once, and the state goes again (2x/8x the timeout)."""
+    from tests.test_metrics import scrape, value
+
+    data = b"" if upload == "zero-length" else body(1000)
+    held = _HeldCreation(moto, Fault(delay=1.5))
+    async with held.faulty as faulty:
+        proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=0.5, s3_max_attempts=3)
+        first = await new_upload(proxy, 10)  # the URL key is written
+        assert (await proxy.delete(first, headers=TUS)).status == 204
+        held.armed = True
+        headers = {**TUS, "Upload-Length": str(len(data))}
+        if data:
+            headers["Content-Type"] = "application/offset+octet-stream"
+        resp = await proxy.post("/tus/", data=data or None, headers=headers)
+        assert resp.status == 201, await resp.text()
+        key = unquote(resp.headers["S3Proxy-Key"])
+        url = resp.headers["Location"]
+        await asyncio.sleep(1.5)  # the held write has landed
+        assert held.writes >= 2  # the held one and its retry (then the PATCH's swaps)
+        head = await proxy.head(url, headers=TUS)
+        assert head.status == 200, head.headers
+        assert head.headers["Upload-Offset"] == str(len(data))
+        assert unquote(head.headers["S3Proxy-Key"]) == key
+        resp = await proxy.patch(url, data=b"", headers=patch_headers(len(data)))
+        assert resp.status == 204, await resp.text()
+        assert unquote(resp.headers["S3Proxy-Key"]) == key
+        samples = await scrape(proxy)
+        # this one and the first (terminated): each ends once
+        assert value(samples, "s3proxy_uploads_started_total") == 2
+        assert value(samples, "s3proxy_uploads_completed_total") == 1
+        aborted = {k[1]: v for k, v in samples.items() if k[0] == "s3proxy_uploads_aborted_total"}
+        assert aborted == {frozenset({("reason", "TERMINATED")}): 1}
+        await eventually(
+            lambda: reserved(s3, bucket), until=lambda left: left == [], within=6.0,
+            what="no state left under the reserved prefix",
+        )  # fmt: skip
+    assert await read_object_async(s3, bucket, key) == data
+
+
+async def test_a_creation_whose_own_state_write_landed_unseen_is_created(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """The creation's state write landed but its answer came past --s3-read-timeout; the
+    retry was refused 412 by that very write. It was 502 UPSTREAM_ERROR "PutObject
+    PreconditionFailed" (and the upload undone): the state read back is the one sent,
+    so it is this creation's, and the upload is created."""
+    held = _HeldCreation(moto, Fault(late=1.0))
+    async with held.faulty as faulty:
+        proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=0.5, s3_max_attempts=3)
+        first = await new_upload(proxy, 10)  # the URL key is written
+        assert (await proxy.delete(first, headers=TUS)).status == 204
+        held.armed = True
+        data = body(1000)
+        url = await new_upload(proxy, len(data))
+        assert held.writes == 2  # the late one and its retry, refused 412
+        resp = await proxy.patch(url, data=data, headers=patch_headers(0))
+        assert resp.status == 204, await resp.text()
+        key = unquote(resp.headers["S3Proxy-Key"])
+    assert await read_object_async(s3, bucket, key) == data
+    assert await reserved(s3, bucket) == []
+
+
+async def test_a_rolled_back_upload_whose_write_lands_late_is_deleted_again(
+    proxy_factory: ProxyFactory, moto: Any, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    """The object's PutObject held past --s3-read-timeout, its retry stored it, the
+    webhook failed and --webhook-failure rollback deleted it; then the held attempt landed
+    and stored it again, behind a 502. The rollback's delete is made again later."""
+    server, _ = await receiver(aiohttp_server, 500)
+    held = lambda op, n: Fault(delay=1.5) if (op, n) == ("PutObject", 1) else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, held, name=tus_operation) as faulty:
+        proxy = await proxy_factory(
+            faulty.endpoint_url,
+            s3_read_timeout=0.5,
+            s3_max_attempts=3,
+            webhook_url=str(server.make_url("/hook")),
+            webhook_secret=SECRET_HOOK,
+            webhook_attempts=1,
+        )
+        url = await new_upload(proxy, 1000)
+        resp = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
+        assert resp.status == 502 and (await resp.json())["error"]["code"] == "WEBHOOK_FAILED"
+        assert faulty.calls.count("PutObject") == 2
+        await asyncio.sleep(1.5)  # the held attempt has landed
+        await eventually(
+            lambda: all_keys_async(s3, bucket),
+            until=lambda keys: [k for k in keys if not k.startswith(RESERVED_PREFIX)] == [],
+            within=6.0,
+            what="no object of the rolled back upload",
+        )

@@ -430,7 +430,7 @@ async def test_sequential_patches_each_longer_than_the_renewal_period_all_succee
 
 
 async def _leased(store: TusStore) -> Lease:
-    created = await store.create(TusState(key=store.upload.key))
+    created = (await store.create(TusState(key=store.upload.key))).etag
     found = await store.read()
     assert found is not None and found[1] == created
     lease = Lease(store, found[0], seconds=60, skew=0)

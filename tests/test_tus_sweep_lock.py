@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from s3proxy import tus_url
-from s3proxy.cleanup import sweep_tus
+from s3proxy.app import sweep_once
+from s3proxy.cleanup import Rule, ends_by_expiry, sweep_tus
 from s3proxy.state import STATE
 from s3proxy.tus import TUS
 from s3proxy.tus_keys import KEY_OBJECT
 from s3proxy.tus_lease import Lease
-from s3proxy.tus_state import FAILED, TUS_META, TusStore
+from s3proxy.tus_state import COMPLETED, FAILED, TERMINATING, TUS_META, Lock, TusState, TusStore
 from tests.conftest import ProxyFactory
+from tests.faults import Fault, FaultyS3
 from tests.s3util import all_keys_async, open_uploads_async
 from tests.test_tus_lifecycle import new_upload, six_of_seven_mib
 
@@ -88,3 +91,70 @@ async def test_the_sweep_deletes_the_object_of_an_expired_failed_upload(
     assert len(gone.removed) == 1
     left = [KEY_OBJECT] if owner == "this" else sorted([KEY_OBJECT, upload.key])
     assert sorted(await all_keys_async(s3, bucket)) == left
+
+
+@pytest.mark.parametrize(
+    ("state", "came_back", "ends"),
+    [
+        (TusState(key="k"), False, True),  # never PATCHed: it ends by expiring
+        (TusState(key="k", offset=5), False, True),  # resumable: the same
+        (TusState(key="k", lock=Lock(TERMINATING, 0.0)), False, True),  # DELETE not done
+        (TusState(key="k", ending=COMPLETED), False, False),  # counted completed
+        (TusState(key="k", ending=FAILED), False, False),  # counted aborted
+        (TusState(key="k"), True, False),  # come back after it completed
+        (None, False, False),  # only what landed after its removal
+    ],
+)
+def test_which_expired_removals_end_an_upload(
+    state: TusState | None, came_back: bool, ends: bool
+) -> None:
+    """Each started upload ends once in the metrics: the sweep counts UPLOAD_EXPIRED only
+    for an upload that had not ended before."""
+    assert ends_by_expiry(state, came_back) is ends
+
+
+async def _one_pass(proxy: Any, now: float) -> dict[frozenset[tuple[str, str]], float]:
+    """One sweep as the scheduled loop makes it; the aborted counts by reason after it."""
+    from tests.test_metrics import scrape
+
+    state = proxy.app[STATE]
+    rule = Rule(timedelta(seconds=3600), by_activity=True)
+    await sweep_once(state.require_sink(), state.settings, state.metrics, rule, now)
+    samples = await scrape(proxy)
+    return {k[1]: v for k, v in samples.items() if k[0] == "s3proxy_uploads_aborted_total" and v}
+
+
+async def test_expired_uploads_are_counted_though_the_orphan_sweep_fails(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """The soak probe's 2 started uploads that never ended: the sweep removed them, then
+    ListMultipartUploads was refused (500) and the pass's counts were dropped with it.
+    The removals are counted once they are done."""
+    refused = lambda op, n: Fault(status=500) if op == "ListMultipartUploads" else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, refused) as faulty:
+        proxy = await proxy_factory(faulty.endpoint_url, s3_max_attempts=1)
+        url = await new_upload(proxy, 1000)
+        upload = tus_url.verify(url.removeprefix("/tus/"), proxy.app[TUS].keys, time.time())
+        aborted = await _one_pass(proxy, upload.expires + 10)
+        assert "ListMultipartUploads" in faulty.calls
+    assert aborted == {frozenset({("reason", "UPLOAD_EXPIRED")}): 1}
+    assert await all_keys_async(s3, bucket) == [KEY_OBJECT]
+
+
+async def test_a_state_come_back_after_its_upload_completed_is_not_counted_again(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """A creation's state write that landed after its zero-length upload completed made
+    the state again (the soak probe): swept at expiry it was counted aborted
+    UPLOAD_EXPIRED too, one upload ending twice. It is removed, not counted."""
+    proxy = await proxy_factory()
+    resp = await proxy.post("/tus/", headers={"Tus-Resumable": "1.0.0", "Upload-Length": "0"})
+    assert resp.status == 201, await resp.text()
+    upload = tus_url.verify(
+        resp.headers["Location"].removeprefix("/tus/"), proxy.app[TUS].keys, time.time()
+    )
+    store = TusStore(proxy.app[STATE].require_sink(), upload)
+    await store.create(TusState(key=upload.key))  # as the late write makes it
+    aborted = await _one_pass(proxy, upload.expires + 10)
+    assert aborted == {}
+    assert sorted(await all_keys_async(s3, bucket)) == sorted([KEY_OBJECT, upload.key])
