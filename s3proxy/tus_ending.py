@@ -4,6 +4,7 @@ by another upload's object at its key). Driven by ``tus``'s PATCH and DELETE han
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
