@@ -363,6 +363,37 @@ def test_token_refuses_what_serve_refuses(value: str, named: str) -> None:
     assert proc.returncode == 2 and named in one_line_error(proc)
 
 
+def test_token_and_serve_read_a_secret_file_as_the_environment(tmp_path: Path) -> None:
+    """Regression (reprobe7 F7): a secret file saved with a BOM signed with "<BOM>aaa...",
+    and "aaa...  # first" with the comment: serve given the same secret in
+    S3PROXY_TOKEN_SECRET refused every such token (401). Now the BOM is dropped and the
+    comment refused by both commands, naming the file and line."""
+    from s3proxy.settings import Settings
+    from s3proxy.tokens import verify
+
+    secrets = tmp_path / "secrets"
+    secrets.write_bytes(b"\xef\xbb\xbf" + b"a" * 32 + b"\r\n" + b"b" * 32 + b"\r\n")
+    proc = cli("token", "--prefix", "p/", "--token-secret-file", str(secrets))
+    assert proc.returncode == 0, proc.stderr
+    served = Settings.load({"token_secret_file": str(secrets)}, {}).token_secrets()
+    assert served == ("a" * 32, "b" * 32)
+    verify(proc.stdout.strip(), [b"a" * 32])  # as serve with S3PROXY_TOKEN_SECRET=aaa...
+    secrets.write_text("a" * 32 + "  # first\n")
+    proc = cli("token", "--prefix", "p/", "--token-secret-file", str(secrets))
+    line = one_line_error(proc)
+    assert proc.returncode == 2 and f"{secrets} line 1: a comment" in line
+    proc = cli(
+        "serve",
+        "--endpoint-url",
+        "http://127.0.0.1:9",
+        "--bucket",
+        "b",
+        "--token-secret-file",
+        str(secrets),
+    )
+    assert proc.returncode == 2 and f"{secrets} line 1: a comment" in one_line_error(proc)
+
+
 def test_serve_with_an_unreadable_key_file_is_a_settings_error(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_bytes(b"\xff\xfe\n")
