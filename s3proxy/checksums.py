@@ -231,13 +231,27 @@ def parse_content_digest(field: str, header: str = "Content-Digest") -> dict[str
 
     ``sha-256=:<base64>:, sha-512=:<base64>:`` gives ``{"sha-256": <32 bytes>, "sha-512":
     <64 bytes>}``. Several field lines are joined with ``,`` first (RFC 9110 section 5.3).
-    Unknown algorithms beside a known one are skipped but must still be well-formed; a key
-    given twice keeps its last value (RFC 8941 section 4.2.2). DigestError if the field is not
-    a Structured Field Dictionary, a known algorithm's value is not a Byte Sequence of the
-    right size, or the field names only algorithms we cannot verify (nothing would be checked,
-    yet the client would believe it was).
+    Unknown algorithms beside a known one are skipped but must still be well-formed.
+    DigestError if the field is not a Structured Field Dictionary, a known algorithm's value
+    is not a Byte Sequence of the right size, or the field declares nothing we can verify:
+    it is empty, or names only algorithms we cannot (nothing would be checked, yet the client
+    would believe it was). A known algorithm named twice is refused too: RFC 8941 (4.2.2)
+    keeps the last value, so ``sha-256=:<wrong>:, sha-256=:<right>:`` would pass with the
+    wrong one unchecked, and which one the client meant cannot be told.
     """
-    members = _SfDictionary(field, header).parse()
+    parser = _SfDictionary(field, header)
+    members = parser.parse()
+    if not members:
+        raise DigestError(
+            f"{header} is empty; declare a digest like sha-256=:<base64>: (RFC 9530) "
+            "or leave the header out"
+        )
+    for key in parser.repeated:
+        if key in DIGEST_ALGORITHMS:
+            raise DigestError(
+                f"{header} names {key} twice, so one of them would go unchecked; "
+                "declare each algorithm once"
+            )
     found: dict[str, bytes] = {}
     for key, value in members.items():
         if key not in DIGEST_ALGORITHMS:
@@ -293,6 +307,9 @@ class _SfDictionary:
         self.text = text
         self.header = header
         self.pos = 0
+        # Keys given more than once, in order: the Dictionary keeps only the last value
+        # (RFC 8941 4.2.2), which a digest reader must not do silently.
+        self.repeated: list[str] = []
 
     def fail(self, why: str) -> DigestError:
         return DigestError(
@@ -330,7 +347,9 @@ class _SfDictionary:
                 value = self.member_value()
             else:
                 self.parameters()
-            members.pop(key, None)
+            if key in members:
+                self.repeated.append(key)
+                del members[key]  # the last value, in the last place (RFC 8941 4.2.2)
             members[key] = value
             self.skip(" \t")
             if self.pos == len(self.text):

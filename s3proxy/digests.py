@@ -6,7 +6,8 @@ headers (curl: ``-F 'file=@f;headers="Content-Digest: sha-256=:<b64>:"'``); a tu
 carries ``Upload-Checksum`` (tus_protocol.py). ``read_declared`` turns those headers into a
 ``Declared`` whose every digest remembers the header that declared it, so a mismatch names
 what the client sent (``DigestError`` for what cannot be read: a 400 before any byte is
-stored); ``refuse_unchecked`` refuses a digest header where it would not be checked;
+stored); ``refuse_unchecked`` refuses a digest header where it would not be checked (and
+``refuse_sign_digests`` on the ``/sign*`` routes);
 ``DigestCheck`` hashes what the declaration needs beyond the sha-256 the pipeline computes
 anyway; ``verify_declared`` compares, just before PutObject and before
 CompleteMultipartUpload.
@@ -39,7 +40,7 @@ from s3proxy.checksums import (
     parse_content_digest,
     parse_content_md5,
 )
-from s3proxy.errors import DIGEST_MISMATCH, ProxyError
+from s3proxy.errors import DIGEST_MISMATCH, INVALID_DIGEST, ProxyError
 
 if TYPE_CHECKING:
     from s3proxy.form import Arrival, ChunkSource
@@ -51,6 +52,7 @@ __all__ = [
     "DigestError",
     "mismatched",
     "read_declared",
+    "refuse_sign_digests",
     "refuse_unchecked",
     "sf_digest",
     "verify_declared",
@@ -108,6 +110,22 @@ def refuse_unchecked(names: Iterable[str], checked: frozenset[str], hint: str) -
         low = name.lower()
         if low not in checked and _DIGEST_HEADER.fullmatch(low):
             raise DigestError(f"{name} is not checked here; {hint}")
+
+
+def refuse_sign_digests(headers: Iterable[str]) -> None:
+    """ProxyError(INVALID_DIGEST) for a digest header on a ``/sign*`` request: its JSON body
+    is not checked against one, and the file's bytes go to S3 without the proxy, so a
+    client sending one would believe something was checked that was not. ``/sign`` takes
+    the file's sha-256 in its body (``"sha256"``), which S3 then checks."""
+    try:
+        refuse_unchecked(
+            headers,
+            frozenset(),
+            "a /sign request's JSON body is not checked, and the file does not pass through "
+            'the proxy; for S3 to check the file, give its "sha256" (hex) in the /sign body',
+        )
+    except DigestError as exc:
+        raise ProxyError(INVALID_DIGEST, str(exc)) from None
 
 
 def read_declared(

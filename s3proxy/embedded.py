@@ -928,13 +928,38 @@ class _PortPicker:
 
 
 def _read_ports(path: Path) -> dict[str, int]:
+    """Weed flag -> port from ``ports.json``: a hint only (reused while free, and where
+    ``cleanup`` finds the store), so what is unusable is dropped as if missing ("pick
+    afresh", or the default port), with a warning naming the file if it is there at all.
+    """
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}  # a hint only: anything unreadable means "pick afresh"
-    if not isinstance(data, dict):
+    except FileNotFoundError:
+        return {}  # never started here: nothing to reuse
+    except (OSError, ValueError) as exc:
+        log.warning("embedded.ports_ignored path=%s reason=%s", path, type(exc).__name__)
         return {}
-    return {str(k): v for k, v in data.items() if isinstance(v, int)}
+    if not isinstance(data, dict):
+        log.warning("embedded.ports_ignored path=%s reason=not_an_object", path)
+        return {}
+    ports: dict[str, int] = {}
+    for name, value in data.items():
+        if _is_tcp_port(value):
+            ports[str(name)] = value
+        else:
+            log.warning(
+                "embedded.port_ignored path=%s name=%s value=%.40r reason=not_a_port_1_65535",
+                path,
+                name,
+                value,
+            )
+    return ports
+
+
+def _is_tcp_port(value: object) -> bool:
+    """An int naming a TCP port one can connect to, 1-65535. JSON ``true`` is no port,
+    though Python's bool is an int (it was read as port 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 65535
 
 
 def _remove_tmp_sockets(ports: Iterable[int]) -> None:
@@ -972,11 +997,18 @@ def store_access(data_dir: Path, s3_port: int, host: str = "127.0.0.1") -> Store
 
     ``s3_port`` 0 means the port the store picked, as kept in ``ports.json``. Raises
     FileNotFoundError if there are no keys yet (the store never started there),
-    EmbeddedStoreError if they are unusable.
+    EmbeddedStoreError if they are unusable or no port is known.
     """
     access_key, secret_key = read_credentials(data_dir)
     if s3_port == 0:
-        s3_port = _read_ports(data_dir.expanduser().absolute() / PORTS_NAME).get("s3.port", 0)
+        ports_file = data_dir.expanduser().absolute() / PORTS_NAME
+        s3_port = _read_ports(ports_file).get("s3.port", 0)
+        if s3_port == 0:  # else "http://127.0.0.1:0", and an error that names neither
+            raise EmbeddedStoreError(
+                f"embedded S3 store: no S3 port recorded in {ports_file}; give the port the "
+                "store listens on (--embedded-s3-port)",
+                setting="s3_port",
+            )
     where = f"[{host}]" if ":" in host else host
     return StoreAccess(f"http://{where}:{s3_port}", access_key, secret_key)
 

@@ -169,6 +169,12 @@ def _opt_path(text: str) -> Path | None:
     return _path(text) if text else None
 
 
+#: `` # ...`` after a value: a comment an env file kept (systemd does not strip it), which
+#: would else be read as part of the value, or as more API keys of a repeatable setting;
+#: after a key in a key file, it is refused alike (``_secret_lines``).
+_TRAILING_COMMENT = re.compile(r"\s#")
+
+
 def read_secrets(values: Sequence[str], path: Path | None) -> tuple[str, ...]:
     """Secrets given inline plus those in a file (one per line, # comments)."""
     found = [v.strip() for v in values if v.strip()]
@@ -178,15 +184,33 @@ def read_secrets(values: Sequence[str], path: Path | None) -> tuple[str, ...]:
 
 
 def _secret_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, secret) for each secret in a file; unreadable is a ValueError."""
+    """(line number, secret) for each secret in a file; ValueError naming the file (and
+    line) if it is unreadable or a line is ambiguous.
+
+    Read as an ``S3PROXY_*`` value is, so a key means the same from either: a UTF-8 BOM an
+    editor wrote at the start is dropped (kept, the first key matched no client's), and a
+    key followed by `` #`` is refused as the variable is (kept whole, ``key1 # old``
+    matched neither ``key1`` nor anything a client sent; dropped, a key holding `` #`` would
+    be cut short without a word). Lines starting with ``#`` are comments.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is no key's
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    lines = ((n, line.strip()) for n, line in enumerate(text.splitlines(), 1))
-    return [(n, line) for n, line in lines if line and not line.startswith("#")]
+    found: list[tuple[int, str]] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if _TRAILING_COMMENT.search(line):
+            raise ValueError(
+                f"{path} line {n}: a comment (' #') follows the key; put comments on "
+                "lines of their own (a key cannot hold ' #')"
+            )
+        found.append((n, line))
+    return found
 
 
 #: Settings whose value is a URL the proxy sends to or signs for.
@@ -203,10 +227,6 @@ def _no_credential(names: str) -> str:
         "would run without authentication; give a key, or leave the setting unset"
     )
 
-
-#: `` # ...`` after a value: a comment an env file kept (systemd does not strip it), which
-#: would else be read as part of the value, or as more API keys of a repeatable setting.
-_TRAILING_COMMENT = re.compile(r"\s#")
 
 #: HMAC-SHA256 keys shorter than the hash output (32 bytes) weaken it, and a short
 #: secret is guessable offline from one token (RFC 2104, section 3).

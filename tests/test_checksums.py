@@ -294,14 +294,8 @@ def test_rfc9530_example_value() -> None:
         ),
         # parameters on a member are read and dropped
         (f"sha-256=:{SHA256_B64}:;note=1", {"sha-256": SHA256}),
-        # a key given twice keeps its last value (RFC 8941 4.2.2)
-        (
-            f"sha-256=:{base64.b64encode(bytes(32)).decode()}:, sha-256=:{SHA256_B64}:",
-            {"sha-256": SHA256},
-        ),
-        # an empty field is an empty dictionary
-        ("", {}),
-        ("   ", {}),
+        # an algorithm not checked may repeat: it is skipped either way
+        (f"crc32c=:AAAAAA==:, crc32c=:AAAAAA==:, sha-256=:{SHA256_B64}:", {"sha-256": SHA256}),
     ],
 )
 def test_content_digest_parses(field: str, expected: dict[str, bytes]) -> None:
@@ -349,6 +343,34 @@ def test_content_digest_of_nothing_checkable_is_refused(field: str) -> None:
     """Ignored, the client would believe its bytes were checked (probe finding 4)."""
     with pytest.raises(DigestError, match=r"names only .* which the proxy does not check"):
         parse_content_digest(field)
+
+
+ZERO_B64 = base64.b64encode(bytes(32)).decode()
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        f"sha-256=:{ZERO_B64}:, sha-256=:{SHA256_B64}:",
+        f"sha-256=:{SHA256_B64}:, sha-256=:{ZERO_B64}:",
+        f"sha-256=:{SHA256_B64}:, sha-256=:{SHA256_B64}:",  # the same value: still ambiguous
+        f"sha-256=:{SHA256_B64}:, md5=:{MD5_B64}:, sha-256=:{ZERO_B64}:",
+        f"sha-256=:{ZERO_B64}:, sha-256=abc",  # the last not even a digest
+    ],
+)
+def test_content_digest_naming_an_algorithm_twice_is_refused(field: str) -> None:
+    """Regression (reprobe7 F6): RFC 8941 keeps the last duplicate key, so a wrong sha-256
+    followed by a right one was stored unchecked (201)."""
+    with pytest.raises(DigestError, match=r"^Content-Digest names sha-256 twice"):
+        parse_content_digest(field)
+
+
+@pytest.mark.parametrize("field", ["", "   "])
+def test_an_empty_content_digest_is_refused(field: str) -> None:
+    """Regression (reprobe7 F6): an empty field declared nothing and was a silent pass (201
+    on a part, while the same header on the request was a 400)."""
+    with pytest.raises(DigestError, match=r"^Repr-Digest is empty; declare a digest"):
+        parse_content_digest(field, "Repr-Digest")
 
 
 def test_content_digest_error_names_the_position() -> None:

@@ -257,6 +257,28 @@ def test_cleanup_finds_the_embedded_store_on_the_port_it_recorded(
     assert proc.returncode == 1 and f"127.0.0.1:{closed}" in one_line_error(proc)
 
 
+@pytest.mark.parametrize("value", ["70000", "-5", "true", "99999999999999999999999", '"x"'])
+def test_cleanup_with_an_odd_recorded_port_says_so(tmp_path: Path, value: str) -> None:
+    """Regression (reprobe7 F8): ports.json {"s3.port": 70000} (or -5, true, a huge number)
+    gave "S3 ListObjectsV2 failed: EndpointResolutionError", true was read as port 1. With
+    the recorded port asked for (S3PROXY_EMBEDDED_S3_PORT=0, as serve was told), an unusable
+    one is now a one-line error naming the file, after a warning naming the entry."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "credentials.json").write_text('{"access_key": "testing", "secret_key": "testing"}')
+    (data / "ports.json").write_text(f'{{"s3.port": {value}}}')
+    env = {**no_credentials_env(tmp_path), "S3PROXY_EMBEDDED_S3_PORT": "0"}
+    proc = cli("cleanup", "--data-dir", str(data), "--bucket", "b", env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "EndpointResolution" not in proc.stderr
+    warning, error = proc.stderr.strip().splitlines()
+    assert "embedded.port_ignored" in warning and "name=s3.port" in warning
+    assert error == (
+        f"s3proxy: error: embedded S3 store: no S3 port recorded in {data / 'ports.json'}; "
+        "give the port the store listens on (--embedded-s3-port)"
+    )
+
+
 def test_an_unknown_variable_is_warned_of(moto: MotoServer, bucket: str) -> None:
     """A typo (S3PROXY_MEMORY_BUGDET) is a WARNING at start naming it, not an error."""
     env = {**fake_aws_env(), "S3PROXY_MEMORY_BUGDET": "1GiB"}
@@ -361,6 +383,37 @@ def test_token_reads_the_secrets_as_serve_does(joined: str) -> None:
 def test_token_refuses_what_serve_refuses(value: str, named: str) -> None:
     proc = cli("token", "--prefix", "p/", env={**fake_aws_env(), "S3PROXY_TOKEN_SECRET": value})
     assert proc.returncode == 2 and named in one_line_error(proc)
+
+
+def test_token_and_serve_read_a_secret_file_as_the_environment(tmp_path: Path) -> None:
+    """Regression (reprobe7 F7): a secret file saved with a BOM signed with "<BOM>aaa...",
+    and "aaa...  # first" with the comment: serve given the same secret in
+    S3PROXY_TOKEN_SECRET refused every such token (401). Now the BOM is dropped and the
+    comment refused by both commands, naming the file and line."""
+    from s3proxy.settings import Settings
+    from s3proxy.tokens import verify
+
+    secrets = tmp_path / "secrets"
+    secrets.write_bytes(b"\xef\xbb\xbf" + b"a" * 32 + b"\r\n" + b"b" * 32 + b"\r\n")
+    proc = cli("token", "--prefix", "p/", "--token-secret-file", str(secrets))
+    assert proc.returncode == 0, proc.stderr
+    served = Settings.load({"token_secret_file": str(secrets)}, {}).token_secrets()
+    assert served == ("a" * 32, "b" * 32)
+    verify(proc.stdout.strip(), [b"a" * 32])  # as serve with S3PROXY_TOKEN_SECRET=aaa...
+    secrets.write_text("a" * 32 + "  # first\n")
+    proc = cli("token", "--prefix", "p/", "--token-secret-file", str(secrets))
+    line = one_line_error(proc)
+    assert proc.returncode == 2 and f"{secrets} line 1: a comment" in line
+    proc = cli(
+        "serve",
+        "--endpoint-url",
+        "http://127.0.0.1:9",
+        "--bucket",
+        "b",
+        "--token-secret-file",
+        str(secrets),
+    )
+    assert proc.returncode == 2 and f"{secrets} line 1: a comment" in one_line_error(proc)
 
 
 def test_serve_with_an_unreadable_key_file_is_a_settings_error(tmp_path: Path) -> None:

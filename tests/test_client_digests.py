@@ -125,6 +125,12 @@ def test_read_declared(
         ([], [b64(MD5), b64(MD5)], "two Content-MD5"),
         # Nothing it could check: refused, not a silent pass.
         (["unixsum=:AAAA:, crc32c=:AAAAAA==:"], [], "names only unixsum, crc32c"),
+        # reprobe7 F6: one algorithm twice kept only the last (a wrong one went unchecked),
+        # on one line or two; an empty line declared nothing and passed.
+        ([f"sha-256={sf(bytes(32))}, sha-256={sf(SHA256)}"], [], "names sha-256 twice"),
+        ([f"sha-256={sf(bytes(32))}", f"sha-256={sf(SHA256)}"], [], "names sha-256 twice"),
+        ([""], [], "Content-Digest is empty"),
+        ([" "], [], "Content-Digest is empty"),
     ],
 )
 def test_read_declared_refuses_what_it_cannot_read(
@@ -139,6 +145,10 @@ def test_repr_digest_errors_name_repr_digest() -> None:
         read_declared([], [], ["sha-256=:abc"])
     with pytest.raises(DigestError, match=r"^Repr-Digest sha-256 is 64 bytes"):
         read_declared([], [], [f"sha-256={sf(SHA512)}"])
+    with pytest.raises(DigestError, match=r"^Repr-Digest names md5 twice"):
+        read_declared([], [], [f"md5={sf(MD5)}", f"md5={sf(MD5)}"])
+    with pytest.raises(DigestError, match=r"^Repr-Digest is empty"):
+        read_declared([], [], [""])
 
 
 @pytest.mark.parametrize(
@@ -495,6 +505,86 @@ async def test_a_digest_of_the_whole_request_is_refused(
     assert error["code"] == "INVALID_DIGEST"
     assert f"{name} is not checked" in error["message"] and "part's headers" in error["message"]
     assert keys_in(bucket) == []
+
+
+WRONG_CD = b"Content-Digest: sha-256=" + sf(bytes(32)).encode()
+
+
+@pytest.mark.parametrize(
+    ("lines", "says"),
+    [
+        ([WRONG_CD + b", sha-256=" + sf(hashlib.sha256(b"hello").digest()).encode()], "twice"),
+        (
+            [
+                WRONG_CD,
+                b"Content-Digest: sha-256=" + sf(hashlib.sha256(b"hello").digest()).encode(),
+            ],
+            "twice",
+        ),
+        (
+            [
+                b"Repr-Digest: sha-256=" + sf(bytes(32)).encode(),
+                b"Repr-Digest: sha-256=" + sf(hashlib.sha256(b"hello").digest()).encode(),
+            ],
+            "Repr-Digest names sha-256 twice",
+        ),
+        ([b"Content-Digest: "], "Content-Digest is empty"),
+        ([b"Repr-Digest:"], "Repr-Digest is empty"),
+    ],
+)
+async def test_a_part_digest_that_would_pass_unchecked_is_refused(
+    proxy: Any, bucket: str, keys_in: Any, lines: list[bytes], says: str
+) -> None:
+    """Regression (reprobe7 F6): a wrong sha-256 then a right one, on one line or two, was
+    stored (201): RFC 8941 keeps the last duplicate key. An empty Content-Digest on a part
+    was a 201 too, while on the request it was a 400."""
+    resp = await post(proxy, file_part(b"hello", *lines))
+    assert resp.status == 400, await resp.text()
+    error = (await resp.json())["error"]
+    assert error["code"] == "INVALID_DIGEST" and says in error["message"]
+    assert keys_in(bucket) == []
+
+
+SIGN_BODY: dict[str, Any] = {"filename": "f.pdf", "size": 5, "content_type": "application/pdf"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/sign",
+        "/sign/multipart",
+        "/sign/multipart/parts",
+        "/sign/multipart/complete",
+        "/sign/multipart/abort",
+    ],
+)
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("Content-MD5", b64(bytes(16))),
+        ("Content-Digest", "sha-256=" + sf(bytes(32))),
+        ("Repr-Digest", "sha-256=" + sf(bytes(32))),
+        ("Digest", "SHA-256=" + b64(bytes(32))),
+        ("x-amz-checksum-sha256", b64(bytes(32))),
+    ],
+)
+async def test_a_digest_on_a_sign_request_is_refused(
+    proxy: Any, bucket: str, keys_in: Any, path: str, name: str, value: str
+) -> None:
+    """Regression (reprobe7 F6): a wrong Content-MD5 or Content-Digest on /sign's JSON body
+    answered 200, ignored; the file itself never passes through the proxy."""
+    resp = await proxy.post(path, json=SIGN_BODY, headers={name: value})
+    assert resp.status == 400, await resp.text()
+    error = (await resp.json())["error"]
+    assert error["code"] == "INVALID_DIGEST"
+    assert f"{name} is not checked" in error["message"] and '"sha256"' in error["message"]
+    assert keys_in(bucket) == []
+
+
+async def test_a_sign_request_that_only_asks_for_a_digest_is_served(proxy: Any) -> None:
+    # Want-* asks for a digest and declares none (RFC 9530 section 4): nothing to refuse.
+    resp = await proxy.post("/sign", json=SIGN_BODY, headers={"Want-Content-Digest": "sha-256=1"})
+    assert resp.status == 200, await resp.text()
 
 
 # --- curl itself ----------------------------------------------------------------------

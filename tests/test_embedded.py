@@ -487,3 +487,43 @@ async def test_a_data_dir_in_use_is_refused_before_anything_is_written(tmp_path:
     # once stopped, the dir is free again
     async with EmbeddedStore(EmbeddedConfig(data_dir=tmp_path, s3_port=0)) as again:
         assert again.up
+
+
+# --- ports.json: a hint, and where `cleanup` finds the store ----------------------------
+
+
+@pytest.mark.parametrize(
+    "value", ["70000", "-5", "0", "true", "false", "99999999999999999999999", '"8333"', "8333.0"]
+)
+def test_a_recorded_port_that_is_no_port_is_dropped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, value: str
+) -> None:
+    """Regression (reprobe7 F8): `s3proxy cleanup` with ports.json {"s3.port": 70000} (or
+    -5, true, a huge number) failed with "EndpointResolutionError", and true was read as
+    port 1 (a bool is an int). An unusable port now counts as none recorded, as an
+    unreadable file already did, with a warning naming the file."""
+    (tmp_path / "ports.json").write_text(f'{{"s3.port": {value}, "master.port": 9333}}')
+    with caplog.at_level(logging.WARNING, logger="s3proxy.embedded"):
+        assert embedded._read_ports(tmp_path / "ports.json") == {"master.port": 9333}
+        assert embedded.recorded_s3_port(tmp_path) is None
+    [warning, *_] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("embedded.port_ignored") and str(tmp_path / "ports.json") in warning
+    assert "name=s3.port" in warning
+    (tmp_path / "credentials.json").write_text('{"access_key": "AK", "secret_key": "SK"}')
+    with pytest.raises(EmbeddedStoreError, match=r"no S3 port recorded in .*ports\.json"):
+        embedded.store_access(tmp_path, 0)  # 0: the recorded one (was http://127.0.0.1:1)
+
+
+def test_ports_json_missing_is_quiet_and_unreadable_is_warned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "ports.json"
+    with caplog.at_level(logging.WARNING, logger="s3proxy.embedded"):
+        assert embedded._read_ports(path) == {}  # never started here
+        assert caplog.records == []
+        for text in ("{not json", "[8333]"):
+            path.write_text(text)
+            assert embedded._read_ports(path) == {}
+    assert [r.getMessage().split()[0] for r in caplog.records] == ["embedded.ports_ignored"] * 2
+    path.write_text('{"s3.port": 8333}')
+    assert embedded.recorded_s3_port(tmp_path) == 8333

@@ -273,6 +273,29 @@ def test_an_empty_key_file_is_no_authentication(tmp_path: Path, text: str) -> No
     assert load(["--host", "0.0.0.0", "--api-key-file", str(keys)], {}).api_keys() == ("k" * 24,)
 
 
+@pytest.mark.parametrize("flag", ["--api-key-file", "--token-secret-file"])
+def test_a_key_file_reads_as_the_environment_does(tmp_path: Path, flag: str) -> None:
+    """Regression (reprobe7 F7): a file saved with a BOM made the BOM part of the first key
+    (only ``Bearer <BOM>key`` matched), and ``key1 # old`` was the key "key1 # old", where
+    S3PROXY_API_KEY refuses the same comment. Now the BOM is dropped and the comment is
+    refused, naming the file and line; a ``#`` inside a key, or starting a line, is as before."""
+    key = "k" * 32
+    keys = tmp_path / "keys"
+    keys.write_bytes(
+        b"\xef\xbb\xbf" + key.encode() + b"\r\n# old one\r\nab#cd" + b"e" * 28 + b"\r\n"
+    )
+    found = (key, "ab#cd" + "e" * 28)
+    read = load([flag, str(keys)])
+    assert (read.api_keys() if flag == "--api-key-file" else read.token_secrets()) == found
+    for line in (f"{key} # rotated 2024", f"{key}\t#old", f"{key}  #"):
+        keys.write_text(f"# fine\n{key}\n{line}\n")
+        with pytest.raises(SettingsError) as err:
+            load([flag, str(keys)])
+        message = str(err.value)
+        assert message.startswith(f"{flag}: {keys} line 3: a comment (' #') follows the key")
+        assert "\n" not in message and "rotated" not in message and key not in message
+
+
 def test_settings_warn_once_when_asked_not_when_made(caplog: pytest.LogCaptureFixture) -> None:
     """A warning printed while the settings were made came before the log's format was
     set (a raw line in --log-format json output), and again for every copy made."""
