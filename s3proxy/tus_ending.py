@@ -199,40 +199,59 @@ async def note_ending(store: TusStore, ending: str, length: int | None = None) -
     log.info("tus.ending_noted id=%s ending=%s", store.upload.id, ending)
 
 
-def rollback(state: AppState, store: TusStore, owner: str) -> Callable[[], Awaitable[None]]:
-    """Delete a completed upload's object, then its state. First the state says FAILED
-    (under the lock of ``owner``, the PATCH that completed it, for instances that predate
-    the mark): from then on HEAD, PATCH and DELETE answer 404 at once, no retried PATCH
-    completes it again, and the object goes however long S3 refuses the delete (the
-    janitor's retries, else the expiry sweep). While the state is there, no request has
-    reported the object stored. Only if that swap itself failed can a retried PATCH
-    complete the upload meanwhile (the webhook back; the state then gone or COMPLETED):
-    the rollback then keeps the object that PATCH reported."""
-    settings = state.settings
+class Rollback:
+    """Delete a completed upload's object, then its state: ``undo`` (the first attempt,
+    then the janitor's retries) and ``recheck`` (a write that may land late).
 
-    async def undo() -> None:
+    First the state says FAILED (under the lock of ``owner``, the PATCH that completed it,
+    for instances that predate the mark): from then on HEAD, PATCH and DELETE answer 404
+    at once, no retried PATCH completes it again, and the object goes however long S3
+    refuses the delete (the janitor's retries, else the expiry sweep). While the state is
+    there, no request has reported the object stored. Only if that swap itself failed can
+    a retried PATCH complete the upload meanwhile (the webhook back; the state then gone or
+    COMPLETED): the rollback then keeps the object that PATCH reported.
+
+    Every attempt deletes only the object this upload stored (``drop_object``: its id in
+    the metadata, If-Match): with keys shared (no {uuid}) another client's upload may
+    have stored the key since, and been answered 201 (the re-probe's F1: a retry an S3
+    outage delayed deleted it)."""
+
+    def __init__(self, state: AppState, store: TusStore, owner: str) -> None:
+        self.settings = state.settings
+        self.store = store
+        self.owner = owner
+        # The FAILED mark is down (written, or found): no PATCH completes the upload since.
+        self.marked = False
+
+    async def undo(self) -> None:
+        store, settings = self.store, self.settings
         found = await store.read()
         if found is None or found[0].ending == COMPLETED:
             log.info("upload.kept key=%s reason=completed_by_retry", store.upload.key)
             return
         current, etag = found
-        now = time.time()
-        lock = current.lock
-        if (
-            current.ending is None
-            and lock is not None
-            and lock.owner != owner
-            and current.locked(now, settings.cleanup_clock_skew)
-        ):
-            raise ProxyError(UPLOAD_LOCKED, "a PATCH holds the upload; the rollback waits")
-        if current.ending is None:
-            current.ending = FAILED
-            current.lock = Lock(owner, now + settings.tus_lock_lease)
-            await store.swap(current, etag)
-        await store.bucket.delete(store.upload.key)
+        if current.ending != FAILED:
+            now = time.time()
+            lock = current.lock
+            if (
+                lock is not None
+                and lock.owner != self.owner
+                and current.locked(now, settings.cleanup_clock_skew)
+            ):
+                raise ProxyError(UPLOAD_LOCKED, "a PATCH holds the upload; the rollback waits")
+            until = now + settings.tus_lock_lease
+            marked = dataclasses.replace(current, ending=FAILED, lock=Lock(self.owner, until))
+            await store.swap(marked, etag)
+        self.marked = True
+        await drop_object(store, "rollback")
         await store.remove_all()
 
-    return undo
+    async def recheck(self) -> None:
+        """The rollback's delete made again for a write that may land late: only once the
+        FAILED mark is down (before, a retried PATCH may have completed the upload and
+        reported its object stored; the owed ``undo`` then keeps it)."""
+        if self.marked:
+            await drop_object(self.store, "late_write")
 
 
 async def stored_object(store: TusStore, current: TusState) -> StoredFile | None:
@@ -293,14 +312,11 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
                 m.uploads_aborted.labels(err.kind.code).inc()
                 log.info("upload.rolled_back key=%s reason=%s", stored.key, err.kind.code)
                 what = f"rollback key={stored.key} tus_id={upload.id}"
-                await run_cleanup(
-                    rollback(state, store, owner), what, state.janitor, kind=Kind.OBJECT
-                )
+                undone = Rollback(state, store, owner)
+                await run_cleanup(undone.undo, what, state.janitor, kind=Kind.OBJECT)
                 if stored.may_land_late:  # its PutObject/Complete may still be carried out
                     window = state.pipeline.late_write_window
-                    recheck_late(
-                        state.janitor, lambda: drop_object(store, "late_write"), what, window
-                    )
+                    recheck_late(state.janitor, undone.recheck, what, window)
                 # As /upload's rollback: the receiver may have got upload.completed.
                 await notify_rolled_back(state, [stored.key], err.kind.code)
                 raise Ended(err.kind, err.message) from err
