@@ -291,6 +291,13 @@ async def sweep_tus(
                     await bucket.abort(state.key, state.upload_id)
                 if state.ending == FAILED and state.key:
                     await _drop_failed(bucket, state.key, upload_id)
+                if state.owed:  # no HEAD nor PATCH came to tell the webhook: it stays
+                    log.warning(
+                        "cleanup.tus id=%s key=%s webhook=owed action=kept; the application "
+                        "may not have heard of this object",
+                        upload_id,
+                        state.key,
+                    )
             except NoSuchKey:
                 ends = ends_by_expiry(None, False)  # only what landed after its removal
             except CorruptState as err:

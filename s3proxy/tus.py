@@ -517,6 +517,11 @@ async def head(request: web.Request) -> web.StreamResponse:
         _refuse_ended(current)
         offset = _at(current)
         length = length if length is not None else current.length
+        if current.owed:  # its PATCH was cut by shutdown before the webhook heard of it
+            try:
+                await finish_owed(state, store, current, found[1])
+            except tus_ending.Ended as err:  # rolled back: the upload failed
+                raise ProxyError(NO_SUCH_UPLOAD, f"this upload failed: {err.message}") from err
         if current.ended() == COMPLETED:
             finished = {KEY_HEADER: tus_protocol.key_header(upload.key)}
     sizes = {"Upload-Length": str(length)} if length is not None else {"Upload-Defer-Length": "1"}
@@ -683,6 +688,8 @@ async def _append_tracked(
     if current.ended() == COMPLETED:  # stored and told; only its state's removal is owed
         done = _at(current)
         if offset == done:
+            if current.owed:  # or not yet told: its PATCH was cut by shutdown
+                await finish_owed(state, store, current, etag)
             return PatchResult(done, upload.key)
         raise ProxyError(
             OFFSET_MISMATCH, f"Upload-Offset is {offset}; the upload is complete at {done}"
@@ -721,13 +728,25 @@ async def _append_tracked(
             # could not even mark the state FAILED). End it now, the webhook told as for
             # any completion.
             committed = True
-            await lease.stop()
-            await tus_ending.completed(state, store, whole, lease.owner)
+            await _completed(state, store, lease, whole)
             return PatchResult(whole.size, whole.key)
         except asyncio.CancelledError:
-            # Shutdown's drain (or the server) stopped it: keep its acknowledged parts too,
-            # so a rolling restart costs a resume at the last part, not at the PATCH's
-            # start. To its end even if cancelled again meanwhile.
+            # Shutdown's drain (or the server) stopped it. Cut while its PutObject or
+            # CompleteMultipartUpload was on the way, and S3 stored the object: its
+            # completion is owed (``tus_ending.owe``), HEAD answers it complete.
+            file, length = appended.file, current.length
+            if (
+                file is not None
+                and file.maybe_stored
+                and length is not None
+                and await tus_ending.owe(
+                    state, store, lease.owner, length, check=True, first=lease.stop
+                )
+            ):
+                committed = True
+                raise
+            # Else keep its acknowledged parts too, so a rolling restart costs a resume at
+            # the last part, not at the PATCH's start. To its end even if cancelled again.
             kept = appended.partial_state()
             if kept is not None:
 
@@ -749,9 +768,8 @@ async def _append_tracked(
                 # The object was stored but the answer lost (a timeout; a retried write
                 # refused as KEY_EXISTS): it is this upload's, whole, so it completed.
                 committed = True
-                await lease.stop()
                 log.info("tus.completed_unseen key=%s id=%s error=%s", upload.key, upload.id, err)
-                await tus_ending.completed(state, store, stored_unseen, lease.owner)
+                await _completed(state, store, lease, stored_unseen)
                 return PatchResult(stored_unseen.size, stored_unseen.key)
             if err.kind is KEY_EXISTS or isinstance(err, ChecksumDiffers):
                 # Another upload stored the key first (--no-overwrite): this one can never
@@ -809,13 +827,56 @@ async def _append_tracked(
             )
             return PatchResult(new_offset)
         committed = True  # the object is stored: the state goes with the prefix
-        await lease.stop()
-        await tus_ending.completed(state, store, stored, lease.owner)
+        await _completed(state, store, lease, stored)
         return PatchResult(stored.size, stored.key, stored.sha256)
     finally:
         if not committed:
             await lease.release()
             await appended.abort_unnamed(state)
+
+
+async def _completed(state: AppState, store: TusStore, lease: Lease, stored: StoredFile) -> None:
+    """The object is stored: end the upload (``tus_ending.completed``). Cut short (shutdown)
+    before the webhook heard of it, the completion is written down as owed and the lock
+    dropped (``tus_ending.owe``): HEAD on any instance answers it complete at once."""
+    try:
+        await lease.stop()
+    except asyncio.CancelledError:
+        await tus_ending.owe(state, store, lease.owner, stored.size)
+        raise
+    await tus_ending.completed(state, store, stored, lease.owner)
+
+
+async def finish_owed(state: AppState, store: TusStore, current: TusState, etag: str) -> None:
+    """Finish a completion its PATCH left owed (cut by shutdown before the webhook heard
+    of the object): under the lock, as that PATCH would have, the webhook told and the
+    state removed, or rolled back (``tus_ending.Ended``). 423 while another request
+    finishes it; 404 if the object is no longer this upload's (the upload then ends)."""
+    settings = state.settings
+    lease = Lease(
+        store, current, settings.tus_lock_lease, settings.cleanup_clock_skew, state.janitor.deadline
+    )
+    await lease.take(etag)
+    try:
+        stored = await tus_ending.stored_object(store, current)
+    except BaseException:
+        await lease.release()
+        raise
+    if stored is None:  # deleted, or replaced at a shared key: nothing to tell of
+        await lease.stop()
+        removal = tus_ending.remover(store)
+        await run_cleanup(
+            tus_ending.noting(store, removal, FAILED),
+            f"tus end id={store.upload.id}",
+            state.janitor,
+            kind=Kind.TUS_UPLOAD,
+            retry=removal,
+        )
+        raise ProxyError(
+            NO_SUCH_UPLOAD, "this upload's object is no longer stored; upload it again"
+        )
+    log.info("tus.completion_owed key=%s id=%s action=finish", store.upload.key, store.upload.id)
+    await _completed(state, store, lease, stored)
 
 
 def _total(request: web.Request, upload: TusUpload, current: TusState) -> int | None:

@@ -4,6 +4,7 @@ by another upload's object at its key). Driven by ``tus``'s PATCH and DELETE han
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -12,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from s3proxy.errors import KEY_EXISTS, UPLOAD_LOCKED, ProxyError
 from s3proxy.handlers import notify, notify_rolled_back
-from s3proxy.janitor import Kind, recheck_late, run_cleanup
+from s3proxy.janitor import Kind, by_deadline, finish, recheck_late, run_cleanup
 from s3proxy.pipeline import StoredFile
 from s3proxy.s3 import (
     ChecksumDiffers,
@@ -191,48 +192,129 @@ async def note_ending(store: TusStore, ending: str, length: int | None = None) -
     """Swap the state to ``ending`` (COMPLETED with the object's size as its length), the
     lock dropped: the upload is over, nobody holds it. Not over another ending."""
     found = await store.read()
-    if found is None or found[0].ending is not None:
+    if found is None or (found[0].ending is not None and not found[0].owed):
         return
     current, etag = found
     size = current.length if length is None else length
-    await store.swap(dataclasses.replace(current, ending=ending, lock=None, length=size), etag)
+    noted = dataclasses.replace(current, ending=ending, owed=False, lock=None, length=size)
+    await store.swap(noted, etag)
     log.info("tus.ending_noted id=%s ending=%s", store.upload.id, ending)
 
 
-def rollback(state: AppState, store: TusStore, owner: str) -> Callable[[], Awaitable[None]]:
-    """Delete a completed upload's object, then its state. First the state says FAILED
-    (under the lock of ``owner``, the PATCH that completed it, for instances that predate
-    the mark): from then on HEAD, PATCH and DELETE answer 404 at once, no retried PATCH
-    completes it again, and the object goes however long S3 refuses the delete (the
-    janitor's retries, else the expiry sweep). While the state is there, no request has
-    reported the object stored. Only if that swap itself failed can a retried PATCH
-    complete the upload meanwhile (the webhook back; the state then gone or COMPLETED):
-    the rollback then keeps the object that PATCH reported."""
-    settings = state.settings
+async def owe(
+    state: AppState,
+    store: TusStore,
+    owner: str,
+    length: int,
+    *,
+    check: bool = False,
+    first: Callable[[], Awaitable[None]] | None = None,
+) -> bool:
+    """Write down a completion cut short (shutdown) after the upload's object was stored
+    and before the webhook heard of it: the state COMPLETED with the webhook ``owed``, the
+    lock of ``owner`` (that PATCH) dropped. HEAD and PATCH, on any instance, then answer
+    complete at once and finish the completion first (``tus.finish_owed``), where they
+    answered the offset before that PATCH and 423 for its lock until it lapsed (lease +
+    clock skew, about 90 s: the re-probe's F4). ``check``: the object's write was still on
+    the way when cut: only if this upload's object of ``length`` bytes is there.
+    ``first``: run before (stopping the lock's renewal). Within the shutdown's deadline,
+    to its end even if cancelled again; best effort (else the lock lapses). Whether the
+    state now says so."""
+    written = False
 
-    async def undo() -> None:
+    async def write() -> None:
+        nonlocal written
+        if first is not None:
+            await first()
+        if check and await own_object(store, length) is None:
+            return
         found = await store.read()
-        if found is None or found[0].ending == COMPLETED:
+        if found is None:
+            return
+        current, etag = found
+        lock = current.lock
+        if current.ending == FAILED or lock is None or lock.owner != owner:
+            return  # not this PATCH's to write any more
+        owed = dataclasses.replace(current, ending=COMPLETED, owed=True, lock=None, length=length)
+        await store.swap(owed, etag)
+        written = True
+        log.info(
+            "tus.lock_released id=%s owner=%s ending=completed webhook=owed",
+            store.upload.id,
+            owner,
+        )
+
+    async def bounded() -> None:
+        try:
+            await by_deadline(
+                write(),
+                f"tus lock id={store.upload.id} owner={owner}",
+                Kind.TUS_PATCH,
+                state.janitor,
+            )
+        except Exception as err:  # best effort: the lock lapses after the lease
+            log.warning(
+                "tus.lock_release_failed id=%s owner=%s error=%r", store.upload.id, owner, err
+            )
+
+    await finish(bounded())
+    return written
+
+
+class Rollback:
+    """Delete a completed upload's object, then its state: ``undo`` (the first attempt,
+    then the janitor's retries) and ``recheck`` (a write that may land late).
+
+    First the state says FAILED (under the lock of ``owner``, the PATCH that completed it,
+    for instances that predate the mark): from then on HEAD, PATCH and DELETE answer 404
+    at once, no retried PATCH completes it again, and the object goes however long S3
+    refuses the delete (the janitor's retries, else the expiry sweep). While the state is
+    there, no request has reported the object stored. Only if that swap itself failed can
+    a retried PATCH complete the upload meanwhile (the webhook back; the state then gone or
+    COMPLETED): the rollback then keeps the object that PATCH reported.
+
+    Every attempt deletes only the object this upload stored (``drop_object``: its id in
+    the metadata, If-Match): with keys shared (no {uuid}) another client's upload may
+    have stored the key since, and been answered 201 (the re-probe's F1: a retry an S3
+    outage delayed deleted it)."""
+
+    def __init__(self, state: AppState, store: TusStore, owner: str) -> None:
+        self.settings = state.settings
+        self.store = store
+        self.owner = owner
+        # The FAILED mark is down (written, or found): no PATCH completes the upload since.
+        self.marked = False
+
+    async def undo(self) -> None:
+        store, settings = self.store, self.settings
+        found = await store.read()
+        if found is None or (found[0].ending == COMPLETED and not found[0].owed):
             log.info("upload.kept key=%s reason=completed_by_retry", store.upload.key)
             return
         current, etag = found
-        now = time.time()
-        lock = current.lock
-        if (
-            current.ending is None
-            and lock is not None
-            and lock.owner != owner
-            and current.locked(now, settings.cleanup_clock_skew)
-        ):
-            raise ProxyError(UPLOAD_LOCKED, "a PATCH holds the upload; the rollback waits")
-        if current.ending is None:
-            current.ending = FAILED
-            current.lock = Lock(owner, now + settings.tus_lock_lease)
-            await store.swap(current, etag)
-        await store.bucket.delete(store.upload.key)
+        if current.ending != FAILED:
+            now = time.time()
+            lock = current.lock
+            if (
+                lock is not None
+                and lock.owner != self.owner
+                and current.locked(now, settings.cleanup_clock_skew)
+            ):
+                raise ProxyError(UPLOAD_LOCKED, "a PATCH holds the upload; the rollback waits")
+            until = now + settings.tus_lock_lease
+            lock = Lock(self.owner, until)
+            marked = dataclasses.replace(current, ending=FAILED, owed=False, lock=lock)
+            await store.swap(marked, etag)
+        self.marked = True
+        await drop_object(store, "rollback")
         await store.remove_all()
 
-    return undo
+    async def recheck(self) -> None:
+        """The rollback's delete made again for a write that may land late: only once the
+        FAILED mark is down (before, a retried PATCH may have completed the upload and
+        reported its object stored; the owed ``undo`` then keeps it)."""
+        if self.marked:
+            await drop_object(self.store, "late_write")
 
 
 async def stored_object(store: TusStore, current: TusState) -> StoredFile | None:
@@ -269,7 +351,8 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
     a bare 204 for an object the application did not hear of. A rollback first marks the
     state FAILED (a retry is then 404, never 204 for an object it deletes); once the
     webhook heard of the object, a removal that fails marks it COMPLETED (a retry is then
-    204 at once, the webhook not told again)."""
+    204 at once, the webhook not told again). Cut (shutdown) while telling the webhook,
+    the state says COMPLETED with the telling owed (``owe``), and counts once that is done."""
     upload = store.upload
     log.info(
         "upload.completed key=%s size=%d parts=%d content_type=%s tus_id=%s",
@@ -287,20 +370,23 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
             out = {"files": [stored.to_json()], "fields": {}}
             try:
                 await notify(state, out)
+            except asyncio.CancelledError:
+                # Cut (shutdown) before the webhook's answer: the object is stored, its
+                # completion owed to the next HEAD or PATCH; counted once that is done.
+                kept = False
+                await owe(state, store, owner, stored.size)
+                raise
             except ProxyError as err:
                 # --webhook-failure rollback: the application never heard of it, so it goes.
                 kept = False
                 m.uploads_aborted.labels(err.kind.code).inc()
                 log.info("upload.rolled_back key=%s reason=%s", stored.key, err.kind.code)
                 what = f"rollback key={stored.key} tus_id={upload.id}"
-                await run_cleanup(
-                    rollback(state, store, owner), what, state.janitor, kind=Kind.OBJECT
-                )
+                undone = Rollback(state, store, owner)
+                await run_cleanup(undone.undo, what, state.janitor, kind=Kind.OBJECT)
                 if stored.may_land_late:  # its PutObject/Complete may still be carried out
                     window = state.pipeline.late_write_window
-                    recheck_late(
-                        state.janitor, lambda: drop_object(store, "late_write"), what, window
-                    )
+                    recheck_late(state.janitor, undone.recheck, what, window)
                 # As /upload's rollback: the receiver may have got upload.completed.
                 await notify_rolled_back(state, [stored.key], err.kind.code)
                 raise Ended(err.kind, err.message) from err

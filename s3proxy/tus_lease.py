@@ -166,6 +166,7 @@ class Lease:
             try:
                 async with self.deadline.bound(self.seconds):
                     await self._swap_own(self.state)
+                log.info("tus.lock_released id=%s owner=%s", self.store.upload.id, self.owner)
             except (PreconditionFailed, NoSuchKey):
                 pass  # another request holds the upload now: its lock is not ours to drop
             except ShutdownDeadline as err:

@@ -52,6 +52,13 @@ PATCH left. The mark costs one GetObject and one PutObject, only when the remova
 (a rollback's rides on the lock swap it always made): HEAD and PATCH read the state as
 before, with no call added. The expiry sweep deletes a FAILED upload's object too.
 
+**A completion cut short is written down too.** A PATCH that stored the object and was
+then cut by shutdown before the webhook heard of it swaps the state to COMPLETED with
+``owed`` set and its lock dropped (within the shutdown's deadline): HEAD and PATCH, on
+any instance, answer complete at once and first finish that completion under the lock
+(the webhook told, the state removed; or rolled back), never the offset before that
+PATCH nor 423 for its lock. Older instances read such a state as COMPLETED.
+
 **What is read back is checked.** The state and the segments are the only bytes the proxy
 reads back from S3 and builds on, so a bit changed on the way (either way) must not be
 believed:
@@ -207,6 +214,9 @@ class TusState:
     # How the upload ended, written only when removing its state failed (see the module
     # docstring): COMPLETED (``length`` then the object's size) or FAILED; None while it goes on.
     ending: str | None = None
+    # COMPLETED, the webhook not yet told: the PATCH that stored the object was cut short
+    # (shutdown) first. The next HEAD or PATCH finishes the completion (``tus.finish_owed``).
+    owed: bool = False
 
     @property
     def pristine(self) -> bool:
@@ -264,7 +274,9 @@ class TusState:
 
     def _fields(self) -> dict[str, Any]:
         # ``ending`` only when set: a going upload's record stays what it was before.
-        ending = {} if self.ending is None else {"ending": self.ending}
+        ending: dict[str, Any] = {} if self.ending is None else {"ending": self.ending}
+        if self.owed:
+            ending["owed"] = True
         return {
             "offset": self.offset,
             "key": self.key,
@@ -306,6 +318,7 @@ class TusState:
                 metadata=_texts(data.get("metadata") or {}),
                 fields=_texts(data.get("fields") or {}),
                 ending=data.get("ending"),
+                owed=data.get("owed") is True,
             )
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise CorruptState(f"not a tus state: {exc!r}") from exc
@@ -338,6 +351,8 @@ class TusState:
             return f"an ending {self.ending!r} no proxy writes"
         if self.ending == COMPLETED and self.length is None:
             return "completed without the object's size"
+        if self.owed and self.ending != COMPLETED:
+            return "a webhook owed for an upload not completed"
         return self._crc_inconsistency()
 
     def _crc_inconsistency(self) -> str | None:

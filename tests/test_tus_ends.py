@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import logging
 from typing import Any
 from urllib.parse import unquote
 
 import pytest
+from aiohttp import web
 
 from s3proxy.state import STATE
 from s3proxy.tus_url import RESERVED_PREFIX
+from tests import bodies
 from tests.conftest import ProxyFactory
-from tests.faults import Fault, FaultyS3, tus_operation
+from tests.faults import OBJECT_WRITES, Fault, FaultyS3, tus_operation
 from tests.polling import eventually
 from tests.s3util import all_keys_async, open_uploads_async, read_object_async
 from tests.test_tus import TUS, MiB, body, meta, reserved
@@ -406,3 +410,275 @@ async def test_a_rolled_back_upload_whose_write_lands_late_is_deleted_again(
             within=6.0,
             what="no object of the rolled back upload",
         )
+
+
+class _Receiver:
+    """A webhook receiver answering ``status`` (changed as the test goes), after ``delay``
+    seconds over upload.completed; the events it got."""
+
+    def __init__(self, status: int, delay: float = 0.0) -> None:
+        self.status = status
+        self.delay = delay
+        self.got: list[str] = []
+        self.heard = asyncio.Event()
+
+    async def hook(self, request: web.Request) -> web.Response:
+        event = json.loads(await request.read())["event"]
+        status = self.status  # as when the event came
+        self.got.append(event)
+        self.heard.set()
+        if event == "upload.completed":
+            await asyncio.sleep(self.delay)
+        return web.Response(status=status)
+
+    async def serve(self, aiohttp_server: Any) -> str:
+        app = web.Application()
+        app.router.add_post("/hook", self.hook)
+        return str((await aiohttp_server(app)).make_url("/hook"))
+
+
+async def _upload(proxy: Any, filename: str, data: bytes) -> Any:
+    raw = bodies.body([bodies.file("file", filename, data)])
+    return await proxy.post("/upload", data=raw, headers=bodies.headers())
+
+
+@pytest.mark.parametrize("refused", ["state-delete", "every-delete"])
+async def test_a_retried_rollback_never_deletes_another_uploads_object_at_the_key(
+    proxy_factory: ProxyFactory, aiohttp_server: Any, moto: Any, s3: Any, bucket: str, refused: str
+) -> None:
+    """The re-probe's F1 (2 of 2, and a variant): a key template without {uuid}; the
+    webhook failed and the rollback could not finish (S3 refused the state's delete, or
+    every delete), so the janitor owed it. Meanwhile another client's /upload stored the
+    same key and was answered 201. The janitor's retry then deleted that object (the
+    rollback's delete had no condition): a stored file gone, nobody told. The rollback
+    deletes only an object this upload stored (its id, If-Match), on every attempt."""
+    hook = _Receiver(500)
+    armed = False
+
+    def rule(op: str, _: int) -> Fault | None:
+        if refused == "state-delete":
+            failing = op == "DeleteObject:state"
+        else:
+            failing = op.startswith("DeleteObject")
+        return Fault(status=500) if armed and failing else None
+
+    overwrite = {} if refused == "state-delete" else {"no_overwrite": False}
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
+        proxy = await proxy_factory(
+            faulty.endpoint_url,
+            s3_max_attempts=1,
+            key_template="plain/{filename}",
+            webhook_url=await hook.serve(aiohttp_server),
+            webhook_attempts=1,
+            **overwrite,
+        )
+        url = await new_upload(proxy, 10, **{"Upload-Metadata": meta(filename="c1.bin")})
+        armed = True
+        resp = await proxy.patch(url, data=b"0123456789", headers=patch_headers(0))
+        assert await _code(resp) == (502, "WEBHOOK_FAILED")
+        assert (await proxy.head(url, headers=TUS)).status == 404
+        hook.status = 204
+        other = b"OTHER-CLIENT-BYTES"
+        resp = await _upload(proxy, "c1.bin", other)
+        assert resp.status == 201, await resp.text()
+        armed = False  # S3 recovers: the owed rollback is retried
+        await proxy.app[STATE].janitor.close()
+        assert await read_object_async(s3, bucket, "plain/c1.bin") == other
+        assert await reserved(s3, bucket) == []
+
+
+async def test_a_rollback_keeps_an_object_another_upload_stored_meanwhile(
+    proxy_factory: ProxyFactory, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    """The same on the rollback's first attempt: keys shared and overwrites allowed,
+    another client's /upload stored the key while this upload's webhook was failing; the
+    rollback deleted that object along with its own state (a 201 for a file gone)."""
+    hook = _Receiver(500, delay=1.0)
+    proxy = await proxy_factory(
+        key_template="nov/{filename}",
+        no_overwrite=False,
+        webhook_url=await hook.serve(aiohttp_server),
+        webhook_attempts=1,
+    )
+    url = await new_upload(proxy, 10, **{"Upload-Metadata": meta(filename="c2.bin")})
+    patching = asyncio.ensure_future(proxy.patch(url, data=b"0123456789", headers=patch_headers(0)))
+    await asyncio.wait_for(hook.heard.wait(), 10)  # stored, the webhook failing
+    hook.status = 204
+    hook.heard.clear()
+    other = b"OTHER-CLIENT-BYTES"
+    resp = await _upload(proxy, "c2.bin", other)
+    assert resp.status == 201, await resp.text()
+    assert await _code(await patching) == (502, "WEBHOOK_FAILED")
+    assert await read_object_async(s3, bucket, "nov/c2.bin") == other
+    assert await reserved(s3, bucket) == []
+
+
+async def test_a_late_write_recheck_keeps_the_object_a_retried_patch_reported(
+    proxy_factory: ProxyFactory, aiohttp_server: Any, moto: Any, s3: Any, bucket: str
+) -> None:
+    """The rollback's recheck for a write that may land late deleted this upload's object
+    whatever happened since. Its FAILED mark refused by S3, a PATCH retried once the lock
+    lapsed completed the upload again (the webhook back: told, 204); the recheck (2x
+    --s3-read-timeout later) then deleted that reported object. It deletes only once the
+    FAILED mark is down (no PATCH can complete the upload after it)."""
+    hook = _Receiver(500)
+    armed = {"on": False, "puts": 0}
+
+    def rule(op: str, _: int) -> Fault | None:
+        if not armed["on"]:
+            return None
+        if op == "PutObject":
+            armed["puts"] += 1
+            return Fault(late=0.8) if armed["puts"] == 1 else None  # its answer lost
+        if op == "PutObject:state" and armed["puts"] == 2:
+            return Fault(status=500)  # the rollback's mark (the lock's swap came before)
+        return None
+
+    data = body(1000, seed=7)
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
+        proxy = await proxy_factory(
+            faulty.endpoint_url,
+            s3_read_timeout=0.5,
+            s3_max_attempts=2,
+            tus_lock_lease=0.5,
+            cleanup_clock_skew=0,
+            webhook_url=await hook.serve(aiohttp_server),
+            webhook_attempts=1,
+        )
+        url = await new_upload(proxy, len(data))
+        armed["on"] = True
+        resp = await proxy.patch(url, data=data, headers=patch_headers(0))
+        assert await _code(resp) == (502, "WEBHOOK_FAILED")
+        armed["on"] = False
+        hook.status = 204
+        await asyncio.sleep(0.6)  # the lock lapses
+        resp = await proxy.patch(url, data=data, headers=patch_headers(0))
+        assert resp.status == 204, await resp.text()
+        key = unquote(resp.headers["S3Proxy-Key"])
+        await asyncio.sleep(2.5)  # past the recheck (1 s) of the rolled back write
+        assert await read_object_async(s3, bucket, key) == data
+
+
+@pytest.mark.parametrize("then", ["head", "patch"])
+async def test_a_patch_cut_by_shutdown_while_telling_the_webhook_is_complete_elsewhere(
+    proxy_factory: ProxyFactory,
+    aiohttp_server: Any,
+    s3: Any,
+    bucket: str,
+    caplog: pytest.LogCaptureFixture,
+    then: str,
+) -> None:
+    """The re-probe's F4 (2 of 2): SIGTERM while the completing PATCH waited on a slow
+    webhook, the object stored. The PATCH got 503 "resume (HEAD, then PATCH)", but its
+    lock stayed: another instance's HEAD said offset 0 and its PATCH got 423 for about
+    87 s (lease + clock skew). Now the cut PATCH writes the completion down as owed and
+    drops its lock (within the shutdown's deadline, logged): another instance answers
+    complete at once, first telling the webhook (at least once), and the object stays."""
+    from s3proxy.app import drain
+
+    hook = _Receiver(204, delay=5.0)
+    url_hook = await hook.serve(aiohttp_server)
+    first = await proxy_factory(webhook_url=url_hook, webhook_attempts=1, shutdown_timeout=0.2)
+    data = body(1000, seed=8)
+    url = await new_upload(first, len(data))
+    patching = asyncio.ensure_future(first.patch(url, data=data, headers=patch_headers(0)))
+    await asyncio.wait_for(hook.heard.wait(), 10)  # stored, the webhook not yet answering
+    with caplog.at_level(logging.INFO, logger="s3proxy.tus"):
+        await asyncio.wait_for(drain(first.app[STATE]), 10)
+    assert await _code(await patching) == (503, "SHUTTING_DOWN")
+    hook.delay = 0
+    other = await proxy_factory(webhook_url=url_hook, webhook_attempts=1)
+    if then == "head":
+        resp = await other.head(url, headers=TUS)
+        assert resp.status == 200, resp.headers
+    else:
+        resp = await other.patch(url, data=b"", headers=patch_headers(len(data)))
+        assert resp.status == 204, await resp.text()
+    assert resp.headers["Upload-Offset"] == str(len(data))
+    key = unquote(resp.headers["S3Proxy-Key"])
+    assert hook.got == ["upload.completed", "upload.completed"]  # told again: at least once
+    assert await read_object_async(s3, bucket, key) == data
+    assert await reserved(s3, bucket) == []
+    head = await other.head(url, headers=TUS)  # the ordinary finished upload now
+    assert head.status == 200 and head.headers["Upload-Offset"] == str(len(data))
+    assert hook.got == ["upload.completed", "upload.completed"]
+    assert "tus.lock_released" in caplog.text
+
+
+@OBJECT_WRITES
+async def test_a_patch_cut_while_its_object_is_written_is_complete_elsewhere(
+    proxy_factory: ProxyFactory,
+    aiohttp_server: Any,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    op: str,
+    size: int,
+) -> None:
+    """The same cut one step earlier: S3 stored the object, the answer of its PutObject
+    or CompleteMultipartUpload still on the way. Before, the PATCH released its lock and
+    either HEAD elsewhere answered complete with the webhook never told (a file stored
+    that the application never hears of), or, for a multipart upload, it committed its
+    whole parts: HEAD said 5 MiB of a stored 7 MiB file. It finds its object and writes
+    the completion down as owed: HEAD elsewhere tells the webhook and answers complete."""
+    from s3proxy.app import drain
+
+    hook = _Receiver(204)
+    url_hook = await hook.serve(aiohttp_server)
+    armed = {"on": False}
+
+    def rule(name: str, _: int) -> Fault | None:
+        return Fault(late=2.0) if armed["on"] and name == op else None
+
+    data = body(size, seed=9)
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
+        first = await proxy_factory(
+            faulty.endpoint_url, s3_max_attempts=1, shutdown_timeout=0.5, webhook_url=url_hook
+        )
+        url = await new_upload(first, len(data))
+        armed["on"] = True
+        patching = asyncio.ensure_future(
+            first.patch(url, data=io.BytesIO(data), headers=patch_headers(0))
+        )
+        await eventually(
+            lambda: faulty.calls, until=lambda calls: op in calls, within=10, what="the write"
+        )
+        await asyncio.wait_for(drain(first.app[STATE]), 10)
+        assert await _code(await patching) == (503, "SHUTTING_DOWN")
+    other = await proxy_factory(webhook_url=url_hook)
+    head = await other.head(url, headers=TUS)
+    assert head.status == 200, head.headers
+    assert head.headers["Upload-Offset"] == str(len(data))
+    key = unquote(head.headers["S3Proxy-Key"])
+    assert hook.got == ["upload.completed"]
+    assert await read_object_async(s3, bucket, key) == data
+    assert await reserved(s3, bucket) == []
+
+
+async def test_an_owed_completion_whose_webhook_fails_is_rolled_back(
+    proxy_factory: ProxyFactory, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    """The completion a cut PATCH left owed, finished by a HEAD elsewhere whose webhook
+    fails: rolled back as that PATCH would have been (the object deleted, the receiver
+    told), and the upload answers 404, never complete for a deleted file."""
+    from s3proxy.app import drain
+
+    hook = _Receiver(204, delay=5.0)
+    url_hook = await hook.serve(aiohttp_server)
+    first = await proxy_factory(webhook_url=url_hook, webhook_attempts=1, shutdown_timeout=0.2)
+    url = await new_upload(first, 1000)
+    patching = asyncio.ensure_future(first.patch(url, data=body(1000), headers=patch_headers(0)))
+    await asyncio.wait_for(hook.heard.wait(), 10)
+    await asyncio.wait_for(drain(first.app[STATE]), 10)
+    assert await _code(await patching) == (503, "SHUTTING_DOWN")
+    hook.status, hook.delay = 500, 0
+    other = await proxy_factory(webhook_url=url_hook, webhook_attempts=1)
+    assert (await other.head(url, headers=TUS)).status == 404
+    assert await _code(await other.patch(url, data=b"", headers=patch_headers(1000))) == (
+        404,
+        "NO_SUCH_UPLOAD",
+    )
+    assert hook.got == ["upload.completed", "upload.completed", "upload.rolled_back"]
+    objects = [k for k in await all_keys_async(s3, bucket) if not k.startswith(RESERVED_PREFIX)]
+    assert objects == []
+    assert await reserved(s3, bucket) == []
