@@ -21,7 +21,7 @@ from aiohttp.typedefs import Middleware
 if TYPE_CHECKING:
     from s3proxy.embedded import EmbeddedStore
 
-from s3proxy import codings, downloads, handlers, page, presign, protocol, tus
+from s3proxy import codings, downloads, handlers, page, presign, presign_claim, protocol, tus
 from s3proxy.cleanup import Rule, sweep, sweep_tus
 from s3proxy.config import embedded_config
 from s3proxy.cors import Cors
@@ -278,6 +278,9 @@ async def sweep_once(
         result = await sweep(
             bucket, settings.cleanup_prefixes, rule, dry_run=False, keep=tus_uploads.live
         )
+        claims = await presign_claim.sweep(bucket, now, settings.cleanup_clock_skew)
+        if claims:
+            log.info("cleanup.claims_swept removed=%d", claims)
     except Exception as exc:
         metrics.sweeps.labels("failed").inc()
         log.warning("cleanup.failed error=%s", exc)
@@ -358,6 +361,8 @@ async def drain(state: AppState) -> None:
     seconds after the grace period, whatever S3 does (``janitor.Deadline``). Idle
     keep-alive connections are closed at once and every response from now on says
     ``Connection: close``, so no client holds the process once its request is answered.
+    Presigned completes count as uploads, those begun during the grace period too: cut,
+    they answer 503 SHUTTING_DOWN telling the client to retry the complete.
     Other requests in progress (a download) get what is left of the grace period. The
     background store check stops: /readyz says 503 from here on. Running it again does
     nothing.
@@ -392,6 +397,12 @@ async def drain(state: AppState) -> None:
     # what fails from here on is logged abandoned: all of it ends by the deadline.
     last_try = asyncio.create_task(state.janitor.close(), name="cleanup-last-try")
     await conns.wait_quiet(deadline)
+    # Uploads begun during the grace period (a presigned complete is accepted while
+    # draining: it ends an upload whose parts went straight to S3) are cut alike.
+    later = [task for task in state.uploads if not task.done() and task not in pending]
+    for task in later:
+        state.stop(task)
+    pending.update(later)
     await stop_requests(state)
     await asyncio.wait(
         [last_try, *pending], timeout=max(0.0, cleanup_deadline - loop.time()) + STOP_WAIT

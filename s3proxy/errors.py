@@ -66,6 +66,8 @@ NO_SUCH_UPLOAD = ErrorKind("NO_SUCH_UPLOAD", 404)  # a multipart upload id S3 do
 CLIENT_TIMEOUT = ErrorKind("CLIENT_TIMEOUT", 408)
 # 409: an object is already stored at the key and --no-overwrite is on
 KEY_EXISTS = ErrorKind("KEY_EXISTS", 409)
+# 409: another presigned complete of the upload is deciding (s3proxy.presign_claim)
+COMPLETE_IN_PROGRESS = ErrorKind("COMPLETE_IN_PROGRESS", 409)
 # tus (s3proxy.tus): the protocol's own statuses
 OFFSET_MISMATCH = ErrorKind("OFFSET_MISMATCH", 409)  # Upload-Offset is not the stored offset
 UPLOAD_EXPIRED = ErrorKind("UPLOAD_EXPIRED", 410)  # a tus upload URL past its Upload-Expires

@@ -53,6 +53,7 @@ class Kind(enum.Enum):
     # may have reported it stored (``delete key=... reason=size_unchecked``)
     OBJECT_SIZE_UNCHECKED = "object_size_unchecked"
     TUS_PATCH = "tus_patch"  # a cut PATCH's commit or lock release: ``tus commit|lock``
+    CLAIM = "claim"  # a presigned complete's claim on its upload: ``claim key=...``
 
 
 def late_delays(window: float) -> tuple[float, ...]:
@@ -248,6 +249,11 @@ async def by_deadline(aw: Awaitable[None], what: str, kind: Kind, janitor: Janit
 def advice(kind: Kind) -> str:
     """What undoes a cleanup of this kind that the process could not do, for its log line."""
     match kind:
+        case Kind.CLAIM:  # it lapses by itself
+            return (
+                "nothing to do: a retried complete is answered 409 COMPLETE_IN_PROGRESS until "
+                "the claim lapses, and the sweep deletes it"
+            )
         case Kind.TUS_PATCH:  # the upload goes on
             return "nothing to do: the upload resumes from its last commit once its lock lapses"
         case Kind.UPLOAD | Kind.TUS_UPLOAD:

@@ -42,7 +42,9 @@ it again (at least once; receivers deduplicate on the key).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -52,13 +54,14 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from s3proxy import keys, parts, sniff
 from s3proxy.auth import Principal
 from s3proxy.disposition import parse_form_disposition
 from s3proxy.errors import (
     CLIENT_DISCONNECTED,
+    COMPLETE_IN_PROGRESS,
     FILE_TOO_LARGE,
     INVALID_REQUEST,
     KEY_EXISTS,
@@ -68,9 +71,11 @@ from s3proxy.errors import (
     TOKEN_SCOPE,
     TYPE_NOT_ALLOWED,
     ProxyError,
+    error_response,
 )
 from s3proxy.handlers import notify, notify_rolled_back, rollback_reason
-from s3proxy.janitor import Kind, recheck_late, run_cleanup
+from s3proxy.janitor import Kind, late_delays, recheck_late, run_cleanup
+from s3proxy.presign_claim import RETRY_AFTER, Claim, new_claim
 from s3proxy.s3 import (
     InvalidParts,
     NoSuchKey,
@@ -471,6 +476,20 @@ async def list_parts(request: web.Request) -> web.Response:
     return web.json_response({"key": key, "upload_id": upload_id, "parts": _parts_json(found)})
 
 
+def _claimed_parts(body: Mapping[str, Any]) -> dict[int, str] | None:
+    """The client's ``parts`` list as {number: etag, unquoted}; None if it sent none."""
+    given = body.get("parts")
+    if given is None:
+        return None
+    try:
+        return {_integer(p["part_number"], "part_number"): str(p["etag"]).strip('"') for p in given}
+    except (TypeError, KeyError):
+        raise ProxyError(INVALID_REQUEST, "'parts' must be a list of {part_number, etag}") from None
+
+
+PARTS_DIFFER = "'parts' does not match the parts S3 holds for this upload"
+
+
 def _check_parts(ctx: Context, body: Mapping[str, Any], found: Sequence[PartInfo]) -> int:
     """Refuse to complete a gappy, unexpected or oversized upload; return its size."""
     if not found:
@@ -479,21 +498,9 @@ def _check_parts(ctx: Context, body: Mapping[str, Any], found: Sequence[PartInfo
     if numbers != list(range(1, len(found) + 1)):
         missing = min(set(range(1, max(numbers) + 1)) - set(numbers))
         raise ProxyError(INVALID_REQUEST, f"part {missing} has not been uploaded")
-    given = body.get("parts")
-    if given is not None:
-        try:
-            claimed = {
-                _integer(p["part_number"], "part_number"): str(p["etag"]).strip('"') for p in given
-            }
-        except (TypeError, KeyError):
-            raise ProxyError(
-                INVALID_REQUEST, "'parts' must be a list of {part_number, etag}"
-            ) from None
-        held = {p.number: p.etag.strip('"') for p in found}
-        if claimed != held:
-            raise ProxyError(
-                INVALID_REQUEST, "'parts' does not match the parts S3 holds for this upload"
-            )
+    claimed = _claimed_parts(body)
+    if claimed is not None and claimed != {p.number: p.etag.strip('"') for p in found}:
+        raise ProxyError(INVALID_REQUEST, PARTS_DIFFER)
     size = sum(p.size for p in found)
     limit = ctx.settings.max_file_size
     if size > limit:
@@ -506,23 +513,136 @@ def _check_parts(ctx: Context, body: Mapping[str, Any], found: Sequence[PartInfo
     return size
 
 
+_MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")
+
+
+def parts_make_etag(claimed: Mapping[int, str], etag: str | None) -> bool | None:
+    """Do these part ETags make a multipart object's ETag? None: it cannot be told. Pure.
+
+    S3 (and moto, and SeaweedFS: tests/test_presign.py checks both stores) gives a
+    completed multipart object the ETag ``md5(etag 1 + ... + etag N)-N``, the parts'
+    ETags (32 hex digits: their MD5s, or with SSE-KMS another digest) taken as bytes. A
+    store whose object ETags are made so gives its parts such ETags: any other cannot be
+    one of its parts. Objects with another kind of ETag cannot be told."""
+    digest, dash, count = (etag or "").strip('"').partition("-")
+    if not dash or not count.isdigit() or not _MD5_HEX.fullmatch(digest):
+        return None  # not a multipart ETag this rule makes
+    if sorted(claimed) != list(range(1, int(count) + 1)):
+        return False
+    if not all(_MD5_HEX.fullmatch(claimed[n]) for n in claimed):
+        return False
+    joined = b"".join(bytes.fromhex(claimed[n]) for n in sorted(claimed))
+    return hashlib.md5(joined, usedforsecurity=False).hexdigest() == digest.lower()
+
+
+@dataclass
+class _Progress:
+    """How far a complete got: what a shutdown that cuts it logs."""
+
+    stage: str = "claiming"
+
+
+# What a complete cut by shutdown tells the client, and its log line the operator.
+CUT_MESSAGE = (
+    "the proxy is shutting down before this complete was decided: retry the complete (on "
+    "another instance); it answers 200 with the object once it is stored, 404 NO_SUCH_UPLOAD "
+    "if it never was"
+)
+CUT_ADVICE = (
+    "the object (if S3 stored it) is owed its webhook and size check to the client's retried "
+    "complete; if none comes, nothing reports it: check it by hand (its size must be its "
+    "x-amz-meta-s3proxy-size)"
+)
+
+
 async def complete_multipart(request: web.Request) -> web.Response:
     """Complete from the parts S3 holds, then hold the object to the size signed at create.
 
-    No object that was not held to its size stays while the client is told of a failure:
-    if S3 may have completed (Complete's answer lost) the object is looked for and checked;
-    if it cannot be checked (HeadObject fails) it is deleted. A complete retried after a
-    lost answer finds the upload gone and the object there, and checks it then."""
+    One complete of an upload at a time, on every instance (``presign_claim``): another
+    is answered 409 COMPLETE_IN_PROGRESS with Retry-After, so no complete answers 200 for
+    an object another may still delete. No object that was not held to its size stays
+    while the client is told of a failure: if S3 may have completed (Complete's answer
+    lost) the object is looked for and checked; if it cannot be checked (HeadObject fails)
+    it is deleted. A complete retried after a lost answer finds the upload gone and the
+    object there, and checks it then (its parts too, if the client lists them).
+
+    Counted as an upload at shutdown: given --shutdown-timeout, then cut and answered 503
+    SHUTTING_DOWN, the object (if any) kept for the retried complete to answer for."""
     ctx = await _context(request)
     body = await _json_body(request)
     key, upload_id = _client_key(ctx, body), _upload_id(body)
+    state = ctx.state
+    task = asyncio.current_task()
+    progress = _Progress()
+    with state.track(task):
+        try:
+            return await _complete_claimed(ctx, body, key, upload_id, progress)
+        except asyncio.CancelledError:
+            shutdown = task is not None and state.stopped_by_shutdown(task)
+            log.warning(
+                "presign.complete_cut key=%s upload_id=%s stage=%s reason=%s; %s",
+                key,
+                upload_id,
+                progress.stage,
+                SHUTTING_DOWN.code if shutdown else "cancelled",
+                CUT_ADVICE,
+            )
+            if not shutdown:
+                raise
+        except ProxyError as err:
+            if err.kind is not COMPLETE_IN_PROGRESS:
+                raise
+            log.info("presign.complete_in_progress key=%s upload_id=%s", key, upload_id)
+            resp = error_response(err)
+            resp.headers[hdrs.RETRY_AFTER] = str(RETRY_AFTER)
+            return resp
+    resp = error_response(ProxyError(SHUTTING_DOWN, CUT_MESSAGE))
+    resp.force_close()
+    return resp
+
+
+async def _complete_claimed(
+    ctx: Context, body: Mapping[str, Any], key: str, upload_id: str, progress: _Progress
+) -> web.Response:
+    """The complete, under the upload's claim; released once it has decided (after the
+    rechecks of a write that may land late, if it owes any)."""
+    janitor = ctx.state.janitor
+    claim = new_claim(ctx.sink, ctx.settings, key, upload_id)
+    await claim.take(key, upload_id, ctx.settings.cleanup_clock_skew, janitor)
+    try:
+        return await _complete(ctx, claim, body, key, upload_id, progress)
+    finally:
+        if claim.hold_for:
+            claim.release_after(janitor, claim.hold_for)
+        else:
+            await claim.release(janitor)
+
+
+async def _complete(
+    ctx: Context,
+    claim: Claim,
+    body: Mapping[str, Any],
+    key: str,
+    upload_id: str,
+    progress: _Progress,
+) -> web.Response:
+    progress.stage = "listing"
     try:
         found = await _uploaded_parts(ctx, key, upload_id)
-        _check_parts(ctx, body, found)
-    except ProxyError:
-        if (done := await _done_meanwhile(ctx, key, upload_id)) is None:
+    except ProxyError as exc:
+        # S3's refusal: completed (by another complete, or ours with its answer lost),
+        # aborted or never made. Only then is the object looked for; any other failure
+        # is S3's and is answered as such.
+        if exc.kind is not NO_SUCH_UPLOAD:
+            raise
+        if (done := await _done_meanwhile(ctx, claim, body, key, upload_id)) is None:
             raise
         return done
+    # SeaweedFS lists no part for a moment after a complete
+    if not found and (done := await _done_meanwhile(ctx, claim, body, key, upload_id)):
+        return done
+    _check_parts(ctx, body, found)
+    progress.stage = "completing"
     try:
         with _client_faults():
             try:
@@ -533,7 +653,7 @@ async def complete_multipart(request: web.Request) -> web.Response:
                     if_none_match=ctx.writes.if_none_match,
                 )
             except PreconditionFailed:
-                if (done := await _done_meanwhile(ctx, key, upload_id)) is not None:
+                if (done := await _done_meanwhile(ctx, claim, body, key, upload_id)) is not None:
                     return done
                 # A refused Complete leaves the upload open: abort it, whatever happens.
                 await run_cleanup(
@@ -549,12 +669,16 @@ async def complete_multipart(request: web.Request) -> web.Response:
                 ) from None
     except ProxyError as exc:
         # S3 may have completed and only its answer was lost (a retry then says
-        # NoSuchUpload), or another complete of this upload did (S3 refuses the parts).
+        # NoSuchUpload), or an earlier complete of this upload did (S3 refuses the parts).
         # That Complete may still land late (its answer was lost, or another's was).
         late = exc.kind is not KEY_EXISTS
-        if not late or (done := await _done_meanwhile(ctx, key, upload_id, late=late)) is None:
+        if (
+            not late
+            or (done := await _done_meanwhile(ctx, claim, body, key, upload_id, late=late)) is None
+        ):
             raise
         return done
+    progress.stage = "checking"
     try:
         head = await ctx.sink.head(key)
     except S3Error:
@@ -563,10 +687,13 @@ async def complete_multipart(request: web.Request) -> web.Response:
         # 200, so the janitor checks it too rather than delete what the client was told
         # is stored.
         if_match = None if ctx.writes.unique_keys else written.etag
+        delete = claim.guarded(
+            lambda: ctx.sink.delete(key, if_match=if_match), f"key={key} reason=size_unchecked"
+        )
         if written.may_land_late:
-            _again_later(ctx, lambda: ctx.sink.delete(key, if_match=if_match), key)
+            _again_later(ctx, delete, key, hold=claim)
         await run_cleanup(
-            lambda: ctx.sink.delete(key, if_match=if_match),
+            delete,
             f"delete key={key} reason=size_unchecked",
             ctx.state.janitor,
             kind=Kind.OBJECT_SIZE_UNCHECKED,
@@ -576,31 +703,51 @@ async def complete_multipart(request: web.Request) -> web.Response:
         raise
     late = written.may_land_late
     out = await _held_to_size(ctx, key, upload_id, head, len(found), late=late)
-    return await _answer(ctx, out, head, late=late)
+    progress.stage = "notifying"
+    return await _answer(ctx, claim, out, head, late=late, ours=True)
 
 
-def _again_later(ctx: Context, delete: Callable[[], Awaitable[None]], key: str) -> None:
+def _again_later(
+    ctx: Context, delete: Callable[[], Awaitable[None]], key: str, hold: Claim | None
+) -> None:
     """Make a delete of the completed object again later (``janitor.recheck_late``): an
-    attempt of its Complete went unanswered and S3 may carry it out after the delete."""
+    attempt of its Complete went unanswered and S3 may carry it out after the delete.
+    ``hold``: the object may be the right size, so the claim is held until the last
+    recheck has landed (a complete that took it over sooner could answer 200 for the
+    object the recheck then deletes); a wrong-sized one nobody answers 200 for."""
     log.info("presign.late_write_possible key=%s action=recheck", key)
     window = 2 * ctx.settings.s3_read_timeout
     recheck_late(ctx.state.janitor, delete, f"delete key={key}", window)
+    if hold is not None:
+        hold.hold_for = max((*late_delays(window), 0.0)) + hold.bound
 
 
 async def _done_meanwhile(
-    ctx: Context, key: str, upload_id: str, *, late: bool = False
+    ctx: Context,
+    claim: Claim,
+    body: Mapping[str, Any],
+    key: str,
+    upload_id: str,
+    *,
+    late: bool = False,
 ) -> web.Response | None:
-    """The answer to a complete refused or failed while another complete of the upload
-    may have stored it (a client's retry through another instance, or one whose answer
-    was lost): S3 then lists no parts (SeaweedFS, for a moment), refuses the parts, the
-    precondition or the upload. The object found is held to its size as a retried
-    complete would; None if there is none, and the refusal stands. Only objects of this
-    upload's key are found: one no client can write but through a complete here."""
+    """The answer to a complete whose upload an earlier complete may have completed (a
+    client's retry, through another instance or after a lost answer; under the claim,
+    that one has decided, or died): S3 then refuses the upload, lists no parts
+    (SeaweedFS, for a moment), refuses the parts or the precondition. The object found is
+    checked against the client's ``parts`` (400 if they cannot have made it) and held to
+    its size as a retried complete would; None if there is none, and the refusal stands.
+    Only objects of this upload's key are found: one no client can write but through a
+    complete here. It is not rolled back if the webhook fails: the complete that made it
+    may have answered 200 for it."""
     head = await _completed_object(ctx, key)
     if head is None:
         return None
+    claimed = _claimed_parts(body)
+    if claimed is not None and parts_make_etag(claimed, head.etag) is False:
+        raise ProxyError(INVALID_REQUEST, PARTS_DIFFER)
     out = await _held_to_size(ctx, key, upload_id, head, late=late)
-    return await _answer(ctx, out, head, late=late)
+    return await _answer(ctx, claim, out, head, late=late, ours=False)
 
 
 async def _completed_object(ctx: Context, key: str) -> ObjectHead | None:
@@ -656,7 +803,8 @@ async def _held_to_size(
     late: bool = False,
 ) -> dict[str, Any]:
     """Delete the object if its size is not the one signed at create (400); else its JSON.
-    ``late``: the Complete that made it may still land, so a delete is made again later."""
+    ``late``: the Complete that made it may still land, so a delete is made again later.
+    No complete answers 200 for a wrong size, so this delete needs no claim."""
     signed = head.metadata.get(SIZE_META)
     stored = head.length
     if signed is None or not (signed.isascii() and signed.isdigit() and len(signed) <= 20):
@@ -668,7 +816,7 @@ async def _held_to_size(
         delete = _version_deleter(ctx, key, head)
         await delete()
         if late:
-            _again_later(ctx, delete, key)
+            _again_later(ctx, delete, key, hold=None)
         log.info("presign.size_mismatch key=%s signed=%s stored=%d", key, signed, stored)
         raise ProxyError(
             INVALID_REQUEST,
@@ -727,28 +875,56 @@ def _version_deleter(ctx: Context, key: str, head: ObjectHead) -> Callable[[], A
     return delete
 
 
+def _cut_by_shutdown(state: AppState) -> bool:
+    """Is this request being cut by shutdown's drain (its cancellation not taken back yet)?"""
+    task = asyncio.current_task()
+    return task is not None and task in state.stopped
+
+
 async def _answer(
-    ctx: Context, out: dict[str, Any], head: ObjectHead, *, late: bool = False
+    ctx: Context,
+    claim: Claim,
+    out: dict[str, Any],
+    head: ObjectHead,
+    *,
+    late: bool = False,
+    ours: bool,
 ) -> web.Response:
     """The complete's 200, once the webhook (if any) has heard of the object, as for
     ``POST /upload``: if it cannot be told, ``--webhook-failure rollback`` deletes the
     object and answers 502 WEBHOOK_FAILED, ``keep`` answers 200 with ``"webhook":
     {"delivered": false, ...}``. Anything else that stops the request once delivery has
-    begun deletes the object too; the receiver then gets ``upload.rolled_back``."""
+    begun deletes the object too; the receiver then gets ``upload.rolled_back``.
+
+    Not so for an object this request did not complete (``ours`` false: an earlier
+    complete may have answered 200 for it), kept as ``keep`` would; nor for one cut by
+    shutdown: the client is told to retry, and the retry answers for the object and tells
+    the webhook. The rollback's delete is made only while the claim stands; if it fails,
+    the janitor holds the object to its size instead of deleting it blindly, as for
+    ``size_unchecked`` (a retried complete may have answered for it meanwhile)."""
     state = ctx.state
     if state.webhook is None:
         return web.json_response(out)
     key = out["key"]
     try:
-        out["webhook"] = await notify(state, {"files": [completed_file(out, head)], "fields": {}})
+        files = {"files": [completed_file(out, head)], "fields": {}}
+        out["webhook"] = await notify(state, files, keep=not ours)
     except BaseException as exc:
+        if not ours or _cut_by_shutdown(state):
+            raise
         reason = rollback_reason(state, exc)
-        delete = _version_deleter(ctx, key, head)
+        delete = claim.guarded(_version_deleter(ctx, key, head), f"key={key} reason=rollback")
         try:
-            await run_cleanup(delete, f"rollback key={key}", state.janitor, kind=Kind.OBJECT)
+            await run_cleanup(
+                delete,
+                f"rollback key={key}",
+                state.janitor,
+                kind=Kind.OBJECT,
+                retry=(lambda: _hold_later(ctx, key)) if ctx.writes.unique_keys else None,
+            )
             log.info("presign.rolled_back key=%s reason=%s", key, reason)
             if late:
-                _again_later(ctx, delete, key)
+                _again_later(ctx, delete, key, hold=claim)
         finally:
             await notify_rolled_back(state, [key], reason)
         raise

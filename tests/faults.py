@@ -89,6 +89,12 @@ def tus_operation(request: web.Request) -> str:
     return op
 
 
+def claim_operation(request: web.Request) -> str:
+    """``operation``, with ``:claim`` for a presigned complete's claim (``presign_claim``)."""
+    op = operation(request)
+    return op + ":claim" if "/.s3proxy/presign/" in request.path else op
+
+
 def flipped(body: bytes) -> bytes:
     out = bytearray(body)
     out[len(out) // 2] ^= 0x01

@@ -38,6 +38,8 @@ from tests.s3util import (
     start_proxy,
 )
 from tests.test_lifecycle import open_upload
+from tests.test_presign import _multipart_done, complete_until_decided
+from tests.test_webhook_flow import SECRET as HOOK_SECRET
 
 
 async def test_uploads_cut_at_the_deadline_get_503_connection_close(
@@ -410,3 +412,71 @@ async def test_exit_is_bounded_while_s3_hangs(
 
 def _lines(path: Path, marker: str) -> list[str]:
     return [line for line in path.read_text().splitlines() if marker in line]
+
+
+@pytest.mark.parametrize("stage", ["completing", "notifying"])
+async def test_a_presigned_complete_cut_by_shutdown_is_answered_and_owed_to_its_retry(
+    proxy_factory: Any,
+    aiohttp_server: Any,
+    moto: MotoServer,
+    s3: Any,
+    bucket: str,
+    stage: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The reprobe's F3: a presigned complete in flight at the drain's deadline was cut
+    like a download: no HTTP answer at all (499 in the log). With a slow S3 its Complete
+    landed anyway, with no webhook and no log line; with a slow webhook its rollback
+    deleted the object, and the client's retry got 404 and had to upload again. Now it
+    counts as an upload: answered 503 SHUTTING_DOWN telling the client to retry the
+    complete, the object (if any) kept and logged, and the retry (on another instance)
+    answers 200 for it and tells the webhook."""
+    events: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        events.append((await request.json())["event"])
+        if stage == "notifying" and len(events) == 1:
+            await asyncio.sleep(5)  # the webhook slow at the first delivery
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = await aiohttp_server(app)
+
+    def rule(op: str, n: int) -> Fault | None:
+        if stage == "completing" and (op, n) == ("CompleteMultipartUpload", 1):
+            return Fault(delay=2.0)  # S3 slow: the Complete lands after the cut
+        return None
+
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+        settings: dict[str, Any] = {
+            "endpoint_url": faulty.endpoint_url,
+            "key_template": "uploads/{uuid}/{filename}",
+            "webhook_url": str(server.make_url("/hook")),
+            "webhook_secret": HOOK_SECRET,
+            "shutdown_timeout": 0.5,
+        }
+        proxy = await proxy_factory(**settings)
+        ref = await _multipart_done(proxy, s3, bucket)
+        sent = asyncio.create_task(
+            proxy.post("/sign/multipart/complete", data=json.dumps(ref).encode())
+        )
+        await eventually(
+            lambda: faulty.calls.count("CompleteMultipartUpload") + len(events),
+            until=lambda n: n >= 1,
+            within=10,
+            what="the complete in flight",
+        )
+        await drain(proxy.app[STATE])
+        resp = await asyncio.wait_for(sent, 10)
+        out = await resp.json()
+        assert (resp.status, out["error"]["code"]) == (503, "SHUTTING_DOWN"), out
+        assert "retry the complete" in out["error"]["message"], out
+        assert f"presign.complete_cut key={ref['key']}" in caplog.text
+        assert f"stage={stage}" in caplog.text
+        other = await proxy_factory(**settings)
+        status, done = await complete_until_decided(other, ref)
+    assert status == 200, done
+    assert done["key"] == ref["key"] and done["size"] == 6 * MiB
+    assert "upload.rolled_back" not in events and events[-1] == "upload.completed", events
+    assert await all_keys_async(s3, bucket) == [ref["key"]]

@@ -18,17 +18,18 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import boto3
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from botocore.config import Config
 
-from s3proxy import presign
+from s3proxy import presign, presign_claim
 from s3proxy.app import create_app
 from s3proxy.embedded import EmbeddedStore
 from s3proxy.settings import Settings
 from s3proxy.state import STATE
 from s3proxy.tokens import issue
 from tests.bodies import MiB
-from tests.faults import Fault, FaultyS3
+from tests.faults import Fault, FaultyS3, claim_operation
 from tests.polling import eventually
 from tests.s3util import (
     BOTO_CONFIG,
@@ -514,6 +515,13 @@ async def test_multipart_straight_to_the_store(
     assert status == 200, done
     assert (done["size"], done["parts"], done["content_type"]) == (len(data), 2, "text/plain")
     assert not done["etag"].startswith('"') and done["etag"].endswith("-2")
+    # SeaweedFS makes the multipart ETag from the parts' as S3 does: a retried complete
+    # can check a client's parts against it (and refuses others, 400)
+    claimed = {n: e.strip('"') for n, e in zip((1, 2), etags, strict=True)}
+    assert presign.parts_make_etag(claimed, done["etag"]) is True
+    bogus = [{**given[0], "etag": "0" * 32}, given[1]]
+    status, out = await call(proxy, "/sign/multipart/complete", {**ref, "parts": bogus}, {})
+    assert (status, code(out)) == (400, "INVALID_REQUEST"), out
     obj, got = await get_object_async(sw, seaweedfs.bucket, up["key"])
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
     assert obj["ContentType"] == "text/plain"
@@ -881,7 +889,7 @@ async def test_a_queued_delete_never_removes_what_a_retried_complete_reported(
     rule = lambda o, n: (  # noqa: E731
         Fault(status=500) if armed and o in ("HeadObject", "DeleteObject") else None
     )
-    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+    async with FaultyS3(moto.endpoint_url, rule, name=claim_operation) as faulty:
         proxy = await proxy_factory(
             endpoint_url=faulty.endpoint_url,
             s3_max_attempts=1,
@@ -988,3 +996,176 @@ async def test_a_complete_racing_another_answers_for_the_object_it_stored(
     assert out["key"] == ref["key"] and out["size"] == 6 * MiB, out
     assert await stored_keys(s3, bucket) == [ref["key"]]
     await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+# --- one complete at a time: the claim ----------------------------------------------
+
+
+def test_parts_make_etag() -> None:
+    """The multipart ETag rule (md5 of the parts' binary md5s, "-N"); None where it cannot
+    be told (not a multipart ETag)."""
+    a, b = hashlib.md5(b"a").hexdigest(), hashlib.md5(b"b").hexdigest()
+    whole = hashlib.md5(bytes.fromhex(a) + bytes.fromhex(b)).hexdigest()
+    assert presign.parts_make_etag({1: a, 2: b}, f'"{whole}-2"') is True
+    assert presign.parts_make_etag({1: b, 2: a}, f"{whole}-2") is False
+    assert presign.parts_make_etag({1: a}, f"{whole}-2") is False
+    assert presign.parts_make_etag({1: a, 3: b}, f"{whole}-2") is False
+    assert presign.parts_make_etag({1: "bogus", 2: b}, f"{whole}-2") is False
+    assert presign.parts_make_etag({1: a}, a) is None
+    assert presign.parts_make_etag({1: a}, None) is None
+
+
+async def complete_until_decided(
+    proxy: Any, ref: dict[str, Any], within: float = 10.0
+) -> tuple[int, dict[str, Any]]:
+    """A complete retried as a client does on 409 COMPLETE_IN_PROGRESS (after Retry-After)."""
+    ends = time.monotonic() + within
+    while True:
+        resp = await proxy.post("/sign/multipart/complete", data=json.dumps(ref).encode())
+        out = await resp.json()
+        if resp.status != 409 or code(out) != "COMPLETE_IN_PROGRESS" or time.monotonic() > ends:
+            return resp.status, out
+        assert resp.headers["Retry-After"] == "2"
+        await asyncio.sleep(0.3)
+
+
+async def test_a_retried_complete_with_parts_that_do_not_match_is_refused(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    """The reprobe's F5: once the object existed, a complete with a bogus part list was
+    answered 200 with it (README: parts not matching are 400 INVALID_REQUEST)."""
+    proxy = await proxy_factory(key_template="uploads/{uuid}/{filename}")
+    ref = await _multipart_done(proxy, s3, bucket)
+    status, out = await call(proxy, "/sign/multipart/complete", ref, {})
+    assert status == 200, out
+    bogus = {**ref, "parts": [{"part_number": 1, "etag": "bogus"}]}
+    status, out = await call(proxy, "/sign/multipart/complete", bogus, {})
+    assert (status, code(out)) == (400, "INVALID_REQUEST"), out
+    other = {**ref, "parts": [{"part_number": 1, "etag": hashlib.md5(b"x").hexdigest()}]}
+    status, out = await call(proxy, "/sign/multipart/complete", other, {})
+    assert (status, code(out)) == (400, "INVALID_REQUEST"), out
+    listed = (await asyncio.to_thread(s3.head_object, Bucket=bucket, Key=ref["key"]))["ETag"]
+    assert listed.strip('"').endswith("-1")
+    # its own part list (the part's ETag is its MD5) is answered for
+    mine = {**ref, "parts": [{"part_number": 1, "etag": hashlib.md5(b"x" * 6 * MiB).hexdigest()}]}
+    status, out = await call(proxy, "/sign/multipart/complete", mine, {})
+    assert status == 200, out
+    assert await stored_keys(s3, bucket) == [ref["key"]]
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+async def _slow_failing_receiver(aiohttp_server: Any) -> tuple[Any, list[str]]:
+    """A receiver that takes 3 s over the first upload.completed and answers 500, then
+    answers every event 204 at once (the reprobe's presrace.py)."""
+    got: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        event = (await request.json())["event"]
+        got.append(event)
+        if got.count("upload.completed") == 1 and event == "upload.completed":
+            await asyncio.sleep(3)
+            return web.Response(status=500)
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    return await aiohttp_server(app), got
+
+
+@pytest.mark.parametrize("trigger", ["webhook-rollback", "size-unchecked"])
+async def test_no_complete_answers_200_for_an_object_another_still_deletes(
+    proxy_factory: Any, aiohttp_server: Any, moto: Any, s3: Any, bucket: str, trigger: str
+) -> None:
+    """The reprobe's F2: complete A stores the object and is still deciding (its webhook
+    slow to fail; or its Complete answered 2 s late and then its size check failing) when
+    complete B of the same upload (a retry through another instance) finds the object and
+    answered 200 for it; then A deleted it (502), and the object was gone after B's 200.
+    Now B is answered 409 COMPLETE_IN_PROGRESS while A holds the upload's claim, and a
+    retry after A has decided agrees with A."""
+    server, got = await _slow_failing_receiver(aiohttp_server)
+    head_fails = False
+
+    def rule(op: str, n: int) -> Fault | None:
+        if trigger == "size-unchecked" and (op, n) == ("CompleteMultipartUpload", 1):
+            return Fault(late=2.0)
+        if head_fails and op == "HeadObject":
+            return Fault(status=500)
+        return None
+
+    async with FaultyS3(moto.endpoint_url, rule, name=claim_operation) as faulty:
+        settings: dict[str, Any] = {
+            "endpoint_url": faulty.endpoint_url,
+            "s3_max_attempts": 1,
+            "key_template": "uploads/{uuid}/{filename}",
+        }
+        if trigger == "webhook-rollback":
+            settings.update(
+                webhook_url=str(server.make_url("/hook")),
+                webhook_secret=HOOK_SECRET,
+                webhook_attempts=1,
+            )
+        one, other = await proxy_factory(**settings), await proxy_factory(**settings)
+        ref = await _multipart_done(one, s3, bucket)
+        first = asyncio.create_task(call(one, "/sign/multipart/complete", ref, {}))
+        await asyncio.sleep(0.7 if trigger == "size-unchecked" else 1.0)
+        resp = await other.post("/sign/multipart/complete", data=json.dumps(ref).encode())
+        b_status, b_out = resp.status, await resp.json()
+        head_fails = True
+        a_status, a_out = await first
+        head_fails = False
+        keys = await stored_keys(s3, bucket)
+        assert b_status != 200 or keys == [ref["key"]], (b_status, b_out, a_status, a_out, keys)
+        assert (b_status, code(b_out)) == (409, "COMPLETE_IN_PROGRESS"), b_out
+        assert resp.headers["Retry-After"] == "2"
+        assert a_status == 502 and keys == [], (a_out, keys)
+        # once A has decided, a retry agrees: the object is gone
+        again, out = await complete_until_decided(other, ref)
+    assert (again, code(out)) == (404, "NO_SUCH_UPLOAD"), out
+    assert "upload.completed" not in got[1:], got  # B told the receiver nothing
+    assert await stored_keys(s3, bucket) == []
+
+
+async def test_a_lapsed_claim_is_taken_over_and_a_live_one_refuses(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    """A claim another instance holds refuses the complete (409, Retry-After); one whose
+    holder died lapses after its lease (plus --cleanup-clock-skew) and the next complete
+    takes it over, completes and leaves no claim behind. The sweep deletes lapsed claims
+    only."""
+    proxy = await proxy_factory(key_template="uploads/{uuid}/{filename}", cleanup_clock_skew=5)
+    ref = await _multipart_done(proxy, s3, bucket)
+    where = presign_claim.claim_key(ref["key"], ref["upload_id"])
+
+    def claim(until: float) -> None:
+        body = json.dumps({"owner": "another", "until": until}).encode()
+        s3.put_object(Bucket=bucket, Key=where, Body=body)
+
+    await asyncio.to_thread(claim, time.time() + 60)
+    resp = await proxy.post("/sign/multipart/complete", data=json.dumps(ref).encode())
+    out = await resp.json()
+    assert (resp.status, code(out)) == (409, "COMPLETE_IN_PROGRESS"), out
+    assert resp.headers["Retry-After"] == "2" and "in 65 s" in out["error"]["message"], out
+    await asyncio.to_thread(claim, time.time() - 6)  # lapsed: past until + skew
+    status, out = await call(proxy, "/sign/multipart/complete", ref, {})
+    assert status == 200, out
+    assert await stored_keys(s3, bucket) == [ref["key"]]  # the claim released
+    sink = proxy.app[STATE].require_sink()
+    await asyncio.to_thread(claim, time.time() - 6)
+    lapsed, live = where, presign_claim.PREFIX + "live"
+    await asyncio.to_thread(
+        s3.put_object, Bucket=bucket, Key=live,
+        Body=json.dumps({"owner": "x", "until": time.time() + 60}).encode(),
+    )  # fmt: skip
+    assert await presign_claim.sweep(sink, time.time(), 5) == 1
+    assert await stored_keys(s3, bucket) == [live, ref["key"]]
+    assert lapsed not in await stored_keys(s3, bucket)
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=live)
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+def test_the_lease_covers_every_call_before_the_last_delete() -> None:
+    """With the defaults: 3 S3 calls of 5 x (10 s + 120 s), the webhook's 5 x 10 s and
+    4 waits of at most 30 s, the delete (30 s, plus 240 s to land), a margin: ~40 min."""
+    s = Settings(webhook_url="http://hook.example/")
+    assert presign_claim.lease(s) == 3 * 650 + (50 + 120) + (30 + 240) + 5
+    assert presign_claim.lease(Settings()) == 3 * 650 + (30 + 240) + 5
