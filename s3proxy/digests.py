@@ -7,7 +7,7 @@ carries ``Upload-Checksum`` (tus_protocol.py). ``read_declared`` turns those hea
 ``Declared`` whose every digest remembers the header that declared it, so a mismatch names
 what the client sent (``DigestError`` for what cannot be read: a 400 before any byte is
 stored); ``refuse_unchecked`` refuses a digest header where it would not be checked (and
-``refuse_sign_digests`` on the ``/sign*`` routes);
+``refuse_body_digests`` on the ``/sign*`` routes);
 ``DigestCheck`` hashes what the declaration needs beyond the sha-256 the pipeline computes
 anyway; ``verify_declared`` compares, just before PutObject and before
 CompleteMultipartUpload.
@@ -46,13 +46,14 @@ if TYPE_CHECKING:
     from s3proxy.form import Arrival, ChunkSource
 
 __all__ = [
+    "SIGN_DIGEST_HINT",
     "Declared",
     "Digest",
     "DigestCheck",
     "DigestError",
     "mismatched",
     "read_declared",
-    "refuse_sign_digests",
+    "refuse_body_digests",
     "refuse_unchecked",
     "sf_digest",
     "verify_declared",
@@ -112,20 +113,23 @@ def refuse_unchecked(names: Iterable[str], checked: frozenset[str], hint: str) -
             raise DigestError(f"{name} is not checked here; {hint}")
 
 
-def refuse_sign_digests(headers: Iterable[str]) -> None:
-    """ProxyError(INVALID_DIGEST) for a digest header on a ``/sign*`` request: its JSON body
-    is not checked against one, and the file's bytes go to S3 without the proxy, so a
-    client sending one would believe something was checked that was not. ``/sign`` takes
-    the file's sha-256 in its body (``"sha256"``), which S3 then checks."""
+def refuse_body_digests(headers: Iterable[str], hint: str) -> None:
+    """ProxyError(INVALID_DIGEST) for a digest header on a request whose body is not
+    checked against one (``/upload``'s whole multipart body, a ``/sign*`` JSON body):
+    ignored, the client would believe its bytes were checked. ``hint`` says what to
+    send instead."""
     try:
-        refuse_unchecked(
-            headers,
-            frozenset(),
-            "a /sign request's JSON body is not checked, and the file does not pass through "
-            'the proxy; for S3 to check the file, give its "sha256" (hex) in the /sign body',
-        )
+        refuse_unchecked(headers, frozenset(), hint)
     except DigestError as exc:
         raise ProxyError(INVALID_DIGEST, str(exc)) from None
+
+
+#: A ``/sign*`` request's JSON body is not checked, and the file's bytes go to S3 without
+#: the proxy; ``/sign`` takes the file's sha-256 in its body, which S3 then checks.
+SIGN_DIGEST_HINT = (
+    "a /sign request's JSON body is not checked, and the file does not pass through "
+    'the proxy; for S3 to check the file, give its "sha256" (hex) in the /sign body'
+)
 
 
 def read_declared(

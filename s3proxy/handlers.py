@@ -16,7 +16,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import MultipartReader, hdrs, web
@@ -24,11 +23,10 @@ from aiohttp.web_urldispatcher import _default_expect_handler
 
 from s3proxy import codings
 from s3proxy.auth import Principal
-from s3proxy.digests import DigestError, refuse_unchecked
+from s3proxy.digests import refuse_body_digests
 from s3proxy.errors import (
     EXPECTATION_FAILED,
     FILE_TOO_LARGE,
-    INVALID_DIGEST,
     MALFORMED_MULTIPART,
     NOT_MULTIPART,
     REQUEST_TOO_LARGE,
@@ -77,7 +75,7 @@ def check_upload(request: web.Request, state: AppState) -> Principal:
             NOT_MULTIPART, f"expected Content-Type multipart/form-data, got {ctype or 'none'!r}"
         )
     request_boundary(ctype)  # one, allowed by RFC 2046, read alike by aiohttp
-    refuse_request_digests(request.headers)
+    refuse_body_digests(request.headers, _REQUEST_DIGEST_HINT)
     length = request.content_length
     limit = state.settings.max_request_size
     if length is not None and length > limit:
@@ -95,20 +93,13 @@ def check_upload(request: web.Request, state: AppState) -> Principal:
     return principal
 
 
-def refuse_request_digests(headers: Iterable[str]) -> None:
-    """INVALID_DIGEST for a digest of the whole request body (Content-Digest, Content-MD5,
-    Repr-Digest, Digest, x-amz-checksum-*): it covers the multipart framing too, so it could
-    be checked only after the last file was committed, and with one more hash pass; ignored,
-    the client would believe its bytes were checked. Each file part declares its own."""
-    try:
-        refuse_unchecked(
-            headers,
-            frozenset(),
-            "a digest of the whole multipart body is not checked; declare each file's in its "
-            "part's headers (curl: -F 'file=@f;headers=\"Content-Digest: sha-256=:<b64>:\"')",
-        )
-    except DigestError as exc:
-        raise ProxyError(INVALID_DIGEST, str(exc)) from None
+#: What a digest of a whole ``/upload`` body is told: it covers the multipart framing too,
+#: so it could be checked only after the last file was committed, and with one more hash
+#: pass. Each file part declares its own.
+_REQUEST_DIGEST_HINT = (
+    "a digest of the whole multipart body is not checked; declare each file's in its "
+    "part's headers (curl: -F 'file=@f;headers=\"Content-Digest: sha-256=:<b64>:\"')"
+)
 
 
 async def expect_upload(request: web.Request) -> web.StreamResponse | None:

@@ -174,11 +174,11 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     for ``--client-timeout`` or too slowly, 413 past ``--max-sign-body`` (declared or
     as it arrives), so a stalled or huge body holds at most that many bytes.
     """
-    from s3proxy.digests import refuse_sign_digests
+    from s3proxy.digests import SIGN_DIGEST_HINT, refuse_body_digests
     from s3proxy.errors import REQUEST_TOO_LARGE
     from s3proxy.form import ClientWatch
 
-    refuse_sign_digests(request.headers)  # before a byte of the body is read
+    refuse_body_digests(request.headers, SIGN_DIGEST_HINT)  # before a byte of the body is read
     settings = request.app[STATE].settings
     limit = settings.max_sign_body
     length = request.content_length
