@@ -778,21 +778,27 @@ async def _append_tracked(
                 # Either way the upload ends now, as a termination would end it.
                 committed = True
                 await lease.stop()
-                ended = dataclasses.replace(current, upload_id=appended.upload_id())
-                corrupt = isinstance(err, ChecksumDiffers)
+                if isinstance(err, ChecksumDiffers):
+                    # Its object holds other bytes: rolled back as a webhook failure rolls
+                    # back, under this PATCH's lock (FAILED first; the janitor's retries
+                    # at the lock's cadence): a PATCH retried once the lock lapsed would
+                    # find the object whole and report it stored.
+                    await tus_ending.roll_back(
+                        state, store, lease.owner, err.kind.code, upload_id=appended.upload_id()
+                    )
+                else:
+                    ended = dataclasses.replace(current, upload_id=appended.upload_id())
 
-                async def end() -> None:
-                    if corrupt:
-                        await tus_ending.drop_object(store)
-                    await tus_ending.remove_upload(store.bucket, upload, ended)
+                    async def end() -> None:
+                        await tus_ending.remove_upload(store.bucket, upload, ended)
 
-                await run_cleanup(
-                    tus_ending.noting(store, end, FAILED),
-                    f"tus end id={upload.id}",
-                    state.janitor,
-                    kind=Kind.TUS_UPLOAD,
-                    retry=end,
-                )
+                    await run_cleanup(
+                        tus_ending.noting(store, end, FAILED),
+                        f"tus end id={upload.id}",
+                        state.janitor,
+                        kind=Kind.TUS_UPLOAD,
+                        retry=end,
+                    )
                 log.info("tus.ended key=%s id=%s reason=%s", upload.key, upload.id, err.kind.code)
                 state.metrics.uploads_aborted.labels(err.kind.code).inc()
                 raise tus_ending.Ended(err.kind, f"{err.message}; this upload is ended") from err

@@ -278,12 +278,29 @@ class Rollback:
     have stored the key since, and been answered 201 (the re-probe's F1: a retry an S3
     outage delayed deleted it)."""
 
-    def __init__(self, state: AppState, store: TusStore, owner: str) -> None:
+    def __init__(
+        self,
+        state: AppState,
+        store: TusStore,
+        owner: str,
+        reason: str = "rollback",
+        upload_id: str | None = None,
+    ) -> None:
         self.settings = state.settings
         self.store = store
         self.owner = owner
+        self.reason = reason  # for the log's upload.deleted
+        self.upload_id = upload_id  # a multipart upload to abort too (one not yet committed)
         # The FAILED mark is down (written, or found): no PATCH completes the upload since.
         self.marked = False
+
+    def pace(self) -> float | None:
+        """Seconds until the janitor's next try while the FAILED mark is not down: a third
+        of the lock's lease, as its PATCH renewed the lock. The lock in the state is that
+        PATCH's until the mark replaces it; tried at that cadence, the mark lands before
+        the lock lapses once S3 takes writes again, so no PATCH retried meanwhile takes
+        the upload. Once it is down, None: the janitor's own cadence for the deletes."""
+        return None if self.marked else self.settings.tus_lock_lease / 3
 
     async def undo(self) -> None:
         store, settings = self.store, self.settings
@@ -306,7 +323,9 @@ class Rollback:
             marked = dataclasses.replace(current, ending=FAILED, owed=False, lock=lock)
             await store.swap(marked, etag)
         self.marked = True
-        await drop_object(store, "rollback")
+        await drop_object(store, self.reason)
+        if self.upload_id is not None:
+            await store.bucket.abort(store.upload.key, self.upload_id)
         await store.remove_all()
 
     async def recheck(self) -> None:
@@ -315,6 +334,26 @@ class Rollback:
         reported its object stored; the owed ``undo`` then keeps it)."""
         if self.marked:
             await drop_object(self.store, "late_write")
+
+
+async def roll_back(
+    state: AppState,
+    store: TusStore,
+    owner: str,
+    reason: str,
+    *,
+    late: bool = False,
+    upload_id: str | None = None,
+) -> None:
+    """Roll back the object this upload stored (``Rollback``), under the lock of ``owner``
+    (the PATCH that stored it): the first attempt now; if S3 refuses it, the janitor's
+    retries, at the lock's cadence until the FAILED mark is down (``Rollback.pace``).
+    ``late``: its write may still be carried out, so its delete is made again later."""
+    what = f"rollback key={store.upload.key} tus_id={store.upload.id}"
+    undone = Rollback(state, store, owner, reason, upload_id)
+    await run_cleanup(undone.undo, what, state.janitor, kind=Kind.OBJECT, pace=undone.pace)
+    if late:  # its PutObject/Complete may still be carried out
+        recheck_late(state.janitor, undone.recheck, what, state.pipeline.late_write_window)
 
 
 async def stored_object(store: TusStore, current: TusState) -> StoredFile | None:
@@ -381,12 +420,7 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
                 kept = False
                 m.uploads_aborted.labels(err.kind.code).inc()
                 log.info("upload.rolled_back key=%s reason=%s", stored.key, err.kind.code)
-                what = f"rollback key={stored.key} tus_id={upload.id}"
-                undone = Rollback(state, store, owner)
-                await run_cleanup(undone.undo, what, state.janitor, kind=Kind.OBJECT)
-                if stored.may_land_late:  # its PutObject/Complete may still be carried out
-                    window = state.pipeline.late_write_window
-                    recheck_late(state.janitor, undone.recheck, what, window)
+                await roll_back(state, store, owner, "rollback", late=stored.may_land_late)
                 # As /upload's rollback: the receiver may have got upload.completed.
                 await notify_rolled_back(state, [stored.key], err.kind.code)
                 raise Ended(err.kind, err.message) from err

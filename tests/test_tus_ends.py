@@ -517,12 +517,13 @@ async def test_a_late_write_recheck_keeps_the_object_a_retried_patch_reported(
     proxy_factory: ProxyFactory, aiohttp_server: Any, moto: Any, s3: Any, bucket: str
 ) -> None:
     """The rollback's recheck for a write that may land late deleted this upload's object
-    whatever happened since. Its FAILED mark refused by S3, a PATCH retried once the lock
-    lapsed completed the upload again (the webhook back: told, 204); the recheck (2x
-    --s3-read-timeout later) then deleted that reported object. It deletes only once the
-    FAILED mark is down (no PATCH can complete the upload after it)."""
+    whatever happened since. Its FAILED mark refused by S3 until the lock lapsed (the
+    rollback retries it at the lock's cadence: only S3 refusing it that long lets a PATCH
+    in), a PATCH retried then completed the upload again (the webhook back: told, 204);
+    the recheck (2x --s3-read-timeout later) then deleted that reported object. It deletes
+    only once the FAILED mark is down (no PATCH can complete the upload after it)."""
     hook = _Receiver(500)
-    armed = {"on": False, "puts": 0}
+    armed = {"on": False, "puts": 0, "open": False}
 
     def rule(op: str, _: int) -> Fault | None:
         if not armed["on"]:
@@ -530,17 +531,18 @@ async def test_a_late_write_recheck_keeps_the_object_a_retried_patch_reported(
         if op == "PutObject":
             armed["puts"] += 1
             return Fault(late=0.8) if armed["puts"] == 1 else None  # its answer lost
-        if op == "PutObject:state" and armed["puts"] == 2:
+        if op == "PutObject:state" and armed["puts"] >= 2 and not armed["open"]:
             return Fault(status=500)  # the rollback's mark (the lock's swap came before)
         return None
 
     data = body(1000, seed=7)
+    lease = 3.0
     async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
         proxy = await proxy_factory(
             faulty.endpoint_url,
             s3_read_timeout=0.5,
             s3_max_attempts=2,
-            tus_lock_lease=0.5,
+            tus_lock_lease=lease,
             cleanup_clock_skew=0,
             webhook_url=await hook.serve(aiohttp_server),
             webhook_attempts=1,
@@ -549,9 +551,16 @@ async def test_a_late_write_recheck_keeps_the_object_a_retried_patch_reported(
         armed["on"] = True
         resp = await proxy.patch(url, data=data, headers=patch_headers(0))
         assert await _code(resp) == (502, "WEBHOOK_FAILED")
-        armed["on"] = False
         hook.status = 204
-        await asyncio.sleep(0.6)  # the lock lapses
+        await asyncio.sleep(lease + 0.2)  # the lock lapses, the mark still refused
+        tries = faulty.calls.count("PutObject:state")
+        await eventually(  # S3 is back just after a try: the next is lease/3 away
+            lambda: faulty.calls.count("PutObject:state"),
+            until=lambda n: n > tries,
+            within=lease,
+            what="the rollback's next try",
+        )
+        armed["open"] = True
         resp = await proxy.patch(url, data=data, headers=patch_headers(0))
         assert resp.status == 204, await resp.text()
         key = unquote(resp.headers["S3Proxy-Key"])
@@ -682,3 +691,62 @@ async def test_an_owed_completion_whose_webhook_fails_is_rolled_back(
     objects = [k for k in await all_keys_async(s3, bucket) if not k.startswith(RESERVED_PREFIX)]
     assert objects == []
     assert await reserved(s3, bucket) == []
+
+
+async def test_a_corrupt_object_s3_will_not_remove_is_never_reported_stored(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """S3 stored the last PATCH's object with other bytes (its Complete names another CRC:
+    502 UPSTREAM_CORRUPTION) and refused both its delete and the FAILED mark. The ending's
+    retry was the removal alone, and the PATCH's lock lapsed: a PATCH retried then (S3
+    taking state writes again, not yet deletes) found the object whole and answered 204,
+    reporting the corrupt object stored. Now it is rolled back as a webhook failure is,
+    its mark retried at the lock's cadence: HEAD and a retried PATCH answer 404, and the
+    object goes once S3 deletes again."""
+    from tests.test_integrity import other_checksum
+
+    faults = {"complete": False, "refuse": False}
+
+    def rule(op: str, _: int) -> Fault | None:
+        if faults["complete"] and op == "CompleteMultipartUpload":
+            faults["refuse"] = True  # from here S3 refuses the object's delete and the mark
+            return Fault(answer=other_checksum)
+        if faults["refuse"] and (op.startswith("DeleteObject") or op == "PutObject:state"):
+            return Fault(status=500)
+        return None
+
+    data = body(7 * MiB, seed=14)
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
+        proxy = await proxy_factory(
+            faulty.endpoint_url, s3_max_attempts=1, tus_lock_lease=1.0, cleanup_clock_skew=0
+        )
+        url = await new_upload(proxy, len(data))
+        first = io.BytesIO(data[: 6 * MiB])
+        assert (await proxy.patch(url, data=first, headers=patch_headers(0))).status == 204
+        faults["complete"] = True
+        rest = data[6 * MiB :]
+        resp = await proxy.patch(url, data=io.BytesIO(rest), headers=patch_headers(6 * MiB))
+        assert await _code(resp) == (502, "UPSTREAM_CORRUPTION")
+        faults["complete"] = False
+        faults["refuse"] = False
+        deletes = {"refused": True}
+
+        def deleting(op: str, n: int) -> Fault | None:  # state writes back, deletes not yet
+            if op == "UploadPart":  # to the completed upload: S3's answer (moto's is a 500)
+                return Fault(status=404, code="NoSuchUpload")
+            refused = deletes["refused"] and op.startswith("DeleteObject")
+            return Fault(status=500) if refused else None
+
+        faulty.rule = deleting
+        await asyncio.sleep(1.5)  # the last PATCH's lock has lapsed
+        resp = await proxy.patch(url, data=io.BytesIO(rest), headers=patch_headers(6 * MiB))
+        assert resp.status == 404, resp.headers  # not 204 with the corrupt object's key
+        assert (await resp.json())["error"]["code"] == "NO_SUCH_UPLOAD"
+        head = await proxy.head(url, headers=TUS)
+        assert head.status == 404, head.headers
+        deletes["refused"] = False
+        await proxy.app[STATE].janitor.close()  # the owed rollback's last try
+    objects = [k for k in await all_keys_async(s3, bucket) if not k.startswith(RESERVED_PREFIX)]
+    assert objects == []
+    assert await reserved(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
