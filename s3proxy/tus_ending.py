@@ -379,7 +379,19 @@ async def forget(state: AppState, store: TusStore, segments: list[Segment]) -> N
         )
 
 
-async def completed(state: AppState, store: TusStore, stored: StoredFile, owner: str) -> None:
+@dataclasses.dataclass
+class Made:
+    """What the request of a creation-with-upload did before it failed, for the creation's
+    undo: its client got no URL, so it can neither resume nor ask, and nothing of the
+    upload may stay (``tus._undo_creation``)."""
+
+    sent: bool = False  # a PutObject/Complete went out: the object may be stored, or land
+    told: bool = False  # the webhook may have heard upload.completed, not of a rollback
+
+
+async def completed(
+    state: AppState, store: TusStore, stored: StoredFile, owner: str, made: Made | None = None
+) -> None:
     """The upload's object is stored: tell the webhook, then remove the upload's state.
     It counts as completed once that is done, as aborted (WEBHOOK_FAILED) if the webhook's
     failure rolled it back: never both (as ``uploads.RequestUpload.settle``).
@@ -391,7 +403,9 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
     state FAILED (a retry is then 404, never 204 for an object it deletes); once the
     webhook heard of the object, a removal that fails marks it COMPLETED (a retry is then
     204 at once, the webhook not told again). Cut (shutdown) while telling the webhook,
-    the state says COMPLETED with the telling owed (``owe``), and counts once that is done."""
+    the state says COMPLETED with the telling owed (``owe``), and counts once that is done.
+    ``made``: in its creation's request, where a cut ends in the creation's undo instead
+    (no URL was given): not counted, what it did noted there."""
     upload = store.upload
     log.info(
         "upload.completed key=%s size=%d parts=%d content_type=%s tus_id=%s",
@@ -407,13 +421,18 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
     try:
         if state.webhook is not None:
             out = {"files": [stored.to_json()], "fields": {}}
+            if made is not None:
+                made.told = True
             try:
                 await notify(state, out)
             except asyncio.CancelledError:
                 # Cut (shutdown) before the webhook's answer: the object is stored, its
                 # completion owed to the next HEAD or PATCH; counted once that is done.
+                # In its creation's request, there is no URL to come back with: the
+                # creation's undo removes it instead (``tus._undo_creation``).
                 kept = False
-                await owe(state, store, owner, stored.size)
+                if made is None:
+                    await owe(state, store, owner, stored.size)
                 raise
             except ProxyError as err:
                 # --webhook-failure rollback: the application never heard of it, so it goes.
@@ -423,6 +442,8 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
                 await roll_back(state, store, owner, "rollback", late=stored.may_land_late)
                 # As /upload's rollback: the receiver may have got upload.completed.
                 await notify_rolled_back(state, [stored.key], err.kind.code)
+                if made is not None:
+                    made.told = False  # and has heard of its rollback
                 raise Ended(err.kind, err.message) from err
         await run_cleanup(
             noting(store, remover(store), COMPLETED, stored.size),
@@ -431,6 +452,10 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
             kind=Kind.TUS_UPLOAD,
             retry=remover(store),
         )
+    except asyncio.CancelledError:
+        if made is not None:  # the creation's undo removes the object: not kept
+            kept = False
+        raise
     finally:
         if kept:  # also when cancelled meanwhile: the object stays
             m.uploads_completed.inc()
