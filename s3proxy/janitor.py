@@ -39,6 +39,9 @@ LAST_TRY_TIMEOUT = 5.0  # seconds the last try at close may take (all at once): 
 # the README gives beyond --drain-delay + --shutdown-timeout.
 SHUTDOWN_CLEANUP = 3.0
 Cleanup = Callable[[], Awaitable[None]]
+# Seconds until a retry while a cleanup must come back sooner than the janitor's own
+# cadence (it holds something that lapses: a tus lock), else None.
+Pace = Callable[[], float | None]
 T = TypeVar("T")
 
 
@@ -54,6 +57,12 @@ class Kind(enum.Enum):
     OBJECT_SIZE_UNCHECKED = "object_size_unchecked"
     TUS_PATCH = "tus_patch"  # a cut PATCH's commit or lock release: ``tus commit|lock``
     CLAIM = "claim"  # a presigned complete's claim on its upload: ``claim key=...``
+
+
+def next_try(interval: float, attempt: int, paced: float | None) -> float:
+    """Seconds before a failed cleanup's next try: ``paced`` if given, else ``interval``
+    times the attempt, at most a minute. Pure."""
+    return paced if paced is not None else min(interval * attempt, 60.0)
 
 
 def late_delays(window: float) -> tuple[float, ...]:
@@ -157,11 +166,20 @@ class Janitor:
         ends = due(now, limit, self.deadline.at)
         return limit if ends is None else max(0.0, ends - now)
 
-    def retry(self, fn: Cleanup, what: str, kind: Kind, error: BaseException | None = None) -> None:
+    def retry(
+        self,
+        fn: Cleanup,
+        what: str,
+        kind: Kind,
+        error: BaseException | None = None,
+        pace: Pace | None = None,
+    ) -> None:
+        """Retry ``fn`` in the background: after ``interval`` seconds times the attempt
+        (at most 60), or, while ``pace`` names one, after that many seconds."""
         if self.gone():
             abandon(what, kind, error)
             return
-        task = asyncio.create_task(self._retry(fn, what, kind), name=f"cleanup-{what}")
+        task = asyncio.create_task(self._retry(fn, what, kind, pace), name=f"cleanup-{what}")
         self._tasks[task] = (fn, what, kind)
         task.add_done_callback(lambda t: self._tasks.pop(t, None))
 
@@ -184,11 +202,11 @@ class Janitor:
             except Exception as exc:
                 log.warning("cleanup.recheck_failed what=%s error=%r", what, exc)
 
-    async def _retry(self, fn: Cleanup, what: str, kind: Kind) -> None:
+    async def _retry(self, fn: Cleanup, what: str, kind: Kind, pace: Pace | None) -> None:
         deadline = time.monotonic() + self.give_up_after
         attempt = 1
         while time.monotonic() < deadline:
-            await asyncio.sleep(min(self.interval * attempt, 60.0))
+            await asyncio.sleep(next_try(self.interval, attempt, None if pace is None else pace()))
             attempt += 1
             try:
                 async with self.deadline.bound(CLEANUP_TIMEOUT):
@@ -296,15 +314,17 @@ async def run_cleanup(
     *,
     kind: Kind,
     retry: Cleanup | None = None,
+    pace: Pace | None = None,
 ) -> None:
     """Run one cleanup call to the end even if we are being cancelled; never raise for it
     (but re-raise the caller's cancellation once it is done).
 
     If it fails, hand it to the janitor to retry (or log, without one): ``fn`` again, or
     ``retry`` when what ``fn`` undoes may have become right meanwhile (a later request
-    may report as stored the object ``fn`` deletes: ``retry`` checks before it deletes).
+    may report as stored the object ``fn`` deletes: ``retry`` checks before it deletes);
+    at ``pace`` while that names a delay (``Janitor.retry``).
     """
-    await finish(_attempt(fn, what, kind, janitor, retry))
+    await finish(_attempt(fn, what, kind, janitor, retry, pace))
 
 
 async def run_cleanups(calls: Sequence[tuple[Cleanup, str, Kind]], janitor: Janitor | None) -> None:
@@ -315,7 +335,12 @@ async def run_cleanups(calls: Sequence[tuple[Cleanup, str, Kind]], janitor: Jani
 
 
 async def _attempt(
-    fn: Cleanup, what: str, kind: Kind, janitor: Janitor | None, retry: Cleanup | None = None
+    fn: Cleanup,
+    what: str,
+    kind: Kind,
+    janitor: Janitor | None,
+    retry: Cleanup | None = None,
+    pace: Pace | None = None,
 ) -> None:
     try:
         async with _bound(janitor, CLEANUP_TIMEOUT):
@@ -326,7 +351,7 @@ async def _attempt(
             return
         log.error("cleanup.failed what=%s error=%r", what, exc)
         if janitor is not None:
-            janitor.retry(fn if retry is None else retry, what, kind, exc)
+            janitor.retry(fn if retry is None else retry, what, kind, exc, pace)
 
 
 def _bound(janitor: Janitor | None, limit: float) -> contextlib.AbstractAsyncContextManager[None]:

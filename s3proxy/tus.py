@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -67,7 +68,8 @@ from s3proxy.errors import (
     quoted,
 )
 from s3proxy.form import ClientWatch
-from s3proxy.janitor import Kind, by_deadline, finish, recheck_late, run_cleanup
+from s3proxy.handlers import notify_rolled_back
+from s3proxy.janitor import Kind, by_deadline, finish, recheck_late, run_cleanup, run_cleanups
 from s3proxy.machine import Resume
 from s3proxy.parts import plan_parts
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, Resumed, StoredFile, abort_reason
@@ -416,13 +418,14 @@ async def create(request: web.Request) -> web.StreamResponse:
     log.info("tus.created key=%s length=%s id=%s by=%s", key, length, upload.id, principal.subject)
     headers = {"Location": ROOT + token, **_expires(upload)}
     if with_body or length == 0:
+        made = tus_ending.Made()
         try:
-            result = await _append(request, state, store, 0, created=True)
+            result = await _append(request, state, store, 0, made=made)
         except BaseException as exc:
-            # Refused: the client has no Location, so nothing of the upload may stay.
+            # Refused, failed or cut: the client has no Location, so nothing of the
+            # upload may stay.
             ended = True
-            what = f"tus creation id={upload.id}"
-            await finish(run_cleanup(_undo(store), what, state.janitor, kind=Kind.TUS_UPLOAD))
+            await finish(_undo_creation(state, store, made, abort_reason(exc)))
             if not isinstance(exc, tus_ending.Ended):  # it started: it ends here
                 state.metrics.uploads_aborted.labels(abort_reason(exc)).inc()
             raise
@@ -469,6 +472,36 @@ def _undo(store: TusStore) -> Callable[[], Awaitable[None]]:
         log.info("tus.creation_undone key=%s id=%s", store.upload.key, store.upload.id)
 
     return undo
+
+
+async def _undo_creation(
+    state: AppState, store: TusStore, made: tus_ending.Made, reason: str
+) -> None:
+    """Undo a creation-with-upload that failed in its own request (refused, failed, or cut
+    by shutdown at any point: mid-body, its PutObject or Complete unanswered, the webhook
+    not yet answering). Its client got no URL to resume with or ask about, so nothing of
+    the upload stays: its state (``_undo``); the object, if a write went out (only this
+    upload's: ``drop_object``, If-Match), and again later for a write that may land late;
+    and a webhook that may have heard ``upload.completed`` hears ``upload.rolled_back``.
+    All at once and within the shutdown's deadline: past it each is logged abandoned
+    (``cleanup.abandoned what=rollback key=...``: delete the object by hand)."""
+    upload = store.upload
+    calls = [(_undo(store), f"tus creation id={upload.id}", Kind.TUS_UPLOAD)]
+    if made.sent:
+        what = f"rollback key={upload.key} tus_id={upload.id}"
+
+        async def drop() -> None:
+            await tus_ending.drop_object(store, reason)
+
+        calls.append((drop, what, Kind.OBJECT))
+        late = functools.partial(tus_ending.drop_object, store, "late_write")
+        recheck_late(state.janitor, late, what, _late_window(state))
+    undone = run_cleanups(calls, state.janitor)
+    if not made.told:
+        await undone
+        return
+    log.info("upload.rolled_back key=%s reason=%s tus_id=%s", upload.key, reason, upload.id)
+    await asyncio.gather(undone, notify_rolled_back(state, [upload.key], reason))
 
 
 def _size_limit(state: AppState, principal: Principal) -> int:
@@ -622,18 +655,30 @@ async def _patch_target(request: web.Request, state: AppState) -> tuple[TusUploa
 
 
 async def _append(
-    request: web.Request, state: AppState, store: TusStore, offset: int, *, created: bool = False
+    request: web.Request,
+    state: AppState,
+    store: TusStore,
+    offset: int,
+    *,
+    made: tus_ending.Made | None = None,
 ) -> PatchResult:
     """Append the request's body at ``offset``; the committed offset after it.
-    ``created``: in the creation's request (its state is new, not one come back)."""
+    ``made``: in the creation's request (its state is new, not one come back), what it
+    did, for the creation's undo if it fails."""
     declared = _check_patch(request, store.upload, offset)
     task = asyncio.current_task()
     with state.track(task):
         try:
-            return await _append_tracked(request, state, store, offset, declared, created)
+            return await _append_tracked(request, state, store, offset, declared, made)
         except asyncio.CancelledError:
             if task is None or not state.stopped_by_shutdown(task):
                 raise
+    if made is not None:  # no URL was given: the creation's undo removes all of it
+        raise ProxyError(
+            SHUTTING_DOWN,
+            "the proxy is shutting down; the upload was not created and nothing of it is "
+            "kept: create it again on another instance",
+        )
     raise ProxyError(
         SHUTTING_DOWN, "the proxy is shutting down; resume the upload (HEAD, then PATCH)"
     )
@@ -667,9 +712,10 @@ async def _append_tracked(
     store: TusStore,
     offset: int,
     declared: Declared | None,
-    created: bool = False,
+    made: tus_ending.Made | None = None,
 ) -> PatchResult:
     upload = store.upload
+    created = made is not None
     found = await store.read()
     came_back = None if created or found is None else await tus_ending.resurrected(store, *found)
     if came_back is not None:
@@ -728,9 +774,11 @@ async def _append_tracked(
             # could not even mark the state FAILED). End it now, the webhook told as for
             # any completion.
             committed = True
-            await _completed(state, store, lease, whole)
+            await _completed(state, store, lease, whole, made)
             return PatchResult(whole.size, whole.key)
         except asyncio.CancelledError:
+            if created:
+                raise  # no URL was given: the creation's undo removes all of it
             # Shutdown's drain (or the server) stopped it. Cut while its PutObject or
             # CompleteMultipartUpload was on the way, and S3 stored the object: its
             # completion is owed (``tus_ending.owe``), HEAD answers it complete.
@@ -769,7 +817,7 @@ async def _append_tracked(
                 # refused as KEY_EXISTS): it is this upload's, whole, so it completed.
                 committed = True
                 log.info("tus.completed_unseen key=%s id=%s error=%s", upload.key, upload.id, err)
-                await _completed(state, store, lease, stored_unseen)
+                await _completed(state, store, lease, stored_unseen, made)
                 return PatchResult(stored_unseen.size, stored_unseen.key)
             if err.kind is KEY_EXISTS or isinstance(err, ChecksumDiffers):
                 # Another upload stored the key first (--no-overwrite): this one can never
@@ -778,21 +826,27 @@ async def _append_tracked(
                 # Either way the upload ends now, as a termination would end it.
                 committed = True
                 await lease.stop()
-                ended = dataclasses.replace(current, upload_id=appended.upload_id())
-                corrupt = isinstance(err, ChecksumDiffers)
+                if isinstance(err, ChecksumDiffers):
+                    # Its object holds other bytes: rolled back as a webhook failure rolls
+                    # back, under this PATCH's lock (FAILED first; the janitor's retries
+                    # at the lock's cadence): a PATCH retried once the lock lapsed would
+                    # find the object whole and report it stored.
+                    await tus_ending.roll_back(
+                        state, store, lease.owner, err.kind.code, upload_id=appended.upload_id()
+                    )
+                else:
+                    ended = dataclasses.replace(current, upload_id=appended.upload_id())
 
-                async def end() -> None:
-                    if corrupt:
-                        await tus_ending.drop_object(store)
-                    await tus_ending.remove_upload(store.bucket, upload, ended)
+                    async def end() -> None:
+                        await tus_ending.remove_upload(store.bucket, upload, ended)
 
-                await run_cleanup(
-                    tus_ending.noting(store, end, FAILED),
-                    f"tus end id={upload.id}",
-                    state.janitor,
-                    kind=Kind.TUS_UPLOAD,
-                    retry=end,
-                )
+                    await run_cleanup(
+                        tus_ending.noting(store, end, FAILED),
+                        f"tus end id={upload.id}",
+                        state.janitor,
+                        kind=Kind.TUS_UPLOAD,
+                        retry=end,
+                    )
                 log.info("tus.ended key=%s id=%s reason=%s", upload.key, upload.id, err.kind.code)
                 state.metrics.uploads_aborted.labels(err.kind.code).inc()
                 raise tus_ending.Ended(err.kind, f"{err.message}; this upload is ended") from err
@@ -827,24 +881,37 @@ async def _append_tracked(
             )
             return PatchResult(new_offset)
         committed = True  # the object is stored: the state goes with the prefix
-        await _completed(state, store, lease, stored)
+        await _completed(state, store, lease, stored, made)
         return PatchResult(stored.size, stored.key, stored.sha256)
     finally:
+        if made is not None and appended.file is not None and appended.file.maybe_stored:
+            made.sent = True
         if not committed:
             await lease.release()
             await appended.abort_unnamed(state)
 
 
-async def _completed(state: AppState, store: TusStore, lease: Lease, stored: StoredFile) -> None:
+async def _completed(
+    state: AppState,
+    store: TusStore,
+    lease: Lease,
+    stored: StoredFile,
+    made: tus_ending.Made | None = None,
+) -> None:
     """The object is stored: end the upload (``tus_ending.completed``). Cut short (shutdown)
     before the webhook heard of it, the completion is written down as owed and the lock
-    dropped (``tus_ending.owe``): HEAD on any instance answers it complete at once."""
+    dropped (``tus_ending.owe``): HEAD on any instance answers it complete at once. In its
+    creation's request (``made``) there is no URL to come back with: the creation's undo
+    removes the object instead."""
+    if made is not None:
+        made.sent = True
     try:
         await lease.stop()
     except asyncio.CancelledError:
-        await tus_ending.owe(state, store, lease.owner, stored.size)
+        if made is None:
+            await tus_ending.owe(state, store, lease.owner, stored.size)
         raise
-    await tus_ending.completed(state, store, stored, lease.owner)
+    await tus_ending.completed(state, store, stored, lease.owner, made)
 
 
 async def finish_owed(state: AppState, store: TusStore, current: TusState, etag: str) -> None:

@@ -278,12 +278,29 @@ class Rollback:
     have stored the key since, and been answered 201 (the re-probe's F1: a retry an S3
     outage delayed deleted it)."""
 
-    def __init__(self, state: AppState, store: TusStore, owner: str) -> None:
+    def __init__(
+        self,
+        state: AppState,
+        store: TusStore,
+        owner: str,
+        reason: str = "rollback",
+        upload_id: str | None = None,
+    ) -> None:
         self.settings = state.settings
         self.store = store
         self.owner = owner
+        self.reason = reason  # for the log's upload.deleted
+        self.upload_id = upload_id  # a multipart upload to abort too (one not yet committed)
         # The FAILED mark is down (written, or found): no PATCH completes the upload since.
         self.marked = False
+
+    def pace(self) -> float | None:
+        """Seconds until the janitor's next try while the FAILED mark is not down: a third
+        of the lock's lease, as its PATCH renewed the lock. The lock in the state is that
+        PATCH's until the mark replaces it; tried at that cadence, the mark lands before
+        the lock lapses once S3 takes writes again, so no PATCH retried meanwhile takes
+        the upload. Once it is down, None: the janitor's own cadence for the deletes."""
+        return None if self.marked else self.settings.tus_lock_lease / 3
 
     async def undo(self) -> None:
         store, settings = self.store, self.settings
@@ -306,7 +323,9 @@ class Rollback:
             marked = dataclasses.replace(current, ending=FAILED, owed=False, lock=lock)
             await store.swap(marked, etag)
         self.marked = True
-        await drop_object(store, "rollback")
+        await drop_object(store, self.reason)
+        if self.upload_id is not None:
+            await store.bucket.abort(store.upload.key, self.upload_id)
         await store.remove_all()
 
     async def recheck(self) -> None:
@@ -315,6 +334,26 @@ class Rollback:
         reported its object stored; the owed ``undo`` then keeps it)."""
         if self.marked:
             await drop_object(self.store, "late_write")
+
+
+async def roll_back(
+    state: AppState,
+    store: TusStore,
+    owner: str,
+    reason: str,
+    *,
+    late: bool = False,
+    upload_id: str | None = None,
+) -> None:
+    """Roll back the object this upload stored (``Rollback``), under the lock of ``owner``
+    (the PATCH that stored it): the first attempt now; if S3 refuses it, the janitor's
+    retries, at the lock's cadence until the FAILED mark is down (``Rollback.pace``).
+    ``late``: its write may still be carried out, so its delete is made again later."""
+    what = f"rollback key={store.upload.key} tus_id={store.upload.id}"
+    undone = Rollback(state, store, owner, reason, upload_id)
+    await run_cleanup(undone.undo, what, state.janitor, kind=Kind.OBJECT, pace=undone.pace)
+    if late:  # its PutObject/Complete may still be carried out
+        recheck_late(state.janitor, undone.recheck, what, state.pipeline.late_write_window)
 
 
 async def stored_object(store: TusStore, current: TusState) -> StoredFile | None:
@@ -340,7 +379,19 @@ async def forget(state: AppState, store: TusStore, segments: list[Segment]) -> N
         )
 
 
-async def completed(state: AppState, store: TusStore, stored: StoredFile, owner: str) -> None:
+@dataclasses.dataclass
+class Made:
+    """What the request of a creation-with-upload did before it failed, for the creation's
+    undo: its client got no URL, so it can neither resume nor ask, and nothing of the
+    upload may stay (``tus._undo_creation``)."""
+
+    sent: bool = False  # a PutObject/Complete went out: the object may be stored, or land
+    told: bool = False  # the webhook may have heard upload.completed, not of a rollback
+
+
+async def completed(
+    state: AppState, store: TusStore, stored: StoredFile, owner: str, made: Made | None = None
+) -> None:
     """The upload's object is stored: tell the webhook, then remove the upload's state.
     It counts as completed once that is done, as aborted (WEBHOOK_FAILED) if the webhook's
     failure rolled it back: never both (as ``uploads.RequestUpload.settle``).
@@ -352,7 +403,9 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
     state FAILED (a retry is then 404, never 204 for an object it deletes); once the
     webhook heard of the object, a removal that fails marks it COMPLETED (a retry is then
     204 at once, the webhook not told again). Cut (shutdown) while telling the webhook,
-    the state says COMPLETED with the telling owed (``owe``), and counts once that is done."""
+    the state says COMPLETED with the telling owed (``owe``), and counts once that is done.
+    ``made``: in its creation's request, where a cut ends in the creation's undo instead
+    (no URL was given): not counted, what it did noted there."""
     upload = store.upload
     log.info(
         "upload.completed key=%s size=%d parts=%d content_type=%s tus_id=%s",
@@ -368,27 +421,29 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
     try:
         if state.webhook is not None:
             out = {"files": [stored.to_json()], "fields": {}}
+            if made is not None:
+                made.told = True
             try:
                 await notify(state, out)
             except asyncio.CancelledError:
                 # Cut (shutdown) before the webhook's answer: the object is stored, its
                 # completion owed to the next HEAD or PATCH; counted once that is done.
+                # In its creation's request, there is no URL to come back with: the
+                # creation's undo removes it instead (``tus._undo_creation``).
                 kept = False
-                await owe(state, store, owner, stored.size)
+                if made is None:
+                    await owe(state, store, owner, stored.size)
                 raise
             except ProxyError as err:
                 # --webhook-failure rollback: the application never heard of it, so it goes.
                 kept = False
                 m.uploads_aborted.labels(err.kind.code).inc()
                 log.info("upload.rolled_back key=%s reason=%s", stored.key, err.kind.code)
-                what = f"rollback key={stored.key} tus_id={upload.id}"
-                undone = Rollback(state, store, owner)
-                await run_cleanup(undone.undo, what, state.janitor, kind=Kind.OBJECT)
-                if stored.may_land_late:  # its PutObject/Complete may still be carried out
-                    window = state.pipeline.late_write_window
-                    recheck_late(state.janitor, undone.recheck, what, window)
+                await roll_back(state, store, owner, "rollback", late=stored.may_land_late)
                 # As /upload's rollback: the receiver may have got upload.completed.
                 await notify_rolled_back(state, [stored.key], err.kind.code)
+                if made is not None:
+                    made.told = False  # and has heard of its rollback
                 raise Ended(err.kind, err.message) from err
         await run_cleanup(
             noting(store, remover(store), COMPLETED, stored.size),
@@ -397,6 +452,10 @@ async def completed(state: AppState, store: TusStore, stored: StoredFile, owner:
             kind=Kind.TUS_UPLOAD,
             retry=remover(store),
         )
+    except asyncio.CancelledError:
+        if made is not None:  # the creation's undo removes the object: not kept
+            kept = False
+        raise
     finally:
         if kept:  # also when cancelled meanwhile: the object stays
             m.uploads_completed.inc()

@@ -17,6 +17,7 @@ from s3proxy.janitor import (
     by_deadline,
     due,
     late_delays,
+    next_try,
     run_cleanup,
 )
 
@@ -27,6 +28,22 @@ def test_late_delays_are_the_window_and_four_times_it(
 ) -> None:
     """2 x and 8 x --s3-read-timeout (the window is 2 x); no window, no recheck."""
     assert late_delays(window) == delays
+
+
+@pytest.mark.parametrize(
+    ("attempt", "paced", "expected"),
+    [
+        (1, None, 5.0),  # the janitor's cadence: the interval times the attempt
+        (3, None, 15.0),
+        (20, None, 60.0),  # at most a minute
+        (20, 10.0, 10.0),  # paced (a rollback holding a tus lock): its delay, every time
+        (1, 0.2, 0.2),
+    ],
+)
+def test_a_retry_comes_at_the_janitors_cadence_or_at_its_pace(
+    attempt: int, paced: float | None, expected: float
+) -> None:
+    assert next_try(5.0, attempt, paced) == expected
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from s3proxy.state import STATE
+from s3proxy.tus_protocol import OFFSET_STREAM
 from s3proxy.tus_url import RESERVED_PREFIX
 from tests import bodies
 from tests.conftest import ProxyFactory
@@ -517,12 +518,13 @@ async def test_a_late_write_recheck_keeps_the_object_a_retried_patch_reported(
     proxy_factory: ProxyFactory, aiohttp_server: Any, moto: Any, s3: Any, bucket: str
 ) -> None:
     """The rollback's recheck for a write that may land late deleted this upload's object
-    whatever happened since. Its FAILED mark refused by S3, a PATCH retried once the lock
-    lapsed completed the upload again (the webhook back: told, 204); the recheck (2x
-    --s3-read-timeout later) then deleted that reported object. It deletes only once the
-    FAILED mark is down (no PATCH can complete the upload after it)."""
+    whatever happened since. Its FAILED mark refused by S3 until the lock lapsed (the
+    rollback retries it at the lock's cadence: only S3 refusing it that long lets a PATCH
+    in), a PATCH retried then completed the upload again (the webhook back: told, 204);
+    the recheck (2x --s3-read-timeout later) then deleted that reported object. It deletes
+    only once the FAILED mark is down (no PATCH can complete the upload after it)."""
     hook = _Receiver(500)
-    armed = {"on": False, "puts": 0}
+    armed = {"on": False, "puts": 0, "open": False}
 
     def rule(op: str, _: int) -> Fault | None:
         if not armed["on"]:
@@ -530,17 +532,18 @@ async def test_a_late_write_recheck_keeps_the_object_a_retried_patch_reported(
         if op == "PutObject":
             armed["puts"] += 1
             return Fault(late=0.8) if armed["puts"] == 1 else None  # its answer lost
-        if op == "PutObject:state" and armed["puts"] == 2:
+        if op == "PutObject:state" and armed["puts"] >= 2 and not armed["open"]:
             return Fault(status=500)  # the rollback's mark (the lock's swap came before)
         return None
 
     data = body(1000, seed=7)
+    lease = 3.0
     async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
         proxy = await proxy_factory(
             faulty.endpoint_url,
             s3_read_timeout=0.5,
             s3_max_attempts=2,
-            tus_lock_lease=0.5,
+            tus_lock_lease=lease,
             cleanup_clock_skew=0,
             webhook_url=await hook.serve(aiohttp_server),
             webhook_attempts=1,
@@ -549,9 +552,16 @@ async def test_a_late_write_recheck_keeps_the_object_a_retried_patch_reported(
         armed["on"] = True
         resp = await proxy.patch(url, data=data, headers=patch_headers(0))
         assert await _code(resp) == (502, "WEBHOOK_FAILED")
-        armed["on"] = False
         hook.status = 204
-        await asyncio.sleep(0.6)  # the lock lapses
+        await asyncio.sleep(lease + 0.2)  # the lock lapses, the mark still refused
+        tries = faulty.calls.count("PutObject:state")
+        await eventually(  # S3 is back just after a try: the next is lease/3 away
+            lambda: faulty.calls.count("PutObject:state"),
+            until=lambda n: n > tries,
+            within=lease,
+            what="the rollback's next try",
+        )
+        armed["open"] = True
         resp = await proxy.patch(url, data=data, headers=patch_headers(0))
         assert resp.status == 204, await resp.text()
         key = unquote(resp.headers["S3Proxy-Key"])
@@ -682,3 +692,222 @@ async def test_an_owed_completion_whose_webhook_fails_is_rolled_back(
     objects = [k for k in await all_keys_async(s3, bucket) if not k.startswith(RESERVED_PREFIX)]
     assert objects == []
     assert await reserved(s3, bucket) == []
+
+
+async def _create_with(proxy: Any, data: bytes) -> Any:
+    """A creation-with-upload: the whole file in the POST that creates the upload."""
+    headers = {**TUS, "Upload-Length": str(len(data)), "Content-Type": OFFSET_STREAM}
+    return await proxy.post("/tus/", data=io.BytesIO(data), headers=headers)
+
+
+async def _objects(s3: Any, bucket: str) -> list[str]:
+    return [k for k in await all_keys_async(s3, bucket) if not k.startswith(RESERVED_PREFIX)]
+
+
+async def _told_to_create_again(resp: Any) -> None:
+    """The 503 of a creation cut by shutdown: no URL, and nothing to resume."""
+    assert await _code(resp) == (503, "SHUTTING_DOWN")
+    assert "Location" not in resp.headers
+    message = (await resp.json())["error"]["message"]
+    assert "create it again" in message and "HEAD" not in message, message
+
+
+async def test_a_creation_cut_by_shutdown_while_telling_the_webhook_keeps_nothing(
+    proxy_factory: ProxyFactory, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    """A creation-with-upload cut by shutdown while its completion webhook was in flight:
+    its state was removed and its object left stored, while the client got 503 "resume
+    (HEAD, then PATCH)" with no URL to resume, and the webhook may have heard of a file
+    nobody else ever would. Now the object goes with the state (the client was told it
+    failed), the webhook hears upload.rolled_back, and the 503 says to create it again."""
+    from s3proxy.app import drain
+
+    hook = _Receiver(204, delay=5.0)
+    proxy = await proxy_factory(
+        webhook_url=await hook.serve(aiohttp_server), webhook_attempts=1, shutdown_timeout=0.2
+    )
+    posting = asyncio.ensure_future(_create_with(proxy, body(1000, seed=10)))
+    await asyncio.wait_for(hook.heard.wait(), 10)  # stored, the webhook not yet answering
+    await asyncio.wait_for(drain(proxy.app[STATE]), 10)
+    await _told_to_create_again(await posting)
+    assert hook.got == ["upload.completed", "upload.rolled_back"]
+    assert await _objects(s3, bucket) == []
+    assert await reserved(s3, bucket) == []
+
+
+@OBJECT_WRITES
+async def test_a_creation_cut_while_its_object_is_written_keeps_nothing(
+    proxy_factory: ProxyFactory,
+    aiohttp_server: Any,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    op: str,
+    size: int,
+) -> None:
+    """The same cut one step earlier, S3 having stored the object with the answer of its
+    PutObject or CompleteMultipartUpload on the way: the completion was written down as
+    owed, then the creation's undo removed that state and left the object. It goes now;
+    the webhook never heard of it and is told nothing."""
+    from s3proxy.app import drain
+
+    hook = _Receiver(204)
+    armed = {"on": False}
+
+    def rule(name: str, _: int) -> Fault | None:
+        return Fault(late=2.0) if armed["on"] and name == op else None
+
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
+        proxy = await proxy_factory(
+            faulty.endpoint_url,
+            s3_max_attempts=1,
+            shutdown_timeout=0.5,
+            webhook_url=await hook.serve(aiohttp_server),
+        )
+        armed["on"] = True
+        posting = asyncio.ensure_future(_create_with(proxy, body(size, seed=11)))
+        await eventually(
+            lambda: faulty.calls, until=lambda calls: op in calls, within=10, what="the write"
+        )
+        await asyncio.wait_for(drain(proxy.app[STATE]), 10)
+        await _told_to_create_again(await posting)
+    assert hook.got == []
+    assert await _objects(s3, bucket) == []
+    assert await reserved(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
+
+
+async def test_a_creation_cut_mid_body_is_told_to_create_it_again(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str
+) -> None:
+    """Cut while its body still came (a part already in S3): its 503 said "resume the
+    upload (HEAD, then PATCH)", to a client with no URL. Nothing of it is kept, and the
+    answer says so."""
+    from s3proxy.app import drain
+
+    proxy = await proxy_factory(shutdown_timeout=0.2)
+    data = body(7 * MiB, seed=12)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    try:
+        writer.write(
+            (
+                f"POST /tus/ HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+                f"Upload-Length: {len(data)}\r\nContent-Type: {OFFSET_STREAM}\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n"
+            ).encode()
+            + data[: 6 * MiB]
+        )
+        await writer.drain()
+        await eventually(
+            lambda: open_uploads_async(s3, bucket), within=10, what="the first part under way"
+        )
+        await asyncio.wait_for(drain(proxy.app[STATE]), 10)
+        answer = await asyncio.wait_for(reader.read(65536), 10)
+    finally:
+        writer.transport.abort()
+    head, _, text = answer.partition(b"\r\n\r\n")
+    assert b" 503 " in head.split(b"\r\n", 1)[0], answer
+    assert b"Location" not in head
+    message = json.loads(text)["error"]["message"]
+    assert "create it again" in message and "HEAD" not in message, message
+    assert await reserved(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
+
+
+async def test_a_creation_whose_object_cannot_go_by_the_deadline_is_logged_with_its_key(
+    proxy_factory: ProxyFactory,
+    aiohttp_server: Any,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The cut creation's object delete held by S3 past the shutdown's deadline: the
+    process does not wait for it; the object is logged abandoned with its key and what to
+    do (nothing else removes it), and the webhook is still told it was rolled back."""
+    from s3proxy.app import drain
+
+    hook = _Receiver(204, delay=5.0)
+    released = asyncio.Event()
+
+    def rule(name: str, _: int) -> Fault | None:
+        return Fault(until=released, status=500) if name == "DeleteObject" else None
+
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
+        proxy = await proxy_factory(
+            faulty.endpoint_url,
+            s3_max_attempts=1,
+            shutdown_timeout=0.2,
+            webhook_url=await hook.serve(aiohttp_server),
+            webhook_attempts=1,
+        )
+        posting = asyncio.ensure_future(_create_with(proxy, body(1000, seed=13)))
+        await asyncio.wait_for(hook.heard.wait(), 10)
+        with caplog.at_level(logging.INFO):
+            await asyncio.wait_for(drain(proxy.app[STATE]), 10)
+            await _told_to_create_again(await posting)
+        released.set()
+    [key] = await _objects(s3, bucket)
+    abandoned = [r.getMessage() for r in caplog.records if "cleanup.abandoned" in r.getMessage()]
+    assert any(
+        f"what=rollback key={key} " in line and "delete it by hand" in line for line in abandoned
+    ), abandoned
+    assert hook.got == ["upload.completed", "upload.rolled_back"]
+
+
+async def test_a_corrupt_object_s3_will_not_remove_is_never_reported_stored(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """S3 stored the last PATCH's object with other bytes (its Complete names another CRC:
+    502 UPSTREAM_CORRUPTION) and refused both its delete and the FAILED mark. The ending's
+    retry was the removal alone, and the PATCH's lock lapsed: a PATCH retried then (S3
+    taking state writes again, not yet deletes) found the object whole and answered 204,
+    reporting the corrupt object stored. Now it is rolled back as a webhook failure is,
+    its mark retried at the lock's cadence: HEAD and a retried PATCH answer 404, and the
+    object goes once S3 deletes again."""
+    from tests.test_integrity import other_checksum
+
+    faults = {"complete": False, "refuse": False}
+
+    def rule(op: str, _: int) -> Fault | None:
+        if faults["complete"] and op == "CompleteMultipartUpload":
+            faults["refuse"] = True  # from here S3 refuses the object's delete and the mark
+            return Fault(answer=other_checksum)
+        if faults["refuse"] and (op.startswith("DeleteObject") or op == "PutObject:state"):
+            return Fault(status=500)
+        return None
+
+    data = body(7 * MiB, seed=14)
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
+        proxy = await proxy_factory(
+            faulty.endpoint_url, s3_max_attempts=1, tus_lock_lease=1.0, cleanup_clock_skew=0
+        )
+        url = await new_upload(proxy, len(data))
+        first = io.BytesIO(data[: 6 * MiB])
+        assert (await proxy.patch(url, data=first, headers=patch_headers(0))).status == 204
+        faults["complete"] = True
+        rest = data[6 * MiB :]
+        resp = await proxy.patch(url, data=io.BytesIO(rest), headers=patch_headers(6 * MiB))
+        assert await _code(resp) == (502, "UPSTREAM_CORRUPTION")
+        faults["complete"] = False
+        faults["refuse"] = False
+        deletes = {"refused": True}
+
+        def deleting(op: str, n: int) -> Fault | None:  # state writes back, deletes not yet
+            if op == "UploadPart":  # to the completed upload: S3's answer (moto's is a 500)
+                return Fault(status=404, code="NoSuchUpload")
+            refused = deletes["refused"] and op.startswith("DeleteObject")
+            return Fault(status=500) if refused else None
+
+        faulty.rule = deleting
+        await asyncio.sleep(1.5)  # the last PATCH's lock has lapsed
+        resp = await proxy.patch(url, data=io.BytesIO(rest), headers=patch_headers(6 * MiB))
+        assert resp.status == 404, resp.headers  # not 204 with the corrupt object's key
+        assert (await resp.json())["error"]["code"] == "NO_SUCH_UPLOAD"
+        head = await proxy.head(url, headers=TUS)
+        assert head.status == 404, head.headers
+        deletes["refused"] = False
+        await proxy.app[STATE].janitor.close()  # the owed rollback's last try
+    assert await _objects(s3, bucket) == []
+    assert await reserved(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []

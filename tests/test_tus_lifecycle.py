@@ -716,17 +716,26 @@ async def test_an_owed_rollback_deletes_its_object_after_the_lock_expired(
 async def test_a_retry_that_completes_before_the_rollback_could_mark_it_keeps_its_object(
     proxy_factory: ProxyFactory, aiohttp_server: Any, moto: Any, s3: Any, bucket: str
 ) -> None:
-    """The rollback could not even swap the state (FAILED): the completing PATCH's lock
-    expired, a retried PATCH completes the upload again, the webhook (back now) is told,
-    204. Its state's removal fails too, so the retry notes the state COMPLETED (HEAD says
-    complete); the janitor's owed rollback then finds the upload completed and keeps the
-    object that PATCH reported."""
+    """The rollback could not even swap the state (FAILED) until the completing PATCH's
+    lock expired (it retries that mark every third of the lease: only S3 refusing it so
+    long lets a retry in), a retried PATCH completes the upload again, the webhook (back
+    now) is told, 204. Its state's removal fails too, so the retry notes the state
+    COMPLETED (HEAD says complete); the janitor's owed rollback then finds the upload
+    completed and keeps the object that PATCH reported."""
+    lease = 3.0
     faulty, proxy, _, faults, got, url = await _rollback_owed(
-        proxy_factory, aiohttp_server, moto, lease=0.5, interval=60, swap=True
+        proxy_factory, aiohttp_server, moto, lease=lease, interval=60, swap=True
     )
     janitor = proxy.app[STATE].janitor
     try:
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(lease + 0.2)  # the lock expires, the mark still refused
+        tries = faulty.calls.count("PutObject:state")
+        await eventually(  # S3 takes the mark again just after a try: the next is lease/3 on
+            lambda: faulty.calls.count("PutObject:state"),
+            until=lambda n: n > tries,
+            within=lease,
+            what="the rollback's next try",
+        )
         faults["swap"] = False
         retry = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
         assert retry.status == 204, await retry.text()
