@@ -124,8 +124,8 @@ log = logging.getLogger("s3proxy.protocol")
 
 # aiohttp raises the same LineTooLong for a request target and for a header, with the
 # limit it hit as args[1]; distinct limits are how 414 is told from 431. The target
-# may be 8 KiB (nginx's default large_client_header_buffers); a header line keeps
-# aiohttp's default. Both go to the server as handler_args (HANDLER_ARGS).
+# may be 8 KiB (nginx's default large_client_header_buffers); a header's name or value
+# keeps aiohttp's default (line end not counted). All go to the server as handler_args.
 MAX_LINE_SIZE = 8192
 MAX_FIELD_SIZE = 8190
 # asyncio's selector transport reads at most this much per recv (its max_size); an
@@ -133,10 +133,15 @@ MAX_FIELD_SIZE = 8190
 # down to MIN_RECV when it waits for less.
 RECV_SIZE = 256 * 1024
 MIN_RECV = 64 * 1024
-HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE}
+# At most this many header lines (aiohttp's default), and aiohttp's message past it.
+MAX_HEADERS = 128
+HANDLER_ARGS: dict[str, Any] = {
+    "max_line_size": MAX_LINE_SIZE,
+    "max_field_size": MAX_FIELD_SIZE,
+    "max_headers": MAX_HEADERS,
+}
 # The failure of a body the client half-closed in (eof_received).
 BODY_CUT = "the client closed its sending side before the body was complete"
-# aiohttp's message for more than max_headers (128) header lines.
 _TOO_MANY_HEADERS = "Too many headers received"
 
 
@@ -205,7 +210,8 @@ _MESSAGES = {
     UNSUPPORTED_ENCODING: "the request's Content-Encoding is not supported: " + CONTENT_ADVICE,
     URI_TOO_LONG: f"the request target is longer than {MAX_LINE_SIZE} bytes",
     HEADERS_TOO_LARGE: (
-        f"a request header is longer than {MAX_FIELD_SIZE} bytes, or there are too many"
+        f"a request header's name or value is longer than {MAX_FIELD_SIZE} bytes (not "
+        f"counting its line end), or there are more than {MAX_HEADERS} headers"
     ),
 }
 

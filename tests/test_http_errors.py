@@ -253,6 +253,21 @@ async def test_a_repeated_single_header_is_named(proxy: Any, name: str) -> None:
     assert f"the {name} header is given more than once" in resp.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(("value", "status"), [(8190, 200), (8191, 431)])
+async def test_the_request_header_limit_is_told_as_it_is(
+    proxy: Any, value: int, status: int
+) -> None:
+    """A header value of 8190 bytes passes, its line end not counted; the 431 says so
+    and names the header count too (it said "longer than 8190 bytes, or too many")."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: " + b"v" * value + b"\r\n\r\n"
+    resp = await exchange(proxy.host, proxy.port, head, quiet=1.0)
+    assert resp.status == status, resp.raw[:200]
+    if status == 431:
+        message = resp.json()["error"]["message"]
+        assert "name or value is longer than 8190 bytes (not counting its line end)" in message
+        assert "more than 128 headers" in message
+
+
 def test_status_from_parser_errors() -> None:
     """The 414/431 split depends on the limits being different: keep them so."""
     from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
