@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import fcntl
 import logging
@@ -582,7 +583,11 @@ class ProxyRequestHandler(RequestHandler):
     def _arm_head_timer(self, timeout: float | None = None) -> None:
         if self._head_timer is None:
             delay = self.pool.header_timeout if timeout is None else timeout
-            self._head_timer = self._loop.call_later(delay, self._head_timed_out)
+            # In no request's context: once a request resumed reading (flow control), asyncio
+            # reads the socket in a copy of that request's, and this timer is the next head's.
+            self._head_timer = self._loop.call_later(
+                delay, self._head_timed_out, context=contextvars.Context()
+            )
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
