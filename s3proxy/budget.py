@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import heapq
 import itertools
 import time
@@ -382,7 +383,9 @@ class MemoryBudget:
 
     def _arm_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._watchdog is None:
-            self._watchdog = loop.call_later(PATIENCE, self._check)
+            # In no request's context: it acts (and logs) for every holder and waiter, and
+            # call_later would run it in the context of the request that armed it.
+            self._watchdog = loop.call_later(PATIENCE, self._check, context=contextvars.Context())
 
     def _check(self) -> None:
         """While someone waits: evict the part holders that are slow and in the way."""

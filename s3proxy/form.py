@@ -253,10 +253,12 @@ def client_error(exc: Exception) -> ProxyError | None:
             CLIENT_DISCONNECTED, "the client closed the connection before the body was complete"
         )
     if isinstance(exc, LineTooLong):
+        # aiohttp counts the line end: a limit of 8190 takes 8188 bytes and a CRLF.
+        limit = exc.args[1]
         return ProxyError(
             MALFORMED_MULTIPART,
             f"a line in the multipart head (preamble or part header) is longer than "
-            f"{exc.args[1]} bytes",
+            f"{limit} bytes with its line end (at most {limit - 2} bytes and a CRLF)",
         )
     if isinstance(exc, InvalidHeader) and exc.hdr[:1] in (" ", "\t"):
         return ProxyError(

@@ -51,6 +51,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import hashlib
 import logging
@@ -378,6 +379,8 @@ class FileUpload:
         self._has_part = False  # the part it waits for is all in hand (the file ended)
         self._held_back = False  # its receive window was seen closed during this wait
         self._evicted = False
+        # Its request's context: evict() is run by the budget's watchdog, outside it.
+        self._context = contextvars.copy_context()
 
     # --- s3proxy.budget.Holder: asked under memory pressure --------------------------
 
@@ -415,7 +418,7 @@ class FileUpload:
         if self._evicted or self._source is None:
             return
         self._evicted = True
-        log.info("upload.evicted key=%s received=%d", self.spec.key, self.size)
+        self._context.run(log.info, "upload.evicted key=%s received=%d", self.spec.key, self.size)
         self._source.expire(message)
 
     async def run(self, source: ChunkSource) -> StoredFile:

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import fcntl
 import logging
@@ -124,8 +125,8 @@ log = logging.getLogger("s3proxy.protocol")
 
 # aiohttp raises the same LineTooLong for a request target and for a header, with the
 # limit it hit as args[1]; distinct limits are how 414 is told from 431. The target
-# may be 8 KiB (nginx's default large_client_header_buffers); a header line keeps
-# aiohttp's default. Both go to the server as handler_args (HANDLER_ARGS).
+# may be 8 KiB (nginx's default large_client_header_buffers); a header's name or value
+# keeps aiohttp's default (line end not counted). All go to the server as handler_args.
 MAX_LINE_SIZE = 8192
 MAX_FIELD_SIZE = 8190
 # asyncio's selector transport reads at most this much per recv (its max_size); an
@@ -133,10 +134,15 @@ MAX_FIELD_SIZE = 8190
 # down to MIN_RECV when it waits for less.
 RECV_SIZE = 256 * 1024
 MIN_RECV = 64 * 1024
-HANDLER_ARGS: dict[str, Any] = {"max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE}
+# At most this many header lines (aiohttp's default), and aiohttp's message past it.
+MAX_HEADERS = 128
+HANDLER_ARGS: dict[str, Any] = {
+    "max_line_size": MAX_LINE_SIZE,
+    "max_field_size": MAX_FIELD_SIZE,
+    "max_headers": MAX_HEADERS,
+}
 # The failure of a body the client half-closed in (eof_received).
 BODY_CUT = "the client closed its sending side before the body was complete"
-# aiohttp's message for more than max_headers (128) header lines.
 _TOO_MANY_HEADERS = "Too many headers received"
 
 
@@ -205,7 +211,8 @@ _MESSAGES = {
     UNSUPPORTED_ENCODING: "the request's Content-Encoding is not supported: " + CONTENT_ADVICE,
     URI_TOO_LONG: f"the request target is longer than {MAX_LINE_SIZE} bytes",
     HEADERS_TOO_LARGE: (
-        f"a request header is longer than {MAX_FIELD_SIZE} bytes, or there are too many"
+        f"a request header's name or value is longer than {MAX_FIELD_SIZE} bytes (not "
+        f"counting its line end), or there are more than {MAX_HEADERS} headers"
     ),
 }
 
@@ -265,6 +272,8 @@ def _taken_upgrade(message: RawRequestMessage) -> bool:
     return message.method == hdrs.METH_CONNECT or upgrade.lower() == "websocket"
 
 
+# The first line of HTTP/2's connection preface (RFC 9113 section 3.4).
+_PREFACE = b"PRI * HTTP/2.0\r\n"
 # llhttp's reason for a byte after a message that closes the connection.
 _DATA_AFTER_CLOSE = "Data after `Connection: close`"
 
@@ -286,6 +295,15 @@ def request_line_version(head: bytes) -> tuple[int, int] | None:
     if found.group(1) is None:
         return (0, 9)
     return (int(found.group(1)), int(found.group(2)))
+
+
+def first_line(head: bytes) -> bytes | None:
+    """The request line, with its line end, in the first bytes of a request head, once
+    its line end has come; None until then. Empty lines before it are skipped, as the
+    parser skips them (RFC 9112 section 2.2)."""
+    head = head.lstrip(b"\r\n")
+    end = head.find(b"\n")
+    return None if end < 0 else head[: end + 1]
 
 
 def version_refusal(version: tuple[int, int] | None) -> VersionNotSupported | None:
@@ -505,6 +523,9 @@ class ProxyRequestHandler(RequestHandler):
         self._last_payload: StreamReader | None = None
         # ... and its chunk extensions, while it is a chunked body (_over_extensions).
         self._extensions: ChunkExtensions | None = None
+        # The bytes of the head being read until its request line has come (_judge_line);
+        # None once judged, or when where the head began is not known (after a body).
+        self._line: bytes | None = b""
 
     @property
     def waiting(self) -> bool:
@@ -562,7 +583,11 @@ class ProxyRequestHandler(RequestHandler):
     def _arm_head_timer(self, timeout: float | None = None) -> None:
         if self._head_timer is None:
             delay = self.pool.header_timeout if timeout is None else timeout
-            self._head_timer = self._loop.call_later(delay, self._head_timed_out)
+            # In no request's context: once a request resumed reading (flow control), asyncio
+            # reads the socket in a copy of that request's, and this timer is the next head's.
+            self._head_timer = self._loop.call_later(
+                delay, self._head_timed_out, context=contextvars.Context()
+            )
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -707,6 +732,7 @@ class ProxyRequestHandler(RequestHandler):
             return b""
         body, rest = (data, b"") if len(data) == left else (data[:left], data[left:])
         self._bypass, self._bypass_left = None, 0
+        self._line = b""  # the next head begins with rest
         payload.feed_data(body)
         payload.feed_eof()
         self._parser = HttpRequestParser(
@@ -804,7 +830,14 @@ class ProxyRequestHandler(RequestHandler):
                 return
             queued = len(self._messages)
             super().data_received(piece)
-            if len(self._messages) > queued:
+            if len(self._messages) == queued:
+                if in_body:
+                    # A body's end and the next head's first bytes may share a piece.
+                    self._line = self._line if self._in_body() else None
+                elif self._judge_line(piece):
+                    return
+            else:
+                self._line = b""  # a head ended: the next one begins after it (or its body)
                 refused = self._messages[-1][0]
                 if isinstance(refused, web_protocol._ErrInfo):
                     unsupported = version_refusal(request_line_version(piece))
@@ -817,6 +850,38 @@ class ProxyRequestHandler(RequestHandler):
                 self._screen(queued)
             if not data or self._ignore_rest or self._force_close or self._close:
                 return
+
+    def _judge_line(self, piece: bytes) -> bool:
+        """Refuse the head being read on its request line alone, as soon as that line has
+        come (True), when its version is refused (``version_refusal``).
+
+        llhttp judges most request lines as they come (a bad method or version, a line
+        over ``MAX_LINE_SIZE``), but not those of HTTP/0.9 (``GET /path``, no version,
+        all an HTTP/0.9 client sends: it waits for no headers) and ``HTTP/2.0``, which
+        it parses as a version: those were refused only at the blank line that ends a
+        head, and HTTP/0.9's never comes, so its client waited out --header-timeout for
+        nothing. Now they are answered at once, before their headers (if any come)."""
+        if self._line is None:
+            return False
+        self._line += piece
+        line = first_line(self._line)
+        if line is None:
+            if len(self._line) > MAX_LINE_SIZE + 2:
+                self._line = None  # llhttp refuses it (LineTooLong): nothing to keep
+            return False
+        self._line = None
+        if line.startswith(_PREFACE):
+            return False  # llhttp's at its end ("Pause on PRI"): 400, "speaks HTTP/1.1"
+        refusal = version_refusal(request_line_version(line))
+        if refusal is None:
+            return False
+        self._messages.append((_error_info(refusal), EMPTY_PAYLOAD))
+        self._error_tus = _TUS_TARGET.match(line) is not None
+        self._ignore_rest = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
 
     def _over_extensions(self, piece: bytes) -> bool:
         """Count the chunk extensions in ``piece`` of the newest request's chunked body;

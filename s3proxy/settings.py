@@ -183,6 +183,10 @@ def read_secrets(values: Sequence[str], path: Path | None) -> tuple[str, ...]:
     return tuple(found)
 
 
+#: A UTF-8 byte order mark, as a str.
+BOM = "\ufeff"
+
+
 def _secret_lines(path: Path) -> list[tuple[int, str]]:
     """(line number, secret) for each secret in a file; ValueError naming the file (and
     line) if it is unreadable or a line is ambiguous.
@@ -191,7 +195,8 @@ def _secret_lines(path: Path) -> list[tuple[int, str]]:
     editor wrote at the start is dropped (kept, the first key matched no client's), and a
     key followed by `` #`` is refused as the variable is (kept whole, ``key1 # old``
     matched neither ``key1`` nor anything a client sent; dropped, a key holding `` #`` would
-    be cut short without a word). Lines starting with ``#`` are comments.
+    be cut short without a word). Lines starting with ``#`` are comments. A BOM anywhere
+    else is refused: an editor's artefact, never part of a key.
     """
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is no key's
@@ -209,8 +214,56 @@ def _secret_lines(path: Path) -> list[tuple[int, str]]:
                 f"{path} line {n}: a comment (' #') follows the key; put comments on "
                 "lines of their own (a key cannot hold ' #')"
             )
+        if BOM in line:
+            # Only the file's first is dropped: a second (saved twice with one, or two
+            # files joined) is no key's either, and kept, the key matched nothing.
+            raise ValueError(
+                f"{path} line {n}: a byte order mark (U+FEFF) inside the key, as files "
+                "joined or saved twice with one leave; remove it"
+            )
         found.append((n, line))
     return found
+
+
+def bearer_problem(key: str) -> str | None:
+    """What in ``key`` a client cannot send as ``Authorization: Bearer <key>`` (None:
+    nothing), named without the key. Whitespace is no part of a Bearer token (RFC 6750)
+    and S3PROXY_API_KEY splits keys at it; a control character cannot be in a header;
+    other than ASCII reaches the proxy as different bytes from client to client (browsers
+    refuse it, Python's http.client sends latin-1, curl the terminal's UTF-8). Visible
+    ASCII is left: RFC 6750's b64token (letters, digits, ``-._~+/``, then ``=``) is
+    narrower, but the proxy compares whatever follows ``Bearer``."""
+    for c in key:
+        if c in " \t":
+            return "a space or tab"
+        if c == BOM:
+            return "a byte order mark (U+FEFF)"
+        if not c.isascii():
+            return f"a non-ASCII character (U+{ord(c):04X})"
+        if not c.isprintable():
+            return f"a control character (U+{ord(c):04X})"
+    return None
+
+
+def check_api_keys(inline: Sequence[str], path: Path | None, *, inline_name: str) -> None:
+    """Raise SettingsError naming the setting (and file line) if an API key cannot be
+    sent as a Bearer token (``bearer_problem``) or its file is unreadable. Such a key was
+    taken silently and matched no request. The key itself is never part of the message."""
+    found = [(inline_name, f"key {i}", v.strip()) for i, v in enumerate(inline, 1)]
+    if path is not None:
+        try:
+            lines = _secret_lines(path)
+        except ValueError as exc:
+            raise SettingsError(f"--api-key-file: {exc}") from None
+        found += [("--api-key-file", f"{path} line {n}", v) for n, v in lines]
+    for name, where, value in found:
+        problem = bearer_problem(value)
+        if problem is not None:
+            raise SettingsError(
+                f"{name}: {where}: {problem} in the key, which no client can send in "
+                "'Authorization: Bearer <key>'; use letters, digits and -._~+/= "
+                "(make one with: openssl rand -hex 32)"
+            )
 
 
 #: Settings whose value is a URL the proxy sends to or signs for.
@@ -853,11 +906,7 @@ class Settings:
             raise SettingsError(
                 "--webhook-attempts must be at least 1 and --webhook-timeout positive"
             )
-        if self.api_key_file is not None:
-            try:
-                _secret_lines(self.api_key_file)
-            except ValueError as exc:
-                raise SettingsError(f"--api-key-file: {exc}") from None
+        check_api_keys(self.api_key, self.api_key_file, inline_name="--api-key (S3PROXY_API_KEY)")
         check_token_secrets(
             self.token_secret,
             self.token_secret_file,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -113,7 +114,10 @@ class StoreCheck:
             self._stopping = False
             self._asked_at = asyncio.get_running_loop().time()
             self._first = asyncio.Event()
-            self._task = asyncio.create_task(self._run(check), name="readiness")
+            # In no request's context: the /readyz that starts it would own its log lines.
+            self._task = asyncio.create_task(
+                self._run(check), name="readiness", context=contextvars.Context()
+            )
 
     async def stop(self) -> None:
         """End the checks; returns within the timeout (plus a second) whatever the check

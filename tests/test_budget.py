@@ -18,6 +18,7 @@ from s3proxy.budget import (
     grant,
     is_ready,
 )
+from s3proxy.log import REQUEST_ID
 
 
 async def test_acquire_and_release() -> None:
@@ -227,6 +228,30 @@ async def test_slow_holders_are_evicted_only_when_someone_waits() -> None:
         assert h.reservation is not None
         h.reservation.release()
     assert b.in_use == 0
+
+
+async def test_the_watchdog_runs_in_no_requests_context() -> None:
+    """The watchdog was armed with call_later from the first waiter's task, so it ran,
+    and every eviction it made logged, as that request (probe reprobe8 F5: 24 evictions
+    of 24 requests, all under the first waiter's request id)."""
+    b = MemoryBudget(100)
+    seen: list[str] = []
+
+    class Holder(FakeHolder):
+        def evict(self, message: str) -> None:
+            seen.append(REQUEST_ID.get())
+            super().evict(message)
+
+    slow = Holder(HolderState(5.0, SLOW, MIN))
+    slow.reservation = await b.acquire(80, holder=slow)
+
+    async def waiter() -> Reservation:
+        REQUEST_ID.set("the-waiter")
+        return await b.acquire(40)
+
+    r = await asyncio.wait_for(asyncio.create_task(waiter()), 2)
+    assert seen == ["-"]
+    r.release()
 
 
 async def test_side_reservations_wait_apart_and_never_block_parts() -> None:

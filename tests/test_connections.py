@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import errno
 import io
+import logging
 import os
 import resource
 import socket
@@ -19,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from s3proxy.log import RateLimit, loop_exception_handler
+from s3proxy.log import RateLimit, RequestIdFilter, loop_exception_handler
 from s3proxy.protocol import (
     HEALTH_RESERVE,
     MIN_RECV,
@@ -501,3 +502,29 @@ async def test_a_head_begun_is_not_cut_by_the_keepalive_timer(
         assert head.startswith(b"HTTP/1.1 200"), head
     finally:
         writer.close()
+
+
+async def test_a_head_timeout_is_logged_as_no_request(
+    proxy_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request that reads its body resumes the socket's reading from its own task, so
+    asyncio runs every later read of the connection in a copy of that request's
+    context: the head timer of the next head, armed there, logged its timeout as the
+    request before (probe reprobe8 F5's class). Timers are armed in no request's context."""
+    caplog.set_level(logging.INFO, logger="s3proxy")
+    caplog.handler.addFilter(RequestIdFilter())
+    proxy = await proxy_factory(header_timeout=1.0, keepalive_timeout=5.0)
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    raw = bodies.body([bodies.file("f", "a.bin", os.urandom(12 * MiB))])
+    writer.write(bodies.request_head(len(raw), b"X-Request-ID: first-request") + raw)
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 201 "), head
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    writer.write(b"GET /healthz HTTP/1.1\r\n")  # and no more: the head times out
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at the head timeout
+    writer.close()
+    timeouts = [r for r in caplog.records if r.getMessage().startswith("connections.head_timeout")]
+    assert [getattr(r, "request_id", None) for r in timeouts] == ["-"]

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,7 @@ from aiohttp import FormData
 from s3proxy import limits
 from s3proxy.budget import MIN_HELD, PATIENCE
 from s3proxy.limits import RateMeter
+from s3proxy.log import RequestIdFilter
 from s3proxy.pipeline import PROBE_BYTES
 from s3proxy.settings import Settings, SettingsError
 from s3proxy.state import STATE
@@ -145,7 +148,8 @@ async def trickler(port: int, name: str, every: float = 0.1, burst: int = 0) -> 
     ``burst`` of file bytes at full speed)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     part = bodies.part_head(bodies.file("file", f"{name}.bin", b""))
-    writer.write(bodies.request_head(100 * MiB) + part + b"x" * burst)
+    rid = f"X-Request-ID: rid-{name}".encode()  # its log lines carry its name
+    writer.write(bodies.request_head(100 * MiB, rid) + part + b"x" * burst)
     await writer.drain()
 
     async def drip() -> None:
@@ -213,11 +217,14 @@ async def test_tricklers_never_reach_the_budget_and_a_normal_upload_goes_through
 
 
 async def test_clients_that_slow_down_mid_part_are_evicted(
-    proxy_factory: Any, s3: Any, bucket: str, keys_in: Any
+    proxy_factory: Any, s3: Any, bucket: str, keys_in: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Clients that passed the probe at full speed and then trickle hold both parts of
     a 16 MiB budget; a normal upload waiting behind them gets them evicted (408) after
-    PATIENCE + MIN_HELD, and nothing of theirs is stored."""
+    PATIENCE + MIN_HELD, and nothing of theirs is stored. Each eviction is logged as
+    the evicted request (they were all logged as the first waiter's, probe reprobe8 F5)."""
+    caplog.set_level(logging.INFO, logger="s3proxy")
+    caplog.handler.addFilter(RequestIdFilter())
     proxy = await proxy_factory(memory_budget=16 * MiB, part_size=8 * MiB)
     budget = proxy.server.app[STATE].budget
     data = os.urandom(20 * MiB)
@@ -233,6 +240,11 @@ async def test_clients_that_slow_down_mid_part_are_evicted(
         error = json.loads(payload)["error"]
         assert status == 408 and "while other uploads waited for memory" in error["message"]
     assert budget.evictions == 2
+    evicted = [r for r in caplog.records if r.getMessage().startswith("upload.evicted ")]
+    owners = [
+        (re.findall(r"slow\d", r.getMessage())[0], getattr(r, "request_id", "")) for r in evicted
+    ]
+    assert sorted(owners) == [("slow0", "rid-slow0"), ("slow1", "rid-slow1")], owners
     stored = keys_in(bucket)
     assert len(stored) == 2 and not any("slow" in k for k in stored)
     assert budget.in_use == 0

@@ -257,6 +257,27 @@ async def test_bad_part_headers_are_400(
     assert words in out["error"]["message"], out
 
 
+@pytest.mark.parametrize("length", [8188, 8189, 8190])
+async def test_the_part_header_line_limit_is_told_as_it_is(
+    proxy: Any, s3: Any, bucket: str, length: int
+) -> None:
+    """aiohttp counts a part header line's CRLF: 8188 bytes pass, and 8189 or 8190 were
+    refused as "longer than 8190 bytes" (probe reprobe8 F4). The message now says how
+    the line is counted."""
+    line = b"X-L: " + b"a" * (length - 5)
+    status, out = await post(
+        proxy, raw_body(raw_part(b'form-data; name="file"; filename="a.txt"', TEXT, line))
+    )
+    if length <= 8188:
+        assert status == 201, out
+        return
+    assert status == 400, out
+    assert out["error"]["code"] == "MALFORMED_MULTIPART"
+    assert (
+        "8190 bytes with its line end (at most 8188 bytes and a CRLF)" in (out["error"]["message"])
+    ), out
+
+
 # --- timeouts and limits while reading the preamble and part headers ------------------------
 
 

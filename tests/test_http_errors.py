@@ -232,9 +232,11 @@ async def test_the_hook_is_on_every_server_built_for_the_app(
 
 async def test_http2_prior_knowledge_is_told_the_server_speaks_http_1_1(proxy: Any) -> None:
     """curl --http2-prior-knowledge: the preface was "Pause on PRI/Upgrade" (llhttp's)."""
-    resp = await exchange(proxy.host, proxy.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-    assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
-    assert "speaks HTTP/1.1" in resp.json()["error"]["message"]
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    for chunks in ((preface,), (preface[:16], preface[16:])):  # its first line alone too
+        resp = await exchange(proxy.host, proxy.port, *chunks)
+        assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
+        assert "speaks HTTP/1.1" in resp.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("name", ["Content-Type", "Content-Length", "Host"])
@@ -249,6 +251,21 @@ async def test_a_repeated_single_header_is_named(proxy: Any, name: str) -> None:
     resp = await exchange(proxy.host, proxy.port, head)
     assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
     assert f"the {name} header is given more than once" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("value", "status"), [(8190, 200), (8191, 431)])
+async def test_the_request_header_limit_is_told_as_it_is(
+    proxy: Any, value: int, status: int
+) -> None:
+    """A header value of 8190 bytes passes, its line end not counted; the 431 says so
+    and names the header count too (it said "longer than 8190 bytes, or too many")."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-A: " + b"v" * value + b"\r\n\r\n"
+    resp = await exchange(proxy.host, proxy.port, head, quiet=1.0)
+    assert resp.status == status, resp.raw[:200]
+    if status == 431:
+        message = resp.json()["error"]["message"]
+        assert "name or value is longer than 8190 bytes (not counting its line end)" in message
+        assert "more than 128 headers" in message
 
 
 def test_status_from_parser_errors() -> None:
@@ -607,6 +624,63 @@ async def test_a_request_line_of_another_major_version_is_a_505(
     assert (
         resp.json()["error"]["message"] == f"{shown} is not supported: this server speaks HTTP/1.1"
     )
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"GET /healthz\r\n", b"GET /healthz\n", b"\r\nGET /healthz\r\n", b"POST /tus/ HTTP/2.0\r\n"],
+)
+async def test_a_request_line_refused_alone_is_answered_before_any_header(
+    proxy: Any, line: bytes
+) -> None:
+    """HTTP/0.9's ``GET /path`` line is all its client sends: no header, no blank line.
+    It was answered only at a blank line, so the client waited out --header-timeout
+    (10 s) for nothing, or read an EOF at its half-close (probe reprobe8 F3). Now the
+    line alone gets its 505, as does an ``HTTP/2.0`` line whose headers are not sent."""
+    start = time.monotonic()
+    resp = await exchange(proxy.host, proxy.port, line[:5], line[5:], quiet=5.0)
+    assert time.monotonic() - start < 2.0
+    assert resp.raw.startswith(b"HTTP/1.1 505 "), resp.raw[:200]
+    assert_json_error(resp, 505, "HTTP_VERSION_NOT_SUPPORTED")
+    if b"/tus/" in line:
+        assert resp.headers["Tus-Resumable"] == "1.0.0"
+
+
+async def test_a_refused_line_pipelined_after_a_request_is_answered_in_turn(proxy: Any) -> None:
+    """The line of a head pipelined after another request is judged alone too, once
+    the request before it is answered."""
+    first = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+    resp = await exchange(proxy.host, proxy.port, first + b"GET /healthz\r\n", quiet=5.0)
+    assert resp.raw.startswith(b"HTTP/1.1 200 "), resp.raw[:200]
+    assert b"HTTP/1.1 505 " in resp.raw and resp.closed, resp.raw[-400:]
+
+
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [
+        (b"G@T /healthz HTTP/1.1\r\n", 400),  # a bad method token
+        (b"GET /healthz HTTP/1.9\r\n", 400),  # an HTTP/1.x llhttp does not know
+        (b"GET /healthz HTTP/3.1\r\n", 505),
+        (b"GET /healthz XTTP/1.1\r\n", 400),
+        (b"GET /" + b"a" * protocol.MAX_LINE_SIZE, 414),  # no line end needed
+    ],
+)
+async def test_every_request_line_judged_alone_is_answered_at_once(
+    proxy: Any, line: bytes, status: int
+) -> None:
+    """The rest of the class: llhttp refuses these on the line alone (pinned here, so
+    that a parser that waits for the head shows)."""
+    start = time.monotonic()
+    resp = await exchange(proxy.host, proxy.port, line, quiet=5.0)
+    assert time.monotonic() - start < 2.0
+    assert_json_error(resp, status, CODES[status])
+
+
+def test_the_first_line_of_a_head() -> None:
+    assert protocol.first_line(b"GET / HTTP/1.1") is None
+    assert protocol.first_line(b"GET /x\r\nHost") == b"GET /x\r\n"
+    assert protocol.first_line(b"\r\n\nGET /x\n") == b"GET /x\n"
+    assert protocol.first_line(b"\r\n") is None
 
 
 @pytest.mark.parametrize("version", [b"HTTP/1.9", b"HTTP/1.1x", b"FOO/1.1"])

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from s3proxy.errors import SHUTTING_DOWN, UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, ProxyError
+from s3proxy.log import REQUEST_ID
 from s3proxy.state import (
     AUTO_DRAIN_DELAY,
     StoreCheck,
@@ -97,6 +98,25 @@ async def test_a_hanging_or_failing_check_is_an_answer_not_an_exception() -> Non
     closed = await check.once(not_open)
     assert closed is not None and closed.kind is UPSTREAM_UNAVAILABLE
     assert await check.once(fine) is None
+
+
+async def test_the_checks_log_as_no_request() -> None:
+    """Started by a /readyz, the background task ran in that request's context, so every
+    readiness line it logged for as long as it ran carried that request's id."""
+    check = StoreCheck(interval=0.05, timeout=0.2)
+    seen: list[str] = []
+
+    async def fails() -> None:
+        seen.append(REQUEST_ID.get())
+
+    token = REQUEST_ID.set("a-readyz")
+    try:
+        check.start(fails)
+    finally:
+        REQUEST_ID.reset(token)
+    await eventually(lambda: len(seen) >= 2, within=5, what="two checks")
+    await check.stop()
+    assert set(seen) == {"-"}
 
 
 async def test_stop_ends_when_the_check_finishes_as_it_is_cancelled() -> None:

@@ -296,6 +296,62 @@ def test_a_key_file_reads_as_the_environment_does(tmp_path: Path, flag: str) -> 
         assert "\n" not in message and "rotated" not in message and key not in message
 
 
+@pytest.mark.parametrize(
+    ("content", "line", "words"),
+    [
+        (b"\xef\xbb\xbf\xef\xbb\xbfkeyC\n", 1, "byte order mark (U+FEFF)"),  # saved twice
+        (b"keyD\r\n\xef\xbb\xbfkeyE\n", 2, "byte order mark (U+FEFF)"),  # two files joined
+        (b"keyF\nkey H\n", 2, "a space or tab"),
+        (b"keyF\nkey\tH\n", 2, "a space or tab"),
+        (b"key\x7fI\n", 1, "a control character (U+007F)"),
+        ("cl\u00e9-J\n".encode(), 1, "a non-ASCII character (U+00E9)"),
+        ("key\u200bK\n".encode(), 1, "a non-ASCII character (U+200B)"),
+    ],
+)
+def test_an_api_key_no_client_can_send_is_refused(
+    tmp_path: Path, content: bytes, line: int, words: str
+) -> None:
+    """Regression (reprobe8 F6): only a BOM at the file's start was dropped; a second one
+    (a file saved twice with one, two files joined) stayed in its key, and a key with a
+    space was taken too: serve started without a word, and no request ever matched them.
+    Now each is refused at start, naming the file and line, never the key."""
+    keys = tmp_path / "keys"
+    keys.write_bytes(content)
+    with pytest.raises(SettingsError) as err:
+        load(["--api-key-file", str(keys)])
+    message = str(err.value)
+    assert message.startswith(f"--api-key-file: {keys} line {line}: "), message
+    assert words in message and "\n" not in message
+    assert not any(k in message for k in ("keyC", "keyE", "key H", "cl\u00e9", "keyK"))
+
+
+def test_an_inline_api_key_no_client_can_send_is_refused(tmp_path: Path) -> None:
+    for key, words in (("key H", "a space or tab"), ("cl\u00e9", "U+00E9"), ("\ufeffk", "U+FEFF")):
+        with pytest.raises(SettingsError) as err:
+            load(["--api-key", "good-key", "--api-key", key])
+        message = str(err.value)
+        assert message.startswith("--api-key (S3PROXY_API_KEY): key 2: "), message
+        assert words in message and key.strip() not in message
+    with pytest.raises(SettingsError, match="key 1: a byte order mark"):
+        load([], {"S3PROXY_API_KEY": "\ufeffk,j"})
+    # every visible ASCII character can be sent: kept
+    visible = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in ",#")
+    assert load(["--api-key", visible]).api_keys() == (visible,)
+
+
+def test_a_token_secret_may_hold_any_text_but_a_bom(tmp_path: Path) -> None:
+    """Token secrets are never sent by a client: a space or any UTF-8 is theirs to hold
+    (README: at least 32 bytes). A BOM inside one is a file's artefact, refused as in an
+    API key file: the backend's copy of the secret would not hold it."""
+    secrets = tmp_path / "secrets"
+    secret = "s" * 16 + " caf\u00e9 " + "s" * 16
+    secrets.write_text(secret + "\n")
+    assert load(["--token-secret-file", str(secrets)]).token_secrets() == (secret,)
+    secrets.write_bytes(b"a" * 40 + b"\n\xef\xbb\xbf" + b"b" * 40 + b"\n")
+    with pytest.raises(SettingsError, match=f"--token-secret-file: {secrets} line 2: a byte"):
+        load(["--token-secret-file", str(secrets)])
+
+
 def test_settings_warn_once_when_asked_not_when_made(caplog: pytest.LogCaptureFixture) -> None:
     """A warning printed while the settings were made came before the log's format was
     set (a raw line in --log-format json output), and again for every copy made."""
