@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import json
 import logging
 import secrets
@@ -161,7 +162,10 @@ class UrlKeys:
             return self._keys
         task = self._loading
         if task is None:
-            task = self._loading = asyncio.create_task(self._load(), name="tus-url-key")
+            # shared by every request waiting for it: its lines belong to none of them
+            task = self._loading = asyncio.create_task(
+                self._load(), name="tus-url-key", context=contextvars.Context()
+            )
             task.add_done_callback(self._loaded)
         try:
             return await asyncio.shield(task)

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 from s3proxy import tus_keys, tus_url
 from s3proxy.cleanup import sweep_tus
 from s3proxy.errors import ProxyError
+from s3proxy.log import REQUEST_ID
 from s3proxy.state import STATE
 from s3proxy.tus import TUS
 from s3proxy.tus_keys import UrlKeys
@@ -217,4 +218,24 @@ async def test_an_unreadable_key_object_is_503_and_left_as_it_is() -> None:
             await keys.get()
         assert failed.value.kind.status == 503 and KEY_OBJECT in failed.value.message
     assert store.objects[KEY_OBJECT].data == b"garbage"
+    await keys.close()
+
+
+async def test_the_shared_loader_logs_as_no_request() -> None:
+    """The loader is shared by every request waiting for the key, but it was started in
+    the first one's task, so its lines (a failed create's warning) carried that id."""
+    store = MemoryS3()
+    seen: list[str] = []
+
+    def bucket() -> MemoryS3:
+        seen.append(REQUEST_ID.get())
+        return store
+
+    keys = UrlKeys((), bucket)
+    token = REQUEST_ID.set("first-request")
+    try:
+        await keys.get()
+    finally:
+        REQUEST_ID.reset(token)
+    assert seen == ["-"]
     await keys.close()
