@@ -840,13 +840,7 @@ async def _append_tracked(
                     async def end() -> None:
                         await tus_ending.remove_upload(store.bucket, upload, ended)
 
-                    await run_cleanup(
-                        tus_ending.noting(store, end, FAILED),
-                        f"tus end id={upload.id}",
-                        state.janitor,
-                        kind=Kind.TUS_UPLOAD,
-                        retry=end,
-                    )
+                    await tus_ending.end_noted(state, store, end, FAILED, "tus end")
                 log.info("tus.ended key=%s id=%s reason=%s", upload.key, upload.id, err.kind.code)
                 state.metrics.uploads_aborted.labels(err.kind.code).inc()
                 raise tus_ending.Ended(err.kind, f"{err.message}; this upload is ended") from err
@@ -931,14 +925,7 @@ async def finish_owed(state: AppState, store: TusStore, current: TusState, etag:
         raise
     if stored is None:  # deleted, or replaced at a shared key: nothing to tell of
         await lease.stop()
-        removal = tus_ending.remover(store)
-        await run_cleanup(
-            tus_ending.noting(store, removal, FAILED),
-            f"tus end id={store.upload.id}",
-            state.janitor,
-            kind=Kind.TUS_UPLOAD,
-            retry=removal,
-        )
+        await tus_ending.end_noted(state, store, tus_ending.remover(store), FAILED, "tus end")
         raise ProxyError(
             NO_SUCH_UPLOAD, "this upload's object is no longer stored; upload it again"
         )

@@ -188,6 +188,25 @@ def noting(
     return run
 
 
+async def end_noted(
+    state: AppState,
+    store: TusStore,
+    removal: Callable[[], Awaitable[None]],
+    ending: str,
+    label: str,
+    length: int | None = None,
+) -> None:
+    """Run ``removal`` of an ended upload now; one S3 refuses is noted in the state
+    (``noting``) and left to the janitor to retry."""
+    await run_cleanup(
+        noting(store, removal, ending, length),
+        f"{label} id={store.upload.id}",
+        state.janitor,
+        kind=Kind.TUS_UPLOAD,
+        retry=removal,
+    )
+
+
 async def note_ending(store: TusStore, ending: str, length: int | None = None) -> None:
     """Swap the state to ``ending`` (COMPLETED with the object's size as its length), the
     lock dropped: the upload is over, nobody holds it. Not over another ending."""
@@ -445,13 +464,7 @@ async def completed(
                 if made is not None:
                     made.told = False  # and has heard of its rollback
                 raise Ended(err.kind, err.message) from err
-        await run_cleanup(
-            noting(store, remover(store), COMPLETED, stored.size),
-            f"tus state id={upload.id}",
-            state.janitor,
-            kind=Kind.TUS_UPLOAD,
-            retry=remover(store),
-        )
+        await end_noted(state, store, remover(store), COMPLETED, "tus state", stored.size)
     except asyncio.CancelledError:
         if made is not None:  # the creation's undo removes the object: not kept
             kept = False
