@@ -245,18 +245,26 @@ def bearer_problem(key: str) -> str | None:
     return None
 
 
-def check_api_keys(inline: Sequence[str], path: Path | None, *, inline_name: str) -> None:
-    """Raise SettingsError naming the setting (and file line) if an API key cannot be
-    sent as a Bearer token (``bearer_problem``) or its file is unreadable. Such a key was
-    taken silently and matched no request. The key itself is never part of the message."""
-    found = [(inline_name, f"key {i}", v.strip()) for i, v in enumerate(inline, 1)]
+def _secrets_found(
+    inline: Sequence[str], path: Path | None, inline_name: str, noun: str, file_flag: str
+) -> list[tuple[str, str, str]]:
+    """Every key or secret given, as (setting, where in it, value), for a check to name
+    where a bad one came from; an unreadable file is a SettingsError."""
+    found = [(inline_name, f"{noun} {i}", v.strip()) for i, v in enumerate(inline, 1)]
     if path is not None:
         try:
             lines = _secret_lines(path)
         except ValueError as exc:
-            raise SettingsError(f"--api-key-file: {exc}") from None
-        found += [("--api-key-file", f"{path} line {n}", v) for n, v in lines]
-    for name, where, value in found:
+            raise SettingsError(f"{file_flag}: {exc}") from None
+        found += [(file_flag, f"{path} line {n}", v) for n, v in lines]
+    return found
+
+
+def check_api_keys(inline: Sequence[str], path: Path | None, *, inline_name: str) -> None:
+    """Raise SettingsError naming the setting (and file line) if an API key cannot be
+    sent as a Bearer token (``bearer_problem``) or its file is unreadable. Such a key was
+    taken silently and matched no request. The key itself is never part of the message."""
+    for name, where, value in _secrets_found(inline, path, inline_name, "key", "--api-key-file"):
         problem = bearer_problem(value)
         if problem is not None:
             raise SettingsError(
@@ -292,13 +300,7 @@ def check_token_secrets(inline: Sequence[str], path: Path | None, *, inline_name
     ``inline_name`` says where the inline secrets came from (the flag or the variable).
     The secret itself is never part of the message.
     """
-    found = [(inline_name, f"secret {i}", v.strip()) for i, v in enumerate(inline, 1)]
-    if path is not None:
-        try:
-            lines = _secret_lines(path)
-        except ValueError as exc:
-            raise SettingsError(f"--token-secret-file: {exc}") from None
-        found += [("--token-secret-file", f"{path} line {n}", v) for n, v in lines]
+    found = _secrets_found(inline, path, inline_name, "secret", "--token-secret-file")
     for name, where, value in found:
         size = len(value.encode())
         if value and size < MIN_TOKEN_SECRET_BYTES:
