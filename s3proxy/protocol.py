@@ -505,6 +505,8 @@ class ProxyRequestHandler(RequestHandler):
         self._last_payload: StreamReader | None = None
         # ... and its chunk extensions, while it is a chunked body (_over_extensions).
         self._extensions: ChunkExtensions | None = None
+        # ... and the bytes of that body the parser was given (body_seen).
+        self._body_read = 0
 
     @property
     def waiting(self) -> bool:
@@ -818,9 +820,23 @@ class ProxyRequestHandler(RequestHandler):
             if not data or self._ignore_rest or self._force_close or self._close:
                 return
 
+    def body_seen(self, payload: StreamReader) -> tuple[int, ChunkExtensions | None] | None:
+        """What the connection read of ``payload``'s body as sent (chunk framing and
+        codings on): its bytes, and a chunked body's framing followed over them (None
+        when not chunked); None unless ``payload`` is the newest request's body.
+
+        Every byte read is counted and followed as it is given to the parser, including
+        those aiohttp's parser holds unparsed (its tail, while a coded body's reader is
+        full). A body read past the parser (``bypass_parser``) is not counted."""
+        if payload is not self._last_payload:
+            return None
+        return self._body_read, self._extensions
+
     def _over_extensions(self, piece: bytes) -> bool:
         """Count the chunk extensions in ``piece`` of the newest request's chunked body;
-        past ``MAX_CHUNK_EXTENSIONS`` that body breaks as on a bad chunk size (True)."""
+        past ``MAX_CHUNK_EXTENSIONS`` that body breaks as on a bad chunk size (True).
+        (Any body's ``piece`` is counted for ``body_seen`` too.)"""
+        self._body_read += len(piece)
         scan = self._extensions
         if scan is None or scan.done or scan.feed(piece) <= MAX_CHUNK_EXTENSIONS:
             return False
@@ -886,6 +902,7 @@ class ProxyRequestHandler(RequestHandler):
             self._last_head, self._last_payload = message, payload
             chunked = message.chunked and not payload.is_eof()
             self._extensions = ChunkExtensions() if chunked else None
+            self._body_read = 0
             if message.should_close and payload.is_eof():
                 # Its answer closes the connection: what follows is not read (RFC 9112
                 # section 9.6). A body still due comes first; bytes after it raise
