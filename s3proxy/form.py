@@ -32,6 +32,7 @@ errors a client can be told about: malformed, too large, too slow, or gone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import socket
 import sys
@@ -52,6 +53,8 @@ from aiohttp.http_exceptions import (
 )
 from multidict import CIMultiDictProxy
 
+from s3proxy.body_end import PEEK_LIMIT, chunked_ended, length_ended, peek
+from s3proxy.chunks import ChunkExtensions
 from s3proxy.delimiter import DelimiterScan
 from s3proxy.digests import (
     PART_DIGEST_HEADERS,
@@ -120,6 +123,10 @@ class Arrival:
     unread: int  # of those, not read by the request yet (kernel and aiohttp buffers)
     ended: bool | None  # the whole body is here (True), bytes are still owed, unknown
     blocked: bool | None = None  # the receive window is closed: the client waits on us
+    # Where ``ended`` is unknown but can be found by looking at the bytes the kernel
+    # holds (a chunked body's end may be among them): look. It copies them, so only for
+    # a client about to be judged (the answer: ended or not; None: still unknown).
+    look: Callable[[], bool | None] | None = None
 
 
 # struct tcp_info (linux/tcp.h): tcpi_rcv_wnd, the receive window last advertised, is
@@ -184,8 +191,13 @@ class TransportFlow:
         self._length = request.content_length
         # Content-Length counts the body's bytes as sent only without a coding on it
         headers = request.headers
+        self._coded_length: int | None = None  # ... with one: the connection counts them
         if hdrs.TRANSFER_ENCODING in headers or hdrs.CONTENT_ENCODING in headers:
+            if hdrs.TRANSFER_ENCODING not in headers:
+                self._coded_length = self._length
             self._length = None
+        # The last look at the kernel's bytes: (bytes read, kernel's, what it told).
+        self._looked: tuple[int, int, bool | None] | None = None
         # s3proxy's protocol hands the rest of a Content-Length body to the request's
         # StreamReader past the HTTP parser, which copies every chunk.
         bypass = getattr(self._protocol, "bypass_parser", None)
@@ -203,8 +215,11 @@ class TransportFlow:
             expect(size)
 
     def arrival(self) -> Arrival | None:
-        """The body's bytes read so far plus those the kernel holds unread (FIONREAD).
-        Its end is known from a Content-Length with no coding, or once aiohttp saw it."""
+        """The body's bytes read so far plus those the kernel holds unread (FIONREAD),
+        and whether that is the whole body (s3proxy.body_end): known from its length as
+        sent, or once aiohttp saw its end; a chunked one's from the framing read so far,
+        and if its end may be in the kernel, by a ``look`` there. A coded or chunked body
+        counts its bytes as sent (the connection's count), a plain one as read."""
         transport = self._transport
         if transport is None or transport.is_closing():
             return None
@@ -212,12 +227,40 @@ class TransportFlow:
         kernel = unread_bytes(sock)
         content = self._content
         read = content.total_bytes
+        seen = None
+        if self._length is None:
+            body_seen = getattr(self._protocol, "body_seen", None)  # s3proxy's protocol only
+            seen = None if body_seen is None else body_seen(content)
+        if seen is not None:
+            read = seen[0]
         ended: bool | None = None
+        look: Callable[[], bool | None] | None = None
         if content.is_eof():
             ended = True
         elif self._length is not None:
-            ended = read + kernel >= self._length
-        return Arrival(read + kernel, content._size + kernel, ended, window_closed(sock))
+            ended = length_ended(read + kernel, self._length)
+        elif seen is not None and seen[1] is not None:
+            framing = seen[1]
+            ended = chunked_ended(framing, kernel)
+            if ended is None:
+                look = functools.partial(self._look, sock, read, kernel, framing)
+        elif seen is not None and self._coded_length is not None:
+            ended = length_ended(read + kernel, self._coded_length)
+        blocked = window_closed(sock)
+        return Arrival(read + kernel, content._size + kernel, ended, blocked, look)
+
+    def _look(self, sock: Any, read: int, kernel: int, framing: ChunkExtensions) -> bool | None:
+        """Is a chunked body's end among the ``kernel``'s unread bytes? Looked at once
+        while nothing more comes (the answer kept for the same counts), and only up to
+        ``PEEK_LIMIT`` of them: past it, unknown."""
+        looked = self._looked
+        if looked is not None and looked[:2] == (read, kernel):
+            return looked[2]
+        ended = None
+        if kernel <= PEEK_LIMIT:
+            ended = chunked_ended(framing, kernel, peek(sock, kernel))
+        self._looked = (read, kernel, ended)
+        return ended
 
     def resume_reading(self) -> None:
         held = getattr(self._protocol, "_reading_paused", False) or getattr(

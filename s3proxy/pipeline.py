@@ -398,7 +398,10 @@ class FileUpload:
 
     def wait_state(self, now: float) -> WaiterState | None:
         """How its client sends while it waits for a part: the socket is not read then,
-        so the bytes pile up in the kernel, where they are counted."""
+        so the bytes pile up in the kernel, where they are counted. A client about to be
+        judged (a whole window waited, below its minimum rate: silent, or its last bytes
+        came early in the window) whose body's end is not known yet (chunked) has the
+        kernel's bytes looked at (``Arrival.look``): its end is there, or bytes are owed."""
         source, meter = self._source, self._arriving
         arrival = None if source is None or meter is None else source.arrival()
         if meter is None or arrival is None:
@@ -406,6 +409,8 @@ class FileUpload:
         meter.add(max(now, meter.last), max(arrival.received, meter.first))
         ended = True if self._has_part else arrival.ended
         rate = meter.rate(now)
+        if ended is None and rate is not None and rate < self.cfg.min_rate and arrival.look:
+            ended = arrival.look()
         # Once seen closed, the window counts as closed for the rest of this wait: a
         # kernel that compacts a full buffer may let a few more bytes in, a tiny rate
         # that is not the client's doing.

@@ -526,6 +526,8 @@ class ProxyRequestHandler(RequestHandler):
         # The bytes of the head being read until its request line has come (_judge_line);
         # None once judged, or when where the head began is not known (after a body).
         self._line: bytes | None = b""
+        # ... and the bytes of that body the parser was given (body_seen).
+        self._body_read = 0
 
     @property
     def waiting(self) -> bool:
@@ -883,9 +885,23 @@ class ProxyRequestHandler(RequestHandler):
             waiter.set_result(None)
         return True
 
+    def body_seen(self, payload: StreamReader) -> tuple[int, ChunkExtensions | None] | None:
+        """What the connection read of ``payload``'s body as sent (chunk framing and
+        codings on): its bytes, and a chunked body's framing followed over them (None
+        when not chunked); None unless ``payload`` is the newest request's body.
+
+        Every byte read is counted and followed as it is given to the parser, including
+        those aiohttp's parser holds unparsed (its tail, while a coded body's reader is
+        full). A body read past the parser (``bypass_parser``) is not counted."""
+        if payload is not self._last_payload:
+            return None
+        return self._body_read, self._extensions
+
     def _over_extensions(self, piece: bytes) -> bool:
         """Count the chunk extensions in ``piece`` of the newest request's chunked body;
-        past ``MAX_CHUNK_EXTENSIONS`` that body breaks as on a bad chunk size (True)."""
+        past ``MAX_CHUNK_EXTENSIONS`` that body breaks as on a bad chunk size (True).
+        (Any body's ``piece`` is counted for ``body_seen`` too.)"""
+        self._body_read += len(piece)
         scan = self._extensions
         if scan is None or scan.done or scan.feed(piece) <= MAX_CHUNK_EXTENSIONS:
             return False
@@ -951,6 +967,7 @@ class ProxyRequestHandler(RequestHandler):
             self._last_head, self._last_payload = message, payload
             chunked = message.chunked and not payload.is_eof()
             self._extensions = ChunkExtensions() if chunked else None
+            self._body_read = 0
             if message.should_close and payload.is_eof():
                 # Its answer closes the connection: what follows is not read (RFC 9112
                 # section 9.6). A body still due comes first; bytes after it raise

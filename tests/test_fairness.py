@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from s3proxy.settings import Settings, SettingsError
 from s3proxy.state import STATE
 from tests import bodies
 from tests.polling import eventually
+from tests.s3util import read_object_async
 
 MiB = 1024**2
 KiB = 1024
@@ -292,6 +294,127 @@ async def test_tricklers_queued_ahead_do_not_delay_a_later_upload(
     stored = keys_in(bucket)
     assert len(stored) == 3 and not any("slow" in k for k in stored)
     assert budget.in_use == 0 and budget.waiting == 0
+
+
+def coded(mode: str, sent: bytes, more: bytes = b"") -> tuple[bytes, bytes]:
+    """``sent`` then ``more`` as a client in ``mode`` sends them: the request's head with
+    ``sent`` coded and framed, and the rest (``more``; the body's end when ``more`` is
+    given: gzip's trailer, the last chunk). Without ``more`` the body still owes bytes:
+    a Content-Length 1 MiB over, or a chunk's size 1 MiB over (``mid``), or the next
+    chunk's size line."""
+    extra = (b"Content-Encoding: gzip",) if "gzip" in mode else ()
+    if "gzip" in mode:
+        coder = zlib.compressobj(wbits=31)
+        sent = coder.compress(sent) + coder.flush(zlib.Z_SYNC_FLUSH)  # all decodable
+        more = coder.compress(more) + coder.flush() if more else b""
+    if "chunked" not in mode:
+        length = len(sent) + (len(more) if more else MiB)
+        return bodies.request_head(length, *extra) + sent, more
+    head = bodies.chunked_request_head(*extra)
+    if "mid" in mode:
+        return head + b"%x\r\n" % (len(sent) + MiB) + sent, b""
+    last = bodies.chunk_frame(more) + b"0\r\n\r\n" if more else b""
+    return head + bodies.chunk_frame(sent), last
+
+
+async def silent(port: int, name: str, mode: str, burst: int) -> tuple[int, bytes]:
+    """A client that sends ``burst`` bytes of a file (past the probe) and then nothing,
+    its body still owing bytes, in ``mode`` (``coded``)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    part = bodies.part_head(bodies.file("file", f"{name}.bin", b""))
+    writer.write(coded(mode, part + os.urandom(burst))[0])
+    await writer.drain()
+    try:
+        return await read_response(reader, 60)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+@pytest.mark.parametrize("mode", ["chunked", "chunked-gzip-mid", "gzip"])
+async def test_silent_chunked_or_coded_clients_queued_ahead_time_out(
+    proxy_factory: Any, s3: Any, bucket: str, keys_in: Any, mode: str
+) -> None:
+    """Probe reprobe8 F1: clients that pass the probe and go silent, their body chunked
+    or gzip-coded (its end not in a plain Content-Length), were taken for bodies that
+    may have ended ("maybe done": ready), got the memory oldest first and were evicted
+    three at a time every MIN_HELD, so the upload behind 20 of them waited 6 such rounds
+    (~13 s against 0.3 s idle; 12 of them ahead of a 20 MiB upload: 9.1 s). Now their
+    end is known, not guessed: bytes are owed, so they time out while they wait (408,
+    nothing stored), exactly as Content-Length ones, and the upload waits only for the
+    three holders' eviction. As the Content-Length case (two rounds, the faster judged).
+    """
+    proxy = await proxy_factory(memory_budget=16 * MiB, part_size=5 * MiB)
+    budget = proxy.server.app[STATE].budget
+    data = os.urandom(12 * MiB)
+    idle = await timed_upload(proxy, data, "idle.bin")
+    loaded: list[float] = []
+    answers: list[tuple[int, bytes]] = []
+    for round_ in range(2):
+        burst = PROBE_BYTES + 8 * KiB
+        slow = [
+            asyncio.create_task(silent(proxy.port, f"slow{round_}-{i}", mode, burst))
+            for i in range(20)
+        ]
+        await eventually(lambda: budget.waiting >= 17, within=5, what="silent clients queued")
+        await asyncio.sleep(MIN_HELD + 0.5)  # the holders may be judged (held MIN_HELD)
+        loaded.append(await timed_upload(proxy, data, f"loaded{round_}.bin"))
+        answers += await asyncio.wait_for(asyncio.gather(*slow), 30)
+    print(f"12 MiB upload: idle {idle:.2f} s, behind 20 silent {mode} clients {loaded}")
+    assert min(loaded) <= 2 * idle + PATIENCE + 1.0
+    for status, payload in answers:
+        error = json.loads(payload)["error"]
+        assert status == 408 and error["code"] == "CLIENT_TIMEOUT", payload
+    assert budget.expired >= 2 * 17 - 6  # most timed out waiting, never holding a part
+    stored = keys_in(bucket)
+    assert len(stored) == 3 and not any("slow" in k for k in stored)
+    assert budget.in_use == 0 and budget.waiting == 0
+
+
+@pytest.mark.parametrize("mode", ["chunked", "chunked-gzip", "gzip"])
+async def test_a_whole_chunked_or_coded_body_waits_as_ready(
+    proxy_factory: Any, s3: Any, bucket: str, keys_in: Any, mode: str
+) -> None:
+    """The other side of F1: a client that sent its whole body (chunked or coded) and
+    waits for memory is silent too, and its body's end is in the kernel, unread (it
+    came after the upload began to wait). It is seen there: ready, not timed out, and
+    stored whole once memory frees."""
+    proxy = await proxy_factory(memory_budget=16 * MiB, part_size=5 * MiB)
+    budget = proxy.server.app[STATE].budget
+    held = await budget.acquire(budget.limit)  # all of it, by no upload: never evicted
+    # the rest after the probe's bytes is what a new connection's kernel holds with its
+    # receive window open (not held back, which would make it ready anyway)
+    files = [os.urandom(PROBE_BYTES + 40 * KiB) for _ in range(3)]
+    close = f"\r\n--{bodies.BOUNDARY}--\r\n".encode()
+    conns = []
+    for i, data in enumerate(files):
+        part = bodies.part_head(bodies.file("file", f"whole{i}.bin", b""))
+        cut = PROBE_BYTES + KiB
+        first, rest = coded(mode, part + data[:cut], data[cut:] + close)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(first)
+        await writer.drain()
+        conns.append((reader, writer, rest))
+    await eventually(lambda: budget.waiting == 3, within=5, what="uploads waiting")
+    for _, writer, rest in conns:
+        writer.write(rest)  # the body's end, left in the kernel by an upload that waits
+        await writer.drain()
+    await asyncio.sleep(MIN_HELD + 0.5)  # silent for a window: judged
+    # what the budget judges them by (each waiter's owner is its upload)
+    states = [w[5].wait_state(time.monotonic()) for w in budget._waiters if w[5] is not None]
+    assert [s is not None and s.ended for s in states] == [True] * 3
+    assert budget.expired == 0 and budget.waiting == 3
+    held.release()
+    for reader, writer, _ in conns:
+        status, payload = await read_response(reader, 30)
+        writer.close()
+        assert status == 201, payload
+    stored = keys_in(bucket)
+    assert len(stored) == 3
+    for key in stored:
+        assert await read_object_async(s3, bucket, key) in files
+    assert budget.in_use == 0
 
 
 async def test_a_fast_holder_is_never_evicted(
