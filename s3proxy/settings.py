@@ -227,8 +227,8 @@ def _secret_lines(path: Path) -> list[tuple[int, str]]:
 
 def bearer_problem(key: str) -> str | None:
     """What in ``key`` a client cannot send as ``Authorization: Bearer <key>`` (None:
-    nothing), named without the key. Whitespace is no part of a Bearer token (RFC 6750)
-    and S3PROXY_API_KEY splits keys at it; a control character cannot be in a header;
+    nothing), named without the key. Whitespace is no part of a Bearer token (RFC 6750);
+    a control character cannot be in a header;
     other than ASCII reaches the proxy as different bytes from client to client (browsers
     refuse it, Python's http.client sends latin-1, curl the terminal's UTF-8). Visible
     ASCII is left: RFC 6750's b64token (letters, digits, ``-._~+/``, then ``=``) is
@@ -381,6 +381,9 @@ class Settings:
         "(repeatable; prefer the env var, comma-separated)",
         repeat=True,
         secret=True,
+        # commas only: a key with a space in it is refused whole (bearer_problem), never
+        # taken as several keys, one as short as "2" (reprobe9b F1)
+        split=r"\s*,\s*",
     )
     api_key_file: Path | None = _setting(  # noqa: RUF009 - Path is immutable
         None, "file of API keys, one per line", _opt_path, show=str

@@ -339,6 +339,17 @@ def test_an_inline_api_key_no_client_can_send_is_refused(tmp_path: Path) -> None
     assert load(["--api-key", visible]).api_keys() == (visible,)
 
 
+def test_a_key_with_a_space_in_the_variable_is_refused_not_split() -> None:
+    """S3PROXY_API_KEY was split at whitespace too, so "goodkey1,SECRETXYZ 2" ran with
+    the keys "SECRETXYZ" and "2" (a one-character key: Bearer 2 got 201; reprobe9b F1)
+    where --api-key refuses the same key. Keys are split at commas only, spaces around
+    them trimmed. (Token secrets are still split at whitespace too: each piece must be
+    32 bytes or more, so no short one gets in.)"""
+    with pytest.raises(SettingsError, match="key 2: a space or tab"):
+        load([], {"S3PROXY_API_KEY": "goodkey1,SECRETXYZ 2"})
+    assert load([], {"S3PROXY_API_KEY": " k1 , k2 "}).api_keys() == ("k1", "k2")
+
+
 def test_a_token_secret_may_hold_any_text_but_a_bom(tmp_path: Path) -> None:
     """Token secrets are never sent by a client: a space or any UTF-8 is theirs to hold
     (README: at least 32 bytes). A BOM inside one is a file's artefact, refused as in an
