@@ -138,8 +138,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(protocol.mark_closing)
     if cors is not None:
         app.on_response_prepare.append(cors.mark)
-    budget = state.budget
-    state.metrics.bind_budget(lambda: budget.in_use, budget.limit, lambda: budget.wait_seconds)
+    state.metrics.bind_budget(state.budget)
     app.router.add_post("/upload", handlers.upload, expect_handler=handlers.expect_upload)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)

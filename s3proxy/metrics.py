@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -51,31 +52,62 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"
 CANCELLED_STATUS = str(CLIENT_GONE_STATUS)
 
 
+class BudgetView(Protocol):
+    """What the metrics read from the memory budget (``budget.MemoryBudget``) at a scrape."""
+
+    @property
+    def in_use(self) -> int: ...
+    @property
+    def limit(self) -> int: ...
+    @property
+    def wait_seconds(self) -> float: ...
+    @property
+    def waiting(self) -> int: ...
+    @property
+    def evictions(self) -> int: ...
+    @property
+    def expired(self) -> int: ...
+
+
 class _BudgetCollector:
     """Reads the memory budget at scrape time, so no code path has to keep gauges in step."""
 
-    def __init__(
-        self, in_use: Callable[[], int], limit: int, wait_seconds: Callable[[], float]
-    ) -> None:
-        self._in_use = in_use
-        self._limit = limit
-        self._wait_seconds = wait_seconds
+    def __init__(self, budget: BudgetView) -> None:
+        self._budget = budget
 
     def collect(self) -> Iterable[Metric]:
+        b = self._budget
         yield GaugeMetricFamily(
             "s3proxy_memory_budget_bytes_in_use",
             "Bytes of the memory budget reserved for part buffers.",
-            value=self._in_use(),
+            value=b.in_use,
         )
         yield GaugeMetricFamily(
             "s3proxy_memory_budget_bytes_limit",
             "Size of the memory budget in bytes.",
-            value=self._limit,
+            value=b.limit,
+        )
+        yield GaugeMetricFamily(
+            "s3proxy_memory_budget_waiting",
+            "Uploads waiting for the memory budget now (their sockets are not read).",
+            value=b.waiting,
         )
         yield CounterMetricFamily(
             "s3proxy_memory_budget_wait_seconds",
             "Seconds uploads spent waiting for the memory budget (backpressure), summed.",
-            value=self._wait_seconds(),
+            value=b.wait_seconds,
+        )
+        yield CounterMetricFamily(
+            "s3proxy_memory_budget_evictions",
+            "Uploads evicted (408) for filling a held part below the minimum rate while "
+            "others waited.",
+            value=b.evictions,
+        )
+        yield CounterMetricFamily(
+            "s3proxy_memory_budget_waiters_expired",
+            "Uploads timed out (408) for sending below the minimum rate while they waited "
+            "for the budget.",
+            value=b.expired,
         )
 
 
@@ -149,13 +181,11 @@ class Metrics:
         )
         self._budget: _BudgetCollector | None = None
 
-    def bind_budget(
-        self, in_use: Callable[[], int], limit: int, wait_seconds: Callable[[], float]
-    ) -> None:
-        """Export the memory budget; the callables are read at each scrape. Rebinding replaces."""
+    def bind_budget(self, budget: BudgetView) -> None:
+        """Export the memory budget, read at each scrape. Rebinding replaces."""
         if self._budget is not None:
             self.registry.unregister(self._budget)
-        self._budget = _BudgetCollector(in_use, limit, wait_seconds)
+        self._budget = _BudgetCollector(budget)
         self.registry.register(self._budget)
 
     @contextlib.asynccontextmanager
