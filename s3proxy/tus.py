@@ -40,6 +40,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import _default_expect_handler
@@ -115,6 +116,8 @@ SHA256_HEADER = "S3Proxy-Sha256"
 # other key is stored as the object's S3 metadata.
 OWN_KEYS = ("filename", "name", "filetype", "type")
 
+
+T = TypeVar("T")
 
 TUS = web.AppKey("tus", UrlKeys)  # what upload URLs are signed with (tus_keys)
 
@@ -399,15 +402,24 @@ async def create(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     _refuse_draining(state)
     _check_headers(request)
-    task = asyncio.current_task()
     made = tus_ending.Made()
+    return await _as_upload(
+        state, lambda: _create(request, state, made), lambda: _not_created(state, made)
+    )
+
+
+async def _as_upload(state: AppState, run: Callable[[], Awaitable[T]], cut: Callable[[], str]) -> T:
+    """Run a handler's part that writes to S3 as an upload at shutdown (``state.track``):
+    the drain gives it the grace period, and cut then it is answered 503 ``cut()``,
+    never cut short with no answer like a download while its writes land later."""
+    task = asyncio.current_task()
     with state.track(task):
         try:
-            return await _create(request, state, made)
+            return await run()
         except asyncio.CancelledError:
             if task is None or not state.stopped_by_shutdown(task):
                 raise
-    raise ProxyError(SHUTTING_DOWN, _not_created(state, made))
+    raise ProxyError(SHUTTING_DOWN, cut())
 
 
 def _not_created(state: AppState, made: tus_ending.Made) -> str:
@@ -594,7 +606,11 @@ async def head(request: web.Request) -> web.StreamResponse:
         length = length if length is not None else current.length
         if current.owed:  # its PATCH was cut by shutdown before the webhook heard of it
             try:
-                await finish_owed(state, store, current, found[1])
+                await _as_upload(
+                    state,
+                    lambda: finish_owed(state, store, current, found[1]),
+                    lambda: "the proxy is shutting down; ask again (HEAD) on another instance",
+                )
             except tus_ending.Ended as err:  # rolled back: the upload failed
                 raise ProxyError(NO_SUCH_UPLOAD, f"this upload failed: {err.message}") from err
         if current.ended() == COMPLETED:
@@ -608,7 +624,11 @@ async def terminate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     _check_headers(request)
     upload = await _upload(request)
-    await _terminate(state, TusStore(state.require_sink(), upload))
+    await _as_upload(
+        state,
+        lambda: _terminate(state, TusStore(state.require_sink(), upload)),
+        lambda: "the proxy is shutting down; send the DELETE again (on another instance)",
+    )
     return _answer(204)
 
 
