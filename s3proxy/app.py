@@ -356,7 +356,9 @@ async def drain(state: AppState) -> None:
     (telling the webhook receiver if it was notified) and answers 503
     SHUTTING_DOWN with ``Connection: close``. Only handlers still storing files are
     cancelled: one that is writing its answer is left to finish. Their cleanup, the
-    janitor's last try and every other cleanup share one deadline, ``SHUTDOWN_CLEANUP``
+    janitor's last try, the rechecks of writes that may land late (the last run just
+    before it, what may land after the exit logged) and every other cleanup share one
+    deadline, ``SHUTDOWN_CLEANUP``
     seconds after the grace period, whatever S3 does (``janitor.Deadline``). Idle
     keep-alive connections are closed at once and every response from now on says
     ``Connection: close``, so no client holds the process once its request is answered.
@@ -406,7 +408,11 @@ async def drain(state: AppState) -> None:
     await asyncio.wait(
         [last_try, *pending], timeout=max(0.0, cleanup_deadline - loop.time()) + STOP_WAIT
     )
-    late = [task for task in (last_try, *pending) if not task.done()]
+    # The rechecks the cut uploads' rollbacks scheduled (after the janitor closed) run
+    # what is due before the deadline, then log what may still land (``Janitor.close``).
+    rechecked = asyncio.create_task(state.janitor.rechecked(), name="cleanup-rechecks")
+    await asyncio.wait([rechecked], timeout=max(0.0, cleanup_deadline - loop.time()) + STOP_WAIT)
+    late = [task for task in (last_try, rechecked, *pending) if not task.done()]
     if late:  # every cleanup is bounded by the deadline: this is a bug, but exit anyway
         log.error("proxy.cleanup_overran tasks=%d", len(late))
 

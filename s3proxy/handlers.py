@@ -38,6 +38,7 @@ from s3proxy.errors import (
     error_response,
 )
 from s3proxy.form import MAX_PART_HEADERS, TransportFlow, iter_form, request_boundary
+from s3proxy.janitor import late_delays
 from s3proxy.log import REQUEST_ID
 from s3proxy.metrics import metrics_handler
 from s3proxy.pipeline import abort_reason
@@ -124,24 +125,47 @@ async def upload(request: web.Request) -> web.Response:
     # The handler's own task: aiohttp runs each request in one, apart from the
     # connection's task (``request.task``), so cancelling it stops this request only.
     task = asyncio.current_task()
+    # No file can be longer than the whole body as read: that bounds part sizes and
+    # buffers (not a coded body's Content-Length: codings.read_length).
+    job = RequestUpload(
+        state.require_sink(),
+        state.budget,
+        state.pipeline,
+        state.settings.key_template,
+        codings.read_length(request),
+        state.metrics,
+        principal.grant,
+        state.janitor,
+    )
     with state.track(task):
         try:
-            return await _store(request, state, principal)
+            return await _store(request, state, principal, job)
         except asyncio.CancelledError:
             if task is None or not state.stopped_by_shutdown(task):
                 raise
             log.warning("request.stopped reason=SHUTTING_DOWN")
-    resp = error_response(
-        ProxyError(
-            SHUTTING_DOWN,
-            "the proxy is shutting down; nothing was stored: retry on another instance",
-        )
-    )
+    late = late_delays(state.pipeline.late_write_window) if job.may_land_late else ()
+    resp = error_response(ProxyError(SHUTTING_DOWN, cut_message(late)))
     resp.force_close()  # the rest of the body may still be on its way: do not wait for it
     return resp
 
 
-async def _store(request: web.Request, state: AppState, principal: Principal) -> web.Response:
+def cut_message(late: tuple[float, ...]) -> str:
+    """The 503 of an upload cut by shutdown. ``late``: when its rollback's rechecks were
+    due (``janitor.late_delays``), for a write S3 had not answered, which may still store
+    a file after the rollback (and after this process exits): then it must not say that
+    nothing was stored. Pure."""
+    if not late:
+        return "the proxy is shutting down; nothing was stored: retry on another instance"
+    return (
+        "the proxy is shutting down; what was stored is removed, but a write S3 had not "
+        f"answered may still land within {max(late):g}s: retry on another instance"
+    )
+
+
+async def _store(
+    request: web.Request, state: AppState, principal: Principal, job: RequestUpload
+) -> web.Response:
     try:
         reader = MultipartReader(request.headers, request.content, max_headers=MAX_PART_HEADERS)
     except (ValueError, AssertionError) as exc:
@@ -152,18 +176,6 @@ async def _store(request: web.Request, state: AppState, principal: Principal) ->
     if grant is not None and grant.max_files is not None:
         limits = dataclasses.replace(limits, max_files=min(limits.max_files, grant.max_files))
     parts = iter_form(reader, limits, lambda: body.total_bytes, TransportFlow(request))
-    # No file can be longer than the whole body as read: that bounds part sizes and
-    # buffers (not a coded body's Content-Length: codings.read_length).
-    job = RequestUpload(
-        state.require_sink(),
-        state.budget,
-        state.pipeline,
-        state.settings.key_template,
-        codings.read_length(request),
-        state.metrics,
-        grant,
-        state.janitor,
-    )
     result = await job.run(parts)  # all or nothing: on any failure it deleted its files
     notifying = False
     try:

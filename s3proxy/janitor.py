@@ -12,6 +12,11 @@ and tus uploads are ``s3proxy cleanup``'s and the lifecycle rule's, but the obje
 failed request is no orphan anything finds later, so its line names it for deletion by
 hand (README, "Operating it").
 
+A recheck (``recheck_late``: a removal made again later, for a write S3 may still carry
+out) outlives no process: at shutdown those due before the deadline run then, each with
+one more run just before the deadline, and each whose write may still land after the
+exit is logged abandoned too, with until when and what removes it if it does.
+
 Once shutdown begins, one ``Deadline`` bounds all of it: every cleanup call (in a
 request or the janitor's), the last try, a cut tus PATCH's commit and lock release, the
 rollback notice. Past it a cleanup is not tried or retried but logged abandoned, so the
@@ -28,6 +33,8 @@ import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TypeVar
 
 log = logging.getLogger("s3proxy.janitor")
@@ -38,6 +45,9 @@ LAST_TRY_TIMEOUT = 5.0  # seconds the last try at close may take (all at once): 
 # together: with aiohttp's EXIT_GRACE (1 s) and the exit itself it stays within the 5 s
 # the README gives beyond --drain-delay + --shutdown-timeout.
 SHUTDOWN_CLEANUP = 3.0
+# Seconds before that deadline that a recheck's last run begins: as late as may be, for
+# a write held on the way to land first, with time left for its HeadObject and delete.
+FINAL_RECHECK_LEAD = 1.0
 Cleanup = Callable[[], Awaitable[None]]
 # Seconds until a retry while a cleanup must come back sooner than the janitor's own
 # cadence (it holds something that lapses: a tus lock), else None.
@@ -72,14 +82,37 @@ def late_delays(window: float) -> tuple[float, ...]:
     return (window, 4 * window) if window > 0 else ()
 
 
-def recheck_late(janitor: Janitor | None, fn: Cleanup, what: str, window: float) -> None:
+def recheck_late(
+    janitor: Janitor | None, fn: Cleanup, what: str, window: float, kind: Kind | None = None
+) -> None:
     """Make the removal ``fn`` again at ``late_delays(window)``: what it removes was made
     by a write an attempt of which went unanswered (``s3.Written.may_land_late``), or whose
     answer never came, and S3 may carry that attempt out after the removal. ``fn`` must be
-    safe to repeat and touch only what this request made (its own key, or If-Match/nonce)."""
+    safe to repeat and touch only what this request made (its own key, or If-Match/nonce).
+    ``kind`` (an object, unless told): what removes it if it lands after this process
+    exits, for the ``cleanup.abandoned`` line shutdown writes then; ``what`` names the
+    condition (``nonce=``, ``etag=``, ``tus_id=``)."""
     delays = late_delays(window)
     if janitor is not None and delays:
-        janitor.again_after(fn, what, delays)
+        janitor.again_after(fn, what, delays, Kind.OBJECT if kind is None else kind)
+
+
+def shutdown_runs(
+    dues: Sequence[float], now: float, deadline: float | None, lead: float
+) -> tuple[list[float], bool]:
+    """At shutdown, when (loop time) a recheck still due at ``dues`` runs before the exit,
+    and whether a write may still land after it (it is logged abandoned). Those due by
+    ``lead`` seconds before the deadline run at their time; if any is due later, one more
+    runs then (at once if that is past, while the deadline is not), the last look this
+    process takes. No deadline (closed without a drain): none runs. Pure."""
+    if deadline is None:
+        return [], bool(dues)
+    last = deadline - lead
+    runs = [at for at in dues if at <= last]
+    later = len(runs) < len(dues)
+    if later and now < deadline:
+        runs.append(max(now, last))
+    return runs, later
 
 
 class ShutdownDeadline(TimeoutError):
@@ -142,6 +175,24 @@ def _earlier(when: float | None, at: float) -> float:
     return at if when is None else min(when, at)
 
 
+@dataclass
+class Recheck:
+    """A removal made again later (``Janitor.again_after``)."""
+
+    fn: Cleanup
+    what: str
+    # What removes it if its write lands after the exit (``advice``); None: a precaution
+    # that shutdown drops quietly (a presigned complete's claim, which lapses by itself).
+    kind: Kind | None
+    dues: list[float]  # loop times of the runs still to come, earliest first
+    until: float  # wall clock time of the last: a late write may land until then
+
+
+def wall_clock(at: float) -> str:
+    """A wall clock time for a log line, UTC to the second. Pure."""
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class Janitor:
     """Retries failed cleanup calls until they succeed or ``give_up_after`` passes; at
     shutdown, ``deadline`` bounds them all."""
@@ -153,7 +204,7 @@ class Janitor:
         self.closed = False  # close() began: what fails from now on is abandoned
         # owed: tried at close
         self._tasks: dict[asyncio.Task[None], tuple[Cleanup, str, Kind]] = {}
-        self._rechecks: set[asyncio.Task[None]] = set()  # a precaution each: dropped at close
+        self._rechecks: dict[asyncio.Task[None], Recheck] = {}
 
     def gone(self) -> bool:
         """No later try will come (``abandoned``)."""
@@ -183,24 +234,61 @@ class Janitor:
         self._tasks[task] = (fn, what, kind)
         task.add_done_callback(lambda t: self._tasks.pop(t, None))
 
-    def again_after(self, fn: Cleanup, what: str, delays: Sequence[float]) -> None:
+    def again_after(
+        self, fn: Cleanup, what: str, delays: Sequence[float], kind: Kind | None = None
+    ) -> None:
         """Run ``fn`` once more after each delay: for a write whose answer never came,
         which S3 may still carry out after the rollback deleted its key (a request held
-        on the way lands late). ``fn`` must be safe to repeat."""
-        task = asyncio.create_task(self._again(fn, what, delays), name=f"recheck-{what}")
-        self._rechecks.add(task)
-        task.add_done_callback(self._rechecks.discard)
+        on the way lands late). ``fn`` must be safe to repeat. Once closed (shutdown),
+        the runs due before the deadline are made and the rest logged (``close``)."""
+        if not delays:
+            return
+        now = asyncio.get_running_loop().time()
+        ordered = sorted(delays)
+        recheck = Recheck(fn, what, kind, [now + d for d in ordered], time.time() + ordered[-1])
+        if not self.closed:
+            self._start(self._again(recheck), recheck)
+        elif kind is not None:  # scheduled by a request cut at shutdown: not lost
+            self._start(self._at_shutdown(recheck), recheck)
+        else:
+            log.debug("cleanup.recheck_dropped what=%s", what)
 
-    async def _again(self, fn: Cleanup, what: str, delays: Sequence[float]) -> None:
-        waited = 0.0
-        for delay in sorted(delays):
-            await asyncio.sleep(delay - waited)
-            waited = delay
-            try:
-                async with self.deadline.bound(CLEANUP_TIMEOUT):
-                    await fn()
-            except Exception as exc:
-                log.warning("cleanup.recheck_failed what=%s error=%r", what, exc)
+    def _start(self, run: Awaitable[None], recheck: Recheck) -> None:
+        task = asyncio.ensure_future(run)
+        task.set_name(f"recheck-{recheck.what}")
+        self._rechecks[task] = recheck
+        task.add_done_callback(lambda t: self._rechecks.pop(t, None))
+
+    async def _again(self, recheck: Recheck) -> None:
+        loop = asyncio.get_running_loop()
+        while recheck.dues:
+            await asyncio.sleep(max(0.0, recheck.dues[0] - loop.time()))
+            recheck.dues.pop(0)
+            await self._recheck(recheck)
+
+    async def _at_shutdown(self, recheck: Recheck) -> None:
+        """A recheck's runs before the exit (``shutdown_runs``); logged abandoned if its
+        write may still land after it."""
+        loop = asyncio.get_running_loop()
+        runs, later = shutdown_runs(recheck.dues, loop.time(), self.deadline.at, FINAL_RECHECK_LEAD)
+        for at in runs:
+            await asyncio.sleep(max(0.0, at - loop.time()))
+            await self._recheck(recheck)
+        if later and recheck.kind is not None:
+            abandon_late(recheck.what, recheck.kind, recheck.until)
+
+    async def _recheck(self, recheck: Recheck) -> None:
+        try:
+            async with self.deadline.bound(CLEANUP_TIMEOUT):
+                await recheck.fn()
+        except Exception as exc:
+            log.warning("cleanup.recheck_failed what=%s error=%r", recheck.what, exc)
+
+    async def rechecked(self) -> None:
+        """Once closed: until every recheck has made its runs before the exit (each ends by
+        the deadline), those scheduled meanwhile included."""
+        while pending := [task for task in self._rechecks if not task.done()]:
+            await asyncio.wait(pending)
 
     async def _retry(self, fn: Cleanup, what: str, kind: Kind, pace: Pace | None) -> None:
         deadline = time.monotonic() + self.give_up_after
@@ -221,20 +309,28 @@ class Janitor:
     async def close(self, last_try: float = LAST_TRY_TIMEOUT) -> None:
         """Stop retrying; give every cleanup still owed one last try (all at once, within
         ``last_try`` seconds and the deadline), and log each that still fails with what
-        undoes it, as every cleanup that fails from now on. Once: again, it does nothing."""
+        undoes it, as every cleanup that fails from now on. The rechecks run before the
+        deadline what is due by then, and one more just before it (``shutdown_runs``);
+        what may still land after the exit is logged. Once: again, it does nothing."""
         if self.closed:
             return
         self.closed = True
         owed = list(self._tasks.values())
-        if self._rechecks:
-            log.info("cleanup.rechecks_dropped count=%d", len(self._rechecks))
-        tasks = [*self._tasks, *self._rechecks]
+        rechecks = dict(self._rechecks)
+        dropped = sum(1 for recheck in rechecks.values() if recheck.kind is None)
+        if dropped:
+            log.info("cleanup.rechecks_dropped count=%d", dropped)
+        tasks = [*self._tasks, *rechecks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for recheck in rechecks.values():
+            if recheck.kind is not None:
+                self._start(self._at_shutdown(recheck), recheck)
         if owed:
             log.info("cleanup.last_try count=%d", len(owed))
             await asyncio.gather(*(self._last_try(*duty, last_try) for duty in owed))
+        await self.rechecked()
 
     async def _last_try(self, fn: Cleanup, what: str, kind: Kind, seconds: float) -> None:
         try:
@@ -249,6 +345,18 @@ class Janitor:
 def abandon(what: str, kind: Kind, error: BaseException | None) -> None:
     """The one line for a cleanup this process will not do, with what undoes it."""
     log.error("cleanup.abandoned what=%s error=%r; %s", what, error, advice(kind))
+
+
+def abandon_late(what: str, kind: Kind, until: float) -> None:
+    """The one line for a recheck this process will not make: the write it was for, S3
+    never having answered it, may still store its object (or state) after the exit."""
+    log.error(
+        "cleanup.abandoned what=%s reason=late_write until=%s; a write S3 had not answered "
+        "may still land until then, after this process exits: if it does, %s",
+        what,
+        wall_clock(until),
+        advice(kind),
+    )
 
 
 async def by_deadline(aw: Awaitable[None], what: str, kind: Kind, janitor: Janitor | None) -> None:

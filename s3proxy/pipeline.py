@@ -356,6 +356,9 @@ class FileUpload:
         self.maybe_stored = False  # a PutObject or Complete was sent: the key may exist
         # (set by _only_new, the one place they are sent)
         self.nonce = uuid.uuid4().hex  # marks our object when keys may be shared
+        # rolled back with a write that may still land (its answer never came): a
+        # failure answer must not say nothing was stored
+        self.may_land_late = False
         self.token_left = (
             None if cfg.token_limit is None else max(0, cfg.token_limit - cfg.token_used)
         )
@@ -490,9 +493,11 @@ class FileUpload:
         """Delete again later: a PutObject or Complete whose answer never came may still be
         carried out by S3 (held on the way, it lands after the delete above). Our own key
         (or only our own nonce's object), so repeating it never touches another upload."""
-        recheck_late(
-            self.janitor, delete, f"delete key={self.spec.key}", self.cfg.late_write_window
-        )
+        self.may_land_late = True
+        what = f"delete key={self.spec.key}"
+        if self.cfg.writes.cleanup == "nonce":  # a shared key: only the object of our nonce
+            what += f" nonce={self.nonce}"
+        recheck_late(self.janitor, delete, what, self.cfg.late_write_window)
 
     async def _delete_own(self, reason: str) -> None:
         """Delete the object at our shared key only if it carries our nonce (``delete_own``)."""

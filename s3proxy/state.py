@@ -268,15 +268,17 @@ class AppState:
     def track(self, task: asyncio.Task[Any] | None) -> Iterator[None]:
         """Remember an upload handler's own task (``asyncio.current_task()``, which
         aiohttp runs per request, not the connection's ``request.task``) so shutdown
-        can wait for it, then cancel it."""
-        if task is not None:
-            self.uploads.add(task)
+        can wait for it, then cancel it. Within a request already tracked (a tus creation
+        appending its body) it does nothing: the outer one ends the tracking."""
+        if task is None or task in self.uploads:
+            yield
+            return
+        self.uploads.add(task)
         try:
             yield
         finally:
-            if task is not None:
-                self.uploads.discard(task)
-                self.stopped.discard(task)
+            self.uploads.discard(task)
+            self.stopped.discard(task)
 
     def stop(self, task: asyncio.Task[Any]) -> None:
         """Cancel a request for shutdown: an upload's handler then answers 503

@@ -40,6 +40,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import _default_expect_handler
@@ -69,7 +70,15 @@ from s3proxy.errors import (
 )
 from s3proxy.form import ClientWatch
 from s3proxy.handlers import notify_rolled_back
-from s3proxy.janitor import Kind, by_deadline, finish, recheck_late, run_cleanup, run_cleanups
+from s3proxy.janitor import (
+    Kind,
+    by_deadline,
+    finish,
+    late_delays,
+    recheck_late,
+    run_cleanup,
+    run_cleanups,
+)
 from s3proxy.machine import Resume
 from s3proxy.parts import plan_parts
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, Resumed, StoredFile, abort_reason
@@ -107,6 +116,8 @@ SHA256_HEADER = "S3Proxy-Sha256"
 # other key is stored as the object's S3 metadata.
 OWN_KEYS = ("filename", "name", "filetype", "type")
 
+
+T = TypeVar("T")
 
 TUS = web.AppKey("tus", UrlKeys)  # what upload URLs are signed with (tus_keys)
 
@@ -385,9 +396,50 @@ async def plan_creation(request: web.Request, state: AppState) -> Creation:
 
 @_tus_errors
 async def create(request: web.Request) -> web.StreamResponse:
+    """POST /tus/. An upload from its start: its state write (and a creation-with-upload's
+    body) gets the drain's grace period, and cut by shutdown it is undone and answered
+    503, never cut with no answer while its state write lands later (reprobe9a F4)."""
     state = request.app[STATE]
     _refuse_draining(state)
     _check_headers(request)
+    made = tus_ending.Made()
+    return await _as_upload(
+        state, lambda: _create(request, state, made), lambda: _not_created(state, made)
+    )
+
+
+async def _as_upload(state: AppState, run: Callable[[], Awaitable[T]], cut: Callable[[], str]) -> T:
+    """Run a handler's part that writes to S3 as an upload at shutdown (``state.track``):
+    the drain gives it the grace period, and cut then it is answered 503 ``cut()``,
+    never cut short with no answer like a download while its writes land later."""
+    task = asyncio.current_task()
+    with state.track(task):
+        try:
+            return await run()
+        except asyncio.CancelledError:
+            if task is None or not state.stopped_by_shutdown(task):
+                raise
+    raise ProxyError(SHUTTING_DOWN, cut())
+
+
+def _not_created(state: AppState, made: tus_ending.Made) -> str:
+    """The 503 of a creation cut by shutdown: its client has no URL, so nothing of the
+    upload is kept, but an object write S3 had not answered (``made.sent``) may still land
+    after its rollback (``tus._undo_creation``), and the answer says so."""
+    if not made.sent:
+        return (
+            "the proxy is shutting down; the upload was not created and nothing of it is "
+            "kept: create it again on another instance"
+        )
+    within = max(late_delays(_late_window(state)), default=0.0)
+    return (
+        "the proxy is shutting down; the upload was not created and what it stored is "
+        f"removed, but a write S3 had not answered may still land within {within:g}s: "
+        "create it again on another instance"
+    )
+
+
+async def _create(request: web.Request, state: AppState, made: tus_ending.Made) -> web.Response:
     creation = await plan_creation(request, state)
     upload, token, principal = creation.upload, creation.token, creation.principal
     key, length, cfg = upload.key, upload.length, state.pipeline
@@ -401,24 +453,26 @@ async def create(request: web.Request) -> web.StreamResponse:
     )
     try:
         created = await store.create(sent)
-    except ProxyError:
+    except BaseException:
         # The write may have landed (its answer lost, or a 500 after S3 stored it), or
-        # still land (held on the way): with no Location, nothing of the upload may stay.
+        # still land (held on the way, or cut by shutdown or the client going): with no
+        # Location, nothing of the upload may stay.
         what = f"tus creation id={upload.id}"
+        # Scheduled first: cut by shutdown, the undo re-raises that cancellation when done.
+        recheck_late(state.janitor, _undo(store), what, _late_window(state), Kind.TUS_UPLOAD)
         await run_cleanup(_undo(store), what, state.janitor, kind=Kind.TUS_UPLOAD)
-        recheck_late(state.janitor, _undo(store), what, _late_window(state))
         raise
     ended = False  # this request ended the upload (completed it, or undid it)
     if created.may_land_late:
         # An attempt of the state write may land after the upload ended and its state
         # went, bringing it back: looked for again later (``creation_recheck``).
         recheck = tus_ending.creation_recheck(store, sent, lambda: ended)
-        recheck_late(state.janitor, recheck, f"tus state id={upload.id}", _late_window(state))
+        what = f"tus state id={upload.id}"
+        recheck_late(state.janitor, recheck, what, _late_window(state), Kind.TUS_UPLOAD)
     state.metrics.uploads_started.inc()
     log.info("tus.created key=%s length=%s id=%s by=%s", key, length, upload.id, principal.subject)
     headers = {"Location": ROOT + token, **_expires(upload)}
     if with_body or length == 0:
-        made = tus_ending.Made()
         try:
             result = await _append(request, state, store, 0, made=made)
         except BaseException as exc:
@@ -552,7 +606,11 @@ async def head(request: web.Request) -> web.StreamResponse:
         length = length if length is not None else current.length
         if current.owed:  # its PATCH was cut by shutdown before the webhook heard of it
             try:
-                await finish_owed(state, store, current, found[1])
+                await _as_upload(
+                    state,
+                    lambda: finish_owed(state, store, current, found[1]),
+                    lambda: "the proxy is shutting down; ask again (HEAD) on another instance",
+                )
             except tus_ending.Ended as err:  # rolled back: the upload failed
                 raise ProxyError(NO_SUCH_UPLOAD, f"this upload failed: {err.message}") from err
         if current.ended() == COMPLETED:
@@ -566,7 +624,11 @@ async def terminate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     _check_headers(request)
     upload = await _upload(request)
-    await _terminate(state, TusStore(state.require_sink(), upload))
+    await _as_upload(
+        state,
+        lambda: _terminate(state, TusStore(state.require_sink(), upload)),
+        lambda: "the proxy is shutting down; send the DELETE again (on another instance)",
+    )
     return _answer(204)
 
 
@@ -674,11 +736,7 @@ async def _append(
             if task is None or not state.stopped_by_shutdown(task):
                 raise
     if made is not None:  # no URL was given: the creation's undo removes all of it
-        raise ProxyError(
-            SHUTTING_DOWN,
-            "the proxy is shutting down; the upload was not created and nothing of it is "
-            "kept: create it again on another instance",
-        )
+        raise ProxyError(SHUTTING_DOWN, _not_created(state, made))
     raise ProxyError(
         SHUTTING_DOWN, "the proxy is shutting down; resume the upload (HEAD, then PATCH)"
     )

@@ -176,6 +176,8 @@ class RequestUpload:
         self.key_policy = keys.KeyPolicy.for_grant(key_template, grant)
         self.started = time.monotonic()
         self._fields: Reservation | None = None  # the allowance for field values
+        # a write of a file rolled back may still land (``FileUpload.may_land_late``)
+        self.may_land_late = False
 
     async def run(self, parts: AsyncIterator[Field | FilePart]) -> UploadResult:
         try:
@@ -249,6 +251,7 @@ class RequestUpload:
             stored = await upload.run(source)
         except BaseException as exc:
             m.uploads_aborted.labels(abort_reason(exc)).inc()
+            self.may_land_late = self.may_land_late or upload.may_land_late
             raise
         finally:
             m.uploads_in_flight.dec()
@@ -316,11 +319,13 @@ class RequestUpload:
         await run_cleanups(calls, self.janitor)
         for f in files:
             if f.may_land_late:  # stored by a write an attempt of which may still land
+                self.may_land_late = True
                 log.info("upload.late_write_possible key=%s action=recheck", f.key)
                 recheck_late(
                     self.janitor,
                     self._rechecker(f, cleanup, reason),
-                    f"rollback key={f.key}",
+                    f"rollback key={f.key}"
+                    + (f" nonce={f.nonce}" if cleanup == "nonce" and f.nonce else ""),
                     self.cfg.late_write_window,
                 )
         return [f.key for f in files]

@@ -18,7 +18,9 @@ from s3proxy.janitor import (
     due,
     late_delays,
     next_try,
+    recheck_late,
     run_cleanup,
+    shutdown_runs,
 )
 
 
@@ -185,3 +187,71 @@ async def test_a_bound_cut_by_its_own_limit_is_a_plain_timeout() -> None:
     with pytest.raises(ShutdownDeadline):
         async with janitor.deadline.bound(30.0):
             await hang()
+
+
+@pytest.mark.parametrize(
+    ("dues", "now", "deadline", "runs", "later"),
+    [
+        ([12.0, 30.0], 10.0, 15.0, [12.0, 14.0], True),  # one due in time, one last look
+        ([20.0, 50.0], 10.0, 15.0, [14.0], True),  # none in time: one just before the deadline
+        ([11.0, 13.0], 10.0, 15.0, [11.0, 13.0], False),  # all in time: nothing may land after
+        ([20.0], 14.5, 15.0, [14.5], True),  # past the last look, before the deadline: at once
+        ([20.0], 15.0, 15.0, [], True),  # at the deadline: none may run
+        ([20.0, 50.0], 10.0, None, [], True),  # closed with no drain: no time, all logged
+        ([], 10.0, 15.0, [], False),
+    ],
+)
+def test_at_shutdown_a_recheck_runs_what_is_due_before_the_deadline_and_once_more(
+    dues: list[float], now: float, deadline: float | None, runs: list[float], later: bool
+) -> None:
+    """reprobe9a F3: the rechecks of a cut request were dropped at close, though the
+    write they were for landed 2 s after the exit, within the deadline."""
+    assert shutdown_runs(dues, now, deadline, 1.0) == (runs, later)
+
+
+async def test_a_recheck_scheduled_after_close_runs_before_the_deadline_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """reprobe9a F3: a request cut at shutdown schedules its rechecks in its rollback,
+    after the janitor closed; they were lost unseen (not even ``rechecks_dropped``). Now
+    the one made before the exit runs just before the deadline, and the write that may
+    land after it is logged abandoned, with its condition, until when, and what to do."""
+    janitor = Janitor()
+    loop = asyncio.get_running_loop()
+    janitor.deadline.set(loop.time() + 1.3)
+    await janitor.close()
+    runs: list[float] = []
+
+    async def delete() -> None:
+        runs.append(loop.time())
+
+    with caplog.at_level(logging.INFO, "s3proxy.janitor"):
+        began = loop.time()
+        recheck_late(janitor, delete, "delete key=k nonce=n1", 10.0)
+        await asyncio.wait_for(janitor.rechecked(), 3)
+    assert len(runs) == 1 and 0.2 <= runs[0] - began <= 0.5, [r - began for r in runs]
+    [line] = lines(caplog, "cleanup.abandoned")
+    assert "what=delete key=k nonce=n1 reason=late_write until=" in line, line
+    assert "delete it by hand" in line, line
+
+
+async def test_a_recheck_sleeping_at_close_is_made_before_the_deadline_or_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A recheck scheduled before shutdown: close used to cancel it, logging only a count.
+    Closed with no deadline, each is logged abandoned at once (a precaution without a
+    kind, a claim's release, is still dropped quietly)."""
+    janitor = Janitor()
+    runs: list[str] = []
+
+    async def delete() -> None:
+        runs.append("delete")
+
+    with caplog.at_level(logging.INFO, "s3proxy.janitor"):
+        recheck_late(janitor, delete, "tus state id=x", 60.0, Kind.TUS_UPLOAD)
+        janitor.again_after(delete, "claim key=c", (60.0,))
+        await asyncio.wait_for(janitor.close(), 2)
+    assert runs == []
+    [line] = lines(caplog, "cleanup.abandoned")
+    assert "what=tus state id=x reason=late_write" in line and "s3proxy cleanup" in line
+    assert lines(caplog, "cleanup.rechecks_dropped count=1")

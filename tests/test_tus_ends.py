@@ -777,6 +777,92 @@ async def test_a_creation_cut_while_its_object_is_written_keeps_nothing(
     assert await open_uploads_async(s3, bucket) == []
 
 
+@pytest.mark.parametrize("op", ["PutObject:state", "PutObject"], ids=["state", "object"])
+async def test_a_creation_whose_write_s3_holds_past_the_cut_keeps_nothing(
+    proxy_factory: ProxyFactory,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    op: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """reprobe9a F3/F4: S3 holding a creation-with-upload's write at the cut, then carrying
+    it out. Its state write (F4): the request was not tracked as an upload, so the drain
+    cut it with no answer at all (499) and the state landed after the exit, an upload no
+    client has a URL for. Its object's PutObject (F3): answered 503 "nothing of it is
+    kept", and the object landed after the exit, logged nowhere. Now both get 503 "create
+    it again" (the object's saying a write may still land); the rechecks run just before
+    the shutdown's deadline, removing what landed, and what may land later is logged."""
+    from s3proxy.app import drain
+
+    armed = {"on": False}
+
+    def rule(name: str, _: int) -> Fault | None:
+        return Fault(delay=1.5) if armed["on"] and name == op else None
+
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
+        proxy = await proxy_factory(
+            faulty.endpoint_url, s3_max_attempts=1, s3_read_timeout=10.0, shutdown_timeout=0.2
+        )
+        # The URL key made first (one more PutObject:state): the held write is the creation's.
+        assert (await proxy.head("/tus/x", headers=TUS)).status == 404
+        armed["on"] = True
+        before = faulty.calls.count(op)
+        posting = asyncio.ensure_future(_create_with(proxy, body(3000, seed=15)))
+        await eventually(
+            lambda: faulty.calls.count(op), until=lambda n: n > before, within=10, what="the write"
+        )
+        with caplog.at_level(logging.INFO):
+            await asyncio.wait_for(drain(proxy.app[STATE]), 10)
+            resp = await asyncio.wait_for(posting, 10)
+        await _told_to_create_again(resp)
+        message = (await resp.json())["error"]["message"]
+        assert ("may still land" in message) is (op == "PutObject"), message
+        assert await _objects(s3, bucket) == []
+        assert await reserved(s3, bucket) == []
+    late = [r.getMessage() for r in caplog.records if "reason=late_write" in r.getMessage()]
+    what = "what=tus creation id=" if op == "PutObject:state" else "what=rollback key="
+    assert any(what in line and "cleanup.abandoned" in line for line in late), late
+
+
+async def test_a_termination_cut_by_shutdown_is_answered_and_carried_on_elsewhere(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """The class of reprobe9a F4: a DELETE writes to S3 (its lock, then the removal) but
+    was not tracked as an upload, so the drain cut it with no answer while its write
+    still landed. Now it gets the grace period and, cut, 503 saying to send it again;
+    sent again on another instance, the removal is carried on (204), nothing left."""
+    from s3proxy.app import drain
+
+    armed = {"on": False}
+
+    def rule(name: str, _: int) -> Fault | None:
+        return Fault(delay=1.5) if armed["on"] and name == "PutObject:state" else None
+
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
+        proxy = await proxy_factory(
+            faulty.endpoint_url, s3_max_attempts=1, s3_read_timeout=10.0, shutdown_timeout=0.2
+        )
+        url = await new_upload(proxy, 1000)
+        armed["on"] = True
+        before = faulty.calls.count("PutObject:state")
+        deleting = asyncio.ensure_future(proxy.delete(url, headers=TUS))
+        await eventually(
+            lambda: faulty.calls.count("PutObject:state"),
+            until=lambda n: n > before,
+            within=10,
+            what="the termination's lock",
+        )
+        await asyncio.wait_for(drain(proxy.app[STATE]), 10)
+        resp = await asyncio.wait_for(deleting, 10)
+        assert await _code(resp) == (503, "SHUTTING_DOWN")
+        assert "DELETE again" in (await resp.json())["error"]["message"]
+        await asyncio.sleep(1.5)  # the held lock write lands
+    other = await proxy_factory()
+    assert (await other.delete(url, headers=TUS)).status == 204
+    assert await reserved(s3, bucket) == []
+
+
 async def test_a_creation_cut_mid_body_is_told_to_create_it_again(
     proxy_factory: ProxyFactory, s3: Any, bucket: str
 ) -> None:
