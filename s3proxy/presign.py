@@ -70,6 +70,8 @@ from s3proxy.errors import (
     SHUTTING_DOWN,
     TOKEN_SCOPE,
     TYPE_NOT_ALLOWED,
+    UPSTREAM_KINDS,
+    WEBHOOK_FAILED,
     ProxyError,
     error_response,
 )
@@ -476,15 +478,41 @@ async def list_parts(request: web.Request) -> web.Response:
     return web.json_response({"key": key, "upload_id": upload_id, "parts": _parts_json(found)})
 
 
+_HEX_ETAG = re.compile(r"[0-9a-fA-F]+(-[0-9]+)?")
+
+
+def etag_value(etag: str) -> str:
+    """An ETag as parts lists are compared: unquoted, and a hex one (an MD5, S3's part
+    ETags) in lower case, as S3 writes it: ``ABC...`` names the same part as ``abc...``,
+    on a first complete as on a retry (``parts_make_etag`` reads the hex either way).
+    Pure."""
+    bare = etag.strip('"')
+    return bare.lower() if _HEX_ETAG.fullmatch(bare) else bare
+
+
 def _claimed_parts(body: Mapping[str, Any]) -> dict[int, str] | None:
-    """The client's ``parts`` list as {number: etag, unquoted}; None if it sent none."""
+    """The client's ``parts`` list as {number: etag, ``etag_value``}; None if it sent none.
+    A part listed twice is refused (400), as S3 refuses such a list: a dict would keep
+    one of them and so accept a list S3 would not."""
     given = body.get("parts")
     if given is None:
         return None
     try:
-        return {_integer(p["part_number"], "part_number"): str(p["etag"]).strip('"') for p in given}
+        pairs = [
+            (_integer(p["part_number"], "part_number"), etag_value(str(p["etag"]))) for p in given
+        ]
     except (TypeError, KeyError):
         raise ProxyError(INVALID_REQUEST, "'parts' must be a list of {part_number, etag}") from None
+    claimed = dict(pairs)
+    if len(claimed) != len(pairs):
+        twice = min(n for n, _ in pairs if sum(m == n for m, _ in pairs) > 1)
+        raise ProxyError(INVALID_REQUEST, f"'parts' lists part {twice} more than once")
+    return claimed
+
+
+def _listed(found: Sequence[PartInfo]) -> dict[int, str]:
+    """The parts S3 listed, as ``_claimed_parts`` gives a client's."""
+    return {p.number: etag_value(p.etag) for p in found}
 
 
 PARTS_DIFFER = "'parts' does not match the parts S3 holds for this upload"
@@ -499,7 +527,7 @@ def _check_parts(ctx: Context, body: Mapping[str, Any], found: Sequence[PartInfo
         missing = min(set(range(1, max(numbers) + 1)) - set(numbers))
         raise ProxyError(INVALID_REQUEST, f"part {missing} has not been uploaded")
     claimed = _claimed_parts(body)
-    if claimed is not None and claimed != {p.number: p.etag.strip('"') for p in found}:
+    if claimed is not None and claimed != _listed(found):
         raise ProxyError(INVALID_REQUEST, PARTS_DIFFER)
     size = sum(p.size for p in found)
     limit = ctx.settings.max_file_size
@@ -547,6 +575,16 @@ CUT_MESSAGE = (
     "the proxy is shutting down before this complete was decided: retry the complete (on "
     "another instance); it answers 200 with the object once it is stored, 404 NO_SUCH_UPLOAD "
     "if it never was"
+)
+# What a complete whose Complete went unanswered tells the client (reprobe9a F1).
+LATE_ADVICE = (
+    "S3 may still carry the complete out: retry the complete (listing its 'parts', which "
+    "lets the retry recognise the object where keys are shared); it answers 200 with the "
+    "object once S3 stored it, or completes the upload itself"
+)
+SHARED_KEY_HINT = (
+    "keys are shared here (no {uuid}): list the upload's 'parts' to have its completed "
+    "object recognised"
 )
 CUT_ADVICE = (
     "the object (if S3 stored it) is owed its webhook and size check to the client's retried "
@@ -636,12 +674,15 @@ async def _complete(
         if exc.kind is not NO_SUCH_UPLOAD:
             raise
         if (done := await _done_meanwhile(ctx, claim, body, key, upload_id)) is None:
-            raise
+            if ctx.writes.unique_keys or _claimed_parts(body) is not None:
+                raise
+            raise ProxyError(NO_SUCH_UPLOAD, f"{exc.message}; {SHARED_KEY_HINT}") from exc
         return done
     # SeaweedFS lists no part for a moment after a complete
     if not found and (done := await _done_meanwhile(ctx, claim, body, key, upload_id)):
         return done
     _check_parts(ctx, body, found)
+    listed = _listed(found)
     progress.stage = "completing"
     try:
         with _client_faults():
@@ -653,7 +694,9 @@ async def _complete(
                     if_none_match=ctx.writes.if_none_match,
                 )
             except PreconditionFailed:
-                if (done := await _done_meanwhile(ctx, claim, body, key, upload_id)) is not None:
+                # ours, if an earlier attempt stored it (recognised by its parts on a shared key)
+                done = await _done_meanwhile(ctx, claim, body, key, upload_id, listed=listed)
+                if done is not None:
                     return done
                 # A refused Complete leaves the upload open: abort it, whatever happens.
                 await run_cleanup(
@@ -671,13 +714,21 @@ async def _complete(
         # S3 may have completed and only its answer was lost (a retry then says
         # NoSuchUpload), or an earlier complete of this upload did (S3 refuses the parts).
         # That Complete may still land late (its answer was lost, or another's was).
-        late = exc.kind is not KEY_EXISTS
-        if (
-            not late
-            or (done := await _done_meanwhile(ctx, claim, body, key, upload_id, late=late)) is None
-        ):
+        if exc.kind is KEY_EXISTS:
             raise
-        return done
+        done = None
+        try:
+            done = await _done_meanwhile(ctx, claim, body, key, upload_id, listed=listed, late=True)
+        finally:
+            if done is None and exc.kind in UPSTREAM_KINDS:
+                # Not stored yet, or not found (HeadObject failed): S3 may carry the Complete
+                # out after this answer. Checked later, as a retried complete would.
+                _check_later(ctx, key, upload_id, listed)
+        if done is not None:
+            return done
+        if exc.kind in UPSTREAM_KINDS:
+            raise ProxyError(exc.kind, f"{exc.message}; {LATE_ADVICE}") from exc
+        raise
     progress.stage = "checking"
     try:
         head = await ctx.sink.head(key)
@@ -697,14 +748,14 @@ async def _complete(
             f"delete key={key} reason=size_unchecked",
             ctx.state.janitor,
             kind=Kind.OBJECT_SIZE_UNCHECKED,
-            retry=(lambda: _hold_later(ctx, key)) if ctx.writes.unique_keys else None,
+            retry=lambda: _hold_later(ctx, key, listed),
         )
         log.info("presign.size_unchecked key=%s upload_id=%s action=delete", key, upload_id)
         raise
     late = written.may_land_late
     out = await _held_to_size(ctx, key, upload_id, head, len(found), late=late)
     progress.stage = "notifying"
-    return await _answer(ctx, claim, out, head, late=late, ours=True)
+    return await _answer(ctx, claim, out, head, late=late, ours=True, parts=listed)
 
 
 def _again_later(
@@ -729,6 +780,7 @@ async def _done_meanwhile(
     key: str,
     upload_id: str,
     *,
+    listed: Mapping[int, str] | None = None,
     late: bool = False,
 ) -> web.Response | None:
     """The answer to a complete whose upload an earlier complete may have completed (a
@@ -737,43 +789,57 @@ async def _done_meanwhile(
     (SeaweedFS, for a moment), refuses the parts or the precondition. The object found is
     checked against the client's ``parts`` (400 if they cannot have made it) and held to
     its size as a retried complete would; None if there is none, and the refusal stands.
-    Only objects of this upload's key are found: one no client can write but through a
-    complete here. It is not rolled back if the webhook fails: the complete that made it
-    may have answered 200 for it."""
-    head = await _completed_object(ctx, key)
+    Only this upload's object is found (``_completed_object``; on a shared key by the
+    parts S3 ``listed`` before the Complete, else the client's). It is not rolled back if
+    the webhook fails: the complete that made it may have answered 200 for it."""
+    claimed = _claimed_parts(body)
+    head = await _completed_object(ctx, key, claimed if listed is None else listed)
     if head is None:
         return None
-    claimed = _claimed_parts(body)
     if claimed is not None and parts_make_etag(claimed, head.etag) is False:
         raise ProxyError(INVALID_REQUEST, PARTS_DIFFER)
     out = await _held_to_size(ctx, key, upload_id, head, late=late)
     return await _answer(ctx, claim, out, head, late=late, ours=False)
 
 
-async def _completed_object(ctx: Context, key: str) -> ObjectHead | None:
-    """The object a completed presigned upload made at ``key``, if it stands: only where
-    every upload has a key of its own (else it may be another upload's), and only one
-    with the signed size in its metadata (one of ours). S3's failures propagate."""
-    if not ctx.writes.unique_keys:
+async def _completed_object(
+    ctx: Context, key: str, parts: Mapping[int, str] | None
+) -> ObjectHead | None:
+    """The object this presigned upload's complete made at ``key``, if it stands: one with
+    the signed size in its metadata (one of ours), and where keys are shared (no
+    ``{uuid}``) only one whose multipart ETag these ``parts`` make (``parts_make_etag``:
+    the same parts, so this upload's bytes; another client's object there is not ours, and
+    with no parts to tell it, none is). S3's failures propagate."""
+    if not ctx.writes.unique_keys and not parts:
         return None
     try:
         head = await ctx.sink.head(key)
     except NoSuchKey:
         return None
-    return head if SIZE_META in head.metadata else None
+    if SIZE_META not in head.metadata:
+        return None
+    if not ctx.writes.unique_keys and parts and parts_make_etag(parts, head.etag) is not True:
+        return None
+    return head
 
 
-async def _hold_later(ctx: Context, key: str) -> None:
-    """The janitor's retry of a failed complete's delete: hold the object to its size as
-    a retried complete would (delete it if wrong, keep it if right: that complete may
-    have answered 200 for it). A kept object is told to the webhook, so the application
-    hears of it even if no complete is retried (at least once: a retried one told it
-    too); its failure then only logs, as ``--webhook-failure keep`` would: a retried
-    complete may have reported the object stored."""
-    try:
-        head = await ctx.sink.head(key)
-    except NoSuchKey:
+async def _hold_later(ctx: Context, key: str, parts: Mapping[int, str] | None = None) -> None:
+    """The janitor's retry of a failed complete's delete, or its check of a Complete that
+    may have landed after the complete answered: hold the object to its size as a retried
+    complete would (delete it if wrong, keep it if right: that complete may have answered
+    200 for it). A kept object is told to the webhook, so the application hears of it even
+    if no complete is retried (at least once: a retried one told it too); its failure then
+    only logs, as ``--webhook-failure keep`` would: a retried complete may have reported
+    the object stored. On a shared key only this upload's object (``parts``) is touched."""
+    if ctx.writes.unique_keys:
+        try:
+            head = await ctx.sink.head(key)
+        except NoSuchKey:
+            return
+    elif (found := await _completed_object(ctx, key, parts)) is None:
         return
+    else:
+        head = found
     signed = head.metadata.get(SIZE_META, "")
     readable = signed.isascii() and signed.isdigit() and len(signed) <= 20
     if not readable or int(signed) == head.length:  # as _held_to_size judges it
@@ -783,8 +849,42 @@ async def _hold_later(ctx: Context, key: str) -> None:
             body = {"files": [completed_file(out, head)], "fields": {}}
             await notify(ctx.state, body, keep=True)
         return
-    await ctx.sink.delete(key)
+    await _version_deleter(ctx, key, head)()
     log.info("presign.checked_later key=%s signed=%s action=deleted", key, signed)
+
+
+def _check_later(ctx: Context, key: str, upload_id: str, listed: Mapping[int, str]) -> None:
+    """Check the object again 2 x and 8 x --s3-read-timeout on (``janitor.recheck_late``):
+    the Complete went unanswered and S3 may carry it out after the complete answered, which
+    found nothing (reprobe9a F1: the object stayed, the webhook never heard of it). Each
+    check does what a retried complete would (``_check_claimed``), so a retry in between
+    and the checks agree; the claim is not held meanwhile, so that retry is not refused."""
+    log.info("presign.late_write_possible key=%s upload_id=%s action=check", key, upload_id)
+
+    async def check() -> None:
+        await _check_claimed(ctx, key, upload_id, listed)
+
+    recheck_late(ctx.state.janitor, check, f"check key={key}", 2 * ctx.settings.s3_read_timeout)
+
+
+async def _check_claimed(ctx: Context, key: str, upload_id: str, listed: Mapping[int, str]) -> None:
+    """``_hold_later`` under the upload's claim, as a complete: never while a complete of
+    the upload is deciding (it answers for the object, and could roll it back after this
+    check told the webhook it is kept); that one is left to decide, and a later check
+    looks again."""
+    janitor = ctx.state.janitor
+    claim = new_claim(ctx.sink, ctx.settings, key, upload_id)
+    try:
+        await claim.take(key, upload_id, ctx.settings.cleanup_clock_skew, janitor)
+    except ProxyError as exc:
+        if exc.kind is not COMPLETE_IN_PROGRESS:
+            raise
+        log.info("presign.checked_later key=%s action=none reason=complete_in_progress", key)
+        return
+    try:
+        await _hold_later(ctx, key, listed)
+    finally:
+        await claim.release(janitor)
 
 
 def _parts_in(etag: str | None) -> int:
@@ -889,6 +989,7 @@ async def _answer(
     *,
     late: bool = False,
     ours: bool,
+    parts: Mapping[int, str] | None = None,
 ) -> web.Response:
     """The complete's 200, once the webhook (if any) has heard of the object, as for
     ``POST /upload``: if it cannot be told, ``--webhook-failure rollback`` deletes the
@@ -901,7 +1002,9 @@ async def _answer(
     shutdown: the client is told to retry, and the retry answers for the object and tells
     the webhook. The rollback's delete is made only while the claim stands; if it fails,
     the janitor holds the object to its size instead of deleting it blindly, as for
-    ``size_unchecked`` (a retried complete may have answered for it meanwhile)."""
+    ``size_unchecked`` (a retried complete may have answered for it meanwhile; on a shared
+    key only this upload's object, told by its ``parts``), and the 502 and the log say the
+    rollback did not finish rather than that it was done (reprobe9a F6)."""
     state = ctx.state
     if state.webhook is None:
         return web.json_response(out)
@@ -913,22 +1016,57 @@ async def _answer(
         if not ours or _cut_by_shutdown(state):
             raise
         reason = rollback_reason(state, exc)
-        delete = claim.guarded(_version_deleter(ctx, key, head), f"key={key} reason=rollback")
+        deleted: list[bool] = []
+        version = _version_deleter(ctx, key, head)
+
+        async def delete_version() -> None:
+            await version()
+            deleted.append(True)
+
+        delete = claim.guarded(delete_version, f"key={key} reason=rollback")
         try:
             await run_cleanup(
                 delete,
                 f"rollback key={key}",
                 state.janitor,
                 kind=Kind.OBJECT,
-                retry=(lambda: _hold_later(ctx, key)) if ctx.writes.unique_keys else None,
+                retry=lambda: _hold_later(ctx, key, parts),
             )
-            log.info("presign.rolled_back key=%s reason=%s", key, reason)
             if late:
                 _again_later(ctx, delete, key, hold=claim)
         finally:
+            # Told even if the delete failed: the receiver may have the event, and the
+            # object may be gone; one kept after all is told again (``_hold_later``).
             await notify_rolled_back(state, [key], reason)
+        if deleted:
+            log.info("presign.rolled_back key=%s reason=%s", key, reason)
+            raise
+        log.warning(
+            "presign.rollback_unfinished key=%s reason=%s; %s", key, reason, UNFINISHED_ADVICE
+        )
+        if isinstance(exc, ProxyError) and exc.kind is WEBHOOK_FAILED:
+            raise unfinished_rollback(exc) from exc
         raise
     return web.json_response(out)
+
+
+# A rollback whose delete did not land (it failed, or the claim lapsed): reprobe9a F6.
+UNFINISHED_ADVICE = (
+    "the janitor holds the object to its size (a right-sized one is kept and told to the webhook)"
+)
+
+
+def unfinished_rollback(err: ProxyError) -> ProxyError:
+    """The 502 of a complete whose webhook failed and whose rollback did not finish: it
+    says so, rather than "rolled back", and how the client learns what stands. Pure."""
+    cause = err.__cause__
+    why = getattr(cause, "reason", None)
+    failed = "the webhook failed" + (f" ({why})" if why else "")
+    return ProxyError(
+        WEBHOOK_FAILED,
+        f"{failed}; the rollback did not finish: the object may be kept; retry the complete "
+        "to learn (200 with the object if it is kept, 404 NO_SUCH_UPLOAD if it is gone)",
+    )
 
 
 async def abort_multipart(request: web.Request) -> web.Response:

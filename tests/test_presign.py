@@ -1169,3 +1169,190 @@ def test_the_lease_covers_every_call_before_the_last_delete() -> None:
     s = Settings(webhook_url="http://hook.example/")
     assert presign_claim.lease(s) == 3 * 650 + (50 + 120) + (30 + 240) + 5
     assert presign_claim.lease(Settings()) == 3 * 650 + (30 + 240) + 5
+
+
+# --- a Complete carried out after its answer was lost (reprobe9a) -------------------
+
+
+def _completed_events(got: list[dict[str, Any]]) -> list[str]:
+    return [e["body"]["files"][0]["key"] for e in got if e["body"]["event"] == "upload.completed"]
+
+
+@pytest.mark.parametrize(
+    ("template", "stored"),
+    [
+        ("uploads/{uuid}/{filename}", 6 * MiB),
+        ("plain/{filename}", 6 * MiB),
+        ("plain/{filename}", 7 * MiB),
+    ],
+    ids=["unique-key", "shared-key", "shared-key-wrong-size"],
+)
+async def test_a_complete_carried_out_after_its_504_is_checked_later_and_told(
+    proxy_factory: Any,
+    aiohttp_server: Any,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    template: str,
+    stored: int,
+) -> None:
+    """reprobe9a F1/F2: S3 holds the Complete past --s3-read-timeout and then carries it
+    out. The client got 504 saying nothing of a retry; the object stayed, the webhook
+    never heard of it and nothing rechecked it; on a shared key (no {uuid}) the retried
+    complete answered 404 while the client's bytes took the key. Now the 504 says to
+    retry the complete, a check 2 x and 8 x --s3-read-timeout later holds the object to
+    its size (keeps and tells the webhook a right-sized one, deletes a wrong-sized one),
+    and a retry listing its parts recognises the object on a shared key too (its
+    multipart ETag is made of the parts' ETags) and agrees: 200."""
+    server, got = await receiver(aiohttp_server, 204)
+    held = lambda o, n: Fault(delay=1.0) if (o, n) == ("CompleteMultipartUpload", 1) else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, held, name=claim_operation) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=1,
+            s3_read_timeout=0.5,
+            key_template=template,
+            webhook_url=str(server.make_url("/hook")),
+            webhook_secret=HOOK_SECRET,
+        )
+        janitor = proxy.app[STATE].janitor
+        status, up = await call(proxy, "/sign/multipart", pdf(6 * MiB), {})
+        assert status == 200, up
+        ref = {"key": up["key"], "upload_id": up["upload_id"]}
+        await asyncio.to_thread(
+            s3.upload_part, Bucket=bucket, PartNumber=1, Body=b"x" * stored,
+            Key=ref["key"], UploadId=ref["upload_id"],
+        )  # fmt: skip
+        mine = [{"part_number": 1, "etag": hashlib.md5(b"x" * stored).hexdigest()}]
+        status, out = await call(proxy, "/sign/multipart/complete", {**ref, "parts": mine}, {})
+        assert (status, code(out)) == (504, "UPSTREAM_TIMEOUT"), out
+        assert "retry the complete" in out["error"]["message"], out
+        right = stored == 6 * MiB
+        if right:  # landed at 1 s, checked at 2 x 0.5 s after the 504: kept and told
+            await eventually(
+                lambda: _completed_events(got), within=5.0, what="the late check's webhook"
+            )
+            # and the check's claim released once it has told the webhook
+            await eventually(
+                lambda: stored_keys(s3, bucket),
+                until=lambda keys: keys == [ref["key"]],
+                within=5.0,
+                what="the object alone",
+            )
+            again, out2 = await complete_until_decided(proxy, {**ref, "parts": mine})
+            assert again == 200 and out2["size"] == 6 * MiB, out2
+        await eventually(lambda: not janitor._rechecks, within=8.0, what="the late checks")
+        assert "CompleteMultipartUpload" in faulty.calls
+    assert await stored_keys(s3, bucket) == ([ref["key"]] if right else [])
+    told = _completed_events(got)
+    assert len(told) >= 3 if right else told == [], told  # two checks and the retry
+    if right:
+        await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+async def test_another_uploads_object_at_a_shared_key_is_never_taken_as_ours(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    """F2's guard: on a shared key the object found is recognised by its multipart ETag,
+    so another client's object there (other parts) is neither answered for nor deleted."""
+    proxy = await proxy_factory(key_template="plain/{filename}")
+    ref = await _multipart_done(proxy, s3, bucket)
+
+    def other_upload() -> None:
+        up = s3.create_multipart_upload(
+            Bucket=bucket, Key=ref["key"], Metadata={presign.SIZE_META: str(6 * MiB)}
+        )
+        etag = s3.upload_part(
+            Bucket=bucket, Key=ref["key"], UploadId=up["UploadId"], PartNumber=1,
+            Body=b"y" * 6 * MiB,
+        )["ETag"]  # fmt: skip
+        s3.complete_multipart_upload(
+            Bucket=bucket, Key=ref["key"], UploadId=up["UploadId"],
+            MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]},
+        )  # fmt: skip
+
+    await asyncio.to_thread(other_upload)
+    before = await asyncio.to_thread(s3.head_object, Bucket=bucket, Key=ref["key"])
+    mine = [{"part_number": 1, "etag": hashlib.md5(b"x" * 6 * MiB).hexdigest()}]
+    status, out = await call(proxy, "/sign/multipart/complete", {**ref, "parts": mine}, {})
+    assert (status, code(out)) == (409, "KEY_EXISTS"), out  # ours aborted, theirs stays
+    status, out = await call(proxy, "/sign/multipart/complete", {**ref, "parts": mine}, {})
+    assert (status, code(out)) == (404, "NO_SUCH_UPLOAD"), out
+    status, out = await call(proxy, "/sign/multipart/complete", ref, {})  # no parts to tell by
+    assert (status, code(out)) == (404, "NO_SUCH_UPLOAD"), out
+    assert "list the upload's 'parts'" in out["error"]["message"], out
+    after = await asyncio.to_thread(s3.head_object, Bucket=bucket, Key=ref["key"])
+    assert after["ETag"] == before["ETag"]
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+@pytest.mark.parametrize(
+    "template", ["uploads/{uuid}/{filename}", "plain/{filename}"], ids=["unique-key", "shared-key"]
+)
+async def test_a_rollback_whose_delete_fails_says_so(
+    proxy_factory: Any,
+    aiohttp_server: Any,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    caplog: pytest.LogCaptureFixture,
+    template: str,
+) -> None:
+    """reprobe9a F6: the webhook fails, and so does the rollback's delete. The 502 said
+    "the upload was rolled back" and the log presign.rolled_back, while the janitor then
+    kept the object and told the webhook. Now both say the rollback did not finish. On a
+    shared key the janitor's retry was a delete the released claim always skipped: the
+    object stayed untold; now it is held to its size there too (recognised by its parts)."""
+    server, got = await receiver(aiohttp_server, 500)
+    armed = True
+    rule = lambda o, n: Fault(status=500) if armed and o == "DeleteObject" else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, rule, name=claim_operation) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=1,
+            key_template=template,
+            webhook_url=str(server.make_url("/hook")),
+            webhook_secret=HOOK_SECRET,
+            webhook_attempts=1,
+        )
+        janitor = proxy.app[STATE].janitor
+        janitor.interval = 0.3
+        ref = await _multipart_done(proxy, s3, bucket)
+        caplog.set_level("INFO", logger="s3proxy.presign")
+        status, out = await call(proxy, "/sign/multipart/complete", ref, {})
+        assert (status, code(out)) == (502, "WEBHOOK_FAILED"), out
+        message = out["error"]["message"]
+        assert "rolled back" not in message and "did not finish" in message, message
+        assert "retry the complete" in message, message
+        lines = [r.getMessage() for r in caplog.records if r.name == "s3proxy.presign"]
+        assert not any(m.startswith("presign.rolled_back") for m in lines), lines
+        assert any(m.startswith("presign.rollback_unfinished") for m in lines), lines
+        armed = False
+        await eventually(lambda: not janitor._tasks, within=10, what="the janitor's retry")
+    assert await stored_keys(s3, bucket) == [ref["key"]]  # kept, as documented, and told
+    events = ["upload.completed", "upload.rolled_back", "upload.completed"]
+    assert [e["body"]["event"] for e in got] == events
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+async def test_parts_lists_are_read_alike_on_a_first_complete_and_a_retry(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    """reprobe9a's parts-list nits: an upper-case hex ETag was 400 on a first complete
+    and 200 on a retry (hex ETags name the same part in either case: both 200 now); a
+    part listed twice was accepted (the dict kept one): 400 on both now."""
+    proxy = await proxy_factory(key_template="uploads/{uuid}/{filename}")
+    ref = await _multipart_done(proxy, s3, bucket)
+    etag = hashlib.md5(b"x" * 6 * MiB).hexdigest()
+    twice = {**ref, "parts": [{"part_number": 1, "etag": etag}] * 2}
+    upper = {**ref, "parts": [{"part_number": 1, "etag": etag.upper()}]}
+    status, out = await call(proxy, "/sign/multipart/complete", twice, {})
+    assert (status, code(out)) == (400, "INVALID_REQUEST"), out
+    assert "more than once" in out["error"]["message"], out
+    status, out = await call(proxy, "/sign/multipart/complete", upper, {})
+    assert status == 200, out
+    status, out = await call(proxy, "/sign/multipart/complete", upper, {})
+    assert status == 200, out
+    status, out = await call(proxy, "/sign/multipart/complete", twice, {})
+    assert (status, code(out)) == (400, "INVALID_REQUEST"), out
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
