@@ -67,6 +67,9 @@ class Kind(enum.Enum):
     OBJECT_SIZE_UNCHECKED = "object_size_unchecked"
     TUS_PATCH = "tus_patch"  # a cut PATCH's commit or lock release: ``tus commit|lock``
     CLAIM = "claim"  # a presigned complete's claim on its upload: ``claim key=...``
+    # a presigned complete S3 may carry out after its 504: kept and told by a later check
+    # or a retried complete (``check key=...``)
+    COMPLETE_UNANSWERED = "complete_unanswered"
 
 
 def next_try(interval: float, attempt: int, paced: float | None) -> float:
@@ -388,6 +391,12 @@ def advice(kind: Kind) -> str:
             return (
                 "nothing removes it later: delete it by hand if its size is not its "
                 'x-amz-meta-s3proxy-size (README "Operating it")'
+            )
+        case Kind.COMPLETE_UNANSWERED:  # the client was told to retry the complete
+            return (
+                "a retried complete answers for it (200 and the webhook told, or deleted if "
+                "its size is wrong); if none comes, it stays unannounced: check its size "
+                'against its x-amz-meta-s3proxy-size by hand (README "Operating it")'
             )
         case Kind.OBJECT:
             return (

@@ -864,7 +864,8 @@ def _check_later(ctx: Context, key: str, upload_id: str, listed: Mapping[int, st
     async def check() -> None:
         await _check_claimed(ctx, key, upload_id, listed)
 
-    recheck_late(ctx.state.janitor, check, f"check key={key}", 2 * ctx.settings.s3_read_timeout)
+    window = 2 * ctx.settings.s3_read_timeout
+    recheck_late(ctx.state.janitor, check, f"check key={key}", window, Kind.COMPLETE_UNANSWERED)
 
 
 async def _check_claimed(ctx: Context, key: str, upload_id: str, listed: Mapping[int, str]) -> None:
