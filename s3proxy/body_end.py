@@ -29,19 +29,63 @@ rate (s3proxy.pipeline ``wait_state``); the answer is kept while nothing more co
 Past the bound the end stays unknown and the budget's rule for an unknown end holds
 (a silent one counts as ready, as before): such a client sent over a MiB the proxy has
 not read, mostly one the proxy holds back (its window closed: ready anyway).
+
+The walk over peeked bytes costs Python work per chunk, and a client chooses its chunks
+(a MiB of 1-byte chunks is 175,000 of them: 0.41 s byte by byte, 2.3 s of stalled event
+loop for 40 such waiters judged in one budget check; reprobe9b F2). So the waiters
+judged in one pass of the budget share ``LOOK_LINES`` chunk-size lines (``Looks``); a
+walk that runs out goes on where it stopped in the next pass (``TailWalk``: nothing is
+walked twice), and until it ends its waiter is neither ready nor timed out
+(``PENDING``).
 """
 
 from __future__ import annotations
 
 import copy
+import enum
 import socket
-from typing import Any
+from typing import Any, Final, Literal
 
-from s3proxy.chunks import ChunkExtensions
+from s3proxy.chunks import ALL_LINES, ChunkExtensions
 
 # Most unread bytes one look copies out of the kernel (MSG_PEEK): a MiB per silent
 # waiter, once per silence, outside the memory budget.
 PEEK_LIMIT = 1024 * 1024
+# Chunk-size lines the looks of one budget pass may walk in all, whatever the number of
+# waiters judged in it: 4-7 ms of event loop (measured, 1-byte chunks: 0.5-0.9 us each).
+# A client's walk ends within PEEK_LIMIT / 6 = 175,000 of them.
+LOOK_LINES = 8192
+
+
+class _Pending(enum.Enum):
+    PENDING = "pending"
+
+
+# A look that has not finished its walk (``Looks`` ran out): its waiter is judged later.
+PENDING: Final = _Pending.PENDING
+Looked = bool | None | Literal[_Pending.PENDING]
+
+
+class Looks:
+    """The chunk-size lines the looks of one budget pass may still walk, shared by the
+    ``ways`` waiters it judges: each look takes at most its share, so a waiter whose end
+    is a few lines away is answered in the first pass wherever it is in line, however
+    many long walks are ahead of it."""
+
+    __slots__ = ("left", "share", "walked")
+
+    def __init__(self, lines: int = LOOK_LINES, ways: int = 1) -> None:
+        self.left = lines
+        self.share = max(1, lines // max(1, ways))
+        self.walked = 0  # lines walked so far in this pass
+
+    def allow(self) -> int:
+        """Lines the next look may walk."""
+        return max(0, min(self.left, self.share))
+
+    def take(self, lines: int) -> None:
+        self.left -= lines
+        self.walked += lines
 
 
 def length_ended(received: int, length: int) -> bool:
@@ -61,11 +105,34 @@ def chunked_ended(framing: ChunkExtensions, kernel: int, tail: bytes | None = No
         return False  # every byte that came was followed, and the end was not among them
     if tail is None:
         return None
-    walk = copy.copy(framing)  # the connection's own walk goes on with what it reads
-    walk.feed(tail)
-    if walk.done:
-        return True
-    return False if len(tail) >= kernel else None
+    looked = TailWalk(framing).go(kernel, tail, Looks(ALL_LINES))
+    assert looked is not PENDING  # no bound on the lines
+    return looked
+
+
+class TailWalk:
+    """A chunked body's walk on over the kernel's unread bytes (``chunked_ended``),
+    taken as far as ``Looks`` allows and gone on with later: while the proxy does not
+    read, those bytes only grow at their end, so what was walked stays walked."""
+
+    __slots__ = ("_walk", "walked")
+
+    def __init__(self, framing: ChunkExtensions) -> None:
+        self._walk = copy.copy(framing)  # the connection's own walk goes on with what it reads
+        self.walked = 0  # bytes of the tail walked so far
+
+    def go(self, kernel: int, tail: bytes, looks: Looks) -> Looked:
+        """Has the body ended among ``tail``, the first bytes of the ``kernel``'s? As
+        ``chunked_ended``, or PENDING when ``looks`` ran out before the answer."""
+        walk = self._walk
+        if not walk.done and self.walked < len(tail):
+            self.walked, lines = walk.follow(tail, self.walked, looks.allow())
+            looks.take(lines)
+        if walk.done:
+            return True
+        if self.walked < len(tail):
+            return PENDING
+        return False if len(tail) >= kernel else None
 
 
 def peek(sock: Any, size: int) -> bytes | None:

@@ -96,6 +96,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
+from s3proxy.body_end import Looks
+
 # Seconds the head of the line may wait before slow holders are judged: long enough
 # that a normal part release (S3 answering) usually comes first, short enough that a
 # waiting upload barely notices the tricklers.
@@ -153,6 +155,9 @@ class WaiterState:
     rate: float | None  # bytes/s its client sent while it waited, over the last MIN_HELD
     min_rate: float  # the slowest its client may send
     blocked: bool | None = None  # its receive window is closed (True), open, unknown
+    # Its end is being looked for among the kernel's bytes and the pass's walk ran out
+    # first (s3proxy.body_end ``Looks``): neither ready nor timed out until it is known.
+    looking: bool = False
 
 
 def is_ready(state: WaiterState | None, need: int, ready_bytes: int = READY_BYTES) -> bool:
@@ -166,7 +171,7 @@ def is_ready(state: WaiterState | None, need: int, ready_bytes: int = READY_BYTE
     """
     if state is None or state.ended is True or state.blocked is True or state.unread >= need:
         return True
-    if state.ended is None and state.rate == 0:
+    if state.ended is None and state.rate == 0 and not state.looking:
         return True
     # without the window (an older kernel): bytes piled up stand for it
     return state.blocked is None and state.unread >= min(ready_bytes, need)
@@ -206,6 +211,7 @@ def choose_expired(waiters: Sequence[tuple[WaiterState | None, int]]) -> list[in
         and s.rate is not None
         and s.rate < s.min_rate
         and (s.rate > 0 or s.ended is False)
+        and not s.looking
     ]
 
 
@@ -224,8 +230,10 @@ class Holder(Protocol):
         """Stop the upload with a 408 ``message``; the reservation is released as it unwinds."""
         ...
 
-    def wait_state(self, now: float) -> WaiterState | None:
-        """How its client sends while it waits for a part; None: cannot tell (ready)."""
+    def wait_state(self, now: float, looks: Looks | None = None) -> WaiterState | None:
+        """How its client sends while it waits for a part; None: cannot tell (ready).
+        A look at the kernel's bytes walks no more than ``looks`` lets it (one pass's,
+        shared by the waiters it judges; None: a fresh one)."""
         ...
 
 
@@ -351,7 +359,8 @@ class MemoryBudget:
         if not live or min(w[2] for w in live) > self.available:
             return  # nobody fits: no need to ask who is ready
         now = time.monotonic()
-        line = [(w[2], self._ready(w, now)) for w in live]
+        looks = Looks(ways=len(live))  # one pass: its waiters share one bound (body_end)
+        line = [(w[2], self._ready(w, now, looks)) for w in live]
         granted = grant(line, self.available)
         if not granted:
             return
@@ -362,9 +371,9 @@ class MemoryBudget:
         self._waiters = [w for w in live if not w[3].done()]
 
     @staticmethod
-    def _ready(w: Waiter, now: float) -> bool:
+    def _ready(w: Waiter, now: float, looks: Looks) -> bool:
         owner = w[5]
-        return owner is None or is_ready(owner.wait_state(now), w[2])
+        return owner is None or is_ready(owner.wait_state(now, looks), w[2])
 
     def _forget(self, reservation: Reservation) -> None:
         self._holders.pop(reservation, None)
@@ -374,7 +383,8 @@ class MemoryBudget:
     def _expire_slow_waiters(self, now: float) -> None:
         """Time out the waiters whose clients send too slowly (``choose_expired``)."""
         live = [w for w in self._waiters if not w[3].done() and w[5] is not None]
-        states = [(w[5].wait_state(now) if w[5] is not None else None, w[2]) for w in live]
+        looks = Looks(ways=len(live))  # one pass: its waiters share one bound (body_end)
+        states = [(w[5].wait_state(now, looks) if w[5] is not None else None, w[2]) for w in live]
         expired = choose_expired(states)
         for i in expired:
             state = states[i][0]

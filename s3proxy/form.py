@@ -53,7 +53,16 @@ from aiohttp.http_exceptions import (
 )
 from multidict import CIMultiDictProxy
 
-from s3proxy.body_end import PEEK_LIMIT, chunked_ended, length_ended, peek
+from s3proxy.body_end import (
+    PEEK_LIMIT,
+    PENDING,
+    Looked,
+    Looks,
+    TailWalk,
+    chunked_ended,
+    length_ended,
+    peek,
+)
 from s3proxy.chunks import ChunkExtensions
 from s3proxy.delimiter import DelimiterScan
 from s3proxy.digests import (
@@ -125,8 +134,9 @@ class Arrival:
     blocked: bool | None = None  # the receive window is closed: the client waits on us
     # Where ``ended`` is unknown but can be found by looking at the bytes the kernel
     # holds (a chunked body's end may be among them): look. It copies them, so only for
-    # a client about to be judged (the answer: ended or not; None: still unknown).
-    look: Callable[[], bool | None] | None = None
+    # a client about to be judged (the answer: ended or not; None: still unknown;
+    # body_end.PENDING: the pass's ``Looks`` ran out first, asked again it goes on).
+    look: Callable[[Looks], Looked] | None = None
 
 
 # struct tcp_info (linux/tcp.h): tcpi_rcv_wnd, the receive window last advertised, is
@@ -198,6 +208,8 @@ class TransportFlow:
             self._length = None
         # The last look at the kernel's bytes: (bytes read, kernel's, what it told).
         self._looked: tuple[int, int, bool | None] | None = None
+        # ... and the walk over them, gone on with by the next look (bytes read: a new one).
+        self._tail_walk: tuple[int, TailWalk] | None = None
         # s3proxy's protocol hands the rest of a Content-Length body to the request's
         # StreamReader past the HTTP parser, which copies every chunk.
         bypass = getattr(self._protocol, "bypass_parser", None)
@@ -234,7 +246,7 @@ class TransportFlow:
         if seen is not None:
             read = seen[0]
         ended: bool | None = None
-        look: Callable[[], bool | None] | None = None
+        look: Callable[[Looks], Looked] | None = None
         if content.is_eof():
             ended = True
         elif self._length is not None:
@@ -249,17 +261,28 @@ class TransportFlow:
         blocked = window_closed(sock)
         return Arrival(read + kernel, content._size + kernel, ended, blocked, look)
 
-    def _look(self, sock: Any, read: int, kernel: int, framing: ChunkExtensions) -> bool | None:
+    def _look(
+        self, sock: Any, read: int, kernel: int, framing: ChunkExtensions, looks: Looks
+    ) -> Looked:
         """Is a chunked body's end among the ``kernel``'s unread bytes? Looked at once
-        while nothing more comes (the answer kept for the same counts), and only up to
-        ``PEEK_LIMIT`` of them: past it, unknown."""
+        while nothing more comes (the answer kept for the same counts), only up to
+        ``PEEK_LIMIT`` of them (past it, unknown), and walked as far as ``looks`` lets
+        it (``body_end.TailWalk``: the next look goes on from there)."""
         looked = self._looked
         if looked is not None and looked[:2] == (read, kernel):
             return looked[2]
-        ended = None
+        ended: Looked = None
         if kernel <= PEEK_LIMIT:
-            ended = chunked_ended(framing, kernel, peek(sock, kernel))
-        self._looked = (read, kernel, ended)
+            if looks.allow() == 0:
+                return PENDING  # this pass has walked all it may: no copy of the bytes
+            tail = peek(sock, kernel)
+            walk = self._tail_walk
+            if walk is None or walk[0] != read:  # bytes read since: a new tail
+                walk = self._tail_walk = (read, TailWalk(framing))
+            if tail is not None:
+                ended = walk[1].go(kernel, tail, looks)
+        if ended is not PENDING:
+            self._looked = (read, kernel, ended)
         return ended
 
     def resume_reading(self) -> None:

@@ -66,6 +66,7 @@ from typing import Any, Protocol, TypeVar
 
 from s3proxy import keys, sniff
 from s3proxy.body import Chunk
+from s3proxy.body_end import PENDING, Looks
 from s3proxy.budget import (
     MIN_HELD,
     HolderState,
@@ -399,12 +400,13 @@ class FileUpload:
             rate = (self.size - meter.first) / held if held > 0 else float("inf")
         return HolderState(held_for=held, rate=rate, min_rate=self.cfg.min_rate)
 
-    def wait_state(self, now: float) -> WaiterState | None:
+    def wait_state(self, now: float, looks: Looks | None = None) -> WaiterState | None:
         """How its client sends while it waits for a part: the socket is not read then,
         so the bytes pile up in the kernel, where they are counted. A client about to be
         judged (a whole window waited, below its minimum rate: silent, or its last bytes
         came early in the window) whose body's end is not known yet (chunked) has the
-        kernel's bytes looked at (``Arrival.look``): its end is there, or bytes are owed."""
+        kernel's bytes looked at (``Arrival.look``): its end is there, or bytes are owed;
+        as far as ``looks`` (the budget pass's, shared) lets it walk them."""
         source, meter = self._source, self._arriving
         arrival = None if source is None or meter is None else source.arrival()
         if meter is None or arrival is None:
@@ -412,14 +414,17 @@ class FileUpload:
         meter.add(max(now, meter.last), max(arrival.received, meter.first))
         ended = True if self._has_part else arrival.ended
         rate = meter.rate(now)
+        looking = False
         if ended is None and rate is not None and rate < self.cfg.min_rate and arrival.look:
-            ended = arrival.look()
+            looked = arrival.look(Looks() if looks is None else looks)
+            looking = looked is PENDING
+            ended = None if looked is PENDING else looked
         # Once seen closed, the window counts as closed for the rest of this wait: a
         # kernel that compacts a full buffer may let a few more bytes in, a tiny rate
         # that is not the client's doing.
         self._held_back = self._held_back or arrival.blocked is True
         blocked = True if self._held_back else arrival.blocked
-        return WaiterState(arrival.unread, ended, rate, self.cfg.min_rate, blocked)
+        return WaiterState(arrival.unread, ended, rate, self.cfg.min_rate, blocked, looking=looking)
 
     def evict(self, message: str) -> None:
         """Stop reading the client: its pending read fails with 408 ``message``."""

@@ -86,6 +86,7 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import (
     BadHttpMessage,
+    BadHttpMethod,
     BadStatusLine,
     ContentEncodingError,
     ContentLengthError,
@@ -239,17 +240,21 @@ def unread_bytes(sock: Any) -> int:
     return int.from_bytes(raw, sys.byteorder, signed=True)
 
 
-def _head_end(data: bytes) -> int:
-    """Where the first request head in ``data`` may end (after its blank line), or -1.
+def _head_end(data: bytes, pos: int = 0) -> int:
+    """Where the first request head in ``data`` from ``pos`` may end (after its blank
+    line), or -1.
 
     A head's end split across reads shows as ``data`` beginning with LF or CRLF: cut
-    there too (a cut is always harmless: the parser reads a stream)."""
-    if data[:1] == b"\n":
-        return 1
-    if data[:2] == b"\r\n":
-        return 2
-    end = data.find(b"\r\n\r\n")
+    there too (a cut is always harmless: the parser reads a stream); after as many
+    more as follow, the empty lines the parser skips before a request line (RFC 9112
+    section 2.2): a run of them is one piece, not a piece per line."""
+    if data.startswith((b"\n", b"\r\n"), pos):
+        return _EMPTY_LINES.match(data, pos).end()  # type: ignore[union-attr]  # matches
+    end = data.find(b"\r\n\r\n", pos)
     return -1 if end < 0 or end + 4 == len(data) else end + 4
+
+
+_EMPTY_LINES = re.compile(rb"(?:\r?\n)+")
 
 
 def _raw_origin(head: bytes) -> str | None:
@@ -272,8 +277,11 @@ def _taken_upgrade(message: RawRequestMessage) -> bool:
     return message.method == hdrs.METH_CONNECT or upgrade.lower() == "websocket"
 
 
-# The first line of HTTP/2's connection preface (RFC 9113 section 3.4).
-_PREFACE = b"PRI * HTTP/2.0\r\n"
+# The first line of HTTP/2's connection preface (RFC 9113 section 3.4); with LF only
+# too, as llhttp reads request lines (it refuses that one at its line end).
+_PREFACE_LINE = re.compile(rb"PRI \* HTTP/2\.0\r?\n")
+# llhttp's reason for the whole preface, which safe_reason words for the client.
+_PREFACE_REASON = "Pause on PRI/Upgrade"
 # llhttp's reason for a byte after a message that closes the connection.
 _DATA_AFTER_CLOSE = "Data after `Connection: close`"
 
@@ -282,8 +290,9 @@ def _after_close(exc: BaseException) -> bool:
     return isinstance(exc, HttpProcessingError) and str(exc.message).startswith(_DATA_AFTER_CLOSE)
 
 
-# A request line: method, target, version (absent in HTTP/0.9's shape).
-_REQUEST_LINE = re.compile(rb"[!-~]+ [!-~]+(?: HTTP/(\d+)\.(\d+))?\r?\n")
+# A request line: method, target, version (absent in HTTP/0.9's shape); llhttp takes
+# more than one space between them (``GET  /x HTTP/1.1``).
+_REQUEST_LINE = re.compile(rb"[!-~]+ +[!-~]+(?: +HTTP/(\d+)\.(\d+))?\r?\n")
 
 
 def request_line_version(head: bytes) -> tuple[int, int] | None:
@@ -317,6 +326,28 @@ def version_refusal(version: tuple[int, int] | None) -> VersionNotSupported | No
     return VersionNotSupported(
         f"HTTP/{major}.{minor} is not supported: this server speaks HTTP/1.1"[:80]
     )
+
+
+def line_refusal(line: bytes) -> HttpProcessingError | None:
+    """The refusal of a whole request line (``first_line``), on that line alone: HTTP/2's
+    preface line (400: this server speaks HTTP/1.1; before, alone it waited for
+    --header-timeout and with LF only it was a 505), or a version refused
+    (``version_refusal``: HTTP/0.9's shape, ``HTTP/2.0``). None: the parser's to judge."""
+    if _PREFACE_LINE.fullmatch(line):
+        return BadHttpMessage(_PREFACE_REASON)
+    return version_refusal(request_line_version(line))
+
+
+def better_refusal(exc: BaseException, seen: bytes) -> HttpProcessingError | None:
+    """What to answer in place of the parser's refusal ``exc`` of a head whose bytes
+    so far are ``seen``; None: its own. llhttp refuses a request line it cannot read
+    as a bad line (``HTTP/3.1``, the preface line with LF only or followed by headers):
+    the line's version or preface is said instead. A bad method (``FOO /x``, ``get``)
+    stays a bad method, whatever the line's shape (it was a 505 "HTTP/0.9")."""
+    if not isinstance(exc, BadStatusLine) or isinstance(exc, BadHttpMethod):
+        return None
+    line = first_line(seen)
+    return None if line is None else line_refusal(line)
 
 
 class Admission(enum.Enum):
@@ -526,8 +557,13 @@ class ProxyRequestHandler(RequestHandler):
         # The bytes of the head being read until its request line has come (_judge_line);
         # None once judged, or when where the head began is not known (after a body).
         self._line: bytes | None = b""
-        # ... and the bytes of that body the parser was given (body_seen).
+        # ... and the bytes of that body the parser was given (body_seen), and, once
+        # a chunked one ended, how many of the last ones given came after its end.
         self._body_read = 0
+        self._chunked_past = 0
+        # When the first byte of a head not complete yet came (loop time; --header-timeout
+        # counts from it), also when it came behind a request in the same read.
+        self._head_since: float | None = None
 
     @property
     def waiting(self) -> bool:
@@ -596,9 +632,16 @@ class ProxyRequestHandler(RequestHandler):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def _head_due(self) -> float:
+        """Seconds until the head begun at ``_head_since`` is due."""
+        since = self._loop.time() if self._head_since is None else self._head_since
+        return max(0.0, since + self.pool.header_timeout - self._loop.time())
+
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.waiting:  # still no complete head: slowloris, or a client gone quiet
+        # Still no complete head: slowloris, or a client gone quiet. A head begun while a
+        # request was open is timed again when that request is answered (log_access).
+        if self.waiting or (self.requests_open == 0 and not self._messages):
             self.pool.head_timed_out()
             self.force_close()
 
@@ -670,7 +713,9 @@ class ProxyRequestHandler(RequestHandler):
     ) -> None:
         # Called once per request, when its response is finished (finish_response).
         self.requests_open = max(0, self.requests_open - 1)
-        self._head_begun = bool(self._messages)
+        self._head_begun = bool(self._messages) or self._head_since is not None
+        if self._head_since is not None and not self._messages:
+            self._arm_head_timer(self._head_due())  # it may have fired while this was open
         self.idle_since = self._loop.time()
         self.pool.request_done()
         if (self._ignore_rest or self._eof) and not self._messages:
@@ -760,7 +805,6 @@ class ProxyRequestHandler(RequestHandler):
                 return
         if self._ignore_rest:
             return
-        waiting = self.waiting
         queued = len(self._messages)
         self._parse(data)
         parsed = len(self._messages) - queued
@@ -779,8 +823,11 @@ class ProxyRequestHandler(RequestHandler):
         if parsed > 0:  # a head is complete
             self.requests_open += parsed
             self._cancel_head_timer()
-        elif data and waiting:  # the first bytes of a head on a kept-alive connection
-            self._arm_head_timer()
+        if self._head_since is not None:
+            # A head has begun (also behind a request in the same read, or after its
+            # body: those waited for --keepalive-timeout): due --header-timeout after its
+            # first byte, or sooner on a new connection (armed at its start).
+            self._arm_head_timer(self._head_due())
 
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio: bool | None
         """The client half-closed (``shutdown(SHUT_WR)``, ``nc -N``): keep the transport
@@ -824,10 +871,13 @@ class ProxyRequestHandler(RequestHandler):
         Cut at each head's end, a head is parsed in a read of its own, nothing comes after
         it in that read, and ``_screen`` decides about what follows. Bodies go on whole
         (an upload's body does not come here at all: ``bypass_parser``)."""
+        pos = 0  # (an offset, not a slice per piece: a read of 256 KiB of CRLFs was
+        # 131,072 pieces, each a copy of the rest)
         while True:
             in_body = self._in_body()
-            end = -1 if in_body else _head_end(data)
-            piece, data = (data, b"") if end < 0 else (data[:end], data[end:])
+            end = -1 if in_body else _head_end(data, pos)
+            piece = data[pos:] if end < 0 else data[pos:end]
+            pos = len(data) if end < 0 else end
             if in_body and self._over_extensions(piece):
                 return
             queued = len(self._messages)
@@ -835,46 +885,74 @@ class ProxyRequestHandler(RequestHandler):
             if len(self._messages) == queued:
                 if in_body:
                     # A body's end and the next head's first bytes may share a piece.
-                    self._line = self._line if self._in_body() else None
-                elif self._judge_line(piece):
-                    return
+                    if not self._in_body():
+                        self._line = None
+                        if self._past_body(len(piece)) > 0:
+                            self._head_came()
+                else:
+                    self._head_came()
+                    if self._judge_line(piece):
+                        return
             else:
+                seen = piece if self._line is None else self._line + piece
                 self._line = b""  # a head ended: the next one begins after it (or its body)
+                self._head_since = None
                 refused = self._messages[-1][0]
                 if isinstance(refused, web_protocol._ErrInfo):
-                    unsupported = version_refusal(request_line_version(piece))
-                    if isinstance(refused.exc, BadStatusLine) and unsupported is not None:
-                        # llhttp refuses HTTP/3.1 as a bad line: it is a version
-                        self._messages[-1] = (_error_info(unsupported), EMPTY_PAYLOAD)
+                    better = better_refusal(refused.exc, seen)
+                    if better is not None:
+                        self._messages[-1] = (_error_info(better), EMPTY_PAYLOAD)
                     self._error_tus = _TUS_TARGET.match(piece) is not None
                     if self.cors is not None:
                         self._error_origin = _raw_origin(piece)
                 self._screen(queued)
-            if not data or self._ignore_rest or self._force_close or self._close:
+            if pos >= len(data) or self._ignore_rest or self._force_close or self._close:
                 return
+
+    def _head_came(self) -> None:
+        """Bytes of a request head not complete yet came: --header-timeout counts from
+        the first of them (``_head_since``)."""
+        if self._head_since is None:
+            self._head_since = self._loop.time()
+
+    def _past_body(self, size: int) -> int:
+        """How many of the last ``size`` bytes given to the parser, in which the newest
+        request's body ended, came after that end (the next head's first bytes)."""
+        head = self._last_head
+        if head is None:
+            return 0
+        if head.chunked:
+            return self._chunked_past
+        try:
+            length = int(head.headers.get(hdrs.CONTENT_LENGTH, ""))
+        except ValueError:
+            return 0
+        return min(size, max(0, self._body_read - length))
 
     def _judge_line(self, piece: bytes) -> bool:
         """Refuse the head being read on its request line alone, as soon as that line has
-        come (True), when its version is refused (``version_refusal``).
+        come (True), when its version is refused or it is HTTP/2's preface line
+        (``line_refusal``).
 
         llhttp judges most request lines as they come (a bad method or version, a line
         over ``MAX_LINE_SIZE``), but not those of HTTP/0.9 (``GET /path``, no version,
-        all an HTTP/0.9 client sends: it waits for no headers) and ``HTTP/2.0``, which
-        it parses as a version: those were refused only at the blank line that ends a
-        head, and HTTP/0.9's never comes, so its client waited out --header-timeout for
+        all an HTTP/0.9 client sends: it waits for no headers), ``HTTP/2.0``, which
+        it parses as a version, and the preface's ``PRI * HTTP/2.0`` (refused only with
+        the preface's ``SM`` line): those were refused only at the blank line that ends
+        a head, and HTTP/0.9's never comes, so its client waited out --header-timeout for
         nothing. Now they are answered at once, before their headers (if any come)."""
         if self._line is None:
             return False
-        self._line += piece
+        # Empty lines before it are skipped (the parser skips them too): 5000 CRLFs and
+        # then a line were past the limit below, and never judged.
+        self._line = (self._line + piece).lstrip(b"\r\n")
         line = first_line(self._line)
         if line is None:
             if len(self._line) > MAX_LINE_SIZE + 2:
                 self._line = None  # llhttp refuses it (LineTooLong): nothing to keep
             return False
         self._line = None
-        if line.startswith(_PREFACE):
-            return False  # llhttp's at its end ("Pause on PRI"): 400, "speaks HTTP/1.1"
-        refusal = version_refusal(request_line_version(line))
+        refusal = line_refusal(line)
         if refusal is None:
             return False
         self._messages.append((_error_info(refusal), EMPTY_PAYLOAD))
@@ -903,7 +981,11 @@ class ProxyRequestHandler(RequestHandler):
         (Any body's ``piece`` is counted for ``body_seen`` too.)"""
         self._body_read += len(piece)
         scan = self._extensions
-        if scan is None or scan.done or scan.feed(piece) <= MAX_CHUNK_EXTENSIONS:
+        if scan is None or scan.done:
+            return False
+        stop, _ = scan.follow(piece)
+        self._chunked_past = len(piece) - stop if scan.done else 0
+        if scan.total <= MAX_CHUNK_EXTENSIONS:
             return False
         exc = FramingLimit(
             f"the request body's chunk extensions are over {MAX_CHUNK_EXTENSIONS} bytes "
@@ -967,7 +1049,7 @@ class ProxyRequestHandler(RequestHandler):
             self._last_head, self._last_payload = message, payload
             chunked = message.chunked and not payload.is_eof()
             self._extensions = ChunkExtensions() if chunked else None
-            self._body_read = 0
+            self._body_read = self._chunked_past = 0
             if message.should_close and payload.is_eof():
                 # Its answer closes the connection: what follows is not read (RFC 9112
                 # section 9.6). A body still due comes first; bytes after it raise

@@ -6,7 +6,17 @@ import socket
 
 import pytest
 
-from s3proxy.body_end import chunked_ended, length_ended, peek
+from s3proxy.body_end import (
+    LOOK_LINES,
+    PEEK_LIMIT,
+    PENDING,
+    Looked,
+    Looks,
+    TailWalk,
+    chunked_ended,
+    length_ended,
+    peek,
+)
 from s3proxy.chunks import ChunkExtensions
 
 DATA = b"5\r\nhello\r\n"  # one whole chunk
@@ -81,3 +91,47 @@ def test_peek_leaves_the_bytes_to_read() -> None:
         assert peek(b, 10) is None  # nothing there: it does not wait
         assert b.fileno() >= 0  # still open: the descriptor was only borrowed
     assert peek(b, 10) is None  # closed
+
+
+def test_a_look_walks_no_more_than_its_pass_allows_and_goes_on_later() -> None:
+    """reprobe9b F2: a MiB of 1-byte chunks in the kernel is 175,000 chunks to walk,
+    0.41 s of event loop each, paid for every waiter judged in one budget check (40 of
+    them stalled /healthz 2.3 s). Each pass of the budget shares ``LOOK_LINES`` lines
+    among its waiters; a walk stopped short goes on where it stopped in the next."""
+    chunks = (PEEK_LIMIT - 5) // 6
+    tail = b"1\r\nx\r\n" * chunks + b"0\r\n\r\n"
+    walks = [TailWalk(framing(DATA)) for _ in range(3)]
+    passes, walked = 0, 0
+    answers: list[Looked] = [PENDING] * 3
+    while PENDING in answers:
+        looks = Looks()
+        answers = [walk.go(len(tail), tail, looks) for walk in walks]
+        assert looks.walked <= LOOK_LINES  # the bound, whatever the number of waiters
+        walked += looks.walked
+        passes += 1
+    assert answers == [True] * 3
+    assert walked == 3 * (chunks + 1)  # nothing walked twice
+    assert passes == -(-walked // LOOK_LINES)
+    # shared: each look takes its share, and a short walk is answered at once
+    looks = Looks(ways=3)
+    assert TailWalk(framing(DATA)).go(len(tail), tail, looks) is PENDING
+    assert TailWalk(framing(DATA)).go(len(tail), tail, looks) is PENDING
+    assert TailWalk(framing(DATA)).go(6, b"0\r\n\r\n", looks) is True
+    assert looks.walked == 2 * (LOOK_LINES // 3) + 1
+
+
+@pytest.mark.parametrize(
+    ("tail", "kernel", "looked"),
+    [
+        (b"1\r\nx\r\n" * 10, ALL, False),  # all walked: bytes still owed
+        (b"1\r\nx\r\n" * 10, 100, None),  # the kernel holds more than was looked at
+        (b"1\r\nx\r\n" * 9 + b"0\r\n\r\n", ALL, True),  # 10 size lines
+        (b"1\r\nx\r\n" * 10 + b"0\r\n\r\n", ALL, PENDING),  # 11 size lines, 10 allowed
+        (b"9" * 10 + b"\r\n" + b"x" * 100, ALL, False),  # data: no line to walk
+    ],
+)
+def test_a_look_within_its_lines(tail: bytes, kernel: int, looked: Looked) -> None:
+    kernel = len(tail) if kernel == ALL else kernel
+    looks = Looks(10)
+    assert TailWalk(framing(DATA)).go(kernel, tail, looks) is looked
+    assert looks.walked <= 10

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from s3proxy.body_end import LOOK_LINES, Looks
 from s3proxy.budget import (
     READY_BYTES,
     HolderState,
@@ -196,7 +197,7 @@ class FakeHolder:
     def fill_state(self, now: float) -> HolderState | None:
         return None if self.evicted else self.state
 
-    def wait_state(self, now: float) -> WaiterState | None:
+    def wait_state(self, now: float, looks: Looks | None = None) -> WaiterState | None:
         return None
 
     def evict(self, message: str) -> None:
@@ -299,8 +300,9 @@ def waiter(
     rate: float | None = None,
     min_rate: float = MIN,
     blocked: bool | None = None,
+    looking: bool = False,
 ) -> WaiterState:
-    return WaiterState(unread, ended, rate, min_rate, blocked)
+    return WaiterState(unread, ended, rate, min_rate, blocked, looking)
 
 
 @pytest.mark.parametrize(
@@ -321,6 +323,9 @@ def waiter(
         (waiter(unread=100, rate=None), PART, False),  # not a window yet
         (waiter(unread=100, rate=1.0), PART, False),  # a trickle: more is due
         (waiter(unread=100, ended=False, rate=0.0), PART, False),  # Content-Length: due
+        # silent, its end still being looked for (the pass's walk ran out): not yet
+        (waiter(unread=100, rate=0.0, looking=True), PART, False),
+        (waiter(unread=100, rate=0.0, looking=True, blocked=True), PART, True),
     ],
 )
 def test_is_ready(state: WaiterState | None, need: int, ready: bool) -> None:
@@ -360,6 +365,9 @@ def test_grant(line: list[tuple[int, bool]], available: int, granted: list[int])
         # silence: judged only when the body owes bytes (a chunked end may be unseen)
         ([(waiter(rate=0.0, ended=False), PART)], [0]),
         ([(waiter(rate=0.0), PART)], []),
+        # its end still being looked for: judged once it is known
+        ([(waiter(rate=0.0, looking=True), PART)], []),
+        ([(waiter(rate=1.0, looking=True), PART)], []),
         # each by its own minimum rate
         (
             [
@@ -381,7 +389,7 @@ class FakeWaiter(FakeHolder):
         super().__init__(None)
         self.waiting = state
 
-    def wait_state(self, now: float) -> WaiterState | None:
+    def wait_state(self, now: float, looks: Looks | None = None) -> WaiterState | None:
         return self.waiting
 
 
@@ -402,6 +410,56 @@ async def test_ready_waiters_pass_unready_ones_and_slow_ones_time_out() -> None:
         await asyncio.wait_for(slow_task, 1)
     assert (b.expired, b.waiting, b.in_use) == (1, 0, 60)
     r.release()
+    assert b.in_use == 0
+
+
+class LookingWaiter(FakeHolder):
+    """A silent chunked waiter whose end is looked for: each look walks what its pass
+    allows it, of ``lines`` in all; at the end, bytes are owed."""
+
+    def __init__(self, lines: int) -> None:
+        super().__init__(None)
+        self.lines = lines
+        self.passes: list[Looks] = []
+
+    def wait_state(self, now: float, looks: Looks | None = None) -> WaiterState | None:
+        assert looks is not None
+        self.passes.append(looks)
+        step = min(self.lines, looks.allow())
+        looks.take(step)
+        self.lines -= step
+        return waiter(
+            unread=10, ended=False if self.lines == 0 else None, rate=0.0, looking=self.lines > 0
+        )
+
+
+async def test_the_waiters_judged_in_one_pass_share_its_walk() -> None:
+    """reprobe9b F2: 40 silent waiters, each a MiB of 1-byte chunks in its kernel,
+    judged in one check: 40 walks of 0.4 s each stalled the event loop 2.3 s. One pass
+    (a check, a wake-up) now walks ``LOOK_LINES`` lines in all, each waiter its share;
+    the waiters it could not finish are neither granted nor timed out, and the next
+    passes go on with them. A short walk is finished in the first pass, last in line."""
+    b = MemoryBudget(100)
+    held = await b.acquire(100)
+    long = [LookingWaiter(LOOK_LINES) for _ in range(4)]
+    short = LookingWaiter(10)
+    tasks = [asyncio.create_task(b.acquire(60, holder=w)) for w in [*long, short]]
+    await asyncio.sleep(0.01)
+    b._expire_slow_waiters(0.0)
+    await asyncio.sleep(0.01)
+    looks = {id(p) for w in [*long, short] for p in w.passes}
+    assert len(looks) == 1  # one pass, one walk bound for all its waiters
+    assert short.passes[0].walked <= LOOK_LINES
+    assert [w.lines for w in long] == [LOOK_LINES - LOOK_LINES // 5] * 4  # a share each
+    assert b.expired == 1 and tasks[-1].done()  # the short walk: finished, bytes owed
+    assert not any(t.done() for t in tasks[:-1])  # the others: neither ready nor expired
+    for _ in range(5):
+        b._expire_slow_waiters(0.0)
+    assert b.expired == 5
+    for task in tasks:
+        with pytest.raises(WaitExpired):
+            await task
+    held.release()
     assert b.in_use == 0
 
 

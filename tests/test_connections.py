@@ -528,3 +528,46 @@ async def test_a_head_timeout_is_logged_as_no_request(
     writer.close()
     timeouts = [r for r in caplog.records if r.getMessage().startswith("connections.head_timeout")]
     assert [getattr(r, "request_id", None) for r in timeouts] == ["-"]
+
+
+SIGN_BODY = b'{"filename": "a.txt", "size": 3}'
+SIGN = (
+    b"POST /sign HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n" % len(SIGN_BODY) + SIGN_BODY
+)
+SIGN_CHUNKED = (
+    b"POST /sign HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(SIGN_BODY) + SIGN_BODY + b"\r\n0\r\n\r\n"
+)
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        HEALTH + b"GET /healthz HTTP/1.1\r\n",
+        SIGN + b"GET /healthz HTTP/1.1\r\n",  # after a body
+        SIGN_CHUNKED + b"GET /healthz HTTP/1.1\r\n",
+        SIGN + b"GET /healthz\r\n",  # a 0.9 line after a body: not judged early, timed
+        HEALTH + b"\r\n",
+    ],
+    ids=["after-get", "after-body", "after-chunked-body", "0.9-after-body", "crlf"],
+)
+async def test_a_head_begun_in_the_read_of_a_request_is_due_at_the_header_timeout(
+    proxy_factory: Any, sent: bytes
+) -> None:
+    """Probe reprobe9b F5: a partial head in the same read as a whole request was held
+    for --keepalive-timeout (15 s), not --header-timeout (3 s): the head timer was
+    cancelled by the request's head and not armed again for the next one."""
+    proxy = await proxy_factory(header_timeout=1.0, keepalive_timeout=30.0)
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    try:
+        writer.write(sent)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 201 ")), head
+        # then closed at the head timeout (1 s), long before the keep-alive's 30 s
+        rest = await asyncio.wait_for(reader.read(), 10)
+        assert b"HTTP/1.1" not in rest, rest  # no answer to the head that never ended
+    finally:
+        writer.close()

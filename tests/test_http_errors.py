@@ -676,6 +676,78 @@ async def test_every_request_line_judged_alone_is_answered_at_once(
     assert_json_error(resp, status, CODES[status])
 
 
+@pytest.mark.parametrize(
+    ("sent", "status", "says"),
+    [
+        # probe reprobe9b F4: HTTP/2's preface line, whole or not: alone it waited for
+        # --header-timeout, with LF only it was a 505
+        ((b"PRI * HTTP/2.0\r\n",), 400, "speaks HTTP/1.1"),
+        ((b"PRI * HTTP/2.0\n",), 400, "speaks HTTP/1.1"),
+        ((b"PRI * HTTP/2.0\r\n\r\n",), 400, "speaks HTTP/1.1"),
+        ((b"PRI * HTT", b"P/2.0\r\n"), 400, "speaks HTTP/1.1"),
+        ((b"PRI * HTTP/2.0\r\nHost: a\r\n\r\n",), 400, "speaks HTTP/1.1"),  # was a 505
+        # F6: a bad method is a bad method, whatever the line's shape (was 505 HTTP/0.9)
+        ((b"FOO /x\r\n",), 400, "invalid method"),
+        ((b"get /x\r\n",), 400, "invalid method"),
+        ((b"FOO /x HTTP/2.0\r\n",), 400, "invalid method"),
+        # llhttp takes more spaces between the parts: an HTTP/0.9 line all the same
+        ((b"GET  /healthz\r\n",), 505, "HTTP/0.9"),
+        # empty lines before the line do not count to its length (they were past it)
+        ((b"\r\n" * 5000 + b"GET /healthz\r\n",), 505, "HTTP/0.9"),
+        ((b"\r\n" * 5000, b"GET /healthz\r\n"), 505, "HTTP/0.9"),
+    ],
+)
+async def test_a_request_line_is_judged_as_the_parser_would_and_at_once(
+    proxy: Any, sent: tuple[bytes, ...], status: int, says: str
+) -> None:
+    start = time.monotonic()
+    resp = await exchange(proxy.host, proxy.port, *sent, quiet=5.0)
+    assert time.monotonic() - start < 2.0  # not at the header timeout
+    assert resp.raw.startswith(f"HTTP/1.1 {status} ".encode()), resp.raw[:200]
+    assert_json_error(resp, status, CODES[status])
+    assert says.lower() in resp.json()["error"]["message"].lower()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET  /healthz  HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"\r\n" * 5000 + b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n",
+    ],
+)
+async def test_a_valid_request_line_sent_byte_by_byte_is_served(proxy: Any, head: bytes) -> None:
+    """What the parser takes is served, however it comes: its request line a byte
+    per read (each judged as it comes)."""
+    begin = head.index(b"GET")
+    end = head.index(b"\r\n", begin) + 2
+    pieces = [head[i : i + 1] for i in range(begin, end)]
+    resp = await exchange(
+        proxy.host, proxy.port, head[:begin] or b"\r\n", *pieces, head[end:], pause=0.01
+    )
+    assert resp.raw.startswith(b"HTTP/1.1 200 "), resp.raw[:200]
+
+
+async def test_a_run_of_empty_lines_is_one_piece_for_the_parser(
+    proxy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read of 256 KiB of CRLFs was cut into 131,072 pieces, each a copy of the rest
+    of the read (quadratic: gigabytes copied). Counted as the parser's calls."""
+    calls = 0
+    feed = web.RequestHandler.data_received
+
+    def counted(self: web.RequestHandler, data: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        feed(self, data)
+
+    monkeypatch.setattr(web.RequestHandler, "data_received", counted)
+    resp = await exchange(
+        proxy.host, proxy.port, b"\r\n" * 100_000 + b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    assert resp.raw.startswith(b"HTTP/1.1 200 "), resp.raw[:200]
+    assert calls < 20
+
+
 def test_the_first_line_of_a_head() -> None:
     assert protocol.first_line(b"GET / HTTP/1.1") is None
     assert protocol.first_line(b"GET /x\r\nHost") == b"GET /x\r\n"
