@@ -247,15 +247,25 @@ def new_claim(sink: ObjectStore, settings: Settings, key: str, upload_id: str) -
     return Claim(sink, claim_key(key, upload_id), lease(settings), delete_bound(settings))
 
 
-async def sweep(sink: ObjectStore, now: float, skew: float) -> int:
-    """Delete lapsed claims (their holder died and no retry took them over); how many.
-    Only the version read (If-Match): one taken over meanwhile stays."""
+async def sweep(sink: ObjectStore, now: float, skew: float, *, dry_run: bool = False) -> int:
+    """Delete lapsed claims (their holder died and no retry took them over), unless
+    ``dry_run``; how many (found, in a dry run). Only the version read (If-Match): one
+    taken over or renewed meanwhile stays. Serve's periodic sweep and ``s3proxy cleanup``."""
     removed = 0
     async for page in object_pages(sink, PREFIX):
         for info in page:
             with contextlib.suppress(NoSuchKey, PreconditionFailed):
                 raw, etag = await read_small(sink, info.key)
-                if lapsed(parse(raw, etag).until, now, skew):
+                found = parse(raw, etag)
+                if not lapsed(found.until, now, skew):
+                    continue
+                if not dry_run:
                     await sink.delete(info.key, if_match=etag)
-                    removed += 1
+                removed += 1
+                log.info(
+                    "cleanup.claim key=%s until=%.0f action=%s",
+                    info.key,
+                    found.until,
+                    "would-remove" if dry_run else "removed",
+                )
     return removed
