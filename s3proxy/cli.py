@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         "derived from serve's limits (give the same flags or S3PROXY_* variables), and "
         "abort them with --execute (default: dry run). With --older-than, judge by age "
         "alone. Takes serve's S3 settings; with no --endpoint-url it talks to the embedded "
-        "store that `s3proxy serve` runs with the same --data-dir.",
+        "store that `s3proxy serve` runs with the same --data-dir. Expired resumable uploads "
+        "and lapsed presigned-complete claims go the same way.",
         epilog="Exit status: 0 done, 1 S3 unreachable or some aborts failed, "
         "2 usage or settings error.",
     )
@@ -250,6 +251,7 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
     """One sweep with serve's S3 settings; with no endpoint, the running embedded store's."""
     from datetime import timedelta
 
+    from s3proxy import presign_claim
     from s3proxy.cleanup import Rule, sweep, sweep_tus
     from s3proxy.config import client_options
     from s3proxy.errors import ProxyError
@@ -290,6 +292,9 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
             result = await sweep(
                 bucket, prefixes, rule, dry_run=not args.execute, keep=tus_uploads.live
             )
+            claims = await presign_claim.sweep(
+                bucket, time.time(), settings.cleanup_clock_skew, dry_run=not args.execute
+            )
     except ProxyError as exc:
         raise _cleanup_error(exc, settings, opts.endpoint_url) from None
 
@@ -303,6 +308,9 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
             f"resumable (tus): {len(tus_uploads.live)} live kept; {len(tus_uploads.expired)} "
             f"expired, {done} {len(tus_uploads.removed if args.execute else tus_uploads.expired)}"
         )
+    if claims:
+        done = "removed" if args.execute else "would remove"
+        print(f"presigned-complete claims: {claims} lapsed, {done} {claims}")
     found, aborted, failed = len(result.found), len(result.aborted), len(result.errors)
     if args.execute:
         print(f"{found} orphaned uploads found; aborted {aborted}, failed {failed}")

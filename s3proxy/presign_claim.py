@@ -13,20 +13,32 @@ written with ``If-None-Match: *`` before the complete's first S3 call and delete
 ``If-Match``, only our own) once it has decided: answered, and every delete it owes
 done. Another complete of the upload meanwhile is refused 409 COMPLETE_IN_PROGRESS.
 
-A claim whose instance died lapses: ``until`` (the writer's wall clock, plus
-``--cleanup-clock-skew`` when another instance judges it) is ``lease`` seconds on, the
-longest a complete can take to decide by the settings (``lease``). The next complete then
-takes it over (``If-Match`` on the lapsed one, so only one does). A complete that is
-still alive past its lease (the bound broken: a stalled process) must not delete any
-more: ``Claim.may_delete`` counts the lease on this process's monotonic clock from
-before the claim was written, and keeps a margin for the delete itself to land. So
-whatever the timing, no complete answers 200 for an object another may still delete.
+A claim is held on a short lease, renewed while the complete runs, as a tus PATCH holds
+its lock: every third of ``lease`` the holder rewrites it (``If-Match`` its ETag) with
+``until`` (its wall clock, plus ``--cleanup-clock-skew`` when another instance judges it)
+``lease`` seconds on. A claim whose instance died so lapses ``lease`` after its last
+renewal, whatever the complete was doing (its S3 calls, its webhook), and the next
+complete takes it over (``If-Match`` on the lapsed one, so only one does). A holder must
+not delete anything another complete may answer 200 for: ``Claim.may_delete`` counts the
+lease on this process's monotonic clock from before the last renewal S3 acknowledged, and
+keeps a margin (``delete_bound``) for the delete itself to land; a renewal refused (the
+claim lapsed and was taken over: lost) or failing for long stops its deletes. So whatever
+the timing, no complete answers 200 for an object another may still delete. The lease is
+only long enough that a renewal with one attempt timed out still keeps the holder
+deleting (``lease``): about 10 minutes with the defaults.
+
+A claim write whose answer was lost may be carried out by S3 after the release deleted
+the claim (a request held on the way): the claim would stand with nobody to release it,
+and every retry of the complete be refused till it lapsed (reprobe9a F5). So a release
+after such a write is made again later (``janitor.recheck_late``), by owner: only a claim
+carrying this complete's owner goes. Renewals and take-overs write with ``If-Match``: they
+never bring a deleted claim back.
 
 Why not the object's age instead (HeadObject's Date minus its Last-Modified, all on S3's
 clock)? On AWS a multipart object's Last-Modified is when its upload was *created*, not
 completed (lakeFS #8303): an upload made an hour ago and completed just now looks an hour
-old. Completes are rare (one per large file), so the two small calls of a claim cost
-nothing that shows.
+old. Completes are rare (one per large file), so the two small calls of a claim (and a
+renewal every few minutes of a long one) cost nothing that shows.
 """
 
 from __future__ import annotations
@@ -44,18 +56,18 @@ from dataclasses import dataclass, field
 
 from s3proxy import limits
 from s3proxy.errors import COMPLETE_IN_PROGRESS, ProxyError
-from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor, Kind, run_cleanup
+from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor, Kind, recheck_late, run_cleanup
 from s3proxy.keys import RESERVED_NAMESPACE
 from s3proxy.s3 import (
     NoSuchKey,
     ObjectOptions,
     ObjectStore,
     PreconditionFailed,
+    Written,
     object_pages,
     read_small,
 )
 from s3proxy.settings import Settings
-from s3proxy.webhook import MAX_DELAY
 
 log = logging.getLogger("s3proxy.presign")
 
@@ -78,20 +90,39 @@ def delete_bound(s: Settings) -> float:
     return min(CLEANUP_TIMEOUT, limits.s3_call_time(s)) + 2 * s.s3_read_timeout
 
 
-def webhook_time(s: Settings) -> float:
-    """The longest a completion webhook delivery takes: every attempt its full timeout, and
-    the longest wait between attempts (``webhook.MAX_DELAY``, Retry-After included)."""
-    if s.webhook_url is None:
-        return 0.0
-    return s.webhook_attempts * s.webhook_timeout + (s.webhook_attempts - 1) * MAX_DELAY
+def renew_time(s: Settings) -> float:
+    """Seconds a renewal takes while S3 is slow but there: one attempt that waits out its
+    connect and read timeouts, and the retry that gets through (the margin's)."""
+    return s.s3_connect_timeout + s.s3_read_timeout
 
 
 def lease(s: Settings) -> float:
-    """Seconds a complete may hold its claim: its S3 calls before the last delete it may
-    make (ListParts, Complete, HeadObject; each every attempt's full timeouts), the webhook
-    delivery, that delete landing, and a margin. With the defaults about 40 minutes: that
-    is how long a retry waits (409) after an instance died mid-complete. Pure."""
-    return 3 * limits.s3_call_time(s) + webhook_time(s) + delete_bound(s) + MARGIN
+    """Seconds a claim stands after its last renewal: how long a retry waits (409) after an
+    instance died mid-complete, about 10 minutes with the defaults. Renewed every third of
+    it (``renew_every``), the last acknowledged renewal began at most a third plus
+    ``renew_time`` ago, and the holder may delete while ``delete_bound`` of it is left:
+    ``lease - lease / 3 - renew_time >= delete_bound``. Not how long a complete takes (its
+    S3 calls, its webhook): the renewals cover that, however many calls it makes. Pure."""
+    return 1.5 * (delete_bound(s) + renew_time(s)) + MARGIN
+
+
+def renew_every(seconds: float) -> float:
+    """Seconds between renewals of a claim on a lease of ``seconds``: a third, as tus's
+    lock is renewed. Pure."""
+    return seconds / 3
+
+
+def stands(now: float, ends: float, bound: float) -> bool:
+    """Does a claim whose lease ends at ``ends`` (the holder's clock) stand until a delete
+    sent at ``now`` has landed (``bound``: ``delete_bound``)? Pure."""
+    return now + bound < ends
+
+
+def hold_steps(hold: float, every: float) -> tuple[float, ...]:
+    """When the janitor renews a claim held after its request ended (``every`` seconds),
+    and, at the last, releases it (``hold`` seconds on). Pure."""
+    steps = [every * n for n in range(1, math.ceil(hold / every))] if every > 0 else []
+    return (*steps, max(hold, 0.0))
 
 
 def lapsed(until: float, now: float, skew: float) -> bool:
@@ -136,20 +167,27 @@ class Claim:
     key: str
     lease: float
     bound: float  # ``delete_bound``: how long before its end a holder stops deleting
+    window: float = 0.0  # 2 x --s3-read-timeout: rechecks of a write of ours that may land late
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
     etag: str | None = None
-    ends: float = 0.0  # loop time the lease ends, counted from before the claim was sent
+    ends: float = 0.0  # loop time the lease ends, from before its last acknowledged write
     released: bool = False
+    lost: bool = False  # a renewal found it taken over: it lapsed (this process stalled)
+    late: bool = False  # a write of ours went unanswered: it may land after the release
     hold_for: float = 0.0  # seconds to hold it after the request ends (rechecks owed)
+    upload: tuple[str, str] = ("", "")  # the key and upload id it claims
+    _task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _renewing: bool = False
 
     def may_delete(self) -> bool:
         """May the holder delete the object now? Only while no other complete can take the
         claim over before the delete has landed."""
-        if self.released:
+        if self.released or self.lost:
             return False
-        return asyncio.get_running_loop().time() + self.bound < self.ends
+        return stands(asyncio.get_running_loop().time(), self.ends, self.bound)
 
-    def _body(self, until: float, key: str, upload_id: str) -> bytes:
+    def _body(self, until: float) -> bytes:
+        key, upload_id = self.upload
         doc = {"owner": self.owner, "until": until, "key": key, "upload_id": upload_id}
         return json.dumps(doc).encode("utf-8", "surrogateescape")
 
@@ -161,11 +199,25 @@ class Claim:
         return parse(raw, etag)
 
     async def take(self, key: str, upload_id: str, skew: float, janitor: Janitor | None) -> None:
-        """Write the claim, or take over a lapsed one; 409 COMPLETE_IN_PROGRESS if another
-        complete holds it. An attempt whose answer was lost is recognised by its owner."""
+        """Write the claim, or take over a lapsed one, and renew it from then on; 409
+        COMPLETE_IN_PROGRESS if another complete holds it. An attempt whose answer was lost
+        is recognised by its owner. Any other failure releases what may have landed, and
+        again later: a write of ours may still land."""
+        self.upload = (key, upload_id)
+        try:
+            await self._write(skew)
+        except BaseException as exc:
+            if not (isinstance(exc, ProxyError) and exc.kind is COMPLETE_IN_PROGRESS):
+                self.late = True  # it may have landed, or land yet (an error, a cancellation)
+                await self.release(janitor)
+            raise
+        self._task = asyncio.create_task(self._renew(), name=f"claim-{self.key}")
+
+    async def _write(self, skew: float) -> None:
+        loop = asyncio.get_running_loop()
         for _ in range(2):  # once more if the other's claim went away as we looked
-            started = asyncio.get_running_loop().time()
-            body = self._body(time.time() + self.lease, key, upload_id)
+            started = loop.time()
+            body = self._body(time.time() + self.lease)
             try:
                 written = await self.sink.put(self.key, [body], _OPTIONS, if_none_match=True)
             except PreconditionFailed:
@@ -176,14 +228,13 @@ class Claim:
                     if not lapsed(found.until, time.time(), skew):
                         raise in_progress(found.until + skew - time.time()) from None
                     await self._take_over(found, body)
-                    log.info("presign.claim_taken_over key=%s upload_id=%s", key, upload_id)
+                    log.info("presign.claim_taken_over key=%s upload_id=%s", *self.upload)
                 else:
-                    self.etag = found.etag  # our own, its answer lost
-            except BaseException:
-                await self.release(janitor)  # it may have landed (an error, a cancellation)
-                raise
+                    self.etag = found.etag  # our own, its answer lost: another may land yet
+                    self.late = True
             else:
                 self.etag = written.etag
+                self.late = written.may_land_late
             self.ends = started + self.lease
             return
         raise in_progress()
@@ -198,6 +249,65 @@ class Claim:
             self.etag = mine.etag
             return
         self.etag = written.etag
+
+    async def _renew(self) -> None:
+        """Renew every third of the lease, from the start of one renewal to the next."""
+        loop = asyncio.get_running_loop()
+        every = renew_every(self.lease)
+        last = self.ends - self.lease  # the take began then
+        while not self.lost:
+            await asyncio.sleep(max(0.0, last + every - loop.time()))
+            last = loop.time()
+            await self.renew()
+
+    async def renew(self) -> None:
+        """Rewrite the claim ``lease`` seconds on (If-Match its ETag). ``ends`` moves only
+        when S3 acknowledged it. Refused, the claim was taken over (it lapsed: this process
+        stalled) and is lost: the holder deletes nothing more. A failure only logs: the
+        next renewal may get through, and meanwhile the lease runs out on its own."""
+        started = asyncio.get_running_loop().time()
+        body = self._body(time.time() + self.lease)
+        self._renewing = True
+        try:
+            written = await self._put_own(body)
+        except (PreconditionFailed, NoSuchKey):
+            self.lost = True
+            log.warning(
+                "presign.claim_lost key=%s upload_id=%s; this complete deletes nothing more",
+                *self.upload,
+            )
+            return
+        except ProxyError as err:
+            self.late = True  # it may land yet
+            log.warning("presign.claim_renew_failed key=%s error=%s", self.upload[0], err)
+            return
+        finally:
+            self._renewing = False
+        self.late = self.late or written.may_land_late
+        self.ends = max(self.ends, started + self.lease)
+
+    async def _put_own(self, body: bytes) -> Written:
+        """Write ``body`` over the claim we hold; PreconditionFailed or NoSuchKey only if
+        it is not ours any more. A renewal of ours that landed unseen (its answer lost, or
+        cut by a release) left a newer ETag: still ours, by its owner."""
+        try:
+            return await self.sink.put(self.key, [body], _OPTIONS, if_match=self.etag)
+        except (PreconditionFailed, NoSuchKey):
+            found = await self._read()
+            if found is None or found.owner != self.owner:
+                raise
+            self.etag = found.etag
+            return await self.sink.put(self.key, [body], _OPTIONS, if_match=found.etag)
+
+    def _stop(self) -> None:
+        """Stop renewing. A renewal cut on its way may still land: only over our own claim
+        (If-Match), which the release then finds by its owner, and again later."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if self._renewing:
+            self.late = True
+        task.cancel()
 
     def guarded(
         self, delete: Callable[[], Awaitable[None]], what: str
@@ -220,42 +330,80 @@ class Claim:
     async def release(self, janitor: Janitor | None) -> None:
         """Delete the claim if it is still ours (If-Match), to its end even if the caller
         is cancelled, within the shutdown's deadline; a failure goes to the janitor (the
-        claim lapses anyway). From here on, the holder deletes nothing."""
+        claim lapses anyway). From here on, the holder deletes nothing. After a write of
+        ours that may land late, made again later (``recheck_late``), by owner."""
         self.released = True
+        self._stop()
+        what = f"claim key={self.key}"
+        await run_cleanup(lambda: self._drop(self.etag), what, janitor, kind=Kind.CLAIM)
+        if self.late:
+            recheck_late(janitor, lambda: self._drop(None), what, self.window)
 
-        async def drop() -> None:
-            etag = self.etag
-            if etag is None:
-                found = await self._read()
-                if found is None or found.owner != self.owner:
-                    return
-                etag = found.etag
-            with contextlib.suppress(PreconditionFailed):
+    async def _drop(self, etag: str | None) -> None:
+        """Delete the claim at ``etag``; if that is stale or unknown (None), at the ETag
+        read back while the claim carries our owner. Safe to repeat: another's stays."""
+        if etag is not None:
+            try:
                 await self.sink.delete(self.key, if_match=etag)
-
-        await run_cleanup(drop, f"claim key={self.key}", janitor, kind=Kind.CLAIM)
+                return
+            except PreconditionFailed:
+                pass  # a write of ours landed unseen, or another took it over
+        found = await self._read()
+        if found is None or found.owner != self.owner:
+            return
+        with contextlib.suppress(PreconditionFailed):
+            await self.sink.delete(self.key, if_match=found.etag)
 
     def release_after(self, janitor: Janitor | None, delay: float) -> None:
         """Release ``delay`` seconds on (after the rechecks of a write that may land late),
-        holding the claim till then. Dropped at shutdown: the claim then lapses."""
+        holding the claim till then: the janitor renews it meanwhile. Dropped at shutdown:
+        the claim then lapses within its lease."""
+        self._stop()
         if janitor is None:
             return
-        janitor.again_after(lambda: self.release(janitor), f"claim key={self.key}", (delay,))
+        steps = hold_steps(delay, renew_every(self.lease))
+        left = len(steps)
+
+        async def step() -> None:
+            nonlocal left
+            left -= 1
+            if left == 0:
+                await self.release(janitor)
+            elif not self.lost:
+                await self.renew()
+
+        janitor.again_after(step, f"claim key={self.key}", steps)
 
 
 def new_claim(sink: ObjectStore, settings: Settings, key: str, upload_id: str) -> Claim:
-    return Claim(sink, claim_key(key, upload_id), lease(settings), delete_bound(settings))
+    return Claim(
+        sink,
+        claim_key(key, upload_id),
+        lease(settings),
+        delete_bound(settings),
+        window=2 * settings.s3_read_timeout,
+    )
 
 
-async def sweep(sink: ObjectStore, now: float, skew: float) -> int:
-    """Delete lapsed claims (their holder died and no retry took them over); how many.
-    Only the version read (If-Match): one taken over meanwhile stays."""
+async def sweep(sink: ObjectStore, now: float, skew: float, *, dry_run: bool = False) -> int:
+    """Delete lapsed claims (their holder died and no retry took them over), unless
+    ``dry_run``; how many (found, in a dry run). Only the version read (If-Match): one
+    taken over or renewed meanwhile stays. Serve's periodic sweep and ``s3proxy cleanup``."""
     removed = 0
     async for page in object_pages(sink, PREFIX):
         for info in page:
             with contextlib.suppress(NoSuchKey, PreconditionFailed):
                 raw, etag = await read_small(sink, info.key)
-                if lapsed(parse(raw, etag).until, now, skew):
+                found = parse(raw, etag)
+                if not lapsed(found.until, now, skew):
+                    continue
+                if not dry_run:
                     await sink.delete(info.key, if_match=etag)
-                    removed += 1
+                removed += 1
+                log.info(
+                    "cleanup.claim key=%s until=%.0f action=%s",
+                    info.key,
+                    found.until,
+                    "would-remove" if dry_run else "removed",
+                )
     return removed

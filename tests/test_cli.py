@@ -9,18 +9,28 @@ checks that stderr is one line with no traceback.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from s3proxy.presign_claim import PREFIX as PRESIGN_PREFIX
 from tests.faults import Fault, FaultyS3
-from tests.s3util import MotoServer, fake_aws_env, free_port, open_uploads, open_uploads_async
+from tests.s3util import (
+    MotoServer,
+    all_keys,
+    fake_aws_env,
+    free_port,
+    open_uploads,
+    open_uploads_async,
+)
 
 SECRET = "s" * 32
 
@@ -236,6 +246,32 @@ def test_cleanup_sweeps_serves_scope_from_its_environment(
     finally:
         for up in open_uploads(s3, bucket):
             s3.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+
+
+def test_cleanup_lists_and_removes_lapsed_presign_claims(
+    moto: MotoServer, bucket: str, s3: Any
+) -> None:
+    """reprobe9a F7: the CLI neither listed nor deleted a presigned complete's claim that
+    had lapsed 5 minutes before (serve's sweep did). Now a dry run counts it and
+    --execute removes it; a live claim stays."""
+    lapsed, live = PRESIGN_PREFIX + "lapsed", PRESIGN_PREFIX + "live"
+    for key, until in ((lapsed, time.time() - 300), (live, time.time() + 300)):
+        body = json.dumps({"owner": "o", "until": until}).encode()
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    flags = ("--endpoint-url", moto.endpoint_url, "--bucket", bucket)
+    try:
+        proc = cli("cleanup", *flags, "--cleanup-clock-skew", "1s")
+        assert proc.returncode == 0, proc.stderr
+        assert "presigned-complete claims: 1 lapsed, would remove 1" in proc.stdout
+        assert {lapsed, live} <= set(all_keys(s3, bucket))
+        proc = cli("cleanup", *flags, "--cleanup-clock-skew", "1s", "--execute")
+        assert proc.returncode == 0, proc.stderr
+        assert "presigned-complete claims: 1 lapsed, removed 1" in proc.stdout
+        keys = all_keys(s3, bucket)
+        assert live in keys and lapsed not in keys
+    finally:
+        for key in (lapsed, live):
+            s3.delete_object(Bucket=bucket, Key=key)
 
 
 def test_cleanup_finds_the_embedded_store_on_the_port_it_recorded(

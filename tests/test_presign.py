@@ -9,6 +9,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +26,7 @@ from botocore.config import Config
 from s3proxy import presign, presign_claim
 from s3proxy.app import create_app
 from s3proxy.embedded import EmbeddedStore
+from s3proxy.errors import COMPLETE_IN_PROGRESS, ProxyError
 from s3proxy.settings import Settings
 from s3proxy.state import STATE
 from s3proxy.tokens import issue
@@ -1163,12 +1165,184 @@ async def test_a_lapsed_claim_is_taken_over_and_a_live_one_refuses(
     await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
 
 
-def test_the_lease_covers_every_call_before_the_last_delete() -> None:
-    """With the defaults: 3 S3 calls of 5 x (10 s + 120 s), the webhook's 5 x 10 s and
-    4 waits of at most 30 s, the delete (30 s, plus 240 s to land), a margin: ~40 min."""
-    s = Settings(webhook_url="http://hook.example/")
-    assert presign_claim.lease(s) == 3 * 650 + (50 + 120) + (30 + 240) + 5
-    assert presign_claim.lease(Settings()) == 3 * 650 + (30 + 240) + 5
+@pytest.mark.parametrize(
+    ("settings", "lease"),
+    [
+        # the defaults: the delete (30 s, plus 240 s to land) and one renewal attempt
+        # (10 s + 120 s), times 1.5, and a margin: ~10 min (it was ~40, 3 S3 calls of
+        # 5 x (10 s + 120 s), the webhook, the delete: reprobe9a F5 and its note)
+        ({}, 1.5 * ((30 + 240) + (10 + 120)) + 5),
+        # the webhook's attempts and waits do not lengthen it: renewals cover them
+        ({"webhook_url": "http://hook.example/"}, 1.5 * ((30 + 240) + (10 + 120)) + 5),
+        ({"s3_read_timeout": 30.0}, 1.5 * ((30 + 60) + (10 + 30)) + 5),
+        # an S3 call shorter than a cleanup's 30 s bounds the delete instead
+        (
+            {"s3_read_timeout": 2.0, "s3_connect_timeout": 1.0, "s3_max_attempts": 1},
+            1.5 * ((3 + 4) + (1 + 2)) + 5,
+        ),
+    ],
+    ids=["defaults", "webhook", "read-30s", "fast"],
+)
+def test_the_lease_is_short_and_a_renewed_holder_may_still_delete(
+    settings: dict[str, Any], lease: float
+) -> None:
+    """The lease stands from the last renewal: a third on, another renewal begins; with one
+    attempt of it timed out (``renew_time``) the holder still has ``delete_bound`` left."""
+    s = Settings(**settings)
+    assert presign_claim.lease(s) == pytest.approx(lease)
+    every = presign_claim.renew_every(presign_claim.lease(s))
+    left = presign_claim.lease(s) - every - presign_claim.renew_time(s)
+    assert left >= presign_claim.delete_bound(s)
+    assert presign_claim.stands(0.0, left, presign_claim.delete_bound(s))
+
+
+@pytest.mark.parametrize(
+    ("now", "ends", "bound", "stands"),
+    [(0, 10, 5, True), (5, 10, 5, False), (4.9, 10, 5, True), (11, 10, 0, False)],
+)
+def test_a_claim_stands_for_a_delete_only_if_it_lands_before_the_lease_ends(
+    now: float, ends: float, bound: float, stands: bool
+) -> None:
+    assert presign_claim.stands(now, ends, bound) is stands
+
+
+@pytest.mark.parametrize(
+    ("hold", "every", "steps"),
+    [
+        (10, 3, (3, 6, 9, 10)),
+        (9, 3, (3, 6, 9)),
+        (2, 3, (2,)),
+        (0, 3, (0,)),
+    ],
+)
+def test_a_held_claim_is_renewed_until_its_release(
+    hold: float, every: float, steps: tuple[float, ...]
+) -> None:
+    """After its request, a claim held for rechecks is renewed by the janitor every
+    ``every`` seconds; the last step releases it."""
+    assert presign_claim.hold_steps(hold, every) == steps
+
+
+def _short_claim(sink: Any, key: str, lease: float = 1.5) -> presign_claim.Claim:
+    claim = presign_claim.Claim(sink, presign_claim.PREFIX + key, lease, 0.2)
+    claim.window = 0.3  # rechecks 0.3 s and 1.2 s on
+    return claim
+
+
+async def test_a_claim_is_renewed_while_its_complete_runs(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    """A claim on a 1.5 s lease, held 3 s (a long complete): still its holder's, refusing
+    another complete (409, the countdown within the lease), and its holder may delete; its
+    release removes it. Before, the lease was fixed at the take: past it another complete
+    took the claim over while the first still ran."""
+    proxy = await proxy_factory()
+    sink = proxy.app[STATE].require_sink()
+    held = _short_claim(sink, "renewed")
+    await held.take("k", "u", 0.0, None)
+    await asyncio.sleep(3.0)
+    assert held.may_delete() and not held.lost
+    other = _short_claim(sink, "renewed")
+    with pytest.raises(ProxyError) as refused:
+        await other.take("k", "u", 0.0, None)
+    assert refused.value.kind is COMPLETE_IN_PROGRESS
+    countdown = re.search(r"if its instance died: in (\d+) s", refused.value.message)
+    assert countdown is not None and int(countdown[1]) <= 2, refused.value.message
+    await held.release(None)
+    assert presign_claim.PREFIX + "renewed" not in await stored_keys(s3, bucket)
+
+
+async def test_a_claim_taken_over_is_lost_and_its_holder_deletes_nothing(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    """A holder that stalled past its lease finds at its next renewal that another
+    complete took the claim over: it deletes nothing more, and its release leaves the
+    other's claim alone."""
+    proxy = await proxy_factory()
+    sink = proxy.app[STATE].require_sink()
+    held = _short_claim(sink, "lost")
+    await held.take("k", "u", 0.0, None)
+    body = json.dumps({"owner": "another", "until": time.time() + 60}).encode()
+    await asyncio.to_thread(
+        s3.put_object, Bucket=bucket, Key=presign_claim.PREFIX + "lost", Body=body
+    )
+    await eventually(lambda: held.lost, within=3, what="the renewal finding it lost")
+    assert not held.may_delete()
+    await held.release(None)
+    got = await asyncio.to_thread(s3.get_object, Bucket=bucket, Key=presign_claim.PREFIX + "lost")
+    assert json.loads(got["Body"].read())["owner"] == "another"
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=presign_claim.PREFIX + "lost")
+
+
+async def test_a_claim_held_for_rechecks_is_renewed_by_the_janitor(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    """A complete whose Complete may land late holds its claim after the request for the
+    rechecks (``release_after``): renewed meanwhile (it outlasts its 1.5 s lease, its
+    holder may still delete), released at the end of the hold."""
+    proxy = await proxy_factory()
+    sink = proxy.app[STATE].require_sink()
+    janitor = proxy.app[STATE].janitor
+    held = _short_claim(sink, "held")
+    await held.take("k", "u", 0.0, janitor)
+    held.release_after(janitor, 3.5)
+    await asyncio.sleep(2.5)
+    assert held.may_delete()
+    with pytest.raises(ProxyError):
+        await _short_claim(sink, "held").take("k", "u", 0.0, None)
+    await eventually(
+        lambda: stored_keys(s3, bucket),
+        until=lambda keys: presign_claim.PREFIX + "held" not in keys,
+        within=5,
+        what="the release at the end of the hold",
+    )
+    assert not held.may_delete()
+
+
+@pytest.mark.parametrize("attempts", [1, 2], ids=["complete-failed", "complete-retried"])
+async def test_a_claim_written_late_is_released_again_later(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, attempts: int
+) -> None:
+    """reprobe9a F5: S3 holds the claim's PutObject past --s3-read-timeout and then stores
+    it. With one attempt the complete answers 504 and its release finds nothing yet; with
+    two, the retry writes the claim, the complete answers 200 and releases it, and the
+    first attempt lands after. Either way a claim nobody holds stood, and every retry was
+    409 COMPLETE_IN_PROGRESS until it lapsed (lease and clock skew: over a minute here, ~40
+    min with the defaults). Now
+    the release is made again 2 x and 8 x --s3-read-timeout later: a retry soon gets 200."""
+
+    held = asyncio.Event()  # S3 holds the first attempt until the complete has answered
+
+    def rule(op: str, n: int) -> Fault | None:
+        return Fault(until=held) if (op, n) == ("PutObject:claim", 1) else None
+
+    async with FaultyS3(moto.endpoint_url, rule, name=claim_operation) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            key_template="uploads/{uuid}/{filename}",
+            s3_read_timeout=1.0,
+            s3_connect_timeout=1.0,
+            s3_max_attempts=attempts,
+        )
+        ref = await _multipart_done(proxy, s3, bucket)
+        where = presign_claim.claim_key(ref["key"], ref["upload_id"])
+        first, out = await call(proxy, "/sign/multipart/complete", ref, {})
+        assert (first, first == 200 or code(out)) == (
+            (504, "UPSTREAM_TIMEOUT") if attempts == 1 else (200, True)
+        ), out
+        held.set()
+        await eventually(
+            lambda: stored_keys(s3, bucket),
+            until=lambda keys: where in keys,
+            within=5,
+            what="the claim written late",
+        )
+        landed = time.monotonic()
+        again, out = await complete_until_decided(proxy, ref, within=12)
+        waited = time.monotonic() - landed
+    assert again == 200, out
+    assert waited < 6, waited  # the recheck 2 s after the release; before, over a minute
+    assert await stored_keys(s3, bucket) == [ref["key"]]
 
 
 # --- a Complete carried out after its answer was lost (reprobe9a) -------------------
