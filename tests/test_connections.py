@@ -398,6 +398,7 @@ async def flood_and_upload(
     proxy = start_limited(moto, bucket, log, nofile, "--header-timeout", "2")
     proc, port = proxy.proc, proxy.port
     url = f"http://127.0.0.1:{port}"
+    flood: list[asyncio.StreamWriter] = []
     try:
         data = os.urandom(12 * MiB)
         raw = bodies.body([bodies.file("f", "big.bin", data)])
@@ -405,13 +406,13 @@ async def flood_and_upload(
         writer.write(bodies.request_head(len(raw)) + raw[: 6 * MiB])  # an upload in flight
         await writer.drain()
         size_before = log.stat().st_size
-        flood: list[asyncio.StreamWriter] = []
         for _ in range(sockets):  # idle sockets and slow heads, half and half
             with contextlib.suppress(OSError):
                 _, w = await asyncio.open_connection("127.0.0.1", port)
                 if len(flood) % 2:
                     w.write(b"GET /healthz HTTP/1.1\r\n")
                 flood.append(w)
+        flooded = time.monotonic()
         # asyncio accepts a burst of connections at once and closes the refused ones on a
         # later pass, so the count can touch the limit for a moment (an accept then fails
         # and is retried a second later: README "File descriptors"); what must hold is that
@@ -431,6 +432,12 @@ async def flood_and_upload(
             await writer.drain()
             resp_raw = await asyncio.wait_for(reader.read(65536), 30)
             assert resp_raw.startswith(b"HTTP/1.1 201"), resp_raw
+        # Until the slow heads time out they may hold every served slot (none of them is
+        # idle), and the /healthz above may have been answered from the reserve, whose
+        # kept-alive connection answers nothing else (503 OVERLOADED, by design): a new
+        # upload is served on a new connection once the heads' --header-timeout is past.
+        await asyncio.sleep(max(0.0, flooded + 2.5 - time.monotonic()))
+        async with aiohttp.ClientSession() as session:
             started = time.monotonic()
             async with session.post(
                 url + "/upload", data=io.BytesIO(raw), headers=bodies.headers()
@@ -446,14 +453,14 @@ async def flood_and_upload(
             "upload_12mib_s": upload_s,
             "log_bytes": logged,
         }
-        for w in flood:
-            w.close()
         writer.close()
         text = log.read_text()
         assert "Traceback" not in text, text[-3000:]
         assert "nofile_soft" in text
         return figures
     finally:
+        for w in flood:  # also when it failed: unclosed, they fail the next test
+            w.close()
         proc.terminate()
         proc.wait(30)
 
