@@ -889,7 +889,7 @@ class ProxyRequestHandler(RequestHandler):
                         self._line = None
                         if self._past_body(len(piece)) > 0:
                             self._head_came()
-                else:
+                elif piece:  # (resume_reading calls data_received with no bytes)
                     self._head_came()
                     if self._judge_line(piece):
                         return
