@@ -748,14 +748,14 @@ async def _complete(
             f"delete key={key} reason=size_unchecked",
             ctx.state.janitor,
             kind=Kind.OBJECT_SIZE_UNCHECKED,
-            retry=lambda: _hold_later(ctx, key, listed),
+            retry=lambda: _hold_later(ctx, key, upload_id, listed),
         )
         log.info("presign.size_unchecked key=%s upload_id=%s action=delete", key, upload_id)
         raise
     late = written.may_land_late
     out = await _held_to_size(ctx, key, upload_id, head, len(found), late=late)
     progress.stage = "notifying"
-    return await _answer(ctx, claim, out, head, late=late, ours=True, parts=listed)
+    return await _answer(ctx, claim, out, head, upload_id, late=late, ours=True, parts=listed)
 
 
 def _again_later(
@@ -790,26 +790,33 @@ async def _done_meanwhile(
     checked against the client's ``parts`` (400 if they cannot have made it) and held to
     its size as a retried complete would; None if there is none, and the refusal stands.
     Only this upload's object is found (``_completed_object``; on a shared key by the
-    parts S3 ``listed`` before the Complete, else the client's). It is not rolled back if
-    the webhook fails: the complete that made it may have answered 200 for it."""
+    parts S3 ``listed`` before the Complete, else the client's, and, where S3 listed them
+    and so may not have completed this upload, only once it no longer lists the upload).
+    It is not rolled back if the webhook fails: the complete that made it may have
+    answered 200 for it."""
     claimed = _claimed_parts(body)
-    head = await _completed_object(ctx, key, claimed if listed is None else listed)
+    open_until = None if listed is None else upload_id  # no listing: S3 said it is gone
+    head = await _completed_object(ctx, key, claimed if listed is None else listed, open_until)
     if head is None:
         return None
     if claimed is not None and parts_make_etag(claimed, head.etag) is False:
         raise ProxyError(INVALID_REQUEST, PARTS_DIFFER)
     out = await _held_to_size(ctx, key, upload_id, head, late=late)
-    return await _answer(ctx, claim, out, head, late=late, ours=False)
+    return await _answer(ctx, claim, out, head, upload_id, late=late, ours=False)
 
 
 async def _completed_object(
-    ctx: Context, key: str, parts: Mapping[int, str] | None
+    ctx: Context, key: str, parts: Mapping[int, str] | None, upload_id: str | None = None
 ) -> ObjectHead | None:
     """The object this presigned upload's complete made at ``key``, if it stands: one with
     the signed size in its metadata (one of ours), and where keys are shared (no
     ``{uuid}``) only one whose multipart ETag these ``parts`` make (``parts_make_etag``:
     the same parts, so this upload's bytes; another client's object there is not ours, and
-    with no parts to tell it, none is). S3's failures propagate."""
+    with no parts to tell it, none is). Another client's upload of the same bytes makes
+    the same ETag (reprobe10a N1: 200 for its object, judged by its signed size, even
+    deleted), so ``upload_id``, given where S3 may not have completed this upload, must
+    be gone too (``_upload_open``): while S3 lists it, its Complete was refused or never
+    carried out, and the object is another's. S3's failures propagate."""
     if not ctx.writes.unique_keys and not parts:
         return None
     try:
@@ -818,39 +825,74 @@ async def _completed_object(
         return None
     if SIZE_META not in head.metadata:
         return None
-    if not ctx.writes.unique_keys and parts and parts_make_etag(parts, head.etag) is not True:
+    if ctx.writes.unique_keys:
+        return head
+    if not parts or parts_make_etag(parts, head.etag) is not True:
+        return None
+    if upload_id is not None and await _upload_open(ctx, key, upload_id):
+        log.info(
+            "presign.not_ours key=%s upload_id=%s reason=upload_open; the object there is "
+            "another upload's of the same bytes",
+            key,
+            upload_id,
+        )
         return None
     return head
 
 
-async def _hold_later(ctx: Context, key: str, parts: Mapping[int, str] | None = None) -> None:
+async def _upload_open(ctx: Context, key: str, upload_id: str) -> bool:
+    """Does S3 still list this upload with its parts? Then no Complete of it has been
+    carried out (SeaweedFS lists no parts for a moment after one: that counts as done)."""
+    try:
+        return bool(await ctx.sink.list_parts(key, upload_id, max_parts=1))
+    except NoSuchUpload:
+        return False
+
+
+async def _hold_later(
+    ctx: Context,
+    key: str,
+    upload_id: str,
+    parts: Mapping[int, str] | None = None,
+    *,
+    completed: bool = True,
+) -> None:
     """The janitor's retry of a failed complete's delete, or its check of a Complete that
     may have landed after the complete answered: hold the object to its size as a retried
     complete would (delete it if wrong, keep it if right: that complete may have answered
     200 for it). A kept object is told to the webhook, so the application hears of it even
     if no complete is retried (at least once: a retried one told it too); its failure then
     only logs, as ``--webhook-failure keep`` would: a retried complete may have reported
-    the object stored. On a shared key only this upload's object (``parts``) is touched."""
+    the object stored. On a shared key only this upload's object (``parts``) is touched,
+    and, unless its Complete is known ``completed``, only once S3 no longer lists the
+    upload (``_completed_object``)."""
     if ctx.writes.unique_keys:
         try:
             head = await ctx.sink.head(key)
         except NoSuchKey:
             return
-    elif (found := await _completed_object(ctx, key, parts)) is None:
-        return
-    else:
+    elif found := await _completed_object(ctx, key, parts, None if completed else upload_id):
         head = found
+    else:
+        return
     signed = head.metadata.get(SIZE_META, "")
     readable = signed.isascii() and signed.isdigit() and len(signed) <= 20
     if not readable or int(signed) == head.length:  # as _held_to_size judges it
-        log.info("presign.checked_later key=%s size=%d action=kept", key, head.length)
+        log.info(
+            "presign.checked_later key=%s upload_id=%s size=%d action=kept",
+            key,
+            upload_id,
+            head.length,
+        )
         if ctx.state.webhook is not None:
-            out = await _held_to_size(ctx, key, "", head)
+            out = await _held_to_size(ctx, key, upload_id, head)
             body = {"files": [completed_file(out, head)], "fields": {}}
             await notify(ctx.state, body, keep=True)
         return
     await _version_deleter(ctx, key, head)()
-    log.info("presign.checked_later key=%s signed=%s action=deleted", key, signed)
+    log.info(
+        "presign.checked_later key=%s upload_id=%s signed=%s action=deleted", key, upload_id, signed
+    )
 
 
 def _check_later(ctx: Context, key: str, upload_id: str, listed: Mapping[int, str]) -> None:
@@ -880,10 +922,14 @@ async def _check_claimed(ctx: Context, key: str, upload_id: str, listed: Mapping
     except ProxyError as exc:
         if exc.kind is not COMPLETE_IN_PROGRESS:
             raise
-        log.info("presign.checked_later key=%s action=none reason=complete_in_progress", key)
+        log.info(
+            "presign.checked_later key=%s upload_id=%s action=none reason=complete_in_progress",
+            key,
+            upload_id,
+        )
         return
     try:
-        await _hold_later(ctx, key, listed)
+        await _hold_later(ctx, key, upload_id, listed, completed=False)
     finally:
         await claim.release(janitor)
 
@@ -987,6 +1033,7 @@ async def _answer(
     claim: Claim,
     out: dict[str, Any],
     head: ObjectHead,
+    upload_id: str,
     *,
     late: bool = False,
     ours: bool,
@@ -1031,7 +1078,7 @@ async def _answer(
                 f"rollback key={key}",
                 state.janitor,
                 kind=Kind.OBJECT,
-                retry=lambda: _hold_later(ctx, key, parts),
+                retry=lambda: _hold_later(ctx, key, upload_id, parts),
             )
             if late:
                 _again_later(ctx, delete, key, hold=claim)

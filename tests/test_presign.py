@@ -1530,3 +1530,132 @@ async def test_parts_lists_are_read_alike_on_a_first_complete_and_a_retry(
     status, out = await call(proxy, "/sign/multipart/complete", twice, {})
     assert (status, code(out)) == (400, "INVALID_REQUEST"), out
     await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+# --- shared keys: another upload of the same bytes (reprobe10a N1) -------------------
+
+
+async def _twin(proxy: Any, s3: Any, bucket: str, signed: int, stored: int) -> dict[str, Any]:
+    """A presigned multipart upload of report.pdf signed for ``signed`` bytes, its one part
+    ``stored`` bytes of "x": on a shared key, twins have the same key and multipart ETag."""
+    status, up = await call(proxy, "/sign/multipart", pdf(signed), {})
+    assert status == 200, up
+    ref = {"key": up["key"], "upload_id": up["upload_id"]}
+    await asyncio.to_thread(
+        s3.upload_part, Bucket=bucket, PartNumber=1, Body=b"x" * stored,
+        Key=ref["key"], UploadId=ref["upload_id"],
+    )  # fmt: skip
+    return ref
+
+
+@pytest.mark.parametrize(
+    ("a_signed", "b_signed", "b_head_held"),
+    [(1000, 1000, False), (2000, 1000, False), (1000, 2000, True)],
+    ids=["same", "a-signed-more", "b-wrong-size-checking"],
+)
+async def test_another_uploads_object_of_the_same_bytes_is_not_ours(
+    proxy_factory: Any,
+    aiohttp_server: Any,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    a_signed: int,
+    b_signed: int,
+    b_head_held: bool,
+) -> None:
+    """reprobe10a N1: uploads A and B of one shared key (no {uuid}, --no-overwrite) with
+    byte-identical parts; B completes first, then A. A's complete took B's object as its
+    own by the multipart ETag alone: 200 for it (A's upload left open), 200 for an upload
+    signed at 2000 judged by B's signed 1000, and with B's size check still running, 400
+    "the object was deleted" for B's wrong size and B's object deleted (B then got 502).
+    Now S3 refused A's very Complete while it lists A's upload: 409 KEY_EXISTS, A's upload
+    aborted, B's object untouched and not announced for A; B decides its own (400)."""
+    server, got = await receiver(aiohttp_server, 204)
+    held = asyncio.Event()
+    heads = 0
+    armed = False
+
+    def rule(op: str, n: int) -> Fault | None:
+        nonlocal heads
+        if armed and op == "HeadObject":
+            heads += 1
+            if heads == 1:  # B's size check, held while A completes
+                return Fault(until=held)
+        return None
+
+    async with FaultyS3(moto.endpoint_url, rule, name=claim_operation) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            key_template="plain/{filename}",
+            webhook_url=str(server.make_url("/hook")),
+            webhook_secret=HOOK_SECRET,
+        )
+        a = await _twin(proxy, s3, bucket, a_signed, 1000)
+        b = await _twin(proxy, s3, bucket, b_signed, 1000)
+        assert a["key"] == b["key"] == "plain/report.pdf"
+        armed = b_head_held
+        b_done = asyncio.create_task(call(proxy, "/sign/multipart/complete", b, {}))
+        if b_head_held:
+            await eventually(lambda: heads, within=5, what="B's size check under way")
+        else:
+            b_status, b_out = await b_done
+            assert b_status == 200, b_out
+        before = await asyncio.to_thread(s3.head_object, Bucket=bucket, Key=b["key"])
+        a_status, a_out = await call(proxy, "/sign/multipart/complete", a, {})
+        assert (a_status, code(a_out)) == (409, "KEY_EXISTS"), a_out
+        assert [u["UploadId"] for u in await open_uploads_async(s3, bucket)] == [], "A aborted"
+        if b_head_held:
+            after = await asyncio.to_thread(s3.head_object, Bucket=bucket, Key=b["key"])
+            assert after["ETag"] == before["ETag"]  # B's object still there for B to judge
+            held.set()
+            b_status, b_out = await b_done
+            assert (b_status, code(b_out)) == (400, "INVALID_REQUEST"), b_out
+            assert await stored_keys(s3, bucket) == []
+        else:
+            assert await stored_keys(s3, bucket) == [b["key"]]
+    # the receiver heard of B's object once, from B's own 200, never for A
+    assert _completed_events(got) == ([] if b_head_held else [b["key"]]), got
+    if not b_head_held:
+        await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=b["key"])
+
+
+async def test_a_complete_that_did_not_happen_does_not_take_another_uploads_object(
+    proxy_factory: Any, aiohttp_server: Any, moto: Any, s3: Any, bucket: str
+) -> None:
+    """reprobe10a N1, the lost-answer side, on a shared key with overwrites allowed
+    (--no-overwrite false): B's upload of the same bytes is stored; A's Complete fails
+    without S3 carrying it out (500). A's complete looked for its object, found B's by
+    the ETag and answered 200 for it. Now the upload S3 still lists had no Complete: the
+    error stands and says to retry, the later checks leave B's object alone (nothing
+    announced for A), and the retry completes A's upload itself."""
+    server, got = await receiver(aiohttp_server, 204)
+    armed = False
+    rule = lambda o, n: Fault(status=500) if armed and o == "CompleteMultipartUpload" else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, rule, name=claim_operation) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=1,
+            s3_read_timeout=0.5,
+            key_template="plain/{filename}",
+            no_overwrite=False,
+            webhook_url=str(server.make_url("/hook")),
+            webhook_secret=HOOK_SECRET,
+        )
+        janitor = proxy.app[STATE].janitor
+        a = await _twin(proxy, s3, bucket, 1000, 1000)
+        b = await _twin(proxy, s3, bucket, 1000, 1000)
+        b_status, b_out = await call(proxy, "/sign/multipart/complete", b, {})
+        assert b_status == 200, b_out
+        armed = True
+        a_status, a_out = await call(proxy, "/sign/multipart/complete", a, {})
+        armed = False
+        assert (a_status, code(a_out)) == (502, "UPSTREAM_ERROR"), a_out
+        assert "retry the complete" in a_out["error"]["message"], a_out
+        await asyncio.sleep(1.5)  # the first check (2 x 0.5 s on) has looked
+        assert [u["UploadId"] for u in await open_uploads_async(s3, bucket)] == [a["upload_id"]]
+        assert _completed_events(got) == [b["key"]], got  # B's own, nothing for A
+        again, out = await complete_until_decided(proxy, a)
+        assert again == 200 and out["size"] == 1000, out
+        await eventually(lambda: not janitor._rechecks, within=8.0, what="the late checks")
+    assert await stored_keys(s3, bucket) == [b["key"]]
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=b["key"])
