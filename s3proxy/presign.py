@@ -738,8 +738,11 @@ async def _complete(
         # 200, so the janitor checks it too rather than delete what the client was told
         # is stored.
         if_match = None if ctx.writes.unique_keys else written.etag
+        skipped = _LeftStanding(ctx, claim, key, upload_id, listed)
         delete = claim.guarded(
-            lambda: ctx.sink.delete(key, if_match=if_match), f"key={key} reason=size_unchecked"
+            lambda: ctx.sink.delete(key, if_match=if_match),
+            f"key={key} reason=size_unchecked",
+            skipped,
         )
         if written.may_land_late:
             _again_later(ctx, delete, key, hold=claim)
@@ -750,7 +753,8 @@ async def _complete(
             kind=Kind.OBJECT_SIZE_UNCHECKED,
             retry=lambda: _hold_later(ctx, key, upload_id, listed),
         )
-        log.info("presign.size_unchecked key=%s upload_id=%s action=delete", key, upload_id)
+        action = "kept" if skipped.ran else "delete"
+        log.info("presign.size_unchecked key=%s upload_id=%s action=%s", key, upload_id, action)
         raise
     late = written.may_land_late
     out = await _held_to_size(ctx, key, upload_id, head, len(found), late=late)
@@ -895,13 +899,20 @@ async def _hold_later(
     )
 
 
-def _check_later(ctx: Context, key: str, upload_id: str, listed: Mapping[int, str]) -> None:
+def _check_later(
+    ctx: Context, key: str, upload_id: str, listed: Mapping[int, str], why: str = "late_write"
+) -> None:
     """Check the object again 2 x and 8 x --s3-read-timeout on (``janitor.recheck_late``):
     the Complete went unanswered and S3 may carry it out after the complete answered, which
     found nothing (reprobe9a F1: the object stayed, the webhook never heard of it). Each
     check does what a retried complete would (``_check_claimed``), so a retry in between
     and the checks agree; the claim is not held meanwhile, so that retry is not refused."""
-    log.info("presign.late_write_possible key=%s upload_id=%s action=check", key, upload_id)
+    if why == "late_write":
+        log.info("presign.late_write_possible key=%s upload_id=%s action=check", key, upload_id)
+    else:
+        log.info(
+            "presign.check_owed key=%s upload_id=%s reason=%s action=check", key, upload_id, why
+        )
 
     async def check() -> None:
         await _check_claimed(ctx, key, upload_id, listed)
@@ -932,6 +943,27 @@ async def _check_claimed(ctx: Context, key: str, upload_id: str, listed: Mapping
         await _hold_later(ctx, key, upload_id, listed, completed=False)
     finally:
         await claim.release(janitor)
+
+
+@dataclass
+class _LeftStanding:
+    """What follows a delete the claim skipped (``Claim.guarded``): the object stands.
+    Another complete that took the claim over answers for it; if none did (the renewals
+    failed, and the claim lapsed on its own), it is checked later under the claim, as after
+    a Complete unanswered (``_check_later``), so it is not kept unannounced (reprobe10a
+    N2). ``ran``: a delete was skipped; the checks are scheduled once."""
+
+    ctx: Context
+    claim: Claim
+    key: str
+    upload_id: str
+    parts: Mapping[int, str] | None
+    ran: bool = False
+
+    def __call__(self) -> None:
+        first, self.ran = not self.ran, True
+        if first and not self.claim.lost:
+            _check_later(self.ctx, self.key, self.upload_id, self.parts or {}, "claim_lapsed")
 
 
 def _parts_in(etag: str | None) -> int:
@@ -1064,14 +1096,17 @@ async def _answer(
         if not ours or _cut_by_shutdown(state):
             raise
         reason = rollback_reason(state, exc)
+        sent: list[bool] = []
         deleted: list[bool] = []
         version = _version_deleter(ctx, key, head)
 
         async def delete_version() -> None:
+            sent.append(True)
             await version()
             deleted.append(True)
 
-        delete = claim.guarded(delete_version, f"key={key} reason=rollback")
+        skipped = _LeftStanding(ctx, claim, key, upload_id, parts)
+        delete = claim.guarded(delete_version, f"key={key} reason=rollback", skipped)
         try:
             await run_cleanup(
                 delete,
@@ -1083,25 +1118,32 @@ async def _answer(
             if late:
                 _again_later(ctx, delete, key, hold=claim)
         finally:
-            # Told even if the delete failed: the receiver may have the event, and the
-            # object may be gone; one kept after all is told again (``_hold_later``).
-            await notify_rolled_back(state, [key], reason)
+            # Told once a delete was sent, even if it failed: the receiver may have the
+            # event, and the object may be gone; one kept after all is told again
+            # (``_hold_later``). Not if none was: the claim skipped it, the object stands.
+            if sent:
+                await notify_rolled_back(state, [key], reason)
         if deleted:
             log.info("presign.rolled_back key=%s reason=%s", key, reason)
             raise
-        log.warning(
-            "presign.rollback_unfinished key=%s reason=%s; %s", key, reason, UNFINISHED_ADVICE
-        )
+        advice = unfinished_advice(skipped.ran, claim.lost)
+        log.warning("presign.rollback_unfinished key=%s reason=%s; %s", key, reason, advice)
         if isinstance(exc, ProxyError) and exc.kind is WEBHOOK_FAILED:
             raise unfinished_rollback(exc) from exc
         raise
     return web.json_response(out)
 
 
-# A rollback whose delete did not land (it failed, or the claim lapsed): reprobe9a F6.
-UNFINISHED_ADVICE = (
-    "the janitor holds the object to its size (a right-sized one is kept and told to the webhook)"
-)
+def unfinished_advice(skipped: bool, lost: bool) -> str:
+    """What becomes of the object of a rollback whose delete did not land, for its log
+    line: it failed (reprobe9a F6), or the claim skipped it, lapsed or taken over by
+    another complete (reprobe10a N2). Pure."""
+    if skipped and lost:
+        return "the object stands: the complete that took the claim over answers for it"
+    held = "a right-sized one is kept and told to the webhook, a wrong-sized one deleted"
+    if skipped:
+        return f"the object stands: it is checked later under the claim ({held})"
+    return f"the janitor holds the object to its size ({held})"
 
 
 def unfinished_rollback(err: ProxyError) -> ProxyError:

@@ -310,18 +310,28 @@ class Claim:
         task.cancel()
 
     def guarded(
-        self, delete: Callable[[], Awaitable[None]], what: str
+        self,
+        delete: Callable[[], Awaitable[None]],
+        what: str,
+        skipped: Callable[[], None] | None = None,
     ) -> Callable[[], Awaitable[None]]:
         """``delete``, made only while ``may_delete`` (each time it is tried, by the request
-        or by the janitor); past that it is skipped and logged: another complete may have
-        answered for the object by the time it lands."""
+        or by the janitor); past that it is skipped, logged and ``skipped`` called: another
+        complete may have answered for the object by the time it lands. The object then
+        stands, and the caller must not say it was deleted (reprobe10a N2: a skipped
+        rollback was announced ``upload.rolled_back``, and nothing checked the object)."""
 
         async def run() -> None:
             if not self.may_delete():
+                reason = "claim_lost" if self.lost else "claim_lapsed"
                 log.warning(
-                    "presign.kept %s reason=claim_lapsed; a retried complete answers for it",
+                    "presign.kept %s reason=%s; the object stands: the complete holding the "
+                    "claim, or a later check, answers for it",
                     what,
+                    reason,
                 )
+                if skipped is not None:
+                    skipped()
                 return
             await delete()
 

@@ -1659,3 +1659,85 @@ async def test_a_complete_that_did_not_happen_does_not_take_another_uploads_obje
         await eventually(lambda: not janitor._rechecks, within=8.0, what="the late checks")
     assert await stored_keys(s3, bucket) == [b["key"]]
     await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=b["key"])
+
+
+# --- a rollback the claim skipped (reprobe10a N2) -----------------------------------
+
+
+@pytest.mark.parametrize("how", ["lapsed-alone", "taken-over"])
+async def test_a_rollback_the_claim_skipped_is_not_announced_and_the_object_is_answered_for(
+    proxy_factory: Any,
+    aiohttp_server: Any,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+) -> None:
+    """reprobe10a N2: the webhook fails after the claim stopped standing for a delete (its
+    renewals failing till it lapsed; or another complete took it over), so the rollback's
+    delete is skipped. The receiver was still sent upload.rolled_back, and nothing checked
+    the object: it stayed, unannounced, though the log said the janitor held it. Now no
+    upload.rolled_back (no delete was sent), the 502 says the rollback did not finish;
+    taken over, the object is left to the complete holding the claim; lapsed alone, it is
+    checked later under the claim: kept and told (right-sized)."""
+    monkeypatch.setattr(presign_claim, "MARGIN", 0.0)  # a 4.5 s lease, renewed every 1.5 s
+    got: list[str] = []
+    claim_fails = False
+    where = ""
+
+    async def hook(request: web.Request) -> web.Response:
+        nonlocal claim_fails
+        event = (await request.json())["event"]
+        got.append(event)
+        if got != ["upload.completed"]:
+            return web.Response(status=204)
+        if how == "taken-over":  # another complete takes the claim over meanwhile
+            body = json.dumps({"owner": "another", "until": time.time() + 60}).encode()
+            await asyncio.to_thread(s3.put_object, Bucket=bucket, Key=where, Body=body)
+        else:  # the claim's renewals fail from now on
+            claim_fails = True
+        await asyncio.sleep(3.0)  # past the lease less the delete's bound (2.5 s)
+        return web.Response(status=500)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = await aiohttp_server(app)
+    rule = lambda o, n: Fault(status=500) if claim_fails and o == "PutObject:claim" else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, rule, name=claim_operation) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=1,
+            s3_read_timeout=0.5,
+            s3_connect_timeout=0.5,
+            key_template="uploads/{uuid}/{filename}",
+            webhook_url=str(server.make_url("/hook")),
+            webhook_attempts=1,
+            webhook_timeout=10,
+        )
+        janitor = proxy.app[STATE].janitor
+        ref = await _multipart_done(proxy, s3, bucket)
+        where = presign_claim.claim_key(ref["key"], ref["upload_id"])
+        caplog.set_level("INFO", logger="s3proxy.presign")
+        status, out = await call(proxy, "/sign/multipart/complete", ref, {})
+        claim_fails = False
+        assert (status, code(out)) == (502, "WEBHOOK_FAILED"), out
+        assert "did not finish" in out["error"]["message"], out
+        assert "DeleteObject" not in faulty.calls  # the rollback's delete was skipped
+        lines = [r.getMessage() for r in caplog.records if r.name == "s3proxy.presign"]
+        [unfinished] = [m for m in lines if m.startswith("presign.rollback_unfinished")]
+        if how == "taken-over":
+            assert "took the claim over" in unfinished, unfinished
+            assert not [r.what for r in janitor._rechecks.values() if r.what.startswith("check")]
+            assert got == ["upload.completed"]
+            assert sorted(await stored_keys(s3, bucket)) == sorted([ref["key"], where])
+            await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=where)
+        else:
+            assert "checked later" in unfinished, unfinished
+            await eventually(lambda: got, until=lambda g: len(g) >= 2, within=5, what="check")
+            await eventually(lambda: not janitor._rechecks, within=8.0, what="the late checks")
+            assert await stored_keys(s3, bucket) == [ref["key"]]
+    assert "upload.rolled_back" not in got, got
+    assert set(got) == {"upload.completed"}
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
