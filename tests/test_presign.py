@@ -27,6 +27,7 @@ from s3proxy import presign, presign_claim
 from s3proxy.app import create_app
 from s3proxy.embedded import EmbeddedStore
 from s3proxy.errors import COMPLETE_IN_PROGRESS, ProxyError
+from s3proxy.janitor import Janitor
 from s3proxy.settings import Settings
 from s3proxy.state import STATE
 from s3proxy.tokens import issue
@@ -1741,3 +1742,29 @@ async def test_a_rollback_the_claim_skipped_is_not_announced_and_the_object_is_a
     assert "upload.rolled_back" not in got, got
     assert set(got) == {"upload.completed"}
     await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+async def test_a_claim_written_late_is_released_at_shutdown_with_the_claims_advice(
+    proxy_factory: Any, s3: Any, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """reprobe10a N3: a claim whose write went unanswered is released again later; at
+    shutdown that recheck runs before the exit (here the claim landed meanwhile: it goes),
+    and one that may still land after the exit is logged. It was logged with the advice
+    for an object ("delete it by hand"); a claim only refuses retries until it lapses."""
+    proxy = await proxy_factory()
+    sink = proxy.app[STATE].require_sink()
+    janitor = Janitor()
+    claim = presign_claim.Claim(sink, presign_claim.PREFIX + "late", 60.0, 1.0, window=5.0)
+    claim.upload, claim.late = ("k", "u"), True
+    await claim.release(janitor)  # nothing there yet: the write is still on its way
+    landed = {"owner": claim.owner, "until": time.time() + 60}
+    await asyncio.to_thread(
+        s3.put_object, Bucket=bucket, Key=claim.key, Body=json.dumps(landed).encode()
+    )
+    caplog.set_level("INFO", logger="s3proxy.janitor")
+    janitor.deadline.set(asyncio.get_running_loop().time() + 1.2)
+    await janitor.close()
+    assert claim.key not in await stored_keys(s3, bucket)  # released before the exit
+    [line] = [r.getMessage() for r in caplog.records if "reason=late_write" in r.getMessage()]
+    assert line.startswith(f"cleanup.abandoned what=claim key={claim.key}"), line
+    assert "409 COMPLETE_IN_PROGRESS" in line and "by hand" not in line, line
