@@ -76,7 +76,8 @@ from s3proxy.errors import (
     error_response,
 )
 from s3proxy.handlers import notify, notify_rolled_back, rollback_reason
-from s3proxy.janitor import Kind, late_delays, recheck_late, run_cleanup
+from s3proxy.janitor import Cleanup, Kind, late_delays, recheck_late, run_cleanup
+from s3proxy.log import REQUEST_ID
 from s3proxy.presign_claim import RETRY_AFTER, Claim, new_claim
 from s3proxy.s3 import (
     InvalidParts,
@@ -751,7 +752,7 @@ async def _complete(
             f"delete key={key} reason=size_unchecked",
             ctx.state.janitor,
             kind=Kind.OBJECT_SIZE_UNCHECKED,
-            retry=lambda: _hold_later(ctx, key, upload_id, listed),
+            retry=_as_request(lambda: _hold_later(ctx, key, upload_id, listed)),
         )
         action = "kept" if skipped.ran else "delete"
         log.info("presign.size_unchecked key=%s upload_id=%s action=%s", key, upload_id, action)
@@ -772,7 +773,7 @@ def _again_later(
     object the recheck then deletes); a wrong-sized one nobody answers 200 for."""
     log.info("presign.late_write_possible key=%s action=recheck", key)
     window = 2 * ctx.settings.s3_read_timeout
-    recheck_late(ctx.state.janitor, delete, f"delete key={key}", window)
+    recheck_late(ctx.state.janitor, _as_request(delete), f"delete key={key}", window)
     if hold is not None:
         hold.hold_for = max((*late_delays(window), 0.0)) + hold.bound
 
@@ -906,7 +907,10 @@ def _check_later(
     the Complete went unanswered and S3 may carry it out after the complete answered, which
     found nothing (reprobe9a F1: the object stayed, the webhook never heard of it). Each
     check does what a retried complete would (``_check_claimed``), so a retry in between
-    and the checks agree; the claim is not held meanwhile, so that retry is not refused."""
+    and the checks agree. A check holds the claim while it decides (its HeadObject, and a
+    kept object's webhook delivery): a retry then is answered 409 COMPLETE_IN_PROGRESS,
+    Retry-After 2 (reprobe10a N4; releasing it before the delivery would need
+    ``_hold_later`` split in two, for a retryable 409)."""
     if why == "late_write":
         log.info("presign.late_write_possible key=%s upload_id=%s action=check", key, upload_id)
     else:
@@ -914,6 +918,7 @@ def _check_later(
             "presign.check_owed key=%s upload_id=%s reason=%s action=check", key, upload_id, why
         )
 
+    @_as_request
     async def check() -> None:
         await _check_claimed(ctx, key, upload_id, listed)
 
@@ -964,6 +969,19 @@ class _LeftStanding:
         first, self.ran = not self.ran, True
         if first and not self.claim.lost:
             _check_later(self.ctx, self.key, self.upload_id, self.parts or {}, "claim_lapsed")
+
+
+def _as_request(fn: Cleanup) -> Cleanup:
+    """``fn``, run under this request's id whenever the janitor runs it: at shutdown it
+    runs in the janitor's own task, whose log lines and webhook events said
+    ``"request_id": "-"`` (reprobe10a N5)."""
+    rid = REQUEST_ID.get()
+
+    async def run() -> None:
+        REQUEST_ID.set(rid)
+        await fn()
+
+    return run
 
 
 def _parts_in(etag: str | None) -> int:
@@ -1113,7 +1131,7 @@ async def _answer(
                 f"rollback key={key}",
                 state.janitor,
                 kind=Kind.OBJECT,
-                retry=lambda: _hold_later(ctx, key, upload_id, parts),
+                retry=_as_request(lambda: _hold_later(ctx, key, upload_id, parts)),
             )
             if late:
                 _again_later(ctx, delete, key, hold=claim)

@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -1768,3 +1769,57 @@ async def test_a_claim_written_late_is_released_at_shutdown_with_the_claims_advi
     [line] = [r.getMessage() for r in caplog.records if "reason=late_write" in r.getMessage()]
     assert line.startswith(f"cleanup.abandoned what=claim key={claim.key}"), line
     assert "409 COMPLETE_IN_PROGRESS" in line and "by hand" not in line, line
+
+
+# --- the later checks: what they hold and what they carry (reprobe10a N4, N5) --------
+
+
+def test_readme_says_a_check_holds_the_claim() -> None:
+    """reprobe10a N4: README said the claim is not held for the later checks, so a retry
+    is not refused; a check holds it while it decides (a retry then got 409)."""
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    assert "the claim is not held for these checks" not in readme
+    assert "while a check decides it holds the claim" in readme
+    assert "answered 409 `COMPLETE_IN_PROGRESS` with `Retry-After: 2`" in readme
+
+
+async def test_a_check_run_at_shutdown_carries_the_completes_request_and_upload_id(
+    proxy_factory: Any,
+    aiohttp_server: Any,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """reprobe10a N5: a later check made by the shutdown (the janitor's own task) sent its
+    webhook with "request_id": "-", and the checks logged an empty upload_id=."""
+    server, got = await receiver(aiohttp_server, 204)
+    held = lambda o, n: Fault(delay=1.0) if (o, n) == ("CompleteMultipartUpload", 1) else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, held, name=claim_operation) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=1,
+            s3_read_timeout=0.5,
+            key_template="uploads/{uuid}/{filename}",
+            webhook_url=str(server.make_url("/hook")),
+            webhook_secret=HOOK_SECRET,
+        )
+        janitor = proxy.app[STATE].janitor
+        ref = await _multipart_done(proxy, s3, bucket)
+        caplog.set_level("INFO", logger="s3proxy.presign")
+        resp = await proxy.post(
+            "/sign/multipart/complete",
+            data=json.dumps(ref).encode(),
+            headers={"X-Request-ID": "complete-n5"},
+        )
+        assert resp.status == 504, await resp.text()
+        # shutdown now: the check due 1 s on runs before the deadline, in the janitor's task
+        janitor.deadline.set(asyncio.get_running_loop().time() + 2.5)
+        await janitor.close()
+    assert _completed_events(got) and set(_completed_events(got)) == {ref["key"]}, got
+    assert {e["body"]["request_id"] for e in got} == {"complete-n5"}, got
+    kept = [r for r in caplog.records if r.getMessage().startswith("presign.checked_later")]
+    assert kept and all(f"upload_id={ref['upload_id']} " in r.getMessage() for r in kept)
+    done = [r for r in caplog.records if r.getMessage().startswith("presign.multipart_completed")]
+    assert done and all(f"upload_id={ref['upload_id']} " in r.getMessage() for r in done)
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
