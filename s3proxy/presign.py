@@ -76,7 +76,8 @@ from s3proxy.errors import (
     error_response,
 )
 from s3proxy.handlers import notify, notify_rolled_back, rollback_reason
-from s3proxy.janitor import Kind, late_delays, recheck_late, run_cleanup
+from s3proxy.janitor import Cleanup, Kind, late_delays, recheck_late, run_cleanup
+from s3proxy.log import REQUEST_ID
 from s3proxy.presign_claim import RETRY_AFTER, Claim, new_claim
 from s3proxy.s3 import (
     InvalidParts,
@@ -738,8 +739,11 @@ async def _complete(
         # 200, so the janitor checks it too rather than delete what the client was told
         # is stored.
         if_match = None if ctx.writes.unique_keys else written.etag
+        skipped = _LeftStanding(ctx, claim, key, upload_id, listed)
         delete = claim.guarded(
-            lambda: ctx.sink.delete(key, if_match=if_match), f"key={key} reason=size_unchecked"
+            lambda: ctx.sink.delete(key, if_match=if_match),
+            f"key={key} reason=size_unchecked",
+            skipped,
         )
         if written.may_land_late:
             _again_later(ctx, delete, key, hold=claim)
@@ -748,14 +752,15 @@ async def _complete(
             f"delete key={key} reason=size_unchecked",
             ctx.state.janitor,
             kind=Kind.OBJECT_SIZE_UNCHECKED,
-            retry=lambda: _hold_later(ctx, key, listed),
+            retry=_as_request(lambda: _hold_later(ctx, key, upload_id, listed)),
         )
-        log.info("presign.size_unchecked key=%s upload_id=%s action=delete", key, upload_id)
+        action = "kept" if skipped.ran else "delete"
+        log.info("presign.size_unchecked key=%s upload_id=%s action=%s", key, upload_id, action)
         raise
     late = written.may_land_late
     out = await _held_to_size(ctx, key, upload_id, head, len(found), late=late)
     progress.stage = "notifying"
-    return await _answer(ctx, claim, out, head, late=late, ours=True, parts=listed)
+    return await _answer(ctx, claim, out, head, upload_id, late=late, ours=True, parts=listed)
 
 
 def _again_later(
@@ -768,7 +773,7 @@ def _again_later(
     object the recheck then deletes); a wrong-sized one nobody answers 200 for."""
     log.info("presign.late_write_possible key=%s action=recheck", key)
     window = 2 * ctx.settings.s3_read_timeout
-    recheck_late(ctx.state.janitor, delete, f"delete key={key}", window)
+    recheck_late(ctx.state.janitor, _as_request(delete), f"delete key={key}", window)
     if hold is not None:
         hold.hold_for = max((*late_delays(window), 0.0)) + hold.bound
 
@@ -790,26 +795,33 @@ async def _done_meanwhile(
     checked against the client's ``parts`` (400 if they cannot have made it) and held to
     its size as a retried complete would; None if there is none, and the refusal stands.
     Only this upload's object is found (``_completed_object``; on a shared key by the
-    parts S3 ``listed`` before the Complete, else the client's). It is not rolled back if
-    the webhook fails: the complete that made it may have answered 200 for it."""
+    parts S3 ``listed`` before the Complete, else the client's, and, where S3 listed them
+    and so may not have completed this upload, only once it no longer lists the upload).
+    It is not rolled back if the webhook fails: the complete that made it may have
+    answered 200 for it."""
     claimed = _claimed_parts(body)
-    head = await _completed_object(ctx, key, claimed if listed is None else listed)
+    open_until = None if listed is None else upload_id  # no listing: S3 said it is gone
+    head = await _completed_object(ctx, key, claimed if listed is None else listed, open_until)
     if head is None:
         return None
     if claimed is not None and parts_make_etag(claimed, head.etag) is False:
         raise ProxyError(INVALID_REQUEST, PARTS_DIFFER)
     out = await _held_to_size(ctx, key, upload_id, head, late=late)
-    return await _answer(ctx, claim, out, head, late=late, ours=False)
+    return await _answer(ctx, claim, out, head, upload_id, late=late, ours=False)
 
 
 async def _completed_object(
-    ctx: Context, key: str, parts: Mapping[int, str] | None
+    ctx: Context, key: str, parts: Mapping[int, str] | None, upload_id: str | None = None
 ) -> ObjectHead | None:
     """The object this presigned upload's complete made at ``key``, if it stands: one with
     the signed size in its metadata (one of ours), and where keys are shared (no
     ``{uuid}``) only one whose multipart ETag these ``parts`` make (``parts_make_etag``:
     the same parts, so this upload's bytes; another client's object there is not ours, and
-    with no parts to tell it, none is). S3's failures propagate."""
+    with no parts to tell it, none is). Another client's upload of the same bytes makes
+    the same ETag (reprobe10a N1: 200 for its object, judged by its signed size, even
+    deleted), so ``upload_id``, given where S3 may not have completed this upload, must
+    be gone too (``_upload_open``): while S3 lists it, its Complete was refused or never
+    carried out, and the object is another's. S3's failures propagate."""
     if not ctx.writes.unique_keys and not parts:
         return None
     try:
@@ -818,49 +830,95 @@ async def _completed_object(
         return None
     if SIZE_META not in head.metadata:
         return None
-    if not ctx.writes.unique_keys and parts and parts_make_etag(parts, head.etag) is not True:
+    if ctx.writes.unique_keys:
+        return head
+    if not parts or parts_make_etag(parts, head.etag) is not True:
+        return None
+    if upload_id is not None and await _upload_open(ctx, key, upload_id):
+        log.info(
+            "presign.not_ours key=%s upload_id=%s reason=upload_open; the object there is "
+            "another upload's of the same bytes",
+            key,
+            upload_id,
+        )
         return None
     return head
 
 
-async def _hold_later(ctx: Context, key: str, parts: Mapping[int, str] | None = None) -> None:
+async def _upload_open(ctx: Context, key: str, upload_id: str) -> bool:
+    """Does S3 still list this upload with its parts? Then no Complete of it has been
+    carried out (SeaweedFS lists no parts for a moment after one: that counts as done)."""
+    try:
+        return bool(await ctx.sink.list_parts(key, upload_id, max_parts=1))
+    except NoSuchUpload:
+        return False
+
+
+async def _hold_later(
+    ctx: Context,
+    key: str,
+    upload_id: str,
+    parts: Mapping[int, str] | None = None,
+    *,
+    completed: bool = True,
+) -> None:
     """The janitor's retry of a failed complete's delete, or its check of a Complete that
     may have landed after the complete answered: hold the object to its size as a retried
     complete would (delete it if wrong, keep it if right: that complete may have answered
     200 for it). A kept object is told to the webhook, so the application hears of it even
     if no complete is retried (at least once: a retried one told it too); its failure then
     only logs, as ``--webhook-failure keep`` would: a retried complete may have reported
-    the object stored. On a shared key only this upload's object (``parts``) is touched."""
+    the object stored. On a shared key only this upload's object (``parts``) is touched,
+    and, unless its Complete is known ``completed``, only once S3 no longer lists the
+    upload (``_completed_object``)."""
     if ctx.writes.unique_keys:
         try:
             head = await ctx.sink.head(key)
         except NoSuchKey:
             return
-    elif (found := await _completed_object(ctx, key, parts)) is None:
-        return
-    else:
+    elif found := await _completed_object(ctx, key, parts, None if completed else upload_id):
         head = found
+    else:
+        return
     signed = head.metadata.get(SIZE_META, "")
     readable = signed.isascii() and signed.isdigit() and len(signed) <= 20
     if not readable or int(signed) == head.length:  # as _held_to_size judges it
-        log.info("presign.checked_later key=%s size=%d action=kept", key, head.length)
+        log.info(
+            "presign.checked_later key=%s upload_id=%s size=%d action=kept",
+            key,
+            upload_id,
+            head.length,
+        )
         if ctx.state.webhook is not None:
-            out = await _held_to_size(ctx, key, "", head)
+            out = await _held_to_size(ctx, key, upload_id, head)
             body = {"files": [completed_file(out, head)], "fields": {}}
             await notify(ctx.state, body, keep=True)
         return
     await _version_deleter(ctx, key, head)()
-    log.info("presign.checked_later key=%s signed=%s action=deleted", key, signed)
+    log.info(
+        "presign.checked_later key=%s upload_id=%s signed=%s action=deleted", key, upload_id, signed
+    )
 
 
-def _check_later(ctx: Context, key: str, upload_id: str, listed: Mapping[int, str]) -> None:
+def _check_later(
+    ctx: Context, key: str, upload_id: str, listed: Mapping[int, str], why: str = "late_write"
+) -> None:
     """Check the object again 2 x and 8 x --s3-read-timeout on (``janitor.recheck_late``):
     the Complete went unanswered and S3 may carry it out after the complete answered, which
     found nothing (reprobe9a F1: the object stayed, the webhook never heard of it). Each
     check does what a retried complete would (``_check_claimed``), so a retry in between
-    and the checks agree; the claim is not held meanwhile, so that retry is not refused."""
-    log.info("presign.late_write_possible key=%s upload_id=%s action=check", key, upload_id)
+    and the checks agree. A check holds the claim while it decides (its HeadObject, and a
+    kept object's webhook delivery): a retry then is answered 409 COMPLETE_IN_PROGRESS,
+    Retry-After 2 (reprobe10a N4; releasing it before the delivery would need
+    ``_hold_later`` split in two, for a retryable 409)."""
+    if why == "late_write":
+        log.info("presign.late_write_possible key=%s upload_id=%s action=check", key, upload_id)
+    else:
+        log.info(
+            "presign.check_owed key=%s upload_id=%s reason=%s action=check", key, upload_id, why
+        )
 
+    @_as_request
     async def check() -> None:
         await _check_claimed(ctx, key, upload_id, listed)
 
@@ -880,12 +938,50 @@ async def _check_claimed(ctx: Context, key: str, upload_id: str, listed: Mapping
     except ProxyError as exc:
         if exc.kind is not COMPLETE_IN_PROGRESS:
             raise
-        log.info("presign.checked_later key=%s action=none reason=complete_in_progress", key)
+        log.info(
+            "presign.checked_later key=%s upload_id=%s action=none reason=complete_in_progress",
+            key,
+            upload_id,
+        )
         return
     try:
-        await _hold_later(ctx, key, listed)
+        await _hold_later(ctx, key, upload_id, listed, completed=False)
     finally:
         await claim.release(janitor)
+
+
+@dataclass
+class _LeftStanding:
+    """What follows a delete the claim skipped (``Claim.guarded``): the object stands.
+    Another complete that took the claim over answers for it; if none did (the renewals
+    failed, and the claim lapsed on its own), it is checked later under the claim, as after
+    a Complete unanswered (``_check_later``), so it is not kept unannounced (reprobe10a
+    N2). ``ran``: a delete was skipped; the checks are scheduled once."""
+
+    ctx: Context
+    claim: Claim
+    key: str
+    upload_id: str
+    parts: Mapping[int, str] | None
+    ran: bool = False
+
+    def __call__(self) -> None:
+        first, self.ran = not self.ran, True
+        if first and not self.claim.lost:
+            _check_later(self.ctx, self.key, self.upload_id, self.parts or {}, "claim_lapsed")
+
+
+def _as_request(fn: Cleanup) -> Cleanup:
+    """``fn``, run under this request's id whenever the janitor runs it: at shutdown it
+    runs in the janitor's own task, whose log lines and webhook events said
+    ``"request_id": "-"`` (reprobe10a N5)."""
+    rid = REQUEST_ID.get()
+
+    async def run() -> None:
+        REQUEST_ID.set(rid)
+        await fn()
+
+    return run
 
 
 def _parts_in(etag: str | None) -> int:
@@ -987,6 +1083,7 @@ async def _answer(
     claim: Claim,
     out: dict[str, Any],
     head: ObjectHead,
+    upload_id: str,
     *,
     late: bool = False,
     ours: bool,
@@ -1017,44 +1114,54 @@ async def _answer(
         if not ours or _cut_by_shutdown(state):
             raise
         reason = rollback_reason(state, exc)
+        sent: list[bool] = []
         deleted: list[bool] = []
         version = _version_deleter(ctx, key, head)
 
         async def delete_version() -> None:
+            sent.append(True)
             await version()
             deleted.append(True)
 
-        delete = claim.guarded(delete_version, f"key={key} reason=rollback")
+        skipped = _LeftStanding(ctx, claim, key, upload_id, parts)
+        delete = claim.guarded(delete_version, f"key={key} reason=rollback", skipped)
         try:
             await run_cleanup(
                 delete,
                 f"rollback key={key}",
                 state.janitor,
                 kind=Kind.OBJECT,
-                retry=lambda: _hold_later(ctx, key, parts),
+                retry=_as_request(lambda: _hold_later(ctx, key, upload_id, parts)),
             )
             if late:
                 _again_later(ctx, delete, key, hold=claim)
         finally:
-            # Told even if the delete failed: the receiver may have the event, and the
-            # object may be gone; one kept after all is told again (``_hold_later``).
-            await notify_rolled_back(state, [key], reason)
+            # Told once a delete was sent, even if it failed: the receiver may have the
+            # event, and the object may be gone; one kept after all is told again
+            # (``_hold_later``). Not if none was: the claim skipped it, the object stands.
+            if sent:
+                await notify_rolled_back(state, [key], reason)
         if deleted:
             log.info("presign.rolled_back key=%s reason=%s", key, reason)
             raise
-        log.warning(
-            "presign.rollback_unfinished key=%s reason=%s; %s", key, reason, UNFINISHED_ADVICE
-        )
+        advice = unfinished_advice(skipped.ran, claim.lost)
+        log.warning("presign.rollback_unfinished key=%s reason=%s; %s", key, reason, advice)
         if isinstance(exc, ProxyError) and exc.kind is WEBHOOK_FAILED:
             raise unfinished_rollback(exc) from exc
         raise
     return web.json_response(out)
 
 
-# A rollback whose delete did not land (it failed, or the claim lapsed): reprobe9a F6.
-UNFINISHED_ADVICE = (
-    "the janitor holds the object to its size (a right-sized one is kept and told to the webhook)"
-)
+def unfinished_advice(skipped: bool, lost: bool) -> str:
+    """What becomes of the object of a rollback whose delete did not land, for its log
+    line: it failed (reprobe9a F6), or the claim skipped it, lapsed or taken over by
+    another complete (reprobe10a N2). Pure."""
+    if skipped and lost:
+        return "the object stands: the complete that took the claim over answers for it"
+    held = "a right-sized one is kept and told to the webhook, a wrong-sized one deleted"
+    if skipped:
+        return f"the object stands: it is checked later under the claim ({held})"
+    return f"the janitor holds the object to its size ({held})"
 
 
 def unfinished_rollback(err: ProxyError) -> ProxyError:

@@ -310,18 +310,28 @@ class Claim:
         task.cancel()
 
     def guarded(
-        self, delete: Callable[[], Awaitable[None]], what: str
+        self,
+        delete: Callable[[], Awaitable[None]],
+        what: str,
+        skipped: Callable[[], None] | None = None,
     ) -> Callable[[], Awaitable[None]]:
         """``delete``, made only while ``may_delete`` (each time it is tried, by the request
-        or by the janitor); past that it is skipped and logged: another complete may have
-        answered for the object by the time it lands."""
+        or by the janitor); past that it is skipped, logged and ``skipped`` called: another
+        complete may have answered for the object by the time it lands. The object then
+        stands, and the caller must not say it was deleted (reprobe10a N2: a skipped
+        rollback was announced ``upload.rolled_back``, and nothing checked the object)."""
 
         async def run() -> None:
             if not self.may_delete():
+                reason = "claim_lost" if self.lost else "claim_lapsed"
                 log.warning(
-                    "presign.kept %s reason=claim_lapsed; a retried complete answers for it",
+                    "presign.kept %s reason=%s; the object stands: the complete holding the "
+                    "claim, or a later check, answers for it",
                     what,
+                    reason,
                 )
+                if skipped is not None:
+                    skipped()
                 return
             await delete()
 
@@ -331,13 +341,21 @@ class Claim:
         """Delete the claim if it is still ours (If-Match), to its end even if the caller
         is cancelled, within the shutdown's deadline; a failure goes to the janitor (the
         claim lapses anyway). From here on, the holder deletes nothing. After a write of
-        ours that may land late, made again later (``recheck_late``), by owner."""
+        ours that may land late, made again later (``recheck_late``), by owner; at shutdown
+        those again-runs are made before the exit too (a claim landing after the release
+        would refuse retries of a decided complete for its lease: reprobe10a N3), and one
+        that may land later still is logged with the claim's advice. Safe then: a release
+        never comes before a delete this process still owes for the object a retry could
+        answer 200 for, since a complete holding such deletes (``_again_later``) releases
+        by ``release_after``, which shutdown drops (the claim lapses), and the janitor's
+        retries of its failed deletes hold the object to its size (they never delete a
+        right-sized one)."""
         self.released = True
         self._stop()
         what = f"claim key={self.key}"
         await run_cleanup(lambda: self._drop(self.etag), what, janitor, kind=Kind.CLAIM)
         if self.late:
-            recheck_late(janitor, lambda: self._drop(None), what, self.window)
+            recheck_late(janitor, lambda: self._drop(None), what, self.window, Kind.CLAIM)
 
     async def _drop(self, etag: str | None) -> None:
         """Delete the claim at ``etag``; if that is stale or unknown (None), at the ETag

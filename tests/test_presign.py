@@ -13,6 +13,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,6 +28,7 @@ from s3proxy import presign, presign_claim
 from s3proxy.app import create_app
 from s3proxy.embedded import EmbeddedStore
 from s3proxy.errors import COMPLETE_IN_PROGRESS, ProxyError
+from s3proxy.janitor import Janitor
 from s3proxy.settings import Settings
 from s3proxy.state import STATE
 from s3proxy.tokens import issue
@@ -1529,4 +1531,295 @@ async def test_parts_lists_are_read_alike_on_a_first_complete_and_a_retry(
     assert status == 200, out
     status, out = await call(proxy, "/sign/multipart/complete", twice, {})
     assert (status, code(out)) == (400, "INVALID_REQUEST"), out
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+# --- shared keys: another upload of the same bytes (reprobe10a N1) -------------------
+
+
+async def _twin(proxy: Any, s3: Any, bucket: str, signed: int, stored: int) -> dict[str, Any]:
+    """A presigned multipart upload of report.pdf signed for ``signed`` bytes, its one part
+    ``stored`` bytes of "x": on a shared key, twins have the same key and multipart ETag."""
+    status, up = await call(proxy, "/sign/multipart", pdf(signed), {})
+    assert status == 200, up
+    ref = {"key": up["key"], "upload_id": up["upload_id"]}
+    await asyncio.to_thread(
+        s3.upload_part, Bucket=bucket, PartNumber=1, Body=b"x" * stored,
+        Key=ref["key"], UploadId=ref["upload_id"],
+    )  # fmt: skip
+    return ref
+
+
+@pytest.mark.parametrize(
+    ("a_signed", "b_signed", "b_head_held"),
+    [(1000, 1000, False), (2000, 1000, False), (1000, 2000, True)],
+    ids=["same", "a-signed-more", "b-wrong-size-checking"],
+)
+async def test_another_uploads_object_of_the_same_bytes_is_not_ours(
+    proxy_factory: Any,
+    aiohttp_server: Any,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    a_signed: int,
+    b_signed: int,
+    b_head_held: bool,
+) -> None:
+    """reprobe10a N1: uploads A and B of one shared key (no {uuid}, --no-overwrite) with
+    byte-identical parts; B completes first, then A. A's complete took B's object as its
+    own by the multipart ETag alone: 200 for it (A's upload left open), 200 for an upload
+    signed at 2000 judged by B's signed 1000, and with B's size check still running, 400
+    "the object was deleted" for B's wrong size and B's object deleted (B then got 502).
+    Now S3 refused A's very Complete while it lists A's upload: 409 KEY_EXISTS, A's upload
+    aborted, B's object untouched and not announced for A; B decides its own (400)."""
+    server, got = await receiver(aiohttp_server, 204)
+    held = asyncio.Event()
+    heads = 0
+    armed = False
+
+    def rule(op: str, n: int) -> Fault | None:
+        nonlocal heads
+        if armed and op == "HeadObject":
+            heads += 1
+            if heads == 1:  # B's size check, held while A completes
+                return Fault(until=held)
+        return None
+
+    async with FaultyS3(moto.endpoint_url, rule, name=claim_operation) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            key_template="plain/{filename}",
+            webhook_url=str(server.make_url("/hook")),
+            webhook_secret=HOOK_SECRET,
+        )
+        a = await _twin(proxy, s3, bucket, a_signed, 1000)
+        b = await _twin(proxy, s3, bucket, b_signed, 1000)
+        assert a["key"] == b["key"] == "plain/report.pdf"
+        armed = b_head_held
+        b_done = asyncio.create_task(call(proxy, "/sign/multipart/complete", b, {}))
+        if b_head_held:
+            await eventually(lambda: heads, within=5, what="B's size check under way")
+        else:
+            b_status, b_out = await b_done
+            assert b_status == 200, b_out
+        before = await asyncio.to_thread(s3.head_object, Bucket=bucket, Key=b["key"])
+        a_status, a_out = await call(proxy, "/sign/multipart/complete", a, {})
+        assert (a_status, code(a_out)) == (409, "KEY_EXISTS"), a_out
+        assert [u["UploadId"] for u in await open_uploads_async(s3, bucket)] == [], "A aborted"
+        if b_head_held:
+            after = await asyncio.to_thread(s3.head_object, Bucket=bucket, Key=b["key"])
+            assert after["ETag"] == before["ETag"]  # B's object still there for B to judge
+            held.set()
+            b_status, b_out = await b_done
+            assert (b_status, code(b_out)) == (400, "INVALID_REQUEST"), b_out
+            assert await stored_keys(s3, bucket) == []
+        else:
+            assert await stored_keys(s3, bucket) == [b["key"]]
+    # the receiver heard of B's object once, from B's own 200, never for A
+    assert _completed_events(got) == ([] if b_head_held else [b["key"]]), got
+    if not b_head_held:
+        await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=b["key"])
+
+
+async def test_a_complete_that_did_not_happen_does_not_take_another_uploads_object(
+    proxy_factory: Any, aiohttp_server: Any, moto: Any, s3: Any, bucket: str
+) -> None:
+    """reprobe10a N1, the lost-answer side, on a shared key with overwrites allowed
+    (--no-overwrite false): B's upload of the same bytes is stored; A's Complete fails
+    without S3 carrying it out (500). A's complete looked for its object, found B's by
+    the ETag and answered 200 for it. Now the upload S3 still lists had no Complete: the
+    error stands and says to retry, the later checks leave B's object alone (nothing
+    announced for A), and the retry completes A's upload itself."""
+    server, got = await receiver(aiohttp_server, 204)
+    armed = False
+    rule = lambda o, n: Fault(status=500) if armed and o == "CompleteMultipartUpload" else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, rule, name=claim_operation) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=1,
+            s3_read_timeout=0.5,
+            key_template="plain/{filename}",
+            no_overwrite=False,
+            webhook_url=str(server.make_url("/hook")),
+            webhook_secret=HOOK_SECRET,
+        )
+        janitor = proxy.app[STATE].janitor
+        a = await _twin(proxy, s3, bucket, 1000, 1000)
+        b = await _twin(proxy, s3, bucket, 1000, 1000)
+        b_status, b_out = await call(proxy, "/sign/multipart/complete", b, {})
+        assert b_status == 200, b_out
+        armed = True
+        a_status, a_out = await call(proxy, "/sign/multipart/complete", a, {})
+        armed = False
+        assert (a_status, code(a_out)) == (502, "UPSTREAM_ERROR"), a_out
+        assert "retry the complete" in a_out["error"]["message"], a_out
+        await asyncio.sleep(1.5)  # the first check (2 x 0.5 s on) has looked
+        assert [u["UploadId"] for u in await open_uploads_async(s3, bucket)] == [a["upload_id"]]
+        assert _completed_events(got) == [b["key"]], got  # B's own, nothing for A
+        again, out = await complete_until_decided(proxy, a)
+        assert again == 200 and out["size"] == 1000, out
+        await eventually(lambda: not janitor._rechecks, within=8.0, what="the late checks")
+    assert await stored_keys(s3, bucket) == [b["key"]]
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=b["key"])
+
+
+# --- a rollback the claim skipped (reprobe10a N2) -----------------------------------
+
+
+@pytest.mark.parametrize("how", ["lapsed-alone", "taken-over"])
+async def test_a_rollback_the_claim_skipped_is_not_announced_and_the_object_is_answered_for(
+    proxy_factory: Any,
+    aiohttp_server: Any,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+) -> None:
+    """reprobe10a N2: the webhook fails after the claim stopped standing for a delete (its
+    renewals failing till it lapsed; or another complete took it over), so the rollback's
+    delete is skipped. The receiver was still sent upload.rolled_back, and nothing checked
+    the object: it stayed, unannounced, though the log said the janitor held it. Now no
+    upload.rolled_back (no delete was sent), the 502 says the rollback did not finish;
+    taken over, the object is left to the complete holding the claim; lapsed alone, it is
+    checked later under the claim: kept and told (right-sized)."""
+    monkeypatch.setattr(presign_claim, "MARGIN", 0.0)  # a 4.5 s lease, renewed every 1.5 s
+    got: list[str] = []
+    claim_fails = False
+    where = ""
+
+    async def hook(request: web.Request) -> web.Response:
+        nonlocal claim_fails
+        event = (await request.json())["event"]
+        got.append(event)
+        if got != ["upload.completed"]:
+            return web.Response(status=204)
+        if how == "taken-over":  # another complete takes the claim over meanwhile
+            body = json.dumps({"owner": "another", "until": time.time() + 60}).encode()
+            await asyncio.to_thread(s3.put_object, Bucket=bucket, Key=where, Body=body)
+        else:  # the claim's renewals fail from now on
+            claim_fails = True
+        await asyncio.sleep(3.0)  # past the lease less the delete's bound (2.5 s)
+        return web.Response(status=500)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = await aiohttp_server(app)
+    rule = lambda o, n: Fault(status=500) if claim_fails and o == "PutObject:claim" else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, rule, name=claim_operation) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=1,
+            s3_read_timeout=0.5,
+            s3_connect_timeout=0.5,
+            key_template="uploads/{uuid}/{filename}",
+            webhook_url=str(server.make_url("/hook")),
+            webhook_attempts=1,
+            webhook_timeout=10,
+        )
+        janitor = proxy.app[STATE].janitor
+        ref = await _multipart_done(proxy, s3, bucket)
+        where = presign_claim.claim_key(ref["key"], ref["upload_id"])
+        caplog.set_level("INFO", logger="s3proxy.presign")
+        status, out = await call(proxy, "/sign/multipart/complete", ref, {})
+        claim_fails = False
+        assert (status, code(out)) == (502, "WEBHOOK_FAILED"), out
+        assert "did not finish" in out["error"]["message"], out
+        assert "DeleteObject" not in faulty.calls  # the rollback's delete was skipped
+        lines = [r.getMessage() for r in caplog.records if r.name == "s3proxy.presign"]
+        [unfinished] = [m for m in lines if m.startswith("presign.rollback_unfinished")]
+        if how == "taken-over":
+            assert "took the claim over" in unfinished, unfinished
+            assert not [r.what for r in janitor._rechecks.values() if r.what.startswith("check")]
+            assert got == ["upload.completed"]
+            assert sorted(await stored_keys(s3, bucket)) == sorted([ref["key"], where])
+            await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=where)
+        else:
+            assert "checked later" in unfinished, unfinished
+            await eventually(lambda: got, until=lambda g: len(g) >= 2, within=5, what="check")
+            await eventually(lambda: not janitor._rechecks, within=8.0, what="the late checks")
+            assert await stored_keys(s3, bucket) == [ref["key"]]
+    assert "upload.rolled_back" not in got, got
+    assert set(got) == {"upload.completed"}
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+async def test_a_claim_written_late_is_released_at_shutdown_with_the_claims_advice(
+    proxy_factory: Any, s3: Any, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """reprobe10a N3: a claim whose write went unanswered is released again later; at
+    shutdown that recheck runs before the exit (here the claim landed meanwhile: it goes),
+    and one that may still land after the exit is logged. It was logged with the advice
+    for an object ("delete it by hand"); a claim only refuses retries until it lapses."""
+    proxy = await proxy_factory()
+    sink = proxy.app[STATE].require_sink()
+    janitor = Janitor()
+    claim = presign_claim.Claim(sink, presign_claim.PREFIX + "late", 60.0, 1.0, window=5.0)
+    claim.upload, claim.late = ("k", "u"), True
+    await claim.release(janitor)  # nothing there yet: the write is still on its way
+    landed = {"owner": claim.owner, "until": time.time() + 60}
+    await asyncio.to_thread(
+        s3.put_object, Bucket=bucket, Key=claim.key, Body=json.dumps(landed).encode()
+    )
+    caplog.set_level("INFO", logger="s3proxy.janitor")
+    janitor.deadline.set(asyncio.get_running_loop().time() + 1.2)
+    await janitor.close()
+    assert claim.key not in await stored_keys(s3, bucket)  # released before the exit
+    [line] = [r.getMessage() for r in caplog.records if "reason=late_write" in r.getMessage()]
+    assert line.startswith(f"cleanup.abandoned what=claim key={claim.key}"), line
+    assert "409 COMPLETE_IN_PROGRESS" in line and "by hand" not in line, line
+
+
+# --- the later checks: what they hold and what they carry (reprobe10a N4, N5) --------
+
+
+def test_readme_says_a_check_holds_the_claim() -> None:
+    """reprobe10a N4: README said the claim is not held for the later checks, so a retry
+    is not refused; a check holds it while it decides (a retry then got 409)."""
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    assert "the claim is not held for these checks" not in readme
+    assert "while a check decides it holds the claim" in readme
+    assert "answered 409 `COMPLETE_IN_PROGRESS` with `Retry-After: 2`" in readme
+
+
+async def test_a_check_run_at_shutdown_carries_the_completes_request_and_upload_id(
+    proxy_factory: Any,
+    aiohttp_server: Any,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """reprobe10a N5: a later check made by the shutdown (the janitor's own task) sent its
+    webhook with "request_id": "-", and the checks logged an empty upload_id=."""
+    server, got = await receiver(aiohttp_server, 204)
+    held = lambda o, n: Fault(delay=1.0) if (o, n) == ("CompleteMultipartUpload", 1) else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, held, name=claim_operation) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=1,
+            s3_read_timeout=0.5,
+            key_template="uploads/{uuid}/{filename}",
+            webhook_url=str(server.make_url("/hook")),
+            webhook_secret=HOOK_SECRET,
+        )
+        janitor = proxy.app[STATE].janitor
+        ref = await _multipart_done(proxy, s3, bucket)
+        caplog.set_level("INFO", logger="s3proxy.presign")
+        resp = await proxy.post(
+            "/sign/multipart/complete",
+            data=json.dumps(ref).encode(),
+            headers={"X-Request-ID": "complete-n5"},
+        )
+        assert resp.status == 504, await resp.text()
+        # shutdown now: the check due 1 s on runs before the deadline, in the janitor's task
+        janitor.deadline.set(asyncio.get_running_loop().time() + 2.5)
+        await janitor.close()
+    assert _completed_events(got) and set(_completed_events(got)) == {ref["key"]}, got
+    assert {e["body"]["request_id"] for e in got} == {"complete-n5"}, got
+    kept = [r for r in caplog.records if r.getMessage().startswith("presign.checked_later")]
+    assert kept and all(f"upload_id={ref['upload_id']} " in r.getMessage() for r in kept)
+    done = [r for r in caplog.records if r.getMessage().startswith("presign.multipart_completed")]
+    assert done and all(f"upload_id={ref['upload_id']} " in r.getMessage() for r in done)
     await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
