@@ -60,7 +60,9 @@ is the one place the proxy leans on its internals, listed in
   ``_keepalive_handle``, that timer, stopped once a head begins;
 - ``BaseProtocol._parser``, ``RequestHandler._read_bufsize``, ``_force_close``, ``_close``,
   ``web_protocol.MAX_MSG_QUEUE_SIZE`` and ``HttpRequestParser``'s arguments, for an upload's body
-  read past the parser (``ProxyRequestHandler.bypass_parser``).
+  read past the parser (``ProxyRequestHandler.bypass_parser``);
+- ``BaseProtocol._reading_paused``, so that a resume only follows a pause of aiohttp's
+  (``ProxyRequestHandler.resume_reading``).
 
 If any is gone, ``install()`` logs a warning and leaves aiohttp's behaviour as it is
 (the proxy still runs); tests/test_http_errors.py fails.
@@ -829,6 +831,17 @@ class ProxyRequestHandler(RequestHandler):
             # first byte, or sooner on a new connection (armed at its start).
             self._arm_head_timer(self._head_due())
 
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        """aiohttp's StreamReader calls this after every read below its low-water mark,
+        paused or not, and aiohttp's resume then parses again (``data_received(b"")``)
+        and resumes the transport. Read a piece at a time (a chunked body's HTTP chunks,
+        ``form.next_chunk``), that was ~1 us per 1-byte chunk for nothing: only a pause
+        of aiohttp's (``pause_reading``) holds bytes to parse. The transport is left as
+        it is too: paused otherwise, by ``TransportFlow`` for an upload waiting for
+        memory or by aiohttp's message queue, it stays so until they resume it."""
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio: bool | None
         """The client half-closed (``shutdown(SHUT_WR)``, ``nc -N``): keep the transport
         open for writing and answer what it sent.
@@ -1141,6 +1154,7 @@ def private_api_problems() -> list[str]:
         "_force_close",
         "_close",
         "_keepalive_handle",
+        "_reading_paused",
     ):
         if name not in slots:
             problems.append(f"RequestHandler.{name}")
