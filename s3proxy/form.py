@@ -210,6 +210,9 @@ class TransportFlow:
         self._looked: tuple[int, int, bool | None] | None = None
         # ... and the walk over them, gone on with by the next look (bytes read: a new one).
         self._tail_walk: tuple[int, TailWalk] | None = None
+        # ... and, while that walk is pending, the bytes it walks (bytes read, kernel's,
+        # the tail): the next pass goes on over them without copying them again.
+        self._tail: tuple[int, int, bytes] | None = None
         # s3proxy's protocol hands the rest of a Content-Length body to the request's
         # StreamReader past the HTTP parser, which copies every chunk.
         bypass = getattr(self._protocol, "bypass_parser", None)
@@ -267,7 +270,9 @@ class TransportFlow:
         """Is a chunked body's end among the ``kernel``'s unread bytes? Looked at once
         while nothing more comes (the answer kept for the same counts), only up to
         ``PEEK_LIMIT`` of them (past it, unknown), and walked as far as ``looks`` lets
-        it (``body_end.TailWalk``: the next look goes on from there)."""
+        it (``body_end.TailWalk``: the next look goes on from there, over the same
+        copy of the bytes while none came: a pending walk copied its whole tail, up to
+        a MiB, every pass)."""
         looked = self._looked
         if looked is not None and looked[:2] == (read, kernel):
             return looked[2]
@@ -275,12 +280,17 @@ class TransportFlow:
         if kernel <= PEEK_LIMIT:
             if looks.allow() == 0:
                 return PENDING  # this pass has walked all it may: no copy of the bytes
-            tail = peek(sock, kernel)
+            kept = self._tail
+            tail = kept[2] if kept is not None and kept[:2] == (read, kernel) else None
+            if tail is None:
+                tail = peek(sock, kernel)
             walk = self._tail_walk
             if walk is None or walk[0] != read:  # bytes read since: a new tail
                 walk = self._tail_walk = (read, TailWalk(framing))
             if tail is not None:
                 ended = walk[1].go(kernel, tail, looks)
+        # Kept only while its walk is pending (at most TAIL_LINES lines: a few passes).
+        self._tail = (read, kernel, tail) if ended is PENDING and tail is not None else None
         if ended is not PENDING:
             self._looked = (read, kernel, ended)
         return ended

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
+from typing import Any
 
 import pytest
 from aiohttp import BodyPartReader, MultipartReader
 from aiohttp.streams import StreamReader
 
+from s3proxy import form
+from s3proxy.body_end import PENDING, TAIL_LINES, Looked, Looks, peek
+from s3proxy.chunks import ChunkExtensions
 from s3proxy.errors import MALFORMED_MULTIPART, ProxyError
 from s3proxy.form import (
     JOIN_BYTES,
@@ -27,6 +32,7 @@ from s3proxy.form import (
     FilePart,
     FormLimits,
     PartSource,
+    TransportFlow,
     iter_form,
     next_part,
     small_run,
@@ -237,3 +243,35 @@ async def test_tiny_http_chunks_are_read_a_run_at_a_time() -> None:
     assert b"".join(got) == data + big
     assert any(chunk is big for chunk in got)  # no copy of a big piece
     assert len(got) <= 2 + len(data) // JOIN_PIECES + 1
+
+
+def test_a_pending_look_walks_on_over_the_bytes_it_copied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """reprobe10b N3: a waiter whose walk spans passes copied its whole tail out of the
+    kernel (up to a MiB) in every pass; while no byte comes, the next pass goes on over
+    the same copy. The walk ends within TAIL_LINES lines: bytes owed."""
+    peeks = 0
+
+    def counted_peek(sock: Any, size: int) -> bytes | None:
+        nonlocal peeks
+        peeks += 1
+        return peek(sock, size)
+
+    monkeypatch.setattr(form, "peek", counted_peek)
+    flow = TransportFlow.__new__(TransportFlow)  # only its look: no request behind it
+    flow._looked = flow._tail_walk = flow._tail = None
+    framing = ChunkExtensions()
+    framing.feed(b"5\r\nhello\r\n")
+    tail = b"1\r\nx\r\n" * (2 * TAIL_LINES)
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        a.sendall(tail)
+        answers: list[Looked] = []
+        while not answers or answers[-1] is PENDING:
+            answers.append(flow._look(b, 10, len(tail), framing, Looks(500)))
+        assert answers[-1] is False and len(answers) == -(-TAIL_LINES // 500)
+        assert peeks == 1
+        assert flow._tail is None  # not kept once the walk ended
+        assert flow._look(b, 10, len(tail), framing, Looks(500)) is False and peeks == 1
