@@ -57,7 +57,8 @@ is the one place the proxy leans on its internals, listed in
   ``BaseRequest._message``/``_version``, to answer it with an HTTP/1.1 status line;
 - ``RequestHandler._waiter`` (pending while the connection waits for a request head, as
   aiohttp's own keep-alive timer reads it), for the head timeout and idleness, and
-  ``_keepalive_handle``, that timer, stopped once a head begins;
+  ``_keepalive_handle``, that timer, stopped once a head begins, and
+  ``_process_keepalive``, what it runs, which leaves a begun head to the head timer;
 - ``BaseProtocol._parser``, ``RequestHandler._read_bufsize``, ``_force_close``, ``_close``,
   ``web_protocol.MAX_MSG_QUEUE_SIZE`` and ``HttpRequestParser``'s arguments, for an upload's body
   read past the parser (``ProxyRequestHandler.bypass_parser``);
@@ -831,6 +832,18 @@ class ProxyRequestHandler(RequestHandler):
             # first byte, or sooner on a new connection (armed at its start).
             self._arm_head_timer(self._head_due())
 
+    def _process_keepalive(self) -> None:
+        """aiohttp's keep-alive timer, armed after every answer, closes the connection
+        while no head is complete. A head that has begun is the head timer's: due
+        --header-timeout after its first byte (README), also when that byte came in the
+        read of the request before it, or while that request was open, where nothing
+        stopped this timer (with --keepalive-timeout below --header-timeout, such a head
+        was cut at the keep-alive timeout; reprobe10b N4)."""
+        if self._head_since is not None:
+            self._keepalive_handle = None
+            return
+        super()._process_keepalive()
+
     def resume_reading(self, resume_parser: bool = True) -> None:
         """aiohttp's StreamReader calls this after every read below its low-water mark,
         paused or not, and aiohttp's resume then parses again (``data_received(b"")``)
@@ -1141,6 +1154,7 @@ def private_api_problems() -> list[str]:
         "eof_received",
         "log_access",
         "log_exception",
+        "_process_keepalive",
     ):
         if not callable(getattr(RequestHandler, name, None)):
             problems.append(f"RequestHandler.{name}")

@@ -92,6 +92,7 @@ PINNED: dict[str, tuple[Callable[..., Any], set[str]]] = {
     "RequestHandler.data_received": (RH.data_received, {"8735c9eaea40"}),
     "RequestHandler.__init__": (RH.__init__, {"6a9e373cab28"}),
     "RequestHandler.connection_lost": (RH.connection_lost, {"9daf3cb0a9e8"}),
+    "RequestHandler._process_keepalive": (RH._process_keepalive, {"9e0e43e679cf"}),
     "StreamReader.feed_data": (SR.feed_data, {"f038032951f7"}),
     "StreamReader.feed_eof": (SR.feed_eof, {"ee5d63e38ec2"}),
     # wrapped by codings.install_end_check; inspect reads the wrapped source
