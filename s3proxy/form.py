@@ -831,8 +831,8 @@ async def next_chunk(content: StreamReader) -> bytes:
         chunk, _ = await content.readchunk()
         if chunk or content.at_eof():
             break
-    if len(chunk) >= SMALL_PIECE or not content._buffer:
-        return chunk
+    if not chunk or len(chunk) >= SMALL_PIECE or not content._buffer:
+        return chunk  # (the end: an EmptyStreamReader has no buffer)
     size = small_run(content._buffer, content._buffer_offset, JOIN_BYTES - len(chunk))
     if size == 0:
         return chunk

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp import BodyPartReader, MultipartReader
-from aiohttp.streams import StreamReader
+from aiohttp.streams import EmptyStreamReader, StreamReader
 
 from s3proxy import form
 from s3proxy.body_end import PENDING, TAIL_LINES, Looked, Looks, peek
@@ -275,3 +275,8 @@ def test_a_pending_look_walks_on_over_the_bytes_it_copied(
         assert peeks == 1
         assert flow._tail is None  # not kept once the walk ended
         assert flow._look(b, 10, len(tail), framing, Looks(500)) is False and peeks == 1
+
+
+async def test_next_chunk_of_an_empty_body_is_its_end() -> None:
+    """A request without a body has aiohttp's EmptyStreamReader, with no buffer to join."""
+    assert await form.next_chunk(EmptyStreamReader()) == b""
