@@ -52,7 +52,9 @@ window (the client waits on us). Two rules, both decided by pure functions:
   waiters keep their order by age, and the oldest ready one is
   the head of the line: nobody overtakes it, so a large part is not starved by
   small ones. Unready waiters are served only when no ready one waits (the memory
-  would sit idle), in order too.
+  would sit idle), in order too; not one whose body's end is still being looked for
+  (``readiness``): that look ends within a few passes (s3proxy.body_end), and then it
+  is ready or is judged.
 - Slow waiters time out (``choose_expired``): an unready waiter whose client sent
   below its minimum rate over the last ``MIN_HELD`` of its wait gets a 408 without
   ever holding a part. Its kernel buffer had room all along, so the slowness is the
@@ -177,15 +179,27 @@ def is_ready(state: WaiterState | None, need: int, ready_bytes: int = READY_BYTE
     return state.blocked is None and state.unread >= min(ready_bytes, need)
 
 
-def grant(line: Sequence[tuple[int, bool]], available: int) -> list[int]:
-    """Indices of the waiters to grant now, given ``(size, ready)`` in line order.
+def readiness(state: WaiterState | None, need: int) -> bool | None:
+    """``is_ready``, or None for an unready waiter whose look for its body's end is
+    pending (``WaiterState.looking``): granted neither as ready nor as unready until its
+    end is known. Granted as unready, such waiters (a MiB of 1-byte chunks each, silent)
+    were read and evicted one by one while normal uploads waited (reprobe10b N3)."""
+    if is_ready(state, need):
+        return True
+    return None if state is not None and state.looking else False
+
+
+def grant(line: Sequence[tuple[int, bool | None]], available: int) -> list[int]:
+    """Indices of the waiters to grant now, given ``(size, ready)`` in line order
+    (ready: ``readiness``).
 
     The ready ones first, then the unready, each in line order; granting stops at the
     first that does not fit, so nobody overtakes the oldest ready waiter, and an
-    unready one gets memory only when no ready one waits.
+    unready one gets memory only when no ready one waits. One whose readiness is not
+    known yet (None) is not granted now.
     """
     order = [i for i, (_, ready) in enumerate(line) if ready]
-    order += [i for i, (_, ready) in enumerate(line) if not ready]
+    order += [i for i, (_, ready) in enumerate(line) if ready is False]
     granted: list[int] = []
     for i in order:
         size = line[i][0]
@@ -371,9 +385,9 @@ class MemoryBudget:
         self._waiters = [w for w in live if not w[3].done()]
 
     @staticmethod
-    def _ready(w: Waiter, now: float, looks: Looks) -> bool:
+    def _ready(w: Waiter, now: float, looks: Looks) -> bool | None:
         owner = w[5]
-        return owner is None or is_ready(owner.wait_state(now, looks), w[2])
+        return True if owner is None else readiness(owner.wait_state(now, looks), w[2])
 
     def _forget(self, reservation: Reservation) -> None:
         self._holders.pop(reservation, None)

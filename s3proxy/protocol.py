@@ -57,10 +57,13 @@ is the one place the proxy leans on its internals, listed in
   ``BaseRequest._message``/``_version``, to answer it with an HTTP/1.1 status line;
 - ``RequestHandler._waiter`` (pending while the connection waits for a request head, as
   aiohttp's own keep-alive timer reads it), for the head timeout and idleness, and
-  ``_keepalive_handle``, that timer, stopped once a head begins;
+  ``_keepalive_handle``, that timer, stopped once a head begins, and
+  ``_process_keepalive``, what it runs, which leaves a begun head to the head timer;
 - ``BaseProtocol._parser``, ``RequestHandler._read_bufsize``, ``_force_close``, ``_close``,
   ``web_protocol.MAX_MSG_QUEUE_SIZE`` and ``HttpRequestParser``'s arguments, for an upload's body
-  read past the parser (``ProxyRequestHandler.bypass_parser``).
+  read past the parser (``ProxyRequestHandler.bypass_parser``);
+- ``BaseProtocol._reading_paused``, so that a resume only follows a pause of aiohttp's
+  (``ProxyRequestHandler.resume_reading``).
 
 If any is gone, ``install()`` logs a warning and leaves aiohttp's behaviour as it is
 (the proxy still runs); tests/test_http_errors.py fails.
@@ -829,6 +832,29 @@ class ProxyRequestHandler(RequestHandler):
             # first byte, or sooner on a new connection (armed at its start).
             self._arm_head_timer(self._head_due())
 
+    def _process_keepalive(self) -> None:
+        """aiohttp's keep-alive timer, armed after every answer, closes the connection
+        while no head is complete. A head that has begun is the head timer's: due
+        --header-timeout after its first byte (README), also when that byte came in the
+        read of the request before it, or while that request was open, where nothing
+        stopped this timer (with --keepalive-timeout below --header-timeout, such a head
+        was cut at the keep-alive timeout; reprobe10b N4)."""
+        if self._head_since is not None:
+            self._keepalive_handle = None
+            return
+        super()._process_keepalive()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        """aiohttp's StreamReader calls this after every read below its low-water mark,
+        paused or not, and aiohttp's resume then parses again (``data_received(b"")``)
+        and resumes the transport. Read a piece at a time (a chunked body's HTTP chunks,
+        ``form.next_chunk``), that was ~1 us per 1-byte chunk for nothing: only a pause
+        of aiohttp's (``pause_reading``) holds bytes to parse. The transport is left as
+        it is too: paused otherwise, by ``TransportFlow`` for an upload waiting for
+        memory or by aiohttp's message queue, it stays so until they resume it."""
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
     def eof_received(self) -> bool:  # type: ignore[override]  # asyncio: bool | None
         """The client half-closed (``shutdown(SHUT_WR)``, ``nc -N``): keep the transport
         open for writing and answer what it sent.
@@ -1128,6 +1154,7 @@ def private_api_problems() -> list[str]:
         "eof_received",
         "log_access",
         "log_exception",
+        "_process_keepalive",
     ):
         if not callable(getattr(RequestHandler, name, None)):
             problems.append(f"RequestHandler.{name}")
@@ -1141,6 +1168,7 @@ def private_api_problems() -> list[str]:
         "_force_close",
         "_close",
         "_keepalive_handle",
+        "_reading_paused",
     ):
         if name not in slots:
             problems.append(f"RequestHandler.{name}")

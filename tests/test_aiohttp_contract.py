@@ -8,7 +8,9 @@ s3proxy uses a few private aiohttp APIs where no public one does the job:
   takes the part's ``_content``, ``_boundary``, ``_length``, ``_prev_chunk`` and sets
   ``_at_eof`` as ``BodyPartReader.read_chunk``/``_read_chunk_from_stream`` would (their
   semantics are what it matches), reads with ``StreamReader.readchunk`` (one buffered
-  chunk as it is, via ``_read_nowait_chunk``) and pushes back with ``unread_data``;
+  chunk as it is, via ``_read_nowait_chunk``), joins the small pieces buffered behind a
+  small one with ``read_nowait`` after looking at ``_buffer``/``_buffer_offset``
+  (``form.next_chunk``), and pushes back with ``unread_data``;
 - ``form.TransportFlow`` reads ``BaseProtocol._reading_paused``/``_buffer_paused`` so its
   own pause never undoes aiohttp's backpressure;
 - ``handlers.expect_upload`` calls ``_default_expect_handler`` to send ``100 Continue``;
@@ -79,6 +81,8 @@ PINNED: dict[str, tuple[Callable[..., Any], set[str]]] = {
     "BodyPartReader._read_chunk_from_stream": (BPR._read_chunk_from_stream, {"60c1e3062c61"}),
     "StreamReader.readchunk": (SR.readchunk, {"16c0fff5da9c"}),
     "StreamReader._read_nowait_chunk": (SR._read_nowait_chunk, {"ddfcfd34f8d7"}),
+    "StreamReader.read_nowait": (SR.read_nowait, {"6f7ad249f76c"}),
+    "StreamReader._read_nowait": (SR._read_nowait, {"8f8e7dba19c5"}),
     "StreamReader.unread_data": (SR.unread_data, {"2818ec247aee"}),
     "BaseProtocol.pause_reading": (BP.pause_reading, {"7109d00aefa9"}),
     "BaseProtocol.resume_reading": (BP.resume_reading, {"eccf495f468f"}),
@@ -88,6 +92,7 @@ PINNED: dict[str, tuple[Callable[..., Any], set[str]]] = {
     "RequestHandler.data_received": (RH.data_received, {"8735c9eaea40"}),
     "RequestHandler.__init__": (RH.__init__, {"6a9e373cab28"}),
     "RequestHandler.connection_lost": (RH.connection_lost, {"9daf3cb0a9e8"}),
+    "RequestHandler._process_keepalive": (RH._process_keepalive, {"9e0e43e679cf"}),
     "StreamReader.feed_data": (SR.feed_data, {"f038032951f7"}),
     "StreamReader.feed_eof": (SR.feed_eof, {"ee5d63e38ec2"}),
     # wrapped by codings.install_end_check; inspect reads the wrapped source
@@ -119,6 +124,8 @@ def test_private_attributes_exist() -> None:
     part_attrs = inspect.getsource(multipart.BodyPartReader.__init__)
     for name in ("_content", "_boundary", "_length", "_prev_chunk", "_at_eof"):
         assert f"self.{name}" in part_attrs, name
+    assert "_buffer" in streams.StreamReader.__slots__
+    assert "_buffer_offset" in streams.StreamReader.__slots__
     assert protocol.private_api_problems() == []
     assert codings.end_check_problems() == []
 

@@ -617,3 +617,32 @@ async def test_a_head_begun_in_the_read_of_a_request_is_due_at_the_header_timeou
         assert b"HTTP/1.1" not in rest, rest  # no answer to the head that never ended
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [HEALTH, SIGN, SIGN_CHUNKED],
+    ids=["after-get", "after-body", "after-chunked-body"],
+)
+async def test_a_head_begun_in_the_read_of_a_request_outlives_a_shorter_keepalive(
+    proxy_factory: Any, first: bytes
+) -> None:
+    """Probe reprobe10b N4: with --keepalive-timeout below --header-timeout, a head begun
+    in the same read as a request was cut at the keep-alive timeout (aiohttp's timer,
+    armed after the answer): README gives it --header-timeout from its first byte."""
+    proxy = await proxy_factory(header_timeout=4.0, keepalive_timeout=1.0)
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    try:
+        writer.write(first + b"GET /healthz HTTP/1.1\r\n")
+        await writer.drain()
+        for _ in range(2):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 201 ")), head
+            await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+            if first:
+                first = b""
+                await asyncio.sleep(2.0)  # past the keep-alive timeout, within the head's
+                writer.write(b"Host: x\r\n\r\n")
+                await writer.drain()
+    finally:
+        writer.close()

@@ -12,13 +12,31 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
+from typing import Any
 
 import pytest
 from aiohttp import BodyPartReader, MultipartReader
-from aiohttp.streams import StreamReader
+from aiohttp.streams import EmptyStreamReader, StreamReader
 
+from s3proxy import form
+from s3proxy.body_end import PENDING, TAIL_LINES, Looked, Looks, peek
+from s3proxy.chunks import ChunkExtensions
 from s3proxy.errors import MALFORMED_MULTIPART, ProxyError
-from s3proxy.form import ClientWatch, Field, FilePart, FormLimits, PartSource, iter_form, next_part
+from s3proxy.form import (
+    JOIN_BYTES,
+    JOIN_PIECES,
+    SMALL_PIECE,
+    ClientWatch,
+    Field,
+    FilePart,
+    FormLimits,
+    PartSource,
+    TransportFlow,
+    iter_form,
+    next_part,
+    small_run,
+)
 from tests import bodies
 from tests.fake_client import Wire, payload
 
@@ -188,3 +206,77 @@ async def test_a_part_with_a_transfer_encoding_is_read_by_aiohttp() -> None:
     )
     pieces = cut(bodies.raw_body(part), random.Random(5), 100)
     assert await read_form(pieces) == [("f", "a.bin", data)]
+
+
+@pytest.mark.parametrize(
+    ("sizes", "offset", "room", "run"),
+    [
+        ([], 0, JOIN_BYTES, 0),
+        ([1, 1, 1], 0, JOIN_BYTES, 3),
+        ([5, 7], 3, JOIN_BYTES, 2 + 7),  # the first piece read up to its offset
+        ([1, SMALL_PIECE, 1], 0, JOIN_BYTES, 1),  # a big piece stops the run, not joined
+        ([SMALL_PIECE - 1, 1], 0, JOIN_BYTES, SMALL_PIECE),
+        ([SMALL_PIECE + 4], 5, JOIN_BYTES, SMALL_PIECE - 1),  # what is left of it is small
+        ([100, 100, 100], 0, 250, 200),  # whole pieces only, within room
+        ([1] * (JOIN_PIECES + 10), 0, JOIN_BYTES, JOIN_PIECES),
+    ],
+)
+def test_small_run(sizes: list[int], offset: int, room: int, run: int) -> None:
+    assert small_run([b"x" * n for n in sizes], offset, room) == run
+
+
+async def test_tiny_http_chunks_are_read_a_run_at_a_time() -> None:
+    """A file in 1-byte HTTP chunks (the parser passes each on as a piece of its own)
+    comes in a few reads of joined pieces, not one read per chunk (reprobe10b N2: ~20 us
+    of reading, scanning and hashing per chunk, the event loop held 17 s by one upload);
+    a big piece behind them still comes as it is."""
+    data = payload(20_000, seed=9)
+    big = b"B" * 100_000
+    head = bodies.part_head(bodies.file("f", "a.bin", b""))
+    pieces = [head, *(data[i : i + 1] for i in range(len(data))), big]
+    stream = stream_of([*pieces, b"\r\n--" + B + b"--\r\n"], http_chunks=True)
+    got = []
+    async for item in iter_form(MultipartReader(bodies.headers(), stream), LIMITS, lambda: 0):
+        assert isinstance(item, FilePart)
+        while chunk := await item.source.read(4096):
+            got.append(chunk)
+    assert b"".join(got) == data + big
+    assert any(chunk is big for chunk in got)  # no copy of a big piece
+    assert len(got) <= 2 + len(data) // JOIN_PIECES + 1
+
+
+def test_a_pending_look_walks_on_over_the_bytes_it_copied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """reprobe10b N3: a waiter whose walk spans passes copied its whole tail out of the
+    kernel (up to a MiB) in every pass; while no byte comes, the next pass goes on over
+    the same copy. The walk ends within TAIL_LINES lines: bytes owed."""
+    peeks = 0
+
+    def counted_peek(sock: Any, size: int) -> bytes | None:
+        nonlocal peeks
+        peeks += 1
+        return peek(sock, size)
+
+    monkeypatch.setattr(form, "peek", counted_peek)
+    flow = TransportFlow.__new__(TransportFlow)  # only its look: no request behind it
+    flow._looked = flow._tail_walk = flow._tail = None
+    framing = ChunkExtensions()
+    framing.feed(b"5\r\nhello\r\n")
+    tail = b"1\r\nx\r\n" * (2 * TAIL_LINES)
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        a.sendall(tail)
+        answers: list[Looked] = []
+        while not answers or answers[-1] is PENDING:
+            answers.append(flow._look(b, 10, len(tail), framing, Looks(500)))
+        assert answers[-1] is False and len(answers) == -(-TAIL_LINES // 500)
+        assert peeks == 1
+        assert flow._tail is None  # not kept once the walk ended
+        assert flow._look(b, 10, len(tail), framing, Looks(500)) is False and peeks == 1
+
+
+async def test_next_chunk_of_an_empty_body_is_its_end() -> None:
+    """A request without a body has aiohttp's EmptyStreamReader, with no buffer to join."""
+    assert await form.next_chunk(EmptyStreamReader()) == b""

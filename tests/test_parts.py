@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from s3proxy.parts import (
+    GATHER_BELOW,
+    GATHER_SIZE,
     MAX_OBJECT_SIZE,
     MAX_PART_SIZE,
     MAX_PARTS,
@@ -143,6 +145,24 @@ def test_slicer_does_not_copy_whole_chunks() -> None:
         assert not slicer.feed(chunk)
     _, chunks = slicer.take()
     assert all(c is chunk for c in chunks)
+
+
+def test_slicer_gathers_small_chunks() -> None:
+    """A part fed 1-byte chunks holds a few gathered chunks, not one object per byte
+    (~66 bytes of memory per byte of a part, reprobe10b N2); a big chunk between them
+    is still kept as it is, in order."""
+    big = b"B" * GATHER_BELOW
+    data = bytes(range(256)) * 1024
+    slicer = PartSlicer(PartPlan(5 * MiB, growing=False))
+    for i in range(len(data)):
+        slicer.feed(data[i : i + 1])
+        if i == 1000:
+            slicer.feed(big)
+    _, chunks = slicer.take()
+    assert b"".join(chunks) == data[:1001] + big + data[1001:]
+    assert any(c is big for c in chunks)
+    assert len(chunks) <= 2 + len(data) // GATHER_SIZE + 1
+    assert all(isinstance(c, bytes) for c in chunks)
 
 
 def test_slicer_boundary_ends_with_empty_part() -> None:
