@@ -498,6 +498,8 @@ def _claimed_parts(body: Mapping[str, Any]) -> dict[int, str] | None:
     given = body.get("parts")
     if given is None:
         return None
+    if not isinstance(given, list):  # an object was read as its keys: {} as no parts
+        raise ProxyError(INVALID_REQUEST, "'parts' must be a list of {part_number, etag}")
     try:
         pairs = [
             (_integer(p["part_number"], "part_number"), etag_value(str(p["etag"]))) for p in given
@@ -742,7 +744,7 @@ async def _complete(
         skipped = _LeftStanding(ctx, claim, key, upload_id, listed)
         delete = claim.guarded(
             lambda: ctx.sink.delete(key, if_match=if_match),
-            f"key={key} reason=size_unchecked",
+            f"key={key} delete=size_unchecked",
             skipped,
         )
         if written.may_land_late:
@@ -1124,7 +1126,7 @@ async def _answer(
             deleted.append(True)
 
         skipped = _LeftStanding(ctx, claim, key, upload_id, parts)
-        delete = claim.guarded(delete_version, f"key={key} reason=rollback", skipped)
+        delete = claim.guarded(delete_version, f"key={key} delete=rollback", skipped)
         try:
             await run_cleanup(
                 delete,

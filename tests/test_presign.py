@@ -1525,6 +1525,11 @@ async def test_parts_lists_are_read_alike_on_a_first_complete_and_a_retry(
     status, out = await call(proxy, "/sign/multipart/complete", twice, {})
     assert (status, code(out)) == (400, "INVALID_REQUEST"), out
     assert "more than once" in out["error"]["message"], out
+    # Not a list (reprobe11a R5: an object was read as an empty list): 400 too.
+    for bad in ({}, {"1": etag}, "parts"):
+        status, out = await call(proxy, "/sign/multipart/complete", {**ref, "parts": bad}, {})
+        assert (status, code(out)) == (400, "INVALID_REQUEST"), (bad, out)
+        assert "must be a list" in out["error"]["message"], out
     status, out = await call(proxy, "/sign/multipart/complete", upper, {})
     assert status == 200, out
     status, out = await call(proxy, "/sign/multipart/complete", upper, {})
