@@ -62,6 +62,10 @@ def make_settings(endpoint_url: str, **overrides: Any) -> Settings:
         "s3_read_timeout": 30.0,
         # moto dates every upload in 2010: no background sweep in tests that do not ask
         "cleanup_interval": 0,
+        # A teardown's drain waits for a late-write recheck's last look until the shutdown
+        # deadline (--shutdown-timeout + 3 s, janitor.shutdown_runs): with the default 30 s,
+        # ~15 tests spent 33 s each in teardown. Tests of the drain set their own.
+        "shutdown_timeout": 3.0,
     }
     base.update(overrides)
     return Settings(**base)
