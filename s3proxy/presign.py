@@ -43,6 +43,7 @@ it again (at least once; receivers deduplicate on the key).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -507,8 +508,9 @@ def _claimed_parts(body: Mapping[str, Any]) -> dict[int, str] | None:
     except (TypeError, KeyError):
         raise ProxyError(INVALID_REQUEST, "'parts' must be a list of {part_number, etag}") from None
     claimed = dict(pairs)
-    if len(claimed) != len(pairs):
-        twice = min(n for n, _ in pairs if sum(m == n for m, _ in pairs) > 1)
+    if len(claimed) != len(pairs):  # (counted once: a pairwise count of 10,000 parts took 5 s)
+        counts = collections.Counter(n for n, _ in pairs)
+        twice = min(n for n, times in counts.items() if times > 1)
         raise ProxyError(INVALID_REQUEST, f"'parts' lists part {twice} more than once")
     return claimed
 
