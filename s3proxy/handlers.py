@@ -44,7 +44,7 @@ from s3proxy.metrics import metrics_handler
 from s3proxy.pipeline import abort_reason
 from s3proxy.protocol import refuse_over_capacity
 from s3proxy.state import STATE, AppState
-from s3proxy.uploads import RequestUpload
+from s3proxy.uploads import RequestUpload, Rollback, rollback_message
 from s3proxy.webhook import WebhookError
 
 log = logging.getLogger("s3proxy.handlers")
@@ -190,8 +190,13 @@ async def _store(
         try:
             await job.rollback(reason)  # to its end, even if cancelled meanwhile
         finally:
-            if notifying:
+            if notifying and job.rolled is not Rollback.KEPT:
                 await notify_rolled_back(state, keys, reason)
+        if isinstance(exc, ProxyError) and exc.kind is WEBHOOK_FAILED:
+            failed = f"the webhook failed ({getattr(exc.__cause__, 'reason', 'unknown')})"
+            raise ProxyError(
+                WEBHOOK_FAILED, rollback_message(failed, job.rolled)
+            ) from exc.__cause__
         raise
     job.settle()  # the outcome is final: the files are kept
     log.info("request.stored files=%d by=%s", len(result.files), principal.subject)

@@ -432,23 +432,26 @@ async def run_cleanup(
     kind: Kind,
     retry: Cleanup | None = None,
     pace: Pace | None = None,
-) -> None:
+) -> bool:
     """Run one cleanup call to the end even if we are being cancelled; never raise for it
-    (but re-raise the caller's cancellation once it is done).
+    (but re-raise the caller's cancellation once it is done). True if it succeeded (False:
+    it went to the janitor, or was abandoned).
 
     If it fails, hand it to the janitor to retry (or log, without one): ``fn`` again, or
     ``retry`` when what ``fn`` undoes may have become right meanwhile (a later request
     may report as stored the object ``fn`` deletes: ``retry`` checks before it deletes);
     at ``pace`` while that names a delay (``Janitor.retry``).
     """
-    await finish(_attempt(fn, what, kind, janitor, retry, pace))
+    return await finish(_attempt(fn, what, kind, janitor, retry, pace))
 
 
-async def run_cleanups(calls: Sequence[tuple[Cleanup, str, Kind]], janitor: Janitor | None) -> None:
+async def run_cleanups(calls: Sequence[tuple[Cleanup, str, Kind]], janitor: Janitor | None) -> bool:
     """``run_cleanup`` for several calls at once: each one runs (and, failing, goes to the
-    janitor) whatever happens to the others or to the caller."""
-    if calls:
-        await finish(asyncio.gather(*(_attempt(*call, janitor) for call in calls)))
+    janitor) whatever happens to the others or to the caller. True if all succeeded."""
+    if not calls:
+        return True
+    done = await finish(asyncio.gather(*(_attempt(*call, janitor) for call in calls)))
+    return all(done)
 
 
 async def _attempt(
@@ -458,17 +461,19 @@ async def _attempt(
     janitor: Janitor | None,
     retry: Cleanup | None = None,
     pace: Pace | None = None,
-) -> None:
+) -> bool:
     try:
         async with _bound(janitor, CLEANUP_TIMEOUT):
             await fn()
     except Exception as exc:
         if janitor is not None and janitor.gone():
             abandon(what, kind, exc)  # at the shutdown's deadline: no retry will come
-            return
+            return False
         log.error("cleanup.failed what=%s error=%r", what, exc)
         if janitor is not None:
             janitor.retry(fn if retry is None else retry, what, kind, exc, pace)
+        return False
+    return True
 
 
 def _bound(janitor: Janitor | None, limit: float) -> contextlib.AbstractAsyncContextManager[None]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import enum
 import logging
 import re
 import time
@@ -76,6 +77,34 @@ def reserved_metadata_name(lower: str) -> bool:
 # outside this set (``post%5btitle%5d``, ``a%20b``), which SeaweedFS stores; a name
 # some store loses behind a 201 is refused instead.
 _METADATA_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+class Rollback(enum.Enum):
+    """What a request's rollback left of its stored files: its 502 says so, and the
+    receiver is sent ``upload.rolled_back`` only for files a delete went out for."""
+
+    NONE = "none"  # no rollback (yet)
+    DONE = "done"  # every stored file deleted
+    UNFINISHED = "unfinished"  # a delete failed: the janitor retries it
+    KEPT = "kept"  # --no-overwrite false on shared keys: a failed upload deletes nothing
+
+
+def rollback_message(failed: str, rolled: Rollback) -> str:
+    """A failed request's words for what its rollback left, after ``failed`` (what
+    failed it: "the webhook failed (HTTP 500)"). It said "the upload was rolled back"
+    before the deletes ran, also when they failed or none was made. Pure."""
+    if rolled is Rollback.UNFINISHED:
+        return (
+            f"{failed}; the rollback did not finish: a stored file's delete failed, and "
+            "the proxy retries it until S3 takes it"
+        )
+    if rolled is Rollback.KEPT:
+        return (
+            f"{failed}; the stored files were kept: keys are shared and overwrites allowed "
+            "(--no-overwrite false), so a failed upload deletes nothing (the key may hold "
+            "another upload's object by now)"
+        )
+    return f"the upload was rolled back: {failed}"
 
 
 @dataclass
@@ -178,6 +207,7 @@ class RequestUpload:
         self._fields: Reservation | None = None  # the allowance for field values
         # a write of a file rolled back may still land (``FileUpload.may_land_late``)
         self.may_land_late = False
+        self.rolled = Rollback.NONE
 
     async def run(self, parts: AsyncIterator[Field | FilePart]) -> UploadResult:
         try:
@@ -302,9 +332,11 @@ class RequestUpload:
             for f in files:
                 log.warning("upload.kept key=%s reason=rollback overwrites_allowed=true", f.key)
             self._count_completed(files)  # stored, and left stored
+            self.rolled = Rollback.KEPT if files else Rollback.DONE
             return []
         if files:
             self.metrics.uploads_aborted.labels(reason).inc(len(files))
+        self.rolled = Rollback.UNFINISHED  # until every delete has landed
         for f in files:
             log.info("upload.rolled_back key=%s reason=%s", f.key, reason)
         # Where keys are shared, the ETag tells this request's object (to delete it by hand).
@@ -316,18 +348,21 @@ class RequestUpload:
             )
             for f in files
         ]
-        await run_cleanups(calls, self.janitor)
-        for f in files:
-            if f.may_land_late:  # stored by a write an attempt of which may still land
-                self.may_land_late = True
-                log.info("upload.late_write_possible key=%s action=recheck", f.key)
-                recheck_late(
-                    self.janitor,
-                    self._rechecker(f, cleanup, reason),
-                    f"rollback key={f.key}"
-                    + (f" nonce={f.nonce}" if cleanup == "nonce" and f.nonce else ""),
-                    self.cfg.late_write_window,
-                )
+        try:
+            if await run_cleanups(calls, self.janitor):
+                self.rolled = Rollback.DONE
+        finally:  # (also when cancelled meanwhile: the deletes ran to their end)
+            for f in files:
+                if f.may_land_late:  # stored by a write an attempt of which may still land
+                    self.may_land_late = True
+                    log.info("upload.late_write_possible key=%s action=recheck", f.key)
+                    recheck_late(
+                        self.janitor,
+                        self._rechecker(f, cleanup, reason),
+                        f"rollback key={f.key}"
+                        + (f" nonce={f.nonce}" if cleanup == "nonce" and f.nonce else ""),
+                        self.cfg.late_write_window,
+                    )
         return [f.key for f in files]
 
     def _deleter(self, stored: StoredFile, cleanup: str) -> Callable[[], Awaitable[None]]:

@@ -18,6 +18,7 @@ from s3proxy.state import STATE
 from s3proxy.webhook import Webhook, verify
 from tests import bodies
 from tests.bodies import MiB
+from tests.faults import Fault, FaultyS3
 from tests.polling import eventually
 from tests.s3util import all_keys_async, open_uploads_async
 from tests.test_metrics import scrape, value
@@ -287,3 +288,66 @@ async def test_a_rolled_back_notice_to_a_hanging_receiver_keeps_to_the_shutdown_
         assert await all_keys_async(s3, bucket) == []
     finally:
         release.set()
+
+
+async def test_a_rollback_that_keeps_the_files_says_so(
+    proxy_factory: Any, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    """Keys shared and overwrites allowed (``--no-overwrite false``): a failed upload never
+    deletes what it stored, since the key may hold another's object by then (README,
+    "Nothing overwritten"). Its 502 said "the upload was rolled back" and the receiver was
+    sent ``upload.rolled_back`` for files that stayed."""
+    server, got = await receiver(aiohttp_server, 500)
+    proxy = await proxy_factory(
+        key_template="in/{filename}",
+        no_overwrite=False,
+        webhook_url=str(server.make_url("/hook")),
+        webhook_secret=SECRET,
+        webhook_attempts=1,
+    )
+    data = os.urandom(1000)
+    raw = bodies.body([bodies.file("f", "a.bin", data)])
+    resp = await proxy.post("/upload", data=raw, headers=bodies.headers())
+    out = await resp.json()
+    assert (resp.status, out["error"]["code"]) == (502, "WEBHOOK_FAILED"), out
+    message = out["error"]["message"]
+    assert "rolled back" not in message and "kept" in message, message
+    assert "--no-overwrite false" in message, message
+    assert events(got, "upload.rolled_back") == []
+    assert await all_keys_async(s3, bucket) == ["in/a.bin"]
+
+
+async def test_a_rollback_whose_delete_failed_says_it_did_not_finish(
+    proxy_factory: Any, aiohttp_server: Any, moto: Any, s3: Any, bucket: str
+) -> None:
+    """The rollback's DeleteObject failed and went to the janitor: the 502 said "the upload
+    was rolled back" while the file still stood. It says the rollback did not finish and
+    that the proxy goes on deleting; the file is gone once S3 takes the delete."""
+    server, got = await receiver(aiohttp_server, 500)
+    refuse = {"on": True}
+    rule = lambda o, n: Fault(status=500) if refuse["on"] and o == "DeleteObject" else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+        proxy = await proxy_factory(
+            faulty.endpoint_url,
+            s3_max_attempts=1,
+            webhook_url=str(server.make_url("/hook")),
+            webhook_secret=SECRET,
+            webhook_attempts=1,
+        )
+        raw = bodies.body([bodies.file("f", "a.bin", os.urandom(1000))])
+        resp = await proxy.post("/upload", data=raw, headers=bodies.headers())
+        out = await resp.json()
+        assert (resp.status, out["error"]["code"]) == (502, "WEBHOOK_FAILED"), out
+        message = out["error"]["message"]
+        assert "did not finish" in message and "rolled back:" not in message, message
+        [completed] = events(got, "upload.completed")
+        [rolled] = events(got, "upload.rolled_back")  # a delete was sent: it may land
+        assert rolled["body"]["keys"] == [f["key"] for f in completed["body"]["files"]]
+        assert len(await all_keys_async(s3, bucket)) == 1
+        refuse["on"] = False
+        await eventually(
+            lambda: all_keys_async(s3, bucket),
+            until=lambda k: k == [],
+            within=15.0,
+            what="the janitor's delete",
+        )
