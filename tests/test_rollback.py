@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from s3proxy.errors import CLIENT_DISCONNECTED, ProxyError
 from s3proxy.form import Field, FilePart
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, StoredFile
 from s3proxy.s3 import ObjectHead, ObjectOptions, Written, refusal
+from s3proxy.janitor import Janitor
 from s3proxy.uploads import RequestUpload
 from tests.polling import eventually
 
@@ -256,3 +258,27 @@ async def test_stored_file_reports_its_metadata() -> None:
     assert isinstance(f, StoredFile)
     assert f.to_json()["metadata"] == {"Title": "Grüße", "tag": "a,b"}
     assert result.to_json()["fields"] == {"Title": "Grüße", "tag": ["a", "b"], "late": "x"}
+
+
+async def test_a_cancelled_rollback_still_deletes_a_late_write_again_later() -> None:
+    """A stored file whose write may land late (an attempt went unanswered) is deleted, and
+    again later (``recheck_late``). A cancellation during the delete (a shutdown's drain,
+    the client's second try) finished the delete, but the re-raised CancelledError skipped
+    scheduling the later deletes: a late write then stayed behind a failure."""
+    s3 = MemoryS3(delete_delay=0.05)
+    janitor = Janitor(interval=0.001)
+    cfg = dataclasses.replace(CFG, late_write_window=60.0)
+    job = RequestUpload(
+        s3, MemoryBudget(64 * MiB), cfg, "u/{uuid}/{filename}", None, janitor=janitor
+    )
+    stored = StoredFile("f", "a.bin", "u/1/a.bin", 5, "text/plain", '"e"', "", 1)
+    job.result.files.append(dataclasses.replace(stored, may_land_late=True))
+    s3.objects[stored.key] = b"hello"
+    task = asyncio.create_task(job.rollback("CLIENT_DISCONNECTED"))
+    await eventually(lambda: s3.events, within=5, what="the rollback deleting", every=FINE)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert s3.objects == {}
+    assert [r.what for r in janitor._rechecks.values()] == [f"rollback key={stored.key}"]
+    await janitor.close()
