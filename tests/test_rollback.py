@@ -21,9 +21,9 @@ from s3proxy.body import Chunk
 from s3proxy.budget import MemoryBudget
 from s3proxy.errors import CLIENT_DISCONNECTED, ProxyError
 from s3proxy.form import Field, FilePart
+from s3proxy.janitor import Janitor
 from s3proxy.pipeline import FileSpec, FileUpload, PipelineConfig, StoredFile
 from s3proxy.s3 import ObjectHead, ObjectOptions, Written, refusal
-from s3proxy.janitor import Janitor
 from s3proxy.uploads import RequestUpload
 from tests.polling import eventually
 
