@@ -44,7 +44,7 @@ from s3proxy.metrics import metrics_handler
 from s3proxy.pipeline import abort_reason
 from s3proxy.protocol import refuse_over_capacity
 from s3proxy.state import STATE, AppState
-from s3proxy.uploads import RequestUpload, Rollback, rollback_message
+from s3proxy.uploads import RequestUpload, rollback_message
 from s3proxy.webhook import WebhookError
 
 log = logging.getLogger("s3proxy.handlers")
@@ -190,7 +190,7 @@ async def _store(
         try:
             await job.rollback(reason)  # to its end, even if cancelled meanwhile
         finally:
-            if notifying and job.rolled is not Rollback.KEPT:
+            if notifying:
                 await notify_rolled_back(state, keys, reason)
         if isinstance(exc, ProxyError) and exc.kind is WEBHOOK_FAILED:
             failed = f"the webhook failed ({getattr(exc.__cause__, 'reason', 'unknown')})"

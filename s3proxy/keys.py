@@ -30,9 +30,9 @@ Write policy (``WritePolicy``, from the template and ``--no-overwrite``): with
 ``{uuid}`` in the template every key is new, so a write needs no condition and
 what a failed write may have stored is the upload's own to delete. Without it
 two uploads can get the same key: then every write carries ``If-None-Match: *``
-(the first wins, the other gets 409 KEY_EXISTS), and a failed upload deletes only
-an object that carries its own nonce; or, with ``--no-overwrite false``, the last
-write wins and nothing is ever deleted on failure (it could be someone else's).
+(the first wins, the other gets 409 KEY_EXISTS); or, with ``--no-overwrite false``, the
+last write wins. Either way a failed upload deletes only an object that carries its own
+nonce (written with every object at a shared key), never another upload's.
 """
 
 from __future__ import annotations
@@ -273,11 +273,11 @@ class WritePolicy:
     @property
     def cleanup(self) -> str:
         """What a failed upload does to an object a write of its may have stored:
-        ``delete`` it, delete it only if it carries our ``nonce`` (checked with HeadObject,
-        then deleted with If-Match on its ETag), or ``keep`` it (it may be someone else's)."""
-        if self.unique_keys:
-            return "delete"
-        return "nonce" if self.if_none_match else "keep"
+        ``delete`` it, or, where keys are shared, delete it only if it carries our ``nonce``
+        (checked with HeadObject, then deleted with If-Match on its ETag). With
+        ``--no-overwrite false`` it used to be kept, since it may be someone else's: a
+        client told its upload failed found it stored."""
+        return "delete" if self.unique_keys else "nonce"
 
 
 UNIQUE_KEYS = WritePolicy()  # a {uuid} template's: no condition, the key is the upload's own

@@ -15,7 +15,8 @@ Invariants:
   cancellation): any failure from then on deletes the key, if it is the upload's own
   (``keys.WritePolicy``): a ``{uuid}`` key is; a shared key is only if the object
   there carries this upload's nonce (deleted with If-Match on the ETag HeadObject
-  gave); with overwrites allowed (``--no-overwrite false``) nothing is deleted.
+  gave), also with overwrites allowed (``--no-overwrite false``), where a later
+  upload of the same bytes has the same ETag.
 - Under ``--no-overwrite`` PutObject and Complete carry ``If-None-Match: *``; S3's
   412 is 409 KEY_EXISTS (and the upload is aborted), unless the object at the key
   carries our nonce: then an earlier attempt stored it and its answer was lost.
@@ -491,8 +492,6 @@ class FileUpload:
                 kind=Kind.OBJECT,
             )
             self._delete_late_writes(lambda: self._delete_own(reason))
-        elif self.maybe_stored:
-            log.warning("upload.kept key=%s reason=%s overwrites_allowed=true", key, reason)
 
     def _delete_late_writes(self, delete: Callable[[], Awaitable[None]]) -> None:
         """Delete again later: a PutObject or Complete whose answer never came may still be
@@ -792,7 +791,7 @@ class FileUpload:
         return self.cfg.objects.options(content_type, self.spec.filename, metadata)
 
     def _nonce(self) -> dict[str, str]:
-        return {keys.NONCE_META: self.nonce} if self.cfg.writes.if_none_match else {}
+        return {keys.NONCE_META: self.nonce} if self.cfg.writes.cleanup == "nonce" else {}
 
     async def _checked(self, call: Callable[[], Awaitable[T]], what: str = "") -> T:
         """One S3 write that carries a checksum.
@@ -955,6 +954,6 @@ class FileUpload:
             parts=parts,
             metadata=self.spec.fields,
             checksum=written.checksum,
-            nonce=self.nonce if self.cfg.writes.if_none_match else None,
+            nonce=self.nonce if self.cfg.writes.cleanup == "nonce" else None,
             may_land_late=written.may_land_late,
         )

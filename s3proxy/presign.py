@@ -371,7 +371,7 @@ async def sign(request: web.Request) -> web.Response:
             key, file.size, options, ctx.expires_in, if_none_match=only_new, sha256=file.sha256
         )
         out.update(method="PUT", url=put.url, headers=dict(put.headers))
-    elif ctx.writes.cleanup == "nonce":  # a shared key that must not be overwritten
+    elif ctx.writes.if_none_match and not ctx.writes.unique_keys:  # a shared key, no overwrite
         raise ProxyError(
             INVALID_REQUEST,
             "a presigned POST cannot refuse to overwrite (S3's POST policy has no "

@@ -764,8 +764,9 @@ class Settings:
         before the log's format is set breaks --log-format json)."""
         if self.no_overwrite is False and not keys.unique_keys(self.key_template):
             log.warning(
-                "settings.overwrite key_template=%s: uploads to one key replace each other "
-                "and a failed upload never deletes what it may have stored (--no-overwrite false)",
+                "settings.overwrite key_template=%s: uploads to one key replace each other, and "
+                "a write whose answer was lost may land after a later upload's and replace it "
+                "(--no-overwrite false)",
                 self.key_template,
             )
 

@@ -80,29 +80,21 @@ _METADATA_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class Rollback(enum.Enum):
-    """What a request's rollback left of its stored files: its 502 says so, and the
-    receiver is sent ``upload.rolled_back`` only for files a delete went out for."""
+    """What a request's rollback left of its stored files, for its 502's words."""
 
     NONE = "none"  # no rollback (yet)
     DONE = "done"  # every stored file deleted
     UNFINISHED = "unfinished"  # a delete failed: the janitor retries it
-    KEPT = "kept"  # --no-overwrite false on shared keys: a failed upload deletes nothing
 
 
 def rollback_message(failed: str, rolled: Rollback) -> str:
     """A failed request's words for what its rollback left, after ``failed`` (what
     failed it: "the webhook failed (HTTP 500)"). It said "the upload was rolled back"
-    before the deletes ran, also when they failed or none was made. Pure."""
+    before the deletes ran, also when they failed. Pure."""
     if rolled is Rollback.UNFINISHED:
         return (
             f"{failed}; the rollback did not finish: a stored file's delete failed, and "
             "the proxy retries it until S3 takes it"
-        )
-    if rolled is Rollback.KEPT:
-        return (
-            f"{failed}; the stored files were kept: keys are shared and overwrites allowed "
-            "(--no-overwrite false), so a failed upload deletes nothing (the key may hold "
-            "another upload's object by now)"
         )
     return f"the upload was rolled back: {failed}"
 
@@ -328,12 +320,6 @@ class RequestUpload:
         failed the request: WEBHOOK_FAILED, the failing file's, ...)."""
         files, self.result.files = self.result.files, []
         cleanup = self.cfg.writes.cleanup
-        if cleanup == "keep":  # --no-overwrite false on a shared key: it may be another's
-            for f in files:
-                log.warning("upload.kept key=%s reason=rollback overwrites_allowed=true", f.key)
-            self._count_completed(files)  # stored, and left stored
-            self.rolled = Rollback.KEPT if files else Rollback.DONE
-            return []
         if files:
             self.metrics.uploads_aborted.labels(reason).inc(len(files))
         self.rolled = Rollback.UNFINISHED  # until every delete has landed
@@ -366,8 +352,12 @@ class RequestUpload:
         return [f.key for f in files]
 
     def _deleter(self, stored: StoredFile, cleanup: str) -> Callable[[], Awaitable[None]]:
-        # A shared key is deleted only while it is still the object this request wrote.
+        """A shared key is deleted only while it is still the object this request wrote:
+        under --no-overwrite nothing replaces it, so its ETag tells it; with overwrites
+        allowed a later upload of the same bytes has the same ETag, so its nonce does."""
         if_match = f'"{stored.etag}"' if cleanup == "nonce" else None
+        if cleanup == "nonce" and not self.cfg.writes.if_none_match and stored.nonce:
+            return self._rechecker(stored, cleanup, "rollback")
         return lambda: self.sink.delete(stored.key, if_match=if_match)
 
     def _rechecker(

@@ -54,8 +54,8 @@ SHARED = "in/{filename}"  # every upload of a.bin gets the key in/a.bin
         ("in/{filename}", None, True, "nonce"),
         ("in/{filename}", True, True, "nonce"),
         ("in/{yyyy}-{mm}-{dd}.bin", None, True, "nonce"),
-        # overwrites allowed: the last upload wins, a failed one never deletes
-        ("in/{filename}", False, False, "keep"),
+        # overwrites allowed: the last upload wins, a failed one deletes only its own
+        ("in/{filename}", False, False, "nonce"),
     ],
 )
 def test_write_policy(
@@ -95,7 +95,7 @@ def test_settings(
     if outcome == "ok":
         assert not warned
     else:
-        assert len(warned) == 1 and "never deletes" in warned[0], warned
+        assert len(warned) == 1 and "replace each other" in warned[0], warned
 
 
 def test_config_maps_no_overwrite() -> None:
@@ -212,7 +212,7 @@ async def test_overwrites_allowed_when_asked(proxy_factory: Any, s3: Any, bucket
     assert (await upload(proxy, b"first"))[0] == 201
     assert (await upload(proxy, b"second"))[0] == 201
     assert stored(s3, bucket) == b"second"
-    assert NONCE_META not in s3.head_object(Bucket=bucket, Key="in/a.bin")["Metadata"]
+    assert NONCE_META in s3.head_object(Bucket=bucket, Key="in/a.bin")["Metadata"]
 
 
 @OBJECT_WRITES
@@ -266,11 +266,13 @@ async def test_a_retry_refused_by_our_own_write_is_success(
     assert stored(s3, bucket) == b"ours"
 
 
-async def test_overwrites_allowed_never_delete(
+async def test_overwrites_allowed_a_failed_upload_deletes_its_own_object(
     proxy_factory: Any, moto: Any, s3: Any, bucket: str
 ) -> None:
     """--no-overwrite false: the object at the key may be someone else's (they may have
-    overwritten ours meanwhile), so a failed upload leaves it (documented)."""
+    overwritten ours meanwhile), so a failed upload used to leave it: a client told 504
+    found its bytes stored. Each object at a shared key now carries its upload's nonce,
+    so a failed upload deletes its own (HeadObject, then If-Match), never another's."""
     rule = lambda o, n: Fault(late=1.5) if o == "PutObject" else None  # noqa: E731
     async with FaultyS3(moto.endpoint_url, rule) as f:
         proxy = await shared_proxy(
@@ -280,10 +282,41 @@ async def test_overwrites_allowed_never_delete(
             s3_max_attempts=2,
             s3_read_timeout=0.5,
         )
-        status, out = await upload(proxy, b"maybe ours")
+        status, out = await upload(proxy, b"ours")
     assert status == 504, out
-    assert "DeleteObject" not in f.calls and "HeadObject" not in f.calls
-    assert stored(s3, bucket) == b"maybe ours"
+    assert "HeadObject" in f.calls and "DeleteObject" in f.calls
+    assert all_keys(s3, bucket) == []
+
+
+async def test_overwrites_allowed_a_failed_upload_keeps_a_newer_object(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str
+) -> None:
+    """--no-overwrite false: another upload of the SAME bytes replaced ours before our
+    failure's cleanup (same ETag: only the nonce tells them apart); it stays."""
+    replaced = {"done": False}
+
+    def rule(op: str, n: int) -> Fault | None:
+        if op == "PutObject" and not replaced["done"]:
+            return Fault(late=1.5)  # ours: every answer lost, the upload fails (504)
+        return None
+
+    async with FaultyS3(moto.endpoint_url, rule) as f:
+        proxy = await shared_proxy(
+            proxy_factory,
+            endpoint_url=f.endpoint_url,
+            no_overwrite=False,
+            s3_max_attempts=1,
+            s3_read_timeout=0.5,
+        )
+        first = asyncio.ensure_future(upload(proxy, b"same bytes"))
+        await asyncio.sleep(1.0)  # ours was sent; its answer is held
+        replaced["done"] = True
+        assert (await upload(proxy, b"same bytes"))[0] == 201
+        status, out = await first
+    assert status == 504, out
+    assert stored(s3, bucket) == b"same bytes"
+    meta = s3.head_object(Bucket=bucket, Key="in/a.bin")["Metadata"]
+    assert meta[NONCE_META]
 
 
 async def wait_no_uploads(s3: Any, bucket: str, within: float = 5.0) -> None:
