@@ -503,3 +503,29 @@ async def test_the_sweep_keeps_marks_and_removes_records_and_a_dry_run_only_coun
     status, out = await call(r.proxy, "/sign/multipart/abort", live, {})
     assert status == 200, out
     await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=done["key"])
+
+
+async def test_serves_periodic_sweep_marks_and_removes_records(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """Serve's sweep (``app.sweep_once``) sweeps the records beside the claims: a record
+    of a completed upload is marked gone, and removed once past the retention."""
+    from datetime import timedelta
+
+    from s3proxy.app import sweep_once
+    from s3proxy.cleanup import Rule
+
+    r = await rig()
+    a = await r.twin()
+    status, out = await r.complete(a)
+    assert status == 200, out
+    state = r.proxy.app[STATE]
+    rule = Rule(timedelta(seconds=3600), by_activity=True)
+    now = time.time()
+    await sweep_once(state.require_sink(), state.settings, state.metrics, rule, now)
+    marked = await r.record(a)
+    assert marked is not None and marked.gone_since == pytest.approx(now)
+    later = now + presign_record.retention(state.settings) + 1
+    await sweep_once(state.require_sink(), state.settings, state.metrics, rule, later)
+    assert await r.record(a) is None
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=a["key"])
