@@ -21,7 +21,17 @@ from aiohttp.typedefs import Middleware
 if TYPE_CHECKING:
     from s3proxy.embedded import EmbeddedStore
 
-from s3proxy import codings, downloads, handlers, page, presign, presign_claim, protocol, tus
+from s3proxy import (
+    codings,
+    downloads,
+    handlers,
+    page,
+    presign,
+    presign_claim,
+    presign_record,
+    protocol,
+    tus,
+)
 from s3proxy.cleanup import Rule, sweep, sweep_tus
 from s3proxy.config import embedded_config
 from s3proxy.cors import Cors
@@ -280,6 +290,14 @@ async def sweep_once(
         claims = await presign_claim.sweep(bucket, now, settings.cleanup_clock_skew)
         if claims:
             log.info("cleanup.claims_swept removed=%d", claims)
+        records = await presign_record.sweep(bucket, now, presign_record.retention(settings))
+        if records.marked or records.removed:
+            log.info(
+                "cleanup.presign_records_swept kept=%d marked=%d removed=%d",
+                records.kept,
+                records.marked,
+                records.removed,
+            )
     except Exception as exc:
         metrics.sweeps.labels("failed").inc()
         log.warning("cleanup.failed error=%s", exc)

@@ -251,7 +251,7 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
     """One sweep with serve's S3 settings; with no endpoint, the running embedded store's."""
     from datetime import timedelta
 
-    from s3proxy import presign_claim
+    from s3proxy import presign_claim, presign_record
     from s3proxy.cleanup import Rule, sweep, sweep_tus
     from s3proxy.config import client_options
     from s3proxy.errors import ProxyError
@@ -295,6 +295,9 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
             claims = await presign_claim.sweep(
                 bucket, time.time(), settings.cleanup_clock_skew, dry_run=not args.execute
             )
+            records = await presign_record.sweep(
+                bucket, time.time(), presign_record.retention(settings), dry_run=not args.execute
+            )
     except ProxyError as exc:
         raise _cleanup_error(exc, settings, opts.endpoint_url) from None
 
@@ -311,6 +314,12 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
     if claims:
         done = "removed" if args.execute else "would remove"
         print(f"presigned-complete claims: {claims} lapsed, {done} {claims}")
+    if records.marked or records.removed:
+        mark, remove = ("marked", "removed") if args.execute else ("would mark", "would remove")
+        print(
+            f"presigned-upload records: {records.kept} kept; {mark} {records.marked} gone, "
+            f"{remove} {records.removed} past {presign_record.retention(settings):.0f}s"
+        )
     found, aborted, failed = len(result.found), len(result.aborted), len(result.errors)
     if args.execute:
         print(f"{found} orphaned uploads found; aborted {aborted}, failed {failed}")

@@ -51,13 +51,14 @@ import logging
 import math
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import hdrs, web
 
-from s3proxy import keys, parts, sniff
+from s3proxy import keys, parts, presign_record, sniff
 from s3proxy.auth import Principal
 from s3proxy.disposition import parse_form_disposition
 from s3proxy.errors import (
@@ -80,6 +81,7 @@ from s3proxy.handlers import notify, notify_rolled_back, rollback_reason
 from s3proxy.janitor import Cleanup, Kind, late_delays, recheck_late, run_cleanup
 from s3proxy.log import REQUEST_ID
 from s3proxy.presign_claim import RETRY_AFTER, Claim, new_claim
+from s3proxy.presign_record import Record
 from s3proxy.s3 import (
     InvalidParts,
     NoSuchKey,
@@ -138,6 +140,11 @@ class Context:
     state: AppState
     principal: Principal
     sink: ObjectStore
+    # Each upload's record (``presign_record``) as this request read it: once per request,
+    # whichever of its paths asks first (a missing one is None).
+    records: dict[tuple[str, str], Record | None] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def settings(self) -> Settings:
@@ -397,15 +404,20 @@ async def sign(request: web.Request) -> web.Response:
 
 
 async def create_multipart(request: web.Request) -> web.Response:
-    """Start a multipart upload the browser fills with presigned part PUTs."""
+    """Start a multipart upload the browser fills with presigned part PUTs. On a shared
+    key it gets a nonce, carried by S3 onto its object, and a record of it that tells its
+    completes which object is its own (``presign_record``)."""
     ctx = await _context(request, new_upload=True)
     file = parse_file_request(await _json_body(request))
     check_file(ctx, file)
     key = _new_key(ctx, file.filename)
     if ctx.writes.if_none_match:
         await refuse_stored(ctx.sink, key)
-    options = _options(ctx, file, {SIZE_META: str(file.size)})
+    nonce = None if ctx.writes.unique_keys else uuid.uuid4().hex
+    options = _options(ctx, file, upload_metadata(file.size, nonce))
     upload_id = await ctx.sink.create(key, options)
+    if nonce is not None:
+        await _write_record(ctx, key, upload_id, nonce)
     plan = parts.plan_parts(ctx.settings.part_size, file.size, ctx.settings.max_file_size)
     log.info(
         "presign.multipart_created key=%s upload_id=%s size=%d by=%s",
@@ -426,6 +438,44 @@ async def create_multipart(request: web.Request) -> web.Response:
             "object_url": await ctx.sink.object_url(key),
         }
     )
+
+
+def upload_metadata(size: int, nonce: str | None) -> dict[str, str]:
+    """A presigned multipart upload's metadata: the signed size and, on a shared key, its
+    nonce (``keys.NONCE_META``). Two small values of the proxy's own, always well within
+    S3's 2 KB (``keys.NONCE_BYTES`` is the nonce's share), since a presigned upload stores
+    no client metadata. Pure."""
+    meta = {SIZE_META: str(size)}
+    if nonce is not None:
+        meta[keys.NONCE_META] = nonce
+    return meta
+
+
+async def _write_record(ctx: Context, key: str, upload_id: str, nonce: str) -> None:
+    """Write the upload's record; if that fails (or is cancelled), abort the upload and
+    raise: an upload whose completes could not tell its object is not handed out."""
+    try:
+        await presign_record.write(ctx.sink, key, upload_id, nonce)
+    except BaseException:
+        await run_cleanup(
+            lambda: ctx.sink.abort(key, upload_id),
+            f"abort key={key} upload_id={upload_id}",
+            ctx.state.janitor,
+            kind=Kind.UPLOAD,
+        )
+        log.warning("presign.record_failed key=%s upload_id=%s action=aborted", key, upload_id)
+        raise
+
+
+async def _record(ctx: Context, key: str, upload_id: str) -> Record | None:
+    """The upload's record, read once per request (``Context.records``); None on a
+    ``{uuid}`` key (none is written) or if it has none."""
+    if ctx.writes.unique_keys:
+        return None
+    ref = (key, upload_id)
+    if ref not in ctx.records:
+        ctx.records[ref] = await presign_record.read(ctx.sink, key, upload_id)
+    return ctx.records[ref]
 
 
 def _part_numbers(body: Mapping[str, Any]) -> list[int]:
@@ -583,11 +633,10 @@ CUT_MESSAGE = (
 )
 # What a complete whose Complete went unanswered tells the client (reprobe9a F1).
 LATE_ADVICE = (
-    "S3 may still carry the complete out: retry the complete (listing its 'parts', which "
-    "lets the retry recognise the object where keys are shared); it answers 200 with the "
+    "S3 may still carry the complete out: retry the complete; it answers 200 with the "
     "object once S3 stored it, or completes the upload itself"
 )
-SHARED_KEY_HINT = (
+SHARED_KEY_HINT = (  # to an upload with no record: made before records (a rolling upgrade)
     "keys are shared here (no {uuid}): list the upload's 'parts' to have its completed "
     "object recognised"
 )
@@ -679,8 +728,9 @@ async def _complete(
         if exc.kind is not NO_SUCH_UPLOAD:
             raise
         if (done := await _done_meanwhile(ctx, claim, body, key, upload_id)) is None:
-            if ctx.writes.unique_keys or _claimed_parts(body) is not None:
-                raise
+            told = _claimed_parts(body) is not None or await _record(ctx, key, upload_id)
+            if ctx.writes.unique_keys or told:
+                raise  # the hint is for an upload made before records (a rolling upgrade)
             raise ProxyError(NO_SUCH_UPLOAD, f"{exc.message}; {SHARED_KEY_HINT}") from exc
         return done
     # SeaweedFS lists no part for a moment after a complete
@@ -742,10 +792,9 @@ async def _complete(
         # the delete fails too: a retried complete may then find it, check it and answer
         # 200, so the janitor checks it too rather than delete what the client was told
         # is stored.
-        if_match = None if ctx.writes.unique_keys else written.etag
         skipped = _LeftStanding(ctx, claim, key, upload_id, listed)
         delete = claim.guarded(
-            lambda: ctx.sink.delete(key, if_match=if_match),
+            _OwnDelete(ctx, key, upload_id, written.etag, "size_unchecked"),
             f"key={key} delete=size_unchecked",
             skipped,
         )
@@ -798,14 +847,16 @@ async def _done_meanwhile(
     (SeaweedFS, for a moment), refuses the parts or the precondition. The object found is
     checked against the client's ``parts`` (400 if they cannot have made it) and held to
     its size as a retried complete would; None if there is none, and the refusal stands.
-    Only this upload's object is found (``_completed_object``; on a shared key by the
-    parts S3 ``listed`` before the Complete, else the client's, and, where S3 listed them
-    and so may not have completed this upload, only once it no longer lists the upload).
-    It is not rolled back if the webhook fails: the complete that made it may have
-    answered 200 for it."""
+    Only this upload's object is found (``_completed_object``: on a shared key the one
+    carrying its record's nonce, so the client's ``parts`` are only checked against it;
+    for an upload made before records, by the parts S3 ``listed`` before the Complete,
+    else the client's, and, where S3 listed them and so may not have completed this
+    upload, only once it no longer lists the upload). It is not rolled back if the
+    webhook fails: the complete that made it may have answered 200 for it."""
     claimed = _claimed_parts(body)
-    open_until = None if listed is None else upload_id  # no listing: S3 said it is gone
-    head = await _completed_object(ctx, key, claimed if listed is None else listed, open_until)
+    parts = claimed if listed is None else listed
+    # no listing: S3 said the upload is gone
+    head = await _completed_object(ctx, key, upload_id, parts, maybe_open=listed is not None)
     if head is None:
         return None
     if claimed is not None and parts_make_etag(claimed, head.etag) is False:
@@ -815,19 +866,25 @@ async def _done_meanwhile(
 
 
 async def _completed_object(
-    ctx: Context, key: str, parts: Mapping[int, str] | None, upload_id: str | None = None
+    ctx: Context,
+    key: str,
+    upload_id: str,
+    parts: Mapping[int, str] | None,
+    *,
+    maybe_open: bool,
 ) -> ObjectHead | None:
     """The object this presigned upload's complete made at ``key``, if it stands: one with
     the signed size in its metadata (one of ours), and where keys are shared (no
-    ``{uuid}``) only one whose multipart ETag these ``parts`` make (``parts_make_etag``:
-    the same parts, so this upload's bytes; another client's object there is not ours, and
-    with no parts to tell it, none is). Another client's upload of the same bytes makes
-    the same ETag (reprobe10a N1: 200 for its object, judged by its signed size, even
-    deleted), so ``upload_id``, given where S3 may not have completed this upload, must
-    be gone too (``_upload_open``): while S3 lists it, its Complete was refused or never
-    carried out, and the object is another's. S3's failures propagate."""
-    if not ctx.writes.unique_keys and not parts:
-        return None
+    ``{uuid}``) only one carrying the nonce of the upload's record (``presign_record``),
+    which also proves S3 carried this upload's Complete out. Another upload's object there
+    is not ours, even of the same bytes: the same multipart ETag made the ETag alone
+    answer 200 for it, announce it and delete it (reprobe11a R1-R4). With no record, an
+    object with a nonce is another upload's; one with none (an upload made before records,
+    in a rolling upgrade) is told as it was: by the multipart ETag these ``parts`` make
+    (``parts_make_etag``; with no parts to tell it, none is), and, ``maybe_open`` (S3 may
+    not have completed this upload), only once S3 no longer lists the upload
+    (``_upload_open``: while it does, its Complete was refused or never carried out).
+    S3's failures propagate."""
     try:
         head = await ctx.sink.head(key)
     except NoSuchKey:
@@ -836,9 +893,14 @@ async def _completed_object(
         return None
     if ctx.writes.unique_keys:
         return head
+    verdict = await _own_object(ctx, key, upload_id, head)
+    if verdict is not None:
+        if not verdict:
+            _not_ours(key, upload_id)
+        return head if verdict else None
     if not parts or parts_make_etag(parts, head.etag) is not True:
         return None
-    if upload_id is not None and await _upload_open(ctx, key, upload_id):
+    if maybe_open and await _upload_open(ctx, key, upload_id):
         log.info(
             "presign.not_ours key=%s upload_id=%s reason=upload_open; the object there is "
             "another upload's of the same bytes",
@@ -847,6 +909,25 @@ async def _completed_object(
         )
         return None
     return head
+
+
+async def _own_object(ctx: Context, key: str, upload_id: str, head: ObjectHead) -> bool | None:
+    """Is the object ``head`` saw at a shared key this upload's own, by its nonce and the
+    upload's record (``presign_record.judge``)? None: neither has one."""
+    record = await _record(ctx, key, upload_id)
+    return presign_record.judge(
+        head.metadata.get(keys.NONCE_META), None if record is None else record.nonce
+    )
+
+
+def _not_ours(key: str, upload_id: str, delete: str | None = None) -> None:
+    log.info(
+        "presign.not_ours key=%s upload_id=%s reason=nonce%s; the object there is another "
+        "upload's and stays",
+        key,
+        upload_id,
+        "" if delete is None else f" delete={delete}",
+    )
 
 
 async def _upload_open(ctx: Context, key: str, upload_id: str) -> bool:
@@ -872,15 +953,15 @@ async def _hold_later(
     200 for it). A kept object is told to the webhook, so the application hears of it even
     if no complete is retried (at least once: a retried one told it too); its failure then
     only logs, as ``--webhook-failure keep`` would: a retried complete may have reported
-    the object stored. On a shared key only this upload's object (``parts``) is touched,
-    and, unless its Complete is known ``completed``, only once S3 no longer lists the
-    upload (``_completed_object``)."""
+    the object stored. On a shared key only this upload's object (its nonce; before
+    records its ``parts``, and unless its Complete is known ``completed``, only once S3 no
+    longer lists the upload: ``_completed_object``) is touched."""
     if ctx.writes.unique_keys:
         try:
             head = await ctx.sink.head(key)
         except NoSuchKey:
             return
-    elif found := await _completed_object(ctx, key, parts, None if completed else upload_id):
+    elif found := await _completed_object(ctx, key, upload_id, parts, maybe_open=not completed):
         head = found
     else:
         return
@@ -898,7 +979,7 @@ async def _hold_later(
             body = {"files": [completed_file(out, head)], "fields": {}}
             await notify(ctx.state, body, keep=True)
         return
-    await _version_deleter(ctx, key, head)()
+    await _OwnDelete(ctx, key, upload_id, head.etag, "checked_later")()
     log.info(
         "presign.checked_later key=%s upload_id=%s signed=%s action=deleted", key, upload_id, signed
     )
@@ -1005,16 +1086,17 @@ async def _held_to_size(
 ) -> dict[str, Any]:
     """Delete the object if its size is not the one signed at create (400); else its JSON.
     ``late``: the Complete that made it may still land, so a delete is made again later.
-    No complete answers 200 for a wrong size, so this delete needs no claim."""
+    No complete of this upload answers 200 for a wrong size, so this delete needs no
+    claim; on a shared key another upload's complete may answer 200 for an object of the
+    same bytes meanwhile, which the delete leaves (``_OwnDelete``: by the nonce)."""
     signed = head.metadata.get(SIZE_META)
     stored = head.length
     if signed is None or not (signed.isascii() and signed.isdigit() and len(signed) <= 20):
         # The proxy wrote it at create; anything else is not a size to hold the object to.
         log.warning("presign.size_unchecked key=%s reason=metadata_missing", key)
     elif int(signed) != stored:
-        # Only this version (If-Match): on a shared key with overwrites allowed, a
-        # later upload may already have replaced it.
-        delete = _version_deleter(ctx, key, head)
+        # Only this upload's object: on a shared key another upload's may be there now.
+        delete = _OwnDelete(ctx, key, upload_id, head.etag, "size_mismatch")
         await delete()
         if late:
             _again_later(ctx, delete, key, hold=None)
@@ -1064,16 +1146,49 @@ def completed_file(out: Mapping[str, Any], head: ObjectHead) -> dict[str, Any]:
     }
 
 
-def _version_deleter(ctx: Context, key: str, head: ObjectHead) -> Callable[[], Awaitable[None]]:
-    """Delete the object at ``key`` (on a shared key only the version ``head`` saw);
-    replaced meanwhile, it is not ours now and stays. Safe to repeat."""
-    if_match = None if ctx.writes.unique_keys else head.etag
+@dataclass
+class _OwnDelete:
+    """Delete this upload's completed object at ``key``; safe to repeat. The one delete
+    of every path (rollback, size mismatch, size_unchecked, their repeats after a Complete
+    that may land late, the janitor's), so none can forget what follows.
 
-    async def delete() -> None:
+    On a ``{uuid}`` key the key is the upload's own. On a shared key HeadObject first: only
+    an object carrying this upload's nonce (its record's; with no record, an upload made
+    before records, one with no nonce and this ``etag``) is deleted, with If-Match on the
+    ETag read; another upload's stays (``presign.not_ours ... reason=nonce``), even of
+    the same bytes (the same ETag: reprobe11a R1, R2, where A's deletes made again later,
+    or A's rollback, deleted B's object after B's 200). A HeadObject that fails fails the
+    delete (the janitor retries). What remains: with --no-overwrite false another upload
+    may replace the object between the HeadObject and the DELETE; if its bytes are the
+    same (the same ETag), If-Match lets the DELETE through: S3 has no condition on
+    metadata. ``sent``: a DELETE was sent (it may have landed)."""
+
+    ctx: Context
+    key: str
+    upload_id: str
+    etag: str | None  # the object's as this upload's complete saw it
+    purpose: str  # for the log: rollback, size_mismatch, size_unchecked, checked_later
+    sent: bool = False
+
+    async def __call__(self) -> None:
+        ctx, key = self.ctx, self.key
+        if ctx.writes.unique_keys:
+            self.sent = True
+            await ctx.sink.delete(key)
+            return
+        try:
+            now = await ctx.sink.head(key)
+        except NoSuchKey:
+            return
+        ours = await _own_object(ctx, key, self.upload_id, now)
+        if ours is None:  # an upload made before records: told by its ETag, as it was
+            ours = self.etag is not None and etag_value(now.etag or "") == etag_value(self.etag)
+        if not ours:
+            _not_ours(key, self.upload_id, self.purpose)
+            return
+        self.sent = True
         with contextlib.suppress(PreconditionFailed):
-            await ctx.sink.delete(key, if_match=if_match)
-
-    return delete
+            await ctx.sink.delete(key, if_match=now.etag)
 
 
 def _cut_by_shutdown(state: AppState) -> bool:
@@ -1105,7 +1220,7 @@ async def _answer(
     the webhook. The rollback's delete is made only while the claim stands; if it fails,
     the janitor holds the object to its size instead of deleting it blindly, as for
     ``size_unchecked`` (a retried complete may have answered for it meanwhile; on a shared
-    key only this upload's object, told by its ``parts``), and the 502 and the log say the
+    key only this upload's object, told by its nonce), and the 502 and the log say the
     rollback did not finish rather than that it was done (reprobe9a F6)."""
     state = ctx.state
     if state.webhook is None:
@@ -1118,12 +1233,10 @@ async def _answer(
         if not ours or _cut_by_shutdown(state):
             raise
         reason = rollback_reason(state, exc)
-        sent: list[bool] = []
         deleted: list[bool] = []
-        version = _version_deleter(ctx, key, head)
+        version = _OwnDelete(ctx, key, upload_id, head.etag, "rollback")
 
         async def delete_version() -> None:
-            sent.append(True)
             await version()
             deleted.append(True)
 
@@ -1142,8 +1255,9 @@ async def _answer(
         finally:
             # Told once a delete was sent, even if it failed: the receiver may have the
             # event, and the object may be gone; one kept after all is told again
-            # (``_hold_later``). Not if none was: the claim skipped it, the object stands.
-            if sent:
+            # (``_hold_later``). Not if none was: the claim skipped it, the object stands;
+            # or another upload's object had replaced ours (same key and ETag: it stands).
+            if version.sent:
                 await notify_rolled_back(state, [key], reason)
         if deleted:
             log.info("presign.rolled_back key=%s reason=%s", key, reason)
@@ -1187,5 +1301,14 @@ async def abort_multipart(request: web.Request) -> web.Response:
     body = await _json_body(request)
     key, upload_id = _client_key(ctx, body), _upload_id(body)
     await ctx.sink.abort(key, upload_id)  # an upload already gone counts as aborted
+    if not ctx.writes.unique_keys:
+        # Its record is no use now (a complete after an abort answers 404); one left by
+        # a failure here goes with the sweep.
+        await run_cleanup(
+            lambda: presign_record.forget(ctx.sink, key, upload_id),
+            f"forget key={key} upload_id={upload_id}",
+            None,
+            kind=Kind.OBJECT,
+        )
     log.info("presign.multipart_aborted key=%s upload_id=%s", key, upload_id)
     return web.json_response({"key": key, "upload_id": upload_id, "aborted": True})

@@ -77,10 +77,16 @@ MARGIN = 5.0  # seconds: whole-second clocks, scheduling
 _OPTIONS = ObjectOptions(content_type="application/json")
 
 
+def upload_digest(key: str, upload_id: str) -> str:
+    """The name of an upload's own objects (its claim, its record): the SHA-256 of its
+    key and upload id, so any key fits in one flat name. Pure."""
+    name = f"{key}\n{upload_id}".encode("utf-8", "surrogateescape")
+    return hashlib.sha256(name).hexdigest()
+
+
 def claim_key(key: str, upload_id: str) -> str:
     """Where the claim on this upload lives. Pure."""
-    name = f"{key}\n{upload_id}".encode("utf-8", "surrogateescape")
-    return PREFIX + hashlib.sha256(name).hexdigest()
+    return PREFIX + upload_digest(key, upload_id)
 
 
 def delete_bound(s: Settings) -> float:

@@ -90,8 +90,11 @@ def tus_operation(request: web.Request) -> str:
 
 
 def claim_operation(request: web.Request) -> str:
-    """``operation``, with ``:claim`` for a presigned complete's claim (``presign_claim``)."""
+    """``operation``, with ``:claim`` for a presigned complete's claim (``presign_claim``)
+    and ``:record`` for a presigned upload's record (``presign_record``)."""
     op = operation(request)
+    if "/.s3proxy/presign-upload/" in request.path:
+        return op + ":record"
     return op + ":claim" if "/.s3proxy/presign/" in request.path else op
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from s3proxy import presign_record
 from s3proxy.presign_claim import PREFIX as PRESIGN_PREFIX
 from tests.faults import Fault, FaultyS3
 from tests.s3util import (
@@ -272,6 +273,31 @@ def test_cleanup_lists_and_removes_lapsed_presign_claims(
     finally:
         for key in (lapsed, live):
             s3.delete_object(Bucket=bucket, Key=key)
+
+
+def test_cleanup_marks_and_removes_presigned_upload_records(
+    moto: MotoServer, bucket: str, s3: Any
+) -> None:
+    """reprobe11a: a presigned upload's record on a shared key (``presign_record``) is
+    swept as serve's sweep does: marked once its upload is gone, removed after the
+    retention. A dry run lists what it would do; --execute does it."""
+    fresh = presign_record.Record("plain/a", "gone-a", "n", time.time())
+    old = presign_record.Record("plain/b", "gone-b", "n", 0.0, gone_since=1.0)
+    for record in (fresh, old):
+        key = presign_record.record_key(record.key, record.upload_id)
+        s3.put_object(Bucket=bucket, Key=key, Body=presign_record.encode(record))
+    flags = ("--endpoint-url", moto.endpoint_url, "--bucket", bucket)
+    proc = cli("cleanup", *flags)
+    assert proc.returncode == 0, proc.stderr
+    assert "presigned-upload records: 0 kept; would mark 1 gone, would remove 1" in proc.stdout
+    assert len(all_keys(s3, bucket)) == 2
+    proc = cli("cleanup", *flags, "--execute")
+    assert proc.returncode == 0, proc.stderr
+    assert "presigned-upload records: 0 kept; marked 1 gone, removed 1" in proc.stdout
+    [left] = all_keys(s3, bucket)
+    marked = presign_record.parse(s3.get_object(Bucket=bucket, Key=left)["Body"].read())
+    assert marked is not None and marked.upload_id == "gone-a" and marked.gone_since
+    s3.delete_object(Bucket=bucket, Key=left)
 
 
 def test_cleanup_finds_the_embedded_store_on_the_port_it_recorded(

@@ -24,11 +24,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from botocore.config import Config
 
-from s3proxy import presign, presign_claim
+from s3proxy import presign, presign_claim, presign_record
 from s3proxy.app import create_app
 from s3proxy.embedded import EmbeddedStore
 from s3proxy.errors import COMPLETE_IN_PROGRESS, ProxyError
 from s3proxy.janitor import Janitor
+from s3proxy.keys import NONCE_META
 from s3proxy.settings import Settings
 from s3proxy.state import STATE
 from s3proxy.tokens import issue
@@ -686,8 +687,10 @@ def test_plausible_upload_ids(upload_id: str, plausible: bool) -> None:
 
 
 async def stored_keys(s3: Any, bucket: str) -> list[str]:
+    """The bucket's keys but the uploads' records (``presign_record``: see its tests)."""
     listing = await asyncio.to_thread(s3.list_objects_v2, Bucket=bucket)
-    return [o["Key"] for o in listing.get("Contents", [])]
+    keys = [o["Key"] for o in listing.get("Contents", [])]
+    return [k for k in keys if not k.startswith(presign_record.PREFIX)]
 
 
 @pytest.mark.parametrize("stored", [7 * MiB, 6 * MiB], ids=["wrong-size", "right-size"])
@@ -1429,8 +1432,8 @@ async def test_a_complete_carried_out_after_its_504_is_checked_later_and_told(
 async def test_another_uploads_object_at_a_shared_key_is_never_taken_as_ours(
     proxy_factory: Any, s3: Any, bucket: str
 ) -> None:
-    """F2's guard: on a shared key the object found is recognised by its multipart ETag,
-    so another client's object there (other parts) is neither answered for nor deleted."""
+    """F2's guard: on a shared key another client's object there (other parts) is neither
+    answered for nor deleted (told by the upload's nonce now, by its ETag before)."""
     proxy = await proxy_factory(key_template="plain/{filename}")
     ref = await _multipart_done(proxy, s3, bucket)
 
@@ -1454,9 +1457,10 @@ async def test_another_uploads_object_at_a_shared_key_is_never_taken_as_ours(
     assert (status, code(out)) == (409, "KEY_EXISTS"), out  # ours aborted, theirs stays
     status, out = await call(proxy, "/sign/multipart/complete", {**ref, "parts": mine}, {})
     assert (status, code(out)) == (404, "NO_SUCH_UPLOAD"), out
-    status, out = await call(proxy, "/sign/multipart/complete", ref, {})  # no parts to tell by
+    status, out = await call(proxy, "/sign/multipart/complete", ref, {})  # no parts
     assert (status, code(out)) == (404, "NO_SUCH_UPLOAD"), out
-    assert "list the upload's 'parts'" in out["error"]["message"], out
+    # told by the upload's record, not its parts: no hint to list them (reprobe11a)
+    assert "list the upload's 'parts'" not in out["error"]["message"], out
     after = await asyncio.to_thread(s3.head_object, Bucket=bucket, Key=ref["key"])
     assert after["ETag"] == before["ETag"]
     await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
@@ -1837,3 +1841,38 @@ async def test_a_check_run_at_shutdown_carries_the_completes_request_and_upload_
     done = [r for r in caplog.records if r.getMessage().startswith("presign.multipart_completed")]
     assert done and all(f"upload_id={ref['upload_id']} " in r.getMessage() for r in done)
     await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+# --- shared keys on SeaweedFS: the nonce round-trips (reprobe11a) ------------------
+
+
+@e2e
+async def test_the_nonce_rides_from_create_to_the_object_on_seaweedfs(
+    store_proxy: Any, sw: Any, seaweedfs: EmbeddedStore
+) -> None:
+    """The upload's nonce (tests/test_presign_identity.py), set at CreateMultipartUpload,
+    is on the object after the Complete (HeadObject), and a retried complete recognises
+    the object by it."""
+    name = f"ident-{uuid.uuid4().hex[:8]}.txt"
+    proxy = await store_proxy(key_template="presign/shared/{filename}")
+    file = {"filename": name, "content_type": "text/plain", "size": 3000}
+    status, up = await call(proxy, "/sign/multipart", file, headers={})
+    assert status == 200, up
+    ref = {"key": up["key"], "upload_id": up["upload_id"]}
+    sink = proxy.app[STATE].require_sink()
+    record = await presign_record.read(sink, ref["key"], ref["upload_id"])
+    try:
+        assert record is not None
+        status, signed = await call(
+            proxy, "/sign/multipart/parts", {**ref, "part_numbers": [1]}, headers={}
+        )
+        assert status == 200, signed
+        await put_parts(signed["parts"], [b"s" * 3000])
+        status, done = await call(proxy, "/sign/multipart/complete", ref, headers={})
+        assert status == 200 and done["size"] == 3000, done
+        head = await asyncio.to_thread(sw.head_object, Bucket=seaweedfs.bucket, Key=ref["key"])
+        assert head["Metadata"][NONCE_META] == record.nonce
+        status, again = await call(proxy, "/sign/multipart/complete", ref, headers={})
+        assert status == 200 and again["etag"] == done["etag"], again
+    finally:
+        await presign_record.forget(sink, ref["key"], ref["upload_id"])

@@ -1,0 +1,531 @@
+"""Presigned multipart uploads on a shared key (no ``{uuid}``): which object is an upload's
+own. Two uploads of byte-identical parts make one multipart ETag, so the ETag told them
+apart no more than S3's listing did (reprobe11a R1-R5): one upload's deletes removed the
+other's object after its 200, its checks announced it, its retries answered 200 for it.
+Now each upload carries a nonce onto its object and a record of it (``presign_record``).
+Real moto behind FaultyS3, as the other presign tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from s3proxy import keys, presign, presign_claim, presign_record
+from s3proxy.settings import Settings
+from s3proxy.state import STATE
+from tests.faults import Fault, FaultyS3, claim_operation
+from tests.polling import eventually
+from tests.s3util import open_uploads_async
+from tests.test_presign import (
+    call,
+    code,
+    complete_until_decided,
+    pdf,
+    stored_keys,
+)
+
+SHARED = "plain/{filename}"
+BYTES = b"x" * 1000  # every twin's one part: the same bytes, so the same multipart ETag
+PARTS = [{"part_number": 1, "etag": hashlib.md5(BYTES).hexdigest()}]
+
+
+@dataclass
+class Rig:
+    """A proxy on a shared key in front of FaultyS3 (moto) with a webhook receiver. ``rule``
+    and ``hook`` (the webhook's status for each event) may be changed as a test goes."""
+
+    s3: Any
+    bucket: str
+    rule: Callable[[str, int], Fault | None] = lambda op, n: None
+    hook: Callable[[dict[str, Any]], Awaitable[int]] | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+    proxy: TestClient[Any, Any] = field(init=False)
+    faulty: FaultyS3 = field(init=False)
+
+    async def twin(self, signed: int = 1000, body: bytes = BYTES) -> dict[str, str]:
+        """A presigned multipart upload signed for ``signed`` bytes, its one part ``body``."""
+        status, up = await call(self.proxy, "/sign/multipart", pdf(signed), {})
+        assert status == 200, up
+        ref = {"key": up["key"], "upload_id": up["upload_id"]}
+        await asyncio.to_thread(
+            self.s3.upload_part, Bucket=self.bucket, PartNumber=1, Body=body,
+            Key=ref["key"], UploadId=ref["upload_id"],
+        )  # fmt: skip
+        return ref
+
+    async def complete(self, ref: dict[str, Any], **extra: Any) -> tuple[int, dict[str, Any]]:
+        return await call(self.proxy, "/sign/multipart/complete", {**ref, **extra}, {})
+
+    def completed(self) -> list[str]:
+        """The keys ``upload.completed`` events named, in order."""
+        return [e["files"][0]["key"] for e in self.events if e["event"] == "upload.completed"]
+
+    async def settled(self, within: float = 10.0) -> None:
+        """Every later check and repeated delete has run (a claim held for them may not
+        have been released yet)."""
+        rechecks = self.proxy.app[STATE].janitor._rechecks
+        await eventually(
+            lambda: not [r for r in rechecks.values() if not r.what.startswith("claim")],
+            within=within,
+            what="the rechecks",
+        )
+
+    async def nonce_at(self, key: str) -> str | None:
+        """The nonce of the object at ``key``; None if there is none (or no object)."""
+        try:
+            head = await asyncio.to_thread(self.s3.head_object, Bucket=self.bucket, Key=key)
+        except self.s3.exceptions.ClientError:
+            return None
+        meta: dict[str, str] = head["Metadata"]
+        return meta.get(keys.NONCE_META)
+
+    async def record(self, ref: dict[str, str]) -> presign_record.Record | None:
+        sink = self.proxy.app[STATE].require_sink()
+        return await presign_record.read(sink, ref["key"], ref["upload_id"])
+
+
+RigFactory = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture
+async def rig(
+    proxy_factory: Any, aiohttp_server: Any, moto: Any, s3: Any, bucket: str
+) -> AsyncIterator[RigFactory]:
+    """``await rig(**settings)``: the proxy on ``plain/{filename}``, one S3 attempt, a
+    0.5 s --s3-read-timeout (later checks at +1 s and +4 s), a webhook answering 204."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(**settings: Any) -> Rig:
+            made = Rig(s3, bucket)
+
+            async def hook(request: web.Request) -> web.Response:
+                body = await request.json()
+                made.events.append(body)
+                status = 204 if made.hook is None else await made.hook(body)
+                return web.Response(status=status)
+
+            app = web.Application()
+            app.router.add_post("/hook", hook)
+            server = await aiohttp_server(app)
+            made.faulty = await stack.enter_async_context(
+                FaultyS3(moto.endpoint_url, lambda op, n: made.rule(op, n), name=claim_operation)
+            )
+            values: dict[str, Any] = {
+                "key_template": SHARED,
+                "s3_max_attempts": 1,
+                "s3_read_timeout": 0.5,
+                "webhook_url": str(server.make_url("/hook")),
+                "webhook_attempts": 1,
+                "webhook_timeout": 10,
+                **settings,
+            }
+            made.proxy = await proxy_factory(endpoint_url=made.faulty.endpoint_url, **values)
+            return made
+
+        yield make
+
+
+# --- the nonce and the record, at create ----------------------------------------------
+
+
+async def test_a_shared_key_upload_gets_a_nonce_and_a_record_and_a_uuid_key_neither(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """On a shared key the record names the upload's nonce, which S3 carries onto the
+    object; an abort forgets the record. On {uuid} keys: no record, no call for one."""
+    r = await rig()
+    a, b = await r.twin(), await r.twin(body=b"y" * 1000)
+    record = await r.record(a)
+    assert record is not None and (record.key, record.upload_id) == (a["key"], a["upload_id"])
+    assert len(record.nonce) == 32 and record.gone_since is None
+    status, out = await r.complete(a)
+    assert status == 200, out
+    assert await r.nonce_at(a["key"]) == record.nonce
+    status, out = await call(r.proxy, "/sign/multipart/abort", b, {})
+    assert status == 200, out
+    assert await r.record(b) is None  # forgotten with the abort
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=a["key"])
+
+    u = await rig(key_template="uploads/{uuid}/{filename}")
+    ref = await u.twin()
+    status, out = await u.complete(ref)
+    assert status == 200, out
+    assert not [op for op in u.faulty.calls if op.endswith(":record")]
+    assert presign_record.record_key(ref["key"], ref["upload_id"]) not in _all_keys(s3, bucket)
+    assert await u.nonce_at(ref["key"]) is None
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+@pytest.mark.parametrize("fault", [Fault(status=500), Fault(late=1.0)], ids=["500", "lost"])
+async def test_a_record_that_cannot_be_written_leaves_no_upload_open(
+    rig: RigFactory, s3: Any, bucket: str, fault: Fault
+) -> None:
+    """A record write that fails (or whose answer is lost): the upload is aborted and the
+    S3 error answered; nothing is handed out that its completes could not tell."""
+    r = await rig()
+    r.rule = lambda op, n: fault if op == "PutObject:record" else None
+    status, out = await call(r.proxy, "/sign/multipart", pdf(1000), {})
+    assert (status, code(out)) in ((502, "UPSTREAM_ERROR"), (504, "UPSTREAM_TIMEOUT")), out
+    assert "AbortMultipartUpload" in r.faulty.calls
+    assert await open_uploads_async(s3, bucket) == []
+    await asyncio.sleep(fault.late)  # a record landed late goes with the sweep
+    for key in await asyncio.to_thread(_all_keys, s3, bucket):
+        await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=key)
+
+
+def _all_keys(s3: Any, bucket: str) -> list[str]:
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+# --- R1: A's deletes made again later, default --no-overwrite ------------------------
+
+
+async def test_a_size_delete_made_again_later_leaves_another_uploads_object_of_the_same_bytes(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """reprobe11a R1, size: A signed 2000 and sent 1000 bytes; its Complete is carried out,
+    the answer lost: A finds its object, 400 "2000 were signed", deleted, and the delete is
+    made again at +1 s and +4 s. B (signed 1000, the same bytes) completes meanwhile: 200.
+    A's repeats (If-Match A's ETag, which B's object has too) deleted B's object, and the
+    later checks announced it as A's. Now both tell A's object by its nonce: B's stays."""
+    r = await rig()
+    a, b = await r.twin(2000), await r.twin(1000)
+    r.rule = lambda op, n: Fault(late=1.0) if op == "CompleteMultipartUpload" else None
+    status, out = await r.complete(a)
+    r.rule = lambda op, n: None
+    assert (status, code(out)) == (400, "INVALID_REQUEST"), out
+    assert "2000 were signed" in out["error"]["message"], out
+    status, out = await r.complete(b)
+    assert status == 200 and out["size"] == 1000, out
+    record = await r.record(b)
+    await r.settled()
+    assert record is not None and await r.nonce_at(b["key"]) == record.nonce, "B's stays"
+    assert r.completed() == [b["key"]], r.events  # B's own, nothing for A
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=b["key"])
+
+
+async def test_a_rollback_made_again_later_leaves_another_uploads_object_of_the_same_bytes(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """reprobe11a R1, rollback: A's first Complete attempt is held past the read timeout
+    (it may land late), the second completes; A's webhook fails: rolled back (502), the
+    delete made again at +1 s and +4 s. B completes the same bytes meanwhile (200): A's
+    repeats deleted B's object. Now B's stays."""
+    r = await rig(s3_max_attempts=2)
+    a, b = await r.twin(), await r.twin()
+
+    async def hook(body: dict[str, Any]) -> int:
+        return 500 if len(r.events) == 1 else 204  # A's event fails, B's is taken
+
+    r.hook = hook
+    held = Fault(delay=1.5, status=500)  # never reaches S3, but A cannot know
+    r.rule = lambda op, n: held if (op, n) == ("CompleteMultipartUpload", 1) else None
+    status, out = await r.complete(a)
+    assert (status, code(out)) == (502, "WEBHOOK_FAILED"), out
+    status, out = await r.complete(b)
+    assert status == 200, out
+    record = await r.record(b)
+    await r.settled()
+    assert record is not None and await r.nonce_at(b["key"]) == record.nonce, "B's stays"
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=b["key"])
+
+
+# --- R2: --no-overwrite false: B replaced A's object, then A deletes -----------------
+
+
+async def test_a_rollback_leaves_the_object_another_upload_replaced_it_with(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """reprobe11a R2, rollback (--no-overwrite false): while A's webhook is delivered, B
+    completes the same bytes over A's object (200, told); A's webhook fails and its
+    rollback (If-Match the ETag both share) deleted B's object. Now B's stays, and the
+    receiver is not told the key was rolled back."""
+    r = await rig(no_overwrite=False)
+    a, b = await r.twin(), await r.twin()
+    b_answer: list[tuple[int, dict[str, Any]]] = []
+
+    async def hook(body: dict[str, Any]) -> int:
+        if len(r.events) > 1:
+            return 204  # B's
+        b_answer.append(await r.complete(b))  # B replaces A's object meanwhile
+        return 500
+
+    r.hook = hook
+    status, out = await r.complete(a)
+    assert (status, code(out)) == (502, "WEBHOOK_FAILED"), out
+    [(b_status, b_out)] = b_answer
+    assert b_status == 200, b_out
+    record = await r.record(b)
+    assert record is not None and await r.nonce_at(b["key"]) == record.nonce, "B's stays"
+    assert [e["event"] for e in r.events] == ["upload.completed"] * 2, r.events
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=b["key"])
+
+
+async def test_a_size_delete_leaves_the_object_another_upload_replaced_it_with(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """reprobe11a R2, size (--no-overwrite false): A signed 2000, sent 1000; B (signed
+    1000, the same bytes) completes over A's object (200, told) just after A's size check
+    read it. A's delete (If-Match the shared ETag) deleted B's object. Now B's stays."""
+    r = await rig(no_overwrite=False, s3_read_timeout=2.0)
+    a, b = await r.twin(2000), await r.twin(1000)
+    held = Fault(late=1.0)  # A's size check: S3 answered, the answer on its way
+    r.rule = lambda op, n: held if (op, n) == ("HeadObject", 1) else None
+    a_done = asyncio.create_task(r.complete(a))
+    await eventually(lambda: "HeadObject" in r.faulty.calls, within=5, what="A's size check")
+    await asyncio.sleep(0.2)
+    status, out = await r.complete(b)
+    assert status == 200, out
+    status, out = await a_done
+    assert (status, code(out)) == (400, "INVALID_REQUEST"), out
+    record = await r.record(b)
+    assert record is not None and await r.nonce_at(b["key"]) == record.nonce, "B's stays"
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=b["key"])
+
+
+# --- R3, R4: A's checks and retries never take B's object ----------------------------
+
+
+async def test_a_later_check_after_a_409_does_not_announce_another_uploads_object(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """reprobe11a R3: A's Complete is held (504; checks at +1 s and +4 s); B completes the
+    same bytes (200); A's held Complete is refused (412), A's retry gets 409 KEY_EXISTS and
+    A's upload is aborted. The +4 s check then found the upload gone and the ETag matching
+    and announced B's object as A's (upload.completed with A's request id). Now nothing is
+    announced for A."""
+    r = await rig()
+    a, b = await r.twin(), await r.twin()
+    held = Fault(delay=1.2)
+    r.rule = lambda op, n: held if (op, n) == ("CompleteMultipartUpload", 1) else None
+    status, out = await r.complete(a)
+    assert (status, code(out)) == (504, "UPSTREAM_TIMEOUT"), out
+    status, out = await r.complete(b)
+    assert status == 200, out
+    await asyncio.sleep(1.0)  # A's held Complete reached S3 and was refused
+    status, out = await complete_until_decided(r.proxy, {**a, "parts": PARTS})
+    assert (status, code(out)) == (409, "KEY_EXISTS"), out
+    status, out = await r.complete(a, parts=PARTS)  # R4: and not 200 for B's object
+    assert (status, code(out)) == (404, "NO_SUCH_UPLOAD"), out
+    await r.settled()
+    assert r.completed() == [b["key"]], r.events
+    assert await stored_keys(s3, bucket) == [b["key"]]
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=b["key"])
+
+
+async def test_a_retry_after_a_409_is_not_answered_for_another_uploads_object(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """reprobe11a R4: B completes first; A (the same bytes) gets 409 KEY_EXISTS, its upload
+    aborted; A's retry listing its parts got 200 for B's object (and announced it). Now
+    404, with or without parts."""
+    r = await rig()
+    a, b = await r.twin(), await r.twin()
+    status, out = await r.complete(b)
+    assert status == 200, out
+    status, out = await r.complete(a)
+    assert (status, code(out)) == (409, "KEY_EXISTS"), out
+    for extra in ({"parts": PARTS}, {}):
+        status, out = await r.complete(a, **extra)
+        assert (status, code(out)) == (404, "NO_SUCH_UPLOAD"), (extra, out)
+    assert r.completed() == [b["key"]], r.events
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=b["key"])
+
+
+async def test_a_lost_answer_is_not_answered_with_another_uploads_object_and_size(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """reprobe11a R4 (--no-overwrite false): A signed 2000, sent 1000; its Complete is
+    carried out, the answer lost; B (signed 1000, the same bytes) replaces the object
+    meanwhile. A got 200 "size": 1000 for B's object, held to B's size. Now A's object is
+    gone and B's is not A's: no 200, and the retry answers 404."""
+    r = await rig(no_overwrite=False, s3_read_timeout=1.0)
+    a, b = await r.twin(2000), await r.twin(1000)
+    forwarded = asyncio.Event()
+    lost = Fault(late=2.0, answer=lambda _: forwarded.set())
+    r.rule = lambda op, n: lost if (op, n) == ("CompleteMultipartUpload", 1) else None
+    a_done = asyncio.create_task(r.complete(a))
+    await asyncio.wait_for(forwarded.wait(), 5)
+    status, out = await r.complete(b)
+    assert status == 200, out
+    status, out = await a_done
+    assert status != 200, out
+    status, out = await complete_until_decided(r.proxy, {**a, "parts": PARTS})
+    assert (status, code(out)) == (404, "NO_SUCH_UPLOAD"), out
+    await r.settled(within=12)
+    record = await r.record(b)
+    assert record is not None and await r.nonce_at(b["key"]) == record.nonce
+    assert r.completed() == [b["key"]], r.events
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=b["key"])
+
+
+# --- R5: a retry's parts are checked against our object -------------------------------
+
+
+async def test_a_retry_with_wrong_parts_of_its_own_object_is_400_on_a_shared_key(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """reprobe11a R5: on a shared key a retry of a completed upload listing wrong parts got
+    404 "list the upload's 'parts'" (the parts were what told the object); on {uuid} keys
+    and on first completes 400. Now the nonce tells the object, and the parts are checked
+    against it: 400 PARTS_DIFFER, as everywhere; right ones, or none, 200."""
+    r = await rig()
+    a = await r.twin()
+    status, out = await r.complete(a)
+    assert status == 200, out
+    wrong = [
+        [{"part_number": 1, "etag": "0" * 32}],
+        [*PARTS, {"part_number": 2, "etag": "0" * 32}],
+        [],
+    ]
+    for parts in wrong:
+        status, out = await r.complete(a, parts=parts)
+        assert (status, code(out)) == (400, "INVALID_REQUEST"), (parts, out)
+        assert out["error"]["message"] == presign.PARTS_DIFFER, out
+    for extra in ({"parts": PARTS}, {}):
+        status, out = await r.complete(a, **extra)
+        assert status == 200 and out["size"] == 1000, (extra, out)
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=a["key"])
+
+
+# --- uploads made before records (a rolling upgrade) ----------------------------------
+
+
+async def test_an_upload_made_before_records_completes_and_is_recognised_as_before(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """An upload an older instance created (the signed size, no nonce, no record) still
+    completes here, and a retry listing its parts is recognised by the ETag, as before;
+    without parts it gets the hint to list them."""
+    r = await rig()
+    up = await asyncio.to_thread(
+        s3.create_multipart_upload, Bucket=bucket, Key="plain/report.pdf",
+        Metadata={presign.SIZE_META: "1000"}, ContentType="application/pdf",
+    )  # fmt: skip
+    ref = {"key": "plain/report.pdf", "upload_id": up["UploadId"]}
+    await asyncio.to_thread(
+        s3.upload_part, Bucket=bucket, Key=ref["key"], UploadId=ref["upload_id"],
+        PartNumber=1, Body=BYTES,
+    )  # fmt: skip
+    status, out = await r.complete(ref)
+    assert status == 200 and out["size"] == 1000, out
+    status, out = await r.complete(ref, parts=PARTS)
+    assert status == 200 and out["size"] == 1000, out
+    status, out = await r.complete(ref)
+    assert (status, code(out)) == (404, "NO_SUCH_UPLOAD"), out
+    assert "list the upload's 'parts'" in out["error"]["message"], out
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=ref["key"])
+
+
+# --- the sweep ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listed", "gone_since", "step"),
+    [
+        (True, None, "keep"),
+        (False, None, "mark"),
+        (False, 1000.0 - 60, "keep"),  # within the retention
+        (False, 1000.0 - 101, "remove"),
+    ],
+)
+def test_a_record_is_kept_while_listed_marked_when_gone_and_removed_after_retention(
+    listed: bool, gone_since: float | None, step: str
+) -> None:
+    assert presign_record.sweep_step(listed, gone_since, 1000.0, 100.0) == step
+
+
+def test_the_retention_covers_the_urls_the_claim_and_the_late_checks() -> None:
+    s = Settings(presign_expiry=900, s3_read_timeout=30, cleanup_clock_skew=60)
+    lease = presign_claim.lease(s)
+    assert presign_record.retention(s) == pytest.approx(900 + lease + 8 * 30 + 60)
+    minutes = round(presign_record.retention(Settings()) / 60)
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    assert f"({minutes} minutes with the defaults): a retried complete recognises its object" in (
+        readme
+    )
+    assert "later, on a shared key, a retry answers 404" in readme
+
+
+@pytest.mark.parametrize(
+    ("carried", "nonce", "ours"),
+    [("n1", "n1", True), ("n2", "n1", False), (None, "n1", False), ("n2", None, False)],
+)
+def test_an_object_is_ours_by_its_nonce(carried: str | None, nonce: str | None, ours: bool) -> None:
+    assert presign_record.judge(carried, nonce) is ours
+    assert presign_record.judge(None, None) is None  # an upload made before records
+
+
+async def test_the_sweep_keeps_marks_and_removes_records_and_a_dry_run_only_counts(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    r = await rig()
+    sink = r.proxy.app[STATE].require_sink()
+    live = await r.twin()  # still open: kept
+    done = await r.twin(body=b"z" * 1000)
+    status, out = await r.complete(done)  # gone from S3's listing: marked, later removed
+    assert status == 200, out
+    old = presign_record.Record("plain/old", "u-old", "n", time.time() - 999, time.time() - 500)
+    await asyncio.to_thread(
+        s3.put_object, Bucket=bucket, Key=presign_record.record_key("plain/old", "u-old"),
+        Body=presign_record.encode(old),
+    )  # fmt: skip
+    junk = presign_record.PREFIX + "junk"
+    await asyncio.to_thread(s3.put_object, Bucket=bucket, Key=junk, Body=b"{not json")
+    before = await asyncio.to_thread(_all_keys, s3, bucket)
+    dry = await presign_record.sweep(sink, time.time(), 100, dry_run=True)
+    assert (dry.kept, dry.marked, dry.removed) == (1, 1, 2)
+    assert await asyncio.to_thread(_all_keys, s3, bucket) == before
+    assert (await r.record(done) or old).gone_since is None
+    now = time.time()
+    swept = await presign_record.sweep(sink, now, 100)
+    assert (swept.kept, swept.marked, swept.removed) == (1, 1, 2)
+    marked = await r.record(done)
+    assert marked is not None and marked.gone_since == pytest.approx(now)
+    assert junk not in await asyncio.to_thread(_all_keys, s3, bucket)
+    assert await presign_record.read(sink, "plain/old", "u-old") is None
+    # the marked one stays for the retention, then goes; the open one stays
+    again = await presign_record.sweep(sink, now + 50, 100)
+    assert (again.kept, again.marked, again.removed) == (2, 0, 0)
+    last = await presign_record.sweep(sink, now + 101, 100)
+    assert (last.kept, last.marked, last.removed) == (1, 0, 1)
+    assert await r.record(done) is None and await r.record(live) is not None
+    status, out = await call(r.proxy, "/sign/multipart/abort", live, {})
+    assert status == 200, out
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=done["key"])
+
+
+async def test_serves_periodic_sweep_marks_and_removes_records(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """Serve's sweep (``app.sweep_once``) sweeps the records beside the claims: a record
+    of a completed upload is marked gone, and removed once past the retention."""
+    from datetime import timedelta
+
+    from s3proxy.app import sweep_once
+    from s3proxy.cleanup import Rule
+
+    r = await rig()
+    a = await r.twin()
+    status, out = await r.complete(a)
+    assert status == 200, out
+    state = r.proxy.app[STATE]
+    rule = Rule(timedelta(seconds=3600), by_activity=True)
+    now = time.time()
+    await sweep_once(state.require_sink(), state.settings, state.metrics, rule, now)
+    marked = await r.record(a)
+    assert marked is not None and marked.gone_since == pytest.approx(now)
+    later = now + presign_record.retention(state.settings) + 1
+    await sweep_once(state.require_sink(), state.settings, state.metrics, rule, later)
+    assert await r.record(a) is None
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=a["key"])
