@@ -44,7 +44,7 @@ from s3proxy.metrics import metrics_handler
 from s3proxy.pipeline import abort_reason
 from s3proxy.protocol import refuse_over_capacity
 from s3proxy.state import STATE, AppState
-from s3proxy.uploads import RequestUpload, rollback_message
+from s3proxy.uploads import RequestUpload
 from s3proxy.webhook import WebhookError
 
 log = logging.getLogger("s3proxy.handlers")
@@ -191,12 +191,9 @@ async def _store(
             await job.rollback(reason)  # to its end, even if cancelled meanwhile
         finally:
             if notifying:
-                await notify_rolled_back(state, keys, reason)
+                await notify_rolled_back(state, job.rolled_back_keys(keys), reason)
         if isinstance(exc, ProxyError) and exc.kind is WEBHOOK_FAILED:
-            failed = f"the webhook failed ({getattr(exc.__cause__, 'reason', 'unknown')})"
-            raise ProxyError(
-                WEBHOOK_FAILED, rollback_message(failed, job.rolled)
-            ) from exc.__cause__
+            raise webhook_failed(exc, job.rollback_done, RETRIED_DELETE) from exc.__cause__
         raise
     job.settle()  # the outcome is final: the files are kept
     log.info("request.stored files=%d by=%s", len(result.files), principal.subject)
@@ -221,6 +218,23 @@ async def notify(state: AppState, body: dict[str, Any], *, keep: bool = False) -
         log.error("webhook.failed action=keep reason=%s", exc.reason)
         return {"delivered": False, "error": exc.reason}
     return {"delivered": True}
+
+
+# What becomes of a file whose rollback delete failed, for the 502 (``webhook_failed``).
+RETRIED_DELETE = "a stored file's delete failed, and the proxy retries it until S3 takes it"
+
+
+def webhook_failed(err: ProxyError, done: bool, unfinished: str) -> ProxyError:
+    """The 502 WEBHOOK_FAILED of a request whose rollback has run: ``notify``'s "the upload
+    was rolled back" if every delete landed (``done``), else that the rollback did not
+    finish and what becomes of the object (``unfinished``). The message used to be made
+    before the rollback ran, and said "rolled back" while the object stood (reprobe12a
+    F2). Pure."""
+    if done:
+        return err
+    why = getattr(err.__cause__, "reason", None)
+    failed = "the webhook failed" + (f" ({why})" if why else "")
+    return ProxyError(WEBHOOK_FAILED, f"{failed}; the rollback did not finish: {unfinished}")
 
 
 async def notify_rolled_back(state: AppState, keys: list[str], reason: str) -> None:

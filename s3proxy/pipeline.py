@@ -204,20 +204,27 @@ async def own_etag(sink: ObjectSink, key: str, nonce: str) -> str | None:
     return head.etag if keys.owned_by(head.metadata, nonce) else None
 
 
-async def delete_own(sink: ObjectSink, key: str, nonce: str, reason: str) -> None:
+async def delete_own(sink: ObjectSink, key: str, nonce: str, reason: str) -> bool:
     """Delete the object at a shared ``key`` only if it carries ``nonce``, and only that
     version (If-Match on the ETag HeadObject gave): never another upload's object, even
-    one of the same bytes (same ETag) written since. Safe to repeat."""
-    etag = await own_etag(sink, key, nonce)
-    if etag is None:
-        log.info("upload.not_deleted key=%s reason=%s owner=other", key, reason)
-        return
+    one of the same bytes (same ETag) written since. Safe to repeat. False if the key
+    holds another upload's object, which stays (a rollback's ``upload.rolled_back`` must
+    not name it: its receiver would forget a file another client was told is stored)."""
     try:
-        await sink.delete(key, if_match=etag)
+        head = await sink.head(key)
+    except NoSuchKey:
+        log.info("upload.not_deleted key=%s reason=%s owner=none", key, reason)
+        return True
+    if not keys.owned_by(head.metadata, nonce):
+        log.info("upload.not_deleted key=%s reason=%s owner=other", key, reason)
+        return False
+    try:
+        await sink.delete(key, if_match=head.etag)
     except PreconditionFailed:  # replaced since the HeadObject: by someone else
         log.info("upload.not_deleted key=%s reason=%s owner=changed", key, reason)
-        return
+        return False
     log.info("upload.deleted key=%s reason=%s", key, reason)
+    return True
 
 
 @dataclass(frozen=True)

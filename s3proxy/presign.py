@@ -77,7 +77,7 @@ from s3proxy.errors import (
     ProxyError,
     error_response,
 )
-from s3proxy.handlers import notify, notify_rolled_back, rollback_reason
+from s3proxy.handlers import notify, notify_rolled_back, rollback_reason, webhook_failed
 from s3proxy.janitor import Cleanup, Kind, late_delays, recheck_late, run_cleanup
 from s3proxy.log import REQUEST_ID
 from s3proxy.presign_claim import RETRY_AFTER, Claim, new_claim
@@ -1265,7 +1265,7 @@ async def _answer(
         advice = unfinished_advice(skipped.ran, claim.lost)
         log.warning("presign.rollback_unfinished key=%s reason=%s; %s", key, reason, advice)
         if isinstance(exc, ProxyError) and exc.kind is WEBHOOK_FAILED:
-            raise unfinished_rollback(exc) from exc
+            raise webhook_failed(exc, False, UNFINISHED_ROLLBACK) from exc
         raise
     return web.json_response(out)
 
@@ -1282,17 +1282,11 @@ def unfinished_advice(skipped: bool, lost: bool) -> str:
     return f"the janitor holds the object to its size ({held})"
 
 
-def unfinished_rollback(err: ProxyError) -> ProxyError:
-    """The 502 of a complete whose webhook failed and whose rollback did not finish: it
-    says so, rather than "rolled back", and how the client learns what stands. Pure."""
-    cause = err.__cause__
-    why = getattr(cause, "reason", None)
-    failed = "the webhook failed" + (f" ({why})" if why else "")
-    return ProxyError(
-        WEBHOOK_FAILED,
-        f"{failed}; the rollback did not finish: the object may be kept; retry the complete "
-        "to learn (200 with the object if it is kept, 404 NO_SUCH_UPLOAD if it is gone)",
-    )
+# What a presigned complete's 502 says of an object its rollback did not delete.
+UNFINISHED_ROLLBACK = (
+    "the object may be kept; retry the complete to learn (200 with the object if it is "
+    "kept, 404 NO_SUCH_UPLOAD if it is gone)"
+)
 
 
 async def abort_multipart(request: web.Request) -> web.Response:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -536,26 +535,44 @@ async def _undo_creation(
     not yet answering). Its client got no URL to resume with or ask about, so nothing of
     the upload stays: its state (``_undo``); the object, if a write went out (only this
     upload's: ``drop_object``, If-Match), and again later for a write that may land late;
-    and a webhook that may have heard ``upload.completed`` hears ``upload.rolled_back``.
-    All at once and within the shutdown's deadline: past it each is logged abandoned
-    (``cleanup.abandoned what=rollback key=...``: delete the object by hand)."""
+    and a webhook that may have heard ``upload.completed`` hears ``upload.rolled_back``,
+    once the delete has decided: not if the key holds another upload's object (reprobe12a
+    F1: its receiver would forget a file another client was told is stored). All within
+    the shutdown's deadline: past it each is logged abandoned (``cleanup.abandoned
+    what=rollback key=...``: delete the object by hand)."""
     upload = store.upload
     calls = [(_undo(store), f"tus creation id={upload.id}", Kind.TUS_UPLOAD)]
+    stays = False
+    decided = asyncio.Event()  # whose object the key holds is known (the delete may wait)
     if made.sent:
         what = f"rollback key={upload.key} tus_id={upload.id}"
 
         async def drop() -> None:
-            await tus_ending.drop_object(store, reason)
+            nonlocal stays
+            try:
+                stays = not await tus_ending.drop_object(store, reason, decided)
+            finally:
+                decided.set()
+
+        async def late() -> None:
+            await tus_ending.drop_object(store, "late_write")
 
         calls.append((drop, what, Kind.OBJECT))
-        late = functools.partial(tus_ending.drop_object, store, "late_write")
         recheck_late(state.janitor, late, what, _late_window(state))
+    else:
+        decided.set()
+
+    async def tell() -> None:
+        await decided.wait()
+        if not stays:
+            log.info("upload.rolled_back key=%s reason=%s tus_id=%s", upload.key, reason, upload.id)
+            await notify_rolled_back(state, [upload.key], reason)
+
     undone = run_cleanups(calls, state.janitor)
     if not made.told:
         await undone
         return
-    log.info("upload.rolled_back key=%s reason=%s tus_id=%s", upload.key, reason, upload.id)
-    await asyncio.gather(undone, notify_rolled_back(state, [upload.key], reason))
+    await asyncio.gather(undone, tell())
 
 
 def _size_limit(state: AppState, principal: Principal) -> int:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from s3proxy.errors import KEY_EXISTS, UPLOAD_LOCKED, ProxyError
-from s3proxy.handlers import notify, notify_rolled_back
+from s3proxy.handlers import notify, notify_rolled_back, webhook_failed
 from s3proxy.janitor import Kind, by_deadline, finish, recheck_late, run_cleanup
 from s3proxy.pipeline import StoredFile
 from s3proxy.s3 import (
@@ -29,6 +29,13 @@ from s3proxy.tus_state import COMPLETED, FAILED, TUS_META, Lock, Segment, TusSta
 from s3proxy.tus_url import TusUpload
 
 log = logging.getLogger("s3proxy.tus")
+
+
+# What becomes of a tus upload whose rollback S3 refused, for the 502.
+TUS_RETRIED_DELETE = (
+    "S3 refused a delete, and the proxy retries it until S3 takes it (the upload answers "
+    "404 meanwhile; its object, if still stored, goes then)"
+)
 
 
 class Ended(ProxyError):
@@ -99,18 +106,31 @@ async def landed(store: TusStore, appended: Appended, err: ProxyError) -> Stored
     return dataclasses.replace(stored, may_land_late=True)  # its answer was lost
 
 
-async def drop_object(store: TusStore, reason: str = "UPSTREAM_CORRUPTION") -> None:
+async def drop_object(
+    store: TusStore, reason: str = "UPSTREAM_CORRUPTION", ours: asyncio.Event | None = None
+) -> bool:
     """Delete the object at the upload's key if this upload stored it (its id in the
     metadata; If-Match, so never an object another upload put there since). Safe to
-    repeat: also the recheck of a rollback whose write may land late."""
-    found = await own_object(store, None)
-    if found is None:
-        return
+    repeat: also the recheck of a rollback whose write may land late. False if the key
+    holds another upload's object (it stays, and no ``upload.rolled_back`` names it).
+    ``ours`` is set once the object is known to be this upload's, before its delete."""
+    key = store.upload.key
     try:
-        await store.bucket.delete(store.upload.key, if_match=found.etag)
+        found = await store.bucket.head(key)
+    except NoSuchKey:
+        return True
+    if found.metadata.get(TUS_META) != store.upload.id:
+        log.info("upload.not_deleted key=%s reason=%s owner=other", key, reason)
+        return False
+    if ours is not None:
+        ours.set()
+    try:
+        await store.bucket.delete(key, if_match=found.etag)
     except PreconditionFailed:  # replaced meanwhile: not this upload's, nothing deleted
-        return
-    log.info("upload.deleted key=%s reason=%s", store.upload.key, reason)
+        log.info("upload.not_deleted key=%s reason=%s owner=changed", key, reason)
+        return False
+    log.info("upload.deleted key=%s reason=%s", key, reason)
+    return True
 
 
 async def resurrected(store: TusStore, current: TusState, etag: str) -> int | None:
@@ -312,6 +332,10 @@ class Rollback:
         self.upload_id = upload_id  # a multipart upload to abort too (one not yet committed)
         # The FAILED mark is down (written, or found): no PATCH completes the upload since.
         self.marked = False
+        # The object at the key stays: reported by a retried PATCH, or another upload's.
+        # No ``upload.rolled_back`` names it (reprobe12a F1).
+        self.stays = False
+        self.done = False  # the first attempt landed (else the janitor retries it)
 
     def pace(self) -> float | None:
         """Seconds until the janitor's next try while the FAILED mark is not down: a third
@@ -326,6 +350,7 @@ class Rollback:
         found = await store.read()
         if found is None or (found[0].ending == COMPLETED and not found[0].owed):
             log.info("upload.kept key=%s reason=completed_by_retry", store.upload.key)
+            self.stays = True
             return
         current, etag = found
         if current.ending != FAILED:
@@ -342,7 +367,7 @@ class Rollback:
             marked = dataclasses.replace(current, ending=FAILED, owed=False, lock=lock)
             await store.swap(marked, etag)
         self.marked = True
-        await drop_object(store, self.reason)
+        self.stays = not await drop_object(store, self.reason)
         if self.upload_id is not None:
             await store.bucket.abort(store.upload.key, self.upload_id)
         await store.remove_all()
@@ -363,16 +388,21 @@ async def roll_back(
     *,
     late: bool = False,
     upload_id: str | None = None,
-) -> None:
+) -> Rollback:
     """Roll back the object this upload stored (``Rollback``), under the lock of ``owner``
     (the PATCH that stored it): the first attempt now; if S3 refuses it, the janitor's
     retries, at the lock's cadence until the FAILED mark is down (``Rollback.pace``).
     ``late``: its write may still be carried out, so its delete is made again later."""
     what = f"rollback key={store.upload.key} tus_id={store.upload.id}"
     undone = Rollback(state, store, owner, reason, upload_id)
-    await run_cleanup(undone.undo, what, state.janitor, kind=Kind.OBJECT, pace=undone.pace)
-    if late:  # its PutObject/Complete may still be carried out
-        recheck_late(state.janitor, undone.recheck, what, state.pipeline.late_write_window)
+    try:
+        undone.done = await run_cleanup(
+            undone.undo, what, state.janitor, kind=Kind.OBJECT, pace=undone.pace
+        )
+    finally:
+        if late:  # its PutObject/Complete may still be carried out
+            recheck_late(state.janitor, undone.recheck, what, state.pipeline.late_write_window)
+    return undone
 
 
 async def stored_object(store: TusStore, current: TusState) -> StoredFile | None:
@@ -458,12 +488,14 @@ async def completed(
                 kept = False
                 m.uploads_aborted.labels(err.kind.code).inc()
                 log.info("upload.rolled_back key=%s reason=%s", stored.key, err.kind.code)
-                await roll_back(state, store, owner, "rollback", late=stored.may_land_late)
+                undone = await roll_back(state, store, owner, "rollback", late=stored.may_land_late)
                 # As /upload's rollback: the receiver may have got upload.completed.
-                await notify_rolled_back(state, [stored.key], err.kind.code)
+                if not undone.stays:
+                    await notify_rolled_back(state, [stored.key], err.kind.code)
                 if made is not None:
                     made.told = False  # and has heard of its rollback
-                raise Ended(err.kind, err.message) from err
+                final = webhook_failed(err, undone.done, TUS_RETRIED_DELETE)
+                raise Ended(final.kind, final.message) from err
         await end_noted(state, store, remover(store), COMPLETED, "tus state", stored.size)
     except asyncio.CancelledError:
         if made is not None:  # the creation's undo removes the object: not kept

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import enum
 import logging
 import re
 import time
@@ -39,9 +38,16 @@ from typing import Any
 from s3proxy import keys
 from s3proxy.budget import MemoryBudget, Reservation
 from s3proxy.digests import DigestCheck
-from s3proxy.errors import INVALID_FIELD, METADATA_TOO_LARGE, NO_FILE, ProxyError, quoted
+from s3proxy.errors import (
+    INVALID_FIELD,
+    KEY_EXISTS,
+    METADATA_TOO_LARGE,
+    NO_FILE,
+    ProxyError,
+    quoted,
+)
 from s3proxy.form import Field, FilePart
-from s3proxy.janitor import Janitor, Kind, recheck_late, run_cleanups
+from s3proxy.janitor import Cleanup, Janitor, Kind, recheck_late, run_cleanups
 from s3proxy.metrics import Metrics
 from s3proxy.parts import largest_part
 from s3proxy.pipeline import (
@@ -52,7 +58,7 @@ from s3proxy.pipeline import (
     abort_reason,
     delete_own,
 )
-from s3proxy.s3 import ObjectSink
+from s3proxy.s3 import ObjectSink, PreconditionFailed
 from s3proxy.tokens import UploadGrant
 
 log = logging.getLogger("s3proxy.uploads")
@@ -77,26 +83,6 @@ def reserved_metadata_name(lower: str) -> bool:
 # outside this set (``post%5btitle%5d``, ``a%20b``), which SeaweedFS stores; a name
 # some store loses behind a 201 is refused instead.
 _METADATA_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-class Rollback(enum.Enum):
-    """What a request's rollback left of its stored files, for its 502's words."""
-
-    NONE = "none"  # no rollback (yet)
-    DONE = "done"  # every stored file deleted
-    UNFINISHED = "unfinished"  # a delete failed: the janitor retries it
-
-
-def rollback_message(failed: str, rolled: Rollback) -> str:
-    """A failed request's words for what its rollback left, after ``failed`` (what
-    failed it: "the webhook failed (HTTP 500)"). It said "the upload was rolled back"
-    before the deletes ran, also when they failed. Pure."""
-    if rolled is Rollback.UNFINISHED:
-        return (
-            f"{failed}; the rollback did not finish: a stored file's delete failed, and "
-            "the proxy retries it until S3 takes it"
-        )
-    return f"the upload was rolled back: {failed}"
 
 
 @dataclass
@@ -171,6 +157,22 @@ def field_metadata(
     return meta
 
 
+def same_key(files: list[StoredFile], key: str) -> int | None:
+    """The number (from 1) of the request's stored file at ``key``, if any. Pure. Two files
+    of one request can get one key where keys are shared (no ``{uuid}``): the second then
+    replaced the first (``--no-overwrite false``: a 201 listed both, the first's bytes
+    gone) or was refused as if another upload held the key (reprobe12a F4)."""
+    return next((i for i, f in enumerate(files, 1) if f.key == key), None)
+
+
+def _same_key_message(earlier: int, filename: str, key: str) -> str:
+    return (
+        f"file {filename!r} would be stored at {key!r}, where this request's file {earlier} "
+        "is: keys are shared here (the key template has no {uuid}); send each file under a "
+        "name of its own, or in a request of its own"
+    )
+
+
 class RequestUpload:
     """Stores every file of one multipart/form-data request."""
 
@@ -199,7 +201,8 @@ class RequestUpload:
         self._fields: Reservation | None = None  # the allowance for field values
         # a write of a file rolled back may still land (``FileUpload.may_land_late``)
         self.may_land_late = False
-        self.rolled = Rollback.NONE
+        self.rollback_done = False  # every delete of its rollback landed
+        self.not_ours: set[str] = set()  # keys a rollback found holding another's object
 
     async def run(self, parts: AsyncIterator[Field | FilePart]) -> UploadResult:
         try:
@@ -254,6 +257,8 @@ class RequestUpload:
             key = self.key_policy.new_key(part.filename, part.field)
         except ValueError as exc:
             raise ProxyError(INVALID_FIELD, f"cannot make an object key: {exc}") from None
+        if (earlier := same_key(self.result.files, key)) is not None:
+            raise ProxyError(KEY_EXISTS, _same_key_message(earlier, part.filename, key))
         spec = FileSpec(
             field=part.field,
             filename=part.filename,
@@ -322,7 +327,6 @@ class RequestUpload:
         cleanup = self.cfg.writes.cleanup
         if files:
             self.metrics.uploads_aborted.labels(reason).inc(len(files))
-        self.rolled = Rollback.UNFINISHED  # until every delete has landed
         for f in files:
             log.info("upload.rolled_back key=%s reason=%s", f.key, reason)
         # Where keys are shared, the ETag tells this request's object (to delete it by hand).
@@ -335,8 +339,7 @@ class RequestUpload:
             for f in files
         ]
         try:
-            if await run_cleanups(calls, self.janitor):
-                self.rolled = Rollback.DONE
+            self.rollback_done = await run_cleanups(calls, self.janitor)
         finally:  # (also when cancelled meanwhile: the deletes ran to their end)
             for f in files:
                 if f.may_land_late:  # stored by a write an attempt of which may still land
@@ -354,11 +357,30 @@ class RequestUpload:
     def _deleter(self, stored: StoredFile, cleanup: str) -> Callable[[], Awaitable[None]]:
         """A shared key is deleted only while it is still the object this request wrote:
         under --no-overwrite nothing replaces it, so its ETag tells it; with overwrites
-        allowed a later upload of the same bytes has the same ETag, so its nonce does."""
-        if_match = f'"{stored.etag}"' if cleanup == "nonce" else None
+        allowed a later upload of the same bytes has the same ETag, so its nonce does. A
+        key found holding another upload's object is noted (``not_ours``)."""
         if cleanup == "nonce" and not self.cfg.writes.if_none_match and stored.nonce:
-            return self._rechecker(stored, cleanup, "rollback")
-        return lambda: self.sink.delete(stored.key, if_match=if_match)
+            return self._own_deleter(stored, stored.nonce, "rollback")
+        if_match = f'"{stored.etag}"' if cleanup == "nonce" else None
+
+        async def delete() -> None:
+            try:
+                await self.sink.delete(stored.key, if_match=if_match)
+            except PreconditionFailed:
+                if if_match is None:
+                    raise
+                # deleted by someone, and stored again by another upload since
+                self.not_ours.add(stored.key)
+                log.info("upload.not_deleted key=%s reason=rollback owner=changed", stored.key)
+
+        return delete
+
+    def _own_deleter(self, stored: StoredFile, nonce: str, reason: str) -> Cleanup:
+        async def delete() -> None:
+            if not await delete_own(self.sink, stored.key, nonce, reason):
+                self.not_ours.add(stored.key)
+
+        return delete
 
     def _rechecker(
         self, stored: StoredFile, cleanup: str, reason: str
@@ -367,5 +389,11 @@ class RequestUpload:
         carries this request's nonce (a later upload of the same bytes has the same ETag)."""
         nonce = stored.nonce
         if cleanup == "nonce" and nonce is not None:
-            return lambda: delete_own(self.sink, stored.key, nonce, reason)
+            return self._own_deleter(stored, nonce, reason)
         return self._deleter(stored, cleanup)
+
+    def rolled_back_keys(self, keys: list[str]) -> list[str]:
+        """Of a rolled-back request's ``keys``, those its ``upload.rolled_back`` names: not
+        one found holding another upload's object (reprobe12a F1: the receiver, told to
+        forget the key, forgot a file another client was answered 201 for)."""
+        return [k for k in keys if k not in self.not_ours]

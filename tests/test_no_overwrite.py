@@ -25,6 +25,7 @@ from aiohttp.test_utils import TestClient
 from s3proxy.app import create_app
 from s3proxy.config import Config
 from s3proxy.keys import NONCE_META, UNIQUE_KEYS, WritePolicy, write_policy
+from s3proxy.pipeline import delete_own
 from s3proxy.s3 import ObjectOptions, ObjectStore, PreconditionFailed
 from s3proxy.s3_aiobotocore import ClientOptions, open_store
 from s3proxy.settings import Settings, SettingsError
@@ -140,6 +141,26 @@ async def test_delete_if_match(store: ObjectStore) -> None:
     await store.delete("k/d", if_match=etag)
     assert await store.list_objects("k/") == []
     await store.delete("k/d", if_match=etag)  # deleting nothing is fine
+
+
+async def test_delete_own_tells_whose_object_the_key_holds(
+    store: ObjectStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``delete_own``: True when the key held ours (deleted) or nothing (reprobe12a F6: an
+    empty key was logged owner=other); False for another upload's object, which stays."""
+    caplog.set_level(logging.INFO, "s3proxy.pipeline")
+    ours = ObjectOptions("application/octet-stream", metadata={NONCE_META: "ours"})
+    theirs = ObjectOptions("application/octet-stream", metadata={NONCE_META: "theirs"})
+    assert await delete_own(store, "k/e", "ours", "test") is True
+    await store.put("k/e", [b"x"], theirs)
+    assert await delete_own(store, "k/e", "ours", "test") is False
+    await store.put("k/e", [b"x"], ours)
+    assert await delete_own(store, "k/e", "ours", "test") is True
+    assert await store.list_objects("k/") == []
+    owners = [
+        r.getMessage().rpartition(" ")[2] for r in caplog.records if "not_deleted" in r.getMessage()
+    ]
+    assert owners == ["owner=none", "owner=other"]
 
 
 # --- through the proxy, on moto ---------------------------------------------------------
@@ -430,3 +451,20 @@ async def test_signing_for_a_taken_key_is_409_at_once(
     assert (status, out["error"]["code"]) == (409, "KEY_EXISTS"), out
     assert open_uploads(s3, bucket) == []
     assert stored(s3, bucket, "in/a.pdf") == b"someone else's"
+
+
+@pytest.mark.parametrize("no_overwrite", [True, False])
+async def test_two_files_of_one_request_at_one_key_are_refused(
+    proxy_factory: Any, s3: Any, bucket: str, no_overwrite: bool
+) -> None:
+    """reprobe12a F4: two files named a.bin in one request get one shared key. With
+    --no-overwrite false the 201 listed both while only the second's bytes were stored;
+    with it, the 409 said another upload held the key (it was the request's own first
+    file). Now: 409 naming both, nothing stored."""
+    proxy = await shared_proxy(proxy_factory, no_overwrite=no_overwrite)
+    raw = bodies.body([bodies.file("f", "a.bin", b"first"), bodies.file("g", "a.bin", b"second")])
+    resp = await proxy.post("/upload", data=raw, headers=bodies.headers())
+    out = await resp.json()
+    assert (resp.status, out["error"]["code"]) == (409, "KEY_EXISTS"), out
+    assert "this request's file 1" in out["error"]["message"], out
+    assert all_keys(s3, bucket) == [] and open_uploads(s3, bucket) == []

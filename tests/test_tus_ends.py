@@ -476,7 +476,10 @@ async def test_a_retried_rollback_never_deletes_another_uploads_object_at_the_ke
         url = await new_upload(proxy, 10, **{"Upload-Metadata": meta(filename="c1.bin")})
         armed = True
         resp = await proxy.patch(url, data=b"0123456789", headers=patch_headers(0))
-        assert await _code(resp) == (502, "WEBHOOK_FAILED")
+        out = await resp.json()
+        assert (resp.status, out["error"]["code"]) == (502, "WEBHOOK_FAILED")
+        # it said "the upload was rolled back" while the object stood (reprobe12a F2)
+        assert "the rollback did not finish" in out["error"]["message"], out
         assert (await proxy.head(url, headers=TUS)).status == 404
         hook.status = 204
         other = b"OTHER-CLIENT-BYTES"
@@ -512,6 +515,8 @@ async def test_a_rollback_keeps_an_object_another_upload_stored_meanwhile(
     assert await _code(await patching) == (502, "WEBHOOK_FAILED")
     assert await read_object_async(s3, bucket, "nov/c2.bin") == other
     assert await reserved(s3, bucket) == []
+    # no upload.rolled_back names the key: it holds the other client's file (reprobe12a F1)
+    assert hook.got.count("upload.rolled_back") == 0, hook.got
 
 
 async def test_a_late_write_recheck_keeps_the_object_a_retried_patch_reported(

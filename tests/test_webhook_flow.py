@@ -351,3 +351,52 @@ async def test_a_rollback_whose_delete_failed_says_it_did_not_finish(
             within=15.0,
             what="the janitor's delete",
         )
+
+
+async def test_a_rollback_names_no_key_that_holds_another_uploads_object(
+    proxy_factory: Any, aiohttp_server: Any, s3: Any, bucket: str
+) -> None:
+    """Shared keys, overwrites allowed: while A's webhook was failing, B stored the same
+    key and got 201. A's rollback left B's object (told by the nonce), but its
+    ``upload.rolled_back`` still named the key, and a receiver that forgets those keys
+    forgot B's file (reprobe12a F1)."""
+    got: list[dict[str, Any]] = []
+    heard = asyncio.Event()
+
+    async def hook(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        got.append({"body": body, "rid": request.headers["X-Request-ID"]})
+        if body["event"] == "upload.completed" and body["request_id"] == "req-a":
+            heard.set()
+            await asyncio.sleep(1.0)
+            return web.Response(status=500)
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = await aiohttp_server(app)
+    proxy = await proxy_factory(
+        key_template="in/{filename}",
+        no_overwrite=False,
+        webhook_url=str(server.make_url("/hook")),
+        webhook_secret=SECRET,
+        webhook_attempts=1,
+    )
+
+    async def post(data: bytes, rid: str) -> tuple[int, Any]:
+        raw = bodies.body([bodies.file("f", "a.bin", data)])
+        resp = await proxy.post(
+            "/upload", data=raw, headers={**bodies.headers(), "X-Request-ID": rid}
+        )
+        return resp.status, await resp.json()
+
+    first = asyncio.ensure_future(post(b"A" * 1000, "req-a"))
+    await asyncio.wait_for(heard.wait(), 10)
+    status, out = await post(b"B" * 1000, "req-b")
+    assert status == 201, out
+    status, out = await first
+    assert (status, out["error"]["code"]) == (502, "WEBHOOK_FAILED"), out
+    assert events(got, "upload.rolled_back") == []
+    assert await all_keys_async(s3, bucket) == ["in/a.bin"]
+    obj = await asyncio.to_thread(s3.get_object, Bucket=bucket, Key="in/a.bin")
+    assert obj["Body"].read() == b"B" * 1000
