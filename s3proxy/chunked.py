@@ -5,7 +5,8 @@ Python callback and a ``StreamReader.feed_data`` each (~1.5 us per chunk): 1-byt
 cost ~1,956 CPU s per GiB of file, 100-byte ones ~26. ``ChunkedDecoder`` takes a socket
 read and returns the data it holds as one object: a slice of the read where it is all
 one chunk's data (no copy when it is the whole read), else the chunks' spans joined. Its
-Python work is a regular-expression match per chunk-size line, never per byte.
+Python work is a regular-expression match per chunk-size line, never per byte, and
+for a run of equal small chunks one match and a strided slice per byte of a chunk.
 
 It refuses what llhttp, as aiohttp configures it for requests (strict: no lenient flags),
 refuses in chunked framing, found by feeding both the same bytes
@@ -23,7 +24,9 @@ refuses in chunked framing, found by feeding both the same bytes
   a field only once the next one begins, so never on the last trailer: nor does this.
 
 A ``Connection: close`` trailer closes the connection after the answer (``close``),
-as llhttp then refuses whatever follows. Bytes after the body are the next request's.
+as llhttp then refuses whatever follows. Bytes after the body are the next request's,
+read by a new parser: aiohttp's own carried the last trailer field, never checked, into
+the next request's headers.
 """
 
 from __future__ import annotations
@@ -162,13 +165,20 @@ class ChunkedDecoder:
                 if self._left == 0:
                     state = DATA_END
             elif state == DATA_END:
-                # Chunk after chunk while each comes whole: one match per chunk.
-                total, match = self.total, _NEXT_SIZE_LINE.match
+                # Chunk after chunk while each comes whole: one match per chunk, and a
+                # run of equal small chunks (1-byte ones, say) in one match and a
+                # strided slice per byte of a chunk (``_run``).
+                total, last = self.total, None
                 while True:
-                    found = match(data, pos)
-                    if found is None:
-                        break
-                    total += found.end(2) - found.start(2)
+                    found = _PLAIN_NEXT(data, pos)
+                    if found is not None:
+                        digits = found.group(1)
+                    else:
+                        found = _NEXT_SIZE_LINE.match(data, pos)
+                        if found is None:
+                            break
+                        digits = None
+                        total += found.end(2) - found.start(2)
                     size = int(found.group(1), 16)
                     pos = found.end()
                     if size == 0:
@@ -181,6 +191,9 @@ class ChunkedDecoder:
                         break
                     out.append(view[pos:stop])
                     pos = stop
+                    if digits is not None and digits == last and size <= RUN_MAX:
+                        pos = _run(data, pos, digits, size, out)
+                    last = digits
                 self.total = total
                 if total > MAX_CHUNK_EXTENSIONS:
                     raise _over_extensions()
@@ -296,6 +309,44 @@ class ChunkedDecoder:
 
 
 _HEX_RUN = re.compile(rb"[0-9A-Fa-f]*")
+# The next chunk's size line without extensions, after the CRLF that ends the last one.
+_PLAIN_NEXT = re.compile(rb"\r\n([0-9A-Fa-f]{1,16})\r\n").match
+# Chunks of at most this many bytes, one after another of the same size line, are taken
+# as a run (``_run``), at most this many runs' patterns kept (a client chooses them).
+# Measured, decoder alone, CPU s per GiB: 1-byte chunks 1,362 one by one, 37 as runs;
+# 7-byte 144 and 17; 32-byte 40 and 14; past ~50 bytes a strided copy per byte of a
+# chunk costs more than a slice per chunk (100-byte: 8 one by one, 18 as runs).
+RUN_MAX = 32
+_RUNS: dict[tuple[bytes, int], re.Pattern[bytes]] = {}
+_MOST_RUNS = 32
+
+
+def _run(data: bytes, pos: int, digits: bytes, size: int, out: list[memoryview]) -> int:
+    """Take the whole chunks of ``size`` bytes with size line ``digits`` that follow
+    ``pos`` (where a chunk's data ended) in ``data``: their data joined onto ``out``;
+    where they end. One match finds the run, a slice with a step per byte of a chunk
+    takes its data (1-byte chunks: ~43,000 in a 256 KiB read, each a Python step and
+    an object before, ~1.6 us)."""
+    key = (digits, size)
+    pattern = _RUNS.get(key)
+    if pattern is None:
+        if len(_RUNS) >= _MOST_RUNS:
+            return pos
+        pattern = _RUNS[key] = re.compile(rb"(?:\r\n" + digits + rb"\r\n[\s\S]{%d})+" % size)
+    found = pattern.match(data, pos)
+    if found is None:
+        return pos
+    run = memoryview(data)[pos : found.end()]
+    period = len(digits) + 4 + size
+    first = len(digits) + 4
+    if size == 1:
+        out.append(memoryview(run[first::period].tobytes()))
+    else:
+        taken = bytearray(len(run) // period * size)
+        for i in range(size):
+            taken[i::size] = run[first + i :: period]
+        out.append(memoryview(taken))
+    return found.end()
 
 
 def _over_extensions() -> HttpProcessingError:
