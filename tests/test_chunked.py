@@ -315,3 +315,14 @@ def test_the_walk_it_hands_on_goes_on_as_chunk_extensions_would() -> None:
         walk.feed(body[first:])
         assert walk.done and walk.total == 4
     assert ChunkedDecoder(phase=chunks.DONE).walk().phase == chunks.DONE
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 100, 5000])
+def test_the_benchs_prebuilt_chunked_bodies_are_valid(size: int) -> None:
+    """bench.chunked_cost builds its bodies by strided slices: llhttp and the decoder read
+    them back as the data."""
+    from bench.chunked_cost import chunk_framed
+
+    data = os.urandom(12_345)
+    framed = chunk_framed(data, size)
+    assert llhttp([framed]) == decoded([framed]) == ("ended", data)
