@@ -16,8 +16,9 @@ queued ahead of a normal 20 MiB upload delay it 9.1 s, 24 of them 20.8 s, agains
   (``protocol.ProxyRequestHandler.body_seen``), plus the kernel's unread ones.
 - A chunked body (coded or not) has ended once its last chunk has come: ``0`` (with
   optional extensions) CRLF, trailer fields, CRLF (RFC 9112 section 7.1). The bytes
-  the connection read were followed as they came (``chunks.ChunkExtensions``, which
-  also holds what aiohttp's parser has not parsed yet: it is fed every byte read), so
+  the connection read were followed as they came (``chunks.ChunkExtensions``, fed every
+  byte read, or the walk of the decoder that reads the body past the parser,
+  ``chunked.ChunkedDecoder.walk``), so
   the kernel's unread bytes, peeked at and left there (MSG_PEEK), continue that walk
   exactly: data that looks like a last chunk (``\\r\\n0\\r\\n\\r\\n`` inside a file) is
   skipped as data. A walk the parser will refuse counts as ended too: granted, the

@@ -33,6 +33,9 @@ _LINE_THEN_BLANK = re.compile(rb"\n\r*\n")  # ... after a line
 ALL_LINES = sys.maxsize
 
 _SIZE, _DATA, _DATA_END, _TRAILERS, _DONE = range(5)
+# The phases a walk can be in, named for s3proxy.chunked, whose decoder hands its state on
+# as a walk (``ChunkExtensions.resumed``).
+SIZE, DATA, DATA_END, TRAILERS, DONE = _SIZE, _DATA, _DATA_END, _TRAILERS, _DONE
 
 
 class ChunkExtensions:
@@ -42,7 +45,7 @@ class ChunkExtensions:
     Python work is per chunk-size line (``follow`` counts them), never per byte: data,
     extensions and trailers are skipped in C (find, regular expressions)."""
 
-    __slots__ = ("_digits", "_in_size", "_left", "_line", "_state", "total")
+    __slots__ = ("_digits", "_in_size", "_left", "_line", "_partial", "_state", "total")
 
     def __init__(self) -> None:
         self.total = 0  # extension bytes so far
@@ -51,6 +54,29 @@ class ChunkExtensions:
         self._in_size = True  # still in the size's digits on this line
         self._left = 0  # data bytes of this chunk still due
         self._line = 0  # bytes of this trailer line so far
+        self._partial = False  # bytes of a size line were taken, not its end
+
+    @classmethod
+    def resumed(cls, phase: int, left: int = 0, total: int = 0) -> ChunkExtensions:
+        """A walk at a line's start in ``phase`` (``left`` data bytes still due in DATA),
+        ``total`` extension bytes counted: where a decoder that walked the same bytes is."""
+        walk = cls()
+        walk._state, walk._left, walk.total = phase, left, total
+        return walk
+
+    @property
+    def phase(self) -> int:
+        return self._state
+
+    @property
+    def at_size_line(self) -> bool:
+        """At a chunk-size line's first byte (no byte of it taken yet)."""
+        return self._state == _SIZE and not self._partial
+
+    @property
+    def left(self) -> int:
+        """Data bytes of this chunk still due (DATA)."""
+        return self._left
 
     @property
     def done(self) -> bool:
@@ -138,6 +164,7 @@ class ChunkExtensions:
                 self._in_size = False
             segment = segment[digits.end() :]
         self.total += len(segment) - segment.count(b"\r")
+        self._partial = newline < 0
         if newline < 0:
             return stop
         size = int(self._digits or b"0", 16)

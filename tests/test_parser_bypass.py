@@ -4,8 +4,8 @@ The parser copies every body chunk; s3proxy's protocol hands the socket's chunks
 request's StreamReader itself once the upload handler reads the body. These tests hold
 it to what the parser did: the same bytes stored, the body's end where Content-Length
 puts it, the connection's next request parsed (pipelined in the same read or sent
-later), a body drained after an early answer, a client gone mid-body, and bodies it must
-leave to the parser (chunked).
+later), a body drained after an early answer, a client gone mid-body; a chunked body
+decoded past it (s3proxy.chunked) likewise, and as few pieces as socket reads.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ import json
 import os
 from typing import Any
 
+import pytest
+from aiohttp.streams import StreamReader
+
+from s3proxy.protocol import ProxyRequestHandler
 from s3proxy.state import STATE
 from tests import bodies
 from tests.bodies import MiB
@@ -115,16 +119,95 @@ async def test_a_client_gone_mid_body_leaves_nothing(proxy: Any, s3: Any, bucket
     await eventually(left, until=lambda got: got == ([], []), within=10, what="nothing stored")
 
 
-async def test_a_chunked_body_stays_with_the_parser(proxy: Any, s3: Any, bucket: str) -> None:
+async def test_a_chunked_body_bypasses_the_parser(proxy: Any, s3: Any, bucket: str) -> None:
+    """A chunked body read while it arrives is decoded past the parser too, and the
+    connection's next request, pipelined behind its last chunk, is parsed."""
     data = os.urandom(MiB + 5)
     raw = bodies.body([bodies.file("f", "c.bin", data)])
     reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
     writer.write(bodies.chunked_request_head() + bodies.chunk_frame(raw[:1000]))
     await asyncio.sleep(0.3)  # the handler reads the body before the rest comes
-    writer.write(bodies.chunk_frame(raw[1000:]) + bodies.chunk_frame(b""))
+    framed = b"".join(bodies.chunk_frame(raw[i : i + 7000]) for i in range(1000, len(raw), 7000))
+    writer.write(framed + bodies.chunk_frame(b"") + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     status, body = await read_response(reader)
     assert status == 201, body
     [f] = json.loads(body)["files"]
     assert await read_object_async(s3, bucket, f["key"]) == data
-    assert pool(proxy).bypassed == 0
+    assert pool(proxy).bypassed == 1
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+
+
+async def test_tiny_chunks_reach_the_body_as_one_piece_per_socket_read(
+    proxy: Any, s3: Any, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A MiB in 1-byte HTTP chunks: the parser gave the StreamReader a bytes object per
+    chunk (a million pieces, ~1.5 us each in its callbacks); the decoder gives one per
+    socket read."""
+    reads, feeds = [0], [0]
+    data_received, feed_data = ProxyRequestHandler.data_received, StreamReader.feed_data
+
+    def counted_read(self: Any, data: bytes) -> None:
+        reads[0] += 1
+        data_received(self, data)
+
+    def counted_feed(self: Any, data: bytes, size: int = 0) -> bool:
+        feeds[0] += 1
+        return feed_data(self, data, size)
+
+    monkeypatch.setattr(ProxyRequestHandler, "data_received", counted_read)
+    monkeypatch.setattr(StreamReader, "feed_data", counted_feed)
+    data = os.urandom(MiB)
+    raw = bodies.body([bodies.file("f", "tiny.bin", data)])
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    writer.write(bodies.chunked_request_head() + bodies.chunk_frame(raw[:100]))
+    await eventually(lambda: pool(proxy).bypassed == 1, within=5, what="the body bypassed")
+    framed = b"".join(b"1\r\n%c\r\n" % byte for byte in raw[100:])
+    writer.write(framed + bodies.chunk_frame(b""))
+    status, body = await read_response(reader)
+    assert status == 201, body
+    [f] = json.loads(body)["files"]
+    assert await read_object_async(s3, bucket, f["key"]) == data
+    assert feeds[0] <= reads[0] + 2, (feeds, reads)  # (+ the parser's first pieces)
+    writer.close()
+
+
+@pytest.mark.parametrize("trailer", [b"", b"Connection: close\r\n"])
+async def test_a_chunked_body_with_connection_close_is_the_last_request(
+    proxy: Any, trailer: bytes
+) -> None:
+    """Connection: close, in the head or a trailer: after the answer nothing is read
+    (RFC 9112 section 9.6), also a request pipelined behind the body's end."""
+    close = b"" if trailer else b"Connection: close"
+    head = bodies.chunked_request_head(*([close] if close else []))
+    raw = bodies.body([bodies.file("f", "c.bin", b"hello")])
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    writer.write(head + bodies.chunk_frame(raw[:10]))
+    await eventually(lambda: pool(proxy).bypassed == 1, within=5, what="the body bypassed")
+    writer.write(
+        bodies.chunk_frame(raw[10:]) + b"0\r\n" + trailer + b"\r\nGET /healthz HTTP/1.1\r\n\r\n"
+    )
+    status, body = await read_response(reader)
+    assert status == 201, body
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, the GET unanswered
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "bad", [b"1\na", b"1 \r\na", b"zz\r\n", b"1\r\nab", b"1;\r\na", b"0\r\nX : y\r\n\r\n"]
+)
+async def test_bad_chunked_framing_past_the_parser_is_a_400(proxy: Any, bad: bytes) -> None:
+    raw = bodies.body([bodies.file("f", "c.bin", b"hello")])
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    writer.write(bodies.chunked_request_head() + bodies.chunk_frame(raw[:10]))
+    await eventually(lambda: pool(proxy).bypassed == 1, within=5, what="the body bypassed")
+    writer.write(bad + b"\r\n" + raw)
+    status, body = await read_response(reader)
+    assert status == 400, body
+    error = json.loads(body)["error"]
+    # as the parser's refusal of a body being read (RequestPayloadError)
+    assert error == {
+        "code": "BAD_HTTP_REQUEST",
+        "message": "the request body is not valid HTTP/1.1 framing",
+    }, error
     writer.close()
