@@ -45,7 +45,7 @@ class ChunkExtensions:
     Python work is per chunk-size line (``follow`` counts them), never per byte: data,
     extensions and trailers are skipped in C (find, regular expressions)."""
 
-    __slots__ = ("_digits", "_in_size", "_left", "_line", "_partial", "_state", "total")
+    __slots__ = ("_digits", "_in_size", "_left", "_line", "_partial", "_state", "total", "trailed")
 
     def __init__(self) -> None:
         self.total = 0  # extension bytes so far
@@ -55,6 +55,7 @@ class ChunkExtensions:
         self._left = 0  # data bytes of this chunk still due
         self._line = 0  # bytes of this trailer line so far
         self._partial = False  # bytes of a size line were taken, not its end
+        self.trailed = False  # a trailer field came (the trailer section is not empty)
 
     @classmethod
     def resumed(cls, phase: int, left: int = 0, total: int = 0) -> ChunkExtensions:
@@ -181,6 +182,8 @@ class ChunkExtensions:
             if blank is not None:
                 self._state = _DONE
                 return blank.end()
+        if pos < end:
+            self.trailed = True
         found = _LINE_THEN_BLANK.search(raw, pos)
         if found is not None:
             self._state = _DONE

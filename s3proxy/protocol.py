@@ -865,7 +865,12 @@ class ProxyRequestHandler(RequestHandler):
         head = self._last_head
         if head is not None and head.should_close:
             self._ignore_rest = True  # its answer closes the connection: nothing after it
-        self._parser = HttpRequestParser(
+        self._parser = self._new_parser()
+        return rest
+
+    def _new_parser(self) -> HttpRequestParser:
+        """A parser for the connection's next request, as aiohttp's RequestHandler makes."""
+        return HttpRequestParser(
             self,
             self._loop,
             self._read_bufsize,
@@ -876,7 +881,41 @@ class ProxyRequestHandler(RequestHandler):
             auto_decompress=self._auto_decompress,
             max_msg_queue_size=web_protocol.MAX_MSG_QUEUE_SIZE,
         )
-        return rest
+
+    def _trailers_ended(self, piece: bytes, queued: int) -> bool:
+        """The newest request's chunked body, with trailer fields, ended in ``piece`` (the
+        parser took it whole): then parse what follows it with a new parser (True).
+
+        aiohttp's C parser (3.14) keeps a chunked body's last trailer field in its header
+        list, and the next request on the connection gets it as its first header:
+        ``X-Request-ID``, ``Authorization``, ``Origin`` sent as one request's trailers
+        were read as the next request's own (``headers.get`` takes the first), and
+        behind a load balancer that reuses a connection, the next request may be another
+        client's. Messages the old parser made of the bytes after the body are dropped
+        and those bytes parsed again. An upload's body read past the parser
+        (``bypass_parser``) ends with a new parser too."""
+        walk, payload, head = self._extensions, self._last_payload, self._last_head
+        if (
+            walk is None
+            or not walk.trailed
+            or payload is None
+            or head is None
+            or not payload.is_eof()
+            or payload.exception() is not None
+        ):
+            return False
+        messages = self._messages
+        while len(messages) > queued:
+            messages.pop()
+        self._parser = self._new_parser()
+        self._line = b""  # the next head begins after the body
+        if head.should_close:
+            self._ignore_rest = True  # its answer closes the connection: nothing after it
+            return True
+        past = self._chunked_past
+        if past > 0:
+            self._parse(piece[len(piece) - past :])
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self._widened:
@@ -990,6 +1029,8 @@ class ProxyRequestHandler(RequestHandler):
                 return
             queued = len(self._messages)
             super().data_received(piece)
+            if in_body and self._trailers_ended(piece, queued):
+                return  # (a body piece is the read's rest)
             if len(self._messages) == queued:
                 if in_body:
                     # A body's end and the next head's first bytes may share a piece.

@@ -778,3 +778,38 @@ def test_the_version_of_a_request_line() -> None:
     assert protocol.version_refusal(None) is None
     refusal = protocol.version_refusal((2, 0))
     assert refusal is not None and protocol.error_kind(refusal).status == 505
+
+
+@pytest.mark.parametrize("split", ["one-read", "two-reads", "trailer-split"])
+async def test_a_chunked_bodys_trailers_never_become_the_next_requests_headers(
+    proxy: Any, split: str
+) -> None:
+    """aiohttp's C parser (3.14) kept a chunked body's last trailer field and gave it to
+    the connection's next request as its first header: ``X-Request-ID: smuggled`` sent as
+    a trailer came back on the next request's answer (and ``Authorization`` or ``Origin``
+    would be read as the next request's own; behind a load balancer reusing connections,
+    another client's). A route that leaves the body to the parser, then a pipelined GET."""
+    first = (
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\nAuthorization: Bearer other\r\nX-Request-ID: smuggled\r\n\r\n"
+    )
+    second = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    if split == "one-read":
+        chunks = [first + second]
+    elif split == "two-reads":
+        chunks = [first, second]
+    else:
+        cut = first.index(b"smuggled")
+        chunks = [first[:cut], first[cut:] + second]
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    try:
+        for chunk in chunks:
+            writer.write(chunk)
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        received = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    statuses = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", received)]
+    assert len(statuses) == 2 and statuses[1] == 200, received
+    assert b"smuggled" not in received, received
