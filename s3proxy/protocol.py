@@ -549,6 +549,10 @@ class ProxyRequestHandler(RequestHandler):
         # first read that begins where the parser is at a clean point (_start_chunked).
         self._decoder: ChunkedDecoder | None = None
         self._chunked_wanted: StreamReader | None = None
+        # The newest head came in a piece given to the parser as the body before it (the
+        # read's rest): the parser may have read into its body too, so the walk of that
+        # body, which starts at the head, is not where the parser is (reprobe12c F1).
+        self._walk_behind = False
         self._auto_decompress = bool(kwargs.get("auto_decompress", True))
         # The connection closes after what is queued: bytes that come now are not parsed.
         self._ignore_rest = False
@@ -807,8 +811,11 @@ class ProxyRequestHandler(RequestHandler):
             or payload.exception() is not None
             or walk is None
             or head is None
+            or self._walk_behind
         ):
-            self._chunked_wanted = None  # its body ended or broke
+            # its body ended or broke; or the parser read an unknown part of it with the
+            # body before it (pipelined): it stays with the parser
+            self._chunked_wanted = None
             return
         if self._body_read > 0 and walk.phase != DATA and not walk.at_size_line:
             return
@@ -847,8 +854,6 @@ class ProxyRequestHandler(RequestHandler):
             if rest is None:
                 return b""
             self._decoder = None
-            if decoder.close:
-                self._ignore_rest = True  # llhttp refuses what follows (RFC 9112 9.6)
             body = b""
         else:
             left = self._bypass_left
@@ -1054,6 +1059,7 @@ class ProxyRequestHandler(RequestHandler):
                     self._error_tus = _TUS_TARGET.match(piece) is not None
                     if self.cors is not None:
                         self._error_origin = _raw_origin(piece)
+                self._walk_behind = in_body
                 self._screen(queued)
             if pos >= len(data) or self._ignore_rest or self._force_close or self._close:
                 return
