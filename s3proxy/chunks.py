@@ -182,7 +182,8 @@ class ChunkExtensions:
             if blank is not None:
                 self._state = _DONE
                 return blank.end()
-        if pos < end:
+        crs = _CRS.match(raw, pos)
+        if crs is not None and crs.end() < end:  # (CRs alone may begin the blank line)
             self.trailed = True
         found = _LINE_THEN_BLANK.search(raw, pos)
         if found is not None:
