@@ -26,7 +26,6 @@ does not, and deletes it ``retention`` after that mark; every rewrite and delete
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from s3proxy import presign_claim
+from s3proxy.errors import ProxyError
 from s3proxy.keys import RESERVED_NAMESPACE
 from s3proxy.s3 import (
     NoSuchKey,
@@ -151,6 +151,7 @@ class Swept:
     kept: int = 0
     marked: int = 0
     removed: int = 0
+    failed: int = 0  # S3 failed on these: left for the next sweep
 
 
 async def _listed(sink: ObjectStore, record: Record) -> bool:
@@ -166,36 +167,54 @@ async def _listed(sink: ObjectStore, record: Record) -> bool:
 async def sweep(sink: ObjectStore, now: float, keep_for: float, *, dry_run: bool = False) -> Swept:
     """One pass over the records (``sweep_step``); in a dry run, only counted and logged.
     A record that cannot be read tells nothing and goes. Only the version read is
-    rewritten or deleted (If-Match): one another sweep changed meanwhile is left to it."""
+    rewritten or deleted (If-Match): one another sweep changed meanwhile is left to it.
+    S3 failing on one record is logged and counted (``failed``) and the pass goes on, as
+    the orphan and tus sweeps do: one ListParts refused ended the pass, and with it
+    ``s3proxy cleanup``'s report of the other sweeps (reprobe12b F5). Listing the records
+    failing ends it."""
     out = Swept()
     async for page in object_pages(sink, PREFIX):
         for info in page:
-            with contextlib.suppress(NoSuchKey, PreconditionFailed):
-                raw, etag = await read_small(sink, info.key)
-                record = parse(raw)
-                if record is None:
-                    step: Step = "remove"
-                elif record.gone_since is None:
-                    step = sweep_step(await _listed(sink, record), None, now, keep_for)
-                else:
-                    step = sweep_step(False, record.gone_since, now, keep_for)
-                if step == "keep":
-                    out.kept += 1
-                    continue
-                if not dry_run and step == "mark":
-                    assert record is not None
-                    body = encode(replace(record, gone_since=now))
-                    await sink.put(info.key, [body], _OPTIONS, if_match=etag)
-                elif not dry_run:
-                    await sink.delete(info.key, if_match=etag)
-                if step == "mark":
-                    out.marked += 1
-                else:
-                    out.removed += 1
-                log.info(
-                    "cleanup.presign_record key=%s action=%s%s",
-                    info.key,
-                    "would-" if dry_run else "",
-                    "mark-gone" if step == "mark" else "remove",
+            try:
+                await _sweep_one(sink, info.key, now, keep_for, dry_run, out)
+            except (NoSuchKey, PreconditionFailed):
+                pass  # removed or changed by another sweep meanwhile: that sweep finishes it
+            except ProxyError as exc:
+                out.failed += 1
+                log.warning(
+                    "cleanup.presign_record key=%s action=failed error=%s", info.key, exc.message
                 )
     return out
+
+
+async def _sweep_one(
+    sink: ObjectStore, name: str, now: float, keep_for: float, dry_run: bool, out: Swept
+) -> None:
+    """One record's step of the sweep, counted in ``out``."""
+    raw, etag = await read_small(sink, name)
+    record = parse(raw)
+    if record is None:
+        step: Step = "remove"
+    elif record.gone_since is None:
+        step = sweep_step(await _listed(sink, record), None, now, keep_for)
+    else:
+        step = sweep_step(False, record.gone_since, now, keep_for)
+    if step == "keep":
+        out.kept += 1
+        return
+    if not dry_run and step == "mark":
+        assert record is not None
+        body = encode(replace(record, gone_since=now))
+        await sink.put(name, [body], _OPTIONS, if_match=etag)
+    elif not dry_run:
+        await sink.delete(name, if_match=etag)
+    if step == "mark":
+        out.marked += 1
+    else:
+        out.removed += 1
+    log.info(
+        "cleanup.presign_record key=%s action=%s%s",
+        name,
+        "would-" if dry_run else "",
+        "mark-gone" if step == "mark" else "remove",
+    )

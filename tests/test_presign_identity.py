@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -529,3 +530,47 @@ async def test_serves_periodic_sweep_marks_and_removes_records(
     await sweep_once(state.require_sink(), state.settings, state.metrics, rule, later)
     assert await r.record(a) is None
     await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=a["key"])
+
+
+# --- reprobe12b F5: one record's S3 failure does not end the sweep ---------------------
+
+
+async def test_the_record_sweep_goes_on_past_a_failure_and_counts_it(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """reprobe12b F5: one ListParts refused ended the record sweep (and with it serve's
+    pass, and ``s3proxy cleanup``'s report). Now it is logged and counted, and the other
+    records are swept."""
+    r = await rig()
+    sink = r.proxy.app[STATE].require_sink()
+    live = await r.twin()
+    old = presign_record.Record("plain/old", "u-old", "n", time.time() - 999, time.time() - 500)
+    await asyncio.to_thread(
+        s3.put_object, Bucket=bucket, Key=presign_record.record_key("plain/old", "u-old"),
+        Body=presign_record.encode(old),
+    )  # fmt: skip
+    r.rule = lambda op, n: Fault(status=500) if op == "ListParts" else None
+    swept = await presign_record.sweep(sink, time.time(), 100)
+    assert (swept.kept, swept.marked, swept.removed, swept.failed) == (0, 0, 1, 1)
+    r.rule = lambda op, n: None
+    assert await r.record(live) is not None
+    status, out = await call(r.proxy, "/sign/multipart/abort", live, {})
+    assert status == 200, out
+
+
+async def test_the_claim_sweep_goes_on_past_a_failure(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """The claim sweep ended the same way on one claim's GET refused (and the record sweep
+    after it with it). Now the others are swept; the failed one is left to the next."""
+    r = await rig()
+    sink = r.proxy.app[STATE].require_sink()
+    names = [presign_claim.PREFIX + name for name in ("a", "b")]
+    for name in names:
+        body = json.dumps({"owner": "o", "until": time.time() - 300}).encode()
+        await asyncio.to_thread(s3.put_object, Bucket=bucket, Key=name, Body=body)
+    r.rule = lambda op, n: Fault(status=500) if (op, n) == ("GetObject:claim", 1) else None
+    assert await presign_claim.sweep(sink, time.time(), 1.0) == 1
+    r.rule = lambda op, n: None
+    assert await presign_claim.sweep(sink, time.time(), 1.0) == 1
+    assert not [k for k in await asyncio.to_thread(_all_keys, s3, bucket) if k in names]
