@@ -12,16 +12,20 @@ marks its objects), and writes it down where every complete (on any instance) fi
     .s3proxy/presign-upload/<sha256 of key and upload id>
         {"key", "upload_id", "nonce", "created", "gone_since"?}
 
-An object is the upload's own iff it carries the record's nonce (``judge``). Instances
+An object is the upload's own iff it carries the record's nonce (``judge``); one carrying
+a nonce when the record is missing cannot be told (it may be the upload's own, its record
+swept, or another's), so nothing deletes, announces or answers for it. A record that
+cannot be read is an error (``CorruptRecord``), never "no record". Instances
 share nothing but S3, and a complete gets only the key and the upload id, so the nonce
 cannot ride with the client. On ``{uuid}`` keys the key is the upload's own: no nonce,
 no record, no extra call.
 
 A retried complete after a lost 200 needs the record, so it outlives the complete; an
-abort forgets it at once. The sweep (serve's periodic one and ``s3proxy cleanup``)
-keeps a record while S3 lists its upload, marks it ``gone_since`` the first time S3
-does not, and deletes it ``retention`` after that mark; every rewrite and delete is
-``If-Match`` the ETag read, so two sweeps never undo each other.
+abort forgets it only when it ended the upload open (not one S3 had completed). The
+sweep (serve's periodic one and ``s3proxy cleanup``) keeps a record while S3 lists its
+upload, marks it ``gone_since`` the first time S3 does not, and deletes it ``retention``
+after that mark; every rewrite and delete is ``If-Match`` the ETag read, so two sweeps
+never undo each other.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from s3proxy import presign_claim
-from s3proxy.errors import ProxyError
+from s3proxy.errors import UPSTREAM_CORRUPTION, ProxyError
 from s3proxy.keys import RESERVED_NAMESPACE
 from s3proxy.s3 import (
     NoSuchKey,
@@ -53,6 +57,21 @@ PREFIX = RESERVED_NAMESPACE + "presign-upload/"
 _OPTIONS = ObjectOptions(content_type="application/json")
 
 Step = Literal["keep", "mark", "remove"]
+# Whose an object at a shared key is (``judge``): this upload's, another's, not to be
+# told (a nonce and no record), or an upload's made before records (neither has one).
+Verdict = Literal["ours", "another", "untold", "legacy"]
+
+
+class CorruptRecord(ProxyError):
+    """A record read back is not one this proxy wrote for this upload: its bytes changed on
+    the way or at rest. UPSTREAM_CORRUPTION (502), as S3's own failures: taken as "no
+    record", it made the upload's own object another's, and its rollback and size delete
+    left it standing (reprobe12b F2)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            UPSTREAM_CORRUPTION, f"the upload's record {key} read back from S3 cannot be read"
+        )
 
 
 @dataclass(frozen=True)
@@ -92,14 +111,16 @@ def parse(raw: bytes) -> Record | None:
         return None
 
 
-def judge(carried: str | None, nonce: str | None) -> bool | None:
-    """Is an object carrying the nonce ``carried`` (None: none) the own object of the upload
-    whose record says ``nonce`` (None: no record)? None: it cannot be told (neither has one:
-    an upload created before records, during a rolling upgrade). Without a record, an
-    object with a nonce is another upload's: one made by this version has a record. Pure."""
+def judge(carried: str | None, nonce: str | None) -> Verdict:
+    """Whose is an object carrying the nonce ``carried`` (None: none), for the upload whose
+    record says ``nonce`` (None: no record)? "untold": it carries a nonce and the upload
+    has no record (swept after the retention, or an abort forgot it): it may be this
+    upload's own or another's (it was judged another's, and an upload's own object stayed
+    unchecked after its record went: reprobe12b F2). "legacy": neither has one, an upload
+    created before records (a rolling upgrade): told by its ETag, as before. Pure."""
     if nonce is not None:
-        return carried == nonce
-    return False if carried is not None else None
+        return "ours" if carried == nonce else "another"
+    return "untold" if carried is not None else "legacy"
 
 
 def retention(s: Settings) -> float:
@@ -129,14 +150,18 @@ async def write(sink: ObjectStore, key: str, upload_id: str, nonce: str) -> None
 
 
 async def read(sink: ObjectStore, key: str, upload_id: str) -> Record | None:
-    """The upload's record; None if it has none (or one that cannot be read). S3's
-    failures propagate: a record unread is not a record missing."""
+    """The upload's record; None if it has none. S3's failures propagate, and a record that
+    cannot be read (or names another upload) is ``CorruptRecord``: a record unread is not a
+    record missing."""
+    name = record_key(key, upload_id)
     try:
-        raw, _ = await read_small(sink, record_key(key, upload_id))
+        raw, _ = await read_small(sink, name)
     except NoSuchKey:
         return None
     found = parse(raw)
-    return found if found is not None and (found.key, found.upload_id) == (key, upload_id) else None
+    if found is None or (found.key, found.upload_id) != (key, upload_id):
+        raise CorruptRecord(name)
+    return found
 
 
 async def forget(sink: ObjectStore, key: str, upload_id: str) -> None:
