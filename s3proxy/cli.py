@@ -59,6 +59,9 @@ CLEANUP_SETTINGS = (
     "min_upload_rate",
     "min_rate_window",
     "cleanup_clock_skew",
+    # the record sweep's retention (``presign_record.retention``) is serve's: without it
+    # cleanup removed records after 15 min + ..., while serve's retries still needed them
+    "presign_expiry",
 )
 
 #: The settings ``token`` reads, the same way serve does.
@@ -73,6 +76,8 @@ CLEANUP_HELPS = {
     "endpoint_url": "S3 endpoint URL (e.g. https://s3.eu-west-1.amazonaws.com, "
     "http://minio:9000); unset: the embedded store `s3proxy serve` runs with the same "
     "--data-dir (it must be running)",
+    "presign_expiry": "serve's --presign-expiry: a presigned upload's record is kept this long "
+    "(and the claim's lease, the late checks, the clock skew) after its upload is gone",
 }
 
 #: What to add to an EmbeddedStoreError about a setting: the serve flag that sets it.
@@ -314,11 +319,13 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
     if claims:
         done = "removed" if args.execute else "would remove"
         print(f"presigned-complete claims: {claims} lapsed, {done} {claims}")
-    if records.marked or records.removed:
+    if records.marked or records.removed or records.failed:
         mark, remove = ("marked", "removed") if args.execute else ("would mark", "would remove")
+        failed_records = f"; failed {records.failed} (next sweep)" if records.failed else ""
         print(
             f"presigned-upload records: {records.kept} kept; {mark} {records.marked} gone, "
             f"{remove} {records.removed} past {presign_record.retention(settings):.0f}s"
+            f"{failed_records}"
         )
     found, aborted, failed = len(result.found), len(result.aborted), len(result.errors)
     if args.execute:

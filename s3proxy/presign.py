@@ -54,7 +54,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import hdrs, web
 
@@ -81,7 +81,7 @@ from s3proxy.handlers import notify, notify_rolled_back, rollback_reason, webhoo
 from s3proxy.janitor import Cleanup, Kind, late_delays, recheck_late, run_cleanup
 from s3proxy.log import REQUEST_ID
 from s3proxy.presign_claim import RETRY_AFTER, Claim, new_claim
-from s3proxy.presign_record import Record
+from s3proxy.presign_record import Record, Verdict
 from s3proxy.s3 import (
     InvalidParts,
     NoSuchKey,
@@ -143,6 +143,12 @@ class Context:
     # Each upload's record (``presign_record``) as this request read it: once per request,
     # whichever of its paths asks first (a missing one is None).
     records: dict[tuple[str, str], Record | None] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    # Whose the object at each upload's shared key was, as ``_completed_object`` last
+    # judged it (``presign_record.judge``); "none": no object of a presigned upload there.
+    # For the 404's hint (``gone_hint``).
+    seen: dict[tuple[str, str], Verdict | Literal["none"]] = field(
         default_factory=dict, compare=False, repr=False
     )
 
@@ -457,13 +463,15 @@ async def _write_record(ctx: Context, key: str, upload_id: str, nonce: str) -> N
     try:
         await presign_record.write(ctx.sink, key, upload_id, nonce)
     except BaseException:
-        await run_cleanup(
+        aborted = await run_cleanup(
             lambda: ctx.sink.abort(key, upload_id),
             f"abort key={key} upload_id={upload_id}",
             ctx.state.janitor,
             kind=Kind.UPLOAD,
         )
-        log.warning("presign.record_failed key=%s upload_id=%s action=aborted", key, upload_id)
+        # abort_owed: the janitor retries it (said "aborted" while it had failed)
+        action = "aborted" if aborted else "abort_owed"
+        log.warning("presign.record_failed key=%s upload_id=%s action=%s", key, upload_id, action)
         raise
 
 
@@ -640,6 +648,29 @@ SHARED_KEY_HINT = (  # to an upload with no record: made before records (a rolli
     "keys are shared here (no {uuid}): list the upload's 'parts' to have its completed "
     "object recognised"
 )
+# What stands at a shared key whose object carries a nonce while the upload has no record.
+UNTOLD = (
+    "the object at the key carries an upload's nonce but this upload's record is gone, so "
+    "the proxy cannot tell whether it is this upload's"
+)
+
+
+def gone_hint(seen: Verdict | Literal["none"] | None, parts_given: bool, retention: float) -> str:
+    """What a shared-key complete's 404 adds, by the object it found (``Context.seen``): an
+    object with no nonce and no record is an upload's made before records (a rolling
+    upgrade), recognised by its ``parts``; one with a nonce and no record cannot be told:
+    listing the parts told nothing (the record was swept or forgotten), and the log blamed
+    "another upload" for the upload's own object (reprobe12b F4). "" for none. Pure."""
+    if seen == "untold":
+        return (
+            f"{UNTOLD} (its record goes {retention / 60:.0f} minutes after the upload was "
+            "completed, or with its abort): it is not answered for"
+        )
+    if seen == "legacy" and not parts_given:
+        return SHARED_KEY_HINT
+    return ""
+
+
 CUT_ADVICE = (
     "the object (if S3 stored it) is owed its webhook and size check to the client's retried "
     "complete; if none comes, nothing reports it: check it by hand (its size must be its "
@@ -728,10 +759,12 @@ async def _complete(
         if exc.kind is not NO_SUCH_UPLOAD:
             raise
         if (done := await _done_meanwhile(ctx, claim, body, key, upload_id)) is None:
-            told = _claimed_parts(body) is not None or await _record(ctx, key, upload_id)
-            if ctx.writes.unique_keys or told:
-                raise  # the hint is for an upload made before records (a rolling upgrade)
-            raise ProxyError(NO_SUCH_UPLOAD, f"{exc.message}; {SHARED_KEY_HINT}") from exc
+            seen = ctx.seen.get((key, upload_id))
+            parts_given = _claimed_parts(body) is not None
+            hint = gone_hint(seen, parts_given, presign_record.retention(ctx.settings))
+            if not hint:
+                raise
+            raise ProxyError(NO_SUCH_UPLOAD, f"{exc.message}; {hint}") from exc
         return done
     # SeaweedFS lists no part for a moment after a complete
     if not found and (done := await _done_meanwhile(ctx, claim, body, key, upload_id)):
@@ -879,25 +912,30 @@ async def _completed_object(
     which also proves S3 carried this upload's Complete out. Another upload's object there
     is not ours, even of the same bytes: the same multipart ETag made the ETag alone
     answer 200 for it, announce it and delete it (reprobe11a R1-R4). With no record, an
-    object with a nonce is another upload's; one with none (an upload made before records,
-    in a rolling upgrade) is told as it was: by the multipart ETag these ``parts`` make
-    (``parts_make_etag``; with no parts to tell it, none is), and, ``maybe_open`` (S3 may
-    not have completed this upload), only once S3 no longer lists the upload
-    (``_upload_open``: while it does, its Complete was refused or never carried out).
-    S3's failures propagate."""
+    object with a nonce cannot be told (it may be this upload's, its record swept or
+    forgotten: ``presign.untold``) and is not taken; one with none (an upload made before
+    records, in a rolling upgrade) is told as it was: by the multipart ETag these
+    ``parts`` make (``parts_make_etag``; with no parts to tell it, none is), and,
+    ``maybe_open`` (S3 may not have completed this upload), only once S3 no longer lists
+    the upload (``_upload_open``: while it does, its Complete was refused or never carried
+    out). What it found is noted in ``Context.seen`` (for the 404's hint). S3's failures
+    propagate, and a record that cannot be read (``presign_record.CorruptRecord``)."""
+    ref = (key, upload_id)
     try:
         head = await ctx.sink.head(key)
     except NoSuchKey:
+        ctx.seen[ref] = "none"
         return None
     if SIZE_META not in head.metadata:
+        ctx.seen[ref] = "none"
         return None
     if ctx.writes.unique_keys:
         return head
-    verdict = await _own_object(ctx, key, upload_id, head)
-    if verdict is not None:
-        if not verdict:
-            _not_ours(key, upload_id)
-        return head if verdict else None
+    verdict = ctx.seen[ref] = await _own_object(ctx, key, upload_id, head)
+    if verdict != "legacy":
+        if verdict != "ours":
+            _left(key, upload_id, verdict)
+        return head if verdict == "ours" else None
     if not parts or parts_make_etag(parts, head.etag) is not True:
         return None
     if maybe_open and await _upload_open(ctx, key, upload_id):
@@ -911,22 +949,35 @@ async def _completed_object(
     return head
 
 
-async def _own_object(ctx: Context, key: str, upload_id: str, head: ObjectHead) -> bool | None:
-    """Is the object ``head`` saw at a shared key this upload's own, by its nonce and the
-    upload's record (``presign_record.judge``)? None: neither has one."""
+async def _own_object(ctx: Context, key: str, upload_id: str, head: ObjectHead) -> Verdict:
+    """Whose the object ``head`` saw at a shared key is, by its nonce and the upload's
+    record (``presign_record.judge``). A record that cannot be read raises."""
     record = await _record(ctx, key, upload_id)
     return presign_record.judge(
         head.metadata.get(keys.NONCE_META), None if record is None else record.nonce
     )
 
 
-def _not_ours(key: str, upload_id: str, delete: str | None = None) -> None:
+def _left(key: str, upload_id: str, verdict: Verdict, delete: str | None = None) -> None:
+    """The log line of an object left standing at a shared key: another upload's, or one
+    that cannot be told (a nonce, and no record: it may be this upload's own)."""
+    purpose = "" if delete is None else f" delete={delete}"
+    if verdict == "untold":
+        log.warning(
+            "presign.untold key=%s upload_id=%s reason=no_record%s; the object there carries "
+            "a nonce and this upload has no record (swept after the retention, or forgotten "
+            "with an abort): it may be this upload's or another's, and stays",
+            key,
+            upload_id,
+            purpose,
+        )
+        return
     log.info(
         "presign.not_ours key=%s upload_id=%s reason=nonce%s; the object there is another "
         "upload's and stays",
         key,
         upload_id,
-        "" if delete is None else f" delete={delete}",
+        purpose,
     )
 
 
@@ -979,9 +1030,18 @@ async def _hold_later(
             body = {"files": [completed_file(out, head)], "fields": {}}
             await notify(ctx.state, body, keep=True)
         return
-    await _OwnDelete(ctx, key, upload_id, head.etag, "checked_later")()
+    # Through the janitor: a check made last (8 x --s3-read-timeout on) whose delete
+    # failed was only logged, and the wrong-sized object stayed.
+    delete = _OwnDelete(ctx, key, upload_id, head.etag, "checked_later")
+    done = await run_cleanup(
+        delete, f"delete key={key} reason=checked_later", ctx.state.janitor, kind=Kind.OBJECT
+    )
     log.info(
-        "presign.checked_later key=%s upload_id=%s signed=%s action=deleted", key, upload_id, signed
+        "presign.checked_later key=%s upload_id=%s signed=%s action=%s",
+        key,
+        upload_id,
+        signed,
+        delete_outcome(done, delete)[0],
     )
 
 
@@ -1088,7 +1148,11 @@ async def _held_to_size(
     ``late``: the Complete that made it may still land, so a delete is made again later.
     No complete of this upload answers 200 for a wrong size, so this delete needs no
     claim; on a shared key another upload's complete may answer 200 for an object of the
-    same bytes meanwhile, which the delete leaves (``_OwnDelete``: by the nonce)."""
+    same bytes meanwhile, which the delete leaves (``_OwnDelete``: by the nonce). For the
+    same reason a delete that fails goes to the janitor as it is (``_hold_later`` would
+    need the parts to tell an upload's made before records): awaited bare, a DeleteObject
+    refused (or the record's GET, or the HeadObject before it) answered 502 and left the
+    wrong-sized object for good (reprobe12b F1). The 400 says what became of it."""
     signed = head.metadata.get(SIZE_META)
     stored = head.length
     if signed is None or not (signed.isascii() and signed.isdigit() and len(signed) <= 20):
@@ -1097,13 +1161,22 @@ async def _held_to_size(
     elif int(signed) != stored:
         # Only this upload's object: on a shared key another upload's may be there now.
         delete = _OwnDelete(ctx, key, upload_id, head.etag, "size_mismatch")
-        await delete()
+        done = await run_cleanup(
+            delete, f"delete key={key} reason=size_mismatch", ctx.state.janitor, kind=Kind.OBJECT
+        )
         if late:
             _again_later(ctx, delete, key, hold=None)
-        log.info("presign.size_mismatch key=%s signed=%s stored=%d", key, signed, stored)
+        action, outcome = delete_outcome(done, delete)
+        log.info(
+            "presign.size_mismatch key=%s upload_id=%s signed=%s stored=%d action=%s",
+            key,
+            upload_id,
+            signed,
+            stored,
+            action,
+        )
         raise ProxyError(
-            INVALID_REQUEST,
-            f"the parts hold {stored} bytes but {signed} were signed; the object was deleted",
+            INVALID_REQUEST, f"the parts hold {stored} bytes but {signed} were signed; {outcome}"
         )
     if parts_count is None:  # a complete retried after a lost answer: S3 knows
         parts_count = _parts_in(head.etag)
@@ -1124,6 +1197,16 @@ async def _held_to_size(
         "content_type": head.content_type,
         "object_url": await ctx.sink.object_url(key),
     }
+
+
+def delete_outcome(done: bool, delete: _OwnDelete) -> tuple[str, str]:
+    """(log action, what the answer says) of a wrong-sized object's delete: ``done``, it
+    ran to its end (False: it failed and the janitor retries it). Pure."""
+    if not done:
+        return "delete_owed", "its delete did not finish: the proxy retries it"
+    if delete.sent:
+        return "deleted", "the object was deleted"
+    return "none", left_by(delete.found)
 
 
 def completed_file(out: Mapping[str, Any], head: ObjectHead) -> dict[str, Any]:
@@ -1161,7 +1244,10 @@ class _OwnDelete:
     delete (the janitor retries). What remains: with --no-overwrite false another upload
     may replace the object between the HeadObject and the DELETE; if its bytes are the
     same (the same ETag), If-Match lets the DELETE through: S3 has no condition on
-    metadata. ``sent``: a DELETE was sent (it may have landed)."""
+    metadata. An object carrying a nonce while the upload has no record cannot be told
+    (``presign_record.judge``): it stays (``presign.untold``), as does one whose record
+    cannot be read (that fails the delete). ``sent``: a DELETE was sent (it may have
+    landed); ``found``: whose object the last run found (``left_by`` words it)."""
 
     ctx: Context
     key: str
@@ -1169,26 +1255,40 @@ class _OwnDelete:
     etag: str | None  # the object's as this upload's complete saw it
     purpose: str  # for the log: rollback, size_mismatch, size_unchecked, checked_later
     sent: bool = False
+    found: Verdict | Literal["none"] | None = None
 
     async def __call__(self) -> None:
         ctx, key = self.ctx, self.key
         if ctx.writes.unique_keys:
-            self.sent = True
+            self.sent, self.found = True, "ours"
             await ctx.sink.delete(key)
             return
         try:
             now = await ctx.sink.head(key)
         except NoSuchKey:
+            self.found = "none"
             return
-        ours = await _own_object(ctx, key, self.upload_id, now)
-        if ours is None:  # an upload made before records: told by its ETag, as it was
-            ours = self.etag is not None and etag_value(now.etag or "") == etag_value(self.etag)
-        if not ours:
-            _not_ours(key, self.upload_id, self.purpose)
+        verdict = await _own_object(ctx, key, self.upload_id, now)
+        if verdict == "legacy":  # an upload made before records: told by its ETag, as it was
+            same = self.etag is not None and etag_value(now.etag or "") == etag_value(self.etag)
+            verdict = "ours" if same else "another"
+        self.found = verdict
+        if verdict != "ours":
+            _left(key, self.upload_id, verdict, self.purpose)
             return
         self.sent = True
         with contextlib.suppress(PreconditionFailed):
             await ctx.sink.delete(key, if_match=now.etag)
+
+
+def left_by(found: Verdict | Literal["none"] | None) -> str:
+    """What stands at the key after an ``_OwnDelete`` that sent no DELETE, for an answer's
+    message. Pure."""
+    if found == "untold":
+        return f"{UNTOLD}: it was not deleted"
+    if found == "another":
+        return "the object now at the key is another upload's and stays"
+    return "no object of this upload is at the key"
 
 
 def _cut_by_shutdown(state: AppState) -> bool:
@@ -1238,12 +1338,14 @@ async def _answer(
 
         async def delete_version() -> None:
             await version()
-            deleted.append(True)
+            if version.sent:  # and landed; not when it found no object of ours to delete
+                deleted.append(True)
 
         skipped = _LeftStanding(ctx, claim, key, upload_id, parts)
         delete = claim.guarded(delete_version, f"key={key} delete=rollback", skipped)
+        done = False
         try:
-            await run_cleanup(
+            done = await run_cleanup(
                 delete,
                 f"rollback key={key}",
                 state.janitor,
@@ -1262,12 +1364,29 @@ async def _answer(
         if deleted:
             log.info("presign.rolled_back key=%s reason=%s", key, reason)
             raise
+        if done and not skipped.ran:
+            # It ran and found no object of this upload's to delete: nothing was rolled
+            # back (it logged presign.rolled_back and answered "rolled back": reprobe12b).
+            left = left_by(version.found)
+            log.warning("presign.rollback_none key=%s reason=%s; %s", key, reason, left)
+            if isinstance(exc, ProxyError) and exc.kind is WEBHOOK_FAILED:
+                raise nothing_rolled_back(exc, left) from exc
+            raise
         advice = unfinished_advice(skipped.ran, claim.lost)
         log.warning("presign.rollback_unfinished key=%s reason=%s; %s", key, reason, advice)
         if isinstance(exc, ProxyError) and exc.kind is WEBHOOK_FAILED:
             raise webhook_failed(exc, False, UNFINISHED_ROLLBACK) from exc
         raise
     return web.json_response(out)
+
+
+def nothing_rolled_back(err: ProxyError, left: str) -> ProxyError:
+    """The 502 WEBHOOK_FAILED of a rollback that found nothing of this upload's to delete
+    (``left``: what stands), as ``handlers.webhook_failed`` words one that did not
+    finish. Pure."""
+    why = getattr(err.__cause__, "reason", None)
+    failed = "the webhook failed" + (f" ({why})" if why else "")
+    return ProxyError(WEBHOOK_FAILED, f"{failed}; nothing was rolled back: {left}")
 
 
 def unfinished_advice(skipped: bool, lost: bool) -> str:
@@ -1296,13 +1415,39 @@ async def abort_multipart(request: web.Request) -> web.Response:
     key, upload_id = _client_key(ctx, body), _upload_id(body)
     await ctx.sink.abort(key, upload_id)  # an upload already gone counts as aborted
     if not ctx.writes.unique_keys:
-        # Its record is no use now (a complete after an abort answers 404); one left by
-        # a failure here goes with the sweep.
+        # One left by a failure here goes with the sweep.
         await run_cleanup(
-            lambda: presign_record.forget(ctx.sink, key, upload_id),
+            lambda: _forget_unless_completed(ctx, key, upload_id),
             f"forget key={key} upload_id={upload_id}",
             None,
             kind=Kind.OBJECT,
         )
     log.info("presign.multipart_aborted key=%s upload_id=%s", key, upload_id)
     return web.json_response({"key": key, "upload_id": upload_id, "aborted": True})
+
+
+async def _forget_unless_completed(ctx: Context, key: str, upload_id: str) -> None:
+    """Forget the upload's record after its abort, unless S3 had completed the upload (it
+    then answers the abort NoSuchUpload, which counts as aborted): the object carrying the
+    record's nonce is its own, and only the record tells its rollback, size delete, later
+    checks and retries so. Forgotten, that object was another's to them, and stayed
+    wrong-sized or unannounced, the 502 saying "rolled back" (reprobe12b F2: a user's
+    cancel while the complete was finishing). Once the abort has returned no Complete of
+    the upload can be carried out any more, so an object without the nonce now means the
+    upload was aborted open (or its object is gone): the record is no use then."""
+    record = await _record(ctx, key, upload_id)
+    if record is None:
+        return
+    try:
+        head = await ctx.sink.head(key)
+    except NoSuchKey:
+        head = None
+    if head is not None and head.metadata.get(keys.NONCE_META) == record.nonce:
+        log.info(
+            "presign.record_kept key=%s upload_id=%s reason=completed; S3 had completed the "
+            "upload: its record stays for its completes (the sweep removes it)",
+            key,
+            upload_id,
+        )
+        return
+    await presign_record.forget(ctx.sink, key, upload_id)

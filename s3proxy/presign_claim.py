@@ -412,22 +412,29 @@ def new_claim(sink: ObjectStore, settings: Settings, key: str, upload_id: str) -
 async def sweep(sink: ObjectStore, now: float, skew: float, *, dry_run: bool = False) -> int:
     """Delete lapsed claims (their holder died and no retry took them over), unless
     ``dry_run``; how many (found, in a dry run). Only the version read (If-Match): one
-    taken over or renewed meanwhile stays. Serve's periodic sweep and ``s3proxy cleanup``."""
+    taken over or renewed meanwhile stays. Serve's periodic sweep and ``s3proxy cleanup``.
+    S3 failing on one claim is logged and the pass goes on (the next sweep looks again):
+    it ended the pass, and the record sweep after it (reprobe12b F5)."""
     removed = 0
     async for page in object_pages(sink, PREFIX):
         for info in page:
-            with contextlib.suppress(NoSuchKey, PreconditionFailed):
+            try:
                 raw, etag = await read_small(sink, info.key)
                 found = parse(raw, etag)
                 if not lapsed(found.until, now, skew):
                     continue
                 if not dry_run:
                     await sink.delete(info.key, if_match=etag)
-                removed += 1
-                log.info(
-                    "cleanup.claim key=%s until=%.0f action=%s",
-                    info.key,
-                    found.until,
-                    "would-remove" if dry_run else "removed",
-                )
+            except (NoSuchKey, PreconditionFailed):
+                continue  # released, renewed or taken over meanwhile
+            except ProxyError as exc:
+                log.warning("cleanup.claim key=%s action=failed error=%s", info.key, exc.message)
+                continue
+            removed += 1
+            log.info(
+                "cleanup.claim key=%s until=%.0f action=%s",
+                info.key,
+                found.until,
+                "would-remove" if dry_run else "removed",
+            )
     return removed

@@ -12,21 +12,24 @@ marks its objects), and writes it down where every complete (on any instance) fi
     .s3proxy/presign-upload/<sha256 of key and upload id>
         {"key", "upload_id", "nonce", "created", "gone_since"?}
 
-An object is the upload's own iff it carries the record's nonce (``judge``). Instances
+An object is the upload's own iff it carries the record's nonce (``judge``); one carrying
+a nonce when the record is missing cannot be told (it may be the upload's own, its record
+swept, or another's), so nothing deletes, announces or answers for it. A record that
+cannot be read is an error (``CorruptRecord``), never "no record". Instances
 share nothing but S3, and a complete gets only the key and the upload id, so the nonce
 cannot ride with the client. On ``{uuid}`` keys the key is the upload's own: no nonce,
 no record, no extra call.
 
 A retried complete after a lost 200 needs the record, so it outlives the complete; an
-abort forgets it at once. The sweep (serve's periodic one and ``s3proxy cleanup``)
-keeps a record while S3 lists its upload, marks it ``gone_since`` the first time S3
-does not, and deletes it ``retention`` after that mark; every rewrite and delete is
-``If-Match`` the ETag read, so two sweeps never undo each other.
+abort forgets it only when it ended the upload open (not one S3 had completed). The
+sweep (serve's periodic one and ``s3proxy cleanup``) keeps a record while S3 lists its
+upload, marks it ``gone_since`` the first time S3 does not, and deletes it ``retention``
+after that mark; every rewrite and delete is ``If-Match`` the ETag read, so two sweeps
+never undo each other.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -35,6 +38,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from s3proxy import presign_claim
+from s3proxy.errors import UPSTREAM_CORRUPTION, ProxyError
 from s3proxy.keys import RESERVED_NAMESPACE
 from s3proxy.s3 import (
     NoSuchKey,
@@ -53,6 +57,21 @@ PREFIX = RESERVED_NAMESPACE + "presign-upload/"
 _OPTIONS = ObjectOptions(content_type="application/json")
 
 Step = Literal["keep", "mark", "remove"]
+# Whose an object at a shared key is (``judge``): this upload's, another's, not to be
+# told (a nonce and no record), or an upload's made before records (neither has one).
+Verdict = Literal["ours", "another", "untold", "legacy"]
+
+
+class CorruptRecord(ProxyError):
+    """A record read back is not one this proxy wrote for this upload: its bytes changed on
+    the way or at rest. UPSTREAM_CORRUPTION (502), as S3's own failures: taken as "no
+    record", it made the upload's own object another's, and its rollback and size delete
+    left it standing (reprobe12b F2)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            UPSTREAM_CORRUPTION, f"the upload's record {key} read back from S3 cannot be read"
+        )
 
 
 @dataclass(frozen=True)
@@ -92,14 +111,16 @@ def parse(raw: bytes) -> Record | None:
         return None
 
 
-def judge(carried: str | None, nonce: str | None) -> bool | None:
-    """Is an object carrying the nonce ``carried`` (None: none) the own object of the upload
-    whose record says ``nonce`` (None: no record)? None: it cannot be told (neither has one:
-    an upload created before records, during a rolling upgrade). Without a record, an
-    object with a nonce is another upload's: one made by this version has a record. Pure."""
+def judge(carried: str | None, nonce: str | None) -> Verdict:
+    """Whose is an object carrying the nonce ``carried`` (None: none), for the upload whose
+    record says ``nonce`` (None: no record)? "untold": it carries a nonce and the upload
+    has no record (swept after the retention, or an abort forgot it): it may be this
+    upload's own or another's (it was judged another's, and an upload's own object stayed
+    unchecked after its record went: reprobe12b F2). "legacy": neither has one, an upload
+    created before records (a rolling upgrade): told by its ETag, as before. Pure."""
     if nonce is not None:
-        return carried == nonce
-    return False if carried is not None else None
+        return "ours" if carried == nonce else "another"
+    return "untold" if carried is not None else "legacy"
 
 
 def retention(s: Settings) -> float:
@@ -129,14 +150,18 @@ async def write(sink: ObjectStore, key: str, upload_id: str, nonce: str) -> None
 
 
 async def read(sink: ObjectStore, key: str, upload_id: str) -> Record | None:
-    """The upload's record; None if it has none (or one that cannot be read). S3's
-    failures propagate: a record unread is not a record missing."""
+    """The upload's record; None if it has none. S3's failures propagate, and a record that
+    cannot be read (or names another upload) is ``CorruptRecord``: a record unread is not a
+    record missing."""
+    name = record_key(key, upload_id)
     try:
-        raw, _ = await read_small(sink, record_key(key, upload_id))
+        raw, _ = await read_small(sink, name)
     except NoSuchKey:
         return None
     found = parse(raw)
-    return found if found is not None and (found.key, found.upload_id) == (key, upload_id) else None
+    if found is None or (found.key, found.upload_id) != (key, upload_id):
+        raise CorruptRecord(name)
+    return found
 
 
 async def forget(sink: ObjectStore, key: str, upload_id: str) -> None:
@@ -151,6 +176,7 @@ class Swept:
     kept: int = 0
     marked: int = 0
     removed: int = 0
+    failed: int = 0  # S3 failed on these: left for the next sweep
 
 
 async def _listed(sink: ObjectStore, record: Record) -> bool:
@@ -166,36 +192,54 @@ async def _listed(sink: ObjectStore, record: Record) -> bool:
 async def sweep(sink: ObjectStore, now: float, keep_for: float, *, dry_run: bool = False) -> Swept:
     """One pass over the records (``sweep_step``); in a dry run, only counted and logged.
     A record that cannot be read tells nothing and goes. Only the version read is
-    rewritten or deleted (If-Match): one another sweep changed meanwhile is left to it."""
+    rewritten or deleted (If-Match): one another sweep changed meanwhile is left to it.
+    S3 failing on one record is logged and counted (``failed``) and the pass goes on, as
+    the orphan and tus sweeps do: one ListParts refused ended the pass, and with it
+    ``s3proxy cleanup``'s report of the other sweeps (reprobe12b F5). Listing the records
+    failing ends it."""
     out = Swept()
     async for page in object_pages(sink, PREFIX):
         for info in page:
-            with contextlib.suppress(NoSuchKey, PreconditionFailed):
-                raw, etag = await read_small(sink, info.key)
-                record = parse(raw)
-                if record is None:
-                    step: Step = "remove"
-                elif record.gone_since is None:
-                    step = sweep_step(await _listed(sink, record), None, now, keep_for)
-                else:
-                    step = sweep_step(False, record.gone_since, now, keep_for)
-                if step == "keep":
-                    out.kept += 1
-                    continue
-                if not dry_run and step == "mark":
-                    assert record is not None
-                    body = encode(replace(record, gone_since=now))
-                    await sink.put(info.key, [body], _OPTIONS, if_match=etag)
-                elif not dry_run:
-                    await sink.delete(info.key, if_match=etag)
-                if step == "mark":
-                    out.marked += 1
-                else:
-                    out.removed += 1
-                log.info(
-                    "cleanup.presign_record key=%s action=%s%s",
-                    info.key,
-                    "would-" if dry_run else "",
-                    "mark-gone" if step == "mark" else "remove",
+            try:
+                await _sweep_one(sink, info.key, now, keep_for, dry_run, out)
+            except (NoSuchKey, PreconditionFailed):
+                pass  # removed or changed by another sweep meanwhile: that sweep finishes it
+            except ProxyError as exc:
+                out.failed += 1
+                log.warning(
+                    "cleanup.presign_record key=%s action=failed error=%s", info.key, exc.message
                 )
     return out
+
+
+async def _sweep_one(
+    sink: ObjectStore, name: str, now: float, keep_for: float, dry_run: bool, out: Swept
+) -> None:
+    """One record's step of the sweep, counted in ``out``."""
+    raw, etag = await read_small(sink, name)
+    record = parse(raw)
+    if record is None:
+        step: Step = "remove"
+    elif record.gone_since is None:
+        step = sweep_step(await _listed(sink, record), None, now, keep_for)
+    else:
+        step = sweep_step(False, record.gone_since, now, keep_for)
+    if step == "keep":
+        out.kept += 1
+        return
+    if not dry_run and step == "mark":
+        assert record is not None
+        body = encode(replace(record, gone_since=now))
+        await sink.put(name, [body], _OPTIONS, if_match=etag)
+    elif not dry_run:
+        await sink.delete(name, if_match=etag)
+    if step == "mark":
+        out.marked += 1
+    else:
+        out.removed += 1
+    log.info(
+        "cleanup.presign_record key=%s action=%s%s",
+        name,
+        "would-" if dry_run else "",
+        "mark-gone" if step == "mark" else "remove",
+    )

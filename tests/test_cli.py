@@ -300,6 +300,52 @@ def test_cleanup_marks_and_removes_presigned_upload_records(
     s3.delete_object(Bucket=bucket, Key=left)
 
 
+def test_cleanup_keeps_records_for_serves_presign_expiry(
+    moto: MotoServer, bucket: str, s3: Any
+) -> None:
+    """reprobe12b F3: cleanup took no --presign-expiry (flag refused, S3PROXY_PRESIGN_EXPIRY
+    ignored), so it removed a record marked gone 50 minutes before, with 15 minutes' URLs'
+    retention, while serve (7d) kept it for a retried complete: that complete, well within
+    its URLs' life, then got 404 for its stored object. Now both are read, as serve's."""
+    gone = presign_record.Record("plain/a", "gone-a", "n", 0.0, gone_since=time.time() - 3000)
+    key = presign_record.record_key(gone.key, gone.upload_id)
+    s3.put_object(Bucket=bucket, Key=key, Body=presign_record.encode(gone))
+    flags = ("--endpoint-url", moto.endpoint_url, "--bucket", bucket)
+    try:
+        env = {**fake_aws_env(), "S3PROXY_PRESIGN_EXPIRY": "7d"}
+        for extra, environ in (((), env), (("--presign-expiry", "7d"), None)):
+            proc = cli("cleanup", *flags, *extra, "--execute", env=environ)
+            assert proc.returncode == 0, proc.stderr
+            assert "presigned-upload records" not in proc.stdout, proc.stdout  # 1 kept
+            assert key in all_keys(s3, bucket)
+        proc = cli("cleanup", *flags)  # serve's default, 15 minutes: past it
+        assert "would remove 1" in proc.stdout, proc.stdout
+    finally:
+        s3.delete_object(Bucket=bucket, Key=key)
+
+
+def test_cleanup_reads_every_setting_its_sweeps_retention_depends_on() -> None:
+    """What ``cleanup`` does not read is serve's default there, not serve's value: every
+    setting the record retention and the claim's lease read must be one it reads."""
+    import dataclasses
+
+    from s3proxy import presign_claim
+    from s3proxy.cli import CLEANUP_SETTINGS
+    from s3proxy.settings import Settings
+
+    base = Settings()
+    for f in dataclasses.fields(Settings):
+        value = getattr(base, f.name)
+        if f.name in CLEANUP_SETTINGS or isinstance(value, bool):
+            continue
+        if not isinstance(value, int | float):
+            continue
+        other = dataclasses.replace(base)
+        object.__setattr__(other, f.name, value * 2 + 7)
+        assert presign_record.retention(other) == presign_record.retention(base), f.name
+        assert presign_claim.lease(other) == presign_claim.lease(base), f.name
+
+
 def test_cleanup_finds_the_embedded_store_on_the_port_it_recorded(
     moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -458,12 +459,19 @@ def test_the_retention_covers_the_urls_the_claim_and_the_late_checks() -> None:
 
 
 @pytest.mark.parametrize(
-    ("carried", "nonce", "ours"),
-    [("n1", "n1", True), ("n2", "n1", False), (None, "n1", False), ("n2", None, False)],
+    ("carried", "nonce", "verdict"),
+    [
+        ("n1", "n1", "ours"),
+        ("n2", "n1", "another"),
+        (None, "n1", "another"),
+        ("n2", None, "untold"),  # swept or forgotten: it may be this upload's own (F2)
+        (None, None, "legacy"),  # an upload made before records
+    ],
 )
-def test_an_object_is_ours_by_its_nonce(carried: str | None, nonce: str | None, ours: bool) -> None:
-    assert presign_record.judge(carried, nonce) is ours
-    assert presign_record.judge(None, None) is None  # an upload made before records
+def test_an_object_is_ours_by_its_nonce(
+    carried: str | None, nonce: str | None, verdict: str
+) -> None:
+    assert presign_record.judge(carried, nonce) == verdict
 
 
 async def test_the_sweep_keeps_marks_and_removes_records_and_a_dry_run_only_counts(
@@ -529,3 +537,280 @@ async def test_serves_periodic_sweep_marks_and_removes_records(
     await sweep_once(state.require_sink(), state.settings, state.metrics, rule, later)
     assert await r.record(a) is None
     await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=a["key"])
+
+
+# --- reprobe12b: a failed size delete, an abort after the complete, a record gone ------
+
+
+def _fast_janitor(r: Rig) -> None:
+    r.proxy.app[STATE].janitor.interval = 0.2
+
+
+async def _absent(r: Rig, key: str) -> bool:
+    try:
+        await asyncio.to_thread(r.s3.head_object, Bucket=r.bucket, Key=key)
+    except r.s3.exceptions.ClientError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("template", "failing"),
+    [
+        ("uploads/{uuid}/{filename}", ("DeleteObject", 1)),
+        (SHARED, ("DeleteObject", 1)),
+        (SHARED, ("GetObject:record", 1)),  # the nonce check's read of the record
+        (SHARED, ("HeadObject", 2)),  # the nonce check's HeadObject (1: the size check's)
+    ],
+    ids=["uuid-delete", "shared-delete", "shared-record", "shared-head"],
+)
+async def test_a_size_delete_that_fails_goes_to_the_janitor_and_the_400_says_so(
+    rig: RigFactory, template: str, failing: tuple[str, int]
+) -> None:
+    """reprobe12b F1: A signed 2000 and sent 1000; its complete's size delete was awaited
+    bare: one DeleteObject refused (or, on a shared key, the record's GET or the
+    HeadObject before it) answered 502 and the wrong-sized object stayed for good. Now the
+    janitor retries it, and the 400 says the delete did not finish (not "deleted")."""
+    r = await rig(key_template=template)
+    _fast_janitor(r)
+    a = await r.twin(2000)
+    op, nth = failing  # the nth such call of the complete's
+    nth += r.faulty.calls.count(op)
+    r.rule = lambda called, n: Fault(status=500) if (called, n) == (op, nth) else None
+    status, out = await r.complete(a)
+    assert (status, code(out)) == (400, "INVALID_REQUEST"), out
+    message = out["error"]["message"]
+    assert "2000 were signed" in message and "did not finish: the proxy retries it" in message
+    await eventually(lambda: _absent(r, a["key"]), within=5, what="the janitor's delete")
+
+
+async def test_an_abort_while_the_webhook_is_told_leaves_the_rollback_its_own_object(
+    rig: RigFactory, s3: Any, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """reprobe12b F2 (t89): the user cancels while the complete is telling the webhook:
+    the abort (S3: NoSuchUpload, the upload completed; "aborted") forgot the record, so the
+    rollback judged the upload's own object another's: 502 "rolled back", and the object
+    stayed. Now an abort of a completed upload keeps its record: the rollback deletes it."""
+    caplog.set_level("INFO", logger="s3proxy.presign")
+    r = await rig()
+    a = await r.twin()
+    aborted: list[tuple[int, dict[str, Any]]] = []
+
+    async def hook(body: dict[str, Any]) -> int:
+        if body["event"] == "upload.completed":
+            aborted.append(await call(r.proxy, "/sign/multipart/abort", a, {}))
+            return 500
+        return 204
+
+    r.hook = hook
+    status, out = await r.complete(a)
+    assert (status, code(out)) == (502, "WEBHOOK_FAILED"), out
+    assert "rolled back" in out["error"]["message"], out
+    [(abort_status, abort_out)] = aborted
+    assert abort_status == 200 and abort_out["aborted"] is True, abort_out
+    assert await _absent(r, a["key"]), "the upload's own object is rolled back"
+    assert [e["event"] for e in r.events] == ["upload.completed", "upload.rolled_back"]
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "s3proxy.presign"]
+    assert not [line for line in lines if "not_ours" in line], lines
+
+
+async def test_an_abort_after_a_lost_complete_leaves_the_later_checks_its_own_object(
+    rig: RigFactory,
+) -> None:
+    """reprobe12b F2 (t82): A signed 2000, sent 1000; its Complete is held past the read
+    timeout (504; checks at +1 s and +4 s) and lands; the client then aborts ("aborted").
+    The checks found no record and judged A's own wrong-sized object another's: it stayed
+    for good. Now the record stays with an abort of a completed upload: it is deleted."""
+    r = await rig()
+    a = await r.twin(2000)
+    landed = asyncio.Event()
+    held = Fault(delay=1.0, answer=lambda _: landed.set())
+    r.rule = lambda op, n: held if (op, n) == ("CompleteMultipartUpload", 1) else None
+    status, out = await r.complete(a)
+    assert (status, code(out)) == (504, "UPSTREAM_TIMEOUT"), out
+    await asyncio.wait_for(landed.wait(), 5)
+    status, out = await call(r.proxy, "/sign/multipart/abort", a, {})
+    assert status == 200, out
+    assert await r.record(a) is not None, "kept: S3 had completed the upload"
+    await r.settled()
+    assert await _absent(r, a["key"]), "the wrong-sized object is deleted"
+    assert r.completed() == [], r.events
+
+
+async def test_an_abort_of_an_open_upload_forgets_its_record(rig: RigFactory) -> None:
+    r = await rig()
+    a = await r.twin()
+    status, out = await call(r.proxy, "/sign/multipart/abort", a, {})
+    assert status == 200, out
+    assert await r.record(a) is None
+
+
+def _garbage(resp: web.Response) -> None:
+    resp.body = b"{not a record"
+
+
+async def test_a_record_that_cannot_be_read_fails_the_rollback_rather_than_telling_nothing(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """reprobe12b F2 (t90): a record read that could not be parsed counted as "no record":
+    the rollback judged the upload's own object another's, answered 502 "rolled back" and
+    the object stayed. Now it is an error: the delete fails, the janitor holds the object
+    to its size, and the 502 says the rollback did not finish."""
+    r = await rig()
+    _fast_janitor(r)
+    a = await r.twin()
+    r.hook = _always(500)
+    r.rule = lambda op, n: Fault(answer=_garbage) if (op, n) == ("GetObject:record", 1) else None
+    status, out = await r.complete(a)
+    assert (status, code(out)) == (502, "WEBHOOK_FAILED"), out
+    assert "the rollback did not finish" in out["error"]["message"], out
+    sink = r.proxy.app[STATE].require_sink()
+    r.rule = lambda op, n: Fault(answer=_garbage) if op == "GetObject:record" else None
+    with pytest.raises(presign_record.CorruptRecord):
+        await presign_record.read(sink, a["key"], a["upload_id"])
+    r.rule = lambda op, n: None
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=a["key"])
+
+
+def _always(status: int) -> Callable[[dict[str, Any]], Awaitable[int]]:
+    async def hook(body: dict[str, Any]) -> int:
+        return status
+
+    return hook
+
+
+async def test_a_retry_after_the_record_went_is_404_saying_so_not_to_list_the_parts(
+    rig: RigFactory, s3: Any, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """reprobe12b F4 (t88): the record swept (or forgotten), a retry got 404 "list the
+    upload's 'parts'" (the hint for uploads made before records), listing them got 404
+    too, and the log blamed "another upload" for the upload's own object. Now the 404 says
+    the record is gone and the object cannot be told; the log says so."""
+    caplog.set_level("INFO", logger="s3proxy.presign")
+    r = await rig()
+    a = await r.twin()
+    status, out = await r.complete(a)
+    assert status == 200, out
+    name = presign_record.record_key(a["key"], a["upload_id"])
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=name)
+    for extra in ({}, {"parts": PARTS}):
+        status, out = await r.complete(a, **extra)
+        assert (status, code(out)) == (404, "NO_SUCH_UPLOAD"), out
+        message = out["error"]["message"]
+        assert "list the upload's 'parts'" not in message, message
+        assert "this upload's record is gone" in message, message
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "s3proxy.presign"]
+    assert [line for line in lines if line.startswith("presign.untold")], lines
+    assert not [line for line in lines if "not_ours" in line], lines
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=a["key"])
+
+
+@pytest.mark.parametrize(
+    ("seen", "parts", "hint"),
+    [
+        ("untold", False, "record is gone"),
+        ("untold", True, "record is gone"),
+        ("legacy", False, "list the upload's 'parts'"),
+        ("legacy", True, ""),
+        ("another", False, ""),
+        ("none", False, ""),  # no object: listing parts would tell nothing
+        (None, False, ""),
+    ],
+)
+def test_the_404_hint_goes_by_the_object_found(seen: Any, parts: bool, hint: str) -> None:
+    got = presign.gone_hint(seen, parts, 2520.0)
+    assert (hint in got) if hint else got == "", got
+    if seen == "untold":
+        assert "42 minutes" in got
+
+
+async def test_a_rollback_that_found_another_uploads_object_says_nothing_was_rolled_back(
+    rig: RigFactory, s3: Any, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """reprobe12b (t75): A's rollback found B's object over A's and sent no DELETE, yet
+    logged presign.rolled_back and answered "the upload was rolled back". Now the 502 and
+    the log go by whether a DELETE was sent and landed."""
+    caplog.set_level("INFO", logger="s3proxy.presign")
+    r = await rig(no_overwrite=False)
+    a, b = await r.twin(), await r.twin()
+
+    async def hook(body: dict[str, Any]) -> int:
+        if len(r.events) > 1:
+            return 204
+        status, out = await r.complete(b)  # B replaces A's object meanwhile
+        assert status == 200, out
+        return 500
+
+    r.hook = hook
+    status, out = await r.complete(a)
+    assert (status, code(out)) == (502, "WEBHOOK_FAILED"), out
+    message = out["error"]["message"]
+    assert "nothing was rolled back" in message and "another upload's" in message, message
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "s3proxy.presign"]
+    assert not [line for line in lines if line.startswith("presign.rolled_back")], lines
+    assert await r.nonce_at(b["key"]) is not None
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=b["key"])
+
+
+async def test_a_record_write_and_abort_failing_logs_the_abort_owed(
+    rig: RigFactory, s3: Any, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """reprobe12b nit (t81): the record write failed, the abort too (handed to the
+    janitor), and the log said ``action=aborted``. Now ``action=abort_owed``; the janitor
+    aborts it."""
+    caplog.set_level("INFO", logger="s3proxy.presign")
+    r = await rig()
+    _fast_janitor(r)
+    failing = {("PutObject:record", 1), ("AbortMultipartUpload", 1)}
+    r.rule = lambda op, n: Fault(status=500) if (op, n) in failing else None
+    status, out = await call(r.proxy, "/sign/multipart", pdf(1000), {})
+    assert status == 502, out
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "s3proxy.presign"]
+    assert [line for line in lines if "record_failed" in line and "action=abort_owed" in line]
+    await eventually(
+        lambda: open_uploads_async(s3, bucket), until=lambda ups: not ups, within=5, what="abort"
+    )
+
+
+# --- reprobe12b F5: one record's S3 failure does not end the sweep ---------------------
+
+
+async def test_the_record_sweep_goes_on_past_a_failure_and_counts_it(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """reprobe12b F5: one ListParts refused ended the record sweep (and with it serve's
+    pass, and ``s3proxy cleanup``'s report). Now it is logged and counted, and the other
+    records are swept."""
+    r = await rig()
+    sink = r.proxy.app[STATE].require_sink()
+    live = await r.twin()
+    old = presign_record.Record("plain/old", "u-old", "n", time.time() - 999, time.time() - 500)
+    await asyncio.to_thread(
+        s3.put_object, Bucket=bucket, Key=presign_record.record_key("plain/old", "u-old"),
+        Body=presign_record.encode(old),
+    )  # fmt: skip
+    r.rule = lambda op, n: Fault(status=500) if op == "ListParts" else None
+    swept = await presign_record.sweep(sink, time.time(), 100)
+    assert (swept.kept, swept.marked, swept.removed, swept.failed) == (0, 0, 1, 1)
+    r.rule = lambda op, n: None
+    assert await r.record(live) is not None
+    status, out = await call(r.proxy, "/sign/multipart/abort", live, {})
+    assert status == 200, out
+
+
+async def test_the_claim_sweep_goes_on_past_a_failure(
+    rig: RigFactory, s3: Any, bucket: str
+) -> None:
+    """The claim sweep ended the same way on one claim's GET refused (and the record sweep
+    after it with it). Now the others are swept; the failed one is left to the next."""
+    r = await rig()
+    sink = r.proxy.app[STATE].require_sink()
+    names = [presign_claim.PREFIX + name for name in ("a", "b")]
+    for name in names:
+        body = json.dumps({"owner": "o", "until": time.time() - 300}).encode()
+        await asyncio.to_thread(s3.put_object, Bucket=bucket, Key=name, Body=body)
+    r.rule = lambda op, n: Fault(status=500) if (op, n) == ("GetObject:claim", 1) else None
+    assert await presign_claim.sweep(sink, time.time(), 1.0) == 1
+    r.rule = lambda op, n: None
+    assert await presign_claim.sweep(sink, time.time(), 1.0) == 1
+    assert not [k for k in await asyncio.to_thread(_all_keys, s3, bucket) if k in names]
