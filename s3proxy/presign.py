@@ -72,6 +72,7 @@ from s3proxy.errors import (
     SHUTTING_DOWN,
     TOKEN_SCOPE,
     TYPE_NOT_ALLOWED,
+    UPLOAD_COMPLETE,
     UPSTREAM_KINDS,
     WEBHOOK_FAILED,
     ProxyError,
@@ -826,16 +827,17 @@ async def _complete(
         # 200, so the janitor checks it too rather than delete what the client was told
         # is stored.
         skipped = _LeftStanding(ctx, claim, key, upload_id, listed)
+        whose = await _whose(ctx, key, upload_id)
         delete = claim.guarded(
             _OwnDelete(ctx, key, upload_id, written.etag, "size_unchecked"),
             f"key={key} delete=size_unchecked",
             skipped,
         )
         if written.may_land_late:
-            _again_later(ctx, delete, key, hold=claim)
+            _again_later(ctx, delete, key, hold=claim, whose=whose)
         await run_cleanup(
             delete,
-            f"delete key={key} reason=size_unchecked",
+            f"delete {whose} reason=size_unchecked",
             ctx.state.janitor,
             kind=Kind.OBJECT_SIZE_UNCHECKED,
             retry=_as_request(lambda: _hold_later(ctx, key, upload_id, listed)),
@@ -849,8 +851,31 @@ async def _complete(
     return await _answer(ctx, claim, out, head, upload_id, late=late, ours=True, parts=listed)
 
 
+async def _whose(ctx: Context, key: str, upload_id: str) -> str:
+    """What names this upload's object in a cleanup's log line (``cleanup.abandoned`` at
+    shutdown tells an operator what to delete by hand): its upload id and, on a shared
+    key, the nonce its object carries, as ``POST /upload``'s lines do; without it the
+    failed upload's object and one that replaced it could not be told (reprobe13a N2).
+    The record is read once per request; unread (S3 failing), the line goes without."""
+    with contextlib.suppress(S3Error, ProxyError):
+        await _record(ctx, key, upload_id)
+    return _named(ctx, key, upload_id)
+
+
+def _named(ctx: Context, key: str, upload_id: str) -> str:
+    """``_whose`` from the record as this request read it, if it did (no S3 call: for a
+    rollback, which nothing may hold up)."""
+    record = ctx.records.get((key, upload_id))
+    nonce = "" if record is None else f" nonce={record.nonce}"
+    return f"key={key} upload_id={upload_id}{nonce}"
+
+
 def _again_later(
-    ctx: Context, delete: Callable[[], Awaitable[None]], key: str, hold: Claim | None
+    ctx: Context,
+    delete: Callable[[], Awaitable[None]],
+    key: str,
+    hold: Claim | None,
+    whose: str = "",
 ) -> None:
     """Make a delete of the completed object again later (``janitor.recheck_late``): an
     attempt of its Complete went unanswered and S3 may carry it out after the delete.
@@ -859,7 +884,8 @@ def _again_later(
     object the recheck then deletes); a wrong-sized one nobody answers 200 for."""
     log.info("presign.late_write_possible key=%s action=recheck", key)
     window = 2 * ctx.settings.s3_read_timeout
-    recheck_late(ctx.state.janitor, _as_request(delete), f"delete key={key}", window)
+    what = f"delete {whose or f'key={key}'}"
+    recheck_late(ctx.state.janitor, _as_request(delete), what, window)
     if hold is not None:
         hold.hold_for = max((*late_delays(window), 0.0)) + hold.bound
 
@@ -1034,7 +1060,10 @@ async def _hold_later(
     # failed was only logged, and the wrong-sized object stayed.
     delete = _OwnDelete(ctx, key, upload_id, head.etag, "checked_later")
     done = await run_cleanup(
-        delete, f"delete key={key} reason=checked_later", ctx.state.janitor, kind=Kind.OBJECT
+        delete,
+        f"delete {await _whose(ctx, key, upload_id)} reason=checked_later",
+        ctx.state.janitor,
+        kind=Kind.OBJECT,
     )
     log.info(
         "presign.checked_later key=%s upload_id=%s signed=%s action=%s",
@@ -1161,11 +1190,15 @@ async def _held_to_size(
     elif int(signed) != stored:
         # Only this upload's object: on a shared key another upload's may be there now.
         delete = _OwnDelete(ctx, key, upload_id, head.etag, "size_mismatch")
+        whose = await _whose(ctx, key, upload_id)
         done = await run_cleanup(
-            delete, f"delete key={key} reason=size_mismatch", ctx.state.janitor, kind=Kind.OBJECT
+            delete,
+            f"delete {whose} reason=size_mismatch",
+            ctx.state.janitor,
+            kind=Kind.OBJECT,
         )
         if late:
-            _again_later(ctx, delete, key, hold=None)
+            _again_later(ctx, delete, key, hold=None, whose=whose)
         action, outcome = delete_outcome(done, delete)
         log.info(
             "presign.size_mismatch key=%s upload_id=%s signed=%s stored=%d action=%s",
@@ -1343,17 +1376,18 @@ async def _answer(
 
         skipped = _LeftStanding(ctx, claim, key, upload_id, parts)
         delete = claim.guarded(delete_version, f"key={key} delete=rollback", skipped)
+        whose = _named(ctx, key, upload_id)
         done = False
         try:
             done = await run_cleanup(
                 delete,
-                f"rollback key={key}",
+                f"rollback {whose}",
                 state.janitor,
                 kind=Kind.OBJECT,
                 retry=_as_request(lambda: _hold_later(ctx, key, upload_id, parts)),
             )
             if late:
-                _again_later(ctx, delete, key, hold=claim)
+                _again_later(ctx, delete, key, hold=claim, whose=whose)
         finally:
             # Told once a delete was sent, even if it failed: the receiver may have the
             # event, and the object may be gone; one kept after all is told again
@@ -1409,15 +1443,25 @@ UNFINISHED_ROLLBACK = (
 
 
 async def abort_multipart(request: web.Request) -> web.Response:
-    """Abort; an upload already gone counts as aborted, so retries are safe."""
+    """Abort; an upload already gone counts as aborted, so retries are safe. Not one S3
+    had completed (it answers that abort NoSuchUpload too): its object stands, and the
+    abort is answered 403 UPLOAD_COMPLETE, as a tus DELETE of a finished upload (it said
+    "aborted": true while the object stayed stored; reprobe13a N1)."""
     ctx = await _context(request)
     body = await _json_body(request)
     key, upload_id = _client_key(ctx, body), _upload_id(body)
     await ctx.sink.abort(key, upload_id)  # an upload already gone counts as aborted
+    if await _completed_upload(ctx, key, upload_id):
+        log.info("presign.abort_refused key=%s upload_id=%s reason=completed", key, upload_id)
+        raise ProxyError(
+            UPLOAD_COMPLETE,
+            f"S3 had completed the upload before the abort: its object is stored at {key!r} "
+            "(unless the complete still deciding rolls it back); nothing was aborted",
+        )
     if not ctx.writes.unique_keys:
         # One left by a failure here goes with the sweep.
         await run_cleanup(
-            lambda: _forget_unless_completed(ctx, key, upload_id),
+            lambda: presign_record.forget(ctx.sink, key, upload_id),
             f"forget key={key} upload_id={upload_id}",
             None,
             kind=Kind.OBJECT,
@@ -1426,28 +1470,29 @@ async def abort_multipart(request: web.Request) -> web.Response:
     return web.json_response({"key": key, "upload_id": upload_id, "aborted": True})
 
 
-async def _forget_unless_completed(ctx: Context, key: str, upload_id: str) -> None:
-    """Forget the upload's record after its abort, unless S3 had completed the upload (it
-    then answers the abort NoSuchUpload, which counts as aborted): the object carrying the
-    record's nonce is its own, and only the record tells its rollback, size delete, later
-    checks and retries so. Forgotten, that object was another's to them, and stayed
-    wrong-sized or unannounced, the 502 saying "rolled back" (reprobe12b F2: a user's
-    cancel while the complete was finishing). Once the abort has returned no Complete of
-    the upload can be carried out any more, so an object without the nonce now means the
-    upload was aborted open (or its object is gone): the record is no use then."""
-    record = await _record(ctx, key, upload_id)
-    if record is None:
-        return
+async def _completed_upload(ctx: Context, key: str, upload_id: str) -> bool:
+    """Had S3 completed the upload whose abort has just returned? Its object stands: on a
+    ``{uuid}`` key any object of a presigned upload (only this upload writes the key), on
+    a shared one the object carrying its record's nonce. Then its record stays, for its
+    rollback, size delete, later checks and retries: forgotten, that object was another's
+    to them, and stayed wrong-sized or unannounced (reprobe12b F2). Once the abort has
+    returned no Complete of the upload can be carried out any more. S3's failures
+    propagate (the abort is answered 5xx, and a retry asks again)."""
     try:
         head = await ctx.sink.head(key)
     except NoSuchKey:
-        head = None
-    if head is not None and head.metadata.get(keys.NONCE_META) == record.nonce:
-        log.info(
-            "presign.record_kept key=%s upload_id=%s reason=completed; S3 had completed the "
-            "upload: its record stays for its completes (the sweep removes it)",
-            key,
-            upload_id,
-        )
-        return
-    await presign_record.forget(ctx.sink, key, upload_id)
+        return False
+    if SIZE_META not in head.metadata:
+        return False
+    if ctx.writes.unique_keys:
+        return True
+    record = await _record(ctx, key, upload_id)
+    if record is None or head.metadata.get(keys.NONCE_META) != record.nonce:
+        return False
+    log.info(
+        "presign.record_kept key=%s upload_id=%s reason=completed; S3 had completed the "
+        "upload: its record stays for its completes (the sweep removes it)",
+        key,
+        upload_id,
+    )
+    return True
