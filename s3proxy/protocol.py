@@ -553,6 +553,7 @@ class ProxyRequestHandler(RequestHandler):
         # read's rest): the parser may have read into its body too, so the walk of that
         # body, which starts at the head, is not where the parser is (reprobe12c F1).
         self._walk_behind = False
+        self._walk_ended = False  # the newest body's walk ended in the piece just followed
         self._auto_decompress = bool(kwargs.get("auto_decompress", True))
         # The connection closes after what is queued: bytes that come now are not parsed.
         self._ignore_rest = False
@@ -904,6 +905,7 @@ class ProxyRequestHandler(RequestHandler):
             walk is None
             or not walk.trailed
             or not walk.done  # (where the body ended is the walk's: it must agree)
+            or not self._walk_ended
             or self._walk_behind
             or payload is None
             or head is None
@@ -1153,10 +1155,12 @@ class ProxyRequestHandler(RequestHandler):
         past ``MAX_CHUNK_EXTENSIONS`` that body breaks as on a bad chunk size (True).
         (Any body's ``piece`` is counted for ``body_seen`` too.)"""
         self._body_read += len(piece)
+        self._walk_ended = False
         scan = self._extensions
         if scan is None or scan.done:
             return False
         stop, _ = scan.follow(piece)
+        self._walk_ended = scan.done
         self._chunked_past = len(piece) - stop if scan.done else 0
         if scan.total <= MAX_CHUNK_EXTENSIONS:
             return False
