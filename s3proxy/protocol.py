@@ -554,6 +554,9 @@ class ProxyRequestHandler(RequestHandler):
         # body, which starts at the head, is not where the parser is (reprobe12c F1).
         self._walk_behind = False
         self._walk_ended = False  # the newest body's walk ended in the piece just followed
+        # What came after a body the parser holds the tail of (its reader full): it is
+        # parsed once the parser has ended the body (``_held_on``).
+        self._after_body: bytes | None = None
         self._auto_decompress = bool(kwargs.get("auto_decompress", True))
         # The connection closes after what is queued: bytes that come now are not parsed.
         self._ignore_rest = False
@@ -1027,8 +1030,13 @@ class ProxyRequestHandler(RequestHandler):
         Cut at each head's end, a head is parsed in a read of its own, nothing comes after
         it in that read, and ``_screen`` decides about what follows. Bodies go on whole
         (an upload's body does not come here at all: ``bypass_parser``)."""
+        if self._after_body is not None:
+            data = self._held_on(data)
+            if not data:
+                return
         pos = 0  # (an offset, not a slice per piece: a read of 256 KiB of CRLFs was
         # 131,072 pieces, each a copy of the rest)
+        cut = False
         while True:
             in_body = self._in_body()
             end = -1 if in_body else _head_end(data, pos)
@@ -1047,8 +1055,16 @@ class ProxyRequestHandler(RequestHandler):
                 piece = piece[: len(piece) - past]
                 self._body_read -= past
                 self._chunked_past = 0
+                cut = True
             queued = len(self._messages)
             super().data_received(piece)
+            if cut and self._in_body():
+                # The parser holds the body's tail (its reader is full) and ends it on
+                # resume: what follows waits for that, so the parser never reads it with
+                # the body (``_held_on``).
+                self._after_body = data[pos:]
+                return
+            cut = False
             if in_body and self._trailers_ended(piece, queued):
                 if pos >= len(data) or self._ignore_rest:
                     return
@@ -1060,6 +1076,11 @@ class ProxyRequestHandler(RequestHandler):
                         self._line = None
                         if self._past_body(len(piece)) > 0:
                             self._head_came()
+                        elif (walk := self._extensions) is not None and walk.trailed:
+                            # Ended from the tail the parser held (its reader was full),
+                            # with trailers: the next head, in a later read, goes to a new
+                            # parser, or it gets the last trailer (reprobe13b N1).
+                            self._parser = self._new_parser()
                 elif piece:  # (resume_reading calls data_received with no bytes)
                     self._head_came()
                     if self._judge_line(piece):
@@ -1080,6 +1101,30 @@ class ProxyRequestHandler(RequestHandler):
                 self._screen(queued)
             if pos >= len(data) or self._ignore_rest or self._force_close or self._close:
                 return
+
+    def _held_on(self, data: bytes) -> bytes:
+        """The bytes after a body the parser had not ended (``_after_body``), with ``data``,
+        once it has: b"" while it has not. Given to the parser with the body's held tail,
+        they were parsed by it before it ended the body: a pipelined request then got the
+        body's last trailer as its first header (reprobe13b N1). The parser parses its tail
+        again now (aiohttp's resume does so too); if it ends the body, what follows goes to
+        a new parser where the body had trailers, and nowhere after a request that closes
+        the connection."""
+        held = self._after_body
+        assert held is not None
+        super().data_received(b"")
+        if self._in_body():
+            self._after_body = held + data
+            return b""
+        self._after_body = None
+        head, walk = self._last_head, self._extensions
+        if head is not None and head.should_close:
+            self._ignore_rest = True
+            return b""
+        if walk is not None and walk.trailed:
+            self._parser = self._new_parser()
+            self._line = b""
+        return held + data
 
     def _head_came(self) -> None:
         """Bytes of a request head not complete yet came: --header-timeout counts from

@@ -306,18 +306,36 @@ async def test_requests_pipelined_behind_a_held_body_with_trailers_are_answered(
     reader full, so aiohttp's parser held the body's tail), then a chunked request with a
     trailer and a GET, in one write: a43ed15's new parser after trailers was made when the
     parser finally ended the body, after it had parsed the requests behind it, and they
-    were dropped unanswered (the connection just closed). Now only where the body ended
-    in the piece just given. (That the last trailer may still reach the GET's headers in
-    this case is open: the parser parses what it held on its own.)"""
+    were dropped unanswered (the connection just closed); and a trailer of the request
+    before it was read as the GET's own header. What follows such a body now waits until
+    the parser has ended it, and goes to a new parser."""
     form = bodies.body([bodies.file("f", "a.bin", os.urandom(70000))])
     framed = b"".join(bodies.chunk_frame(form[i : i + 7]) for i in range(0, len(form), 7))
     upload = bodies.chunked_request_head() + framed + b"0\r\nX-T: 1\r\n\r\n"
     other = (
         b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"2\r\n{}\r\n0\r\nX-T: 2\r\n\r\n"
+        b"2\r\n{}\r\n0\r\nX-Request-ID: leaked\r\n\r\n"
     )
     reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
     writer.write(upload + other + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-    statuses = [(await read_response(reader))[0] for _ in range(3)]
-    assert statuses == [201, 405, 200]
+    statuses = [(await read_response(reader))[0] for _ in range(2)]
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    assert statuses == [201, 405] and head.startswith(b"HTTP/1.1 200"), (statuses, head)
+    assert b"leaked" not in head, head  # the trailer is no header of the GET's
+    writer.close()
+
+
+async def test_a_held_bodys_trailer_never_reaches_a_later_request(proxy: Any) -> None:
+    """reprobe13b N1, the later-read shape: the upload with a trailer in one write (its
+    reader full: the parser held the body's tail and ended it on resume), the GET in a
+    later read: the GET was answered with the upload's trailer as its X-Request-ID."""
+    form = bodies.body([bodies.file("f", "a.bin", os.urandom(70000))])
+    framed = b"".join(bodies.chunk_frame(form[i : i + 7]) for i in range(0, len(form), 7))
+    upload = bodies.chunked_request_head() + framed + b"0\r\nX-Request-ID: leaked\r\n\r\n"
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    writer.write(upload)
+    assert (await read_response(reader))[0] == 201
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    assert head.startswith(b"HTTP/1.1 200") and b"leaked" not in head, head
     writer.close()
