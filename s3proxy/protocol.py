@@ -299,6 +299,14 @@ def _after_close(exc: BaseException) -> bool:
 _REQUEST_LINE = re.compile(rb"[!-~]+ +[!-~]+(?: +HTTP/(\d+)\.(\d+))?\r?\n")
 
 
+def content_length(head: RawRequestMessage) -> int | None:
+    """The head's Content-Length, None when it has none (the parser refused bad ones)."""
+    try:
+        return int(head.headers.get(hdrs.CONTENT_LENGTH, ""))
+    except ValueError:
+        return None
+
+
 def request_line_version(head: bytes) -> tuple[int, int] | None:
     """The HTTP version a request head's first line names ((0, 9) for a line without
     one), or None when the line is not a request line's shape at all."""
@@ -555,8 +563,8 @@ class ProxyRequestHandler(RequestHandler):
         self._walk_behind = False
         self._walk_ended = False  # the newest body's walk ended in the piece just followed
         # What came after a body the parser holds the tail of (its reader full): it is
-        # parsed once the parser has ended the body (``_held_on``).
-        self._after_body: bytes | None = None
+        # parsed once the parser has ended the body (``_held_on``): the reads, in order.
+        self._after_body: list[bytes] | None = None
         self._auto_decompress = bool(kwargs.get("auto_decompress", True))
         # The connection closes after what is queued: bytes that come now are not parsed.
         self._ignore_rest = False
@@ -577,6 +585,8 @@ class ProxyRequestHandler(RequestHandler):
         # a chunked one ended, how many of the last ones given came after its end.
         self._body_read = 0
         self._chunked_past = 0
+        # ... and the newest head's Content-Length (None when chunked or none given).
+        self._body_length: int | None = None
         # When the first byte of a head not complete yet came (loop time; --header-timeout
         # counts from it), also when it came behind a request in the same read.
         self._head_since: float | None = None
@@ -1062,7 +1072,7 @@ class ProxyRequestHandler(RequestHandler):
                 # The parser holds the body's tail (its reader is full) and ends it on
                 # resume: what follows waits for that, so the parser never reads it with
                 # the body (``_held_on``).
-                self._after_body = data[pos:]
+                self._after_body = [data[pos:]]
                 return
             cut = False
             if in_body and self._trailers_ended(piece, queued):
@@ -1112,9 +1122,10 @@ class ProxyRequestHandler(RequestHandler):
         the connection."""
         held = self._after_body
         assert held is not None
+        if data:
+            held.append(data)  # (joined once the body has ended: a copy per read was quadratic)
         super().data_received(b"")
         if self._in_body():
-            self._after_body = held + data
             return b""
         self._after_body = None
         head, walk = self._last_head, self._extensions
@@ -1124,7 +1135,7 @@ class ProxyRequestHandler(RequestHandler):
         if walk is not None and walk.trailed:
             self._parser = self._new_parser()
             self._line = b""
-        return held + data
+        return held[0] if len(held) == 1 else b"".join(held)
 
     def _head_came(self) -> None:
         """Bytes of a request head not complete yet came: --header-timeout counts from
@@ -1140,9 +1151,8 @@ class ProxyRequestHandler(RequestHandler):
             return 0
         if head.chunked:
             return self._chunked_past
-        try:
-            length = int(head.headers.get(hdrs.CONTENT_LENGTH, ""))
-        except ValueError:
+        length = self._body_length
+        if length is None:
             return 0
         return min(size, max(0, self._body_read - length))
 
@@ -1272,6 +1282,7 @@ class ProxyRequestHandler(RequestHandler):
             chunked = message.chunked and not payload.is_eof()
             self._extensions = ChunkExtensions() if chunked else None
             self._body_read = self._chunked_past = 0
+            self._body_length = None if message.chunked else content_length(message)
             if message.should_close and payload.is_eof():
                 # Its answer closes the connection: what follows is not read (RFC 9112
                 # section 9.6). A body still due comes first; bytes after it raise
