@@ -308,20 +308,25 @@ _HEX_RUN = re.compile(rb"[0-9A-Fa-f]*")
 # The next chunk's size line without extensions, after the CRLF that ends the last one.
 _PLAIN_NEXT = re.compile(rb"\r\n([0-9A-Fa-f]{1,16})\r\n").match
 # Chunks of at most this many bytes, one after another of the same size line, are taken
-# as a run (``_run``), at most this many runs' patterns kept (a client chooses them).
+# as a run (``_run``).
 # Measured, decoder alone, CPU s per GiB: 1-byte chunks 1,362 one by one, 37 as runs;
 # 7-byte 144 and 17; 32-byte 40 and 14; past ~50 bytes a strided copy per byte of a
 # chunk costs more than a slice per chunk (100-byte: 8 one by one, 18 as runs).
 RUN_MAX = 32
 
 
-@functools.lru_cache(maxsize=256)
-def _run_pattern(digits: bytes, size: int) -> re.Pattern[bytes]:
-    """A run's pattern, per size line as sent (a client chooses them: 32 spellings with
-    leading zeros filled a cache that then took no more, and every later upload of tiny
-    chunks, anyone's, went chunk by chunk: 1-byte chunks 1,382-1,439 CPU s/GiB against
-    92-133, reprobe12c F2). Least recently used ones go; a miss costs one compile per run."""
-    return re.compile(rb"(?:\r\n" + re.escape(digits) + rb"\r\n[\s\S]{%d})+" % size)
+@functools.cache
+def _run_pattern(width: int, size: int) -> re.Pattern[bytes]:
+    """A run's pattern for size lines of ``width`` hex digits and chunks of ``size``
+    bytes: at most 16 x ``RUN_MAX`` of them, all kept. The lines of a run must be spelt
+    alike (the strided slices take that period): a backreference, not the spelling, ties
+    them, for a client chooses spellings (leading zeros, case). Keyed by spelling, 32 of
+    them filled a capped cache and every later upload of tiny chunks went chunk by chunk
+    (reprobe12c F2); with a least-recently-used cache, pairs of chunks cycling through
+    ~500 spellings missed it every time (reprobe13b N3: ~1,150 CPU s/GiB decoder alone)."""
+    return re.compile(
+        rb"\r\n([0-9A-Fa-f]{%d})\r\n[\s\S]{%d}(?:\r\n\1\r\n[\s\S]{%d})*" % (width, size, size)
+    )
 
 
 def _run(data: bytes, pos: int, digits: bytes, size: int, out: list[memoryview]) -> int:
@@ -330,8 +335,8 @@ def _run(data: bytes, pos: int, digits: bytes, size: int, out: list[memoryview])
     where they end. One match finds the run, a slice with a step per byte of a chunk
     takes its data (1-byte chunks: ~43,000 in a 256 KiB read, each a Python step and
     an object before, ~1.6 us)."""
-    found = _run_pattern(digits, size).match(data, pos)
-    if found is None:
+    found = _run_pattern(len(digits), size).match(data, pos)
+    if found is None or found.group(1) != digits:
         return pos
     run = memoryview(data)[pos : found.end()]
     period = len(digits) + 4 + size

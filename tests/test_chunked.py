@@ -344,3 +344,39 @@ def test_a_client_cannot_fill_the_run_patterns_for_everyone() -> None:
     out: list[memoryview] = []
     assert chunked._run(data, 0, b"A", 10, out) == len(data)
     assert b"".join(out) == b"k" * 500
+
+
+def test_size_lines_cycling_through_spellings_compile_no_pattern_per_spelling() -> None:
+    """reprobe13b N3: run patterns were kept per spelling (least recently used out of
+    256): pairs of chunks cycling through ~500 spellings (leading zeros, case) missed
+    every time, a compile per two chunks (~1,150 CPU s/GiB of file, decoder alone). A
+    pattern now serves every spelling of one width and size."""
+    spellings = [
+        b"0" * zeros + (b"%x" % size if lower else b"%X" % size)
+        for size in range(1, chunked.RUN_MAX + 1)
+        for zeros in range(16 - len(b"%x" % size) + 1)
+        for lower in (True, False)
+    ]
+    assert len(set(spellings)) > 500
+    for visit in range(2):
+        before = chunked._run_pattern.cache_info().misses
+        for digits in spellings:
+            size = int(digits, 16)
+            run = (b"\r\n" + digits + b"\r\n" + b"x" * size) * 2
+            out: list[memoryview] = []
+            assert chunked._run(run, 0, digits, size, out) == len(run)
+            assert b"".join(out) == b"x" * 2 * size
+        if visit:
+            assert chunked._run_pattern.cache_info().misses == before
+
+
+def test_a_run_ends_where_the_spelling_of_its_size_lines_changes() -> None:
+    """The data are strided slices of one period: lines of one width but another spelling
+    (``0a``, ``0A``) or another size end the run, and the chunk-by-chunk path goes on."""
+    data = (b"\r\n0a\r\n" + b"a" * 10) * 3 + (b"\r\n0A\r\n" + b"b" * 10) * 2
+    out: list[memoryview] = []
+    assert chunked._run(data, 0, b"0a", 10, out) == 3 * 16
+    assert b"".join(out) == b"a" * 30
+    assert chunked._run(data, 0, b"0A", 10, []) == 0
+    body = b"1\r\nx" + (b"\r\n1\r\ny") * 40 + b"\r\n01\r\nz" * 3 + b"\r\n2\r\nuv\r\n" + END
+    assert llhttp([body]) == decoded([body]) == ("ended", b"x" + b"y" * 40 + b"zzz" + b"uva")
