@@ -352,10 +352,10 @@ class Claim:
         would refuse retries of a decided complete for its lease: reprobe10a N3), and one
         that may land later still is logged with the claim's advice. Safe then: a release
         never comes before a delete this process still owes for the object a retry could
-        answer 200 for, since a complete holding such deletes (``_again_later``) releases
-        by ``release_after``, which shutdown drops (the claim lapses), and the janitor's
-        retries of its failed deletes hold the object to its size (they never delete a
-        right-sized one)."""
+        answer 200 for, since a complete holding such deletes
+        (``presign_completed.again_later``) releases by ``release_after``, which shutdown
+        drops (the claim lapses), and the janitor's retries of its failed deletes hold the
+        object to its size (they never delete a right-sized one)."""
         self.released = True
         self._stop()
         what = f"claim key={self.key}"

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from botocore.config import Config
 
-from s3proxy import presign, presign_claim, presign_record
+from s3proxy import presign, presign_claim, presign_identity, presign_record
 from s3proxy.app import create_app
 from s3proxy.embedded import EmbeddedStore
 from s3proxy.errors import COMPLETE_IN_PROGRESS, ProxyError
@@ -523,7 +523,7 @@ async def test_multipart_straight_to_the_store(
     # SeaweedFS makes the multipart ETag from the parts' as S3 does: a retried complete
     # can check a client's parts against it (and refuses others, 400)
     claimed = {n: e.strip('"') for n, e in zip((1, 2), etags, strict=True)}
-    assert presign.parts_make_etag(claimed, done["etag"]) is True
+    assert presign_identity.parts_make_etag(claimed, done["etag"]) is True
     bogus = [{**given[0], "etag": "0" * 32}, given[1]]
     status, out = await call(proxy, "/sign/multipart/complete", {**ref, "parts": bogus}, {})
     assert (status, code(out)) == (400, "INVALID_REQUEST"), out
@@ -1013,13 +1013,13 @@ def test_parts_make_etag() -> None:
     be told (not a multipart ETag)."""
     a, b = hashlib.md5(b"a").hexdigest(), hashlib.md5(b"b").hexdigest()
     whole = hashlib.md5(bytes.fromhex(a) + bytes.fromhex(b)).hexdigest()
-    assert presign.parts_make_etag({1: a, 2: b}, f'"{whole}-2"') is True
-    assert presign.parts_make_etag({1: b, 2: a}, f"{whole}-2") is False
-    assert presign.parts_make_etag({1: a}, f"{whole}-2") is False
-    assert presign.parts_make_etag({1: a, 3: b}, f"{whole}-2") is False
-    assert presign.parts_make_etag({1: "bogus", 2: b}, f"{whole}-2") is False
-    assert presign.parts_make_etag({1: a}, a) is None
-    assert presign.parts_make_etag({1: a}, None) is None
+    assert presign_identity.parts_make_etag({1: a, 2: b}, f'"{whole}-2"') is True
+    assert presign_identity.parts_make_etag({1: b, 2: a}, f"{whole}-2") is False
+    assert presign_identity.parts_make_etag({1: a}, f"{whole}-2") is False
+    assert presign_identity.parts_make_etag({1: a, 3: b}, f"{whole}-2") is False
+    assert presign_identity.parts_make_etag({1: "bogus", 2: b}, f"{whole}-2") is False
+    assert presign_identity.parts_make_etag({1: a}, a) is None
+    assert presign_identity.parts_make_etag({1: a}, None) is None
 
 
 async def complete_until_decided(
@@ -1439,7 +1439,7 @@ async def test_another_uploads_object_at_a_shared_key_is_never_taken_as_ours(
 
     def other_upload() -> None:
         up = s3.create_multipart_upload(
-            Bucket=bucket, Key=ref["key"], Metadata={presign.SIZE_META: str(6 * MiB)}
+            Bucket=bucket, Key=ref["key"], Metadata={presign_identity.SIZE_META: str(6 * MiB)}
         )
         etag = s3.upload_part(
             Bucket=bucket, Key=ref["key"], UploadId=up["UploadId"], PartNumber=1,

@@ -21,7 +21,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from s3proxy import keys, presign, presign_claim, presign_record
+from s3proxy import (
+    keys,
+    presign_claim,
+    presign_completed,
+    presign_identity,
+    presign_record,
+)
 from s3proxy.settings import Settings
 from s3proxy.state import STATE
 from tests.faults import Fault, FaultyS3, claim_operation
@@ -392,7 +398,7 @@ async def test_a_retry_with_wrong_parts_of_its_own_object_is_400_on_a_shared_key
     for parts in wrong:
         status, out = await r.complete(a, parts=parts)
         assert (status, code(out)) == (400, "INVALID_REQUEST"), (parts, out)
-        assert out["error"]["message"] == presign.PARTS_DIFFER, out
+        assert out["error"]["message"] == presign_completed.PARTS_DIFFER, out
     for extra in ({"parts": PARTS}, {}):
         status, out = await r.complete(a, **extra)
         assert status == 200 and out["size"] == 1000, (extra, out)
@@ -411,7 +417,7 @@ async def test_an_upload_made_before_records_completes_and_is_recognised_as_befo
     r = await rig()
     up = await asyncio.to_thread(
         s3.create_multipart_upload, Bucket=bucket, Key="plain/report.pdf",
-        Metadata={presign.SIZE_META: "1000"}, ContentType="application/pdf",
+        Metadata={presign_identity.SIZE_META: "1000"}, ContentType="application/pdf",
     )  # fmt: skip
     ref = {"key": "plain/report.pdf", "upload_id": up["UploadId"]}
     await asyncio.to_thread(
@@ -721,7 +727,7 @@ async def test_a_retry_after_the_record_went_is_404_saying_so_not_to_list_the_pa
     ],
 )
 def test_the_404_hint_goes_by_the_object_found(seen: Any, parts: bool, hint: str) -> None:
-    got = presign.gone_hint(seen, parts, 2520.0)
+    got = presign_identity.gone_hint(seen, parts, 2520.0)
     assert (hint in got) if hint else got == "", got
     if seen == "untold":
         assert "42 minutes" in got
