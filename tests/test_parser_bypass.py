@@ -44,6 +44,17 @@ def upload(data: bytes, name: str) -> bytes:
     return bodies.request_head(len(raw)) + raw
 
 
+async def stored_files(reader: asyncio.StreamReader, s3: Any, bucket: str, n: int) -> list[bytes]:
+    """The next ``n`` answers, each a 201 for one file: the bytes stored for each."""
+    stored = []
+    for _ in range(n):
+        status, body = await read_response(reader)
+        assert status == 201, body
+        [f] = json.loads(body)["files"]
+        stored.append(await read_object_async(s3, bucket, f["key"]))
+    return stored
+
+
 async def test_a_body_still_arriving_bypasses_the_parser_and_the_next_request_is_parsed(
     proxy: Any, s3: Any, bucket: str
 ) -> None:
@@ -237,13 +248,7 @@ async def test_a_chunked_upload_pipelined_behind_another_is_decoded_from_its_sta
     writer.write(head + bodies.chunk_frame(first) + bodies.chunk_frame(b"") + head + framed[:split])
     await asyncio.sleep(0.5)
     writer.write(framed[split:] + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-    stored = []
-    for _ in range(2):
-        status, body = await read_response(reader)
-        assert status == 201, body
-        [f] = json.loads(body)["files"]
-        stored.append(await read_object_async(s3, bucket, f["key"]))
-    assert stored == [b"12345", data]
+    assert await stored_files(reader, s3, bucket, 2) == [b"12345", data]
     status, body = await read_response(reader)  # the client's GET, not one from the file
     assert status == 200, body
     writer.close()
@@ -288,13 +293,7 @@ async def test_requests_pipelined_behind_a_content_length_body_are_parsed_in_pla
     for _ in range(3):
         reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
         writer.write(raw)
-        stored = []
-        for _ in range(2):
-            status, body = await read_response(reader)
-            assert status == 201, body
-            [f] = json.loads(body)["files"]
-            stored.append(await read_object_async(s3, bucket, f["key"]))
-        assert stored == [f0, f1]
+        assert await stored_files(reader, s3, bucket, 2) == [f0, f1]
         assert (await read_response(reader))[0] == 200
         writer.close()
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -27,10 +28,15 @@ SECRET = "hook-secret"
 
 
 async def receiver(
-    aiohttp_server: Any, status: int, slow_completed: float = 0.0
+    aiohttp_server: Any,
+    status: int,
+    slow_completed: float = 0.0,
+    *,
+    answer: Callable[[dict[str, Any]], Awaitable[int]] | None = None,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """A receiver answering ``status``; it takes ``slow_completed`` seconds over an
-    upload.completed event (it gets the event, the proxy does not get the answer)."""
+    upload.completed event (it gets the event, the proxy does not get the answer).
+    ``answer``, if given, decides each event's status instead."""
     got: list[dict[str, Any]] = []
 
     async def hook(request: web.Request) -> web.Response:
@@ -44,6 +50,8 @@ async def receiver(
         )
         body = json.loads(raw)
         got.append({"body": body, "signed": ok, "rid": request.headers["X-Request-ID"]})
+        if answer is not None:
+            return web.Response(status=await answer(body))
         if body["event"] == "upload.completed":
             await asyncio.sleep(slow_completed)
         return web.Response(status=status)
@@ -51,6 +59,18 @@ async def receiver(
     app = web.Application()
     app.router.add_post("/hook", hook)
     return await aiohttp_server(app), got
+
+
+async def shared_key_proxy(proxy_factory: Any, server: Any) -> Any:
+    """A proxy whose keys are shared (no ``{uuid}``) and may be overwritten, with one
+    webhook attempt."""
+    return await proxy_factory(
+        key_template="in/{filename}",
+        no_overwrite=False,
+        webhook_url=str(server.make_url("/hook")),
+        webhook_secret=SECRET,
+        webhook_attempts=1,
+    )
 
 
 def upload_body() -> bytes:
@@ -298,13 +318,7 @@ async def test_a_rollback_with_overwrites_allowed_deletes_its_own_files(
     upload was rolled back" and the receiver was sent ``upload.rolled_back`` for files that
     stayed. It now deletes its own (told by its nonce), as the 502 says."""
     server, got = await receiver(aiohttp_server, 500)
-    proxy = await proxy_factory(
-        key_template="in/{filename}",
-        no_overwrite=False,
-        webhook_url=str(server.make_url("/hook")),
-        webhook_secret=SECRET,
-        webhook_attempts=1,
-    )
+    proxy = await shared_key_proxy(proxy_factory, server)
     data = os.urandom(1000)
     raw = bodies.body([bodies.file("f", "a.bin", data)])
     resp = await proxy.post("/upload", data=raw, headers=bodies.headers())
@@ -360,28 +374,17 @@ async def test_a_rollback_names_no_key_that_holds_another_uploads_object(
     key and got 201. A's rollback left B's object (told by the nonce), but its
     ``upload.rolled_back`` still named the key, and a receiver that forgets those keys
     forgot B's file (reprobe12a F1)."""
-    got: list[dict[str, Any]] = []
     heard = asyncio.Event()
 
-    async def hook(request: web.Request) -> web.Response:
-        body = json.loads(await request.read())
-        got.append({"body": body, "rid": request.headers["X-Request-ID"]})
+    async def answer(body: dict[str, Any]) -> int:
         if body["event"] == "upload.completed" and body["request_id"] == "req-a":
             heard.set()
             await asyncio.sleep(1.0)
-            return web.Response(status=500)
-        return web.Response(status=204)
+            return 500
+        return 204
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    server = await aiohttp_server(app)
-    proxy = await proxy_factory(
-        key_template="in/{filename}",
-        no_overwrite=False,
-        webhook_url=str(server.make_url("/hook")),
-        webhook_secret=SECRET,
-        webhook_attempts=1,
-    )
+    server, got = await receiver(aiohttp_server, 204, answer=answer)
+    proxy = await shared_key_proxy(proxy_factory, server)
 
     async def post(data: bytes, rid: str) -> tuple[int, Any]:
         raw = bodies.body([bodies.file("f", "a.bin", data)])
