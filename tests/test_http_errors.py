@@ -813,3 +813,22 @@ async def test_a_chunked_bodys_trailers_never_become_the_next_requests_headers(
     statuses = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", received)]
     assert len(statuses) == 2 and statuses[1] == 200, received
     assert b"smuggled" not in received, received
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /upload HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /healthz HTTP/1.0\r\nBad Name: x\r\n\r\n",
+        b"POST /upload HTTP/1.0\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx",
+    ],
+)
+async def test_a_refused_http10_head_is_answered_http11(proxy: Any, head: bytes) -> None:
+    """README (505 row): a head the parser refuses is answered with an ``HTTP/1.1`` status
+    line whatever its version (RFC 9110 section 6.2); a handler's answer to an HTTP/1.0
+    request has ``HTTP/1.0`` (reprobe14b F1: the README said all of them did)."""
+    resp = await exchange(proxy.host, proxy.port, head)
+    assert_json_error(resp, 400, "BAD_HTTP_REQUEST")
+    assert resp.raw.startswith(b"HTTP/1.1 400 "), resp.raw[:40]
+    handled = await exchange(proxy.host, proxy.port, b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert handled.raw.startswith(b"HTTP/1.0 200 "), handled.raw[:40]
