@@ -45,10 +45,21 @@ class ChunkExtensions:
     Python work is per chunk-size line (``follow`` counts them), never per byte: data,
     extensions and trailers are skipped in C (find, regular expressions)."""
 
-    __slots__ = ("_digits", "_in_size", "_left", "_line", "_partial", "_state", "total", "trailed")
+    __slots__ = (
+        "_digits",
+        "_in_size",
+        "_left",
+        "_line",
+        "_partial",
+        "_state",
+        "data",
+        "total",
+        "trailed",
+    )
 
     def __init__(self) -> None:
         self.total = 0  # extension bytes so far
+        self.data = 0  # chunk data bytes so far (what a parser that read them passed on)
         self._state = _SIZE
         self._digits = b""  # the size's hex digits so far, leading zeros dropped
         self._in_size = True  # still in the size's digits on this line
@@ -100,6 +111,7 @@ class ChunkExtensions:
             if state == _DATA:
                 step = min(self._left, end - pos)
                 self._left -= step
+                self.data += step
                 pos += step
                 if self._left == 0:
                     self._state = _DATA_END
@@ -117,6 +129,7 @@ class ChunkExtensions:
                         self._chunk(size)
                         break
                     pos += size
+                    self.data += size
                 if self._state != _DATA_END:
                     continue
                 pos = _CRS.match(data, pos).end()  # type: ignore[union-attr]  # matches always

@@ -338,3 +338,59 @@ async def test_a_held_bodys_trailer_never_reaches_a_later_request(proxy: Any) ->
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
     assert head.startswith(b"HTTP/1.1 200") and b"leaked" not in head, head
     writer.close()
+
+
+def framed_upload(data: bytes, sizes: list[int], *extra: bytes, trailers: bytes = b"") -> bytes:
+    """A chunked upload of ``data`` as a form's file, in chunks of ``sizes`` in turn."""
+    form = bodies.body([bodies.file("f", "a.bin", data)])
+    pieces, i, k = [], 0, 0
+    while i < len(form):
+        size = sizes[k % len(sizes)]
+        pieces.append(bodies.chunk_frame(form[i : i + size]))
+        i, k = i + size, k + 1
+    return bodies.chunked_request_head(*extra) + b"".join(pieces) + b"0\r\n" + trailers + b"\r\n"
+
+
+@pytest.mark.parametrize("split", [300_000, 311_712, 420_000])
+async def test_a_held_body_is_not_bypassed_past_the_bytes_the_parser_holds(
+    proxy: Any, s3: Any, bucket: str, split: int
+) -> None:
+    """reprobe14a N2: a chunked upload of 1-byte chunks pipelined behind another, its
+    first part in one write, the rest 0.2 s later. Its reader full, aiohttp's parser held
+    the tail of what it was given (~115 KB of framing, ~19 KB of the file) with no pause
+    standing, and the decoder began where the walk was, past them: 201 with 80,790 of
+    100,000 bytes stored. The decoder now begins only where the parser has passed on all
+    it was given."""
+    first, second = os.urandom(100_000), os.urandom(100_000)
+    raw = framed_upload(first, [1, 33], trailers=b"X-A: 1\r\n") + framed_upload(second, [1])
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    writer.write(raw[:split])
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.write(raw[split:])
+    assert await stored_files(reader, s3, bucket, 2) == [first, second]
+    writer.close()
+
+
+@pytest.mark.parametrize("pad", range(1, 7))
+@pytest.mark.parametrize("eof", [False, True])
+async def test_a_held_body_ends_as_its_reader_reads(
+    proxy: Any, s3: Any, bucket: str, pad: int, eof: bool
+) -> None:
+    """reprobe14a N1: two chunked uploads in one write, the second of 1-byte chunks. A
+    pause aiohttp asked for at a chunk's end was honoured at the next read's first chunk,
+    after the resume that cleared it: the parser held the rest with no pause standing,
+    and reads, which resume only a standing pause, never parsed it. The second upload
+    was never answered (408 after 41 s) or, with the client's EOF after it, answered 400
+    CLIENT_DISCONNECTED though its body had all come."""
+    first, second = os.urandom(100_000), os.urandom(20_000)
+    raw = framed_upload(first, [1, 33], b"X-Pad: " + b"p" * pad) + framed_upload(second, [1])
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    writer.write(raw + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    if eof:
+        writer.write_eof()
+    stored = await asyncio.wait_for(stored_files(reader, s3, bucket, 2), 20)
+    assert stored == [first, second]
+    status, _ = await asyncio.wait_for(read_response(reader), 10)
+    assert status == 200
+    writer.close()
