@@ -593,6 +593,7 @@ class FileUpload:
                 if reservation is not None:
                     reservation.cover(*chunk_lists(action))
                 if isinstance(action, Reserve):
+                    await self._wait_for_slot()
                     if not probed and not probe_ended:
                         probe_ended = await self._probe(source, probed, action.size)
                     reservation = await self._reserve(action.size, source, probe_ended)
@@ -603,7 +604,6 @@ class FileUpload:
                     chunks = await self._with_staged(action.staged, action.chunks, reservation)
                     crc = None if crcs is None else self._crc_with_staged(crcs.take(action.number))
                     self._staged = None
-                    await self._wait_for_slot()
                     self._launch(action.number, chunks, action.size, reservation, crc)
                     reservation = None
                 elif isinstance(action, CreateUpload):
@@ -882,9 +882,7 @@ class FileUpload:
         self._inflight.add(task)
 
     async def _wait_for_slot(self) -> None:
-        """Hold a full part while too many of this file's parts are uploading: the next
-        part is read while they upload (waiting before it was read, the client's bytes
-        stopped at every part while two uploaded, where a direct upload reads on)."""
+        """Stop reading from the client while too many of this file's parts are uploading."""
         while len(self._inflight) >= self.cfg.parts_in_flight:
             done, _ = await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
             self._reap(done)
