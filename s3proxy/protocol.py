@@ -570,6 +570,9 @@ class ProxyRequestHandler(RequestHandler):
         self._ignore_rest = False
         # The client half-closed after complete requests: answer them, then close.
         self._eof = False
+        # ... while the parser held a whole body's end: the EOF ends what follows it
+        # once the parser has parsed it (``_held_eof``).
+        self._eof_held = False
         # The body the client's EOF ended (eof_received): its request is answered, and
         # logged 499 as a client gone (log.client_gone), for a FIN is all the proxy sees.
         self.cut_body: StreamReader | None = None
@@ -945,6 +948,11 @@ class ProxyRequestHandler(RequestHandler):
         return True
 
     def data_received(self, data: bytes) -> None:
+        self._received(data)
+        if self._eof_held:
+            self._held_eof()
+
+    def _received(self, data: bytes) -> None:
         if self._widened:
             self._widened = False
             self.transport.max_size = RECV_SIZE  # type: ignore[union-attr]
@@ -1025,12 +1033,29 @@ class ProxyRequestHandler(RequestHandler):
             return True  # a read resumed by flow control saw the EOF again
         if self.requests_open == 0:
             return False
+        self._eof = True
         if self._bypass is None and self._in_body() and self._given_whole():
             # The parser holds the body's end (its reader is full): the body is whole,
             # and ends, with the requests after it, as the handler reads it (it was cut:
-            # 400 CLIENT_DISCONNECTED for a complete upload; reprobe14a N1).
-            self._eof = True
+            # 400 CLIENT_DISCONNECTED for a complete upload; reprobe14a N1). The EOF
+            # ends what follows once it has (``_held_eof``).
+            self._eof_held = True
             return True
+        self._end_at_eof()
+        return True
+
+    def _held_eof(self) -> None:
+        """The client's EOF came while the parser held a whole body's end: once it has
+        parsed it, the EOF ends what came after (a body still due is cut, a partial head
+        dropped), as it would have at once (reprobe15a: a body cut after such a body
+        waited out the client timeout)."""
+        if self._eof_held and not self._parser_holds():
+            self._eof_held = False
+            self._end_at_eof()
+
+    def _end_at_eof(self) -> None:
+        """No byte comes after the client's EOF: a body still due ends as the parser ends
+        one at EOF, and nothing after the requests is read."""
         payload = self._bypass if self._bypass is not None else self._last_payload
         if self._bypass is not None or self._in_body():
             assert payload is not None
@@ -1040,9 +1065,7 @@ class ProxyRequestHandler(RequestHandler):
             self.cut_body = payload
             payload.set_exception(ended(BODY_CUT))
             payload.feed_eof()  # no byte of it will come: aiohttp does not linger on it
-        self._eof = True
         self._ignore_rest = True  # a partial head after the requests is dropped
-        return True
 
     def _parse(self, data: bytes) -> None:
         """aiohttp's ``data_received``, given ``data`` a request head at a time.

@@ -394,3 +394,52 @@ async def test_a_held_body_ends_as_its_reader_reads(
     status, _ = await asyncio.wait_for(read_response(reader), 10)
     assert status == 200
     writer.close()
+
+
+def probe_upload(rid: bytes, data: bytes, sizes: list[int], extra: bytes = b"") -> bytes:
+    """A chunked upload framed as reprobe15a's scripts frame theirs (its boundary, its
+    header order): the held-tail cases depend on where reads and chunks fall."""
+    form = (
+        b'--XyZbound42\r\nContent-Disposition: form-data; name="file"; filename="f.bin"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n" + data + b"\r\n--XyZbound42--\r\n"
+    )
+    head = b"POST /upload HTTP/1.1\r\nHost: x\r\nX-Request-ID: " + rid + b"\r\n"
+    head += b"Content-Type: multipart/form-data; boundary=XyZbound42\r\n" + extra
+    pieces, i, k = [], 0, 0
+    while i < len(form):
+        size = sizes[k % len(sizes)]
+        pieces.append(bodies.chunk_frame(form[i : i + size]))
+        i, k = i + size, k + 1
+    return head + b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(pieces) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("pad", range(1, 25))
+@pytest.mark.parametrize("after", ["cut body", "partial head"])
+async def test_an_eof_behind_a_held_body_ends_what_follows_it(
+    proxy: Any, s3: Any, bucket: str, pad: int, after: str
+) -> None:
+    """reprobe15a: the EOF after a body the parser held waited for that body; what came
+    after it was then left as it stood: a third upload cut mid-body waited out the client
+    timeout (not 400 at once), a partial head held the connection open. The EOF now ends
+    them once the held body has ended."""
+    first, second = os.urandom(100_000), os.urandom(20_000)
+    raw = probe_upload(b"A", first, [1, 33], b"X-Pad: " + b"p" * pad + b"\r\n")
+    raw += probe_upload(b"B", second, [1])
+    third = probe_upload(b"C", os.urandom(30_000), [1000])
+    cut = third.index(b"\r\n\r\n") + 4 + 100 if after == "cut body" else 15
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    writer.write(raw + third[:cut])
+    writer.write_eof()
+    stored = await asyncio.wait_for(stored_files(reader, s3, bucket, 2), 10)
+    assert stored == [first, second]
+    if after == "cut body":
+        status, body = await asyncio.wait_for(read_response(reader), 5)
+        assert status == 400 and b"CLIENT_DISCONNECTED" in body, body
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing more
+    writer.close()
+    await eventually(
+        lambda: all_keys_async(s3, bucket),
+        until=lambda k: len(k) == 2,
+        within=5,
+        what="two files",
+    )
