@@ -1284,7 +1284,9 @@ class ProxyRequestHandler(RequestHandler):
     def _parser_holds(self) -> bool:
         """aiohttp's parser holds bytes of the newest body it was given, unparsed (its
         tail, kept while the body's reader is full), as the body's walk tells: data not
-        passed on, or the body's end. Only a later parse hands them on."""
+        passed on, or the body's end. Only a later parse hands them on. (A coded body's
+        walk counts coded bytes and its reader decoded ones: a needless parse at worst;
+        its held end shows in ``_given_whole``, and it is never read past the parser.)"""
         payload = self._last_payload
         if payload is None or payload.is_eof() or self._bypass is not None:
             return False
