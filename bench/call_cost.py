@@ -11,6 +11,12 @@ counted. The best of ``--repeat`` runs is reported, since interference only ever
 With no ``--endpoint-url``, a SeaweedFS (``weed mini``) is started in a temporary directory.
 Each Complete lists one part (S3 needs 5 MiB for every part but the last; 200 uploads of
 many parts would write gigabytes): botocore's per-part serialization is not in its figure.
+
+UploadPart is measured too, at 64 KiB and at 8 MiB (``--part-calls`` of each, as 256 KiB
+chunks the way the pipeline hands them over, CRC64NVME header on): the small part is the
+call's fixed cost, the difference per MiB is what sending the bytes costs this process
+(the kernel's copy and loopback TCP, charged to the sender), the fixed cost divided by the
+part size is what parts add per GiB.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import random
 import tempfile
 import time
 import uuid
@@ -34,6 +41,9 @@ OPTIONS = ObjectOptions(
     "application/pdf", 'attachment; filename="report.pdf"', {"owner": "ann", "field": "x"}
 )
 WARMUP = 5  # calls before measuring: the first opens connections, finds the bucket's URL
+CHUNK = 256 * 1024  # the pipeline's chunks: the socket's reads
+PART_SIZES = (64 * 1024, 8 * 1024 * 1024)  # UploadPart: its fixed cost, and a bench part
+THREE = ("CreateMultipartUpload", "CompleteMultipartUpload", "PutObjectTagging")
 
 
 @dataclass(frozen=True)
@@ -59,8 +69,9 @@ async def _timed(calls: list[Callable[[], Awaitable[object]]]) -> float:
     return (time.process_time() - start) / len(calls)
 
 
-async def measure(target: Target, lean: bool, calls: int) -> dict[str, float]:
-    """CPU ms per call of the three calls, through a store with the lean path on or off."""
+async def measure(target: Target, lean: bool, calls: int, part_calls: int = 0) -> dict[str, float]:
+    """CPU ms per call of the three calls (and of UploadPart at ``PART_SIZES``, with
+    ``part_calls``), through a store with the lean path on or off."""
     opts = ClientOptions(
         endpoint_url=target.endpoint_url,
         region=target.region,
@@ -98,10 +109,32 @@ async def measure(target: Target, lean: bool, calls: int) -> dict[str, float]:
         per_tag = await _timed([tag(k) for k in keys[WARMUP:]])
         for key in keys:
             await store.delete(key)
+        per_part: dict[str, float] = {}
+        if part_calls:
+            key = f"call-cost/{run}/parts.pdf"
+            upload_id = await store.create(key, OPTIONS, checksum=Algorithm.CRC64NVME)
+            for size in PART_SIZES:
+                part = random.randbytes(size)
+                chunks = [part[i : i + CHUNK] for i in range(0, size, CHUNK)]
+                part_crc = _crc(part)
+
+                def upload(
+                    number: int, chunks: list[bytes] = chunks, crc: CrcValue = part_crc
+                ) -> Callable[[], Awaitable[object]]:
+                    async def call() -> None:
+                        await store.upload_part(key, upload_id, number, chunks, checksum=crc)
+
+                    return call
+
+                await _timed([upload(n + 1) for n in range(WARMUP)])
+                cost = await _timed([upload(n + 1) for n in range(part_calls)])
+                per_part[f"UploadPart {size // 1024} KiB"] = cost * 1000
+            await store.abort(key, upload_id)
     return {
         "CreateMultipartUpload": per_create * 1000,
         "CompleteMultipartUpload": per_complete * 1000,
         "PutObjectTagging": per_tag * 1000,
+        **per_part,
     }
 
 
@@ -128,7 +161,7 @@ async def main_async(args: argparse.Namespace) -> None:
         best: dict[bool, dict[str, float]] = {}
         for _ in range(args.repeat):
             for lean in (False, True):
-                got = await measure(target, lean, args.calls)
+                got = await measure(target, lean, args.calls, args.part_calls)
                 prev = best.get(lean, got)
                 best[lean] = {op: min(ms, prev[op]) for op, ms in got.items()}
     print(f"CPU ms per call, best of {args.repeat} x {args.calls} calls ({target.endpoint_url})")
@@ -136,17 +169,31 @@ async def main_async(args: argparse.Namespace) -> None:
     for op, boto in best[False].items():
         lean_ms = best[True][op]
         print(f"{op:<26} {boto:9.2f} {lean_ms:9.2f} {boto - lean_ms:9.2f}")
-    boto_total, lean_total = sum(best[False].values()), sum(best[True].values())
+    boto_total = sum(best[False][op] for op in THREE)
+    lean_total = sum(best[True][op] for op in THREE)
     print(
         f"{'per multipart upload':<26} {boto_total:9.2f} {lean_total:9.2f} "
         f"{boto_total - lean_total:9.2f}"
     )
+    if args.part_calls:
+        small, big = (f"UploadPart {size // 1024} KiB" for size in PART_SIZES)
+        mib = (PART_SIZES[1] - PART_SIZES[0]) / 2**20
+        for name, path in (("botocore", best[False]), ("lean", best[True])):
+            per_mib = (path[big] - path[small]) / mib
+            per_gib = path[small] / PART_SIZES[1] * 2**30 / 1000
+            print(
+                f"UploadPart, {name}: {path[small]:.2f} ms per call, {per_mib:.3f} ms per MiB "
+                f"sent; at 8 MiB parts the calls add {per_gib:.3f} CPU s/GiB"
+            )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--calls", type=int, default=200, help="calls of each kind per run")
     p.add_argument("--repeat", type=int, default=3, help="runs per path; the best is reported")
+    p.add_argument(
+        "--part-calls", type=int, default=20, help="UploadPart calls of each size (0: none)"
+    )
     p.add_argument(
         "--endpoint-url", help="an S3 endpoint (credentials from AWS_*); none: SeaweedFS"
     )
