@@ -6,6 +6,9 @@
 ``python -m bench.pyspy top OUT.txt`` prints the leaf frames (where the CPU time is spent) and
 the inclusive totals of the frames that matter, from py-spy's raw (collapsed stack) output.
 py-spy is not a dependency: ``pip install py-spy``.
+``python -m bench.pyspy attach --perf HARNESS_PID OUT.data`` records with Linux ``perf``
+instead (CPU time only; py-spy's samples are wall time, see ``attach_perf``) and
+``python -m bench.pyspy split OUT.data`` prints the CPU by library and the top symbols.
 """
 
 from __future__ import annotations
@@ -41,9 +44,8 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-def attach(harness: int, out: Path, rate: int, limit_s: float) -> int:
-    """Wait for a measured s3proxy cell of ``harness`` and record its server until it ends."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+def _cell_server(harness: int, limit_s: float) -> int | None:
+    """The ``s3proxy serve`` child of ``harness`` once a measured cell's clients run."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         kids = _children(harness)
@@ -51,31 +53,63 @@ def attach(harness: int, out: Path, rate: int, limit_s: float) -> int:
         curls = [k for k in kids if _cmdline(k)[:1] == ["curl"]]
         # any curl is the cell's: the warm-up upload uses the aiohttp client
         if servers and curls:
-            server = servers[0]
-            print(f"recording s3proxy pid {server} ({len(curls)} clients)", file=sys.stderr)
-            proc = subprocess.Popen(
-                [
-                    spy,
-                    "record",
-                    "--pid",
-                    str(server),
-                    "--format",
-                    "raw",
-                    "--rate",
-                    str(rate),
-                    "--nonblocking",
-                    "--output",
-                    str(out),
-                ]
-            )
-            # stop once the cell's clients are gone (py-spy writes its file on SIGINT)
-            while any(_cmdline(k)[:1] == ["curl"] for k in _children(harness)):
-                time.sleep(0.2)
-            proc.send_signal(2)
-            return proc.wait()
+            print(f"recording s3proxy pid {servers[0]} ({len(curls)} clients)", file=sys.stderr)
+            return servers[0]
         time.sleep(0.1)
     print("no s3proxy cell seen", file=sys.stderr)
-    return 1
+    return None
+
+
+def _record(harness: int, command: list[str]) -> int:
+    """Run a recorder until the cell's clients are gone (both write their file on SIGINT)."""
+    proc = subprocess.Popen(command)
+    while any(_cmdline(k)[:1] == ["curl"] for k in _children(harness)):
+        time.sleep(0.2)
+    proc.send_signal(2)
+    return proc.wait()
+
+
+def attach(harness: int, out: Path, rate: int, limit_s: float) -> int:
+    """Wait for a measured s3proxy cell of ``harness`` and record its server until it ends."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    server = _cell_server(harness, limit_s)
+    if server is None:
+        return 1
+    raw = ["--format", "raw", "--rate", str(rate), "--nonblocking", "--output", str(out)]
+    return _record(harness, [spy, "record", "--pid", str(server), *raw])
+
+
+def attach_perf(harness: int, out: Path, rate: int, limit_s: float) -> int:
+    """``attach`` with Linux ``perf record`` (CPU-clock samples, on-CPU only), for ``split``.
+
+    py-spy samples wall time: a thread preempted inside a loopback ``send`` (which wakes
+    the store on the other core's run queue) counts as busy there, so py-spy makes socket
+    writes look dearer than their CPU. perf counts only CPU time, by library."""
+    server = _cell_server(harness, limit_s)
+    if server is None:
+        return 1
+    return _record(harness, ["perf", "record", "-F", str(rate), "-p", str(server), "-o", str(out)])
+
+
+def split(path: Path) -> None:
+    """Where the CPU went, by library (``perf report --sort dso``): the kernel's socket
+    work, libcrypto (the file's sha256), libpython (the interpreter, and ``bytes.find``:
+    the multipart scan), awscrt (the CRC64NVME), libmagic (the type sniff)."""
+    report = subprocess.run(
+        ["perf", "report", "-i", str(path), "--sort", "dso", "--stdio", "-q"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    print(report.strip("\n"))
+    symbols = subprocess.run(
+        ["perf", "report", "-i", str(path), "--sort", "dso,sym", "--stdio", "-q"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    print("\ntop symbols:")
+    print("\n".join(symbols.strip("\n").splitlines()[:15]))
 
 
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
@@ -130,12 +164,19 @@ def main() -> None:
     a.add_argument("out", type=Path)
     a.add_argument("--rate", type=int, default=100)
     a.add_argument("--wait", type=float, default=1800)
+    a.add_argument("--perf", action="store_true", help="record with Linux perf, for split")
+    sp = sub.add_parser("split")
+    sp.add_argument("profile", type=Path)
     t = sub.add_parser("top")
     t.add_argument("profile", type=Path)
     t.add_argument("-n", type=int, default=25)
     args = p.parse_args()
     if args.cmd == "attach":
-        sys.exit(attach(args.harness_pid, args.out, args.rate, args.wait))
+        record = attach_perf if args.perf else attach
+        sys.exit(record(args.harness_pid, args.out, args.rate, args.wait))
+    if args.cmd == "split":
+        split(args.profile)
+        return
     top(args.profile, args.n)
 
 
