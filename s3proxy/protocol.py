@@ -1109,6 +1109,13 @@ class ProxyRequestHandler(RequestHandler):
             queued = len(self._messages)
             super().data_received(piece)
             if cut and self._in_body():
+                if len(self._messages) > queued:
+                    # The parser refused the body at its end (a coded stream cut short,
+                    # ``codings.checked_feed_eof``: the reader got no EOF): that error
+                    # answers it, and nothing after it is read. Taken for a held tail,
+                    # what followed waited for good (reprobe16a F1: 408 after 30 s).
+                    self._screen(queued)
+                    return
                 # The parser holds the body's tail (its reader is full) and ends it on
                 # resume: what follows waits for that, so the parser never reads it with
                 # the body (``_held_on``).
@@ -1164,7 +1171,14 @@ class ProxyRequestHandler(RequestHandler):
         assert held is not None
         if data:
             held.append(data)  # (joined once the body has ended: a copy per read was quadratic)
+        queued = len(self._messages)
         super().data_received(b"")
+        if len(self._messages) > queued:
+            # It refused the body at the held end (a coded stream cut short): as in
+            # ``_parse``, that error answers it and nothing after it is read.
+            self._after_body = None
+            self._screen(queued)
+            return b""
         if self._in_body():
             return b""
         self._after_body = None

@@ -324,6 +324,61 @@ async def test_a_coded_body_whose_stream_does_not_end_is_a_400_and_nothing_is_st
     quiet_log(caplog)
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("name", list(UNENDED))
+async def test_a_coded_body_that_does_not_end_is_a_400_at_once_with_a_request_behind_it(
+    proxy: Any, s3: Any, bucket: str, name: str, chunked: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """reprobe16a F1: with a request pipelined behind it in the same read, the body's end
+    was cut from what followed, and the parser's refusal at that end (the reader got no
+    EOF) was taken for a held tail: what followed waited for the body, never ended, and
+    the client got nothing until --client-timeout's 408. Now the 400 comes at once, the
+    connection closes after it (nothing after a broken body is read), nothing is kept."""
+    caplog.set_level(logging.INFO)
+    coded, coding = UNENDED[name]
+    raw = request(coded, f"Content-Encoding: {coding}\r\n".encode(), chunked=chunked)
+    behind = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+    resp = await exchange(proxy.host, proxy.port, raw + behind)
+    assert resp.status == 400, resp.raw[:400]
+    assert resp.code == "BAD_HTTP_REQUEST", resp.json()
+    assert f"not valid {coding} data" in resp.json()["error"]["message"]
+    assert resp.closed
+    assert resp.raw.count(b"HTTP/1.1 ") == 1, resp.raw[:600]
+    assert all_keys(s3, bucket) == []
+    assert open_uploads(s3, bucket) == []
+    quiet_log(caplog)
+
+
+@pytest.mark.parametrize("size", [7, 1000])
+async def test_a_held_coded_body_that_does_not_end_is_a_400_with_a_request_behind_it(
+    proxy: Any, s3: Any, bucket: str, size: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same, its body's tail held by the parser (300 KB of gzip in small chunks: its
+    reader fills, and the parser keeps the rest until the handler reads on): the
+    refusal comes when the handler's read makes the parser parse the held end."""
+    caplog.set_level(logging.INFO)
+    form = bodies.body([bodies.file("f", "doc.bin", os.urandom(300_000))])
+    coded = gzip.compress(form)[:-8]
+    framed = b"".join(
+        b"%x\r\n%s\r\n" % (len(coded[i : i + size]), coded[i : i + size])
+        for i in range(0, len(coded), size)
+    )
+    head = (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Type: multipart/form-data; boundary="
+        + BOUNDARY
+        + b"\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    behind = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+    resp = await exchange(proxy.host, proxy.port, head + framed + b"0\r\n\r\n" + behind)
+    assert resp.status == 400, resp.raw[:400]
+    assert "not valid gzip data" in resp.json()["error"]["message"]
+    assert resp.closed
+    assert resp.raw.count(b"HTTP/1.1 ") == 1, resp.raw[:600]
+    assert all_keys(s3, bucket) == []
+    assert open_uploads(s3, bucket) == []
+    quiet_log(caplog)
+
+
 @pytest.mark.parametrize("cut", ["half", "trailer"])
 async def test_a_tus_patch_whose_gzip_does_not_end_keeps_nothing(
     proxy_factory: Any, cut: str
