@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import logging
 import random
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -43,6 +42,7 @@ from s3proxy.log import (
     REQUEST_ID,
     AccessLogger,
     cut_short_response,
+    given_request_id,
 )
 from s3proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
 from s3proxy.s3 import ObjectStore
@@ -57,7 +57,6 @@ log = logging.getLogger("s3proxy.app")
 # Seconds a request cut short at the drain's deadline may take to end (closing its S3
 # body): nothing to wait for but its own finally blocks.
 STOP_WAIT = 1.0
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 RID = web.RequestKey("request_id", str)
 
 
@@ -65,8 +64,7 @@ def request_id(request: web.Request) -> str:
     """The client's X-Request-ID if it is sane, else a new one; the same all request long."""
     rid = request.get(RID)
     if rid is None:
-        given = request.headers.get("X-Request-ID", "")
-        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        rid = given_request_id(request.headers.get("X-Request-ID")) or uuid.uuid4().hex
         request[RID] = rid
     return rid
 

@@ -30,6 +30,13 @@ from aiohttp import ClientConnectionError, ClientRequest, web
 from aiohttp.web_log import AccessLogger as _AiohttpAccessLogger
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def given_request_id(given: str | None) -> str | None:
+    """A client's X-Request-ID if it is sane to log and echo (no spaces, quotes or
+    control bytes, at most 128 characters), else None: a new one is made then."""
+    return given if given is not None and _SANE_REQUEST_ID.fullmatch(given) else None
 
 
 # Query parameters that carry a credential: ours (``?token=``, auth.TOKEN_QUERY), the

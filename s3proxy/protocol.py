@@ -124,7 +124,7 @@ from s3proxy.errors import (
     http_exception_response,
     undecodable_coding,
 )
-from s3proxy.log import REQUEST_ID, RateLimit
+from s3proxy.log import REQUEST_ID, RateLimit, given_request_id
 
 log = logging.getLogger("s3proxy.protocol")
 
@@ -269,6 +269,16 @@ def _raw_origin(head: bytes) -> str | None:
 
 
 _ORIGIN = re.compile(rb"\r\norigin[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+
+
+def _raw_request_id(head: bytes) -> str | None:
+    """The client's X-Request-ID in the bytes of a head the parser refused, if sane: its
+    error answer returns it, as every other answer does (README, Logs)."""
+    found = _REQUEST_ID_HEADER.search(head)
+    return None if found is None else given_request_id(found.group(1).decode("latin-1").strip())
+
+
+_REQUEST_ID_HEADER = re.compile(rb"\r\nx-request-id[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 TUS_ROOT = "/tus/"
 # A refused head's request line naming a tus URL (the parser gave no path for it).
 _TUS_TARGET = re.compile(rb"[!-~]+ /tus/")
@@ -545,6 +555,8 @@ class ProxyRequestHandler(RequestHandler):
         self._error_origin: str | None = None
         # ... and whether it was a tus request, whose answers all carry the tus headers.
         self._error_tus = False
+        # ... and its X-Request-ID, which its error answer returns as any answer does.
+        self._error_rid: str | None = None
         self.health_only = False
         self.requests_open = 0  # heads parsed whose response is not finished
         self.idle_since = self._loop.time()
@@ -685,7 +697,8 @@ class ProxyRequestHandler(RequestHandler):
         if request.writer.output_size > 0:
             # As aiohttp does: a response is under way, only the connection can go.
             raise ConnectionError("a response was already being sent")
-        rid = uuid.uuid4().hex
+        given = given_request_id(request.headers.get("X-Request-ID")) or self._error_rid
+        rid = given or uuid.uuid4().hex
         REQUEST_ID.set(rid)  # this runs in the request's own task
         if isinstance(exc, HttpProcessingError):
             kind = error_kind(exc)
@@ -1152,6 +1165,7 @@ class ProxyRequestHandler(RequestHandler):
                     if better is not None:
                         self._messages[-1] = (_error_info(better), EMPTY_PAYLOAD)
                     self._error_tus = _TUS_TARGET.match(piece) is not None
+                    self._error_rid = _raw_request_id(seen)
                     if self.cors is not None:
                         self._error_origin = _raw_origin(piece)
                 self._walk_behind = in_body
@@ -1342,6 +1356,7 @@ class ProxyRequestHandler(RequestHandler):
             if exc is not None:
                 self._error_origin = message.headers.get(hdrs.ORIGIN)
                 self._error_tus = message.path.startswith(TUS_ROOT)
+                self._error_rid = given_request_id(message.headers.get("X-Request-ID"))
                 messages[i] = (_error_info(exc), EMPTY_PAYLOAD)
                 while len(messages) > i + 1:
                     messages.pop()
@@ -1386,6 +1401,7 @@ class ProxyRequestHandler(RequestHandler):
                 if isinstance(head, RawRequestMessage):
                     self._error_origin = head.headers.get(hdrs.ORIGIN)
                     self._error_tus = head.path.startswith(TUS_ROOT)
+                    self._error_rid = given_request_id(head.headers.get("X-Request-ID"))
                 messages[j] = error
                 while len(messages) > j + 1:
                     messages.pop()

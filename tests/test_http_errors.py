@@ -160,6 +160,51 @@ async def test_malformed_request_is_a_json_error(
     assert_one_quiet_line(caplog)
 
 
+# Refused after the request line was read: their heads' X-Request-ID can be answered.
+WITH_HEADERS = [
+    "header-without-colon",
+    "duplicate-content-length",
+    "duplicate-content-type",
+    "content-length-overflow",
+    "obs-fold",
+    "nul-in-header",
+    "other-major-version",
+    "bad-chunk-size",
+    "chunked-and-content-length",
+    "long-header",
+    "too-many-headers",
+]
+
+
+@pytest.mark.parametrize("name", WITH_HEADERS)
+async def test_a_refused_heads_request_id_is_returned(proxy: Any, name: str) -> None:
+    """reprobe16a F3: every answer returns the client's X-Request-ID (when sane), but the
+    answers to heads the parser refused always carried a new one, so a client could not
+    match its 400, 415 or 431 to its request or to the proxy's log line."""
+    raw, status = MALFORMED[name]
+    line, _, rest = raw.partition(b"\r\n")
+    resp = await exchange(proxy.host, proxy.port, line + b"\r\nX-Request-ID: rid-42.a\r\n" + rest)
+    assert resp.status == status, resp.raw[:400]
+    assert resp.headers["X-Request-ID"] == "rid-42.a", resp.raw[:400]
+    # one that is not sane to echo (a space, a quote) is replaced, as on any request
+    insane = line + b'\r\nX-Request-ID: rid "42"\r\n' + rest
+    resp = await exchange(proxy.host, proxy.port, insane)
+    assert resp.status == status, resp.raw[:400]
+    assert re.fullmatch(r"[0-9a-f]{32}", resp.headers["X-Request-ID"]), resp.raw[:400]
+
+
+async def test_a_refused_codings_request_id_is_returned(proxy: Any) -> None:
+    """The same for a Content-Encoding aiohttp cannot decode (br without Brotli): 415."""
+    raw = (
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nX-Request-ID: rid-br\r\n"
+        b"Content-Type: multipart/form-data; boundary=xx\r\nContent-Encoding: br\r\n"
+        b"Content-Length: 3\r\n\r\nabc"
+    )
+    resp = await exchange(proxy.host, proxy.port, raw)
+    assert resp.status == 415, resp.raw[:400]
+    assert resp.headers["X-Request-ID"] == "rid-br", resp.raw[:400]
+
+
 @pytest.mark.parametrize("route", list(LATE_BAD_CHUNK))
 async def test_bad_chunk_while_the_body_is_read(
     proxy: Any, caplog: pytest.LogCaptureFixture, route: str
