@@ -955,6 +955,10 @@ async def _append_tracked(
     finally:
         if made is not None and appended.file is not None and appended.file.maybe_stored:
             made.sent = True
+        if appended.segment is not None and appended.segment_late:
+            recheck = tus_ending.segment_recheck(store, appended.segment.key)
+            what = f"tus segments id={upload.id}"
+            recheck_late(state.janitor, recheck, what, _late_window(state), Kind.TUS_UPLOAD)
         if not committed:
             await lease.release()
             await appended.abort_unnamed(state)

@@ -77,6 +77,7 @@ class Appended:
         self.stored_length = stored_length  # the length as stored (a failed PATCH keeps it)
         self.file: FileUpload | None = None
         self.segment: Segment | None = None
+        self.segment_late = False  # an attempt of its write may still land (S3 unanswered)
         self.tail_start: int | None = None
 
     async def load(self) -> Staged:
@@ -94,7 +95,8 @@ class Appended:
             return
         if crc is not None and crc.algorithm.value != self.current.checksum:
             crc = None  # not the upload's algorithm (an instance set otherwise): not recorded
-        self.segment = await self.store.put_segment(start, chunks, size, crc)
+        self.segment, written = await self.store.put_segment(start, chunks, size, crc)
+        self.segment_late = written.may_land_late
 
     def _new_parts(self) -> list[Part]:
         assert self.file is not None

@@ -174,6 +174,22 @@ def creation_recheck(
     return recheck
 
 
+def segment_recheck(store: TusStore, key: str) -> Callable[[], Awaitable[None]]:
+    """The recheck of a segment whose write had an unanswered attempt: it may land after
+    the upload ended and its prefix went, and stay until the expiry sweep (reprobe16b: a
+    PATCH's tail dated after the completion). Once the state is gone the upload has ended
+    (it goes last, and no commit can name the segment then: a swap needs the state's
+    ETag), and the key goes; while the state stands, the upload's end removes the prefix."""
+
+    async def recheck() -> None:
+        if await store.read() is not None:
+            return
+        await store.bucket.delete(key)
+        log.info("tus.segment_late id=%s key=%s action=removed", store.upload.id, key)
+
+    return recheck
+
+
 async def finished(store: TusStore) -> int | None:
     """The size of the object this upload made at its key, if it completed; else None."""
     found = await own_object(store, store.upload.length)

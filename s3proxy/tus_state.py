@@ -475,12 +475,14 @@ class TusStore:
 
     async def put_segment(
         self, start: int, chunks: Sequence[Chunk], size: int, crc: CrcValue | None
-    ) -> Segment:
+    ) -> tuple[Segment, Written]:
         """Store a PATCH's tail with ``crc``, the CRC of its bytes as they arrived (None
-        without a checksum): S3 verifies it, and ``load`` checks the bytes read back."""
+        without a checksum): S3 verifies it, and ``load`` checks the bytes read back. With
+        the write (``Written.may_land_late``: an attempt may land after the upload ended)."""
         key = f"{self.upload.prefix}seg/{start:016d}-{uuid.uuid4().hex[:12]}"
-        await self._put_verified(key, chunks, SEGMENT_OPTIONS, crc, f"the staged bytes at {start}")
-        return Segment(key, start, size, None if crc is None else crc.b64())
+        what = f"the staged bytes at {start}"
+        written = await self._put_verified(key, chunks, SEGMENT_OPTIONS, crc, what)
+        return Segment(key, start, size, None if crc is None else crc.b64()), written
 
     async def _put_verified(
         self,

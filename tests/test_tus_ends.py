@@ -413,6 +413,35 @@ async def test_a_rolled_back_upload_whose_write_lands_late_is_deleted_again(
         )
 
 
+async def test_a_segment_whose_write_lands_after_the_upload_completed_is_deleted_again(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """reprobe16b: the first PATCH's segment write held on the way past
+    --s3-read-timeout, its retry stored it, the second PATCH completed the upload and its
+    prefix went; then the held attempt landed, and the segment (client bytes under
+    .s3proxy/) stayed until the expiry sweep, 24 hours on. Its delete is made again later,
+    once the upload's state is gone."""
+    held = lambda op, n: Fault(delay=1.5) if (op, n) == ("PutObject:segment", 1) else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, held, name=tus_operation) as faulty:
+        proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=0.5, s3_max_attempts=3)
+        data = body(2000)
+        url = await new_upload(proxy, len(data))
+        resp = await proxy.patch(url, data=data[:1000], headers=patch_headers(0))
+        assert resp.status == 204, await resp.text()
+        assert faulty.calls.count("PutObject:segment") == 2
+        resp = await proxy.patch(url, data=data[1000:], headers=patch_headers(1000))
+        assert resp.status == 204, await resp.text()
+        key = unquote(resp.headers["S3Proxy-Key"])
+        await asyncio.sleep(1.5)  # the held attempt has landed
+        await eventually(
+            lambda: reserved(s3, bucket),
+            until=lambda keys: keys == [],
+            within=8.0,
+            what="no segment left under the reserved prefix",
+        )
+    assert await read_object_async(s3, bucket, key) == data
+
+
 class _Receiver:
     """A webhook receiver answering ``status`` (changed as the test goes), after ``delay``
     seconds over upload.completed; the events it got."""
