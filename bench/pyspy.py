@@ -91,25 +91,18 @@ def attach_perf(harness: int, out: Path, rate: int, limit_s: float) -> int:
     return _record(harness, ["perf", "record", "-F", str(rate), "-p", str(server), "-o", str(out)])
 
 
+def _perf_report(path: Path, sort: str) -> str:
+    command = ["perf", "report", "-i", str(path), "--sort", sort, "--stdio", "-q"]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip("\n")
+
+
 def split(path: Path) -> None:
     """Where the CPU went, by library (``perf report --sort dso``): the kernel's socket
     work, libcrypto (the file's sha256), libpython (the interpreter, and ``bytes.find``:
     the multipart scan), awscrt (the CRC64NVME), libmagic (the type sniff)."""
-    report = subprocess.run(
-        ["perf", "report", "-i", str(path), "--sort", "dso", "--stdio", "-q"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    print(report.strip("\n"))
-    symbols = subprocess.run(
-        ["perf", "report", "-i", str(path), "--sort", "dso,sym", "--stdio", "-q"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    print(_perf_report(path, "dso"))
     print("\ntop symbols:")
-    print("\n".join(symbols.strip("\n").splitlines()[:15]))
+    print("\n".join(_perf_report(path, "dso,sym").splitlines()[:15]))
 
 
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
