@@ -697,7 +697,10 @@ class ProxyRequestHandler(RequestHandler):
         if request.writer.output_size > 0:
             # As aiohttp does: a response is under way, only the connection can go.
             raise ConnectionError("a response was already being sent")
-        given = given_request_id(request.headers.get("X-Request-ID")) or self._error_rid
+        refused = request._message is web_protocol.ERROR  # a head the parser refused
+        given = (
+            self._error_rid if refused else given_request_id(request.headers.get("X-Request-ID"))
+        )
         rid = given or uuid.uuid4().hex
         REQUEST_ID.set(rid)  # this runs in the request's own task
         if isinstance(exc, HttpProcessingError):

@@ -955,8 +955,8 @@ async def _append_tracked(
     finally:
         if made is not None and appended.file is not None and appended.file.maybe_stored:
             made.sent = True
-        if appended.segment is not None and appended.segment_late:
-            recheck = tus_ending.segment_recheck(store, appended.segment.key)
+        if appended.segment_may_land_late():
+            recheck = tus_ending.segment_recheck(store)
             what = f"tus segments id={upload.id}"
             recheck_late(state.janitor, recheck, what, _late_window(state), Kind.TUS_UPLOAD)
         if not committed:

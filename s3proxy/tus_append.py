@@ -77,7 +77,8 @@ class Appended:
         self.stored_length = stored_length  # the length as stored (a failed PATCH keeps it)
         self.file: FileUpload | None = None
         self.segment: Segment | None = None
-        self.segment_late = False  # an attempt of its write may still land (S3 unanswered)
+        self.segment_sent = False  # its segment write was made (it may have failed)
+        self.segment_late = False  # an attempt of that write may still land (S3 unanswered)
         self.tail_start: int | None = None
 
     async def load(self) -> Staged:
@@ -95,8 +96,14 @@ class Appended:
             return
         if crc is not None and crc.algorithm.value != self.current.checksum:
             crc = None  # not the upload's algorithm (an instance set otherwise): not recorded
+        self.segment_sent = True
         self.segment, written = await self.store.put_segment(start, chunks, size, crc)
         self.segment_late = written.may_land_late
+
+    def segment_may_land_late(self) -> bool:
+        """Its segment write had an attempt S3 did not answer, or failed (an attempt of
+        it may still land, after the upload ended: ``tus_ending.segment_recheck``)."""
+        return self.segment_late or (self.segment_sent and self.segment is None)
 
     def _new_parts(self) -> list[Part]:
         assert self.file is not None

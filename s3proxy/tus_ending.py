@@ -174,18 +174,19 @@ def creation_recheck(
     return recheck
 
 
-def segment_recheck(store: TusStore, key: str) -> Callable[[], Awaitable[None]]:
-    """The recheck of a segment whose write had an unanswered attempt: it may land after
-    the upload ended and its prefix went, and stay until the expiry sweep (reprobe16b: a
-    PATCH's tail dated after the completion). Once the state is gone the upload has ended
-    (it goes last, and no commit can name the segment then: a swap needs the state's
-    ETag), and the key goes; while the state stands, the upload's end removes the prefix."""
+def segment_recheck(store: TusStore) -> Callable[[], Awaitable[None]]:
+    """The recheck after a segment write that had an unanswered attempt, or failed: one may
+    land after the upload ended and its prefix went, and stay until the expiry sweep
+    (reprobe16b: a PATCH's tail dated after the completion). Once the state is gone the
+    upload has ended (the state goes last, and no commit can name a segment then: a swap
+    needs the state's ETag): what is left under the prefix goes. While the state stands,
+    the upload's own end removes the prefix."""
 
     async def recheck() -> None:
         if await store.read() is not None:
             return
-        await store.bucket.delete(key)
-        log.info("tus.segment_late id=%s key=%s action=removed", store.upload.id, key)
+        if removed := await store.remove_all():
+            log.info("tus.segment_late id=%s removed=%d", store.upload.id, removed)
 
     return recheck
 

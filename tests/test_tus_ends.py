@@ -442,6 +442,34 @@ async def test_a_segment_whose_write_lands_after_the_upload_completed_is_deleted
     assert await read_object_async(s3, bucket, key) == data
 
 
+async def test_a_failed_segment_write_that_lands_after_the_upload_ended_is_deleted(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """The same for a segment write that failed: its first attempt held on the way, the
+    retries refused (503), the PATCH answered 503; the client then terminated the upload
+    (DELETE) and its prefix went; the held attempt landed after that."""
+
+    def held(op: str, n: int) -> Fault | None:
+        if op != "PutObject:segment":
+            return None
+        return Fault(delay=3.0) if n == 1 else Fault(status=503, code="SlowDown")
+
+    async with FaultyS3(moto.endpoint_url, held, name=tus_operation) as faulty:
+        proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=0.5, s3_max_attempts=3)
+        url = await new_upload(proxy, 2000)
+        resp = await proxy.patch(url, data=body(1000), headers=patch_headers(0))
+        assert resp.status >= 500, await resp.text()
+        assert (await proxy.delete(url, headers=TUS)).status == 204
+        assert await reserved(s3, bucket) == []  # before the held attempt lands
+        await asyncio.sleep(2.0)  # the held attempt has landed
+        await eventually(
+            lambda: reserved(s3, bucket),
+            until=lambda keys: keys == [],
+            within=6.0,
+            what="no segment left under the reserved prefix",
+        )
+
+
 class _Receiver:
     """A webhook receiver answering ``status`` (changed as the test goes), after ``delay``
     seconds over upload.completed; the events it got."""
