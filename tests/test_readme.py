@@ -36,6 +36,7 @@ OTHER_FLAGS = {
     "--update-readme",
     "--quick",
     "--cells",
+    "--perf",  # python -m bench.pyspy attach
     "--strict",  # mypy
 }
 # Codes the table documents that come from outside errors.py's list.
