@@ -87,7 +87,8 @@ class DownloadSlots:
         except TimeoutError:
             raise SlotsFull(
                 OVERLOADED,
-                f"{self.size} downloads are streaming, the most this instance serves at "
+                f"{self.size} {'download is' if self.size == 1 else 'downloads are'} "
+                "streaming, the most this instance serves at "
                 "once; try again shortly",
             ) from None
         self.in_use += 1

@@ -623,7 +623,8 @@ class Settings:
     # connections (README "Limits and timeouts")
     header_timeout: float = _setting(
         10.0,
-        "seconds a request head may take, from connection open or its first byte (slowloris)",
+        "seconds a request head may take, from connection open or its first byte (slowloris), "
+        "also when that byte comes in the same read as the request before it",
         parse_duration,
         show=format_duration,
     )
@@ -727,7 +728,7 @@ class Settings:
     tus_expiry: float = _setting(
         86400.0,
         "how long a resumable upload may take from its creation (Upload-Expires); then its "
-        "URL stops working and the sweep removes what it stored",
+        "URL stops working and the sweep removes what it stored (at least 60s)",
         parse_duration,
         show=format_duration,
     )
@@ -735,7 +736,7 @@ class Settings:
         30.0,
         "seconds a resumable upload's PATCH holds its lock without renewing it; a killed "
         "instance's upload can be resumed elsewhere this long (plus --cleanup-clock-skew) "
-        "after it died",
+        "after it died (at least 0.5s)",
         parse_duration,
         show=format_duration,
     )
