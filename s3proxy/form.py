@@ -262,7 +262,9 @@ class TransportFlow:
         elif seen is not None and self._coded_length is not None:
             ended = length_ended(read + kernel, self._coded_length)
         blocked = window_closed(sock)
-        return Arrival(read + kernel, content._size + kernel, ended, blocked, look)
+        # (a request with no body has aiohttp's EmptyStreamReader: nothing buffered)
+        buffered = getattr(content, "_size", 0)
+        return Arrival(read + kernel, buffered + kernel, ended, blocked, look)
 
     def _look(
         self, sock: Any, read: int, kernel: int, framing: ChunkExtensions, looks: Looks

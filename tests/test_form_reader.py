@@ -16,7 +16,7 @@ import socket
 from typing import Any
 
 import pytest
-from aiohttp import BodyPartReader, MultipartReader
+from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.streams import EmptyStreamReader, StreamReader
 
 from s3proxy import form
@@ -280,3 +280,23 @@ def test_a_pending_look_walks_on_over_the_bytes_it_copied(
 async def test_next_chunk_of_an_empty_body_is_its_end() -> None:
     """A request without a body has aiohttp's EmptyStreamReader, with no buffer to join."""
     assert await form.next_chunk(EmptyStreamReader()) == b""
+
+
+async def test_the_arrival_of_a_request_without_a_body(aiohttp_client: Any) -> None:
+    """reprobe17a F2: a tus creation with Upload-Length: 0 (or a PATCH with Content-Length:
+    0) waiting for memory was judged by its arrival, which read the body's buffered size
+    off aiohttp's EmptyStreamReader, which has none: 500 AttributeError with a traceback
+    (17 of 20 such creations while the budget was spent)."""
+    seen: list[Any] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(TransportFlow(request).arrival())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/x", handler)
+    client = await aiohttp_client(app)
+    resp = await client.post("/x", headers={"Content-Length": "0"})
+    assert resp.status == 200, await resp.text()
+    (arrival,) = seen
+    assert arrival is not None and arrival.ended and arrival.unread == 0
