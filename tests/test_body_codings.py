@@ -409,3 +409,31 @@ async def test_a_sign_request_whose_gzip_does_not_end_is_a_400(proxy: Any) -> No
     assert resp.status == 400, resp.raw[:400]
     assert resp.code == "BAD_HTTP_REQUEST", resp.json()
     assert "not valid gzip data" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_sign_request_with_a_coded_body_is_answered(
+    proxy: Any, coding: str, chunked: bool
+) -> None:
+    """reprobe17a F1: /sign compared the decoded JSON's length with the Content-Length,
+    which counts coded bytes: a gzip body (always longer than small JSON) was 400
+    CLIENT_DISCONNECTED, and a request pipelined behind it was never answered."""
+    data = b'{"filename": "a.txt", "size": 3}'
+    coded = gzip.compress(data) if coding == "gzip" else zlib.compress(data)
+    head = (
+        b"POST /sign HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+        b"Content-Encoding: %s\r\n" % coding.encode()
+    )
+    if chunked:
+        raw = head + b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+            len(coded),
+            coded,
+        )
+    else:
+        raw = head + b"Content-Length: %d\r\n\r\n" % len(coded) + coded
+    behind = b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    resp = await exchange(proxy.host, proxy.port, raw + behind)
+    assert resp.status == 200, resp.raw[:400]
+    assert "url" in resp.json(), resp.json()
+    assert resp.raw.count(b"HTTP/1.1 200") == 2, resp.raw[-300:]
