@@ -178,6 +178,7 @@ def install_end_check() -> bool:
         return False
     new_decompressor = ZLibDecompressor._new_decompressor
     feed_eof = DeflateBuffer.feed_eof
+    feed_data = DeflateBuffer.feed_data
 
     @functools.wraps(new_decompressor)
     def tracked(self: ZLibDecompressor) -> Any:
@@ -189,7 +190,22 @@ def install_end_check() -> bool:
             raise ContentEncodingError(self.encoding or "")
         feed_eof(self)
 
+    @functools.wraps(feed_data)
+    def zlib_only_feed_data(self: DeflateBuffer, chunk: bytes, size: int) -> bool:
+        # aiohttp takes a deflate body whose first byte is no zlib header (RFC 1950: its
+        # low nibble 8) for raw deflate, which has no Adler-32: a changed byte was stored
+        # and answered 201 (reprobe17a F4). RFC 9110 section 8.4.1.2: deflate is zlib.
+        if (
+            self.encoding == "deflate"
+            and chunk
+            and not getattr(self, "_started_decoding", True)
+            and chunk[0] & 0xF != 8
+        ):
+            raise ContentEncodingError("deflate")
+        return feed_data(self, chunk, size)
+
     checked_feed_eof._s3proxy_checked = True  # type: ignore[attr-defined]
     ZLibDecompressor._new_decompressor = tracked  # type: ignore[method-assign]
     DeflateBuffer.feed_eof = checked_feed_eof  # type: ignore[method-assign]
+    DeflateBuffer.feed_data = zlib_only_feed_data  # type: ignore[method-assign]
     return True

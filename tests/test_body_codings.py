@@ -437,3 +437,31 @@ async def test_a_sign_request_with_a_coded_body_is_answered(
     assert resp.status == 200, resp.raw[:400]
     assert "url" in resp.json(), resp.json()
     assert resp.raw.count(b"HTTP/1.1 200") == 2, resp.raw[-300:]
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    coder = zlib.compressobj(6, zlib.DEFLATED, -15)  # no zlib header, no Adler-32
+    return coder.compress(data) + coder.flush()
+
+
+@pytest.mark.parametrize("flipped", [False, True], ids=["intact", "byte-flipped"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_raw_deflate_is_refused(
+    proxy: Any, s3: Any, bucket: str, flipped: bool, chunked: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """reprobe17a F4: aiohttp took a deflate body whose first byte is no zlib header for
+    raw deflate, which has no checksum: one flipped byte was stored as other bytes and
+    answered 201 (3/3). RFC 9110: deflate is the zlib format; raw deflate is refused."""
+    caplog.set_level(logging.INFO)
+    coded = _raw_deflate(FORM)
+    if flipped:
+        i = len(coded) // 2
+        coded = coded[:i] + bytes([coded[i] ^ 0x55]) + coded[i + 1 :]
+    raw = request(coded, b"Content-Encoding: deflate\r\n", chunked=chunked)
+    resp = await exchange(proxy.host, proxy.port, raw)
+    assert resp.status == 400, resp.raw[:400]
+    assert resp.code == "BAD_HTTP_REQUEST", resp.json()
+    assert "not valid deflate data" in resp.json()["error"]["message"]
+    assert all_keys(s3, bucket) == []
+    assert open_uploads(s3, bucket) == []
+    quiet_log(caplog)
