@@ -104,7 +104,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from s3proxy import tus_protocol
 from s3proxy.chunked import ChunkedDecoder, joined
 from s3proxy.chunks import DATA, MAX_CHUNK_EXTENSIONS, ChunkExtensions
-from s3proxy.codings import CONTENT_ADVICE, end_check_problems, install_end_check
+from s3proxy.codings import CONTENT_ADVICE, discard, end_check_problems, install_end_check
 from s3proxy.cors import Cors
 from s3proxy.errors import (
     BAD_HTTP_REQUEST,
@@ -557,6 +557,9 @@ class ProxyRequestHandler(RequestHandler):
         self._error_tus = False
         # ... and its X-Request-ID, which its error answer returns as any answer does.
         self._error_rid: str | None = None
+        # The body of an answered request aiohttp reads on to its end: not decoded
+        # (``codings.discard``).
+        self.discarded_body: StreamReader | None = None
         self.health_only = False
         self.requests_open = 0  # heads parsed whose response is not finished
         self.idle_since = self._loop.time()
@@ -751,6 +754,8 @@ class ProxyRequestHandler(RequestHandler):
             json_resp = http_exception_response(resp)
             json_resp.force_close()
             resp = json_resp
+        if not request.content.is_eof():
+            discard(request.content)  # read on by aiohttp only to its end
         return await super().finish_response(request, resp, start_time)
 
     def log_access(
