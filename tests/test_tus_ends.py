@@ -413,6 +413,16 @@ async def test_a_rolled_back_upload_whose_write_lands_late_is_deleted_again(
         )
 
 
+async def nothing_reserved(s3: Any, bucket: str, within: float) -> None:
+    """Wait until nothing is left under the reserved prefix (a late segment removed)."""
+    await eventually(
+        lambda: reserved(s3, bucket),
+        until=lambda keys: keys == [],
+        within=within,
+        what="no segment left under the reserved prefix",
+    )
+
+
 async def test_a_segment_whose_write_lands_after_the_upload_completed_is_deleted_again(
     proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
 ) -> None:
@@ -433,12 +443,7 @@ async def test_a_segment_whose_write_lands_after_the_upload_completed_is_deleted
         assert resp.status == 204, await resp.text()
         key = unquote(resp.headers["S3Proxy-Key"])
         await asyncio.sleep(1.5)  # the held attempt has landed
-        await eventually(
-            lambda: reserved(s3, bucket),
-            until=lambda keys: keys == [],
-            within=8.0,
-            what="no segment left under the reserved prefix",
-        )
+        await nothing_reserved(s3, bucket, within=8.0)
     assert await read_object_async(s3, bucket, key) == data
 
 
@@ -462,12 +467,7 @@ async def test_a_failed_segment_write_that_lands_after_the_upload_ended_is_delet
         assert (await proxy.delete(url, headers=TUS)).status == 204
         assert await reserved(s3, bucket) == []  # before the held attempt lands
         await asyncio.sleep(2.0)  # the held attempt has landed
-        await eventually(
-            lambda: reserved(s3, bucket),
-            until=lambda keys: keys == [],
-            within=6.0,
-            what="no segment left under the reserved prefix",
-        )
+        await nothing_reserved(s3, bucket, within=6.0)
 
 
 class _Receiver:
