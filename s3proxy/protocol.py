@@ -261,23 +261,15 @@ def _head_end(data: bytes, pos: int = 0) -> int:
 _EMPTY_LINES = re.compile(rb"(?:\r?\n)+")
 
 
-def _raw_origin(head: bytes) -> str | None:
-    """The Origin header in the bytes of a head the parser refused (a browser sends its
-    head in one write), for the CORS headers of the error."""
-    found = _ORIGIN.search(head)
+def _raw_header(head: bytes, field: re.Pattern[bytes]) -> str | None:
+    """A header's value in the bytes of a head the parser refused (a browser sends its
+    head in one write): the Origin for the error's CORS headers, the X-Request-ID it
+    returns as every answer does (README, Logs)."""
+    found = field.search(head)
     return None if found is None else found.group(1).decode("latin-1").strip()
 
 
 _ORIGIN = re.compile(rb"\r\norigin[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
-
-
-def _raw_request_id(head: bytes) -> str | None:
-    """The client's X-Request-ID in the bytes of a head the parser refused, if sane: its
-    error answer returns it, as every other answer does (README, Logs)."""
-    found = _REQUEST_ID_HEADER.search(head)
-    return None if found is None else given_request_id(found.group(1).decode("latin-1").strip())
-
-
 _REQUEST_ID_HEADER = re.compile(rb"\r\nx-request-id[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
 TUS_ROOT = "/tus/"
 # A refused head's request line naming a tus URL (the parser gave no path for it).
@@ -1070,7 +1062,7 @@ class ProxyRequestHandler(RequestHandler):
         parsed it, the EOF ends what came after (a body still due is cut, a partial head
         dropped), as it would have at once (reprobe15a: a body cut after such a body
         waited out the client timeout)."""
-        if self._eof_held and not self._parser_holds():
+        if not self._parser_holds():  # (data_received tested _eof_held)
             self._eof_held = False
             self._end_at_eof()
 
@@ -1173,9 +1165,9 @@ class ProxyRequestHandler(RequestHandler):
                     if better is not None:
                         self._messages[-1] = (_error_info(better), EMPTY_PAYLOAD)
                     self._error_tus = _TUS_TARGET.match(piece) is not None
-                    self._error_rid = _raw_request_id(seen)
+                    self._error_rid = given_request_id(_raw_header(seen, _REQUEST_ID_HEADER))
                     if self.cors is not None:
-                        self._error_origin = _raw_origin(piece)
+                        self._error_origin = _raw_header(piece, _ORIGIN)
                 self._walk_behind = in_body
                 self._screen(queued)
             if pos >= len(data) or self._ignore_rest or self._force_close or self._close:
@@ -1362,9 +1354,7 @@ class ProxyRequestHandler(RequestHandler):
             ):
                 exc = BadHttpMessage("Transfer-Encoding in an HTTP/1.0 request is faulty framing")
             if exc is not None:
-                self._error_origin = message.headers.get(hdrs.ORIGIN)
-                self._error_tus = message.path.startswith(TUS_ROOT)
-                self._error_rid = given_request_id(message.headers.get("X-Request-ID"))
+                self._error_from(message)
                 messages[i] = (_error_info(exc), EMPTY_PAYLOAD)
                 while len(messages) > i + 1:
                     messages.pop()
@@ -1389,6 +1379,13 @@ class ProxyRequestHandler(RequestHandler):
                 self._ignore_rest = True
                 return
 
+    def _error_from(self, head: RawRequestMessage) -> None:
+        """What the error answer in place of ``head`` takes from it (handle_error): its
+        Origin, whether it was a tus request, its X-Request-ID."""
+        self._error_origin = head.headers.get(hdrs.ORIGIN)
+        self._error_tus = head.path.startswith(TUS_ROOT)
+        self._error_rid = given_request_id(head.headers.get("X-Request-ID"))
+
     def _body_broke(self, i: int) -> None:
         """The parse error queued at ``i`` is in the newest request's body (a bad chunk
         size): aiohttp's C parser raises it out of feed_data, and data_received queues it
@@ -1407,9 +1404,7 @@ class ProxyRequestHandler(RequestHandler):
             if queued is payload:
                 head = messages[j][0]
                 if isinstance(head, RawRequestMessage):
-                    self._error_origin = head.headers.get(hdrs.ORIGIN)
-                    self._error_tus = head.path.startswith(TUS_ROOT)
-                    self._error_rid = given_request_id(head.headers.get("X-Request-ID"))
+                    self._error_from(head)
                 messages[j] = error
                 while len(messages) > j + 1:
                     messages.pop()
