@@ -1,18 +1,25 @@
 """``python -m bench.hold_cost``: what holding a part before sending it costs a relay.
 
 s3proxy keeps each part's chunks until S3 acknowledges it (a retry resends them), so every
-byte is sent some 8 MiB after it was read: out of the core's cache by then. The floor
-design sends each read on at once, from a buffer still in cache. This relays ``--size``
+byte is sent some 8 MiB after it was read. The floor design sends each read on at once,
+from one small buffer it reuses. Measured: what costs is the memory a part takes, not the
+delay (``streamed`` costs what ``held`` does). This relays ``--size``
 bytes from a sender process to a sink process over loopback TCP, with sha256 over every
-read as both do, in three ways, and reports this process's CPU per GiB (``getrusage``):
+read as both do, in five ways, and reports this process's CPU per GiB (``getrusage``):
 
 - ``floor``: ``recv_into`` one reused 256 KiB buffer, hash it, ``sendall`` it (the floor);
 - ``fresh``: ``recv`` a new bytes object per read (as asyncio does), hash, send at once;
 - ``held``: as ``fresh``, but the reads are held until ``--part-size`` of them have come,
-  then sent one by one (as s3proxy's parts).
+  then sent one by one (as s3proxy's parts);
+- ``streamed``: as ``fresh`` (each read sent at once, from cache), but kept until
+  ``--part-size`` of them have come, as a design that streams a part while it fills must
+  keep them for a retry: no read's memory is reused before its part is done;
+- ``pooled``: ``recv_into`` two reused part-size buffers in turn, each sent once full (a
+  pool of part buffers instead of a new object per read).
 
-``held`` minus ``fresh`` is the cost of holding; ``fresh`` minus ``floor`` that of a new
-object per read. The best of ``--repeat`` runs of each is reported (interference only adds).
+``held`` minus ``fresh`` is the cost of holding; ``held`` minus ``streamed`` what streaming
+a part while it fills would save; ``fresh`` minus ``floor`` the cost of a new object per
+read. The best of ``--repeat`` runs of each is reported (interference only adds).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import socket
 
 READ = 256 * 1024
 BLOCK = 1024 * 1024
-MODES = ("floor", "fresh", "held")
+MODES = ("floor", "fresh", "held", "streamed", "pooled")
 
 
 def _sender(port: int, size: int) -> None:
@@ -52,6 +59,22 @@ def _relay(mode: str, src: socket.socket, dst: socket.socket, part_size: int) ->
             digest.update(view[:n])
             dst.sendall(view[:n])
         return
+    if mode == "pooled":
+        pool = [bytearray(part_size) for _ in range(2)]
+        turn = 0
+        while True:
+            part = memoryview(pool[turn])
+            filled = 0
+            while filled < part_size and (
+                n := src.recv_into(part[filled:], min(READ, part_size - filled))
+            ):
+                digest.update(part[filled : filled + n])
+                filled += n
+            for at in range(0, filled, READ):
+                dst.sendall(part[at : min(at + READ, filled)])
+            if filled < part_size:
+                return
+            turn ^= 1
     held: list[bytes] = []
     filled = 0
     while True:
@@ -61,9 +84,14 @@ def _relay(mode: str, src: socket.socket, dst: socket.socket, part_size: int) ->
             if mode == "fresh":
                 dst.sendall(data)
                 continue
+            if mode == "streamed":
+                dst.sendall(data)
             held.append(data)
             filled += len(data)
-        if held and (filled >= part_size or not data):
+        if mode == "streamed":
+            if filled >= part_size:
+                held, filled = [], 0
+        elif held and (filled >= part_size or not data):
             for chunk in held:
                 dst.sendall(chunk)
             held, filled = [], 0
@@ -107,6 +135,8 @@ def main() -> None:
     for mode in MODES:
         print(f"{mode:<6} {best[mode]:.2f}")
     print(f"holding {args.part_size} MiB parts costs {best['held'] - best['fresh']:+.2f} CPU s/GiB")
+    print(f"streaming them while they fill saves {best['held'] - best['streamed']:+.2f} CPU s/GiB")
+    print(f"a pool of part buffers saves {best['held'] - best['pooled']:+.2f} CPU s/GiB")
 
 
 if __name__ == "__main__":
