@@ -829,7 +829,7 @@ async def _append_tracked(
         dataclasses.replace(current, length=stored_length),
         settings.tus_lock_lease,
         settings.cleanup_clock_skew,
-        state.janitor.deadline,
+        state.janitor,
     )
     await lease.take(etag)
     committed = False
@@ -994,7 +994,7 @@ async def finish_owed(state: AppState, store: TusStore, current: TusState, etag:
     finishes it; 404 if the object is no longer this upload's (the upload then ends)."""
     settings = state.settings
     lease = Lease(
-        store, current, settings.tus_lock_lease, settings.cleanup_clock_skew, state.janitor.deadline
+        store, current, settings.tus_lock_lease, settings.cleanup_clock_skew, state.janitor
     )
     await lease.take(etag)
     try:
