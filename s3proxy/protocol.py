@@ -748,6 +748,8 @@ class ProxyRequestHandler(RequestHandler):
             resp = json_resp
         if not request.content.is_eof():
             discard(request.content)  # read on by aiohttp only to its end
+        if request.content.exception() is not None:
+            drop_unread(request.content)
         return await super().finish_response(request, resp, start_time)
 
     def log_access(
@@ -1428,6 +1430,18 @@ class ProxyRequestHandler(RequestHandler):
             log.info("http.bad_body_unread error=%s", " ".join(str(exc).split()))
             return
         super().log_exception(*args, **kw)
+
+
+def drop_unread(body: StreamReader) -> None:
+    """Empty a broken body's reader. No read returns its bytes (each raises the body's
+    error first), but the reader lives on in aiohttp's reference cycles (the connection,
+    its handler's task) until the cyclic GC runs, and its bytes with it: up to its
+    high-water mark of decoded bytes per request refused for its coding (reprobe18a F1:
+    400 such gzip uploads grew the proxy by 0.28 MB each, never given back)."""
+    buffer = getattr(body, "_buffer", None)
+    if buffer:
+        buffer.clear()
+        body._size = 0
 
 
 class ProxyServer(web.Server):

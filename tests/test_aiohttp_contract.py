@@ -126,6 +126,7 @@ def test_private_attributes_exist() -> None:
         assert f"self.{name}" in part_attrs, name
     assert "_buffer" in streams.StreamReader.__slots__
     assert "_buffer_offset" in streams.StreamReader.__slots__
+    assert "_size" in streams.StreamReader.__slots__  # protocol.drop_unread
     assert protocol.private_api_problems() == []
     assert codings.end_check_problems() == []
 

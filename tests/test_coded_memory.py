@@ -19,6 +19,7 @@ import asyncio
 import gzip
 import hashlib
 import io
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -231,3 +232,59 @@ async def test_gzip_uploads_grow_a_proxy_process_by_the_budget_not_per_upload(
         assert stored["sha256"] == hashlib.sha256(data).hexdigest()
         assert (await head_object_async(s3, bucket, stored["key"]))["ContentLength"] == size
     assert peak - idle <= BUDGET + 32 * MiB, f"+{(peak - idle) / MiB:.0f} MiB"
+
+
+async def test_gzip_uploads_refused_mid_body_do_not_grow_a_proxy_process(
+    moto: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    """RSS as a user runs it, under 120 gzip uploads of 2 MiB refused 400 for a byte
+    changed at 90% of the stream, one after another (reprobe18a F1). Before: the proxy
+    grew by about 0.3 MB per upload and never gave it back (400 uploads: +0.28 MB each).
+    aiohttp's StreamReader keeps the body's error and raises that object in the handler,
+    whose traceback then holds the handler's frames, which hold the request, its reader
+    and its zlib decoder (with its input's unread rest): a cycle only the cyclic GC
+    freed, and RSS stayed. ``errors.forget_tracebacks`` drops an answered error's
+    tracebacks; ``protocol.drop_unread`` empties a broken body's reader."""
+    proxy = ProxyProcess.start(
+        [
+            "--endpoint-url",
+            moto.endpoint_url,
+            "--bucket",
+            bucket,
+            "--memory-budget",
+            "32MiB",
+            "--part-size",
+            "5MiB",
+        ],
+        fake_aws_env(),
+        tmp_path / "proxy.log",
+    )
+    data = random.Random(18).randbytes(2 * MiB)  # what gzip cannot shrink
+    coded = bytearray(gzip.compress(bodies.body([bodies.file("f", "z.bin", data)]), 1))
+    coded[len(coded) * 9 // 10] ^= 0xFF
+    headers = {**bodies.headers(), "Content-Encoding": "gzip"}
+
+    async def refused(session: aiohttp.ClientSession, n: int) -> None:
+        for _ in range(n):
+            async with session.post(
+                proxy.url + "/upload", data=io.BytesIO(coded), headers=headers
+            ) as resp:
+                answer = await resp.json()
+                assert resp.status == 400, answer
+                assert answer["error"]["code"] == "BAD_HTTP_REQUEST"
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            await refused(session, 20)  # warm: what every such request uses is loaded
+            warm = proc_status(proxy.proc.pid, "VmRSS")
+            await refused(session, 120)
+            after = proc_status(proxy.proc.pid, "VmRSS")
+    finally:
+        proxy.stop()
+    grown = (after - warm) / 120
+    print(
+        f"120 refused gzip uploads: RSS {warm / MiB:.0f} -> {after / MiB:.0f} MiB, "
+        f"{grown / 1024:.1f} KiB each"
+    )
+    assert "Traceback" not in proxy.log_path.read_text()
+    assert grown < 64 * 1024, f"{grown / 1024:.0f} KiB per refused upload"
