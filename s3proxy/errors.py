@@ -191,7 +191,20 @@ def framing_limit(exc: BaseException | None) -> FramingLimit | None:
     return None
 
 
-def bad_coding_message(coding: str) -> str:
+class TooManyMembers(ValueError):
+    """A coded body of too many small members (``codings.too_many_members``): raised in
+    aiohttp's decoder, which turns it into a ContentEncodingError with this as its
+    context; the answer gives this message."""
+
+
+def bad_coding_message(coding: str, exc: BaseException | None = None) -> str:
+    """What a 400 for an undecodable body says: why, when ``exc`` was caused by a rule of
+    the proxy's own (``TooManyMembers``)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, TooManyMembers):
+            return str(exc)
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return f"the request body is not valid {coding} data (its Content-Encoding)"
 
 
@@ -318,7 +331,7 @@ def _answer(request: web.Request, exc: Exception) -> web.StreamResponse:
         coding = undecodable_coding(exc)
         limit = framing_limit(exc)
         if coding is not None:
-            message = bad_coding_message(coding)
+            message = bad_coding_message(coding, exc)
         elif limit is not None:
             message = str(limit.message)
         else:

@@ -710,7 +710,7 @@ class ProxyRequestHandler(RequestHandler):
             )
             coding = undecodable_coding(exc)
             if coding:
-                text = bad_coding_message(coding)
+                text = bad_coding_message(coding, exc)
             elif isinstance(exc, FramingLimit | VersionNotSupported):
                 text = str(exc.message)
             else:

@@ -127,6 +127,10 @@ def test_private_attributes_exist() -> None:
     assert "_buffer" in streams.StreamReader.__slots__
     assert "_buffer_offset" in streams.StreamReader.__slots__
     assert "_size" in streams.StreamReader.__slots__  # protocol.drop_unread
+    # codings.install_end_check replaces this per-call cap with a per-body rule
+    assert "MAX_DECOMPRESS_MEMBERS" in inspect.getsource(
+        compression_utils.ConcatDecompressionHandler._decompress_members
+    )
     assert protocol.private_api_problems() == []
     assert codings.end_check_problems() == []
 
