@@ -56,6 +56,16 @@ def compressible(size: int, seed: int) -> bytes:
     return (block * (size // len(block) + 1))[:size]
 
 
+def moto_proxy(
+    moto: MotoServer, bucket: str, tmp_path: Path, budget: str, *more: str
+) -> ProxyProcess:
+    """A proxy process on ``moto``, with this ``budget`` and 5 MiB parts."""
+    args = ["--endpoint-url", moto.endpoint_url, "--bucket", bucket, "--memory-budget", budget]
+    return ProxyProcess.start(
+        [*args, "--part-size", "5MiB", *more], fake_aws_env(), tmp_path / "proxy.log"
+    )
+
+
 def reset_peak(pid: int) -> None:
     """Make the process's VmHWM its RSS now (proc(5), clear_refs): the peak from here."""
     Path(f"/proc/{pid}/clear_refs").write_text("5")
@@ -181,22 +191,7 @@ async def test_gzip_uploads_grow_a_proxy_process_by_the_budget_not_per_upload(
     """The process's RSS, as a user runs it: 12 concurrent gzip uploads of 32 MiB (about
     32 KB each on the wire) with a 16 MiB budget. Before: +123 MiB (unreserved parts,
     about 10 MiB per upload); README's bound is the budget plus under 1 MiB per upload."""
-    proxy = ProxyProcess.start(
-        [
-            "--endpoint-url",
-            moto.endpoint_url,
-            "--bucket",
-            bucket,
-            "--memory-budget",
-            "16MiB",
-            "--part-size",
-            "5MiB",
-            "--min-upload-rate",
-            "1",
-        ],
-        fake_aws_env(),
-        tmp_path / "proxy.log",
-    )
+    proxy = moto_proxy(moto, bucket, tmp_path, "16MiB", "--min-upload-rate", "1")
     size = 32 * MiB
     files = [compressible(size, seed=200 + i) for i in range(12)]
     coded = [gzip.compress(bodies.body([bodies.file("f", "z.bin", d)]), 6) for d in files]
@@ -245,20 +240,7 @@ async def test_gzip_uploads_refused_mid_body_do_not_grow_a_proxy_process(
     and its zlib decoder (with its input's unread rest): a cycle only the cyclic GC
     freed, and RSS stayed. ``errors.forget_tracebacks`` drops an answered error's
     tracebacks; ``protocol.drop_unread`` empties a broken body's reader."""
-    proxy = ProxyProcess.start(
-        [
-            "--endpoint-url",
-            moto.endpoint_url,
-            "--bucket",
-            bucket,
-            "--memory-budget",
-            "32MiB",
-            "--part-size",
-            "5MiB",
-        ],
-        fake_aws_env(),
-        tmp_path / "proxy.log",
-    )
+    proxy = moto_proxy(moto, bucket, tmp_path, "32MiB")
     data = random.Random(18).randbytes(2 * MiB)  # what gzip cannot shrink
     coded = bytearray(gzip.compress(bodies.body([bodies.file("f", "z.bin", data)]), 1))
     coded[len(coded) * 9 // 10] ^= 0xFF

@@ -56,6 +56,16 @@ async def state_of(store: TusStore) -> TusState:
     return found[0]
 
 
+async def faulty_upload(
+    proxy_factory: ProxyFactory, faulty: FaultyS3
+) -> tuple[TestClient[Any, Any], bytes, str]:
+    """A proxy in front of ``faulty`` (short S3 timeouts, 2 attempts) and a new 1,000-byte
+    upload on it: (proxy, the upload's bytes, its URL)."""
+    proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=0.5, s3_max_attempts=2)
+    data = body(1000)
+    return proxy, data, await new_upload(proxy, len(data))
+
+
 async def unlocked(store: TusStore) -> TusState | None:
     state = await state_of(store)
     return state if state.lock is None else None
@@ -93,9 +103,7 @@ async def test_a_lock_swap_that_landed_unseen_and_cannot_be_read_back_is_a_503(
         return UNAVAILABLE if schedule.count(op) <= 2 else None  # the read-back
 
     async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
-        proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=0.5, s3_max_attempts=2)
-        data = body(1000)
-        url = await new_upload(proxy, len(data))
+        proxy, data, url = await faulty_upload(proxy_factory, faulty)
         store = state_store(proxy, url)
         before = await state_of(store)
         schedule.armed = True
@@ -141,9 +149,7 @@ async def test_a_commit_that_landed_unseen_and_cannot_be_read_back_is_a_503(
         return UNAVAILABLE if schedule.count(op) in (2, 3) else None
 
     async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
-        proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=0.5, s3_max_attempts=2)
-        data = body(1000)
-        url = await new_upload(proxy, len(data))
+        proxy, data, url = await faulty_upload(proxy_factory, faulty)
         schedule.armed = True
         with caplog.at_level(logging.INFO, "s3proxy.tus"):
             resp = await proxy.patch(url, data=data[:400], headers=patch_headers(0))
@@ -173,9 +179,7 @@ async def test_a_failed_patchs_release_that_s3_refuses_is_given_back_in_the_back
         return UNAVAILABLE if schedule.count(op) in (2, 3) else None  # the lock goes in
 
     async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
-        proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=0.5, s3_max_attempts=2)
-        data = body(1000)
-        url = await new_upload(proxy, len(data))
+        proxy, data, url = await faulty_upload(proxy_factory, faulty)
         store = state_store(proxy, url)
         before = await state_of(store)
         wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
