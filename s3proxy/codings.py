@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import zlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -116,15 +117,18 @@ async def refuse_unsupported(request: web.Request, handler: Any) -> web.StreamRe
 # caps the members one decode call takes (1,024, ``MAX_DECOMPRESS_MEMBERS``), which made a
 # valid body of many small members refused or taken by how its bytes were split into
 # socket reads (reprobe18a F3: 1,815 members refused 400 in one write, stored in 2 KB
-# writes), and bounded nothing per body. Here the rule is the body's own: past
-# ``FREE_MEMBERS`` members, they must average at least ``MEMBER_BYTES`` coded bytes
-# (decoding then costs at most about 6 CPU s per GiB more), whatever the reads.
+# writes), and bounded nothing per body. Here the rule is the body's own, a rule of its
+# bytes alone: at no member's end past the ``FREE_MEMBERS``-th may the members so far
+# average under ``MEMBER_BYTES`` coded bytes (decoding then costs at most about 6 CPU s
+# per GiB more). Each member's coded bytes are counted exactly as it ends (``Members``);
+# counting decoders made, with the bytes of the read in hand, refused exactly 1,024 gzip
+# members and took 1,500 of exactly 1 KiB or not by the reads (reprobe18c).
 FREE_MEMBERS = 1024
 MEMBER_BYTES = 1024
 
 
 def too_many_members(members: int, coded: int) -> bool:
-    """Are ``members`` too many for a body of ``coded`` bytes so far? Pure."""
+    """Are ``members`` ended members of ``coded`` bytes in all too many? Pure."""
     return members > FREE_MEMBERS and coded < members * MEMBER_BYTES
 
 
@@ -135,22 +139,54 @@ def members_message(coding: str) -> str:
     )
 
 
+class Members:
+    """One coded body's members so far: how many ended, and their coded bytes.
+
+    Held by the body's decoder (aiohttp's ``ZLibDecompressor``) and by each member's
+    ``TrackedInflate``, which counts into it: a plain object, so neither holds the other
+    and no reference cycle keeps a body's decoder alive."""
+
+    __slots__ = ("coded", "coding", "ended")
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        self.ended = 0
+        self.coded = 0  # bytes of the ended members, and of the one being decoded
+
+    def check(self) -> None:
+        """Raise ``TooManyMembers`` if the members ended so far break the rule."""
+        if too_many_members(self.ended, self.coded):
+            raise TooManyMembers(members_message(self.coding))
+
+
 class TrackedInflate:
-    """A zlib decompressobj that remembers whether it was given a byte: a member begun.
+    """A zlib decompressobj for one member that counts its coded bytes into the body's
+    ``Members``, and remembers whether it was given a byte: a member begun.
 
-    zlib's object does not tell (no total_in); a fresh one and one fed half a member
-    look the same until the next byte."""
+    zlib's object does not tell (no total_in): the bytes a call consumed are its input
+    less what it left, in ``unconsumed_tail`` while the member goes on, and once it ended
+    what the call added to ``unused_data``, the bytes after its end (which grows on each
+    call after it; its ``unconsumed_tail`` may then repeat them)."""
 
-    __slots__ = ("_inner", "begun")
+    __slots__ = ("_inner", "begun", "members")
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, members: Members) -> None:
         self._inner = inner
+        self.members = members
         self.begun = False
 
     def decompress(self, data: Any, max_length: int = 0) -> bytes:
+        inner = self._inner
         if len(data):
             self.begun = True
-        out: bytes = self._inner.decompress(data, max_length)
+        ended = inner.eof
+        unused = len(inner.unused_data)
+        out: bytes = inner.decompress(data, max_length)
+        if inner.eof:  # what follows the member's end, whatever the output limit
+            self.members.coded += len(data) - (len(inner.unused_data) - unused)
+            self.members.ended += not ended
+        else:
+            self.members.coded += len(data) - len(inner.unconsumed_tail)
         return out
 
     def flush(self, *args: int) -> bytes:
@@ -228,12 +264,13 @@ def install_end_check() -> bool:
 
     @functools.wraps(new_decompressor)
     def tracked(self: ZLibDecompressor) -> Any:
-        # one per member: counted per body, against the body's coded bytes so far
-        members = getattr(self, "_s3proxy_members", 0) + 1
-        self._s3proxy_members = members  # type: ignore[attr-defined]
-        if too_many_members(members, getattr(self, "_s3proxy_coded", 0)):
-            raise TooManyMembers(members_message(getattr(self, "_s3proxy_coding", "gzip")))
-        return TrackedInflate(new_decompressor(self))
+        # one per member, and one more (begun or not) after a gzip member ends a read
+        members = getattr(self, "_s3proxy_members", None)
+        if members is None:
+            coding = "gzip" if getattr(self, "_mode", 0) > zlib.MAX_WBITS else "deflate"
+            members = self._s3proxy_members = Members(coding)  # type: ignore[attr-defined]
+        members.check()
+        return TrackedInflate(new_decompressor(self), members)
 
     @functools.wraps(feed_eof)
     def checked_feed_eof(self: DeflateBuffer) -> None:
@@ -242,6 +279,12 @@ def install_end_check() -> bool:
             return
         if self.size > 0 and not stream_complete(self.decompressor):
             raise ContentEncodingError(self.encoding or "")
+        members = getattr(self.decompressor, "_s3proxy_members", None)
+        if members is not None:
+            try:
+                members.check()  # the last member ends with the body: no decoder after it
+            except TooManyMembers as exc:
+                raise ContentEncodingError(self.encoding or "") from exc
         feed_eof(self)
 
     @functools.wraps(feed_data)
@@ -259,9 +302,6 @@ def install_end_check() -> bool:
             and chunk[0] & 0xF != 8
         ):
             raise ContentEncodingError("deflate")
-        # the coded bytes this call may decode members of, and their coding, for ``tracked``
-        self.decompressor._s3proxy_coded = self.size + size
-        self.decompressor._s3proxy_coding = self.encoding
         return feed_data(self, chunk, size)
 
     # The body's rule (``too_many_members``) replaces aiohttp's per-call one, which made

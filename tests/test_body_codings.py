@@ -24,6 +24,8 @@ from tests.rawhttp import RawResponse, exchange
 from tests.s3util import all_keys, open_uploads
 from tests.test_tus import _new, _patch_headers
 
+MiB = 1024 * 1024
+
 FILE = b"%PDF-1.4 the bytes the client means\n" + bytes(range(256)) * 40
 FORM = bodies.body([bodies.file("f", "doc.pdf", FILE)])
 BOUNDARY = bodies.BOUNDARY.encode()
@@ -515,6 +517,107 @@ async def test_many_members_are_taken_or_refused_by_the_body_not_its_reads(
     assert len(all_keys(s3, bucket)) == 1
     assert not open_uploads(s3, bucket)
     quiet_log(caplog)
+
+
+def _exact_members(data: bytes, coded: int, coding: str) -> bytes:
+    """``data`` as stored (level 0) members of exactly ``coded`` bytes each."""
+    code = gzip.compress if coding == "gzip" else zlib.compress
+    size = coded - len(code(b"", 0))  # a stored member's framing is fixed
+    assert len(data) % size == 0
+    members = [code(data[i : i + size], 0) for i in range(0, len(data), size)]
+    assert {len(m) for m in members} == {coded}
+    return b"".join(members)
+
+
+def _form_of(members: int, size: int) -> bytes:
+    """A one-file form exactly ``members`` x ``size`` bytes long."""
+    base = len(bodies.body([bodies.file("f", "exact.bin", b"")]))
+    return bodies.body([bodies.file("f", "exact.bin", os.urandom(members * size - base))])
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+@pytest.mark.parametrize(
+    "reads", ["one-write", "small-writes", "4MiB-reads", "chunked-small-writes"]
+)
+async def test_member_rule_is_a_rule_of_the_bytes(
+    proxy_factory: Any,
+    s3: Any,
+    bucket: str,
+    caplog: pytest.LogCaptureFixture,
+    coding: str,
+    reads: str,
+) -> None:
+    """reprobe18c: the rule counted decoders made, with the coded bytes of the read in
+    hand. Exactly 1,024 gzip members were refused (aiohttp makes a spare decoder when a
+    member ends where a read ends); 1,024 tiny members then one of 2 MiB (2 KiB each on
+    average) were refused; 1,500 members of exactly 1,024 bytes were taken or refused by
+    how the reads split. Now each member's exact coded bytes are counted as it ends, and
+    all three are stored however they are read."""
+    proxy = await proxy_factory(**({"read_buffer": 4 * MiB} if reads == "4MiB-reads" else {}))
+    empty = gzip.compress(b"") if coding == "gzip" else zlib.compress(b"")
+    few = bodies.body([bodies.file("f", "few.bin", os.urandom(500))])
+    few_head = few.index(b"\r\n\r\n") + 4
+    # the head, 1,022 empty members, the last one: 1,024 in all
+    exact = _members(few[:few_head], len(few), coding)
+    exact += empty * 1022 + _members(few[few_head:], len(few), coding)
+    # the head, 1,023 empty members, then one of 2 MiB: 1,025 of 2 KiB on average
+    big = bodies.body([bodies.file("f", "big.bin", os.urandom(2 * MiB))])
+    big_head = big.index(b"\r\n\r\n") + 4
+    late = _members(big[:big_head], len(big), coding)
+    late += empty * 1023 + _members(big[big_head:], len(big), coding)
+    # 1,500 members of exactly 1,024 coded bytes: an average of exactly 1 KiB
+    even = _form_of(1500, 1024 - len((gzip if coding == "gzip" else zlib).compress(b"", 0)))
+    headers = b"Content-Encoding: %s\r\nConnection: close\r\n" % coding.encode()
+    for form, body in ((few, exact), (big, late), (even, _exact_members(even, 1024, coding))):
+        raw = request(body, headers, chunked=reads.startswith("chunked"))
+        chunks = _in_writes(raw, 64 * 1024 if len(raw) > MiB else 1024)
+        resp = await exchange(
+            proxy.host,
+            proxy.port,
+            *(chunks if reads.endswith("small-writes") else [raw]),
+            pause=0.01,
+        )
+        assert resp.status == 201, resp.raw[:400]
+        [file] = resp.json()["files"]
+        got = s3.get_object(Bucket=bucket, Key=file["key"])["Body"].read()
+        head = form.index(b"\r\n\r\n") + 4
+        assert got == form[head : len(form) - len(b"\r\n--" + BOUNDARY + b"--\r\n")]
+    assert len(all_keys(s3, bucket)) == 3
+    assert not open_uploads(s3, bucket)
+    quiet_log(caplog)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+@pytest.mark.parametrize("limit", [0, 4096, 65536])
+def test_members_and_their_bytes_are_counted_exactly_however_split(coding: str, limit: int) -> None:
+    """No event loop: aiohttp's decoder, fed a body of members of many sizes in random
+    splits and under an output limit (as DeflateBuffer feeds it), counts every member
+    and every coded byte once: a member that ends where a split ends, one left whole in
+    ``unused_data`` by a limit, and zlib's ``unconsumed_tail``, which repeats
+    ``unused_data`` once a member ended under a limit (a count went negative)."""
+    import random
+
+    from aiohttp.compression_utils import ZLibDecompressor
+
+    from s3proxy.codings import install_end_check
+
+    assert install_end_check()
+    rng = random.Random(limit)
+    code = gzip.compress if coding == "gzip" else zlib.compress
+    pieces = [os.urandom(rng.choice([0, 1, 100, 1000, 5000, 70_000])) for _ in range(300)]
+    body = b"".join(code(p, rng.choice([0, 1, 9])) for p in pieces)
+    for _ in range(5):
+        decoder = ZLibDecompressor(encoding=coding)
+        out, at = [], 0
+        while at < len(body):
+            step = rng.choice([1, 7, 1024, 20_000, len(body)])
+            out.append(decoder.decompress_sync(body[at : at + step], limit))
+            at += step
+            while decoder.data_available and (decoded := decoder.decompress_sync(b"", limit)):
+                out.append(decoded)
+        members = decoder._s3proxy_members  # type: ignore[attr-defined]
+        assert b"".join(out) == b"".join(pieces)
+        assert (members.ended, members.coded) == (len(pieces), len(body))
 
 
 def test_members_are_judged_by_their_average_size() -> None:
