@@ -85,6 +85,10 @@ def check_upload(request: web.Request, state: AppState) -> Principal:
         )
     grant = principal.grant
     max_size = grant.max_size if grant is not None else None
+    # A token bounds the file's decoded bytes: a coded body's Content-Length counts its
+    # coding's framing too (a file of exactly the token's size in small gzip members was
+    # refused), so only a plain one is judged here; a coded one as its bytes decode.
+    length = codings.read_length(request)
     if max_size is not None and length is not None and length > max_size + MULTIPART_OVERHEAD:
         raise ProxyError(
             FILE_TOO_LARGE,

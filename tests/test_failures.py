@@ -593,6 +593,43 @@ async def test_token_size_limit_is_one_error(proxy_factory: Any, s3: Any, bucket
     await wait_clean(s3, bucket)
 
 
+async def test_a_token_bounds_a_coded_bodys_file_not_its_content_length(
+    proxy_factory: Any, s3: Any, bucket: str
+) -> None:
+    """A gzip body's Content-Length counts its coding's framing too (23 bytes a member):
+    a file of exactly a token's size in 2,000-byte members has a Content-Length some
+    100 KB over it, and was refused 413 FILE_TOO_LARGE before a byte was read. The
+    token bounds the file's decoded bytes, counted as they arrive."""
+    import gzip
+
+    from s3proxy.tokens import issue
+
+    secret = "t" * 32
+    proxy = await proxy_factory(token_secret=(secret,))
+    token = issue(secret.encode(), prefix="p/", ttl=60, max_size=8 * MiB)
+    auth = {**bodies.headers(), "Authorization": f"Bearer {token}", "Content-Encoding": "gzip"}
+    for size, stored in ((8 * MiB, True), (8 * MiB + 1, False)):
+        data = os.urandom(size)
+        form = bodies.body([bodies.file("f", "a.bin", data)])
+        coded = b"".join(gzip.compress(form[i : i + 2000], 0) for i in range(0, len(form), 2000))
+        assert len(coded) > size + 64 * 1024 + 1024  # past the early check's allowance
+        status, out = await post_raw(proxy, coded, headers=auth)
+        if stored:
+            assert status == 201, out
+            [file] = out["files"]
+            assert await read_object_async(s3, bucket, file["key"]) == data
+        else:
+            expect_error(status, out, 413, "FILE_TOO_LARGE")
+            assert "a.bin" in out["error"]["message"], out
+
+    async def left() -> tuple[list[dict[str, Any]], int]:
+        return await open_uploads_async(s3, bucket), len(await all_keys_async(s3, bucket))
+
+    await eventually(
+        left, until=lambda got: got == ([], 1), within=10.0, what="the 201's file only"
+    )
+
+
 async def test_fields_differing_only_in_case_are_refused(proxy: Any, s3: Any, bucket: str) -> None:
     """S3 metadata names are case-insensitive: Foo and foo cannot both be stored."""
     raw = bodies.body(
