@@ -178,9 +178,20 @@ async def test_workers_share_the_port(
                 return resp.status
 
         assert await asyncio.gather(*(one(i) for i in range(6))) == [201] * 6
+
         # Each worker's own metrics, on the port plus its index: together, every upload
         # (one shared port answered each scrape from a random worker).
-        counts = [await started_total(f"http://127.0.0.1:{metrics + i}/metrics") for i in (0, 1)]
+        # (a worker still starting, under load, has not bound its port yet: asked again)
+        async def scraped() -> list[float | None]:
+            return [await started_total(f"http://127.0.0.1:{metrics + i}/metrics") for i in (0, 1)]
+
+        counts = await eventually(
+            scraped,
+            within=15,
+            what="both workers' metrics",
+            until=lambda c: True,
+            ignoring=(aiohttp.ClientConnectorError,),
+        )
         assert sum(c or 0 for c in counts) == 6, counts
         os.kill(workers[0], signal.SIGKILL)  # a crashed worker is replaced
         await eventually(
