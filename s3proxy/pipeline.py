@@ -252,6 +252,11 @@ class Staging(Protocol):
         ``crc`` is theirs (None with the checksum off)."""
         ...
 
+    async def before_store(self) -> None:
+        """The file is whole and its object about to be written (PutObject or Complete):
+        raise to write nothing (tus: this request no longer holds the upload)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Resumed:
@@ -525,6 +530,8 @@ class FileUpload:
         failed before a request was sent: then a failed upload owes no delete (with no
         credentials, "delete it by hand" pointed the operator at objects never made).
         """
+        if self.resume is not None:
+            await self.resume.staging.before_store()
         self.maybe_stored = True
         try:
             if not self.cfg.writes.if_none_match:

@@ -833,7 +833,7 @@ async def _append_tracked(
     )
     await lease.take(etag)
     committed = False
-    appended = Appended(store, current, stored_length)
+    appended = Appended(store, current, stored_length, lease.confirm)
     try:
         try:
             stored = await _stream(request, state, store, current, appended, declared)
@@ -925,7 +925,7 @@ async def _append_tracked(
             # acknowledged, so a resume need not send them again (tus: "store as much as
             # possible"); the bytes of its unfinished part are lost.
             kept = appended.partial_state()
-            if kept is not None:
+            if kept is not None and not lease.lost:  # (lost: the upload is another's now)
                 await lease.commit(kept)
                 committed = True
                 await tus_ending.forget(state, store, appended.dropped())

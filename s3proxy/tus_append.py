@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -71,8 +72,15 @@ class Appended:
     """What one PATCH adds: the pipeline's ``Staging`` (staged bytes read back, the tail
     written as a segment), and the state it commits."""
 
-    def __init__(self, store: TusStore, current: TusState, stored_length: int | None) -> None:
+    def __init__(
+        self,
+        store: TusStore,
+        current: TusState,
+        stored_length: int | None,
+        confirm: Callable[[], Awaitable[None]],
+    ) -> None:
         self.store = store
+        self.confirm = confirm  # the PATCH's lease, renewed (or 423) before the object write
         self.current = current  # as stored, with the length this PATCH works to
         self.stored_length = stored_length  # the length as stored (a failed PATCH keeps it)
         self.file: FileUpload | None = None
@@ -99,6 +107,12 @@ class Appended:
         self.segment_sent = True
         self.segment, written = await self.store.put_segment(start, chunks, size, crc)
         self.segment_late = written.may_land_late
+
+    async def before_store(self) -> None:
+        """The object is stored only while this PATCH holds the upload: an instance frozen
+        past its lease, the upload taken over (or terminated) meanwhile, stored its file
+        over the other PATCH's and told the webhook twice (reprobe19b F1)."""
+        await self.confirm()
 
     def segment_may_land_late(self) -> bool:
         """Its segment write had an attempt S3 did not answer, or failed (an attempt of

@@ -31,6 +31,7 @@ log = logging.getLogger("s3proxy.tus")
 # Seconds at most between tries at giving back a lock in the background: the upload frees
 # within about this long of S3 answering again (a third of the lease if that is shorter).
 GIVE_BACK_EVERY = 1.0
+LOST_LOCK = "this PATCH lost its lock (it stalled); HEAD and resume"
 
 
 class Unread(enum.Enum):
@@ -204,6 +205,25 @@ class Lease:
                 except ProxyError as err:  # S3 trouble: the next renewal may make it
                     log.warning("tus.lock_renew_failed id=%s error=%s", self.store.upload.id, err)
 
+    async def confirm(self) -> None:
+        """Renew the lock now, by a swap: before the PATCH writes the upload's object, which
+        no state swap guards. 423 if another request changed the state meanwhile (the lock
+        lapsed while this PATCH stalled: another PATCH or a DELETE took the upload over);
+        S3 trouble raises its error (5xx), and nothing is written either way."""
+        if self.lost:
+            raise self._lost_lock()
+        async with self._mutex:
+            self.state.lock = Lock(self.owner, time.time() + self.seconds)
+            try:
+                await self._swap_own(self.state)
+            except (PreconditionFailed, NoSuchKey):
+                self.lost = True
+                raise self._lost_lock() from None
+
+    def _lost_lock(self) -> ProxyError:
+        log.warning("tus.store_lost_lock id=%s owner=%s", self.store.upload.id, self.owner)
+        return ProxyError(UPLOAD_LOCKED, LOST_LOCK)
+
     async def stop(self) -> None:
         """Stop renewing, never mid-swap: a swap cut off after sending lands at S3 unseen."""
         task, self._task = self._task, None
@@ -247,7 +267,7 @@ class Lease:
             self.owner,
             new.offset,
         )
-        return ProxyError(UPLOAD_LOCKED, "this PATCH lost its lock (it stalled); HEAD and resume")
+        return ProxyError(UPLOAD_LOCKED, LOST_LOCK)
 
     async def release(self) -> None:
         """Give the lock back after a failed PATCH, only while the state still carries this

@@ -118,6 +118,59 @@ async def test_a_dead_patchs_lock_goes_stale_after_the_lease(
     assert await read_object_async(s3, bucket, await stored_key(s3, bucket)) == data
 
 
+@pytest.mark.parametrize("size", [300 * KiB, 6 * MiB], ids=["put-object", "complete"])
+@pytest.mark.parametrize("meanwhile", ["taken-over", "terminated"])
+async def test_a_patch_that_lost_its_lock_stores_no_object(
+    proxy_factory: ProxyFactory, s3: Any, bucket: str, size: int, meanwhile: str
+) -> None:
+    """reprobe19b F1: an instance frozen past its lease in the PATCH that completes the
+    upload (SIGSTOP) woke, stored its object and answered 204: over the object of the
+    PATCH that took the upload over, or bringing a terminated upload back, the webhook
+    told twice. The object write has no state swap to fail, so the lock is renewed by one
+    just before it: here the takeover (or the termination) is written while the PATCH's
+    body is on its way, and the PATCH gets 423 and stores nothing."""
+    proxy = await proxy_factory(tus_lock_lease=60.0)
+    data = body(size)
+    url = await new_upload(proxy, len(data))
+    upload = tus_url.verify(url.removeprefix("/tus/"), proxy.app[TUS].keys, time.time())
+    store = TusStore(proxy.app[STATE].require_sink(), upload)
+    half = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def paused() -> Any:
+        yield data[: size // 2]
+        half.set()
+        await go_on.wait()
+        yield data[size // 2 :]
+
+    patch = asyncio.create_task(proxy.patch(url, data=paused(), headers=patch_headers(0)))
+    await half.wait()
+
+    async def locked() -> TusState | None:
+        found = await store.read()
+        return None if found is None else found[0]
+
+    await eventually(
+        locked, until=lambda s: s is not None and s.lock is not None, within=5.0, what="lock"
+    )
+    found = await store.read()
+    assert found is not None
+    if meanwhile == "taken-over":  # its lease lapsed while it was frozen: another took it
+        current, etag = found
+        current.lock = Lock("another-instance", time.time() + 60)
+        await store.swap(current, etag)
+    else:  # ... and a DELETE removed the upload
+        await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=upload.prefix + "state")
+    go_on.set()
+    resp = await patch
+    assert resp.status == 423, await resp.text()
+    assert (await resp.json())["error"]["code"] == "UPLOAD_LOCKED"
+    assert upload.key not in await all_keys_async(s3, bucket)
+    await eventually(
+        lambda: open_uploads_async(s3, bucket), until=lambda u: u == [], within=10.0, what="aborted"
+    )
+
+
 async def six_of_seven_mib(proxy: Any) -> tuple[str, bytes]:
     """A 7 MiB upload with its first 6 MiB sent (one part in S3, the rest staged)."""
     data = body(7 * MiB)
@@ -473,6 +526,33 @@ async def test_a_commit_that_really_lost_its_lock_is_logged_and_drops_no_other_l
     await lease.release()
     found = await store.read()
     assert found is not None and found[0].lock == other.lock and found[0].offset == 0
+
+
+async def test_a_confirm_renews_the_lock_or_is_423_once_another_holds_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``Lease.confirm``, before a PATCH writes the upload's object: a swap that renews
+    the lock while it is the lease's; 423 once another request changed the state (and
+    every later confirm too, with no S3 call), leaving the other's lock alone."""
+    store = TusStore(MemoryS3(), UPLOAD)
+    lease = await _leased(store)
+    before = lease.etag
+    await lease.confirm()
+    found = await store.read()
+    assert found is not None and found[1] == lease.etag != before
+    assert found[0].lock is not None and found[0].lock.owner == lease.owner
+    other = dataclasses.replace(found[0], lock=Lock("another-patch", time.time() + 60))
+    await store.swap(other, found[1])
+    with caplog.at_level(logging.WARNING, "s3proxy.tus"):
+        for _ in range(2):
+            with pytest.raises(ProxyError) as err:
+                await lease.confirm()
+            assert err.value.kind.code == "UPLOAD_LOCKED"
+    assert lease.lost
+    assert f"tus.store_lost_lock id={store.upload.id}" in caplog.text
+    await lease.release()
+    found = await store.read()
+    assert found is not None and found[0].lock == other.lock
 
 
 async def test_a_failed_patchs_release_recognises_its_own_lock() -> None:

@@ -41,6 +41,7 @@ class Progress:
     etags: dict[int, str] = field(default_factory=dict)
     crcs: dict[int, CrcValue] = field(default_factory=dict)
     tail: tuple[int, bytes, CrcValue | None] | None = None  # what the last request staged
+    stores: int = 0  # object writes the pipeline was about to make (before_store)
 
     async def load(self) -> Staged:
         return Staged(list(self.staged), self.staged_crc)
@@ -53,6 +54,9 @@ class Progress:
         # began inside the part (PartCrcs' running value, no second pass).
         assert crc == (crc_of(tail) if size else None)
         self.tail = (start, tail, crc)
+
+    async def before_store(self) -> None:
+        self.stores += 1
 
 
 def crc_of(data: bytes) -> CrcValue:
@@ -114,6 +118,7 @@ async def test_a_file_in_requests_of_any_size_is_stored_with_its_crc(step: int) 
     assert stored.size == len(data)
     assert stored.content_type == "application/pdf"
     assert not store.uploads
+    assert p.stores == 1  # asked once, right before the one object write (before_store)
 
 
 async def test_a_request_past_the_total_is_refused_and_keeps_the_upload() -> None:
