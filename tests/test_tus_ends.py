@@ -165,16 +165,13 @@ async def test_a_lost_put_answer_of_a_small_file_ends_in_the_stored_object(
 ) -> None:
     """The same for a file within one part, stored by one PutObject whose answer is lost."""
     armed = {"on": False}
-    puts: list[str] = []
 
     def rule(op: str, _: int) -> Fault | None:
-        if armed["on"] and op == "PutObject":
-            puts.append(op)  # the first takes the lock, the second stores the file
-            return Fault(late=2.0) if len(puts) == 2 else None
-        return None
+        # The state's writes (the lock, its confirm) are ``PutObject:state``.
+        return Fault(late=2.0) if armed["on"] and op == "PutObject" else None
 
     data = body(1000, seed=4)
-    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
         proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=1.0, s3_max_attempts=1)
         url = await new_upload(proxy, len(data))
         armed["on"] = True
