@@ -256,8 +256,9 @@ async def test_a_rollback_leaves_the_object_another_upload_replaced_it_with(
     """reprobe11a R2, rollback (--no-overwrite false): while A's webhook is delivered, B
     completes the same bytes over A's object (200, told); A's webhook fails and its
     rollback (If-Match the ETag both share) deleted B's object. Now B's stays, and the
-    receiver is not told the key was rolled back."""
-    r = await rig(no_overwrite=False)
+    receiver is not told the key was rolled back. (A 2 s read timeout: nothing here waits
+    for a late write, and 0.5 s timed a HeadObject out once in a loaded CI run.)"""
+    r = await rig(no_overwrite=False, s3_read_timeout=2.0)
     a, b = await r.twin(), await r.twin()
     b_answer: list[tuple[int, dict[str, Any]]] = []
 
@@ -740,7 +741,7 @@ async def test_a_rollback_that_found_another_uploads_object_says_nothing_was_rol
     logged presign.rolled_back and answered "the upload was rolled back". Now the 502 and
     the log go by whether a DELETE was sent and landed."""
     caplog.set_level("INFO", logger="s3proxy.presign")
-    r = await rig(no_overwrite=False)
+    r = await rig(no_overwrite=False, s3_read_timeout=2.0)  # as the R2 rollback test above
     a, b = await r.twin(), await r.twin()
 
     async def hook(body: dict[str, Any]) -> int:

@@ -451,10 +451,13 @@ async def test_a_failed_segment_write_that_lands_after_the_upload_ended_is_delet
     retries refused (503), the PATCH answered 503; the client then terminated the upload
     (DELETE) and its prefix went; the held attempt landed after that."""
 
+    release = asyncio.Event()  # held until then, not for a time: a loaded machine's
+    # PATCH and DELETE took longer than the 3 s hold once
+
     def held(op: str, n: int) -> Fault | None:
         if op != "PutObject:segment":
             return None
-        return Fault(delay=3.0) if n == 1 else Fault(status=503, code="SlowDown")
+        return Fault(until=release) if n == 1 else Fault(status=503, code="SlowDown")
 
     async with FaultyS3(moto.endpoint_url, held, name=tus_operation) as faulty:
         proxy = await proxy_factory(faulty.endpoint_url, s3_read_timeout=0.5, s3_max_attempts=3)
@@ -463,7 +466,8 @@ async def test_a_failed_segment_write_that_lands_after_the_upload_ended_is_delet
         assert resp.status >= 500, await resp.text()
         assert (await proxy.delete(url, headers=TUS)).status == 204
         assert await reserved(s3, bucket) == []  # before the held attempt lands
-        await asyncio.sleep(2.0)  # the held attempt has landed
+        release.set()
+        await asyncio.sleep(0.5)  # the held attempt has landed
         await nothing_reserved(s3, bucket, within=6.0)
 
 
