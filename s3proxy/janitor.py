@@ -70,6 +70,9 @@ class Kind(enum.Enum):
     # a presigned complete S3 may carry out after its 504: kept and told by a later check
     # or a retried complete (``check key=...``)
     COMPLETE_UNANSWERED = "complete_unanswered"
+    # a shared key's sha256 tag, which may have landed on another upload's object
+    # (``tag_check``): ``tag key=... nonce=...``
+    TAG = "tag"
 
 
 def next_try(interval: float, attempt: int, paced: float | None) -> float:
@@ -397,6 +400,11 @@ def advice(kind: Kind) -> str:
                 "a retried complete answers for it (200 and the webhook told, or deleted if "
                 "its size is wrong); if none comes, it stays unannounced: check its size "
                 'against its x-amz-meta-s3proxy-size by hand (README "Operating it")'
+            )
+        case Kind.TAG:
+            return (
+                "its sha256 tag may be on another upload's object at the key: remove the tag "
+                'if it is not the hash of that object\'s bytes (README "Operating it")'
             )
         case Kind.OBJECT:
             return (

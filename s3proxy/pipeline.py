@@ -89,7 +89,15 @@ from s3proxy.errors import (
     ProxyError,
 )
 from s3proxy.form import DEFAULT_MAX_FIELDS_SIZE, DEFAULT_MIN_RATE, ChunkSource
-from s3proxy.janitor import CLEANUP_TIMEOUT, Janitor, Kind, finish, recheck_late, run_cleanup
+from s3proxy.janitor import (
+    CLEANUP_TIMEOUT,
+    Janitor,
+    Kind,
+    finish,
+    late_delays,
+    recheck_late,
+    run_cleanup,
+)
 from s3proxy.limits import RateMeter
 from s3proxy.machine import (
     CreateUpload,
@@ -116,6 +124,7 @@ from s3proxy.s3 import (
     Written,
     resend_if_corrupted,
 )
+from s3proxy.tag_check import SHA256_TAG, check_tag
 
 log = logging.getLogger("s3proxy.pipeline")
 
@@ -940,9 +949,24 @@ class FileUpload:
             # S3 metadata is fixed at CreateMultipartUpload, before the hash is known; a
             # tag can be added afterwards without copying the object. Failing, the object
             # goes.
-            await self.sink.tag(self.spec.key, {"sha256": digest})
+            await self._tag(written.etag, digest)
             log.debug("upload.tagged key=%s upload_id=%s", self.spec.key, upload_id)
         return self._stored(content_type, written, digest, parts=len(parts))
+
+    async def _tag(self, etag: str, digest: str) -> None:
+        """Tag our object with its hash; on a shared key, then make sure the tag is on
+        ours and on no other upload's object, whatever the tag's answer (``tag_check``)."""
+        try:
+            await self.sink.tag(self.spec.key, {SHA256_TAG: digest})
+        finally:
+            if self.cfg.writes.cleanup == "nonce" and self.janitor is not None:
+                sink, key, nonce = self.sink, self.spec.key, self.nonce
+
+                async def check() -> None:
+                    await check_tag(sink, key, nonce, etag, digest)
+
+                delays = (0.0, *late_delays(self.cfg.late_write_window))
+                self.janitor.again_after(check, f"tag key={key} nonce={nonce}", delays, Kind.TAG)
 
     def acknowledged(self) -> dict[int, tuple[str, CrcValue | None]]:
         """The parts S3 holds for this file: (ETag, CRC) by number, earlier requests' too."""

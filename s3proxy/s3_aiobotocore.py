@@ -591,6 +591,17 @@ class AioObjectStore:
                 Tagging={"TagSet": [{"Key": k, "Value": v} for k, v in tags.items()]},
             )
 
+    async def tags(self, key: str) -> dict[str, str]:
+        """The object's tags (GetObjectTagging): rare (``tag_check``), so botocore's path."""
+        async with self.call("GetObjectTagging"):
+            resp = await self._client.get_object_tagging(Bucket=self.bucket, Key=key)
+        return {str(t["Key"]): str(t["Value"]) for t in resp.get("TagSet", [])}
+
+    async def untag(self, key: str) -> None:
+        """Remove the object's tags (DeleteObjectTagging)."""
+        async with self.call("DeleteObjectTagging"):
+            await self._client.delete_object_tagging(Bucket=self.bucket, Key=key)
+
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
         condition = {} if if_match is None else {"IfMatch": if_match}
         try:

@@ -63,8 +63,10 @@ def operation(request: web.Request) -> str:
         return "CompleteMultipartUpload"
     if request.method == "DELETE" and "uploadId" in q:
         return "AbortMultipartUpload"
-    if request.method == "PUT" and "tagging" in q:
-        return "PutObjectTagging"
+    if "tagging" in q:
+        return {"PUT": "PutObjectTagging", "GET": "GetObjectTagging"}.get(
+            request.method, "DeleteObjectTagging"
+        )
     if request.method == "PUT":
         return "PutObject"
     if request.method == "DELETE":

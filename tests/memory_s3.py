@@ -321,6 +321,21 @@ class MemoryS3:
         self.objects[key].tags = dict(tags)
         self._after(lost)
 
+    async def tags(self, key: str) -> dict[str, str]:
+        lost = self._call("GetObjectTagging", key)
+        if key not in self.objects:
+            raise refusal("GetObjectTagging", "NoSuchKey", 404)
+        found = dict(self.objects[key].tags)
+        self._after(lost)
+        return found
+
+    async def untag(self, key: str) -> None:
+        lost = self._call("DeleteObjectTagging", key)
+        if key not in self.objects:
+            raise refusal("DeleteObjectTagging", "NoSuchKey", 404)
+        self.objects[key].tags = {}
+        self._after(lost)
+
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
         lost = self._call("DeleteObject", key)
         obj = self.objects.get(key)

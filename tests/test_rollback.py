@@ -96,6 +96,12 @@ class MemoryS3:
     async def tag(self, key: str, tags: Mapping[str, str]) -> None:
         pass
 
+    async def tags(self, key: str) -> dict[str, str]:
+        return {}
+
+    async def untag(self, key: str) -> None:
+        pass
+
     async def delete(self, key: str, **_: object) -> None:
         self.events.append(f"delete {key}")
         await asyncio.sleep(self.delete_delay)
