@@ -122,6 +122,8 @@ def test_the_iam_policy_names_what_the_proxy_calls() -> None:
         "complete_multipart_upload": "s3:PutObject",
         "abort_multipart_upload": "s3:AbortMultipartUpload",
         "put_object_tagging": "s3:PutObjectTagging",
+        "get_object_tagging": "s3:GetObjectTagging",
+        "delete_object_tagging": "s3:DeleteObjectTagging",
         "delete_object": "s3:DeleteObject",
         "head_bucket": "s3:ListBucket",
         "list_parts": "s3:ListMultipartUploadParts",
