@@ -954,19 +954,22 @@ class FileUpload:
         return self._stored(content_type, written, digest, parts=len(parts))
 
     async def _tag(self, etag: str, digest: str) -> None:
-        """Tag our object with its hash; on a shared key, then make sure the tag is on
-        ours and on no other upload's object, whatever the tag's answer (``tag_check``)."""
+        """Tag our object with its hash; on a shared key, then look whether the tag is on
+        ours and on no other upload's object (``tag_check``): at once, and again when an
+        attempt of it went unanswered (it failed, or was retried) and may still land."""
+        late = True  # unless an answer says every attempt was answered
         try:
-            await self.sink.tag(self.spec.key, {SHA256_TAG: digest})
+            late = await self.sink.tag(self.spec.key, {SHA256_TAG: digest}) > 0
         finally:
             if self.cfg.writes.cleanup == "nonce" and self.janitor is not None:
                 sink, key, nonce = self.sink, self.spec.key, self.nonce
 
-                async def check() -> None:
+                async def look() -> None:
                     await check_tag(sink, key, nonce, etag, digest)
 
-                delays = (0.0, *late_delays(self.cfg.late_write_window))
-                self.janitor.again_after(check, f"tag key={key} nonce={nonce}", delays, Kind.TAG)
+                later = late_delays(self.cfg.late_write_window) if late else ()
+                what = f"tag key={key} nonce={nonce}"
+                self.janitor.again_after(look, what, (0.0, *later), Kind.TAG)
 
     def acknowledged(self) -> dict[int, tuple[str, CrcValue | None]]:
         """The parts S3 holds for this file: (ETag, CRC) by number, earlier requests' too."""

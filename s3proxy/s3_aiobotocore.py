@@ -579,17 +579,18 @@ class AioObjectStore:
             await self.abort(key, upload.upload_id)
         return found
 
-    async def tag(self, key: str, tags: Mapping[str, str]) -> None:
+    async def tag(self, key: str, tags: Mapping[str, str]) -> int:
+        """PutObjectTagging; the attempts that went unanswered (they may land later)."""
         sender = self._lean_writer()
         async with self.call("PutObjectTagging"):
             if sender is not None:
-                await sender.tag(key, tagging_body(tags))
-                return
-            await self._client.put_object_tagging(
+                return await sender.tag(key, tagging_body(tags))
+            resp = await self._client.put_object_tagging(
                 Bucket=self.bucket,
                 Key=key,
                 Tagging={"TagSet": [{"Key": k, "Value": v} for k, v in tags.items()]},
             )
+            return _retried(resp)
 
     async def tags(self, key: str) -> dict[str, str]:
         """The object's tags (GetObjectTagging): rare (``tag_check``), so botocore's path."""

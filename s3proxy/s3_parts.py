@@ -413,11 +413,15 @@ class PartSender:
             raise malformed(name, answer)
         return fields, answer.unanswered
 
-    async def tag(self, key: str, body: bytes) -> None:
-        """PutObjectTagging with ``body`` (``tagging_body``) and botocore's CRC32 of it."""
+    async def tag(self, key: str, body: bytes) -> int:
+        """PutObjectTagging with ``body`` (``tagging_body``) and botocore's CRC32 of it; its
+        attempts that went unanswered (``Answer.unanswered``)."""
         url = await self._object_url(key) + "?tagging"
         headers = tagging_headers(body)
-        await self._exchange("PutObjectTagging", self._tag_operation, "PUT", url, (body,), headers)
+        answer = await self._exchange(
+            "PutObjectTagging", self._tag_operation, "PUT", url, (body,), headers
+        )
+        return answer.unanswered
 
     async def _object_url(self, key: str) -> str:
         """The key's URL without query: the bucket's (botocore's, found once) and the key

@@ -7,13 +7,14 @@ replaced ours while our tag was on its way (``--no-overwrite false``), or one st
 after our failed upload deleted its own, our tag's answer having been lost (it lands
 late). A re-probe found B's bytes tagged with A's hash 6 of 6, a 0.5 s delay enough.
 
-So such an upload looks at its key after its tag, at once and again when a write of
-its could still land late (``janitor.late_delays``): its own object gets its tag back
-if another's replaced it; another's object carrying our hash loses it. That object's
-hash is not ours to know, so a missing tag, never a wrong one. The look pairs the
-tags with the object they were read from (the same ETag before and after) and acts
-only then: between its HeadObject and its write the key may still change (a write of
-any upload, one request's time), which the next look sees.
+So such an upload looks at its key after its tag: at once, and again when an attempt
+of its tag went unanswered and may still land (``janitor.late_delays``; only then, so
+no look outlives its upload by minutes as a rule). Its own object gets its tag back if
+another's replaced it; another's object carrying our hash loses it. That object's hash
+is not ours to know, so a missing tag, never a wrong one. The look pairs the tags with
+the object they were read from (the same ETag before and after) and acts only then:
+between its HeadObject and its write the key may still change (a write of any upload,
+one request's time), which a later look, its own or the other upload's, sees.
 """
 
 from __future__ import annotations

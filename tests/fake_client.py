@@ -315,8 +315,8 @@ class GatedS3(MemoryS3):
             "AbortMultipartUpload", key, lambda: super(GatedS3, self).abort(key, upload_id)
         )
 
-    async def tag(self, key: str, tags: Mapping[str, str]) -> None:
-        await self._run("PutObjectTagging", key, lambda: super(GatedS3, self).tag(key, tags))
+    async def tag(self, key: str, tags: Mapping[str, str]) -> int:
+        return await self._run("PutObjectTagging", key, lambda: super(GatedS3, self).tag(key, tags))
 
     async def delete(self, key: str, **kw: Any) -> None:
         await self._run("DeleteObject", key, lambda: super(GatedS3, self).delete(key, **kw))

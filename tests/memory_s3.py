@@ -314,12 +314,13 @@ class MemoryS3:
             await self.abort(key, upload.upload_id)
         return found
 
-    async def tag(self, key: str, tags: Mapping[str, str]) -> None:
+    async def tag(self, key: str, tags: Mapping[str, str]) -> int:
         lost = self._call("PutObjectTagging", key)
         if key not in self.objects:
             raise refusal("PutObjectTagging", "NoSuchKey", 404)
         self.objects[key].tags = dict(tags)
         self._after(lost)
+        return 0
 
     async def tags(self, key: str) -> dict[str, str]:
         lost = self._call("GetObjectTagging", key)

@@ -93,8 +93,8 @@ class MemoryS3:
         self.events.append("abort")
         self.uploads.pop(upload_id, None)  # NoSuchUpload is no error
 
-    async def tag(self, key: str, tags: Mapping[str, str]) -> None:
-        pass
+    async def tag(self, key: str, tags: Mapping[str, str]) -> int:
+        return 0
 
     async def tags(self, key: str) -> dict[str, str]:
         return {}
