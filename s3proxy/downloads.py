@@ -285,11 +285,29 @@ async def object_size(bucket: ObjectStore, key: str) -> int | None:
 def not_modified(outcome: NotModified) -> web.Response:
     """304 with the validators and caching headers a 200 would carry (RFC 9110 15.4.5)."""
     headers = {"Cache-Control": "private"}
-    if outcome.etag:
-        headers[hdrs.ETAG] = outcome.etag
+    if etag := sendable(hdrs.ETAG, outcome.etag):
+        headers[hdrs.ETAG] = etag
     if last_modified := format_http_date(outcome.last_modified):
         headers[hdrs.LAST_MODIFIED] = last_modified
     return web.Response(status=304, headers=headers)
+
+
+# What aiohttp refuses to write in a header value (RFC 9110 5.5): control characters but HT.
+_UNSENDABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def sendable(name: str, value: str | None) -> str | None:
+    """``value`` if it can be sent as header ``name``, else None (and a line in the log).
+
+    S3 keeps what a writer gave it: an object stored around the proxy (a presigned PUT
+    binds no Content-Language, any client with the bucket's keys) can carry a control
+    character in its Content-Type, Content-Language or Content-Disposition. aiohttp
+    refused such a header only once the status line was due: the client got no answer
+    at all (reprobe20b). The object is served with the proxy's default in its place."""
+    if value is None or not _UNSENDABLE.search(value):
+        return value
+    log.warning("download.header_dropped header=%s value=%r", name, value[:100])
+    return None
 
 
 async def not_satisfiable(bucket: ObjectStore, key: str, size: int | None) -> web.Response:
@@ -318,10 +336,14 @@ def response_headers(key: str, head: ObjectHead) -> dict[str, str]:
         hdrs.CONTENT_LANGUAGE: head.content_language,
         hdrs.ETAG: head.etag,
         hdrs.LAST_MODIFIED: format_http_date(head.last_modified),
+        hdrs.CONTENT_DISPOSITION: head.content_disposition,
     }
-    headers: dict[str, str] = {str(k): v for k, v in passed_on.items() if v}
+    headers: dict[str, str] = {}
+    for name, value in passed_on.items():
+        if value := sendable(name, value):
+            headers[str(name)] = value
     headers.setdefault(hdrs.CONTENT_TYPE, "application/octet-stream")
-    headers[hdrs.CONTENT_DISPOSITION] = head.content_disposition or attachment_name(key)
+    headers.setdefault(hdrs.CONTENT_DISPOSITION, attachment_name(key))
     headers[hdrs.ACCEPT_RANGES] = "bytes"
     if digest := repr_digest(head):
         headers["Repr-Digest"] = digest  # of the whole object, on a 206 too (RFC 9530 3)
@@ -428,4 +450,5 @@ async def redirect(request: web.Request, key: str) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     """GET and HEAD /files/{key}; in redirect mode, the presigning client's lifetime."""
-    app.router.add_get("/files/{key:.+}", get_file)  # add_get also answers HEAD
+    # [\s\S], not ".": a key with a line feed is refused by the key rule (403), not unrouted
+    app.router.add_get(r"/files/{key:[\s\S]+}", get_file)  # add_get also answers HEAD

@@ -63,8 +63,11 @@ DEFAULT_FILENAME = "upload"
 _DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co"})
 # Unicode categories refused in a client-supplied key: Cc control (C0, DEL, C1), Cf
 # format (bidi overrides, zero-width: they disguise a key), Cs a lone surrogate (JSON
-# and aiohttp's surrogateescape can hand one over; it has no UTF-8 form to send).
-_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs"})
+# and aiohttp's surrogateescape can hand one over; it has no UTF-8 form to send), and
+# what a filename never keeps either: Zl/Zp line and paragraph separators (made spaces)
+# and Co private use (dropped), so no key the proxy made holds one (reprobe20b: U+2028
+# was passed on to S3).
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
 # Sample field values that make a key of the template without changing its shape.
 _SAMPLE_FIELDS = {
     "yyyy": "2000",
@@ -223,7 +226,10 @@ def malformed(key: str) -> str | None:
     if not key:
         return "the key must not be empty"
     if "\\" in key or any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in key):
-        return "the key must not hold backslashes, control or format characters"
+        return (
+            "the key must not hold backslashes, control, format, private-use or line "
+            "separator characters"
+        )
     if any(seg in ("", ".", "..") for seg in key.split("/")):
         return "the key must not hold empty, . or .. segments"
     if key.startswith(RESERVED_NAMESPACE):

@@ -9,6 +9,7 @@ import datetime as dt
 import email.utils
 import gzip
 import hashlib
+import http.client
 import io
 import logging
 import os
@@ -708,6 +709,11 @@ async def test_cors_preflight_refusal_is_json(proxy_factory: Any) -> None:
         "/files/uploads/x/",
         "/files/uploads/a%00b",
         "/files/uploads/a%01b",
+        "/files/uploads/a%0Ab",  # a line feed: unrouted before (404 NOT_FOUND)
+        "/files/uploads/a%0A",
+        "/files/uploads/a%0D%0Ab",
+        "/files/uploads/a%E2%80%A8b",  # U+2028, which a filename turns into a space
+        "/files/uploads/a%EE%80%80b",  # U+E000, private use: dropped from a filename
         "/files/uploads/a%C2%85b",  # C1 (NEL)
         "/files/uploads/evil%E2%80%AEtxt.exe",  # a bidi override
         "/files/uploads/a%E2%80%8Bb",  # a zero-width space
@@ -1013,3 +1019,42 @@ async def test_a_normal_reader_is_unaffected(
     assert got == data[: 4 * MiB]
     assert stalled_lines(caplog) == []
     no_errors_logged(caplog)
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "served"),
+    [
+        ("Content-Type", b"text/plain\x01", ("Content-Type", "application/octet-stream")),
+        ("Content-Language", b"en\x1f", ("Content-Language", None)),
+        ("Content-Disposition", b"inline\x7f;x", ("Content-Disposition", "attachment")),
+    ],
+)
+async def test_a_stored_header_with_a_control_character_is_replaced_not_a_dead_answer(
+    proxy: Any,
+    moto: Any,
+    bucket: str,
+    caplog: pytest.LogCaptureFixture,
+    header: str,
+    value: bytes,
+    served: tuple[str, str | None],
+) -> None:
+    """reprobe20b: an object stored around the proxy with a control character in such a
+    header got no HTTP answer at all on GET and HEAD (aiohttp refused the header at the
+    status line), logged download.failed beside an access line of 200. Now the header
+    is the proxy's default and the object is served."""
+    caplog.set_level(logging.WARNING, "s3proxy.downloads")
+    data = b"hello"
+    # http.client, which sends such a byte (botocore and aiohttp's client would not)
+    conn = http.client.HTTPConnection(urlsplit(moto.endpoint_url).netloc, timeout=10)
+    await asyncio.to_thread(conn.request, "PUT", f"/{bucket}/{KEY}", data, {header: value})
+    assert (await asyncio.to_thread(conn.getresponse)).status == 200
+    conn.close()
+    for method in ("GET", "HEAD"):
+        resp = await proxy.request(method, path(KEY))
+        assert resp.status == 200, await resp.text()
+        name, want = served
+        got = resp.headers.get(name)
+        assert got == want if want != "attachment" else got.startswith("attachment"), got
+        if method == "GET":
+            assert await resp.read() == data
+    assert "download.header_dropped" in caplog.text
