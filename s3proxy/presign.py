@@ -61,17 +61,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import hdrs, web
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from s3proxy import keys, parts, presign_record, sniff
-from s3proxy.codings import read_length
+from s3proxy.codings import check_request, read_length
+from s3proxy.digests import SIGN_DIGEST_HINT, refuse_body_digests
 from s3proxy.errors import (
     CLIENT_DISCONNECTED,
     COMPLETE_IN_PROGRESS,
+    EXPECTATION_FAILED,
     FILE_TOO_LARGE,
     INVALID_REQUEST,
     KEY_EXISTS,
     KEY_FORBIDDEN,
     NO_SUCH_UPLOAD,
+    REQUEST_TOO_LARGE,
     SHUTTING_DOWN,
     TOKEN_SCOPE,
     TYPE_NOT_ALLOWED,
@@ -121,12 +125,38 @@ _TYPE = re.compile(r"[\w.+-]+/[\w.+-]+", re.ASCII)
 
 def add_routes(app: web.Application) -> None:
     """Register the signing routes."""
-    app.router.add_post("/sign", sign)
-    app.router.add_post("/sign/multipart", create_multipart)
-    app.router.add_post("/sign/multipart/parts", sign_parts)
-    app.router.add_get("/sign/multipart/parts", list_parts)
-    app.router.add_post("/sign/multipart/complete", complete_multipart)
-    app.router.add_post("/sign/multipart/abort", abort_multipart)
+    app.router.add_post("/sign", sign, expect_handler=expect)
+    app.router.add_post("/sign/multipart", create_multipart, expect_handler=expect)
+    app.router.add_post("/sign/multipart/parts", sign_parts, expect_handler=expect)
+    app.router.add_get("/sign/multipart/parts", list_parts, expect_handler=expect)
+    app.router.add_post("/sign/multipart/complete", complete_multipart, expect_handler=expect)
+    app.router.add_post("/sign/multipart/abort", abort_multipart, expect_handler=expect)
+
+
+#: The routes that start an upload: refused while draining (``_context``).
+_NEW_UPLOADS = frozenset({"/sign", "/sign/multipart"})
+
+
+async def expect(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: what the headers alone refuse (shutdown, credentials, a
+    coding, a digest of the body, a Content-Length over --max-sign-body) is answered
+    before the client sends a byte of body, as on /upload. aiohttp's default handler
+    sent 100 Continue first (reprobe20b: a client with no credentials was asked for its
+    body, then refused 401)."""
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        return error_response(
+            ProxyError(EXPECTATION_FAILED, "only Expect: 100-continue is supported")
+        )
+    try:
+        await _context(request, new_upload=request.path in _NEW_UPLOADS)
+        check_request(request)
+        _check_body_headers(request)
+    except ProxyError as err:
+        resp = error_response(err)
+        resp.force_close()  # the client may send the body all the same: do not read it
+        return resp
+    await _default_expect_handler(request)
+    return None
 
 
 # --- requests ---------------------------------------------------------------------
@@ -152,6 +182,17 @@ async def _context(request: web.Request, *, new_upload: bool = False) -> Context
     return Context(state, principal, state.require_sink())
 
 
+def _check_body_headers(request: web.Request) -> None:
+    """What a body's headers refuse: a digest of it, a Content-Length over the limit."""
+    refuse_body_digests(request.headers, SIGN_DIGEST_HINT)
+    limit = request.app[STATE].settings.max_sign_body
+    length = request.content_length
+    if length is not None and length > limit:
+        raise ProxyError(
+            REQUEST_TOO_LARGE, f"request body of {length} bytes is over the limit of {limit} bytes"
+        )
+
+
 async def _json_body(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object; anything else is the client's fault, never a 500.
 
@@ -159,18 +200,11 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     for ``--client-timeout`` or too slowly, 413 past ``--max-sign-body`` (declared or
     as it arrives), so a stalled or huge body holds at most that many bytes.
     """
-    from s3proxy.digests import SIGN_DIGEST_HINT, refuse_body_digests
-    from s3proxy.errors import REQUEST_TOO_LARGE
     from s3proxy.form import ClientWatch
 
-    refuse_body_digests(request.headers, SIGN_DIGEST_HINT)  # before a byte of the body is read
+    _check_body_headers(request)  # before a byte of the body is read
     settings = request.app[STATE].settings
     limit = settings.max_sign_body
-    length = request.content_length
-    if length is not None and length > limit:
-        raise ProxyError(
-            REQUEST_TOO_LARGE, f"request body of {length} bytes is over the limit of {limit} bytes"
-        )
     content = request.content
     watch = ClientWatch(
         lambda: content.total_bytes,

@@ -324,3 +324,64 @@ async def test_token_with_a_deeply_nested_payload_is_refused(authed: Any) -> Non
     sig = b64(hmac.new(SECRET, body.encode(), hashlib.sha256).digest())
     status, out, _ = await post(authed, pdf_body(), Authorization=f"Bearer {body}.{sig}")
     assert (status, out["error"]["code"]) == (401, "INVALID_CREDENTIALS")
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        "/sign",
+        "/sign/multipart",
+        "/sign/multipart/parts",
+        "/sign/multipart/complete",
+        "/sign/multipart/abort",
+    ],
+)
+@pytest.mark.parametrize(
+    ("extra", "status", "code"),
+    [
+        (b"", 401, "AUTH_REQUIRED"),
+        (b"Authorization: Bearer nope\r\n", 401, "INVALID_CREDENTIALS"),
+        (b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-MD5: x\r\n", 400, None),
+        (b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Encoding: br\r\n", 415, None),
+    ],
+    ids=["no-credentials", "bad-credentials", "body-digest", "coding"],
+)
+async def test_signing_refuses_on_its_headers_before_a_100_continue(
+    authed: Any, route: str, extra: bytes, status: int, code: str | None
+) -> None:
+    """reprobe20b: /sign and /sign/multipart/* sent 100 Continue, then refused 401 (and
+    413, 400): a refused client was asked for its body. Now as on /upload."""
+    head = (
+        (
+            f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 20\r\nExpect: 100-continue\r\n"
+        ).encode()
+        + extra
+        + b"\r\n"
+    )
+    resp = await exchange(authed.host, authed.port, head, quiet=1)
+    assert resp.status == status, resp.raw[:300]
+    assert resp.interim == [], resp.raw[:300]  # refused before a 100 Continue
+    assert code is None or resp.code == code, resp.raw[:300]
+
+
+async def test_signing_over_its_body_limit_is_413_before_a_100_continue(authed: Any) -> None:
+    head = (
+        b"POST /sign HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100000\r\nExpect: 100-continue\r\nAuthorization: Bearer "
+        + KEY.encode()
+        + b"\r\n\r\n"
+    )
+    resp = await exchange(authed.host, authed.port, head, quiet=1)
+    assert (resp.status, resp.code, resp.interim) == (413, "REQUEST_TOO_LARGE", [])
+
+
+async def test_signing_with_good_headers_gets_its_100_continue(authed: Any) -> None:
+    body = b'{"filename": "a.pdf", "content_type": "application/pdf", "size": 10}'
+    head = (
+        b"POST /sign HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\nExpect: 100-continue\r\n"
+        b"Authorization: Bearer " + KEY.encode() + b"\r\n\r\n"
+    )
+    resp = await exchange(authed.host, authed.port, head, body, quiet=1)
+    assert resp.interim and resp.status == 200, resp.raw[:300]
