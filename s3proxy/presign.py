@@ -100,6 +100,7 @@ from s3proxy.presign_identity import (
     completed_upload,
     etag_value,
     gone_hint,
+    replaced,
 )
 from s3proxy.s3 import (
     InvalidParts,
@@ -758,9 +759,24 @@ async def _complete(
     progress.stage = "checking"
     try:
         head = await ctx.sink.head(key)
+        other = await replaced(ctx, key, upload_id, head)
     except S3Error:
         await delete_unchecked(ctx, claim, key, upload_id, listed, written)
         raise
+    if other:
+        log.info(
+            "presign.replaced key=%s upload_id=%s; another upload's object stands", key, upload_id
+        )
+        why = (
+            "S3 completed another upload of it at the same moment"
+            if ctx.writes.if_none_match
+            else "another upload replaced this one's at once (--no-overwrite false)"
+        )
+        raise ProxyError(
+            KEY_EXISTS,
+            f"another upload's object is stored at {key!r}: {why}; this upload's bytes "
+            "are not stored",
+        )
     late = written.may_land_late
     out = await held_to_size(ctx, key, upload_id, head, len(found), late=late)
     progress.stage = "notifying"

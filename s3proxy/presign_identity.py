@@ -223,6 +223,21 @@ async def completed_object(
     return head
 
 
+async def replaced(ctx: Context, key: str, upload_id: str, head: ObjectHead) -> bool:
+    """Is the object ``head`` saw, right after this upload's Complete was answered, another
+    upload's (by its nonce and the record's)? Only on a shared key. Then S3 carried out two
+    Completes of the key at once (moto checks If-None-Match apart from storing: both
+    answered 200) or the other's replaced ours at once (--no-overwrite false): answered
+    from that HeadObject, this upload was told the other's object, ETag and size, and the
+    webhook heard of it twice (reprobe20b, 5 of 5 racing completes on moto)."""
+    if ctx.writes.unique_keys:
+        return False
+    try:
+        return await _own_object(ctx, key, upload_id, head) == "another"
+    except (S3Error, presign_record.CorruptRecord):
+        return False  # cannot tell here: the size check and the answer read it again
+
+
 async def _own_object(ctx: Context, key: str, upload_id: str, head: ObjectHead) -> Verdict:
     """Whose the object ``head`` saw at a shared key is, by its nonce and the upload's
     record (``presign_record.judge``). A record that cannot be read raises."""

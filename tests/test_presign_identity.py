@@ -584,7 +584,9 @@ async def test_a_size_delete_that_fails_goes_to_the_janitor_and_the_400_says_so(
     a = await r.twin(2000)
     op, nth = failing  # the nth such call of the complete's
     nth += r.faulty.calls.count(op)
-    span = 2 if op == "GetObject:record" else 1  # (the log line's read may come first)
+    # the record's reads: the read-back's after the Complete (``replaced``: it tells
+    # nothing when it fails), the log line's, the nonce check's
+    span = 3 if op == "GetObject:record" else 1
     r.rule = lambda called, n: Fault(status=500) if called == op and nth <= n < nth + span else None
     status, out = await r.complete(a)
     assert (status, code(out)) == (400, "INVALID_REQUEST"), out
@@ -670,7 +672,9 @@ async def test_a_record_that_cannot_be_read_fails_the_rollback_rather_than_telli
     _fast_janitor(r)
     a = await r.twin()
     r.hook = _always(500)
-    r.rule = lambda op, n: Fault(answer=_garbage) if (op, n) == ("GetObject:record", 1) else None
+    # the read-back's after the Complete (``replaced``, which then tells nothing) and the
+    # rollback's
+    r.rule = lambda op, n: Fault(answer=_garbage) if op == "GetObject:record" and n <= 2 else None
     status, out = await r.complete(a)
     assert (status, code(out)) == (502, "WEBHOOK_FAILED"), out
     assert "the rollback did not finish" in out["error"]["message"], out
@@ -867,3 +871,55 @@ async def test_a_delete_owed_at_shutdown_names_the_objects_nonce(
         await r.proxy.app[STATE].janitor.close()
     lines = [rec.getMessage() for rec in caplog.records if "size_mismatch" in rec.getMessage()]
     assert any(f"nonce={record.nonce}" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("no_overwrite", [False, True], ids=["overwrite", "no-overwrite"])
+async def test_a_complete_whose_object_another_stands_over_is_409_and_untold(
+    rig: RigFactory, s3: Any, bucket: str, no_overwrite: bool
+) -> None:
+    """reprobe20b: two presigned completes of one shared key both answered 200 on moto
+    (it checks If-None-Match apart from storing), the loser answered from its HeadObject
+    with the winner's object and ETag, and the webhook heard of that object twice. Here
+    A's check after its Complete is held while B's complete stores the key over A's
+    (no-overwrite: moto's condition let it, as in the race); A's HeadObject then finds
+    B's nonce: 409 KEY_EXISTS, not announced. B's 200 stands, with its bytes."""
+    r = await rig(no_overwrite=no_overwrite, s3_read_timeout=5.0)  # A's check is held
+    a, b = await r.twin(), await r.twin(body=b"y" * 1000)
+    b_parts = [{"part_number": 1, "etag": hashlib.md5(b"y" * 1000).hexdigest()}]
+    release = asyncio.Event()
+    seen = {"a_completed": False}
+
+    def rule(op: str, n: int) -> Fault | None:
+        if op == "CompleteMultipartUpload" and n == 1:
+            seen["a_completed"] = True
+            if no_overwrite:  # B's Complete is let past the condition as moto's race does
+                return None
+        if op == "HeadObject" and seen["a_completed"] and not release.is_set():
+            release_b = Fault(until=release)
+            seen["a_completed"] = False  # hold only A's check
+            return release_b
+        return None
+
+    r.rule = rule
+    a_done = asyncio.create_task(r.complete(a, parts=PARTS))
+
+    def a_check_held() -> bool:
+        calls = r.faulty.calls
+        return (
+            "CompleteMultipartUpload" in calls
+            and "HeadObject" in calls[calls.index("CompleteMultipartUpload") :]
+        )
+
+    await eventually(a_check_held, within=10, what="A's check held")
+    if no_overwrite:  # the race: B's Complete stored the key as if it were free
+        await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=a["key"])
+    status, out = await r.complete(b, parts=b_parts)
+    assert status == 200, out
+    release.set()
+    status, out = await a_done
+    assert (status, code(out)) == (409, "KEY_EXISTS"), out
+    assert "this upload's bytes are not stored" in out["error"]["message"]
+    body = (await asyncio.to_thread(s3.get_object, Bucket=bucket, Key=b["key"]))["Body"].read()
+    assert body == b"y" * 1000
+    assert r.completed() == [b["key"]], r.events  # B's alone
+    await asyncio.to_thread(s3.delete_object, Bucket=bucket, Key=b["key"])
