@@ -123,6 +123,7 @@ from s3proxy.s3 import (
     StoredChecksum,
     Written,
     resend_if_corrupted,
+    whole_object,
 )
 from s3proxy.tag_check import SHA256_TAG, check_tag
 
@@ -532,7 +533,9 @@ class FileUpload:
         """The ETag of the object at our key if it is the one this upload wrote, else None."""
         return await own_etag(self.sink, self.spec.key, self.nonce)
 
-    async def _only_new(self, write: Callable[..., Awaitable[Written]]) -> Written:
+    async def _only_new(
+        self, write: Callable[..., Awaitable[Written]], sent: CrcValue | None = None
+    ) -> Written:
         """A PutObject or Complete, with If-None-Match: * under --no-overwrite.
 
         From here the key may hold what the write stored (``maybe_stored``), unless it
@@ -545,12 +548,14 @@ class FileUpload:
         try:
             if not self.cfg.writes.if_none_match:
                 return await write()
-            return await self._write_only_new(write)
+            return await self._write_only_new(write, sent)
         except NoCredentials:  # signing failed, before any request (s3.NoCredentials)
             self.maybe_stored = False
             raise
 
-    async def _write_only_new(self, write: Callable[..., Awaitable[Written]]) -> Written:
+    async def _write_only_new(
+        self, write: Callable[..., Awaitable[Written]], sent: CrcValue | None
+    ) -> Written:
         try:
             return await write(if_none_match=True)
         except PreconditionFailed:
@@ -564,8 +569,10 @@ class FileUpload:
                     "replace objects (--no-overwrite)",
                 ) from None
             # S3's answer, with its checksum, was the lost one: that attempt went
-            # unanswered, and another may still land.
-            return Written(etag, unanswered=1)
+            # unanswered, and another may still land. The checksum is the one sent, which
+            # S3 verified to store it (a 201 said null: reprobe20a).
+            stored = None if sent is None else StoredChecksum.sent(sent)
+            return Written(etag, stored, unanswered=1)
 
     @property
     def size(self) -> int:
@@ -852,7 +859,7 @@ class FileUpload:
         digest = self._digest()
         options = self._options(content_type, {"sha256": digest} if digest else None)
         put = functools.partial(self.sink.put, self.spec.key, data, options, checksum=crc)
-        written = await self._checked(lambda: self._only_new(put), "the file")
+        written = await self._checked(lambda: self._only_new(put, crc), "the file")
         return self._stored(content_type, written, digest, parts=0)
 
     def _launch(
@@ -942,7 +949,8 @@ class FileUpload:
         complete = functools.partial(
             self.sink.complete, self.spec.key, upload_id, parts, checksums=checksums
         )
-        written = await self._checked(lambda: self._only_new(complete))
+        whole = whole_object(checksums)
+        written = await self._checked(lambda: self._only_new(complete, whole))
         self.upload_id = None  # completed: nothing left to abort
         digest = self._digest()
         if digest:
@@ -964,12 +972,15 @@ class FileUpload:
             if self.cfg.writes.cleanup == "nonce" and self.janitor is not None:
                 sink, key, nonce = self.sink, self.spec.key, self.nonce
 
-                async def look() -> None:
-                    await check_tag(sink, key, nonce, etag, digest)
-
-                later = late_delays(self.cfg.late_write_window) if late else ()
+                janitor, window = self.janitor, self.cfg.late_write_window
                 what = f"tag key={key} nonce={nonce}"
-                self.janitor.again_after(look, what, (0.0, *later), Kind.TAG)
+
+                async def look() -> None:
+                    if await check_tag(sink, key, nonce, etag, digest):
+                        janitor.again_after(look, what, late_delays(window), Kind.TAG)
+
+                later = late_delays(window) if late else ()
+                janitor.again_after(look, what, (0.0, *later), Kind.TAG)
 
     def acknowledged(self) -> dict[int, tuple[str, CrcValue | None]]:
         """The parts S3 holds for this file: (ETag, CRC) by number, earlier requests' too."""

@@ -598,10 +598,11 @@ class AioObjectStore:
             resp = await self._client.get_object_tagging(Bucket=self.bucket, Key=key)
         return {str(t["Key"]): str(t["Value"]) for t in resp.get("TagSet", [])}
 
-    async def untag(self, key: str) -> None:
-        """Remove the object's tags (DeleteObjectTagging)."""
+    async def untag(self, key: str) -> int:
+        """Remove the object's tags (DeleteObjectTagging); its retried attempts, as ``tag``."""
         async with self.call("DeleteObjectTagging"):
-            await self._client.delete_object_tagging(Bucket=self.bucket, Key=key)
+            resp = await self._client.delete_object_tagging(Bucket=self.bucket, Key=key)
+        return _retried(resp)
 
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
         condition = {} if if_match is None else {"IfMatch": if_match}

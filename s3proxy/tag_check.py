@@ -12,9 +12,11 @@ of its tag went unanswered and may still land (``janitor.late_delays``; only the
 no look outlives its upload by minutes as a rule). Its own object gets its tag back if
 another's replaced it; another's object carrying our hash loses it. That object's hash
 is not ours to know, so a missing tag, never a wrong one. The look pairs the tags with
-the object they were read from (the same ETag before and after) and acts only then:
-between its HeadObject and its write the key may still change (a write of any upload,
-one request's time), which a later look, its own or the other upload's, sees.
+the object they were read from (the same ETag before and after) and acts only then.
+A repair is a tag write too, with no condition: the key may change between the look
+and the write's landing (reprobe20a: a restored tag landed on an object stored in
+that moment, with one PutObject, which never looks). So a look that wrote looks again,
+until one finds nothing to do, and one whose write went unanswered is made again later.
 """
 
 from __future__ import annotations
@@ -51,23 +53,45 @@ def _unquoted(etag: str | None) -> str | None:
     return None if etag is None else etag.strip('"')
 
 
-async def check_tag(sink: ObjectSink, key: str, nonce: str, etag: str, digest: str) -> TagFix:
-    """Look at ``key`` once and repair its tag (``tag_fix``); what was done. Safe to repeat."""
+# Looks one check makes at most while each finds something to repair (the key changing
+# under every one of them); then it is made again later.
+MAX_LOOKS = 4
+
+
+async def check_tag(sink: ObjectSink, key: str, nonce: str, etag: str, digest: str) -> bool:
+    """Look at ``key`` and repair its tag (``tag_fix``), again after each repair, until a
+    look finds nothing to do. True: look again later (a write of its went unanswered and
+    may still land, or the looks ran out). Safe to repeat."""
+    late = False
+    for _ in range(MAX_LOOKS):
+        fix, unanswered = await _look(sink, key, nonce, etag, digest)
+        late = late or unanswered > 0
+        if fix is TagFix.KEEP:
+            return late
+    return True
+
+
+async def _look(
+    sink: ObjectSink, key: str, nonce: str, etag: str, digest: str
+) -> tuple[TagFix | None, int]:
+    """One look and its repair: what was done (None: nothing, the key changed under the
+    look, look again), and its write's unanswered attempts."""
     try:
         before = await sink.head(key)
         found = (await sink.tags(key)).get(SHA256_TAG)
         after: ObjectHead = await sink.head(key)
     except NoSuchKey:
-        return TagFix.KEEP  # nothing there to carry a tag
+        return TagFix.KEEP, 0  # nothing there to carry a tag
     if _unquoted(before.etag) != _unquoted(after.etag):
         log.info("upload.tag_unchecked key=%s nonce=%s reason=replaced", key, nonce)
-        return TagFix.KEEP  # the tags may be either object's: the next look decides
+        return None, 0  # the tags may be either object's
     owned = keys.owned_by(after.metadata, nonce)
     fix = tag_fix(owned, _unquoted(after.etag) == _unquoted(etag), found, digest)
+    unanswered = 0
     if fix is TagFix.RETAG:
-        await sink.tag(key, {SHA256_TAG: digest})
+        unanswered = await sink.tag(key, {SHA256_TAG: digest})
         log.warning("upload.tag_restored key=%s nonce=%s found=%s", key, nonce, found)
     elif fix is TagFix.UNTAG:
-        await sink.untag(key)
+        unanswered = await sink.untag(key)
         log.warning("upload.tag_removed key=%s nonce=%s owner=other", key, nonce)
-    return fix
+    return fix, unanswered

@@ -330,12 +330,13 @@ class MemoryS3:
         self._after(lost)
         return found
 
-    async def untag(self, key: str) -> None:
+    async def untag(self, key: str) -> int:
         lost = self._call("DeleteObjectTagging", key)
         if key not in self.objects:
             raise refusal("DeleteObjectTagging", "NoSuchKey", 404)
         self.objects[key].tags = {}
         self._after(lost)
+        return 0
 
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
         lost = self._call("DeleteObject", key)

@@ -287,6 +287,30 @@ async def test_a_retry_refused_by_our_own_write_is_success(
     assert stored(s3, bucket) == b"ours"
 
 
+@OBJECT_WRITES
+async def test_a_write_recognised_by_its_nonce_reports_the_checksum_it_sent(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, op: str, size: int
+) -> None:
+    """reprobe20a: the 201 of a write whose answer was lost, recognised by its nonce after
+    the retry's 412, said "checksum": null though the proxy sent one and S3 checked it
+    (5 of 5). It is the value sent, the same a plain upload of the bytes reports."""
+    data = os.urandom(size)
+    rule = lambda o, n: Fault(late=1.5) if (o, n) == (op, 1) else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, rule) as f:
+        proxy = await shared_proxy(
+            proxy_factory, endpoint_url=f.endpoint_url, s3_max_attempts=2, s3_read_timeout=0.5
+        )
+        status, out = await upload(proxy, data)
+        assert status == 201, out
+        assert f.calls.count(op) == 2
+    plain = await shared_proxy(proxy_factory, key_template="plain/{filename}")
+    status, direct = await upload(plain, data)
+    assert status == 201, direct
+    checksum = out["files"][0]["checksum"]
+    assert checksum is not None and checksum == direct["files"][0]["checksum"], out
+    assert stored(s3, bucket) == data
+
+
 async def test_overwrites_allowed_a_failed_upload_deletes_its_own_object(
     proxy_factory: Any, moto: Any, s3: Any, bucket: str
 ) -> None:

@@ -99,8 +99,8 @@ class MemoryS3:
     async def tags(self, key: str) -> dict[str, str]:
         return {}
 
-    async def untag(self, key: str) -> None:
-        pass
+    async def untag(self, key: str) -> int:
+        return 0
 
     async def delete(self, key: str, **_: object) -> None:
         self.events.append(f"delete {key}")

@@ -65,25 +65,25 @@ def _options(nonce: str) -> ObjectOptions:
 
 async def _check_on(store: ObjectStore) -> None:
     key = "k/tagged.bin"
-    assert await check_tag(store, key, "ours", '"nope"', OURS) is TagFix.KEEP  # no object
+    assert await check_tag(store, key, "ours", '"nope"', OURS) is False  # no object
     ours = (await store.put(key, [b"ours"], _options("ours"))).etag
-    await store.tag(key, {SHA256_TAG: THEIRS})
-    assert await check_tag(store, key, "ours", ours, OURS) is TagFix.RETAG
-    assert await store.tags(key) == {SHA256_TAG: OURS}
-    assert await check_tag(store, key, "ours", ours, OURS) is TagFix.KEEP
+    await store.tag(key, {SHA256_TAG: THEIRS})  # another's late tag, on our object
+    assert await check_tag(store, key, "ours", ours, OURS) is False
+    assert await store.tags(key) == {SHA256_TAG: OURS}  # restored
     await store.put(key, [b"theirs"], _options("theirs"))  # a new object: no tags
-    assert await check_tag(store, key, "ours", ours, OURS) is TagFix.KEEP
-    await store.tag(key, {SHA256_TAG: OURS})  # our tag, landed late on theirs
-    assert await check_tag(store, key, "ours", ours, OURS) is TagFix.UNTAG
+    assert await check_tag(store, key, "ours", ours, OURS) is False
     assert await store.tags(key) == {}
+    await store.tag(key, {SHA256_TAG: OURS})  # our tag, landed late on theirs
+    assert await check_tag(store, key, "ours", ours, OURS) is False
+    assert await store.tags(key) == {}  # removed
     await store.tag(key, {SHA256_TAG: THEIRS})
-    assert await check_tag(store, key, "ours", ours, OURS) is TagFix.KEEP
-    assert await store.tags(key) == {SHA256_TAG: THEIRS}
+    assert await check_tag(store, key, "ours", ours, OURS) is False
+    assert await store.tags(key) == {SHA256_TAG: THEIRS}  # theirs, left alone
     # Another upload of the very bytes: the same ETag, and our hash is its hash.
     same = (await store.put(key, [b"ours"], _options("same"))).etag
     assert same == ours
     await store.tag(key, {SHA256_TAG: OURS})
-    assert await check_tag(store, key, "ours", ours, OURS) is TagFix.KEEP
+    assert await check_tag(store, key, "ours", ours, OURS) is False
     assert await store.tags(key) == {SHA256_TAG: OURS}
     await store.delete(key)
 
@@ -190,3 +190,49 @@ async def test_an_answered_tag_is_looked_at_once_and_left(
         after = faulty.calls[faulty.calls.index("PutObjectTagging") + 1 :]
         assert after == ["HeadObject", "GetObjectTagging", "HeadObject"], after
     assert await _sha256_tag(s3, bucket, "in/a.bin") == hashlib.sha256(data).hexdigest()
+
+
+async def test_a_restored_tag_that_lands_on_an_object_stored_meanwhile_is_removed(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """reprobe20a: A's look found another's hash on A's object and restored A's; that
+    write, held on the way, landed on V's object, stored meanwhile with one PutObject
+    (which never looks): V's bytes kept A's hash for good (2 of 2). A look that wrote
+    looks again: V's object loses A's hash, and keeps the sha256 of its metadata."""
+    caplog.set_level(logging.INFO, "s3proxy.upload")
+    read, write = asyncio.Event(), asyncio.Event()
+
+    def rule(op: str, n: int) -> Fault | None:
+        if (op, n) == ("GetObjectTagging", 1):
+            return Fault(until=read)  # A's look reads the tags once told
+        if (op, n) == ("PutObjectTagging", 2):
+            return Fault(until=write)  # A's repair lands once told
+        return None
+
+    async with FaultyS3(moto.endpoint_url, rule) as faulty:
+        proxy = await proxy_factory(
+            faulty.endpoint_url, key_template="in/{filename}", no_overwrite=False,
+            s3_read_timeout=5.0,
+        )  # fmt: skip
+        a, v = os.urandom(SIZE), os.urandom(1000)
+        status, out = await _upload(proxy, a)
+        assert status == 201, out
+        await eventually(lambda: "GetObjectTagging" in faulty.calls, within=10, what="A's look")
+        await asyncio.to_thread(  # another upload's late tag, on A's object
+            s3.put_object_tagging, Bucket=bucket, Key="in/a.bin",
+            Tagging={"TagSet": [{"Key": SHA256_TAG, "Value": THEIRS}]},
+        )  # fmt: skip
+        read.set()
+        await eventually(
+            lambda: faulty.calls.count("PutObjectTagging") == 2, within=10, what="A's repair"
+        )
+        status, out = await _upload(proxy, v)  # V: one PutObject, while the repair is held
+        assert status == 201, out
+        write.set()
+        removed = lambda: "upload.tag_removed" in caplog.text  # noqa: E731
+        await eventually(removed, within=10, what="A's next look removing its hash from V's")
+        await asyncio.sleep(0.3)
+        assert await _sha256_tag(s3, bucket, "in/a.bin") is None
+    head = s3.head_object(Bucket=bucket, Key="in/a.bin")
+    assert head["Metadata"]["sha256"] == hashlib.sha256(v).hexdigest()
+    assert s3.get_object(Bucket=bucket, Key="in/a.bin")["Body"].read() == v
