@@ -232,6 +232,11 @@ RESERVE_HEAD_TIMEOUT = 1.0
 # Seconds between two log lines about refused or timed-out connections: a flood of
 # them must not become a flood of log lines.
 LOG_INTERVAL = 1.0
+# Seconds a connection made but silent yet is waited for when a drain begins: its client
+# (a load balancer) has just connected to send a request, and a connection closed under
+# a POST it has sent is a 502 it cannot retry (nginx, in a loaded rolling restart: 1 of
+# 373). Sent within this, the request is answered (503 SHUTTING_DOWN for a new upload).
+FRESH_GRACE = 1.0
 
 
 def unread_bytes(sock: Any) -> int:
@@ -467,26 +472,32 @@ class Connections:
     @property
     def busy(self) -> int:
         """Connections with a request in progress, or with bytes in the kernel the loop
-        has not read yet: the drain waits for them. Before, a kept-alive connection whose
-        next request was sent as the drain began was left out, and closed under its
-        client by the stop that followed."""
-        return sum(1 for c in (*self.served, *self.reserve) if c.started)
+        has not read yet, or fresh (``FRESH_GRACE``): the drain waits for them. Before, a
+        kept-alive connection whose next request was sent as the drain began was left
+        out, and closed under its client by the stop that followed."""
+        return sum(1 for c in (*self.served, *self.reserve) if c.started or c.fresh)
 
     def close_idle(self) -> int:
-        """Close every connection that waits for a request and has none begun (drain)."""
-        idle = [c for c in (*self.served, *self.reserve) if c.idle]
+        """Close every connection that waits for a request and has none begun (drain),
+        but a fresh one: its first request is on its way."""
+        idle = [c for c in (*self.served, *self.reserve) if c.idle and not c.fresh]
         for conn in idle:
             self.closed(conn)
             conn.force_close()
         return len(idle)
 
     async def wait_quiet(self, deadline: float) -> None:
-        """Until no request is in progress, or the loop's clock passes ``deadline``."""
+        """Until no request is in progress, or the loop's clock passes ``deadline``.
+        A fresh connection stops being waited for once its grace is over, silent."""
         loop = asyncio.get_running_loop()
         while self.busy and loop.time() < deadline:
             self._changed.clear()
+            until = deadline
+            fresh = [c.made_at + FRESH_GRACE for c in (*self.served, *self.reserve) if c.fresh]
+            if fresh:
+                until = min(until, min(fresh))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
+                await asyncio.wait_for(self._changed.wait(), max(0.0, until - loop.time()))
 
     def request_done(self) -> None:
         """A response finished or a connection closed: ``wait_quiet`` looks again."""
@@ -554,7 +565,8 @@ class ProxyRequestHandler(RequestHandler):
         self.discarded_body: StreamReader | None = None
         self.health_only = False
         self.requests_open = 0  # heads parsed whose response is not finished
-        self.idle_since = self._loop.time()
+        self.heads = 0  # heads parsed over the connection's life
+        self.idle_since = self.made_at = self._loop.time()
         self._head_begun = False  # bytes of the next request have come
         self._head_timer: asyncio.TimerHandle | None = None
         # A body read past the parser (bypass_parser): its StreamReader, bytes still due.
@@ -623,6 +635,16 @@ class ProxyRequestHandler(RequestHandler):
             and self.requests_open == 0
             and not self._head_begun
             and unread_bytes(transport.get_extra_info("socket")) == 0
+        )
+
+    @property
+    def fresh(self) -> bool:
+        """Made less than ``FRESH_GRACE`` ago, and not a byte has come yet: its first
+        request is surely on its way (``Connections.close_idle``)."""
+        return (
+            self.heads == 0
+            and not self._head_begun
+            and self._loop.time() - self.made_at < FRESH_GRACE
         )
 
     @property
@@ -996,6 +1018,7 @@ class ProxyRequestHandler(RequestHandler):
                 self.pool.request_done()
         if parsed > 0:  # a head is complete
             self.requests_open += parsed
+            self.heads += parsed
             self._cancel_head_timer()
         if self._head_since is not None:
             # A head has begun (also behind a request in the same read, or after its

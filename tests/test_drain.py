@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from s3proxy.app import create_app, drain
+from s3proxy.protocol import FRESH_GRACE
 from s3proxy.server import close_listener
 from s3proxy.state import STATE
 from tests import bodies
@@ -219,6 +220,41 @@ async def test_a_request_sent_on_a_kept_alive_connection_just_before_drain_is_an
             await runner.cleanup()  # as the server's stop sequence does after the drain
             received = await asyncio.to_thread(read_until_closed, client)
     await assert_stored_or_refused(received, data, s3, bucket)
+
+
+async def test_a_request_on_a_connection_made_just_before_drain_is_answered(
+    moto: MotoServer, s3: Any, bucket: str
+) -> None:
+    """A load balancer connects, and the drain begins before its request's first byte
+    came: the connection was idle and closed at once, and the POST it then sent got no
+    answer (nginx: a 502 it may not retry; a loaded rolling restart, 1 of 373). A
+    connection not a second old that has sent nothing yet is waited for: its request is
+    answered, as a new upload is while draining."""
+    data = os.urandom(100 * 1024)
+    raw = bodies.body([bodies.file("f", "late.bin", data)])
+    async with served_app(moto, bucket) as (app, runner, _, port):
+        conns = app[STATE].connections
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            await eventually(lambda: len(conns), within=5, what="the connection made")
+            draining = asyncio.create_task(drain(app[STATE]))
+            await asyncio.sleep(0.2)  # the drain began: the connection silent so far
+            client.sendall(bodies.request_head(len(raw)) + raw)
+            await asyncio.wait_for(draining, 10)
+            await runner.cleanup()  # as the server's stop sequence does after the drain
+            received = await asyncio.to_thread(read_until_closed, client)
+    await assert_stored_or_refused(received, data, s3, bucket)
+
+
+async def test_a_silent_new_connection_holds_the_drain_one_second_at_most(
+    moto: MotoServer, bucket: str
+) -> None:
+    async with served_app(moto, bucket) as (app, _, _, port):
+        conns = app[STATE].connections
+        with socket.create_connection(("127.0.0.1", port)):
+            await eventually(lambda: len(conns), within=5, what="the connection made")
+            began = time.monotonic()
+            await asyncio.wait_for(drain(app[STATE]), 5)
+            assert time.monotonic() - began < FRESH_GRACE + 3  # not --shutdown-timeout (30 s)
 
 
 async def test_partly_sent_heads_do_not_hold_the_drain(moto: MotoServer, bucket: str) -> None:

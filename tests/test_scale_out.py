@@ -506,7 +506,9 @@ async def test_nginx_rolling_restart_by_sigterm_alone(
         await asyncio.sleep(1.0)
         result = await load.finish()
         print(summary("nginx rolling restart", result, per_instance_s=took), flush=True)
-        assert result.failed == 0, result.errors
+        # nginx's own account of a failure (a 502 in a loaded CI run, 1 of 373, unexplained)
+        failures = [line for line in nginx.error_log.read_text().splitlines() if "[error]" in line]
+        assert result.failed == 0, (result.errors, failures[-10:])
         assert result.ok >= 10
         assert_every_201_stored(result)
         assert set(result.retries_by) <= {"503 SHUTTING_DOWN", "0 CONNECTION_REFUSED"}
