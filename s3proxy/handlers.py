@@ -19,13 +19,11 @@ import time
 from typing import Any
 
 from aiohttp import MultipartReader, hdrs, web
-from aiohttp.web_urldispatcher import _default_expect_handler
 
 from s3proxy import codings
 from s3proxy.auth import Principal
 from s3proxy.digests import refuse_body_digests
 from s3proxy.errors import (
-    EXPECTATION_FAILED,
     FILE_TOO_LARGE,
     MALFORMED_MULTIPART,
     NOT_MULTIPART,
@@ -37,6 +35,7 @@ from s3proxy.errors import (
     error_body,
     error_response,
 )
+from s3proxy.expect import answer as expect_answer
 from s3proxy.form import MAX_PART_HEADERS, TransportFlow, iter_form, request_boundary
 from s3proxy.janitor import late_delays
 from s3proxy.log import REQUEST_ID
@@ -109,18 +108,12 @@ _REQUEST_DIGEST_HINT = (
 
 async def expect_upload(request: web.Request) -> web.StreamResponse | None:
     """Answer ``Expect: 100-continue``: refuse before the client sends a byte of body."""
-    # Runs before the middlewares: the request id is not set yet.
-    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
-        return error_response(
-            ProxyError(EXPECTATION_FAILED, "only Expect: 100-continue is supported")
-        )
-    try:
+
+    async def check() -> None:
         check_upload(request, request.app[STATE])
         codings.check_request(request)
-    except ProxyError as err:
-        return error_response(err)
-    await _default_expect_handler(request)
-    return None
+
+    return await expect_answer(request, check)
 
 
 async def upload(request: web.Request) -> web.Response:

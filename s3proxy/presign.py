@@ -61,7 +61,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import hdrs, web
-from aiohttp.web_urldispatcher import _default_expect_handler
 
 from s3proxy import keys, parts, presign_record, sniff
 from s3proxy.codings import check_request, read_length
@@ -69,7 +68,6 @@ from s3proxy.digests import SIGN_DIGEST_HINT, refuse_body_digests
 from s3proxy.errors import (
     CLIENT_DISCONNECTED,
     COMPLETE_IN_PROGRESS,
-    EXPECTATION_FAILED,
     FILE_TOO_LARGE,
     INVALID_REQUEST,
     KEY_EXISTS,
@@ -84,6 +82,7 @@ from s3proxy.errors import (
     ProxyError,
     error_response,
 )
+from s3proxy.expect import answer as expect_answer
 from s3proxy.janitor import Kind, run_cleanup
 from s3proxy.presign_claim import RETRY_AFTER, Claim, new_claim
 from s3proxy.presign_completed import (
@@ -144,20 +143,13 @@ async def expect(request: web.Request) -> web.StreamResponse | None:
     before the client sends a byte of body, as on /upload. aiohttp's default handler
     sent 100 Continue first (reprobe20b: a client with no credentials was asked for its
     body, then refused 401)."""
-    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
-        return error_response(
-            ProxyError(EXPECTATION_FAILED, "only Expect: 100-continue is supported")
-        )
-    try:
+
+    async def check() -> None:
         await _context(request, new_upload=request.path in _NEW_UPLOADS)
         check_request(request)
         _check_body_headers(request)
-    except ProxyError as err:
-        resp = error_response(err)
-        resp.force_close()  # the client may send the body all the same: do not read it
-        return resp
-    await _default_expect_handler(request)
-    return None
+
+    return await expect_answer(request, check)
 
 
 # --- requests ---------------------------------------------------------------------

@@ -41,8 +41,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from aiohttp import hdrs, web
-from aiohttp.web_urldispatcher import _default_expect_handler
+from aiohttp import web
 
 from s3proxy import codings, keys, tus_ending, tus_protocol, tus_url
 from s3proxy.auth import Principal
@@ -50,7 +49,6 @@ from s3proxy.digests import Declared, DigestCheck
 from s3proxy.errors import (
     CHECKSUM_MISMATCH,
     DIGEST_MISMATCH,
-    EXPECTATION_FAILED,
     FILE_TOO_LARGE,
     INVALID_FIELD,
     INVALID_REQUEST,
@@ -67,6 +65,7 @@ from s3proxy.errors import (
     error_response,
     quoted,
 )
+from s3proxy.expect import answer as expect_answer
 from s3proxy.form import ClientWatch
 from s3proxy.handlers import notify_rolled_back
 from s3proxy.janitor import (
@@ -212,9 +211,8 @@ def _error(err: ProxyError) -> web.Response:
 async def expect(request: web.Request) -> web.StreamResponse | None:
     """``Expect: 100-continue``: what the headers (and, for a PATCH, the upload's offset)
     already refuse is answered before the client sends a byte of body, as on /upload."""
-    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
-        return _error(ProxyError(EXPECTATION_FAILED, "only Expect: 100-continue is supported"))
-    try:
+
+    async def check() -> None:
         codings.check_request(request)
         _check_headers(request)
         if "url" not in request.match_info:
@@ -223,12 +221,8 @@ async def expect(request: web.Request) -> web.StreamResponse | None:
             request.headers.get("X-HTTP-Method-Override", "").upper() == "PATCH"
         ):
             await _precheck_patch(request)
-    except ProxyError as err:
-        resp = _error(err)
-        resp.force_close()  # the client may send the body all the same: do not read it
-        return resp
-    await _default_expect_handler(request)
-    return None
+
+    return await expect_answer(request, check, _error)
 
 
 async def _precheck_create(request: web.Request) -> None:

@@ -195,15 +195,25 @@ class Lease:
         while True:
             await asyncio.sleep(self.seconds / 3)
             async with self._mutex:
-                self.state.lock = Lock(self.owner, time.time() + self.seconds)
                 try:
-                    await self._swap_own(self.state)
-                except (PreconditionFailed, NoSuchKey):
-                    self.lost = True
-                    log.warning("tus.lock_lost id=%s owner=%s", self.store.upload.id, self.owner)
-                    return
+                    held = await self._extend()
                 except ProxyError as err:  # S3 trouble: the next renewal may make it
                     log.warning("tus.lock_renew_failed id=%s error=%s", self.store.upload.id, err)
+                    continue
+                if not held:
+                    log.warning("tus.lock_lost id=%s owner=%s", self.store.upload.id, self.owner)
+                    return
+
+    async def _extend(self) -> bool:
+        """Swap the lock a lease further on (under the mutex); False, and ``lost``, if
+        another request changed the state meanwhile. S3 trouble raises."""
+        self.state.lock = Lock(self.owner, time.time() + self.seconds)
+        try:
+            await self._swap_own(self.state)
+        except (PreconditionFailed, NoSuchKey):
+            self.lost = True
+            return False
+        return True
 
     async def confirm(self) -> None:
         """Renew the lock now, by a swap: before the PATCH writes the upload's object, which
@@ -213,12 +223,8 @@ class Lease:
         if self.lost:
             raise self._lost_lock()
         async with self._mutex:
-            self.state.lock = Lock(self.owner, time.time() + self.seconds)
-            try:
-                await self._swap_own(self.state)
-            except (PreconditionFailed, NoSuchKey):
-                self.lost = True
-                raise self._lost_lock() from None
+            if not await self._extend():
+                raise self._lost_lock()
 
     def _lost_lock(self) -> ProxyError:
         log.warning("tus.store_lost_lock id=%s owner=%s", self.store.upload.id, self.owner)

@@ -16,6 +16,7 @@ from tests import bodies
 from tests.bodies import MiB
 from tests.rawhttp import exchange
 from tests.s3util import all_keys_async, open_uploads_async
+from tests.test_client_digests import SIGN_ROUTES
 
 KEY = "k3y-0123456789abcdef"
 SECRET = b"s" * 32
@@ -326,16 +327,7 @@ async def test_token_with_a_deeply_nested_payload_is_refused(authed: Any) -> Non
     assert (status, out["error"]["code"]) == (401, "INVALID_CREDENTIALS")
 
 
-@pytest.mark.parametrize(
-    "route",
-    [
-        "/sign",
-        "/sign/multipart",
-        "/sign/multipart/parts",
-        "/sign/multipart/complete",
-        "/sign/multipart/abort",
-    ],
-)
+@pytest.mark.parametrize("route", SIGN_ROUTES)
 @pytest.mark.parametrize(
     ("extra", "status", "code"),
     [

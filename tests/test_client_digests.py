@@ -546,18 +546,17 @@ async def test_a_part_digest_that_would_pass_unchecked_is_refused(
 
 
 SIGN_BODY: dict[str, Any] = {"filename": "f.pdf", "size": 5, "content_type": "application/pdf"}
+# Every route that takes a JSON body to sign for
+SIGN_ROUTES = [
+    "/sign",
+    "/sign/multipart",
+    "/sign/multipart/parts",
+    "/sign/multipart/complete",
+    "/sign/multipart/abort",
+]
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        "/sign",
-        "/sign/multipart",
-        "/sign/multipart/parts",
-        "/sign/multipart/complete",
-        "/sign/multipart/abort",
-    ],
-)
+@pytest.mark.parametrize("path", SIGN_ROUTES)
 @pytest.mark.parametrize(
     ("name", "value"),
     [
