@@ -175,6 +175,12 @@ class FramingLimit(BadHttpMessage):
     ours and holds none of the client's bytes."""
 
 
+class HeadTooLarge(BadHttpMessage):
+    """A request head over the proxy's limit in all (``protocol.MAX_HEAD_SIZE``), each of
+    its lines within aiohttp's: answered 431 ``HEADERS_TOO_LARGE`` with its message,
+    which is ours."""
+
+
 class VersionNotSupported(BadHttpMessage):
     """A request line whose HTTP major version is not 1 (``HTTP/2.0`` over HTTP/1.1
     framing, ``HTTP/3.1``, an HTTP/0.9 line without a version): answered 505

@@ -18,7 +18,7 @@ import logging
 import time
 from typing import Any
 
-from aiohttp import MultipartReader, hdrs, web
+from aiohttp import hdrs, web
 
 from s3proxy import codings
 from s3proxy.auth import Principal
@@ -36,7 +36,7 @@ from s3proxy.errors import (
     error_response,
 )
 from s3proxy.expect import answer as expect_answer
-from s3proxy.form import MAX_PART_HEADERS, TransportFlow, iter_form, request_boundary
+from s3proxy.form import MAX_PART_HEADERS, FormReader, TransportFlow, iter_form, request_boundary
 from s3proxy.janitor import late_delays
 from s3proxy.log import REQUEST_ID
 from s3proxy.metrics import metrics_handler
@@ -164,7 +164,7 @@ async def _store(
     request: web.Request, state: AppState, principal: Principal, job: RequestUpload
 ) -> web.Response:
     try:
-        reader = MultipartReader(request.headers, request.content, max_headers=MAX_PART_HEADERS)
+        reader = FormReader(request.headers, request.content, max_headers=MAX_PART_HEADERS)
     except (ValueError, AssertionError) as exc:
         raise ProxyError(MALFORMED_MULTIPART, f"bad multipart Content-Type: {exc}") from None
     body = request.content

@@ -12,10 +12,11 @@ Here instead (``ProxyRequestHandler``):
 
 - a request that cannot be parsed is answered with the proxy's JSON error body
   (``BAD_HTTP_REQUEST`` 400; ``URI_TOO_LONG`` 414 for a request target over
-  ``MAX_LINE_SIZE``; ``HEADERS_TOO_LARGE`` 431 for a header over ``MAX_FIELD_SIZE``
-  or too many headers), with a request id, ``Connection: close``, the CORS headers the
-  app's responses carry (the Origin read from the refused head's bytes), and one INFO
-  line in the log; neither the answer nor the log line holds the client's bytes;
+  ``MAX_LINE_SIZE``; ``HEADERS_TOO_LARGE`` 431 for a header over ``MAX_FIELD_SIZE``,
+  too many headers, or a head over ``MAX_HEAD_SIZE`` in all), with a request id,
+  ``Connection: close``, the CORS headers the app's responses carry (the Origin read
+  from the refused head's bytes), and one INFO line in the log; neither the answer nor
+  the log line holds the client's bytes;
 - an HTTP/1.0 request with Transfer-Encoding (faulty framing, RFC 9112 section 6.1),
   which llhttp decodes as chunked, is answered ``BAD_HTTP_REQUEST`` before a handler
   runs, and nothing after it on the connection is read;
@@ -117,6 +118,7 @@ from s3proxy.errors import (
     URI_TOO_LONG,
     ErrorKind,
     FramingLimit,
+    HeadTooLarge,
     ProxyError,
     VersionNotSupported,
     bad_coding_message,
@@ -141,6 +143,12 @@ RECV_SIZE = 256 * 1024
 MIN_RECV = 64 * 1024
 # At most this many header lines (aiohttp's default), and aiohttp's message past it.
 MAX_HEADERS = 128
+# A request head's bytes in all, request line and headers (leading empty lines too): the
+# parser holds a head until it is whole, in two copies (aiohttp's raw and decoded
+# headers), and 128 lines of 8 KiB stalled before the blank line held ~2 MiB a connection
+# outside the memory budget (reprobe21a: 200 such connections, +200 MiB). 32 KiB is
+# nginx's default (4 x 8 KiB), twice HAProxy's whole buffer, eight Upload-Metadata's most.
+MAX_HEAD_SIZE = 32 * 1024
 HANDLER_ARGS: dict[str, Any] = {
     "max_line_size": MAX_LINE_SIZE,
     "max_field_size": MAX_FIELD_SIZE,
@@ -155,6 +163,8 @@ def error_kind(exc: HttpProcessingError) -> ErrorKind:
     """The error a parser failure is answered with."""
     if isinstance(exc, VersionNotSupported):
         return HTTP_VERSION_NOT_SUPPORTED
+    if isinstance(exc, HeadTooLarge):
+        return HEADERS_TOO_LARGE
     if isinstance(exc, ContentEncodingError):
         # bytes that are not gzip (deflate): the client's data; else br or zstd, whose
         # decoder is not installed
@@ -612,6 +622,8 @@ class ProxyRequestHandler(RequestHandler):
         # When the first byte of a head not complete yet came (loop time; --header-timeout
         # counts from it), also when it came behind a request in the same read.
         self._head_since: float | None = None
+        # ... and how many of its bytes have come (MAX_HEAD_SIZE).
+        self._head_size = 0
 
     @property
     def waiting(self) -> bool:
@@ -733,7 +745,7 @@ class ProxyRequestHandler(RequestHandler):
             coding = undecodable_coding(exc)
             if coding:
                 text = bad_coding_message(coding, exc)
-            elif isinstance(exc, FramingLimit | VersionNotSupported):
+            elif isinstance(exc, FramingLimit | VersionNotSupported | HeadTooLarge):
                 text = str(exc.message)
             else:
                 text = f"{_MESSAGES[kind]} ({reason})"
@@ -1130,6 +1142,8 @@ class ProxyRequestHandler(RequestHandler):
             end = -1 if in_body else _head_end(data, pos)
             piece = data[pos:] if end < 0 else data[pos:end]
             pos = len(data) if end < 0 else end
+            if not in_body and self._head_too_large(piece):
+                return
             if in_body and self._over_extensions(piece):
                 return
             if in_body and 0 < (past := self._past_body(len(piece))) < len(piece):
@@ -1169,8 +1183,10 @@ class ProxyRequestHandler(RequestHandler):
                     # A body's end and the next head's first bytes may share a piece.
                     if not self._in_body():
                         self._line = None
-                        if self._past_body(len(piece)) > 0:
+                        if (past := self._past_body(len(piece))) > 0:
                             self._head_came()
+                            if self._head_too_large(piece[len(piece) - past :]):
+                                return
                         elif (walk := self._extensions) is not None and walk.trailed:
                             # Ended from the tail the parser held (its reader was full),
                             # with trailers: the next head, in a later read, goes to a new
@@ -1184,6 +1200,7 @@ class ProxyRequestHandler(RequestHandler):
                 seen = piece if self._line is None else self._line + piece
                 self._line = b""  # a head ended: the next one begins after it (or its body)
                 self._head_since = None
+                self._head_size = 0
                 refused = self._messages[-1][0]
                 if isinstance(refused, web_protocol._ErrInfo):
                     better = better_refusal(refused.exc, seen)
@@ -1249,6 +1266,32 @@ class ProxyRequestHandler(RequestHandler):
             return 0
         return min(size, max(0, self._body_read - length))
 
+    def _head_too_large(self, piece: bytes) -> bool:
+        """Count ``piece``, more bytes of the head being read; past ``MAX_HEAD_SIZE`` in
+        all, refuse it (True): 431 before the parser has them, whatever reads they came
+        in, and nothing after it is read. Empty lines before a head are not counted: the
+        parser skips them, holding nothing (a run of them is --header-timeout's)."""
+        if self._head_size == 0 and piece[:1] in (b"\r", b"\n"):
+            piece = piece.lstrip(b"\r\n")
+        self._head_size += len(piece)
+        if self._head_size <= MAX_HEAD_SIZE:
+            return False
+        refusal = HeadTooLarge(
+            f"the request head (its request line and headers) is over "
+            f"{MAX_HEAD_SIZE // 1024} KiB in all"
+        )
+        self._refuse_head(refusal)
+        return True
+
+    def _refuse_head(self, refusal: HttpProcessingError) -> None:
+        """Answer ``refusal`` in place of the head being read, after the requests before
+        it, and read nothing more (as aiohttp queues a parse failure)."""
+        self._messages.append((_error_info(refusal), EMPTY_PAYLOAD))
+        self._ignore_rest = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def _judge_line(self, piece: bytes) -> bool:
         """Refuse the head being read on its request line alone, as soon as that line has
         come (True), when its version is refused or it is HTTP/2's preface line
@@ -1275,12 +1318,8 @@ class ProxyRequestHandler(RequestHandler):
         refusal = line_refusal(line)
         if refusal is None:
             return False
-        self._messages.append((_error_info(refusal), EMPTY_PAYLOAD))
         self._error_tus = _TUS_TARGET.match(line) is not None
-        self._ignore_rest = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._refuse_head(refusal)
         return True
 
     def body_seen(self, payload: StreamReader) -> tuple[int, ChunkExtensions | None] | None:
