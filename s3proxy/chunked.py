@@ -43,6 +43,7 @@ from s3proxy.chunks import (
     DATA_END,
     DONE,
     MAX_CHUNK_EXTENSIONS,
+    MAX_TRAILERS,
     SIZE,
     TRAILERS,
     ChunkExtensions,
@@ -107,6 +108,7 @@ class ChunkedDecoder:
         "_pending",
         "_seen",
         "_state",
+        "_trailers",
         "total",
     )
 
@@ -133,6 +135,7 @@ class ChunkedDecoder:
         self._max_field_size = max_field_size
         self._max_headers = max_headers
         self._pending: bytes | None = None  # the last trailer's name, not yet checked
+        self._trailers = 0  # bytes of the trailer lines complete so far (MAX_TRAILERS)
 
     @property
     def done(self) -> bool:
@@ -194,7 +197,7 @@ class ChunkedDecoder:
                     last = digits
                 self.total = total
                 if total > MAX_CHUNK_EXTENSIONS:
-                    raise _over_extensions()
+                    raise over_extensions()
                 if state != DATA_END or pos == end:
                     continue
                 crlf = data[pos : pos + 2]
@@ -213,6 +216,8 @@ class ChunkedDecoder:
                 pos, state = self._size_line(data, pos)
             elif state == TRAILERS:
                 pos, state = self._trailer(data, pos)
+                if self._trailers + len(self._carry) > MAX_TRAILERS:
+                    raise over_trailers()
             else:
                 break
         self._state = state
@@ -230,7 +235,7 @@ class ChunkedDecoder:
             raise BadHttpMessage("Chunk size overflow")
         self.total += found.end(2) - found.start(2)
         if self.total > MAX_CHUNK_EXTENSIONS:
-            raise _over_extensions()
+            raise over_extensions()
         size = int(digits, 16)
         if size == 0:
             return found.end(), TRAILERS
@@ -254,7 +259,7 @@ class ChunkedDecoder:
                 else "Invalid character in chunk size"
             )
         if self.total + len(carry) - digits - carry.endswith(b"\r") > MAX_CHUNK_EXTENSIONS:
-            raise _over_extensions()
+            raise over_extensions()
         self._carry = carry
         return len(data)
 
@@ -263,6 +268,7 @@ class ChunkedDecoder:
         ended, and the phase after it."""
         end_line = data[pos : pos + 2]
         if end_line == b"\r\n":
+            self._trailers += 2
             return pos + 2, DONE
         if end_line == b"\r":
             self._carry = end_line
@@ -290,6 +296,7 @@ class ChunkedDecoder:
             self._check_size(name, value.rstrip(b"\r"))
             # the whitespace before a value is skipped, not counted: not kept either
             self._carry = data[pos:] if begun.group(2) is None else name + b":" + value
+            self._trailers += len(data) - pos - len(self._carry)  # what was skipped counts
             return len(data), TRAILERS
         name, value = found.group(1), found.group(2)
         self._check_size(name, value)
@@ -297,6 +304,7 @@ class ChunkedDecoder:
         if lower in _REFUSED_TRAILERS:
             raise BadHttpMessage(f"{name.decode()} in chunked trailers")
         self._pending = lower
+        self._trailers += found.end() - pos
         return found.end(), TRAILERS
 
     def _check_size(self, name: bytes, value: bytes) -> None:
@@ -351,10 +359,16 @@ def _run(data: bytes, pos: int, digits: bytes, size: int, out: list[memoryview])
     return found.end()
 
 
-def _over_extensions() -> HttpProcessingError:
+def over_extensions() -> HttpProcessingError:
     return FramingLimit(
         f"the request body's chunk extensions are over {MAX_CHUNK_EXTENSIONS} bytes "
         "(RFC 9112 section 7.1.1): send chunks without extensions"
+    )
+
+
+def over_trailers() -> HttpProcessingError:
+    return FramingLimit(
+        f"the request body's trailer section is over {MAX_TRAILERS // 1024} KiB in all"
     )
 
 

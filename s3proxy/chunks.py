@@ -17,6 +17,10 @@ import sys
 # Chunk extensions a request may carry in all, as Node.js allows (its fix for
 # CVE-2024-22019): none of the proxy's clients sends any.
 MAX_CHUNK_EXTENSIONS = 16 * 1024
+# A chunked body's trailer section in all, its blank line included, as a request head
+# (protocol.MAX_HEAD_SIZE): llhttp's parser holds its fields until the section ends, and
+# 126 fields of 8 KiB stalled before that held ~2 MiB a connection (100: +207 MiB).
+MAX_TRAILERS = 32 * 1024
 
 _HEX = re.compile(rb"[0-9A-Fa-f]*")
 _MAX_SIZE_DIGITS = 16  # llhttp refuses a chunk size over 64 bits
@@ -55,6 +59,7 @@ class ChunkExtensions:
         "data",
         "total",
         "trailed",
+        "trailers",
     )
 
     def __init__(self) -> None:
@@ -67,6 +72,7 @@ class ChunkExtensions:
         self._line = 0  # bytes of this trailer line so far
         self._partial = False  # bytes of a size line were taken, not its end
         self.trailed = False  # a trailer field came (the trailer section is not empty)
+        self.trailers = 0  # bytes of the trailer section so far
 
     @classmethod
     def resumed(cls, phase: int, left: int = 0, total: int = 0) -> ChunkExtensions:
@@ -149,8 +155,9 @@ class ChunkExtensions:
                         self._chunk(int(found.group(1), 16))
                         continue
                 pos = self._size_line(data, pos)
-            elif state == _TRAILERS:  # the parser limits them; only their end matters here
-                pos = self._trailers(data, pos)
+            elif state == _TRAILERS:  # their end, and their bytes (MAX_TRAILERS)
+                start, pos = pos, self._trailers(data, pos)
+                self.trailers += pos - start
             else:
                 break
         return pos, walked

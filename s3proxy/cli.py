@@ -183,9 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "token":
             return issue_token(args)
         if args.command == "cleanup":
-            settings = Settings.load(
-                vars(args), os.environ, only=(*CLEANUP_SETTINGS, *CLEANUP_SCOPE)
-            )
+            settings = load_cleanup_settings(args)
             logsetup.setup(settings.log_level, settings.log_format)
             if settings.log_level != "debug":
                 # "Found credentials in environment variables." on every run is noise
@@ -203,6 +201,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), exc.status)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
+
+
+def load_cleanup_settings(args: argparse.Namespace) -> Settings:
+    """``cleanup``'s settings: serve's, with --older-than over S3PROXY_CLEANUP_OLDER_THAN,
+    checked as serve checks --cleanup-older-than (at least 1m; 0 slipped through as a
+    variable and aborted live uploads) and named as the flag given."""
+    given = vars(args)
+    if args.older_than is not None:
+        try:
+            Settings.load({"cleanup_older_than": args.older_than}, only=("cleanup_older_than",))
+        except SettingsError as exc:
+            raise SettingsError(str(exc).replace("--cleanup-older-than", "--older-than")) from None
+        given = {**given, "cleanup_older_than": args.older_than}
+    return Settings.load(given, os.environ, only=(*CLEANUP_SETTINGS, *CLEANUP_SCOPE))
 
 
 def warn_unknown_variables() -> None:
@@ -234,19 +246,35 @@ def issue_token(args: argparse.Namespace) -> int:
     ).token_secrets()
     if not secrets:
         raise SettingsError("set S3PROXY_TOKEN_SECRET or --token-secret-file to sign tokens")
+    # Each flag checked here, by its name (tokens.issue's messages name its arguments:
+    # "max_size must be a positive integer or None", and --ttl 0.5 said "got 0").
     try:
-        ttl = int(parse_duration(args.ttl))
-        max_size = parse_size(args.max_size) if args.max_size else None
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        raise SettingsError(f"--ttl: {exc}") from None
+    if ttl < 1:
+        raise SettingsError(f"--ttl must be at least 1s, got {args.ttl!r}")
+    max_size = None
+    if args.max_size:  # empty: no limit, as the flag left out
+        try:
+            max_size = parse_size(args.max_size)
+        except ValueError as exc:
+            raise SettingsError(f"--max-size: {exc}") from None
+        if max_size < 1:
+            raise SettingsError(f"--max-size must be at least 1 byte, got {args.max_size!r}")
+    if args.max_files is not None and args.max_files < 1:
+        raise SettingsError(f"--max-files must be at least 1, got {args.max_files}")
+    try:
         token = issue(
             secrets[0].encode(),
             prefix=args.prefix,
-            ttl=ttl,
+            ttl=int(ttl),
             max_size=max_size,
             types=args.type,
             max_files=args.max_files,
             subject=args.subject,
         )
-    except ValueError as exc:  # a bad --ttl, --max-size or grant (tokens.issue checks it)
+    except ValueError as exc:  # a bad --prefix or --type (tokens.issue checks them)
         raise SettingsError(str(exc)) from None
     print(token)
     return EXIT_OK
@@ -261,16 +289,8 @@ async def run_cleanup(settings: Settings, args: argparse.Namespace) -> int:
     from s3proxy.config import client_options
     from s3proxy.errors import ProxyError
     from s3proxy.s3_aiobotocore import open_store
-    from s3proxy.settings import parse_duration
 
-    threshold, by_activity = settings.orphan_rule
-    if args.older_than is not None:
-        try:
-            threshold, by_activity = parse_duration(args.older_than), False
-        except ValueError as exc:
-            raise SettingsError(f"--older-than: {exc}") from None
-        if threshold < 60:  # as serve's --cleanup-older-than: 0 would abort every upload
-            raise SettingsError("--older-than must be at least 1m (it must exceed any upload)")
+    threshold, by_activity = settings.orphan_rule  # --older-than is in it
     rule = Rule(timedelta(seconds=threshold), by_activity=by_activity)
     prefixes = args.prefix if args.prefix is not None else list(settings.cleanup_prefixes)
     opts = client_options(settings)

@@ -67,6 +67,7 @@ from typing import Self
 
 from s3proxy.errors import ProxyError
 from s3proxy.s3 import ObjectStore
+from s3proxy.settings import bucket_name_problem
 
 __all__ = [
     "REGION",
@@ -103,9 +104,6 @@ _LOG_TAIL_LINES = 20
 _POLL_INTERVAL = 0.1
 #: sun_path is 108 bytes on Linux; longer socket paths are left to weed's /tmp default.
 _MAX_UNIX_SOCKET_PATH = 100
-# S3 bucket naming rules (general purpose buckets): 3-63 of a-z 0-9 . -, alnum at the ends.
-# weed mini only logs a bad -bucket, so we check it rather than time out waiting for it.
-_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _GRPC_PORT_OFFSET = 10000  # weed's gRPC port = HTTP port + 10000 where not given
 
@@ -206,11 +204,10 @@ class EmbeddedStore:
                 "embedded S3 store: pass both access_key and secret_key, or neither "
                 "(then keys are generated and kept in the data dir)"
             )
-        if not _BUCKET_NAME.fullmatch(config.bucket) or ".." in config.bucket:
-            raise EmbeddedStoreError(
-                f"embedded S3 store: {config.bucket!r} is not a valid S3 bucket name "
-                "(3-63 characters: lower-case letters, digits, dots and hyphens)"
-            )
+        # weed mini only logs a bad -bucket: check it rather than time out waiting for it
+        # (Settings.validate refuses it first for serve, as a settings error).
+        if (problem := bucket_name_problem(config.bucket)) is not None:
+            raise EmbeddedStoreError(f"embedded S3 store: {problem}")
         self._config = config
         self._data_dir = config.data_dir.expanduser().absolute()
         self._ports: dict[str, int] = {}

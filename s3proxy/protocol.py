@@ -103,8 +103,8 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from s3proxy import tus_protocol
-from s3proxy.chunked import ChunkedDecoder, joined
-from s3proxy.chunks import DATA, MAX_CHUNK_EXTENSIONS, ChunkExtensions
+from s3proxy.chunked import ChunkedDecoder, joined, over_extensions, over_trailers
+from s3proxy.chunks import DATA, MAX_CHUNK_EXTENSIONS, MAX_TRAILERS, ChunkExtensions
 from s3proxy.codings import CONTENT_ADVICE, discard, end_check_problems, install_end_check
 from s3proxy.cors import Cors
 from s3proxy.errors import (
@@ -1339,7 +1339,8 @@ class ProxyRequestHandler(RequestHandler):
 
     def _over_extensions(self, piece: bytes) -> bool:
         """Count the chunk extensions in ``piece`` of the newest request's chunked body;
-        past ``MAX_CHUNK_EXTENSIONS`` that body breaks as on a bad chunk size (True).
+        past ``MAX_CHUNK_EXTENSIONS``, or its trailer section past ``MAX_TRAILERS``, that
+        body breaks as on a bad chunk size (True).
         (Any body's ``piece`` is counted for ``body_seen`` too.)"""
         self._body_read += len(piece)
         self._walk_ended = False
@@ -1349,12 +1350,12 @@ class ProxyRequestHandler(RequestHandler):
         stop, _ = scan.follow(piece)
         self._walk_ended = scan.done
         self._chunked_past = len(piece) - stop if scan.done else 0
-        if scan.total <= MAX_CHUNK_EXTENSIONS:
+        if scan.total > MAX_CHUNK_EXTENSIONS:
+            exc = over_extensions()
+        elif scan.trailers > MAX_TRAILERS:
+            exc = over_trailers()
+        else:
             return False
-        exc = FramingLimit(
-            f"the request body's chunk extensions are over {MAX_CHUNK_EXTENSIONS} bytes "
-            "(RFC 9112 section 7.1.1): send chunks without extensions"
-        )
         self._extensions = None
         self._messages.append((_error_info(exc), EMPTY_PAYLOAD))
         self._body_broke(len(self._messages) - 1)

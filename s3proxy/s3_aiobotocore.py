@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import dataclasses
 import email.utils
 import logging
@@ -109,6 +110,18 @@ _POST_FIELDS = {**_HEADERS, "ACL": "acl"}
 # S3's answers to a conditional or ranged read: outcomes for the client, not S3 faults,
 # so they are not counted as S3 errors.
 _READ_OUTCOMES = frozenset({304, 404, 412, 416})
+# What the attempts of the running store check met (``check``), as botocore's retry
+# handler saw them (``_note_check_retry``): None outside a check.
+_CHECK_MET: contextvars.ContextVar[list[BaseException] | None] = contextvars.ContextVar(
+    "check_met", default=None
+)
+
+
+def _note_check_retry(caught_exception: BaseException | None = None, **_: Any) -> None:
+    """botocore's ``needs-retry`` event for HeadBucket: keep what the attempt met."""
+    met = _CHECK_MET.get()
+    if met is not None and caught_exception is not None:
+        met.append(caught_exception)
 
 
 # --- translation ------------------------------------------------------------------
@@ -360,6 +373,7 @@ class AioObjectStore:
         deadline: Deadline | None = None,
     ) -> None:
         self._client = client
+        client.meta.events.register("needs-retry.s3.HeadBucket", _note_check_retry)
         self._deadline = deadline or Deadline()  # the shutdown's, for the cleanup done here
         self.bucket = bucket
         self._metrics = metrics or Metrics()
@@ -624,9 +638,24 @@ class AioObjectStore:
         secret: str | None = frozen.secret_key
         return secret
 
-    async def check(self) -> None:
-        async with self.call("HeadBucket"):
-            await self._client.head_bucket(Bucket=self.bucket)
+    async def check(self, within: float | None = None) -> None:
+        """HeadBucket, answered within ``within`` seconds (TimeoutError past it). Cut
+        there while botocore was retrying it, the check fails with what its attempts
+        met, not as a slow store: a store that refused every connection was told
+        UPSTREAM_TIMEOUT "did not answer its check within 1s", the retries' backoff
+        having outlasted the readiness timeout (reprobe21c)."""
+        met: list[BaseException] = []
+        token = _CHECK_MET.set(met)
+        try:
+            async with asyncio.timeout(within), self.call("HeadBucket"):
+                await self._client.head_bucket(Bucket=self.bucket)
+        except TimeoutError:
+            if not met:
+                raise
+            async with self.call("HeadBucket"):  # told as the attempt's own failure
+                raise met[-1] from None
+        finally:
+            _CHECK_MET.reset(token)
 
     async def list_parts(
         self, key: str, upload_id: str, *, max_parts: int | None = None

@@ -63,9 +63,30 @@ def format_size(n: int) -> str:
 #: botocore's check of a region name (botocore.utils.validate_region_name: a host label),
 #: but not empty (which it lets through, and the signer then refuses on every call).
 _REGION_RE = re.compile(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)")
+#: S3's bucket naming rules (general purpose buckets): 3-63 of a-z 0-9 . -, a letter or
+#: digit at each end, no "..". Checked for the embedded store only (weed mini just logs a
+#: bad -bucket); another S3 may hold older names (us-east-1's legacy capitals) and says so.
+_BUCKET_NAME_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def bucket_name_problem(name: str) -> str | None:
+    """Why ``name`` is no valid S3 bucket name (None: it is one). Pure."""
+    if not _BUCKET_NAME_RE.fullmatch(name) or ".." in name:
+        return (
+            f"{name!r} is not a valid S3 bucket name "
+            "(3-63 characters: lower-case letters, digits, dots and hyphens)"
+        )
+    return None
+
+
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _DURATION_UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
+
+#: The most attempts of one S3 call --s3-max-attempts takes. botocore sets no cap, but an
+#: S3 call can then last attempts x the timeouts (and the orphan threshold twice that):
+#: past a hundred it is a typo, not a retry policy (botocore's standard mode makes 3).
+MAX_S3_ATTEMPTS = 100
 
 #: The longest duration any setting takes: past it, dates and timers overflow (a tus
 #: URL's expiry past the year 9999, the sweep's timedelta) and no wait is meant.
@@ -116,6 +137,15 @@ def _parse_opt_duration(text: str) -> float | None:
     return parse_duration(text) if str(text).strip() else None
 
 
+def parse_count(text: str) -> int:
+    """A whole number such as ``8080`` or ``5`` (int()'s own message, "invalid literal for
+    int() with base 10", named no flag's wants)."""
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"not a whole number: {text!r}") from None
+
+
 def _parse_bool(text: str) -> bool:
     value = str(text).strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -131,6 +161,27 @@ def _opt_str(text: str) -> str | None:
 
 # --event-loop: s3proxy.server.loop_factory turns the choice into a loop.
 EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+
+
+def _choice(value: str, choices: Sequence[str], source: str) -> str:
+    """``value`` as its choice is spelled, matched in any case (``--sse aes256`` is
+    ``AES256``, ``--download-mode REDIRECT`` is ``redirect``), for every choice setting."""
+    for choice in choices:
+        if value.strip().lower() == choice.lower():
+            return choice
+    raise SettingsError(f"{source} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _unset_by_default(f: dataclasses.Field[Any]) -> bool:
+    """Whether --help and README show the field's default as ``unset`` or ``auto``: an
+    empty value of such a setting means that default (README "Configuration"), decided
+    by what is shown so the two cannot disagree (S3PROXY_CHECKSUM= was refused, its
+    default the string "auto", not None)."""
+    return _shown_default(_default(f), f.metadata["show"]) in ("unset", "auto")
 
 
 def _setting(
@@ -328,7 +379,7 @@ def _metavar(f: dataclasses.Field[Any]) -> str:
         return _METAVARS[meta["parse"]]
     if f.name.endswith("_port") or f.name == "port":
         return "PORT"
-    if meta["parse"] is int:
+    if meta["parse"] is parse_count:
         return "N"
     if f.name.endswith("_url"):
         return "URL"
@@ -373,7 +424,7 @@ class Settings:
 
     # network
     host: str = _setting("127.0.0.1", "address to listen on")
-    port: int = _setting(8080, "port to listen on", int)
+    port: int = _setting(8080, "port to listen on", parse_count)
     # who may upload
     api_key: tuple[str, ...] = _setting(
         (),
@@ -424,7 +475,7 @@ class Settings:
         show=format_size,
     )
     parts_in_flight: int = _setting(
-        2, "parts of one file uploading to S3 while the next is read from the client", int
+        2, "parts of one file uploading to S3 while the next is read from the client", parse_count
     )
     memory_budget: int = _setting(
         256 * 1024**2,
@@ -450,11 +501,11 @@ class Settings:
     max_file_size: int = _setting(
         5 * 1024**3, "largest file accepted", parse_size, show=format_size
     )
-    max_files: int = _setting(20, "most files accepted in one request", int)
+    max_files: int = _setting(20, "most files accepted in one request", parse_count)
     max_fields: int = _setting(
         100,
         "most non-file form fields accepted in one request (unused file inputs count as fields)",
-        int,
+        parse_count,
     )
     max_field_size: int = _setting(
         64 * 1024, "largest non-file form field value", parse_size, show=format_size
@@ -494,13 +545,16 @@ class Settings:
         show=format_duration,
     )
     s3_max_attempts: int = _setting(
-        5, "attempts per S3 call (transient errors retried with backoff)", int
+        5,
+        "attempts per S3 call, 1-100 (transient errors retried with backoff; more is a "
+        "mistake: a call could then take attempts x the timeouts)",
+        parse_count,
     )
     s3_max_connections: int = _setting(
         64,
         "S3 connection pool size, at least 2; streamed downloads take at most three quarters "
         "of it (the rest, at least one, is kept for short calls such as /readyz's)",
-        int,
+        parse_count,
     )
     sign_payload: bool = _setting(
         False,
@@ -546,7 +600,9 @@ class Settings:
     webhook_timeout: float = _setting(
         10.0, "seconds one webhook attempt may take", parse_duration, show=format_duration
     )
-    webhook_attempts: int = _setting(5, "webhook attempts, with backoff, before giving up", int)
+    webhook_attempts: int = _setting(
+        5, "webhook attempts, with backoff, before giving up", parse_count
+    )
     webhook_failure: str = _setting(
         "rollback",
         "when the webhook keeps failing: rollback (delete the files, answer 502) "
@@ -557,10 +613,12 @@ class Settings:
     data_dir: Path = _setting(  # noqa: RUF009 - Path is immutable
         Path("s3proxy-data"), "embedded store: where its data lives", _path, show=str
     )
-    embedded_s3_port: int = _setting(8333, "embedded store: S3 port", int)
+    embedded_s3_port: int = _setting(8333, "embedded store: S3 port", parse_count)
     # operations
     workers: int = _setting(
-        1, "worker processes sharing the port (SO_REUSEPORT), each with its own budget", int
+        1,
+        "worker processes sharing the port (SO_REUSEPORT), each with its own budget",
+        parse_count,
     )
     reuse_port: bool = _setting(
         False,
@@ -605,10 +663,8 @@ class Settings:
         parse_duration,
         show=format_duration,
     )
-    log_level: str = _setting(
-        "info", "log level", str.lower, choices=("debug", "info", "warning", "error")
-    )
-    log_format: str = _setting("text", "log format", str.lower, choices=("text", "json"))
+    log_level: str = _setting("info", "log level", choices=("debug", "info", "warning", "error"))
+    log_format: str = _setting("text", "log format", choices=("text", "json"))
     # embedded store supervision (weed is restarted whenever it exits, never given up on)
     embedded_restart_delay: float = _setting(
         0.5,
@@ -639,7 +695,7 @@ class Settings:
         1024,
         "open client connections; past it only /healthz and /readyz are served (a few "
         "more), the rest get 503 OVERLOADED; lowered to fit RLIMIT_NOFILE",
-        int,
+        parse_count,
     )
     metrics_listen: str | None = _setting(
         None,
@@ -698,7 +754,6 @@ class Settings:
         "auto",
         "checksum every part and object S3 must verify (auto: crc64nvme); off sends none, "
         "for stores that refuse them",
-        str.lower,
         choices=checksums.CHECKSUM_MODES,
     )
     # rolling restarts and readiness (issue #14; README "Operating it")
@@ -745,7 +800,6 @@ class Settings:
         "asyncio",
         "event loop: asyncio (the standard library's) or uvloop; auto: uvloop when "
         "installed (measured: no difference in CPU per GiB, see README Benchmarks)",
-        str.lower,
         choices=EVENT_LOOPS,
     )
     lean_upload_part: bool = _setting(
@@ -835,8 +889,10 @@ class Settings:
             raise SettingsError("--presign-expiry must be between 1s and 7d (SigV4's limit)")
         if self.workers < 1:
             raise SettingsError("--workers must be at least 1")
-        if self.s3_max_attempts < 1:
-            raise SettingsError("--s3-max-attempts must be at least 1")
+        if not 1 <= self.s3_max_attempts <= MAX_S3_ATTEMPTS:
+            raise SettingsError(
+                f"--s3-max-attempts must be 1-{MAX_S3_ATTEMPTS}, got {self.s3_max_attempts}"
+            )
         if self.s3_max_connections < 2:  # one for downloads, one kept for everything else
             raise SettingsError(
                 "--s3-max-connections must be at least 2: streamed downloads never take the "
@@ -846,9 +902,14 @@ class Settings:
             raise SettingsError(f"--region {self.region!r} is not a region name like eu-west-1")
         if not str(self.data_dir).strip() or str(self.data_dir) == ".":
             raise SettingsError("--data-dir must name a directory (default ./s3proxy-data)")
-        if (self.cleanup_interval or 0) < 0 or (self.cleanup_older_than or 60) < 60:
+        # Compared with None, never `or <default>`: `(x or 60) < 60` let 0 through as 60,
+        # and a sweep judging age 0 aborts every live upload.
+        if self.cleanup_interval is not None and self.cleanup_interval < 0:
+            raise SettingsError("--cleanup-interval must be >= 0 (0: never, or auto)")
+        if self.cleanup_older_than is not None and self.cleanup_older_than < 60:
             raise SettingsError(
-                "--cleanup-interval must be >= 0 and --cleanup-older-than at least 1m"
+                "--cleanup-older-than must be at least 1m (it must exceed any upload), "
+                f"got {format_duration(self.cleanup_older_than)}"
             )
         if self.cleanup_clock_skew < 0:
             raise SettingsError("--cleanup-clock-skew must be >= 0")
@@ -870,8 +931,9 @@ class Settings:
                 f"a {format_size(self.max_file_size)} file needs ({format_size(largest)}); "
                 "raise the budget or lower --max-file-size"
             )
-        if self.client_timeout <= 0 or self.s3_read_timeout <= 0 or self.s3_connect_timeout <= 0:
-            raise SettingsError("timeouts must be positive")
+        for name in ("client_timeout", "s3_read_timeout", "s3_connect_timeout"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"--{name.replace('_', '-')} must be positive")
         if self.read_buffer < 64 * 1024:
             raise SettingsError("--read-buffer must be at least 64KiB")
         for name in (
@@ -969,12 +1031,50 @@ class Settings:
                 f"--embedded-s3-port {self.embedded_s3_port} is a port the proxy listens on "
                 "(--port, --metrics-listen): the embedded store takes it first; give it another"
             )
-        if (self.drain_delay or 0) < 0:
+        if self.drain_delay is not None and self.drain_delay < 0:
             raise SettingsError("--drain-delay must be >= 0 (or auto)")
         if self.readiness_interval <= 0 or self.readiness_timeout <= 0:
             raise SettingsError("--readiness-interval and --readiness-timeout must be positive")
         if self.tus_expiry < 60 or self.tus_lock_lease < 0.5:
             raise SettingsError("--tus-expiry must be at least 60s and --tus-lock-lease 0.5s")
+        if self.embedded and (problem := bucket_name_problem(self.bucket_name)) is not None:
+            raise SettingsError(f"--bucket: {problem}, which the embedded store needs")
+        for what, sources, seconds in self.derived_durations():
+            if seconds > MAX_DURATION:
+                raise SettingsError(
+                    f"{what} comes to {seconds / 86400:.0f}d, past the longest "
+                    f"duration taken (3650d): lower {sources}"
+                )
+
+    def derived_durations(self) -> list[tuple[str, str, float]]:
+        """Every duration computed from several settings, as (what, from which settings,
+        seconds). Each is held to MAX_DURATION as a duration setting is: past it, the orphan
+        sweep's timedelta overflowed and the sweep died at start (reprobe21c)."""
+        # presign_record is above settings; imported here, when a Settings is checked.
+        from s3proxy import presign_record
+
+        derived = [
+            (
+                "one S3 call",
+                "--s3-max-attempts, --s3-connect-timeout or --s3-read-timeout",
+                limits.s3_call_time(self),
+            ),
+            (
+                "a presigned upload's record retention",
+                "--s3-read-timeout, --s3-connect-timeout or --presign-expiry",
+                presign_record.retention(self),
+            ),
+        ]
+        if self.cleanup_older_than is None:  # else the threshold is that duration
+            derived.append(
+                (
+                    "the orphan threshold",
+                    "--s3-max-attempts, the timeouts, --part-size, --max-file-size or "
+                    "--min-upload-rate, or set --cleanup-older-than",
+                    self.orphan_rule[0],
+                )
+            )
+        return derived
 
     def _own_ports(self) -> set[int]:
         """The ports the proxy's listeners take on its host (workers share --port)."""
@@ -1005,10 +1105,7 @@ class Settings:
             meta = f.metadata
             flag = "--" + f.name.replace("_", "-")
             env = ENV_PREFIX + f.name.upper()
-            default = (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            )
-            shown = _shown_default(default, meta["show"])
+            shown = _shown_default(_default(f), meta["show"])
             help_text = f"{helps.get(f.name, meta['help'])} [env {env}; default {shown}]"
             kwargs: dict[str, Any] = {"dest": f.name, "help": help_text, "default": None}
             if meta["repeat"]:
@@ -1056,7 +1153,7 @@ class Settings:
                     if not raw and f.name in CREDENTIAL_SETTINGS:
                         # S3PROXY_API_KEY=${KEY} with KEY unset: meant a key, got none
                         raise SettingsError(_no_credential(env))
-            if raw is None or (isinstance(raw, str) and not raw.strip() and f.default is None):
+            if raw is None or (isinstance(raw, str) and not raw.strip() and _unset_by_default(f)):
                 continue  # empty: unset, for a setting whose default is unset or auto
             try:
                 if meta["repeat"]:
@@ -1065,6 +1162,6 @@ class Settings:
                     values[f.name] = meta["parse"](raw)
             except ValueError as exc:
                 raise SettingsError(f"{source}: {exc}") from None
-            if meta["choices"] and values[f.name] not in meta["choices"]:
-                raise SettingsError(f"{source} must be one of {', '.join(meta['choices'])}")
+            if meta["choices"]:
+                values[f.name] = _choice(values[f.name], meta["choices"], source)
         return cls(**values)

@@ -43,6 +43,9 @@ AUTO_DRAIN_DELAY = 6.0
 # A cached store check older than this many intervals (plus the timeout) is not
 # trusted: the checker itself is stuck (a blocked loop) or gone.
 STALE_INTERVALS = 3
+# Seconds past its timeout a store check is cut if it does not keep the timeout it is
+# given (``AppState.check_s3`` gives it on, to say what cut it).
+CHECK_BACKSTOP = 0.5
 # The checks pause this many seconds after the last /readyz (or the start), since
 # nobody routes by the answer then: each check is a HeadBucket through botocore, about
 # 7 ms of CPU, and a proxy nobody probes spent 0.7% of a core on them (measured idle:
@@ -139,7 +142,9 @@ class StoreCheck:
     async def once(self, check: Callable[[], Awaitable[None]]) -> ProxyError | None:
         """One check, as an error (None: ready); never raises but a cancellation."""
         try:
-            async with asyncio.timeout(self.timeout):  # not wait_for: see stop()
+            # not wait_for: see stop(). The check is given the timeout itself (to say what
+            # cut it); this one, a little later, is for a check that does not keep it.
+            async with asyncio.timeout(self.timeout + CHECK_BACKSTOP):
                 await check()
         except TimeoutError:
             return ProxyError(
@@ -246,7 +251,7 @@ class AppState:
         """The store check /readyz answers from: the embedded store is up and the bucket
         answers HeadBucket."""
         self.check_store()
-        await self.require_sink().check()
+        await self.require_sink().check(within=self.store_check.timeout)
 
     def begin_stopping(self) -> None:
         """SIGTERM: /readyz says 503 and responses say ``Connection: close`` (so no

@@ -351,7 +351,7 @@ class MemoryS3:
     async def credential_secret(self) -> str | None:
         return self.secret
 
-    async def check(self) -> None:
+    async def check(self, within: float | None = None) -> None:
         self._call("HeadBucket")
 
     async def list_parts(

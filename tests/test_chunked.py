@@ -19,7 +19,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from s3proxy import chunked, chunks
 from s3proxy.chunked import MAX_FIELD_SIZE, MAX_HEADERS, ChunkedDecoder, joined
-from s3proxy.chunks import MAX_CHUNK_EXTENSIONS, ChunkExtensions
+from s3proxy.chunks import MAX_CHUNK_EXTENSIONS, MAX_TRAILERS, ChunkExtensions
 from s3proxy.errors import FramingLimit
 
 HEAD = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -300,10 +300,15 @@ def test_kept_bytes_stay_bounded() -> None:
         decoder.feed(b"0" * 1000)
     assert len(decoder._carry) <= 1
     decoder.feed(b"1\r\na\r\n0\r\nX:")
-    for _ in range(1000):
+    for _ in range(30):  # within MAX_TRAILERS: the whitespace counts, is not kept
         decoder.feed(b" " * 1000)
     assert len(decoder._carry) <= 3
     assert decoder.feed(b"y\r\n\r\n")[1] == b""
+    decoder = ChunkedDecoder()
+    decoder.feed(b"1\r\na\r\n0\r\nX:")
+    with pytest.raises(HttpProcessingError, match="trailer section"):
+        for _ in range(40):
+            decoder.feed(b" " * 1000)
 
 
 def test_the_walk_it_hands_on_goes_on_as_chunk_extensions_would() -> None:
@@ -380,3 +385,34 @@ def test_a_run_ends_where_the_spelling_of_its_size_lines_changes() -> None:
     assert chunked._run(data, 0, b"0A", 10, []) == 0
     body = b"1\r\nx" + (b"\r\n1\r\ny") * 40 + b"\r\n01\r\nz" * 3 + b"\r\n2\r\nuv\r\n" + END
     assert llhttp([body]) == decoded([body]) == ("ended", b"x" + b"y" * 40 + b"zzz" + b"uva")
+
+
+def trailer_section(size: int, spaces: int = 1) -> bytes:
+    """Trailer field lines and the blank line, ``size`` bytes in all (``size`` >= 10),
+    each value after ``spaces`` spaces (whitespace the decoder skips must count too)."""
+    lines, i = [], 0
+    while size > 2:
+        name = b"T%d:" % i + b" " * spaces
+        take = min(4000, size - 2)
+        if 0 < size - 2 - take < len(name) + 3:  # leave room for a whole last line
+            take -= len(name) + 3
+        lines.append(name + b"v" * (take - len(name) - 2) + b"\r\n")
+        size, i = size - take, i + 1
+    return b"".join(lines) + b"\r\n"
+
+
+@pytest.mark.parametrize("spaces", [0, 1, 5])
+@pytest.mark.parametrize("split", [1, 7, 100, 4096, None])
+@pytest.mark.parametrize("over", [0, 1])
+def test_the_trailer_section_is_bounded_in_all(over: int, split: int | None, spaces: int) -> None:
+    """MAX_TRAILERS bytes of trailer section pass, a byte more is refused, however the
+    body is split: the decoder and the parser's walk (ChunkExtensions) count alike."""
+    section = trailer_section(MAX_TRAILERS + over, spaces)
+    assert len(section) == MAX_TRAILERS + over
+    body = b"1\r\na\r\n0\r\n" + section
+    pieces = [body] if split is None else [body[i : i + split] for i in range(0, len(body), split)]
+    assert decoded(pieces)[0] == ("refused" if over else "ended")
+    walk = ChunkExtensions()
+    for piece in pieces:
+        walk.follow(piece)
+    assert walk.done and (walk.trailers > MAX_TRAILERS) == bool(over)

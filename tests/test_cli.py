@@ -376,7 +376,7 @@ def test_cleanup_with_an_odd_recorded_port_says_so(tmp_path: Path, value: str) -
     (data / "credentials.json").write_text('{"access_key": "testing", "secret_key": "testing"}')
     (data / "ports.json").write_text(f'{{"s3.port": {value}}}')
     env = {**no_credentials_env(tmp_path), "S3PROXY_EMBEDDED_S3_PORT": "0"}
-    proc = cli("cleanup", "--data-dir", str(data), "--bucket", "b", env=env)
+    proc = cli("cleanup", "--data-dir", str(data), "--bucket", "bkt", env=env)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "EndpointResolution" not in proc.stderr
     warning, error = proc.stderr.strip().splitlines()
@@ -636,3 +636,87 @@ def test_usage_errors_are_one_line(args: list[str], named: str) -> None:
     proc = cli(*args)
     assert proc.returncode == 2
     assert named in one_line_error(proc)
+
+
+# --- settings refused at start (reprobe21c) ------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["serve", "cleanup"])
+@pytest.mark.parametrize(
+    ("flags", "env", "named"),
+    [
+        # 0 was taken for 60 (`(x or 60) < 60`): the sweep aborted live uploads
+        ([], {"S3PROXY_CLEANUP_OLDER_THAN": "0"}, "--cleanup-older-than must be at least 1m"),
+        # the orphan threshold (attempts x timeouts) overflowed timedelta: serve's sweep
+        # died (a traceback at exit), cleanup printed a traceback
+        (["--s3-max-attempts", "1000000000000"], {}, "--s3-max-attempts must be 1-100"),
+        (
+            ["--s3-max-attempts", "100", "--s3-read-timeout", "3650d"],
+            {},
+            "one S3 call comes to 365000d",
+        ),
+        ([], {"S3PROXY_S3_READ_TIMEOUT": "400d"}, "record retention comes to"),
+    ],
+)
+def test_a_setting_that_would_fail_later_is_refused_at_start(
+    command: str, flags: list[str], env: dict[str, str], named: str
+) -> None:
+    endpoint = f"http://127.0.0.1:{closed_port()}"  # never reached: refused first
+    common = ["--endpoint-url", endpoint, "--bucket", "b", "--s3-connect-timeout", "1"]
+    proc = cli(command, *common, *flags, env={**fake_aws_env(), **env})
+    assert named in one_line_error(proc)
+    assert proc.returncode == 2
+
+
+@pytest.mark.parametrize("value", ["0", "59s", "0.5"])
+def test_cleanup_older_than_flag_and_variable_are_held_to_one_minute(value: str) -> None:
+    """The flag over the variable, as serve's precedence; each checked the same way."""
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    common = ["cleanup", "--endpoint-url", endpoint, "--bucket", "b", "--s3-max-attempts", "1"]
+    proc = cli(*common, "--older-than", value)
+    assert proc.returncode == 2
+    assert "--older-than must be at least 1m" in one_line_error(proc)
+    proc = cli(*common, env={**fake_aws_env(), "S3PROXY_CLEANUP_OLDER_THAN": value})
+    assert proc.returncode == 2
+    # a flag of 1h over a variable of 0: the flag is taken (S3 is then not reached: 1)
+    proc = cli(
+        *common, "--older-than", "1h", env={**fake_aws_env(), "S3PROXY_CLEANUP_OLDER_THAN": value}
+    )
+    assert proc.returncode == 1 and "cannot reach S3" in one_line_error(proc)
+
+
+def test_serve_with_an_invalid_embedded_bucket_is_a_settings_error(tmp_path: Path) -> None:
+    """Regression (reprobe21c): serve --bucket Bad_Bucket without --endpoint-url exited 1,
+    as the store failed to start; README's exit table puts an invalid value under 2."""
+    proc = cli("serve", "--bucket", "Bad_Bucket", "--data-dir", str(tmp_path / "d"))
+    line = one_line_error(proc)
+    assert proc.returncode == 2
+    assert "--bucket: 'Bad_Bucket' is not a valid S3 bucket name" in line
+    assert not (tmp_path / "d").exists()  # refused before the store was touched
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--max-size", "0"], "--max-size must be at least 1 byte, got '0'"),
+        (["--max-size", "lots"], "--max-size: not a size: 'lots'"),
+        (["--ttl", "0.5"], "--ttl must be at least 1s, got '0.5'"),
+        (["--ttl", "0"], "--ttl must be at least 1s, got '0'"),
+        (["--ttl", "soon"], "--ttl: not a duration: 'soon'"),
+        (["--max-files", "0"], "--max-files must be at least 1, got 0"),
+    ],
+)
+def test_token_names_the_flag_whose_value_is_refused(flags: list[str], named: str) -> None:
+    """Regression (reprobe21c): --max-size 0 said "max_size must be a positive integer or
+    None" (tokens.issue's argument), --ttl 0.5 said "got 0" (after rounding)."""
+    env = {**fake_aws_env(), "S3PROXY_TOKEN_SECRET": SECRET}
+    proc = cli("token", "--prefix", "p/", *flags, env=env)
+    assert proc.returncode == 2
+    assert named in one_line_error(proc)
+
+
+def test_serve_port_that_is_no_number_says_so() -> None:
+    """Regression (reprobe21c): "invalid literal for int() with base 10: 'abc'"."""
+    proc = cli("serve", "--port", "abc", "--endpoint-url", "http://127.0.0.1:9", "--bucket", "b")
+    assert proc.returncode == 2
+    assert "--port: not a whole number: 'abc'" in one_line_error(proc)

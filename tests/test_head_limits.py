@@ -1,4 +1,4 @@
-"""Heads are bounded in all, not only line by line (reprobe21a).
+"""Heads (and trailers) are bounded in all, not only line by line (reprobe21a).
 
 A request head of 128 lines of 8 KiB, or a part's header block of as many, was held whole
 until its blank line, outside the memory budget: 100 connections stalled so grew a proxy
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import io
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from s3proxy.chunks import MAX_TRAILERS
 from s3proxy.form import MAX_PART_HEAD
 from s3proxy.protocol import MAX_HEAD_SIZE
 from tests import bodies
@@ -140,9 +142,9 @@ async def test_stalled_heads_grow_a_proxy_process_by_little(
     moto: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
     """A proxy process as a user runs it, 300 connections stalled in their heads: 100 in
-    a request head of 1 MiB, 50 in a part header block of 1 MiB, 150 just under either
-    bound. Before: +300 MiB and more over idle (~1-2 MiB a connection); the bound here is
-    README's, the budget plus 32 MiB."""
+    a request head of 1 MiB, 50 in a part header block of 1 MiB, 50 in 1 MiB of a chunked
+    body's trailers, 100 just under the head bounds. Before: +300 MiB and more over idle
+    (~1-2 MiB a connection); the bound here is README's, the budget plus 32 MiB."""
     args = ["--endpoint-url", moto.endpoint_url, "--bucket", bucket]
     args += ["--memory-budget", "16MiB", "--part-size", "5MiB", "--client-timeout", "30s"]
     proxy = ProxyProcess.start(args, fake_aws_env(), tmp_path / "proxy.log")
@@ -163,7 +165,8 @@ async def test_stalled_heads_grow_a_proxy_process_by_little(
         sends = [big_head] * 100
         sends += [bodies.request_head(len(big_part) + 1000) + big_part] * 50
         sends += [request_head(MAX_HEAD_SIZE - 10, end=False)] * 50
-        sends += [bodies.request_head(len(near_part) + 1000) + near_part] * 100
+        sends += [bodies.request_head(len(near_part) + 1000) + near_part] * 50
+        sends += [b"".join(chunked_form(padding(126 * LINE), coded=False))] * 50
         for i in range(0, len(sends), 50):
             await asyncio.gather(*(_stall(proxy.port, data, held) for data in sends[i : i + 50]))
         await asyncio.sleep(1.0)
@@ -174,3 +177,48 @@ async def test_stalled_heads_grow_a_proxy_process_by_little(
         proxy.stop()
     print(f"300 stalled heads: idle {idle / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB")
     assert peak - idle <= 16 * MiB + 32 * MiB, f"+{(peak - idle) / MiB:.0f} MiB"
+
+
+def chunked_form(trailers: bytes, coded: bool) -> tuple[bytes, bytes]:
+    """A chunked POST /upload's head and body: one small file, then ``trailers`` (the
+    trailer section's field lines; the blank line that ends it is the caller's)."""
+    form = bodies.body([bodies.file("file", "a.txt", b"hello")])
+    extra = (b"Content-Encoding: gzip",) if coded else ()
+    data = gzip.compress(form) if coded else form
+    return bodies.chunked_request_head(*extra), bodies.chunk_frame(data) + b"0\r\n" + trailers
+
+
+@pytest.mark.parametrize("coded", [False, True], ids=["plain", "gzip"])
+@pytest.mark.parametrize("apart", [False, True], ids=["with-head", "own-reads"])
+@pytest.mark.parametrize("over", [0, 1])
+async def test_a_trailer_section_is_bounded_in_all(
+    proxy: Any, s3: Any, bucket: str, over: int, apart: bool, coded: bool
+) -> None:
+    """A chunked body's trailer section of exactly MAX_TRAILERS (its blank line counted)
+    passes; a byte more is 400 BAD_HTTP_REQUEST, nothing stored. Sent with the head, the
+    body stays with aiohttp's parser (llhttp held the fields: 100 stalled connections
+    with 1 MiB of trailers grew a process by 207 MiB); in reads of its own a plain one is
+    read by s3proxy's decoder, which must answer the same; a gzip one stays with the
+    parser either way."""
+    head, body = chunked_form(padding(MAX_TRAILERS + over - 2) + b"\r\n", coded)
+    sent = [head, *pieces(body, 4096)] if apart else [head + body]
+    resp = await exchange(proxy.host, proxy.port, *sent, pause=0.05, quiet=3.0)
+    if not over:
+        assert resp.status == 201, resp.raw[:300]
+        return
+    assert resp.status == 400, resp.raw[:300]
+    assert resp.code == "BAD_HTTP_REQUEST"
+    assert f"trailer section is over {MAX_TRAILERS // 1024} KiB" in resp.json()["error"]["message"]
+    assert await all_keys_async(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
+
+
+@pytest.mark.parametrize("apart", [False, True], ids=["with-head", "own-reads"])
+async def test_trailers_stalled_past_the_bound_are_refused_at_once(proxy: Any, apart: bool) -> None:
+    """126 trailer fields of 8 KiB and no blank line: 400 as the bound is passed (before:
+    held until --client-timeout)."""
+    head, body = chunked_form(padding(126 * LINE), coded=False)
+    sent = [head, body] if apart else [head + body]
+    resp = await exchange(proxy.host, proxy.port, *sent, quiet=3.0)
+    assert resp.status == 400, resp.raw[:300]
+    assert resp.code == "BAD_HTTP_REQUEST"

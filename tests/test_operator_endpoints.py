@@ -16,10 +16,11 @@ from yarl import URL
 
 from s3proxy.app import create_app, create_operator_app
 from s3proxy.log import REDACTED, redact
+from s3proxy.state import STATE
 from s3proxy.tokens import issue
 from tests import bodies
 from tests.conftest import make_settings
-from tests.s3util import MotoServer, ProxyProcess, fake_aws_env
+from tests.s3util import MotoServer, ProxyProcess, fake_aws_env, free_port
 
 KEY = "k-" + "a" * 30
 TUS_BODY = "eyJpZCI6IjAxNzY5MDAwMDAwLWFiYyIsImtleSI6InUvYS5iaW4ifQ"
@@ -260,3 +261,21 @@ def test_redact_shortcuts_mask_what_both_patterns_would(line: str) -> None:
     full = log._TUS_SEGMENT.sub(log._mask_tus, full)
     full = log._BEARER.sub(r"\1" + REDACTED, full)
     assert redact(line) == full
+
+
+async def test_readyz_says_a_refusing_store_is_unreachable_not_slow(proxy_factory: Any) -> None:
+    """A store that refuses every connection, its HeadBucket retried (5 attempts, as
+    botocore's standard mode) past the 1 s readiness timeout: UPSTREAM_UNAVAILABLE with
+    the attempt's failure (reprobe21c: UPSTREAM_TIMEOUT, "did not answer its check
+    within 1s", as if the store were slow)."""
+    proxy = await proxy_factory(
+        f"http://127.0.0.1:{free_port()}",
+        s3_max_attempts=5,
+        readiness_timeout=1.0,
+    )
+    resp = await proxy.get("/readyz")
+    assert resp.status == 503
+    assert (await resp.json())["error"]["code"] == "UPSTREAM_UNAVAILABLE"
+    state = proxy.server.app[STATE]
+    assert state.store_check.last is not None
+    assert "cannot reach S3" in state.store_check.last.message, state.store_check.last.message

@@ -112,7 +112,7 @@ class MemoryS3:
             raise refusal("HeadObject", "NoSuchKey", 404)
         return ObjectHead(length=len(self.objects[key]))
 
-    async def check(self) -> None:
+    async def check(self, within: float | None = None) -> None:
         pass
 
 

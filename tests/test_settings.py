@@ -6,12 +6,19 @@ import dataclasses
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from s3proxy.cli import build_parser
-from s3proxy.settings import Settings, SettingsError, format_size, parse_size
+from s3proxy.settings import (
+    CREDENTIAL_SETTINGS,
+    Settings,
+    SettingsError,
+    format_size,
+    parse_size,
+)
 
 
 @pytest.mark.parametrize(
@@ -83,6 +90,13 @@ def test_env_list() -> None:
         (["--part-size", "1MiB"], {}, "--part-size"),
         (["--part-size", "lots"], {}, "--part-size: not a size"),
         ([], {"S3PROXY_PORT": "eighty"}, "S3PROXY_PORT"),
+        # reprobe21c: int()'s "invalid literal for int() with base 10" named no want
+        (["--port", "http"], {}, "--port: not a whole number: 'http'"),
+        ([], {"S3PROXY_WORKERS": "two"}, "S3PROXY_WORKERS: not a whole number"),
+        # reprobe21c: "timeouts must be positive" named none of the three
+        (["--client-timeout", "0"], {}, "--client-timeout must be positive"),
+        (["--s3-read-timeout", "0"], {}, "--s3-read-timeout must be positive"),
+        ([], {"S3PROXY_S3_CONNECT_TIMEOUT": "0"}, "--s3-connect-timeout must be positive"),
         (["--memory-budget", "4MiB"], {}, "--memory-budget"),
         (["--key-template", "x/fixed.bin"], {}, "no field"),
         (["--key-template", "x/{uuid}/{nope}"], {}, "unknown"),
@@ -187,11 +201,11 @@ def test_token_secret_file_lines_are_checked(tmp_path: Path) -> None:
 
 
 def test_load_only_some_settings_ignores_the_rest_of_the_environment() -> None:
-    env = {"S3PROXY_HOST": "0.0.0.0", "S3PROXY_TOKEN_SECRET": "short", "S3PROXY_BUCKET": "b"}
+    env = {"S3PROXY_HOST": "0.0.0.0", "S3PROXY_TOKEN_SECRET": "short", "S3PROXY_BUCKET": "bkt"}
     with pytest.raises(SettingsError):
         Settings.load({}, env)
     s = Settings.load({}, env, only=("bucket",))
-    assert s.bucket == "b" and s.host == "127.0.0.1" and s.token_secret == ()
+    assert s.bucket == "bkt" and s.host == "127.0.0.1" and s.token_secret == ()
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -418,23 +432,171 @@ def test_a_choice_is_taken_in_any_case_from_flag_and_variable() -> None:
         load(["--log-level", "loud"])
 
 
+def shown_defaults() -> dict[str, str]:
+    """Each serve setting's default as --help (and README's table) shows it."""
+    import argparse
+    import re
+
+    serve = argparse.ArgumentParser()
+    Settings.add_arguments(serve)  # as `s3proxy serve` has them
+    found = {}
+    for action in serve._actions:
+        m = re.search(r"\[env S3PROXY_([A-Z0-9_]+); default (.*)\]$", action.help or "")
+        if m:
+            found[m.group(1).lower()] = m.group(2)
+    return found
+
+
+UNSET_OR_AUTO = [n for n, shown in shown_defaults().items() if shown in ("unset", "auto")]
+
+
+@pytest.mark.parametrize("name", UNSET_OR_AUTO)
+def test_an_empty_value_of_an_unset_or_auto_setting_is_its_default(name: str) -> None:
+    """Regression (config probe): S3PROXY_CLEANUP_INTERVAL= was 'not a duration', and
+    S3PROXY_NO_OVERWRITE= 'not a boolean', though both default to unset; reprobe21c:
+    S3PROXY_CHECKSUM= was 'must be one of auto, off', its default auto (a string, not
+    None). README: an empty value means unset for a setting whose default is unset or
+    auto; decided by what --help shows, for every such setting."""
+    if name in CREDENTIAL_SETTINGS:  # given but empty is refused (test below)
+        return
+    f = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    assert getattr(load([], {"S3PROXY_" + name.upper(): ""}), name) == default
+    if not f.metadata["repeat"]:  # a repeatable flag given '' is one value, ''
+        assert getattr(load([], {"S3PROXY_" + name.upper(): "  "}), name) == default
+        assert getattr(load(["--" + name.replace("_", "-"), ""]), name) == default
+
+
+def test_the_unset_or_auto_settings_are_the_ones_readme_says() -> None:
+    assert {"checksum", "cleanup_interval", "drain_delay", "endpoint_url", "no_overwrite"} <= set(
+        UNSET_OR_AUTO
+    )
+    assert "event_loop" not in UNSET_OR_AUTO  # its default is asyncio (auto is a choice)
+
+
+CHOICES = [
+    (f.name, choice)
+    for f in dataclasses.fields(Settings)
+    if f.metadata["choices"]
+    for choice in f.metadata["choices"]
+]
+
+
+@pytest.mark.parametrize(("name", "choice"), CHOICES)
+@pytest.mark.parametrize("spelled", [str.upper, str.lower, str.swapcase])
+def test_every_choice_is_taken_in_any_case_from_flag_and_variable(
+    name: str, choice: str, spelled: Callable[[str], str]
+) -> None:
+    """Regression (reprobe21c): README says choices take any case, but only the settings
+    whose parser lowercased did (--download-mode REDIRECT, --webhook-failure KEEP,
+    --request-checksum WHEN_SUPPORTED and --sse aes256 were refused). One check for
+    all, giving the choice as it is spelled (AES256, aws:kms)."""
+    extra = ["--sse", "aws:kms"] if name == "sse_kms_key_id" else []
+    flag = "--" + name.replace("_", "-")
+    assert getattr(load([*extra, flag, spelled(choice)]), name) == choice
+    assert getattr(load(extra, {"S3PROXY_" + name.upper(): spelled(choice)}), name) == choice
+
+
+def test_choice_settings_are_all_tested() -> None:
+    names = {name for name, _ in CHOICES}
+    assert {"download_mode", "webhook_failure", "request_checksum", "sse", "log_level"} <= names
+    with pytest.raises(SettingsError, match=r"--sse must be one of AES256, aws:kms, got 'aes'"):
+        load(["--sse", "aes"])
+
+
+@pytest.mark.parametrize("source", ["flag", "env"])
+@pytest.mark.parametrize("value", ["0", "0s", "0m", "59s", "0.5"])
+def test_cleanup_older_than_under_a_minute_is_refused(source: str, value: str) -> None:
+    """Regression (reprobe21c): `(x or 60) < 60` took 0 for 60, so --cleanup-older-than 0
+    (and S3PROXY_CLEANUP_OLDER_THAN=0) started a sweep that aborted live uploads."""
+    argv, env = (["--cleanup-older-than", value], {}) if source == "flag" else ([], {})
+    if source == "env":
+        env = {"S3PROXY_CLEANUP_OLDER_THAN": value}
+    with pytest.raises(SettingsError, match="--cleanup-older-than must be at least 1m"):
+        load(argv, env)
+    assert load(["--cleanup-older-than", "1m"]).orphan_rule == (60.0, False)
+
+
 @pytest.mark.parametrize(
-    "name",
+    ("name", "zero"),
     [
-        f.name
-        for f in dataclasses.fields(Settings)
-        if f.init and f.default is None and not f.metadata["repeat"]
+        ("cleanup_interval", 0.0),  # 0: never sweep
+        ("drain_delay", 0.0),  # 0: close the listener at once
+        ("cleanup_older_than", None),  # refused (above)
     ],
 )
-def test_an_empty_value_of_an_unset_by_default_setting_is_unset(name: str) -> None:
-    """Regression (config probe): S3PROXY_CLEANUP_INTERVAL= was 'not a duration', and
-    S3PROXY_NO_OVERWRITE= 'not a boolean', though both default to unset, while
-    S3PROXY_ENDPOINT_URL= meant unset: an env file leaving a value empty now always does."""
-    if name in ("api_key_file", "token_secret_file"):  # credentials: given but empty is refused
-        return
-    s = load([], {"S3PROXY_" + name.upper(): ""})
-    assert getattr(s, name) is None
-    assert getattr(load(["--" + name.replace("_", "-"), ""]), name) is None
+def test_zero_of_each_optional_duration_is_held_to_its_own_bound(
+    name: str, zero: float | None
+) -> None:
+    """The settings whose check once read `(x or <default>)`: 0 is checked as 0, never
+    as the default; unset stays the default."""
+    env = {"S3PROXY_" + name.upper(): "0"}
+    if zero is None:
+        with pytest.raises(SettingsError, match="--" + name.replace("_", "-")):
+            load([], env)
+    else:
+        assert getattr(load([], env), name) == zero
+    assert getattr(load([]), name) is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--s3-max-attempts", "1000000000000"], "--s3-max-attempts must be 1-100"),
+        (["--s3-max-attempts", "101"], "--s3-max-attempts must be 1-100, got 101"),
+        (
+            ["--s3-max-attempts", "100", "--s3-read-timeout", "3650d"],
+            "one S3 call comes to 365000d, past the longest duration taken (3650d)",
+        ),
+        (["--s3-read-timeout", "400d"], "a presigned upload's record retention comes to"),
+        (
+            ["--min-upload-rate", "1", "--part-size", "1GiB", "--memory-budget", "2GiB"],
+            "the orphan threshold comes to",
+        ),
+    ],
+)
+def test_a_duration_derived_from_several_settings_is_held_to_the_cap(
+    argv: list[str], message: str
+) -> None:
+    """Regression (reprobe21c): --s3-max-attempts 1000000000000 (or 1000000 with
+    --s3-read-timeout 3650d) started, and the orphan threshold (attempts x timeouts)
+    overflowed timedelta: serve's sweep died, cleanup printed a traceback."""
+    with pytest.raises(SettingsError) as err:
+        load(argv)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_largest_settings_taken_give_durations_a_timedelta_holds() -> None:
+    from datetime import timedelta
+
+    from s3proxy.settings import MAX_DURATION, MAX_S3_ATTEMPTS
+
+    s = load(["--s3-max-attempts", str(MAX_S3_ATTEMPTS), "--s3-read-timeout", "10d"])
+    assert all(seconds <= MAX_DURATION for _, _, seconds in s.derived_durations())
+    assert timedelta(seconds=s.orphan_rule[0]) > timedelta(0)
+    # the orphan threshold is not checked where --cleanup-older-than replaces it
+    argv = ["--min-upload-rate", "1", "--part-size", "1GiB", "--memory-budget", "2GiB"]
+    assert load([*argv, "--cleanup-older-than", "1h"]).orphan_rule == (3600.0, False)
+
+
+def test_an_invalid_bucket_for_the_embedded_store_is_a_settings_error() -> None:
+    """Regression (reprobe21c): serve --bucket Bad_Bucket with no --endpoint-url failed as
+    the store started (exit 1); an invalid value is a settings error (exit 2)."""
+    for argv, env in ((["--bucket", "Bad_Bucket"], {}), ([], {"S3PROXY_BUCKET": "a..b"})):
+        with pytest.raises(SettingsError, match=r"--bucket: '.*' is not a valid S3 bucket name"):
+            load(argv, env)
+    # another S3 may hold older names (us-east-1's capitals): it answers for itself
+    assert load(["--bucket", "Legacy_Bucket", "--endpoint-url", "http://x:1"]).bucket
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(v, True) for v in ("true", "yes", "1", "on", "TRUE", "Yes")]
+    + [(v, False) for v in ("false", "no", "0", "off", "FALSE", "Off")],
+)
+def test_a_boolean_takes_true_false_yes_no_on_off_1_0(value: str, expected: bool) -> None:
+    assert load(["--sign-payload", value]).sign_payload is expected
+    assert load([], {"S3PROXY_SIGN_PAYLOAD": value}).sign_payload is expected
 
 
 def test_the_cleanup_prefix_variable_keeps_spaces_and_empty_is_the_template() -> None:
