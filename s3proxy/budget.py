@@ -78,6 +78,21 @@ proxy reads: 3 MB on loopback) has its window closed while it waits, like a fast
 client held back; it is served in its turn and evicted after holding a part
 ``MIN_HELD`` (30 such: 6.0 s), at a cost to its sender of most of a part's bytes.
 
+Clients just above the minimum rate (reprobe21b). Eviction judges only holders below
+the minimum rate, and each holder keeps its whole part until it has filled it: seven
+clients at 40 KiB/s (32 KiB/s allowed) held a 32 MiB budget of 5 MiB parts, and a fast
+upload was not read for 120 s (behind nginx's 120 s send timeout: 504); at the defaults
+up to part size / minimum rate, 256 s. So slow parts have a share (``SLOW_SHARE`` of the
+budget, half): a part is *slow* when its client would take more than ``SLOW_FILL``
+seconds to fill it at the rate it filled its last part (or sent the part's first bytes,
+for its first), decided when it asks (``is_slow``); a holder that slows down to that
+while someone waits counts as slow from then on. A slow part is granted only while the
+slow parts held leave it room under the share, or none is held (so one always can be:
+no deadlock, as every holder still finishes on its own). A slow waiter without room is
+passed over, not in the way: the rest of the budget stays for uploads that fill their
+parts in time, which then wait for a fast holder at most, ``SLOW_FILL`` and an upload
+to S3. Slow uploads wait longer instead, for each other.
+
 Rejected: reservations that grow with the bytes that arrived (filling parts piece
 by piece can deadlock once every holder needs more; breaking that needs eviction
 anyway), and a cap per connection (does not stop N slow connections). Eviction
@@ -116,6 +131,24 @@ MIN_HELD = 2.0
 # buffers) to be ready. Well under what a blocked socket holds (95-130 KB measured on a
 # new loopback connection), so a fast client held back by backpressure is ready.
 READY_BYTES = 16 * 1024
+# A part its client would fill slower than this (seconds, at its last rate) is a slow
+# part: 8 MiB in 60 s is 140 KiB/s, 5 MiB 87 KiB/s.
+SLOW_FILL = 60.0
+# The share of the budget slow parts may hold together (past it, a slow part waits for
+# another slow part's memory, unless none is held).
+SLOW_SHARE = 0.5
+
+
+def is_slow(rate: float | None, size: int, fill: float = SLOW_FILL) -> bool:
+    """Would a client at ``rate`` bytes/s take longer than ``fill`` seconds to send
+    ``size`` bytes? An unknown rate is not slow."""
+    return rate is not None and rate * fill < size
+
+
+def slow_fits(size: int, held: int, share: int) -> bool:
+    """May a slow part of ``size`` be granted while slow parts hold ``held`` bytes of a
+    ``share``? Always when none is held: a slow upload must be able to progress."""
+    return held == 0 or held + size <= share
 
 
 @dataclass(frozen=True)
@@ -189,24 +222,37 @@ def readiness(state: WaiterState | None, need: int) -> bool | None:
     return None if state is not None and state.looking else False
 
 
-def grant(line: Sequence[tuple[int, bool | None]], available: int) -> list[int]:
+def grant(
+    line: Sequence[tuple[int, bool | None]],
+    available: int,
+    slow: Sequence[bool] = (),
+    slow_held: int = 0,
+    slow_share: int | None = None,
+) -> list[int]:
     """Indices of the waiters to grant now, given ``(size, ready)`` in line order
-    (ready: ``readiness``).
+    (ready: ``readiness``), and which of them are slow parts (``slow``, by index; none
+    if empty) while slow parts hold ``slow_held`` of their ``slow_share``.
 
     The ready ones first, then the unready, each in line order; granting stops at the
     first that does not fit, so nobody overtakes the oldest ready waiter, and an
     unready one gets memory only when no ready one waits. One whose readiness is not
-    known yet (None) is not granted now.
+    known yet (None) is not granted now. A slow part with no room in the slow share
+    (``slow_fits``) is passed over: it waits for another slow part, not in the way.
     """
     order = [i for i, (_, ready) in enumerate(line) if ready]
     order += [i for i, (_, ready) in enumerate(line) if ready is False]
     granted: list[int] = []
     for i in order:
         size = line[i][0]
+        is_slow_part = bool(slow) and slow[i] and slow_share is not None
+        if is_slow_part and not slow_fits(size, slow_held, slow_share or 0):
+            continue
         if size > available:
             break
         granted.append(i)
         available -= size
+        if is_slow_part:
+            slow_held += size
     return granted
 
 
@@ -250,16 +296,24 @@ class Holder(Protocol):
         shared by the waiters it judges; None: a fresh one)."""
         ...
 
+    def fill_rate(self) -> float | None:
+        """Bytes/s its client filled its last part at (or sent the part's first bytes
+        at, for its first); None: not known (``is_slow``)."""
+        ...
 
-Waiter = tuple[float, int, int, "asyncio.Future[None]", float, "Holder | None"]
+
+# (priority, seq, size, future, enqueued at, owner, a slow part)
+Waiter = tuple[float, int, int, "asyncio.Future[None]", float, "Holder | None", bool]
 
 
 class MemoryBudget:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, slow_share: float = SLOW_SHARE) -> None:
         if limit <= 0:
             raise ValueError("memory budget must be positive")
         self.limit = limit
         self.in_use = 0
+        self.slow_share = int(limit * slow_share)  # what slow parts may hold together
+        self.slow_in_use = 0  # of in_use, held by slow parts
         self.peak = 0
         self.wait_seconds = 0.0
         self.side_in_use = 0  # of in_use, held by side reservations (form fields)
@@ -293,13 +347,18 @@ class MemoryBudget:
         """
         if n > self.limit:
             raise ValueError(f"reservation of {n} bytes exceeds the budget of {self.limit}")
-        if not self._waiters and n <= self.available:
-            self._take(n)
-            return self._granted(n, holder)
+        slow = holder is not None and is_slow(holder.fill_rate(), n)
+        if (
+            not self._waiters
+            and n <= self.available
+            and (not slow or slow_fits(n, self.slow_in_use, self.slow_share))
+        ):
+            self._take(n, slow)
+            return self._granted(n, holder, slow)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         started = time.monotonic()
-        entry: Waiter = (priority, next(self._seq), n, fut, started, holder)
+        entry: Waiter = (priority, next(self._seq), n, fut, started, holder, slow)
         heapq.heappush(self._waiters, entry)
         self._arm_watchdog(loop)
         try:
@@ -307,7 +366,7 @@ class MemoryBudget:
         except BaseException:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 # Granted just as we were cancelled: give it back.
-                self._give(n)
+                self._give(n, slow)
             else:
                 # Cancelled before being granted. A wake-up between the cancellation and
                 # this line may already have dropped the entry (its future was done).
@@ -318,7 +377,7 @@ class MemoryBudget:
             raise
         finally:
             self.wait_seconds += time.monotonic() - started
-        return self._granted(n, holder)
+        return self._granted(n, holder, slow)
 
     async def acquire_side(self, n: int, side_cap: int, priority: float = 0.0) -> Reservation:
         """Take ``n`` bytes that a request holds while it may wait for a part (form
@@ -343,19 +402,25 @@ class MemoryBudget:
         reservation.side = True
         return reservation
 
-    def _granted(self, n: int, holder: Holder | None) -> Reservation:
+    def _granted(self, n: int, holder: Holder | None, slow: bool = False) -> Reservation:
         reservation = Reservation(self, n)
+        reservation.slow = slow
         if holder is not None:
             self._holders[reservation] = holder
         return reservation
 
-    def _take(self, n: int) -> None:
+    def _take(self, n: int, slow: bool = False) -> None:
         self.in_use += n
         self.peak = max(self.peak, self.in_use)
+        if slow:
+            self.slow_in_use += n
 
-    def _give(self, n: int) -> None:
+    def _give(self, n: int, slow: bool = False) -> None:
         self.in_use -= n
         assert self.in_use >= 0, "budget released more than was taken"
+        if slow:
+            self.slow_in_use -= n
+            assert self.slow_in_use >= 0, "slow parts released more than was taken"
         self._wake()
 
     def _give_side(self, n: int) -> None:
@@ -375,12 +440,13 @@ class MemoryBudget:
         now = time.monotonic()
         looks = Looks(ways=len(live))  # one pass: its waiters share one bound (body_end)
         line = [(w[2], self._ready(w, now, looks)) for w in live]
-        granted = grant(line, self.available)
+        slow = [w[6] for w in live]
+        granted = grant(line, self.available, slow, self.slow_in_use, self.slow_share)
         if not granted:
             return
         for i in granted:
-            _, _, n, fut, _, _ = live[i]
-            self._take(n)
+            n, fut = live[i][2], live[i][3]
+            self._take(n, live[i][6])
             fut.set_result(None)
         self._waiters = [w for w in live if not w[3].done()]
 
@@ -431,11 +497,19 @@ class MemoryBudget:
         waited = now - min(w[4] for w in live)
         owners: list[Holder] = []
         states: list[HolderState] = []
-        for owner in list(self._holders.values()):
+        for reservation, owner in list(self._holders.items()):
             state = owner.fill_state(now)
             if state is not None:
                 owners.append(owner)
                 states.append(state)
+                if (
+                    not reservation.slow
+                    and state.held_for >= MIN_HELD
+                    and is_slow(state.rate, reservation.size)
+                ):
+                    # slowed down while others wait: its part counts as slow from now
+                    reservation.slow = True
+                    self.slow_in_use += reservation.size
         for i in choose_victims(states, waited):
             self.evictions += 1
             s = states[i]
@@ -464,6 +538,7 @@ class Reservation:
         self._budget = budget
         self.size = size
         self.side = False  # held under a side cap (form fields)
+        self.slow = False  # a slow part (``is_slow``): counted in the slow share
         self._covered: list[list[Any]] = []
 
     def cover(self, *buffers: list[Any]) -> None:
@@ -478,7 +553,7 @@ class Reservation:
             self.size = size
             if self.side:
                 self._budget._give_side(freed)
-            self._budget._give(freed)
+            self._budget._give(freed, self.slow)
 
     def release(self) -> None:
         covered, self._covered = self._covered, []
@@ -489,7 +564,7 @@ class Reservation:
             size, self.size = self.size, 0
             if self.side:
                 self._budget._give_side(size)
-            self._budget._give(size)
+            self._budget._give(size, self.slow)
 
     async def __aenter__(self) -> Reservation:
         return self

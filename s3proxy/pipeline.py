@@ -336,6 +336,12 @@ def _crc_of_staged(loaded: Staged, algorithm: Algorithm) -> CrcValue:
     return running.result()
 
 
+def _filled_at(meter: RateMeter, total: int) -> float:
+    """Bytes/s a part was filled at: from its meter's start (its memory granted) to now,
+    when ``total`` bytes of the file have come."""
+    return (total - meter.first) / max(time.monotonic() - meter.start, 1e-3)
+
+
 def chunk_lists(action: object) -> list[list[Chunk]]:
     """The lists of a part's chunks an action of the machine hands over (pure)."""
     if isinstance(action, CreateUpload):
@@ -402,6 +408,9 @@ class FileUpload:
             self.upload_id = resume.upload_id
         self._source: ChunkSource | None = None
         self._filling: RateMeter | None = None  # set while a reserved part is being filled
+        # bytes/s its client filled its last part at, or sent the part's probe at, for
+        # the first (``fill_rate``: slow parts have a share of the budget)
+        self._rate: float | None = None
         self._arriving: RateMeter | None = None  # set while it waits for a part's memory
         self._has_part = False  # the part it waits for is all in hand (the file ended)
         self._held_back = False  # its receive window was seen closed during this wait
@@ -422,6 +431,9 @@ class FileUpload:
         if rate is None:  # held for less than a window: the average so far
             rate = (self.size - meter.first) / held if held > 0 else float("inf")
         return HolderState(held_for=held, rate=rate, min_rate=self.cfg.min_rate)
+
+    def fill_rate(self) -> float | None:
+        return self._rate
 
     def wait_state(self, now: float, looks: Looks | None = None) -> WaiterState | None:
         """How its client sends while it waits for a part: the socket is not read then,
@@ -612,6 +624,8 @@ class FileUpload:
                 if isinstance(action, Read):
                     await self._read(source, action.size, probe_ended)
                     continue
+                if self._filling is not None:
+                    self._rate = _filled_at(self._filling, self.size)
                 self._filling = None  # the part is full (or not begun): never evicted now
                 if reservation is not None:
                     reservation.cover(*chunk_lists(action))
@@ -748,6 +762,7 @@ class FileUpload:
         """
         want = min(PROBE_BYTES, size)
         got = 0
+        began = time.monotonic()
         while got < want:
             chunk = await source.read(min(want - got, self.cfg.chunk_size))
             if not chunk:
@@ -755,6 +770,8 @@ class FileUpload:
             into.append(chunk)
             got += len(chunk)
             self._probed_size += len(chunk)
+        if self._rate is None and want == PROBE_BYTES:  # a first part: its probe's rate
+            self._rate = got / max(time.monotonic() - began, 1e-3)
         return False
 
     async def _reserve(self, size: int, source: ChunkSource, in_hand: bool) -> Reservation:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -18,7 +19,9 @@ from s3proxy.budget import (
     choose_victims,
     grant,
     is_ready,
+    is_slow,
     readiness,
+    slow_fits,
 )
 from s3proxy.log import REQUEST_ID
 
@@ -199,6 +202,9 @@ class FakeHolder:
         return None if self.evicted else self.state
 
     def wait_state(self, now: float, looks: Looks | None = None) -> WaiterState | None:
+        return None
+
+    def fill_rate(self) -> float | None:
         return None
 
     def evict(self, message: str) -> None:
@@ -556,3 +562,98 @@ async def test_a_big_ready_part_is_not_starved_by_small_ready_ones() -> None:
     for t in smalls:
         (await asyncio.wait_for(t, 1)).release()
     assert b.in_use == 0
+
+
+@pytest.mark.parametrize(
+    ("rate", "size", "slow"),
+    [
+        (None, 8 << 20, False),  # not known: not slow
+        (40 * 1024, 5 << 20, True),  # reprobe21b: 128 s to fill
+        (140 * 1024, 8 << 20, False),  # 58.5 s: within SLOW_FILL
+        (136 * 1024, 8 << 20, True),
+        (1.0, 50, False),  # a small part is never slow at 1 B/s for 60 s
+    ],
+)
+def test_is_slow(rate: float | None, size: int, slow: bool) -> None:
+    assert is_slow(rate, size) is slow
+
+
+@pytest.mark.parametrize(
+    ("size", "held", "share", "fits"),
+    [(60, 0, 50, True), (30, 20, 50, True), (30, 30, 50, False), (10, 40, 50, True)],
+)
+def test_slow_fits(size: int, held: int, share: int, fits: bool) -> None:
+    """One slow part always fits (none held): a slow upload can always progress."""
+    assert slow_fits(size, held, share) is fits
+
+
+@pytest.mark.parametrize(
+    ("line", "slow", "held", "granted"),
+    [
+        # a slow head without room is passed over; the fast one behind it is granted
+        ([(30, True), (30, True)], [True, False], 30, [1]),
+        # with room it goes first, as anyone would, and may take the room only once
+        ([(20, True), (20, True), (20, True)], [True, True, False], 20, [0, 2]),
+        # none held: one slow part fits whatever its size
+        ([(60, True), (30, True)], [True, True], 0, [0]),
+        # a fast head that does not fit still stops the line
+        ([(90, True), (10, True)], [False, False], 0, []),
+    ],
+)
+def test_grant_keeps_slow_parts_to_their_share(
+    line: list[tuple[int, bool]], slow: list[bool], held: int, granted: list[int]
+) -> None:
+    assert grant(line, 80, slow, held, 50) == granted
+
+
+class RatedHolder(FakeHolder):
+    def __init__(self, rate: float | None, state: HolderState | None = None) -> None:
+        super().__init__(state)
+        self.rate = rate
+
+    def fill_rate(self) -> float | None:
+        return self.rate
+
+
+async def test_slow_parts_wait_for_each_other_not_for_the_budget() -> None:
+    """Budget 100, slow share 50: a second slow part of 40 waits although 60 are free;
+    a fast one is granted; the slow one gets memory when the first slow part goes."""
+    b = MemoryBudget(100)
+    first = await b.acquire(40, holder=RatedHolder(0.1))  # 400 s to fill: slow
+    assert (b.slow_in_use, first.slow) == (40, True)
+    second = asyncio.create_task(b.acquire(40, holder=RatedHolder(0.1)))
+    await asyncio.sleep(0.01)
+    assert not second.done() and b.waiting == 1
+    fast = await asyncio.wait_for(b.acquire(40, holder=RatedHolder(1e9)), 1)
+    assert not fast.slow and b.slow_in_use == 40
+    first.release()
+    got = await asyncio.wait_for(second, 1)
+    assert got.slow and b.slow_in_use == 40 and b.in_use == 80
+    got.shrink(10)
+    assert b.slow_in_use == 10
+    for r in (got, fast):
+        r.release()
+    assert (b.in_use, b.slow_in_use) == (0, 0)
+
+
+async def test_a_holder_that_slows_down_while_others_wait_counts_as_slow() -> None:
+    """Granted as fast, filling at 0.9 B/s (above its minimum of 0.5) for MIN_HELD: once
+    someone waits, its part counts in the slow share, and is given back from it."""
+    b = MemoryBudget(100)
+    holder = RatedHolder(None, HolderState(5.0, 0.9, 0.5))  # 67 s for its 60 bytes
+    held = await b.acquire(60, holder=holder)
+    assert not held.slow
+    waiter = asyncio.create_task(b.acquire(60))
+    await eventually_true(lambda: held.slow, 2)
+    assert b.slow_in_use == 60 and not holder.evicted
+    held.release()
+    (await asyncio.wait_for(waiter, 1)).release()
+    assert (b.in_use, b.slow_in_use) == (0, 0)
+
+
+async def eventually_true(check: Callable[[], bool], within: float) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    while not check():
+        assert loop.time() < end, "not within time"
+        await asyncio.sleep(0.02)

@@ -552,3 +552,49 @@ async def test_sign_bodies_are_bounded(proxy_factory: Any, s3: Any, bucket: str)
     # and a small one is still served
     resp = await proxy.post("/sign", json={"filename": "a.txt", "size": 3})
     assert resp.status == 200, await resp.text()
+
+
+async def paced(port: int, name: str, rate: int, stop: asyncio.Event) -> None:
+    """A client declaring a 20 MiB file and sending it at ``rate`` bytes/s (above the
+    minimum rate) until ``stop``; it then hangs up."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    part = bodies.part_head(bodies.file("file", f"{name}.bin", b""))
+    writer.write(bodies.request_head(20 * MiB) + part)
+    step = rate // 10
+    with contextlib.suppress(ConnectionError):
+        while not stop.is_set():
+            writer.write(b"x" * step)
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)
+    writer.close()
+
+
+async def test_clients_just_above_the_minimum_rate_hold_no_more_than_the_slow_share(
+    proxy_factory: Any, s3: Any, bucket: str, keys_in: Any
+) -> None:
+    """reprobe21b: clients sending 40 KiB/s (over the 32 KiB/s minimum, never evicted)
+    held every part of the budget, and a fast upload was not read until one of their
+    parts was full (5 MiB at 40 KiB/s: 128 s; 120 s measured). Now their parts are slow
+    (SLOW_FILL) and hold at most the slow share (half: one 5 MiB part of 16 MiB, as one
+    is always allowed); the fast upload goes through as on an idle proxy."""
+    proxy = await proxy_factory(memory_budget=16 * MiB, part_size=5 * MiB)
+    budget = proxy.server.app[STATE].budget
+    data = os.urandom(12 * MiB)
+    idle = await timed_upload(proxy, data, "idle.bin")
+    stop = asyncio.Event()
+    slow = [asyncio.create_task(paced(proxy.port, f"slow{i}", 40 * KiB, stop)) for i in range(3)]
+    try:
+        # their probes (64 KiB at 40 KiB/s) done: one holds a slow part, two wait for room
+        await eventually(lambda: budget.waiting == 2, within=10, what="two slow waiters")
+        assert budget.slow_in_use == 5 * MiB and budget.in_use == 5 * MiB
+        loaded = await asyncio.wait_for(timed_upload(proxy, data, "loaded.bin"), 15)
+        print(f"12 MiB upload: idle {idle:.2f} s, beside 3 clients at 40 KiB/s {loaded:.2f} s")
+        assert loaded <= 2 * idle + 1.0
+        assert budget.slow_in_use == 5 * MiB  # the fast upload's parts were not slow ones
+    finally:
+        stop.set()
+        await asyncio.gather(*slow)
+    await eventually(lambda: budget.in_use == 0, within=10, what="the slow uploads gone")
+    stored = keys_in(bucket)
+    assert len(stored) == 2 and not any("slow" in k for k in stored)
