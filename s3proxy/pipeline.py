@@ -133,6 +133,11 @@ log = logging.getLogger("s3proxy.pipeline")
 # this much, rounded up to the chunk that passes it, per upload is held outside the budget
 # while it arrives): see FileUpload._probe.
 PROBE_BYTES = 64 * 1024
+# Seconds a first part's probe must take for its rate to say the client is slow
+# (``fill_rate``): a shorter one may be an event loop's stall on a loaded machine as
+# well as the client (64 KiB in 1 s is 64 KiB/s, a slow client for any part size over
+# 3.75 MiB). A client judged fast here is judged again by how it fills its part.
+PROBE_JUDGED = 1.0
 
 T = TypeVar("T")
 
@@ -770,8 +775,9 @@ class FileUpload:
             into.append(chunk)
             got += len(chunk)
             self._probed_size += len(chunk)
-        if self._rate is None and want == PROBE_BYTES:  # a first part: its probe's rate
-            self._rate = got / max(time.monotonic() - began, 1e-3)
+        took = time.monotonic() - began
+        if self._rate is None and want == PROBE_BYTES and took >= PROBE_JUDGED:
+            self._rate = got / took  # a first part's: its probe's rate, if it took a while
         return False
 
     async def _reserve(self, size: int, source: ChunkSource, in_hand: bool) -> Reservation:
