@@ -22,8 +22,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from s3proxy import __version__
 from s3proxy import log as logsetup
@@ -235,6 +235,18 @@ def _fail(message: str, status: int) -> int:
     return status
 
 
+T = TypeVar("T")
+
+
+def _flag_value(parse: Callable[[str], T], flag: str, text: str) -> T:
+    """``text`` parsed, or a SettingsError naming ``flag`` (the parser's own message
+    names no flag)."""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise SettingsError(f"{flag}: {exc}") from None
+
+
 def issue_token(args: argparse.Namespace) -> int:
     from s3proxy.settings import parse_duration, parse_size
     from s3proxy.tokens import issue
@@ -248,18 +260,12 @@ def issue_token(args: argparse.Namespace) -> int:
         raise SettingsError("set S3PROXY_TOKEN_SECRET or --token-secret-file to sign tokens")
     # Each flag checked here, by its name (tokens.issue's messages name its arguments:
     # "max_size must be a positive integer or None", and --ttl 0.5 said "got 0").
-    try:
-        ttl = parse_duration(args.ttl)
-    except ValueError as exc:
-        raise SettingsError(f"--ttl: {exc}") from None
+    ttl = _flag_value(parse_duration, "--ttl", args.ttl)
     if ttl < 1:
         raise SettingsError(f"--ttl must be at least 1s, got {args.ttl!r}")
     max_size = None
     if args.max_size:  # empty: no limit, as the flag left out
-        try:
-            max_size = parse_size(args.max_size)
-        except ValueError as exc:
-            raise SettingsError(f"--max-size: {exc}") from None
+        max_size = _flag_value(parse_size, "--max-size", args.max_size)
         if max_size < 1:
             raise SettingsError(f"--max-size must be at least 1 byte, got {args.max_size!r}")
     if args.max_files is not None and args.max_files < 1:

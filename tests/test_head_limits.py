@@ -12,12 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-import io
-import os
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from s3proxy.chunks import MAX_TRAILERS
@@ -25,9 +22,9 @@ from s3proxy.form import MAX_PART_HEAD
 from s3proxy.protocol import MAX_HEAD_SIZE
 from tests import bodies
 from tests.bodies import MiB
-from tests.rawhttp import exchange
+from tests.rawhttp import RawResponse, exchange
 from tests.s3util import MotoServer, ProxyProcess, all_keys_async, fake_aws_env, open_uploads_async
-from tests.test_resources import proc_status
+from tests.test_resources import proc_status, warm_idle
 
 LINE = 8000  # a header line's bytes with its CRLF, well within aiohttp's 8190 a line
 
@@ -106,12 +103,21 @@ async def test_a_part_header_block_is_bounded_in_all(
     head = bodies.request_head(len(body))
     sent = [head + body] if write is None else [head, *pieces(body, write)]
     resp = await exchange(proxy.host, proxy.port, *sent, pause=0.002, quiet=3.0)
+    words = f"over {MAX_PART_HEAD // 1024} KiB in all"
+    await stored_or_refused(resp, over, "MALFORMED_MULTIPART", words, s3, bucket)
+
+
+async def stored_or_refused(
+    resp: RawResponse, over: int, code: str, words: str, s3: Any, bucket: str
+) -> None:
+    """At the bound (``over`` 0) the upload is stored; past it, 400 ``code`` saying
+    ``words``, and nothing is stored."""
     if not over:
         assert resp.status == 201, resp.raw[:300]
         return
     assert resp.status == 400, resp.raw[:300]
-    assert resp.code == "MALFORMED_MULTIPART"
-    assert f"over {MAX_PART_HEAD // 1024} KiB in all" in resp.json()["error"]["message"]
+    assert resp.code == code
+    assert words in resp.json()["error"]["message"]
     assert await all_keys_async(s3, bucket) == []
     assert await open_uploads_async(s3, bucket) == []
 
@@ -150,15 +156,7 @@ async def test_stalled_heads_grow_a_proxy_process_by_little(
     proxy = ProxyProcess.start(args, fake_aws_env(), tmp_path / "proxy.log")
     held: list[asyncio.StreamWriter] = []
     try:
-        warm = bodies.body([bodies.file("f", "warm.bin", os.urandom(6 * MiB))])
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                proxy.url + "/upload", data=io.BytesIO(warm), headers=bodies.headers()
-            ) as resp,
-        ):
-            assert resp.status == 201
-        idle = proc_status(proxy.proc.pid, "VmRSS")
+        idle = await warm_idle(proxy)
         big_head = b"POST /upload HTTP/1.1\r\nHost: a\r\n" + padding(126 * LINE)
         big_part = part_head_body(126 * LINE, end=False)
         near_part = part_head_body(MAX_PART_HEAD - 10, end=False)
@@ -203,14 +201,8 @@ async def test_a_trailer_section_is_bounded_in_all(
     head, body = chunked_form(padding(MAX_TRAILERS + over - 2) + b"\r\n", coded)
     sent = [head, *pieces(body, 4096)] if apart else [head + body]
     resp = await exchange(proxy.host, proxy.port, *sent, pause=0.05, quiet=3.0)
-    if not over:
-        assert resp.status == 201, resp.raw[:300]
-        return
-    assert resp.status == 400, resp.raw[:300]
-    assert resp.code == "BAD_HTTP_REQUEST"
-    assert f"trailer section is over {MAX_TRAILERS // 1024} KiB" in resp.json()["error"]["message"]
-    assert await all_keys_async(s3, bucket) == []
-    assert await open_uploads_async(s3, bucket) == []
+    words = f"trailer section is over {MAX_TRAILERS // 1024} KiB"
+    await stored_or_refused(resp, over, "BAD_HTTP_REQUEST", words, s3, bucket)
 
 
 @pytest.mark.parametrize("apart", [False, True], ids=["with-head", "own-reads"])

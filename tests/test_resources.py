@@ -123,6 +123,19 @@ async def test_budget_applies_backpressure(proxy_factory: Any, s3: Any, bucket: 
 # --- a separate proxy process: peak RSS during a 1 GiB upload -------------------------
 
 
+async def warm_idle(proxy: ProxyProcess) -> int:
+    """A proxy process's RSS once warm: after one 6 MiB upload (its code paths loaded)."""
+    warm = bodies.body([bodies.file("f", "warm.bin", os.urandom(6 * MiB))])
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            proxy.url + "/upload", data=io.BytesIO(warm), headers=bodies.headers()
+        ) as resp,
+    ):
+        assert resp.status == 201
+    return proc_status(proxy.proc.pid, "VmRSS")
+
+
 def proc_status(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -363,15 +376,7 @@ async def test_cut_uploads_grow_a_proxy_process_by_the_budget_not_per_upload(
         tmp_path / "proxy.log",
     )
     try:
-        warm = bodies.body([bodies.file("f", "warm.bin", os.urandom(6 * MiB))])
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                proxy.url + "/upload", data=io.BytesIO(warm), headers=bodies.headers()
-            ) as resp,
-        ):
-            assert resp.status == 201
-        idle = proc_status(proxy.proc.pid, "VmRSS")
+        idle = await warm_idle(proxy)
         await cut_many(proxy.port, 300, clients=6)
         peak = proc_status(proxy.proc.pid, "VmHWM")
     finally:
