@@ -43,8 +43,8 @@ AUTO_DRAIN_DELAY = 6.0
 # A cached store check older than this many intervals (plus the timeout) is not
 # trusted: the checker itself is stuck (a blocked loop) or gone.
 STALE_INTERVALS = 3
-# Seconds past its timeout a store check is cut if it does not keep the timeout it is
-# given (``AppState.check_s3`` gives it on, to say what cut it).
+# A store check that does not keep the timeout it is given (``AppState.check_s3`` gives
+# it on, to say what cut it) is cut this share of the timeout later.
 CHECK_BACKSTOP = 0.5
 # The checks pause this many seconds after the last /readyz (or the start), since
 # nobody routes by the answer then: each check is a HeadBucket through botocore, about
@@ -144,7 +144,7 @@ class StoreCheck:
         try:
             # not wait_for: see stop(). The check is given the timeout itself (to say what
             # cut it); this one, a little later, is for a check that does not keep it.
-            async with asyncio.timeout(self.timeout + CHECK_BACKSTOP):
+            async with asyncio.timeout(self.timeout * (1 + CHECK_BACKSTOP)):
                 await check()
         except TimeoutError:
             return ProxyError(
