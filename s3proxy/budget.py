@@ -86,7 +86,11 @@ up to part size / minimum rate, 256 s. So slow parts have a share (``SLOW_SHARE`
 budget, half): a part is *slow* when its client would take more than ``SLOW_FILL``
 seconds to fill it at the rate it filled its last part (or sent the part's first bytes,
 for its first), decided when it asks (``is_slow``); a holder that slows down to that
-while someone waits counts as slow from then on. A slow part is granted only while the
+while someone waits counts as slow from then on, and when such parts take slow parts
+past their share while an upload that is not slow waits and does not fit, as few of
+them as make it fit are evicted, the slowest first (``choose_over_share``; reprobe22a:
+clients that burst, then sent 40 KiB/s, were granted as fast and kept a fast upload
+waiting 110 s). A slow part is granted only while the
 slow parts held leave it room under the share, or none is held (so one always can be:
 no deadlock, as every holder still finishes on its own). A slow waiter without room is
 passed over, not in the way: the rest of the budget stays for uploads that fill their
@@ -143,6 +147,23 @@ def is_slow(rate: float | None, size: int, fill: float = SLOW_FILL) -> bool:
     """Would a client at ``rate`` bytes/s take longer than ``fill`` seconds to send
     ``size`` bytes? An unknown rate is not slow."""
     return rate is not None and rate * fill < size
+
+
+def choose_over_share(
+    holders: Sequence[tuple[int, float]], need: int, free: int, over: int
+) -> list[int]:
+    """Indices of the holders to evict, given ``(size, fill rate)`` of the parts granted
+    as fast that fill as slow ones now, so that a waiting part of ``need`` bytes fits in
+    ``free`` (free and being freed), while slow parts hold ``over`` bytes past their
+    share: the slowest first, and no more than make it fit or bring the share back."""
+    victims: list[int] = []
+    for i in sorted(range(len(holders)), key=lambda i: holders[i][1]):
+        if free >= need or over <= 0:
+            break
+        victims.append(i)
+        free += holders[i][0]
+        over -= holders[i][0]
+    return victims
 
 
 def slow_fits(size: int, held: int, share: int) -> bool:
@@ -324,6 +345,7 @@ class MemoryBudget:
         self._seq = itertools.count()
         self._side_waiters: list[asyncio.Future[None]] = []
         self._holders: dict[Reservation, Holder] = {}
+        self._freeing: set[Reservation] = set()  # evicted over the slow share, not released
         self._watchdog: asyncio.TimerHandle | None = None
 
     @property
@@ -457,6 +479,7 @@ class MemoryBudget:
 
     def _forget(self, reservation: Reservation) -> None:
         self._holders.pop(reservation, None)
+        self._freeing.discard(reservation)
 
     # --- eviction under pressure ---------------------------------------------------
 
@@ -497,6 +520,7 @@ class MemoryBudget:
         waited = now - min(w[4] for w in live)
         owners: list[Holder] = []
         states: list[HolderState] = []
+        turned: list[tuple[Reservation, Holder, float]] = []  # granted fast, filling slow
         for reservation, owner in list(self._holders.items()):
             state = owner.fill_state(now)
             if state is not None:
@@ -508,16 +532,49 @@ class MemoryBudget:
                     and is_slow(state.rate, reservation.size)
                 ):
                     # slowed down while others wait: its part counts as slow from now
-                    reservation.slow = True
+                    reservation.slow = reservation.turned = True
                     self.slow_in_use += reservation.size
-        for i in choose_victims(states, waited):
+                if reservation.turned and state.rate is not None:
+                    turned.append((reservation, owner, state.rate))
+        victims = choose_victims(states, waited)
+        for i in victims:
             self.evictions += 1
             s = states[i]
             owners[i].evict(
                 f"the client sent {s.rate:.0f} bytes/s, under the minimum of "
                 f"{s.min_rate:.0f} bytes/s, while other uploads waited for memory"
             )
+        self._evict_over_share(live, waited, turned, {id(owners[i]) for i in victims})
         self._watchdog = asyncio.get_running_loop().call_later(PATIENCE / 2, self._check)
+
+    def _evict_over_share(
+        self,
+        live: list[Waiter],
+        waited: float,
+        turned: list[tuple[Reservation, Holder, float]],
+        evicted: set[int],
+    ) -> None:
+        """Parts granted as fast that fill as slow ones took slow parts past their share
+        (reprobe22a: clients that burst, then sent 40 KiB/s, held the budget and a fast
+        upload waited 110 s): while the oldest upload that is not slow waits and does not
+        fit, evict as few of them as make it fit (``choose_over_share``)."""
+        fast = [w for w in live if not w[6]]
+        over = self.slow_in_use - self.slow_share
+        if not fast or waited < PATIENCE or over <= 0:
+            return
+        need = min(fast)[2]
+        free = self.available + sum(r.size for r in self._freeing)
+        candidates = [t for t in turned if t[0] not in self._freeing and id(t[1]) not in evicted]
+        holders = [(r.size, rate) for r, _, rate in candidates]
+        for i in choose_over_share(holders, need, free, over):
+            reservation, owner, rate = candidates[i]
+            self.evictions += 1
+            self._freeing.add(reservation)
+            owner.evict(
+                f"the client filled its part at {rate:.0f} bytes/s, slower than "
+                f"{reservation.size / SLOW_FILL:.0f} bytes/s, after it got the memory as a "
+                "fast upload, while other uploads waited and slow ones held their share"
+            )
 
 
 class Reservation:
@@ -539,6 +596,7 @@ class Reservation:
         self.size = size
         self.side = False  # held under a side cap (form fields)
         self.slow = False  # a slow part (``is_slow``): counted in the slow share
+        self.turned = False  # ... since it filled slowly, granted as a fast one
         self._covered: list[list[Any]] = []
 
     def cover(self, *buffers: list[Any]) -> None:

@@ -16,6 +16,7 @@ from s3proxy.budget import (
     WaiterState,
     WaitExpired,
     choose_expired,
+    choose_over_share,
     choose_victims,
     grant,
     is_ready,
@@ -637,18 +638,55 @@ async def test_slow_parts_wait_for_each_other_not_for_the_budget() -> None:
 
 
 async def test_a_holder_that_slows_down_while_others_wait_counts_as_slow() -> None:
-    """Granted as fast, filling at 0.9 B/s (above its minimum of 0.5) for MIN_HELD: once
-    someone waits, its part counts in the slow share, and is given back from it."""
+    """Granted as fast, filling at 0.6 B/s (above its minimum of 0.5) for MIN_HELD: once
+    someone waits, its part counts in the slow share; within the share it keeps it."""
     b = MemoryBudget(100)
-    holder = RatedHolder(None, HolderState(5.0, 0.9, 0.5))  # 67 s for its 60 bytes
-    held = await b.acquire(60, holder=holder)
+    holder = RatedHolder(None, HolderState(5.0, 0.6, 0.5))  # 67 s for its 40 bytes
+    held = await b.acquire(40, holder=holder)
     assert not held.slow
-    waiter = asyncio.create_task(b.acquire(60))
+    waiter = asyncio.create_task(b.acquire(70))
     await eventually_true(lambda: held.slow, 2)
-    assert b.slow_in_use == 60 and not holder.evicted
+    await asyncio.sleep(0.3)  # watchdog passes: 40 is within the share of 50
+    assert b.slow_in_use == 40 and not holder.evicted and not waiter.done()
     held.release()
     (await asyncio.wait_for(waiter, 1)).release()
     assert (b.in_use, b.slow_in_use) == (0, 0)
+
+
+async def test_parts_granted_fast_that_fill_slowly_past_the_share_make_room() -> None:
+    """reprobe22a: clients that burst, then sent 40 KiB/s, got their parts as fast ones
+    and held the budget beside the slow share; a fast upload waited 110 s. Two such
+    holders (30 each, past the share of 50 with a slow 30): the slower one is evicted,
+    only it, and the fast waiter gets its memory."""
+    b = MemoryBudget(100)
+    slow = await b.acquire(30, holder=RatedHolder(0.1))  # a slow part from the start
+    first = RatedHolder(None, HolderState(5.0, 0.4, 0.1))
+    second = RatedHolder(None, HolderState(5.0, 0.3, 0.1))
+    first.reservation = await b.acquire(30, holder=first)
+    second.reservation = await b.acquire(30, holder=second)
+    got = await asyncio.wait_for(b.acquire(20), 2)
+    assert second.evicted and "as a fast upload" in second.evicted[0]
+    assert not first.evicted and b.evictions == 1
+    assert b.slow_in_use == 60  # the slow part and the first, now counted slow
+    for r in (got, slow, first.reservation):
+        r.release()
+    assert (b.in_use, b.slow_in_use) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("holders", "need", "free", "over", "victims"),
+    [
+        ([(30, 2.0), (30, 1.0)], 20, 10, 10, [1]),  # the slower, one is enough
+        ([(30, 2.0), (30, 1.0)], 70, 10, 60, [1, 0]),  # both needed
+        ([(30, 2.0), (30, 1.0)], 70, 10, 20, [1]),  # the share is back after one
+        ([(30, 1.0)], 20, 20, 10, []),  # it fits already
+        ([(30, 1.0)], 20, 0, 0, []),  # slow parts within their share: none
+    ],
+)
+def test_choose_over_share(
+    holders: list[tuple[int, float]], need: int, free: int, over: int, victims: list[int]
+) -> None:
+    assert choose_over_share(holders, need, free, over) == victims
 
 
 async def eventually_true(check: Callable[[], bool], within: float) -> None:

@@ -554,20 +554,28 @@ async def test_sign_bodies_are_bounded(proxy_factory: Any, s3: Any, bucket: str)
     assert resp.status == 200, await resp.text()
 
 
-async def paced(port: int, name: str, rate: int, stop: asyncio.Event) -> None:
+async def paced(
+    port: int, name: str, rate: int, stop: asyncio.Event, burst: int = 0
+) -> tuple[int, bytes] | None:
     """A client declaring a 20 MiB file and sending it at ``rate`` bytes/s (above the
-    minimum rate) until ``stop``; it then hangs up."""
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    minimum rate), after a ``burst`` at full speed, until ``stop`` or an answer (which it
+    returns); it then hangs up."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     part = bodies.part_head(bodies.file("file", f"{name}.bin", b""))
-    writer.write(bodies.request_head(20 * MiB) + part)
+    writer.write(bodies.request_head(20 * MiB) + part + b"x" * burst)
+    answer = asyncio.create_task(read_response(reader, 60))
     step = rate // 10
     with contextlib.suppress(ConnectionError):
-        while not stop.is_set():
+        while not stop.is_set() and not answer.done():
             writer.write(b"x" * step)
             await writer.drain()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.1)
     writer.close()
+    if answer.done() and answer.exception() is None:
+        return answer.result()
+    answer.cancel()
+    return None
 
 
 async def test_clients_just_above_the_minimum_rate_hold_no_more_than_the_slow_share(
@@ -598,3 +606,37 @@ async def test_clients_just_above_the_minimum_rate_hold_no_more_than_the_slow_sh
     await eventually(lambda: budget.in_use == 0, within=10, what="the slow uploads gone")
     stored = keys_in(bucket)
     assert len(stored) == 2 and not any("slow" in k for k in stored)
+
+
+async def test_parts_got_fast_and_filled_slowly_past_the_slow_share_are_evicted(
+    proxy_factory: Any, s3: Any, bucket: str, keys_in: Any
+) -> None:
+    """reprobe22a: clients that burst (their parts granted as fast ones), then sent
+    40 KiB/s, held the budget beside the slow share, and a fast upload waited 110 s.
+    Here one slow client holds the slow share's part, two burst clients the rest of a
+    16 MiB budget; once they fill as slow parts, the slower is evicted (408) to make room,
+    and only it: the fast upload goes through in seconds, not 128 s."""
+    proxy = await proxy_factory(memory_budget=16 * MiB, part_size=5 * MiB)
+    budget = proxy.server.app[STATE].budget
+    data = os.urandom(12 * MiB)
+    stop = asyncio.Event()
+    slow = asyncio.create_task(paced(proxy.port, "slow", 40 * KiB, stop))
+    await eventually(lambda: budget.slow_in_use == 5 * MiB, within=10, what="a slow part")
+    burst = [
+        asyncio.create_task(paced(proxy.port, f"burst{i}", 40 * KiB, stop, burst=100 * KiB))
+        for i in range(2)
+    ]
+    try:
+        await eventually(lambda: budget.in_use == 15 * MiB, within=10, what="all parts held")
+        took = await asyncio.wait_for(timed_upload(proxy, data, "fast.bin"), 30)
+        print(f"12 MiB upload beside 2 burst-then-slow holders: {took:.2f} s")
+        assert took <= PATIENCE + MIN_HELD + 5.0
+    finally:
+        stop.set()
+        answers = await asyncio.gather(slow, *burst)
+    evicted = [a for a in answers if a is not None]
+    assert len(evicted) == 1 and evicted[0][0] == 408, answers
+    assert b"as a fast upload" in evicted[0][1]
+    assert answers[0] is None  # the slow client from the start kept its part
+    await eventually(lambda: budget.in_use == 0, within=10, what="the slow uploads gone")
+    assert [k for k in keys_in(bucket) if "fast" in k] and len(keys_in(bucket)) == 1
