@@ -352,6 +352,11 @@ def test_embedded_mode_start_upload_stop_restart(tmp_path: Path) -> None:
         what="weed gone after the proxy stopped",
     )
 
+    # Fresh ports for the restart: the first ones, free when picked, may have become
+    # another test's outgoing connection meanwhile (CI: "cannot listen on ...: Address
+    # already in use" once in 4,786). What must survive is the data dir, not the ports.
+    s3_port, port = free_port(), free_port()
+    args = ["--data-dir", str(data_dir), "--embedded-s3-port", str(s3_port)]
     proxy = ProxyProcess.start(args, plain_env(), tmp_path / "second.log", port=port)
     try:
         creds = json.loads((data_dir / "credentials.json").read_text())
