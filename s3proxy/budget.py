@@ -112,7 +112,7 @@ import contextvars
 import heapq
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
@@ -260,20 +260,45 @@ def grant(
     known yet (None) is not granted now. A slow part with no room in the slow share
     (``slow_fits``) is passed over: it waits for another slow part, not in the way.
     """
-    order = [i for i, (_, ready) in enumerate(line) if ready]
-    order += [i for i, (_, ready) in enumerate(line) if ready is False]
+    sizes = [size for size, _ in line]
+    return grant_asking(sizes, lambda i: line[i][1], available, slow, slow_held, slow_share)
+
+
+def grant_asking(
+    sizes: Sequence[int],
+    ready: Callable[[int], bool | None],
+    available: int,
+    slow: Sequence[bool] = (),
+    slow_held: int = 0,
+    slow_share: int | None = None,
+) -> list[int]:
+    """``grant``, asking ``ready(i)`` of a waiter only when its answer can matter, each
+    at most once, in line order: once nobody left fits in ``available``, or a ready
+    waiter does not fit, nobody more is asked. A part released with 56 uploads
+    waiting asked all 56 (two system calls each) where one was granted."""
+    answers: dict[int, bool | None] = {}
     granted: list[int] = []
-    for i in order:
-        size = line[i][0]
-        is_slow_part = bool(slow) and slow[i] and slow_share is not None
-        if is_slow_part and not slow_fits(size, slow_held, slow_share or 0):
-            continue
-        if size > available:
-            break
-        granted.append(i)
-        available -= size
-        if is_slow_part:
-            slow_held += size
+    left = set(range(len(sizes)))  # not granted
+    for wanted in (True, False):
+        for i, size in enumerate(sizes):
+            if i not in left:
+                continue
+            if i not in answers:
+                answers[i] = ready(i)
+            if answers[i] is not wanted:  # (None: its end is being looked for)
+                continue
+            is_slow_part = bool(slow) and slow[i] and slow_share is not None
+            if is_slow_part and not slow_fits(size, slow_held, slow_share or 0):
+                continue
+            if size > available:
+                return granted
+            granted.append(i)
+            left.discard(i)
+            available -= size
+            if is_slow_part:
+                slow_held += size
+            if not left or available < min(sizes[j] for j in left):
+                return granted  # nobody left fits: nobody more need be asked
     return granted
 
 
@@ -461,9 +486,15 @@ class MemoryBudget:
             return  # nobody fits: no need to ask who is ready
         now = time.monotonic()
         looks = Looks(ways=len(live))  # one pass: its waiters share one bound (body_end)
-        line = [(w[2], self._ready(w, now, looks)) for w in live]
         slow = [w[6] for w in live]
-        granted = grant(line, self.available, slow, self.slow_in_use, self.slow_share)
+        granted = grant_asking(
+            [w[2] for w in live],
+            lambda i: self._ready(live[i], now, looks),
+            self.available,
+            slow,
+            self.slow_in_use,
+            self.slow_share,
+        )
         if not granted:
             return
         for i in granted:
