@@ -738,12 +738,15 @@ def test_grant_asking_grants_what_the_eager_grant_did() -> None:
         available = rng.randrange(0, 120)
         asked: list[int] = []
 
-        def ready(i: int) -> bool | None:
+        def ready(
+            i: int, asked: list[int] = asked, readies: list[bool | None] = readies
+        ) -> bool | None:
             asked.append(i)
             return readies[i]
 
         got = grant_asking(sizes, ready, available, slow, held, share)
-        assert got == eager_grant(list(zip(sizes, readies)), available, slow, held, share)
+        line = list(zip(sizes, readies, strict=True))
+        assert got == eager_grant(line, available, slow, held, share)
         assert len(asked) == len(set(asked))
 
 
