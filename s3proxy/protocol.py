@@ -808,7 +808,16 @@ class ProxyRequestHandler(RequestHandler):
         for (an upload queued for memory) arrive in the usual sizes."""
         transport = self.transport
         if transport is not None and hasattr(transport, "max_size"):  # not uvloop's
-            transport.max_size = max(MIN_RECV, min(size, self.pool.recv_size))
+            want = min(size, self.pool.recv_size)
+            if want > RECV_SIZE:
+                # Past asyncio's size only as far as the kernel holds bytes now: recv
+                # allocates all it may take, then shrinks to what came, and a slow
+                # client's small reads cut from 1 MiB blocks left the heap fragmented
+                # (24 clients sending 4-10 KiB writes: 93 MiB over idle, against 72 at
+                # 256 KiB reads).
+                held = unread_bytes(transport.get_extra_info("socket"))
+                want = max(RECV_SIZE, min(want, held))
+            transport.max_size = max(MIN_RECV, want)
             self._widened = True
 
     def bypass_parser(self, request: web.BaseRequest) -> bool:

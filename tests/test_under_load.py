@@ -250,3 +250,61 @@ async def test_flood_of_tiny_requests(load_proxy: ProxyProcess, s3: Any, bucket:
     assert grown < 32 * MiB
     assert get(proxy.url + "/healthz")[0] == 200
     assert await open_uploads_async(s3, bucket) == []
+
+
+async def test_clients_sending_small_writes_stay_within_the_budget(
+    moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    """24 clients each sending 6 MiB in writes of 4-10 KiB (a slow link, a client
+    that writes as it reads a file): every socket read a few KiB. Each read was a
+    block of 256 KiB (asyncio's recv size), or 1 MiB widened, shrunk to what came and
+    held as it was until its part was sent: the heap between them was left in pieces,
+    and a 64 MiB budget grew the process by 103 MiB over its warm idle, past
+    ``idle + budget + 32``. Small reads are now gathered (parts.GATHER_BELOW) and a
+    read is widened only as far as the kernel holds bytes: 72-80 MiB."""
+    proxy = ProxyProcess.start(
+        [
+            "--endpoint-url",
+            moto.endpoint_url,
+            "--bucket",
+            bucket,
+            "--part-size",
+            "5MiB",
+            "--memory-budget",
+            "64MiB",
+            "--client-timeout",
+            "30",
+            "--min-upload-rate",
+            "1",
+        ],
+        fake_aws_env(),
+        tmp_path / "proxy.log",
+    )
+    try:
+
+        async def send(raw: bytes, step: int, pause: float) -> tuple[int, bytes]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            try:
+                writer.write(bodies.request_head(len(raw)))
+                for at in range(0, len(raw), step):
+                    writer.write(raw[at : at + step])
+                    await writer.drain()
+                    await asyncio.sleep(pause)
+                return await read_status(reader, within=120)
+            finally:
+                writer.close()
+
+        warm = bodies.body([bodies.file("f", "warm.bin", os.urandom(6 * MiB))])
+        assert (await send(warm, len(warm), 0))[0] == 201  # clients, buffers: warm
+        idle = proc_status(proxy.proc.pid, "VmRSS")
+        raws = [bodies.body([bodies.file("f", f"{i}.bin", os.urandom(6 * MiB))]) for i in range(24)]
+        results = await asyncio.gather(
+            *(send(raw, 4096 + 997 * (i % 7), 0.006) for i, raw in enumerate(raws))
+        )
+        peak = proc_status(proxy.proc.pid, "VmHWM")
+        print(f"24 clients, 4-10 KiB writes: RSS {idle / MiB:.0f} -> {peak / MiB:.0f} MiB")
+        assert [status for status, _ in results] == [201] * 24
+        assert peak - idle < 64 * MiB + 28 * MiB
+        assert await open_uploads_async(s3, bucket) == []
+    finally:
+        assert proxy.stop() == 0
