@@ -139,9 +139,12 @@ async def test_s3_killed_mid_upload_then_recovers(tmp_path: Path) -> None:
         await store.stop()
 
 
-@pytest.fixture
-def load_proxy(moto: MotoServer, bucket: str, tmp_path: Path) -> Any:
-    proxy = ProxyProcess.start(
+def start_loaded(moto: MotoServer, bucket: str, log: Path, client_timeout: str) -> ProxyProcess:
+    """A proxy for many clients at once: 5 MiB parts, a 64 MiB budget, and a minimum rate
+    of 1 byte/s: every client here comes from the test's one process, and on a busy
+    2-core machine one can fall below the default 32 KiB/s while others wait for memory
+    and be evicted (by design: tests/test_fairness.py)."""
+    return ProxyProcess.start(
         [
             "--endpoint-url",
             moto.endpoint_url,
@@ -152,17 +155,19 @@ def load_proxy(moto: MotoServer, bucket: str, tmp_path: Path) -> Any:
             "--memory-budget",
             "64MiB",
             "--client-timeout",
-            "2",
-            # The 50 good bodies all come from this test's one process; on a busy 2-core
-            # machine one of them can fall below the default 32 KiB/s while others wait for
-            # memory and be evicted (by design: tests/test_fairness.py). Here the stalled
-            # half must end by --client-timeout, and every good one must be stored.
+            client_timeout,
             "--min-upload-rate",
             "1",
         ],
         fake_aws_env(),
-        tmp_path / "proxy.log",
+        log,
     )
+
+
+@pytest.fixture
+def load_proxy(moto: MotoServer, bucket: str, tmp_path: Path) -> Any:
+    # the stalled half must end by --client-timeout, and every good one must be stored
+    proxy = start_loaded(moto, bucket, tmp_path / "proxy.log", "2")
     yield proxy
     assert proxy.stop() == 0
 
@@ -262,24 +267,7 @@ async def test_clients_sending_small_writes_stay_within_the_budget(
     and a 64 MiB budget grew the process by 103 MiB over its warm idle, past
     ``idle + budget + 32``. Small reads are now gathered (parts.GATHER_BELOW) and a
     read is widened only as far as the kernel holds bytes: 72-80 MiB."""
-    proxy = ProxyProcess.start(
-        [
-            "--endpoint-url",
-            moto.endpoint_url,
-            "--bucket",
-            bucket,
-            "--part-size",
-            "5MiB",
-            "--memory-budget",
-            "64MiB",
-            "--client-timeout",
-            "30",
-            "--min-upload-rate",
-            "1",
-        ],
-        fake_aws_env(),
-        tmp_path / "proxy.log",
-    )
+    proxy = start_loaded(moto, bucket, tmp_path / "proxy.log", "30")
     try:
 
         async def send(raw: bytes, step: int, pause: float) -> tuple[int, bytes]:
