@@ -6,7 +6,8 @@ glibc's ``memmem`` (a shift table on byte pairs, falling back to two-way on hard
 input) does the same in about 0.043 (random bytes; ``python -m bench.parser_cost``).
 Every byte of every upload is searched once, so this is 2-3% of s3proxy's CPU per GiB.
 
-``find`` answers what ``haystack.find(needle)`` answers, always: it is used only
+``find`` answers what ``haystack.find(needle)`` answers, always (a ``bytearray`` too:
+only ``bytes`` go to ``memmem``): it is used only
 where ``memmem`` is there and gave ``bytes.find``'s answers on a self-check at import
 (else ``bytes.find`` stands in), and only for haystacks of ``MIN_HAYSTACK`` bytes or
 more (a call through ctypes costs about 1 µs). The haystack's address comes from
@@ -30,6 +31,7 @@ __all__ = ["MIN_HAYSTACK", "find"]
 MIN_HAYSTACK: Final = 4096
 
 _Memmem = Callable[[ctypes.c_char_p, int, bytes, int], int | None]
+_Find = Callable[[bytes | bytearray, bytes], int]
 
 
 def _load() -> _Memmem | None:
@@ -44,12 +46,12 @@ def _load() -> _Memmem | None:
     return memmem
 
 
-def _with(memmem: _Memmem) -> Callable[[bytes, bytes], int]:
+def _with(memmem: _Memmem) -> _Find:
     cast, c_char_p, c_void_p = ctypes.cast, ctypes.c_char_p, ctypes.c_void_p
 
-    def find(haystack: bytes, needle: bytes) -> int:
-        if len(haystack) < MIN_HAYSTACK or not needle:
-            return haystack.find(needle)
+    def find(haystack: bytes | bytearray, needle: bytes) -> int:
+        if len(haystack) < MIN_HAYSTACK or not needle or type(haystack) is not bytes:
+            return haystack.find(needle)  # (ctypes takes a pointer into bytes only)
         at = c_char_p(haystack)  # points at the bytes' own buffer
         hit = memmem(at, len(haystack), needle, len(needle))
         if hit is None:
@@ -61,11 +63,11 @@ def _with(memmem: _Memmem) -> Callable[[bytes, bytes], int]:
     return find
 
 
-def _plain(haystack: bytes, needle: bytes) -> int:
+def _plain(haystack: bytes | bytearray, needle: bytes) -> int:
     return haystack.find(needle)
 
 
-def _checked(memmem: _Memmem | None) -> Callable[[bytes, bytes], int]:
+def _checked(memmem: _Memmem | None) -> _Find:
     """``memmem``'s find if it answers as ``bytes.find`` does on a few cases, else
     ``bytes.find`` itself."""
     if memmem is None:

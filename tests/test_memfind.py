@@ -71,3 +71,10 @@ def test_a_memmem_that_answers_wrong_is_not_used() -> None:
         return None
 
     assert memfind._checked(never_found) is memfind._plain
+
+
+def test_a_bytearray_haystack_is_answered_too() -> None:
+    """ctypes points into ``bytes`` only: a bytearray (a future caller's) gets
+    bytearray.find's answer, not a TypeError."""
+    hay = random.Random(3).randbytes(1 << 16) + DELIMITER
+    assert find(bytearray(hay), DELIMITER) == hay.find(DELIMITER)
