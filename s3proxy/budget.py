@@ -244,27 +244,6 @@ def readiness(state: WaiterState | None, need: int) -> bool | None:
 
 
 def grant(
-    line: Sequence[tuple[int, bool | None]],
-    available: int,
-    slow: Sequence[bool] = (),
-    slow_held: int = 0,
-    slow_share: int | None = None,
-) -> list[int]:
-    """Indices of the waiters to grant now, given ``(size, ready)`` in line order
-    (ready: ``readiness``), and which of them are slow parts (``slow``, by index; none
-    if empty) while slow parts hold ``slow_held`` of their ``slow_share``.
-
-    The ready ones first, then the unready, each in line order; granting stops at the
-    first that does not fit, so nobody overtakes the oldest ready waiter, and an
-    unready one gets memory only when no ready one waits. One whose readiness is not
-    known yet (None) is not granted now. A slow part with no room in the slow share
-    (``slow_fits``) is passed over: it waits for another slow part, not in the way.
-    """
-    sizes = [size for size, _ in line]
-    return grant_asking(sizes, lambda i: line[i][1], available, slow, slow_held, slow_share)
-
-
-def grant_asking(
     sizes: Sequence[int],
     ready: Callable[[int], bool | None],
     available: int,
@@ -272,10 +251,21 @@ def grant_asking(
     slow_held: int = 0,
     slow_share: int | None = None,
 ) -> list[int]:
-    """``grant``, asking ``ready(i)`` of a waiter only when its answer can matter, each
-    at most once, in line order: once nobody left fits in ``available``, or a ready
-    waiter does not fit, nobody more is asked. A part released with 56 uploads
-    waiting asked all 56 (two system calls each) where one was granted."""
+    """Indices of the waiters to grant now, given their sizes in line order and
+    ``ready(i)`` (``readiness``), and which of them are slow parts (``slow``, by index;
+    none if empty) while slow parts hold ``slow_held`` of their ``slow_share``.
+
+    The ready ones first, then the unready, each in line order; granting stops at the
+    first that does not fit, so nobody overtakes the oldest ready waiter, and an
+    unready one gets memory only when no ready one waits. One whose readiness is not
+    known yet (None) is not granted now. A slow part with no room in the slow share
+    (``slow_fits``) is passed over: it waits for another slow part, not in the way.
+
+    ``ready(i)`` is asked only when its answer can matter, each at most once, in line
+    order: once nobody left fits in ``available``, or a ready waiter does not fit,
+    nobody more is asked. Asking every waiter (two system calls each) made a part
+    released with 56 uploads waiting ask all 56 where one was granted.
+    """
     answers: dict[int, bool | None] = {}
     granted: list[int] = []
     left = set(range(len(sizes)))  # not granted
@@ -487,7 +477,7 @@ class MemoryBudget:
         now = time.monotonic()
         looks = Looks(ways=len(live))  # one pass: its waiters share one bound (body_end)
         slow = [w[6] for w in live]
-        granted = grant_asking(
+        granted = grant(
             [w[2] for w in live],
             lambda i: self._ready(live[i], now, looks),
             self.available,

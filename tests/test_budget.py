@@ -20,13 +20,24 @@ from s3proxy.budget import (
     choose_over_share,
     choose_victims,
     grant,
-    grant_asking,
     is_ready,
     is_slow,
     readiness,
     slow_fits,
 )
 from s3proxy.log import REQUEST_ID
+
+
+def grant_table(
+    line: Sequence[tuple[int, bool | None]],
+    available: int,
+    slow: Sequence[bool] = (),
+    slow_held: int = 0,
+    slow_share: int | None = None,
+) -> list[int]:
+    """``grant`` of a table: ``(size, ready)`` in line order, every readiness known."""
+    sizes = [size for size, _ in line]
+    return grant(sizes, lambda i: line[i][1], available, slow, slow_held, slow_share)
 
 
 async def test_acquire_and_release() -> None:
@@ -359,7 +370,7 @@ def test_is_ready(state: WaiterState | None, need: int, ready: bool) -> None:
     ],
 )
 def test_grant(line: list[tuple[int, bool]], available: int, granted: list[int]) -> None:
-    assert grant(line, available) == granted
+    assert grant_table(line, available) == granted
 
 
 @pytest.mark.parametrize(
@@ -396,7 +407,7 @@ def test_grant_skips_waiters_not_judged_yet(
     """reprobe10b N3: 40 silent waiters, each with a MiB of 1-byte chunks in its kernel,
     were granted memory as "unready" while their looks were pending, read (at ~20 us a
     chunk) and evicted one by one: a normal 20 MiB upload took 15 s, 68 s of CPU."""
-    assert grant(line, available) == granted
+    assert grant_table(line, available) == granted
 
 
 async def test_a_waiter_whose_look_is_pending_is_not_granted_left_over_memory() -> None:
@@ -606,7 +617,7 @@ def test_slow_fits(size: int, held: int, share: int, fits: bool) -> None:
 def test_grant_keeps_slow_parts_to_their_share(
     line: list[tuple[int, bool]], slow: list[bool], held: int, granted: list[int]
 ) -> None:
-    assert grant(line, 80, slow, held, 50) == granted
+    assert grant_table(line, 80, slow, held, 50) == granted
 
 
 class RatedHolder(FakeHolder):
@@ -724,7 +735,7 @@ def eager_grant(
     return granted
 
 
-def test_grant_asking_grants_what_the_eager_grant_did() -> None:
+def test_grant_grants_what_the_eager_grant_did() -> None:
     """20,000 random lines (sizes, readiness with None, slow parts, shares): the lazy
     grant answers the same, and asks no waiter twice."""
     rng = random.Random(1015)
@@ -744,20 +755,20 @@ def test_grant_asking_grants_what_the_eager_grant_did() -> None:
             asked.append(i)
             return readies[i]
 
-        got = grant_asking(sizes, ready, available, slow, held, share)
+        got = grant(sizes, ready, available, slow, held, share)
         line = list(zip(sizes, readies, strict=True))
         assert got == eager_grant(line, available, slow, held, share)
         assert len(asked) == len(set(asked))
 
 
-def test_grant_asking_stops_asking_once_nobody_left_fits() -> None:
+def test_grant_stops_asking_once_nobody_left_fits() -> None:
     asked: list[int] = []
 
     def ready(i: int) -> bool:
         asked.append(i)
         return i != 0
 
-    assert grant_asking([8] * 56, ready, 8) == [1]
+    assert grant([8] * 56, ready, 8) == [1]
     assert asked == [0, 1]  # not the 54 behind them: none of them could fit
 
 
