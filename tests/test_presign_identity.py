@@ -42,6 +42,7 @@ from tests.test_presign import (
 )
 
 SHARED = "plain/{filename}"
+TIGHT = 0.5  # --s3-read-timeout for a test that holds an S3 call past it
 BYTES = b"x" * 1000  # every twin's one part: the same bytes, so the same multipart ETag
 PARTS = [{"part_number": 1, "etag": hashlib.md5(BYTES).hexdigest()}]
 
@@ -109,7 +110,10 @@ async def rig(
     proxy_factory: Any, aiohttp_server: Any, moto: Any, s3: Any, bucket: str
 ) -> AsyncIterator[RigFactory]:
     """``await rig(**settings)``: the proxy on ``plain/{filename}``, one S3 attempt, a
-    0.5 s --s3-read-timeout (later checks at +1 s and +4 s), a webhook answering 204."""
+    5 s --s3-read-timeout, a webhook answering 204. A test that holds an S3 call past the
+    timeout asks for a short one (``TIGHT``, later checks then at +1 s and +4 s): with one
+    attempt, 0.5 s for every call let a loaded CI machine's slow answer fail a test that
+    holds nothing (an abort answered 504 UPSTREAM_TIMEOUT)."""
     async with contextlib.AsyncExitStack() as stack:
 
         async def make(**settings: Any) -> Rig:
@@ -130,7 +134,7 @@ async def rig(
             values: dict[str, Any] = {
                 "key_template": SHARED,
                 "s3_max_attempts": 1,
-                "s3_read_timeout": 0.5,
+                "s3_read_timeout": 5.0,
                 "webhook_url": str(server.make_url("/hook")),
                 "webhook_attempts": 1,
                 "webhook_timeout": 10,
@@ -179,7 +183,7 @@ async def test_a_record_that_cannot_be_written_leaves_no_upload_open(
 ) -> None:
     """A record write that fails (or whose answer is lost): the upload is aborted and the
     S3 error answered; nothing is handed out that its completes could not tell."""
-    r = await rig()
+    r = await rig(s3_read_timeout=TIGHT)
     r.rule = lambda op, n: fault if op == "PutObject:record" else None
     status, out = await call(r.proxy, "/sign/multipart", pdf(1000), {})
     assert (status, code(out)) in ((502, "UPSTREAM_ERROR"), (504, "UPSTREAM_TIMEOUT")), out
@@ -205,7 +209,7 @@ async def test_a_size_delete_made_again_later_leaves_another_uploads_object_of_t
     made again at +1 s and +4 s. B (signed 1000, the same bytes) completes meanwhile: 200.
     A's repeats (If-Match A's ETag, which B's object has too) deleted B's object, and the
     later checks announced it as A's. Now both tell A's object by its nonce: B's stays."""
-    r = await rig()
+    r = await rig(s3_read_timeout=TIGHT)
     a, b = await r.twin(2000), await r.twin(1000)
     r.rule = lambda op, n: Fault(late=1.0) if op == "CompleteMultipartUpload" else None
     status, out = await r.complete(a)
@@ -228,7 +232,7 @@ async def test_a_rollback_made_again_later_leaves_another_uploads_object_of_the_
     (it may land late), the second completes; A's webhook fails: rolled back (502), the
     delete made again at +1 s and +4 s. B completes the same bytes meanwhile (200): A's
     repeats deleted B's object. Now B's stays."""
-    r = await rig(s3_max_attempts=2)
+    r = await rig(s3_max_attempts=2, s3_read_timeout=TIGHT)
     a, b = await r.twin(), await r.twin()
 
     async def hook(body: dict[str, Any]) -> int:
@@ -312,7 +316,7 @@ async def test_a_later_check_after_a_409_does_not_announce_another_uploads_objec
     A's upload is aborted. The +4 s check then found the upload gone and the ETag matching
     and announced B's object as A's (upload.completed with A's request id). Now nothing is
     announced for A."""
-    r = await rig()
+    r = await rig(s3_read_timeout=TIGHT)
     a, b = await r.twin(), await r.twin()
     held = Fault(delay=1.2)
     r.rule = lambda op, n: held if (op, n) == ("CompleteMultipartUpload", 1) else None
@@ -633,7 +637,7 @@ async def test_an_abort_after_a_lost_complete_leaves_the_later_checks_its_own_ob
     timeout (504; checks at +1 s and +4 s) and lands; the client then aborts ("aborted").
     The checks found no record and judged A's own wrong-sized object another's: it stayed
     for good. Now the record stays with an abort of a completed upload: it is deleted."""
-    r = await rig()
+    r = await rig(s3_read_timeout=TIGHT)
     a = await r.twin(2000)
     landed = asyncio.Event()
     held = Fault(delay=1.0, answer=lambda _: landed.set())
