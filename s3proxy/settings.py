@@ -484,9 +484,9 @@ class Settings:
         show=format_size,
     )
     read_buffer: int = _setting(
-        1024 * 1024,
+        256 * 1024,
         "most bytes one socket read takes while an upload waits for them to fill a part "
-        "(and the read chunk size); other reads take 256KiB (256KiB: more CPU, less memory)",
+        "(and the read chunk size); other reads take 256KiB (1MiB: less CPU, more memory)",
         parse_size,
         show=format_size,
     )
