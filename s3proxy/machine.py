@@ -256,6 +256,9 @@ def _decide(
                 eof = True
                 break
             leftover = slicer.feed(chunk)
+            # The part holds it now: as a local it outlived the part, held past the
+            # budget's release while the upload waits for the next part's memory.
+            del chunk
         size = slicer.filled
         held = size - staged  # of the part, the bytes this request brought
         number, data = slicer.take()
@@ -268,6 +271,7 @@ def _decide(
                 peek = yield Read(1, peek=True)
                 leftover = memoryview(peek or b"")
                 eof = not peek
+                del peek  # ``leftover`` and then the next part hold it (as ``chunk`` above)
             if eof and (total is None or slicer.consumed == total):
                 yield PutObject(data, size, staged)
                 return

@@ -203,6 +203,33 @@ def test_a_dropped_machine_is_freed_at_once_with_its_chunks() -> None:
         gc.enable()
 
 
+def test_a_part_handed_over_leaves_none_of_its_chunks_with_the_machine() -> None:
+    """Once a part is sent and its chunk list emptied (the budget has its bytes back), the
+    machine holds none of its chunks while it waits for the next part's memory or bytes.
+    Its generator kept the last chunk read (and the peek) as locals: an upload waiting
+    for the budget held a read of a part already sent and given back, outside the budget
+    (300 cut uploads, 1 MiB reads: 6.8 MiB in 25 such locals at the peak)."""
+    k = 64 * 1024  # chunks this size are kept by reference, not gathered
+    machine = UploadMachine(PartPlan(4 * k, growing=False), max_size=100 * k, read_size=2 * k)
+    a, b, c, d = (bytes([n]) * (2 * k) for n in range(4))
+    sent: list[list[bytes | memoryview]] = []
+    for chunk in (a, b, c, d, None):
+        action = machine.next_action()
+        while not isinstance(action, Read):
+            if isinstance(action, SendPart):
+                sent.append(action.chunks)
+            action = machine.next_action()
+        if chunk is None:
+            break
+        machine.feed(chunk)
+    assert [bytes(b"".join(part)) for part in sent] == [a + b, c + d]
+    for part in sent:
+        part.clear()  # acknowledged: what the pipeline does before the budget gets them back
+    gen = machine._gen
+    named = {"a": a, "b": b, "c": c, "d": d}
+    assert [name for name, v in named.items() if gen in gc.get_referrers(v)] == []
+
+
 def test_close_drops_the_partial_part() -> None:
     machine = UploadMachine(PartPlan(8, growing=False), max_size=100)
     machine.next_action()
