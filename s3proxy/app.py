@@ -43,6 +43,7 @@ from s3proxy.log import (
     AccessLogger,
     cut_short_response,
     given_request_id,
+    task_site,
 )
 from s3proxy.metrics import METRICS, Metrics, metrics_handler, metrics_middleware
 from s3proxy.s3 import ObjectStore
@@ -406,7 +407,7 @@ async def drain(state: AppState) -> None:
     )
     pending: set[asyncio.Task[Any]] = set()
     if running:
-        _, pending = await asyncio.wait(running, timeout=state.settings.shutdown_timeout)
+        pending = await wait_reporting(running, deadline)
         stopping = [task for task in pending if task in state.uploads]
         for task in stopping:
             state.stop(task)
@@ -431,6 +432,23 @@ async def drain(state: AppState) -> None:
     late = [task for task in (last_try, rechecked, *pending) if not task.done()]
     if late:  # every cleanup is bounded by the deadline: this is a bug, but exit anyway
         log.error("proxy.cleanup_overran tasks=%d", len(late))
+
+
+DRAIN_REPORT = 5.0  # seconds between the drain's lines on the uploads it still waits for
+
+
+async def wait_reporting(tasks: set[asyncio.Task[Any]], deadline: float) -> set[asyncio.Task[Any]]:
+    """Wait for ``tasks`` until ``deadline`` (the loop's clock); the ones not done. Every
+    DRAIN_REPORT seconds, log each one still running and where it waits: a drain that
+    takes its whole grace says on what (one under heavy load took all 30 s, killed at
+    its end with a multipart upload open, and its log said nothing past ``draining``)."""
+    loop = asyncio.get_running_loop()
+    pending = tasks
+    while pending and (left := deadline - loop.time()) > 0:
+        _, pending = await asyncio.wait(pending, timeout=min(DRAIN_REPORT, left))
+        for task in sorted(pending, key=lambda t: t.get_name()):
+            log.info("proxy.drain_waiting %s at=%s", task.get_name(), task_site(task))
+    return pending
 
 
 async def stop_requests(state: AppState) -> None:

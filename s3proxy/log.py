@@ -195,6 +195,24 @@ def _orphan_body_write(task: object, exc: object) -> bool:
 
 # The access log: peer, request line (redacted like every line), status, body bytes sent,
 # seconds. Set as a handler argument in create_app, so tests log as the CLI does.
+def task_site(task: asyncio.Task[Any]) -> str:
+    """Where ``task`` waits: the innermost s3proxy function of its await chain and the
+    innermost function overall, ``qualname:line``, for a drain that says what its
+    remaining uploads wait on (``asyncio.Task.get_stack`` gives only the outermost
+    frame of a suspended coroutine)."""
+    ours = last = "?"
+    coro: Any = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        last = f"{frame.f_code.co_qualname}:{frame.f_lineno}"
+        if str(frame.f_globals.get("__name__", "")).startswith("s3proxy"):
+            ours = last
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return ours if ours == last else f"{ours}>{last}"
+
+
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
 # nginx's status for "the client closed the connection before the answer": what the
 # access log and the metrics say of such a request, rather than the answer nobody read.

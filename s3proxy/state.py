@@ -24,6 +24,7 @@ from s3proxy.download_limits import DownloadSlots
 from s3proxy.errors import UPSTREAM_TIMEOUT, UPSTREAM_UNAVAILABLE, ProxyError
 from s3proxy.form import FormLimits
 from s3proxy.janitor import Janitor
+from s3proxy.log import REQUEST_ID
 from s3proxy.metrics import Metrics
 from s3proxy.pipeline import PipelineConfig
 from s3proxy.protocol import Connections
@@ -278,6 +279,7 @@ class AppState:
         if task is None or task in self.uploads:
             yield
             return
+        task.set_name(f"upload rid={REQUEST_ID.get()}")  # for the drain's lines
         self.uploads.add(task)
         try:
             yield

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from s3proxy import app as app_module
 from s3proxy.app import create_app, drain
 from s3proxy.protocol import FRESH_GRACE
 from s3proxy.server import close_listener
@@ -161,12 +162,47 @@ async def test_a_connection_waiting_in_the_backlog_is_answered_not_reset(
     await assert_stored_or_refused(received, data, s3, bucket)
 
 
+async def test_a_drain_says_which_uploads_it_waits_for_and_where(
+    moto: MotoServer,
+    s3: Any,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the drain waits for uploads, it logs each one's request id and where it
+    waits (the innermost s3proxy function, then the innermost of all) every DRAIN_REPORT
+    seconds. Under heavy load a proxy took its whole 30 s grace, was killed at its end
+    with a multipart upload open, and its log said nothing past ``proxy.draining``."""
+    monkeypatch.setattr(app_module, "DRAIN_REPORT", 0.3)
+    raw = bodies.body([bodies.file("f", "big.bin", os.urandom(12 * MiB))])
+    caplog.set_level("INFO", logger="s3proxy.app")
+    async with served_app(moto, bucket, shutdown_timeout=1.5) as (app, _, site, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(bodies.request_head(len(raw), b"X-Request-ID: stalled-1") + raw[: 7 * MiB])
+        await writer.drain()  # then the client stalls
+        await eventually(
+            lambda: open_uploads_async(s3, bucket), within=20, what="the multipart upload open"
+        )
+        await close_listener(site)
+        await drain(app[STATE])
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 503"), head
+    lines = [m for r in caplog.records if (m := r.getMessage()).startswith("proxy.drain_waiting")]
+    assert 3 <= len(lines) <= 6, lines  # 1.5 s of grace, a line every 0.3 s
+    for line in lines:
+        assert line.startswith("proxy.drain_waiting upload rid=stalled-1 at="), line
+        ours, inner = line.split(" at=")[1].split(">")  # waiting for the client's bytes
+        assert ours.startswith("next_chunk:") and inner.startswith("StreamReader._wait:"), line
+    assert await open_uploads_async(s3, bucket) == []
+
+
 @contextlib.asynccontextmanager
 async def served_app(
-    moto: MotoServer, bucket: str
+    moto: MotoServer, bucket: str, **overrides: Any
 ) -> AsyncIterator[tuple[web.Application, web.AppRunner, web.TCPSite, int]]:
     """The app served in this process on a free port, to drive its stop sequence by hand."""
-    app = create_app(make_settings(moto.endpoint_url, bucket=bucket))
+    app = create_app(make_settings(moto.endpoint_url, bucket=bucket, **overrides))
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
