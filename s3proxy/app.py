@@ -9,7 +9,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -407,7 +407,9 @@ async def drain(state: AppState) -> None:
     )
     pending: set[asyncio.Task[Any]] = set()
     if running:
-        pending = await wait_reporting(running, deadline)
+        pending = await wait_reporting(
+            running, deadline, lambda task: protocol.read_state(state.upload_requests.get(task))
+        )
         stopping = [task for task in pending if task in state.uploads]
         for task in stopping:
             state.stop(task)
@@ -437,9 +439,14 @@ async def drain(state: AppState) -> None:
 DRAIN_REPORT = 5.0  # seconds between the drain's lines on the uploads it still waits for
 
 
-async def wait_reporting(tasks: set[asyncio.Task[Any]], deadline: float) -> set[asyncio.Task[Any]]:
+async def wait_reporting(
+    tasks: set[asyncio.Task[Any]],
+    deadline: float,
+    reads: Callable[[asyncio.Task[Any]], str] = lambda task: "-",
+) -> set[asyncio.Task[Any]]:
     """Wait for ``tasks`` until ``deadline`` (the loop's clock); the ones not done. Every
-    DRAIN_REPORT seconds, log each one still running and where it waits: a drain that
+    DRAIN_REPORT seconds, log each one still running, where it waits and how its
+    connection reads (``reads``): a drain that
     takes its whole grace says on what (one under heavy load took all 30 s, killed at
     its end with a multipart upload open, and its log said nothing past ``draining``)."""
     loop = asyncio.get_running_loop()
@@ -447,7 +454,9 @@ async def wait_reporting(tasks: set[asyncio.Task[Any]], deadline: float) -> set[
     while pending and (left := deadline - loop.time()) > 0:
         _, pending = await asyncio.wait(pending, timeout=min(DRAIN_REPORT, left))
         for task in sorted(pending, key=lambda t: t.get_name()):
-            log.info("proxy.drain_waiting %s at=%s", task.get_name(), task_site(task))
+            log.info(
+                "proxy.drain_waiting %s at=%s %s", task.get_name(), task_site(task), reads(task)
+            )
     return pending
 
 

@@ -134,7 +134,7 @@ async def upload(request: web.Request) -> web.Response:
         principal.grant,
         state.janitor,
     )
-    with state.track(task):
+    with state.track(task, request):
         try:
             return await _store(request, state, principal, job)
         except asyncio.CancelledError:

@@ -259,6 +259,29 @@ def unread_bytes(sock: Any) -> int:
     return int.from_bytes(raw, sys.byteorder, signed=True)
 
 
+def read_state(request: web.BaseRequest | None) -> str:
+    """How a request's connection reads now, for the drain's lines on the uploads it
+    waits for: is the transport reading, is it paused by aiohttp (its reader over the
+    high-water mark, or its message queue), what the kernel holds unread and what the
+    request's StreamReader holds. An upload waited out a drain's whole grace in
+    ``StreamReader._wait`` for a client that had closed its socket."""
+    if request is None:
+        return "-"
+    transport, protocol, content = request.transport, request.protocol, request.content
+    if transport is None:
+        return "transport=none"
+    is_reading = getattr(transport, "is_reading", None)
+    sock = transport.get_extra_info("socket")
+    return (
+        f"reading={None if is_reading is None else is_reading()}"
+        f" closing={transport.is_closing()}"
+        f" aiohttp_paused={getattr(protocol, '_reading_paused', None)}"
+        f" buffer_paused={getattr(protocol, '_buffer_paused', None)}"
+        f" kernel={-1 if sock is None else unread_bytes(sock)}"
+        f" buffered={getattr(content, '_size', None)} eof={content.is_eof()}"
+    )
+
+
 def _head_end(data: bytes, pos: int = 0) -> int:
     """Where the first request head in ``data`` from ``pos`` may end (after its blank
     line), or -1.

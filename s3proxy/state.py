@@ -208,6 +208,8 @@ class AppState:
     readyz_asked: bool = False  # anything asked /readyz (for --drain-delay auto)
     store_check: StoreCheck = field(default_factory=lambda: StoreCheck(1.0, 1.0))
     uploads: set[asyncio.Task[Any]] = field(default_factory=set)  # handlers storing files
+    # ... and the request each reads its body from, where known (the drain's lines)
+    upload_requests: dict[asyncio.Task[Any], web.BaseRequest] = field(default_factory=dict)
     # streamed downloads at once, below the S3 pool's size (s3proxy.download_limits)
     downloads: DownloadSlots = field(default_factory=lambda: DownloadSlots(48))
     stopped: set[asyncio.Task[Any]] = field(default_factory=set)  # ...that drain cancelled
@@ -271,7 +273,9 @@ class AppState:
         return self.sink
 
     @contextlib.contextmanager
-    def track(self, task: asyncio.Task[Any] | None) -> Iterator[None]:
+    def track(
+        self, task: asyncio.Task[Any] | None, request: web.BaseRequest | None = None
+    ) -> Iterator[None]:
         """Remember an upload handler's own task (``asyncio.current_task()``, which
         aiohttp runs per request, not the connection's ``request.task``) so shutdown
         can wait for it, then cancel it. Within a request already tracked (a tus creation
@@ -281,10 +285,13 @@ class AppState:
             return
         task.set_name(f"upload rid={REQUEST_ID.get()}")  # for the drain's lines
         self.uploads.add(task)
+        if request is not None:
+            self.upload_requests[task] = request  # the drain's lines say how it reads
         try:
             yield
         finally:
             self.uploads.discard(task)
+            self.upload_requests.pop(task, None)
             self.stopped.discard(task)
 
     def stop(self, task: asyncio.Task[Any]) -> None:

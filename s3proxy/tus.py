@@ -740,7 +740,7 @@ async def _append(
     did, for the creation's undo if it fails."""
     declared = _check_patch(request, store.upload, offset)
     task = asyncio.current_task()
-    with state.track(task):
+    with state.track(task, request):
         try:
             return await _append_tracked(request, state, store, offset, declared, made)
         except asyncio.CancelledError:

@@ -170,9 +170,10 @@ async def test_a_drain_says_which_uploads_it_waits_for_and_where(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """While the drain waits for uploads, it logs each one's request id and where it
-    waits (the innermost s3proxy function, then the innermost of all) every DRAIN_REPORT
-    seconds. Under heavy load a proxy took its whole 30 s grace, was killed at its end
-    with a multipart upload open, and its log said nothing past ``proxy.draining``."""
+    waits (the innermost s3proxy function, then the innermost of all) and how its
+    connection reads, every DRAIN_REPORT seconds. Under heavy load a proxy took its whole
+    30 s grace, was killed at its end with a multipart upload open, and its log said
+    nothing past ``proxy.draining``."""
     monkeypatch.setattr(app_module, "DRAIN_REPORT", 0.3)
     raw = bodies.body([bodies.file("f", "big.bin", os.urandom(12 * MiB))])
     caplog.set_level("INFO", logger="s3proxy.app")
@@ -192,8 +193,14 @@ async def test_a_drain_says_which_uploads_it_waits_for_and_where(
     assert 3 <= len(lines) <= 6, lines  # 1.5 s of grace, a line every 0.3 s
     for line in lines:
         assert line.startswith("proxy.drain_waiting upload rid=stalled-1 at="), line
-        ours, inner = line.split(" at=")[1].split(">")  # waiting for the client's bytes
+        site, reads = line.split(" at=")[1].split(" ", 1)
+        ours, inner = site.split(">")  # waiting for the client's bytes
         assert ours.startswith("next_chunk:") and inner.startswith("StreamReader._wait:"), line
+        # ... reading its socket (not paused), which holds nothing: the client is silent
+        assert reads == (
+            "reading=True closing=False aiohttp_paused=False buffer_paused=False"
+            " kernel=0 buffered=0 eof=False"
+        ), line
     assert await open_uploads_async(s3, bucket) == []
 
 
