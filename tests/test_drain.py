@@ -193,8 +193,8 @@ async def test_a_drain_says_which_uploads_it_waits_for_and_where(
     assert 3 <= len(lines) <= 6, lines  # 1.5 s of grace, a line every 0.3 s
     for line in lines:
         assert line.startswith("proxy.drain_waiting upload rid=stalled-1 at="), line
-        site, reads = line.split(" at=")[1].split(" ", 1)
-        ours, inner = site.split(">")  # waiting for the client's bytes
+        where, reads = line.split(" at=")[1].split(" ", 1)
+        ours, inner = where.split(">")  # waiting for the client's bytes
         assert ours.startswith("next_chunk:") and inner.startswith("StreamReader._wait:"), line
         # ... reading its socket (not paused), which holds nothing: the client is silent
         assert reads == (
