@@ -408,7 +408,7 @@ async def drain(state: AppState) -> None:
     pending: set[asyncio.Task[Any]] = set()
     if running:
         pending = await wait_reporting(
-            running, deadline, lambda task: protocol.read_state(state.upload_requests.get(task))
+            running, deadline, lambda task: protocol.read_state(state.uploads.get(task))
         )
         stopping = [task for task in pending if task in state.uploads]
         for task in stopping:
@@ -442,13 +442,13 @@ DRAIN_REPORT = 5.0  # seconds between the drain's lines on the uploads it still 
 async def wait_reporting(
     tasks: set[asyncio.Task[Any]],
     deadline: float,
-    reads: Callable[[asyncio.Task[Any]], str] = lambda task: "-",
+    reads: Callable[[asyncio.Task[Any]], str],
 ) -> set[asyncio.Task[Any]]:
     """Wait for ``tasks`` until ``deadline`` (the loop's clock); the ones not done. Every
     DRAIN_REPORT seconds, log each one still running, where it waits and how its
-    connection reads (``reads``): a drain that
-    takes its whole grace says on what (one under heavy load took all 30 s, killed at
-    its end with a multipart upload open, and its log said nothing past ``draining``)."""
+    connection reads (``reads``): a drain that takes its whole grace says on what (one
+    under heavy load took all 30 s, killed at its end with a multipart upload open, and
+    its log said nothing past ``draining``)."""
     loop = asyncio.get_running_loop()
     pending = tasks
     while pending and (left := deadline - loop.time()) > 0:

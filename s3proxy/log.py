@@ -193,8 +193,6 @@ def _orphan_body_write(task: object, exc: object) -> bool:
     )
 
 
-# The access log: peer, request line (redacted like every line), status, body bytes sent,
-# seconds. Set as a handler argument in create_app, so tests log as the CLI does.
 def task_site(task: asyncio.Task[Any]) -> str:
     """Where ``task`` waits: the innermost s3proxy function of its await chain and the
     innermost function overall, ``qualname:line``, for a drain that says what its
@@ -213,6 +211,8 @@ def task_site(task: asyncio.Task[Any]) -> str:
     return ours if ours == last else f"{ours}>{last}"
 
 
+# The access log: peer, request line (redacted like every line), status, body bytes sent,
+# seconds. Set as a handler argument in create_app, so tests log as the CLI does.
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
 # nginx's status for "the client closed the connection before the answer": what the
 # access log and the metrics say of such a request, rather than the answer nobody read.

@@ -207,9 +207,9 @@ class AppState:
     stopping: bool = False
     readyz_asked: bool = False  # anything asked /readyz (for --drain-delay auto)
     store_check: StoreCheck = field(default_factory=lambda: StoreCheck(1.0, 1.0))
-    uploads: set[asyncio.Task[Any]] = field(default_factory=set)  # handlers storing files
-    # ... and the request each reads its body from, where known (the drain's lines)
-    upload_requests: dict[asyncio.Task[Any], web.BaseRequest] = field(default_factory=dict)
+    # handlers storing files, each with the request it reads its body from where known
+    # (the drain's lines say how that connection reads)
+    uploads: dict[asyncio.Task[Any], web.BaseRequest | None] = field(default_factory=dict)
     # streamed downloads at once, below the S3 pool's size (s3proxy.download_limits)
     downloads: DownloadSlots = field(default_factory=lambda: DownloadSlots(48))
     stopped: set[asyncio.Task[Any]] = field(default_factory=set)  # ...that drain cancelled
@@ -284,14 +284,11 @@ class AppState:
             yield
             return
         task.set_name(f"upload rid={REQUEST_ID.get()}")  # for the drain's lines
-        self.uploads.add(task)
-        if request is not None:
-            self.upload_requests[task] = request  # the drain's lines say how it reads
+        self.uploads[task] = request
         try:
             yield
         finally:
-            self.uploads.discard(task)
-            self.upload_requests.pop(task, None)
+            self.uploads.pop(task, None)
             self.stopped.discard(task)
 
     def stop(self, task: asyncio.Task[Any]) -> None:
