@@ -155,6 +155,13 @@ def fake_aws_env() -> dict[str, str]:
     return env
 
 
+# How long ``ProxyProcess.stop`` waits for a stopped proxy before it kills it: the drain
+# delay (auto: 6 s at most), the default 30 s grace, the 3 s cleanup deadline after it
+# and room to spare. A kill at 30 s, the grace alone, cut a drain that had waited out its
+# grace for an upload before it aborted that upload's multipart upload: left open.
+STOP_WITHIN = 45.0
+
+
 @dataclass
 class ProxyProcess:
     """``python -m s3proxy serve`` as a separate process, as a user runs it."""
@@ -235,7 +242,7 @@ class ProxyProcess:
             ) from None
         return cls(proc, port, log_path)
 
-    def stop(self, timeout: float = 30.0) -> int:
+    def stop(self, timeout: float = STOP_WITHIN) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

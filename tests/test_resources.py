@@ -274,9 +274,11 @@ async def test_64_concurrent_uploads_stay_within_budget(
 FILL = b"\xa5"  # the cut uploads' bytes: no other bytes in the test process look like them
 
 
-async def cut_upload(port: int, declared: int, send: int) -> None:
+async def cut_upload(port: int, declared: int, send: int) -> asyncio.StreamWriter:
     """A form upload declaring a ``declared``-byte file whose client closes the socket
-    after ``send`` bytes of it, mid-part, as a phone losing its network does."""
+    after ``send`` bytes of it, mid-part, as a phone losing its network does. The socket
+    is closed once the bytes written are sent (asyncio holds the close until then):
+    the caller awaits ``wait_closed`` on the writer returned."""
     head = bodies.part_head(bodies.file("file", "cut.bin", b""))
     tail = b"\r\n--" + bodies.BOUNDARY.encode() + b"--\r\n"
     request = (
@@ -296,6 +298,7 @@ async def cut_upload(port: int, declared: int, send: int) -> None:
         pass  # the proxy answered first (it may, once it has seen enough)
     finally:
         writer.close()
+    return writer
 
 
 def cut_sizes(n: int) -> list[int]:
@@ -304,13 +307,24 @@ def cut_sizes(n: int) -> list[int]:
 
 
 async def cut_many(port: int, n: int, clients: int) -> None:
+    """``n`` cut uploads from ``clients`` clients, each going on to its next upload at
+    once; returns once every socket is closed. A close asyncio still held (bytes written
+    that the proxy, its upload waiting for memory, had not yet read) never happened while
+    the test went on to block its loop in ``ProxyProcess.stop``: the proxy's drain waited
+    its whole grace for the bytes, and the stop killed it with a multipart upload open
+    (1 or 2 of 10-20 runs on a busy machine; 1-7 of 300 closes held bytes per run)."""
     sizes = iter(cut_sizes(n))
+    writers: list[asyncio.StreamWriter] = []
 
     async def client() -> None:
         for send in sizes:
-            await cut_upload(port, 20 * MiB, send)
+            writers.append(await cut_upload(port, 20 * MiB, send))
 
-    await asyncio.wait_for(asyncio.gather(*(client() for _ in range(clients))), 240)
+    async def cut_all() -> None:
+        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
+
+    await asyncio.wait_for(cut_all(), 240)
 
 
 def upload_bytes_referenced() -> tuple[int, int]:
