@@ -650,13 +650,13 @@ class FileUpload:
                     reservation = None
                 elif isinstance(action, CreateUpload):
                     first = await self._with_staged(action.staged, action.first, reservation)
-                    content_type = self.content_type = self._content_type(first)
+                    content_type = self.content_type = await self._content_type(first)
                     self.upload_id = await self._create(self._options(content_type))
                     self.created_here = True
                     log.debug("upload.created key=%s upload_id=%s", self.spec.key, self.upload_id)
                 elif isinstance(action, PutObject):
                     chunks = await self._with_staged(action.staged, action.chunks, reservation)
-                    content_type = self._content_type(chunks)
+                    content_type = await self._content_type(chunks)
                     crc = None if crcs is None else self._crc_with_staged(crcs.take(1))
                     return await self._put(chunks, content_type, crc)
                 elif isinstance(action, Stage):
@@ -671,7 +671,7 @@ class FileUpload:
                         first = await self._with_staged(
                             resume.point.staged, action.chunks, reservation
                         )
-                        self._content_type(first)
+                        await self._content_type(first)
                     verify_declared(self.spec.digests, self._hash.digest(), self.spec.filename)
                     await self._drain()  # the parts this request sent are acknowledged
                     crc = None
@@ -818,13 +818,13 @@ class FileUpload:
             f"file {self.spec.filename!r} is over the limit of {self.cfg.max_file_size} bytes",
         )
 
-    def _content_type(self, data: list[Chunk]) -> str:
+    async def _content_type(self, data: list[Chunk]) -> str:
         head = bytearray()
         for chunk in data:
             head += chunk[: sniff.SNIFF_BYTES - len(head)]
             if len(head) >= sniff.SNIFF_BYTES:
                 break
-        found = sniff.sniff(head, self.spec.filename, self.spec.declared_type)
+        found = await sniff.sniff_off_loop(head, self.spec.filename, self.spec.declared_type)
         if not found.allowed_by(self.cfg.allow_types):
             raise ProxyError(
                 TYPE_NOT_ALLOWED,
