@@ -8,11 +8,13 @@ the declared type or the extension knows better.
 libmagic's cost depends on the bytes, not only on how many: a text file's head goes
 through its text tests, some of which scan runs of whitespace again and again (64 KiB
 of newlines: 220-250 ms of CPU; of spaces or tabs: 70 ms; ordinary text 1-3 ms, a PDF
-0.04 ms). Uploads call ``sniff_off_loop``: libmagic runs in a worker thread (ctypes lets
-go of the GIL), so one such file no longer holds the event loop, and every other
-upload on it, for a quarter of a second. Fewer bytes or libmagic's regex limit would
-cap the cost but change verdicts (JSON files of 8-64 KiB, C and Python sources), so
-the bytes it sees are the same.
+0.04 ms). Uploads call ``sniff_upload``: a head libmagic may take for text
+(``may_be_text``) is sniffed in a worker thread (ctypes lets go of the GIL), so one
+such file no longer holds the event loop, and every other upload on it, for a quarter
+of a second; any other head is sniffed at once, as the thread's hop cost a small
+upload 0.07-0.5 ms more CPU. Fewer bytes or libmagic's regex limit would cap the cost
+but change verdicts (JSON files of 8-64 KiB, C and Python sources), so the bytes it
+sees are the same.
 """
 
 from __future__ import annotations
@@ -107,9 +109,24 @@ class Sniffed:
         return allowed(self.content_type if self.confident else OCTET_STREAM, allowlist)
 
 
-async def sniff_off_loop(head: bytes | bytearray, filename: str, declared: str | None) -> Sniffed:
-    """``sniff`` in a sniff thread: the event loop goes on serving meanwhile. ``head`` must
-    not change until it returns (uploads pass a copy of their first bytes)."""
+# Byte-order marks of UTF-16 and UTF-32: the only text libmagic finds in bytes with a NUL.
+_WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+
+
+def may_be_text(head: bytes | bytearray) -> bool:
+    """Whether libmagic may take ``head`` for text, and so run its text tests, the slow
+    ones. Pure. Its encodings (file 5.44, ascmagic/encoding.c) are ASCII, UTF-8, UTF-7,
+    ISO-8859, extended ASCII and EBCDIC, none with a NUL byte, and UTF-16 and UTF-32 only
+    after a byte-order mark: a NUL in the bytes it sees, and no such mark, is binary."""
+    return b"\0" not in head[:SNIFF_BYTES] or bytes(head[:4]).startswith(_WIDE_BOMS)
+
+
+async def sniff_upload(head: bytes | bytearray, filename: str, declared: str | None) -> Sniffed:
+    """``sniff`` for an upload: in a sniff thread when libmagic may take the head for text,
+    so that the event loop goes on serving meanwhile; else here. ``head`` must not change
+    until it returns (uploads pass a copy of their first bytes)."""
+    if not may_be_text(head):
+        return sniff(head, filename, declared)
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(_sniff_executor(), sniff, head, filename, declared)
 
