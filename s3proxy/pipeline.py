@@ -819,12 +819,7 @@ class FileUpload:
         )
 
     async def _content_type(self, data: list[Chunk]) -> str:
-        head = bytearray()
-        for chunk in data:
-            head += chunk[: sniff.SNIFF_BYTES - len(head)]
-            if len(head) >= sniff.SNIFF_BYTES:
-                break
-        found = await sniff.sniff_upload(head, self.spec.filename, self.spec.declared_type)
+        found = await sniff.sniff_upload(data, self.spec.filename, self.spec.declared_type)
         if not found.allowed_by(self.cfg.allow_types):
             raise ProxyError(
                 TYPE_NOT_ALLOWED,

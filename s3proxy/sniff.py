@@ -24,6 +24,7 @@ import fnmatch
 import mimetypes
 import os
 import threading
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -113,22 +114,64 @@ class Sniffed:
 _WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
 
 
-def may_be_text(head: bytes | bytearray) -> bool:
-    """Whether libmagic may take ``head`` for text, and so run its text tests, the slow
-    ones. Pure. Its encodings (file 5.44, ascmagic/encoding.c) are ASCII, UTF-8, UTF-7,
-    ISO-8859, extended ASCII and EBCDIC, none with a NUL byte, and UTF-16 and UTF-32 only
-    after a byte-order mark: a NUL in the bytes it sees, and no such mark, is binary."""
-    return b"\0" not in head[:SNIFF_BYTES] or bytes(head[:4]).startswith(_WIDE_BOMS)
+Piece = bytes | bytearray | memoryview  # what an upload's first bytes come in
 
 
-async def sniff_upload(head: bytes | bytearray, filename: str, declared: str | None) -> Sniffed:
-    """``sniff`` for an upload: in a sniff thread when libmagic may take the head for text,
-    so that the event loop goes on serving meanwhile; else here. ``head`` must not change
-    until it returns (uploads pass a copy of their first bytes)."""
-    if not may_be_text(head):
-        return sniff(head, filename, declared)
+def first_bytes(pieces: Iterable[Piece], limit: int = SNIFF_BYTES) -> bytes:
+    """The first ``limit`` bytes of ``pieces``, as one copy. Pure."""
+    head = bytearray()
+    for piece in pieces:
+        if len(head) >= limit:
+            break
+        head += piece[: limit - len(head)]
+    return bytes(head)
+
+
+def _has_nul(piece: Piece, end: int) -> bool:
+    if isinstance(piece, bytes | bytearray):
+        return piece.find(b"\0", 0, end) >= 0  # no copy
+    return b"\0" in bytes(piece[:end])
+
+
+def may_be_text(pieces: Sequence[Piece]) -> bool:
+    """Whether libmagic may take the file whose first bytes are ``pieces`` for text, and
+    so run its text tests, the slow ones. Pure. Its encodings (file 5.44,
+    ascmagic/encoding.c) are ASCII, UTF-8, UTF-7, ISO-8859, extended ASCII and EBCDIC,
+    none with a NUL byte, and UTF-16 and UTF-32 only after a byte-order mark: a NUL in the
+    bytes it sees, and no such mark, is binary."""
+    if first_bytes(pieces, 4).startswith(_WIDE_BOMS):
+        return True
+    left = SNIFF_BYTES
+    for piece in pieces:
+        if left <= 0:
+            break
+        if _has_nul(piece, left):
+            return False
+        left -= len(piece)
+    return True
+
+
+async def sniff_upload(pieces: Sequence[Piece], filename: str, declared: str | None) -> Sniffed:
+    """``sniff`` of a file whose first bytes are ``pieces`` (an upload's chunks, which the
+    budget counts): in a sniff thread when libmagic may take them for text, so that the
+    event loop goes on serving meanwhile; else here. Only a running sniff copies the
+    first 64 KiB (a queued one holds the chunks, not a copy of them); the chunks must not
+    change until it returns (bytes do not)."""
+    if not may_be_text(pieces):
+        return sniff(first_bytes(pieces), filename, declared)
+    head: list[Piece] = []  # the chunks libmagic will see, not the list, which goes on
+    size = 0
+    for piece in pieces:
+        if size >= SNIFF_BYTES:
+            break
+        head.append(piece)
+        size += len(piece)
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_sniff_executor(), sniff, head, filename, declared)
+    return await loop.run_in_executor(_sniff_executor(), _sniff_pieces, head, filename, declared)
+
+
+def _sniff_pieces(pieces: list[Piece], filename: str, declared: str | None) -> Sniffed:
+    return sniff(first_bytes(pieces), filename, declared)
 
 
 def sniff(head: bytes | bytearray | memoryview, filename: str, declared: str | None) -> Sniffed:

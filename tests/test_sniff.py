@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from s3proxy.sniff import Sniffed, allowed, may_be_text, sniff, sniff_upload
+from s3proxy.sniff import (
+    Piece,
+    Sniffed,
+    allowed,
+    first_bytes,
+    may_be_text,
+    sniff,
+    sniff_upload,
+)
 from tests import bodies
 from tests.bodies import raw_body, raw_part
 from tests.s3util import head_object_async, read_object_async
@@ -138,7 +146,11 @@ UTF16_NEWLINES = b"\xff\xfe" + "\n".encode("utf-16-le") * (32 * 1024 - 1)
 def test_may_be_text_is_true_for_every_head_libmagic_takes_for_text(
     head: bytes, text: bool
 ) -> None:
-    assert may_be_text(head) is text
+    assert may_be_text([head]) is text
+    # the same bytes in the pieces an upload has them in, a memoryview among them
+    pieces: list[Piece] = [head[:1], memoryview(head)[1:3], head[3:5000], head[5000:]]
+    assert may_be_text([p for p in pieces if len(p)]) is text
+    assert first_bytes(pieces) == head[: 64 * 1024]
     if not text:  # libmagic agrees: a head said binary is never sniffed as text
         assert not sniff(head, "x", None).content_type.startswith("text/")
 
@@ -184,7 +196,7 @@ def sniff_time(head: bytes) -> float:
 async def test_a_head_that_may_be_text_is_sniffed_off_the_loop(head: bytes) -> None:
     took = sniff_time(head)
     with LoopGaps() as loop:
-        got = await sniff_upload(head, "blank.txt", None)
+        got = await sniff_upload([head[:100], head[100:]], "blank.txt", None)
     assert got == sniff(head, "blank.txt", None)
     assert got.content_type == "text/plain"
     # On the loop, the call would end before the spinner's first turn; a thread that held
@@ -197,7 +209,7 @@ async def test_a_binary_head_is_sniffed_at_once() -> None:
     """No thread for bytes libmagic cannot take for text: the hop cost a small upload
     0.07-0.5 ms more CPU than libmagic's binary tests (0.2-0.5 ms for 64 KiB)."""
     with LoopGaps() as loop:
-        got = await sniff_upload(PNG, "p.png", None)
+        got = await sniff_upload([PNG], "p.png", None)
     assert got == Sniffed("image/png", True)
     assert loop.turns == 0
 
