@@ -264,19 +264,18 @@ async def close_listener(site: web.BaseSite) -> None:
     """
     server = getattr(site, "_server", None)  # aiohttp's asyncio.Server, once started
     sockets = list(getattr(server, "sockets", None) or ())
-    accepted = False
     for _ in range(ACCEPT_TURNS):
         if not any(_readable(sock) for sock in sockets):
-            break
-        accepted = True
-        await asyncio.sleep(0)
-    if accepted:
+            break  # nothing waits, and nothing can come before the close: no await between
+        await asyncio.sleep(0)  # asyncio accepts what waits
         # asyncio makes an accepted socket's transport in a task of its own, attached to
         # the listener: closed first, it drops the socket. A few turns see it made and
-        # connection_made run (the connection joins the drain's count).
+        # connection_made run (the connection joins the drain's count). A connection that
+        # came meanwhile is in the backlog: the next look takes it (the close came right
+        # after these turns, and reset one, nginx's 502 again in a rolling restart).
         for _ in range(SETTLE_TURNS):
             await asyncio.sleep(0)
-    await site.stop()
+    await site.stop()  # closes the listener before its first await
 
 
 def _readable(sock: Any) -> bool:
