@@ -506,7 +506,9 @@ async def test_nginx_rolling_restart_by_sigterm_alone(
         await asyncio.sleep(1.0)
         result = await load.finish()
         print(summary("nginx rolling restart", result, per_instance_s=took), flush=True)
-        # nginx's own account of a failure (a 502 in a loaded CI run, 1 of 373, unexplained)
+        # nginx's own account of a failure (a 502 in CI, 1 upload of 373 and later of 228:
+        # a connection completed in the loop turns before the listener closed was reset;
+        # tests/test_drain.py, the connection that comes while the accepted settle)
         failures = [line for line in nginx.error_log.read_text().splitlines() if "[error]" in line]
         assert result.failed == 0, (result.errors, failures[-10:])
         assert result.ok >= 10
