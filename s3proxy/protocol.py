@@ -263,8 +263,9 @@ def read_state(request: web.BaseRequest | None) -> str:
     """How a request's connection reads now, for the drain's lines on the uploads it
     waits for: is the transport reading, is it paused by aiohttp (its reader over the
     high-water mark, or its message queue), what the kernel holds unread and what the
-    request's StreamReader holds. An upload waited out a drain's whole grace in
-    ``StreamReader._wait`` for a client that had closed its socket."""
+    request's StreamReader holds. An upload that waited out a drain's whole grace in
+    ``StreamReader._wait`` read ``reading=True kernel=0``: its client's bytes had not
+    left the client (a test's, whose close asyncio held while its loop was blocked)."""
     if request is None:
         return "-"
     transport, protocol, content = request.transport, request.protocol, request.content

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import mimetypes
-import os
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +60,6 @@ _OLE_BASED = {"application/msword", "application/vnd.ms-excel", "application/vnd
 
 # A libmagic handle is not safe to share between threads: one per thread.
 _local = threading.local()
-_executor: tuple[int, ThreadPoolExecutor] | None = None  # (the process that made it, it)
 
 
 def _libmagic() -> magic.Magic:
@@ -70,13 +69,11 @@ def _libmagic() -> magic.Magic:
     return handle
 
 
+@functools.cache
 def _sniff_executor() -> ThreadPoolExecutor:
-    """The sniff threads, made on first use in the process that uses them."""
-    global _executor
-    if _executor is None or _executor[0] != os.getpid():
-        pool = ThreadPoolExecutor(SNIFF_THREADS, thread_name_prefix="sniff")
-        _executor = (os.getpid(), pool)
-    return _executor[1]
+    """The sniff threads, made on first use (``--workers`` starts its processes anew, so
+    none inherits another's)."""
+    return ThreadPoolExecutor(SNIFF_THREADS, thread_name_prefix="sniff")
 
 
 def guess_from_name(filename: str) -> str | None:

@@ -159,7 +159,7 @@ async def test_a_connection_waiting_in_the_backlog_is_answered_not_reset(
             await drain(app[STATE])
             await runner.cleanup()  # as the server's stop sequence does after the drain
             received = await asyncio.to_thread(read_until_closed, client)
-    await assert_stored_or_refused(received, data, s3, bucket)
+    await assert_stored_or_refused([received], [data], s3, bucket)
 
 
 async def test_a_connection_that_comes_while_the_accepted_settle_is_answered_not_reset(
@@ -197,14 +197,7 @@ async def test_a_connection_that_comes_while_the_accepted_settle_is_answered_not
         received = [await asyncio.to_thread(read_until_closed, c) for c in clients]
         for c in clients:
             c.close()
-    stored = []
-    for answer, data in zip(received, datas, strict=True):
-        assert answer.startswith((b"HTTP/1.1 201", b"HTTP/1.1 503")), answer[:200]
-        if answer.startswith(b"HTTP/1.1 201"):
-            stored.append(data)
-    keys = await all_keys_async(s3, bucket)
-    assert sorted([await read_object_async(s3, bucket, k) for k in keys]) == sorted(stored)
-    assert await open_uploads_async(s3, bucket) == []
+    await assert_stored_or_refused(received, datas, s3, bucket)
 
 
 async def test_a_drain_says_which_uploads_it_waits_for_and_where(
@@ -265,15 +258,20 @@ async def served_app(
         await runner.cleanup()
 
 
-async def assert_stored_or_refused(received: bytes, data: bytes, s3: Any, bucket: str) -> None:
-    """An answer, not a reset: 201 with ``data`` stored, or 503 with nothing stored."""
-    assert received.startswith((b"HTTP/1.1 201", b"HTTP/1.1 503")), received[:200]
-    if received.startswith(b"HTTP/1.1 201"):
-        [key] = await all_keys_async(s3, bucket)
-        assert await read_object_async(s3, bucket, key) == data
-    else:
-        assert b'"SHUTTING_DOWN"' in received, received
-        assert await all_keys_async(s3, bucket) == []
+async def assert_stored_or_refused(
+    received: list[bytes], datas: list[bytes], s3: Any, bucket: str
+) -> None:
+    """Each client an answer, not a reset: 201 with its data stored, or 503 SHUTTING_DOWN
+    with nothing stored; the bucket holds exactly what was answered 201."""
+    stored = []
+    for answer, data in zip(received, datas, strict=True):
+        assert answer.startswith((b"HTTP/1.1 201", b"HTTP/1.1 503")), answer[:200]
+        if answer.startswith(b"HTTP/1.1 201"):
+            stored.append(data)
+        else:
+            assert b'"SHUTTING_DOWN"' in answer, answer
+    keys = await all_keys_async(s3, bucket)
+    assert sorted([await read_object_async(s3, bucket, k) for k in keys]) == sorted(stored)
     assert await open_uploads_async(s3, bucket) == []
 
 
@@ -307,7 +305,7 @@ async def test_a_request_sent_on_a_kept_alive_connection_just_before_drain_is_an
             await drain(app[STATE])
             await runner.cleanup()  # as the server's stop sequence does after the drain
             received = await asyncio.to_thread(read_until_closed, client)
-    await assert_stored_or_refused(received, data, s3, bucket)
+    await assert_stored_or_refused([received], [data], s3, bucket)
 
 
 async def test_a_request_on_a_connection_made_just_before_drain_is_answered(
@@ -330,7 +328,7 @@ async def test_a_request_on_a_connection_made_just_before_drain_is_answered(
             await asyncio.wait_for(draining, 10)
             await runner.cleanup()  # as the server's stop sequence does after the drain
             received = await asyncio.to_thread(read_until_closed, client)
-    await assert_stored_or_refused(received, data, s3, bucket)
+    await assert_stored_or_refused([received], [data], s3, bucket)
 
 
 async def test_a_silent_new_connection_holds_the_drain_one_second_at_most(
