@@ -123,6 +123,7 @@ from s3proxy.errors import (
     VersionNotSupported,
     bad_coding_message,
     error_body,
+    forget_tracebacks,
     http_exception_response,
     undecodable_coding,
 )
@@ -1520,10 +1521,14 @@ class ProxyRequestHandler(RequestHandler):
         (its lingering close), and logs what that read raises as "Unhandled exception"
         with a traceback. A body that breaks there (Content-Encoding gzip, and not gzip;
         the answer already went, perhaps a refusal before the body was read) is the
-        client's fault: one line. aiohttp closes the connection either way."""
+        client's fault: one line. aiohttp closes the connection either way. Its
+        traceback goes too, as ``error_middleware`` drops an answered error's: it holds
+        aiohttp's connection frame, which holds the body's reader, which holds the error
+        (a cycle only the cyclic GC frees, with the reader's decoder in it)."""
         exc = kw.get("exc_info")
         if isinstance(exc, RequestPayloadError):
             log.info("http.bad_body_unread error=%s", " ".join(str(exc).split()))
+            forget_tracebacks(exc)
             return
         super().log_exception(*args, **kw)
 
