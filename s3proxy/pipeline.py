@@ -869,7 +869,12 @@ class FileUpload:
 
     async def _create(self, options: ObjectOptions) -> str:
         return await self._checked(
-            lambda: self.sink.create(self.spec.key, options, checksum=self.cfg.checksum)
+            lambda: self.sink.create(
+                self.spec.key,
+                options,
+                checksum=self.cfg.checksum,
+                shared=not self.cfg.writes.unique_keys,
+            )
         )
 
     async def _put(self, data: list[Chunk], content_type: str, crc: CrcValue | None) -> StoredFile:

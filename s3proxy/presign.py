@@ -419,7 +419,7 @@ async def create_multipart(request: web.Request) -> web.Response:
         await refuse_stored(ctx.sink, key)
     nonce = None if ctx.writes.unique_keys else uuid.uuid4().hex
     options = _options(ctx, file, upload_metadata(file.size, nonce))
-    upload_id = await ctx.sink.create(key, options)
+    upload_id = await ctx.sink.create(key, options, shared=not ctx.writes.unique_keys)
     if nonce is not None:
         await _write_record(ctx, key, upload_id, nonce)
     plan = parts.plan_parts(ctx.settings.part_size, file.size, ctx.settings.max_file_size)

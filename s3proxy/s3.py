@@ -476,7 +476,12 @@ class ObjectSink(Protocol):
         if_match: str | None = None,
     ) -> Written: ...
     async def create(
-        self, key: str, options: ObjectOptions, *, checksum: Algorithm | None = None
+        self,
+        key: str,
+        options: ObjectOptions,
+        *,
+        checksum: Algorithm | None = None,
+        shared: bool = False,
     ) -> str: ...
     async def upload_part(
         self, key: str, upload_id: str, number: int, data: Body, *, checksum: CrcValue | None = None

@@ -434,8 +434,17 @@ class AioObjectStore:
                 return Written(str(resp["ETag"]), stored, _retried(resp))
 
     async def create(
-        self, key: str, options: ObjectOptions, *, checksum: Algorithm | None = None
+        self,
+        key: str,
+        options: ObjectOptions,
+        *,
+        checksum: Algorithm | None = None,
+        shared: bool = False,
     ) -> str:
+        """CreateMultipartUpload; an upload an unanswered attempt may have made is aborted
+        (``_abort_lost``), unless the key is ``shared``: other requests' uploads of it,
+        under way, cannot be told from such a one (ListMultipartUploads shows no owner of
+        ours), so it is left to the orphan sweep, which aborts an upload once idle."""
         declared = {}
         if checksum is not None:
             # FULL_OBJECT: a CRC of the whole object, checked at Complete (S3 user guide,
@@ -457,16 +466,20 @@ class AioObjectStore:
         except BaseException:
             # S3 may have made the upload and only its answer was lost: abort it, since
             # no one else will ever learn its id. To the end even if we are cancelled.
-            await finish(self._abort_lost(key, keep=None))
+            await finish(self._abort_lost(key, keep=None, shared=shared))
             raise
         if retried:
             # the call was retried: an earlier attempt may have made an upload whose answer
             # was lost (a read timeout), which would stay open unseen.
-            await finish(self._abort_lost(key, keep=upload_id))
+            await finish(self._abort_lost(key, keep=upload_id, shared=shared))
         return upload_id
 
-    async def _abort_lost(self, key: str, keep: str | None) -> None:
-        """Best effort: abort the key's uploads but ``keep``; a failure is logged, not raised."""
+    async def _abort_lost(self, key: str, keep: str | None, shared: bool) -> None:
+        """Best effort: abort the key's uploads but ``keep``; a failure is logged, not raised.
+        On a shared key, none: they may be other requests' (``create``)."""
+        if shared:
+            log.info("upload.lost_create_left key=%s reason=shared_key action=orphan_sweep", key)
+            return
         try:
             async with self._deadline.bound(CLEANUP_TIMEOUT):
                 aborted = await self.abort_uploads(key, keep=keep)

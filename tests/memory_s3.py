@@ -227,7 +227,12 @@ class MemoryS3:
         return Written(self.objects[key].etag, stored)
 
     async def create(
-        self, key: str, options: ObjectOptions, *, checksum: Algorithm | None = None
+        self,
+        key: str,
+        options: ObjectOptions,
+        *,
+        checksum: Algorithm | None = None,
+        shared: bool = False,
     ) -> str:
         try:
             lost = self._call("CreateMultipartUpload", key)
@@ -236,7 +241,8 @@ class MemoryS3:
             self.uploads[upload_id] = Upload(key, options, _now(), checksum=checksum)
             self._after(lost)
         except BaseException:
-            await self.abort_uploads(key)  # the contract: no upload left behind
+            if not shared:  # the contract: no upload left behind, but others' on a shared key
+                await self.abort_uploads(key)
             raise
         return upload_id
 

@@ -1568,6 +1568,38 @@ async def _twin(proxy: Any, s3: Any, bucket: str, signed: int, stored: int) -> d
     return ref
 
 
+async def test_a_lost_create_leaves_a_browsers_upload_of_its_shared_key_open(
+    proxy_factory: Any, moto: Any, s3: Any, bucket: str
+) -> None:
+    """A browser's presigned multipart upload of plain/report.pdf is under way (a part in)
+    when another /sign/multipart for that name loses its CreateMultipartUpload answer and
+    retries it. Before, the retry's cleanup aborted every open upload of the key, the
+    browser's too (its next part PUT: NoSuchUpload). Now none is aborted: the lost one is
+    the orphan sweep's once idle (``AioObjectStore.create``)."""
+    lost = lambda op, n: Fault(late=1.5) if op == "CreateMultipartUpload" and n == 2 else None  # noqa: E731
+    async with FaultyS3(moto.endpoint_url, lost, name=claim_operation) as faulty:
+        proxy = await proxy_factory(
+            endpoint_url=faulty.endpoint_url,
+            s3_max_attempts=2,
+            s3_read_timeout=0.5,
+            key_template="plain/{filename}",
+        )
+        browsers = await _twin(proxy, s3, bucket, 1000, 1000)
+        status, second = await call(proxy, "/sign/multipart", pdf(1000), {})
+        assert status == 200, second
+        assert second["key"] == browsers["key"]
+        assert faulty.calls.count("CreateMultipartUpload") == 3
+        await asyncio.sleep(1.2)  # the lost attempt's upload is made by now
+        assert "AbortMultipartUpload" not in faulty.calls
+    left = await open_uploads_async(s3, bucket)
+    ids = {u["UploadId"] for u in left}
+    assert {browsers["upload_id"], second["upload_id"]} < ids and len(ids) == 3, ids
+    for u in left:
+        await asyncio.to_thread(
+            s3.abort_multipart_upload, Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"]
+        )
+
+
 @pytest.mark.parametrize(
     ("a_signed", "b_signed", "b_head_held"),
     [(1000, 1000, False), (2000, 1000, False), (1000, 2000, True)],
