@@ -521,8 +521,10 @@ class ObjectStore(ObjectSink, Protocol):
       take raises ChecksumUnsupported.
     * ``create`` leaves no upload open when it fails, even when S3 made one and only
       the answer was lost (a timeout, a dropped connection, a cancellation): it aborts
-      the key's uploads (``abort_uploads``) before raising. Keys are unique per
-      upload, so no one else's upload is touched.
+      the key's uploads (``abort_uploads``) before raising, and the others of its key
+      when it was retried. Not with ``shared``: the key may be other requests' too, and
+      their uploads of it cannot be told from a lost one, so that is left to the orphan
+      sweep (which aborts an upload once idle).
     * ``put``/``complete`` count in ``Written.unanswered`` the attempts that got no
       answer once their request may have reached S3 (read timeouts, dropped
       connections; botocore's own path, which does not say why, counts every retry).
