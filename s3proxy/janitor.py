@@ -477,9 +477,14 @@ async def _attempt(
         if janitor is not None and janitor.gone():
             abandon(what, kind, exc)  # at the shutdown's deadline: no retry will come
             return False
-        log.error("cleanup.failed what=%s error=%r", what, exc)
-        if janitor is not None:
-            janitor.retry(fn if retry is None else retry, what, kind, exc, pace)
+        if janitor is None:
+            log.error("cleanup.failed what=%s error=%r", what, exc)
+            return False
+        # A WARNING: the janitor retries it, and only what it cannot do at last (gave_up,
+        # abandoned) is an ERROR, an operator's to act on. A blip of S3's made ERROR lines
+        # for cleanups that were done seconds later.
+        log.warning("cleanup.failed what=%s error=%r action=retry", what, exc)
+        janitor.retry(fn if retry is None else retry, what, kind, exc, pace)
         return False
     return True
 

@@ -89,6 +89,31 @@ def lines(caplog: pytest.LogCaptureFixture, marker: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if marker in r.getMessage()]
 
 
+async def test_a_failed_cleanup_the_janitor_retries_is_a_warning_and_its_success_info(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only what cannot be done at last is an ERROR (gave_up, abandoned). A cleanup that
+    failed once and that the janitor then did (S3 back seconds later) was an ERROR line
+    (an S3 chaos run: ERROR ``cleanup.failed`` for aborts retried fine)."""
+    janitor = Janitor(interval=0.05)
+    calls = 0
+
+    async def flaky() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("S3 away")
+
+    with caplog.at_level(logging.INFO, "s3proxy.janitor"):
+        done = await run_cleanup(flaky, "abort key=k upload_id=u", janitor, kind=Kind.UPLOAD)
+        assert done is False
+        await asyncio.wait_for(asyncio.gather(*janitor._tasks), 5)
+    levels = {r.getMessage().split()[0]: r.levelname for r in caplog.records}
+    assert levels == {"cleanup.failed": "WARNING", "cleanup.retried": "INFO"}, levels
+    assert "action=retry" in lines(caplog, "cleanup.failed")[0]
+    assert calls == 2
+
+
 async def test_setting_the_deadline_cuts_a_cleanup_already_running(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
