@@ -45,6 +45,7 @@ from tests.s3util import (
     read_object_async,
 )
 from tests.seaweed_fixture import s3_client_kwargs
+from tests.test_s3_aiobotocore import second_create_lost
 from tests.test_webhook_flow import SECRET as HOOK_SECRET
 from tests.test_webhook_flow import receiver
 
@@ -1576,8 +1577,7 @@ async def test_a_lost_create_leaves_a_browsers_upload_of_its_shared_key_open(
     retries it. Before, the retry's cleanup aborted every open upload of the key, the
     browser's too (its next part PUT: NoSuchUpload). Now none is aborted: the lost one is
     the orphan sweep's once idle (``AioObjectStore.create``)."""
-    lost = lambda op, n: Fault(late=1.5) if op == "CreateMultipartUpload" and n == 2 else None  # noqa: E731
-    async with FaultyS3(moto.endpoint_url, lost, name=claim_operation) as faulty:
+    async with FaultyS3(moto.endpoint_url, second_create_lost, name=claim_operation) as faulty:
         proxy = await proxy_factory(
             endpoint_url=faulty.endpoint_url,
             s3_max_attempts=2,
