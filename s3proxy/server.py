@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import logging
@@ -36,6 +37,7 @@ import os
 import resource
 import select
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -264,6 +266,8 @@ async def close_listener(site: web.BaseSite) -> None:
     """
     server = getattr(site, "_server", None)  # aiohttp's asyncio.Server, once started
     sockets = list(getattr(server, "sockets", None) or ())
+    for sock in sockets:
+        refuse_handshakes(sock)
     for _ in range(ACCEPT_TURNS):
         if not any(_readable(sock) for sock in sockets):
             break  # nothing waits, and nothing can come before the close: no await between
@@ -276,6 +280,43 @@ async def close_listener(site: web.BaseSite) -> None:
         for _ in range(SETTLE_TURNS):
             await asyncio.sleep(0)
     await site.stop()  # closes the listener before its first await
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+# A classic BPF program of one instruction, "return 0": drop every packet (linux/filter.h:
+# BPF_RET | BPF_K). Module-level: the kernel copies it at setsockopt, from this address.
+_DROP_ALL = (_SockFilter * 1)(_SockFilter(0x06, 0, 0, 0))
+_SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)  # Linux's value
+
+
+def refuse_handshakes(sock: Any) -> bool:
+    """Make the listening socket drop every packet of a handshake not yet complete
+    (SO_ATTACH_FILTER; Linux runs a listener's filter on SYNs and handshake ACKs), so no
+    connection joins its backlog from now on; True if it does. Without it a connection
+    the kernel completed between ``close_listener``'s last look and the close was reset,
+    its request sent (CI: nginx's 502 "Connection reset by peer", a rolling restart with
+    nginx's least_conn sending every new request to the instance with no connections,
+    the one stopping). A client dropped so sends its SYN again (after 1 s on Linux) and
+    then finds the listener closed: refused, which a load balancer retries elsewhere.
+    Elsewhere than Linux it does nothing, and the close keeps that narrow race."""
+    prog = _SockFprog(1, _DROP_ALL)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, bytes(prog))
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def _readable(sock: Any) -> bool:
