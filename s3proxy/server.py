@@ -274,9 +274,9 @@ async def close_listener(site: web.BaseSite) -> None:
         await asyncio.sleep(0)  # asyncio accepts what waits
         # asyncio makes an accepted socket's transport in a task of its own, attached to
         # the listener: closed first, it drops the socket. A few turns see it made and
-        # connection_made run (the connection joins the drain's count). A connection that
-        # came meanwhile is in the backlog: the next look takes it (the close came right
-        # after these turns, and reset one, nginx's 502 again in a rolling restart).
+        # connection_made run (the connection joins the drain's count). Where the filter
+        # is not available (refuse_handshakes False), a connection that came meanwhile is
+        # in the backlog: the next look takes it (e40d0a9).
         for _ in range(SETTLE_TURNS):
             await asyncio.sleep(0)
     await site.stop()  # closes the listener before its first await
