@@ -671,7 +671,24 @@ class ProxyRequestHandler(RequestHandler):
             transport is not None
             and self.requests_open == 0
             and not self._head_begun
+            and not self.lingering
             and unread_bytes(transport.get_extra_info("socket")) == 0
+        )
+
+    @property
+    def lingering(self) -> bool:
+        """Its requests are answered and the newest one's body is still coming (a
+        refusal sent before the body: a 413, a 503 SHUTTING_DOWN): aiohttp reads it on to
+        its end, up to 10 s, so that the client, still sending, gets its answer and a clean
+        close rather than a reset. A load balancer cut that way closes its own connection
+        to the client after passing the answer on (nginx, HAProxy), and the client's next
+        request there fails."""
+        transport = self.transport
+        return (
+            transport is not None
+            and not transport.is_closing()
+            and self.requests_open == 0
+            and (self._bypass is not None or self._in_body())
         )
 
     @property
@@ -686,13 +703,16 @@ class ProxyRequestHandler(RequestHandler):
 
     @property
     def started(self) -> bool:
-        """A request is open, or bytes wait in the kernel, unread (the loop reads them on
-        its next turn: a request, or the start of one). A head already partly read is not
-        a started request: the drain does not wait for it, or a slowloris client would
-        hold every stop for --header-timeout (measured: 10.8 s to exit with 20 of them)."""
+        """A request is open, or its answered body still coming (``lingering``), or bytes
+        wait in the kernel, unread (the loop reads them on its next turn: a request, or the
+        start of one). A head already partly read is not a started request: the drain does
+        not wait for it, or a slowloris client would hold every stop for --header-timeout
+        (measured: 10.8 s to exit with 20 of them)."""
         transport = self.transport
         return transport is not None and (
-            self.requests_open > 0 or unread_bytes(transport.get_extra_info("socket")) > 0
+            self.requests_open > 0
+            or self.lingering
+            or unread_bytes(transport.get_extra_info("socket")) > 0
         )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

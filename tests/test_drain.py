@@ -412,6 +412,92 @@ async def test_a_request_on_a_connection_made_just_before_drain_is_answered(
     await assert_stored_or_refused([received], [data], s3, bucket)
 
 
+def send_slowly_then_read(
+    client: socket.socket, head: bytes, body: bytes, pause: float
+) -> tuple[OSError | None, bytes]:
+    """Send ``head``, then ``body`` 64 KiB at a time with ``pause`` between; what the
+    sending raised (None if all went), and then all the server sent until it closed."""
+    failed = None
+    try:
+        client.sendall(head)
+        for at in range(0, len(body), 64 * 1024):
+            client.sendall(body[at : at + 64 * 1024])
+            time.sleep(pause)
+    except OSError as exc:
+        failed = exc
+    return failed, read_until_closed(client)
+
+
+async def test_a_body_still_coming_after_its_answer_is_read_to_its_end_before_the_exit(
+    moto: MotoServer, s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    """A request answered before its body came (A: 413 by its Content-Length before the
+    SIGTERM; B: 503 SHUTTING_DOWN, its connection made before it) is read on to its
+    body's end (aiohttp's lingering read, up to 10 s), and only then closed. The drain did
+    not wait for those reads: the stop closed both connections 1 s after it (EXIT_GRACE),
+    their clients still sending (BrokenPipe at 1.03 s). Behind nginx such a cut makes
+    nginx close its own connection to the client after passing the answer on, though it
+    said keep-alive: the client's next request there failed (docs/deploy.md, What to
+    retry)."""
+    body = bodies.body([bodies.file("f", "late.bin", os.urandom(6 * MiB))])
+    proxy = start_proxy(moto, bucket, tmp_path, "--max-request-size", "4MiB")
+    try:
+        a = socket.create_connection(("127.0.0.1", proxy.port))
+        b = socket.create_connection(("127.0.0.1", proxy.port))
+        head = bodies.request_head(len(body))
+        first = asyncio.create_task(asyncio.to_thread(send_slowly_then_read, a, head, body, 0.04))
+        await asyncio.sleep(0.5)  # A is answered 413 and read on
+        proxy.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)  # the drain has begun; B was made before it
+        second = await asyncio.to_thread(send_slowly_then_read, b, head, body, 0.04)
+        results = [await first, second]
+        assert await exit_code(proxy) == 0
+    finally:
+        for sock in (a, b):
+            sock.close()
+        if proxy.proc.poll() is None:
+            proxy.stop()
+    for (failed, answer), (status, code) in zip(
+        results, [(413, "REQUEST_TOO_LARGE"), (503, "SHUTTING_DOWN")], strict=True
+    ):
+        assert failed is None, failed  # the whole body went: read on, not cut
+        assert answer.startswith(f"HTTP/1.1 {status}".encode()), answer[:200]
+        assert f'"{code}"'.encode() in answer, answer
+    assert await all_keys_async(s3, bucket) == []
+    assert await open_uploads_async(s3, bucket) == []
+
+
+@pytest.mark.parametrize("refused", [True, False], ids=["upload-413-close", "healthz-200-kept"])
+async def test_the_drain_ends_when_an_answered_body_has_come(
+    refused: bool, moto: MotoServer, tmp_path: Path
+) -> None:
+    """The drain waits for a body still coming after its answer, and no longer: once it
+    has come, the process exits, not at the end of --shutdown-timeout. Whether the answer
+    closes the connection (a refusal) or keeps it (a health check sent with a body)."""
+    body = bodies.body([bodies.file("f", "late.bin", os.urandom(6 * MiB))])
+    proxy = start_proxy(moto, "unused", tmp_path, "--max-request-size", "4MiB")
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            head = bodies.request_head(len(body))
+            if not refused:
+                head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+            sending = asyncio.create_task(
+                asyncio.to_thread(send_slowly_then_read, client, head, body, 0.02)
+            )
+            await asyncio.sleep(0.5)  # answered 413, and read on
+            proxy.proc.send_signal(signal.SIGTERM)
+            began = time.monotonic()
+            failed, answer = await sending
+            assert await exit_code(proxy) == 0
+            took = time.monotonic() - began
+    finally:
+        if proxy.proc.poll() is None:
+            proxy.stop()
+    assert failed is None, failed
+    assert answer.startswith(b"HTTP/1.1 413" if refused else b"HTTP/1.1 200"), answer[:200]
+    assert took < 10, took  # the body takes about 2 s; --shutdown-timeout is 30 s
+
+
 async def test_a_silent_new_connection_holds_the_drain_one_second_at_most(
     moto: MotoServer, bucket: str
 ) -> None:

@@ -518,7 +518,8 @@ async def test_nginx_rolling_restart_by_sigterm_alone(
         # 1b9870a (a first attempt that reached no instance, nginx logged nothing for it;
         # its retry was stored). nginx does that to the request after an early answer on a
         # kept-alive connection, when the instance closed before reading the answered
-        # body's rest (a stopping one, 1 s after its drain): docs/deploy.md, What to retry.
+        # body's rest (a stopping one cut it 1 s after its drain; now its drain waits up to
+        # 10 s for it, tests/test_drain.py): docs/deploy.md, What to retry.
         first_tries = {"503 SHUTTING_DOWN", "0 CONNECTION_REFUSED", "0 SEND_FAILED"}
         assert set(result.retries_by) <= first_tries, result.retries_by
         assert await asyncio.to_thread(open_uploads, cluster) == []
