@@ -22,7 +22,15 @@ import uuid
 from collections.abc import Callable
 
 from s3proxy.errors import UPLOAD_LOCKED, ProxyError
-from s3proxy.janitor import Deadline, Janitor, Kind, ShutdownDeadline, abandon, finish
+from s3proxy.janitor import (
+    Deadline,
+    Janitor,
+    Kind,
+    ShutdownDeadline,
+    abandon,
+    finish,
+    recheck_late,
+)
 from s3proxy.s3 import NoSuchKey, PreconditionFailed
 from s3proxy.tus_state import Lock, TusState, TusStore
 
@@ -115,9 +123,11 @@ class Lease:
         seconds: float,
         skew: float,
         janitor: Janitor | None = None,  # the app's: its deadline bounds a release too
+        late_window: float = 0.0,  # after which a swap held on its way has landed or is lost
     ) -> None:
         self.store = store
         self.janitor = janitor
+        self.late_window = late_window
         self.deadline = Deadline() if janitor is None else janitor.deadline
         self.state = dataclasses.replace(current)
         self.seconds = seconds
@@ -145,6 +155,17 @@ class Lease:
                 ) from err
             if outcome is Outcome.UNKNOWN:  # the lock may be ours: nobody else drops it
                 self._give_back_later(lock.until, error, "unknown")
+            elif outcome is Outcome.FAILED:
+                # Not in the state now, but an attempt held on its way may still land (its
+                # If-Match matches yet) and lock the upload, for the lease, to a PATCH that
+                # has ended: looked for again after the late-write window, as a removal is.
+                recheck_late(
+                    self.janitor,
+                    functools.partial(self._give_back, lock.until),
+                    f"tus lock id={self.store.upload.id} owner={self.owner}",
+                    self.late_window,
+                    Kind.TUS_PATCH,
+                )
             if outcome is not Outcome.HELD:
                 if error is err:
                     raise

@@ -128,6 +128,57 @@ async def test_a_lock_swap_that_landed_unseen_and_cannot_be_read_back_is_a_503(
     assert await reserved(s3, bucket) == []
 
 
+async def test_a_lock_swap_held_on_its_way_that_lands_after_the_answer_is_given_back(
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+) -> None:
+    """The lock swap's first attempt is held on its way past the S3 timeout, its retry
+    fails (500), and the state read back has no lock: the PATCH is a 5xx. Then the held
+    attempt lands (its If-Match still matches): the upload is locked by a PATCH that has
+    ended. It is looked for again after the late-write window, as a removal is after a
+    write that may land late, and given back: the next PATCH is 204 within seconds. Before,
+    every PATCH and DELETE was 423 for the 30 s lease and the clock skew (found by an S3
+    chaos run: a client gave up on an upload S3 had completed)."""
+    schedule = Schedule()
+
+    def rule(op: str, _: int) -> Fault | None:
+        if not schedule.armed or op != "PutObject:state":
+            return None
+        n = schedule.count(op)
+        if n == 1:
+            # Held on its way, forwarded once the proxy gave up: 2.5 s after it was sent,
+            # between the two looks for it (1 s and 4 s after the answer; s3_read_timeout
+            # 0.5), so it is in the state for about 2 s before the second gives it back.
+            return Fault(delay=2.5)
+        return Fault(status=500) if n == 2 else None  # the retry fails
+
+    async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
+        proxy, data, url = await faulty_upload(proxy_factory, faulty)
+        store = state_store(proxy, url)
+        before = await state_of(store)
+        schedule.armed = True
+        resp = await proxy.patch(url, data=data[:400], headers=patch_headers(0))
+        answered = time.monotonic()
+        assert resp.status in (502, 503), await resp.text()
+        assert (await resp.json())["error"]["code"].startswith("UPSTREAM_")
+        locked = await eventually(
+            lambda: state_of(store),
+            until=lambda state: state.lock is not None,
+            within=5.0,
+            what="the held swap landing",
+        )
+        assert locked.lock is not None
+        schedule.armed = False
+        after = await eventually(
+            lambda: unlocked(store), within=10.0, what="the late lock given back"
+        )
+        assert time.monotonic() - answered < 10.0 < LEASE
+        assert after == before
+        resp = await proxy.patch(url, data=data, headers=patch_headers(0))
+        assert resp.status == 204, await resp.text()
+    assert await read_object_async(s3, bucket, resp.headers["S3Proxy-Key"]) == data
+    assert await reserved(s3, bucket) == []
+
+
 async def test_a_commit_that_landed_unseen_and_cannot_be_read_back_is_a_503(
     proxy_factory: ProxyFactory, moto: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
