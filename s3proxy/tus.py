@@ -824,7 +824,6 @@ async def _append_tracked(
         settings.tus_lock_lease,
         settings.cleanup_clock_skew,
         state.janitor,
-        _late_window(state),
     )
     await lease.take(etag)
     committed = False
@@ -989,12 +988,7 @@ async def finish_owed(state: AppState, store: TusStore, current: TusState, etag:
     finishes it; 404 if the object is no longer this upload's (the upload then ends)."""
     settings = state.settings
     lease = Lease(
-        store,
-        current,
-        settings.tus_lock_lease,
-        settings.cleanup_clock_skew,
-        state.janitor,
-        _late_window(state),
+        store, current, settings.tus_lock_lease, settings.cleanup_clock_skew, state.janitor
     )
     await lease.take(etag)
     try:

@@ -22,15 +22,7 @@ import uuid
 from collections.abc import Callable
 
 from s3proxy.errors import UPLOAD_LOCKED, ProxyError
-from s3proxy.janitor import (
-    Deadline,
-    Janitor,
-    Kind,
-    ShutdownDeadline,
-    abandon,
-    finish,
-    recheck_late,
-)
+from s3proxy.janitor import Deadline, Janitor, Kind, ShutdownDeadline, abandon, finish
 from s3proxy.s3 import NoSuchKey, PreconditionFailed
 from s3proxy.tus_state import Lock, TusState, TusStore
 
@@ -102,6 +94,14 @@ def give_back_every(lease: float) -> float:
     return min(GIVE_BACK_EVERY, lease / 3)
 
 
+def watch_times(every: float, span: float) -> tuple[float, ...]:
+    """When (seconds from now) to look for a lock swap that may still land: every
+    ``every`` seconds while ``span`` lasts (until the lock lapses for all). Pure."""
+    if every <= 0:
+        return ()
+    return tuple(every * i for i in range(1, int(span // every) + 1))
+
+
 class Lease:
     """A PATCH's hold on its upload: the lock swapped into the state, renewed every third
     of the lease while the PATCH runs, released (or replaced by the commit) at its end.
@@ -123,11 +123,9 @@ class Lease:
         seconds: float,
         skew: float,
         janitor: Janitor | None = None,  # the app's: its deadline bounds a release too
-        late_window: float = 0.0,  # after which a swap held on its way has landed or is lost
     ) -> None:
         self.store = store
         self.janitor = janitor
-        self.late_window = late_window
         self.deadline = Deadline() if janitor is None else janitor.deadline
         self.state = dataclasses.replace(current)
         self.seconds = seconds
@@ -155,16 +153,15 @@ class Lease:
                 ) from err
             if outcome is Outcome.UNKNOWN:  # the lock may be ours: nobody else drops it
                 self._give_back_later(lock.until, error, "unknown")
-            elif outcome is Outcome.FAILED:
+            elif outcome is Outcome.FAILED and self.janitor is not None:
                 # Not in the state now, but an attempt held on its way may still land (its
-                # If-Match matches yet) and lock the upload, for the lease, to a PATCH that
-                # has ended: looked for again after the late-write window, as a removal is.
-                recheck_late(
-                    self.janitor,
+                # If-Match matches yet) and lock the upload to a PATCH that has ended, until
+                # the lease lapses: looked for every give-back period till then. Quietly
+                # dropped at shutdown: such a lock lapses all the same.
+                self.janitor.again_after(
                     functools.partial(self._give_back, lock.until),
                     f"tus lock id={self.store.upload.id} owner={self.owner}",
-                    self.late_window,
-                    Kind.TUS_PATCH,
+                    watch_times(give_back_every(self.seconds), lock.until + self.skew - now),
                 )
             if outcome is not Outcome.HELD:
                 if error is err:

@@ -30,6 +30,7 @@ from s3proxy.tus_lease import (
     lapsed,
     s3_error,
     settle,
+    watch_times,
 )
 from s3proxy.tus_state import Lock, TusState, TusStore
 from tests.conftest import ProxyFactory
@@ -129,15 +130,16 @@ async def test_a_lock_swap_that_landed_unseen_and_cannot_be_read_back_is_a_503(
 
 
 async def test_a_lock_swap_held_on_its_way_that_lands_after_the_answer_is_given_back(
-    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str
+    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The lock swap's first attempt is held on its way past the S3 timeout, its retry
     fails (500), and the state read back has no lock: the PATCH is a 5xx. Then the held
     attempt lands (its If-Match still matches): the upload is locked by a PATCH that has
-    ended. It is looked for again after the late-write window, as a removal is after a
-    write that may land late, and given back: the next PATCH is 204 within seconds. Before,
-    every PATCH and DELETE was 423 for the 30 s lease and the clock skew (found by an S3
-    chaos run: a client gave up on an upload S3 had completed)."""
+    ended. The state is looked at every give-back period until the lease lapses, and the
+    lock given back: the next PATCH is 204 within seconds. Before, every PATCH and DELETE
+    was 423 for the 30 s lease and the clock skew (found by an S3 chaos run: a client gave
+    up on an upload S3 had completed)."""
+    caplog.set_level(logging.INFO, logger="s3proxy.tus")
     schedule = Schedule()
 
     def rule(op: str, _: int) -> Fault | None:
@@ -145,10 +147,7 @@ async def test_a_lock_swap_held_on_its_way_that_lands_after_the_answer_is_given_
             return None
         n = schedule.count(op)
         if n == 1:
-            # Held on its way, forwarded once the proxy gave up: 2.5 s after it was sent,
-            # between the two looks for it (1 s and 4 s after the answer; s3_read_timeout
-            # 0.5), so it is in the state for about 2 s before the second gives it back.
-            return Fault(delay=2.5)
+            return Fault(delay=2.5)  # held on its way, forwarded once the proxy gave up
         return Fault(status=500) if n == 2 else None  # the retry fails
 
     async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
@@ -160,19 +159,16 @@ async def test_a_lock_swap_held_on_its_way_that_lands_after_the_answer_is_given_
         answered = time.monotonic()
         assert resp.status in (502, 503), await resp.text()
         assert (await resp.json())["error"]["code"].startswith("UPSTREAM_")
-        locked = await eventually(
-            lambda: state_of(store),
-            until=lambda state: state.lock is not None,
-            within=5.0,
-            what="the held swap landing",
-        )
-        assert locked.lock is not None
-        schedule.armed = False
-        after = await eventually(
-            lambda: unlocked(store), within=10.0, what="the late lock given back"
+        given_back = await eventually(
+            lambda: [r.message for r in caplog.records if "by=janitor" in r.message],
+            until=bool,
+            within=10.0,
+            what="the held swap, landed, given back",
         )
         assert time.monotonic() - answered < 10.0 < LEASE
-        assert after == before
+        assert len(given_back) == 1 and "tus.lock_released" in given_back[0], given_back
+        schedule.armed = False
+        assert await unlocked(store) == before
         resp = await proxy.patch(url, data=data, headers=patch_headers(0))
         assert resp.status == 204, await resp.text()
     assert await read_object_async(s3, bucket, resp.headers["S3Proxy-Key"]) == data
@@ -323,6 +319,22 @@ async def leased(memory: MemoryS3, seconds: float, janitor: Janitor | None) -> L
     lease = Lease(store, found[0], seconds=seconds, skew=0, janitor=janitor)
     await lease.take(created)
     return lease
+
+
+@pytest.mark.parametrize(
+    ("every", "span", "times"),
+    [
+        (1.0, 35.0, tuple(float(i) for i in range(1, 36))),
+        (1.0, 2.5, (1.0, 2.0)),
+        (1.0, 0.5, ()),
+        (10.0, 35.0, (10.0, 20.0, 30.0)),
+        (0.0, 35.0, ()),
+    ],
+)
+def test_a_swap_that_may_land_late_is_looked_for_until_its_lock_lapses(
+    every: float, span: float, times: tuple[float, ...]
+) -> None:
+    assert watch_times(every, span) == times
 
 
 async def test_without_a_janitor_an_unknown_lock_swap_is_still_an_s3_error(
