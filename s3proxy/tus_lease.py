@@ -159,7 +159,7 @@ class Lease:
                 # the lease lapses: looked for every give-back period till then. Quietly
                 # dropped at shutdown: such a lock lapses all the same.
                 self.janitor.again_after(
-                    functools.partial(self._give_back, lock.until),
+                    functools.partial(self._look_for_late, lock.until),
                     f"tus lock id={self.store.upload.id} owner={self.owner}",
                     watch_times(give_back_every(self.seconds), lock.until + self.skew - now),
                 )
@@ -347,6 +347,15 @@ class Lease:
             err,
             pace=lambda: every,
         )
+
+    async def _look_for_late(self, until: float) -> None:
+        """One look for this lease's lock landed late (``take``): given back if it is in
+        the state. S3 trouble is not logged: the next look tries again, and the lock
+        lapses all the same (an S3 outage would make a line a second per failed PATCH)."""
+        try:
+            await self._give_back(until)
+        except ProxyError as exc:
+            log.debug("tus.late_lock_look_failed id=%s error=%s", self.store.upload.id, exc)
 
     async def _give_back(self, until: float) -> None:
         """One try at dropping this lease's lock from the state, the janitor's: done when
