@@ -245,8 +245,11 @@ async def test_readyz_answers_at_once_while_the_store_is_away(
         while time.monotonic() - went < 4 * interval + 0.5:
             answers.append(await timed_readyz(proxy))
             await asyncio.sleep(0.02)
-        slowest = max(took for _, took, _, _ in answers)
-        assert slowest < 0.1, slowest
+        # At once, every one but what a stall of this process itself holds (CI, 3 workers
+        # on 2 cores: one answer of the run took 0.89 s): a /readyz that waits for S3
+        # makes them all slow (0.3 s at least, the check's timeout, or the hang's 1 s).
+        took = sorted(took for _, took, _, _ in answers)
+        assert len([t for t in took if t < 0.1]) >= 0.9 * len(took), took
         down = [(at, status, body) for at, _, status, body in answers if status == 503]
         assert down, answers
         to_503 = down[0][0] - went
@@ -260,8 +263,9 @@ async def test_readyz_answers_at_once_while_the_store_is_away(
         # may be cut by its timeout before it fails on its own
         assert code == "UPSTREAM_TIMEOUT" if outage == "hangs" else code.startswith("UPSTREAM_")
         print(
-            f"store {outage}: /readyz slowest of {len(answers)} answers "
-            f"{slowest * 1000:.1f} ms; 503 {to_503:.2f} s after (interval {interval} s)"
+            f"store {outage}: /readyz median and slowest of {len(answers)} answers "
+            f"{took[len(took) // 2] * 1000:.1f} and {took[-1] * 1000:.1f} ms; "
+            f"503 {to_503:.2f} s after (interval {interval} s)"
         )
         faults.clear()
 
