@@ -151,18 +151,11 @@ class Lease:
                 raise ProxyError(
                     UPLOAD_LOCKED, "another request changed this upload first"
                 ) from err
-            if outcome is Outcome.UNKNOWN:  # the lock may be ours: nobody else drops it
-                self._give_back_later(lock.until, error, "unknown")
-            elif outcome is Outcome.FAILED and self.janitor is not None:
-                # Not in the state now, but an attempt held on its way may still land (its
-                # If-Match matches yet) and lock the upload to a PATCH that has ended, until
-                # the lease lapses: looked for every give-back period till then. Quietly
-                # dropped at shutdown: such a lock lapses all the same.
-                self.janitor.again_after(
-                    functools.partial(self._look_for_late, lock.until),
-                    f"tus lock id={self.store.upload.id} owner={self.owner}",
-                    watch_times(give_back_every(self.seconds), lock.until + self.skew - now),
-                )
+            if outcome in (Outcome.UNKNOWN, Outcome.FAILED):
+                # The swap may be in the state unseen (UNKNOWN), or still land, an attempt
+                # held on its way whose If-Match matches yet (either): a lock of a PATCH that
+                # has ended, nobody else drops it.
+                self._watch_own_lock(lock.until, now, outcome)
             if outcome is not Outcome.HELD:
                 if error is err:
                     raise
@@ -348,14 +341,33 @@ class Lease:
             pace=lambda: every,
         )
 
-    async def _look_for_late(self, until: float) -> None:
-        """One look for this lease's lock landed late (``take``): given back if it is in
-        the state. S3 trouble is not logged: the next look tries again, and the lock
-        lapses all the same (an S3 outage would make a line a second per failed PATCH)."""
+    def _watch_own_lock(self, until: float, now: float, outcome: Outcome) -> None:
+        """After a lock swap that S3 failed (``take``): have the janitor look at the state
+        every ``give_back_every`` seconds until the lock (held to ``until``) lapses, and give
+        it back if it is there, landed unseen or late. Not only until the first look that
+        finds none: an attempt held on its way lands after it (an S3 chaos run: every PATCH
+        and DELETE 423 for the lease). Dropped quietly at shutdown, as such a lock lapses all
+        the same. Without a janitor, a lock that may be there is logged as left."""
+        what = f"id={self.store.upload.id} owner={self.owner} reason={outcome.value}"
+        if self.janitor is None:
+            if outcome is Outcome.UNKNOWN:
+                log.warning("tus.lock_left %s; it lapses after the lease", what)
+            return
+        log.info("tus.lock_give_back %s", what)
+        self.janitor.again_after(
+            functools.partial(self._look_for_own, until),
+            f"tus lock id={self.store.upload.id} owner={self.owner}",
+            watch_times(give_back_every(self.seconds), until + self.skew - now),
+        )
+
+    async def _look_for_own(self, until: float) -> None:
+        """One of ``_watch_own_lock``'s looks. S3 trouble is not logged: the next look
+        tries again, and the lock lapses all the same (an S3 outage would make a line a
+        second per failed PATCH)."""
         try:
             await self._give_back(until)
         except ProxyError as exc:
-            log.debug("tus.late_lock_look_failed id=%s error=%s", self.store.upload.id, exc)
+            log.debug("tus.lock_look_failed id=%s error=%s", self.store.upload.id, exc)
 
     async def _give_back(self, until: float) -> None:
         """One try at dropping this lease's lock from the state, the janitor's: done when

@@ -129,25 +129,39 @@ async def test_a_lock_swap_that_landed_unseen_and_cannot_be_read_back_is_a_503(
     assert await reserved(s3, bucket) == []
 
 
+@pytest.mark.parametrize("read_back", ["read", "unreadable"])
 async def test_a_lock_swap_held_on_its_way_that_lands_after_the_answer_is_given_back(
-    proxy_factory: ProxyFactory, moto: Any, s3: Any, bucket: str, caplog: pytest.LogCaptureFixture
+    read_back: str,
+    proxy_factory: ProxyFactory,
+    moto: Any,
+    s3: Any,
+    bucket: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The lock swap's first attempt is held on its way past the S3 timeout, its retry
-    fails (500), and the state read back has no lock: the PATCH is a 5xx. Then the held
-    attempt lands (its If-Match still matches): the upload is locked by a PATCH that has
-    ended. The state is looked at every give-back period until the lease lapses, and the
-    lock given back: the next PATCH is 204 within seconds. Before, every PATCH and DELETE
-    was 423 for the 30 s lease and the clock skew (found by an S3 chaos run: a client gave
-    up on an upload S3 had completed)."""
+    fails (500), and the state read back has no lock ("read": the swap failed) or cannot
+    be read ("unreadable": unknown): the PATCH is a 5xx. Then the held attempt lands (its
+    If-Match still matches): the upload is locked by a PATCH that has ended. The state is
+    looked at every give-back period until the lease lapses, not only until a first look
+    finds no lock, and the lock given back: the next PATCH is 204 within seconds. Before,
+    every PATCH and DELETE was 423 for the 30 s lease and the clock skew (found by an S3
+    chaos run: a client gave up on an upload S3 had completed)."""
     caplog.set_level(logging.INFO, logger="s3proxy.tus")
     schedule = Schedule()
 
     def rule(op: str, _: int) -> Fault | None:
-        if not schedule.armed or op != "PutObject:state":
+        if not schedule.armed:
+            return None
+        if op == "GetObject:state":  # the read-back, once the swap failed
+            failing = read_back == "unreadable" and schedule.seen.get("PutObject:state") == 2
+            return UNAVAILABLE if failing and schedule.count(op) <= 2 else None
+        if op != "PutObject:state":
             return None
         n = schedule.count(op)
         if n == 1:
-            return Fault(delay=2.5)  # held on its way, forwarded once the proxy gave up
+            # Held on its way, forwarded once the proxy gave up, after a first look at the
+            # state found no lock (the read-back, or the janitor a second after it).
+            return Fault(delay=4.0)
         return Fault(status=500) if n == 2 else None  # the retry fails
 
     async with FaultyS3(moto.endpoint_url, rule, name=tus_operation) as faulty:
